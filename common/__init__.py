@@ -1,0 +1,1 @@
+"""pdserve.common: the engine core and everything shared by the services."""

@@ -1,0 +1,95 @@
+"""KVCacheManager: per-request block allocation on top of the BlockPool, with prefix hits.
+
+    request tokens:  [ block 0 | block 1 | block 2 | block 3 (partial) ]
+    req.block_ids:   [   12    |    4    |    30   |    7              ]
+                       ^ hit      ^ hit     ^ new     ^ new   (hits come from the chained hashes)
+
+The manager owns `req.block_ids`; the scheduler decides *whether* to allocate (policy), the pool
+decides *which* blocks (LRU). A block is registered under its hash as soon as the tokens that
+fill it are scheduled: within one forward pass every layer stores all tokens' K/V before any
+attention reads, so a request scheduled in the same step may already reuse it.
+"""
+
+from __future__ import annotations
+
+from pdserve.common.engine.block_pool import BlockPool, KVBlock
+from pdserve.common.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True):
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self._blocks: dict[str, list[KVBlock]] = {}
+        self.num_prefix_queries = 0  # prompt tokens looked up (for vllm:prefix_cache_queries)
+        self.num_prefix_hits = 0  # prompt tokens found (for vllm:prefix_cache_hits)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def usage(self) -> float:
+        return self.pool.usage()
+
+    def get_computed_blocks(self, req: Request) -> list[KVBlock]:
+        """Longest run of leading full blocks already in the cache. The last token is never
+        served from the cache: its logits are needed to sample the next token."""
+        if not self.pool.enable_caching or req.params.prompt_logprobs is not None:
+            return []  # prompt logprobs need every prompt token's logits
+        max_hit_blocks = (req.num_tokens - 1) // self.block_size
+        hits = []
+        for block_hash in req.block_hashes(self.block_size)[:max_hit_blocks]:
+            block = self.pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        self.num_prefix_queries += req.num_tokens
+        self.num_prefix_hits += len(hits) * self.block_size
+        return hits
+
+    def num_blocks_needed(self, req: Request, num_new_tokens: int, computed: list[KVBlock] = ()) -> int:
+        """Blocks to take from the free queue to hold `num_new_tokens` more tokens (a cached-free
+        prefix hit also leaves the free queue, so it counts)."""
+        held = len(self._blocks.get(req.request_id, ())) + len(computed)
+        total_tokens = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
+        revived = sum(1 for b in computed if b.ref_cnt == 0)
+        return max(cdiv(total_tokens, self.block_size) - held, 0) + revived
+
+    def allocate_slots(self, req: Request, num_new_tokens: int, computed: list[KVBlock] = ()) -> bool:
+        """Reserve room for `num_new_tokens` beyond the computed ones; False (nothing changed) if the
+        pool is short. `computed` are prefix hits from `get_computed_blocks` (first schedule only)."""
+        if self.num_blocks_needed(req, num_new_tokens, computed) > self.pool.num_free_blocks:
+            return False
+        blocks = self._blocks.setdefault(req.request_id, [])
+        if computed:
+            self.pool.touch(list(computed))
+            blocks.extend(computed)
+            req.num_computed_tokens += len(computed) * self.block_size
+        total_tokens = req.num_computed_tokens + num_new_tokens
+        num_new_blocks = cdiv(total_tokens, self.block_size) - len(blocks)
+        if num_new_blocks > 0:
+            blocks.extend(self.pool.allocate(num_new_blocks))
+        req.block_ids = [b.block_id for b in blocks]
+        self._cache_full_blocks(req, blocks, total_tokens)
+        return True
+
+    def _cache_full_blocks(self, req: Request, blocks: list[KVBlock], num_tokens: int) -> None:
+        if not self.pool.enable_caching:
+            return
+        num_full = num_tokens // self.block_size
+        hashes = req.block_hashes(self.block_size)
+        for i in range(min(num_full, len(hashes))):
+            if blocks[i].block_hash is None:
+                self.pool.cache_block(blocks[i], hashes[i])
+
+    def free(self, req: Request) -> None:
+        blocks = self._blocks.pop(req.request_id, [])
+        self.pool.free(list(reversed(blocks)))
+        req.block_ids = []
+
+    def num_requests(self) -> int:
+        return len(self._blocks)

@@ -1,0 +1,49 @@
+"""The data objects at the engine step's boundaries: schedule() -> execute() -> update().
+
+`SchedulerOutput` says which tokens of which requests run this step (ids and ints only);
+`RunnerOutput` says what the model produced for them. Neither holds scheduler state, so the
+model runner can live in another process (tensor parallel workers) without change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pdserve.common.sampling_params import SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    req_id: str
+    input_token_ids: list[int]  # tokens at positions [start_pos, start_pos + len) to run this step
+    start_pos: int  # = num_computed_tokens before this step
+    block_ids: list[int]  # the request's whole block table
+    sample: bool  # this chunk reaches the end of the known tokens: sample a next token
+    params: SamplingParams
+    prompt_token_ids: list[int]  # for penalties and prompt logprobs (shared references, not copies)
+    output_token_ids: list[int]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    num_batched_tokens: int
+    finished_req_ids: set[str] = field(default_factory=set)  # runner drops their cached state
+    preempted_req_ids: set[str] = field(default_factory=set)
+
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class RunnerOutput:
+    # req_id -> sampled token (only for requests with sample=True)
+    sampled_token_ids: dict[str, int]
+    # req_id -> (chosen token logprob, {token_id: (logprob, rank)}) when logprobs were requested
+    logprobs: dict[str, tuple[float, dict[int, tuple[float, int]]]] = field(default_factory=dict)
+    # req_id -> prompt logprob entries for the prompt tokens covered by this step's chunk
+    prompt_logprobs: dict[str, list[dict[int, tuple[float, int]] | None]] = field(default_factory=dict)

@@ -1,0 +1,115 @@
+"""Sampler: logits [B, V] -> one token per row, plus logprobs when asked (pure torch).
+
+Order per row: penalties -> min_tokens (EOS/stop ids masked) -> greedy argmax, or temperature ->
+softmax -> top-k / top-p / min-p -> exponential race `argmax(p / q)`, q ~ Exp(1) drawn from the
+request's own torch.Generator when it has a seed (so a seeded request gives the same tokens
+whatever else is in the batch). Reported logprobs are the model's raw distribution
+(log_softmax of the logits before any processing), as vLLM reports them by default.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pdserve.common.engine.outputs import ScheduledRequest
+
+TopLogprobs = dict[int, tuple[float, int]]  # token id -> (logprob, 1-based rank)
+
+
+class Sampler:
+    def __init__(self, device: torch.device, seed: int = 0):
+        self.device = device
+        self._shared = torch.Generator(device=device)
+        self._shared.manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, reqs: list[ScheduledRequest], eos_token_ids: tuple[int, ...],
+                 generators: list[torch.Generator | None]) -> tuple[list[int], dict[str, tuple[float, TopLogprobs]]]:
+        raw = logits
+        logits = self._apply_penalties(logits, reqs)
+        logits = self._apply_min_tokens(logits, reqs, eos_token_ids)
+        greedy = [r.params.temperature == 0 for r in reqs]
+        tokens = logits.argmax(dim=-1)
+        if not all(greedy):
+            tokens = torch.where(torch.tensor(greedy, device=logits.device), tokens,
+                                 self._sample_random(logits, reqs, generators))
+        token_list = tokens.tolist()
+        logprobs = {}
+        want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        if want:
+            lp = torch.log_softmax(raw[want], dim=-1)
+            chosen = tokens[want]
+            for row, i in enumerate(want):
+                logprobs[reqs[i].req_id] = top_logprobs(lp[row], chosen[row].item(), reqs[i].params.logprobs)
+        return token_list, logprobs
+
+    def _sample_random(self, logits, reqs, generators) -> torch.Tensor:
+        temps = torch.tensor([r.params.temperature or 1.0 for r in reqs], device=logits.device)
+        probs = torch.softmax(logits / temps[:, None], dim=-1)
+        probs = _filter(probs, reqs)
+        q = torch.empty_like(probs)
+        for i, gen in enumerate(generators):
+            q[i].exponential_(generator=gen if gen is not None else self._shared)
+        return (probs / q).argmax(dim=-1)
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, reqs: list[ScheduledRequest]) -> torch.Tensor:
+        rows = [i for i, r in enumerate(reqs) if r.params.has_penalties]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            p = reqs[i].params
+            if p.repetition_penalty != 1.0:
+                seen = torch.tensor(sorted(set(reqs[i].prompt_token_ids) | set(reqs[i].output_token_ids)),
+                                    dtype=torch.long, device=logits.device)
+                vals = logits[i, seen]
+                logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+            if (p.presence_penalty or p.frequency_penalty) and reqs[i].output_token_ids:
+                out = torch.tensor(reqs[i].output_token_ids, dtype=torch.long, device=logits.device)
+                counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
+                logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+        return logits
+
+    @staticmethod
+    def _apply_min_tokens(logits, reqs, eos_token_ids) -> torch.Tensor:
+        rows = [i for i, r in enumerate(reqs) if len(r.output_token_ids) < r.params.min_tokens]
+        if not rows:
+            return logits
+        logits = logits.clone()
+        for i in rows:
+            banned = list(reqs[i].params.stop_token_ids) + ([] if reqs[i].params.ignore_eos else list(eos_token_ids))
+            if banned:
+                logits[i, banned] = float("-inf")
+        return logits
+
+
+def _filter(probs: torch.Tensor, reqs: list[ScheduledRequest]) -> torch.Tensor:
+    """Zero out tokens outside top-k / top-p / min-p, per row (kept set never empty)."""
+    top_k = [r.params.top_k for r in reqs]
+    top_p = [r.params.top_p for r in reqs]
+    min_p = [r.params.min_p for r in reqs]
+    if all(k == -1 for k in top_k) and all(p == 1.0 for p in top_p) and all(m == 0 for m in min_p):
+        return probs
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    vocab = probs.shape[1]
+    ks = torch.tensor([k if k > 0 else vocab for k in top_k], device=probs.device)
+    ranks = torch.arange(vocab, device=probs.device)[None, :]
+    drop = ranks >= ks[:, None]
+    mass_before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of strictly better tokens
+    drop |= mass_before >= torch.tensor(top_p, device=probs.device)[:, None]
+    drop |= sorted_p < torch.tensor(min_p, device=probs.device)[:, None] * sorted_p[:, :1]
+    drop[:, 0] = False
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    return torch.zeros_like(probs).scatter_(1, order, sorted_p)
+
+
+def top_logprobs(lp: torch.Tensor, chosen: int, k: int) -> tuple[float, TopLogprobs]:
+    """Chosen token's logprob and {token: (logprob, rank)} for it and the k most likely tokens."""
+    chosen_lp = lp[chosen].item()
+    rank = int((lp > chosen_lp).sum().item()) + 1
+    entries = {chosen: (chosen_lp, rank)}
+    if k:
+        vals, ids = lp.topk(k)
+        for r, (v, t) in enumerate(zip(vals.tolist(), ids.tolist()), start=1):
+            entries.setdefault(t, (v, r))
+    return chosen_lp, entries

@@ -1,0 +1,1 @@
+"""pdserve.common.kv_transfer"""

@@ -1,0 +1,112 @@
+"""Control messages of the KV transfer wire protocol (shared by the tcp and ucx backends).
+
+These are not inter-service RPCs (those live in proto/): they are the few headers that frame a
+block payload on a KV connection. Each is a small JSON object.
+
+    client                                   server
+      Hello{version, layout}          ->                       (first message of a connection)
+                                      <-     Hello{version, layout} | Error{message}
+      PullRequest{lease_id, src_block_offset, num_blocks, timeout_s}  ->
+                                      <-     PullReply{nbytes} then nbytes of raw blocks
+                                             | Error{message}
+      PullRequest ...                       (the connection is reused for the next pull)
+
+The payload layout is blocks.py's staging layout [L, 2, n, block_size, H, D]. The tcp backend
+frames each header with a 4-byte big-endian length; the ucx backend sends each as one active
+message and the payload as one tagged message.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass
+
+from pdserve.common.kv_transfer.base import KVLayout, KVTransferError
+
+PROTOCOL_VERSION = 1
+MAX_HEADER_BYTES = 64 * 1024
+LENGTH_PREFIX = struct.Struct("!I")
+
+
+@dataclass(frozen=True)
+class Hello:
+    version: int
+    layout: KVLayout
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    lease_id: str
+    src_block_offset: int
+    num_blocks: int
+    timeout_s: float  # the client's remaining budget; the server gives up on sending after it
+
+    def __post_init__(self):
+        if not isinstance(self.lease_id, str):
+            raise ValueError(f"lease_id must be a str, got {self.lease_id!r}")
+        for field in ("src_block_offset", "num_blocks"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
+                raise ValueError(f"{field} must be an int >= 0, got {getattr(self, field)!r}")
+        if not isinstance(self.timeout_s, (int, float)) or self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s!r}")
+
+
+@dataclass(frozen=True)
+class PullReply:
+    nbytes: int  # payload bytes that follow this header
+
+    def __post_init__(self):
+        if not isinstance(self.nbytes, int) or self.nbytes < 0:
+            raise ValueError(f"nbytes must be an int >= 0, got {self.nbytes!r}")
+
+
+@dataclass(frozen=True)
+class Error:
+    message: str
+
+
+Message = Hello | PullRequest | PullReply | Error
+_TYPES = {"hello": Hello, "pull": PullRequest, "reply": PullReply, "error": Error}
+_NAMES = {cls: name for name, cls in _TYPES.items()}
+
+
+def encode(message: Message) -> bytes:
+    body = asdict(message)
+    if isinstance(message, Hello):
+        body["layout"] = message.layout.to_dict()
+    body["type"] = _NAMES[type(message)]
+    data = json.dumps(body, separators=(",", ":")).encode()
+    if len(data) > MAX_HEADER_BYTES:
+        raise ValueError(f"KV wire header of {len(data)} bytes exceeds {MAX_HEADER_BYTES}")
+    return data
+
+
+def decode(data: bytes | bytearray | memoryview) -> Message:
+    """Parses one header; KVTransferError if the peer sent something else."""
+    try:
+        body = json.loads(bytes(data))
+        cls = _TYPES[body.pop("type")]
+        if cls is Hello:
+            body["layout"] = KVLayout.from_dict(body["layout"])
+        return cls(**body)
+    except KVTransferError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise KVTransferError(f"malformed KV wire header {bytes(data)[:200]!r}: {e}") from e
+
+
+def expect(message: Message, cls: type, peer: str):
+    """Returns message if it is a cls; raises KVTransferError for an Error or anything else."""
+    if isinstance(message, Error):
+        raise KVTransferError(f"{peer}: {message.message}")
+    if not isinstance(message, cls):
+        raise KVTransferError(f"{peer} sent {type(message).__name__}, expected {cls.__name__}")
+    return message
+
+
+def check_hello(hello: Hello, layout: KVLayout, peer: str) -> None:
+    if hello.version != PROTOCOL_VERSION:
+        raise KVTransferError(f"{peer} speaks KV wire protocol {hello.version}, this worker "
+                              f"speaks {PROTOCOL_VERSION}")
+    layout.check_peer(hello.layout, peer)

@@ -1,0 +1,106 @@
+"""Paged attention: the step's attention metadata and the pure-torch backend (CPU, the reference).
+
+KV cache of one layer (K and V share a tensor, index 0 / 1):
+
+    kv[2, num_blocks, block_size, num_kv_heads, head_dim]
+         block 12: | pos 0 | pos 1 | ... | pos 15 |      <- a request's tokens 0..15
+         block  4: | pos 16| ...                          <- tokens 16..31 (block table [12, 4, ...])
+
+Tokens of one step are flattened: decode tokens (one query per sequence) first, then the prefill
+chunks. Each layer first *stores* every token's K/V at its slot (`slot_mapping`), then attends
+by gathering through block tables, so chunks and prefix hits read their earlier tokens from blocks.
+A GPU backend replaces `TorchPagedAttention` behind the same `forward` signature.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSeq:
+    q_start: int  # index of its first query token in the step's flattened tokens
+    q_len: int
+    context_len: int  # tokens of the sequence whose KV is in cache after this step's store
+    block_table: torch.Tensor  # [num_blocks_of_seq] long
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] long: block_id * block_size + offset
+    num_decode_tokens: int  # the first num_decode_tokens tokens are single-query sequences
+    decode_block_tables: torch.Tensor | None  # [Bd, max_blocks] long
+    decode_context_lens: torch.Tensor | None  # [Bd] long
+    decode_max_context: int
+    prefills: list[PrefillSeq] = field(default_factory=list)
+    # For GPU kernels (built by the runner when a GPU backend is active):
+    extra: dict = field(default_factory=dict)
+
+
+class TorchPagedAttention:
+    """Reference backend: gathers K/V through block tables and calls SDPA."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                 sliding_window: int | None = None):
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.block_size = block_size
+        self.sliding_window = sliding_window
+        self.scale = head_dim ** -0.5
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        # q [T, H, D], k/v [T, KVH, D], kv_cache [2, NB, BS, KVH, D] -> out [T, H, D]
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_k.index_copy_(0, meta.slot_mapping, k)
+        flat_v.index_copy_(0, meta.slot_mapping, v)
+
+        out = torch.empty_like(q)
+        nd = meta.num_decode_tokens
+        if nd:
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta)
+        for seq in meta.prefills:
+            sl = slice(seq.q_start, seq.q_start + seq.q_len)
+            out[sl] = self._prefill(q[sl], k[sl], v[sl], k_cache, v_cache, seq)
+        return out
+
+    def _decode(self, q, k_cache, v_cache, meta: AttentionMetadata) -> torch.Tensor:
+        # q [Bd, H, D]; gather [Bd, max_blocks, BS, KVH, D] -> [Bd, KVH, L, D]
+        num_blocks = -(-meta.decode_max_context // self.block_size)
+        table = meta.decode_block_tables[:, :num_blocks]
+        bd = q.shape[0]
+        keys = k_cache[table].view(bd, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        values = v_cache[table].view(bd, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        pos = torch.arange(keys.shape[2], device=q.device)
+        lens = meta.decode_context_lens[:, None]
+        visible = pos[None, :] < lens  # [Bd, L]
+        if self.sliding_window is not None:
+            visible &= pos[None, :] > lens - 1 - self.sliding_window
+        mask = visible[:, None, None, :]  # [Bd, 1, 1, L]
+        out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask,
+                                             scale=self.scale, enable_gqa=True)
+        return out.squeeze(2)  # [Bd, H, D]
+
+    def _prefill(self, q, k, v, k_cache, v_cache, seq: PrefillSeq) -> torch.Tensor:
+        # q [Lq, H, D]; keys: this chunk alone (no cached prefix) or gathered [Lk, KVH, D]
+        lq, lk = seq.q_len, seq.context_len
+        if lk != lq:
+            k = k_cache[seq.block_table].view(-1, self.num_kv_heads, self.head_dim)[:lk]
+            v = v_cache[seq.block_table].view(-1, self.num_kv_heads, self.head_dim)[:lk]
+        qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, L, D]
+        if lk == lq and self.sliding_window is None:
+            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            q_pos = torch.arange(lk - lq, lk, device=q.device)[:, None]
+            k_pos = torch.arange(lk, device=q.device)[None, :]
+            mask = k_pos <= q_pos
+            if self.sliding_window is not None:
+                mask &= k_pos > q_pos - self.sliding_window
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=self.scale, enable_gqa=True)
+        return out.transpose(0, 1)

