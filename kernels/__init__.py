@@ -1,1 +1,42 @@
-"""pdserve.kernels"""
+"""pdserve.kernels: Triton kernels of the model runner, and their pure-torch references.
+
+    store_kv                 write this step's K/V into the paged cache        store_kv.py
+    paged_decode_attention   one query token per sequence, split-K             decode_attention.py
+    paged_prefill_attention  packed causal chunks, cached prefix read in place prefill_attention.py
+    rms_norm                 HF RMSNorm, optionally fused with the residual add rms_norm.py
+    apply_rotary             NeoX rotary embedding of q and k, in place         rotary.py
+    silu_and_mul             gated MLP activation                               activation.py
+    sample                   temperature / top-k / top-p / min-p, no sort       sampling.py
+
+`reference` holds the torch version of each (`<name>_ref`), which defines the semantics.
+Importing this package must work without triton (CPU CI uses only the references), so the kernels
+are imported only when triton is installed; check `triton_available()` before using one. They are
+imported eagerly, not lazily, because store_kv and rms_norm share their module's name and a lazily
+imported submodule would shadow the function of the same name on this package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from pdserve.kernels import reference
+
+
+def triton_available() -> bool:
+    """Whether triton is installed (the kernels still need a CUDA device or the interpreter)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+__all__ = ["reference", "triton_available"]
+
+if triton_available():
+    from pdserve.kernels.activation import silu_and_mul
+    from pdserve.kernels.decode_attention import paged_decode_attention
+    from pdserve.kernels.prefill_attention import paged_prefill_attention
+    from pdserve.kernels.rms_norm import rms_norm
+    from pdserve.kernels.rotary import apply_rotary
+    from pdserve.kernels.sampling import sample
+    from pdserve.kernels.store_kv import store_kv
+
+    __all__ += ["store_kv", "paged_decode_attention", "paged_prefill_attention", "rms_norm",
+                "apply_rotary", "silu_and_mul", "sample"]

@@ -85,7 +85,8 @@ def check(strict: bool = False) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pdserve.proto.generate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m pdserve.proto.generate",
+                                     description=__doc__.split("\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the committed stubs are stale")
     parser.add_argument("--strict", action="store_true", help="with --check: fail on version lines too")
     args = parser.parse_args(argv)

@@ -56,6 +56,9 @@ class OutputProcessor:
             detok = parent.detokenizers[parent.children.index(req)]
             if detok is not None:
                 new = req.output_token_ids[detok.num_output_tokens:]
+                if new and _ended_by_stop_token(req):
+                    new = new[:-1]  # the stop token / EOS itself is not part of the text
+                    detok.num_output_tokens += 1
                 stop = detok.add_tokens(new) if new else None
                 if stop is not None and not req.is_finished():
                     req.stop_reason = stop
@@ -109,3 +112,8 @@ class OutputProcessor:
         self.parents.pop(parent.request_id, None)
         for child in parent.children:
             self.child_to_parent.pop(child.request_id, None)
+
+
+def _ended_by_stop_token(req: Request) -> bool:
+    return (req.status == RequestStatus.FINISHED_STOPPED and not isinstance(req.stop_reason, str)
+            and not req.params.include_stop_str_in_output)

@@ -4,8 +4,8 @@
     pool[address] -> idle connections                    accept loop -> one task per connection
       connect + Hello{layout}  ----------------------->  check layout, Hello{layout} | Error
       PullRequest{lease, offset, n, timeout} -------->  resolve_lease, gather into staging
-      recv_into(staging) <---- PullReply{nbytes} + nbytes of blocks (one sock_sendall)
-      scatter staging -> dst_block_ids
+      recv_into(staging) <---- PullReply{nbytes} + nbytes of blocks, in layer chunks
+      scatter staging -> dst_block_ids                   (pipeline.py overlaps copy and wire)
 
 Headers are length-prefixed JSON (wire.py). The payload goes from the server's staging buffer
 straight to the socket (loop.sock_sendall of a memoryview, no copy) and lands in the client's
@@ -21,18 +21,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
 
 import torch
 
 from pdserve.common.kv_transfer import wire
 from pdserve.common.kv_transfer.base import KVClient, KVServer, KVTransferError, split_address
 from pdserve.common.kv_transfer.blocks import BlockCopier, StagingBuffer
+from pdserve.common.kv_transfer.pipeline import PullRefused, pull_on, serve_pull
 
 logger = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT_S = 10.0  # a connecting client must say Hello within this
-SEND_SLACK_S = 1.0  # the server keeps sending this long past the client's budget
 
 
 class _Connection:
@@ -63,6 +62,9 @@ class _Connection:
         data = bytearray(length)
         await self.recv_into(memoryview(data))
         return wire.decode(data)
+
+    async def recv_payload(self, buffer: torch.Tensor) -> None:
+        await self.recv_into(memoryview(buffer.numpy()))
 
     async def recv_into(self, view: memoryview) -> None:
         """Fills view completely; ConnectionError if the peer closes first."""
@@ -147,37 +149,12 @@ class TcpKVServer(KVServer):
             while True:
                 # An idle pooled connection waits here, without deadline, for its next pull.
                 request = await connection.recv_header()
-                await self._serve_pull(connection,
-                                       wire.expect(request, wire.PullRequest, f"client {peer}"))
+                await serve_pull(self, self._copier, connection,
+                                 wire.expect(request, wire.PullRequest, f"client {peer}"))
         except (ConnectionError, OSError, TimeoutError, KVTransferError) as e:
             logger.debug("KV client %s disconnected: %s", peer, e)
         finally:
             connection.close()
-
-    async def _serve_pull(self, connection: _Connection, request: wire.PullRequest) -> None:
-        start = time.perf_counter()
-        try:
-            src_block_ids = self.src_block_ids_for(request.lease_id, request.src_block_offset,
-                                                   request.num_blocks)
-        except (KVTransferError, ValueError) as e:
-            self.num_failures += 1
-            await connection.send_header(wire.Error(str(e)))
-            return
-        try:
-            payload = await asyncio.to_thread(self._copier.gather, src_block_ids,
-                                              connection.staging)
-            await asyncio.wait_for(self._send(connection, payload),
-                                   timeout=request.timeout_s + SEND_SLACK_S)
-        except BaseException:
-            self.num_failures += 1
-            raise
-        self.record(payload.numel(), time.perf_counter() - start)
-
-    @staticmethod
-    async def _send(connection: _Connection, payload: torch.Tensor) -> None:
-        await connection.send_header(wire.PullReply(payload.numel()))
-        if payload.numel():
-            await connection.send_payload(payload)
 
 
 class TcpKVClient(KVClient):
@@ -207,23 +184,13 @@ class TcpKVClient(KVClient):
             try:
                 if connection is None:
                     connection = await self._connect(address, host, port)
-                request = wire.PullRequest(lease_id, src_block_offset, len(dst_block_ids),
-                                           timeout_s=max(deadline - time.perf_counter(), 1e-3))
-                await connection.send_header(request)
-                reply = await connection.recv_header()
-                reusable = isinstance(reply, wire.Error)  # the stream stays in step after an Error
-                reply = wire.expect(reply, wire.PullReply, f"KV server {address}")
-                nbytes = self._copier.nbytes(len(dst_block_ids))
-                if reply.nbytes != nbytes:
-                    raise KVTransferError(f"KV server {address} announced {reply.nbytes} bytes "
-                                          f"for {len(dst_block_ids)} blocks, expected {nbytes}")
-                if nbytes:
-                    buffer = self._copier.receive_buffer(len(dst_block_ids), connection.staging)
-                    await connection.recv_into(memoryview(buffer.numpy()))
-                    await asyncio.to_thread(self._copier.scatter, dst_block_ids,
-                                            connection.staging)
+                nbytes = await pull_on(connection, self._copier, f"KV server {address}",
+                                       lease_id, dst_block_ids, src_block_offset, deadline)
                 reusable = True
                 return nbytes
+            except PullRefused:
+                reusable = True  # the stream is still in step after an Error header
+                raise
             except (ConnectionError, OSError) as e:
                 raise KVTransferError(f"KV server {address} failed during pull of lease "
                                       f"{lease_id!r}: {e}") from e

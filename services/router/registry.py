@@ -10,9 +10,9 @@ Keys (namespace `ns`, default "pdserve"):
 
 Life of an instance (a worker runs `Heartbeater`):
 
-    register ------> heartbeat every ttl/3 ------> deregister        (clean shutdown)
-      |  Lua, atomic: refuse a model or block      \-> keys expire after ttl (crash, partition)
-      |  size that differs from any live instance   \-> key gone: re-register (Redis restarted)
+    register ------> heartbeat every ttl/3 --+---> deregister              (clean shutdown)
+      Lua, atomic: refuse a model or block    +---> keys expire after ttl    (crash, partition)
+      size that differs from any live one     +---> key gone: re-register    (Redis restarted)
 
 A heartbeat only refreshes the TTL and the load, and returns the current record, so an operator's
 `set_status("draining")` or `set_role(...)` survives heartbeats and reaches the worker.
@@ -57,9 +57,10 @@ class InstanceNotFoundError(RegistryError):
     """No live instance has this id (never registered, deregistered, or its TTL expired)."""
 
 
-def open_redis(redis_url: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> aioredis.Redis:
+def open_redis(redis_url: str, timeout_s: float = DEFAULT_TIMEOUT_S,
+               decode_responses: bool = True) -> aioredis.Redis:
     """The one place that sets how the router's Redis clients time out and retry."""
-    return aioredis.Redis.from_url(redis_url, decode_responses=True, socket_timeout=timeout_s,
+    return aioredis.Redis.from_url(redis_url, decode_responses=decode_responses, socket_timeout=timeout_s,
                                    socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1))
 
 
@@ -115,7 +116,8 @@ class Load:
 
     @classmethod
     def from_mapping(cls, mapping: dict[str, str]) -> "Load":
-        return cls(num_running=int(mapping.get("num_running", 0)), num_waiting=int(mapping.get("num_waiting", 0)),
+        return cls(num_running=int(mapping.get("num_running", 0)),
+                   num_waiting=int(mapping.get("num_waiting", 0)),
                    kv_usage=float(mapping.get("kv_usage", 0.0)),
                    num_free_blocks=int(mapping.get("num_free_blocks", 0)),
                    updated_at=float(mapping["updated_at"]) if "updated_at" in mapping else None)
@@ -188,7 +190,8 @@ class Registry:
                     f"{other_id!r} serves {other_model!r}; every instance must serve the same model")
             raise RegistrationError(
                 f"instance {info.instance_id!r} has block_size {info.block_size} but live instance "
-                f"{other_id!r} has block_size {other_block_size}; every instance must use the same block size")
+                f"{other_id!r} has block_size {other_block_size}; every instance must use the same "
+                f"block size")
 
     async def heartbeat(self, instance_id: str, load: Load) -> InstanceInfo:
         """Refresh the TTL and publish `load`; returns the instance's current record."""

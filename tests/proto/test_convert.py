@@ -66,4 +66,5 @@ def test_unknown_finish_reason_is_refused():
 def test_stop_reason_round_trip(stop_reason):
     delta = pb.SequenceDelta(index=0)
     convert.set_stop_reason(delta, stop_reason)
-    assert convert.stop_reason_from_proto(pb.SequenceDelta.FromString(delta.SerializeToString())) == stop_reason
+    received = pb.SequenceDelta.FromString(delta.SerializeToString())
+    assert convert.stop_reason_from_proto(received) == stop_reason

@@ -67,7 +67,8 @@ class _Decode(pb_grpc.DecodeServicer):
                     delta.stop_token_id = 2
             chunk = pb.DecodeChunk(request_id=request.request_id, sequences=deltas, finished=step == 3)
             if step == 1:
-                chunk.num_prompt_tokens_computed = 0 if request.HasField("handle") else len(request.prompt_token_ids)
+                computed = 0 if request.HasField("handle") else len(request.prompt_token_ids)
+                chunk.num_prompt_tokens_computed = computed
             yield chunk
 
 
@@ -81,16 +82,18 @@ async def _round_trip():
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             prefill, decode = pb_grpc.PrefillStub(channel), pb_grpc.DecodeStub(channel)
             health = await prefill.Health(pb.HealthRequest(), timeout=5)
-            assert (health.role, health.load.num_free_blocks, health.status) == (pb.ROLE_PREFILL, 75, pb.SERVING)
+            assert (health.role, health.load.num_free_blocks) == (pb.ROLE_PREFILL, 75)
+            assert health.status == pb.SERVING
             assert (await decode.Health(pb.HealthRequest(), timeout=5)).role == pb.ROLE_DECODE
 
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await prefill.Prefill(pb.PrefillRequest(request_id="r0"), timeout=5)
             assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
+            layout = pb.KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype="bfloat16")
             handle = pb.KVHandle(instance_id="p0", transfer_address="tcp://127.0.0.1:4000", lease_id="l1",
                                  block_ids=[7, 3], num_tokens=20, block_size=16, block_hashes=[b"\x01" * 16],
-                                 layout=pb.KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype="bfloat16"))
+                                 layout=layout)
             request = pb.DecodeRequest(
                 request_id="r1", prompt_token_ids=list(range(20)), handle=handle,
                 sequences=[pb.SequenceState(index=0, output_token_ids=[100]),
@@ -105,7 +108,8 @@ async def _round_trip():
             tokens[delta.index].extend(delta.new_token_ids)
     assert tokens == {0: [101, 102, 103], 1: [201, 202, 203]}
     last = chunks[-1].sequences[0]
-    assert (last.finish_reason, last.WhichOneof("stop_reason"), last.stop_token_id) == (pb.FINISH_REASON_STOP, "stop_token_id", 2)
+    assert last.finish_reason == pb.FINISH_REASON_STOP
+    assert (last.WhichOneof("stop_reason"), last.stop_token_id) == ("stop_token_id", 2)
 
 
 def test_grpc_round_trip():

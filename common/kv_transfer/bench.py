@@ -1,0 +1,209 @@
+"""Benchmark of KV handoffs between two processes: each backend against raw baselines.
+
+    python -m pdserve.common.kv_transfer.bench [--device cuda] [--size-mb 256] [--backends tcp,ucx]
+
+    main process (decode side)                       spawned process (prefill side)
+      KVClient per backend  ---- pull(lease) ---->   KVServer per backend (one event loop)
+      blocking socket       ---- size, recv_into <-  raw socket thread: sendall of a buffer
+      (cuda) shared tensor .copy_  <-- CUDA IPC --   torch.multiprocessing-shared CUDA tensor
+
+The cache has the shape of Llama-3-8B (32 layers, 8 KV heads, head_dim 128, bf16, 16-token
+blocks: 2 MiB a block, 256 MiB for a 2048-token prompt). Each handoff size becomes a whole
+number of blocks (at least one), leased in shuffled order, so gather and scatter take their
+index path. A pull is timed end to end (request, gather, wire, scatter); the first pull of each
+size on a fresh connection is reported apart as "cold". The raw socket moves the same bytes
+with no gather/scatter or headers: it is the ceiling of the tcp-based backends on this host.
+Prints a table and then one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import multiprocessing
+import socket
+import statistics
+import struct
+import threading
+import time
+
+import torch
+
+from pdserve.common.kv_transfer.base import KVLayout, make_client, make_server
+
+LLAMA3_8B = dict(num_layers=32, block_size=16, num_kv_heads=8, head_dim=128)
+SMALL_SIZES_MB = (1, 16)
+_SIZE = struct.Struct("!Q")
+
+
+def _caches(num_blocks: int, device: str, seed: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (2, num_blocks, LLAMA3_8B["block_size"], LLAMA3_8B["num_kv_heads"],
+             LLAMA3_8B["head_dim"])
+    return [torch.randn(shape, generator=generator).to(torch.bfloat16).to(device)
+            for _ in range(LLAMA3_8B["num_layers"])]
+
+
+def _raw_socket_server(listen_sock: socket.socket, payload: memoryview) -> None:
+    """Answers each 8-byte size request with that many bytes of payload, until EOF."""
+    conn, _ = listen_sock.accept()
+    conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    header = bytearray(_SIZE.size)
+    while conn.recv_into(header, _SIZE.size, socket.MSG_WAITALL) == _SIZE.size:
+        (nbytes,) = _SIZE.unpack(header)
+        conn.sendall(payload[:nbytes])
+    conn.close()
+
+
+def _prefill_side(device: str, num_blocks: int, backends: list[str], leases: dict,
+                  max_bytes: int, info, stop) -> None:
+    """The spawned process: KV servers for each backend, a raw socket server, a CUDA buffer."""
+    listen_sock = socket.create_server(("127.0.0.1", 0))
+    raw_payload = torch.ones(max_bytes, dtype=torch.uint8)  # touched: no page faults in timing
+    threading.Thread(target=_raw_socket_server, daemon=True,
+                     args=(listen_sock, memoryview(raw_payload.numpy()))).start()
+    shared = None
+    if device == "cuda":
+        shared = torch.ones(max_bytes, dtype=torch.uint8, device="cuda")
+
+    async def serve():
+        caches = _caches(num_blocks, device, seed=0)
+        servers = [make_server(backend, caches, leases.get) for backend in backends]
+        addresses = {backend: await server.start() for backend, server in zip(backends, servers)}
+        info.put(dict(addresses=addresses, raw_port=listen_sock.getsockname()[1],
+                      cuda_buffer=shared))
+        await asyncio.get_running_loop().run_in_executor(None, stop.get)
+        for server in servers:
+            await server.close()
+
+    asyncio.run(serve())
+
+
+async def _bench_backend(backend: str, address: str, sizes: list[tuple[int, str]],
+                         num_blocks: int, device: str, repeats: int) -> list[dict]:
+    client = make_client(backend, _caches(num_blocks, device, seed=1))
+    dst_order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(2)).tolist()
+    rows = []
+    try:
+        for n, lease_id in sizes:
+            dst_block_ids = dst_order[:n]
+            start = time.perf_counter()
+            nbytes = await client.pull(address, lease_id, dst_block_ids, deadline_s=120.0)
+            cold_s = time.perf_counter() - start
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                await client.pull(address, lease_id, dst_block_ids, deadline_s=120.0)
+                times.append(time.perf_counter() - start)
+            rows.append(_row(backend, n, nbytes, times, cold_s))
+    finally:
+        await client.close()
+    return rows
+
+
+def _bench_raw_socket(port: int, sizes: list[tuple[int, str]], bytes_per_block: int,
+                      repeats: int) -> list[dict]:
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buffer = torch.zeros(max(n for n, _ in sizes) * bytes_per_block, dtype=torch.uint8)
+    view = memoryview(buffer.numpy())
+    rows = []
+    for n, _ in sizes:
+        nbytes = n * bytes_per_block
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            sock.sendall(_SIZE.pack(nbytes))
+            received = 0
+            while received < nbytes:
+                received += sock.recv_into(view[received:nbytes], nbytes - received)
+            times.append(time.perf_counter() - start)
+        rows.append(_row("raw-socket", n, nbytes, times[1:], times[0]))
+    sock.close()
+    return rows
+
+
+def _bench_cuda_ipc(shared: torch.Tensor, sizes: list[tuple[int, str]], bytes_per_block: int,
+                    repeats: int) -> list[dict]:
+    dst = torch.empty_like(shared)
+    rows = []
+    for n, _ in sizes:
+        nbytes = n * bytes_per_block
+        times = []
+        for _ in range(repeats + 1):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            dst[:nbytes].copy_(shared[:nbytes])
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        rows.append(_row("cuda-ipc-copy", n, nbytes, times[1:], times[0]))
+    return rows
+
+
+def _row(name: str, num_blocks: int, nbytes: int, times: list[float], cold_s: float) -> dict:
+    median_s = statistics.median(times)
+    return dict(backend=name, num_blocks=num_blocks, mib=nbytes / 2**20,
+                latency_ms=median_s * 1e3, min_ms=min(times) * 1e3, cold_ms=cold_s * 1e3,
+                gb_per_s=nbytes / median_s / 1e9, repeats=len(times))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--size-mb", type=int, default=256, help="the large handoff")
+    parser.add_argument("--backends", default="tcp,ucx")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    backends = [b for b in args.backends.split(",") if b]
+    if "local" in backends:
+        parser.error("local is a same-process backend: this benchmark spans two processes")
+
+    layout = KVLayout(num_blocks=1, dtype="bfloat16", **LLAMA3_8B)
+    block_counts = sorted({max(1, math.ceil(mb * 2**20 / layout.bytes_per_block))
+                           for mb in (*SMALL_SIZES_MB, args.size_mb)})
+    num_blocks = 2 * block_counts[-1]  # room for a shuffled lease
+    order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(3)).tolist()
+    leases = {f"handoff-{n}": order[:n] for n in block_counts}
+    sizes = [(n, f"handoff-{n}") for n in block_counts]
+    max_bytes = block_counts[-1] * layout.bytes_per_block
+
+    context = multiprocessing.get_context("spawn")
+    info, stop = context.Queue(), context.Queue()
+    prefill = context.Process(target=_prefill_side, daemon=True, args=(
+        args.device, num_blocks, backends, leases, max_bytes, info, stop))
+    prefill.start()
+    rows = []
+    try:
+        ready = info.get(timeout=120)
+        for backend in backends:
+            rows += asyncio.run(_bench_backend(backend, ready["addresses"][backend], sizes,
+                                               num_blocks, args.device, args.repeats))
+        rows += _bench_raw_socket(ready["raw_port"], sizes, layout.bytes_per_block, args.repeats)
+        if args.device == "cuda":
+            rows += _bench_cuda_ipc(ready["cuda_buffer"], sizes, layout.bytes_per_block,
+                                    args.repeats)
+            del ready  # release the shared CUDA buffer before the owner exits
+    finally:
+        stop.put("stop")
+        prefill.join(timeout=30)
+        if prefill.is_alive():
+            prefill.kill()
+
+    print(f"KV handoff, Llama-3-8B layout ({layout.bytes_per_block / 2**20:.0f} MiB a block), "
+          f"device={args.device}, median of {args.repeats} pulls after one cold pull")
+    print(f"{'backend':<14} {'blocks':>6} {'MiB':>7} {'GB/s':>7} {'median ms':>10} "
+          f"{'min ms':>8} {'cold ms':>8}")
+    for row in rows:
+        print(f"{row['backend']:<14} {row['num_blocks']:>6} {row['mib']:>7.0f} "
+              f"{row['gb_per_s']:>7.2f} {row['latency_ms']:>10.2f} {row['min_ms']:>8.2f} "
+              f"{row['cold_ms']:>8.1f}")
+    result = dict(bench="kv_transfer", device=args.device, layout=layout.to_dict(),
+                  torch=torch.__version__, results=rows)
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

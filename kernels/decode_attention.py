@@ -1,0 +1,247 @@
+"""paged_decode_attention: one new query token per sequence against its paged KV cache.
+
+    q             [B, H, D]            query of the token at position context_lens[b] - 1
+    k/v_cache     [num_blocks, block_size, KVH, D]   (views of one [2, ...] tensor are fine)
+    block_tables  [B, M] int32         physical block of each logical block; padding never read
+    context_lens  [B] int32            keys 0 .. context_lens[b] - 1 are in the cache (0: zero output)
+    out           [B, H, D]
+
+Block layout read by one program (b, kv_head, split); GQA group = H // KVH query heads:
+
+    logical positions of sequence b (sliding window: from max(0, L - window)):
+      0                       L-1
+      |====== split 0 ======|====== split 1 ======|==== split 2 ====|
+          tile of BLOCK_N positions -> rows gathered through the block table:
+          position p -> k_cache[block_tables[b, p // block_size], p % block_size, kv_head, :]
+
+      q group [G, D] (all query heads of kv_head, loaded once)
+      K tile  [BLOCK_N, D]  ->  scores [G, BLOCK_N] -> online softmax -> acc [G, D] += p @ V tile
+
+Score and value products use tl.dot when the group has >= 16 rows, else a broadcast multiply and
+sum (mma tiles need 16 rows; padding a group of 4 to 16 would waste most of it).
+
+Split-K ("flash-decoding"): with num_splits > 1 each split writes its normalised partial output
+and log-sum-exp (base 2) to fp32 scratch, and `_merge_splits_kernel` combines them:
+    out = sum_s 2^(lse_s - max) * out_s / sum_s 2^(lse_s - max)
+num_splits=None picks it from the batch size and max_context_len (or, without it, the upper bound
+block_tables.shape[1] * block_size) so that about two waves of programs fill the GPU. The choice
+never reads device memory, so the call is CUDA-graph safe; for graphs pass num_splits explicitly.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+_MIN_DOT_ROWS = 16             # query heads per kv head at which tl.dot is used
+_MIN_TOKENS_PER_SPLIT = 128    # a split shorter than this costs more to merge than it saves
+_MAX_SPLITS = 64
+_BROADCAST_ELEMENTS = 8192     # cap on G * BLOCK_N * D of the broadcast product (registers)
+
+
+@triton.jit(do_not_specialize=["sliding_window", "num_splits"])
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
+    out_ptr, partial_out_ptr, partial_lse_ptr,
+    qk_scale, sliding_window, num_splits,
+    stride_q_seq, stride_q_head,
+    stride_k_block, stride_k_slot, stride_k_head,
+    stride_v_block, stride_v_slot, stride_v_head,
+    stride_bt_seq,
+    stride_out_seq, stride_out_head,
+    GROUP_SIZE: tl.constexpr, BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    WRITE_FINAL: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    context_len = tl.load(context_lens_ptr + seq)
+    first_pos = 0
+    if HAS_WINDOW:
+        first_pos = tl.maximum(context_len - sliding_window, 0)
+    # Contiguous share of this split, rounded up to whole tiles.
+    split_len = tl.cdiv(tl.cdiv(context_len - first_pos, num_splits), BLOCK_N) * BLOCK_N
+    lo = first_pos + split * split_len
+    hi = tl.minimum(lo + split_len, context_len)
+
+    groups = tl.arange(0, BLOCK_G)
+    dims = tl.arange(0, BLOCK_D)
+    group_mask = groups < GROUP_SIZE
+    dim_mask = dims < HEAD_DIM
+    heads = kv_head * GROUP_SIZE + groups
+    q_ptrs = q_ptr + seq.to(tl.int64) * stride_q_seq + heads[:, None] * stride_q_head + dims[None, :]
+    q = tl.load(q_ptrs, mask=group_mask[:, None] & dim_mask[None, :], other=0.0)   # [BLOCK_G, BLOCK_D]
+    if not USE_DOT:
+        q = q.to(tl.float32)
+
+    # A finite start keeps exp2(m_old - m_new) NaN-free; every tile has >= 1 visible key.
+    m_i = tl.full([BLOCK_G], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    block_table = block_tables_ptr + seq.to(tl.int64) * stride_bt_seq
+
+    for start in range(lo, hi, BLOCK_N):
+        positions = start + offs_n
+        key_mask = positions < hi
+        block_ids = tl.load(block_table + positions // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
+        slots = positions % BLOCK_SIZE
+        tile_mask = key_mask[:, None] & dim_mask[None, :]
+        k_rows = block_ids * stride_k_block + slots * stride_k_slot + kv_head * stride_k_head
+        k = tl.load(k_cache_ptr + k_rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        if USE_DOT:
+            scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)                      # [BLOCK_G, BLOCK_N]
+        else:
+            scores = tl.sum(q[:, None, :] * k.to(tl.float32)[None, :, :], axis=2)
+        scores = tl.where(key_mask[None, :], scores * qk_scale, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+
+        v_rows = block_ids * stride_v_block + slots * stride_v_slot + kv_head * stride_v_head
+        v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        if USE_DOT:
+            pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        else:
+            pv = tl.sum(p[:, :, None] * v.to(tl.float32)[None, :, :], axis=1)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]          # empty split / context: zeros
+    out_mask = group_mask[:, None] & dim_mask[None, :]
+    if WRITE_FINAL:
+        out_ptrs = out_ptr + seq.to(tl.int64) * stride_out_seq + heads[:, None] * stride_out_head + dims[None, :]
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        # partial_out [B, H, S, D], partial_lse [B, H, S], both contiguous
+        row = (seq.to(tl.int64) * tl.num_programs(1) * GROUP_SIZE + heads) * num_splits + split   # [BLOCK_G]
+        tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=out_mask)
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(partial_lse_ptr + row, lse, mask=group_mask)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _merge_splits_kernel(
+    partial_out_ptr, partial_lse_ptr, out_ptr,
+    num_splits, stride_out_seq, stride_out_head,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    row0 = (seq * tl.num_programs(1) + head) * num_splits
+    splits = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, BLOCK_D)
+    split_mask = splits < num_splits
+    lse = tl.load(partial_lse_ptr + row0 + splits, mask=split_mask, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)   # all splits empty
+    weights = tl.exp2(lse - lse_max)                                # [BLOCK_S], empty splits: 0
+    parts = tl.load(partial_out_ptr + (row0 + splits)[:, None] * HEAD_DIM + dims[None, :],
+                    mask=split_mask[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+    total = tl.sum(weights, axis=0)
+    out = tl.sum(weights[:, None] * parts, axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * stride_out_seq + head * stride_out_head + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dims < HEAD_DIM)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose_num_splits(batch_size: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
+    """Enough splits for ~2 waves of programs, each split holding >= _MIN_TOKENS_PER_SPLIT keys."""
+    num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
+    wanted = triton.cdiv(2 * num_sms, batch_size * num_kv_heads)
+    by_length = triton.cdiv(max_context_len, _MIN_TOKENS_PER_SPLIT)
+    return max(1, min(wanted, by_length, _MAX_SPLITS))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,              # [B, H, D]
+    k_cache: torch.Tensor,        # [num_blocks, block_size, KVH, D]
+    v_cache: torch.Tensor,        # [num_blocks, block_size, KVH, D]
+    block_tables: torch.Tensor,   # [B, M] int32
+    context_lens: torch.Tensor,   # [B] int32
+    scale: float,
+    sliding_window: int | None = None,
+    num_splits: int | None = None,
+    max_context_len: int | None = None,   # host-side bound used only to choose num_splits
+) -> torch.Tensor:                # [B, H, D]
+    batch_size, num_heads, head_dim = q.shape
+    num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
+    assert v_cache.shape == k_cache.shape, f"k_cache {tuple(k_cache.shape)} != v_cache {tuple(v_cache.shape)}"
+    assert cache_head_dim == head_dim, f"cache head_dim {cache_head_dim} != q head_dim {head_dim}"
+    assert num_heads % num_kv_heads == 0, f"{num_heads} heads not divisible by {num_kv_heads} kv heads"
+    assert block_size & (block_size - 1) == 0, f"block_size {block_size} must be a power of two"
+    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the caches must share a dtype"
+    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head_dim must be contiguous"
+    assert block_tables.dim() == 2 and block_tables.shape[0] == batch_size and block_tables.dtype == torch.int32
+    assert block_tables.stride(1) == 1, "block_tables rows must be contiguous"
+    assert context_lens.shape == (batch_size,) and context_lens.dtype == torch.int32
+    assert sliding_window is None or sliding_window > 0, f"sliding_window must be positive, got {sliding_window}"
+    if num_splits is None:
+        if max_context_len is None:
+            max_context_len = block_tables.shape[1] * block_size
+        if sliding_window is not None:
+            max_context_len = min(max_context_len, sliding_window)
+        num_splits = choose_num_splits(batch_size, num_kv_heads, max_context_len, q.device)
+    assert num_splits >= 1, f"num_splits must be >= 1, got {num_splits}"
+
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if batch_size == 0:
+        return out
+    group_size = num_heads // num_kv_heads
+    use_dot = group_size >= _MIN_DOT_ROWS
+    return _launch(q, k_cache, v_cache, block_tables, context_lens.contiguous(), scale, sliding_window,
+                   num_splits, use_dot, out)
+
+
+def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, num_splits, use_dot, out):
+    """Runs the kernels; split from the wrapper so the benchmark can force either product path."""
+    batch_size, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group_size = num_heads // num_kv_heads
+    block_g = max(triton.next_power_of_2(group_size), _MIN_DOT_ROWS if use_dot else 1)
+    block_d = triton.next_power_of_2(head_dim)
+    if use_dot:
+        block_n = 32 if q.dtype == torch.float32 else 64
+    else:
+        block_n = max(1, min(64, _BROADCAST_ELEMENTS // (block_g * block_d)))
+    if num_splits > 1:
+        partial_out = torch.empty((batch_size, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty((batch_size, num_heads, num_splits), dtype=torch.float32, device=q.device)
+    else:
+        partial_out = partial_lse = out    # unused
+    log2e = 1.4426950408889634
+    _decode_split_kernel[(batch_size, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens,
+        out, partial_out, partial_lse,
+        scale * log2e, sliding_window or 0, num_splits,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP_SIZE=group_size, BLOCK_G=block_g, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        BLOCK_SIZE=block_size, BLOCK_N=block_n,
+        HAS_WINDOW=sliding_window is not None, USE_DOT=use_dot,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        WRITE_FINAL=num_splits == 1,
+        num_warps=4, num_stages=2,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(batch_size, num_heads)](
+            partial_out, partial_lse, out, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+        )
+    return out

@@ -1,0 +1,194 @@
+"""Pure-torch references of every kernel in this package.
+
+Each function here defines the semantics that the Triton kernel of the same name must match, and
+the tests compare the two on random inputs. They favour being obviously right over being fast:
+everything is computed in fp32 (probabilities of the sampler too) and cast back to the input dtype
+at the end. They run on any device and dtype, so CPU CI can test the model code with them.
+
+Paged KV cache layout (per layer), shared by all attention functions:
+
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    token at position p of sequence b lives at
+        k_cache[block_tables[b, p // block_size], p % block_size]
+
+Returned tensors are new; `store_kv_ref` alone writes in place, like its kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The first `num_tokens` positions of one sequence: [num_tokens, num_kv_heads, head_dim]."""
+    block_size = cache.shape[1]
+    positions = torch.arange(num_tokens, device=cache.device)
+    block_ids = block_table[positions // block_size].long()
+    return cache[block_ids, positions % block_size]
+
+
+def store_kv_ref(
+    k: torch.Tensor,             # [T, KVH, D]
+    v: torch.Tensor,             # [T, KVH, D]
+    k_cache: torch.Tensor,       # [num_blocks, block_size, KVH, D]
+    v_cache: torch.Tensor,       # [num_blocks, block_size, KVH, D]
+    slot_mapping: torch.Tensor,  # [T], slot = block_id * block_size + offset; < 0: skip
+) -> None:
+    block_size = k_cache.shape[1]
+    for t, slot in enumerate(slot_mapping.tolist()):
+        if slot < 0:
+            continue
+        k_cache[slot // block_size, slot % block_size] = k[t]
+        v_cache[slot // block_size, slot % block_size] = v[t]
+
+
+def _attend(
+    q: torch.Tensor,             # [Q, H, D] fp32
+    k: torch.Tensor,             # [L, KVH, D] fp32
+    v: torch.Tensor,             # [L, KVH, D] fp32
+    visible: torch.Tensor,       # [Q, L] bool
+    scale: float,
+) -> torch.Tensor:               # [Q, H, D] fp32; rows that see no key are zero
+    group_size = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group_size, dim=1)                # [L, H, D]
+    v = v.repeat_interleave(group_size, dim=1)
+    scores = torch.einsum("qhd,lhd->hql", q, k) * scale       # [H, Q, L]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)     # all-masked rows: NaN -> 0
+    return torch.einsum("hql,lhd->qhd", probs, v)
+
+
+def _visible(query_positions: torch.Tensor, num_keys: int, sliding_window: int | None) -> torch.Tensor:
+    """[Q, L] bool: key j is visible to the query at position i iff j <= i (and i - j < window)."""
+    key_positions = torch.arange(num_keys, device=query_positions.device)
+    distance = query_positions[:, None] - key_positions[None, :]
+    visible = distance >= 0
+    if sliding_window is not None:
+        visible &= distance < sliding_window
+    return visible
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,             # [B, H, D]
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, M] int32
+    context_lens: torch.Tensor,  # [B] int32, the query sits at position context_lens[b] - 1
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:               # [B, H, D]
+    out = torch.zeros_like(q)
+    for b, context_len in enumerate(context_lens.tolist()):
+        if context_len == 0:     # padded batch row: zeros, as in the kernel
+            continue
+        k = gather_kv(k_cache, block_tables[b], context_len).float()
+        v = gather_kv(v_cache, block_tables[b], context_len).float()
+        positions = torch.tensor([context_len - 1], device=q.device)
+        visible = _visible(positions, context_len, sliding_window)
+        out[b] = _attend(q[b : b + 1].float(), k, v, visible, scale)[0].to(q.dtype)
+    return out
+
+
+def paged_prefill_attention_ref(
+    q: torch.Tensor,                # [T, H, D], sequences packed back to back
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,     # [B, M] int32
+    query_start_loc: torch.Tensor,  # [B + 1] int32, cumulative query lengths
+    context_lens: torch.Tensor,     # [B] int32, cached prefix + this chunk
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:                  # [T, H, D]
+    out = torch.zeros_like(q)
+    starts = query_start_loc.tolist()
+    for b, context_len in enumerate(context_lens.tolist()):
+        start, end = starts[b], starts[b + 1]
+        query_len = end - start
+        if query_len == 0:
+            continue
+        k = gather_kv(k_cache, block_tables[b], context_len).float()
+        v = gather_kv(v_cache, block_tables[b], context_len).float()
+        positions = torch.arange(context_len - query_len, context_len, device=q.device)
+        visible = _visible(positions, context_len, sliding_window)
+        out[start:end] = _attend(q[start:end].float(), k, v, visible, scale).to(q.dtype)
+    return out
+
+
+def rms_norm_ref(
+    x: torch.Tensor,                       # [T, N]
+    weight: torch.Tensor,                  # [N]
+    eps: float,
+    residual: torch.Tensor | None = None,  # [T, N]
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """HF LlamaRMSNorm; with `residual`, first r = x + residual and return (norm(r), r)."""
+    if residual is not None:
+        x = x + residual
+    x32 = x.float()
+    normed = (x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)).to(x.dtype)
+    out = weight * normed
+    return out if residual is None else (out, x)
+
+
+def apply_rotary_ref(
+    q: torch.Tensor,              # [T, H, D]
+    k: torch.Tensor,              # [T, KVH, D]
+    positions: torch.Tensor,      # [T]
+    cos_sin_cache: torch.Tensor,  # [P, D]: cos(p * inv_freq) ++ sin(p * inv_freq)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """NeoX rotation of pairs (i, i + D/2); returns new (q, k)."""
+    cos, sin = cos_sin_cache[positions.long()].float().chunk(2, dim=-1)  # [T, D/2] each
+    cos, sin = cos[:, None, :], sin[:, None, :]
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
+    gate, up = x.float().chunk(2, dim=-1)
+    return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+
+
+def sample_ref(
+    logits: torch.Tensor,       # [B, V] fp32
+    temperature: torch.Tensor,  # [B] fp32, 0: greedy
+    top_k: torch.Tensor,        # [B] int32, <= 0 or >= V: off
+    top_p: torch.Tensor,        # [B] fp32, >= 1: off
+    min_p: torch.Tensor,        # [B] fp32, 0: off
+    exp_noise: torch.Tensor,    # [B, V] fp32, Exp(1) samples
+) -> torch.Tensor:              # [B] int64
+    """Filter by top-k, then top-p (on the top-k set), then min-p; pick argmax(probs / exp_noise).
+
+    Thresholds are logit values, so tied logits are kept or dropped together:
+      top-k: keep logits >= the k-th largest logit (counted with multiplicity);
+      top-p: keep logits >= the largest logit t whose set {logit >= t} holds >= top_p of the
+             top-k set's probability mass (at least the top token is always kept);
+      min-p: keep probs >= min_p * max(probs).
+    Greedy rows (temperature 0) return argmax(logits). argmax picks the lowest index among ties.
+    """
+    token_ids = []
+    for b in range(logits.shape[0]):
+        row = logits[b].float()
+        vocab_size = row.numel()
+        if temperature[b] == 0:
+            token_ids.append(int(row.argmax()))
+            continue
+        probs = torch.softmax(row / temperature[b], dim=-1)
+        keep = torch.ones_like(row, dtype=torch.bool)
+        k = int(top_k[b])
+        if 0 < k < vocab_size:
+            keep &= row >= row.topk(k).values[-1]
+        if top_p[b] < 1:
+            sorted_logits, order = torch.where(keep, row, float("-inf")).sort(descending=True)
+            kept_probs = torch.where(keep, probs, 0.0)[order].double()
+            cumulative = kept_probs.cumsum(0)
+            target = float(top_p[b]) * float(kept_probs.sum())
+            first = min(int((cumulative < target).sum()), vocab_size - 1)  # first index reaching target
+            keep &= row >= sorted_logits[first]
+        if min_p[b] > 0:
+            keep &= probs >= min_p[b] * probs.max()
+        scores = torch.where(keep, probs / exp_noise[b], -1.0)
+        token_ids.append(int(scores.argmax()))
+    return torch.tensor(token_ids, dtype=torch.int64, device=logits.device)

@@ -1,0 +1,108 @@
+"""Sampling semantics: seeds, n, stop strings / token ids, logprobs vs HF's log_softmax."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve.common.engine.llm import LLM
+from pdserve.common.sampling_params import SamplingParams
+
+PROMPTS = [[5, 77, 1200, 9], list(range(300, 340)), [42] * 3, list(range(1000, 1100))]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models):
+    return LLM(tiny_models["llama"], num_gpu_blocks_override=256)
+
+
+def gen(llm, prompts, params):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert llm.engine.kv.num_free_blocks == llm.engine.runner.num_blocks
+    return outs
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=7, max_tokens=16)
+    alone = gen(llm, PROMPTS[:1], params)[0].outputs[0].token_ids
+    mixed = gen(llm, PROMPTS, [params] + [SamplingParams(temperature=0.8, max_tokens=20)] * 3)[0].outputs[0].token_ids
+    assert alone == mixed
+    other = gen(llm, PROMPTS[:1], SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=8, max_tokens=16))
+    assert other[0].outputs[0].token_ids != alone
+
+
+def test_n_gives_n_outputs_sharing_prompt_blocks(llm):
+    out = gen(llm, [list(range(2000, 2064))], SamplingParams(n=4, temperature=1.0, seed=1, max_tokens=8))[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert all(len(c.token_ids) == 8 for c in out.outputs)
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1
+    # the 3 later sequences found the 63 leading prompt tokens (3 full blocks) in the cache
+    assert llm.engine.kv.num_prefix_hits >= 3 * 48
+
+
+def test_top_k_1_equals_greedy(llm):
+    greedy = gen(llm, PROMPTS, SamplingParams(temperature=0, max_tokens=12))
+    topk1 = gen(llm, PROMPTS, SamplingParams(temperature=1.3, top_k=1, seed=3, max_tokens=12))
+    assert [o.outputs[0].token_ids for o in greedy] == [o.outputs[0].token_ids for o in topk1]
+
+
+def test_stop_token_ids_and_max_tokens(llm):
+    base = gen(llm, PROMPTS[:1], SamplingParams(temperature=0, max_tokens=20))[0].outputs[0]
+    assert base.finish_reason == "length" and len(base.token_ids) == 20
+    stop_id = base.token_ids[5]
+    first = base.token_ids.index(stop_id)
+    out = gen(llm, PROMPTS[:1], SamplingParams(temperature=0, max_tokens=20, stop_token_ids=[stop_id]))[0].outputs[0]
+    assert out.token_ids == base.token_ids[:first + 1]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_id
+
+
+def test_stop_string_cuts_text(llm):
+    base = gen(llm, PROMPTS[1:2], SamplingParams(temperature=0, max_tokens=30))[0].outputs[0]
+    text = base.text
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert stop
+    cut = text.index(stop)
+    out = gen(llm, PROMPTS[1:2], SamplingParams(temperature=0, max_tokens=30, stop=[stop]))[0].outputs[0]
+    assert out.text == text[:cut]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    incl = gen(llm, PROMPTS[1:2], SamplingParams(temperature=0, max_tokens=30, stop=[stop],
+                                                  include_stop_str_in_output=True))[0].outputs[0]
+    assert incl.text == text[:cut + len(stop)]
+
+
+def test_min_tokens_blocks_stop_token(llm):
+    base = gen(llm, PROMPTS[:1], SamplingParams(temperature=0, max_tokens=20))[0].outputs[0]
+    stop_id = base.token_ids[0]
+    out = gen(llm, PROMPTS[:1], SamplingParams(temperature=0, max_tokens=20, min_tokens=5,
+                                                stop_token_ids=[stop_id]))[0].outputs[0]
+    assert len(out.token_ids) >= 5 and stop_id not in out.token_ids[:5]
+
+
+def test_logprobs_match_hf_log_softmax(llm, tiny_models):
+    from transformers import AutoModelForCausalLM
+    prompt = PROMPTS[1]
+    out = gen(llm, [prompt], SamplingParams(temperature=0, max_tokens=8, logprobs=3, prompt_logprobs=2))[0]
+    comp = out.outputs[0]
+    hf = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+    seq = torch.tensor([prompt + comp.token_ids])
+    with torch.inference_mode():
+        lp = torch.log_softmax(hf(seq).logits[0].float(), dim=-1)
+    n = len(prompt)
+    for i, (tok, entry) in enumerate(zip(comp.token_ids, comp.logprobs)):
+        ref = lp[n - 1 + i]
+        assert entry[tok].logprob == pytest.approx(ref[tok].item(), abs=1e-4)
+        assert entry[tok].rank == 1  # greedy picks the top token
+        assert set(entry) == set(ref.topk(3).indices.tolist()) | {tok}
+        assert entry[tok].decoded_token is not None
+    assert comp.cumulative_logprob == pytest.approx(sum(e[t].logprob for t, e in zip(comp.token_ids, comp.logprobs)))
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == n
+    for pos in range(1, n):
+        assert out.prompt_logprobs[pos][prompt[pos]].logprob == pytest.approx(lp[pos - 1][prompt[pos]].item(), abs=1e-4)
+
+
+def test_penalties_change_output_and_stay_valid(llm):
+    base = gen(llm, [[7] * 20], SamplingParams(temperature=0, max_tokens=16))[0].outputs[0].token_ids
+    pen = gen(llm, [[7] * 20], SamplingParams(temperature=0, max_tokens=16, repetition_penalty=5.0,
+                                               frequency_penalty=2.0, presence_penalty=2.0))[0].outputs[0].token_ids
+    assert len(pen) == 16 and pen != base
+    assert len(set(pen)) >= len(set(base))

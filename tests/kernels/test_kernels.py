@@ -1,0 +1,241 @@
+"""Each Triton kernel against its reference in pdserve.kernels.reference, on fresh random inputs.
+
+Two backends, same test bodies:
+  gpu        CUDA, full-size cases (Llama-like shapes, contexts > 1024 for split-K); marked `gpu`.
+  interpret  CPU under the Triton interpreter, small cases; runs only with TRITON_INTERPRET=1:
+                 TRITON_INTERPRET=1 python -m pytest tests/kernels -q
+Without either, these tests skip and tests/kernels/test_reference.py still checks the references.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from pdserve.kernels import reference as ref
+from pdserve.kernels import triton_available
+from pdserve.kernels.testing import make_paged_kv, query_start_loc, rel_error, sampling_params, tolerance
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+RUN_GPU = triton_available() and torch.cuda.is_available() and not INTERPRET
+RUN_INTERPRET = triton_available() and INTERPRET
+
+if triton_available():
+    from pdserve import kernels as K
+
+BF16, FP32 = torch.bfloat16, torch.float32
+
+
+def backends(gpu_cases: list, interpret_cases: list) -> list:
+    """pytest params (device, case): GPU cases marked gpu, interpreter cases on CPU."""
+    skip_gpu = pytest.mark.skipif(not RUN_GPU, reason="needs CUDA and triton (without TRITON_INTERPRET)")
+    skip_interp = pytest.mark.skipif(not RUN_INTERPRET, reason="set TRITON_INTERPRET=1 to run on CPU")
+    return ([pytest.param("cuda", c, marks=[pytest.mark.gpu, skip_gpu], id=f"gpu-{c}") for c in gpu_cases]
+            + [pytest.param("cpu", c, marks=skip_interp, id=f"interp-{c}") for c in interpret_cases])
+
+
+def check(out: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    assert not out.isnan().any(), "NaN in kernel output"
+    err = rel_error(out, expected)
+    assert err <= tolerance(dtype), f"relative error {err:.2e} > {tolerance(dtype):.0e}"
+
+
+# --- store_kv ---------------------------------------------------------------------------------
+
+STORE_GPU = [(t, bs, dt, it) for t in (1, 7, 33, 512) for bs in (16, 32) for dt in (BF16, FP32) for it in (32, 64)]
+STORE_INTERP = [(1, 16, BF16, 64), (7, 16, FP32, 32), (33, 32, BF16, 64), (20, 8, FP32, 32)]
+
+
+@pytest.mark.parametrize("device,case", backends(STORE_GPU, STORE_INTERP))
+def test_store_kv(device, case):
+    num_tokens, block_size, dtype, index_bits = case
+    num_kv_heads, head_dim, num_blocks = 4, 64, 40
+    gen = torch.Generator().manual_seed(num_tokens)
+    qkv = torch.randn(num_tokens, (8 + 2 * num_kv_heads) * head_dim, generator=gen).to(device, dtype)
+    k = qkv[:, 8 * head_dim : (8 + num_kv_heads) * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    v = qkv[:, (8 + num_kv_heads) * head_dim :].view(num_tokens, num_kv_heads, head_dim)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[::3] = -1                                              # padded batch entries
+    slot_mapping = slots.to(device, torch.int64 if index_bits == 64 else torch.int32)
+    kv = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(device, dtype)
+    expected = kv.clone()
+    ref.store_kv_ref(k, v, expected[0], expected[1], slot_mapping)
+    K.store_kv(k, v, kv[0], kv[1], slot_mapping)
+    assert torch.equal(kv, expected)
+
+
+# --- decode attention -------------------------------------------------------------------------
+
+# (context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, sliding_window, num_splits)
+DECODE_GPU = [
+    ([1], 32, 8, 128, 16, BF16, None, None),
+    ([7, 33, 129, 16, 32], 32, 8, 128, 16, BF16, None, None),
+    ([1025, 3, 2048, 17, 513], 32, 8, 128, 16, BF16, None, None),
+    ([4096, 1], 32, 8, 128, 16, BF16, None, None),
+    ([4000, 100, 2500], 32, 4, 128, 32, BF16, None, None),          # GQA 8
+    ([1500, 64, 31, 2049, 700, 5, 1024, 9], 8, 8, 64, 16, BF16, None, None),   # GQA 1, 8 seqs
+    ([3000, 77], 32, 2, 128, 16, BF16, None, None),                 # GQA 16: tl.dot path
+    ([3000, 77, 1], 16, 1, 64, 32, FP32, None, None),
+    ([2048, 333], 32, 8, 64, 8, FP32, None, None),
+    ([2048, 333, 5], 32, 8, 128, 16, BF16, 256, None),              # sliding window
+    ([1100, 4000], 32, 2, 128, 32, BF16, 1000, None),
+    ([700, 1], 8, 2, 64, 16, FP32, 1, None),
+    ([33, 129, 1200], 32, 8, 128, 16, BF16, None, 1),
+    ([33, 129, 1200], 32, 8, 128, 16, BF16, None, 7),
+    ([0, 50], 32, 8, 128, 16, BF16, None, 4),                       # empty (padded) row
+]
+DECODE_INTERP = [
+    ([1, 7, 33], 4, 4, 64, 16, BF16, None, None),
+    ([16, 32, 48], 8, 2, 64, 16, FP32, None, None),
+    ([129, 70], 8, 1, 64, 32, BF16, None, 3),                       # GQA 8, split-K
+    ([200, 5], 16, 1, 64, 8, FP32, None, 4),                        # GQA 16: tl.dot path
+    ([200, 5], 16, 1, 64, 16, BF16, None, 2),
+    ([150, 40], 4, 1, 128, 16, BF16, 50, 3),                        # sliding window + splits
+    ([0, 33], 4, 2, 64, 16, FP32, 8, None),
+]
+
+
+@pytest.mark.parametrize("device,case", backends(DECODE_GPU, DECODE_INTERP))
+def test_paged_decode_attention(device, case):
+    context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, window, num_splits = case
+    kv = make_paged_kv(context_lens, num_kv_heads, head_dim, block_size, dtype, device, seed=len(context_lens))
+    q = torch.randn(len(context_lens), num_heads, head_dim, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    scale = head_dim ** -0.5
+    args = (q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, scale, window)
+    out = K.paged_decode_attention(*args, num_splits=num_splits)
+    check(out, ref.paged_decode_attention_ref(*args), dtype)
+
+
+# --- prefill attention ------------------------------------------------------------------------
+
+# (query_lens, prefix_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, sliding_window)
+PREFILL_GPU = [
+    ([1], [0], 32, 8, 128, 16, BF16, None),
+    ([7, 33, 129], [0, 0, 0], 32, 8, 128, 16, BF16, None),
+    ([16, 32, 64, 128], [0, 16, 64, 128], 32, 8, 128, 16, BF16, None),   # block boundaries
+    ([200, 1, 513, 77], [300, 1000, 0, 1], 32, 4, 128, 32, BF16, None),  # prefix cache / chunked
+    ([512] * 4, [0, 512, 1024, 7], 8, 8, 64, 16, BF16, None),
+    ([300, 45], [100, 0], 32, 2, 128, 16, FP32, None),
+    ([129, 257], [3, 0], 16, 4, 64, 8, FP32, None),
+    ([600, 33, 1], [500, 0, 2000], 32, 8, 128, 16, BF16, 256),          # sliding window
+    ([100, 100], [0, 50], 8, 1, 64, 32, FP32, 1),
+]
+PREFILL_INTERP = [
+    ([1, 7], [0, 0], 4, 4, 64, 16, BF16, None),
+    ([33, 16], [0, 16], 8, 2, 64, 16, FP32, None),
+    ([70, 1, 20], [40, 100, 0], 8, 1, 64, 32, BF16, None),              # prefix + decode-like row
+    ([129], [3], 4, 1, 128, 8, BF16, None),
+    ([90, 12], [30, 0], 4, 2, 64, 16, FP32, 40),                         # sliding window
+]
+
+
+@pytest.mark.parametrize("device,case", backends(PREFILL_GPU, PREFILL_INTERP))
+def test_paged_prefill_attention(device, case):
+    query_lens, prefix_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, window = case
+    context_lens = [q + p for q, p in zip(query_lens, prefix_lens)]
+    kv = make_paged_kv(context_lens, num_kv_heads, head_dim, block_size, dtype, device, seed=sum(query_lens))
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen).to(device, dtype)
+    args = (q, kv.k_cache, kv.v_cache, kv.block_tables, query_start_loc(query_lens, device), kv.context_lens,
+            head_dim ** -0.5, window)
+    out = K.paged_prefill_attention(*args)
+    check(out, ref.paged_prefill_attention_ref(*args), dtype)
+
+
+# --- rms_norm ---------------------------------------------------------------------------------
+
+RMS_GPU = [(t, n, dt, res) for t, n in ((1, 64), (7, 4096), (129, 5120), (8192, 4096))
+           for dt in (BF16, FP32, torch.float16) for res in (False, True)]
+RMS_INTERP = [(1, 64, BF16, False), (7, 1000, FP32, True), (5, 4096, BF16, True), (3, 96, torch.float16, False)]
+
+
+@pytest.mark.parametrize("device,case", backends(RMS_GPU, RMS_INTERP))
+def test_rms_norm(device, case):
+    num_tokens, hidden_size, dtype, with_residual = case
+    gen = torch.Generator().manual_seed(num_tokens)
+    x = torch.randn(num_tokens, hidden_size, generator=gen).to(device, dtype)
+    weight = (1 + 0.1 * torch.randn(hidden_size, generator=gen)).to(device, dtype)
+    residual = torch.randn(num_tokens, hidden_size, generator=gen).to(device, dtype) if with_residual else None
+    out = K.rms_norm(x, weight, 1e-6, residual)
+    expected = ref.rms_norm_ref(x, weight, 1e-6, residual)
+    if with_residual:
+        check(out[1], expected[1], dtype)
+        out, expected = out[0], expected[0]
+    check(out, expected, dtype)
+
+
+# --- rotary -----------------------------------------------------------------------------------
+
+ROTARY_GPU = [(t, h, kvh, d, dt) for t in (1, 7, 129, 8192) for h, kvh in ((32, 8), (8, 8), (32, 2))
+              for d in (64, 128) for dt in (BF16, FP32)]
+ROTARY_INTERP = [(1, 4, 4, 64, BF16), (7, 8, 2, 128, FP32), (33, 6, 2, 64, BF16)]
+
+
+def rope_cache(max_position: int, head_dim: int, device) -> torch.Tensor:
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).to(device)
+
+
+@pytest.mark.parametrize("device,case", backends(ROTARY_GPU, ROTARY_INTERP))
+def test_apply_rotary(device, case):
+    num_tokens, num_heads, num_kv_heads, head_dim, dtype = case
+    gen = torch.Generator().manual_seed(num_tokens)
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen).to(device, dtype)
+    q = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)          # strided views
+    k = qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    v_before = qkv[:, (num_heads + num_kv_heads) * head_dim :].clone()
+    positions = torch.randint(0, 4096, (num_tokens,), generator=gen).to(device)
+    cos_sin = rope_cache(4096, head_dim, device)
+    q_expected, k_expected = ref.apply_rotary_ref(q, k, positions, cos_sin)
+    K.apply_rotary(q, k, positions, cos_sin)
+    check(q, q_expected, dtype)
+    check(k, k_expected, dtype)
+    assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim :], v_before), "v was modified"
+
+
+# --- silu_and_mul -----------------------------------------------------------------------------
+
+SILU_GPU = [(t, i, dt) for t in (1, 7, 129, 8192) for i in (64, 1000, 14336) for dt in (BF16, FP32)]
+SILU_INTERP = [(1, 64, BF16), (7, 1000, FP32), (33, 3000, BF16)]
+
+
+@pytest.mark.parametrize("device,case", backends(SILU_GPU, SILU_INTERP))
+def test_silu_and_mul(device, case):
+    num_tokens, intermediate_size, dtype = case
+    x = torch.randn(num_tokens, 2 * intermediate_size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    check(K.silu_and_mul(x), ref.silu_and_mul_ref(x), dtype)
+
+
+# --- sampling ---------------------------------------------------------------------------------
+
+# (batch_size, vocab_size, logit_kind, noise_kind)
+#   logit_kind  "normal": N(0, 3^2); "ties": integers in [-4, 4] (many tied logits)
+#   noise_kind  "exp": Exp(1) as in serving; "adverse": probs^2 * Exp(1), so the race favours the
+#               least likely allowed token and every filter boundary decides the outcome
+SAMPLE_GPU = [(b, v, lk, nk) for b in (1, 8, 64) for v in (1000, 32000, 128256)
+              for lk in ("normal", "ties") for nk in ("exp", "adverse")]
+SAMPLE_INTERP = [(4, 100, "normal", "exp"), (8, 1000, "normal", "exp"), (8, 700, "ties", "exp"),
+                 (14, 1000, "normal", "adverse"), (14, 300, "ties", "adverse"), (3, 5000, "normal", "exp"),
+                 (14, 3000, "ties", "exp")]
+
+
+@pytest.mark.parametrize("device,case", backends(SAMPLE_GPU, SAMPLE_INTERP))
+def test_sample(device, case):
+    batch_size, vocab_size, logit_kind, noise_kind = case
+    gen = torch.Generator().manual_seed(batch_size * vocab_size)
+    if logit_kind == "ties":
+        logits = torch.randint(-4, 5, (batch_size, vocab_size), generator=gen).float()
+    else:
+        logits = 3 * torch.randn(batch_size, vocab_size, generator=gen)
+    params = sampling_params(batch_size, vocab_size, "cpu", seed=vocab_size)
+    noise = torch.empty(batch_size, vocab_size).exponential_(generator=gen)
+    if noise_kind == "adverse":
+        temperature = params[0].clamp_min(0.1)[:, None]
+        noise *= torch.softmax(logits / temperature, dim=-1).square().clamp_min(1e-30)
+    expected = ref.sample_ref(logits, *params, noise)
+    got = K.sample(logits.to(device), *(p.to(device) for p in params), noise.to(device))
+    assert got.dtype == torch.int64
+    assert got.cpu().tolist() == expected.tolist()

@@ -1,0 +1,90 @@
+"""Shared helpers of the KV transfer tests: deterministic caches and a server in another process.
+
+`ServerProcess` starts a KV server in a spawned process (so tcp/ucx cross a real process
+boundary), with caches generated from a seed so the test can rebuild the expected bytes:
+
+    parent (test, KVClient)                     child (spawn, KVServer)
+      ServerProcess(...).__enter__  -- args -->  make caches(seed), make_server, start()
+                                   <-- address   serve until the "close" command or a kill
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import queue
+import time
+
+import torch
+
+from pdserve.common.kv_transfer.base import make_server
+
+# A lease whose resolution blocks the server's event loop: the server looks hung.
+STALL_LEASE = "stall"
+STALL_SECONDS = 5.0
+
+
+def make_caches(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                head_dim: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+    """Random caches, one [2, num_blocks, block_size, H, D] tensor per layer, from a seed."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    return [torch.randn(shape, generator=generator).to(dtype) for _ in range(num_layers)]
+
+
+def lease_table(leases: dict[str, list[int]]):
+    """A resolve_lease over a fixed table, plus the stalling lease."""
+    def resolve_lease(lease_id: str) -> list[int] | None:
+        if lease_id == STALL_LEASE:
+            time.sleep(STALL_SECONDS)
+            return None
+        return leases.get(lease_id)
+    return resolve_lease
+
+
+def _serve(backend: str, cache_args: dict, leases: dict, addresses, commands) -> None:
+    async def main():
+        server = make_server(backend, make_caches(**cache_args), lease_table(leases))
+        addresses.put(await server.start())
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, commands.get)  # "close"
+        await server.close()
+    asyncio.run(main())
+
+
+class ServerProcess:
+    """A KV server in a spawned process; `address` once entered; close() or kill() it."""
+
+    def __init__(self, backend: str, cache_args: dict, leases: dict[str, list[int]]):
+        context = multiprocessing.get_context("spawn")
+        self._addresses = context.Queue()
+        self._commands = context.Queue()
+        self.process = context.Process(
+            target=_serve, args=(backend, cache_args, leases, self._addresses, self._commands),
+            daemon=True)
+        self.address: str | None = None
+
+    def __enter__(self) -> ServerProcess:
+        self.process.start()
+        try:
+            self.address = self._addresses.get(timeout=30)
+        except queue.Empty:
+            self.process.kill()
+            raise RuntimeError("KV server process did not start within 30 s") from None
+        return self
+
+    def close(self) -> None:
+        """Asks the server to close and waits for the process to exit."""
+        self._commands.put("close")
+        self.process.join(timeout=10)
+        if self.process.exitcode != 0:
+            raise RuntimeError(f"KV server process exited with {self.process.exitcode}")
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.join(timeout=10)
+
+    def __exit__(self, *exc) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(timeout=10)

@@ -1,0 +1,137 @@
+"""KVLayout checks, the staging layout of gather/scatter, and the wire headers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kv_cases import make_caches
+
+from pdserve.common.kv_transfer import wire
+from pdserve.common.kv_transfer.base import KVLayout, KVTransferError, split_address
+from pdserve.common.kv_transfer.blocks import BlockCopier, StagingBuffer, block_runs
+
+CACHE = dict(num_layers=3, block_size=4, num_kv_heads=2, head_dim=8)
+
+
+def test_bytes_per_block_of_llama3_8b():
+    layout = KVLayout(num_layers=32, num_blocks=1000, block_size=16, num_kv_heads=8,
+                      head_dim=128, dtype="bfloat16")
+    assert layout.bytes_per_block == 2 * 1024 * 1024  # 64 KiB per layer (K+V) x 32 layers
+    assert 128 * layout.bytes_per_block == 256 * 1024 * 1024  # a 2048-token prompt
+
+
+@pytest.mark.parametrize("field, value", [("num_layers", 0), ("head_dim", -1),
+                                          ("block_size", 2.0), ("dtype", "int8")])
+def test_layout_rejects_bad_fields(field, value):
+    args = dict(num_layers=2, num_blocks=4, block_size=16, num_kv_heads=2, head_dim=8,
+                dtype="float16")
+    args[field] = value
+    with pytest.raises(ValueError, match=f"KVLayout.{field}"):
+        KVLayout(**args)
+
+
+def test_layout_from_caches_and_its_errors():
+    caches = make_caches(num_blocks=5, dtype=torch.bfloat16, seed=0, **CACHE)
+    assert KVLayout.from_caches(caches) == KVLayout(3, 5, 4, 2, 8, "bfloat16")
+    with pytest.raises(ValueError, match="kv_caches is empty"):
+        KVLayout.from_caches([])
+    with pytest.raises(ValueError, match=r"kv_caches\[1\] is"):
+        KVLayout.from_caches([caches[0], caches[1].float()])
+    with pytest.raises(ValueError, match=r"kv_caches\[0\] must be contiguous"):
+        KVLayout.from_caches([t.transpose(3, 4).contiguous().transpose(3, 4) for t in caches])
+    with pytest.raises(ValueError, match="must be shaped"):
+        KVLayout.from_caches([torch.zeros(5, 4, 2, 8)])
+    with pytest.raises(ValueError, match="dtype torch.int32"):
+        KVLayout.from_caches([torch.zeros(2, 5, 4, 2, 8, dtype=torch.int32)])
+
+
+def test_peer_check_ignores_num_blocks_and_names_the_differing_field():
+    mine = KVLayout(32, 100, 16, 8, 128, "bfloat16")
+    mine.check_peer(KVLayout(32, 7000, 16, 8, 128, "bfloat16"), "peer")
+    with pytest.raises(KVTransferError, match="block_size is 16 here but 32 there"):
+        mine.check_peer(KVLayout(32, 100, 32, 8, 128, "bfloat16"), "peer")
+    with pytest.raises(KVTransferError, match="dtype is 'bfloat16' here but 'float16' there"):
+        mine.check_peer(KVLayout(32, 100, 16, 8, 128, "float16"), "peer")
+
+
+def test_block_runs():
+    assert block_runs([]) == []
+    assert block_runs([4, 5, 6]) == [(0, 4, 3)]
+    assert block_runs([4, 5, 9, 1, 2, 2]) == [(0, 4, 2), (2, 9, 1), (3, 1, 2), (5, 2, 1)]
+
+
+def test_layer_chunks_of_llama3_8b_handoffs():
+    caches = [torch.empty(2, 1, 16, 8, 128, dtype=torch.bfloat16) for _ in range(32)]
+    copier = BlockCopier(caches, KVLayout.from_caches(caches))
+    assert copier.layer_chunks(1) == [range(0, 32)]  # 2 MiB: one chunk
+    assert copier.layer_chunks(8) == [range(i, i + 8) for i in range(0, 32, 8)]  # 16 MiB
+    assert copier.layer_chunks(128) == [range(i, i + 4) for i in range(0, 32, 4)]  # 256 MiB
+
+
+# 8 layers of 64 KiB blocks: a pull of 20 blocks is 10 MiB, gathered in two chunks of layers.
+BIG = dict(num_layers=8, block_size=16, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("block_ids", [list(range(3, 23)), [*range(30, 40), *range(0, 10)],
+                                       list(range(39, -1, -2))],
+                         ids=["one-run", "few-runs", "scattered"])
+def test_gather_lays_blocks_out_layer_kv_block_and_scatter_inverts_it(block_ids):
+    n = len(block_ids)
+    src = make_caches(num_blocks=40, seed=1, **BIG)
+    copier = BlockCopier(src, KVLayout.from_caches(src))
+    staging = StagingBuffer(torch.device("cpu"), host_mirror=True)
+    chunks = copier.layer_chunks(n)
+    assert len(chunks) == 2
+    payload = torch.cat([copier.gather(block_ids, staging, layers).clone() for layers in chunks])
+    assert payload.dtype == torch.uint8 and payload.numel() == copier.nbytes(n)
+    blocks = payload.view(torch.bfloat16).view(8, 2, n, 16, 8, 128)
+    for layer in range(8):
+        assert torch.equal(blocks[layer], src[layer][:, block_ids])
+
+    dst = make_caches(num_blocks=44, seed=2, **BIG)
+    before = [t.clone() for t in dst]
+    dst_ids = [43 - 2 * i for i in range(n)]
+    receiver = BlockCopier(dst, KVLayout.from_caches(dst))
+    receive_staging = StagingBuffer(torch.device("cpu"), host_mirror=True)
+    offset = 0
+    for layers in receiver.layer_chunks(n):
+        view = receiver.receive_view(n, receive_staging, layers)
+        view.copy_(payload[offset:offset + view.numel()])
+        offset += view.numel()
+        receiver.scatter(dst_ids, receive_staging, layers)
+    untouched = sorted(set(range(44)) - set(dst_ids))
+    for layer in range(8):
+        assert torch.equal(dst[layer][:, dst_ids], src[layer][:, block_ids])
+        assert torch.equal(dst[layer][:, untouched], before[layer][:, untouched])
+
+
+def test_staging_buffer_grows_and_is_reused():
+    staging = StagingBuffer(torch.device("cpu"), host_mirror=True)
+    big = staging.device_bytes(100)
+    small = staging.host_bytes(10)  # on CPU the host bytes are the device bytes
+    assert small.data_ptr() == big.data_ptr() and small.numel() == 10
+
+
+def test_wire_round_trip_and_malformed_headers():
+    layout = KVLayout(2, 10, 16, 2, 8, "float32")
+    for message in [wire.Hello(wire.PROTOCOL_VERSION, layout),
+                    wire.PullRequest("lease-1", 2, 5, 1.5), wire.PullReply(1024),
+                    wire.Error("lease gone")]:
+        assert wire.decode(wire.encode(message)) == message
+    for data in [b"not json", b'{"type": "bogus"}', b'{"type": "pull", "lease_id": 3}',
+                 b'{"type": "reply", "nbytes": -1}',
+                 b'{"type": "hello", "version": 1, "layout": {"num_layers": 2}}']:
+        with pytest.raises(KVTransferError, match="malformed"):
+            wire.decode(data)
+    with pytest.raises(KVTransferError, match="speaks KV wire protocol 99"):
+        wire.check_hello(wire.Hello(99, layout), layout, "peer")
+    with pytest.raises(KVTransferError, match="peer: lease gone"):
+        wire.expect(wire.Error("lease gone"), wire.PullReply, "peer")
+
+
+def test_split_address():
+    assert split_address("tcp://127.0.0.1:5000", "tcp") == ("127.0.0.1", 5000)
+    assert split_address("ucx://[::1]:7", "ucx") == ("::1", 7)
+    for bad in ["tcp://host", "tcp://:5", "127.0.0.1:5"]:
+        with pytest.raises(ValueError):
+            split_address(bad, "tcp")

@@ -1,0 +1,207 @@
+"""Pulls through real servers on 127.0.0.1 (tcp, ucx) or the in-process registry (local).
+
+Each test runs its own event loop with asyncio.run and closes every server and client in a
+finally block: the ucx backend resets ucxx when its last user closes, so the next test's loop
+starts from a fresh UCX context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+import torch
+from kv_cases import make_caches
+
+from pdserve.common.kv_transfer.base import (KVLayout, KVTransferError, make_client,
+                                             make_server)
+
+pytestmark = pytest.mark.timeout(60)
+
+BACKENDS = ["tcp", "ucx", "local"]
+CACHE = dict(num_layers=3, block_size=4, num_kv_heads=2, head_dim=8)
+
+
+@contextlib.asynccontextmanager
+async def serving(backend: str, src_caches, leases: dict[str, list[int]], dst_caches):
+    server = make_server(backend, src_caches, leases.get)
+    client = make_client(backend, dst_caches)
+    try:
+        address = await server.start()
+        yield server, client, address
+    finally:
+        await client.close()
+        await server.close()
+
+
+def assert_pulled(src_caches, src_block_ids, dst_caches, dst_block_ids, dst_before):
+    """Every pulled block equals its source exactly; every other block is unchanged."""
+    untouched = sorted(set(range(dst_caches[0].shape[1])) - set(dst_block_ids))
+    for layer, (src, dst, before) in enumerate(zip(src_caches, dst_caches, dst_before)):
+        assert torch.equal(dst[:, dst_block_ids], src[:, src_block_ids]), f"layer {layer}"
+        assert torch.equal(dst[:, untouched], before[:, untouched]), f"layer {layer}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pull_copies_exact_blocks_into_other_ids(backend, dtype):
+    src = make_caches(num_blocks=24, dtype=dtype, seed=1, **CACHE)
+    dst = make_caches(num_blocks=32, dtype=dtype, seed=2, **CACHE)
+    dst_before = [t.clone() for t in dst]
+    src_block_ids = [5, 6, 7, 2, 19, 0, 11]
+    dst_block_ids = [30, 3, 17, 18, 1, 9, 25]
+
+    async def main():
+        async with serving(backend, src, {"lease-1": src_block_ids}, dst) as (server, client,
+                                                                              address):
+            nbytes = await client.pull(address, "lease-1", dst_block_ids, deadline_s=10.0)
+            bytes_per_block = KVLayout.from_caches(src).bytes_per_block
+            assert nbytes == len(src_block_ids) * bytes_per_block
+            assert client.bytes_received == nbytes and server.bytes_sent == nbytes
+            assert client.num_transfers == 1 and server.num_transfers == 1
+            assert client.num_failures == 0 and server.num_failures == 0
+            assert client.seconds > 0
+
+    asyncio.run(main())
+    assert_pulled(src, src_block_ids, dst, dst_block_ids, dst_before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_suffix_pull_skips_blocks_the_decode_side_has(backend):
+    src = make_caches(num_blocks=16, dtype=torch.float16, seed=3, **CACHE)
+    dst = make_caches(num_blocks=16, dtype=torch.float16, seed=4, **CACHE)
+    dst_before = [t.clone() for t in dst]
+    src_block_ids = [8, 9, 10, 11, 3]
+
+    async def main():
+        async with serving(backend, src, {"lease": src_block_ids}, dst) as (_, client, address):
+            nbytes = await client.pull(address, "lease", [14, 2], deadline_s=10.0,
+                                       src_block_offset=3)
+            assert nbytes == 2 * KVLayout.from_caches(src).bytes_per_block
+            # The whole lease is an offset of 0; an offset equal to its length moves nothing.
+            assert await client.pull(address, "lease", [], deadline_s=10.0,
+                                     src_block_offset=5) == 0
+
+    asyncio.run(main())
+    assert_pulled(src, [11, 3], dst, [14, 2], dst_before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unknown_lease_and_length_mismatch_fail_then_connection_still_works(backend):
+    src = make_caches(num_blocks=8, dtype=torch.float32, seed=5, **CACHE)
+    dst = make_caches(num_blocks=8, dtype=torch.float32, seed=6, **CACHE)
+    dst_before = [t.clone() for t in dst]
+
+    async def main():
+        async with serving(backend, src, {"lease": [1, 2, 3]}, dst) as (server, client,
+                                                                        address):
+            with pytest.raises(KVTransferError, match="lease 'gone' expired or unknown"):
+                await client.pull(address, "gone", [0, 1, 2], deadline_s=5.0)
+            with pytest.raises(KVTransferError, match="holds 3 blocks; src_block_offset=1 "
+                                                      "leaves 2, but the client asked for 3"):
+                await client.pull(address, "lease", [0, 1, 2], deadline_s=5.0,
+                                  src_block_offset=1)
+            with pytest.raises(KVTransferError, match="src_block_offset=4 leaves 0"):
+                await client.pull(address, "lease", [0], deadline_s=5.0, src_block_offset=4)
+            assert client.num_failures == 3 and server.num_failures == 3
+            await client.pull(address, "lease", [5, 6, 7], deadline_s=5.0)
+            assert client.num_transfers == 1
+
+    asyncio.run(main())
+    assert_pulled(src, [1, 2, 3], dst, [5, 6, 7], dst_before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("field, value", [("head_dim", 16), ("dtype", torch.bfloat16),
+                                          ("num_layers", 2)])
+def test_layout_mismatch_names_the_field(backend, field, value):
+    src = make_caches(num_blocks=8, dtype=torch.float32, seed=7, **CACHE)
+    dst_args = dict(CACHE, num_blocks=12, dtype=torch.float32, seed=8)
+    dst_args[field] = value
+    dst = make_caches(**dst_args)
+
+    async def main():
+        async with serving(backend, src, {"lease": [1, 2]}, dst) as (_, client, address):
+            with pytest.raises(KVTransferError, match=f"KV layout mismatch .*{field} is"):
+                await client.pull(address, "lease", [0, 1], deadline_s=5.0)
+            assert client.num_failures == 1
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_concurrent_pulls_to_one_server(backend):
+    num_pulls, blocks_per_pull = 24, 3
+    src = make_caches(num_blocks=num_pulls * blocks_per_pull, dtype=torch.bfloat16, seed=9,
+                      **CACHE)
+    dst = make_caches(num_blocks=num_pulls * blocks_per_pull + 5, dtype=torch.bfloat16,
+                      seed=10, **CACHE)
+    dst_before = [t.clone() for t in dst]
+    generator = torch.Generator().manual_seed(0)
+    src_order = torch.randperm(num_pulls * blocks_per_pull, generator=generator).tolist()
+    dst_order = torch.randperm(num_pulls * blocks_per_pull + 5, generator=generator).tolist()
+    leases = {f"lease-{i}": src_order[i * blocks_per_pull:(i + 1) * blocks_per_pull]
+              for i in range(num_pulls)}
+    dst_ids = {f"lease-{i}": dst_order[i * blocks_per_pull:(i + 1) * blocks_per_pull]
+               for i in range(num_pulls)}
+
+    async def main():
+        async with serving(backend, src, leases, dst) as (server, client, address):
+            results = await asyncio.gather(*(
+                client.pull(address, lease_id, dst_ids[lease_id], deadline_s=20.0)
+                for lease_id in leases))
+            assert sum(results) == client.bytes_received == server.bytes_sent
+            assert client.num_transfers == server.num_transfers == num_pulls
+
+    asyncio.run(main())
+    all_src = [b for lease_id in leases for b in leases[lease_id]]
+    all_dst = [b for lease_id in leases for b in dst_ids[lease_id]]
+    assert_pulled(src, all_src, dst, all_dst, dst_before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pull_from_closed_server_fails_fast(backend):
+    src = make_caches(num_blocks=8, dtype=torch.float32, seed=11, **CACHE)
+    dst = make_caches(num_blocks=8, dtype=torch.float32, seed=12, **CACHE)
+
+    async def main():
+        server = make_server(backend, src, {"lease": [1, 2]}.get)
+        client = make_client(backend, dst)
+        try:
+            address = await server.start()
+            await client.pull(address, "lease", [3, 4], deadline_s=5.0)  # pools a connection
+            await server.close()
+            start = time.perf_counter()
+            with pytest.raises(KVTransferError):
+                await client.pull(address, "lease", [3, 4], deadline_s=10.0)
+            assert time.perf_counter() - start < 2.0
+            assert client.num_failures == 1
+        finally:
+            await client.close()
+            await server.close()
+
+    asyncio.run(main())
+
+
+def test_bad_arguments_are_value_errors():
+    caches = make_caches(num_blocks=8, dtype=torch.float32, seed=13, **CACHE)
+    client = make_client("local", caches)
+    cases = [
+        (dict(dst_block_ids=[1, 1]), "duplicates"),
+        (dict(dst_block_ids=[8]), r"not a block id in \[0, 8\)"),
+        (dict(dst_block_ids=[-1]), r"not a block id in \[0, 8\)"),
+        (dict(deadline_s=time.monotonic() + 1e4), "budget in seconds from now"),
+        (dict(deadline_s=0), "budget in seconds from now"),
+        (dict(src_block_offset=-1), "src_block_offset must be an int >= 0"),
+    ]
+    for overrides, message in cases:
+        kwargs = dict(address="local://0", lease_id="x", dst_block_ids=[1], deadline_s=1.0)
+        kwargs.update(overrides)
+        with pytest.raises(ValueError, match=message):
+            asyncio.run(client.pull(**kwargs))
+    with pytest.raises(ValueError, match="unknown KV transfer backend 'nccl'"):
+        make_client("nccl", caches)
+    with pytest.raises(ValueError, match="is not a tcp KV address"):
+        asyncio.run(make_client("tcp", caches).pull("ucx://1.2.3.4:5", "x", [1], 1.0))
