@@ -17,14 +17,16 @@ imported submodule would shadow the function of the same name on this package.
 
 from __future__ import annotations
 
-import importlib.util
-
 from pdserve.kernels import reference
 
 
 def triton_available() -> bool:
-    """Whether triton is installed (the kernels still need a CUDA device or the interpreter)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton imports (the kernels still need a CUDA device or the interpreter)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 __all__ = ["reference", "triton_available"]

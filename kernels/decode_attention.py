@@ -6,7 +6,14 @@
     context_lens  [B] int32            keys 0 .. context_lens[b] - 1 are in the cache (0: zero output)
     out           [B, H, D]
 
-Block layout read by one program (b, kv_head, split); GQA group = H // KVH query heads:
+Paged layout of one sequence (block_size 4 drawn; context_len 10):
+
+    block_tables[b] = [ 7 | 2 | 9 | pad ... ]      k_cache[block_id, slot, kv_head, :]
+                        |   |   '------------->  block 9: [ p8 | p9 | -- | -- ]
+                        |   '----------------->  block 2: [ p4 | p5 | p6 | p7 ]
+                        '--------------------->  block 7: [ p0 | p1 | p2 | p3 ]
+
+Work of one program (b, kv_head, split); GQA group G = H // KVH query heads:
 
     logical positions of sequence b (sliding window: from max(0, L - window)):
       0                       L-1
@@ -18,14 +25,16 @@ Block layout read by one program (b, kv_head, split); GQA group = H // KVH query
       K tile  [BLOCK_N, D]  ->  scores [G, BLOCK_N] -> online softmax -> acc [G, D] += p @ V tile
 
 Score and value products use tl.dot when the group has >= 16 rows, else a broadcast multiply and
-sum (mma tiles need 16 rows; padding a group of 4 to 16 would waste most of it).
+sum (mma tiles need 16 rows; padding a group of 4 to 16 would waste most of it). The benchmark
+times both paths for G = 4 (rows "dot" / "bcast"): if padding wins, lower _MIN_DOT_ROWS.
 
 Split-K ("flash-decoding"): with num_splits > 1 each split writes its normalised partial output
 and log-sum-exp (base 2) to fp32 scratch, and `_merge_splits_kernel` combines them:
     out = sum_s 2^(lse_s - max) * out_s / sum_s 2^(lse_s - max)
 num_splits=None picks it from the batch size and max_context_len (or, without it, the upper bound
 block_tables.shape[1] * block_size) so that about two waves of programs fill the GPU. The choice
-never reads device memory, so the call is CUDA-graph safe; for graphs pass num_splits explicitly.
+uses host ints only (no device sync), but a CUDA graph freezes it at capture: any num_splits is
+correct for any context length, so captured graphs should pass a fixed num_splits.
 """
 
 from __future__ import annotations

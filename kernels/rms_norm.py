@@ -56,7 +56,7 @@ def rms_norm(
         residual_out = torch.empty_like(out)
     if num_tokens > 0:
         block = triton.next_power_of_2(hidden_size)
-        num_warps = min(16, max(4, block // 1024))
+        num_warps = min(16, max(4, block // 512))
         has_residual = residual is not None
         _rms_norm_kernel[(num_tokens,)](
             x, residual if has_residual else x, weight, out, residual_out if has_residual else out,

@@ -69,13 +69,15 @@ async def serve_pull(server: KVServer, copier: BlockCopier, connection: Connecti
 
 async def _send_blocks(copier: BlockCopier, connection: Connection, block_ids: list[int],
                        nbytes: int) -> None:
-    await connection.send_header(wire.PullReply(nbytes))
     if not block_ids:
+        await connection.send_header(wire.PullReply(nbytes))
         return
     chunks = copier.layer_chunks(len(block_ids))
+    # The first gather runs while the reply header travels.
     gathered = asyncio.ensure_future(
         asyncio.to_thread(copier.gather, block_ids, connection.staging, chunks[0]))
     try:
+        await connection.send_header(wire.PullReply(nbytes))
         for i in range(len(chunks)):
             payload = await gathered
             if i + 1 < len(chunks):
@@ -97,8 +99,16 @@ async def pull_on(connection: Connection, copier: BlockCopier, peer: str, lease_
     """
     request = wire.PullRequest(lease_id, src_block_offset, len(dst_block_ids),
                                timeout_s=max(deadline - time.perf_counter(), 1e-3))
-    await connection.send_header(request)
-    reply = await connection.recv_header()
+    # Wait for the send and the reply together: a ucx send completes only after a round trip
+    # through ucxx's notifier thread, which would otherwise delay the reply by as much.
+    sent = asyncio.ensure_future(connection.send_header(request))
+    try:
+        reply = await connection.recv_header()
+    except BaseException:
+        sent.cancel()  # a send stuck on a dead peer must not outlive the deadline
+        await asyncio.wait([sent])
+        raise
+    await sent
     if isinstance(reply, wire.Error):
         raise PullRefused(f"{peer}: {reply.message}")
     reply = wire.expect(reply, wire.PullReply, peer)

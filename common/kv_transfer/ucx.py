@@ -45,10 +45,15 @@ CLOSE_TIMEOUT_S = 2.0  # close() waits this long for the handlers of aborted end
 
 
 def configure_ucx_env(on_gpu: bool, net_devices: str | None = None) -> None:
-    """Sets UCX defaults (variables already set by the operator win). Call before ucxx starts.
+    """Sets UCX defaults; a variable the operator set wins. Call before the ucxx context starts.
 
     on_gpu: allow the CUDA transports. net_devices: UCX_NET_DEVICES, e.g. "lo" for a server
-    that only listens on loopback, "eth0" or "mlx5_0:1" in a cluster; None leaves UCX's "all".
+    that only listens on loopback, "eth0" or "mlx5_0:1" in a cluster; None keeps what is set
+    (UCX's default is "all").
+
+    Like os.environ.setdefault, except that a default this function set earlier may be
+    replaced: a process that closed its CPU servers may start GPU ones (a test session does).
+    UCX reads the variables only when the process's context is created (_UcxRuntime).
     """
     defaults = {
         # tcp everywhere; on GPU also device copies and CUDA IPC between processes of one host.
@@ -66,7 +71,12 @@ def configure_ucx_env(on_gpu: bool, net_devices: str | None = None) -> None:
     if net_devices is not None:
         defaults["UCX_NET_DEVICES"] = net_devices
     for name, value in defaults.items():
-        os.environ.setdefault(name, value)
+        if name not in os.environ or os.environ[name] == _DEFAULTS_SET.get(name):
+            os.environ[name] = value
+            _DEFAULTS_SET[name] = value
+
+
+_DEFAULTS_SET: dict[str, str] = {}  # variables configure_ucx_env set, with their values
 
 
 def _ucxx():
@@ -104,14 +114,21 @@ class _UcxRuntime:
     def __init__(self):
         self.num_users = 0
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.transports: str | None = None  # UCX_TLS of the live context
 
     def acquire(self) -> None:
         loop = asyncio.get_running_loop()
+        transports = os.environ.get("UCX_TLS")
         if self.num_users and loop is not self.loop:
             raise RuntimeError("all ucx KV servers and clients of a process must run on one "
                                "event loop (ucxx binds its context to the first one)")
+        if self.num_users and transports != self.transports:
+            raise RuntimeError(
+                f"the process's UCX context runs with UCX_TLS={self.transports}, this KV "
+                f"server/client wants {transports}: GPU and CPU caches cannot share a process")
         self.num_users += 1
         self.loop = loop
+        self.transports = transports
 
     def release(self) -> None:
         self.num_users -= 1

@@ -98,7 +98,7 @@ def iter_weights(reader, cfg: ArchConfig, path: str) -> Iterator[tuple[str, torc
             w = _unpermute(w, cfg.num_heads)
         elif cfg.architecture == "llama" and base.endswith(".attn_k"):
             w = _unpermute(w, cfg.num_kv_heads)
-        yield _hf_name(base) + "." + suffix, torch.from_numpy(np.ascontiguousarray(w))
+        yield _hf_name(base) + "." + suffix, torch.from_numpy(np.array(w, dtype=np.float32, copy=True, order="C"))
 
 
 def _hf_name(base: str) -> str:

@@ -101,7 +101,8 @@ DECODE_INTERP = [
 def test_paged_decode_attention(device, case):
     context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, window, num_splits = case
     kv = make_paged_kv(context_lens, num_kv_heads, head_dim, block_size, dtype, device, seed=len(context_lens))
-    q = torch.randn(len(context_lens), num_heads, head_dim, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(len(context_lens), num_heads + 3, head_dim, generator=gen).to(device, dtype)[:, :num_heads]  # view
     scale = head_dim ** -0.5
     args = (q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, scale, window)
     out = K.paged_decode_attention(*args, num_splits=num_splits)
@@ -121,6 +122,8 @@ PREFILL_GPU = [
     ([129, 257], [3, 0], 16, 4, 64, 8, FP32, None),
     ([600, 33, 1], [500, 0, 2000], 32, 8, 128, 16, BF16, 256),          # sliding window
     ([100, 100], [0, 50], 8, 1, 64, 32, FP32, 1),
+    ([5, 40, 130, 64], [62, 63, 64, 65], 32, 8, 128, 16, BF16, None),   # prefixes at BLOCK_N edges
+    ([9, 3, 40], [30, 31, 33], 8, 2, 64, 16, FP32, None),
 ]
 PREFILL_INTERP = [
     ([1, 7], [0, 0], 4, 4, 64, 16, BF16, None),
@@ -128,6 +131,8 @@ PREFILL_INTERP = [
     ([70, 1, 20], [40, 100, 0], 8, 1, 64, 32, BF16, None),              # prefix + decode-like row
     ([129], [3], 4, 1, 128, 8, BF16, None),
     ([90, 12], [30, 0], 4, 2, 64, 16, FP32, 40),                         # sliding window
+    ([5, 40], [62, 63], 4, 2, 64, 16, BF16, None),                       # prefixes at BLOCK_N edges
+    ([9, 3], [30, 31], 4, 1, 64, 16, FP32, None),
 ]
 
 
@@ -137,7 +142,7 @@ def test_paged_prefill_attention(device, case):
     context_lens = [q + p for q, p in zip(query_lens, prefix_lens)]
     kv = make_paged_kv(context_lens, num_kv_heads, head_dim, block_size, dtype, device, seed=sum(query_lens))
     gen = torch.Generator().manual_seed(2)
-    q = torch.randn(sum(query_lens), num_heads, head_dim, generator=gen).to(device, dtype)
+    q = torch.randn(sum(query_lens), num_heads + 3, head_dim, generator=gen).to(device, dtype)[:, 3:]  # view
     args = (q, kv.k_cache, kv.v_cache, kv.block_tables, query_start_loc(query_lens, device), kv.context_lens,
             head_dim ** -0.5, window)
     out = K.paged_prefill_attention(*args)

@@ -25,11 +25,13 @@ STALL_SECONDS = 5.0
 
 
 def make_caches(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                head_dim: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
+                head_dim: int, dtype: torch.dtype, seed: int,
+                device: str = "cpu") -> list[torch.Tensor]:
     """Random caches, one [2, num_blocks, block_size, H, D] tensor per layer, from a seed."""
     generator = torch.Generator().manual_seed(seed)
     shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
-    return [torch.randn(shape, generator=generator).to(dtype) for _ in range(num_layers)]
+    return [torch.randn(shape, generator=generator).to(dtype).to(device)
+            for _ in range(num_layers)]
 
 
 def lease_table(leases: dict[str, list[int]]):

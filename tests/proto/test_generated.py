@@ -23,6 +23,17 @@ def test_check_command_exit_code():
     assert result.returncode == 0, result.stderr
 
 
+def test_check_catches_an_edited_proto(tmp_path, monkeypatch):
+    for name in ("pdserve.proto", *generate.GENERATED):
+        (tmp_path / name).write_bytes((generate.PROTO_DIR / name).read_bytes())
+    proto = tmp_path / "pdserve.proto"
+    proto.write_text(proto.read_text().replace("  bool found = 1;", "  bool found = 1;\n  bool extra = 2;"))
+    monkeypatch.setattr(generate, "PROTO_DIR", tmp_path)
+    monkeypatch.setattr(generate, "PROTO_FILE", tmp_path / "pdserve.proto")
+    problems = generate.check()
+    assert problems and all("differs from a fresh generation" in p for p in problems)
+
+
 def test_mask_versions_hides_only_version_lines():
     text = ("# Protobuf Python Version: 7.35.1\n_runtime_version.Domain.PUBLIC,\n    7,\n    35,\n    1,\n"
             "GRPC_GENERATED_VERSION = '1.85.1'\nx = 1\n")

@@ -2,6 +2,8 @@
 operator changes, and recovery when Redis restarts empty."""
 
 import asyncio
+import subprocess
+import sys
 import time
 
 import pytest
@@ -218,3 +220,12 @@ def test_calls_fail_fast_when_redis_is_down(redis_server):
                 await registry.heartbeat("p0", Load())
             assert time.monotonic() - started < 3
     asyncio.run(body())
+
+
+def test_control_plane_modules_are_torch_free():
+    """The router never imports torch (STYLE rule 9); checked in a fresh interpreter."""
+    code = ("import sys; import pdserve.services.router.registry, pdserve.services.router.prefix_index, "
+            "pdserve.services.router.bench_index, pdserve.proto, pdserve.proto.pdserve_pb2_grpc, "
+            "pdserve.proto.convert; assert 'torch' not in sys.modules, 'torch was imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
