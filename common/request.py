@@ -65,6 +65,9 @@ class Request:
         self.logprobs: list[tuple[float, dict[int, tuple[float, int]]]] = []
         self.prompt_logprobs: list[dict[int, tuple[float, int]] | None] = []
         self.cumulative_logprob = 0.0
+        # Prefill role: (lease_id, expires_at) -> keep the prompt's KV blocks after finishing
+        self.kv_lease: tuple[str, float] | None = None
+        self.lease_block_ids: list[int] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -123,8 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat, temperature=0.0)
 
-    from pdserve.services import bench
+    from pdserve.services import bench, disagg_cli
     bench.add_parser(sub, add_engine_args)
+    disagg_cli.add_parsers(sub, add_engine_args)
     return parser
 
 

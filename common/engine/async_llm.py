@@ -45,7 +45,9 @@ class AsyncLLM:
     # ---- EngineClient ------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                        prompt: str | None = None, output_token_ids: list[list[int]] | None = None,
-                       ) -> AsyncIterator[RequestOutput]:
+                       add_fn: Callable[[EngineCore], object] | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs. `add_fn(core)`, when given, enters the request into the
+        engine instead of a plain add_request (prefill leases, decode admission after a pull)."""
         if self._dead is not None:
             raise EngineDeadError(f"the engine is dead: {self._dead}")
         self.core.validate(prompt_token_ids, params)  # ParameterError before anything is queued
@@ -55,7 +57,10 @@ class AsyncLLM:
             from pdserve.common.sampling_params import ParameterError
             raise ParameterError("request_id", f"request id {request_id!r} is already running")
         self._streams[request_id] = (loop, q)
-        self._send(("add", (request_id, prompt_token_ids, params, prompt, time.time(), output_token_ids)))
+        if add_fn is None:
+            self._send(("add", (request_id, prompt_token_ids, params, prompt, time.time(), output_token_ids)))
+        else:
+            self._send(("addfn", (request_id, add_fn)))
         finished = False
         try:
             while True:
@@ -108,6 +113,12 @@ class AsyncLLM:
                                           output_token_ids=done)
                 except Exception as e:
                     self._deliver(rid, e)
+            elif kind == "addfn":
+                rid, fn = payload
+                try:
+                    fn(self.core)
+                except Exception as e:
+                    self._deliver(rid, e)
             elif kind == "abort":
                 self.core.abort(payload)
             elif kind == "call":
@@ -122,13 +133,13 @@ class AsyncLLM:
         try:
             while not self._stopping:
                 self._drain_inbox()
-                if not self.core.has_unfinished():
+                if self.core.has_unfinished():
+                    for out in self.core.step():
+                        self._deliver(out.request_id, out)
+                else:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
-                    continue
-                for out in self.core.step():
-                    self._deliver(out.request_id, out)
-                for hook in self.step_hooks:
+                for hook in self.step_hooks:  # also while idle (lease expiry, KV events)
                     hook(self.core)
         except BaseException as e:  # the engine is gone: fail every open request now
             log.exception("engine thread died")

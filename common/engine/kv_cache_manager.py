@@ -27,6 +27,8 @@ class KVCacheManager:
         self._blocks: dict[str, list[KVBlock]] = {}
         self.num_prefix_queries = 0  # prompt tokens looked up (for vllm:prefix_cache_queries)
         self.num_prefix_hits = 0  # prompt tokens found (for vllm:prefix_cache_hits)
+        self.leases: dict[str, tuple[list[KVBlock], float]] = {}
+        self.num_expired_leases = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -90,6 +92,56 @@ class KVCacheManager:
         blocks = self._blocks.pop(req.request_id, [])
         self.pool.free(list(reversed(blocks)))
         req.block_ids = []
+
+    # ---- leases: a finished prefill's blocks kept for a decode worker to pull ------------------
+    def lease(self, req: Request, lease_id: str, num_tokens: int, expires_at: float) -> list[int]:
+        """Keep the blocks holding the first `num_tokens` tokens of `req` until released or
+        expired (they stay referenced, so neither eviction nor reuse can touch them)."""
+        blocks = self._blocks[req.request_id][:cdiv(num_tokens, self.block_size)]
+        self.pool.touch(blocks)
+        self.leases[lease_id] = (blocks, expires_at)
+        return [b.block_id for b in blocks]
+
+    def lease_block_ids(self, lease_id: str, now: float) -> list[int] | None:
+        entry = self.leases.get(lease_id)
+        if entry is None or entry[1] < now:
+            return None
+        return [b.block_id for b in entry[0]]
+
+    def release_lease(self, lease_id: str) -> bool:
+        entry = self.leases.pop(lease_id, None)
+        if entry is None:
+            return False
+        self.pool.free(list(reversed(entry[0])))
+        return True
+
+    def expire_leases(self, now: float) -> int:
+        expired = [lid for lid, (_, exp) in self.leases.items() if exp < now]
+        for lid in expired:
+            self.release_lease(lid)
+        self.num_expired_leases += len(expired)
+        return len(expired)
+
+    # ---- pulled KV: blocks reserved now, filled by a transfer, admitted later ----------------
+    def reserve_for_pull(self, req: Request, num_tokens: int) -> tuple[list[int], int]:
+        """Blocks for the first `num_tokens` tokens: prefix hits + fresh ones to be filled by a pull.
+        Hashes are registered only when the pull lands (`commit_pulled`). Returns (block ids to
+        fill, number of leading blocks already here), or ([], -1) when the pool is short."""
+        hits = self.get_computed_blocks(req)
+        hits = hits[:num_tokens // self.block_size]
+        needed = self.num_blocks_needed(req, num_tokens - len(hits) * self.block_size, hits)
+        if needed > self.pool.num_free_blocks:
+            return [], -1
+        blocks = self._blocks.setdefault(req.request_id, [])
+        self.pool.touch(hits)
+        blocks.extend(hits)
+        blocks.extend(self.pool.allocate(cdiv(num_tokens, self.block_size) - len(blocks)))
+        req.block_ids = [b.block_id for b in blocks]
+        return req.block_ids[len(hits):], len(hits)
+
+    def commit_pulled(self, req: Request, num_tokens: int) -> None:
+        req.num_computed_tokens = num_tokens
+        self._cache_full_blocks(req, self._blocks[req.request_id], num_tokens)
 
     def num_requests(self) -> int:
         return len(self._blocks)

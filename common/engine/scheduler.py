@@ -171,6 +171,9 @@ class Scheduler:
             elif req in self.waiting:
                 self.waiting.remove(req)
             req.status = status
+            if req.kv_lease is not None and status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
+                lease_id, expires_at = req.kv_lease
+                req.lease_block_ids = self.kv.lease(req, lease_id, req.num_prompt_tokens, expires_at)
             self.kv.free(req)
             self._finished_ids.add(req_id)
             done.append(req)

@@ -12,9 +12,10 @@ chunks of layers without any framing: the server gathers chunk i+1 while chunk i
 wire, the client scatters chunk i while chunk i+1 arrives. Both ends derive the same chunks
 from the (checked) layout and the block count.
 
-Gather copies runs of consecutive block ids as slices (about twice as fast as index_select on
-CPU) and uses one index_select per layer when the ids are scattered. Scatter uses slice copies
-per run on CPU (index_copy_ is slow there) and index_copy_ on CUDA.
+On CPU, gather copies runs of consecutive block ids as slices (about twice as fast as
+index_select) and uses one index_select per layer when the ids are scattered; scatter always
+copies slices per run (index_copy_ is slow there). On CUDA both use one index kernel per layer
+(a slice copy when the ids are one run): launches, not bytes, cost time there.
 
 On CUDA the copies run on a side stream that first waits for the calling thread's current
 stream and is synchronized before the bytes go to the network or the pull returns. The copies
@@ -32,7 +33,8 @@ import torch
 
 from pdserve.common.kv_transfer.base import KVLayout
 
-# More runs than this and one index_select per layer beats a slice copy per run (gather).
+# On CPU, more runs than this and one index_select per layer beats a slice copy per run.
+# On CUDA every copy is a kernel launch: a single run is sliced, anything else indexed.
 _MAX_SLICE_RUNS = 8
 # Pipelining: chunks of at least 4 MiB (smaller ones cost more in hand-offs than they hide),
 # at most 8 of them.
@@ -116,7 +118,7 @@ class BlockCopier:
         chunk = self._chunk_bytes(len(block_ids), layers)
         with self._side_stream():
             runs = block_runs(block_ids)
-            if len(runs) <= _MAX_SLICE_RUNS:
+            if len(runs) == 1 or (self._stream is None and len(runs) <= _MAX_SLICE_RUNS):
                 for layer in layers:
                     kv, out_layer = self.kv_caches[layer], out[layer]
                     for pos, first_id, length in runs:
@@ -151,7 +153,7 @@ class BlockCopier:
             runs = block_runs(block_ids)
             # CPU index_copy_ runs at ~1 GB/s (torch 2.13), a slice copy per run at ~3.5 GB/s
             # even for single-block runs; on CUDA one index_copy_ kernel beats many launches.
-            if len(runs) <= _MAX_SLICE_RUNS or self._stream is None:
+            if len(runs) == 1 or self._stream is None:
                 for layer in layers:
                     kv, src_layer = self.kv_caches[layer], src[layer]
                     for pos, first_id, length in runs:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import ipaddress
+import json
 import logging
 import os
 import time
@@ -51,9 +52,11 @@ def configure_ucx_env(on_gpu: bool, net_devices: str | None = None) -> None:
     that only listens on loopback, "eth0" or "mlx5_0:1" in a cluster; None keeps what is set
     (UCX's default is "all").
 
-    Like os.environ.setdefault, except that a default this function set earlier may be
-    replaced: a process that closed its CPU servers may start GPU ones (a test session does).
-    UCX reads the variables only when the process's context is created (_UcxRuntime).
+    Like os.environ.setdefault, except that a default this function set earlier, in this
+    process or in a parent (spawned processes inherit the environment), may be replaced: a
+    process that closed its CPU servers may start GPU ones (a test session does). The defaults
+    it set are listed in PDSERVE_UCX_DEFAULTS. UCX reads the variables only when the process's
+    context is created (_UcxRuntime).
     """
     defaults = {
         # tcp everywhere; on GPU also device copies and CUDA IPC between processes of one host.
@@ -70,13 +73,15 @@ def configure_ucx_env(on_gpu: bool, net_devices: str | None = None) -> None:
     }
     if net_devices is not None:
         defaults["UCX_NET_DEVICES"] = net_devices
+    ours = json.loads(os.environ.get(_DEFAULTS_VARIABLE, "{}"))
     for name, value in defaults.items():
-        if name not in os.environ or os.environ[name] == _DEFAULTS_SET.get(name):
+        if name not in os.environ or os.environ[name] == ours.get(name):
             os.environ[name] = value
-            _DEFAULTS_SET[name] = value
+            ours[name] = value
+    os.environ[_DEFAULTS_VARIABLE] = json.dumps(ours, sort_keys=True)
 
 
-_DEFAULTS_SET: dict[str, str] = {}  # variables configure_ucx_env set, with their values
+_DEFAULTS_VARIABLE = "PDSERVE_UCX_DEFAULTS"  # JSON {name: value} of what configure_ucx_env set
 
 
 def _ucxx():
@@ -223,11 +228,18 @@ class UcxKVServer(KVServer):
             await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.sleep(0)  # ucxx retires its handler futures one loop turn later
         self._connections.clear()
+        # ucxx 0.52 keeps the UCX listener (and its port) alive as long as any endpoint it
+        # accepted exists in C++, which here lasts until the process exits; clients that
+        # connect meanwhile are aborted by _serve_endpoint or time out in their handshake.
         self._listener.close()
         self._listener = None
         _RUNTIME.release()
 
     async def _serve_endpoint(self, endpoint) -> None:
+        if self._listener is None:
+            # ucxx may keep a closed listener's port open (see close()): turn late clients away.
+            endpoint.abort()
+            return
         task = asyncio.current_task()
         self._handler_tasks.add(task)
         connection = _Connection(endpoint, StagingBuffer(self._copier.device, host_mirror=False))

