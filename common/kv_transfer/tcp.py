@@ -10,9 +10,11 @@
 Headers are length-prefixed JSON (wire.py). The payload goes from the server's staging buffer
 straight to the socket (loop.sock_sendall of a memoryview, no copy) and lands in the client's
 staging buffer (loop.sock_recv_into, no copy). On CUDA both ends stage through pinned host
-memory. A connection carries one pull at a time and goes back to its address's pool after a
-clean reply; at most `max_connections_per_peer` pulls to one address run at once, the rest
-wait (inside their deadline). An idle pooled connection whose peer went away is detected with
+memory. Staging buffers come from a pool per server/client (pipeline.StagingPool).
+
+A connection carries one pull at a time and goes back to its address's pool after a clean
+reply; at most `max_connections_per_peer` pulls to one address run at once, the rest wait
+(inside their deadline). An idle pooled connection whose peer went away is detected with
 a non-blocking peek before reuse, so a restarted server costs no failed pull.
 """
 
@@ -26,8 +28,8 @@ import torch
 
 from pdserve.common.kv_transfer import wire
 from pdserve.common.kv_transfer.base import KVClient, KVServer, KVTransferError, split_address
-from pdserve.common.kv_transfer.blocks import BlockCopier, StagingBuffer
-from pdserve.common.kv_transfer.pipeline import PullRefused, pull_on, serve_pull
+from pdserve.common.kv_transfer.blocks import BlockCopier
+from pdserve.common.kv_transfer.pipeline import PullRefused, StagingPool, pull_on, serve_pull
 
 logger = logging.getLogger(__name__)
 
@@ -35,14 +37,13 @@ HANDSHAKE_TIMEOUT_S = 10.0  # a connecting client must say Hello within this
 
 
 class _Connection:
-    """One TCP socket speaking the KV wire protocol, with its own staging buffer."""
+    """One TCP socket speaking the KV wire protocol."""
 
-    def __init__(self, sock: socket.socket, staging: StagingBuffer):
+    def __init__(self, sock: socket.socket):
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         self.sock = sock
-        self.staging = staging
         self._loop = asyncio.get_running_loop()
         self._prefix = bytearray(wire.LENGTH_PREFIX.size)
 
@@ -92,13 +93,19 @@ class _Connection:
 
 
 class TcpKVServer(KVServer):
-    """Serves leased blocks on a TCP port: one task per client connection."""
+    """Serves leased blocks on a TCP port: one task per client connection.
+
+    max_concurrent_transfers bounds the pulls being sent at once (and their staging buffers).
+    """
 
     scheme = "tcp"
 
-    def __init__(self, kv_caches, resolve_lease, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, kv_caches, resolve_lease, host: str = "127.0.0.1", port: int = 0,
+                 max_concurrent_transfers: int = 4):
         super().__init__(kv_caches, resolve_lease, host, port)
         self._copier = BlockCopier(kv_caches, self.layout)
+        self._staging = StagingPool(self._copier.device, host_mirror=True,
+                                    size=max_concurrent_transfers)
         self._listen_sock: socket.socket | None = None
         self._accept_task: asyncio.Task | None = None
         self._connection_tasks: set[asyncio.Task] = set()
@@ -130,7 +137,7 @@ class TcpKVServer(KVServer):
         loop = asyncio.get_running_loop()
         while True:
             sock, peer = await loop.sock_accept(self._listen_sock)
-            connection = _Connection(sock, StagingBuffer(self._copier.device, host_mirror=True))
+            connection = _Connection(sock)
             task = loop.create_task(self._serve_connection(connection, f"{peer[0]}:{peer[1]}"))
             self._connection_tasks.add(task)
             task.add_done_callback(self._connection_tasks.discard)
@@ -149,7 +156,7 @@ class TcpKVServer(KVServer):
             while True:
                 # An idle pooled connection waits here, without deadline, for its next pull.
                 request = await connection.recv_header()
-                await serve_pull(self, self._copier, connection,
+                await serve_pull(self, self._copier, self._staging, connection,
                                  wire.expect(request, wire.PullRequest, f"client {peer}"))
         except (ConnectionError, OSError, TimeoutError, KVTransferError) as e:
             logger.debug("KV client %s disconnected: %s", peer, e)
@@ -158,17 +165,24 @@ class TcpKVServer(KVServer):
 
 
 class TcpKVClient(KVClient):
-    """Pulls blocks over pooled TCP connections, one pool per server address."""
+    """Pulls blocks over pooled TCP connections, one pool per server address.
+
+    max_connections_per_peer bounds the pulls in flight to one server, max_concurrent_transfers
+    those in flight in all (and their staging buffers).
+    """
 
     scheme = "tcp"
 
-    def __init__(self, kv_caches, max_connections_per_peer: int = 4):
+    def __init__(self, kv_caches, max_connections_per_peer: int = 4,
+                 max_concurrent_transfers: int = 4):
         super().__init__(kv_caches)
         if max_connections_per_peer < 1:
             raise ValueError(f"max_connections_per_peer must be >= 1, got "
                              f"{max_connections_per_peer}")
         self.max_connections_per_peer = max_connections_per_peer
         self._copier = BlockCopier(kv_caches, self.layout)
+        self._staging = StagingPool(self._copier.device, host_mirror=True,
+                                    size=max_concurrent_transfers)
         self._idle: dict[str, list[_Connection]] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._closed = False
@@ -184,7 +198,8 @@ class TcpKVClient(KVClient):
             try:
                 if connection is None:
                     connection = await self._connect(address, host, port)
-                nbytes = await pull_on(connection, self._copier, f"KV server {address}",
+                nbytes = await pull_on(connection, self._copier, self._staging,
+                                       f"KV server {address}",
                                        lease_id, dst_block_ids, src_block_offset, deadline)
                 reusable = True
                 return nbytes
@@ -215,7 +230,7 @@ class TcpKVClient(KVClient):
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         family, type_, proto, _, sockaddr = infos[0]
         sock = socket.socket(family, type_, proto)
-        connection = _Connection(sock, StagingBuffer(self._copier.device, host_mirror=True))
+        connection = _Connection(sock)
         try:
             await loop.sock_connect(sock, sockaddr)
             await connection.send_header(wire.Hello(wire.PROTOCOL_VERSION, self.layout))

@@ -8,8 +8,8 @@
       scatter staging -> dst_block_ids                   (pipeline.py overlaps copy and wire)
 
 Headers travel as UCX active messages (the receiver needs no size); each chunk of the payload
-is one tagged message whose size both ends derive from the layout, received straight into the
-staging buffer (tag messages of one endpoint arrive in order). Staging
+is one tagged message whose size both ends derive from the layout, received straight into a
+staging buffer from the pool (tag messages of one endpoint arrive in order). Staging
 lives on the cache's device, so on GPU the payload goes device to device (cuda_ipc on one
 host) without touching host memory. Endpoints are pooled per address and reused: the first
 large transfer on a fresh endpoint pays for protocol setup.
@@ -36,8 +36,8 @@ import torch
 
 from pdserve.common.kv_transfer import wire
 from pdserve.common.kv_transfer.base import KVClient, KVServer, KVTransferError, split_address
-from pdserve.common.kv_transfer.blocks import BlockCopier, StagingBuffer
-from pdserve.common.kv_transfer.pipeline import PullRefused, pull_on, serve_pull
+from pdserve.common.kv_transfer.blocks import BlockCopier
+from pdserve.common.kv_transfer.pipeline import PullRefused, StagingPool, pull_on, serve_pull
 
 logger = logging.getLogger(__name__)
 
@@ -157,11 +157,10 @@ _RUNTIME = _UcxRuntime()
 
 
 class _Connection:
-    """One ucxx endpoint speaking the KV wire protocol, with its own staging buffer."""
+    """One ucxx endpoint speaking the KV wire protocol."""
 
-    def __init__(self, endpoint, staging: StagingBuffer):
+    def __init__(self, endpoint):
         self.endpoint = endpoint
-        self.staging = staging
 
     async def send_header(self, message: wire.Message) -> None:
         await self.endpoint.am_send(wire.encode(message))
@@ -183,17 +182,20 @@ class UcxKVServer(KVServer):
     """Serves leased blocks through a ucxx listener (which listens on every interface).
 
     `host` is the address advertised to clients; with a loopback host UCX is limited to "lo".
+    max_concurrent_transfers bounds the pulls being sent at once (and their staging buffers).
     """
 
     scheme = "ucx"
 
     def __init__(self, kv_caches, resolve_lease, host: str = "127.0.0.1", port: int = 0,
-                 net_devices: str | None = None):
+                 net_devices: str | None = None, max_concurrent_transfers: int = 4):
         super().__init__(kv_caches, resolve_lease, host, port)
         if net_devices is None and _is_loopback(host):
             net_devices = "lo"
         configure_ucx_env(kv_caches[0].is_cuda, net_devices)
         self._copier = BlockCopier(kv_caches, self.layout)
+        self._staging = StagingPool(self._copier.device, host_mirror=False,
+                                    size=max_concurrent_transfers)
         self._listener = None
         self._connections: set[_Connection] = set()
         self._handler_tasks: set[asyncio.Task] = set()
@@ -242,7 +244,7 @@ class UcxKVServer(KVServer):
             return
         task = asyncio.current_task()
         self._handler_tasks.add(task)
-        connection = _Connection(endpoint, StagingBuffer(self._copier.device, host_mirror=False))
+        connection = _Connection(endpoint)
         self._connections.add(connection)
         peer = f"client endpoint {endpoint.uid:#x}"
         ucxx = _ucxx()
@@ -258,7 +260,7 @@ class UcxKVServer(KVServer):
             while True:
                 # An idle pooled endpoint waits here, without deadline, for its next pull.
                 request = wire.expect(await connection.recv_header(), wire.PullRequest, peer)
-                await serve_pull(self, self._copier, connection, request)
+                await serve_pull(self, self._copier, self._staging, connection, request)
         except (ucxx.exceptions.UCXError, KVTransferError, TimeoutError) as e:
             _drop_traceback(e)
             logger.debug("KV %s disconnected: %s", peer, e)
@@ -269,12 +271,18 @@ class UcxKVServer(KVServer):
 
 
 class UcxKVClient(KVClient):
-    """Pulls blocks over pooled ucxx endpoints, one pool per server address."""
+    """Pulls blocks over pooled ucxx endpoints, one pool per server address.
+
+    max_connections_per_peer bounds the pulls in flight to one server, max_concurrent_transfers
+    those in flight in all (and their staging buffers). connect_timeout_s bounds the UCX
+    handshake with a new server (see _connect).
+    """
 
     scheme = "ucx"
 
     def __init__(self, kv_caches, max_connections_per_peer: int = 4,
-                 net_devices: str | None = None, connect_timeout_s: float = 1.5):
+                 max_concurrent_transfers: int = 4, net_devices: str | None = None,
+                 connect_timeout_s: float = 1.5):
         super().__init__(kv_caches)
         if connect_timeout_s <= 0:
             raise ValueError(f"connect_timeout_s must be > 0, got {connect_timeout_s}")
@@ -285,6 +293,8 @@ class UcxKVClient(KVClient):
         self.max_connections_per_peer = max_connections_per_peer
         self.connect_timeout_s = connect_timeout_s
         self._copier = BlockCopier(kv_caches, self.layout)
+        self._staging = StagingPool(self._copier.device, host_mirror=False,
+                                    size=max_concurrent_transfers)
         self._idle: dict[str, list[_Connection]] = {}
         self._connections: set[_Connection] = set()  # idle and busy
         self._slots: dict[str, asyncio.Semaphore] = {}
@@ -306,7 +316,8 @@ class UcxKVClient(KVClient):
             try:
                 if connection is None:
                     connection = await self._connect(address, host, port, deadline)
-                nbytes = await pull_on(connection, self._copier, f"KV server {address}",
+                nbytes = await pull_on(connection, self._copier, self._staging,
+                                       f"KV server {address}",
                                        lease_id, dst_block_ids, src_block_offset, deadline)
                 reusable = True
                 return nbytes
@@ -345,8 +356,7 @@ class UcxKVClient(KVClient):
         except TimeoutError as e:
             raise KVTransferError(f"KV server {address} did not complete the UCX handshake "
                                   f"within {connect_timeout:.3f} s: is it running?") from e
-        connection = _Connection(endpoint,
-                                 StagingBuffer(self._copier.device, host_mirror=False))
+        connection = _Connection(endpoint)
         self._connections.add(connection)
         try:
             await connection.send_header(wire.Hello(wire.PROTOCOL_VERSION, self.layout))

@@ -59,6 +59,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 await self.engine.call_in_engine(lambda core: self.handoff.abort_pending(rid))
                 raise
         sent = [len(o) for o in outputs] if outputs else [0] * params.n
+        given = list(sent)  # tokens that arrived with the request have no logprobs here
         stream = self.engine.generate(prompt, params, rid, output_token_ids=outputs, add_fn=add_fn)
         first_chunk = True
         try:
@@ -74,7 +75,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                     delta = pb.SequenceDelta(index=c.index, new_token_ids=new,
                                              finish_reason=finish_reason_to_proto(c.finish_reason))
                     if c.logprobs:
-                        for tok, entry in zip(new, c.logprobs[sent[c.index]:]):
+                        for tok, entry in zip(new, c.logprobs[sent[c.index] - given[c.index]:]):
                             delta.new_logprobs.append(token_logprobs_to_proto(tok, entry))
                     set_stop_reason(delta, c.stop_reason)
                     sent[c.index] = len(c.token_ids)

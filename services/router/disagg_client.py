@@ -65,7 +65,7 @@ class DisaggClient:
         self.prefill_timeout_s = prefill_timeout_s
         self.decode_timeout_s = decode_timeout_s
         self.stats = {"prefill_retries": 0, "decode_resubmits": 0, "kv_bytes": 0, "handoffs": 0,
-                      "recomputed_prompt_tokens": 0}
+                      "recomputed_prompt_tokens": 0, "requests_by_instance": {}}
 
     @property
     def max_model_len(self) -> int:
@@ -116,6 +116,7 @@ class DisaggClient:
             for i, s in enumerate(seqs):
                 if s.token_ids:
                     req.sequences.append(pb.SequenceState(index=i, output_token_ids=s.token_ids))
+            self._count(inst)
             call = self.pool.decode_stub(inst).Decode(req, timeout=self.decode_timeout_s)
             try:
                 async for chunk in call:
@@ -154,6 +155,7 @@ class DisaggClient:
             inst = self.pool.choose("prefill", exclude=tried)
             if inst is None:
                 return None  # no prefill left: decode computes the prompt itself
+            self._count(inst)
             try:
                 return await self.pool.prefill_stub(inst).Prefill(
                     pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
@@ -165,6 +167,10 @@ class DisaggClient:
                 tried.add(inst.instance_id)
                 self.pool.mark_failed(inst.instance_id)
                 self.stats["prefill_retries"] += 1
+
+    def _count(self, inst) -> None:
+        by = self.stats["requests_by_instance"]
+        by[inst.instance_id] = by.get(inst.instance_id, 0) + 1
 
     async def _release(self, handle: pb.KVHandle) -> None:
         try:

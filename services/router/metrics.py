@@ -127,7 +127,8 @@ class RequestTracker:
             m.e2e.observe(now - self.arrival_time)
 
     def close(self, reason: str = "abort") -> None:
-        """The request ended early (client gone, error): count its unfinished choices."""
+        """The request ended early (client gone, error): count its unfinished choices. One that
+        never produced an output (rejected, or abandoned while queued) is not counted."""
         if self.done:
             return
         self.done = True
@@ -135,8 +136,6 @@ class RequestTracker:
             if not finished:
                 self.m.finished(reason)
                 self.m.request_generation_tokens.observe(self.num_tokens[i])
-        if not self.finished:  # ended before any output
-            self.m.finished(reason)
 
 
 def _ttft(out: RequestOutput, now: float, arrival_time: float) -> float:

@@ -13,8 +13,9 @@ top-k) become OpenAI's two logprob shapes here: `completion_logprobs` and `chat_
 
 from __future__ import annotations
 
+import json
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer
 
@@ -119,6 +120,13 @@ class CompletionLogprobs(BaseModel):
     token_logprobs: list[float | None] = []
     top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
+
+    def extend(self, other: "CompletionLogprobs") -> "CompletionLogprobs":
+        self.tokens += other.tokens
+        self.token_logprobs += other.token_logprobs
+        self.top_logprobs += other.top_logprobs
+        self.text_offset += other.text_offset
+        return self
 
 
 class CompletionChoice(BaseModel):
@@ -305,6 +313,23 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+# ---- streaming: the hot path ----------------------------------------------------------------
+_SENTINEL_INDEX = 918273645
+_SENTINEL_TEXT = "@@pdserve-text@@"
+
+
+def text_chunk_renderer(build: Callable[[int, str], BaseModel], **dump_kwargs) -> Callable[[int, str], str]:
+    """A fast `(index, text) -> JSON` for the chunk `build(index, text)` makes. Most chunks of a stream
+    differ only in the choice index and the text, so the chunk is rendered once by pydantic with
+    sentinels and each token costs one json.dumps of its text (~1 us instead of ~12 us)."""
+    rendered = build(_SENTINEL_INDEX, _SENTINEL_TEXT).model_dump_json(**dump_kwargs)
+    head, _, rest = rendered.partition(str(_SENTINEL_INDEX))
+    mid, _, tail = rest.partition(json.dumps(_SENTINEL_TEXT))
+    if not tail or str(_SENTINEL_INDEX) in tail or _SENTINEL_TEXT in tail:  # sentinel clash: stay exact
+        return lambda index, text: build(index, text).model_dump_json(**dump_kwargs)
+    return lambda index, text: f"{head}{index}{mid}{json.dumps(text, ensure_ascii=False)}{tail}"
 
 
 # ---- logprobs: engine entries -> OpenAI shapes -------------------------------------------------

@@ -1,0 +1,558 @@
+"""The OpenAI-compatible HTTP front end over any `EngineClient` (torch-free).
+
+    POST /v1/completions | /v1/chat/completions
+      parse (pydantic; unknown fields ignored) -> SamplingParams -> chat template -> token ids
+      -> one engine.generate() per prompt, each yielding cumulative RequestOutputs
+      -> wait for every prompt's first output (so bad input and a dead engine are HTTP errors)
+      -> JSON response, or Server-Sent Events: per choice, text[len(sent):] and the new logprobs
+    GET /v1/models, /health, /metrics
+
+`pdserve serve` passes the in-process AsyncLLM, `pdserve router` the disaggregated client: both
+expose the same API because this module only sees the protocol. The two endpoints differ only in
+how a choice is rendered (`_CompletionFormat`, `_ChatFormat`); the engine streams, cancellation,
+SSE framing, usage and metrics are shared.
+
+Cancellation: a client that goes away cancels the work. While the handler waits (first output, or
+the whole non-streaming answer) a watcher on the ASGI receive channel cancels it; during a stream
+Starlette cancels the body and `_EventStream` closes it however it ends. Closing the engine's async
+iterator aborts the request there, so its KV blocks are freed at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from pdserve.common.engine_client import EngineClient, EngineDeadError
+from pdserve.common.outputs import CompletionOutput, RequestOutput
+from pdserve.common.sampling_params import ParameterError, SamplingParams
+from pdserve.services.router import openai_schema as oa
+from pdserve.services.router.metrics import RequestTracker, ServerMetrics
+
+log = logging.getLogger("pdserve.api")
+
+LONG_TEXT_CHARS = 16384  # longer texts are tokenized off the event loop
+
+
+class APIError(Exception):
+    """Becomes OpenAI's error body {"error": {message, type, param, code}} with this status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> oa.ErrorResponse:
+        return oa.ErrorResponse(error=oa.ErrorInfo(message=self.message, type=self.type, param=self.param,
+                                                   code=self.code))
+
+    def response(self) -> Response:
+        return _json(self.body(), self.status)
+
+
+def as_api_error(e: BaseException) -> APIError:
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, ParameterError):
+        return APIError(400, str(e), param=e.param)
+    if isinstance(e, EngineDeadError):
+        return APIError(503, str(e), type="server_error", code="engine_unavailable")
+    return APIError(500, f"internal error: {e}", type="server_error")
+
+
+def _json(model: BaseModel, status: int = 200) -> Response:
+    return Response(model.model_dump_json(), status_code=status, media_type="application/json")
+
+
+class _ClientGone(Exception):
+    pass
+
+
+@dataclass
+class _Job:
+    """One API request: its prompts (each one engine request with n choices) and engine streams."""
+    request_id: str
+    model: str
+    prompts: list[tuple[str | None, list[int]]]  # (text if known, token ids)
+    params: SamplingParams
+    trackers: list[RequestTracker]
+    created: int = field(default_factory=lambda: int(time.time()))
+    gens: list = field(default_factory=list)
+    pumps: list[asyncio.Task] = field(default_factory=list)
+
+    def close_trackers(self, reason: str) -> None:
+        for tracker in self.trackers:
+            tracker.close(reason)
+
+
+@dataclass
+class _Sent:
+    """How much of one choice the client has: fresh for a whole answer, advanced while streaming."""
+    num_chars: int = 0
+    num_logprobs: int = 0
+    text_offset: int = 0
+    started: bool = False
+    finished: bool = False
+
+
+class _CompletionFormat:
+    chunk_cls = oa.CompletionResponse
+
+    def __init__(self, req: oa.CompletionRequest, job: _Job, tokenizer, decode_one):
+        self.req, self.job, self.tokenizer, self.decode_one = req, job, tokenizer, decode_one
+
+    def delta(self, i: int, out: RequestOutput, c: CompletionOutput, sent: _Sent):
+        req, text, lps = self.req, "", None
+        if not sent.started:
+            sent.started = True
+            if req.echo:  # the prompt (and its logprobs) lead the choice
+                prompt_text, prompt_ids = self.job.prompts[i]
+                text = prompt_text if prompt_text is not None else self.tokenizer.decode(prompt_ids)
+                if req.logprobs is not None:
+                    entries = out.prompt_logprobs or [None] * len(prompt_ids)
+                    lps, sent.text_offset = oa.completion_logprobs(prompt_ids, entries, 0, self.decode_one)
+        if req.scoring_only:
+            return text, lps
+        text += c.text[sent.num_chars:]
+        sent.num_chars = len(c.text)
+        if req.logprobs is not None and c.logprobs and len(c.logprobs) > sent.num_logprobs:
+            new = c.logprobs[sent.num_logprobs:]
+            ids = c.token_ids[sent.num_logprobs:sent.num_logprobs + len(new)]
+            piece, sent.text_offset = oa.completion_logprobs(ids, new, sent.text_offset, self.decode_one)
+            sent.num_logprobs += len(new)
+            lps = piece if lps is None else lps.extend(piece)
+        return text, lps
+
+    def choice(self, index: int, text: str | None, lps=None, c: CompletionOutput | None = None):
+        return oa.CompletionChoice(index=index, text=text or "", logprobs=lps, finish_reason=c and c.finish_reason,
+                                   stop_reason=c and c.stop_reason)
+
+    def head(self) -> list:
+        return []
+
+    def num_completion_tokens(self, outs: list[RequestOutput]) -> int:
+        return 0 if self.req.scoring_only else sum(len(c.token_ids) for out in outs if out for c in out.outputs)
+
+
+class _ChatFormat:
+    chunk_cls = oa.ChatCompletionChunk
+
+    def __init__(self, req: oa.ChatCompletionRequest, decode_one):
+        self.req, self.decode_one = req, decode_one
+        self.num_top = req.top_logprobs or 0
+
+    def delta(self, i: int, out: RequestOutput, c: CompletionOutput, sent: _Sent):
+        text, lps = c.text[sent.num_chars:], None
+        sent.num_chars = len(c.text)
+        if self.req.logprobs and c.logprobs and len(c.logprobs) > sent.num_logprobs:
+            new = c.logprobs[sent.num_logprobs:]
+            ids = c.token_ids[sent.num_logprobs:sent.num_logprobs + len(new)]
+            lps = oa.chat_logprobs(ids, new, self.num_top, self.decode_one)
+            sent.num_logprobs += len(new)
+        return text, lps
+
+    def choice(self, index: int, text: str | None, lps=None, c: CompletionOutput | None = None):
+        """A stream choice: text None is the finishing chunk's empty delta."""
+        return oa.ChatStreamChoice(index=index, delta=oa.DeltaMessage(content=text), logprobs=lps,
+                                   finish_reason=c and c.finish_reason, stop_reason=c and c.stop_reason)
+
+    def full_choice(self, index: int, text: str, lps, c: CompletionOutput) -> oa.ChatChoice:
+        if self.req.logprobs and lps is None:
+            lps = oa.ChatLogprobs(content=[])
+        return oa.ChatChoice(index=index, message=oa.ChatResponseMessage(content=text), logprobs=lps,
+                             finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+
+    def head(self) -> list:
+        return [oa.ChatStreamChoice(index=i, delta=oa.DeltaMessage(role="assistant", content=""))
+                for i in range(self.req.n)]
+
+    def num_completion_tokens(self, outs: list[RequestOutput]) -> int:
+        return sum(len(c.token_ids) for out in outs if out for c in out.outputs)
+
+
+class OpenAIServer:
+    def __init__(self, engine: EngineClient, served_model_name: str, metrics: ServerMetrics):
+        self.engine = engine
+        self.model_name = served_model_name
+        self.metrics = metrics
+        self.tokenizer = engine.tokenizer
+        self.created = int(time.time())
+
+    # ---- the endpoints ----------------------------------------------------------------------------
+    async def completions(self, request: Request) -> Response:
+        req = await _parse(request, oa.CompletionRequest)
+        self.check_model(req.model)
+        params = req.to_sampling_params()
+        prompts = []
+        for p in req.prompt_list():
+            if isinstance(p, str):
+                if not p:
+                    raise ParameterError("prompt", "the prompt is empty: give at least one token")
+                prompts.append((p, await self._encode(p, True)))
+            else:
+                prompts.append((None, list(p)))
+            self._check_length(prompts[-1][1], params, "prompt")
+        job = self._job("cmpl", prompts, params)
+        fmt = _CompletionFormat(req, job, self.tokenizer, self._decode_one)
+        return await self._run(request, job, fmt, req.stream, req.include_usage)
+
+    async def chat(self, request: Request) -> Response:
+        req = await _parse(request, oa.ChatCompletionRequest)
+        self.check_model(req.model)
+        params = req.to_sampling_params()
+        try:
+            text = self.tokenizer.apply_chat_template(req.template_messages(), tools=req.tools,
+                                                      add_generation_prompt=req.add_generation_prompt,
+                                                      **(req.chat_template_kwargs or {}))
+        except ParameterError:
+            raise
+        except Exception as e:  # jinja's TemplateError (e.g. roles must alternate), no template, bad kwargs
+            raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
+        ids = await self._encode(text, False)
+        self._check_length(ids, params, "messages")
+        job = self._job("chatcmpl", [(text, ids)], params)
+        return await self._run(request, job, _ChatFormat(req, self._decode_one), req.stream, req.include_usage)
+
+    def models(self) -> oa.ModelList:
+        return oa.ModelList(data=[oa.ModelCard(id=self.model_name, created=self.created, root=self.engine.model_name,
+                                               max_model_len=self.engine.max_model_len)])
+
+    def check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"The model `{model}` does not exist (this server serves `{self.model_name}`).",
+                           param="model", code="model_not_found")
+
+    # ---- request preparation ----------------------------------------------------------------------
+    async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if len(text) > LONG_TEXT_CHARS:
+            return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def _check_length(self, ids: list[int], params: SamplingParams, prompt_param: str) -> None:
+        if not ids:
+            raise ParameterError(prompt_param, "the prompt is empty: give at least one token")
+        limit = self.engine.max_model_len
+        if len(ids) >= limit or (params.max_tokens is not None and len(ids) + params.max_tokens > limit):
+            asked = "" if params.max_tokens is None else f" + {params.max_tokens} in the completion"
+            raise APIError(400, f"This model's maximum context length is {limit} tokens, but you requested "
+                                f"{len(ids)} tokens in the prompt{asked}. Reduce the prompt or the completion.",
+                           param=prompt_param if len(ids) >= limit else "max_tokens", code="context_length_exceeded")
+
+    def _job(self, prefix: str, prompts, params: SamplingParams) -> _Job:
+        arrival = time.time()
+        return _Job(f"{prefix}-{uuid.uuid4().hex}", self.model_name, prompts, params,
+                    [self.metrics.track(arrival) for _ in prompts])
+
+    def _decode_one(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    # ---- engine streams ---------------------------------------------------------------------------
+    async def _start(self, job: _Job) -> list[RequestOutput]:
+        """Submit every prompt; return each one's first output. Errors the engine raises before its
+        first output (bad input, dead engine) surface here, before any response is sent."""
+        rids = [job.request_id] if len(job.prompts) == 1 else [f"{job.request_id}-{i}" for i in range(len(job.prompts))]
+        job.gens = [self.engine.generate(ids, job.params, rid, prompt=text) for rid, (text, ids) in zip(rids, job.prompts)]
+        try:
+            if len(job.gens) == 1:
+                firsts = [await _first(job.gens[0])]
+            else:
+                try:
+                    async with asyncio.TaskGroup() as tg:
+                        tasks = [tg.create_task(_first(g)) for g in job.gens]
+                except BaseExceptionGroup as eg:
+                    raise eg.exceptions[0] from None
+                firsts = [t.result() for t in tasks]
+            for out in firsts:
+                if out.error:
+                    raise _engine_error(out)
+            return firsts
+        except BaseException:
+            await _close(job)
+            raise
+
+    async def _outputs(self, job: _Job, firsts: list[RequestOutput]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(prompt index, output) for every output of every prompt, the first ones included. An output
+        carrying an engine error raises. Closing this iterator aborts what is still running."""
+        try:
+            for i, out in enumerate(firsts):
+                yield i, self._observe(job, i, out)
+            if len(job.gens) == 1:
+                if not firsts[0].finished:
+                    async for out in job.gens[0]:
+                        yield 0, self._observe(job, 0, out)
+                return
+            queue: asyncio.Queue = asyncio.Queue()
+            job.pumps = [asyncio.create_task(_pump(i, g, queue)) for i, (g, f) in enumerate(zip(job.gens, firsts))
+                         if not f.finished]
+            for _ in job.pumps:
+                while (item := await queue.get())[1] is not None:  # until this prompt's end mark
+                    i, out = item
+                    if isinstance(out, BaseException):
+                        raise out
+                    yield i, self._observe(job, i, out)
+        finally:
+            await _close(job)
+
+    def _observe(self, job: _Job, i: int, out: RequestOutput) -> RequestOutput:
+        job.trackers[i].observe(out, time.time())
+        if out.error:
+            raise _engine_error(out)
+        return out
+
+    async def _collect(self, job: _Job) -> list[RequestOutput]:
+        finals = await self._start(job)
+        async with aclosing(self._outputs(job, finals)) as outputs:
+            async for i, out in outputs:
+                finals[i] = out
+        return finals
+
+    # ---- responses --------------------------------------------------------------------------------
+    async def _run(self, request: Request, job: _Job, fmt, stream: bool, include_usage: bool) -> Response:
+        """Answer whole, or start the stream once the first outputs are in; a client that leaves
+        meanwhile cancels the work."""
+        try:
+            if stream:
+                firsts = await _until_disconnect(request, self._start(job))
+                return _EventStream(self._events(job, fmt, firsts, include_usage))
+            return self._response(job, fmt, await _until_disconnect(request, self._collect(job)))
+        except _ClientGone:
+            job.close_trackers("abort")
+            return Response(status_code=499)
+        except BaseException:
+            job.close_trackers("error")
+            raise
+
+    def _response(self, job: _Job, fmt, finals: list[RequestOutput]) -> Response:
+        n = job.params.n
+        choices = []
+        for i, out in enumerate(finals):
+            for c in out.outputs:
+                text, lps = fmt.delta(i, out, c, _Sent())
+                if isinstance(fmt, _ChatFormat):
+                    choices.append(fmt.full_choice(i * n + c.index, text, lps, c))
+                else:
+                    choices.append(fmt.choice(i * n + c.index, text, lps, c))
+        cls = oa.ChatCompletionResponse if isinstance(fmt, _ChatFormat) else oa.CompletionResponse
+        usage = oa.UsageInfo.of(sum(len(ids) for _, ids in job.prompts), fmt.num_completion_tokens(finals))
+        return _json(cls(id=job.request_id, created=job.created, model=job.model, choices=choices, usage=usage))
+
+    async def _events(self, job: _Job, fmt, firsts: list[RequestOutput], include_usage: bool) -> AsyncIterator[str]:
+        """The SSE body: role chunks (chat), per-choice deltas, a finishing chunk per choice, the usage
+        chunk if asked, [DONE]. An error after the stream started becomes an `error` event, as
+        OpenAI's clients expect."""
+        n = job.params.n
+        exclude = None if include_usage else {"usage"}
+
+        def chunk(choices: list, usage=None) -> str:
+            return fmt.chunk_cls(id=job.request_id, created=job.created, model=job.model, choices=choices,
+                                 usage=usage).model_dump_json(exclude=exclude)
+        text_chunk = oa.text_chunk_renderer(lambda index, text: fmt.chunk_cls(
+            id=job.request_id, created=job.created, model=job.model, choices=[fmt.choice(index, text)]),
+            exclude=exclude)
+        sent = [_Sent() for _ in range(len(job.prompts) * n)]
+        last: list[RequestOutput | None] = [None] * len(job.prompts)
+        try:
+            for choice in fmt.head():
+                yield f"data: {chunk([choice])}\n\n"
+            async with aclosing(self._outputs(job, firsts)) as outputs:
+                async for i, out in outputs:
+                    last[i] = out
+                    for c in out.outputs:
+                        index = i * n + c.index
+                        s = sent[index]
+                        if s.finished:
+                            continue
+                        text, lps = fmt.delta(i, out, c, s)
+                        if lps is not None:
+                            yield f"data: {chunk([fmt.choice(index, text, lps)])}\n\n"
+                        elif text:
+                            yield f"data: {text_chunk(index, text)}\n\n"
+                        if c.finish_reason is not None:
+                            s.finished = True
+                            yield f"data: {chunk([fmt.choice(index, None, None, c)])}\n\n"
+            if include_usage:
+                usage = oa.UsageInfo.of(sum(len(ids) for _, ids in job.prompts), fmt.num_completion_tokens(last))
+                yield f"data: {chunk([], usage)}\n\n"
+        except Exception as e:
+            job.close_trackers("error")
+            err = as_api_error(e)
+            if err.status >= 500:
+                log.warning("stream %s failed: %s", job.request_id, err.message)
+            yield f"data: {err.body().model_dump_json()}\n\n"
+        finally:
+            job.close_trackers("abort")  # a no-op for the finished ones
+        yield "data: [DONE]\n\n"
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+def _engine_error(out: RequestOutput) -> APIError:
+    return APIError(500, f"the engine failed the request: {out.error}", type="server_error")
+
+
+async def _first(gen) -> RequestOutput:
+    try:
+        return await anext(gen)
+    except StopAsyncIteration:
+        raise APIError(500, "the engine ended the request without output", type="server_error") from None
+
+
+async def _pump(i: int, gen, queue: asyncio.Queue) -> None:
+    """Forward one prompt's outputs into the shared queue; (i, None) marks its end."""
+    try:
+        async for out in gen:
+            queue.put_nowait((i, out))
+    except Exception as e:
+        queue.put_nowait((i, e))
+    queue.put_nowait((i, None))
+
+
+async def _close(job: _Job) -> None:
+    for task in job.pumps:
+        task.cancel()  # the cancellation runs through the engine iterator it is inside: abort
+    for gen in job.gens:
+        if not getattr(gen, "ag_running", False) and hasattr(gen, "aclose"):
+            await gen.aclose()
+
+
+async def _until_disconnect(request: Request, coro):
+    """Run coro, cancelling it if the client disconnects first (then raises _ClientGone)."""
+    task = asyncio.ensure_future(coro)
+    waiter = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise _ClientGone()
+    return task.result()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class _EventStream(StreamingResponse):
+    """SSE response that always closes its body iterator (and so the engine request), however the
+    stream ends: finished, client gone while a chunk was being sent, or cancelled."""
+    media_type = "text/event-stream"
+
+    def __init__(self, body):
+        super().__init__(body, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+async def _parse(request: Request, model: type[BaseModel]):
+    body = await request.body()
+    try:
+        return model.model_validate_json(body or b"{}")
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        if err["type"] == "json_invalid":
+            raise APIError(400, f"the body is not valid JSON: {err['msg']}") from None
+        param = _param_name(err["loc"])
+        raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
+
+
+def _param_name(loc: tuple) -> str | None:
+    """('messages', 0, 'content', 'str') -> 'messages[0].content' (union member tags dropped)."""
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        elif part.isidentifier() and part not in ("str", "int", "float", "bool", "dict", "list", "none"):
+            name += f".{part}" if name else part
+        else:
+            break
+    return name or None
+
+
+# ---- the app ----------------------------------------------------------------------------------
+def build_app(engine: EngineClient, served_model_name: str, api_key: str | None = None,
+              stats: Callable[[], dict] | None = None) -> FastAPI:
+    """The FastAPI app. `stats()` (engine gauges for /metrics) is the deployment's: the in-process
+    engine core's, or the router's view of its fleet."""
+    metrics = ServerMetrics(served_model_name, engine.max_model_len, stats)
+    server = OpenAIServer(engine, served_model_name, metrics)
+    app = FastAPI(title="pdserve", description="OpenAI-compatible API of pdserve")
+    app.state.server = server
+
+    async def on_error(request: Request, e: Exception) -> Response:
+        err = as_api_error(e)
+        if err.status >= 500:
+            log.error("%s %s failed: %s", request.method, request.url.path, err.message,
+                      exc_info=not isinstance(e, (APIError, EngineDeadError)))
+        return err.response()
+
+    for exc in (Exception, APIError, ParameterError, EngineDeadError):
+        app.add_exception_handler(exc, on_error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, e: StarletteHTTPException) -> Response:
+        return APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
+
+    deps = []
+    if api_key:
+        expected = api_key.encode()
+
+        async def check_api_key(request: Request) -> None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+                raise APIError(401, "Incorrect API key provided: send `Authorization: Bearer <key>`.",
+                               code="invalid_api_key")
+        deps = [Depends(check_api_key)]
+
+    v1 = APIRouter(prefix="/v1", dependencies=deps)
+
+    @v1.get("/models")
+    async def list_models() -> Response:
+        return _json(server.models())
+
+    @v1.get("/models/{model_id:path}")
+    async def get_model(model_id: str) -> Response:
+        server.check_model(model_id)
+        return _json(server.models().data[0])
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        return await server.completions(request)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await server.chat(request)
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            healthy = await engine.is_healthy()
+        except Exception:
+            healthy = False
+        if healthy:
+            return Response(status_code=200)
+        return APIError(503, "the engine is not healthy", type="server_error", code="engine_unavailable").response()
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app

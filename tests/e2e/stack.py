@@ -1,0 +1,81 @@
+"""Start a real disaggregated stack for tests: redis-server, prefill/decode worker processes,
+the router process; each on a free loopback port, torn down at the end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+from redis_server import RedisServer, free_port  # noqa: E402
+
+
+class Stack:
+    def __init__(self, model: str, prefill: list[list[str]], decode: list[list[str]], kv_transport: str = "tcp"):
+        """`prefill` / `decode`: one list of extra flags per instance."""
+        self.model = model
+        self.tmp = tempfile.mkdtemp(prefix="pdserve-stack-")
+        self.redis = RedisServer().start()
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.port = free_port()
+        env = {**os.environ, "UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"}
+        ready = []
+        for role, flag_sets in (("prefill", prefill), ("decode", decode)):
+            for i, flags in enumerate(flag_sets):
+                name = f"{role}-{i}"
+                rf = os.path.join(self.tmp, name + ".ready")
+                ready.append((name, rf))
+                self.procs[name] = subprocess.Popen(
+                    [sys.executable, "-m", "pdserve.services.cli", role, "--redis-url", self.redis.url,
+                     "--model", model, "--instance-id", name, "--ready-file", rf, "--kv-transport", kv_transport,
+                     "--num-gpu-blocks-override", "512", *flags],
+                    env=env, stdout=open(os.path.join(self.tmp, name + ".log"), "w"), stderr=subprocess.STDOUT)
+        deadline = time.time() + 180
+        for name, rf in ready:
+            while not os.path.exists(rf):
+                if self.procs[name].poll() is not None or time.time() > deadline:
+                    self.close()
+                    raise RuntimeError(f"{name} failed to start: {self.log(name)[-2000:]}")
+                time.sleep(0.2)
+        self.procs["router"] = subprocess.Popen(
+            [sys.executable, "-m", "pdserve.services.cli", "router", "--redis-url", self.redis.url, "--model", model,
+             "--port", str(self.port), "--served-model-name", "tiny"],
+            stdout=open(os.path.join(self.tmp, "router.log"), "w"), stderr=subprocess.STDOUT)
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        while True:
+            try:
+                if httpx.get(self.base_url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if self.procs["router"].poll() is not None or time.time() > deadline:
+                self.close()
+                raise RuntimeError(f"router failed to start: {self.log('router')[-2000:]}")
+            time.sleep(0.2)
+
+    def log(self, name: str) -> str:
+        path = os.path.join(self.tmp, name + ".log")
+        return open(path).read() if os.path.exists(path) else ""
+
+    def stats(self) -> dict:
+        return httpx.get(self.base_url + "/admin/stats", timeout=5).json()
+
+    def kill(self, name: str) -> None:
+        self.procs[name].kill()
+        self.procs[name].wait()
+
+    def close(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.redis.close()

@@ -1,0 +1,367 @@
+"""The OpenAI front end end to end: a real uvicorn server over the real engine, the official
+`openai` client (and httpx for raw checks). The tiny random Llama serves most tests; SmolLM2 answers
+one chat question; `pdserve serve` itself runs once as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from servers import ServeProcess, ThreadedServer
+
+from pdserve.common.engine.async_llm import AsyncLLM
+from pdserve.common.engine.llm import LLM
+from pdserve.common.engine_client import EngineDeadError
+from pdserve.common.outputs import CompletionOutput, RequestOutput
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.tokenizer import Tokenizer
+from pdserve.services.router.app import build_app
+
+NAME = "tiny"
+MAX_LEN = 1024
+GREEDY = dict(temperature=0, max_tokens=12, extra_body={"ignore_eos": True})
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_models):
+    eng = AsyncLLM(core=LLM(tiny_models["llama"], max_model_len=MAX_LEN, num_gpu_blocks_override=512).engine)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with ThreadedServer(build_app(engine, NAME, stats=engine.core.stats)) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def tok(engine):
+    return engine.tokenizer
+
+
+def metrics(url: str) -> dict[tuple, float]:
+    """{(sample name, sorted label items without model_name): value} from /metrics."""
+    text = httpx.get(url + "/metrics").text
+    return {(s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def stream_completion(client, **kw) -> tuple[dict[int, str], list]:
+    texts, chunks = {}, []
+    for chunk in client.completions.create(model=NAME, stream=True, **kw):
+        chunks.append(chunk)
+        for c in chunk.choices:
+            texts[c.index] = texts.get(c.index, "") + c.text
+    return texts, chunks
+
+
+# ---- completions ------------------------------------------------------------------------------
+def test_models(client, server):
+    models = client.models.list().data
+    assert [m.id for m in models] == [NAME] and models[0].max_model_len == MAX_LEN
+    assert client.models.retrieve(NAME).id == NAME
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_stream_equals_non_stream_and_offline(client, tiny_models, tok):
+    prompts = ["Hello world", "The quick brown fox", "Once upon a time"]
+    full = client.completions.create(model=NAME, prompt=prompts, **GREEDY)
+    assert [c.index for c in full.choices] == [0, 1, 2]
+    texts, chunks = stream_completion(client, prompt=prompts, **GREEDY)
+    assert texts == {c.index: c.text for c in full.choices}
+    assert {c.index: c.finish_reason for ch in chunks for c in ch.choices if c.finish_reason} == \
+        {0: "length", 1: "length", 2: "length"}
+    # greedy outputs and token counts are the offline engine's
+    offline = LLM(tiny_models["llama"], max_model_len=MAX_LEN, num_gpu_blocks_override=128).generate(
+        prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    assert [o.outputs[0].text for o in offline] == [c.text for c in full.choices]
+    assert full.usage.prompt_tokens == sum(len(o.prompt_token_ids) for o in offline)
+    assert full.usage.completion_tokens == sum(len(o.outputs[0].token_ids) for o in offline) == 36
+    assert full.usage.total_tokens == full.usage.prompt_tokens + 36
+    assert full.usage.prompt_tokens == sum(len(tok.encode(p)) for p in prompts)
+
+
+def test_prompt_list_with_n(client):
+    kw = dict(prompt=["Hello world", "Good morning"], n=2, **GREEDY)
+    full = client.completions.create(model=NAME, **kw)
+    assert [c.index for c in full.choices] == [0, 1, 2, 3]
+    by_index = {c.index: c.text for c in full.choices}
+    assert by_index[0] == by_index[1] != by_index[2] == by_index[3]  # greedy: both choices of a prompt agree
+    assert by_index[2] == client.completions.create(model=NAME, prompt="Good morning", **GREEDY).choices[0].text
+    assert full.usage.completion_tokens == 4 * 12
+    texts, _ = stream_completion(client, **kw)
+    assert texts == by_index
+
+
+def test_token_id_prompts(client, tok):
+    ids = tok.encode("Hello world")
+    by_text = client.completions.create(model=NAME, prompt="Hello world", **GREEDY).choices[0].text
+    assert client.completions.create(model=NAME, prompt=ids, **GREEDY).choices[0].text == by_text
+    both = client.completions.create(model=NAME, prompt=[ids, tok.encode("Good morning")], **GREEDY)
+    assert [c.index for c in both.choices] == [0, 1] and both.choices[0].text == by_text
+    assert both.usage.prompt_tokens == len(ids) + len(tok.encode("Good morning"))
+
+
+def test_echo_and_logprobs(client, tok):
+    plain = client.completions.create(model=NAME, prompt="Hello world", logprobs=3, **GREEDY).choices[0]
+    lp = plain.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 12
+    for token, logprob, top, offset, nxt in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset,
+                                                lp.text_offset[1:] + [None]):
+        assert logprob <= 0 and token in top and 3 <= len(top) <= 4
+        assert max(top.values()) == pytest.approx(logprob)  # greedy: the chosen token is the most likely
+        assert nxt is None or nxt == offset + len(token)
+    echo = client.completions.create(model=NAME, prompt="Hello world", echo=True, logprobs=1, **GREEDY).choices[0]
+    n_prompt = len(tok.encode("Hello world"))
+    assert echo.text == "Hello world" + plain.text
+    assert len(echo.logprobs.tokens) == n_prompt + 12
+    assert echo.logprobs.token_logprobs[0] is None and echo.logprobs.top_logprobs[0] is None
+    assert all(x <= 0 for x in echo.logprobs.token_logprobs[1:])
+    assert echo.logprobs.token_logprobs[n_prompt:] == pytest.approx(lp.token_logprobs)
+    # echo with max_tokens 0 scores the prompt without generating (lm-eval's loglikelihood)
+    score = client.completions.create(model=NAME, prompt="Hello world", echo=True, logprobs=0, max_tokens=0)
+    assert score.choices[0].text == "Hello world" and score.usage.completion_tokens == 0
+    assert score.choices[0].logprobs.token_logprobs == pytest.approx(echo.logprobs.token_logprobs[:n_prompt])
+    texts, chunks = stream_completion(client, prompt="Hello world", echo=True, **GREEDY)
+    assert texts[0] == echo.text and chunks[0].choices[0].text.startswith("Hello world")
+
+
+def test_stop_and_length(client):
+    base = client.completions.create(model=NAME, prompt="Hello world", temperature=0, max_tokens=20,
+                                     extra_body={"ignore_eos": True}).choices[0]
+    assert base.finish_reason == "length"
+    stop = base.text[6:9]
+    cut = client.completions.create(model=NAME, prompt="Hello world", temperature=0, max_tokens=20, stop=[stop])
+    assert cut.choices[0].text == base.text[:base.text.index(stop)]
+    assert cut.choices[0].finish_reason == "stop" and cut.choices[0].stop_reason == stop
+    texts, _ = stream_completion(client, prompt="Hello world", temperature=0, max_tokens=20, stop=stop)
+    assert texts[0] == cut.choices[0].text
+    r = client.completions.create(model=NAME, prompt="Hello", max_tokens=5, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+
+
+def test_seed_reproducible(client):
+    kw = dict(model=NAME, prompt="Hello", max_tokens=10, temperature=1.0, extra_body={"ignore_eos": True})
+    a = client.completions.create(seed=7, n=2, **kw)
+    b = client.completions.create(seed=7, n=2, **kw)
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert a.choices[0].text != a.choices[1].text  # each choice has its own stream
+    assert client.completions.create(seed=8, **kw).choices[0].text != a.choices[0].text
+
+
+# ---- chat ------------------------------------------------------------------------------------------
+def test_chat(client, tok):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    full = client.chat.completions.create(model=NAME, messages=messages, **GREEDY)
+    assert full.object == "chat.completion" and full.choices[0].message.role == "assistant"
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+    assert full.usage.prompt_tokens == len(tok.encode(prompt, add_special_tokens=False))
+    assert full.usage.completion_tokens == 12
+    # content as a list of text parts is the same conversation
+    parts = [messages[0], {"role": "user", "content": [{"type": "text", "text": "Hi there"}]}]
+    assert client.chat.completions.create(model=NAME, messages=parts, **GREEDY).choices[0].message.content \
+        == full.choices[0].message.content
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}, **GREEDY))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.choices[0].message.content
+    assert chunks[-2].choices[0].finish_reason == "length" and chunks[-2].choices[0].delta.content is None
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_chat_logprobs(client):
+    messages = [{"role": "user", "content": "Hi"}]
+    r = client.chat.completions.create(model=NAME, messages=messages, logprobs=True, top_logprobs=3, **GREEDY)
+    content = r.choices[0].logprobs.content
+    assert len(content) == 12 and "".join(t.token for t in content) == r.choices[0].message.content
+    for t in content:
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0 and bytes(t.bytes).decode() == t.token
+        assert [x.logprob for x in t.top_logprobs] == sorted((x.logprob for x in t.top_logprobs), reverse=True)
+        assert t.top_logprobs[0].token == t.token  # greedy
+    streamed = [t for c in client.chat.completions.create(model=NAME, messages=messages, logprobs=True,
+                                                          top_logprobs=3, stream=True, **GREEDY)
+                if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+
+
+def test_chat_smollm2_knows_paris(smollm2_path):
+    eng = AsyncLLM(core=LLM(smollm2_path, max_model_len=512, num_gpu_blocks_override=64).engine)
+    try:
+        with ThreadedServer(build_app(eng, "SmolLM2-135M-Instruct")) as srv:
+            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
+            r = c.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=20,
+                                          messages=[{"role": "user", "content": "What is the capital of France?"}])
+            assert "Paris" in r.choices[0].message.content
+    finally:
+        eng.shutdown()
+
+
+# ---- errors ------------------------------------------------------------------------------------------
+BAD = [  # (path, body, status, param)
+    ("completions", {"prompt": ""}, 400, "prompt"),
+    ("completions", {"prompt": []}, 400, "prompt"),
+    ("completions", {"prompt": "hello " * MAX_LEN}, 400, "prompt"),
+    ("completions", {"prompt": "hi", "max_tokens": MAX_LEN}, 400, "max_tokens"),
+    ("completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("completions", {"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ("completions", {"prompt": "hi", "top_p": 2}, 400, "top_p"),
+    ("completions", {"prompt": "hi", "n": 0}, 400, "n"),
+    ("completions", {"prompt": "hi", "suffix": "x"}, 400, "suffix"),
+    ("completions", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ("completions", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ("completions", {"prompt": [10 ** 9]}, 400, "prompt"),
+    ("completions", {"prompt": "hi", "model": "nope"}, 404, "model"),
+    ("completions", {}, 400, "prompt"),
+    ("chat/completions", {}, 400, "messages"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
+     400, "max_completion_tokens"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ("chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages[0].content[0]"),
+]
+
+
+def test_errors(server, client):
+    with httpx.Client(base_url=server.url + "/v1", timeout=30) as http:
+        for path, body, status, param in BAD:
+            r = http.post(path, json={"model": NAME, **body} if "model" not in body else body)
+            assert r.status_code == status, (body, r.text)
+            err = r.json()["error"]
+            assert err["param"] == param and err["message"] and err["type"] == "invalid_request_error", (body, err)
+        r = http.post("completions", content=b'{"prompt": "hi",', headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+        assert http.post("completions", json={"model": "nope", "prompt": "x"}).json()["error"]["code"] \
+            == "model_not_found"
+        assert http.get("nothing").status_code == 404
+        # a stream's errors come before the stream starts
+        r = http.post("completions", json={"model": NAME, "prompt": "hi", "stream": True, "temperature": -1})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}], temperature=-1)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+    # the server is fine afterwards
+    assert client.completions.create(model=NAME, prompt="Hello", max_tokens=3).choices[0].text is not None
+
+
+class BrokenEngine:
+    """An EngineClient that fails on cue (the prompt text): engine error, dead engine, mid-stream error."""
+    model_name = "broken"
+    max_model_len = 64
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.healthy = True
+
+    async def generate(self, prompt_token_ids, params, request_id, prompt=None):
+        if prompt == "dead":
+            raise EngineDeadError("the engine died")
+        out = RequestOutput(request_id, prompt, prompt_token_ids, [CompletionOutput(0, "ok", [5])], finished=False)
+        if prompt == "error":
+            out.error = "forward pass failed"
+        yield out
+        yield RequestOutput(request_id, prompt, prompt_token_ids, [CompletionOutput(0, "ok", [5, 6])],
+                            finished=True, error="decode worker lost")
+
+    async def abort(self, request_id):
+        pass
+
+    async def is_healthy(self):
+        return self.healthy
+
+
+def test_engine_failures(tiny_models):
+    engine = BrokenEngine(Tokenizer(tiny_models["llama"]))
+    with ThreadedServer(build_app(engine, "broken")) as srv, httpx.Client(base_url=srv.url, timeout=30) as http:
+        for prompt, status in (("error", 500), ("dead", 503), ("later", 500)):
+            r = http.post("/v1/completions", json={"model": "broken", "prompt": prompt})
+            assert r.status_code == status and r.json()["error"]["type"] == "server_error", r.text
+        r = http.post("/v1/completions", json={"model": "broken", "prompt": "later", "stream": True})
+        events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+        assert r.status_code == 200 and json.loads(events[0])["choices"][0]["text"] == "ok"
+        assert "decode worker lost" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
+        engine.healthy = False
+        assert http.get("/health").status_code == 503
+
+
+# ---- cancellation and metrics ----------------------------------------------------------------------
+def wait_idle(url: str, deadline_s: float = 5.0) -> dict:
+    deadline = time.monotonic() + deadline_s
+    while True:
+        m = metrics(url)
+        if m[("vllm:num_requests_running", ())] == 0 and m[("vllm:kv_cache_usage_perc", ())] == 0:
+            return m
+        assert time.monotonic() < deadline, "the engine still holds the abandoned request"
+        time.sleep(0.05)
+
+
+def test_client_disconnect_aborts(server):
+    body = {"model": NAME, "prompt": "Hello", "max_tokens": 900, "ignore_eos": True}
+    aborted = metrics(server.url).get(("vllm:request_success_total", (("finished_reason", "abort"),)), 0)
+    with httpx.Client(base_url=server.url + "/v1", timeout=30) as http:
+        with http.stream("POST", "completions", json={**body, "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))
+            assert metrics(server.url)[("vllm:num_requests_running", ())] == 1
+        wait_idle(server.url)
+        with pytest.raises(httpx.ReadTimeout):  # a non-streaming request the client gives up on
+            http.post("chat/completions", timeout=1.0,
+                      json={**body, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 900})
+    m = wait_idle(server.url)
+    assert m[("vllm:request_success_total", (("finished_reason", "abort"),))] == aborted + 2
+    assert m[("vllm:generation_tokens_total", ())] < 1000
+
+
+def test_metrics(server, client):
+    client.completions.create(model=NAME, prompt="Hello metrics", max_tokens=4, extra_body={"ignore_eos": True})
+    m = metrics(server.url)
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:gpu_cache_usage_perc", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+                 "vllm:prompt_tokens_total", "vllm:generation_tokens_total"):
+        assert (name, ()) in m, name
+    assert m[("vllm:prompt_tokens_total", ())] > 0 and m[("vllm:generation_tokens_total", ())] >= 4
+    assert m[("vllm:request_success_total", (("finished_reason", "length"),))] >= 1
+    assert 0 <= m[("vllm:kv_cache_usage_perc", ())] <= 1
+    assert 0 < m[("vllm:prefix_cache_hits_total", ())] <= m[("vllm:prefix_cache_queries_total", ())]
+    for hist in ("time_to_first_token_seconds", "inter_token_latency_seconds", "e2e_request_latency_seconds",
+                 "request_prompt_tokens", "request_generation_tokens"):
+        assert m[(f"vllm:{hist}_count", ())] >= 1, hist
+        assert m[(f"vllm:{hist}_sum", ())] > 0, hist
+    assert m[("vllm:request_generation_tokens_count", ())] == m[("vllm:request_success_total", (
+        ("finished_reason", "length"),))] + m[("vllm:request_success_total", (("finished_reason", "stop"),))] + \
+        m[("vllm:request_success_total", (("finished_reason", "abort"),))]
+
+
+# ---- the command -----------------------------------------------------------------------------------
+def test_pdserve_serve_command(tiny_models):
+    with ServeProcess(tiny_models["llama"], "--api-key", "sekret", "--num-gpu-blocks-override", "128") as proc:
+        assert proc.ready_line == f"pdserve serving llama on {proc.url}"
+        assert httpx.get(proc.url + "/health").status_code == 200  # open without the key
+        r = httpx.post(proc.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        c = openai.OpenAI(base_url=proc.url + "/v1", api_key="sekret", max_retries=0)
+        r = c.completions.create(model="llama", prompt="Hello", max_tokens=3, extra_body={"ignore_eos": True})
+        assert r.usage.completion_tokens == 3
+        assert proc.stop() == 0, proc.stderr_text()
+
+
+def test_router_is_torch_free():
+    code = ("import sys; import pdserve.services.router.app, pdserve.services.router.metrics; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
