@@ -4,14 +4,17 @@
     kv[layer] [2, num_blocks, block_size, H, D]        kv[layer] [2, num_blocks', block_size, H, D]
          |  resolve_lease(lease_id) -> src_block_ids        ^
          |  gather src_block_ids[offset:] of all layers     |  scatter into dst_block_ids
-         v  into one staging buffer                         |  (index_copy_ per layer)
+         v  into one staging buffer (blocks.py)             |
     staging [L, 2, n, block_size, H, D] ===== wire =====> staging [L, 2, n, block_size, H, D]
 
-A pull is one request/response on a pooled connection: the client sends
+A pull is one request/response on a pooled connection (pipeline.py): the client sends
 (lease_id, src_block_offset, n), the server resolves the lease, checks that the lease's blocks
-after the offset number exactly n, and answers a header and then the n blocks' bytes as one
-message. Block ids differ between the workers; only the layout (everything but num_blocks)
-must match, and it is compared on the first message of every connection.
+after the offset number exactly n, and answers a header and then the n blocks' bytes, streamed
+in a few large chunks. Block ids differ between the workers; only the layout (everything but
+num_blocks) must match, and it is compared on the first message of every connection.
+
+Backends: tcp.py (asyncio sockets), ucx.py (ucxx: tcp on CPU, cuda_ipc/cuda_copy on GPU),
+local.py (same process). make_server / make_client pick one by name.
 
 Errors: a pull that cannot complete (peer gone, lease expired or unknown, layout mismatch,
 deadline passed) raises `KVTransferError`, which the decode worker answers by recomputing the

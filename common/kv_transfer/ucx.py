@@ -9,9 +9,9 @@
 
 Headers travel as UCX active messages (the receiver needs no size); each chunk of the payload
 is one tagged message whose size both ends derive from the layout, received straight into a
-staging buffer from the pool (tag messages of one endpoint arrive in order). Staging
-lives on the cache's device, so on GPU the payload goes device to device (cuda_ipc on one
-host) without touching host memory. Endpoints are pooled per address and reused: the first
+staging buffer from the pool (tag messages of one endpoint arrive in order). Staging lives on
+the cache's device, so on GPU the payload goes device to device (cuda_ipc on one host) without
+touching host memory. Endpoints are pooled per address and reused: the first
 large transfer on a fresh endpoint pays for protocol setup.
 
 UCX is configured only through environment variables read when its context is created, so

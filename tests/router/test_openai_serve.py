@@ -120,7 +120,7 @@ def test_echo_and_logprobs(client, tok):
     assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 12
     for token, logprob, top, offset, nxt in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, lp.text_offset,
                                                 lp.text_offset[1:] + [None]):
-        assert logprob <= 0 and token in top and 3 <= len(top) <= 4
+        assert logprob <= 0 and token in top and len(top) <= 4
         assert max(top.values()) == pytest.approx(logprob)  # greedy: the chosen token is the most likely
         assert nxt is None or nxt == offset + len(token)
     echo = client.completions.create(model=NAME, prompt="Hello world", echo=True, logprobs=1, **GREEDY).choices[0]
@@ -133,7 +133,8 @@ def test_echo_and_logprobs(client, tok):
     # echo with max_tokens 0 scores the prompt without generating (lm-eval's loglikelihood)
     score = client.completions.create(model=NAME, prompt="Hello world", echo=True, logprobs=0, max_tokens=0)
     assert score.choices[0].text == "Hello world" and score.usage.completion_tokens == 0
-    assert score.choices[0].logprobs.token_logprobs == pytest.approx(echo.logprobs.token_logprobs[:n_prompt])
+    scored = score.choices[0].logprobs.token_logprobs
+    assert scored[0] is None and scored[1:] == pytest.approx(echo.logprobs.token_logprobs[1:n_prompt])
     texts, chunks = stream_completion(client, prompt="Hello world", echo=True, **GREEDY)
     assert texts[0] == echo.text and chunks[0].choices[0].text.startswith("Hello world")
 
@@ -313,7 +314,8 @@ def wait_idle(url: str, deadline_s: float = 5.0) -> dict:
 
 def test_client_disconnect_aborts(server):
     body = {"model": NAME, "prompt": "Hello", "max_tokens": 900, "ignore_eos": True}
-    aborted = metrics(server.url).get(("vllm:request_success_total", (("finished_reason", "abort"),)), 0)
+    before = metrics(server.url)
+    aborted = before[("vllm:request_success_total", (("finished_reason", "abort"),))]
     with httpx.Client(base_url=server.url + "/v1", timeout=30) as http:
         with http.stream("POST", "completions", json={**body, "stream": True}) as r:
             lines = r.iter_lines()
@@ -321,15 +323,18 @@ def test_client_disconnect_aborts(server):
             assert metrics(server.url)[("vllm:num_requests_running", ())] == 1
         wait_idle(server.url)
         with pytest.raises(httpx.ReadTimeout):  # a non-streaming request the client gives up on
-            http.post("chat/completions", timeout=1.0,
+            http.post("chat/completions", timeout=2.0,
                       json={**body, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 900})
     m = wait_idle(server.url)
     assert m[("vllm:request_success_total", (("finished_reason", "abort"),))] == aborted + 2
-    assert m[("vllm:generation_tokens_total", ())] < 1000
+    generated = m[("vllm:generation_tokens_total", ())] - before[("vllm:generation_tokens_total", ())]
+    assert generated < 900  # both stopped long before their 900 tokens each
 
 
 def test_metrics(server, client):
-    client.completions.create(model=NAME, prompt="Hello metrics", max_tokens=4, extra_body={"ignore_eos": True})
+    for _ in range(2):  # the second finds the first's full blocks in the prefix cache
+        client.completions.create(model=NAME, prompt="Hello metrics " * 20, max_tokens=4,
+                                  extra_body={"ignore_eos": True})
     m = metrics(server.url)
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:gpu_cache_usage_perc", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
@@ -343,9 +348,8 @@ def test_metrics(server, client):
                  "request_prompt_tokens", "request_generation_tokens"):
         assert m[(f"vllm:{hist}_count", ())] >= 1, hist
         assert m[(f"vllm:{hist}_sum", ())] > 0, hist
-    assert m[("vllm:request_generation_tokens_count", ())] == m[("vllm:request_success_total", (
-        ("finished_reason", "length"),))] + m[("vllm:request_success_total", (("finished_reason", "stop"),))] + \
-        m[("vllm:request_success_total", (("finished_reason", "abort"),))]
+    finished = sum(v for (name, _), v in m.items() if name == "vllm:request_success_total")
+    assert m[("vllm:request_generation_tokens_count", ())] == finished
 
 
 # ---- the command -----------------------------------------------------------------------------------
