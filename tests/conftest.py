@@ -56,6 +56,12 @@ def build_tiny_model(folder: str, arch: str, tokenizer_dir: str, **overrides) ->
 
 
 @pytest.fixture(scope="session")
+def tiny_model_factory(smollm2_tokenizer_dir):
+    """build(folder, arch, **config_overrides) -> folder, for models a test needs of its own."""
+    return lambda folder, arch, **kw: build_tiny_model(folder, arch, smollm2_tokenizer_dir, **kw)
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory, smollm2_tokenizer_dir) -> dict[str, str]:
     root = tmp_path_factory.mktemp("tiny")
     return {arch: build_tiny_model(str(root / arch), arch, smollm2_tokenizer_dir) for arch in ARCHS}

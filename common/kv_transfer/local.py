@@ -3,10 +3,11 @@
     LocalKVServer.start() -> registers itself under "local://<n>" in a module-level registry
     LocalKVClient.pull("local://<n>", ...)
         registry lookup -> layout check -> server.resolve_lease
-        per layer: dst[:, dst_block_ids] = src[:, src_block_ids]   (index_select / index_copy_)
+        server's copier gathers src_block_ids -> staging -> client's copier scatters dst_block_ids
 
-No bytes are serialized: blocks are copied tensor to tensor (across devices if the two caches
-live on different ones). The lease, layout and length checks and the counters are the same as
+No bytes are serialized: the blocks go through one staging tensor with the same copy kernels as
+the network backends (blocks.py), plus one device-to-device copy if the caches live on
+different devices. The lease, layout and length checks and the counters are the same as
 for the network backends, so code written against `local` behaves the same on `tcp`/`ucx`.
 """
 
@@ -15,9 +16,8 @@ from __future__ import annotations
 import itertools
 import time
 
-import torch
-
 from pdserve.common.kv_transfer.base import KVClient, KVServer, KVTransferError
+from pdserve.common.kv_transfer.blocks import BlockCopier, StagingBuffer
 
 _SERVERS: dict[str, "LocalKVServer"] = {}
 _SERVER_IDS = itertools.count(1)
@@ -27,6 +27,10 @@ class LocalKVServer(KVServer):
     """Makes its cache reachable to LocalKVClients of this process. host/port are unused."""
 
     scheme = "local"
+
+    def __init__(self, kv_caches, resolve_lease, host: str = "127.0.0.1", port: int = 0):
+        super().__init__(kv_caches, resolve_lease, host, port)
+        self.copier = BlockCopier(kv_caches, self.layout)
 
     async def start(self) -> str:
         if self.address is not None:
@@ -45,6 +49,10 @@ class LocalKVClient(KVClient):
 
     scheme = "local"
 
+    def __init__(self, kv_caches):
+        super().__init__(kv_caches)
+        self._copier = BlockCopier(kv_caches, self.layout)
+
     async def _pull(self, address, lease_id, dst_block_ids, src_block_offset, deadline) -> int:
         if not address.startswith("local://"):
             raise ValueError(f"address {address!r} is not a local KV address (local://<n>)")
@@ -60,23 +68,22 @@ class LocalKVClient(KVClient):
             server.num_failures += 1
             raise KVTransferError(f"local KV server {address}: {e}") from e
         if dst_block_ids:
-            self._copy(server.kv_caches, src_block_ids, dst_block_ids)
+            self._copy(server.copier, src_block_ids, dst_block_ids)
         nbytes = len(dst_block_ids) * self.layout.bytes_per_block
         server.record(nbytes, time.perf_counter() - start)
         return nbytes
 
-    def _copy(self, src_caches: list[torch.Tensor], src_block_ids: list[int],
+    def _copy(self, src_copier: BlockCopier, src_block_ids: list[int],
               dst_block_ids: list[int]) -> None:
-        src_device = src_caches[0].device
-        dst_device = self.kv_caches[0].device
-        src_index = torch.tensor(src_block_ids, dtype=torch.long, device=src_device)
-        dst_index = torch.tensor(dst_block_ids, dtype=torch.long, device=dst_device)
-        for src, dst in zip(src_caches, self.kv_caches):
-            blocks = src.index_select(1, src_index).to(dst_device)  # [2, n, bs, H, D]
-            dst.index_copy_(1, dst_index, blocks)
-        for device in {src_device, dst_device}:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+        layers = range(self.layout.num_layers)
+        staging = StagingBuffer(self._copier.device, host_mirror=False)
+        if src_copier.device == self._copier.device:
+            src_copier.gather(src_block_ids, staging, layers)
+        else:
+            src_staging = StagingBuffer(src_copier.device, host_mirror=False)
+            payload = src_copier.gather(src_block_ids, src_staging, layers)
+            staging.device_bytes(payload.numel()).copy_(payload)
+        self._copier.scatter(dst_block_ids, staging, layers)
 
     async def close(self) -> None:
         return None

@@ -93,9 +93,8 @@ def test_scheduling_variants_keep_outputs(tiny_models, prompts, arch, variant):
     assert got == reference(tiny_models, arch, prompts)
 
 
-def test_sliding_window_matches_hf(tmp_path, smollm2_tokenizer_dir, prompts):
-    from conftest import build_tiny_model
-    folder = build_tiny_model(str(tmp_path / "mistral_sw"), "mistral", smollm2_tokenizer_dir, sliding_window=32)
+def test_sliding_window_matches_hf(tmp_path, tiny_model_factory, prompts):
+    folder = tiny_model_factory(str(tmp_path / "mistral_sw"), "mistral", sliding_window=32)
     long_prompts = [p for p in prompts if len(p) > 40][:6]
     got, _ = run(folder, long_prompts, max_num_batched_tokens=24)
     assert got == hf_greedy(folder, long_prompts)
