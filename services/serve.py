@@ -2,8 +2,9 @@
 
     AsyncLLM (engine thread) <-- EngineClient -- build_app (FastAPI) <-- uvicorn <-- clients
 
-With no MODEL it serves the packaged SmolLM2-135M-Instruct. Once the socket listens it prints one
-line, "pdserve serving MODEL on http://HOST:PORT" (`--port 0` picks a free port and prints it).
+With no MODEL it serves the packaged SmolLM2-135M-Instruct. The port is bound before the model
+loads (a busy port fails at once); once it listens, one line says so:
+"pdserve serving MODEL on http://HOST:PORT" (`--port 0` picks a free port and prints it).
 SIGINT / SIGTERM: uvicorn stops accepting, lets open requests finish for a few seconds, then the
 engine thread is stopped and the command exits 0.
 """
@@ -14,6 +15,7 @@ import argparse
 import asyncio
 import os
 import signal
+import socket
 
 from pdserve.common.config import ConfigError
 
@@ -58,30 +60,39 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from pdserve.services.router.app import build_app
 
     name = served_model_name(args)
-    engine = AsyncLLM(core=LLM(**engine_kwargs(args)).engine)  # LLM builds the EngineConfig from the flags
+    with _bind(args.host, args.port) as sock:
+        engine = AsyncLLM(core=LLM(**engine_kwargs(args)).engine)  # LLM builds the EngineConfig from flags
+        try:
+            app = build_app(engine, name, api_key=args.api_key, stats=engine.core.stats)
+            config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
+                                    access_log=args.uvicorn_log_level in ("info", "debug", "trace"),
+                                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+            server = uvicorn.Server(config)
+            # uvicorn handles SIGINT/SIGTERM while serving and re-raises them once it has stopped;
+            # these handlers make that re-raise a no-op, so the engine is always shut down cleanly.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: None)
+            asyncio.run(_serve(server, sock, name, args.host))
+        finally:
+            engine.shutdown()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        app = build_app(engine, name, api_key=args.api_key, stats=engine.core.stats)
-        config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                                access_log=args.uvicorn_log_level in ("info", "debug", "trace"),
-                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-        server = uvicorn.Server(config)
-        # uvicorn handles SIGINT/SIGTERM while serving and re-raises them once it has stopped; these
-        # handlers make that re-raise a no-op, so the engine below is always shut down cleanly.
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: None)
-        asyncio.run(_serve(server, name, args.host))
-    finally:
-        engine.shutdown()
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
 
 
-async def _serve(server, name: str, host: str) -> None:
-    task = asyncio.create_task(server.serve())
+async def _serve(server, sock: socket.socket, name: str, host: str) -> None:
+    task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
         await asyncio.sleep(0.05)
     if server.started:
-        port = server.servers[0].sockets[0].getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
-        print(f"pdserve serving {name} on http://{shown}:{port}", flush=True)
+        print(f"pdserve serving {name} on http://{shown}:{sock.getsockname()[1]}", flush=True)
     await task
-    if not server.started:
-        raise ConfigError(f"cannot listen on {host}:{server.config.port} (is the port in use?)")

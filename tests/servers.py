@@ -4,6 +4,8 @@
         httpx.get(srv.url + "/health")          # (fast: torch and the model are already loaded)
     with ServeProcess("--model", path) as proc:  # `pdserve serve` as a user runs it (port 0: the
         proc.url; proc.stop() -> exit status     # port is read from its "pdserve serving" line)
+    proc = ServeProcess(...).start()             # or start now (loads while other tests run) and
+    proc.wait_ready()                            # wait later; proc.close() at the end
 
 Tests elsewhere in the tree import this module by path (see tests/router/conftest.py).
 """
@@ -57,19 +59,23 @@ class ServeProcess:
         self.ready_line = ""
         self.url = ""
 
-    def __enter__(self) -> "ServeProcess":
+    def start(self) -> "ServeProcess":
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=self.env)
-        lines: queue.Queue = queue.Queue()
+        self.started_at = time.monotonic()
+        self._lines: queue.Queue = queue.Queue()
 
         def read_stdout() -> None:
             for line in self.proc.stdout:
-                lines.put(line)
-            lines.put(None)
+                self._lines.put(line)
+            self._lines.put(None)
         threading.Thread(target=read_stdout, daemon=True).start()
-        deadline = time.monotonic() + START_DEADLINE_S
-        while True:
+        return self
+
+    def wait_ready(self) -> "ServeProcess":
+        deadline = self.started_at + START_DEADLINE_S
+        while not self.url:
             try:
-                line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
+                line = self._lines.get(timeout=max(deadline - time.monotonic(), 0.01))
             except queue.Empty:
                 line = None
             if line is None:
@@ -78,7 +84,10 @@ class ServeProcess:
             if line.startswith("pdserve serving"):
                 self.ready_line = line.strip()
                 self.url = self.ready_line.rsplit(" ", 1)[1]
-                return self
+        return self
+
+    def __enter__(self) -> "ServeProcess":
+        return self.start().wait_ready()
 
     def stderr_text(self) -> str:
         self.stderr.seek(0)
@@ -95,6 +104,9 @@ class ServeProcess:
             self.proc.wait()
             raise
 
-    def __exit__(self, *exc) -> None:
+    def close(self) -> None:
         self.stop()
         self.stderr.close()
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -107,7 +107,7 @@ class _Sent:
 
 
 class _CompletionFormat:
-    chunk_cls = oa.CompletionResponse
+    response_cls = chunk_cls = oa.CompletionResponse
 
     def __init__(self, req: oa.CompletionRequest, job: _Job, tokenizer, decode_one):
         self.req, self.job, self.tokenizer, self.decode_one = req, job, tokenizer, decode_one
@@ -138,6 +138,8 @@ class _CompletionFormat:
         return oa.CompletionChoice(index=index, text=text or "", logprobs=lps, finish_reason=c and c.finish_reason,
                                    stop_reason=c and c.stop_reason)
 
+    full_choice = choice
+
     def head(self) -> list:
         return []
 
@@ -146,7 +148,7 @@ class _CompletionFormat:
 
 
 class _ChatFormat:
-    chunk_cls = oa.ChatCompletionChunk
+    response_cls, chunk_cls = oa.ChatCompletionResponse, oa.ChatCompletionChunk
 
     def __init__(self, req: oa.ChatCompletionRequest, decode_one):
         self.req, self.decode_one = req, decode_one
@@ -261,8 +263,10 @@ class OpenAIServer:
     async def _start(self, job: _Job) -> list[RequestOutput]:
         """Submit every prompt; return each one's first output. Errors the engine raises before its
         first output (bad input, dead engine) surface here, before any response is sent."""
-        rids = [job.request_id] if len(job.prompts) == 1 else [f"{job.request_id}-{i}" for i in range(len(job.prompts))]
-        job.gens = [self.engine.generate(ids, job.params, rid, prompt=text) for rid, (text, ids) in zip(rids, job.prompts)]
+        rids = ([job.request_id] if len(job.prompts) == 1
+                else [f"{job.request_id}-{i}" for i in range(len(job.prompts))])
+        job.gens = [self.engine.generate(ids, job.params, rid, prompt=text)
+                    for rid, (text, ids) in zip(rids, job.prompts)]
         try:
             if len(job.gens) == 1:
                 firsts = [await _first(job.gens[0])]
@@ -339,13 +343,10 @@ class OpenAIServer:
         for i, out in enumerate(finals):
             for c in out.outputs:
                 text, lps = fmt.delta(i, out, c, _Sent())
-                if isinstance(fmt, _ChatFormat):
-                    choices.append(fmt.full_choice(i * n + c.index, text, lps, c))
-                else:
-                    choices.append(fmt.choice(i * n + c.index, text, lps, c))
-        cls = oa.ChatCompletionResponse if isinstance(fmt, _ChatFormat) else oa.CompletionResponse
+                choices.append(fmt.full_choice(i * n + c.index, text, lps, c))
         usage = oa.UsageInfo.of(sum(len(ids) for _, ids in job.prompts), fmt.num_completion_tokens(finals))
-        return _json(cls(id=job.request_id, created=job.created, model=job.model, choices=choices, usage=usage))
+        return _json(fmt.response_cls(id=job.request_id, created=job.created, model=job.model, choices=choices,
+                                      usage=usage))
 
     async def _events(self, job: _Job, fmt, firsts: list[RequestOutput], include_usage: bool) -> AsyncIterator[str]:
         """The SSE body: role chunks (chat), per-choice deltas, a finishing chunk per choice, the usage
@@ -431,11 +432,13 @@ async def _until_disconnect(request: Request, coro):
     waiter = asyncio.ensure_future(_wait_disconnect(request))
     try:
         await asyncio.wait((task, waiter), return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler itself was cancelled (server shutdown)
+        task.cancel()
+        raise
     finally:
         waiter.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
+    if not task.done():
+        task.cancel()  # its cleanup (closing the engine iterators: abort) runs on the loop
         raise _ClientGone()
     return task.result()
 

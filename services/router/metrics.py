@@ -64,7 +64,7 @@ class ServerMetrics:
                              buckets=ITL_BUCKETS, registry=r).labels(name)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency in seconds.",
                              labels, buckets=E2E_BUCKETS, registry=r).labels(name)
-        sizes = token_buckets(max_model_len)
+        sizes = token_buckets(max_model_len or 8192)  # a fleet's length may be unknown at start-up
         self.request_prompt_tokens = Histogram("vllm:request_prompt_tokens", "Prompt tokens per request.",
                                                labels, buckets=sizes, registry=r).labels(name)
         self.request_generation_tokens = Histogram("vllm:request_generation_tokens",

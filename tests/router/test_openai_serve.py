@@ -1,9 +1,12 @@
 """The OpenAI front end end to end: a real uvicorn server over the real engine, the official
-`openai` client (and httpx for raw checks). The tiny random Llama serves most tests; SmolLM2 answers
-one chat question; `pdserve serve` itself runs once as a subprocess."""
+`openai` client (and httpx for raw checks). The tiny random Llama, served from a thread of this
+process, answers most tests; `pdserve serve` runs as a subprocess twice: on the tiny model (with an
+API key), and with no model (the packaged SmolLM2, which answers one chat question). Both start
+with the module so that their start-up overlaps the other tests."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -21,11 +24,24 @@ from pdserve.common.engine_client import EngineDeadError
 from pdserve.common.outputs import CompletionOutput, RequestOutput
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.common.tokenizer import Tokenizer
+from pdserve.services.router import openai_schema as oa
 from pdserve.services.router.app import build_app
 
 NAME = "tiny"
 MAX_LEN = 1024
 GREEDY = dict(temperature=0, max_tokens=12, extra_body={"ignore_eos": True})
+
+
+@pytest.fixture(scope="module", autouse=True)
+def commands(tiny_models):
+    procs = {"tiny": ServeProcess("--model", tiny_models["llama"], "--api-key", "sekret",
+                                  "--num-gpu-blocks-override", "128"),
+             "default": ServeProcess("--max-model-len", "512", "--num-gpu-blocks-override", "64")}
+    for proc in procs.values():
+        proc.start()
+    yield procs
+    for proc in procs.values():
+        proc.close()
 
 
 @pytest.fixture(scope="module")
@@ -153,6 +169,24 @@ def test_stop_and_length(client):
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
 
 
+def test_concurrent_streams(server, client):
+    prompts = [f"Story number {i}:" for i in range(8)]
+    expected = [client.completions.create(model=NAME, prompt=p, **GREEDY).choices[0].text for p in prompts]
+
+    async def stream(http: httpx.AsyncClient, prompt: str) -> str:
+        body = {"model": NAME, "prompt": prompt, "stream": True, "temperature": 0, "max_tokens": 12,
+                "ignore_eos": True}
+        async with http.stream("POST", "/v1/completions", json=body) as r:
+            events = [json.loads(line[6:]) async for line in r.aiter_lines()
+                      if line.startswith("data: ") and line != "data: [DONE]"]
+        return "".join(e["choices"][0]["text"] for e in events)
+
+    async def main() -> list[str]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+            return await asyncio.gather(*(stream(http, p) for p in prompts))
+    assert asyncio.run(main()) == expected  # batched together, each stream gets its own text
+
+
 def test_seed_reproducible(client):
     kw = dict(model=NAME, prompt="Hello", max_tokens=10, temperature=1.0, extra_body={"ignore_eos": True})
     a = client.completions.create(seed=7, n=2, **kw)
@@ -197,18 +231,6 @@ def test_chat_logprobs(client):
                                                           top_logprobs=3, stream=True, **GREEDY)
                 if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
-
-
-def test_chat_smollm2_knows_paris(smollm2_path):
-    eng = AsyncLLM(core=LLM(smollm2_path, max_model_len=512, num_gpu_blocks_override=64).engine)
-    try:
-        with ThreadedServer(build_app(eng, "SmolLM2-135M-Instruct")) as srv:
-            c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0)
-            r = c.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=20,
-                                          messages=[{"role": "user", "content": "What is the capital of France?"}])
-            assert "Paris" in r.choices[0].message.content
-    finally:
-        eng.shutdown()
 
 
 # ---- errors ------------------------------------------------------------------------------------------
@@ -353,16 +375,35 @@ def test_metrics(server, client):
 
 
 # ---- the command -----------------------------------------------------------------------------------
-def test_pdserve_serve_command(tiny_models):
-    with ServeProcess(tiny_models["llama"], "--api-key", "sekret", "--num-gpu-blocks-override", "128") as proc:
-        assert proc.ready_line == f"pdserve serving llama on {proc.url}"
-        assert httpx.get(proc.url + "/health").status_code == 200  # open without the key
-        r = httpx.post(proc.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
-        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-        c = openai.OpenAI(base_url=proc.url + "/v1", api_key="sekret", max_retries=0)
-        r = c.completions.create(model="llama", prompt="Hello", max_tokens=3, extra_body={"ignore_eos": True})
-        assert r.usage.completion_tokens == 3
-        assert proc.stop() == 0, proc.stderr_text()
+def test_pdserve_serve_command(commands):
+    proc = commands["tiny"].wait_ready()
+    assert proc.ready_line == f"pdserve serving llama on {proc.url}"  # served name: the folder's
+    assert httpx.get(proc.url + "/health").status_code == 200  # open without the key
+    r = httpx.post(proc.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    c = openai.OpenAI(base_url=proc.url + "/v1", api_key="sekret", max_retries=0)
+    r = c.completions.create(model="llama", prompt="Hello", max_tokens=3, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 3
+    assert proc.stop() == 0, proc.stderr_text()  # SIGTERM: a clean exit
+
+
+def test_default_model_knows_paris(commands):
+    proc = commands["default"].wait_ready()
+    c = openai.OpenAI(base_url=proc.url + "/v1", api_key="x", max_retries=0)
+    assert [m.id for m in c.models.list().data] == ["SmolLM2-135M-Instruct"]
+    r = c.chat.completions.create(model="SmolLM2-135M-Instruct", temperature=0, max_tokens=20,
+                                  messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert "Paris" in r.choices[0].message.content
+
+
+def test_fast_text_chunks_match_pydantic():
+    for model in ("m", str(918273645)):  # a name holding the sentinel falls back to pydantic
+        def build(index, text):
+            return oa.ChatCompletionChunk(id="chatcmpl-1", created=1, model=model, choices=[
+                oa.ChatStreamChoice(index=index, delta=oa.DeltaMessage(content=text))])
+        fast = oa.text_chunk_renderer(build, exclude={"usage"})
+        for index, text in [(0, "plain"), (3, 'a "quote", a \\ and a\nnewline\t'), (12, "héllo 😀 \u2028"), (1, "")]:
+            assert json.loads(fast(index, text)) == json.loads(build(index, text).model_dump_json(exclude={"usage"}))
 
 
 def test_router_is_torch_free():
