@@ -24,6 +24,8 @@ class ParentRequest:
     arrival_time: float
     children: list[Request] = field(default_factory=list)
     detokenizers: list[IncrementalDetokenizer] = field(default_factory=list)
+    logprobs: list[list] = field(default_factory=list)  # per child: public Logprob dicts so far
+    prompt_logprobs: list = field(default_factory=list)
     error: str | None = None
 
     def finished(self) -> bool:
@@ -38,6 +40,7 @@ class OutputProcessor:
 
     def add(self, parent: ParentRequest) -> None:
         self.parents[parent.request_id] = parent
+        parent.logprobs = [[] for _ in parent.children]
         for child in parent.children:
             self.child_to_parent[child.request_id] = parent
             p = child.params
@@ -82,7 +85,10 @@ class OutputProcessor:
             text = detok.visible_text(finished) if detok is not None else ""
             logprobs = None
             if req.params.logprobs is not None:
-                logprobs = [self._logprob_dict(top) for _, top in req.logprobs]
+                # converted once per token and kept: each step only converts the new entries
+                done = parent.logprobs[i]
+                done += [self._logprob_dict(top) for _, top in req.logprobs[len(done):]]
+                logprobs = list(done)
             completions.append(CompletionOutput(
                 index=i, text=text, token_ids=list(req.output_token_ids),
                 cumulative_logprob=req.cumulative_logprob if req.params.logprobs is not None else None,
@@ -95,7 +101,9 @@ class OutputProcessor:
                                  num_computed_prompt_tokens=first.num_computed_prompt_tokens)
         prompt_lps = None
         if parent.params.prompt_logprobs is not None:
-            prompt_lps = [None if e is None else self._logprob_dict(e) for e in first.prompt_logprobs]
+            done = parent.prompt_logprobs
+            done += [None if e is None else self._logprob_dict(e) for e in first.prompt_logprobs[len(done):]]
+            prompt_lps = list(done)
         finished = parent.finished()
         if finished:
             self._drop(parent)
