@@ -110,4 +110,4 @@ class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    enforce_eager: bool = True
+    enforce_eager: bool = False  # True: no CUDA graphs for decode (only matters on CUDA)

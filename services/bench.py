@@ -28,6 +28,7 @@ def add_parser(sub, add_engine_args) -> None:
     t.add_argument("--json-out", default=None)
     add_engine_args(t)
     t.set_defaults(func=cmd_throughput)
+    from pdserve.services import bench_gpu; bench_gpu.add_parser(bsub)  # `pdserve bench gpu` (H100 workloads)
 
 
 def make_workload(num: int, input_len, output_len, vocab: int, seed: int) -> list[tuple[list[int], int]]:

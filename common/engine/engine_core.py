@@ -41,13 +41,14 @@ class EngineCore:
         self.tokenizer = load_tokenizer(self.model_path, config.model.tokenizer) if load_tokenizer_ else None
         eos = list(self.arch.eos_token_ids) + (self.tokenizer.eos_token_ids if self.tokenizer else [])
         self.eos_token_ids = tuple(dict.fromkeys(eos))
-        self.runner = ModelRunner(config.model, config.cache, self.arch, self.model_path, max_len)
+        sched_cfg = dataclasses.replace(config.scheduler, max_model_len=max_len)
+        self.runner = ModelRunner(config.model, config.cache, self.arch, self.model_path, max_len,
+                                  scheduler_cfg=sched_cfg, enforce_eager=config.enforce_eager)
         capacity = self.runner.num_blocks * config.cache.block_size
         if capacity < max_len:
             raise ConfigError(f"the KV cache holds {capacity} tokens, fewer than --max-model-len {max_len}: "
                               "lower --max-model-len or give the cache more memory")
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        sched_cfg = dataclasses.replace(config.scheduler, max_model_len=max_len)
         self.scheduler = Scheduler(sched_cfg, self.kv)
         self.outputs = OutputProcessor(self.tokenizer)
         self.model_name = config.model.served_model_name or config.model.model or "default"

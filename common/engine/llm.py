@@ -25,7 +25,7 @@ class LLM:
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, seed: int = 0,
                  tokenizer: str | None = None, load_format: str = "auto", device: str = "cpu",
-                 gpu_memory_utilization: float = 0.9):
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False):
         config = EngineConfig(
             model=ModelConfig(model=model or "default", dtype=dtype, max_model_len=max_model_len, seed=seed,
                               tokenizer=tokenizer, load_format=load_format, device=device),
@@ -34,7 +34,8 @@ class LLM:
                               gpu_memory_utilization=gpu_memory_utilization),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       enable_chunked_prefill=enable_chunked_prefill,
-                                      max_model_len=max_model_len or max_num_batched_tokens))
+                                      max_model_len=max_model_len or max_num_batched_tokens),
+            enforce_eager=enforce_eager)
         self.engine = EngineCore(config)
         self._ids = itertools.count()
 

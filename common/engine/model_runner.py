@@ -1,9 +1,15 @@
 """ModelRunner: SchedulerOutput -> one forward pass over the paged KV cache -> RunnerOutput.
 
-    scheduled requests --> flatten tokens (decodes first, then prefill chunks)
-                       --> input_ids [T], positions [T], slot_mapping [T], AttentionMetadata
-                       --> model.forward -> hidden [T, h] -> logits only at sampled rows
-                       --> Sampler -> token per request (+ logprobs)
+    scheduled requests --> StepInputs (numpy, decodes first, then prefill chunks; no per-token loop)
+                       --> backend inputs: input_ids [T], positions [T], attention metadata, rows
+                       --> model.forward (or a captured CUDA graph for decode-only steps)
+                       --> hidden [T, h] -> logits only at sampled rows -> Sampler -> tokens
+
+The backend is chosen once, at start-up, from the device: CPU runs `TorchOps` (HF-exact eager
+torch, `TorchPagedAttention`); CUDA runs `TritonOps` (fused kernels, one decode and one varlen
+prefill attention call per layer), its inputs staged in pinned memory and sent in one copy, and
+decode-only steps replay CUDA graphs (`cuda_graphs.py`) unless `enforce_eager`. On CUDA the KV
+pool is sized from a profiling step (`_blocks_for_gpu_memory`).
 
 The runner owns the model, the KV tensors and per-request generators; it never touches the
 scheduler or the block pool (block ids arrive in the SchedulerOutput).
@@ -11,102 +17,151 @@ scheduler or the block pool (block ids arrive in the SchedulerOutput).
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import torch
 
-from pdserve.common.config import ArchConfig, CacheConfig, ConfigError, ModelConfig
+from pdserve.common.config import ArchConfig, CacheConfig, ConfigError, ModelConfig, SchedulerConfig
 from pdserve.common.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
 from pdserve.common.engine.sampler import Sampler, top_logprobs
-from pdserve.common.models.attention import AttentionMetadata, PrefillSeq
+from pdserve.common.models.attention import AttentionMetadata, PrefillSeq, StepInputs
+from pdserve.common.models.llama import TORCH_OPS
 from pdserve.common.models.loader import checkpoint_dtype, load_model, resolve_dtype
+from pdserve.common.sampling_params import SamplingParams
+
+GiB = 1 << 30
 
 
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, arch: ArchConfig, path: str,
-                 max_model_len: int):
+                 max_model_len: int, scheduler_cfg: SchedulerConfig | None = None, enforce_eager: bool = True,
+                 attention_backend: str | None = None):
+        """`attention_backend` ("torch" | "triton") overrides the choice by device (tests only)."""
         self.arch = arch
         self.block_size = cache_cfg.block_size
+        self.max_model_len = max_model_len
+        self.scheduler_cfg = scheduler_cfg or SchedulerConfig(max_model_len=max_model_len)
         self.device = torch.device(model_cfg.device)
         self.dtype = resolve_dtype(model_cfg.dtype, checkpoint_dtype(path))
-        self.model = load_model(model_cfg, path, arch, self.block_size, max_model_len + 1, self.dtype, self.device)
-        self.num_blocks = cache_cfg.num_blocks or self._blocks_for_memory(cache_cfg)
-        shape = (2, self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
-        # one tensor per layer: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(arch.num_layers)]
+        ops, self.inputs = _select_backend(self.device, attention_backend, self.block_size)
+        self.model = load_model(model_cfg, path, arch, self.block_size, max_model_len + 1, self.dtype, self.device, ops)
         self.sampler = Sampler(self.device, model_cfg.seed)
         self._generators: dict[str, torch.Generator] = {}
+        self._tables = BlockTableCache()
+        self.kv_caches: list[torch.Tensor] = []
+        self.graphs = None  # captured after the KV cache exists
+        if cache_cfg.num_blocks:
+            self.num_blocks = cache_cfg.num_blocks
+        elif self.device.type == "cuda":
+            self.num_blocks = self._blocks_for_gpu_memory(cache_cfg)
+        else:
+            self.num_blocks = self._blocks_for_memory(cache_cfg)
+        shape = (2, self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
+        # one tensor per layer: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]
+        try:
+            self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(arch.num_layers)]
+        except torch.OutOfMemoryError as e:
+            raise ConfigError(f"a KV cache of {self.num_blocks} blocks does not fit on {self.device}: "
+                              "lower --num-gpu-blocks-override or --gpu-memory-utilization") from e
+        if self.device.type == "cuda" and ops is not TORCH_OPS and not enforce_eager:
+            from pdserve.common.engine.cuda_graphs import DecodeGraphs
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, arch.num_kv_heads, self.block_size,
+                                       self.scheduler_cfg.max_num_seqs, max_model_len, self.device)
+            with torch.inference_mode():
+                self.graphs.capture()
 
     def bytes_per_block(self) -> int:
         a = self.arch
         return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
 
     def _blocks_for_memory(self, cache_cfg: CacheConfig) -> int:
-        num = int(cache_cfg.kv_cache_memory_gb * (1 << 30)) // self.bytes_per_block()
+        num = int(cache_cfg.kv_cache_memory_gb * GiB) // self.bytes_per_block()
         if num < 1:
             raise ConfigError(f"--kv-cache-memory {cache_cfg.kv_cache_memory_gb} GB holds no KV block")
         return num
+
+    def _blocks_for_gpu_memory(self, cache_cfg: CacheConfig) -> int:
+        """KV blocks = (total * gpu_memory_utilization - peak of a profiling step) / bytes_per_block.
+
+        The profiling step is a real `execute` of max_num_batched_tokens dummy tokens over
+        max_num_seqs requests that all sample (top-k/top-p, so the sampler's sort is counted),
+        against a one-block KV cache every slot maps into. Memory the allocator does not see (CUDA
+        context, cuBLAS workspaces, other processes) is counted from the driver's numbers."""
+        weights = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        shape = (2, 1, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
+        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.arch.num_layers)]
+        num_tokens = self.scheduler_cfg.max_num_batched_tokens
+        try:
+            self.execute(self._profile_step(num_tokens, self.scheduler_cfg.max_num_seqs))
+            torch.cuda.synchronize(self.device)
+        except torch.OutOfMemoryError as e:
+            raise ConfigError(f"a step of --max-num-batched-tokens {num_tokens} does not fit on {self.device} "
+                              f"next to the weights ({weights / GiB:.1f} GiB): lower it") from e
+        peak = torch.cuda.max_memory_allocated(self.device)
+        free, total = torch.cuda.mem_get_info(self.device)
+        outside_torch = total - free - torch.cuda.memory_reserved(self.device)
+        self.kv_caches = []
+        self._generators.clear()
+        self._tables = BlockTableCache()
+        torch.cuda.empty_cache()
+        free_now, _ = torch.cuda.mem_get_info(self.device)
+        budget = min(total * cache_cfg.gpu_memory_utilization - peak - outside_torch, free_now)
+        num = max(int(budget // self.bytes_per_block()), 0)
+        needed = -(-self.max_model_len // self.block_size)
+        if num < needed:
+            raise ConfigError(
+                f"--gpu-memory-utilization {cache_cfg.gpu_memory_utilization} of {total / GiB:.1f} GiB leaves "
+                f"{max(budget, 0) / GiB:.2f} GiB for the KV cache ({num} blocks of {self.block_size} tokens) after "
+                f"the weights ({weights / GiB:.1f} GiB), a {num_tokens}-token step (peak {peak / GiB:.1f} GiB) and "
+                f"{outside_torch / GiB:.1f} GiB outside torch; --max-model-len {self.max_model_len} needs {needed} "
+                "blocks: raise --gpu-memory-utilization or lower --max-model-len / --max-num-batched-tokens")
+        return num
+
+    def _profile_step(self, num_tokens: int, max_num_seqs: int) -> SchedulerOutput:
+        num_reqs = max(1, min(max_num_seqs, num_tokens))
+        per_req = num_tokens // num_reqs
+        params = SamplingParams(temperature=1.0, top_k=50, top_p=0.9, max_tokens=1)
+        scheduled = []
+        for i in range(num_reqs):
+            n = per_req + (1 if i < num_tokens - per_req * num_reqs else 0)
+            tokens = [0] * n
+            scheduled.append(ScheduledRequest(
+                req_id=f"profile-{i}", input_token_ids=tokens, start_pos=0, block_ids=[0] * -(-n // self.block_size),
+                sample=True, params=params, prompt_token_ids=tokens, output_token_ids=[]))
+        return SchedulerOutput(scheduled=scheduled, num_batched_tokens=num_tokens)
 
     # ---- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
         for req_id in sched.finished_req_ids:
             self._generators.pop(req_id, None)
+        self._tables.drop(sched.finished_req_ids | sched.preempted_req_ids)
         if sched.is_empty():
             return RunnerOutput(sampled_token_ids={})
         decodes = [s for s in sched.scheduled if s.num_tokens == 1]
         prefills = [s for s in sched.scheduled if s.num_tokens > 1]
         ordered = decodes + prefills
-        input_ids, positions, slots = [], [], []
-        bs = self.block_size
-        for s in ordered:
-            input_ids += s.input_token_ids
-            for pos in range(s.start_pos, s.start_pos + s.num_tokens):
-                positions.append(pos)
-                slots.append(s.block_ids[pos // bs] * bs + pos % bs)
-        dev = self.device
-        meta = self._attention_metadata(decodes, prefills, torch.tensor(slots, dtype=torch.long, device=dev))
-        hidden = self.model(torch.tensor(input_ids, dtype=torch.long, device=dev),
-                            torch.tensor(positions, dtype=torch.long, device=dev), self.kv_caches, meta)
+        step = flatten_step(ordered, len(decodes), self.block_size, self._tables)
+        if self.graphs is not None and self.graphs.can_run(step):
+            hidden, sample_rows = self.graphs.run(step)
+        else:
+            input_ids, positions, meta, sample_rows = self.inputs.prepare(step)
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
 
-        # rows to sample: the last token of each request whose chunk reaches its end
-        starts, offset = [], 0
-        for s in ordered:
-            starts.append(offset)
-            offset += s.num_tokens
-        sample_reqs = [s for s in ordered if s.sample]
-        sample_rows = [st + s.num_tokens - 1 for st, s in zip(starts, ordered) if s.sample]
         out = RunnerOutput(sampled_token_ids={})
-        if sample_rows:
-            logits = self.model.compute_logits(hidden[sample_rows])
+        sample_reqs = [s for s in ordered if s.sample]
+        if sample_reqs:
+            logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
             gens = [self._generator(s) for s in sample_reqs]
             tokens, logprobs = self.sampler(logits, sample_reqs, self.arch.eos_token_ids, gens)
             out.sampled_token_ids = {s.req_id: t for s, t in zip(sample_reqs, tokens)}
             out.logprobs = logprobs
-        for st, s in zip(starts, ordered):
+        for st, s in zip(step.query_start_loc.tolist(), ordered):
             if s.params.prompt_logprobs is not None and s.start_pos < len(s.prompt_token_ids):
                 out.prompt_logprobs[s.req_id] = self._prompt_logprobs(hidden[st:st + s.num_tokens], s)
         return out
-
-    def _attention_metadata(self, decodes: list[ScheduledRequest], prefills: list[ScheduledRequest],
-                            slot_mapping: torch.Tensor) -> AttentionMetadata:
-        dev = self.device
-        meta = AttentionMetadata(slot_mapping=slot_mapping, num_decode_tokens=len(decodes),
-                                 decode_block_tables=None, decode_context_lens=None, decode_max_context=0)
-        if decodes:
-            width = max(len(s.block_ids) for s in decodes)
-            meta.decode_block_tables = torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in decodes],
-                                                    dtype=torch.long, device=dev)
-            lens = [s.start_pos + 1 for s in decodes]
-            meta.decode_context_lens = torch.tensor(lens, dtype=torch.long, device=dev)
-            meta.decode_max_context = max(lens)
-        q_start = len(decodes)
-        for s in prefills:
-            ctx = s.start_pos + s.num_tokens
-            num_blocks = -(-ctx // self.block_size)
-            meta.prefills.append(PrefillSeq(q_start=q_start, q_len=s.num_tokens, context_len=ctx,
-                                            block_table=torch.tensor(s.block_ids[:num_blocks], dtype=torch.long,
-                                                                     device=dev)))
-            q_start += s.num_tokens
-        return meta
 
     def _generator(self, s: ScheduledRequest) -> torch.Generator | None:
         if s.params.seed is None or s.params.temperature == 0:
@@ -129,3 +184,128 @@ class ModelRunner:
             for row, pos in enumerate(range(s.start_pos, last)):
                 entries.append(top_logprobs(lp[row], prompt[pos + 1], s.params.prompt_logprobs)[1])
         return entries
+
+
+# ---- step inputs ------------------------------------------------------------------------------
+class BlockTableCache:
+    """Block tables of the running requests, one row each of a persistent numpy table.
+
+    A decode adds a block every block_size steps, so converting every request's Python list each
+    step (~2 ms for 256 requests of 160 blocks) would be wasted: a row is extended by the new
+    tail only, and a step's [B, M] table is one gather of rows. Rows are freed when the scheduler
+    reports the request finished or preempted (its blocks are freed then); the first and last
+    cached ids are also checked against the list, and a mismatch rebuilds the row."""
+
+    def __init__(self):
+        self._table = np.zeros((64, 64), np.int32)  # [rows, max blocks]; grows in both dimensions
+        self._entries: dict[str, list[int]] = {}  # req_id -> [row, num_valid, first id, last id]
+        self._free_rows = list(range(63, -1, -1))
+
+    def rows(self, ordered: list[ScheduledRequest], blocks_needed: list[int]) -> np.ndarray:
+        """Row of each request, its first blocks_needed[i] ids filled in."""
+        if max(blocks_needed) > self._table.shape[1]:
+            self._grow(self._table.shape[0], 2 * max(blocks_needed))
+        rows = []
+        for s, n in zip(ordered, blocks_needed):
+            entry = self._entries.get(s.req_id) or self._new_entry(s.req_id)
+            row, have, first, last = entry
+            ids = s.block_ids
+            if have and (have > len(ids) or ids[0] != first or ids[have - 1] != last):
+                have = 0
+            if have < n:
+                self._table[row, have:n] = ids[have:n]
+                entry[1:] = n, ids[0], ids[n - 1]
+            rows.append(row)
+        return np.array(rows)
+
+    def gather(self, rows: np.ndarray, width: int) -> np.ndarray:
+        return self._table[rows, :width]  # [B, width], a copy
+
+    def _new_entry(self, req_id: str) -> list[int]:
+        if not self._free_rows:
+            num = self._table.shape[0]
+            self._grow(2 * num, self._table.shape[1])
+            self._free_rows = list(range(2 * num - 1, num - 1, -1))
+        entry = self._entries[req_id] = [self._free_rows.pop(), 0, 0, 0]
+        return entry
+
+    def _grow(self, num_rows: int, width: int) -> None:
+        table = np.zeros((num_rows, width), np.int32)
+        table[:self._table.shape[0], :self._table.shape[1]] = self._table
+        self._table = table
+
+    def drop(self, req_ids) -> None:
+        for req_id in req_ids:
+            entry = self._entries.pop(req_id, None)
+            if entry is not None:
+                self._free_rows.append(entry[0])
+
+
+def flatten_step(ordered: list[ScheduledRequest], num_decodes: int, block_size: int,
+                 tables: BlockTableCache) -> StepInputs:
+    """Flatten a step's requests (decodes first) into host arrays with numpy, no per-token loop."""
+    num_reqs = len(ordered)
+    lens = np.fromiter((s.num_tokens for s in ordered), np.int32, num_reqs)
+    starts = np.fromiter((s.start_pos for s in ordered), np.int32, num_reqs)
+    query_start_loc = np.zeros(num_reqs + 1, np.int32)
+    np.cumsum(lens, out=query_start_loc[1:])
+    num_tokens = int(query_start_loc[-1])
+    input_ids = np.fromiter(itertools.chain.from_iterable(s.input_token_ids for s in ordered), np.int32, num_tokens)
+    context_lens = starts + lens
+    blocks_needed = (context_lens + block_size - 1) // block_size
+    rows = tables.rows(ordered, blocks_needed.tolist())
+    # zero past each request's needed blocks (kernels never read there; the torch path gathers block 0)
+    block_table = tables.gather(rows, int(blocks_needed.max()))
+    block_table[np.arange(block_table.shape[1])[None, :] >= blocks_needed[:, None]] = 0
+    req_of_token = np.repeat(np.arange(num_reqs), lens)  # [T]
+    positions = (np.arange(num_tokens, dtype=np.int32) - query_start_loc[req_of_token] + starts[req_of_token])
+    slot_mapping = block_table[req_of_token, positions // block_size] * block_size + positions % block_size
+    sampled = np.fromiter((s.sample for s in ordered), bool, num_reqs)
+    return StepInputs(num_decodes=num_decodes, input_ids=input_ids, positions=positions.astype(np.int32),
+                      slot_mapping=slot_mapping.astype(np.int32), query_start_loc=query_start_loc,
+                      context_lens=context_lens, block_table=block_table,
+                      sample_rows=(query_start_loc[1:] - 1)[sampled].astype(np.int32))
+
+
+class TorchInputs:
+    """StepInputs -> long tensors and the `AttentionMetadata` of `TorchPagedAttention`."""
+
+    def __init__(self, device: torch.device, block_size: int):
+        self.device = device
+        self.block_size = block_size
+
+    def prepare(self, step: StepInputs):
+        dev = self.device
+        as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(dev)  # noqa: E731
+        nd = step.num_decodes
+        meta = AttentionMetadata(slot_mapping=as_long(step.slot_mapping), num_decode_tokens=nd,
+                                 decode_block_tables=None, decode_context_lens=None, decode_max_context=0)
+        if nd:
+            lens = step.context_lens[:nd]
+            meta.decode_max_context = int(lens.max())
+            width = -(-meta.decode_max_context // self.block_size)
+            meta.decode_block_tables = as_long(step.block_table[:nd, :width])
+            meta.decode_context_lens = as_long(lens)
+        qsl, ctx = step.query_start_loc.tolist(), step.context_lens.tolist()
+        for b in range(nd, len(ctx)):
+            num_blocks = -(-ctx[b] // self.block_size)
+            meta.prefills.append(PrefillSeq(q_start=qsl[b], q_len=qsl[b + 1] - qsl[b], context_len=ctx[b],
+                                            block_table=as_long(step.block_table[b, :num_blocks])))
+        return as_long(step.input_ids), as_long(step.positions), meta, as_long(step.sample_rows)
+
+
+def _select_backend(device: torch.device, name: str | None, block_size: int):
+    """(ops, inputs) of the attention backend: Triton kernels on CUDA, eager torch elsewhere."""
+    if name is None:
+        name = "triton" if device.type == "cuda" and _triton_available() else "torch"
+    if name == "triton":
+        from pdserve.common.models.triton_attention import TRITON_OPS, TritonInputs
+        return TRITON_OPS, TritonInputs(device)
+    if name != "torch":
+        raise ConfigError(f"attention backend must be torch or triton, got {name!r}")
+    return TORCH_OPS, TorchInputs(device, block_size)
+
+
+def _triton_available() -> bool:
+    from pdserve.kernels import triton_available
+    return triton_available()

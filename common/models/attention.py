@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +39,30 @@ class AttentionMetadata:
     prefills: list[PrefillSeq] = field(default_factory=list)
     # For GPU kernels (built by the runner when a GPU backend is active):
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class StepInputs:
+    """One step's flattened batch on the host, as the runner builds it for every backend.
+
+    B requests (the first num_decodes have one token each), T tokens, M = blocks of the longest
+    context. All arrays are numpy int32."""
+    num_decodes: int
+    input_ids: np.ndarray  # [T]
+    positions: np.ndarray  # [T]
+    slot_mapping: np.ndarray  # [T] block_id * block_size + offset
+    query_start_loc: np.ndarray  # [B + 1] cumulative query lengths
+    context_lens: np.ndarray  # [B] tokens in cache after this step's store (start_pos + num_tokens)
+    block_table: np.ndarray  # [B, M] zero-padded past each request's last needed block
+    sample_rows: np.ndarray  # [S] token row of each sampling request's last token, in request order
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.context_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
 
 
 class TorchPagedAttention:

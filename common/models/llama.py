@@ -6,6 +6,8 @@ Inputs are the step's flattened tokens (no batch dimension, no padding): `input_
   Mistral sliding_window                   SmolLM2 / Llama-3.2 tie_word_embeddings
   Llama 3 rope_scaling {"rope_type": "llama3"}
 q/k/v and gate/up are fused into one matmul each; `load_weights` maps HF names onto the shards.
+Norm, rotary, SiLU-mul and attention come from an ops object given at construction: `TorchOps`
+(HF-exact eager torch, the CPU path) or `TritonOps` (fused kernels, chosen by the runner on CUDA).
 """
 
 from __future__ import annotations
@@ -20,21 +22,52 @@ from pdserve.common.config import ArchConfig, ConfigError
 from pdserve.common.models.attention import AttentionMetadata, TorchPagedAttention
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
+class TorchOps:
+    """HF-exact eager ops (the CPU path): the operations of transformers, in its order and dtypes.
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    `TritonOps` (`triton_attention.py`) has the same members backed by the fused Triton kernels;
+    the model runner picks one at start-up and the modules call `self.ops.*`, so the forward pass
+    holds no device branches.
+    """
+    attention_backend = TorchPagedAttention
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
         # As HF: normalise in fp32, cast back, then scale. With `residual`, add first and return both.
         if residual is not None:
             x = x + residual
             residual = x
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight * h.to(x.dtype)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        out = weight * h.to(x.dtype)
         return out if residual is None else (out, residual)
+
+    @staticmethod
+    def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):
+        # q [T, H, D], k [T, KVH, D], cos_sin [P, D] fp32 = cat(cos, sin) of the D/2 frequencies
+        cos, sin = cos_sin[positions].to(q.dtype).chunk(2, dim=-1)  # [T, D/2] each
+        cos = torch.cat((cos, cos), dim=-1)[:, None, :]  # HF's table repeats the frequencies
+        sin = torch.cat((sin, sin), dim=-1)[:, None, :]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+    @staticmethod
+    def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+        gate, up = x.chunk(2, dim=-1)  # x [T, 2I]
+        return nn.functional.silu(gate) * up
+
+
+TORCH_OPS = TorchOps()
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float, ops=TORCH_OPS):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return self.ops.rms_norm(x, self.weight, self.eps, residual)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
@@ -58,21 +91,19 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
 
 
 class Rotary(nn.Module):
-    """NeoX-style rotary embedding (HF's rotate_half) from a precomputed [max_pos, D] cos|sin table."""
+    """NeoX-style rotary embedding (HF's rotate_half) from a precomputed fp32 cos|sin table."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None):
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, ops=TORCH_OPS):
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)  # [P, D]
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [P, D/2]
+        # [P, D] = cat(cos, sin): the kernel's layout; kept fp32 (the loader rebuilds it after casting)
+        self.register_buffer("cos_sin", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
+        self.ops = ops
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        # q [T, H, D], k [T, KVH, D]
-        cos = self.cos[positions].to(q.dtype)[:, None, :]
-        sin = self.sin[positions].to(q.dtype)[:, None, :]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        # q [T, H, D], k [T, KVH, D] -> rotated (q, k); the Triton op rotates in place
+        return self.ops.rotary(q, k, positions, self.cos_sin)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -81,18 +112,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ArchConfig, rotary: Rotary, block_size: int):
+    def __init__(self, cfg: ArchConfig, rotary: Rotary, block_size: int, ops=TORCH_OPS):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
         self.rotary = rotary
-        self.attn = TorchPagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size,
-                                        cfg.sliding_window)
+        self.attn = ops.attention_backend(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size,
+                                          cfg.sliding_window)
 
     def forward(self, x, positions, kv_cache, meta: AttentionMetadata):
         t = x.shape[0]
@@ -108,24 +139,23 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ArchConfig):
+    def __init__(self, cfg: ArchConfig, ops=TORCH_OPS):
         super().__init__()
-        self.intermediate = cfg.intermediate_size
+        self.ops = ops
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(nn.functional.silu(gate) * up)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, h]
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ArchConfig, rotary: Rotary, block_size: int):
+    def __init__(self, cfg: ArchConfig, rotary: Rotary, block_size: int, ops=TORCH_OPS):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, rotary, block_size)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.self_attn = Attention(cfg, rotary, block_size, ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
+        self.mlp = MLP(cfg, ops)
 
     def forward(self, x, residual, positions, kv_cache, meta):
         if residual is None:
@@ -142,13 +172,14 @@ class LlamaForCausalLM(nn.Module):
     _SHARDS = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
                "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
 
-    def __init__(self, cfg: ArchConfig, block_size: int, max_positions: int):
+    def __init__(self, cfg: ArchConfig, block_size: int, max_positions: int, ops=TORCH_OPS):
         super().__init__()
         self.cfg = cfg
+        self.ops = ops
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        rotary = Rotary(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, block_size) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        rotary = Rotary(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, ops)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, block_size, ops) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],

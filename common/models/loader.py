@@ -14,7 +14,7 @@ import torch
 from pdserve.common.config import ArchConfig, ConfigError, ModelConfig
 from pdserve.common.model_path import default_model_path, resolve_model_path  # noqa: F401 (re-export)
 from pdserve.common.models import gguf_loader
-from pdserve.common.models.llama import LlamaForCausalLM
+from pdserve.common.models.llama import TORCH_OPS, LlamaForCausalLM
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
                  "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
@@ -104,26 +104,50 @@ def checkpoint_dtype(path: str) -> torch.dtype | None:
 
 
 def load_model(cfg: ModelConfig, path: str, arch: ArchConfig, block_size: int, max_positions: int,
-               dtype: torch.dtype, device: torch.device) -> LlamaForCausalLM:
+               dtype: torch.dtype, device: torch.device, ops=TORCH_OPS) -> LlamaForCausalLM:
+    """Build the model on `meta`, materialise it in `dtype` on `device`, fill it.
+
+    Weights go straight into their final dtype and device (checkpoint tensors are read on the CPU
+    and copied in, which rounds exactly as a later `.to(dtype)` would), so an 8B model never
+    exists in fp32 or twice. A CUDA out-of-memory becomes a ConfigError.
+    """
     torch.manual_seed(cfg.seed)
     with torch.device("meta"):
-        model = LlamaForCausalLM(arch, block_size, max_positions)
-    model = model.to_empty(device="cpu")
-    # rotary tables are buffers created on meta: rebuild them for real
-    _rebuild_rotary(model, arch, max_positions)
-    if cfg.load_format == "dummy":
-        for p in model.parameters():
-            torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
-    elif is_gguf(path):
-        reader = gguf_loader.open_reader(path)
-        model.load_weights(gguf_loader.iter_weights(reader, arch, path))
-    else:
-        model.load_weights(_iter_safetensors(path))
-    return model.to(device=device, dtype=dtype).eval()
+        model = LlamaForCausalLM(arch, block_size, max_positions, ops)
+    out_of_memory = None
+    try:
+        model = model.to(dtype=dtype).to_empty(device=device)
+        if cfg.load_format == "dummy":
+            _init_dummy(model, cfg.seed, device)
+        elif is_gguf(path):
+            reader = gguf_loader.open_reader(path)
+            model.load_weights(gguf_loader.iter_weights(reader, arch, path))
+        else:
+            model.load_weights(_iter_safetensors(path))
+    except torch.OutOfMemoryError as e:
+        out_of_memory = str(e).splitlines()[0]
+    if out_of_memory is not None:  # raised here, so no traceback keeps the partly loaded weights alive
+        del model
+        raise ConfigError(f"the model does not fit on {device}: {out_of_memory}")
+    # rotary tables were created on meta (and cast): rebuild them for real, in fp32
+    _rebuild_rotary(model, arch, max_positions, ops, device)
+    return model.eval()
 
 
-def _rebuild_rotary(model: LlamaForCausalLM, arch: ArchConfig, max_positions: int) -> None:
+def _init_dummy(model: LlamaForCausalLM, seed: int, device: torch.device) -> None:
+    """Random weights for benchmarks: matrices ~ N(0, 0.02), norms and biases 1. The small std
+    keeps activations of a deep model finite in bf16. Drawn on the device (seconds for 8B)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    for p in model.parameters():
+        if p.dim() > 1:
+            p.data.normal_(0.0, 0.02, generator=gen)
+        else:
+            p.data.fill_(1.0)
+
+
+def _rebuild_rotary(model: LlamaForCausalLM, arch: ArchConfig, max_positions: int, ops, device) -> None:
     from pdserve.common.models.llama import Rotary
-    rotary = Rotary(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling)
+    rotary = Rotary(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling, ops).to(device)
     for layer in model.layers:
         layer.self_attn.rotary = rotary

@@ -8,6 +8,7 @@ The request's queues on this worker:
 A pull that fails (prefill gone, lease expired, deadline) frees the reserved blocks and the
 request is admitted without KV: the engine recomputes the prompt here. A request without a
 handle (short prompt sent straight to decode, or a resubmission) is recomputed the same way.
+Every worker carries this service next to the Prefill service (services/worker.py).
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ log = logging.getLogger("pdserve.decode")
 
 
 class DecodeServicer(pb_grpc.DecodeServicer):
-    def __init__(self, engine: AsyncLLM, instance_id: str, kv_clients: dict, pull_deadline_s: float = 10.0):
+    def __init__(self, engine: AsyncLLM, state: worker.WorkerState, kv_clients: dict, pull_deadline_s: float = 10.0):
         self.engine = engine
         self.handoff = DecodeHandoff(engine.core)
-        self.instance_id = instance_id
+        self.state = state
         self.kv_clients = kv_clients  # transport name -> KVClient
         self.pull_deadline_s = pull_deadline_s
         self.num_pull_failures = 0
@@ -128,11 +129,12 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         return pb.AbortResponse()
 
     async def Health(self, request, context) -> pb.HealthResponse:
-        return worker.health(self.engine, self.instance_id, pb.ROLE_DECODE)
+        return worker.health(self.engine, self.state)
 
 
-async def make_decode_servicer(args, engine: AsyncLLM, instance_id: str, grpc_address: str, server):
+def add_decode_service(args, engine: AsyncLLM, state: worker.WorkerState, server) -> list:
+    """The Decode service and the KV client it pulls with; -> closers."""
     clients = {args.kv_transport: make_client(args.kv_transport, engine.core.runner.kv_caches)}
-    servicer = DecodeServicer(engine, instance_id, clients)
+    servicer = DecodeServicer(engine, state, clients)
     pb_grpc.add_DecodeServicer_to_server(servicer, server)
-    return "", [c.close for c in clients.values()]
+    return [c.close for c in clients.values()]

@@ -6,7 +6,8 @@ The request's queues on this worker:
                  --> LEASED (blocks pinned, lease ttl) --> pulled by decode --> ReleaseLease / expiry
 
 The prompt's blocks are held by a lease, not by the request, so the request itself is finished
-(and off the batch) as soon as its first token exists.
+(and off the batch) as soon as its first token exists. Every worker carries this service next to
+the Decode service (services/worker.py); its registry role decides what routers send it.
 """
 
 from __future__ import annotations
@@ -42,11 +43,11 @@ def first_token_finish(token: int, params: SamplingParams, eos_ids: tuple[int, .
 
 
 class PrefillServicer(pb_grpc.PrefillServicer):
-    def __init__(self, engine: AsyncLLM, handoff: PrefillHandoff, instance_id: str, grpc_address: str,
+    def __init__(self, engine: AsyncLLM, handoff: PrefillHandoff, state: worker.WorkerState, grpc_address: str,
                  kv_address: str, transport: str):
         self.engine = engine
         self.handoff = handoff
-        self.instance_id = instance_id
+        self.state = state
         self.grpc_address = grpc_address
         self.kv_address = kv_address
         self.transport = transport
@@ -95,7 +96,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             return resp
         expires_ms = int((time.time() + self.handoff.lease_ttl_s) * 1000)
         resp.handle.CopyFrom(pb.KVHandle(
-            instance_id=self.instance_id, transfer_address=self.kv_address, lease_id=lease_id, block_ids=block_ids,
+            instance_id=self.state.instance_id, transfer_address=self.kv_address, lease_id=lease_id,
+            block_ids=block_ids,
             num_tokens=len(prompt), block_size=core.kv.block_size,
             layout=pb.KVLayout(num_layers=self.layout.num_layers, num_kv_heads=self.layout.num_kv_heads,
                                head_dim=self.layout.head_dim, dtype=self.layout.dtype),
@@ -107,14 +109,15 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         return pb.ReleaseLeaseResponse(released=released)
 
     async def Health(self, request, context) -> pb.HealthResponse:
-        return worker.health(self.engine, self.instance_id, pb.ROLE_PREFILL)
+        return worker.health(self.engine, self.state)
 
 
-async def make_prefill_servicer(args, engine: AsyncLLM, instance_id: str, grpc_address: str, server):
+async def add_prefill_service(args, engine: AsyncLLM, state: worker.WorkerState, grpc_address: str, server):
+    """The Prefill service and the KV server it leases blocks through; -> (kv address, closers)."""
     handoff = PrefillHandoff(engine.core, lease_ttl_s=args.lease_ttl)
     engine.step_hooks.append(lambda core: handoff.expire_leases())
     kv_server = make_server(args.kv_transport, engine.core.runner.kv_caches, handoff.resolve_lease, host=args.host)
     kv_address = await kv_server.start()
-    servicer = PrefillServicer(engine, handoff, instance_id, grpc_address, kv_address, args.kv_transport)
+    servicer = PrefillServicer(engine, handoff, state, grpc_address, kv_address, args.kv_transport)
     pb_grpc.add_PrefillServicer_to_server(servicer, server)
     return kv_address, [kv_server.close]

@@ -13,6 +13,12 @@ random leading part). Then times three kinds of lookup over all instances:
 Prints p50 / p99 / mean client-side latency in milliseconds and the mean time Redis itself spent
 per lookup (from INFO commandstats: separates Redis's cost from client and scheduling noise) as
 JSON, and removes what it wrote.
+
+`--decision` times the router's whole per-request decision instead, `InstancePool.route(prompt
+token ids)` as DisaggClient calls it: hash the prompt's blocks (BLAKE2b chain), one
+longest_prefix over every instance (half prefill, half decode, each with a load), and the cost
+function with conditional disaggregation. The same fill, but chains are kept as token ids; the
+three parts are also timed on their own.
 """
 
 from __future__ import annotations
@@ -97,6 +103,70 @@ async def bench_longest_prefix(redis_url: str, num_blocks: int = 100_000, num_in
             "publish_entries_per_s": round(num_entries / publish_s), "longest_prefix": results}
 
 
+def _token_chain(rng: random.Random, num_blocks: int) -> list[int]:
+    return [rng.randrange(50_000) for _ in range(num_blocks * BLOCK_SIZE)]
+
+
+async def bench_decision(redis_url: str, num_blocks: int = 100_000, num_instances: int = 16,
+                         prompt_blocks: int = 64, num_queries: int = 2000, seed: int = 0) -> dict:
+    """p50 / p99 of InstancePool.route: hashing + prefix lookup + scoring (see the module doc)."""
+    from pdserve.services.router import routing
+    from pdserve.services.router.instances import InstancePool
+    from pdserve.services.router.registry import InstanceInfo, Load, Registry
+
+    rng = random.Random(seed)
+    namespace = f"pdserve-bench-{uuid.uuid4().hex[:8]}"
+    index = PrefixIndex(redis_url, namespace=namespace)
+    infos = [InstanceInfo(f"instance-{i}", "prefill" if i % 2 == 0 else "decode", f"127.0.0.1:{i + 1}", "", "bench",
+                          BLOCK_SIZE, 1 << 16) for i in range(num_instances)]
+    pool = InstancePool(Registry(redis_url, namespace=namespace), index, routing.RoutingConfig())
+    now = time.time()  # loads as a heartbeat left them (no refresh runs here: no workers)
+    pool.instances = [(info, Load(num_running=rng.randrange(8), num_waiting=rng.randrange(4),
+                                  kv_usage=rng.random(), updated_at=now)) for info in infos]
+    ids = [info.instance_id for info in infos]
+    try:
+        chains = [_token_chain(rng, prompt_blocks) for _ in range(num_blocks // prompt_blocks)]
+        for tokens in chains:
+            chain = hash_blocks(tokens, BLOCK_SIZE)
+            full, partial = rng.sample(ids, 2)
+            await index.publish(full, stored=chain, removed=[])
+            await index.publish(partial, stored=chain[:rng.randrange(1, prompt_blocks + 1)], removed=[])
+        prompts = {"full_hit": [rng.choice(chains) + [7] * 5 for _ in range(num_queries)],
+                   "miss": [_token_chain(rng, prompt_blocks) + [7] * 5 for _ in range(num_queries)]}
+        results = {}
+        for name, queries in prompts.items():
+            for tokens in queries[:50]:  # warm-up
+                await pool.route(tokens)
+            route_s, hash_s, lookup_s, score_s, reasons = [], [], [], [], {}
+            for tokens in queries:
+                t0 = time.perf_counter()
+                route = await pool.route(tokens)
+                route_s.append(time.perf_counter() - t0)
+                reasons[route.reason] = reasons.get(route.reason, 0) + 1
+            for tokens in queries[:500]:  # the parts, one at a time
+                t0 = time.perf_counter()
+                hashes = hash_blocks(tokens, BLOCK_SIZE)
+                t1 = time.perf_counter()
+                hits = await index.longest_prefix(hashes, ids)
+                t2 = time.perf_counter()
+                routing.plan_route(len(tokens), BLOCK_SIZE, pool.candidates("prefill", hits, ()),
+                                   pool.candidates("decode", hits, ()), pool.blocks_per_request, pool.config)
+                t3 = time.perf_counter()
+                hash_s.append(t1 - t0)
+                lookup_s.append(t2 - t1)
+                score_s.append(t3 - t2)
+            results[name] = {"route": _summary(route_s), "hash": _summary(hash_s),
+                             "longest_prefix": _summary(lookup_s), "score": _summary(score_s), "reasons": reasons}
+        for instance_id in ids:
+            await index.clear_instance(instance_id)
+    finally:
+        await pool.close()
+        await pool.registry.close()
+        await index.close()
+    return {"num_blocks": len(chains) * prompt_blocks, "num_instances": num_instances,
+            "prompt_tokens": prompt_blocks * BLOCK_SIZE + 5, "num_queries": num_queries, "decision": results}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pdserve.services.router.bench_index",
                                      description=__doc__.split("\n")[0])
@@ -105,9 +175,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-instances", type=int, default=16)
     parser.add_argument("--prompt-blocks", type=int, default=64)
     parser.add_argument("--num-queries", type=int, default=2000)
+    parser.add_argument("--decision", action="store_true",
+                        help="time the router's whole decision (hash + lookup + scoring), not the lookup alone")
     args = parser.parse_args(argv)
-    result = asyncio.run(bench_longest_prefix(args.redis_url, args.num_blocks, args.num_instances,
-                                              args.prompt_blocks, args.num_queries))
+    bench = bench_decision if args.decision else bench_longest_prefix
+    result = asyncio.run(bench(args.redis_url, args.num_blocks, args.num_instances, args.prompt_blocks,
+                               args.num_queries))
     print(json.dumps(result, indent=2))
 
 

@@ -1,9 +1,17 @@
 """DisaggClient: the EngineClient of `pdserve router` — one request over prefill and decode services.
 
-    generate():  pick a prefill (least loaded) --gRPC Prefill--> first token(s) + KV handle
+    generate():  route = pool.route(prompt)  (prefix hits vs load, routing.py; one Redis call)
+                 route.prefill --gRPC Prefill--> first token(s) + KV handle
                  yield the first token at once (TTFT is the prefill's latency)
-                 pick a decode (least loaded) --gRPC Decode (stream) + handle--> token deltas
+                 route.decode --gRPC Decode (stream) + handle--> token deltas
                  detokenize here (the router owns the tokenizer), yield cumulative RequestOutputs
+                 route.prefill None (short or decode-cached prompt): Decode without a handle,
+                 decode computes the prompt itself (conditional disaggregation)
+
+Counters (`stats`, served at /admin/stats): requests per instance, prompt and cached prompt tokens
+per instance (the instance that computed the prompt: prefill's `num_cached_tokens`, or for a
+prompt decode computed, prompt minus `num_prompt_tokens_computed`), routes by reason, and the last
+`RECENT_DECISIONS` decisions by request id (prefill, decode, reason, hits looked up, cached tokens).
 
 Failures: a prefill that fails (not for bad input) is retried on another prefill, then skipped
 (decode recomputes the prompt); a decode that dies mid-stream is replaced by another decode that
@@ -16,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import grpc
@@ -31,6 +40,8 @@ from pdserve.proto.convert import (finish_reason_from_proto, sampling_params_to_
 from pdserve.services.router.instances import InstancePool
 
 log = logging.getLogger("pdserve.router")
+
+RECENT_DECISIONS = 512
 
 
 @dataclass
@@ -65,7 +76,10 @@ class DisaggClient:
         self.prefill_timeout_s = prefill_timeout_s
         self.decode_timeout_s = decode_timeout_s
         self.stats = {"prefill_retries": 0, "decode_resubmits": 0, "kv_bytes": 0, "handoffs": 0,
-                      "recomputed_prompt_tokens": 0, "requests_by_instance": {}}
+                      "recomputed_prompt_tokens": 0, "requests_by_instance": {}, "prompt_tokens": 0,
+                      "cached_prompt_tokens": 0, "prompt_tokens_by_instance": {}, "cached_tokens_by_instance": {},
+                      "routes": {}}
+        self.recent: deque[dict] = deque(maxlen=RECENT_DECISIONS)
 
     @property
     def max_model_len(self) -> int:
@@ -89,7 +103,25 @@ class DisaggClient:
                                             params.include_stop_str_in_output, params.skip_special_tokens), params)
                 for _ in range(params.n)]
         metrics = RequestMetrics(arrival_time=arrival)
-        resp = await self._prefill(request_id, prompt_token_ids, params)
+        route = await self.pool.route(prompt_token_ids)
+        decision = self._record(request_id, route)
+        reserved = self.pool.info(route.decode)
+        if reserved is not None:  # counts as load there from now on, so concurrent routes spread
+            self.pool.begin(reserved.instance_id)
+        stream = self._generate(request_id, prompt, prompt_token_ids, params, seqs, metrics, route, decision,
+                                reserved)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            await stream.aclose()  # runs its cleanup now (cancels a Decode stream: aborts on the worker)
+            if reserved is not None:
+                self.pool.end(reserved.instance_id)
+
+    async def _generate(self, request_id, prompt, prompt_token_ids, params, seqs, metrics, route, decision, reserved):
+        resp = None
+        if route.prefill is not None:
+            resp = await self._prefill(request_id, prompt_token_ids, params, self.pool.info(route.prefill), decision)
         handle = None
         if resp is not None:
             for ft in resp.first_tokens:
@@ -106,9 +138,10 @@ class DisaggClient:
                 return
         tried: set[str] = set()
         while not all(s.finish_reason for s in seqs):
-            inst = self.pool.choose("decode", exclude=tried)
+            inst = reserved if reserved is not None and not tried else self.pool.choose("decode", exclude=tried)
             if inst is None:
                 raise EngineDeadError("no decode instance is available" + (" (all failed)" if tried else ""))
+            computes_prompt = handle is None and decision["computed_on"] is None
             req = pb.DecodeRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                                    params=sampling_params_to_proto(params))
             if handle is not None:
@@ -117,13 +150,23 @@ class DisaggClient:
                 if s.token_ids:
                     req.sequences.append(pb.SequenceState(index=i, output_token_ids=s.token_ids))
             self._count(inst)
+            decision["decode"] = inst.instance_id
+            counted = inst is not reserved  # the reserved one is counted for the whole request
+            if counted:
+                self.pool.begin(inst.instance_id)
             call = self.pool.decode_stub(inst).Decode(req, timeout=self.decode_timeout_s)
+            first_chunk = True
             try:
                 async for chunk in call:
                     if chunk.kv_bytes_received:
                         self.stats["kv_bytes"] += chunk.kv_bytes_received
                         self.stats["handoffs"] += 1
                     self.stats["recomputed_prompt_tokens"] += chunk.num_prompt_tokens_computed
+                    if first_chunk and computes_prompt:
+                        cached = max(len(prompt_token_ids) - chunk.num_prompt_tokens_computed, 0)
+                        self._prompt_served(decision, inst, len(prompt_token_ids), cached)
+                        metrics.num_cached_prompt_tokens = cached
+                    first_chunk = False
                     for d in chunk.sequences:
                         seqs[d.index].add(list(d.new_token_ids), [token_logprobs_from_proto(x) for x in d.new_logprobs],
                                           finish_reason_from_proto(d.finish_reason), stop_reason_from_proto(d))
@@ -146,18 +189,23 @@ class DisaggClient:
                 continue
             finally:
                 call.cancel()
+                if counted:
+                    self.pool.end(inst.instance_id)
             if not all(s.finish_reason for s in seqs):
                 raise EngineDeadError(f"decode {inst.instance_id} ended the stream before the request finished")
 
-    async def _prefill(self, request_id, prompt_token_ids, params) -> pb.PrefillResponse | None:
+    async def _prefill(self, request_id, prompt_token_ids, params, first_choice, decision) -> pb.PrefillResponse | None:
         tried: set[str] = set()
         while True:
-            inst = self.pool.choose("prefill", exclude=tried)
+            inst = first_choice if first_choice is not None and not tried else \
+                self.pool.choose("prefill", exclude=tried)
             if inst is None:
                 return None  # no prefill left: decode computes the prompt itself
             self._count(inst)
+            decision["prefill"] = inst.instance_id
+            self.pool.begin(inst.instance_id)
             try:
-                return await self.pool.prefill_stub(inst).Prefill(
+                resp = await self.pool.prefill_stub(inst).Prefill(
                     pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
                                       params=sampling_params_to_proto(params)), timeout=self.prefill_timeout_s)
             except grpc.aio.AioRpcError as e:
@@ -167,6 +215,32 @@ class DisaggClient:
                 tried.add(inst.instance_id)
                 self.pool.mark_failed(inst.instance_id)
                 self.stats["prefill_retries"] += 1
+                continue
+            finally:
+                self.pool.end(inst.instance_id)
+            self._prompt_served(decision, inst, len(prompt_token_ids), resp.num_cached_tokens)
+            return resp
+
+    def _record(self, request_id: str, route) -> dict:
+        """One routing decision, kept in `recent` (newest last) for /admin/stats and tests."""
+        reasons = self.stats["routes"]
+        reasons[route.reason] = reasons.get(route.reason, 0) + 1
+        decision = {"request_id": request_id, "reason": route.reason, "prefill": route.prefill,
+                    "decode": route.decode, "hit_blocks": route.hit_blocks, "computed_on": None,
+                    "cached_tokens": None}
+        self.recent.append(decision)
+        return decision
+
+    def _prompt_served(self, decision: dict, inst, num_prompt_tokens: int, num_cached_tokens: int) -> None:
+        """The prompt was computed on `inst` with `num_cached_tokens` prefix-cache hits (hit counters)."""
+        decision["computed_on"], decision["cached_tokens"] = inst.instance_id, num_cached_tokens
+        iid = inst.instance_id
+        self.stats["prompt_tokens"] += num_prompt_tokens
+        self.stats["cached_prompt_tokens"] += num_cached_tokens
+        for key, value in (("prompt_tokens_by_instance", num_prompt_tokens),
+                           ("cached_tokens_by_instance", num_cached_tokens)):
+            self.stats[key][iid] = self.stats[key].get(iid, 0) + value
+        self.pool.observe_prefill(num_prompt_tokens, num_cached_tokens, inst.block_size)
 
     def _count(self, inst) -> None:
         by = self.stats["requests_by_instance"]

@@ -23,9 +23,10 @@ An expired entry stays in the hash, ignored, until the block's eviction removes 
     C holds         h1    h2    h3       C = 0
 
 If a worker's publish fails (Redis down), its view and the index diverge: it should call
-clear_instance and publish everything it holds once Redis answers again (Redis may have restarted
-empty anyway). Redis failures propagate as redis.exceptions.RedisError within the client's socket
-timeout; the router then routes by load alone.
+`replace` (clear_instance + publish of everything it holds, in one transaction) once Redis answers
+again (Redis may have restarted empty anyway); services/worker.py `KVEventPublisher` does. Redis
+failures propagate as redis.exceptions.RedisError within the client's socket timeout; the router
+then routes by load alone.
 """
 
 from __future__ import annotations
@@ -135,6 +136,18 @@ class PrefixIndex:
         async with self._redis.pipeline(transaction=True) as pipe:  # all batches or none
             for batch_stored, batch_removed in batches:
                 args = [self._ttl_ms, HASH_SIZE, _pack(batch_stored), _pack(batch_removed)]
+                await self._publish(keys=[key], args=args, client=pipe)
+            await pipe.execute()
+
+    async def replace(self, instance_id: str, held: list[bytes]) -> None:
+        """Make `held` the instance's whole entry set, atomically (UNLINK, then the publish script
+        in one MULTI/EXEC): a worker's resync after an outage and its periodic refresh. Readers see
+        the old set or the new one, never an empty instance in between."""
+        key = self._held_prefix + instance_id
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.unlink(key)
+            for i in range(0, len(held), PUBLISH_CHUNK):
+                args = [self._ttl_ms, HASH_SIZE, _pack(held[i:i + PUBLISH_CHUNK]), b""]
                 await self._publish(keys=[key], args=args, client=pipe)
             await pipe.execute()
 

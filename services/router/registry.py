@@ -6,7 +6,8 @@ Keys (namespace `ns`, default "pdserve"):
                                    lazily (by register and list_instances)
     {ns}:instance:{id}     STRING  InstanceInfo as JSON, PX ttl. The instance is live while it exists.
     {ns}:load:{id}         HASH    num_running, num_waiting, kv_usage, num_free_blocks, updated_at
-                                   (Unix seconds, writer's clock); PX ttl, refreshed with the instance key
+                                   (Unix seconds, writer's clock), num_cached_blocks, prefix_queries,
+                                   prefix_hits; PX ttl, refreshed with the instance key
 
 Life of an instance (a worker runs `Heartbeater`):
 
@@ -109,6 +110,9 @@ class Load:
     kv_usage: float = 0.0  # fraction of KV blocks in use, 0..1
     num_free_blocks: int = 0
     updated_at: float | None = None  # Unix seconds; stamped by heartbeat when None
+    num_cached_blocks: int = 0  # blocks in its prefix cache (what it publishes to the prefix index)
+    prefix_queries: int = 0  # prompt tokens looked up in its prefix cache, since start
+    prefix_hits: int = 0  # prompt tokens found there, since start
 
     def to_mapping(self) -> dict[str, str]:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -120,7 +124,10 @@ class Load:
                    num_waiting=int(mapping.get("num_waiting", 0)),
                    kv_usage=float(mapping.get("kv_usage", 0.0)),
                    num_free_blocks=int(mapping.get("num_free_blocks", 0)),
-                   updated_at=float(mapping["updated_at"]) if "updated_at" in mapping else None)
+                   updated_at=float(mapping["updated_at"]) if "updated_at" in mapping else None,
+                   num_cached_blocks=int(mapping.get("num_cached_blocks", 0)),
+                   prefix_queries=int(mapping.get("prefix_queries", 0)),
+                   prefix_hits=int(mapping.get("prefix_hits", 0)))
 
 
 # KEYS: instances set, instance key, instance key prefix (+ id = another instance's key; standalone Redis)

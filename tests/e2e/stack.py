@@ -15,9 +15,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from redis_server import RedisServer, free_port  # noqa: E402
 
 
+# Tests of the KV handoff want every prompt disaggregated, however short (the router's default
+# sends prompts under 64 tokens straight to decode).
+ROUTER_FLAGS = ("--disagg-min-prompt-tokens", "0")
+
+
 class Stack:
-    def __init__(self, model: str, prefill: list[list[str]], decode: list[list[str]], kv_transport: str = "tcp"):
-        """`prefill` / `decode`: one list of extra flags per instance."""
+    def __init__(self, model: str, prefill: list[list[str]], decode: list[list[str]], kv_transport: str = "tcp",
+                 router_flags: tuple[str, ...] = ROUTER_FLAGS):
+        """`prefill` / `decode`: one list of extra flags per instance; `router_flags`: the router's."""
         self.model = model
         self.tmp = tempfile.mkdtemp(prefix="pdserve-stack-")
         self.redis = RedisServer().start()
@@ -42,10 +48,15 @@ class Stack:
                     self.close()
                     raise RuntimeError(f"{name} failed to start: {self.log(name)[-2000:]}")
                 time.sleep(0.2)
+        self.start_router(router_flags, deadline)
+
+    def start_router(self, flags=ROUTER_FLAGS, deadline: float | None = None) -> None:
+        """Start (or, after kill("router"), start again) the router on the same port."""
+        deadline = deadline or time.time() + 120
         self.procs["router"] = subprocess.Popen(
-            [sys.executable, "-m", "pdserve.services.cli", "router", "--redis-url", self.redis.url, "--model", model,
-             "--port", str(self.port), "--served-model-name", "tiny"],
-            stdout=open(os.path.join(self.tmp, "router.log"), "w"), stderr=subprocess.STDOUT)
+            [sys.executable, "-m", "pdserve.services.cli", "router", "--redis-url", self.redis.url, "--model",
+             self.model, "--port", str(self.port), "--served-model-name", "tiny", *flags],
+            stdout=open(os.path.join(self.tmp, "router.log"), "a"), stderr=subprocess.STDOUT)
         self.base_url = f"http://127.0.0.1:{self.port}"
         while True:
             try:

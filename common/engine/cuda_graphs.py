@@ -1,0 +1,99 @@
+"""CUDA graphs of decode-only steps, one per batch-size bucket.
+
+A decode step of an 8B model launches ~15 kernels per layer; at small batches the GPU finishes
+each before Python issues the next. Capturing the forward pass once per bucket and replaying it
+leaves only one launch per step.
+
+    buckets: 1 2 4 8 16 32 64 128 256 (those <= max_num_seqs, plus max_num_seqs itself)
+    static device buffers (one int32 block, filled by one pinned copy per step):
+        | ids maxB | positions maxB | slots maxB | context_lens maxB | sample rows maxB | table maxB x M |
+    a step of B decodes replays the smallest bucket bs >= B; rows B..bs are padding:
+        slot -1 (store_kv skips it), context_len 0 (attention writes zeros), token 0, position 0
+    graph: model forward only -> hidden [bs, h]; logits and sampling run eagerly on the rows
+        that sample (the sampler is per-request Python: penalties, generators, logprobs).
+
+Decode attention gets a fixed `num_splits` per bucket (chosen for max_model_len): the kernel is
+correct for any split count, and a captured graph cannot re-choose it per step. All graphs share
+one memory pool; they are captured largest first so the smaller ones reuse its blocks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pdserve.common.models.attention import StepInputs
+from pdserve.common.models.triton_attention import PackedUpload, TritonMetadata
+from pdserve.kernels.decode_attention import choose_num_splits
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def bucket_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [b for b in BUCKETS if b <= max_num_seqs]
+    if max_num_seqs not in sizes and max_num_seqs < BUCKETS[-1]:
+        sizes.append(max_num_seqs)
+    return sizes
+
+
+class DecodeGraphs:
+    def __init__(self, model, kv_caches: list[torch.Tensor], num_kv_heads: int, block_size: int,
+                 max_num_seqs: int, max_model_len: int, device: torch.device):
+        self.model = model
+        self.kv_caches = kv_caches
+        self.device = device
+        self.sizes = bucket_sizes(max_num_seqs)
+        self.max_batch = self.sizes[-1]
+        self.max_blocks = -(-max_model_len // block_size)
+        self.num_splits = {bs: choose_num_splits(bs, num_kv_heads, max_model_len, device) for bs in self.sizes}
+        n, m = self.max_batch, self.max_blocks
+        # host staging in the static layout; the device block is uploaded whole up to the table rows used
+        self._host_arrays = [np.zeros(n, np.int32) for _ in range(5)] + [np.zeros((n, m), np.int32)]
+        self._host_arrays[2][:] = -1
+        self._upload = PackedUpload(device, 5 * n + n * m + 64)
+        ids, pos, slots, ctx, rows, table = self._upload.upload(self._host_arrays)
+        self._static = dict(ids=ids, pos=pos, slots=slots, ctx=ctx, rows=rows, table=table.view(n, m))
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+        self.num_replays = 0
+
+    def _metadata(self, bs: int) -> TritonMetadata:
+        st = self._static
+        return TritonMetadata(slot_mapping=st["slots"][:bs], num_decodes=bs, decode_block_tables=st["table"][:bs],
+                              decode_context_lens=st["ctx"][:bs], decode_max_context=0,
+                              decode_num_splits=self.num_splits[bs], prefill_block_tables=None,
+                              prefill_query_start_loc=None, prefill_context_lens=None)
+
+    def capture(self) -> None:
+        """Warm up (compiles the kernels for this shape) and capture each bucket, largest first.
+        The static buffers hold padding only, so neither run writes the KV cache."""
+        pool = torch.cuda.graph_pool_handle()
+        st = self._static
+        for bs in reversed(self.sizes):
+            meta = self._metadata(bs)
+            self.model(st["ids"][:bs], st["pos"][:bs], self.kv_caches, meta)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._outputs[bs] = self.model(st["ids"][:bs], st["pos"][:bs], self.kv_caches, meta)
+            self._graphs[bs] = graph
+        torch.cuda.synchronize(self.device)
+
+    def can_run(self, step: StepInputs) -> bool:
+        return step.num_decodes == step.num_reqs <= self.max_batch
+
+    def run(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the bucket of a decode-only step -> (hidden [bs, h], sample_rows [S])."""
+        num = step.num_reqs
+        bs = next(b for b in self.sizes if b >= num)
+        ids, pos, slots, ctx, rows, table = self._host_arrays
+        ids[:num], pos[:num], slots[:num], ctx[:num] = (step.input_ids, step.positions, step.slot_mapping,
+                                                        step.context_lens)
+        ids[num:bs], pos[num:bs], slots[num:bs], ctx[num:bs] = 0, 0, -1, 0
+        rows[:len(step.sample_rows)] = step.sample_rows
+        table[:num, :step.block_table.shape[1]] = step.block_table
+        # one copy of the whole static block up to the last table row this bucket reads
+        self._upload.upload(self._host_arrays[:5] + [table[:bs]])
+        self._graphs[bs].replay()
+        self.num_replays += 1
+        return self._outputs[bs], self._static["rows"][:len(step.sample_rows)]

@@ -1,0 +1,178 @@
+"""The CUDA backend: Triton paged attention, fused norm / rotary / SiLU-mul, and its step inputs.
+
+`TRITON_OPS` has the members of `TorchOps` (llama.py), so the model is built once with either;
+the runner picks it at start-up. Per layer and step:
+
+    apply_rotary(q, k)          in place on the qkv output's views
+    store_kv(k, v)              every token at slot_mapping (-1: skipped, CUDA-graph padding)
+    decode rows  [0, Bd)        paged_decode_attention: one query per sequence, split-K
+    prefill rows [Bd, T)        paged_prefill_attention: ONE varlen call for all chunks; fresh
+                                prompts, prefix hits and later chunks alike read their prefix
+                                from the blocks
+
+`TritonInputs` turns the runner's `StepInputs` (numpy) into `TritonMetadata` with one
+host-to-device copy per step (not per layer):
+
+    pinned host int32:  | ids T | positions T | slots T | ctx B | prefill qsl Bp+1 | rows S | table B*M |
+                         each segment starts 16-byte aligned (one Triton specialization per kernel)
+                              | one non_blocking copy
+    device int32:       the same layout; the metadata tensors are views of it
+
+Importing this module imports triton: only the runner does, and only on CUDA (or under the
+Triton interpreter in a test).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pdserve.common.models.attention import StepInputs
+from pdserve.kernels.activation import silu_and_mul
+from pdserve.kernels.decode_attention import paged_decode_attention
+from pdserve.kernels.prefill_attention import paged_prefill_attention
+from pdserve.kernels.rms_norm import rms_norm
+from pdserve.kernels.rotary import apply_rotary
+from pdserve.kernels.store_kv import store_kv
+
+_ALIGN = 4  # int32 elements per 16 bytes
+
+
+@dataclass
+class TritonMetadata:
+    slot_mapping: torch.Tensor  # [T] int32; -1 skips the token
+    num_decodes: int  # tokens [0, num_decodes) are one-query sequences
+    decode_block_tables: torch.Tensor  # [Bd, M] int32
+    decode_context_lens: torch.Tensor  # [Bd] int32; 0 = padded row (zero output)
+    decode_max_context: int  # host bound used to choose the split count when num_splits is None
+    decode_num_splits: int | None  # fixed in CUDA graphs (any value is correct for any length)
+    prefill_block_tables: torch.Tensor | None  # [Bp, M] int32; None: decode-only step
+    prefill_query_start_loc: torch.Tensor | None  # [Bp + 1] int32, from the first prefill token
+    prefill_context_lens: torch.Tensor | None  # [Bp] int32
+
+
+class TritonPagedAttention:
+    """Same constructor and `forward` as `TorchPagedAttention`, with `TritonMetadata`."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+                 sliding_window: int | None = None):
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.block_size = block_size
+        self.sliding_window = sliding_window
+        self.scale = head_dim ** -0.5
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: TritonMetadata) -> torch.Tensor:
+        # q [T, H, D], k/v [T, KVH, D] (strided views are fine), kv_cache [2, NB, BS, KVH, D] -> [T, H, D]
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        nd = meta.num_decodes
+        if meta.prefill_context_lens is None:
+            return self._decode(q, k_cache, v_cache, meta)
+        if nd == 0:
+            return self._prefill(q, k_cache, v_cache, meta)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta)
+        out[nd:] = self._prefill(q[nd:], k_cache, v_cache, meta)
+        return out
+
+    def _decode(self, q, k_cache, v_cache, meta: TritonMetadata) -> torch.Tensor:
+        return paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
+                                      self.scale, self.sliding_window, num_splits=meta.decode_num_splits,
+                                      max_context_len=meta.decode_max_context)
+
+    def _prefill(self, q, k_cache, v_cache, meta: TritonMetadata) -> torch.Tensor:
+        return paged_prefill_attention(q, k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,
+                                       meta.prefill_context_lens, self.scale, self.sliding_window)
+
+
+class TritonOps:
+    """Fused-kernel versions of `TorchOps`' members (kernels/ documents their numerics)."""
+    attention_backend = TritonPagedAttention
+
+    @staticmethod
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+        if residual is not None:
+            return rms_norm(x, weight, eps, residual)  # x, residual [T, h] -> (out, x + residual)
+        # [..., N] -> rows of N (a view for the hidden states; Qwen3's per-head q/k norm copies)
+        return rms_norm(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)
+
+    @staticmethod
+    def rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):
+        apply_rotary(q, k, positions, cos_sin)  # in place
+        return q, k
+
+    @staticmethod
+    def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+        return silu_and_mul(x)
+
+
+TRITON_OPS = TritonOps()
+
+
+class PackedUpload:
+    """A pinned int32 host buffer and its device twin: several int arrays, one copy.
+
+    The host buffer is reused every step, so before writing it waits for the event recorded
+    after the previous copy (a step that samples nothing never syncs the stream otherwise)."""
+
+    def __init__(self, device: torch.device, size: int = 1 << 16):
+        self.device = device
+        self._cuda = device.type == "cuda"
+        self._host = torch.empty(0, dtype=torch.int32)
+        self._dev = torch.empty(0, dtype=torch.int32, device=device)
+        self._copied = torch.cuda.Event() if self._cuda else None
+        self._reserve(size)
+
+    def _reserve(self, size: int) -> None:
+        if len(self._host) >= size:
+            return
+        if self._cuda:
+            self._copied.synchronize()
+        size = max(size, 2 * len(self._host))
+        self._host = torch.empty(size, dtype=torch.int32, pin_memory=self._cuda)
+        self._dev = torch.empty(size, dtype=torch.int32, device=self.device)
+
+    def upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Device views of `arrays` (flattened), each starting 16-byte aligned."""
+        offsets, end = [], 0
+        for a in arrays:
+            offsets.append(end)
+            end += -(-a.size // _ALIGN) * _ALIGN
+        self._reserve(end)
+        if self._cuda:
+            self._copied.synchronize()
+        host = self._host.numpy()
+        for a, o in zip(arrays, offsets):
+            host[o:o + a.size] = a.reshape(-1)
+        self._dev[:end].copy_(self._host[:end], non_blocking=True)
+        if self._cuda:
+            self._copied.record()
+        return [self._dev[o:o + a.size] for a, o in zip(arrays, offsets)]
+
+
+class TritonInputs:
+    """StepInputs -> (input_ids, positions, TritonMetadata, sample_rows) on the device."""
+
+    def __init__(self, device: torch.device):
+        self.upload = PackedUpload(device)
+
+    def prepare(self, step: StepInputs):
+        nd, num_reqs = step.num_decodes, step.num_reqs
+        has_prefill = num_reqs > nd
+        prefill_qsl = step.query_start_loc[nd:] - nd
+        ids, pos, slots, ctx, qsl, rows, table = self.upload.upload(
+            [step.input_ids, step.positions, step.slot_mapping, step.context_lens, prefill_qsl, step.sample_rows,
+             step.block_table])
+        table = table.view(step.block_table.shape)
+        meta = TritonMetadata(
+            slot_mapping=slots, num_decodes=nd, decode_block_tables=table[:nd], decode_context_lens=ctx[:nd],
+            decode_max_context=int(step.context_lens[:nd].max()) if nd else 0, decode_num_splits=None,
+            prefill_block_tables=table[nd:] if has_prefill else None,
+            prefill_query_start_loc=qsl if has_prefill else None,
+            prefill_context_lens=ctx[nd:] if has_prefill else None)
+        return ids, pos, meta, rows
