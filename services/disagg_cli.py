@@ -122,6 +122,8 @@ def router_stats(pool, client=None) -> dict:
     if client is not None:
         stats["prefix_queries"] = client.stats["prompt_tokens"]
         stats["prefix_hits"] = client.stats["cached_prompt_tokens"]
+        for key in ("kv_bytes", "handoffs", "decode_resubmits", "prefill_retries"):
+            stats[key] = client.stats.get(key, 0)
     return stats
 
 

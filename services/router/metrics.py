@@ -178,5 +178,14 @@ class _EngineStatsCollector:
         yield counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
                       s.get("prefix_queries", 0))
         yield counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", s.get("prefix_hits", 0))
+        if "redis_up" in s:  # the disaggregated router: 0 while it routes on load alone
+            yield gauge("pdserve:redis_up", "1 while the router reaches Redis, 0 while it routes on load alone.",
+                        s["redis_up"])
+        for key, name, doc in (("kv_bytes", "pdserve:kv_transfer_bytes", "KV bytes pulled by decode for this router's requests."),
+                               ("handoffs", "pdserve:kv_handoffs", "Requests whose prompt KV was pulled from a prefill."),
+                               ("decode_resubmits", "pdserve:decode_resubmits", "Requests moved to another decode after a failure."),
+                               ("prefill_retries", "pdserve:prefill_retries", "Prefill calls retried on another instance.")):
+            if key in s:
+                yield counter(name, doc, s[key])
         if "num_preemptions" in s:
             yield counter("vllm:num_preemptions", "Preemptions (recompute) so far.", s["num_preemptions"])
