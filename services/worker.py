@@ -312,3 +312,16 @@ async def serve_worker(args, role: str) -> None:
     for close in closers:
         await close()
     engine.shutdown()
+
+
+async def checked_request(engine: AsyncLLM, request, context):
+    """(SamplingParams, prompt ids) of a Prefill/Decode request, or INVALID_ARGUMENT naming the bad field."""
+    from pdserve.common.sampling_params import ParameterError
+    from pdserve.proto.convert import sampling_params_from_proto
+    try:
+        params = sampling_params_from_proto(request.params)
+        prompt = list(request.prompt_token_ids)
+        engine.core.validate(prompt, params)
+    except ParameterError as e:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e.param}: {e}")
+    return params, prompt

@@ -22,10 +22,9 @@ import grpc
 from pdserve.common.engine.async_llm import AsyncLLM
 from pdserve.common.engine.disagg import DecodeHandoff
 from pdserve.common.kv_transfer.base import KVTransferError, make_client
-from pdserve.common.sampling_params import ParameterError
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
-from pdserve.proto.convert import (finish_reason_to_proto, sampling_params_from_proto, set_stop_reason,
+from pdserve.proto.convert import (finish_reason_to_proto, set_stop_reason,
                                    token_logprobs_to_proto)
 from pdserve.services import worker
 
@@ -42,12 +41,7 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         self.num_pull_failures = 0
 
     async def Decode(self, request: pb.DecodeRequest, context):
-        try:
-            params = sampling_params_from_proto(request.params)
-            prompt = list(request.prompt_token_ids)
-            self.engine.core.validate(prompt, params)
-        except ParameterError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e.param}: {e}")
+        params, prompt = await worker.checked_request(self.engine, request, context)
         rid = request.request_id
         seqs = sorted(request.sequences, key=lambda s: s.index)
         outputs = [list(s.output_token_ids) for s in seqs] if seqs else None

@@ -19,10 +19,10 @@ import grpc
 from pdserve.common.engine.async_llm import AsyncLLM
 from pdserve.common.engine.disagg import PrefillHandoff
 from pdserve.common.kv_transfer.base import KVLayout, make_server
-from pdserve.common.sampling_params import ParameterError, SamplingParams
+from pdserve.common.sampling_params import SamplingParams
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
-from pdserve.proto.convert import (finish_reason_to_proto, sampling_params_from_proto, set_stop_reason,
+from pdserve.proto.convert import (finish_reason_to_proto, set_stop_reason,
                                    token_logprobs_to_proto)
 from pdserve.services import worker
 
@@ -54,12 +54,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         self.layout = KVLayout.from_caches(engine.core.runner.kv_caches)
 
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
-        try:
-            params = sampling_params_from_proto(request.params)
-            prompt = list(request.prompt_token_ids)
-            self.engine.core.validate(prompt, params)
-        except ParameterError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e.param}: {e}")
+        params, prompt = await worker.checked_request(self.engine, request, context)
         rid = request.request_id
         lease = {}
 

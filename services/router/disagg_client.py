@@ -21,7 +21,6 @@ duplicates. When nothing is left to try, the request fails fast with EngineDeadE
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import deque
@@ -34,7 +33,6 @@ from pdserve.common.engine_client import EngineDeadError, TokenizerLike
 from pdserve.common.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pdserve.common.sampling_params import ParameterError, SamplingParams
 from pdserve.proto import pdserve_pb2 as pb
-from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.convert import (finish_reason_from_proto, sampling_params_to_proto, stop_reason_from_proto,
                                    token_logprobs_from_proto)
 from pdserve.services.router.instances import InstancePool
