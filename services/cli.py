@@ -42,7 +42,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_memory_gb=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
                 enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=batched, load_format=args.load_format,
-                device=args.device, enforce_eager=args.enforce_eager)
+                device=args.device, enforce_eager=args.enforce_eager, served_model_name=args.served_model_name)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -32,7 +32,6 @@ import uuid
 import grpc
 from redis.exceptions import RedisError
 
-from pdserve.common.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from pdserve.common.engine.async_llm import AsyncLLM
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto.convert import ROLES, STATUSES
@@ -50,21 +49,6 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-events-interval", type=float, default=0.1,
                    help="seconds between publications of prefix-cache changes to the prefix index")
     p.add_argument("--ready-file", default=None, help="write 'grpc_address kv_address' here once serving")
-
-
-def engine_config(args) -> EngineConfig:
-    from pdserve.services.cli import engine_kwargs
-    kw = engine_kwargs(args)
-    return EngineConfig(
-        model=ModelConfig(model=kw["model"] or "default", dtype=kw["dtype"], max_model_len=kw["max_model_len"],
-                          tokenizer=kw["tokenizer"], load_format=kw["load_format"], device=kw["device"],
-                          served_model_name=args.served_model_name),
-        cache=CacheConfig(block_size=kw["block_size"], num_blocks=kw["num_gpu_blocks_override"],
-                          kv_cache_memory_gb=kw["kv_cache_memory_gb"], enable_prefix_caching=kw["enable_prefix_caching"],
-                          gpu_memory_utilization=kw["gpu_memory_utilization"]),
-        scheduler=SchedulerConfig(max_num_seqs=kw["max_num_seqs"], max_num_batched_tokens=kw["max_num_batched_tokens"],
-                                  enable_chunked_prefill=kw["enable_chunked_prefill"],
-                                  max_model_len=kw["max_model_len"] or kw["max_num_batched_tokens"]))
 
 
 def model_id(engine: AsyncLLM) -> str:
@@ -260,7 +244,9 @@ async def serve_worker(args, role: str) -> None:
     from pdserve.services.decode.server import add_decode_service
     from pdserve.services.prefill.server import add_prefill_service
 
-    engine = AsyncLLM(engine_config(args))
+    from pdserve.common.engine.llm import LLM
+    from pdserve.services.cli import engine_kwargs
+    engine = AsyncLLM(core=LLM(**engine_kwargs(args)).engine)  # LLM builds the EngineConfig from flags
     state = WorkerState(args.instance_id or f"{role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}", role)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
     port = server.add_insecure_port(f"{args.host}:{args.grpc_port}")

@@ -25,10 +25,12 @@ class LLM:
                  enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, seed: int = 0,
                  tokenizer: str | None = None, load_format: str = "auto", device: str = "cpu",
-                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False):
+                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
+                 served_model_name: str | None = None):
         config = EngineConfig(
             model=ModelConfig(model=model or "default", dtype=dtype, max_model_len=max_model_len, seed=seed,
-                              tokenizer=tokenizer, load_format=load_format, device=device),
+                              tokenizer=tokenizer, load_format=load_format, device=device,
+                              served_model_name=served_model_name),
             cache=CacheConfig(block_size=block_size, num_blocks=num_gpu_blocks_override,
                               kv_cache_memory_gb=kv_cache_memory_gb, enable_prefix_caching=enable_prefix_caching,
                               gpu_memory_utilization=gpu_memory_utilization),

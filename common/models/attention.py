@@ -65,8 +65,8 @@ class StepInputs:
         return len(self.input_ids)
 
 
-class TorchPagedAttention:
-    """Reference backend: gathers K/V through block tables and calls SDPA."""
+class PagedAttentionBase:
+    """What every backend is built from; each adds `forward(q, k, v, kv_cache, meta)`."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
                  sliding_window: int | None = None):
@@ -76,6 +76,10 @@ class TorchPagedAttention:
         self.block_size = block_size
         self.sliding_window = sliding_window
         self.scale = head_dim ** -0.5
+
+
+class TorchPagedAttention(PagedAttentionBase):
+    """Reference backend: gathers K/V through block tables and calls SDPA."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:

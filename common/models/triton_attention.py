@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pdserve.common.models.attention import StepInputs
+from pdserve.common.models.attention import PagedAttentionBase, StepInputs
 from pdserve.kernels.activation import silu_and_mul
 from pdserve.kernels.decode_attention import paged_decode_attention
 from pdserve.kernels.prefill_attention import paged_prefill_attention
@@ -53,17 +53,8 @@ class TritonMetadata:
     prefill_context_lens: torch.Tensor | None  # [Bp] int32
 
 
-class TritonPagedAttention:
+class TritonPagedAttention(PagedAttentionBase):
     """Same constructor and `forward` as `TorchPagedAttention`, with `TritonMetadata`."""
-
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
-                 sliding_window: int | None = None):
-        self.num_heads = num_heads
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.block_size = block_size
-        self.sliding_window = sliding_window
-        self.scale = head_dim ** -0.5
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: TritonMetadata) -> torch.Tensor:
