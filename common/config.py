@@ -111,3 +111,6 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     enforce_eager: bool = False  # True: no CUDA graphs for decode (only matters on CUDA)
+    # Overlapped steps: schedule step k on the host while step k-1 runs on the device.
+    # None: on for CUDA, off elsewhere (a CPU forward pass leaves no host time to hide).
+    async_scheduling: bool | None = None

@@ -51,7 +51,10 @@ _MAX_SPLITS = 64
 _BROADCAST_ELEMENTS = 8192     # cap on G * BLOCK_N * D of the broadcast product (registers)
 
 
-@triton.jit(do_not_specialize=["sliding_window", "num_splits"])
+# Per-step values (block-table width, views into the packed metadata) must not pick a new
+# specialization: each would compile the kernel again mid-serving.
+@triton.jit(do_not_specialize=["sliding_window", "num_splits", "stride_bt_seq"],
+            do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, partial_out_ptr, partial_lse_ptr,

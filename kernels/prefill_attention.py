@@ -60,7 +60,10 @@ def _attend_tile(
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["sliding_window", "num_seqs"])
+# Per-step values (block-table width, views into the packed metadata) must not pick a new
+# specialization: each would compile the kernel again mid-serving.
+@triton.jit(do_not_specialize=["sliding_window", "num_seqs", "stride_bt_seq"],
+            do_not_specialize_on_alignment=["block_tables_ptr", "query_start_loc_ptr", "context_lens_ptr"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,
     qk_scale, sliding_window, num_seqs,

@@ -64,6 +64,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="overlapped steps (default: on CUDA)")
+    p.add_argument("--compare-sync", action="store_true",
+                   help="also run W1 and latency with steps one at a time (same engine, same run)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler kernel breakdown")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None)
@@ -94,25 +98,54 @@ def build_engine(args, folder: str):
                           device=args.device, seed=args.seed),
         cache=CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
-        enforce_eager=args.enforce_eager)
+        enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
     return EngineCore(config, load_tokenizer_=False)
 
 
 class StepRecorder:
-    """Wraps runner.execute: per step (tokens, decode tokens, requests, seconds incl. GPU sync)."""
+    """Wraps runner.launch: per step (tokens, decode tokens, requests) and when the device ran it.
+
+    Events are recorded on the stream before and after each launch. With overlapped steps the
+    device starts step k at max(its launch event, the end of step k-1), so a step's busy time is
+    end_k - that start, and the device's idle time (host-bound gaps) is wall - sum(busy). On CPU
+    host clocks stand in for events (a CPU step runs inside its launch)."""
 
     def __init__(self, runner):
+        import torch
+        self._cuda = runner.device.type == "cuda"
+        self._event_cls = torch.cuda.Event if self._cuda else None
         self._sync = device_sync(runner.device)
-        self._execute = runner.execute
-        runner.execute = self
-        self.steps: list[tuple[int, int, int, float]] = []
+        self._launch = runner.launch
+        runner.launch = self
+        self.steps: list[tuple] = []
+
+    def _mark(self):
+        if not self._cuda:
+            return time.perf_counter()
+        event = self._event_cls(enable_timing=True)
+        event.record()
+        return event
 
     def __call__(self, sched):
-        t0 = time.perf_counter()
-        out = self._execute(sched)
-        self._sync()
+        start = self._mark()
+        pending = self._launch(sched)
+        end = self._mark()
         num_decodes = sum(1 for s in sched.scheduled if s.num_tokens == 1)
-        self.steps.append((sched.num_batched_tokens, num_decodes, len(sched.scheduled), time.perf_counter() - t0))
+        self.steps.append((sched.num_batched_tokens, num_decodes, len(sched.scheduled), start, end))
+        return pending
+
+    def busy(self) -> list[tuple[int, int, int, float]]:
+        """(tokens, decode tokens, requests, device-busy seconds) per step."""
+        self._sync()
+        if not self.steps:
+            return []
+        origin = self.steps[0][3]
+        at = ((lambda m: 1e-3 * origin.elapsed_time(m)) if self._cuda else (lambda m: m - origin))
+        out, prev_end = [], float("-inf")
+        for num_tokens, num_decodes, num_reqs, start, end in self.steps:
+            begin, finish = max(at(start), prev_end), at(end)
+            out.append((num_tokens, num_decodes, num_reqs, finish - begin))
+            prev_end = finish
         return out
 
 
@@ -122,6 +155,7 @@ def run_pdserve(engine, workload, tag: str, recorder: StepRecorder | None = None
         recorder.steps.clear()
     graphs = engine.runner.graphs
     replays0 = graphs.num_replays if graphs is not None else 0
+    overlapped0 = engine.num_overlapped_steps
     t0 = time.perf_counter()
     for i, (prompt, max_tokens) in enumerate(workload):
         engine.add_request(f"{tag}-{i}", prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
@@ -134,8 +168,9 @@ def run_pdserve(engine, workload, tag: str, recorder: StepRecorder | None = None
     result = {"requests": len(workload), "output_tokens": tokens, "wall_s": round(wall, 2),
               "output_tok_per_s": round(tokens / wall, 1)}
     if recorder is not None:
-        result["steps"] = summarize_steps(recorder.steps, wall)
+        result["steps"] = summarize_steps(recorder.busy(), wall)
         result["steps"]["cuda_graph_steps"] = (graphs.num_replays if graphs is not None else 0) - replays0
+        result["steps"]["overlapped_steps"] = engine.num_overlapped_steps - overlapped0
     return result
 
 
@@ -144,8 +179,8 @@ def summarize_steps(steps, wall: float) -> dict:
     for num_tokens, num_decodes, num_reqs, secs in steps:
         kind = "decode_only" if num_decodes == num_reqs else ("prefill_only" if num_decodes == 0 else "mixed")
         kinds[kind].append((num_tokens, num_reqs, secs))
-    out = {"num_steps": len(steps), "forward_s": round(sum(s[3] for s in steps), 2)}
-    out["host_outside_forward_s"] = round(wall - out["forward_s"], 2)
+    out = {"num_steps": len(steps), "device_busy_s": round(sum(s[3] for s in steps), 2)}
+    out["device_idle_s"] = round(wall - out["device_busy_s"], 2)
     for kind, rows in kinds.items():
         secs = sum(r[2] for r in rows)
         out[kind] = {"steps": len(rows), "seconds": round(secs, 2),
@@ -355,6 +390,16 @@ def main_args(args) -> dict:
         prompt, n = loads["latency"][0]
         results["latency"] = {"pdserve": run_latency_pdserve(engine, prompt, n)}
         _progress("latency pdserve", results["latency"]["pdserve"])
+    if args.compare_sync and engine.async_scheduling:
+        engine.async_scheduling = False  # the same engine and weights, steps one at a time
+        if "w1" in loads:
+            results["w1"]["pdserve_one_step_at_a_time"] = run_pdserve(engine, loads["w1"], "w1s", recorder)
+            _progress("w1 pdserve one step at a time", results["w1"]["pdserve_one_step_at_a_time"])
+        if "latency" in loads:
+            prompt, n = loads["latency"][0]
+            results["latency"]["pdserve_one_step_at_a_time"] = run_latency_pdserve(engine, prompt, n)
+            _progress("latency pdserve one step at a time", results["latency"]["pdserve_one_step_at_a_time"])
+        engine.async_scheduling = True
     if not args.no_profile:
         try:
             summary["kernel_breakdown"] = kernel_breakdown(engine, vocab, args.seed)
@@ -403,6 +448,10 @@ def print_report(summary: dict) -> None:
         ratio = f"{ours['output_tok_per_s'] / hf['output_tok_per_s']:.2f}x" if hf and hf["output_tok_per_s"] else ""
         print(f"{name:<9} {'pdserve':<18} {ours['output_tokens']:>10} {ours['wall_s']:>8} "
               f"{ours['output_tok_per_s']:>10} {ratio:>7}")
+        one = res[name].get("pdserve_one_step_at_a_time")
+        if one:
+            print(f"{'':<9} {'pdserve 1-at-a-time':<18} {one['output_tokens']:>10} {one['wall_s']:>8} "
+                  f"{one['output_tok_per_s']:>10}")
         if hf and "batch_size" in hf:
             label = f"hf bs={hf['batch_size']}" + ("" if hf["batches_run"] == hf["batches_total"]
                                                   else f" ({hf['batches_run']}/{hf['batches_total']} b.)")
@@ -411,12 +460,13 @@ def print_report(summary: dict) -> None:
         for eng, r in res["latency"].items():
             print(f"{'latency':<9} {eng:<18} TTFT {r['ttft_ms']} ms, {r['ms_per_output_token']} ms per output token")
     print("\n-- breakdown --")
-    for name in ("w1", "w2"):
-        st = res.get(name, {}).get("pdserve", {}).get("steps")
+    for name, eng in (("w1", "pdserve"), ("w1", "pdserve_one_step_at_a_time"), ("w2", "pdserve")):
+        st = res.get(name, {}).get(eng, {}).get("steps")
         if not st:
             continue
-        print(f"{name}: {st['num_steps']} steps, forward {st['forward_s']} s, host outside forward "
-              f"{st['host_outside_forward_s']} s, CUDA-graph steps {st['cuda_graph_steps']}")
+        print(f"{name} {eng}: {st['num_steps']} steps, device busy {st['device_busy_s']} s, device idle "
+              f"{st['device_idle_s']} s, CUDA-graph steps {st['cuda_graph_steps']}, "
+              f"overlapped steps {st['overlapped_steps']}")
         for kind in ("decode_only", "mixed", "prefill_only"):
             k = st[kind]
             print(f"    {kind:<13} {k['steps']:>5} steps {k['seconds']:>7} s  {k['tokens_per_step']:>7} tok/step "

@@ -32,6 +32,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
     g.add_argument("--device", default="cpu")
     g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule the next step while the device runs the current one (default: on CUDA only)")
     g.add_argument("--served-model-name", default=None)
 
 
@@ -42,7 +44,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 kv_cache_memory_gb=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
                 enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=batched, load_format=args.load_format,
-                device=args.device, enforce_eager=args.enforce_eager, served_model_name=args.served_model_name)
+                device=args.device, enforce_eager=args.enforce_eager, served_model_name=args.served_model_name,
+                async_scheduling=args.async_scheduling)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from pdserve.common.models.attention import StepInputs
-from pdserve.common.models.triton_attention import PackedUpload, TritonMetadata
+from pdserve.common.models.packed_upload import PackedUpload
+from pdserve.common.models.triton_attention import TritonMetadata
 from pdserve.kernels.decode_attention import choose_num_splits
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -82,8 +83,9 @@ class DecodeGraphs:
     def can_run(self, step: StepInputs) -> bool:
         return step.num_decodes == step.num_reqs <= self.max_batch
 
-    def run(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replay the bucket of a decode-only step -> (hidden [bs, h], sample_rows [S])."""
+    def run(self, step: StepInputs, fill=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the bucket of a decode-only step -> (hidden [bs, h], sample_rows [S]).
+        `fill(input_ids)` writes the inputs sampled by the step in flight (ModelRunner)."""
         num = step.num_reqs
         bs = next(b for b in self.sizes if b >= num)
         ids, pos, slots, ctx, rows, table = self._host_arrays
@@ -94,6 +96,8 @@ class DecodeGraphs:
         table[:num, :step.block_table.shape[1]] = step.block_table
         # one copy of the whole static block up to the last table row this bucket reads
         self._upload.upload(self._host_arrays[:5] + [table[:bs]])
+        if fill is not None:
+            fill(self._static["ids"][:num])
         self._graphs[bs].replay()
         self.num_replays += 1
         return self._outputs[bs], self._static["rows"][:len(step.sample_rows)]

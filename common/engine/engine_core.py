@@ -5,6 +5,18 @@
              touched = scheduler.update(sched, result)
              return outputs.process(touched)       # detokenize, stop strings, RequestOutputs
 
+Overlapped (async scheduling, the default on CUDA): the host work of a step hides behind the
+device work of the previous one, so the GPU never waits for Python between steps:
+
+    step k:  sched_k = schedule()                  # step k-1 still running on the device
+             pending_k = runner.launch(sched_k)    # queued behind k-1; inputs sampled by k-1
+                                                   #   are filled on the device
+             result = pending_{k-1}.result()       # waits for k-1's tokens only
+             update(sched_{k-1}, result); return outputs.process(...)
+
+Steps run one at a time while any request needs its latest tokens on the host to sample
+(penalties, min_tokens, logprobs; `SamplingParams.needs_host_history`).
+
 A failing forward pass fails the requests in that step with an error and the engine goes on.
 """
 
@@ -16,7 +28,8 @@ import time
 
 from pdserve.common.config import ConfigError, EngineConfig
 from pdserve.common.engine.kv_cache_manager import KVCacheManager
-from pdserve.common.engine.model_runner import ModelRunner
+from pdserve.common.engine.model_runner import ModelRunner, PendingOutput
+from pdserve.common.engine.outputs import SchedulerOutput
 from pdserve.common.engine.output_processor import OutputProcessor, ParentRequest
 from pdserve.common.engine.scheduler import Scheduler
 from pdserve.common.models.loader import read_arch_config, resolve_model_path
@@ -55,6 +68,10 @@ class EngineCore:
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
+        overlap = config.async_scheduling
+        self.async_scheduling = self.runner.device.type == "cuda" if overlap is None else overlap
+        self._inflight: tuple[SchedulerOutput, PendingOutput] | None = None
+        self.num_overlapped_steps = 0  # steps launched while the previous one was still running
 
     # ---- requests ---------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -102,24 +119,46 @@ class EngineCore:
         return self.outputs.process(reqs, self.scheduler.finish_requests)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._inflight is not None
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        overlap = self.async_scheduling and self.scheduler.num_host_history_requests == 0
+        if not overlap and self._inflight is not None:
+            return self._complete(*self._take_inflight())  # drain before stepping one at a time
         sched = self.scheduler.schedule()
-        if sched.is_empty():
-            return []
+        failed, launched = [], None
+        if not sched.is_empty():
+            try:
+                launched = (sched, self.runner.launch(sched))
+                self.num_overlapped_steps += self._inflight is not None
+            except Exception as e:  # fail this step's requests, keep serving the rest
+                failed = self._fail(sched, e)
+        if not overlap:
+            return self._complete(*launched) if launched else failed
+        outputs = self._complete(*self._take_inflight()) if self._inflight is not None else []
+        self._inflight = launched
+        return failed + outputs
+
+    def _take_inflight(self) -> tuple[SchedulerOutput, PendingOutput]:
+        inflight, self._inflight = self._inflight, None
+        return inflight
+
+    def _complete(self, sched: SchedulerOutput, pending: PendingOutput) -> list[RequestOutput]:
         try:
-            result = self.runner.execute(sched)
-        except Exception as e:  # fail this step's requests, keep serving the rest
-            log.exception("forward pass failed")
-            ids = [s.req_id for s in sched.scheduled]
-            self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR)
-            return self.outputs.fail(ids, f"internal error in the forward pass: {e}")
+            result = pending.result()
+        except Exception as e:
+            return self._fail(sched, e)
         self.num_steps += 1
         self.num_generated_tokens += len(result.sampled_token_ids)
         touched = self.scheduler.update(sched, result)
         return self.outputs.process(touched, self.scheduler.finish_requests)
+
+    def _fail(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
+        log.error("forward pass failed", exc_info=error)
+        ids = [s.req_id for s in sched.scheduled if s.req_id in self.scheduler.requests]
+        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR)
+        return self.outputs.fail(ids, f"internal error in the forward pass: {error}")
 
     def stats(self) -> dict:
         return {"num_running": self.scheduler.num_running(), "num_waiting": self.scheduler.num_waiting(),

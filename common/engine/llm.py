@@ -26,7 +26,7 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, seed: int = 0,
                  tokenizer: str | None = None, load_format: str = "auto", device: str = "cpu",
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
-                 served_model_name: str | None = None):
+                 served_model_name: str | None = None, async_scheduling: bool | None = None):
         config = EngineConfig(
             model=ModelConfig(model=model or "default", dtype=dtype, max_model_len=max_model_len, seed=seed,
                               tokenizer=tokenizer, load_format=load_format, device=device,
@@ -37,7 +37,7 @@ class LLM:
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       enable_chunked_prefill=enable_chunked_prefill,
                                       max_model_len=max_model_len or max_num_batched_tokens),
-            enforce_eager=enforce_eager)
+            enforce_eager=enforce_eager, async_scheduling=async_scheduling)
         self.engine = EngineCore(config)
         self._ids = itertools.count()
 

@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from pdserve.common.config import ArchConfig, CacheConfig, ConfigError, ModelConfig, SchedulerConfig
-from pdserve.common.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
+from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledRequest, SchedulerOutput
 from pdserve.common.engine.sampler import Sampler, top_logprobs
 from pdserve.common.models.attention import AttentionMetadata, PrefillSeq, StepInputs
 from pdserve.common.models.llama import TORCH_OPS
+from pdserve.common.models.packed_upload import PackedUpload
 from pdserve.common.models.loader import checkpoint_dtype, load_model, resolve_dtype
 from pdserve.common.sampling_params import SamplingParams
 
@@ -49,6 +50,8 @@ class ModelRunner:
         self.sampler = Sampler(self.device, model_cfg.seed)
         self._generators: dict[str, torch.Generator] = {}
         self._tables = BlockTableCache()
+        self._last_sampled: tuple[torch.Tensor, dict[str, int]] = (torch.empty(0), {})  # tokens, req_id -> row
+        self._fill_upload = PackedUpload(self.device, 1024)
         self.kv_caches: list[torch.Tensor] = []
         self.graphs = None  # captured after the KV cache exists
         if cache_cfg.num_blocks:
@@ -133,35 +136,62 @@ class ModelRunner:
         return SchedulerOutput(scheduled=scheduled, num_batched_tokens=num_tokens)
 
     # ---- one step -----------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        return self.launch(sched).result()
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput) -> "PendingOutput":
+        """Queue one step on the device; `result()` of the return value waits for its tokens.
+        Steps whose requests need logprobs wait here (they read results on the host)."""
         for req_id in sched.finished_req_ids:
             self._generators.pop(req_id, None)
         self._tables.drop(sched.finished_req_ids | sched.preempted_req_ids)
+        out = RunnerOutput(sampled_token_ids={})
         if sched.is_empty():
-            return RunnerOutput(sampled_token_ids={})
+            return PendingOutput(out)
         decodes = [s for s in sched.scheduled if s.num_tokens == 1]
         prefills = [s for s in sched.scheduled if s.num_tokens > 1]
         ordered = decodes + prefills
         step = flatten_step(ordered, len(decodes), self.block_size, self._tables)
+        fill = self._placeholder_fill(ordered, step)
         if self.graphs is not None and self.graphs.can_run(step):
-            hidden, sample_rows = self.graphs.run(step)
+            hidden, sample_rows = self.graphs.run(step, fill)
         else:
             input_ids, positions, meta, sample_rows = self.inputs.prepare(step)
+            if fill is not None:
+                fill(input_ids)
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
 
-        out = RunnerOutput(sampled_token_ids={})
-        sample_reqs = [s for s in ordered if s.sample]
-        if sample_reqs:
-            logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
-            gens = [self._generator(s) for s in sample_reqs]
-            tokens, logprobs = self.sampler(logits, sample_reqs, self.arch.eos_token_ids, gens)
-            out.sampled_token_ids = {s.req_id: t for s, t in zip(sample_reqs, tokens)}
-            out.logprobs = logprobs
         for st, s in zip(step.query_start_loc.tolist(), ordered):
             if s.params.prompt_logprobs is not None and s.start_pos < len(s.prompt_token_ids):
                 out.prompt_logprobs[s.req_id] = self._prompt_logprobs(hidden[st:st + s.num_tokens], s)
-        return out
+        sample_reqs = [s for s in ordered if s.sample]
+        if not sample_reqs:
+            return PendingOutput(out)
+        logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
+        gens = [self._generator(s) for s in sample_reqs]
+        tokens = self.sampler.sample(logits, sample_reqs, self.arch.eos_token_ids, gens)
+        self._last_sampled = (tokens, {s.req_id: i for i, s in enumerate(sample_reqs)})
+        out.logprobs = self.sampler.logprobs(logits, tokens, sample_reqs)
+        return PendingOutput(out, [s.req_id for s in sample_reqs], tokens)
+
+    def _placeholder_fill(self, ordered: list[ScheduledRequest], step: StepInputs):
+        """The device-side fill of PLACEHOLDER_TOKEN inputs from the last launched step's sampled
+        tokens, as fill(input_ids); None when every input is known on the host."""
+        holes = np.flatnonzero(step.input_ids == PLACEHOLDER_TOKEN)
+        if not holes.size:
+            return None
+        tokens, index = self._last_sampled
+        req_of_hole = np.searchsorted(step.query_start_loc, holes, side="right") - 1
+        try:
+            src = np.fromiter((index[ordered[r].req_id] for r in req_of_hole), np.int32, holes.size)
+        except KeyError as e:
+            raise RuntimeError(f"request {e.args[0]} has an input token in flight that no launched step samples") from e
+        dst_dev, src_dev = self._fill_upload.upload([holes.astype(np.int32), src])
+
+        def fill(input_ids: torch.Tensor) -> None:
+            input_ids[dst_dev.long()] = tokens.index_select(0, src_dev).to(input_ids.dtype)
+        return fill
 
     def _generator(self, s: ScheduledRequest) -> torch.Generator | None:
         if s.params.seed is None or s.params.temperature == 0:
@@ -184,6 +214,32 @@ class ModelRunner:
             for row, pos in enumerate(range(s.start_pos, last)):
                 entries.append(top_logprobs(lp[row], prompt[pos + 1], s.params.prompt_logprobs)[1])
         return entries
+
+
+class PendingOutput:
+    """A launched step: its RunnerOutput once the sampled tokens are on the host.
+
+    On CUDA the tokens are copied into pinned memory behind the step and an event marks the
+    copy; `result()` waits for that event only, never for steps queued after it."""
+
+    def __init__(self, out: RunnerOutput, req_ids: list[str] | None = None, tokens: torch.Tensor | None = None):
+        self._out = out
+        self._req_ids = req_ids or []
+        self._host = tokens
+        self._event = None
+        if tokens is not None and tokens.device.type == "cuda":
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def result(self) -> RunnerOutput:
+        if self._host is not None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._out.sampled_token_ids = dict(zip(self._req_ids, self._host.tolist()))
+            self._host = None
+        return self._out
 
 
 # ---- step inputs ------------------------------------------------------------------------------

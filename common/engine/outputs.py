@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from pdserve.common.sampling_params import SamplingParams
 
 
+# An input token not known on the host yet: the one the step in flight samples for this request.
+# The runner fills it on the device from that step's sampled tokens (overlapped scheduling).
+PLACEHOLDER_TOKEN = -1
+
+
 @dataclass
 class ScheduledRequest:
     req_id: str

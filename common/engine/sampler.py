@@ -24,15 +24,26 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, reqs: list[ScheduledRequest], eos_token_ids: tuple[int, ...],
                  generators: list[torch.Generator | None]) -> tuple[list[int], dict[str, tuple[float, TopLogprobs]]]:
-        raw = logits
+        tokens = self.sample(logits, reqs, eos_token_ids, generators)
+        return tokens.tolist(), self.logprobs(logits, tokens, reqs)
+
+    def sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest], eos_token_ids: tuple[int, ...],
+               generators: list[torch.Generator | None]) -> torch.Tensor:
+        """Tokens [B] on the device; nothing here waits for the device (small host lists go
+        through pinned memory), so a step can be queued behind the one running."""
         logits = self._apply_penalties(logits, reqs)
         logits = self._apply_min_tokens(logits, reqs, eos_token_ids)
         greedy = [r.params.temperature == 0 for r in reqs]
         tokens = logits.argmax(dim=-1)
         if not all(greedy):
-            tokens = torch.where(torch.tensor(greedy, device=logits.device), tokens,
+            tokens = torch.where(to_device(greedy, torch.bool, logits.device), tokens,
                                  self._sample_random(logits, reqs, generators))
-        token_list = tokens.tolist()
+        return tokens
+
+    @staticmethod
+    def logprobs(raw: torch.Tensor, tokens: torch.Tensor,
+                 reqs: list[ScheduledRequest]) -> dict[str, tuple[float, TopLogprobs]]:
+        """The raw distribution's logprobs of the chosen tokens, for requests that ask (waits)."""
         logprobs = {}
         want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
         if want:
@@ -40,10 +51,10 @@ class Sampler:
             chosen = tokens[want]
             for row, i in enumerate(want):
                 logprobs[reqs[i].req_id] = top_logprobs(lp[row], chosen[row].item(), reqs[i].params.logprobs)
-        return token_list, logprobs
+        return logprobs
 
     def _sample_random(self, logits, reqs, generators) -> torch.Tensor:
-        temps = torch.tensor([r.params.temperature or 1.0 for r in reqs], device=logits.device)
+        temps = to_device([r.params.temperature or 1.0 for r in reqs], torch.float32, logits.device)
         probs = torch.softmax(logits / temps[:, None], dim=-1)
         probs = _filter(probs, reqs)
         q = torch.empty_like(probs)
@@ -92,15 +103,23 @@ def _filter(probs: torch.Tensor, reqs: list[ScheduledRequest]) -> torch.Tensor:
         return probs
     sorted_p, order = probs.sort(dim=-1, descending=True)
     vocab = probs.shape[1]
-    ks = torch.tensor([k if k > 0 else vocab for k in top_k], device=probs.device)
+    ks = to_device([k if k > 0 else vocab for k in top_k], torch.int64, probs.device)
     ranks = torch.arange(vocab, device=probs.device)[None, :]
     drop = ranks >= ks[:, None]
     mass_before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of strictly better tokens
-    drop |= mass_before >= torch.tensor(top_p, device=probs.device)[:, None]
-    drop |= sorted_p < torch.tensor(min_p, device=probs.device)[:, None] * sorted_p[:, :1]
+    drop |= mass_before >= to_device(top_p, torch.float32, probs.device)[:, None]
+    drop |= sorted_p < to_device(min_p, torch.float32, probs.device)[:, None] * sorted_p[:, :1]
     drop[:, 0] = False
     sorted_p = sorted_p.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter_(1, order, sorted_p)
+
+
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list on the device without waiting for the stream (a plain copy from pageable
+    memory would synchronize it, and with it the step queued ahead)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 def top_logprobs(lp: torch.Tensor, chosen: int, k: int) -> tuple[float, TopLogprobs]:

@@ -7,7 +7,14 @@ step hands out at most `max_num_batched_tokens` of them over at most `max_num_se
     schedule():  running requests first (oldest first); when blocks run out, preempt the newest
                  running request (drop its KV, recompute later) until the older one fits;
                  then admit waiting requests (prefix hits first, then chunk to the budget).
-    update():    advance num_computed_tokens, append sampled tokens, apply token-level stops.
+                 Scheduled tokens count as computed from here on (num_computed_tokens).
+    update():    append sampled tokens, apply token-level stops.
+
+Overlapped steps: the engine may call schedule() for step k while step k-1 is still running on
+the device (update(k-1) comes after). A request sampling in k-1 has `num_inflight = 1`: its
+next input is PLACEHOLDER_TOKEN, which the runner fills on the device; a request whose in-flight
+token certainly ends it (max_tokens, max_model_len) is not scheduled again. One whose token
+turns out to be EOS or a stop runs one extra step whose token update() drops.
 
 State changes only in `add_request`, `schedule`, `update` and `finish_requests`.
 """
@@ -19,7 +26,7 @@ from collections import deque
 
 from pdserve.common.config import SchedulerConfig
 from pdserve.common.engine.kv_cache_manager import KVCacheManager
-from pdserve.common.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
+from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledRequest, SchedulerOutput
 from pdserve.common.request import Request, RequestStatus
 
 
@@ -32,11 +39,13 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_ids: set[str] = set()
         self.num_preemptions = 0
+        self.num_host_history_requests = 0  # requests whose sampling needs the latest tokens on the host
 
     # ---- admission -------------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
         self.requests[req.request_id] = req
         self.waiting.append(req)
+        self.num_host_history_requests += req.params.needs_host_history
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -57,7 +66,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            num_new = min(req.num_tokens + req.num_inflight - req.num_computed_tokens, budget)
+            if num_new <= 0 or req.finishes_with_inflight(self.config.max_model_len):
+                i += 1  # its step in flight ends it (update() finishes it)
+                continue
             while not self.kv.allocate_slots(req, num_new):
                 victim = self.running.pop()  # newest first
                 self._preempt(victim)
@@ -72,6 +84,8 @@ class Scheduler:
         if not preempted:
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
+                if req.num_inflight:  # preempted while its token was in flight: after update()
+                    break
                 computed = self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
                 num_left = req.num_tokens - req.num_computed_tokens - len(computed) * self.kv.block_size
                 num_new = num_left
@@ -99,9 +113,16 @@ class Scheduler:
     def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
         start = req.num_computed_tokens
         end = start + num_new
+        known = req.num_tokens
+        tokens = req.all_token_ids[start:end]
+        if end > known:  # the token in flight is this step's input
+            tokens += [PLACEHOLDER_TOKEN] * (end - max(start, known))
+        sample = end == known + req.num_inflight
+        req.num_computed_tokens = end
+        req.num_inflight += sample
         return ScheduledRequest(
-            req_id=req.request_id, input_token_ids=req.all_token_ids[start:end], start_pos=start,
-            block_ids=req.block_ids, sample=end == req.num_tokens, params=req.params,
+            req_id=req.request_id, input_token_ids=tokens, start_pos=start,
+            block_ids=req.block_ids, sample=sample, params=req.params,
             prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids)
 
     def _preempt(self, req: Request) -> None:
@@ -123,12 +144,12 @@ class Scheduler:
                 continue
             prompt_end = min(s.start_pos + s.num_tokens, req.num_prompt_tokens)
             req.num_computed_prompt_tokens += max(prompt_end - s.start_pos, 0)
-            req.num_computed_tokens += s.num_tokens
             if s.req_id in result.prompt_logprobs and req.num_preemptions == 0:
                 req.prompt_logprobs.extend(result.prompt_logprobs[s.req_id])
             token = result.sampled_token_ids.get(s.req_id)
             if token is None:
                 continue
+            req.num_inflight -= 1
             req.append_output_token(token)
             if s.req_id in result.logprobs:
                 chosen, top = result.logprobs[s.req_id]
@@ -166,6 +187,7 @@ class Scheduler:
             req = self.requests.pop(req_id, None)
             if req is None:
                 continue
+            self.num_host_history_requests -= req.params.needs_host_history
             if req.status == RequestStatus.RUNNING:
                 self.running.remove(req)
             elif req in self.waiting:

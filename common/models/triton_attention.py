@@ -26,19 +26,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from pdserve.common.models.attention import PagedAttentionBase, StepInputs
+from pdserve.common.models.packed_upload import PackedUpload
 from pdserve.kernels.activation import silu_and_mul
 from pdserve.kernels.decode_attention import paged_decode_attention
 from pdserve.kernels.prefill_attention import paged_prefill_attention
 from pdserve.kernels.rms_norm import rms_norm
 from pdserve.kernels.rotary import apply_rotary
 from pdserve.kernels.store_kv import store_kv
-
-_ALIGN = 4  # int32 elements per 16 bytes
-
 
 @dataclass
 class TritonMetadata:
@@ -103,47 +100,6 @@ class TritonOps:
 
 
 TRITON_OPS = TritonOps()
-
-
-class PackedUpload:
-    """A pinned int32 host buffer and its device twin: several int arrays, one copy.
-
-    The host buffer is reused every step, so before writing it waits for the event recorded
-    after the previous copy (a step that samples nothing never syncs the stream otherwise)."""
-
-    def __init__(self, device: torch.device, size: int = 1 << 16):
-        self.device = device
-        self._cuda = device.type == "cuda"
-        self._host = torch.empty(0, dtype=torch.int32)
-        self._dev = torch.empty(0, dtype=torch.int32, device=device)
-        self._copied = torch.cuda.Event() if self._cuda else None
-        self._reserve(size)
-
-    def _reserve(self, size: int) -> None:
-        if len(self._host) >= size:
-            return
-        if self._cuda:
-            self._copied.synchronize()
-        size = max(size, 2 * len(self._host))
-        self._host = torch.empty(size, dtype=torch.int32, pin_memory=self._cuda)
-        self._dev = torch.empty(size, dtype=torch.int32, device=self.device)
-
-    def upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
-        """Device views of `arrays` (flattened), each starting 16-byte aligned."""
-        offsets, end = [], 0
-        for a in arrays:
-            offsets.append(end)
-            end += -(-a.size // _ALIGN) * _ALIGN
-        self._reserve(end)
-        if self._cuda:
-            self._copied.synchronize()
-        host = self._host.numpy()
-        for a, o in zip(arrays, offsets):
-            host[o:o + a.size] = a.reshape(-1)
-        self._dev[:end].copy_(self._host[:end], non_blocking=True)
-        if self._cuda:
-            self._copied.record()
-        return [self._dev[o:o + a.size] for a, o in zip(arrays, offsets)]
 
 
 class TritonInputs:

@@ -75,8 +75,11 @@ def test_1p1d_chat_n_stop_logprobs(stack_1p1d, offline):
 
 
 def test_2p2d_spreads_and_recomputes_when_the_pull_fails(tiny_models, offline):
-    # prefill-1's leases expire at once: decode's pull of its KV fails and decode recomputes
-    stack = Stack(tiny_models["llama"], prefill=[[], ["--lease-ttl", "0.000001"]], decode=[[], []])
+    # prefill-1's leases expire at once: decode's pull of its KV fails and decode recomputes.
+    # Every worker overlaps its steps (the CUDA default) to cover leases and pulls under it on CPU.
+    overlap = "--async-scheduling"
+    stack = Stack(tiny_models["llama"], prefill=[[overlap], ["--lease-ttl", "0.000001", overlap]],
+                  decode=[[overlap], [overlap]])
     try:
         async def run_all():
             ac = openai.AsyncOpenAI(base_url=stack.base_url + "/v1", api_key="none", max_retries=0, timeout=120)

@@ -78,13 +78,14 @@ def _free_gpu_memory():
 
 def make_engine(folder: str, *, graphs: bool, dtype: str = "float32", num_blocks: int | None = None,
                 max_model_len: int | None = None, max_num_batched_tokens: int = 8192,
-                gpu_memory_utilization: float = 0.15, load_format: str = "auto") -> EngineCore:
+                gpu_memory_utilization: float = 0.15, load_format: str = "auto",
+                async_scheduling: bool | None = None) -> EngineCore:
     config = EngineConfig(
         model=ModelConfig(model=folder, dtype=dtype, max_model_len=max_model_len, load_format=load_format,
                           device="cuda"),
         cache=CacheConfig(num_blocks=num_blocks, gpu_memory_utilization=gpu_memory_utilization),
         scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=256),
-        enforce_eager=not graphs)
+        enforce_eager=not graphs, async_scheduling=async_scheduling)
     return EngineCore(config, load_tokenizer_=False)
 
 
@@ -129,12 +130,14 @@ def reference(models, family, prompts):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
-@pytest.mark.parametrize("variant", ["default", "chunked_16", "preemption"])
+@pytest.mark.parametrize("variant", ["default", "chunked_16", "preemption", "one_step_at_a_time"])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_greedy_matches_hf_on_cuda(models, prompts, family, variant, graphs):
     kwargs = {"default": {}, "chunked_16": {"max_num_batched_tokens": 16},
-              "preemption": {"num_blocks": 24, "max_model_len": 384}}[variant]
+              "preemption": {"num_blocks": 24, "max_model_len": 384},
+              "one_step_at_a_time": {"async_scheduling": False}}[variant]
     engine = make_engine(models[family], graphs=graphs, **kwargs)
+    assert engine.async_scheduling == (variant != "one_step_at_a_time")  # overlapped steps by default on CUDA
     assert type(engine.runner.model.ops).__name__ == "TritonOps"
     assert (engine.runner.graphs is not None) == graphs
     got = generate(engine, prompts)
@@ -145,6 +148,7 @@ def test_greedy_matches_hf_on_cuda(models, prompts, family, variant, graphs):
         assert engine.scheduler.num_preemptions > 0
     if variant == "default":
         assert engine.kv.num_prefix_hits > 0
+    assert (engine.num_overlapped_steps > 0) == engine.async_scheduling
 
 
 @pytest.mark.gpu
@@ -272,8 +276,9 @@ class EagerReplay:  # stands in for a captured graph: the same forward over the 
         g, bs = self.graphs, self.bs
         g._outputs[bs].copy_(g.model(g._static["ids"][:bs], g._static["pos"][:bs], g.kv_caches, g._metadata(bs)))
 
-def run(backend):
-    engine = EngineCore(config, load_tokenizer_=False)
+def run(backend):  # torch: one step at a time; triton and graphs: overlapped steps (placeholder fills)
+    import dataclasses
+    engine = EngineCore(dataclasses.replace(config, async_scheduling=backend != "torch"), load_tokenizer_=False)
     if backend != "torch":
         runner = engine.runner = ModelRunner(config.model, config.cache, engine.arch, engine.model_path, 256,
                                              scheduler_cfg=config.scheduler, attention_backend="triton")
@@ -290,6 +295,7 @@ def run(backend):
     while engine.has_unfinished():
         done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
     replays = runner.graphs.num_replays if backend == "graphs" else None
+    assert (engine.num_overlapped_steps > 0) == (backend != "torch")
     return [done[str(i)] for i in range(len(prompts))], engine.kv.num_prefix_hits, replays
 
 want, got, graphed = run("torch"), run("triton"), run("graphs")
@@ -302,7 +308,8 @@ print("OK", got, graphed[2])
 
 def test_triton_backend_under_the_interpreter_matches_torch(tmp_path):
     """Qwen3 (q/k norm) through the whole engine: mixed decode + chunked prefill steps, a prefix hit;
-    then the CUDA-graph input path (static buffers, padded buckets) with each replay run eagerly."""
+    then the CUDA-graph input path (static buffers, padded buckets) with each replay run eagerly.
+    The Triton runs overlap their steps (decode inputs filled from the previous step's tokens)."""
     pytest.importorskip("triton")
     folder = build_model(str(tmp_path / "qwen3"), "qwen3", vocab_size=512)
     conftest = os.path.join(os.path.dirname(__file__), "..", "kernels", "conftest.py")

@@ -1,0 +1,56 @@
+"""PackedUpload: several small int32 host arrays sent to the device in one copy per step.
+
+    pinned host int32:  | array 0 | array 1 | ... |   each segment starts 16-byte aligned
+                              | one non_blocking copy
+    device int32:       the same layout; the returned tensors are views of it
+
+Torch only (no Triton), so the CPU path and the CUDA path share it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_ALIGN = 4  # int32 elements per 16 bytes
+
+
+class PackedUpload:
+    """A pinned int32 host buffer and its device twin: several int arrays, one copy.
+
+    The host buffer is reused every step, so before writing it waits for the event recorded
+    after the previous copy (a step that samples nothing never syncs the stream otherwise)."""
+
+    def __init__(self, device: torch.device, size: int = 1 << 16):
+        self.device = device
+        self._cuda = device.type == "cuda"
+        self._host = torch.empty(0, dtype=torch.int32)
+        self._dev = torch.empty(0, dtype=torch.int32, device=device)
+        self._copied = torch.cuda.Event() if self._cuda else None
+        self._reserve(size)
+
+    def _reserve(self, size: int) -> None:
+        if len(self._host) >= size:
+            return
+        if self._cuda:
+            self._copied.synchronize()
+        size = max(size, 2 * len(self._host))
+        self._host = torch.empty(size, dtype=torch.int32, pin_memory=self._cuda)
+        self._dev = torch.empty(size, dtype=torch.int32, device=self.device)
+
+    def upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
+        """Device views of `arrays` (flattened), each starting 16-byte aligned."""
+        offsets, end = [], 0
+        for a in arrays:
+            offsets.append(end)
+            end += -(-a.size // _ALIGN) * _ALIGN
+        self._reserve(end)
+        if self._cuda:
+            self._copied.synchronize()
+        host = self._host.numpy()
+        for a, o in zip(arrays, offsets):
+            host[o:o + a.size] = a.reshape(-1)
+        self._dev[:end].copy_(self._host[:end], non_blocking=True)
+        if self._cuda:
+            self._copied.record()
+        return [self._dev[o:o + a.size] for a, o in zip(arrays, offsets)]
