@@ -53,7 +53,8 @@ class Request:
         # Tokens given at admission as already generated (a resubmitted request continues after them).
         self.output_token_ids: list[int] = list(output_token_ids or [])
         self.all_token_ids: list[int] = self.prompt_token_ids + self.output_token_ids
-        self.num_computed_tokens = 0
+        self.num_computed_tokens = 0  # tokens scheduled through the model (advanced when scheduled)
+        self.num_inflight = 0  # tokens being sampled by a launched step, not yet appended (0 or 1)
         self.num_cached_tokens: int | None = None  # prompt tokens hit in the prefix cache (first schedule)
         self.num_computed_prompt_tokens = 0  # prompt tokens this engine actually ran through the model
         self.num_preemptions = 0
@@ -83,6 +84,16 @@ class Request:
 
     def is_finished(self) -> bool:
         return self.status.is_finished()
+
+    def finishes_with_inflight(self, max_model_len: int) -> bool:
+        """The token in flight certainly ends this request (length limits; EOS is not known yet)."""
+        if not self.num_inflight:
+            return False
+        total, outputs = self.num_tokens + self.num_inflight, self.num_output_tokens + self.num_inflight
+        if total >= max_model_len:
+            return True
+        p = self.params
+        return p.max_tokens is not None and outputs >= max(p.max_tokens, p.min_tokens)
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

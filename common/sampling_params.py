@@ -83,5 +83,12 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1.0
 
+    @property
+    def needs_host_history(self) -> bool:
+        """Sampling reads this request's latest tokens or reports per-token data on the host
+        (penalties, min_tokens, logprobs): the engine then runs its steps one at a time."""
+        return (self.has_penalties or self.min_tokens > 0 or self.logprobs is not None
+                or self.prompt_logprobs is not None)
+
     def to_dict(self) -> dict:
         return dict(self.__dict__)
