@@ -5,6 +5,7 @@
     paged_prefill_attention  packed causal chunks, cached prefix read in place prefill_attention.py
     rms_norm                 HF RMSNorm, optionally fused with the residual add rms_norm.py
     apply_rotary             NeoX rotary embedding of q and k, in place         rotary.py
+    rotary_store_kv          rotary fused with store_kv (q in place, k/v to cache) rotary.py
     silu_and_mul             gated MLP activation                               activation.py
     sample                   temperature / top-k / top-p / min-p, no sort       sampling.py
 
@@ -36,9 +37,9 @@ if triton_available():
     from pdserve.kernels.decode_attention import paged_decode_attention
     from pdserve.kernels.prefill_attention import paged_prefill_attention
     from pdserve.kernels.rms_norm import rms_norm
-    from pdserve.kernels.rotary import apply_rotary
+    from pdserve.kernels.rotary import apply_rotary, rotary_store_kv
     from pdserve.kernels.sampling import sample
     from pdserve.kernels.store_kv import store_kv
 
     __all__ += ["store_kv", "paged_decode_attention", "paged_prefill_attention", "rms_norm",
-                "apply_rotary", "silu_and_mul", "sample"]
+                "apply_rotary", "rotary_store_kv", "silu_and_mul", "sample"]

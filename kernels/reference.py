@@ -146,6 +146,13 @@ def apply_rotary_ref(
     return rotate(q), rotate(k)
 
 
+def rotary_store_kv_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping) -> torch.Tensor:
+    """apply_rotary_ref then store_kv_ref of the rotated k; returns the rotated q (k is unchanged)."""
+    q_rot, k_rot = apply_rotary_ref(q, k, positions, cos_sin_cache)
+    store_kv_ref(k_rot, v, k_cache, v_cache, slot_mapping)
+    return q_rot
+
+
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
     gate, up = x.float().chunk(2, dim=-1)
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)

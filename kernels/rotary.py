@@ -9,6 +9,10 @@ Each head vector is rotated in pairs (i, i + D/2):
     out[i]       = x[i] * cos[i] - x[i + D/2] * sin[i]
     out[i + D/2] = x[i + D/2] * cos[i] + x[i] * sin[i]
 in fp32, rounded once to the input dtype. One program per token handles all its q and k heads.
+
+rotary_store_kv: the same rotation fused with the KV-cache store of the step (one kernel per
+layer instead of two): q is rotated in place, the rotated k and the v of each token are written
+to its slot (slot < 0: padding, nothing stored); k itself is left as it was.
 """
 
 from __future__ import annotations
@@ -50,12 +54,79 @@ def _rotary_kernel(
                   HALF, BLOCK_KVH, BLOCK_HALF)
 
 
-def apply_rotary(
-    q: torch.Tensor,              # [T, H, D]
-    k: torch.Tensor,              # [T, KVH, D]
+@triton.jit
+def _rotary_store_kv_kernel(
+    q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head, stride_cos_sin,
+    stride_kc_block, stride_kc_slot, stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head,
+    num_heads,
+    NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    dims = tl.arange(0, BLOCK_HALF)
+    row = cos_sin_ptr + position * stride_cos_sin
+    cos = tl.load(row + dims, mask=dims < HALF).to(tl.float32)[None, :]          # [1, BLOCK_HALF]
+    sin = tl.load(row + HALF + dims, mask=dims < HALF).to(tl.float32)[None, :]
+    _rotate_heads(q_ptr + token * stride_q_token, stride_q_head, num_heads, cos, sin,
+                  HALF, BLOCK_H, BLOCK_HALF)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    if slot >= 0:
+        heads = tl.arange(0, BLOCK_KVH)
+        mask = (heads[:, None] < NUM_KV_HEADS) & (dims[None, :] < HALF)
+        k_src = k_ptr + token * stride_k_token + heads[:, None] * stride_k_head + dims[None, :]
+        x1 = tl.load(k_src, mask=mask).to(tl.float32)
+        x2 = tl.load(k_src + HALF, mask=mask).to(tl.float32)
+        block_id = slot // BLOCK_SIZE
+        offset = slot % BLOCK_SIZE
+        k_dst = (k_cache_ptr + block_id * stride_kc_block + offset * stride_kc_slot
+                 + heads[:, None] * stride_kc_head + dims[None, :])
+        tl.store(k_dst, (x1 * cos - x2 * sin).to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(k_dst + HALF, (x2 * cos + x1 * sin).to(k_cache_ptr.dtype.element_ty), mask=mask)
+        v_src = v_ptr + token * stride_v_token + heads[:, None] * stride_v_head + dims[None, :]
+        v_dst = (v_cache_ptr + block_id * stride_vc_block + offset * stride_vc_slot
+                 + heads[:, None] * stride_vc_head + dims[None, :])
+        tl.store(v_dst, tl.load(v_src, mask=mask), mask=mask)
+        tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=mask), mask=mask)
+
+
+def rotary_store_kv(
+    q: torch.Tensor,              # [T, H, D]     rotated in place
+    k: torch.Tensor,              # [T, KVH, D]   read only
+    v: torch.Tensor,              # [T, KVH, D]   read only
     positions: torch.Tensor,      # [T]
     cos_sin_cache: torch.Tensor,  # [P, D]
+    k_cache: torch.Tensor,        # [num_blocks, block_size, KVH, D]
+    v_cache: torch.Tensor,        # [num_blocks, block_size, KVH, D]
+    slot_mapping: torch.Tensor,   # [T] int32/int64; < 0 skips the store
 ) -> None:
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    _check_rotary(q, k, positions, cos_sin_cache)
+    assert v.shape == k.shape, f"k {tuple(k.shape)} and v {tuple(v.shape)} differ"
+    assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == (num_kv_heads, head_dim), \
+        f"caches {tuple(k_cache.shape)} vs k {tuple(k.shape)}"
+    block_size = k_cache.shape[1]
+    assert block_size & (block_size - 1) == 0, f"block_size {block_size} must be a power of two"
+    assert q.dtype == v.dtype == k_cache.dtype == v_cache.dtype, "q, k, v and the caches must share a dtype"
+    assert slot_mapping.shape == (num_tokens,) and slot_mapping.dtype in (torch.int32, torch.int64)
+    assert v.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head_dim must be contiguous"
+    if num_tokens == 0:
+        return
+    half = head_dim // 2
+    _rotary_store_kv_kernel[(num_tokens,)](
+        q, k, v, positions.contiguous(), cos_sin_cache, k_cache, v_cache, slot_mapping.contiguous(),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), num_heads,
+        NUM_KV_HEADS=num_kv_heads, HALF=half, BLOCK_H=triton.next_power_of_2(num_heads),
+        BLOCK_KVH=triton.next_power_of_2(num_kv_heads), BLOCK_HALF=triton.next_power_of_2(half),
+        BLOCK_SIZE=block_size, num_warps=4,
+    )
+
+
+def _check_rotary(q, k, positions, cos_sin_cache) -> None:
     num_tokens, num_heads, head_dim = q.shape
     assert k.dim() == 3 and k.shape[0] == num_tokens and k.shape[2] == head_dim, f"k {tuple(k.shape)} vs q {tuple(q.shape)}"
     assert head_dim % 2 == 0, f"head_dim {head_dim} must be even"
@@ -65,6 +136,16 @@ def apply_rotary(
     assert cos_sin_cache.dim() == 2 and cos_sin_cache.shape[1] == head_dim, \
         f"cos_sin_cache must be [P, {head_dim}] (rotary_dim == head_dim), got {tuple(cos_sin_cache.shape)}"
     assert cos_sin_cache.stride(1) == 1 and cos_sin_cache.is_floating_point()
+
+
+def apply_rotary(
+    q: torch.Tensor,              # [T, H, D]
+    k: torch.Tensor,              # [T, KVH, D]
+    positions: torch.Tensor,      # [T]
+    cos_sin_cache: torch.Tensor,  # [P, D]
+) -> None:
+    num_tokens, num_heads, head_dim = q.shape
+    _check_rotary(q, k, positions, cos_sin_cache)
     if num_tokens == 0:
         return
     half = head_dim // 2

@@ -238,25 +238,44 @@ def kernel_breakdown(engine, vocab: int, seed: int) -> dict:
     result["decode_window"] = _categorize(prof)
     while engine.has_unfinished():
         engine.step()
+    engine.add_request("prof-b1", [rng.randrange(100, vocab) for _ in range(512)], params)
+    for _ in range(4):
+        engine.step()
+    steps = 32
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+        device_sync(engine.runner.device)()
+    result["batch1_window"] = _categorize(prof, steps)
+    while engine.has_unfinished():
+        engine.step()
     return result
 
 
-def _categorize(prof) -> dict:
+def _categorize(prof, steps: int | None = None) -> dict:
+    """GPU time by category and the top kernels (name, total ms, calls, mean us); with `steps`,
+    also the GPU time and kernel count per step."""
     from torch.autograd import DeviceType
     totals: dict[str, float] = {}
-    by_kernel: dict[str, float] = {}
+    by_kernel: dict[str, list[float]] = {}
     for evt in prof.events():
         if evt.device_type != DeviceType.CUDA:
             continue
         us = evt.device_time_total
         cat = next((c for c, keys in KERNEL_CATEGORIES if any(k in evt.name for k in keys)), "other")
         totals[cat] = totals.get(cat, 0.0) + us
-        by_kernel[evt.name] = by_kernel.get(evt.name, 0.0) + us
+        entry = by_kernel.setdefault(evt.name, [0.0, 0])
+        entry[0] += us
+        entry[1] += 1
     total = sum(totals.values()) or 1.0
-    top = sorted(by_kernel.items(), key=lambda kv: -kv[1])[:6]
-    return {"gpu_ms": round(total / 1000, 1),
-            "share": {c: round(v / total, 3) for c, v in sorted(totals.items(), key=lambda kv: -kv[1])},
-            "top_kernels": [(name[:60], round(us / 1000, 1)) for name, us in top]}
+    top = sorted(by_kernel.items(), key=lambda kv: -kv[1][0])[:12 if steps else 6]
+    out = {"gpu_ms": round(total / 1000, 1),
+           "share": {c: round(v / total, 3) for c, v in sorted(totals.items(), key=lambda kv: -kv[1])},
+           "top_kernels": [(name[:60], round(us / 1000, 2), n, round(us / n, 1)) for name, (us, n) in top]}
+    if steps:
+        out["gpu_ms_per_step"] = round(total / 1000 / steps, 3)
+        out["kernels_per_step"] = round(sum(n for _, n in by_kernel.values()) / steps, 1)
+    return out
 
 
 def release_kv(engine) -> None:
@@ -474,8 +493,11 @@ def print_report(summary: dict) -> None:
     for window, kb in (summary.get("kernel_breakdown") or {}).items():
         if isinstance(kb, dict):
             shares = ", ".join(f"{c} {100 * v:.1f}%" for c, v in kb["share"].items())
-            print(f"{window}: GPU {kb['gpu_ms']} ms: {shares}")
-            print(f"    top: {kb['top_kernels'][:4]}")
+            per_step = (f" ({kb['gpu_ms_per_step']} ms and {kb['kernels_per_step']} kernels per step)"
+                        if "gpu_ms_per_step" in kb else "")
+            print(f"{window}: GPU {kb['gpu_ms']} ms{per_step}: {shares}")
+            for name, ms, calls, mean_us in kb["top_kernels"]:
+                print(f"    {name:<60} {ms:>9} ms {calls:>6} calls {mean_us:>8} us")
         else:
             print(f"{window}: {kb}")
     print(f"startup {summary['startup_s']} s, warm-up {summary['warmup_s']} s, total {summary['total_s']} s")

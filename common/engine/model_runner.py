@@ -46,6 +46,8 @@ class ModelRunner:
         self.device = torch.device(model_cfg.device)
         self.dtype = resolve_dtype(model_cfg.dtype, checkpoint_dtype(path))
         ops, self.inputs = _select_backend(self.device, attention_backend, self.block_size)
+        if self.device.type == "cuda":
+            _prefer_cublaslt()
         self.model = load_model(model_cfg, path, arch, self.block_size, max_model_len + 1, self.dtype, self.device, ops)
         self.sampler = Sampler(self.device, model_cfg.seed)
         self._generators: dict[str, torch.Generator] = {}
@@ -187,6 +189,9 @@ class ModelRunner:
             src = np.fromiter((index[ordered[r].req_id] for r in req_of_hole), np.int32, holes.size)
         except KeyError as e:
             raise RuntimeError(f"request {e.args[0]} has an input token in flight that no launched step samples") from e
+        n = holes.size
+        if holes[-1] == n - 1 and np.array_equal(src, np.arange(n)):  # steady decode: same requests, same order
+            return lambda input_ids: input_ids[:n].copy_(tokens[:n])
         dst_dev, src_dev = self._fill_upload.upload([holes.astype(np.int32), src])
 
         def fill(input_ids: torch.Tensor) -> None:
@@ -360,6 +365,14 @@ def _select_backend(device: torch.device, name: str | None, block_size: int):
     if name != "torch":
         raise ConfigError(f"attention backend must be torch or triton, got {name!r}")
     return TORCH_OPS, TorchInputs(device, block_size)
+
+
+def _prefer_cublaslt() -> None:
+    """Route torch's GEMMs through cuBLASLt. Measured on an H100 (docs/gpu.md): for batch-1
+    decode (M = 1) on Llama-3-8B shapes it is faster for every weight (the 4096x4096 o_proj
+    26 vs 29 us), 5.65 vs 5.88 ms of GEMM per token. The setting is process-wide (torch logs
+    once that it is experimental)."""
+    torch.backends.cuda.preferred_blas_library("cublaslt")
 
 
 def _triton_available() -> bool:

@@ -66,7 +66,8 @@ class StepInputs:
 
 
 class PagedAttentionBase:
-    """What every backend is built from; each adds `forward(q, k, v, kv_cache, meta)`."""
+    """What every backend is built from; each adds `forward(q, k, v, kv_cache, meta, rotary, positions)`:
+    rotate q and k (`rotary(positions, q, k)`, the model's Rotary), store K/V at the slots, attend."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
                  sliding_window: int | None = None):
@@ -82,8 +83,9 @@ class TorchPagedAttention(PagedAttentionBase):
     """Reference backend: gathers K/V through block tables and calls SDPA."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+                meta: AttentionMetadata, rotary, positions: torch.Tensor) -> torch.Tensor:
         # q [T, H, D], k/v [T, KVH, D], kv_cache [2, NB, BS, KVH, D] -> out [T, H, D]
+        q, k = rotary(positions, q, k)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
         flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)

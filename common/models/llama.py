@@ -133,8 +133,7 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        out = self.attn.forward(q, k, v, kv_cache, meta)  # [T, H, D]
+        out = self.attn.forward(q, k, v, kv_cache, meta, self.rotary, positions)  # rotates q/k, stores K/V: [T, H, D]
         return self.o_proj(out.reshape(t, self.q_size))
 
 

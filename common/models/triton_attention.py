@@ -3,8 +3,8 @@
 `TRITON_OPS` has the members of `TorchOps` (llama.py), so the model is built once with either;
 the runner picks it at start-up. Per layer and step:
 
-    apply_rotary(q, k)          in place on the qkv output's views
-    store_kv(k, v)              every token at slot_mapping (-1: skipped, CUDA-graph padding)
+    rotary_store_kv(q, k, v)    q rotated in place on the qkv output's view; rotated k and v
+                                stored at slot_mapping (-1: skipped, CUDA-graph padding)
     decode rows  [0, Bd)        paged_decode_attention: one query per sequence, split-K
     prefill rows [Bd, T)        paged_prefill_attention: ONE varlen call for all chunks; fresh
                                 prompts, prefix hits and later chunks alike read their prefix
@@ -34,8 +34,7 @@ from pdserve.kernels.activation import silu_and_mul
 from pdserve.kernels.decode_attention import paged_decode_attention
 from pdserve.kernels.prefill_attention import paged_prefill_attention
 from pdserve.kernels.rms_norm import rms_norm
-from pdserve.kernels.rotary import apply_rotary
-from pdserve.kernels.store_kv import store_kv
+from pdserve.kernels.rotary import apply_rotary, rotary_store_kv
 
 @dataclass
 class TritonMetadata:
@@ -54,10 +53,11 @@ class TritonPagedAttention(PagedAttentionBase):
     """Same constructor and `forward` as `TorchPagedAttention`, with `TritonMetadata`."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                meta: TritonMetadata) -> torch.Tensor:
+                meta: TritonMetadata, rotary, positions: torch.Tensor) -> torch.Tensor:
         # q [T, H, D], k/v [T, KVH, D] (strided views are fine), kv_cache [2, NB, BS, KVH, D] -> [T, H, D]
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        # one kernel: q rotated in place, rotated k and v written to their slots
+        rotary_store_kv(q, k, v, positions, rotary.cos_sin, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decodes
         if meta.prefill_context_lens is None:
             return self._decode(q, k_cache, v_cache, meta)

@@ -201,6 +201,39 @@ def test_apply_rotary(device, case):
     assert torch.equal(qkv[:, (num_heads + num_kv_heads) * head_dim :], v_before), "v was modified"
 
 
+ROTARY_STORE_GPU = [(t, h, kvh, d, dt) for t in (1, 7, 129, 4096) for h, kvh in ((32, 8), (16, 2))
+                    for d in (64, 128) for dt in (BF16, FP32)]
+ROTARY_STORE_INTERP = [(1, 4, 4, 64, BF16), (9, 8, 2, 128, FP32)]
+
+
+@pytest.mark.parametrize("device,case", backends(ROTARY_STORE_GPU, ROTARY_STORE_INTERP))
+def test_rotary_store_kv(device, case):
+    num_tokens, num_heads, num_kv_heads, head_dim, dtype = case
+    block_size, num_blocks = 16, -(-num_tokens // 16) + 3
+    gen = torch.Generator().manual_seed(num_tokens + head_dim)
+    qkv = torch.randn(num_tokens, (num_heads + 2 * num_kv_heads) * head_dim, generator=gen).to(device, dtype)
+    q = qkv[:, : num_heads * head_dim].view(num_tokens, num_heads, head_dim)          # strided views
+    k = qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(num_tokens, num_kv_heads, head_dim)
+    v = qkv[:, (num_heads + num_kv_heads) * head_dim :].view(num_tokens, num_kv_heads, head_dim)
+    k_before = k.clone()
+    positions = torch.randint(0, 4096, (num_tokens,), generator=gen).to(device)
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
+    slots[1::4] = -1                                             # padded batch entries
+    slot_mapping = slots.to(device, torch.int32)
+    cos_sin = rope_cache(4096, head_dim, device)
+    kv = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(device, dtype)
+    expected = kv.clone()
+    q_expected = ref.rotary_store_kv_ref(q, k, v, positions, cos_sin, expected[0], expected[1], slot_mapping)
+    K.rotary_store_kv(q, k, v, positions, cos_sin, kv[0], kv[1], slot_mapping)
+    check(q, q_expected, dtype)
+    check(kv, expected, dtype)
+    untouched = torch.ones(num_blocks * block_size, dtype=torch.bool)
+    untouched[slots[slots >= 0]] = False
+    flat, flat_before = kv.view(2, -1, num_kv_heads, head_dim), expected.view(2, -1, num_kv_heads, head_dim)
+    assert torch.equal(flat[:, untouched.to(device)], flat_before[:, untouched.to(device)]), "a slot not mapped changed"
+    assert torch.equal(k, k_before), "k was modified"
+
+
 # --- silu_and_mul -----------------------------------------------------------------------------
 
 SILU_GPU = [(t, i, dt) for t in (1, 7, 129, 8192) for i in (64, 1000, 14336) for dt in (BF16, FP32)]
