@@ -153,6 +153,12 @@ def rotary_store_kv_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slo
     return q_rot
 
 
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """[1, K] @ [N, K]^T (+ b) in fp32, rounded to x's dtype."""
+    y = x.float() @ weight.float().T
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
     gate, up = x.float().chunk(2, dim=-1)
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)

@@ -391,6 +391,7 @@ def main_args(args) -> dict:
     summary["cuda_graphs"] = engine.runner.graphs is not None
     summary["kv_blocks"] = engine.runner.num_blocks
     summary["kv_tokens"] = engine.runner.num_blocks * engine.runner.block_size
+    summary["gemv_choice"] = engine.runner.gemv_choice
     print(f"engine up in {summary['startup_s']} s: {summary['kv_tokens']} KV tokens", flush=True)
     recorder = StepRecorder(engine.runner)
     t0 = time.perf_counter()
@@ -500,6 +501,8 @@ def print_report(summary: dict) -> None:
                 print(f"    {name:<60} {ms:>9} ms {calls:>6} calls {mean_us:>8} us")
         else:
             print(f"{window}: {kb}")
+    if summary.get("gemv_choice"):
+        print("batch-1 GEMMs (cuBLAS us, gemv us, gemv chosen):", summary["gemv_choice"])
     print(f"startup {summary['startup_s']} s, warm-up {summary['warmup_s']} s, total {summary['total_s']} s")
 
 

@@ -49,6 +49,11 @@ class ModelRunner:
         if self.device.type == "cuda":
             _prefer_cublaslt()
         self.model = load_model(model_cfg, path, arch, self.block_size, max_model_len + 1, self.dtype, self.device, ops)
+        self.gemv_choice: dict = {}  # weight -> (cuBLAS us, gemv us, chosen) at batch 1, measured here
+        if self.device.type == "cuda" and ops is not TORCH_OPS:
+            from pdserve.common.models.triton_attention import choose_gemv
+            with torch.inference_mode():
+                self.gemv_choice = choose_gemv(ops, self.model)
         self.sampler = Sampler(self.device, model_cfg.seed)
         self._generators: dict[str, torch.Generator] = {}
         self._tables = BlockTableCache()

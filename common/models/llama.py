@@ -32,6 +32,10 @@ class TorchOps:
     attention_backend = TorchPagedAttention
 
     @staticmethod
+    def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        return layer(x)
+
+    @staticmethod
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
         # As HF: normalise in fp32, cast back, then scale. With `residual`, add first and return both.
         if residual is not None:
@@ -122,19 +126,20 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, ops) if cfg.qk_norm else None
         self.rotary = rotary
+        self.ops = ops
         self.attn = ops.attention_backend(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size,
                                           cfg.sliding_window)
 
     def forward(self, x, positions, kv_cache, meta: AttentionMetadata):
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.ops.linear(self.qkv_proj, x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         out = self.attn.forward(q, k, v, kv_cache, meta, self.rotary, positions)  # rotates q/k, stores K/V: [T, H, D]
-        return self.o_proj(out.reshape(t, self.q_size))
+        return self.ops.linear(self.o_proj, out.reshape(t, self.q_size))
 
 
 class MLP(nn.Module):
@@ -145,7 +150,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))  # [T, 2I] -> [T, I] -> [T, h]
+        gate_up = self.ops.linear(self.gate_up_proj, x)  # [T, 2I]
+        return self.ops.linear(self.down_proj, self.ops.silu_and_mul(gate_up))  # [T, I] -> [T, h]
 
 
 class DecoderLayer(nn.Module):

@@ -32,6 +32,7 @@ from pdserve.common.models.attention import PagedAttentionBase, StepInputs
 from pdserve.common.models.packed_upload import PackedUpload
 from pdserve.kernels.activation import silu_and_mul
 from pdserve.kernels.decode_attention import paged_decode_attention
+from pdserve.kernels.gemv import gemv
 from pdserve.kernels.prefill_attention import paged_prefill_attention
 from pdserve.kernels.rms_norm import rms_norm
 from pdserve.kernels.rotary import apply_rotary, rotary_store_kv
@@ -82,6 +83,15 @@ class TritonOps:
     """Fused-kernel versions of `TorchOps`' members (kernels/ documents their numerics)."""
     attention_backend = TritonPagedAttention
 
+    def __init__(self):
+        # (weight shape, dtype) -> the gemv kernel beat cuBLAS on it at M = 1 (choose_gemv)
+        self.gemv_weights: set[tuple[tuple[int, int], torch.dtype]] = set()
+
+    def linear(self, layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 and (tuple(layer.weight.shape), x.dtype) in self.gemv_weights:
+            return gemv(x, layer.weight, layer.bias)
+        return layer(x)
+
     @staticmethod
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
         if residual is not None:
@@ -100,6 +110,46 @@ class TritonOps:
 
 
 TRITON_OPS = TritonOps()
+
+
+def choose_gemv(ops: TritonOps, model: torch.nn.Module, reps: int = 20, margin: float = 0.03) -> dict:
+    """Time cuBLAS and the gemv kernel at M = 1 on each distinct Linear weight of the decoder
+    layers (one CUDA graph of `reps` calls each, so launch costs do not count) and route a
+    weight to gemv when that is `margin` faster. bf16/fp16 only (fp32 keeps cuBLAS's numerics).
+    Returns {"NxK": (cublas_us, gemv_us, chosen)} for the log."""
+    report, seen = {}, set()
+    for name, layer in model.named_modules():
+        if not isinstance(layer, torch.nn.Linear) or name.endswith("lm_head"):  # logits stay on cuBLAS
+            continue
+        key = (tuple(layer.weight.shape), layer.weight.dtype)
+        if layer.weight.dtype not in (torch.bfloat16, torch.float16) or key in seen:
+            continue
+        seen.add(key)
+        x = torch.randn(1, layer.weight.shape[1], dtype=layer.weight.dtype, device=layer.weight.device)
+        cublas_us = _graph_time_us(lambda: layer(x), reps)
+        gemv_us = _graph_time_us(lambda: gemv(x, layer.weight, layer.bias), reps)
+        chosen = gemv_us < (1 - margin) * cublas_us
+        if chosen:
+            ops.gemv_weights.add(key)
+        report["x".join(map(str, key[0]))] = (round(cublas_us, 1), round(gemv_us, 1), chosen)
+    return report
+
+
+def _graph_time_us(fn, reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(reps):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(5):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return 1000 * start.elapsed_time(end) / (5 * reps)
 
 
 class TritonInputs:

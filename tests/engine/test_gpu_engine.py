@@ -362,3 +362,27 @@ def test_flatten_step_matches_the_per_token_definition():
             assert row == s.block_ids[:n] + [0] * (len(row) - n)
         ends = [sum(s.num_tokens for s in ordered[:i + 1]) - 1 for i in range(len(ordered))]
         assert got.sample_rows.tolist() == [e for e, s in zip(ends, ordered) if s.sample]
+
+
+@pytest.mark.gpu
+def test_batch1_linears_use_gemv_only_where_measured_faster():
+    """choose_gemv times each distinct weight at M = 1; routed weights give cuBLAS's result (bf16
+    tolerance), batches of 2+ rows and unrouted weights go to cuBLAS unchanged."""
+    from pdserve.common.models.triton_attention import TritonOps, choose_gemv
+    ops = TritonOps()
+    model = torch.nn.ModuleDict({"o_proj": torch.nn.Linear(4096, 4096, bias=False),
+                                 "qkv_proj": torch.nn.Linear(4096, 6144, bias=True),
+                                 "lm_head": torch.nn.Linear(4096, 1000, bias=False)}).cuda().bfloat16()
+    report = choose_gemv(ops, model)
+    assert set(report) == {"4096x4096", "6144x4096"}  # lm_head is not routed
+    for name in ("o_proj", "qkv_proj"):
+        layer = model[name]
+        cublas_us, gemv_us, chosen = report["x".join(map(str, layer.weight.shape))]
+        assert chosen == ((tuple(layer.weight.shape), torch.bfloat16) in ops.gemv_weights)
+        assert chosen == (gemv_us < 0.97 * cublas_us)
+        x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+        with torch.inference_mode():
+            want, got = layer(x), ops.linear(layer, x)
+            assert (got - want).norm() / want.norm() <= 1e-2
+            two = torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16)
+            assert torch.equal(ops.linear(layer, two), layer(two))

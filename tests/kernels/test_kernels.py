@@ -234,6 +234,26 @@ def test_rotary_store_kv(device, case):
     assert torch.equal(k, k_before), "k was modified"
 
 
+# --- gemv -------------------------------------------------------------------------------------
+
+GEMV_GPU = [(n, k, dt, b) for n, k in ((4096, 4096), (6144, 4096), (28672, 4096), (4096, 14336), (1000, 777),
+                                       (17, 4096)) for dt in (BF16, torch.float16) for b in (False, True)]
+GEMV_INTERP = [(40, 1100, BF16, True), (17, 512, torch.float16, False)]
+
+
+@pytest.mark.parametrize("device,case", backends(GEMV_GPU, GEMV_INTERP))
+def test_gemv(device, case):
+    num_out, k, dtype, with_bias = case
+    gen = torch.Generator().manual_seed(num_out + k)
+    rows = torch.randn(3, k, generator=gen).to(device, dtype)
+    x = rows[1:2]                                                # a row view of a larger tensor
+    weight = (torch.randn(num_out, k, generator=gen) / k ** 0.5).to(device, dtype)
+    bias = torch.randn(num_out, generator=gen).to(device, dtype) if with_bias else None
+    out = K.gemv(x, weight, bias)
+    assert out.shape == (1, num_out) and out.dtype == dtype
+    check(out, ref.gemv_ref(x, weight, bias), dtype)
+
+
 # --- silu_and_mul -----------------------------------------------------------------------------
 
 SILU_GPU = [(t, i, dt) for t in (1, 7, 129, 8192) for i in (64, 1000, 14336) for dt in (BF16, FP32)]
