@@ -22,7 +22,8 @@ prefill. Bad arguments from the caller (duplicate or out-of-range destination id
 `ValueError`: they are bugs, not transfer failures.
 
 Counters are plain attributes that the worker exports as metrics:
-`bytes_sent` (server) / `bytes_received` (client), `seconds`, `num_transfers`, `num_failures`.
+`bytes_sent` (server) / `bytes_received` (client), `seconds`, `num_transfers`, `num_failures`,
+and `phases` (PullPhases: where the time of pulls went, per end).
 """
 
 from __future__ import annotations
@@ -53,6 +54,26 @@ class KVTransferError(RuntimeError):
 
 
 LeaseResolver = Callable[[str], "list[int] | None"]
+
+
+@dataclass
+class PullPhases:
+    """Where the time of one end's pulls went, summed over pulls (bench.py shows it per pull).
+
+        server  copy = gather into staging         wire = awaiting the payload sends
+        client  copy = scatter out of staging      wire = awaiting the payload receives
+                request = PullRequest sent -> PullReply received (a control round trip)
+
+    copy_s is host time from the first launch until the copies are done; on CUDA copy_gpu_s is
+    their GPU time (CUDA events), so copy_s - copy_gpu_s is launch and hand-off overhead.
+    payload_messages counts payload chunks (each pull also has two headers).
+    """
+
+    request_s: float = 0.0
+    copy_s: float = 0.0
+    copy_gpu_s: float = 0.0
+    wire_s: float = 0.0
+    payload_messages: int = 0
 
 
 @dataclass(frozen=True)
@@ -171,6 +192,7 @@ class KVServer(ABC):
         self.seconds = 0.0
         self.num_transfers = 0
         self.num_failures = 0
+        self.phases = PullPhases()
 
     @abstractmethod
     async def start(self) -> str:
@@ -213,6 +235,7 @@ class KVClient(ABC):
         self.seconds = 0.0
         self.num_transfers = 0
         self.num_failures = 0
+        self.phases = PullPhases()
 
     async def pull(self, address: str, lease_id: str, dst_block_ids: list[int],
                    deadline_s: float, src_block_offset: int = 0) -> int:

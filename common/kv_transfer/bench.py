@@ -12,14 +12,31 @@ blocks: 2 MiB a block, 256 MiB for a 2048-token prompt). Each handoff size becom
 number of blocks (at least one), leased in shuffled order, so gather and scatter take their
 index path. A pull is timed end to end (request, gather, wire, scatter); the first pull of each
 size on a fresh connection is reported apart as "cold". The raw socket moves the same bytes
-with no gather/scatter or headers: it is the ceiling of the tcp-based backends on this host.
-Prints a table and then one JSON line.
+with no gather/scatter or headers: it is the ceiling of the tcp-based backends on this host;
+with --device cuda, a plain copy_ from the other process's CUDA tensor (CUDA IPC) is the
+ceiling of the GPU ones.
+
+A second table splits the timed pulls into phases (means per pull, from both ends' PullPhases,
+base.py; the server's are fetched from its process):
+
+    request    client: PullRequest sent -> PullReply received (control round trip)
+    gather     server: host time of the gather, launch to done; [gpu] its GPU time (CUDA events)
+    send       server: awaiting the payload sends
+    recv       client: awaiting the payload receives (with one chunk this includes the
+               server's gather, which runs while the reply travels)
+    scatter    client: host time of the scatter; [gpu] its GPU time
+    other      client total - request - recv - scatter: thread and event-loop hand-offs, Python;
+               negative when several chunks let the scatter overlap the receives
+    msgs       messages per pull: two headers and the payload chunks
+
+Prints the two tables and then one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -31,7 +48,7 @@ import time
 
 import torch
 
-from pdserve.common.kv_transfer.base import KVLayout, make_client, make_server
+from pdserve.common.kv_transfer.base import KVLayout, PullPhases, make_client, make_server
 
 LLAMA3_8B = dict(num_layers=32, block_size=16, num_kv_heads=8, head_dim=128)
 SMALL_SIZES_MB = (1, 16)
@@ -58,8 +75,12 @@ def _raw_socket_server(listen_sock: socket.socket, payload: memoryview) -> None:
 
 
 def _prefill_side(device: str, num_blocks: int, backends: list[str], leases: dict,
-                  max_bytes: int, info, stop) -> None:
-    """The spawned process: KV servers for each backend, a raw socket server, a CUDA buffer."""
+                  max_bytes: int, info, commands) -> None:
+    """The spawned process: KV servers for each backend, a raw socket server, a CUDA buffer.
+
+    Serves until the "stop" command; answers the command ("phases", backend) with that
+    server's PullPhases as a dict on `info`.
+    """
     listen_sock = socket.create_server(("127.0.0.1", 0))
     raw_payload = torch.ones(max_bytes, dtype=torch.uint8)  # touched: no page faults in timing
     threading.Thread(target=_raw_socket_server, daemon=True,
@@ -74,7 +95,10 @@ def _prefill_side(device: str, num_blocks: int, backends: list[str], leases: dic
         addresses = {backend: await server.start() for backend, server in zip(backends, servers)}
         info.put(dict(addresses=addresses, raw_port=listen_sock.getsockname()[1],
                       cuda_buffer=shared))
-        await asyncio.get_running_loop().run_in_executor(None, stop.get)
+        loop = asyncio.get_running_loop()
+        while (command := await loop.run_in_executor(None, commands.get)) != "stop":
+            _, backend = command
+            info.put(dataclasses.asdict(servers[backends.index(backend)].phases))
         for server in servers:
             await server.close()
 
@@ -82,7 +106,8 @@ def _prefill_side(device: str, num_blocks: int, backends: list[str], leases: dic
 
 
 async def _bench_backend(backend: str, address: str, sizes: list[tuple[int, str]],
-                         num_blocks: int, device: str, repeats: int) -> list[dict]:
+                         num_blocks: int, device: str, repeats: int, server_phases) -> list[dict]:
+    """Pulls each size once cold, then `repeats` times; server_phases(backend) -> PullPhases."""
     client = make_client(backend, _caches(num_blocks, device, seed=1))
     dst_order = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(2)).tolist()
     rows = []
@@ -92,15 +117,40 @@ async def _bench_backend(backend: str, address: str, sizes: list[tuple[int, str]
             start = time.perf_counter()
             nbytes = await client.pull(address, lease_id, dst_block_ids, deadline_s=120.0)
             cold_s = time.perf_counter() - start
+            client_before = dataclasses.replace(client.phases)
+            server_before = await asyncio.to_thread(server_phases, backend)
             times = []
             for _ in range(repeats):
                 start = time.perf_counter()
                 await client.pull(address, lease_id, dst_block_ids, deadline_s=120.0)
                 times.append(time.perf_counter() - start)
-            rows.append(_row(backend, n, nbytes, times, cold_s))
+            server_after = await asyncio.to_thread(server_phases, backend)
+            row = _row(backend, n, nbytes, times, cold_s)
+            row["phases"] = _phases(times, _minus(client.phases, client_before),
+                                    _minus(server_after, server_before))
+            rows.append(row)
     finally:
         await client.close()
     return rows
+
+
+def _minus(after: PullPhases, before: PullPhases) -> PullPhases:
+    return PullPhases(**{field.name: getattr(after, field.name) - getattr(before, field.name)
+                         for field in dataclasses.fields(PullPhases)})
+
+
+def _phases(times: list[float], client: PullPhases, server: PullPhases) -> dict:
+    """Means per pull, in ms (see the module doc)."""
+    pulls = len(times)
+    total_ms = sum(times) / pulls * 1e3
+    ms = {name: seconds / pulls * 1e3 for name, seconds in [
+        ("request", client.request_s), ("gather", server.copy_s),
+        ("gather_gpu", server.copy_gpu_s), ("send", server.wire_s),
+        ("recv", client.wire_s), ("scatter", client.copy_s),
+        ("scatter_gpu", client.copy_gpu_s)]}
+    return dict(total_ms=total_ms, **{f"{name}_ms": value for name, value in ms.items()},
+                other_ms=total_ms - ms["request"] - ms["recv"] - ms["scatter"],
+                messages=2 + client.payload_messages / pulls)
 
 
 def _bench_raw_socket(port: int, sizes: list[tuple[int, str]], bytes_per_block: int,
@@ -170,23 +220,29 @@ def main(argv: list[str] | None = None) -> dict:
     max_bytes = block_counts[-1] * layout.bytes_per_block
 
     context = multiprocessing.get_context("spawn")
-    info, stop = context.Queue(), context.Queue()
+    info, commands = context.Queue(), context.Queue()
     prefill = context.Process(target=_prefill_side, daemon=True, args=(
-        args.device, num_blocks, backends, leases, max_bytes, info, stop))
+        args.device, num_blocks, backends, leases, max_bytes, info, commands))
     prefill.start()
+
+    def server_phases(backend: str) -> PullPhases:
+        commands.put(("phases", backend))
+        return PullPhases(**info.get(timeout=60))
+
     rows = []
     try:
         ready = info.get(timeout=120)
         for backend in backends:
             rows += asyncio.run(_bench_backend(backend, ready["addresses"][backend], sizes,
-                                               num_blocks, args.device, args.repeats))
+                                               num_blocks, args.device, args.repeats,
+                                               server_phases))
         rows += _bench_raw_socket(ready["raw_port"], sizes, layout.bytes_per_block, args.repeats)
         if args.device == "cuda":
             rows += _bench_cuda_ipc(ready["cuda_buffer"], sizes, layout.bytes_per_block,
                                     args.repeats)
             del ready  # release the shared CUDA buffer before the owner exits
     finally:
-        stop.put("stop")
+        commands.put("stop")
         prefill.join(timeout=30)
         if prefill.is_alive():
             prefill.kill()
@@ -199,6 +255,18 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{row['backend']:<14} {row['num_blocks']:>6} {row['mib']:>7.0f} "
               f"{row['gb_per_s']:>7.2f} {row['latency_ms']:>10.2f} {row['min_ms']:>8.2f} "
               f"{row['cold_ms']:>8.1f}")
+    print("\nphases, ms per pull (mean of the timed pulls; gpu = CUDA event time)")
+    print(f"{'backend':<14} {'blocks':>6} {'total':>7} {'request':>8} {'gather':>7} "
+          f"{'[gpu]':>6} {'send':>7} {'recv':>7} {'scatter':>8} {'[gpu]':>6} {'other':>7} "
+          f"{'msgs':>5}")
+    for row in rows:
+        if "phases" not in row:
+            continue
+        p = row["phases"]
+        print(f"{row['backend']:<14} {row['num_blocks']:>6} {p['total_ms']:>7.2f} "
+              f"{p['request_ms']:>8.2f} {p['gather_ms']:>7.2f} {p['gather_gpu_ms']:>6.2f} "
+              f"{p['send_ms']:>7.2f} {p['recv_ms']:>7.2f} {p['scatter_ms']:>8.2f} "
+              f"{p['scatter_gpu_ms']:>6.2f} {p['other_ms']:>7.2f} {p['messages']:>5.0f}")
     result = dict(bench="kv_transfer", device=args.device, layout=layout.to_dict(),
                   torch=torch.__version__, results=rows)
     print(json.dumps(result))

@@ -7,37 +7,50 @@ layers, K before V, in request order:
     [ layer 0: K blk0..blk(n-1) | V blk0..blk(n-1) ][ layer 1: K ... | V ... ] ... [ layer L-1 ]
     |<------------- chunk 0 (layers 0..3) -------------->|<--- chunk 1 ... (layer_chunks) --->
 
-Being layer-major, a run of layers is a contiguous byte range, so the payload is pipelined in
-chunks of layers without any framing: the server gathers chunk i+1 while chunk i is on the
-wire, the client scatters chunk i while chunk i+1 arrives. Both ends derive the same chunks
-from the (checked) layout and the block count.
+Being layer-major, a run of layers is a contiguous byte range, so the payload can be sent in
+chunks of layers without any framing. How many is the server's choice (`num_chunks`, announced
+in the PullReply; both ends split the layers the same way with `layer_chunks`):
+
+    staging in host memory (CPU caches, tcp)   several chunks (>= 4 MiB each, at most 8): the
+                                               server gathers chunk i+1 while chunk i is on the
+                                               wire, the client scatters chunk i meanwhile
+    staging in device memory (CUDA caches, ucx) one chunk: cuda_ipc moves 256 MiB in ~0.2 ms,
+                                               so every extra message (a rendezvous round trip
+                                               and a Python wake-up) costs more than it hides
 
 On CPU, gather copies runs of consecutive block ids as slices (about twice as fast as
 index_select) and uses one index_select per layer when the ids are scattered; scatter always
 copies slices per run (index_copy_ is slow there). On CUDA both use one index kernel per layer
-(a slice copy when the ids are one run): launches, not bytes, cost time there.
+(a slice copy when the ids are one run): launches, not bytes, cost time there, and the block
+ids go to the device once per call.
 
 On CUDA the copies run on a side stream that first waits for the calling thread's current
-stream and is synchronized before the bytes go to the network or the pull returns. The copies
-run in worker threads (asyncio.to_thread), whose current stream is the default stream: a
-worker that writes KV on another stream must synchronize it before it grants the lease (the
-prefill worker does so anyway when it reads the sampled first token). Backends that send from
-host memory (tcp) keep a pinned host mirror of the staging buffer.
+stream; the calling thread then waits for an event recorded after them (not for the whole
+stream or device, which other pulls may be using) before the bytes go to the network or the
+pull returns. The copies run in worker threads (asyncio.to_thread), whose current stream is
+the default stream: a worker that writes KV on another stream must synchronize it before it
+grants the lease (the prefill worker does so anyway when it reads the sampled first token).
+Backends that send from host memory (tcp) keep a pinned host mirror of the staging buffer.
+
+Each copy adds its host time (and on CUDA its GPU time, from the same events) to the owner's
+PullPhases (base.py), which bench.py breaks down per pull.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+import time
 
 import torch
 
-from pdserve.common.kv_transfer.base import KVLayout
+from pdserve.common.kv_transfer.base import KVLayout, PullPhases
 
 # On CPU, more runs than this and one index_select per layer beats a slice copy per run.
 # On CUDA every copy is a kernel launch: a single run is sliced, anything else indexed.
 _MAX_SLICE_RUNS = 8
-# Pipelining: chunks of at least 4 MiB (smaller ones cost more in hand-offs than they hide),
-# at most 8 of them.
+# Pipelining host-memory payloads: chunks of at least 4 MiB (smaller ones cost more in
+# hand-offs than they hide), at most 8 of them.
 _MIN_CHUNK_BYTES = 4 * 2**20
 _MAX_CHUNKS = 8
 
@@ -57,8 +70,9 @@ def block_runs(block_ids: list[int]) -> list[tuple[int, int, int]]:
 class StagingBuffer:
     """A reusable byte buffer on the cache's device (plus a pinned host mirror when asked).
 
-    One per connection: a connection serves one pull at a time, so its buffer is never shared.
-    It grows to the largest pull seen and stays allocated for the next one.
+    One per transfer in flight (pipeline.StagingPool), so it is never shared. It grows to the
+    largest pull seen and stays allocated for the next one: on GPU, UCX's cuda_ipc maps a peer's
+    buffer once and keeps the mapping while the same buffer comes back.
     """
 
     def __init__(self, device: torch.device, host_mirror: bool):
@@ -66,6 +80,11 @@ class StagingBuffer:
         self.host_mirror = host_mirror and device.type == "cuda"
         self._device_buffer = torch.empty(0, dtype=torch.uint8, device=device)
         self._host_buffer: torch.Tensor | None = None
+
+    @property
+    def payload_on_device(self) -> bool:
+        """True when the payload is sent and received in GPU memory (no host mirror)."""
+        return self.device.type == "cuda" and not self.host_mirror
 
     def device_bytes(self, nbytes: int) -> torch.Tensor:
         """A [nbytes] uint8 tensor on the cache's device."""
@@ -85,27 +104,41 @@ class StagingBuffer:
 class BlockCopier:
     """Copies blocks of one worker's cache to and from staging buffers, a chunk of layers at a time.
 
-    Both ends split a pull of n blocks into the same `layer_chunks(n)`; since the staging layout
-    is layer-major, each chunk is one contiguous byte range. The server gathers chunk i+1 while
-    chunk i is on the wire, the client scatters chunk i while chunk i+1 arrives.
+    The server picks `num_chunks` for a pull and announces it in the PullReply; both ends split
+    the layers with `layer_chunks(num_chunks)`, and since the staging layout is layer-major,
+    each chunk is one contiguous byte range. `phases` receives the time of every copy.
     """
 
-    def __init__(self, kv_caches: list[torch.Tensor], layout: KVLayout):
+    def __init__(self, kv_caches: list[torch.Tensor], layout: KVLayout, phases: PullPhases):
         self.kv_caches = kv_caches
         self.layout = layout
+        self.phases = phases
         self.device = kv_caches[0].device
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._layer_bytes_per_block = layout.bytes_per_block // layout.num_layers
+        self._lock = threading.Lock()  # copies of concurrent pulls add to phases from threads
 
     def nbytes(self, num_blocks: int) -> int:
         return num_blocks * self.layout.bytes_per_block
 
-    def layer_chunks(self, num_blocks: int) -> list[range]:
-        """Consecutive layer ranges of at least _MIN_CHUNK_BYTES each, at most _MAX_CHUNKS."""
-        layer_bytes = max(1, num_blocks * self._layer_bytes_per_block)
-        num_chunks = max(1, min(_MAX_CHUNKS, self.layout.num_layers,
-                                layer_bytes * self.layout.num_layers // _MIN_CHUNK_BYTES))
-        bounds = [self.layout.num_layers * i // num_chunks for i in range(num_chunks + 1)]
+    def num_chunks(self, num_blocks: int, payload_on_device: bool) -> int:
+        """How many layer chunks the server sends a pull of num_blocks in.
+
+        One when the payload stays in GPU memory (StagingBuffer.payload_on_device); for host
+        payloads, chunks of at least _MIN_CHUNK_BYTES, at most _MAX_CHUNKS (and at most one
+        per layer).
+        """
+        if payload_on_device:
+            return 1
+        nbytes = max(1, self.nbytes(num_blocks))
+        return max(1, min(_MAX_CHUNKS, self.layout.num_layers, nbytes // _MIN_CHUNK_BYTES))
+
+    def layer_chunks(self, num_chunks: int) -> list[range]:
+        """The layers split into num_chunks consecutive ranges of (nearly) equal length."""
+        num_layers = self.layout.num_layers
+        if not 1 <= num_chunks <= num_layers:
+            raise ValueError(f"num_chunks must be in [1, {num_layers}], got {num_chunks}")
+        bounds = [num_layers * i // num_chunks for i in range(num_chunks + 1)]
         return [range(a, b) for a, b in zip(bounds, bounds[1:])]
 
     def gather(self, block_ids: list[int], staging: StagingBuffer, layers: range) -> torch.Tensor:
@@ -116,15 +149,15 @@ class BlockCopier:
         device_bytes = staging.device_bytes(self.nbytes(len(block_ids)))
         out = self._blocks_view(device_bytes, len(block_ids))  # [L, 2, n, bs, H, D]
         chunk = self._chunk_bytes(len(block_ids), layers)
-        with self._side_stream():
-            runs = block_runs(block_ids)
+        runs = block_runs(block_ids)
+        with self._copying():
             if len(runs) == 1 or (self._stream is None and len(runs) <= _MAX_SLICE_RUNS):
                 for layer in layers:
                     kv, out_layer = self.kv_caches[layer], out[layer]
                     for pos, first_id, length in runs:
                         out_layer[:, pos:pos + length].copy_(kv[:, first_id:first_id + length])
             else:
-                index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+                index = self._index(block_ids)
                 for layer in layers:
                     torch.index_select(self.kv_caches[layer], 1, index, out=out[layer])
             result = device_bytes[chunk]
@@ -132,7 +165,6 @@ class BlockCopier:
                 host = staging.host_bytes(device_bytes.numel())[chunk]
                 host.copy_(result, non_blocking=True)
                 result = host
-        self._synchronize()
         return result
 
     def receive_view(self, num_blocks: int, staging: StagingBuffer, layers: range) -> torch.Tensor:
@@ -146,11 +178,11 @@ class BlockCopier:
         nbytes = self.nbytes(len(block_ids))
         device_bytes = staging.device_bytes(nbytes)
         chunk = self._chunk_bytes(len(block_ids), layers)
-        with self._side_stream():
+        runs = block_runs(block_ids)
+        with self._copying():
             if staging.host_mirror:
                 device_bytes[chunk].copy_(staging.host_bytes(nbytes)[chunk], non_blocking=True)
             src = self._blocks_view(device_bytes, len(block_ids))  # [L, 2, n, bs, H, D]
-            runs = block_runs(block_ids)
             # CPU index_copy_ runs at ~1 GB/s (torch 2.13), a slice copy per run at ~3.5 GB/s
             # even for single-block runs; on CUDA one index_copy_ kernel beats many launches.
             if len(runs) == 1 or self._stream is None:
@@ -159,10 +191,17 @@ class BlockCopier:
                     for pos, first_id, length in runs:
                         kv[:, first_id:first_id + length].copy_(src_layer[:, pos:pos + length])
             else:
-                index = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+                index = self._index(block_ids)
                 for layer in layers:
                     self.kv_caches[layer].index_copy_(1, index, src[layer])
-        self._synchronize()
+
+    def _index(self, block_ids: list[int]) -> torch.Tensor:
+        index = torch.tensor(block_ids, dtype=torch.long)
+        if self._stream is None:
+            return index
+        # From pinned memory and non_blocking: a blocking (or pageable) copy may wait for the
+        # side stream, i.e. for everything it was ordered after, before the kernels are queued.
+        return index.pin_memory().to(self.device, non_blocking=True)
 
     def _chunk_bytes(self, num_blocks: int, layers: range) -> slice:
         layer_nbytes = num_blocks * self._layer_bytes_per_block
@@ -173,13 +212,30 @@ class BlockCopier:
         return raw.view(layout.torch_dtype).view(layout.num_layers, 2, num_blocks,
                                                   *layout.block_shape)
 
-    def _side_stream(self):
-        if self._stream is None:
-            return contextlib.nullcontext()
-        # Order after everything queued on this thread's current stream (see the module doc).
-        self._stream.wait_stream(torch.cuda.current_stream(self.device))
-        return torch.cuda.stream(self._stream)
+    @contextlib.contextmanager
+    def _copying(self):
+        """Runs the with-block's copies (on the side stream on CUDA) and waits until they are done.
 
-    def _synchronize(self) -> None:
-        if self._stream is not None:
-            self._stream.synchronize()
+        On success adds their host time, and on CUDA their GPU time, to self.phases.
+        """
+        start = time.perf_counter()
+        gpu_s = 0.0
+        if self._stream is None:
+            yield
+        else:
+            # Order after everything queued on this thread's current stream (see the module doc).
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            begin = torch.cuda.Event(enable_timing=True)
+            done = torch.cuda.Event(enable_timing=True)
+            try:
+                with torch.cuda.stream(self._stream):
+                    begin.record()
+                    yield
+            finally:
+                # Also after a failure: no copy may still run once the staging buffer is let go.
+                done.record(self._stream)
+                done.synchronize()
+            gpu_s = begin.elapsed_time(done) / 1e3
+        with self._lock:
+            self.phases.copy_s += time.perf_counter() - start
+            self.phases.copy_gpu_s += gpu_s

@@ -30,7 +30,7 @@ class LocalKVServer(KVServer):
 
     def __init__(self, kv_caches, resolve_lease, host: str = "127.0.0.1", port: int = 0):
         super().__init__(kv_caches, resolve_lease, host, port)
-        self.copier = BlockCopier(kv_caches, self.layout)
+        self.copier = BlockCopier(kv_caches, self.layout, self.phases)
 
     async def start(self) -> str:
         if self.address is not None:
@@ -51,7 +51,7 @@ class LocalKVClient(KVClient):
 
     def __init__(self, kv_caches):
         super().__init__(kv_caches)
-        self._copier = BlockCopier(kv_caches, self.layout)
+        self._copier = BlockCopier(kv_caches, self.layout, self.phases)
 
     async def _pull(self, address, lease_id, dst_block_ids, src_block_offset, deadline) -> int:
         if not address.startswith("local://"):

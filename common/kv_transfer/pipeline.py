@@ -2,7 +2,7 @@
 
     client: pull_on()                                 server: serve_pull()
       PullRequest --------------------------------->    resolve lease, check length
-                 <---------------------------------     PullReply{nbytes} | Error
+                 <---------------------------------     PullReply{nbytes, num_chunks} | Error
                                                         gather chunk 0
       recv chunk 0       <---- chunk 0 ----             send chunk 0  || gather chunk 1
       recv chunk 1       <---- chunk 1 ----             send chunk 1  || gather chunk 2
@@ -10,13 +10,17 @@
       ...                                               ...
       scatter last chunk
 
-Chunks are the copier's layer_chunks (blocks.py). Copies run in worker threads, so a copy
-overlaps the transfer of the neighbouring chunk. A backend's connection supplies four awaitables
-(send/recv of a header, send/recv of a uint8 tensor).
+Chunks are layer ranges (blocks.py): the server picks how many (one when the payload stays in
+GPU memory, so a GPU pull is one gather, one message and one scatter), announces it in the
+reply, and the gather of the first chunk runs while the reply travels. Copies run in worker
+threads, so a copy overlaps the transfer of the neighbouring chunk. A backend's connection
+supplies four awaitables (send/recv of a header, send/recv of a uint8 tensor). Each end adds
+the time of its phases to the copier's PullPhases (base.py).
 
 Staging buffers come from a StagingPool per server or client, one buffer per transfer in
 flight (not per connection): on GPU a 2048-token Llama-3-8B handoff stages 256 MiB, so the
-pool's size bounds the memory held, at most size x the largest pull.
+pool's size bounds the memory held, at most size x the largest pull. Buffers are reused
+(last freed, first taken), which keeps UCX's cuda_ipc mappings of them valid.
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ async def serve_pull(server: KVServer, copier: BlockCopier, pool: StagingPool,
 async def _send_blocks(copier: BlockCopier, pool: StagingPool, connection: Connection,
                        block_ids: list[int], nbytes: int) -> None:
     if not block_ids:
-        await connection.send_header(wire.PullReply(nbytes))
+        await connection.send_header(wire.PullReply(nbytes, num_chunks=0))
         return
     async with pool.buffer() as staging:
         await _send_chunks(copier, staging, connection, block_ids, nbytes)
@@ -116,18 +120,22 @@ async def _send_blocks(copier: BlockCopier, pool: StagingPool, connection: Conne
 
 async def _send_chunks(copier: BlockCopier, staging: StagingBuffer, connection: Connection,
                        block_ids: list[int], nbytes: int) -> None:
-    chunks = copier.layer_chunks(len(block_ids))
+    num_chunks = copier.num_chunks(len(block_ids), staging.payload_on_device)
+    chunks = copier.layer_chunks(num_chunks)
     # The first gather runs while the reply header travels.
     gathered = asyncio.ensure_future(
         asyncio.to_thread(copier.gather, block_ids, staging, chunks[0]))
     try:
-        await connection.send_header(wire.PullReply(nbytes))
+        await connection.send_header(wire.PullReply(nbytes, num_chunks))
         for i in range(len(chunks)):
             payload = await gathered
             if i + 1 < len(chunks):
                 gathered = asyncio.ensure_future(asyncio.to_thread(
                     copier.gather, block_ids, staging, chunks[i + 1]))
+            start = time.perf_counter()
             await connection.send_payload(payload)
+            copier.phases.wire_s += time.perf_counter() - start
+            copier.phases.payload_messages += 1
     finally:
         await asyncio.wait([gathered])  # a copy thread cannot be interrupted; let it finish
 
@@ -145,6 +153,7 @@ async def pull_on(connection: Connection, copier: BlockCopier, pool: StagingPool
                                timeout_s=max(deadline - time.perf_counter(), 1e-3))
     # Wait for the send and the reply together: a ucx send completes only after a round trip
     # through ucxx's notifier thread, which would otherwise delay the reply by as much.
+    start = time.perf_counter()
     sent = asyncio.ensure_future(connection.send_header(request))
     try:
         reply = await connection.recv_header()
@@ -153,6 +162,7 @@ async def pull_on(connection: Connection, copier: BlockCopier, pool: StagingPool
         await asyncio.wait([sent])
         raise
     await sent
+    copier.phases.request_s += time.perf_counter() - start
     if isinstance(reply, wire.Error):
         raise PullRefused(f"{peer}: {reply.message}")
     reply = wire.expect(reply, wire.PullReply, peer)
@@ -161,18 +171,25 @@ async def pull_on(connection: Connection, copier: BlockCopier, pool: StagingPool
         raise KVTransferError(f"{peer} announced {reply.nbytes} bytes for "
                               f"{len(dst_block_ids)} blocks, expected {nbytes}")
     if dst_block_ids:
+        if not 1 <= reply.num_chunks <= copier.layout.num_layers:
+            raise KVTransferError(f"{peer} announced {reply.num_chunks} chunks for "
+                                  f"{copier.layout.num_layers} layers")
         async with pool.buffer() as staging:
-            await _receive_chunks(copier, staging, connection, dst_block_ids)
+            await _receive_chunks(copier, staging, connection, dst_block_ids,
+                                  copier.layer_chunks(reply.num_chunks))
     return nbytes
 
 
 async def _receive_chunks(copier: BlockCopier, staging: StagingBuffer, connection: Connection,
-                          block_ids: list[int]) -> None:
+                          block_ids: list[int], chunks: list[range]) -> None:
     scattered: asyncio.Future | None = None
     try:
-        for layers in copier.layer_chunks(len(block_ids)):
+        for layers in chunks:
+            start = time.perf_counter()
             await connection.recv_payload(
                 copier.receive_view(len(block_ids), staging, layers))
+            copier.phases.wire_s += time.perf_counter() - start
+            copier.phases.payload_messages += 1
             if scattered is not None:
                 await scattered
             scattered = asyncio.ensure_future(

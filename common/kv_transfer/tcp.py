@@ -4,7 +4,7 @@
     pool[address] -> idle connections                    accept loop -> one task per connection
       connect + Hello{layout}  ----------------------->  check layout, Hello{layout} | Error
       PullRequest{lease, offset, n, timeout} -------->  resolve_lease, gather into staging
-      recv_into(staging) <---- PullReply{nbytes} + nbytes of blocks, in layer chunks
+      recv_into(staging) <---- PullReply{nbytes, num_chunks} + the blocks, in layer chunks
       scatter staging -> dst_block_ids                   (pipeline.py overlaps copy and wire)
 
 Headers are length-prefixed JSON (wire.py). The payload goes from the server's staging buffer
@@ -103,7 +103,7 @@ class TcpKVServer(KVServer):
     def __init__(self, kv_caches, resolve_lease, host: str = "127.0.0.1", port: int = 0,
                  max_concurrent_transfers: int = 4):
         super().__init__(kv_caches, resolve_lease, host, port)
-        self._copier = BlockCopier(kv_caches, self.layout)
+        self._copier = BlockCopier(kv_caches, self.layout, self.phases)
         self._staging = StagingPool(self._copier.device, host_mirror=True,
                                     size=max_concurrent_transfers)
         self._listen_sock: socket.socket | None = None
@@ -180,7 +180,7 @@ class TcpKVClient(KVClient):
             raise ValueError(f"max_connections_per_peer must be >= 1, got "
                              f"{max_connections_per_peer}")
         self.max_connections_per_peer = max_connections_per_peer
-        self._copier = BlockCopier(kv_caches, self.layout)
+        self._copier = BlockCopier(kv_caches, self.layout, self.phases)
         self._staging = StagingPool(self._copier.device, host_mirror=True,
                                     size=max_concurrent_transfers)
         self._idle: dict[str, list[_Connection]] = {}

@@ -4,15 +4,17 @@
     pool[address] -> idle endpoints                      ucxx listener -> one handler per endpoint
       create_endpoint + am Hello{layout} ------------->  check layout, am Hello{layout} | Error
       am PullRequest{lease, offset, n, timeout} ----->  resolve_lease, gather into staging
-      recv(staging) <------ am PullReply{nbytes}, then one tag send per layer chunk
+      recv(staging) <---- am PullReply{nbytes, num_chunks}, then one tag send per chunk
       scatter staging -> dst_block_ids                   (pipeline.py overlaps copy and wire)
 
 Headers travel as UCX active messages (the receiver needs no size); each chunk of the payload
-is one tagged message whose size both ends derive from the layout, received straight into a
-staging buffer from the pool (tag messages of one endpoint arrive in order). Staging lives on
-the cache's device, so on GPU the payload goes device to device (cuda_ipc on one host) without
-touching host memory. Endpoints are pooled per address and reused: the first
-large transfer on a fresh endpoint pays for protocol setup.
+is one tagged message whose size both ends derive from the layout and the announced chunk
+count, received straight into a staging buffer from the pool (tag messages of one endpoint
+arrive in order). Staging lives on the cache's device, so on GPU the payload goes device to
+device (cuda_ipc on one host) without touching host memory, as ONE message: every message
+costs a rendezvous and ucxx thread hops, far more than cuda_ipc takes to move it. Endpoints
+are pooled per address and reused: the first large transfer on a fresh endpoint pays for
+protocol setup.
 
 UCX is configured only through environment variables read when its context is created, so
 `configure_ucx_env` (the one place that sets them) runs in the constructors, before the lazy
@@ -193,7 +195,7 @@ class UcxKVServer(KVServer):
         if net_devices is None and _is_loopback(host):
             net_devices = "lo"
         configure_ucx_env(kv_caches[0].is_cuda, net_devices)
-        self._copier = BlockCopier(kv_caches, self.layout)
+        self._copier = BlockCopier(kv_caches, self.layout, self.phases)
         self._staging = StagingPool(self._copier.device, host_mirror=False,
                                     size=max_concurrent_transfers)
         self._listener = None
@@ -292,7 +294,7 @@ class UcxKVClient(KVClient):
         configure_ucx_env(kv_caches[0].is_cuda, net_devices)
         self.max_connections_per_peer = max_connections_per_peer
         self.connect_timeout_s = connect_timeout_s
-        self._copier = BlockCopier(kv_caches, self.layout)
+        self._copier = BlockCopier(kv_caches, self.layout, self.phases)
         self._staging = StagingPool(self._copier.device, host_mirror=False,
                                     size=max_concurrent_transfers)
         self._idle: dict[str, list[_Connection]] = {}

@@ -7,13 +7,18 @@ block payload on a KV connection. Each is a small JSON object.
       Hello{version, layout}          ->                       (first message of a connection)
                                       <-     Hello{version, layout} | Error{message}
       PullRequest{lease_id, src_block_offset, num_blocks, timeout_s}  ->
-                                      <-     PullReply{nbytes} then nbytes of raw blocks
+                                      <-     PullReply{nbytes, num_chunks} then nbytes of raw
+                                             blocks in num_chunks layer chunks
                                              | Error{message}
       PullRequest ...                       (the connection is reused for the next pull)
 
-The payload layout is blocks.py's staging layout [L, 2, n, block_size, H, D]. The tcp backend
-frames each header with a 4-byte big-endian length; the ucx backend sends each as one active
-message and the payload as one tagged message.
+The payload layout is blocks.py's staging layout [L, 2, n, block_size, H, D]; the server picks
+the number of layer chunks (one for GPU-resident payloads, several to pipeline host ones) and
+both ends split the layers the same way (BlockCopier.layer_chunks). The tcp backend frames each
+header with a 4-byte big-endian length and streams the chunks back to back; the ucx backend
+sends each header as one active message and each chunk as one tagged message.
+
+Version 2 added PullReply.num_chunks (version 1 derived the chunks from the layout alone).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import asdict, dataclass
 
 from pdserve.common.kv_transfer.base import KVLayout, KVTransferError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 64 * 1024
 LENGTH_PREFIX = struct.Struct("!I")
 
@@ -55,10 +60,14 @@ class PullRequest:
 @dataclass(frozen=True)
 class PullReply:
     nbytes: int  # payload bytes that follow this header
+    num_chunks: int  # layer chunks (ucx: tagged messages) they come in; 0 iff nbytes is 0
 
     def __post_init__(self):
-        if not isinstance(self.nbytes, int) or self.nbytes < 0:
-            raise ValueError(f"nbytes must be an int >= 0, got {self.nbytes!r}")
+        for field in ("nbytes", "num_chunks"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
+                raise ValueError(f"{field} must be an int >= 0, got {getattr(self, field)!r}")
+        if (self.nbytes == 0) != (self.num_chunks == 0):
+            raise ValueError(f"{self.nbytes} bytes cannot come in {self.num_chunks} chunks")
 
 
 @dataclass(frozen=True)

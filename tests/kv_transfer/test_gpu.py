@@ -19,7 +19,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.timeout(120),
 CACHE = dict(num_layers=8, block_size=16, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
 SERVER_CACHE = dict(CACHE, num_blocks=96, seed=31, device="cuda")
 # One lease of two runs (slice copies) and one of 40 scattered blocks (index_select /
-# index_copy_); 40 blocks of 8 layers are 20 MiB, moved in several layer chunks.
+# index_copy_); 40 blocks of 8 layers are 20 MiB: five layer chunks through tcp's pinned host
+# staging, one message device to device over ucx.
 LEASES = {"runs": [*range(10, 30), *range(60, 80)], "scattered": list(range(95, 15, -2))}
 DST_BLOCK_IDS = {"runs": [*range(0, 20), *range(40, 60)], "scattered": list(range(99, 59, -1))}
 
@@ -44,6 +45,9 @@ def test_pull_between_gpu_processes(backend):
         try:
             for lease in LEASES:
                 await client.pull(server.address, lease, DST_BLOCK_IDS[lease], deadline_s=60.0)
+            chunks_per_pull = {"tcp": 5, "ucx": 1}[backend]
+            assert client.phases.payload_messages == len(LEASES) * chunks_per_pull
+            assert 0 < client.phases.copy_gpu_s  # CUDA events timed the scatters
         finally:
             await client.close()
 
@@ -64,6 +68,7 @@ def test_local_pull_on_gpu():
         address = await server.start()
         for lease in LEASES:
             await client.pull(address, lease, DST_BLOCK_IDS[lease], deadline_s=60.0)
+        assert server.phases.copy_gpu_s > 0 and client.phases.copy_gpu_s > 0
         await server.close()
 
     asyncio.run(main())

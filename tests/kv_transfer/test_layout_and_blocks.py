@@ -7,7 +7,7 @@ import torch
 from kv_cases import make_caches
 
 from pdserve.common.kv_transfer import wire
-from pdserve.common.kv_transfer.base import KVLayout, KVTransferError, split_address
+from pdserve.common.kv_transfer.base import KVLayout, KVTransferError, PullPhases, split_address
 from pdserve.common.kv_transfer.blocks import BlockCopier, StagingBuffer, block_runs
 
 CACHE = dict(num_layers=3, block_size=4, num_kv_heads=2, head_dim=8)
@@ -60,49 +60,80 @@ def test_block_runs():
     assert block_runs([4, 5, 9, 1, 2, 2]) == [(0, 4, 2), (2, 9, 1), (3, 1, 2), (5, 2, 1)]
 
 
-def test_layer_chunks_of_llama3_8b_handoffs():
-    caches = [torch.empty(2, 1, 16, 8, 128, dtype=torch.bfloat16) for _ in range(32)]
-    copier = BlockCopier(caches, KVLayout.from_caches(caches))
-    assert copier.layer_chunks(1) == [range(0, 32)]  # 2 MiB: one chunk
-    assert copier.layer_chunks(8) == [range(i, i + 8) for i in range(0, 32, 8)]  # 16 MiB
-    assert copier.layer_chunks(128) == [range(i, i + 4) for i in range(0, 32, 4)]  # 256 MiB
+def copier_of(caches: list[torch.Tensor]) -> BlockCopier:
+    return BlockCopier(caches, KVLayout.from_caches(caches), PullPhases())
+
+
+def test_chunk_plan_of_llama3_8b_handoffs():
+    copier = copier_of([torch.empty(2, 1, 16, 8, 128, dtype=torch.bfloat16) for _ in range(32)])
+    # Host payloads (CPU, tcp) are pipelined in chunks of >= 4 MiB, at most 8.
+    assert copier.num_chunks(1, payload_on_device=False) == 1  # 2 MiB
+    assert copier.num_chunks(8, payload_on_device=False) == 4  # 16 MiB
+    assert copier.num_chunks(128, payload_on_device=False) == 8  # 256 MiB
+    assert copier.num_chunks(0, payload_on_device=False) == 1
+    # A GPU-resident payload (ucx on CUDA) is one message whatever its size.
+    assert copier.num_chunks(1, payload_on_device=True) == 1
+    assert copier.num_chunks(128, payload_on_device=True) == 1
+    assert copier.layer_chunks(1) == [range(0, 32)]
+    assert copier.layer_chunks(4) == [range(i, i + 8) for i in range(0, 32, 8)]
+    assert copier.layer_chunks(8) == [range(i, i + 4) for i in range(0, 32, 4)]
+
+
+def test_layer_chunks_cover_the_layers_once_for_any_count():
+    copier = copier_of(make_caches(num_blocks=2, dtype=torch.float32, seed=0,
+                                   **dict(CACHE, num_layers=8)))
+    assert copier.layer_chunks(3) == [range(0, 2), range(2, 5), range(5, 8)]
+    for num_chunks in range(1, 9):
+        chunks = copier.layer_chunks(num_chunks)
+        assert len(chunks) == num_chunks and all(len(chunk) >= 1 for chunk in chunks)
+        assert [layer for chunk in chunks for layer in chunk] == list(range(8))
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match=r"num_chunks must be in \[1, 8\]"):
+            copier.layer_chunks(bad)
 
 
 # 8 layers of 64 KiB blocks: a pull of 20 blocks is 10 MiB, gathered in two chunks of layers.
 BIG = dict(num_layers=8, block_size=16, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("num_chunks", [1, 2, 3])
 @pytest.mark.parametrize("block_ids", [list(range(3, 23)), [*range(30, 40), *range(0, 10)],
-                                       list(range(39, -1, -2))],
-                         ids=["one-run", "few-runs", "scattered"])
-def test_gather_lays_blocks_out_layer_kv_block_and_scatter_inverts_it(block_ids):
+                                       list(range(39, -1, -2)), [17, 4, 33, 0, 25, 9, 38, 12]],
+                         ids=["one-run", "few-runs", "scattered", "shuffled"])
+def test_gather_lays_blocks_out_layer_kv_block_and_scatter_inverts_it(block_ids, num_chunks):
     n = len(block_ids)
     src = make_caches(num_blocks=40, seed=1, **BIG)
-    copier = BlockCopier(src, KVLayout.from_caches(src))
+    copier = copier_of(src)
     staging = StagingBuffer(torch.device("cpu"), host_mirror=True)
-    chunks = copier.layer_chunks(n)
-    assert len(chunks) == 2
+    chunks = copier.layer_chunks(num_chunks)
     payload = torch.cat([copier.gather(block_ids, staging, layers).clone() for layers in chunks])
     assert payload.dtype == torch.uint8 and payload.numel() == copier.nbytes(n)
     blocks = payload.view(torch.bfloat16).view(8, 2, n, 16, 8, 128)
     for layer in range(8):
         assert torch.equal(blocks[layer], src[layer][:, block_ids])
+    assert copier.phases.copy_s > 0 and copier.phases.copy_gpu_s == 0  # no CUDA events on CPU
 
     dst = make_caches(num_blocks=44, seed=2, **BIG)
     before = [t.clone() for t in dst]
     dst_ids = [43 - 2 * i for i in range(n)]
-    receiver = BlockCopier(dst, KVLayout.from_caches(dst))
+    receiver = copier_of(dst)
     receive_staging = StagingBuffer(torch.device("cpu"), host_mirror=True)
     offset = 0
-    for layers in receiver.layer_chunks(n):
+    for layers in receiver.layer_chunks(num_chunks):
         view = receiver.receive_view(n, receive_staging, layers)
         view.copy_(payload[offset:offset + view.numel()])
         offset += view.numel()
         receiver.scatter(dst_ids, receive_staging, layers)
+    assert offset == payload.numel()
     untouched = sorted(set(range(44)) - set(dst_ids))
     for layer in range(8):
         assert torch.equal(dst[layer][:, dst_ids], src[layer][:, block_ids])
         assert torch.equal(dst[layer][:, untouched], before[layer][:, untouched])
+
+
+def test_payload_is_on_device_only_for_cuda_staging_without_host_mirror():
+    assert not StagingBuffer(torch.device("cpu"), host_mirror=False).payload_on_device
+    assert not StagingBuffer(torch.device("cpu"), host_mirror=True).payload_on_device
 
 
 def test_staging_buffer_grows_and_is_reused():
@@ -115,16 +146,19 @@ def test_staging_buffer_grows_and_is_reused():
 def test_wire_round_trip_and_malformed_headers():
     layout = KVLayout(2, 10, 16, 2, 8, "float32")
     for message in [wire.Hello(wire.PROTOCOL_VERSION, layout),
-                    wire.PullRequest("lease-1", 2, 5, 1.5), wire.PullReply(1024),
-                    wire.Error("lease gone")]:
+                    wire.PullRequest("lease-1", 2, 5, 1.5), wire.PullReply(1024, 4),
+                    wire.PullReply(0, 0), wire.Error("lease gone")]:
         assert wire.decode(wire.encode(message)) == message
     for data in [b"not json", b'{"type": "bogus"}', b'{"type": "pull", "lease_id": 3}',
-                 b'{"type": "reply", "nbytes": -1}',
+                 b'{"type": "reply", "nbytes": -1, "num_chunks": 1}',
+                 b'{"type": "reply", "nbytes": 64}',  # a version-1 reply: no num_chunks
+                 b'{"type": "reply", "nbytes": 64, "num_chunks": 0}',
+                 b'{"type": "reply", "nbytes": 0, "num_chunks": 2}',
                  b'{"type": "hello", "version": 1, "layout": {"num_layers": 2}}']:
         with pytest.raises(KVTransferError, match="malformed"):
             wire.decode(data)
-    with pytest.raises(KVTransferError, match="speaks KV wire protocol 99"):
-        wire.check_hello(wire.Hello(99, layout), layout, "peer")
+    with pytest.raises(KVTransferError, match="speaks KV wire protocol 1, this worker speaks 2"):
+        wire.check_hello(wire.Hello(1, layout), layout, "peer")
     with pytest.raises(KVTransferError, match="peer: lease gone"):
         wire.expect(wire.Error("lease gone"), wire.PullReply, "peer")
 

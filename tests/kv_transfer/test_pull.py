@@ -63,6 +63,11 @@ def test_pull_copies_exact_blocks_into_other_ids(backend, dtype):
             assert client.num_transfers == 1 and server.num_transfers == 1
             assert client.num_failures == 0 and server.num_failures == 0
             assert client.seconds > 0
+            # A small pull is one gather, one payload message (none in-process), one scatter.
+            messages = 0 if backend == "local" else 1
+            assert client.phases.payload_messages == server.phases.payload_messages == messages
+            assert client.phases.copy_s > 0 and server.phases.copy_s > 0
+            assert (client.phases.request_s > 0) == (backend != "local")
 
     asyncio.run(main())
     assert_pulled(src, src_block_ids, dst, dst_block_ids, dst_before)
