@@ -36,6 +36,17 @@ def _rotate_heads(ptr, stride_head, num_heads, cos, sin,
 
 
 @triton.jit
+def _cos_sin(positions_ptr, cos_sin_ptr, token, stride_cos_sin, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """The token's (cos, sin) rows, each [1, BLOCK_HALF] fp32."""
+    position = tl.load(positions_ptr + token).to(tl.int64)
+    dims = tl.arange(0, BLOCK_HALF)
+    row = cos_sin_ptr + position * stride_cos_sin
+    cos = tl.load(row + dims, mask=dims < HALF).to(tl.float32)[None, :]
+    sin = tl.load(row + HALF + dims, mask=dims < HALF).to(tl.float32)[None, :]
+    return cos, sin
+
+
+@triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, positions_ptr, cos_sin_ptr,
     stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_cos_sin,
@@ -43,11 +54,7 @@ def _rotary_kernel(
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    position = tl.load(positions_ptr + token).to(tl.int64)
-    dims = tl.arange(0, BLOCK_HALF)
-    row = cos_sin_ptr + position * stride_cos_sin
-    cos = tl.load(row + dims, mask=dims < HALF).to(tl.float32)[None, :]          # [1, BLOCK_HALF]
-    sin = tl.load(row + HALF + dims, mask=dims < HALF).to(tl.float32)[None, :]
+    cos, sin = _cos_sin(positions_ptr, cos_sin_ptr, token, stride_cos_sin, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr + token * stride_q_token, stride_q_head, num_heads, cos, sin,
                   HALF, BLOCK_H, BLOCK_HALF)
     _rotate_heads(k_ptr + token * stride_k_token, stride_k_head, num_kv_heads, cos, sin,
@@ -64,16 +71,13 @@ def _rotary_store_kv_kernel(
     BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
-    position = tl.load(positions_ptr + token).to(tl.int64)
-    dims = tl.arange(0, BLOCK_HALF)
-    row = cos_sin_ptr + position * stride_cos_sin
-    cos = tl.load(row + dims, mask=dims < HALF).to(tl.float32)[None, :]          # [1, BLOCK_HALF]
-    sin = tl.load(row + HALF + dims, mask=dims < HALF).to(tl.float32)[None, :]
+    cos, sin = _cos_sin(positions_ptr, cos_sin_ptr, token, stride_cos_sin, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr + token * stride_q_token, stride_q_head, num_heads, cos, sin,
                   HALF, BLOCK_H, BLOCK_HALF)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:
         heads = tl.arange(0, BLOCK_KVH)
+        dims = tl.arange(0, BLOCK_HALF)
         mask = (heads[:, None] < NUM_KV_HEADS) & (dims[None, :] < HALF)
         k_src = k_ptr + token * stride_k_token + heads[:, None] * stride_k_head + dims[None, :]
         x1 = tl.load(k_src, mask=mask).to(tl.float32)
