@@ -212,7 +212,6 @@ def device_sync(device):
 def kernel_breakdown(engine, vocab: int, seed: int) -> dict:
     """GPU kernel time by category in a prefill window (16 x 2048-token prompts) and a decode
     window (32 steps of 128 sequences at ~1,000 tokens of context), from torch.profiler."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from pdserve.common.sampling_params import SamplingParams

@@ -52,6 +52,8 @@ def add_parsers(sub, add_engine_args) -> None:
     p.add_argument("--kv-transport", default="tcp", choices=["tcp", "ucx"])
     p.add_argument("--model", default=None)
     p.add_argument("--worker-args", default="", help="extra flags for every worker, one string")
+    p.add_argument("--router-args", default="", help="extra flags for the router, one string "
+                                                     "(e.g. \"--routing round_robin\")")
     p.set_defaults(func=cmd_up)
 
 
@@ -123,6 +125,7 @@ def router_stats(pool, client=None) -> dict:
         stats["prefix_hits"] = client.stats["cached_prompt_tokens"]
         for key in ("kv_bytes", "handoffs", "decode_resubmits", "prefill_retries"):
             stats[key] = client.stats.get(key, 0)
+        stats["routes"] = dict(client.stats["routes"])
     return stats
 
 
@@ -177,7 +180,8 @@ def cmd_up(args) -> None:
             grpc_addr, kv_addr = open(rf).read().split()
             print(f"{role:<8} {role}-{i} grpc={grpc_addr} kv={kv_addr}", flush=True)
         procs.append(subprocess.Popen([sys.executable, "-m", "pdserve.services.cli", "router", "--redis-url",
-                                       redis_url, "--port", str(args.port), *model]))
+                                       redis_url, "--port", str(args.port), *model,
+                                       *(args.router_args.split() if args.router_args else [])]))
         print(f"router   http://127.0.0.1:{args.port}/v1", flush=True)
         signal.sigwait({signal.SIGINT, signal.SIGTERM}) if hasattr(signal, "sigwait") else procs[-1].wait()
     finally:

@@ -40,7 +40,10 @@ log = logging.getLogger("pdserve.worker")
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="address the gRPC and KV servers bind to")
+    p.add_argument("--advertise-host", default=None,
+                   help="address the router and other workers reach this one at (default: --host, or this "
+                        "machine's IP when --host is a wildcard such as 0.0.0.0, e.g. in a container)")
     p.add_argument("--grpc-port", type=int, default=0, help="0: pick a free port")
     p.add_argument("--kv-transport", default="tcp", choices=["tcp", "ucx"])
     p.add_argument("--redis-url", default=None, help="register in this Redis (pdserve router finds it there)")
@@ -49,6 +52,23 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-events-interval", type=float, default=0.1,
                    help="seconds between publications of prefix-cache changes to the prefix index")
     p.add_argument("--ready-file", default=None, help="write 'grpc_address kv_address' here once serving")
+
+
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def advertised_host(bind_host: str, advertise_host: str | None) -> str:
+    """What to register in Redis: a wildcard bind address is not an address anyone can dial, so
+    it becomes this machine's IP (a container's IP on its network, from its /etc/hosts)."""
+    if advertise_host:
+        return advertise_host
+    if bind_host not in WILDCARD_HOSTS:
+        return bind_host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError as e:
+        raise SystemExit(f"pdserve: --host {bind_host!r} is a wildcard and this machine's name "
+                         f"{socket.gethostname()!r} does not resolve ({e}): pass --advertise-host") from e
 
 
 def model_id(engine: AsyncLLM) -> str:
@@ -249,8 +269,9 @@ async def serve_worker(args, role: str) -> None:
     engine = AsyncLLM(core=LLM(**engine_kwargs(args)).engine)  # LLM builds the EngineConfig from flags
     state = WorkerState(args.instance_id or f"{role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}", role)
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    args.advertise_host = advertised_host(args.host, args.advertise_host)
     port = server.add_insecure_port(f"{args.host}:{args.grpc_port}")
-    grpc_address = f"{args.host}:{port}"
+    grpc_address = f"{args.advertise_host}:{port}"
     kv_address, closers = await add_prefill_service(args, engine, state, grpc_address, server)
     closers += add_decode_service(args, engine, state, server)
     await server.start()

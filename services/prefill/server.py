@@ -18,7 +18,7 @@ import grpc
 
 from pdserve.common.engine.async_llm import AsyncLLM
 from pdserve.common.engine.disagg import PrefillHandoff
-from pdserve.common.kv_transfer.base import KVLayout, make_server
+from pdserve.common.kv_transfer.base import KVLayout, make_server, split_address
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
@@ -112,7 +112,8 @@ async def add_prefill_service(args, engine: AsyncLLM, state: worker.WorkerState,
     handoff = PrefillHandoff(engine.core, lease_ttl_s=args.lease_ttl)
     engine.step_hooks.append(lambda core: handoff.expire_leases())
     kv_server = make_server(args.kv_transport, engine.core.runner.kv_caches, handoff.resolve_lease, host=args.host)
-    kv_address = await kv_server.start()
+    _, kv_port = split_address(await kv_server.start(), args.kv_transport)
+    kv_address = f"{args.kv_transport}://{args.advertise_host}:{kv_port}"  # what decode workers dial
     servicer = PrefillServicer(engine, handoff, state, grpc_address, kv_address, args.kv_transport)
     pb_grpc.add_PrefillServicer_to_server(servicer, server)
     return kv_address, [kv_server.close]

@@ -187,5 +187,11 @@ class _EngineStatsCollector:
                                ("prefill_retries", "pdserve:prefill_retries", "Prefill calls retried on another instance.")):
             if key in s:
                 yield counter(name, doc, s[key])
+        if "routes" in s:  # the disaggregated router's decisions, by the reason routing.py gives
+            routes = CounterMetricFamily("pdserve:routing_decisions", "Routing decisions by reason.",
+                                         labels=["model_name", "reason"])
+            for reason, count in sorted(s["routes"].items()):
+                routes.add_metric([self.model_name, reason], float(count))
+            yield routes
         if "num_preemptions" in s:
             yield counter("vllm:num_preemptions", "Preemptions (recompute) so far.", s["num_preemptions"])

@@ -69,6 +69,12 @@ class Stack:
                 raise RuntimeError(f"router failed to start: {self.log('router')[-2000:]}")
             time.sleep(0.2)
 
+    def ready_addresses(self, name: str) -> tuple[str, str]:
+        """(gRPC address, KV address) the worker registered, from its ready file."""
+        with open(os.path.join(self.tmp, name + ".ready")) as f:
+            grpc_address, kv_address = f.read().split()
+        return grpc_address, kv_address
+
     def log(self, name: str) -> str:
         path = os.path.join(self.tmp, name + ".log")
         return open(path).read() if os.path.exists(path) else ""

@@ -4,6 +4,7 @@ redis-server, gRPC, the KV over the TCP / UCX transports, and the official OpenA
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import openai
 import pytest
@@ -77,8 +78,10 @@ def test_1p1d_chat_n_stop_logprobs(stack_1p1d, offline):
 def test_2p2d_spreads_and_recomputes_when_the_pull_fails(tiny_models, offline):
     # prefill-1's leases expire at once: decode's pull of its KV fails and decode recomputes.
     # Every worker overlaps its steps (the CUDA default) to cover leases and pulls under it on CPU.
+    # prefill-0 binds to the wildcard address, as in a container: it must register an address
+    # the router and the decode workers can dial (this machine's IP), not 0.0.0.0.
     overlap = "--async-scheduling"
-    stack = Stack(tiny_models["llama"], prefill=[[overlap], ["--lease-ttl", "0.000001", overlap]],
+    stack = Stack(tiny_models["llama"], prefill=[["--host", "0.0.0.0", overlap], ["--lease-ttl", "0.000001", overlap]],
                   decode=[[overlap], [overlap]])
     try:
         async def run_all():
@@ -94,6 +97,8 @@ def test_2p2d_spreads_and_recomputes_when_the_pull_fails(tiny_models, offline):
         # prefill-1's expired leases give no handle: those prompts were recomputed on decode
         assert stats["handoffs"] > 0 and stats["recomputed_prompt_tokens"] > 0
         assert all(stats["requests_by_instance"].get(n, 0) > 0 for n in ("prefill-0", "prefill-1", "decode-0", "decode-1"))
+        grpc_address, kv_address = stack.ready_addresses("prefill-0")
+        assert not grpc_address.startswith("0.0.0.0:") and "://0.0.0.0:" not in kv_address
     finally:
         stack.close()
 
@@ -147,3 +152,12 @@ def test_decode_recomputes_when_its_pull_fails(stack_1p1d, offline):
     assert tokens == ref
     assert "expired or unknown" in chunks[0].kv_transfer_error
     assert chunks[0].num_prompt_tokens_computed == len(ids)
+
+
+def test_advertised_host():
+    from pdserve.services.worker import advertised_host
+    assert advertised_host("0.0.0.0", "prefill-3.internal") == "prefill-3.internal"
+    assert advertised_host("10.1.2.3", None) == "10.1.2.3"
+    host = advertised_host("0.0.0.0", None)
+    assert host not in ("0.0.0.0", "::", "") and socket.gethostbyname(host) == host
+

@@ -173,6 +173,9 @@ def test_redis_outage_loses_nothing_and_routing_recovers(stack, holders, offline
     assert stats["redis_up"] == 0 and stats["redis_outages"] == 1
     metrics = httpx.get(stack.base_url + "/metrics", timeout=10).text
     assert [line.split()[-1] for line in metrics.splitlines() if line.startswith("pdserve:redis_up{")] == ["0.0"]
+    exported = {line.split('reason="')[1].split('"')[0]: float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith("pdserve:routing_decisions_total{")}
+    assert exported == {reason: float(n) for reason, n in stats["routes"].items()} and exported
     assert all(set(stats_d["hit_blocks"].values()) <= {0} for stats_d in
                (decisions(stack)[r["id"]] for r in replies))  # load-only routing
     assert len(replies) == NUM_PREFIXES

@@ -12,7 +12,7 @@ import pytest
 
 from pdserve.common.engine.llm import LLM
 from pdserve.common.sampling_params import SamplingParams
-from tests.engine.test_correctness import MAX_TOKENS, prompts, reference  # noqa: F401 (fixture)
+from tests.engine.test_correctness import MAX_TOKENS, reference
 
 
 def run_llm(folder, prompts, params, **kw):
@@ -26,7 +26,7 @@ def run_llm(folder, prompts, params, **kw):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 @pytest.mark.parametrize("variant", ["default", "chunked_16", "preemption"])
-def test_overlapped_greedy_matches_hf(tiny_models, prompts, arch, variant):  # noqa: F811
+def test_overlapped_greedy_matches_hf(tiny_models, prompts, arch, variant):
     kw = {"default": {}, "chunked_16": {"max_num_batched_tokens": 16},
           "preemption": {"num_gpu_blocks_override": 24, "max_model_len": 384}}[variant]
     outs, engine = run_llm(tiny_models[arch], prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
@@ -37,7 +37,7 @@ def test_overlapped_greedy_matches_hf(tiny_models, prompts, arch, variant):  # n
         assert engine.scheduler.num_preemptions > 0
 
 
-def test_overlapped_sampling_equals_one_at_a_time(tiny_models, prompts):  # noqa: F811
+def test_overlapped_sampling_equals_one_at_a_time(tiny_models, prompts):
     """Seeded sampling, stop ids, stop strings, max_tokens, n: same outputs, overlapped or not;
     a request with logprobs joins half-way (steps drain and run one at a time until it ends)."""
     folder = tiny_models["llama"]
@@ -75,7 +75,7 @@ def test_overlapped_sampling_equals_one_at_a_time(tiny_models, prompts):  # noqa
     assert len(got[True]["9"][0][0]) == 1
 
 
-def test_abort_while_a_step_is_in_flight(tiny_models, prompts):  # noqa: F811
+def test_abort_while_a_step_is_in_flight(tiny_models, prompts):
     llm = LLM(tiny_models["llama"], async_scheduling=True)
     engine = llm.engine
     for i in range(4):
@@ -95,7 +95,7 @@ def test_abort_while_a_step_is_in_flight(tiny_models, prompts):  # noqa: F811
     assert engine.kv.num_free_blocks == engine.runner.num_blocks
 
 
-def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(tiny_models, prompts):  # noqa: F811
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(tiny_models, prompts):
     llm = LLM(tiny_models["llama"], async_scheduling=True)
     engine = llm.engine
     real_launch = engine.runner.launch

@@ -7,7 +7,6 @@ with a 16-token chunked-prefill budget, and with a pool so small that requests g
 
 from __future__ import annotations
 
-import random
 
 import pytest
 import torch
@@ -16,18 +15,6 @@ from pdserve.common.engine.llm import LLM
 from pdserve.common.sampling_params import SamplingParams
 
 MAX_TOKENS = 24
-
-
-@pytest.fixture(scope="module")
-def prompts() -> list[list[int]]:
-    rng = random.Random(0)
-    shared = [rng.randrange(3, 49152) for _ in range(120)]
-    out = []
-    for i in range(16):
-        n = [1, 5, 17, 33, 64, 100, 150, 290][i % 8]
-        p = [rng.randrange(3, 49152) for _ in range(n)]
-        out.append(shared + p[:40] if i % 3 == 0 else p)
-    return out
 
 
 def hf_greedy(folder: str, prompts: list[list[int]], max_tokens: int = MAX_TOKENS) -> list[list[int]]:

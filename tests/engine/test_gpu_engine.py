@@ -56,18 +56,6 @@ def models(tmp_path_factory) -> dict[str, str]:
     return {family: build_model(str(root / family), family) for family in TINY}
 
 
-@pytest.fixture(scope="module")
-def prompts() -> list[list[int]]:
-    rng = random.Random(0)
-    shared = [rng.randrange(3, 49152) for _ in range(120)]
-    out = []
-    for i in range(16):
-        n = [1, 5, 17, 33, 64, 100, 150, 290][i % 8]
-        p = [rng.randrange(3, 49152) for _ in range(n)]
-        out.append(shared + p[:40] if i % 3 == 0 else p)
-    return out
-
-
 @pytest.fixture(autouse=True)
 def _free_gpu_memory():
     yield
