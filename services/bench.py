@@ -2,6 +2,10 @@
 
     pdserve bench throughput   offline: pdserve vs HF transformers static-batch `generate`
                                on the same prompts, in the same process, printed as a ratio.
+    pdserve bench latency      one batch of fixed-length prompts (fresh tokens per iteration, so
+                               no prefix-cache hits) run to a fixed output length: end-to-end
+                               latency percentiles, time to first token, time per output token.
+    pdserve bench gpu          the H100 workloads of bench_gpu.py (Llama-3-8B shape, vs HF).
 
 Workload (defaults): 64 prompts of random lengths 16..512 tokens, each asking for a random
 16..128 output tokens with ignore_eos. A static batch must run every row to the longest request;
@@ -16,7 +20,7 @@ import time
 
 
 def add_parser(sub, add_engine_args) -> None:
-    p = sub.add_parser("bench", help="benchmarks (throughput)")
+    p = sub.add_parser("bench", help="benchmarks (throughput, latency, gpu)")
     bsub = p.add_subparsers(dest="bench", required=True)
     t = bsub.add_parser("throughput", help="offline output tok/s: pdserve vs HF transformers")
     t.add_argument("--num-prompts", type=int, default=64)
@@ -28,6 +32,16 @@ def add_parser(sub, add_engine_args) -> None:
     t.add_argument("--json-out", default=None)
     add_engine_args(t)
     t.set_defaults(func=cmd_throughput)
+    lat = bsub.add_parser("latency", help="batch latency: end to end, time to first token, per output token")
+    lat.add_argument("--input-len", type=int, default=32)
+    lat.add_argument("--output-len", type=int, default=128)
+    lat.add_argument("--batch-size", type=int, default=1)
+    lat.add_argument("--num-iters-warmup", type=int, default=2)
+    lat.add_argument("--num-iters", type=int, default=5)
+    lat.add_argument("--workload-seed", type=int, default=0)
+    lat.add_argument("--json-out", default=None)
+    add_engine_args(lat)
+    lat.set_defaults(func=cmd_latency)
     from pdserve.services import bench_gpu; bench_gpu.add_parser(bsub)  # `pdserve bench gpu` (H100 workloads)
 
 
@@ -127,3 +141,56 @@ def cmd_throughput(args) -> None:
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(summary, f, indent=2)
+
+
+def latency_iteration(engine, prompts: list[list[int]], output_len: int, tag: str) -> dict:
+    """Run one batch to completion on the engine: (seconds end to end, to the first token, per
+    output token after the first)."""
+    from pdserve.common.sampling_params import SamplingParams
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    t0 = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", prompt, params)
+    first = None
+    while engine.has_unfinished():
+        outs = engine.step()
+        if first is None and any(o.outputs[0].token_ids for o in outs):
+            first = time.perf_counter()
+    end = time.perf_counter()
+    per_token = (end - first) / (output_len - 1) if output_len > 1 else 0.0
+    return {"latency_s": end - t0, "ttft_s": first - t0, "tpot_s": per_token}
+
+
+def cmd_latency(args) -> None:
+    from pdserve.common.engine.llm import LLM
+    from pdserve.services.cli import engine_kwargs
+    for name in ("input_len", "output_len", "batch_size", "num_iters"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"pdserve bench latency: --{name.replace('_', '-')} must be at least 1")
+    llm = LLM(**engine_kwargs(args))
+    engine = llm.engine
+    rng = random.Random(args.workload_seed)
+    vocab = engine.arch.vocab_size
+    runs = []
+    for it in range(args.num_iters_warmup + args.num_iters):
+        prompts = [[rng.randrange(100, vocab) for _ in range(args.input_len)] for _ in range(args.batch_size)]
+        run = latency_iteration(engine, prompts, args.output_len, f"lat{it}")
+        if it >= args.num_iters_warmup:
+            runs.append(run)
+    lat = sorted(r["latency_s"] for r in runs)
+    pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
+    summary = {"model": engine.model_name, "dtype": str(engine.runner.dtype).removeprefix("torch."),
+               "device": str(engine.runner.device), "batch_size": args.batch_size, "input_len": args.input_len,
+               "output_len": args.output_len, "iterations": len(runs),
+               "avg_latency_s": round(sum(lat) / len(lat), 4), "p50_latency_s": round(pct(0.5), 4),
+               "p90_latency_s": round(pct(0.9), 4), "p99_latency_s": round(pct(0.99), 4),
+               "avg_ttft_ms": round(1000 * sum(r["ttft_s"] for r in runs) / len(runs), 2),
+               "avg_ms_per_output_token": round(1000 * sum(r["tpot_s"] for r in runs) / len(runs), 3)}
+    print(f"batch {args.batch_size} x {args.input_len} prompt -> {args.output_len} tokens, {len(runs)} iterations: "
+          f"avg {summary['avg_latency_s']} s (p50 {summary['p50_latency_s']}, p90 {summary['p90_latency_s']}), "
+          f"TTFT {summary['avg_ttft_ms']} ms, {summary['avg_ms_per_output_token']} ms per output token")
+    print(json.dumps(summary))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(summary, f, indent=2)
+

@@ -58,3 +58,20 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_models):
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
     proc = pdserve("generate", "--input", str(tmp_path / "missing.txt"), "--model", tiny_models["llama"])
     assert proc.returncode == 2 and "missing.txt" in proc.stderr
+
+
+def test_bench_latency_reports_consistent_numbers(tmp_path, tiny_models):
+    out = tmp_path / "lat.json"
+    proc = pdserve("bench", "latency", "--model", tiny_models["llama"], "--input-len", "12", "--output-len", "6",
+                   "--batch-size", "3", "--num-iters-warmup", "1", "--num-iters", "3", "--json-out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    assert report["iterations"] == 3 and report["batch_size"] == 3 and report["output_len"] == 6
+    assert 0 < report["p50_latency_s"] <= report["p90_latency_s"] <= report["p99_latency_s"]
+    # first token + 5 more tokens at the per-token time can't take longer than the whole batch
+    assert 0 < report["avg_ttft_ms"] / 1000 < report["avg_latency_s"]
+    assert report["avg_ttft_ms"] / 1000 + 5 * report["avg_ms_per_output_token"] / 1000 <= report["avg_latency_s"] * 1.01
+    assert "ms per output token" in proc.stdout
+    bad = pdserve("bench", "latency", "--model", tiny_models["llama"], "--output-len", "0")
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1] == \
+        "pdserve bench latency: --output-len must be at least 1"

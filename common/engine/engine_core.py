@@ -150,8 +150,8 @@ class EngineCore:
         except Exception as e:
             return self._fail(sched, e)
         self.num_steps += 1
-        self.num_generated_tokens += len(result.sampled_token_ids)
         touched = self.scheduler.update(sched, result)
+        self.num_generated_tokens += len(touched)  # one token each (an overlapped step's extra one is dropped)
         return self.outputs.process(touched, self.scheduler.finish_requests)
 
     def _fail(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
