@@ -190,18 +190,10 @@ def summarize_steps(steps, wall: float) -> dict:
 
 
 def run_latency_pdserve(engine, prompt: list[int], max_tokens: int) -> dict:
-    from pdserve.common.sampling_params import SamplingParams
-    t0 = time.perf_counter()
-    engine.add_request("latency", prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
-    first = None
-    while engine.has_unfinished():
-        outs = engine.step()
-        if first is None and outs and outs[0].outputs[0].token_ids:
-            first = time.perf_counter()
-    end = time.perf_counter()
-    per_token = 1000 * (end - first) / (max_tokens - 1)
-    return {"ttft_ms": round(1000 * (first - t0), 2), "ms_per_output_token": round(per_token, 3),
-            "total_s": round(end - t0, 3)}
+    from pdserve.services.bench import latency_iteration  # `pdserve bench latency`'s measurement
+    run = latency_iteration(engine, [prompt], max_tokens, "latency")
+    return {"ttft_ms": round(1000 * run["ttft_s"], 2), "ms_per_output_token": round(1000 * run["tpot_s"], 3),
+            "total_s": round(run["latency_s"], 3)}
 
 
 def device_sync(device):

@@ -22,11 +22,6 @@ class Sampler:
         self._shared = torch.Generator(device=device)
         self._shared.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, reqs: list[ScheduledRequest], eos_token_ids: tuple[int, ...],
-                 generators: list[torch.Generator | None]) -> tuple[list[int], dict[str, tuple[float, TopLogprobs]]]:
-        tokens = self.sample(logits, reqs, eos_token_ids, generators)
-        return tokens.tolist(), self.logprobs(logits, tokens, reqs)
-
     def sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest], eos_token_ids: tuple[int, ...],
                generators: list[torch.Generator | None]) -> torch.Tensor:
         """Tokens [B] on the device; nothing here waits for the device (small host lists go
