@@ -57,6 +57,11 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    @property
+    def backend(self):
+        """The `tokenizers.Tokenizer` underneath (grammar compilers read its vocabulary)."""
+        return self._tok
+
     # ---- chat -------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None, **kwargs) -> str:

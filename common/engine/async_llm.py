@@ -50,6 +50,8 @@ class AsyncLLM:
         engine instead of a plain add_request (prefill leases, decode admission after a pull)."""
         if self._dead is not None:
             raise EngineDeadError(f"the engine is dead: {self._dead}")
+        if params.structured_outputs is not None:  # compile off the loop and the engine thread (cached)
+            await asyncio.to_thread(self.core.structured.compile_ahead, params)
         self.core.validate(prompt_token_ids, params)  # ParameterError before anything is queued
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()

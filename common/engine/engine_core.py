@@ -15,7 +15,12 @@ device work of the previous one, so the GPU never waits for Python between steps
              update(sched_{k-1}, result); return outputs.process(...)
 
 Steps run one at a time while any request needs its latest tokens on the host to sample
-(penalties, min_tokens, logprobs; `SamplingParams.needs_host_history`).
+(penalties, min_tokens, logprobs, grammars; `SamplingParams.needs_host_history`).
+
+Constrained decoding (grammars, allowed_token_ids, bad_words) enters through one object,
+`self.structured` (common/engine/structured_output.py): it compiles grammars at validation,
+fills each step's token bitmask for the runner, and after update() says which requests'
+grammars ended.
 
 A failing forward pass fails the requests in that step with an error and the engine goes on.
 """
@@ -32,6 +37,7 @@ from pdserve.common.engine.model_runner import ModelRunner, PendingOutput
 from pdserve.common.engine.outputs import SchedulerOutput
 from pdserve.common.engine.output_processor import OutputProcessor, ParentRequest
 from pdserve.common.engine.scheduler import Scheduler
+from pdserve.common.engine.structured_output import StructuredOutputManager
 from pdserve.common.models.loader import read_arch_config, resolve_model_path
 from pdserve.common.outputs import RequestOutput
 from pdserve.common.request import Request, RequestStatus
@@ -64,6 +70,8 @@ class EngineCore:
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(sched_cfg, self.kv)
         self.outputs = OutputProcessor(self.tokenizer)
+        self.structured = StructuredOutputManager(self.tokenizer, self.arch.vocab_size, self.eos_token_ids,
+                                                  pin_memory=self.runner.device.type == "cuda")
         self.model_name = config.model.served_model_name or config.model.model or "default"
         self.num_steps = 0
         self.num_generated_tokens = 0
@@ -86,6 +94,7 @@ class EngineCore:
             raise ParameterError("prompt", f"token id {bad} is outside the vocabulary [0, {vocab})")
         if any(t >= vocab for t in params.stop_token_ids):
             raise ParameterError("stop_token_ids", f"stop_token_ids must be below the vocabulary size {vocab}")
+        self.structured.validate(params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     prompt: str | None = None, arrival_time: float | None = None,
@@ -127,10 +136,11 @@ class EngineCore:
         if not overlap and self._inflight is not None:
             return self._complete(*self._take_inflight())  # drain before stepping one at a time
         sched = self.scheduler.schedule()
+        self.structured.drop(sched.finished_req_ids)
         failed, launched = [], None
         if not sched.is_empty():
             try:
-                launched = (sched, self.runner.launch(sched))
+                launched = (sched, self.runner.launch(sched, self.structured))
                 self.num_overlapped_steps += self._inflight is not None
             except Exception as e:  # fail this step's requests, keep serving the rest
                 failed = self._fail(sched, e)
@@ -152,6 +162,9 @@ class EngineCore:
         self.num_steps += 1
         touched = self.scheduler.update(sched, result)
         self.num_generated_tokens += len(touched)  # one token each (an overlapped step's extra one is dropped)
+        ended, broken = self.structured.update(touched)
+        self.scheduler.finish_requests(ended, RequestStatus.FINISHED_STOPPED)
+        self.scheduler.finish_requests(broken, RequestStatus.FINISHED_ERROR)
         return self.outputs.process(touched, self.scheduler.finish_requests)
 
     def _fail(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:

@@ -143,13 +143,15 @@ class ModelRunner:
         return SchedulerOutput(scheduled=scheduled, num_batched_tokens=num_tokens)
 
     # ---- one step -----------------------------------------------------------------------------
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        return self.launch(sched).result()
+    def execute(self, sched: SchedulerOutput, token_masks=None) -> RunnerOutput:
+        return self.launch(sched, token_masks).result()
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput) -> "PendingOutput":
+    def launch(self, sched: SchedulerOutput, token_masks=None) -> "PendingOutput":
         """Queue one step on the device; `result()` of the return value waits for its tokens.
-        Steps whose requests need logprobs wait here (they read results on the host)."""
+        Steps whose requests need logprobs wait here (they read results on the host).
+        `token_masks` (a StructuredOutputManager) fills the sampled rows' token bitmask on the
+        host while the forward runs on the device."""
         for req_id in sched.finished_req_ids:
             self._generators.pop(req_id, None)
         self._tables.drop(sched.finished_req_ids | sched.preempted_req_ids)
@@ -177,7 +179,8 @@ class ModelRunner:
             return PendingOutput(out)
         logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
         gens = [self._generator(s) for s in sample_reqs]
-        tokens = self.sampler.sample(logits, sample_reqs, self.arch.eos_token_ids, gens)
+        bitmask = token_masks.fill(sample_reqs) if token_masks is not None else None
+        tokens = self.sampler.sample(logits, sample_reqs, self.arch.eos_token_ids, gens, bitmask)
         self._last_sampled = (tokens, {s.req_id: i for i, s in enumerate(sample_reqs)})
         out.logprobs = self.sampler.logprobs(logits, tokens, sample_reqs)
         return PendingOutput(out, [s.req_id for s in sample_reqs], tokens)
