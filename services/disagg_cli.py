@@ -38,6 +38,8 @@ def add_parsers(sub, add_engine_args) -> None:
     p.add_argument("--disagg-min-prompt-tokens", type=int, default=64,
                    help="prompts shorter than this, or whose uncached part on the chosen decode instance is, "
                         "skip prefill and are computed by decode (0: always prefill)")
+    from pdserve.services.router.tool_calls import add_tool_args
+    add_tool_args(p)
     p.set_defaults(func=cmd_router)
 
     from pdserve.services import plan
@@ -75,6 +77,8 @@ def cmd_router(args) -> None:
     from pdserve.services.router.registry import Registry
     from pdserve.services.router.routing import RoutingConfig
 
+    from pdserve.services.router.tool_calls import check_tool_args
+    check_tool_args(args)
     tokenizer = load_tokenizer(resolve_model_path(args.model), args.tokenizer)
     name = args.served_model_name or served_name(args.model)
     try:
@@ -90,7 +94,8 @@ def cmd_router(args) -> None:
         pool = InstancePool(registry, index, config)
         await pool.start()
         client = DisaggClient(tokenizer, name, pool)
-        app = build_app(client, name, api_key=args.api_key, stats=lambda: router_stats(pool, client))
+        app = build_app(client, name, api_key=args.api_key, stats=lambda: router_stats(pool, client),
+                        tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice)
         add_admin_routes(app, pool, registry, api_key=args.api_key)
 
         @app.get("/admin/stats")

@@ -33,6 +33,8 @@ def add_parser(sub, add_engine_args) -> None:
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
     add_engine_args(p)  # includes --model and --served-model-name
+    from pdserve.services.router.tool_calls import add_tool_args
+    add_tool_args(p)
     p.set_defaults(func=cmd_serve)
 
 
@@ -51,6 +53,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     args.model = args.model_path or args.model
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
+    from pdserve.services.router.tool_calls import check_tool_args
+    check_tool_args(args)
 
     import uvicorn
 
@@ -63,7 +67,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     with _bind(args.host, args.port) as sock:
         engine = AsyncLLM(core=LLM(**engine_kwargs(args)).engine)  # LLM builds the EngineConfig from flags
         try:
-            app = build_app(engine, name, api_key=args.api_key, stats=engine.core.stats)
+            app = build_app(engine, name, api_key=args.api_key, stats=engine.core.stats,
+                            tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice)
             config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                     access_log=args.uvicorn_log_level in ("info", "debug", "trace"),
                                     timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
