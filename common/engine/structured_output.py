@@ -56,7 +56,7 @@ class GrammarCompiler:
                  cache_size: int = GRAMMAR_CACHE_SIZE):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
-        self.stop_token_ids = list(stop_token_ids)
+        self.stop_token_ids = [t for t in stop_token_ids if t < vocab_size]  # a config's EOS may lie past a small vocab
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, object] = OrderedDict()
         self._lock = threading.Lock()

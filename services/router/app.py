@@ -240,18 +240,20 @@ class OpenAIServer:
         self.check_model(req.model)
         tools = plan_tools(req.tools, req.tool_choice, self.tool_call_parser, self.enable_auto_tool_choice)
         params = req.to_sampling_params(tools.structured_outputs())
-        text = self.render_chat(req.template_messages(), req.tools, req.add_generation_prompt, req.chat_template_kwargs)
+        text = self.render_chat(req.template_messages(), req.tools, req.add_generation_prompt, req.chat_template_kwargs,
+                                offer_tools=tools.mode != "none")
         ids = await self._encode(text, False)
         self._check_length(ids, params, "messages")
         job = self._job("chatcmpl", [(text, ids)], params)
         return await self._run(request, job, _ChatFormat(req, self._decode_one, tools), req.stream, req.include_usage)
 
     def render_chat(self, messages: list[dict], tools: list[oa.ChatTool] | None, add_generation_prompt: bool,
-                    kwargs: dict | None) -> str:
-        """The chat template's text; tools a template ignores are written in Hermes form."""
+                    kwargs: dict | None, offer_tools: bool = True) -> str:
+        """The chat template's text. A template that ignores tools gets them in Hermes form (the
+        listing only when `offer_tools`: not for tool_choice none), earlier calls as text."""
         template = getattr(self.tokenizer, "chat_template", None) or ""
-        if tools and "tools" not in template:
-            messages, tools = hermes_messages(messages, tools), None
+        if "tools" not in template and (tools or any(m.get("tool_calls") for m in messages)):
+            messages, tools = hermes_messages(messages, tools if offer_tools else None), None
         try:
             return self.tokenizer.apply_chat_template(
                 messages, tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None,

@@ -303,9 +303,10 @@ def _partial_tag(text: str, tag: str) -> int:
 
 
 # ---- templates without tools --------------------------------------------------------------
-def hermes_messages(messages: list[dict], tools: list[oa.ChatTool]) -> list[dict]:
-    """The conversation with the tools in Hermes form, for a template that has no `tools`."""
-    listing = "\n".join(json.dumps(t.model_dump(exclude_none=True), ensure_ascii=False) for t in tools)
+def hermes_messages(messages: list[dict], tools: list[oa.ChatTool] | None) -> list[dict]:
+    """The conversation with the tools (if any) and earlier calls in Hermes form, for a template
+    that has no `tools`."""
+    listing = "\n".join(json.dumps(t.model_dump(exclude_none=True), ensure_ascii=False) for t in tools or [])
     prompt = ("You may call one or more functions to assist with the user query. The functions are listed "
               f"in <tools></tools>:\n<tools>\n{listing}\n</tools>\nFor each function call, answer with a JSON "
               'object {"name": <function-name>, "arguments": <args-json-object>} inside <tool_call></tool_call>.')
@@ -318,6 +319,8 @@ def hermes_messages(messages: list[dict], tools: list[oa.ChatTool]) -> list[dict
                               ensure_ascii=False)
             m["content"] = (m.get("content") or "") + f"<tool_call>\n{body}\n</tool_call>"
         out.append(m)
+    if not tools:
+        return out
     if out and out[0]["role"] == "system":
         out[0] = {**out[0], "content": f"{out[0]['content']}\n\n{prompt}"}
     else:

@@ -234,3 +234,15 @@ def test_greedy_unconstrained_output_unchanged_next_to_constrained(client):
                                           for _ in range(3)])
     assert outs[0].choices[0].message.content == alone
     assert not outs[0].choices[0].message.tool_calls
+
+
+def test_tool_conversation_rendered_for_a_template_without_tools(server):
+    """SmolLM2's template ignores `tools`: the tools and earlier calls are written in Hermes form."""
+    msgs = ASK + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": 21}'}]
+    ids = httpx.post(server.url + "/tokenize", json={"messages": msgs, "tools": [WEATHER]}).json()["tokens"]
+    prompt = httpx.post(server.url + "/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert prompt.startswith("<|im_start|>system\n") and "<tools>" in prompt and '"name": "get_weather"' in prompt
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>' in prompt
+    assert '<|im_start|>tool\n{"temp": 21}<|im_end|>' in prompt
