@@ -106,11 +106,10 @@ class SamplingParams:
     @property
     def needs_host_history(self) -> bool:
         """Sampling reads this request's latest tokens or reports per-token data on the host
-        (penalties, min_tokens, logprobs, a grammar's state, bad words of several tokens): the
-        engine then runs its steps one at a time."""
+        (penalties, min_tokens, logprobs): the engine then runs its steps one at a time. Token
+        masks (grammars, bad_words) read the token in flight from the previous step instead."""
         return (self.has_penalties or self.min_tokens > 0 or self.logprobs is not None
-                or self.prompt_logprobs is not None or self.structured_outputs is not None
-                or bool(self.bad_words))
+                or self.prompt_logprobs is not None)
 
     @property
     def has_token_mask(self) -> bool:

@@ -15,12 +15,12 @@ device work of the previous one, so the GPU never waits for Python between steps
              update(sched_{k-1}, result); return outputs.process(...)
 
 Steps run one at a time while any request needs its latest tokens on the host to sample
-(penalties, min_tokens, logprobs, grammars; `SamplingParams.needs_host_history`).
+(penalties, min_tokens, logprobs; `SamplingParams.needs_host_history`).
 
 Constrained decoding (grammars, allowed_token_ids, bad_words) enters through one object,
 `self.structured` (common/engine/structured_output.py): it compiles grammars at validation,
-fills each step's token bitmask for the runner, and after update() says which requests'
-grammars ended.
+fills each step's token bitmask for the runner (overlapped steps included: a grammar row's token
+in flight is read from the previous step), and after update() says which requests' grammars ended.
 
 A failing forward pass fails the requests in that step with an error and the engine goes on.
 """

@@ -58,6 +58,7 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator] = {}
         self._tables = BlockTableCache()
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] = (torch.empty(0), {})  # tokens, req_id -> row
+        self._last_pending: PendingOutput | None = None  # the last launched step that sampled
         self._fill_upload = PackedUpload(self.device, 1024)
         self.kv_caches: list[torch.Tensor] = []
         self.graphs = None  # captured after the KV cache exists
@@ -151,7 +152,8 @@ class ModelRunner:
         """Queue one step on the device; `result()` of the return value waits for its tokens.
         Steps whose requests need logprobs wait here (they read results on the host).
         `token_masks` (a StructuredOutputManager) fills the sampled rows' token bitmask on the
-        host while the forward runs on the device."""
+        host while the forward runs on the device; a row whose last token is still in flight
+        reads it from the previous step (`_inflight_token`)."""
         for req_id in sched.finished_req_ids:
             self._generators.pop(req_id, None)
         self._tables.drop(sched.finished_req_ids | sched.preempted_req_ids)
@@ -179,11 +181,17 @@ class ModelRunner:
             return PendingOutput(out)
         logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
         gens = [self._generator(s) for s in sample_reqs]
-        bitmask = token_masks.fill(sample_reqs) if token_masks is not None else None
+        bitmask = token_masks.fill(sample_reqs, self._inflight_token) if token_masks is not None else None
         tokens = self.sampler.sample(logits, sample_reqs, self.arch.eos_token_ids, gens, bitmask)
         self._last_sampled = (tokens, {s.req_id: i for i, s in enumerate(sample_reqs)})
         out.logprobs = self.sampler.logprobs(logits, tokens, sample_reqs)
-        return PendingOutput(out, [s.req_id for s in sample_reqs], tokens)
+        self._last_pending = PendingOutput(out, [s.req_id for s in sample_reqs], tokens)
+        return self._last_pending
+
+    def _inflight_token(self, req_id: str) -> int:
+        """The token the previous launched step sampled for req_id, on the host. Waits for that
+        step only: the step being launched is already queued behind it and keeps the device busy."""
+        return self._last_pending.result().sampled_token_ids[req_id]
 
     def _placeholder_fill(self, ordered: list[ScheduledRequest], step: StepInputs):
         """The device-side fill of PLACEHOLDER_TOKEN inputs from the last launched step's sampled

@@ -6,7 +6,8 @@ sees of constrained decoding:
     EngineCore.validate(params)      compile the request's grammar now (LRU cache of compiled
                                      grammars, keyed by the spec): a bad regex/grammar -> 400
     runner.launch(sched, manager)    forward queued on the device, then on the host, while it runs:
-      manager.fill(sample_reqs)        -> bitmask [B, ceil(V / 32)] int32 (bit set: token allowed),
+      manager.fill(sample_reqs, inflight_token)
+                                       -> bitmask [B, ceil(V / 32)] int32 (bit set: token allowed),
                                           None when no row is constrained
       sampler.sample(..., bitmask)     masked logits are -inf before anything else
     scheduler.update -> touched
@@ -17,9 +18,12 @@ sees of constrained decoding:
 Each request's matcher catches up with *all* its output tokens the first time it is looked at,
 so tokens given at admission (a decode worker receives the first token its prefill worker
 sampled; a resubmitted request carries what it had generated) advance it like sampled ones,
-whoever created the Request. Grammar requests need their previous token on the host before their
-mask exists, so `SamplingParams.needs_host_history` makes the engine run steps one at a time
-while one is running (on CUDA the mask is still filled while the step's forward runs).
+whoever created the Request. Overlapped steps keep running: a row whose previous token is still
+in flight (its input is PLACEHOLDER_TOKEN) gets that token from `inflight_token(req_id)`, which
+waits for the previous step only (the runner has already queued this step's forward behind it),
+and the matcher accepts it ahead of update(); update() then finds it consumed. A row whose matcher
+terminated on that token (the extra step of an ending request, whose token update() drops) or
+broke is left unmasked.
 
 A matcher accepts EOS only where the grammar may end and then terminates; a request whose
 matcher terminated (e.g. with ignore_eos) finishes as stopped. Bad words follow vLLM: each word is
@@ -33,17 +37,19 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
 
-from pdserve.common.engine.outputs import ScheduledRequest
+from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, ScheduledRequest
 from pdserve.common.request import Request
 from pdserve.common.sampling_params import ParameterError, SamplingParams, StructuredOutputsParams
 
 log = logging.getLogger("pdserve.structured")
 
 GRAMMAR_CACHE_SIZE = 256  # compiled grammars kept (a JSON schema's is ~10-500 KB)
+MAX_BAD_WORD_CONTEXT = 64  # output tokens a bad word's prefix is compared with (longer words never match)
 
 
 class GrammarCompiler:
@@ -154,22 +160,26 @@ class StructuredOutputManager:
             self.grammars.compile(params.structured_outputs)
 
     # ---- the step's mask --------------------------------------------------------------------
-    def fill(self, reqs: list[ScheduledRequest]) -> torch.Tensor | None:
+    def fill(self, reqs: list[ScheduledRequest], inflight_token: Callable[[str], int] | None = None
+             ) -> torch.Tensor | None:
         """Bitmask [B, W] int32 on the host for the step's sampled rows (all bits set in rows
         without constraints), or None when no row has any. Pinned on CUDA hosts: the sampler's
-        copy to the device does not wait."""
+        copy to the device does not wait. `inflight_token(req_id)`: the token the previous step
+        sampled for a row whose input is still in flight."""
         rows = [(i, s) for i, s in enumerate(reqs) if s.params.has_token_mask]
         if not rows:
             return None
         bitmask = torch.full((len(reqs), self.num_words), -1, dtype=torch.int32,
                              pin_memory=self.pin_memory)
         bits = bitmask.numpy().view(np.uint32)  # same memory, unsigned for bit arithmetic
-        grammar_rows, matchers = [], []
+        grammar_rows, matchers, inflight = [], [], {}
         for i, s in rows:
             state = self._state(s.req_id, s.params)
+            if inflight_token is not None and s.input_token_ids[-1] == PLACEHOLDER_TOKEN:
+                inflight[s.req_id] = inflight_token(s.req_id)
             if state.matcher is not None:
-                self._catch_up(state, s.output_token_ids)
-                if not state.broken:
+                self._catch_up(state, s.output_token_ids, inflight.get(s.req_id))
+                if not state.broken and not state.matcher.is_terminated():
                     grammar_rows.append(i)
                     matchers.append(state.matcher)
         self._fill_grammar_rows(matchers, bitmask, grammar_rows)
@@ -177,10 +187,13 @@ class StructuredOutputManager:
             state = self._states[s.req_id]
             if state.allowed is not None:
                 bits[i] &= state.allowed
-            for word in state.bad_words:
-                if len(word) == 1 or tuple(s.output_token_ids[-(len(word) - 1):]) == word[:-1]:
-                    t = word[-1]
-                    bits[i, t >> 5] &= np.uint32(~(1 << (t & 31)) & 0xFFFFFFFF)
+            if state.bad_words:
+                tail = s.output_token_ids[-MAX_BAD_WORD_CONTEXT:] + (
+                    [inflight[s.req_id]] if s.req_id in inflight else [])
+                for word in state.bad_words:
+                    if len(word) == 1 or tuple(tail[-(len(word) - 1):]) == word[:-1]:
+                        t = word[-1]
+                        bits[i, t >> 5] &= np.uint32(~(1 << (t & 31)) & 0xFFFFFFFF)
         return bitmask
 
     def _fill_grammar_rows(self, matchers: list, bitmask: torch.Tensor, rows: list[int]) -> None:
@@ -237,9 +250,11 @@ class StructuredOutputManager:
             state = self._states[req_id] = _RequestState(matcher, allowed, self._bad_word_ids(params.bad_words))
         return state
 
-    def _catch_up(self, state: _RequestState, output_token_ids: list[int]) -> None:
-        while not state.broken and state.num_accepted < len(output_token_ids):
-            token = output_token_ids[state.num_accepted]
+    def _catch_up(self, state: _RequestState, output_token_ids: list[int], inflight: int | None = None) -> None:
+        """Accept the output tokens the matcher has not seen, then the in-flight one if given."""
+        num_known = len(output_token_ids)
+        while not state.broken and state.num_accepted < num_known + (inflight is not None):
+            token = output_token_ids[state.num_accepted] if state.num_accepted < num_known else inflight
             if state.matcher.is_terminated() or not state.matcher.accept_token(token):
                 log.warning("output token %d does not match the request's grammar", token)
                 state.broken = True

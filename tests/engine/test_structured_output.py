@@ -79,20 +79,34 @@ def test_matcher_catches_up_with_given_output_tokens(llm):
     assert engine.structured.num_requests == 0
 
 
-def test_overlapped_steps_drain_for_grammar_and_keep_other_rows(tiny_models):
-    """With async scheduling forced on, unconstrained greedy rows give the same tokens next to
-    grammar rows as alone, and the grammar rows are valid."""
+def test_overlapped_steps_equal_one_at_a_time(tiny_models):
+    """Grammar, bad_words and allowed_token_ids rows keep steps overlapped (the token in flight is
+    read from the previous step) and give exactly the tokens of one-at-a-time steps, seeded
+    sampling included; unconstrained rows are untouched by their neighbours' masks."""
     plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
-    llm = LLM(tiny_models["llama"], num_gpu_blocks_override=256, async_scheduling=True)
-    alone = run(llm, plain)[0].token_ids
-    prompts = [{"prompt_token_ids": PROMPT}] * 3
-    params = [plain, SamplingParams(temperature=1.0, seed=5, max_tokens=80, structured_outputs={"json": SCHEMA}),
-              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, allowed_token_ids=[28, 29, 30])]
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    assert outs[0].outputs[0].token_ids == alone
-    jsonschema.validate(json.loads(outs[1].outputs[0].text), SCHEMA)
-    assert set(outs[2].outputs[0].token_ids) <= {28, 29, 30}
-    assert llm.engine.kv.num_free_blocks == llm.engine.runner.num_blocks
+    prompts = [{"prompt_token_ids": PROMPT[:k]} for k in (7, 6, 5, 4, 3)]
+    params = [plain,
+              SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=80, structured_outputs={"json": SCHEMA}),
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, allowed_token_ids=[28, 29, 30]),
+              SamplingParams(temperature=0.8, seed=8, max_tokens=20, ignore_eos=True,
+                             structured_outputs={"choice": ["done"]}),
+              SamplingParams(temperature=1.0, seed=6, max_tokens=24, ignore_eos=True, bad_words=["the", "a b"])]
+    runs = {}
+    for overlap in (False, True):
+        llm = LLM(tiny_models["llama"], num_gpu_blocks_override=256, async_scheduling=overlap)
+        alone = run(llm, plain)[0].token_ids
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        engine = llm.engine
+        assert outs[0].outputs[0].token_ids == alone
+        for o in outs[1].outputs:
+            jsonschema.validate(json.loads(o.text), SCHEMA)
+        assert set(outs[2].outputs[0].token_ids) <= {28, 29, 30}
+        assert outs[3].outputs[0].text == "done" and outs[3].outputs[0].finish_reason == "stop"
+        assert engine.kv.num_free_blocks == engine.runner.num_blocks and engine.structured.num_requests == 0
+        if overlap:
+            assert engine.num_overlapped_steps > engine.num_steps // 2
+        runs[overlap] = [[c.token_ids for c in o.outputs] for o in outs]
+    assert runs[True] == runs[False]
 
 
 def test_logit_bias_allowed_token_ids_and_bad_words(llm):
