@@ -28,8 +28,8 @@ class Sampler:
         """Tokens [B] on the device; nothing here waits for the device (small host lists go
         through pinned memory), so a step can be queued behind the one running. `bitmask`
         [B, ceil(V / 32)] int32 on the host: bit t of row i set = token t allowed for row i."""
-        if bitmask is not None:
-            logits = apply_token_bitmask(logits, bitmask)
+        if bitmask is not None:  # in place unless logprobs (of the raw logits) are wanted
+            logits = apply_token_bitmask(logits, bitmask, copy=any(r.params.logprobs is not None for r in reqs))
         logits = self._apply_logit_bias(logits, reqs)
         logits = self._apply_penalties(logits, reqs)
         logits = self._apply_min_tokens(logits, reqs, eos_token_ids)
@@ -107,11 +107,12 @@ class Sampler:
         return logits
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """Logits with the tokens whose bit is clear set to -inf (a copy: the raw logits stay for
-    logprobs). xgrammar's kernel: C++ on CPU, Triton on CUDA."""
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, copy: bool = True) -> torch.Tensor:
+    """Logits with the tokens whose bit is clear set to -inf (`copy`: on a copy, so the raw
+    logits stay for logprobs). xgrammar's kernel: C++ on CPU, Triton on CUDA."""
     from xgrammar import apply_token_bitmask_inplace
-    logits = logits.clone()
+    if copy:
+        logits = logits.clone()
     apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), vocab_size=logits.shape[1])
     return logits
 

@@ -139,6 +139,7 @@ class StructuredOutputManager:
         self.grammars = GrammarCompiler(tokenizer, vocab_size, eos_token_ids) if tokenizer is not None else None
         self._states: dict[str, _RequestState] = {}
         self._batch_matcher = None
+        self._buffer: torch.Tensor | None = None  # CPU: the reused bitmask
 
     # ---- admission --------------------------------------------------------------------------
     def validate(self, params: SamplingParams) -> None:
@@ -169,8 +170,7 @@ class StructuredOutputManager:
         rows = [(i, s) for i, s in enumerate(reqs) if s.params.has_token_mask]
         if not rows:
             return None
-        bitmask = torch.full((len(reqs), self.num_words), -1, dtype=torch.int32,
-                             pin_memory=self.pin_memory)
+        bitmask = self._host_buffer(len(reqs))
         bits = bitmask.numpy().view(np.uint32)  # same memory, unsigned for bit arithmetic
         grammar_rows, matchers, inflight = [], [], {}
         for i, s in rows:
@@ -195,6 +195,18 @@ class StructuredOutputManager:
                         t = word[-1]
                         bits[i, t >> 5] &= np.uint32(~(1 << (t & 31)) & 0xFFFFFFFF)
         return bitmask
+
+    def _host_buffer(self, num_rows: int) -> torch.Tensor:
+        """[num_rows, W] int32, all bits set. CUDA hosts: fresh pinned memory per step (torch's
+        caching host allocator reuses a block only after its copy to the device is done). CPU:
+        one buffer reused (the sampler applies it before the next step fills it)."""
+        if self.pin_memory:
+            return torch.full((num_rows, self.num_words), -1, dtype=torch.int32, pin_memory=True)
+        if self._buffer is None or self._buffer.shape[0] < num_rows:
+            self._buffer = torch.empty((max(num_rows, 64), self.num_words), dtype=torch.int32)
+        buf = self._buffer[:num_rows]
+        buf.fill_(-1)
+        return buf
 
     def _fill_grammar_rows(self, matchers: list, bitmask: torch.Tensor, rows: list[int]) -> None:
         if len(matchers) == 1:
