@@ -75,3 +75,16 @@ def test_bench_latency_reports_consistent_numbers(tmp_path, tiny_models):
     bad = pdserve("bench", "latency", "--model", tiny_models["llama"], "--output-len", "0")
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1] == \
         "pdserve bench latency: --output-len must be at least 1"
+
+
+def test_bench_structured_and_tool_flags(tmp_path):
+    out = tmp_path / "s.json"
+    proc = pdserve("bench", "structured", "--shape", "tiny", "--batch-sizes", "2", "--input-len", "8",
+                   "--output-len", "6", "--rounds", "1", "--json-out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(out.read_text())["results"][0]
+    assert row["batch_size"] == 2 and row["none"]["tok_per_s"] > 0 and row["json_schema"]["full_steps"] == [4]
+    assert "ratio" in row and "json_schema" in proc.stdout
+    bad = pdserve("serve", "--enable-auto-tool-choice")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "pdserve serve: error: --enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)"]

@@ -148,3 +148,25 @@ def test_compiled_grammars_are_cached(llm):
     for _ in range(3):
         llm.engine.validate(PROMPT, spec)
     assert grammars.num_compiled == before + 1
+
+
+@pytest.mark.gpu
+def test_cuda_grammar_rows_overlapped_and_graphs(tiny_models):
+    """On CUDA (Triton attention, CUDA graphs, pinned bitmasks, xgrammar's Triton mask kernel):
+    grammar outputs validate, and overlapped steps give the tokens of one-at-a-time steps."""
+    params = [SamplingParams(n=4, temperature=1.0, seed=5, max_tokens=80, structured_outputs={"json": SCHEMA}),
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, bad_words=["the"]),
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=2,
+                             structured_outputs={"regex": r"[a-z]{3,20}"})]
+    prompts = [{"prompt_token_ids": PROMPT}, {"prompt_token_ids": PROMPT[:5]}, {"prompt_token_ids": PROMPT[:4]}]
+    runs = {}
+    for overlap in (False, True):
+        llm = LLM(tiny_models["llama"], device="cuda", num_gpu_blocks_override=256, async_scheduling=overlap)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        for o in outs[0].outputs:
+            jsonschema.validate(json.loads(o.text), SCHEMA)
+        assert re.fullmatch(r"[a-z]{3,20}", outs[2].outputs[0].text)
+        runs[overlap] = [[c.token_ids for c in o.outputs] for o in outs]
+        assert (llm.engine.num_overlapped_steps > 0) == overlap
+        del llm
+    assert runs[True] == runs[False]
