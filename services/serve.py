@@ -18,8 +18,8 @@ import signal
 import socket
 
 from pdserve.common.config import ConfigError
+from pdserve.common.model_path import served_name
 
-DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 GRACEFUL_SHUTDOWN_S = 5
 
 
@@ -36,15 +36,6 @@ def add_parser(sub, add_engine_args) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def served_model_name(args: argparse.Namespace) -> str:
-    if args.served_model_name:
-        return args.served_model_name
-    if not args.model:
-        return DEFAULT_SERVED_NAME
-    name = os.path.basename(os.path.normpath(args.model))
-    return name[:-len(".gguf")] if name.endswith(".gguf") else name
-
-
 def cmd_serve(args: argparse.Namespace) -> None:
     if args.model_path and args.model and args.model_path != args.model:
         raise ConfigError(f"two models given: {args.model_path} and --model {args.model}")
@@ -54,16 +45,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     import uvicorn
 
+    from pdserve.common.config import engine_config
     from pdserve.common.engine.async_llm import AsyncLLM
-    from pdserve.common.engine.llm import LLM
-    from pdserve.services.cli import engine_kwargs
+    from pdserve.common.metrics import StatsCollector
     from pdserve.services.router.app import build_app
 
-    name = served_model_name(args)
+    name = args.served_model_name or served_name(args.model)
     with _bind(args.host, args.port) as sock:
-        engine = AsyncLLM(core=LLM(**engine_kwargs(args)).engine)  # LLM builds the EngineConfig from flags
+        engine = AsyncLLM(engine_config(args))
         try:
-            app = build_app(engine, name, api_key=args.api_key, stats=engine.core.stats)
+            app = build_app(engine, name, api_key=args.api_key, collector=StatsCollector(name, engine=engine.core.stats))
             config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                     access_log=args.uvicorn_log_level in ("info", "debug", "trace"),
                                     timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

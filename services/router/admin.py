@@ -8,7 +8,7 @@
     POST /admin/instances/{id}/role     {"role": "prefill"|"decode"|"both", "timeout_s": 120}
                                         drain -> wait until idle -> set the role -> serving
 
-A role switch needs no restart: every worker serves both gRPC services (services/worker.py) and
+A role switch needs no restart: every worker serves both gRPC services (services/worker/) and
 its registry record's role decides what routers send it. The switch waits `ROUTER_SETTLE_S`
 (longer than a router's refresh, so every router has seen the drain), then until the worker
 reports no running or waiting request and this router has nothing in flight there; then it
@@ -31,7 +31,7 @@ from redis.exceptions import RedisError
 
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.services.router.instances import InstancePool
-from pdserve.services.router.registry import ROLES, InstanceNotFoundError, Registry
+from pdserve.common.registry import ROLES, InstanceNotFoundError, Registry
 
 ROUTER_SETTLE_S = 1.5  # > a router's refresh interval (0.5 s), with margin
 POLL_S = 0.2

@@ -38,7 +38,7 @@ from pdserve.common.engine_client import EngineClient, EngineDeadError
 from pdserve.common.outputs import CompletionOutput, RequestOutput
 from pdserve.common.sampling_params import ParameterError, SamplingParams
 from pdserve.services.router import openai_schema as oa
-from pdserve.services.router.metrics import RequestTracker, ServerMetrics
+from pdserve.common.metrics import RequestTracker, ServerMetrics, StatsCollector
 
 log = logging.getLogger("pdserve.api")
 
@@ -490,10 +490,10 @@ def _param_name(loc: tuple) -> str | None:
 
 # ---- the app ----------------------------------------------------------------------------------
 def build_app(engine: EngineClient, served_model_name: str, api_key: str | None = None,
-              stats: Callable[[], dict] | None = None) -> FastAPI:
-    """The FastAPI app. `stats()` (engine gauges for /metrics) is the deployment's: the in-process
-    engine core's, or the router's view of its fleet."""
-    metrics = ServerMetrics(served_model_name, engine.max_model_len, stats)
+              collector: StatsCollector | None = None) -> FastAPI:
+    """The FastAPI app. `collector` (state for /metrics) is the deployment's: the in-process
+    engine's stats, or the router's view of its fleet and its routing counters."""
+    metrics = ServerMetrics(served_model_name, engine.max_model_len, collector)
     server = OpenAIServer(engine, served_model_name, metrics)
     app = FastAPI(title="pdserve", description="OpenAI-compatible API of pdserve")
     app.state.server = server

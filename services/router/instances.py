@@ -31,8 +31,8 @@ from pdserve.common.block_hash import hash_blocks
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.services.router import routing
-from pdserve.services.router.prefix_index import PrefixIndex
-from pdserve.services.router.registry import InstanceInfo, Load, Registry
+from pdserve.common.prefix_index import PrefixIndex
+from pdserve.common.registry import InstanceInfo, Load, Registry
 
 log = logging.getLogger("pdserve.router.instances")
 

@@ -75,6 +75,7 @@ class InstanceInfo:
     block_size: int  # tokens per KV block; equal across the fleet (prefix hashes depend on it)
     num_blocks: int  # KV capacity in blocks
     status: str = "serving"  # "serving" | "draining"
+    metrics_address: str = ""  # the worker's /metrics URL
     started_at: float = field(default_factory=time.time)  # Unix seconds
 
     def __post_init__(self) -> None:
