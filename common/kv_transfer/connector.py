@@ -77,6 +77,10 @@ class LeaseConnector(KVConnector):
     def num_expired(self) -> int:
         return self.kv.num_expired_leases
 
+    @property
+    def num_active(self) -> int:
+        return len(self.kv.leases)
+
 
 @dataclass(frozen=True)
 class PullSpec:

@@ -22,6 +22,7 @@ from pdserve.common.request import child_request_id
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.convert import delta_to_proto, prompt_logprobs_to_proto
+from pdserve.services import grpc_auth
 from pdserve.services.worker.state import WorkerState
 
 
@@ -31,10 +32,10 @@ def pull_spec(handle: pb.KVHandle) -> PullSpec:
                     control_address=handle.control_address)
 
 
-async def release_lease(spec: PullSpec) -> None:
+async def release_lease(spec: PullSpec, token: str | None = None) -> None:
     """Tell the prefill worker its lease's blocks may go (it expires by itself if this fails)."""
     try:
-        async with grpc.aio.insecure_channel(spec.control_address) as ch:
+        async with grpc_auth.channel(spec.control_address, token) as ch:
             await pb_grpc.PrefillStub(ch).ReleaseLease(pb.ReleaseLeaseRequest(lease_id=spec.lease_id), timeout=2)
     except grpc.RpcError:
         pass

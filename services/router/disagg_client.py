@@ -28,6 +28,7 @@ Torch-free.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections import deque
@@ -49,12 +50,14 @@ RECENT_DECISIONS = 512
 
 class DisaggClient:
     def __init__(self, tokenizer: TokenizerLike, model_name: str, pool: InstancePool,
-                 prefill_timeout_s: float = 60.0, decode_timeout_s: float = 600.0):
+                 prefill_timeout_s: float = 60.0, decode_timeout_s: float = 600.0,
+                 no_instance_timeout_s: float = 5.0):
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.pool = pool
         self.prefill_timeout_s = prefill_timeout_s
         self.decode_timeout_s = decode_timeout_s
+        self.no_instance_timeout_s = no_instance_timeout_s  # wait this long for a decode to (re)appear
         self.stats = RouterStats()
         self.recent: deque[dict] = deque(maxlen=RECENT_DECISIONS)
 
@@ -87,6 +90,16 @@ class DisaggClient:
                 self.pool.end(reserved.instance_id)
 
     async def _generate(self, request_id, prompt_token_ids, params, state: RequestState, route, decision, reserved):
+        lease = _Lease()
+        try:
+            async for out in self._run(request_id, prompt_token_ids, params, state, route, decision, reserved, lease):
+                yield out
+        finally:
+            if lease.handle is not None and not lease.pulled:  # ended before a decode pulled it
+                asyncio.ensure_future(self._release(lease.handle))
+
+    async def _run(self, request_id, prompt_token_ids, params, state: RequestState, route, decision, reserved,
+                   lease: "_Lease"):
         handle = None
         if route.prefill is not None:
             try:
@@ -101,15 +114,14 @@ class DisaggClient:
                     state.add(delta_from_proto(request_id, d))
                 state.metrics.num_cached_prompt_tokens = resp.num_cached_tokens
                 state.set_prompt_logprobs(prompt_logprobs_from_proto(resp.prompt_logprobs))
-                handle = resp.handle if resp.HasField("handle") else None
+                handle = lease.handle = resp.handle if resp.HasField("handle") else None
                 yield state.output()
                 if state.finished:
-                    if handle is not None:
-                        await self._release(handle)
                     return
         tried: set[str] = set()
         while not state.finished:
-            inst = reserved if reserved is not None and not tried else self.pool.choose("decode", exclude=tried)
+            inst = reserved if reserved is not None and not tried else \
+                await self.pool.wait_for("decode", exclude=tried, timeout_s=self.no_instance_timeout_s)
             if inst is None:
                 raise EngineDeadError("no decode instance is available" + (" (all failed)" if tried else ""))
             computes_prompt = handle is None and decision["computed_on"] is None
@@ -134,6 +146,7 @@ class DisaggClient:
             first_chunk = True
             try:
                 async for chunk in call:
+                    lease.pulled |= handle is not None  # decode answers only after its pull ended
                     if chunk.kv_bytes_received:
                         self.stats.kv_bytes += chunk.kv_bytes_received
                         self.stats.handoffs += 1
@@ -230,6 +243,13 @@ class DisaggClient:
             await stub.Abort(pb.AbortRequest(request_id=request_id, indices=indices), timeout=2)
         except grpc.aio.AioRpcError:
             pass  # the sequence runs on; its tokens are ignored here and the stream ends with the others
+
+
+class _Lease:
+    """The KV handle a prefill answered with, and whether a decode has pulled (or given up on) it:
+    a request that ends before that releases the lease itself, not after its TTL."""
+    handle: pb.KVHandle | None = None
+    pulled: bool = False
 
 
 class _EngineFailed(Exception):

@@ -20,9 +20,11 @@ import logging
 import signal
 import sys
 
-from pdserve.common.config import ConfigError
+from pdserve.common.config import ConfigError, env_flag
+from pdserve.services.router.limits import add_limit_args, limits_of
 
-INDEX_TIMEOUT_S = 0.25  # a prefix lookup slower than this is worth less than routing by load alone
+INDEX_TIMEOUT_S = 0.25
+GRACEFUL_SHUTDOWN_S = 30  # SIGTERM: open streams get this long to finish  # a prefix lookup slower than this is worth less than routing by load alone
 
 
 def add_router_args(p: argparse.ArgumentParser) -> None:
@@ -36,6 +38,9 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing", default="prefix", choices=["prefix", "load", "round_robin"],
                    help="prefix: cached-prefix overlap vs load (docs/routing.md); load: least loaded; "
                         "round_robin: rotation (a baseline)")
+    add_limit_args(p)
+    p.add_argument("--internal-token", default=env_flag("PDSERVE_INTERNAL_TOKEN"),
+                   help="shared secret sent on every gRPC call to the workers (default: $PDSERVE_INTERNAL_TOKEN)")
     p.add_argument("--disagg-min-prompt-tokens", type=int, default=64,
                    help="prompts shorter than this, or whose uncached part on the chosen decode instance is, "
                         "skip prefill and are computed by decode (0: always prefill)")
@@ -60,7 +65,9 @@ def run_router(args: argparse.Namespace) -> None:
     from pdserve.common.prefix_index import PrefixIndex
     from pdserve.common.registry import Registry
     from pdserve.common.tokenizer import load_tokenizer
-    from pdserve.services.router.admin import add_admin_routes
+    from fastapi import Depends
+
+    from pdserve.services.router.admin import add_admin_routes, admin_guard
     from pdserve.services.router.app import build_app
     from pdserve.services.router.disagg_client import DisaggClient
     from pdserve.services.router.instances import InstancePool
@@ -76,15 +83,15 @@ def run_router(args: argparse.Namespace) -> None:
     async def main():
         registry = Registry(args.redis_url)
         index = PrefixIndex(args.redis_url, timeout_s=INDEX_TIMEOUT_S)
-        pool = InstancePool(registry, index, config)
+        pool = InstancePool(registry, index, config, internal_token=args.internal_token)
         await pool.start()
         client = DisaggClient(tokenizer, name, pool)
         collector = StatsCollector(name, engine=lambda: fleet_stats(pool), router=lambda: client.stats,
                                    redis_up=lambda: pool.redis_ok)
-        app = build_app(client, name, api_key=args.api_key, collector=collector)
+        app = build_app(client, name, api_key=args.api_key, collector=collector, limits=limits_of(args))
         add_admin_routes(app, pool, registry, api_key=args.api_key)
 
-        @app.get("/admin/stats")
+        @app.get("/admin/stats", dependencies=[Depends(admin_guard(args.api_key))])
         async def admin_stats():
             return {**dataclasses.asdict(client.stats), "recent": list(client.recent), "redis_ok": pool.redis_ok,
                     "redis_up": int(pool.redis_ok),
@@ -94,7 +101,8 @@ def run_router(args: argparse.Namespace) -> None:
                                    "metrics_address": i.metrics_address, "status": i.status,
                                    "load": None if load is None else load.__dict__}
                                   for i, load in pool.instances]}
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning"))
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                               timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
         task = asyncio.create_task(server.serve())
         while not server.started and not task.done():
             await asyncio.sleep(0.05)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from pdserve.common.config import env_flag
 from pdserve.common.kv_transfer import BACKENDS
 
 
@@ -22,5 +23,10 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pull-deadline", type=float, default=10.0, help="seconds a decode waits for a KV pull")
     p.add_argument("--kv-events-interval", type=float, default=0.1,
                    help="seconds between publications of prefix-cache changes to the prefix index")
+    p.add_argument("--internal-token", default=env_flag("PDSERVE_INTERNAL_TOKEN"),
+                   help="shared secret every gRPC call must carry (router, other workers); "
+                        "default: $PDSERVE_INTERNAL_TOKEN, none: calls are not checked")
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="seconds a SIGTERM waits for running requests before stopping")
     p.add_argument("--ready-file", default=None,
                    help="write 'grpc_address kv_address metrics_address' here once serving")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -44,6 +45,7 @@ from pdserve.common.kv_transfer.connector import LeaseConnector, PullConnector
 from pdserve.common.metrics import ServerMetrics, StatsCollector
 from pdserve.common.stats import TransferStats
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.services import grpc_auth
 from pdserve.services.decode.server import DecodeServicer, release_lease
 from pdserve.services.prefill.server import PrefillServicer
 from pdserve.services.worker.events import KVEventPublisher
@@ -104,7 +106,7 @@ class WorkerConnector(KVConnector):
 def transfer_stats(lease: LeaseConnector, pull: PullConnector, kv_server) -> TransferStats:
     latencies, pull.pull_seconds = pull.pull_seconds, []
     return TransferStats(leases_granted=lease.num_leases, leases_released=lease.num_released,
-                         leases_expired=lease.num_expired, leases_active=len(lease.kv.leases),
+                         leases_expired=lease.num_expired, leases_active=lease.num_active,
                          bytes_sent=kv_server.bytes_sent, pulls_served=kv_server.num_transfers,
                          serve_failures=kv_server.num_failures, pulls=pull.num_pulls,
                          pull_failures=pull.num_failures, bytes_received=pull.bytes_received,
@@ -115,7 +117,8 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
     """Start everything (module docstring), run until SIGINT/SIGTERM, stop in order."""
     loop = asyncio.get_running_loop()
     lease = LeaseConnector(lease_ttl_s=args.lease_ttl)
-    pull = PullConnector({}, loop, release_lease, deadline_s=args.pull_deadline)
+    pull = PullConnector({}, loop, functools.partial(release_lease, token=args.internal_token),
+                         deadline_s=args.pull_deadline)
     engine = AsyncLLM(config, connector=WorkerConnector(lease, pull))
     kv_caches = engine.core.runner.kv_caches
     pull.clients[args.kv_transport] = make_client(args.kv_transport, kv_caches)
@@ -125,7 +128,8 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
     kv_server = make_server(args.kv_transport, kv_caches, lease.resolve, host=args.host)
     _, kv_port = split_address(await kv_server.start(), args.kv_transport)
     kv_address = f"{args.kv_transport}://{args.advertise_host}:{kv_port}"  # what decode workers dial
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)])
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)],
+                             interceptors=grpc_auth.server_interceptors(args.internal_token))
     port = server.add_insecure_port(f"{args.host}:{args.grpc_port}")
     grpc_address = f"{args.advertise_host}:{port}"
     pb_grpc.add_PrefillServicer_to_server(
@@ -172,12 +176,19 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+    # Graceful: say NOT_SERVING (routers drop this worker at their next refresh), leave the
+    # registry and the prefix index, let running requests and unpulled leases finish (up to
+    # --shutdown-grace), then stop serving gRPC and the KV transport.
+    state.shutting_down = True
     if watcher is not None:
         watcher.cancel()
     if publisher is not None:
         await publisher.stop()
     if heartbeater is not None:
         await heartbeater.stop()
+    deadline = loop.time() + args.shutdown_grace
+    while loop.time() < deadline and (engine.core.has_unfinished() or lease.num_active):
+        await asyncio.sleep(0.1)
     await server.stop(grace=2)
     for client in pull.clients.values():
         await client.close()
