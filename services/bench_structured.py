@@ -10,7 +10,10 @@ For each batch size B, rounds alternate the two modes on the same engine: B rand
 rarely completes early). Only *full decode steps* are timed: steps after the prefill step in which
 all B requests produce a token, so requests that end early (a completed grammar) or the prefill do
 not change the batch being compared. tok/s = tokens of those steps / their wall time; the figure per
-mode is the median over rounds, and `ratio` = constrained / unconstrained.
+mode is the median over rounds, and `ratio` = constrained / unconstrained. `mask_ms_per_step`:
+host time of the constrained mode's own work per timed step (the manager's fill: matchers and
+bitmask, and update: advancing matchers), timed around those two calls; on a shared, noisy
+machine it says what the grammar costs independently of how long the forward happened to take.
 
 Grammar requests run steps one at a time (their mask needs the previous token on the host), so on
 CUDA the ratio includes losing overlapped scheduling as well as the mask (filled on the host while
@@ -89,25 +92,43 @@ def build_engine(args):
     return EngineCore(config)
 
 
-def full_batch_rate(engine, prompts: list[list[int]], params, tag: str) -> dict:
+class _Timed:
+    """Seconds spent inside `obj.name` calls (instrumentation of the benchmark only)."""
+
+    def __init__(self, obj, name: str):
+        self.seconds = 0.0
+        inner = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        setattr(obj, name, timed)
+
+
+def full_batch_rate(engine, prompts: list[list[int]], params, tag: str, mask_timers=()) -> dict:
     """Run the batch to completion; time only steps after the prefill in which every request
     produced a token."""
     n = len(prompts)
     for i, p in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", p, params)
-    tokens = seconds = steps = 0
+    tokens = seconds = steps = mask = 0
     seen_prefill = False
     while engine.has_unfinished():
-        before = engine.num_generated_tokens
+        before, mask_before = engine.num_generated_tokens, sum(t.seconds for t in mask_timers)
         t0 = time.perf_counter()
         engine.step()
         dt = time.perf_counter() - t0
         if engine.num_generated_tokens - before == n:
             if seen_prefill:
                 tokens, seconds, steps = tokens + n, seconds + dt, steps + 1
+                mask += sum(t.seconds for t in mask_timers) - mask_before
             seen_prefill = True
     return {"tok_per_s": tokens / seconds if seconds else None, "steps": steps,
-            "ms_per_step": 1000 * seconds / steps if steps else None}
+            "ms_per_step": 1000 * seconds / steps if steps else None,
+            "mask_ms_per_step": 1000 * mask / steps if steps else None}
 
 
 def main_args(args) -> dict:
@@ -121,6 +142,7 @@ def main_args(args) -> dict:
 
     def prompts(b):
         return [[rng.randrange(100, vocab) for _ in range(args.input_len)] for _ in range(b)]
+    timers = (_Timed(engine.structured, "fill"), _Timed(engine.structured, "update"))
     for name, params in modes.items():  # warm-up: kernels, graphs, the grammar's compile
         full_batch_rate(engine, prompts(2), params, f"warm-{name}")
     results = []
@@ -128,17 +150,22 @@ def main_args(args) -> dict:
         runs = {name: [] for name in modes}
         for r in range(args.rounds):
             for name, params in modes.items():
-                runs[name].append(full_batch_rate(engine, prompts(b), params, f"b{b}-{name}-{r}"))
+                runs[name].append(full_batch_rate(engine, prompts(b), params, f"b{b}-{name}-{r}",
+                                                  timers if name == "json_schema" else ()))
         row = {"batch_size": b}
         for name, rs in runs.items():
             rates = [x["tok_per_s"] for x in rs if x["tok_per_s"]]
             row[name] = {"tok_per_s": round(statistics.median(rates), 1) if rates else None,
+                         "ms_per_step": _median([x["ms_per_step"] for x in rs]),
                          "full_steps": [x["steps"] for x in rs], "all_tok_per_s": [round(x, 1) for x in rates]}
+        row["mask_ms_per_step"] = _median([x["mask_ms_per_step"] for x in runs["json_schema"]])
         if row["none"]["tok_per_s"] and row["json_schema"]["tok_per_s"]:
             row["ratio"] = round(row["json_schema"]["tok_per_s"] / row["none"]["tok_per_s"], 3)
         results.append(row)
         print(f"batch {b:>3}: unconstrained {row['none']['tok_per_s']} tok/s, json_schema "
-              f"{row['json_schema']['tok_per_s']} tok/s, ratio {row.get('ratio')}", flush=True)
+              f"{row['json_schema']['tok_per_s']} tok/s, ratio {row.get('ratio')}; step "
+              f"{row['none']['ms_per_step']} vs {row['json_schema']['ms_per_step']} ms, of which grammar "
+              f"fill+update {row['mask_ms_per_step']} ms", flush=True)
     summary = {"bench": "structured", "shape": args.shape, "device": str(engine.runner.device),
                "async_scheduling": engine.async_scheduling, "input_len": args.input_len,
                "output_len": args.output_len, "rounds": args.rounds, "results": results}
@@ -147,6 +174,11 @@ def main_args(args) -> dict:
         with open(args.json_out, "w") as f:
             json.dump(summary, f, indent=2)
     return summary
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 3) if values else None
 
 
 def main(argv: list[str] | None = None) -> None:
