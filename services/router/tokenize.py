@@ -52,7 +52,7 @@ def add_tokenize_routes(app: FastAPI, server) -> None:
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> Response:
-        req = await _parse(request, TokenizeRequest)
+        req = await _parse(request, TokenizeRequest, server.limits.max_request_body_bytes)
         server.check_model(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise ParameterError("prompt", "give either prompt or messages")
@@ -62,14 +62,14 @@ def add_tokenize_routes(app: FastAPI, server) -> None:
             special = bool(req.add_special_tokens)
         else:
             text, special = req.prompt, req.add_special_tokens is not False
-        ids = await server._encode(text, special)
+        ids = await server._encode(text, special, "messages" if req.messages is not None else "prompt")
         strs = server.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
         return _json(TokenizeResponse(count=len(ids), max_model_len=server.engine.max_model_len, tokens=ids,
                                       token_strs=strs))
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> Response:
-        req = await _parse(request, DetokenizeRequest)
+        req = await _parse(request, DetokenizeRequest, server.limits.max_request_body_bytes)
         server.check_model(req.model)
         vocab = getattr(server.tokenizer, "vocab_size", None)
         bad = next((t for t in req.tokens if vocab is not None and t >= vocab), None)

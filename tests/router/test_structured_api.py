@@ -12,6 +12,7 @@ import httpx
 import jsonschema
 import openai
 import pytest
+import servers
 from servers import ServeProcess
 
 from pdserve.services.router import openai_schema as oa
@@ -42,9 +43,15 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def server():
-    with ServeProcess("--max-model-len", "1024", "--num-gpu-blocks-override", "256", "--enable-auto-tool-choice",
-                      "--tool-call-parser", "hermes") as proc:
-        yield proc
+    proc = ServeProcess("--max-model-len", "1024", "--num-gpu-blocks-override", "256", "--enable-auto-tool-choice",
+                        "--tool-call-parser", "hermes").start()
+    default, servers.START_DEADLINE_S = servers.START_DEADLINE_S, 600  # parsing the GGUF takes minutes on a busy box
+    try:
+        proc.wait_ready()
+    finally:
+        servers.START_DEADLINE_S = default
+    yield proc
+    proc.close()
 
 
 @pytest.fixture(scope="module")
