@@ -83,8 +83,9 @@ def test_bench_structured_and_tool_flags(tmp_path):
                    "--output-len", "6", "--rounds", "1", "--json-out", str(out))
     assert proc.returncode == 0, proc.stderr
     row = json.loads(out.read_text())["results"][0]
-    assert row["batch_size"] == 2 and row["none"]["tok_per_s"] > 0 and row["json_schema"]["full_steps"] == [4]
+    assert row["batch_size"] == 2 and row["none"]["tok_per_s"] > 0 and row["json_schema"]["full_steps"] == [5]
     assert "ratio" in row and "json_schema" in proc.stdout
+    # 6 tokens: the prefill step samples the first, the 5 decode steps after it are timed
     bad = pdserve("serve", "--enable-auto-tool-choice")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "pdserve serve: error: --enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)"]

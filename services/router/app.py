@@ -40,7 +40,7 @@ from pdserve.common.sampling_params import ParameterError, SamplingParams
 from pdserve.services.router import openai_schema as oa
 from pdserve.services.router.limits import Limits
 from pdserve.common.metrics import RequestTracker, ServerMetrics, StatsCollector
-from pdserve.services.router.tokenize import add_tokenize_routes
+from pdserve.services.router import tokenize as tk
 from pdserve.services.router.tool_calls import ToolPlan, hermes_messages, plan_tools
 
 log = logging.getLogger("pdserve.api")
@@ -631,7 +631,16 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
         return await server.chat(request)
 
     app.include_router(v1)
-    add_tokenize_routes(app, server)
+
+    @app.post("/tokenize")  # vLLM's, outside /v1 (services/router/tokenize.py)
+    async def tokenize(request: Request) -> Response:
+        req = await _parse(request, tk.TokenizeRequest, server.limits.max_request_body_bytes)
+        return _json(await tk.tokenize(server, req))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        req = await _parse(request, tk.DetokenizeRequest, server.limits.max_request_body_bytes)
+        return _json(tk.detokenize(server, req))
 
     @app.get("/health")
     async def health() -> Response:

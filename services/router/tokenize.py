@@ -11,8 +11,6 @@ Like vLLM's they sit outside /v1 and so outside --api-key. Messages are rendered
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
-from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from pdserve.common.sampling_params import ParameterError
@@ -46,33 +44,26 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
-def add_tokenize_routes(app: FastAPI, server) -> None:
+async def tokenize(server, req: TokenizeRequest) -> TokenizeResponse:
     """`server`: the app's OpenAIServer (tokenizer, model check, chat rendering)."""
-    from pdserve.services.router.app import _json, _parse
+    server.check_model(req.model)
+    if (req.prompt is None) == (req.messages is None):
+        raise ParameterError("prompt", "give either prompt or messages")
+    if req.messages is not None:
+        text = server.render_chat([m.to_template(i) for i, m in enumerate(req.messages)], req.tools,
+                                  req.add_generation_prompt, req.chat_template_kwargs)
+        special = bool(req.add_special_tokens)
+    else:
+        text, special = req.prompt, req.add_special_tokens is not False
+    ids = await server._encode(text, special, "messages" if req.messages is not None else "prompt")
+    strs = server.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+    return TokenizeResponse(count=len(ids), max_model_len=server.engine.max_model_len, tokens=ids, token_strs=strs)
 
-    @app.post("/tokenize")
-    async def tokenize(request: Request) -> Response:
-        req = await _parse(request, TokenizeRequest, server.limits.max_request_body_bytes)
-        server.check_model(req.model)
-        if (req.prompt is None) == (req.messages is None):
-            raise ParameterError("prompt", "give either prompt or messages")
-        if req.messages is not None:
-            text = server.render_chat([m.to_template(i) for i, m in enumerate(req.messages)], req.tools,
-                                      req.add_generation_prompt, req.chat_template_kwargs)
-            special = bool(req.add_special_tokens)
-        else:
-            text, special = req.prompt, req.add_special_tokens is not False
-        ids = await server._encode(text, special, "messages" if req.messages is not None else "prompt")
-        strs = server.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
-        return _json(TokenizeResponse(count=len(ids), max_model_len=server.engine.max_model_len, tokens=ids,
-                                      token_strs=strs))
 
-    @app.post("/detokenize")
-    async def detokenize(request: Request) -> Response:
-        req = await _parse(request, DetokenizeRequest, server.limits.max_request_body_bytes)
-        server.check_model(req.model)
-        vocab = getattr(server.tokenizer, "vocab_size", None)
-        bad = next((t for t in req.tokens if vocab is not None and t >= vocab), None)
-        if bad is not None:
-            raise ParameterError("tokens", f"token id {bad} is outside the vocabulary [0, {vocab})")
-        return _json(DetokenizeResponse(prompt=server.tokenizer.decode(req.tokens, skip_special_tokens=False)))
+def detokenize(server, req: DetokenizeRequest) -> DetokenizeResponse:
+    server.check_model(req.model)
+    vocab = getattr(server.tokenizer, "vocab_size", None)
+    bad = next((t for t in req.tokens if vocab is not None and t >= vocab), None)
+    if bad is not None:
+        raise ParameterError("tokens", f"token id {bad} is outside the vocabulary [0, {vocab})")
+    return DetokenizeResponse(prompt=server.tokenizer.decode(req.tokens, skip_special_tokens=False))
