@@ -205,3 +205,14 @@ def sample_ref(
         scores = torch.where(keep, probs / exp_noise[b], -1.0)
         token_ids.append(int(scores.argmax()))
     return torch.tensor(token_ids, dtype=torch.int64, device=logits.device)
+
+
+def copy_blocks_ref(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor | None,
+                    dst_ids: torch.Tensor | None) -> None:
+    """dst[:, dst_ids[j]] = src[:, src_ids[j]] for src [R, Ns, E], dst [R, Nd, E]; None ids: 0..n-1."""
+    num = (src_ids if src_ids is not None else dst_ids).numel()
+    rows = src[:, src_ids.long()] if src_ids is not None else src[:, :num]  # [R, n, E]
+    if dst_ids is not None:
+        dst[:, dst_ids.long()] = rows
+    else:
+        dst[:, :num] = rows

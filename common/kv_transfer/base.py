@@ -1,7 +1,8 @@
 """The KV transfer interface: a prefill worker serves leased blocks, a decode worker pulls them.
 
     prefill worker (KVServer)                          decode worker (KVClient)
-    kv[layer] [2, num_blocks, block_size, H, D]        kv[layer] [2, num_blocks', block_size, H, D]
+    kv [L, 2, num_blocks, block_size, H, D]            kv [L, 2, num_blocks', block_size, H, D]
+    (one tensor, or a list of per-layer [2, num_blocks, block_size, H, D] tensors)
          |  resolve_lease(lease_id) -> src_block_ids        ^
          |  gather src_block_ids[offset:] of all layers     |  scatter into dst_block_ids
          v  into one staging buffer (blocks.py)             |
@@ -116,6 +117,8 @@ class KVLayout:
     @classmethod
     def from_caches(cls, kv_caches: list[torch.Tensor]) -> KVLayout:
         """Reads and checks the layout of a worker's cache: equal, contiguous, supported tensors."""
+        if isinstance(kv_caches, torch.Tensor):
+            kv_caches = layer_views(kv_caches)
         if not kv_caches:
             raise ValueError("kv_caches is empty: expected one tensor per layer")
         first = kv_caches[0]
@@ -156,6 +159,17 @@ class KVLayout:
                     f"{theirs!r} there")
 
 
+def layer_views(kv_caches: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    """The per-layer [2, N, block_size, H, D] tensors of a cache given as a list of them or as the
+    engine's one tensor [L, 2, N, block_size, H, D] (then views of it)."""
+    if isinstance(kv_caches, torch.Tensor):
+        if kv_caches.dim() != 6:
+            raise ValueError("a KV cache tensor must be shaped [num_layers, 2, num_blocks, "
+                             f"block_size, num_kv_heads, head_dim], got {tuple(kv_caches.shape)}")
+        return list(kv_caches.unbind(0))
+    return list(kv_caches)
+
+
 def check_block_ids(block_ids: list[int], num_blocks: int, what: str) -> None:
     """Raises ValueError unless every id is an int in [0, num_blocks)."""
     for block_id in block_ids:
@@ -182,6 +196,7 @@ class KVServer(ABC):
 
     def __init__(self, kv_caches: list[torch.Tensor], resolve_lease: LeaseResolver,
                  host: str = "127.0.0.1", port: int = 0):
+        kv_caches = layer_views(kv_caches)
         self.kv_caches = kv_caches
         self.layout = KVLayout.from_caches(kv_caches)
         self.resolve_lease = resolve_lease
@@ -229,6 +244,7 @@ class KVClient(ABC):
     scheme: str
 
     def __init__(self, kv_caches: list[torch.Tensor]):
+        kv_caches = layer_views(kv_caches)
         self.kv_caches = kv_caches
         self.layout = KVLayout.from_caches(kv_caches)
         self.bytes_received = 0

@@ -25,13 +25,18 @@ STALL_SECONDS = 5.0
 
 
 def make_caches(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                head_dim: int, dtype: torch.dtype, seed: int,
-                device: str = "cpu") -> list[torch.Tensor]:
-    """Random caches, one [2, num_blocks, block_size, H, D] tensor per layer, from a seed."""
+                head_dim: int, dtype: torch.dtype, seed: int, device: str = "cpu",
+                stacked: bool = True) -> list[torch.Tensor]:
+    """Random caches, one [2, num_blocks, block_size, H, D] tensor per layer, from a seed.
+
+    stacked: the layers are views of one [L, 2, ...] tensor, as the engine allocates them (the
+    transports then copy all layers in one op); else separate tensors (one op per layer).
+    """
     generator = torch.Generator().manual_seed(seed)
     shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
-    return [torch.randn(shape, generator=generator).to(dtype).to(device)
-            for _ in range(num_layers)]
+    layers = [torch.randn(shape, generator=generator).to(dtype).to(device)
+              for _ in range(num_layers)]
+    return list(torch.stack(layers).unbind(0)) if stacked else layers
 
 
 def lease_table(leases: dict[str, list[int]]):

@@ -47,8 +47,10 @@ def assert_pulled(src_caches, src_block_ids, dst_caches, dst_block_ids, dst_befo
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_pull_copies_exact_blocks_into_other_ids(backend, dtype):
-    src = make_caches(num_blocks=24, dtype=dtype, seed=1, **CACHE)
-    dst = make_caches(num_blocks=32, dtype=dtype, seed=2, **CACHE)
+    # A stacked cache (the engine's) on one end, separate per-layer tensors on the other.
+    stacked = dtype == torch.float32
+    src = make_caches(num_blocks=24, dtype=dtype, seed=1, stacked=stacked, **CACHE)
+    dst = make_caches(num_blocks=32, dtype=dtype, seed=2, stacked=not stacked, **CACHE)
     dst_before = [t.clone() for t in dst]
     src_block_ids = [5, 6, 7, 2, 19, 0, 11]
     dst_block_ids = [30, 3, 17, 18, 1, 9, 25]
