@@ -3,7 +3,7 @@
     decode worker (TcpKVClient)                          prefill worker (TcpKVServer)
     pool[address] -> idle connections                    accept loop -> one task per connection
       connect + Hello{layout}  ----------------------->  check layout, Hello{layout} | Error
-      PullRequest{lease, offset, n, timeout} -------->  resolve_lease, gather into staging
+      PullRequest{lease, offset, n, chunks, timeout} -> resolve_lease, gather into staging
       recv_into(staging) <---- PullReply{nbytes, num_chunks} + the blocks, in layer chunks
       scatter staging -> dst_block_ids                   (pipeline.py overlaps copy and wire)
 
@@ -38,6 +38,8 @@ HANDSHAKE_TIMEOUT_S = 10.0  # a connecting client must say Hello within this
 
 class _Connection:
     """One TCP socket speaking the KV wire protocol."""
+
+    early_receives = False  # a byte stream: the payload can only be read after the reply
 
     def __init__(self, sock: socket.socket):
         sock.setblocking(False)
