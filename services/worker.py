@@ -1,7 +1,7 @@
 """A pdserve worker: engine start-up, one gRPC server with BOTH services, registration in Redis,
 and the publication of its prefix cache to the router's prefix index.
 
-    pdserve prefill|decode --redis-url URL [--grpc-port P] [--kv-transport tcp|ucx] [engine flags]
+    pdserve prefill|decode --redis-url URL [--grpc-port P] [--kv-transport tcp|ucx|nccl] [engine flags]
 
 One process runs one AsyncLLM (engine thread), one grpc.aio server carrying the Prefill *and* the
 Decode service, the KV transport's server (prefill side) and client (decode side), a Heartbeater
@@ -45,7 +45,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                    help="address the router and other workers reach this one at (default: --host, or this "
                         "machine's IP when --host is a wildcard such as 0.0.0.0, e.g. in a container)")
     p.add_argument("--grpc-port", type=int, default=0, help="0: pick a free port")
-    p.add_argument("--kv-transport", default="tcp", choices=["tcp", "ucx"])
+    p.add_argument("--kv-transport", default="tcp", choices=["tcp", "ucx", "nccl"],
+                   help="how decode workers pull KV blocks from prefill workers (nccl: a 2-rank NCCL group per "
+                        "prefill-decode pair on GPUs, gloo on CPU)")
     p.add_argument("--redis-url", default=None, help="register in this Redis (pdserve router finds it there)")
     p.add_argument("--instance-id", default=None)
     p.add_argument("--lease-ttl", type=float, default=30.0, help="seconds a prefilled KV stays pinned for decode")

@@ -15,7 +15,8 @@ in a few large chunks. Block ids differ between the workers; only the layout (ev
 num_blocks) must match, and it is compared on the first message of every connection.
 
 Backends: tcp.py (asyncio sockets), ucx.py (ucxx: tcp on CPU, cuda_ipc/cuda_copy on GPU),
-local.py (same process). make_server / make_client pick one by name.
+nccl.py (a 2-rank NCCL group per prefill-decode pair; gloo on CPU), local.py (same process).
+make_server / make_client pick one by name.
 
 Errors: a pull that cannot complete (peer gone, lease expired or unknown, layout mismatch,
 deadline passed) raises `KVTransferError`, which the decode worker answers by recomputing the
@@ -38,7 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("tcp", "ucx", "local")
+BACKENDS = ("tcp", "ucx", "nccl", "local")
 
 # A deadline is a relative budget in seconds. Anything above an hour is almost surely an
 # absolute time.monotonic() value passed by mistake, which would make a dead peer hang.
@@ -301,12 +302,12 @@ class KVClient(ABC):
 
 def make_server(backend: str, kv_caches: list[torch.Tensor], resolve_lease: LeaseResolver,
                 host: str = "127.0.0.1", port: int = 0, **options) -> KVServer:
-    """Builds the KVServer of `backend` ("tcp", "ucx" or "local"); options go to its constructor."""
+    """Builds the KVServer of `backend` (one of BACKENDS); options go to its constructor."""
     return _backend_class(backend, "server")(kv_caches, resolve_lease, host, port, **options)
 
 
 def make_client(backend: str, kv_caches: list[torch.Tensor], **options) -> KVClient:
-    """Builds the KVClient of `backend` ("tcp", "ucx" or "local"); options go to its constructor."""
+    """Builds the KVClient of `backend` (one of BACKENDS); options go to its constructor."""
     return _backend_class(backend, "client")(kv_caches, **options)
 
 
@@ -316,6 +317,8 @@ def _backend_class(backend: str, role: str) -> type:
         from pdserve.common.kv_transfer import tcp as module
     elif backend == "ucx":
         from pdserve.common.kv_transfer import ucx as module
+    elif backend == "nccl":
+        from pdserve.common.kv_transfer import nccl as module
     elif backend == "local":
         from pdserve.common.kv_transfer import local as module
     else:

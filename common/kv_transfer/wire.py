@@ -81,8 +81,20 @@ class Error:
     message: str
 
 
-Message = Hello | PullRequest | PullReply | Error
-_TYPES = {"hello": Hello, "pull": PullRequest, "reply": PullReply, "error": Error}
+@dataclass(frozen=True)
+class Pair:
+    """nccl backend: the server's offer of a pair communicator after Hello; the client echoes it.
+
+    group names the pair in the server's TCPStore (at store_port on the server's host);
+    backend is "nccl" (CUDA caches) or "gloo" (CPU caches) and must be the same on both ends.
+    """
+    group: str
+    store_port: int
+    backend: str
+
+
+Message = Hello | PullRequest | PullReply | Error | Pair
+_TYPES = {"hello": Hello, "pull": PullRequest, "reply": PullReply, "error": Error, "pair": Pair}
 _NAMES = {cls: name for name, cls in _TYPES.items()}
 
 

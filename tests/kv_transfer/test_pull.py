@@ -1,4 +1,5 @@
-"""Pulls through real servers on 127.0.0.1 (tcp, ucx) or the in-process registry (local).
+"""Pulls through real servers on 127.0.0.1 (tcp, ucx, nccl over gloo) or the in-process registry
+(local).
 
 Each test runs its own event loop with asyncio.run and closes every server and client in a
 finally block: the ucx backend resets ucxx when its last user closes, so the next test's loop
@@ -20,7 +21,7 @@ from pdserve.common.kv_transfer.base import (KVLayout, KVTransferError, make_cli
 
 pytestmark = pytest.mark.timeout(60)
 
-BACKENDS = ["tcp", "ucx", "local"]
+BACKENDS = ["tcp", "ucx", "nccl", "local"]
 CACHE = dict(num_layers=3, block_size=4, num_kv_heads=2, head_dim=8)
 
 
@@ -208,7 +209,7 @@ def test_bad_arguments_are_value_errors():
         kwargs.update(overrides)
         with pytest.raises(ValueError, match=message):
             asyncio.run(client.pull(**kwargs))
-    with pytest.raises(ValueError, match="unknown KV transfer backend 'nccl'"):
-        make_client("nccl", caches)
+    with pytest.raises(ValueError, match="unknown KV transfer backend 'mpi'"):
+        make_client("mpi", caches)
     with pytest.raises(ValueError, match="is not a tcp KV address"):
         asyncio.run(make_client("tcp", caches).pull("ucx://1.2.3.4:5", "x", [1], 1.0))
