@@ -48,11 +48,12 @@ import uuid
 import torch
 
 from pdserve.common.kv_transfer import wire
-from pdserve.common.kv_transfer.base import KVClient, KVServer, KVTransferError, split_address
+from pdserve.common.kv_transfer.base import KVClient, KVTransferError, split_address
 from pdserve.common.kv_transfer.blocks import BlockCopier
 from pdserve.common.kv_transfer.pipeline import (SEND_SLACK_S, PullRefused, StagingPool, pull_on,
                                                  serve_pull)
-from pdserve.common.kv_transfer.tcp import SocketConnection, accept_hello, open_connection
+from pdserve.common.kv_transfer.tcp import (SocketConnection, TcpKVServer, accept_hello,
+                                            open_connection)
 
 logger = logging.getLogger(__name__)
 
@@ -162,10 +163,12 @@ class PairConnection:
             asyncio.get_running_loop().remove_reader(self.control.sock.fileno())
 
     def close(self) -> None:
-        """Closes the socket and aborts the group (its pending operations fail)."""
+        """Closes the socket and drops the group; NCCL's is aborted (its kernels waiting for the
+        peer end). A gloo group is only dropped: its pairs close with it, failing pending
+        operations, and an aborted gloo group terminates the process when it is destroyed."""
         self.control.close()
         group, self.group = self.group, None
-        if group is not None:
+        if group is not None and self.backend == "nccl":
             _start_thread(group.abort)  # NCCL's abort may take a moment; never wait for it
 
 
@@ -221,6 +224,9 @@ def _start_thread(fn) -> asyncio.Future:
             result, error = None, e
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(_settle, future, result, error)
+    if future is not None:
+        # A waiter that gave up (deadline, peer gone) no longer awaits it: mark its error seen.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
     threading.Thread(target=run, daemon=True, name="pdserve-nccl-wait").start()
     return future
 
@@ -243,68 +249,40 @@ async def _in_thread(fn, timeout_s: float, what: str):
         raise KVTransferError(f"{what} failed: {e}") from e
 
 
-class NcclKVServer(KVServer):
-    """Serves leased blocks: a TCP control listener, a TCPStore for the pairs' rendezvous, and
-    one 2-rank group per connected decode process.
+class NcclKVServer(TcpKVServer):
+    """Serves leased blocks: the tcp server's listener as the control channel, a TCPStore for
+    the pairs' rendezvous, and one 2-rank group per connected decode process.
 
     max_concurrent_transfers bounds the pulls being sent at once (and their staging buffers).
     """
 
     scheme = "nccl"
+    host_mirror = False  # the group moves the payload from the staging buffer on the device
 
     def __init__(self, kv_caches, resolve_lease, host: str = "127.0.0.1", port: int = 0,
                  max_concurrent_transfers: int = 4, setup_timeout_s: float = SETUP_TIMEOUT_S):
-        super().__init__(kv_caches, resolve_lease, host, port)
+        super().__init__(kv_caches, resolve_lease, host, port, max_concurrent_transfers)
         configure_nccl_env()
-        self._copier = BlockCopier(self.kv_caches, self.layout, self.phases)
         self.backend = group_backend(self._copier.device)
         self.setup_timeout_s = setup_timeout_s
-        self._staging = StagingPool(self._copier.device, host_mirror=False,
-                                    size=max_concurrent_transfers)
         self._store = None
-        self._listen_sock: socket.socket | None = None
-        self._accept_task: asyncio.Task | None = None
         self._pairs: set[PairConnection] = set()
-        self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> str:
         import torch.distributed as dist
 
-        if self._listen_sock is not None:
-            raise RuntimeError(f"NcclKVServer already serving at {self.address}")
-        self._store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False,
-                                    timeout=datetime.timedelta(seconds=self.setup_timeout_s))
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        self._listen_sock = socket.create_server((self.host, self.port), family=family, backlog=128)
-        self._listen_sock.setblocking(False)
-        self.port = self._listen_sock.getsockname()[1]
-        host = f"[{self.host}]" if family == socket.AF_INET6 else self.host
-        self.address = f"nccl://{host}:{self.port}"
-        self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
-        return self.address
+        if self._store is None:
+            self._store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False,
+                                        timeout=datetime.timedelta(seconds=self.setup_timeout_s))
+        return await super().start()
 
     async def close(self) -> None:
-        if self._listen_sock is None:
-            return
-        self._listen_sock.close()
-        self._listen_sock = None
         for pair in list(self._pairs):
             pair.close()
-        tasks = [self._accept_task, *self._tasks]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await super().close()
         self._store = None
 
-    async def _accept_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            sock, peer = await loop.sock_accept(self._listen_sock)
-            task = loop.create_task(self._serve_pair(SocketConnection(sock), f"{peer[0]}:{peer[1]}"))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-    async def _serve_pair(self, control: SocketConnection, peer: str) -> None:
+    async def _serve_connection(self, control: SocketConnection, peer: str) -> None:
         pair = PairConnection(control, self.backend, CLIENT_RANK)
         self._pairs.add(pair)
         try:

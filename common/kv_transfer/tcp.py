@@ -136,12 +136,13 @@ class TcpKVServer(KVServer):
     """
 
     scheme = "tcp"
+    host_mirror = True  # CUDA payloads are staged in pinned host memory for the socket
 
     def __init__(self, kv_caches, resolve_lease, host: str = "127.0.0.1", port: int = 0,
                  max_concurrent_transfers: int = 4):
         super().__init__(kv_caches, resolve_lease, host, port)
-        self._copier = BlockCopier(kv_caches, self.layout, self.phases)
-        self._staging = StagingPool(self._copier.device, host_mirror=True,
+        self._copier = BlockCopier(self.kv_caches, self.layout, self.phases)
+        self._staging = StagingPool(self._copier.device, host_mirror=self.host_mirror,
                                     size=max_concurrent_transfers)
         self._listen_sock: socket.socket | None = None
         self._accept_task: asyncio.Task | None = None
@@ -149,14 +150,14 @@ class TcpKVServer(KVServer):
 
     async def start(self) -> str:
         if self._listen_sock is not None:
-            raise RuntimeError(f"TcpKVServer already serving at {self.address}")
+            raise RuntimeError(f"{type(self).__name__} already serving at {self.address}")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         self._listen_sock = socket.create_server((self.host, self.port), family=family,
                                                  backlog=128)
         self._listen_sock.setblocking(False)
         self.port = self._listen_sock.getsockname()[1]
         host = f"[{self.host}]" if family == socket.AF_INET6 else self.host
-        self.address = f"tcp://{host}:{self.port}"
+        self.address = f"{self.scheme}://{host}:{self.port}"
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
         return self.address
 
