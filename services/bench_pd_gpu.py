@@ -156,6 +156,8 @@ class Bench:
                 "--size-mb", str(a.handoff_mb), "--backends", a.handoff_backends, "--json-out", out]
         if self.gpu:
             argv += ["--server-gpu", a.prefill_gpu, "--client-gpu", a.decode_gpu]
+            if a.handoff_unmasked:
+                argv.append("--unmasked")
         subprocess.run(argv, check=True, timeout=600)
         rows = json.load(open(out))["results"]
         largest = max(r["num_blocks"] for r in rows)
@@ -311,6 +313,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--handoff-mb", type=int, default=256)
     p.add_argument("--handoff-backends", default="ucx,nccl")
+    p.add_argument("--handoff-unmasked", action="store_true",
+                   help="both handoff processes see both GPUs (default: one each, as the stack runs)")
     p.add_argument("--greedy-prompts", type=int, default=4)
     p.add_argument("--greedy-tokens", type=int, default=32)
     p.add_argument("--rates", type=float, nargs="+", default=[2, 4, 8, 12, 16])

@@ -92,12 +92,14 @@ def _prefill_side(device: str, num_blocks: int, backends: list[str], leases: dic
     """
     if visible_gpu is not None:  # before the first CUDA call of this (spawned) process
         os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpu
+    if device.startswith("cuda:"):  # --unmasked: this side's GPU among all (ucxx uses the current one)
+        torch.cuda.set_device(device)
     listen_sock = socket.create_server(("127.0.0.1", 0))
     raw_payload = torch.ones(max_bytes, dtype=torch.uint8)  # touched: no page faults in timing
     threading.Thread(target=_raw_socket_server, daemon=True,
                      args=(listen_sock, memoryview(raw_payload.numpy()))).start()
     shared = None
-    if device == "cuda" and visible_gpu is None:
+    if device == "cuda" and visible_gpu is None:  # one GPU for both sides: the CUDA IPC ceiling
         shared = torch.ones(max_bytes, dtype=torch.uint8, device="cuda")
 
     async def serve():
@@ -235,12 +237,12 @@ def _bench_p2p_copy(server_gpu: str, client_gpu: str, sizes: list[tuple[int, str
                  times[n * bytes_per_block][0]) for n, _ in sizes]
 
 
-def _bench_copy_kernels(num_blocks: int, n: int, repeats: int) -> list[dict]:
+def _bench_copy_kernels(num_blocks: int, n: int, repeats: int, device: str) -> list[dict]:
     """Gather and scatter of n shuffled blocks of the stacked cache with each copy kernel."""
     from pdserve.common.kv_transfer.blocks import BlockCopier, StagingBuffer
     from pdserve.kernels import triton_available
 
-    cache = _caches(num_blocks, "cuda", seed=4)
+    cache = _caches(num_blocks, device, seed=4)
     layout = KVLayout.from_caches(cache)
     ids = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(5))[:n].tolist()
     layers = range(layout.num_layers)
@@ -273,12 +275,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--server-gpu", default=None, help="GPU of the prefill side (with --client-gpu)")
     parser.add_argument("--client-gpu", default=None, help="GPU of the decode side, this process")
+    parser.add_argument("--unmasked", action="store_true",
+                        help="with --server-gpu/--client-gpu: both processes see every GPU and use "
+                             "cuda:SERVER / cuda:CLIENT (instead of one visible GPU each)")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     if (args.server_gpu is None) != (args.client_gpu is None) or (args.server_gpu and args.device != "cuda"):
         parser.error("--server-gpu and --client-gpu go together, with --device cuda")
-    if args.client_gpu is not None:  # before this process's first CUDA call
+    server_device = client_device = args.device
+    server_visible = None
+    if args.client_gpu is not None and args.unmasked:
+        server_device, client_device = f"cuda:{args.server_gpu}", f"cuda:{args.client_gpu}"
+        torch.cuda.set_device(client_device)
+    elif args.client_gpu is not None:  # before this process's first CUDA call
         os.environ["CUDA_VISIBLE_DEVICES"] = args.client_gpu
+        server_visible = args.server_gpu
     backends = [b for b in args.backends.split(",") if b]
     if "local" in backends:
         parser.error("local is a same-process backend: this benchmark spans two processes")
@@ -295,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     context = multiprocessing.get_context("spawn")
     info, commands = context.Queue(), context.Queue()
     prefill = context.Process(target=_prefill_side, daemon=True, args=(
-        args.device, num_blocks, backends, leases, max_bytes, info, commands, args.server_gpu))
+        server_device, num_blocks, backends, leases, max_bytes, info, commands, server_visible))
     prefill.start()
 
     def server_phases(backend: str) -> PullPhases:
@@ -307,7 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
         ready = info.get(timeout=120)
         for backend in backends:
             rows += asyncio.run(_bench_backend(backend, ready["addresses"][backend], sizes,
-                                               num_blocks, args.device, args.repeats,
+                                               num_blocks, client_device, args.repeats,
                                                server_phases))
         rows += _bench_raw_socket(ready["raw_port"], sizes, layout.bytes_per_block, args.repeats)
         if args.server_gpu is not None:
@@ -318,7 +329,7 @@ def main(argv: list[str] | None = None) -> dict:
                                     args.repeats)
         del ready  # release the shared CUDA buffer before the owner exits
         if args.device == "cuda":
-            rows += _bench_copy_kernels(num_blocks, block_counts[-1], args.repeats)
+            rows += _bench_copy_kernels(num_blocks, block_counts[-1], args.repeats, client_device)
     finally:
         commands.put("stop")
         prefill.join(timeout=30)
@@ -346,7 +357,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{p['send_ms']:>7.2f} {p['recv_ms']:>7.2f} {p['scatter_ms']:>8.2f} "
               f"{p['scatter_gpu_ms']:>6.2f} {p['other_ms']:>7.2f} {p['messages']:>5.0f}")
     result = dict(bench="kv_transfer", device=args.device, layout=layout.to_dict(),
-                  server_gpu=args.server_gpu, client_gpu=args.client_gpu,
+                  server_gpu=args.server_gpu, client_gpu=args.client_gpu, unmasked=args.unmasked,
                   torch=torch.__version__, results=rows)
     print(json.dumps(result))
     if args.json_out:

@@ -100,21 +100,27 @@ class PairConnection:
 
     async def build_group(self, store_host: str, store_port: int, group: str, rank: int,
                           device: torch.device, store=None) -> None:
-        """Joins the pair's group (the server passes its own store) and runs the first exchange."""
+        """Joins the pair's group (the server passes its own store) and runs the first exchange,
+        in a thread: NCCL builds its communicator inside the first send/recv, blocking the
+        caller until the peer joins, which must not stall the event loop."""
         local_host = self.control.sock.getsockname()[0]
         timeout_s = max(self.deadline - time.perf_counter(), 1e-3)
-        self.group = await _in_thread(
-            lambda: _new_group(self.backend, store, store_host, store_port, group, rank,
-                               local_host, device, timeout_s), timeout_s + 1.0,
-            f"rendezvous of {self.backend} pair {group}")
-        probe = torch.ones(1, dtype=torch.uint8, device=device)
-        if rank == SERVER_RANK:
-            await self.send_payload(probe)
-        else:
-            probe.zero_()
-            await self.recv_payload(probe)
-            if int(probe.item()) != 1:
-                raise KVTransferError(f"the first exchange of pair {group} delivered {probe.item()}")
+        deadline, stop = self.deadline, threading.Event()
+
+        def join():
+            self.group = _new_group(self.backend, store, store_host, store_port, group, rank,
+                                    local_host, device, timeout_s)
+            probe = torch.full((1,), rank == SERVER_RANK, dtype=torch.uint8, device=device)
+            if rank == SERVER_RANK:
+                _wait_work(self.group.send([probe], self.peer_rank, 0), self.backend, deadline, stop)
+            else:
+                _wait_work(self.group.recv([probe], self.peer_rank, 0), self.backend, deadline, stop)
+                if int(probe.item()) != 1:
+                    raise KVTransferError(f"the first exchange of pair {group} delivered {probe.item()}")
+        try:
+            await _in_thread(join, timeout_s + 1.0, f"set-up of {self.backend} pair {group}")
+        finally:
+            stop.set()
 
     async def _complete(self, work, what: str) -> None:
         """Waits for a posted send/recv until self.deadline; KVTransferError if it fails, times
@@ -245,6 +251,8 @@ async def _in_thread(fn, timeout_s: float, what: str):
         return await asyncio.wait_for(asyncio.shield(_start_thread(fn)), timeout_s)
     except TimeoutError:
         raise KVTransferError(f"{what} did not complete within {timeout_s:.1f} s") from None
+    except KVTransferError:
+        raise
     except (RuntimeError, ValueError) as e:  # torch.distributed's errors (DistError is one)
         raise KVTransferError(f"{what} failed: {e}") from e
 
