@@ -20,8 +20,9 @@ Model: the Llama-3-8B shape (bench_gpu.LLAMA3_8B) with dummy weights and a word-
 tokenizer whose token i is the word "t<i>", so text and token ids map one to one (the
 completions API returns text; the greedy check reads the ids back from it). Stacks are
 `pdserve up` processes, started and stopped in turn (each takes its GPUs' memory). The main
-process never touches CUDA. Prints one table per part and writes bench_pd_gpu.json (and each
-part's raw JSON) to --out-dir. `--device cpu --tiny` runs every part on CPU as a smoke test.
+process never touches CUDA. Prints one table per part and writes bench_pd_gpu.json, handoff.json
+and plan.json to --out-dir (stack logs stay in a temp folder; a stack that fails to start puts
+its log's tail into the error). `--device cpu --tiny` runs every part on CPU as a smoke test.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ class Bench:
         self.gpu = args.device == "cuda"
         self.folder = write_model(tempfile.mkdtemp(prefix="pdserve-pd-model-"), tiny=args.tiny)
         self.vocab = (TINY if args.tiny else LLAMA3_8B)["vocab_size"]
-        self.out_dir = args.out_dir or tempfile.mkdtemp(prefix="pdserve-pd-")
+        self.work_dir = tempfile.mkdtemp(prefix="pdserve-pd-")  # logs, prompts: not sent back
+        self.out_dir = args.out_dir or self.work_dir  # a few JSON files (the device returns <= 8)
         os.makedirs(self.out_dir, exist_ok=True)
         self.engine_args = ["--load-format", "dummy", "--max-model-len", str(args.max_model_len)]
         if not self.gpu:
@@ -141,7 +143,7 @@ class Bench:
                 argv += ["--prefill-devices", a.prefill_gpu, "--decode-devices", a.decode_gpu]
             else:
                 argv += ["--decode-devices", ",".join(gpus[:num_decode])]
-        stack = Stack(name, argv, f"http://127.0.0.1:{port}", num_prefill + num_decode, self.out_dir)
+        stack = Stack(name, argv, f"http://127.0.0.1:{port}", num_prefill + num_decode, self.work_dir)
         stack.wait_ready()
         return stack
 
@@ -173,10 +175,10 @@ class Bench:
         rng = random.Random(a.seed)
         prompts = [" ".join(f"t{rng.randrange(100, self.vocab)}" for _ in range(rng.randint(100, 600)))
                    for _ in range(a.greedy_prompts)]
-        prompt_file = os.path.join(self.out_dir, "greedy_prompts.txt")
+        prompt_file = os.path.join(self.work_dir, "greedy_prompts.txt")
         with open(prompt_file, "w") as f:
             f.write("\n".join(prompts) + "\n")
-        ref_file = os.path.join(self.out_dir, "greedy_reference.jsonl")
+        ref_file = os.path.join(self.work_dir, "greedy_reference.jsonl")
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": a.prefill_gpu} if self.gpu else None
         subprocess.run([sys.executable, "-m", "pdserve.services.cli", "generate", "--model", self.folder,
                         "--input", prompt_file, "--output", ref_file, "--temperature", "0", "--max-tokens",
@@ -259,7 +261,7 @@ class Bench:
         env = {"CUDA_VISIBLE_DEVICES": a.prefill_gpu} if self.gpu else None
         serve = Stack("load-serve", ["serve", self.folder, "--port", str(port), "--served-model-name", "bench",
                                      "--device", a.device, *self.engine_args], f"http://127.0.0.1:{port}", 0,
-                      self.out_dir, env)
+                      self.work_dir, env)
         try:
             serve.wait_ready()
             self.run_load(serve.url, requests[:4], math.inf)
