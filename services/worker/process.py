@@ -1,7 +1,7 @@
 """A pdserve worker process: engine start-up, one gRPC server with BOTH services, registration in
 Redis, the publication of its prefix cache to the router's prefix index, and its own /metrics.
 
-    python -m pdserve.services.prefill|decode --redis-url URL [--grpc-port P] [--kv-transport T] [engine flags]
+    python -m pdserve.services.prefill|decode --redis-url URL [--grpc-port P] [--kv-transport tcp|ucx|nccl] [engine flags]
     (also `pdserve prefill|decode ...`)
 
 Lifecycle:
@@ -120,7 +120,7 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
     pull = PullConnector({}, loop, functools.partial(release_lease, token=args.internal_token),
                          deadline_s=args.pull_deadline)
     engine = AsyncLLM(config, connector=WorkerConnector(lease, pull))
-    kv_caches = engine.core.runner.kv_caches
+    kv_caches = engine.core.runner.kv_cache  # [L, 2, N, bs, H, D]: a handoff's blocks move in one op
     pull.clients[args.kv_transport] = make_client(args.kv_transport, kv_caches)
     state = WorkerState(engine, args.instance_id or f"{role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}", role)
     args.advertise_host = advertised_host(args.host, args.advertise_host)
