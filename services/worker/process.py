@@ -32,12 +32,11 @@ import logging
 import os
 import signal
 import socket
-import sys
 import uuid
 
 import grpc
 
-from pdserve.common.config import ConfigError, EngineConfig, add_engine_args, engine_config
+from pdserve.common.config import EngineConfig, add_engine_args, engine_config
 from pdserve.common.engine.async_llm import AsyncLLM
 from pdserve.common.engine.kv_connector import KVConnector
 from pdserve.common.kv_transfer.base import make_client, make_server, split_address
@@ -203,18 +202,11 @@ def run_worker(args: argparse.Namespace, role: str) -> None:
 
 def main(role: str, argv: list[str] | None = None) -> int:
     """`python -m pdserve.services.prefill|decode`: the same process as `pdserve prefill|decode`."""
+    from pdserve.services.entry import run_main
     from pdserve.services.worker.args import add_worker_args
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog=f"python -m pdserve.services.{role}",
-                                     description=f"a {role} worker (gRPC + KV transport, registers in Redis)")
-    add_worker_args(parser)
-    add_engine_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        run_worker(args, role)
-    except ConfigError as e:
-        print(f"pdserve {role}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        add_worker_args(parser)
+        add_engine_args(parser)
+    return run_main(f"pdserve {role}", f"a {role} worker (gRPC + KV transport, registers in Redis)", add_args,
+                    lambda args: run_worker(args, role), argv)
