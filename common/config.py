@@ -106,10 +106,35 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism: the model's heads, MLP columns and vocabulary split over N ranks
+    (one process each; rank r uses device index base + r on CUDA). Per-rank memory settings
+    (--gpu-memory-utilization, --kv-cache-memory) apply to each rank."""
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self):
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"--tensor-parallel-size must be positive, got {self.tensor_parallel_size}")
+
+    def check_model(self, arch: ArchConfig) -> None:
+        """KV heads go whole to ranks (as even as the count allows), or, when there are fewer KV
+        heads than ranks, each is replicated on N / num_kv_heads ranks that split its query heads."""
+        n, kv, heads = self.tensor_parallel_size, arch.num_kv_heads, arch.num_heads
+        if kv < n and (n % kv or heads % n):
+            raise ConfigError(
+                f"--tensor-parallel-size {n} cannot split this model's {kv} KV heads / {heads} attention heads: "
+                f"use a size <= {kv}, or a multiple of {kv} that divides {heads}")
+        if arch.intermediate_size < n:
+            raise ConfigError(f"--tensor-parallel-size {n} exceeds the model's intermediate size "
+                              f"{arch.intermediate_size}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     enforce_eager: bool = False  # True: no CUDA graphs for decode (only matters on CUDA)
     # Overlapped steps: schedule step k on the host while step k-1 runs on the device.
     # None: on for CUDA, off elsewhere (a CPU forward pass leaves no host time to hide).

@@ -35,6 +35,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule the next step while the device runs the current one (default: on CUDA only)")
     g.add_argument("--served-model-name", default=None)
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                   help="split the model over N ranks (GPUs cuda:0..N-1; gloo processes on CPU)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -45,7 +47,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=batched, load_format=args.load_format,
                 device=args.device, enforce_eager=args.enforce_eager, served_model_name=args.served_model_name,
-                async_scheduling=args.async_scheduling)
+                async_scheduling=args.async_scheduling, tensor_parallel_size=args.tensor_parallel_size)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

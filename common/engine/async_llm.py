@@ -94,6 +94,7 @@ class AsyncLLM:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self.core.shutdown()
 
     # ---- engine thread -----------------------------------------------------------------------
     def _send(self, msg) -> None:
@@ -139,6 +140,7 @@ class AsyncLLM:
                 else:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
+                    self.core.check_alive()  # a dead tensor-parallel rank fails the instance while idle too
                 for hook in self.step_hooks:  # also while idle (lease expiry, KV events)
                     hook(self.core)
         except BaseException as e:  # the engine is gone: fail every open request now

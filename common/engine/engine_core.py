@@ -17,7 +17,11 @@ device work of the previous one, so the GPU never waits for Python between steps
 Steps run one at a time while any request needs its latest tokens on the host to sample
 (penalties, min_tokens, logprobs; `SamplingParams.needs_host_history`).
 
-A failing forward pass fails the requests in that step with an error and the engine goes on.
+A failing forward pass fails the requests in that step with an error and the engine goes on,
+unless the runner raises EngineDeadError (a tensor-parallel rank died): that ends the engine.
+
+Tensor parallel (`--tensor-parallel-size N`): the runner is rank 0's (`tp_workers.py`), which
+sends each step to ranks 1..N-1 in their own processes; the scheduler and KV manager run here once.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pdserve.common.engine.model_runner import ModelRunner, PendingOutput
 from pdserve.common.engine.outputs import SchedulerOutput
 from pdserve.common.engine.output_processor import OutputProcessor, ParentRequest
 from pdserve.common.engine.scheduler import Scheduler
+from pdserve.common.engine_client import EngineDeadError
 from pdserve.common.models.loader import read_arch_config, resolve_model_path
 from pdserve.common.outputs import RequestOutput
 from pdserve.common.request import Request, RequestStatus
@@ -55,8 +60,14 @@ class EngineCore:
         eos = list(self.arch.eos_token_ids) + (self.tokenizer.eos_token_ids if self.tokenizer else [])
         self.eos_token_ids = tuple(dict.fromkeys(eos))
         sched_cfg = dataclasses.replace(config.scheduler, max_model_len=max_len)
-        self.runner = ModelRunner(config.model, config.cache, self.arch, self.model_path, max_len,
-                                  scheduler_cfg=sched_cfg, enforce_eager=config.enforce_eager)
+        self.tensor_parallel_size = config.parallel.tensor_parallel_size
+        if self.tensor_parallel_size > 1:
+            config.parallel.check_model(self.arch)
+            from pdserve.common.engine.tp_workers import start_tensor_parallel
+            self.runner = start_tensor_parallel(config, self.arch, self.model_path, max_len, sched_cfg)
+        else:
+            self.runner = ModelRunner(config.model, config.cache, self.arch, self.model_path, max_len,
+                                      scheduler_cfg=sched_cfg, enforce_eager=config.enforce_eager)
         capacity = self.runner.num_blocks * config.cache.block_size
         if capacity < max_len:
             raise ConfigError(f"the KV cache holds {capacity} tokens, fewer than --max-model-len {max_len}: "
@@ -132,6 +143,8 @@ class EngineCore:
             try:
                 launched = (sched, self.runner.launch(sched))
                 self.num_overlapped_steps += self._inflight is not None
+            except EngineDeadError:
+                raise
             except Exception as e:  # fail this step's requests, keep serving the rest
                 failed = self._fail(sched, e)
         if not overlap:
@@ -147,6 +160,8 @@ class EngineCore:
     def _complete(self, sched: SchedulerOutput, pending: PendingOutput) -> list[RequestOutput]:
         try:
             result = pending.result()
+        except EngineDeadError:
+            raise
         except Exception as e:
             return self._fail(sched, e)
         self.num_steps += 1
@@ -160,8 +175,16 @@ class EngineCore:
         self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR)
         return self.outputs.fail(ids, f"internal error in the forward pass: {error}")
 
+    def check_alive(self) -> None:
+        """Raises EngineDeadError if the engine cannot go on (a tensor-parallel rank died)."""
+        self.runner.check_alive()
+
+    def shutdown(self) -> None:
+        self.runner.shutdown()
+
     def stats(self) -> dict:
-        return {"num_running": self.scheduler.num_running(), "num_waiting": self.scheduler.num_waiting(),
+        return {"tensor_parallel_size": self.tensor_parallel_size,
+                "kv_blocks_fit_by_rank": list(self.runner.num_blocks_by_rank),  # the pool is their min"num_running": self.scheduler.num_running(), "num_waiting": self.scheduler.num_waiting(),
                 "kv_usage": self.kv.usage(), "num_free_blocks": self.kv.num_free_blocks,
                 "num_blocks": self.runner.num_blocks, "num_preemptions": self.scheduler.num_preemptions,
                 "prefix_queries": self.kv.num_prefix_queries, "prefix_hits": self.kv.num_prefix_hits,

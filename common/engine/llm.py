@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
-from pdserve.common.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from pdserve.common.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
 from pdserve.common.engine.engine_core import EngineCore
 from pdserve.common.outputs import RequestOutput
 from pdserve.common.sampling_params import ParameterError, SamplingParams
@@ -26,7 +26,8 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, seed: int = 0,
                  tokenizer: str | None = None, load_format: str = "auto", device: str = "cpu",
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
-                 served_model_name: str | None = None, async_scheduling: bool | None = None):
+                 served_model_name: str | None = None, async_scheduling: bool | None = None,
+                 tensor_parallel_size: int = 1):
         config = EngineConfig(
             model=ModelConfig(model=model or "default", dtype=dtype, max_model_len=max_model_len, seed=seed,
                               tokenizer=tokenizer, load_format=load_format, device=device,
@@ -37,9 +38,14 @@ class LLM:
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       enable_chunked_prefill=enable_chunked_prefill,
                                       max_model_len=max_model_len or max_num_batched_tokens),
+            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
             enforce_eager=enforce_eager, async_scheduling=async_scheduling)
         self.engine = EngineCore(config)
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes now (they also stop when this process exits)."""
+        self.engine.shutdown()
 
     def get_tokenizer(self):
         return self.engine.tokenizer
