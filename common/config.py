@@ -111,10 +111,15 @@ class ParallelConfig:
     (one process each; rank r uses device index base + r on CUDA). Per-rank memory settings
     (--gpu-memory-utilization, --kv-cache-memory) apply to each rank."""
     tensor_parallel_size: int = 1
+    # the layers' all-reduce on CUDA: "nccl" (torch.distributed), or "symm_mem" (torch's one-shot
+    # all-reduce over NVLink peer memory for tensors up to 1 MiB, NCCL above; bf16/fp32)
+    all_reduce: str = "nccl"
 
     def __post_init__(self):
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"--tensor-parallel-size must be positive, got {self.tensor_parallel_size}")
+        if self.all_reduce not in ("nccl", "symm_mem"):
+            raise ConfigError(f"all_reduce must be nccl or symm_mem, got {self.all_reduce!r}")
 
     def check_model(self, arch: ArchConfig) -> None:
         """KV heads go whole to ranks (as even as the count allows), or, when there are fewer KV

@@ -9,6 +9,11 @@ the runner's token broadcast and KV sizing), so the collectives pair up without 
                                                 next step's inputs fill from them on the device)
     runner, start-up   all_gather_int(n)        KV blocks each rank could hold -> the min is used
 
+All-reduce on CUDA is NCCL's, or with `all_reduce="symm_mem"` torch's one-shot kernel for tensors
+up to SYMM_MEM_MAX_BYTES (decode batches): each rank copies its part into a peer-mapped buffer,
+and after a barrier reads and sums every rank's (one kernel, CUDA-graph safe, a barrier at its end
+before the buffer is reused); larger tensors and fp16 go to NCCL.
+
 The group is torch.distributed's default one, joined through a TCPStore that rank 0 hosts: one
 tensor-parallel engine per process at a time (`close` ends it, and a new engine may start another).
 """
@@ -21,11 +26,16 @@ import logging
 import torch
 import torch.distributed as dist
 
+from pdserve.common.config import ConfigError
+
 log = logging.getLogger("pdserve.tp")
+
+SYMM_MEM_MAX_BYTES = 1 << 20
 
 
 class TPComm:
-    def __init__(self, rank: int, world_size: int, store: dist.Store, device: torch.device, timeout_s: float):
+    def __init__(self, rank: int, world_size: int, store: dist.Store, device: torch.device, timeout_s: float,
+                 all_reduce: str = "nccl"):
         if dist.is_initialized():
             raise RuntimeError("a torch.distributed group already exists in this process: one tensor-parallel "
                                "engine per process")
@@ -37,8 +47,21 @@ class TPComm:
         dist.init_process_group(self.backend, store=store, rank=rank,
                                 world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if cuda else None)
+        self._symm_buffer = None  # uint8 [SYMM_MEM_MAX_BYTES], mapped on every rank
+        if all_reduce == "symm_mem":
+            if not cuda:
+                raise ConfigError("the symm_mem all-reduce needs CUDA devices")
+            import torch.distributed._symmetric_memory as symm_mem
+            self._group_name = dist.group.WORLD.group_name
+            self._symm_buffer = symm_mem.empty(SYMM_MEM_MAX_BYTES, dtype=torch.uint8, device=device)
+            symm_mem.rendezvous(self._symm_buffer, self._group_name)  # collective, once
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks; returns the result (x itself with NCCL, a new tensor with symm_mem)."""
+        if (self._symm_buffer is not None and x.dtype in (torch.bfloat16, torch.float32)
+                and x.numel() * x.element_size() <= SYMM_MEM_MAX_BYTES and x.is_contiguous()):
+            peer_view = self._symm_buffer.view(x.dtype)[:x.numel()].view(x.shape)
+            return torch.ops.symm_mem.one_shot_all_reduce_copy(peer_view, x, "sum", self._group_name)
         dist.all_reduce(x)
         return x
 

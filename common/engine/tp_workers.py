@@ -125,7 +125,8 @@ class TPWorkers:
             step_w.send((rank, n, store.port, rank_cfg, arch, path, max_model_len, sched_cfg))
         try:
             self._wait_joined(store, n)
-            self.comm = TPComm(0, n, store, torch.device(rank_device(device, 0)), COLLECTIVE_TIMEOUT_S)
+            self.comm = TPComm(0, n, store, torch.device(rank_device(device, 0)), COLLECTIVE_TIMEOUT_S,
+                               config.parallel.all_reduce)
         except BaseException:
             self.shutdown()
             raise
@@ -197,9 +198,9 @@ class TPWorkers:
         return RankDeadError(message)
 
     def wait(self, pending: PendingOutput) -> RunnerOutput:
-        while not pending.ready():
+        while not pending.ready():  # a CUDA event wait spins too; this one also sees a dead rank
             self.check()
-            time.sleep(2e-5)
+            time.sleep(0)  # lets other threads (the HTTP event loop) take the GIL
         return pending.result()
 
     def shutdown(self) -> None:
@@ -300,7 +301,8 @@ def worker_entry(steps_fd: int, status_fd: int) -> None:
         timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
         store = dist.TCPStore("127.0.0.1", store_port, world_size, False, timeout)
         store.set(f"joined/{rank}", "1")
-        comm = TPComm(rank, world_size, store, torch.device(config.model.device), COLLECTIVE_TIMEOUT_S)
+        comm = TPComm(rank, world_size, store, torch.device(config.model.device), COLLECTIVE_TIMEOUT_S,
+                      config.parallel.all_reduce)
         runner = ModelRunner(config.model, config.cache, arch, path, max_model_len, scheduler_cfg=sched_cfg,
                              enforce_eager=config.enforce_eager, tp=comm)
     except BaseException as e:

@@ -2,7 +2,7 @@
 
 Greedy tokens at TP=2 and TP=4 equal TP=1's (itself HF-exact, test_correctness.py) on tiny
 random Llama and Qwen3 models (4 heads / 2 KV heads: TP=4 replicates each KV head on two
-ranks) and on an uneven split (6 heads / 3 KV heads over 2 ranks: 4 + 2 heads); overlapped steps,
+ranks) and, from a GGUF file, on an uneven split (6 heads / 3 KV heads: 4 + 2); overlapped steps,
 chunked prefill, prefix hits, logprobs and seeded sampling go through the worker path too. A
 killed rank fails every open request at once, and the engine reports itself dead.
 """
@@ -74,11 +74,55 @@ def test_tokens_equal_tp1(tiny_models, few_prompts, arch, tp, kwargs):
     assert stats["prefix_hits"] > 0
 
 
-def test_uneven_head_split(tmp_path, tiny_model_factory, few_prompts):
+def write_gguf(hf_folder: str, path: str) -> str:
+    """The HF folder's weights as a llama.cpp-style F32 GGUF (q/k rows permuted as llama.cpp does)."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+    c = json.load(open(os.path.join(hf_folder, "config.json")))
+    heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_key_length(c["head_dim"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_rope_freq_base(c.get("rope_theta", 10000.0))
+    w.add_vocab_size(c["vocab_size"])
+    w.add_eos_token_id(c["eos_token_id"])
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    permute = lambda t, n: t.reshape(n, 2, t.shape[0] // n // 2, -1).swapaxes(1, 2).reshape(t.shape)  # noqa: E731
+    for name, t in load_file(os.path.join(hf_folder, "model.safetensors")).items():
+        t = t.float().numpy()
+        base = name.removeprefix("model.").removesuffix(".weight")
+        if base.startswith("layers."):
+            _, n, module = base.split(".", 2)
+            t = permute(t, heads) if module.endswith("q_proj") else permute(t, kv_heads) if module.endswith("k_proj") else t
+            base = f"blk.{n}.{names[module]}"
+        else:
+            base = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}[base]
+        w.add_tensor(base + ".weight", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_checkpoint_sharded_as_read(tmp_path, tiny_model_factory, few_prompts):
+    """GGUF tensors (llama.cpp's permuted q/k rows) are sharded as read, on an uneven split:
+    6 heads / 3 KV heads over 2 ranks -> 4 + 2 heads."""
     folder = tiny_model_factory(str(tmp_path / "llama_6h"), "llama", hidden_size=96, num_attention_heads=6,
                                 num_key_value_heads=3, head_dim=16)
-    got, stats = run(folder, few_prompts[:3], tensor_parallel_size=2)
-    assert_same(got, folder, few_prompts[:3])
+    path = write_gguf(folder, str(tmp_path / "tiny.gguf"))
+    got, stats = run(path, few_prompts[:3], tensor_parallel_size=2, tokenizer=folder)
+    assert_same(got, folder, few_prompts[:3])  # TP=1 on the HF folder
     fit = stats["kv_blocks_fit_by_rank"]
     assert fit[1] // 2 == fit[0]  # rank 0 holds 2 KV heads, rank 1 one, in the same memory
 
