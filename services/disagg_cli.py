@@ -58,6 +58,10 @@ def add_parsers(sub, add_engine_args) -> None:
 
 
 def cmd_worker(role: str, args) -> None:
+    if args.tensor_parallel_size > 1:  # rank 0's KV blocks hold only its heads: a pull would move part of them
+        from pdserve.common.config import ConfigError
+        raise ConfigError(f"pdserve {role}: --tensor-parallel-size > 1 is not supported by the KV transfer yet "
+                          "(docs/tensor-parallel.md, 'Disaggregation'); run the worker at --tensor-parallel-size 1")
     from pdserve.services import worker
     asyncio.run(worker.serve_worker(args, role))
 

@@ -127,6 +127,22 @@ def test_gguf_checkpoint_sharded_as_read(tmp_path, tiny_model_factory, few_promp
     assert fit[1] // 2 == fit[0]  # rank 0 holds 2 KV heads, rank 1 one, in the same memory
 
 
+def test_head_partitions():
+    """Every query head on exactly one rank, with the KV head of its group (the docstring's examples)."""
+    from pdserve.common.config import ArchConfig
+    from pdserve.common.models.parallel import head_shard
+    cases = {(32, 8, 2): [(0, 16, 0, 4), (16, 16, 4, 4)], (9, 3, 2): [(0, 6, 0, 2), (6, 3, 2, 1)],
+             (4, 2, 4): [(0, 1, 0, 1), (1, 1, 0, 1), (2, 1, 1, 1), (3, 1, 1, 1)],
+             (64, 8, 2): [(0, 32, 0, 4), (32, 32, 4, 4)]}
+    for (heads, kv, n), want in cases.items():
+        arch = ArchConfig("llama", 100, 64, 128, 1, heads, kv, 16)
+        shards = [head_shard(arch, r, n) for r in range(n)]
+        assert [(h.q_start, h.num_q, h.kv_start, h.num_kv) for h in shards] == want
+        for h in shards:  # query head q reads KV head q // (heads // kv)
+            assert all(h.kv_start <= q // (heads // kv) < h.kv_start + h.num_kv
+                       for q in range(h.q_start, h.q_start + h.num_q))
+
+
 def test_sizes_that_do_not_split_are_config_errors(tiny_models):
     with pytest.raises(ConfigError, match="--tensor-parallel-size 3 cannot split this model's 2 KV heads"):
         LLM(tiny_models["llama"], tensor_parallel_size=3)
