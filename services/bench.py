@@ -122,6 +122,9 @@ def _hf_state_dict(model) -> dict:
 def cmd_throughput(args) -> None:
     from pdserve.common.engine.llm import LLM
     from pdserve.services.cli import engine_kwargs
+    if args.tensor_parallel_size > 1 and not args.skip_hf:
+        from pdserve.common.config import ConfigError
+        raise ConfigError("--tensor-parallel-size > 1 needs --skip-hf (the HF baseline runs one unsharded model)")
     llm = LLM(**engine_kwargs(args))
     workload = make_workload(args.num_prompts, args.input_len, args.output_len, llm.engine.arch.vocab_size,
                              args.workload_seed)

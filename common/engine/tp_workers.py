@@ -108,6 +108,7 @@ class TPWorkers:
         self._status: list[mpc.Connection] = []
         self.dead: str | None = None
         self._closed = False
+        self._status_lock = threading.Lock()  # the watchdog and the engine thread both read status pipes
         for rank in range(1, n):
             step_r, step_w = mpc.Pipe(duplex=False)
             status_r, status_w = mpc.Pipe(duplex=False)
@@ -159,12 +160,13 @@ class TPWorkers:
         for rank, (proc, status) in enumerate(zip(self.procs, self._status), start=1):
             if proc.poll() is not None:
                 detail = ""
-                try:
-                    while status.poll():
-                        kind, text = status.recv()
-                        detail = f": {text}" if kind == "error" else detail
-                except (EOFError, OSError):
-                    pass
+                with self._status_lock:
+                    try:
+                        while status.poll():
+                            kind, text = status.recv()
+                            detail = f": {text}" if kind == "error" else detail
+                    except (EOFError, OSError):
+                        pass
                 return f"tensor-parallel rank {rank} (pid {proc.pid}) exited with code {proc.returncode}{detail}"
         return None
 
@@ -192,7 +194,7 @@ class TPWorkers:
     def fail(self, error: BaseException | None) -> RankDeadError:
         """The error that ends the instance: the dead rank if there is one, else rank 0's own error.
         Stops the remaining workers (they would wait forever in a collective)."""
-        message = self.dead or self._find_dead(1.0) or f"tensor-parallel rank 0 failed in a step: {error}"
+        message = self.dead or self._find_dead(1.0) or f"tensor-parallel rank 0 failed: {error}"
         self.dead = message
         self.shutdown()
         return RankDeadError(message)
@@ -282,9 +284,15 @@ def start_tensor_parallel(config: EngineConfig, arch: ArchConfig, path: str, max
     try:
         return TPDriverRunner(workers, config.model, config.cache, arch, path, max_model_len,
                               scheduler_cfg=sched_cfg, enforce_eager=config.enforce_eager)
-    except BaseException as e:
-        workers.fail(e)
+    except ConfigError:
+        workers.fail(None)
         raise
+    except BaseException as e:  # a worker that died takes rank 0's collective down with it: name it
+        dead = workers.dead or workers._find_dead(1.0)
+        workers.fail(e)
+        if dead is None:
+            raise
+        raise ConfigError(f"tensor-parallel start-up failed: {dead}") from e
 
 
 # ---- a worker process ------------------------------------------------------------------------------
@@ -307,9 +315,9 @@ def worker_entry(steps_fd: int, status_fd: int) -> None:
                              enforce_eager=config.enforce_eager, tp=comm)
     except BaseException as e:
         log.exception("start-up failed")
-        status.send(("error", f"{type(e).__name__}: {e}"))
+        _report(status, "error", f"{type(e).__name__}: {e}")
         os._exit(1)
-    status.send(("ready", runner.num_blocks))
+    _report(status, "ready", runner.num_blocks)
     params_cache: dict = {}
     while True:
         try:
@@ -322,9 +330,16 @@ def worker_entry(steps_fd: int, status_fd: int) -> None:
             runner.launch(decode_step(payload, params_cache))
         except BaseException as e:  # the other ranks wait in a collective: end this one, rank 0 sees it
             log.exception("step failed")
-            status.send(("error", f"{type(e).__name__}: {e}"))
+            _report(status, "error", f"{type(e).__name__}: {e}")
             os._exit(1)
     comm.close()
+
+
+def _report(status: mpc.Connection, kind: str, detail) -> None:
+    try:
+        status.send((kind, detail))
+    except OSError:  # the engine is gone
+        os._exit(1)
 
 
 def _exit_with_parent() -> None:
