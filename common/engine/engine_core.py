@@ -183,8 +183,10 @@ class EngineCore:
         self.runner.shutdown()
 
     def stats(self) -> dict:
-        return {"tensor_parallel_size": self.tensor_parallel_size,
-                "kv_blocks_fit_by_rank": list(self.runner.num_blocks_by_rank),  # the pool is their min"num_running": self.scheduler.num_running(), "num_waiting": self.scheduler.num_waiting(),
+        return {"num_running": self.scheduler.num_running(), "num_waiting": self.scheduler.num_waiting(),
+                "tensor_parallel_size": self.tensor_parallel_size,
+                # KV blocks each rank's memory could hold; every rank holds num_blocks (their min)
+                "kv_blocks_fit_by_rank": list(self.runner.num_blocks_by_rank),
                 "kv_usage": self.kv.usage(), "num_free_blocks": self.kv.num_free_blocks,
                 "num_blocks": self.runner.num_blocks, "num_preemptions": self.scheduler.num_preemptions,
                 "prefix_queries": self.kv.num_prefix_queries, "prefix_hits": self.kv.num_prefix_hits,
