@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from typing import Iterable, Sequence
+from typing import Sequence
 
 SEED_HASH = hashlib.blake2b(b"pdserve-prefix-v1", digest_size=16).digest()
 
@@ -40,7 +40,3 @@ def hash_blocks(token_ids: Sequence[int], block_size: int, extra: bytes = b"",
         parent = hash_block(parent, token_ids[i * block_size:(i + 1) * block_size], extra)
         hashes.append(parent)
     return hashes
-
-
-def to_hex(hashes: Iterable[BlockHash]) -> list[str]:
-    return [h.hex() for h in hashes]

@@ -3,14 +3,32 @@
 Each component receives only its part: the scheduler a `SchedulerConfig`, the KV manager a
 `CacheConfig`, the model runner a `ModelConfig`. This is the only module that reads environment
 variables (`env_flag`), so nothing deep in the code changes behaviour behind the caller's back.
+
+Every engine option is declared once, here, as a dataclass field with `option(...)`: its default,
+its help text, its CLI flag and its keyword name. `add_engine_args` generates the flags of
+`pdserve serve/prefill/decode/generate/chat/bench` from these fields, and
+`EngineConfig.from_options(**kwargs)` builds the config from those keywords (the parsed flags, or
+`LLM(model, **kwargs)`), so a default is written in exactly one place.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+
+
+def option(default, help: str, *, name: str | None = None, flag: str | None = None, choices=None,
+           type=None, boolean: bool = False, aliases: tuple[str, ...] = ()):
+    """A config field that is also a user option: `name` is its keyword (default: the field name),
+    `flag` its CLI spelling (default: --name with dashes), `aliases` more spellings (-tp),
+    `boolean` makes --x / --no-x."""
+    return field(default=default, metadata={"help": help, "name": name, "flag": flag, "choices": choices,
+                                            "type": type, "boolean": boolean, "aliases": aliases})
 
 
 class ConfigError(ValueError):
@@ -24,14 +42,16 @@ def env_flag(name: str, default: str | None = None) -> str | None:
 @dataclass(frozen=True)
 class ModelConfig:
     """What to load and how. Architecture numbers live in `ArchConfig` (read from the model)."""
-    model: str
-    dtype: str = "auto"
-    max_model_len: int | None = None  # None: the model's context length
-    load_format: str = "auto"  # auto | safetensors | gguf | dummy
-    tokenizer: str | None = None
-    served_model_name: str | None = None
-    seed: int = 0
-    device: str = "cpu"
+    model: str = option("default", "HF folder or .gguf file (default: the packaged SmolLM2-135M-Instruct)")
+    dtype: str = option("auto", "weights and activations dtype (auto: the checkpoint's)", choices=DTYPES)
+    max_model_len: int | None = option(None, "context length (default: the model's)", type=int)
+    load_format: str = option("auto", "weights format; dummy: random weights of the model's shape",
+                              choices=LOAD_FORMATS)
+    tokenizer: str | None = option(None, "tokenizer folder or .gguf (default: the model's)")
+    served_model_name: str | None = option(None, "name in the API (default: the model's folder or file name)")
+    seed: int = option(0, "engine seed (weights of --load-format dummy, unseeded sampling)", type=int,
+                       flag="--engine-seed")
+    device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when present)")
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -71,11 +91,13 @@ class ArchConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    block_size: int = 16
-    num_blocks: int | None = None  # None: sized from kv_cache_memory_gb / gpu_memory_utilization
-    kv_cache_memory_gb: float = 2.0  # CPU: memory for the KV pool when num_blocks is None
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
+    block_size: int = option(16, "tokens per KV block (a power of two)", type=int)
+    num_blocks: int | None = option(None, "KV blocks (default: sized from memory)", type=int,
+                                    name="num_gpu_blocks_override")
+    kv_cache_memory_gb: float = option(2.0, "GB for the KV cache on CPU", type=float, flag="--kv-cache-memory")
+    gpu_memory_utilization: float = option(0.9, "fraction of GPU memory for weights, activations and KV",
+                                           type=float)
+    enable_prefix_caching: bool = option(True, "reuse the KV of equal prompt prefixes", boolean=True)
     kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
@@ -89,19 +111,26 @@ class CacheConfig:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    enable_chunked_prefill: bool = True
+    max_num_seqs: int = option(256, "requests in a batch at most", type=int)
+    max_num_batched_tokens: int | None = option(
+        None, "tokens per step at most (default: 8192, or --max-model-len without chunked prefill)", type=int)
+    enable_chunked_prefill: bool = option(True, "split long prompts over steps", boolean=True)
     max_model_len: int = 2048  # filled from the model at start-up
+
+    @property
+    def token_budget(self) -> int:
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return 8192 if self.enable_chunked_prefill else max(self.max_model_len, 8192)
 
     def __post_init__(self):
         if self.max_num_seqs < 1:
             raise ConfigError(f"--max-num-seqs must be positive, got {self.max_num_seqs}")
-        if self.max_num_batched_tokens < 1:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ConfigError(f"--max-num-batched-tokens must be positive, got {self.max_num_batched_tokens}")
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+        if not self.enable_chunked_prefill and self.token_budget < self.max_model_len:
             raise ConfigError(
-                f"--max-num-batched-tokens ({self.max_num_batched_tokens}) must be >= --max-model-len "
+                f"--max-num-batched-tokens ({self.token_budget}) must be >= --max-model-len "
                 f"({self.max_model_len}) when chunked prefill is disabled")
 
 
@@ -110,7 +139,8 @@ class ParallelConfig:
     """Tensor parallelism: the model's heads, MLP columns and vocabulary split over N ranks
     (one process each; rank r uses device index base + r on CUDA). Per-rank memory settings
     (--gpu-memory-utilization, --kv-cache-memory) apply to each rank."""
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: int = option(1, "split the model over N ranks, one process each (GPUs base..base+N-1; "
+                                          "gloo processes on CPU)", type=int, aliases=("-tp",))
     # the layers' all-reduce on CUDA: "nccl" (torch.distributed), or "symm_mem" (torch's one-shot
     # all-reduce over NVLink peer memory for tensors up to 1 MiB, NCCL above; bf16/fp32)
     all_reduce: str = "nccl"
@@ -136,11 +166,70 @@ class ParallelConfig:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    model: ModelConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    enforce_eager: bool = False  # True: no CUDA graphs for decode (only matters on CUDA)
+    enforce_eager: bool = option(False, "no CUDA graphs for decode steps", boolean=True)
     # Overlapped steps: schedule step k on the host while step k-1 runs on the device.
     # None: on for CUDA, off elsewhere (a CPU forward pass leaves no host time to hide).
-    async_scheduling: bool | None = None
+    async_scheduling: bool | None = option(
+        None, "schedule the next step while the device runs the current one (default: on CUDA only)", boolean=True)
+
+    SECTIONS = ("model", "cache", "scheduler", "parallel")
+
+    @classmethod
+    def from_options(cls, **options) -> "EngineConfig":
+        """Build from option keywords (`option(name=...)`, e.g. max_num_seqs, num_gpu_blocks_override);
+        an unknown keyword is a ConfigError naming it. Unset (None) options keep their defaults
+        where the default is not None."""
+        known = {name: (section, f) for section, f, name in _options()}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown engine option(s): {', '.join(unknown)}")
+        parts: dict[str | None, dict] = {s: {} for s in (None, *cls.SECTIONS)}
+        for name, value in options.items():
+            section, f = known[name]
+            if value is None and f.default is not None:
+                continue
+            parts[section][f.name] = value
+        if parts["model"].get("model") is None:
+            parts["model"]["model"] = "default"
+        model = ModelConfig(**parts["model"])
+        scheduler = dict(parts["scheduler"])
+        scheduler.setdefault("max_model_len", model.max_model_len or 8192)
+        return cls(model=model, cache=CacheConfig(**parts["cache"]), scheduler=SchedulerConfig(**scheduler),
+                   parallel=ParallelConfig(**parts["parallel"]), **parts[None])
+
+
+def _options():
+    """(section or None, field, keyword name) of every user option of EngineConfig."""
+    for section in (None, *EngineConfig.SECTIONS):
+        cls = EngineConfig if section is None else {"model": ModelConfig, "cache": CacheConfig,
+                                                    "scheduler": SchedulerConfig, "parallel": ParallelConfig}[section]
+        for f in dataclasses.fields(cls):
+            if "help" in f.metadata:
+                yield section, f, f.metadata["name"] or f.name
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """The engine flags, generated from the config fields (help shows each default)."""
+    g = parser.add_argument_group("engine")
+    for _, f, name in _options():
+        m = f.metadata
+        flag = m["flag"] or "--" + name.replace("_", "-")
+        help_text = m["help"] + ("" if f.default is None else f" (default: {f.default})")
+        flags = (flag, *m["aliases"])
+        if m["boolean"]:
+            g.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            g.add_argument(*flags, dest=name, default=None, type=m["type"], choices=m["choices"], help=help_text)
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The engine keywords of parsed flags (None: not given, the config's default applies)."""
+    return {name: getattr(args, name) for _, _, name in _options()}
+
+
+def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
+    return EngineConfig.from_options(**{**engine_options(args), **overrides})

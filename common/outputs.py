@@ -1,8 +1,13 @@
-"""Public, vLLM-shaped results of a request (torch-free: the router builds them too).
+"""What leaves the engine, and the public, vLLM-shaped results of a request (torch-free).
 
-`RequestOutput` is what `LLM.generate` returns per prompt and what the async engine yields while a
-request runs. Fields are cumulative: each yield carries the whole text / token ids so far, so a
-streaming consumer sends `text[len(previous_text):]` (see `CompletionOutput.delta_since`).
+    engine (serve, prefill, decode)         front end (serve's AsyncLLM / LLM, or the router)
+    EngineOutput per sequence per step  --> RequestState (output_processor.py): detokenize, stop
+      new token ids + their logprobs          strings, gather the n sequences --> RequestOutput
+      (and across processes: the same deltas as proto messages, proto/convert.py)
+
+`EngineOutput` is a *delta*: only the tokens new since the last one. `RequestOutput` is what
+`LLM.generate` returns per prompt and what `EngineClient.generate` yields while a request runs; its
+fields are cumulative (the whole text / token ids so far), built once, in the front end.
 """
 
 from __future__ import annotations
@@ -32,6 +37,27 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
 
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class EngineOutput:
+    """One sequence's news from one engine step (a delta; nothing is repeated)."""
+    request_id: str  # the user's request
+    index: int  # which of its n sequences
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] | None = None  # one per new token when logprobs were asked
+    finish_reason: str | None = None  # common/request.py FINISH_REASONS; None while running
+    stop_reason: int | str | None = None  # the stop token id (the engine never matches strings)
+    error: str | None = None  # finish_reason "error": why
+    # Reported with a sequence's first output:
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # index 0 only, when asked
+    num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache or a KV load
+    num_computed_prompt_tokens: int | None = None  # prompt tokens this engine ran through the model
+    first_scheduled_time: float | None = None
+
+    @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 

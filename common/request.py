@@ -1,11 +1,15 @@
-"""The one `Request` object that flows through the engine (torch-free).
+"""The one `Request` object that flows through the engine, and the one finish-reason table
+(torch-free: the router and the proto conversion use the table too).
 
     WAITING --schedule--> RUNNING --update--> FINISHED_*
-       ^                     |
-       +----- PREEMPTED <----+   (blocks ran out: KV dropped, recomputed later)
+       |  ^                  |
+       |  +-- PREEMPTED <----+   (blocks ran out: KV dropped, recomputed later)
+       +--> WAITING_FOR_KV --+   (a KV connector loads the prompt's KV from elsewhere; then
+                                  WAITING with the prompt computed, or recomputed if the load failed)
 
-A request is one *sequence*: a prompt with n > 1 becomes n requests that share the prompt's
-KV blocks through the prefix cache. Statuses are ordered: everything > PREEMPTED is finished.
+A request is one *sequence*: a prompt with n > 1 becomes n requests (`index` 0..n-1 of the user's
+request `parent_id`) that share the prompt's KV blocks through the prefix cache. Statuses are
+ordered: everything > PREEMPTED is finished.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pdserve.common.sampling_params import SamplingParams
 
 class RequestStatus(enum.IntEnum):
     WAITING = enum.auto()
+    WAITING_FOR_KV = enum.auto()  # blocks reserved, a KV connector is filling them
     RUNNING = enum.auto()
     PREEMPTED = enum.auto()
     FINISHED_STOPPED = enum.auto()  # EOS, a stop token id or a stop string
@@ -30,20 +35,35 @@ class RequestStatus(enum.IntEnum):
         return self > RequestStatus.PREEMPTED
 
 
-# The one table from finish statuses to OpenAI's finish_reason.
+# The one table from finish statuses to finish reasons: OpenAI's `finish_reason` strings, the
+# proto's FinishReason enum (FINISH_REASON_<NAME>, proto/convert.py) and the metrics' labels.
 FINISH_REASONS = {
     RequestStatus.FINISHED_STOPPED: "stop",
     RequestStatus.FINISHED_LENGTH: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
     RequestStatus.FINISHED_ERROR: "error",
 }
+FINISH_REASON_NAMES = tuple(FINISH_REASONS.values())
+
+
+def child_request_id(request_id: str, index: int, n: int) -> str:
+    """The engine id of sequence `index` of a user request with n sequences."""
+    return request_id if n == 1 else f"{request_id}#{index}"
+
+
+def sequence_seed(seed: int | None, index: int) -> int | None:
+    """Sequence `index` of a seeded request samples from seed + index (vLLM's rule for n > 1)."""
+    return None if seed is None else seed + index
 
 
 class Request:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  eos_token_ids: tuple[int, ...] = (), arrival_time: float | None = None,
-                 output_token_ids: list[int] | None = None):
+                 output_token_ids: list[int] | None = None, parent_id: str | None = None, index: int = 0,
+                 kv_transfer: object | None = None):
         self.request_id = request_id
+        self.parent_id = parent_id if parent_id is not None else request_id  # the user's request
+        self.index = index  # which of the parent's n sequences this is
         self.prompt_token_ids = list(prompt_token_ids)
         self.params = params
         self.eos_token_ids = eos_token_ids
@@ -66,9 +86,13 @@ class Request:
         self.logprobs: list[tuple[float, dict[int, tuple[float, int]]]] = []
         self.prompt_logprobs: list[dict[int, tuple[float, int]] | None] = []
         self.cumulative_logprob = 0.0
-        # Prefill role: (lease_id, expires_at) -> keep the prompt's KV blocks after finishing
-        self.kv_lease: tuple[str, float] | None = None
-        self.lease_block_ids: list[int] | None = None
+        # Opaque to the engine: what a KV connector needs to load or hand off this request's KV
+        # (common/kv_transfer/connector.py). None: an ordinary request.
+        self.kv_transfer = kv_transfer
+        self.num_external_tokens: int | None = None  # prompt tokens a KV connector loads (None: not asked)
+        self.num_sent_tokens = len(self.output_token_ids)  # output tokens already reported (EngineOutput)
+        self.num_sent_logprobs = 0
+        self.reported = False  # the first EngineOutput (with the prompt's numbers) went out
 
     @property
     def num_prompt_tokens(self) -> int:

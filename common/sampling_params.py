@@ -6,6 +6,7 @@ turn it into an OpenAI 400 and the CLI into a one-line message. Torch-free (the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -20,6 +21,19 @@ class ParameterError(ValueError):
 def _check(ok: bool, param: str, message: str) -> None:
     if not ok:
         raise ParameterError(param, message)
+
+
+INT32_MAX, UINT32_MAX = 2**31 - 1, 2**32 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+MAX_N = 128  # sequences per request (OpenAI's limit)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -48,29 +62,34 @@ class SamplingParams:
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
-        _check(isinstance(self.n, int) and self.n >= 1, "n", f"n must be at least 1, got {self.n}")
-        _check(self.temperature >= 0, "temperature", f"temperature must be >= 0, got {self.temperature}")
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+            _check(_finite(getattr(self, name)), name, f"{name} must be a finite number, got {getattr(self, name)!r}")
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"n must be between 1 and {MAX_N}, got {self.n}")
+        _check(0 <= self.temperature <= 2, "temperature", f"temperature must be in [0, 2], got {self.temperature}")
         _check(0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
-        _check(isinstance(self.top_k, int) and self.top_k >= -1, "top_k",
+        _check(_is_int(self.top_k) and -1 <= self.top_k <= INT32_MAX, "top_k",
                f"top_k must be -1 (disabled) or a positive integer, got {self.top_k}")
         _check(0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {self.min_p}")
-        _check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+        _check(self.seed is None or (_is_int(self.seed) and INT64_MIN <= self.seed <= INT64_MAX), "seed",
+               f"seed must be an integer that fits in 64 bits, got {self.seed}")
+        _check(self.max_tokens is None or (_is_int(self.max_tokens) and 1 <= self.max_tokens <= UINT32_MAX),
                "max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}")
-        _check(self.min_tokens >= 0, "min_tokens", f"min_tokens must be >= 0, got {self.min_tokens}")
+        _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= UINT32_MAX, "min_tokens",
+               f"min_tokens must be >= 0, got {self.min_tokens}")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
         _check(-2 <= self.presence_penalty <= 2, "presence_penalty",
                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty",
                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        _check(self.repetition_penalty > 0, "repetition_penalty",
-               f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs",
+        _check(0 < self.repetition_penalty <= 2, "repetition_penalty",
+               f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs",
                f"logprobs must be between 0 and 20, got {self.logprobs}")
-        _check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
-               f"prompt_logprobs must be between 0 and 20, got {self.prompt_logprobs}")
+        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
+               "prompt_logprobs", f"prompt_logprobs must be between 0 and 20, got {self.prompt_logprobs}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
-        _check(all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+        _check(all(_is_int(t) and 0 <= t <= UINT32_MAX for t in self.stop_token_ids), "stop_token_ids",
                "stop_token_ids must be non-negative integers")
         if self.top_k == 0:
             self.top_k = -1

@@ -37,6 +37,9 @@ class Tokenizer:
         self.eos_token = _token_str(cfg.get("eos_token"))
         self.chat_template = chat_template_override or cfg.get("chat_template") or _read_template_file(folder)
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        # The longest vocabulary entry: n tokens never decode to more than n * this many characters
+        # (byte-level entries spell one character per byte), so a longer text is too long untokenized.
+        self.max_token_chars = max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
         eos_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.eos_token_ids: list[int] = [] if eos_id is None else [eos_id]
         self._template = None

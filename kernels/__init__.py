@@ -7,7 +7,6 @@
     apply_rotary             NeoX rotary embedding of q and k, in place         rotary.py
     rotary_store_kv          rotary fused with store_kv (q in place, k/v to cache) rotary.py
     silu_and_mul             gated MLP activation                               activation.py
-    sample                   temperature / top-k / top-p / min-p, no sort       sampling.py
     gemv                     batch-1 x @ W^T (+ b) at memory bandwidth          gemv.py
 
 `reference` holds the torch version of each (`<name>_ref`), which defines the semantics.
@@ -40,8 +39,7 @@ if triton_available():
     from pdserve.kernels.prefill_attention import paged_prefill_attention
     from pdserve.kernels.rms_norm import rms_norm
     from pdserve.kernels.rotary import apply_rotary, rotary_store_kv
-    from pdserve.kernels.sampling import sample
     from pdserve.kernels.store_kv import store_kv
 
     __all__ += ["store_kv", "paged_decode_attention", "paged_prefill_attention", "rms_norm",
-                "apply_rotary", "rotary_store_kv", "silu_and_mul", "sample", "gemv"]
+                "apply_rotary", "rotary_store_kv", "silu_and_mul", "gemv"]

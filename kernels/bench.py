@@ -5,7 +5,7 @@
 
 Shapes are Llama-3-8B's: 32 query heads, 8 kv heads, head_dim 128, block_size 16, hidden 4096,
 intermediate 14336, vocab 128256, bf16. The references are the obviously-right ones (per-sequence
-Python loops for attention and sampling), so their times are a floor, not a tuned baseline.
+Python loops for attention), so their times are a floor, not a tuned baseline.
 Both modes finish in well under three minutes on an H100.
 """
 
@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from pdserve.kernels import reference as ref
-from pdserve.kernels.testing import make_paged_kv, query_start_loc, rel_error, sampling_params, tolerance
+from pdserve.kernels.testing import make_paged_kv, query_start_loc, rel_error, tolerance
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK_SIZE, HIDDEN, INTERMEDIATE, VOCAB = 32, 8, 128, 16, 4096, 14336, 128256
 DEVICE = "cuda"
@@ -157,23 +157,6 @@ def store_kv_case(num_tokens: int, dtype=torch.bfloat16) -> Case:
                 check, bytes=4 * k.numel() * k.element_size())
 
 
-def sample_case(batch_size: int, vocab_size: int = VOCAB) -> Case:
-    from pdserve.kernels import sample
-
-    logits = 3 * torch.randn(batch_size, vocab_size, device=DEVICE)
-    noise = torch.empty_like(logits).exponential_()
-    params = sampling_params(batch_size, vocab_size, DEVICE)
-
-    def check():
-        got, expected = sample(logits, *params, noise), ref.sample_ref(logits, *params, noise)
-        mismatches = int((got != expected).sum())
-        return None if mismatches == 0 else f"{mismatches}/{batch_size} tokens differ"
-
-    return Case(f"sample B={batch_size} V={vocab_size} (mixed top-k/top-p/min-p rows)",
-                lambda: sample(logits, *params, noise), lambda: ref.sample_ref(logits, *params, noise), check,
-                bytes=2 * logits.numel() * 4)
-
-
 def bench_cases() -> list[Callable[[], Case]]:
     return [
         *(lambda b=b, n=n: decode_case([n] * b) for n in (512, 2048) for b in (1, 64, 256)),
@@ -186,7 +169,6 @@ def bench_cases() -> list[Callable[[], Case]]:
         lambda: rms_norm_case(8192, residual=True),
         lambda: rotary_case(8192),
         lambda: silu_case(8192),
-        lambda: sample_case(256),
     ]
 
 
@@ -207,7 +189,6 @@ def check_cases() -> list[Callable[[], Case]]:
         lambda: rms_norm_case(129, 4096, residual=False, dtype=f32),
         lambda: rotary_case(129, 32, 2, 64),
         lambda: silu_case(33, 1000),
-        lambda: sample_case(64, 32000),
         *bench_cases(),
     ]
 

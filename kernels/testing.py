@@ -64,24 +64,3 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def tolerance(dtype: torch.dtype) -> float:
     return 1e-4 if dtype == torch.float32 else 1e-2
-
-
-def sampling_params(batch_size: int, vocab_size: int, device: torch.device | str, seed: int = 0):
-    """Per-row parameters that cycle through greedy, plain, top-k, top-p, min-p and combinations.
-
-    Returns (temperature [B] fp32, top_k [B] int32, top_p [B] fp32, min_p [B] fp32).
-    """
-    rows = [  # temperature, top_k, top_p, min_p
-        (0.0, -1, 1.0, 0.0), (1.0, -1, 1.0, 0.0), (0.7, 1, 1.0, 0.0), (1.0, 5, 1.0, 0.0),
-        (0.8, 50, 1.0, 0.0), (1.0, -1, 0.9, 0.0), (1.3, -1, 0.5, 0.0), (1.0, -1, 0.01, 0.0),
-        (1.0, -1, 1.0, 0.1), (0.9, 40, 0.8, 0.0), (1.0, 20, 0.95, 0.05), (0.5, vocab_size, 0.99, 0.0),
-        (1.0, 0, 1.0, 0.2), (2.0, 7, 0.3, 0.01),
-    ]
-    gen = torch.Generator().manual_seed(seed)
-    picks = torch.randperm(len(rows), generator=gen).tolist()
-    chosen = [rows[picks[i % len(rows)]] for i in range(batch_size)]
-    columns = list(zip(*chosen))
-    return (torch.tensor(columns[0], dtype=torch.float32, device=device),
-            torch.tensor(columns[1], dtype=torch.int32, device=device),
-            torch.tensor(columns[2], dtype=torch.float32, device=device),
-            torch.tensor(columns[3], dtype=torch.float32, device=device))

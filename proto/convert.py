@@ -13,19 +13,17 @@ ParameterError it may raise into INVALID_ARGUMENT. Absent values map to None, ne
 
 from __future__ import annotations
 
-from pdserve.common.outputs import Logprob, TokenLogprobs
-from pdserve.common.sampling_params import ParameterError, SamplingParams
+from pdserve.common.outputs import EngineOutput, Logprob, TokenLogprobs
+from pdserve.common.request import FINISH_REASON_NAMES
+from pdserve.common.sampling_params import SamplingParams
 from pdserve.proto import pdserve_pb2 as pb
 
-_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
-
-# The one table between wire enums and the strings the engine and OpenAI use.
-FINISH_REASONS = {
-    None: pb.FINISH_REASON_NONE,
-    "stop": pb.FINISH_REASON_STOP,
-    "length": pb.FINISH_REASON_LENGTH,
-    "abort": pb.FINISH_REASON_ABORT,
-}
+# Wire enum <-> the engine's finish reasons, derived by name from the one table
+# (common/request.py FINISH_REASONS): a reason added there without its FINISH_REASON_<NAME> in the
+# proto fails here, at import, not in a running stream.
+FINISH_REASONS = {None: pb.FINISH_REASON_NONE,
+                  **{name: pb.FinishReason.Value(f"FINISH_REASON_{name.upper()}") for name in FINISH_REASON_NAMES}}
+_FINISH_BY_NUMBER = {number: name for name, number in FINISH_REASONS.items()}
 ROLES = {"prefill": pb.ROLE_PREFILL, "decode": pb.ROLE_DECODE, "both": pb.ROLE_BOTH}
 STATUSES = {"serving": pb.SERVING, "draining": pb.DRAINING, "not_serving": pb.NOT_SERVING}
 
@@ -36,8 +34,6 @@ _PLAIN_FIELDS = ("n", "temperature", "top_p", "top_k", "min_p", "min_tokens", "i
 
 
 def sampling_params_to_proto(params: SamplingParams) -> pb.SamplingParams:
-    if params.seed is not None and not _INT64_MIN <= params.seed <= _INT64_MAX:
-        raise ParameterError("seed", f"seed must fit in a signed 64-bit integer, got {params.seed}")
     msg = pb.SamplingParams(stop=params.stop, stop_token_ids=params.stop_token_ids)
     for name in _PLAIN_FIELDS:
         setattr(msg, name, getattr(params, name))
@@ -62,14 +58,40 @@ def finish_reason_to_proto(finish_reason: str | None) -> int:
 
 
 def finish_reason_from_proto(value: int) -> str | None:
-    for name, number in FINISH_REASONS.items():
-        if number == value:
-            return name
-    raise ValueError(f"unknown FinishReason value {value}")
+    try:
+        return _FINISH_BY_NUMBER[value]
+    except KeyError:
+        raise ValueError(f"unknown FinishReason value {value}") from None
 
 
-def set_stop_reason(msg: pb.FirstToken | pb.SequenceDelta, stop_reason: int | str | None) -> None:
-    """Fill the `stop_reason` oneof of a FirstToken or SequenceDelta."""
+def delta_to_proto(out: EngineOutput) -> pb.SequenceDelta:
+    """An engine delta on the wire (its prompt-level fields travel in the enclosing message)."""
+    msg = pb.SequenceDelta(index=out.index, new_token_ids=out.new_token_ids,
+                           finish_reason=finish_reason_to_proto(out.finish_reason))
+    if out.new_logprobs:
+        msg.new_logprobs.extend(token_logprobs_to_proto(t, e) for t, e in zip(out.new_token_ids, out.new_logprobs))
+    set_stop_reason(msg, out.stop_reason)
+    return msg
+
+
+def delta_from_proto(request_id: str, msg: pb.SequenceDelta, error: str | None = None) -> EngineOutput:
+    return EngineOutput(request_id=request_id, index=msg.index, new_token_ids=list(msg.new_token_ids),
+                        new_logprobs=[token_logprobs_from_proto(x) for x in msg.new_logprobs] or None,
+                        finish_reason=finish_reason_from_proto(msg.finish_reason),
+                        stop_reason=stop_reason_from_proto(msg), error=error)
+
+
+def prompt_logprobs_to_proto(prompt_token_ids: list[int], entries: list[TokenLogprobs | None]) -> list[pb.TokenLogprobs]:
+    """Entries of prompt tokens 1.. (token 0 has none and is not sent)."""
+    return [token_logprobs_to_proto(t, e) for t, e in zip(prompt_token_ids[1:], entries[1:])]
+
+
+def prompt_logprobs_from_proto(msgs) -> list[TokenLogprobs | None] | None:
+    return [None] + [token_logprobs_from_proto(m) for m in msgs] if msgs else None
+
+
+def set_stop_reason(msg: pb.SequenceDelta, stop_reason: int | str | None) -> None:
+    """Fill the `stop_reason` oneof of a SequenceDelta."""
     if isinstance(stop_reason, str):
         msg.stop_str = stop_reason
     elif isinstance(stop_reason, int):
@@ -78,7 +100,7 @@ def set_stop_reason(msg: pb.FirstToken | pb.SequenceDelta, stop_reason: int | st
         raise TypeError(f"stop_reason must be str, int or None, got {type(stop_reason).__name__}")
 
 
-def stop_reason_from_proto(msg: pb.FirstToken | pb.SequenceDelta) -> int | str | None:
+def stop_reason_from_proto(msg: pb.SequenceDelta) -> int | str | None:
     which = msg.WhichOneof("stop_reason")
     return None if which is None else getattr(msg, which)
 

@@ -19,7 +19,8 @@ import random
 import time
 
 
-def add_parser(sub, add_engine_args) -> None:
+def add_parser(sub, add_engine_args):
+    """`pdserve bench throughput|latency`; returns the subparsers for the other bench commands."""
     p = sub.add_parser("bench", help="benchmarks (throughput, latency, gpu)")
     bsub = p.add_subparsers(dest="bench", required=True)
     t = bsub.add_parser("throughput", help="offline output tok/s: pdserve vs HF transformers")
@@ -42,7 +43,7 @@ def add_parser(sub, add_engine_args) -> None:
     lat.add_argument("--json-out", default=None)
     add_engine_args(lat)
     lat.set_defaults(func=cmd_latency)
-    from pdserve.services import bench_gpu; bench_gpu.add_parser(bsub)  # `pdserve bench gpu` (H100 workloads)
+    return bsub
 
 
 def make_workload(num: int, input_len, output_len, vocab: int, seed: int) -> list[tuple[list[int], int]]:
@@ -121,11 +122,10 @@ def _hf_state_dict(model) -> dict:
 
 def cmd_throughput(args) -> None:
     from pdserve.common.engine.llm import LLM
-    from pdserve.services.cli import engine_kwargs
-    if args.tensor_parallel_size > 1 and not args.skip_hf:
-        from pdserve.common.config import ConfigError
+    from pdserve.common.config import ConfigError, engine_config
+    if (args.tensor_parallel_size or 1) > 1 and not args.skip_hf:
         raise ConfigError("--tensor-parallel-size > 1 needs --skip-hf (the HF baseline runs one unsharded model)")
-    llm = LLM(**engine_kwargs(args))
+    llm = LLM.from_config(engine_config(args))
     workload = make_workload(args.num_prompts, args.input_len, args.output_len, llm.engine.arch.vocab_size,
                              args.workload_seed)
     results = [run_pdserve(llm, workload)]
@@ -157,7 +157,7 @@ def latency_iteration(engine, prompts: list[list[int]], output_len: int, tag: st
     first = None
     while engine.has_unfinished():
         outs = engine.step()
-        if first is None and any(o.outputs[0].token_ids for o in outs):
+        if first is None and any(o.new_token_ids for o in outs):
             first = time.perf_counter()
     end = time.perf_counter()
     per_token = (end - first) / (output_len - 1) if output_len > 1 else 0.0
@@ -166,11 +166,11 @@ def latency_iteration(engine, prompts: list[list[int]], output_len: int, tag: st
 
 def cmd_latency(args) -> None:
     from pdserve.common.engine.llm import LLM
-    from pdserve.services.cli import engine_kwargs
+    from pdserve.common.config import engine_config
     for name in ("input_len", "output_len", "batch_size", "num_iters"):
         if getattr(args, name) < 1:
             raise SystemExit(f"pdserve bench latency: --{name.replace('_', '-')} must be at least 1")
-    llm = LLM(**engine_kwargs(args))
+    llm = LLM.from_config(engine_config(args))
     engine = llm.engine
     rng = random.Random(args.workload_seed)
     vocab = engine.arch.vocab_size

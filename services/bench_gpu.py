@@ -166,8 +166,7 @@ def run_pdserve(engine, workload, tag: str, recorder: StepRecorder | None = None
     tokens = 0
     while engine.has_unfinished():
         for out in engine.step():
-            if out.finished:
-                tokens += len(out.outputs[0].token_ids)
+            tokens += len(out.new_token_ids)
     wall = time.perf_counter() - t0
     result = {"requests": len(workload), "output_tokens": tokens, "wall_s": round(wall, 2),
               "output_tok_per_s": round(tokens / wall, 1)}

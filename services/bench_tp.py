@@ -94,12 +94,11 @@ def _greedy(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     for i, p in enumerate(prompts):
         engine.add_request(f"check-{i}", p, params)
-    done = {}
+    tokens: dict[str, list[int]] = {f"check-{i}": [] for i in range(len(prompts))}
     while engine.has_unfinished():
-        for o in engine.step():
-            if o.finished:
-                done[o.request_id] = o.outputs[0].token_ids
-    return [done[f"check-{i}"] for i in range(len(prompts))]
+        for o in engine.step():  # deltas
+            tokens[o.request_id] += o.new_token_ids
+    return list(tokens.values())
 
 
 def _smollm2_phase(tp: int, cpu_smoke: bool) -> dict:

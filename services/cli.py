@@ -11,43 +11,8 @@ import json
 import logging
 import sys
 
-from pdserve.common.config import ConfigError
+from pdserve.common.config import ConfigError, add_engine_args, engine_config
 from pdserve.common.sampling_params import ParameterError
-
-
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("engine")
-    g.add_argument("--model", default=None, help="HF folder or .gguf file (default: packaged SmolLM2-135M-Instruct)")
-    g.add_argument("--tokenizer", default=None)
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    g.add_argument("--max-model-len", type=int, default=None)
-    g.add_argument("--block-size", type=int, default=16)
-    g.add_argument("--num-gpu-blocks-override", type=int, default=None, help="KV blocks (default: from memory)")
-    g.add_argument("--kv-cache-memory", type=float, default=2.0, help="GB for the KV cache on CPU")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--max-num-seqs", type=int, default=256)
-    g.add_argument("--max-num-batched-tokens", type=int, default=None)
-    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "gguf", "dummy"])
-    g.add_argument("--device", default="cpu")
-    g.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs for decode steps")
-    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
-                   help="schedule the next step while the device runs the current one (default: on CUDA only)")
-    g.add_argument("--served-model-name", default=None)
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
-                   help="split the model over N ranks (GPUs cuda:0..N-1; gloo processes on CPU)")
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict:
-    batched = args.max_num_batched_tokens or (8192 if args.enable_chunked_prefill else max(args.max_model_len or 8192, 8192))
-    return dict(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, max_model_len=args.max_model_len,
-                block_size=args.block_size, num_gpu_blocks_override=args.num_gpu_blocks_override,
-                kv_cache_memory_gb=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
-                enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
-                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=batched, load_format=args.load_format,
-                device=args.device, enforce_eager=args.enforce_eager, served_model_name=args.served_model_name,
-                async_scheduling=args.async_scheduling, tensor_parallel_size=args.tensor_parallel_size)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -78,7 +43,7 @@ def cmd_generate(args) -> None:
         prompts = [line.rstrip("\n") for line in f if line.strip()]
     if not prompts:
         raise ConfigError(f"{args.input} holds no prompts (one per line)")
-    llm = LLM(**engine_kwargs(args))
+    llm = LLM.from_config(engine_config(args))
     outs = llm.generate(prompts, params, use_tqdm=True)
     sink = open(args.output, "w") if args.output != "-" else sys.stdout
     with sink if sink is not sys.stdout else _nullctx():
@@ -91,7 +56,7 @@ def cmd_generate(args) -> None:
 
 def cmd_chat(args) -> None:
     from pdserve.common.engine.llm import LLM
-    llm = LLM(**engine_kwargs(args))
+    llm = LLM.from_config(engine_config(args))
     params = sampling_params(args)
     if args.message:
         print(llm.chat([{"role": "user", "content": args.message}], params, use_tqdm=False)[0].outputs[0].text)
@@ -129,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat, temperature=0.0)
 
-    from pdserve.services import bench, disagg_cli
-    bench.add_parser(sub, add_engine_args)
-    from pdserve.services import serve; serve.add_parser(sub, add_engine_args)
+    from pdserve.services import bench, bench_gpu, disagg_cli, serve
+    bench_gpu.add_parser(bench.add_parser(sub, add_engine_args))  # `pdserve bench gpu` (H100 workloads)
+    serve.add_parser(sub, add_engine_args)
     disagg_cli.add_parsers(sub, add_engine_args)
     return parser
 

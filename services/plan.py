@@ -139,13 +139,13 @@ def recommend(prefill: dict, decode: list[dict], prompt_len: int, output_len: in
 def cmd_plan(args) -> None:
     from pdserve.common.config import ConfigError
     from pdserve.common.engine.llm import LLM
-    from pdserve.services.cli import engine_kwargs
+    from pdserve.common.config import engine_config
     for name in ("prompt_len", "output_len", "rate", "ttft", "tpot"):
         if getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if not 0 <= args.prefix_hit_rate < 1 or not 0 < args.max_utilization <= 1:
         raise ConfigError("--prefix-hit-rate must be in [0, 1) and --max-utilization in (0, 1]")
-    core = LLM(**engine_kwargs(args)).engine
+    core = LLM.from_config(engine_config(args)).engine
     if args.prompt_len + args.output_len > core.max_model_len:
         raise ConfigError(f"--prompt-len + --output-len ({args.prompt_len + args.output_len}) exceeds the "
                           f"model's context length {core.max_model_len}")

@@ -18,12 +18,13 @@ import signal
 import socket
 
 from pdserve.common.config import ConfigError
+from pdserve.common.model_path import served_name
 
-DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 GRACEFUL_SHUTDOWN_S = 5
 
 
 def add_parser(sub, add_engine_args) -> None:
+    from pdserve.services.router.limits import add_limit_args
     p = sub.add_parser("serve", help="OpenAI-compatible server: router and engine in one process")
     p.add_argument("model_path", nargs="?", metavar="MODEL", default=None,
                    help="HF folder or .gguf file (or --model; default: packaged SmolLM2-135M-Instruct)")
@@ -32,17 +33,9 @@ def add_parser(sub, add_engine_args) -> None:
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
     p.add_argument("--uvicorn-log-level", default="warning",
                    choices=["critical", "error", "warning", "info", "debug", "trace"])
+    add_limit_args(p)
     add_engine_args(p)  # includes --model and --served-model-name
     p.set_defaults(func=cmd_serve)
-
-
-def served_model_name(args: argparse.Namespace) -> str:
-    if args.served_model_name:
-        return args.served_model_name
-    if not args.model:
-        return DEFAULT_SERVED_NAME
-    name = os.path.basename(os.path.normpath(args.model))
-    return name[:-len(".gguf")] if name.endswith(".gguf") else name
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -54,16 +47,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     import uvicorn
 
+    from pdserve.common.config import engine_config
     from pdserve.common.engine.async_llm import AsyncLLM
-    from pdserve.common.engine.llm import LLM
-    from pdserve.services.cli import engine_kwargs
+    from pdserve.common.metrics import StatsCollector
     from pdserve.services.router.app import build_app
+    from pdserve.services.router.limits import limits_of
 
-    name = served_model_name(args)
+    name = args.served_model_name or served_name(args.model)
     with _bind(args.host, args.port) as sock:
-        engine = AsyncLLM(core=LLM(**engine_kwargs(args)).engine)  # LLM builds the EngineConfig from flags
+        engine = AsyncLLM(engine_config(args))
         try:
-            app = build_app(engine, name, api_key=args.api_key, stats=engine.core.stats)
+            app = build_app(engine, name, api_key=args.api_key, collector=StatsCollector(name, engine=engine.core.stats),
+                            limits=limits_of(args))
             config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                     access_log=args.uvicorn_log_level in ("info", "debug", "trace"),
                                     timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)

@@ -2,8 +2,12 @@
 the prefill and decode services).
 
     event loop                          engine thread
-    generate() --(inbox: add/abort)-->  loop: drain inbox -> core.step() -> outputs
-    per-request asyncio.Queue  <--call_soon_threadsafe--   (one RequestOutput per step)
+    stream() --(inbox: add/abort/stop)--> loop: drain inbox -> core.step() -> EngineOutputs
+    per-request asyncio.Queue  <--call_soon_threadsafe--   (the request's deltas of one step)
+    generate() = stream() through a RequestState (detokenize, stop strings): RequestOutputs
+
+Workers consume `stream()` (deltas go on the wire as they are); `pdserve serve` consumes
+`generate()`.
 
 Torch ops release the GIL, so the event loop keeps serving HTTP while a step runs. If the engine
 thread dies, every waiting request gets EngineDeadError at once (nothing hangs).
@@ -16,65 +20,88 @@ import logging
 import queue
 import threading
 import time
+from contextlib import aclosing
 from typing import AsyncIterator, Callable
 
 from pdserve.common.config import EngineConfig
 from pdserve.common.engine.engine_core import EngineCore
+from pdserve.common.engine.kv_connector import KVConnector
 from pdserve.common.engine_client import EngineDeadError
-from pdserve.common.outputs import RequestOutput
-from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.output_processor import RequestState
+from pdserve.common.outputs import EngineOutput, RequestOutput
+from pdserve.common.sampling_params import ParameterError, SamplingParams
 
 log = logging.getLogger("pdserve.async_llm")
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig | None = None, core: EngineCore | None = None):
-        self.core = core or EngineCore(config)
+    def __init__(self, config: EngineConfig | None = None, core: EngineCore | None = None,
+                 connector: KVConnector | None = None):
+        self._wake = threading.Event()
+        self.core = core or EngineCore(config, connector=connector, wake=self._wake.set)
         self.tokenizer = self.core.tokenizer
         self.model_name = self.core.model_name
         self.max_model_len = self.core.max_model_len
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._wake = threading.Event()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._dead: BaseException | None = None
         self._stopping = False
-        self.step_hooks: list[Callable[[EngineCore], None]] = []  # run on the engine thread after each step
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._thread.start()
 
     # ---- EngineClient ------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                       prompt: str | None = None, output_token_ids: list[list[int]] | None = None,
-                       add_fn: Callable[[EngineCore], object] | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs. `add_fn(core)`, when given, enters the request into the
-        engine instead of a plain add_request (prefill leases, decode admission after a pull)."""
+                       prompt: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Cumulative RequestOutputs of one request (the front end of `pdserve serve`): the
+        engine's deltas through a RequestState, stop strings stopped in the engine."""
+        state = RequestState(self.tokenizer, request_id, prompt, prompt_token_ids, params)
+        async with aclosing(self.stream(request_id, prompt_token_ids, params,
+                                        arrival_time=state.metrics.arrival_time)) as deltas:
+            async for outs in deltas:
+                stopped = [(o.request_id, o.index) for o in outs if state.add(o)]
+                if stopped:
+                    self._send(("stop", stopped))
+                out = state.output()
+                yield out
+                if out.finished:
+                    return
+
+    async def stream(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     output_token_ids: list[list[int]] | None = None, kv_transfer: object | None = None,
+                     arrival_time: float | None = None,
+                     finished_indices: list[int] = ()) -> AsyncIterator[list[EngineOutput]]:
+        """The engine's deltas of one request, one list per step that touched it, until all its
+        sequences finished. Closing the iterator early aborts the request. `finished_indices`:
+        sequences that already ended elsewhere (given in output_token_ids, not continued)."""
         if self._dead is not None:
             raise EngineDeadError(f"the engine is dead: {self._dead}")
+        if request_id in self._streams:
+            raise ParameterError("request_id", f"request id {request_id!r} is already running")
         self.core.validate(prompt_token_ids, params)  # ParameterError before anything is queued
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        if request_id in self._streams:
-            from pdserve.common.sampling_params import ParameterError
-            raise ParameterError("request_id", f"request id {request_id!r} is already running")
         self._streams[request_id] = (loop, q)
-        if add_fn is None:
-            self._send(("add", (request_id, prompt_token_ids, params, prompt, time.time(), output_token_ids)))
-        else:
-            self._send(("addfn", (request_id, add_fn)))
-        finished = False
+        self._send(("add", (request_id, prompt_token_ids, params, arrival_time or time.time(), output_token_ids,
+                            kv_transfer, finished_indices)))
+        finished = [i in finished_indices for i in range(params.n)]
         try:
             while True:
                 item = await q.get()
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-                if item.finished:
-                    finished = True
+                for o in item:
+                    finished[o.index] |= o.finished
+                if all(finished):
                     return
         finally:
             self._streams.pop(request_id, None)
-            if not finished:  # the consumer went away (client disconnect, cancellation)
+            if not all(finished):  # the consumer went away (client disconnect, cancellation)
                 self._send(("abort", [request_id]))
+
+    def stop_sequences(self, sequences: list[tuple[str, int]]) -> None:
+        """Finish (request id, index) sequences whose text a front end ended with a stop string."""
+        self._send(("stop", sequences))
 
     async def abort(self, request_id: str) -> None:
         self._send(("abort", [request_id]))
@@ -83,8 +110,7 @@ class AsyncLLM:
         return self._dead is None and self._thread.is_alive()
 
     def call_in_engine(self, fn: Callable[[EngineCore], object]) -> "asyncio.Future":
-        """Run fn(core) on the engine thread between steps (e.g. admitting a request whose KV
-        arrived); returns an awaitable with its result."""
+        """Run fn(core) on the engine thread between steps; returns an awaitable with its result."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._send(("call", (fn, loop, fut)))
@@ -108,20 +134,16 @@ class AsyncLLM:
             except queue.Empty:
                 return
             if kind == "add":
-                rid, ids, params, prompt, arrival, done = payload
+                rid, ids, params, arrival, done, kv_transfer, finished = payload
                 try:
-                    self.core.add_request(rid, ids, params, prompt=prompt, arrival_time=arrival,
-                                          output_token_ids=done)
-                except Exception as e:
-                    self._deliver(rid, e)
-            elif kind == "addfn":
-                rid, fn = payload
-                try:
-                    fn(self.core)
+                    self.core.add_request(rid, ids, params, arrival_time=arrival, output_token_ids=done,
+                                          kv_transfer=kv_transfer, finished_indices=finished)
                 except Exception as e:
                     self._deliver(rid, e)
             elif kind == "abort":
-                self.core.abort(payload)
+                self._deliver_all(self.core.abort(payload))
+            elif kind == "stop":
+                self.core.stop_sequences(payload)
             elif kind == "call":
                 fn, loop, fut = payload
                 try:
@@ -134,20 +156,27 @@ class AsyncLLM:
         try:
             while not self._stopping:
                 self._drain_inbox()
-                if self.core.has_unfinished():
-                    for out in self.core.step():
-                        self._deliver(out.request_id, out)
+                if self.core.has_work():
+                    self._deliver_all(self.core.step())
                 else:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     self.core.check_alive()  # a dead tensor-parallel rank fails the instance while idle too
-                for hook in self.step_hooks:  # also while idle (lease expiry, KV events)
-                    hook(self.core)
+                    if self.core.has_unfinished():  # a KV connector's load may have finished
+                        self._deliver_all(self.core.step())
+                self.core.housekeeping()
         except BaseException as e:  # the engine is gone: fail every open request now
             log.exception("engine thread died")
             self._dead = e
             for rid in list(self._streams):
                 self._deliver(rid, EngineDeadError(f"the engine died: {e}"))
+
+    def _deliver_all(self, outputs: list[EngineOutput]) -> None:
+        by_request: dict[str, list[EngineOutput]] = {}
+        for out in outputs:
+            by_request.setdefault(out.request_id, []).append(out)
+        for rid, outs in by_request.items():
+            self._deliver(rid, outs)
 
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)

@@ -141,14 +141,6 @@ class BlockPool:
             self.events.removed.append(block.block_hash)
         block.block_hash = None
 
-    def reset_prefix_cache(self) -> bool:
-        """Forget every cached hash; only possible when no block is in use."""
-        if self.num_free_blocks != self.num_blocks:
-            return False
-        for block in self.blocks:
-            self._evict(block)
-        return True
-
     def take_events(self) -> KVEvents:
         events, self.events = self.events, KVEvents()
         return events

@@ -3,7 +3,11 @@
     step():  sched = scheduler.schedule()          # which tokens run now
              result = runner.execute(sched)        # one forward pass + sampling
              touched = scheduler.update(sched, result)
-             return outputs.process(touched)       # detokenize, stop strings, RequestOutputs
+             return deltas(touched)                # EngineOutput per sequence: new ids, finish
+
+The engine emits token ids only: detokenization and stop strings belong to the front end that
+talks to the client (common/output_processor.py), which calls `stop_sequences` on a stop-string
+match. A user request with n > 1 becomes n sequences here (`add_request`, the one fan-out).
 
 Overlapped (async scheduling, the default on CUDA): the host work of a step hides behind the
 device work of the previous one, so the GPU never waits for Python between steps:
@@ -12,7 +16,7 @@ device work of the previous one, so the GPU never waits for Python between steps
              pending_k = runner.launch(sched_k)    # queued behind k-1; inputs sampled by k-1
                                                    #   are filled on the device
              result = pending_{k-1}.result()       # waits for k-1's tokens only
-             update(sched_{k-1}, result); return outputs.process(...)
+             update(sched_{k-1}, result); return deltas(...)
 
 Steps run one at a time while any request needs its latest tokens on the host to sample
 (penalties, min_tokens, logprobs; `SamplingParams.needs_host_history`).
@@ -29,25 +33,29 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from typing import Callable, Collection
 
 from pdserve.common.config import ConfigError, EngineConfig
 from pdserve.common.engine.kv_cache_manager import KVCacheManager
 from pdserve.common.engine.model_runner import ModelRunner, PendingOutput
+from pdserve.common.engine.kv_connector import KVConnector
 from pdserve.common.engine.outputs import SchedulerOutput
-from pdserve.common.engine.output_processor import OutputProcessor, ParentRequest
 from pdserve.common.engine.scheduler import Scheduler
 from pdserve.common.engine_client import EngineDeadError
+from pdserve.common.model_path import served_name
 from pdserve.common.models.loader import read_arch_config, resolve_model_path
-from pdserve.common.outputs import RequestOutput
-from pdserve.common.request import Request, RequestStatus
+from pdserve.common.outputs import EngineOutput, Logprob, TokenLogprobs
+from pdserve.common.request import Request, RequestStatus, child_request_id, sequence_seed
 from pdserve.common.sampling_params import ParameterError, SamplingParams
+from pdserve.common.stats import EngineStats
 from pdserve.common.tokenizer import load_tokenizer
 
 log = logging.getLogger("pdserve.engine")
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, load_tokenizer_: bool = True):
+    def __init__(self, config: EngineConfig, connector: KVConnector | None = None,
+                 wake: Callable[[], None] = lambda: None, load_tokenizer_: bool = True):
         self.config = config
         self.model_path = resolve_model_path(config.model.model)
         self.arch = read_arch_config(self.model_path)
@@ -63,6 +71,9 @@ class EngineCore:
         self.tensor_parallel_size = config.parallel.tensor_parallel_size
         if self.tensor_parallel_size > 1:
             config.parallel.check_model(self.arch)
+            if connector is not None:  # rank 0's KV blocks hold only its heads: a transfer would move part of them
+                raise ConfigError("--tensor-parallel-size > 1 is not supported with a KV connector (the prefill / "
+                                  "decode workers) yet: docs/tensor-parallel.md, 'Disaggregation'")
             from pdserve.common.engine.tp_workers import start_tensor_parallel
             self.runner = start_tensor_parallel(config, self.arch, self.model_path, max_len, sched_cfg)
         else:
@@ -73,9 +84,12 @@ class EngineCore:
             raise ConfigError(f"the KV cache holds {capacity} tokens, fewer than --max-model-len {max_len}: "
                               "lower --max-model-len or give the cache more memory")
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(sched_cfg, self.kv)
-        self.outputs = OutputProcessor(self.tokenizer)
-        self.model_name = config.model.served_model_name or config.model.model or "default"
+        self.connector = connector
+        if connector is not None:
+            connector.bind(self.kv, wake)
+        self.scheduler = Scheduler(sched_cfg, self.kv, connector)
+        self.requests: dict[str, list[Request]] = {}  # user request id -> its sequences
+        self.model_name = config.model.served_model_name or served_name(config.model.model)
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
@@ -86,6 +100,7 @@ class EngineCore:
 
     # ---- requests ---------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """The engine's own last guard (the edge that received the request checked it first)."""
         if not prompt_token_ids:
             raise ParameterError("prompt", "the prompt is empty: give at least one token")
         if len(prompt_token_ids) > self.max_model_len:
@@ -99,41 +114,65 @@ class EngineCore:
             raise ParameterError("stop_token_ids", f"stop_token_ids must be below the vocabulary size {vocab}")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                    prompt: str | None = None, arrival_time: float | None = None,
-                    output_token_ids: list[list[int]] | None = None) -> None:
-        """Queue a request. `output_token_ids` (one list per sequence) continues a request that
-        already produced tokens elsewhere (resubmission after a decode worker died)."""
+                    arrival_time: float | None = None, output_token_ids: list[list[int]] | None = None,
+                    kv_transfer: object | None = None, finished_indices: Collection[int] = ()) -> None:
+        """Queue a user request as its n sequences. `output_token_ids` (one list per sequence)
+        continues sequences that already produced tokens elsewhere (a prefill worker's first token,
+        or a resubmission after a decode worker died), except those in `finished_indices`, which
+        ended there; `kv_transfer` is for the KV connector (given to the first sequence)."""
         self.validate(prompt_token_ids, params)
-        if request_id in self.outputs.parents:
+        if request_id in self.requests:
             raise ParameterError("request_id", f"request id {request_id!r} is already running")
+        if output_token_ids is not None and len(output_token_ids) != params.n:
+            raise ParameterError("output_token_ids", f"{len(output_token_ids)} sequences given for n={params.n}")
         arrival = arrival_time or time.time()
-        parent = ParentRequest(request_id, prompt, list(prompt_token_ids), params, arrival)
+        live = [i for i in range(params.n) if i not in finished_indices]
+        if not live:
+            raise ParameterError("sequences", "every sequence of the request has already finished")
+        children = []
         for i in range(params.n):
             child_params = params if params.n == 1 else dataclasses.replace(
-                params, n=1, seed=None if params.seed is None else params.seed + i)
-            child_id = request_id if params.n == 1 else f"{request_id}#{i}"
-            done = output_token_ids[i] if output_token_ids else None
-            parent.children.append(Request(child_id, prompt_token_ids, child_params, self.eos_token_ids,
-                                           arrival, output_token_ids=done))
-        self.outputs.add(parent)
-        for child in parent.children:
-            self.scheduler.add_request(child)
+                params, n=1, seed=sequence_seed(params.seed, i))
+            children.append(Request(child_request_id(request_id, i, params.n), prompt_token_ids, child_params,
+                                    self.eos_token_ids, arrival, output_token_ids=output_token_ids[i]
+                                    if output_token_ids else None, parent_id=request_id, index=i,
+                                    kv_transfer=kv_transfer if i == live[0] else None))
+        self.requests[request_id] = children
+        for child in children:
+            if child.index in finished_indices:
+                child.status = RequestStatus.FINISHED_STOPPED  # never scheduled, never reported
+            else:
+                self.scheduler.add_request(child)
         self.num_prompt_tokens += len(prompt_token_ids)
 
-    def abort(self, request_ids: list[str]) -> list[RequestOutput]:
-        child_ids = []
-        for rid in request_ids:
-            parent = self.outputs.parents.get(rid)
-            if parent is not None:
-                child_ids += [c.request_id for c in parent.children]
-        reqs = self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
-        return self.outputs.process(reqs, self.scheduler.finish_requests)
+    def abort(self, request_ids: list[str]) -> list[EngineOutput]:
+        """Finish these user requests; their unfinished sequences report finish_reason "abort"."""
+        reqs = [c for rid in request_ids for c in self.requests.get(rid, ())]
+        done = self.scheduler.finish_requests([c.request_id for c in reqs if not c.is_finished()],
+                                              RequestStatus.FINISHED_ABORTED)
+        return self._outputs(done)
+
+    def stop_sequences(self, sequences: list[tuple[str, int]]) -> None:
+        """A front end matched a stop string: finish these (request id, index) sequences. The
+        front end already reported them finished, so nothing more is emitted for them."""
+        ids = [child_request_id(rid, i, len(self.requests[rid])) for rid, i in sequences if rid in self.requests]
+        for req in self.scheduler.finish_requests(ids, RequestStatus.FINISHED_STOPPED):
+            self._forget(req)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished() or self._inflight is not None
 
+    def housekeeping(self) -> None:
+        """Between steps and while idle: the connector's timers (lease expiry)."""
+        if self.connector is not None:
+            self.connector.on_step()
+
+    def has_work(self) -> bool:
+        """A step can make progress now (not only KV loads in flight elsewhere)."""
+        return self.scheduler.has_schedulable() or self._inflight is not None
+
     # ---- the step ---------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[EngineOutput]:
         overlap = self.async_scheduling and self.scheduler.num_host_history_requests == 0
         if not overlap and self._inflight is not None:
             return self._complete(*self._take_inflight())  # drain before stepping one at a time
@@ -157,7 +196,7 @@ class EngineCore:
         inflight, self._inflight = self._inflight, None
         return inflight
 
-    def _complete(self, sched: SchedulerOutput, pending: PendingOutput) -> list[RequestOutput]:
+    def _complete(self, sched: SchedulerOutput, pending: PendingOutput) -> list[EngineOutput]:
         try:
             result = pending.result()
         except EngineDeadError:
@@ -167,13 +206,13 @@ class EngineCore:
         self.num_steps += 1
         touched = self.scheduler.update(sched, result)
         self.num_generated_tokens += len(touched)  # one token each (an overlapped step's extra one is dropped)
-        return self.outputs.process(touched, self.scheduler.finish_requests)
+        return self._outputs(touched)
 
-    def _fail(self, sched: SchedulerOutput, error: Exception) -> list[RequestOutput]:
+    def _fail(self, sched: SchedulerOutput, error: Exception) -> list[EngineOutput]:
         log.error("forward pass failed", exc_info=error)
         ids = [s.req_id for s in sched.scheduled if s.req_id in self.scheduler.requests]
-        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR)
-        return self.outputs.fail(ids, f"internal error in the forward pass: {error}")
+        failed = self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR)
+        return self._outputs(failed, error=f"internal error in the forward pass: {error}")
 
     def check_alive(self) -> None:
         """Raises EngineDeadError if the engine cannot go on (a tensor-parallel rank died)."""
@@ -182,12 +221,48 @@ class EngineCore:
     def shutdown(self) -> None:
         self.runner.shutdown()
 
-    def stats(self) -> dict:
-        return {"num_running": self.scheduler.num_running(), "num_waiting": self.scheduler.num_waiting(),
-                "tensor_parallel_size": self.tensor_parallel_size,
-                # KV blocks each rank's memory could hold; every rank holds num_blocks (their min)
-                "kv_blocks_fit_by_rank": list(self.runner.num_blocks_by_rank),
-                "kv_usage": self.kv.usage(), "num_free_blocks": self.kv.num_free_blocks,
-                "num_blocks": self.runner.num_blocks, "num_preemptions": self.scheduler.num_preemptions,
-                "prefix_queries": self.kv.num_prefix_queries, "prefix_hits": self.kv.num_prefix_hits,
-                "num_steps": self.num_steps, "num_generated_tokens": self.num_generated_tokens}
+    # ---- outputs ----------------------------------------------------------------------------
+    def _outputs(self, reqs: list[Request], error: str | None = None) -> list[EngineOutput]:
+        """One delta per touched sequence: its new tokens and logprobs, and how it finished."""
+        outs = []
+        for req in reqs:
+            new = req.output_token_ids[req.num_sent_tokens:]
+            req.num_sent_tokens = req.num_output_tokens
+            out = EngineOutput(request_id=req.parent_id, index=req.index, new_token_ids=new,
+                               finish_reason=req.finish_reason(), error=error if req.is_finished() else None)
+            if req.params.logprobs is not None:
+                out.new_logprobs = [_logprob_dict(top) for _, top in req.logprobs[req.num_sent_logprobs:]]
+                req.num_sent_logprobs = len(req.logprobs)
+            if req.is_finished():
+                out.stop_reason = req.stop_reason
+            if not req.reported and (new or req.is_finished()):
+                req.reported = True
+                out.num_cached_tokens = req.num_cached_tokens or 0
+                out.num_computed_prompt_tokens = req.num_computed_prompt_tokens
+                out.first_scheduled_time = req.first_scheduled_time
+                if req.index == 0 and req.params.prompt_logprobs is not None:
+                    out.prompt_logprobs = [None if e is None else _logprob_dict(e) for e in req.prompt_logprobs]
+            if req.is_finished():
+                self._forget(req)
+            outs.append(out)
+        return outs
+
+    def _forget(self, req: Request) -> None:
+        children = self.requests.get(req.parent_id)
+        if children is not None and all(c.is_finished() for c in children):
+            del self.requests[req.parent_id]
+
+    def stats(self) -> EngineStats:
+        kv = self.kv
+        return EngineStats(num_running=self.scheduler.num_running(), num_waiting=self.scheduler.num_waiting(),
+                           kv_usage=kv.usage(), num_free_blocks=kv.num_free_blocks, num_blocks=self.runner.num_blocks,
+                           num_cached_blocks=len(kv.pool.cached), num_preemptions=self.scheduler.num_preemptions,
+                           prefix_queries=kv.num_prefix_queries, prefix_hits=kv.num_prefix_hits,
+                           num_steps=self.num_steps, num_prompt_tokens=self.num_prompt_tokens,
+                           num_generated_tokens=self.num_generated_tokens,
+                           tensor_parallel_size=self.tensor_parallel_size,
+                           kv_blocks_fit_by_rank=list(self.runner.num_blocks_by_rank))
+
+
+def _logprob_dict(top: dict[int, tuple[float, int]]) -> TokenLogprobs:
+    return {t: Logprob(lp, rank) for t, (lp, rank) in top.items()}

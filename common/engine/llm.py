@@ -11,8 +11,9 @@ from __future__ import annotations
 import itertools
 from typing import Sequence
 
-from pdserve.common.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
+from pdserve.common.config import EngineConfig
 from pdserve.common.engine.engine_core import EngineCore
+from pdserve.common.output_processor import OutputProcessor
 from pdserve.common.outputs import RequestOutput
 from pdserve.common.sampling_params import ParameterError, SamplingParams
 
@@ -20,27 +21,21 @@ PromptType = str | list[int] | dict
 
 
 class LLM:
-    def __init__(self, model: str | None = None, *, dtype: str = "auto", max_model_len: int | None = None,
-                 block_size: int = 16, num_gpu_blocks_override: int | None = None, kv_cache_memory_gb: float = 2.0,
-                 enable_prefix_caching: bool = True, enable_chunked_prefill: bool = True,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, seed: int = 0,
-                 tokenizer: str | None = None, load_format: str = "auto", device: str = "cpu",
-                 gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
-                 served_model_name: str | None = None, async_scheduling: bool | None = None,
-                 tensor_parallel_size: int = 1):
-        config = EngineConfig(
-            model=ModelConfig(model=model or "default", dtype=dtype, max_model_len=max_model_len, seed=seed,
-                              tokenizer=tokenizer, load_format=load_format, device=device,
-                              served_model_name=served_model_name),
-            cache=CacheConfig(block_size=block_size, num_blocks=num_gpu_blocks_override,
-                              kv_cache_memory_gb=kv_cache_memory_gb, enable_prefix_caching=enable_prefix_caching,
-                              gpu_memory_utilization=gpu_memory_utilization),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                      enable_chunked_prefill=enable_chunked_prefill,
-                                      max_model_len=max_model_len or max_num_batched_tokens),
-            parallel=ParallelConfig(tensor_parallel_size=tensor_parallel_size),
-            enforce_eager=enforce_eager, async_scheduling=async_scheduling)
+    def __init__(self, model: str | None = None, **options):
+        """`options` are the engine options by keyword, as the CLI flags spell them with
+        underscores (common/config.py: dtype, max_model_len, max_num_seqs, num_gpu_blocks_override,
+        device, enforce_eager, ...); an unknown one is a ConfigError."""
+        self._start(EngineConfig.from_options(model=model, **options))
+
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> "LLM":
+        llm = cls.__new__(cls)
+        llm._start(config)
+        return llm
+
+    def _start(self, config: EngineConfig) -> None:
         self.engine = EngineCore(config)
+        self.outputs = OutputProcessor(self.engine.tokenizer)
         self._ids = itertools.count()
 
     def shutdown(self) -> None:
@@ -70,9 +65,29 @@ class LLM:
         order = []
         for text, ids, p in requests:
             rid = str(next(self._ids))
-            self.engine.add_request(rid, ids, p, prompt=text)
+            self.add_request(rid, ids, p, prompt=text)
             order.append(rid)
         return self._run(order, use_tqdm)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                    prompt: str | None = None) -> None:
+        """Queue one request; `step()` advances every queued request (vLLM's LLMEngine shape)."""
+        self.engine.validate(prompt_token_ids, params)
+        if request_id in self.outputs.states:
+            raise ParameterError("request_id", f"request id {request_id!r} is already running")
+        state = self.outputs.add(request_id, prompt, prompt_token_ids, params)
+        self.engine.add_request(request_id, prompt_token_ids, params, arrival_time=state.metrics.arrival_time)
+
+    def step(self) -> list[RequestOutput]:
+        """One engine step: the RequestOutput of every request it changed."""
+        outs, stopped = self.outputs.process(self.engine.step())
+        if stopped:
+            self.engine.stop_sequences(stopped)
+        return outs
+
+    def abort(self, request_ids: list[str]) -> list[RequestOutput]:
+        outs, _ = self.outputs.process(self.engine.abort(request_ids))
+        return outs
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
@@ -100,7 +115,7 @@ class LLM:
             from tqdm import tqdm
             bar = tqdm(total=len(order), desc="Processed prompts", unit="req", dynamic_ncols=True)
         while self.engine.has_unfinished():
-            for out in self.engine.step():
+            for out in self.step():
                 if out.finished:
                     done[out.request_id] = out
                     if bar is not None:

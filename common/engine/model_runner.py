@@ -49,7 +49,7 @@ class ModelRunner:
         self.block_size = cache_cfg.block_size
         self.max_model_len = max_model_len
         self.scheduler_cfg = scheduler_cfg or SchedulerConfig(max_model_len=max_model_len)
-        self.device = torch.device(model_cfg.device)
+        self.device = resolve_device(model_cfg.device)
         self.dtype = resolve_dtype(model_cfg.dtype, checkpoint_dtype(path))
         ops, self.inputs = _select_backend(self.device, attention_backend, self.block_size)
         if self.device.type == "cuda":
@@ -119,7 +119,7 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(self.device)
         shape = (2, 1, self.block_size, self.num_kv_heads, self.arch.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.arch.num_layers)]
-        num_tokens = self.scheduler_cfg.max_num_batched_tokens
+        num_tokens = self.scheduler_cfg.token_budget
         try:
             self.execute(self._profile_step(num_tokens, self.scheduler_cfg.max_num_seqs))
             torch.cuda.synchronize(self.device)
@@ -228,13 +228,19 @@ class ModelRunner:
         return fill
 
     def _generator(self, s: ScheduledRequest) -> torch.Generator | None:
+        """The generator of a seeded request, re-seeded for the position it samples now.
+
+        The rule that makes a seeded request's tokens independent of the route it takes (one
+        engine, or a prefill worker sampling the first token and a decode worker the rest, or a
+        resubmission after a failure): the draws for the token at absolute position p come from
+        a generator seeded with position_seed(seed, p), never from a stream shared by earlier
+        positions."""
         if s.params.seed is None or s.params.temperature == 0:
             return None
         gen = self._generators.get(s.req_id)
         if gen is None:
-            gen = torch.Generator(device=self.device)
-            gen.manual_seed(s.params.seed)
-            self._generators[s.req_id] = gen
+            gen = self._generators[s.req_id] = torch.Generator(device=self.device)
+        gen.manual_seed(position_seed(s.params.seed, s.start_pos + s.num_tokens))
         return gen
 
     def _prompt_logprobs(self, hidden: torch.Tensor, s: ScheduledRequest) -> list:
@@ -336,6 +342,24 @@ class BlockTableCache:
             entry = self._entries.pop(req_id, None)
             if entry is not None:
                 self._free_rows.append(entry[0])
+
+
+def resolve_device(name: str) -> torch.device:
+    """--device: "auto" is CUDA when a GPU is present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {name!r} is not a device (cpu, cuda, cuda:N or auto)") from e
+
+
+def position_seed(seed: int, position: int) -> int:
+    """A 63-bit seed for one (request seed, token position) pair: splitmix64 of their mix."""
+    x = (seed * 0x9E3779B97F4A7C15 + position + 1) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (x ^ (x >> 31)) >> 1
 
 
 def flatten_step(ordered: list[ScheduledRequest], num_decodes: int, block_size: int,

@@ -16,6 +16,10 @@ next input is PLACEHOLDER_TOKEN, which the runner fills on the device; a request
 token certainly ends it (max_tokens, max_model_len) is not scheduled again. One whose token
 turns out to be EOS or a stop runs one extra step whose token update() drops.
 
+KV connector (disaggregated serving, kv_connector.py): a waiting request whose KV the connector
+loads from elsewhere is reserved its blocks and parked as WAITING_FOR_KV until the connector
+reports the load; a finishing request may have its prompt's blocks leased to a consumer.
+
 State changes only in `add_request`, `schedule`, `update` and `finish_requests`.
 """
 
@@ -26,15 +30,19 @@ from collections import deque
 
 from pdserve.common.config import SchedulerConfig
 from pdserve.common.engine.kv_cache_manager import KVCacheManager
+from pdserve.common.engine.kv_connector import KVConnector
 from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledRequest, SchedulerOutput
 from pdserve.common.request import Request, RequestStatus
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager):
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, connector: KVConnector | None = None):
         self.config = config
         self.kv = kv_manager
+        self.connector = connector
         self.waiting: deque[Request] = deque()
+        self.loading: dict[str, Request] = {}  # WAITING_FOR_KV (or finished while loading)
+        self._loading_parents: set[str] = set()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._finished_ids: set[str] = set()
@@ -48,6 +56,10 @@ class Scheduler:
         self.num_host_history_requests += req.params.needs_host_history
 
     def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running or self.loading)
+
+    def has_schedulable(self) -> bool:
+        """Work a step can do now (requests whose KV is still loading cannot run yet)."""
         return bool(self.waiting or self.running)
 
     def num_running(self) -> int:
@@ -58,10 +70,12 @@ class Scheduler:
 
     # ---- schedule --------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
+        budget = self.config.token_budget
         scheduled: list[ScheduledRequest] = []
         preempted: set[str] = set()
         now = time.time()
+        if self.connector is not None:
+            self._admit_loaded()
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -82,10 +96,17 @@ class Scheduler:
                 i += 1
 
         if not preempted:
+            behind_loads = []  # siblings of a request whose KV is loading: they will hit it in the cache
             while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 req = self.waiting[0]
                 if req.num_inflight:  # preempted while its token was in flight: after update()
                     break
+                if self.connector is not None:
+                    if req.parent_id in self._loading_parents:
+                        behind_loads.append(self.waiting.popleft())
+                        continue
+                    if req.num_external_tokens is None and self._start_load(req):
+                        continue
                 computed = self.kv.get_computed_blocks(req) if req.num_computed_tokens == 0 else []
                 num_left = req.num_tokens - req.num_computed_tokens - len(computed) * self.kv.block_size
                 num_new = num_left
@@ -104,10 +125,11 @@ class Scheduler:
                 self.running.append(req)
                 scheduled.append(self._scheduled(req, num_new))
                 budget -= num_new
+            self.waiting.extendleft(reversed(behind_loads))
 
         finished, self._finished_ids = self._finished_ids, set()
         return SchedulerOutput(scheduled=scheduled,
-                               num_batched_tokens=self.config.max_num_batched_tokens - budget,
+                               num_batched_tokens=self.config.token_budget - budget,
                                finished_req_ids=finished, preempted_req_ids=preempted)
 
     def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
@@ -124,6 +146,42 @@ class Scheduler:
             req_id=req.request_id, input_token_ids=tokens, start_pos=start,
             block_ids=req.block_ids, sample=sample, params=req.params,
             prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids)
+
+    # ---- KV loads (connector) ---------------------------------------------------------------
+    def _start_load(self, req: Request) -> bool:
+        """Park `req` while the connector loads its prompt's KV; False: it is computed here."""
+        num_external = req.num_external_tokens = self.connector.num_external_tokens(req)
+        if num_external <= 0:  # asked once: a failed or skipped load is recomputed here
+            return False
+        block_ids, num_hits = self.kv.reserve_for_pull(req, num_external)
+        if num_hits < 0:  # the pool is short: compute the prompt here when blocks free up
+            req.num_external_tokens = 0
+            self.connector.skip_load(req)
+            return False
+        self.waiting.popleft()
+        req.status = RequestStatus.WAITING_FOR_KV
+        self.loading[req.request_id] = req
+        self._loading_parents.add(req.parent_id)
+        self.connector.start_load(req, block_ids, num_hits)
+        return True
+
+    def _admit_loaded(self) -> None:
+        for req_id, ok in self.connector.finished_loads():
+            req = self.loading.pop(req_id, None)
+            if req is None:
+                continue
+            self._loading_parents.discard(req.parent_id)
+            if req.is_finished():  # finished while loading: its blocks were kept until now
+                self.kv.free(req)
+                continue
+            if ok:
+                self.kv.commit_pulled(req, req.num_external_tokens)
+                req.num_cached_tokens = req.num_external_tokens
+            else:
+                self.kv.free(req)
+                req.num_external_tokens = 0
+            req.status = RequestStatus.WAITING
+            self.waiting.appendleft(req)
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
@@ -188,15 +246,22 @@ class Scheduler:
             if req is None:
                 continue
             self.num_host_history_requests -= req.params.needs_host_history
+            loading = req.status == RequestStatus.WAITING_FOR_KV
             if req.status == RequestStatus.RUNNING:
                 self.running.remove(req)
             elif req in self.waiting:
                 self.waiting.remove(req)
             req.status = status
-            if req.kv_lease is not None and status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
-                lease_id, expires_at = req.kv_lease
-                req.lease_block_ids = self.kv.lease(req, lease_id, req.num_prompt_tokens, expires_at)
-            self.kv.free(req)
+            if loading:  # the load may still write into its blocks: freed when it reports back
+                self.connector.cancel_load(req)
+            else:
+                if self.connector is not None and status in (RequestStatus.FINISHED_STOPPED,
+                                                             RequestStatus.FINISHED_LENGTH):
+                    lease = self.connector.request_finished(req)
+                    if lease is not None:
+                        lease_id, expires_at = lease
+                        self.kv.lease(req, lease_id, req.num_prompt_tokens, expires_at)
+                self.kv.free(req)
             self._finished_ids.add(req_id)
             done.append(req)
         return done

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from pdserve.common.config import ArchConfig, ConfigError, EngineConfig, SchedulerConfig
-from pdserve.common.engine.model_runner import ModelRunner, PendingOutput
+from pdserve.common.engine.model_runner import ModelRunner, PendingOutput, resolve_device
 from pdserve.common.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
 from pdserve.common.engine.tp_comm import TPComm
 from pdserve.common.engine_client import EngineDeadError
@@ -94,7 +94,7 @@ class TPWorkers:
     def __init__(self, config: EngineConfig, arch: ArchConfig, path: str, max_model_len: int,
                  sched_cfg: SchedulerConfig):
         n = config.parallel.tensor_parallel_size
-        device = config.model.device
+        device = str(resolve_device(config.model.device))  # "auto" -> cuda / cpu
         if device.startswith("cuda"):
             first = int(device.partition(":")[2] or 0)
             if first + n > torch.cuda.device_count():

@@ -37,7 +37,8 @@ from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("tcp", "ucx", "local")
+from pdserve.common.kv_transfer import BACKENDS  # noqa: F401 (re-export)
+
 
 # A deadline is a relative budget in seconds. Anything above an hour is almost surely an
 # absolute time.monotonic() value passed by mistake, which would make a dead peer hang.

@@ -8,7 +8,7 @@
     POST /admin/instances/{id}/role     {"role": "prefill"|"decode"|"both", "timeout_s": 120}
                                         drain -> wait until idle -> set the role -> serving
 
-A role switch needs no restart: every worker serves both gRPC services (services/worker.py) and
+A role switch needs no restart: every worker serves both gRPC services (services/worker/) and
 its registry record's role decides what routers send it. The switch waits `ROUTER_SETTLE_S`
 (longer than a router's refresh, so every router has seen the drain), then until the worker
 reports no running or waiting request and this router has nothing in flight there; then it
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import time
 
 import grpc
@@ -31,7 +32,7 @@ from redis.exceptions import RedisError
 
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.services.router.instances import InstancePool
-from pdserve.services.router.registry import ROLES, InstanceNotFoundError, Registry
+from pdserve.common.registry import ROLES, InstanceNotFoundError, Registry
 
 ROUTER_SETTLE_S = 1.5  # > a router's refresh interval (0.5 s), with margin
 POLL_S = 0.2
@@ -40,8 +41,7 @@ _STATUS_NAMES = {v: k for k, v in pb.ServingStatus.items()}
 
 
 def add_admin_routes(app: FastAPI, pool: InstancePool, registry: Registry, api_key: str | None = None) -> None:
-    deps = [Depends(_bearer(api_key))] if api_key else []
-    admin = APIRouter(prefix="/admin/instances", dependencies=deps)
+    admin = APIRouter(prefix="/admin/instances", dependencies=[Depends(admin_guard(api_key))])
 
     @admin.get("")
     async def list_instances() -> dict:
@@ -64,10 +64,7 @@ def add_admin_routes(app: FastAPI, pool: InstancePool, registry: Registry, api_k
 
     @admin.post("/{instance_id}/role")
     async def set_role(instance_id: str, request: Request) -> dict:
-        body = await request.json()
-        role, timeout_s = body.get("role"), float(body.get("timeout_s", 120))
-        if role not in ROLES:
-            raise HTTPException(400, f"role must be one of {list(ROLES)}, got {role!r}")
+        role, timeout_s = _role_body(await request.body())
         async with _registry_errors(instance_id):
             result = await switch_role(pool, registry, instance_id, role, timeout_s)
         await pool.refresh()
@@ -150,13 +147,37 @@ class _registry_errors:
         return False
 
 
-def _bearer(api_key: str):
-    expected = api_key.encode()
+def _role_body(body: bytes) -> tuple[str, float]:
+    """{"role": ..., "timeout_s": ...} or a 400 naming what is wrong."""
+    try:
+        data = json.loads(body or b"{}")
+    except ValueError as e:
+        raise HTTPException(400, f"the body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise HTTPException(400, 'the body must be a JSON object: {"role": ..., "timeout_s": ...}')
+    role, timeout_s = data.get("role"), data.get("timeout_s", 120)
+    if role not in ROLES:
+        raise HTTPException(400, f"role must be one of {list(ROLES)}, got {role!r}")
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s <= 3600:
+        raise HTTPException(400, f"timeout_s must be a number of seconds in (0, 3600], got {timeout_s!r}")
+    return role, float(timeout_s)
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def admin_guard(api_key: str | None):
+    """The admin routes' rule: with --api-key every one needs `Authorization: Bearer KEY`;
+    without it, reads are open and changes (drain, resume, role) are taken from loopback only."""
+    expected = api_key.encode() if api_key else None
 
     async def check(request: Request) -> None:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
-            raise HTTPException(401, "Incorrect API key provided: send `Authorization: Bearer <key>`.")
+        if expected is not None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+                raise HTTPException(401, "Incorrect API key provided: send `Authorization: Bearer <key>`.")
+        elif request.method != "GET" and (request.client is None or request.client.host not in LOOPBACK):
+            raise HTTPException(403, "admin changes without --api-key are accepted from this host only")
     return check
 
 

@@ -38,7 +38,8 @@ from pdserve.common.engine_client import EngineClient, EngineDeadError
 from pdserve.common.outputs import CompletionOutput, RequestOutput
 from pdserve.common.sampling_params import ParameterError, SamplingParams
 from pdserve.services.router import openai_schema as oa
-from pdserve.services.router.metrics import RequestTracker, ServerMetrics
+from pdserve.services.router.limits import Limits
+from pdserve.common.metrics import RequestTracker, ServerMetrics, StatsCollector
 
 log = logging.getLogger("pdserve.api")
 
@@ -58,7 +59,10 @@ class APIError(Exception):
                                                    code=self.code))
 
     def response(self) -> Response:
-        return _json(self.body(), self.status)
+        response = _json(self.body(), self.status)
+        if self.status in (429, 503):  # overloaded or no instance: worth retrying soon
+            response.headers["Retry-After"] = "1"
+        return response
 
 
 def as_api_error(e: BaseException) -> APIError:
@@ -184,16 +188,21 @@ class _ChatFormat:
 
 
 class OpenAIServer:
-    def __init__(self, engine: EngineClient, served_model_name: str, metrics: ServerMetrics):
+    def __init__(self, engine: EngineClient, served_model_name: str, metrics: ServerMetrics,
+                 limits: Limits = Limits()):
         self.engine = engine
+        self.limits = limits
+        self.num_pending = 0  # requests submitted whose first output has not arrived
         self.model_name = served_model_name
         self.metrics = metrics
         self.tokenizer = engine.tokenizer
         self.created = int(time.time())
+        vocab = getattr(self.tokenizer, "max_token_chars", None)
+        self.max_token_chars = vocab if vocab else 1 << 10
 
     # ---- the endpoints ----------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
-        req = await _parse(request, oa.CompletionRequest)
+        req = await _parse(request, oa.CompletionRequest, self.limits.max_request_body_bytes)
         self.check_model(req.model)
         params = req.to_sampling_params()
         prompts = []
@@ -203,6 +212,10 @@ class OpenAIServer:
                     raise ParameterError("prompt", "the prompt is empty: give at least one token")
                 prompts.append((p, await self._encode(p, True)))
             else:
+                vocab = getattr(self.tokenizer, "vocab_size", None)
+                bad = next((t for t in p if vocab is not None and t >= vocab), None)
+                if bad is not None:
+                    raise ParameterError("prompt", f"token id {bad} is outside the vocabulary [0, {vocab})")
                 prompts.append((None, list(p)))
             self._check_length(prompts[-1][1], params, "prompt")
         job = self._job("cmpl", prompts, params)
@@ -210,7 +223,7 @@ class OpenAIServer:
         return await self._run(request, job, fmt, req.stream, req.include_usage)
 
     async def chat(self, request: Request) -> Response:
-        req = await _parse(request, oa.ChatCompletionRequest)
+        req = await _parse(request, oa.ChatCompletionRequest, self.limits.max_request_body_bytes)
         self.check_model(req.model)
         params = req.to_sampling_params()
         try:
@@ -236,7 +249,12 @@ class OpenAIServer:
                            param="model", code="model_not_found")
 
     # ---- request preparation ----------------------------------------------------------------------
-    async def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+    async def _encode(self, text: str, add_special_tokens: bool, param: str = "prompt") -> list[int]:
+        limit = self.engine.max_model_len
+        if len(text) > limit * self.max_token_chars:  # certainly too long: no need to tokenize it
+            raise APIError(400, f"This model's maximum context length is {limit} tokens; the {param} has "
+                                f"{len(text)} characters, more than {limit} tokens can hold.",
+                           param=param, code="context_length_exceeded")
         if len(text) > LONG_TEXT_CHARS:
             return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
@@ -250,6 +268,10 @@ class OpenAIServer:
             raise APIError(400, f"This model's maximum context length is {limit} tokens, but you requested "
                                 f"{len(ids)} tokens in the prompt{asked}. Reduce the prompt or the completion.",
                            param=prompt_param if len(ids) >= limit else "max_tokens", code="context_length_exceeded")
+        if len(ids) + params.min_tokens > limit:
+            raise APIError(400, f"min_tokens {params.min_tokens} with a prompt of {len(ids)} tokens exceeds this "
+                                f"model's maximum context length of {limit} tokens.", param="min_tokens",
+                           code="context_length_exceeded")
 
     def _job(self, prefix: str, prompts, params: SamplingParams) -> _Job:
         arrival = time.time()
@@ -263,6 +285,16 @@ class OpenAIServer:
     async def _start(self, job: _Job) -> list[RequestOutput]:
         """Submit every prompt; return each one's first output. Errors the engine raises before its
         first output (bad input, dead engine) surface here, before any response is sent."""
+        if self.num_pending + len(job.prompts) > self.limits.max_pending_requests:
+            raise APIError(503, f"the server is overloaded ({self.num_pending} requests waiting for their first "
+                                "token); retry shortly", type="server_error", code="overloaded")
+        self.num_pending += len(job.prompts)
+        try:
+            return await self._submit(job)
+        finally:
+            self.num_pending -= len(job.prompts)
+
+    async def _submit(self, job: _Job) -> list[RequestOutput]:
         rids = ([job.request_id] if len(job.prompts) == 1
                 else [f"{job.request_id}-{i}" for i in range(len(job.prompts))])
         job.gens = [self.engine.generate(ids, job.params, rid, prompt=text)
@@ -463,8 +495,8 @@ class _EventStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def _parse(request: Request, model: type[BaseModel]):
-    body = await request.body()
+async def _parse(request: Request, model: type[BaseModel], max_bytes: int):
+    body = await _read_body(request, max_bytes)
     try:
         return model.model_validate_json(body or b"{}")
     except ValidationError as e:
@@ -473,6 +505,22 @@ async def _parse(request: Request, model: type[BaseModel]):
             raise APIError(400, f"the body is not valid JSON: {err['msg']}") from None
         param = _param_name(err["loc"])
         raise APIError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param) from None
+
+
+async def _read_body(request: Request, max_bytes: int) -> bytes:
+    """The body, refused (413) once it passes max_bytes: a huge body is never held whole."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise APIError(413, f"the request body is {declared} bytes; the limit is {max_bytes} "
+                            "(--max-request-body-bytes)", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise APIError(413, f"the request body exceeds the limit of {max_bytes} bytes (--max-request-body-bytes)",
+                           code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _param_name(loc: tuple) -> str | None:
@@ -490,11 +538,11 @@ def _param_name(loc: tuple) -> str | None:
 
 # ---- the app ----------------------------------------------------------------------------------
 def build_app(engine: EngineClient, served_model_name: str, api_key: str | None = None,
-              stats: Callable[[], dict] | None = None) -> FastAPI:
-    """The FastAPI app. `stats()` (engine gauges for /metrics) is the deployment's: the in-process
-    engine core's, or the router's view of its fleet."""
-    metrics = ServerMetrics(served_model_name, engine.max_model_len, stats)
-    server = OpenAIServer(engine, served_model_name, metrics)
+              collector: StatsCollector | None = None, limits: Limits = Limits()) -> FastAPI:
+    """The FastAPI app. `collector` (state for /metrics) is the deployment's: the in-process
+    engine's stats, or the router's view of its fleet and its routing counters."""
+    metrics = ServerMetrics(served_model_name, engine.max_model_len, collector)
+    server = OpenAIServer(engine, served_model_name, metrics, limits)
     app = FastAPI(title="pdserve", description="OpenAI-compatible API of pdserve")
     app.state.server = server
 

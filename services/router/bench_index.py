@@ -32,8 +32,8 @@ import time
 import uuid
 
 from pdserve.common.block_hash import hash_blocks
-from pdserve.services.router.prefix_index import PrefixIndex
-from pdserve.services.router.registry import open_redis
+from pdserve.common.prefix_index import PrefixIndex
+from pdserve.common.registry import open_redis
 
 BLOCK_SIZE = 16
 
@@ -112,7 +112,7 @@ async def bench_decision(redis_url: str, num_blocks: int = 100_000, num_instance
     """p50 / p99 of InstancePool.route: hashing + prefix lookup + scoring (see the module doc)."""
     from pdserve.services.router import routing
     from pdserve.services.router.instances import InstancePool
-    from pdserve.services.router.registry import InstanceInfo, Load, Registry
+    from pdserve.common.registry import InstanceInfo, Load, Registry
 
     rng = random.Random(seed)
     namespace = f"pdserve-bench-{uuid.uuid4().hex[:8]}"

@@ -11,7 +11,9 @@ flight there at that moment (kept as a short history of its own counts). With on
 load is exact; with several, the other routers' part is as old as the heartbeat (~ttl/3).
 
 Redis down: the last known instance list is kept, prefix lookups are skipped (load-only routing),
-one warning is logged per outage and `redis_ok` is False until a refresh succeeds again. An
+one warning is logged per outage and `redis_ok` is False until a refresh succeeds again. Redis
+back but empty (restarted): instances missing from it are kept while they answer Health as
+serving, until their heartbeat registers them again (`_still_alive`). An
 instance whose RPC failed is avoided for `failure_backoff_s`. gRPC channels are cached per
 address. Torch-free.
 """
@@ -30,9 +32,10 @@ from redis.exceptions import RedisError
 from pdserve.common.block_hash import hash_blocks
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.services import grpc_auth
 from pdserve.services.router import routing
-from pdserve.services.router.prefix_index import PrefixIndex
-from pdserve.services.router.registry import InstanceInfo, Load, Registry
+from pdserve.common.prefix_index import PrefixIndex
+from pdserve.common.registry import InstanceInfo, Load, Registry
 
 log = logging.getLogger("pdserve.router.instances")
 
@@ -43,12 +46,15 @@ HISTORY_S = 10.0  # how far back this router remembers its own in-flight counts 
 class InstancePool:
     def __init__(self, registry: Registry, index: PrefixIndex | None = None,
                  config: routing.RoutingConfig | None = None, refresh_s: float = 0.5,
-                 failure_backoff_s: float = 5.0, default_max_model_len: int = 8192):
+                 failure_backoff_s: float = 5.0, default_max_model_len: int = 8192, gap_grace_s: float = 30.0,
+                 internal_token: str | None = None):
         self.registry = registry
         self.index = index
         self.config = config or routing.RoutingConfig()
         self.refresh_s = refresh_s
         self.failure_backoff_s = failure_backoff_s
+        self.gap_grace_s = gap_grace_s
+        self.internal_token = internal_token
         self.instances: list[tuple[InstanceInfo, Load | None]] = []
         self.max_model_len = default_max_model_len
         self.redis_ok = True
@@ -60,6 +66,7 @@ class InstancePool:
         self._active_at_report: dict[str, tuple[float, int]] = {}
         self.num_routed: dict[str, int] = {}
         self._failed_at: dict[str, float] = {}
+        self._missing_since: dict[str, float] = {}  # live instances missing from the registry
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._rotation = itertools.count()
         self._task: asyncio.Task | None = None
@@ -86,13 +93,45 @@ class InstancePool:
         except Exception as e:  # Redis down (or a bad record): keep serving with the last known list
             self._redis_failed(e)
         else:
-            self.instances = instances
+            self.instances = instances + await self._still_alive(instances)
             if not self.redis_ok:
                 log.warning("Redis is back: %d instances, prefix-aware routing resumed", len(instances))
             self.redis_ok = True
         for info, _ in self.instances:
             if info.instance_id not in self._known_len:
                 await self._learn_max_len(info)
+
+    async def _still_alive(self, listed: list[tuple[InstanceInfo, Load | None]]) -> list:
+        """Known instances missing from a fresh listing that still answer Health as serving.
+
+        A Redis that restarted empty lists nobody until each worker's next heartbeat
+        re-registers it; dropping them meanwhile would fail every request with "no instance".
+        A worker that left on purpose deregisters and answers Health NOT_SERVING (or not at
+        all) while it shuts down, so it is dropped at once. Kept at most `gap_grace_s`."""
+        ids = {i.instance_id for i, _ in listed}
+        now = time.monotonic()
+        missing = [(i, load) for i, load in self.instances if i.instance_id not in ids]
+        for i, _ in listed:
+            self._missing_since.pop(i.instance_id, None)
+        if not missing:
+            return []
+        checks = await asyncio.gather(*(self._serving(i) for i, _ in missing))
+        kept = []
+        for (info, load), serving in zip(missing, checks):
+            since = self._missing_since.setdefault(info.instance_id, now)
+            if serving and now - since < self.gap_grace_s:
+                kept.append((info, load))
+            else:
+                self._missing_since.pop(info.instance_id, None)
+        if kept:
+            log.info("keeping %d live instance(s) missing from the registry (Redis restarted?)", len(kept))
+        return kept
+
+    async def _serving(self, info: InstanceInfo) -> bool:
+        try:
+            return (await self.health(info, timeout_s=0.5)).status == pb.SERVING
+        except grpc.aio.AioRpcError:
+            return False
 
     def _redis_failed(self, error: Exception) -> None:
         if self.redis_ok:
@@ -188,6 +227,15 @@ class InstancePool:
         chosen = routing.best(routing.score(cands, 0, 0, 1.0, 1.0, self.config))
         return None if chosen is None else self.info(chosen.candidate.instance_id)
 
+    async def wait_for(self, role: str, exclude=frozenset(), timeout_s: float = 5.0) -> InstanceInfo | None:
+        """`choose`, waiting up to `timeout_s` for an instance of the role to (re)appear."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            chosen = self.choose(role, exclude)
+            if chosen is not None or time.monotonic() >= deadline:
+                return chosen
+            await asyncio.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
+
     def info(self, instance_id: str | None) -> InstanceInfo | None:
         found = self.get(instance_id) if instance_id else None
         return found[0] if found else None
@@ -211,8 +259,8 @@ class InstancePool:
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = self._channels[address] = grpc.aio.insecure_channel(
-                address, options=[("grpc.max_receive_message_length", 64 << 20)])
+            ch = self._channels[address] = grpc_auth.channel(
+                address, self.internal_token, options=[("grpc.max_receive_message_length", 64 << 20)])
         return ch
 
     def prefill_stub(self, info: InstanceInfo) -> pb_grpc.PrefillStub:

@@ -22,8 +22,10 @@ ROUTER_FLAGS = ("--disagg-min-prompt-tokens", "0")
 
 class Stack:
     def __init__(self, model: str, prefill: list[list[str]], decode: list[list[str]], kv_transport: str = "tcp",
-                 router_flags: tuple[str, ...] = ROUTER_FLAGS):
-        """`prefill` / `decode`: one list of extra flags per instance; `router_flags`: the router's."""
+                 router_flags: tuple[str, ...] = ROUTER_FLAGS, commands: dict[str, list[str]] | None = None):
+        """`prefill` / `decode`: one list of extra flags per instance; `router_flags`: the router's;
+        `commands`: instance name -> the command that starts it instead of `python -m
+        pdserve.services.ROLE` (e.g. a worker with an injected fault)."""
         self.model = model
         self.tmp = tempfile.mkdtemp(prefix="pdserve-stack-")
         self.redis = RedisServer().start()
@@ -36,8 +38,9 @@ class Stack:
                 name = f"{role}-{i}"
                 rf = os.path.join(self.tmp, name + ".ready")
                 ready.append((name, rf))
+                command = (commands or {}).get(name, [sys.executable, "-m", f"pdserve.services.{role}"])
                 self.procs[name] = subprocess.Popen(
-                    [sys.executable, "-m", "pdserve.services.cli", role, "--redis-url", self.redis.url,
+                    [*command, "--redis-url", self.redis.url,
                      "--model", model, "--instance-id", name, "--ready-file", rf, "--kv-transport", kv_transport,
                      "--num-gpu-blocks-override", "512", *flags],
                     env=env, stdout=open(os.path.join(self.tmp, name + ".log"), "w"), stderr=subprocess.STDOUT)
@@ -50,11 +53,12 @@ class Stack:
                 time.sleep(0.2)
         self.start_router(router_flags, deadline)
 
-    def start_router(self, flags=ROUTER_FLAGS, deadline: float | None = None) -> None:
-        """Start (or, after kill("router"), start again) the router on the same port."""
+    def start_router(self, flags=ROUTER_FLAGS, deadline: float | None = None,
+                     command: tuple[str, ...] = (sys.executable, "-m", "pdserve.services.router")) -> None:
+        """Start (or, after kill("router") / stop("router"), start again) the router on the same port."""
         deadline = deadline or time.time() + 120
         self.procs["router"] = subprocess.Popen(
-            [sys.executable, "-m", "pdserve.services.cli", "router", "--redis-url", self.redis.url, "--model",
+            [*command, "--redis-url", self.redis.url, "--model",
              self.model, "--port", str(self.port), "--served-model-name", "tiny", *flags],
             stdout=open(os.path.join(self.tmp, "router.log"), "a"), stderr=subprocess.STDOUT)
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -69,11 +73,11 @@ class Stack:
                 raise RuntimeError(f"router failed to start: {self.log('router')[-2000:]}")
             time.sleep(0.2)
 
-    def ready_addresses(self, name: str) -> tuple[str, str]:
-        """(gRPC address, KV address) the worker registered, from its ready file."""
+    def ready_addresses(self, name: str) -> tuple[str, str, str]:
+        """(gRPC address, KV address, metrics URL) the worker registered, from its ready file."""
         with open(os.path.join(self.tmp, name + ".ready")) as f:
-            grpc_address, kv_address = f.read().split()
-        return grpc_address, kv_address
+            grpc_address, kv_address, metrics_url = f.read().split()
+        return grpc_address, kv_address, metrics_url
 
     def log(self, name: str) -> str:
         path = os.path.join(self.tmp, name + ".log")
@@ -85,6 +89,11 @@ class Stack:
     def kill(self, name: str) -> None:
         self.procs[name].kill()
         self.procs[name].wait()
+
+    def stop(self, name: str) -> None:
+        """SIGTERM and wait: the process shuts down cleanly."""
+        self.procs[name].terminate()
+        self.procs[name].wait(timeout=30)
 
     def close(self) -> None:
         for p in self.procs.values():

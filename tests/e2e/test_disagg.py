@@ -97,7 +97,7 @@ def test_2p2d_spreads_and_recomputes_when_the_pull_fails(tiny_models, offline):
         # prefill-1's expired leases give no handle: those prompts were recomputed on decode
         assert stats["handoffs"] > 0 and stats["recomputed_prompt_tokens"] > 0
         assert all(stats["requests_by_instance"].get(n, 0) > 0 for n in ("prefill-0", "prefill-1", "decode-0", "decode-1"))
-        grpc_address, kv_address = stack.ready_addresses("prefill-0")
+        grpc_address, kv_address, _ = stack.ready_addresses("prefill-0")
         assert not grpc_address.startswith("0.0.0.0:") and "://0.0.0.0:" not in kv_address
     finally:
         stack.close()
@@ -141,8 +141,8 @@ def test_decode_recomputes_when_its_pull_fails(stack_1p1d, offline):
             assert released.released
             req = pb.DecodeRequest(request_id="pull-fail", prompt_token_ids=ids, params=sampling_params_to_proto(params),
                                    handle=resp.handle, sequences=[pb.SequenceState(
-                                       index=0, output_token_ids=[resp.first_tokens[0].token_id])])
-            tokens, chunks = [resp.first_tokens[0].token_id], []
+                                       index=0, output_token_ids=list(resp.sequences[0].new_token_ids))])
+            tokens, chunks = list(resp.sequences[0].new_token_ids), []
             async for chunk in pb_grpc.DecodeStub(dch).Decode(req):
                 chunks.append(chunk)
                 for d in chunk.sequences:
@@ -155,7 +155,7 @@ def test_decode_recomputes_when_its_pull_fails(stack_1p1d, offline):
 
 
 def test_advertised_host():
-    from pdserve.services.worker import advertised_host
+    from pdserve.services.worker.process import advertised_host
     assert advertised_host("0.0.0.0", "prefill-3.internal") == "prefill-3.internal"
     assert advertised_host("10.1.2.3", None) == "10.1.2.3"
     host = advertised_host("0.0.0.0", None)

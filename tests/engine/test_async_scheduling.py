@@ -56,15 +56,15 @@ def test_overlapped_sampling_equals_one_at_a_time(tiny_models, prompts):
         llm = LLM(folder, async_scheduling=overlap)
         engine = llm.engine
         for i, (p, sp) in enumerate(zip(batch, params)):
-            engine.add_request(str(i), p, sp)
+            llm.add_request(str(i), p, sp)
         outs, steps = {}, 0
         while engine.has_unfinished():
-            for out in engine.step():
+            for out in llm.step():
                 if out.finished:
                     outs[out.request_id] = [(c.token_ids, c.finish_reason, c.stop_reason) for c in out.outputs]
             steps += 1
             if steps == 6:  # a logprobs request: overlapping pauses while it runs
-                engine.add_request("lp", prompts[2], SamplingParams(temperature=0, max_tokens=4, logprobs=2))
+                llm.add_request("lp", prompts[2], SamplingParams(temperature=0, max_tokens=4, logprobs=2))
         assert engine.kv.num_free_blocks == engine.runner.num_blocks
         got[overlap] = outs
         assert (engine.num_overlapped_steps > 0) == overlap
@@ -79,15 +79,15 @@ def test_abort_while_a_step_is_in_flight(tiny_models, prompts):
     llm = LLM(tiny_models["llama"], async_scheduling=True)
     engine = llm.engine
     for i in range(4):
-        engine.add_request(str(i), prompts[i], SamplingParams(temperature=0, max_tokens=30))
+        llm.add_request(str(i), prompts[i], SamplingParams(temperature=0, max_tokens=30))
     for _ in range(5):
-        engine.step()
+        llm.step()
     assert engine._inflight is not None
-    aborted = engine.abort(["1", "2"])
+    aborted = llm.abort(["1", "2"])
     assert {o.request_id for o in aborted} == {"1", "2"} and all(o.finished for o in aborted)
     done = {}
     while engine.has_unfinished():
-        for out in engine.step():
+        for out in llm.step():
             assert out.request_id not in ("1", "2")
             if out.finished:
                 done[out.request_id] = out.outputs[0].token_ids
@@ -108,17 +108,17 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(tiny_models, pr
         return real_launch(sched)
     engine.runner.launch = launch
     for i in range(3):
-        engine.add_request(str(i), prompts[i], SamplingParams(temperature=0, max_tokens=12))
+        llm.add_request(str(i), prompts[i], SamplingParams(temperature=0, max_tokens=12))
     finished = {}
     while engine.has_unfinished():
-        for out in engine.step():
+        for out in llm.step():
             if out.finished:
                 finished[out.request_id] = out.outputs[0].finish_reason
     assert set(finished.values()) == {"error"}
     engine.runner.launch = real_launch
-    engine.add_request("after", prompts[3], SamplingParams(temperature=0, max_tokens=5))
+    llm.add_request("after", prompts[3], SamplingParams(temperature=0, max_tokens=5))
     while engine.has_unfinished():
-        for out in engine.step():
+        for out in llm.step():
             if out.finished:
                 finished[out.request_id] = out.outputs[0].finish_reason
     assert finished["after"] == "length"

@@ -24,18 +24,18 @@ def test_invalid_sampling_params_name_the_parameter(kwargs, param):
 def test_bad_prompts_fail_alone_while_the_engine_serves_others(tiny_models):
     llm = LLM(tiny_models["llama"], max_model_len=64, num_gpu_blocks_override=64)
     engine = llm.engine
-    engine.add_request("good-1", [1, 2, 3], SamplingParams(temperature=0, max_tokens=5))
+    llm.add_request("good-1", [1, 2, 3], SamplingParams(temperature=0, max_tokens=5))
     for prompt, needle in (([], "empty"), (list(range(65)), "maximum context length is 64"),
                            ([10 ** 9], "outside the vocabulary")):
         with pytest.raises(ParameterError, match=needle) as e:
-            engine.add_request("bad", prompt, SamplingParams())
+            llm.add_request("bad", prompt, SamplingParams())
         assert e.value.param == "prompt"
     with pytest.raises(ParameterError, match="already running"):
-        engine.add_request("good-1", [4], SamplingParams())
-    engine.add_request("good-2", [4, 5], SamplingParams(temperature=0, max_tokens=3))
+        llm.add_request("good-1", [4], SamplingParams())
+    llm.add_request("good-2", [4, 5], SamplingParams(temperature=0, max_tokens=3))
     finished = {}
     while engine.has_unfinished():
-        for out in engine.step():
+        for out in llm.step():
             if out.finished:
                 finished[out.request_id] = out
     assert sorted(finished) == ["good-1", "good-2"]
@@ -48,10 +48,10 @@ def test_bad_prompts_fail_alone_while_the_engine_serves_others(tiny_models):
 def test_abort_frees_blocks(tiny_models):
     llm = LLM(tiny_models["llama"], num_gpu_blocks_override=64)
     engine = llm.engine
-    engine.add_request("a", list(range(100)), SamplingParams(max_tokens=50))
-    engine.step()
+    llm.add_request("a", list(range(100)), SamplingParams(max_tokens=50))
+    llm.step()
     assert engine.kv.num_free_blocks < 64
-    outs = engine.abort(["a"])
+    outs = llm.abort(["a"])
     assert outs[0].finished and outs[0].outputs[0].finish_reason == "abort"
     assert not engine.has_unfinished() and engine.kv.num_free_blocks == 64
 

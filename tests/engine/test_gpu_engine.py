@@ -84,9 +84,7 @@ def generate(engine: EngineCore, prompts: list[list[int]], max_tokens: int = MAX
     done = {}
     while engine.has_unfinished():
         for out in engine.step():
-            if out.finished:
-                assert out.outputs[0].text == ""  # no tokenizer
-                done[out.request_id] = out.outputs[0].token_ids
+            done.setdefault(out.request_id, []).extend(out.new_token_ids)
     assert engine.kv.num_free_blocks == engine.runner.num_blocks, "KV blocks leaked"
     return [done[str(i)] for i in range(len(prompts))]
 
@@ -281,7 +279,8 @@ def run(backend):  # torch: one step at a time; triton and graphs: overlapped st
         engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     done = {}
     while engine.has_unfinished():
-        done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        for o in engine.step():
+            done.setdefault(o.request_id, []).extend(o.new_token_ids)
     replays = runner.graphs.num_replays if backend == "graphs" else None
     assert (engine.num_overlapped_steps > 0) == (backend != "torch")
     return [done[str(i)] for i in range(len(prompts))], engine.kv.num_prefix_hits, replays

@@ -69,9 +69,9 @@ def assert_same(got, folder, prompts):
 def test_tokens_equal_tp1(tiny_models, few_prompts, arch, tp, kwargs):
     got, stats = run(tiny_models[arch], few_prompts, tensor_parallel_size=tp, **kwargs)
     assert_same(got, tiny_models[arch], few_prompts)
-    assert stats["tensor_parallel_size"] == tp and len(stats["kv_blocks_fit_by_rank"]) == tp
-    assert stats["num_blocks"] == min(stats["kv_blocks_fit_by_rank"])
-    assert stats["prefix_hits"] > 0
+    assert stats.tensor_parallel_size == tp and len(stats.kv_blocks_fit_by_rank) == tp
+    assert stats.num_blocks == min(stats.kv_blocks_fit_by_rank)
+    assert stats.prefix_hits > 0
 
 
 def write_gguf(hf_folder: str, path: str) -> str:
@@ -123,7 +123,7 @@ def test_gguf_checkpoint_sharded_as_read(tmp_path, tiny_model_factory, few_promp
     path = write_gguf(folder, str(tmp_path / "tiny.gguf"))
     got, stats = run(path, few_prompts[:3], tensor_parallel_size=2, tokenizer=folder)
     assert_same(got, folder, few_prompts[:3])  # TP=1 on the HF folder
-    fit = stats["kv_blocks_fit_by_rank"]
+    fit = stats.kv_blocks_fit_by_rank
     assert fit[1] // 2 == fit[0]  # rank 0 holds 2 KV heads, rank 1 one, in the same memory
 
 

@@ -16,7 +16,7 @@ import torch
 
 from pdserve.kernels import reference as ref
 from pdserve.kernels import triton_available
-from pdserve.kernels.testing import make_paged_kv, query_start_loc, rel_error, sampling_params, tolerance
+from pdserve.kernels.testing import make_paged_kv, query_start_loc, rel_error, tolerance
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 RUN_GPU = triton_available() and torch.cuda.is_available() and not INTERPRET
@@ -265,35 +265,3 @@ def test_silu_and_mul(device, case):
     num_tokens, intermediate_size, dtype = case
     x = torch.randn(num_tokens, 2 * intermediate_size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     check(K.silu_and_mul(x), ref.silu_and_mul_ref(x), dtype)
-
-
-# --- sampling ---------------------------------------------------------------------------------
-
-# (batch_size, vocab_size, logit_kind, noise_kind)
-#   logit_kind  "normal": N(0, 3^2); "ties": integers in [-4, 4] (many tied logits)
-#   noise_kind  "exp": Exp(1) as in serving; "adverse": probs^2 * Exp(1), so the race favours the
-#               least likely allowed token and every filter boundary decides the outcome
-SAMPLE_GPU = [(b, v, lk, nk) for b in (1, 8, 64) for v in (1000, 32000, 128256)
-              for lk in ("normal", "ties") for nk in ("exp", "adverse")]
-SAMPLE_INTERP = [(4, 100, "normal", "exp"), (8, 1000, "normal", "exp"), (8, 700, "ties", "exp"),
-                 (14, 1000, "normal", "adverse"), (14, 300, "ties", "adverse"), (3, 5000, "normal", "exp"),
-                 (14, 3000, "ties", "exp")]
-
-
-@pytest.mark.parametrize("device,case", backends(SAMPLE_GPU, SAMPLE_INTERP))
-def test_sample(device, case):
-    batch_size, vocab_size, logit_kind, noise_kind = case
-    gen = torch.Generator().manual_seed(batch_size * vocab_size)
-    if logit_kind == "ties":
-        logits = torch.randint(-4, 5, (batch_size, vocab_size), generator=gen).float()
-    else:
-        logits = 3 * torch.randn(batch_size, vocab_size, generator=gen)
-    params = sampling_params(batch_size, vocab_size, "cpu", seed=vocab_size)
-    noise = torch.empty(batch_size, vocab_size).exponential_(generator=gen)
-    if noise_kind == "adverse":
-        temperature = params[0].clamp_min(0.1)[:, None]
-        noise *= torch.softmax(logits / temperature, dim=-1).square().clamp_min(1e-30)
-    expected = ref.sample_ref(logits, *params, noise)
-    got = K.sample(logits.to(device), *(p.to(device) for p in params), noise.to(device))
-    assert got.dtype == torch.int64
-    assert got.cpu().tolist() == expected.tolist()

@@ -34,10 +34,13 @@ def test_sampling_params_from_proto_validates():
     assert error.value.param == "top_p"
 
 
-def test_seed_out_of_int64_range_is_a_parameter_error():
+@pytest.mark.parametrize("field,value", [("seed", 2**64), ("seed", -(2**63) - 1), ("top_k", 2**31),
+                                         ("min_tokens", 2**32), ("max_tokens", 2**32), ("stop_token_ids", [2**40])])
+def test_values_the_wire_cannot_carry_are_parameter_errors(field, value):
+    """Checked when the params are made, at the edge, so the proto conversion never overflows."""
     with pytest.raises(ParameterError) as error:
-        convert.sampling_params_to_proto(SamplingParams(seed=2**64))
-    assert error.value.param == "seed"
+        SamplingParams(**{field: value})
+    assert error.value.param == field
 
 
 def test_token_logprobs_round_trip():
@@ -52,7 +55,7 @@ def test_token_logprobs_must_contain_the_chosen_token():
         convert.token_logprobs_to_proto(4, {5: Logprob(-0.5)})
 
 
-@pytest.mark.parametrize("reason", [None, "stop", "length", "abort"])
+@pytest.mark.parametrize("reason", [None, "stop", "length", "abort", "error"])
 def test_finish_reason_round_trip(reason):
     assert convert.finish_reason_from_proto(convert.finish_reason_to_proto(reason)) == reason
 

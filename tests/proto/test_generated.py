@@ -101,10 +101,8 @@ async def _round_trip():
                 await prefill.Prefill(pb.PrefillRequest(request_id="r0"), timeout=5)
             assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
-            layout = pb.KVLayout(num_layers=30, num_kv_heads=3, head_dim=64, dtype="bfloat16")
-            handle = pb.KVHandle(instance_id="p0", transfer_address="tcp://127.0.0.1:4000", lease_id="l1",
-                                 block_ids=[7, 3], num_tokens=20, block_size=16, block_hashes=[b"\x01" * 16],
-                                 layout=layout)
+            handle = pb.KVHandle(transfer_address="tcp://127.0.0.1:4000", lease_id="l1", num_tokens=20,
+                                 block_size=16, control_address="127.0.0.1:5000", transport="tcp")
             request = pb.DecodeRequest(
                 request_id="r1", prompt_token_ids=list(range(20)), handle=handle,
                 sequences=[pb.SequenceState(index=0, output_token_ids=[100]),

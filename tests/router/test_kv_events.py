@@ -1,4 +1,4 @@
-"""KVEventPublisher (services/worker.py) with a real engine and a real redis-server: the index mirrors
+"""KVEventPublisher (services/worker/events.py) with a real engine and a real redis-server: the index mirrors
 the worker's prefix cache through stores and evictions, survives a Redis restart by resyncing, and
 forgets the worker when it stops."""
 
@@ -8,8 +8,8 @@ from pdserve.common.block_hash import hash_blocks
 from pdserve.common.engine.async_llm import AsyncLLM
 from pdserve.common.engine.llm import LLM
 from pdserve.common.sampling_params import SamplingParams
-from pdserve.services.router.prefix_index import PrefixIndex
-from pdserve.services.worker import KVEventPublisher
+from pdserve.common.prefix_index import PrefixIndex
+from pdserve.services.worker.events import KVEventPublisher
 
 BS = 16
 
@@ -23,7 +23,7 @@ def test_index_mirrors_the_cache_through_evictions_and_a_redis_restart(redis_ser
     async def run(prompt: list[int]) -> None:
         async for _ in engine.generate(prompt, params, f"r{prompt[0]}"):
             pass
-        await engine.call_in_engine(lambda core: None)  # a barrier: the step hooks of that step have run
+        await engine.call_in_engine(lambda core: None)  # a barrier: that request is off the engine
 
     async def held() -> set[bytes]:
         return set(await engine.call_in_engine(lambda core: list(core.kv.pool.cached)))

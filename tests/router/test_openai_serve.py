@@ -25,6 +25,7 @@ from pdserve.common.outputs import CompletionOutput, RequestOutput
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.common.tokenizer import Tokenizer
 from pdserve.services.router import openai_schema as oa
+from pdserve.common.metrics import StatsCollector
 from pdserve.services.router.app import build_app
 
 NAME = "tiny"
@@ -53,7 +54,7 @@ def engine(tiny_models):
 
 @pytest.fixture(scope="module")
 def server(engine):
-    with ThreadedServer(build_app(engine, NAME, stats=engine.core.stats)) as srv:
+    with ThreadedServer(build_app(engine, NAME, collector=StatsCollector(NAME, engine=engine.core.stats))) as srv:
         yield srv
 
 
@@ -407,6 +408,6 @@ def test_fast_text_chunks_match_pydantic():
 
 
 def test_router_is_torch_free():
-    code = ("import sys; import pdserve.services.router.app, pdserve.services.router.metrics; "
+    code = ("import sys; import pdserve.services.router.app, pdserve.common.metrics; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from pdserve.common.block_hash import hash_blocks
-from pdserve.services.router import prefix_index
+from pdserve.common import prefix_index
 from pdserve.services.router.bench_index import bench_longest_prefix
-from pdserve.services.router.prefix_index import PrefixIndex
+from pdserve.common.prefix_index import PrefixIndex
 
 BLOCK_SIZE = 4
 

@@ -9,7 +9,7 @@ import time
 import pytest
 from redis.exceptions import RedisError
 
-from pdserve.services.router.registry import (Heartbeater, InstanceInfo, InstanceNotFoundError, Load,
+from pdserve.common.registry import (Heartbeater, InstanceInfo, InstanceNotFoundError, Load,
                                               RegistrationError, Registry)
 
 
@@ -224,7 +224,7 @@ def test_calls_fail_fast_when_redis_is_down(redis_server):
 
 def test_control_plane_modules_are_torch_free():
     """The router never imports torch (STYLE rule 9); checked in a fresh interpreter."""
-    code = ("import sys; import pdserve.services.router.registry, pdserve.services.router.prefix_index, "
+    code = ("import sys; import pdserve.common.registry, pdserve.common.prefix_index, "
             "pdserve.services.router.bench_index, pdserve.proto, pdserve.proto.pdserve_pb2_grpc, "
             "pdserve.proto.convert; assert 'torch' not in sys.modules, 'torch was imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -10,8 +10,8 @@ import pytest
 
 from pdserve.common.block_hash import hash_blocks
 from pdserve.services.router.instances import InstancePool
-from pdserve.services.router.prefix_index import PrefixIndex
-from pdserve.services.router.registry import InstanceInfo, Load, Registry
+from pdserve.common.prefix_index import PrefixIndex
+from pdserve.common.registry import InstanceInfo, Load, Registry
 from pdserve.services.router.routing import Candidate, RoutingConfig, hot_spots, plan_route, score
 
 BS = 16

@@ -24,14 +24,14 @@ An expired entry stays in the hash, ignored, until the block's eviction removes 
 
 If a worker's publish fails (Redis down), its view and the index diverge: it should call
 `replace` (clear_instance + publish of everything it holds, in one transaction) once Redis answers
-again (Redis may have restarted empty anyway); services/worker.py `KVEventPublisher` does. Redis
+again (Redis may have restarted empty anyway); services/worker/ `KVEventPublisher` does. Redis
 failures propagate as redis.exceptions.RedisError within the client's socket timeout; the router
 then routes by load alone.
 """
 
 from __future__ import annotations
 
-from pdserve.services.router.registry import DEFAULT_TIMEOUT_S, open_redis
+from pdserve.common.registry import DEFAULT_TIMEOUT_S, open_redis
 
 HASH_SIZE = 16  # bytes per block hash (BLAKE2b-128, common/block_hash.py)
 # Hashes per script call: bounds Lua's unpack and keeps each atomic call short.

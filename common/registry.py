@@ -75,6 +75,7 @@ class InstanceInfo:
     block_size: int  # tokens per KV block; equal across the fleet (prefix hashes depend on it)
     num_blocks: int  # KV capacity in blocks
     status: str = "serving"  # "serving" | "draining"
+    metrics_address: str = ""  # the worker's /metrics URL
     started_at: float = field(default_factory=time.time)  # Unix seconds
 
     def __post_init__(self) -> None:
@@ -290,6 +291,7 @@ class Registry:
 
 
 LoadFn = Callable[[], "Load | Awaitable[Load]"]
+RETRY_S = 0.2  # heartbeat retry interval while Redis is unreachable
 
 
 class Heartbeater:
@@ -329,13 +331,15 @@ class Heartbeater:
 
     async def _run(self) -> None:
         while True:
-            await asyncio.sleep(self.interval_s)
+            # After a failure, retry quickly: a restarted Redis must learn of this worker within
+            # a fraction of a second (routers keep it meanwhile: services/router/instances.py).
+            await asyncio.sleep(self.interval_s if self.last_error is None else min(self.interval_s, RETRY_S))
             try:
                 await self.beat()
             except (RedisError, RegistryError) as error:
                 if self.last_error is None:
                     logger.warning("heartbeat of %s failed (retrying every %.2f s): %s",
-                                   self.info.instance_id, self.interval_s, error)
+                                   self.info.instance_id, min(self.interval_s, RETRY_S), error)
                 self.last_error = f"{type(error).__name__}: {error}"
                 continue
             if self.last_error is not None:

@@ -1,0 +1,66 @@
+"""Typed snapshots of what engines, workers and routers count (torch-free).
+
+`/metrics` (common/metrics.py), the registry heartbeat, gRPC Health and `/admin/stats` all read
+these dataclasses; nothing reads a counter by a string key with a default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineStats:
+    """One engine's gauges and counters (`EngineCore.stats()`), or a fleet's sums (the router)."""
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_usage: float = 0.0  # fraction of KV blocks in use, 0..1
+    num_free_blocks: int = 0
+    num_blocks: int = 0
+    num_cached_blocks: int = 0  # blocks holding a prefix-cache hash
+    num_preemptions: int = 0
+    prefix_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hits: int = 0  # prompt tokens found there
+    num_steps: int = 0
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    tensor_parallel_size: int = 1
+    # KV blocks each rank's memory could hold; every rank holds num_blocks (their min)
+    kv_blocks_fit_by_rank: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TransferStats:
+    """A worker's KV handoff counters: leases it granted (prefill half), pulls it made (decode half)."""
+    leases_granted: int = 0
+    leases_released: int = 0
+    leases_expired: int = 0
+    leases_active: int = 0
+    bytes_sent: int = 0
+    pulls_served: int = 0
+    serve_failures: int = 0
+    pulls: int = 0
+    pull_failures: int = 0
+    bytes_received: int = 0
+    pull_seconds: float = 0.0
+    new_pull_latencies: list[float] = field(default_factory=list)  # since the last scrape
+
+
+@dataclass
+class RouterStats:
+    """A router's counters of the requests it routed (`/admin/stats`, `/metrics`)."""
+    prefill_retries: int = 0
+    decode_resubmits: int = 0
+    kv_bytes: int = 0  # KV bytes decode pulled for this router's requests
+    handoffs: int = 0  # requests whose prompt KV was pulled from a prefill
+    recomputed_prompt_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+    requests_by_instance: dict[str, int] = field(default_factory=dict)
+    prompt_tokens_by_instance: dict[str, int] = field(default_factory=dict)
+    cached_tokens_by_instance: dict[str, int] = field(default_factory=dict)
+    routes: dict[str, int] = field(default_factory=dict)  # decisions by reason (routing.py)
+
+    def count(self, table: str, key: str, value: int = 1) -> None:
+        counts = getattr(self, table)
+        counts[key] = counts.get(key, 0) + value

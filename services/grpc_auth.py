@@ -1,0 +1,63 @@
+"""A shared secret between the router and the workers on every gRPC call (`--internal-token`).
+
+    router / decode worker (client)                          worker (server)
+    channel interceptor adds `x-pdserve-token: TOKEN`  -->   server interceptor: a call without
+                                                             the token is UNAUTHENTICATED
+
+Without a token configured on the server every call is accepted (the default, for a stack on
+one machine whose internal ports listen on loopback only). Torch-free (the router uses it).
+"""
+
+from __future__ import annotations
+
+import hmac
+
+import grpc
+
+HEADER = "x-pdserve-token"
+
+
+class ServerTokenCheck(grpc.aio.ServerInterceptor):
+    def __init__(self, token: str):
+        self.expected = token.encode()
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong {HEADER}: see --internal-token")
+        self._deny_unary = grpc.unary_unary_rpc_method_handler(deny)
+
+        async def deny_stream(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong {HEADER}: see --internal-token")
+            yield  # pragma: no cover (an async generator that only aborts)
+        self._deny_stream = grpc.unary_stream_rpc_method_handler(deny_stream)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        got = dict(handler_call_details.invocation_metadata or ()).get(HEADER, "")
+        if hmac.compare_digest(got.encode(), self.expected):
+            return await continuation(handler_call_details)
+        return self._deny_stream if handler_call_details.method.endswith("/Decode") else self._deny_unary
+
+
+class _AddToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, token: str):
+        self.token = token
+
+    def _details(self, details):
+        metadata = list(details.metadata or ()) + [(HEADER, self.token)]
+        return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
+                                          details.wait_for_ready)
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self._details(details), request)
+
+
+def server_interceptors(token: str | None) -> list:
+    return [ServerTokenCheck(token)] if token else []
+
+
+def channel(address: str, token: str | None, options=()) -> grpc.aio.Channel:
+    """An insecure channel (the fleet's network is private) that sends the token on every call."""
+    return grpc.aio.insecure_channel(address, options=list(options),
+                                     interceptors=[_AddToken(token)] if token else None)

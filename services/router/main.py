@@ -1,0 +1,135 @@
+"""`pdserve router` / `python -m pdserve.services.router`: the OpenAI API over a disaggregated fleet.
+
+Lifecycle:
+    start:  tokenizer of --model (torch-free: common/tokenizer.py) -> Registry + PrefixIndex
+            clients of --redis-url -> InstancePool (refreshes the fleet every 0.5 s) ->
+            DisaggClient (the EngineClient) -> FastAPI app (OpenAI routes, /admin, /metrics) ->
+            uvicorn; one ready line once it listens
+    run:    until SIGINT / SIGTERM (uvicorn stops accepting, lets open requests finish)
+    stop:   pool, index and registry clients closed
+
+This process never imports torch or numpy (tests/router/test_router_process.py checks it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import signal
+import sys
+
+from pdserve.common.config import ConfigError, env_flag
+from pdserve.services.router.limits import add_limit_args, limits_of
+
+INDEX_TIMEOUT_S = 0.25
+GRACEFUL_SHUTDOWN_S = 30  # SIGTERM: open streams get this long to finish  # a prefix lookup slower than this is worth less than routing by load alone
+
+
+def add_router_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--redis-url", required=True, help="the fleet's Redis (instances register there)")
+    p.add_argument("--model", default=None, help="model whose tokenizer the router uses (default: SmolLM2)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder or .gguf (default: the model's)")
+    p.add_argument("--served-model-name", default=None, help="name in the API (default: the model's)")
+    p.add_argument("--host", default="127.0.0.1", help="address the HTTP server binds to")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* and /admin/*")
+    p.add_argument("--routing", default="prefix", choices=["prefix", "load", "round_robin"],
+                   help="prefix: cached-prefix overlap vs load (docs/routing.md); load: least loaded; "
+                        "round_robin: rotation (a baseline)")
+    add_limit_args(p)
+    p.add_argument("--internal-token", default=env_flag("PDSERVE_INTERNAL_TOKEN"),
+                   help="shared secret sent on every gRPC call to the workers (default: $PDSERVE_INTERNAL_TOKEN)")
+    p.add_argument("--disagg-min-prompt-tokens", type=int, default=64,
+                   help="prompts shorter than this, or whose uncached part on the chosen decode instance is, "
+                        "skip prefill and are computed by decode (0: always prefill)")
+
+
+def fleet_stats(pool):
+    """The fleet's gauges for /metrics: sums over the live instances' last reported load."""
+    from pdserve.common.stats import EngineStats
+    loads = [load for _, load in pool.instances if load is not None]
+    return EngineStats(num_running=sum(x.num_running for x in loads), num_waiting=sum(x.num_waiting for x in loads),
+                       kv_usage=max((x.kv_usage for x in loads), default=0.0),
+                       num_free_blocks=sum(x.num_free_blocks for x in loads),
+                       prefix_queries=sum(x.prefix_queries for x in loads),
+                       prefix_hits=sum(x.prefix_hits for x in loads))
+
+
+def run_router(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from pdserve.common.metrics import StatsCollector
+    from pdserve.common.model_path import resolve_model_path, served_name
+    from pdserve.common.prefix_index import PrefixIndex
+    from pdserve.common.registry import Registry
+    from pdserve.common.tokenizer import load_tokenizer
+    from fastapi import Depends
+
+    from pdserve.services.router.admin import add_admin_routes, admin_guard
+    from pdserve.services.router.app import build_app
+    from pdserve.services.router.disagg_client import DisaggClient
+    from pdserve.services.router.instances import InstancePool
+    from pdserve.services.router.routing import RoutingConfig
+
+    tokenizer = load_tokenizer(resolve_model_path(args.model), args.tokenizer)
+    name = args.served_model_name or served_name(args.model)
+    try:
+        config = RoutingConfig(mode=args.routing, disagg_min_prompt_tokens=args.disagg_min_prompt_tokens)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    async def main():
+        registry = Registry(args.redis_url)
+        index = PrefixIndex(args.redis_url, timeout_s=INDEX_TIMEOUT_S)
+        pool = InstancePool(registry, index, config, internal_token=args.internal_token)
+        await pool.start()
+        client = DisaggClient(tokenizer, name, pool)
+        collector = StatsCollector(name, engine=lambda: fleet_stats(pool), router=lambda: client.stats,
+                                   redis_up=lambda: pool.redis_ok)
+        app = build_app(client, name, api_key=args.api_key, collector=collector, limits=limits_of(args))
+        add_admin_routes(app, pool, registry, api_key=args.api_key)
+
+        @app.get("/admin/stats", dependencies=[Depends(admin_guard(args.api_key))])
+        async def admin_stats():
+            return {**dataclasses.asdict(client.stats), "recent": list(client.recent), "redis_ok": pool.redis_ok,
+                    "redis_up": int(pool.redis_ok),
+                    "redis_outages": pool.num_redis_outages, "routing": pool.config.mode,
+                    "blocks_per_request": round(pool.blocks_per_request, 3), "max_model_len": pool.max_model_len,
+                    "instances": [{"instance_id": i.instance_id, "role": i.role, "grpc_address": i.grpc_address,
+                                   "metrics_address": i.metrics_address, "status": i.status,
+                                   "load": None if load is None else load.__dict__}
+                                  for i, load in pool.instances]}
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                               timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            port = server.servers[0].sockets[0].getsockname()[1]
+            print(f"pdserve router serving {name} on http://{args.host}:{port} (routing: {config.mode})", flush=True)
+        await task
+        await pool.close()
+        await index.close()
+        await registry.close()
+    # uvicorn handles SIGINT/SIGTERM while serving and re-raises them once it has stopped; these
+    # handlers make that re-raise a no-op, so the clients above are closed and the process exits 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    asyncio.run(main())
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog="python -m pdserve.services.router", description=__doc__.splitlines()[0])
+    add_router_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        run_router(args)
+    except ConfigError as e:
+        print(f"pdserve router: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,32 @@
+"""The worker's own flags (torch-free, so building the `pdserve` parser imports no engine)."""
+
+from __future__ import annotations
+
+import argparse
+
+from pdserve.common.config import env_flag
+from pdserve.common.kv_transfer import BACKENDS
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address the gRPC, KV and metrics servers bind to")
+    p.add_argument("--advertise-host", default=None,
+                   help="address the router and other workers reach this one at (default: --host, or this "
+                        "machine's IP when --host is a wildcard such as 0.0.0.0, e.g. in a container)")
+    p.add_argument("--grpc-port", type=int, default=0, help="0: pick a free port")
+    p.add_argument("--metrics-port", type=int, default=0, help="port of this worker's /metrics (0: pick a free port)")
+    p.add_argument("--kv-transport", default="tcp", choices=[b for b in BACKENDS if b != "local"],
+                   help="how decode workers pull prefilled KV blocks from this one")
+    p.add_argument("--redis-url", default=None, help="register in this Redis (pdserve router finds it there)")
+    p.add_argument("--instance-id", default=None, help="name in the registry (default: ROLE-HOST-RANDOM)")
+    p.add_argument("--lease-ttl", type=float, default=30.0, help="seconds a prefilled KV stays pinned for decode")
+    p.add_argument("--pull-deadline", type=float, default=10.0, help="seconds a decode waits for a KV pull")
+    p.add_argument("--kv-events-interval", type=float, default=0.1,
+                   help="seconds between publications of prefix-cache changes to the prefix index")
+    p.add_argument("--internal-token", default=env_flag("PDSERVE_INTERNAL_TOKEN"),
+                   help="shared secret every gRPC call must carry (router, other workers); "
+                        "default: $PDSERVE_INTERNAL_TOKEN, none: calls are not checked")
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="seconds a SIGTERM waits for running requests before stopping")
+    p.add_argument("--ready-file", default=None,
+                   help="write 'grpc_address kv_address metrics_address' here once serving")

@@ -1,0 +1,55 @@
+"""The installed package is the whole tree, and the services do not import each other in circles."""
+
+from __future__ import annotations
+
+import ast
+import os
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FOLDERS = ("common", "kernels", "services", "proto")
+
+
+def test_every_subpackage_is_in_the_installed_package_list():
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = set()
+    for top in FOLDERS:
+        for dirpath, _, files in os.walk(ROOT / top):
+            if "__init__.py" in files and "__pycache__" not in dirpath:
+                found.add("pdserve." + str(Path(dirpath).relative_to(ROOT)).replace(os.sep, "."))
+    assert found == listed, f"missing from pyproject.toml: {sorted(found - listed)}; stale: {sorted(listed - found)}"
+
+
+def _imports(path: Path) -> set[str]:
+    """pdserve.* modules a file imports at module level or in functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pdserve."):
+            names.add(node.module)
+            names.update(f"{node.module}.{a.name}" for a in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("pdserve."))
+    return names
+
+
+def test_no_import_cycles_between_service_modules():
+    modules = {}
+    for path in (ROOT / "services").rglob("*.py"):
+        rel = path.relative_to(ROOT).with_suffix("")
+        name = "pdserve." + ".".join(rel.parts).removesuffix(".__init__")
+        modules[name] = path
+    graph = {m: {d for d in _imports(p) if d in modules and d != m} for m, p in modules.items()}
+    state: dict[str, int] = {}
+
+    def visit(m: str, stack: list[str]) -> None:
+        state[m] = 1
+        for d in graph[m]:
+            if state.get(d) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(d):] + [d]))
+            if d not in state:
+                visit(d, stack + [d])
+        state[m] = 2
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
