@@ -32,13 +32,11 @@ import sys
 import tempfile
 import time
 
-LLAMA2_70B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 8192, "intermediate_size": 28672,
-    "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128,
-    "vocab_size": 32000, "rope_theta": 10000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
-    "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False, "dtype": "bfloat16",
-    "torch_dtype": "bfloat16", "hidden_act": "silu", "attention_bias": False,
-}
+from pdserve.services.bench_gpu import LLAMA3_8B
+
+LLAMA2_70B = {**LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+              "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000, "rope_theta": 10000.0,
+              "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2}
 PHASES = {  # name -> (model, tensor_parallel_size, all_reduce, timeout s)
     "8b-tp1": ("8b", 1, "nccl", 150), "8b-tp2": ("8b", 2, "nccl", 150), "8b-tp2-symm": ("8b", 2, "symm_mem", 150),
     "70b-tp2": ("70b", 2, "nccl", 270), "smollm2-tp1": ("smollm2", 1, "nccl", 90),
@@ -57,7 +55,7 @@ def run_phase(name: str, cpu_smoke: bool = False) -> dict:
     if model == "smollm2":
         return _smollm2_phase(tp, cpu_smoke)
     from pdserve.services import bench_gpu
-    shape = bench_gpu.LLAMA3_8B if model == "8b" else LLAMA2_70B
+    shape = LLAMA3_8B if model == "8b" else LLAMA2_70B
     if cpu_smoke:
         shape = bench_gpu.TINY
     folder = tempfile.mkdtemp(prefix=f"pdserve-{model}-")
@@ -180,7 +178,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def print_report(summary: dict) -> None:
-    from pdserve.services.bench_gpu import LLAMA3_8B
     res = summary["results"]
     bandwidth, flops = next((v for k, v in CARDS.items() if k in summary["card"]), (None, None))
     print(f"\n== Tensor parallelism: {summary['card']}, torch {summary['torch']} ==")

@@ -41,6 +41,8 @@ class TPComm:
                                "engine per process")
         self.rank, self.world_size, self.device = rank, world_size, device
         cuda = device.type == "cuda"
+        if all_reduce == "symm_mem" and not cuda:
+            raise ConfigError("the symm_mem all-reduce needs CUDA devices")
         if cuda:
             torch.cuda.set_device(device)
         self.backend = "nccl" if cuda else "gloo"
@@ -49,12 +51,14 @@ class TPComm:
                                 device_id=device if cuda else None)
         self._symm_buffer = None  # uint8 [SYMM_MEM_MAX_BYTES], mapped on every rank
         if all_reduce == "symm_mem":
-            if not cuda:
-                raise ConfigError("the symm_mem all-reduce needs CUDA devices")
-            import torch.distributed._symmetric_memory as symm_mem
-            self._group_name = dist.group.WORLD.group_name
-            self._symm_buffer = symm_mem.empty(SYMM_MEM_MAX_BYTES, dtype=torch.uint8, device=device)
-            symm_mem.rendezvous(self._symm_buffer, self._group_name)  # collective, once
+            try:
+                import torch.distributed._symmetric_memory as symm_mem
+                self._group_name = dist.group.WORLD.group_name
+                self._symm_buffer = symm_mem.empty(SYMM_MEM_MAX_BYTES, dtype=torch.uint8, device=device)
+                symm_mem.rendezvous(self._symm_buffer, self._group_name)  # collective, once
+            except BaseException:
+                self.close()  # the group would outlive this object and block the next engine
+                raise
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks; returns the result (x itself with NCCL, a new tensor with symm_mem)."""
