@@ -1,5 +1,5 @@
 """`pdserve serve --tensor-parallel-size 2` as a user runs it, through the official openai client:
-the same greedy completion as TP=1; when a rank process dies the instance says it is unhealthy
+the same greedy completion as TP=1, the world size in /metrics; when a rank process dies the instance says it is unhealthy
 and a request fails fast with a clear error (nothing hangs); and the CLI's one-line error for a
 size that does not split the model."""
 
@@ -35,6 +35,9 @@ def test_serve_tp2_then_a_rank_dies(tiny_models):
         want = complete(tp1.url, "The weather today is")
         got = complete(tp2.url, "The weather today is")
         assert got.choices[0].text == want.choices[0].text and got.usage.completion_tokens == 8
+        metrics = httpx.get(tp2.url + "/metrics").text
+        assert 'pdserve:tensor_parallel_size{model_name="llama"} 2.0' in metrics
+        assert 'pdserve:kv_blocks_fit{model_name="llama",rank="1"}' in metrics
 
         workers = psutil.Process(tp2.proc.pid).children()
         assert len(workers) == 1  # rank 1; rank 0 is the serving process itself
