@@ -6,6 +6,8 @@
                                no prefix-cache hits) run to a fixed output length: end-to-end
                                latency percentiles, time to first token, time per output token.
     pdserve bench gpu          the H100 workloads of bench_gpu.py (Llama-3-8B shape, vs HF).
+    pdserve bench serve        any OpenAI endpoint at a request rate / concurrency: TTFT, TPOT,
+                               ITL, E2E percentiles, throughput, goodput under SLOs (loadgen.py).
 
 Workload (defaults): 64 prompts of random lengths 16..512 tokens, each asking for a random
 16..128 output tokens with ignore_eos. A static batch must run every row to the longest request;
@@ -20,8 +22,8 @@ import time
 
 
 def add_parser(sub, add_engine_args):
-    """`pdserve bench throughput|latency`; returns the subparsers for the other bench commands."""
-    p = sub.add_parser("bench", help="benchmarks (throughput, latency, gpu)")
+    """`pdserve bench throughput|latency|serve`; returns the subparsers for the other bench commands."""
+    p = sub.add_parser("bench", help="benchmarks (throughput, latency, serve, gpu)")
     bsub = p.add_subparsers(dest="bench", required=True)
     t = bsub.add_parser("throughput", help="offline output tok/s: pdserve vs HF transformers")
     t.add_argument("--num-prompts", type=int, default=64)
@@ -43,6 +45,7 @@ def add_parser(sub, add_engine_args):
     lat.add_argument("--json-out", default=None)
     add_engine_args(lat)
     lat.set_defaults(func=cmd_latency)
+    from pdserve.services import loadgen; loadgen.add_parser(bsub)  # `pdserve bench serve` (any OpenAI endpoint)
     return bsub
 
 

@@ -278,7 +278,7 @@ def release_kv(engine) -> None:
 
     import torch
     engine.runner.graphs = None
-    engine.runner.kv_caches = []
+    engine.runner.kv_cache, engine.runner.kv_caches = None, []
     gc.collect()
     if engine.runner.device.type == "cuda":
         torch.cuda.synchronize()

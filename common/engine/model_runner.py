@@ -67,7 +67,8 @@ class ModelRunner:
         self._tables = BlockTableCache()
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] = (torch.empty(0), {})  # tokens, req_id -> row
         self._fill_upload = PackedUpload(self.device, 1024)
-        self.kv_caches: list[torch.Tensor] = []
+        self.kv_cache: torch.Tensor | None = None  # [L, 2, num_blocks, block_size, KVH, D], one allocation
+        self.kv_caches: list[torch.Tensor] = []  # its per-layer views [2, num_blocks, block_size, KVH, D]
         self.graphs = None  # captured after the KV cache exists
         if cache_cfg.num_blocks:
             self.num_blocks = cache_cfg.num_blocks
@@ -78,10 +79,8 @@ class ModelRunner:
         # blocks each rank could hold (its memory, its KV heads); every rank allocates the smallest
         self.num_blocks_by_rank = [self.num_blocks] if tp is None else tp.all_gather_int(self.num_blocks)
         self.num_blocks = min(self.num_blocks_by_rank)
-        shape = (2, self.num_blocks, self.block_size, self.num_kv_heads, arch.head_dim)
-        # one tensor per layer: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]
         try:
-            self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(arch.num_layers)]
+            self._allocate_kv(self.num_blocks)
         except torch.OutOfMemoryError as e:
             raise ConfigError(f"a KV cache of {self.num_blocks} blocks does not fit on {self.device}: "
                               "lower --num-gpu-blocks-override or --gpu-memory-utilization") from e
@@ -97,6 +96,16 @@ class ModelRunner:
 
     def shutdown(self) -> None:
         """Release what outlives this object (tensor-parallel worker processes); one rank holds nothing."""
+
+    def _allocate_kv(self, num_blocks: int) -> None:
+        """The KV cache as ONE tensor, so a KV handoff gathers the blocks of all layers in one op
+        (common/kv_transfer/blocks.py); the model reads it through per-layer views."""
+        a = self.arch
+        self.kv_cache = None
+        self.kv_caches = []
+        self.kv_cache = torch.zeros((a.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, a.head_dim),
+                                    dtype=self.dtype, device=self.device)
+        self.kv_caches = list(self.kv_cache.unbind(0))
 
     def bytes_per_block(self) -> int:
         a = self.arch
@@ -117,8 +126,7 @@ class ModelRunner:
         context, cuBLAS workspaces, other processes) is counted from the driver's numbers."""
         weights = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        shape = (2, 1, self.block_size, self.num_kv_heads, self.arch.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.arch.num_layers)]
+        self._allocate_kv(1)
         num_tokens = self.scheduler_cfg.token_budget
         try:
             self.execute(self._profile_step(num_tokens, self.scheduler_cfg.max_num_seqs))
@@ -129,7 +137,7 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         outside_torch = total - free - torch.cuda.memory_reserved(self.device)
-        self.kv_caches = []
+        self.kv_cache, self.kv_caches = None, []
         self._generators.clear()
         self._tables = BlockTableCache()
         torch.cuda.empty_cache()
