@@ -125,7 +125,9 @@ def _hf_state_dict(model) -> dict:
 
 def cmd_throughput(args) -> None:
     from pdserve.common.engine.llm import LLM
-    from pdserve.common.config import engine_config
+    from pdserve.common.config import ConfigError, engine_config
+    if (args.tensor_parallel_size or 1) > 1 and not args.skip_hf:
+        raise ConfigError("--tensor-parallel-size > 1 needs --skip-hf (the HF baseline runs one unsharded model)")
     llm = LLM.from_config(engine_config(args))
     workload = make_workload(args.num_prompts, args.input_len, args.output_len, llm.engine.arch.vocab_size,
                              args.workload_seed)
