@@ -23,11 +23,12 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
 
 def option(default, help: str, *, name: str | None = None, flag: str | None = None, choices=None,
-           type=None, boolean: bool = False):
+           type=None, boolean: bool = False, aliases: tuple[str, ...] = ()):
     """A config field that is also a user option: `name` is its keyword (default: the field name),
-    `flag` its CLI spelling (default: --name with dashes), `boolean` makes --x / --no-x."""
+    `flag` its CLI spelling (default: --name with dashes), `aliases` more spellings (-tp),
+    `boolean` makes --x / --no-x."""
     return field(default=default, metadata={"help": help, "name": name, "flag": flag, "choices": choices,
-                                            "type": type, "boolean": boolean})
+                                            "type": type, "boolean": boolean, "aliases": aliases})
 
 
 class ConfigError(ValueError):
@@ -134,17 +135,48 @@ class SchedulerConfig:
 
 
 @dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism: the model's heads, MLP columns and vocabulary split over N ranks
+    (one process each; rank r uses device index base + r on CUDA). Per-rank memory settings
+    (--gpu-memory-utilization, --kv-cache-memory) apply to each rank."""
+    tensor_parallel_size: int = option(1, "split the model over N ranks, one process each (GPUs base..base+N-1; "
+                                          "gloo processes on CPU)", type=int, aliases=("-tp",))
+    # the layers' all-reduce on CUDA: "nccl" (torch.distributed), or "symm_mem" (torch's one-shot
+    # all-reduce over NVLink peer memory for tensors up to 1 MiB, NCCL above; bf16/fp32)
+    all_reduce: str = "nccl"
+
+    def __post_init__(self):
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(f"--tensor-parallel-size must be positive, got {self.tensor_parallel_size}")
+        if self.all_reduce not in ("nccl", "symm_mem"):
+            raise ConfigError(f"all_reduce must be nccl or symm_mem, got {self.all_reduce!r}")
+
+    def check_model(self, arch: ArchConfig) -> None:
+        """KV heads go whole to ranks (as even as the count allows), or, when there are fewer KV
+        heads than ranks, each is replicated on N / num_kv_heads ranks that split its query heads."""
+        n, kv, heads = self.tensor_parallel_size, arch.num_kv_heads, arch.num_heads
+        if kv < n and (n % kv or heads % n):
+            raise ConfigError(
+                f"--tensor-parallel-size {n} cannot split this model's {kv} KV heads / {heads} attention heads: "
+                f"use a size <= {kv}, or a multiple of {kv} that divides {heads}")
+        if arch.intermediate_size < n:
+            raise ConfigError(f"--tensor-parallel-size {n} exceeds the model's intermediate size "
+                              f"{arch.intermediate_size}")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     enforce_eager: bool = option(False, "no CUDA graphs for decode steps", boolean=True)
     # Overlapped steps: schedule step k on the host while step k-1 runs on the device.
     # None: on for CUDA, off elsewhere (a CPU forward pass leaves no host time to hide).
     async_scheduling: bool | None = option(
         None, "schedule the next step while the device runs the current one (default: on CUDA only)", boolean=True)
 
-    SECTIONS = ("model", "cache", "scheduler")
+    SECTIONS = ("model", "cache", "scheduler", "parallel")
 
     @classmethod
     def from_options(cls, **options) -> "EngineConfig":
@@ -167,14 +199,14 @@ class EngineConfig:
         scheduler = dict(parts["scheduler"])
         scheduler.setdefault("max_model_len", model.max_model_len or 8192)
         return cls(model=model, cache=CacheConfig(**parts["cache"]), scheduler=SchedulerConfig(**scheduler),
-                   **parts[None])
+                   parallel=ParallelConfig(**parts["parallel"]), **parts[None])
 
 
 def _options():
     """(section or None, field, keyword name) of every user option of EngineConfig."""
     for section in (None, *EngineConfig.SECTIONS):
         cls = EngineConfig if section is None else {"model": ModelConfig, "cache": CacheConfig,
-                                                    "scheduler": SchedulerConfig}[section]
+                                                    "scheduler": SchedulerConfig, "parallel": ParallelConfig}[section]
         for f in dataclasses.fields(cls):
             if "help" in f.metadata:
                 yield section, f, f.metadata["name"] or f.name
@@ -187,10 +219,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         m = f.metadata
         flag = m["flag"] or "--" + name.replace("_", "-")
         help_text = m["help"] + ("" if f.default is None else f" (default: {f.default})")
+        flags = (flag, *m["aliases"])
         if m["boolean"]:
-            g.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            g.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            g.add_argument(flag, dest=name, default=None, type=m["type"], choices=m["choices"], help=help_text)
+            g.add_argument(*flags, dest=name, default=None, type=m["type"], choices=m["choices"], help=help_text)
 
 
 def engine_options(args: argparse.Namespace) -> dict:

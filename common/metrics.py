@@ -199,7 +199,16 @@ class StatsCollector:
             yield counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", e.prefix_hits)
             yield counter("vllm:num_preemptions", "Preemptions (recompute) so far.", e.num_preemptions)
             yield gauge("pdserve:kv_blocks_free", "Free KV blocks.", e.num_free_blocks)
-            yield gauge("pdserve:kv_blocks_total", "KV blocks in the pool.", e.num_blocks)
+            yield gauge("pdserve:kv_blocks_total", "KV blocks in the pool (each tensor-parallel rank holds them "
+                                                   "for its KV heads).", e.num_blocks)
+            yield gauge("pdserve:tensor_parallel_size", "Ranks (processes / GPUs) the model is split over.",
+                        e.tensor_parallel_size)
+            if e.kv_blocks_fit_by_rank:
+                fit = GaugeMetricFamily("pdserve:kv_blocks_fit", "KV blocks each rank's memory could hold (the "
+                                        "pool is their minimum).", labels=["model_name", "rank"])
+                for rank, num in enumerate(e.kv_blocks_fit_by_rank):
+                    fit.add_metric([self.model_name, str(rank)], float(num))
+                yield fit
         t = self._read("transfer")
         if t is not None:
             for key, name, doc in (

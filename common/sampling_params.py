@@ -80,8 +80,8 @@ class SamplingParams:
                f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty",
                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        _check(0 < self.repetition_penalty <= 2, "repetition_penalty",
-               f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}")
+        _check(self.repetition_penalty > 0, "repetition_penalty",
+               f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs",
                f"logprobs must be between 0 and 20, got {self.logprobs}")
         _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),

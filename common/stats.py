@@ -24,6 +24,9 @@ class EngineStats:
     num_steps: int = 0
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
+    tensor_parallel_size: int = 1
+    # KV blocks each rank's memory could hold; every rank holds num_blocks (their min)
+    kv_blocks_fit_by_rank: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -8,6 +8,7 @@
     rotary_store_kv          rotary fused with store_kv (q in place, k/v to cache) rotary.py
     silu_and_mul             gated MLP activation                               activation.py
     gemv                     batch-1 x @ W^T (+ b) at memory bandwidth          gemv.py
+    copy_blocks              whole KV blocks of all layers to/from staging      copy_blocks.py
 
 `reference` holds the torch version of each (`<name>_ref`), which defines the semantics.
 Importing this package must work without triton (CPU CI uses only the references), so the kernels
@@ -34,6 +35,7 @@ __all__ = ["reference", "triton_available"]
 
 if triton_available():
     from pdserve.kernels.activation import silu_and_mul
+    from pdserve.kernels.copy_blocks import copy_blocks
     from pdserve.kernels.decode_attention import paged_decode_attention
     from pdserve.kernels.gemv import gemv
     from pdserve.kernels.prefill_attention import paged_prefill_attention
@@ -42,4 +44,4 @@ if triton_available():
     from pdserve.kernels.store_kv import store_kv
 
     __all__ += ["store_kv", "paged_decode_attention", "paged_prefill_attention", "rms_norm",
-                "apply_rotary", "rotary_store_kv", "silu_and_mul", "gemv"]
+                "apply_rotary", "rotary_store_kv", "silu_and_mul", "gemv", "copy_blocks"]

@@ -162,3 +162,14 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:  # [T, 2I] -> [T, I]
     gate, up = x.float().chunk(2, dim=-1)
     return (torch.nn.functional.silu(gate) * up).to(x.dtype)
+
+
+def copy_blocks_ref(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor | None,
+                    dst_ids: torch.Tensor | None) -> None:
+    """dst[:, dst_ids[j]] = src[:, src_ids[j]] for src [R, Ns, E], dst [R, Nd, E]; None ids: 0..n-1."""
+    num = (src_ids if src_ids is not None else dst_ids).numel()
+    rows = src[:, src_ids.long()] if src_ids is not None else src[:, :num]  # [R, n, E]
+    if dst_ids is not None:
+        dst[:, dst_ids.long()] = rows
+    else:
+        dst[:, :num] = rows

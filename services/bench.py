@@ -6,6 +6,8 @@
                                no prefix-cache hits) run to a fixed output length: end-to-end
                                latency percentiles, time to first token, time per output token.
     pdserve bench gpu          the H100 workloads of bench_gpu.py (Llama-3-8B shape, vs HF).
+    pdserve bench serve        any OpenAI endpoint at a request rate / concurrency: TTFT, TPOT,
+                               ITL, E2E percentiles, throughput, goodput under SLOs (loadgen.py).
     pdserve bench structured   output tok/s with a JSON-schema grammar vs none (bench_structured.py).
 
 Workload (defaults): 64 prompts of random lengths 16..512 tokens, each asking for a random
@@ -21,8 +23,8 @@ import time
 
 
 def add_parser(sub, add_engine_args):
-    """`pdserve bench throughput|latency`; returns the subparsers for the other bench commands."""
-    p = sub.add_parser("bench", help="benchmarks (throughput, latency, gpu)")
+    """`pdserve bench throughput|latency|serve`; returns the subparsers for the other bench commands."""
+    p = sub.add_parser("bench", help="benchmarks (throughput, latency, serve, gpu)")
     bsub = p.add_subparsers(dest="bench", required=True)
     t = bsub.add_parser("throughput", help="offline output tok/s: pdserve vs HF transformers")
     t.add_argument("--num-prompts", type=int, default=64)
@@ -44,6 +46,7 @@ def add_parser(sub, add_engine_args):
     lat.add_argument("--json-out", default=None)
     add_engine_args(lat)
     lat.set_defaults(func=cmd_latency)
+    from pdserve.services import loadgen; loadgen.add_parser(bsub)  # `pdserve bench serve` (any OpenAI endpoint)
     return bsub
 
 
@@ -123,7 +126,9 @@ def _hf_state_dict(model) -> dict:
 
 def cmd_throughput(args) -> None:
     from pdserve.common.engine.llm import LLM
-    from pdserve.common.config import engine_config
+    from pdserve.common.config import ConfigError, engine_config
+    if (args.tensor_parallel_size or 1) > 1 and not args.skip_hf:
+        raise ConfigError("--tensor-parallel-size > 1 needs --skip-hf (the HF baseline runs one unsharded model)")
     llm = LLM.from_config(engine_config(args))
     workload = make_workload(args.num_prompts, args.input_len, args.output_len, llm.engine.arch.vocab_size,
                              args.workload_seed)

@@ -73,6 +73,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json-out", default=None)
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (with --tiny)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model of the same family (smoke test)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs the model is split over")
+    p.add_argument("--tp-all-reduce", default="nccl", choices=["nccl", "symm_mem"],
+                   help="tensor-parallel all-reduce (ParallelConfig.all_reduce)")
 
 
 # ---- workloads ----------------------------------------------------------------------------------
@@ -91,9 +94,10 @@ def workloads(which: str, num_w2: int, vocab: int, seed: int) -> dict[str, list[
 
 # ---- pdserve ------------------------------------------------------------------------------------
 def build_engine(args, folder: str):
-    from pdserve.common.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from pdserve.common.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
     from pdserve.common.engine.engine_core import EngineCore
     config = EngineConfig(
+        parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, all_reduce=args.tp_all_reduce),
         model=ModelConfig(model=folder, dtype="bfloat16", max_model_len=args.max_model_len, load_format="dummy",
                           device=args.device, seed=args.seed),
         cache=CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization),
@@ -274,7 +278,7 @@ def release_kv(engine) -> None:
 
     import torch
     engine.runner.graphs = None
-    engine.runner.kv_caches = []
+    engine.runner.kv_cache, engine.runner.kv_caches = None, []
     gc.collect()
     if engine.runner.device.type == "cuda":
         torch.cuda.synchronize()
@@ -365,6 +369,8 @@ def main_args(args) -> dict:
     import transformers
     import triton
     t_start = time.perf_counter()
+    if args.hf and args.tensor_parallel_size > 1:
+        raise SystemExit("bench gpu: --hf compares one GPU's weights; it does not run with --tensor-parallel-size")
     shape = TINY if args.tiny else LLAMA3_8B
     folder = tempfile.mkdtemp(prefix="pdserve-llama3-8b-")
     with open(os.path.join(folder, "config.json"), "w") as f:
@@ -433,6 +439,7 @@ def main_args(args) -> dict:
             prompt, n = loads["latency"][0]
             results["latency"]["hf"] = run_latency_hf(hf, prompt, n)
             _progress("latency hf", results["latency"]["hf"])
+    engine.shutdown()
     summary["results"] = results
     summary["total_s"] = round(time.perf_counter() - t_start, 1)
     print_report(summary)

@@ -11,7 +11,8 @@ workload with Poisson arrivals at `--rate`:
     request i = system prompt p(i) (one of --num-prefixes, --prefix-len tokens each)
                 + a fresh question (--question-len tokens), --max-tokens output, streamed
 
-Each pass gets its own system prompts (same lengths and the same arrival times and prefix choices,
+Requests are sent and timed by `pdserve bench serve`'s send_request (loadgen.py). Each pass gets
+its own system prompts (same lengths and the same arrival times and prefix choices,
 different tokens), so one pass cannot warm the caches for the next. Per mode: TTFT and
 end-to-end latency percentiles measured by the client, and the prefix hit rate = prompt tokens
 the computing instance had cached / prompt tokens (the router's /admin/stats counters).
@@ -33,6 +34,7 @@ import time
 import httpx
 
 from pdserve.services.disagg_cli import free_port, redis_server_binary
+from pdserve.services.loadgen import WorkloadRequest, percentile, send_request
 
 
 class LocalFleet:
@@ -116,16 +118,10 @@ async def run_mode(url: str, workload, max_tokens: int) -> dict:
 
         async def one(offset: float, prompt: list[int]) -> tuple[float, float]:
             await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
-            sent = time.perf_counter()
-            ttft = None
-            body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                    "ignore_eos": True, "stream": True}
-            async with client.stream("POST", "/v1/completions", json=body) as resp:
-                resp.raise_for_status()
-                async for line in resp.aiter_lines():
-                    if ttft is None and line.startswith("data: {"):
-                        ttft = time.perf_counter() - sent
-            return ttft, time.perf_counter() - sent
+            result = await send_request(client, "bench", WorkloadRequest(prompt, max_tokens, len(prompt)))
+            if not result.ok:
+                raise RuntimeError(f"request failed: {result.error}")
+            return result.ttft_s, result.e2e_s
         results = await asyncio.gather(*(one(offset, prompt) for offset, prompt in workload))
         wall = time.perf_counter() - start
         after = (await client.get("/admin/stats")).json()
@@ -153,8 +149,7 @@ def summarize(passes: list[dict]) -> dict:
 
 
 def _pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))], 4)
+    return round(percentile(values, q), 4)
 
 
 def main(argv: list[str] | None = None) -> None:

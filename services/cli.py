@@ -12,7 +12,6 @@ import logging
 import sys
 
 from pdserve.common.config import ConfigError, add_engine_args, engine_config
-from pdserve.common.sampling_params import ParameterError
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -104,17 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pdserve.services.entry import run_parsed
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except (ConfigError, ParameterError, FileNotFoundError, IsADirectoryError) as e:
-        print(f"pdserve {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    args = build_parser().parse_args(argv)
+    return run_parsed(f"pdserve {args.command}", args.func, args)
 
 
 if __name__ == "__main__":

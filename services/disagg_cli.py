@@ -2,11 +2,14 @@
 
     pdserve up --prefill 1 --decode 1      redis-server + 1 prefill + 1 decode + router, as real
                                            processes (mirrors compose/), printing where each listens
+        [--prefill-devices 0 --decode-devices 1]   one GPU per worker (CUDA_VISIBLE_DEVICES)
+    pdserve up --prefill 0 --decode 2      two aggregated engines behind one router (each computes
+                                           its prompts: the router sends to decode when no prefill
+                                           worker is registered)
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
 import signal
@@ -38,9 +41,15 @@ def add_parsers(sub, add_engine_args) -> None:
     p.add_argument("--prefill", type=int, default=1)
     p.add_argument("--decode", type=int, default=1)
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--kv-transport", default="tcp", choices=["tcp", "ucx"])
+    p.add_argument("--kv-transport", default="tcp", choices=["tcp", "ucx", "nccl"])
     p.add_argument("--model", default=None)
+    p.add_argument("--prefill-devices", default=None, metavar="IDS",
+                   help="GPU of each prefill worker, comma-separated (e.g. 0): the worker runs with "
+                        "CUDA_VISIBLE_DEVICES=ID and --device cuda")
+    p.add_argument("--decode-devices", default=None, metavar="IDS", help="GPU of each decode worker (e.g. 1)")
     p.add_argument("--worker-args", default="", help="extra flags for every worker, one string")
+    p.add_argument("--prefill-args", default="", help="extra flags for the prefill workers only")
+    p.add_argument("--decode-args", default="", help="extra flags for the decode workers only")
     p.add_argument("--router-args", default="", help="extra flags for the router, one string "
                                                      "(e.g. \"--routing round_robin\")")
     p.set_defaults(func=cmd_up)
@@ -74,7 +83,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def worker_devices(devices: str | None, count: int, flag: str) -> list[str | None]:
+    """`--prefill-devices 0,1` -> ["0", "1"] (one GPU id per worker); None -> no pinning."""
+    if devices is None:
+        return [None] * count
+    ids = [d.strip() for d in devices.split(",") if d.strip()]
+    if len(ids) != count or not all(d.isdigit() for d in ids):
+        from pdserve.common.config import ConfigError
+        raise ConfigError(f"{flag} must list one GPU id per worker ({count}), comma-separated; got {devices!r}")
+    return ids
+
+
 def cmd_up(args) -> None:
+    devices = {"prefill": worker_devices(args.prefill_devices, args.prefill, "--prefill-devices"),
+               "decode": worker_devices(args.decode_devices, args.decode, "--decode-devices")}
+    role_args = {"prefill": args.prefill_args.split(), "decode": args.decode_args.split()}
     procs: list[subprocess.Popen] = []
     tmp = tempfile.mkdtemp(prefix="pdserve-up-")
     redis_port = free_port()
@@ -90,9 +113,13 @@ def cmd_up(args) -> None:
             for i in range(count):
                 rf = os.path.join(tmp, f"{role}{i}.ready")
                 ready.append((role, i, rf))
+                gpu = devices[role][i]
+                env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
                 procs.append(subprocess.Popen([sys.executable, "-m", "pdserve.services.cli", role, "--redis-url",
                                                redis_url, "--kv-transport", args.kv_transport, "--ready-file", rf,
-                                               "--instance-id", f"{role}-{i}", *model, *extra]))
+                                               "--instance-id", f"{role}-{i}", *model,
+                                               *(["--device", "cuda"] if gpu is not None else []), *extra,
+                                               *role_args[role]], env=env))
         deadline = time.time() + 600
         for role, i, rf in ready:
             while not os.path.exists(rf):
@@ -100,7 +127,9 @@ def cmd_up(args) -> None:
                     raise RuntimeError(f"{role}-{i} did not start")
                 time.sleep(0.2)
             grpc_addr, kv_addr, metrics_url = open(rf).read().split()
-            print(f"{role:<8} {role}-{i} grpc={grpc_addr} kv={kv_addr} metrics={metrics_url}", flush=True)
+            gpu = devices[role][i]
+            print(f"{role:<8} {role}-{i} grpc={grpc_addr} kv={kv_addr} metrics={metrics_url}"
+                  + (f" gpu={gpu}" if gpu else ""), flush=True)
         procs.append(subprocess.Popen([sys.executable, "-m", "pdserve.services.cli", "router", "--redis-url",
                                        redis_url, "--port", str(args.port), *model,
                                        *(args.router_args.split() if args.router_args else [])]))

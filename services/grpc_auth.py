@@ -37,7 +37,7 @@ class ServerTokenCheck(grpc.aio.ServerInterceptor):
         return self._deny_stream if handler_call_details.method.endswith("/Decode") else self._deny_unary
 
 
-class _AddToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor):
+class _TokenDetails:
     def __init__(self, token: str):
         self.token = token
 
@@ -46,9 +46,14 @@ class _AddToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClient
         return grpc.aio.ClientCallDetails(details.method, details.timeout, metadata, details.credentials,
                                           details.wait_for_ready)
 
+
+# grpc.aio files each interceptor under ONE call kind (the first it is an instance of): one class each.
+class _AddTokenUnary(_TokenDetails, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
+
+class _AddTokenStream(_TokenDetails, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):
         return await continuation(self._details(details), request)
 
@@ -60,4 +65,4 @@ def server_interceptors(token: str | None) -> list:
 def channel(address: str, token: str | None, options=()) -> grpc.aio.Channel:
     """An insecure channel (the fleet's network is private) that sends the token on every call."""
     return grpc.aio.insecure_channel(address, options=list(options),
-                                     interceptors=[_AddToken(token)] if token else None)
+                                     interceptors=[_AddTokenUnary(token), _AddTokenStream(token)] if token else None)

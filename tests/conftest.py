@@ -43,10 +43,11 @@ def build_tiny_model(folder: str, arch: str, tokenizer_dir: str, **overrides) ->
 
     import transformers
     cfg_name, model_name, extra = ARCHS[arch]
-    cfg = getattr(transformers, cfg_name)(
+    defaults = dict(
         vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, initializer_range=0.3,
-        tie_word_embeddings=arch in ("qwen2", "qwen3"), bos_token_id=1, eos_token_id=2, **{**extra, **overrides})
+        tie_word_embeddings=arch in ("qwen2", "qwen3"), bos_token_id=1, eos_token_id=2)
+    cfg = getattr(transformers, cfg_name)(**{**defaults, **extra, **overrides})
     torch.manual_seed(1234)
     model = getattr(transformers, model_name)(cfg).to(torch.float32).eval()
     model.save_pretrained(folder)

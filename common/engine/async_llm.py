@@ -122,6 +122,7 @@ class AsyncLLM:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=10)
+        self.core.shutdown()
 
     # ---- engine thread -----------------------------------------------------------------------
     def _send(self, msg) -> None:
@@ -162,6 +163,7 @@ class AsyncLLM:
                 else:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
+                    self.core.check_alive()  # a dead tensor-parallel rank fails the instance while idle too
                     if self.core.has_unfinished():  # a KV connector's load may have finished
                         self._deliver_all(self.core.step())
                 self.core.housekeeping()

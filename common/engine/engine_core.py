@@ -26,7 +26,11 @@ Constrained decoding (grammars, allowed_token_ids, bad_words) enters through one
 fills each step's token bitmask for the runner (overlapped steps included: a grammar row's token
 in flight is read from the previous step), and after update() says which requests' grammars ended.
 
-A failing forward pass fails the requests in that step with an error and the engine goes on.
+A failing forward pass fails the requests in that step with an error and the engine goes on,
+unless the runner raises EngineDeadError (a tensor-parallel rank died): that ends the engine.
+
+Tensor parallel (`--tensor-parallel-size N`): the runner is rank 0's (`tp_workers.py`), which
+sends each step to ranks 1..N-1 in their own processes; the scheduler and KV manager run here once.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from pdserve.common.engine.model_runner import ModelRunner, PendingOutput
 from pdserve.common.engine.kv_connector import KVConnector
 from pdserve.common.engine.outputs import SchedulerOutput
 from pdserve.common.engine.scheduler import Scheduler
+from pdserve.common.engine_client import EngineDeadError
 from pdserve.common.engine.structured_output import StructuredOutputManager
 from pdserve.common.model_path import served_name
 from pdserve.common.models.loader import read_arch_config, resolve_model_path
@@ -69,8 +74,17 @@ class EngineCore:
         eos = list(self.arch.eos_token_ids) + (self.tokenizer.eos_token_ids if self.tokenizer else [])
         self.eos_token_ids = tuple(dict.fromkeys(eos))
         sched_cfg = dataclasses.replace(config.scheduler, max_model_len=max_len)
-        self.runner = ModelRunner(config.model, config.cache, self.arch, self.model_path, max_len,
-                                  scheduler_cfg=sched_cfg, enforce_eager=config.enforce_eager)
+        self.tensor_parallel_size = config.parallel.tensor_parallel_size
+        if self.tensor_parallel_size > 1:
+            config.parallel.check_model(self.arch)
+            if connector is not None:  # rank 0's KV blocks hold only its heads: a transfer would move part of them
+                raise ConfigError("--tensor-parallel-size > 1 is not supported with a KV connector (the prefill / "
+                                  "decode workers) yet: docs/tensor-parallel.md, 'Disaggregation'")
+            from pdserve.common.engine.tp_workers import start_tensor_parallel
+            self.runner = start_tensor_parallel(config, self.arch, self.model_path, max_len, sched_cfg)
+        else:
+            self.runner = ModelRunner(config.model, config.cache, self.arch, self.model_path, max_len,
+                                      scheduler_cfg=sched_cfg, enforce_eager=config.enforce_eager)
         capacity = self.runner.num_blocks * config.cache.block_size
         if capacity < max_len:
             raise ConfigError(f"the KV cache holds {capacity} tokens, fewer than --max-model-len {max_len}: "
@@ -178,6 +192,8 @@ class EngineCore:
             try:
                 launched = (sched, self.runner.launch(sched, self.structured))
                 self.num_overlapped_steps += self._inflight is not None
+            except EngineDeadError:
+                raise
             except Exception as e:  # fail this step's requests, keep serving the rest
                 failed = self._fail(sched, e)
         if not overlap:
@@ -193,6 +209,8 @@ class EngineCore:
     def _complete(self, sched: SchedulerOutput, pending: PendingOutput) -> list[EngineOutput]:
         try:
             result = pending.result()
+        except EngineDeadError:
+            raise
         except Exception as e:
             return self._fail(sched, e)
         self.num_steps += 1
@@ -208,6 +226,13 @@ class EngineCore:
         ids = [s.req_id for s in sched.scheduled if s.req_id in self.scheduler.requests]
         failed = self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ERROR)
         return self._outputs(failed, error=f"internal error in the forward pass: {error}")
+
+    def check_alive(self) -> None:
+        """Raises EngineDeadError if the engine cannot go on (a tensor-parallel rank died)."""
+        self.runner.check_alive()
+
+    def shutdown(self) -> None:
+        self.runner.shutdown()
 
     # ---- outputs ----------------------------------------------------------------------------
     def _outputs(self, reqs: list[Request], error: str | None = None) -> list[EngineOutput]:
@@ -247,7 +272,9 @@ class EngineCore:
                            num_cached_blocks=len(kv.pool.cached), num_preemptions=self.scheduler.num_preemptions,
                            prefix_queries=kv.num_prefix_queries, prefix_hits=kv.num_prefix_hits,
                            num_steps=self.num_steps, num_prompt_tokens=self.num_prompt_tokens,
-                           num_generated_tokens=self.num_generated_tokens)
+                           num_generated_tokens=self.num_generated_tokens,
+                           tensor_parallel_size=self.tensor_parallel_size,
+                           kv_blocks_fit_by_rank=list(self.runner.num_blocks_by_rank))
 
 
 def _logprob_dict(top: dict[int, tuple[float, int]]) -> TokenLogprobs:

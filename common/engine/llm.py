@@ -38,6 +38,10 @@ class LLM:
         self.outputs = OutputProcessor(self.engine.tokenizer)
         self._ids = itertools.count()
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel worker processes now (they also stop when this process exits)."""
+        self.engine.shutdown()
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 

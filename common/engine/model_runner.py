@@ -13,6 +13,11 @@ pool is sized from a profiling step (`_blocks_for_gpu_memory`).
 
 The runner owns the model, the KV tensors and per-request generators; it never touches the
 scheduler or the block pool (block ids arrive in the SchedulerOutput).
+
+Tensor parallel (`tp`, this rank's TPComm): every rank runs a runner on its shard of the model
+and KV heads and the same steps (engine/tp_workers.py); rank 0 samples and broadcasts the
+tokens, the other ranks only take part in the collectives and keep the tokens for the next
+step's device-side input fill. The KV pool is the smallest any rank can hold.
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ GiB = 1 << 30
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, arch: ArchConfig, path: str,
                  max_model_len: int, scheduler_cfg: SchedulerConfig | None = None, enforce_eager: bool = True,
-                 attention_backend: str | None = None):
+                 attention_backend: str | None = None, tp=None):
         """`attention_backend` ("torch" | "triton") overrides the choice by device (tests only)."""
         self.arch = arch
+        self.tp = tp
         self.block_size = cache_cfg.block_size
         self.max_model_len = max_model_len
         self.scheduler_cfg = scheduler_cfg or SchedulerConfig(max_model_len=max_model_len)
@@ -48,7 +54,9 @@ class ModelRunner:
         ops, self.inputs = _select_backend(self.device, attention_backend, self.block_size)
         if self.device.type == "cuda":
             _prefer_cublaslt()
-        self.model = load_model(model_cfg, path, arch, self.block_size, max_model_len + 1, self.dtype, self.device, ops)
+        self.model = load_model(model_cfg, path, arch, self.block_size, max_model_len + 1, self.dtype, self.device,
+                                ops, tp=tp)
+        self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads  # this rank's under tensor parallelism
         self.gemv_choice: dict = {}  # weight -> (cuBLAS us, gemv us, chosen) at batch 1, measured here
         if self.device.type == "cuda" and ops is not TORCH_OPS:
             from pdserve.common.models.triton_attention import choose_gemv
@@ -60,7 +68,8 @@ class ModelRunner:
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] = (torch.empty(0), {})  # tokens, req_id -> row
         self._last_pending: PendingOutput | None = None  # the last launched step that sampled
         self._fill_upload = PackedUpload(self.device, 1024)
-        self.kv_caches: list[torch.Tensor] = []
+        self.kv_cache: torch.Tensor | None = None  # [L, 2, num_blocks, block_size, KVH, D], one allocation
+        self.kv_caches: list[torch.Tensor] = []  # its per-layer views [2, num_blocks, block_size, KVH, D]
         self.graphs = None  # captured after the KV cache exists
         if cache_cfg.num_blocks:
             self.num_blocks = cache_cfg.num_blocks
@@ -68,23 +77,40 @@ class ModelRunner:
             self.num_blocks = self._blocks_for_gpu_memory(cache_cfg)
         else:
             self.num_blocks = self._blocks_for_memory(cache_cfg)
-        shape = (2, self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
-        # one tensor per layer: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]
+        # blocks each rank could hold (its memory, its KV heads); every rank allocates the smallest
+        self.num_blocks_by_rank = [self.num_blocks] if tp is None else tp.all_gather_int(self.num_blocks)
+        self.num_blocks = min(self.num_blocks_by_rank)
         try:
-            self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(arch.num_layers)]
+            self._allocate_kv(self.num_blocks)
         except torch.OutOfMemoryError as e:
             raise ConfigError(f"a KV cache of {self.num_blocks} blocks does not fit on {self.device}: "
                               "lower --num-gpu-blocks-override or --gpu-memory-utilization") from e
         if self.device.type == "cuda" and ops is not TORCH_OPS and not enforce_eager:
             from pdserve.common.engine.cuda_graphs import DecodeGraphs
-            self.graphs = DecodeGraphs(self.model, self.kv_caches, arch.num_kv_heads, self.block_size,
+            self.graphs = DecodeGraphs(self.model, self.kv_caches, self.num_kv_heads, self.block_size,
                                        self.scheduler_cfg.max_num_seqs, max_model_len, self.device)
             with torch.inference_mode():
                 self.graphs.capture()
 
+    def check_alive(self) -> None:
+        """Raises EngineDeadError when the runner cannot go on (a tensor-parallel rank died)."""
+
+    def shutdown(self) -> None:
+        """Release what outlives this object (tensor-parallel worker processes); one rank holds nothing."""
+
+    def _allocate_kv(self, num_blocks: int) -> None:
+        """The KV cache as ONE tensor, so a KV handoff gathers the blocks of all layers in one op
+        (common/kv_transfer/blocks.py); the model reads it through per-layer views."""
+        a = self.arch
+        self.kv_cache = None
+        self.kv_caches = []
+        self.kv_cache = torch.zeros((a.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, a.head_dim),
+                                    dtype=self.dtype, device=self.device)
+        self.kv_caches = list(self.kv_cache.unbind(0))
+
     def bytes_per_block(self) -> int:
         a = self.arch
-        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        return 2 * a.num_layers * self.block_size * self.num_kv_heads * a.head_dim * self.dtype.itemsize
 
     def _blocks_for_memory(self, cache_cfg: CacheConfig) -> int:
         num = int(cache_cfg.kv_cache_memory_gb * GiB) // self.bytes_per_block()
@@ -101,8 +127,7 @@ class ModelRunner:
         context, cuBLAS workspaces, other processes) is counted from the driver's numbers."""
         weights = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
-        shape = (2, 1, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.arch.num_layers)]
+        self._allocate_kv(1)
         num_tokens = self.scheduler_cfg.token_budget
         try:
             self.execute(self._profile_step(num_tokens, self.scheduler_cfg.max_num_seqs))
@@ -113,7 +138,7 @@ class ModelRunner:
         peak = torch.cuda.max_memory_allocated(self.device)
         free, total = torch.cuda.mem_get_info(self.device)
         outside_torch = total - free - torch.cuda.memory_reserved(self.device)
-        self.kv_caches = []
+        self.kv_cache, self.kv_caches = None, []
         self._generators.clear()
         self._tables = BlockTableCache()
         torch.cuda.empty_cache()
@@ -179,11 +204,18 @@ class ModelRunner:
         sample_reqs = [s for s in ordered if s.sample]
         if not sample_reqs:
             return PendingOutput(out)
-        logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
+        logits = self.model.compute_logits(hidden.index_select(0, sample_rows))  # [S, V]
+        index = {s.req_id: i for i, s in enumerate(sample_reqs)}
+        if logits is None:  # tensor-parallel rank > 0: rank 0 samples; keep its tokens for the next inputs
+            tokens = torch.empty(len(sample_reqs), dtype=torch.int64, device=self.device)
+            self._last_sampled = (self.tp.broadcast_from_first(tokens), index)
+            return PendingOutput(out)
         gens = [self._generator(s) for s in sample_reqs]
         bitmask = token_masks.fill(sample_reqs, self._inflight_token) if token_masks is not None else None
         tokens = self.sampler.sample(logits, sample_reqs, self.arch.eos_token_ids, gens, bitmask)
-        self._last_sampled = (tokens, {s.req_id: i for i, s in enumerate(sample_reqs)})
+        if self.tp is not None:
+            self.tp.broadcast_from_first(tokens)
+        self._last_sampled = (tokens, index)
         out.logprobs = self.sampler.logprobs(logits, tokens, sample_reqs)
         self._last_pending = PendingOutput(out, [s.req_id for s in sample_reqs], tokens)
         return self._last_pending
@@ -237,7 +269,10 @@ class ModelRunner:
         # position p predicts token p + 1; only prompt tokens get entries
         last = min(s.start_pos + s.num_tokens, len(prompt) - 1)
         if last > s.start_pos:
-            lp = torch.log_softmax(self.model.compute_logits(hidden[:last - s.start_pos]), dim=-1)
+            logits = self.model.compute_logits(hidden[:last - s.start_pos])
+            if logits is None:  # tensor-parallel rank > 0: it only took part in the gather
+                return []
+            lp = torch.log_softmax(logits, dim=-1)
             for row, pos in enumerate(range(s.start_pos, last)):
                 entries.append(top_logprobs(lp[row], prompt[pos + 1], s.params.prompt_logprobs)[1])
         return entries
@@ -259,6 +294,10 @@ class PendingOutput:
             self._host.copy_(tokens, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
+
+    def ready(self) -> bool:
+        """True once result() would not wait."""
+        return self._event is None or self._event.query()
 
     def result(self) -> RunnerOutput:
         if self._host is not None:

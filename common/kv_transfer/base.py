@@ -1,7 +1,8 @@
 """The KV transfer interface: a prefill worker serves leased blocks, a decode worker pulls them.
 
     prefill worker (KVServer)                          decode worker (KVClient)
-    kv[layer] [2, num_blocks, block_size, H, D]        kv[layer] [2, num_blocks', block_size, H, D]
+    kv [L, 2, num_blocks, block_size, H, D]            kv [L, 2, num_blocks', block_size, H, D]
+    (one tensor, or a list of per-layer [2, num_blocks, block_size, H, D] tensors)
          |  resolve_lease(lease_id) -> src_block_ids        ^
          |  gather src_block_ids[offset:] of all layers     |  scatter into dst_block_ids
          v  into one staging buffer (blocks.py)             |
@@ -14,7 +15,8 @@ in a few large chunks. Block ids differ between the workers; only the layout (ev
 num_blocks) must match, and it is compared on the first message of every connection.
 
 Backends: tcp.py (asyncio sockets), ucx.py (ucxx: tcp on CPU, cuda_ipc/cuda_copy on GPU),
-local.py (same process). make_server / make_client pick one by name.
+nccl.py (a 2-rank NCCL group per prefill-decode pair; gloo on CPU), local.py (same process).
+make_server / make_client pick one by name.
 
 Errors: a pull that cannot complete (peer gone, lease expired or unknown, layout mismatch,
 deadline passed) raises `KVTransferError`, which the decode worker answers by recomputing the
@@ -117,6 +119,8 @@ class KVLayout:
     @classmethod
     def from_caches(cls, kv_caches: list[torch.Tensor]) -> KVLayout:
         """Reads and checks the layout of a worker's cache: equal, contiguous, supported tensors."""
+        if isinstance(kv_caches, torch.Tensor):
+            kv_caches = layer_views(kv_caches)
         if not kv_caches:
             raise ValueError("kv_caches is empty: expected one tensor per layer")
         first = kv_caches[0]
@@ -157,6 +161,17 @@ class KVLayout:
                     f"{theirs!r} there")
 
 
+def layer_views(kv_caches: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    """The per-layer [2, N, block_size, H, D] tensors of a cache given as a list of them or as the
+    engine's one tensor [L, 2, N, block_size, H, D] (then views of it)."""
+    if isinstance(kv_caches, torch.Tensor):
+        if kv_caches.dim() != 6:
+            raise ValueError("a KV cache tensor must be shaped [num_layers, 2, num_blocks, "
+                             f"block_size, num_kv_heads, head_dim], got {tuple(kv_caches.shape)}")
+        return list(kv_caches.unbind(0))
+    return list(kv_caches)
+
+
 def check_block_ids(block_ids: list[int], num_blocks: int, what: str) -> None:
     """Raises ValueError unless every id is an int in [0, num_blocks)."""
     for block_id in block_ids:
@@ -183,6 +198,7 @@ class KVServer(ABC):
 
     def __init__(self, kv_caches: list[torch.Tensor], resolve_lease: LeaseResolver,
                  host: str = "127.0.0.1", port: int = 0):
+        kv_caches = layer_views(kv_caches)
         self.kv_caches = kv_caches
         self.layout = KVLayout.from_caches(kv_caches)
         self.resolve_lease = resolve_lease
@@ -230,6 +246,7 @@ class KVClient(ABC):
     scheme: str
 
     def __init__(self, kv_caches: list[torch.Tensor]):
+        kv_caches = layer_views(kv_caches)
         self.kv_caches = kv_caches
         self.layout = KVLayout.from_caches(kv_caches)
         self.bytes_received = 0
@@ -286,12 +303,12 @@ class KVClient(ABC):
 
 def make_server(backend: str, kv_caches: list[torch.Tensor], resolve_lease: LeaseResolver,
                 host: str = "127.0.0.1", port: int = 0, **options) -> KVServer:
-    """Builds the KVServer of `backend` ("tcp", "ucx" or "local"); options go to its constructor."""
+    """Builds the KVServer of `backend` (one of BACKENDS); options go to its constructor."""
     return _backend_class(backend, "server")(kv_caches, resolve_lease, host, port, **options)
 
 
 def make_client(backend: str, kv_caches: list[torch.Tensor], **options) -> KVClient:
-    """Builds the KVClient of `backend` ("tcp", "ucx" or "local"); options go to its constructor."""
+    """Builds the KVClient of `backend` (one of BACKENDS); options go to its constructor."""
     return _backend_class(backend, "client")(kv_caches, **options)
 
 
@@ -301,6 +318,8 @@ def _backend_class(backend: str, role: str) -> type:
         from pdserve.common.kv_transfer import tcp as module
     elif backend == "ucx":
         from pdserve.common.kv_transfer import ucx as module
+    elif backend == "nccl":
+        from pdserve.common.kv_transfer import nccl as module
     elif backend == "local":
         from pdserve.common.kv_transfer import local as module
     else:

@@ -1,6 +1,7 @@
 """Benchmark of KV handoffs between two processes: each backend against raw baselines.
 
-    python -m pdserve.common.kv_transfer.bench [--device cuda] [--size-mb 256] [--backends tcp,ucx]
+    python -m pdserve.common.kv_transfer.bench [--device cuda] [--size-mb 256] [--backends tcp,ucx,nccl]
+        [--server-gpu 0 --client-gpu 1] [--json-out F]
 
     main process (decode side)                       spawned process (prefill side)
       KVClient per backend  ---- pull(lease) ---->   KVServer per backend (one event loop)
@@ -15,6 +16,13 @@ size on a fresh connection is reported apart as "cold". The raw socket moves the
 with no gather/scatter or headers: it is the ceiling of the tcp-based backends on this host;
 with --device cuda, a plain copy_ from the other process's CUDA tensor (CUDA IPC) is the
 ceiling of the GPU ones.
+
+With --server-gpu/--client-gpu each side sees only its GPU (CUDA_VISIBLE_DEVICES, as `pdserve up
+--prefill-devices/--decode-devices` runs workers) and the ceiling is instead a plain copy_ from
+one GPU to the other in a third process that sees both ("p2p-copy"), measured in the same run.
+On CUDA the client also times its gather and scatter of the largest handoff with each copy
+kernel ("gather-torch" / "gather-triton" / "scatter-*": one index op vs copy_blocks over the
+stacked cache, GB/s of payload).
 
 A second table splits the timed pulls into phases (means per pull, from both ends' PullPhases,
 base.py; the server's are fetched from its process):
@@ -40,6 +48,7 @@ import dataclasses
 import json
 import math
 import multiprocessing
+import os
 import socket
 import statistics
 import struct
@@ -55,12 +64,12 @@ SMALL_SIZES_MB = (1, 16)
 _SIZE = struct.Struct("!Q")
 
 
-def _caches(num_blocks: int, device: str, seed: int) -> list[torch.Tensor]:
+def _caches(num_blocks: int, device: str, seed: int) -> torch.Tensor:
+    """One [L, 2, N, block_size, H, D] tensor, as the engine allocates its cache."""
     generator = torch.Generator().manual_seed(seed)
-    shape = (2, num_blocks, LLAMA3_8B["block_size"], LLAMA3_8B["num_kv_heads"],
-             LLAMA3_8B["head_dim"])
-    return [torch.randn(shape, generator=generator).to(torch.bfloat16).to(device)
-            for _ in range(LLAMA3_8B["num_layers"])]
+    shape = (LLAMA3_8B["num_layers"], 2, num_blocks, LLAMA3_8B["block_size"],
+             LLAMA3_8B["num_kv_heads"], LLAMA3_8B["head_dim"])
+    return torch.randn(shape, generator=generator).to(torch.bfloat16).to(device)
 
 
 def _raw_socket_server(listen_sock: socket.socket, payload: memoryview) -> None:
@@ -75,18 +84,22 @@ def _raw_socket_server(listen_sock: socket.socket, payload: memoryview) -> None:
 
 
 def _prefill_side(device: str, num_blocks: int, backends: list[str], leases: dict,
-                  max_bytes: int, info, commands) -> None:
+                  max_bytes: int, info, commands, visible_gpu: str | None = None) -> None:
     """The spawned process: KV servers for each backend, a raw socket server, a CUDA buffer.
 
     Serves until the "stop" command; answers the command ("phases", backend) with that
     server's PullPhases as a dict on `info`.
     """
+    if visible_gpu is not None:  # before the first CUDA call of this (spawned) process
+        os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpu
+    if device.startswith("cuda:"):  # --unmasked: this side's GPU among all (ucxx uses the current one)
+        torch.cuda.set_device(device)
     listen_sock = socket.create_server(("127.0.0.1", 0))
     raw_payload = torch.ones(max_bytes, dtype=torch.uint8)  # touched: no page faults in timing
     threading.Thread(target=_raw_socket_server, daemon=True,
                      args=(listen_sock, memoryview(raw_payload.numpy()))).start()
     shared = None
-    if device == "cuda":
+    if device == "cuda" and visible_gpu is None:  # one GPU for both sides: the CUDA IPC ceiling
         shared = torch.ones(max_bytes, dtype=torch.uint8, device="cuda")
 
     async def serve():
@@ -192,6 +205,61 @@ def _bench_cuda_ipc(shared: torch.Tensor, sizes: list[tuple[int, str]], bytes_pe
     return rows
 
 
+def _p2p_copy_side(src_gpu: str, dst_gpu: str, sizes: list[int], repeats: int, out) -> None:
+    """A spawned process that sees both GPUs: a plain copy_ of each size from one to the other."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = f"{src_gpu},{dst_gpu}"
+    src = torch.ones(max(sizes), dtype=torch.uint8, device="cuda:0")
+    dst = torch.empty(max(sizes), dtype=torch.uint8, device="cuda:1")
+    times = {}
+    for nbytes in sizes:
+        runs = []
+        for _ in range(repeats + 1):
+            torch.cuda.synchronize("cuda:0")
+            torch.cuda.synchronize("cuda:1")
+            start = time.perf_counter()
+            dst[:nbytes].copy_(src[:nbytes])
+            torch.cuda.synchronize("cuda:1")
+            runs.append(time.perf_counter() - start)
+        times[nbytes] = runs
+    out.put(times)
+
+
+def _bench_p2p_copy(server_gpu: str, client_gpu: str, sizes: list[tuple[int, str]],
+                    bytes_per_block: int, repeats: int) -> list[dict]:
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    nbytes = [n * bytes_per_block for n, _ in sizes]
+    process = context.Process(target=_p2p_copy_side, args=(server_gpu, client_gpu, nbytes, repeats, out))
+    process.start()
+    times = out.get(timeout=300)
+    process.join(timeout=30)
+    return [_row("p2p-copy", n, n * bytes_per_block, times[n * bytes_per_block][1:],
+                 times[n * bytes_per_block][0]) for n, _ in sizes]
+
+
+def _bench_copy_kernels(num_blocks: int, n: int, repeats: int, device: str) -> list[dict]:
+    """Gather and scatter of n shuffled blocks of the stacked cache with each copy kernel."""
+    from pdserve.common.kv_transfer.blocks import BlockCopier, StagingBuffer
+    from pdserve.kernels import triton_available
+
+    cache = _caches(num_blocks, device, seed=4)
+    layout = KVLayout.from_caches(cache)
+    ids = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(5))[:n].tolist()
+    layers = range(layout.num_layers)
+    rows = []
+    for kernel in ("torch", "triton") if triton_available() else ("torch",):
+        copier = BlockCopier(list(cache.unbind(0)), layout, PullPhases(), kernel=kernel)
+        staging = StagingBuffer(cache.device, host_mirror=False)
+        for name, op in (("gather", copier.gather), ("scatter", copier.scatter)):
+            times = []
+            for _ in range(repeats + 1):
+                before = copier.phases.copy_gpu_s
+                op(ids, staging, layers)
+                times.append(copier.phases.copy_gpu_s - before)
+            rows.append(_row(f"{name}-{kernel}", n, copier.nbytes(n), times[1:], times[0]))
+    return rows
+
+
 def _row(name: str, num_blocks: int, nbytes: int, times: list[float], cold_s: float) -> dict:
     median_s = statistics.median(times)
     return dict(backend=name, num_blocks=num_blocks, mib=nbytes / 2**20,
@@ -205,7 +273,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size-mb", type=int, default=256, help="the large handoff")
     parser.add_argument("--backends", default="tcp,ucx")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--server-gpu", default=None, help="GPU of the prefill side (with --client-gpu)")
+    parser.add_argument("--client-gpu", default=None, help="GPU of the decode side, this process")
+    parser.add_argument("--unmasked", action="store_true",
+                        help="with --server-gpu/--client-gpu: both processes see every GPU and use "
+                             "cuda:SERVER / cuda:CLIENT (instead of one visible GPU each)")
+    parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
+    if (args.server_gpu is None) != (args.client_gpu is None) or (args.server_gpu and args.device != "cuda"):
+        parser.error("--server-gpu and --client-gpu go together, with --device cuda")
+    server_device = client_device = args.device
+    server_visible = None
+    if args.client_gpu is not None and args.unmasked:
+        server_device, client_device = f"cuda:{args.server_gpu}", f"cuda:{args.client_gpu}"
+        torch.cuda.set_device(client_device)
+    elif args.client_gpu is not None:  # before this process's first CUDA call
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.client_gpu
+        server_visible = args.server_gpu
     backends = [b for b in args.backends.split(",") if b]
     if "local" in backends:
         parser.error("local is a same-process backend: this benchmark spans two processes")
@@ -222,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
     context = multiprocessing.get_context("spawn")
     info, commands = context.Queue(), context.Queue()
     prefill = context.Process(target=_prefill_side, daemon=True, args=(
-        args.device, num_blocks, backends, leases, max_bytes, info, commands))
+        server_device, num_blocks, backends, leases, max_bytes, info, commands, server_visible))
     prefill.start()
 
     def server_phases(backend: str) -> PullPhases:
@@ -234,13 +318,18 @@ def main(argv: list[str] | None = None) -> dict:
         ready = info.get(timeout=120)
         for backend in backends:
             rows += asyncio.run(_bench_backend(backend, ready["addresses"][backend], sizes,
-                                               num_blocks, args.device, args.repeats,
+                                               num_blocks, client_device, args.repeats,
                                                server_phases))
         rows += _bench_raw_socket(ready["raw_port"], sizes, layout.bytes_per_block, args.repeats)
-        if args.device == "cuda":
+        if args.server_gpu is not None:
+            rows += _bench_p2p_copy(args.server_gpu, args.client_gpu, sizes, layout.bytes_per_block,
+                                    args.repeats)
+        elif args.device == "cuda":
             rows += _bench_cuda_ipc(ready["cuda_buffer"], sizes, layout.bytes_per_block,
                                     args.repeats)
-            del ready  # release the shared CUDA buffer before the owner exits
+        del ready  # release the shared CUDA buffer before the owner exits
+        if args.device == "cuda":
+            rows += _bench_copy_kernels(num_blocks, block_counts[-1], args.repeats, client_device)
     finally:
         commands.put("stop")
         prefill.join(timeout=30)
@@ -268,8 +357,12 @@ def main(argv: list[str] | None = None) -> dict:
               f"{p['send_ms']:>7.2f} {p['recv_ms']:>7.2f} {p['scatter_ms']:>8.2f} "
               f"{p['scatter_gpu_ms']:>6.2f} {p['other_ms']:>7.2f} {p['messages']:>5.0f}")
     result = dict(bench="kv_transfer", device=args.device, layout=layout.to_dict(),
+                  server_gpu=args.server_gpu, client_gpu=args.client_gpu, unmasked=args.unmasked,
                   torch=torch.__version__, results=rows)
     print(json.dumps(result))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2)
     return result
 
 

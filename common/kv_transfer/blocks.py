@@ -18,11 +18,17 @@ in the PullReply; both ends split the layers the same way with `layer_chunks`):
                                                so every extra message (a rendezvous round trip
                                                and a Python wake-up) costs more than it hides
 
-On CPU, gather copies runs of consecutive block ids as slices (about twice as fast as
-index_select) and uses one index_select per layer when the ids are scattered; scatter always
-copies slices per run (index_copy_ is slow there). On CUDA both use one index kernel per layer
-(a slice copy when the ids are one run): launches, not bytes, cost time there, and the block
-ids go to the device once per call.
+The engine allocates its cache as ONE tensor [L, 2, N, block_size, H, D] (model_runner.py) and
+hands out per-layer views; BlockCopier sees that the views are consecutive slices of one
+allocation (`stacked_view`) and then copies the blocks of a whole chunk of layers in one op:
+
+    CUDA   one copy_blocks Triton kernel (kernels/copy_blocks.py; torch's index_select /
+           index_copy_ along dim 2 where triton is missing), a slice copy when the ids are one run
+    CPU    a slice copy per run of consecutive ids over all layers (about twice as fast as
+           index_select), one index_select when the ids are scattered; scatter always copies
+           slices per run (CPU index_copy_ is slow)
+
+Separate per-layer tensors (tests build some) take the same paths one layer at a time.
 
 On CUDA the copies run on a side stream that first waits for the calling thread's current
 stream; the calling thread then waits for an event recorded after them (not for the whole
@@ -101,20 +107,45 @@ class StagingBuffer:
         return self._host_buffer[:nbytes]
 
 
+def stacked_view(kv_caches: list[torch.Tensor]) -> torch.Tensor | None:
+    """[L, 2, N, block_size, H, D] over the layer tensors when they are consecutive slices of one
+    allocation (the engine's cache, or tensor.unbind(0)); None for separately allocated layers."""
+    first = kv_caches[0]
+    storage = first.untyped_storage().data_ptr()
+    layer_bytes = first.numel() * first.element_size()
+    for layer, kv in enumerate(kv_caches):
+        if (kv.untyped_storage().data_ptr() != storage or not kv.is_contiguous()
+                or kv.data_ptr() != first.data_ptr() + layer * layer_bytes):
+            return None
+    return first.as_strided((len(kv_caches), *first.shape), (first.numel(), *first.stride()),
+                            first.storage_offset())
+
+
 class BlockCopier:
     """Copies blocks of one worker's cache to and from staging buffers, a chunk of layers at a time.
 
-    The server picks `num_chunks` for a pull and announces it in the PullReply; both ends split
+    The client picks `num_chunks` for a pull and asks for it in the PullRequest; both ends split
     the layers with `layer_chunks(num_chunks)`, and since the staging layout is layer-major,
     each chunk is one contiguous byte range. `phases` receives the time of every copy.
+    kernel: "triton" | "torch" picks the index copy (default: triton on CUDA where it imports,
+    torch on CPU; "triton" on CPU runs under TRITON_INTERPRET=1, for tests).
     """
 
-    def __init__(self, kv_caches: list[torch.Tensor], layout: KVLayout, phases: PullPhases):
+    def __init__(self, kv_caches: list[torch.Tensor], layout: KVLayout, phases: PullPhases,
+                 kernel: str | None = None):
         self.kv_caches = kv_caches
         self.layout = layout
         self.phases = phases
         self.device = kv_caches[0].device
+        self.stacked = stacked_view(kv_caches)  # [L, 2, N, bs, H, D] or None
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        if kernel is None:
+            kernel = "triton" if self._stream is not None and _triton_available() else "torch"
+        if kernel not in ("triton", "torch"):
+            raise ValueError(f"kernel must be 'triton' or 'torch', got {kernel!r}")
+        self.kernel = kernel
+        # Slice copies per run of consecutive ids: always on CPU with torch (see the module doc).
+        self._slices_on_host = self._stream is None and kernel == "torch"
         self._layer_bytes_per_block = layout.bytes_per_block // layout.num_layers
         self._lock = threading.Lock()  # copies of concurrent pulls add to phases from threads
 
@@ -122,7 +153,7 @@ class BlockCopier:
         return num_blocks * self.layout.bytes_per_block
 
     def num_chunks(self, num_blocks: int, payload_on_device: bool) -> int:
-        """How many layer chunks the server sends a pull of num_blocks in.
+        """How many layer chunks a pull of num_blocks is sent in (the client asks for it).
 
         One when the payload stays in GPU memory (StagingBuffer.payload_on_device); for host
         payloads, chunks of at least _MIN_CHUNK_BYTES, at most _MAX_CHUNKS (and at most one
@@ -149,17 +180,8 @@ class BlockCopier:
         device_bytes = staging.device_bytes(self.nbytes(len(block_ids)))
         out = self._blocks_view(device_bytes, len(block_ids))  # [L, 2, n, bs, H, D]
         chunk = self._chunk_bytes(len(block_ids), layers)
-        runs = block_runs(block_ids)
         with self._copying():
-            if len(runs) == 1 or (self._stream is None and len(runs) <= _MAX_SLICE_RUNS):
-                for layer in layers:
-                    kv, out_layer = self.kv_caches[layer], out[layer]
-                    for pos, first_id, length in runs:
-                        out_layer[:, pos:pos + length].copy_(kv[:, first_id:first_id + length])
-            else:
-                index = self._index(block_ids)
-                for layer in layers:
-                    torch.index_select(self.kv_caches[layer], 1, index, out=out[layer])
+            self._copy_out(block_ids, out, layers)
             result = device_bytes[chunk]
             if staging.host_mirror:
                 host = staging.host_bytes(device_bytes.numel())[chunk]
@@ -178,22 +200,51 @@ class BlockCopier:
         nbytes = self.nbytes(len(block_ids))
         device_bytes = staging.device_bytes(nbytes)
         chunk = self._chunk_bytes(len(block_ids), layers)
-        runs = block_runs(block_ids)
         with self._copying():
             if staging.host_mirror:
                 device_bytes[chunk].copy_(staging.host_bytes(nbytes)[chunk], non_blocking=True)
-            src = self._blocks_view(device_bytes, len(block_ids))  # [L, 2, n, bs, H, D]
-            # CPU index_copy_ runs at ~1 GB/s (torch 2.13), a slice copy per run at ~3.5 GB/s
-            # even for single-block runs; on CUDA one index_copy_ kernel beats many launches.
-            if len(runs) == 1 or self._stream is None:
-                for layer in layers:
-                    kv, src_layer = self.kv_caches[layer], src[layer]
-                    for pos, first_id, length in runs:
-                        kv[:, first_id:first_id + length].copy_(src_layer[:, pos:pos + length])
+            self._copy_in(block_ids, self._blocks_view(device_bytes, len(block_ids)), layers)
+
+    # ---- the copies: one op over all `layers` when the cache is stacked ----------------------
+    def _layer_groups(self, out: torch.Tensor, layers: range) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(cache, staging) pairs shaped [l, 2, *, bs, H, D]: one for a stacked cache, else per layer."""
+        if self.stacked is not None:
+            return [(self.stacked[layers.start:layers.stop], out[layers.start:layers.stop])]
+        return [(self.kv_caches[layer][None], out[layer:layer + 1]) for layer in layers]
+
+    def _copy_out(self, block_ids: list[int], out: torch.Tensor, layers: range) -> None:
+        runs = block_runs(block_ids)
+        groups = self._layer_groups(out, layers)
+        if len(runs) == 1 or (self._slices_on_host and len(runs) <= _MAX_SLICE_RUNS):
+            for cache, staged in groups:
+                for pos, first_id, length in runs:
+                    staged[:, :, pos:pos + length].copy_(cache[:, :, first_id:first_id + length])
+            return
+        index = self._index(block_ids)
+        for cache, staged in groups:
+            if self.kernel == "triton":
+                from pdserve.kernels.copy_blocks import copy_blocks
+                copy_blocks(_rows(cache), _rows(staged), index, None)
             else:
-                index = self._index(block_ids)
-                for layer in layers:
-                    self.kv_caches[layer].index_copy_(1, index, src[layer])
+                torch.index_select(cache, 2, index, out=staged)
+
+    def _copy_in(self, block_ids: list[int], src: torch.Tensor, layers: range) -> None:
+        runs = block_runs(block_ids)
+        groups = self._layer_groups(src, layers)
+        # CPU index_copy_ runs at ~1 GB/s (torch 2.13), a slice copy per run at ~3.5 GB/s
+        # even for single-block runs; on CUDA one kernel beats many launches.
+        if len(runs) == 1 or self._slices_on_host:
+            for cache, staged in groups:
+                for pos, first_id, length in runs:
+                    cache[:, :, first_id:first_id + length].copy_(staged[:, :, pos:pos + length])
+            return
+        index = self._index(block_ids)
+        for cache, staged in groups:
+            if self.kernel == "triton":
+                from pdserve.kernels.copy_blocks import copy_blocks
+                copy_blocks(_rows(staged), _rows(cache), None, index)
+            else:
+                cache.index_copy_(2, index, staged)
 
     def _index(self, block_ids: list[int]) -> torch.Tensor:
         index = torch.tensor(block_ids, dtype=torch.long)
@@ -239,3 +290,14 @@ class BlockCopier:
         with self._lock:
             self.phases.copy_s += time.perf_counter() - start
             self.phases.copy_gpu_s += gpu_s
+
+
+def _rows(blocks: torch.Tensor) -> torch.Tensor:
+    """[l, 2, N, bs, H, D] -> [l * 2, N, bs * H * D] (a view: rows and blocks keep their strides)."""
+    l, kv, n = blocks.shape[:3]
+    return blocks.view(l * kv, n, -1)
+
+
+def _triton_available() -> bool:
+    from pdserve.kernels import triton_available
+    return triton_available()

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import secrets
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -49,7 +50,9 @@ class LeaseConnector(KVConnector):
     def request_finished(self, req: Request) -> tuple[str, float] | None:
         if req.kv_transfer != LEASE:
             return None
-        lease_id = f"{req.parent_id}@{time.monotonic_ns()}"
+        # Unguessable: holding the id is what lets a KV server's client pull these blocks (lease ids
+        # travel only inside the gRPC calls, which --internal-token protects).
+        lease_id = f"{req.parent_id}@{secrets.token_hex(16)}"
         self._leases[req.parent_id] = lease_id
         self.num_leases += 1
         return lease_id, time.monotonic() + self.lease_ttl_s

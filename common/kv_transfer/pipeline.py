@@ -1,7 +1,8 @@
-"""One pull on one connection, shared by the tcp and ucx backends.
+"""One pull on one connection, shared by the tcp, ucx and nccl backends.
 
     client: pull_on()                                 server: serve_pull()
-      PullRequest --------------------------------->    resolve lease, check length
+      PullRequest{n, num_chunks} ------------------>    resolve lease, check length
+      [early_receives: post recv of every chunk]
                  <---------------------------------     PullReply{nbytes, num_chunks} | Error
                                                         gather chunk 0
       recv chunk 0       <---- chunk 0 ----             send chunk 0  || gather chunk 1
@@ -10,12 +11,15 @@
       ...                                               ...
       scatter last chunk
 
-Chunks are layer ranges (blocks.py): the server picks how many (one when the payload stays in
-GPU memory, so a GPU pull is one gather, one message and one scatter), announces it in the
-reply, and the gather of the first chunk runs while the reply travels. Copies run in worker
+Chunks are layer ranges (blocks.py): the client picks how many (one when the payload stays in
+GPU memory, so a GPU pull is one gather, one message and one scatter) and asks for them in the
+request, and the gather of the first chunk runs while the reply travels. Copies run in worker
 threads, so a copy overlaps the transfer of the neighbouring chunk. A backend's connection
-supplies four awaitables (send/recv of a header, send/recv of a uint8 tensor). Each end adds
-the time of its phases to the copier's PullPhases (base.py).
+supplies four awaitables (send/recv of a header, send/recv of a uint8 tensor) and says whether
+its payload receives can be posted before the reply (`early_receives`, ucx: a tagged receive
+waits for its message, so the payload never waits for the client to see the reply; a refusing
+server then sends one empty payload message per chunk to complete them). Each end adds the
+time of its phases to the copier's PullPhases (base.py).
 
 Staging buffers come from a StagingPool per server or client, one buffer per transfer in
 flight (not per connection): on GPU a 2048-token Llama-3-8B handoff stages 256 MiB, so the
@@ -73,6 +77,8 @@ class PullRefused(KVTransferError):
 
 
 class Connection(Protocol):
+    early_receives: bool  # payload receives are posted with the request (see the module doc)
+
     async def send_header(self, message: wire.Message) -> None: ...
 
     async def recv_header(self) -> wire.Message: ...
@@ -89,19 +95,22 @@ async def serve_pull(server: KVServer, copier: BlockCopier, pool: StagingPool,
     try:
         src_block_ids = server.src_block_ids_for(request.lease_id, request.src_block_offset,
                                                  request.num_blocks)
+        if src_block_ids:
+            copier.layer_chunks(request.num_chunks)  # ValueError unless in [1, num_layers]
     except (KVTransferError, ValueError) as e:
         server.num_failures += 1
-        await connection.send_header(wire.Error(str(e)))
+        await refuse(connection, request, str(e))
         return
     except Exception as e:  # a bug in the worker's resolve_lease: tell the client, keep serving
         logger.exception("resolve_lease(%r) raised", request.lease_id)
         server.num_failures += 1
-        await connection.send_header(wire.Error(f"resolve_lease({request.lease_id!r}) raised "
-                                                f"{type(e).__name__}: {e}"))
+        await refuse(connection, request, f"resolve_lease({request.lease_id!r}) raised "
+                                          f"{type(e).__name__}: {e}")
         return
     nbytes = copier.nbytes(len(src_block_ids))
     try:
-        await asyncio.wait_for(_send_blocks(copier, pool, connection, src_block_ids, nbytes),
+        await asyncio.wait_for(_send_blocks(copier, pool, connection, src_block_ids, nbytes,
+                                            request.num_chunks),
                                timeout=request.timeout_s + SEND_SLACK_S)
     except BaseException:
         server.num_failures += 1
@@ -109,18 +118,26 @@ async def serve_pull(server: KVServer, copier: BlockCopier, pool: StagingPool,
     server.record(nbytes, time.perf_counter() - start)
 
 
+async def refuse(connection: Connection, request: wire.PullRequest, message: str) -> None:
+    """Answers a pull with an Error header (and completes the client's posted receives)."""
+    await connection.send_header(wire.Error(message))
+    if connection.early_receives:
+        empty = torch.empty(0, dtype=torch.uint8)
+        for _ in range(request.num_chunks):
+            await connection.send_payload(empty)
+
+
 async def _send_blocks(copier: BlockCopier, pool: StagingPool, connection: Connection,
-                       block_ids: list[int], nbytes: int) -> None:
+                       block_ids: list[int], nbytes: int, num_chunks: int) -> None:
     if not block_ids:
         await connection.send_header(wire.PullReply(nbytes, num_chunks=0))
         return
     async with pool.buffer() as staging:
-        await _send_chunks(copier, staging, connection, block_ids, nbytes)
+        await _send_chunks(copier, staging, connection, block_ids, nbytes, num_chunks)
 
 
 async def _send_chunks(copier: BlockCopier, staging: StagingBuffer, connection: Connection,
-                       block_ids: list[int], nbytes: int) -> None:
-    num_chunks = copier.num_chunks(len(block_ids), staging.payload_on_device)
+                       block_ids: list[int], nbytes: int, num_chunks: int) -> None:
     chunks = copier.layer_chunks(num_chunks)
     # The first gather runs while the reply header travels.
     gathered = asyncio.ensure_future(
@@ -149,12 +166,59 @@ async def pull_on(connection: Connection, copier: BlockCopier, pool: StagingPool
     can be reused. Other KVTransferErrors and the backend's transport errors leave the
     connection out of step: close it.
     """
-    request = wire.PullRequest(lease_id, src_block_offset, len(dst_block_ids),
+    if not dst_block_ids:
+        return await _pull_nothing(connection, copier, peer, lease_id, src_block_offset,
+                                   deadline)
+    async with pool.buffer() as staging:
+        num_chunks = copier.num_chunks(len(dst_block_ids), staging.payload_on_device)
+        chunks = copier.layer_chunks(num_chunks)
+        request = wire.PullRequest(lease_id, src_block_offset, len(dst_block_ids), num_chunks,
+                                   timeout_s=max(deadline - time.perf_counter(), 1e-3))
+        views = [copier.receive_view(len(dst_block_ids), staging, layers) for layers in chunks]
+        start = time.perf_counter()
+        sent = asyncio.ensure_future(connection.send_header(request))
+        posted = [asyncio.ensure_future(connection.recv_payload(view))
+                  for view in (views if connection.early_receives else [])]
+        try:
+            reply = await _reply(connection, sent)
+            copier.phases.request_s += time.perf_counter() - start
+            if isinstance(reply, wire.Error):
+                if posted:  # the server completes them with empty messages
+                    await asyncio.gather(*posted)
+                raise PullRefused(f"{peer}: {reply.message}")
+            reply = wire.expect(reply, wire.PullReply, peer)
+            _check_reply(reply, copier.nbytes(len(dst_block_ids)), num_chunks, peer)
+            await _receive_chunks(copier, staging, connection, dst_block_ids, chunks, views,
+                                  posted)
+        finally:
+            pending = [task for task in posted if not task.done()]
+            for task in pending:
+                task.cancel()  # the caller aborts the connection: the receives fail anyway
+            if pending:
+                await asyncio.wait(pending)
+    return copier.nbytes(len(dst_block_ids))
+
+
+async def _pull_nothing(connection: Connection, copier: BlockCopier, peer: str, lease_id: str,
+                        src_block_offset: int, deadline: float) -> int:
+    """A pull of no blocks: the server still checks the lease and the offset."""
+    request = wire.PullRequest(lease_id, src_block_offset, 0, 0,
                                timeout_s=max(deadline - time.perf_counter(), 1e-3))
-    # Wait for the send and the reply together: a ucx send completes only after a round trip
-    # through ucxx's notifier thread, which would otherwise delay the reply by as much.
     start = time.perf_counter()
-    sent = asyncio.ensure_future(connection.send_header(request))
+    reply = await _reply(connection, asyncio.ensure_future(connection.send_header(request)))
+    copier.phases.request_s += time.perf_counter() - start
+    if isinstance(reply, wire.Error):
+        raise PullRefused(f"{peer}: {reply.message}")
+    _check_reply(wire.expect(reply, wire.PullReply, peer), 0, 0, peer)
+    return 0
+
+
+async def _reply(connection: Connection, sent: asyncio.Future) -> wire.Message:
+    """The server's reply header, awaited together with the send of the request.
+
+    A ucx send completes only after a round trip through ucxx's notifier thread, which would
+    otherwise delay the reply by as much.
+    """
     try:
         reply = await connection.recv_header()
     except BaseException:
@@ -162,32 +226,28 @@ async def pull_on(connection: Connection, copier: BlockCopier, pool: StagingPool
         await asyncio.wait([sent])
         raise
     await sent
-    copier.phases.request_s += time.perf_counter() - start
-    if isinstance(reply, wire.Error):
-        raise PullRefused(f"{peer}: {reply.message}")
-    reply = wire.expect(reply, wire.PullReply, peer)
-    nbytes = copier.nbytes(len(dst_block_ids))
+    return reply
+
+
+def _check_reply(reply: wire.PullReply, nbytes: int, num_chunks: int, peer: str) -> None:
     if reply.nbytes != nbytes:
-        raise KVTransferError(f"{peer} announced {reply.nbytes} bytes for "
-                              f"{len(dst_block_ids)} blocks, expected {nbytes}")
-    if dst_block_ids:
-        if not 1 <= reply.num_chunks <= copier.layout.num_layers:
-            raise KVTransferError(f"{peer} announced {reply.num_chunks} chunks for "
-                                  f"{copier.layout.num_layers} layers")
-        async with pool.buffer() as staging:
-            await _receive_chunks(copier, staging, connection, dst_block_ids,
-                                  copier.layer_chunks(reply.num_chunks))
-    return nbytes
+        raise KVTransferError(f"{peer} announced {reply.nbytes} bytes, expected {nbytes}")
+    if reply.num_chunks != num_chunks:
+        raise KVTransferError(f"{peer} announced {reply.num_chunks} chunks, the client asked "
+                              f"for {num_chunks}")
 
 
 async def _receive_chunks(copier: BlockCopier, staging: StagingBuffer, connection: Connection,
-                          block_ids: list[int], chunks: list[range]) -> None:
+                          block_ids: list[int], chunks: list[range], views: list[torch.Tensor],
+                          posted: list[asyncio.Future]) -> None:
     scattered: asyncio.Future | None = None
     try:
-        for layers in chunks:
+        for i, layers in enumerate(chunks):
             start = time.perf_counter()
-            await connection.recv_payload(
-                copier.receive_view(len(block_ids), staging, layers))
+            if posted:
+                await posted[i]
+            else:
+                await connection.recv_payload(views[i])
             copier.phases.wire_s += time.perf_counter() - start
             copier.phases.payload_messages += 1
             if scattered is not None:

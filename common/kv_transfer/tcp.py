@@ -3,7 +3,7 @@
     decode worker (TcpKVClient)                          prefill worker (TcpKVServer)
     pool[address] -> idle connections                    accept loop -> one task per connection
       connect + Hello{layout}  ----------------------->  check layout, Hello{layout} | Error
-      PullRequest{lease, offset, n, timeout} -------->  resolve_lease, gather into staging
+      PullRequest{lease, offset, n, chunks, timeout} -> resolve_lease, gather into staging
       recv_into(staging) <---- PullReply{nbytes, num_chunks} + the blocks, in layer chunks
       scatter staging -> dst_block_ids                   (pipeline.py overlaps copy and wire)
 
@@ -27,7 +27,8 @@ import socket
 import torch
 
 from pdserve.common.kv_transfer import wire
-from pdserve.common.kv_transfer.base import KVClient, KVServer, KVTransferError, split_address
+from pdserve.common.kv_transfer.base import (KVClient, KVLayout, KVServer, KVTransferError,
+                                             split_address)
 from pdserve.common.kv_transfer.blocks import BlockCopier
 from pdserve.common.kv_transfer.pipeline import PullRefused, StagingPool, pull_on, serve_pull
 
@@ -36,8 +37,10 @@ logger = logging.getLogger(__name__)
 HANDSHAKE_TIMEOUT_S = 10.0  # a connecting client must say Hello within this
 
 
-class _Connection:
-    """One TCP socket speaking the KV wire protocol."""
+class SocketConnection:
+    """One TCP socket speaking the KV wire protocol (also the nccl backend's control channel)."""
+
+    early_receives = False  # a byte stream: the payload can only be read after the reply
 
     def __init__(self, sock: socket.socket):
         sock.setblocking(False)
@@ -92,6 +95,40 @@ class _Connection:
         self.sock.close()
 
 
+async def accept_hello(connection: SocketConnection, layout: KVLayout, peer: str) -> bool:
+    """Server side of the handshake: True once the client's Hello is answered with ours; False
+    (after an Error header) when its layout or version differs."""
+    hello = await asyncio.wait_for(connection.recv_header(), HANDSHAKE_TIMEOUT_S)
+    try:
+        wire.check_hello(wire.expect(hello, wire.Hello, f"client {peer}"), layout,
+                         f"client {peer}")
+    except KVTransferError as e:
+        await connection.send_header(wire.Error(str(e)))
+        logger.warning("refused KV client %s: %s", peer, e)
+        return False
+    await connection.send_header(wire.Hello(wire.PROTOCOL_VERSION, layout))
+    return True
+
+
+async def open_connection(address: str, host: str, port: int,
+                          layout: KVLayout) -> SocketConnection:
+    """Client side: connects to a KV server and exchanges Hellos (KVTransferError on mismatch)."""
+    loop = asyncio.get_running_loop()
+    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family, type_, proto, _, sockaddr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    connection = SocketConnection(sock)
+    try:
+        await loop.sock_connect(sock, sockaddr)
+        await connection.send_header(wire.Hello(wire.PROTOCOL_VERSION, layout))
+        hello = wire.expect(await connection.recv_header(), wire.Hello, f"KV server {address}")
+        wire.check_hello(hello, layout, f"KV server {address}")
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
 class TcpKVServer(KVServer):
     """Serves leased blocks on a TCP port: one task per client connection.
 
@@ -99,12 +136,13 @@ class TcpKVServer(KVServer):
     """
 
     scheme = "tcp"
+    host_mirror = True  # CUDA payloads are staged in pinned host memory for the socket
 
     def __init__(self, kv_caches, resolve_lease, host: str = "127.0.0.1", port: int = 0,
                  max_concurrent_transfers: int = 4):
         super().__init__(kv_caches, resolve_lease, host, port)
-        self._copier = BlockCopier(kv_caches, self.layout, self.phases)
-        self._staging = StagingPool(self._copier.device, host_mirror=True,
+        self._copier = BlockCopier(self.kv_caches, self.layout, self.phases)
+        self._staging = StagingPool(self._copier.device, host_mirror=self.host_mirror,
                                     size=max_concurrent_transfers)
         self._listen_sock: socket.socket | None = None
         self._accept_task: asyncio.Task | None = None
@@ -112,14 +150,14 @@ class TcpKVServer(KVServer):
 
     async def start(self) -> str:
         if self._listen_sock is not None:
-            raise RuntimeError(f"TcpKVServer already serving at {self.address}")
+            raise RuntimeError(f"{type(self).__name__} already serving at {self.address}")
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         self._listen_sock = socket.create_server((self.host, self.port), family=family,
                                                  backlog=128)
         self._listen_sock.setblocking(False)
         self.port = self._listen_sock.getsockname()[1]
         host = f"[{self.host}]" if family == socket.AF_INET6 else self.host
-        self.address = f"tcp://{host}:{self.port}"
+        self.address = f"{self.scheme}://{host}:{self.port}"
         self._accept_task = asyncio.get_running_loop().create_task(self._accept_loop())
         return self.address
 
@@ -137,22 +175,15 @@ class TcpKVServer(KVServer):
         loop = asyncio.get_running_loop()
         while True:
             sock, peer = await loop.sock_accept(self._listen_sock)
-            connection = _Connection(sock)
+            connection = SocketConnection(sock)
             task = loop.create_task(self._serve_connection(connection, f"{peer[0]}:{peer[1]}"))
             self._connection_tasks.add(task)
             task.add_done_callback(self._connection_tasks.discard)
 
-    async def _serve_connection(self, connection: _Connection, peer: str) -> None:
+    async def _serve_connection(self, connection: SocketConnection, peer: str) -> None:
         try:
-            hello = await asyncio.wait_for(connection.recv_header(), HANDSHAKE_TIMEOUT_S)
-            try:
-                wire.check_hello(wire.expect(hello, wire.Hello, f"client {peer}"), self.layout,
-                                 f"client {peer}")
-            except KVTransferError as e:
-                await connection.send_header(wire.Error(str(e)))
-                logger.warning("refused KV client %s: %s", peer, e)
+            if not await accept_hello(connection, self.layout, peer):
                 return
-            await connection.send_header(wire.Hello(wire.PROTOCOL_VERSION, self.layout))
             while True:
                 # An idle pooled connection waits here, without deadline, for its next pull.
                 request = await connection.recv_header()
@@ -183,7 +214,7 @@ class TcpKVClient(KVClient):
         self._copier = BlockCopier(kv_caches, self.layout, self.phases)
         self._staging = StagingPool(self._copier.device, host_mirror=True,
                                     size=max_concurrent_transfers)
-        self._idle: dict[str, list[_Connection]] = {}
+        self._idle: dict[str, list[SocketConnection]] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._closed = False
 
@@ -216,7 +247,7 @@ class TcpKVClient(KVClient):
                     else:
                         connection.close()
 
-    def _take_idle(self, address: str) -> _Connection | None:
+    def _take_idle(self, address: str) -> SocketConnection | None:
         idle = self._idle.get(address, [])
         while idle:
             connection = idle.pop()
@@ -225,22 +256,8 @@ class TcpKVClient(KVClient):
             connection.close()
         return None
 
-    async def _connect(self, address: str, host: str, port: int) -> _Connection:
-        loop = asyncio.get_running_loop()
-        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        family, type_, proto, _, sockaddr = infos[0]
-        sock = socket.socket(family, type_, proto)
-        connection = _Connection(sock)
-        try:
-            await loop.sock_connect(sock, sockaddr)
-            await connection.send_header(wire.Hello(wire.PROTOCOL_VERSION, self.layout))
-            hello = wire.expect(await connection.recv_header(), wire.Hello,
-                                f"KV server {address}")
-            wire.check_hello(hello, self.layout, f"KV server {address}")
-        except BaseException:
-            connection.close()
-            raise
-        return connection
+    async def _connect(self, address: str, host: str, port: int) -> SocketConnection:
+        return await open_connection(address, host, port, self.layout)
 
     async def close(self) -> None:
         self._closed = True

@@ -3,14 +3,17 @@
     decode worker (UcxKVClient)                          prefill worker (UcxKVServer)
     pool[address] -> idle endpoints                      ucxx listener -> one handler per endpoint
       create_endpoint + am Hello{layout} ------------->  check layout, am Hello{layout} | Error
-      am PullRequest{lease, offset, n, timeout} ----->  resolve_lease, gather into staging
-      recv(staging) <---- am PullReply{nbytes, num_chunks}, then one tag send per chunk
+      am PullRequest{lease, offset, n, chunks, timeout}  resolve_lease, gather into staging
+        + tag recv(staging) posted at once ------->
+      <---- am PullReply{nbytes, num_chunks} | Error, then one tag send per chunk
       scatter staging -> dst_block_ids                   (pipeline.py overlaps copy and wire)
 
 Headers travel as UCX active messages (the receiver needs no size); each chunk of the payload
-is one tagged message whose size both ends derive from the layout and the announced chunk
-count, received straight into a staging buffer from the pool (tag messages of one endpoint
-arrive in order). Staging lives on the cache's device, so on GPU the payload goes device to
+is one tagged message whose size both ends derive from the layout and the chunk count the
+client asked for, received straight into a staging buffer from the pool (tag messages of one
+endpoint arrive in order). The client posts those receives together with its request, so the
+payload's rendezvous never waits for the client to see the reply header; a refusal (Error)
+is followed by one empty tagged message per chunk that completes them. Staging lives on the cache's device, so on GPU the payload goes device to
 device (cuda_ipc on one host) without touching host memory, as ONE message: every message
 costs a rendezvous and ucxx thread hops, far more than cuda_ipc takes to move it. Endpoints
 are pooled per address and reused: the first large transfer on a fresh endpoint pays for
@@ -160,6 +163,8 @@ _RUNTIME = _UcxRuntime()
 
 class _Connection:
     """One ucxx endpoint speaking the KV wire protocol."""
+
+    early_receives = True  # tagged receives wait for their message (pipeline.py)
 
     def __init__(self, endpoint):
         self.endpoint = endpoint

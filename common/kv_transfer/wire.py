@@ -6,19 +6,22 @@ block payload on a KV connection. Each is a small JSON object.
     client                                   server
       Hello{version, layout}          ->                       (first message of a connection)
                                       <-     Hello{version, layout} | Error{message}
-      PullRequest{lease_id, src_block_offset, num_blocks, timeout_s}  ->
+      PullRequest{lease_id, src_block_offset, num_blocks, num_chunks, timeout_s}  ->
                                       <-     PullReply{nbytes, num_chunks} then nbytes of raw
                                              blocks in num_chunks layer chunks
                                              | Error{message}
       PullRequest ...                       (the connection is reused for the next pull)
 
-The payload layout is blocks.py's staging layout [L, 2, n, block_size, H, D]; the server picks
-the number of layer chunks (one for GPU-resident payloads, several to pipeline host ones) and
-both ends split the layers the same way (BlockCopier.layer_chunks). The tcp backend frames each
-header with a 4-byte big-endian length and streams the chunks back to back; the ucx backend
-sends each header as one active message and each chunk as one tagged message.
+The payload layout is blocks.py's staging layout [L, 2, n, block_size, H, D]; the client picks
+the number of layer chunks (one for GPU-resident payloads, several to pipeline host ones), since
+it may post the receives of all chunks together with the request (ucx), and both ends split
+the layers the same way (BlockCopier.layer_chunks). The tcp backend frames each header with a
+4-byte big-endian length and streams the chunks back to back; the ucx backend sends each header
+as one active message and each chunk as one tagged message (a refusing server completes the
+client's posted receives with one empty tagged message per chunk); the nccl backend sends the
+headers over tcp and the payload as one NCCL send.
 
-Version 2 added PullReply.num_chunks (version 1 derived the chunks from the layout alone).
+Version 2 added PullReply.num_chunks; version 3 moved the choice to PullRequest.num_chunks.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 from pdserve.common.kv_transfer.base import KVLayout, KVTransferError
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_HEADER_BYTES = 64 * 1024
 LENGTH_PREFIX = struct.Struct("!I")
 
@@ -45,14 +48,17 @@ class PullRequest:
     lease_id: str
     src_block_offset: int
     num_blocks: int
+    num_chunks: int  # layer chunks the client receives the payload in; 0 iff num_blocks is 0
     timeout_s: float  # the client's remaining budget; the server gives up on sending after it
 
     def __post_init__(self):
         if not isinstance(self.lease_id, str):
             raise ValueError(f"lease_id must be a str, got {self.lease_id!r}")
-        for field in ("src_block_offset", "num_blocks"):
+        for field in ("src_block_offset", "num_blocks", "num_chunks"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) < 0:
                 raise ValueError(f"{field} must be an int >= 0, got {getattr(self, field)!r}")
+        if (self.num_blocks == 0) != (self.num_chunks == 0):
+            raise ValueError(f"{self.num_blocks} blocks cannot come in {self.num_chunks} chunks")
         if not isinstance(self.timeout_s, (int, float)) or self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s!r}")
 
@@ -75,8 +81,20 @@ class Error:
     message: str
 
 
-Message = Hello | PullRequest | PullReply | Error
-_TYPES = {"hello": Hello, "pull": PullRequest, "reply": PullReply, "error": Error}
+@dataclass(frozen=True)
+class Pair:
+    """nccl backend: the server's offer of a pair communicator after Hello; the client echoes it.
+
+    group names the pair in the server's TCPStore (at store_port on the server's host);
+    backend is "nccl" (CUDA caches) or "gloo" (CPU caches) and must be the same on both ends.
+    """
+    group: str
+    store_port: int
+    backend: str
+
+
+Message = Hello | PullRequest | PullReply | Error | Pair
+_TYPES = {"hello": Hello, "pull": PullRequest, "reply": PullReply, "error": Error, "pair": Pair}
 _NAMES = {cls: name for name, cls in _TYPES.items()}
 
 

@@ -6,6 +6,8 @@ Inputs are the step's flattened tokens (no batch dimension, no padding): `input_
   Mistral sliding_window                   SmolLM2 / Llama-3.2 tie_word_embeddings
   Llama 3 rope_scaling {"rope_type": "llama3"}
 q/k/v and gate/up are fused into one matmul each; `load_weights` maps HF names onto the shards.
+Transforms of the finished model (tensor parallelism: models/parallel.py) register per-parameter
+loaders in `weight_loaders` and may set `gather_logits`; the forward pass does not know about them.
 Norm, rotary, SiLU-mul and attention come from an ops object given at construction: `TorchOps`
 (HF-exact eager torch, the CPU path) or `TritonOps` (fused kernels, chosen by the runner on CUDA).
 """
@@ -13,7 +15,7 @@ Norm, rotary, SiLU-mul and attention come from an ops object given at constructi
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -186,6 +188,11 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, rotary, block_size, ops) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, ops)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        # parameter name -> loader(param, full checkpoint tensor, fused shard index or None), set by
+        # transforms (tensor parallelism: this rank's slice); parameters without one are copied whole
+        self.weight_loaders: dict[str, Callable[[nn.Parameter, torch.Tensor, int | None], None]] = {}
+        # tensor parallelism: this rank's vocab-shard logits -> full logits on rank 0, None elsewhere
+        self.gather_logits: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -195,9 +202,12 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x  # [T, hidden]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return (hidden @ weight.t()).float()  # [N, vocab]
+        logits = hidden @ weight.t()  # [N, vocab] (a rank's vocab shard under tensor parallelism)
+        if self.gather_logits is not None and (logits := self.gather_logits(logits)) is None:
+            return None  # a tensor-parallel rank other than 0: rank 0 has the logits
+        return logits.float()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy HF-named tensors into the (fused) parameters; every parameter must be filled."""
@@ -213,22 +223,24 @@ class LlamaForCausalLM(nn.Module):
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: some checkpoints still carry a copy
             parts = name.split(".")
-            target = name
+            target, shard = name, None
             if len(parts) >= 2 and parts[-2] in self._SHARDS:
                 fused, shard = self._SHARDS[parts[-2]]
                 target = ".".join(parts[:-2] + [fused, parts[-1]])
-                param = params[target]
-                offset = sum(sizes[fused][:shard])
-                param.data[offset:offset + sizes[fused][shard]].copy_(tensor)
-                filled.add(f"{target}#{shard}")
-                continue
             if target not in params:
                 raise ConfigError(f"checkpoint tensor {name!r} has no place in the model")
-            if params[target].shape != tensor.shape:
-                raise ConfigError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
-                                  f"the model expects {tuple(params[target].shape)}")
-            params[target].data.copy_(tensor)
-            filled.add(target)
+            param, loader = params[target], self.weight_loaders.get(target)
+            if loader is not None:
+                loader(param, tensor, shard)
+            elif shard is not None:
+                offset = sum(sizes[fused][:shard])
+                param.data[offset:offset + sizes[fused][shard]].copy_(tensor)
+            else:
+                if param.shape != tensor.shape:
+                    raise ConfigError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                                      f"the model expects {tuple(param.shape)}")
+                param.data.copy_(tensor)
+            filled.add(target if shard is None else f"{target}#{shard}")
         missing = []
         for pname in params:
             head = pname.rsplit(".", 2)

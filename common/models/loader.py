@@ -104,8 +104,9 @@ def checkpoint_dtype(path: str) -> torch.dtype | None:
 
 
 def load_model(cfg: ModelConfig, path: str, arch: ArchConfig, block_size: int, max_positions: int,
-               dtype: torch.dtype, device: torch.device, ops=TORCH_OPS) -> LlamaForCausalLM:
-    """Build the model on `meta`, materialise it in `dtype` on `device`, fill it.
+               dtype: torch.dtype, device: torch.device, ops=TORCH_OPS, tp=None) -> LlamaForCausalLM:
+    """Build the model on `meta` (with `tp`, a rank's TPComm: sharded, models/parallel.py),
+    materialise it in `dtype` on `device`, fill it.
 
     Weights go straight into their final dtype and device (checkpoint tensors are read on the CPU
     and copied in, which rounds exactly as a later `.to(dtype)` would), so an 8B model never
@@ -114,6 +115,9 @@ def load_model(cfg: ModelConfig, path: str, arch: ArchConfig, block_size: int, m
     torch.manual_seed(cfg.seed)
     with torch.device("meta"):
         model = LlamaForCausalLM(arch, block_size, max_positions, ops)
+        if tp is not None:
+            from pdserve.common.models.parallel import shard_model
+            shard_model(model, tp)
     out_of_memory = None
     try:
         model = model.to(dtype=dtype).to_empty(device=device)

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import logging
 import signal
-import sys
 
 from pdserve.common.config import ConfigError, env_flag
 from pdserve.services.router.limits import add_limit_args, limits_of
@@ -126,15 +124,5 @@ def run_router(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m pdserve.services.router", description=__doc__.splitlines()[0])
-    add_router_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        run_router(args)
-    except ConfigError as e:
-        print(f"pdserve router: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    from pdserve.services.entry import run_main
+    return run_main("pdserve router", __doc__.splitlines()[0], add_router_args, run_router, argv)

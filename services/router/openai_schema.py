@@ -184,8 +184,14 @@ class ChatMessage(_Request):
     tool_call_id: str | None = None
 
     def to_template(self, index: int) -> dict:
-        """The message as the chat template sees it: content a string ("developer" is "system")."""
+        """The message as the chat template sees it: content a string ("developer" is "system").
+        OpenAI's rules: content is required except on an assistant message with tool_calls; a
+        tool message names the call it answers."""
         content = self.content
+        if content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ParameterError(f"messages[{index}].content", f"a {self.role} message needs content")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ParameterError(f"messages[{index}].tool_call_id", "a tool message needs the tool_call_id it answers")
         if isinstance(content, list):
             for j, part in enumerate(content):
                 if part.type != "text" or part.text is None:

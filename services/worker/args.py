@@ -16,7 +16,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpc-port", type=int, default=0, help="0: pick a free port")
     p.add_argument("--metrics-port", type=int, default=0, help="port of this worker's /metrics (0: pick a free port)")
     p.add_argument("--kv-transport", default="tcp", choices=[b for b in BACKENDS if b != "local"],
-                   help="how decode workers pull prefilled KV blocks from this one")
+                   help="how decode workers pull KV blocks from prefill workers (nccl: a 2-rank NCCL group per "
+                        "prefill-decode pair on GPUs, gloo on CPU)")
     p.add_argument("--redis-url", default=None, help="register in this Redis (pdserve router finds it there)")
     p.add_argument("--instance-id", default=None, help="name in the registry (default: ROLE-HOST-RANDOM)")
     p.add_argument("--lease-ttl", type=float, default=30.0, help="seconds a prefilled KV stays pinned for decode")

@@ -10,6 +10,8 @@ import time
 
 from redis.exceptions import RedisError
 
+from pdserve.common.engine.async_llm import AsyncLLM
+
 log = logging.getLogger("pdserve.worker")
 
 

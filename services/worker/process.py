@@ -1,7 +1,7 @@
 """A pdserve worker process: engine start-up, one gRPC server with BOTH services, registration in
 Redis, the publication of its prefix cache to the router's prefix index, and its own /metrics.
 
-    python -m pdserve.services.prefill|decode --redis-url URL [--grpc-port P] [--kv-transport T] [engine flags]
+    python -m pdserve.services.prefill|decode --redis-url URL [--grpc-port P] [--kv-transport tcp|ucx|nccl] [engine flags]
     (also `pdserve prefill|decode ...`)
 
 Lifecycle:
@@ -32,12 +32,11 @@ import logging
 import os
 import signal
 import socket
-import sys
 import uuid
 
 import grpc
 
-from pdserve.common.config import ConfigError, EngineConfig, add_engine_args, engine_config
+from pdserve.common.config import EngineConfig, add_engine_args, engine_config
 from pdserve.common.engine.async_llm import AsyncLLM
 from pdserve.common.engine.kv_connector import KVConnector
 from pdserve.common.kv_transfer.base import make_client, make_server, split_address
@@ -120,7 +119,7 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
     pull = PullConnector({}, loop, functools.partial(release_lease, token=args.internal_token),
                          deadline_s=args.pull_deadline)
     engine = AsyncLLM(config, connector=WorkerConnector(lease, pull))
-    kv_caches = engine.core.runner.kv_caches
+    kv_caches = engine.core.runner.kv_cache  # [L, 2, N, bs, H, D]: a handoff's blocks move in one op
     pull.clients[args.kv_transport] = make_client(args.kv_transport, kv_caches)
     state = WorkerState(engine, args.instance_id or f"{role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}", role)
     args.advertise_host = advertised_host(args.host, args.advertise_host)
@@ -203,18 +202,11 @@ def run_worker(args: argparse.Namespace, role: str) -> None:
 
 def main(role: str, argv: list[str] | None = None) -> int:
     """`python -m pdserve.services.prefill|decode`: the same process as `pdserve prefill|decode`."""
+    from pdserve.services.entry import run_main
     from pdserve.services.worker.args import add_worker_args
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog=f"python -m pdserve.services.{role}",
-                                     description=f"a {role} worker (gRPC + KV transport, registers in Redis)")
-    add_worker_args(parser)
-    add_engine_args(parser)
-    args = parser.parse_args(argv)
-    try:
-        run_worker(args, role)
-    except ConfigError as e:
-        print(f"pdserve {role}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+
+    def add_args(parser: argparse.ArgumentParser) -> None:
+        add_worker_args(parser)
+        add_engine_args(parser)
+    return run_main(f"pdserve {role}", f"a {role} worker (gRPC + KV transport, registers in Redis)", add_args,
+                    lambda args: run_worker(args, role), argv)

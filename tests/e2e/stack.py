@@ -31,7 +31,8 @@ class Stack:
         self.redis = RedisServer().start()
         self.procs: dict[str, subprocess.Popen] = {}
         self.port = free_port()
-        env = {**os.environ, "UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"}
+        env = self.env = {**os.environ, "UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"}
+        self.argv: dict[str, list[str]] = {}
         ready = []
         for role, flag_sets in (("prefill", prefill), ("decode", decode)):
             for i, flags in enumerate(flag_sets):
@@ -39,11 +40,10 @@ class Stack:
                 rf = os.path.join(self.tmp, name + ".ready")
                 ready.append((name, rf))
                 command = (commands or {}).get(name, [sys.executable, "-m", f"pdserve.services.{role}"])
-                self.procs[name] = subprocess.Popen(
-                    [*command, "--redis-url", self.redis.url,
-                     "--model", model, "--instance-id", name, "--ready-file", rf, "--kv-transport", kv_transport,
-                     "--num-gpu-blocks-override", "512", *flags],
-                    env=env, stdout=open(os.path.join(self.tmp, name + ".log"), "w"), stderr=subprocess.STDOUT)
+                self.argv[name] = [*command, "--redis-url", self.redis.url, "--model", model, "--instance-id", name,
+                                   "--ready-file", rf, "--kv-transport", kv_transport,
+                                   "--num-gpu-blocks-override", "512", *flags]
+                self._spawn(name)
         deadline = time.time() + 180
         for name, rf in ready:
             while not os.path.exists(rf):
@@ -52,6 +52,29 @@ class Stack:
                     raise RuntimeError(f"{name} failed to start: {self.log(name)[-2000:]}")
                 time.sleep(0.2)
         self.start_router(router_flags, deadline)
+
+    def _spawn(self, name: str) -> None:
+        self.procs[name] = subprocess.Popen(self.argv[name], env=self.env,
+                                            stdout=open(os.path.join(self.tmp, name + ".log"), "a"),
+                                            stderr=subprocess.STDOUT)
+
+    def restart(self, name: str, timeout_s: float = 120) -> None:
+        """Start a stopped or killed worker again with its flags; returns once it is ready."""
+        rf = os.path.join(self.tmp, name + ".ready")
+        if os.path.exists(rf):
+            os.remove(rf)
+        self._spawn(name)
+        deadline = time.time() + timeout_s
+        while not os.path.exists(rf):
+            if self.procs[name].poll() is not None or time.time() > deadline:
+                raise RuntimeError(f"{name} failed to restart: {self.log(name)[-2000:]}")
+            time.sleep(0.2)
+
+    def metrics(self, name: str) -> dict[str, float]:
+        """A worker's /metrics as {sample name: value} (unlabelled view: the last sample wins)."""
+        from prometheus_client.parser import text_string_to_metric_families
+        text = httpx.get(self.ready_addresses(name)[2], timeout=5).text
+        return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
 
     def start_router(self, flags=ROUTER_FLAGS, deadline: float | None = None,
                      command: tuple[str, ...] = (sys.executable, "-m", "pdserve.services.router")) -> None:

@@ -1,5 +1,6 @@
 """Disaggregated serving end to end: router + prefill + decode as separate processes, a real
-redis-server, gRPC, the KV over the TCP / UCX transports, and the official OpenAI client."""
+redis-server, gRPC, the KV over the TCP / UCX / NCCL (gloo on CPU) transports, and the official
+OpenAI client."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def offline(tiny_models):
     return LLM(tiny_models["llama"], num_gpu_blocks_override=512)
 
 
-@pytest.fixture(scope="module", params=["tcp", "ucx"])
+@pytest.fixture(scope="module", params=["tcp", "ucx", "nccl"])
 def stack_1p1d(tiny_models, request):
     s = Stack(tiny_models["llama"], prefill=[[]], decode=[[]], kv_transport=request.param)
     yield s

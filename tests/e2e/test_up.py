@@ -20,6 +20,7 @@ def test_up_starts_a_working_stack_and_passes_flags(tiny_models):
     proc = subprocess.Popen(
         [sys.executable, "-m", "pdserve.services.cli", "up", "--prefill", "1", "--decode", "1", "--port", str(port),
          "--model", tiny_models["llama"], "--worker-args", "--num-gpu-blocks-override 256",
+         "--kv-transport", "nccl", "--decode-args", "--lease-ttl 20",
          "--router-args", "--routing round_robin --disagg-min-prompt-tokens 0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines = []
@@ -45,6 +46,8 @@ def test_up_starts_a_working_stack_and_passes_flags(tiny_models):
         assert stats["routing"] == "round_robin"  # --router-args reached the router
         assert stats["handoffs"] == 1  # --disagg-min-prompt-tokens 0: even this short prompt was prefilled
         assert sum(1 for line in lines if line.startswith(("prefill", "decode"))) == 2
+        # --kv-transport nccl (gloo on CPU) moved that prompt's KV
+        assert any(line.startswith("prefill") and " kv=nccl://" in line for line in lines), lines
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -52,3 +55,17 @@ def test_up_starts_a_working_stack_and_passes_flags(tiny_models):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             raise
+
+
+def test_up_device_lists_need_one_gpu_id_per_worker():
+    from pdserve.common.config import ConfigError
+    from pdserve.services.disagg_cli import worker_devices
+    assert worker_devices(None, 2, "--decode-devices") == [None, None]
+    assert worker_devices("0, 3", 2, "--decode-devices") == ["0", "3"]
+    for bad in ("0", "0,1,2", "cuda:0,1"):
+        try:
+            worker_devices(bad, 2, "--decode-devices")
+        except ConfigError as e:
+            assert "--decode-devices must list one GPU id per worker (2)" in str(e)
+        else:
+            raise AssertionError(f"{bad!r} accepted")

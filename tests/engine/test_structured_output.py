@@ -173,3 +173,22 @@ def test_cuda_grammar_rows_overlapped_and_graphs(tiny_models):
         assert (llm.engine.num_overlapped_steps > 0) == overlap
         del llm
     assert runs[True] == runs[False]
+
+
+def test_tensor_parallel_grammar_rows_equal_tp1(tiny_models):
+    """With --tensor-parallel-size 2 rank 0 samples, so only it masks; overlapped steps read the
+    in-flight token from rank 0's previous step. Same tokens as one rank."""
+    params = [SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=60, structured_outputs={"json": SCHEMA}),
+              SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, allowed_token_ids=[28, 29, 30])]
+    prompts = [{"prompt_token_ids": PROMPT}, {"prompt_token_ids": PROMPT[:4]}]
+    runs = []
+    for tp in (1, 2):
+        llm = LLM(tiny_models["llama"], kv_cache_memory_gb=0.05, tensor_parallel_size=tp, async_scheduling=True)
+        try:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            llm.shutdown()
+        for o in outs[0].outputs:
+            jsonschema.validate(json.loads(o.text), SCHEMA)
+        runs.append([[c.token_ids for c in o.outputs] for o in outs])
+    assert runs[0] == runs[1]

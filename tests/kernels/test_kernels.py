@@ -265,3 +265,28 @@ def test_silu_and_mul(device, case):
     num_tokens, intermediate_size, dtype = case
     x = torch.randn(num_tokens, 2 * intermediate_size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     check(K.silu_and_mul(x), ref.silu_and_mul_ref(x), dtype)
+
+
+# --- copy_blocks ------------------------------------------------------------------------------
+
+# (rows, blocks in src, block elements, dtype, direction): "gather" ids on the source, "scatter"
+# ids on the destination, "both" on both
+COPY_GPU = [(r, 300, e, dt, d) for r in (2, 64) for e in (256, 16384, 5000) for dt in (BF16, FP32)
+            for d in ("gather", "scatter", "both")]
+COPY_INTERP = [(2, 20, 64, BF16, "gather"), (6, 20, 5000, FP32, "scatter"), (4, 9, 100, BF16, "both")]
+
+
+@pytest.mark.parametrize("device,case", backends(COPY_GPU, COPY_INTERP))
+def test_copy_blocks(device, case):
+    rows, num_blocks, elems, dtype, direction = case
+    gen = torch.Generator().manual_seed(rows * num_blocks + elems)
+    num = num_blocks // 2
+    src = torch.randn(rows, num_blocks if direction != "scatter" else num, elems, generator=gen).to(device, dtype)
+    dst_blocks = num_blocks if direction != "gather" else num
+    dst = torch.randn(rows, dst_blocks, elems, generator=gen).to(device, dtype)
+    src_ids = torch.randperm(num_blocks, generator=gen)[:num].to(device) if direction != "scatter" else None
+    dst_ids = torch.randperm(num_blocks, generator=gen)[:num].int().to(device) if direction != "gather" else None
+    expected = dst.clone()
+    ref.copy_blocks_ref(src, expected, src_ids, dst_ids)
+    K.copy_blocks(src, dst, src_ids, dst_ids)
+    assert torch.equal(dst, expected)  # a copy: exact, untouched blocks kept

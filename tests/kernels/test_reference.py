@@ -107,3 +107,14 @@ def test_rotary_ref_matches_complex_rotation():
 def test_silu_and_mul_ref():
     x = torch.randn(4, 10)
     torch.testing.assert_close(ref.silu_and_mul_ref(x), F.silu(x[:, :5]) * x[:, 5:])
+
+
+def test_copy_blocks_ref_moves_whole_blocks_of_every_row():
+    src = torch.arange(2 * 5 * 3).view(2, 5, 3)
+    dst = torch.zeros(2, 4, 3, dtype=src.dtype)
+    ref.copy_blocks_ref(src, dst, torch.tensor([4, 0]), torch.tensor([3, 1]))
+    assert dst[:, 3].tolist() == src[:, 4].tolist() and dst[:, 1].tolist() == src[:, 0].tolist()
+    assert dst[:, [0, 2]].eq(0).all()
+    staging = torch.zeros(2, 2, 3, dtype=src.dtype)
+    ref.copy_blocks_ref(src, staging, torch.tensor([2, 1]), None)
+    assert staging.tolist() == src[:, [2, 1]].tolist()

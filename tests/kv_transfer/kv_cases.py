@@ -25,13 +25,18 @@ STALL_SECONDS = 5.0
 
 
 def make_caches(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                head_dim: int, dtype: torch.dtype, seed: int,
-                device: str = "cpu") -> list[torch.Tensor]:
-    """Random caches, one [2, num_blocks, block_size, H, D] tensor per layer, from a seed."""
+                head_dim: int, dtype: torch.dtype, seed: int, device: str = "cpu",
+                stacked: bool = True) -> list[torch.Tensor]:
+    """Random caches, one [2, num_blocks, block_size, H, D] tensor per layer, from a seed.
+
+    stacked: the layers are views of one [L, 2, ...] tensor, as the engine allocates them (the
+    transports then copy all layers in one op); else separate tensors (one op per layer).
+    """
     generator = torch.Generator().manual_seed(seed)
     shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
-    return [torch.randn(shape, generator=generator).to(dtype).to(device)
-            for _ in range(num_layers)]
+    layers = [torch.randn(shape, generator=generator).to(dtype).to(device)
+              for _ in range(num_layers)]
+    return list(torch.stack(layers).unbind(0)) if stacked else layers
 
 
 def lease_table(leases: dict[str, list[int]]):
@@ -44,9 +49,12 @@ def lease_table(leases: dict[str, list[int]]):
     return resolve_lease
 
 
-def _serve(backend: str, cache_args: dict, leases: dict, addresses, commands) -> None:
+def _serve(backend: str, cache_args: dict, leases: dict, addresses, commands,
+           gather_delay_s: float | None) -> None:
     async def main():
         server = make_server(backend, make_caches(**cache_args), lease_table(leases))
+        if gather_delay_s is not None:
+            _delay_gathers(server, gather_delay_s)
         addresses.put(await server.start())
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(None, commands.get)  # "close"
@@ -54,15 +62,33 @@ def _serve(backend: str, cache_args: dict, leases: dict, addresses, commands) ->
     asyncio.run(main())
 
 
-class ServerProcess:
-    """A KV server in a spawned process; `address` once entered; close() or kill() it."""
+def _delay_gathers(server, delay_s: float) -> None:
+    """Makes each gather of the server take delay_s longer. The server sends its PullReply
+    while the first gather runs, so the client then waits for the payload: a test can kill
+    the server mid-pull, after the reply and before the payload."""
+    copier = server._copier
+    gather = copier.gather
 
-    def __init__(self, backend: str, cache_args: dict, leases: dict[str, list[int]]):
+    def slow_gather(*args, **kwargs):
+        time.sleep(delay_s)
+        return gather(*args, **kwargs)
+    copier.gather = slow_gather
+
+
+class ServerProcess:
+    """A KV server in a spawned process; `address` once entered; close() or kill() it.
+
+    gather_delay_s: each gather of the server takes that much longer (see _delay_gathers).
+    """
+
+    def __init__(self, backend: str, cache_args: dict, leases: dict[str, list[int]],
+                 gather_delay_s: float | None = None):
         context = multiprocessing.get_context("spawn")
         self._addresses = context.Queue()
         self._commands = context.Queue()
         self.process = context.Process(
-            target=_serve, args=(backend, cache_args, leases, self._addresses, self._commands),
+            target=_serve, args=(backend, cache_args, leases, self._addresses, self._commands,
+                                 gather_delay_s),
             daemon=True)
         self.address: str | None = None
 

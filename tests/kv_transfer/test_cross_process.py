@@ -1,4 +1,5 @@
-"""tcp and ucx pulls from a KV server in another process: exact bytes, deadlines, dead peers.
+"""tcp, ucx and nccl (gloo on CPU) pulls from a KV server in another process: exact bytes,
+deadlines, dead peers.
 
 The server process builds its caches from a seed; the test rebuilds them to know what the
 pulled blocks must hold.
@@ -17,7 +18,7 @@ from pdserve.common.kv_transfer.base import KVLayout, KVTransferError, make_clie
 
 pytestmark = pytest.mark.timeout(60)
 
-BACKENDS = ["tcp", "ucx"]
+BACKENDS = ["tcp", "ucx", "nccl"]
 CACHE = dict(num_layers=4, block_size=16, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16)
 SERVER_CACHE = dict(CACHE, num_blocks=40, seed=21)
 LEASES = {"lease": [3, 4, 5, 6, 30, 31, 1, 17]}
@@ -85,3 +86,35 @@ def test_hung_server_misses_deadline_and_killed_server_fails_pending_pull(backen
 
     with ServerProcess(backend, SERVER_CACHE, LEASES) as server:
         asyncio.run(main(server))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_server_killed_between_reply_and_payload_fails_the_pull_at_once(backend):
+    dst = make_caches(**CACHE, num_blocks=24, seed=24)
+    before = [t.clone() for t in dst]
+
+    async def main(server: ServerProcess):
+        client = make_client(backend, dst)
+        try:
+            pending = asyncio.create_task(
+                client.pull(server.address, "lease", list(range(8)), deadline_s=30.0))
+            # The reply arrives at once; the payload would follow the 3 s gather.
+            while client.phases.request_s == 0:
+                assert not pending.done(), pending
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            killed_at = time.perf_counter()
+            server.kill()
+            with pytest.raises(KVTransferError) as failure:
+                await pending
+            assert time.perf_counter() - killed_at < 2.0
+            if backend == "nccl":  # gloo on CPU: the payload receive itself failed
+                assert "gloo receive" in str(failure.value)
+            assert client.num_failures == 1 and client.num_transfers == 0
+        finally:
+            await client.close()
+
+    with ServerProcess(backend, SERVER_CACHE, LEASES, gather_delay_s=3.0) as server:
+        asyncio.run(main(server))
+    for layer, layer_before in zip(dst, before):  # no late write landed in the cache
+        assert torch.equal(layer, layer_before)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from kv_cases import make_caches
 
 from pdserve.common.kv_transfer import wire
-from pdserve.common.kv_transfer.base import KVLayout, KVTransferError, PullPhases, split_address
-from pdserve.common.kv_transfer.blocks import BlockCopier, StagingBuffer, block_runs
+from pdserve.common.kv_transfer.base import (KVLayout, KVTransferError, PullPhases, layer_views,
+                                             split_address)
+from pdserve.common.kv_transfer.blocks import BlockCopier, StagingBuffer, block_runs, stacked_view
 
 CACHE = dict(num_layers=3, block_size=4, num_kv_heads=2, head_dim=8)
 
@@ -60,8 +63,8 @@ def test_block_runs():
     assert block_runs([4, 5, 9, 1, 2, 2]) == [(0, 4, 2), (2, 9, 1), (3, 1, 2), (5, 2, 1)]
 
 
-def copier_of(caches: list[torch.Tensor]) -> BlockCopier:
-    return BlockCopier(caches, KVLayout.from_caches(caches), PullPhases())
+def copier_of(caches: list[torch.Tensor], kernel: str | None = None) -> BlockCopier:
+    return BlockCopier(caches, KVLayout.from_caches(caches), PullPhases(), kernel)
 
 
 def test_chunk_plan_of_llama3_8b_handoffs():
@@ -96,14 +99,17 @@ def test_layer_chunks_cover_the_layers_once_for_any_count():
 BIG = dict(num_layers=8, block_size=16, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "per-layer"])
 @pytest.mark.parametrize("num_chunks", [1, 2, 3])
 @pytest.mark.parametrize("block_ids", [list(range(3, 23)), [*range(30, 40), *range(0, 10)],
                                        list(range(39, -1, -2)), [17, 4, 33, 0, 25, 9, 38, 12]],
                          ids=["one-run", "few-runs", "scattered", "shuffled"])
-def test_gather_lays_blocks_out_layer_kv_block_and_scatter_inverts_it(block_ids, num_chunks):
+def test_gather_lays_blocks_out_layer_kv_block_and_scatter_inverts_it(block_ids, num_chunks,
+                                                                      stacked):
     n = len(block_ids)
-    src = make_caches(num_blocks=40, seed=1, **BIG)
+    src = make_caches(num_blocks=40, seed=1, stacked=stacked, **BIG)
     copier = copier_of(src)
+    assert (copier.stacked is not None) == stacked
     staging = StagingBuffer(torch.device("cpu"), host_mirror=True)
     chunks = copier.layer_chunks(num_chunks)
     payload = torch.cat([copier.gather(block_ids, staging, layers).clone() for layers in chunks])
@@ -113,7 +119,7 @@ def test_gather_lays_blocks_out_layer_kv_block_and_scatter_inverts_it(block_ids,
         assert torch.equal(blocks[layer], src[layer][:, block_ids])
     assert copier.phases.copy_s > 0 and copier.phases.copy_gpu_s == 0  # no CUDA events on CPU
 
-    dst = make_caches(num_blocks=44, seed=2, **BIG)
+    dst = make_caches(num_blocks=44, seed=2, stacked=stacked, **BIG)
     before = [t.clone() for t in dst]
     dst_ids = [43 - 2 * i for i in range(n)]
     receiver = copier_of(dst)
@@ -128,6 +134,40 @@ def test_gather_lays_blocks_out_layer_kv_block_and_scatter_inverts_it(block_ids,
     untouched = sorted(set(range(44)) - set(dst_ids))
     for layer in range(8):
         assert torch.equal(dst[layer][:, dst_ids], src[layer][:, block_ids])
+        assert torch.equal(dst[layer][:, untouched], before[layer][:, untouched])
+
+
+def test_stacked_view_only_over_consecutive_slices_of_one_allocation():
+    cache = torch.randn(3, 2, 5, 4, 2, 8)
+    assert stacked_view(list(cache.unbind(0))).data_ptr() == cache.data_ptr()
+    assert torch.equal(stacked_view(list(cache.unbind(0))), cache)
+    assert stacked_view([cache[0], cache[2]]) is None  # a gap
+    assert stacked_view([cache[1], cache[0]]) is None  # out of order
+    assert stacked_view([t.clone() for t in cache.unbind(0)]) is None  # separate allocations
+    # The engine's one tensor is accepted as it is, as its per-layer views.
+    assert layer_views(cache)[2].data_ptr() == cache[2].data_ptr()
+    assert KVLayout.from_caches(cache) == KVLayout(3, 5, 4, 2, 8, "float32")
+    with pytest.raises(ValueError, match="must be shaped"):
+        layer_views(cache[0])
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="set TRITON_INTERPRET=1 "
+                    "(with triton installed) to run the copy_blocks path on CPU")
+@pytest.mark.parametrize("stacked", [True, False], ids=["stacked", "per-layer"])
+def test_triton_copy_path_gathers_and_scatters_scattered_ids(stacked):
+    pytest.importorskip("triton")
+    src = make_caches(num_blocks=30, dtype=torch.bfloat16, seed=3, stacked=stacked, **CACHE)
+    dst = make_caches(num_blocks=32, dtype=torch.bfloat16, seed=4, stacked=stacked, **CACHE)
+    before = [t.clone() for t in dst]
+    src_ids, dst_ids = [17, 3, 9, 28, 0, 11, 5, 21, 14, 2], [29, 1, 4, 8, 12, 16, 20, 24, 26, 7]
+    sender, receiver = copier_of(src, "triton"), copier_of(dst, "triton")
+    staging = StagingBuffer(torch.device("cpu"), host_mirror=False)
+    layers = range(0, 3)
+    sender.gather(src_ids, staging, layers)
+    receiver.scatter(dst_ids, staging, layers)
+    untouched = sorted(set(range(32)) - set(dst_ids))
+    for layer in layers:
+        assert torch.equal(dst[layer][:, dst_ids], src[layer][:, src_ids])
         assert torch.equal(dst[layer][:, untouched], before[layer][:, untouched])
 
 
@@ -146,7 +186,8 @@ def test_staging_buffer_grows_and_is_reused():
 def test_wire_round_trip_and_malformed_headers():
     layout = KVLayout(2, 10, 16, 2, 8, "float32")
     for message in [wire.Hello(wire.PROTOCOL_VERSION, layout),
-                    wire.PullRequest("lease-1", 2, 5, 1.5), wire.PullReply(1024, 4),
+                    wire.PullRequest("lease-1", 2, 5, 2, 1.5), wire.PullRequest("lease-2", 3, 0, 0, 1.0),
+                    wire.PullReply(1024, 4),
                     wire.PullReply(0, 0), wire.Error("lease gone")]:
         assert wire.decode(wire.encode(message)) == message
     for data in [b"not json", b'{"type": "bogus"}', b'{"type": "pull", "lease_id": 3}',
@@ -154,11 +195,15 @@ def test_wire_round_trip_and_malformed_headers():
                  b'{"type": "reply", "nbytes": 64}',  # a version-1 reply: no num_chunks
                  b'{"type": "reply", "nbytes": 64, "num_chunks": 0}',
                  b'{"type": "reply", "nbytes": 0, "num_chunks": 2}',
+                 b'{"type": "pull", "lease_id": "a", "src_block_offset": 0, "num_blocks": 2, '
+                 b'"num_chunks": 0, "timeout_s": 1.0}',  # blocks in no chunk
+                 b'{"type": "pull", "lease_id": "a", "src_block_offset": 0, "num_blocks": 2, '
+                 b'"timeout_s": 1.0}',  # a version-2 request: no num_chunks
                  b'{"type": "hello", "version": 1, "layout": {"num_layers": 2}}']:
         with pytest.raises(KVTransferError, match="malformed"):
             wire.decode(data)
-    with pytest.raises(KVTransferError, match="speaks KV wire protocol 1, this worker speaks 2"):
-        wire.check_hello(wire.Hello(1, layout), layout, "peer")
+    with pytest.raises(KVTransferError, match="speaks KV wire protocol 2, this worker speaks 3"):
+        wire.check_hello(wire.Hello(2, layout), layout, "peer")
     with pytest.raises(KVTransferError, match="peer: lease gone"):
         wire.expect(wire.Error("lease gone"), wire.PullReply, "peer")
 

@@ -1,0 +1,105 @@
+"""TPComm: one rank's handle on the tensor-parallel group (torch.distributed; NCCL on CUDA, gloo on CPU).
+
+Every rank makes the same calls in the same order (the model's all-reduces and logits gather,
+the runner's token broadcast and KV sizing), so the collectives pair up without tags:
+
+    model forward      all_reduce(x)            after each Attention and MLP, and the embedding
+    compute_logits     gather_to_first(logits)  rank 0 gets [N, vocab], the others None
+    runner, sampling   broadcast_from_first(t)  rank 0's sampled tokens -> every rank (their
+                                                next step's inputs fill from them on the device)
+    runner, start-up   all_gather_int(n)        KV blocks each rank could hold -> the min is used
+
+All-reduce on CUDA is NCCL's, or with `all_reduce="symm_mem"` torch's one-shot kernel for tensors
+up to SYMM_MEM_MAX_BYTES (decode batches): each rank copies its part into a peer-mapped buffer,
+and after a barrier reads and sums every rank's (one kernel, CUDA-graph safe, a barrier at its end
+before the buffer is reused); larger tensors and fp16 go to NCCL.
+
+The group is torch.distributed's default one, joined through a TCPStore that rank 0 hosts: one
+tensor-parallel engine per process at a time (`close` ends it, and a new engine may start another).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+
+import torch
+import torch.distributed as dist
+
+from pdserve.common.config import ConfigError
+
+log = logging.getLogger("pdserve.tp")
+
+SYMM_MEM_MAX_BYTES = 1 << 20
+
+
+class TPComm:
+    def __init__(self, rank: int, world_size: int, store: dist.Store, device: torch.device, timeout_s: float,
+                 all_reduce: str = "nccl"):
+        if dist.is_initialized():
+            raise RuntimeError("a torch.distributed group already exists in this process: one tensor-parallel "
+                               "engine per process")
+        self.rank, self.world_size, self.device = rank, world_size, device
+        cuda = device.type == "cuda"
+        if all_reduce == "symm_mem" and not cuda:
+            raise ConfigError("the symm_mem all-reduce needs CUDA devices")
+        if cuda:
+            torch.cuda.set_device(device)
+        self.backend = "nccl" if cuda else "gloo"
+        dist.init_process_group(self.backend, store=store, rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=device if cuda else None)
+        self._symm_buffer = None  # uint8 [SYMM_MEM_MAX_BYTES], mapped on every rank
+        if all_reduce == "symm_mem":
+            try:
+                import torch.distributed._symmetric_memory as symm_mem
+                self._group_name = dist.group.WORLD.group_name
+                self._symm_buffer = symm_mem.empty(SYMM_MEM_MAX_BYTES, dtype=torch.uint8, device=device)
+                symm_mem.rendezvous(self._symm_buffer, self._group_name)  # collective, once
+            except BaseException:
+                self.close()  # the group would outlive this object and block the next engine
+                raise
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks; returns the result (x itself with NCCL, a new tensor with symm_mem)."""
+        if (self._symm_buffer is not None and x.dtype in (torch.bfloat16, torch.float32)
+                and x.numel() * x.element_size() <= SYMM_MEM_MAX_BYTES and x.is_contiguous()):
+            peer_view = self._symm_buffer.view(x.dtype)[:x.numel()].view(x.shape)
+            return torch.ops.symm_mem.one_shot_all_reduce_copy(peer_view, x, "sum", self._group_name)
+        dist.all_reduce(x)
+        return x
+
+    def gather_to_first(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x [..., n] of every rank -> [..., world_size * n] on rank 0 (rank order); None elsewhere."""
+        if self.rank != 0:
+            dist.gather(x, None, dst=0)
+            return None
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        dist.gather(x, parts, dst=0)
+        return torch.cat(parts, dim=-1)
+
+    def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
+        dist.broadcast(x, src=0)
+        return x
+
+    def all_gather_int(self, value: int) -> list[int]:
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t)
+        return [int(p.item()) for p in parts]
+
+    def abort(self) -> None:
+        """From another thread, when a peer died: NCCL ops waiting for it end (with garbage) instead
+        of spinning on the device forever. gloo needs nothing: its ops fail when the peer's socket closes."""
+        if self.backend == "nccl" and dist.is_initialized():
+            try:
+                dist.distributed_c10d._abort_process_group()
+            except Exception as e:
+                log.warning("aborting the NCCL group failed: %s", e)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception as e:  # a peer already gone: nothing left to tear down cleanly
+                log.warning("tensor-parallel group teardown: %s", e)

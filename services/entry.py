@@ -1,0 +1,36 @@
+"""The one shape of a service's `main`: parse flags, run, and turn a user error into one line.
+
+Every user error (ConfigError: a bad flag or model; ParameterError: a bad sampling parameter)
+ends in one line on stderr and exit status 2; Ctrl-C ends with 130. Torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from pdserve.common.config import ConfigError
+from pdserve.common.sampling_params import ParameterError
+
+USER_ERRORS = (ConfigError, ParameterError, FileNotFoundError, IsADirectoryError)
+
+
+def run_main(prog: str, description: str, add_args: Callable[[argparse.ArgumentParser], None],
+             run: Callable[[argparse.Namespace], None], argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_args(parser)
+    return run_parsed(prog, run, parser.parse_args(argv))
+
+
+def run_parsed(name: str, run: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
+    try:
+        run(args)
+    except USER_ERRORS as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -1,0 +1,181 @@
+"""Tensor parallelism on CPU: ranks 1..N-1 are real worker processes, collectives go over gloo.
+
+Greedy tokens at TP=2 and TP=4 equal TP=1's (itself HF-exact, test_correctness.py) on tiny
+random Llama and Qwen3 models (4 heads / 2 KV heads: TP=4 replicates each KV head on two
+ranks) and, from a GGUF file, on an uneven split (6 heads / 3 KV heads: 4 + 2); overlapped steps,
+chunked prefill, prefix hits, logprobs and seeded sampling go through the worker path too. A
+killed rank fails every open request at once, and the engine reports itself dead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import pytest
+
+from pdserve.common.config import ConfigError
+from pdserve.common.engine.async_llm import AsyncLLM
+from pdserve.common.engine.llm import LLM
+from pdserve.common.engine_client import EngineDeadError
+from pdserve.common.sampling_params import SamplingParams
+
+MAX_TOKENS = 8
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+# logprobs (rank 0 only), prompt logprobs (every rank takes part in the logits gather), seeded sampling
+EXTRA = SamplingParams(temperature=0.8, seed=7, max_tokens=MAX_TOKENS, logprobs=2, prompt_logprobs=1)
+
+
+def run(folder: str, prompts: list[list[int]], **kwargs) -> tuple[list, LLM]:
+    llm = LLM(folder, kv_cache_memory_gb=0.05, **kwargs)
+    try:
+        params = [GREEDY] * len(prompts) + [EXTRA]
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts + [prompts[1]]], params, use_tqdm=False)
+        assert llm.engine.kv.num_free_blocks == llm.engine.runner.num_blocks, "KV blocks leaked"
+        return outs, llm.engine.stats()
+    finally:
+        llm.shutdown()
+
+
+@pytest.fixture(scope="module")
+def few_prompts(prompts) -> list[list[int]]:
+    return [prompts[i] for i in (0, 1, 3, 8)]  # two share a 120-token prefix; 5..160 tokens
+
+
+_TP1: dict[str, list] = {}
+
+
+def assert_same(got, folder, prompts):
+    if folder not in _TP1:
+        _TP1[folder], _ = run(folder, prompts)
+    want = _TP1[folder]
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    lp_got, lp_want = got[-1].outputs[0].logprobs, want[-1].outputs[0].logprobs
+    assert [sorted(e) for e in lp_got] == [sorted(e) for e in lp_want]
+    assert all(abs(g[t].logprob - w[t].logprob) < 1e-4 for g, w in zip(lp_got, lp_want) for t in g)
+    plp_got, plp_want = got[-1].prompt_logprobs, want[-1].prompt_logprobs
+    assert plp_got[0] is None and len(plp_got) == len(plp_want) > 1
+    assert all(abs(g[t].logprob - w[t].logprob) < 1e-4 for g, w in zip(plp_got[1:], plp_want[1:]) for t in g)
+
+
+@pytest.mark.parametrize("arch,tp,kwargs", [
+    ("llama", 2, {"async_scheduling": True, "max_num_batched_tokens": 64}),  # overlapped, chunked
+    ("llama", 4, {}),
+    ("qwen3", 2, {"async_scheduling": True}),
+    ("qwen3", 4, {"max_num_batched_tokens": 64}),
+])
+def test_tokens_equal_tp1(tiny_models, few_prompts, arch, tp, kwargs):
+    got, stats = run(tiny_models[arch], few_prompts, tensor_parallel_size=tp, **kwargs)
+    assert_same(got, tiny_models[arch], few_prompts)
+    assert stats.tensor_parallel_size == tp and len(stats.kv_blocks_fit_by_rank) == tp
+    assert stats.num_blocks == min(stats.kv_blocks_fit_by_rank)
+    assert stats.prefix_hits > 0
+
+
+def write_gguf(hf_folder: str, path: str) -> str:
+    """The HF folder's weights as a llama.cpp-style F32 GGUF (q/k rows permuted as llama.cpp does)."""
+    import json
+
+    import gguf
+    from safetensors.torch import load_file
+    c = json.load(open(os.path.join(hf_folder, "config.json")))
+    heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(c["num_hidden_layers"])
+    w.add_context_length(c["max_position_embeddings"])
+    w.add_embedding_length(c["hidden_size"])
+    w.add_feed_forward_length(c["intermediate_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_key_length(c["head_dim"])
+    w.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    w.add_rope_freq_base(c.get("rope_theta", 10000.0))
+    w.add_vocab_size(c["vocab_size"])
+    w.add_eos_token_id(c["eos_token_id"])
+    names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    permute = lambda t, n: t.reshape(n, 2, t.shape[0] // n // 2, -1).swapaxes(1, 2).reshape(t.shape)  # noqa: E731
+    for name, t in load_file(os.path.join(hf_folder, "model.safetensors")).items():
+        t = t.float().numpy()
+        base = name.removeprefix("model.").removesuffix(".weight")
+        if base.startswith("layers."):
+            _, n, module = base.split(".", 2)
+            t = permute(t, heads) if module.endswith("q_proj") else permute(t, kv_heads) if module.endswith("k_proj") else t
+            base = f"blk.{n}.{names[module]}"
+        else:
+            base = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}[base]
+        w.add_tensor(base + ".weight", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_checkpoint_sharded_as_read(tmp_path, tiny_model_factory, few_prompts):
+    """GGUF tensors (llama.cpp's permuted q/k rows) are sharded as read, on an uneven split:
+    6 heads / 3 KV heads over 2 ranks -> 4 + 2 heads."""
+    folder = tiny_model_factory(str(tmp_path / "llama_6h"), "llama", hidden_size=96, num_attention_heads=6,
+                                num_key_value_heads=3, head_dim=16)
+    path = write_gguf(folder, str(tmp_path / "tiny.gguf"))
+    got, stats = run(path, few_prompts[:3], tensor_parallel_size=2, tokenizer=folder)
+    assert_same(got, folder, few_prompts[:3])  # TP=1 on the HF folder
+    fit = stats.kv_blocks_fit_by_rank
+    assert fit[1] // 2 == fit[0]  # rank 0 holds 2 KV heads, rank 1 one, in the same memory
+
+
+def test_head_partitions():
+    """Every query head on exactly one rank, with the KV head of its group (the docstring's examples)."""
+    from pdserve.common.config import ArchConfig
+    from pdserve.common.models.parallel import head_shard
+    cases = {(32, 8, 2): [(0, 16, 0, 4), (16, 16, 4, 4)], (9, 3, 2): [(0, 6, 0, 2), (6, 3, 2, 1)],
+             (4, 2, 4): [(0, 1, 0, 1), (1, 1, 0, 1), (2, 1, 1, 1), (3, 1, 1, 1)],
+             (64, 8, 2): [(0, 32, 0, 4), (32, 32, 4, 4)]}
+    for (heads, kv, n), want in cases.items():
+        arch = ArchConfig("llama", 100, 64, 128, 1, heads, kv, 16)
+        shards = [head_shard(arch, r, n) for r in range(n)]
+        assert [(h.q_start, h.num_q, h.kv_start, h.num_kv) for h in shards] == want
+        for h in shards:  # query head q reads KV head q // (heads // kv)
+            assert all(h.kv_start <= q // (heads // kv) < h.kv_start + h.num_kv
+                       for q in range(h.q_start, h.q_start + h.num_q))
+
+
+def test_sizes_that_do_not_split_are_config_errors(tiny_models):
+    with pytest.raises(ConfigError, match="--tensor-parallel-size 3 cannot split this model's 2 KV heads"):
+        LLM(tiny_models["llama"], tensor_parallel_size=3)
+    with pytest.raises(ConfigError, match="--tensor-parallel-size must be positive"):
+        LLM(tiny_models["llama"], tensor_parallel_size=0)
+
+
+def test_killed_rank_fails_open_requests_fast(tiny_models):
+    engine = AsyncLLM(core=LLM(tiny_models["llama"], tensor_parallel_size=2, kv_cache_memory_gb=0.05).engine)
+    worker = engine.core.runner.workers.procs[0]
+    params = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
+
+    async def consume(i: int, started: asyncio.Event):
+        async for out in engine.generate([5, 6, 7, 8 + i], params, f"r{i}"):
+            if len(out.outputs[0].token_ids) >= 3:
+                started.set()
+
+    async def scenario():
+        started = asyncio.Event()
+        tasks = [asyncio.create_task(consume(i, started)) for i in range(3)]
+        await asyncio.wait_for(started.wait(), 60)
+        killed_at = time.monotonic()
+        os.kill(worker.pid, signal.SIGKILL)
+        results = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        assert time.monotonic() - killed_at < 5
+        for r in results:
+            assert isinstance(r, EngineDeadError) and "tensor-parallel rank 1" in str(r), r
+        assert not await engine.is_healthy()
+        with pytest.raises(EngineDeadError, match="tensor-parallel rank 1"):
+            async for _ in engine.generate([5, 6], params, "late"):
+                pass
+    try:
+        asyncio.run(scenario())
+    finally:
+        engine.shutdown()
+    assert worker.poll() is not None
