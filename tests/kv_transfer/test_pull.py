@@ -13,6 +13,7 @@ import time
 
 import pytest
 import torch
+from kv_backends import backends
 from kv_cases import make_caches
 
 from pdserve.common.kv_transfer.base import (KVLayout, KVTransferError, make_client,
@@ -20,7 +21,7 @@ from pdserve.common.kv_transfer.base import (KVLayout, KVTransferError, make_cli
 
 pytestmark = pytest.mark.timeout(60)
 
-BACKENDS = ["tcp", "ucx", "local"]
+BACKENDS = backends("tcp", "ucx", "local")
 CACHE = dict(num_layers=3, block_size=4, num_kv_heads=2, head_dim=8)
 
 
