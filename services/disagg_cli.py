@@ -1,19 +1,13 @@
 """`pdserve prefill | decode | router | up`: the disaggregated services and a local stack.
 
     pdserve up --prefill 1 --decode 1      redis-server + 1 prefill + 1 decode + router, as real
-                                           processes (mirrors compose/), printing where each listens
+                                           processes (mirrors compose/): services/local_stack.py
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import os
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 
 
 def add_parsers(sub, add_engine_args) -> None:
@@ -34,15 +28,9 @@ def add_parsers(sub, add_engine_args) -> None:
     admin.add_parser(sub)
     plan.add_parser(sub, add_engine_args)
 
+    from pdserve.services.local_stack import add_up_args, cmd_up
     p = sub.add_parser("up", help="start a local disaggregated stack (Redis, prefill, decode, router)")
-    p.add_argument("--prefill", type=int, default=1)
-    p.add_argument("--decode", type=int, default=1)
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--kv-transport", default="tcp", choices=["tcp", "ucx"])
-    p.add_argument("--model", default=None)
-    p.add_argument("--worker-args", default="", help="extra flags for every worker, one string")
-    p.add_argument("--router-args", default="", help="extra flags for the router, one string "
-                                                     "(e.g. \"--routing round_robin\")")
+    add_up_args(p)
     p.set_defaults(func=cmd_up)
 
 
@@ -72,45 +60,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def cmd_up(args) -> None:
-    procs: list[subprocess.Popen] = []
-    tmp = tempfile.mkdtemp(prefix="pdserve-up-")
-    redis_port = free_port()
-    redis_url = f"redis://127.0.0.1:{redis_port}/0"
-    procs.append(subprocess.Popen([redis_server_binary(), "--port", str(redis_port), "--bind", "127.0.0.1",
-                                   "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL))
-    print(f"redis    {redis_url}", flush=True)
-    model = ["--model", args.model] if args.model else []
-    extra = args.worker_args.split() if args.worker_args else []
-    ready = []
-    try:
-        for role, count in (("prefill", args.prefill), ("decode", args.decode)):
-            for i in range(count):
-                rf = os.path.join(tmp, f"{role}{i}.ready")
-                ready.append((role, i, rf))
-                procs.append(subprocess.Popen([sys.executable, "-m", "pdserve.services.cli", role, "--redis-url",
-                                               redis_url, "--kv-transport", args.kv_transport, "--ready-file", rf,
-                                               "--instance-id", f"{role}-{i}", *model, *extra]))
-        deadline = time.time() + 600
-        for role, i, rf in ready:
-            while not os.path.exists(rf):
-                if time.time() > deadline or any(p.poll() is not None for p in procs):
-                    raise RuntimeError(f"{role}-{i} did not start")
-                time.sleep(0.2)
-            grpc_addr, kv_addr, metrics_url = open(rf).read().split()
-            print(f"{role:<8} {role}-{i} grpc={grpc_addr} kv={kv_addr} metrics={metrics_url}", flush=True)
-        procs.append(subprocess.Popen([sys.executable, "-m", "pdserve.services.cli", "router", "--redis-url",
-                                       redis_url, "--port", str(args.port), *model,
-                                       *(args.router_args.split() if args.router_args else [])]))
-        print(f"router   http://127.0.0.1:{args.port}/v1", flush=True)
-        signal.sigwait({signal.SIGINT, signal.SIGTERM}) if hasattr(signal, "sigwait") else procs[-1].wait()
-    finally:
-        for p in reversed(procs):
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()

@@ -169,11 +169,11 @@ def add_parser(sub) -> None:
                         ("set-role", "drain an instance, then switch its role (no restart)")):
         a = asub.add_parser(name, help=help_)
         a.add_argument("--router", required=True, help="router base URL, e.g. http://127.0.0.1:8000")
-        a.add_argument("--api-key", default=None)
+        a.add_argument("--api-key", default=None, help="the router's --api-key, if it has one")
         if name != "list":
-            a.add_argument("instance_id")
+            a.add_argument("instance_id", help="as `pdserve admin list` shows it")
         if name == "set-role":
-            a.add_argument("role", choices=list(ROLES))
+            a.add_argument("role", choices=list(ROLES), help="the new role")
             a.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the drain")
         a.add_argument("--json", action="store_true", help="print the router's JSON answer")
         a.set_defaults(func=cmd_admin)

@@ -490,9 +490,10 @@ def _param_name(loc: tuple) -> str | None:
 
 # ---- the app ----------------------------------------------------------------------------------
 def build_app(engine: EngineClient, served_model_name: str, api_key: str | None = None,
-              collector: StatsCollector | None = None) -> FastAPI:
+              collector: StatsCollector | None = None, metrics_route: bool = True) -> FastAPI:
     """The FastAPI app. `collector` (state for /metrics) is the deployment's: the in-process
-    engine's stats, or the router's view of its fleet and its routing counters."""
+    engine's stats, or the router's view of its fleet and its routing counters. `metrics_route`
+    False: no /metrics here (served on a port of its own, or not at all)."""
     metrics = ServerMetrics(served_model_name, engine.max_model_len, collector)
     server = OpenAIServer(engine, served_model_name, metrics)
     app = FastAPI(title="pdserve", description="OpenAI-compatible API of pdserve")
@@ -554,8 +555,9 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
             return Response(status_code=200)
         return APIError(503, "the engine is not healthy", type="server_error", code="engine_unavailable").response()
 
-    @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    if metrics_route:
+        @app.get("/metrics")
+        async def prometheus_metrics() -> Response:
+            return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pdserve.common.kv_transfer import BACKENDS
+from pdserve.services.worker.kv_transfer_config import add_kv_transfer_config_arg
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -14,8 +15,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                         "machine's IP when --host is a wildcard such as 0.0.0.0, e.g. in a container)")
     p.add_argument("--grpc-port", type=int, default=0, help="0: pick a free port")
     p.add_argument("--metrics-port", type=int, default=0, help="port of this worker's /metrics (0: pick a free port)")
-    p.add_argument("--kv-transport", default="tcp", choices=[b for b in BACKENDS if b != "local"],
-                   help="how decode workers pull prefilled KV blocks from this one")
+    p.add_argument("--kv-transport", default=None, choices=[b for b in BACKENDS if b != "local"],
+                   help="how decode workers pull prefilled KV blocks from this one (default: tcp)")
+    add_kv_transfer_config_arg(p)
     p.add_argument("--redis-url", default=None, help="register in this Redis (pdserve router finds it there)")
     p.add_argument("--instance-id", default=None, help="name in the registry (default: ROLE-HOST-RANDOM)")
     p.add_argument("--lease-ttl", type=float, default=30.0, help="seconds a prefilled KV stays pinned for decode")

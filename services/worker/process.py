@@ -187,6 +187,8 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
 
 
 def run_worker(args: argparse.Namespace, role: str) -> None:
+    from pdserve.services.worker.kv_transfer_config import resolve_kv_flags
+    resolve_kv_flags(args, role)
     asyncio.run(serve_worker(args, role, engine_config(args)))
 
 
@@ -194,7 +196,8 @@ def main(role: str, argv: list[str] | None = None) -> int:
     """`python -m pdserve.services.prefill|decode`: the same process as `pdserve prefill|decode`."""
     from pdserve.services.worker.args import add_worker_args
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog=f"python -m pdserve.services.{role}",
+    from pdserve.common.config import HelpFormatter
+    parser = argparse.ArgumentParser(prog=f"python -m pdserve.services.{role}", formatter_class=HelpFormatter,
                                      description=f"a {role} worker (gRPC + KV transport, registers in Redis)")
     add_worker_args(parser)
     add_engine_args(parser)
