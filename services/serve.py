@@ -81,7 +81,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         engine_s = time.perf_counter() - t0
         metrics_apart = None
         try:
-            app = build_app(engine, name, api_key=args.api_key, collector=StatsCollector(name, engine=engine.core.stats),
+            from pdserve.common.gpu_metrics import gpu_stats_source
+            collector = StatsCollector(name, engine=engine.core.stats, gpu=gpu_stats_source(engine.core.runner.device))
+            app = build_app(engine, name, api_key=args.api_key, collector=collector,
                             metrics_route=args.enable_metrics and args.metrics_port is None)
             metrics_apart = serve_metrics_apart(app, args, args.host)
             config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,

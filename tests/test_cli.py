@@ -60,10 +60,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_models):
     assert proc.returncode == 2 and "missing.txt" in proc.stderr
 
 
-def test_bench_latency_reports_consistent_numbers(tmp_path, tiny_models):
+def test_bench_latency_reports_consistent_numbers_and_plots(tmp_path, tiny_models):
     out = tmp_path / "lat.json"
     proc = pdserve("bench", "latency", "--model", tiny_models["llama"], "--input-len", "12", "--output-len", "6",
-                   "--batch-size", "3", "--num-iters-warmup", "1", "--num-iters", "3", "--json-out", str(out))
+                   "--batch-size", "3", "--num-iters-warmup", "1", "--num-iters", "3", "--output-json", str(out))
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["iterations"] == 3 and report["batch_size"] == 3 and report["output_len"] == 6
@@ -71,10 +71,52 @@ def test_bench_latency_reports_consistent_numbers(tmp_path, tiny_models):
     # first token + 5 more tokens at the per-token time can't take longer than the whole batch
     assert 0 < report["avg_ttft_ms"] / 1000 < report["avg_latency_s"]
     assert report["avg_ttft_ms"] / 1000 + 5 * report["avg_ms_per_output_token"] / 1000 <= report["avg_latency_s"] * 1.01
+    assert len(report["latencies_s"]) == 3 and "interrupted" not in report
     assert "ms per output token" in proc.stdout
+    assert "latency: 100%" in proc.stderr.replace("\r", "\n")  # the progress bar reached the end
+    png = tmp_path / "lat.png"  # next to --output-json
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     bad = pdserve("bench", "latency", "--model", tiny_models["llama"], "--output-len", "0")
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1] == \
         "pdserve bench latency: --output-len must be at least 1"
+
+
+def test_bench_throughput_writes_json_and_a_bar_plot(tmp_path, tiny_models):
+    out, png = tmp_path / "tput.json", tmp_path / "bars.png"
+    proc = pdserve("bench", "throughput", "--model", tiny_models["llama"], "--num-prompts", "4", "--input-len",
+                   "8", "16", "--output-len", "4", "8", "--json-out", str(out), "--plot", str(png))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    engines = {r["engine"]: r for r in report["results"]}
+    assert set(engines) == {"pdserve", "hf-transformers"}
+    for r in engines.values():
+        assert r["requests_done"] == 4 and 16 <= r["output_tokens"] <= 32 and r["output_tok_per_s"] > 0
+    assert engines["pdserve"]["output_tokens"] == engines["hf-transformers"]["output_tokens"]
+    assert report["speedup_vs_hf"] > 0
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
+
+
+def test_bench_ctrl_c_writes_what_was_measured(tmp_path, tiny_models):
+    """SIGINT in the middle of the measured iterations: partial JSON and plot, exit status 130."""
+    import signal
+    import time
+    out = tmp_path / "lat.json"
+    proc = subprocess.Popen([sys.executable, "-m", "pdserve.services.cli", "bench", "latency", "--model",
+                             tiny_models["llama"], "--input-len", "8", "--output-len", "200", "--num-iters-warmup",
+                             "0", "--num-iters", "10000", "--output-json", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    seen = ""
+    while "latency:" not in seen or "1/10000" not in seen.replace("\r", "\n"):  # one iteration done
+        assert proc.poll() is None and time.time() < deadline, seen
+        seen += proc.stderr.read(1)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout
+    report = json.loads(out.read_text())
+    assert report["interrupted"] is True and report["iterations"] >= 1
+    assert len(report["latencies_s"]) == report["iterations"]
+    assert "interrupted" in stdout and (tmp_path / "lat.png").stat().st_size > 0
 
 
 # ---- flags: help, version, vLLM spellings ------------------------------------------------------
