@@ -24,8 +24,8 @@ def add_parsers(sub, add_engine_args) -> None:
     p.set_defaults(func=run_router)
 
     from pdserve.services import plan
-    from pdserve.services.router import admin
-    admin.add_parser(sub)
+    from pdserve.services.router import admin_cli
+    admin_cli.add_parser(sub)
     plan.add_parser(sub, add_engine_args)
 
     from pdserve.services.local_stack import add_up_args, cmd_up
