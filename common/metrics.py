@@ -150,10 +150,15 @@ class RequestTracker:
         if self.done:
             return
         self.done = True
-        for i, finished in enumerate(self.finished):
-            if not finished:
-                self.m.finished(reason)
-                self.m.request_generation_tokens.observe(self.num_tokens[i])
+        count_unfinished(self.m, self.finished, self.num_tokens, reason)
+
+
+def count_unfinished(m: ServerMetrics, finished: list[bool], num_tokens: list[int], reason: str) -> None:
+    """A request ended early: its sequences still running finish with `reason`."""
+    for i, done in enumerate(finished):
+        if not done:
+            m.finished(reason)
+            m.request_generation_tokens.observe(num_tokens[i])
 
 
 def _ttft(out: RequestOutput, now: float, arrival_time: float) -> float:

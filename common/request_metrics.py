@@ -17,7 +17,7 @@ with this engine's view of the request, as each vLLM instance of a P/D pair repo
 
 from __future__ import annotations
 
-from pdserve.common.metrics import ServerMetrics
+from pdserve.common.metrics import ServerMetrics, count_unfinished
 from pdserve.common.outputs import EngineOutput
 
 
@@ -64,7 +64,4 @@ class DeltaTracker:
         if self.done:
             return
         self.done = True
-        for i, finished in enumerate(self.finished):
-            if not finished:
-                self.m.finished(reason)
-                self.m.request_generation_tokens.observe(self.num_tokens[i])
+        count_unfinished(self.m, self.finished, self.num_tokens, reason)

@@ -112,7 +112,7 @@ class LocalStack:
         self.spawn("redis", "redis", [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                                       "--appendonly", "no"])
         deadline = time.monotonic() + 30
-        while not _redis_answers(port):
+        while not redis_answers(port):
             self.check_alive()
             if time.monotonic() > deadline:
                 raise StackError(f"redis-server does not answer on port {port}")
@@ -176,10 +176,11 @@ class LocalStack:
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
-def _redis_answers(port: int) -> bool:
+def redis_answers(port: int, timeout: float = 0.5) -> bool:
+    """One raw RESP PING to 127.0.0.1:port (no client library)."""
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
-            s.sendall(b"PING\r\n")
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
             return s.recv(16).startswith(b"+PONG")
     except OSError:
         return False
