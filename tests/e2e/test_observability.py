@@ -19,7 +19,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from servers import ServeProcess
-from stack import Stack
+from stack import ROUTER_FLAGS, Stack
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose"
@@ -47,7 +47,7 @@ def total(families, family: str, suffix: str = "") -> float:
 @pytest.fixture(scope="module")
 def running(tiny_models):
     """A 1P1D stack that served one chat request, and a `pdserve serve` with --metrics-port."""
-    stack = Stack(tiny_models["llama"], prefill=[[]], decode=[[]])
+    stack = Stack(tiny_models["llama"], prefill=[[]], decode=[[]], router_flags=(*ROUTER_FLAGS, "--metrics-port", "0"))
     serve = ServeProcess("--model", tiny_models["llama"], "--num-gpu-blocks-override", "256",
                          "--metrics-port", "0").start()
     try:
@@ -57,7 +57,10 @@ def running(tiny_models):
         serve.wait_ready()
         with openai.OpenAI(base_url=serve.url + "/v1", api_key="none", max_retries=0, timeout=60) as c:
             c.completions.create(model=c.models.list().data[0].id, prompt="Once upon", max_tokens=4, temperature=0)
-        scraped = {"router": scrape(stack.base_url + "/metrics")}
+        ready = [line for line in stack.log("router").splitlines() if line.startswith("pdserve router: ready in")]
+        assert len(ready) == 1 and re.search(r"ready in \d+\.\d\d s, metrics on http://\S+/metrics$", ready[0])
+        assert httpx.get(stack.base_url + "/metrics", timeout=5).status_code == 404  # on its own port only
+        scraped = {"router": scrape(ready[0].rsplit(" ", 1)[1])}
         for role in ("prefill", "decode"):
             scraped[role] = scrape(stack.ready_addresses(f"{role}-0")[2])
         yield stack, serve, scraped
