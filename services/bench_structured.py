@@ -52,16 +52,16 @@ def add_parser(bench_sub) -> None:
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", default="smollm2", choices=["smollm2", "llama3-8b", "tiny"],
                    help="smollm2: the packaged model; llama3-8b: dummy weights (GPU); tiny: a smoke test of that path")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--input-len", type=int, default=32)
-    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="concurrent requests of each run")
+    p.add_argument("--input-len", type=int, default=32, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=64, help="output tokens per request")
     p.add_argument("--rounds", type=int, default=3, help="rounds per mode and batch size (median taken)")
-    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--max-model-len", type=int, default=1024, help="the engine's context length")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="overlapped steps for unconstrained requests (default: on CUDA)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json-out", default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts")
+    p.add_argument("--json-out", default=None, help="write the results here")
 
 
 def build_engine(args):

@@ -70,7 +70,10 @@ class EngineCore:
             raise ConfigError(f"--max-model-len {max_len} exceeds the model's context length "
                               f"{self.arch.max_position_embeddings}")
         self.max_model_len = max_len
-        self.tokenizer = load_tokenizer(self.model_path, config.model.tokenizer) if load_tokenizer_ else None
+        self.tokenizer = (load_tokenizer(self.model_path, config.model.tokenizer, config.model.chat_template)
+                          if load_tokenizer_ else None)
+        if config.model.trust_remote_code:
+            log.info("--trust-remote-code has no effect: pdserve runs no code from a checkpoint, downloads nothing")
         eos = list(self.arch.eos_token_ids) + (self.tokenizer.eos_token_ids if self.tokenizer else [])
         self.eos_token_ids = tuple(dict.fromkeys(eos))
         sched_cfg = dataclasses.replace(config.scheduler, max_model_len=max_len)

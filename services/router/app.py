@@ -576,11 +576,13 @@ def _param_name(loc: tuple) -> str | None:
 # ---- the app ----------------------------------------------------------------------------------
 def build_app(engine: EngineClient, served_model_name: str, api_key: str | None = None,
               collector: StatsCollector | None = None, limits: Limits = Limits(),
-              tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False) -> FastAPI:
+              tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False,
+              metrics_route: bool = True) -> FastAPI:
     """The FastAPI app. `collector` (state for /metrics) is the deployment's: the in-process
     engine's stats, or the router's view of its fleet and its routing counters.
     `tool_call_parser` + `enable_auto_tool_choice` (vLLM's flags) let tool_choice "auto" turn the
-    model's text into tool calls."""
+    model's text into tool calls. `metrics_route` False: no /metrics here (served on a port of
+    its own, or not at all)."""
     metrics = ServerMetrics(served_model_name, engine.max_model_len, collector)
     server = OpenAIServer(engine, served_model_name, metrics, limits, tool_call_parser, enable_auto_tool_choice)
     app = FastAPI(title="pdserve", description="OpenAI-compatible API of pdserve")
@@ -652,8 +654,9 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
             return Response(status_code=200)
         return APIError(503, "the engine is not healthy", type="server_error", code="engine_unavailable").response()
 
-    @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    if metrics_route:
+        @app.get("/metrics")
+        async def prometheus_metrics() -> Response:
+            return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app
