@@ -11,6 +11,11 @@ import os
 from dataclasses import dataclass, field
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+# --quantization: weight formats with a kernel (docs/quantization.md); None = the checkpoint's own
+# (its config.json `quantization_config`, or full precision)
+QUANTIZATION_METHODS = ("fp8", "awq", "gptq", "gguf")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+KV_CACHE_SCALES = ("per-head", "per-tensor")
 
 
 class ConfigError(ValueError):
@@ -32,8 +37,12 @@ class ModelConfig:
     served_model_name: str | None = None
     seed: int = 0
     device: str = "cpu"
+    quantization: str | None = None  # QUANTIZATION_METHODS; None: detected from the checkpoint
 
     def __post_init__(self):
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ConfigError(f"--quantization must be one of {', '.join(QUANTIZATION_METHODS)}, "
+                              f"got {self.quantization!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -76,15 +85,26 @@ class CacheConfig:
     kv_cache_memory_gb: float = 2.0  # CPU: memory for the KV pool when num_blocks is None
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
-    kv_cache_dtype: str = "auto"
+    kv_cache_dtype: str = "auto"  # KV_CACHE_DTYPES: auto = the model's dtype; fp8 = e4m3 with scales
+    kv_cache_scale: str = "per-head"  # KV_CACHE_SCALES: granularity of the fp8 KV scales
 
     def __post_init__(self):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                              f"got {self.kv_cache_dtype!r}")
+        if self.kv_cache_scale not in KV_CACHE_SCALES:
+            raise ConfigError(f"--kv-cache-scale must be one of {', '.join(KV_CACHE_SCALES)}, "
+                              f"got {self.kv_cache_scale!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"--block-size must be a power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ConfigError(f"--num-gpu-blocks-override must be positive, got {self.num_blocks}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    @property
+    def fp8_kv(self) -> bool:
+        return self.kv_cache_dtype in ("fp8", "fp8_e4m3")
 
 
 @dataclass(frozen=True)

@@ -205,3 +205,43 @@ def sample_ref(
         scores = torch.where(keep, probs / exp_noise[b], -1.0)
         token_ids.append(int(scores.argmax()))
     return torch.tensor(token_ids, dtype=torch.int64, device=logits.device)
+
+
+def dequantize_int_ref(
+    qweight: torch.Tensor,  # [K / (32 / bits), N] int32, K values packed per column (GPTQ qweight order)
+    scales: torch.Tensor,   # [K / group_size, N]
+    zeros: torch.Tensor,    # [K / group_size, N] zero points (float, integer-valued for AWQ/GPTQ)
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:          # [K, N] fp32: w[k, n] = (q[k, n] - zeros[k // G, n]) * scales[k // G, n]
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, device=qweight.device).view(1, per_word, 1) * bits
+    q = ((qweight.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1, qweight.shape[1])
+    s = scales.float().repeat_interleave(group_size, dim=0)
+    z = zeros.float().repeat_interleave(group_size, dim=0)
+    return (q.float() - z) * s
+
+
+def int_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   bits: int, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """[M, K] @ dequantized [K, N] (+ b): the weight rounded to x's dtype, products summed in fp32,
+    the result rounded to x's dtype (what the Triton kernels do)."""
+    w = dequantize_int_ref(qweight, scales, zeros, bits, group_size).to(x.dtype)
+    y = x.float() @ w.float()
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def fp8_quantize_per_row_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] -> (float8_e4m3fn [M, K], fp32 scales [M, 1]) with x ~= q * scale, amax -> 448."""
+    amax = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    scale = amax / 448.0
+    return (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+
+
+def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 fp8: x quantized per token (dynamic), weight [N, K] fp8 with per-output scales [N];
+    y = (q(x) s_x) @ (W s_w)^T in fp32, rounded to x's dtype (torch._scaled_mm's semantics)."""
+    xq, x_scale = fp8_quantize_per_row_ref(x)
+    y = (xq.float() @ weight.float().T) * x_scale * weight_scale.float()[None, :]
+    return (y if bias is None else y + bias.float()).to(x.dtype)

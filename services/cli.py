@@ -35,6 +35,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule the next step while the device runs the current one (default: on CUDA only)")
     g.add_argument("--served-model-name", default=None)
+    g.add_argument("--quantization", "-q", default=None, choices=["fp8", "awq", "gptq", "gguf"],
+                   help="weight quantization (default: the checkpoint's quantization_config, else none; "
+                        "fp8 on a bf16/fp16 checkpoint quantizes at load)")
+    g.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
+                   help="fp8: e4m3 KV cache with per-head (or per-tensor) scales, ~2x the tokens")
+    g.add_argument("--kv-cache-scale", default="per-head", choices=["per-head", "per-tensor"])
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -45,7 +51,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 enable_prefix_caching=args.enable_prefix_caching, enable_chunked_prefill=args.enable_chunked_prefill,
                 max_num_seqs=args.max_num_seqs, max_num_batched_tokens=batched, load_format=args.load_format,
                 device=args.device, enforce_eager=args.enforce_eager, served_model_name=args.served_model_name,
-                async_scheduling=args.async_scheduling)
+                async_scheduling=args.async_scheduling, quantization=args.quantization,
+                kv_cache_dtype=args.kv_cache_dtype, kv_cache_scale=args.kv_cache_scale)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

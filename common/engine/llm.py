@@ -26,14 +26,16 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, seed: int = 0,
                  tokenizer: str | None = None, load_format: str = "auto", device: str = "cpu",
                  gpu_memory_utilization: float = 0.9, enforce_eager: bool = False,
-                 served_model_name: str | None = None, async_scheduling: bool | None = None):
+                 served_model_name: str | None = None, async_scheduling: bool | None = None,
+                 quantization: str | None = None, kv_cache_dtype: str = "auto", kv_cache_scale: str = "per-head"):
         config = EngineConfig(
             model=ModelConfig(model=model or "default", dtype=dtype, max_model_len=max_model_len, seed=seed,
                               tokenizer=tokenizer, load_format=load_format, device=device,
-                              served_model_name=served_model_name),
+                              served_model_name=served_model_name, quantization=quantization),
             cache=CacheConfig(block_size=block_size, num_blocks=num_gpu_blocks_override,
                               kv_cache_memory_gb=kv_cache_memory_gb, enable_prefix_caching=enable_prefix_caching,
-                              gpu_memory_utilization=gpu_memory_utilization),
+                              gpu_memory_utilization=gpu_memory_utilization, kv_cache_dtype=kv_cache_dtype,
+                              kv_cache_scale=kv_cache_scale),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                       enable_chunked_prefill=enable_chunked_prefill,
                                       max_model_len=max_model_len or max_num_batched_tokens),
