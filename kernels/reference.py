@@ -245,3 +245,10 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     xq, x_scale = fp8_quantize_per_row_ref(x)
     y = (xq.float() @ weight.float().T) * x_scale * weight_scale.float()[None, :]
     return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def fp8_gemv_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight-only fp8 at batch 1: [1, K] @ (W [N, K] fp8 * s [N])^T in fp32, rounded to x's dtype."""
+    y = (x.float() @ weight.float().T) * weight_scale.float()[None, :]
+    return (y if bias is None else y + bias.float()).to(x.dtype)

@@ -137,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     from pdserve.services import bench, disagg_cli
     bench.add_parser(sub, add_engine_args)
     from pdserve.services import serve; serve.add_parser(sub, add_engine_args)
+    from pdserve.services import quantize; quantize.add_parser(sub)
     disagg_cli.add_parsers(sub, add_engine_args)
     return parser
 

@@ -218,12 +218,19 @@ class LlamaForCausalLM(nn.Module):
                 fused, shard = self._SHARDS[parts[-2]]
                 target = ".".join(parts[:-2] + [fused, parts[-1]])
                 param = params[target]
-                offset = sum(sizes[fused][:shard])
-                param.data[offset:offset + sizes[fused][shard]].copy_(tensor)
+                if hasattr(param, "weight_loader"):  # quantized parameters place their own shards
+                    param.weight_loader(param, tensor, shard)
+                else:
+                    offset = sum(sizes[fused][:shard])
+                    param.data[offset:offset + sizes[fused][shard]].copy_(tensor)
                 filled.add(f"{target}#{shard}")
                 continue
             if target not in params:
                 raise ConfigError(f"checkpoint tensor {name!r} has no place in the model")
+            if hasattr(params[target], "weight_loader"):
+                params[target].weight_loader(params[target], tensor, None)
+                filled.add(target)
+                continue
             if params[target].shape != tensor.shape:
                 raise ConfigError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
                                   f"the model expects {tuple(params[target].shape)}")
@@ -231,6 +238,8 @@ class LlamaForCausalLM(nn.Module):
             filled.add(target)
         missing = []
         for pname in params:
+            if getattr(params[pname], "optional", False):  # e.g. a quantized layer's static input scale
+                continue
             head = pname.rsplit(".", 2)
             if len(head) == 3 and head[1] in sizes:
                 shards = len(sizes[head[1]])

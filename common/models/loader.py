@@ -13,7 +13,7 @@ import torch
 
 from pdserve.common.config import ArchConfig, ConfigError, ModelConfig
 from pdserve.common.model_path import default_model_path, resolve_model_path  # noqa: F401 (re-export)
-from pdserve.common.models import gguf_loader
+from pdserve.common.models import gguf_loader, quantization
 from pdserve.common.models.llama import TORCH_OPS, LlamaForCausalLM
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
@@ -112,11 +112,16 @@ def load_model(cfg: ModelConfig, path: str, arch: ArchConfig, block_size: int, m
     exists in fp32 or twice. A CUDA out-of-memory becomes a ConfigError.
     """
     torch.manual_seed(cfg.seed)
+    qcfg = quantization.resolve_quantization(cfg.quantization, path, is_gguf(path), cfg.load_format == "dummy")
+    use_triton = ops is not TORCH_OPS
     with torch.device("meta"):
         model = LlamaForCausalLM(arch, block_size, max_positions, ops)
+    model = model.to(dtype=dtype)
+    quantization.prepare_model(model, qcfg, arch, dtype, device, use_triton)  # quantized modules, on meta
     out_of_memory = None
     try:
-        model = model.to(dtype=dtype).to_empty(device=device)
+        model = model.to_empty(device=device)
+        quantization.attach_loaders(model)
         if cfg.load_format == "dummy":
             _init_dummy(model, cfg.seed, device)
         elif is_gguf(path):
@@ -124,6 +129,7 @@ def load_model(cfg: ModelConfig, path: str, arch: ArchConfig, block_size: int, m
             model.load_weights(gguf_loader.iter_weights(reader, arch, path))
         else:
             model.load_weights(_iter_safetensors(path))
+        quantization.finish_model(model, qcfg, use_triton)  # online fp8; act-order permutations
     except torch.OutOfMemoryError as e:
         out_of_memory = str(e).splitlines()[0]
     if out_of_memory is not None:  # raised here, so no traceback keeps the partly loaded weights alive
@@ -131,6 +137,7 @@ def load_model(cfg: ModelConfig, path: str, arch: ArchConfig, block_size: int, m
         raise ConfigError(f"the model does not fit on {device}: {out_of_memory}")
     # rotary tables were created on meta (and cast): rebuild them for real, in fp32
     _rebuild_rotary(model, arch, max_positions, ops, device)
+    model.quant_config = qcfg
     return model.eval()
 
 
@@ -139,7 +146,10 @@ def _init_dummy(model: LlamaForCausalLM, seed: int, device: torch.device) -> Non
     keeps activations of a deep model finite in bf16. Drawn on the device (seconds for 8B)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
+    done = quantization.init_dummy_quantized(model, gen)  # drawn in their quantized format
     for p in model.parameters():
+        if id(p) in done:
+            continue
         if p.dim() > 1:
             p.data.normal_(0.0, 0.02, generator=gen)
         else:

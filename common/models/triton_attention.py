@@ -88,6 +88,8 @@ class TritonOps:
         self.gemv_weights: set[tuple[tuple[int, int], torch.dtype]] = set()
 
     def linear(self, layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(layer, torch.nn.Linear):  # quantized linears (models/quantization) pick their kernels
+            return layer(x)
         if x.shape[0] == 1 and (tuple(layer.weight.shape), x.dtype) in self.gemv_weights:
             return gemv(x, layer.weight, layer.bias)
         return layer(x)

@@ -76,3 +76,33 @@ def test_int_gemv_split_k(device, case):
     for split in (1, 2, 4):
         out = int_matmul(x, qweight, scales, zeros, bits, group, gemv=(16, split))
         assert rel_error(out, expected) <= tolerance(BF16), split
+
+
+@pytest.mark.parametrize("device,case", backends([(1, 4096, BF16), (256, 14336, BF16), (3, 4096, FP16)],
+                                                 [(1, 64, FP32), (5, 200, BF16), (2, 48, FP16)]))
+def test_quantize_fp8_per_token(device, case):
+    from pdserve.kernels.fp8_linear import quantize_fp8_per_token
+    m, k, dtype = case
+    x = (torch.randn(m, k, generator=torch.Generator().manual_seed(k)) * 3).to(device, dtype)
+    x[0, 0] = 0  # a zero next to large values
+    q, scale = quantize_fp8_per_token(x)
+    q_ref, scale_ref = ref.fp8_quantize_per_row_ref(x)
+    torch.testing.assert_close(scale, scale_ref, rtol=1e-6, atol=0)
+    # the same fp8 codes up to one rounding step where x / scale sits on a rounding boundary
+    assert (q.float() - q_ref.float()).abs().le(q_ref.float().abs() * 0.0625 + 1e-6).all()
+    assert (q.float() == q_ref.float()).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("device,case", backends([(4096, 4096, BF16), (14336, 4096, BF16), (4096, 28672, FP16)],
+                                                 [(64, 32, FP32), (200, 24, BF16), (128, 40, FP16)]))
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fp8_gemv(device, case, with_bias):
+    from pdserve.kernels.fp8_linear import fp8_gemv
+    k, n, dtype = case
+    gen = torch.Generator().manual_seed(k + n)
+    weight = (torch.randn(n, k, generator=gen) * 50).to(torch.float8_e4m3fn).to(device)
+    scale = (torch.rand(n, generator=gen) * 1e-3 + 1e-4).to(device)
+    x = torch.randn(1, k, generator=gen).to(device, dtype)
+    bias = torch.randn(n, generator=gen).to(device, dtype) if with_bias else None
+    out = fp8_gemv(x, weight, scale, bias, block_k=64 if device == "cpu" else 512)
+    assert rel_error(out, ref.fp8_gemv_ref(x, weight, scale, bias)) <= tolerance(dtype)

@@ -75,8 +75,11 @@ def read_quantization_config(folder: str) -> dict | None:
         return json.load(f).get("quantization_config")
 
 
-def resolve_quantization(requested: str | None, path: str, is_gguf: bool) -> QuantConfig | None:
-    """The QuantConfig of a run: `requested` (--quantization) checked against the checkpoint."""
+def resolve_quantization(requested: str | None, path: str, is_gguf: bool, dummy: bool = False) -> QuantConfig | None:
+    """The QuantConfig of a run: `requested` (--quantization) checked against the checkpoint.
+    With dummy weights, awq/gptq mean random 4-bit weights in that format (group 128, asym)."""
+    if dummy and requested in ("awq", "gptq") and read_quantization_config(path) is None:
+        return QuantConfig(requested, prequantized=True, bits=4, group_size=128, sym=False)
     if is_gguf:
         if requested not in (None, "gguf"):
             raise ConfigError(f"--quantization {requested} does not apply to a GGUF file (use gguf or leave it out)")

@@ -1,0 +1,98 @@
+"""Quantization as a transform on the finished model: its nn.Linear projections are swapped for
+quantized modules (fp8.Fp8Linear, int_linear.IntLinear) that the model calls like any linear
+(`ops.linear(layer, x)` runs a non-nn.Linear layer's own forward).
+
+    load_model (loader.py):
+      build on meta -> cast to dtype -> prepare_model(): prequantized checkpoints (AWQ, GPTQ, fp8)
+        swap the linears for empty quantized modules, still on meta
+      -> materialize on the device -> load_weights (each quantized parameter's weight_loader puts
+        the checkpoint's layout into the running one) or init_dummy
+      -> finish_model(): online fp8 quantizes the loaded nn.Linears; act-order permutations
+
+Which method runs is `config.resolve_quantization` (flag + the checkpoint's quantization_config).
+The embedding, norms and lm_head stay in the model dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pdserve.common.config import ArchConfig, ConfigError
+from pdserve.common.models.quantization.config import FUSED_LINEARS, QuantConfig, resolve_quantization
+from pdserve.common.models.quantization.fp8 import Fp8Linear
+from pdserve.common.models.quantization.int_linear import IntLinear
+
+__all__ = ["QuantConfig", "resolve_quantization", "prepare_model", "attach_loaders", "finish_model",
+           "quantized_modules"]
+
+
+def _output_sizes(arch: ArchConfig, name: str, layer: nn.Linear) -> list[int]:
+    if name == "qkv_proj":
+        return [arch.num_heads * arch.head_dim] + [arch.num_kv_heads * arch.head_dim] * 2
+    if name == "gate_up_proj":
+        return [arch.intermediate_size] * 2
+    return [layer.out_features]
+
+
+def _targets(model: nn.Module, qcfg: QuantConfig):
+    """(parent module, attribute, nn.Linear, HF prefix) of every linear the method quantizes."""
+    for path, parent in model.named_modules():
+        for attr in FUSED_LINEARS:
+            layer = getattr(parent, attr, None)
+            if isinstance(layer, nn.Linear) and not qcfg.is_ignored(f"model.{path}", attr):
+                yield parent, attr, layer
+
+
+def prepare_model(model: nn.Module, qcfg: QuantConfig | None, arch: ArchConfig, dtype: torch.dtype,
+                  device: torch.device, use_triton: bool) -> None:
+    """Before weights are loaded (model on meta, already in `dtype`): swap in empty quantized modules."""
+    if qcfg is None:
+        return
+    if qcfg.method == "fp8" and device.type == "cuda" and dtype != torch.bfloat16:
+        raise ConfigError(f"--quantization fp8 on CUDA runs bf16 activations (torch._scaled_mm's row-wise "
+                          f"scaling): pass --dtype bfloat16, not {dtype}")
+    if not qcfg.prequantized or qcfg.method == "gguf":
+        return
+    for parent, attr, layer in list(_targets(model, qcfg)):
+        sizes = _output_sizes(arch, attr, layer)
+        with torch.device("meta"):
+            if qcfg.method == "fp8":
+                new = Fp8Linear(layer.in_features, sizes, layer.bias is not None, use_triton, dtype)
+            else:
+                new = IntLinear(layer.in_features, sizes, qcfg.bits, qcfg.group_size, qcfg.method,
+                                layer.bias is not None, use_triton, dtype, desc_act=qcfg.desc_act,
+                                zero_offset=qcfg.zero_offset)
+        setattr(parent, attr, new)
+
+
+def attach_loaders(model: nn.Module) -> None:
+    """After materializing the model (to_empty): the quantized parameters' weight_loaders."""
+    for module in quantized_modules(model):
+        module.attach_loaders()
+
+
+def finish_model(model: nn.Module, qcfg: QuantConfig | None, use_triton: bool) -> None:
+    """After weights are loaded: online fp8 quantization; per-module post-load steps (act-order)."""
+    if qcfg is None:
+        return
+    if qcfg.method == "fp8" and not qcfg.prequantized:
+        for parent, attr, layer in list(_targets(model, qcfg)):
+            setattr(parent, attr, Fp8Linear.from_linear(layer, use_triton))
+            del layer  # the full-precision weight is freed layer by layer
+    for module in quantized_modules(model):
+        if hasattr(module, "finish_loading"):
+            module.finish_loading()
+
+
+def quantized_modules(model: nn.Module):
+    return (m for m in model.modules() if isinstance(m, (Fp8Linear, IntLinear)))
+
+
+def init_dummy_quantized(model: nn.Module, gen: torch.Generator) -> set[int]:
+    """Random quantized weights drawn directly in their format; returns ids of the parameters done."""
+    done: set[int] = set()
+    for module in quantized_modules(model):
+        module.init_dummy(gen)
+        done.update(id(p) for p in module.parameters())
+    return done
