@@ -29,6 +29,7 @@ from pdserve.common.models.attention import AttentionMetadata, PrefillSeq, StepI
 from pdserve.common.models.llama import TORCH_OPS
 from pdserve.common.models.packed_upload import PackedUpload
 from pdserve.common.models.loader import checkpoint_dtype, load_model, resolve_dtype
+from pdserve.common.models.quantization.kv_cache import attach_kv_scales, calibrate_kv_scales, kv_cache_dtype
 from pdserve.common.sampling_params import SamplingParams
 
 GiB = 1 << 30
@@ -61,6 +62,10 @@ class ModelRunner:
         self._fill_upload = PackedUpload(self.device, 1024)
         self.kv_caches: list[torch.Tensor] = []
         self.graphs = None  # captured after the KV cache exists
+        # --kv-cache-dtype fp8: e4m3 tensors, per-layer [2, KVH] scales calibrated here (quantization/kv_cache.py)
+        self.kv_dtype = kv_cache_dtype(cache_cfg.fp8_kv, self.dtype)
+        self.kv_scales = calibrate_kv_scales(self, cache_cfg.kv_cache_scale == "per-tensor") if cache_cfg.fp8_kv else None
+        attach_kv_scales(self.model, self.kv_scales)
         if cache_cfg.num_blocks:
             self.num_blocks = cache_cfg.num_blocks
         elif self.device.type == "cuda":
@@ -70,10 +75,12 @@ class ModelRunner:
         shape = (2, self.num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
         # one tensor per layer: [2 (K, V), num_blocks, block_size, num_kv_heads, head_dim]
         try:
-            self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(arch.num_layers)]
+            self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(arch.num_layers)]
         except torch.OutOfMemoryError as e:
             raise ConfigError(f"a KV cache of {self.num_blocks} blocks does not fit on {self.device}: "
                               "lower --num-gpu-blocks-override or --gpu-memory-utilization") from e
+        for kv, scale in zip(self.kv_caches, self.kv_scales or []):
+            kv.kv_scale = scale  # an fp8 cache carries its scales into the KV transport's layout
         if self.device.type == "cuda" and ops is not TORCH_OPS and not enforce_eager:
             from pdserve.common.engine.cuda_graphs import DecodeGraphs
             self.graphs = DecodeGraphs(self.model, self.kv_caches, arch.num_kv_heads, self.block_size,
@@ -83,7 +90,7 @@ class ModelRunner:
 
     def bytes_per_block(self) -> int:
         a = self.arch
-        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.kv_dtype.itemsize
 
     def _blocks_for_memory(self, cache_cfg: CacheConfig) -> int:
         num = int(cache_cfg.kv_cache_memory_gb * GiB) // self.bytes_per_block()
@@ -101,7 +108,7 @@ class ModelRunner:
         weights = torch.cuda.memory_allocated(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         shape = (2, 1, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.arch.num_layers)]
+        self.kv_caches = [torch.zeros(shape, dtype=self.kv_dtype, device=self.device) for _ in range(self.arch.num_layers)]
         num_tokens = self.scheduler_cfg.max_num_batched_tokens
         try:
             self.execute(self._profile_step(num_tokens, self.scheduler_cfg.max_num_seqs))

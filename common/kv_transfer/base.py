@@ -43,10 +43,11 @@ BACKENDS = ("tcp", "ucx", "local")
 # absolute time.monotonic() value passed by mistake, which would make a dead peer hang.
 MAX_DEADLINE_S = 3600.0
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float8_e4m3fn": torch.float8_e4m3fn}
 
 # Fields that must agree between the two workers (num_blocks is each pool's own size).
-_PEER_FIELDS = ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype")
+_PEER_FIELDS = ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype", "kv_scales")
 
 
 class KVTransferError(RuntimeError):
@@ -85,7 +86,10 @@ class KVLayout:
     block_size: int
     num_kv_heads: int
     head_dim: int
-    dtype: str  # "float32" | "bfloat16" | "float16"
+    dtype: str  # "float32" | "bfloat16" | "float16" | "float8_e4m3fn"
+    # fp8 caches: every layer's [2, KVH] scales flattened (the tensors' `kv_scale`); blocks
+    # quantized with other scales would decode wrongly, so peers must agree on them exactly
+    kv_scales: tuple[float, ...] | None = None
 
     def __post_init__(self):
         for field in ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim"):
@@ -133,8 +137,14 @@ class KVLayout:
             if not kv.is_contiguous():
                 raise ValueError(f"kv_caches[{layer}] must be contiguous")
         _, num_blocks, block_size, num_kv_heads, head_dim = first.shape
+        scales = [getattr(kv, "kv_scale", None) for kv in kv_caches]
+        kv_scales = None
+        if first.dtype == torch.float8_e4m3fn:
+            if any(s is None for s in scales):
+                raise ValueError("fp8 kv_caches must carry their scales (tensor attribute kv_scale)")
+            kv_scales = tuple(float(x) for s in scales for x in s.flatten().tolist())
         return cls(len(kv_caches), num_blocks, block_size, num_kv_heads, head_dim,
-                   dtype_names[first.dtype])
+                   dtype_names[first.dtype], kv_scales)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -142,7 +152,9 @@ class KVLayout:
     @classmethod
     def from_dict(cls, data: dict) -> KVLayout:
         try:
-            return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+            fields = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name != "kv_scales"}
+            scales = data.get("kv_scales")
+            return cls(**fields, kv_scales=None if scales is None else tuple(float(x) for x in scales))
         except (KeyError, TypeError) as e:
             raise KVTransferError(f"peer sent a malformed KV layout {data!r}: {e}") from e
 
@@ -150,6 +162,10 @@ class KVLayout:
         """Raises KVTransferError naming the first field where the peer's layout differs."""
         for field in _PEER_FIELDS:
             mine, theirs = getattr(self, field), getattr(peer, field)
+            if field == "kv_scales" and mine != theirs:  # long tuples: say how they differ
+                raise KVTransferError(f"KV layout mismatch with {peer_name}: fp8 KV scales differ "
+                                      f"({'none' if mine is None else len(mine)} here, "
+                                      f"{'none' if theirs is None else len(theirs)} there, or other values)")
             if mine != theirs:
                 raise KVTransferError(
                     f"KV layout mismatch with {peer_name}: {field} is {mine!r} here but "

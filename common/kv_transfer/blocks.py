@@ -110,7 +110,8 @@ class BlockCopier:
     """
 
     def __init__(self, kv_caches: list[torch.Tensor], layout: KVLayout, phases: PullPhases):
-        self.kv_caches = kv_caches
+        # fp8 caches are copied as bytes (index_copy_ has no float8 kernel)
+        self.kv_caches = [kv.view(torch.uint8) if kv.element_size() == 1 else kv for kv in kv_caches]
         self.layout = layout
         self.phases = phases
         self.device = kv_caches[0].device
@@ -209,7 +210,8 @@ class BlockCopier:
 
     def _blocks_view(self, raw: torch.Tensor, num_blocks: int) -> torch.Tensor:
         layout = self.layout
-        return raw.view(layout.torch_dtype).view(layout.num_layers, 2, num_blocks,
+        dtype = torch.uint8 if layout.itemsize == 1 else layout.torch_dtype
+        return raw.view(dtype).view(layout.num_layers, 2, num_blocks,
                                                   *layout.block_shape)
 
     @contextlib.contextmanager

@@ -106,3 +106,97 @@ def test_fp8_gemv(device, case, with_bias):
     bias = torch.randn(n, generator=gen).to(device, dtype) if with_bias else None
     out = fp8_gemv(x, weight, scale, bias, block_k=64 if device == "cpu" else 512)
     assert rel_error(out, ref.fp8_gemv_ref(x, weight, scale, bias)) <= tolerance(dtype)
+
+
+# --- fp8 KV cache ------------------------------------------------------------------------------
+
+def fp8_paged_kv(context_lens, num_kv_heads, head_dim, block_size, device, seed, per_tensor=False):
+    """make_paged_kv's layout (NaN-poisoned free slots) quantized to e4m3 with per-head scales."""
+    from pdserve.kernels.testing import make_paged_kv
+    kv = make_paged_kv(context_lens, num_kv_heads, head_dim, block_size, FP32, device, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    scales = (0.5 + torch.rand(2, num_kv_heads, generator=gen)) * 4 / 448  # |x| ~ N(0, 1) -> amax ~ 4
+    if per_tensor:
+        scales[:] = scales.max()
+    k_scale, v_scale = scales[0].to(device), scales[1].to(device)
+    kv.k_cache = ref.quantize_kv_ref(kv.k_cache, k_scale)
+    kv.v_cache = ref.quantize_kv_ref(kv.v_cache, v_scale)
+    return kv, k_scale, v_scale
+
+
+@pytest.mark.parametrize("device,case", backends(
+    [(1, 16, BF16), (33, 16, BF16), (512, 32, FP16)], [(1, 16, BF16), (7, 16, FP32), (20, 8, BF16)]))
+def test_store_kv_fp8(device, case):
+    from pdserve.kernels import rotary_store_kv, store_kv
+    num_tokens, block_size, dtype = case
+    num_kv_heads, head_dim, num_blocks = 4, 64, 40
+    gen = torch.Generator().manual_seed(num_tokens)
+    k = (torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen) * 3).to(device, dtype)
+    v = (torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen) * 3).to(device, dtype)
+    k[0, 0, 0] = 1e6  # saturates at 448 * scale
+    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens].to(device)
+    slots[1::3] = -1
+    k_scale = (torch.rand(num_kv_heads, generator=gen) * 0.02 + 0.01).to(device)
+    v_scale = (torch.rand(num_kv_heads, generator=gen) * 0.02 + 0.01).to(device)
+    shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
+    got = torch.zeros(shape, dtype=torch.float8_e4m3fn, device=device)
+    want = torch.zeros(shape, dtype=torch.float8_e4m3fn, device=device)
+    store_kv(k, v, got[0], got[1], slots, k_scale, v_scale)
+    ref.store_kv_ref(k, v, want[0], want[1], slots, k_scale, v_scale)
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert float(got[0].float().abs().max()) == 448.0
+    # fused with rotary: q rotated in place, rotated k quantized
+    q = torch.randn(num_tokens, 8, head_dim, generator=gen).to(device, dtype)
+    positions = torch.randint(0, 100, (num_tokens,), generator=gen).to(device)
+    inv = 1.0 / 10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    freqs = torch.outer(torch.arange(128).float(), inv)
+    cos_sin = torch.cat((freqs.cos(), freqs.sin()), dim=-1).to(device)
+    got.zero_()
+    want.zero_()
+    q_ref = ref.rotary_store_kv_ref(q, k, v, positions, cos_sin, want[0], want[1], slots, k_scale, v_scale)
+    rotary_store_kv(q, k, v, positions, cos_sin, got[0], got[1], slots, k_scale, v_scale)
+    torch.testing.assert_close(q, q_ref)
+    differ = (got.view(torch.uint8) != want.view(torch.uint8))
+    assert differ.float().mean() < 0.01  # rotation products round differently at an fp8 boundary, rarely
+    assert (got.float() - want.float()).abs().le(want.float().abs() * 0.0625 + 1e-3).all()
+
+
+FP8_DECODE = [([1, 7, 33], 4, 4, 64, 16, BF16, None, None), ([129, 70], 8, 1, 64, 32, BF16, None, 3),
+              ([200, 5], 16, 1, 64, 8, FP32, None, 4), ([150, 40], 4, 1, 128, 16, BF16, 50, 3)]
+FP8_DECODE_GPU = [([1025, 3, 2048, 17], 32, 8, 128, 16, BF16, None, None), ([3000, 77], 32, 2, 128, 16, BF16, None, None),
+                  ([33, 129, 1200], 32, 8, 128, 16, FP16, None, 7)]
+
+
+@pytest.mark.parametrize("device,case", backends(FP8_DECODE_GPU, FP8_DECODE))
+def test_paged_decode_attention_fp8(device, case):
+    from pdserve.kernels import paged_decode_attention
+    context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, window, num_splits = case
+    kv, k_scale, v_scale = fp8_paged_kv(context_lens, num_kv_heads, head_dim, block_size, device, len(context_lens))
+    q = torch.randn(len(context_lens), num_heads, head_dim, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    args = (q, kv.k_cache, kv.v_cache, kv.block_tables, kv.context_lens, head_dim ** -0.5, window)
+    out = paged_decode_attention(*args, num_splits=num_splits, k_scale=k_scale, v_scale=v_scale)
+    expected = ref.paged_decode_attention_ref(*args, k_scale=k_scale, v_scale=v_scale)
+    assert not out.isnan().any()
+    assert rel_error(out, expected) <= tolerance(dtype)
+
+
+FP8_PREFILL = [([33, 16], [0, 16], 8, 2, 64, 16, FP32, None), ([70, 1, 20], [40, 100, 0], 8, 1, 64, 32, BF16, None),
+               ([90, 12], [30, 0], 4, 2, 64, 16, BF16, 40)]
+FP8_PREFILL_GPU = [([200, 1, 513, 77], [300, 1000, 0, 1], 32, 4, 128, 32, BF16, None),
+                   ([600, 33, 1], [500, 0, 2000], 32, 8, 128, 16, BF16, 256)]
+
+
+@pytest.mark.parametrize("device,case", backends(FP8_PREFILL_GPU, FP8_PREFILL))
+def test_paged_prefill_attention_fp8(device, case):
+    from pdserve.kernels import paged_prefill_attention
+    from pdserve.kernels.testing import query_start_loc
+    query_lens, prefix_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, window = case
+    context = [q + p for q, p in zip(query_lens, prefix_lens)]
+    kv, k_scale, v_scale = fp8_paged_kv(context, num_kv_heads, head_dim, block_size, device, 3, per_tensor=True)
+    q = torch.randn(sum(query_lens), num_heads, head_dim, generator=torch.Generator().manual_seed(2)).to(device, dtype)
+    args = (q, kv.k_cache, kv.v_cache, kv.block_tables, query_start_loc(query_lens, device), kv.context_lens,
+            head_dim ** -0.5, window)
+    out = paged_prefill_attention(*args, k_scale=k_scale, v_scale=v_scale)
+    expected = ref.paged_prefill_attention_ref(*args, k_scale=k_scale, v_scale=v_scale)
+    assert not out.isnan().any()
+    assert rel_error(out, expected) <= tolerance(dtype)
