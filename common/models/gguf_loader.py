@@ -7,6 +7,10 @@ GGUF names -> HF names (llama.cpp's convention):
     blk.N.attn_q_norm / attn_k_norm -> self_attn.q_norm / k_norm (Qwen3)
 llama.cpp stores Llama's q/k rows permuted for its interleaved RoPE; they are permuted back here
 so the weights equal the HF checkpoint's (Qwen files are not permuted).
+
+With --quantization gguf, the projections whose blocks have a kernel layout (Q8_0, Q4_0, Q4_1,
+Q4_K: quantization/gguf_blocks.py) are not dequantized: `iter_weights` yields their converted
+qweight / scales / qzeros (rows permuted the same way) for the model's IntLinear modules.
 """
 
 from __future__ import annotations
@@ -83,22 +87,50 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_weights(reader, cfg: ArchConfig, path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def tensor_types(reader) -> dict[str, str]:
+    """HF tensor name ("layers.0.self_attn.q_proj.weight") -> GGUF type name ("Q4_K")."""
+    from gguf import GGMLQuantizationType
+    out = {}
+    for t in reader.tensors:
+        base, _, suffix = t.name.rpartition(".")
+        try:
+            out[f"{_hf_name(base)}.{suffix}"] = GGMLQuantizationType(t.tensor_type).name
+        except ConfigError:
+            continue
+    return out
+
+
+def iter_weights(reader, cfg: ArchConfig, path: str, quantized: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named float tensors; the names in `quantized` come as their running int layout instead."""
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
+
+    from pdserve.common.models.quantization.gguf_blocks import to_running_layout
     for t in reader.tensors:
         qtype = GGMLQuantizationType(t.tensor_type)
         if qtype.name not in SUPPORTED_TYPES:
             raise ConfigError(f"{path}: tensor {t.name} has type {qtype.name}, "
                               f"supported: {', '.join(SUPPORTED_TYPES)}")
+        base, _, suffix = t.name.rpartition(".")
+        name = f"{_hf_name(base)}.{suffix}"
+        if name in quantized:  # raw rows [N, bytes]; q/k rows un-permuted like the float weights
+            rows = t.data
+            if cfg.architecture == "llama" and base.endswith((".attn_q", ".attn_k")):
+                rows = _unpermute(rows, cfg.num_heads if base.endswith(".attn_q") else cfg.num_kv_heads)
+            try:
+                parts = to_running_layout(np.ascontiguousarray(rows), qtype.name)
+            except ValueError as e:
+                raise ConfigError(f"{path}: tensor {t.name}: {e}") from e
+            prefix = name.removesuffix(".weight")
+            yield from ((f"{prefix}.{key}", value) for key, value in parts.items())
+            continue
         w = dequantize(t.data, qtype).astype(np.float32, copy=False)
         w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
-        base, _, suffix = t.name.rpartition(".")
         if cfg.architecture == "llama" and base.endswith(".attn_q"):
             w = _unpermute(w, cfg.num_heads)
         elif cfg.architecture == "llama" and base.endswith(".attn_k"):
             w = _unpermute(w, cfg.num_kv_heads)
-        yield _hf_name(base) + "." + suffix, torch.from_numpy(np.array(w, dtype=np.float32, copy=True, order="C"))
+        yield name, torch.from_numpy(np.array(w, dtype=np.float32, copy=True, order="C"))
 
 
 def _hf_name(base: str) -> str:

@@ -117,16 +117,18 @@ def load_model(cfg: ModelConfig, path: str, arch: ArchConfig, block_size: int, m
     with torch.device("meta"):
         model = LlamaForCausalLM(arch, block_size, max_positions, ops)
     model = model.to(dtype=dtype)
-    quantization.prepare_model(model, qcfg, arch, dtype, device, use_triton)  # quantized modules, on meta
+    reader = gguf_loader.open_reader(path) if is_gguf(path) and cfg.load_format != "dummy" else None
+    gguf_types = gguf_loader.tensor_types(reader) if reader is not None and qcfg is not None else None
+    # quantized modules, on meta; GGUF: the weights that keep their blocks
+    kept = quantization.prepare_model(model, qcfg, arch, dtype, device, use_triton, gguf_types)
     out_of_memory = None
     try:
         model = model.to_empty(device=device)
         quantization.attach_loaders(model)
         if cfg.load_format == "dummy":
             _init_dummy(model, cfg.seed, device)
-        elif is_gguf(path):
-            reader = gguf_loader.open_reader(path)
-            model.load_weights(gguf_loader.iter_weights(reader, arch, path))
+        elif reader is not None:
+            model.load_weights(gguf_loader.iter_weights(reader, arch, path, kept))
         else:
             model.load_weights(_iter_safetensors(path))
         quantization.finish_model(model, qcfg, use_triton)  # online fp8; act-order permutations

@@ -200,3 +200,30 @@ def test_paged_prefill_attention_fp8(device, case):
     expected = ref.paged_prefill_attention_ref(*args, k_scale=k_scale, v_scale=v_scale)
     assert not out.isnan().any()
     assert rel_error(out, expected) <= tolerance(dtype)
+
+
+@pytest.mark.parametrize("device,case", backends([("Q4_K", 1, 4096, 4096), ("Q8_0", 7, 4096, 4096), ("Q4_1", 64, 4096, 1024)],
+                                                 [("Q4_K", 1, 256, 16), ("Q8_0", 3, 64, 16), ("Q4_1", 1, 128, 24),
+                                                  ("Q4_0", 5, 64, 8)]))
+def test_int_matmul_on_gguf_blocks(device, case):
+    """GGUF blocks converted to the running layout (fp32 scales, fractional zeros) through the kernels."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    from pdserve.common.models.quantization.gguf_blocks import KERNEL_TYPES, to_running_layout
+    from pdserve.kernels.int_gemm import int_matmul
+    qtype, m, k, n = case
+    rng = np.random.default_rng(k)
+    if qtype == "Q4_K":
+        raw = rng.integers(0, 256, (n, k // 256 * 144), dtype=np.uint8)
+        blocks = raw.reshape(n, -1, 144)
+        blocks[..., 0:2] = np.frombuffer(np.float16(0.01).tobytes(), np.uint8)
+        blocks[..., 2:4] = np.frombuffer(np.float16(0.003).tobytes(), np.uint8)
+        blocks[..., 4:16] |= 1
+    else:
+        raw = quantize((rng.standard_normal((n, k)) * 0.05).astype(np.float32), GGMLQuantizationType[qtype])
+    parts = {name: t.to(device) for name, t in to_running_layout(raw, qtype).items()}
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(device, BF16)
+    args = (parts["qweight"], parts["scales"], parts["qzeros"], KERNEL_TYPES[qtype], 32)
+    assert rel_error(int_matmul(x, *args), ref.int_matmul_ref(x, *args)) <= tolerance(BF16)

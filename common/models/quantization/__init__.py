@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from pdserve.common.config import ArchConfig, ConfigError
+from pdserve.common.models.quantization import gguf_blocks
 from pdserve.common.models.quantization.config import FUSED_LINEARS, QuantConfig, resolve_quantization
 from pdserve.common.models.quantization.fp8 import Fp8Linear
 from pdserve.common.models.quantization.int_linear import IntLinear
@@ -36,26 +37,40 @@ def _output_sizes(arch: ArchConfig, name: str, layer: nn.Linear) -> list[int]:
 
 
 def _targets(model: nn.Module, qcfg: QuantConfig):
-    """(parent module, attribute, nn.Linear, HF prefix) of every linear the method quantizes."""
+    """(parent module, attribute, nn.Linear, module path) of every linear the method quantizes."""
     for path, parent in model.named_modules():
         for attr in FUSED_LINEARS:
             layer = getattr(parent, attr, None)
             if isinstance(layer, nn.Linear) and not qcfg.is_ignored(f"model.{path}", attr):
-                yield parent, attr, layer
+                yield parent, attr, layer, path
 
 
 def prepare_model(model: nn.Module, qcfg: QuantConfig | None, arch: ArchConfig, dtype: torch.dtype,
-                  device: torch.device, use_triton: bool) -> None:
-    """Before weights are loaded (model on meta, already in `dtype`): swap in empty quantized modules."""
+                  device: torch.device, use_triton: bool, gguf_types: dict[str, str] | None = None) -> set[str]:
+    """Before weights are loaded (model on meta, already in `dtype`): swap in empty quantized modules.
+    GGUF (`gguf_types`: HF weight name -> GGUF type): a fused linear whose parts all have a kernel
+    layout of one bit width runs quantized; returns those parts' names (the others load dequantized)."""
     if qcfg is None:
-        return
+        return set()
     if qcfg.method == "fp8" and device.type == "cuda" and dtype != torch.bfloat16:
         raise ConfigError(f"--quantization fp8 on CUDA runs bf16 activations (torch._scaled_mm's row-wise "
                           f"scaling): pass --dtype bfloat16, not {dtype}")
-    if not qcfg.prequantized or qcfg.method == "gguf":
-        return
-    for parent, attr, layer in list(_targets(model, qcfg)):
+    if not qcfg.prequantized:
+        return set()
+    kept: set[str] = set()
+    for parent, attr, layer, path in list(_targets(model, qcfg)):
         sizes = _output_sizes(arch, attr, layer)
+        if qcfg.method == "gguf":
+            parts = [f"{path}.{part}.weight" for part in FUSED_LINEARS[attr]]
+            bits = {gguf_blocks.KERNEL_TYPES.get(gguf_types.get(p, "")) for p in parts}
+            if len(bits) != 1 or None in bits:
+                continue  # some part has no kernel layout (F16, Q6_K, ...): dequantized at load
+            kept.update(parts)
+            with torch.device("meta"):
+                setattr(parent, attr, IntLinear(layer.in_features, sizes, bits.pop(), gguf_blocks.GROUP_SIZE, "gguf",
+                                                layer.bias is not None, use_triton, dtype,
+                                                scales_dtype=torch.float32))
+            continue
         with torch.device("meta"):
             if qcfg.method == "fp8":
                 new = Fp8Linear(layer.in_features, sizes, layer.bias is not None, use_triton, dtype)
@@ -64,6 +79,7 @@ def prepare_model(model: nn.Module, qcfg: QuantConfig | None, arch: ArchConfig, 
                                 layer.bias is not None, use_triton, dtype, desc_act=qcfg.desc_act,
                                 zero_offset=qcfg.zero_offset)
         setattr(parent, attr, new)
+    return kept
 
 
 def attach_loaders(model: nn.Module) -> None:
@@ -77,7 +93,7 @@ def finish_model(model: nn.Module, qcfg: QuantConfig | None, use_triton: bool) -
     if qcfg is None:
         return
     if qcfg.method == "fp8" and not qcfg.prequantized:
-        for parent, attr, layer in list(_targets(model, qcfg)):
+        for parent, attr, layer, _ in list(_targets(model, qcfg)):
             setattr(parent, attr, Fp8Linear.from_linear(layer, use_triton))
             del layer  # the full-precision weight is freed layer by layer
     for module in quantized_modules(model):

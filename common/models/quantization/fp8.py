@@ -15,7 +15,8 @@ Two ways in:
     strategy tensor/channel): `weight_loader` places each checkpoint tensor (fused q/k/v and
     gate/up shards included).
 forward: CUDA -> batch 1: `fp8_gemv` (weight-only), else `quantize_fp8_per_token` + torch._scaled_mm
-(Hopper); CPU -> `fp8_linear_ref` (the same W8A8 numbers in fp32), chosen once at construction.
+(Hopper); CPU -> `reference.fp8_linear_ref`'s W8A8 numbers in fp32 (the weight widened to fp32 once
+and kept: the CPU path is the reference, not a memory saver), chosen once at construction.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from pdserve.common.config import ConfigError
-from pdserve.kernels.reference import fp8_linear_ref
+from pdserve.kernels.reference import fp8_quantize_per_row_ref
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -48,6 +49,7 @@ class Fp8Linear(nn.Module):
         self.weight_scale = nn.Parameter(torch.empty(self.out_features, dtype=torch.float32), requires_grad=False)
         self.input_scale = nn.Parameter(torch.zeros((), dtype=torch.float32), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype), requires_grad=False) if bias else None
+        self._widened: torch.Tensor | None = None  # CPU path: the weight in fp32, made at the first call
         self.attach_loaders()
 
     def attach_loaders(self) -> None:
@@ -67,6 +69,7 @@ class Fp8Linear(nn.Module):
         out.weight_scale = nn.Parameter(scale, requires_grad=False)
         out.input_scale = None
         out.bias = None if layer.bias is None else nn.Parameter(layer.bias.data, requires_grad=False)
+        out._widened = None
         return out
 
     def _rows(self, shard: int | None) -> slice:
@@ -99,8 +102,12 @@ class Fp8Linear(nn.Module):
         param.data.fill_(max(float(param.data), float(tensor.float().reshape(()))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
-        if not self.use_triton:
-            return fp8_linear_ref(x, self.weight, self.weight_scale, self.bias)
+        if not self.use_triton:  # fp8_linear_ref's numbers, the weight widened once (CPU reference path)
+            if self._widened is None:
+                self._widened = self.weight.float()
+            xq, x_scale = fp8_quantize_per_row_ref(x)
+            y = torch.nn.functional.linear(xq.float(), self._widened) * x_scale * self.weight_scale[None, :]
+            return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
         from pdserve.kernels.fp8_linear import fp8_gemv, quantize_fp8_per_token
         if x.shape[0] == 1:
             return fp8_gemv(x, self.weight, self.weight_scale, self.bias)

@@ -13,7 +13,10 @@ Loading a checkpoint (`weight_loader` of each parameter; `shard` = q/k/v or gate
     GPTQ  qweight [K/P, Ns] copied into columns of the shard; qzeros [G, Ns/P] unpacked (+ v1 offset);
           scales [G, Ns]; g_idx [K] (equal over fused shards) -> perm in `finish_loading`
     AWQ   qweight [K, Ns/8] unpacked with AWQ's interleave and repacked along K; qzeros likewise
-forward: CUDA -> `int_matmul` (Triton, gemv at batch 1); CPU -> `int_matmul_ref` (dequantize, matmul).
+    GGUF  already in the running layout (gguf_blocks.py converts the blocks while reading the
+          file); scales and (fractional) zeros are kept in fp32
+forward: CUDA -> `int_matmul` (Triton, gemv at batch 1); CPU -> `int_matmul_ref`'s numbers, with the
+dequantized weight kept after the first call (the CPU path is the reference, not a memory saver).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from torch import nn
 
 from pdserve.common.config import ConfigError
 from pdserve.common.models.quantization.packing import pack_rows, unpack_cols, unpack_rows, per_word
-from pdserve.kernels.reference import int_matmul_ref
+from pdserve.kernels.reference import dequantize_int_ref
 
 
 def _param(shape, dtype) -> nn.Parameter:
@@ -33,7 +36,7 @@ def _param(shape, dtype) -> nn.Parameter:
 class IntLinear(nn.Module):
     def __init__(self, in_features: int, output_sizes: list[int], bits: int, group_size: int | None,
                  checkpoint_format: str, bias: bool, use_triton: bool, dtype: torch.dtype,
-                 desc_act: bool = False, zero_offset: int = 0):
+                 desc_act: bool = False, zero_offset: int = 0, scales_dtype: torch.dtype | None = None):
         super().__init__()
         k, n = in_features, sum(output_sizes)
         self.group_size = group_size or k
@@ -47,14 +50,15 @@ class IntLinear(nn.Module):
         self.zero_offset = zero_offset
         groups = k // self.group_size
         self.qweight = _param((k // per_word(bits), n), torch.int32)
-        self.scales = _param((groups, n), dtype)
-        self.qzeros = _param((groups, n), dtype)
+        self.scales = _param((groups, n), scales_dtype or dtype)
+        self.qzeros = _param((groups, n), scales_dtype or dtype)
         self.bias = _param((n,), dtype) if bias else None
         self.desc_act = desc_act
         # present in GPTQ files with or without act-order
         self.g_idx = _param((k,), torch.int32) if checkpoint_format == "gptq" else None
         self.register_buffer("perm", None)
         self._g_idx_shards: set[int] = set()
+        self._dequantized: torch.Tensor | None = None  # CPU path: [N, K] in the activations' dtype
         self.attach_loaders()
 
     def attach_loaders(self) -> None:
@@ -84,13 +88,17 @@ class IntLinear(nn.Module):
         if self.format == "awq":  # [K, Ns/8], outputs interleaved -> [K/8, Ns]
             self._check("qweight", tensor, (self.in_features, ns // p))
             tensor = pack_rows(unpack_cols(tensor, self.bits, awq_order=True), self.bits)
-        else:
+        else:  # gptq, gguf
             self._check("qweight", tensor, (self.in_features // p, ns))
         param.data[:, cols].copy_(tensor)
 
     def _load_qzeros(self, param, tensor: torch.Tensor, shard: int | None) -> None:
         cols = self._cols(shard)
         ns = cols.stop - cols.start
+        if self.format == "gguf":  # numbers already
+            self._check("qzeros", tensor, (self.in_features // self.group_size, ns))
+            param.data[:, cols].copy_(tensor)
+            return
         self._check("qzeros", tensor, (self.in_features // self.group_size, ns // per_word(self.bits)))
         zeros = unpack_cols(tensor.to(param.device), self.bits, awq_order=self.format == "awq") + self.zero_offset
         param.data[:, cols].copy_(zeros)
@@ -135,7 +143,15 @@ class IntLinear(nn.Module):
             from pdserve.kernels.int_gemm import int_matmul
             return int_matmul(x.contiguous(), self.qweight, self.scales, self.qzeros, self.bits, self.group_size,
                               self.bias)
-        return int_matmul_ref(x, self.qweight, self.scales, self.qzeros, self.bits, self.group_size, self.bias)
+        # CPU (the reference path): int_matmul_ref's numbers, with the dequantized weight kept
+        # after the first call (unpacking every step would dominate a CPU forward pass)
+        if self._dequantized is None or self._dequantized.dtype != x.dtype:
+            self._dequantized = dequantize_int_ref(self.qweight, self.scales, self.qzeros, self.bits,
+                                                   self.group_size).to(x.dtype).t().contiguous()  # [N, K]
+        if x.dtype == torch.float32:
+            return torch.nn.functional.linear(x, self._dequantized, self.bias)
+        y = torch.nn.functional.linear(x.float(), self._dequantized.float(), None if self.bias is None else self.bias.float())
+        return y.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, {self.format} {self.bits}-bit, "
