@@ -42,8 +42,8 @@ def random_int_weight(k: int, n: int, bits: int, group: int, dtype, device, seed
     return qweight.to(device), scales.to(device), zeros.to(device)
 
 
-INT_GPU = [(m, k, n, b, g, dt) for m in (1, 7, 64, 256) for (k, n) in ((4096, 6144), (14336, 4096))
-           for b, g in ((4, 128), (8, 32)) for dt in (BF16, FP16)]
+INT_GPU = [(m, k, n, b, g, BF16) for m in (1, 7, 64, 256) for (k, n) in ((4096, 6144), (14336, 4096))
+           for b, g in ((4, 128), (8, 32))] + [(1, 4096, 6144, 4, 128, FP16), (33, 8192, 1024, 4, 64, FP16)]
 INT_INTERP = [(1, 64, 32, 4, 32, FP32), (1, 128, 48, 8, 32, BF16), (1, 256, 16, 4, 128, FP32),
               (5, 64, 40, 4, 32, FP32), (33, 128, 72, 4, 64, BF16), (3, 64, 24, 8, 32, FP16)]
 
