@@ -17,6 +17,7 @@ RTN), gguf (the GGUF file run through its quantized kernels). Prints a table and
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 
@@ -69,3 +70,109 @@ def agreement(got: list[list[int]], want: list[list[int]]) -> dict:
 
 def top1_agreement(a: Scores, b: Scores) -> float:
     return sum(x == y for x, y in zip(a.top1, b.top1)) / max(len(b.top1), 1)
+
+
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+VARIANTS = ("fp32", "bf16", "fp8", "fp8-kv", "awq", "gptq", "gptq-act", "gguf")
+
+
+def add_parser(bench_sub) -> None:
+    p = bench_sub.add_parser("accuracy", help="perplexity and greedy agreement of quantized variants vs fp32")
+    p.add_argument("--model", default=None, help="GGUF file or HF folder (default: the packaged SmolLM2 GGUF)")
+    p.add_argument("--text", default=os.path.join(DATA, "accuracy_text.txt"))
+    p.add_argument("--prompts", default=os.path.join(DATA, "accuracy_prompts.txt"))
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--max-tokens", type=int, default=32, help="greedy answer length")
+    p.add_argument("--window", type=int, default=512, help="scoring window (tokens)")
+    p.add_argument("--group-size", type=int, default=64, help="awq/gptq group (SmolLM2's 576 inputs: 64 or 32)")
+    p.add_argument("--work-dir", default=None, help="where the fp32 export and quantized checkpoints go (default: temp)")
+    p.add_argument("--json-out", default=None)
+    p.set_defaults(func=cmd_accuracy)
+
+
+def _variant_llm(name: str, folders: dict, gguf_path: str | None, group_size: int, work: str):
+    from pdserve.common.engine.llm import LLM
+    from pdserve.common.models.quantization.writer import quantize_checkpoint
+    common = dict(enable_prefix_caching=False, max_model_len=2048)
+    ref = folders["fp32"]
+    if name == "fp32":
+        return LLM(ref, dtype="float32", **common)
+    if name == "bf16":
+        return LLM(ref, dtype="bfloat16", **common)
+    if name == "fp8":
+        return LLM(ref, dtype="float32", quantization="fp8", **common)
+    if name == "fp8-kv":
+        return LLM(ref, dtype="float32", kv_cache_dtype="fp8", **common)
+    if name == "gguf":
+        if gguf_path is None:
+            raise ValueError("the gguf variant needs a GGUF model")
+        return LLM(gguf_path, quantization="gguf", **common)
+    method, options = {"awq": ("awq", {}), "gptq": ("gptq", {"sym": True}),
+                       "gptq-act": ("gptq", {"sym": False, "act_order": True})}[name]
+    out = os.path.join(work, name)
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        quantize_checkpoint(ref, out, method, group_size=group_size, **options)
+    return LLM(out, dtype="float32", **common)
+
+
+def cmd_accuracy(args) -> dict:
+    import json
+    import tempfile
+    import time
+
+    from pdserve.common.config import ConfigError
+    from pdserve.common.models.gguf_loader import export_hf_folder
+    from pdserve.common.models.loader import is_gguf, resolve_model_path
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ConfigError(f"--variants: unknown {sorted(unknown)} (known: {', '.join(VARIANTS)})")
+    path = resolve_model_path(args.model or "default")
+    work = args.work_dir or tempfile.mkdtemp(prefix="pdserve-accuracy-")
+    gguf_path = path if is_gguf(path) else None
+    ref_folder = path
+    if gguf_path is not None:
+        ref_folder = os.path.join(work, "fp32")
+        if not os.path.isfile(os.path.join(ref_folder, "config.json")):
+            export_hf_folder(gguf_path, ref_folder)
+    folders = {"fp32": ref_folder}
+    with open(args.text) as f:
+        text = f.read()
+    with open(args.prompts) as f:
+        prompt_texts = [line.rstrip("\n") for line in f if line.strip()]
+    rows, reference = [], None
+    for name in ["fp32"] + [v for v in variants if v != "fp32"]:
+        t0 = time.perf_counter()
+        llm = _variant_llm(name, folders, gguf_path, args.group_size, work)
+        tok = llm.get_tokenizer()
+        ids = tok.encode(text)
+        prompts = [tok.encode(p) for p in prompt_texts]
+        scores = score_tokens(llm, ids, args.window)
+        answers = greedy(llm, prompts, args.max_tokens)
+        if reference is None:
+            reference = (scores, answers)
+        row = {"variant": name, "perplexity": round(scores.perplexity(), 3), "scored_tokens": len(scores.logprobs),
+               "top1_agreement": round(top1_agreement(scores, reference[0]), 4),
+               "greedy": agreement(answers, reference[1]), "seconds": round(time.perf_counter() - t0, 1)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        del llm
+    print_accuracy(rows, path, len(prompt_texts), args.max_tokens)
+    summary = {"model": path, "text": args.text, "prompts": len(prompt_texts), "max_tokens": args.max_tokens,
+               "window": args.window, "group_size": args.group_size, "rows": rows}
+    print(json.dumps(summary))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def print_accuracy(rows: list[dict], model: str, num_prompts: int, max_tokens: int) -> None:
+    print(f"\n== accuracy vs fp32 ({os.path.basename(model)} dequantized), {rows[0]['scored_tokens']} scored tokens, "
+          f"{num_prompts} prompts x {max_tokens} greedy tokens ==")
+    print(f"{'variant':<10} {'perplexity':>10} {'top-1 agree':>11} {'greedy exact':>12} {'greedy token':>12} "
+          f"{'first token':>11} {'seconds':>8}")
+    for r in rows:
+        g = r["greedy"]
+        print(f"{r['variant']:<10} {r['perplexity']:>10} {r['top1_agreement']:>11} {g['exact']:>12} {g['token']:>12} "
+              f"{g['first']:>11} {r['seconds']:>8}")

@@ -6,6 +6,7 @@
                                no prefix-cache hits) run to a fixed output length: end-to-end
                                latency percentiles, time to first token, time per output token.
     pdserve bench gpu          the H100 workloads of bench_gpu.py (Llama-3-8B shape, vs HF).
+    pdserve bench accuracy     perplexity and greedy agreement of quantized variants (accuracy.py).
 
 Workload (defaults): 64 prompts of random lengths 16..512 tokens, each asking for a random
 16..128 output tokens with ignore_eos. A static batch must run every row to the longest request;
@@ -43,6 +44,7 @@ def add_parser(sub, add_engine_args) -> None:
     add_engine_args(lat)
     lat.set_defaults(func=cmd_latency)
     from pdserve.services import bench_gpu; bench_gpu.add_parser(bsub)  # `pdserve bench gpu` (H100 workloads)
+    from pdserve.services import accuracy; accuracy.add_parser(bsub)  # `pdserve bench accuracy` (quantization)
 
 
 def make_workload(num: int, input_len, output_len, vocab: int, seed: int) -> list[tuple[list[int], int]]:

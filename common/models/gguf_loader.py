@@ -144,3 +144,37 @@ def _hf_name(base: str) -> str:
     if parts[0] == "blk" and len(parts) == 3 and parts[2] in _NAMES:
         return f"layers.{parts[1]}.{_NAMES[parts[2]]}"
     raise ConfigError(f"unknown GGUF tensor {base!r}")
+
+
+_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def export_hf_folder(path: str, out: str) -> str:
+    """A GGUF file -> an HF folder (config.json, model.safetensors in fp32, the tokenizer): the
+    weights dequantized, as the float loader sees them. Lets `pdserve quantize` start from GGUF."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from pdserve.common.tokenizer import gguf_tokenizer_folder
+    reader = open_reader(path)
+    cfg = read_arch_config(reader, path)
+    os.makedirs(out, exist_ok=True)
+    tensors = {(name if name.startswith("lm_head") else f"model.{name}"): t for name, t in iter_weights(reader, cfg, path)}
+    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    config = {"architectures": [_HF_ARCHITECTURES[cfg.architecture]], "model_type": cfg.architecture,
+              "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+              "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+              "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.rms_norm_eps,
+              "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+              "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
+              "attention_bias": cfg.attention_bias, "bos_token_id": cfg.bos_token_id,
+              "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1 else cfg.eos_token_ids[0],
+              "hidden_act": "silu", "torch_dtype": "float32"}
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    tok = gguf_tokenizer_folder(path)
+    for name in os.listdir(tok):
+        shutil.copy(os.path.join(tok, name), out)
+    return out
