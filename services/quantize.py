@@ -16,7 +16,8 @@ import json
 
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="write an fp8 / AWQ / GPTQ checkpoint from an HF folder")
-    p.add_argument("--model", required=True, help="HF folder (config.json + *.safetensors)")
+    p.add_argument("--model", required=True, help="HF folder (config.json + *.safetensors) or a .gguf file "
+                                                  "(dequantized first)")
     p.add_argument("--method", required=True, choices=["fp8", "awq", "gptq"])
     p.add_argument("--output", required=True, help="folder to write (created)")
     p.add_argument("--group-size", type=int, default=128, help="inputs per scale (awq, gptq)")
@@ -34,6 +35,13 @@ def run(args) -> None:
     from pdserve.common.models.quantization.writer import quantize_checkpoint
     if args.group_size < 16 or args.group_size & (args.group_size - 1):
         raise ConfigError(f"--group-size must be a power of two >= 16, got {args.group_size}")
-    summary = quantize_checkpoint(args.model, args.output, args.method, group_size=args.group_size, sym=args.sym,
+    from pdserve.common.models.loader import is_gguf, resolve_model_path
+    src = resolve_model_path(args.model)
+    if is_gguf(src):  # start from its weights dequantized to an fp32 HF folder
+        import tempfile
+
+        from pdserve.common.models.gguf_loader import export_hf_folder
+        src = export_hf_folder(src, tempfile.mkdtemp(prefix="pdserve-gguf-export-"))
+    summary = quantize_checkpoint(src, args.output, args.method, group_size=args.group_size, sym=args.sym,
                                   act_order=args.act_order, fp8_per_tensor=args.fp8_scale == "tensor")
     print(json.dumps({"output": args.output, **summary}))

@@ -127,6 +127,10 @@ def test_cli_quantize_and_generate(quant_models, tmp_path, capsys):
     assert main(["quantize", "--model", quant_models["llama"], "--method", "awq", "--output", str(tmp_path / "y"),
                  "--group-size", "256"]) == 2
     assert "--group-size 256 does not divide" in capsys.readouterr().err
+    assert main(["generate", "--model", quant_models["llama"], "--input", str(prompts), "--quantization", "awq"]) == 2
+    assert "needs a checkpoint in that format" in capsys.readouterr().err
+    assert main(["generate", "--model", out, "--input", str(prompts), "--output", str(tmp_path / "q.jsonl"),
+                 "--max-tokens", "2", "--kv-cache-dtype", "fp8", "--kv-cache-scale", "per-tensor"]) == 0
 
 
 def _edit_config(src: str, dst, **quant) -> str:
