@@ -75,9 +75,10 @@ def prepare_model(model: nn.Module, qcfg: QuantConfig | None, arch: ArchConfig, 
             if qcfg.method == "fp8":
                 new = Fp8Linear(layer.in_features, sizes, layer.bias is not None, use_triton, dtype)
             else:
+                # scales and zeros stay fp16 as AWQ/GPTQ store them (bf16 would round the scales)
                 new = IntLinear(layer.in_features, sizes, qcfg.bits, qcfg.group_size, qcfg.method,
                                 layer.bias is not None, use_triton, dtype, desc_act=qcfg.desc_act,
-                                zero_offset=qcfg.zero_offset)
+                                zero_offset=qcfg.zero_offset, scales_dtype=torch.float16)
         setattr(parent, attr, new)
     return kept
 
