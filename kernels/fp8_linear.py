@@ -8,10 +8,9 @@ quantize_fp8_per_token: x [M, K] bf16/fp16/fp32 -> (xq [M, K] fp8, scale [M, 1] 
     reference is reference.fp8_linear_ref). One kernel instead of torch's abs/amax/div/cast chain,
     which at batch 1 would add ~4 launches per linear.
 
-fp8_gemv: x [1, K] @ weight^T * weight_scale (+ b), weights dequantized in registers, activations
-    kept in their dtype (weight-only at batch 1: the step is bound by reading the weights):
-        program p: rows p*BLOCK_N .. +BLOCK_N; acc [BLOCK_N, BLOCK_K] += w.f32 * x.f32; y = sum * s
-    Reference: reference.fp8_gemv_ref.
+fp8_gemv: x [1, K] @ weight^T * weight_scale (+ b): gemv.py's kernel reading fp8 weights (widened in
+    registers), activations kept in their dtype (weight-only at batch 1: the step is bound by
+    reading the weights). Reference: reference.fp8_gemv_ref.
 """
 
 from __future__ import annotations
@@ -19,6 +18,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from pdserve.kernels.gemv import gemv
 
 FP8_MAX = 448.0
 
@@ -51,34 +52,7 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return out, scale
 
 
-@triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, stride_wn,
-                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k in range(0, K, BLOCK_K):
-        cols = k + tl.arange(0, BLOCK_K)
-        col_mask = cols < K
-        w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        x = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    y = tl.sum(acc, axis=1) * tl.load(s_ptr + rows, mask=row_mask, other=0.0)
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
-
-
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-             bias: torch.Tensor | None = None, block_n: int = 16, block_k: int = 512) -> torch.Tensor:
-    assert x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1, f"fp8_gemv takes one row, got {tuple(x.shape)}"
-    n, k = weight.shape
-    assert x.shape[1] == k and weight.dtype == torch.float8_e4m3fn and weight.stride(1) == 1
-    assert weight_scale.shape == (n,) and weight_scale.dtype == torch.float32 and weight_scale.is_contiguous()
-    assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
-    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
-    _fp8_gemv_kernel[(triton.cdiv(n, block_n),)](
-        x, weight, weight_scale, bias if bias is not None else weight_scale, out, n, k, weight.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=4)
-    return out
+             bias: torch.Tensor | None = None, block_k: int = 512) -> torch.Tensor:
+    """gemv.py's kernel with fp8 weights and their per-output scales."""
+    return gemv(x, weight, bias, scale=weight_scale, block_k=block_k)
