@@ -31,6 +31,12 @@ def option(default, help: str, *, name: str | None = None, flag: str | None = No
     return field(default=default, metadata={"help": help, "name": name, "flag": flag, "choices": choices,
                                             "type": type, "boolean": boolean, "aliases": aliases})
 
+# --quantization: weight formats with a kernel (docs/quantization.md); None = the checkpoint's own
+# (its config.json `quantization_config`, or full precision)
+QUANTIZATION_METHODS = ("fp8", "awq", "gptq", "gguf")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+KV_CACHE_SCALES = ("per-head", "per-tensor")
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the flag."""
@@ -56,11 +62,18 @@ class ModelConfig:
     device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when present)")
     chat_template: str | None = option(None, "chat template: a Jinja file, or the template itself "
                                              "(default: the tokenizer's)")
+    quantization: str | None = option(None, "weight quantization: fp8 (online per-channel, or an fp8 checkpoint), "
+                                            "awq, gptq, gguf (run GGUF blocks quantized); default: the "
+                                            "checkpoint's quantization_config, else full precision",
+                                      choices=QUANTIZATION_METHODS, aliases=("-q",))
     trust_remote_code: bool = option(False, "accepted for vLLM compatibility and ignored: pdserve runs no code "
                                             "from a checkpoint and downloads nothing", boolean=True)
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", DTYPE_ALIASES.get(self.dtype, self.dtype))
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ConfigError(f"--quantization must be one of {', '.join(QUANTIZATION_METHODS)}, "
+                              f"got {self.quantization!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -105,15 +118,27 @@ class CacheConfig:
     gpu_memory_utilization: float = option(0.9, "fraction of GPU memory for weights, activations and KV",
                                            type=float)
     enable_prefix_caching: bool = option(True, "reuse the KV of equal prompt prefixes", boolean=True)
-    kv_cache_dtype: str = "auto"
+    kv_cache_dtype: str = option("auto", "KV cache dtype: auto = the model's dtype; fp8 (fp8_e4m3) = e4m3 with "
+                                         "scales, ~2x the tokens", choices=KV_CACHE_DTYPES)
+    kv_cache_scale: str = option("per-head", "granularity of the fp8 KV scales", choices=KV_CACHE_SCALES)
 
     def __post_init__(self):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                              f"got {self.kv_cache_dtype!r}")
+        if self.kv_cache_scale not in KV_CACHE_SCALES:
+            raise ConfigError(f"--kv-cache-scale must be one of {', '.join(KV_CACHE_SCALES)}, "
+                              f"got {self.kv_cache_scale!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"--block-size must be a power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ConfigError(f"--num-gpu-blocks-override must be positive, got {self.num_blocks}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    @property
+    def fp8_kv(self) -> bool:
+        return self.kv_cache_dtype in ("fp8", "fp8_e4m3")
 
 
 @dataclass(frozen=True)

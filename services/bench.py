@@ -11,6 +11,7 @@
     pdserve bench serve        any OpenAI endpoint at a request rate / concurrency: TTFT, TPOT,
                                ITL, E2E percentiles, throughput, goodput under SLOs (loadgen.py).
     pdserve bench structured   output tok/s with a JSON-schema grammar vs none (bench_structured.py).
+    pdserve bench accuracy     perplexity and greedy agreement of quantized variants (accuracy.py).
 
 Throughput workload (defaults, about a minute on a 2-core CPU with the packaged SmolLM2): 16
 prompts of random lengths 16..256 tokens, each asking for a random 16..64 output tokens with
@@ -63,6 +64,7 @@ def add_parser(sub, add_engine_args):
     add_engine_args(lat)
     lat.set_defaults(func=cmd_latency)
     from pdserve.services import loadgen; loadgen.add_parser(bsub)  # `pdserve bench serve` (any OpenAI endpoint)
+    from pdserve.services import accuracy; accuracy.add_parser(bsub)  # `pdserve bench accuracy` (quantization)
     return bsub
 
 

@@ -32,11 +32,8 @@ import sys
 import tempfile
 import time
 
-from pdserve.services.bench_gpu import LLAMA3_8B
+from pdserve.services.bench_gpu import LLAMA2_70B, LLAMA3_8B
 
-LLAMA2_70B = {**LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-              "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000, "rope_theta": 10000.0,
-              "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2}
 PHASES = {  # name -> (model, tensor_parallel_size, all_reduce, timeout s)
     "8b-tp1": ("8b", 1, "nccl", 150), "8b-tp2": ("8b", 2, "nccl", 150), "8b-tp2-symm": ("8b", 2, "symm_mem", 150),
     "70b-tp2": ("70b", 2, "nccl", 270), "smollm2-tp1": ("smollm2", 1, "nccl", 90),

@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_gpu.add_parser(bench_sub)  # `pdserve bench gpu` (H100 workloads)
     bench_structured.add_parser(bench_sub)  # `pdserve bench structured` (grammar vs none)
     serve.add_parser(sub, add_engine_args)
+    from pdserve.services import quantize; quantize.add_parser(sub)
     disagg_cli.add_parsers(sub, add_engine_args)
     return parser
 

@@ -34,6 +34,7 @@ from pdserve.common.models.attention import AttentionMetadata, PrefillSeq, StepI
 from pdserve.common.models.llama import TORCH_OPS
 from pdserve.common.models.packed_upload import PackedUpload
 from pdserve.common.models.loader import checkpoint_dtype, load_model, resolve_dtype
+from pdserve.common.models.quantization.kv_cache import attach_kv_scales, calibrate_kv_scales, kv_cache_dtype
 from pdserve.common.sampling_params import SamplingParams
 
 GiB = 1 << 30
@@ -83,6 +84,12 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None  # [L, 2, num_blocks, block_size, KVH, D], one allocation
         self.kv_caches: list[torch.Tensor] = []  # its per-layer views [2, num_blocks, block_size, KVH, D]
         self.graphs = None  # captured after the KV cache exists
+        # --kv-cache-dtype fp8: e4m3 tensors, per-layer [2, KVH] scales calibrated here (quantization/kv_cache.py)
+        if cache_cfg.fp8_kv and tp is not None:
+            raise ConfigError("--kv-cache-dtype fp8 with --tensor-parallel-size > 1 is not supported yet")
+        self.kv_dtype = kv_cache_dtype(cache_cfg.fp8_kv, self.dtype)
+        self.kv_scales = calibrate_kv_scales(self, cache_cfg.kv_cache_scale == "per-tensor") if cache_cfg.fp8_kv else None
+        attach_kv_scales(self.model, self.kv_scales)
         if cache_cfg.num_blocks:
             self.num_blocks = cache_cfg.num_blocks
         elif self.device.type == "cuda":
@@ -97,6 +104,10 @@ class ModelRunner:
         except torch.OutOfMemoryError as e:
             raise ConfigError(f"a KV cache of {self.num_blocks} blocks does not fit on {self.device}: "
                               "lower --num-gpu-blocks-override or --gpu-memory-utilization") from e
+        if self.kv_scales is not None:  # an fp8 cache carries its scales into the KV transport's layout
+            self.kv_cache.kv_scale = torch.stack(self.kv_scales)  # [L, 2, KVH]
+            for kv, scale in zip(self.kv_caches, self.kv_scales):
+                kv.kv_scale = scale
         if self.device.type == "cuda" and ops is not TORCH_OPS and not enforce_eager:
             from pdserve.common.engine.cuda_graphs import DecodeGraphs
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.num_kv_heads, self.block_size,
@@ -117,12 +128,12 @@ class ModelRunner:
         self.kv_cache = None
         self.kv_caches = []
         self.kv_cache = zeros_on_demand((a.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, a.head_dim),
-                                        self.dtype, self.device)
+                                        self.kv_dtype, self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))
 
     def bytes_per_block(self) -> int:
         a = self.arch
-        return 2 * a.num_layers * self.block_size * self.num_kv_heads * a.head_dim * self.dtype.itemsize
+        return 2 * a.num_layers * self.block_size * self.num_kv_heads * a.head_dim * self.kv_dtype.itemsize
 
     def _blocks_for_memory(self, cache_cfg: CacheConfig) -> int:
         num = int(cache_cfg.kv_cache_memory_gb * GiB) // self.bytes_per_block()

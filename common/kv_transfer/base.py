@@ -46,10 +46,11 @@ from pdserve.common.kv_transfer import BACKENDS  # noqa: F401 (re-export)
 # absolute time.monotonic() value passed by mistake, which would make a dead peer hang.
 MAX_DEADLINE_S = 3600.0
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+           "float8_e4m3fn": torch.float8_e4m3fn}
 
 # Fields that must agree between the two workers (num_blocks is each pool's own size).
-_PEER_FIELDS = ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype")
+_PEER_FIELDS = ("num_layers", "block_size", "num_kv_heads", "head_dim", "dtype", "kv_scales")
 
 
 class KVTransferError(RuntimeError):
@@ -88,7 +89,10 @@ class KVLayout:
     block_size: int
     num_kv_heads: int
     head_dim: int
-    dtype: str  # "float32" | "bfloat16" | "float16"
+    dtype: str  # "float32" | "bfloat16" | "float16" | "float8_e4m3fn"
+    # fp8 caches: every layer's [2, KVH] scales flattened (the tensors' `kv_scale`); blocks
+    # quantized with other scales would decode wrongly, so peers must agree on them exactly
+    kv_scales: tuple[float, ...] | None = None
 
     def __post_init__(self):
         for field in ("num_layers", "num_blocks", "block_size", "num_kv_heads", "head_dim"):
@@ -120,7 +124,10 @@ class KVLayout:
     def from_caches(cls, kv_caches: list[torch.Tensor]) -> KVLayout:
         """Reads and checks the layout of a worker's cache: equal, contiguous, supported tensors."""
         if isinstance(kv_caches, torch.Tensor):
+            stacked_scales = getattr(kv_caches, "kv_scale", None)  # fp8: [L, 2, KVH] (model_runner.py)
             kv_caches = layer_views(kv_caches)
+            for kv, scale in zip(kv_caches, stacked_scales if stacked_scales is not None else []):
+                kv.kv_scale = scale
         if not kv_caches:
             raise ValueError("kv_caches is empty: expected one tensor per layer")
         first = kv_caches[0]
@@ -138,8 +145,14 @@ class KVLayout:
             if not kv.is_contiguous():
                 raise ValueError(f"kv_caches[{layer}] must be contiguous")
         _, num_blocks, block_size, num_kv_heads, head_dim = first.shape
+        scales = [getattr(kv, "kv_scale", None) for kv in kv_caches]
+        kv_scales = None
+        if first.dtype == torch.float8_e4m3fn:
+            if any(s is None for s in scales):
+                raise ValueError("fp8 kv_caches must carry their scales (tensor attribute kv_scale)")
+            kv_scales = tuple(float(x) for s in scales for x in s.flatten().tolist())
         return cls(len(kv_caches), num_blocks, block_size, num_kv_heads, head_dim,
-                   dtype_names[first.dtype])
+                   dtype_names[first.dtype], kv_scales)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -147,7 +160,9 @@ class KVLayout:
     @classmethod
     def from_dict(cls, data: dict) -> KVLayout:
         try:
-            return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
+            fields = {f.name: data[f.name] for f in dataclasses.fields(cls) if f.name != "kv_scales"}
+            scales = data.get("kv_scales")
+            return cls(**fields, kv_scales=None if scales is None else tuple(float(x) for x in scales))
         except (KeyError, TypeError) as e:
             raise KVTransferError(f"peer sent a malformed KV layout {data!r}: {e}") from e
 
@@ -155,6 +170,10 @@ class KVLayout:
         """Raises KVTransferError naming the first field where the peer's layout differs."""
         for field in _PEER_FIELDS:
             mine, theirs = getattr(self, field), getattr(peer, field)
+            if field == "kv_scales" and mine != theirs:  # long tuples: say how they differ
+                raise KVTransferError(f"KV layout mismatch with {peer_name}: fp8 KV scales differ "
+                                      f"({'none' if mine is None else len(mine)} here, "
+                                      f"{'none' if theirs is None else len(theirs)} there, or other values)")
             if mine != theirs:
                 raise KVTransferError(
                     f"KV layout mismatch with {peer_name}: {field} is {mine!r} here but "
@@ -198,9 +217,8 @@ class KVServer(ABC):
 
     def __init__(self, kv_caches: list[torch.Tensor], resolve_lease: LeaseResolver,
                  host: str = "127.0.0.1", port: int = 0):
-        kv_caches = layer_views(kv_caches)
-        self.kv_caches = kv_caches
-        self.layout = KVLayout.from_caches(kv_caches)
+        self.layout = KVLayout.from_caches(kv_caches)  # before the views: a stacked cache carries its fp8 scales
+        self.kv_caches = kv_caches = layer_views(kv_caches)
         self.resolve_lease = resolve_lease
         self.host = host
         self.port = port
@@ -246,9 +264,8 @@ class KVClient(ABC):
     scheme: str
 
     def __init__(self, kv_caches: list[torch.Tensor]):
-        kv_caches = layer_views(kv_caches)
-        self.kv_caches = kv_caches
-        self.layout = KVLayout.from_caches(kv_caches)
+        self.layout = KVLayout.from_caches(kv_caches)  # before the views: a stacked cache carries its fp8 scales
+        self.kv_caches = kv_caches = layer_views(kv_caches)
         self.bytes_received = 0
         self.seconds = 0.0
         self.num_transfers = 0

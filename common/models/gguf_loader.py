@@ -8,10 +8,15 @@ GGUF names -> HF names (llama.cpp's convention):
 llama.cpp stores Llama's q/k rows permuted for its interleaved RoPE; they are permuted back here
 so the weights equal the HF checkpoint's (Qwen files are not permuted). The header is parsed once
 per process (gguf_header.py); dequantization is the `gguf` package's.
+
+With --quantization gguf, the projections whose blocks have a kernel layout (Q8_0, Q4_0, Q4_1,
+Q4_K: quantization/gguf_blocks.py) are not dequantized: `iter_weights` yields their converted
+qweight / scales / qzeros (rows permuted the same way) for the model's IntLinear modules.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Iterator
 
 import numpy as np
@@ -99,24 +104,53 @@ def dequantize(raw: np.ndarray, qtype) -> np.ndarray:
     return out.reshape(*raw.shape[:-1], row_elems)
 
 
-def iter_weights(reader: GGUFHeader, cfg: ArchConfig, path: str) -> Iterator[tuple[str, torch.Tensor]]:
+def tensor_types(reader: GGUFHeader) -> dict[str, str]:
+    """HF tensor name ("layers.0.self_attn.q_proj.weight") -> GGUF type name ("Q4_K")."""
     from gguf import GGMLQuantizationType
+    out = {}
+    for t in reader.tensors:
+        base, _, suffix = t.name.rpartition(".")
+        try:
+            out[f"{_hf_name(base)}.{suffix}"] = GGMLQuantizationType(t.ggml_type).name
+        except ConfigError:
+            continue
+    return out
+
+
+def iter_weights(reader: GGUFHeader, cfg: ArchConfig, path: str,
+                 quantized: set[str] = frozenset()) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named float tensors; the names in `quantized` come as their running int layout instead."""
+    from gguf import GGMLQuantizationType
+
+    from pdserve.common.models.quantization.gguf_blocks import to_running_layout
     data = np.memmap(path, dtype=np.uint8, mode="r")  # mapped while the weights load, then dropped
     for t in reader.tensors:
         qtype = GGMLQuantizationType(t.ggml_type)
         if qtype.name not in SUPPORTED_TYPES:
             raise ConfigError(f"{path}: tensor {t.name} has type {qtype.name}, "
                               f"supported: {', '.join(SUPPORTED_TYPES)}")
+        base, _, suffix = t.name.rpartition(".")
+        name = f"{_hf_name(base)}.{suffix}"
+        if name in quantized:  # raw rows [N, bytes]; q/k rows un-permuted like the float weights
+            rows = tensor_data(data, t)
+            if cfg.architecture == "llama" and base.endswith((".attn_q", ".attn_k")):
+                rows = _unpermute(rows, cfg.num_heads if base.endswith(".attn_q") else cfg.num_kv_heads)
+            try:
+                parts = to_running_layout(np.ascontiguousarray(rows), qtype.name)
+            except ValueError as e:
+                raise ConfigError(f"{path}: tensor {t.name}: {e}") from e
+            prefix = name.removesuffix(".weight")
+            yield from ((f"{prefix}.{key}", value) for key, value in parts.items())
+            continue
         w = dequantize(tensor_data(data, t), qtype)
         w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
-        base, _, suffix = t.name.rpartition(".")
         if cfg.architecture == "llama" and base.endswith(".attn_q"):
             w = _unpermute(w, cfg.num_heads)
         elif cfg.architecture == "llama" and base.endswith(".attn_k"):
             w = _unpermute(w, cfg.num_kv_heads)
         if not (w.flags.writeable and w.flags.c_contiguous):  # F32 tensors: views of the file's map
             w = np.array(w, dtype=np.float32, order="C")
-        yield _hf_name(base) + "." + suffix, torch.from_numpy(w)
+        yield name, torch.from_numpy(w)
 
 
 def _hf_name(base: str) -> str:
@@ -130,3 +164,37 @@ def _hf_name(base: str) -> str:
     if parts[0] == "blk" and len(parts) == 3 and parts[2] in _NAMES:
         return f"layers.{parts[1]}.{_NAMES[parts[2]]}"
     raise ConfigError(f"unknown GGUF tensor {base!r}")
+
+
+_HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+
+
+def export_hf_folder(path: str, out: str) -> str:
+    """A GGUF file -> an HF folder (config.json, model.safetensors in fp32, the tokenizer): the
+    weights dequantized, as the float loader sees them. Lets `pdserve quantize` start from GGUF."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from pdserve.common.tokenizer import gguf_tokenizer_folder
+    reader = open_reader(path)
+    cfg = read_arch_config(reader, path)
+    os.makedirs(out, exist_ok=True)
+    tensors = {(name if name.startswith("lm_head") else f"model.{name}"): t for name, t in iter_weights(reader, cfg, path)}
+    save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    config = {"architectures": [_HF_ARCHITECTURES[cfg.architecture]], "model_type": cfg.architecture,
+              "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+              "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+              "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "rms_norm_eps": cfg.rms_norm_eps,
+              "rope_theta": cfg.rope_theta, "rope_scaling": cfg.rope_scaling,
+              "max_position_embeddings": cfg.max_position_embeddings, "tie_word_embeddings": cfg.tie_word_embeddings,
+              "attention_bias": cfg.attention_bias, "bos_token_id": cfg.bos_token_id,
+              "eos_token_id": list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1 else cfg.eos_token_ids[0],
+              "hidden_act": "silu", "torch_dtype": "float32"}
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    tok = gguf_tokenizer_folder(path)
+    for name in os.listdir(tok):
+        shutil.copy(os.path.join(tok, name), out)
+    return out

@@ -233,7 +233,9 @@ class LlamaForCausalLM(nn.Module):
                 target = ".".join(parts[:-2] + [fused, parts[-1]])
             if target not in params:
                 raise ConfigError(f"checkpoint tensor {name!r} has no place in the model")
-            param, loader = params[target], self.weight_loaders.get(target)
+            param = params[target]
+            # TP shards (the model's dict) or a quantized parameter's own placement (its attribute)
+            loader = self.weight_loaders.get(target) or getattr(param, "weight_loader", None)
             if loader is not None:
                 loader(param, tensor, shard)
             elif shard is not None:
@@ -250,6 +252,8 @@ class LlamaForCausalLM(nn.Module):
             filled.add(target if shard is None else f"{target}#{shard}")
         missing = []
         for pname in params:
+            if getattr(params[pname], "optional", False):  # e.g. a quantized layer's static input scale
+                continue
             head = pname.rsplit(".", 2)
             if len(head) == 3 and head[1] in sizes:
                 shards = len(sizes[head[1]])
