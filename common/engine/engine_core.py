@@ -19,7 +19,8 @@ device work of the previous one, so the GPU never waits for Python between steps
              update(sched_{k-1}, result); return deltas(...)
 
 Steps run one at a time while any request needs its latest tokens on the host to sample
-(penalties, min_tokens, logprobs; `SamplingParams.needs_host_history`).
+(penalties, min_tokens, logprobs; `SamplingParams.needs_host_history`), and always with
+speculative decoding (spec_decode/: a step's drafts are proposed from the step before's tokens).
 
 A failing forward pass fails the requests in that step with an error and the engine goes on.
 """
@@ -42,7 +43,7 @@ from pdserve.common.models.loader import read_arch_config, resolve_model_path
 from pdserve.common.outputs import EngineOutput, Logprob, TokenLogprobs
 from pdserve.common.request import Request, RequestStatus, child_request_id, sequence_seed
 from pdserve.common.sampling_params import ParameterError, SamplingParams
-from pdserve.common.stats import EngineStats
+from pdserve.common.stats import EngineStats, SpecDecodeStats
 from pdserve.common.tokenizer import load_tokenizer
 
 log = logging.getLogger("pdserve.engine")
@@ -63,8 +64,12 @@ class EngineCore:
         eos = list(self.arch.eos_token_ids) + (self.tokenizer.eos_token_ids if self.tokenizer else [])
         self.eos_token_ids = tuple(dict.fromkeys(eos))
         sched_cfg = dataclasses.replace(config.scheduler, max_model_len=max_len)
+        spec = config.speculative_config
+        if spec is not None and config.async_scheduling:
+            raise ConfigError("--async-scheduling cannot be combined with speculative decoding: its steps "
+                              "run one at a time (docs/speculative.md)")
         self.runner = ModelRunner(config.model, config.cache, self.arch, self.model_path, max_len,
-                                  scheduler_cfg=sched_cfg, enforce_eager=config.enforce_eager)
+                                  scheduler_cfg=sched_cfg, enforce_eager=config.enforce_eager, speculative=spec)
         capacity = self.runner.num_blocks * config.cache.block_size
         if capacity < max_len:
             raise ConfigError(f"the KV cache holds {capacity} tokens, fewer than --max-model-len {max_len}: "
@@ -73,14 +78,16 @@ class EngineCore:
         self.connector = connector
         if connector is not None:
             connector.bind(self.kv, wake)
-        self.scheduler = Scheduler(sched_cfg, self.kv, connector)
+        self.scheduler = Scheduler(sched_cfg, self.kv, connector,
+                                   num_speculative_tokens=spec.num_speculative_tokens if spec else 0)
+        self.spec_stats = SpecDecodeStats.new(spec.num_speculative_tokens) if spec else None
         self.requests: dict[str, list[Request]] = {}  # user request id -> its sequences
         self.model_name = config.model.served_model_name or served_name(config.model.model)
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
         overlap = config.async_scheduling
-        self.async_scheduling = self.runner.device.type == "cuda" if overlap is None else overlap
+        self.async_scheduling = (self.runner.device.type == "cuda" if overlap is None else overlap) and spec is None
         self._inflight: tuple[SchedulerOutput, PendingOutput] | None = None
         self.num_overlapped_steps = 0  # steps launched while the previous one was still running
 
@@ -187,8 +194,11 @@ class EngineCore:
             return self._fail(sched, e)
         self.num_steps += 1
         touched = self.scheduler.update(sched, result)
-        self.num_generated_tokens += len(touched)  # one token each (an overlapped step's extra one is dropped)
-        return self._outputs(touched)
+        if self.spec_stats is not None:
+            self.spec_stats.record(result.spec_token_ids, result.num_accepted_tokens)
+        outputs = self._outputs(touched)  # an overlapped step's extra token was dropped in update()
+        self.num_generated_tokens += sum(len(o.new_token_ids) for o in outputs)
+        return outputs
 
     def _fail(self, sched: SchedulerOutput, error: Exception) -> list[EngineOutput]:
         log.error("forward pass failed", exc_info=error)
@@ -234,7 +244,8 @@ class EngineCore:
                            num_cached_blocks=len(kv.pool.cached), num_preemptions=self.scheduler.num_preemptions,
                            prefix_queries=kv.num_prefix_queries, prefix_hits=kv.num_prefix_hits,
                            num_steps=self.num_steps, num_prompt_tokens=self.num_prompt_tokens,
-                           num_generated_tokens=self.num_generated_tokens)
+                           num_generated_tokens=self.num_generated_tokens,
+                           spec_decode=None if self.spec_stats is None else self.spec_stats.snapshot())
 
 
 def _logprob_dict(top: dict[int, tuple[float, int]]) -> TokenLogprobs:

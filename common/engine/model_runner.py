@@ -12,7 +12,9 @@ decode-only steps replay CUDA graphs (`cuda_graphs.py`) unless `enforce_eager`. 
 pool is sized from a profiling step (`_blocks_for_gpu_memory`).
 
 The runner owns the model, the KV tensors and per-request generators; it never touches the
-scheduler or the block pool (block ids arrive in the SchedulerOutput).
+scheduler or the block pool (block ids arrive in the SchedulerOutput). With speculative
+decoding it also owns the proposer (`spec_decode.decoder.SpecDecoder`): drafts are appended to
+the inputs before the forward pass and verified on its logits.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import itertools
 import numpy as np
 import torch
 
-from pdserve.common.config import ArchConfig, CacheConfig, ConfigError, ModelConfig, SchedulerConfig
+from pdserve.common.config import ArchConfig, CacheConfig, ConfigError, ModelConfig, SchedulerConfig, SpeculativeConfig
 from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledRequest, SchedulerOutput
 from pdserve.common.engine.sampler import Sampler, top_logprobs
 from pdserve.common.models.attention import AttentionMetadata, PrefillSeq, StepInputs
@@ -37,9 +39,11 @@ GiB = 1 << 30
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, arch: ArchConfig, path: str,
                  max_model_len: int, scheduler_cfg: SchedulerConfig | None = None, enforce_eager: bool = True,
-                 attention_backend: str | None = None):
+                 attention_backend: str | None = None, speculative: SpeculativeConfig | None = None):
         """`attention_backend` ("torch" | "triton") overrides the choice by device (tests only)."""
         self.arch = arch
+        self.model_cfg = model_cfg
+        self.enforce_eager = enforce_eager
         self.block_size = cache_cfg.block_size
         self.max_model_len = max_model_len
         self.scheduler_cfg = scheduler_cfg or SchedulerConfig(max_model_len=max_model_len)
@@ -61,6 +65,11 @@ class ModelRunner:
         self._fill_upload = PackedUpload(self.device, 1024)
         self.kv_caches: list[torch.Tensor] = []
         self.graphs = None  # captured after the KV cache exists
+        self.spec = None
+        if speculative is not None:  # a draft model's KV shares the pool's block ids: sized together
+            from pdserve.common.engine.spec_decode.decoder import SpecDecoder
+            self.spec = SpecDecoder(speculative, self)
+        self.extra_bytes_per_block = 0 if self.spec is None else self.spec.draft_bytes_per_block(self.block_size)
         if cache_cfg.num_blocks:
             self.num_blocks = cache_cfg.num_blocks
         elif self.device.type == "cuda":
@@ -80,13 +89,15 @@ class ModelRunner:
                                        self.scheduler_cfg.max_num_seqs, max_model_len, self.device)
             with torch.inference_mode():
                 self.graphs.capture()
+        if self.spec is not None:
+            self.spec.start()
 
     def bytes_per_block(self) -> int:
         a = self.arch
         return 2 * a.num_layers * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
 
     def _blocks_for_memory(self, cache_cfg: CacheConfig) -> int:
-        num = int(cache_cfg.kv_cache_memory_gb * GiB) // self.bytes_per_block()
+        num = int(cache_cfg.kv_cache_memory_gb * GiB) // (self.bytes_per_block() + self.extra_bytes_per_block)
         if num < 1:
             raise ConfigError(f"--kv-cache-memory {cache_cfg.kv_cache_memory_gb} GB holds no KV block")
         return num
@@ -118,7 +129,9 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free_now, _ = torch.cuda.mem_get_info(self.device)
         budget = min(total * cache_cfg.gpu_memory_utilization - peak - outside_torch, free_now)
-        num = max(int(budget // self.bytes_per_block()), 0)
+        if self.spec is not None:  # the draft's weights, and the verify step's extra logits rows
+            budget -= self.spec.reserved_bytes() + self._verify_bytes()
+        num = max(int(budget // (self.bytes_per_block() + self.extra_bytes_per_block)), 0)
         needed = -(-self.max_model_len // self.block_size)
         if num < needed:
             raise ConfigError(
@@ -128,6 +141,13 @@ class ModelRunner:
                 f"{outside_torch / GiB:.1f} GiB outside torch; --max-model-len {self.max_model_len} needs {needed} "
                 "blocks: raise --gpu-memory-utilization or lower --max-model-len / --max-num-batched-tokens")
         return num
+
+    def _verify_bytes(self) -> int:
+        """A verify step computes logits at k + 1 rows per request (the profile step: one), and
+        keeps about four [rows, vocab] float32 tensors (logits, probabilities, noise, residual)."""
+        rows = min(self.scheduler_cfg.max_num_seqs * (self.spec.config.num_speculative_tokens + 1),
+                   self.scheduler_cfg.token_budget)
+        return 4 * rows * self.arch.vocab_size * 4
 
     def _profile_step(self, num_tokens: int, max_num_seqs: int) -> SchedulerOutput:
         num_reqs = max(1, min(max_num_seqs, num_tokens))
@@ -149,15 +169,37 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput) -> "PendingOutput":
         """Queue one step on the device; `result()` of the return value waits for its tokens.
-        Steps whose requests need logprobs wait here (they read results on the host)."""
-        for req_id in sched.finished_req_ids:
-            self._generators.pop(req_id, None)
-        self._tables.drop(sched.finished_req_ids | sched.preempted_req_ids)
+        Steps whose requests need logprobs, and verify steps, wait here (they read results on
+        the host)."""
         out = RunnerOutput(sampled_token_ids={})
-        if sched.is_empty():
+        ordered, step, hidden, sample_rows = self._forward(sched)
+        if not ordered:
             return PendingOutput(out)
-        decodes = [s for s in sched.scheduled if s.num_tokens == 1]
-        prefills = [s for s in sched.scheduled if s.num_tokens > 1]
+        for st, s in zip(step.query_start_loc.tolist(), ordered):
+            if s.params.prompt_logprobs is not None and s.start_pos < len(s.prompt_token_ids):
+                out.prompt_logprobs[s.req_id] = self._prompt_logprobs(hidden[st:st + s.num_tokens], s)
+        sample_reqs = [s for s in ordered if s.sample]
+        if not sample_reqs:
+            return PendingOutput(out)
+        if self.spec is not None and self.spec.has_drafts():
+            self.spec.verify(hidden, step, ordered, out)
+            return PendingOutput(out)
+        logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
+        gens = [self.generator(s) for s in sample_reqs]
+        tokens = self.sampler.sample(logits, sample_reqs, self.arch.eos_token_ids, gens)
+        self._last_sampled = (tokens, {s.req_id: i for i, s in enumerate(sample_reqs)})
+        out.logprobs = self.sampler.logprobs(logits, tokens, sample_reqs)
+        return PendingOutput(out, [s.req_id for s in sample_reqs], tokens)
+
+    def _forward(self, sched: SchedulerOutput):
+        """The forward pass of a step -> (requests in row order: decodes first, StepInputs,
+        hidden [T, h], sample_rows [S]); ([], None, None, None) for an empty step."""
+        self.forget(sched.finished_req_ids | sched.preempted_req_ids)
+        if sched.is_empty():
+            return [], None, None, None
+        scheduled = sched.scheduled if self.spec is None else self.spec.prepare(sched)
+        decodes = [s for s in scheduled if s.num_tokens == 1]
+        prefills = [s for s in scheduled if s.num_tokens > 1]
         ordered = decodes + prefills
         step = flatten_step(ordered, len(decodes), self.block_size, self._tables)
         fill = self._placeholder_fill(ordered, step)
@@ -168,19 +210,20 @@ class ModelRunner:
             if fill is not None:
                 fill(input_ids)
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        return ordered, step, hidden, sample_rows
 
-        for st, s in zip(step.query_start_loc.tolist(), ordered):
-            if s.params.prompt_logprobs is not None and s.start_pos < len(s.prompt_token_ids):
-                out.prompt_logprobs[s.req_id] = self._prompt_logprobs(hidden[st:st + s.num_tokens], s)
-        sample_reqs = [s for s in ordered if s.sample]
-        if not sample_reqs:
-            return PendingOutput(out)
-        logits = self.model.compute_logits(hidden.index_select(0, sample_rows))
-        gens = [self._generator(s) for s in sample_reqs]
-        tokens = self.sampler.sample(logits, sample_reqs, self.arch.eos_token_ids, gens)
-        self._last_sampled = (tokens, {s.req_id: i for i, s in enumerate(sample_reqs)})
-        out.logprobs = self.sampler.logprobs(logits, tokens, sample_reqs)
-        return PendingOutput(out, [s.req_id for s in sample_reqs], tokens)
+    @torch.inference_mode()
+    def forward_logits(self, sched: SchedulerOutput) -> tuple[list[ScheduledRequest], torch.Tensor]:
+        """A forward pass without sampling (a draft model's): the requests with sample=True in row
+        order, and the logits [S, V] at their last tokens."""
+        ordered, _, hidden, sample_rows = self._forward(sched)
+        return [s for s in ordered if s.sample], self.model.compute_logits(hidden.index_select(0, sample_rows))
+
+    def forget(self, req_ids) -> None:
+        """Drop the cached state of finished or preempted requests."""
+        for req_id in req_ids:
+            self._generators.pop(req_id, None)
+        self._tables.drop(req_ids)
 
     def _placeholder_fill(self, ordered: list[ScheduledRequest], step: StepInputs):
         """The device-side fill of PLACEHOLDER_TOKEN inputs from the last launched step's sampled
@@ -203,7 +246,7 @@ class ModelRunner:
             input_ids[dst_dev.long()] = tokens.index_select(0, src_dev).to(input_ids.dtype)
         return fill
 
-    def _generator(self, s: ScheduledRequest) -> torch.Generator | None:
+    def generator(self, s: ScheduledRequest) -> torch.Generator | None:
         """The generator of a seeded request, re-seeded for the position it samples now.
 
         The rule that makes a seeded request's tokens independent of the route it takes (one
