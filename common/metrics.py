@@ -3,8 +3,9 @@
 
 Two sources:
   * state read at scrape time from typed snapshots (common/stats.py) that the deployment supplies:
-    `EngineStats` (running / waiting, KV usage, prefix cache, preemptions, token counters: the
-    engine of `serve` or a worker, or the router's sums over its fleet), `TransferStats` (a
+    `EngineStats` (running / waiting, KV usage, prefix cache, preemptions, token counters,
+    speculative decoding's drafts and acceptances: the engine of `serve` or a worker, or the
+    router's sums over its fleet), `TransferStats` (a
     worker's leases and pulls), `RouterStats` (routing decisions, retries, handoffs) — nothing is
     polled between scrapes;
   * request-level metrics (token counters, TTFT, inter-token latency, end-to-end latency, request
@@ -200,6 +201,8 @@ class StatsCollector:
             yield counter("vllm:num_preemptions", "Preemptions (recompute) so far.", e.num_preemptions)
             yield gauge("pdserve:kv_blocks_free", "Free KV blocks.", e.num_free_blocks)
             yield gauge("pdserve:kv_blocks_total", "KV blocks in the pool.", e.num_blocks)
+            if e.spec_decode is not None:
+                yield from self._spec_decode(e.spec_decode, counter, gauge)
         t = self._read("transfer")
         if t is not None:
             for key, name, doc in (
@@ -232,6 +235,25 @@ class StatsCollector:
             for reason, count in sorted(r.routes.items()):
                 routes.add_metric([self.model_name, reason], float(count))
             yield routes
+
+
+    def _spec_decode(self, sd, counter, gauge):
+        """vLLM's spec_decode counters, and the two ratios its logger prints as pdserve gauges."""
+        yield counter("vllm:spec_decode_num_drafts", "Speculative verify rounds (one per request and step).",
+                      sd.num_drafts)
+        yield counter("vllm:spec_decode_num_draft_tokens", "Draft tokens verified.", sd.num_draft_tokens)
+        yield counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.", sd.num_accepted_tokens)
+        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                      "Draft tokens accepted, by position in the draft.",
+                                      labels=["model_name", "position"])
+        for pos, count in enumerate(sd.accepted_per_pos):
+            per_pos.add_metric([self.model_name, str(pos)], float(count))
+        yield per_pos
+        if sd.acceptance_rate is not None:
+            yield gauge("pdserve:spec_decode_acceptance_rate", "Accepted / verified draft tokens, since start.",
+                        sd.acceptance_rate)
+            yield gauge("pdserve:spec_decode_mean_accepted_length",
+                        "Tokens per verify round (1 + accepted drafts), since start.", sd.mean_accepted_length)
 
 
 class _HistogramFamily:
