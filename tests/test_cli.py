@@ -75,3 +75,23 @@ def test_bench_latency_reports_consistent_numbers(tmp_path, tiny_models):
     bad = pdserve("bench", "latency", "--model", tiny_models["llama"], "--output-len", "0")
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1] == \
         "pdserve bench latency: --output-len must be at least 1"
+
+
+def test_generate_with_speculative_decoding(tmp_path, tiny_models):
+    """--speculative-config (n-gram) and the --speculative-model shorthand give the greedy tokens
+    of a run without them; a bad config is one line."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello there, hello there, hello\nThe weather today is\n")
+    base = ["generate", "--model", tiny_models["llama"], "--input", str(prompts), "--max-tokens", "12",
+            "--temperature", "0"]
+    want = pdserve(*base).stdout
+    ngram = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2})
+    for extra in (["--speculative-config", ngram],
+                  ["--speculative-model", tiny_models["llama"], "--num-speculative-tokens", "2"]):
+        proc = pdserve(*base, *extra)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == want
+    bad = pdserve(*base, "--speculative-config", '{"method": "eagle", "num_speculative_tokens": 2}')
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "pdserve generate: error: --speculative-config: method must be one of ngram, draft_model, got 'eagle'"]
