@@ -21,7 +21,7 @@ import time
 
 def add_parser(sub, add_engine_args):
     """`pdserve bench throughput|latency`; returns the subparsers for the other bench commands."""
-    p = sub.add_parser("bench", help="benchmarks (throughput, latency, gpu)")
+    p = sub.add_parser("bench", help="benchmarks (throughput, latency, gpu, spec)")
     bsub = p.add_subparsers(dest="bench", required=True)
     t = bsub.add_parser("throughput", help="offline output tok/s: pdserve vs HF transformers")
     t.add_argument("--num-prompts", type=int, default=64)

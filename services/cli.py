@@ -94,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat, temperature=0.0)
 
-    from pdserve.services import bench, bench_gpu, disagg_cli, serve
-    bench_gpu.add_parser(bench.add_parser(sub, add_engine_args))  # `pdserve bench gpu` (H100 workloads)
+    from pdserve.services import bench, bench_gpu, bench_spec, disagg_cli, serve
+    bench_sub = bench.add_parser(sub, add_engine_args)
+    bench_gpu.add_parser(bench_sub)  # `pdserve bench gpu` (H100 workloads)
+    bench_spec.add_parser(bench_sub, add_engine_args)  # `pdserve bench spec` (speculative decoding)
     serve.add_parser(sub, add_engine_args)
     disagg_cli.add_parsers(sub, add_engine_args)
     return parser

@@ -156,3 +156,24 @@ def test_engine_config_errors(tiny_models, tmp_path):
     llm = LLM(folder, speculative_model=folder, num_speculative_tokens=2)
     assert llm.engine.config.speculative_config.num_speculative_tokens == 2
     assert llm.engine.config.speculative_config.method == "draft_model"
+
+
+def test_smollm2_greedy_and_seeded_outputs_do_not_change(smollm2_path):
+    """The packaged SmolLM2 on a copy prompt of the bench set: n-gram drafts get accepted, and
+    greedy (n-gram, self-draft) and seeded n-gram outputs are those of a run without speculation."""
+    from pdserve.services.bench_spec import DATA
+    row = json.loads(open(DATA).readline())
+    messages = [{"role": "user", "content": row["passage"] + "\n\n" + row["instruction"]}]
+    params = [SamplingParams(temperature=0, max_tokens=16), SamplingParams(temperature=0.8, seed=1, max_tokens=16)]
+
+    def chat(**kw):
+        llm = LLM(smollm2_path, max_model_len=512, num_gpu_blocks_override=64, **kw)
+        outs = [llm.chat(messages, p, use_tqdm=False)[0].outputs[0].token_ids for p in params]
+        assert llm.engine.kv.num_free_blocks == llm.engine.runner.num_blocks
+        return outs, llm.engine.stats().spec_decode
+    want, _ = chat()
+    got, st = chat(speculative_config={"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3,
+                                       "prompt_lookup_min": 2})
+    assert got == want and st.acceptance_rate > 0.3
+    got, st = chat(speculative_config=draft(smollm2_path, k=3))
+    assert got[0] == want[0] and st.acceptance_rate > 0.95

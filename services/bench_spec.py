@@ -1,0 +1,157 @@
+"""`pdserve bench spec`: speculative decoding against none, in one process, on an input-grounded set.
+
+    pdserve bench spec [--batch-sizes 1 16] [-k 4] [--methods none ngram draft] [--draft-model M]
+                       [engine flags: --model, --device, --kv-cache-memory ...]
+
+Prompts: services/bench_data/grounded_prompts.jsonl (16 passages, each with "repeat / copy this"
+instructions; --prompts FILE for another JSONL of {"passage", "instruction"}), through the chat
+template, greedy, at most --max-tokens each. Greedy outputs do not depend on speculation, so
+every method generates the same tokens (checked: `outputs_identical`).
+
+Methods: `none`; `ngram` (prompt lookup, --prompt-lookup-min/max); `draft` (--draft-model,
+default the target itself: every draft accepted, the upper bound of the mechanism). All engines
+are built first, then each batch size runs every method in turn (--repeats rounds), so a noisy
+machine disturbs them alike. Batch 1 runs --sequential-prompts prompts one after the other;
+batch B > 1 runs B prompts at once (the set repeated if B is larger).
+
+Per method and batch size: ms per output token (per request: time from its first token to its
+last / (tokens - 1), averaged), speedup = none's / this, acceptance rate and mean accepted length
+(tokens per verify round), draft ms per verify step (proposer time), and
+    bound = mean accepted length * t_none / (t_none + draft ms per step)
+the speedup if verifying k + 1 tokens cost one plain decode step and the proposer were the only
+extra cost; efficiency = speedup / bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+DATA = os.path.join(os.path.dirname(__file__), "bench_data", "grounded_prompts.jsonl")
+
+
+def add_parser(bench_sub, add_engine_args) -> None:
+    p = bench_sub.add_parser("spec", help="speculative decoding (n-gram, draft model) vs none, same run")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
+    p.add_argument("-k", "--spec-tokens", type=int, default=4, help="num_speculative_tokens")
+    p.add_argument("--methods", nargs="+", default=["none", "ngram", "draft"], choices=["none", "ngram", "draft"])
+    p.add_argument("--draft-model", default=None, help="draft of method draft (default: the target itself)")
+    p.add_argument("--prompt-lookup-min", type=int, default=2)
+    p.add_argument("--prompt-lookup-max", type=int, default=4)
+    p.add_argument("--prompts", default=DATA, help="JSONL of {passage, instruction}")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--sequential-prompts", type=int, default=4, help="prompts run one at a time at batch 1")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--json-out", default=None)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_spec)
+
+
+def method_config(args, method: str, target: str) -> dict | None:
+    if method == "none":
+        return None
+    if method == "ngram":
+        return {"method": "ngram", "num_speculative_tokens": args.spec_tokens,
+                "prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max}
+    return {"model": args.draft_model or target, "num_speculative_tokens": args.spec_tokens}
+
+
+def run_batch(llm, prompts: list[list[int]], max_tokens: int, tag: str) -> dict:
+    """Run prompts together to completion: per-request ms per output token, tokens, steps."""
+    from pdserve.common.sampling_params import SamplingParams
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", p, params)
+    first, last, outs = {}, {}, {}
+    steps = 0
+    while engine.has_unfinished():
+        outputs = engine.step()
+        steps += 1
+        now = time.perf_counter()
+        for o in outputs:
+            if o.new_token_ids:
+                first.setdefault(o.request_id, now)
+                last[o.request_id] = now
+                outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+    tpot = [(last[r] - first[r]) / (len(t) - 1) for r, t in outs.items() if len(t) > 1]
+    return {"tpot": tpot, "tokens": [outs[f"{tag}-{i}"] for i in range(len(prompts))], "steps": steps}
+
+
+def cmd_spec(args) -> None:
+    from pdserve.common.config import engine_config
+    from pdserve.common.engine.llm import LLM
+    with open(args.prompts) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    llms = {}
+    target = engine_config(args).model.model
+    for method in args.methods:
+        llms[method] = LLM.from_config(engine_config(args, speculative_config=method_config(args, method, target),
+                                                     speculative_model=None, num_speculative_tokens=None))
+    tok = next(iter(llms.values())).get_tokenizer()
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": r["passage"] + "\n\n" + r["instruction"]}],
+                                                  add_generation_prompt=True), add_special_tokens=False) for r in rows]
+    for llm in llms.values():  # warm-up (and the draft's first forward)
+        run_batch(llm, prompts[:2], 8, "warm")
+    results = []
+    for bs in args.batch_sizes:
+        groups = ([[p] for p in prompts[:args.sequential_prompts]] if bs == 1
+                  else [[prompts[i % len(prompts)] for i in range(bs)]])
+        acc = {m: {"tpot": [], "tokens": [], "steps": 0, "propose_s": 0.0, "drafts": 0, "draft_tokens": 0,
+                   "accepted": 0} for m in args.methods}
+        for rep in range(args.repeats):
+            for method, llm in llms.items():
+                engine, a = llm.engine, acc[method]
+                spec_before = engine.stats().spec_decode
+                propose_before = engine.runner.spec.propose_seconds if engine.runner.spec else 0.0
+                for gi, group in enumerate(groups):
+                    r = run_batch(llm, group, args.max_tokens, f"b{bs}-{rep}-{gi}")
+                    a["tpot"] += r["tpot"]
+                    a["steps"] += r["steps"] - 1  # the first step is the prefill
+                    if rep == 0:
+                        a["tokens"] += r["tokens"]
+                if engine.runner.spec:
+                    a["propose_s"] += engine.runner.spec.propose_seconds - propose_before
+                    after = engine.stats().spec_decode
+                    a["drafts"] += after.num_drafts - spec_before.num_drafts
+                    a["draft_tokens"] += after.num_draft_tokens - spec_before.num_draft_tokens
+                    a["accepted"] += after.num_accepted_tokens - spec_before.num_accepted_tokens
+        base = acc.get("none")
+        base_ms = 1000 * sum(base["tpot"]) / len(base["tpot"]) if base else None
+        for method in args.methods:
+            a = acc[method]
+            ms = 1000 * sum(a["tpot"]) / len(a["tpot"])
+            row = {"method": method, "batch_size": bs, "ms_per_output_token": round(ms, 3),
+                   "output_tokens": sum(len(t) for t in a["tokens"]),
+                   "outputs_identical": None if base is None else a["tokens"] == base["tokens"]}
+            if base_ms is not None:
+                row["speedup"] = round(base_ms / ms, 3)
+            if method != "none" and a["drafts"]:
+                mean_len = 1 + a["accepted"] / a["drafts"]
+                draft_ms = 1000 * a["propose_s"] / max(a["steps"], 1)
+                row.update(acceptance_rate=round(a["accepted"] / a["draft_tokens"], 3),
+                           mean_accepted_length=round(mean_len, 3), draft_ms_per_step=round(draft_ms, 3))
+                if base_ms is not None:  # per request, a plain step takes base_ms and makes one token
+                    bound = mean_len * base_ms / (base_ms + draft_ms)
+                    row.update(bound=round(bound, 3), efficiency=round(row["speedup"] / bound, 3))
+            results.append(row)
+    any_llm = next(iter(llms.values()))
+    summary = {"model": any_llm.engine.model_name, "device": str(any_llm.engine.runner.device),
+               "dtype": str(any_llm.engine.runner.dtype).removeprefix("torch."), "k": args.spec_tokens,
+               "max_tokens": args.max_tokens, "prompts": os.path.basename(args.prompts), "results": results}
+    print(f"{'method':>6} {'batch':>5} {'ms/tok':>8} {'speedup':>7} {'accept':>6} {'mean len':>8} "
+          f"{'draft ms':>8} {'bound':>6} {'effic.':>6} same")
+    for r in results:
+        print(f"{r['method']:>6} {r['batch_size']:>5} {r['ms_per_output_token']:>8.2f} {r.get('speedup', 1.0):>7.2f} "
+              f"{_f(r.get('acceptance_rate'))} {_f(r.get('mean_accepted_length'), 8)} "
+              f"{_f(r.get('draft_ms_per_step'), 8)} {_f(r.get('bound'))} {_f(r.get('efficiency'))} "
+              f"{r['outputs_identical']}")
+    print(json.dumps(summary))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
+def _f(value, width: int = 6) -> str:
+    return f"{value:>{width}.2f}" if value is not None else " " * (width - 1) + "-"
