@@ -31,11 +31,16 @@ def draft(folder: str, k: int = 3) -> dict:
     return {"model": folder, "num_speculative_tokens": k}
 
 
-def generate(folder, prompts, params, check_blocks: bool = False, **kw):
+def generate(folder, prompts, params, check_blocks: bool = False, decode_rows: bool = False, **kw):
     """Run to completion step by step; after each step no request holds a block past its tokens
-    (rejected drafts' blocks were freed), and at the end the pool is whole again."""
+    (rejected drafts' blocks were freed), and at the end the pool is whole again. `decode_rows`:
+    verify (and draft) as one-token rows, the form CUDA graphs replay (forced here on the CPU)."""
     llm = LLM(folder, **kw)
     engine = llm.engine
+    if decode_rows:
+        engine.runner.spec.verify_as_decodes = True
+        if engine.runner.spec.draft is not None:
+            engine.runner.spec.draft.decode_rows = True
     params = params if isinstance(params, list) else [params] * len(prompts)
     for i, (p, sp) in enumerate(zip(prompts, params)):
         llm.add_request(str(i), p, sp)
@@ -80,6 +85,24 @@ def test_unrelated_draft_greedy_matches_hf_and_returns_every_block(tiny_models, 
     assert st.num_draft_tokens > 300 and st.acceptance_rate < 0.2
     if variant == "preemption":
         assert engine.scheduler.num_preemptions > 0
+
+
+@pytest.mark.parametrize("drafter", ["self", "qwen3"])
+def test_verify_as_one_token_rows_gives_the_same_tokens(tiny_models, prompts, drafter):
+    """The CUDA-graph form of a verify step ([t, d1 .. dn] as n + 1 decode rows) and of the draft's
+    catch-up: greedy equals HF, seeded equals the chunk form."""
+    folder = tiny_models["llama"]
+    spec = draft(folder if drafter == "self" else tiny_models["qwen3"], k=3)
+    batch = prompts[:4]
+    outs, engine = generate(folder, batch, GREEDY, decode_rows=True, speculative_config=spec, block_size=4)
+    assert tokens(outs) == reference(tiny_models, "llama", prompts)[:4]
+    if drafter == "self":
+        st = engine.stats().spec_decode
+        assert st.num_accepted_tokens == st.num_draft_tokens > 0
+    params = [SamplingParams(temperature=0.8, seed=20 + i, max_tokens=10) for i in range(3)]
+    rows, _ = generate(folder, batch[:3], params, decode_rows=True, speculative_config=spec)
+    chunks, _ = generate(folder, batch[:3], params, speculative_config=spec)
+    assert tokens(rows) == tokens(chunks)
 
 
 def test_ngram_greedy_matches_hf(tiny_models, prompts):

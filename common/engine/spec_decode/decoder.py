@@ -5,9 +5,11 @@
                     verify(hidden, step, ...)      # logits at its n + 1 last rows -> tokens
 
 Requests with and without drafts share the batch: `verify` samples the others with the
-runner's own sampler, on their last row as usual. A verify step runs eagerly on CUDA (its
-chunks are not decode-only steps, which are what the CUDA graphs capture); the draft model's
-one-token steps replay its own graphs.
+runner's own sampler, on their last row as usual. Where the runner has CUDA graphs (CUDA, not
+--enforce-eager) a decoding request's [t, d1 .. dn] runs as n + 1 one-token rows, each attending
+to its own prefix, so a verify step is a decode-only step and replays the decode graphs (up to
+max_num_seqs rows; beyond, or mixed with prefill chunks, it runs eagerly); the CPU runs it as one
+chunk of n + 1 tokens. The draft model's steps do the same with its own graphs.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ class SpecDecoder:
                 runner.enforce_eager)
         self._probs: dict[str, torch.Tensor | None] = {}  # this step: req_id -> draft distributions
         self._drafts: dict[str, list[int]] = {}  # this step: req_id -> all drafts (fed + a last one)
+        self._fed: dict[str, list[int]] = {}  # this step: req_id -> the drafts fed
+        # Verify [t, d1 .. dn] as n + 1 one-token rows (each attends to its prefix: the K/V of all
+        # rows are stored before attention reads, layer by layer), so a verify step is a
+        # decode-only step that the CUDA graphs replay. Set in start(): where graphs exist.
+        self.verify_as_decodes = False
         self.propose_seconds = 0.0  # host time in proposers (bench spec: the draft's cost)
 
     def draft_bytes_per_block(self, block_size: int) -> int:
@@ -53,6 +60,7 @@ class SpecDecoder:
         return 0 if self.draft is None else self.draft.weight_bytes()
 
     def start(self) -> None:
+        self.verify_as_decodes = self.runner.graphs is not None
         if self.draft is not None:
             self.draft.start(self.runner.num_blocks, self.runner.block_size)
 
@@ -64,7 +72,7 @@ class SpecDecoder:
         want = [s for s in sched.scheduled if s.num_spec_slots or (
             self.draft is not None and s.sample and s.params.temperature != 0
             and speculates(s.params, len(s.output_token_ids)))]
-        self._drafts, self._probs = {}, {}
+        self._drafts, self._probs, self._fed = {}, {}, {}
         if not want:
             return sched.scheduled
         t0 = time.perf_counter()
@@ -74,10 +82,14 @@ class SpecDecoder:
         out = []
         for s in sched.scheduled:
             drafts = self._drafts.get(s.req_id)
-            if drafts:
-                fed = drafts[:s.num_spec_slots]
-                s = dataclasses.replace(s, input_token_ids=s.input_token_ids + fed, spec_token_ids=fed)
-            out.append(s)
+            fed = self._fed[s.req_id] = drafts[:s.num_spec_slots] if drafts else []
+            if not fed:
+                out.append(s)
+            elif self.verify_as_decodes and s.num_tokens == 1:  # [t, d1 .. dn] as n + 1 one-token rows
+                out.extend(dataclasses.replace(s, input_token_ids=[t], start_pos=s.start_pos + j)
+                           for j, t in enumerate(s.input_token_ids + fed))
+            else:
+                out.append(dataclasses.replace(s, input_token_ids=s.input_token_ids + fed, spec_token_ids=fed))
         return out
 
     def has_drafts(self) -> bool:
@@ -88,37 +100,37 @@ class SpecDecoder:
                out: RunnerOutput) -> None:
         """Tokens of every sampling request of a step with drafts into `out` (on the host)."""
         runner = self.runner
-        ends = step.query_start_loc[1:]
-        rows, spans, sample_reqs = [], [], []
-        for s, end in zip(ordered, ends.tolist()):
+        rows: dict[str, list[int]] = {}  # req_id -> its sampling rows (a chunk's last n + 1, or n + 1 one-token rows)
+        first: dict[str, ScheduledRequest] = {}
+        for s, end in zip(ordered, step.query_start_loc[1:].tolist()):
             if s.sample:
-                m = 1 + len(s.spec_token_ids)
-                spans.append(len(rows))
-                rows.extend(range(end - m, end))
-                sample_reqs.append(s)
-        index = torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(hidden.device)
+                rows.setdefault(s.req_id, []).extend(range(end - 1 - len(s.spec_token_ids), end))
+                first.setdefault(s.req_id, s)
+        spans, flat = {}, []  # req_id -> its first row in `logits`; the rows of `hidden` to take
+        for req_id, r in rows.items():
+            spans[req_id] = len(flat)
+            flat += r
+        index = torch.from_numpy(np.asarray(flat, dtype=np.int64)).to(hidden.device)
         logits = runner.model.compute_logits(hidden.index_select(0, index))  # [R, V]
-        plain = [i for i, s in enumerate(sample_reqs) if s.req_id not in self._drafts]
+        plain = [req_id for req_id in rows if req_id not in self._drafts]
         if plain:
-            reqs = [sample_reqs[i] for i in plain]
-            rows_plain = logits.index_select(0, torch.tensor([spans[i] for i in plain], device=logits.device))
+            reqs = [first[req_id] for req_id in plain]
+            rows_plain = logits.index_select(0, torch.tensor([spans[r] for r in plain], device=logits.device))
             tokens = runner.sampler.sample(rows_plain, reqs, runner.arch.eos_token_ids,
                                            [runner.generator(s) for s in reqs])
             out.logprobs = runner.sampler.logprobs(rows_plain, tokens, reqs)
-            out.sampled_token_ids.update(zip((s.req_id for s in reqs), tokens.tolist()))
-        spec = [i for i, s in enumerate(sample_reqs) if s.req_id in self._drafts]
-        rows_spec = []
-        for i in spec:
-            s = sample_reqs[i]
-            n = len(s.spec_token_ids)
-            drafts = self._drafts[s.req_id][:n + 1]
-            probs = self._probs[s.req_id]
-            rows_spec.append(DraftRows(first_row=spans[i], num_rows=n + 1, draft_token_ids=drafts,
-                                       draft_probs=probs, params=s.params,
-                                       first_position=s.start_pos + s.num_tokens - n))
-        accepted = verify(logits, rows_spec, runner.sampler.shared_generator, position_seed)
-        for s, tokens in zip((sample_reqs[i] for i in spec), accepted):
-            out.sampled_token_ids[s.req_id] = tokens[-1]
-            if s.spec_token_ids:
-                out.spec_token_ids[s.req_id] = s.spec_token_ids
-                out.num_accepted_tokens[s.req_id] = len(tokens) - 1
+            out.sampled_token_ids.update(zip(plain, tokens.tolist()))
+        spec = [req_id for req_id in rows if req_id in self._drafts]
+        draft_rows = []
+        for req_id in spec:
+            n = len(self._fed[req_id])
+            draft_rows.append(DraftRows(first_row=spans[req_id], num_rows=n + 1,
+                                        draft_token_ids=self._drafts[req_id][:n + 1], draft_probs=self._probs[req_id],
+                                        params=first[req_id].params,
+                                        first_position=int(step.positions[rows[req_id][0]]) + 1))
+        accepted = verify(logits, draft_rows, runner.sampler.shared_generator, position_seed)
+        for req_id, tokens in zip(spec, accepted):
+            out.sampled_token_ids[req_id] = tokens[-1]
+            if self._fed[req_id]:
+                out.spec_token_ids[req_id] = self._fed[req_id]
+                out.num_accepted_tokens[req_id] = len(tokens) - 1

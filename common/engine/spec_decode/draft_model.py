@@ -40,6 +40,7 @@ from pdserve.common.engine.sampler import processed_probs
 from pdserve.common.models.loader import checkpoint_dtype, read_arch_config, resolve_dtype, resolve_model_path
 
 DRAFT_STREAM = 0x2545F4914F6CDD1D >> 2  # xor-ed into position seeds: the draft's own stream
+DECODE_ROWS_MAX = 16  # catch-ups up to this long run as one-token rows where the draft has graphs
 
 
 @dataclasses.dataclass
@@ -67,6 +68,7 @@ class DraftModelProposer:
         self.scheduler_cfg = scheduler_cfg
         self.enforce_eager = enforce_eager
         self.runner = None
+        self.decode_rows = False
         self.target_vocab = target_arch.vocab_size
         self._states: dict[str, _DraftState] = {}
 
@@ -88,6 +90,9 @@ class DraftModelProposer:
         self.runner = ModelRunner(self.model_cfg, cache, self.arch, self.path, self.max_model_len,
                                   scheduler_cfg=self.scheduler_cfg, enforce_eager=self.enforce_eager)
         self.device = self.runner.device
+        # short catch-ups as one-token rows (decoder.py: then every round is a decode-only step
+        # that the draft's CUDA graphs replay)
+        self.decode_rows = self.runner.graphs is not None
         self._gen = torch.Generator(device=self.device)
         self._shared = torch.Generator(device=self.device)
         self._shared.manual_seed(self.model_cfg.seed ^ DRAFT_STREAM)
@@ -122,8 +127,14 @@ class DraftModelProposer:
                 take = min(len(tokens), left)
                 if take <= 0:
                     break
-                batch.append(dataclasses.replace(s, input_token_ids=tokens[:take], start_pos=start,
-                                                 sample=take == len(tokens), num_spec_slots=0))
+                sample = take == len(tokens)
+                if self.decode_rows and take <= DECODE_ROWS_MAX:
+                    batch += [dataclasses.replace(s, input_token_ids=[t], start_pos=start + j,
+                                                  sample=sample and j == take - 1, num_spec_slots=0)
+                              for j, t in enumerate(tokens[:take])]
+                else:
+                    batch.append(dataclasses.replace(s, input_token_ids=tokens[:take], start_pos=start,
+                                                     sample=sample, num_spec_slots=0))
                 left -= take
             sampled, logits = self.runner.forward_logits(SchedulerOutput(scheduled=batch,
                                                                          num_batched_tokens=budget - left))
