@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import dataclass, field
 
 DATA = os.path.join(os.path.dirname(__file__), "bench_data", "grounded_prompts.jsonl")
 
@@ -79,6 +80,56 @@ def run_batch(llm, prompts: list[list[int]], max_tokens: int, tag: str) -> dict:
     return {"tpot": tpot, "tokens": [outs[f"{tag}-{i}"] for i in range(len(prompts))], "steps": steps}
 
 
+@dataclass
+class Tally:
+    """One method at one batch size, over the repeats."""
+    tpot: list = field(default_factory=list)  # seconds per output token, per request
+    tokens: list = field(default_factory=list)  # outputs of the first repeat (compared across methods)
+    steps: int = 0  # decode steps (each run's first step, the prefill, left out)
+    propose_s: float = 0.0
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted: int = 0
+
+    def measure(self, llm, groups: list[list[list[int]]], max_tokens: int, tag: str, first_repeat: bool) -> None:
+        engine = llm.engine
+        spec_before, propose_before = engine.stats().spec_decode, _propose_seconds(engine)
+        for gi, group in enumerate(groups):
+            r = run_batch(llm, group, max_tokens, f"{tag}-{gi}")
+            self.tpot += r["tpot"]
+            self.steps += r["steps"] - 1
+            if first_repeat:
+                self.tokens += r["tokens"]
+        if spec_before is not None:
+            after = engine.stats().spec_decode
+            self.propose_s += _propose_seconds(engine) - propose_before
+            self.drafts += after.num_drafts - spec_before.num_drafts
+            self.draft_tokens += after.num_draft_tokens - spec_before.num_draft_tokens
+            self.accepted += after.num_accepted_tokens - spec_before.num_accepted_tokens
+
+    def row(self, method: str, batch_size: int, base: "Tally | None") -> dict:
+        ms = 1000 * sum(self.tpot) / len(self.tpot)
+        row = {"method": method, "batch_size": batch_size, "ms_per_output_token": round(ms, 3),
+               "output_tokens": sum(len(t) for t in self.tokens),
+               "outputs_identical": None if base is None else self.tokens == base.tokens}
+        base_ms = None if base is None else 1000 * sum(base.tpot) / len(base.tpot)
+        if base_ms is not None:
+            row["speedup"] = round(base_ms / ms, 3)
+        if self.drafts:
+            mean_len = 1 + self.accepted / self.drafts
+            draft_ms = 1000 * self.propose_s / max(self.steps, 1)
+            row.update(acceptance_rate=round(self.accepted / self.draft_tokens, 3),
+                       mean_accepted_length=round(mean_len, 3), draft_ms_per_step=round(draft_ms, 3))
+            if base_ms is not None:  # per request, a plain step takes base_ms and makes one token
+                bound = mean_len * base_ms / (base_ms + draft_ms)
+                row.update(bound=round(bound, 3), efficiency=round(row["speedup"] / bound, 3))
+        return row
+
+
+def _propose_seconds(engine) -> float:
+    return engine.runner.spec.propose_seconds if engine.runner.spec is not None else 0.0
+
+
 def cmd_spec(args) -> None:
     from pdserve.common.config import engine_config
     from pdserve.common.engine.llm import LLM
@@ -98,44 +149,11 @@ def cmd_spec(args) -> None:
     for bs in args.batch_sizes:
         groups = ([[p] for p in prompts[:args.sequential_prompts]] if bs == 1
                   else [[prompts[i % len(prompts)] for i in range(bs)]])
-        acc = {m: {"tpot": [], "tokens": [], "steps": 0, "propose_s": 0.0, "drafts": 0, "draft_tokens": 0,
-                   "accepted": 0} for m in args.methods}
+        tallies = {m: Tally() for m in args.methods}
         for rep in range(args.repeats):
             for method, llm in llms.items():
-                engine, a = llm.engine, acc[method]
-                spec_before = engine.stats().spec_decode
-                propose_before = engine.runner.spec.propose_seconds if engine.runner.spec else 0.0
-                for gi, group in enumerate(groups):
-                    r = run_batch(llm, group, args.max_tokens, f"b{bs}-{rep}-{gi}")
-                    a["tpot"] += r["tpot"]
-                    a["steps"] += r["steps"] - 1  # the first step is the prefill
-                    if rep == 0:
-                        a["tokens"] += r["tokens"]
-                if engine.runner.spec:
-                    a["propose_s"] += engine.runner.spec.propose_seconds - propose_before
-                    after = engine.stats().spec_decode
-                    a["drafts"] += after.num_drafts - spec_before.num_drafts
-                    a["draft_tokens"] += after.num_draft_tokens - spec_before.num_draft_tokens
-                    a["accepted"] += after.num_accepted_tokens - spec_before.num_accepted_tokens
-        base = acc.get("none")
-        base_ms = 1000 * sum(base["tpot"]) / len(base["tpot"]) if base else None
-        for method in args.methods:
-            a = acc[method]
-            ms = 1000 * sum(a["tpot"]) / len(a["tpot"])
-            row = {"method": method, "batch_size": bs, "ms_per_output_token": round(ms, 3),
-                   "output_tokens": sum(len(t) for t in a["tokens"]),
-                   "outputs_identical": None if base is None else a["tokens"] == base["tokens"]}
-            if base_ms is not None:
-                row["speedup"] = round(base_ms / ms, 3)
-            if method != "none" and a["drafts"]:
-                mean_len = 1 + a["accepted"] / a["drafts"]
-                draft_ms = 1000 * a["propose_s"] / max(a["steps"], 1)
-                row.update(acceptance_rate=round(a["accepted"] / a["draft_tokens"], 3),
-                           mean_accepted_length=round(mean_len, 3), draft_ms_per_step=round(draft_ms, 3))
-                if base_ms is not None:  # per request, a plain step takes base_ms and makes one token
-                    bound = mean_len * base_ms / (base_ms + draft_ms)
-                    row.update(bound=round(bound, 3), efficiency=round(row["speedup"] / bound, 3))
-            results.append(row)
+                tallies[method].measure(llm, groups, args.max_tokens, f"b{bs}-{rep}", rep == 0)
+        results += [t.row(m, bs, tallies.get("none")) for m, t in tallies.items()]
     any_llm = next(iter(llms.values()))
     summary = {"model": any_llm.engine.model_name, "device": str(any_llm.engine.runner.device),
                "dtype": str(any_llm.engine.runner.dtype).removeprefix("torch."), "k": args.spec_tokens,

@@ -95,3 +95,15 @@ def test_generate_with_speculative_decoding(tmp_path, tiny_models):
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines() == [
         "pdserve generate: error: --speculative-config: method must be one of ngram, draft_model, got 'eagle'"]
+
+
+def test_bench_spec_reports_every_method(tmp_path, tiny_models):
+    out = tmp_path / "spec.json"
+    proc = pdserve("bench", "spec", "--model", tiny_models["llama"], "--batch-sizes", "1", "2", "--max-tokens", "6",
+                   "--sequential-prompts", "1", "-k", "2", "--kv-cache-memory", "0.1", "--json-out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["method"], r["batch_size"]) for r in rows] == [(m, b) for b in (1, 2) for m in ("none", "ngram", "draft")]
+    assert all(r["outputs_identical"] and r["ms_per_output_token"] > 0 for r in rows)
+    drafted = [r for r in rows if r["method"] == "draft"]
+    assert all(r["acceptance_rate"] == 1.0 and r["mean_accepted_length"] > 1 and r["bound"] > 0 for r in drafted)
