@@ -224,6 +224,8 @@ class ModelRunner:
         for req_id in req_ids:
             self._generators.pop(req_id, None)
         self._tables.drop(req_ids)
+        if self.spec is not None:
+            self.spec.proposer.forget(req_ids)
 
     def _placeholder_fill(self, ordered: list[ScheduledRequest], step: StepInputs):
         """The device-side fill of PLACEHOLDER_TOKEN inputs from the last launched step's sampled

@@ -66,7 +66,6 @@ class SpecDecoder:
 
     def prepare(self, sched: SchedulerOutput) -> list[ScheduledRequest]:
         """The step's requests, those with draft slots carrying up to num_spec_slots drafts."""
-        self.proposer.forget(sched.finished_req_ids | sched.preempted_req_ids)
         # A draft model at temperature > 0 also drafts the token after the fed drafts, even with
         # no slot to feed any (draft_model.py: every position is then decided the same way).
         want = [s for s in sched.scheduled if s.num_spec_slots or (
