@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -166,6 +167,85 @@ class SchedulerConfig:
                 f"({self.max_model_len}) when chunked prefill is disabled")
 
 
+SPEC_METHODS = ("ngram", "draft_model")
+_SPEC_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+MAX_SPECULATIVE_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (docs/speculative.md), with vLLM's keys:
+
+        {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+        {"model": "path/to/draft", "num_speculative_tokens": 4}      (method "draft_model")
+
+    Prompt lookup as vLLM: neither bound given -> both 5; one given -> the other equals it."""
+    method: str
+    num_speculative_tokens: int
+    model: str | None = None  # the draft model (method "draft_model")
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
+
+    def __post_init__(self):
+        k = self.num_speculative_tokens
+        if not _is_int(k) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ConfigError(f"--speculative-config: num_speculative_tokens must be an integer in "
+                              f"[1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+        if self.method not in SPEC_METHODS:
+            raise ConfigError(f"--speculative-config: method must be one of {', '.join(SPEC_METHODS)}, "
+                              f"got {self.method!r}")
+        if self.method == "draft_model":
+            if not isinstance(self.model, str) or not self.model:
+                raise ConfigError("--speculative-config: method draft_model needs \"model\": the draft's path")
+            if self.prompt_lookup_max is not None or self.prompt_lookup_min is not None:
+                raise ConfigError("--speculative-config: prompt_lookup_max/min apply to method ngram only")
+            return
+        if self.model is not None:
+            raise ConfigError("--speculative-config: method ngram takes no \"model\"")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        lo, hi = (5, 5) if lo is None and hi is None else (hi if lo is None else lo, lo if hi is None else hi)
+        for name, value in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
+            if not _is_int(value) or value < 1:
+                raise ConfigError(f"--speculative-config: {name} must be a positive integer, got {value!r}")
+        if lo > hi:
+            raise ConfigError(f"--speculative-config: prompt_lookup_min ({lo}) must not exceed "
+                              f"prompt_lookup_max ({hi})")
+        object.__setattr__(self, "prompt_lookup_min", lo)
+        object.__setattr__(self, "prompt_lookup_max", hi)
+
+    @classmethod
+    def parse(cls, value) -> "SpeculativeConfig":
+        """From a JSON string (the flag), a dict (`LLM(speculative_config={...})`) or itself."""
+        if isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--speculative-config is not valid JSON: {e}") from e
+        if not isinstance(value, dict):
+            raise ConfigError(f"--speculative-config must be a JSON object, got {type(value).__name__}")
+        unknown = sorted(set(value) - set(_SPEC_KEYS))
+        if unknown:
+            raise ConfigError(f"--speculative-config: unsupported key(s) {', '.join(unknown)} "
+                              f"(supported: {', '.join(_SPEC_KEYS)})")
+        value = dict(value)
+        if value.get("model") == "ngram":  # vLLM's older spelling
+            value.pop("model")
+            value.setdefault("method", "ngram")
+        if "method" not in value:
+            if "model" not in value:
+                raise ConfigError("--speculative-config needs \"method\" (ngram) or \"model\" (a draft model)")
+            value["method"] = "draft_model"
+        if "num_speculative_tokens" not in value:
+            raise ConfigError("--speculative-config needs \"num_speculative_tokens\"")
+        return cls(**value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """Tensor parallelism: the model's heads, MLP columns and vocabulary split over N ranks
@@ -207,8 +287,29 @@ class EngineConfig:
     # None: on for CUDA, off elsewhere (a CPU forward pass leaves no host time to hide).
     async_scheduling: bool | None = option(
         None, "schedule the next step while the device runs the current one (default: on CUDA only)", boolean=True)
+    # Speculative decoding: `speculative_config` is canonical; the two shorthands are folded into
+    # it (and cleared) in __post_init__.
+    speculative_config: SpeculativeConfig | None = option(
+        None, 'speculative decoding, JSON with vLLM\'s keys: {"method": "ngram", "num_speculative_tokens": 4, '
+              '"prompt_lookup_max": 4} or {"model": DRAFT, "num_speculative_tokens": 4} (docs/speculative.md)')
+    speculative_model: str | None = option(
+        None, "shorthand for --speculative-config: a draft model sharing the vocabulary, or ngram")
+    num_speculative_tokens: int | None = option(None, "tokens proposed per step with --speculative-model "
+                                                      "(default: 4)", type=int)
 
     SECTIONS = ("model", "cache", "scheduler", "parallel")
+
+    def __post_init__(self):
+        spec, model, k = self.speculative_config, self.speculative_model, self.num_speculative_tokens
+        if spec is not None and (model is not None or k is not None):
+            raise ConfigError("give --speculative-config or --speculative-model/--num-speculative-tokens, not both")
+        if model is not None:
+            spec = {"model": model, "num_speculative_tokens": 4 if k is None else k}
+        elif k is not None:
+            raise ConfigError("--num-speculative-tokens needs --speculative-model")
+        object.__setattr__(self, "speculative_config", None if spec is None else SpeculativeConfig.parse(spec))
+        object.__setattr__(self, "speculative_model", None)
+        object.__setattr__(self, "num_speculative_tokens", None)
 
     @classmethod
     def from_options(cls, **options) -> "EngineConfig":

@@ -3,8 +3,9 @@
 
 Two sources:
   * state read at scrape time from typed snapshots (common/stats.py) that the deployment supplies:
-    `EngineStats` (running / waiting, KV usage, prefix cache, preemptions, token counters: the
-    engine of `serve` or a worker, or the router's sums over its fleet), `TransferStats` (a
+    `EngineStats` (running / waiting, KV usage, prefix cache, preemptions, token counters,
+    speculative decoding's drafts and acceptances: the engine of `serve` or a worker, or the
+    router's sums over its fleet), `TransferStats` (a
     worker's leases and pulls), `RouterStats` (routing decisions, retries, handoffs) — nothing is
     polled between scrapes;
   * request-level metrics (token counters, TTFT, inter-token latency, end-to-end latency, request
@@ -223,6 +224,8 @@ class StatsCollector:
                 for rank, num in enumerate(e.kv_blocks_fit_by_rank):
                     fit.add_metric([self.model_name, str(rank)], float(num))
                 yield fit
+            if e.spec_decode is not None:
+                yield from self._spec_decode(e.spec_decode, counter, gauge)
         t = self._read("transfer")
         if t is not None:
             for key, name, doc in (
@@ -263,6 +266,25 @@ class StatsCollector:
             for reason, count in sorted(r.routes.items()):
                 routes.add_metric([self.model_name, reason], float(count))
             yield routes
+
+
+    def _spec_decode(self, sd, counter, gauge):
+        """vLLM's spec_decode counters, and the two ratios its logger prints as pdserve gauges."""
+        yield counter("vllm:spec_decode_num_drafts", "Speculative verify rounds (one per request and step).",
+                      sd.num_drafts)
+        yield counter("vllm:spec_decode_num_draft_tokens", "Draft tokens verified.", sd.num_draft_tokens)
+        yield counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.", sd.num_accepted_tokens)
+        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                      "Draft tokens accepted, by position in the draft.",
+                                      labels=["model_name", "position"])
+        for pos, count in enumerate(sd.accepted_per_pos):
+            per_pos.add_metric([self.model_name, str(pos)], float(count))
+        yield per_pos
+        if sd.acceptance_rate is not None:
+            yield gauge("pdserve:spec_decode_acceptance_rate", "Accepted / verified draft tokens, since start.",
+                        sd.acceptance_rate)
+            yield gauge("pdserve:spec_decode_mean_accepted_length",
+                        "Tokens per verify round (1 + accepted drafts), since start.", sd.mean_accepted_length)
 
 
 class _HistogramFamily:

@@ -39,7 +39,7 @@ def add_output_args(p) -> None:
 
 def add_parser(sub, add_engine_args):
     """`pdserve bench throughput|latency|serve`; returns the subparsers for the other bench commands."""
-    p = sub.add_parser("bench", help="benchmarks (throughput, latency, serve, gpu)")
+    p = sub.add_parser("bench", help="benchmarks (throughput, latency, serve, gpu, structured, spec)")
     bsub = p.add_subparsers(dest="bench", required=True)
     t = bsub.add_parser("throughput", help="offline output tok/s: pdserve vs HF transformers")
     t.add_argument("--num-prompts", type=int, default=16, help="requests in the workload")

@@ -235,3 +235,33 @@ def test_device_auto_is_the_default_and_picks_cpu_here(tiny_models, tmp_path):
     assert llm.engine.config.model.device == "auto"
     assert llm.engine.runner.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
     assert llm.get_tokenizer().apply_chat_template([{"role": "user", "content": "hi"}]) == "<<hi>>"
+def test_generate_with_speculative_decoding(tmp_path, tiny_models):
+    """--speculative-config (n-gram) and the --speculative-model shorthand give the greedy tokens
+    of a run without them; a bad config is one line."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello there, hello there, hello\nThe weather today is\n")
+    base = ["generate", "--model", tiny_models["llama"], "--input", str(prompts), "--max-tokens", "12",
+            "--temperature", "0"]
+    want = pdserve(*base).stdout
+    ngram = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2})
+    for extra in (["--speculative-config", ngram],
+                  ["--speculative-model", tiny_models["llama"], "--num-speculative-tokens", "2"]):
+        proc = pdserve(*base, *extra)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == want
+    bad = pdserve(*base, "--speculative-config", '{"method": "eagle", "num_speculative_tokens": 2}')
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "pdserve generate: error: --speculative-config: method must be one of ngram, draft_model, got 'eagle'"]
+
+
+def test_bench_spec_reports_every_method(tmp_path, tiny_models):
+    out = tmp_path / "spec.json"
+    proc = pdserve("bench", "spec", "--model", tiny_models["llama"], "--batch-sizes", "1", "2", "--max-tokens", "6",
+                   "--sequential-prompts", "1", "-k", "2", "--kv-cache-memory", "0.1", "--json-out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["method"], r["batch_size"]) for r in rows] == [(m, b) for b in (1, 2) for m in ("none", "ngram", "draft")]
+    assert all(r["outputs_identical"] and r["ms_per_output_token"] > 0 for r in rows)
+    drafted = [r for r in rows if r["method"] == "draft"]
+    assert all(r["acceptance_rate"] == 1.0 and r["mean_accepted_length"] > 1 and r["bound"] > 0 for r in drafted)

@@ -19,7 +19,8 @@ device work of the previous one, so the GPU never waits for Python between steps
              update(sched_{k-1}, result); return deltas(...)
 
 Steps run one at a time while any request needs its latest tokens on the host to sample
-(penalties, min_tokens, logprobs; `SamplingParams.needs_host_history`).
+(penalties, min_tokens, logprobs; `SamplingParams.needs_host_history`), and always with
+speculative decoding (spec_decode/: a step's drafts are proposed from the step before's tokens).
 
 Constrained decoding (grammars, allowed_token_ids, bad_words) enters through one object,
 `self.structured` (common/engine/structured_output.py): it compiles grammars at validation,
@@ -53,7 +54,7 @@ from pdserve.common.models.loader import read_arch_config, resolve_model_path
 from pdserve.common.outputs import EngineOutput, Logprob, TokenLogprobs
 from pdserve.common.request import Request, RequestStatus, child_request_id, sequence_seed
 from pdserve.common.sampling_params import ParameterError, SamplingParams
-from pdserve.common.stats import EngineStats
+from pdserve.common.stats import EngineStats, SpecDecodeStats
 from pdserve.common.tokenizer import load_tokenizer
 
 log = logging.getLogger("pdserve.engine")
@@ -78,8 +79,15 @@ class EngineCore:
         self.eos_token_ids = tuple(dict.fromkeys(eos))
         sched_cfg = dataclasses.replace(config.scheduler, max_model_len=max_len)
         self.tensor_parallel_size = config.parallel.tensor_parallel_size
+        spec = config.speculative_config
+        if spec is not None and config.async_scheduling:
+            raise ConfigError("--async-scheduling cannot be combined with speculative decoding: its steps "
+                              "run one at a time (docs/speculative.md)")
         if self.tensor_parallel_size > 1:
             config.parallel.check_model(self.arch)
+            if spec is not None:
+                raise ConfigError("speculative decoding with --tensor-parallel-size > 1 is not supported yet "
+                                  "(docs/speculative.md)")
             if connector is not None:  # rank 0's KV blocks hold only its heads: a transfer would move part of them
                 raise ConfigError("--tensor-parallel-size > 1 is not supported with a KV connector (the prefill / "
                                   "decode workers) yet: docs/tensor-parallel.md, 'Disaggregation'")
@@ -87,7 +95,7 @@ class EngineCore:
             self.runner = start_tensor_parallel(config, self.arch, self.model_path, max_len, sched_cfg)
         else:
             self.runner = ModelRunner(config.model, config.cache, self.arch, self.model_path, max_len,
-                                      scheduler_cfg=sched_cfg, enforce_eager=config.enforce_eager)
+                                      scheduler_cfg=sched_cfg, enforce_eager=config.enforce_eager, speculative=spec)
         capacity = self.runner.num_blocks * config.cache.block_size
         if capacity < max_len:
             raise ConfigError(f"the KV cache holds {capacity} tokens, fewer than --max-model-len {max_len}: "
@@ -96,7 +104,9 @@ class EngineCore:
         self.connector = connector
         if connector is not None:
             connector.bind(self.kv, wake)
-        self.scheduler = Scheduler(sched_cfg, self.kv, connector)
+        self.scheduler = Scheduler(sched_cfg, self.kv, connector,
+                                   num_speculative_tokens=spec.num_speculative_tokens if spec else 0)
+        self.spec_stats = SpecDecodeStats.new(spec.num_speculative_tokens) if spec else None
         self.requests: dict[str, list[Request]] = {}  # user request id -> its sequences
         self.model_name = config.model.served_model_name or served_name(config.model.model)
         self.structured = StructuredOutputManager(self.tokenizer, self.arch.vocab_size, self.eos_token_ids,
@@ -105,7 +115,7 @@ class EngineCore:
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
         overlap = config.async_scheduling
-        self.async_scheduling = self.runner.device.type == "cuda" if overlap is None else overlap
+        self.async_scheduling = (self.runner.device.type == "cuda" if overlap is None else overlap) and spec is None
         self._inflight: tuple[SchedulerOutput, PendingOutput] | None = None
         self.num_overlapped_steps = 0  # steps launched while the previous one was still running
 
@@ -218,11 +228,14 @@ class EngineCore:
             return self._fail(sched, e)
         self.num_steps += 1
         touched = self.scheduler.update(sched, result)
-        self.num_generated_tokens += len(touched)  # one token each (an overlapped step's extra one is dropped)
+        if self.spec_stats is not None:
+            self.spec_stats.record(result.spec_token_ids, result.num_accepted_tokens)
         ended, broken = self.structured.update(touched)
         self.scheduler.finish_requests(ended, RequestStatus.FINISHED_STOPPED)  # reported through touched
         self.scheduler.finish_requests(broken, RequestStatus.FINISHED_ERROR)
-        return self._outputs(touched)
+        outputs = self._outputs(touched)  # an overlapped step's extra token was dropped in update()
+        self.num_generated_tokens += sum(len(o.new_token_ids) for o in outputs)
+        return outputs
 
     def _fail(self, sched: SchedulerOutput, error: Exception) -> list[EngineOutput]:
         log.error("forward pass failed", exc_info=error)
@@ -277,7 +290,8 @@ class EngineCore:
                            num_steps=self.num_steps, num_prompt_tokens=self.num_prompt_tokens,
                            num_generated_tokens=self.num_generated_tokens,
                            tensor_parallel_size=self.tensor_parallel_size,
-                           kv_blocks_fit_by_rank=list(self.runner.num_blocks_by_rank))
+                           kv_blocks_fit_by_rank=list(self.runner.num_blocks_by_rank),
+                           spec_decode=None if self.spec_stats is None else self.spec_stats.snapshot())
 
 
 def _logprob_dict(top: dict[int, tuple[float, int]]) -> TokenLogprobs:

@@ -18,6 +18,9 @@ Tensor parallel (`tp`, this rank's TPComm): every rank runs a runner on its shar
 and KV heads and the same steps (engine/tp_workers.py); rank 0 samples and broadcasts the
 tokens, the other ranks only take part in the collectives and keep the tokens for the next
 step's device-side input fill. The KV pool is the smallest any rank can hold.
+
+With speculative decoding the runner also owns the proposer (`spec_decode.decoder.SpecDecoder`):
+drafts are appended to the inputs before the forward pass and verified on its logits.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import itertools
 import numpy as np
 import torch
 
-from pdserve.common.config import ArchConfig, CacheConfig, ConfigError, ModelConfig, SchedulerConfig
+from pdserve.common.config import ArchConfig, CacheConfig, ConfigError, ModelConfig, SchedulerConfig, SpeculativeConfig
 from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledRequest, SchedulerOutput
 from pdserve.common.engine.sampler import Sampler, top_logprobs
 from pdserve.common.models.attention import AttentionMetadata, PrefillSeq, StepInputs
@@ -55,10 +58,12 @@ def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, arch: ArchConfig, path: str,
                  max_model_len: int, scheduler_cfg: SchedulerConfig | None = None, enforce_eager: bool = True,
-                 attention_backend: str | None = None, tp=None):
+                 attention_backend: str | None = None, tp=None, speculative: SpeculativeConfig | None = None):
         """`attention_backend` ("torch" | "triton") overrides the choice by device (tests only)."""
         self.arch = arch
         self.tp = tp
+        self.model_cfg = model_cfg
+        self.enforce_eager = enforce_eager
         self.block_size = cache_cfg.block_size
         self.max_model_len = max_model_len
         self.scheduler_cfg = scheduler_cfg or SchedulerConfig(max_model_len=max_model_len)
@@ -90,6 +95,11 @@ class ModelRunner:
         self.kv_dtype = kv_cache_dtype(cache_cfg.fp8_kv, self.dtype)
         self.kv_scales = calibrate_kv_scales(self, cache_cfg.kv_cache_scale == "per-tensor") if cache_cfg.fp8_kv else None
         attach_kv_scales(self.model, self.kv_scales)
+        self.spec = None
+        if speculative is not None:  # a draft model's KV shares the pool's block ids: sized together
+            from pdserve.common.engine.spec_decode.decoder import SpecDecoder
+            self.spec = SpecDecoder(speculative, self)
+        self.extra_bytes_per_block = 0 if self.spec is None else self.spec.draft_bytes_per_block(self.block_size)
         if cache_cfg.num_blocks:
             self.num_blocks = cache_cfg.num_blocks
         elif self.device.type == "cuda":
@@ -114,6 +124,8 @@ class ModelRunner:
                                        self.scheduler_cfg.max_num_seqs, max_model_len, self.device)
             with torch.inference_mode():
                 self.graphs.capture()
+        if self.spec is not None:
+            self.spec.start()
 
     def check_alive(self) -> None:
         """Raises EngineDeadError when the runner cannot go on (a tensor-parallel rank died)."""
@@ -136,7 +148,7 @@ class ModelRunner:
         return 2 * a.num_layers * self.block_size * self.num_kv_heads * a.head_dim * self.kv_dtype.itemsize
 
     def _blocks_for_memory(self, cache_cfg: CacheConfig) -> int:
-        num = int(cache_cfg.kv_cache_memory_gb * GiB) // self.bytes_per_block()
+        num = int(cache_cfg.kv_cache_memory_gb * GiB) // (self.bytes_per_block() + self.extra_bytes_per_block)
         if num < 1:
             raise ConfigError(f"--kv-cache-memory {cache_cfg.kv_cache_memory_gb} GB holds no KV block")
         return num
@@ -167,7 +179,9 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free_now, _ = torch.cuda.mem_get_info(self.device)
         budget = min(total * cache_cfg.gpu_memory_utilization - peak - outside_torch, free_now)
-        num = max(int(budget // self.bytes_per_block()), 0)
+        if self.spec is not None:  # the draft's weights, and the verify step's extra logits rows
+            budget -= self.spec.reserved_bytes() + self._verify_bytes()
+        num = max(int(budget // (self.bytes_per_block() + self.extra_bytes_per_block)), 0)
         needed = -(-self.max_model_len // self.block_size)
         if num < needed:
             raise ConfigError(
@@ -177,6 +191,13 @@ class ModelRunner:
                 f"{outside_torch / GiB:.1f} GiB outside torch; --max-model-len {self.max_model_len} needs {needed} "
                 "blocks: raise --gpu-memory-utilization or lower --max-model-len / --max-num-batched-tokens")
         return num
+
+    def _verify_bytes(self) -> int:
+        """A verify step computes logits at k + 1 rows per request (the profile step: one), and
+        keeps about four [rows, vocab] float32 tensors (logits, probabilities, noise, residual)."""
+        rows = min(self.scheduler_cfg.max_num_seqs * (self.spec.config.num_speculative_tokens + 1),
+                   self.scheduler_cfg.token_budget)
+        return 4 * rows * self.arch.vocab_size * 4
 
     def _profile_step(self, num_tokens: int, max_num_seqs: int) -> SchedulerOutput:
         num_reqs = max(1, min(max_num_seqs, num_tokens))
@@ -198,34 +219,22 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, token_masks=None) -> "PendingOutput":
         """Queue one step on the device; `result()` of the return value waits for its tokens.
-        Steps whose requests need logprobs wait here (they read results on the host).
-        `token_masks` (a StructuredOutputManager) fills the sampled rows' token bitmask on the
-        host while the forward runs on the device; a row whose last token is still in flight
-        reads it from the previous step (`_inflight_token`)."""
-        for req_id in sched.finished_req_ids:
-            self._generators.pop(req_id, None)
-        self._tables.drop(sched.finished_req_ids | sched.preempted_req_ids)
+        Steps whose requests need logprobs, and verify steps, wait here (they read results on
+        the host). `token_masks` (a StructuredOutputManager) fills the sampled rows' token
+        bitmask on the host while the forward runs on the device; a row whose last token is
+        still in flight reads it from the previous step (`_inflight_token`)."""
         out = RunnerOutput(sampled_token_ids={})
-        if sched.is_empty():
+        ordered, step, hidden, sample_rows = self._forward(sched)
+        if not ordered:
             return PendingOutput(out)
-        decodes = [s for s in sched.scheduled if s.num_tokens == 1]
-        prefills = [s for s in sched.scheduled if s.num_tokens > 1]
-        ordered = decodes + prefills
-        step = flatten_step(ordered, len(decodes), self.block_size, self._tables)
-        fill = self._placeholder_fill(ordered, step)
-        if self.graphs is not None and self.graphs.can_run(step):
-            hidden, sample_rows = self.graphs.run(step, fill)
-        else:
-            input_ids, positions, meta, sample_rows = self.inputs.prepare(step)
-            if fill is not None:
-                fill(input_ids)
-            hidden = self.model(input_ids, positions, self.kv_caches, meta)
-
         for st, s in zip(step.query_start_loc.tolist(), ordered):
             if s.params.prompt_logprobs is not None and s.start_pos < len(s.prompt_token_ids):
                 out.prompt_logprobs[s.req_id] = self._prompt_logprobs(hidden[st:st + s.num_tokens], s)
         sample_reqs = [s for s in ordered if s.sample]
         if not sample_reqs:
+            return PendingOutput(out)
+        if self.spec is not None and self.spec.has_drafts():
+            self.spec.verify(hidden, step, ordered, out, token_masks)
             return PendingOutput(out)
         logits = self.model.compute_logits(hidden.index_select(0, sample_rows))  # [S, V]
         index = {s.req_id: i for i, s in enumerate(sample_reqs)}
@@ -233,7 +242,7 @@ class ModelRunner:
             tokens = torch.empty(len(sample_reqs), dtype=torch.int64, device=self.device)
             self._last_sampled = (self.tp.broadcast_from_first(tokens), index)
             return PendingOutput(out)
-        gens = [self._generator(s) for s in sample_reqs]
+        gens = [self.generator(s) for s in sample_reqs]
         bitmask = token_masks.fill(sample_reqs, self._inflight_token) if token_masks is not None else None
         tokens = self.sampler.sample(logits, sample_reqs, self.arch.eos_token_ids, gens, bitmask)
         if self.tp is not None:
@@ -247,6 +256,42 @@ class ModelRunner:
         """The token the previous launched step sampled for req_id, on the host. Waits for that
         step only: the step being launched is already queued behind it and keeps the device busy."""
         return self._last_pending.result().sampled_token_ids[req_id]
+
+    def _forward(self, sched: SchedulerOutput):
+        """The forward pass of a step -> (requests in row order: decodes first, StepInputs,
+        hidden [T, h], sample_rows [S]); ([], None, None, None) for an empty step."""
+        self.forget(sched.finished_req_ids | sched.preempted_req_ids)
+        if sched.is_empty():
+            return [], None, None, None
+        scheduled = sched.scheduled if self.spec is None else self.spec.prepare(sched)
+        decodes = [s for s in scheduled if s.num_tokens == 1]
+        prefills = [s for s in scheduled if s.num_tokens > 1]
+        ordered = decodes + prefills
+        step = flatten_step(ordered, len(decodes), self.block_size, self._tables)
+        fill = self._placeholder_fill(ordered, step)
+        if self.graphs is not None and self.graphs.can_run(step):
+            hidden, sample_rows = self.graphs.run(step, fill)
+        else:
+            input_ids, positions, meta, sample_rows = self.inputs.prepare(step)
+            if fill is not None:
+                fill(input_ids)
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        return ordered, step, hidden, sample_rows
+
+    @torch.inference_mode()
+    def forward_logits(self, sched: SchedulerOutput) -> tuple[list[ScheduledRequest], torch.Tensor]:
+        """A forward pass without sampling (a draft model's): the requests with sample=True in row
+        order, and the logits [S, V] at their last tokens."""
+        ordered, _, hidden, sample_rows = self._forward(sched)
+        return [s for s in ordered if s.sample], self.model.compute_logits(hidden.index_select(0, sample_rows))
+
+    def forget(self, req_ids) -> None:
+        """Drop the cached state of finished or preempted requests."""
+        for req_id in req_ids:
+            self._generators.pop(req_id, None)
+        self._tables.drop(req_ids)
+        if self.spec is not None:
+            self.spec.proposer.forget(req_ids)
 
     def _placeholder_fill(self, ordered: list[ScheduledRequest], step: StepInputs):
         """The device-side fill of PLACEHOLDER_TOKEN inputs from the last launched step's sampled
@@ -269,7 +314,7 @@ class ModelRunner:
             input_ids[dst_dev.long()] = tokens.index_select(0, src_dev).to(input_ids.dtype)
         return fill
 
-    def _generator(self, s: ScheduledRequest) -> torch.Generator | None:
+    def generator(self, s: ScheduledRequest) -> torch.Generator | None:
         """The generator of a seeded request, re-seeded for the position it samples now.
 
         The rule that makes a seeded request's tokens independent of the route it takes (one

@@ -23,6 +23,11 @@ class Sampler:
         self._shared = torch.Generator(device=device)
         self._shared.manual_seed(seed)
 
+    @property
+    def shared_generator(self) -> torch.Generator:
+        """The stream of unseeded requests (speculative verification draws from it too)."""
+        return self._shared
+
     def sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest], eos_token_ids: tuple[int, ...],
                generators: list[torch.Generator | None], bitmask: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens [B] on the device; nothing here waits for the device (small host lists go
@@ -54,9 +59,7 @@ class Sampler:
         return logprobs
 
     def _sample_random(self, logits, reqs, generators) -> torch.Tensor:
-        temps = to_device([r.params.temperature or 1.0 for r in reqs], torch.float32, logits.device)
-        probs = torch.softmax(logits / temps[:, None], dim=-1)
-        probs = _filter(probs, reqs)
+        probs = processed_probs(logits, reqs)
         q = torch.empty_like(probs)
         for i, gen in enumerate(generators):
             q[i].exponential_(generator=gen if gen is not None else self._shared)
@@ -115,6 +118,12 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, copy: bool 
         logits = logits.clone()
     apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), vocab_size=logits.shape[1])
     return logits
+def processed_probs(logits: torch.Tensor, reqs) -> torch.Tensor:
+    """The distribution a random row samples from: softmax(logits / temperature), then top-k /
+    top-p / min-p (row i follows reqs[i].params), not renormalized after the filters (the
+    exponential race does not need it). Speculative verification shares it."""
+    temps = to_device([r.params.temperature or 1.0 for r in reqs], torch.float32, logits.device)
+    return _filter(torch.softmax(logits / temps[:, None], dim=-1), reqs)
 
 
 def _filter(probs: torch.Tensor, reqs: list[ScheduledRequest]) -> torch.Tensor:
