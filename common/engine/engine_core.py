@@ -71,9 +71,6 @@ class EngineCore:
         self.tensor_parallel_size = config.parallel.tensor_parallel_size
         if self.tensor_parallel_size > 1:
             config.parallel.check_model(self.arch)
-            if connector is not None:  # rank 0's KV blocks hold only its heads: a transfer would move part of them
-                raise ConfigError("--tensor-parallel-size > 1 is not supported with a KV connector (the prefill / "
-                                  "decode workers) yet: docs/tensor-parallel.md, 'Disaggregation'")
             from pdserve.common.engine.tp_workers import start_tensor_parallel
             self.runner = start_tensor_parallel(config, self.arch, self.model_path, max_len, sched_cfg)
         else:
