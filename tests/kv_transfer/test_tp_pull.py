@@ -60,7 +60,7 @@ async def handoff(backend: str, arch: ArchConfig, src_tp: int, dst_tp: int):
     ("tcp", 4, 2, 2, 1), ("tcp", 4, 2, 1, 2), ("tcp", 4, 2, 2, 2),
     ("tcp", 4, 2, 4, 2), ("tcp", 4, 2, 2, 4),  # KV heads replicated on the TP=4 side
     ("tcp", 9, 3, 2, 1), ("tcp", 9, 3, 1, 2),  # uneven shards (2 + 1 KV heads)
-    ("nccl", 4, 2, 2, 1), ("local", 4, 2, 1, 2)])
+    ("nccl", 4, 2, 2, 1), ("ucx", 4, 2, 1, 2), ("local", 4, 2, 1, 2)])
 def test_every_decode_rank_gets_exactly_its_heads(backend, heads, kv, src_tp, dst_tp):
     arch = arch_of(heads, kv)
     full, dst, dst_heads, pulls, nbytes, servers = asyncio.run(handoff(backend, arch, src_tp, dst_tp))
