@@ -11,6 +11,8 @@ A rank's cache holds only its KV heads, so every rank serves and fills its own s
       -> the lease's block ids, or None ----------->     it serves what rank 0 resolves, or refuses
     RankAgents.pull(r, RankPull) -- "pull" --------> run_rank_pull into rank r's cache
       <-- bytes moved | the error ------------------   (tp_pull.py)
+    RankAgents.served  <-- "served"(counters) ------   its server's counters, when they change
+                                                       (at most every SERVED_INTERVAL_S; /metrics)
     RankAgents.close() ------------ "close" -------> server and client closed
 
 The one lease table stays on rank 0: rank r's server asks it at the moment a client presents a
@@ -35,6 +37,8 @@ from pdserve.common.kv_transfer.tp_pull import RankPull, run_rank_pull
 
 log = logging.getLogger("pdserve.kv_agent")
 
+SERVED_INTERVAL_S = 1.0  # how often an agent reports its server's counters (if they changed)
+
 
 class KVAgent:
     """Rank r's KV server and client, driven by rank 0 over the link."""
@@ -44,6 +48,7 @@ class KVAgent:
         self.server = None
         self.client = None
         self.link: Link | None = None
+        self._reporter: asyncio.Task | None = None
 
     async def main(self, sock: socket.socket) -> None:
         self.link = Link(sock, {"start": self.start, "pull": self.pull, "close": self.close},
@@ -56,7 +61,18 @@ class KVAgent:
         await self.close()
         self.client = make_client(transport, self.kv_cache, kv_heads=kv_heads)
         self.server = make_server(transport, self.kv_cache, self._resolve, host=host, kv_heads=kv_heads)
-        return await self.server.start()
+        address = await self.server.start()
+        self._reporter = asyncio.ensure_future(self._report_served(self.server))
+        return address
+
+    async def _report_served(self, server) -> None:
+        last = None
+        while True:
+            counters = (server.bytes_sent, server.num_transfers, server.num_failures)
+            if counters != last:
+                self.link.notify("served", counters)
+                last = counters
+            await asyncio.sleep(SERVED_INTERVAL_S)
 
     def _resolve(self, lease_id: str):
         return self.link.request("resolve", lease_id)  # awaited by the server (base.src_block_ids_for)
@@ -67,6 +83,9 @@ class KVAgent:
         return await run_rank_pull(self.client, pull, deadline_s)
 
     async def close(self) -> None:
+        if self._reporter is not None:
+            self._reporter.cancel()
+            self._reporter = None
         server, client, self.server, self.client = self.server, self.client, None, None
         if client is not None:
             await client.close()
@@ -97,13 +116,16 @@ class RankAgents:
         self._socks = links
         self.links: list[Link] = []
         self._resolve: LeaseResolver | None = None
+        # each rank's server counters as last reported: (bytes_sent, num_transfers, num_failures)
+        self.served: list[tuple[int, int, int]] = [(0, 0, 0)] * len(links)
 
     async def start(self, transport: str, host: str, kv_heads: list[KVHeads], resolve: LeaseResolver) -> list[str]:
         """Start the KV server and client of ranks 1..N-1 (kv_heads: theirs, in rank order);
         returns their servers' addresses. `resolve` answers their lease resolutions."""
         self._resolve = resolve
         for rank, sock in enumerate(self._socks, start=1):
-            link = Link(sock, {"resolve": self._resolve_lease}, f"tensor-parallel rank {rank}")
+            link = Link(sock, {"resolve": self._resolve_lease, "served": self._served_by(rank)},
+                        f"tensor-parallel rank {rank}")
             await link.start()
             self.links.append(link)
         return list(await asyncio.gather(*(link.request("start", transport, host, heads)
@@ -111,6 +133,11 @@ class RankAgents:
 
     def _resolve_lease(self, lease_id: str) -> list[int] | None:
         return self._resolve(lease_id)
+
+    def _served_by(self, rank: int):
+        def served(counters: tuple[int, int, int]) -> None:
+            self.served[rank - 1] = counters
+        return served
 
     async def pull(self, rank: int, pull: RankPull, deadline_s: float) -> int:
         """Rank `rank` (>= 1) runs `pull` into its cache; its bytes, or KVTransferError."""

@@ -8,11 +8,12 @@ other's, each on its own event loop:
     request("start", transport, host, heads) -->  handler -> the address of its KV server
     request("pull", RankPull, deadline_s) ----->  handler -> bytes moved | error message
     handler("resolve") <------------------------  request("resolve", lease_id) (its KV server)
+    handler("served") <-------------------------  notify("served", counters) (no answer)
 
 Frames: a 4-byte big-endian length, then the pickle of (message id, kind, body); kinds "ok" and
 "error" answer the request of that id, any other kind is a request (body: its arguments),
 answered by handlers[kind] in a task of its own (a long pull never holds up a lease
-resolution). Both ends are processes of one engine, created together, so the pickles come
+resolution); a message without an id is a notification, handled and not answered. Both ends are processes of one engine, created together, so the pickles come
 from a trusted peer. A request whose link closes (the other process exited) fails with
 LinkClosed, a KVTransferError: the pull or the lease resolution that needed it fails.
 """
@@ -71,6 +72,11 @@ class Link:
         finally:
             self._pending.pop(msg_id, None)
 
+    def notify(self, kind: str, *args) -> None:
+        """Tell the other end something; no answer (dropped once the link is closed)."""
+        if self._closed is not None and not self._closed.is_set():
+            self._send((None, kind, args))
+
     async def wait_closed(self) -> None:
         await self._closed.wait()
 
@@ -112,7 +118,7 @@ class Link:
                 if not reply.done():
                     reply.set_exception(LinkClosed(f"{self.peer} is gone (its KV link closed)"))
 
-    async def _answer(self, msg_id: int, kind: str, args: tuple) -> None:
+    async def _answer(self, msg_id: int | None, kind: str, args: tuple) -> None:
         try:
             value = self.handlers[kind](*args)
             if inspect.isawaitable(value):
@@ -122,7 +128,7 @@ class Link:
             if not isinstance(e, KVTransferError):
                 log.exception("KV link request %r from %s failed", kind, self.peer)
             reply = (msg_id, "error", str(e) if isinstance(e, KVTransferError) else f"{type(e).__name__}: {e}")
-        if not self._closed.is_set():
+        if msg_id is not None and not self._closed.is_set():
             try:
                 self._send(reply)
             except (ConnectionError, OSError, RuntimeError):  # the other end went away meanwhile

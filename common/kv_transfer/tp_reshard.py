@@ -123,7 +123,7 @@ class HeadRunCopier(BlockCopier):
         id_runs = block_runs(block_ids)
         index = None
         if self.device.type == "cuda" and len(id_runs) > 1:
-            index = torch.tensor(block_ids, dtype=torch.long).to(self.device, non_blocking=True)
+            index = self._index(block_ids)
         for cache, staged in self._layer_groups(src, layers):
             for run in self.runs:
                 heads_in = staged[..., run.src_head:run.src_head + run.num_heads, :]

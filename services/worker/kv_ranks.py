@@ -24,9 +24,25 @@ from pdserve.common.kv_transfer.tp_reshard import model_shards, shard_layout
 
 @dataclass
 class WorkerKV:
-    server: KVServer  # rank 0's (its counters are the worker's /metrics)
+    server: KVServer  # rank 0's
     shards: list[KVShardAddress]  # every rank's, advertised (what decode workers dial)
     agents: RankAgents | None  # ranks 1..N-1 (None: no tensor parallelism)
+
+    # the servers' counters over every rank, for /metrics (ranks > 0: as last reported, <= 1 s old)
+    @property
+    def bytes_sent(self) -> int:
+        return self.server.bytes_sent + sum(s[0] for s in self._served())
+
+    @property
+    def num_transfers(self) -> int:
+        return self.server.num_transfers + sum(s[1] for s in self._served())
+
+    @property
+    def num_failures(self) -> int:
+        return self.server.num_failures + sum(s[2] for s in self._served())
+
+    def _served(self) -> list[tuple[int, int, int]]:
+        return self.agents.served if self.agents is not None else []
 
     async def close(self) -> None:
         if self.agents is not None:

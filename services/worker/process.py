@@ -104,6 +104,7 @@ class WorkerConnector(KVConnector):
 
 
 def transfer_stats(lease: LeaseConnector, pull: PullConnector, kv_server) -> TransferStats:
+    """kv_server: the KV servers' counters (kv_ranks.WorkerKV: every tensor-parallel rank's)."""
     latencies, pull.pull_seconds = pull.pull_seconds, []
     return TransferStats(leases_granted=lease.num_leases, leases_released=lease.num_released,
                          leases_expired=lease.num_expired, leases_active=lease.num_active,
@@ -124,7 +125,7 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
     args.advertise_host = advertised_host(args.host, args.advertise_host)
 
     kv = await start_worker_kv(engine.core, args.kv_transport, args.host, args.advertise_host, lease, pull)
-    kv_server, kv_address = kv.server, kv.shards[0].address  # rank 0's: what decode workers dial
+    kv_address = kv.shards[0].address  # rank 0's: what decode workers dial
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)],
                              interceptors=grpc_auth.server_interceptors(args.internal_token))
     port = server.add_insecure_port(f"{args.host}:{args.grpc_port}")
@@ -136,7 +137,7 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
 
     name = engine.model_name
     metrics = ServerMetrics(name, engine.max_model_len, StatsCollector(
-        name, engine=engine.core.stats, transfer=lambda: transfer_stats(lease, pull, kv_server)))
+        name, engine=engine.core.stats, transfer=lambda: transfer_stats(lease, pull, kv)))
     metrics_server = metrics.serve_http(args.host, args.metrics_port)
     metrics_address = f"http://{args.advertise_host}:{metrics_server.server_port}/metrics"
 

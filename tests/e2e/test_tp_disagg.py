@@ -9,6 +9,7 @@ no prompt token, and the bytes received show which shards moved. A pull that fai
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import openai
@@ -84,6 +85,23 @@ def test_every_tp_pairing_hands_off_and_matches_aggregated(tp_stack, offline, pr
     assert len(handle.shards) == tp and handle.num_kv_heads == 2
     assert [(s.first_kv_head, s.num_kv_heads) for s in handle.shards] == ([(0, 1), (1, 1)] if tp == 2 else [(0, 2)])
     assert len({s.transfer_address for s in handle.shards}) == tp and handle.transfer_address == handle.shards[0].transfer_address
+
+
+def test_prefill_metrics_count_the_pulls_every_rank_served(tp_stack, offline):
+    """Rank 1's KV server reports its counters to rank 0 (at most a second late): /metrics of the
+    TP=2 prefill counts both shards' pulls and bytes."""
+    sent, served = "pdserve:kv_transfer_sent_bytes_total", "pdserve:kv_pulls_served_total"
+    before = tp_stack.metrics("prefill-0")
+    ids = offline.get_tokenizer().encode("Both ranks of the prefill serve a shard and both are counted")
+    _, first, _ = asyncio.run(handoff(tp_stack, "prefill-0", "decode-0", ids, "metrics"))
+    deadline = time.monotonic() + 10
+    while True:
+        after = tp_stack.metrics("prefill-0")
+        if after[served] - before[served] == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert after[served] - before[served] == 2  # one pull per shard (decode TP=1 reads both)
+    assert after[sent] - before[sent] == first.kv_bytes_received > 0
 
 
 def test_router_serves_through_tp_workers(tp_stack, offline):
