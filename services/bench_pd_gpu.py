@@ -17,8 +17,9 @@
               the router, then one `pdserve serve` on GPU 0
     tp        prefill TP=p -> decode TP=d for each of --tp-layouts (p:d) that fits on the visible
               GPUs, each rank on its own GPU (prefill on GPUs 0..p-1, decode on p..p+d-1), KV over
-              nccl re-sharded by head: the greedy prompts through the router vs `pdserve generate`
-              at TP=1, the handoffs and the prompt tokens decode had to recompute (0: every pull
+              nccl re-sharded by head, on a small model with seeded random weights (TINY shape: 8
+              heads / 2 KV heads): the greedy prompts through the router vs `pdserve generate` at
+              TP=1, the handoffs and the prompt tokens decode had to recompute (0: every pull
               worked). A layout that needs more GPUs is reported as skipped: on 2 GPUs only 1:1
               fits (TP=2 prefill + TP=2 decode needs 4). bf16 at TP=2 sums in another order, so
               its tokens may differ from TP=1's after a while (the count says how many agree).
@@ -69,6 +70,34 @@ def write_model(folder: str, tiny: bool = False) -> str:
     tok.save(os.path.join(folder, "tokenizer.json"))
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"eos_token": f"t{shape['eos_token_id']}", "bos_token": f"t{shape['bos_token_id']}"}, f)
+    return folder
+
+
+def write_weights(folder: str, dtype: str, seed: int) -> str:
+    """Seeded random weights for the folder's config as model.safetensors (HF Llama names); large
+    enough (std 0.3) that greedy choices have margins that bf16 rounding rarely flips."""
+    import torch
+    from safetensors.torch import save_file
+    path = os.path.join(folder, "config.json")
+    c = json.load(open(path))
+    c["dtype"] = c["torch_dtype"] = dtype
+    json.dump(c, open(path, "w"), indent=2)
+    h, inter, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    q, kv, vocab = c["num_attention_heads"] * d, c["num_key_value_heads"] * d, c["vocab_size"]
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.3).to(getattr(torch, dtype))
+    ones = torch.ones(h, dtype=getattr(torch, dtype))
+    tensors = {"model.embed_tokens.weight": w(vocab, h), "model.norm.weight": ones, "lm_head.weight": w(vocab, h)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors |= {p + "self_attn.q_proj.weight": w(q, h), p + "self_attn.k_proj.weight": w(kv, h),
+                    p + "self_attn.v_proj.weight": w(kv, h), p + "self_attn.o_proj.weight": w(h, q),
+                    p + "mlp.gate_proj.weight": w(inter, h), p + "mlp.up_proj.weight": w(inter, h),
+                    p + "mlp.down_proj.weight": w(h, inter), p + "input_layernorm.weight": ones.clone(),
+                    p + "post_attention_layernorm.weight": ones.clone()}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, "model.safetensors"))
     return folder
 
 
@@ -129,19 +158,23 @@ class Bench:
         self.work_dir = tempfile.mkdtemp(prefix="pdserve-pd-")  # logs, prompts: not sent back
         self.out_dir = args.out_dir or self.work_dir  # a few JSON files (the device returns <= 8)
         os.makedirs(self.out_dir, exist_ok=True)
-        self.engine_args = ["--load-format", "dummy", "--max-model-len", str(args.max_model_len)]
+        self.sizing_args = ["--max-model-len", str(args.max_model_len)]
         if not self.gpu:
-            self.engine_args += ["--num-gpu-blocks-override", "2048"]
+            self.sizing_args += ["--num-gpu-blocks-override", "2048"]
+        self.engine_args = ["--load-format", "dummy", *self.sizing_args]
         self.report: dict = {"args": vars(args)}
-        self._reference: tuple[list[str], list[list[int]]] | None = None  # greedy prompts, generate's ids
+        self._references: dict = {}  # model folder -> (greedy prompts, generate's token ids)
 
     # ---- stacks -----------------------------------------------------------------------------
     def stack(self, name: str, num_prefill: int, num_decode: int, transport: str = "nccl",
-              decode_args: str = "", prefill_args: str = "", pin_gpus: bool = True) -> Stack:
-        """pin_gpus: one GPU per worker (CUDA_VISIBLE_DEVICES); else the args place them (--device)."""
+              decode_args: str = "", prefill_args: str = "", pin_gpus: bool = True,
+              folder: str | None = None, engine_args: list[str] | None = None) -> Stack:
+        """pin_gpus: one GPU per worker (CUDA_VISIBLE_DEVICES); else the args place them (--device).
+        folder / engine_args: another model than the bench's (and its flags)."""
         port = free_port()
         argv = ["up", "--prefill", str(num_prefill), "--decode", str(num_decode), "--port", str(port),
-                "--model", self.folder, "--kv-transport", transport, "--worker-args", " ".join(self.engine_args),
+                "--model", folder or self.folder, "--kv-transport", transport,
+                "--worker-args", " ".join(self.engine_args if engine_args is None else engine_args),
                 "--router-args", "--disagg-min-prompt-tokens 0 --served-model-name bench"]
         if decode_args:
             argv += ["--decode-args", decode_args]
@@ -182,7 +215,7 @@ class Bench:
                                                for b, r in big.items() if b != base["backend"]}}
 
     def greedy(self) -> None:
-        prompts, reference = self.greedy_reference()
+        prompts, reference = self.greedy_reference(self.folder, self.vocab, self.engine_args)
         stack = self.stack("greedy-1p1d", 1, 1)
         try:
             got, stats = self.greedy_through(stack, prompts)
@@ -192,7 +225,11 @@ class Bench:
 
     def tp(self) -> None:
         a = self.args
-        prompts, reference = self.greedy_reference()
+        # real (seeded random) weights: `--load-format dummy` draws each rank's shard anew, so a
+        # TP=2 prefill and a TP=1 decode would run different models
+        folder = write_weights(write_model(tempfile.mkdtemp(prefix="pdserve-pd-tp-"), tiny=True),
+                               "bfloat16" if self.gpu else "float32", a.seed)
+        prompts, reference = self.greedy_reference(folder, TINY["vocab_size"], self.sizing_args)
         num_gpus = visible_gpus() if self.gpu else None
         out = {}
         for layout in a.tp_layouts.split(","):
@@ -203,7 +240,7 @@ class Bench:
                 print(f"tp {layout}: {out[layout]['skipped']}", flush=True)
                 continue
             device = (lambda first: f"cuda:{first}") if self.gpu else (lambda first: "cpu")
-            stack = self.stack(f"tp-{p}-{d}", 1, 1, pin_gpus=False,
+            stack = self.stack(f"tp-{p}-{d}", 1, 1, pin_gpus=False, folder=folder, engine_args=self.sizing_args,
                                prefill_args=f"--device {device(0)} --tensor-parallel-size {p}",
                                decode_args=f"--device {device(p)} --tensor-parallel-size {d}")
             try:
@@ -213,25 +250,25 @@ class Bench:
             out[layout] = greedy_summary(reference, got, stats)
         self.report["tp"] = out
 
-    def greedy_reference(self) -> tuple[list[str], list[list[int]]]:
-        """The greedy prompts and their token ids from `pdserve generate` (TP=1, GPU 0); once."""
-        if self._reference is None:
-            self._reference = self._generate_reference()
-        return self._reference
+    def greedy_reference(self, folder: str, vocab: int, engine_args: list[str]) -> tuple[list[str], list[list[int]]]:
+        """Greedy prompts and their token ids from `pdserve generate` (TP=1, GPU 0), once per model."""
+        if folder not in self._references:
+            self._references[folder] = self._generate_reference(folder, vocab, engine_args)
+        return self._references[folder]
 
-    def _generate_reference(self) -> tuple[list[str], list[list[int]]]:
+    def _generate_reference(self, folder: str, vocab: int, engine_args: list[str]) -> tuple[list[str], list[list[int]]]:
         a = self.args
         rng = random.Random(a.seed)
-        prompts = [" ".join(f"t{rng.randrange(100, self.vocab)}" for _ in range(rng.randint(100, 600)))
+        prompts = [" ".join(f"t{rng.randrange(100, vocab)}" for _ in range(rng.randint(100, 600)))
                    for _ in range(a.greedy_prompts)]
         prompt_file = os.path.join(self.work_dir, "greedy_prompts.txt")
         with open(prompt_file, "w") as f:
             f.write("\n".join(prompts) + "\n")
         ref_file = os.path.join(self.work_dir, "greedy_reference.jsonl")
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": a.prefill_gpu} if self.gpu else None
-        subprocess.run([sys.executable, "-m", "pdserve.services.cli", "generate", "--model", self.folder,
+        subprocess.run([sys.executable, "-m", "pdserve.services.cli", "generate", "--model", folder,
                         "--input", prompt_file, "--output", ref_file, "--temperature", "0", "--max-tokens",
-                        str(a.greedy_tokens), "--ignore-eos", "--device", a.device, *self.engine_args],
+                        str(a.greedy_tokens), "--ignore-eos", "--device", a.device, *engine_args],
                        check=True, timeout=600, env=env)
         return prompts, [json.loads(line)["token_ids"] for line in open(ref_file)]
 
