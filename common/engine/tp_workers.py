@@ -165,9 +165,13 @@ class TPWorkers:
 
     def _find_dead(self, timeout: float) -> str | None:
         """A message naming the first exited worker (and its error), after waiting up to `timeout`."""
-        mpc.wait(self._exits, timeout)
-        for rank, (proc, status) in enumerate(zip(self.procs, self._status), start=1):
-            if proc.poll() is not None:
+        exited = set(mpc.wait(self._exits, timeout))  # pidfds of exited workers
+        for rank, (proc, status, exit_fd) in enumerate(zip(self.procs, self._status, self._exits), start=1):
+            if exit_fd in exited or proc.poll() is not None:
+                # Popen.poll() answers None while another thread (the watchdog) reaps the process
+                deadline = time.monotonic() + 1.0
+                while proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.005)
                 detail = ""
                 with self._status_lock:
                     try:

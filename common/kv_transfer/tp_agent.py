@@ -56,6 +56,7 @@ class KVAgent:
         await self.link.start()
         await self.link.wait_closed()  # the engine process is gone, or shut the workers down
         await self.close()
+        await self.link.close()
 
     async def start(self, transport: str, host: str, kv_heads: KVHeads) -> str:
         await self.close()
