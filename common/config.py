@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
 
@@ -43,17 +44,23 @@ def env_flag(name: str, default: str | None = None) -> str | None:
 class ModelConfig:
     """What to load and how. Architecture numbers live in `ArchConfig` (read from the model)."""
     model: str = option("default", "HF folder or .gguf file (default: the packaged SmolLM2-135M-Instruct)")
-    dtype: str = option("auto", "weights and activations dtype (auto: the checkpoint's)", choices=DTYPES)
+    dtype: str = option("auto", "weights and activations dtype (auto: the checkpoint's; half = float16, "
+                                "float = float32)", choices=(*DTYPES, *DTYPE_ALIASES))
     max_model_len: int | None = option(None, "context length (default: the model's)", type=int)
     load_format: str = option("auto", "weights format; dummy: random weights of the model's shape",
                               choices=LOAD_FORMATS)
     tokenizer: str | None = option(None, "tokenizer folder or .gguf (default: the model's)")
     served_model_name: str | None = option(None, "name in the API (default: the model's folder or file name)")
-    seed: int = option(0, "engine seed (weights of --load-format dummy, unseeded sampling)", type=int,
-                       flag="--engine-seed")
+    seed: int = option(0, "engine seed: random weights of --load-format dummy and unseeded sampling "
+                          "(generate/chat: also the sampling seed of every prompt)", type=int)
     device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when present)")
+    chat_template: str | None = option(None, "chat template: a Jinja file, or the template itself "
+                                             "(default: the tokenizer's)")
+    trust_remote_code: bool = option(False, "accepted for vLLM compatibility and ignored: pdserve runs no code "
+                                            "from a checkpoint and downloads nothing", boolean=True)
 
     def __post_init__(self):
+        object.__setattr__(self, "dtype", DTYPE_ALIASES.get(self.dtype, self.dtype))
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
@@ -212,13 +219,27 @@ def _options():
                 yield section, f, f.metadata["name"] or f.name
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every `pdserve` parser's formatter: a flag's help ends with its default unless the text
+    already names one (engine flags carry the config's default in their help; their argparse
+    default is None so that an unset flag keeps the config's value)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default in (None, False, [], "")
+                or action.default is argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The engine flags, generated from the config fields (help shows each default)."""
     g = parser.add_argument_group("engine")
     for _, f, name in _options():
         m = f.metadata
         flag = m["flag"] or "--" + name.replace("_", "-")
-        help_text = m["help"] + ("" if f.default is None else f" (default: {f.default})")
+        shown = f.default is not None and "default" not in m["help"]
+        help_text = m["help"] + (f" (default: {f.default})" if shown else "")
         flags = (flag, *m["aliases"])
         if m["boolean"]:
             g.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)

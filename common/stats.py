@@ -64,3 +64,12 @@ class RouterStats:
     def count(self, table: str, key: str, value: int = 1) -> None:
         counts = getattr(self, table)
         counts[key] = counts.get(key, 0) + value
+
+
+@dataclass
+class GpuStats:
+    """One GPU as NVML reports it (common/gpu_metrics.py); only where the engine runs on CUDA."""
+    index: int  # the engine's CUDA device index
+    memory_used_bytes: int = 0  # the whole device's, every process
+    memory_total_bytes: int = 0
+    utilization: float = 0.0  # fraction of the last sample period a kernel ran, 0..1

@@ -54,23 +54,24 @@ def add_parser(bench_sub) -> None:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("which", choices=["w1", "w2", "latency", "all"])
+    p.add_argument("which", choices=["w1", "w2", "latency", "all"], help="workload to run (all: each in turn)")
     p.add_argument("--hf", action="store_true", help="also run HF transformers on the same weights")
     p.add_argument("--hf-max-seconds", type=float, default=120.0, help="time cap of HF on W2 (measured subset)")
     p.add_argument("--hf-w2-batch-sizes", default="64,128", help="HF static batch sizes tried on W2")
-    p.add_argument("--w2-requests", type=int, default=1000)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--w2-requests", type=int, default=1000, help="requests of the mixed workload W2")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="requests in a batch at most")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per step at most")
+    p.add_argument("--max-model-len", type=int, default=4096, help="context length")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory for weights, activations and KV")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="overlapped steps (default: on CUDA)")
     p.add_argument("--compare-sync", action="store_true",
                    help="also run W1 and latency with steps one at a time (same engine, same run)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler kernel breakdown")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json-out", default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the dummy weights and the workloads")
+    p.add_argument("--json-out", default=None, help="also write the report to this JSON file")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (with --tiny)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model of the same family (smoke test)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs the model is split over")

@@ -50,7 +50,7 @@ import time
 
 from pdserve.services import loadgen
 from pdserve.services.bench_gpu import LLAMA3_8B, TINY
-from pdserve.services.disagg_cli import free_port
+from pdserve.services.local_stack import free_port
 
 SLOS = {"A": {"ttft": 1.0, "tpot": 0.025}, "B": {"ttft": 1.0, "tpot": 0.050}}
 PARTS = ("handoff", "greedy", "plan", "goodput", "load", "tp")

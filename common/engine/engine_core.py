@@ -21,6 +21,11 @@ device work of the previous one, so the GPU never waits for Python between steps
 Steps run one at a time while any request needs its latest tokens on the host to sample
 (penalties, min_tokens, logprobs; `SamplingParams.needs_host_history`).
 
+Constrained decoding (grammars, allowed_token_ids, bad_words) enters through one object,
+`self.structured` (common/engine/structured_output.py): it compiles grammars at validation,
+fills each step's token bitmask for the runner (overlapped steps included: a grammar row's token
+in flight is read from the previous step), and after update() says which requests' grammars ended.
+
 A failing forward pass fails the requests in that step with an error and the engine goes on,
 unless the runner raises EngineDeadError (a tensor-parallel rank died): that ends the engine.
 
@@ -42,6 +47,7 @@ from pdserve.common.engine.kv_connector import KVConnector
 from pdserve.common.engine.outputs import SchedulerOutput
 from pdserve.common.engine.scheduler import Scheduler
 from pdserve.common.engine_client import EngineDeadError
+from pdserve.common.engine.structured_output import StructuredOutputManager
 from pdserve.common.model_path import served_name
 from pdserve.common.models.loader import read_arch_config, resolve_model_path
 from pdserve.common.outputs import EngineOutput, Logprob, TokenLogprobs
@@ -64,7 +70,10 @@ class EngineCore:
             raise ConfigError(f"--max-model-len {max_len} exceeds the model's context length "
                               f"{self.arch.max_position_embeddings}")
         self.max_model_len = max_len
-        self.tokenizer = load_tokenizer(self.model_path, config.model.tokenizer) if load_tokenizer_ else None
+        self.tokenizer = (load_tokenizer(self.model_path, config.model.tokenizer, config.model.chat_template)
+                          if load_tokenizer_ else None)
+        if config.model.trust_remote_code:
+            log.info("--trust-remote-code has no effect: pdserve runs no code from a checkpoint, downloads nothing")
         eos = list(self.arch.eos_token_ids) + (self.tokenizer.eos_token_ids if self.tokenizer else [])
         self.eos_token_ids = tuple(dict.fromkeys(eos))
         sched_cfg = dataclasses.replace(config.scheduler, max_model_len=max_len)
@@ -87,6 +96,8 @@ class EngineCore:
         self.scheduler = Scheduler(sched_cfg, self.kv, connector)
         self.requests: dict[str, list[Request]] = {}  # user request id -> its sequences
         self.model_name = config.model.served_model_name or served_name(config.model.model)
+        self.structured = StructuredOutputManager(self.tokenizer, self.arch.vocab_size, self.eos_token_ids,
+                                                  pin_memory=self.runner.device.type == "cuda")
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
@@ -109,6 +120,7 @@ class EngineCore:
             raise ParameterError("prompt", f"token id {bad} is outside the vocabulary [0, {vocab})")
         if any(t >= vocab for t in params.stop_token_ids):
             raise ParameterError("stop_token_ids", f"stop_token_ids must be below the vocabulary size {vocab}")
+        self.structured.validate(params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None, output_token_ids: list[list[int]] | None = None,
@@ -174,10 +186,11 @@ class EngineCore:
         if not overlap and self._inflight is not None:
             return self._complete(*self._take_inflight())  # drain before stepping one at a time
         sched = self.scheduler.schedule()
+        self.structured.drop(sched.finished_req_ids)
         failed, launched = [], None
         if not sched.is_empty():
             try:
-                launched = (sched, self.runner.launch(sched))
+                launched = (sched, self.runner.launch(sched, self.structured))
                 self.num_overlapped_steps += self._inflight is not None
             except EngineDeadError:
                 raise
@@ -203,6 +216,9 @@ class EngineCore:
         self.num_steps += 1
         touched = self.scheduler.update(sched, result)
         self.num_generated_tokens += len(touched)  # one token each (an overlapped step's extra one is dropped)
+        ended, broken = self.structured.update(touched)
+        self.scheduler.finish_requests(ended, RequestStatus.FINISHED_STOPPED)  # reported through touched
+        self.scheduler.finish_requests(broken, RequestStatus.FINISHED_ERROR)
         return self._outputs(touched)
 
     def _fail(self, sched: SchedulerOutput, error: Exception) -> list[EngineOutput]:

@@ -39,6 +39,18 @@ from pdserve.common.sampling_params import SamplingParams
 GiB = 1 << 30
 
 
+def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros; on the CPU backed by an anonymous private mapping, whose pages the kernel
+    zero-fills on first touch: a KV pool of gigabytes costs no start-up time (zeroing 2 GB took
+    ~1.5 s here) and no memory until its blocks are used."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import math
+    import mmap
+    buf = mmap.mmap(-1, math.prod(shape) * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
+
+
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, arch: ArchConfig, path: str,
                  max_model_len: int, scheduler_cfg: SchedulerConfig | None = None, enforce_eager: bool = True,
@@ -66,6 +78,7 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator] = {}
         self._tables = BlockTableCache()
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] = (torch.empty(0), {})  # tokens, req_id -> row
+        self._last_pending: PendingOutput | None = None  # the last launched step that sampled
         self._fill_upload = PackedUpload(self.device, 1024)
         self.kv_cache: torch.Tensor | None = None  # [L, 2, num_blocks, block_size, KVH, D], one allocation
         self.kv_caches: list[torch.Tensor] = []  # its per-layer views [2, num_blocks, block_size, KVH, D]
@@ -103,8 +116,8 @@ class ModelRunner:
         a = self.arch
         self.kv_cache = None
         self.kv_caches = []
-        self.kv_cache = torch.zeros((a.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, a.head_dim),
-                                    dtype=self.dtype, device=self.device)
+        self.kv_cache = zeros_on_demand((a.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, a.head_dim),
+                                        self.dtype, self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))
 
     def bytes_per_block(self) -> int:
@@ -168,13 +181,16 @@ class ModelRunner:
         return SchedulerOutput(scheduled=scheduled, num_batched_tokens=num_tokens)
 
     # ---- one step -----------------------------------------------------------------------------
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        return self.launch(sched).result()
+    def execute(self, sched: SchedulerOutput, token_masks=None) -> RunnerOutput:
+        return self.launch(sched, token_masks).result()
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput) -> "PendingOutput":
+    def launch(self, sched: SchedulerOutput, token_masks=None) -> "PendingOutput":
         """Queue one step on the device; `result()` of the return value waits for its tokens.
-        Steps whose requests need logprobs wait here (they read results on the host)."""
+        Steps whose requests need logprobs wait here (they read results on the host).
+        `token_masks` (a StructuredOutputManager) fills the sampled rows' token bitmask on the
+        host while the forward runs on the device; a row whose last token is still in flight
+        reads it from the previous step (`_inflight_token`)."""
         for req_id in sched.finished_req_ids:
             self._generators.pop(req_id, None)
         self._tables.drop(sched.finished_req_ids | sched.preempted_req_ids)
@@ -207,12 +223,19 @@ class ModelRunner:
             self._last_sampled = (self.tp.broadcast_from_first(tokens), index)
             return PendingOutput(out)
         gens = [self._generator(s) for s in sample_reqs]
-        tokens = self.sampler.sample(logits, sample_reqs, self.arch.eos_token_ids, gens)
+        bitmask = token_masks.fill(sample_reqs, self._inflight_token) if token_masks is not None else None
+        tokens = self.sampler.sample(logits, sample_reqs, self.arch.eos_token_ids, gens, bitmask)
         if self.tp is not None:
             self.tp.broadcast_from_first(tokens)
         self._last_sampled = (tokens, index)
         out.logprobs = self.sampler.logprobs(logits, tokens, sample_reqs)
-        return PendingOutput(out, [s.req_id for s in sample_reqs], tokens)
+        self._last_pending = PendingOutput(out, [s.req_id for s in sample_reqs], tokens)
+        return self._last_pending
+
+    def _inflight_token(self, req_id: str) -> int:
+        """The token the previous launched step sampled for req_id, on the host. Waits for that
+        step only: the step being launched is already queued behind it and keeps the device busy."""
+        return self._last_pending.result().sampled_token_ids[req_id]
 
     def _placeholder_fill(self, ordered: list[ScheduledRequest], step: StepInputs):
         """The device-side fill of PLACEHOLDER_TOKEN inputs from the last launched step's sampled

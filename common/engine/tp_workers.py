@@ -256,12 +256,13 @@ class TPDriverRunner(ModelRunner):
         workers.wait_ready()
         self.workers = workers
 
-    def launch(self, sched: SchedulerOutput) -> PendingOutput:
+    def launch(self, sched: SchedulerOutput, token_masks=None) -> PendingOutput:
+        """`token_masks`: as ModelRunner.launch (rank 0 samples, so only it masks)."""
         if self.workers is None:
             return super().launch(sched)  # start-up (the CUDA profiling step): every rank runs its own
         self.workers.send_step(sched)
         try:
-            return _TPPending(super().launch(sched), self.workers)
+            return _TPPending(super().launch(sched, token_masks), self.workers)
         except Exception as e:
             raise self.workers.fail(e) from e
 

@@ -6,18 +6,19 @@ GGUF names -> HF names (llama.cpp's convention):
     blk.N.ffn_norm        -> post_attention_layernorm   output_norm -> norm   output -> lm_head
     blk.N.attn_q_norm / attn_k_norm -> self_attn.q_norm / k_norm (Qwen3)
 llama.cpp stores Llama's q/k rows permuted for its interleaved RoPE; they are permuted back here
-so the weights equal the HF checkpoint's (Qwen files are not permuted).
+so the weights equal the HF checkpoint's (Qwen files are not permuted). The header is parsed once
+per process (gguf_header.py); dequantization is the `gguf` package's.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from pdserve.common.config import ArchConfig, ConfigError
+from pdserve.common.models.gguf_header import GGUFHeader, read_header, tensor_data
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3")
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
@@ -30,22 +31,16 @@ _NAMES = {
 }
 
 
-def open_reader(path: str):
-    import gguf
-    if not os.path.isfile(path):
-        raise ConfigError(f"model file not found: {path}")
-    try:
-        return gguf.GGUFReader(path)
-    except Exception as e:  # a truncated or foreign file
-        raise ConfigError(f"{path} is not a valid GGUF file: {e}") from e
+def open_reader(path: str) -> GGUFHeader:
+    """The file's header, parsed once per process (ConfigError: missing, truncated, not GGUF)."""
+    return read_header(path)
 
 
-def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+def _field(reader: GGUFHeader, key: str, default=None):
+    return reader.field(key, default)
 
 
-def read_arch_config(reader, path: str) -> ArchConfig:
+def read_arch_config(reader: GGUFHeader, path: str) -> ArchConfig:
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHS:
         raise ConfigError(f"{path}: GGUF architecture {arch!r} is not supported ({', '.join(SUPPORTED_ARCHS)} are)")
@@ -54,7 +49,7 @@ def read_arch_config(reader, path: str) -> ArchConfig:
     heads = int(_field(reader, f"{arch}.attention.head_count"))
     vocab = _field(reader, f"{arch}.vocab_size")
     if vocab is None:
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+        vocab = len(reader.fields["tokenizer.ggml.tokens"])
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     eot = _field(reader, "tokenizer.ggml.eot_token_id")
     eos_ids = tuple(dict.fromkeys(int(t) for t in (eos, eot) if t is not None))
@@ -83,22 +78,45 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def iter_weights(reader, cfg: ArchConfig, path: str) -> Iterator[tuple[str, torch.Tensor]]:
+DEQUANT_GROUP_ELEMENTS = 1 << 22  # rows per gguf call: big enough to amortise its per-call cost
+
+
+def dequantize(raw: np.ndarray, qtype) -> np.ndarray:
+    """float32 values of one tensor's raw array (tensor_data's shape). gguf's own `dequantize`
+    works through groups of 16 rows (12,800 calls for the packaged SmolLM2, most of its time);
+    here its per-type `dequantize_rows` runs on groups of ~4M elements into one output."""
+    from gguf import quants
+    traits = getattr(quants, "_type_traits", {}).get(qtype)
+    if traits is None or raw.ndim < 1:
+        return quants.dequantize(raw, qtype).astype(np.float32, copy=False)
+    rows = raw.reshape(-1, raw.shape[-1])
+    block_size, type_size = quants.GGML_QUANT_SIZES[qtype]
+    row_elems = rows.shape[1] // type_size * block_size
+    out = np.empty((rows.shape[0], row_elems), dtype=np.float32)
+    step = max(1, DEQUANT_GROUP_ELEMENTS // row_elems)
+    for start in range(0, rows.shape[0], step):
+        out[start:start + step] = traits.dequantize_rows(rows[start:start + step]).reshape(-1, row_elems)
+    return out.reshape(*raw.shape[:-1], row_elems)
+
+
+def iter_weights(reader: GGUFHeader, cfg: ArchConfig, path: str) -> Iterator[tuple[str, torch.Tensor]]:
     from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
+    data = np.memmap(path, dtype=np.uint8, mode="r")  # mapped while the weights load, then dropped
     for t in reader.tensors:
-        qtype = GGMLQuantizationType(t.tensor_type)
+        qtype = GGMLQuantizationType(t.ggml_type)
         if qtype.name not in SUPPORTED_TYPES:
             raise ConfigError(f"{path}: tensor {t.name} has type {qtype.name}, "
                               f"supported: {', '.join(SUPPORTED_TYPES)}")
-        w = dequantize(t.data, qtype).astype(np.float32, copy=False)
+        w = dequantize(tensor_data(data, t), qtype)
         w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
         base, _, suffix = t.name.rpartition(".")
         if cfg.architecture == "llama" and base.endswith(".attn_q"):
             w = _unpermute(w, cfg.num_heads)
         elif cfg.architecture == "llama" and base.endswith(".attn_k"):
             w = _unpermute(w, cfg.num_kv_heads)
-        yield _hf_name(base) + "." + suffix, torch.from_numpy(np.array(w, dtype=np.float32, copy=True, order="C"))
+        if not (w.flags.writeable and w.flags.c_contiguous):  # F32 tensors: views of the file's map
+            w = np.array(w, dtype=np.float32, order="C")
+        yield _hf_name(base) + "." + suffix, torch.from_numpy(w)
 
 
 def _hf_name(base: str) -> str:

@@ -77,7 +77,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    # on the CPU even inside `with torch.device("meta")` (the loader's): a meta op here would go
+    # through torch._refs and import torch._dynamo, seconds of a server's start
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
         return inv_freq
@@ -102,7 +104,7 @@ class Rotary(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, ops=TORCH_OPS):
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [P, D/2]
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device), inv_freq)  # [P, D/2]
         # [P, D] = cat(cos, sin): the kernel's layout; kept fp32 (the loader rebuilds it after casting)
         self.register_buffer("cos_sin", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
         self.ops = ops
@@ -209,8 +211,10 @@ class LlamaForCausalLM(nn.Module):
             return None  # a tensor-parallel rank other than 0: rank 0 has the logits
         return logits.float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into the (fused) parameters; every parameter must be filled."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], owned: bool = False) -> None:
+        """Copy HF-named tensors into the (fused) parameters; every parameter must be filled.
+        `owned`: the tensors are fresh and held by no one else (the GGUF loader's), so an unfused
+        one of the parameter's dtype and device becomes the parameter instead of being copied."""
         params = dict(self.named_parameters())
         filled: set[str] = set()
         sizes = {"qkv_proj": [self.cfg.num_heads * self.cfg.head_dim, self.cfg.num_kv_heads * self.cfg.head_dim,
@@ -239,7 +243,10 @@ class LlamaForCausalLM(nn.Module):
                 if param.shape != tensor.shape:
                     raise ConfigError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
                                       f"the model expects {tuple(param.shape)}")
-                param.data.copy_(tensor)
+                if owned and tensor.dtype == param.dtype and tensor.device == param.device and tensor.is_contiguous():
+                    param.data = tensor  # the loader's fresh tensor becomes the parameter: no copy
+                else:
+                    param.data.copy_(tensor)
             filled.add(target if shard is None else f"{target}#{shard}")
         missing = []
         for pname in params:

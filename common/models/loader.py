@@ -5,6 +5,7 @@ Model paths (the packaged default included) are resolved in the torch-free `mode
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -113,19 +114,19 @@ def load_model(cfg: ModelConfig, path: str, arch: ArchConfig, block_size: int, m
     exists in fp32 or twice. A CUDA out-of-memory becomes a ConfigError.
     """
     torch.manual_seed(cfg.seed)
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = LlamaForCausalLM(arch, block_size, max_positions, ops)
         if tp is not None:
             from pdserve.common.models.parallel import shard_model
             shard_model(model, tp)
     out_of_memory = None
     try:
-        model = model.to(dtype=dtype).to_empty(device=device)
+        _materialize(model, dtype, device)
         if cfg.load_format == "dummy":
             _init_dummy(model, cfg.seed, device)
         elif is_gguf(path):
             reader = gguf_loader.open_reader(path)
-            model.load_weights(gguf_loader.iter_weights(reader, arch, path))
+            model.load_weights(gguf_loader.iter_weights(reader, arch, path), owned=True)
         else:
             model.load_weights(_iter_safetensors(path))
     except torch.OutOfMemoryError as e:
@@ -136,6 +137,40 @@ def load_model(cfg: ModelConfig, path: str, arch: ArchConfig, block_size: int, m
     # rotary tables were created on meta (and cast): rebuild them for real, in fp32
     _rebuild_rotary(model, arch, max_positions, ops, device)
     return model.eval()
+
+
+def _materialize(model: torch.nn.Module, dtype: torch.dtype, device: torch.device) -> None:
+    """Replace the meta parameters and buffers with uninitialised ones on `device` (floating ones
+    in `dtype`), as `.to(dtype).to_empty(device)` would, without the torch._refs path that
+    meta tensors take there (its first use imports torch.fx and sympy, ~1 s)."""
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                empty = torch.empty(p.shape, dtype=dtype if p.is_floating_point() else p.dtype, device=device)
+                module._parameters[name] = torch.nn.Parameter(empty, requires_grad=p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = torch.empty(b.shape, dtype=dtype if b.is_floating_point() else b.dtype,
+                                                    device=device)
+
+
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+                   "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Modules built on `meta` skip their random init: every weight is loaded (or drawn by
+    _init_dummy) later, and init on meta under torch.device() goes through torch._refs, whose
+    first use imports torch._dynamo (seconds of a server's start)."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in _INIT_FUNCTIONS:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def _init_dummy(model: LlamaForCausalLM, seed: int, device: torch.device) -> None:

@@ -136,8 +136,11 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
     await server.start()
 
     name = engine.model_name
+    from pdserve.common.gpu_metrics import gpu_stats_source
     metrics = ServerMetrics(name, engine.max_model_len, StatsCollector(
-        name, engine=engine.core.stats, transfer=lambda: transfer_stats(lease, pull, kv)))
+        name, engine=engine.core.stats, transfer=lambda: transfer_stats(lease, pull, kv),
+        gpu=gpu_stats_source(engine.core.runner.device)))
+    engine.request_metrics = metrics  # vLLM's request metrics from this worker's deltas
     metrics_server = metrics.serve_http(args.host, args.metrics_port)
     metrics_address = f"http://{args.advertise_host}:{metrics_server.server_port}/metrics"
 
@@ -196,6 +199,8 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
 
 
 def run_worker(args: argparse.Namespace, role: str) -> None:
+    from pdserve.services.worker.kv_transfer_config import resolve_kv_flags
+    resolve_kv_flags(args, role)
     asyncio.run(serve_worker(args, role, engine_config(args)))
 
 
