@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from pdserve.common.engine.llm import LLM
+from pdserve.common.kv_transfer.tp_agent import SERVED_INTERVAL_S
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
@@ -92,6 +93,12 @@ def test_prefill_metrics_count_the_pulls_every_rank_served(tp_stack, offline):
     TP=2 prefill counts both shards' pulls and bytes."""
     sent, served = "pdserve:kv_transfer_sent_bytes_total", "pdserve:kv_pulls_served_total"
     before = tp_stack.metrics("prefill-0")
+    while True:  # earlier tests' pulls: wait until rank 1's last report is in
+        time.sleep(SERVED_INTERVAL_S + 0.2)
+        now = tp_stack.metrics("prefill-0")
+        if now[served] == before[served]:
+            break
+        before = now
     ids = offline.get_tokenizer().encode("Both ranks of the prefill serve a shard and both are counted")
     _, first, _ = asyncio.run(handoff(tp_stack, "prefill-0", "decode-0", ids, "metrics"))
     deadline = time.monotonic() + 10
