@@ -129,21 +129,35 @@ class TokenLogprobs(_message.Message):
     top: _containers.RepeatedCompositeFieldContainer[TopLogprob]
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., rank: _Optional[int] = ..., top: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ...) -> None: ...
 
+class KVShard(_message.Message):
+    __slots__ = ("transfer_address", "first_kv_head", "num_kv_heads")
+    TRANSFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_KV_HEAD_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
+    transfer_address: str
+    first_kv_head: int
+    num_kv_heads: int
+    def __init__(self, transfer_address: _Optional[str] = ..., first_kv_head: _Optional[int] = ..., num_kv_heads: _Optional[int] = ...) -> None: ...
+
 class KVHandle(_message.Message):
-    __slots__ = ("transfer_address", "lease_id", "num_tokens", "block_size", "control_address", "transport")
+    __slots__ = ("transfer_address", "lease_id", "num_tokens", "block_size", "control_address", "transport", "shards", "num_kv_heads")
     TRANSFER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    SHARDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_KV_HEADS_FIELD_NUMBER: _ClassVar[int]
     transfer_address: str
     lease_id: str
     num_tokens: int
     block_size: int
     control_address: str
     transport: str
-    def __init__(self, transfer_address: _Optional[str] = ..., lease_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., control_address: _Optional[str] = ..., transport: _Optional[str] = ...) -> None: ...
+    shards: _containers.RepeatedCompositeFieldContainer[KVShard]
+    num_kv_heads: int
+    def __init__(self, transfer_address: _Optional[str] = ..., lease_id: _Optional[str] = ..., num_tokens: _Optional[int] = ..., block_size: _Optional[int] = ..., control_address: _Optional[str] = ..., transport: _Optional[str] = ..., shards: _Optional[_Iterable[_Union[KVShard, _Mapping]]] = ..., num_kv_heads: _Optional[int] = ...) -> None: ...
 
 class SequenceState(_message.Message):
     __slots__ = ("index", "output_token_ids", "finished")

@@ -88,9 +88,6 @@ class EngineCore:
             if spec is not None:
                 raise ConfigError("speculative decoding with --tensor-parallel-size > 1 is not supported yet "
                                   "(docs/speculative.md)")
-            if connector is not None:  # rank 0's KV blocks hold only its heads: a transfer would move part of them
-                raise ConfigError("--tensor-parallel-size > 1 is not supported with a KV connector (the prefill / "
-                                  "decode workers) yet: docs/tensor-parallel.md, 'Disaggregation'")
             from pdserve.common.engine.tp_workers import start_tensor_parallel
             self.runner = start_tensor_parallel(config, self.arch, self.model_path, max_len, sched_cfg)
         else:

@@ -89,13 +89,13 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None  # [L, 2, num_blocks, block_size, KVH, D], one allocation
         self.kv_caches: list[torch.Tensor] = []  # its per-layer views [2, num_blocks, block_size, KVH, D]
         self.graphs = None  # captured after the KV cache exists
+        self.spec = None  # the SpecDecoder, set below with --speculative-config
         # --kv-cache-dtype fp8: e4m3 tensors, per-layer [2, KVH] scales calibrated here (quantization/kv_cache.py)
         if cache_cfg.fp8_kv and tp is not None:
             raise ConfigError("--kv-cache-dtype fp8 with --tensor-parallel-size > 1 is not supported yet")
         self.kv_dtype = kv_cache_dtype(cache_cfg.fp8_kv, self.dtype)
         self.kv_scales = calibrate_kv_scales(self, cache_cfg.kv_cache_scale == "per-tensor") if cache_cfg.fp8_kv else None
         attach_kv_scales(self.model, self.kv_scales)
-        self.spec = None
         if speculative is not None:  # a draft model's KV shares the pool's block ids: sized together
             from pdserve.common.engine.spec_decode.decoder import SpecDecoder
             self.spec = SpecDecoder(speculative, self)
