@@ -38,9 +38,10 @@ def run(backend):
     assert engine.runner.kv_caches[0].dtype.itemsize == 1
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
-    done = {}
+    done = {str(i): [] for i in range(len(prompts))}
     while engine.has_unfinished():
-        done.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+        for o in engine.step():
+            done[o.request_id] += o.new_token_ids
     return [done[str(i)] for i in range(len(prompts))], engine.runner.kv_scales
 
 (want, want_scales), (got, got_scales) = run("torch"), run("triton")
