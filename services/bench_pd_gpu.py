@@ -21,7 +21,8 @@
               heads / 2 KV heads): the greedy prompts through the router vs `pdserve generate` at
               TP=1, the handoffs and the prompt tokens decode had to recompute (0: every pull
               worked). A layout that needs more GPUs is reported as skipped: on 2 GPUs only 1:1
-              fits (TP=2 prefill + TP=2 decode needs 4). bf16 at TP=2 sums in another order, so
+              fits (TP=2 prefill + TP=2 decode needs 4), unless --tp-share-gpus puts decode's
+              ranks beside prefill's (then over ucx: NCCL takes no two ranks on one GPU). bf16 at TP=2 sums in another order, so
               its tokens may differ from TP=1's after a while (the count says how many agree).
 
 Model: the Llama-3-8B shape (bench_gpu.LLAMA3_8B) with dummy weights and a word-level
@@ -159,8 +160,8 @@ class Bench:
         self.out_dir = args.out_dir or self.work_dir  # a few JSON files (the device returns <= 8)
         os.makedirs(self.out_dir, exist_ok=True)
         self.sizing_args = ["--max-model-len", str(args.max_model_len)]
-        if not self.gpu:
-            self.sizing_args += ["--num-gpu-blocks-override", "2048"]
+        if not self.gpu:  # float32 on CPU (auto would be bf16 where the CPU has it): outputs are compared
+            self.sizing_args += ["--num-gpu-blocks-override", "2048", "--dtype", "float32"]
         self.engine_args = ["--load-format", "dummy", *self.sizing_args]
         self.report: dict = {"args": vars(args)}
         self._references: dict = {}  # model folder -> (greedy prompts, generate's token ids)
@@ -234,20 +235,31 @@ class Bench:
         out = {}
         for layout in a.tp_layouts.split(","):
             p, d = (int(x) for x in layout.split(":"))
+            # one GPU per rank where they fit; else (a.tp_share_gpus) decode's ranks on the last GPUs,
+            # beside prefill's: KV over ucx then (NCCL refuses two ranks of a pair on one device),
+            # each pool a fixed size (the tiny model needs little; no memory profile of a shared GPU)
+            first_decode, shared = p, False
             if num_gpus is not None and p + d > num_gpus:
-                out[layout] = {"skipped": f"needs {p + d} GPUs (prefill TP={p} and decode TP={d}, one GPU per "
-                                          f"rank), {num_gpus} visible"}
-                print(f"tp {layout}: {out[layout]['skipped']}", flush=True)
-                continue
+                if not (a.tp_share_gpus and max(p, d) <= num_gpus):
+                    out[layout] = {"skipped": f"needs {p + d} GPUs (prefill TP={p} and decode TP={d}, one GPU "
+                                              f"per rank), {num_gpus} visible"}
+                    print(f"tp {layout}: {out[layout]['skipped']}", flush=True)
+                    continue
+                first_decode, shared = num_gpus - d, True
             device = (lambda first: f"cuda:{first}") if self.gpu else (lambda first: "cpu")
-            stack = self.stack(f"tp-{p}-{d}", 1, 1, pin_gpus=False, folder=folder, engine_args=self.sizing_args,
+            sizing = [*self.sizing_args, "--num-gpu-blocks-override", "2048"] if shared else self.sizing_args
+            transport = "ucx" if shared else "nccl"
+            stack = self.stack(f"tp-{p}-{d}", 1, 1, transport=transport, pin_gpus=False, folder=folder,
+                               engine_args=sizing,
                                prefill_args=f"--device {device(0)} --tensor-parallel-size {p}",
-                               decode_args=f"--device {device(p)} --tensor-parallel-size {d}")
+                               decode_args=f"--device {device(first_decode)} --tensor-parallel-size {d}")
             try:
                 got, stats = self.greedy_through(stack, prompts)
             finally:
                 stack.stop()
-            out[layout] = greedy_summary(reference, got, stats)
+            out[layout] = {**greedy_summary(reference, got, stats), "kv_transport": transport,
+                           "prefill_gpus": list(range(p)) if self.gpu else None,
+                           "decode_gpus": list(range(first_decode, first_decode + d)) if self.gpu else None}
         self.report["tp"] = out
 
     def greedy_reference(self, folder: str, vocab: int, engine_args: list[str]) -> tuple[list[str], list[list[int]]]:
@@ -268,7 +280,8 @@ class Bench:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": a.prefill_gpu} if self.gpu else None
         subprocess.run([sys.executable, "-m", "pdserve.services.cli", "generate", "--model", folder,
                         "--input", prompt_file, "--output", ref_file, "--temperature", "0", "--max-tokens",
-                        str(a.greedy_tokens), "--ignore-eos", "--device", a.device, *engine_args],
+                        str(a.greedy_tokens), "--ignore-eos", "--device", a.device, *engine_args,
+                        "--max-num-seqs", "1"],  # one at a time, as the stack gets them: the same GEMM shapes
                        check=True, timeout=600, env=env)
         return prompts, [json.loads(line)["token_ids"] for line in open(ref_file)]
 
@@ -396,11 +409,12 @@ def print_report(report: dict) -> None:
         print("highest rate with >= 90 % attainment: " + "; ".join(
             f"{n} A {v['A']} B {v['B']}" for n, v in g["max_rate_at_90pct"].items()))
     if "tp" in report:
-        print("\nprefill TP -> decode TP (nccl): greedy == generate at TP=1, handoffs, prompt tokens decode recomputed")
+        print("\nprefill TP -> decode TP: greedy == generate at TP=1, handoffs, prompt tokens decode recomputed")
         for layout, r in report["tp"].items():
             print(f"  {layout:<5} " + (r["skipped"] if "skipped" in r else
                                       f"{r['equal']}/{r['prompts']} equal, handoffs {r['handoffs']}, "
-                                      f"recomputed {r['recomputed_prompt_tokens']}"))
+                                      f"recomputed {r['recomputed_prompt_tokens']}, kv {r['kv_transport']}, "
+                                      f"GPUs prefill {r['prefill_gpus']} decode {r['decode_gpus']}"))
     if "load" in report:
         for name, s in report["load"].items():
             print(f"\nload {name}: {s['request_rate']} req/s x {s['num_requests']} requests: TTFT p90 "
@@ -425,6 +439,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--greedy-tokens", type=int, default=32)
     p.add_argument("--tp-layouts", default="1:1,2:1,1:2,2:2",
                    help="tp part: prefill:decode tensor-parallel sizes, comma-separated")
+    p.add_argument("--tp-share-gpus", action="store_true",
+                   help="tp: run layouts that need more GPUs than visible with decode's ranks on the last GPUs, "
+                        "beside prefill's (KV over ucx)")
     p.add_argument("--rates", type=float, nargs="+", default=[2, 4, 8, 12, 16])
     p.add_argument("--requests-per-rate", type=int, default=40)
     p.add_argument("--input-len", type=int, default=1536, help="prompts 1024-2048 with --range-ratio 1/3")

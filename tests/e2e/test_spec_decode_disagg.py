@@ -40,7 +40,7 @@ def completions(stack: Stack, **kw) -> list[str]:
 
 
 def aggregated(folder: str, params: SamplingParams, **options) -> list[str]:
-    llm = LLM(folder, num_gpu_blocks_override=512, **options)
+    llm = LLM(folder, num_gpu_blocks_override=512, dtype="float32", **options)  # as the stack's workers
     return [c.text for c in llm.generate([{"prompt_token_ids": PROMPT}], params, use_tqdm=False)[0].outputs]
 
 
