@@ -7,17 +7,22 @@
     zeros    [K / G, N]    zero points (float)                  }           * s[k // G, n]
     out      [M, N]        x's dtype, fp32 accumulation
 
-Two kernels, chosen by M on the host (static per CUDA-graph bucket):
+Chosen by M on the host (static per CUDA-graph bucket):
 
   M == 1  _int_gemv_kernel: a program owns BLOCK_N outputs and walks K in tiles of BLOCK_K <= G
           inputs (so one scale/zero row per tile). A tile of words [BLOCK_K/P, BLOCK_N] is read
-          once (N contiguous, coalesced), unpacked in registers to [BLOCK_K/P, P, BLOCK_N], and
-          the group's scale is applied after the dot product:
-              acc[n] += s[n] * (sum_k x[k] q[k, n] - z[n] * sum_k x[k])
-          With too few programs for the GPU, the K range is split (SPLIT_K) and the partial
-          sums added atomically into an fp32 buffer.
-  M  > 1  _int_gemm_kernel: tiles [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]; the weight tile is
-          dequantized to x's dtype in registers and fed to tl.dot.
+          once (N contiguous, coalesced), unpacked and dequantized in registers to
+          [BLOCK_K/P, P, BLOCK_N] and multiplied by x into an accumulator of that shape: no
+          reduction across threads inside the loop (the first version summed every tile across
+          its threads and ran ~10x slower than a bf16 GEMV), one at the end. With too few
+          programs for the GPU, the K range is split (SPLIT_K) and the partial sums added
+          atomically into an fp32 buffer.
+  M  > 1  "dequant" (default): _int_dequant_kernel writes W [K, N] in x's dtype (reads 4 bits,
+          writes 16 per weight), then cuBLAS multiplies: a prefill chunk or a large decode batch
+          runs at the library's GEMM speed plus one pass over the weight. "fused":
+          _int_gemm_kernel, tiles [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] with the weight tile
+          dequantized in registers and fed to tl.dot (no [K, N] buffer; slower at every M
+          measured, kept for the comparison in `pdserve.services.bench_quant`).
 
 The reference is `reference.int_matmul_ref` (dequantize, then matmul).
 """
@@ -42,7 +47,7 @@ def _int_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_q
     words = tl.arange(0, WORDS)
     pos = tl.arange(0, PER_WORD)
     shifts = (pos * BITS)[None, :, None]                                   # [1, P, 1]
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc3 = tl.zeros([WORDS, PER_WORD, BLOCK_N], dtype=tl.float32)
     k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
     k_lo = tl.program_id(1) * k_per_split
     k_hi = tl.minimum(k_lo + k_per_split, K)
@@ -51,11 +56,11 @@ def _int_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_q
                     mask=col_mask[None, :], other=0)                      # [WORDS, BLOCK_N] int32
         q = ((w[:, None, :] >> shifts) & ((1 << BITS) - 1)).to(tl.float32)  # [WORDS, P, BLOCK_N]
         xk = tl.load(x_ptr + k0 + words[:, None] * PER_WORD + pos[None, :]).to(tl.float32)  # [WORDS, P]
-        xq = tl.sum(tl.sum(q * xk[:, :, None], axis=1), axis=0)           # [BLOCK_N]
         group = k0 // GROUP_SIZE
         s = tl.load(s_ptr + group * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + group * stride_z + cols, mask=col_mask, other=0.0).to(tl.float32)
-        acc += s * (xq - z * tl.sum(tl.sum(xk, axis=1), axis=0))
+        acc3 += (q - z[None, None, :]) * (xk[:, :, None] * s[None, None, :])  # elementwise only
+    acc = tl.sum(tl.sum(acc3, axis=1), axis=0)                            # [BLOCK_N], once
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -94,6 +99,43 @@ def _int_gemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K,
              mask=row_mask[:, None] & col_mask[None, :])
 
 
+@triton.jit
+def _int_dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, stride_qw, stride_s, stride_z, stride_o,
+                        BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    """W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n] for a [BLOCK_K, BLOCK_N] tile (BLOCK_K <= G)."""
+    PER_WORD: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PER_WORD
+    k0 = tl.program_id(0) * BLOCK_K
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    words = tl.arange(0, WORDS)
+    pos = tl.arange(0, PER_WORD)
+    w = tl.load(qw_ptr + (k0 // PER_WORD + words)[:, None].to(tl.int64) * stride_qw + cols[None, :],
+                mask=col_mask[None, :], other=0)                          # [WORDS, BLOCK_N]
+    q = ((w[:, None, :] >> (pos * BITS)[None, :, None]) & ((1 << BITS) - 1)).to(tl.float32)
+    group = k0 // GROUP_SIZE
+    s = tl.load(s_ptr + group * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + group * stride_z + cols, mask=col_mask, other=0.0).to(tl.float32)
+    wd = (q - z[None, None, :]) * s[None, None, :]                        # [WORDS, P, BLOCK_N]
+    rows = k0 + words[:, None] * PER_WORD + pos[None, :]                  # [WORDS, P]: k of each value
+    tl.store(out_ptr + rows[:, :, None].to(tl.int64) * stride_o + cols[None, None, :],
+             wd.to(out_ptr.dtype.element_ty), mask=col_mask[None, None, :])
+
+
+def int_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The weight W [K, N] in `dtype` (the reference is `reference.dequantize_int_ref`)."""
+    per_word = 32 // bits
+    k, n = qweight.shape[0] * per_word, qweight.shape[1]
+    block_k, block_n = min(64, group_size), 64
+    out = torch.empty((k, n), dtype=dtype, device=qweight.device)
+    _int_dequant_kernel[(k // block_k, triton.cdiv(n, block_n))](
+        qweight, scales, zeros, out, n, qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),
+        BITS=bits, GROUP_SIZE=group_size, BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
+    return out
+
+
 @functools.cache
 def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -111,8 +153,9 @@ def gemv_config(n: int, k: int, block_k: int, device: torch.device) -> tuple[int
 
 def int_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                bits: int, group_size: int, bias: torch.Tensor | None = None,
-               gemv: tuple[int, int] | None = None) -> torch.Tensor:
-    """x [M, K] @ W [K, N] (+ b) -> [M, N]; `gemv` = (BLOCK_N, SPLIT_K) overrides gemv_config."""
+               gemv: tuple[int, int] | None = None, method: str = "dequant") -> torch.Tensor:
+    """x [M, K] @ W [K, N] (+ b) -> [M, N]; `gemv` = (BLOCK_N, SPLIT_K) overrides gemv_config;
+    `method` ("dequant" | "fused") picks the M > 1 path."""
     m, k = x.shape
     per_word = 32 // bits
     n = qweight.shape[1]
@@ -137,6 +180,10 @@ def int_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
         if split == 1:
             return out
         return (out if bias is None else out + bias.float()).to(x.dtype)
+    if method == "dequant":
+        w = int_dequantize(qweight, scales, zeros, bits, group_size, x.dtype)
+        return torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
+    assert method == "fused", f"method must be dequant or fused, got {method!r}"
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     block_n = 64 if m <= 64 else 128

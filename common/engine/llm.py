@@ -39,7 +39,8 @@ class LLM:
         self._ids = itertools.count()
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel worker processes now (they also stop when this process exits)."""
+        """Release the engine's device memory (KV cache, graphs, weights) and stop tensor-parallel
+        worker processes now (they also stop when this process exits). The LLM is unusable after."""
         self.engine.shutdown()
 
     def get_tokenizer(self):

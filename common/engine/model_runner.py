@@ -131,7 +131,15 @@ class ModelRunner:
         """Raises EngineDeadError when the runner cannot go on (a tensor-parallel rank died)."""
 
     def shutdown(self) -> None:
-        """Release what outlives this object (tensor-parallel worker processes); one rank holds nothing."""
+        """Release the device memory this runner holds (KV cache, CUDA graphs, weights, a draft
+        model's): another engine in the same process can then size its pool from it. The runner
+        is unusable afterwards. (A tensor-parallel runner also stops its worker processes.)"""
+        if self.spec is not None and self.spec.draft is not None:
+            self.spec.draft.runner.shutdown()
+        self.graphs, self.kv_cache, self.kv_caches, self.model = None, None, [], None
+        self._last_sampled, self._last_pending = (torch.empty(0), {}), None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _allocate_kv(self, num_blocks: int) -> None:
         """The KV cache as ONE tensor, so a KV handoff gathers the blocks of all layers in one op

@@ -273,6 +273,7 @@ class TPDriverRunner(ModelRunner):
     def shutdown(self) -> None:
         if self.workers is not None:
             self.workers.shutdown()
+        super().shutdown()
 
 
 class _TPPending:

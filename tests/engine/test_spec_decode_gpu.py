@@ -18,14 +18,19 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
 
 
 def run(folder, prompts, params, **kw):
+    """Token ids per prompt, and what the checks read from the engine before it is shut down
+    (its GPU memory released for the next run)."""
     llm = LLM(folder, device="cuda", dtype="float32", max_model_len=512, **kw)
     engine = llm.engine
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert engine.kv.num_free_blocks == engine.runner.num_blocks, "KV blocks leaked"
     tokens = [[c.token_ids for c in o.outputs] for o in outs]
-    del llm
-    torch.cuda.empty_cache()
-    return tokens, engine
+    spec = engine.runner.spec
+    info = {"spec": spec, "replays": engine.runner.graphs.num_replays, "stats": engine.stats().spec_decode,
+            "draft_replays": spec.draft.runner.graphs.num_replays if spec is not None and spec.draft else None}
+    llm.shutdown()
+    assert torch.cuda.memory_allocated() < 2**30, "shutdown left the engine's memory allocated"
+    return tokens, info
 
 
 def test_greedy_equal_and_verify_steps_replay_graphs(tiny_models, prompts):
@@ -35,13 +40,13 @@ def test_greedy_equal_and_verify_steps_replay_graphs(tiny_models, prompts):
     want, _ = run(folder, batch, greedy)
     for spec in (NGRAM, {"model": folder, "num_speculative_tokens": 3},
                  {"model": tiny_models["qwen3"], "num_speculative_tokens": 4}):
-        got, engine = run(folder, batch, greedy, speculative_config=spec, gpu_memory_utilization=0.5)
+        got, info = run(folder, batch, greedy, speculative_config=spec, gpu_memory_utilization=0.5)
         assert got == want, spec
-        spec_decoder = engine.runner.spec
-        assert spec_decoder.verify_as_decodes and engine.runner.graphs.num_replays > 0
+        spec_decoder = info["spec"]
+        assert spec_decoder.verify_as_decodes and info["replays"] > 0
         if spec_decoder.draft is not None:
-            assert spec_decoder.draft.runner.graphs.num_replays > 0
-        st = engine.stats().spec_decode
+            assert info["draft_replays"] > 0
+        st = info["stats"]
         if spec.get("model") == folder:
             assert st.num_accepted_tokens == st.num_draft_tokens > 0
 

@@ -57,11 +57,24 @@ def test_int_matmul(device, case, with_bias):
     gen = torch.Generator().manual_seed(n)
     x = torch.randn(m, k, generator=gen).to(device, dtype)
     bias = torch.randn(n, generator=gen).to(device, dtype) if with_bias else None
-    out = int_matmul(x, qweight, scales, zeros, bits, group, bias)
     expected = ref.int_matmul_ref(x, qweight, scales, zeros, bits, group, bias)
-    assert out.shape == (m, n) and out.dtype == dtype
-    err = rel_error(out, expected)
-    assert err <= tolerance(dtype), f"relative error {err:.2e}"
+    for method in ("dequant", "fused"):  # the M > 1 paths (M = 1 is the gemv either way)
+        out = int_matmul(x, qweight, scales, zeros, bits, group, bias, method=method)
+        assert out.shape == (m, n) and out.dtype == dtype
+        err = rel_error(out, expected)
+        assert err <= tolerance(dtype), f"{method}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("device,case", backends([(4096, 6144, 4, 128, BF16), (8192, 1024, 8, 32, FP16)],
+                                                 [(128, 40, 4, 64, FP32), (64, 24, 8, 32, BF16)]))
+def test_int_dequantize_equals_the_reference(device, case):
+    from pdserve.kernels.int_gemm import int_dequantize
+    k, n, bits, group, dtype = case
+    qweight, scales, zeros = random_int_weight(k, n, bits, group, dtype, device, seed=k)
+    w = int_dequantize(qweight, scales, zeros, bits, group, dtype)
+    expected = ref.dequantize_int_ref(qweight, scales, zeros, bits, group)
+    assert w.shape == (k, n) and w.dtype == dtype
+    assert rel_error(w, expected.to(dtype)) <= tolerance(dtype)
 
 
 @pytest.mark.parametrize("device,case", backends([(4096, 4096, 4, 128), (14336, 4096, 4, 128)],
