@@ -26,6 +26,7 @@ drafts are appended to the inputs before the forward pass and verified on its lo
 from __future__ import annotations
 
 import itertools
+import threading
 
 import numpy as np
 import torch
@@ -68,6 +69,8 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.scheduler_cfg = scheduler_cfg or SchedulerConfig(max_model_len=max_model_len)
         self.device = resolve_device(model_cfg.device)
+        self._bound_thread: int | None = None
+        self._bind_device()  # `--device cuda:1`: Triton launches on the current device, which must be ours
         self.dtype = resolve_dtype(model_cfg.dtype, checkpoint_dtype(path))
         ops, self.inputs = _select_backend(self.device, attention_backend, self.block_size)
         if self.device.type == "cuda":
@@ -231,6 +234,7 @@ class ModelRunner:
         the host). `token_masks` (a StructuredOutputManager) fills the sampled rows' token
         bitmask on the host while the forward runs on the device; a row whose last token is
         still in flight reads it from the previous step (`_inflight_token`)."""
+        self._bind_device()
         out = RunnerOutput(sampled_token_ids={})
         ordered, step, hidden, sample_rows = self._forward(sched)
         if not ordered:
@@ -264,6 +268,17 @@ class ModelRunner:
         """The token the previous launched step sampled for req_id, on the host. Waits for that
         step only: the step being launched is already queued behind it and keeps the device busy."""
         return self._last_pending.result().sampled_token_ids[req_id]
+
+    def _bind_device(self) -> None:
+        """Make this runner's GPU the calling thread's current CUDA device (once per thread: the
+        engine steps on its own thread). Triton kernels and CUDA graphs run on the current device,
+        so a runner on cuda:1 would otherwise launch them against cuda:0."""
+        if self.device.type != "cuda":
+            return
+        thread = threading.get_ident()
+        if thread != self._bound_thread:
+            torch.cuda.set_device(self.device)
+            self._bound_thread = thread
 
     def _forward(self, sched: SchedulerOutput):
         """The forward pass of a step -> (requests in row order: decodes first, StepInputs,
