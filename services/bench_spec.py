@@ -137,12 +137,13 @@ def cmd_spec(args) -> None:
     with open(args.prompts) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     llms = {}
-    target = engine_config(args).model.model
+    base = engine_config(args)
+    target = base.model.model
     for i, method in enumerate(args.methods, start=1):
         # every engine lives for the whole run (the methods alternate); on CUDA each KV pool is
         # sized from what this process may use in all (--gpu-memory-utilization), so engine i of
         # n may grow the process to i / n of it
-        share = {"gpu_memory_utilization": args.gpu_memory_utilization * i / len(args.methods)}
+        share = {"gpu_memory_utilization": base.cache.gpu_memory_utilization * i / len(args.methods)}
         llms[method] = LLM.from_config(engine_config(args, speculative_config=method_config(args, method, target),
                                                      speculative_model=None, num_speculative_tokens=None, **share))
     tok = next(iter(llms.values())).get_tokenizer()
