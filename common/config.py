@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass, field
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KERNELS = ("auto", "reference")
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
 
@@ -39,11 +40,26 @@ def env_flag(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, default)
 
 
+def cpu_has_bf16() -> bool:
+    """The host CPU computes bf16 natively (AVX512-BF16 or AMX-BF16, from /proc/cpuinfo's flags):
+    `--dtype auto` runs bf16 there. Read here, with the environment, so nothing deeper probes the host."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What to load and how. Architecture numbers live in `ArchConfig` (read from the model)."""
     model: str = option("default", "HF folder or .gguf file (default: the packaged SmolLM2-135M-Instruct)")
-    dtype: str = option("auto", "weights and activations dtype (auto: the checkpoint's)", choices=DTYPES)
+    dtype: str = option("auto", "weights and activations dtype (auto: bfloat16 on a CPU with AVX512-BF16 or AMX, "
+                                "float32 on other CPUs, the checkpoint's on CUDA)", choices=DTYPES)
     max_model_len: int | None = option(None, "context length (default: the model's)", type=int)
     load_format: str = option("auto", "weights format; dummy: random weights of the model's shape",
                               choices=LOAD_FORMATS)
@@ -52,10 +68,15 @@ class ModelConfig:
     seed: int = option(0, "engine seed (weights of --load-format dummy, unseeded sampling)", type=int,
                        flag="--engine-seed")
     device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when present)")
+    kernels: str = option("auto", "auto: the fast path of the device (Triton kernels on CUDA, packed oneDNN GEMMs "
+                                  "and batched paged attention on CPU); reference: HF-exact eager torch",
+                          choices=KERNELS)
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kernels not in KERNELS:
+            raise ConfigError(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"--max-model-len must be positive, got {self.max_model_len}")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):

@@ -108,6 +108,10 @@ class TritonOps:
     def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(x)
 
+    @staticmethod
+    def logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return hidden @ weight.t()  # [N, h] x [V, h] -> [N, V]
+
 
 TRITON_OPS = TritonOps()
 
