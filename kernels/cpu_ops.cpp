@@ -139,10 +139,45 @@ inline void scores16(const float* qf, int64_t G, int64_t D, const T* k, int64_t 
     _mm512_storeu_ps(out + g * out_stride, reduce16(acc));
   }
 }
+
+// acc[g, :] += sum over 16 consecutive V rows (row stride `stride`) of p[g * p_stride + r] * row r,
+// for G query heads; D = 16 * NV, so each head's accumulator stays in registers over the 16 rows
+template <typename T, int NV>
+void pv16(const float* p, int64_t p_stride, int64_t G, const T* v, int64_t stride, float* tile, float* acc) {
+  constexpr int64_t D = 16 * NV;
+  for (int r = 0; r < 16; ++r) load_row(v + r * stride, tile + r * D, D);
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 a[NV];
+    for (int i = 0; i < NV; ++i) a[i] = _mm512_loadu_ps(acc + g * D + 16 * i);
+    const float* pg = p + g * p_stride;
+    for (int r = 0; r < 16; ++r) {
+      const __m512 pb = _mm512_set1_ps(pg[r]);
+      for (int i = 0; i < NV; ++i) a[i] = _mm512_fmadd_ps(pb, _mm512_loadu_ps(tile + r * D + 16 * i), a[i]);
+    }
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(acc + g * D + 16 * i, a[i]);
+  }
+}
+
+template <typename T>
+using PV16 = void (*)(const float*, int64_t, int64_t, const T*, int64_t, float*, float*);
+
+template <typename T>
+PV16<T> pv16_for(int64_t D) {
+  switch (D) {
+    case 32: return &pv16<T, 2>;
+    case 64: return &pv16<T, 4>;
+    case 128: return &pv16<T, 8>;
+    default: return nullptr;
+  }
+}
 #else
 constexpr bool kBlock16 = false;
 template <typename T>
 inline void scores16(const float*, int64_t, int64_t, const T*, int64_t, float*, float*, int64_t) {}
+template <typename T>
+using PV16 = void (*)(const float*, int64_t, int64_t, const T*, int64_t, float*, float*);
+template <typename T>
+PV16<T> pv16_for(int64_t) { return nullptr; }
 #endif
 
 // q [B, H, D] (rows may be strided, d contiguous), caches [NB, BS, KVH, D] contiguous,
@@ -166,6 +201,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
   const float sc = static_cast<float>(scale);
   // 16 tokens at a time inside a block (AVX-512, D and BS multiples of 16), else token by token
   const bool by16 = kBlock16 && D % 16 == 0 && BS % 16 == 0;
+  const PV16<T> pv = BS % 16 == 0 ? pv16_for<T>(D) : nullptr;
   // A work item is one sequence and a range of its KV heads: all of them when there are enough
   // sequences for the threads (a block's rows are then read front to back, one stream), else one
   // head each (a lone sequence still spreads over the threads).
@@ -188,10 +224,14 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
         }
         const int64_t* blocks = table + b * M;
         const int64_t head_off = kh0 * D;
+        for (int64_t j = first / BS; j <= std::min((len - 1) / BS, first / BS + 1); ++j)
+          prefetch_rows(kp + blocks[j] * c_sb + head_off, BS, c_st, row_span);
         for (int64_t t = first; t < len;) {
           const T* k_row = kp + blocks[t / BS] * c_sb + (t % BS) * c_st + head_off;
-          if (t % BS == 0 && t + BS < len)  // the next block, while this one is computed
-            prefetch_rows(kp + blocks[t / BS + 1] * c_sb + head_off, BS, c_st, row_span);
+          if (t % BS == 0) {  // K two blocks ahead and this block's V, while this block is computed
+            if (t + 2 * BS < len) prefetch_rows(kp + blocks[t / BS + 2] * c_sb + head_off, BS, c_st, row_span);
+            prefetch_rows(vp + blocks[t / BS] * c_sb + head_off, BS, c_st, row_span);
+          }
           if (by16 && t % 16 == 0 && t + 16 <= len) {
             for (int64_t kh = 0; kh < heads_per_item; ++kh)
               scores16(qf.data() + kh * G * D, G, D, k_row + kh * D, c_st, tile.data(),
@@ -205,11 +245,19 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
           ++t;
         }
         for (int64_t h = 0; h < HG; ++h) softmax_inplace(scores.data() + h * n, n);
-        for (int64_t t = first; t < len; ++t) {
-          if (t % BS == 0 && t + BS < len) prefetch_rows(vp + blocks[t / BS + 1] * c_sb + head_off, BS, c_st, row_span);
-          load_row(vp + blocks[t / BS] * c_sb + (t % BS) * c_st + head_off, row.data(), row_span);
+        for (int64_t t = first; t < len;) {
+          const T* v_row = vp + blocks[t / BS] * c_sb + (t % BS) * c_st + head_off;
+          if (pv != nullptr && t % 16 == 0 && t + 16 <= len) {
+            for (int64_t kh = 0; kh < heads_per_item; ++kh)
+              pv(scores.data() + kh * G * n + (t - first), n, G, v_row + kh * D, c_st, tile.data(),
+                 acc.data() + kh * G * D);
+            t += 16;
+            continue;
+          }
+          load_row(v_row, row.data(), row_span);
           for (int64_t h = 0; h < HG; ++h)
             axpy(acc.data() + h * D, scores[h * n + (t - first)], row.data() + (h / G) * D, D);
+          ++t;
         }
       }
       for (int64_t h = 0; h < HG; ++h) {

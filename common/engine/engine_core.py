@@ -37,7 +37,7 @@ from typing import Callable, Collection
 
 from pdserve.common.config import ConfigError, EngineConfig
 from pdserve.common.engine.kv_cache_manager import KVCacheManager
-from pdserve.common.engine.model_runner import ModelRunner, PendingOutput
+from pdserve.common.engine.model_runner import ModelRunner, PendingOutput, resolve_device
 from pdserve.common.engine.kv_connector import KVConnector
 from pdserve.common.engine.outputs import SchedulerOutput
 from pdserve.common.engine.scheduler import Scheduler
@@ -67,7 +67,8 @@ class EngineCore:
         self.tokenizer = load_tokenizer(self.model_path, config.model.tokenizer) if load_tokenizer_ else None
         eos = list(self.arch.eos_token_ids) + (self.tokenizer.eos_token_ids if self.tokenizer else [])
         self.eos_token_ids = tuple(dict.fromkeys(eos))
-        sched_cfg = dataclasses.replace(config.scheduler, max_model_len=max_len)
+        sched_cfg = dataclasses.replace(config.scheduler, max_model_len=max_len,
+                                        on_cpu=resolve_device(config.model.device).type == "cpu")
         self.tensor_parallel_size = config.parallel.tensor_parallel_size
         if self.tensor_parallel_size > 1:
             config.parallel.check_model(self.arch)

@@ -116,8 +116,12 @@ class ModelRunner:
         a = self.arch
         self.kv_cache = None
         self.kv_caches = []
-        self.kv_cache = torch.zeros((a.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, a.head_dim),
-                                    dtype=self.dtype, device=self.device)
+        shape = (a.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, a.head_dim)
+        if self.device.type == "cpu":  # in huge pages: decode attention reads blocks all over the pool
+            from pdserve.common.models.cpu_ops import zeros_in_huge_pages
+            self.kv_cache = zeros_in_huge_pages(shape, self.dtype)
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))
 
     def bytes_per_block(self) -> int:

@@ -2,28 +2,34 @@
 
 `TorchOps` (llama.py) stays the HF-exact reference (`--kernels reference`); `CpuOps` has the same
 members and differs where the profile of SmolLM2-135M on 2 cores said the time went
-(docs/benchmarks.md, "CPU fast path"):
+(docs/benchmarks.md, "CPU fast path"). Per layer and step:
 
-    linear        oneDNN matmul on weights packed ONCE at load (`pack`): the plain F.linear
-                  repacks (bf16) or runs MKL sgemm (fp32) on every call; 1.1-2x per GEMM
-    rotary        q and k rotated together (one [T, H + KVH, D] view of the qkv output when
-                  they are adjacent), cos/sin gathered once per step, not once per layer
-    silu_and_mul  silu(gate) then one in-place multiply
-    rms_norm      HF's order and dtypes (bf16 rounds where HF rounds), fewer temporaries
-    logits        the (tied) head on its packed weight
-    attention     `CpuPagedAttention`: decodes gather their K/V blocks with ONE index_select
-                  per tensor and attend with two batched matmuls and an fp32 softmax under the
-                  step's additive mask (torch's SDPA with a mask took a slow path: 15-20 ms a
-                  layer at 64 x 240 in bf16, this ~1 ms); prefills run torch's flash SDPA per
-                  sequence, a cached prefix read through the same block gather.
+    qkv = linear(x)            oneDNN matmul on the weight packed ONCE at load (`pack`); F.linear
+                               repacks bf16 weights (or runs MKL sgemm for fp32) on every call
+    rotary_store_kv            q and k rotated in place, K/V stored at their slots: one C++ pass
+    attention                  decodes: C++ paged decode attention reading K/V blocks in place;
+                               prefills: torch's flash SDPA per sequence (a cached prefix gathered
+                               with one index_select per tensor, then two bmm and an fp32 softmax)
+    o_proj, rms_norm+residual  packed matmul; one C++ pass (residual updated in place)
+    gate_up, silu_and_mul,     packed matmul; one C++ pass; packed matmul
+    down
+    logits                     the (tied) head on its packed weight
 
-Numerics: bf16 GEMMs are bit-identical to F.linear (both oneDNN); fp32 GEMMs differ from MKL's
-in the last bits (oneDNN's blocking), so fp32 greedy output can leave HF's on a near tie; the
-tests compare `--kernels reference` with HF token for token and report this path's agreement.
+The C++ kernels (kernels/cpu.py) are compiled for the machine on first use. Where that is
+impossible (no compiler) `CpuPagedAttention` and eager element-wise ops run instead (logged at
+start-up): decodes gather their blocks with ONE index_select per tensor and attend with two
+batched matmuls under the step's additive mask (torch's SDPA with a mask took a slow path:
+15-20 ms a layer at 64 x 240 in bf16).
+
+Numerics: bf16 GEMMs are bit-identical to F.linear (both oneDNN) and the element-wise kernels
+round where HF's bf16 code rounds; fp32 GEMMs differ from MKL's in the last bits (oneDNN's
+blocking) and attention sums in another order, so greedy output can leave HF's on a near tie
+(the tests compare both kernel sets with HF token for token in fp32 and bf16's agreement).
 
 `configure_cpu_runtime` (the runner calls it once on CPU): OpenMP threads = the cores this
 process may use, and glibc's malloc told to keep freed activations instead of unmapping them
 (a [2048, 576] temporary otherwise page-faults on every op: 4-6x slower elementwise ops).
+`zeros_in_huge_pages` allocates the KV pool in transparent huge pages.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from pdserve.kernels import cpu as cpu_kernels
 log = logging.getLogger("pdserve.cpu")
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+_MADV_HUGEPAGE, _HUGE = 14, 2 << 20  # madvise advice (linux/mman.h), x86-64 huge page size
 MMAP_THRESHOLD = 64 << 20  # allocations below this come from the heap and are reused
 TRIM_THRESHOLD = 1 << 30  # free memory kept at the heap's top before it is returned
 PACK_BATCH_HINT = 64  # oneDNN picks the packed layout for this M; measured fine from M=1 to 2048
@@ -54,14 +61,34 @@ def cpu_threads(tensor_parallel_size: int = 1) -> int:
     return max(1, len(os.sched_getaffinity(0)) // tensor_parallel_size)
 
 
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): its allocator and madvise have their own policies
+        return None
+
+
 def configure_cpu_runtime(num_threads: int) -> None:
     torch.set_num_threads(num_threads)
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: its allocator has its own policy
-        return
-    libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(MMAP_THRESHOLD))
-    libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(TRIM_THRESHOLD))
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(MMAP_THRESHOLD))
+        libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(TRIM_THRESHOLD))
+
+
+def zeros_in_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor whose 2 MiB-aligned interior is advised into transparent huge pages
+    before its first touch (where THP is `madvise` or `always`): the KV pool, whose blocks decode
+    attention visits in table order, otherwise costs a TLB miss per block (measured 10-14% of the
+    attention kernel's time). A refused advice leaves ordinary pages, nothing else changes."""
+    out = torch.empty(shape, dtype=dtype)
+    start, size = out.data_ptr(), out.numel() * out.element_size()
+    first = (start + _HUGE - 1) & ~(_HUGE - 1)
+    length = (start + size - first) & ~(_HUGE - 1)
+    libc = _libc()
+    if length > 0 and libc is not None:
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(length), _MADV_HUGEPAGE)
+    return out.zero_()
 
 
 def can_pack(dtype: torch.dtype) -> bool:
