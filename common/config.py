@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KERNELS = ("auto", "reference")
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
 
@@ -30,6 +32,12 @@ def option(default, help: str, *, name: str | None = None, flag: str | None = No
     `boolean` makes --x / --no-x."""
     return field(default=default, metadata={"help": help, "name": name, "flag": flag, "choices": choices,
                                             "type": type, "boolean": boolean, "aliases": aliases})
+
+# --quantization: weight formats with a kernel (docs/quantization.md); None = the checkpoint's own
+# (its config.json `quantization_config`, or full precision)
+QUANTIZATION_METHODS = ("fp8", "awq", "gptq", "gguf")
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+KV_CACHE_SCALES = ("per-head", "per-tensor")
 
 
 class ConfigError(ValueError):
@@ -59,20 +67,33 @@ class ModelConfig:
     """What to load and how. Architecture numbers live in `ArchConfig` (read from the model)."""
     model: str = option("default", "HF folder or .gguf file (default: the packaged SmolLM2-135M-Instruct)")
     dtype: str = option("auto", "weights and activations dtype (auto: bfloat16 on a CPU with AVX512-BF16 or AMX, "
-                                "float32 on other CPUs, the checkpoint's on CUDA)", choices=DTYPES)
+                                "float32 on other CPUs, the checkpoint's on CUDA; half = float16, float = float32)",
+                        choices=(*DTYPES, *DTYPE_ALIASES))
     max_model_len: int | None = option(None, "context length (default: the model's)", type=int)
     load_format: str = option("auto", "weights format; dummy: random weights of the model's shape",
                               choices=LOAD_FORMATS)
     tokenizer: str | None = option(None, "tokenizer folder or .gguf (default: the model's)")
     served_model_name: str | None = option(None, "name in the API (default: the model's folder or file name)")
-    seed: int = option(0, "engine seed (weights of --load-format dummy, unseeded sampling)", type=int,
-                       flag="--engine-seed")
+    seed: int = option(0, "engine seed: random weights of --load-format dummy and unseeded sampling "
+                          "(generate/chat: also the sampling seed of every prompt)", type=int)
     device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when present)")
     kernels: str = option("auto", "auto: the fast path of the device (Triton kernels on CUDA, packed oneDNN GEMMs "
                                   "and batched paged attention on CPU); reference: HF-exact eager torch",
                           choices=KERNELS)
+    chat_template: str | None = option(None, "chat template: a Jinja file, or the template itself "
+                                             "(default: the tokenizer's)")
+    quantization: str | None = option(None, "weight quantization: fp8 (online per-channel, or an fp8 checkpoint), "
+                                            "awq, gptq, gguf (run GGUF blocks quantized); default: the "
+                                            "checkpoint's quantization_config, else full precision",
+                                      choices=QUANTIZATION_METHODS, aliases=("-q",))
+    trust_remote_code: bool = option(False, "accepted for vLLM compatibility and ignored: pdserve runs no code "
+                                            "from a checkpoint and downloads nothing", boolean=True)
 
     def __post_init__(self):
+        object.__setattr__(self, "dtype", DTYPE_ALIASES.get(self.dtype, self.dtype))
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ConfigError(f"--quantization must be one of {', '.join(QUANTIZATION_METHODS)}, "
+                              f"got {self.quantization!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.kernels not in KERNELS:
@@ -119,15 +140,27 @@ class CacheConfig:
     gpu_memory_utilization: float = option(0.9, "fraction of GPU memory for weights, activations and KV",
                                            type=float)
     enable_prefix_caching: bool = option(True, "reuse the KV of equal prompt prefixes", boolean=True)
-    kv_cache_dtype: str = "auto"
+    kv_cache_dtype: str = option("auto", "KV cache dtype: auto = the model's dtype; fp8 (fp8_e4m3) = e4m3 with "
+                                         "scales, ~2x the tokens", choices=KV_CACHE_DTYPES)
+    kv_cache_scale: str = option("per-head", "granularity of the fp8 KV scales", choices=KV_CACHE_SCALES)
 
     def __post_init__(self):
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                              f"got {self.kv_cache_dtype!r}")
+        if self.kv_cache_scale not in KV_CACHE_SCALES:
+            raise ConfigError(f"--kv-cache-scale must be one of {', '.join(KV_CACHE_SCALES)}, "
+                              f"got {self.kv_cache_scale!r}")
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ConfigError(f"--block-size must be a power of two, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ConfigError(f"--num-gpu-blocks-override must be positive, got {self.num_blocks}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+    @property
+    def fp8_kv(self) -> bool:
+        return self.kv_cache_dtype in ("fp8", "fp8_e4m3")
 
 
 # Default tokens per step. On a CPU a step of 2048 tokens already keeps the GEMMs at full speed,
@@ -163,6 +196,85 @@ class SchedulerConfig:
             raise ConfigError(
                 f"--max-num-batched-tokens ({self.token_budget}) must be >= --max-model-len "
                 f"({self.max_model_len}) when chunked prefill is disabled")
+
+
+SPEC_METHODS = ("ngram", "draft_model")
+_SPEC_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+MAX_SPECULATIVE_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding (docs/speculative.md), with vLLM's keys:
+
+        {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+        {"model": "path/to/draft", "num_speculative_tokens": 4}      (method "draft_model")
+
+    Prompt lookup as vLLM: neither bound given -> both 5; one given -> the other equals it."""
+    method: str
+    num_speculative_tokens: int
+    model: str | None = None  # the draft model (method "draft_model")
+    prompt_lookup_max: int | None = None
+    prompt_lookup_min: int | None = None
+
+    def __post_init__(self):
+        k = self.num_speculative_tokens
+        if not _is_int(k) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ConfigError(f"--speculative-config: num_speculative_tokens must be an integer in "
+                              f"[1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+        if self.method not in SPEC_METHODS:
+            raise ConfigError(f"--speculative-config: method must be one of {', '.join(SPEC_METHODS)}, "
+                              f"got {self.method!r}")
+        if self.method == "draft_model":
+            if not isinstance(self.model, str) or not self.model:
+                raise ConfigError("--speculative-config: method draft_model needs \"model\": the draft's path")
+            if self.prompt_lookup_max is not None or self.prompt_lookup_min is not None:
+                raise ConfigError("--speculative-config: prompt_lookup_max/min apply to method ngram only")
+            return
+        if self.model is not None:
+            raise ConfigError("--speculative-config: method ngram takes no \"model\"")
+        lo, hi = self.prompt_lookup_min, self.prompt_lookup_max
+        lo, hi = (5, 5) if lo is None and hi is None else (hi if lo is None else lo, lo if hi is None else hi)
+        for name, value in (("prompt_lookup_min", lo), ("prompt_lookup_max", hi)):
+            if not _is_int(value) or value < 1:
+                raise ConfigError(f"--speculative-config: {name} must be a positive integer, got {value!r}")
+        if lo > hi:
+            raise ConfigError(f"--speculative-config: prompt_lookup_min ({lo}) must not exceed "
+                              f"prompt_lookup_max ({hi})")
+        object.__setattr__(self, "prompt_lookup_min", lo)
+        object.__setattr__(self, "prompt_lookup_max", hi)
+
+    @classmethod
+    def parse(cls, value) -> "SpeculativeConfig":
+        """From a JSON string (the flag), a dict (`LLM(speculative_config={...})`) or itself."""
+        if isinstance(value, SpeculativeConfig):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--speculative-config is not valid JSON: {e}") from e
+        if not isinstance(value, dict):
+            raise ConfigError(f"--speculative-config must be a JSON object, got {type(value).__name__}")
+        unknown = sorted(set(value) - set(_SPEC_KEYS))
+        if unknown:
+            raise ConfigError(f"--speculative-config: unsupported key(s) {', '.join(unknown)} "
+                              f"(supported: {', '.join(_SPEC_KEYS)})")
+        value = dict(value)
+        if value.get("model") == "ngram":  # vLLM's older spelling
+            value.pop("model")
+            value.setdefault("method", "ngram")
+        if "method" not in value:
+            if "model" not in value:
+                raise ConfigError("--speculative-config needs \"method\" (ngram) or \"model\" (a draft model)")
+            value["method"] = "draft_model"
+        if "num_speculative_tokens" not in value:
+            raise ConfigError("--speculative-config needs \"num_speculative_tokens\"")
+        return cls(**value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -206,8 +318,29 @@ class EngineConfig:
     # None: on for CUDA, off elsewhere (a CPU forward pass leaves no host time to hide).
     async_scheduling: bool | None = option(
         None, "schedule the next step while the device runs the current one (default: on CUDA only)", boolean=True)
+    # Speculative decoding: `speculative_config` is canonical; the two shorthands are folded into
+    # it (and cleared) in __post_init__.
+    speculative_config: SpeculativeConfig | None = option(
+        None, 'speculative decoding, JSON with vLLM\'s keys: {"method": "ngram", "num_speculative_tokens": 4, '
+              '"prompt_lookup_max": 4} or {"model": DRAFT, "num_speculative_tokens": 4} (docs/speculative.md)')
+    speculative_model: str | None = option(
+        None, "shorthand for --speculative-config: a draft model sharing the vocabulary, or ngram")
+    num_speculative_tokens: int | None = option(None, "tokens proposed per step with --speculative-model "
+                                                      "(default: 4)", type=int)
 
     SECTIONS = ("model", "cache", "scheduler", "parallel")
+
+    def __post_init__(self):
+        spec, model, k = self.speculative_config, self.speculative_model, self.num_speculative_tokens
+        if spec is not None and (model is not None or k is not None):
+            raise ConfigError("give --speculative-config or --speculative-model/--num-speculative-tokens, not both")
+        if model is not None:
+            spec = {"model": model, "num_speculative_tokens": 4 if k is None else k}
+        elif k is not None:
+            raise ConfigError("--num-speculative-tokens needs --speculative-model")
+        object.__setattr__(self, "speculative_config", None if spec is None else SpeculativeConfig.parse(spec))
+        object.__setattr__(self, "speculative_model", None)
+        object.__setattr__(self, "num_speculative_tokens", None)
 
     @classmethod
     def from_options(cls, **options) -> "EngineConfig":
@@ -243,13 +376,27 @@ def _options():
                 yield section, f, f.metadata["name"] or f.name
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every `pdserve` parser's formatter: a flag's help ends with its default unless the text
+    already names one (engine flags carry the config's default in their help; their argparse
+    default is None so that an unset flag keeps the config's value)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or not action.option_strings or action.default in (None, False, [], "")
+                or action.default is argparse.SUPPRESS):
+            return text
+        return text + " (default: %(default)s)"
+
+
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """The engine flags, generated from the config fields (help shows each default)."""
     g = parser.add_argument_group("engine")
     for _, f, name in _options():
         m = f.metadata
         flag = m["flag"] or "--" + name.replace("_", "-")
-        help_text = m["help"] + ("" if f.default is None else f" (default: {f.default})")
+        shown = f.default is not None and "default" not in m["help"]
+        help_text = m["help"] + (f" (default: {f.default})" if shown else "")
         flags = (flag, *m["aliases"])
         if m["boolean"]:
             g.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)

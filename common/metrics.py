@@ -3,8 +3,9 @@
 
 Two sources:
   * state read at scrape time from typed snapshots (common/stats.py) that the deployment supplies:
-    `EngineStats` (running / waiting, KV usage, prefix cache, preemptions, token counters: the
-    engine of `serve` or a worker, or the router's sums over its fleet), `TransferStats` (a
+    `EngineStats` (running / waiting, KV usage, prefix cache, preemptions, token counters,
+    speculative decoding's drafts and acceptances: the engine of `serve` or a worker, or the
+    router's sums over its fleet), `TransferStats` (a
     worker's leases and pulls), `RouterStats` (routing decisions, retries, handoffs) — nothing is
     polled between scrapes;
   * request-level metrics (token counters, TTFT, inter-token latency, end-to-end latency, request
@@ -25,7 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from pdserve.common.outputs import RequestOutput
 from pdserve.common.request import FINISH_REASON_NAMES
-from pdserve.common.stats import EngineStats, RouterStats, TransferStats
+from pdserve.common.stats import EngineStats, GpuStats, RouterStats, TransferStats
 
 log = logging.getLogger("pdserve.metrics")
 
@@ -68,6 +69,9 @@ class ServerMetrics:
                              buckets=ITL_BUCKETS, registry=r).labels(name)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "End-to-end request latency in seconds.",
                              labels, buckets=E2E_BUCKETS, registry=r).labels(name)
+        self.queue_time = Histogram("vllm:request_queue_time_seconds",
+                                    "Seconds from arrival to first being scheduled (engines only: serve, workers).",
+                                    labels, buckets=E2E_BUCKETS, registry=r).labels(name)
         sizes = token_buckets(max_model_len or 8192)  # a fleet's length may be unknown at start-up
         self.request_prompt_tokens = Histogram("vllm:request_prompt_tokens", "Prompt tokens per request.",
                                                labels, buckets=sizes, registry=r).labels(name)
@@ -107,9 +111,14 @@ class RequestTracker:
         self.last_token_time: list[float] = []
         self.finished: list[bool] = []
         self.done = False
+        self.queued = False
 
     def observe(self, out: RequestOutput, now: float) -> None:
         m = self.m
+        scheduled = out.metrics.first_scheduled_time if out.metrics is not None else None
+        if scheduled is not None and not self.queued:  # known where the engine is in-process (serve)
+            self.queued = True
+            m.queue_time.observe(max(scheduled - self.arrival_time, 0.0))
         if self.num_prompt_tokens is None:
             self.num_prompt_tokens = len(out.prompt_token_ids)
             m.prompt_tokens.inc(self.num_prompt_tokens)
@@ -142,10 +151,15 @@ class RequestTracker:
         if self.done:
             return
         self.done = True
-        for i, finished in enumerate(self.finished):
-            if not finished:
-                self.m.finished(reason)
-                self.m.request_generation_tokens.observe(self.num_tokens[i])
+        count_unfinished(self.m, self.finished, self.num_tokens, reason)
+
+
+def count_unfinished(m: ServerMetrics, finished: list[bool], num_tokens: list[int], reason: str) -> None:
+    """A request ended early: its sequences still running finish with `reason`."""
+    for i, done in enumerate(finished):
+        if not done:
+            m.finished(reason)
+            m.request_generation_tokens.observe(num_tokens[i])
 
 
 def _ttft(out: RequestOutput, now: float, arrival_time: float) -> float:
@@ -160,9 +174,10 @@ class StatsCollector:
 
     def __init__(self, model_name: str, engine: Callable[[], EngineStats] | None = None,
                  transfer: Callable[[], TransferStats] | None = None,
-                 router: Callable[[], RouterStats] | None = None, redis_up: Callable[[], bool] | None = None):
+                 router: Callable[[], RouterStats] | None = None, redis_up: Callable[[], bool] | None = None,
+                 gpu: Callable[[], GpuStats] | None = None):
         self.model_name = model_name
-        self.sources = {"engine": engine, "transfer": transfer, "router": router, "redis_up": redis_up}
+        self.sources = {"engine": engine, "transfer": transfer, "router": router, "redis_up": redis_up, "gpu": gpu}
         self.pull_latency = _HistogramFamily("pdserve:kv_pull_seconds", "Seconds per KV pull (decode side).",
                                              LATENCY_BUCKETS, model_name)
 
@@ -209,6 +224,8 @@ class StatsCollector:
                 for rank, num in enumerate(e.kv_blocks_fit_by_rank):
                     fit.add_metric([self.model_name, str(rank)], float(num))
                 yield fit
+            if e.spec_decode is not None:
+                yield from self._spec_decode(e.spec_decode, counter, gauge)
         t = self._read("transfer")
         if t is not None:
             for key, name, doc in (
@@ -226,6 +243,14 @@ class StatsCollector:
             yield gauge("pdserve:kv_leases_active", "Leases holding prompt KV now.", t.leases_active)
             self.pull_latency.observe(t.new_pull_latencies)
             yield self.pull_latency.family()
+        g = self._read("gpu")
+        if g is not None:
+            for key, name, doc in (("memory_used_bytes", "pdserve:gpu_memory_used_bytes", "GPU memory in use (NVML, whole device)."),
+                                   ("memory_total_bytes", "pdserve:gpu_memory_total_bytes", "GPU memory in all (NVML)."),
+                                   ("utilization", "pdserve:gpu_utilization_perc", "GPU busy fraction (NVML); 1 means 100 percent.")):
+                family = GaugeMetricFamily(name, doc, labels=["model_name", "gpu"])
+                family.add_metric([self.model_name, str(g.index)], float(getattr(g, key)))
+                yield family
         up = self._read("redis_up")
         if up is not None:  # the disaggregated router: 0 while it routes on load alone
             yield gauge("pdserve:redis_up", "1 while the router reaches Redis, 0 while it routes on load alone.", up)
@@ -241,6 +266,25 @@ class StatsCollector:
             for reason, count in sorted(r.routes.items()):
                 routes.add_metric([self.model_name, reason], float(count))
             yield routes
+
+
+    def _spec_decode(self, sd, counter, gauge):
+        """vLLM's spec_decode counters, and the two ratios its logger prints as pdserve gauges."""
+        yield counter("vllm:spec_decode_num_drafts", "Speculative verify rounds (one per request and step).",
+                      sd.num_drafts)
+        yield counter("vllm:spec_decode_num_draft_tokens", "Draft tokens verified.", sd.num_draft_tokens)
+        yield counter("vllm:spec_decode_num_accepted_tokens", "Draft tokens accepted.", sd.num_accepted_tokens)
+        per_pos = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                      "Draft tokens accepted, by position in the draft.",
+                                      labels=["model_name", "position"])
+        for pos, count in enumerate(sd.accepted_per_pos):
+            per_pos.add_metric([self.model_name, str(pos)], float(count))
+        yield per_pos
+        if sd.acceptance_rate is not None:
+            yield gauge("pdserve:spec_decode_acceptance_rate", "Accepted / verified draft tokens, since start.",
+                        sd.acceptance_rate)
+            yield gauge("pdserve:spec_decode_mean_accepted_length",
+                        "Tokens per verify round (1 + accepted drafts), since start.", sd.mean_accepted_length)
 
 
 class _HistogramFamily:

@@ -9,18 +9,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from pdserve.common.errors import ParameterError
+from pdserve.common.errors import check as _check
+from pdserve.common.structured_outputs import StructuredOutputsParams
 
-class ParameterError(ValueError):
-    """A request parameter is invalid. `param` names it (as in OpenAI's error body)."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
-
-
-def _check(ok: bool, param: str, message: str) -> None:
-    if not ok:
-        raise ParameterError(param, message)
+__all__ = ["ParameterError", "SamplingParams", "StructuredOutputsParams"]
 
 
 INT32_MAX, UINT32_MAX = 2**31 - 1, 2**32 - 1
@@ -56,6 +49,11 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per output token (the chosen one is always given)
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Which tokens may be sampled (vLLM's semantics; ids are checked against the vocabulary by the engine)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit, in [-100, 100]
+    allowed_token_ids: list[int] | None = None  # sample only among these
+    bad_words: list[str] = field(default_factory=list)  # never generated, alone or after a space
+    structured_outputs: StructuredOutputsParams | None = None  # the output follows this grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -93,6 +91,28 @@ class SamplingParams:
                "stop_token_ids must be non-negative integers")
         if self.top_k == 0:
             self.top_k = -1
+        self._check_token_constraints()
+
+    def _check_token_constraints(self) -> None:
+        if self.logit_bias is not None:
+            _check(isinstance(self.logit_bias, dict), "logit_bias", "logit_bias must map token ids to biases")
+            _check(all(isinstance(t, int) and t >= 0 for t in self.logit_bias), "logit_bias",
+                   "logit_bias keys must be non-negative token ids")
+            _check(all(isinstance(v, (int, float)) and -100 <= v <= 100 for v in self.logit_bias.values()),
+                   "logit_bias", "logit_bias values must be numbers in [-100, 100]")
+            self.logit_bias = {t: float(v) for t, v in self.logit_bias.items()} or None
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = list(self.allowed_token_ids)
+            _check(len(self.allowed_token_ids) > 0 and all(isinstance(t, int) and t >= 0
+                                                           for t in self.allowed_token_ids),
+                   "allowed_token_ids", "allowed_token_ids must be a non-empty list of non-negative token ids")
+        self.bad_words = list(self.bad_words or [])
+        _check(all(isinstance(w, str) and w.strip() for w in self.bad_words), "bad_words",
+               "bad_words must be non-empty strings")
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
+        _check(self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+               "structured_outputs", "structured_outputs must be a StructuredOutputsParams")
 
     @property
     def greedy(self) -> bool:
@@ -105,9 +125,15 @@ class SamplingParams:
     @property
     def needs_host_history(self) -> bool:
         """Sampling reads this request's latest tokens or reports per-token data on the host
-        (penalties, min_tokens, logprobs): the engine then runs its steps one at a time."""
+        (penalties, min_tokens, logprobs): the engine then runs its steps one at a time. Token
+        masks (grammars, bad_words) read the token in flight from the previous step instead."""
         return (self.has_penalties or self.min_tokens > 0 or self.logprobs is not None
                 or self.prompt_logprobs is not None)
+
+    @property
+    def has_token_mask(self) -> bool:
+        """Some tokens are forbidden at the next step (grammar, allowed_token_ids, bad_words)."""
+        return self.structured_outputs is not None or self.allowed_token_ids is not None or bool(self.bad_words)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

@@ -27,6 +27,44 @@ class EngineStats:
     tensor_parallel_size: int = 1
     # KV blocks each rank's memory could hold; every rank holds num_blocks (their min)
     kv_blocks_fit_by_rank: list[int] = field(default_factory=list)
+    spec_decode: SpecDecodeStats | None = None  # None: no speculative decoding configured
+
+
+@dataclass
+class SpecDecodeStats:
+    """Speculative decoding counters, as vLLM's spec_decode metrics: a draft is one request's
+    drafts verified in one step; accepted_per_pos[i] counts drafts accepted at position i."""
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_pos: list[int] = field(default_factory=list)
+
+    @classmethod
+    def new(cls, num_speculative_tokens: int) -> "SpecDecodeStats":
+        return cls(accepted_per_pos=[0] * num_speculative_tokens)
+
+    def record(self, drafts: dict[str, list[int]], num_accepted: dict[str, int]) -> None:
+        for req_id, fed in drafts.items():
+            accepted = num_accepted[req_id]
+            self.num_drafts += 1
+            self.num_draft_tokens += len(fed)
+            self.num_accepted_tokens += accepted
+            for i in range(accepted):
+                self.accepted_per_pos[i] += 1
+
+    def snapshot(self) -> "SpecDecodeStats":
+        return SpecDecodeStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
+                               list(self.accepted_per_pos))
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens per verify step: 1 (the target's own) + accepted drafts, averaged (vLLM's
+        'mean acceptance length')."""
+        return 1 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else None
 
 
 @dataclass
@@ -64,3 +102,12 @@ class RouterStats:
     def count(self, table: str, key: str, value: int = 1) -> None:
         counts = getattr(self, table)
         counts[key] = counts.get(key, 0) + value
+
+
+@dataclass
+class GpuStats:
+    """One GPU as NVML reports it (common/gpu_metrics.py); only where the engine runs on CUDA."""
+    index: int  # the engine's CUDA device index
+    memory_used_bytes: int = 0  # the whole device's, every process
+    memory_total_bytes: int = 0
+    utilization: float = 0.0  # fraction of the last sample period a kernel ran, 0..1

@@ -60,6 +60,11 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    @property
+    def backend(self):
+        """The `tokenizers.Tokenizer` underneath (grammar compilers read its vocabulary)."""
+        return self._tok
+
     # ---- chat -------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None, **kwargs) -> str:
@@ -120,11 +125,27 @@ def gguf_tokenizer_folder(gguf_path: str) -> str:
     return folder
 
 
-def load_tokenizer(model_path: str, tokenizer_path: str | None = None) -> Tokenizer:
+def read_chat_template(value: str | None) -> str | None:
+    """`--chat-template`: a file's contents, or the value itself when it is a Jinja template
+    (it holds `{` or a newline); a value that looks like a path but names no file is an error."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value) as f:
+            return f.read()
+    if "{" in value or "\n" in value:
+        return value
+    raise ConfigError(f"--chat-template {value!r}: no such file (give a Jinja file or the template itself)")
+
+
+def load_tokenizer(model_path: str, tokenizer_path: str | None = None, chat_template: str | None = None) -> Tokenizer:
+    """The tokenizer of a model; `chat_template` (`--chat-template`, a file or the template)
+    replaces the model's."""
     path = tokenizer_path or model_path
+    override = read_chat_template(chat_template)
     if os.path.isfile(path):
-        return Tokenizer(gguf_tokenizer_folder(path))
-    return Tokenizer(path)
+        return Tokenizer(gguf_tokenizer_folder(path), override)
+    return Tokenizer(path, override)
 
 
 def _convert(gguf_path: str, out: str) -> None:

@@ -9,6 +9,11 @@
     silu_and_mul             gated MLP activation                               activation.py
     gemv                     batch-1 x @ W^T (+ b) at memory bandwidth          gemv.py
     copy_blocks              whole KV blocks of all layers to/from staging      copy_blocks.py
+    int_matmul               x @ W for 4/8-bit grouped-int weights (AWQ, GPTQ,  int_gemm.py
+                             GGUF), dequantized in the GEMM: gemv + tiled
+    quantize_fp8_per_token   activations -> e4m3 + per-row scales (_scaled_mm)  fp8_linear.py
+    fp8_gemv                 batch-1 x @ (fp8 W * s)^T                          fp8_linear.py
+The attention kernels and the KV stores also take fp8 (e4m3) caches with per-head scales.
 
 `reference` holds the torch version of each (`<name>_ref`), which defines the semantics.
 Importing this package must work without triton (CPU CI uses only the references), so the kernels
@@ -37,11 +42,14 @@ if triton_available():
     from pdserve.kernels.activation import silu_and_mul
     from pdserve.kernels.copy_blocks import copy_blocks
     from pdserve.kernels.decode_attention import paged_decode_attention
+    from pdserve.kernels.fp8_linear import fp8_gemv, quantize_fp8_per_token
     from pdserve.kernels.gemv import gemv
+    from pdserve.kernels.int_gemm import int_matmul
     from pdserve.kernels.prefill_attention import paged_prefill_attention
     from pdserve.kernels.rms_norm import rms_norm
     from pdserve.kernels.rotary import apply_rotary, rotary_store_kv
     from pdserve.kernels.store_kv import store_kv
 
     __all__ += ["store_kv", "paged_decode_attention", "paged_prefill_attention", "rms_norm",
-                "apply_rotary", "rotary_store_kv", "silu_and_mul", "gemv", "copy_blocks"]
+                "apply_rotary", "rotary_store_kv", "silu_and_mul", "gemv", "copy_blocks", "int_matmul",
+                "fp8_gemv", "quantize_fp8_per_token"]

@@ -5,6 +5,8 @@
     block_tables  [B, M] int32         physical block of each logical block; padding never read
     context_lens  [B] int32            keys 0 .. context_lens[b] - 1 are in the cache (0: zero output)
     out           [B, H, D]
+    k/v_scale     [KVH] fp32, fp8 (e4m3) caches only: cache = x / scale; the K scale is folded into
+                  the score scale, the V scale into the output (one multiply per program each)
 
 Paged layout of one sequence (block_size 4 drawn; context_len 10):
 
@@ -45,6 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.store_kv import check_fp8_cache
+
 _MIN_DOT_ROWS = 4              # query heads per kv head at which tl.dot is used (H100: G=4 dot 4.3x faster than bcast)
 _MIN_TOKENS_PER_SPLIT = 128    # a split shorter than this costs more to merge than it saves
 _MAX_SPLITS = 64
@@ -57,7 +61,7 @@ _BROADCAST_ELEMENTS = 8192     # cap on G * BLOCK_N * D of the broadcast product
             do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, partial_out_ptr, partial_lse_ptr,
+    out_ptr, partial_out_ptr, partial_lse_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale, sliding_window, num_splits,
     stride_q_seq, stride_q_head,
     stride_k_block, stride_k_slot, stride_k_head,
@@ -68,11 +72,13 @@ def _decode_split_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    WRITE_FINAL: tl.constexpr,
+    WRITE_FINAL: tl.constexpr, FP8: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    if FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
 
     context_len = tl.load(context_lens_ptr + seq)
     first_pos = 0
@@ -108,6 +114,8 @@ def _decode_split_kernel(
         tile_mask = key_mask[:, None] & dim_mask[None, :]
         k_rows = block_ids * stride_k_block + slots * stride_k_slot + kv_head * stride_k_head
         k = tl.load(k_cache_ptr + k_rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        if FP8:
+            k = k.to(tl.float32).to(q.dtype)
         if USE_DOT:
             scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)                      # [BLOCK_G, BLOCK_N]
         else:
@@ -121,6 +129,8 @@ def _decode_split_kernel(
 
         v_rows = block_ids * stride_v_block + slots * stride_v_slot + kv_head * stride_v_head
         v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        if FP8:
+            v = v.to(tl.float32).to(q.dtype)
         if USE_DOT:
             pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         else:
@@ -129,6 +139,8 @@ def _decode_split_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]          # empty split / context: zeros
+    if FP8:
+        out = out * tl.load(v_scale_ptr + kv_head)
     out_mask = group_mask[:, None] & dim_mask[None, :]
     if WRITE_FINAL:
         out_ptrs = out_ptr + seq.to(tl.int64) * stride_out_seq + heads[:, None] * stride_out_head + dims[None, :]
@@ -188,6 +200,8 @@ def paged_decode_attention(
     sliding_window: int | None = None,
     num_splits: int | None = None,
     max_context_len: int | None = None,   # host-side bound used only to choose num_splits
+    k_scale: torch.Tensor | None = None,  # [KVH] fp32, fp8 caches only
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:                # [B, H, D]
     batch_size, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
@@ -195,7 +209,9 @@ def paged_decode_attention(
     assert cache_head_dim == head_dim, f"cache head_dim {cache_head_dim} != q head_dim {head_dim}"
     assert num_heads % num_kv_heads == 0, f"{num_heads} heads not divisible by {num_kv_heads} kv heads"
     assert block_size & (block_size - 1) == 0, f"block_size {block_size} must be a power of two"
-    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the caches must share a dtype"
+    fp8 = check_fp8_cache(k_cache, k_scale, v_scale, num_kv_heads)
+    assert k_cache.dtype == v_cache.dtype and (fp8 or q.dtype == k_cache.dtype), \
+        "q and the caches must share a dtype (or the caches are fp8 with scales)"
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head_dim must be contiguous"
     assert block_tables.dim() == 2 and block_tables.shape[0] == batch_size and block_tables.dtype == torch.int32
     assert block_tables.stride(1) == 1, "block_tables rows must be contiguous"
@@ -215,10 +231,11 @@ def paged_decode_attention(
     group_size = num_heads // num_kv_heads
     use_dot = group_size >= _MIN_DOT_ROWS
     return _launch(q, k_cache, v_cache, block_tables, context_lens.contiguous(), scale, sliding_window,
-                   num_splits, use_dot, out)
+                   num_splits, use_dot, out, k_scale, v_scale)
 
 
-def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, num_splits, use_dot, out):
+def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, num_splits, use_dot, out,
+            k_scale=None, v_scale=None):
     """Runs the kernels; split from the wrapper so the benchmark can force either product path."""
     batch_size, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -237,7 +254,8 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_wind
     log2e = 1.4426950408889634
     _decode_split_kernel[(batch_size, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens,
-        out, partial_out, partial_lse,
+        out, partial_out, partial_lse, k_scale if k_scale is not None else out,
+        v_scale if v_scale is not None else out,
         scale * log2e, sliding_window or 0, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -248,7 +266,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_wind
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, USE_DOT=use_dot,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        WRITE_FINAL=num_splits == 1,
+        WRITE_FINAL=num_splits == 1, FP8=k_scale is not None,
         num_warps=4, num_stages=2,
     )
     if num_splits > 1:

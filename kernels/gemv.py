@@ -1,7 +1,8 @@
 """gemv: one row times a weight matrix, y = x @ W^T (+ b), for batch-1 decode.
 
     x  [1, K]   bf16/fp16 (any row stride, contiguous K)
-    W  [N, K]   nn.Linear layout, contiguous
+    W  [N, K]   nn.Linear layout, contiguous; x's dtype, or float8_e4m3fn with `scale`
+    s  [N]      fp32, optional: y[n] *= s[n] (fp8 weights' per-output scales)
     y  [1, N]   x's dtype; fp32 accumulation, rounded once
 
 At M = 1 a GEMM only streams W, so it should run at memory bandwidth; cuBLAS reaches ~2.8 TB/s
@@ -28,8 +29,8 @@ BLOCK_K = 512
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, s_ptr, out_ptr, N, K, stride_wn,
+                 HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
@@ -41,20 +42,27 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, out_ptr, N, K, stride_wn,
         x = tl.load(x_ptr + cols, mask=col_mask, other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)
+    if HAS_SCALE:
+        y *= tl.load(s_ptr + rows, mask=row_mask, other=0.0)
     if HAS_BIAS:
         y += tl.load(b_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=row_mask)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         scale: torch.Tensor | None = None, block_k: int = BLOCK_K) -> torch.Tensor:
     assert x.dim() == 2 and x.shape[0] == 1, f"gemv takes one row, got x {tuple(x.shape)}"
     num_out, k = weight.shape
     assert x.shape[1] == k, f"x {tuple(x.shape)} vs weight {tuple(weight.shape)}"
-    assert x.dtype == weight.dtype and x.stride(1) == 1 and weight.stride(1) == 1, "contiguous K, one dtype"
+    assert x.stride(1) == 1 and weight.stride(1) == 1, "contiguous K"
+    assert x.dtype == weight.dtype or (weight.dtype == torch.float8_e4m3fn and scale is not None), \
+        "one dtype, or fp8 weights with their scales"
+    assert scale is None or (scale.shape == (num_out,) and scale.dtype == torch.float32 and scale.is_contiguous())
     assert bias is None or (bias.shape == (num_out,) and bias.is_contiguous())
     out = torch.empty((1, num_out), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(num_out, BLOCK_N),)](
-        x, weight, bias if bias is not None else weight, out, num_out, k, weight.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=4, num_stages=4,
+        x, weight, bias if bias is not None else weight, scale if scale is not None else weight, out, num_out, k,
+        weight.stride(0), HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BLOCK_N=BLOCK_N, BLOCK_K=block_k,
+        num_warps=4, num_stages=4,
     )
     return out

@@ -6,6 +6,8 @@
     query_start_loc  [B + 1] int32    sequence b owns q rows query_start_loc[b] : query_start_loc[b+1]
     context_lens     [B] int32        cached prefix + this chunk
     out              [T, H, D]
+    k/v_scale        [KVH] fp32, fp8 (e4m3) caches only: K's folded into the score scale, V's into
+                     the output
 
 The i-th query of sequence b sits at position context_lens[b] - q_len_b + i and sees keys at
 positions <= its own (and > position - sliding_window). This covers plain prefill (no prefix), a
@@ -25,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.store_kv import check_fp8_cache
+
 
 @triton.jit
 def _attend_tile(
@@ -32,7 +36,7 @@ def _attend_tile(
     qk_scale, sliding_window,
     stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):
     """One online-softmax step over key positions start : start + BLOCK_N."""
     dims = tl.arange(0, BLOCK_D)
@@ -43,6 +47,8 @@ def _attend_tile(
     tile_mask = key_mask[:, None] & (dims[None, :] < HEAD_DIM)
     k_rows = block_ids * stride_k_block + slots * stride_k_slot + kv_head * stride_k_head
     k = tl.load(k_cache_ptr + k_rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)   # [BLOCK_N, BLOCK_D]
+    if FP8:
+        k = k.to(tl.float32).to(q.dtype)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale             # [BLOCK_M, BLOCK_N]
     if MASKED:
         distance = query_pos[:, None] - key_pos[None, :]
@@ -56,6 +62,8 @@ def _attend_tile(
     l_i = l_i * alpha + tl.sum(p, axis=1)
     v_rows = block_ids * stride_v_block + slots * stride_v_slot + kv_head * stride_v_head
     v = tl.load(v_cache_ptr + v_rows[:, None] + dims[None, :], mask=tile_mask, other=0.0)   # [BLOCK_N, BLOCK_D]
+    if FP8:
+        v = v.to(tl.float32).to(q.dtype)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return acc, l_i, m_new
 
@@ -66,18 +74,20 @@ def _attend_tile(
             do_not_specialize_on_alignment=["block_tables_ptr", "query_start_loc_ptr", "context_lens_ptr"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, query_start_loc_ptr, context_lens_ptr, out_ptr,
-    qk_scale, sliding_window, num_seqs,
+    k_scale_ptr, v_scale_ptr, qk_scale, sliding_window, num_seqs,
     stride_q_token, stride_q_head,
     stride_k_block, stride_k_slot, stride_k_head,
     stride_v_block, stride_v_slot, stride_v_head,
     stride_bt_seq, stride_out_token, stride_out_head,
     GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // GROUP_SIZE
+    if FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
 
     # Last sequence whose first tile index (query_start_loc[b] // BLOCK_M + b) is <= tile.
     lo = tl.full([], 0, tl.int32)
@@ -116,7 +126,7 @@ def _prefill_kernel(
                     acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table, kv_head, start, key_end, query_pos,
                     qk_scale, sliding_window,
                     stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
-                    HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, True, DOT_PRECISION)
+                    HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, True, DOT_PRECISION, FP8)
         else:
             # Tiles wholly at or before the first row's position are visible to every row.
             full_end = (prefix_len + first_row + 1) // BLOCK_N * BLOCK_N
@@ -125,15 +135,17 @@ def _prefill_kernel(
                     acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table, kv_head, start, key_end, query_pos,
                     qk_scale, sliding_window,
                     stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
-                    HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, False, DOT_PRECISION)
+                    HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, False, False, DOT_PRECISION, FP8)
             for start in range(full_end, key_end, BLOCK_N):
                 acc, l_i, m_i = _attend_tile(
                     acc, l_i, m_i, q, k_cache_ptr, v_cache_ptr, block_table, kv_head, start, key_end, query_pos,
                     qk_scale, sliding_window,
                     stride_k_block, stride_k_slot, stride_k_head, stride_v_block, stride_v_slot, stride_v_head,
-                    HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, False, DOT_PRECISION)
+                    HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, True, False, DOT_PRECISION, FP8)
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        if FP8:
+            out = out * tl.load(v_scale_ptr + kv_head)
         tl.store(out_ptr + tokens[:, None] * stride_out_token + head * stride_out_head + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=io_mask)
 
@@ -156,6 +168,8 @@ def paged_prefill_attention(
     context_lens: torch.Tensor,     # [B] int32
     scale: float,
     sliding_window: int | None = None,
+    k_scale: torch.Tensor | None = None,  # [KVH] fp32, fp8 caches only
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:                  # [T, H, D]
     num_tokens, num_heads, head_dim = q.shape
     num_blocks, block_size, num_kv_heads, cache_head_dim = k_cache.shape
@@ -164,7 +178,9 @@ def paged_prefill_attention(
     assert cache_head_dim == head_dim, f"cache head_dim {cache_head_dim} != q head_dim {head_dim}"
     assert num_heads % num_kv_heads == 0, f"{num_heads} heads not divisible by {num_kv_heads} kv heads"
     assert block_size & (block_size - 1) == 0, f"block_size {block_size} must be a power of two"
-    assert q.dtype == k_cache.dtype == v_cache.dtype, "q and the caches must share a dtype"
+    fp8 = check_fp8_cache(k_cache, k_scale, v_scale, num_kv_heads)
+    assert k_cache.dtype == v_cache.dtype and (fp8 or q.dtype == k_cache.dtype), \
+        "q and the caches must share a dtype (or the caches are fp8 with scales)"
     assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head_dim must be contiguous"
     assert block_tables.dim() == 2 and block_tables.shape[0] == num_seqs and block_tables.dtype == torch.int32
     assert block_tables.stride(1) == 1, "block_tables rows must be contiguous"
@@ -179,7 +195,7 @@ def paged_prefill_attention(
     grid = (num_tokens // block_m + num_seqs, num_heads)
     _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, query_start_loc.contiguous(), context_lens.contiguous(), out,
-        scale * 1.4426950408889634, sliding_window or 0, num_seqs,
+        k_scale if fp8 else out, v_scale if fp8 else out, scale * 1.4426950408889634, sliding_window or 0, num_seqs,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
@@ -187,7 +203,7 @@ def paged_prefill_attention(
         GROUP_SIZE=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", FP8=fp8,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out

@@ -12,6 +12,9 @@ Paged KV cache layout (per layer), shared by all attention functions:
         k_cache[block_tables[b, p // block_size], p % block_size]
 
 Returned tensors are new; `store_kv_ref` alone writes in place, like its kernel.
+
+fp8 (e4m3) KV caches: k_scale / v_scale [KVH] fp32 per head; a cache entry is
+saturate(x / scale[head]) in fp8, read back as entry * scale[head] (`quantize_kv_ref`).
 """
 
 from __future__ import annotations
@@ -19,12 +22,20 @@ from __future__ import annotations
 import torch
 
 
-def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """The first `num_tokens` positions of one sequence: [num_tokens, num_kv_heads, head_dim]."""
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int,
+              scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The first `num_tokens` positions of one sequence: [num_tokens, num_kv_heads, head_dim]
+    (an fp8 cache dequantized to fp32 with its per-head `scale`)."""
     block_size = cache.shape[1]
     positions = torch.arange(num_tokens, device=cache.device)
     block_ids = block_table[positions // block_size].long()
-    return cache[block_ids, positions % block_size]
+    out = cache[block_ids, positions % block_size]
+    return out if scale is None else out.float() * scale.float()[:, None]
+
+
+def quantize_kv_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[..., KVH, D] -> float8_e4m3fn entries saturate(x / scale[head])."""
+    return (x.float() / scale.float()[:, None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
 
 
 def store_kv_ref(
@@ -33,8 +44,12 @@ def store_kv_ref(
     k_cache: torch.Tensor,       # [num_blocks, block_size, KVH, D]
     v_cache: torch.Tensor,       # [num_blocks, block_size, KVH, D]
     slot_mapping: torch.Tensor,  # [T], slot = block_id * block_size + offset; < 0: skip
+    k_scale: torch.Tensor | None = None,  # [KVH] fp32: fp8 caches
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     block_size = k_cache.shape[1]
+    if k_scale is not None:
+        k, v = quantize_kv_ref(k, k_scale), quantize_kv_ref(v, v_scale)
     for t, slot in enumerate(slot_mapping.tolist()):
         if slot < 0:
             continue
@@ -76,13 +91,15 @@ def paged_decode_attention_ref(
     context_lens: torch.Tensor,  # [B] int32, the query sits at position context_lens[b] - 1
     scale: float,
     sliding_window: int | None = None,
+    k_scale: torch.Tensor | None = None,  # [KVH] fp32: fp8 caches
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:               # [B, H, D]
     out = torch.zeros_like(q)
     for b, context_len in enumerate(context_lens.tolist()):
         if context_len == 0:     # padded batch row: zeros, as in the kernel
             continue
-        k = gather_kv(k_cache, block_tables[b], context_len).float()
-        v = gather_kv(v_cache, block_tables[b], context_len).float()
+        k = gather_kv(k_cache, block_tables[b], context_len, k_scale).float()
+        v = gather_kv(v_cache, block_tables[b], context_len, v_scale).float()
         positions = torch.tensor([context_len - 1], device=q.device)
         visible = _visible(positions, context_len, sliding_window)
         out[b] = _attend(q[b : b + 1].float(), k, v, visible, scale)[0].to(q.dtype)
@@ -98,6 +115,8 @@ def paged_prefill_attention_ref(
     context_lens: torch.Tensor,     # [B] int32, cached prefix + this chunk
     scale: float,
     sliding_window: int | None = None,
+    k_scale: torch.Tensor | None = None,  # [KVH] fp32: fp8 caches
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:                  # [T, H, D]
     out = torch.zeros_like(q)
     starts = query_start_loc.tolist()
@@ -106,8 +125,8 @@ def paged_prefill_attention_ref(
         query_len = end - start
         if query_len == 0:
             continue
-        k = gather_kv(k_cache, block_tables[b], context_len).float()
-        v = gather_kv(v_cache, block_tables[b], context_len).float()
+        k = gather_kv(k_cache, block_tables[b], context_len, k_scale).float()
+        v = gather_kv(v_cache, block_tables[b], context_len, v_scale).float()
         positions = torch.arange(context_len - query_len, context_len, device=q.device)
         visible = _visible(positions, context_len, sliding_window)
         out[start:end] = _attend(q[start:end].float(), k, v, visible, scale).to(q.dtype)
@@ -146,10 +165,14 @@ def apply_rotary_ref(
     return rotate(q), rotate(k)
 
 
-def rotary_store_kv_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping) -> torch.Tensor:
-    """apply_rotary_ref then store_kv_ref of the rotated k; returns the rotated q (k is unchanged)."""
-    q_rot, k_rot = apply_rotary_ref(q, k, positions, cos_sin_cache)
-    store_kv_ref(k_rot, v, k_cache, v_cache, slot_mapping)
+def rotary_store_kv_ref(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping,
+                        k_scale=None, v_scale=None) -> torch.Tensor:
+    """apply_rotary_ref then store_kv_ref of the rotated k; returns the rotated q (k is unchanged).
+    With fp8 caches the rotated k is quantized from fp32 (not from k's dtype), as the kernel does."""
+    q_rot, _ = apply_rotary_ref(q, k, positions, cos_sin_cache)
+    k_rot = apply_rotary_ref(k.float(), k.float(), positions, cos_sin_cache)[1]
+    store_kv_ref(k_rot if k_scale is not None else k_rot.to(k.dtype), v, k_cache, v_cache, slot_mapping,
+                 k_scale, v_scale)
     return q_rot
 
 
@@ -173,3 +196,50 @@ def copy_blocks_ref(src: torch.Tensor, dst: torch.Tensor, src_ids: torch.Tensor 
         dst[:, dst_ids.long()] = rows
     else:
         dst[:, :num] = rows
+
+
+def dequantize_int_ref(
+    qweight: torch.Tensor,  # [K / (32 / bits), N] int32, K values packed per column (GPTQ qweight order)
+    scales: torch.Tensor,   # [K / group_size, N]
+    zeros: torch.Tensor,    # [K / group_size, N] zero points (float, integer-valued for AWQ/GPTQ)
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:          # [K, N] fp32: w[k, n] = (q[k, n] - zeros[k // G, n]) * scales[k // G, n]
+    per_word = 32 // bits
+    shifts = torch.arange(per_word, device=qweight.device).view(1, per_word, 1) * bits
+    q = ((qweight.unsqueeze(1) >> shifts) & ((1 << bits) - 1)).reshape(-1, qweight.shape[1])
+    s = scales.float().repeat_interleave(group_size, dim=0)
+    z = zeros.float().repeat_interleave(group_size, dim=0)
+    return (q.float() - z) * s
+
+
+def int_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   bits: int, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """[M, K] @ dequantized [K, N] (+ b): the weight rounded to x's dtype, products summed in fp32,
+    the result rounded to x's dtype (what the Triton kernels do)."""
+    w = dequantize_int_ref(qweight, scales, zeros, bits, group_size).to(x.dtype)
+    y = x.float() @ w.float()
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def fp8_quantize_per_row_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[M, K] -> (float8_e4m3fn [M, K], fp32 scales [M, 1]) with x ~= q * scale, amax -> 448."""
+    amax = x.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-12)
+    scale = amax / 448.0
+    return (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+
+
+def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 fp8: x quantized per token (dynamic), weight [N, K] fp8 with per-output scales [N];
+    y = (q(x) s_x) @ (W s_w)^T in fp32, rounded to x's dtype (torch._scaled_mm's semantics)."""
+    xq, x_scale = fp8_quantize_per_row_ref(x)
+    y = (xq.float() @ weight.float().T) * x_scale * weight_scale.float()[None, :]
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def fp8_gemv_ref(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Weight-only fp8 at batch 1: [1, K] @ (W [N, K] fp8 * s [N])^T in fp32, rounded to x's dtype."""
+    y = (x.float() @ weight.float().T) * weight_scale.float()[None, :]
+    return (y if bias is None else y + bias.float()).to(x.dtype)

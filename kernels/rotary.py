@@ -12,7 +12,8 @@ in fp32, rounded once to the input dtype. One program per token handles all its 
 
 rotary_store_kv: the same rotation fused with the KV-cache store of the step (one kernel per
 layer instead of two): q is rotated in place, the rotated k and the v of each token are written
-to its slot (slot < 0: padding, nothing stored); k itself is left as it was.
+to its slot (slot < 0: padding, nothing stored); k itself is left as it was. With an fp8 (e4m3)
+cache, k_scale / v_scale [KVH] fp32 give each head's scale: stored = saturate(x / scale) in fp8.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from pdserve.kernels.store_kv import check_fp8_cache
 
 
 @triton.jit
@@ -62,13 +65,23 @@ def _rotary_kernel(
 
 
 @triton.jit
+def _scaled(x, scale_ptr, heads, head_mask, FP8: tl.constexpr):
+    """x [BLOCK_KVH, ...] fp32 as the cache stores it: fp8 caches hold x / scale[head], saturated."""
+    if FP8:
+        scale = tl.load(scale_ptr + heads, mask=head_mask, other=1.0)
+        x = tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0)
+    return x
+
+
+@triton.jit
 def _rotary_store_kv_kernel(
     q_ptr, k_ptr, v_ptr, positions_ptr, cos_sin_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr,
+    k_scale_ptr, v_scale_ptr,
     stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_v_token, stride_v_head, stride_cos_sin,
     stride_kc_block, stride_kc_slot, stride_kc_head, stride_vc_block, stride_vc_slot, stride_vc_head,
     num_heads,
     NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr,
-    BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin(positions_ptr, cos_sin_ptr, token, stride_cos_sin, HALF, BLOCK_HALF)
@@ -86,13 +99,22 @@ def _rotary_store_kv_kernel(
         offset = slot % BLOCK_SIZE
         k_dst = (k_cache_ptr + block_id * stride_kc_block + offset * stride_kc_slot
                  + heads[:, None] * stride_kc_head + dims[None, :])
-        tl.store(k_dst, (x1 * cos - x2 * sin).to(k_cache_ptr.dtype.element_ty), mask=mask)
-        tl.store(k_dst + HALF, (x2 * cos + x1 * sin).to(k_cache_ptr.dtype.element_ty), mask=mask)
+        head_mask = heads < NUM_KV_HEADS
+        k1 = _scaled(x1 * cos - x2 * sin, k_scale_ptr, heads, head_mask, FP8)
+        k2 = _scaled(x2 * cos + x1 * sin, k_scale_ptr, heads, head_mask, FP8)
+        tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(k_dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=mask)
         v_src = v_ptr + token * stride_v_token + heads[:, None] * stride_v_head + dims[None, :]
         v_dst = (v_cache_ptr + block_id * stride_vc_block + offset * stride_vc_slot
                  + heads[:, None] * stride_vc_head + dims[None, :])
-        tl.store(v_dst, tl.load(v_src, mask=mask), mask=mask)
-        tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=mask), mask=mask)
+        if FP8:
+            v1 = _scaled(tl.load(v_src, mask=mask).to(tl.float32), v_scale_ptr, heads, head_mask, FP8)
+            v2 = _scaled(tl.load(v_src + HALF, mask=mask).to(tl.float32), v_scale_ptr, heads, head_mask, FP8)
+            tl.store(v_dst, v1.to(v_cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(v_dst + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(v_dst, tl.load(v_src, mask=mask), mask=mask)
+            tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=mask), mask=mask)
 
 
 def rotary_store_kv(
@@ -104,16 +126,20 @@ def rotary_store_kv(
     k_cache: torch.Tensor,        # [num_blocks, block_size, KVH, D]
     v_cache: torch.Tensor,        # [num_blocks, block_size, KVH, D]
     slot_mapping: torch.Tensor,   # [T] int32/int64; < 0 skips the store
+    k_scale: torch.Tensor | None = None,  # [KVH] fp32: fp8 caches only
+    v_scale: torch.Tensor | None = None,  # [KVH] fp32
 ) -> None:
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     _check_rotary(q, k, positions, cos_sin_cache)
+    fp8 = check_fp8_cache(k_cache, k_scale, v_scale, num_kv_heads)
     assert v.shape == k.shape, f"k {tuple(k.shape)} and v {tuple(v.shape)} differ"
     assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == (num_kv_heads, head_dim), \
         f"caches {tuple(k_cache.shape)} vs k {tuple(k.shape)}"
     block_size = k_cache.shape[1]
     assert block_size & (block_size - 1) == 0, f"block_size {block_size} must be a power of two"
-    assert q.dtype == v.dtype == k_cache.dtype == v_cache.dtype, "q, k, v and the caches must share a dtype"
+    assert q.dtype == v.dtype and k_cache.dtype == v_cache.dtype and (fp8 or k_cache.dtype == q.dtype), \
+        "q, k, v and the caches must share a dtype (or the caches are fp8 with scales)"
     assert slot_mapping.shape == (num_tokens,) and slot_mapping.dtype in (torch.int32, torch.int64)
     assert v.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1, "head_dim must be contiguous"
     if num_tokens == 0:
@@ -121,12 +147,13 @@ def rotary_store_kv(
     half = head_dim // 2
     _rotary_store_kv_kernel[(num_tokens,)](
         q, k, v, positions.contiguous(), cos_sin_cache, k_cache, v_cache, slot_mapping.contiguous(),
+        k_scale if fp8 else slot_mapping, v_scale if fp8 else slot_mapping,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos_sin_cache.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), num_heads,
         NUM_KV_HEADS=num_kv_heads, HALF=half, BLOCK_H=triton.next_power_of_2(num_heads),
         BLOCK_KVH=triton.next_power_of_2(num_kv_heads), BLOCK_HALF=triton.next_power_of_2(half),
-        BLOCK_SIZE=block_size, num_warps=4,
+        BLOCK_SIZE=block_size, FP8=fp8, num_warps=4,
     )
 
 

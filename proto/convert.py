@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pdserve.common.outputs import EngineOutput, Logprob, TokenLogprobs
 from pdserve.common.request import FINISH_REASON_NAMES
-from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.sampling_params import SamplingParams, StructuredOutputsParams
 from pdserve.proto import pdserve_pb2 as pb
 
 # Wire enum <-> the engine's finish reasons, derived by name from the one table
@@ -40,13 +40,25 @@ def sampling_params_to_proto(params: SamplingParams) -> pb.SamplingParams:
     for name in _OPTIONAL_FIELDS:
         if getattr(params, name) is not None:
             setattr(msg, name, getattr(params, name))
+    msg.logit_bias.update(params.logit_bias or {})
+    msg.allowed_token_ids.extend(params.allowed_token_ids or [])
+    msg.bad_words.extend(params.bad_words)
+    if params.structured_outputs is not None:
+        kind, spec = params.structured_outputs.to_wire()
+        msg.structured_outputs.CopyFrom(pb.StructuredOutputs(
+            kind=kind, spec=spec, disable_any_whitespace=params.structured_outputs.disable_any_whitespace))
     return msg
 
 
 def sampling_params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     kwargs = {name: getattr(msg, name) for name in _PLAIN_FIELDS}
     kwargs.update({name: getattr(msg, name) if msg.HasField(name) else None for name in _OPTIONAL_FIELDS})
-    return SamplingParams(stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids), **kwargs)
+    so = msg.structured_outputs
+    return SamplingParams(stop=list(msg.stop), stop_token_ids=list(msg.stop_token_ids),
+                          logit_bias=dict(msg.logit_bias) or None, allowed_token_ids=list(msg.allowed_token_ids) or None,
+                          bad_words=list(msg.bad_words), structured_outputs=StructuredOutputsParams.from_wire(
+                              so.kind, so.spec, so.disable_any_whitespace) if msg.HasField("structured_outputs") else None,
+                          **kwargs)
 
 
 def finish_reason_to_proto(finish_reason: str | None) -> int:

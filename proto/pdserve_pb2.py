@@ -24,55 +24,63 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdserve/proto/pdserve.proto\x12\npdserve.v1\"\xd7\x03\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x08 \x01(\r\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08\x12\x18\n\x10presence_penalty\x18\r \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x0e \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x0f \x01(\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\x02\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\rH\x03\x88\x01\x01\x12\x1b\n\x13skip_special_tokens\x18\x12 \x01(\x08\x42\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\"e\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"\xa8\x01\n\x08KVHandle\x12\x18\n\x10transfer_address\x18\x02 \x01(\t\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x17\n\x0f\x63ontrol_address\x18\n \x01(\t\x12\x11\n\ttransport\x18\x0b \x01(\tJ\x04\x08\x01\x10\x02J\x04\x08\x04\x10\x05J\x04\x08\x07\x10\x08J\x04\x08\x08\x10\tJ\x04\x08\t\x10\n\"P\n\rSequenceState\x12\r\n\x05index\x18\x01 \x01(\r\x12\x18\n\x10output_token_ids\x18\x02 \x03(\r\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08J\x04\x08\x03\x10\x04\"\xd3\x01\n\rSequenceDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\rnew_token_ids\x18\x02 \x03(\r\x12/\n\x0cnew_logprobs\x18\x03 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x12\n\x08stop_str\x18\x05 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x06 \x01(\rH\x00\x42\r\n\x0bstop_reason\"\x0f\n\rHealthRequest\"u\n\x04Load\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x10\n\x08kv_usage\x18\x03 \x01(\x02\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x05 \x01(\r\"\xca\x01\n\x0eHealthResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x1e\n\x04load\x18\x05 \x01(\x0b\x32\x10.pdserve.v1.Load\x12)\n\x06status\x18\x06 \x01(\x0e\x32\x19.pdserve.v1.ServingStatus\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\"p\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParamsJ\x04\x08\x04\x10\x05\"\xce\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\tsequences\x18\x06 \x03(\x0b\x32\x19.pdserve.v1.SequenceDelta\x12\x32\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12$\n\x06handle\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.KVHandleJ\x04\x08\x02\x10\x03\";\n\x13ReleaseLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"(\n\x14ReleaseLeaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\xc3\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12$\n\x06handle\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.KVHandle\x12,\n\tsequences\x18\x05 \x03(\x0b\x32\x19.pdserve.v1.SequenceStateJ\x04\x08\x06\x10\x07\"\x9b\x02\n\x0b\x44\x65\x63odeChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\tsequences\x18\x02 \x03(\x0b\x32\x19.pdserve.v1.SequenceDelta\x12\"\n\x1anum_prompt_tokens_computed\x18\x03 \x01(\r\x12\x19\n\x11kv_bytes_received\x18\x04 \x01(\x04\x12\x1b\n\x13kv_transfer_seconds\x18\x05 \x01(\x02\x12\x19\n\x11kv_transfer_error\x18\x06 \x01(\t\x12\x32\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"3\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07indices\x18\x02 \x03(\r\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*\x8a\x01\n\x0c\x46inishReason\x12\x16\n\x12\x46INISH_REASON_NONE\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*N\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02\x12\r\n\tROLE_BOTH\x10\x03*[\n\rServingStatus\x12\x1e\n\x1aSERVING_STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02\x12\x0f\n\x0bNOT_SERVING\x10\x03\x32\xe1\x01\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12?\n\x06Health\x12\x19.pdserve.v1.HealthRequest\x1a\x1a.pdserve.v1.HealthResponse\x12Q\n\x0cReleaseLease\x12\x1f.pdserve.v1.ReleaseLeaseRequest\x1a .pdserve.v1.ReleaseLeaseResponse2\xc7\x01\n\x06\x44\x65\x63ode\x12>\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x17.pdserve.v1.DecodeChunk0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12?\n\x06Health\x12\x19.pdserve.v1.HealthRequest\x1a\x1a.pdserve.v1.HealthResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bpdserve/proto/pdserve.proto\x12\npdserve.v1\"\xb1\x05\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\r\x12\x13\n\x0btemperature\x18\x02 \x01(\x01\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\r\n\x05min_p\x18\x05 \x01(\x01\x12\x11\n\x04seed\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x17\n\nmax_tokens\x18\x07 \x01(\rH\x01\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x08 \x01(\r\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x16\n\x0estop_token_ids\x18\n \x03(\r\x12\x12\n\nignore_eos\x18\x0b \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x0c \x01(\x08\x12\x18\n\x10presence_penalty\x18\r \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x0e \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x0f \x01(\x01\x12\x15\n\x08logprobs\x18\x10 \x01(\rH\x02\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x11 \x01(\rH\x03\x88\x01\x01\x12\x1b\n\x13skip_special_tokens\x18\x12 \x01(\x08\x12=\n\nlogit_bias\x18\x13 \x03(\x0b\x32).pdserve.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x14 \x03(\r\x12\x11\n\tbad_words\x18\x15 \x03(\t\x12\x39\n\x12structured_outputs\x18\x16 \x01(\x0b\x32\x1d.pdserve.v1.StructuredOutputs\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\r\n\x0b_max_tokensB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"O\n\x11StructuredOutputs\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0c\n\x04spec\x18\x02 \x01(\t\x12\x1e\n\x16\x64isable_any_whitespace\x18\x03 \x01(\x08\"=\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\"e\n\rTokenLogprobs\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"P\n\x07KVShard\x12\x18\n\x10transfer_address\x18\x01 \x01(\t\x12\x15\n\rfirst_kv_head\x18\x02 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x03 \x01(\r\"\xe3\x01\n\x08KVHandle\x12\x18\n\x10transfer_address\x18\x02 \x01(\t\x12\x10\n\x08lease_id\x18\x03 \x01(\t\x12\x12\n\nnum_tokens\x18\x05 \x01(\r\x12\x12\n\nblock_size\x18\x06 \x01(\r\x12\x17\n\x0f\x63ontrol_address\x18\n \x01(\t\x12\x11\n\ttransport\x18\x0b \x01(\t\x12#\n\x06shards\x18\x0c \x03(\x0b\x32\x13.pdserve.v1.KVShard\x12\x14\n\x0cnum_kv_heads\x18\r \x01(\rJ\x04\x08\x01\x10\x02J\x04\x08\x04\x10\x05J\x04\x08\x07\x10\x08J\x04\x08\x08\x10\tJ\x04\x08\t\x10\n\"P\n\rSequenceState\x12\r\n\x05index\x18\x01 \x01(\r\x12\x18\n\x10output_token_ids\x18\x02 \x03(\r\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08J\x04\x08\x03\x10\x04\"\xd3\x01\n\rSequenceDelta\x12\r\n\x05index\x18\x01 \x01(\r\x12\x15\n\rnew_token_ids\x18\x02 \x03(\r\x12/\n\x0cnew_logprobs\x18\x03 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.pdserve.v1.FinishReason\x12\x12\n\x08stop_str\x18\x05 \x01(\tH\x00\x12\x17\n\rstop_token_id\x18\x06 \x01(\rH\x00\x42\r\n\x0bstop_reason\"\x0f\n\rHealthRequest\"u\n\x04Load\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x10\n\x08kv_usage\x18\x03 \x01(\x02\x12\x17\n\x0fnum_free_blocks\x18\x04 \x01(\r\x12\x18\n\x10num_total_blocks\x18\x05 \x01(\r\"\xca\x01\n\x0eHealthResponse\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x1e\n\x04role\x18\x02 \x01(\x0e\x32\x10.pdserve.v1.Role\x12\r\n\x05model\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x1e\n\x04load\x18\x05 \x01(\x0b\x32\x10.pdserve.v1.Load\x12)\n\x06status\x18\x06 \x01(\x0e\x32\x19.pdserve.v1.ServingStatus\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\"p\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParamsJ\x04\x08\x04\x10\x05\"\xce\x01\n\x0fPrefillResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\tsequences\x18\x06 \x03(\x0b\x32\x19.pdserve.v1.SequenceDelta\x12\x32\n\x0fprompt_logprobs\x18\x03 \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12\x19\n\x11num_cached_tokens\x18\x04 \x01(\r\x12$\n\x06handle\x18\x05 \x01(\x0b\x32\x14.pdserve.v1.KVHandleJ\x04\x08\x02\x10\x03\";\n\x13ReleaseLeaseRequest\x12\x10\n\x08lease_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"(\n\x14ReleaseLeaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\xc3\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12*\n\x06params\x18\x03 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParams\x12$\n\x06handle\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.KVHandle\x12,\n\tsequences\x18\x05 \x03(\x0b\x32\x19.pdserve.v1.SequenceStateJ\x04\x08\x06\x10\x07\"\x9b\x02\n\x0b\x44\x65\x63odeChunk\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12,\n\tsequences\x18\x02 \x03(\x0b\x32\x19.pdserve.v1.SequenceDelta\x12\"\n\x1anum_prompt_tokens_computed\x18\x03 \x01(\r\x12\x19\n\x11kv_bytes_received\x18\x04 \x01(\x04\x12\x1b\n\x13kv_transfer_seconds\x18\x05 \x01(\x02\x12\x19\n\x11kv_transfer_error\x18\x06 \x01(\t\x12\x32\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x19.pdserve.v1.TokenLogprobs\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"3\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0f\n\x07indices\x18\x02 \x03(\r\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08*\x8a\x01\n\x0c\x46inishReason\x12\x16\n\x12\x46INISH_REASON_NONE\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x12\x17\n\x13\x46INISH_REASON_ERROR\x10\x04*N\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x10\n\x0cROLE_PREFILL\x10\x01\x12\x0f\n\x0bROLE_DECODE\x10\x02\x12\r\n\tROLE_BOTH\x10\x03*[\n\rServingStatus\x12\x1e\n\x1aSERVING_STATUS_UNSPECIFIED\x10\x00\x12\x0b\n\x07SERVING\x10\x01\x12\x0c\n\x08\x44RAINING\x10\x02\x12\x0f\n\x0bNOT_SERVING\x10\x03\x32\xe1\x01\n\x07Prefill\x12\x42\n\x07Prefill\x12\x1a.pdserve.v1.PrefillRequest\x1a\x1b.pdserve.v1.PrefillResponse\x12?\n\x06Health\x12\x19.pdserve.v1.HealthRequest\x1a\x1a.pdserve.v1.HealthResponse\x12Q\n\x0cReleaseLease\x12\x1f.pdserve.v1.ReleaseLeaseRequest\x1a .pdserve.v1.ReleaseLeaseResponse2\xc7\x01\n\x06\x44\x65\x63ode\x12>\n\x06\x44\x65\x63ode\x12\x19.pdserve.v1.DecodeRequest\x1a\x17.pdserve.v1.DecodeChunk0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12?\n\x06Health\x12\x19.pdserve.v1.HealthRequest\x1a\x1a.pdserve.v1.HealthResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve.proto.pdserve_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2487
-  _globals['_FINISHREASON']._serialized_end=2625
-  _globals['_ROLE']._serialized_start=2627
-  _globals['_ROLE']._serialized_end=2705
-  _globals['_SERVINGSTATUS']._serialized_start=2707
-  _globals['_SERVINGSTATUS']._serialized_end=2798
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=2927
+  _globals['_FINISHREASON']._serialized_end=3065
+  _globals['_ROLE']._serialized_start=3067
+  _globals['_ROLE']._serialized_end=3145
+  _globals['_SERVINGSTATUS']._serialized_start=3147
+  _globals['_SERVINGSTATUS']._serialized_end=3238
   _globals['_SAMPLINGPARAMS']._serialized_start=44
-  _globals['_SAMPLINGPARAMS']._serialized_end=515
-  _globals['_TOPLOGPROB']._serialized_start=517
-  _globals['_TOPLOGPROB']._serialized_end=578
-  _globals['_TOKENLOGPROBS']._serialized_start=580
-  _globals['_TOKENLOGPROBS']._serialized_end=681
-  _globals['_KVHANDLE']._serialized_start=684
-  _globals['_KVHANDLE']._serialized_end=852
-  _globals['_SEQUENCESTATE']._serialized_start=854
-  _globals['_SEQUENCESTATE']._serialized_end=934
-  _globals['_SEQUENCEDELTA']._serialized_start=937
-  _globals['_SEQUENCEDELTA']._serialized_end=1148
-  _globals['_HEALTHREQUEST']._serialized_start=1150
-  _globals['_HEALTHREQUEST']._serialized_end=1165
-  _globals['_LOAD']._serialized_start=1167
-  _globals['_LOAD']._serialized_end=1284
-  _globals['_HEALTHRESPONSE']._serialized_start=1287
-  _globals['_HEALTHRESPONSE']._serialized_end=1489
-  _globals['_PREFILLREQUEST']._serialized_start=1491
-  _globals['_PREFILLREQUEST']._serialized_end=1603
-  _globals['_PREFILLRESPONSE']._serialized_start=1606
-  _globals['_PREFILLRESPONSE']._serialized_end=1812
-  _globals['_RELEASELEASEREQUEST']._serialized_start=1814
-  _globals['_RELEASELEASEREQUEST']._serialized_end=1873
-  _globals['_RELEASELEASERESPONSE']._serialized_start=1875
-  _globals['_RELEASELEASERESPONSE']._serialized_end=1915
-  _globals['_DECODEREQUEST']._serialized_start=1918
-  _globals['_DECODEREQUEST']._serialized_end=2113
-  _globals['_DECODECHUNK']._serialized_start=2116
-  _globals['_DECODECHUNK']._serialized_end=2399
-  _globals['_ABORTREQUEST']._serialized_start=2401
-  _globals['_ABORTREQUEST']._serialized_end=2452
-  _globals['_ABORTRESPONSE']._serialized_start=2454
-  _globals['_ABORTRESPONSE']._serialized_end=2484
-  _globals['_PREFILL']._serialized_start=2801
-  _globals['_PREFILL']._serialized_end=3026
-  _globals['_DECODE']._serialized_start=3029
-  _globals['_DECODE']._serialized_end=3228
+  _globals['_SAMPLINGPARAMS']._serialized_end=733
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=628
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=676
+  _globals['_STRUCTUREDOUTPUTS']._serialized_start=735
+  _globals['_STRUCTUREDOUTPUTS']._serialized_end=814
+  _globals['_TOPLOGPROB']._serialized_start=816
+  _globals['_TOPLOGPROB']._serialized_end=877
+  _globals['_TOKENLOGPROBS']._serialized_start=879
+  _globals['_TOKENLOGPROBS']._serialized_end=980
+  _globals['_KVSHARD']._serialized_start=982
+  _globals['_KVSHARD']._serialized_end=1062
+  _globals['_KVHANDLE']._serialized_start=1065
+  _globals['_KVHANDLE']._serialized_end=1292
+  _globals['_SEQUENCESTATE']._serialized_start=1294
+  _globals['_SEQUENCESTATE']._serialized_end=1374
+  _globals['_SEQUENCEDELTA']._serialized_start=1377
+  _globals['_SEQUENCEDELTA']._serialized_end=1588
+  _globals['_HEALTHREQUEST']._serialized_start=1590
+  _globals['_HEALTHREQUEST']._serialized_end=1605
+  _globals['_LOAD']._serialized_start=1607
+  _globals['_LOAD']._serialized_end=1724
+  _globals['_HEALTHRESPONSE']._serialized_start=1727
+  _globals['_HEALTHRESPONSE']._serialized_end=1929
+  _globals['_PREFILLREQUEST']._serialized_start=1931
+  _globals['_PREFILLREQUEST']._serialized_end=2043
+  _globals['_PREFILLRESPONSE']._serialized_start=2046
+  _globals['_PREFILLRESPONSE']._serialized_end=2252
+  _globals['_RELEASELEASEREQUEST']._serialized_start=2254
+  _globals['_RELEASELEASEREQUEST']._serialized_end=2313
+  _globals['_RELEASELEASERESPONSE']._serialized_start=2315
+  _globals['_RELEASELEASERESPONSE']._serialized_end=2355
+  _globals['_DECODEREQUEST']._serialized_start=2358
+  _globals['_DECODEREQUEST']._serialized_end=2553
+  _globals['_DECODECHUNK']._serialized_start=2556
+  _globals['_DECODECHUNK']._serialized_end=2839
+  _globals['_ABORTREQUEST']._serialized_start=2841
+  _globals['_ABORTREQUEST']._serialized_end=2892
+  _globals['_ABORTRESPONSE']._serialized_start=2894
+  _globals['_ABORTRESPONSE']._serialized_end=2924
+  _globals['_PREFILL']._serialized_start=3241
+  _globals['_PREFILL']._serialized_end=3466
+  _globals['_DECODE']._serialized_start=3469
+  _globals['_DECODE']._serialized_end=3668
 # @@protoc_insertion_point(module_scope)

@@ -1,17 +1,27 @@
-"""`pdserve bench`: measured numbers, never assertions.
+"""`pdserve bench`: measured numbers, never assertions; a progress bar, JSON and a PNG plot.
 
     pdserve bench throughput   offline: pdserve vs HF transformers static-batch `generate`
-                               on the same prompts, in the same process, printed as a ratio.
+                               on the same prompts, in the same process, printed as a ratio;
+                               plot: a bar per engine.
     pdserve bench latency      one batch of fixed-length prompts (fresh tokens per iteration, so
                                no prefix-cache hits) run to a fixed output length: end-to-end
-                               latency percentiles, time to first token, time per output token.
+                               latency percentiles, time to first token, time per output token;
+                               plot: CDFs of end-to-end latency and TTFT over the iterations.
     pdserve bench gpu          the H100 workloads of bench_gpu.py (Llama-3-8B shape, vs HF).
     pdserve bench serve        any OpenAI endpoint at a request rate / concurrency: TTFT, TPOT,
                                ITL, E2E percentiles, throughput, goodput under SLOs (loadgen.py).
+    pdserve bench structured   output tok/s with a JSON-schema grammar vs none (bench_structured.py).
+    pdserve bench accuracy     perplexity and greedy agreement of quantized variants (accuracy.py).
 
-Workload (defaults): 64 prompts of random lengths 16..512 tokens, each asking for a random
-16..128 output tokens with ignore_eos. A static batch must run every row to the longest request;
-only requested tokens count as output for both engines.
+Throughput workload (defaults, about a minute on a 2-core CPU with the packaged SmolLM2): 16
+prompts of random lengths 16..256 tokens, each asking for a random 16..64 output tokens with
+ignore_eos. A static batch must run every row to the longest request; only requested tokens
+count as output for both engines.
+
+Ctrl-C stops the run where it is: what was measured so far is printed, written to
+--output-json and plotted, marked "interrupted": true (exit status 130).
+Plots (services/bench_plots.py, the `bench` extra) go to --plot, by default next to
+--output-json (x.json -> x.png).
 """
 
 from __future__ import annotations
@@ -21,31 +31,40 @@ import random
 import time
 
 
+def add_output_args(p) -> None:
+    p.add_argument("--output-json", "--json-out", dest="output_json", default=None,
+                   help="write the report here as JSON (--json-out: the older spelling)")
+    p.add_argument("--plot", default=None, help="PNG plot path (default: --output-json with .png, if given)")
+
+
 def add_parser(sub, add_engine_args):
     """`pdserve bench throughput|latency|serve`; returns the subparsers for the other bench commands."""
-    p = sub.add_parser("bench", help="benchmarks (throughput, latency, serve, gpu)")
+    p = sub.add_parser("bench", help="benchmarks (throughput, latency, serve, gpu, structured, spec)")
     bsub = p.add_subparsers(dest="bench", required=True)
     t = bsub.add_parser("throughput", help="offline output tok/s: pdserve vs HF transformers")
-    t.add_argument("--num-prompts", type=int, default=64)
-    t.add_argument("--input-len", type=int, nargs=2, default=[16, 512], metavar=("MIN", "MAX"))
-    t.add_argument("--output-len", type=int, nargs=2, default=[16, 128], metavar=("MIN", "MAX"))
+    t.add_argument("--num-prompts", type=int, default=16, help="requests in the workload")
+    t.add_argument("--input-len", type=int, nargs=2, default=[16, 256], metavar=("MIN", "MAX"),
+                   help="prompt length range in tokens (uniform)")
+    t.add_argument("--output-len", type=int, nargs=2, default=[16, 64], metavar=("MIN", "MAX"),
+                   help="output length range in tokens (uniform, ignore_eos)")
     t.add_argument("--hf-batch-size", type=int, default=None, help="HF static batch size (default: all prompts)")
-    t.add_argument("--skip-hf", action="store_true")
-    t.add_argument("--workload-seed", type=int, default=0)
-    t.add_argument("--json-out", default=None)
+    t.add_argument("--skip-hf", action="store_true", help="measure pdserve only")
+    t.add_argument("--workload-seed", type=int, default=0, help="seed of the prompt tokens and lengths")
+    add_output_args(t)
     add_engine_args(t)
     t.set_defaults(func=cmd_throughput)
     lat = bsub.add_parser("latency", help="batch latency: end to end, time to first token, per output token")
-    lat.add_argument("--input-len", type=int, default=32)
-    lat.add_argument("--output-len", type=int, default=128)
-    lat.add_argument("--batch-size", type=int, default=1)
-    lat.add_argument("--num-iters-warmup", type=int, default=2)
-    lat.add_argument("--num-iters", type=int, default=5)
-    lat.add_argument("--workload-seed", type=int, default=0)
-    lat.add_argument("--json-out", default=None)
+    lat.add_argument("--input-len", type=int, default=32, help="prompt tokens per request")
+    lat.add_argument("--output-len", type=int, default=32, help="output tokens per request (ignore_eos)")
+    lat.add_argument("--batch-size", type=int, default=1, help="requests run together per iteration")
+    lat.add_argument("--num-iters-warmup", type=int, default=3, help="iterations run first and not counted")
+    lat.add_argument("--num-iters", type=int, default=20, help="measured iterations")
+    lat.add_argument("--workload-seed", type=int, default=0, help="seed of the prompt tokens")
+    add_output_args(lat)
     add_engine_args(lat)
     lat.set_defaults(func=cmd_latency)
     from pdserve.services import loadgen; loadgen.add_parser(bsub)  # `pdserve bench serve` (any OpenAI endpoint)
+    from pdserve.services import accuracy; accuracy.add_parser(bsub)  # `pdserve bench accuracy` (quantization)
     return bsub
 
 
@@ -55,17 +74,55 @@ def make_workload(num: int, input_len, output_len, vocab: int, seed: int) -> lis
             for _ in range(num)]
 
 
+class _Run:
+    """One engine's tokens and seconds as they come: a tqdm bar, and a result even when Ctrl-C
+    cut the run short (the time is counted up to the last measured progress)."""
+
+    def __init__(self, engine: str, num_requests: int):
+        from tqdm import tqdm
+        self.engine = engine
+        self.bar = tqdm(total=num_requests, desc=engine, unit="req", dynamic_ncols=True)
+        self.t0 = self.t_last = time.perf_counter()
+        self.tokens = self.done = 0
+        self.interrupted = False
+
+    def add(self, tokens: int, requests: int = 0) -> None:
+        self.t_last = time.perf_counter()
+        self.tokens += tokens
+        self.done += requests
+        self.bar.update(requests)
+        self.bar.set_postfix_str(f"{self.tokens / max(self.t_last - self.t0, 1e-9):.1f} out tok/s", refresh=False)
+
+    def result(self, **extra) -> dict:
+        self.bar.close()
+        wall = self.t_last - self.t0
+        r = {"engine": self.engine, **extra, "wall_s": round(wall, 2), "output_tokens": self.tokens,
+             "output_tok_per_s": round(self.tokens / wall, 1) if self.tokens else None,
+             "requests_done": self.done}
+        if self.interrupted:
+            r["interrupted"] = True
+        return r
+
+
 def run_pdserve(llm, workload) -> dict:
     from pdserve.common.sampling_params import SamplingParams
-    prompts = [{"prompt_token_ids": p} for p, _ in workload]
     params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for _, m in workload]
-    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    wall = time.perf_counter() - t0
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"engine": "pdserve", "wall_s": round(wall, 2), "output_tokens": tokens,
-            "output_tok_per_s": round(tokens / wall, 1)}
+    llm.generate([{"prompt_token_ids": p} for p, _ in workload[:2]], params[:2], use_tqdm=False)  # warm-up
+    run = _Run("pdserve", len(workload))
+    for i, ((prompt, _), p) in enumerate(zip(workload, params)):
+        llm.add_request(f"bench-{i}", prompt, p)
+    seen: dict[str, int] = {}
+    try:
+        while llm.engine.has_unfinished():
+            new = finished = 0
+            for out in llm.step():
+                num = len(out.outputs[0].token_ids)
+                new, seen[out.request_id] = new + num - seen.get(out.request_id, 0), num
+                finished += out.finished
+            run.add(new, finished)
+    except KeyboardInterrupt:
+        run.interrupted = True
+    return run.result()
 
 
 def run_hf(llm, workload, batch_size: int | None) -> dict:
@@ -85,21 +142,21 @@ def run_hf(llm, workload, batch_size: int | None) -> dict:
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     bs = batch_size or len(workload)
-    tokens = 0
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(workload), bs):
-            batch = workload[i:i + bs]
-            width = max(len(p) for p, _ in batch)
-            ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch])
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
-            longest = max(m for _, m in batch)
-            hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
-                        do_sample=False)
-            tokens += sum(m for _, m in batch)
-    wall = time.perf_counter() - t0
-    return {"engine": "hf-transformers", "batch_size": bs, "wall_s": round(wall, 2), "output_tokens": tokens,
-            "output_tok_per_s": round(tokens / wall, 1)}
+    run = _Run("hf-transformers", len(workload))
+    try:
+        with torch.inference_mode():
+            for i in range(0, len(workload), bs):
+                batch = workload[i:i + bs]
+                width = max(len(p) for p, _ in batch)
+                ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch])
+                mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch])
+                longest = max(m for _, m in batch)
+                hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest,
+                            do_sample=False)
+                run.add(sum(m for _, m in batch), len(batch))
+    except KeyboardInterrupt:  # the batch that was running counts for nothing
+        run.interrupted = True
+    return run.result(batch_size=bs)
 
 
 def _hf_state_dict(model) -> dict:
@@ -131,22 +188,54 @@ def cmd_throughput(args) -> None:
     llm = LLM.from_config(engine_config(args))
     workload = make_workload(args.num_prompts, args.input_len, args.output_len, llm.engine.arch.vocab_size,
                              args.workload_seed)
-    results = [run_pdserve(llm, workload)]
-    if not args.skip_hf:
-        results.append(run_hf(llm, workload, args.hf_batch_size))
+    results = []
+    try:
+        results.append(run_pdserve(llm, workload))
+        if not args.skip_hf and not results[0].get("interrupted"):
+            results.append(run_hf(llm, workload, args.hf_batch_size))
+        interrupted = any(r.get("interrupted") for r in results)
+    except KeyboardInterrupt:  # while warming up or building the HF model
+        interrupted = True
     summary = {"model": llm.engine.model_name, "dtype": str(llm.engine.runner.dtype).removeprefix("torch."),
-               "num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
-               "results": results}
-    if len(results) == 2:
-        summary["speedup_vs_hf"] = round(results[0]["output_tok_per_s"] / results[1]["output_tok_per_s"], 2)
+               "device": str(llm.engine.runner.device), "num_prompts": args.num_prompts,
+               "input_len": args.input_len, "output_len": args.output_len, "results": results}
+    rates = [r["output_tok_per_s"] for r in results]
+    if len(rates) == 2 and all(rates):
+        summary["speedup_vs_hf"] = round(rates[0] / rates[1], 2)
     for r in results:
-        print(f"{r['engine']:>16}: {r['output_tok_per_s']:8.1f} output tok/s  ({r['output_tokens']} tokens, {r['wall_s']} s)")
+        rate = "-" if r["output_tok_per_s"] is None else f"{r['output_tok_per_s']:8.1f}"
+        print(f"{r['engine']:>16}: {rate} output tok/s  ({r['output_tokens']} tokens, {r['wall_s']} s"
+              f"{', interrupted' if r.get('interrupted') else ''})")
     if "speedup_vs_hf" in summary:
         print(f"{'ratio':>16}: {summary['speedup_vs_hf']}x")
+
+    def plot(path: str) -> str:
+        from pdserve.services.bench_plots import bars
+        return bars({r["engine"]: r["output_tok_per_s"] for r in results if r["output_tok_per_s"]}, path,
+                    title=f"{summary['model']}: {args.num_prompts} prompts, output tok/s")
+    report(summary, args, plot if any(rates) else None, interrupted)
+
+
+def report(summary: dict, args, plot, interrupted: bool) -> None:
+    """Print the summary as one JSON line, write --output-json and the plot; Ctrl-C'd runs are
+    marked and end with KeyboardInterrupt (exit status 130) after everything is written."""
+    if interrupted:
+        summary["interrupted"] = True
+        print("pdserve bench: interrupted; the report holds what was measured so far")
     print(json.dumps(summary))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
+    if args.output_json:
+        with open(args.output_json, "w") as f:
             json.dump(summary, f, indent=2)
+        print(f"wrote {args.output_json}")
+    path = args.plot or (args.output_json.removesuffix(".json") + ".png" if args.output_json else None)
+    if path and plot is not None:
+        from pdserve.services.bench_plots import PlotUnavailable
+        try:
+            print(f"wrote {plot(path)}")
+        except PlotUnavailable as e:
+            print(f"pdserve bench: {e}")
+    if interrupted:
+        raise KeyboardInterrupt
 
 
 def latency_iteration(engine, prompts: list[list[int]], output_len: int, tag: str) -> dict:
@@ -168,8 +257,10 @@ def latency_iteration(engine, prompts: list[list[int]], output_len: int, tag: st
 
 
 def cmd_latency(args) -> None:
-    from pdserve.common.engine.llm import LLM
+    from tqdm import tqdm
+
     from pdserve.common.config import engine_config
+    from pdserve.common.engine.llm import LLM
     for name in ("input_len", "output_len", "batch_size", "num_iters"):
         if getattr(args, name) < 1:
             raise SystemExit(f"pdserve bench latency: --{name.replace('_', '-')} must be at least 1")
@@ -177,26 +268,43 @@ def cmd_latency(args) -> None:
     engine = llm.engine
     rng = random.Random(args.workload_seed)
     vocab = engine.arch.vocab_size
-    runs = []
-    for it in range(args.num_iters_warmup + args.num_iters):
-        prompts = [[rng.randrange(100, vocab) for _ in range(args.input_len)] for _ in range(args.batch_size)]
-        run = latency_iteration(engine, prompts, args.output_len, f"lat{it}")
-        if it >= args.num_iters_warmup:
-            runs.append(run)
-    lat = sorted(r["latency_s"] for r in runs)
-    pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
+    runs, interrupted = [], False
+    bar = tqdm(total=args.num_iters_warmup + args.num_iters, desc="latency", unit="iter", dynamic_ncols=True)
+    try:
+        for it in range(args.num_iters_warmup + args.num_iters):
+            prompts = [[rng.randrange(100, vocab) for _ in range(args.input_len)] for _ in range(args.batch_size)]
+            run = latency_iteration(engine, prompts, args.output_len, f"lat{it}")
+            if it >= args.num_iters_warmup:
+                runs.append(run)
+            bar.set_postfix_str(("" if runs else "warm-up, ") + f"last {run['latency_s']:.2f} s", refresh=False)
+            bar.update(1)
+    except KeyboardInterrupt:
+        interrupted = True
+    bar.close()
     summary = {"model": engine.model_name, "dtype": str(engine.runner.dtype).removeprefix("torch."),
                "device": str(engine.runner.device), "batch_size": args.batch_size, "input_len": args.input_len,
-               "output_len": args.output_len, "iterations": len(runs),
-               "avg_latency_s": round(sum(lat) / len(lat), 4), "p50_latency_s": round(pct(0.5), 4),
-               "p90_latency_s": round(pct(0.9), 4), "p99_latency_s": round(pct(0.99), 4),
-               "avg_ttft_ms": round(1000 * sum(r["ttft_s"] for r in runs) / len(runs), 2),
-               "avg_ms_per_output_token": round(1000 * sum(r["tpot_s"] for r in runs) / len(runs), 3)}
-    print(f"batch {args.batch_size} x {args.input_len} prompt -> {args.output_len} tokens, {len(runs)} iterations: "
-          f"avg {summary['avg_latency_s']} s (p50 {summary['p50_latency_s']}, p90 {summary['p90_latency_s']}), "
-          f"TTFT {summary['avg_ttft_ms']} ms, {summary['avg_ms_per_output_token']} ms per output token")
-    print(json.dumps(summary))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(summary, f, indent=2)
+               "output_len": args.output_len, "iterations": len(runs), **latency_summary(runs)}
+    if runs:
+        print(f"batch {args.batch_size} x {args.input_len} prompt -> {args.output_len} tokens, {len(runs)} iterations: "
+              f"avg {summary['avg_latency_s']} s (p50 {summary['p50_latency_s']}, p90 {summary['p90_latency_s']}), "
+              f"TTFT {summary['avg_ttft_ms']} ms, {summary['avg_ms_per_output_token']} ms per output token")
 
+    def plot(path: str) -> str:
+        from pdserve.services.bench_plots import latency_cdf
+        return latency_cdf({"end to end": summary["latencies_s"], "time to first token": summary["ttfts_s"]}, path,
+                           title=f"{summary['model']}: batch {args.batch_size}, {args.input_len} -> "
+                                 f"{args.output_len} tokens")
+    report(summary, args, plot if runs else None, interrupted)
+
+
+def latency_summary(runs: list[dict]) -> dict:
+    """Percentiles and means of latency_iteration results, and the raw values (for plots)."""
+    if not runs:
+        return {"latencies_s": [], "ttfts_s": []}
+    lat = sorted(r["latency_s"] for r in runs)
+    pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))]  # noqa: E731
+    return {"avg_latency_s": round(sum(lat) / len(lat), 4), "p50_latency_s": round(pct(0.5), 4),
+            "p90_latency_s": round(pct(0.9), 4), "p99_latency_s": round(pct(0.99), 4),
+            "avg_ttft_ms": round(1000 * sum(r["ttft_s"] for r in runs) / len(runs), 2),
+            "avg_ms_per_output_token": round(1000 * sum(r["tpot_s"] for r in runs) / len(runs), 3),
+            "latencies_s": [round(r["latency_s"], 5) for r in runs], "ttfts_s": [round(r["ttft_s"], 5) for r in runs]}

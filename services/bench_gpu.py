@@ -1,7 +1,11 @@
 """GPU benchmarks (issue 3): pdserve vs HF transformers on a Llama-3-8B-shaped model, dummy weights.
 
     python -m pdserve.services.bench_gpu {w1,w2,latency,all} [--hf] [--hf-max-seconds 120] [--w2-requests 1000]
+                                         [--quantization fp8|awq|gptq] [--kv-cache-dtype fp8] [--shape llama2-70b]
     pdserve bench gpu {w1,w2,latency,all} ...                  (the same, through the CLI)
+
+--quantization awq|gptq draws random int4 weights directly in that format (group 128) on the GPU;
+fp8 quantizes the random bf16 weights at load. `bench_quant.py` runs the quantization table.
 
 Workloads (random token-id prompts, greedy, ignore_eos, seed 0):
     W1       256 requests x 512 prompt tokens x 128 output tokens
@@ -38,11 +42,16 @@ LLAMA3_8B = {
     "bos_token_id": 128000, "eos_token_id": 128001, "tie_word_embeddings": False, "dtype": "bfloat16",
     "torch_dtype": "bfloat16", "hidden_act": "silu", "attention_bias": False,
 }
+LLAMA2_70B = {**LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+              "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000, "rope_theta": 10000.0,
+              "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2}
 TINY = {**LLAMA3_8B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 8,
         "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 4096}
+SHAPES = {"llama3-8b": LLAMA3_8B, "llama2-70b": LLAMA2_70B}
 KERNEL_CATEGORIES = (  # (category, substrings of kernel names), first match wins
     ("attention", ("_decode_split_kernel", "_merge_splits_kernel", "_prefill_kernel", "_store_kv_kernel")),
     ("norm/rope/silu", ("_rms_norm_kernel", "_rotary_kernel", "_silu_and_mul_kernel")),
+    ("quantized gemm", ("_int_gemv_kernel", "_int_gemm_kernel", "_quantize_per_token_kernel")),
     ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "sm90_", "splitk")),
 )
 
@@ -54,28 +63,41 @@ def add_parser(bench_sub) -> None:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("which", choices=["w1", "w2", "latency", "all"])
+    p.add_argument("which", choices=["w1", "w2", "latency", "all"], help="workload to run (all: each in turn)")
     p.add_argument("--hf", action="store_true", help="also run HF transformers on the same weights")
     p.add_argument("--hf-max-seconds", type=float, default=120.0, help="time cap of HF on W2 (measured subset)")
     p.add_argument("--hf-w2-batch-sizes", default="64,128", help="HF static batch sizes tried on W2")
-    p.add_argument("--w2-requests", type=int, default=1000)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--w2-requests", type=int, default=1000, help="requests of the mixed workload W2")
+    p.add_argument("--max-num-seqs", type=int, default=256, help="requests in a batch at most")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per step at most")
+    p.add_argument("--max-model-len", type=int, default=4096, help="context length")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of GPU memory for weights, activations and KV")
     p.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="overlapped steps (default: on CUDA)")
     p.add_argument("--compare-sync", action="store_true",
                    help="also run W1 and latency with steps one at a time (same engine, same run)")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler kernel breakdown")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json-out", default=None)
+    p.add_argument("--seed", type=int, default=0, help="seed of the dummy weights and the workloads")
+    p.add_argument("--json-out", default=None, help="also write the report to this JSON file")
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (with --tiny)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model of the same family (smoke test)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs the model is split over")
     p.add_argument("--tp-all-reduce", default="nccl", choices=["nccl", "symm_mem"],
                    help="tensor-parallel all-reduce (ParallelConfig.all_reduce)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b", help="model shape of the dummy weights")
+    p.add_argument("--quantization", default=None, choices=["fp8", "awq", "gptq"],
+                   help="weights: fp8 (quantized at load) or random int4 drawn in the awq / gptq format")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8: e4m3 KV cache")
+
+
+def write_shape(shape: dict) -> str:
+    """A folder holding only config.json (dummy weights need no more)."""
+    folder = tempfile.mkdtemp(prefix="pdserve-shape-")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(shape, f, indent=2)
+    return folder
 
 
 # ---- workloads ----------------------------------------------------------------------------------
@@ -99,8 +121,9 @@ def build_engine(args, folder: str):
     config = EngineConfig(
         parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, all_reduce=args.tp_all_reduce),
         model=ModelConfig(model=folder, dtype="bfloat16", max_model_len=args.max_model_len, load_format="dummy",
-                          device=args.device, seed=args.seed),
-        cache=CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization),
+                          device=args.device, seed=args.seed, quantization=getattr(args, "quantization", None)),
+        cache=CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization,
+                          kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto")),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),
         enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
     return EngineCore(config, load_tokenizer_=False)
@@ -371,15 +394,15 @@ def main_args(args) -> dict:
     t_start = time.perf_counter()
     if args.hf and args.tensor_parallel_size > 1:
         raise SystemExit("bench gpu: --hf compares one GPU's weights; it does not run with --tensor-parallel-size")
-    shape = TINY if args.tiny else LLAMA3_8B
-    folder = tempfile.mkdtemp(prefix="pdserve-llama3-8b-")
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(shape, f, indent=2)
+    shape = TINY if args.tiny else SHAPES[args.shape]
+    folder = write_shape(shape)
     vocab = shape["vocab_size"]
     loads = workloads(args.which, args.w2_requests, vocab, args.seed)
     card = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     summary: dict = {"card": card, "torch": torch.__version__, "triton": triton.__version__,
-                     "transformers": transformers.__version__}
+                     "transformers": transformers.__version__, "shape": "tiny" if args.tiny else args.shape,
+                     "weights": args.quantization or "bf16",
+                     "kv_cache": "fp8" if args.kv_cache_dtype == "fp8" else "bf16"}
 
     t0 = time.perf_counter()
     engine = build_engine(args, folder)
@@ -456,7 +479,8 @@ def _progress(label: str, result: dict) -> None:
 
 def print_report(summary: dict) -> None:
     res = summary["results"]
-    print(f"\n== pdserve vs HF transformers: Llama-3-8B shape, bf16, dummy weights, {summary['card']} ==")
+    print(f"\n== pdserve vs HF transformers: {summary.get('shape', 'llama3-8b')} shape, "
+          f"{summary.get('weights', 'bf16')} weights, {summary.get('kv_cache', 'bf16')} KV, dummy, {summary['card']} ==")
     print(f"{'workload':<9} {'engine':<18} {'out tokens':>10} {'wall s':>8} {'out tok/s':>10} {'vs HF':>7}")
     for name in ("w1", "w2"):
         if name not in res:

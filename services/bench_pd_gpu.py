@@ -15,6 +15,15 @@
               (TTFT p90 <= 1 s, TPOT p90 <= 25 ms) and B (TPOT <= 50 ms)
     load      --load-rate req/s for --load-seconds, 256-token prompts, 128 outputs: 1P1D through
               the router, then one `pdserve serve` on GPU 0
+    tp        prefill TP=p -> decode TP=d for each of --tp-layouts (p:d) that fits on the visible
+              GPUs, each rank on its own GPU (prefill on GPUs 0..p-1, decode on p..p+d-1), KV over
+              nccl re-sharded by head, on a small model with seeded random weights (TINY shape: 8
+              heads / 2 KV heads): the greedy prompts through the router vs `pdserve generate` at
+              TP=1, the handoffs and the prompt tokens decode had to recompute (0: every pull
+              worked). A layout that needs more GPUs is reported as skipped: on 2 GPUs only 1:1
+              fits (TP=2 prefill + TP=2 decode needs 4), unless --tp-share-gpus puts decode's
+              ranks beside prefill's (then over ucx: NCCL takes no two ranks on one GPU). bf16 at TP=2 sums in another order, so
+              its tokens may differ from TP=1's after a while (the count says how many agree).
 
 Model: the Llama-3-8B shape (bench_gpu.LLAMA3_8B) with dummy weights and a word-level
 tokenizer whose token i is the word "t<i>", so text and token ids map one to one (the
@@ -42,10 +51,10 @@ import time
 
 from pdserve.services import loadgen
 from pdserve.services.bench_gpu import LLAMA3_8B, TINY
-from pdserve.services.disagg_cli import free_port
+from pdserve.services.local_stack import free_port
 
 SLOS = {"A": {"ttft": 1.0, "tpot": 0.025}, "B": {"ttft": 1.0, "tpot": 0.050}}
-PARTS = ("handoff", "greedy", "plan", "goodput", "load")
+PARTS = ("handoff", "greedy", "plan", "goodput", "load", "tp")
 
 
 def write_model(folder: str, tiny: bool = False) -> str:
@@ -62,6 +71,34 @@ def write_model(folder: str, tiny: bool = False) -> str:
     tok.save(os.path.join(folder, "tokenizer.json"))
     with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
         json.dump({"eos_token": f"t{shape['eos_token_id']}", "bos_token": f"t{shape['bos_token_id']}"}, f)
+    return folder
+
+
+def write_weights(folder: str, dtype: str, seed: int) -> str:
+    """Seeded random weights for the folder's config as model.safetensors (HF Llama names); large
+    enough (std 0.3) that greedy choices have margins that bf16 rounding rarely flips."""
+    import torch
+    from safetensors.torch import save_file
+    path = os.path.join(folder, "config.json")
+    c = json.load(open(path))
+    c["dtype"] = c["torch_dtype"] = dtype
+    json.dump(c, open(path, "w"), indent=2)
+    h, inter, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
+    q, kv, vocab = c["num_attention_heads"] * d, c["num_key_value_heads"] * d, c["vocab_size"]
+    g = torch.Generator().manual_seed(seed)
+
+    def w(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.3).to(getattr(torch, dtype))
+    ones = torch.ones(h, dtype=getattr(torch, dtype))
+    tensors = {"model.embed_tokens.weight": w(vocab, h), "model.norm.weight": ones, "lm_head.weight": w(vocab, h)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        tensors |= {p + "self_attn.q_proj.weight": w(q, h), p + "self_attn.k_proj.weight": w(kv, h),
+                    p + "self_attn.v_proj.weight": w(kv, h), p + "self_attn.o_proj.weight": w(h, q),
+                    p + "mlp.gate_proj.weight": w(inter, h), p + "mlp.up_proj.weight": w(inter, h),
+                    p + "mlp.down_proj.weight": w(h, inter), p + "input_layernorm.weight": ones.clone(),
+                    p + "post_attention_layernorm.weight": ones.clone()}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, "model.safetensors"))
     return folder
 
 
@@ -122,21 +159,29 @@ class Bench:
         self.work_dir = tempfile.mkdtemp(prefix="pdserve-pd-")  # logs, prompts: not sent back
         self.out_dir = args.out_dir or self.work_dir  # a few JSON files (the device returns <= 8)
         os.makedirs(self.out_dir, exist_ok=True)
-        self.engine_args = ["--load-format", "dummy", "--max-model-len", str(args.max_model_len)]
-        if not self.gpu:
-            self.engine_args += ["--num-gpu-blocks-override", "2048"]
+        self.sizing_args = ["--max-model-len", str(args.max_model_len)]
+        if not self.gpu:  # float32 on CPU (auto would be bf16 where the CPU has it): outputs are compared
+            self.sizing_args += ["--num-gpu-blocks-override", "2048", "--dtype", "float32"]
+        self.engine_args = ["--load-format", "dummy", *self.sizing_args]
         self.report: dict = {"args": vars(args)}
+        self._references: dict = {}  # model folder -> (greedy prompts, generate's token ids)
 
     # ---- stacks -----------------------------------------------------------------------------
     def stack(self, name: str, num_prefill: int, num_decode: int, transport: str = "nccl",
-              decode_args: str = "") -> Stack:
+              decode_args: str = "", prefill_args: str = "", pin_gpus: bool = True,
+              folder: str | None = None, engine_args: list[str] | None = None) -> Stack:
+        """pin_gpus: one GPU per worker (CUDA_VISIBLE_DEVICES); else the args place them (--device).
+        folder / engine_args: another model than the bench's (and its flags)."""
         port = free_port()
         argv = ["up", "--prefill", str(num_prefill), "--decode", str(num_decode), "--port", str(port),
-                "--model", self.folder, "--kv-transport", transport, "--worker-args", " ".join(self.engine_args),
+                "--model", folder or self.folder, "--kv-transport", transport,
+                "--worker-args", " ".join(self.engine_args if engine_args is None else engine_args),
                 "--router-args", "--disagg-min-prompt-tokens 0 --served-model-name bench"]
         if decode_args:
             argv += ["--decode-args", decode_args]
-        if self.gpu:
+        if prefill_args:
+            argv += ["--prefill-args", prefill_args]
+        if self.gpu and pin_gpus:
             a = self.args
             gpus = [a.prefill_gpu, a.decode_gpu]
             if num_prefill:
@@ -171,36 +216,85 @@ class Bench:
                                                for b, r in big.items() if b != base["backend"]}}
 
     def greedy(self) -> None:
+        prompts, reference = self.greedy_reference(self.folder, self.vocab, self.engine_args)
+        stack = self.stack("greedy-1p1d", 1, 1)
+        try:
+            got, stats = self.greedy_through(stack, prompts)
+        finally:
+            stack.stop()
+        self.report["greedy"] = greedy_summary(reference, got, stats)
+
+    def tp(self) -> None:
+        a = self.args
+        # real (seeded random) weights: `--load-format dummy` draws each rank's shard anew, so a
+        # TP=2 prefill and a TP=1 decode would run different models
+        folder = write_weights(write_model(tempfile.mkdtemp(prefix="pdserve-pd-tp-"), tiny=True),
+                               "bfloat16" if self.gpu else "float32", a.seed)
+        prompts, reference = self.greedy_reference(folder, TINY["vocab_size"], self.sizing_args)
+        num_gpus = visible_gpus() if self.gpu else None
+        out = {}
+        for layout in a.tp_layouts.split(","):
+            p, d = (int(x) for x in layout.split(":"))
+            # one GPU per rank where they fit; else (a.tp_share_gpus) decode's ranks on the last GPUs,
+            # beside prefill's: KV over ucx then (NCCL refuses two ranks of a pair on one device),
+            # each pool a fixed size (the tiny model needs little; no memory profile of a shared GPU)
+            first_decode, shared = p, False
+            if num_gpus is not None and p + d > num_gpus:
+                if not (a.tp_share_gpus and max(p, d) <= num_gpus):
+                    out[layout] = {"skipped": f"needs {p + d} GPUs (prefill TP={p} and decode TP={d}, one GPU "
+                                              f"per rank), {num_gpus} visible"}
+                    print(f"tp {layout}: {out[layout]['skipped']}", flush=True)
+                    continue
+                first_decode, shared = num_gpus - d, True
+            device = (lambda first: f"cuda:{first}") if self.gpu else (lambda first: "cpu")
+            sizing = [*self.sizing_args, "--num-gpu-blocks-override", "2048"] if shared else self.sizing_args
+            transport = "ucx" if shared else "nccl"
+            stack = self.stack(f"tp-{p}-{d}", 1, 1, transport=transport, pin_gpus=False, folder=folder,
+                               engine_args=sizing,
+                               prefill_args=f"--device {device(0)} --tensor-parallel-size {p}",
+                               decode_args=f"--device {device(first_decode)} --tensor-parallel-size {d}")
+            try:
+                got, stats = self.greedy_through(stack, prompts)
+            finally:
+                stack.stop()
+            out[layout] = {**greedy_summary(reference, got, stats), "kv_transport": transport,
+                           "prefill_gpus": list(range(p)) if self.gpu else None,
+                           "decode_gpus": list(range(first_decode, first_decode + d)) if self.gpu else None}
+        self.report["tp"] = out
+
+    def greedy_reference(self, folder: str, vocab: int, engine_args: list[str]) -> tuple[list[str], list[list[int]]]:
+        """Greedy prompts and their token ids from `pdserve generate` (TP=1, GPU 0), once per model."""
+        if folder not in self._references:
+            self._references[folder] = self._generate_reference(folder, vocab, engine_args)
+        return self._references[folder]
+
+    def _generate_reference(self, folder: str, vocab: int, engine_args: list[str]) -> tuple[list[str], list[list[int]]]:
         a = self.args
         rng = random.Random(a.seed)
-        prompts = [" ".join(f"t{rng.randrange(100, self.vocab)}" for _ in range(rng.randint(100, 600)))
+        prompts = [" ".join(f"t{rng.randrange(100, vocab)}" for _ in range(rng.randint(100, 600)))
                    for _ in range(a.greedy_prompts)]
         prompt_file = os.path.join(self.work_dir, "greedy_prompts.txt")
         with open(prompt_file, "w") as f:
             f.write("\n".join(prompts) + "\n")
         ref_file = os.path.join(self.work_dir, "greedy_reference.jsonl")
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": a.prefill_gpu} if self.gpu else None
-        subprocess.run([sys.executable, "-m", "pdserve.services.cli", "generate", "--model", self.folder,
+        subprocess.run([sys.executable, "-m", "pdserve.services.cli", "generate", "--model", folder,
                         "--input", prompt_file, "--output", ref_file, "--temperature", "0", "--max-tokens",
-                        str(a.greedy_tokens), "--ignore-eos", "--device", a.device, *self.engine_args],
+                        str(a.greedy_tokens), "--ignore-eos", "--device", a.device, *engine_args,
+                        "--max-num-seqs", "1"],  # one at a time, as the stack gets them: the same GEMM shapes
                        check=True, timeout=600, env=env)
-        reference = [json.loads(line)["token_ids"] for line in open(ref_file)]
-        stack = self.stack("greedy-1p1d", 1, 1)
-        try:
-            import httpx
-            got = []
-            for prompt in prompts:  # one at a time, as generate ran them through the same kernels
-                body = {"model": "bench", "prompt": prompt, "max_tokens": a.greedy_tokens, "temperature": 0,
-                        "ignore_eos": True}
-                got.append(ids_of(httpx.post(stack.url + "/v1/completions", json=body, timeout=300)
-                                  .json()["choices"][0]["text"]))
-            stats = httpx.get(stack.url + "/admin/stats", timeout=10).json()
-        finally:
-            stack.stop()
-        equal = [g == r for g, r in zip(got, reference)]
-        self.report["greedy"] = {"prompts": len(prompts), "equal": sum(equal), "handoffs": stats.get("handoffs"),
-                                 "first_mismatch": next(({"prompt": i, "reference": reference[i], "1p1d": got[i]}
-                                                         for i, ok in enumerate(equal) if not ok), None)}
+        return prompts, [json.loads(line)["token_ids"] for line in open(ref_file)]
+
+    def greedy_through(self, stack: Stack, prompts: list[str]) -> tuple[list[list[int]], dict]:
+        """Each prompt's greedy token ids through the stack's router, and the router's stats."""
+        import httpx
+        got = []
+        for prompt in prompts:  # one at a time, as generate ran them through the same kernels
+            body = {"model": "bench", "prompt": prompt, "max_tokens": self.args.greedy_tokens, "temperature": 0,
+                    "ignore_eos": True}
+            got.append(ids_of(httpx.post(stack.url + "/v1/completions", json=body, timeout=300)
+                              .json()["choices"][0]["text"]))
+        return got, httpx.get(stack.url + "/admin/stats", timeout=10).json()
 
     def plan(self) -> None:
         a = self.args
@@ -271,6 +365,23 @@ class Bench:
         self.report["load"] = out
 
 
+def greedy_summary(reference: list[list[int]], got: list[list[int]], stats: dict) -> dict:
+    equal = [g == r for g, r in zip(got, reference)]
+    return {"prompts": len(reference), "equal": sum(equal), "handoffs": stats.get("handoffs"),
+            "recomputed_prompt_tokens": stats.get("recomputed_prompt_tokens"),
+            "first_mismatch": next(({"prompt": i, "reference": reference[i], "1p1d": got[i]}
+                                    for i, ok in enumerate(equal) if not ok), None)}
+
+
+def visible_gpus() -> int:
+    """GPUs this process may use (CUDA_VISIBLE_DEVICES, else nvidia-smi), without touching CUDA."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip()])
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True).stdout
+    return sum(line.startswith("GPU ") for line in out.splitlines())
+
+
 def print_report(report: dict) -> None:
     if "handoff" in report:
         h = report["handoff"]
@@ -297,6 +408,13 @@ def print_report(report: dict) -> None:
                       f"{a['p90_tpot_ms']:9.1f} {a['failed']:>6}")
         print("highest rate with >= 90 % attainment: " + "; ".join(
             f"{n} A {v['A']} B {v['B']}" for n, v in g["max_rate_at_90pct"].items()))
+    if "tp" in report:
+        print("\nprefill TP -> decode TP: greedy == generate at TP=1, handoffs, prompt tokens decode recomputed")
+        for layout, r in report["tp"].items():
+            print(f"  {layout:<5} " + (r["skipped"] if "skipped" in r else
+                                      f"{r['equal']}/{r['prompts']} equal, handoffs {r['handoffs']}, "
+                                      f"recomputed {r['recomputed_prompt_tokens']}, kv {r['kv_transport']}, "
+                                      f"GPUs prefill {r['prefill_gpus']} decode {r['decode_gpus']}"))
     if "load" in report:
         for name, s in report["load"].items():
             print(f"\nload {name}: {s['request_rate']} req/s x {s['num_requests']} requests: TTFT p90 "
@@ -319,6 +437,11 @@ def main(argv: list[str] | None = None) -> dict | None:
                    help="both handoff processes see both GPUs (default: one each, as the stack runs)")
     p.add_argument("--greedy-prompts", type=int, default=4)
     p.add_argument("--greedy-tokens", type=int, default=32)
+    p.add_argument("--tp-layouts", default="1:1,2:1,1:2,2:2",
+                   help="tp part: prefill:decode tensor-parallel sizes, comma-separated")
+    p.add_argument("--tp-share-gpus", action="store_true",
+                   help="tp: run layouts that need more GPUs than visible with decode's ranks on the last GPUs, "
+                        "beside prefill's (KV over ucx)")
     p.add_argument("--rates", type=float, nargs="+", default=[2, 4, 8, 12, 16])
     p.add_argument("--requests-per-rate", type=int, default=40)
     p.add_argument("--input-len", type=int, default=1536, help="prompts 1024-2048 with --range-ratio 1/3")

@@ -33,7 +33,7 @@ import time
 
 import httpx
 
-from pdserve.services.disagg_cli import free_port, redis_server_binary
+from pdserve.services.local_stack import free_port, redis_server_binary
 from pdserve.services.loadgen import WorkloadRequest, percentile, send_request
 
 

@@ -32,11 +32,8 @@ import sys
 import tempfile
 import time
 
-from pdserve.services.bench_gpu import LLAMA3_8B
+from pdserve.services.bench_gpu import LLAMA2_70B, LLAMA3_8B
 
-LLAMA2_70B = {**LLAMA3_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
-              "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000, "rope_theta": 10000.0,
-              "max_position_embeddings": 4096, "bos_token_id": 1, "eos_token_id": 2}
 PHASES = {  # name -> (model, tensor_parallel_size, all_reduce, timeout s)
     "8b-tp1": ("8b", 1, "nccl", 150), "8b-tp2": ("8b", 2, "nccl", 150), "8b-tp2-symm": ("8b", 2, "symm_mem", 150),
     "70b-tp2": ("70b", 2, "nccl", 270), "smollm2-tp1": ("smollm2", 1, "nccl", 90),
@@ -83,8 +80,9 @@ def run_phase(name: str, cpu_smoke: bool = False) -> dict:
     out["w1"] = bench_gpu.run_pdserve(engine, w1, "w1")
     check = [prompt(n) for n in (7, 100, 300, 900)]
     out["greedy_tokens"] = _greedy(engine, check, 32)
-    engine.shutdown()
-    return out
+    if cpu_smoke:
+        engine.shutdown()
+    return out  # on the GPU the phase process reports and exits at once (main): no teardown to wait for
 
 
 def _greedy(engine, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -110,7 +108,8 @@ def _smollm2_phase(tp: int, cpu_smoke: bool) -> dict:
     params = SamplingParams(temperature=0, max_tokens=4 if cpu_smoke else 64, ignore_eos=True, logprobs=2)
     prompts = prompts[:2] if cpu_smoke else prompts
     outs = llm.generate(prompts, params, use_tqdm=False)
-    llm.shutdown()
+    if cpu_smoke:
+        llm.shutdown()  # on the GPU the phase process exits right after reporting (main)
     return {"startup_s": startup, "tokens": [o.outputs[0].token_ids for o in outs],
             "top2": [[sorted((lp.logprob for lp in e.values()), reverse=True)[:2] for e in o.outputs[0].logprobs]
                      for o in outs]}
@@ -147,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.phase:
         print("PHASE-RESULT " + json.dumps(run_phase(args.phase, args.cpu_smoke)), flush=True)
-        return
+        os._exit(0)  # the rank processes notice the closed pipe and exit
     import torch
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     results: dict = {}

@@ -11,24 +11,44 @@ import json
 import logging
 import sys
 
-from pdserve.common.config import ConfigError, add_engine_args, engine_config
+from pdserve.common.config import ConfigError, HelpFormatter, add_engine_args, engine_config
+
+
+class Parser(argparse.ArgumentParser):
+    """Every `pdserve` parser and subparser (add_subparsers makes them of this class): help
+    shows each flag's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+    try:
+        return dist_version("pdserve")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=1.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=-1)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None, help="sampling seed of every request (reproducible outputs)")
-    g.add_argument("--n", type=int, default=1)
-    g.add_argument("--ignore-eos", action="store_true")
+    """Sampling flags of generate/chat. Their seed is the engine's `--seed` (vLLM's flag): given,
+    it also seeds every prompt, so a run is reproducible; not given, sampling is unseeded."""
+    g = p.add_argument_group("sampling (every prompt; --seed also seeds each one)")
+    g.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most per prompt")
+    g.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: smallest set of tokens of this mass")
+    g.add_argument("--top-k", type=int, default=-1, help="sample among the k most likely tokens (-1: all)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this fraction of the top one's probability")
+    g.add_argument("--n", type=int, default=1, help="completions per prompt")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--stop-token-ids", type=int, nargs="*", default=[])
+    g.add_argument("--stop-token-ids", type=int, nargs="*", default=[], help="token ids that end a completion")
 
 
 def sampling_params(args: argparse.Namespace):
+    """`args.seed` is the engine option `--seed`: None (not given) leaves sampling unseeded."""
     from pdserve.common.sampling_params import SamplingParams
     return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p, seed=args.seed, n=args.n,
@@ -36,6 +56,8 @@ def sampling_params(args: argparse.Namespace):
 
 
 def cmd_generate(args) -> None:
+    """One prompt per line -> JSONL. `--chat`: each line is one user message through the model's
+    chat template; without it lines go to the model as raw text (warned once on a chat model)."""
     from pdserve.common.engine.llm import LLM
     params = sampling_params(args)
     with open(args.input) as f:
@@ -43,12 +65,18 @@ def cmd_generate(args) -> None:
     if not prompts:
         raise ConfigError(f"{args.input} holds no prompts (one per line)")
     llm = LLM.from_config(engine_config(args))
-    outs = llm.generate(prompts, params, use_tqdm=True)
+    if args.chat:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=True)
+    else:
+        if llm.get_tokenizer().chat_template:
+            print(f"pdserve generate: {llm.engine.model_name} is a chat model; prompts are sent as raw text "
+                  "(--chat applies its chat template to each line)", file=sys.stderr)
+        outs = llm.generate(prompts, params, use_tqdm=True)
     sink = open(args.output, "w") if args.output != "-" else sys.stdout
     with sink if sink is not sys.stdout else _nullctx():
-        for out in outs:
+        for prompt, out in zip(prompts, outs):
             for c in out.outputs:
-                sink.write(json.dumps({"prompt": out.prompt, "index": c.index, "generated": c.text,
+                sink.write(json.dumps({"prompt": prompt, "index": c.index, "generated": c.text,
                                        "tokens": len(c.token_ids), "prompt_tokens": len(out.prompt_token_ids),
                                        "finish_reason": c.finish_reason, "token_ids": c.token_ids}) + "\n")
 
@@ -77,25 +105,34 @@ class _nullctx:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM server")
+    parser = Parser(prog="pdserve", description="Disaggregated prefill/decode LLM server")
+    parser.add_argument("--version", action="version", version=f"pdserve {version()}",
+                        help="print the version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="offline batch generation: one prompt per line -> JSONL")
-    p.add_argument("--input", required=True)
-    p.add_argument("--output", default="-")
+    p.add_argument("--input", required=True, help="text file, one prompt per line (blank lines skipped)")
+    p.add_argument("--output", default="-", help="JSONL file of results (-: stdout)")
+    p.add_argument("--chat", action="store_true",
+                   help="apply the model's chat template to each line (one user message); default: raw text")
     add_engine_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("chat", help="chat with the model (one message, or lines from stdin)")
-    p.add_argument("message", nargs="?")
+    p.add_argument("message", nargs="?", help="one message to answer (default: a conversation on stdin, one "
+                                               "message per line)")
     add_engine_args(p)
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat, temperature=0.0)
 
-    from pdserve.services import bench, bench_gpu, disagg_cli, serve
-    bench_gpu.add_parser(bench.add_parser(sub, add_engine_args))  # `pdserve bench gpu` (H100 workloads)
+    from pdserve.services import bench, bench_gpu, bench_spec, bench_structured, disagg_cli, serve
+    bench_sub = bench.add_parser(sub, add_engine_args)
+    bench_gpu.add_parser(bench_sub)  # `pdserve bench gpu` (H100 workloads)
+    bench_structured.add_parser(bench_sub)  # `pdserve bench structured` (grammar vs none)
+    bench_spec.add_parser(bench_sub, add_engine_args)  # `pdserve bench spec` (speculative decoding)
     serve.add_parser(sub, add_engine_args)
+    from pdserve.services import quantize; quantize.add_parser(sub)
     disagg_cli.add_parsers(sub, add_engine_args)
     return parser
 

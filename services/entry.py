@@ -20,7 +20,8 @@ USER_ERRORS = (ConfigError, ParameterError, FileNotFoundError, IsADirectoryError
 def run_main(prog: str, description: str, add_args: Callable[[argparse.ArgumentParser], None],
              run: Callable[[argparse.Namespace], None], argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    from pdserve.common.config import HelpFormatter
+    parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
     add_args(parser)
     return run_parsed(prog, run, parser.parse_args(argv))
 

@@ -268,23 +268,24 @@ def add_parser(bsub) -> None:
     p = bsub.add_parser("serve", help="load an OpenAI endpoint: TTFT/TPOT/ITL/E2E, throughput, goodput")
     p.add_argument("--base-url", default="http://127.0.0.1:8000", help="the server, without /v1")
     p.add_argument("--model", default=None, help="model name to send (default: the first of /v1/models)")
-    p.add_argument("--api-key", default=None)
-    p.add_argument("--num-prompts", type=int, default=200)
+    p.add_argument("--api-key", default=None, help="sent as `Authorization: Bearer KEY`")
+    p.add_argument("--num-prompts", type=int, default=200, help="requests per rate")
     p.add_argument("--request-rate", type=float, default=math.inf, help="Poisson arrivals per second (inf: all at once)")
     p.add_argument("--request-rates", type=float, nargs="+", default=None,
                    help="a sweep: one run per rate, same workload (goodput vs rate)")
     p.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
     p.add_argument("--dataset-path", default=None, help="JSONL of {\"prompt\": text, \"output_len\": n}")
-    p.add_argument("--random-input-len", type=int, default=1024)
-    p.add_argument("--random-output-len", type=int, default=128)
-    p.add_argument("--random-range-ratio", type=float, default=0.0)
+    p.add_argument("--random-input-len", type=int, default=1024, help="prompt tokens of a random request (mean)")
+    p.add_argument("--random-output-len", type=int, default=128, help="output tokens of a random request (mean)")
+    p.add_argument("--random-range-ratio", type=float, default=0.0,
+                   help="lengths drawn uniformly in [len * (1 - r), len * (1 + r)]")
     p.add_argument("--random-vocab-size", type=int, default=32000, help="token ids of random prompts are below this")
     p.add_argument("--goodput", nargs="+", default=None, metavar="METRIC:MS", help="SLOs, e.g. ttft:1000 tpot:25")
     p.add_argument("--no-ignore-eos", dest="ignore_eos", action="store_false",
                    help="let requests stop at EOS (default: ignore_eos, so outputs have the asked length)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the arrival times")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    p.add_argument("--output-json", default=None)
+    p.add_argument("--output-json", default=None, help="write the report here")
     p.set_defaults(func=cmd_serve)
 
 

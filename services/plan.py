@@ -38,7 +38,8 @@ def add_parser(sub, add_engine_args) -> None:
     p.add_argument("--prefix-hit-rate", type=float, default=0.0, help="fraction of prompt tokens served from cache")
     p.add_argument("--max-utilization", type=float, default=0.8, help="busiest fraction a pool is planned at")
     p.add_argument("--prefill-tokens", type=int, default=4096, help="prompt tokens in the measured prefill batch")
-    p.add_argument("--decode-batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--decode-batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64],
+                   help="decode batch sizes to measure")
     p.add_argument("--decode-steps", type=int, default=16, help="decode steps timed per batch size")
     p.add_argument("--json-out", default=None, help="also write the measurements and the plan as JSON here")
     add_engine_args(p)

@@ -3,8 +3,11 @@
     AsyncLLM (engine thread) <-- EngineClient -- build_app (FastAPI) <-- uvicorn <-- clients
 
 With no MODEL it serves the packaged SmolLM2-135M-Instruct. The port is bound before the model
-loads (a busy port fails at once); once it listens, one line says so:
-"pdserve serving MODEL on http://HOST:PORT" (`--port 0` picks a free port and prints it).
+loads (a busy port fails at once); once it listens, two lines say so: "pdserve serve: ready in
+X s (...)" (seconds since the process started) and "pdserve serving MODEL on http://HOST:PORT"
+(`--port 0` picks a free port and prints it). /metrics is on the API port, or only on
+`--metrics-port` when given (a scrape network apart from the API's); `--no-enable-metrics`
+serves none.
 SIGINT / SIGTERM: uvicorn stops accepting, lets open requests finish for a few seconds, then the
 engine thread is stopped and the command exits 0.
 """
@@ -15,6 +18,7 @@ import argparse
 import asyncio
 import signal
 import socket
+import time
 
 from pdserve.common.config import ConfigError
 from pdserve.common.model_path import served_name
@@ -27,14 +31,36 @@ def add_parser(sub, add_engine_args) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible server: router and engine in one process")
     p.add_argument("model_path", nargs="?", metavar="MODEL", default=None,
                    help="HF folder or .gguf file (or --model; default: packaged SmolLM2-135M-Instruct)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000, help="0: any free port (printed when ready)")
+    p.add_argument("--host", default="127.0.0.1", help="address the HTTP server binds to (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port; 0: any free port (printed when ready)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
     p.add_argument("--uvicorn-log-level", default="warning",
-                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's log level (info and below also log each request)")
     add_limit_args(p)
+    add_metrics_args(p)
     add_engine_args(p)  # includes --model and --served-model-name
+    from pdserve.services.router.tool_calls import add_tool_args
+    add_tool_args(p)
     p.set_defaults(func=cmd_serve)
+
+
+def add_metrics_args(p: argparse.ArgumentParser) -> None:
+    """`--enable-metrics` / `--metrics-port` of serve and the router."""
+    p.add_argument("--enable-metrics", action=argparse.BooleanOptionalAction, default=True,
+                   help="serve Prometheus metrics (vllm:* and pdserve:* names) at /metrics")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve /metrics on this port only, not on the API port (default: on the API port)")
+
+
+def serve_metrics_apart(app, args: argparse.Namespace, host: str):
+    """Start /metrics on --metrics-port (returns the server, `shutdown()` at exit) or None."""
+    if not args.enable_metrics or args.metrics_port is None:
+        return None
+    try:
+        return app.state.server.metrics.serve_http(host, args.metrics_port)
+    except OSError as e:
+        raise ConfigError(f"--metrics-port {args.metrics_port}: cannot listen on {host}: {e.strerror or e}") from None
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -43,6 +69,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
     args.model = args.model_path or args.model
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
+    from pdserve.services.router.tool_calls import check_tool_args
+    check_tool_args(args)
+    from pdserve.common.uptime import process_age_s
 
     import uvicorn
 
@@ -54,10 +83,17 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     name = args.served_model_name or served_name(args.model)
     with _bind(args.host, args.port) as sock:
+        t0 = time.perf_counter()
         engine = AsyncLLM(engine_config(args))
+        engine_s = time.perf_counter() - t0
+        metrics_apart = None
         try:
-            app = build_app(engine, name, api_key=args.api_key, collector=StatsCollector(name, engine=engine.core.stats),
-                            limits=limits_of(args))
+            from pdserve.common.gpu_metrics import gpu_stats_source
+            collector = StatsCollector(name, engine=engine.core.stats, gpu=gpu_stats_source(engine.core.runner.device))
+            app = build_app(engine, name, api_key=args.api_key, collector=collector, limits=limits_of(args),
+                            tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
+                            metrics_route=args.enable_metrics and args.metrics_port is None)
+            metrics_apart = serve_metrics_apart(app, args, args.host)
             config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                     access_log=args.uvicorn_log_level in ("info", "debug", "trace"),
                                     timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
@@ -66,8 +102,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
             # these handlers make that re-raise a no-op, so the engine is always shut down cleanly.
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: None)
-            asyncio.run(_serve(server, sock, name, args.host))
+            ready = f"pdserve serve: ready in {{:.2f}} s (engine {engine_s:.2f} s)"
+            if metrics_apart is not None:
+                ready += f", metrics on http://{args.host}:{metrics_apart.server_port}/metrics"
+            asyncio.run(_serve(server, sock, name, args.host, lambda: ready.format(process_age_s())))
         finally:
+            if metrics_apart is not None:
+                metrics_apart.shutdown()
             engine.shutdown()
 
 
@@ -82,11 +123,12 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _serve(server, sock: socket.socket, name: str, host: str) -> None:
+async def _serve(server, sock: socket.socket, name: str, host: str, ready_line) -> None:
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.01)
     if server.started:
+        print(ready_line(), flush=True)
         shown = f"[{host}]" if ":" in host else host
         print(f"pdserve serving {name} on http://{shown}:{sock.getsockname()[1]}", flush=True)
     await task

@@ -37,15 +37,17 @@ def smollm2_tokenizer_dir(smollm2_path) -> str:
     return gguf_tokenizer_folder(smollm2_path)
 
 
-def build_tiny_model(folder: str, arch: str, tokenizer_dir: str, **overrides) -> str:
-    """A random model of the given family, float32, saved as an HF folder with a real tokenizer."""
+def build_tiny_model(folder: str, arch: str, tokenizer_dir: str, initializer_range: float = 0.3, **overrides) -> str:
+    """A random model of the given family, float32, saved as an HF folder with a real tokenizer.
+    The default weight std 0.3 makes outputs sensitive to every rounding (a strict test of exact
+    paths); 0.02 gives logits that tolerate quantization noise the way trained models do."""
     import shutil
 
     import transformers
     cfg_name, model_name, extra = ARCHS[arch]
     defaults = dict(
         vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, initializer_range=0.3,
+        num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, initializer_range=initializer_range,
         tie_word_embeddings=arch in ("qwen2", "qwen3"), bos_token_id=1, eos_token_id=2)
     cfg = getattr(transformers, cfg_name)(**{**defaults, **extra, **overrides})
     torch.manual_seed(1234)

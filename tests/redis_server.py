@@ -43,13 +43,8 @@ def free_port() -> int:
 
 
 def _ping(port: int) -> bool:
-    """One raw RESP PING; avoids depending on a client library here."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2) as sock:
-            sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-            return sock.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
+    from pdserve.services.local_stack import redis_answers
+    return redis_answers(port, timeout=0.2)
 
 
 class RedisServer:

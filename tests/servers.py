@@ -60,6 +60,7 @@ class ServeProcess:
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc: subprocess.Popen | None = None
         self.ready_line = ""
+        self.lines: list[str] = []  # stdout up to and including the ready line
         self.url = ""
 
     def start(self) -> "ServeProcess":
@@ -84,6 +85,7 @@ class ServeProcess:
             if line is None:
                 self.stop()
                 raise RuntimeError(f"pdserve serve did not start:\n{self.stderr_text()}")
+            self.lines.append(line.rstrip("\n"))
             if line.startswith("pdserve serving"):
                 self.ready_line = line.strip()
                 self.url = self.ready_line.rsplit(" ", 1)[1]

@@ -60,10 +60,10 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_models):
     assert proc.returncode == 2 and "missing.txt" in proc.stderr
 
 
-def test_bench_latency_reports_consistent_numbers(tmp_path, tiny_models):
+def test_bench_latency_reports_consistent_numbers_and_plots(tmp_path, tiny_models):
     out = tmp_path / "lat.json"
     proc = pdserve("bench", "latency", "--model", tiny_models["llama"], "--input-len", "12", "--output-len", "6",
-                   "--batch-size", "3", "--num-iters-warmup", "1", "--num-iters", "3", "--json-out", str(out))
+                   "--batch-size", "3", "--num-iters-warmup", "1", "--num-iters", "3", "--output-json", str(out))
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["iterations"] == 3 and report["batch_size"] == 3 and report["output_len"] == 6
@@ -71,7 +71,197 @@ def test_bench_latency_reports_consistent_numbers(tmp_path, tiny_models):
     # first token + 5 more tokens at the per-token time can't take longer than the whole batch
     assert 0 < report["avg_ttft_ms"] / 1000 < report["avg_latency_s"]
     assert report["avg_ttft_ms"] / 1000 + 5 * report["avg_ms_per_output_token"] / 1000 <= report["avg_latency_s"] * 1.01
+    assert len(report["latencies_s"]) == 3 and "interrupted" not in report
     assert "ms per output token" in proc.stdout
+    assert "latency: 100%" in proc.stderr.replace("\r", "\n")  # the progress bar reached the end
+    png = tmp_path / "lat.png"  # next to --output-json
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     bad = pdserve("bench", "latency", "--model", tiny_models["llama"], "--output-len", "0")
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1] == \
         "pdserve bench latency: --output-len must be at least 1"
+
+
+def test_bench_structured_and_tool_flags(tmp_path):
+    out = tmp_path / "s.json"
+    proc = pdserve("bench", "structured", "--shape", "tiny", "--batch-sizes", "2", "--input-len", "8",
+                   "--output-len", "6", "--rounds", "1", "--json-out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(out.read_text())["results"][0]
+    assert row["batch_size"] == 2 and row["none"]["tok_per_s"] > 0 and row["json_schema"]["full_steps"] == [5]
+    assert "ratio" in row and "json_schema" in proc.stdout
+    # 6 tokens: the prefill step samples the first, the 5 decode steps after it are timed
+    bad = pdserve("serve", "--enable-auto-tool-choice")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "pdserve serve: error: --enable-auto-tool-choice needs --tool-call-parser (hermes or llama3_json)"]
+
+
+def test_bench_throughput_writes_json_and_a_bar_plot(tmp_path, tiny_models):
+    out, png = tmp_path / "tput.json", tmp_path / "bars.png"
+    proc = pdserve("bench", "throughput", "--model", tiny_models["llama"], "--num-prompts", "4", "--input-len",
+                   "8", "16", "--output-len", "4", "8", "--json-out", str(out), "--plot", str(png))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(out.read_text())
+    engines = {r["engine"]: r for r in report["results"]}
+    assert set(engines) == {"pdserve", "hf-transformers"}
+    for r in engines.values():
+        assert r["requests_done"] == 4 and 16 <= r["output_tokens"] <= 32 and r["output_tok_per_s"] > 0
+    assert engines["pdserve"]["output_tokens"] == engines["hf-transformers"]["output_tokens"]
+    assert report["speedup_vs_hf"] > 0
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 5000
+
+
+def test_bench_ctrl_c_writes_what_was_measured(tmp_path, tiny_models):
+    """SIGINT in the middle of the measured iterations: partial JSON and plot, exit status 130."""
+    import signal
+    import time
+    out = tmp_path / "lat.json"
+    proc = subprocess.Popen([sys.executable, "-m", "pdserve.services.cli", "bench", "latency", "--model",
+                             tiny_models["llama"], "--input-len", "8", "--output-len", "200", "--num-iters-warmup",
+                             "0", "--num-iters", "10000", "--output-json", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    seen = ""
+    while "latency:" not in seen or "1/10000" not in seen.replace("\r", "\n"):  # one iteration done
+        assert proc.poll() is None and time.time() < deadline, seen
+        seen += proc.stderr.read(1)
+    proc.send_signal(signal.SIGINT)
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stdout
+    report = json.loads(out.read_text())
+    assert report["interrupted"] is True and report["iterations"] >= 1
+    assert len(report["latencies_s"]) == report["iterations"]
+    assert "interrupted" in stdout and (tmp_path / "lat.png").stat().st_size > 0
+
+
+# ---- flags: help, version, vLLM spellings ------------------------------------------------------
+def _walk(parser, path=("pdserve",)):
+    import argparse
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _walk(sub, (*path, name))
+        elif not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            yield " ".join(path), action, parser
+
+
+def test_version_and_every_flag_has_help_with_its_default():
+    from pdserve.services.cli import build_parser
+    proc = pdserve("--version")
+    assert proc.returncode == 0 and proc.stdout.startswith("pdserve ") and len(proc.stdout.split()) >= 2
+    missing = [(cmd, action.option_strings or action.dest) for cmd, action, _ in _walk(build_parser())
+               if not action.help]
+    assert not missing, f"flags without a help line: {missing}"
+    for cmd, action, parser in _walk(build_parser()):
+        if action.option_strings and action.default not in (None, False, [], ""):
+            text = parser.formatter_class("x")._get_help_string(action) % {"default": action.default}
+            assert "default" in text, (cmd, action.option_strings)
+    serve_help = build_parser().parse_known_args(["serve"])[0]  # parses: serve needs no flag
+    assert serve_help.device is None and serve_help.port == 8000
+
+
+def test_vllm_flag_spellings_map_to_the_engine_config():
+    from pdserve.common.config import ConfigError, engine_config
+    from pdserve.services.cli import build_parser
+    args = build_parser().parse_args(["serve", "--seed", "7", "--dtype", "half", "--trust-remote-code",
+                                      "--chat-template", "{{ messages[0].content }}"])
+    cfg = engine_config(args)
+    assert (cfg.model.seed, cfg.model.dtype, cfg.model.trust_remote_code) == (7, "float16", True)
+    assert cfg.model.device == "auto" and cfg.model.chat_template == "{{ messages[0].content }}"
+    assert engine_config(build_parser().parse_args(["serve"])).model.seed == 0  # engine default
+    args = build_parser().parse_args(["generate", "--input", "x", "--seed", "3"])
+    from pdserve.services.cli import sampling_params
+    assert sampling_params(args).seed == 3 and engine_config(args).model.seed == 3  # both, one flag
+    assert sampling_params(build_parser().parse_args(["generate", "--input", "x"])).seed is None
+    import pytest
+    with pytest.raises(ConfigError, match="--chat-template 'missing.jinja': no such file"):
+        from pdserve.common.tokenizer import read_chat_template
+        read_chat_template("missing.jinja")
+
+
+def test_kv_transfer_config_maps_vllm_keys_and_refuses_the_rest():
+    import pytest
+
+    from pdserve.common.config import ConfigError
+    from pdserve.services.cli import build_parser
+    from pdserve.services.worker.kv_transfer_config import resolve_kv_flags
+
+    def resolved(cmd, *flags, role):
+        args = build_parser().parse_args([cmd, *flags])
+        resolve_kv_flags(args, role)
+        return args
+    assert resolved("prefill", role="prefill").kv_transport == "tcp"
+    args = resolved("prefill", "--kv-transfer-config",
+                    '{"kv_connector": "NixlConnector", "kv_role": "kv_producer", "engine_id": "p7"}', role="prefill")
+    assert (args.kv_transport, args.instance_id) == ("ucx", "p7")
+    assert resolved("up", "--kv-transfer-config", '{"kv_connector": "tcp", "kv_role": "kv_both"}',
+                    role=None).kv_transport == "tcp"
+    for cmd, role, flags, needle in [
+            ("decode", "decode", ['{"kv_role": "kv_producer"}'], "does not match `pdserve decode`"),
+            ("decode", "decode", ['{"kv_connector": "tcp", "kv_ip": "1.2.3.4"}'], "kv_ip not supported"),
+            ("decode", "decode", ['{"kv_connector": "LMCacheConnectorV1"}'], "not available here"),
+            ("decode", "decode", ["not json"], "not valid JSON"),
+            ("up", None, ['{"kv_role": "kv_consumer"}'], "kv_role must be kv_both")]:
+        with pytest.raises(ConfigError, match=needle):
+            resolved(cmd, "--kv-transfer-config", *flags, role=role)
+    with pytest.raises(ConfigError, match="disagree"):
+        resolved("decode", "--kv-transport", "tcp", "--kv-transfer-config", '{"kv_connector": "ucx"}', role="decode")
+
+
+def test_generate_chat_applies_the_template_and_raw_mode_warns_once(tmp_path, tiny_models, capsys):
+    from pdserve.services.cli import main
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("What is 2 + 2?\nName a color.\n")
+    raw, chat = tmp_path / "raw.jsonl", tmp_path / "chat.jsonl"
+    common = ["--model", tiny_models["llama"], "--input", str(prompts), "--max-tokens", "3", "--temperature", "0"]
+    assert main(["generate", *common, "--output", str(raw)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("is a chat model; prompts are sent as raw text") == 1
+    assert main(["generate", *common, "--output", str(chat), "--chat"]) == 0
+    assert "raw text" not in capsys.readouterr().err
+    raw_rows = [json.loads(line) for line in raw.read_text().splitlines()]
+    chat_rows = [json.loads(line) for line in chat.read_text().splitlines()]
+    assert [r["prompt"] for r in chat_rows] == ["What is 2 + 2?", "Name a color."]
+    for r, c in zip(raw_rows, chat_rows):  # the template wraps each line in role markers
+        assert c["prompt_tokens"] > r["prompt_tokens"] + 4
+
+
+def test_device_auto_is_the_default_and_picks_cpu_here(tiny_models, tmp_path):
+    import torch
+
+    from pdserve.common.engine.llm import LLM
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<<{{ m.content }}>>{% endfor %}")
+    llm = LLM(tiny_models["llama"], num_gpu_blocks_override=64, chat_template=str(template))
+    assert llm.engine.config.model.device == "auto"
+    assert llm.engine.runner.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert llm.get_tokenizer().apply_chat_template([{"role": "user", "content": "hi"}]) == "<<hi>>"
+def test_generate_with_speculative_decoding(tmp_path, tiny_models):
+    """--speculative-config (n-gram) and the --speculative-model shorthand give the greedy tokens
+    of a run without them; a bad config is one line."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello there, hello there, hello\nThe weather today is\n")
+    base = ["generate", "--model", tiny_models["llama"], "--input", str(prompts), "--max-tokens", "12",
+            "--temperature", "0"]
+    want = pdserve(*base).stdout
+    ngram = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2})
+    for extra in (["--speculative-config", ngram],
+                  ["--speculative-model", tiny_models["llama"], "--num-speculative-tokens", "2"]):
+        proc = pdserve(*base, *extra)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout == want
+    bad = pdserve(*base, "--speculative-config", '{"method": "eagle", "num_speculative_tokens": 2}')
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "pdserve generate: error: --speculative-config: method must be one of ngram, draft_model, got 'eagle'"]
+
+
+def test_bench_spec_reports_every_method(tmp_path, tiny_models):
+    out = tmp_path / "spec.json"
+    proc = pdserve("bench", "spec", "--model", tiny_models["llama"], "--batch-sizes", "1", "2", "--max-tokens", "6",
+                   "--sequential-prompts", "1", "-k", "2", "--kv-cache-memory", "0.1", "--json-out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["method"], r["batch_size"]) for r in rows] == [(m, b) for b in (1, 2) for m in ("none", "ngram", "draft")]
+    assert all(r["outputs_identical"] and r["ms_per_output_token"] > 0 for r in rows)
+    drafted = [r for r in rows if r["method"] == "draft"]
+    assert all(r["acceptance_rate"] == 1.0 and r["mean_accepted_length"] > 1 and r["bound"] > 0 for r in drafted)

@@ -53,3 +53,27 @@ def test_no_import_cycles_between_service_modules():
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
+
+
+def _fenced_bash(text: str) -> list[str]:
+    blocks, inside = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            inside = line.strip() == "```bash"
+            continue
+        if inside:
+            blocks.append(line)
+    return blocks
+
+
+def test_ci_runs_the_readme_test_command_with_ucx_and_a_cpu_install_pulls_no_cuda_torch():
+    readme = _fenced_bash((ROOT / "README.md").read_text())
+    test_command = next(line for line in readme if line.endswith("python -m pytest -q"))
+    assert test_command in (ROOT / ".ci" / "run").read_text().splitlines()
+    assert sum(1 for line in readme if line.startswith("python3 -m venv .venv")) == 2  # two copy-paste commands
+    # without nvidia-smi: the CPU wheel of torch; the UCX transport is tested (over tcp) everywhere
+    assert "else pip install --no-deps torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in test_command
+    assert 'pip install -e ".[test,ucx]"' in test_command
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not [d for d in project["dependencies"] if "cu1" in d or d.startswith(("ucx", "rmm", "libucx", "cupy"))]
+    assert any(d.startswith("ucxx") for d in project["optional-dependencies"]["ucx"])

@@ -46,6 +46,10 @@ class AsyncLLM:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._dead: BaseException | None = None
         self._stopping = False
+        # Set by a worker (its requests have no front end here): `stream` then counts vLLM's
+        # request metrics from the deltas (common/request_metrics.py). `serve` leaves it None: its
+        # OpenAI front end counts them from the RequestOutputs.
+        self.request_metrics = None
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._thread.start()
 
@@ -77,11 +81,19 @@ class AsyncLLM:
             raise EngineDeadError(f"the engine is dead: {self._dead}")
         if request_id in self._streams:
             raise ParameterError("request_id", f"request id {request_id!r} is already running")
+        if params.structured_outputs is not None:  # compile off the loop and the engine thread (cached)
+            await asyncio.to_thread(self.core.structured.compile_ahead, params)
         self.core.validate(prompt_token_ids, params)  # ParameterError before anything is queued
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (loop, q)
-        self._send(("add", (request_id, prompt_token_ids, params, arrival_time or time.time(), output_token_ids,
+        arrival_time = arrival_time or time.time()
+        tracker = None
+        if self.request_metrics is not None:
+            from pdserve.common.request_metrics import DeltaTracker
+            tracker = DeltaTracker(self.request_metrics, arrival_time, len(prompt_token_ids), params.n,
+                                   finished_indices)
+        self._send(("add", (request_id, prompt_token_ids, params, arrival_time, output_token_ids,
                             kv_transfer, finished_indices)))
         finished = [i in finished_indices for i in range(params.n)]
         try:
@@ -89,6 +101,8 @@ class AsyncLLM:
                 item = await q.get()
                 if isinstance(item, BaseException):
                     raise item
+                if tracker is not None:
+                    tracker.observe(item, time.time())
                 yield item
                 for o in item:
                     finished[o.index] |= o.finished
@@ -96,6 +110,8 @@ class AsyncLLM:
                     return
         finally:
             self._streams.pop(request_id, None)
+            if tracker is not None:
+                tracker.close()
             if not all(finished):  # the consumer went away (client disconnect, cancellation)
                 self._send(("abort", [request_id]))
 

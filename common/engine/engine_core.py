@@ -19,7 +19,13 @@ device work of the previous one, so the GPU never waits for Python between steps
              update(sched_{k-1}, result); return deltas(...)
 
 Steps run one at a time while any request needs its latest tokens on the host to sample
-(penalties, min_tokens, logprobs; `SamplingParams.needs_host_history`).
+(penalties, min_tokens, logprobs; `SamplingParams.needs_host_history`), and always with
+speculative decoding (spec_decode/: a step's drafts are proposed from the step before's tokens).
+
+Constrained decoding (grammars, allowed_token_ids, bad_words) enters through one object,
+`self.structured` (common/engine/structured_output.py): it compiles grammars at validation,
+fills each step's token bitmask for the runner (overlapped steps included: a grammar row's token
+in flight is read from the previous step), and after update() says which requests' grammars ended.
 
 A failing forward pass fails the requests in that step with an error and the engine goes on,
 unless the runner raises EngineDeadError (a tensor-parallel rank died): that ends the engine.
@@ -42,12 +48,13 @@ from pdserve.common.engine.kv_connector import KVConnector
 from pdserve.common.engine.outputs import SchedulerOutput
 from pdserve.common.engine.scheduler import Scheduler
 from pdserve.common.engine_client import EngineDeadError
+from pdserve.common.engine.structured_output import StructuredOutputManager
 from pdserve.common.model_path import served_name
 from pdserve.common.models.loader import read_arch_config, resolve_model_path
 from pdserve.common.outputs import EngineOutput, Logprob, TokenLogprobs
 from pdserve.common.request import Request, RequestStatus, child_request_id, sequence_seed
 from pdserve.common.sampling_params import ParameterError, SamplingParams
-from pdserve.common.stats import EngineStats
+from pdserve.common.stats import EngineStats, SpecDecodeStats
 from pdserve.common.tokenizer import load_tokenizer
 
 log = logging.getLogger("pdserve.engine")
@@ -64,22 +71,29 @@ class EngineCore:
             raise ConfigError(f"--max-model-len {max_len} exceeds the model's context length "
                               f"{self.arch.max_position_embeddings}")
         self.max_model_len = max_len
-        self.tokenizer = load_tokenizer(self.model_path, config.model.tokenizer) if load_tokenizer_ else None
+        self.tokenizer = (load_tokenizer(self.model_path, config.model.tokenizer, config.model.chat_template)
+                          if load_tokenizer_ else None)
+        if config.model.trust_remote_code:
+            log.info("--trust-remote-code has no effect: pdserve runs no code from a checkpoint, downloads nothing")
         eos = list(self.arch.eos_token_ids) + (self.tokenizer.eos_token_ids if self.tokenizer else [])
         self.eos_token_ids = tuple(dict.fromkeys(eos))
         sched_cfg = dataclasses.replace(config.scheduler, max_model_len=max_len,
                                         on_cpu=resolve_device(config.model.device).type == "cpu")
         self.tensor_parallel_size = config.parallel.tensor_parallel_size
+        spec = config.speculative_config
+        if spec is not None and config.async_scheduling:
+            raise ConfigError("--async-scheduling cannot be combined with speculative decoding: its steps "
+                              "run one at a time (docs/speculative.md)")
         if self.tensor_parallel_size > 1:
             config.parallel.check_model(self.arch)
-            if connector is not None:  # rank 0's KV blocks hold only its heads: a transfer would move part of them
-                raise ConfigError("--tensor-parallel-size > 1 is not supported with a KV connector (the prefill / "
-                                  "decode workers) yet: docs/tensor-parallel.md, 'Disaggregation'")
+            if spec is not None:
+                raise ConfigError("speculative decoding with --tensor-parallel-size > 1 is not supported yet "
+                                  "(docs/speculative.md)")
             from pdserve.common.engine.tp_workers import start_tensor_parallel
             self.runner = start_tensor_parallel(config, self.arch, self.model_path, max_len, sched_cfg)
         else:
             self.runner = ModelRunner(config.model, config.cache, self.arch, self.model_path, max_len,
-                                      scheduler_cfg=sched_cfg, enforce_eager=config.enforce_eager)
+                                      scheduler_cfg=sched_cfg, enforce_eager=config.enforce_eager, speculative=spec)
         capacity = self.runner.num_blocks * config.cache.block_size
         if capacity < max_len:
             raise ConfigError(f"the KV cache holds {capacity} tokens, fewer than --max-model-len {max_len}: "
@@ -88,14 +102,18 @@ class EngineCore:
         self.connector = connector
         if connector is not None:
             connector.bind(self.kv, wake)
-        self.scheduler = Scheduler(sched_cfg, self.kv, connector)
+        self.scheduler = Scheduler(sched_cfg, self.kv, connector,
+                                   num_speculative_tokens=spec.num_speculative_tokens if spec else 0)
+        self.spec_stats = SpecDecodeStats.new(spec.num_speculative_tokens) if spec else None
         self.requests: dict[str, list[Request]] = {}  # user request id -> its sequences
         self.model_name = config.model.served_model_name or served_name(config.model.model)
+        self.structured = StructuredOutputManager(self.tokenizer, self.arch.vocab_size, self.eos_token_ids,
+                                                  pin_memory=self.runner.device.type == "cuda")
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
         overlap = config.async_scheduling
-        self.async_scheduling = self.runner.device.type == "cuda" if overlap is None else overlap
+        self.async_scheduling = (self.runner.device.type == "cuda" if overlap is None else overlap) and spec is None
         self._inflight: tuple[SchedulerOutput, PendingOutput] | None = None
         self.num_overlapped_steps = 0  # steps launched while the previous one was still running
 
@@ -113,6 +131,7 @@ class EngineCore:
             raise ParameterError("prompt", f"token id {bad} is outside the vocabulary [0, {vocab})")
         if any(t >= vocab for t in params.stop_token_ids):
             raise ParameterError("stop_token_ids", f"stop_token_ids must be below the vocabulary size {vocab}")
+        self.structured.validate(params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                     arrival_time: float | None = None, output_token_ids: list[list[int]] | None = None,
@@ -178,10 +197,11 @@ class EngineCore:
         if not overlap and self._inflight is not None:
             return self._complete(*self._take_inflight())  # drain before stepping one at a time
         sched = self.scheduler.schedule()
+        self.structured.drop(sched.finished_req_ids)
         failed, launched = [], None
         if not sched.is_empty():
             try:
-                launched = (sched, self.runner.launch(sched))
+                launched = (sched, self.runner.launch(sched, self.structured))
                 self.num_overlapped_steps += self._inflight is not None
             except EngineDeadError:
                 raise
@@ -206,8 +226,14 @@ class EngineCore:
             return self._fail(sched, e)
         self.num_steps += 1
         touched = self.scheduler.update(sched, result)
-        self.num_generated_tokens += len(touched)  # one token each (an overlapped step's extra one is dropped)
-        return self._outputs(touched)
+        if self.spec_stats is not None:
+            self.spec_stats.record(result.spec_token_ids, result.num_accepted_tokens)
+        ended, broken = self.structured.update(touched)
+        self.scheduler.finish_requests(ended, RequestStatus.FINISHED_STOPPED)  # reported through touched
+        self.scheduler.finish_requests(broken, RequestStatus.FINISHED_ERROR)
+        outputs = self._outputs(touched)  # an overlapped step's extra token was dropped in update()
+        self.num_generated_tokens += sum(len(o.new_token_ids) for o in outputs)
+        return outputs
 
     def _fail(self, sched: SchedulerOutput, error: Exception) -> list[EngineOutput]:
         log.error("forward pass failed", exc_info=error)
@@ -262,7 +288,8 @@ class EngineCore:
                            num_steps=self.num_steps, num_prompt_tokens=self.num_prompt_tokens,
                            num_generated_tokens=self.num_generated_tokens,
                            tensor_parallel_size=self.tensor_parallel_size,
-                           kv_blocks_fit_by_rank=list(self.runner.num_blocks_by_rank))
+                           kv_blocks_fit_by_rank=list(self.runner.num_blocks_by_rank),
+                           spec_decode=None if self.spec_stats is None else self.spec_stats.snapshot())
 
 
 def _logprob_dict(top: dict[int, tuple[float, int]]) -> TokenLogprobs:

@@ -88,6 +88,20 @@ class KVCacheManager:
             if blocks[i].block_hash is None:
                 self.pool.cache_block(blocks[i], hashes[i])
 
+    def free_tail(self, req: Request, num_tokens: int) -> None:
+        """Free the blocks past those holding the first `num_tokens` tokens (speculative decoding:
+        blocks reserved for drafts that were rejected). They never carry a hash: only full
+        blocks of known tokens are hashed."""
+        blocks = self._blocks.get(req.request_id)
+        keep = cdiv(num_tokens, self.block_size)
+        if blocks is None or len(blocks) <= keep:
+            return
+        tail = blocks[keep:]
+        del blocks[keep:]
+        assert all(b.block_hash is None for b in tail), tail
+        self.pool.free(list(reversed(tail)))
+        req.block_ids = [b.block_id for b in blocks]
+
     def free(self, req: Request) -> None:
         blocks = self._blocks.pop(req.request_id, [])
         self.pool.free(list(reversed(blocks)))

@@ -20,6 +20,9 @@ Tensor parallel (`tp`, this rank's TPComm): every rank runs a runner on its shar
 and KV heads and the same steps (engine/tp_workers.py); rank 0 samples and broadcasts the
 tokens, the other ranks only take part in the collectives and keep the tokens for the next
 step's device-side input fill. The KV pool is the smallest any rank can hold.
+
+With speculative decoding the runner also owns the proposer (`spec_decode.decoder.SpecDecoder`):
+drafts are appended to the inputs before the forward pass and verified on its logits.
 """
 
 from __future__ import annotations
@@ -29,34 +32,50 @@ import itertools
 import numpy as np
 import torch
 
-from pdserve.common.config import ArchConfig, CacheConfig, ConfigError, ModelConfig, SchedulerConfig, cpu_has_bf16
+from pdserve.common.config import (ArchConfig, CacheConfig, ConfigError, ModelConfig, SchedulerConfig,
+                                   SpeculativeConfig, cpu_has_bf16)
 from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledRequest, SchedulerOutput
 from pdserve.common.engine.sampler import Sampler, top_logprobs
 from pdserve.common.models.attention import AttentionMetadata, PrefillSeq, StepInputs
 from pdserve.common.models.llama import TORCH_OPS
 from pdserve.common.models.packed_upload import PackedUpload
 from pdserve.common.models.loader import checkpoint_dtype, load_model, resolve_dtype
+from pdserve.common.models.quantization.kv_cache import attach_kv_scales, calibrate_kv_scales, kv_cache_dtype
 from pdserve.common.sampling_params import SamplingParams
 
 GiB = 1 << 30
 
 
+def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros; on the CPU backed by an anonymous private mapping, whose pages the kernel
+    zero-fills on first touch: a KV pool of gigabytes costs no start-up time (zeroing 2 GB took
+    ~1.5 s here) and no memory until its blocks are used."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import math
+    import mmap
+    from pdserve.common.models.cpu_ops import advise_huge_pages
+    buf = mmap.mmap(-1, math.prod(shape) * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    out = torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
+    advise_huge_pages(out)  # before the first touch: decode attention reads blocks all over the pool
+    return out
+
+
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, arch: ArchConfig, path: str,
                  max_model_len: int, scheduler_cfg: SchedulerConfig | None = None, enforce_eager: bool = True,
-                 attention_backend: str | None = None, tp=None):
+                 attention_backend: str | None = None, tp=None, speculative: SpeculativeConfig | None = None):
         """`attention_backend` ("torch" | "triton" | "cpu" | "cpu_eager") overrides the choice by
         device and --kernels (tests only)."""
         self.arch = arch
         self.tp = tp
+        self.model_cfg = model_cfg
+        self.enforce_eager = enforce_eager
         self.block_size = cache_cfg.block_size
         self.max_model_len = max_model_len
         self.scheduler_cfg = scheduler_cfg or SchedulerConfig(max_model_len=max_model_len)
         self.device = resolve_device(model_cfg.device)
-        requested = model_cfg.dtype
-        if requested == "auto" and self.device.type == "cpu":
-            requested = "bfloat16" if cpu_has_bf16() else "float32"
-        self.dtype = resolve_dtype(requested, checkpoint_dtype(path))
+        self.dtype = model_dtype(model_cfg.dtype, path, self.device)
         if attention_backend is None and model_cfg.kernels == "reference":
             attention_backend = "torch"
         ops, self.inputs = _select_backend(self.device, attention_backend, self.block_size, arch.sliding_window)
@@ -79,10 +98,22 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator] = {}
         self._tables = BlockTableCache()
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] = (torch.empty(0), {})  # tokens, req_id -> row
+        self._last_pending: PendingOutput | None = None  # the last launched step that sampled
         self._fill_upload = PackedUpload(self.device, 1024)
         self.kv_cache: torch.Tensor | None = None  # [L, 2, num_blocks, block_size, KVH, D], one allocation
         self.kv_caches: list[torch.Tensor] = []  # its per-layer views [2, num_blocks, block_size, KVH, D]
         self.graphs = None  # captured after the KV cache exists
+        self.spec = None  # the SpecDecoder, set below with --speculative-config
+        # --kv-cache-dtype fp8: e4m3 tensors, per-layer [2, KVH] scales calibrated here (quantization/kv_cache.py)
+        if cache_cfg.fp8_kv and tp is not None:
+            raise ConfigError("--kv-cache-dtype fp8 with --tensor-parallel-size > 1 is not supported yet")
+        self.kv_dtype = kv_cache_dtype(cache_cfg.fp8_kv, self.dtype)
+        self.kv_scales = calibrate_kv_scales(self, cache_cfg.kv_cache_scale == "per-tensor") if cache_cfg.fp8_kv else None
+        attach_kv_scales(self.model, self.kv_scales)
+        if speculative is not None:  # a draft model's KV shares the pool's block ids: sized together
+            from pdserve.common.engine.spec_decode.decoder import SpecDecoder
+            self.spec = SpecDecoder(speculative, self)
+        self.extra_bytes_per_block = 0 if self.spec is None else self.spec.draft_bytes_per_block(self.block_size)
         if cache_cfg.num_blocks:
             self.num_blocks = cache_cfg.num_blocks
         elif self.device.type == "cuda":
@@ -97,12 +128,18 @@ class ModelRunner:
         except torch.OutOfMemoryError as e:
             raise ConfigError(f"a KV cache of {self.num_blocks} blocks does not fit on {self.device}: "
                               "lower --num-gpu-blocks-override or --gpu-memory-utilization") from e
+        if self.kv_scales is not None:  # an fp8 cache carries its scales into the KV transport's layout
+            self.kv_cache.kv_scale = torch.stack(self.kv_scales)  # [L, 2, KVH]
+            for kv, scale in zip(self.kv_caches, self.kv_scales):
+                kv.kv_scale = scale
         if self.device.type == "cuda" and ops is not TORCH_OPS and not enforce_eager:
             from pdserve.common.engine.cuda_graphs import DecodeGraphs
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.num_kv_heads, self.block_size,
                                        self.scheduler_cfg.max_num_seqs, max_model_len, self.device)
             with torch.inference_mode():
                 self.graphs.capture()
+        if self.spec is not None:
+            self.spec.start()
 
     def check_alive(self) -> None:
         """Raises EngineDeadError when the runner cannot go on (a tensor-parallel rank died)."""
@@ -116,20 +153,16 @@ class ModelRunner:
         a = self.arch
         self.kv_cache = None
         self.kv_caches = []
-        shape = (a.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, a.head_dim)
-        if self.device.type == "cpu":  # in huge pages: decode attention reads blocks all over the pool
-            from pdserve.common.models.cpu_ops import zeros_in_huge_pages
-            self.kv_cache = zeros_in_huge_pages(shape, self.dtype)
-        else:
-            self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = zeros_on_demand((a.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, a.head_dim),
+                                        self.kv_dtype, self.device)
         self.kv_caches = list(self.kv_cache.unbind(0))
 
     def bytes_per_block(self) -> int:
         a = self.arch
-        return 2 * a.num_layers * self.block_size * self.num_kv_heads * a.head_dim * self.dtype.itemsize
+        return 2 * a.num_layers * self.block_size * self.num_kv_heads * a.head_dim * self.kv_dtype.itemsize
 
     def _blocks_for_memory(self, cache_cfg: CacheConfig) -> int:
-        num = int(cache_cfg.kv_cache_memory_gb * GiB) // self.bytes_per_block()
+        num = int(cache_cfg.kv_cache_memory_gb * GiB) // (self.bytes_per_block() + self.extra_bytes_per_block)
         if num < 1:
             raise ConfigError(f"--kv-cache-memory {cache_cfg.kv_cache_memory_gb} GB holds no KV block")
         return num
@@ -160,7 +193,9 @@ class ModelRunner:
         torch.cuda.empty_cache()
         free_now, _ = torch.cuda.mem_get_info(self.device)
         budget = min(total * cache_cfg.gpu_memory_utilization - peak - outside_torch, free_now)
-        num = max(int(budget // self.bytes_per_block()), 0)
+        if self.spec is not None:  # the draft's weights, and the verify step's extra logits rows
+            budget -= self.spec.reserved_bytes() + self._verify_bytes()
+        num = max(int(budget // (self.bytes_per_block() + self.extra_bytes_per_block)), 0)
         needed = -(-self.max_model_len // self.block_size)
         if num < needed:
             raise ConfigError(
@@ -170,6 +205,13 @@ class ModelRunner:
                 f"{outside_torch / GiB:.1f} GiB outside torch; --max-model-len {self.max_model_len} needs {needed} "
                 "blocks: raise --gpu-memory-utilization or lower --max-model-len / --max-num-batched-tokens")
         return num
+
+    def _verify_bytes(self) -> int:
+        """A verify step computes logits at k + 1 rows per request (the profile step: one), and
+        keeps about four [rows, vocab] float32 tensors (logits, probabilities, noise, residual)."""
+        rows = min(self.scheduler_cfg.max_num_seqs * (self.spec.config.num_speculative_tokens + 1),
+                   self.scheduler_cfg.token_budget)
+        return 4 * rows * self.arch.vocab_size * 4
 
     def _profile_step(self, num_tokens: int, max_num_seqs: int) -> SchedulerOutput:
         num_reqs = max(1, min(max_num_seqs, num_tokens))
@@ -185,21 +227,59 @@ class ModelRunner:
         return SchedulerOutput(scheduled=scheduled, num_batched_tokens=num_tokens)
 
     # ---- one step -----------------------------------------------------------------------------
-    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        return self.launch(sched).result()
+    def execute(self, sched: SchedulerOutput, token_masks=None) -> RunnerOutput:
+        return self.launch(sched, token_masks).result()
 
     @torch.inference_mode()
-    def launch(self, sched: SchedulerOutput) -> "PendingOutput":
+    def launch(self, sched: SchedulerOutput, token_masks=None) -> "PendingOutput":
         """Queue one step on the device; `result()` of the return value waits for its tokens.
-        Steps whose requests need logprobs wait here (they read results on the host)."""
-        for req_id in sched.finished_req_ids:
-            self._generators.pop(req_id, None)
-        self._tables.drop(sched.finished_req_ids | sched.preempted_req_ids)
+        Steps whose requests need logprobs, and verify steps, wait here (they read results on
+        the host). `token_masks` (a StructuredOutputManager) fills the sampled rows' token
+        bitmask on the host while the forward runs on the device; a row whose last token is
+        still in flight reads it from the previous step (`_inflight_token`)."""
         out = RunnerOutput(sampled_token_ids={})
-        if sched.is_empty():
+        ordered, step, hidden, sample_rows = self._forward(sched)
+        if not ordered:
             return PendingOutput(out)
-        decodes = [s for s in sched.scheduled if s.num_tokens == 1]
-        prefills = [s for s in sched.scheduled if s.num_tokens > 1]
+        for st, s in zip(step.query_start_loc.tolist(), ordered):
+            if s.params.prompt_logprobs is not None and s.start_pos < len(s.prompt_token_ids):
+                out.prompt_logprobs[s.req_id] = self._prompt_logprobs(hidden[st:st + s.num_tokens], s)
+        sample_reqs = [s for s in ordered if s.sample]
+        if not sample_reqs:
+            return PendingOutput(out)
+        if self.spec is not None and self.spec.has_drafts():
+            self.spec.verify(hidden, step, ordered, out, token_masks)
+            return PendingOutput(out)
+        logits = self.model.compute_logits(hidden.index_select(0, sample_rows))  # [S, V]
+        index = {s.req_id: i for i, s in enumerate(sample_reqs)}
+        if logits is None:  # tensor-parallel rank > 0: rank 0 samples; keep its tokens for the next inputs
+            tokens = torch.empty(len(sample_reqs), dtype=torch.int64, device=self.device)
+            self._last_sampled = (self.tp.broadcast_from_first(tokens), index)
+            return PendingOutput(out)
+        gens = [self.generator(s) for s in sample_reqs]
+        bitmask = token_masks.fill(sample_reqs, self._inflight_token) if token_masks is not None else None
+        tokens = self.sampler.sample(logits, sample_reqs, self.arch.eos_token_ids, gens, bitmask)
+        if self.tp is not None:
+            self.tp.broadcast_from_first(tokens)
+        self._last_sampled = (tokens, index)
+        out.logprobs = self.sampler.logprobs(logits, tokens, sample_reqs)
+        self._last_pending = PendingOutput(out, [s.req_id for s in sample_reqs], tokens)
+        return self._last_pending
+
+    def _inflight_token(self, req_id: str) -> int:
+        """The token the previous launched step sampled for req_id, on the host. Waits for that
+        step only: the step being launched is already queued behind it and keeps the device busy."""
+        return self._last_pending.result().sampled_token_ids[req_id]
+
+    def _forward(self, sched: SchedulerOutput):
+        """The forward pass of a step -> (requests in row order: decodes first, StepInputs,
+        hidden [T, h], sample_rows [S]); ([], None, None, None) for an empty step."""
+        self.forget(sched.finished_req_ids | sched.preempted_req_ids)
+        if sched.is_empty():
+            return [], None, None, None
+        scheduled = sched.scheduled if self.spec is None else self.spec.prepare(sched)
+        decodes = [s for s in scheduled if s.num_tokens == 1]
+        prefills = [s for s in scheduled if s.num_tokens > 1]
         ordered = decodes + prefills
         step = flatten_step(ordered, len(decodes), self.block_size, self._tables)
         fill = self._placeholder_fill(ordered, step)
@@ -210,26 +290,22 @@ class ModelRunner:
             if fill is not None:
                 fill(input_ids)
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
+        return ordered, step, hidden, sample_rows
 
-        for st, s in zip(step.query_start_loc.tolist(), ordered):
-            if s.params.prompt_logprobs is not None and s.start_pos < len(s.prompt_token_ids):
-                out.prompt_logprobs[s.req_id] = self._prompt_logprobs(hidden[st:st + s.num_tokens], s)
-        sample_reqs = [s for s in ordered if s.sample]
-        if not sample_reqs:
-            return PendingOutput(out)
-        logits = self.model.compute_logits(hidden.index_select(0, sample_rows))  # [S, V]
-        index = {s.req_id: i for i, s in enumerate(sample_reqs)}
-        if logits is None:  # tensor-parallel rank > 0: rank 0 samples; keep its tokens for the next inputs
-            tokens = torch.empty(len(sample_reqs), dtype=torch.int64, device=self.device)
-            self._last_sampled = (self.tp.broadcast_from_first(tokens), index)
-            return PendingOutput(out)
-        gens = [self._generator(s) for s in sample_reqs]
-        tokens = self.sampler.sample(logits, sample_reqs, self.arch.eos_token_ids, gens)
-        if self.tp is not None:
-            self.tp.broadcast_from_first(tokens)
-        self._last_sampled = (tokens, index)
-        out.logprobs = self.sampler.logprobs(logits, tokens, sample_reqs)
-        return PendingOutput(out, [s.req_id for s in sample_reqs], tokens)
+    @torch.inference_mode()
+    def forward_logits(self, sched: SchedulerOutput) -> tuple[list[ScheduledRequest], torch.Tensor]:
+        """A forward pass without sampling (a draft model's): the requests with sample=True in row
+        order, and the logits [S, V] at their last tokens."""
+        ordered, _, hidden, sample_rows = self._forward(sched)
+        return [s for s in ordered if s.sample], self.model.compute_logits(hidden.index_select(0, sample_rows))
+
+    def forget(self, req_ids) -> None:
+        """Drop the cached state of finished or preempted requests."""
+        for req_id in req_ids:
+            self._generators.pop(req_id, None)
+        self._tables.drop(req_ids)
+        if self.spec is not None:
+            self.spec.proposer.forget(req_ids)
 
     def _placeholder_fill(self, ordered: list[ScheduledRequest], step: StepInputs):
         """The device-side fill of PLACEHOLDER_TOKEN inputs from the last launched step's sampled
@@ -252,7 +328,7 @@ class ModelRunner:
             input_ids[dst_dev.long()] = tokens.index_select(0, src_dev).to(input_ids.dtype)
         return fill
 
-    def _generator(self, s: ScheduledRequest) -> torch.Generator | None:
+    def generator(self, s: ScheduledRequest) -> torch.Generator | None:
         """The generator of a seeded request, re-seeded for the position it samples now.
 
         The rule that makes a seeded request's tokens independent of the route it takes (one
@@ -367,6 +443,14 @@ class BlockTableCache:
             entry = self._entries.pop(req_id, None)
             if entry is not None:
                 self._free_rows.append(entry[0])
+
+
+def model_dtype(requested: str, path: str, device: torch.device) -> torch.dtype:
+    """--dtype: "auto" is bf16 on a CPU that computes it natively, fp32 on other CPUs, the
+    checkpoint's dtype on CUDA."""
+    if requested == "auto" and device.type == "cpu":
+        requested = "bfloat16" if cpu_has_bf16() else "float32"
+    return resolve_dtype(requested, checkpoint_dtype(path))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -27,6 +27,11 @@ class ScheduledRequest:
     params: SamplingParams
     prompt_token_ids: list[int]  # for penalties and prompt logprobs (shared references, not copies)
     output_token_ids: list[int]
+    # Speculative decoding (spec_decode/): KV slots the scheduler reserved past the known tokens
+    # for drafts; the runner proposes at most that many and appends them to input_token_ids
+    # (spec_token_ids, runner side only).
+    num_spec_slots: int = 0
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -52,3 +57,8 @@ class RunnerOutput:
     logprobs: dict[str, tuple[float, dict[int, tuple[float, int]]]] = field(default_factory=dict)
     # req_id -> prompt logprob entries for the prompt tokens covered by this step's chunk
     prompt_logprobs: dict[str, list[dict[int, tuple[float, int]] | None]] = field(default_factory=dict)
+    # Speculative decoding: req_id -> the drafts it fed, and how many of them were accepted; the
+    # accepted ones come before its sampled token (which corrects the first rejected draft or
+    # follows the last accepted one).
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    num_accepted_tokens: dict[str, int] = field(default_factory=dict)

@@ -1,6 +1,7 @@
 """Sampler: logits [B, V] -> one token per row, plus logprobs when asked (pure torch).
 
-Order per row: penalties -> min_tokens (EOS/stop ids masked) -> greedy argmax, or temperature ->
+Order per row: token bitmask (grammar, allowed_token_ids, bad_words: masked logits -> -inf) ->
+logit_bias -> penalties -> min_tokens (EOS/stop ids masked) -> greedy argmax, or temperature ->
 softmax -> top-k / top-p / min-p -> exponential race `argmax(p / q)`, q ~ Exp(1) drawn from the
 request's own torch.Generator when it has a seed (so a seeded request gives the same tokens
 whatever else is in the batch). Reported logprobs are the model's raw distribution
@@ -22,10 +23,19 @@ class Sampler:
         self._shared = torch.Generator(device=device)
         self._shared.manual_seed(seed)
 
+    @property
+    def shared_generator(self) -> torch.Generator:
+        """The stream of unseeded requests (speculative verification draws from it too)."""
+        return self._shared
+
     def sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest], eos_token_ids: tuple[int, ...],
-               generators: list[torch.Generator | None]) -> torch.Tensor:
+               generators: list[torch.Generator | None], bitmask: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens [B] on the device; nothing here waits for the device (small host lists go
-        through pinned memory), so a step can be queued behind the one running."""
+        through pinned memory), so a step can be queued behind the one running. `bitmask`
+        [B, ceil(V / 32)] int32 on the host: bit t of row i set = token t allowed for row i."""
+        if bitmask is not None:  # in place unless logprobs (of the raw logits) are wanted
+            logits = apply_token_bitmask(logits, bitmask, copy=any(r.params.logprobs is not None for r in reqs))
+        logits = self._apply_logit_bias(logits, reqs)
         logits = self._apply_penalties(logits, reqs)
         logits = self._apply_min_tokens(logits, reqs, eos_token_ids)
         greedy = [r.params.temperature == 0 for r in reqs]
@@ -49,13 +59,24 @@ class Sampler:
         return logprobs
 
     def _sample_random(self, logits, reqs, generators) -> torch.Tensor:
-        temps = to_device([r.params.temperature or 1.0 for r in reqs], torch.float32, logits.device)
-        probs = torch.softmax(logits / temps[:, None], dim=-1)
-        probs = _filter(probs, reqs)
+        probs = processed_probs(logits, reqs)
         q = torch.empty_like(probs)
         for i, gen in enumerate(generators):
             q[i].exponential_(generator=gen if gen is not None else self._shared)
         return (probs / q).argmax(dim=-1)
+
+    @staticmethod
+    def _apply_logit_bias(logits: torch.Tensor, reqs: list[ScheduledRequest]) -> torch.Tensor:
+        rows = [(i, r.params.logit_bias) for i, r in enumerate(reqs) if r.params.logit_bias]
+        if not rows:
+            return logits
+        row_ids = [i for i, bias in rows for _ in bias]
+        token_ids = [t for _, bias in rows for t in bias]
+        values = [v for _, bias in rows for v in bias.values()]
+        logits = logits.clone()
+        logits.index_put_((to_device(row_ids, torch.long, logits.device), to_device(token_ids, torch.long, logits.device)),
+                          to_device(values, logits.dtype, logits.device), accumulate=True)
+        return logits
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, reqs: list[ScheduledRequest]) -> torch.Tensor:
@@ -87,6 +108,22 @@ class Sampler:
             if banned:
                 logits[i, banned] = float("-inf")
         return logits
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, copy: bool = True) -> torch.Tensor:
+    """Logits with the tokens whose bit is clear set to -inf (`copy`: on a copy, so the raw
+    logits stay for logprobs). xgrammar's kernel: C++ on CPU, Triton on CUDA."""
+    from xgrammar import apply_token_bitmask_inplace
+    if copy:
+        logits = logits.clone()
+    apply_token_bitmask_inplace(logits, bitmask.to(logits.device, non_blocking=True), vocab_size=logits.shape[1])
+    return logits
+def processed_probs(logits: torch.Tensor, reqs) -> torch.Tensor:
+    """The distribution a random row samples from: softmax(logits / temperature), then top-k /
+    top-p / min-p (row i follows reqs[i].params), not renormalized after the filters (the
+    exponential race does not need it). Speculative verification shares it."""
+    temps = to_device([r.params.temperature or 1.0 for r in reqs], torch.float32, logits.device)
+    return _filter(torch.softmax(logits / temps[:, None], dim=-1), reqs)
 
 
 def _filter(probs: torch.Tensor, reqs: list[ScheduledRequest]) -> torch.Tensor:

@@ -16,6 +16,11 @@ next input is PLACEHOLDER_TOKEN, which the runner fills on the device; a request
 token certainly ends it (max_tokens, max_model_len) is not scheduled again. One whose token
 turns out to be EOS or a stop runs one extra step whose token update() drops.
 
+Speculative decoding (spec_decode/): a decoding request also gets KV slots (and budget) for up
+to k drafts past its known tokens (`num_spec_slots`); update() appends the accepted drafts and
+the token after them, counts only their KV as computed and frees blocks left holding only
+rejected drafts.
+
 KV connector (disaggregated serving, kv_connector.py): a waiting request whose KV the connector
 loads from elsewhere is reserved its blocks and parked as WAITING_FOR_KV until the connector
 reports the load; a finishing request may have its prompt's blocks leased to a consumer.
@@ -32,12 +37,15 @@ from pdserve.common.config import SchedulerConfig
 from pdserve.common.engine.kv_cache_manager import KVCacheManager
 from pdserve.common.engine.kv_connector import KVConnector
 from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledRequest, SchedulerOutput
+from pdserve.common.engine.spec_decode import max_draft_tokens
 from pdserve.common.request import Request, RequestStatus
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, connector: KVConnector | None = None):
+    def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, connector: KVConnector | None = None,
+                 num_speculative_tokens: int = 0):
         self.config = config
+        self.num_speculative_tokens = num_speculative_tokens
         self.kv = kv_manager
         self.connector = connector
         self.waiting: deque[Request] = deque()
@@ -84,15 +92,16 @@ class Scheduler:
             if num_new <= 0 or req.finishes_with_inflight(self.config.max_model_len):
                 i += 1  # its step in flight ends it (update() finishes it)
                 continue
-            while not self.kv.allocate_slots(req, num_new):
+            reaches_end = req.num_computed_tokens + num_new == req.num_tokens
+            while (num_spec := self._allocate(req, num_new, budget, reaches_end)) is None:
                 victim = self.running.pop()  # newest first
                 self._preempt(victim)
                 preempted.add(victim.request_id)
                 if victim is req:
                     break
             else:
-                scheduled.append(self._scheduled(req, num_new))
-                budget -= num_new
+                scheduled.append(self._scheduled(req, num_new, num_spec))
+                budget -= num_new + num_spec
                 i += 1
 
         if not preempted:
@@ -114,7 +123,8 @@ class Scheduler:
                     if not self.config.enable_chunked_prefill:
                         break
                     num_new = budget
-                if not self.kv.allocate_slots(req, num_new, computed):
+                num_spec = self._allocate(req, num_new, budget, num_new == num_left, computed)
+                if num_spec is None:
                     break
                 self.waiting.popleft()
                 if req.num_cached_tokens is None:
@@ -123,8 +133,8 @@ class Scheduler:
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = now
                 self.running.append(req)
-                scheduled.append(self._scheduled(req, num_new))
-                budget -= num_new
+                scheduled.append(self._scheduled(req, num_new, num_spec))
+                budget -= num_new + num_spec
             self.waiting.extendleft(reversed(behind_loads))
 
         finished, self._finished_ids = self._finished_ids, set()
@@ -132,7 +142,19 @@ class Scheduler:
                                num_batched_tokens=self.config.token_budget - budget,
                                finished_req_ids=finished, preempted_req_ids=preempted)
 
-    def _scheduled(self, req: Request, num_new: int) -> ScheduledRequest:
+    def _allocate(self, req: Request, num_new: int, budget: int, reaches_end: bool, computed=()) -> int | None:
+        """Reserve KV slots for num_new tokens, and for drafts when the chunk reaches the end of the
+        known tokens and the request speculates (without drafts if the pool is short for them).
+        Returns the draft slots reserved, or None when not even num_new fit."""
+        num_spec = 0
+        if reaches_end and self.num_speculative_tokens:
+            num_spec = min(max_draft_tokens(req, self.num_speculative_tokens, self.config.max_model_len),
+                           budget - num_new)
+        if num_spec > 0 and self.kv.allocate_slots(req, num_new + num_spec, computed):
+            return num_spec
+        return 0 if self.kv.allocate_slots(req, num_new, computed) else None
+
+    def _scheduled(self, req: Request, num_new: int, num_spec: int = 0) -> ScheduledRequest:
         start = req.num_computed_tokens
         end = start + num_new
         known = req.num_tokens
@@ -145,7 +167,7 @@ class Scheduler:
         return ScheduledRequest(
             req_id=req.request_id, input_token_ids=tokens, start_pos=start,
             block_ids=req.block_ids, sample=sample, params=req.params,
-            prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids)
+            prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids, num_spec_slots=num_spec)
 
     # ---- KV loads (connector) ---------------------------------------------------------------
     def _start_load(self, req: Request) -> bool:
@@ -208,16 +230,27 @@ class Scheduler:
             if token is None:
                 continue
             req.num_inflight -= 1
-            req.append_output_token(token)
-            if s.req_id in result.logprobs:
-                chosen, top = result.logprobs[s.req_id]
-                req.logprobs.append((chosen, top))
-                req.cumulative_logprob += chosen
+            drafts = result.spec_token_ids.get(s.req_id)
+            new_tokens = [token]
+            if drafts:  # the accepted drafts' KV is valid; the rest of the reserved slots are not
+                num_accepted = result.num_accepted_tokens[s.req_id]
+                new_tokens = drafts[:num_accepted] + new_tokens
+                req.num_computed_tokens += num_accepted
+            for token in new_tokens:
+                req.append_output_token(token)
+                if s.req_id in result.logprobs:
+                    chosen, top = result.logprobs[s.req_id]
+                    req.logprobs.append((chosen, top))
+                    req.cumulative_logprob += chosen
+                status = self._check_stop(req, token)
+                if status is not None:
+                    self.finish_requests([req.request_id], status)
+                    break
+            else:
+                if s.num_spec_slots:
+                    self.kv.free_tail(req, req.num_tokens)
             if req.first_token_time is None:
                 req.first_token_time = now
-            status = self._check_stop(req, token)
-            if status is not None:
-                self.finish_requests([req.request_id], status)
             touched.append(req)
         return touched
 

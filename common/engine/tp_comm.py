@@ -98,6 +98,11 @@ class TPComm:
                 log.warning("aborting the NCCL group failed: %s", e)
 
     def close(self) -> None:
+        if self.backend == "nccl":
+            # destroy_process_group waits for the peers (seen hanging on 2 x H200 once the other
+            # ranks had exited); at shutdown there is nothing left to wait for, so abort.
+            self.abort()
+            return
         if dist.is_initialized():
             try:
                 dist.destroy_process_group()

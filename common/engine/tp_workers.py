@@ -20,6 +20,10 @@ until each has joined (noticing one that died on the way), then every rank build
 ModelRunner in lockstep: the KV pool is the smallest any rank can hold, CUDA graphs are captured
 on every rank (their all-reduces inside).
 
+KV transport (disaggregated workers): each rank r > 0 also gets one end of a socketpair, its KV
+link: a thread of the worker (kv_transfer/tp_agent.py) serves and fills rank r's KV shard for
+rank 0's worker process, which holds the other end (`TPWorkers.kv_links`); idle otherwise.
+
 Failure: a rank that exits (killed, or failed in a step) ends the instance. A watchdog thread
 sees its process exit (a pidfd) and aborts rank 0's NCCL communicator (so nothing on the device waits
 for it); the next launch / result / idle check raises RankDeadError (an EngineDeadError), which
@@ -35,6 +39,7 @@ import logging
 import multiprocessing.connection as mpc
 import os
 import pickle
+import socket
 import subprocess
 import sys
 import threading
@@ -106,19 +111,23 @@ class TPWorkers:
         self._exits: list[int] = []  # pidfds: readable once the worker exited
         self._steps: list[mpc.Connection] = []
         self._status: list[mpc.Connection] = []
+        self.kv_links: list[socket.socket] = []  # rank 0's end of each rank's KV link (tp_agent.py)
         self.dead: str | None = None
         self._closed = False
         self._status_lock = threading.Lock()  # the watchdog and the engine thread both read status pipes
         for rank in range(1, n):
             step_r, step_w = mpc.Pipe(duplex=False)
             status_r, status_w = mpc.Pipe(duplex=False)
+            kv_link, kv_link_child = socket.socketpair()
             rank_cfg = dataclasses.replace(config, model=dataclasses.replace(config.model,
                                                                               device=rank_device(device, rank)))
-            fds = (step_r.fileno(), status_w.fileno())
+            fds = (step_r.fileno(), status_w.fileno(), kv_link_child.fileno())
             proc = subprocess.Popen([sys.executable, "-c", "from pdserve.common.engine.tp_workers import "
-                                     f"worker_entry; worker_entry({fds[0]}, {fds[1]})"], pass_fds=fds)
+                                     f"worker_entry; worker_entry({fds[0]}, {fds[1]}, {fds[2]})"], pass_fds=fds)
             step_r.close()
             status_w.close()
+            kv_link_child.close()
+            self.kv_links.append(kv_link)
             self.procs.append(proc)
             self._exits.append(os.pidfd_open(proc.pid))
             self._steps.append(step_w)
@@ -156,9 +165,13 @@ class TPWorkers:
 
     def _find_dead(self, timeout: float) -> str | None:
         """A message naming the first exited worker (and its error), after waiting up to `timeout`."""
-        mpc.wait(self._exits, timeout)
-        for rank, (proc, status) in enumerate(zip(self.procs, self._status), start=1):
-            if proc.poll() is not None:
+        exited = set(mpc.wait(self._exits, timeout))  # pidfds of exited workers
+        for rank, (proc, status, exit_fd) in enumerate(zip(self.procs, self._status, self._exits), start=1):
+            if exit_fd in exited or proc.poll() is not None:
+                # Popen.poll() answers None while another thread (the watchdog) reaps the process
+                deadline = time.monotonic() + 1.0
+                while proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(0.005)
                 detail = ""
                 with self._status_lock:
                     try:
@@ -228,6 +241,8 @@ class TPWorkers:
         for fd in self._exits:
             os.close(fd)
         self._exits = []
+        for link in self.kv_links:
+            link.close()
         if hasattr(self, "comm"):
             self.comm.close()
 
@@ -241,12 +256,13 @@ class TPDriverRunner(ModelRunner):
         workers.wait_ready()
         self.workers = workers
 
-    def launch(self, sched: SchedulerOutput) -> PendingOutput:
+    def launch(self, sched: SchedulerOutput, token_masks=None) -> PendingOutput:
+        """`token_masks`: as ModelRunner.launch (rank 0 samples, so only it masks)."""
         if self.workers is None:
             return super().launch(sched)  # start-up (the CUDA profiling step): every rank runs its own
         self.workers.send_step(sched)
         try:
-            return _TPPending(super().launch(sched), self.workers)
+            return _TPPending(super().launch(sched, token_masks), self.workers)
         except Exception as e:
             raise self.workers.fail(e) from e
 
@@ -296,9 +312,10 @@ def start_tensor_parallel(config: EngineConfig, arch: ArchConfig, path: str, max
 
 
 # ---- a worker process ------------------------------------------------------------------------------
-def worker_entry(steps_fd: int, status_fd: int) -> None:
+def worker_entry(steps_fd: int, status_fd: int, kv_link_fd: int | None = None) -> None:
     """Rank r: read its configuration, join, build the runner on its shard, then run every step
-    the engine sends until an empty message (shutdown) or EOF (the engine process is gone)."""
+    the engine sends until an empty message (shutdown) or EOF (the engine process is gone).
+    kv_link_fd: its end of the KV link, served by a KV agent thread (module docstring)."""
     steps, status = mpc.Connection(steps_fd, writable=False), mpc.Connection(status_fd, readable=False)
     rank, world_size, store_port, config, arch, path, max_model_len, sched_cfg = steps.recv()
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s %(levelname)s tp-rank{rank} %(name)s: %(message)s")
@@ -317,6 +334,9 @@ def worker_entry(steps_fd: int, status_fd: int) -> None:
         log.exception("start-up failed")
         _report(status, "error", f"{type(e).__name__}: {e}")
         os._exit(1)
+    if kv_link_fd is not None:
+        from pdserve.common.kv_transfer.tp_agent import start_agent
+        start_agent(kv_link_fd, runner.kv_cache)
     _report(status, "ready", runner.num_blocks)
     params_cache: dict = {}
     while True:

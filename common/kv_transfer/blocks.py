@@ -133,11 +133,12 @@ class BlockCopier:
 
     def __init__(self, kv_caches: list[torch.Tensor], layout: KVLayout, phases: PullPhases,
                  kernel: str | None = None):
-        self.kv_caches = kv_caches
+        # fp8 caches are copied as bytes (index_copy_ has no float8 kernel)
+        self.kv_caches = [kv.view(torch.uint8) if kv.element_size() == 1 else kv for kv in kv_caches]
         self.layout = layout
         self.phases = phases
         self.device = kv_caches[0].device
-        self.stacked = stacked_view(kv_caches)  # [L, 2, N, bs, H, D] or None
+        self.stacked = stacked_view(self.kv_caches)  # [L, 2, N, bs, H, D] or None
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         if kernel is None:
             kernel = "triton" if self._stream is not None and _triton_available() else "torch"
@@ -260,7 +261,8 @@ class BlockCopier:
 
     def _blocks_view(self, raw: torch.Tensor, num_blocks: int) -> torch.Tensor:
         layout = self.layout
-        return raw.view(layout.torch_dtype).view(layout.num_layers, 2, num_blocks,
+        dtype = torch.uint8 if layout.itemsize == 1 else layout.torch_dtype
+        return raw.view(dtype).view(layout.num_layers, 2, num_blocks,
                                                   *layout.block_shape)
 
     @contextlib.contextmanager

@@ -16,6 +16,12 @@ handle) is parked by the scheduler while this connector pulls the blocks it lack
     start_load(): a pull task on the worker's event loop (deadline) -> finished_loads() -> engine
     then: the lease is released on the prefill worker (`release`), pulled or not
 
+Tensor parallel (either side): the handle lists one KV server per prefill rank with its KV heads
+(`PullSpec.shards`); the task plans one pull per decode rank (tp_pull.py), runs rank 0's here and
+sends the others to their ranks' KV agents (`ranks`, tp_agent.py), and reports the load only
+when every rank has answered: one failed rank fails the load (decode recomputes), and no rank
+still writes into the blocks once it is reported.
+
 Per-request results (`TransferResult`: bytes, seconds, error) wait for the decode servicer to
 report them on the request's first chunk (`take_result`). Counters are totals for /metrics.
 Engine-side methods run on the engine thread; the pulls on the event loop given at construction.
@@ -32,7 +38,9 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from pdserve.common.engine.kv_connector import KVConnector
-from pdserve.common.kv_transfer.base import KVClient, KVTransferError
+from pdserve.common.kv_transfer.base import KVClient, KVLayout, KVTransferError
+from pdserve.common.kv_transfer.tp_pull import KVShardAddress, RankPull, plan_rank_pulls, run_rank_pull
+from pdserve.common.kv_transfer.tp_reshard import plan_heads
 from pdserve.common.request import Request
 
 log = logging.getLogger("pdserve.kv_connector")
@@ -89,11 +97,13 @@ class LeaseConnector(KVConnector):
 class PullSpec:
     """Where a prompt's KV waits (from the prefill's KV handle)."""
     transport: str
-    address: str  # the KV server's transfer address
+    address: str  # the KV server's transfer address (rank 0's)
     lease_id: str
     num_tokens: int
     block_size: int
     control_address: str  # the prefill's gRPC address, for ReleaseLease
+    shards: tuple[KVShardAddress, ...] = ()  # one per prefill rank; (): one server with every KV head
+    num_kv_heads: int | None = None  # the prefill model's KV heads (None: not given)
 
 
 @dataclass
@@ -118,6 +128,20 @@ class PullConnector(KVConnector):
         self.bytes_received = 0
         self.seconds = 0.0
         self.pull_seconds: list[float] = []  # latencies not yet observed by /metrics (drained there)
+        self.ranks = None  # tp_agent.RankAgents of decode ranks 1..N-1 (tensor parallel), else None
+        self.rank_layouts: list[KVLayout] = []  # each rank's cache layout; []: one rank, the client's
+
+    def set_ranks(self, rank_layouts: list[KVLayout], ranks=None) -> None:
+        """Tensor parallel: every rank's cache layout (rank order) and rank 0's handle on the others."""
+        self.rank_layouts, self.ranks = rank_layouts, ranks
+
+    def _layouts(self, spec: PullSpec) -> list[KVLayout]:
+        return self.rank_layouts or [self.clients[spec.transport].layout]
+
+    def _shards(self, spec: PullSpec) -> list[KVShardAddress]:
+        if spec.shards:
+            return list(spec.shards)
+        return [KVShardAddress(spec.address, 0, spec.num_kv_heads or self._layouts(spec)[0].total_kv_heads)]
 
     def num_external_tokens(self, req: Request) -> int:
         spec = req.kv_transfer
@@ -130,11 +154,25 @@ class PullConnector(KVConnector):
             reason = f"handle not usable here (block size {spec.block_size}, here {self.kv.block_size})"
         elif spec.num_tokens != req.num_prompt_tokens:
             reason = f"handle covers {spec.num_tokens} tokens, the prompt has {req.num_prompt_tokens}"
+        else:
+            reason = self._heads_unusable(spec)
         if reason is not None:
             self._results[req.request_id] = TransferResult(error=reason)
             self._release_soon(spec)
             return 0
         return spec.num_tokens
+
+    def _heads_unusable(self, spec: PullSpec) -> str | None:
+        layouts = self._layouts(spec)
+        total = layouts[0].total_kv_heads
+        if spec.num_kv_heads is not None and spec.num_kv_heads != total:
+            return f"handle not usable here (the prefill's model has {spec.num_kv_heads} KV heads, this one {total})"
+        try:
+            plan_heads([(s.first_kv_head, s.num_kv_heads) for s in self._shards(spec)],
+                       [(layout.first_kv_head, layout.num_kv_heads) for layout in layouts])
+        except ValueError as e:
+            return f"handle not usable here ({e})"
+        return None
 
     def skip_load(self, req: Request) -> None:
         self._results[req.request_id] = TransferResult(error="no free KV blocks for the pull; recomputing")
@@ -166,8 +204,9 @@ class PullConnector(KVConnector):
         ok = False
         try:
             if block_ids:
-                result.nbytes = await self.clients[spec.transport].pull(
-                    spec.address, spec.lease_id, block_ids, self.deadline_s, src_block_offset=num_cached_blocks)
+                pulls = plan_rank_pulls(self._shards(spec), self._layouts(spec), spec.lease_id, block_ids,
+                                        num_cached_blocks)
+                result.nbytes = await self._pull_ranks(self.clients[spec.transport], pulls)
             ok = True
         except (KVTransferError, OSError) as e:
             result.error = str(e)
@@ -186,6 +225,28 @@ class PullConnector(KVConnector):
             self._done.put((rid, ok))
             self.wake()
             self._release_soon(spec)
+
+    async def _pull_ranks(self, client: KVClient, pulls: list[RankPull]) -> int:
+        """Rank 0's pull here, the others' through their agents; the total bytes once ALL ended
+        (a cancelled load stops rank 0's pull and still waits for the others: they end by the
+        deadline), or the first error."""
+        tasks = [asyncio.ensure_future(run_rank_pull(client, pulls[0], self.deadline_s))]
+        tasks += [asyncio.ensure_future(self.ranks.pull(rank, pull, self.deadline_s))
+                  for rank, pull in enumerate(pulls[1:], start=1)]
+        cancelled = False
+        while True:
+            try:
+                await asyncio.wait(tasks)
+                break
+            except asyncio.CancelledError:
+                cancelled = True
+                tasks[0].cancel()
+        if cancelled:
+            raise asyncio.CancelledError
+        errors = [t.exception() for t in tasks if t.exception() is not None]
+        if errors:
+            raise errors[0]
+        return sum(t.result() for t in tasks)
 
     def _release_soon(self, spec: PullSpec) -> None:
         """Release the lease on the prefill worker, from the event loop, without waiting."""

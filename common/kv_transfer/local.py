@@ -28,8 +28,9 @@ class LocalKVServer(KVServer):
 
     scheme = "local"
 
-    def __init__(self, kv_caches, resolve_lease, host: str = "127.0.0.1", port: int = 0):
-        super().__init__(kv_caches, resolve_lease, host, port)
+    def __init__(self, kv_caches, resolve_lease, host: str = "127.0.0.1", port: int = 0,
+                 kv_heads=None):
+        super().__init__(kv_caches, resolve_lease, host, port, kv_heads)
         self.copier = BlockCopier(kv_caches, self.layout, self.phases)
 
     async def start(self) -> str:
@@ -49,41 +50,42 @@ class LocalKVClient(KVClient):
 
     scheme = "local"
 
-    def __init__(self, kv_caches):
-        super().__init__(kv_caches)
+    def __init__(self, kv_caches, kv_heads=None):
+        super().__init__(kv_caches, kv_heads)
         self._copier = BlockCopier(kv_caches, self.layout, self.phases)
 
-    async def _pull(self, address, lease_id, dst_block_ids, src_block_offset, deadline) -> int:
+    async def _pull(self, address, lease_id, dst_block_ids, src_block_offset, deadline,
+                    copier) -> int:
         if not address.startswith("local://"):
             raise ValueError(f"address {address!r} is not a local KV address (local://<n>)")
         server = _SERVERS.get(address)
         if server is None:
             raise KVTransferError(f"no local KV server at {address}: closed or never started")
-        self.layout.check_peer(server.layout, f"local KV server {address}")
+        copier.layout.check_peer(server.layout, f"local KV server {address}")
         start = time.perf_counter()
         try:
-            src_block_ids = server.src_block_ids_for(lease_id, src_block_offset,
-                                                     len(dst_block_ids))
+            src_block_ids = await server.src_block_ids_for(lease_id, src_block_offset,
+                                                           len(dst_block_ids))
         except (KVTransferError, ValueError) as e:
             server.num_failures += 1
             raise KVTransferError(f"local KV server {address}: {e}") from e
         if dst_block_ids:
-            self._copy(server.copier, src_block_ids, dst_block_ids)
-        nbytes = len(dst_block_ids) * self.layout.bytes_per_block
+            self._copy(server.copier, copier, src_block_ids, dst_block_ids)
+        nbytes = len(dst_block_ids) * copier.layout.bytes_per_block
         server.record(nbytes, time.perf_counter() - start)
         return nbytes
 
-    def _copy(self, src_copier: BlockCopier, src_block_ids: list[int],
+    def _copy(self, src_copier: BlockCopier, dst_copier: BlockCopier, src_block_ids: list[int],
               dst_block_ids: list[int]) -> None:
         layers = range(self.layout.num_layers)
-        staging = StagingBuffer(self._copier.device, host_mirror=False)
-        if src_copier.device == self._copier.device:
+        staging = StagingBuffer(dst_copier.device, host_mirror=False)
+        if src_copier.device == dst_copier.device:
             src_copier.gather(src_block_ids, staging, layers)
         else:
             src_staging = StagingBuffer(src_copier.device, host_mirror=False)
             payload = src_copier.gather(src_block_ids, src_staging, layers)
             staging.device_bytes(payload.numel()).copy_(payload)
-        self._copier.scatter(dst_block_ids, staging, layers)
+        dst_copier.scatter(dst_block_ids, staging, layers)
 
     async def close(self) -> None:
         return None

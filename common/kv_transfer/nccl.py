@@ -48,7 +48,7 @@ import uuid
 import torch
 
 from pdserve.common.kv_transfer import wire
-from pdserve.common.kv_transfer.base import KVClient, KVTransferError, split_address
+from pdserve.common.kv_transfer.base import KVClient, KVLayout, KVTransferError, split_address
 from pdserve.common.kv_transfer.blocks import BlockCopier
 from pdserve.common.kv_transfer.pipeline import (SEND_SLACK_S, PullRefused, StagingPool, pull_on,
                                                  serve_pull)
@@ -268,8 +268,9 @@ class NcclKVServer(TcpKVServer):
     host_mirror = False  # the group moves the payload from the staging buffer on the device
 
     def __init__(self, kv_caches, resolve_lease, host: str = "127.0.0.1", port: int = 0,
-                 max_concurrent_transfers: int = 4, setup_timeout_s: float = SETUP_TIMEOUT_S):
-        super().__init__(kv_caches, resolve_lease, host, port, max_concurrent_transfers)
+                 max_concurrent_transfers: int = 4, setup_timeout_s: float = SETUP_TIMEOUT_S,
+                 kv_heads=None):
+        super().__init__(kv_caches, resolve_lease, host, port, max_concurrent_transfers, kv_heads)
         configure_nccl_env()
         self.backend = group_backend(self._copier.device)
         self.setup_timeout_s = setup_timeout_s
@@ -329,8 +330,8 @@ class NcclKVClient(KVClient):
     scheme = "nccl"
 
     def __init__(self, kv_caches, setup_timeout_s: float = SETUP_TIMEOUT_S,
-                 max_concurrent_transfers: int = 4):
-        super().__init__(kv_caches)
+                 max_concurrent_transfers: int = 4, kv_heads=None):
+        super().__init__(kv_caches, kv_heads)
         if setup_timeout_s <= 0:
             raise ValueError(f"setup_timeout_s must be > 0, got {setup_timeout_s}")
         configure_nccl_env()
@@ -339,27 +340,30 @@ class NcclKVClient(KVClient):
         self.backend = group_backend(self._copier.device)
         self._staging = StagingPool(self._copier.device, host_mirror=False,
                                     size=max_concurrent_transfers)
-        self._pairs: dict[str, PairConnection] = {}
+        # per (address, the layout expected there): a tensor-parallel client pulls other shards
+        self._pairs: dict[tuple[str, KVLayout], PairConnection] = {}
         self._turns: dict[str, asyncio.Lock] = {}
         self._closed = False
 
-    async def _pull(self, address, lease_id, dst_block_ids, src_block_offset, deadline) -> int:
+    async def _pull(self, address, lease_id, dst_block_ids, src_block_offset, deadline,
+                    copier) -> int:
         if self._closed:
             raise RuntimeError("NcclKVClient is closed")
         host, port = split_address(address, self.scheme)
+        key = (address, copier.layout)
         async with self._turns.setdefault(address, asyncio.Lock()):
-            pair = self._pairs.pop(address, None)
+            pair = self._pairs.pop(key, None)
             if pair is not None and not pair.control.is_alive():
                 pair.close()  # the server went away while the pair was idle
                 pair = None
             try:
                 if pair is None:
-                    pair = await self._connect(address, host, port, deadline)
+                    pair = await self._connect(address, host, port, deadline, copier.layout)
                 pair.deadline = deadline
-                nbytes = await pull_on(pair, self._copier, self._staging, f"KV server {address}",
+                nbytes = await pull_on(pair, copier, self._staging, f"KV server {address}",
                                        lease_id, dst_block_ids, src_block_offset, deadline)
             except PullRefused:
-                self._pairs[address] = pair  # still in step after an Error header
+                self._pairs[key] = pair  # still in step after an Error header
                 raise
             except (ConnectionError, OSError) as e:
                 if pair is not None:
@@ -373,12 +377,13 @@ class NcclKVClient(KVClient):
             if self._closed:
                 pair.close()
             else:
-                self._pairs[address] = pair
+                self._pairs[key] = pair
             return nbytes
 
-    async def _connect(self, address: str, host: str, port: int, deadline: float) -> PairConnection:
+    async def _connect(self, address: str, host: str, port: int, deadline: float,
+                       layout: KVLayout) -> PairConnection:
         setup_deadline = min(deadline, time.perf_counter() + self.setup_timeout_s)
-        control = await asyncio.wait_for(open_connection(address, host, port, self.layout),
+        control = await asyncio.wait_for(open_connection(address, host, port, layout),
                                          max(setup_deadline - time.perf_counter(), 1e-3))
         pair = PairConnection(control, self.backend, SERVER_RANK)
         pair.deadline = setup_deadline

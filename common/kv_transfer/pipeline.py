@@ -93,8 +93,8 @@ async def serve_pull(server: KVServer, copier: BlockCopier, pool: StagingPool,
     """Answers one PullRequest: an Error header, or the reply header and the blocks."""
     start = time.perf_counter()
     try:
-        src_block_ids = server.src_block_ids_for(request.lease_id, request.src_block_offset,
-                                                 request.num_blocks)
+        src_block_ids = await server.src_block_ids_for(request.lease_id, request.src_block_offset,
+                                                       request.num_blocks)
         if src_block_ids:
             copier.layer_chunks(request.num_chunks)  # ValueError unless in [1, num_layers]
     except (KVTransferError, ValueError) as e:

@@ -139,8 +139,8 @@ class TcpKVServer(KVServer):
     host_mirror = True  # CUDA payloads are staged in pinned host memory for the socket
 
     def __init__(self, kv_caches, resolve_lease, host: str = "127.0.0.1", port: int = 0,
-                 max_concurrent_transfers: int = 4):
-        super().__init__(kv_caches, resolve_lease, host, port)
+                 max_concurrent_transfers: int = 4, kv_heads=None):
+        super().__init__(kv_caches, resolve_lease, host, port, kv_heads)
         self._copier = BlockCopier(self.kv_caches, self.layout, self.phases)
         self._staging = StagingPool(self._copier.device, host_mirror=self.host_mirror,
                                     size=max_concurrent_transfers)
@@ -205,8 +205,8 @@ class TcpKVClient(KVClient):
     scheme = "tcp"
 
     def __init__(self, kv_caches, max_connections_per_peer: int = 4,
-                 max_concurrent_transfers: int = 4):
-        super().__init__(kv_caches)
+                 max_concurrent_transfers: int = 4, kv_heads=None):
+        super().__init__(kv_caches, kv_heads)
         if max_connections_per_peer < 1:
             raise ValueError(f"max_connections_per_peer must be >= 1, got "
                              f"{max_connections_per_peer}")
@@ -214,22 +214,25 @@ class TcpKVClient(KVClient):
         self._copier = BlockCopier(kv_caches, self.layout, self.phases)
         self._staging = StagingPool(self._copier.device, host_mirror=True,
                                     size=max_concurrent_transfers)
-        self._idle: dict[str, list[SocketConnection]] = {}
+        # per (address, the layout expected there): a tensor-parallel client pulls other shards
+        self._idle: dict[tuple[str, KVLayout], list[SocketConnection]] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._closed = False
 
-    async def _pull(self, address, lease_id, dst_block_ids, src_block_offset, deadline) -> int:
+    async def _pull(self, address, lease_id, dst_block_ids, src_block_offset, deadline,
+                    copier) -> int:
         if self._closed:
             raise RuntimeError("TcpKVClient is closed")
         host, port = split_address(address, self.scheme)
         slots = self._slots.setdefault(address, asyncio.Semaphore(self.max_connections_per_peer))
+        key = (address, copier.layout)
         async with slots:
-            connection = self._take_idle(address)
+            connection = self._take_idle(key)
             reusable = False
             try:
                 if connection is None:
-                    connection = await self._connect(address, host, port)
-                nbytes = await pull_on(connection, self._copier, self._staging,
+                    connection = await open_connection(address, host, port, copier.layout)
+                nbytes = await pull_on(connection, copier, self._staging,
                                        f"KV server {address}",
                                        lease_id, dst_block_ids, src_block_offset, deadline)
                 reusable = True
@@ -243,21 +246,18 @@ class TcpKVClient(KVClient):
             finally:
                 if connection is not None:
                     if reusable and not self._closed:
-                        self._idle.setdefault(address, []).append(connection)
+                        self._idle.setdefault(key, []).append(connection)
                     else:
                         connection.close()
 
-    def _take_idle(self, address: str) -> SocketConnection | None:
-        idle = self._idle.get(address, [])
+    def _take_idle(self, key: tuple[str, KVLayout]) -> SocketConnection | None:
+        idle = self._idle.get(key, [])
         while idle:
             connection = idle.pop()
             if connection.is_alive():
                 return connection
             connection.close()
         return None
-
-    async def _connect(self, address: str, host: str, port: int) -> SocketConnection:
-        return await open_connection(address, host, port, self.layout)
 
     async def close(self) -> None:
         self._closed = True

@@ -40,7 +40,8 @@ import time
 import torch
 
 from pdserve.common.kv_transfer import wire
-from pdserve.common.kv_transfer.base import KVClient, KVServer, KVTransferError, split_address
+from pdserve.common.kv_transfer.base import (KVClient, KVLayout, KVServer, KVTransferError,
+                                             split_address)
 from pdserve.common.kv_transfer.blocks import BlockCopier
 from pdserve.common.kv_transfer.pipeline import PullRefused, StagingPool, pull_on, serve_pull
 
@@ -195,8 +196,8 @@ class UcxKVServer(KVServer):
     scheme = "ucx"
 
     def __init__(self, kv_caches, resolve_lease, host: str = "127.0.0.1", port: int = 0,
-                 net_devices: str | None = None, max_concurrent_transfers: int = 4):
-        super().__init__(kv_caches, resolve_lease, host, port)
+                 net_devices: str | None = None, max_concurrent_transfers: int = 4, kv_heads=None):
+        super().__init__(kv_caches, resolve_lease, host, port, kv_heads)
         if net_devices is None and _is_loopback(host):
             net_devices = "lo"
         configure_ucx_env(kv_caches[0].is_cuda, net_devices)
@@ -289,8 +290,8 @@ class UcxKVClient(KVClient):
 
     def __init__(self, kv_caches, max_connections_per_peer: int = 4,
                  max_concurrent_transfers: int = 4, net_devices: str | None = None,
-                 connect_timeout_s: float = 1.5):
-        super().__init__(kv_caches)
+                 connect_timeout_s: float = 1.5, kv_heads=None):
+        super().__init__(kv_caches, kv_heads)
         if connect_timeout_s <= 0:
             raise ValueError(f"connect_timeout_s must be > 0, got {connect_timeout_s}")
         if max_connections_per_peer < 1:
@@ -302,13 +303,14 @@ class UcxKVClient(KVClient):
         self._copier = BlockCopier(kv_caches, self.layout, self.phases)
         self._staging = StagingPool(self._copier.device, host_mirror=False,
                                     size=max_concurrent_transfers)
-        self._idle: dict[str, list[_Connection]] = {}
+        self._idle: dict[tuple[str, KVLayout], list[_Connection]] = {}  # per (address, its layout)
         self._connections: set[_Connection] = set()  # idle and busy
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._runtime_acquired = False
         self._closed = False
 
-    async def _pull(self, address, lease_id, dst_block_ids, src_block_offset, deadline) -> int:
+    async def _pull(self, address, lease_id, dst_block_ids, src_block_offset, deadline,
+                    copier) -> int:
         if self._closed:
             raise RuntimeError("UcxKVClient is closed")
         host, port = split_address(address, self.scheme)
@@ -317,13 +319,14 @@ class UcxKVClient(KVClient):
             _RUNTIME.acquire()
             self._runtime_acquired = True
         slots = self._slots.setdefault(address, asyncio.Semaphore(self.max_connections_per_peer))
+        key = (address, copier.layout)
         async with slots:
-            connection = self._take_idle(address)
+            connection = self._take_idle(key)
             reusable = False
             try:
                 if connection is None:
-                    connection = await self._connect(address, host, port, deadline)
-                nbytes = await pull_on(connection, self._copier, self._staging,
+                    connection = await self._connect(address, host, port, deadline, copier.layout)
+                nbytes = await pull_on(connection, copier, self._staging,
                                        f"KV server {address}",
                                        lease_id, dst_block_ids, src_block_offset, deadline)
                 reusable = True
@@ -338,13 +341,13 @@ class UcxKVClient(KVClient):
             finally:
                 if connection is not None:
                     if reusable and not self._closed:
-                        self._idle.setdefault(address, []).append(connection)
+                        self._idle.setdefault(key, []).append(connection)
                     else:
                         self._connections.discard(connection)
                         connection.abort()
 
-    def _take_idle(self, address: str) -> _Connection | None:
-        idle = self._idle.get(address, [])
+    def _take_idle(self, key: tuple[str, KVLayout]) -> _Connection | None:
+        idle = self._idle.get(key, [])
         while idle:
             connection = idle.pop()
             if not connection.endpoint.closed:
@@ -353,7 +356,8 @@ class UcxKVClient(KVClient):
             connection.abort()
         return None
 
-    async def _connect(self, address: str, host: str, port: int, deadline: float) -> _Connection:
+    async def _connect(self, address: str, host: str, port: int, deadline: float,
+                       layout: KVLayout) -> _Connection:
         ucxx = _ucxx()
         # ucxx does not fail a handshake whose endpoint errored (dead peer, or a listener that
         # a live process closed): only this timeout ends it. Healthy peers take milliseconds.
@@ -366,10 +370,10 @@ class UcxKVClient(KVClient):
         connection = _Connection(endpoint)
         self._connections.add(connection)
         try:
-            await connection.send_header(wire.Hello(wire.PROTOCOL_VERSION, self.layout))
+            await connection.send_header(wire.Hello(wire.PROTOCOL_VERSION, layout))
             hello = wire.expect(await connection.recv_header(), wire.Hello,
                                 f"KV server {address}")
-            wire.check_hello(hello, self.layout, f"KV server {address}")
+            wire.check_hello(hello, layout, f"KV server {address}")
         except BaseException:
             self._connections.discard(connection)
             connection.abort()

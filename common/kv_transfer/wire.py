@@ -21,7 +21,8 @@ as one active message and each chunk as one tagged message (a refusing server co
 client's posted receives with one empty tagged message per chunk); the nccl backend sends the
 headers over tcp and the payload as one NCCL send.
 
-Version 2 added PullReply.num_chunks; version 3 moved the choice to PullRequest.num_chunks.
+Version 2 added PullReply.num_chunks; version 3 moved the choice to PullRequest.num_chunks;
+version 4 added the tensor-parallel shard to the layout (first_kv_head, total_kv_heads).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import asdict, dataclass
 
 from pdserve.common.kv_transfer.base import KVLayout, KVTransferError
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAX_HEADER_BYTES = 64 * 1024
 LENGTH_PREFIX = struct.Struct("!I")
 

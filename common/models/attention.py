@@ -10,6 +10,11 @@ Tokens of one step are flattened: decode tokens (one query per sequence) first, 
 chunks. Each layer first *stores* every token's K/V at its slot (`slot_mapping`), then attends
 by gathering through block tables, so chunks and prefix hits read their earlier tokens from blocks.
 A GPU backend replaces `TorchPagedAttention` behind the same `forward` signature.
+
+fp8 KV cache (--kv-cache-dtype fp8): the tensors are float8_e4m3fn and `kv_scale` [2, KVH] fp32
+(K, V per head; set by the runner) scales them: stored = saturate(x / scale), read = entry * scale.
+The torch path stores quantized bytes and dequantizes what it gathers; a fresh prompt's chunk
+attends to its own K/V as stored (quantized), as the Triton kernels do.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ class PagedAttentionBase:
         self.block_size = block_size
         self.sliding_window = sliding_window
         self.scale = head_dim ** -0.5
+        self.kv_scale: torch.Tensor | None = None  # [2, KVH] fp32 for an fp8 cache (set by the runner)
 
 
 class TorchPagedAttention(PagedAttentionBase):
@@ -87,10 +93,7 @@ class TorchPagedAttention(PagedAttentionBase):
         # q [T, H, D], k/v [T, KVH, D], kv_cache [2, NB, BS, KVH, D] -> out [T, H, D]
         q, k = rotary(positions, q, k)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_k.index_copy_(0, meta.slot_mapping, k)
-        flat_v.index_copy_(0, meta.slot_mapping, v)
+        k, v = self._store(k_cache, v_cache, meta.slot_mapping, k, v)
 
         out = torch.empty_like(q)
         nd = meta.num_decode_tokens
@@ -106,8 +109,8 @@ class TorchPagedAttention(PagedAttentionBase):
         num_blocks = -(-meta.decode_max_context // self.block_size)
         table = meta.decode_block_tables[:, :num_blocks]
         bd = q.shape[0]
-        keys = k_cache[table].view(bd, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        values = v_cache[table].view(bd, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        keys = self._read(k_cache[table], 0, q.dtype).view(bd, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        values = self._read(v_cache[table], 1, q.dtype).view(bd, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
         pos = torch.arange(keys.shape[2], device=q.device)
         lens = meta.decode_context_lens[:, None]
         visible = pos[None, :] < lens  # [Bd, L]
@@ -122,8 +125,8 @@ class TorchPagedAttention(PagedAttentionBase):
         # q [Lq, H, D]; keys: this chunk alone (no cached prefix) or gathered [Lk, KVH, D]
         lq, lk = seq.q_len, seq.context_len
         if lk != lq:
-            k = k_cache[seq.block_table].view(-1, self.num_kv_heads, self.head_dim)[:lk]
-            v = v_cache[seq.block_table].view(-1, self.num_kv_heads, self.head_dim)[:lk]
+            k = self._read(k_cache[seq.block_table], 0, q.dtype).view(-1, self.num_kv_heads, self.head_dim)[:lk]
+            v = self._read(v_cache[seq.block_table], 1, q.dtype).view(-1, self.num_kv_heads, self.head_dim)[:lk]
         # [1, heads, L, D]: with a batch dim torch runs its flash CPU kernel (GQA included); 3-D
         # inputs fall back to the math path, ~3x slower on a 200-token prompt
         qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]
@@ -137,3 +140,24 @@ class TorchPagedAttention(PagedAttentionBase):
                 mask &= k_pos > q_pos - self.sliding_window
             out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=self.scale, enable_gqa=True)
         return out[0].transpose(0, 1)
+
+    def _store(self, k_cache, v_cache, slots, k, v):
+        """Writes this step's K/V [T, KVH, D] at their slots; returns them as attention reads them."""
+        flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
+        flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
+        if self.kv_scale is None:
+            flat_k.index_copy_(0, slots, k)
+            flat_v.index_copy_(0, slots, v)
+            return k, v
+        from pdserve.kernels.reference import quantize_kv_ref
+        kq, vq = quantize_kv_ref(k, self.kv_scale[0]), quantize_kv_ref(v, self.kv_scale[1])
+        # index_copy_ has no float8 kernel on CPU: copy the bytes
+        flat_k.view(torch.uint8).index_copy_(0, slots, kq.view(torch.uint8))
+        flat_v.view(torch.uint8).index_copy_(0, slots, vq.view(torch.uint8))
+        return self._read(kq, 0, k.dtype), self._read(vq, 1, v.dtype)
+
+    def _read(self, entries: torch.Tensor, which: int, dtype: torch.dtype) -> torch.Tensor:
+        """Cache entries [..., KVH, D] as values (fp8: times the K (0) or V (1) scale of their head)."""
+        if self.kv_scale is None:
+            return entries
+        return (entries.float() * self.kv_scale[which][:, None]).to(dtype)

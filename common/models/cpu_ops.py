@@ -29,7 +29,7 @@ blocking) and attention sums in another order, so greedy output can leave HF's o
 `configure_cpu_runtime` (the runner calls it once on CPU): OpenMP threads = the cores this
 process may use, and glibc's malloc told to keep freed activations instead of unmapping them
 (a [2048, 576] temporary otherwise page-faults on every op: 4-6x slower elementwise ops).
-`zeros_in_huge_pages` allocates the KV pool in transparent huge pages.
+`advise_huge_pages` puts the KV pool in transparent huge pages.
 """
 
 from __future__ import annotations
@@ -76,19 +76,18 @@ def configure_cpu_runtime(num_threads: int) -> None:
         libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(TRIM_THRESHOLD))
 
 
-def zeros_in_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """A zeroed CPU tensor whose 2 MiB-aligned interior is advised into transparent huge pages
-    before its first touch (where THP is `madvise` or `always`): the KV pool, whose blocks decode
-    attention visits in table order, otherwise costs a TLB miss per block (measured 10-14% of the
-    attention kernel's time). A refused advice leaves ordinary pages, nothing else changes."""
-    out = torch.empty(shape, dtype=dtype)
-    start, size = out.data_ptr(), out.numel() * out.element_size()
+def advise_huge_pages(tensor: torch.Tensor) -> None:
+    """Advise the 2 MiB-aligned interior of a CPU tensor's memory into transparent huge pages
+    (where THP is `madvise` or `always`); call it before the first touch (the runner's
+    `zeros_on_demand` KV pool): decode attention visits the pool's blocks in table order and
+    otherwise takes a TLB miss per block (measured 10-14% of the attention kernel's time).
+    A refused advice leaves ordinary pages, nothing else changes."""
+    start, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
     first = (start + _HUGE - 1) & ~(_HUGE - 1)
     length = (start + size - first) & ~(_HUGE - 1)
     libc = _libc()
     if length > 0 and libc is not None:
         libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(length), _MADV_HUGEPAGE)
-    return out.zero_()
 
 
 def can_pack(dtype: torch.dtype) -> bool:
@@ -109,6 +108,8 @@ class CpuPagedAttention(TorchPagedAttention):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: "CpuMetadata", rotary, positions: torch.Tensor) -> torch.Tensor:
         # q [T, H, D], k/v [T, KVH, D], kv_cache [2, NB, BS, KVH, D] -> out [T, H, D]
+        if self.kv_scale is not None:
+            return self._fp8_reference().forward(q, k, v, kv_cache, meta, rotary, positions)
         q, k = rotary(positions, q, k)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
@@ -123,6 +124,17 @@ class CpuPagedAttention(TorchPagedAttention):
             sl = slice(seq.q_start, seq.q_start + seq.q_len)
             out[sl] = self._prefill(q[sl], k[sl], v[sl], k_cache, v_cache, seq)
         return out
+
+    def _fp8_reference(self) -> TorchPagedAttention:
+        """An fp8 cache (`kv_scale` set): the reference backend runs it (quantized store,
+        dequantized gathers); neither this torch path nor the C++ kernels read e4m3."""
+        ref = getattr(self, "_reference", None)
+        if ref is None or ref.kv_scale is not self.kv_scale:
+            ref = TorchPagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.block_size,
+                                      self.sliding_window)
+            ref.kv_scale = self.kv_scale
+            self._reference = ref
+        return ref
 
     def _decode(self, q, k_cache, v_cache, meta: "CpuMetadata") -> torch.Tensor:
         # q [B, H, D]; the step's blocks [B * M, BS, KVH, D] -> [B, KVH, L, D], L = M * BS
@@ -168,6 +180,8 @@ class CpuKernelAttention(CpuPagedAttention):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: "CpuMetadata", rotary, positions: torch.Tensor) -> torch.Tensor:
         # q [T, H, D], k/v [T, KVH, D] (views of the qkv output), kv_cache [2, NB, BS, KVH, D] -> [T, H, D]
+        if self.kv_scale is not None:
+            return self._fp8_reference().forward(q, k, v, kv_cache, meta, rotary, positions)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         cpu_kernels.rotary_store_kv(q, k, v, positions, rotary.cos_sin, k_cache, v_cache, meta.slot_mapping)
         nd = meta.num_decode_tokens
@@ -213,9 +227,10 @@ class CpuInputs:
             lens = step.context_lens[:nd]
             width = -(-int(lens.max()) // self.block_size)
             meta.decode_max_context = int(lens.max())
+            # the kernel's inputs (and the reference's, which runs an fp8 cache)
+            meta.decode_block_tables = as_long(step.block_table[:nd, :width])
+            meta.decode_context_lens = as_long(lens)
             if self.kernels:
-                meta.decode_block_tables = as_long(step.block_table[:nd, :width])
-                meta.decode_context_lens = as_long(lens)
                 return self._finish(step, meta, as_long)
             meta.decode_blocks = as_long(step.block_table[:nd, :width].reshape(-1))
             pos = np.arange(width * self.block_size)[None, :]
@@ -238,6 +253,8 @@ class CpuInputs:
 class CpuOps:
     """`TorchOps`' members for the CPU fast path (module docstring). One instance per model: it
     holds that model's packed weights (`pack`, after the weights are loaded)."""
+    uses_triton = False  # quantized modules run their torch code
+
     def __init__(self, kernels: bool):
         """`kernels`: use the C++ kernels (kernels/cpu.py, loaded by the caller)."""
         self.kernels = kernels

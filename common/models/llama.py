@@ -33,6 +33,7 @@ class TorchOps:
     holds no device branches.
     """
     attention_backend = TorchPagedAttention
+    uses_triton = False
 
     @staticmethod
     def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -82,7 +83,9 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    # on the CPU even inside `with torch.device("meta")` (the loader's): a meta op here would go
+    # through torch._refs and import torch._dynamo, seconds of a server's start
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
         return inv_freq
@@ -107,7 +110,7 @@ class Rotary(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, ops=TORCH_OPS):
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, theta, scaling)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)  # [P, D/2]
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device), inv_freq)  # [P, D/2]
         # [P, D] = cat(cos, sin): the kernel's layout; kept fp32 (the loader rebuilds it after casting)
         self.register_buffer("cos_sin", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
         self.ops = ops
@@ -214,8 +217,10 @@ class LlamaForCausalLM(nn.Module):
             return None  # a tensor-parallel rank other than 0: rank 0 has the logits
         return logits.float()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy HF-named tensors into the (fused) parameters; every parameter must be filled."""
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]], owned: bool = False) -> None:
+        """Copy HF-named tensors into the (fused) parameters; every parameter must be filled.
+        `owned`: the tensors are fresh and held by no one else (the GGUF loader's), so an unfused
+        one of the parameter's dtype and device becomes the parameter instead of being copied."""
         params = dict(self.named_parameters())
         filled: set[str] = set()
         sizes = {"qkv_proj": [self.cfg.num_heads * self.cfg.head_dim, self.cfg.num_kv_heads * self.cfg.head_dim,
@@ -234,7 +239,9 @@ class LlamaForCausalLM(nn.Module):
                 target = ".".join(parts[:-2] + [fused, parts[-1]])
             if target not in params:
                 raise ConfigError(f"checkpoint tensor {name!r} has no place in the model")
-            param, loader = params[target], self.weight_loaders.get(target)
+            param = params[target]
+            # TP shards (the model's dict) or a quantized parameter's own placement (its attribute)
+            loader = self.weight_loaders.get(target) or getattr(param, "weight_loader", None)
             if loader is not None:
                 loader(param, tensor, shard)
             elif shard is not None:
@@ -244,10 +251,15 @@ class LlamaForCausalLM(nn.Module):
                 if param.shape != tensor.shape:
                     raise ConfigError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
                                       f"the model expects {tuple(param.shape)}")
-                param.data.copy_(tensor)
+                if owned and tensor.dtype == param.dtype and tensor.device == param.device and tensor.is_contiguous():
+                    param.data = tensor  # the loader's fresh tensor becomes the parameter: no copy
+                else:
+                    param.data.copy_(tensor)
             filled.add(target if shard is None else f"{target}#{shard}")
         missing = []
         for pname in params:
+            if getattr(params[pname], "optional", False):  # e.g. a quantized layer's static input scale
+                continue
             head = pname.rsplit(".", 2)
             if len(head) == 3 and head[1] in sizes:
                 shards = len(sizes[head[1]])

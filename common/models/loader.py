@@ -5,6 +5,7 @@ Model paths (the packaged default included) are resolved in the torch-free `mode
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -13,7 +14,7 @@ import torch
 
 from pdserve.common.config import ArchConfig, ConfigError, ModelConfig
 from pdserve.common.model_path import default_model_path, resolve_model_path  # noqa: F401 (re-export)
-from pdserve.common.models import gguf_loader
+from pdserve.common.models import gguf_loader, quantization
 from pdserve.common.models.llama import TORCH_OPS, LlamaForCausalLM
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
@@ -113,21 +114,32 @@ def load_model(cfg: ModelConfig, path: str, arch: ArchConfig, block_size: int, m
     exists in fp32 or twice. A CUDA out-of-memory becomes a ConfigError.
     """
     torch.manual_seed(cfg.seed)
-    with torch.device("meta"):
+    qcfg = quantization.resolve_quantization(cfg.quantization, path, is_gguf(path), cfg.load_format == "dummy")
+    if qcfg is not None and tp is not None:
+        raise ConfigError("--quantization with --tensor-parallel-size > 1 is not supported yet")
+    use_triton = ops.uses_triton  # quantized modules pick their kernels by the same choice
+    # Built on meta directly in `dtype` (the default dtype while the modules are made), so the
+    # quantized modules swapped in below keep the dtypes they declare (int32 / fp8 / fp16 parts).
+    with torch.device("meta"), _no_init(), _default_dtype(dtype):
         model = LlamaForCausalLM(arch, block_size, max_positions, ops)
         if tp is not None:
             from pdserve.common.models.parallel import shard_model
             shard_model(model, tp)
+    reader = gguf_loader.open_reader(path) if is_gguf(path) and cfg.load_format != "dummy" else None
+    gguf_types = gguf_loader.tensor_types(reader) if reader is not None and qcfg is not None else None
+    # quantized modules, on meta; GGUF: the weights that keep their blocks
+    kept = quantization.prepare_model(model, qcfg, arch, dtype, device, use_triton, gguf_types)
     out_of_memory = None
     try:
-        model = model.to(dtype=dtype).to_empty(device=device)
+        _materialize(model, device)
+        quantization.attach_loaders(model)
         if cfg.load_format == "dummy":
             _init_dummy(model, cfg.seed, device)
-        elif is_gguf(path):
-            reader = gguf_loader.open_reader(path)
-            model.load_weights(gguf_loader.iter_weights(reader, arch, path))
+        elif reader is not None:
+            model.load_weights(gguf_loader.iter_weights(reader, arch, path, kept), owned=True)
         else:
             model.load_weights(_iter_safetensors(path))
+        quantization.finish_model(model, qcfg, use_triton)  # online fp8; act-order permutations
     except torch.OutOfMemoryError as e:
         out_of_memory = str(e).splitlines()[0]
     if out_of_memory is not None:  # raised here, so no traceback keeps the partly loaded weights alive
@@ -135,7 +147,51 @@ def load_model(cfg: ModelConfig, path: str, arch: ArchConfig, block_size: int, m
         raise ConfigError(f"the model does not fit on {device}: {out_of_memory}")
     # rotary tables were created on meta (and cast): rebuild them for real, in fp32
     _rebuild_rotary(model, arch, max_positions, ops, device)
+    model.quant_config = qcfg
     return model.eval()
+
+
+def _materialize(model: torch.nn.Module, device: torch.device) -> None:
+    """Replace the meta parameters and buffers with uninitialised ones on `device`, each in its own
+    dtype, as `.to_empty(device)` would, without the torch._refs path that meta tensors take
+    there (its first use imports torch.fx and sympy, ~1 s)."""
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device=device),
+                                                              requires_grad=p.requires_grad)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "kaiming_uniform_",
+                   "kaiming_normal_", "xavier_uniform_", "xavier_normal_")
+
+
+@contextlib.contextmanager
+def _no_init():
+    """Modules built on `meta` skip their random init: every weight is loaded (or drawn by
+    _init_dummy) later, and init on meta under torch.device() goes through torch._refs, whose
+    first use imports torch._dynamo (seconds of a server's start)."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in _INIT_FUNCTIONS:
+        setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.nn.init, name, fn)
 
 
 def _init_dummy(model: LlamaForCausalLM, seed: int, device: torch.device) -> None:
@@ -143,7 +199,10 @@ def _init_dummy(model: LlamaForCausalLM, seed: int, device: torch.device) -> Non
     keeps activations of a deep model finite in bf16. Drawn on the device (seconds for 8B)."""
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
+    done = quantization.init_dummy_quantized(model, gen)  # drawn in their quantized format
     for p in model.parameters():
+        if id(p) in done:
+            continue
         if p.dim() > 1:
             p.data.normal_(0.0, 0.02, generator=gen)
         else:

@@ -57,8 +57,8 @@ class TritonPagedAttention(PagedAttentionBase):
                 meta: TritonMetadata, rotary, positions: torch.Tensor) -> torch.Tensor:
         # q [T, H, D], k/v [T, KVH, D] (strided views are fine), kv_cache [2, NB, BS, KVH, D] -> [T, H, D]
         k_cache, v_cache = kv_cache[0], kv_cache[1]
-        # one kernel: q rotated in place, rotated k and v written to their slots
-        rotary_store_kv(q, k, v, positions, rotary.cos_sin, k_cache, v_cache, meta.slot_mapping)
+        # one kernel: q rotated in place, rotated k and v written to their slots (fp8: scaled)
+        rotary_store_kv(q, k, v, positions, rotary.cos_sin, k_cache, v_cache, meta.slot_mapping, *self._scales())
         nd = meta.num_decodes
         if meta.prefill_context_lens is None:
             return self._decode(q, k_cache, v_cache, meta)
@@ -72,22 +72,32 @@ class TritonPagedAttention(PagedAttentionBase):
     def _decode(self, q, k_cache, v_cache, meta: TritonMetadata) -> torch.Tensor:
         return paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
                                       self.scale, self.sliding_window, num_splits=meta.decode_num_splits,
-                                      max_context_len=meta.decode_max_context)
+                                      max_context_len=meta.decode_max_context, **self._scale_kwargs())
 
     def _prefill(self, q, k_cache, v_cache, meta: TritonMetadata) -> torch.Tensor:
         return paged_prefill_attention(q, k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,
-                                       meta.prefill_context_lens, self.scale, self.sliding_window)
+                                       meta.prefill_context_lens, self.scale, self.sliding_window,
+                                       **self._scale_kwargs())
+
+    def _scales(self) -> tuple:
+        return () if self.kv_scale is None else (self.kv_scale[0], self.kv_scale[1])
+
+    def _scale_kwargs(self) -> dict:
+        return {} if self.kv_scale is None else {"k_scale": self.kv_scale[0], "v_scale": self.kv_scale[1]}
 
 
 class TritonOps:
     """Fused-kernel versions of `TorchOps`' members (kernels/ documents their numerics)."""
     attention_backend = TritonPagedAttention
+    uses_triton = True
 
     def __init__(self):
         # (weight shape, dtype) -> the gemv kernel beat cuBLAS on it at M = 1 (choose_gemv)
         self.gemv_weights: set[tuple[tuple[int, int], torch.dtype]] = set()
 
     def linear(self, layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(layer, torch.nn.Linear):  # quantized linears (models/quantization) pick their kernels
+            return layer(x)
         if x.shape[0] == 1 and (tuple(layer.weight.shape), x.dtype) in self.gemv_weights:
             return gemv(x, layer.weight, layer.bias)
         return layer(x)

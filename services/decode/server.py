@@ -18,6 +18,7 @@ from __future__ import annotations
 import grpc
 
 from pdserve.common.kv_transfer.connector import PullConnector, PullSpec
+from pdserve.common.kv_transfer.tp_pull import KVShardAddress
 from pdserve.common.request import child_request_id
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
@@ -29,7 +30,10 @@ from pdserve.services.worker.state import WorkerState
 def pull_spec(handle: pb.KVHandle) -> PullSpec:
     return PullSpec(transport=handle.transport, address=handle.transfer_address, lease_id=handle.lease_id,
                     num_tokens=handle.num_tokens, block_size=handle.block_size,
-                    control_address=handle.control_address)
+                    control_address=handle.control_address,
+                    shards=tuple(KVShardAddress(s.transfer_address, s.first_kv_head, s.num_kv_heads)
+                                 for s in handle.shards),
+                    num_kv_heads=handle.num_kv_heads or None)
 
 
 async def release_lease(spec: PullSpec, token: str | None = None) -> None:

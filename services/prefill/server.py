@@ -19,6 +19,7 @@ import dataclasses
 import grpc
 
 from pdserve.common.kv_transfer.connector import LEASE, LeaseConnector
+from pdserve.common.kv_transfer.tp_pull import KVShardAddress
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
@@ -32,13 +33,15 @@ def prefill_params(params: SamplingParams) -> SamplingParams:
 
 
 class PrefillServicer(pb_grpc.PrefillServicer):
-    def __init__(self, state: WorkerState, connector: LeaseConnector, grpc_address: str, kv_address: str,
-                 transport: str):
+    def __init__(self, state: WorkerState, connector: LeaseConnector, grpc_address: str,
+                 kv_shards: list[KVShardAddress], transport: str):
+        """kv_shards: the KV server of each tensor-parallel rank (one without TP) and its KV heads."""
         self.state = state
         self.engine = state.engine
         self.connector = connector
         self.grpc_address = grpc_address
-        self.kv_address = kv_address
+        self.kv_shards = [pb.KVShard(transfer_address=s.address, first_kv_head=s.first_kv_head,
+                                     num_kv_heads=s.num_kv_heads) for s in kv_shards]
         self.transport = transport
 
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
@@ -73,8 +76,9 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             await self.engine.call_in_engine(lambda core: self.connector.release(lease_id))
             return resp
         resp.handle.CopyFrom(pb.KVHandle(
-            transfer_address=self.kv_address, lease_id=lease_id, num_tokens=len(prompt),
-            block_size=self.engine.core.kv.block_size, control_address=self.grpc_address, transport=self.transport))
+            transfer_address=self.kv_shards[0].transfer_address, lease_id=lease_id, num_tokens=len(prompt),
+            block_size=self.engine.core.kv.block_size, control_address=self.grpc_address, transport=self.transport,
+            shards=self.kv_shards, num_kv_heads=self.engine.core.arch.num_kv_heads))
         return resp
 
     async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context) -> pb.ReleaseLeaseResponse:

@@ -5,7 +5,7 @@
       -> one engine.generate() per prompt, each yielding cumulative RequestOutputs
       -> wait for every prompt's first output (so bad input and a dead engine are HTTP errors)
       -> JSON response, or Server-Sent Events: per choice, text[len(sent):] and the new logprobs
-    GET /v1/models, /health, /metrics
+    GET /v1/models, /health, /metrics; POST /tokenize, /detokenize (vLLM's, services/router/tokenize.py)
 
 `pdserve serve` passes the in-process AsyncLLM, `pdserve router` the disaggregated client: both
 expose the same API because this module only sees the protocol. The two endpoints differ only in
@@ -40,6 +40,8 @@ from pdserve.common.sampling_params import ParameterError, SamplingParams
 from pdserve.services.router import openai_schema as oa
 from pdserve.services.router.limits import Limits
 from pdserve.common.metrics import RequestTracker, ServerMetrics, StatsCollector
+from pdserve.services.router import tokenize as tk
+from pdserve.services.router.tool_calls import ToolPlan, hermes_messages, plan_tools
 
 log = logging.getLogger("pdserve.api")
 
@@ -108,6 +110,7 @@ class _Sent:
     text_offset: int = 0
     started: bool = False
     finished: bool = False
+    tool_stream: object = None  # tool_calls.ToolStream of this choice (chat with tools)
 
 
 class _CompletionFormat:
@@ -152,11 +155,15 @@ class _CompletionFormat:
 
 
 class _ChatFormat:
+    """Chat choices; with tools (tool_choice other than none) the text becomes tool calls: a
+    stream's deltas go through the choice's ToolStream, a whole answer through ToolPlan.parse."""
     response_cls, chunk_cls = oa.ChatCompletionResponse, oa.ChatCompletionChunk
 
-    def __init__(self, req: oa.ChatCompletionRequest, decode_one):
+    def __init__(self, req: oa.ChatCompletionRequest, decode_one, tools: ToolPlan | None = None):
         self.req, self.decode_one = req, decode_one
         self.num_top = req.top_logprobs or 0
+        self.tools = tools if tools is not None and tools.mode != "none" else None
+        self.called: set[int] = set()  # choices that streamed a tool call
 
     def delta(self, i: int, out: RequestOutput, c: CompletionOutput, sent: _Sent):
         text, lps = c.text[sent.num_chars:], None
@@ -166,18 +173,34 @@ class _ChatFormat:
             ids = c.token_ids[sent.num_logprobs:sent.num_logprobs + len(new)]
             lps = oa.chat_logprobs(ids, new, self.num_top, self.decode_one)
             sent.num_logprobs += len(new)
+        if self.tools is not None:  # -> a DeltaMessage of content and tool calls, or None
+            sent.tool_stream = sent.tool_stream or self.tools.stream()
+            content, calls = sent.tool_stream.feed(text, c.finish_reason is not None)
+            if calls:
+                self.called.add(i * self.req.n + c.index)
+            text = oa.DeltaMessage(content=content or None, tool_calls=calls or None) if content or calls else None
         return text, lps
 
-    def choice(self, index: int, text: str | None, lps=None, c: CompletionOutput | None = None):
+    def choice(self, index: int, text: str | oa.DeltaMessage | None, lps=None, c: CompletionOutput | None = None):
         """A stream choice: text None is the finishing chunk's empty delta."""
-        return oa.ChatStreamChoice(index=index, delta=oa.DeltaMessage(content=text), logprobs=lps,
-                                   finish_reason=c and c.finish_reason, stop_reason=c and c.stop_reason)
+        delta = text if isinstance(text, oa.DeltaMessage) else oa.DeltaMessage(content=text)
+        return oa.ChatStreamChoice(index=index, delta=delta, logprobs=lps,
+                                   finish_reason=c and self._finish_reason(c, index in self.called),
+                                   stop_reason=c and c.stop_reason)
 
     def full_choice(self, index: int, text: str, lps, c: CompletionOutput) -> oa.ChatChoice:
         if self.req.logprobs and lps is None:
             lps = oa.ChatLogprobs(content=[])
-        return oa.ChatChoice(index=index, message=oa.ChatResponseMessage(content=text), logprobs=lps,
-                             finish_reason=c.finish_reason, stop_reason=c.stop_reason)
+        content, calls = (text, []) if self.tools is None else self.tools.parse(c.text)
+        return oa.ChatChoice(index=index, message=oa.ChatResponseMessage(content=content, tool_calls=calls),
+                             logprobs=lps, finish_reason=self._finish_reason(c, bool(calls)), stop_reason=c.stop_reason)
+
+    def _finish_reason(self, c: CompletionOutput, called: bool) -> str | None:
+        """"tool_calls" when the model stopped after calling tools (a named tool_choice stays
+        "stop", as OpenAI answers it)."""
+        if called and c.finish_reason == "stop" and self.tools.mode != "named":
+            return "tool_calls"
+        return c.finish_reason
 
     def head(self) -> list:
         return [oa.ChatStreamChoice(index=i, delta=oa.DeltaMessage(role="assistant", content=""))
@@ -189,7 +212,8 @@ class _ChatFormat:
 
 class OpenAIServer:
     def __init__(self, engine: EngineClient, served_model_name: str, metrics: ServerMetrics,
-                 limits: Limits = Limits()):
+                 limits: Limits = Limits(), tool_call_parser: str | None = None,
+                 enable_auto_tool_choice: bool = False):
         self.engine = engine
         self.limits = limits
         self.num_pending = 0  # requests submitted whose first output has not arrived
@@ -199,6 +223,8 @@ class OpenAIServer:
         self.created = int(time.time())
         vocab = getattr(self.tokenizer, "max_token_chars", None)
         self.max_token_chars = vocab if vocab else 1 << 10
+        self.tool_call_parser = tool_call_parser
+        self.enable_auto_tool_choice = enable_auto_tool_choice
 
     # ---- the endpoints ----------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
@@ -225,19 +251,30 @@ class OpenAIServer:
     async def chat(self, request: Request) -> Response:
         req = await _parse(request, oa.ChatCompletionRequest, self.limits.max_request_body_bytes)
         self.check_model(req.model)
-        params = req.to_sampling_params()
+        tools = plan_tools(req.tools, req.tool_choice, self.tool_call_parser, self.enable_auto_tool_choice)
+        params = req.to_sampling_params(tools.structured_outputs())
+        text = self.render_chat(req.template_messages(), req.tools, req.add_generation_prompt, req.chat_template_kwargs,
+                                offer_tools=tools.mode != "none")
+        ids = await self._encode(text, False)
+        self._check_length(ids, params, "messages")
+        job = self._job("chatcmpl", [(text, ids)], params)
+        return await self._run(request, job, _ChatFormat(req, self._decode_one, tools), req.stream, req.include_usage)
+
+    def render_chat(self, messages: list[dict], tools: list[oa.ChatTool] | None, add_generation_prompt: bool,
+                    kwargs: dict | None, offer_tools: bool = True) -> str:
+        """The chat template's text. A template that ignores tools gets them in Hermes form (the
+        listing only when `offer_tools`: not for tool_choice none), earlier calls as text."""
+        template = getattr(self.tokenizer, "chat_template", None) or ""
+        if "tools" not in template and (tools or any(m.get("tool_calls") for m in messages)):
+            messages, tools = hermes_messages(messages, tools if offer_tools else None), None
         try:
-            text = self.tokenizer.apply_chat_template(req.template_messages(), tools=req.tools,
-                                                      add_generation_prompt=req.add_generation_prompt,
-                                                      **(req.chat_template_kwargs or {}))
+            return self.tokenizer.apply_chat_template(
+                messages, tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None,
+                add_generation_prompt=add_generation_prompt, **(kwargs or {}))
         except ParameterError:
             raise
         except Exception as e:  # jinja's TemplateError (e.g. roles must alternate), no template, bad kwargs
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
-        ids = await self._encode(text, False)
-        self._check_length(ids, params, "messages")
-        job = self._job("chatcmpl", [(text, ids)], params)
-        return await self._run(request, job, _ChatFormat(req, self._decode_one), req.stream, req.include_usage)
 
     def models(self) -> oa.ModelList:
         return oa.ModelList(data=[oa.ModelCard(id=self.model_name, created=self.created, root=self.engine.model_name,
@@ -407,7 +444,7 @@ class OpenAIServer:
                         if s.finished:
                             continue
                         text, lps = fmt.delta(i, out, c, s)
-                        if lps is not None:
+                        if lps is not None or isinstance(text, oa.DeltaMessage):
                             yield f"data: {chunk([fmt.choice(index, text, lps)])}\n\n"
                         elif text:
                             yield f"data: {text_chunk(index, text)}\n\n"
@@ -538,11 +575,16 @@ def _param_name(loc: tuple) -> str | None:
 
 # ---- the app ----------------------------------------------------------------------------------
 def build_app(engine: EngineClient, served_model_name: str, api_key: str | None = None,
-              collector: StatsCollector | None = None, limits: Limits = Limits()) -> FastAPI:
+              collector: StatsCollector | None = None, limits: Limits = Limits(),
+              tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False,
+              metrics_route: bool = True) -> FastAPI:
     """The FastAPI app. `collector` (state for /metrics) is the deployment's: the in-process
-    engine's stats, or the router's view of its fleet and its routing counters."""
+    engine's stats, or the router's view of its fleet and its routing counters.
+    `tool_call_parser` + `enable_auto_tool_choice` (vLLM's flags) let tool_choice "auto" turn the
+    model's text into tool calls. `metrics_route` False: no /metrics here (served on a port of
+    its own, or not at all)."""
     metrics = ServerMetrics(served_model_name, engine.max_model_len, collector)
-    server = OpenAIServer(engine, served_model_name, metrics, limits)
+    server = OpenAIServer(engine, served_model_name, metrics, limits, tool_call_parser, enable_auto_tool_choice)
     app = FastAPI(title="pdserve", description="OpenAI-compatible API of pdserve")
     app.state.server = server
 
@@ -592,6 +634,16 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
 
     app.include_router(v1)
 
+    @app.post("/tokenize")  # vLLM's, outside /v1 (services/router/tokenize.py)
+    async def tokenize(request: Request) -> Response:
+        req = await _parse(request, tk.TokenizeRequest, server.limits.max_request_body_bytes)
+        return _json(await tk.tokenize(server, req))
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> Response:
+        req = await _parse(request, tk.DetokenizeRequest, server.limits.max_request_body_bytes)
+        return _json(tk.detokenize(server, req))
+
     @app.get("/health")
     async def health() -> Response:
         try:
@@ -602,8 +654,9 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
             return Response(status_code=200)
         return APIError(503, "the engine is not healthy", type="server_error", code="engine_unavailable").response()
 
-    @app.get("/metrics")
-    async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+    if metrics_route:
+        @app.get("/metrics")
+        async def prometheus_metrics() -> Response:
+            return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     return app

@@ -29,6 +29,8 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--redis-url", required=True, help="the fleet's Redis (instances register there)")
     p.add_argument("--model", default=None, help="model whose tokenizer the router uses (default: SmolLM2)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or .gguf (default: the model's)")
+    p.add_argument("--chat-template", default=None,
+                   help="chat template: a Jinja file, or the template itself (default: the tokenizer's)")
     p.add_argument("--served-model-name", default=None, help="name in the API (default: the model's)")
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP server binds to")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port)")
@@ -42,6 +44,10 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disagg-min-prompt-tokens", type=int, default=64,
                    help="prompts shorter than this, or whose uncached part on the chosen decode instance is, "
                         "skip prefill and are computed by decode (0: always prefill)")
+    from pdserve.services.router.tool_calls import add_tool_args
+    add_tool_args(p)
+    from pdserve.services.serve import add_metrics_args
+    add_metrics_args(p)
 
 
 def fleet_stats(pool):
@@ -71,7 +77,12 @@ def run_router(args: argparse.Namespace) -> None:
     from pdserve.services.router.instances import InstancePool
     from pdserve.services.router.routing import RoutingConfig
 
-    tokenizer = load_tokenizer(resolve_model_path(args.model), args.tokenizer)
+    from pdserve.common.uptime import process_age_s
+    from pdserve.services.router.tool_calls import check_tool_args
+    from pdserve.services.serve import serve_metrics_apart
+
+    check_tool_args(args)
+    tokenizer = load_tokenizer(resolve_model_path(args.model), args.tokenizer, args.chat_template)
     name = args.served_model_name or served_name(args.model)
     try:
         config = RoutingConfig(mode=args.routing, disagg_min_prompt_tokens=args.disagg_min_prompt_tokens)
@@ -86,7 +97,10 @@ def run_router(args: argparse.Namespace) -> None:
         client = DisaggClient(tokenizer, name, pool)
         collector = StatsCollector(name, engine=lambda: fleet_stats(pool), router=lambda: client.stats,
                                    redis_up=lambda: pool.redis_ok)
-        app = build_app(client, name, api_key=args.api_key, collector=collector, limits=limits_of(args))
+        app = build_app(client, name, api_key=args.api_key, collector=collector, limits=limits_of(args),
+                        tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
+                        metrics_route=args.enable_metrics and args.metrics_port is None)
+        metrics_apart = serve_metrics_apart(app, args, args.host)
         add_admin_routes(app, pool, registry, api_key=args.api_key)
 
         @app.get("/admin/stats", dependencies=[Depends(admin_guard(args.api_key))])
@@ -103,11 +117,16 @@ def run_router(args: argparse.Namespace) -> None:
                                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
         task = asyncio.create_task(server.serve())
         while not server.started and not task.done():
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
         if server.started:
             port = server.servers[0].sockets[0].getsockname()[1]
+            apart = "" if metrics_apart is None else \
+                f", metrics on http://{args.host}:{metrics_apart.server_port}/metrics"
+            print(f"pdserve router: ready in {process_age_s():.2f} s{apart}", flush=True)
             print(f"pdserve router serving {name} on http://{args.host}:{port} (routing: {config.mode})", flush=True)
         await task
+        if metrics_apart is not None:
+            metrics_apart.shutdown()
         await pool.close()
         await index.close()
         await registry.close()

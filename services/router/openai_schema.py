@@ -20,7 +20,7 @@ from typing import Annotated, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer
 
 from pdserve.common.outputs import TokenLogprobs
-from pdserve.common.sampling_params import ParameterError, SamplingParams
+from pdserve.common.sampling_params import ParameterError, SamplingParams, StructuredOutputsParams
 
 TokenId = Annotated[StrictInt, Field(ge=0)]
 MIN_LOGPROB = -9999.0  # -inf is not JSON; vLLM reports this floor too
@@ -57,16 +57,29 @@ class _SamplingRequest(_Request):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    allowed_token_ids: list[TokenId] | None = None
+    bad_words: list[str] | None = None
+    # the output's grammar (services/router/constraints.py)
+    response_format: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict | None = None
 
     @property
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
-    def _sampling_params(self, max_tokens: int | None, logprobs: int | None,
-                         prompt_logprobs: int | None = None) -> SamplingParams:
-        if self.logit_bias:
-            raise ParameterError("logit_bias", "logit_bias is not supported")
+    def _sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
+                         structured: StructuredOutputsParams | None = None) -> SamplingParams:
+        from pdserve.services.router.constraints import logit_bias_of, structured_outputs_of
+        asked = structured_outputs_of(self)
+        if asked is not None and structured is not None:
+            raise ParameterError(asked.param, f"{asked.param} and {structured.param} both constrain the output")
         return SamplingParams(
+            logit_bias=logit_bias_of(self.logit_bias), allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words or [], structured_outputs=structured or asked,
             n=self.n, temperature=_or(self.temperature, 1.0), top_p=_or(self.top_p, 1.0),
             top_k=_or(self.top_k, -1), min_p=_or(self.min_p, 0.0), seed=self.seed, max_tokens=max_tokens,
             min_tokens=self.min_tokens, stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
@@ -192,15 +205,26 @@ class ChatMessage(_Request):
         return msg
 
 
+class FunctionDefinition(_Request):
+    name: str
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class ChatTool(_Request):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None  # OpenAI's newer name; wins over max_tokens
     logprobs: bool = False
     top_logprobs: int | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    response_format: dict | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: str | dict | None = None  # None: auto with tools, else none
     # vLLM's extras
     add_generation_prompt: bool = True
     chat_template_kwargs: dict | None = None
@@ -212,18 +236,14 @@ class ChatCompletionRequest(_SamplingRequest):
     def max_tokens_param(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, tool_grammar: StructuredOutputsParams | None = None) -> SamplingParams:
+        """`tool_grammar`: the output grammar a forced tool choice implies (tool_calls.ToolPlan)."""
         if self.top_logprobs is not None and not self.logprobs:
             raise ParameterError("top_logprobs", "top_logprobs needs logprobs set to true")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise ParameterError("tool_choice", "only tool_choice 'auto' and 'none' are supported: pdserve "
-                                                "returns the model's text and does not force tool calls")
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ParameterError("response_format", "only response_format {'type': 'text'} is supported")
         max_tokens = _or(self.max_completion_tokens, self.max_tokens)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         try:
-            return self._sampling_params(max_tokens, logprobs)
+            return self._sampling_params(max_tokens, logprobs, structured=tool_grammar)
         except ParameterError as e:
             if e.param == "max_tokens":
                 e.param = self.max_tokens_param
@@ -232,9 +252,21 @@ class ChatCompletionRequest(_SamplingRequest):
             raise
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCall] = []
 
 
 class ChatTopLogprob(BaseModel):
@@ -268,14 +300,30 @@ class ChatCompletionResponse(BaseModel):
     usage: UsageInfo | None = None
 
 
-class DeltaMessage(BaseModel):
-    """A streamed piece of the message; unset fields are left out (`{}` in the finishing chunk)."""
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
+class _DropNone(BaseModel):
     @model_serializer(mode="wrap")
     def _drop_none(self, handler):
         return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class DeltaFunctionCall(_DropNone):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(_DropNone):
+    """A piece of a streamed call: the first carries id, type and name; later ones more arguments."""
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
+class DeltaMessage(_DropNone):
+    """A streamed piece of the message; unset fields are left out (`{}` in the finishing chunk)."""
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):

@@ -6,6 +6,7 @@ import argparse
 
 from pdserve.common.config import env_flag
 from pdserve.common.kv_transfer import BACKENDS
+from pdserve.services.worker.kv_transfer_config import add_kv_transfer_config_arg
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
@@ -15,9 +16,10 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                         "machine's IP when --host is a wildcard such as 0.0.0.0, e.g. in a container)")
     p.add_argument("--grpc-port", type=int, default=0, help="0: pick a free port")
     p.add_argument("--metrics-port", type=int, default=0, help="port of this worker's /metrics (0: pick a free port)")
-    p.add_argument("--kv-transport", default="tcp", choices=[b for b in BACKENDS if b != "local"],
-                   help="how decode workers pull KV blocks from prefill workers (nccl: a 2-rank NCCL group per "
-                        "prefill-decode pair on GPUs, gloo on CPU)")
+    p.add_argument("--kv-transport", default=None, choices=[b for b in BACKENDS if b != "local"],
+                   help="how decode workers pull KV blocks from prefill workers (default: tcp; nccl: a 2-rank "
+                        "NCCL group per prefill-decode pair on GPUs, gloo on CPU)")
+    add_kv_transfer_config_arg(p)
     p.add_argument("--redis-url", default=None, help="register in this Redis (pdserve router finds it there)")
     p.add_argument("--instance-id", default=None, help="name in the registry (default: ROLE-HOST-RANDOM)")
     p.add_argument("--lease-ttl", type=float, default=30.0, help="seconds a prefilled KV stays pinned for decode")

@@ -7,7 +7,8 @@ Redis, the publication of its prefix cache to the router's prefix index, and its
 Lifecycle:
     start:  AsyncLLM (engine thread) with the two KV connectors (common/kv_transfer/connector.py:
             LeaseConnector for the prefill half, PullConnector for the decode half) -> KV server
-            and client of --kv-transport -> grpc.aio server with Prefill + Decode services ->
+            and client of --kv-transport on every tensor-parallel rank (kv_ranks.py) -> grpc.aio
+            server with Prefill + Decode services ->
             /metrics on --metrics-port -> Heartbeater (registry record + live load in Redis) and
             KVEventPublisher (prefix index) -> one ready line (and --ready-file)
     run:    until SIGINT / SIGTERM
@@ -39,7 +40,6 @@ import grpc
 from pdserve.common.config import EngineConfig, add_engine_args, engine_config
 from pdserve.common.engine.async_llm import AsyncLLM
 from pdserve.common.engine.kv_connector import KVConnector
-from pdserve.common.kv_transfer.base import make_client, make_server, split_address
 from pdserve.common.kv_transfer.connector import LeaseConnector, PullConnector
 from pdserve.common.metrics import ServerMetrics, StatsCollector
 from pdserve.common.stats import TransferStats
@@ -48,6 +48,7 @@ from pdserve.services import grpc_auth
 from pdserve.services.decode.server import DecodeServicer, release_lease
 from pdserve.services.prefill.server import PrefillServicer
 from pdserve.services.worker.events import KVEventPublisher
+from pdserve.services.worker.kv_ranks import start_worker_kv
 from pdserve.services.worker.state import WorkerState, model_id
 
 log = logging.getLogger("pdserve.worker")
@@ -103,6 +104,7 @@ class WorkerConnector(KVConnector):
 
 
 def transfer_stats(lease: LeaseConnector, pull: PullConnector, kv_server) -> TransferStats:
+    """kv_server: the KV servers' counters (kv_ranks.WorkerKV: every tensor-parallel rank's)."""
     latencies, pull.pull_seconds = pull.pull_seconds, []
     return TransferStats(leases_granted=lease.num_leases, leases_released=lease.num_released,
                          leases_expired=lease.num_expired, leases_active=lease.num_active,
@@ -119,26 +121,26 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
     pull = PullConnector({}, loop, functools.partial(release_lease, token=args.internal_token),
                          deadline_s=args.pull_deadline)
     engine = AsyncLLM(config, connector=WorkerConnector(lease, pull))
-    kv_caches = engine.core.runner.kv_cache  # [L, 2, N, bs, H, D]: a handoff's blocks move in one op
-    pull.clients[args.kv_transport] = make_client(args.kv_transport, kv_caches)
     state = WorkerState(engine, args.instance_id or f"{role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}", role)
     args.advertise_host = advertised_host(args.host, args.advertise_host)
 
-    kv_server = make_server(args.kv_transport, kv_caches, lease.resolve, host=args.host)
-    _, kv_port = split_address(await kv_server.start(), args.kv_transport)
-    kv_address = f"{args.kv_transport}://{args.advertise_host}:{kv_port}"  # what decode workers dial
+    kv = await start_worker_kv(engine.core, args.kv_transport, args.host, args.advertise_host, lease, pull)
+    kv_address = kv.shards[0].address  # rank 0's: what decode workers dial
     server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)],
                              interceptors=grpc_auth.server_interceptors(args.internal_token))
     port = server.add_insecure_port(f"{args.host}:{args.grpc_port}")
     grpc_address = f"{args.advertise_host}:{port}"
     pb_grpc.add_PrefillServicer_to_server(
-        PrefillServicer(state, lease, grpc_address, kv_address, args.kv_transport), server)
+        PrefillServicer(state, lease, grpc_address, kv.shards, args.kv_transport), server)
     pb_grpc.add_DecodeServicer_to_server(DecodeServicer(state, pull), server)
     await server.start()
 
     name = engine.model_name
+    from pdserve.common.gpu_metrics import gpu_stats_source
     metrics = ServerMetrics(name, engine.max_model_len, StatsCollector(
-        name, engine=engine.core.stats, transfer=lambda: transfer_stats(lease, pull, kv_server)))
+        name, engine=engine.core.stats, transfer=lambda: transfer_stats(lease, pull, kv),
+        gpu=gpu_stats_source(engine.core.runner.device)))
+    engine.request_metrics = metrics  # vLLM's request metrics from this worker's deltas
     metrics_server = metrics.serve_http(args.host, args.metrics_port)
     metrics_address = f"http://{args.advertise_host}:{metrics_server.server_port}/metrics"
 
@@ -191,12 +193,14 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
     await server.stop(grace=2)
     for client in pull.clients.values():
         await client.close()
-    await kv_server.close()
+    await kv.close()
     metrics_server.shutdown()
     engine.shutdown()
 
 
 def run_worker(args: argparse.Namespace, role: str) -> None:
+    from pdserve.services.worker.kv_transfer_config import resolve_kv_flags
+    resolve_kv_flags(args, role)
     asyncio.run(serve_worker(args, role, engine_config(args)))
 
 

@@ -11,10 +11,10 @@ if __name__ == "__main__":
 
     real_launch = ModelRunner.launch
 
-    def launch(self, sched):
+    def launch(self, sched, *args, **kwargs):
         if any(s.params.seed == FAULT_SEED for s in sched.scheduled):
             raise RuntimeError("injected fault: the device failed this step")
-        return real_launch(self, sched)
+        return real_launch(self, sched, *args, **kwargs)
 
     ModelRunner.launch = launch
     sys.exit(main(sys.argv[1], sys.argv[2:]))

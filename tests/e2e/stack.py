@@ -31,7 +31,7 @@ class Stack:
         self.redis = RedisServer().start()
         self.procs: dict[str, subprocess.Popen] = {}
         self.port = free_port()
-        env = self.env = {**os.environ, "UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"}
+        self.env = {**os.environ, "UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"}
         self.argv: dict[str, list[str]] = {}
         ready = []
         for role, flag_sets in (("prefill", prefill), ("decode", decode)):

@@ -12,6 +12,7 @@ import pytest
 
 from pdserve.common.engine.llm import LLM
 from pdserve.common.sampling_params import SamplingParams
+from kv_backends import backends
 from stack import Stack
 
 PROMPTS = ["The history of the city", "A list of fruits: apple,", "In 1969 the first", "def add(a, b):"]
@@ -22,7 +23,7 @@ def offline(tiny_models):
     return LLM(tiny_models["llama"], num_gpu_blocks_override=512, dtype="float32")
 
 
-@pytest.fixture(scope="module", params=["tcp", "ucx", "nccl"])
+@pytest.fixture(scope="module", params=backends("tcp", "ucx", "nccl"))
 def stack_1p1d(tiny_models, request):
     s = Stack(tiny_models["llama"], prefill=[[]], decode=[[]], kv_transport=request.param)
     yield s

@@ -1,12 +1,19 @@
 """`pdserve up` as a user runs it: Redis, one prefill, one decode and the router as real processes,
-flags passed through to the workers and the router, an OpenAI client request, clean shutdown."""
+flags passed through, an OpenAI client request; stopped by SIGINT (even when started with SIGINT
+ignored, as a script's background job is) or SIGTERM with no process left behind, every port
+free, workers deregistered while Redis was still up, and no temporary folder left."""
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 
 import httpx
@@ -14,30 +21,92 @@ import openai
 
 from redis_server import free_port
 
+START_S = 300
 
-def test_up_starts_a_working_stack_and_passes_flags(tiny_models):
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pdserve.services.cli", "up", "--prefill", "1", "--decode", "1", "--port", str(port),
-         "--model", tiny_models["llama"], "--worker-args", "--num-gpu-blocks-override 256",
-         "--kv-transport", "nccl", "--decode-args", "--lease-ttl 20",
-         "--router-args", "--routing round_robin --disagg-min-prompt-tokens 0"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines = []
+
+def start_up(*args: str, ignore_sigint: bool = False) -> subprocess.Popen:
+    def preexec():
+        os.setsid()  # the test signals `up` alone, never its group
+        if ignore_sigint:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # as `cmd &` in a non-interactive shell
+    return subprocess.Popen([sys.executable, "-m", "pdserve.services.cli", "up", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=preexec)
+
+
+def read_until_ready(proc: subprocess.Popen) -> list[str]:
+    lines, deadline = [], time.time() + START_S
+    while not any(line.startswith("pdserve up: ready") for line in lines):
+        line = proc.stdout.readline()
+        assert line and time.time() < deadline, "".join(lines)
+        lines.append(line)
+    return lines
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(stat) as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.split("/")[2]))
+    return found
+
+
+def alive(pid: int) -> bool:
     try:
-        deadline = time.time() + 240
-        while not any(line.startswith("router") for line in lines):
-            assert proc.poll() is None and time.time() < deadline, "".join(lines)
-            lines.append(proc.stdout.readline())
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def port_free(port: int) -> bool:
+    """No socket listens on `port` (connections the servers closed may linger in TIME_WAIT)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in f.readlines()[1:]:
+                local, state = row.split()[1], row.split()[3]
+                if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                    return False
+    return True
+
+
+def ports_in(lines: list[str]) -> set[int]:
+    return {int(p) for p in re.findall(r":(\d{2,5})(?:/|\s|$)", "".join(lines))}
+
+
+def stop_and_check(proc: subprocess.Popen, sig: int, lines: list[str]) -> None:
+    kids = children(proc.pid)
+    assert len(kids) == 4, kids  # redis, prefill, decode, router
+    ports = ports_in(lines)
+    os.kill(proc.pid, sig)
+    try:
+        rest, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        for k in kids:
+            os.kill(k, signal.SIGKILL)
+        proc.kill()
+        raise
+    assert proc.returncode == 0, rest
+    assert not [k for k in kids if alive(k)], "orphaned children"
+    busy = [p for p in ports if not port_free(p)]
+    assert not busy, f"ports still held: {busy}"
+
+
+def test_up_serves_and_sigint_stops_it_even_when_inherited_ignored(tiny_models):
+    tmp_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "pdserve-up-*")))
+    port = free_port()
+    proc = start_up("--prefill", "1", "--decode", "1", "--port", str(port), "--model", tiny_models["llama"],
+                    "--worker-args", "--num-gpu-blocks-override 256", "--kv-transport", "nccl",
+                    "--decode-args", "--lease-ttl 20",
+                    "--router-args", "--routing round_robin --disagg-min-prompt-tokens 0", ignore_sigint=True)
+    try:
+        lines = read_until_ready(proc)
         base = f"http://127.0.0.1:{port}"
-        while True:  # the router process is starting
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline
-            time.sleep(0.3)
+        assert httpx.get(base + "/health", timeout=5).status_code == 200  # answered before the ready line
         client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
         out = client.completions.create(model=client.models.list().data[0].id, prompt="The city of",
                                         max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
@@ -45,21 +114,64 @@ def test_up_starts_a_working_stack_and_passes_flags(tiny_models):
         stats = httpx.get(base + "/admin/stats", timeout=5).json()
         assert stats["routing"] == "round_robin"  # --router-args reached the router
         assert stats["handoffs"] == 1  # --disagg-min-prompt-tokens 0: even this short prompt was prefilled
-        assert sum(1 for line in lines if line.startswith(("prefill", "decode"))) == 2
-        # --kv-transport nccl (gloo on CPU) moved that prompt's KV
-        assert any(line.startswith("prefill") and " kv=nccl://" in line for line in lines), lines
+        assert [line.split()[0] for line in lines] == ["redis", "prefill", "decode", "router", "pdserve"]
+        assert " kv=nccl://" in lines[1]  # --kv-transport nccl (gloo on CPU) moved that prompt's KV
+        stop_and_check(proc, signal.SIGINT, lines)
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        if proc.poll() is None:
+            proc.kill()
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "pdserve-up-*"))) <= tmp_before
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def _monitor(port: int, seen: list[bytes], ready: threading.Event) -> None:
+    """Redis MONITOR until the server goes away: every command Redis ran, in order."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"MONITOR\r\n")
+        ready.set()
+        while chunk := s.recv(65536):
+            seen.append(chunk)
+
+
+def test_up_sigterm_fixed_ports_workers_deregister_before_redis_stops(tiny_models):
+    port, redis_port, base = free_port(), free_port(), free_port()
+    while not all(_bindable(base + k) for k in (1, 2, 3)):
+        base = free_port()
+    proc = start_up("--prefill", "1", "--decode", "1", "--host", "127.0.0.1", "--port", str(port),
+                    "--redis-port", str(redis_port), "--base-port", str(base), "--model", tiny_models["llama"],
+                    "--kv-transfer-config", '{"kv_connector": "tcp", "kv_role": "kv_both"}')
+    try:
+        lines = read_until_ready(proc)
+        assert f"redis://127.0.0.1:{redis_port}/0" in lines[0]
+        assert f"grpc=127.0.0.1:{base} " in lines[1] and f":{base + 1}/metrics" in lines[1]
+        assert f"grpc=127.0.0.1:{base + 2} " in lines[2] and f":{base + 3}/metrics" in lines[2]
+        assert "kv=tcp://" in lines[1]
+        seen: list[bytes] = []
+        ready = threading.Event()
+        monitor = threading.Thread(target=_monitor, args=(redis_port, seen, ready), daemon=True)
+        monitor.start()
+        ready.wait(5)
+        stop_and_check(proc, signal.SIGTERM, lines)
+        monitor.join(10)
+        log = b"".join(seen).lower()
+        for worker in (b"prefill-0", b"decode-0"):
+            assert re.search(rb'"srem" "[^"]*instances" "' + worker + rb'"', log), log[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_up_device_lists_need_one_gpu_id_per_worker():
     from pdserve.common.config import ConfigError
-    from pdserve.services.disagg_cli import worker_devices
+    from pdserve.services.local_stack import worker_devices
     assert worker_devices(None, 2, "--decode-devices") == [None, None]
     assert worker_devices("0, 3", 2, "--decode-devices") == ["0", "3"]
     for bad in ("0", "0,1,2", "cuda:0,1"):

@@ -12,13 +12,14 @@ import time
 
 import pytest
 import torch
+from kv_backends import backends
 from kv_cases import STALL_LEASE, ServerProcess, make_caches
 
 from pdserve.common.kv_transfer.base import KVLayout, KVTransferError, make_client
 
 pytestmark = pytest.mark.timeout(60)
 
-BACKENDS = ["tcp", "ucx", "nccl"]
+BACKENDS = backends("tcp", "ucx", "nccl")
 CACHE = dict(num_layers=4, block_size=16, num_kv_heads=2, head_dim=64, dtype=torch.bfloat16)
 SERVER_CACHE = dict(CACHE, num_blocks=40, seed=21)
 LEASES = {"lease": [3, 4, 5, 6, 30, 31, 1, 17]}

@@ -57,6 +57,22 @@ def test_peer_check_ignores_num_blocks_and_names_the_differing_field():
         mine.check_peer(KVLayout(32, 100, 16, 8, 128, "float16"), "peer")
 
 
+def test_layout_names_its_tensor_parallel_shard_and_peers_compare_it():
+    # 8 KV heads at TP=2: rank 1 holds heads 4-7; a peer must expect that very shard of that model
+    rank1 = KVLayout(32, 100, 16, 4, 128, "bfloat16", first_kv_head=4, total_kv_heads=8)
+    assert KVLayout(32, 100, 16, 8, 128, "bfloat16").total_kv_heads == 8  # no TP: every head
+    rank1.check_peer(KVLayout(32, 7, 16, 4, 128, "bfloat16", 4, 8), "peer")
+    with pytest.raises(KVTransferError, match="first_kv_head is 4 here but 0 there"):
+        rank1.check_peer(KVLayout(32, 100, 16, 4, 128, "bfloat16", 0, 8), "peer")
+    with pytest.raises(KVTransferError, match="total_kv_heads is 8 here but 4 there"):
+        rank1.check_peer(KVLayout(32, 100, 16, 4, 128, "bfloat16"), "peer")
+    with pytest.raises(ValueError, match="does not fit"):
+        KVLayout(32, 100, 16, 4, 128, "bfloat16", first_kv_head=6, total_kv_heads=8)
+    cache = [torch.zeros(2, 5, 4, 2, 8)]
+    assert KVLayout.from_caches(cache, (2, 4)) == KVLayout(1, 5, 4, 2, 8, "float32", 2, 4)
+    assert wire.decode(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, rank1))).layout == rank1
+
+
 def test_block_runs():
     assert block_runs([]) == []
     assert block_runs([4, 5, 6]) == [(0, 4, 3)]
@@ -202,7 +218,7 @@ def test_wire_round_trip_and_malformed_headers():
                  b'{"type": "hello", "version": 1, "layout": {"num_layers": 2}}']:
         with pytest.raises(KVTransferError, match="malformed"):
             wire.decode(data)
-    with pytest.raises(KVTransferError, match="speaks KV wire protocol 2, this worker speaks 3"):
+    with pytest.raises(KVTransferError, match="speaks KV wire protocol 2, this worker speaks 4"):
         wire.check_hello(wire.Hello(2, layout), layout, "peer")
     with pytest.raises(KVTransferError, match="peer: lease gone"):
         wire.expect(wire.Error("lease gone"), wire.PullReply, "peer")

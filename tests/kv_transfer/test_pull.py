@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+from kv_backends import backends
 from kv_cases import make_caches
 
 from pdserve.common.kv_transfer.base import (KVLayout, KVTransferError, make_client,
@@ -21,7 +22,7 @@ from pdserve.common.kv_transfer.base import (KVLayout, KVTransferError, make_cli
 
 pytestmark = pytest.mark.timeout(60)
 
-BACKENDS = ["tcp", "ucx", "nccl", "local"]
+BACKENDS = backends("tcp", "ucx", "nccl", "local")
 CACHE = dict(num_layers=3, block_size=4, num_kv_heads=2, head_dim=8)
 
 

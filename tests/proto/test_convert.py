@@ -71,3 +71,12 @@ def test_stop_reason_round_trip(stop_reason):
     convert.set_stop_reason(delta, stop_reason)
     received = pb.SequenceDelta.FromString(delta.SerializeToString())
     assert convert.stop_reason_from_proto(received) == stop_reason
+
+
+@pytest.mark.parametrize("spec", [{"json": {"type": "object", "properties": {"a": {"enum": [1, "x"]}}}},
+                                  {"json_object": True}, {"regex": r"\d+"}, {"choice": ["a", "b c"]},
+                                  {"grammar": 'root ::= "x"', "disable_any_whitespace": False}])
+def test_token_constraints_round_trip(spec):
+    params = SamplingParams(logit_bias={7: -100, 9: 2.5}, allowed_token_ids=[1, 2, 3], bad_words=["foo", "a b"],
+                            structured_outputs=spec)
+    assert _round_trip(params) == params

@@ -1,0 +1,46 @@
+"""Speculative decoding: propose k tokens cheaply, verify them in one target forward pass.
+
+    scheduler.schedule()   a decoding request gets num_spec_slots = min(k, budget, room) KV slots
+                           past its known tokens (`max_draft_tokens`, this module: torch-free)
+    runner.launch()        SpecDecoder.prepare: the proposer (ngram.py on the host, or
+                           draft_model.py, a second ModelRunner) fills up to num_spec_slots drafts,
+                           appended to the request's input tokens: [last token, d1 .. dn]
+                           -> one target forward; logits at all n + 1 positions
+                           -> rejection.py accepts a prefix of the drafts, then one more token
+    scheduler.update()     appends accepted drafts + that token, num_computed_tokens += accepted
+                           (rejected drafts' KV is simply never counted), frees blocks that hold
+                           only rejected positions (KVCacheManager.free_tail)
+
+The runner owns the proposers (like vLLM's workers), so SchedulerOutput stays ids and ints.
+
+Which requests speculate: those that have produced their first token (the first token is
+always sampled plainly, as a prefill worker without speculation samples it) and that need no
+per-token host data (penalties, min_tokens, logprobs: `SamplingParams.needs_host_history`) and
+no token mask (structured outputs, allowed_token_ids, bad_words: their next mask depends on
+each accepted token; such a request is sampled plainly under its mask, in the same batch).
+With speculation configured the engine runs its steps one at a time (no overlapped steps):
+the proposals need the tokens of the step before.
+"""
+
+from __future__ import annotations
+
+from pdserve.common.request import Request
+from pdserve.common.sampling_params import SamplingParams
+
+
+def speculates(params: SamplingParams, num_output_tokens: int) -> bool:
+    """Whether a request's next tokens are drafted and verified (when it has room for drafts)."""
+    return num_output_tokens > 0 and not params.needs_host_history and not params.has_token_mask
+
+
+def max_draft_tokens(req: Request, k: int, max_model_len: int) -> int:
+    """Drafts this request may have verified in its next step (before the token budget): 0 when it
+    does not speculate; never so many that accepting all of them plus the token after would pass
+    max_tokens or max_model_len."""
+    p = req.params
+    if not k or not speculates(p, req.num_output_tokens) or req.num_inflight:
+        return 0
+    room = max_model_len - req.num_tokens - 1
+    if p.max_tokens is not None:
+        room = min(room, p.max_tokens - req.num_output_tokens - 1)
+    return max(0, min(k, room))

@@ -1,0 +1,138 @@
+"""SpecDecoder: the model runner's hook for speculative decoding (see __init__.py for the step).
+
+    launch(sched):  scheduled = prepare(sched)     # drafts appended: inputs [t, d1 .. dn]
+                    hidden = target forward        # a speculating request is a small chunk
+                    verify(hidden, step, ...)      # logits at its n + 1 last rows -> tokens
+
+Requests with and without drafts share the batch: `verify` samples the others with the
+runner's own sampler, on their last row as usual. Where the runner has CUDA graphs (CUDA, not
+--enforce-eager) a decoding request's [t, d1 .. dn] runs as n + 1 one-token rows, each attending
+to its own prefix, so a verify step is a decode-only step and replays the decode graphs (up to
+max_num_seqs rows; beyond, or mixed with prefill chunks, it runs eagerly); the CPU runs it as one
+chunk of n + 1 tokens. The draft model's steps do the same with its own graphs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import torch
+
+from pdserve.common.config import SpeculativeConfig
+from pdserve.common.engine.model_runner import position_seed
+from pdserve.common.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
+from pdserve.common.engine.spec_decode import speculates
+from pdserve.common.engine.spec_decode.rejection import DraftRows, verify
+from pdserve.common.models.attention import StepInputs
+
+
+class SpecDecoder:
+    def __init__(self, config: SpeculativeConfig, runner):
+        """Before the target's KV pool exists: a draft model's shape is read (for the pool's
+        size), its weights are loaded in `start`."""
+        self.config = config
+        self.runner = runner
+        if config.method == "ngram":
+            from pdserve.common.engine.spec_decode.ngram import NgramProposer
+            self.proposer = NgramProposer(config)
+            self.draft = None
+        else:
+            from pdserve.common.engine.spec_decode.draft_model import DraftModelProposer
+            self.proposer = self.draft = DraftModelProposer(
+                config, runner.model_cfg, runner.arch, runner.max_model_len, runner.scheduler_cfg,
+                runner.enforce_eager)
+        self._probs: dict[str, torch.Tensor | None] = {}  # this step: req_id -> draft distributions
+        self._drafts: dict[str, list[int]] = {}  # this step: req_id -> all drafts (fed + a last one)
+        self._fed: dict[str, list[int]] = {}  # this step: req_id -> the drafts fed
+        # Verify [t, d1 .. dn] as n + 1 one-token rows (each attends to its prefix: the K/V of all
+        # rows are stored before attention reads, layer by layer), so a verify step is a
+        # decode-only step that the CUDA graphs replay. Set in start(): where graphs exist.
+        self.verify_as_decodes = False
+        self.propose_seconds = 0.0  # host time in proposers (bench spec: the draft's cost)
+
+    def draft_bytes_per_block(self, block_size: int) -> int:
+        return 0 if self.draft is None else self.draft.draft_bytes_per_block(block_size)
+
+    def reserved_bytes(self) -> int:
+        """GPU memory outside the KV pool that the draft needs (its weights)."""
+        return 0 if self.draft is None else self.draft.weight_bytes()
+
+    def start(self) -> None:
+        self.verify_as_decodes = self.runner.graphs is not None
+        if self.draft is not None:
+            self.draft.start(self.runner.num_blocks, self.runner.block_size)
+
+    def prepare(self, sched: SchedulerOutput) -> list[ScheduledRequest]:
+        """The step's requests, those with draft slots carrying up to num_spec_slots drafts."""
+        # A draft model at temperature > 0 also drafts the token after the fed drafts, even with
+        # no slot to feed any (draft_model.py: every position is then decided the same way).
+        want = [s for s in sched.scheduled if s.num_spec_slots or (
+            self.draft is not None and s.sample and s.params.temperature != 0
+            and speculates(s.params, len(s.output_token_ids)))]
+        self._drafts, self._probs, self._fed = {}, {}, {}
+        if not want:
+            return sched.scheduled
+        t0 = time.perf_counter()
+        for req_id, (drafts, probs) in self.proposer.propose(want).items():
+            self._drafts[req_id], self._probs[req_id] = drafts, probs
+        self.propose_seconds += time.perf_counter() - t0
+        out = []
+        for s in sched.scheduled:
+            drafts = self._drafts.get(s.req_id)
+            fed = self._fed[s.req_id] = drafts[:s.num_spec_slots] if drafts else []
+            if not fed:
+                out.append(s)
+            elif self.verify_as_decodes and s.num_tokens == 1:  # [t, d1 .. dn] as n + 1 one-token rows
+                out.extend(dataclasses.replace(s, input_token_ids=[t], start_pos=s.start_pos + j)
+                           for j, t in enumerate(s.input_token_ids + fed))
+            else:
+                out.append(dataclasses.replace(s, input_token_ids=s.input_token_ids + fed, spec_token_ids=fed))
+        return out
+
+    def has_drafts(self) -> bool:
+        """The step being launched carries drafts: `verify` decides its tokens."""
+        return bool(self._drafts)
+
+    def verify(self, hidden: torch.Tensor, step: StepInputs, ordered: list[ScheduledRequest],
+               out: RunnerOutput, token_masks=None) -> None:
+        """Tokens of every sampling request of a step with drafts into `out` (on the host);
+        requests without drafts under their token masks (`token_masks`: the engine's
+        StructuredOutputManager)."""
+        runner = self.runner
+        rows: dict[str, list[int]] = {}  # req_id -> its sampling rows (a chunk's last n + 1, or n + 1 one-token rows)
+        first: dict[str, ScheduledRequest] = {}
+        for s, end in zip(ordered, step.query_start_loc[1:].tolist()):
+            if s.sample:
+                rows.setdefault(s.req_id, []).extend(range(end - 1 - len(s.spec_token_ids), end))
+                first.setdefault(s.req_id, s)
+        spans, flat = {}, []  # req_id -> its first row in `logits`; the rows of `hidden` to take
+        for req_id, r in rows.items():
+            spans[req_id] = len(flat)
+            flat += r
+        index = torch.from_numpy(np.asarray(flat, dtype=np.int64)).to(hidden.device)
+        logits = runner.model.compute_logits(hidden.index_select(0, index))  # [R, V]
+        plain = [req_id for req_id in rows if req_id not in self._drafts]
+        if plain:
+            reqs = [first[req_id] for req_id in plain]
+            rows_plain = logits.index_select(0, torch.tensor([spans[r] for r in plain], device=logits.device))
+            bitmask = token_masks.fill(reqs) if token_masks is not None else None
+            tokens = runner.sampler.sample(rows_plain, reqs, runner.arch.eos_token_ids,
+                                           [runner.generator(s) for s in reqs], bitmask)
+            out.logprobs = runner.sampler.logprobs(rows_plain, tokens, reqs)
+            out.sampled_token_ids.update(zip(plain, tokens.tolist()))
+        spec = [req_id for req_id in rows if req_id in self._drafts]
+        draft_rows = []
+        for req_id in spec:
+            n = len(self._fed[req_id])
+            draft_rows.append(DraftRows(first_row=spans[req_id], num_rows=n + 1,
+                                        draft_token_ids=self._drafts[req_id][:n + 1], draft_probs=self._probs[req_id],
+                                        params=first[req_id].params,
+                                        first_position=int(step.positions[rows[req_id][0]]) + 1))
+        accepted = verify(logits, draft_rows, runner.sampler.shared_generator, position_seed)
+        for req_id, tokens in zip(spec, accepted):
+            out.sampled_token_ids[req_id] = tokens[-1]
+            if self._fed[req_id]:
+                out.spec_token_ids[req_id] = self._fed[req_id]
+                out.num_accepted_tokens[req_id] = len(tokens) - 1

@@ -1,0 +1,188 @@
+"""Draft-model proposer: a smaller model sharing the target's vocabulary drafts tokens one by one.
+
+Where the draft's KV lives: in its own KV tensors (`ModelRunner` of the draft model: its layers
+and heads differ from the target's), addressed through the *target's* block tables. Slot
+(block b, offset o) holds the target's KV for a position in the target's tensors and the
+draft's KV for the same position in the draft's. So there is one allocator and one admission
+decision (the scheduler's), no second pool to run out or to leak, and the rollback of rejected
+drafts (the scheduler's num_computed_tokens and `free_tail`) is the draft's too. The draft pool
+has as many blocks as the target's; the target sizes its pool for both (`draft_bytes_per_block`).
+
+Prefix-cache hits and pulled prompts (a decode worker) hold only the *target's* KV, so the draft
+never trusts blocks it did not fill for this request: per request it tracks how many leading
+positions it has computed (`_DraftState.num_computed`, 0 for a new or preempted request) and
+catches up over the rest of the history in chunks of at most the step's token budget.
+
+One proposal for a request with n draft slots:
+
+    catch up:  feed history[num_computed : N]        -> sample d1 at position N
+    draft:     feed d1 at N, d2 at N+1 ...            -> d2 .. dn (greedy), d2 .. d(n+1) (T > 0)
+
+At temperature > 0 it drafts one more token than it feeds: the target's last row is then
+decided by Leviathan's rule too, so every position after the first output token is decided the
+same way whatever the step boundaries (seeded outputs do not depend on the route or on k).
+The next proposal keeps the fed drafts that the target accepted (they are history now).
+
+Draft tokens of seeded requests come from `draft_position_seed(seed, pos)`, a stream apart
+from the target's position_seed (rejection.py needs them independent).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from pdserve.common.config import ArchConfig, CacheConfig, ConfigError, ModelConfig, SchedulerConfig, SpeculativeConfig
+from pdserve.common.engine.model_runner import ModelRunner, model_dtype, position_seed, resolve_device
+from pdserve.common.engine.outputs import ScheduledRequest, SchedulerOutput
+from pdserve.common.engine.sampler import processed_probs
+from pdserve.common.models.loader import read_arch_config, resolve_model_path
+
+DRAFT_STREAM = 0x2545F4914F6CDD1D >> 2  # xor-ed into position seeds: the draft's own stream
+DECODE_ROWS_MAX = 16  # catch-ups up to this long run as one-token rows where the draft has graphs
+
+
+@dataclasses.dataclass
+class _DraftState:
+    num_computed: int = 0  # leading positions whose draft KV is valid
+    fed_drafts: list[int] = dataclasses.field(default_factory=list)  # fed at num_computed.. last round
+
+
+class DraftModelProposer:
+    def __init__(self, config: SpeculativeConfig, model_cfg: ModelConfig, target_arch: ArchConfig,
+                 max_model_len: int, scheduler_cfg: SchedulerConfig, enforce_eager: bool):
+        """Reads the draft's architecture and checks it against the target (no weights yet)."""
+        self.path = resolve_model_path(config.model)
+        self.arch = read_arch_config(self.path)
+        if self.arch.vocab_size > target_arch.vocab_size:
+            raise ConfigError(f"--speculative-config: the draft model's vocabulary ({self.arch.vocab_size}) is larger "
+                              f"than the target's ({target_arch.vocab_size}): it must share the tokenizer")
+        if max_model_len > self.arch.max_position_embeddings:
+            raise ConfigError(f"--speculative-config: the draft model's context ({self.arch.max_position_embeddings}) "
+                              f"is shorter than --max-model-len {max_model_len}")
+        self.model_cfg = dataclasses.replace(model_cfg, model=self.path, tokenizer=None, served_model_name=None,
+                                             load_format="dummy" if model_cfg.load_format == "dummy" else "auto")
+        self.dtype = model_dtype(model_cfg.dtype, self.path, resolve_device(model_cfg.device))  # the runner's
+        self.max_model_len = max_model_len
+        self.scheduler_cfg = scheduler_cfg
+        self.enforce_eager = enforce_eager
+        self.runner = None
+        self.decode_rows = False
+        self.target_vocab = target_arch.vocab_size
+        self._states: dict[str, _DraftState] = {}
+
+    def draft_bytes_per_block(self, block_size: int) -> int:
+        a = self.arch
+        return 2 * a.num_layers * block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+
+    def weight_bytes(self) -> int:
+        """The draft's weights (an estimate from its shape, for the target's GPU memory budget)."""
+        a = self.arch
+        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        layer = a.hidden_size * (q + 2 * kv) + q * a.hidden_size + 3 * a.hidden_size * a.intermediate_size
+        embed = a.vocab_size * a.hidden_size * (1 if a.tie_word_embeddings else 2)
+        return (a.num_layers * layer + embed) * self.dtype.itemsize
+
+    def start(self, num_blocks: int, block_size: int) -> None:
+        """Load the draft's weights and its KV tensors (as many blocks as the target's pool)."""
+        cache = CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=False)
+        self.runner = ModelRunner(self.model_cfg, cache, self.arch, self.path, self.max_model_len,
+                                  scheduler_cfg=self.scheduler_cfg, enforce_eager=self.enforce_eager)
+        self.device = self.runner.device
+        # short catch-ups as one-token rows (decoder.py: then every round is a decode-only step
+        # that the draft's CUDA graphs replay)
+        self.decode_rows = self.runner.graphs is not None
+        self._gen = torch.Generator(device=self.device)
+        self._shared = torch.Generator(device=self.device)
+        self._shared.manual_seed(self.model_cfg.seed ^ DRAFT_STREAM)
+
+    def forget(self, req_ids) -> None:
+        for req_id in req_ids:
+            self._states.pop(req_id, None)
+        if self.runner is not None:
+            self.runner.forget(req_ids)
+
+    def propose(self, reqs: list[ScheduledRequest]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
+        """req_id -> (drafts, their draft distributions [len, V] at temperature > 0, else None)."""
+        feeds: dict[str, tuple[ScheduledRequest, int, list[int]]] = {}  # req_id -> (s, start pos, tokens to feed)
+        want, drafts, probs = {}, {}, {}
+        for s in reqs:
+            st = self._states.setdefault(s.req_id, _DraftState())
+            num_tokens = len(s.prompt_token_ids) + len(s.output_token_ids)
+            accepted = 0
+            for d, t in zip(st.fed_drafts, _history_from(s, st.num_computed)):
+                if d != t:
+                    break
+                accepted += 1
+            start = min(st.num_computed + accepted, num_tokens - 1)
+            feeds[s.req_id] = (s, start, _history_from(s, start))
+            want[s.req_id] = s.num_spec_slots + (s.params.temperature != 0)
+            drafts[s.req_id], probs[s.req_id] = [], []
+            st.num_computed, st.fed_drafts = num_tokens, []
+        budget = self.scheduler_cfg.token_budget
+        while feeds:
+            batch, left = [], budget
+            for s, start, tokens in feeds.values():
+                take = min(len(tokens), left)
+                if take <= 0:
+                    break
+                sample = take == len(tokens)
+                if self.decode_rows and take <= DECODE_ROWS_MAX:
+                    batch += [dataclasses.replace(s, input_token_ids=[t], start_pos=start + j,
+                                                  sample=sample and j == take - 1, num_spec_slots=0)
+                              for j, t in enumerate(tokens[:take])]
+                else:
+                    batch.append(dataclasses.replace(s, input_token_ids=tokens[:take], start_pos=start,
+                                                     sample=sample, num_spec_slots=0))
+                left -= take
+            sampled, logits = self.runner.forward_logits(SchedulerOutput(scheduled=batch,
+                                                                         num_batched_tokens=budget - left))
+            for b in batch:  # advance the feeds by what ran
+                s, start, tokens = feeds[b.req_id]
+                feeds[b.req_id] = (s, start + b.num_tokens, tokens[b.num_tokens:])
+            tokens, rows = self._sample(logits, sampled)
+            for i, b in enumerate(sampled):
+                drafts[b.req_id].append(tokens[i])
+                if rows is not None and b.params.temperature != 0:
+                    probs[b.req_id].append(rows[i])
+                s, start, _ = feeds.pop(b.req_id)
+                if len(drafts[b.req_id]) < want[b.req_id]:
+                    feeds[b.req_id] = (s, start, [tokens[i]])
+                else:
+                    self._states[b.req_id].fed_drafts = drafts[b.req_id][:-1]
+        return {rid: (d, torch.stack(probs[rid]) if probs[rid] else None) for rid, d in drafts.items()}
+
+    def _sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest]) -> tuple[list[int], torch.Tensor | None]:
+        """Draft tokens of the sampled rows (logits [S, Vd]) and, when any row is random, the
+        rows' draft distributions padded to the target's vocabulary [S, V]."""
+        tokens = logits.argmax(dim=-1)
+        random = [i for i, s in enumerate(reqs) if s.params.temperature != 0]
+        if not random:
+            return tokens.tolist(), None
+        probs = processed_probs(logits, reqs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)  # normalized after top-k/p/min-p (rejection.py)
+        noise = torch.empty_like(probs)
+        for i in random:
+            s = reqs[i]
+            position = s.start_pos + s.num_tokens
+            g = self._shared if s.params.seed is None else self._gen.manual_seed(
+                draft_position_seed(s.params.seed, position))
+            noise[i].exponential_(generator=g)
+        index = torch.tensor(random, device=logits.device)
+        tokens.index_copy_(0, index, (probs.index_select(0, index) / noise.index_select(0, index)).argmax(dim=-1))
+        if probs.shape[1] < self.target_vocab:
+            probs = torch.nn.functional.pad(probs, (0, self.target_vocab - probs.shape[1]))
+        return tokens.tolist(), probs
+
+
+def draft_position_seed(seed: int, position: int) -> int:
+    return position_seed(seed, position) ^ DRAFT_STREAM
+
+
+def _history_from(s: ScheduledRequest, start: int) -> list[int]:
+    """The request's tokens (prompt + output) from position `start` on, without copying the rest."""
+    num_prompt = len(s.prompt_token_ids)
+    if start >= num_prompt:
+        return s.output_token_ids[start - num_prompt:]
+    return s.prompt_token_ids[start:] + s.output_token_ids

@@ -1,0 +1,97 @@
+"""Verification: which drafts the target accepts, and the token after them.
+
+For a request with n drafts fed, the target's logits at its last n + 1 positions give rows
+0..n; row j is the target's distribution p_j for the token at position first_position + j.
+
+    greedy (temperature 0)   X_j = argmax p_j; accept d_j while d_j == X_j; then X_j
+    one-hot drafts (n-gram)  X_j = argmax(p_j / E_j), the sampler's exponential race; accept d_j
+                             while d_j == X_j; then X_j. This *is* Leviathan et al.'s rule for
+                             q = one-hot(d): P(accept) = p(d) = min(1, p(d)/q(d)), and a rejected
+                             X_j follows p without d, i.e. norm(max(0, p - q)).
+    draft probabilities q_j  Leviathan et al.: accept d_j when u_j * q_j(d_j) < p_j(d_j); on
+    (draft model, T > 0)     reject, the residual argmax(max(0, p_j - q_j) / E_j); a row past
+                             the drafts samples X_j from p_j.
+
+Seeded draws follow the engine's rule (model_runner.position_seed): the noise E_j (|V|
+exponentials, drawn first) and u_j (one uniform, drawn after) for the token at absolute position
+pos come from a generator seeded with position_seed(seed, pos). E_j is exactly what the plain
+sampler draws for that position, so with n-gram drafts a seeded request gives the same tokens
+as without speculation. For draft models the draft tokens themselves are drawn from a separate
+stream (`draft_position_seed`): Leviathan's proof needs d_j independent of u_j and E_j.
+p and q are the *processed* distributions (temperature, top-k, top-p, min-p), so outputs follow
+what the plain sampler would sample from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pdserve.common.engine.sampler import processed_probs
+from pdserve.common.sampling_params import SamplingParams
+
+
+@dataclass
+class DraftRows:
+    """One speculating request's rows in a verify step."""
+    first_row: int  # its first row in the step's logits
+    num_rows: int  # drafts fed + 1
+    draft_token_ids: list[int]  # the fed drafts, plus one for the last row when a draft model gave it
+    draft_probs: torch.Tensor | None  # [len(draft_token_ids), V] draft distributions; None: one-hot / greedy
+    params: SamplingParams
+    first_position: int  # absolute position of the token its row 0 decides
+
+
+def verify(logits: torch.Tensor, reqs: list[DraftRows], shared: torch.Generator,
+           position_seed) -> list[list[int]]:
+    """logits [R, V] -> per request, its accepted drafts followed by one more token.
+    `shared` draws for unseeded requests; `position_seed(seed, pos)` seeds the others."""
+    device = logits.device
+    best = logits.argmax(dim=-1)  # [R]; rows of random requests get their samples instead
+    random = [(r, j) for r in reqs if r.params.temperature != 0 for j in range(r.num_rows)]
+    decided: dict[tuple[int, int], tuple[bool, int]] = {}  # Leviathan rows: (id(req), row) -> (accepted, token)
+    if random:
+        index = torch.tensor([r.first_row + j for r, j in random], device=device)
+        probs = processed_probs(logits.index_select(0, index), [r for r, _ in random])  # [Rr, V]
+        probs = probs / probs.sum(dim=-1, keepdim=True)  # top-k/p/min-p leave mass < 1: p/q needs it whole
+        noise = torch.empty_like(probs)
+        u = torch.zeros(len(random), device=device)
+        lev = []  # rows (in `random`) with a draft distribution: Leviathan's rule
+        gen = torch.Generator(device=device)
+        for k, (r, j) in enumerate(random):
+            g = shared if r.params.seed is None else gen.manual_seed(position_seed(r.params.seed, r.first_position + j))
+            noise[k].exponential_(generator=g)  # first: the plain sampler's draw for this position
+            if r.draft_probs is not None and j < len(r.draft_token_ids):
+                u[k:k + 1].copy_(torch.rand(1, generator=g, device=device))
+                lev.append(k)
+        samples = (probs / noise).argmax(dim=-1)
+        best.index_copy_(0, index, samples)
+        if lev:
+            li = torch.tensor(lev, device=device)
+            p = probs.index_select(0, li)  # [L, V]
+            q = torch.stack([random[k][0].draft_probs[random[k][1]] for k in lev])  # [L, V]
+            d = torch.tensor([random[k][0].draft_token_ids[random[k][1]] for k in lev], device=device)[:, None]
+            accept = u.index_select(0, li) * q.gather(1, d)[:, 0] < p.gather(1, d)[:, 0]
+            rest = (p - q).clamp_(min=0)  # norm(max(0, p - q)); all zero only when p <= q everywhere
+            residual = torch.where(rest.sum(dim=-1) > 0, (rest / noise.index_select(0, li)).argmax(dim=-1),
+                                   samples.index_select(0, li))
+            for k, ok, tok in zip(lev, accept.tolist(), residual.tolist()):
+                r, j = random[k]
+                decided[(id(r), j)] = (ok, tok)
+    best_h = best.tolist()
+    outs = []
+    for r in reqs:
+        out = []
+        for j in range(r.num_rows):
+            x = best_h[r.first_row + j]
+            if j >= len(r.draft_token_ids):  # no draft for this row: the target's own token
+                out.append(x)
+                break
+            d = r.draft_token_ids[j]
+            ok, token = decided.get((id(r), j), (x == d, x))
+            out.append(d if ok else token)
+            if not ok:
+                break
+        outs.append(out)
+    return outs

@@ -1,0 +1,287 @@
+"""Token masks of a step: grammars (xgrammar), allowed_token_ids and bad_words.
+
+The engine core owns one `StructuredOutputManager`; it is the only thing the rest of the engine
+sees of constrained decoding:
+
+    EngineCore.validate(params)      compile the request's grammar now (LRU cache of compiled
+                                     grammars, keyed by the spec): a bad regex/grammar -> 400
+    runner.launch(sched, manager)    forward queued on the device, then on the host, while it runs:
+      manager.fill(sample_reqs, inflight_token)
+                                       -> bitmask [B, ceil(V / 32)] int32 (bit set: token allowed),
+                                          None when no row is constrained
+      sampler.sample(..., bitmask)     masked logits are -inf before anything else
+    scheduler.update -> touched
+    manager.update(touched)          advance each matcher by the tokens appended since it last
+                                     looked -> ids whose grammar ended (finish: stop) or broke
+    manager.drop(finished ids)
+
+Each request's matcher catches up with *all* its output tokens the first time it is looked at,
+so tokens given at admission (a decode worker receives the first token its prefill worker
+sampled; a resubmitted request carries what it had generated) advance it like sampled ones,
+whoever created the Request. Overlapped steps keep running: a row whose previous token is still
+in flight (its input is PLACEHOLDER_TOKEN) gets that token from `inflight_token(req_id)`, which
+waits for the previous step only (the runner has already queued this step's forward behind it),
+and the matcher accepts it ahead of update(); update() then finds it consumed. A row whose matcher
+terminated on that token (the extra step of an ending request, whose token update() drops) or
+broke is left unmasked.
+
+A matcher accepts EOS only where the grammar may end and then terminates; a request whose
+matcher terminated (e.g. with ignore_eos) finishes as stopped. Bad words follow vLLM: each word is
+tokenized alone and after a space; a one-token word is always banned, a longer one bans its last
+token when the output ends with the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, ScheduledRequest
+from pdserve.common.request import Request
+from pdserve.common.sampling_params import ParameterError, SamplingParams, StructuredOutputsParams
+
+log = logging.getLogger("pdserve.structured")
+
+GRAMMAR_CACHE_SIZE = 256  # compiled grammars kept (a JSON schema's is ~10-500 KB)
+MAX_BAD_WORD_CONTEXT = 64  # output tokens a bad word's prefix is compared with (longer words never match)
+
+
+class GrammarCompiler:
+    """xgrammar over one tokenizer: spec -> compiled grammar (LRU by spec), -> new matchers.
+
+    xgrammar is imported on first use (it imports transformers): engines that never see a
+    grammar do not pay for it. Thread-safe: the API side compiles ahead of the engine thread."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: tuple[int, ...],
+                 cache_size: int = GRAMMAR_CACHE_SIZE):
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self.stop_token_ids = [t for t in stop_token_ids if t < vocab_size]  # a config's EOS may lie past a small vocab
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple, object] = OrderedDict()
+        self._lock = threading.Lock()
+        self._compiler = None
+        self.num_compiled = 0
+
+    def _xgr(self):
+        import xgrammar
+        if self._compiler is None:
+            from transformers import PreTrainedTokenizerFast
+            hf = PreTrainedTokenizerFast(tokenizer_object=self.tokenizer.backend)
+            info = xgrammar.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size,
+                                                           stop_token_ids=self.stop_token_ids)
+            # our LRU is the cache (keyed by spec, counted in grammars); xgrammar's would hold a copy
+            self._compiler = xgrammar.GrammarCompiler(info, cache_enabled=False)
+        return xgrammar
+
+    def compile(self, spec: StructuredOutputsParams):
+        key = spec.key()
+        with self._lock:
+            compiled = self._cache.get(key)
+            if compiled is not None:
+                self._cache.move_to_end(key)
+                return compiled
+            xgr = self._xgr()
+        compiled = self._compile(xgr, spec)  # outside the lock: compiles of other specs run in parallel
+        with self._lock:
+            self._cache[key] = compiled
+            self.num_compiled += 1
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return compiled
+
+    def _compile(self, xgr, spec: StructuredOutputsParams):
+        import json
+        c = self._compiler
+        compact = spec.disable_any_whitespace
+        try:
+            if spec.json is not None:
+                return c.compile_json_schema(json.dumps(spec.json), any_whitespace=not compact)
+            if spec.json_object:
+                return c.compile_json_schema('{"type": "object"}', any_whitespace=not compact, strict_mode=False)
+            if spec.regex is not None:
+                return c.compile_regex(spec.regex)
+            if spec.choice is not None:
+                return c.compile_grammar("root ::= " + " | ".join(json.dumps(s, ensure_ascii=False)
+                                                                   for s in spec.choice))
+            return c.compile_grammar(spec.grammar)
+        except (RuntimeError, ValueError) as e:  # xgrammar's parse errors carry a C++ location first
+            message = str(e).strip().splitlines()[0]
+            message = message.split(": ", 1)[1] if message.startswith("[") and ": " in message else message
+            raise ParameterError(spec.param, f"cannot compile the {spec.kind} constraint: {message}") from None
+
+    def matcher(self, compiled):
+        import xgrammar
+        return xgrammar.GrammarMatcher(compiled, override_stop_tokens=self.stop_token_ids)
+
+
+@dataclass
+class _RequestState:
+    matcher: object | None  # xgrammar.GrammarMatcher
+    allowed: np.ndarray | None  # uint32 [W] bitmask row of allowed_token_ids
+    bad_words: list[tuple[int, ...]] = field(default_factory=list)
+    num_accepted: int = 0  # output tokens the matcher has consumed
+    broken: bool = False  # an output token the grammar rejects
+
+
+class StructuredOutputManager:
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...], pin_memory: bool = False):
+        self.tokenizer = tokenizer
+        self.pin_memory = pin_memory
+        self.vocab_size = vocab_size
+        self.num_words = -(-vocab_size // 32)  # bitmask width W
+        self.grammars = GrammarCompiler(tokenizer, vocab_size, eos_token_ids) if tokenizer is not None else None
+        self._states: dict[str, _RequestState] = {}
+        self._batch_matcher = None
+        self._buffer: torch.Tensor | None = None  # CPU: the reused bitmask
+
+    # ---- admission --------------------------------------------------------------------------
+    def validate(self, params: SamplingParams) -> None:
+        """Token ids in range; the grammar compiles (it is cached for the request's first step)."""
+        vocab = self.vocab_size
+        for name, ids in (("logit_bias", params.logit_bias or ()), ("allowed_token_ids", params.allowed_token_ids or ())):
+            bad = next((t for t in ids if t >= vocab), None)
+            if bad is not None:
+                raise ParameterError(name, f"token id {bad} in {name} is outside the vocabulary [0, {vocab})")
+        if (params.structured_outputs is not None or params.bad_words) and self.grammars is None:
+            raise ParameterError("structured_outputs" if params.structured_outputs else "bad_words",
+                                 "this engine has no tokenizer: structured outputs and bad_words need one")
+        if params.structured_outputs is not None:
+            self.grammars.compile(params.structured_outputs)
+
+    def compile_ahead(self, params: SamplingParams) -> None:
+        """Compile off the engine thread (the API side calls this in a worker thread)."""
+        if params.structured_outputs is not None and self.grammars is not None:
+            self.grammars.compile(params.structured_outputs)
+
+    # ---- the step's mask --------------------------------------------------------------------
+    def fill(self, reqs: list[ScheduledRequest], inflight_token: Callable[[str], int] | None = None
+             ) -> torch.Tensor | None:
+        """Bitmask [B, W] int32 on the host for the step's sampled rows (all bits set in rows
+        without constraints), or None when no row has any. Pinned on CUDA hosts: the sampler's
+        copy to the device does not wait. `inflight_token(req_id)`: the token the previous step
+        sampled for a row whose input is still in flight."""
+        rows = [(i, s) for i, s in enumerate(reqs) if s.params.has_token_mask]
+        if not rows:
+            return None
+        bitmask = self._host_buffer(len(reqs))
+        bits = bitmask.numpy().view(np.uint32)  # same memory, unsigned for bit arithmetic
+        grammar_rows, matchers, inflight = [], [], {}
+        for i, s in rows:
+            state = self._state(s.req_id, s.params)
+            if inflight_token is not None and s.input_token_ids[-1] == PLACEHOLDER_TOKEN:
+                inflight[s.req_id] = inflight_token(s.req_id)
+            if state.matcher is not None:
+                self._catch_up(state, s.output_token_ids, inflight.get(s.req_id))
+                if not state.broken and not state.matcher.is_terminated():
+                    grammar_rows.append(i)
+                    matchers.append(state.matcher)
+        self._fill_grammar_rows(matchers, bitmask, grammar_rows)
+        for i, s in rows:
+            state = self._states[s.req_id]
+            if state.allowed is not None:
+                bits[i] &= state.allowed
+            if state.bad_words:
+                tail = s.output_token_ids[-MAX_BAD_WORD_CONTEXT:] + (
+                    [inflight[s.req_id]] if s.req_id in inflight else [])
+                for word in state.bad_words:
+                    if len(word) == 1 or tuple(tail[-(len(word) - 1):]) == word[:-1]:
+                        t = word[-1]
+                        bits[i, t >> 5] &= np.uint32(~(1 << (t & 31)) & 0xFFFFFFFF)
+        return bitmask
+
+    def _host_buffer(self, num_rows: int) -> torch.Tensor:
+        """[num_rows, W] int32, all bits set. CUDA hosts: fresh pinned memory per step (torch's
+        caching host allocator reuses a block only after its copy to the device is done). CPU:
+        one buffer reused (the sampler applies it before the next step fills it)."""
+        if self.pin_memory:
+            return torch.full((num_rows, self.num_words), -1, dtype=torch.int32, pin_memory=True)
+        if self._buffer is None or self._buffer.shape[0] < num_rows:
+            self._buffer = torch.empty((max(num_rows, 64), self.num_words), dtype=torch.int32)
+        buf = self._buffer[:num_rows]
+        buf.fill_(-1)
+        return buf
+
+    def _fill_grammar_rows(self, matchers: list, bitmask: torch.Tensor, rows: list[int]) -> None:
+        if len(matchers) == 1:
+            matchers[0].fill_next_token_bitmask(bitmask, rows[0])
+        elif matchers:
+            if self._batch_matcher is None:
+                import xgrammar
+                self._batch_matcher = xgrammar.BatchGrammarMatcher()
+            self._batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+
+    # ---- after the step ---------------------------------------------------------------------
+    def update(self, touched: list[Request]) -> tuple[list[str], list[str]]:
+        """Advance the matchers by the new tokens: -> (ids whose grammar ended, ids whose output
+        the grammar rejects). Finished requests' state is dropped."""
+        ended, broken = [], []
+        for req in touched:
+            state = self._states.get(req.request_id)
+            if state is None:
+                continue
+            if req.is_finished():
+                del self._states[req.request_id]
+                continue
+            if state.matcher is None:
+                continue
+            was_broken = state.broken
+            self._catch_up(state, req.output_token_ids)
+            if state.broken and not was_broken:
+                broken.append(req.request_id)
+            elif state.matcher.is_terminated():
+                ended.append(req.request_id)
+        return ended, broken
+
+    def drop(self, req_ids) -> None:
+        for req_id in req_ids:
+            self._states.pop(req_id, None)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._states)
+
+    # ---- per-request state ------------------------------------------------------------------
+    def _state(self, req_id: str, params: SamplingParams) -> _RequestState:
+        state = self._states.get(req_id)
+        if state is None:
+            matcher = None
+            if params.structured_outputs is not None:
+                matcher = self.grammars.matcher(self.grammars.compile(params.structured_outputs))
+            allowed = None
+            if params.allowed_token_ids is not None:
+                allowed = np.zeros(self.num_words, np.uint32)
+                ids = np.asarray(params.allowed_token_ids, np.int64)
+                np.bitwise_or.at(allowed, ids >> 5, np.left_shift(1, ids & 31).astype(np.uint32))
+            state = self._states[req_id] = _RequestState(matcher, allowed, self._bad_word_ids(params.bad_words))
+        return state
+
+    def _catch_up(self, state: _RequestState, output_token_ids: list[int], inflight: int | None = None) -> None:
+        """Accept the output tokens the matcher has not seen, then the in-flight one if given."""
+        num_known = len(output_token_ids)
+        while not state.broken and state.num_accepted < num_known + (inflight is not None):
+            token = output_token_ids[state.num_accepted] if state.num_accepted < num_known else inflight
+            if state.matcher.is_terminated() or not state.matcher.accept_token(token):
+                log.warning("output token %d does not match the request's grammar", token)
+                state.broken = True
+                return
+            state.num_accepted += 1
+
+    def _bad_word_ids(self, words: list[str]) -> list[tuple[int, ...]]:
+        """vLLM's rule: the word as given (leading space stripped) and after a space, the second
+        kept when it is a different token sequence of the same length."""
+        out = []
+        for word in words:
+            alone = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            if alone:
+                out.append(tuple(alone))
+            if spaced and (not alone or (spaced[0] != alone[0] and len(spaced) == len(alone))):
+                out.append(tuple(spaced))
+        return out

@@ -1,0 +1,207 @@
+"""`pdserve quantize`: an HF folder -> an FP8, AWQ-layout or GPTQ-layout checkpoint that other tools load too.
+
+    HF folder (config.json, *.safetensors, tokenizer) --per projection weight [N, K]-->
+      fp8   compressed-tensors "float-quantized": weight fp8 [N, K], weight_scale fp32 [N, 1] per
+            channel (llm-compressor's FP8_DYNAMIC scheme); --fp8-scale tensor: quant_method "fp8",
+            one weight_scale per tensor (AutoFP8's layout), activations dynamic
+      awq   AutoAWQ GEMM: qweight int32 [K, N/8] (interleaved), qzeros [K/G, N/8], scales fp16 [K/G, N]
+      gptq  AutoGPTQ / GPTQModel v1: qweight [K/8, N], qzeros [K/G, N/8] (zero - 1), scales fp16,
+            g_idx int32 [K] (act-order: groups over inputs in descending order of an importance
+            proxy: |RMSNorm weight| feeding q/k/v and gate/up, so fused projections share one
+            order as they do in GPTQ; the weight's column norm for o_proj and down_proj)
+    -> out folder: model.safetensors (or shards + index), config.json with quantization_config,
+       the tokenizer and other files copied.
+
+AWQ and GPTQ here are round-to-nearest (RTN) per group, with no calibration data: the files have
+the real layouts, but the numbers are what AWQ's activation-aware scaling and GPTQ's Hessian
+error compensation would improve on (docs/quantization.md). Embeddings, norms and lm_head keep
+their dtype. q/k/v and gate/up are quantized separately, as the tools do.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import torch
+
+from pdserve.common.config import ConfigError
+from pdserve.common.models.quantization.fp8 import FP8, FP8_MAX, quantize_weight_per_channel
+from pdserve.common.models.quantization.packing import pack_cols, pack_rows
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHARD_BYTES = 2 * 2**30
+
+
+def rtn_groups(w: torch.Tensor, bits: int, group_size: int, sym: bool, zero_min: int = 0):
+    """Round-to-nearest per group of inputs. w [N, K] (groups are consecutive inputs of the
+    given order) -> (q [N, K] ints, scales [N, K/G] fp32, zeros [N, K/G] ints) with
+    w ~= (q - zero) * scale. `zero_min` 1 keeps zero points >= 1 (GPTQ v1 cannot store 0)."""
+    n, k = w.shape
+    maxq = (1 << bits) - 1
+    g = w.float().view(n, k // group_size, group_size)
+    if sym:
+        amax = g.abs().amax(dim=2).clamp_min(1e-8)
+        scale = 2 * amax / maxq
+        zero = torch.full_like(scale, (maxq + 1) // 2)
+    else:
+        lo = g.amin(dim=2).clamp(max=0.0)
+        hi = g.amax(dim=2).clamp(min=0.0)
+        scale = ((hi - lo) / maxq).clamp_min(1e-8)
+        zero = torch.round(-lo / scale)
+        if zero_min:  # no negative weights in the group: put zero at 1 and stretch the steps to fit
+            low = zero < zero_min
+            scale = torch.where(low, (hi / (maxq - zero_min)).clamp_min(1e-8), scale)
+            zero = torch.where(low, torch.full_like(zero, zero_min), zero)
+    q = torch.clamp(torch.round(g / scale[..., None]) + zero[..., None], 0, maxq)
+    return q.view(n, k).to(torch.int32), scale, zero.to(torch.int32)
+
+
+def quantize_awq(w: torch.Tensor, group_size: int, sym: bool, bits: int = 4) -> dict[str, torch.Tensor]:
+    q, scale, zero = rtn_groups(w, bits, group_size, sym)
+    return {"qweight": pack_cols(q.t().contiguous(), bits, awq_order=True),  # [K, N/8]
+            "qzeros": pack_cols(zero.t().contiguous(), bits, awq_order=True),  # [K/G, N/8]
+            "scales": scale.t().contiguous().to(torch.float16)}  # [K/G, N]
+
+
+def quantize_gptq(w: torch.Tensor, group_size: int, sym: bool, act_order: torch.Tensor | None,
+                  bits: int = 4) -> dict[str, torch.Tensor]:
+    """`act_order`: a [K] importance per input (groups follow its descending order), or None."""
+    n, k = w.shape
+    perm = torch.argsort(act_order.float(), descending=True, stable=True) if act_order is not None else torch.arange(k)
+    q_perm, scale, zero = rtn_groups(w[:, perm], bits, group_size, sym, zero_min=1)
+    q = torch.empty_like(q_perm)
+    q[:, perm] = q_perm  # back to input order; input perm[i] belongs to group i // G
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[perm] = (torch.arange(k) // group_size).to(torch.int32)
+    return {"qweight": pack_rows(q.t().contiguous(), bits),  # [K/8, N]
+            "qzeros": pack_cols((zero - 1).t().contiguous(), bits),  # [K/G, N/8], v1: zero - 1
+            "scales": scale.t().contiguous().to(torch.float16), "g_idx": g_idx}
+
+
+def quantize_fp8(w: torch.Tensor, per_tensor: bool) -> dict[str, torch.Tensor]:
+    if per_tensor:
+        scale = (w.float().abs().amax() / FP8_MAX).clamp_min(1e-12)
+        return {"weight": (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), "weight_scale": scale.reshape(())}
+    weight, scale = quantize_weight_per_channel(w)
+    return {"weight": weight, "weight_scale": scale[:, None]}
+
+
+def quantization_config(method: str, group_size: int, sym: bool, act_order: bool, fp8_per_tensor: bool) -> dict:
+    if method == "awq":
+        return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
+                "modules_to_not_convert": None}
+    if method == "gptq":
+        return {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": act_order, "sym": sym,
+                "static_groups": False, "true_sequential": True, "checkpoint_format": "gptq", "damp_percent": 0.0}
+    if fp8_per_tensor:
+        return {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": ["lm_head"]}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+            "ignore": ["lm_head"],
+            "config_groups": {"group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True,
+                            "dynamic": False},
+                "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "symmetric": True,
+                                      "dynamic": True}}}}
+
+
+def quantize_checkpoint(src: str, out: str, method: str, group_size: int = 128, sym: bool | None = None,
+                        act_order: bool = False, fp8_per_tensor: bool = False) -> dict:
+    """Writes the quantized checkpoint; returns a summary (tensors, bytes before and after)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from pdserve.common.models.loader import read_hf_config
+    if method not in ("fp8", "awq", "gptq"):
+        raise ConfigError(f"--method must be fp8, awq or gptq, got {method!r}")
+    arch = read_hf_config(src)  # a supported model, or a ConfigError
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    if config.get("quantization_config"):
+        raise ConfigError(f"{src} is already quantized ({config['quantization_config'].get('quant_method')})")
+    sym = (method == "gptq") if sym is None else sym
+    if method != "fp8":
+        for k in (arch.hidden_size, arch.intermediate_size, arch.num_heads * arch.head_dim):
+            if k % group_size:
+                raise ConfigError(f"--group-size {group_size} does not divide a layer's {k} inputs")
+    if method == "awq" and act_order:
+        raise ConfigError("--act-order is a GPTQ option")
+    files = sorted(glob.glob(os.path.join(src, "*.safetensors")))
+    if not files:
+        raise ConfigError(f"{src} has no *.safetensors weights")
+    os.makedirs(out, exist_ok=True)
+    norms = _input_norms(files) if act_order else {}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = before = 0
+    num_quantized = 0
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                before += t.numel() * t.element_size()
+                base, _, leaf = name.rpartition(".")
+                if leaf == "weight" and base.rsplit(".", 1)[-1] in PROJECTIONS and t.dim() == 2:
+                    if method == "fp8":
+                        parts = quantize_fp8(t, fp8_per_tensor)
+                    elif method == "awq":
+                        parts = quantize_awq(t, group_size, sym)
+                    else:
+                        importance = None
+                        if act_order:
+                            importance = norms.get(name, t.float().norm(dim=0))
+                        parts = quantize_gptq(t, group_size, sym, importance)
+                    num_quantized += 1
+                    new = {f"{base}.{k}": v.contiguous() for k, v in parts.items()}
+                else:
+                    new = {name: t.contiguous()}
+                for key, value in new.items():
+                    nbytes = value.numel() * value.element_size()
+                    if size + nbytes > SHARD_BYTES and shards[-1]:
+                        shards.append({})
+                        size = 0
+                    shards[-1][key] = value
+                    size += nbytes
+    after = 0
+    if len(shards) == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {}
+    for shard_name, shard in zip(names, shards):
+        save_file(shard, os.path.join(out, shard_name), metadata={"format": "pt"})
+        after += sum(v.numel() * v.element_size() for v in shard.values())
+        weight_map.update({k: shard_name for k in shard})
+    if len(shards) > 1:
+        with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": after}, "weight_map": weight_map}, f, indent=2)
+    config["quantization_config"] = quantization_config(method, group_size, sym, act_order, fp8_per_tensor)
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for path in glob.glob(os.path.join(src, "*")):
+        base = os.path.basename(path)
+        if os.path.isfile(path) and not base.endswith(".safetensors") and base not in (
+                "config.json", "model.safetensors.index.json"):
+            shutil.copy(path, os.path.join(out, base))
+    return {"method": method, "quantized_weights": num_quantized, "bytes_before": before, "bytes_after": after,
+            "quantization_config": config["quantization_config"]}
+
+
+def _input_norms(files: list[str]) -> dict[str, torch.Tensor]:
+    """q/k/v and gate/up weight name -> |the RMSNorm weight| scaling their inputs (act-order proxy)."""
+    from safetensors import safe_open
+    feeds = {"input_layernorm": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+             "post_attention_layernorm": ("mlp", ("gate_proj", "up_proj"))}
+    out = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                parts = name.split(".")
+                if len(parts) >= 2 and parts[-1] == "weight" and parts[-2] in feeds:
+                    block, projs = feeds[parts[-2]]
+                    prefix = ".".join(parts[:-2])
+                    norm = f.get_tensor(name).float().abs()
+                    out.update({f"{prefix}.{block}.{p}.weight": norm for p in projs})
+    return out

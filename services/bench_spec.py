@@ -1,0 +1,176 @@
+"""`pdserve bench spec`: speculative decoding against none, in one process, on an input-grounded set.
+
+    pdserve bench spec [--batch-sizes 1 16] [-k 4] [--methods none ngram draft] [--draft-model M]
+                       [engine flags: --model, --device, --kv-cache-memory ...]
+
+Prompts: services/bench_data/grounded_prompts.jsonl (16 passages, each with "repeat / copy this"
+instructions; --prompts FILE for another JSONL of {"passage", "instruction"}), through the chat
+template, greedy, at most --max-tokens each. Greedy outputs do not depend on speculation, so
+every method generates the same tokens (checked: `outputs_identical`).
+
+Methods: `none`; `ngram` (prompt lookup, --prompt-lookup-min/max); `draft` (--draft-model,
+default the target itself: every draft accepted, the upper bound of the mechanism). All engines
+are built first, then each batch size runs every method in turn (--repeats rounds), so a noisy
+machine disturbs them alike. Batch 1 runs --sequential-prompts prompts one after the other;
+batch B > 1 runs B prompts at once (the set repeated if B is larger).
+
+Per method and batch size: ms per output token (per request: time from its first token to its
+last / (tokens - 1), averaged), speedup = none's / this, acceptance rate and mean accepted length
+(tokens per verify round), draft ms per verify step (proposer time), and
+    bound = mean accepted length * t_none / (t_none + draft ms per step)
+the speedup if verifying k + 1 tokens cost one plain decode step and the proposer were the only
+extra cost; efficiency = speedup / bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+DATA = os.path.join(os.path.dirname(__file__), "bench_data", "grounded_prompts.jsonl")
+
+
+def add_parser(bench_sub, add_engine_args) -> None:
+    p = bench_sub.add_parser("spec", help="speculative decoding (n-gram, draft model) vs none, same run")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="batch sizes to run (default: %(default)s)")
+    p.add_argument("-k", "--spec-tokens", type=int, default=4, help="num_speculative_tokens (default: %(default)s)")
+    p.add_argument("--methods", nargs="+", default=["none", "ngram", "draft"], choices=["none", "ngram", "draft"],
+                   help="methods compared (default: %(default)s)")
+    p.add_argument("--draft-model", default=None, help="draft of method draft (default: the target itself)")
+    p.add_argument("--prompt-lookup-min", type=int, default=2, help="n-gram: shortest match (default: %(default)s)")
+    p.add_argument("--prompt-lookup-max", type=int, default=4, help="n-gram: longest match (default: %(default)s)")
+    p.add_argument("--prompts", default=DATA, help="JSONL of {passage, instruction} (default: the shipped set)")
+    p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default: %(default)s)")
+    p.add_argument("--sequential-prompts", type=int, default=4, help="prompts run one at a time at batch 1 (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=1, help="runs per method and batch size (default: %(default)s)")
+    p.add_argument("--json-out", default=None, help="write the results as JSON here")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_spec)
+
+
+def method_config(args, method: str, target: str) -> dict | None:
+    if method == "none":
+        return None
+    if method == "ngram":
+        return {"method": "ngram", "num_speculative_tokens": args.spec_tokens,
+                "prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max}
+    return {"model": args.draft_model or target, "num_speculative_tokens": args.spec_tokens}
+
+
+def run_batch(llm, prompts: list[list[int]], max_tokens: int, tag: str) -> dict:
+    """Run prompts together to completion: per-request ms per output token, tokens, steps."""
+    from pdserve.common.sampling_params import SamplingParams
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", p, params)
+    first, last, outs = {}, {}, {}
+    steps = 0
+    while engine.has_unfinished():
+        outputs = engine.step()
+        steps += 1
+        now = time.perf_counter()
+        for o in outputs:
+            if o.new_token_ids:
+                first.setdefault(o.request_id, now)
+                last[o.request_id] = now
+                outs.setdefault(o.request_id, []).extend(o.new_token_ids)
+    tpot = [(last[r] - first[r]) / (len(t) - 1) for r, t in outs.items() if len(t) > 1]
+    return {"tpot": tpot, "tokens": [outs[f"{tag}-{i}"] for i in range(len(prompts))], "steps": steps}
+
+
+@dataclass
+class Tally:
+    """One method at one batch size, over the repeats."""
+    tpot: list = field(default_factory=list)  # seconds per output token, per request
+    tokens: list = field(default_factory=list)  # outputs of the first repeat (compared across methods)
+    steps: int = 0  # decode steps (each run's first step, the prefill, left out)
+    propose_s: float = 0.0
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted: int = 0
+
+    def measure(self, llm, groups: list[list[list[int]]], max_tokens: int, tag: str, first_repeat: bool) -> None:
+        engine = llm.engine
+        spec_before, propose_before = engine.stats().spec_decode, _propose_seconds(engine)
+        for gi, group in enumerate(groups):
+            r = run_batch(llm, group, max_tokens, f"{tag}-{gi}")
+            self.tpot += r["tpot"]
+            self.steps += r["steps"] - 1
+            if first_repeat:
+                self.tokens += r["tokens"]
+        if spec_before is not None:
+            after = engine.stats().spec_decode
+            self.propose_s += _propose_seconds(engine) - propose_before
+            self.drafts += after.num_drafts - spec_before.num_drafts
+            self.draft_tokens += after.num_draft_tokens - spec_before.num_draft_tokens
+            self.accepted += after.num_accepted_tokens - spec_before.num_accepted_tokens
+
+    def row(self, method: str, batch_size: int, base: "Tally | None") -> dict:
+        ms = 1000 * sum(self.tpot) / len(self.tpot)
+        row = {"method": method, "batch_size": batch_size, "ms_per_output_token": round(ms, 3),
+               "output_tokens": sum(len(t) for t in self.tokens),
+               "outputs_identical": None if base is None else self.tokens == base.tokens}
+        base_ms = None if base is None else 1000 * sum(base.tpot) / len(base.tpot)
+        if base_ms is not None:
+            row["speedup"] = round(base_ms / ms, 3)
+        if self.drafts:
+            mean_len = 1 + self.accepted / self.drafts
+            draft_ms = 1000 * self.propose_s / max(self.steps, 1)
+            row.update(acceptance_rate=round(self.accepted / self.draft_tokens, 3),
+                       mean_accepted_length=round(mean_len, 3), draft_ms_per_step=round(draft_ms, 3))
+            if base_ms is not None:  # per request, a plain step takes base_ms and makes one token
+                bound = mean_len * base_ms / (base_ms + draft_ms)
+                row.update(bound=round(bound, 3), efficiency=round(row["speedup"] / bound, 3))
+        return row
+
+
+def _propose_seconds(engine) -> float:
+    return engine.runner.spec.propose_seconds if engine.runner.spec is not None else 0.0
+
+
+def cmd_spec(args) -> None:
+    from pdserve.common.config import engine_config
+    from pdserve.common.engine.llm import LLM
+    with open(args.prompts) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    llms = {}
+    target = engine_config(args).model.model
+    for method in args.methods:
+        llms[method] = LLM.from_config(engine_config(args, speculative_config=method_config(args, method, target),
+                                                     speculative_model=None, num_speculative_tokens=None))
+    tok = next(iter(llms.values())).get_tokenizer()
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": r["passage"] + "\n\n" + r["instruction"]}],
+                                                  add_generation_prompt=True), add_special_tokens=False) for r in rows]
+    for llm in llms.values():  # warm-up (and the draft's first forward)
+        run_batch(llm, prompts[:2], 8, "warm")
+    results = []
+    for bs in args.batch_sizes:
+        groups = ([[p] for p in prompts[:args.sequential_prompts]] if bs == 1
+                  else [[prompts[i % len(prompts)] for i in range(bs)]])
+        tallies = {m: Tally() for m in args.methods}
+        for rep in range(args.repeats):
+            for method, llm in llms.items():
+                tallies[method].measure(llm, groups, args.max_tokens, f"b{bs}-{rep}", rep == 0)
+        results += [t.row(m, bs, tallies.get("none")) for m, t in tallies.items()]
+    any_llm = next(iter(llms.values()))
+    summary = {"model": any_llm.engine.model_name, "device": str(any_llm.engine.runner.device),
+               "dtype": str(any_llm.engine.runner.dtype).removeprefix("torch."), "k": args.spec_tokens,
+               "max_tokens": args.max_tokens, "prompts": os.path.basename(args.prompts), "results": results}
+    print(f"{'method':>6} {'batch':>5} {'ms/tok':>8} {'speedup':>7} {'accept':>6} {'mean len':>8} "
+          f"{'draft ms':>8} {'bound':>6} {'effic.':>6} same")
+    for r in results:
+        print(f"{r['method']:>6} {r['batch_size']:>5} {r['ms_per_output_token']:>8.2f} {r.get('speedup', 1.0):>7.2f} "
+              f"{_f(r.get('acceptance_rate'))} {_f(r.get('mean_accepted_length'), 8)} "
+              f"{_f(r.get('draft_ms_per_step'), 8)} {_f(r.get('bound'))} {_f(r.get('efficiency'))} "
+              f"{r['outputs_identical']}")
+    print(json.dumps(summary))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
+def _f(value, width: int = 6) -> str:
+    return f"{value:>{width}.2f}" if value is not None else " " * (width - 1) + "-"

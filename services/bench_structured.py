@@ -1,0 +1,191 @@
+"""`pdserve bench structured`: output tok/s with a JSON-schema grammar vs unconstrained, same run.
+
+    pdserve bench structured                                   # CPU, the packaged SmolLM2
+    pdserve bench structured --shape llama3-8b --device cuda   # GPU: Llama-3-8B shape, dummy weights
+    python -m pdserve.services.bench_structured ...            # the same
+
+For each batch size B, rounds alternate the two modes on the same engine: B random-token prompts
+(--input-len, fresh each round), --output-len tokens with ignore_eos; the constrained mode adds
+`structured_outputs={"json": SCHEMA}` (nested object, array, free strings: a grammar the model
+rarely completes early). Only *full decode steps* are timed: steps after the prefill step in which
+all B requests produce a token, so requests that end early (a completed grammar) or the prefill do
+not change the batch being compared. tok/s = tokens of those steps / their wall time; the figure per
+mode is the median over rounds, and `ratio` = constrained / unconstrained. `mask_ms_per_step`:
+host time of the constrained mode's own work per timed step (the manager's fill: matchers and
+bitmask, and update: advancing matchers), timed around those two calls; on a shared, noisy
+machine it says what the grammar costs independently of how long the forward happened to take.
+
+Grammar requests run steps one at a time (their mask needs the previous token on the host), so on
+CUDA the ratio includes losing overlapped scheduling as well as the mask (filled on the host while
+the forward runs, applied on the device before sampling).
+
+`--shape llama3-8b` writes bench_gpu's Llama-3-8B config (vocab 128256) to a temp folder with
+SmolLM2's tokenizer files (the only tokenizer packaged): the grammar is compiled over its 49152
+tokens and the mask covers all 128256 logits (ids past the tokenizer are never allowed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import tempfile
+import time
+
+SCHEMA = {"type": "object", "properties": {
+    "name": {"type": "string"}, "age": {"type": "integer"},
+    "tags": {"type": "array", "items": {"type": "string"}},
+    "address": {"type": "object", "properties": {"street": {"type": "string"}, "zip": {"type": "string"}},
+                "required": ["street", "zip"]}},
+    "required": ["name", "age", "tags", "address"]}
+
+
+def add_parser(bench_sub) -> None:
+    p = bench_sub.add_parser("structured", help="output tok/s with a JSON-schema grammar vs unconstrained")
+    add_args(p)
+    p.set_defaults(func=main_args)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", default="smollm2", choices=["smollm2", "llama3-8b", "tiny"],
+                   help="smollm2: the packaged model; llama3-8b: dummy weights (GPU); tiny: a smoke test of that path")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="concurrent requests of each run")
+    p.add_argument("--input-len", type=int, default=32, help="prompt tokens per request")
+    p.add_argument("--output-len", type=int, default=64, help="output tokens per request")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per mode and batch size (median taken)")
+    p.add_argument("--max-model-len", type=int, default=1024, help="the engine's context length")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="overlapped steps for unconstrained requests (default: on CUDA)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts")
+    p.add_argument("--json-out", default=None, help="write the results here")
+
+
+def build_engine(args):
+    from pdserve.common.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+    from pdserve.common.engine.engine_core import EngineCore
+    from pdserve.common.models.loader import default_model_path
+    from pdserve.common.tokenizer import gguf_tokenizer_folder
+    max_seqs = max(args.batch_sizes)
+    if args.shape == "smollm2":
+        model = ModelConfig(model=default_model_path(), max_model_len=args.max_model_len, device=args.device,
+                            seed=args.seed)
+        cache = CacheConfig(num_blocks=-(-args.max_model_len // 16) * max_seqs + 64)
+    else:
+        from pdserve.services.bench_gpu import LLAMA3_8B, TINY
+        folder = tempfile.mkdtemp(prefix="pdserve-bench-structured-")
+        with open(os.path.join(folder, "config.json"), "w") as f:
+            json.dump(LLAMA3_8B if args.shape == "llama3-8b" else TINY, f)
+        tok_dir = gguf_tokenizer_folder(default_model_path())
+        for name in os.listdir(tok_dir):
+            shutil.copy(os.path.join(tok_dir, name), folder)
+        model = ModelConfig(model=folder, dtype="bfloat16" if args.device == "cuda" else "float32",
+                            max_model_len=args.max_model_len, load_format="dummy", device=args.device, seed=args.seed)
+        cache = CacheConfig() if args.device == "cuda" else CacheConfig(num_blocks=-(-args.max_model_len // 16) * max_seqs)
+    config = EngineConfig(model=model, cache=cache,
+                          scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_num_batched_tokens=max(
+                              8192, max_seqs * args.input_len), max_model_len=args.max_model_len),
+                          enforce_eager=args.device != "cuda", async_scheduling=args.async_scheduling)
+    return EngineCore(config)
+
+
+class _Timed:
+    """Seconds spent inside `obj.name` calls (instrumentation of the benchmark only)."""
+
+    def __init__(self, obj, name: str):
+        self.seconds = 0.0
+        inner = getattr(obj, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        setattr(obj, name, timed)
+
+
+def full_batch_rate(engine, prompts: list[list[int]], params, tag: str, mask_timers=()) -> dict:
+    """Run the batch to completion; time only steps after the prefill in which every request
+    produced a token."""
+    n = len(prompts)
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", p, params)
+    tokens = seconds = steps = mask = 0
+    seen_prefill = False
+    while engine.has_unfinished():
+        before, mask_before = engine.num_generated_tokens, sum(t.seconds for t in mask_timers)
+        t0 = time.perf_counter()
+        engine.step()
+        dt = time.perf_counter() - t0
+        if engine.num_generated_tokens - before == n:
+            if seen_prefill:
+                tokens, seconds, steps = tokens + n, seconds + dt, steps + 1
+                mask += sum(t.seconds for t in mask_timers) - mask_before
+            seen_prefill = True
+    return {"tok_per_s": tokens / seconds if seconds else None, "steps": steps,
+            "ms_per_step": 1000 * seconds / steps if steps else None,
+            "mask_ms_per_step": 1000 * mask / steps if steps else None}
+
+
+def main_args(args) -> dict:
+    from pdserve.common.sampling_params import SamplingParams
+    engine = build_engine(args)
+    rng = random.Random(args.seed)
+    vocab = min(engine.arch.vocab_size, engine.tokenizer.vocab_size)
+    modes = {"none": SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True),
+             "json_schema": SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True,
+                                           structured_outputs={"json": SCHEMA})}
+
+    def prompts(b):
+        return [[rng.randrange(100, vocab) for _ in range(args.input_len)] for _ in range(b)]
+    timers = (_Timed(engine.structured, "fill"), _Timed(engine.structured, "update"))
+    for name, params in modes.items():  # warm-up: kernels, graphs, the grammar's compile
+        full_batch_rate(engine, prompts(2), params, f"warm-{name}")
+    results = []
+    for b in args.batch_sizes:
+        runs = {name: [] for name in modes}
+        for r in range(args.rounds):
+            for name, params in modes.items():
+                runs[name].append(full_batch_rate(engine, prompts(b), params, f"b{b}-{name}-{r}",
+                                                  timers if name == "json_schema" else ()))
+        row = {"batch_size": b}
+        for name, rs in runs.items():
+            rates = [x["tok_per_s"] for x in rs if x["tok_per_s"]]
+            row[name] = {"tok_per_s": round(statistics.median(rates), 1) if rates else None,
+                         "ms_per_step": _median([x["ms_per_step"] for x in rs]),
+                         "full_steps": [x["steps"] for x in rs], "all_tok_per_s": [round(x, 1) for x in rates]}
+        row["mask_ms_per_step"] = _median([x["mask_ms_per_step"] for x in runs["json_schema"]])
+        if row["none"]["tok_per_s"] and row["json_schema"]["tok_per_s"]:
+            row["ratio"] = round(row["json_schema"]["tok_per_s"] / row["none"]["tok_per_s"], 3)
+        results.append(row)
+        print(f"batch {b:>3}: unconstrained {row['none']['tok_per_s']} tok/s, json_schema "
+              f"{row['json_schema']['tok_per_s']} tok/s, ratio {row.get('ratio')}; step "
+              f"{row['none']['ms_per_step']} vs {row['json_schema']['ms_per_step']} ms, of which grammar "
+              f"fill+update {row['mask_ms_per_step']} ms", flush=True)
+    summary = {"bench": "structured", "shape": args.shape, "device": str(engine.runner.device),
+               "async_scheduling": engine.async_scheduling, "input_len": args.input_len,
+               "output_len": args.output_len, "rounds": args.rounds, "results": results}
+    print(json.dumps(summary))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(summary, f, indent=2)
+    return summary
+
+
+def _median(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 3) if values else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m pdserve.services.bench_structured", description=__doc__.split("\n")[0])
+    add_args(p)
+    main_args(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
