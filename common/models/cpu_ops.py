@@ -8,8 +8,8 @@ members and differs where the profile of SmolLM2-135M on 2 cores said the time w
                                repacks bf16 weights (or runs MKL sgemm for fp32) on every call
     rotary_store_kv            q and k rotated in place, K/V stored at their slots: one C++ pass
     attention                  decodes: C++ paged decode attention reading K/V blocks in place;
-                               prefills: torch's flash SDPA per sequence (a cached prefix gathered
-                               with one index_select per tensor, then two bmm and an fp32 softmax)
+                               prefills: torch's flash SDPA per sequence, a cached prefix gathered
+                               with one index_select per tensor
     o_proj, rms_norm+residual  packed matmul; one C++ pass (residual updated in place)
     gate_up, silu_and_mul,     packed matmul; one C++ pass; packed matmul
     down
@@ -148,7 +148,9 @@ class CpuPagedAttention(TorchPagedAttention):
         return torch.matmul(probs, values).view(b, -1, d)  # [B, H, D]
 
     def _prefill(self, q, k, v, k_cache, v_cache, seq: PrefillSeq) -> torch.Tensor:
-        # q [Lq, H, D]: this chunk's keys alone, or the whole context gathered from its blocks
+        # q [Lq, H, D]: this chunk's keys alone, or the whole context gathered from its blocks.
+        # torch's flash SDPA as the reference calls it (so a prompt computes the same numbers
+        # fresh or after a prefix hit); with a mask it beat two bmm and a softmax at every size
         lq, lk = seq.q_len, seq.context_len
         if lk != lq:
             k = k_cache.index_select(0, seq.block_table).view(-1, self.num_kv_heads, self.head_dim)[:lk]
@@ -156,21 +158,14 @@ class CpuPagedAttention(TorchPagedAttention):
         qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, heads, L, D]
         if lk == lq and self.sliding_window is None:
             out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale, enable_gqa=True)
-            return out[0].transpose(0, 1)
-        q_pos = torch.arange(lk - lq, lk)[:, None]
-        k_pos = torch.arange(lk)[None, :]
-        visible = k_pos <= q_pos
-        if self.sliding_window is not None:
-            visible &= k_pos > q_pos - self.sliding_window
-        # the chunk's queries grouped by KV head: [KVH, G * Lq, D] x [KVH, Lk, D], one bmm each way
-        kvh, d = self.num_kv_heads, self.head_dim
-        g = q.shape[1] // kvh
-        qg = q.view(lq, kvh, g, d).permute(1, 2, 0, 3).reshape(kvh, g * lq, d)
-        scores = torch.bmm(qg, kt[0].transpose(1, 2)).float().view(kvh, g, lq, lk)
-        scores.mul_(self.scale).masked_fill_(~visible, float("-inf"))
-        probs = torch.softmax(scores, dim=-1).to(q.dtype).view(kvh, g * lq, lk)
-        out = torch.bmm(probs, vt[0]).view(kvh, g, lq, d)  # query head kvh * G + g
-        return out.permute(2, 0, 1, 3).reshape(lq, -1, d)
+        else:
+            q_pos = torch.arange(lk - lq, lk)[:, None]
+            k_pos = torch.arange(lk)[None, :]
+            visible = k_pos <= q_pos
+            if self.sliding_window is not None:
+                visible &= k_pos > q_pos - self.sliding_window
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=visible, scale=self.scale, enable_gqa=True)
+        return out[0].transpose(0, 1)
 
 
 class CpuKernelAttention(CpuPagedAttention):
@@ -265,8 +260,9 @@ class CpuOps:
 
     def pack(self, model: nn.Module) -> int:
         """Pack every nn.Linear weight of `model` and its logits weight for oneDNN; a Linear's own
-        weight is then dropped (it would be a second copy; the tied embedding stays, it embeds).
-        Returns the number of weights packed."""
+        weight is then dropped for a meta tensor (it would be a second copy; the tied embedding
+        stays, it embeds; `--kernels reference` keeps them all). Quantized modules (IntLinear,
+        Fp8Linear) are not nn.Linear: they keep their own kernels. Returns the number packed."""
         for module in model.modules():
             if isinstance(module, nn.Linear) and module is not model.lm_head and can_pack(module.weight.dtype):
                 self._packed[module] = _pack_and_drop(module)
@@ -276,7 +272,7 @@ class CpuOps:
                 self._head = (head, torch.ops.mkldnn._reorder_linear_weight(head.detach(), PACK_BATCH_HINT))
         elif isinstance(model.lm_head, nn.Linear) and can_pack(model.lm_head.weight.dtype):
             packed = _pack_and_drop(model.lm_head)
-            self._head = (model.lm_head.weight, packed)  # compute_logits passes the (now empty) weight
+            self._head = (model.lm_head.weight, packed)  # compute_logits passes the (now meta) weight
         return len(self._packed) + (self._head is not None)
 
     def linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -338,8 +334,10 @@ def create_cpu_ops(use_kernels: bool = True) -> CpuOps:
 
 
 def _pack_and_drop(layer: nn.Linear) -> torch.Tensor:
+    """The packed weight; the layer's own becomes a meta tensor of its shape and dtype (no second
+    copy in memory; its shape, dtype and size stay readable, reading its values raises)."""
     packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), PACK_BATCH_HINT)
-    layer.weight = nn.Parameter(torch.empty(0, dtype=layer.weight.dtype), requires_grad=False)
+    layer.weight = nn.Parameter(layer.weight.to("meta"), requires_grad=False)
     return packed
 
 
