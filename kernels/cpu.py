@@ -15,7 +15,8 @@ each kernel with that torch code (tests/kernels/test_cpu_kernels.py).
 Build: torch.utils.cpp_extension (g++ and ninja) with -march=native, once per source and CPU
 (the name carries a hash of both; torch caches the build under TORCH_EXTENSIONS_DIR, by default
 ~/.cache/torch_extensions), ~20-50 s the first time, a dlopen after. Threads come from torch's
-own pool (at::parallel_for). `load()` returns False, with the reason in `load_error()`, when the
+own OpenMP pool (at::parallel_for, compiled with -fopenmp against the libgomp torch has loaded).
+`load()` returns False, with the reason in `load_error()`, when the
 build is impossible (no compiler): the caller logs it and runs the torch path.
 """
 
@@ -28,7 +29,10 @@ import platform
 import torch
 
 _SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_ops.cpp")
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off"]
+# -fopenmp: at::parallel_for's OpenMP body is in ATen's headers, so without it every kernel runs on
+# one thread; the libgomp.so.1 this links is the one torch has loaded (same soname): one thread pool
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
 _state: dict[str, object] = {}
 
 
@@ -52,8 +56,8 @@ def _build() -> None:
     with open(_SOURCE, "rb") as f:
         source = f.read()
     key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_identity().encode()).hexdigest()[:12]
-    cpp_extension.load(name=f"pdserve_cpu_{key}", sources=[_SOURCE], extra_cflags=_FLAGS, is_python_module=False,
-                       verbose=False)
+    cpp_extension.load(name=f"pdserve_cpu_{key}", sources=[_SOURCE], extra_cflags=_FLAGS, extra_ldflags=_LDFLAGS,
+                       is_python_module=False, verbose=False)
 
 
 def _cpu_identity() -> str:
