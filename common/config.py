@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+KERNELS = ("auto", "reference")
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings
 LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
@@ -47,12 +48,27 @@ def env_flag(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, default)
 
 
+def cpu_has_bf16() -> bool:
+    """The host CPU computes bf16 natively (AVX512-BF16 or AMX-BF16, from /proc/cpuinfo's flags):
+    `--dtype auto` runs bf16 there. Read here, with the environment, so nothing deeper probes the host."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """What to load and how. Architecture numbers live in `ArchConfig` (read from the model)."""
     model: str = option("default", "HF folder or .gguf file (default: the packaged SmolLM2-135M-Instruct)")
-    dtype: str = option("auto", "weights and activations dtype (auto: the checkpoint's; half = float16, "
-                                "float = float32)", choices=(*DTYPES, *DTYPE_ALIASES))
+    dtype: str = option("auto", "weights and activations dtype (auto: bfloat16 on a CPU with AVX512-BF16 or AMX, "
+                                "float32 on other CPUs, the checkpoint's on CUDA; half = float16, float = float32)",
+                        choices=(*DTYPES, *DTYPE_ALIASES))
     max_model_len: int | None = option(None, "context length (default: the model's)", type=int)
     load_format: str = option("auto", "weights format; dummy: random weights of the model's shape",
                               choices=LOAD_FORMATS)
@@ -61,6 +77,9 @@ class ModelConfig:
     seed: int = option(0, "engine seed: random weights of --load-format dummy and unseeded sampling "
                           "(generate/chat: also the sampling seed of every prompt)", type=int)
     device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when present)")
+    kernels: str = option("auto", "auto: the fast path of the device (Triton kernels on CUDA, packed oneDNN GEMMs "
+                                  "and batched paged attention on CPU); reference: HF-exact eager torch",
+                          choices=KERNELS)
     chat_template: str | None = option(None, "chat template: a Jinja file, or the template itself "
                                              "(default: the tokenizer's)")
     quantization: str | None = option(None, "weight quantization: fp8 (online per-channel, or an fp8 checkpoint), "
@@ -77,6 +96,8 @@ class ModelConfig:
                               f"got {self.quantization!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kernels not in KERNELS:
+            raise ConfigError(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"--max-model-len must be positive, got {self.max_model_len}")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
@@ -142,19 +163,29 @@ class CacheConfig:
         return self.kv_cache_dtype in ("fp8", "fp8_e4m3")
 
 
+# Default tokens per step. On a CPU a step of 2048 tokens already keeps the GEMMs at full speed,
+# and smaller steps hand out first tokens sooner under a burst of prompts (vLLM's CPU server uses
+# 2048 too); a GPU needs larger steps to fill.
+TOKEN_BUDGET = 8192
+CPU_TOKEN_BUDGET = 2048
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = option(256, "requests in a batch at most", type=int)
     max_num_batched_tokens: int | None = option(
-        None, "tokens per step at most (default: 8192, or --max-model-len without chunked prefill)", type=int)
+        None, f"tokens per step at most (default: {TOKEN_BUDGET}, {CPU_TOKEN_BUDGET} on CPU, or --max-model-len "
+              "without chunked prefill)", type=int)
     enable_chunked_prefill: bool = option(True, "split long prompts over steps", boolean=True)
     max_model_len: int = 2048  # filled from the model at start-up
+    on_cpu: bool = False  # filled at start-up: the engine runs on the CPU (the smaller default budget)
 
     @property
     def token_budget(self) -> int:
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
-        return 8192 if self.enable_chunked_prefill else max(self.max_model_len, 8192)
+        default = CPU_TOKEN_BUDGET if self.on_cpu else TOKEN_BUDGET
+        return default if self.enable_chunked_prefill else max(self.max_model_len, default)
 
     def __post_init__(self):
         if self.max_num_seqs < 1:

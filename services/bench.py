@@ -126,9 +126,13 @@ def run_pdserve(llm, workload) -> dict:
 
 
 def run_hf(llm, workload, batch_size: int | None) -> dict:
-    """HF transformers static batches with left padding, greedy, no EOS stop, on the same weights."""
+    """HF transformers static batches with left padding, greedy, no EOS stop, on the same weights
+    (the engine's file loaded again on the CPU by the reference path: the engine's own may be
+    packed for the CPU's GEMM library or live on a GPU)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pdserve.common.models.loader import load_model
     eng = llm.engine
     a = eng.arch
     cfg = LlamaConfig(vocab_size=a.vocab_size, hidden_size=a.hidden_size, intermediate_size=a.intermediate_size,
@@ -138,7 +142,10 @@ def run_hf(llm, workload, batch_size: int | None) -> dict:
                       attention_bias=a.attention_bias)
     dtype = eng.runner.dtype
     hf = LlamaForCausalLM(cfg).to(dtype).eval()
-    hf.load_state_dict(_hf_state_dict(eng.runner.model), strict=False)
+    ref = load_model(eng.config.model, eng.model_path, a, eng.runner.block_size, eng.runner.max_model_len + 1, dtype,
+                     torch.device("cpu"))
+    hf.load_state_dict(_hf_state_dict(ref), strict=False)
+    del ref
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     bs = batch_size or len(workload)

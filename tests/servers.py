@@ -52,7 +52,10 @@ class ServeProcess:
     """`python -m pdserve.services.cli serve --port 0 ARGS...`; ready once it prints its URL."""
 
     def __init__(self, *args: str, env: dict | None = None):
-        self.args = [sys.executable, "-m", "pdserve.services.cli", "serve", "--port", "0", *args]
+        # float32 unless the test asks for a dtype: on a CPU with bf16 `--dtype auto` runs bf16, and
+        # tests compare served outputs with other engines token for token
+        dtype = () if "--dtype" in args else ("--dtype", "float32")
+        self.args = [sys.executable, "-m", "pdserve.services.cli", "serve", "--port", "0", *dtype, *args]
         self.env = {**os.environ, **(env or {})}
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc: subprocess.Popen | None = None

@@ -241,7 +241,7 @@ def test_generate_with_speculative_decoding(tmp_path, tiny_models):
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hello there, hello there, hello\nThe weather today is\n")
     base = ["generate", "--model", tiny_models["llama"], "--input", str(prompts), "--max-tokens", "12",
-            "--temperature", "0"]
+            "--temperature", "0", "--dtype", "float32"]  # float32: outputs compared token for token
     want = pdserve(*base).stdout
     ngram = json.dumps({"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 2})
     for extra in (["--speculative-config", ngram],
@@ -258,7 +258,8 @@ def test_generate_with_speculative_decoding(tmp_path, tiny_models):
 def test_bench_spec_reports_every_method(tmp_path, tiny_models):
     out = tmp_path / "spec.json"
     proc = pdserve("bench", "spec", "--model", tiny_models["llama"], "--batch-sizes", "1", "2", "--max-tokens", "6",
-                   "--sequential-prompts", "1", "-k", "2", "--kv-cache-memory", "0.1", "--json-out", str(out))
+                   "--sequential-prompts", "1", "-k", "2", "--kv-cache-memory", "0.1", "--json-out", str(out),
+                   "--dtype", "float32")  # float32: every method's outputs compared token for token
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["results"]
     assert [(r["method"], r["batch_size"]) for r in rows] == [(m, b) for b in (1, 2) for m in ("none", "ngram", "draft")]

@@ -43,7 +43,7 @@ from typing import Callable, Collection
 
 from pdserve.common.config import ConfigError, EngineConfig
 from pdserve.common.engine.kv_cache_manager import KVCacheManager
-from pdserve.common.engine.model_runner import ModelRunner, PendingOutput
+from pdserve.common.engine.model_runner import ModelRunner, PendingOutput, resolve_device
 from pdserve.common.engine.kv_connector import KVConnector
 from pdserve.common.engine.outputs import SchedulerOutput
 from pdserve.common.engine.scheduler import Scheduler
@@ -77,7 +77,8 @@ class EngineCore:
             log.info("--trust-remote-code has no effect: pdserve runs no code from a checkpoint, downloads nothing")
         eos = list(self.arch.eos_token_ids) + (self.tokenizer.eos_token_ids if self.tokenizer else [])
         self.eos_token_ids = tuple(dict.fromkeys(eos))
-        sched_cfg = dataclasses.replace(config.scheduler, max_model_len=max_len)
+        sched_cfg = dataclasses.replace(config.scheduler, max_model_len=max_len,
+                                        on_cpu=resolve_device(config.model.device).type == "cpu")
         self.tensor_parallel_size = config.parallel.tensor_parallel_size
         spec = config.speculative_config
         if spec is not None and config.async_scheduling:

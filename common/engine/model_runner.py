@@ -5,8 +5,10 @@
                        --> model.forward (or a captured CUDA graph for decode-only steps)
                        --> hidden [T, h] -> logits only at sampled rows -> Sampler -> tokens
 
-The backend is chosen once, at start-up, from the device: CPU runs `TorchOps` (HF-exact eager
-torch, `TorchPagedAttention`); CUDA runs `TritonOps` (fused kernels, one decode and one varlen
+The backend is chosen once, at start-up, from the device and `--kernels`: CPU runs `CpuOps`
+(models/cpu_ops.py: oneDNN-packed weights, batched paged attention; threads and malloc set up by
+`configure_cpu_runtime`), `--kernels reference` runs `TorchOps` (HF-exact eager torch,
+`TorchPagedAttention`) on any device; CUDA runs `TritonOps` (fused kernels, one decode and one varlen
 prefill attention call per layer), its inputs staged in pinned memory and sent in one copy, and
 decode-only steps replay CUDA graphs (`cuda_graphs.py`) unless `enforce_eager`. On CUDA the KV
 pool is sized from a profiling step (`_blocks_for_gpu_memory`).
@@ -31,7 +33,8 @@ import threading
 import numpy as np
 import torch
 
-from pdserve.common.config import ArchConfig, CacheConfig, ConfigError, ModelConfig, SchedulerConfig, SpeculativeConfig
+from pdserve.common.config import (ArchConfig, CacheConfig, ConfigError, ModelConfig, SchedulerConfig,
+                                   SpeculativeConfig, cpu_has_bf16)
 from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledRequest, SchedulerOutput
 from pdserve.common.engine.sampler import Sampler, top_logprobs
 from pdserve.common.models.attention import AttentionMetadata, PrefillSeq, StepInputs
@@ -52,15 +55,19 @@ def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
         return torch.zeros(shape, dtype=dtype, device=device)
     import math
     import mmap
+    from pdserve.common.models.cpu_ops import advise_huge_pages
     buf = mmap.mmap(-1, math.prod(shape) * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
+    out = torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
+    advise_huge_pages(out)  # before the first touch: decode attention reads blocks all over the pool
+    return out
 
 
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, cache_cfg: CacheConfig, arch: ArchConfig, path: str,
                  max_model_len: int, scheduler_cfg: SchedulerConfig | None = None, enforce_eager: bool = True,
                  attention_backend: str | None = None, tp=None, speculative: SpeculativeConfig | None = None):
-        """`attention_backend` ("torch" | "triton") overrides the choice by device (tests only)."""
+        """`attention_backend` ("torch" | "triton" | "cpu" | "cpu_eager") overrides the choice by
+        device and --kernels (tests only)."""
         self.arch = arch
         self.tp = tp
         self.model_cfg = model_cfg
@@ -71,12 +78,19 @@ class ModelRunner:
         self.device = resolve_device(model_cfg.device)
         self._bound_thread: int | None = None
         self._bind_device()  # `--device cuda:1`: Triton launches on the current device, which must be ours
-        self.dtype = resolve_dtype(model_cfg.dtype, checkpoint_dtype(path))
-        ops, self.inputs = _select_backend(self.device, attention_backend, self.block_size)
+        self.dtype = model_dtype(model_cfg.dtype, path, self.device)
+        if attention_backend is None and model_cfg.kernels == "reference":
+            attention_backend = "torch"
+        ops, self.inputs = _select_backend(self.device, attention_backend, self.block_size, arch.sliding_window)
         if self.device.type == "cuda":
             _prefer_cublaslt()
+        else:
+            from pdserve.common.models.cpu_ops import configure_cpu_runtime, cpu_threads
+            configure_cpu_runtime(cpu_threads(1 if tp is None else tp.world_size))
         self.model = load_model(model_cfg, path, arch, self.block_size, max_model_len + 1, self.dtype, self.device,
                                 ops, tp=tp)
+        if hasattr(ops, "pack"):  # CpuOps: weights packed for oneDNN once, now that they are loaded
+            ops.pack(self.model)
         self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads  # this rank's under tensor parallelism
         self.gemv_choice: dict = {}  # weight -> (cuBLAS us, gemv us, chosen) at batch 1, measured here
         if self.device.type == "cuda" and ops is not TORCH_OPS:
@@ -454,6 +468,14 @@ class BlockTableCache:
                 self._free_rows.append(entry[0])
 
 
+def model_dtype(requested: str, path: str, device: torch.device) -> torch.dtype:
+    """--dtype: "auto" is bf16 on a CPU that computes it natively, fp32 on other CPUs, the
+    checkpoint's dtype on CUDA."""
+    if requested == "auto" and device.type == "cpu":
+        requested = "bfloat16" if cpu_has_bf16() else "float32"
+    return resolve_dtype(requested, checkpoint_dtype(path))
+
+
 def resolve_device(name: str) -> torch.device:
     """--device: "auto" is CUDA when a GPU is present, else the CPU."""
     if name == "auto":
@@ -525,15 +547,20 @@ class TorchInputs:
         return as_long(step.input_ids), as_long(step.positions), meta, as_long(step.sample_rows)
 
 
-def _select_backend(device: torch.device, name: str | None, block_size: int):
-    """(ops, inputs) of the attention backend: Triton kernels on CUDA, eager torch elsewhere."""
+def _select_backend(device: torch.device, name: str | None, block_size: int, sliding_window: int | None = None):
+    """(ops, inputs) of the backend: Triton kernels on CUDA, the CPU fast path on CPU, eager torch
+    (the reference) when asked or when neither applies."""
     if name is None:
-        name = "triton" if device.type == "cuda" and _triton_available() else "torch"
+        name = "cpu" if device.type == "cpu" else "triton" if device.type == "cuda" and _triton_available() else "torch"
     if name == "triton":
         from pdserve.common.models.triton_attention import TRITON_OPS, TritonInputs
         return TRITON_OPS, TritonInputs(device)
+    if name in ("cpu", "cpu_eager"):  # cpu_eager: the CPU path without its C++ kernels (tests)
+        from pdserve.common.models.cpu_ops import CpuInputs, create_cpu_ops
+        ops = create_cpu_ops(use_kernels=name == "cpu")
+        return ops, CpuInputs(block_size, sliding_window, ops.kernels)
     if name != "torch":
-        raise ConfigError(f"attention backend must be torch or triton, got {name!r}")
+        raise ConfigError(f"attention backend must be torch, triton, cpu or cpu_eager, got {name!r}")
     return TORCH_OPS, TorchInputs(device, block_size)
 
 

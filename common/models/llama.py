@@ -8,8 +8,9 @@ Inputs are the step's flattened tokens (no batch dimension, no padding): `input_
 q/k/v and gate/up are fused into one matmul each; `load_weights` maps HF names onto the shards.
 Transforms of the finished model (tensor parallelism: models/parallel.py) register per-parameter
 loaders in `weight_loaders` and may set `gather_logits`; the forward pass does not know about them.
-Norm, rotary, SiLU-mul and attention come from an ops object given at construction: `TorchOps`
-(HF-exact eager torch, the CPU path) or `TritonOps` (fused kernels, chosen by the runner on CUDA).
+Linear layers, norm, rotary, SiLU-mul, logits and attention come from an ops object given at
+construction: `TorchOps` (HF-exact eager torch, the reference), `CpuOps` (cpu_ops.py, packed
+oneDNN weights, the runner's choice on CPU) or `TritonOps` (fused kernels, its choice on CUDA).
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ from pdserve.common.models.attention import AttentionMetadata, TorchPagedAttenti
 
 
 class TorchOps:
-    """HF-exact eager ops (the CPU path): the operations of transformers, in its order and dtypes.
+    """HF-exact eager ops (the reference): the operations of transformers, in its order and dtypes.
 
-    `TritonOps` (`triton_attention.py`) has the same members backed by the fused Triton kernels;
+    `TritonOps` (`triton_attention.py`) and `CpuOps` (`cpu_ops.py`) have the same members;
     the model runner picks one at start-up and the modules call `self.ops.*`, so the forward pass
     holds no device branches.
     """
     attention_backend = TorchPagedAttention
+    uses_triton = False
 
     @staticmethod
     def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -60,6 +62,10 @@ class TorchOps:
     def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         gate, up = x.chunk(2, dim=-1)  # x [T, 2I]
         return nn.functional.silu(gate) * up
+
+    @staticmethod
+    def logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return hidden @ weight.t()  # [N, h] x [V, h] -> [N, V]
 
 
 TORCH_OPS = TorchOps()
@@ -206,7 +212,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = hidden @ weight.t()  # [N, vocab] (a rank's vocab shard under tensor parallelism)
+        logits = self.ops.logits(hidden, weight)  # [N, vocab] (a rank's vocab shard under tensor parallelism)
         if self.gather_logits is not None and (logits := self.gather_logits(logits)) is None:
             return None  # a tensor-parallel rank other than 0: rank 0 has the logits
         return logits.float()

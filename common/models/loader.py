@@ -117,7 +117,7 @@ def load_model(cfg: ModelConfig, path: str, arch: ArchConfig, block_size: int, m
     qcfg = quantization.resolve_quantization(cfg.quantization, path, is_gguf(path), cfg.load_format == "dummy")
     if qcfg is not None and tp is not None:
         raise ConfigError("--quantization with --tensor-parallel-size > 1 is not supported yet")
-    use_triton = ops is not TORCH_OPS
+    use_triton = ops.uses_triton  # quantized modules pick their kernels by the same choice
     # Built on meta directly in `dtype` (the default dtype while the modules are made), so the
     # quantized modules swapped in below keep the dtypes they declare (int32 / fp8 / fp16 parts).
     with torch.device("meta"), _no_init(), _default_dtype(dtype):

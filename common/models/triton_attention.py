@@ -89,6 +89,7 @@ class TritonPagedAttention(PagedAttentionBase):
 class TritonOps:
     """Fused-kernel versions of `TorchOps`' members (kernels/ documents their numerics)."""
     attention_backend = TritonPagedAttention
+    uses_triton = True
 
     def __init__(self):
         # (weight shape, dtype) -> the gemv kernel beat cuBLAS on it at M = 1 (choose_gemv)
@@ -116,6 +117,10 @@ class TritonOps:
     @staticmethod
     def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(x)
+
+    @staticmethod
+    def logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return hidden @ weight.t()  # [N, h] x [V, h] -> [N, V]
 
 
 TRITON_OPS = TritonOps()

@@ -42,7 +42,7 @@ class Stack:
                 command = (commands or {}).get(name, [sys.executable, "-m", f"pdserve.services.{role}"])
                 self.argv[name] = [*command, "--redis-url", self.redis.url, "--model", model, "--instance-id", name,
                                    "--ready-file", rf, "--kv-transport", kv_transport,
-                                   "--num-gpu-blocks-override", "512", *flags]
+                                   "--num-gpu-blocks-override", "512", "--dtype", "float32", *flags]
                 self._spawn(name)
         deadline = time.time() + 180
         for name, rf in ready:

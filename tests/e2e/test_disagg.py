@@ -20,7 +20,7 @@ PROMPTS = ["The history of the city", "A list of fruits: apple,", "In 1969 the f
 
 @pytest.fixture(scope="module")
 def offline(tiny_models):
-    return LLM(tiny_models["llama"], num_gpu_blocks_override=512)
+    return LLM(tiny_models["llama"], num_gpu_blocks_override=512, dtype="float32")
 
 
 @pytest.fixture(scope="module", params=backends("tcp", "ucx", "nccl"))

@@ -25,7 +25,7 @@ WORKERS = ("prefill-0", "prefill-1", "decode-0", "decode-1")
 
 @pytest.fixture(scope="module")
 def reference(tiny_models):
-    llm = LLM(tiny_models["llama"], num_gpu_blocks_override=256)
+    llm = LLM(tiny_models["llama"], num_gpu_blocks_override=256, dtype="float32")
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
                         use_tqdm=False)
     return [o.outputs[0].text for o in outs]

@@ -51,7 +51,7 @@ def stack(tiny_models):
 
 @pytest.fixture(scope="module")
 def offline(tiny_models):
-    return LLM(tiny_models["llama"], num_gpu_blocks_override=512)
+    return LLM(tiny_models["llama"], num_gpu_blocks_override=512, dtype="float32")
 
 
 def complete(stack, prompt: list[int], max_tokens: int = 4, timeout: float = 60) -> dict:

@@ -44,7 +44,7 @@ def client(stack):
 def test_json_schema_through_prefill_and_decode(stack, client, tiny_models):
     before = stack.stats()["handoffs"]
     assert before == 0
-    offline = LLM(tiny_models["llama"], num_gpu_blocks_override=256)
+    offline = LLM(tiny_models["llama"], num_gpu_blocks_override=256, dtype="float32")  # as the stack's workers
     ref = offline.generate([PROMPT], SamplingParams(temperature=0, max_tokens=80, structured_outputs={"json": SCHEMA}),
                            use_tqdm=False)[0].outputs[0].text
     greedy = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=80, temperature=0,

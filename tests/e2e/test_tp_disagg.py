@@ -31,7 +31,7 @@ HEAD_BLOCK_BYTES = 2 * 2 * 16 * 16 * 4  # one KV head of one block: layers * (K,
 
 @pytest.fixture(scope="module")
 def offline(tiny_models):
-    return LLM(tiny_models["llama"], num_gpu_blocks_override=512)
+    return LLM(tiny_models["llama"], num_gpu_blocks_override=512, dtype="float32")  # as the stack's workers
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_nccl_tp2_to_tp2_with_replicated_kv_heads(tiny_model_factory, tmp_path_f
     """nccl (gloo on CPU) from and to KV agents; 4 heads / 1 KV head, so at TP=2 each rank holds a
     replica of the one KV head (shards (0, 1) twice) and decode rank r reads prefill rank r's."""
     folder = tiny_model_factory(str(tmp_path_factory.mktemp("kv1") / "llama"), "llama", num_key_value_heads=1)
-    offline = LLM(folder, num_gpu_blocks_override=512)
+    offline = LLM(folder, num_gpu_blocks_override=512, dtype="float32")  # as the stack's workers
     stack = Stack(folder, prefill=[TP2], decode=[TP2], kv_transport="nccl")
     try:
         ids = offline.get_tokenizer().encode("One KV head, replicated on every rank, handed over by nccl")

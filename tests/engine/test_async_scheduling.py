@@ -16,7 +16,7 @@ from tests.engine.test_correctness import MAX_TOKENS, reference
 
 
 def run_llm(folder, prompts, params, **kw):
-    llm = LLM(folder, **kw)
+    llm = LLM(folder, dtype="float32", **kw)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     engine = llm.engine
     assert engine.kv.num_free_blocks == engine.runner.num_blocks, "KV blocks leaked"
@@ -53,7 +53,7 @@ def test_overlapped_sampling_equals_one_at_a_time(tiny_models, prompts):
     batch = [prompts[(i + 2) % len(prompts)] for i in range(6)] + [prompts[0], prompts[1], prompts[2], prompts[3]]
     got = {}
     for overlap in (False, True):
-        llm = LLM(folder, async_scheduling=overlap)
+        llm = LLM(folder, async_scheduling=overlap, dtype="float32")
         engine = llm.engine
         for i, (p, sp) in enumerate(zip(batch, params)):
             llm.add_request(str(i), p, sp)

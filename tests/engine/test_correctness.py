@@ -3,6 +3,8 @@
 16 prompts of 1..~300 tokens, a third sharing a 120-token prefix, on tiny random Llama, Mistral,
 Qwen2 and Qwen3 models (float32). The same outputs must come out with prefix caching off,
 with a 16-token chunked-prefill budget, and with a pool so small that requests get preempted.
+Both kernel sets: `--kernels reference` (HF-exact eager torch) and the device's fast path
+(`auto`: on CPU packed oneDNN GEMMs and the C++ kernels of kernels/cpu.py).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def reference(tiny_models, arch, prompts):
 
 
 def run(folder, prompts, **engine_kwargs):
-    llm = LLM(folder, **engine_kwargs)
+    llm = LLM(folder, **{"dtype": "float32", **engine_kwargs})
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], SamplingParams(temperature=0, max_tokens=MAX_TOKENS),
                         use_tqdm=False)
     engine = llm.engine
@@ -48,9 +50,10 @@ def run(folder, prompts, **engine_kwargs):
     return [o.outputs[0].token_ids for o in outs], engine
 
 
+@pytest.mark.parametrize("kernels", ["auto", "reference"])
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "qwen3"])
-def test_greedy_matches_hf(tiny_models, prompts, arch):
-    got, engine = run(tiny_models[arch], prompts)
+def test_greedy_matches_hf(tiny_models, prompts, arch, kernels):
+    got, engine = run(tiny_models[arch], prompts, kernels=kernels)
     assert got == reference(tiny_models, arch, prompts)
     assert engine.kv.num_prefix_hits > 0  # the shared prefix was served from the cache
 
@@ -69,7 +72,7 @@ def test_scheduling_variants_keep_outputs(tiny_models, prompts, arch, variant):
         got, engine = run(folder, prompts, num_gpu_blocks_override=24, max_model_len=384)
         assert engine.scheduler.num_preemptions > 0
     else:
-        llm = LLM(folder)
+        llm = LLM(folder, dtype="float32")
         params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
         llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         hits_before = llm.engine.kv.num_prefix_hits
@@ -83,5 +86,7 @@ def test_scheduling_variants_keep_outputs(tiny_models, prompts, arch, variant):
 def test_sliding_window_matches_hf(tmp_path, tiny_model_factory, prompts):
     folder = tiny_model_factory(str(tmp_path / "mistral_sw"), "mistral", sliding_window=32)
     long_prompts = [p for p in prompts if len(p) > 40][:6]
-    got, _ = run(folder, long_prompts, max_num_batched_tokens=24)
-    assert got == hf_greedy(folder, long_prompts)
+    want = hf_greedy(folder, long_prompts)
+    for kernels in ("auto", "reference"):
+        got, _ = run(folder, long_prompts, max_num_batched_tokens=24, kernels=kernels)
+        assert got == want, kernels

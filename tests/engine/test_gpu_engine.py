@@ -251,7 +251,10 @@ from pdserve.common.engine.engine_core import EngineCore
 from pdserve.common.engine.model_runner import ModelRunner
 from pdserve.common.sampling_params import SamplingParams
 
-config = EngineConfig(model=ModelConfig(model=sys.argv[2], max_model_len=256), cache=CacheConfig(num_blocks=64),
+# float32 (the checkpoint's; --dtype auto is bf16 on a CPU with AVX512-BF16): the runs compare tokens with
+# the reference kernels' (the Triton runners name their backend)
+config = EngineConfig(model=ModelConfig(model=sys.argv[2], max_model_len=256, dtype="float32", kernels="reference"),
+                      cache=CacheConfig(num_blocks=64),
                       scheduler=SchedulerConfig(max_num_batched_tokens=40, max_num_seqs=6))
 prompts = [list(range(5, 8)), list(range(5, 22)), list(range(5, 45)), [9], list(range(5, 25)) + [7, 8]]
 

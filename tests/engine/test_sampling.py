@@ -13,7 +13,7 @@ PROMPTS = [[5, 77, 1200, 9], list(range(300, 340)), [42] * 3, list(range(1000, 1
 
 @pytest.fixture(scope="module")
 def llm(tiny_models):
-    return LLM(tiny_models["llama"], num_gpu_blocks_override=256)
+    return LLM(tiny_models["llama"], num_gpu_blocks_override=256, dtype="float32")
 
 
 def gen(llm, prompts, params):

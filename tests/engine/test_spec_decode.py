@@ -34,8 +34,9 @@ def draft(folder: str, k: int = 3) -> dict:
 def generate(folder, prompts, params, check_blocks: bool = False, decode_rows: bool = False, **kw):
     """Run to completion step by step; after each step no request holds a block past its tokens
     (rejected drafts' blocks were freed), and at the end the pool is whole again. `decode_rows`:
-    verify (and draft) as one-token rows, the form CUDA graphs replay (forced here on the CPU)."""
-    llm = LLM(folder, **kw)
+    verify (and draft) as one-token rows, the form CUDA graphs replay (forced here on the CPU).
+    float32 unless asked: outputs are compared with HF's token for token."""
+    llm = LLM(folder, **{"dtype": "float32", **kw})
     engine = llm.engine
     if decode_rows:
         engine.runner.spec.verify_as_decodes = True
@@ -207,7 +208,7 @@ def test_smollm2_greedy_and_seeded_outputs_do_not_change(smollm2_path):
     params = [SamplingParams(temperature=0, max_tokens=16), SamplingParams(temperature=0.8, seed=1, max_tokens=16)]
 
     def chat(**kw):
-        llm = LLM(smollm2_path, max_model_len=512, num_gpu_blocks_override=64, **kw)
+        llm = LLM(smollm2_path, max_model_len=512, num_gpu_blocks_override=64, dtype="float32", **kw)
         outs = [llm.chat(messages, p, use_tqdm=False)[0].outputs[0].token_ids for p in params]
         assert llm.engine.kv.num_free_blocks == llm.engine.runner.num_blocks
         return outs, llm.engine.stats().spec_decode

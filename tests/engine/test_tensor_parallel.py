@@ -29,7 +29,7 @@ EXTRA = SamplingParams(temperature=0.8, seed=7, max_tokens=MAX_TOKENS, logprobs=
 
 
 def run(folder: str, prompts: list[list[int]], **kwargs) -> tuple[list, LLM]:
-    llm = LLM(folder, kv_cache_memory_gb=0.05, **kwargs)
+    llm = LLM(folder, kv_cache_memory_gb=0.05, dtype="float32", **kwargs)
     try:
         params = [GREEDY] * len(prompts) + [EXTRA]
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts + [prompts[1]]], params, use_tqdm=False)
@@ -151,7 +151,8 @@ def test_sizes_that_do_not_split_are_config_errors(tiny_models):
 
 
 def test_killed_rank_fails_open_requests_fast(tiny_models):
-    engine = AsyncLLM(core=LLM(tiny_models["llama"], tensor_parallel_size=2, kv_cache_memory_gb=0.05).engine)
+    engine = AsyncLLM(core=LLM(tiny_models["llama"], tensor_parallel_size=2, kv_cache_memory_gb=0.05,
+                               dtype="float32").engine)
     worker = engine.core.runner.workers.procs[0]
     params = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
 

@@ -33,7 +33,7 @@ BOUNDS = {  # variant: (max logits rel. error, min top-1, min first-token, min t
 
 @pytest.fixture(scope="module")
 def reference(quant_models, scoring_ids, short_prompts):
-    llm = LLM(quant_models["llama"], enable_prefix_caching=False)
+    llm = LLM(quant_models["llama"], dtype="float32", enable_prefix_caching=False)
     return sequence_logits(llm, scoring_ids), greedy(llm, short_prompts, 16)
 
 
@@ -43,7 +43,7 @@ def test_quantized_logits_and_greedy_agreement(quant_models, reference, scoring_
     if variant == "bf16":
         llm = LLM(quant_models["llama"], dtype="bfloat16", enable_prefix_caching=False)
     elif variant == "fp8-online":
-        llm = LLM(quant_models["llama"], quantization="fp8", enable_prefix_caching=False)
+        llm = LLM(quant_models["llama"], quantization="fp8", dtype="float32", enable_prefix_caching=False)
     else:
         llm = LLM(quant_models[f"llama-{variant}"], dtype="float32", enable_prefix_caching=False)
     logits = sequence_logits(llm, scoring_ids).float()

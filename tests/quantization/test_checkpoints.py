@@ -74,7 +74,9 @@ def test_files_have_the_real_layouts(quant_models):
 
 @pytest.mark.parametrize("variant", ["fp8", "fp8-tensor", "awq", "gptq", "gptq-asym-act"])
 def test_loaded_weights_match_the_originals(quant_models, variant):
-    ref = LLM(quant_models["llama"], enable_prefix_caching=False).engine.runner.model
+    # the reference path keeps the nn.Linear weights (the CPU fast path packs them and drops them)
+    ref = LLM(quant_models["llama"], dtype="float32", kernels="reference",
+              enable_prefix_caching=False).engine.runner.model
     llm = LLM(quant_models[f"llama-{variant}"], dtype="float32", enable_prefix_caching=False)
     model = llm.engine.runner.model
     assert model.quant_config.method == variant.split("-")[0] and model.quant_config.prequantized
@@ -95,7 +97,7 @@ def test_loaded_weights_match_the_originals(quant_models, variant):
 
 def test_qwen2_biases_and_fused_act_order(quant_models):
     """q/k/v biases ride along; GPTQ act-order g_idx shared by the fused q/k/v and gate/up."""
-    ref = LLM(quant_models["qwen2"]).engine.runner.model
+    ref = LLM(quant_models["qwen2"], dtype="float32").engine.runner.model
     for variant in ("fp8", "awq", "gptq-asym-act"):
         model = LLM(quant_models[f"qwen2-{variant}"], dtype="float32").engine.runner.model
         qkv, ref_qkv = model.layers[1].self_attn.qkv_proj, ref.layers[1].self_attn.qkv_proj
@@ -103,7 +105,7 @@ def test_qwen2_biases_and_fused_act_order(quant_models):
 
 
 def test_online_fp8_quantizes_a_full_precision_checkpoint(quant_models):
-    model = LLM(quant_models["llama"], quantization="fp8").engine.runner.model
+    model = LLM(quant_models["llama"], quantization="fp8", dtype="float32").engine.runner.model
     assert not model.quant_config.prequantized
     kinds = {type(m).__name__ for layer in model.layers for m in layer.modules()}
     assert "Fp8Linear" in kinds and "Linear" not in kinds

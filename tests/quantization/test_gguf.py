@@ -42,8 +42,9 @@ def test_blocks_convert_to_the_weights_gguf_decodes(qtype):
 def test_smollm2_runs_its_q4_1_blocks(smollm2_path):
     """The packaged SmolLM2 is Q4_1 (projections) + Q8_0 (embedding): every projection runs as a
     4-bit IntLinear computing the weights the dequantizing loader produces; greedy text is the same."""
-    plain = LLM(smollm2_path, enable_prefix_caching=False)
-    quant = LLM(smollm2_path, quantization="gguf", enable_prefix_caching=False)
+    # float32 (greedy texts compared); the reference path keeps the nn.Linear weights read below
+    plain = LLM(smollm2_path, dtype="float32", kernels="reference", enable_prefix_caching=False)
+    quant = LLM(smollm2_path, quantization="gguf", dtype="float32", enable_prefix_caching=False)
     for i in (0, 29):
         for name in LINEARS:
             q = quant.engine.runner.model.layers[i].get_submodule(name)

@@ -34,15 +34,17 @@ def test_fp8_kv_holds_twice_the_tokens_of_bf16(quant_models):
 
 @pytest.mark.parametrize("granularity", ["per-head", "per-tensor"])
 def test_fp8_kv_agrees_with_full_precision_kv(quant_models, scoring_ids, short_prompts, granularity):
-    ref = LLM(quant_models["llama"], enable_prefix_caching=False)
-    llm = LLM(quant_models["llama"], enable_prefix_caching=False, kv_cache_dtype="fp8", kv_cache_scale=granularity)
+    ref = LLM(quant_models["llama"], dtype="float32", enable_prefix_caching=False)
+    llm = LLM(quant_models["llama"], dtype="float32", enable_prefix_caching=False, kv_cache_dtype="fp8",
+              kv_cache_scale=granularity)
     scales = torch.stack(llm.engine.runner.kv_scales)  # [L, 2, KVH]
     assert (scales.amax(-1) == scales.amin(-1)).all() == (granularity == "per-tensor")
     ref_logits, logits = sequence_logits(ref, scoring_ids), sequence_logits(llm, scoring_ids)
     rel = float((logits - ref_logits).norm() / ref_logits.norm())
     top1 = float((logits.argmax(-1) == ref_logits.argmax(-1)).float().mean())
     # chunked prefill (16-token chunks read earlier chunks back from the fp8 blocks), prefix hits
-    chunked = LLM(quant_models["llama"], kv_cache_dtype="fp8", kv_cache_scale=granularity, max_num_batched_tokens=16)
+    chunked = LLM(quant_models["llama"], dtype="float32", kv_cache_dtype="fp8", kv_cache_scale=granularity,
+                  max_num_batched_tokens=16)
     agree = agreement(greedy(llm, short_prompts, 16), greedy(ref, short_prompts, 16))
     agree_chunked = agreement(greedy(chunked, short_prompts, 16), greedy(ref, short_prompts, 16))
     print(f"\nfp8 KV {granularity}: logits rel. error {rel:.4f}, top-1 {top1:.3f}, greedy {agree}, "

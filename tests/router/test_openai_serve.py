@@ -47,7 +47,8 @@ def commands(tiny_models):
 
 @pytest.fixture(scope="module")
 def engine(tiny_models):
-    eng = AsyncLLM(core=LLM(tiny_models["llama"], max_model_len=MAX_LEN, num_gpu_blocks_override=512).engine)
+    eng = AsyncLLM(core=LLM(tiny_models["llama"], max_model_len=MAX_LEN, num_gpu_blocks_override=512,
+                            dtype="float32").engine)
     yield eng
     eng.shutdown()
 
@@ -101,7 +102,7 @@ def test_stream_equals_non_stream_and_offline(client, tiny_models, tok):
     assert {c.index: c.finish_reason for ch in chunks for c in ch.choices if c.finish_reason} == \
         {0: "length", 1: "length", 2: "length"}
     # greedy outputs and token counts are the offline engine's
-    offline = LLM(tiny_models["llama"], max_model_len=MAX_LEN, num_gpu_blocks_override=128).generate(
+    offline = LLM(tiny_models["llama"], max_model_len=MAX_LEN, num_gpu_blocks_override=128, dtype="float32").generate(
         prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
     assert [o.outputs[0].text for o in offline] == [c.text for c in full.choices]
     assert full.usage.prompt_tokens == sum(len(o.prompt_token_ids) for o in offline)

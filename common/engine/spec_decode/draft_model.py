@@ -34,10 +34,10 @@ import dataclasses
 import torch
 
 from pdserve.common.config import ArchConfig, CacheConfig, ConfigError, ModelConfig, SchedulerConfig, SpeculativeConfig
-from pdserve.common.engine.model_runner import ModelRunner, position_seed
+from pdserve.common.engine.model_runner import ModelRunner, model_dtype, position_seed, resolve_device
 from pdserve.common.engine.outputs import ScheduledRequest, SchedulerOutput
 from pdserve.common.engine.sampler import processed_probs
-from pdserve.common.models.loader import checkpoint_dtype, read_arch_config, resolve_dtype, resolve_model_path
+from pdserve.common.models.loader import read_arch_config, resolve_model_path
 
 DRAFT_STREAM = 0x2545F4914F6CDD1D >> 2  # xor-ed into position seeds: the draft's own stream
 DECODE_ROWS_MAX = 16  # catch-ups up to this long run as one-token rows where the draft has graphs
@@ -63,7 +63,7 @@ class DraftModelProposer:
                               f"is shorter than --max-model-len {max_model_len}")
         self.model_cfg = dataclasses.replace(model_cfg, model=self.path, tokenizer=None, served_model_name=None,
                                              load_format="dummy" if model_cfg.load_format == "dummy" else "auto")
-        self.dtype = resolve_dtype(model_cfg.dtype, checkpoint_dtype(self.path))
+        self.dtype = model_dtype(model_cfg.dtype, self.path, resolve_device(model_cfg.device))  # the runner's
         self.max_model_len = max_model_len
         self.scheduler_cfg = scheduler_cfg
         self.enforce_eager = enforce_eager

@@ -1,0 +1,358 @@
+"""The CPU fast path: `CpuOps`, chosen by the model runner at start-up on CPU (`--kernels auto`).
+
+`TorchOps` (llama.py) stays the HF-exact reference (`--kernels reference`); `CpuOps` has the same
+members and differs where the profile of SmolLM2-135M on 2 cores said the time went
+(docs/benchmarks.md, "CPU fast path"). Per layer and step:
+
+    qkv = linear(x)            oneDNN matmul on the weight packed ONCE at load (`pack`); F.linear
+                               repacks bf16 weights (or runs MKL sgemm for fp32) on every call
+    rotary_store_kv            q and k rotated in place, K/V stored at their slots: one C++ pass
+    attention                  decodes: C++ paged decode attention reading K/V blocks in place;
+                               prefills: torch's flash SDPA per sequence, a cached prefix gathered
+                               with one index_select per tensor
+    o_proj, rms_norm+residual  packed matmul; one C++ pass (residual updated in place)
+    gate_up, silu_and_mul,     packed matmul; one C++ pass; packed matmul
+    down
+    logits                     the (tied) head on its packed weight
+
+The C++ kernels (kernels/cpu.py) are compiled for the machine on first use. Where that is
+impossible (no compiler) `CpuPagedAttention` and eager element-wise ops run instead (logged at
+start-up): decodes gather their blocks with ONE index_select per tensor and attend with two
+batched matmuls under the step's additive mask (torch's SDPA with a mask took a slow path:
+15-20 ms a layer at 64 x 240 in bf16).
+
+Numerics: bf16 GEMMs are bit-identical to F.linear (both oneDNN) and the element-wise kernels
+round where HF's bf16 code rounds; fp32 GEMMs differ from MKL's in the last bits (oneDNN's
+blocking) and attention sums in another order, so greedy output can leave HF's on a near tie
+(the tests compare both kernel sets with HF token for token in fp32 and bf16's agreement).
+
+`configure_cpu_runtime` (the runner calls it once on CPU): OpenMP threads = the cores this
+process may use, and glibc's malloc told to keep freed activations instead of unmapping them
+(a [2048, 576] temporary otherwise page-faults on every op: 4-6x slower elementwise ops).
+`advise_huge_pages` puts the KV pool in transparent huge pages.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pdserve.common.models.attention import AttentionMetadata, PrefillSeq, TorchPagedAttention
+from pdserve.kernels import cpu as cpu_kernels
+
+log = logging.getLogger("pdserve.cpu")
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+_MADV_HUGEPAGE, _HUGE = 14, 2 << 20  # madvise advice (linux/mman.h), x86-64 huge page size
+MMAP_THRESHOLD = 64 << 20  # allocations below this come from the heap and are reused
+TRIM_THRESHOLD = 1 << 30  # free memory kept at the heap's top before it is returned
+PACK_BATCH_HINT = 64  # oneDNN picks the packed layout for this M; measured fine from M=1 to 2048
+
+
+def cpu_threads(tensor_parallel_size: int = 1) -> int:
+    """Threads for one rank: the cores this process may run on, shared by the ranks."""
+    return max(1, len(os.sched_getaffinity(0)) // tensor_parallel_size)
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, macOS): its allocator and madvise have their own policies
+        return None
+
+
+def configure_cpu_runtime(num_threads: int) -> None:
+    torch.set_num_threads(num_threads)
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(MMAP_THRESHOLD))
+        libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(TRIM_THRESHOLD))
+
+
+def advise_huge_pages(tensor: torch.Tensor) -> None:
+    """Advise the 2 MiB-aligned interior of a CPU tensor's memory into transparent huge pages
+    (where THP is `madvise` or `always`); call it before the first touch (the runner's
+    `zeros_on_demand` KV pool): decode attention visits the pool's blocks in table order and
+    otherwise takes a TLB miss per block (measured 10-14% of the attention kernel's time).
+    A refused advice leaves ordinary pages, nothing else changes."""
+    start, size = tensor.data_ptr(), tensor.numel() * tensor.element_size()
+    first = (start + _HUGE - 1) & ~(_HUGE - 1)
+    length = (start + size - first) & ~(_HUGE - 1)
+    libc = _libc()
+    if length > 0 and libc is not None:
+        libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(length), _MADV_HUGEPAGE)
+
+
+def can_pack(dtype: torch.dtype) -> bool:
+    """oneDNN packs fp32 everywhere, bf16 with AVX-512 (or AMX); fp16 needs AVX512-FP16."""
+    if not torch.backends.mkldnn.is_available() or dtype not in (torch.float32, torch.bfloat16):
+        return False
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(8, 8, dtype=dtype), PACK_BATCH_HINT)
+    except RuntimeError:
+        return False
+    return True
+
+
+class CpuPagedAttention(TorchPagedAttention):
+    """Same constructor and `forward` as `TorchPagedAttention`; `CpuMetadata` carries the step's
+    decode gather index and mask (built once per step by `CpuInputs`)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: "CpuMetadata", rotary, positions: torch.Tensor) -> torch.Tensor:
+        # q [T, H, D], k/v [T, KVH, D], kv_cache [2, NB, BS, KVH, D] -> out [T, H, D]
+        if self.kv_scale is not None:
+            return self._fp8_reference().forward(q, k, v, kv_cache, meta, rotary, positions)
+        q, k = rotary(positions, q, k)
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        k_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
+        v_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
+        nd = meta.num_decode_tokens
+        if nd and not meta.prefills:
+            return self._decode(q, k_cache, v_cache, meta)
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta)
+        for seq in meta.prefills:
+            sl = slice(seq.q_start, seq.q_start + seq.q_len)
+            out[sl] = self._prefill(q[sl], k[sl], v[sl], k_cache, v_cache, seq)
+        return out
+
+    def _fp8_reference(self) -> TorchPagedAttention:
+        """An fp8 cache (`kv_scale` set): the reference backend runs it (quantized store,
+        dequantized gathers); neither this torch path nor the C++ kernels read e4m3."""
+        ref = getattr(self, "_reference", None)
+        if ref is None or ref.kv_scale is not self.kv_scale:
+            ref = TorchPagedAttention(self.num_heads, self.num_kv_heads, self.head_dim, self.block_size,
+                                      self.sliding_window)
+            ref.kv_scale = self.kv_scale
+            self._reference = ref
+        return ref
+
+    def _decode(self, q, k_cache, v_cache, meta: "CpuMetadata") -> torch.Tensor:
+        # q [B, H, D]; the step's blocks [B * M, BS, KVH, D] -> [B, KVH, L, D], L = M * BS
+        b, kvh, d = q.shape[0], self.num_kv_heads, self.head_dim
+        keys = k_cache.index_select(0, meta.decode_blocks).view(b, -1, kvh, d).transpose(1, 2)
+        values = v_cache.index_select(0, meta.decode_blocks).view(b, -1, kvh, d).transpose(1, 2)
+        qg = q.view(b, kvh, -1, d)  # [B, KVH, G, D]: the query heads of each KV head
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).float()  # [B, KVH, G, L]
+        scores.mul_(self.scale).add_(meta.decode_mask)  # [B, 1, 1, L]: 0 visible, -inf not
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        return torch.matmul(probs, values).view(b, -1, d)  # [B, H, D]
+
+    def _prefill(self, q, k, v, k_cache, v_cache, seq: PrefillSeq) -> torch.Tensor:
+        # q [Lq, H, D]: this chunk's keys alone, or the whole context gathered from its blocks.
+        # torch's flash SDPA as the reference calls it (so a prompt computes the same numbers
+        # fresh or after a prefix hit); with a mask it beat two bmm and a softmax at every size
+        lq, lk = seq.q_len, seq.context_len
+        if lk != lq:
+            k = k_cache.index_select(0, seq.block_table).view(-1, self.num_kv_heads, self.head_dim)[:lk]
+            v = v_cache.index_select(0, seq.block_table).view(-1, self.num_kv_heads, self.head_dim)[:lk]
+        qt, kt, vt = q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None]  # [1, heads, L, D]
+        if lk == lq and self.sliding_window is None:
+            out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=self.scale, enable_gqa=True)
+        else:
+            q_pos = torch.arange(lk - lq, lk)[:, None]
+            k_pos = torch.arange(lk)[None, :]
+            visible = k_pos <= q_pos
+            if self.sliding_window is not None:
+                visible &= k_pos > q_pos - self.sliding_window
+            out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=visible, scale=self.scale, enable_gqa=True)
+        return out[0].transpose(0, 1)
+
+
+class CpuKernelAttention(CpuPagedAttention):
+    """`CpuPagedAttention` with the C++ kernels (kernels/cpu.py): rotary and the KV store in one
+    pass, decodes read K/V in place through the block table (no gather, no score tensor)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: "CpuMetadata", rotary, positions: torch.Tensor) -> torch.Tensor:
+        # q [T, H, D], k/v [T, KVH, D] (views of the qkv output), kv_cache [2, NB, BS, KVH, D] -> [T, H, D]
+        if self.kv_scale is not None:
+            return self._fp8_reference().forward(q, k, v, kv_cache, meta, rotary, positions)
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        cpu_kernels.rotary_store_kv(q, k, v, positions, rotary.cos_sin, k_cache, v_cache, meta.slot_mapping)
+        nd = meta.num_decode_tokens
+        if nd and not meta.prefills:
+            return self._decode(q, k_cache, v_cache, meta)
+        out = torch.empty(q.shape, dtype=q.dtype)
+        if nd:
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta)
+        for seq in meta.prefills:
+            sl = slice(seq.q_start, seq.q_start + seq.q_len)
+            out[sl] = self._prefill(q[sl], k[sl], v[sl], k_cache, v_cache, seq)
+        return out
+
+    def _decode(self, q, k_cache, v_cache, meta: "CpuMetadata") -> torch.Tensor:
+        return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,
+                                                  meta.decode_context_lens, self.scale, self.sliding_window)
+
+
+@dataclass
+class CpuMetadata(AttentionMetadata):
+    """`AttentionMetadata` plus the decode rows' gather: decode_blocks [B * M] long (row-major
+    block table, padded with block 0) and decode_mask [B, 1, 1, M * BS] fp32 (0 or -inf)."""
+    decode_blocks: torch.Tensor | None = None
+    decode_mask: torch.Tensor | None = None
+
+
+class CpuInputs:
+    """StepInputs -> (input_ids, positions, CpuMetadata, sample_rows) as long CPU tensors: the
+    decodes' block table and lengths for the kernel, or their gather index and mask for the
+    torch path (`kernels` False)."""
+
+    def __init__(self, block_size: int, sliding_window: int | None, kernels: bool):
+        self.block_size = block_size
+        self.sliding_window = sliding_window
+        self.kernels = kernels
+
+    def prepare(self, step):
+        as_long = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+        nd = step.num_decodes
+        meta = CpuMetadata(slot_mapping=as_long(step.slot_mapping), num_decode_tokens=nd, decode_block_tables=None,
+                           decode_context_lens=None, decode_max_context=0)
+        if nd:
+            lens = step.context_lens[:nd]
+            width = -(-int(lens.max()) // self.block_size)
+            meta.decode_max_context = int(lens.max())
+            # the kernel's inputs (and the reference's, which runs an fp8 cache)
+            meta.decode_block_tables = as_long(step.block_table[:nd, :width])
+            meta.decode_context_lens = as_long(lens)
+            if self.kernels:
+                return self._finish(step, meta, as_long)
+            meta.decode_blocks = as_long(step.block_table[:nd, :width].reshape(-1))
+            pos = np.arange(width * self.block_size)[None, :]
+            hidden = pos >= lens[:, None]
+            if self.sliding_window is not None:
+                hidden |= pos <= lens[:, None] - 1 - self.sliding_window
+            meta.decode_mask = torch.from_numpy(np.where(hidden, np.float32(-np.inf), np.float32(0))[:, None, None, :])
+        return self._finish(step, meta, as_long)
+
+    def _finish(self, step, meta: "CpuMetadata", as_long):
+        nd = step.num_decodes
+        qsl, ctx = step.query_start_loc.tolist(), step.context_lens.tolist()
+        for b in range(nd, len(ctx)):
+            num_blocks = -(-ctx[b] // self.block_size)
+            meta.prefills.append(PrefillSeq(q_start=qsl[b], q_len=qsl[b + 1] - qsl[b], context_len=ctx[b],
+                                            block_table=as_long(step.block_table[b, :num_blocks])))
+        return as_long(step.input_ids), as_long(step.positions), meta, as_long(step.sample_rows)
+
+
+class CpuOps:
+    """`TorchOps`' members for the CPU fast path (module docstring). One instance per model: it
+    holds that model's packed weights (`pack`, after the weights are loaded)."""
+    uses_triton = False  # quantized modules run their torch code
+
+    def __init__(self, kernels: bool):
+        """`kernels`: use the C++ kernels (kernels/cpu.py, loaded by the caller)."""
+        self.kernels = kernels
+        self.attention_backend = CpuKernelAttention if kernels else CpuPagedAttention
+        self._packed: dict[nn.Module, torch.Tensor] = {}  # Linear -> its oneDNN-packed weight
+        self._head: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits weight, packed)
+        self._cos_sin: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
+
+    def pack(self, model: nn.Module) -> int:
+        """Pack every nn.Linear weight of `model` and its logits weight for oneDNN; a Linear's own
+        weight is then dropped for a meta tensor (it would be a second copy; the tied embedding
+        stays, it embeds; `--kernels reference` keeps them all). Quantized modules (IntLinear,
+        Fp8Linear) are not nn.Linear: they keep their own kernels. Returns the number packed."""
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module is not model.lm_head and can_pack(module.weight.dtype):
+                self._packed[module] = _pack_and_drop(module)
+        if model.lm_head is None:
+            head = model.embed_tokens.weight
+            if can_pack(head.dtype):
+                self._head = (head, torch.ops.mkldnn._reorder_linear_weight(head.detach(), PACK_BATCH_HINT))
+        elif isinstance(model.lm_head, nn.Linear) and can_pack(model.lm_head.weight.dtype):
+            packed = _pack_and_drop(model.lm_head)
+            self._head = (model.lm_head.weight, packed)  # compute_logits passes the (now meta) weight
+        return len(self._packed) + (self._head is not None)
+
+    def linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        packed = self._packed.get(layer)
+        if packed is None:  # not packable (fp16), or a quantized module with its own kernels
+            return layer(x)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
+
+    def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self._head is not None and self._head[0] is weight:
+            return torch.ops.mkldnn._linear_pointwise(hidden, self._head[1], None, "none", [], "")
+        return hidden @ weight.t()
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+        if self.kernels and x.stride(-1) == 1:
+            if residual is not None:  # x [T, h], residual [T, h] (updated in place) -> (out, residual)
+                return cpu_kernels.rms_norm(x, weight, eps, residual)
+            return cpu_kernels.rms_norm(x.reshape(-1, x.shape[-1]), weight, eps).view(x.shape)  # Qwen3: [T, H, D]
+        # HF's numerics: (x + residual) in x's dtype, normalised in fp32, cast back, then scaled
+        if residual is not None:
+            x = x + residual
+            residual = x
+        h = x.float()
+        h = h * torch.rsqrt(h.square().mean(-1, keepdim=True).add_(eps))
+        out = h.to(x.dtype).mul_(weight) if x.dtype == weight.dtype else weight * h.to(x.dtype)
+        return out if residual is None else (out, residual)
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor):
+        # q [T, H, D], k [T, KVH, D] -> rotated (new tensors); HF's rotate_half products in q's dtype
+        cos, sin = self._step_cos_sin(positions, cos_sin, q.dtype)  # [T, 1, D/2] each
+        t, h, d = q.shape
+        joint = _adjacent(q, k)
+        if joint is not None:
+            out = _rotate(joint, cos, sin)
+            return out[:, :h], out[:, h:]
+        return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    def _step_cos_sin(self, positions: torch.Tensor, cos_sin: torch.Tensor, dtype: torch.dtype):
+        """cos and sin of this step's positions, cached for the step's layers (same positions tensor)."""
+        cached = self._cos_sin
+        if cached is None or cached[0] is not positions or cached[1] != dtype:
+            cos, sin = cos_sin[positions].to(dtype).chunk(2, dim=-1)
+            cached = self._cos_sin = (positions, dtype, cos[:, None, :], sin[:, None, :])
+        return cached[2], cached[3]
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels:
+            return cpu_kernels.silu_and_mul(x)  # [T, 2I] -> [T, I]
+        gate, up = x.chunk(2, dim=-1)  # x [T, 2I]
+        return F.silu(gate).mul_(up)
+
+
+def create_cpu_ops(use_kernels: bool = True) -> CpuOps:
+    """The CPU ops of one model: with the C++ kernels when they build on this machine (the first
+    time takes ~20-50 s; a failure is logged and the torch path runs)."""
+    if use_kernels and not cpu_kernels.load():
+        log.warning("CPU kernels unavailable (%s): running the torch CPU path", cpu_kernels.load_error())
+    return CpuOps(kernels=use_kernels and cpu_kernels.load())
+
+
+def _pack_and_drop(layer: nn.Linear) -> torch.Tensor:
+    """The packed weight; the layer's own becomes a meta tensor of its shape and dtype (no second
+    copy in memory; its shape, dtype and size stay readable, reading its values raises)."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), PACK_BATCH_HINT)
+    layer.weight = nn.Parameter(layer.weight.to("meta"), requires_grad=False)
+    return packed
+
+
+def _adjacent(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """q [T, H, D] and k [T, KVH, D] as ONE [T, H + KVH, D] view when k's heads follow q's in
+    memory (the split qkv output), else None."""
+    t, h, d = q.shape
+    if (q.stride(1), q.stride(2), k.stride()) != (d, 1, q.stride()) or \
+            k.data_ptr() != q.data_ptr() + h * d * q.element_size():
+        return None
+    return q.as_strided((t, h + k.shape[1], d), q.stride())
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [T, N, D]: (x1 cos - x2 sin, x2 cos + x1 sin), the same roundings as HF's x*cos + rotate_half(x)*sin
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)

@@ -1,0 +1,111 @@
+"""CPU kernels in C++ (cpu_ops.cpp), compiled for this machine on first use and cached.
+
+    paged_decode_attention  one query per sequence, K/V read in place through the block table:
+                            no gather, no [B, H, L] score tensor in memory; one work item per
+                            (sequence, KV head), so each K/V row is read once for its G query heads
+    rms_norm                HF RMSNorm in one pass, the residual add fused (residual updated in place)
+    silu_and_mul            gated MLP activation in one pass
+    rotary_store_kv         q and k rotated in place and K/V stored at their slots, one pass
+
+Their semantics are the torch code they replace (common/models/cpu_ops.py's eager path and
+`TorchOps`): element-wise kernels round where HF's bf16 code rounds, so in bf16 they reproduce it
+bit for bit; the attention accumulates in fp32 like kernels/reference.py's. The tests compare
+each kernel with that torch code (tests/kernels/test_cpu_kernels.py).
+
+Build: torch.utils.cpp_extension (g++ and ninja) with -march=native, once per source and CPU
+(the name carries a hash of both; torch caches the build under TORCH_EXTENSIONS_DIR, by default
+~/.cache/torch_extensions), ~20-50 s the first time, a dlopen after. Threads come from torch's
+own OpenMP pool (at::parallel_for, compiled with -fopenmp against the libgomp torch has loaded).
+`load()` returns False, with the reason in `load_error()`, when the
+build is impossible (no compiler): the caller logs it and runs the torch path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+
+import torch
+
+_SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_ops.cpp")
+# -fopenmp: at::parallel_for's OpenMP body is in ATen's headers, so without it every kernel runs on
+# one thread; the libgomp.so.1 this links is the one torch has loaded (same soname): one thread pool
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+_LDFLAGS = ["-fopenmp"]
+_state: dict[str, object] = {}
+
+
+def load() -> bool:
+    """Build (first time on this machine) and load the kernels; False if that is impossible."""
+    if "ok" not in _state:
+        try:
+            _build()
+            _state["ok"] = True
+        except Exception as e:  # no compiler, no ninja, a build error: the torch path runs instead
+            _state["ok"], _state["error"] = False, f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+    return bool(_state["ok"])
+
+
+def load_error() -> str | None:
+    return _state.get("error")
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+    with open(_SOURCE, "rb") as f:
+        source = f.read()
+    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_identity().encode()).hexdigest()[:12]
+    cpp_extension.load(name=f"pdserve_cpu_{key}", sources=[_SOURCE], extra_cflags=_FLAGS, extra_ldflags=_LDFLAGS,
+                       is_python_module=False, verbose=False)
+
+
+def _cpu_identity() -> str:
+    """What -march=native compiles for: the CPU's model and flags (a cached build from another CPU
+    could use instructions this one lacks)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [line for line in f if line.startswith(("model name", "flags"))][:2]
+        return "".join(lines)
+    except OSError:
+        return platform.processor()
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                           context_lens: torch.Tensor, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    # q [B, H, D] (d contiguous), caches [NB, BS, KVH, D], block_table [B, M] long, context_lens [B] long -> [B, H, D]
+    assert q.dim() == 3 and q.stride(2) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert k_cache.shape == v_cache.shape and q.shape[2] == k_cache.shape[3] and q.shape[1] % k_cache.shape[2] == 0
+    assert q.dtype == k_cache.dtype == v_cache.dtype
+    assert block_table.dtype == context_lens.dtype == torch.int64 and block_table.is_contiguous()
+    assert block_table.shape[0] == context_lens.shape[0] == q.shape[0]
+    return torch.ops.pdserve_cpu.paged_decode_attention(q, k_cache, v_cache, block_table, context_lens, scale,
+                                                        sliding_window or 0)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    """x [T, N] -> out; with residual [T, N]: (out, residual), residual += x in place first."""
+    assert x.dim() == 2 and x.stride(1) == 1 and weight.shape == (x.shape[1],) and weight.dtype == x.dtype
+    if residual is None:
+        return torch.ops.pdserve_cpu.rms_norm(x, weight.contiguous(), None, eps)
+    assert residual.shape == x.shape and residual.dtype == x.dtype and residual.is_contiguous()
+    return torch.ops.pdserve_cpu.rms_norm(x, weight.contiguous(), residual, eps), residual
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    assert x.dim() == 2 and x.shape[1] % 2 == 0
+    return torch.ops.pdserve_cpu.silu_and_mul(x.contiguous())
+
+
+def rotary_store_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                    cos_sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """In place: q [T, H, D] and k [T, KVH, D] rotated; k and v [T, KVH, D] stored at slot_mapping [T]
+    (< 0: not stored) of the caches [NB, BS, KVH, D]. Token rows may be strided; heads are D apart."""
+    for x in (q, k, v):
+        assert x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2] and x.dtype == k_cache.dtype
+    assert k.shape == v.shape and k.shape[1:] == k_cache.shape[2:] and q.shape[2] == k.shape[2]
+    assert cos_sin.dtype == torch.float32 and cos_sin.stride(1) == 1 and cos_sin.shape[1] == q.shape[2]
+    assert positions.dtype == slot_mapping.dtype == torch.int64
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    torch.ops.pdserve_cpu.rotary_store_kv(q, k, v, positions, cos_sin, k_cache, v_cache, slot_mapping)

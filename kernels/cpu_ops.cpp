@@ -1,0 +1,441 @@
+// CPU kernels of the model runner's fast path (built and loaded by kernels/cpu.py, which also
+// documents them; the tests compare each with its torch version).
+//
+//   paged_decode_attention  one query token per sequence; K/V read in place through the block table
+//   rms_norm                HF RMSNorm, optionally fused with the residual add (residual updated in place)
+//   silu_and_mul            gated MLP activation
+//   rotary_store_kv         NeoX rotary of q and k in place, rotated k and v stored at their slots
+//
+// Element-wise kernels round where torch rounds (each op of HF's bf16 code stores a bf16), so in
+// bf16 they give HF's values; float32 runs the same ops without rounding. Work is split with
+// at::parallel_for, torch's own thread pool: no second OpenMP runtime.
+// at::vec's Vectorized for this machine's widest ISA (-march=native defines the __AVX*__ macros;
+// ATen's headers name the ISA CPU_CAPABILITY): 16 floats a vector with AVX-512, 8 with AVX2.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define CPU_CAPABILITY AVX512
+#define CPU_CAPABILITY_AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#else
+#define CPU_CAPABILITY DEFAULT
+#endif
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kF = fVec::size();
+
+inline float to_float(float x) { return x; }
+inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
+inline float to_float(c10::Half x) { return static_cast<float>(x); }
+
+template <typename T>
+inline T from_float(float x) { return static_cast<T>(x); }  // round to nearest even (c10)
+
+// x rounded to T's precision, kept as a float: what a torch op computing in T stores
+template <typename T>
+inline float round_to(float x) { return to_float(from_float<T>(x)); }
+
+// kF elements of T as floats; kF floats stored as T (rounded); a float vector rounded to T
+template <typename T>
+inline fVec load_f(const T* p) {
+  fVec v;
+  at::vec::load_to_float<T>(p, v);
+  return v;
+}
+template <>
+inline fVec load_f<float>(const float* p) { return fVec::loadu(p); }
+template <typename T>
+inline void store_f(T* p, const fVec& v) { at::vec::convert_from_float<T>(v, v).store(p, kF); }
+template <>
+inline void store_f<float>(float* p, const fVec& v) { v.store(p); }
+template <typename T>
+inline fVec round_v(const fVec& v) { return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v))); }
+template <>
+inline fVec round_v<float>(const fVec& v) { return v; }
+
+template <typename T>
+inline void load_row(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + kF <= n; i += kF) load_f(src + i).store(dst + i);
+  for (; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  fVec acc(0.f);
+  int64_t i = 0;
+  for (; i + kF <= n; i += kF) acc = at::vec::fmadd(fVec::loadu(a + i), fVec::loadu(b + i), acc);
+  float sum = at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, acc);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+inline void axpy(float* y, float a, const float* x, int64_t n) {  // y += a x
+  const fVec av(a);
+  int64_t i = 0;
+  for (; i + kF <= n; i += kF) at::vec::fmadd(av, fVec::loadu(x + i), fVec::loadu(y + i)).store(y + i);
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+inline void softmax_inplace(float* s, int64_t n) {
+  const float mx = at::vec::reduce_all<float>([](fVec& x, fVec& y) { return at::vec::maximum(x, y); }, s, n);
+  at::vec::map([mx](fVec x) { return (x - fVec(mx)).exp_u20(); }, s, s, n);
+  const float inv = 1.f / at::vec::reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, s, n);
+  at::vec::map([inv](fVec x) { return x * fVec(inv); }, s, s, n);
+}
+
+// ---- paged decode attention ----------------------------------------------------------------------
+template <typename T>
+inline void prefetch_rows(const T* first_row, int64_t rows, int64_t stride, int64_t D) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(T)); off += 64)
+      __builtin_prefetch(reinterpret_cast<const char*>(first_row + r * stride) + off);
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr bool kBlock16 = true;
+// v[16] -> one vector whose lane t is the sum of v[t]'s lanes (a transpose-and-add tree: 45 ops
+// for 16 dot products instead of a horizontal sum each)
+inline __m512 reduce16(const __m512* v) {
+  __m512 u[8], w[4], z[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3]
+    u[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: the lane's sums of 4 vectors
+    const __m512d x = _mm512_castps_pd(u[2 * i]), y = _mm512_castps_pd(u[2 * i + 1]);
+    w[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes paired across vectors
+    z[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z[0], z[1], 0x88), _mm512_shuffle_f32x4(z[0], z[1], 0xDD));
+}
+
+// scores of G query heads (qf [G, D] fp32, pre-scaled) against 16 consecutive K rows (row stride
+// `stride`), written to out[g * out_stride + 0..15]; `tile` holds the rows as fp32 [16, D]
+template <typename T>
+inline void scores16(const float* qf, int64_t G, int64_t D, const T* k, int64_t stride, float* tile, float* out,
+                     int64_t out_stride) {
+  for (int r = 0; r < 16; ++r) load_row(k + r * stride, tile + r * D, D);
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc[16];
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 16) {
+      const __m512 qv = _mm512_loadu_ps(qf + g * D + d);
+      for (int r = 0; r < 16; ++r) acc[r] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(tile + r * D + d), acc[r]);
+    }
+    _mm512_storeu_ps(out + g * out_stride, reduce16(acc));
+  }
+}
+
+// acc[g, :] += sum over 16 consecutive V rows (row stride `stride`) of p[g * p_stride + r] * row r,
+// for G query heads; D = 16 * NV, so each head's accumulator stays in registers over the 16 rows
+template <typename T, int NV>
+void pv16(const float* p, int64_t p_stride, int64_t G, const T* v, int64_t stride, float* tile, float* acc) {
+  constexpr int64_t D = 16 * NV;
+  for (int r = 0; r < 16; ++r) load_row(v + r * stride, tile + r * D, D);
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 a[NV];
+    for (int i = 0; i < NV; ++i) a[i] = _mm512_loadu_ps(acc + g * D + 16 * i);
+    const float* pg = p + g * p_stride;
+    for (int r = 0; r < 16; ++r) {
+      const __m512 pb = _mm512_set1_ps(pg[r]);
+      for (int i = 0; i < NV; ++i) a[i] = _mm512_fmadd_ps(pb, _mm512_loadu_ps(tile + r * D + 16 * i), a[i]);
+    }
+    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(acc + g * D + 16 * i, a[i]);
+  }
+}
+
+template <typename T>
+using PV16 = void (*)(const float*, int64_t, int64_t, const T*, int64_t, float*, float*);
+
+template <typename T>
+PV16<T> pv16_for(int64_t D) {
+  switch (D) {
+    case 32: return &pv16<T, 2>;
+    case 64: return &pv16<T, 4>;
+    case 128: return &pv16<T, 8>;
+    default: return nullptr;
+  }
+}
+#else
+constexpr bool kBlock16 = false;
+template <typename T>
+inline void scores16(const float*, int64_t, int64_t, const T*, int64_t, float*, float*, int64_t) {}
+template <typename T>
+using PV16 = void (*)(const float*, int64_t, int64_t, const T*, int64_t, float*, float*);
+template <typename T>
+PV16<T> pv16_for(int64_t) { return nullptr; }
+#endif
+
+// q [B, H, D] (rows may be strided, d contiguous), caches [NB, BS, KVH, D] contiguous,
+// block_table [B, M] int64, context_lens [B] int64 -> out [B, H, D] contiguous.
+// Each K and V row is converted to fp32 once and used by the G query heads of its KV head; the
+// scores of an item's query heads live in a per-thread buffer.
+template <typename T>
+void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& block_table, const at::Tensor& context_lens, at::Tensor& out,
+                      double scale, int64_t window) {
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2);
+  const int64_t BS = k_cache.size(1), KVH = k_cache.size(2), G = H / KVH, M = block_table.size(1);
+  const int64_t q_sb = q.stride(0), q_sh = q.stride(1);
+  const int64_t c_sb = k_cache.stride(0), c_st = k_cache.stride(1);
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  const int64_t* table = block_table.data_ptr<int64_t>();
+  const int64_t* lens = context_lens.data_ptr<int64_t>();
+  T* op = out.data_ptr<T>();
+  const float sc = static_cast<float>(scale);
+  // 16 tokens at a time inside a block (AVX-512, D and BS multiples of 16), else token by token
+  const bool by16 = kBlock16 && D % 16 == 0 && BS % 16 == 0;
+  const PV16<T> pv = BS % 16 == 0 ? pv16_for<T>(D) : nullptr;
+  // A work item is one sequence and a range of its KV heads: all of them when there are enough
+  // sequences for the threads (a block's rows are then read front to back, one stream), else one
+  // head each (a lone sequence still spreads over the threads).
+  const int64_t heads_per_item = B >= 4 * at::get_num_threads() ? KVH : 1;
+  const int64_t items_per_seq = KVH / heads_per_item, HG = heads_per_item * G;  // query heads per item
+  const int64_t row_span = heads_per_item * D;  // elements of one token's rows an item reads
+  at::parallel_for(0, B * items_per_seq, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(HG * D), acc(HG * D), row(row_span), tile(16 * D), scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / items_per_seq, kh0 = (item % items_per_seq) * heads_per_item;
+      const int64_t len = lens[b];
+      const int64_t first = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+      const int64_t n = len - first;
+      std::fill(acc.begin(), acc.end(), 0.f);
+      if (n > 0) {
+        scores.resize(HG * n);  // [query head of the item, token]
+        for (int64_t h = 0; h < HG; ++h) {
+          const T* src = qp + b * q_sb + (kh0 * G + h) * q_sh;
+          for (int64_t d = 0; d < D; ++d) qf[h * D + d] = to_float(src[d]) * sc;
+        }
+        const int64_t* blocks = table + b * M;
+        const int64_t head_off = kh0 * D;
+        for (int64_t j = first / BS; j <= std::min((len - 1) / BS, first / BS + 1); ++j)
+          prefetch_rows(kp + blocks[j] * c_sb + head_off, BS, c_st, row_span);
+        for (int64_t t = first; t < len;) {
+          const T* k_row = kp + blocks[t / BS] * c_sb + (t % BS) * c_st + head_off;
+          if (t % BS == 0) {  // K two blocks ahead and this block's V, while this block is computed
+            if (t + 2 * BS < len) prefetch_rows(kp + blocks[t / BS + 2] * c_sb + head_off, BS, c_st, row_span);
+            prefetch_rows(vp + blocks[t / BS] * c_sb + head_off, BS, c_st, row_span);
+          }
+          if (by16 && t % 16 == 0 && t + 16 <= len) {
+            for (int64_t kh = 0; kh < heads_per_item; ++kh)
+              scores16(qf.data() + kh * G * D, G, D, k_row + kh * D, c_st, tile.data(),
+                       scores.data() + kh * G * n + (t - first), n);
+            t += 16;
+            continue;
+          }
+          load_row(k_row, row.data(), row_span);
+          for (int64_t h = 0; h < HG; ++h)
+            scores[h * n + (t - first)] = dot(qf.data() + h * D, row.data() + (h / G) * D, D);
+          ++t;
+        }
+        for (int64_t h = 0; h < HG; ++h) softmax_inplace(scores.data() + h * n, n);
+        for (int64_t t = first; t < len;) {
+          const T* v_row = vp + blocks[t / BS] * c_sb + (t % BS) * c_st + head_off;
+          if (pv != nullptr && t % 16 == 0 && t + 16 <= len) {
+            for (int64_t kh = 0; kh < heads_per_item; ++kh)
+              pv(scores.data() + kh * G * n + (t - first), n, G, v_row + kh * D, c_st, tile.data(),
+                 acc.data() + kh * G * D);
+            t += 16;
+            continue;
+          }
+          load_row(v_row, row.data(), row_span);
+          for (int64_t h = 0; h < HG; ++h)
+            axpy(acc.data() + h * D, scores[h * n + (t - first)], row.data() + (h / G) * D, D);
+          ++t;
+        }
+      }
+      for (int64_t h = 0; h < HG; ++h) {
+        T* dst = op + (b * H + kh0 * G + h) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(acc[h * D + d]);
+      }
+    }
+  });
+}
+
+// ---- RMSNorm (+ residual) -------------------------------------------------------------------------
+// x [T, N] (rows may be strided), weight [N], residual [T, N] contiguous or undefined -> out [T, N].
+// HF: r = x + residual (in T; written back to residual), h = float(r) * rsqrt(mean(h^2) + eps),
+// out = weight * T(h) (in T).
+template <typename T>
+void rms_norm(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& residual,
+              at::Tensor& out, double eps) {
+  const int64_t rows = x.size(0), N = x.size(1), x_s = x.stride(0);
+  const T* xp = x.data_ptr<T>();
+  const T* wp = weight.data_ptr<T>();
+  T* rp = residual.has_value() ? residual->data_ptr<T>() : nullptr;
+  T* op = out.data_ptr<T>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> h(N);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = xp + r * x_s;
+      int64_t i = 0;
+      if (rp != nullptr) {
+        T* rr = rp + r * N;
+        for (; i + kF <= N; i += kF) {
+          const fVec sum = round_v<T>(load_f(xr + i) + load_f(rr + i));
+          store_f(rr + i, sum);
+          sum.store(h.data() + i);
+        }
+        for (; i < N; ++i) {
+          const T sum = from_float<T>(to_float(xr[i]) + to_float(rr[i]));
+          rr[i] = sum;
+          h[i] = to_float(sum);
+        }
+      } else {
+        load_row(xr, h.data(), N);
+      }
+      const float ss = dot(h.data(), h.data(), N);
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(N) + e);
+      T* orow = op + r * N;
+      const fVec iv(inv);
+      for (i = 0; i + kF <= N; i += kF) store_f(orow + i, load_f(wp + i) * round_v<T>(fVec::loadu(h.data() + i) * iv));
+      for (; i < N; ++i) orow[i] = from_float<T>(to_float(wp[i]) * round_to<T>(h[i] * inv));
+    }
+  });
+}
+
+// ---- SiLU-and-mul ---------------------------------------------------------------------------------
+// x [T, 2I] contiguous -> out [T, I]: T(silu(gate)) * up, rounded as torch's two ops round.
+template <typename T>
+void silu_and_mul(const at::Tensor& x, at::Tensor& out) {
+  const int64_t rows = x.size(0), I = x.size(1) / 2;
+  const T* xp = x.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    const fVec one(1.f);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* gate = xp + r * 2 * I;
+      const T* up = gate + I;
+      T* o = op + r * I;
+      int64_t i = 0;
+      for (; i + kF <= I; i += kF) {  // torch's silu: x / (1 + exp(-x)), stored in T, times up
+        const fVec g = load_f(gate + i);
+        store_f(o + i, round_v<T>(g / (one + g.neg().exp())) * load_f(up + i));
+      }
+      for (; i < I; ++i) {
+        const float g = to_float(gate[i]);
+        o[i] = from_float<T>(round_to<T>(g / (1.f + std::exp(-g))) * to_float(up[i]));
+      }
+    }
+  });
+}
+
+// ---- rotary + KV store ----------------------------------------------------------------------------
+// q [T, H, D], k/v [T, KVH, D] (token rows may be strided, heads D apart), positions [T] int64,
+// cos_sin [P, D] fp32 (cos ++ sin of the D/2 frequencies), caches [NB, BS, KVH, D] contiguous,
+// slots [T] int64 (< 0: not stored). q and k are rotated in place with HF's bf16 roundings:
+// (x1 c - x2 s, x2 c + x1 s) with c, s rounded to T and every product and sum rounded to T.
+template <typename T>
+void rotary_store_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at::Tensor& positions,
+                     const at::Tensor& cos_sin, at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots) {
+  const int64_t tokens = q.size(0), H = q.size(1), KVH = k.size(1), D = q.size(2), half = D / 2;
+  const int64_t q_s = q.stride(0), k_s = k.stride(0), v_s = v.stride(0), cs_s = cos_sin.stride(0);
+  const int64_t slot_s = KVH * D;
+  T* qp = q.data_ptr<T>();
+  T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const float* cs = cos_sin.data_ptr<float>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* sl = slots.data_ptr<int64_t>();
+  T* kc = k_cache.data_ptr<T>();
+  T* vc = v_cache.data_ptr<T>();
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> c(half), s(half);
+    auto rotate = [&](T* x) {
+      for (int64_t j = 0; j < half; ++j) {
+        const float x1 = to_float(x[j]), x2 = to_float(x[j + half]);
+        const float o1 = round_to<T>(round_to<T>(x1 * c[j]) - round_to<T>(x2 * s[j]));
+        const float o2 = round_to<T>(round_to<T>(x2 * c[j]) + round_to<T>(x1 * s[j]));
+        x[j] = from_float<T>(o1);
+        x[j + half] = from_float<T>(o2);
+      }
+    };
+    for (int64_t t = begin; t < end; ++t) {
+      const float* row = cs + pos[t] * cs_s;
+      for (int64_t j = 0; j < half; ++j) {
+        c[j] = round_to<T>(row[j]);
+        s[j] = round_to<T>(row[half + j]);
+      }
+      for (int64_t h = 0; h < H; ++h) rotate(qp + t * q_s + h * D);
+      for (int64_t h = 0; h < KVH; ++h) rotate(kp + t * k_s + h * D);
+      if (sl[t] >= 0) {
+        for (int64_t h = 0; h < KVH; ++h) {
+          std::memcpy(kc + sl[t] * slot_s + h * D, kp + t * k_s + h * D, D * sizeof(T));
+          std::memcpy(vc + sl[t] * slot_s + h * D, vp + t * v_s + h * D, D * sizeof(T));
+        }
+      }
+    }
+  });
+}
+
+// ---- dispatch -------------------------------------------------------------------------------------
+#define PDSERVE_DISPATCH(dtype, NAME, ...)                                   \
+  switch (dtype) {                                                           \
+    case at::kFloat: { using scalar_t = float; __VA_ARGS__; break; }          \
+    case at::kBFloat16: { using scalar_t = c10::BFloat16; __VA_ARGS__; break; } \
+    case at::kHalf: { using scalar_t = c10::Half; __VA_ARGS__; break; }       \
+    default: TORCH_CHECK(false, NAME ": unsupported dtype ", dtype);          \
+  }
+
+at::Tensor paged_decode_attention_op(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                     const at::Tensor& block_table, const at::Tensor& context_lens, double scale,
+                                     int64_t window) {
+  auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  PDSERVE_DISPATCH(q.scalar_type(), "paged_decode_attention",
+                   decode_attention<scalar_t>(q, k_cache, v_cache, block_table, context_lens, out, scale, window));
+  return out;
+}
+
+at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& residual,
+                       double eps) {
+  auto out = at::empty({x.size(0), x.size(1)}, x.options());
+  PDSERVE_DISPATCH(x.scalar_type(), "rms_norm", rms_norm<scalar_t>(x, weight, residual, out, eps));
+  return out;
+}
+
+at::Tensor silu_and_mul_op(const at::Tensor& x) {
+  auto out = at::empty({x.size(0), x.size(1) / 2}, x.options());
+  PDSERVE_DISPATCH(x.scalar_type(), "silu_and_mul", silu_and_mul<scalar_t>(x, out));
+  return out;
+}
+
+void rotary_store_kv_op(at::Tensor q, at::Tensor k, const at::Tensor& v, const at::Tensor& positions,
+                        const at::Tensor& cos_sin, at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& slots) {
+  PDSERVE_DISPATCH(q.scalar_type(), "rotary_store_kv",
+                   rotary_store_kv<scalar_t>(q, k, v, positions, cos_sin, k_cache, v_cache, slots));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(pdserve_cpu, m) {
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
+        "Tensor context_lens, float scale, int window) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, Tensor(a!)? residual, float eps) -> Tensor");
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.def("rotary_store_kv(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor positions, Tensor cos_sin, "
+        "Tensor(c!) k_cache, Tensor(d!) v_cache, Tensor slots) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(pdserve_cpu, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention_op);
+  m.impl("rms_norm", &rms_norm_op);
+  m.impl("silu_and_mul", &silu_and_mul_op);
+  m.impl("rotary_store_kv", &rotary_store_kv_op);
+}

@@ -1,0 +1,114 @@
+"""The C++ CPU kernels (kernels/cpu.py) against the torch code they replace.
+
+Element-wise kernels must give `TorchOps`' (HF's) values bit for bit in bf16 and agree to fp32
+rounding in float32; the paged decode attention matches kernels/reference.py. Shapes cover both
+work splits of the attention (all KV heads of a sequence per item, one head per item), the
+16-token block path and the token-by-token tail, sliding windows, and vector tails (sizes that are
+not multiples of the vector width). The build itself is tested by `test_kernels_build`: on a
+machine without a compiler the rest are skipped, and the engine runs the torch path.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pdserve.common.models.llama import Rotary, TorchOps
+from pdserve.kernels import cpu
+from pdserve.kernels.reference import paged_decode_attention_ref
+
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    if not cpu.load():
+        pytest.skip(f"CPU kernels do not build here: {cpu.load_error()}")
+
+
+def test_kernels_build():
+    assert cpu.load(), cpu.load_error()
+
+
+def _cache(num_blocks, block_size, kv_heads, head_dim, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    k = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    return k, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lens, heads, kv_heads, head_dim, block_size, window", [
+    ([1, 17, 40, 100, 3, 64, 250, 33, 16], 9, 3, 64, 16, None),  # 9 sequences: whole-sequence items
+    ([1, 17, 40, 100, 3, 64, 250, 33, 16], 9, 3, 64, 16, 40),
+    ([250], 8, 2, 128, 16, None),  # one sequence: an item per KV head
+    ([250], 8, 2, 128, 16, 17),
+    ([5, 70, 33, 48, 9, 12, 200, 1], 4, 4, 24, 8, None),  # D and BS not multiples of 16: token by token
+])
+def test_paged_decode_attention(dtype, lens, heads, kv_heads, head_dim, block_size, window):
+    width = -(-max(lens) // block_size)
+    num_blocks = len(lens) * width + 3
+    k_cache, v_cache = _cache(num_blocks, block_size, kv_heads, head_dim, dtype)
+    table = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(1))[:len(lens) * width]
+    table = table.view(len(lens), width)
+    lengths = torch.tensor(lens)
+    qkv = torch.randn(len(lens), (heads + 2 * kv_heads) * head_dim).to(dtype)
+    q = qkv[:, :heads * head_dim].view(len(lens), heads, head_dim)  # strided rows, as in the model
+    scale = head_dim ** -0.5
+    got = cpu.paged_decode_attention(q, k_cache, v_cache, table, lengths, scale, window)
+    want = paged_decode_attention_ref(q, k_cache, v_cache, table.int(), lengths.int(), scale, window)
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, size", [(1, 576), (37, 576), (5, 70)])
+def test_rms_norm(dtype, rows, size):
+    x = torch.randn(rows, size).to(dtype)
+    residual = torch.randn(rows, size).to(dtype)
+    weight = (1 + 0.1 * torch.randn(size)).to(dtype)
+    want_out, want_residual = TorchOps.rms_norm(x, weight, 1e-5, residual.clone())
+    res = residual.clone()
+    got_out, got_residual = cpu.rms_norm(x, weight, 1e-5, res)
+    assert got_residual is res and torch.equal(got_residual, want_residual)  # updated in place, exactly
+    plain = cpu.rms_norm(x, weight, 1e-5)
+    if dtype == torch.bfloat16:
+        assert torch.equal(got_out, want_out) and torch.equal(plain, TorchOps.rms_norm(x, weight, 1e-5))
+    else:  # the sum of squares is added in another order
+        torch.testing.assert_close(got_out, want_out, atol=2e-6, rtol=2e-6)
+        torch.testing.assert_close(plain, TorchOps.rms_norm(x, weight, 1e-5), atol=2e-6, rtol=2e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, inner", [(1, 1536), (33, 1536), (3, 21)])
+def test_silu_and_mul(dtype, rows, inner):
+    x = (3 * torch.randn(rows, 2 * inner)).to(dtype)
+    got, want = cpu.silu_and_mul(x), TorchOps.silu_and_mul(x)
+    if inner % 16 == 0:  # the vector body computes silu exactly as torch's kernel does
+        assert torch.equal(got, want)
+    else:
+        torch.testing.assert_close(got, want, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 16])
+def test_rotary_store_kv(dtype, head_dim):
+    heads, kv_heads, tokens, block_size = 9, 3, 7, 16
+    rotary = Rotary(head_dim, 512, 10000.0, None)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim).to(dtype)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q, k, v = (t.view(tokens, -1, head_dim) for t in (q, k, v))
+    positions = torch.tensor([0, 1, 9, 100, 200, 300, 511])
+    want_q, want_k = TorchOps.rotary(q, k, positions, rotary.cos_sin)
+    k_cache = torch.zeros(8, block_size, kv_heads, head_dim, dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    slots = torch.tensor([3, 4, -1, 70, 71, 127, 16])
+    cpu.rotary_store_kv(q, k, v, positions, rotary.cos_sin, k_cache, v_cache, slots)
+    assert torch.equal(q, want_q) and torch.equal(k, want_k)  # in place, HF's roundings
+    flat_k, flat_v = k_cache.view(-1, kv_heads, head_dim), v_cache.view(-1, kv_heads, head_dim)
+    for t, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            assert torch.equal(flat_k[slot], want_k[t]) and torch.equal(flat_v[slot], v[t])
+    written = set(s for s in slots.tolist() if s >= 0)
+    untouched = [s for s in range(flat_k.shape[0]) if s not in written]
+    assert not flat_k[untouched].any() and not flat_v[untouched].any()
