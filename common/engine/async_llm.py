@@ -11,6 +11,11 @@ Workers consume `stream()` (deltas go on the wire as they are); `pdserve serve` 
 
 Torch ops release the GIL, so the event loop keeps serving HTTP while a step runs. If the engine
 thread dies, every waiting request gets EngineDeadError at once (nothing hangs).
+
+The engine thread also builds the EngineCore (the constructor waits for it): torch's CPU ops run
+on OpenMP, whose worker pools belong to the thread that opens a parallel region, and once two
+threads have pools libgomp counts more threads than cores and stops spinning between regions
+(every region then wakes its workers through the kernel: CPU decode steps ~1.4x slower).
 """
 
 from __future__ import annotations
@@ -38,20 +43,25 @@ class AsyncLLM:
     def __init__(self, config: EngineConfig | None = None, core: EngineCore | None = None,
                  connector: KVConnector | None = None):
         self._wake = threading.Event()
-        self.core = core or EngineCore(config, connector=connector, wake=self._wake.set)
-        self.tokenizer = self.core.tokenizer
-        self.model_name = self.core.model_name
-        self.max_model_len = self.core.max_model_len
+        self._built = threading.Event()
+        self._build_error: BaseException | None = None
+        self.core: EngineCore | None = core
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._dead: BaseException | None = None
         self._stopping = False
+        self._thread = threading.Thread(target=self._run, args=(config, connector), name="pdserve-engine", daemon=True)
+        self._thread.start()
+        self._built.wait()
+        if self._build_error is not None:
+            raise self._build_error
+        self.tokenizer = self.core.tokenizer
+        self.model_name = self.core.model_name
+        self.max_model_len = self.core.max_model_len
         # Set by a worker (its requests have no front end here): `stream` then counts vLLM's
         # request metrics from the deltas (common/request_metrics.py). `serve` leaves it None: its
         # OpenAI front end counts them from the RequestOutputs.
         self.request_metrics = None
-        self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
-        self._thread.start()
 
     # ---- EngineClient ------------------------------------------------------------------------
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
@@ -168,7 +178,15 @@ class AsyncLLM:
                 except Exception as e:
                     loop.call_soon_threadsafe(_set_result, fut, None, e)
 
-    def _run(self) -> None:
+    def _run(self, config: EngineConfig | None, connector: KVConnector | None) -> None:
+        try:
+            if self.core is None:  # built here, where every step runs (module docstring)
+                self.core = EngineCore(config, connector=connector, wake=self._wake.set)
+        except BaseException as e:
+            self._build_error = e
+            return
+        finally:
+            self._built.set()
         try:
             while not self._stopping:
                 self._drain_inbox()

@@ -3,17 +3,21 @@
 test_correctness runs `--kernels auto` (packed GEMMs + C++ kernels) and `reference` against HF;
 here the same greedy comparison runs the fallback used when the kernels cannot be built (packed
 GEMMs, batched-matmul decode attention, eager element-wise ops), and start-up is checked: the
-weights packed once, `--dtype auto` from the CPU's flags, threads from the cores the process may use.
+weights packed once, `--dtype auto` from the CPU's flags, threads from the cores the process may use,
+and AsyncLLM building its engine on the thread that steps it (one OpenMP pool).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 
 import pytest
 import torch
 
-from pdserve.common.config import EngineConfig, cpu_has_bf16
+from pdserve.common.config import ConfigError, EngineConfig, cpu_has_bf16
+from pdserve.common.engine.async_llm import AsyncLLM
 from pdserve.common.engine.engine_core import EngineCore
 from pdserve.common.engine.model_runner import ModelRunner
 from pdserve.common.models.cpu_ops import CpuKernelAttention, CpuOps, CpuPagedAttention
@@ -71,3 +75,35 @@ def test_dtype_auto_follows_the_cpu(tiny_models):
     config = EngineConfig.from_options(model=tiny_models["llama"])
     engine = EngineCore(config, load_tokenizer_=False)
     assert engine.runner.dtype == (torch.bfloat16 if cpu_has_bf16() else torch.float32)
+
+
+def test_async_llm_builds_and_steps_its_engine_on_one_thread(tiny_models, prompts, monkeypatch):
+    """`serve` and the workers: the EngineCore is built on the engine thread (where every step
+    runs, so torch's OpenMP pool is that thread's alone); its outputs are the offline engine's,
+    and a bad config still fails the constructor with its ConfigError."""
+    config = EngineConfig.from_options(model=tiny_models["llama"], dtype="float32")
+    builders = []  # the real constructor, and the name of the thread that ran it
+    init = EngineCore.__init__
+    monkeypatch.setattr(EngineCore, "__init__", lambda self, *a, **kw: (
+        builders.append(threading.current_thread().name), init(self, *a, **kw))[1])
+    engine = AsyncLLM(config)
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+
+    async def stream(i, p):
+        tokens = []
+        async for outs in engine.stream(str(i), p, params):
+            tokens += [t for o in outs for t in o.new_token_ids]
+        return tokens
+
+    async def run():
+        stepper = await engine.call_in_engine(lambda core: threading.current_thread().name)
+        return stepper, await asyncio.gather(*(stream(i, p) for i, p in enumerate(prompts[:4])))
+
+    try:
+        stepper, got = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert builders == [stepper] == ["pdserve-engine"]
+    assert got == reference(tiny_models, "llama", prompts)[:4]
+    with pytest.raises(ConfigError, match="--max-model-len"):
+        AsyncLLM(EngineConfig.from_options(model=tiny_models["llama"], max_model_len=10 ** 9))
