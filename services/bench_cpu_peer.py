@@ -3,6 +3,9 @@
     python -m pdserve.services.bench_cpu_peer [--peer /tmp/vllm-cpu] [--dtypes bfloat16 float32]
         [--n 64 --prompt-tokens 200 --max-tokens 64] [--single-max-tokens 128] [--json-out FILE]
 
+Every process runs in the peer's folder: started from this repository's root, the peer's
+transformers would import our top-level `kernels/` folder in place of the `kernels` package.
+
 For each dtype, in this order, each server alone on the machine (started, measured, stopped):
 
     served   vLLM (the peer's serve.sh), then `pdserve serve`, same model folder, same port kind,
@@ -86,7 +89,7 @@ def served(engine: str, dtype: str, model: str, args) -> list[dict]:
     print(f"[{engine} {dtype}] starting: {' '.join(cmd)}", flush=True)
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, cwd=args.peer)
     try:
         _wait_healthy(proc, args.port, args.start_timeout)
         start_s = time.time() - t0
@@ -114,7 +117,7 @@ def offline(engine: str, dtype: str, model: str, args) -> dict:
                str(args.prompt_tokens), str(args.max_tokens)]
     print(f"[{engine} {dtype}] offline: {' '.join(cmd)}", flush=True)
     load_avg = os.getloadavg()[0]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600, cwd=args.peer)
     result = _last_json(out.stdout, f"{engine} offline", out.stderr)
     return dict(engine=engine, dtype=dtype, workload="offline", load_avg=round(load_avg, 2),
                 output_tok_per_s=result["output_tok_per_s"], wall_s=result["wall_s"],
@@ -153,7 +156,7 @@ def _peer_env(peer: str) -> dict:
 def _load(args, url: str, n: int, max_tokens: int) -> dict:
     cmd = [os.path.join(args.peer, "venv", "bin", "python"), os.path.join(args.peer_scripts, "load.py"), url,
            SERVED_NAME, str(n), str(args.prompt_tokens), str(max_tokens)]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, cwd=args.peer)
     return _last_json(out.stdout, "load.py", out.stderr)
 
 

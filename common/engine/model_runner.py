@@ -291,7 +291,9 @@ class ModelRunner:
             return
         thread = threading.get_ident()
         if thread != self._bound_thread:
-            torch.cuda.set_device(self.device)
+            # `cuda` (no index) means the process's current device, which set_device refuses
+            torch.cuda.set_device(self.device if self.device.index is not None
+                                  else torch.cuda.current_device())
             self._bound_thread = thread
 
     def _forward(self, sched: SchedulerOutput):
