@@ -42,6 +42,7 @@ from pdserve.services.bench_stack import Stack, StackNotReady
 from pdserve.services.local_stack import free_port
 
 MIN_LAYOUT_S = 20.0  # a layout is not started with less of --tp-budget-s left
+MIN_WAIT_S = 5.0  # the shortest wait the budget cuts one to
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,13 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+def within(timeout_s: float, budget_end: float | None) -> float:
+    """timeout_s, cut to what is left of the budget (at least MIN_WAIT_S: a wait gets a chance)."""
+    if budget_end is None:
+        return timeout_s
+    return max(MIN_WAIT_S, min(timeout_s, budget_end - time.monotonic()))
+
+
 def run_tp(bench) -> dict:
     """The tp part (module docstring) for bench_pd_gpu's Bench; returns its report, which is also
     bench.report["tp"] and saved (bench.save()) after every layout."""
@@ -104,10 +112,19 @@ def run_tp(bench) -> dict:
     # TP=2 prefill and a TP=1 decode would run different models
     folder = write_weights(write_model(tempfile.mkdtemp(prefix="pdserve-pd-tp-"), tiny=True),
                            "bfloat16" if bench.gpu else "float32", a.seed)
-    sizing = [*bench.sizing_args, "--num-gpu-blocks-override", "2048"]  # one pool size everywhere (docstring)
+    sizing = bench.sizing_args  # one pool size everywhere (module docstring); CPU runs have it already
+    if "--num-gpu-blocks-override" not in sizing:
+        sizing = [*sizing, "--num-gpu-blocks-override", "2048"]
     log(f"tp: reference: `pdserve generate` at TP=1, {a.greedy_prompts} prompts x {a.greedy_tokens} tokens")
     t0 = time.monotonic()
-    prompts, reference = bench.greedy_reference(folder, TINY["vocab_size"], sizing, timeout_s=a.tp_ready_timeout)
+    timeout = within(a.tp_ready_timeout, budget_end)
+    try:
+        prompts, reference = bench.greedy_reference(folder, TINY["vocab_size"], sizing, timeout_s=timeout)
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"the reference `pdserve generate` (TP=1) did not finish within {timeout:.0f} s") from None
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"the reference `pdserve generate` (TP=1) failed with status {e.returncode} "
+                           "(its output is above)") from None
     log(f"tp: reference done in {time.monotonic() - t0:.1f} s")
     for placement in placements:
         name = placement.layout
@@ -115,17 +132,21 @@ def run_tp(bench) -> dict:
             out["layouts"][name] = {"skipped": placement.skipped}
             log(f"tp {name}: skipped: {placement.skipped}")
             continue
-        left = None if budget_end is None else budget_end - time.monotonic()
-        if left is not None and left < MIN_LAYOUT_S:
+        if budget_end is not None and budget_end - time.monotonic() < MIN_LAYOUT_S:
             out["layouts"][name] = {"skipped": f"not run: --tp-budget-s {a.tp_budget_s:.0f} spent"}
             log(f"tp {name}: {out['layouts'][name]['skipped']}")
             continue
         t0 = time.monotonic()
         try:
-            result = run_layout(bench, placement, folder, sizing, prompts, reference, left)
+            result = run_layout(bench, placement, folder, sizing, prompts, reference, budget_end)
         except Exception as e:  # one layout's failure must not lose the next ones
             result = {"error": f"{type(e).__name__}: {e}"}
             log(f"tp {name}: FAILED after {time.monotonic() - t0:.1f} s: {e}")
+        except SystemExit:  # SIGTERM (a time limit): say which layout it cut, then unwind
+            out["layouts"][name] = {"error": f"interrupted after {time.monotonic() - t0:.1f} s"}
+            log(f"tp {name}: {out['layouts'][name]['error']}")
+            bench.save()
+            raise
         out["layouts"][name] = {**result, "seconds": round(time.monotonic() - t0, 1), "kv_transport":
                                 placement.kv_transport, "shared_gpus": placement.shared,
                                 "prefill_gpus": list(placement.prefill_gpus), "decode_gpus": list(placement.decode_gpus)}
@@ -134,10 +155,10 @@ def run_tp(bench) -> dict:
 
 
 def run_layout(bench, placement: Placement, folder: str, sizing: list[str], prompts: list[str],
-               reference: list[list[int]], left_s: float | None) -> dict:
-    """One layout's stack, its greedy prompts and its summary (raises StackNotReady & co.)."""
+               reference: list[list[int]], budget_end: float | None) -> dict:
+    """One layout's stack, its greedy prompts and its summary (raises StackNotReady & co.);
+    budget_end: the monotonic time by which it must be done (None: only the timeouts bound it)."""
     a, name = bench.args, placement.layout
-    ready_timeout = a.tp_ready_timeout if left_s is None else min(a.tp_ready_timeout, left_s)
     log(f"tp {name}: starting: {placement.describe()}")
     port = free_port()
     argv = ["up", "--prefill", "1", "--decode", "1", "--port", str(port), "--model", folder,
@@ -152,11 +173,11 @@ def run_layout(bench, placement: Placement, folder: str, sizing: list[str], prom
                   expected=["redis", "prefill-0", "decode-0", "router"])
     try:
         try:
-            ready_s = stack.wait_ready(ready_timeout)
+            ready_s = stack.wait_ready(within(a.tp_ready_timeout, budget_end))
         except StackNotReady as e:
             raise StackNotReady(f"layout {name} ({placement.describe()}): {e}") from None
         log(f"tp {name}: ready in {ready_s:.1f} s")
-        got, stats = greedy_prompts(bench, stack, name, prompts, reference)
+        got, stats = greedy_prompts(bench, stack, name, prompts, reference, budget_end)
     finally:
         stack.stop()
     summary = greedy_summary(reference, got, stats)
@@ -165,8 +186,8 @@ def run_layout(bench, placement: Placement, folder: str, sizing: list[str], prom
     return {**summary, "ready_s": round(ready_s, 1)}
 
 
-def greedy_prompts(bench, stack: Stack, name: str, prompts: list[str],
-                   reference: list[list[int]]) -> tuple[list[list[int]], dict]:
+def greedy_prompts(bench, stack: Stack, name: str, prompts: list[str], reference: list[list[int]],
+                   budget_end: float | None) -> tuple[list[list[int]], dict]:
     """Each prompt's greedy token ids through the router, one at a time (as generate ran them),
     with a progress line each; and the router's stats."""
     import httpx
@@ -175,14 +196,15 @@ def greedy_prompts(bench, stack: Stack, name: str, prompts: list[str],
     stats: dict = {}
     for i, (prompt, ref) in enumerate(zip(prompts, reference), start=1):
         t0 = time.monotonic()
+        timeout = within(a.tp_request_timeout, budget_end)
         body = {"model": "bench", "prompt": prompt, "max_tokens": a.greedy_tokens, "temperature": 0,
                 "ignore_eos": True}
         try:
-            reply = httpx.post(stack.url + "/v1/completions", json=body, timeout=a.tp_request_timeout)
+            reply = httpx.post(stack.url + "/v1/completions", json=body, timeout=timeout)
         except httpx.TimeoutException:
             stack.dump_stacks()  # where each process waits, into the stack's output
             raise TimeoutError(f"layout {name}: prompt {i}/{len(prompts)} got no answer within "
-                               f"{a.tp_request_timeout:.0f} s") from None
+                               f"{timeout:.0f} s") from None
         if reply.status_code != 200:
             raise RuntimeError(f"layout {name}: prompt {i}/{len(prompts)}: HTTP {reply.status_code}: "
                                f"{reply.text[:500]}")
