@@ -16,22 +16,24 @@
     load      --load-rate req/s for --load-seconds, 256-token prompts, 128 outputs: 1P1D through
               the router, then one `pdserve serve` on GPU 0
     tp        prefill TP=p -> decode TP=d for each of --tp-layouts (p:d) that fits on the visible
-              GPUs, each rank on its own GPU (prefill on GPUs 0..p-1, decode on p..p+d-1), KV over
-              nccl re-sharded by head, on a small model with seeded random weights (TINY shape: 8
-              heads / 2 KV heads): the greedy prompts through the router vs `pdserve generate` at
-              TP=1, the handoffs and the prompt tokens decode had to recompute (0: every pull
-              worked). A layout that needs more GPUs is reported as skipped: on 2 GPUs only 1:1
-              fits (TP=2 prefill + TP=2 decode needs 4), unless --tp-share-gpus puts decode's
-              ranks beside prefill's (then over ucx: NCCL takes no two ranks on one GPU). bf16 at TP=2 sums in another order, so
-              its tokens may differ from TP=1's after a while (the count says how many agree).
+              GPUs (services/bench_pd_tp.py): each rank on its own GPU and KV over nccl, or with
+              --tp-share-gpus decode's ranks beside prefill's and KV over ucx; a small model with
+              seeded random weights (TINY shape: 8 heads / 2 KV heads): the greedy prompts through
+              the router vs `pdserve generate` at TP=1, the handoffs and the prompt tokens decode
+              had to recompute (0: every pull worked). A progress line per layout and prompt, the
+              JSON rewritten after each layout, every wait bounded (--tp-ready-timeout,
+              --tp-request-timeout, --tp-budget-s). bf16 at TP=2 sums in another order, so its
+              tokens may differ from TP=1's after a while (the count says how many agree).
 
 Model: the Llama-3-8B shape (bench_gpu.LLAMA3_8B) with dummy weights and a word-level
 tokenizer whose token i is the word "t<i>", so text and token ids map one to one (the
 completions API returns text; the greedy check reads the ids back from it). Stacks are
-`pdserve up` processes, started and stopped in turn (each takes its GPUs' memory). The main
-process never touches CUDA. Prints one table per part and writes bench_pd_gpu.json, handoff.json
-and plan.json to --out-dir (stack logs stay in a temp folder; a stack that fails to start puts
-its log's tail into the error). `--device cpu --tiny` runs every part on CPU as a smoke test.
+`pdserve up` processes (services/bench_stack.py), started and stopped in turn (each takes its
+GPUs' memory); SIGTERM (a time limit) stops the running one. The main process never touches
+CUDA. Prints one table per part and writes bench_pd_gpu.json (after every part, and in the tp
+part after every layout), handoff.json and plan.json to --out-dir (stack logs stay in a temp
+folder; a stack that fails to start puts its log's tail into the error). `--device cpu --tiny`
+runs every part on CPU as a smoke test (the tp part as on --cpu-gpus GPUs).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ import time
 
 from pdserve.services import loadgen
 from pdserve.services.bench_gpu import LLAMA3_8B, TINY
+from pdserve.services.bench_stack import Stack
 from pdserve.services.local_stack import free_port
 
 SLOS = {"A": {"ttft": 1.0, "tpot": 0.025}, "B": {"ttft": 1.0, "tpot": 0.050}}
@@ -104,50 +107,6 @@ def write_weights(folder: str, dtype: str, seed: int) -> str:
 
 def ids_of(text: str) -> list[int]:
     return [int(m) for m in re.findall(r"t(\d+)", text)]
-
-
-class Stack:
-    """`pdserve up` (or `pdserve serve`) as a process group; ready when the router lists them all."""
-
-    def __init__(self, name: str, argv: list[str], url: str, num_instances: int, log_dir: str,
-                 env: dict | None = None):
-        self.name, self.url, self.num_instances = name, url, num_instances
-        self.log_path = os.path.join(log_dir, f"stack-{name}.log")
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "pdserve.services.cli", *argv], stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, **(env or {})})
-
-    def wait_ready(self, timeout_s: float = 300) -> None:
-        import httpx
-        deadline = time.time() + timeout_s
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                break
-            try:
-                if self.num_instances == 0:  # pdserve serve
-                    if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
-                        return
-                else:
-                    stats = httpx.get(self.url + "/admin/stats", timeout=2).json()
-                    if len(stats["instances"]) == self.num_instances:
-                        return
-            except (httpx.HTTPError, ValueError, KeyError):
-                pass
-            time.sleep(1)
-        self.stop()
-        tail = open(self.log_path).read()[-3000:]
-        raise RuntimeError(f"stack {self.name} did not come up within {timeout_s:.0f} s:\n{tail}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
 
 
 class Bench:
@@ -225,50 +184,23 @@ class Bench:
         self.report["greedy"] = greedy_summary(reference, got, stats)
 
     def tp(self) -> None:
-        a = self.args
-        # real (seeded random) weights: `--load-format dummy` draws each rank's shard anew, so a
-        # TP=2 prefill and a TP=1 decode would run different models
-        folder = write_weights(write_model(tempfile.mkdtemp(prefix="pdserve-pd-tp-"), tiny=True),
-                               "bfloat16" if self.gpu else "float32", a.seed)
-        prompts, reference = self.greedy_reference(folder, TINY["vocab_size"], self.sizing_args)
-        num_gpus = visible_gpus() if self.gpu else None
-        out = {}
-        for layout in a.tp_layouts.split(","):
-            p, d = (int(x) for x in layout.split(":"))
-            # one GPU per rank where they fit; else (a.tp_share_gpus) decode's ranks on the last GPUs,
-            # beside prefill's: KV over ucx then (NCCL refuses two ranks of a pair on one device),
-            # each pool a fixed size (the tiny model needs little; no memory profile of a shared GPU)
-            first_decode, shared = p, False
-            if num_gpus is not None and p + d > num_gpus:
-                if not (a.tp_share_gpus and max(p, d) <= num_gpus):
-                    out[layout] = {"skipped": f"needs {p + d} GPUs (prefill TP={p} and decode TP={d}, one GPU "
-                                              f"per rank), {num_gpus} visible"}
-                    print(f"tp {layout}: {out[layout]['skipped']}", flush=True)
-                    continue
-                first_decode, shared = num_gpus - d, True
-            device = (lambda first: f"cuda:{first}") if self.gpu else (lambda first: "cpu")
-            sizing = [*self.sizing_args, "--num-gpu-blocks-override", "2048"] if shared else self.sizing_args
-            transport = "ucx" if shared else "nccl"
-            stack = self.stack(f"tp-{p}-{d}", 1, 1, transport=transport, pin_gpus=False, folder=folder,
-                               engine_args=sizing,
-                               prefill_args=f"--device {device(0)} --tensor-parallel-size {p}",
-                               decode_args=f"--device {device(first_decode)} --tensor-parallel-size {d}")
-            try:
-                got, stats = self.greedy_through(stack, prompts)
-            finally:
-                stack.stop()
-            out[layout] = {**greedy_summary(reference, got, stats), "kv_transport": transport,
-                           "prefill_gpus": list(range(p)) if self.gpu else None,
-                           "decode_gpus": list(range(first_decode, first_decode + d)) if self.gpu else None}
-        self.report["tp"] = out
+        from pdserve.services.bench_pd_tp import run_tp
+        run_tp(self)
 
-    def greedy_reference(self, folder: str, vocab: int, engine_args: list[str]) -> tuple[list[str], list[list[int]]]:
+    def save(self) -> None:
+        """bench_pd_gpu.json as the report stands (after each part, and each tp layout)."""
+        with open(os.path.join(self.out_dir, "bench_pd_gpu.json"), "w") as f:
+            json.dump(self.report, f, indent=2)
+
+    def greedy_reference(self, folder: str, vocab: int, engine_args: list[str],
+                         timeout_s: float = 600) -> tuple[list[str], list[list[int]]]:
         """Greedy prompts and their token ids from `pdserve generate` (TP=1, GPU 0), once per model."""
         if folder not in self._references:
-            self._references[folder] = self._generate_reference(folder, vocab, engine_args)
+            self._references[folder] = self._generate_reference(folder, vocab, engine_args, timeout_s)
         return self._references[folder]
 
-    def _generate_reference(self, folder: str, vocab: int, engine_args: list[str]) -> tuple[list[str], list[list[int]]]:
+    def _generate_reference(self, folder: str, vocab: int, engine_args: list[str],
+                            timeout_s: float) -> tuple[list[str], list[list[int]]]:
         a = self.args
         rng = random.Random(a.seed)
         prompts = [" ".join(f"t{rng.randrange(100, vocab)}" for _ in range(rng.randint(100, 600)))
@@ -282,7 +214,7 @@ class Bench:
                         "--input", prompt_file, "--output", ref_file, "--temperature", "0", "--max-tokens",
                         str(a.greedy_tokens), "--ignore-eos", "--device", a.device, *engine_args,
                         "--max-num-seqs", "1"],  # one at a time, as the stack gets them: the same GEMM shapes
-                       check=True, timeout=600, env=env)
+                       check=True, timeout=timeout_s, env=env)
         return prompts, [json.loads(line)["token_ids"] for line in open(ref_file)]
 
     def greedy_through(self, stack: Stack, prompts: list[str]) -> tuple[list[list[int]], dict]:
@@ -373,15 +305,6 @@ def greedy_summary(reference: list[list[int]], got: list[list[int]], stats: dict
                                     for i, ok in enumerate(equal) if not ok), None)}
 
 
-def visible_gpus() -> int:
-    """GPUs this process may use (CUDA_VISIBLE_DEVICES, else nvidia-smi), without touching CUDA."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip()])
-    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=True).stdout
-    return sum(line.startswith("GPU ") for line in out.splitlines())
-
-
 def print_report(report: dict) -> None:
     if "handoff" in report:
         h = report["handoff"]
@@ -409,12 +332,8 @@ def print_report(report: dict) -> None:
         print("highest rate with >= 90 % attainment: " + "; ".join(
             f"{n} A {v['A']} B {v['B']}" for n, v in g["max_rate_at_90pct"].items()))
     if "tp" in report:
-        print("\nprefill TP -> decode TP: greedy == generate at TP=1, handoffs, prompt tokens decode recomputed")
-        for layout, r in report["tp"].items():
-            print(f"  {layout:<5} " + (r["skipped"] if "skipped" in r else
-                                      f"{r['equal']}/{r['prompts']} equal, handoffs {r['handoffs']}, "
-                                      f"recomputed {r['recomputed_prompt_tokens']}, kv {r['kv_transport']}, "
-                                      f"GPUs prefill {r['prefill_gpus']} decode {r['decode_gpus']}"))
+        from pdserve.services.bench_pd_tp import print_tp_report
+        print_tp_report(report["tp"])
     if "load" in report:
         for name, s in report["load"].items():
             print(f"\nload {name}: {s['request_rate']} req/s x {s['num_requests']} requests: TTFT p90 "
@@ -442,6 +361,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--tp-share-gpus", action="store_true",
                    help="tp: run layouts that need more GPUs than visible with decode's ranks on the last GPUs, "
                         "beside prefill's (KV over ucx)")
+    p.add_argument("--cpu-gpus", type=int, default=2,
+                   help="tp with --device cpu: place the layouts as on this many GPUs (every rank runs on the cpu)")
+    p.add_argument("--tp-ready-timeout", type=float, default=240.0,
+                   help="tp: seconds the reference generate, and each stack's start, may take")
+    p.add_argument("--tp-request-timeout", type=float, default=120.0, help="tp: seconds one greedy prompt may take")
+    p.add_argument("--tp-budget-s", type=float, default=None,
+                   help="tp: seconds for the whole part; a layout that would start after it is reported as not run "
+                        "(set it below the call's time limit)")
     p.add_argument("--rates", type=float, nargs="+", default=[2, 4, 8, 12, 16])
     p.add_argument("--requests-per-rate", type=int, default=40)
     p.add_argument("--input-len", type=int, default=1536, help="prompts 1024-2048 with --range-ratio 1/3")
@@ -461,6 +388,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     unknown = set(parts) - set(PARTS)
     if unknown:
         p.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+    # a time limit's SIGTERM unwinds the part, whose `finally` stops the running stack (its own session)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     bench = Bench(args)
     start = time.perf_counter()
     for part in PARTS:
@@ -472,9 +401,12 @@ def main(argv: list[str] | None = None) -> dict | None:
             except Exception as e:  # one broken part must not lose the others' figures
                 bench.report[part] = {"error": f"{type(e).__name__}: {e}"}
                 print(f"{part} failed: {e}", flush=True)
+            except SystemExit:
+                bench.report.setdefault("interrupted", part)
+                bench.save()
+                raise
             bench.report.setdefault("seconds", {})[part] = round(time.perf_counter() - t0, 1)
-            with open(os.path.join(bench.out_dir, "bench_pd_gpu.json"), "w") as f:
-                json.dump(bench.report, f, indent=2)
+            bench.save()
     print_report({k: v for k, v in bench.report.items() if not (isinstance(v, dict) and "error" in v)})
     for part in parts:
         if isinstance(bench.report.get(part), dict) and "error" in bench.report[part]:

@@ -1,13 +1,17 @@
 """The one shape of a service's `main`: parse flags, run, and turn a user error into one line.
 
 Every user error (ConfigError: a bad flag or model; ParameterError: a bad sampling parameter)
-ends in one line on stderr and exit status 2; Ctrl-C ends with 130. Torch-free.
+ends in one line on stderr and exit status 2; Ctrl-C ends with 130. SIGUSR1 writes every thread's
+Python stack to stderr and the process goes on (a benchmark whose stack does not come up asks
+each process where it waits). Torch-free.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import signal
 import sys
 from typing import Callable
 
@@ -27,6 +31,7 @@ def run_main(prog: str, description: str, add_args: Callable[[argparse.ArgumentP
 
 
 def run_parsed(name: str, run: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         run(args)
     except USER_ERRORS as e:

@@ -6,9 +6,10 @@
                                            its prompts: the router sends to decode when no prefill
                                            worker is registered)
 
-Start:  redis-server (answers PING) -> every worker (writes its ready file) -> the router; the
-        router's line and "ready" are printed once the router answers /health (a worker is
-        registered), never before.
+Start:  redis-server (answers PING) -> every worker (writes its ready file; its line is printed
+        as it does, in the order they get ready; at the deadline the error names every worker
+        still starting) -> the router; the router's line and "ready" are printed once the router
+        answers /health (a worker is registered), never before.
 Stop:   on SIGINT or SIGTERM, or when a process of the stack exits: the router, then the workers
         (each deregisters from Redis, which is still up, and closes its KV server), then Redis;
         SIGKILL for one that has not exited within its grace period. The temporary folder of
@@ -132,14 +133,23 @@ class LocalStack:
                                     "--ready-file", ready, *argv_tail, *(["--device", "cuda"] if gpu else [])], env)
         return ready
 
-    def wait_ready_file(self, name: str, path: str, deadline: float) -> list[str]:
-        while not os.path.exists(path):
+    def wait_ready_files(self, workers: list[tuple[str, str]], deadline: float):
+        """Yields (name, its ready file's words) for each of `workers` [(name, ready file)] as it
+        becomes ready, in whatever order they do; StackError naming every one still starting
+        at the deadline."""
+        pending = list(workers)
+        while pending:
+            for item in [w for w in pending if os.path.exists(w[1])]:
+                pending.remove(item)
+                with open(item[1]) as f:
+                    yield item[0], f.read().split()
+            if not pending:
+                return
             self.check_alive()
             if time.monotonic() > deadline:
-                raise StackError(f"{name} did not start within {START_DEADLINE_S:.0f} s")
+                raise StackError(f"{', '.join(name for name, _ in pending)} did not start within "
+                                 f"{START_DEADLINE_S:.0f} s")
             self._sleep(0.1)
-        with open(path) as f:
-            return f.read().split()
 
     def wait_http_ok(self, url: str, deadline: float) -> None:
         while True:
@@ -288,11 +298,11 @@ def cmd_up(args) -> None:
                                                         "--metrics-port", str(args.base_port + 2 * k + 1)]
             tail = ["--redis-url", redis_url, "--host", args.host, "--kv-transport", args.kv_transport, *ports,
                     *model, *worker_args, *role_args[role]]
-            ready.append((role, f"{role}-{index}", stack.start_worker(role, index, tail, devices[role][index])))
+            ready.append((f"{role}-{index}", stack.start_worker(role, index, tail, devices[role][index])))
         deadline = time.monotonic() + START_DEADLINE_S
-        for role, name, path in ready:
-            grpc_address, kv_address, metrics_url = stack.wait_ready_file(name, path, deadline)
-            gpu = devices[role][int(name.rsplit("-", 1)[1])]
+        for name, (grpc_address, kv_address, metrics_url) in stack.wait_ready_files(ready, deadline):
+            role, index = name.rsplit("-", 1)
+            gpu = devices[role][int(index)]
             print(f"{role:<8} {name} grpc={grpc_address} kv={kv_address} metrics={metrics_url}"
                   + (f" gpu={gpu}" if gpu else ""), flush=True)
         stack.spawn("router", "router", [sys.executable, "-m", "pdserve.services.cli", "router", "--redis-url",

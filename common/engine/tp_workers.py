@@ -35,10 +35,12 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import faulthandler
 import logging
 import multiprocessing.connection as mpc
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
@@ -155,10 +157,14 @@ class TPWorkers:
 
     def wait_ready(self) -> None:
         """Each worker's runner is built (its error, if it failed, becomes a ConfigError here)."""
+        deadline = time.monotonic() + COLLECTIVE_TIMEOUT_S  # rank 0's own build already waited in collectives
         for rank, status in enumerate(self._status, start=1):
             while not status.poll(0.05):
                 if (dead := self._find_dead(0)) is not None:
                     raise ConfigError(f"tensor-parallel start-up failed: {dead}")
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"tensor-parallel rank {rank} did not report its runner built within "
+                                      f"{COLLECTIVE_TIMEOUT_S} s")
             kind, detail = status.recv()
             if kind != "ready":
                 raise ConfigError(f"tensor-parallel rank {rank} failed to start: {detail}")
@@ -320,6 +326,7 @@ def worker_entry(steps_fd: int, status_fd: int, kv_link_fd: int | None = None) -
     steps, status = mpc.Connection(steps_fd, writable=False), mpc.Connection(status_fd, readable=False)
     rank, world_size, store_port, config, arch, path, max_model_len, sched_cfg = steps.recv()
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s %(levelname)s tp-rank{rank} %(name)s: %(message)s")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it waits, as every pdserve process (entry.py)
     _exit_with_parent()
     if config.model.device == "cpu":  # N ranks share the cores (oversubscribed gloo ranks crawl)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))

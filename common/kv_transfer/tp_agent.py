@@ -38,6 +38,7 @@ from pdserve.common.kv_transfer.tp_pull import RankPull, run_rank_pull
 log = logging.getLogger("pdserve.kv_agent")
 
 SERVED_INTERVAL_S = 1.0  # how often an agent reports its server's counters (if they changed)
+AGENT_START_TIMEOUT_S = 120.0  # a rank's KV server and client start within this (UCX set-up on a busy GPU)
 
 
 class KVAgent:
@@ -129,8 +130,13 @@ class RankAgents:
                         f"tensor-parallel rank {rank}")
             await link.start()
             self.links.append(link)
-        return list(await asyncio.gather(*(link.request("start", transport, host, heads)
-                                           for link, heads in zip(self.links, kv_heads))))
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*(link.request("start", transport, host, heads)
+                                                                 for link, heads in zip(self.links, kv_heads))),
+                                               AGENT_START_TIMEOUT_S))
+        except TimeoutError:
+            raise KVTransferError(f"the KV agents of tensor-parallel ranks 1..{len(self.links)} did not start "
+                                  f"their {transport} servers within {AGENT_START_TIMEOUT_S:.0f} s") from None
 
     def _resolve_lease(self, lease_id: str) -> list[int] | None:
         return self._resolve(lease_id)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from pdserve.common.kv_transfer.base import KVServer, make_client, make_server, split_address
 from pdserve.common.kv_transfer.connector import LeaseConnector, PullConnector
 from pdserve.common.kv_transfer.tp_agent import RankAgents
@@ -58,6 +60,11 @@ async def start_worker_kv(core, transport: str, host: str, advertise_host: str, 
     heads = model_shards(arch, num_ranks)  # (first KV head, number) of each rank
     kv_heads = [(first, arch.num_kv_heads) for first, _ in heads]
     kv_cache = core.runner.kv_cache  # [L, 2, N, bs, H, D]: a handoff's blocks move in one op
+    if kv_cache.is_cuda:
+        # This thread (the worker's event loop) creates the UCX context / NCCL pairs and waits on
+        # the copies: on the cache's GPU, not cuda:0, when the worker runs on `--device cuda:1`
+        # with every GPU visible (as the KV agents of ranks > 0 do, tp_agent.py).
+        torch.cuda.set_device(kv_cache.device)
     client = pull.clients[transport] = make_client(transport, kv_cache, kv_heads=kv_heads[0])
     server = make_server(transport, kv_cache, lease.resolve, host=host, kv_heads=kv_heads[0])
     addresses = [await server.start()]

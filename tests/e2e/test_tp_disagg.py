@@ -21,6 +21,7 @@ from pdserve.common.sampling_params import SamplingParams
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.proto.convert import sampling_params_to_proto
+from kv_backends import HAVE_UCXX, UCX_MISSING
 from redis_server import free_port
 from stack import Stack
 
@@ -161,3 +162,21 @@ def test_nccl_tp2_to_tp2_with_replicated_kv_heads(tiny_model_factory, tmp_path_f
     finally:
         stack.close()
         offline.shutdown()
+
+
+@pytest.mark.skipif(not HAVE_UCXX, reason=UCX_MISSING)
+def test_every_tp_pairing_over_ucx_as_on_shared_gpus(tiny_models, offline):
+    """The transport of the GPU bench's shared layouts (decode's ranks beside prefill's: NCCL takes
+    no two ranks of a pair on one GPU): ucx from and to the KV agents of ranks 1, every pairing,
+    equal to aggregated serving with no prompt token recomputed."""
+    stack = Stack(tiny_models["llama"], prefill=[TP2, []], decode=[[], TP2], kv_transport="ucx")  # as tp_stack
+    try:
+        for prefill, decode, heads_moved in PAIRS:
+            ids = offline.get_tokenizer().encode(f"Over ucx {prefill} hands its KV to {decode}")
+            tokens, first, handle = asyncio.run(handoff(stack, prefill, decode, ids, f"ucx-{prefill}-{decode}"))
+            assert tokens == reference(offline, ids), (prefill, decode)
+            assert first.kv_transfer_error == "" and first.num_prompt_tokens_computed == 0, (prefill, decode)
+            assert first.kv_bytes_received == -(-len(ids) // 16) * heads_moved * HEAD_BLOCK_BYTES
+            assert all(s.transfer_address.startswith("ucx://") for s in handle.shards)
+    finally:
+        stack.close()
