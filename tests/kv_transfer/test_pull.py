@@ -187,7 +187,7 @@ def test_pull_from_closed_server_fails_fast(backend):
     dst = make_caches(num_blocks=8, dtype=torch.float32, seed=12, **CACHE)
 
     async def main():
-        server = make_server(backend, src, {"lease": [1, 2]}.get)
+        server = make_server(backend, shareable(src) if backend == "ipc" else src, {"lease": [1, 2]}.get)
         client = make_client(backend, dst)
         try:
             address = await server.start()
