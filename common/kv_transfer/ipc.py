@@ -4,16 +4,24 @@
     peers[address] = control socket + mapping            tcp listener (tcp.py), one task per client
       connect + Hello{layout} ------------------------>  check layout, Hello{layout}
                     <--------------------------------  Mapping{host_id, kind, regions}
-      map the regions ONCE (CUDA IPC handles -> device pointers that read the peer GPU over
-      NVLink/PCIe P2P; a memfd -> the same host pages) and keep them while the peer lives
+      map the regions ONCE (ipc_mapping.py: CUDA IPC handles -> device pointers that read the
+      peer GPU by P2P; a memfd -> the same host pages) and keep them while the peer lives
       PullRequest{lease, offset, n, 1, timeout} ------>  resolve the lease
-                    <--------------------------------  PullSource{src_block_ids} | Error
+                    <--------------------------------  PullSource{src_block_ids, valid_s} | Error
       ONE copy kernel over all layers: dst blocks <- the peer's src blocks, read through the
       mapping (no staging, no send/recv), then wait for it
-      PullDone{lease} -------------------------------->  is the lease still held? (it pins the
-                    <--------------------------------  blocks: if so they were never reused
-                                                       during the copy) PullDone | Error
+      [copy ended later than valid_s after the request, or valid_s unknown:]
+      PullDone{lease} -------------------------------->  is the lease still held?
+                    <--------------------------------  PullDone | Error
       then the decode worker releases the lease as for every transport (connector.py)
+
+Why the lease check: a lease pins its blocks until the decode releases it (after the pull) or
+it EXPIRES, and it may expire after the server answered, while the client still reads; the
+prefill could then reuse the blocks under the copy. The server announces how long the lease
+still holds (valid_s, from the worker's lease table; `lease_remaining`): a copy that ended
+within valid_s of the request (minus a margin) read pinned blocks. Otherwise (a slow copy, or a
+server without expiry information: tensor-parallel ranks > 0, tests) the client asks: a lease
+still held after the copy was held throughout (a lease never comes back).
 
 The server only answers headers; the bytes move in the client's copy (CUDA: the copy_blocks
 Triton kernel with src and dst ids, one program per (layer x K/V, block pair), reading the
@@ -21,109 +29,43 @@ peer's memory with vector loads; without Triton and on CPU, or for a tensor-para
 the peer's blocks are gathered into a staging buffer and scattered by the pull's copier).
 
 Cheap control: the client runs a whole pull in one worker thread with a blocking socket
-(TCP_NODELAY): request, copy, wait and PullDone without an event-loop hop between them; the
-server answers on its event loop, where the lease resolver lives. Pulls to one server take turns
-on its one connection (a copy saturates the link anyway); pulls to different servers run at once.
+(TCP_NODELAY, waits bounded in the kernel by SO_RCVTIMEO): request, copy, wait (and PullDone)
+without an event-loop hop between them; the server answers on its event loop, where the lease
+resolver lives. Pulls to one server take turns on its one connection (a copy saturates the link
+anyway); pulls to different servers run at once.
 
-Mapping: CUDA memory through torch's CUDA IPC (UntypedStorage._share_cuda_ /
-_new_shared_cuda, what torch.multiprocessing.reductions.reduce_tensor / rebuild_cuda_tensor
-use) opened on the CLIENT's device, so the kernel runs on the decode GPU and loads from the
-prefill GPU by peer access, also when each process sees only its own GPU. The export's event
-is not waited for: KV content is ordered by the lease (granted after the prefill synchronized
-its step), and opening a peer GPU's event in a process that does not see it is not needed.
-CPU caches must live in a memfd (host_shm.py; the worker allocates the pool there with
---kv-transport ipc). Both ends must run on one host (the boot ids are compared) and, on CPU,
-in one pid namespace; otherwise, or when the GPUs have no peer access, mapping fails with
+Both ends must run on one host (the boot ids are compared) and, on CPU, in one pid namespace
+(host_shm.py); otherwise, or when the GPUs have no peer access, mapping fails with
 KVTransferError (the decode recomputes) and an error log line. No fallback to another path.
 
 Failure: every socket wait is bounded by the pull's deadline. A prefill process that dies
 during a copy leaves its memory mapped here until the mapping is dropped, so the copy
-completes; the PullDone exchange then fails and so does the pull.
+completes; a pull that needs PullDone then fails on the closed connection.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import socket
 import struct
 import time
+from collections.abc import Callable
 
 import torch
 
-from pdserve.common.kv_transfer import host_shm, wire
+from pdserve.common.kv_transfer import host_shm, ipc_mapping, wire
 from pdserve.common.kv_transfer.base import (KVClient, KVLayout, KVTransferError, check_block_ids,
                                              split_address)
 from pdserve.common.kv_transfer.blocks import BlockCopier, StagingBuffer, stacked_view
-from pdserve.common.kv_transfer.pipeline import SEND_SLACK_S, PullRefused
+from pdserve.common.kv_transfer.pipeline import PullRefused
 from pdserve.common.kv_transfer.tcp import TcpKVServer, accept_hello
 
 logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 10.0  # a new peer: connect, Hello, Mapping and mapping its memory
+LEASE_MARGIN_S = 0.005  # a copy must end this long before the lease's announced expiry to skip PullDone
 _TIMEVAL = struct.Struct("@ll")  # struct timeval {tv_sec, tv_usec}
-
-
-def _b64(data: bytes | None) -> str | None:
-    return None if data is None else base64.b64encode(data).decode()
-
-
-def _unb64(text: str | None) -> bytes | None:
-    return None if text is None else base64.b64decode(text)
-
-
-def _byte_tensors(kv_caches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The tensors a server exports: its stacked cache as one, or each separate layer."""
-    stacked = stacked_view(kv_caches)
-    return [stacked] if stacked is not None else list(kv_caches)
-
-
-def _cuda_export(tensor: torch.Tensor) -> dict:
-    (_, handle, storage_nbytes, storage_offset, ref_counter, ref_counter_offset, event,
-     _) = tensor.untyped_storage()._share_cuda_()
-    return dict(shape=list(tensor.shape), handle=_b64(handle), storage_nbytes=storage_nbytes,
-                storage_offset=storage_offset, ref_counter=_b64(ref_counter),
-                ref_counter_offset=ref_counter_offset, event=_b64(event),
-                offset=tensor.storage_offset() * tensor.element_size())
-
-
-def _map_cuda(region: dict, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The peer's tensor through a CUDA IPC mapping opened on this process's device."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    storage = torch.UntypedStorage._new_shared_cuda(
-        index, _unb64(region["handle"]), int(region["storage_nbytes"]), int(region["storage_offset"]),
-        _unb64(region["ref_counter"]), int(region["ref_counter_offset"]), _unb64(region["event"]), False)
-    shape = tuple(int(x) for x in region["shape"])
-    nbytes = int(torch.Size(shape).numel()) * dtype.itemsize
-    offset = int(region["offset"])
-    if offset + nbytes > storage.nbytes():
-        raise ValueError(f"the peer's exported memory holds {storage.nbytes()} bytes, not {nbytes} at {offset}")
-    raw = torch.empty(0, dtype=torch.uint8, device=torch.device("cuda", index))
-    raw.set_(storage, 0, (storage.nbytes(),), (1,))
-    return raw[offset:offset + nbytes].view(dtype).view(shape)
-
-
-def _mapped_layers(mapping: wire.Mapping, layout: KVLayout, device: torch.device) -> list[torch.Tensor]:
-    """The server's per-layer caches [2, N, bs, H, D] (uint8 for fp8) as views of this process's
-    mapping of its memory; ValueError/RuntimeError/OSError when they cannot be mapped."""
-    dtype = torch.uint8 if layout.itemsize == 1 else layout.torch_dtype
-    layer_shape = (2, layout.num_blocks, *layout.block_shape)
-    if mapping.regions and len(mapping.regions) == 1 and len(mapping.regions[0]["shape"]) == 6:
-        expected = [(layout.num_layers, *layer_shape)]
-    else:
-        expected = [layer_shape] * layout.num_layers
-    shapes = [tuple(region["shape"]) for region in mapping.regions]
-    if shapes != expected:
-        raise ValueError(f"the peer exported tensors shaped {shapes}, its layout says {expected}")
-    layers = []
-    for region, shape in zip(mapping.regions, shapes):
-        if mapping.kind == "cuda":
-            tensor = _map_cuda(region, dtype, device)
-        else:
-            tensor = host_shm.map_host(region, shape, dtype)
-        layers += list(tensor.unbind(0)) if len(shape) == 6 else [tensor]
-    return layers
 
 
 class IpcKVServer(TcpKVServer):
@@ -134,58 +76,60 @@ class IpcKVServer(TcpKVServer):
 
     scheme = "ipc"
 
-    def __init__(self, kv_caches, resolve_lease, host: str = "127.0.0.1", port: int = 0, kv_heads=None):
+    def __init__(self, kv_caches, resolve_lease, host: str = "127.0.0.1", port: int = 0, kv_heads=None,
+                 lease_remaining: Callable[[str], float | None] | None = None):
+        """lease_remaining(lease_id): seconds until the lease expires (None: unknown), from any
+        thread; with it a client whose copy ends sooner needs no PullDone check (module doc)."""
         super().__init__(kv_caches, resolve_lease, host, port, max_concurrent_transfers=1, kv_heads=kv_heads)
-        self._exported = _byte_tensors(self._copier.kv_caches)  # uint8 views for fp8
+        self.lease_remaining = lease_remaining
+        self._exported = ipc_mapping.exported_tensors(self._copier.kv_caches)  # uint8 views for fp8
         self._kind = "cuda" if self._copier.device.type == "cuda" else "host"
         if self._kind == "host" and any(host_shm.host_export(t) is None for t in self._exported):
             raise ValueError("the ipc KV transport needs the CPU KV cache in shared memory "
                              "(host_shm.shared_zeros; a worker allocates it so with --kv-transport ipc)")
         self._host_id = host_shm.host_id()
 
-    def _mapping(self) -> wire.Mapping:
-        if self._kind == "cuda":
-            regions = [_cuda_export(t) for t in self._exported]
-        else:
-            regions = [dict(shape=list(t.shape), **host_shm.host_export(t)) for t in self._exported]
-        return wire.Mapping(self._host_id, self._kind, regions)
-
     async def _serve_connection(self, connection, peer: str) -> None:
         try:
             if not await accept_hello(connection, self.layout, peer):
                 return
-            await connection.send_header(self._mapping())
+            await connection.send_header(ipc_mapping.export(self._exported, self._kind, self._host_id))
+            served = None  # (request, source block ids) of the last pull answered here
             while True:
-                # An idle connection waits here, without deadline, for its next pull.
-                request = wire.expect(await connection.recv_header(), wire.PullRequest, f"client {peer}")
-                await self._serve_pull(connection, request, peer)
+                # An idle connection waits here, without deadline, for its next pull (or the
+                # check of the last one).
+                message = await connection.recv_header()
+                if isinstance(message, wire.PullDone):
+                    await self._check_done(connection, message, served, peer)
+                    served = None
+                else:
+                    served = await self._serve_pull(
+                        connection, wire.expect(message, wire.PullRequest, f"client {peer}"))
         except (ConnectionError, OSError, TimeoutError, KVTransferError) as e:
             logger.debug("ipc KV client %s disconnected: %s", peer, e)
         finally:
             connection.close()
 
-    async def _serve_pull(self, connection, request: wire.PullRequest, peer: str) -> None:
+    async def _serve_pull(self, connection, request: wire.PullRequest):
+        """Answers the source blocks (or an Error); returns what a PullDone may then check."""
         start = time.perf_counter()
         try:
             src_block_ids = await self._resolve(request)
         except KVTransferError as e:
             self.num_failures += 1
             await connection.send_header(wire.Error(str(e)))
-            return
-        await connection.send_header(wire.PullSource(src_block_ids))
-        if not src_block_ids:
-            self.record(0, time.perf_counter() - start)
-            return
-        try:
-            done = await asyncio.wait_for(connection.recv_header(), request.timeout_s + SEND_SLACK_S)
-        except BaseException:
-            self.num_failures += 1
-            raise
-        done = wire.expect(done, wire.PullDone, f"client {peer}")
-        if done.lease_id != request.lease_id:
-            self.num_failures += 1
-            raise KVTransferError(f"client {peer} finished lease {done.lease_id!r} during a pull of "
-                                  f"{request.lease_id!r}")
+            return None
+        valid_s = None if self.lease_remaining is None else self.lease_remaining(request.lease_id)
+        await connection.send_header(wire.PullSource(src_block_ids, valid_s))
+        self.record(self._copier.nbytes(len(src_block_ids)), time.perf_counter() - start)
+        return request, src_block_ids
+
+    async def _check_done(self, connection, done: wire.PullDone, served, peer: str) -> None:
+        """Echoes PullDone while the lease still holds the blocks just served, else an Error."""
+        if served is None or done.lease_id != served[0].lease_id:
+            raise KVTransferError(f"client {peer} finished lease {done.lease_id!r}, which it did not "
+                                  f"just pull here")
+        request, src_block_ids = served
         try:
             held = await self._resolve(request) == src_block_ids
         except KVTransferError:
@@ -197,7 +141,6 @@ class IpcKVServer(TcpKVServer):
                 f"blocks: they may have been reused"))
             return
         await connection.send_header(done)
-        self.record(self._copier.nbytes(len(src_block_ids)), time.perf_counter() - start)
 
     async def _resolve(self, request: wire.PullRequest) -> list[int]:
         try:
@@ -249,12 +192,13 @@ class _Peer:
         peer = f"KV server {self.address}"
         request = wire.PullRequest(lease_id, src_block_offset, len(dst_block_ids), 1 if dst_block_ids else 0,
                                    timeout_s=max(deadline - time.perf_counter(), 1e-3))
-        start = time.perf_counter()
+        asked = time.perf_counter()  # before the server answered: its lease expiry is later than asked + valid_s
         reply = self.exchange(request, deadline)
-        copier.phases.request_s += time.perf_counter() - start
+        copier.phases.request_s += time.perf_counter() - asked
         if isinstance(reply, wire.Error):
             raise PullRefused(f"{peer}: {reply.message}")
-        src_block_ids = wire.expect(reply, wire.PullSource, peer).block_ids
+        source = wire.expect(reply, wire.PullSource, peer)
+        src_block_ids = source.block_ids
         if len(src_block_ids) != len(dst_block_ids):
             raise KVTransferError(f"{peer} answered {len(src_block_ids)} source blocks for "
                                   f"{len(dst_block_ids)} destination blocks")
@@ -270,6 +214,8 @@ class _Peer:
             layers = range(self.layout.num_layers)
             self.source.gather(src_block_ids, self.staging, layers)
             copier.scatter(dst_block_ids, self.staging, layers)
+        if source.valid_s is not None and time.perf_counter() - asked < source.valid_s - LEASE_MARGIN_S:
+            return copier.nbytes(len(dst_block_ids))  # the lease held the blocks until after the copy
         start = time.perf_counter()
         answer = self.exchange(wire.PullDone(lease_id), deadline)
         copier.phases.wire_s += time.perf_counter() - start
@@ -440,7 +386,7 @@ class IpcKVClient(KVClient):
                 raise KVTransferError(f"{peer} holds its KV cache in {mapping.kind} memory, this worker in "
                                       f"{self._kind} memory: ipc needs both on GPUs or both on CPU")
             try:
-                layers = _mapped_layers(mapping, hello.layout, self._copier.device)
+                layers = ipc_mapping.mapped_layers(mapping, hello.layout, self._copier.device)
             except (RuntimeError, OSError, ValueError, KeyError, TypeError) as e:
                 raise KVTransferError(f"cannot map the KV cache of {peer} ({mapping.kind} memory): "
                                       f"{type(e).__name__}: {e} (ipc needs one host, one pid namespace "

@@ -23,9 +23,9 @@ headers over tcp and the payload as one NCCL send; the ipc backend sends no payl
 
       (after Hello)                   <-     Mapping{host_id, kind, regions}
       PullRequest ...                 ->
-                                      <-     PullSource{block_ids} | Error{message}
+                                      <-     PullSource{block_ids, valid_s} | Error{message}
       [the client copies the blocks out of its mapping of the server's cache]
-      PullDone{lease_id}              ->
+      PullDone{lease_id}              ->     only if the copy may have outlived valid_s
                                       <-     PullDone{lease_id} | Error (lease gone meanwhile)
 
 Version 2 added PullReply.num_chunks; version 3 moved the choice to PullRequest.num_chunks;
@@ -116,14 +116,18 @@ class Mapping:
 
 @dataclass(frozen=True)
 class PullSource:
-    """ipc backend: the answer to a PullRequest: the lease's source block ids (no payload)."""
+    """ipc backend: the answer to a PullRequest: the lease's source block ids (no payload), and
+    valid_s, the seconds the lease still holds them (None: unknown): a client whose copy ends
+    within valid_s of sending its request skips the PullDone check."""
     block_ids: list
+    valid_s: float | None = None
 
 
 @dataclass(frozen=True)
 class PullDone:
-    """ipc backend: the client copied the blocks of lease_id; the server echoes it while the lease
-    still holds them (so they were never reused during the copy), else answers an Error."""
+    """ipc backend: the client copied the blocks of lease_id (sent when the copy may have outlived
+    PullSource.valid_s); the server echoes it while the lease still holds them (so they were never
+    reused during the copy), else answers an Error."""
     lease_id: str
 
 

@@ -59,7 +59,9 @@ async def start_worker_kv(core, transport: str, host: str, advertise_host: str, 
     kv_heads = [(first, arch.num_kv_heads) for first, _ in heads]
     kv_cache = core.runner.kv_cache  # [L, 2, N, bs, H, D]: a handoff's blocks move in one op
     client = pull.clients[transport] = make_client(transport, kv_cache, kv_heads=kv_heads[0])
-    server = make_server(transport, kv_cache, lease.resolve, host=host, kv_heads=kv_heads[0])
+    # ipc: clients read the blocks after the answer; knowing the lease's expiry spares a check after
+    options = {"lease_remaining": lease.remaining_s} if transport == "ipc" else {}
+    server = make_server(transport, kv_cache, lease.resolve, host=host, kv_heads=kv_heads[0], **options)
     addresses = [await server.start()]
     agents = None
     if num_ranks > 1:

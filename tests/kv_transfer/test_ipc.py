@@ -1,6 +1,7 @@
 """The ipc backend's own cases (test_pull / test_cross_process / test_tp_pull run it beside the
 others): a one-sided read of a server process's shared-memory cache, fp8 blocks with their
-scales, the lease check after the copy, a server killed during it, and what refuses to map.
+scales, the lease check after the copy (and when the lease's expiry makes it unneeded), a
+server killed during it, and what refuses to map.
 """
 
 from __future__ import annotations
@@ -90,13 +91,43 @@ def test_lease_released_during_the_copy_fails_the_pull_and_keeps_the_connection(
             await client.pull(address, "other", [7], deadline_s=5.0)  # the same connection, in step
             assert calls == ["short", "short", "other", "other"]
             assert client.num_failures == 1 and client.num_transfers == 1
-            assert server.num_failures == 1 and server.num_transfers == 1
+            assert server.num_failures == 1 and server.num_transfers == 2  # both were answered
             assert len(client._peers) == 1
         finally:
             await client.close()
             await server.close()
     asyncio.run(main())
     assert torch.equal(dst[0][:, 7].view(torch.uint8), src[0][:, 3].view(torch.uint8))
+
+
+@pytest.mark.parametrize("remaining_s, checked", [(30.0, False), (0.001, True), (None, True)])
+def test_a_lease_known_to_outlive_the_copy_needs_no_check(remaining_s, checked):
+    src = shareable(make_caches(**FP8, num_blocks=8, seed=51))
+    dst = make_caches(**FP8, num_blocks=8, seed=52)
+    resolved = []
+
+    def resolve(lease_id: str):
+        resolved.append(lease_id)
+        return {"lease": [6, 7, 2, 5, 1, 3, 0]}.get(lease_id)
+
+    async def main():
+        # remaining_s: what the lease table says (30 s: the copy ends long before; 1 ms: within
+        # the margin, so the client asks; None: unknown, so the client asks)
+        server = make_server("ipc", src, resolve, lease_remaining=lambda lease_id: remaining_s)
+        client = make_client("ipc", dst)
+        try:
+            address = await server.start()
+            await client.pull(address, "lease", [1, 2], deadline_s=5.0, src_block_offset=5)
+            await client.pull(address, "lease", [3, 4], deadline_s=5.0, src_block_offset=5)
+            assert resolved == ["lease"] * (4 if checked else 2)
+            assert (client.phases.wire_s > 0) == checked
+            assert client.num_transfers == server.num_transfers == 2
+        finally:
+            await client.close()
+            await server.close()
+    asyncio.run(main())
+    for layer in range(FP8["num_layers"]):
+        assert torch.equal(dst[layer][:, [1, 2, 3, 4]].view(torch.uint8), src[layer][:, [3, 0, 3, 0]].view(torch.uint8))
 
 
 def test_server_killed_while_the_client_copies_fails_at_once():
