@@ -40,8 +40,9 @@ base.py; the server's are fetched from its process):
 ipc (one-sided, ipc.py) has no gather, send or payload: its row reads request = PullRequest ->
 PullSource round trip, scatter = the client's copy out of its mapping of the server's cache
 (one copy_blocks kernel on CUDA) and [gpu] its GPU time, recv = the PullDone round trip (the
-lease check after the copy), other = the rest (the hand-off to the pull's worker thread and
-back); msgs counts the request and its answer only (the PullDone pair adds two).
+lease check after the copy: 0 when the server's leases announce their expiry, as a worker's
+do; --ipc-lease-check makes every pull check), other = the rest (the hand-off to the pull's
+worker thread and back); msgs counts the request and its answer only.
 
 The "% ceil" column is each row's GB/s as a share of the ceiling measured in the same run for
 the same size: p2p-copy (two GPUs), else cuda-ipc-copy (one GPU), else raw-socket (CPU).
@@ -92,8 +93,22 @@ def _raw_socket_server(listen_sock: socket.socket, payload: memoryview) -> None:
     conn.close()
 
 
+def _lease_remaining(seconds: float):
+    """What a worker's lease table tells the ipc server: every lease holds for `seconds` more."""
+    return lambda lease_id: seconds
+
+
+def _server_options(backend: str, ipc_lease_check: bool) -> dict:
+    """ipc as a worker runs it (its leases announce the default --lease-ttl of 30 s, so a fast copy
+    skips the PullDone check), or with ipc_lease_check as a server that knows no expiry."""
+    if backend != "ipc" or ipc_lease_check:
+        return {}
+    return {"lease_remaining": _lease_remaining(30.0)}
+
+
 def _prefill_side(device: str, num_blocks: int, backends: list[str], leases: dict,
-                  max_bytes: int, info, commands, visible_gpu: str | None = None) -> None:
+                  max_bytes: int, info, commands, visible_gpu: str | None = None,
+                  ipc_lease_check: bool = False) -> None:
     """The spawned process: KV servers for each backend, a raw socket server, a CUDA buffer.
 
     Serves until the "stop" command; answers the command ("phases", backend) with that
@@ -116,7 +131,8 @@ def _prefill_side(device: str, num_blocks: int, backends: list[str], leases: dic
         if "ipc" in backends and caches.device.type == "cpu":  # ipc maps a CPU cache from a memfd
             from pdserve.common.kv_transfer.host_shm import shared_zeros
             caches = shared_zeros(tuple(caches.shape), caches.dtype).copy_(caches)
-        servers = [make_server(backend, caches, leases.get) for backend in backends]
+        servers = [make_server(backend, caches, leases.get, **_server_options(backend, ipc_lease_check))
+                   for backend in backends]
         addresses = {backend: await server.start() for backend, server in zip(backends, servers)}
         info.put(dict(addresses=addresses, raw_port=listen_sock.getsockname()[1],
                       cuda_buffer=shared))
@@ -302,6 +318,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--unmasked", action="store_true",
                         help="with --server-gpu/--client-gpu: both processes see every GPU and use "
                              "cuda:SERVER / cuda:CLIENT (instead of one visible GPU each)")
+    parser.add_argument("--ipc-lease-check", action="store_true",
+                        help="ipc: the server announces no lease expiry, so every pull adds the "
+                             "PullDone round trip (default: leases hold 30 s, as a worker's)")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     if (args.server_gpu is None) != (args.client_gpu is None) or (args.server_gpu and args.device != "cuda"):
@@ -330,7 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
     context = multiprocessing.get_context("spawn")
     info, commands = context.Queue(), context.Queue()
     prefill = context.Process(target=_prefill_side, daemon=True, args=(
-        server_device, num_blocks, backends, leases, max_bytes, info, commands, server_visible))
+        server_device, num_blocks, backends, leases, max_bytes, info, commands, server_visible,
+        args.ipc_lease_check))
     prefill.start()
 
     def server_phases(backend: str) -> PullPhases:
@@ -384,6 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{p['scatter_gpu_ms']:>6.2f} {p['other_ms']:>7.2f} {p['messages']:>5.0f}")
     result = dict(bench="kv_transfer", device=args.device, layout=layout.to_dict(),
                   server_gpu=args.server_gpu, client_gpu=args.client_gpu, unmasked=args.unmasked,
+                  ipc_lease_check=args.ipc_lease_check,
                   torch=torch.__version__, results=rows)
     print(json.dumps(result))
     if args.json_out:
