@@ -7,13 +7,17 @@
 # process on GPU 0, decode process on GPU 1, each seeing only its GPU: ipc and nccl GB/s, "% ceil"
 # = % of the plain GPU0->GPU1 copy_ of the same run (target: ipc >= 80), and the phase table
 # (ipc: request = PullRequest round trip, scatter/[gpu] = the one copy kernel, recv = the PullDone
-# round trip, other = thread hand-offs); (3) the same with both processes seeing both GPUs;
-# (4) greedy 1P1D over ipc == generate (prefill on GPU 0, decode on GPU 1, a dummy 8B-shaped model).
+# round trip, 0 here as a worker's leases announce their expiry, other = thread hand-offs);
+# (3) ipc again with the PullDone lease check on every pull (--ipc-lease-check: its cost is the
+# recv column); (4) ipc with both processes seeing both GPUs (--unmasked); (5) greedy 1P1D over
+# ipc == generate (prefill on GPU 0, decode on GPU 1, bench_pd_gpu's dummy model).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 python3 -m pytest -q -rs tests/kv_transfer/test_gpu.py tests/kernels/test_kernels.py -k "copy_blocks or pull"
 python3 -m pdserve.common.kv_transfer.bench --device cuda --backends ipc,nccl --server-gpu 0 --client-gpu 1 \
   --json-out "$OUT/ipc_bench_masked.json" | grep -v '^{'
+python3 -m pdserve.common.kv_transfer.bench --device cuda --backends ipc --server-gpu 0 --client-gpu 1 --ipc-lease-check \
+  --json-out "$OUT/ipc_bench_checked.json" | grep -v '^{'
 python3 -m pdserve.common.kv_transfer.bench --device cuda --backends ipc --server-gpu 0 --client-gpu 1 --unmasked \
   --json-out "$OUT/ipc_bench_unmasked.json" | grep -v '^{'
 python3 -m pdserve.services.bench_pd_gpu --parts greedy --greedy-transport ipc --out-dir "$OUT" 2>&1 | tail -n 5
