@@ -3,7 +3,7 @@
 # run from the repo root with pdserve importable, e.g. on the device machine:
 #   compose/gpu/call.sh ipc:580:"bash tests/gpu_ipc_check.sh"
 # Prints: (1) pytest of the GPU KV tests (ipc between two processes on GPU 0 through a CUDA IPC
-# mapping, tcp/ucx beside it) and the copy_blocks kernel; (2) the 256 MiB handoff bench, prefill
+# mapping, the in-process local pull) and the copy_blocks kernel; (2) the 256 MiB handoff bench, prefill
 # process on GPU 0, decode process on GPU 1, each seeing only its GPU: ipc and nccl GB/s, "% ceil"
 # = % of the plain GPU0->GPU1 copy_ of the same run (target: ipc >= 80), and the phase table
 # (ipc: request = PullRequest round trip, scatter/[gpu] = the one copy kernel, recv = the PullDone
@@ -13,7 +13,7 @@
 # ipc == generate (prefill on GPU 0, decode on GPU 1, bench_pd_gpu's dummy model).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pytest -q -rs tests/kv_transfer/test_gpu.py tests/kernels/test_kernels.py -k "copy_blocks or pull"
+python3 -m pytest -q -rs tests/kv_transfer/test_gpu.py tests/kernels/test_kernels.py -k "copy_blocks or ipc or local"
 python3 -m pdserve.common.kv_transfer.bench --device cuda --backends ipc,nccl --server-gpu 0 --client-gpu 1 \
   --json-out "$OUT/ipc_bench_masked.json" | grep -v '^{'
 python3 -m pdserve.common.kv_transfer.bench --device cuda --backends ipc --server-gpu 0 --client-gpu 1 --ipc-lease-check \
