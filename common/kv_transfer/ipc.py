@@ -46,6 +46,7 @@ completes; a pull that needs PullDone then fails on the closed connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import struct
@@ -236,7 +237,8 @@ class _Peer:
         else:
             pairs = [(src[None], dst[None]) for src, dst in zip(self.layers, copier.kv_caches)]
         num = len(src_block_ids)
-        with torch.cuda.device(copier.device), copier._copying():
+        on_device = torch.cuda.device(copier.device) if copier.device.type == "cuda" else contextlib.nullcontext()
+        with on_device, copier._copying():
             ids = copier._index(src_block_ids + dst_block_ids)  # one host-to-device copy for both
             src_index, dst_index = ids[:num], ids[num:]
             for src, dst in pairs:
@@ -286,12 +288,15 @@ class IpcKVClient(KVClient):
 
     scheme = "ipc"
 
-    def __init__(self, kv_caches, connect_timeout_s: float = CONNECT_TIMEOUT_S, kv_heads=None):
+    def __init__(self, kv_caches, connect_timeout_s: float = CONNECT_TIMEOUT_S, kv_heads=None,
+                 kernel: str | None = None):
+        """kernel: BlockCopier's ("triton" on CPU runs the direct copy under TRITON_INTERPRET=1,
+        for tests; default: triton on CUDA where it imports)."""
         super().__init__(kv_caches, kv_heads)
         if connect_timeout_s <= 0:
             raise ValueError(f"connect_timeout_s must be > 0, got {connect_timeout_s}")
         self.connect_timeout_s = connect_timeout_s
-        self._copier = BlockCopier(self.kv_caches, self.layout, self.phases)
+        self._copier = BlockCopier(self.kv_caches, self.layout, self.phases, kernel=kernel)
         self._kind = "cuda" if self._copier.device.type == "cuda" else "host"
         self._host_id = host_shm.host_id()
         # per (address, the layout expected there): a tensor-parallel client pulls other shards
@@ -340,8 +345,7 @@ class IpcKVClient(KVClient):
         try:
             if peer is None:
                 peer = self._connect(address, copier.layout, deadline)
-            direct = (copier is self._copier and copier.kernel == "triton"
-                      and copier.device.type == "cuda")
+            direct = copier is self._copier and copier.kernel == "triton"
             return peer, peer.pull(lease_id, dst_block_ids, src_block_offset, deadline, copier, direct)
         except PullRefused as e:
             return peer, e  # the connection is still in step

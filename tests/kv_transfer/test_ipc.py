@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 
 import pytest
@@ -179,3 +180,33 @@ def test_a_server_on_another_host_is_refused_with_a_log_line(caplog):
     with caplog.at_level(logging.ERROR, logger="pdserve.common.kv_transfer.ipc"):
         asyncio.run(main())
     assert any("unusable" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="set TRITON_INTERPRET=1 "
+                    "(with triton installed) to run ipc's direct copy_blocks path on CPU")
+@pytest.mark.parametrize("src_stacked, dst_stacked", [(True, True), (False, True), (True, False)])
+def test_direct_copy_kernel_path_reads_the_mapping(src_stacked, dst_stacked):
+    """The GPU path (one copy_blocks launch with src and dst ids over the mapped cache, per layer
+    when either side is not one tensor), run by Triton's interpreter over CPU memory."""
+    pytest.importorskip("triton")
+    cache = dict(num_layers=3, block_size=4, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16)
+    src = shareable(make_caches(**cache, num_blocks=12, seed=53, stacked=src_stacked))
+    dst = make_caches(**cache, num_blocks=16, seed=54, stacked=dst_stacked)
+    before = [t.clone() for t in dst]
+    lease, dst_ids = [11, 0, 7, 3, 9], [15, 2, 8, 1, 6]
+
+    async def main():
+        server = make_server("ipc", src, {"lease": lease}.get)
+        client = make_client("ipc", dst, kernel="triton")
+        try:
+            await client.pull(await server.start(), "lease", dst_ids, deadline_s=30.0)
+            (peer,) = client._peers.values()
+            assert peer.staging._device_buffer.numel() == 0  # no staging: the kernel read the mapping
+        finally:
+            await client.close()
+            await server.close()
+    asyncio.run(main())
+    untouched = sorted(set(range(16)) - set(dst_ids))
+    for layer in range(3):
+        assert torch.equal(dst[layer][:, dst_ids], src[layer][:, lease])
+        assert torch.equal(dst[layer][:, untouched], before[layer][:, untouched])
