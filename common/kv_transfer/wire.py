@@ -122,6 +122,13 @@ class PullSource:
     block_ids: list
     valid_s: float | None = None
 
+    def __post_init__(self):
+        if not isinstance(self.block_ids, list):
+            raise ValueError(f"block_ids must be a list, got {self.block_ids!r}")
+        if self.valid_s is not None and (not isinstance(self.valid_s, (int, float))
+                                         or isinstance(self.valid_s, bool)):
+            raise ValueError(f"valid_s must be a number of seconds or None, got {self.valid_s!r}")
+
 
 @dataclass(frozen=True)
 class PullDone:
