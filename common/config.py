@@ -143,6 +143,9 @@ class CacheConfig:
     kv_cache_dtype: str = option("auto", "KV cache dtype: auto = the model's dtype; fp8 (fp8_e4m3) = e4m3 with "
                                          "scales, ~2x the tokens", choices=KV_CACHE_DTYPES)
     kv_cache_scale: str = option("per-head", "granularity of the fp8 KV scales", choices=KV_CACHE_SCALES)
+    # Not a user option: a worker with --kv-transport ipc sets it, so that a CPU pool lives in
+    # memory other processes of the host can map (kv_transfer/host_shm.py); GPU pools ignore it.
+    shared_host_kv: bool = False
 
     def __post_init__(self):
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:

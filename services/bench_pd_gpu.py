@@ -4,9 +4,9 @@
         [--parts handoff,greedy,plan,goodput,load]
 
     handoff   256 MiB KV handoff, prefill process on GPU 0 -> decode process on GPU 1, over each
-              --handoff-backends (ucx, nccl), against a plain GPU0->GPU1 copy_ in the same run
+              --handoff-backends (ucx, nccl, ipc), against a plain GPU0->GPU1 copy_ in the same run
               (common/kv_transfer/bench.py); GB/s and the ratio to the copy
-    greedy    token ids of greedy outputs through 1P1D (prefill GPU 0, decode GPU 1, nccl)
+    greedy    token ids of greedy outputs through 1P1D (prefill GPU 0, decode GPU 1, --greedy-transport)
               == `pdserve generate` on GPU 0 alone, for a few prompts
     plan      `pdserve plan` for the goodput workload (what it recommends, next to what is measured)
     goodput   Poisson rates, prompts 1024-2048 tokens, outputs 128-256: 1P1D vs two aggregated
@@ -176,12 +176,13 @@ class Bench:
 
     def greedy(self) -> None:
         prompts, reference = self.greedy_reference(self.folder, self.vocab, self.engine_args)
-        stack = self.stack("greedy-1p1d", 1, 1)
+        transport = self.args.greedy_transport
+        stack = self.stack("greedy-1p1d", 1, 1, transport=transport)
         try:
             got, stats = self.greedy_through(stack, prompts)
         finally:
             stack.stop()
-        self.report["greedy"] = greedy_summary(reference, got, stats)
+        self.report["greedy"] = {**greedy_summary(reference, got, stats), "kv_transport": transport}
 
     def tp(self) -> None:
         from pdserve.services.bench_pd_tp import run_tp
@@ -313,7 +314,8 @@ def print_report(report: dict) -> None:
             print(f"  {b:<16} {r['gb_s']:8.1f} GB/s  {r['ms']:8.2f} ms  {100 * r['ratio_to_baseline']:6.1f} % of it")
     if "greedy" in report:
         g = report["greedy"]
-        print(f"\ngreedy 1P1D == generate: {g['equal']}/{g['prompts']} prompts (handoffs {g['handoffs']})")
+        print(f"\ngreedy 1P1D ({g.get('kv_transport', 'nccl')}) == generate: {g['equal']}/{g['prompts']} prompts "
+              f"(handoffs {g['handoffs']})")
     if "plan" in report:
         p = report["plan"]
         print(f"\npdserve plan: " + (f"{p.get('num_prefill')} prefill : {p.get('num_decode')} decode at "
@@ -354,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--handoff-backends", default="ucx,nccl")
     p.add_argument("--handoff-unmasked", action="store_true",
                    help="both handoff processes see both GPUs (default: one each, as the stack runs)")
+    p.add_argument("--greedy-transport", default="nccl", choices=["tcp", "ucx", "nccl", "ipc"],
+                   help="--kv-transport of the greedy part's 1P1D stack")
     p.add_argument("--greedy-prompts", type=int, default=4)
     p.add_argument("--greedy-tokens", type=int, default=32)
     p.add_argument("--tp-layouts", default="1:1,2:1,1:2,2:2",

@@ -207,6 +207,27 @@ def test_kv_transfer_config_maps_vllm_keys_and_refuses_the_rest():
         resolved("decode", "--kv-transport", "tcp", "--kv-transfer-config", '{"kv_connector": "ucx"}', role="decode")
 
 
+def test_kv_transport_ipc_puts_a_cpu_pool_in_shared_memory_only_then():
+    import torch
+
+    from pdserve.common.config import EngineConfig
+    from pdserve.common.engine.model_runner import zeros_on_demand
+    from pdserve.common.kv_transfer.host_shm import host_export
+    from pdserve.services.cli import build_parser
+    from pdserve.services.worker.kv_transfer_config import config_for_transport, resolve_kv_flags
+
+    args = build_parser().parse_args(["decode", "--kv-transfer-config", '{"kv_connector": "ipc"}'])
+    resolve_kv_flags(args, "decode")
+    assert args.kv_transport == "ipc"
+    config = EngineConfig.from_options()
+    assert not config.cache.shared_host_kv and config_for_transport(config, "tcp") is config
+    assert config_for_transport(config, "ipc").cache.shared_host_kv
+    shared = zeros_on_demand((2, 3, 4), torch.bfloat16, torch.device("cpu"), shared=True)
+    private = zeros_on_demand((2, 3, 4), torch.bfloat16, torch.device("cpu"))
+    assert host_export(shared[1]) is not None and host_export(private) is None
+    assert shared.count_nonzero() == 0
+
+
 def test_generate_chat_applies_the_template_and_raw_mode_warns_once(tmp_path, tiny_models, capsys):
     from pdserve.services.cli import main
     prompts = tmp_path / "p.txt"

@@ -47,17 +47,23 @@ from pdserve.common.sampling_params import SamplingParams
 GiB = 1 << 30
 
 
-def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                    shared: bool = False) -> torch.Tensor:
     """torch.zeros; on the CPU backed by an anonymous private mapping, whose pages the kernel
     zero-fills on first touch: a KV pool of gigabytes costs no start-up time (zeroing 2 GB took
-    ~1.5 s here) and no memory until its blocks are used."""
+    ~1.5 s here) and no memory until its blocks are used. shared (the ipc KV transport): a memfd
+    mapping instead, which another process of the host can map (kv_transfer/host_shm.py)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     import math
     import mmap
     from pdserve.common.models.cpu_ops import advise_huge_pages
-    buf = mmap.mmap(-1, math.prod(shape) * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    out = torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
+    if shared:
+        from pdserve.common.kv_transfer.host_shm import shared_zeros
+        out = shared_zeros(shape, dtype)
+    else:
+        buf = mmap.mmap(-1, math.prod(shape) * dtype.itemsize, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        out = torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
     advise_huge_pages(out)  # before the first touch: decode attention reads blocks all over the pool
     return out
 
@@ -73,6 +79,7 @@ class ModelRunner:
         self.model_cfg = model_cfg
         self.enforce_eager = enforce_eager
         self.block_size = cache_cfg.block_size
+        self.shared_host_kv = cache_cfg.shared_host_kv
         self.max_model_len = max_model_len
         self.scheduler_cfg = scheduler_cfg or SchedulerConfig(max_model_len=max_model_len)
         self.device = resolve_device(model_cfg.device)
@@ -165,7 +172,7 @@ class ModelRunner:
         self.kv_cache = None
         self.kv_caches = []
         self.kv_cache = zeros_on_demand((a.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, a.head_dim),
-                                        self.kv_dtype, self.device)
+                                        self.kv_dtype, self.device, shared=self.shared_host_kv)
         self.kv_caches = list(self.kv_cache.unbind(0))
 
     def bytes_per_block(self) -> int:

@@ -3,4 +3,4 @@
 BACKENDS is here, torch-free, so that flag parsers can offer the names without importing torch.
 """
 
-BACKENDS = ("tcp", "ucx", "nccl", "local")
+BACKENDS = ("tcp", "ucx", "nccl", "ipc", "local")

@@ -21,7 +21,9 @@ expects the server to hold, receives whole blocks of that shard and copies the h
 needs into its cache (the re-shard between prefill TP=a and decode TP=b, tp_pull.py).
 
 Backends: tcp.py (asyncio sockets), ucx.py (ucxx: tcp on CPU, cuda_ipc/cuda_copy on GPU),
-nccl.py (a 2-rank NCCL group per prefill-decode pair; gloo on CPU), local.py (same process).
+nccl.py (a 2-rank NCCL group per prefill-decode pair; gloo on CPU), ipc.py (same host: the
+client reads the server's cache through a CUDA IPC / shared-memory mapping, no staging),
+local.py (same process).
 make_server / make_client pick one by name.
 
 Errors: a pull that cannot complete (peer gone, lease expired or unknown, layout mismatch,
@@ -385,6 +387,8 @@ def _backend_class(backend: str, role: str) -> type:
         from pdserve.common.kv_transfer import ucx as module
     elif backend == "nccl":
         from pdserve.common.kv_transfer import nccl as module
+    elif backend == "ipc":
+        from pdserve.common.kv_transfer import ipc as module
     elif backend == "local":
         from pdserve.common.kv_transfer import local as module
     else:

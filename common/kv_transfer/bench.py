@@ -1,6 +1,6 @@
 """Benchmark of KV handoffs between two processes: each backend against raw baselines.
 
-    python -m pdserve.common.kv_transfer.bench [--device cuda] [--size-mb 256] [--backends tcp,ucx,nccl]
+    python -m pdserve.common.kv_transfer.bench [--device cuda] [--size-mb 256] [--backends tcp,ucx,nccl,ipc]
         [--server-gpu 0 --client-gpu 1] [--json-out F]
 
     main process (decode side)                       spawned process (prefill side)
@@ -36,6 +36,16 @@ base.py; the server's are fetched from its process):
     other      client total - request - recv - scatter: thread and event-loop hand-offs, Python;
                negative when several chunks let the scatter overlap the receives
     msgs       messages per pull: two headers and the payload chunks
+
+ipc (one-sided, ipc.py) has no gather, send or payload: its row reads request = PullRequest ->
+PullSource round trip, scatter = the client's copy out of its mapping of the server's cache
+(one copy_blocks kernel on CUDA) and [gpu] its GPU time, recv = the PullDone round trip (the
+lease check after the copy: 0 when the server's leases announce their expiry, as a worker's
+do; --ipc-lease-check makes every pull check), other = the rest (the hand-off to the pull's
+worker thread and back); msgs counts the request and its answer only.
+
+The "% ceil" column is each row's GB/s as a share of the ceiling measured in the same run for
+the same size: p2p-copy (two GPUs), else cuda-ipc-copy (one GPU), else raw-socket (CPU).
 
 Prints the two tables and then one JSON line.
 """
@@ -83,8 +93,22 @@ def _raw_socket_server(listen_sock: socket.socket, payload: memoryview) -> None:
     conn.close()
 
 
+def _lease_remaining(seconds: float):
+    """What a worker's lease table tells the ipc server: every lease holds for `seconds` more."""
+    return lambda lease_id: seconds
+
+
+def _server_options(backend: str, ipc_lease_check: bool) -> dict:
+    """ipc as a worker runs it (its leases announce the default --lease-ttl of 30 s, so a fast copy
+    skips the PullDone check), or with ipc_lease_check as a server that knows no expiry."""
+    if backend != "ipc" or ipc_lease_check:
+        return {}
+    return {"lease_remaining": _lease_remaining(30.0)}
+
+
 def _prefill_side(device: str, num_blocks: int, backends: list[str], leases: dict,
-                  max_bytes: int, info, commands, visible_gpu: str | None = None) -> None:
+                  max_bytes: int, info, commands, visible_gpu: str | None = None,
+                  ipc_lease_check: bool = False) -> None:
     """The spawned process: KV servers for each backend, a raw socket server, a CUDA buffer.
 
     Serves until the "stop" command; answers the command ("phases", backend) with that
@@ -104,7 +128,11 @@ def _prefill_side(device: str, num_blocks: int, backends: list[str], leases: dic
 
     async def serve():
         caches = _caches(num_blocks, device, seed=0)
-        servers = [make_server(backend, caches, leases.get) for backend in backends]
+        if "ipc" in backends and caches.device.type == "cpu":  # ipc maps a CPU cache from a memfd
+            from pdserve.common.kv_transfer.host_shm import shared_zeros
+            caches = shared_zeros(tuple(caches.shape), caches.dtype).copy_(caches)
+        servers = [make_server(backend, caches, leases.get, **_server_options(backend, ipc_lease_check))
+                   for backend in backends]
         addresses = {backend: await server.start() for backend, server in zip(backends, servers)}
         info.put(dict(addresses=addresses, raw_port=listen_sock.getsockname()[1],
                       cuda_buffer=shared))
@@ -260,6 +288,18 @@ def _bench_copy_kernels(num_blocks: int, n: int, repeats: int, device: str) -> l
     return rows
 
 
+def _add_ceiling_share(rows: list[dict]) -> None:
+    """row["pct_of_ceiling"]: GB/s as % of the same size's p2p-copy, cuda-ipc-copy or raw-socket."""
+    for ceiling in ("p2p-copy", "cuda-ipc-copy", "raw-socket"):
+        best = {row["num_blocks"]: row["gb_per_s"] for row in rows if row["backend"] == ceiling}
+        if best:
+            break
+    for row in rows:
+        if "phases" in row and row["num_blocks"] in best:
+            row["ceiling"] = ceiling
+            row["pct_of_ceiling"] = 100 * row["gb_per_s"] / best[row["num_blocks"]]
+
+
 def _row(name: str, num_blocks: int, nbytes: int, times: list[float], cold_s: float) -> dict:
     median_s = statistics.median(times)
     return dict(backend=name, num_blocks=num_blocks, mib=nbytes / 2**20,
@@ -278,6 +318,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--unmasked", action="store_true",
                         help="with --server-gpu/--client-gpu: both processes see every GPU and use "
                              "cuda:SERVER / cuda:CLIENT (instead of one visible GPU each)")
+    parser.add_argument("--ipc-lease-check", action="store_true",
+                        help="ipc: the server announces no lease expiry, so every pull adds the "
+                             "PullDone round trip (default: leases hold 30 s, as a worker's)")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     if (args.server_gpu is None) != (args.client_gpu is None) or (args.server_gpu and args.device != "cuda"):
@@ -306,7 +349,8 @@ def main(argv: list[str] | None = None) -> dict:
     context = multiprocessing.get_context("spawn")
     info, commands = context.Queue(), context.Queue()
     prefill = context.Process(target=_prefill_side, daemon=True, args=(
-        server_device, num_blocks, backends, leases, max_bytes, info, commands, server_visible))
+        server_device, num_blocks, backends, leases, max_bytes, info, commands, server_visible,
+        args.ipc_lease_check))
     prefill.start()
 
     def server_phases(backend: str) -> PullPhases:
@@ -338,12 +382,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"KV handoff, Llama-3-8B layout ({layout.bytes_per_block / 2**20:.0f} MiB a block), "
           f"device={args.device}, median of {args.repeats} pulls after one cold pull")
+    _add_ceiling_share(rows)
     print(f"{'backend':<14} {'blocks':>6} {'MiB':>7} {'GB/s':>7} {'median ms':>10} "
-          f"{'min ms':>8} {'cold ms':>8}")
+          f"{'min ms':>8} {'cold ms':>8} {'% ceil':>7}")
     for row in rows:
+        share = row.get("pct_of_ceiling")
         print(f"{row['backend']:<14} {row['num_blocks']:>6} {row['mib']:>7.0f} "
               f"{row['gb_per_s']:>7.2f} {row['latency_ms']:>10.2f} {row['min_ms']:>8.2f} "
-              f"{row['cold_ms']:>8.1f}")
+              f"{row['cold_ms']:>8.1f} {'' if share is None else f'{share:.0f}':>7}")
     print("\nphases, ms per pull (mean of the timed pulls; gpu = CUDA event time)")
     print(f"{'backend':<14} {'blocks':>6} {'total':>7} {'request':>8} {'gather':>7} "
           f"{'[gpu]':>6} {'send':>7} {'recv':>7} {'scatter':>8} {'[gpu]':>6} {'other':>7} "
@@ -358,6 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{p['scatter_gpu_ms']:>6.2f} {p['other_ms']:>7.2f} {p['messages']:>5.0f}")
     result = dict(bench="kv_transfer", device=args.device, layout=layout.to_dict(),
                   server_gpu=args.server_gpu, client_gpu=args.client_gpu, unmasked=args.unmasked,
+                  ipc_lease_check=args.ipc_lease_check,
                   torch=torch.__version__, results=rows)
     print(json.dumps(result))
     if args.json_out:

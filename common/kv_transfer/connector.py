@@ -75,6 +75,12 @@ class LeaseConnector(KVConnector):
         """Block ids of a live lease (the KV server's LeaseResolver; any thread)."""
         return self.kv.lease_block_ids(lease_id, time.monotonic())
 
+    def remaining_s(self, lease_id: str) -> float | None:
+        """Seconds until the lease expires (None: unknown or gone), any thread: the ipc KV server
+        announces it, so that a copy ending sooner needs no check that the lease outlived it."""
+        entry = self.kv.leases.get(lease_id)
+        return None if entry is None else entry[1] - time.monotonic()
+
     def release(self, lease_id: str) -> bool:
         """Engine thread: the lease's blocks go back to the pool."""
         released = self.kv.release_lease(lease_id)

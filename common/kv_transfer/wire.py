@@ -19,7 +19,14 @@ the layers the same way (BlockCopier.layer_chunks). The tcp backend frames each 
 4-byte big-endian length and streams the chunks back to back; the ucx backend sends each header
 as one active message and each chunk as one tagged message (a refusing server completes the
 client's posted receives with one empty tagged message per chunk); the nccl backend sends the
-headers over tcp and the payload as one NCCL send.
+headers over tcp and the payload as one NCCL send; the ipc backend sends no payload at all:
+
+      (after Hello)                   <-     Mapping{host_id, kind, regions}
+      PullRequest ...                 ->
+                                      <-     PullSource{block_ids, valid_s} | Error{message}
+      [the client copies the blocks out of its mapping of the server's cache]
+      PullDone{lease_id}              ->     only if the copy may have outlived valid_s
+                                      <-     PullDone{lease_id} | Error (lease gone meanwhile)
 
 Version 2 added PullReply.num_chunks; version 3 moved the choice to PullRequest.num_chunks;
 version 4 added the tensor-parallel shard to the layout (first_kv_head, total_kv_heads).
@@ -94,8 +101,46 @@ class Pair:
     backend: str
 
 
-Message = Hello | PullRequest | PullReply | Error | Pair
-_TYPES = {"hello": Hello, "pull": PullRequest, "reply": PullReply, "error": Error, "pair": Pair}
+@dataclass(frozen=True)
+class Mapping:
+    """ipc backend: after Hello, the server's export of its KV cache memory (ipc.py).
+
+    host_id is the server's boot id (ipc works only within one host); kind is "cuda" (CUDA IPC
+    handles) or "host" (a memfd, host_shm.py); regions has one export per mapped tensor: the
+    whole stacked cache, or one per layer when the layers are separate allocations.
+    """
+    host_id: str
+    kind: str
+    regions: list
+
+
+@dataclass(frozen=True)
+class PullSource:
+    """ipc backend: the answer to a PullRequest: the lease's source block ids (no payload), and
+    valid_s, the seconds the lease still holds them (None: unknown): a client whose copy ends
+    within valid_s of sending its request skips the PullDone check."""
+    block_ids: list
+    valid_s: float | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.block_ids, list):
+            raise ValueError(f"block_ids must be a list, got {self.block_ids!r}")
+        if self.valid_s is not None and (not isinstance(self.valid_s, (int, float))
+                                         or isinstance(self.valid_s, bool)):
+            raise ValueError(f"valid_s must be a number of seconds or None, got {self.valid_s!r}")
+
+
+@dataclass(frozen=True)
+class PullDone:
+    """ipc backend: the client copied the blocks of lease_id (sent when the copy may have outlived
+    PullSource.valid_s); the server echoes it while the lease still holds them (so they were never
+    reused during the copy), else answers an Error."""
+    lease_id: str
+
+
+Message = Hello | PullRequest | PullReply | Error | Pair | Mapping | PullSource | PullDone
+_TYPES = {"hello": Hello, "pull": PullRequest, "reply": PullReply, "error": Error, "pair": Pair,
+          "mapping": Mapping, "source": PullSource, "done": PullDone}
 _NAMES = {cls: name for name, cls in _TYPES.items()}
 
 

@@ -18,7 +18,8 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=0, help="port of this worker's /metrics (0: pick a free port)")
     p.add_argument("--kv-transport", default=None, choices=[b for b in BACKENDS if b != "local"],
                    help="how decode workers pull KV blocks from prefill workers (default: tcp; nccl: a 2-rank "
-                        "NCCL group per prefill-decode pair on GPUs, gloo on CPU)")
+                        "NCCL group per prefill-decode pair on GPUs, gloo on CPU; ipc: one host only, decode reads the "
+                        "prefill's cache through CUDA IPC (GPUs with peer access) or shared memory (CPU))")
     add_kv_transfer_config_arg(p)
     p.add_argument("--redis-url", default=None, help="register in this Redis (pdserve router finds it there)")
     p.add_argument("--instance-id", default=None, help="name in the registry (default: ROLE-HOST-RANDOM)")

@@ -66,7 +66,9 @@ async def start_worker_kv(core, transport: str, host: str, advertise_host: str, 
         # with every GPU visible (as the KV agents of ranks > 0 do, tp_agent.py).
         torch.cuda.set_device(kv_cache.device)
     client = pull.clients[transport] = make_client(transport, kv_cache, kv_heads=kv_heads[0])
-    server = make_server(transport, kv_cache, lease.resolve, host=host, kv_heads=kv_heads[0])
+    # ipc: clients read the blocks after the answer; knowing the lease's expiry spares a check after
+    options = {"lease_remaining": lease.remaining_s} if transport == "ipc" else {}
+    server = make_server(transport, kv_cache, lease.resolve, host=host, kv_heads=kv_heads[0], **options)
     addresses = [await server.start()]
     agents = None
     if num_ranks > 1:

@@ -1,7 +1,7 @@
 """`--kv-transfer-config JSON`: vLLM's spelling of the KV transport flags (torch-free).
 
     vLLM key                  pdserve
-    kv_connector              --kv-transport: a pdserve backend name (tcp, ucx, ...), or vLLM's
+    kv_connector              --kv-transport: a pdserve backend name (tcp, ucx, nccl, ipc), or vLLM's
                               NixlConnector (UCX underneath) -> ucx, P2pNcclConnector /
                               PyNcclConnector -> nccl (where that backend exists)
     kv_role                   must agree with the command: kv_producer = prefill, kv_consumer =
@@ -78,8 +78,17 @@ def resolve_kv_flags(args, role: str | None) -> None:
         args.kv_transport = DEFAULT_TRANSPORT
 
 
+def config_for_transport(config, transport: str):
+    """The engine config a worker of `transport` runs: with ipc a CPU KV pool is allocated in
+    memory that the host's other workers can map (CacheConfig.shared_host_kv); otherwise as given."""
+    if transport != "ipc":
+        return config
+    import dataclasses
+    return dataclasses.replace(config, cache=dataclasses.replace(config.cache, shared_host_kv=True))
+
+
 def add_kv_transfer_config_arg(p) -> None:
     p.add_argument("--kv-transfer-config", default=None, metavar="JSON",
-                   help="vLLM's spelling of the KV flags: {\"kv_connector\": \"tcp\"|\"ucx\"|\"NixlConnector\"..., "
+                   help="vLLM's spelling of the KV flags: {\"kv_connector\": \"tcp\"|\"ucx\"|\"nccl\"|\"ipc\"|\"NixlConnector\"..., "
                         "\"kv_role\": \"kv_producer\"|\"kv_consumer\"|\"kv_both\", \"engine_id\": ...}; other keys "
                         "are refused")

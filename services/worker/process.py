@@ -1,7 +1,7 @@
 """A pdserve worker process: engine start-up, one gRPC server with BOTH services, registration in
 Redis, the publication of its prefix cache to the router's prefix index, and its own /metrics.
 
-    python -m pdserve.services.prefill|decode --redis-url URL [--grpc-port P] [--kv-transport tcp|ucx|nccl] [engine flags]
+    python -m pdserve.services.prefill|decode --redis-url URL [--grpc-port P] [--kv-transport tcp|ucx|nccl|ipc] [engine flags]
     (also `pdserve prefill|decode ...`)
 
 Lifecycle:
@@ -199,9 +199,9 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
 
 
 def run_worker(args: argparse.Namespace, role: str) -> None:
-    from pdserve.services.worker.kv_transfer_config import resolve_kv_flags
+    from pdserve.services.worker.kv_transfer_config import config_for_transport, resolve_kv_flags
     resolve_kv_flags(args, role)
-    asyncio.run(serve_worker(args, role, engine_config(args)))
+    asyncio.run(serve_worker(args, role, config_for_transport(engine_config(args), args.kv_transport)))
 
 
 def main(role: str, argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Disaggregated serving end to end: router + prefill + decode as separate processes, a real
-redis-server, gRPC, the KV over the TCP / UCX / NCCL (gloo on CPU) transports, and the official
-OpenAI client."""
+redis-server, gRPC, the KV over the TCP / UCX / NCCL (gloo on CPU) / IPC (shared memory on CPU)
+transports, and the official OpenAI client."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def offline(tiny_models):
     return LLM(tiny_models["llama"], num_gpu_blocks_override=512, dtype="float32")
 
 
-@pytest.fixture(scope="module", params=backends("tcp", "ucx", "nccl"))
+@pytest.fixture(scope="module", params=backends("tcp", "ucx", "nccl", "ipc"))
 def stack_1p1d(tiny_models, request):
     s = Stack(tiny_models["llama"], prefill=[[]], decode=[[]], kv_transport=request.param)
     yield s

@@ -22,6 +22,9 @@ from pdserve.common.kv_transfer.base import make_server
 # A lease whose resolution blocks the server's event loop: the server looks hung.
 STALL_LEASE = "stall"
 STALL_SECONDS = 5.0
+# ipc: a lease of LEASES["lease"] whose first resolution answers at once and every later one
+# (the check after the client's copy) stalls like STALL_LEASE.
+STALL_AFTER_COPY_LEASE = "stall-after-copy"
 
 
 def make_caches(num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
@@ -36,13 +39,46 @@ def make_caches(num_layers: int, num_blocks: int, block_size: int, num_kv_heads:
     shape = (2, num_blocks, block_size, num_kv_heads, head_dim)
     layers = [torch.randn(shape, generator=generator).to(dtype).to(device)
               for _ in range(num_layers)]
-    return list(torch.stack(layers).unbind(0)) if stacked else layers
+    layers = list(torch.stack(layers).unbind(0)) if stacked else layers
+    if dtype == torch.float8_e4m3fn:  # fp8 caches carry [2, H] scales per layer (equal on every worker)
+        for layer, kv in enumerate(layers):
+            kv.kv_scale = torch.arange(2 * num_kv_heads, dtype=torch.float32).view(2, -1) / 8 + layer + 1
+    return layers
+
+
+def shareable(caches):
+    """The same caches (values, stacking, fp8 scales) in memfd memory that the ipc backend's peers
+    can map (host_shm.py): a stacked cache stays one tensor, separate layers stay separate."""
+    from pdserve.common.kv_transfer.blocks import stacked_view
+    from pdserve.common.kv_transfer.host_shm import shared_zeros
+
+    def moved(tensor):
+        out = shared_zeros(tuple(tensor.shape), tensor.dtype)
+        out.view(torch.uint8).copy_(tensor.view(torch.uint8))
+        if hasattr(tensor, "kv_scale"):
+            out.kv_scale = tensor.kv_scale
+        return out
+    if isinstance(caches, torch.Tensor):
+        return moved(caches)
+    stacked = stacked_view(list(caches))
+    if stacked is None:
+        return [moved(t) for t in caches]
+    layers = list(moved(stacked.contiguous()).unbind(0))
+    for layer, original in zip(layers, caches):
+        if hasattr(original, "kv_scale"):
+            layer.kv_scale = original.kv_scale
+    return layers
 
 
 def lease_table(leases: dict[str, list[int]]):
     """A resolve_lease over a fixed table, plus the stalling lease."""
+    resolved = set()
+
     def resolve_lease(lease_id: str) -> list[int] | None:
-        if lease_id == STALL_LEASE:
+        if lease_id == STALL_AFTER_COPY_LEASE and lease_id not in resolved:
+            resolved.add(lease_id)
+            return leases["lease"]
+        if lease_id in (STALL_LEASE, STALL_AFTER_COPY_LEASE):
             time.sleep(STALL_SECONDS)
             return None
         return leases.get(lease_id)
@@ -52,7 +88,9 @@ def lease_table(leases: dict[str, list[int]]):
 def _serve(backend: str, cache_args: dict, leases: dict, addresses, commands,
            gather_delay_s: float | None) -> None:
     async def main():
-        server = make_server(backend, make_caches(**cache_args), lease_table(leases))
+        caches = make_caches(**cache_args)
+        server = make_server(backend, shareable(caches) if backend == "ipc" else caches,
+                             lease_table(leases))
         if gather_delay_s is not None:
             _delay_gathers(server, gather_delay_s)
         addresses.put(await server.start())

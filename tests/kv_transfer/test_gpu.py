@@ -1,4 +1,5 @@
-"""Pulls between CUDA caches: device staging, the pinned host mirror (tcp), cuda_ipc (ucx).
+"""Pulls between CUDA caches: device staging, the pinned host mirror (tcp), cuda_ipc (ucx), and
+ipc's one-sided read (one copy_blocks kernel through a CUDA IPC mapping of the server's cache).
 
 Skipped without a GPU. The server runs in its own process on the same GPU.
 """
@@ -35,7 +36,7 @@ def _check(dst, dst_before, leases: list[str]) -> None:
         assert torch.equal(dst[layer][:, untouched], dst_before[layer][:, untouched])
 
 
-@pytest.mark.parametrize("backend", ["tcp", "ucx"])
+@pytest.mark.parametrize("backend", ["tcp", "ucx", "ipc"])
 def test_pull_between_gpu_processes(backend):
     dst = make_caches(**CACHE, num_blocks=100, seed=32, device="cuda")
     dst_before = [t.clone() for t in dst]
@@ -45,7 +46,7 @@ def test_pull_between_gpu_processes(backend):
         try:
             for lease in LEASES:
                 await client.pull(server.address, lease, DST_BLOCK_IDS[lease], deadline_s=60.0)
-            chunks_per_pull = {"tcp": 5, "ucx": 1}[backend]
+            chunks_per_pull = {"tcp": 5, "ucx": 1, "ipc": 0}[backend]
             assert client.phases.payload_messages == len(LEASES) * chunks_per_pull
             assert 0 < client.phases.copy_gpu_s  # CUDA events timed the scatters
         finally:

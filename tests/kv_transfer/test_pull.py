@@ -1,5 +1,5 @@
-"""Pulls through real servers on 127.0.0.1 (tcp, ucx, nccl over gloo) or the in-process registry
-(local).
+"""Pulls through real servers on 127.0.0.1 (tcp, ucx, nccl over gloo, ipc over shared memory) or the
+in-process registry (local).
 
 Each test runs its own event loop with asyncio.run and closes every server and client in a
 finally block: the ucx backend resets ucxx when its last user closes, so the next test's loop
@@ -15,20 +15,20 @@ import time
 import pytest
 import torch
 from kv_backends import backends
-from kv_cases import make_caches
+from kv_cases import make_caches, shareable
 
 from pdserve.common.kv_transfer.base import (KVLayout, KVTransferError, make_client,
                                              make_server)
 
 pytestmark = pytest.mark.timeout(60)
 
-BACKENDS = backends("tcp", "ucx", "nccl", "local")
+BACKENDS = backends("tcp", "ucx", "nccl", "ipc", "local")
 CACHE = dict(num_layers=3, block_size=4, num_kv_heads=2, head_dim=8)
 
 
 @contextlib.asynccontextmanager
 async def serving(backend: str, src_caches, leases: dict[str, list[int]], dst_caches):
-    server = make_server(backend, src_caches, leases.get)
+    server = make_server(backend, shareable(src_caches) if backend == "ipc" else src_caches, leases.get)
     client = make_client(backend, dst_caches)
     try:
         address = await server.start()
@@ -73,11 +73,16 @@ def test_pull_copies_exact_blocks_into_other_ids(backend, dtype):
             assert client.num_transfers == 1 and server.num_transfers == 1
             assert client.num_failures == 0 and server.num_failures == 0
             assert client.seconds > 0
+            assert (client.phases.request_s > 0) == (backend != "local")
+            if backend == "ipc":  # one-sided: no payload message, the client copies, the server idles
+                assert client.phases.payload_messages == server.phases.payload_messages == 0
+                assert client.phases.copy_s > 0 and server.phases.copy_s == 0
+                assert client.phases.wire_s > 0  # the PullDone round trip
+                return
             # A small pull is one gather, one payload message (none in-process), one scatter.
             messages = 0 if backend == "local" else 1
             assert client.phases.payload_messages == server.phases.payload_messages == messages
             assert client.phases.copy_s > 0 and server.phases.copy_s > 0
-            assert (client.phases.request_s > 0) == (backend != "local")
 
     asyncio.run(main())
     assert_pulled(src, src_block_ids, dst, dst_block_ids, dst_before)
@@ -182,7 +187,7 @@ def test_pull_from_closed_server_fails_fast(backend):
     dst = make_caches(num_blocks=8, dtype=torch.float32, seed=12, **CACHE)
 
     async def main():
-        server = make_server(backend, src, {"lease": [1, 2]}.get)
+        server = make_server(backend, shareable(src) if backend == "ipc" else src, {"lease": [1, 2]}.get)
         client = make_client(backend, dst)
         try:
             address = await server.start()

@@ -13,6 +13,7 @@ import socket
 
 import pytest
 import torch
+from kv_cases import shareable
 
 from pdserve.common.config import ArchConfig
 from pdserve.common.kv_transfer.base import KVLayout, KVTransferError, make_client, make_server
@@ -43,7 +44,8 @@ async def handoff(backend: str, arch: ArchConfig, src_tp: int, dst_tp: int):
     full = torch.randn(LAYERS, 2, 12, BLOCK, kv, DIM, generator=torch.Generator().manual_seed(3))
     src_heads, dst_heads = model_shards(arch, src_tp), model_shards(arch, dst_tp)
     leases = {"lease-1": SRC_BLOCKS}.get
-    servers = [make_server(backend, shard(full, f, n), leases, kv_heads=(f, kv)) for f, n in src_heads]
+    served = (lambda cache: shareable(cache)) if backend == "ipc" else (lambda cache: cache)
+    servers = [make_server(backend, served(shard(full, f, n)), leases, kv_heads=(f, kv)) for f, n in src_heads]
     dst = [torch.full((LAYERS, 2, 32, BLOCK, n, DIM), float("nan")) for _, n in dst_heads]
     clients = [make_client(backend, cache, kv_heads=(f, kv)) for cache, (f, _) in zip(dst, dst_heads)]
     try:
@@ -60,7 +62,8 @@ async def handoff(backend: str, arch: ArchConfig, src_tp: int, dst_tp: int):
     ("tcp", 4, 2, 2, 1), ("tcp", 4, 2, 1, 2), ("tcp", 4, 2, 2, 2),
     ("tcp", 4, 2, 4, 2), ("tcp", 4, 2, 2, 4),  # KV heads replicated on the TP=4 side
     ("tcp", 9, 3, 2, 1), ("tcp", 9, 3, 1, 2),  # uneven shards (2 + 1 KV heads)
-    ("nccl", 4, 2, 2, 1), ("ucx", 4, 2, 1, 2), ("local", 4, 2, 1, 2)])
+    ("nccl", 4, 2, 2, 1), ("ucx", 4, 2, 1, 2), ("local", 4, 2, 1, 2),
+    ("ipc", 4, 2, 2, 1), ("ipc", 4, 2, 2, 2)])
 def test_every_decode_rank_gets_exactly_its_heads(backend, heads, kv, src_tp, dst_tp):
     arch = arch_of(heads, kv)
     full, dst, dst_heads, pulls, nbytes, servers = asyncio.run(handoff(backend, arch, src_tp, dst_tp))
