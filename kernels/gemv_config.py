@@ -14,8 +14,8 @@ how many programs share the weight and how large a tile each loads. `choose` ans
 then `fit` adapts the entry to the call (BLOCK_K dividing K and aligned to the group, split-K no
 larger than the number of K tiles). A configuration:
 
-    dot=False   FMA path: BLOCK_M = next power of two >= M (<= 4) rows in registers, products
-                accumulated elementwise, reduced once at the end
+    dot=False   FMA path (M <= 4): one accumulator per row in registers, products accumulated
+                elementwise in the weight tile's layout, reduced once at the end
     dot=True    tensor cores: x^T padded to 16 columns, acc[BLOCK_N, 16] += W_tile @ x_tile^T
     split_k     programs along K; > 1 adds partial sums into an fp32 workspace, the last program
                 of a column block writes the output (split_k.py)
@@ -65,13 +65,18 @@ def bucket_of(m: int) -> int:
     return next(b for b in BUCKETS if m <= b)
 
 
+FMA_MAX_M = 4  # the FMA path keeps one accumulator per row
+
+
 def block_m(config: GemvConfig, m: int) -> int:
     """Rows one program holds: 16 for tl.dot (its minimum), else M rounded up to a power of two."""
+    if not config.dot and m > FMA_MAX_M:
+        raise ValueError(f"the FMA path takes up to {FMA_MAX_M} rows, got M = {m}: use dot=True")
     return 16 if config.dot else 1 << (m - 1).bit_length()
 
 
 # Measured entries, (kind, K, N, bucket) -> GemvConfig. Empty until the sweep has run on the target
-# GPU: paste the lines `bench_gemv` prints under "TUNED entries".
+# GPU: paste the lines `bench_gemv` prints under "TUNED entries" (at run time: tune / load_tuned).
 TUNED: dict[tuple[str, int, int, int], GemvConfig] = {}
 
 
@@ -125,15 +130,33 @@ def num_sms(device_index: int) -> int:
 
 
 def choose(kind: str, m: int, k: int, n: int, group_size: int | None, device) -> GemvConfig:
-    """The configuration of one call (see the module docstring for the order)."""
+    """The configuration of one call (see the module docstring for the order); cached per shape,
+    so a decode step outside CUDA graphs pays a dict lookup."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    bucket = bucket_of(m)
+    return _choose(kind, bucket_of(m), k, n, group_size, device.type, device.index)
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose(kind: str, bucket: int, k: int, n: int, group_size: int | None, device_type: str,
+            device_index: int | None) -> GemvConfig:
     config = TUNED.get((kind, k, n, bucket))
     if config is None:
-        sms = num_sms(device.index or 0) if device.type == "cuda" else 8
+        sms = num_sms(device_index or 0) if device_type == "cuda" else 8
         config = heuristic(kind, bucket, k, n, sms)
     return fit(config, kind, k, group_size)
+
+
+def tune(entries: dict[tuple[str, int, int, int], GemvConfig], replace_all: bool = False) -> None:
+    """Adds measured entries to TUNED (replace_all: instead of the current ones), at start-up."""
+    for (kind, _, _, bucket), config in entries.items():
+        if kind not in KINDS or bucket not in BUCKETS:
+            raise ValueError(f"a GEMV table entry for kind {kind!r}, bucket {bucket}: expected {KINDS}, {BUCKETS}")
+        block_m(config, bucket)  # the FMA path cannot serve bucket 16
+    if replace_all:
+        TUNED.clear()
+    TUNED.update(entries)
+    _choose.cache_clear()
 
 
 def candidates(kind: str, bucket: int) -> list[GemvConfig]:
@@ -161,12 +184,12 @@ def load_tuned(path: str) -> int:
     """Adds the entries of a JSON written by the sweep to TUNED; returns how many."""
     with open(path) as f:
         rows = json.load(f)
+    entries = {}
     for row in rows:
         key = (row.pop("kind"), row.pop("k"), row.pop("n"), row.pop("bucket"))
-        if key[0] not in KINDS or key[3] not in BUCKETS:
-            raise ValueError(f"{path}: entry {key} has an unknown kind or bucket")
-        TUNED[key] = GemvConfig(**row)
-    return len(rows)
+        entries[key] = GemvConfig(**row)
+    tune(entries)
+    return len(entries)
 
 
 def tuned_as_python(entries: dict[tuple[str, int, int, int], GemvConfig]) -> list[str]:

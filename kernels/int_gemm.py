@@ -104,14 +104,13 @@ def int_matmul_method(m: int) -> str:
 
 
 def int_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-               bits: int, group_size: int, bias: torch.Tensor | None = None, integer_zeros: bool = False,
-               method: str | None = None) -> torch.Tensor:
+               bits: int, group_size: int, bias: torch.Tensor | None = None, method: str | None = None) -> torch.Tensor:
     """x [M, K] @ W [K, N] (+ b) -> [M, N]; `method` ("gemv" | "dequant" | "fused") overrides
-    int_matmul_method(M); `integer_zeros`: see gemv_int.int_gemv."""
+    int_matmul_method(M)."""
     m, k = x.shape
     method = method or int_matmul_method(m)
     if method == "gemv":
-        return int_gemv(x, qweight, scales, zeros, bits, group_size, bias, integer_zeros)
+        return int_gemv(x, qweight, scales, zeros, bits, group_size, bias)
     per_word = 32 // bits
     n = qweight.shape[1]
     assert bits in (4, 8), f"bits must be 4 or 8, got {bits}"

@@ -105,7 +105,7 @@ def _time_configs(kind: str, shape: _Shape, x, expected, configs, deadline: floa
     from pdserve.kernels.testing import rel_error
     if kind == "int4":
         def fn(config):
-            return lambda w: int_gemv(x, w[0], w[1], w[2], 4, GROUP, integer_zeros=True, config=config)
+            return lambda w: int_gemv(x, w[0], w[1], w[2], 4, GROUP, config=config)
         weights = shape.int4
     else:
         def fn(config):
@@ -172,7 +172,7 @@ def _compile_slice(index: int, count: int) -> None:
     for kind, m, config in _variants()[index::count]:
         x = torch.zeros(m, k, dtype=torch.bfloat16, device="cuda")
         if kind == "int4":
-            int_gemv(x, qweight, scales, scales, 4, GROUP, integer_zeros=True, config=config)
+            int_gemv(x, qweight, scales, scales, 4, GROUP, config=config)
         else:
             fp8_gemv(x, w8, s8, config=config)
     torch.cuda.synchronize()

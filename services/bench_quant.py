@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
                 with open(args.gemv_table_out, "w") as f:
                     f.write(gemv_config.tuned_to_json(timing[1]))
             if not args.no_apply_sweep:
-                gemv_config.TUNED.update(timing[1])
+                gemv_config.tune(timing[1])
                 print(f"engines below run the sweep's best GEMV configs ({len(timing[1])} entries)", flush=True)
     rows = []
     wanted = None if args.only is None else set(args.only.split(","))

@@ -21,8 +21,9 @@ DOT = GemvConfig(16, 128, dot=True)
 # (M, K, N, bits, group, dtype, config, split_k); N odd or not a multiple of BLOCK_N on purpose
 INT_INTERP = [(1, 256, 37, 4, 64, FP32, FMA1, 1), (3, 256, 37, 4, 128, BF16, FMA1, 2),
               (16, 256, 40, 4, 128, BF16, DOT, 2), (3, 256, 24, 4, 64, FP16, DOT, 1),
-              (1, 256, 48, 4, 128, BF16, DOT, 3), (16, 128, 33, 8, 32, FP32, FMA_WIDE, 2),
-              (2, 128, 16, 8, 64, BF16, DOT, 2), (16, 512, 20, 4, 256, FP32, FMA_WIDE, 4)]
+              (1, 256, 48, 4, 128, BF16, DOT, 3), (4, 128, 33, 8, 32, FP32, FMA_WIDE, 2),
+              (2, 128, 16, 8, 64, BF16, DOT, 2), (3, 512, 20, 4, 256, FP32, FMA_WIDE, 4),
+              (16, 256, 40, 8, 64, FP32, DOT, 2)]
 # + (with bias, integer zero points): every combination under the interpreter, one each on the GPU
 # (each combination is another compiled kernel)
 INT_INTERP = [c + (b, z) for c in INT_INTERP for b in (False, True) for z in (True, False)]
@@ -38,7 +39,7 @@ def test_int_gemv(device, case):
     from dataclasses import replace
 
     from pdserve.kernels.gemv_int import int_gemv
-    m, k, n, bits, group, dtype, config, split, with_bias, integer_zeros = case
+    m, k, n, bits, group, dtype, config, split, with_bias, integer_zeros = case  # (AWQ/GPTQ, GGUF)
     qweight, scales, zeros = random_int_weight(k, n, bits, group, dtype, device, seed=m + n)
     if not integer_zeros:  # GGUF-style fractional zero points
         zeros = (zeros.float() + 0.37).to(dtype)
@@ -46,7 +47,7 @@ def test_int_gemv(device, case):
     x = torch.randn(m, k, generator=gen).to(device, dtype)
     bias = torch.randn(n, generator=gen).to(device, dtype) if with_bias else None
     config = config and replace(config, split_k=split)
-    out = int_gemv(x, qweight, scales, zeros, bits, group, bias, integer_zeros=integer_zeros, config=config)
+    out = int_gemv(x, qweight, scales, zeros, bits, group, bias, config=config)
     expected = ref.int_matmul_ref(x, qweight, scales, zeros, bits, group, bias)
     assert out.shape == (m, n) and out.dtype == dtype
     assert rel_error(out, expected) <= tolerance(dtype)
@@ -54,7 +55,8 @@ def test_int_gemv(device, case):
 
 FP8_INTERP = [(1, 200, 37, FP32, FMA1, 1), (3, 256, 37, BF16, GemvConfig(16, 64, num_warps=2), 3),
               (16, 128, 40, FP16, GemvConfig(16, 32, dot=True), 2), (1, 96, 24, BF16, GemvConfig(16, 32, dot=True), 1),
-              (16, 200, 19, FP32, GemvConfig(16, 64), 2), (4, 64, 16, BF16, FMA1, 1)]
+              (3, 200, 19, FP32, GemvConfig(16, 64), 2), (4, 64, 16, BF16, FMA1, 1),
+              (16, 200, 24, FP32, GemvConfig(16, 64, dot=True), 2)]
 FP8_INTERP = [c + (b,) for c in FP8_INTERP for b in (False, True)]
 FP8_GPU = [(1, 4096, 6144, BF16, None, None, False), (3, 4096, 6144, BF16, None, None, True),
            (16, 14336, 4096, BF16, None, None, False),
@@ -112,6 +114,8 @@ def test_configs_are_fitted_to_the_weight():
     assert h.split_k == 11 and 48 * h.split_k >= 2 * 132
     with pytest.raises(ValueError, match="power of two"):
         GemvConfig(48, 128)
+    with pytest.raises(ValueError, match="up to 4 rows"):
+        gc.tune({("int4", 4096, 4096, 16): GemvConfig(64, 128)})
     for kind in gc.KINDS:
         for bucket in gc.BUCKETS:
             assert gc.candidates(kind, bucket) and all(c.dot for c in gc.candidates(kind, 16))
@@ -125,15 +129,14 @@ def test_tuned_table_round_trips_through_json(tmp_path):
     path.write_text(gc.tuned_to_json(entries))
     saved = dict(gc.TUNED)
     try:
-        gc.TUNED.clear()
+        gc.tune({}, replace_all=True)
         assert gc.load_tuned(str(path)) == 2 and gc.TUNED == entries
         assert gc.choose("int4", 1, 4096, 6144, 128, torch.device("cpu")) == entries[("int4", 4096, 6144, 1)]
         assert gc.choose("fp8", 9, 14336, 4096, None, torch.device("cpu")) == entries[("fp8", 14336, 4096, 16)]
         assert gc.choose("fp8", 1, 14336, 4096, None, torch.device("cpu")) == gc.fit(
             gc.heuristic("fp8", 1, 14336, 4096, 8), "fp8", 14336, None)
     finally:
-        gc.TUNED.clear()
-        gc.TUNED.update(saved)
+        gc.tune(saved, replace_all=True)
     assert "GemvConfig(128, 256, split_k=8, dot=False, num_warps=8, num_stages=3)" in "".join(gc.tuned_as_python(entries))
 
 

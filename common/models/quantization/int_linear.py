@@ -142,7 +142,7 @@ class IntLinear(nn.Module):
         if self.use_triton:
             from pdserve.kernels.int_gemm import int_matmul
             return int_matmul(x.contiguous(), self.qweight, self.scales, self.qzeros, self.bits, self.group_size,
-                              self.bias, integer_zeros=self.format != "gguf")
+                              self.bias)
         # CPU (the reference path): int_matmul_ref's numbers, with the dequantized weight kept
         # after the first call (unpacking every step would dominate a CPU forward pass)
         if self._dequantized is None or self._dequantized.dtype != x.dtype:
