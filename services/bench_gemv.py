@@ -1,6 +1,6 @@
 """Sweep of the small-batch quantized GEMVs' launch configurations on the GPU at hand (issue 13).
 
-    python -m pdserve.services.bench_gemv [--budget-s 60] [--json-out FILE] [--table-out FILE]
+    python -m pdserve.services.bench_gemv [--budget-s 60] [--json-out FILE] [--table-out FILE] [--workers 8]
 
 For each Llama-3-8B weight (K x N: qkv 4096 x 6144, o 4096 x 4096, gate_up 4096 x 28672,
 down 14336 x 4096) and M in 1, 4, 16 (the buckets of gemv_config), times in CUDA graphs:
@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # 8B (K, N): qkv, o, gate_up, down
 ROWS = (1, 4, 16)
@@ -35,9 +35,30 @@ ROTATION_BYTES = 256 << 20
 MAX_REL_ERR = 2e-2
 
 
-def graph_us(calls: list, reps: int = 3) -> float:
-    """Microseconds per call: `calls` captured once into a CUDA graph, replayed `reps` times."""
+@dataclass(frozen=True)
+class Settings:
+    """What the sweep runs on: the GPU, or (smoke) the CPU under the Triton interpreter with a
+    small shape, two calls per timing and the first configs only (a test of this script)."""
+    device: str = "cuda"
+    shapes: tuple = tuple(SHAPES)
+    calls: int = 24  # calls per timing (graph)
+    max_configs: int | None = None  # per kind and M
+    num_sms: int | None = None  # None: the GPU's
+    rotation_bytes: int = ROTATION_BYTES
+
+
+SMOKE = Settings(device="cpu", shapes=((256, 128),), calls=2, max_configs=3, num_sms=8, rotation_bytes=0)
+
+
+def graph_us(calls: list, reps: int = 3, device: str = "cuda") -> float:
+    """Microseconds per call: `calls` captured once into a CUDA graph, replayed `reps` times
+    (on CPU: run once, wall time)."""
     import torch
+    if device != "cuda":
+        t0 = time.perf_counter()
+        for call in calls:
+            call()
+        return 1e6 * (time.perf_counter() - t0) / len(calls)
     for call in calls[:2]:
         call()
     torch.cuda.synchronize()
@@ -55,42 +76,38 @@ def graph_us(calls: list, reps: int = 3) -> float:
     return 1000 * start.elapsed_time(end) / (reps * len(calls))
 
 
-def _copies(nbytes: int) -> int:
-    return max(2, min(24, -(-ROTATION_BYTES // nbytes)))
+def _rotation(make, nbytes: int, rotation_bytes: int) -> list:
+    """Copies of one weight, >= rotation_bytes in all (2..24): calls cycling through them miss L2."""
+    return [make(i) for i in range(max(2, min(24, -(-rotation_bytes // nbytes))))]
 
 
-def _rotation(make, nbytes: int) -> list:
-    return [make(i) for i in range(_copies(nbytes))]
-
-
-def _calls(fn, weights: list, length: int = 24) -> list:
+def _calls(fn, weights: list, length: int) -> list:
     return [(lambda w=weights[i % len(weights)]: fn(w)) for i in range(max(length, len(weights)))]
 
 
 class _Shape:
     """Rotated weights of one K x N in each format, and the fp32 reference products."""
 
-    def __init__(self, k: int, n: int):
+    def __init__(self, k: int, n: int, dev: str, rotation_bytes: int):
         import torch
 
         from pdserve.kernels.reference import dequantize_int_ref
         self.k, self.n = k, n
-        gen = torch.Generator(device="cuda").manual_seed(k + n)
-        dev = "cuda"
+        gen = torch.Generator(device=dev).manual_seed(k + n)
         self.bf16 = _rotation(lambda i: torch.randn(n, k, dtype=torch.bfloat16, device=dev, generator=gen) * 0.02,
-                              2 * k * n)
+                              2 * k * n, rotation_bytes)
 
         def int4(i):
             qweight = torch.randint(-2**31, 2**31 - 1, (k // 8, n), dtype=torch.int32, device=dev, generator=gen)
             scales = (0.01 + 0.02 * torch.rand(k // GROUP, n, device=dev, generator=gen)).half()
             zeros = torch.randint(0, 16, (k // GROUP, n), device=dev, generator=gen).half()
             return qweight, scales, zeros
-        self.int4 = _rotation(int4, k * n // 2)
+        self.int4 = _rotation(int4, k * n // 2, rotation_bytes)
 
         def fp8(i):
             w = (torch.randn(n, k, device=dev, generator=gen) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
             return w, torch.full((n,), 0.02 / 64, device=dev)
-        self.fp8 = _rotation(fp8, k * n)
+        self.fp8 = _rotation(fp8, k * n, rotation_bytes)
         self.int4_ref = dequantize_int_ref(*self.int4[0], 4, GROUP)  # [K, N] fp32
         self.fp8_ref = self.fp8[0][0].float() * self.fp8[0][1][:, None]  # [N, K]
 
@@ -99,7 +116,8 @@ class _Shape:
                 "fp8": self.k * self.n + 4 * self.n}[kind]
 
 
-def _time_configs(kind: str, shape: _Shape, x, expected, configs, deadline: float, report: dict) -> list[dict]:
+def _time_configs(kind: str, shape: _Shape, x, expected, configs, deadline: float, report: dict,
+                  settings: Settings) -> list[dict]:
     from pdserve.kernels.gemv_fp8 import fp8_gemv
     from pdserve.kernels.gemv_int import int_gemv
     from pdserve.kernels.testing import rel_error
@@ -124,13 +142,14 @@ def _time_configs(kind: str, shape: _Shape, x, expected, configs, deadline: floa
         if not err <= MAX_REL_ERR:
             report["wrong"].append(f"{kind} K={shape.k} N={shape.n} M={x.shape[0]} {config.short()}: rel err {err:.1e}")
             continue
-        out.append({"config": config, "us": graph_us(_calls(fn(config), weights)), "rel_err": err})
+        us = graph_us(_calls(fn(config), weights, settings.calls), device=settings.device)
+        out.append({"config": config, "us": us, "rel_err": err})
     return out
 
 
-def _configs(kind: str, bucket: int, k: int, n: int) -> list:
+def _configs(kind: str, bucket: int, k: int, n: int, settings: Settings) -> list:
     from pdserve.kernels import gemv_config as gc
-    sms = gc.num_sms(0)
+    sms = settings.num_sms or gc.num_sms(0)
     seen, out = set(), []
     for base in gc.candidates(kind, bucket):
         s = gc.split_for(base, k, n, sms)
@@ -139,7 +158,7 @@ def _configs(kind: str, bucket: int, k: int, n: int) -> list:
             if config not in seen:
                 seen.add(config)
                 out.append(config)
-    return out
+    return out[:settings.max_configs]
 
 
 def _variants() -> list[tuple[str, int, object]]:
@@ -202,39 +221,40 @@ def precompile(workers: int, timeout_s: float = 150.0) -> str:
             + (f"; {len(failed)} failed: {failed[:2]}" if failed else ""))
 
 
-def sweep(budget_s: float = 60.0, shapes=SHAPES, rows=ROWS, workers: int = 8) -> tuple[list[dict], dict, dict]:
+def sweep(budget_s: float = 60.0, workers: int = 8, settings: Settings = Settings()) -> tuple[list[dict], dict, dict]:
     """-> (rows of the table, best config per (kind, K, N, bucket), report of dropped configs).
     The budget starts after the parallel compilation (`workers` processes; 0: none)."""
     import torch
-
-    if workers:
-        print(f"gemv sweep: {precompile(workers)}", flush=True)
     import torch.nn.functional as F
 
     from pdserve.kernels import gemv_config as gc
     from pdserve.kernels.fp8_linear import quantize_fp8_per_token
     from pdserve.kernels.int_gemm import int_dequantize
+    if workers:
+        print(f"gemv sweep: {precompile(workers)}", flush=True)
+    dev, calls = settings.device, settings.calls
     deadline = time.perf_counter() + budget_s
     report = {"skipped": 0, "failed": [], "wrong": []}
     table, best = [], {}
-    for k, n in shapes:
-        shape = _Shape(k, n)
-        for m in rows:
-            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda") * 0.5
-            row = {"k": k, "n": n, "m": m, "bf16_us": graph_us(_calls(lambda w: F.linear(x, w), shape.bf16))}
-            if m > 1:
+    for k, n in settings.shapes:
+        shape = _Shape(k, n, dev, settings.rotation_bytes)
+        for m in ROWS:
+            x = torch.randn(m, k, dtype=torch.bfloat16, device=dev) * 0.5
+            row = {"k": k, "n": n, "m": m, "bf16_us": graph_us(_calls(lambda w: F.linear(x, w), shape.bf16, calls),
+                                                               device=dev)}
+            if m > 1:  # the paths these sizes took before the GEMVs
                 row["int4_dequant_us"] = graph_us(_calls(
-                    lambda w: x @ int_dequantize(w[0], w[1], w[2], 4, GROUP, x.dtype), shape.int4))
+                    lambda w: x @ int_dequantize(w[0], w[1], w[2], 4, GROUP, x.dtype), shape.int4, calls), device=dev)
 
                 def scaled_mm(w):
                     xq, xs = quantize_fp8_per_token(x)
                     return torch._scaled_mm(xq, w[0].t(), scale_a=xs, scale_b=w[1][None, :], out_dtype=x.dtype)
-                row["fp8_scaled_mm_us"] = graph_us(_calls(scaled_mm, shape.fp8))
+                row["fp8_scaled_mm_us"] = graph_us(_calls(scaled_mm, shape.fp8, calls), device=dev)
             for kind, expected in (("int4", x.float() @ shape.int4_ref), ("fp8", x.float() @ shape.fp8_ref.t())):
                 bucket = gc.bucket_of(m)
                 default = gc.choose(kind, m, k, n, GROUP if kind == "int4" else None, x.device)
-                configs = [default] + [c for c in _configs(kind, bucket, k, n) if c != default]
-                timed = _time_configs(kind, shape, x, expected, configs, deadline, report)
+                configs = [default] + [c for c in _configs(kind, bucket, k, n, settings) if c != default]
+                timed = _time_configs(kind, shape, x, expected, configs, deadline, report, settings)
                 by_config = {t["config"]: t for t in timed}
                 if default in by_config:
                     row[f"{kind}_default_us"] = by_config[default]["us"]
@@ -248,7 +268,8 @@ def sweep(budget_s: float = 60.0, shapes=SHAPES, rows=ROWS, workers: int = 8) ->
             table.append(row)
             print(f"gemv K={k} N={n} M={m}: " + json.dumps(_jsonable(row)), flush=True)
         del shape
-        torch.cuda.empty_cache()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
     return table, best, report
 
 
@@ -297,6 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--table-out", default=None, help="the best configs as a gemv_config.load_tuned JSON")
     p.add_argument("--workers", type=int, default=8, help="processes compiling the kernels first (0: none)")
     p.add_argument("--compile-slice", default=None, help=argparse.SUPPRESS)  # "i/n": a precompile worker
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU test of this script (TRITON_INTERPRET=1): a small shape, 3 configs per kind and M")
     args = p.parse_args(argv)
     if args.compile_slice:
         index, count = map(int, args.compile_slice.split("/"))
@@ -304,7 +327,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     from pdserve.kernels.gemv_config import tuned_to_json
     t0 = time.perf_counter()
-    table, best, report = sweep(args.budget_s, workers=args.workers)
+    table, best, report = sweep(args.budget_s, workers=0 if args.smoke else args.workers,
+                                settings=SMOKE if args.smoke else Settings())
     print_table(table, best, report)
     print(f"sweep took {time.perf_counter() - t0:.0f} s")
     if args.table_out:

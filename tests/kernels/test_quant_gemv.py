@@ -201,3 +201,21 @@ def test_fp8_linear_is_weight_only_up_to_16_rows():
         expected, other = (w8a16, w8a8) if m <= 16 else (w8a8, w8a16)
         assert rel_error(got, expected) <= 1e-5, m
         assert rel_error(got, other) > 1e-3, m  # the two paths' numbers are told apart
+
+
+@pytest.mark.skipif(not RUN_INTERPRET, reason="set TRITON_INTERPRET=1 to run on CPU")
+def test_bench_gemv_sweep_runs_and_writes_a_loadable_table(tmp_path, capsys):
+    """The GPU sweep's own code path, on CPU (--smoke: one small shape, three configs per kind
+    and M): every config checked and timed, the best per (kind, bucket) written as a table."""
+    from pdserve.kernels import gemv_config as gc
+    from pdserve.services import bench_gemv
+    table = tmp_path / "table.json"
+    bench_gemv.main(["--smoke", "--table-out", str(table)])
+    printed = capsys.readouterr().out
+    assert "wrong results (dropped): 0" in printed and "TUNED entries" in printed
+    saved = dict(gc.TUNED)
+    try:
+        assert gc.load_tuned(str(table)) == 6
+        assert {(kind, b) for kind, _, _, b in gc.TUNED} == {(kind, b) for kind in ("int4", "fp8") for b in gc.BUCKETS}
+    finally:
+        gc.tune(saved, replace_all=True)
