@@ -219,3 +219,27 @@ def test_bench_gemv_sweep_runs_and_writes_a_loadable_table(tmp_path, capsys):
         assert {(kind, b) for kind, _, _, b in gc.TUNED} == {(kind, b) for kind in ("int4", "fp8") for b in gc.BUCKETS}
     finally:
         gc.tune(saved, replace_all=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or RUN_INTERPRET, reason="needs CUDA (without TRITON_INTERPRET)")
+def test_split_k_gemvs_replay_in_a_cuda_graph():
+    """Split-K GEMVs captured back to back in one CUDA graph (as a decode step is) and replayed:
+    each replay gives the eager results, so the workspace and the counters are clean after each."""
+    from pdserve.kernels.gemv_fp8 import fp8_gemv
+    from pdserve.kernels.gemv_int import int_gemv
+    qweight, scales, zeros = random_int_weight(4096, 6144, 4, 128, FP16, "cuda")
+    w8 = (torch.randn(4096, 14336, device="cuda") * 50).to(torch.float8_e4m3fn)
+    s8 = torch.full((4096,), 1e-3, device="cuda")
+    x = torch.randn(16, 14336, device="cuda", dtype=BF16)
+    calls = [lambda m=m: int_gemv(x[:m, :4096], qweight, scales, zeros, 4, 128,
+                                  config=GemvConfig(64, 128, split_k=16, dot=m > 4)) for m in (1, 3, 16)]
+    calls += [lambda m=m: fp8_gemv(x[:m], w8, s8, config=GemvConfig(32, 256, split_k=8, dot=m > 4)) for m in (1, 3, 16)]
+    eager = [call() for call in calls]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [call() for call in calls]
+    for _ in range(3):
+        graph.replay()
+        for got, want in zip(outs, eager):
+            assert rel_error(got, want) <= 1e-3  # the same sums, added in another order
