@@ -27,7 +27,7 @@ import triton.language as tl
 
 from pdserve.kernels import gemv_config
 from pdserve.kernels.gemv_config import GemvConfig
-from pdserve.kernels.split_k import launch_buffers, store_rows
+from pdserve.kernels.split_k import launch_buffers, rows_of, store_rows
 
 
 @triton.jit
@@ -35,12 +35,6 @@ def _row_fma(acc, w, x_ptr, row, M, K, stride_xm, kk):
     """One row of the FMA path: acc [BN, BK] += w * x[row, kk] (rows past M read zeros)."""
     ok = (kk < K) & (tl.full(kk.shape, row, tl.int32) < M)
     return acc + w * tl.load(x_ptr + row * stride_xm + kk, mask=ok, other=0.0).to(tl.float32)[None, :]
-
-
-@triton.jit
-def _rows_out(y, rows, acc, ROW: tl.constexpr):
-    """Row ROW of the [BM, BN] output: acc [BN, BK] summed along K (once, after the loop)."""
-    return tl.where(rows[:, None] == ROW, tl.sum(acc, axis=1)[None, :], y)
 
 
 @triton.jit(do_not_specialize=["M", "tiles_per_split", "split_k"])
@@ -86,12 +80,7 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, scale_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr, 
     if USE_DOT:
         y = tl.trans(acc)                                                 # [BM, BN]
     else:
-        y = _rows_out(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), rows, acc0, 0)
-        if BLOCK_M > 1:
-            y = _rows_out(y, rows, acc1, 1)
-        if BLOCK_M > 2:
-            y = _rows_out(y, rows, acc2, 2)
-            y = _rows_out(y, rows, acc3, 3)
+        y = rows_of(acc0, acc1, acc2, acc3, rows, BLOCK_M, BLOCK_N, 1)
     y = y * tl.load(scale_ptr + cols, mask=col_ok, other=0.0)[None, :]
     store_rows(y, rows, cols, M, N, out_ptr, stride_om, b_ptr, ws_ptr, lock_ptr, pid_n, split_k, HAS_BIAS)
 

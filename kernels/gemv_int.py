@@ -39,7 +39,7 @@ import triton.language as tl
 
 from pdserve.kernels import gemv_config
 from pdserve.kernels.gemv_config import GemvConfig
-from pdserve.kernels.split_k import launch_buffers, store_rows
+from pdserve.kernels.split_k import launch_buffers, rows_of, store_rows
 
 @triton.jit
 def _codes(part, SH: tl.constexpr, BITS: tl.constexpr):
@@ -55,12 +55,6 @@ def _row_fma(t, xs, c, x_ptr, row, M, stride_xm, kp, SH: tl.constexpr):
     (a padded row past M reads zeros)."""
     xp = tl.load(x_ptr + row * stride_xm + kp, mask=tl.full(kp.shape, row, tl.int32) < M, other=0.0).to(tl.float32)
     return t + c * (xp * (1.0 / (1 << SH)))[:, None], xs + xp
-
-
-@triton.jit
-def _rows_out(y, rows, acc, ROW: tl.constexpr):
-    """Row ROW of the [BM, BN] output: acc [W, BN] summed over the words (once, after the loop)."""
-    return tl.where(rows[:, None] == ROW, tl.sum(acc, axis=0)[None, :], y)
 
 
 @triton.jit(do_not_specialize=["M", "tiles_per_split", "split_k"])
@@ -163,13 +157,22 @@ def _int_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_p
     if USE_DOT:
         y = tl.trans(acc)                                                 # [BM, BN]
     else:
-        y = _rows_out(tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32), rows, acc0, 0)
-        if BLOCK_M > 1:
-            y = _rows_out(y, rows, acc1, 1)
-        if BLOCK_M > 2:
-            y = _rows_out(y, rows, acc2, 2)
-            y = _rows_out(y, rows, acc3, 3)
+        y = rows_of(acc0, acc1, acc2, acc3, rows, BLOCK_M, BLOCK_N, 0)
     store_rows(y, rows, cols, M, N, out_ptr, stride_om, b_ptr, ws_ptr, lock_ptr, pid_n, split_k, HAS_BIAS)
+
+
+def check_int_operands(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                       bits: int, group_size: int, bias: torch.Tensor | None) -> int:
+    """Asserts the shapes, dtypes and strides of an int matmul's operands; returns N."""
+    k, n = x.shape[1], qweight.shape[1]
+    assert bits in (4, 8), f"bits must be 4 or 8, got {bits}"
+    assert qweight.dtype == torch.int32 and qweight.shape[0] * (32 // bits) == k, \
+        f"qweight {tuple(qweight.shape)} {qweight.dtype} vs x {tuple(x.shape)} at {bits} bits"
+    assert k % group_size == 0 and scales.shape == zeros.shape == (k // group_size, n), \
+        f"scales {tuple(scales.shape)} / zeros {tuple(zeros.shape)} vs K {k}, N {n}, group {group_size}"
+    assert x.stride(1) == 1 and qweight.stride(1) == 1 and scales.stride(1) == 1 and zeros.stride(1) == 1
+    assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
+    return n
 
 
 def in_place_values(bits: int, fp16_dot: bool) -> int:
@@ -184,16 +187,8 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
     """x [M <= 16, K] @ W [K, N] (+ b) -> [M, N]; `config` overrides gemv_config.choose (it is
     still fitted to the shape)."""
     m, k = x.shape
-    per_word = 32 // bits
-    n = qweight.shape[1]
+    n = check_int_operands(x, qweight, scales, zeros, bits, group_size, bias)
     assert 1 <= m <= gemv_config.GEMV_MAX_M, f"int_gemv takes 1..{gemv_config.GEMV_MAX_M} rows, got {m}"
-    assert bits in (4, 8), f"bits must be 4 or 8, got {bits}"
-    assert qweight.dtype == torch.int32 and qweight.shape[0] * per_word == k, \
-        f"qweight {tuple(qweight.shape)} {qweight.dtype} vs x {tuple(x.shape)} at {bits} bits"
-    assert k % group_size == 0 and scales.shape == zeros.shape == (k // group_size, n), \
-        f"scales {tuple(scales.shape)} / zeros {tuple(zeros.shape)} vs K {k}, N {n}, group {group_size}"
-    assert x.stride(1) == 1 and qweight.stride(1) == 1 and scales.stride(1) == 1 and zeros.stride(1) == 1
-    assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
     kind = f"int{bits}"
     if config is None:
         config = gemv_config.choose(kind, m, k, n, group_size, x.device)

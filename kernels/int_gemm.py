@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels.gemv_config import GEMV_MAX_M
-from pdserve.kernels.gemv_int import int_gemv
+from pdserve.kernels.gemv_int import check_int_operands, int_gemv
 
 
 @triton.jit
@@ -112,14 +112,7 @@ def int_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zer
     if method == "gemv":
         return int_gemv(x, qweight, scales, zeros, bits, group_size, bias)
     per_word = 32 // bits
-    n = qweight.shape[1]
-    assert bits in (4, 8), f"bits must be 4 or 8, got {bits}"
-    assert qweight.dtype == torch.int32 and qweight.shape[0] * per_word == k, \
-        f"qweight {tuple(qweight.shape)} {qweight.dtype} vs x {tuple(x.shape)} at {bits} bits"
-    assert k % group_size == 0 and scales.shape == zeros.shape == (k // group_size, n), \
-        f"scales {tuple(scales.shape)} / zeros {tuple(zeros.shape)} vs K {k}, N {n}, group {group_size}"
-    assert x.stride(1) == 1 and qweight.stride(1) == 1 and scales.stride(1) == 1 and zeros.stride(1) == 1
-    assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
+    n = check_int_operands(x, qweight, scales, zeros, bits, group_size, bias)
     block_k = min(64, group_size)
     assert k % block_k == 0 and block_k % per_word == 0, f"K {k} must be a multiple of {block_k}"
     if method == "dequant":

@@ -1,4 +1,5 @@
-"""Split-K epilogue of the small-batch GEMVs: partial sums reduced in one kernel, no extra launch.
+"""Epilogue of the small-batch GEMVs: split-K partial sums reduced in one kernel, no extra launch
+(`store_rows`), and the FMA paths' per-row accumulators gathered into one tile (`rows_of`).
 
 With split_k programs along K for one block of BLOCK_N outputs, each program adds its partial
 [BLOCK_M, BLOCK_N] fp32 sums into a workspace and bumps the block's counter; the program that
@@ -46,6 +47,19 @@ def store_rows(y, rows, cols, M, N, out_ptr, stride_om, b_ptr, ws_ptr, lock_ptr,
         y += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_om + cols[None, :], y.to(out_ptr.dtype.element_ty),
              mask=mask)
+
+
+@triton.jit
+def rows_of(acc0, acc1, acc2, acc3, rows, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, AXIS: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] from the FMA paths' per-row accumulators (acc_m summed along AXIS, once
+    after the K loop; rows past BLOCK_M are not read)."""
+    y = tl.where(rows[:, None] == 0, tl.sum(acc0, axis=AXIS)[None, :], tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
+    if BLOCK_M > 1:
+        y = tl.where(rows[:, None] == 1, tl.sum(acc1, axis=AXIS)[None, :], y)
+    if BLOCK_M > 2:
+        y = tl.where(rows[:, None] == 2, tl.sum(acc2, axis=AXIS)[None, :], y)
+        y = tl.where(rows[:, None] == 3, tl.sum(acc3, axis=AXIS)[None, :], y)
+    return y
 
 
 class _Workspace:

@@ -138,7 +138,7 @@ def print_table(rows: list[dict], kernels: str, card: str) -> None:
     for r in rows:
         if "latency" in r:
             print(f"{r['label']}: batch-1 TTFT {r['latency']['ttft_ms']} ms")
-    print(f"GPU kernel tests (test_quant_kernels.py -m gpu): {kernels}")
+    print(f"GPU kernel tests (test_quant_{{kernels,gemv}}.py -m gpu): {kernels}")
 
 
 def main(argv: list[str] | None = None) -> None:
