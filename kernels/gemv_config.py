@@ -81,16 +81,13 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {}
 
 
 def heuristic(kind: str, bucket: int, k: int, n: int, num_sms: int) -> GemvConfig:
-    """A guess without measurements: tiles of 4-16 KiB of int4 words or fp8 bytes per program,
-    split-K to ~4 programs per SM."""
+    """A guess without measurements (the sweep replaces it): the FMA path at M = 1, tensor cores
+    above (M FMAs per weight would cost more than the dot's conversion), tiles of 4-16 KiB of int4
+    words or fp8 bytes per program, split-K to ~4 programs per SM."""
     if kind == "fp8":
-        config = (GemvConfig(32, 512, num_warps=8) if bucket == 1 else
-                  GemvConfig(16, 128, num_warps=4) if bucket == 4 else
-                  GemvConfig(64, 256, dot=True, num_warps=4))
-    else:
-        config = (GemvConfig(128, 128, num_warps=4) if bucket == 1 else  # 128 inputs: one scale row per
-                  GemvConfig(64, 128, num_warps=4) if bucket == 4 else   # tile at the usual G = 128
-                  GemvConfig(64, 128, dot=True, num_warps=4))
+        config = GemvConfig(32, 512, num_warps=8) if bucket == 1 else GemvConfig(64, 256, dot=True, num_warps=4)
+    else:  # 128 inputs: one scale row per tile at the usual G = 128
+        config = GemvConfig(128, 128, num_warps=4) if bucket == 1 else GemvConfig(64, 128, dot=True, num_warps=4)
     return replace(config, split_k=split_for(config, k, n, num_sms))
 
 

@@ -204,7 +204,8 @@ def precompile(workers: int, timeout_s: float = 150.0) -> str:
     import subprocess
     import sys
     t0 = time.perf_counter()
-    procs = [subprocess.Popen([sys.executable, "-m", "pdserve.services.bench_gemv", "--compile-slice", f"{i}/{workers}"],
+    cmd = [sys.executable, "-m", "pdserve.services.bench_gemv", "--compile-slice"]
+    procs = [subprocess.Popen(cmd + [f"{i}/{workers}"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(workers)]
     failed = []
     for proc in procs:
@@ -217,8 +218,10 @@ def precompile(workers: int, timeout_s: float = 150.0) -> str:
             continue
         if proc.returncode:
             failed.append(err.strip().splitlines()[-1] if err.strip() else f"exit {proc.returncode}")
-    return (f"{len(_variants())} kernels compiled by {workers} processes in {time.perf_counter() - t0:.0f} s"
-            + (f"; {len(failed)} failed: {failed[:2]}" if failed else ""))
+    took = f"{time.perf_counter() - t0:.0f} s"
+    if failed:
+        return f"precompiling {len(_variants())} kernels: {len(failed)} of {workers} processes failed ({took}): {failed[:2]}"
+    return f"{len(_variants())} kernels compiled by {workers} processes in {took}"
 
 
 def sweep(budget_s: float = 60.0, workers: int = 8, settings: Settings = Settings()) -> tuple[list[dict], dict, dict]:
@@ -307,7 +310,8 @@ def print_table(table: list[dict], best: dict, report: dict) -> None:
 
 
 def summary(table: list[dict], best: dict, report: dict) -> dict:
-    return {"rows": [_jsonable(r) for r in table], "best": {"/".join(map(str, key)): asdict(c) for key, c in best.items()},
+    return {"rows": [_jsonable(r) for r in table],
+            "best": {"/".join(map(str, key)): asdict(c) for key, c in best.items()},
             "skipped": report["skipped"], "failed": report["failed"], "wrong": report["wrong"]}
 
 

@@ -55,7 +55,7 @@ def compile_sm90(kind: str, block_m: int, block_n: int, block_k: int, dot: bool,
 
 
 # (kind, BLOCK_M, BLOCK_N, BLOCK_K, dot, warps, most conversions allowed in the loop): the
-# engine's default configs for M = 1 / 4 / 16 and a large tile of each path
+# heuristic's configs, the FMA path at M = 4, and a large tile of each path
 VARIANTS = [("int", 1, 128, 128, False, 4, 2), ("int", 4, 64, 128, False, 4, 2), ("int", 16, 64, 128, True, 4, 3),
             ("int", 1, 128, 256, False, 8, 2), ("fp8", 1, 32, 512, False, 8, 1), ("fp8", 4, 16, 128, False, 4, 4),
             ("fp8", 16, 64, 256, True, 4, 2)]

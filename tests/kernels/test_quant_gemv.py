@@ -27,7 +27,8 @@ INT_INTERP = [(1, 256, 37, 4, 64, FP32, FMA1, 1), (3, 256, 37, 4, 128, BF16, FMA
 # + (with bias, integer zero points): every combination under the interpreter, one each on the GPU
 # (each combination is another compiled kernel)
 INT_INTERP = [c + (b, z) for c in INT_INTERP for b in (False, True) for z in (True, False)]
-INT_GPU = [(1, 4096, 6144, 4, 128, BF16, None, None, False, True), (3, 4096, 6144, 4, 128, BF16, None, None, True, True),
+INT_GPU = [(1, 4096, 6144, 4, 128, BF16, None, None, False, True),
+           (3, 4096, 6144, 4, 128, BF16, None, None, True, True),
            (16, 4096, 6144, 4, 128, BF16, None, None, False, True),
            (1, 14336, 4096, 4, 128, BF16, None, None, False, True),
            (1, 4096, 4104, 4, 64, FP16, GemvConfig(128, 256, num_warps=8), 8, True, False),
@@ -106,7 +107,8 @@ def test_configs_are_fitted_to_the_weight():
     with pytest.raises(ValueError, match="1..16 rows"):
         gc.bucket_of(17)
     # BLOCK_K halves until it divides K and aligns with the group; too few words for tl.dot -> FMA
-    assert gc.fit(GemvConfig(64, 256, dot=True, split_k=64), "int4", 384, 128) == GemvConfig(64, 128, dot=True, split_k=3)
+    fitted = gc.fit(GemvConfig(64, 256, dot=True, split_k=64), "int4", 384, 128)
+    assert fitted == GemvConfig(64, 128, dot=True, split_k=3)
     assert gc.fit(GemvConfig(64, 256, dot=True), "int4", 96, 32) == GemvConfig(64, 32, dot=False)
     assert gc.fit(GemvConfig(64, 256), "int8", 14336, None).block_k == 256  # per channel: G = K
     assert gc.fit(GemvConfig(16, 1024), "fp8", 200, None).block_k == 256  # fp8 masks K
@@ -137,7 +139,8 @@ def test_tuned_table_round_trips_through_json(tmp_path):
             gc.heuristic("fp8", 1, 14336, 4096, 8), "fp8", 14336, None)
     finally:
         gc.tune(saved, replace_all=True)
-    assert "GemvConfig(128, 256, split_k=8, dot=False, num_warps=8, num_stages=3)" in "".join(gc.tuned_as_python(entries))
+    pasted = "".join(gc.tuned_as_python(entries))
+    assert "GemvConfig(128, 256, split_k=8, dot=False, num_warps=8, num_stages=3)" in pasted
 
 
 # --- which kernel the quantized linears run, per M ------------------------------------------------
