@@ -10,9 +10,11 @@
     gemv                     batch-1 x @ W^T (+ b) at memory bandwidth          gemv.py
     copy_blocks              whole KV blocks of all layers to/from staging      copy_blocks.py
     int_matmul               x @ W for 4/8-bit grouped-int weights (AWQ, GPTQ,  int_gemm.py
-                             GGUF), dequantized in the GEMM: gemv + tiled
+                             GGUF): M <= 16 int_gemv, else dequantize + cuBLAS  gemv_int.py
     quantize_fp8_per_token   activations -> e4m3 + per-row scales (_scaled_mm)  fp8_linear.py
-    fp8_gemv                 batch-1 x @ (fp8 W * s)^T                          fp8_linear.py
+    fp8_gemv                 M <= 16 rows x @ (fp8 W * s)^T, weight-only        gemv_fp8.py
+    (gemv_config.py: the GEMVs' launch configurations, a measured table + a heuristic;
+     split_k.py: their split-K reduction in one kernel)
 The attention kernels and the KV stores also take fp8 (e4m3) caches with per-head scales.
 
 `reference` holds the torch version of each (`<name>_ref`), which defines the semantics.

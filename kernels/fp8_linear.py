@@ -8,9 +8,9 @@ quantize_fp8_per_token: x [M, K] bf16/fp16/fp32 -> (xq [M, K] fp8, scale [M, 1] 
     reference is reference.fp8_linear_ref). One kernel instead of torch's abs/amax/div/cast chain,
     which at batch 1 would add ~4 launches per linear.
 
-fp8_gemv: x [1, K] @ weight^T * weight_scale (+ b): gemv.py's kernel reading fp8 weights (widened in
-    registers), activations kept in their dtype (weight-only at batch 1: the step is bound by
-    reading the weights). Reference: reference.fp8_gemv_ref.
+fp8_linear_method(M): "gemv" (gemv_fp8.fp8_gemv: W8A16, weights widened in registers, activations
+    kept in their dtype; a decode step is bound by reading the weights) for M <= 16, else
+    "scaled_mm" (W8A8 through torch._scaled_mm).
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels.gemv import gemv
+from pdserve.kernels.gemv_config import GEMV_MAX_M
+from pdserve.kernels.gemv_fp8 import fp8_gemv
+
+__all__ = ["quantize_fp8_per_token", "fp8_gemv", "fp8_linear_method"]
 
 FP8_MAX = 448.0
 
@@ -52,7 +55,6 @@ def quantize_fp8_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return out, scale
 
 
-def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-             bias: torch.Tensor | None = None, block_k: int = 512) -> torch.Tensor:
-    """gemv.py's kernel with fp8 weights and their per-output scales."""
-    return gemv(x, weight, bias, scale=weight_scale, block_k=block_k)
+def fp8_linear_method(m: int) -> str:
+    """The path of an M-row fp8 linear on CUDA: "gemv" (weight-only) or "scaled_mm" (W8A8)."""
+    return "gemv" if m <= GEMV_MAX_M else "scaled_mm"

@@ -9,15 +9,9 @@
 
 Chosen by M on the host (static per CUDA-graph bucket):
 
-  M == 1  _int_gemv_kernel: a program owns BLOCK_N outputs and walks K in tiles of BLOCK_K <= G
-          inputs (so one scale/zero row per tile). A tile of words [BLOCK_K/P, BLOCK_N] is read
-          once (N contiguous, coalesced), unpacked and dequantized in registers to
-          [BLOCK_K/P, P, BLOCK_N] and multiplied by x into an accumulator of that shape: no
-          reduction across threads inside the loop (the first version summed every tile across
-          its threads and ran ~10x slower than a bf16 GEMV), one at the end. With too few
-          programs for the GPU, the K range is split (SPLIT_K) and the partial sums added
-          atomically into an fp32 buffer.
-  M  > 1  "dequant" (default): _int_dequant_kernel writes W [K, N] in x's dtype (reads 4 bits,
+  M <= 16 "gemv": gemv_int.int_gemv, every packed word read once for all M rows (decode
+          batches; split-K to fill the GPU, configurations from gemv_config's table).
+  M  > 16 "dequant" (default): _int_dequant_kernel writes W [K, N] in x's dtype (reads 4 bits,
           writes 16 per weight), then cuBLAS multiplies: a prefill chunk or a large decode batch
           runs at the library's GEMM speed plus one pass over the weight. "fused":
           _int_gemm_kernel, tiles [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N] with the weight tile
@@ -29,44 +23,12 @@ The reference is `reference.int_matmul_ref` (dequantize, then matmul).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _int_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, N, K, stride_qw, stride_s, stride_z,
-                     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    PER_WORD: tl.constexpr = 32 // BITS
-    WORDS: tl.constexpr = BLOCK_K // PER_WORD
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < N
-    words = tl.arange(0, WORDS)
-    pos = tl.arange(0, PER_WORD)
-    shifts = (pos * BITS)[None, :, None]                                   # [1, P, 1]
-    acc3 = tl.zeros([WORDS, PER_WORD, BLOCK_N], dtype=tl.float32)
-    k_per_split = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
-    k_lo = tl.program_id(1) * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        w = tl.load(qw_ptr + (k0 // PER_WORD + words)[:, None].to(tl.int64) * stride_qw + cols[None, :],
-                    mask=col_mask[None, :], other=0)                      # [WORDS, BLOCK_N] int32
-        q = ((w[:, None, :] >> shifts) & ((1 << BITS) - 1)).to(tl.float32)  # [WORDS, P, BLOCK_N]
-        xk = tl.load(x_ptr + k0 + words[:, None] * PER_WORD + pos[None, :]).to(tl.float32)  # [WORDS, P]
-        group = k0 // GROUP_SIZE
-        s = tl.load(s_ptr + group * stride_s + cols, mask=col_mask, other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + group * stride_z + cols, mask=col_mask, other=0.0).to(tl.float32)
-        acc3 += (q - z[None, None, :]) * (xk[:, :, None] * s[None, None, :])  # elementwise only
-    acc = tl.sum(tl.sum(acc3, axis=1), axis=0)                            # [BLOCK_N], once
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
-    else:
-        tl.atomic_add(out_ptr + cols, acc, mask=col_mask)                 # fp32 buffer; bias added after
+from pdserve.kernels.gemv_config import GEMV_MAX_M
+from pdserve.kernels.gemv_int import check_int_operands, int_gemv
 
 
 @triton.jit
@@ -136,54 +98,27 @@ def int_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Ten
     return out
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def gemv_config(n: int, k: int, block_k: int, device: torch.device) -> tuple[int, int]:
-    """(BLOCK_N, SPLIT_K): 32 outputs (128-byte rows of words) when that gives >= 2 programs per
-    SM, else 16; split K only when even then fewer programs than SMs (small weights)."""
-    sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
-    block_n = 32 if triton.cdiv(n, 32) >= 2 * sms else 16
-    programs = triton.cdiv(n, block_n)
-    split = 1 if programs >= sms else min(triton.cdiv(2 * sms, programs), k // block_k)
-    return block_n, max(split, 1)
+def int_matmul_method(m: int) -> str:
+    """The path of an M-row call: "gemv" (gemv_int.py) for decode-sized M, else "dequant"."""
+    return "gemv" if m <= GEMV_MAX_M else "dequant"
 
 
 def int_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-               bits: int, group_size: int, bias: torch.Tensor | None = None,
-               gemv: tuple[int, int] | None = None, method: str = "dequant") -> torch.Tensor:
-    """x [M, K] @ W [K, N] (+ b) -> [M, N]; `gemv` = (BLOCK_N, SPLIT_K) overrides gemv_config;
-    `method` ("dequant" | "fused") picks the M > 1 path."""
+               bits: int, group_size: int, bias: torch.Tensor | None = None, method: str | None = None) -> torch.Tensor:
+    """x [M, K] @ W [K, N] (+ b) -> [M, N]; `method` ("gemv" | "dequant" | "fused") overrides
+    int_matmul_method(M)."""
     m, k = x.shape
+    method = method or int_matmul_method(m)
+    if method == "gemv":
+        return int_gemv(x, qweight, scales, zeros, bits, group_size, bias)
     per_word = 32 // bits
-    n = qweight.shape[1]
-    assert bits in (4, 8), f"bits must be 4 or 8, got {bits}"
-    assert qweight.dtype == torch.int32 and qweight.shape[0] * per_word == k, \
-        f"qweight {tuple(qweight.shape)} {qweight.dtype} vs x {tuple(x.shape)} at {bits} bits"
-    assert k % group_size == 0 and scales.shape == zeros.shape == (k // group_size, n), \
-        f"scales {tuple(scales.shape)} / zeros {tuple(zeros.shape)} vs K {k}, N {n}, group {group_size}"
-    assert x.stride(1) == 1 and qweight.stride(1) == 1 and scales.stride(1) == 1 and zeros.stride(1) == 1
-    assert bias is None or (bias.shape == (n,) and bias.is_contiguous())
-    block_k = min(128 if m == 1 else 64, group_size)
+    n = check_int_operands(x, qweight, scales, zeros, bits, group_size, bias)
+    block_k = min(64, group_size)
     assert k % block_k == 0 and block_k % per_word == 0, f"K {k} must be a multiple of {block_k}"
-    if m == 1:
-        block_n, split = gemv or gemv_config(n, k, block_k, x.device)
-        out = (torch.empty if split == 1 else torch.zeros)((1, n), dtype=x.dtype if split == 1 else torch.float32,
-                                                             device=x.device)
-        _int_gemv_kernel[(triton.cdiv(n, block_n), split)](
-            x, qweight, scales, zeros, bias if bias is not None else scales, out, n, k,
-            qweight.stride(0), scales.stride(0), zeros.stride(0),
-            BITS=bits, GROUP_SIZE=group_size, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-            SPLIT_K=split, num_warps=4, num_stages=4)
-        if split == 1:
-            return out
-        return (out if bias is None else out + bias.float()).to(x.dtype)
     if method == "dequant":
         w = int_dequantize(qweight, scales, zeros, bits, group_size, x.dtype)
         return torch.mm(x, w) if bias is None else torch.addmm(bias, x, w)
-    assert method == "fused", f"method must be dequant or fused, got {method!r}"
+    assert method == "fused", f"method must be gemv, dequant or fused, got {method!r}"
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
     block_n = 64 if m <= 64 else 128

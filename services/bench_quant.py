@@ -1,6 +1,7 @@
 """Quantization on one GPU (issue 13): one command, a table at the end, within ~9 minutes on an H200.
 
     python -m pdserve.services.bench_quant [--budget-s 500] [--w2-requests 400] [--skip-kernel-tests]
+        [--gemv-budget-s 60] [--gemv-table FILE] [--gemv-table-out FILE] [--no-apply-sweep] [--only LABELS]
 
 Runs, one engine at a time in this process (each freed before the next), through bench_gpu's
 measurements (dummy weights, greedy, ignore_eos; W1 = 256 x 512 prompt / 128 output tokens,
@@ -12,7 +13,9 @@ W2 = --w2-requests with prompt U[64, 2048] / output U[32, 512], batch 1 = 512 pr
     8B   bf16 + fp8 KV     W2, KV capacity        (vs bf16 KV: ~2x the tokens)
     70B  AWQ int4          batch-1, W1            on ONE GPU: weights / KV / peak memory
 
-first the GPU kernel tests of the quantized kernels (pytest -m gpu, tests/kernels/test_quant_kernels.py).
+first the GPU kernel tests of the quantized kernels (pytest -m gpu, tests/kernels/test_quant_{kernels,gemv}.py),
+then the sweep of the small-batch GEMVs' launch configs (`bench_gemv`: best per 8B weight and M vs
+bf16 cuBLAS; the engines below then run the best ones unless --no-apply-sweep).
 A configuration that would start after --budget-s is skipped (and says so), so the table always prints.
 Columns: startup s, weights GiB (parameters and buffers), KV tokens (pool capacity), W1 / W2 output
 tok/s, batch-1 ms per output token and TTFT, peak GiB (torch's max allocated), and ratios to 8B bf16.
@@ -94,11 +97,11 @@ def run_config(label, shape, quantization, kv, loads, base) -> dict:
 
 def kernel_tests(timeout_s: float) -> str:
     root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # the repo (the package may be symlinks)
-    test = os.path.join(root, "tests", "kernels", "test_quant_kernels.py")
-    if not os.path.isfile(test):
-        return f"not run: {test} not found"
+    tests = [os.path.join(root, "tests", "kernels", name) for name in ("test_quant_kernels.py", "test_quant_gemv.py")]
+    if not all(os.path.isfile(test) for test in tests):
+        return f"not run: {tests} not found"
     try:
-        proc = subprocess.run([sys.executable, "-m", "pytest", test, "-m", "gpu", "-q", "-p", "no:cacheprovider"],
+        proc = subprocess.run([sys.executable, "-m", "pytest", *tests, "-m", "gpu", "-q", "-p", "no:cacheprovider"],
                               capture_output=True, text=True, timeout=timeout_s, cwd=root)
     except subprocess.TimeoutExpired:
         return f"timed out after {timeout_s:.0f} s"
@@ -135,55 +138,7 @@ def print_table(rows: list[dict], kernels: str, card: str) -> None:
     for r in rows:
         if "latency" in r:
             print(f"{r['label']}: batch-1 TTFT {r['latency']['ttft_ms']} ms")
-    print(f"GPU kernel tests (test_quant_kernels.py -m gpu): {kernels}")
-
-
-KERNEL_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # 8B: qkv, o, gate_up, down (K, N)
-
-
-def kernel_timing(rows_m=(1, 16, 256, 2048), bits: int = 4, group: int = 128) -> list[dict]:
-    """Microseconds per call of the int4 matmul paths vs a bf16 cuBLAS matmul of the same [K, N]
-    (each a CUDA graph of 20 calls: launch costs do not count), for the 8B weights."""
-    import torch
-
-    from pdserve.common.models.triton_attention import _graph_time_us
-    from pdserve.kernels.int_gemm import int_matmul
-    from pdserve.kernels.reference import dequantize_int_ref
-    from pdserve.kernels.testing import rel_error
-    out = []
-    for k, n in KERNEL_SHAPES:
-        gen = torch.Generator(device="cuda").manual_seed(k + n)
-        qweight = torch.randint(-2**31, 2**31 - 1, (k * bits // 32, n), dtype=torch.int32, device="cuda", generator=gen)
-        scales = torch.full((k // group, n), 0.01, dtype=torch.bfloat16, device="cuda")
-        zeros = torch.full((k // group, n), 8.0, dtype=torch.bfloat16, device="cuda")
-        w = torch.randn(k, n, dtype=torch.bfloat16, device="cuda", generator=gen)
-        w_ref = dequantize_int_ref(qweight, scales, zeros, bits, group).float()  # [K, N]
-        for m in rows_m:
-            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda", generator=gen)
-            expected = x.float() @ w_ref
-            row = {"k": k, "n": n, "m": m, "bf16_us": round(_graph_time_us(lambda: x @ w, 20), 1)}
-            methods = ("dequant", "fused") if m > 1 else ("dequant",)  # M = 1: the gemv either way
-            for method in methods:
-                got = int_matmul(x, qweight, scales, zeros, bits, group, method=method)
-                name = "gemv" if m == 1 else method
-                row[f"{name}_rel_err"] = float(rel_error(got, expected))  # vs the reference, bf16 tolerance
-                us = _graph_time_us(lambda: int_matmul(x, qweight, scales, zeros, bits, group, method=method), 20)
-                row[f"{name}_us"] = round(us, 1)
-            out.append(row)
-            print(f"kernel K={k} N={n} M={m}: {json.dumps(row)}", flush=True)
-        del qweight, scales, zeros, w, w_ref
-    torch.cuda.empty_cache()
-    return out
-
-
-def print_kernel_table(rows: list[dict]) -> None:
-    print("\nint4 (g128) matmul vs bf16 cuBLAS, us per call (CUDA graph of 20 calls)")
-    print(f"{'K x N':>12} {'M':>5} {'bf16':>8} {'int4':>8} {'path':>8} {'int4/bf16':>9} {'fused':>8} {'rel err':>8}")
-    for r in rows:
-        path = "gemv" if r["m"] == 1 else "dequant"
-        us = r[f"{path}_us"]
-        print(f"{r['k']:>5} x {r['n']:<5} {r['m']:>5} {r['bf16_us']:>8} {us:>8} {path:>8} "
-              f"{us / r['bf16_us']:>9.2f} {r.get('fused_us', '-'):>8} {r[f'{path}_rel_err']:>8.1e}")
+    print(f"GPU kernel tests (test_quant_{{kernels,gemv}}.py -m gpu): {kernels}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -192,7 +147,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--w2-requests", type=int, default=400)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--skip-kernel-tests", action="store_true")
-    p.add_argument("--skip-kernel-timing", action="store_true", help="no int4 matmul vs bf16 microbenchmark")
+    p.add_argument("--skip-kernel-timing", action="store_true", help="no GEMV config sweep (bench_gemv)")
+    p.add_argument("--gemv-budget-s", type=float, default=60.0, help="time cap of the GEMV config sweep")
+    p.add_argument("--gemv-table", default=None, help="gemv_config JSON (bench_gemv --table-out) for the engines")
+    p.add_argument("--gemv-table-out", default=None, help="write the sweep's best configs here (JSON)")
+    p.add_argument("--no-apply-sweep", action="store_true",
+                   help="engines keep the built-in GEMV configs instead of the sweep's best")
     p.add_argument("--only", default=None, help="comma-separated config labels to run (default: all)")
     p.add_argument("--json-out", default=None)
     p.add_argument("--tiny", action="store_true", help="CPU smoke test of this script: 2-layer shapes, few requests")
@@ -200,14 +160,26 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     t_start = time.perf_counter()
     card = "cpu (--tiny)" if args.tiny else torch.cuda.get_device_name()
-    kernels = "skipped" if args.skip_kernel_tests or args.tiny else kernel_tests(150.0)
+    kernels = "skipped" if args.skip_kernel_tests or args.tiny else kernel_tests(240.0)
     print(f"kernel tests: {kernels}", flush=True)
-    timing = []
+    from pdserve.kernels import gemv_config
+    if args.gemv_table:
+        print(f"gemv configs: {gemv_config.load_tuned(args.gemv_table)} entries from {args.gemv_table}", flush=True)
+    timing = None
     if not (args.skip_kernel_timing or args.tiny):
+        from pdserve.services import bench_gemv
         try:
-            timing = kernel_timing()
+            timing = bench_gemv.sweep(args.gemv_budget_s)
         except Exception as e:  # the engine configurations below still run
-            print(f"kernel timing failed: {type(e).__name__}: {e}", flush=True)
+            print(f"GEMV sweep failed: {type(e).__name__}: {e}", flush=True)
+        else:
+            bench_gemv.print_table(*timing)
+            if args.gemv_table_out:
+                with open(args.gemv_table_out, "w") as f:
+                    f.write(gemv_config.tuned_to_json(timing[1]))
+            if not args.no_apply_sweep:
+                gemv_config.tune(timing[1])
+                print(f"engines below run the sweep's best GEMV configs ({len(timing[1])} entries)", flush=True)
     rows = []
     wanted = None if args.only is None else set(args.only.split(","))
     for label, shape, quantization, kv, loads in CONFIGS:
@@ -227,9 +199,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.perf_counter() - t_start:.0f} s] {label} done", flush=True)
     print_table(rows, kernels, card)
     if timing:
-        print_kernel_table(timing)
+        from pdserve.services import bench_gemv
+        bench_gemv.print_table(*timing)
     summary = {"card": card, "total_s": round(time.perf_counter() - t_start, 1), "kernel_tests": kernels, "rows": rows,
-               "kernel_timing": timing}
+               "gemv_sweep": timing and bench_gemv.summary(*timing)}
     print(json.dumps(summary))
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -1,4 +1,5 @@
-"""Quantized-weight kernels (int_gemm, fp8 KV in the attention kernels) against their references.
+"""Quantized-weight kernels (int_gemm, fp8 KV in the attention kernels) against their references
+(the small-batch GEMVs: test_quant_gemv.py).
 
 Same two backends as test_kernels.py: `gpu` (CUDA, Llama-sized shapes, marked gpu) and the
 Triton interpreter on CPU (tiny shapes, TRITON_INTERPRET=1):
@@ -58,7 +59,7 @@ def test_int_matmul(device, case, with_bias):
     x = torch.randn(m, k, generator=gen).to(device, dtype)
     bias = torch.randn(n, generator=gen).to(device, dtype) if with_bias else None
     expected = ref.int_matmul_ref(x, qweight, scales, zeros, bits, group, bias)
-    for method in ("dequant", "fused"):  # the M > 1 paths (M = 1 is the gemv either way)
+    for method in ("gemv", "dequant", "fused") if m <= 16 else ("dequant", "fused"):
         out = int_matmul(x, qweight, scales, zeros, bits, group, bias, method=method)
         assert out.shape == (m, n) and out.dtype == dtype
         err = rel_error(out, expected)
@@ -77,20 +78,6 @@ def test_int_dequantize_equals_the_reference(device, case):
     assert rel_error(w, expected.to(dtype)) <= tolerance(dtype)
 
 
-@pytest.mark.parametrize("device,case", backends([(4096, 4096, 4, 128), (14336, 4096, 4, 128)],
-                                                 [(256, 8, 4, 64), (128, 24, 8, 32)]))
-def test_int_gemv_split_k(device, case):
-    """The split-K path (fp32 atomics) equals the one-pass path."""
-    from pdserve.kernels.int_gemm import int_matmul
-    k, n, bits, group = case
-    qweight, scales, zeros = random_int_weight(k, n, bits, group, BF16, device)
-    x = torch.randn(1, k, generator=torch.Generator().manual_seed(1)).to(device, BF16)
-    expected = ref.int_matmul_ref(x, qweight, scales, zeros, bits, group)
-    for split in (1, 2, 4):
-        out = int_matmul(x, qweight, scales, zeros, bits, group, gemv=(16, split))
-        assert rel_error(out, expected) <= tolerance(BF16), split
-
-
 @pytest.mark.parametrize("device,case", backends([(1, 4096, BF16), (256, 14336, BF16), (3, 4096, FP16)],
                                                  [(1, 64, FP32), (5, 200, BF16), (2, 48, FP16)]))
 def test_quantize_fp8_per_token(device, case):
@@ -104,21 +91,6 @@ def test_quantize_fp8_per_token(device, case):
     # the same fp8 codes up to one rounding step where x / scale sits on a rounding boundary
     assert (q.float() - q_ref.float()).abs().le(q_ref.float().abs() * 0.0625 + 1e-6).all()
     assert (q.float() == q_ref.float()).float().mean() > 0.99
-
-
-@pytest.mark.parametrize("device,case", backends([(4096, 4096, BF16), (14336, 4096, BF16), (4096, 28672, FP16)],
-                                                 [(64, 32, FP32), (200, 24, BF16), (128, 40, FP16)]))
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_fp8_gemv(device, case, with_bias):
-    from pdserve.kernels.fp8_linear import fp8_gemv
-    k, n, dtype = case
-    gen = torch.Generator().manual_seed(k + n)
-    weight = (torch.randn(n, k, generator=gen) * 50).to(torch.float8_e4m3fn).to(device)
-    scale = (torch.rand(n, generator=gen) * 1e-3 + 1e-4).to(device)
-    x = torch.randn(1, k, generator=gen).to(device, dtype)
-    bias = torch.randn(n, generator=gen).to(device, dtype) if with_bias else None
-    out = fp8_gemv(x, weight, scale, bias, block_k=64 if device == "cpu" else 512)
-    assert rel_error(out, ref.fp8_gemv_ref(x, weight, scale, bias)) <= tolerance(dtype)
 
 
 # --- fp8 KV cache ------------------------------------------------------------------------------

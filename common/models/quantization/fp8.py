@@ -14,8 +14,8 @@ Two ways in:
   - a prequantized checkpoint ("fp8" with per-tensor `weight_scale`, or compressed-tensors with
     strategy tensor/channel): `weight_loader` places each checkpoint tensor (fused q/k/v and
     gate/up shards included).
-forward: CUDA -> batch 1: `fp8_gemv` (weight-only), else `quantize_fp8_per_token` + torch._scaled_mm
-(Hopper); CPU -> `reference.fp8_linear_ref`'s W8A8 numbers in fp32 (the weight widened to fp32 once
+forward: CUDA -> M <= 16 rows (decode batches): `fp8_gemv` (W8A16, weight-only), else
+`quantize_fp8_per_token` + torch._scaled_mm (W8A8, Hopper); CPU -> `reference.fp8_linear_ref`'s W8A8 numbers in fp32 (the weight widened to fp32 once
 and kept: the CPU path is the reference, not a memory saver), chosen once at construction.
 """
 
@@ -108,9 +108,9 @@ class Fp8Linear(nn.Module):
             xq, x_scale = fp8_quantize_per_row_ref(x)
             y = torch.nn.functional.linear(xq.float(), self._widened) * x_scale * self.weight_scale[None, :]
             return (y if self.bias is None else y + self.bias.float()).to(x.dtype)
-        from pdserve.kernels.fp8_linear import fp8_gemv, quantize_fp8_per_token
-        if x.shape[0] == 1:
-            return fp8_gemv(x, self.weight, self.weight_scale, self.bias)
+        from pdserve.kernels.fp8_linear import fp8_gemv, fp8_linear_method, quantize_fp8_per_token
+        if fp8_linear_method(x.shape[0]) == "gemv":
+            return fp8_gemv(x.contiguous(), self.weight, self.weight_scale, self.bias)
         xq, x_scale = quantize_fp8_per_token(x)
         return torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale[None, :],
                                 bias=self.bias, out_dtype=x.dtype)

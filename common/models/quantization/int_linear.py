@@ -15,7 +15,7 @@ Loading a checkpoint (`weight_loader` of each parameter; `shard` = q/k/v or gate
     AWQ   qweight [K, Ns/8] unpacked with AWQ's interleave and repacked along K; qzeros likewise
     GGUF  already in the running layout (gguf_blocks.py converts the blocks while reading the
           file); scales and (fractional) zeros are kept in fp32
-forward: CUDA -> `int_matmul` (Triton, gemv at batch 1); CPU -> `int_matmul_ref`'s numbers, with the
+forward: CUDA -> `int_matmul` (Triton: gemv_int for M <= 16 rows, dequantize + cuBLAS above); CPU -> `int_matmul_ref`'s numbers, with the
 dequantized weight kept after the first call (the CPU path is the reference, not a memory saver).
 """
 

@@ -1,0 +1,196 @@
+"""Launch configurations of the small-batch quantized GEMVs (gemv_int.py, gemv_fp8.py), from a table.
+
+A decode step multiplies M = 1..16 rows (the CUDA-graph buckets 1 2 4 8 16) by each weight; the
+kernels read every weight byte once and are bound by memory, so the configuration that matters is
+how many programs share the weight and how large a tile each loads. `choose` answers, in order:
+
+    TUNED[(kind, K, N, bucket)]      measured on a GPU by `python -m pdserve.services.bench_gemv`
+                                     (pasted below, or loaded from its JSON with `load_tuned`)
+    heuristic(kind, bucket, K, N)    fallback: ~4 programs per SM through split-K
+
+    kind    "int4" | "int8" (grouped-int codes, gemv_int.py) | "fp8" (e4m3, gemv_fp8.py)
+    bucket  1 (M = 1), 4 (M = 2..4), 16 (M = 5..16)
+
+then `fit` adapts the entry to the call (BLOCK_K dividing K and aligned to the group, split-K no
+larger than the number of K tiles). A configuration:
+
+    dot=False   FMA path (M <= 4): one accumulator per row in registers, products accumulated
+                elementwise in the weight tile's layout, reduced once at the end
+    dot=True    tensor cores: x^T padded to 16 columns, acc[BLOCK_N, 16] += W_tile @ x_tile^T
+    split_k     programs along K; > 1 adds partial sums into an fp32 workspace, the last program
+                of a column block writes the output (split_k.py)
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import asdict, dataclass, replace
+
+KINDS = ("int4", "int8", "fp8")
+BUCKETS = (1, 4, 16)
+GEMV_MAX_M = 16  # larger M: dequantize + cuBLAS (int), torch._scaled_mm (fp8)
+
+
+def _pow2(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    block_n: int  # outputs per program
+    block_k: int  # inputs per loop iteration (int: a multiple of the values per word)
+    split_k: int = 1  # programs along K
+    dot: bool = False  # tensor-core path (BLOCK_M = 16) instead of the FMA path
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def __post_init__(self):
+        for name in ("block_n", "block_k", "num_warps"):
+            if not _pow2(getattr(self, name)):
+                raise ValueError(f"GemvConfig.{name} must be a power of two, got {getattr(self, name)}")
+        if self.split_k < 1 or self.num_stages < 1:
+            raise ValueError(f"GemvConfig split_k and num_stages must be >= 1, got {self.split_k}, {self.num_stages}")
+        if self.dot and self.block_n < 16:
+            raise ValueError(f"GemvConfig.block_n must be >= 16 with dot=True, got {self.block_n}")
+
+    def short(self) -> str:
+        return (f"{'dot' if self.dot else 'fma'} n{self.block_n} k{self.block_k} s{self.split_k} "
+                f"w{self.num_warps} st{self.num_stages}")
+
+
+def bucket_of(m: int) -> int:
+    if not 1 <= m <= GEMV_MAX_M:
+        raise ValueError(f"the GEMVs take 1..{GEMV_MAX_M} rows, got M = {m}")
+    return next(b for b in BUCKETS if m <= b)
+
+
+FMA_MAX_M = 4  # the FMA path keeps one accumulator per row
+
+
+def block_m(config: GemvConfig, m: int) -> int:
+    """Rows one program holds: 16 for tl.dot (its minimum), else M rounded up to a power of two."""
+    if not config.dot and m > FMA_MAX_M:
+        raise ValueError(f"the FMA path takes up to {FMA_MAX_M} rows, got M = {m}: use dot=True")
+    return 16 if config.dot else 1 << (m - 1).bit_length()
+
+
+# Measured entries, (kind, K, N, bucket) -> GemvConfig. Empty until the sweep has run on the target
+# GPU: paste the lines `bench_gemv` prints under "TUNED entries" (at run time: tune / load_tuned).
+TUNED: dict[tuple[str, int, int, int], GemvConfig] = {}
+
+
+def heuristic(kind: str, bucket: int, k: int, n: int, num_sms: int) -> GemvConfig:
+    """A guess without measurements (the sweep replaces it): the FMA path at M = 1, tensor cores
+    above (M FMAs per weight would cost more than the dot's conversion), tiles of 4-16 KiB of int4
+    words or fp8 bytes per program, split-K to ~4 programs per SM."""
+    if kind == "fp8":
+        config = GemvConfig(32, 512, num_warps=8) if bucket == 1 else GemvConfig(64, 256, dot=True, num_warps=4)
+    else:  # 128 inputs: one scale row per tile at the usual G = 128
+        config = GemvConfig(128, 128, num_warps=4) if bucket == 1 else GemvConfig(64, 128, dot=True, num_warps=4)
+    return replace(config, split_k=split_for(config, k, n, num_sms))
+
+
+def split_for(config: GemvConfig, k: int, n: int, num_sms: int, programs_per_sm: int = 4) -> int:
+    """Split K so that the grid has about programs_per_sm programs per SM, each >= 2 tiles long."""
+    column_blocks = -(-n // config.block_n)
+    tiles = max(k // config.block_k, 1)
+    wanted = -(-programs_per_sm * num_sms // column_blocks)
+    return max(1, min(wanted, tiles // 2))
+
+
+def fit(config: GemvConfig, kind: str, k: int, group_size: int | None) -> GemvConfig:
+    """The config adapted to this weight: BLOCK_K divides K and, for int codes, is a multiple or a
+    divisor of the group and holds >= 16 words on the dot path (else the FMA path); split_k no
+    more than the K tiles."""
+    block_k = config.block_k
+    dot = config.dot
+    if kind == "fp8":
+        block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))  # masked along K: any K works
+    else:
+        per_word = 32 // int(kind[3:])
+        group = group_size or k
+        while block_k > per_word and (k % block_k or (group % block_k and block_k % group)):
+            block_k //= 2
+        if k % block_k or (group % block_k and block_k % group):
+            raise ValueError(f"no BLOCK_K fits K = {k} with groups of {group_size} ({kind})")
+        if dot and block_k // per_word < 16:
+            dot = False  # tl.dot needs 16 words along K
+    tiles = -(-k // block_k)
+    return replace(config, block_k=block_k, dot=dot, split_k=max(1, min(config.split_k, tiles)))
+
+
+@functools.cache
+def num_sms(device_index: int) -> int:
+    import torch
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def choose(kind: str, m: int, k: int, n: int, group_size: int | None, device) -> GemvConfig:
+    """The configuration of one call (see the module docstring for the order); cached per shape,
+    so a decode step outside CUDA graphs pays a dict lookup."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    return _choose(kind, bucket_of(m), k, n, group_size, device.type, device.index)
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose(kind: str, bucket: int, k: int, n: int, group_size: int | None, device_type: str,
+            device_index: int | None) -> GemvConfig:
+    config = TUNED.get((kind, k, n, bucket))
+    if config is None:
+        sms = num_sms(device_index or 0) if device_type == "cuda" else 8
+        config = heuristic(kind, bucket, k, n, sms)
+    return fit(config, kind, k, group_size)
+
+
+def tune(entries: dict[tuple[str, int, int, int], GemvConfig], replace_all: bool = False) -> None:
+    """Adds measured entries to TUNED (replace_all: instead of the current ones), at start-up."""
+    for (kind, _, _, bucket), config in entries.items():
+        if kind not in KINDS or bucket not in BUCKETS:
+            raise ValueError(f"a GEMV table entry for kind {kind!r}, bucket {bucket}: expected {KINDS}, {BUCKETS}")
+        block_m(config, bucket)  # the FMA path cannot serve bucket 16
+    if replace_all:
+        TUNED.clear()
+    TUNED.update(entries)
+    _choose.cache_clear()
+
+
+def candidates(kind: str, bucket: int) -> list[GemvConfig]:
+    """The configurations the sweep times for one bucket (split_k filled per shape by the sweep).
+    Few distinct (block sizes, warps, path) so that compiling them all stays within ~30 s; FMA
+    tiles hold <= 64 fp32 accumulators per thread (BLOCK_M * BLOCK_N * BLOCK_K / threads for fp8)."""
+    if kind == "fp8":
+        fma = {1: [(16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 256, 8), (16, 1024, 8)],
+               4: [(16, 128, 4), (16, 256, 8), (32, 128, 8)], 16: []}[bucket]
+        dots = [(64, 128, 4), (128, 128, 4), (64, 256, 4), (128, 256, 8)]
+    else:
+        fma = {1: [(64, 128, 4), (128, 128, 4), (128, 256, 8), (256, 128, 8), (64, 256, 4)],
+               4: [(64, 128, 4), (64, 256, 8), (128, 128, 8)], 16: []}[bucket]
+        dots = [(64, 128, 4), (128, 128, 4), (64, 256, 4), (128, 256, 8)]
+    return ([GemvConfig(n, k, num_warps=w) for n, k, w in fma]
+            + [GemvConfig(n, k, dot=True, num_warps=w) for n, k, w in dots])
+
+
+def tuned_to_json(entries: dict[tuple[str, int, int, int], GemvConfig]) -> str:
+    return json.dumps([{"kind": kind, "k": k, "n": n, "bucket": b, **asdict(c)}
+                       for (kind, k, n, b), c in sorted(entries.items())], indent=1)
+
+
+def load_tuned(path: str) -> int:
+    """Adds the entries of a JSON written by the sweep to TUNED; returns how many."""
+    with open(path) as f:
+        rows = json.load(f)
+    entries = {}
+    for row in rows:
+        key = (row.pop("kind"), row.pop("k"), row.pop("n"), row.pop("bucket"))
+        entries[key] = GemvConfig(**row)
+    tune(entries)
+    return len(entries)
+
+
+def tuned_as_python(entries: dict[tuple[str, int, int, int], GemvConfig]) -> list[str]:
+    """Lines to paste into TUNED above."""
+    return [f"    {key!r}: GemvConfig({c.block_n}, {c.block_k}, split_k={c.split_k}, dot={c.dot}, "
+            f"num_warps={c.num_warps}, num_stages={c.num_stages}),"
+            for key, c in sorted(entries.items())]
