@@ -3,6 +3,7 @@
     pdserve bench structured                                   # CPU, the packaged SmolLM2
     pdserve bench structured --shape llama3-8b --device cuda   # GPU: Llama-3-8B shape, dummy weights
     python -m pdserve.services.bench_structured ...            # the same
+    python -m pdserve.services.bench_structured --export-tokenizer .tok   # SmolLM2's tokenizer -> .tok/
 
 For each batch size B, rounds alternate the two modes on the same engine: B random-token prompts
 (--input-len, fresh each round), --output-len tokens with ignore_eos; the constrained mode adds
@@ -10,18 +11,25 @@ For each batch size B, rounds alternate the two modes on the same engine: B rand
 rarely completes early). Only *full decode steps* are timed: steps after the prefill step in which
 all B requests produce a token, so requests that end early (a completed grammar) or the prefill do
 not change the batch being compared. tok/s = tokens of those steps / their wall time; the figure per
-mode is the median over rounds, and `ratio` = constrained / unconstrained. `mask_ms_per_step`:
-host time of the constrained mode's own work per timed step (the manager's fill: matchers and
-bitmask, and update: advancing matchers), timed around those two calls; on a shared, noisy
-machine it says what the grammar costs independently of how long the forward happened to take.
+mode is the median over rounds, and `ratio` = constrained / unconstrained.
 
-Grammar requests run steps one at a time (their mask needs the previous token on the host), so on
-CUDA the ratio includes losing overlapped scheduling as well as the mask (filled on the host while
-the forward runs, applied on the device before sampling).
+`mask_ms_per_step`: host time of the constrained mode's own work per timed step, from the
+manager's `MaskStats`: fill (advance the matchers by the token in flight, xgrammar's bitmask,
+queue its copy) + update (advance the matchers by a finished step's tokens). The wait inside
+fill for the previous step's tokens is device time and is reported apart (`wait_ms_per_step`).
+On a shared, noisy machine mask_ms says what the grammar costs independently of how long the
+forward happened to take; the grammar is hidden behind the forward while mask_ms plus the
+engine's own host work per step stays below the device's step time.
+
+Grammar rows keep overlapped steps (async scheduling, the default on CUDA): the mask of step k
+is filled on the host while step k's forward runs on the device, from the token step k-1
+sampled, and applied on the device before sampling.
 
 `--shape llama3-8b` writes bench_gpu's Llama-3-8B config (vocab 128256) to a temp folder with
-SmolLM2's tokenizer files (the only tokenizer packaged): the grammar is compiled over its 49152
-tokens and the mask covers all 128256 logits (ids past the tokenizer are never allowed).
+dummy weights; the tokenizer is SmolLM2's (`--tokenizer DIR`: an HF tokenizer folder, e.g. the
+one `--export-tokenizer` writes; default: converted from the packaged GGUF): the grammar is
+compiled over its 49152 tokens and the mask covers all 128256 logits (ids past the tokenizer are
+never allowed).
 """
 
 from __future__ import annotations
@@ -50,8 +58,10 @@ def add_parser(bench_sub) -> None:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--shape", default="smollm2", choices=["smollm2", "llama3-8b", "tiny"],
-                   help="smollm2: the packaged model; llama3-8b: dummy weights (GPU); tiny: a smoke test of that path")
+    p.add_argument("--shape", default="smollm2", choices=["smollm2", "llama3-8b", "llama3-vocab", "tiny"],
+                   help="smollm2: the packaged model; llama3-8b: dummy weights (GPU); llama3-vocab: two tiny "
+                        "layers with Llama-3's 128256-token vocabulary (the 8B shape's grammar work, a short "
+                        "forward: CPU); tiny: a smoke test of the dummy path")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="concurrent requests of each run")
     p.add_argument("--input-len", type=int, default=32, help="prompt tokens per request")
@@ -61,6 +71,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="overlapped steps for unconstrained requests (default: on CUDA)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts")
+    p.add_argument("--tokenizer", default=None,
+                   help="HF tokenizer folder (default: SmolLM2's, from the packaged GGUF)")
+    p.add_argument("--grammar-threads", type=int, default=None,
+                   help="threads advancing a step's matchers and filling its mask rows (default: half the "
+                        "usable cores, at most 8)")
+    p.add_argument("--export-tokenizer", default=None, metavar="DIR",
+                   help="write SmolLM2's tokenizer (from the packaged GGUF) to DIR as an HF folder and exit")
     p.add_argument("--json-out", default=None, help="write the results here")
 
 
@@ -71,18 +88,18 @@ def build_engine(args):
     from pdserve.common.tokenizer import gguf_tokenizer_folder
     max_seqs = max(args.batch_sizes)
     if args.shape == "smollm2":
-        model = ModelConfig(model=default_model_path(), max_model_len=args.max_model_len, device=args.device,
-                            seed=args.seed)
+        model = ModelConfig(model=default_model_path(), tokenizer=args.tokenizer, max_model_len=args.max_model_len,
+                            device=args.device, seed=args.seed)
         cache = CacheConfig(num_blocks=-(-args.max_model_len // 16) * max_seqs + 64)
     else:
         from pdserve.services.bench_gpu import LLAMA3_8B, TINY
         folder = tempfile.mkdtemp(prefix="pdserve-bench-structured-")
+        shape = {"llama3-8b": LLAMA3_8B, "tiny": TINY,
+                 "llama3-vocab": {**TINY, "vocab_size": LLAMA3_8B["vocab_size"]}}[args.shape]
         with open(os.path.join(folder, "config.json"), "w") as f:
-            json.dump(LLAMA3_8B if args.shape == "llama3-8b" else TINY, f)
-        tok_dir = gguf_tokenizer_folder(default_model_path())
-        for name in os.listdir(tok_dir):
-            shutil.copy(os.path.join(tok_dir, name), folder)
-        model = ModelConfig(model=folder, dtype="bfloat16" if args.device == "cuda" else "float32",
+            json.dump(shape, f)
+        tokenizer = args.tokenizer or gguf_tokenizer_folder(default_model_path())
+        model = ModelConfig(model=folder, tokenizer=tokenizer, dtype="bfloat16" if args.device == "cuda" else "float32",
                             max_model_len=args.max_model_len, load_format="dummy", device=args.device, seed=args.seed)
         cache = CacheConfig() if args.device == "cuda" else CacheConfig(num_blocks=-(-args.max_model_len // 16) * max_seqs)
     config = EngineConfig(model=model, cache=cache,
@@ -92,48 +109,52 @@ def build_engine(args):
     return EngineCore(config)
 
 
-class _Timed:
-    """Seconds spent inside `obj.name` calls (instrumentation of the benchmark only)."""
-
-    def __init__(self, obj, name: str):
-        self.seconds = 0.0
-        inner = getattr(obj, name)
-
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return inner(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - t0
-        setattr(obj, name, timed)
-
-
-def full_batch_rate(engine, prompts: list[list[int]], params, tag: str, mask_timers=()) -> dict:
+def full_batch_rate(engine, prompts: list[list[int]], params, tag: str) -> dict:
     """Run the batch to completion; time only steps after the prefill in which every request
-    produced a token."""
+    produced a token (and the grammar's host work and wait in those steps)."""
     n = len(prompts)
     for i, p in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", p, params)
-    tokens = seconds = steps = mask = 0
+    stats = engine.structured.stats
+    tokens = seconds = steps = mask = wait = 0
     seen_prefill = False
     while engine.has_unfinished():
-        before, mask_before = engine.num_generated_tokens, sum(t.seconds for t in mask_timers)
+        before = engine.num_generated_tokens
+        mask_before, wait_before = stats.fill_seconds + stats.update_seconds, stats.wait_seconds
         t0 = time.perf_counter()
         engine.step()
         dt = time.perf_counter() - t0
         if engine.num_generated_tokens - before == n:
             if seen_prefill:
                 tokens, seconds, steps = tokens + n, seconds + dt, steps + 1
-                mask += sum(t.seconds for t in mask_timers) - mask_before
+                mask += stats.fill_seconds + stats.update_seconds - mask_before
+                wait += stats.wait_seconds - wait_before
             seen_prefill = True
+    per_step = (lambda x: 1000 * x / steps) if steps else (lambda x: None)
     return {"tok_per_s": tokens / seconds if seconds else None, "steps": steps,
-            "ms_per_step": 1000 * seconds / steps if steps else None,
-            "mask_ms_per_step": 1000 * mask / steps if steps else None}
+            "ms_per_step": per_step(seconds), "mask_ms_per_step": per_step(mask), "wait_ms_per_step": per_step(wait)}
 
 
-def main_args(args) -> dict:
+def export_tokenizer(folder: str) -> None:
+    """SmolLM2's tokenizer as an HF folder (tokenizer.json, tokenizer_config.json; ~3.5 MB): a
+    GPU run takes it with --tokenizer instead of the 93 MB GGUF."""
+    from pdserve.common.models.loader import default_model_path
+    from pdserve.common.tokenizer import gguf_tokenizer_folder
+    source = gguf_tokenizer_folder(default_model_path())
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(source):
+        shutil.copy(os.path.join(source, name), folder)
+    print(f"wrote {len(os.listdir(source))} files of SmolLM2's tokenizer to {folder}")
+
+
+def main_args(args) -> dict | None:
     from pdserve.common.sampling_params import SamplingParams
+    if args.export_tokenizer:
+        export_tokenizer(args.export_tokenizer)
+        return None
     engine = build_engine(args)
+    if args.grammar_threads is not None:
+        engine.structured.num_threads = args.grammar_threads
     rng = random.Random(args.seed)
     vocab = min(engine.arch.vocab_size, engine.tokenizer.vocab_size)
     modes = {"none": SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True),
@@ -142,7 +163,6 @@ def main_args(args) -> dict:
 
     def prompts(b):
         return [[rng.randrange(100, vocab) for _ in range(args.input_len)] for _ in range(b)]
-    timers = (_Timed(engine.structured, "fill"), _Timed(engine.structured, "update"))
     for name, params in modes.items():  # warm-up: kernels, graphs, the grammar's compile
         full_batch_rate(engine, prompts(2), params, f"warm-{name}")
     results = []
@@ -150,8 +170,7 @@ def main_args(args) -> dict:
         runs = {name: [] for name in modes}
         for r in range(args.rounds):
             for name, params in modes.items():
-                runs[name].append(full_batch_rate(engine, prompts(b), params, f"b{b}-{name}-{r}",
-                                                  timers if name == "json_schema" else ()))
+                runs[name].append(full_batch_rate(engine, prompts(b), params, f"b{b}-{name}-{r}"))
         row = {"batch_size": b}
         for name, rs in runs.items():
             rates = [x["tok_per_s"] for x in rs if x["tok_per_s"]]
@@ -159,16 +178,19 @@ def main_args(args) -> dict:
                          "ms_per_step": _median([x["ms_per_step"] for x in rs]),
                          "full_steps": [x["steps"] for x in rs], "all_tok_per_s": [round(x, 1) for x in rates]}
         row["mask_ms_per_step"] = _median([x["mask_ms_per_step"] for x in runs["json_schema"]])
+        row["wait_ms_per_step"] = _median([x["wait_ms_per_step"] for x in runs["json_schema"]])
         if row["none"]["tok_per_s"] and row["json_schema"]["tok_per_s"]:
             row["ratio"] = round(row["json_schema"]["tok_per_s"] / row["none"]["tok_per_s"], 3)
         results.append(row)
         print(f"batch {b:>3}: unconstrained {row['none']['tok_per_s']} tok/s, json_schema "
               f"{row['json_schema']['tok_per_s']} tok/s, ratio {row.get('ratio')}; step "
               f"{row['none']['ms_per_step']} vs {row['json_schema']['ms_per_step']} ms, of which grammar "
-              f"fill+update {row['mask_ms_per_step']} ms", flush=True)
+              f"fill+update {row['mask_ms_per_step']} ms (host), waiting for the previous step inside fill "
+              f"{row['wait_ms_per_step']} ms", flush=True)
     summary = {"bench": "structured", "shape": args.shape, "device": str(engine.runner.device),
                "async_scheduling": engine.async_scheduling, "input_len": args.input_len,
-               "output_len": args.output_len, "rounds": args.rounds, "results": results}
+               "output_len": args.output_len, "rounds": args.rounds, "grammar_threads": engine.structured.num_threads,
+               "results": results}
     print(json.dumps(summary))
     if args.json_out:
         with open(args.json_out, "w") as f:

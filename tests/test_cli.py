@@ -82,13 +82,19 @@ def test_bench_latency_reports_consistent_numbers_and_plots(tmp_path, tiny_model
 
 
 def test_bench_structured_and_tool_flags(tmp_path):
+    tok = tmp_path / "tok"  # SmolLM2's tokenizer as a folder: what a GPU run takes instead of the GGUF
+    proc = pdserve("bench", "structured", "--export-tokenizer", str(tok))
+    assert proc.returncode == 0 and (tok / "tokenizer.json").is_file(), proc.stderr
     out = tmp_path / "s.json"
     proc = pdserve("bench", "structured", "--shape", "tiny", "--batch-sizes", "2", "--input-len", "8",
-                   "--output-len", "6", "--rounds", "1", "--json-out", str(out))
+                   "--output-len", "6", "--rounds", "1", "--tokenizer", str(tok), "--grammar-threads", "2",
+                   "--json-out", str(out))
     assert proc.returncode == 0, proc.stderr
-    row = json.loads(out.read_text())["results"][0]
+    report = json.loads(out.read_text())
+    row = report["results"][0]
     assert row["batch_size"] == 2 and row["none"]["tok_per_s"] > 0 and row["json_schema"]["full_steps"] == [5]
-    assert "ratio" in row and "json_schema" in proc.stdout
+    assert "ratio" in row and "json_schema" in proc.stdout and report["grammar_threads"] == 2
+    assert row["mask_ms_per_step"] > 0 and row["wait_ms_per_step"] >= 0
     # 6 tokens: the prefill step samples the first, the 5 decode steps after it are timed
     bad = pdserve("serve", "--enable-auto-tool-choice")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [

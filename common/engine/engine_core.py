@@ -108,7 +108,7 @@ class EngineCore:
         self.requests: dict[str, list[Request]] = {}  # user request id -> its sequences
         self.model_name = config.model.served_model_name or served_name(config.model.model)
         self.structured = StructuredOutputManager(self.tokenizer, self.arch.vocab_size, self.eos_token_ids,
-                                                  pin_memory=self.runner.device.type == "cuda")
+                                                  device=self.runner.device)
         self.num_steps = 0
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0

@@ -7,13 +7,23 @@ sees of constrained decoding:
                                      grammars, keyed by the spec): a bad regex/grammar -> 400
     runner.launch(sched, manager)    forward queued on the device, then on the host, while it runs:
       manager.fill(sample_reqs, inflight_token)
-                                       -> bitmask [B, ceil(V / 32)] int32 (bit set: token allowed),
-                                          None when no row is constrained
+                                       matchers advanced by the token each row has in flight (one
+                                       batched xgrammar call), grammar rows filled by xgrammar's
+                                       thread pool into a reused host buffer (pinned on CUDA),
+                                       copied non_blocking
+                                       -> bitmask [B, ceil(V / 32)] int32 (bit set: token allowed)
+                                          on the device, None when no row is constrained
       sampler.sample(..., bitmask)     masked logits are -inf before anything else
     scheduler.update -> touched
     manager.update(touched)          advance each matcher by the tokens appended since it last
-                                     looked -> ids whose grammar ended (finish: stop) or broke
+                                     looked (batched) -> ids whose grammar ended (finish: stop)
+                                     or broke
     manager.drop(finished ids)
+
+The host work of a step (`MaskStats`) is hidden behind the forward only while it is shorter than
+the forward, so nothing in it is per-row Python beyond list building: accepting tokens and filling
+rows are batched xgrammar calls, and the host buffers are a ring reused under CUDA events
+(bitmask_buffers.py), not allocated per step.
 
 Each request's matcher catches up with *all* its output tokens the first time it is looked at,
 so tokens given at admission (a decode worker receives the first token its prefill worker
@@ -34,7 +44,9 @@ token when the output ends with the rest.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -42,14 +54,23 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pdserve.common.engine.bitmask_buffers import BitmaskBuffers
+from pdserve.common.engine.grammar_workers import GrammarWorkers
 from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, ScheduledRequest
 from pdserve.common.request import Request
 from pdserve.common.sampling_params import ParameterError, SamplingParams, StructuredOutputsParams
 
 log = logging.getLogger("pdserve.structured")
 
+MAX_GRAMMAR_THREADS = 8  # threads advancing one step's matchers (64 rows of ~0.1 ms need few)
 GRAMMAR_CACHE_SIZE = 256  # compiled grammars kept (a JSON schema's is ~10-500 KB)
 MAX_BAD_WORD_CONTEXT = 64  # output tokens a bad word's prefix is compared with (longer words never match)
+
+
+def default_grammar_threads() -> int:
+    """Half the cores this process may run on, at most MAX_GRAMMAR_THREADS (the CPU engine's
+    forward never runs while they do; on a GPU host the other half stays for other processes)."""
+    return max(1, min(MAX_GRAMMAR_THREADS, len(os.sched_getaffinity(0)) // 2))
 
 
 class GrammarCompiler:
@@ -130,16 +151,29 @@ class _RequestState:
     broken: bool = False  # an output token the grammar rejects
 
 
+@dataclass
+class MaskStats:
+    """Host time of constrained decoding, summed over steps (benchmarks read deltas of it)."""
+    num_fills: int = 0  # steps whose bitmask was filled
+    fill_seconds: float = 0.0  # matchers advanced, bitmask filled and its copy queued
+    wait_seconds: float = 0.0  # inside fill, waiting for the previous step's tokens (device time)
+    update_seconds: float = 0.0  # matchers advanced by a step's new tokens after it
+
+
 class StructuredOutputManager:
-    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...], pin_memory: bool = False):
+    def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...],
+                 device: torch.device | str = "cpu", num_threads: int | None = None):
+        """`device`: where the sampler applies the masks (CUDA: pinned buffers, copied
+        non_blocking); `num_threads`: threads advancing the matchers and filling the rows of a
+        step, the engine's included (None: `default_grammar_threads()`)."""
         self.tokenizer = tokenizer
-        self.pin_memory = pin_memory
         self.vocab_size = vocab_size
         self.num_words = -(-vocab_size // 32)  # bitmask width W
         self.grammars = GrammarCompiler(tokenizer, vocab_size, eos_token_ids) if tokenizer is not None else None
+        self._workers = GrammarWorkers(num_threads if num_threads is not None else default_grammar_threads())
+        self.stats = MaskStats()
         self._states: dict[str, _RequestState] = {}
-        self._batch_matcher = None
-        self._buffer: torch.Tensor | None = None  # CPU: the reused bitmask
+        self._buffers = BitmaskBuffers(self.num_words, torch.device(device))
 
     # ---- admission --------------------------------------------------------------------------
     def validate(self, params: SamplingParams) -> None:
@@ -163,28 +197,25 @@ class StructuredOutputManager:
     # ---- the step's mask --------------------------------------------------------------------
     def fill(self, reqs: list[ScheduledRequest], inflight_token: Callable[[str], int] | None = None
              ) -> torch.Tensor | None:
-        """Bitmask [B, W] int32 on the host for the step's sampled rows (all bits set in rows
-        without constraints), or None when no row has any. Pinned on CUDA hosts: the sampler's
-        copy to the device does not wait. `inflight_token(req_id)`: the token the previous step
-        sampled for a row whose input is still in flight."""
+        """Bitmask [B, W] int32 for the step's sampled rows (all bits set in rows without
+        constraints), or None when no row has any; on the manager's device (CUDA: queued as a
+        non_blocking copy from a pinned buffer). `inflight_token(req_id)`: the token the
+        previous step sampled for a row whose input is still in flight."""
         rows = [(i, s) for i, s in enumerate(reqs) if s.params.has_token_mask]
         if not rows:
             return None
-        bitmask = self._host_buffer(len(reqs))
+        t0 = time.perf_counter()
+        inflight = {}
+        if inflight_token is not None:  # the first call waits for the previous step, the rest look up
+            inflight = {s.req_id: inflight_token(s.req_id) for _, s in rows
+                        if s.input_token_ids[-1] == PLACEHOLDER_TOKEN}
+        t1 = time.perf_counter()
+        states = [self._state(s.req_id, s.params) for _, s in rows]
+        bitmask = self._buffers.acquire(len(reqs))
+        self._advance([(i, state, self._unseen(state, s.output_token_ids, inflight.get(s.req_id)))
+                       for state, (i, s) in zip(states, rows) if state.matcher is not None], bitmask)
         bits = bitmask.numpy().view(np.uint32)  # same memory, unsigned for bit arithmetic
-        grammar_rows, matchers, inflight = [], [], {}
-        for i, s in rows:
-            state = self._state(s.req_id, s.params)
-            if inflight_token is not None and s.input_token_ids[-1] == PLACEHOLDER_TOKEN:
-                inflight[s.req_id] = inflight_token(s.req_id)
-            if state.matcher is not None:
-                self._catch_up(state, s.output_token_ids, inflight.get(s.req_id))
-                if not state.broken and not state.matcher.is_terminated():
-                    grammar_rows.append(i)
-                    matchers.append(state.matcher)
-        self._fill_grammar_rows(matchers, bitmask, grammar_rows)
-        for i, s in rows:
-            state = self._states[s.req_id]
+        for state, (i, s) in zip(states, rows):
             if state.allowed is not None:
                 bits[i] &= state.allowed
             if state.bad_words:
@@ -194,49 +225,37 @@ class StructuredOutputManager:
                     if len(word) == 1 or tuple(tail[-(len(word) - 1):]) == word[:-1]:
                         t = word[-1]
                         bits[i, t >> 5] &= np.uint32(~(1 << (t & 31)) & 0xFFFFFFFF)
-        return bitmask
-
-    def _host_buffer(self, num_rows: int) -> torch.Tensor:
-        """[num_rows, W] int32, all bits set. CUDA hosts: fresh pinned memory per step (torch's
-        caching host allocator reuses a block only after its copy to the device is done). CPU:
-        one buffer reused (the sampler applies it before the next step fills it)."""
-        if self.pin_memory:
-            return torch.full((num_rows, self.num_words), -1, dtype=torch.int32, pin_memory=True)
-        if self._buffer is None or self._buffer.shape[0] < num_rows:
-            self._buffer = torch.empty((max(num_rows, 64), self.num_words), dtype=torch.int32)
-        buf = self._buffer[:num_rows]
-        buf.fill_(-1)
-        return buf
-
-    def _fill_grammar_rows(self, matchers: list, bitmask: torch.Tensor, rows: list[int]) -> None:
-        if len(matchers) == 1:
-            matchers[0].fill_next_token_bitmask(bitmask, rows[0])
-        elif matchers:
-            if self._batch_matcher is None:
-                import xgrammar
-                self._batch_matcher = xgrammar.BatchGrammarMatcher()
-            self._batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, rows)
+        out = self._buffers.to_device(bitmask)
+        stats = self.stats
+        stats.num_fills += 1
+        stats.wait_seconds += t1 - t0
+        stats.fill_seconds += time.perf_counter() - t1
+        return out
 
     # ---- after the step ---------------------------------------------------------------------
     def update(self, touched: list[Request]) -> tuple[list[str], list[str]]:
         """Advance the matchers by the new tokens: -> (ids whose grammar ended, ids whose output
         the grammar rejects). Finished requests' state is dropped."""
-        ended, broken = [], []
+        t0 = time.perf_counter()
+        live = []
         for req in touched:
             state = self._states.get(req.request_id)
             if state is None:
                 continue
             if req.is_finished():
                 del self._states[req.request_id]
-                continue
-            if state.matcher is None:
-                continue
-            was_broken = state.broken
-            self._catch_up(state, req.output_token_ids)
+            elif state.matcher is not None:
+                live.append((req, state, state.broken))
+        work = [(None, state, self._unseen(state, req.output_token_ids, None)) for req, state, _ in live]
+        self._advance([w for w in work if w[2]], None)
+        ended, broken = [], []
+        for req, state, was_broken in live:
+            req_id = req.request_id
             if state.broken and not was_broken:
-                broken.append(req.request_id)
-            elif state.matcher.is_terminated():
-                ended.append(req.request_id)
+                broken.append(req_id)
+            elif not state.broken and state.matcher.is_terminated():
+                ended.append(req_id)
+        self.stats.update_seconds += time.perf_counter() - t0
         return ended, broken
 
     def drop(self, req_ids) -> None:
@@ -246,6 +265,14 @@ class StructuredOutputManager:
     @property
     def num_requests(self) -> int:
         return len(self._states)
+
+    @property
+    def num_threads(self) -> int:
+        return self._workers.num_threads
+
+    @num_threads.setter
+    def num_threads(self, value: int) -> None:  # between steps (benchmarks sweep it)
+        self._workers = GrammarWorkers(value)
 
     # ---- per-request state ------------------------------------------------------------------
     def _state(self, req_id: str, params: SamplingParams) -> _RequestState:
@@ -262,16 +289,51 @@ class StructuredOutputManager:
             state = self._states[req_id] = _RequestState(matcher, allowed, self._bad_word_ids(params.bad_words))
         return state
 
-    def _catch_up(self, state: _RequestState, output_token_ids: list[int], inflight: int | None = None) -> None:
-        """Accept the output tokens the matcher has not seen, then the in-flight one if given."""
-        num_known = len(output_token_ids)
-        while not state.broken and state.num_accepted < num_known + (inflight is not None):
-            token = output_token_ids[state.num_accepted] if state.num_accepted < num_known else inflight
-            if state.matcher.is_terminated() or not state.matcher.accept_token(token):
-                log.warning("output token %d does not match the request's grammar", token)
-                state.broken = True
-                return
-            state.num_accepted += 1
+    @staticmethod
+    def _unseen(state: _RequestState, output_token_ids: list[int], inflight: int | None) -> list[int]:
+        """The tokens the matcher has not accepted: the output's tail, then the in-flight one."""
+        n = len(output_token_ids)
+        if state.broken or state.num_accepted > n:  # > n: the in-flight token is already consumed
+            return []
+        new = output_token_ids[state.num_accepted:]
+        return new if inflight is None else new + [inflight]
+
+    def _advance(self, work: list[tuple[int | None, _RequestState, list[int]]], bitmask: torch.Tensor | None) -> None:
+        """Each (row, state, tokens)'s matcher accepts its tokens, then, with `bitmask`, fills its
+        row unless it broke or terminated (left all ones); the rows split over the worker threads."""
+        if work:
+            self._workers.run(lambda share: self._advance_share(share, bitmask), work)
+
+    def _advance_share(self, share, bitmask: torch.Tensor | None) -> None:
+        """One thread's rows (only their states are touched): batched accepts, then mask rows."""
+        self._accept([(state, tokens) for _, state, tokens in share if tokens])
+        if bitmask is not None:
+            for i, state, _ in share:
+                if not state.broken and not state.matcher.is_terminated():
+                    state.matcher.fill_next_token_bitmask(bitmask, i)
+
+    @staticmethod
+    def _accept(pending: list[tuple[_RequestState, list[int]]]) -> None:
+        """Feed each state's matcher its tokens: one batched xgrammar call per token position (a
+        step adds one token, so normally one call). A token the grammar rejects, or any token
+        after the grammar terminated, breaks the state."""
+        if not pending:
+            return
+        import xgrammar
+        k = 0
+        while pending:
+            accepted = xgrammar.BatchGrammarMatcher.batch_accept_token([st.matcher for st, _ in pending],
+                                                                       [new[k] for _, new in pending])
+            left = []
+            for (state, new), ok in zip(pending, accepted):
+                if not ok:  # a terminated matcher accepts nothing
+                    log.warning("output token %d does not match the request's grammar", new[k])
+                    state.broken = True
+                    continue
+                state.num_accepted += 1
+                if k + 1 < len(new):
+                    left.append((state, new))
+            pending, k = left, k + 1
 
     def _bad_word_ids(self, words: list[str]) -> list[tuple[int, ...]]:
         """vLLM's rule: the word as given (leading space stripped) and after a space, the second

@@ -1,0 +1,44 @@
+"""A step's matcher work split over threads: rows of a batch are independent.
+
+xgrammar's calls release the GIL (tvm-ffi's default), and per row they are long (on the 2-core
+dev box, within a JSON string of SmolLM2's vocabulary padded to 128256: accepting a token
+~17-40 us, filling its mask ~100-300 us), so threads run them in parallel. xgrammar's own
+`BatchGrammarMatcher` parallelizes the mask fill only; accepting the token in flight must come
+first and is serial there. Here each thread takes a strided share of the rows and does both,
+the calling thread taking the first share:
+
+    rows 0..B-1 --> thread k: rows k, k + n, k + 2n, ...   accept its tokens, fill its mask rows
+                    (n = min(num_threads, ceil(B / MIN_ROWS_PER_THREAD)); n = 1: no handoff)
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Sequence, TypeVar
+
+T = TypeVar("T")
+MIN_ROWS_PER_THREAD = 4  # a handoff costs tens of us; a row, hundreds
+
+
+class GrammarWorkers:
+    def __init__(self, num_threads: int):
+        if num_threads < 1:
+            raise ValueError(f"num_threads must be at least 1, got {num_threads}")
+        self.num_threads = num_threads
+        self._pool: ThreadPoolExecutor | None = None  # num_threads - 1 workers, started on first use
+
+    def run(self, fn: Callable[[Sequence[T]], None], items: Sequence[T]) -> None:
+        """fn(share) for strided shares of items, in parallel; returns when all are done and
+        raises the first error of any share. fn must touch only its share's state."""
+        n = min(self.num_threads, -(-len(items) // MIN_ROWS_PER_THREAD))
+        if n <= 1:
+            fn(items)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.num_threads - 1, thread_name_prefix="pdserve-grammar")
+        futures = [self._pool.submit(fn, items[k::n]) for k in range(1, n)]
+        try:
+            fn(items[0::n])
+        finally:
+            for f in futures:  # every share is done before the caller reads the rows
+                f.result()

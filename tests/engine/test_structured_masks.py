@@ -1,0 +1,142 @@
+"""The step's token masks at the manager's boundary (real xgrammar, SmolLM2's tokenizer, no model):
+batched matcher updates give, step by step, the bitmask of one matcher fed one token at a time;
+tokens in flight, tokens given at admission, a grammar's end and a rejected token; host buffers are
+reused, not allocated per step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pdserve.common.engine.bitmask_buffers import BitmaskBuffers
+from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, ScheduledRequest
+from pdserve.common.engine.structured_output import StructuredOutputManager
+from pdserve.common.request import Request, RequestStatus
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.common.tokenizer import Tokenizer
+
+VOCAB = 49152 + 100  # a model vocabulary past the tokenizer's, as Llama-3's is past SmolLM2's
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"}},
+          "required": ["name", "n"]}
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_tokenizer_dir):
+    return Tokenizer(smollm2_tokenizer_dir)
+
+
+def scheduled(req: Request, inflight: bool) -> ScheduledRequest:
+    last = PLACEHOLDER_TOKEN if inflight else (req.output_token_ids or req.prompt_token_ids)[-1]
+    return ScheduledRequest(req_id=req.request_id, input_token_ids=[last], start_pos=0, block_ids=[],
+                            sample=True, params=req.params, prompt_token_ids=req.prompt_token_ids,
+                            output_token_ids=req.output_token_ids)
+
+
+def allowed(row: np.ndarray, stop_ids) -> list[int]:
+    ids = np.flatnonzero(np.unpackbits(row.view(np.uint8), bitorder="little"))
+    return [int(t) for t in ids if t not in stop_ids]
+
+
+@pytest.mark.parametrize("num_threads", [1, 3])
+def test_batched_steps_equal_one_matcher_one_token_at_a_time(tokenizer, num_threads):
+    """num_threads 3: the 5 grammar rows split over 2 threads (the engine's and a worker)."""
+    eos = tuple(tokenizer.eos_token_ids)
+    manager = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=num_threads)
+    grammar = SamplingParams(temperature=0, structured_outputs={"json": SCHEMA})
+    given = tokenizer.encode('{"name": "ab', add_special_tokens=False)
+    reqs = [Request(f"r{i}", [1, 2, 3], grammar, eos) for i in range(4)]
+    reqs.append(Request("given", [1, 2, 3], grammar, eos, output_token_ids=given))  # a decode worker's admission
+    reqs.append(Request("plain", [1, 2, 3], SamplingParams(temperature=0), eos))  # no constraint: all bits set
+    compiled = manager.grammars.compile(grammar.structured_outputs)
+    refs = {r.request_id: manager.grammars.matcher(compiled) for r in reqs[:5]}
+    for t in given:
+        assert refs["given"].accept_token(t)
+    stop = set(manager.grammars.stop_token_ids)
+    width = manager.num_words
+    expected = np.empty(width, np.int32)
+    carry = {}  # tokens the previous step sampled, still "in flight" (odd steps are overlapped)
+    for step in range(12):
+        mask = manager.fill([scheduled(r, r.request_id in carry) for r in reqs], carry.__getitem__)
+        if carry:  # engine order: the previous step completes after this step's mask is filled
+            for r in reqs:
+                r.append_output_token(carry[r.request_id])
+            assert manager.update(reqs) == ([], [])
+            carry = {}
+        assert mask.shape == (len(reqs), width) and mask.dtype == torch.int32
+        rows = mask.numpy()
+        for i, r in enumerate(reqs):
+            if r.request_id == "plain":
+                assert (rows[i] == -1).all()
+                continue
+            refs[r.request_id].fill_next_token_bitmask(torch.from_numpy(expected))
+            assert np.array_equal(rows[i], expected), (step, r.request_id)
+        for i, r in enumerate(reqs):
+            choices = allowed(rows[i], stop)
+            token = choices[(3 * i + step) % len(choices)]  # rows walk different paths through the grammar
+            if r.request_id in refs:
+                assert refs[r.request_id].accept_token(token)
+            if step % 2 == 0:
+                carry[r.request_id] = token
+            else:
+                r.append_output_token(token)
+        if not carry:
+            assert manager.update(reqs) == ([], [])
+    assert manager._buffers.num_allocations == 1
+    assert manager.stats.num_fills == 12 and manager.stats.fill_seconds > 0 and manager.stats.update_seconds > 0
+    # a token the grammar rejects breaks only its request; xgrammar agrees it is not allowed
+    refs["r0"].fill_next_token_bitmask(torch.from_numpy(expected))
+    bits = np.unpackbits(expected.view(np.uint8), bitorder="little")
+    bad = int(np.flatnonzero(bits[:49152] == 0)[-1])
+    assert not refs["r0"].accept_token(bad)
+    reqs[0].append_output_token(bad)
+    assert manager.update(reqs) == ([], ["r0"])
+    rows = manager.fill([scheduled(r, False) for r in reqs]).numpy()
+    assert (rows[0] == -1).all()  # a broken row is left unmasked; the engine finishes it with an error
+
+
+def test_grammar_end_then_any_token_breaks(tokenizer):
+    """A matcher that accepted EOS where the grammar may end has terminated: update() reports it
+    ended; a further token (the extra overlapped step's) is rejected."""
+    eos = tuple(tokenizer.eos_token_ids)
+    manager = StructuredOutputManager(tokenizer, VOCAB, eos)
+    params = SamplingParams(temperature=0, structured_outputs={"choice": ["yes"]})
+    req = Request("r", [1, 2], params, eos, output_token_ids=tokenizer.encode("yes", add_special_tokens=False))
+    mask = manager.fill([scheduled(req, False)]).numpy()
+    assert allowed(mask[0], ()) == sorted(manager.grammars.stop_token_ids)
+    req.append_output_token(eos[0])
+    assert manager.update([req]) == (["r"], [])
+    req.append_output_token(eos[0])
+    assert manager.update([req]) == ([], ["r"])
+    req.status = RequestStatus.FINISHED_STOPPED
+    manager.update([req])
+    assert manager.num_requests == 0
+
+
+def test_bitmask_buffers_are_reused_and_grow():
+    buffers = BitmaskBuffers(num_words=5, device=torch.device("cpu"))
+    a = buffers.acquire(3)
+    a.zero_()
+    b = buffers.acquire(2)
+    assert b.data_ptr() == a.data_ptr() and (b == -1).all() and b.shape == (2, 5)
+    assert buffers.to_device(b) is b
+    big = buffers.acquire(100)
+    assert big.shape == (100, 5) and (big == -1).all() and buffers.num_allocations == 2
+
+
+@pytest.mark.gpu
+def test_pinned_ring_copies_and_guards_reuse():
+    """CUDA: pinned slots in a ring, each reused after its copy's event; the device copy holds
+    what the host wrote even when the host buffer is refilled right after."""
+    from pdserve.common.engine.bitmask_buffers import NUM_SLOTS
+    buffers = BitmaskBuffers(num_words=4008, device=torch.device("cuda"))
+    outs = []
+    for step in range(3 * NUM_SLOTS):
+        host = buffers.acquire(64)
+        assert host.is_pinned()
+        host[:, 0] = step
+        outs.append(buffers.to_device(host))
+    torch.cuda.synchronize()
+    assert buffers.num_allocations == NUM_SLOTS
+    for step, out in enumerate(outs):
+        assert out.device.type == "cuda" and (out[:, 0] == step).all() and (out[:, 1:] == -1).all()
