@@ -31,7 +31,7 @@ def run_main(prog: str, description: str, add_args: Callable[[argparse.ArgumentP
 
 
 def run_parsed(name: str, run: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    dump_stacks_on_sigusr1()
     try:
         run(args)
     except USER_ERRORS as e:
@@ -40,3 +40,10 @@ def run_parsed(name: str, run: Callable[[argparse.Namespace], None], args: argpa
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def dump_stacks_on_sigusr1() -> None:
+    """SIGUSR1 -> every thread's Python stack on the process's stderr (fd 2, whatever sys.stderr
+    is replaced by meanwhile: a test's capture has no file descriptor)."""
+    if sys.__stderr__ is not None:  # a process started without a stderr has nowhere to write them
+        faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)

@@ -326,7 +326,7 @@ def worker_entry(steps_fd: int, status_fd: int, kv_link_fd: int | None = None) -
     steps, status = mpc.Connection(steps_fd, writable=False), mpc.Connection(status_fd, readable=False)
     rank, world_size, store_port, config, arch, path, max_model_len, sched_cfg = steps.recv()
     logging.basicConfig(level=logging.WARNING, format=f"%(asctime)s %(levelname)s tp-rank{rank} %(name)s: %(message)s")
-    faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it waits, as every pdserve process (entry.py)
+    faulthandler.register(signal.SIGUSR1, file=sys.__stderr__, all_threads=True)  # where it waits (services/entry.py)
     _exit_with_parent()
     if config.model.device == "cpu":  # N ranks share the cores (oversubscribed gloo ranks crawl)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
