@@ -77,7 +77,33 @@ def block_m(config: GemvConfig, m: int) -> int:
 
 # Measured entries, (kind, K, N, bucket) -> GemvConfig. Empty until the sweep has run on the target
 # GPU: paste the lines `bench_gemv` prints under "TUNED entries" (at run time: tune / load_tuned).
-TUNED: dict[tuple[str, int, int, int], GemvConfig] = {}
+# Measured on an H200 (132 SMs), commit 2a740ecd: `bash tests/gpu_quant_check.sh` (docs/benchmarks.md).
+TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
+    ('fp8', 4096, 4096, 1): GemvConfig(16, 1024, split_k=1, dot=False, num_warps=8, num_stages=3),
+    ('fp8', 4096, 4096, 4): GemvConfig(64, 128, split_k=9, dot=True, num_warps=4, num_stages=3),
+    ('fp8', 4096, 4096, 16): GemvConfig(64, 128, split_k=4, dot=True, num_warps=4, num_stages=3),
+    ('fp8', 4096, 6144, 1): GemvConfig(32, 512, split_k=1, dot=False, num_warps=8, num_stages=3),
+    ('fp8', 4096, 6144, 4): GemvConfig(64, 128, split_k=6, dot=True, num_warps=4, num_stages=3),
+    ('fp8', 4096, 6144, 16): GemvConfig(64, 128, split_k=12, dot=True, num_warps=4, num_stages=3),
+    ('fp8', 4096, 28672, 1): GemvConfig(32, 256, split_k=1, dot=False, num_warps=4, num_stages=3),
+    ('fp8', 4096, 28672, 4): GemvConfig(64, 128, split_k=4, dot=True, num_warps=4, num_stages=3),
+    ('fp8', 4096, 28672, 16): GemvConfig(64, 128, split_k=4, dot=True, num_warps=4, num_stages=3),
+    ('fp8', 14336, 4096, 1): GemvConfig(32, 512, split_k=2, dot=False, num_warps=8, num_stages=3),
+    ('fp8', 14336, 4096, 4): GemvConfig(64, 128, split_k=18, dot=True, num_warps=4, num_stages=3),
+    ('fp8', 14336, 4096, 16): GemvConfig(64, 128, split_k=18, dot=True, num_warps=4, num_stages=3),
+    ('int4', 4096, 4096, 1): GemvConfig(64, 128, split_k=18, dot=False, num_warps=4, num_stages=3),
+    ('int4', 4096, 4096, 4): GemvConfig(128, 128, split_k=16, dot=True, num_warps=4, num_stages=3),
+    ('int4', 4096, 4096, 16): GemvConfig(128, 128, split_k=16, dot=True, num_warps=4, num_stages=3),
+    ('int4', 4096, 6144, 1): GemvConfig(64, 128, split_k=12, dot=False, num_warps=4, num_stages=3),
+    ('int4', 4096, 6144, 4): GemvConfig(128, 128, split_k=11, dot=True, num_warps=4, num_stages=3),
+    ('int4', 4096, 6144, 16): GemvConfig(128, 128, split_k=11, dot=True, num_warps=4, num_stages=3),
+    ('int4', 4096, 28672, 1): GemvConfig(64, 128, split_k=4, dot=False, num_warps=4, num_stages=3),
+    ('int4', 4096, 28672, 4): GemvConfig(128, 128, split_k=6, dot=True, num_warps=4, num_stages=3),
+    ('int4', 4096, 28672, 16): GemvConfig(128, 128, split_k=6, dot=True, num_warps=4, num_stages=3),
+    ('int4', 14336, 4096, 1): GemvConfig(64, 128, split_k=18, dot=False, num_warps=4, num_stages=3),
+    ('int4', 14336, 4096, 4): GemvConfig(128, 128, split_k=17, dot=True, num_warps=4, num_stages=3),
+    ('int4', 14336, 4096, 16): GemvConfig(128, 128, split_k=17, dot=True, num_warps=4, num_stages=3),
+}
 
 
 def heuristic(kind: str, bucket: int, k: int, n: int, num_sms: int) -> GemvConfig:

@@ -48,7 +48,8 @@ def make_caches(num_layers: int, num_blocks: int, block_size: int, num_kv_heads:
 
 def shareable(caches):
     """The same caches (values, stacking, fp8 scales) in memfd memory that the ipc backend's peers
-    can map (host_shm.py): a stacked cache stays one tensor, separate layers stay separate."""
+    can map (host_shm.py): a stacked cache stays one tensor, separate layers stay separate.
+    CUDA caches are returned as they are (the ipc server shares them through CUDA IPC)."""
     from pdserve.common.kv_transfer.blocks import stacked_view
     from pdserve.common.kv_transfer.host_shm import shared_zeros
 
@@ -59,7 +60,9 @@ def shareable(caches):
             out.kv_scale = tensor.kv_scale
         return out
     if isinstance(caches, torch.Tensor):
-        return moved(caches)
+        return caches if caches.is_cuda else moved(caches)
+    if caches[0].is_cuda:
+        return caches
     stacked = stacked_view(list(caches))
     if stacked is None:
         return [moved(t) for t in caches]
