@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import sys
 
 import torch
 
@@ -56,7 +57,12 @@ def _build() -> None:
     with open(_SOURCE, "rb") as f:
         source = f.read()
     key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_identity().encode()).hexdigest()[:12]
-    cpp_extension.load(name=f"pdserve_cpu_{key}", sources=[_SOURCE], extra_cflags=_FLAGS, extra_ldflags=_LDFLAGS,
+    name = f"pdserve_cpu_{key}"
+    built = os.path.join(cpp_extension._get_build_directory(name, verbose=False), f"{name}.so")
+    if not os.path.exists(built):  # say why this start takes longer (once per CPU and source)
+        print(f"pdserve: compiling the CPU kernels for this CPU (first start only, ~20-50 s) into "
+              f"{os.path.dirname(built)}", file=sys.stderr, flush=True)
+    cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=_FLAGS, extra_ldflags=_LDFLAGS,
                        is_python_module=False, verbose=False)
 
 
