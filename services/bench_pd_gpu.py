@@ -44,7 +44,6 @@ import json
 import math
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -53,60 +52,12 @@ import time
 
 from pdserve.services import loadgen
 from pdserve.services.bench_gpu import LLAMA3_8B, TINY
+from pdserve.services.bench_pd_model import greedy_summary, ids_of, write_model
 from pdserve.services.bench_stack import Stack
 from pdserve.services.local_stack import free_port
 
 SLOS = {"A": {"ttft": 1.0, "tpot": 0.025}, "B": {"ttft": 1.0, "tpot": 0.050}}
 PARTS = ("handoff", "greedy", "plan", "goodput", "load", "tp")
-
-
-def write_model(folder: str, tiny: bool = False) -> str:
-    """config.json of the Llama-3-8B shape (TINY: a small one) and a word-level tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    shape = TINY if tiny else LLAMA3_8B
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(shape, f, indent=2)
-    vocab = {f"t{i}": i for i in range(shape["vocab_size"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    tok.save(os.path.join(folder, "tokenizer.json"))
-    with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
-        json.dump({"eos_token": f"t{shape['eos_token_id']}", "bos_token": f"t{shape['bos_token_id']}"}, f)
-    return folder
-
-
-def write_weights(folder: str, dtype: str, seed: int) -> str:
-    """Seeded random weights for the folder's config as model.safetensors (HF Llama names); large
-    enough (std 0.3) that greedy choices have margins that bf16 rounding rarely flips."""
-    import torch
-    from safetensors.torch import save_file
-    path = os.path.join(folder, "config.json")
-    c = json.load(open(path))
-    c["dtype"] = c["torch_dtype"] = dtype
-    json.dump(c, open(path, "w"), indent=2)
-    h, inter, d = c["hidden_size"], c["intermediate_size"], c["head_dim"]
-    q, kv, vocab = c["num_attention_heads"] * d, c["num_key_value_heads"] * d, c["vocab_size"]
-    g = torch.Generator().manual_seed(seed)
-
-    def w(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * 0.3).to(getattr(torch, dtype))
-    ones = torch.ones(h, dtype=getattr(torch, dtype))
-    tensors = {"model.embed_tokens.weight": w(vocab, h), "model.norm.weight": ones, "lm_head.weight": w(vocab, h)}
-    for i in range(c["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        tensors |= {p + "self_attn.q_proj.weight": w(q, h), p + "self_attn.k_proj.weight": w(kv, h),
-                    p + "self_attn.v_proj.weight": w(kv, h), p + "self_attn.o_proj.weight": w(h, q),
-                    p + "mlp.gate_proj.weight": w(inter, h), p + "mlp.up_proj.weight": w(inter, h),
-                    p + "mlp.down_proj.weight": w(h, inter), p + "input_layernorm.weight": ones.clone(),
-                    p + "post_attention_layernorm.weight": ones.clone()}
-    save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(folder, "model.safetensors"))
-    return folder
-
-
-def ids_of(text: str) -> list[int]:
-    return [int(m) for m in re.findall(r"t(\d+)", text)]
 
 
 class Bench:
@@ -296,14 +247,6 @@ class Bench:
         finally:
             serve.stop()
         self.report["load"] = out
-
-
-def greedy_summary(reference: list[list[int]], got: list[list[int]], stats: dict) -> dict:
-    equal = [g == r for g, r in zip(got, reference)]
-    return {"prompts": len(reference), "equal": sum(equal), "handoffs": stats.get("handoffs"),
-            "recomputed_prompt_tokens": stats.get("recomputed_prompt_tokens"),
-            "first_mismatch": next(({"prompt": i, "reference": reference[i], "1p1d": got[i]}
-                                    for i, ok in enumerate(equal) if not ok), None)}
 
 
 def print_report(report: dict) -> None:

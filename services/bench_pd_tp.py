@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass
 
 from pdserve.services.bench_gpu import TINY
-from pdserve.services.bench_pd_gpu import greedy_summary, ids_of, write_model, write_weights
+from pdserve.services.bench_pd_model import greedy_summary, ids_of, write_model, write_weights
 from pdserve.services.bench_stack import Stack, StackNotReady
 from pdserve.services.local_stack import free_port
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pdserve.common.tokenizer import Tokenizer
-from pdserve.services.bench_pd_gpu import ids_of, write_model
+from pdserve.services.bench_pd_model import ids_of, write_model
 
 
 def test_dummy_model_tokenizer_round_trips_token_ids(tmp_path):
@@ -28,7 +28,7 @@ def test_tp_part_weights_load_into_the_engine(tmp_path):
     from safetensors.torch import load_file
 
     from pdserve.common.engine.llm import LLM
-    from pdserve.services.bench_pd_gpu import write_weights
+    from pdserve.services.bench_pd_model import write_weights
 
     folder = write_weights(write_model(str(tmp_path / "tp"), tiny=True), "float32", seed=3)
     tensors = load_file(str(tmp_path / "tp" / "model.safetensors"))
