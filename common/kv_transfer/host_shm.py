@@ -23,6 +23,7 @@ import mmap
 import os
 import secrets
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -53,10 +54,22 @@ def shared_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         os.close(fd)
         raise
     tensor = torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
+    base = tensor.untyped_storage().data_ptr()
     with _lock:
-        # The fd stays open for the process's life: peers open the memory through it.
-        _regions[tensor.untyped_storage().data_ptr()] = _Region(fd, token, nbytes)
+        # The fd stays open while the memory lives: peers open the memory through it.
+        _regions[base] = _Region(fd, token, nbytes)
+    # When the last tensor over the mapping goes, forget the region and close its fd: a later
+    # private tensor at the same address must not be exported as this (stale) memory.
+    weakref.finalize(buf, _forget, base, fd)
     return tensor
+
+
+def _forget(base: int, fd: int) -> None:
+    with _lock:
+        region = _regions.get(base)
+        if region is not None and region.fd == fd:
+            del _regions[base]
+    os.close(fd)
 
 
 def host_export(tensor: torch.Tensor) -> dict | None:

@@ -210,3 +210,20 @@ def test_direct_copy_kernel_path_reads_the_mapping(src_stacked, dst_stacked):
     for layer in range(3):
         assert torch.equal(dst[layer][:, dst_ids], src[layer][:, lease])
         assert torch.equal(dst[layer][:, untouched], before[layer][:, untouched])
+
+
+def test_a_freed_shared_pool_is_forgotten_and_its_memfd_closed():
+    """A private tensor that later lands at a freed pool's address must not be exported as it."""
+    import gc
+
+    from pdserve.common.kv_transfer import host_shm
+    pool = host_shm.shared_zeros((4, 1024), torch.float32)
+    base, export = pool.untyped_storage().data_ptr(), host_shm.host_export(pool)
+    del pool
+    gc.collect()
+    assert base not in host_shm._regions
+    try:
+        name = os.readlink(f"/proc/self/fd/{export['fd']}")
+    except FileNotFoundError:
+        name = ""
+    assert export["token"] not in name  # the fd was closed (its number may have been reused since)
