@@ -117,7 +117,8 @@ def test_up_serves_and_sigint_stops_it_even_when_inherited_ignored(tiny_models):
         roles = [line.split()[0] for line in lines]  # workers are announced as each gets ready
         assert roles[0] == "redis" and sorted(roles[1:3]) == ["decode", "prefill"]
         assert roles[3:] == ["router", "pdserve"]
-        assert " kv=nccl://" in lines[1]  # --kv-transport nccl (gloo on CPU) moved that prompt's KV
+        prefill_line = next(line for line in lines if line.startswith("prefill"))
+        assert " kv=nccl://" in prefill_line  # --kv-transport nccl (gloo on CPU) moved that prompt's KV
         stop_and_check(proc, signal.SIGINT, lines)
     finally:
         if proc.poll() is None:
@@ -153,9 +154,10 @@ def test_up_sigterm_fixed_ports_workers_deregister_before_redis_stops(tiny_model
     try:
         lines = read_until_ready(proc)
         assert f"redis://127.0.0.1:{redis_port}/0" in lines[0]
-        assert f"grpc=127.0.0.1:{base} " in lines[1] and f":{base + 1}/metrics" in lines[1]
-        assert f"grpc=127.0.0.1:{base + 2} " in lines[2] and f":{base + 3}/metrics" in lines[2]
-        assert "kv=tcp://" in lines[1]
+        worker = {line.split()[0]: line for line in lines[1:3]}  # announced in readiness order
+        assert f"grpc=127.0.0.1:{base} " in worker["prefill"] and f":{base + 1}/metrics" in worker["prefill"]
+        assert f"grpc=127.0.0.1:{base + 2} " in worker["decode"] and f":{base + 3}/metrics" in worker["decode"]
+        assert "kv=tcp://" in worker["prefill"]
         seen: list[bytes] = []
         ready = threading.Event()
         monitor = threading.Thread(target=_monitor, args=(redis_port, seen, ready), daemon=True)
