@@ -84,3 +84,34 @@ class RequestOutput:
     num_cached_tokens: int = 0
     error: str | None = None  # set when the request failed inside the engine
     extra: dict = field(default_factory=dict)
+
+
+def merge_step_outputs(earlier: list[EngineOutput], later: list[EngineOutput]) -> list[EngineOutput]:
+    """One request's deltas of two consecutive steps as one list (one EngineOutput per sequence):
+    a consumer that lags (AsyncLLM.stream) takes every step queued meanwhile as one item, so a
+    stream message / SSE event carries several tokens instead of one each (vLLM's output
+    coalescing). Tokens and logprobs are concatenated; what is reported once (prompt logprobs,
+    cached/computed prompt tokens, first scheduled time) comes from the earlier delta; the
+    finish, stop reason and error from the later. Neither list is modified."""
+    merged = {o.index: o for o in earlier}
+    for b in later:
+        a = merged.get(b.index)
+        if a is None:
+            merged[b.index] = b
+            continue
+        logprobs = None
+        if a.new_logprobs is not None or b.new_logprobs is not None:
+            logprobs = (a.new_logprobs or []) + (b.new_logprobs or [])
+        merged[b.index] = EngineOutput(
+            request_id=a.request_id, index=a.index, new_token_ids=a.new_token_ids + b.new_token_ids,
+            new_logprobs=logprobs, finish_reason=b.finish_reason or a.finish_reason,
+            stop_reason=b.stop_reason if b.finish_reason else a.stop_reason, error=b.error or a.error,
+            prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
+            num_cached_tokens=_first_given(a.num_cached_tokens, b.num_cached_tokens),
+            num_computed_prompt_tokens=_first_given(a.num_computed_prompt_tokens, b.num_computed_prompt_tokens),
+            first_scheduled_time=_first_given(a.first_scheduled_time, b.first_scheduled_time))
+    return sorted(merged.values(), key=lambda o: o.index)
+
+
+def _first_given(a, b):
+    return a if a is not None else b

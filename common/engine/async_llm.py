@@ -4,6 +4,8 @@ the prefill and decode services).
     event loop                          engine thread
     stream() --(inbox: add/abort/stop)--> loop: drain inbox -> core.step() -> EngineOutputs
     per-request asyncio.Queue  <--call_soon_threadsafe--   (the request's deltas of one step)
+      a consumer that lags takes every step queued meanwhile as ONE item (merge_step_outputs),
+      so a slow hop (gRPC to the router, SSE) sends fewer, larger messages instead of a backlog
     generate() = stream() through a RequestState (detokenize, stop strings): RequestOutputs
 
 Workers consume `stream()` (deltas go on the wire as they are); `pdserve serve` consumes
@@ -33,7 +35,7 @@ from pdserve.common.engine.engine_core import EngineCore
 from pdserve.common.engine.kv_connector import KVConnector
 from pdserve.common.engine_client import EngineDeadError
 from pdserve.common.output_processor import RequestState
-from pdserve.common.outputs import EngineOutput, RequestOutput
+from pdserve.common.outputs import EngineOutput, RequestOutput, merge_step_outputs
 from pdserve.common.sampling_params import ParameterError, SamplingParams
 
 log = logging.getLogger("pdserve.async_llm")
@@ -106,11 +108,18 @@ class AsyncLLM:
         self._send(("add", (request_id, prompt_token_ids, params, arrival_time, output_token_ids,
                             kv_transfer, finished_indices)))
         finished = [i in finished_indices for i in range(params.n)]
+        held = None  # an error queued behind deltas that were coalesced: raised next
         try:
             while True:
-                item = await q.get()
+                item, held = (held, None) if held is not None else (await q.get(), None)
                 if isinstance(item, BaseException):
                     raise item
+                while not q.empty():  # the consumer lags: every step queued meanwhile as one item
+                    more = q.get_nowait()
+                    if isinstance(more, BaseException):
+                        held = more
+                        break
+                    item = merge_step_outputs(item, more)
                 if tracker is not None:
                     tracker.observe(item, time.time())
                 yield item
