@@ -2,7 +2,8 @@
 
     generate():  route = pool.route(prompt)  (prefix hits vs load, routing.py; one Redis call)
                  route.prefill --gRPC Prefill--> first-token deltas + KV handle
-                 route.decode  --gRPC Decode (stream) + handle--> token deltas
+                 route.decode  --gRPC Decode (stream) + handle--> token deltas (read ahead:
+                   the chunks queued meanwhile are taken as one batch, one output; stream_drain.py)
                  every delta --> RequestState (common/output_processor.py): detokenized and
                  matched against stop strings once, here, as `pdserve serve` does in-process
                  route.prefill None (short or decode-cached prompt): Decode without a handle,
@@ -42,6 +43,7 @@ from pdserve.common.stats import RouterStats
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto.convert import delta_from_proto, prompt_logprobs_from_proto, sampling_params_to_proto
 from pdserve.services.router.instances import InstancePool
+from pdserve.services.router.stream_drain import DrainedStream
 
 log = logging.getLogger("pdserve.router")
 
@@ -143,25 +145,30 @@ class DisaggClient:
                 self.pool.begin(inst.instance_id)
             stub = self.pool.decode_stub(inst)
             call = stub.Decode(req, timeout=self.decode_timeout_s)
+            chunks = DrainedStream(call)  # what arrived meanwhile comes as one batch: one output
             first_chunk = True
             try:
-                async for chunk in call:
-                    lease.pulled |= handle is not None  # decode answers only after its pull ended
-                    if chunk.kv_bytes_received:
-                        self.stats.kv_bytes += chunk.kv_bytes_received
-                        self.stats.handoffs += 1
-                    self.stats.recomputed_prompt_tokens += chunk.num_prompt_tokens_computed
-                    if first_chunk and computes_prompt:
-                        cached = max(len(prompt_token_ids) - chunk.num_prompt_tokens_computed, 0)
-                        self._prompt_served(decision, inst, len(prompt_token_ids), cached)
-                        state.metrics.num_cached_prompt_tokens = cached
-                    first_chunk = False
-                    state.set_prompt_logprobs(prompt_logprobs_from_proto(chunk.prompt_logprobs))
-                    error = chunk.error or None
-                    stopped = [d.index for d in chunk.sequences
-                               if state.add(delta_from_proto(request_id, d, error))]
-                    if error is not None:
-                        state.fail(error)
+                async for batch in chunks:
+                    stopped = []
+                    for chunk in batch:
+                        lease.pulled |= handle is not None  # decode answers only after its pull ended
+                        if chunk.kv_bytes_received:
+                            self.stats.kv_bytes += chunk.kv_bytes_received
+                            self.stats.handoffs += 1
+                        self.stats.recomputed_prompt_tokens += chunk.num_prompt_tokens_computed
+                        if first_chunk and computes_prompt:
+                            cached = max(len(prompt_token_ids) - chunk.num_prompt_tokens_computed, 0)
+                            self._prompt_served(decision, inst, len(prompt_token_ids), cached)
+                            state.metrics.num_cached_prompt_tokens = cached
+                        first_chunk = False
+                        state.set_prompt_logprobs(prompt_logprobs_from_proto(chunk.prompt_logprobs))
+                        error = chunk.error or None
+                        stopped += [d.index for d in chunk.sequences
+                                    if state.add(delta_from_proto(request_id, d, error))]
+                        if error is not None:
+                            state.fail(error)
+                        if state.finished:
+                            break
                     yield state.output()
                     if state.finished:
                         return  # the finally cancels the stream: decode aborts what still runs
@@ -177,6 +184,7 @@ class DisaggClient:
                 handle = None  # the KV went with the dead decode: the next one recomputes
                 continue
             finally:
+                chunks.close()
                 call.cancel()
                 if counted:
                     self.pool.end(inst.instance_id)

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Issue 11 (1P1D collapses at 100 req/s): the load part of bench_pd_gpu on 2 x H200 with every
+# pdserve process's CPU use sampled, to show which single-threaded host path saturates. Run from
+# the repo root with pdserve importable, e.g.:
+#   compose/gpu/call.sh load:580:"bash tests/gpu_load_probe.sh"   (extra args go to bench_pd_gpu)
+# Prints: bench_pd_gpu's load lines (1p1d, then serve: req/s, TTFT/TPOT/ITL) and, every 2 s while
+# they run, "cpu% router=.. prefill=.. decode=.. serve=.." = CPU seconds per wall second of each
+# process (100 = one core busy; a Python process whose event loop / GIL is the limit sits near
+# 100-130 however many cores the host has), and at the end the peak and mean per role.
+# Reading it: router ~100 while decode is well below -> the router's per-token path (one gRPC
+# message in + one SSE event out per token) is the ceiling; decode ~100 -> the decode's event
+# loop + engine thread (GIL) are; neither -> look at KV pulls (pdserve:kv_pull_seconds on decode).
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+SECONDS_=${LOAD_SECONDS:-20}
+python3 -m pdserve.services.bench_pd_gpu --parts load --load-seconds "$SECONDS_" --out-dir "$OUT" "$@" \
+  > "$OUT/load_bench.txt" 2>&1 &
+BENCH=$!
+declare -A last
+: > "$OUT/load_cpu.txt"
+while kill -0 "$BENCH" 2>/dev/null; do
+  line=""
+  for role in router prefill decode serve; do
+    total=0
+    for pid in $(pgrep -f "pdserve.services.cli $role( |$)"); do
+      t=$(awk '{print $14+$15}' "/proc/$pid/stat" 2>/dev/null) || continue
+      prev=${last[$pid]:-$t}; last[$pid]=$t
+      total=$((total + t - prev))
+    done
+    line+=" $role=$((total / 2))"   # clock ticks (100/s) over 2 s -> percent of one core
+  done
+  echo "cpu%$line" | tee -a "$OUT/load_cpu.txt"
+  sleep 2
+done
+wait "$BENCH"
+grep -E "^load |TTFT|TPOT" "$OUT/load_bench.txt" || tail -20 "$OUT/load_bench.txt"
+python3 - "$OUT/load_cpu.txt" <<'PY'
+import sys, collections
+vals = collections.defaultdict(list)
+for line in open(sys.argv[1]):
+    for kv in line.split()[1:]:
+        k, v = kv.split("="); v = int(v)
+        if v > 5: vals[k].append(v)
+for k, v in vals.items():
+    print(f"{k}: peak {max(v)}% mean {sum(v) / len(v):.0f}% of one core over {len(v)} busy samples")
+PY
