@@ -9,14 +9,19 @@ The request's queues on this worker:
 A pull that fails (prefill gone, lease expired, deadline) frees the reserved blocks and the
 request is computed here from the prompt. A request without a handle (short prompt sent straight
 to decode, or a resubmission) is computed the same way. Tokens stream out as the engine's deltas
-(SequenceDelta); the router detokenizes. Every worker carries this service next to the Prefill
+(SequenceDelta); the router detokenizes. With `--stream-interval-ms` the servicer waits that long
+after each message, and the steps made meanwhile leave as one (AsyncLLM.stream coalesces them):
+fewer, larger messages for the router, whose per-message cost limits 1P1D under load. Every worker carries this service next to the Prefill
 service (services/worker/).
 """
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 
+from pdserve.common.config import ConfigError
 from pdserve.common.kv_transfer.connector import PullConnector, PullSpec
 from pdserve.common.kv_transfer.tp_pull import KVShardAddress
 from pdserve.common.request import child_request_id
@@ -46,10 +51,13 @@ async def release_lease(spec: PullSpec, token: str | None = None) -> None:
 
 
 class DecodeServicer(pb_grpc.DecodeServicer):
-    def __init__(self, state: WorkerState, connector: PullConnector):
+    def __init__(self, state: WorkerState, connector: PullConnector, stream_interval_s: float = 0.0):
+        if not stream_interval_s >= 0:
+            raise ConfigError(f"--stream-interval-ms must be >= 0, got {stream_interval_s * 1000}")
         self.state = state
         self.engine = state.engine
         self.connector = connector
+        self.stream_interval_s = stream_interval_s
 
     async def Decode(self, request: pb.DecodeRequest, context):
         params, prompt = await self.state.checked_request(request, context)
@@ -82,6 +90,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                     chunk.kv_transfer_error = result.error or ""
             chunk.finished = len(done) == params.n
             yield chunk
+            if self.stream_interval_s and not chunk.finished:
+                await asyncio.sleep(self.stream_interval_s)  # the steps meanwhile: one message
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         """Finish sequences of a running request (a stop string the router matched)."""

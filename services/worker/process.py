@@ -132,7 +132,7 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
     grpc_address = f"{args.advertise_host}:{port}"
     pb_grpc.add_PrefillServicer_to_server(
         PrefillServicer(state, lease, grpc_address, kv.shards, args.kv_transport), server)
-    pb_grpc.add_DecodeServicer_to_server(DecodeServicer(state, pull), server)
+    pb_grpc.add_DecodeServicer_to_server(DecodeServicer(state, pull, args.stream_interval_ms / 1000), server)
     await server.start()
 
     name = engine.model_name

@@ -1,0 +1,56 @@
+"""Decode's `--stream-interval-ms` (issue 11, docs/decisions/load-1p1d.md): a decode worker that
+waits between messages sends a request's steps coalesced, fewer DecodeChunks than tokens, the
+same tokens; through the router the OpenAI client still gets every token. Real processes: redis,
+prefill and decode workers, router, gRPC on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import openai
+
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.proto.convert import sampling_params_to_proto
+from stack import Stack
+
+NUM_TOKENS = 24
+
+
+def _decode(address: str, ids: list[int]) -> list[pb.DecodeChunk]:
+    params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True)
+
+    async def go():
+        async with grpc.aio.insecure_channel(address) as ch:
+            req = pb.DecodeRequest(request_id="interval", prompt_token_ids=ids, params=sampling_params_to_proto(params))
+            return [c async for c in pb_grpc.DecodeStub(ch).Decode(req)]
+    return asyncio.run(go())
+
+
+def test_stream_interval_coalesces_decode_messages(tiny_models):
+    stack = Stack(tiny_models["llama"], prefill=[[]], decode=[["--stream-interval-ms", "150"], []])
+    try:
+        inst = {i["instance_id"]: i for i in stack.stats()["instances"]}
+        ids = [1, 17, 230, 31, 9, 402, 77, 5]
+        paced = _decode(inst["decode-0"]["grpc_address"], ids)
+        plain = _decode(inst["decode-1"]["grpc_address"], ids)
+
+        def tokens(chunks):
+            return [t for c in chunks for d in c.sequences for t in d.new_token_ids]
+        assert tokens(paced) == tokens(plain) and len(tokens(plain)) == NUM_TOKENS
+        assert len(plain) > 2 * len(paced)  # one message per step (unless its event loop lagged)
+        assert len(paced) <= NUM_TOKENS // 3, [len(tokens([c])) for c in paced]
+        assert paced[-1].finished and not any(c.finished for c in paced[:-1])
+
+        c = openai.OpenAI(base_url=stack.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
+        for _ in range(2):  # the router places them by load: both decodes are used
+            usage = None
+            for chunk in c.completions.create(model=c.models.list().data[0].id, prompt=ids, max_tokens=NUM_TOKENS,
+                                              temperature=0, stream=True, stream_options={"include_usage": True},
+                                              extra_body={"ignore_eos": True}):
+                usage = chunk.usage or usage
+            assert usage.completion_tokens == NUM_TOKENS
+    finally:
+        stack.close()
