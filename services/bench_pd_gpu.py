@@ -229,7 +229,7 @@ class Bench:
         num = int(a.load_rate * a.load_seconds)
         requests = loadgen.random_requests(num, 256, 128, 0.0, self.vocab, a.seed + 1)
         out = {}
-        stack = self.stack("load-1p1d", 1, 1)
+        stack = self.stack("load-1p1d", 1, 1, decode_args=a.load_decode_args)
         try:
             self.run_load(stack.url, requests[:4], math.inf)
             out["1p1d"] = loadgen.summarize(*self.run_load(stack.url, requests, a.load_rate), {}, a.load_rate, None)
@@ -325,6 +325,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                    help="--max-num-batched-tokens of the aggregated engines, each a run")
     p.add_argument("--load-rate", type=float, default=100.0)
     p.add_argument("--load-seconds", type=float, default=20.0)
+    p.add_argument("--load-decode-args", default="",
+                   help="load: extra flags of the 1P1D stack's decode worker, e.g. \"--stream-interval-ms 20\"")
     p.add_argument("--write-model", default=None, metavar="FOLDER",
                    help="only write the dummy model folder and print its path (compose/gpu/run_stack.sh)")
     args = p.parse_args(argv)
