@@ -229,12 +229,18 @@ class Bench:
         num = int(a.load_rate * a.load_seconds)
         requests = loadgen.random_requests(num, 256, 128, 0.0, self.vocab, a.seed + 1)
         out = {}
-        stack = self.stack("load-1p1d", 1, 1, decode_args=a.load_decode_args)
-        try:
-            self.run_load(stack.url, requests[:4], math.inf)
-            out["1p1d"] = loadgen.summarize(*self.run_load(stack.url, requests, a.load_rate), {}, a.load_rate, None)
-        finally:
-            stack.stop()
+        targets = a.load_targets.split(",")
+        if "1p1d" in targets:
+            stack = self.stack("load-1p1d", 1, 1, transport=a.load_transport, decode_args=a.load_decode_args)
+            try:
+                self.run_load(stack.url, requests[:4], math.inf)
+                out["1p1d"] = loadgen.summarize(*self.run_load(stack.url, requests, a.load_rate), {}, a.load_rate,
+                                                None)
+            finally:
+                stack.stop()
+        if "serve" not in targets:
+            self.report["load"] = out
+            return
         port = free_port()
         env = {"CUDA_VISIBLE_DEVICES": a.prefill_gpu} if self.gpu else None
         serve = Stack("load-serve", ["serve", self.folder, "--port", str(port), "--served-model-name", "bench",
@@ -325,6 +331,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                    help="--max-num-batched-tokens of the aggregated engines, each a run")
     p.add_argument("--load-rate", type=float, default=100.0)
     p.add_argument("--load-seconds", type=float, default=20.0)
+    p.add_argument("--load-transport", default="nccl", choices=["tcp", "ucx", "nccl", "ipc"],
+                   help="load: the 1P1D stack's KV transport")
+    p.add_argument("--load-targets", default="1p1d,serve", help="load: comma-separated of 1p1d, serve")
     p.add_argument("--load-decode-args", default="",
                    help="load: extra flags of the 1P1D stack's decode worker, e.g. \"--stream-interval-ms 20\"")
     p.add_argument("--write-model", default=None, metavar="FOLDER",
