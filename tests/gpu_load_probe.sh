@@ -34,6 +34,14 @@ while kill -0 "$BENCH" 2>/dev/null; do
 done
 wait "$BENCH"
 grep -E "^load |TTFT|TPOT" "$OUT/load_bench.txt" || tail -20 "$OUT/load_bench.txt"
+# Failed requests: what the stack's processes logged about them (errors and tracebacks).
+for log in /tmp/pdserve-pd-*/stack-load-*.log; do
+  [ -f "$log" ] || continue
+  n=$(grep -c -E "Traceback|ERROR|Error:" "$log")
+  echo "$(basename "$log"): $n error lines"
+  grep -E -B2 -A14 "Traceback|ERROR" "$log" | head -60
+done
+rm -rf /tmp/pdserve-pd-*
 python3 - "$OUT/load_cpu.txt" <<'PY'
 import sys, collections
 vals = collections.defaultdict(list)
