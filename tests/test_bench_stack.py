@@ -79,3 +79,19 @@ def zombie(pid: int) -> bool:
             return f.read().rpartition(")")[2].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_a_pdserve_process_raises_its_open_files_limit():
+    """A router with ~1,000 open streams needs more sockets than the usual soft limit of 1,024."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 256:
+        pytest.skip(f"the hard open-files limit is {hard}")
+    code = ("import resource\n"
+            "from pdserve.services.entry import run_parsed\n"
+            "run_parsed('probe', lambda a: print(resource.getrlimit(resource.RLIMIT_NOFILE)[0]), None)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)))
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout) == (min(1 << 20, hard) if hard != resource.RLIM_INFINITY else 1 << 20)
