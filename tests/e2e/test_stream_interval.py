@@ -32,7 +32,8 @@ def _decode(address: str, ids: list[int]) -> list[pb.DecodeChunk]:
 
 
 def test_stream_interval_coalesces_decode_messages(tiny_models):
-    stack = Stack(tiny_models["llama"], prefill=[[]], decode=[["--stream-interval-ms", str(INTERVAL_MS)], []])
+    stack = Stack(tiny_models["llama"], prefill=[[]],
+                  decode=[["--stream-interval-ms", str(INTERVAL_MS)], ["--stream-interval-ms", "0"]])
     try:
         inst = {i["instance_id"]: i for i in stack.stats()["instances"]}
         ids = [1, 17, 230, 31, 9, 402, 77, 5]
