@@ -44,6 +44,7 @@ class GemvConfig:
     dot: bool = False  # tensor-core path (BLOCK_M = 16) instead of the FMA path
     num_warps: int = 4
     num_stages: int = 3
+    version: int = 1  # int kinds: 2 = gemv_int_v2.py's FMA kernel (M <= 4; BLOCK_K within a group)
 
     def __post_init__(self):
         for name in ("block_n", "block_k", "num_warps"):
@@ -53,10 +54,12 @@ class GemvConfig:
             raise ValueError(f"GemvConfig split_k and num_stages must be >= 1, got {self.split_k}, {self.num_stages}")
         if self.dot and self.block_n < 16:
             raise ValueError(f"GemvConfig.block_n must be >= 16 with dot=True, got {self.block_n}")
+        if self.version not in (1, 2) or (self.version == 2 and self.dot):
+            raise ValueError(f"GemvConfig.version must be 1, or 2 without dot, got {self.version} (dot={self.dot})")
 
     def short(self) -> str:
-        return (f"{'dot' if self.dot else 'fma'} n{self.block_n} k{self.block_k} s{self.split_k} "
-                f"w{self.num_warps} st{self.num_stages}")
+        path = "v2" if self.version == 2 else "dot" if self.dot else "fma"
+        return f"{path} n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} st{self.num_stages}"
 
 
 def bucket_of(m: int) -> int:
@@ -132,13 +135,18 @@ def fit(config: GemvConfig, kind: str, k: int, group_size: int | None) -> GemvCo
     block_k = config.block_k
     dot = config.dot
     if kind == "fp8":
+        if config.version != 1:
+            raise ValueError(f"fp8 GEMVs have version 1 only, got {config.version}")
         block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))  # masked along K: any K works
     else:
         per_word = 32 // int(kind[3:])
         group = group_size or k
-        while block_k > per_word and (k % block_k or (group % block_k and block_k % group)):
+
+        def misfit(bk: int) -> bool:  # v2: a chunk lies within one group
+            return bool(k % bk or (group % bk and (config.version == 2 or bk % group)))
+        while block_k > per_word and misfit(block_k):
             block_k //= 2
-        if k % block_k or (group % block_k and block_k % group):
+        if misfit(block_k):
             raise ValueError(f"no BLOCK_K fits K = {k} with groups of {group_size} ({kind})")
         if dot and block_k // per_word < 16:
             dot = False  # tl.dot needs 16 words along K
