@@ -27,12 +27,24 @@ INT_INTERP = [(1, 256, 37, 4, 64, FP32, FMA1, 1), (3, 256, 37, 4, 128, BF16, FMA
 # + (with bias, integer zero points): every combination under the interpreter, one each on the GPU
 # (each combination is another compiled kernel)
 INT_INTERP = [c + (b, z) for c in INT_INTERP for b in (False, True) for z in (True, False)]
+# version 2 (gemv_int_v2.py, M <= 4 per launch; M = 16 runs as four launches): BLOCK_K within a group
+V2_SMALL, V2_WIDE = GemvConfig(16, 64, version=2), GemvConfig(64, 128, num_warps=2, version=2)
+INT_V2_INTERP = [(1, 256, 37, 4, 64, BF16, V2_SMALL, 1), (3, 256, 37, 4, 128, FP32, V2_WIDE, 2),
+                 (4, 512, 40, 4, 128, FP16, V2_WIDE, 3), (16, 256, 48, 4, 64, BF16, V2_SMALL, 2),
+                 (2, 128, 33, 8, 32, BF16, V2_SMALL, 2), (1, 256, 64, 8, 256, FP32, V2_WIDE, 1),
+                 (1, 512, 24, 4, 32, BF16, V2_WIDE, 4)]
+INT_INTERP += [c + (b, z) for c in INT_V2_INTERP for b in (False, True) for z in (True, False)]
 INT_GPU = [(1, 4096, 6144, 4, 128, BF16, None, None, False, True),
            (3, 4096, 6144, 4, 128, BF16, None, None, True, True),
            (16, 4096, 6144, 4, 128, BF16, None, None, False, True),
            (1, 14336, 4096, 4, 128, BF16, None, None, False, True),
            (1, 4096, 4104, 4, 64, FP16, GemvConfig(128, 256, num_warps=8), 8, True, False),
-           (16, 4096, 4104, 4, 64, FP16, GemvConfig(64, 256, dot=True), 4, False, True)]
+           (16, 4096, 4104, 4, 64, FP16, GemvConfig(64, 256, dot=True), 4, False, True),
+           (1, 4096, 6144, 4, 128, BF16, GemvConfig(1024, 128, version=2), 8, False, True),
+           (3, 14336, 4104, 4, 64, FP16, GemvConfig(512, 64, version=2), 16, True, False),
+           (4, 4096, 4096, 4, 128, BF16, GemvConfig(256, 128, num_warps=2, version=2), 4, False, True),
+           (1, 4096, 6144, 4, 128, FP32, GemvConfig(512, 128, version=2), 1, True, True),
+           (2, 4096, 4096, 8, 128, BF16, GemvConfig(512, 128, version=2), 8, False, True)]
 
 
 @pytest.mark.parametrize("device,case", backends(INT_GPU, INT_INTERP))
@@ -112,6 +124,15 @@ def test_configs_are_fitted_to_the_weight():
     assert gc.fit(GemvConfig(64, 256, dot=True), "int4", 96, 32) == GemvConfig(64, 32, dot=False)
     assert gc.fit(GemvConfig(64, 256), "int8", 14336, None).block_k == 256  # per channel: G = K
     assert gc.fit(GemvConfig(16, 1024), "fp8", 200, None).block_k == 256  # fp8 masks K
+    # version 2: a chunk of BLOCK_K inputs never spans two groups
+    assert gc.fit(GemvConfig(512, 256, version=2), "int4", 4096, 128).block_k == 128
+    assert gc.fit(GemvConfig(512, 256), "int4", 4096, 128).block_k == 256
+    assert gc.fit(GemvConfig(512, 256, split_k=99, version=2), "int4", 4096, 32) == \
+        GemvConfig(512, 32, split_k=99, version=2)
+    with pytest.raises(ValueError, match="version"):
+        GemvConfig(64, 128, dot=True, version=2)
+    with pytest.raises(ValueError, match="version 1 only"):
+        gc.fit(GemvConfig(64, 128, version=2), "fp8", 4096, None)
     h = gc.heuristic("int4", 1, 4096, 6144, num_sms=132)  # 48 column blocks -> split to ~4 per SM
     assert h.split_k == 11 and 48 * h.split_k >= 2 * 132
     with pytest.raises(ValueError, match="power of two"):
@@ -178,15 +199,24 @@ def _int_linear(fmt: str, use_triton: bool):
 
 
 @pytest.mark.skipif(not RUN_INTERPRET, reason="set TRITON_INTERPRET=1 to run on CPU")
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("fmt", ["awq", "gptq"])
-def test_int_linear_runs_the_gemv_up_to_16_rows(fmt):
+def test_int_linear_runs_the_gemv_up_to_16_rows(fmt, version):
     """IntLinear on the Triton path (gemv for M <= 16, dequantize + matmul above) equals its
-    CPU reference path, for AWQ's layout and GPTQ act-order (inputs gathered by perm first)."""
-    triton_layer, cpu_layer = _int_linear(fmt, True), _int_linear(fmt, False)
-    for m in (1, 3, 16, 17):
-        x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(BF16)
-        got, want = triton_layer(x), cpu_layer(x)
-        assert got.shape == (m, 40) and rel_error(got, want) <= tolerance(BF16), m
+    CPU reference path, for AWQ's layout and GPTQ act-order (inputs gathered by perm first),
+    with the table's kernel of either version for this weight (K = 256, N = 40)."""
+    from pdserve.kernels import gemv_config as gc
+    saved = dict(gc.TUNED)
+    if version == 2:
+        gc.tune({("int4", 256, 40, b): GemvConfig(32, 128, split_k=2, version=2) for b in (1, 4)})
+    try:
+        triton_layer, cpu_layer = _int_linear(fmt, True), _int_linear(fmt, False)
+        for m in (1, 3, 16, 17):
+            x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(BF16)
+            got, want = triton_layer(x), cpu_layer(x)
+            assert got.shape == (m, 40) and rel_error(got, want) <= tolerance(BF16), m
+    finally:
+        gc.tune(saved, replace_all=True)
 
 
 @pytest.mark.skipif(not RUN_INTERPRET, reason="set TRITON_INTERPRET=1 to run on CPU")
