@@ -121,11 +121,12 @@ def heuristic(kind: str, bucket: int, k: int, n: int, num_sms: int) -> GemvConfi
 
 
 def split_for(config: GemvConfig, k: int, n: int, num_sms: int, programs_per_sm: int = 4) -> int:
-    """Split K so that the grid has about programs_per_sm programs per SM, each >= 2 tiles long."""
+    """Split K so that the grid has about programs_per_sm programs per SM, each >= 2 tiles long
+    (version 2: >= 1 chunk; its wide column blocks leave few programs along N)."""
     column_blocks = -(-n // config.block_n)
     tiles = max(k // config.block_k, 1)
     wanted = -(-programs_per_sm * num_sms // column_blocks)
-    return max(1, min(wanted, tiles // 2))
+    return max(1, min(wanted, tiles if config.version == 2 else tiles // 2))
 
 
 def fit(config: GemvConfig, kind: str, k: int, group_size: int | None) -> GemvConfig:
@@ -194,6 +195,7 @@ def candidates(kind: str, bucket: int) -> list[GemvConfig]:
     """The configurations the sweep times for one bucket (split_k filled per shape by the sweep).
     Few distinct (block sizes, warps, path) so that compiling them all stays within ~30 s; FMA
     tiles hold <= 64 fp32 accumulators per thread (BLOCK_M * BLOCK_N * BLOCK_K / threads for fp8)."""
+    v2 = []
     if kind == "fp8":
         fma = {1: [(16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 256, 8), (16, 1024, 8)],
                4: [(16, 128, 4), (16, 256, 8), (32, 128, 8)], 16: []}[bucket]
@@ -202,7 +204,13 @@ def candidates(kind: str, bucket: int) -> list[GemvConfig]:
         fma = {1: [(64, 128, 4), (128, 128, 4), (128, 256, 8), (256, 128, 8), (64, 256, 4)],
                4: [(64, 128, 4), (64, 256, 8), (128, 128, 8)], 16: []}[bucket]
         dots = [(64, 128, 4), (128, 128, 4), (64, 256, 4), (128, 256, 8)]
-    return ([GemvConfig(n, k, num_warps=w) for n, k, w in fma]
+        # version 2: a thread holds BLOCK_N / (32 * warps) columns (4: one 16-byte load per word
+        # row, 8: two) for BLOCK_K / 8 unrolled word rows; <= 128 words per thread (no spills)
+        v2 = {1: [(256, 128, 2), (512, 128, 4), (512, 256, 4), (512, 128, 2), (1024, 128, 4), (1024, 64, 4),
+                  (256, 128, 1)],
+              4: [(256, 128, 2), (512, 64, 4), (512, 128, 4), (256, 64, 1)], 16: []}[bucket]
+    return ([GemvConfig(n, k, num_warps=w, version=2) for n, k, w in v2]
+            + [GemvConfig(n, k, num_warps=w) for n, k, w in fma]
             + [GemvConfig(n, k, dot=True, num_warps=w) for n, k, w in dots])
 
 
@@ -226,5 +234,5 @@ def load_tuned(path: str) -> int:
 def tuned_as_python(entries: dict[tuple[str, int, int, int], GemvConfig]) -> list[str]:
     """Lines to paste into TUNED above."""
     return [f"    {key!r}: GemvConfig({c.block_n}, {c.block_k}, split_k={c.split_k}, dot={c.dot}, "
-            f"num_warps={c.num_warps}, num_stages={c.num_stages}),"
+            f"num_warps={c.num_warps}, num_stages={c.num_stages}{', version=2' if c.version == 2 else ''}),"
             for key, c in sorted(entries.items())]
