@@ -44,7 +44,7 @@ class GemvConfig:
     dot: bool = False  # tensor-core path (BLOCK_M = 16) instead of the FMA path
     num_warps: int = 4
     num_stages: int = 3
-    version: int = 1  # int kinds: 2 = gemv_int_v2.py's FMA kernel (M <= 4; BLOCK_K within a group)
+    version: int = 1  # 2: the FMA kernels of gemv_int_v2.py (BLOCK_K within a group) / gemv_fp8_v2.py, M <= 4
 
     def __post_init__(self):
         for name in ("block_n", "block_k", "num_warps"):
@@ -136,8 +136,6 @@ def fit(config: GemvConfig, kind: str, k: int, group_size: int | None) -> GemvCo
     block_k = config.block_k
     dot = config.dot
     if kind == "fp8":
-        if config.version != 1:
-            raise ValueError(f"fp8 GEMVs have version 1 only, got {config.version}")
         block_k = min(block_k, max(16, 1 << (k - 1).bit_length()))  # masked along K: any K works
     else:
         per_word = 32 // int(kind[3:])
@@ -200,6 +198,10 @@ def candidates(kind: str, bucket: int) -> list[GemvConfig]:
         fma = {1: [(16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 256, 8), (16, 1024, 8)],
                4: [(16, 128, 4), (16, 256, 8), (32, 128, 8)], 16: []}[bucket]
         dots = [(64, 128, 4), (128, 128, 4), (64, 256, 4), (128, 256, 8)]
+        # version 2: BLOCK_K = 256 * warps puts x and the weight tile in one layout (8 inputs per
+        # thread); BLOCK_N rows per thread
+        v2 = {1: [(8, 1024, 4), (16, 1024, 4), (32, 1024, 4), (8, 2048, 8), (16, 512, 2), (4, 1024, 4)],
+              4: [(4, 1024, 4), (8, 1024, 4), (8, 512, 2)], 16: []}[bucket]
     else:
         fma = {1: [(64, 128, 4), (128, 128, 4), (128, 256, 8), (256, 128, 8), (64, 256, 4)],
                4: [(64, 128, 4), (64, 256, 8), (128, 128, 8)], 16: []}[bucket]

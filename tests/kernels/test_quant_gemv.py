@@ -70,11 +70,18 @@ FP8_INTERP = [(1, 200, 37, FP32, FMA1, 1), (3, 256, 37, BF16, GemvConfig(16, 64,
               (16, 128, 40, FP16, GemvConfig(16, 32, dot=True), 2), (1, 96, 24, BF16, GemvConfig(16, 32, dot=True), 1),
               (3, 200, 19, FP32, GemvConfig(16, 64), 2), (4, 64, 16, BF16, FMA1, 1),
               (16, 200, 24, FP32, GemvConfig(16, 64, dot=True), 2)]
-FP8_INTERP = [c + (b,) for c in FP8_INTERP for b in (False, True)]
+FP8_V2 = [(1, 200, 37, BF16, GemvConfig(8, 64, version=2), 2), (3, 256, 19, FP32, GemvConfig(4, 128, version=2), 1),
+          (4, 512, 24, FP16, GemvConfig(16, 256, version=2), 2), (16, 128, 16, BF16, GemvConfig(8, 32, version=2), 1),
+          (2, 96, 8, BF16, GemvConfig(8, 64, version=2), 1)]
+FP8_INTERP = [c + (b,) for c in FP8_INTERP + FP8_V2 for b in (False, True)]
 FP8_GPU = [(1, 4096, 6144, BF16, None, None, False), (3, 4096, 6144, BF16, None, None, True),
            (16, 14336, 4096, BF16, None, None, False),
            (1, 4096, 4104, FP16, GemvConfig(32, 512, num_warps=8), 4, True),
-           (16, 4096, 4104, FP16, GemvConfig(64, 256, dot=True), 4, False)]
+           (16, 4096, 4104, FP16, GemvConfig(64, 256, dot=True), 4, False),
+           (1, 4096, 6144, BF16, GemvConfig(8, 1024, version=2), 1, False),
+           (3, 14336, 4104, BF16, GemvConfig(16, 1024, version=2), 2, True),
+           (4, 4000, 4096, FP16, GemvConfig(4, 1024, version=2), 3, False),
+           (1, 4096, 28672, BF16, GemvConfig(8, 2048, num_warps=8, version=2), 1, True)]
 
 
 @pytest.mark.parametrize("device,case", backends(FP8_GPU, FP8_INTERP))
@@ -131,8 +138,7 @@ def test_configs_are_fitted_to_the_weight():
         GemvConfig(512, 32, split_k=99, version=2)
     with pytest.raises(ValueError, match="version"):
         GemvConfig(64, 128, dot=True, version=2)
-    with pytest.raises(ValueError, match="version 1 only"):
-        gc.fit(GemvConfig(64, 128, version=2), "fp8", 4096, None)
+    assert gc.fit(GemvConfig(8, 1024, version=2), "fp8", 200, None).block_k == 256
     h = gc.heuristic("int4", 1, 4096, 6144, num_sms=132)  # 48 column blocks -> split to ~4 per SM
     assert h.split_k == 11 and 48 * h.split_k >= 2 * 132
     with pytest.raises(ValueError, match="power of two"):
