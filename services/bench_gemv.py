@@ -227,9 +227,13 @@ def precompile(workers: int, timeout_s: float = 150.0) -> str:
     return f"{len(_variants())} kernels compiled by {workers} processes in {took}"
 
 
-def sweep(budget_s: float = 150.0, workers: int = 8, settings: Settings = Settings()) -> tuple[list[dict], dict, dict]:
+def sweep(budget_s: float = 150.0, workers: int = 8, settings: Settings = Settings(),
+          total_s: float | None = None) -> tuple[list[dict], dict, dict]:
     """-> (rows of the table, best config per (kind, K, N, bucket), report of dropped configs).
-    The budget starts after the parallel compilation (`workers` processes; 0: none)."""
+    The budget starts after the parallel compilation (`workers` processes; 0: none); total_s,
+    if given, caps compilation + budget (keeping ~25 s for building the weights and timing the
+    baselines), so that a caller's hard time limit still sees the table."""
+    t_start = time.perf_counter()
     import torch
     import torch.nn.functional as F
 
@@ -238,6 +242,8 @@ def sweep(budget_s: float = 150.0, workers: int = 8, settings: Settings = Settin
     from pdserve.kernels.int_gemm import int_dequantize
     if workers:
         print(f"gemv sweep: {precompile(workers)}", flush=True)
+    if total_s is not None:
+        budget_s = max(5.0, min(budget_s, total_s - 25.0 - (time.perf_counter() - t_start)))
     dev, calls = settings.device, settings.calls
     start = time.perf_counter()
     report = {"skipped": 0, "failed": [], "wrong": []}
@@ -336,6 +342,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m pdserve.services.bench_gemv", description=__doc__.splitlines()[0])
     p.add_argument("--budget-s", type=float, default=150.0,
                    help="no new config is tried after this many seconds (a share per shape)")
+    p.add_argument("--total-s", type=float, default=None,
+                   help="cap on compiling + the budget (for a hard time limit around this command)")
     p.add_argument("--json-out", default=None, help="the table and report as JSON")
     p.add_argument("--table-out", default=None, help="the best configs as a gemv_config.load_tuned JSON")
     p.add_argument("--workers", type=int, default=8, help="processes compiling the kernels first (0: none)")
@@ -350,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
     from pdserve.kernels.gemv_config import tuned_to_json
     t0 = time.perf_counter()
     table, best, report = sweep(args.budget_s, workers=0 if args.smoke else args.workers,
-                                settings=SMOKE if args.smoke else Settings())
+                                settings=SMOKE if args.smoke else Settings(), total_s=args.total_s)
     print_table(table, best, report)
     print(f"sweep took {time.perf_counter() - t0:.0f} s")
     if args.table_out:
