@@ -208,8 +208,9 @@ def candidates(kind: str, bucket: int) -> list[GemvConfig]:
         dots = [(64, 128, 4), (128, 128, 4), (64, 256, 4), (128, 256, 8)]
         # version 2: a thread holds BLOCK_N / (32 * warps) columns (4: one 16-byte load per word
         # row, 8: two) for BLOCK_K / 8 unrolled word rows; <= 128 words per thread (no spills)
+        # (BLOCK_K 64: twice the split-K programs, for the small weights' occupancy)
         v2 = {1: [(256, 128, 2), (512, 128, 4), (512, 256, 4), (512, 128, 2), (1024, 128, 4), (1024, 64, 4),
-                  (256, 128, 1)],
+                  (256, 128, 1), (512, 64, 4), (256, 64, 2)],
               4: [(256, 128, 2), (512, 64, 4), (512, 128, 4), (256, 64, 1)], 16: []}[bucket]
     return ([GemvConfig(n, k, num_warps=w, version=2) for n, k, w in v2]
             + [GemvConfig(n, k, num_warps=w) for n, k, w in fma]

@@ -274,6 +274,9 @@ def test_split_k_gemvs_replay_in_a_cuda_graph():
     calls = [lambda m=m: int_gemv(x[:m, :4096], qweight, scales, zeros, 4, 128,
                                   config=GemvConfig(64, 128, split_k=16, dot=m > 4)) for m in (1, 3, 16)]
     calls += [lambda m=m: fp8_gemv(x[:m], w8, s8, config=GemvConfig(32, 256, split_k=8, dot=m > 4)) for m in (1, 3, 16)]
+    calls += [lambda m=m: int_gemv(x[:m, :4096], qweight, scales, zeros, 4, 128,  # version 2 (M = 16: 4 launches)
+                                   config=GemvConfig(512, 128, split_k=8, version=2)) for m in (1, 3, 16)]
+    calls += [lambda m=m: fp8_gemv(x[:m], w8, s8, config=GemvConfig(8, 1024, split_k=4, version=2)) for m in (1, 3)]
     eager = [call() for call in calls]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
