@@ -10,8 +10,9 @@ down 14336 x 4096) and M in 1, 4, 16 (the buckets of gemv_config), times in CUDA
                AWQ-like weights (G = 128, fp16 scales, integer zeros); "default" = the config the
                engine would use now (TUNED or the heuristic); "v1" / "v2" = the best of each kernel
                version (gemv_int.py's paths / gemv_int_v2.py, M <= 4); M > 1 also the old
-               dequantize + cuBLAS
-    fp8        the same for gemv_fp8.fp8_gemv (W8A16); M > 1 also quantize + torch._scaled_mm (W8A8)
+               dequantize + cuBLAS; a last line sums one layer's four GEMVs at M = 1
+    fp8        the same for gemv_fp8.fp8_gemv (W8A16; v2 = gemv_fp8_v2.py); M > 1 also quantize +
+               torch._scaled_mm (W8A8)
 
 Each timed call reads another copy of the weights (>= 256 MB per rotation), so the L2 cache (50 MB)
 never holds them: the figures are HBM-bound like a decode step. Every config's output is checked
@@ -277,11 +278,11 @@ def sweep(budget_s: float = 150.0, workers: int = 8, settings: Settings = Settin
                     row[f"{kind}_rel_err"] = top["rel_err"]
                     row[f"{kind}_gbs"] = shape.bytes(kind) / top["us"] / 1e3
                     best[(kind, k, n, bucket)] = top["config"]
-                for version in (1, 2) if kind == "int4" else ():  # old kernel vs new, each at its best
+                for version in (1, 2):  # old kernels vs new, each at its best
                     of_version = [t for t in timed if t["config"].version == version]
                     if of_version:
                         top = min(of_version, key=lambda t: t["us"])
-                        row[f"int4_v{version}_us"], row[f"int4_v{version}_config"] = top["us"], top["config"]
+                        row[f"{kind}_v{version}_us"], row[f"{kind}_v{version}_config"] = top["us"], top["config"]
                 row[f"{kind}_tried"] = len(timed)
             table.append(row)
             print(f"gemv K={k} N={n} M={m}: " + json.dumps(_jsonable(row)), flush=True)
@@ -304,14 +305,15 @@ def print_table(table: list[dict], best: dict, report: dict) -> None:
 
     print("\nsmall-batch GEMVs vs bf16 cuBLAS, us per call (CUDA graph; weights rotated past L2)")
     print(f"{'K x N':>12} {'M':>3} {'bf16':>7} | {'int4':>6} {'/bf16':>6} {'GB/s':>5} {'default':>7} {'v1':>6} {'v2':>6} "
-          f"{'dequant':>7} {'config':<28} | {'fp8':>6} {'/bf16':>6} {'GB/s':>5} {'default':>7} {'scaledmm':>8} config")
+          f"{'dequant':>7} {'config':<28} | {'fp8':>6} {'/bf16':>6} {'GB/s':>5} {'default':>7} {'v1':>6} {'v2':>6} "
+          f"{'scaledmm':>8} config")
     for r in table:
         cells = []
         for kind, other in (("int4", "int4_dequant_us"), ("fp8", "fp8_scaled_mm_us")):
             if f"{kind}_us" not in r:
                 cells.append(f"{'none':>6}")
                 continue
-            versions = f"{us(r, 'int4_v1_us'):>6} {us(r, 'int4_v2_us'):>6} " if kind == "int4" else ""
+            versions = f"{us(r, kind + '_v1_us'):>6} {us(r, kind + '_v2_us'):>6} "
             cells.append(f"{r[kind + '_us']:>6.1f} {r[kind + '_us'] / r['bf16_us']:>6.2f} {r[kind + '_gbs']:>5.0f} "
                          f"{us(r, kind + '_default_us'):>7} {versions}{us(r, other):>{7 if kind == 'int4' else 8}} "
                          f"{r[kind + '_config'].short():<28}")
@@ -322,7 +324,8 @@ def print_table(table: list[dict], best: dict, report: dict) -> None:
             total = sum(r[f"{kind}_us"] for r in m1)
             print(f"M = 1, one layer's {len(m1)} GEMVs: {kind} {total:.1f} us vs bf16 {sum(r['bf16_us'] for r in m1):.1f} us "
                   f"({total / sum(r['bf16_us'] for r in m1):.2f}x)"
-                  + (f"; old kernel (v1) alone {sum(r.get('int4_v1_us', 0) for r in m1):.1f} us" if kind == "int4" else ""))
+                  + (f"; version 1 alone {sum(r[kind + '_v1_us'] for r in m1):.1f} us"
+                     if all(kind + "_v1_us" in r for r in m1) else ""))
     print(f"configs skipped (time budget): {report['skipped']}; failed to run: {len(report['failed'])}; "
           f"wrong results (dropped): {len(report['wrong'])}")
     for line in report["failed"][:5] + report["wrong"][:5]:
