@@ -78,8 +78,10 @@ def _value(u, exp_even, exp_odd, P_IDX: tl.constexpr, BITS: tl.constexpr, WIN_EV
     if ROT != 0:
         u = (u << ROT) | (u >> (32 - ROT))  # a funnel shift (SHF.L.W)
     if P_IDX % 2 == 0:
-        return ((u & MASK) | exp_even).to(tl.float32, bitcast=True)
-    return ((u & MASK) | exp_odd).to(tl.float32, bitcast=True)
+        exponent = exp_even
+    else:
+        exponent = exp_odd
+    return ((u & MASK) | exponent).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -87,9 +89,11 @@ def _x_row(x_ptr, m: tl.constexpr, M, stride_xm, k0, X_KIND: tl.constexpr):
     """Where row m's inputs k0.. start: 32-bit pairs for 16-bit x (stride and k0 even), values for
     fp32. Rows m >= M read row M - 1 instead (valid memory, no predication; never stored)."""
     row = tl.minimum(M - 1, m)
-    if X_KIND == 0:
-        return x_ptr + row * stride_xm + k0
-    return x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + row * (stride_xm // 2) + k0 // 2
+    if X_KIND == 0:  # (one return: Triton compiles the code after a return in a static branch too)
+        start = x_ptr + row * stride_xm + k0
+    else:
+        start = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + row * (stride_xm // 2) + k0 // 2
+    return start
 
 
 @triton.jit
