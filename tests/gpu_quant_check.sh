@@ -51,7 +51,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = engines ]; then
         --only "8B bf16,8B fp8,8B awq-int4" --w2-requests 64 --budget-s 170 --json-out "$OUT/bench_quant.json"
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
-    step tests 90 "$PY" -m pytest -q -x -p no:cacheprovider -m gpu tests/kernels/test_quant_gemv.py \
+    step tests 90 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/kernels/test_quant_gemv.py \
         tests/kernels/test_quant_kernels.py -k "gemv or int_matmul or graph"
 fi
 echo "=== finished in $(($(date +%s) - START)) s"
