@@ -44,6 +44,7 @@ class GemvConfig:
     dot: bool = False  # tensor-core path (BLOCK_M = 16) instead of the FMA path
     num_warps: int = 4
     num_stages: int = 3
+    version: int = 1  # 2: the FMA kernels of gemv_int_v2.py (BLOCK_K within a group) / gemv_fp8_v2.py, M <= 4
 
     def __post_init__(self):
         for name in ("block_n", "block_k", "num_warps"):
@@ -53,10 +54,12 @@ class GemvConfig:
             raise ValueError(f"GemvConfig split_k and num_stages must be >= 1, got {self.split_k}, {self.num_stages}")
         if self.dot and self.block_n < 16:
             raise ValueError(f"GemvConfig.block_n must be >= 16 with dot=True, got {self.block_n}")
+        if self.version not in (1, 2) or (self.version == 2 and self.dot):
+            raise ValueError(f"GemvConfig.version must be 1, or 2 without dot, got {self.version} (dot={self.dot})")
 
     def short(self) -> str:
-        return (f"{'dot' if self.dot else 'fma'} n{self.block_n} k{self.block_k} s{self.split_k} "
-                f"w{self.num_warps} st{self.num_stages}")
+        path = "v2" if self.version == 2 else "dot" if self.dot else "fma"
+        return f"{path} n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} st{self.num_stages}"
 
 
 def bucket_of(m: int) -> int:
@@ -118,11 +121,12 @@ def heuristic(kind: str, bucket: int, k: int, n: int, num_sms: int) -> GemvConfi
 
 
 def split_for(config: GemvConfig, k: int, n: int, num_sms: int, programs_per_sm: int = 4) -> int:
-    """Split K so that the grid has about programs_per_sm programs per SM, each >= 2 tiles long."""
+    """Split K so that the grid has about programs_per_sm programs per SM, each >= 2 tiles long
+    (version 2: >= 1 chunk; its wide column blocks leave few programs along N)."""
     column_blocks = -(-n // config.block_n)
     tiles = max(k // config.block_k, 1)
     wanted = -(-programs_per_sm * num_sms // column_blocks)
-    return max(1, min(wanted, tiles // 2))
+    return max(1, min(wanted, tiles if config.version == 2 else tiles // 2))
 
 
 def fit(config: GemvConfig, kind: str, k: int, group_size: int | None) -> GemvConfig:
@@ -136,9 +140,12 @@ def fit(config: GemvConfig, kind: str, k: int, group_size: int | None) -> GemvCo
     else:
         per_word = 32 // int(kind[3:])
         group = group_size or k
-        while block_k > per_word and (k % block_k or (group % block_k and block_k % group)):
+
+        def misfit(bk: int) -> bool:  # v2: a chunk lies within one group
+            return bool(k % bk or (group % bk and (config.version == 2 or bk % group)))
+        while block_k > per_word and misfit(block_k):
             block_k //= 2
-        if k % block_k or (group % block_k and block_k % group):
+        if misfit(block_k):
             raise ValueError(f"no BLOCK_K fits K = {k} with groups of {group_size} ({kind})")
         if dot and block_k // per_word < 16:
             dot = False  # tl.dot needs 16 words along K
@@ -186,15 +193,27 @@ def candidates(kind: str, bucket: int) -> list[GemvConfig]:
     """The configurations the sweep times for one bucket (split_k filled per shape by the sweep).
     Few distinct (block sizes, warps, path) so that compiling them all stays within ~30 s; FMA
     tiles hold <= 64 fp32 accumulators per thread (BLOCK_M * BLOCK_N * BLOCK_K / threads for fp8)."""
+    v2 = []
     if kind == "fp8":
         fma = {1: [(16, 512, 4), (32, 256, 4), (32, 512, 8), (64, 256, 8), (16, 1024, 8)],
                4: [(16, 128, 4), (16, 256, 8), (32, 128, 8)], 16: []}[bucket]
         dots = [(64, 128, 4), (128, 128, 4), (64, 256, 4), (128, 256, 8)]
+        # version 2: BLOCK_K = 256 * warps puts x and the weight tile in one layout (8 inputs per
+        # thread); BLOCK_N rows per thread
+        v2 = {1: [(8, 1024, 4), (16, 1024, 4), (32, 1024, 4), (8, 2048, 8), (16, 512, 2), (4, 1024, 4)],
+              4: [(4, 1024, 4), (8, 1024, 4), (8, 512, 2)], 16: []}[bucket]
     else:
         fma = {1: [(64, 128, 4), (128, 128, 4), (128, 256, 8), (256, 128, 8), (64, 256, 4)],
                4: [(64, 128, 4), (64, 256, 8), (128, 128, 8)], 16: []}[bucket]
         dots = [(64, 128, 4), (128, 128, 4), (64, 256, 4), (128, 256, 8)]
-    return ([GemvConfig(n, k, num_warps=w) for n, k, w in fma]
+        # version 2: a thread holds BLOCK_N / (32 * warps) columns (4: one 16-byte load per word
+        # row, 8: two) for BLOCK_K / 8 unrolled word rows; <= 128 words per thread (no spills)
+        # (BLOCK_K 64: twice the split-K programs, for the small weights' occupancy)
+        v2 = {1: [(256, 128, 2), (512, 128, 4), (512, 256, 4), (512, 128, 2), (1024, 128, 4), (1024, 64, 4),
+                  (256, 128, 1), (512, 64, 4), (256, 64, 2)],
+              4: [(256, 128, 2), (512, 64, 4), (512, 128, 4), (256, 64, 1)], 16: []}[bucket]
+    return ([GemvConfig(n, k, num_warps=w, version=2) for n, k, w in v2]
+            + [GemvConfig(n, k, num_warps=w) for n, k, w in fma]
             + [GemvConfig(n, k, dot=True, num_warps=w) for n, k, w in dots])
 
 
@@ -218,5 +237,5 @@ def load_tuned(path: str) -> int:
 def tuned_as_python(entries: dict[tuple[str, int, int, int], GemvConfig]) -> list[str]:
     """Lines to paste into TUNED above."""
     return [f"    {key!r}: GemvConfig({c.block_n}, {c.block_k}, split_k={c.split_k}, dot={c.dot}, "
-            f"num_warps={c.num_warps}, num_stages={c.num_stages}),"
+            f"num_warps={c.num_warps}, num_stages={c.num_stages}{', version=2' if c.version == 2 else ''}),"
             for key, c in sorted(entries.items())]

@@ -16,7 +16,8 @@ ps for ALL rows:
         dot path  acc[BLOCK_N, 16] += tl.dot(w as x's dtype, x[rows, tile]^T)   (e4m3 -> bf16/fp16 exact)
     y = acc * scale (+ bias), or split-K partial sums -> split_k.store_rows
 
-Configuration: gemv_config.choose("fp8", ...). Reference: reference.fp8_gemv_ref.
+Configuration: gemv_config.choose("fp8", ...); version=2 runs gemv_fp8_v2.py's kernel (M <= 4,
+in-thread partial sums: fewer registers, no shared memory). Reference: reference.fp8_gemv_ref.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels import gemv_config
+from pdserve.kernels import gemv_config, gemv_fp8_v2
 from pdserve.kernels.gemv_config import GemvConfig
 from pdserve.kernels.split_k import launch_buffers, rows_of, store_rows
 
@@ -107,6 +108,17 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
     split_k = triton.cdiv(tiles, tiles_per_split)  # no empty programs: the last-arrival count must be exact
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     ws, locks = launch_buffers(x, n, config.block_n)
+    if config.version == 2:  # gemv_fp8_v2.py: the FMA path with in-thread partial sums
+        if m > gemv_config.FMA_MAX_M:
+            rows = gemv_config.FMA_MAX_M
+            return torch.cat([fp8_gemv(x[i:i + rows], weight, scale, bias, config) for i in range(0, m, rows)])
+        gemv_fp8_v2._fp8_gemv_v2_kernel[(triton.cdiv(n, config.block_n), split_k)](
+            x, weight, scale, bias if bias is not None else scale, out, ws, locks, m, n, k, tiles_per_split, split_k,
+            x.stride(0), weight.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_M=gemv_config.block_m(config, m), BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k, EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
+            VEC=min(gemv_fp8_v2.VEC, config.block_k), num_warps=config.num_warps, num_stages=config.num_stages)
+        return out
     _fp8_gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
         x, weight, scale, bias if bias is not None else scale, out, ws, locks, m, n, k, tiles_per_split, split_k,
         x.stride(0), weight.stride(0), out.stride(0),

@@ -28,7 +28,8 @@ are masked where they lie, scaled by 2^sh (powers of two: exact), so a word of 8
 8 LOP3 + 1 shift, and a value one FADD and one FFMA, with the zero point applied once per word.
 Groups shorter than the tile (GGUF's 32, G = 64 with 256-input tiles) dequantize every value
 ((q - z) * s, s and z per word) before the sum instead.
-Configuration: gemv_config.choose (table + heuristic). Reference: reference.int_matmul_ref.
+Configuration: gemv_config.choose (table + heuristic); a configuration with version=2 runs
+gemv_int_v2.py's kernel instead (M <= 4, fewer instructions per word). Reference: reference.int_matmul_ref.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels import gemv_config
+from pdserve.kernels import gemv_config, gemv_int_v2
 from pdserve.kernels.gemv_config import GemvConfig
 from pdserve.kernels.split_k import launch_buffers, rows_of, store_rows
 
@@ -203,6 +204,19 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
     split_k = triton.cdiv(tiles, tiles_per_split)  # no empty programs: the last-arrival count must be exact
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     ws, locks = launch_buffers(x, n, config.block_n)
+    if config.version == 2:  # gemv_int_v2.py: the FMA path rebuilt (fit: BLOCK_K divides the group)
+        win_even, win_odd = gemv_int_v2.windows(bits, x.dtype == torch.float32)
+        x_kind = gemv_int_v2.X_KINDS[x.dtype]
+        if x_kind and (x.stride(0) % 2 or x.data_ptr() % 4):  # 16-bit x is read in aligned pairs
+            x = x.contiguous() if x.data_ptr() % 4 == 0 else x.clone()
+        gemv_int_v2._int_gemv_v2_kernel[(triton.cdiv(n, config.block_n), split_k)](
+            x, qweight, scales, zeros, bias if bias is not None else scales, out, ws, locks, m, n, k,
+            *gemv_int_v2.exponents(win_even, win_odd), tiles_per_split, split_k, x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0),
+            out.stride(0), BITS=bits, GROUP_SIZE=group_size, HAS_BIAS=bias is not None,
+            BLOCK_M=gemv_config.block_m(config, m), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+            EVEN_N=n % config.block_n == 0, WIN_EVEN=win_even, WIN_ODD=win_odd, X_KIND=x_kind,
+            num_warps=config.num_warps, num_stages=config.num_stages)
+        return out
     _int_gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, ws, locks, m, n, k, tiles_per_split,
         split_k, x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0), out.stride(0),

@@ -62,6 +62,18 @@ def rows_of(acc0, acc1, acc2, acc3, rows, BLOCK_M: tl.constexpr, BLOCK_N: tl.con
     return y
 
 
+@triton.jit
+def stack_rows(acc0, acc1, acc2, acc3, rows, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] from per-row [BLOCK_N] accumulators (rows past BLOCK_M are not read)."""
+    y = tl.where(rows[:, None] == 0, acc0[None, :], tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32))
+    if BLOCK_M > 1:
+        y = tl.where(rows[:, None] == 1, acc1[None, :], y)
+    if BLOCK_M > 2:
+        y = tl.where(rows[:, None] == 2, acc2[None, :], y)
+        y = tl.where(rows[:, None] == 3, acc3[None, :], y)
+    return y
+
+
 class _Workspace:
     """Zeroed fp32 sums and int32 counters per device, grown (never shrunk or freed: captured
     CUDA graphs keep pointers into them) outside graph capture."""

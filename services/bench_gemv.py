@@ -1,6 +1,6 @@
 """Sweep of the small-batch quantized GEMVs' launch configurations on the GPU at hand (issue 13).
 
-    python -m pdserve.services.bench_gemv [--budget-s 60] [--json-out FILE] [--table-out FILE] [--workers 8]
+    python -m pdserve.services.bench_gemv [--budget-s 150] [--json-out FILE] [--table-out FILE] [--workers 8]
 
 For each Llama-3-8B weight (K x N: qkv 4096 x 6144, o 4096 x 4096, gate_up 4096 x 28672,
 down 14336 x 4096) and M in 1, 4, 16 (the buckets of gemv_config), times in CUDA graphs:
@@ -8,8 +8,11 @@ down 14336 x 4096) and M in 1, 4, 16 (the buckets of gemv_config), times in CUDA
     bf16       F.linear on a bf16 [N, K] weight (cuBLAS, what the unquantized model runs)
     int4       every gemv_config.candidates config (x a few split-K counts) of gemv_int.int_gemv,
                AWQ-like weights (G = 128, fp16 scales, integer zeros); "default" = the config the
-               engine would use now (TUNED or the heuristic); M > 1 also the old dequantize + cuBLAS
-    fp8        the same for gemv_fp8.fp8_gemv (W8A16); M > 1 also quantize + torch._scaled_mm (W8A8)
+               engine would use now (TUNED or the heuristic); "v1" / "v2" = the best of each kernel
+               version (gemv_int.py's paths / gemv_int_v2.py, M <= 4); M > 1 also the old
+               dequantize + cuBLAS; a last line sums one layer's four GEMVs at M = 1
+    fp8        the same for gemv_fp8.fp8_gemv (W8A16; v2 = gemv_fp8_v2.py); M > 1 also quantize +
+               torch._scaled_mm (W8A8)
 
 Each timed call reads another copy of the weights (>= 256 MB per rotation), so the L2 cache (50 MB)
 never holds them: the figures are HBM-bound like a decode step. Every config's output is checked
@@ -17,8 +20,9 @@ against the fp32 reference first; a wrong one is dropped and counted. It prints,
 the best config next to bf16 (us, ratio, GB/s of weight bytes), then the TUNED lines to paste into
 kernels/gemv_config.py; --table-out writes them as JSON (gemv_config.load_tuned; bench_quant
 --gemv-table). Compiling the ~26 kernel variants would dominate the time, so --workers processes
-compile them first into Triton's on-disk cache; --budget-s (counted after that) stops trying new
-configs (and says how many were skipped).
+compile them first into Triton's on-disk cache; --budget-s (counted after that, shared equally by
+the four shapes) stops trying new configs (and says how many were skipped). About 1 min of
+compiling plus the budget on an H200.
 """
 
 from __future__ import annotations
@@ -224,9 +228,13 @@ def precompile(workers: int, timeout_s: float = 150.0) -> str:
     return f"{len(_variants())} kernels compiled by {workers} processes in {took}"
 
 
-def sweep(budget_s: float = 60.0, workers: int = 8, settings: Settings = Settings()) -> tuple[list[dict], dict, dict]:
+def sweep(budget_s: float = 150.0, workers: int = 8, settings: Settings = Settings(),
+          total_s: float | None = None) -> tuple[list[dict], dict, dict]:
     """-> (rows of the table, best config per (kind, K, N, bucket), report of dropped configs).
-    The budget starts after the parallel compilation (`workers` processes; 0: none)."""
+    The budget starts after the parallel compilation (`workers` processes; 0: none); total_s,
+    if given, caps compilation + budget (keeping ~25 s for building the weights and timing the
+    baselines), so that a caller's hard time limit still sees the table."""
+    t_start = time.perf_counter()
     import torch
     import torch.nn.functional as F
 
@@ -235,11 +243,14 @@ def sweep(budget_s: float = 60.0, workers: int = 8, settings: Settings = Setting
     from pdserve.kernels.int_gemm import int_dequantize
     if workers:
         print(f"gemv sweep: {precompile(workers)}", flush=True)
+    if total_s is not None:
+        budget_s = max(5.0, min(budget_s, total_s - 25.0 - (time.perf_counter() - t_start)))
     dev, calls = settings.device, settings.calls
-    deadline = time.perf_counter() + budget_s
+    start = time.perf_counter()
     report = {"skipped": 0, "failed": [], "wrong": []}
     table, best = [], {}
-    for k, n in settings.shapes:
+    for index, (k, n) in enumerate(settings.shapes):
+        deadline = start + budget_s * (index + 1) / len(settings.shapes)  # a share per shape
         shape = _Shape(k, n, dev, settings.rotation_bytes)
         for m in ROWS:
             x = torch.randn(m, k, dtype=torch.bfloat16, device=dev) * 0.5
@@ -267,6 +278,11 @@ def sweep(budget_s: float = 60.0, workers: int = 8, settings: Settings = Setting
                     row[f"{kind}_rel_err"] = top["rel_err"]
                     row[f"{kind}_gbs"] = shape.bytes(kind) / top["us"] / 1e3
                     best[(kind, k, n, bucket)] = top["config"]
+                for version in (1, 2):  # old kernels vs new, each at its best
+                    of_version = [t for t in timed if t["config"].version == version]
+                    if of_version:
+                        top = min(of_version, key=lambda t: t["us"])
+                        row[f"{kind}_v{version}_us"], row[f"{kind}_v{version}_config"] = top["us"], top["config"]
                 row[f"{kind}_tried"] = len(timed)
             table.append(row)
             print(f"gemv K={k} N={n} M={m}: " + json.dumps(_jsonable(row)), flush=True)
@@ -288,18 +304,28 @@ def print_table(table: list[dict], best: dict, report: dict) -> None:
         return f"{row[key]:.1f}" if key in row else "-"
 
     print("\nsmall-batch GEMVs vs bf16 cuBLAS, us per call (CUDA graph; weights rotated past L2)")
-    print(f"{'K x N':>12} {'M':>3} {'bf16':>7} | {'int4':>6} {'/bf16':>6} {'GB/s':>5} {'default':>7} {'dequant':>7} "
-          f"{'config':<28} | {'fp8':>6} {'/bf16':>6} {'GB/s':>5} {'default':>7} {'scaledmm':>8} config")
+    print(f"{'K x N':>12} {'M':>3} {'bf16':>7} | {'int4':>6} {'/bf16':>6} {'GB/s':>5} {'default':>7} {'v1':>6} {'v2':>6} "
+          f"{'dequant':>7} {'config':<28} | {'fp8':>6} {'/bf16':>6} {'GB/s':>5} {'default':>7} {'v1':>6} {'v2':>6} "
+          f"{'scaledmm':>8} config")
     for r in table:
         cells = []
         for kind, other in (("int4", "int4_dequant_us"), ("fp8", "fp8_scaled_mm_us")):
             if f"{kind}_us" not in r:
                 cells.append(f"{'none':>6}")
                 continue
+            versions = f"{us(r, kind + '_v1_us'):>6} {us(r, kind + '_v2_us'):>6} "
             cells.append(f"{r[kind + '_us']:>6.1f} {r[kind + '_us'] / r['bf16_us']:>6.2f} {r[kind + '_gbs']:>5.0f} "
-                         f"{us(r, kind + '_default_us'):>7} {us(r, other):>{7 if kind == 'int4' else 8}} "
+                         f"{us(r, kind + '_default_us'):>7} {versions}{us(r, other):>{7 if kind == 'int4' else 8}} "
                          f"{r[kind + '_config'].short():<28}")
         print(f"{r['k']:>5} x {r['n']:<5} {r['m']:>3} {r['bf16_us']:>7.1f} | {cells[0]} | {cells[1]}")
+    for kind in ("int4", "fp8"):  # a decode step's GEMVs (one of each weight) at M = 1
+        m1 = [r for r in table if r["m"] == 1 and f"{kind}_us" in r]
+        if len(m1) == len({(r["k"], r["n"]) for r in table}):
+            total = sum(r[f"{kind}_us"] for r in m1)
+            print(f"M = 1, one layer's {len(m1)} GEMVs: {kind} {total:.1f} us vs bf16 {sum(r['bf16_us'] for r in m1):.1f} us "
+                  f"({total / sum(r['bf16_us'] for r in m1):.2f}x)"
+                  + (f"; version 1 alone {sum(r[kind + '_v1_us'] for r in m1):.1f} us"
+                     if all(kind + "_v1_us" in r for r in m1) else ""))
     print(f"configs skipped (time budget): {report['skipped']}; failed to run: {len(report['failed'])}; "
           f"wrong results (dropped): {len(report['wrong'])}")
     for line in report["failed"][:5] + report["wrong"][:5]:
@@ -317,7 +343,10 @@ def summary(table: list[dict], best: dict, report: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m pdserve.services.bench_gemv", description=__doc__.splitlines()[0])
-    p.add_argument("--budget-s", type=float, default=60.0, help="no new config is tried after this many seconds")
+    p.add_argument("--budget-s", type=float, default=150.0,
+                   help="no new config is tried after this many seconds (a share per shape)")
+    p.add_argument("--total-s", type=float, default=None,
+                   help="cap on compiling + the budget (for a hard time limit around this command)")
     p.add_argument("--json-out", default=None, help="the table and report as JSON")
     p.add_argument("--table-out", default=None, help="the best configs as a gemv_config.load_tuned JSON")
     p.add_argument("--workers", type=int, default=8, help="processes compiling the kernels first (0: none)")
@@ -332,7 +361,7 @@ def main(argv: list[str] | None = None) -> None:
     from pdserve.kernels.gemv_config import tuned_to_json
     t0 = time.perf_counter()
     table, best, report = sweep(args.budget_s, workers=0 if args.smoke else args.workers,
-                                settings=SMOKE if args.smoke else Settings())
+                                settings=SMOKE if args.smoke else Settings(), total_s=args.total_s)
     print_table(table, best, report)
     print(f"sweep took {time.perf_counter() - t0:.0f} s")
     if args.table_out:

@@ -27,12 +27,24 @@ INT_INTERP = [(1, 256, 37, 4, 64, FP32, FMA1, 1), (3, 256, 37, 4, 128, BF16, FMA
 # + (with bias, integer zero points): every combination under the interpreter, one each on the GPU
 # (each combination is another compiled kernel)
 INT_INTERP = [c + (b, z) for c in INT_INTERP for b in (False, True) for z in (True, False)]
+# version 2 (gemv_int_v2.py, M <= 4 per launch; M = 16 runs as four launches): BLOCK_K within a group
+V2_SMALL, V2_WIDE = GemvConfig(16, 64, version=2), GemvConfig(64, 128, num_warps=2, version=2)
+INT_V2_INTERP = [(1, 256, 37, 4, 64, BF16, V2_SMALL, 1), (3, 256, 37, 4, 128, FP32, V2_WIDE, 2),
+                 (4, 512, 40, 4, 128, FP16, V2_WIDE, 3), (16, 256, 48, 4, 64, BF16, V2_SMALL, 2),
+                 (2, 128, 33, 8, 32, BF16, V2_SMALL, 2), (1, 256, 64, 8, 256, FP32, V2_WIDE, 1),
+                 (1, 512, 24, 4, 32, BF16, V2_WIDE, 4)]
+INT_INTERP += [c + (b, z) for c in INT_V2_INTERP for b in (False, True) for z in (True, False)]
 INT_GPU = [(1, 4096, 6144, 4, 128, BF16, None, None, False, True),
            (3, 4096, 6144, 4, 128, BF16, None, None, True, True),
            (16, 4096, 6144, 4, 128, BF16, None, None, False, True),
            (1, 14336, 4096, 4, 128, BF16, None, None, False, True),
            (1, 4096, 4104, 4, 64, FP16, GemvConfig(128, 256, num_warps=8), 8, True, False),
-           (16, 4096, 4104, 4, 64, FP16, GemvConfig(64, 256, dot=True), 4, False, True)]
+           (16, 4096, 4104, 4, 64, FP16, GemvConfig(64, 256, dot=True), 4, False, True),
+           (1, 4096, 6144, 4, 128, BF16, GemvConfig(1024, 128, version=2), 8, False, True),
+           (3, 14336, 4104, 4, 64, FP16, GemvConfig(512, 64, version=2), 16, True, False),
+           (4, 4096, 4096, 4, 128, BF16, GemvConfig(256, 128, num_warps=2, version=2), 4, False, True),
+           (1, 4096, 6144, 4, 128, FP32, GemvConfig(512, 128, version=2), 1, True, True),
+           (2, 4096, 4096, 8, 128, BF16, GemvConfig(512, 128, version=2), 8, False, True)]
 
 
 @pytest.mark.parametrize("device,case", backends(INT_GPU, INT_INTERP))
@@ -58,11 +70,18 @@ FP8_INTERP = [(1, 200, 37, FP32, FMA1, 1), (3, 256, 37, BF16, GemvConfig(16, 64,
               (16, 128, 40, FP16, GemvConfig(16, 32, dot=True), 2), (1, 96, 24, BF16, GemvConfig(16, 32, dot=True), 1),
               (3, 200, 19, FP32, GemvConfig(16, 64), 2), (4, 64, 16, BF16, FMA1, 1),
               (16, 200, 24, FP32, GemvConfig(16, 64, dot=True), 2)]
-FP8_INTERP = [c + (b,) for c in FP8_INTERP for b in (False, True)]
+FP8_V2 = [(1, 200, 37, BF16, GemvConfig(8, 64, version=2), 2), (3, 256, 19, FP32, GemvConfig(4, 128, version=2), 1),
+          (4, 512, 24, FP16, GemvConfig(16, 256, version=2), 2), (16, 128, 16, BF16, GemvConfig(8, 32, version=2), 1),
+          (2, 96, 8, BF16, GemvConfig(8, 64, version=2), 1)]
+FP8_INTERP = [c + (b,) for c in FP8_INTERP + FP8_V2 for b in (False, True)]
 FP8_GPU = [(1, 4096, 6144, BF16, None, None, False), (3, 4096, 6144, BF16, None, None, True),
            (16, 14336, 4096, BF16, None, None, False),
            (1, 4096, 4104, FP16, GemvConfig(32, 512, num_warps=8), 4, True),
-           (16, 4096, 4104, FP16, GemvConfig(64, 256, dot=True), 4, False)]
+           (16, 4096, 4104, FP16, GemvConfig(64, 256, dot=True), 4, False),
+           (1, 4096, 6144, BF16, GemvConfig(8, 1024, version=2), 1, False),
+           (3, 14336, 4104, BF16, GemvConfig(16, 1024, version=2), 2, True),
+           (4, 4000, 4096, FP16, GemvConfig(4, 1024, version=2), 3, False),
+           (1, 4096, 28672, BF16, GemvConfig(8, 2048, num_warps=8, version=2), 1, True)]
 
 
 @pytest.mark.parametrize("device,case", backends(FP8_GPU, FP8_INTERP))
@@ -112,6 +131,14 @@ def test_configs_are_fitted_to_the_weight():
     assert gc.fit(GemvConfig(64, 256, dot=True), "int4", 96, 32) == GemvConfig(64, 32, dot=False)
     assert gc.fit(GemvConfig(64, 256), "int8", 14336, None).block_k == 256  # per channel: G = K
     assert gc.fit(GemvConfig(16, 1024), "fp8", 200, None).block_k == 256  # fp8 masks K
+    # version 2: a chunk of BLOCK_K inputs never spans two groups
+    assert gc.fit(GemvConfig(512, 256, version=2), "int4", 4096, 128).block_k == 128
+    assert gc.fit(GemvConfig(512, 256), "int4", 4096, 128).block_k == 256
+    assert gc.fit(GemvConfig(512, 256, split_k=99, version=2), "int4", 4096, 32) == \
+        GemvConfig(512, 32, split_k=99, version=2)
+    with pytest.raises(ValueError, match="version"):
+        GemvConfig(64, 128, dot=True, version=2)
+    assert gc.fit(GemvConfig(8, 1024, version=2), "fp8", 200, None).block_k == 256
     h = gc.heuristic("int4", 1, 4096, 6144, num_sms=132)  # 48 column blocks -> split to ~4 per SM
     assert h.split_k == 11 and 48 * h.split_k >= 2 * 132
     with pytest.raises(ValueError, match="power of two"):
@@ -178,15 +205,24 @@ def _int_linear(fmt: str, use_triton: bool):
 
 
 @pytest.mark.skipif(not RUN_INTERPRET, reason="set TRITON_INTERPRET=1 to run on CPU")
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("fmt", ["awq", "gptq"])
-def test_int_linear_runs_the_gemv_up_to_16_rows(fmt):
+def test_int_linear_runs_the_gemv_up_to_16_rows(fmt, version):
     """IntLinear on the Triton path (gemv for M <= 16, dequantize + matmul above) equals its
-    CPU reference path, for AWQ's layout and GPTQ act-order (inputs gathered by perm first)."""
-    triton_layer, cpu_layer = _int_linear(fmt, True), _int_linear(fmt, False)
-    for m in (1, 3, 16, 17):
-        x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(BF16)
-        got, want = triton_layer(x), cpu_layer(x)
-        assert got.shape == (m, 40) and rel_error(got, want) <= tolerance(BF16), m
+    CPU reference path, for AWQ's layout and GPTQ act-order (inputs gathered by perm first),
+    with the table's kernel of either version for this weight (K = 256, N = 40)."""
+    from pdserve.kernels import gemv_config as gc
+    saved = dict(gc.TUNED)
+    if version == 2:
+        gc.tune({("int4", 256, 40, b): GemvConfig(32, 128, split_k=2, version=2) for b in (1, 4)})
+    try:
+        triton_layer, cpu_layer = _int_linear(fmt, True), _int_linear(fmt, False)
+        for m in (1, 3, 16, 17):
+            x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(BF16)
+            got, want = triton_layer(x), cpu_layer(x)
+            assert got.shape == (m, 40) and rel_error(got, want) <= tolerance(BF16), m
+    finally:
+        gc.tune(saved, replace_all=True)
 
 
 @pytest.mark.skipif(not RUN_INTERPRET, reason="set TRITON_INTERPRET=1 to run on CPU")
@@ -238,6 +274,9 @@ def test_split_k_gemvs_replay_in_a_cuda_graph():
     calls = [lambda m=m: int_gemv(x[:m, :4096], qweight, scales, zeros, 4, 128,
                                   config=GemvConfig(64, 128, split_k=16, dot=m > 4)) for m in (1, 3, 16)]
     calls += [lambda m=m: fp8_gemv(x[:m], w8, s8, config=GemvConfig(32, 256, split_k=8, dot=m > 4)) for m in (1, 3, 16)]
+    calls += [lambda m=m: int_gemv(x[:m, :4096], qweight, scales, zeros, 4, 128,  # version 2 (M = 16: 4 launches)
+                                   config=GemvConfig(512, 128, split_k=8, version=2)) for m in (1, 3, 16)]
+    calls += [lambda m=m: fp8_gemv(x[:m], w8, s8, config=GemvConfig(8, 1024, split_k=4, version=2)) for m in (1, 3)]
     eager = [call() for call in calls]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
