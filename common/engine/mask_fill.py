@@ -16,8 +16,12 @@ scheduling step k+1, its inputs). Serially they exceeded the device's step; here
     launch(k+1): MaskFill.join() -> bitmask k, its copy and step k's sampler queued, forward k+1
 
 Few GIL hand-offs per share: xgrammar releases the GIL inside its calls, and a worker that comes
-back from one must win the GIL from an engine thread running Python, so a share makes two batched
-xgrammar calls, not two per row. Only a share's own rows' states are touched by its worker; the
+back from one must win the GIL from an engine thread running Python (which, busy, keeps it up to
+the interpreter's 5 ms switch interval), so a share makes two batched xgrammar calls, not two per
+row, and runs its Python where the engine thread is blocked: between the tokens and the fill call
+the engine thread waits in update() for `accepted`, set just before the fill call; after the fill
+only the share's allowed_token_ids / bad_words rows and its return remain, which run once the
+engine thread blocks in join. Only a share's own rows' states are touched by its worker; the
 engine thread reads a state's accepted count only after that share's `accepted` event (update) or
 after join (the next start_fill).
 
@@ -134,7 +138,9 @@ class MaskFill:
         return self._result
 
     def _run_share(self, k: int, share: list[Row]) -> None:
-        """Worker k: the share's in-flight tokens, accepted in one call, then its mask rows."""
+        """Worker k: the share's in-flight tokens, accepted in one call, then its mask rows. The
+        `accepted` event is set just before the fill call, which releases the GIL: the engine
+        thread, blocked on that event in update(), then runs while this worker fills."""
         try:
             inflight = {}
             if self._inflight_token is not None:  # the first lookup waits for the previous step
@@ -143,9 +149,9 @@ class MaskFill:
             accept_tokens([(r.state, r.known + [inflight[r.req_id]] if r.inflight else r.known)
                            for r in share if r.state.matcher is not None and (r.known or r.inflight)],
                           self._stop_ids)
+            live = [r for r in share if r.state.matcher is not None and not r.state.broken and not r.state.terminated]
         finally:
             self._accepted[k].set()
-        live = [r for r in share if r.state.matcher is not None and not r.state.broken and not r.state.terminated]
         if live:
             self._batchers[k].batch_fill_next_token_bitmask([r.state.matcher for r in live], self._bitmask,
                                                             [r.index for r in live])
