@@ -98,7 +98,8 @@ def accept_tokens(pending: list[tuple[RequestState, list[int]]], stop_ids: froze
 class MaskFill:
     """One step's fill in flight: `wait_accepted()` (the previous step's tokens are in the
     matchers), `join()` -> the bitmask on the manager's device (idempotent; raises a share's
-    error)."""
+    error). A share no worker has started yet when the engine thread waits for it is taken
+    back and run on the engine thread (a busy host: no wait for a thread to be scheduled)."""
 
     def __init__(self, rows: list[Row], bitmask: torch.Tensor, inflight_token: Callable[[str], int] | None,
                  stop_ids: frozenset[int], workers: GrammarWorkers, batchers: list,
@@ -112,23 +113,41 @@ class MaskFill:
         self._finish = finish  # manager: host bitmask -> device tensor, stats
         self.started_at = time.perf_counter()
         self.tokens_at: list[float] = []  # per share: its in-flight tokens known on the host
+        self.accepted_at: list[float] = []  # per share: its matchers advanced
         self.done_at: list[float] = []  # per share: its rows filled
         self.joined_at: float | None = None  # the engine thread asked for the bitmask
+        self.num_taken_back = 0  # shares the engine thread ran itself
         self._result: torch.Tensor | None = None
         num = workers.num_shares(len(rows))
+        self._shares = [rows[k::num] for k in range(num)]
         self._accepted = [threading.Event() for _ in range(num)]
+        self._errors: list[BaseException | None] = [None] * num
+        self._taken = [False] * num  # share k ran on the engine thread
         self._futures = workers.submit(self._run_share, rows, num)
 
     def wait_accepted(self) -> None:
-        for event in self._accepted:
-            event.wait()
+        for k, event in enumerate(self._accepted):
+            if not self._take_back(k):
+                event.wait()
 
     def wait_done(self, raise_error: bool = True) -> None:
-        for f in self._futures:
-            if raise_error:
+        for k, f in enumerate(self._futures):
+            if not self._take_back(k):
                 f.result()
-            else:
-                f.exception()
+        error = next((e for e in self._errors if e is not None), None)
+        if error is not None and raise_error:
+            raise error
+
+    def _take_back(self, k: int) -> bool:
+        """Run share k here if no worker has started it: -> True when it ran here (now or before)."""
+        if self._taken[k]:
+            return True
+        if not self._futures[k].cancel():  # running or done
+            return False
+        self._taken[k] = True
+        self.num_taken_back += 1
+        self._run_share(k, self._shares[k])
+        return True
 
     def join(self) -> torch.Tensor:
         if self._result is None:
@@ -138,20 +157,27 @@ class MaskFill:
         return self._result
 
     def _run_share(self, k: int, share: list[Row]) -> None:
-        """Worker k: the share's in-flight tokens, accepted in one call, then its mask rows. The
-        `accepted` event is set just before the fill call, which releases the GIL: the engine
-        thread, blocked on that event in update(), then runs while this worker fills."""
+        """Share k (a worker, or the engine thread taking it back): the share's in-flight tokens,
+        accepted in one call, then its mask rows. The `accepted` event is set just before the
+        fill call, which releases the GIL: the engine thread, blocked on that event in update(),
+        then runs while this worker fills. An error is kept for join()."""
         try:
-            inflight = {}
-            if self._inflight_token is not None:  # the first lookup waits for the previous step
-                inflight = {r.req_id: self._inflight_token(r.req_id) for r in share if r.inflight}
-            self.tokens_at.append(time.perf_counter())
-            accept_tokens([(r.state, r.known + [inflight[r.req_id]] if r.inflight else r.known)
-                           for r in share if r.state.matcher is not None and (r.known or r.inflight)],
-                          self._stop_ids)
-            live = [r for r in share if r.state.matcher is not None and not r.state.broken and not r.state.terminated]
+            self._advance_share(k, share)
+        except BaseException as e:
+            self._errors[k] = e
         finally:
-            self._accepted[k].set()
+            self._accepted[k].set()  # (normally set already)
+
+    def _advance_share(self, k: int, share: list[Row]) -> None:
+        inflight = {}
+        if self._inflight_token is not None:  # the first lookup waits for the previous step
+            inflight = {r.req_id: self._inflight_token(r.req_id) for r in share if r.inflight}
+        self.tokens_at.append(time.perf_counter())
+        accept_tokens([(r.state, r.known + [inflight[r.req_id]] if r.inflight else r.known)
+                       for r in share if r.state.matcher is not None and (r.known or r.inflight)], self._stop_ids)
+        live = [r for r in share if r.state.matcher is not None and not r.state.broken and not r.state.terminated]
+        self.accepted_at.append(time.perf_counter())
+        self._accepted[k].set()
         if live:
             self._batchers[k].batch_fill_next_token_bitmask([r.state.matcher for r in live], self._bitmask,
                                                             [r.index for r in live])

@@ -152,6 +152,7 @@ class MaskStats:
     wait_seconds: float = 0.0  # worker threads: start -> the previous step's tokens known (device time)
     join_seconds: float = 0.0  # engine thread blocked in join, waiting for the fill (exposed host time)
     update_seconds: float = 0.0  # engine thread: matchers advanced by a step's new tokens after it
+    num_shares_taken_back: int = 0  # shares no worker had started when the engine thread needed them
 
 
 class StructuredOutputManager:
@@ -239,6 +240,7 @@ class StructuredOutputManager:
             stats.wait_seconds += min(fill.tokens_at) - fill.started_at
             stats.fill_seconds += max(fill.done_at) - min(fill.tokens_at)
         stats.join_seconds += t0 - fill.joined_at
+        stats.num_shares_taken_back += fill.num_taken_back
         return out
 
     # ---- after the step ---------------------------------------------------------------------

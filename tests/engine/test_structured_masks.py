@@ -188,3 +188,27 @@ def test_fill_beside_the_engine_thread_equals_serial_fill(tokenizer):
         state = beside._states[r.request_id]
         if state.matcher is not None:
             assert state.num_accepted == r.num_output_tokens and not state.broken
+
+
+def test_shares_no_worker_started_run_on_the_engine_thread(tokenizer):
+    """Every worker busy: the engine thread takes the queued shares back when it waits for them
+    (update, join), once each, and the mask is the serial fill's."""
+    eos = tuple(tokenizer.eos_token_ids)
+    serial = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=1)
+    beside = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=2)
+    grammar = SamplingParams(temperature=0, structured_outputs={"json": SCHEMA})
+    given = tokenizer.encode('{"name": "x', add_special_tokens=False)
+    reqs = [Request(f"r{i}", [1, 2, 3], grammar, eos, output_token_ids=given[:1 + i % 3]) for i in range(8)]
+    rows = [scheduled(r, False) for r in reqs]
+    gate = threading.Event()
+    pool = beside._workers._workers()
+    busy = [pool.submit(gate.wait, 10) for _ in range(2)]
+    try:
+        fill = beside.start_fill(rows)
+        assert beside.update(reqs) == ([], [])  # waits for `accepted`: takes the shares back
+        mask = fill.join()
+        assert fill.num_taken_back == 2 and beside.stats.num_shares_taken_back == 2
+    finally:
+        gate.set()
+    assert all(f.result() for f in busy)
+    assert np.array_equal(mask.numpy(), serial.fill(rows).numpy())
