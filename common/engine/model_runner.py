@@ -306,6 +306,8 @@ class ModelRunner:
         deferred, self._deferred = self._deferred, None
         if deferred is not None:
             deferred.flush()
+            if deferred._error is not None:  # no tokens: an input in flight from it must not be filled
+                self._last_sampled = (torch.empty(0), {})
 
     def _bind_device(self) -> None:
         """Make this runner's GPU the calling thread's current CUDA device (once per thread: the
@@ -434,6 +436,7 @@ class PendingOutput:
     def _copy(self, tokens: torch.Tensor) -> None:
         self._host = tokens
         if tokens.device.type == "cuda":
+            self._host_device = tokens.device
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host.copy_(tokens, non_blocking=True)
             self._event = torch.cuda.Event()
@@ -460,7 +463,8 @@ class PendingOutput:
                 raise self._error
             if self._host is not None:
                 if self._event is not None:
-                    self._event.synchronize()
+                    with torch.cuda.device(self._host_device):  # a grammar worker: not device 0's context
+                        self._event.synchronize()
                 self._out.sampled_token_ids = dict(zip(self._req_ids, self._host.tolist()))
                 self._host = None
         return self._out
