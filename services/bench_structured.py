@@ -19,7 +19,8 @@ flight, xgrammar's bitmask) + update (engine thread: advance the matchers by a f
 tokens, normally already done by the fill). The workers' wait for the previous step's tokens is
 device time and is reported apart (`wait_ms_per_step`); `join_ms_per_step` is what the engine
 thread spent blocked waiting for a fill, the grammar's host time not hidden behind the engine
-thread's own work (common/engine/mask_fill.py); `shares_taken_back` (per round) counts shares no
+thread's own work (common/engine/mask_fill.py), and `update_ms_per_step` the engine thread's
+time in update (normally waiting for the fill's accept of the in-flight tokens); `shares_taken_back` (per round) counts shares no
 worker had started when the engine thread needed them (it ran them itself: a busy host). On a shared, noisy machine these say what the
 grammar costs independently of how long the forward happened to take; the grammar is hidden
 behind the forward while the fill, and the engine thread's host work beside it, stay below the
@@ -120,12 +121,12 @@ def full_batch_rate(engine, prompts: list[list[int]], params, tag: str) -> dict:
     for i, p in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", p, params)
     stats = engine.structured.stats
-    tokens = seconds = steps = mask = wait = join = taken = 0
+    tokens = seconds = steps = mask = wait = join = upd = taken = 0
     seen_prefill = False
     while engine.has_unfinished():
         before = engine.num_generated_tokens
         mask_before, wait_before = stats.fill_seconds + stats.update_seconds, stats.wait_seconds
-        join_before, taken_before = stats.join_seconds, stats.num_shares_taken_back
+        join_before, taken_before, upd_before = stats.join_seconds, stats.num_shares_taken_back, stats.update_seconds
         t0 = time.perf_counter()
         engine.step()
         dt = time.perf_counter() - t0
@@ -135,12 +136,13 @@ def full_batch_rate(engine, prompts: list[list[int]], params, tag: str) -> dict:
                 mask += stats.fill_seconds + stats.update_seconds - mask_before
                 wait += stats.wait_seconds - wait_before
                 join += stats.join_seconds - join_before
+                upd += stats.update_seconds - upd_before
                 taken += stats.num_shares_taken_back - taken_before
             seen_prefill = True
     per_step = (lambda x: 1000 * x / steps) if steps else (lambda x: None)
     return {"tok_per_s": tokens / seconds if seconds else None, "steps": steps,
             "ms_per_step": per_step(seconds), "mask_ms_per_step": per_step(mask), "wait_ms_per_step": per_step(wait),
-            "join_ms_per_step": per_step(join), "shares_taken_back": taken}
+            "join_ms_per_step": per_step(join), "update_ms_per_step": per_step(upd), "shares_taken_back": taken}
 
 
 def export_tokenizer(folder: str) -> None:
@@ -188,6 +190,7 @@ def main_args(args) -> dict | None:
         row["mask_ms_per_step"] = _median([x["mask_ms_per_step"] for x in runs["json_schema"]])
         row["wait_ms_per_step"] = _median([x["wait_ms_per_step"] for x in runs["json_schema"]])
         row["join_ms_per_step"] = _median([x["join_ms_per_step"] for x in runs["json_schema"]])
+        row["update_ms_per_step"] = _median([x["update_ms_per_step"] for x in runs["json_schema"]])
         row["shares_taken_back"] = [x["shares_taken_back"] for x in runs["json_schema"]]
         if row["none"]["tok_per_s"] and row["json_schema"]["tok_per_s"]:
             row["ratio"] = round(row["json_schema"]["tok_per_s"] / row["none"]["tok_per_s"], 3)
@@ -195,8 +198,8 @@ def main_args(args) -> dict | None:
         print(f"batch {b:>3}: unconstrained {row['none']['tok_per_s']} tok/s, json_schema "
               f"{row['json_schema']['tok_per_s']} tok/s, ratio {row.get('ratio')}; step "
               f"{row['none']['ms_per_step']} vs {row['json_schema']['ms_per_step']} ms; grammar fill+update "
-              f"{row['mask_ms_per_step']} ms (host, mostly on worker threads), engine thread blocked in join "
-              f"{row['join_ms_per_step']} ms, workers waiting for the previous step's tokens "
+              f"{row['mask_ms_per_step']} ms (host, mostly on worker threads), engine thread in update "
+              f"{row['update_ms_per_step']} ms and blocked in join {row['join_ms_per_step']} ms, workers waiting for the previous step's tokens "
               f"{row['wait_ms_per_step']} ms; shares the engine thread ran itself {row['shares_taken_back']}",
               flush=True)
     summary = {"bench": "structured", "shape": args.shape, "device": str(engine.runner.device),
