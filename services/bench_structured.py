@@ -14,16 +14,21 @@ not change the batch being compared. tok/s = tokens of those steps / their wall 
 mode is the median over rounds, and `ratio` = constrained / unconstrained.
 
 `mask_ms_per_step`: host time of the constrained mode's own work per timed step, from the
-manager's `MaskStats`: fill (advance the matchers by the token in flight, xgrammar's bitmask,
-queue its copy) + update (advance the matchers by a finished step's tokens). The wait inside
-fill for the previous step's tokens is device time and is reported apart (`wait_ms_per_step`).
-On a shared, noisy machine mask_ms says what the grammar costs independently of how long the
-forward happened to take; the grammar is hidden behind the forward while mask_ms plus the
-engine's own host work per step stays below the device's step time.
+manager's `MaskStats`: fill (on the grammar worker threads: advance the matchers by the token in
+flight, xgrammar's bitmask) + update (engine thread: advance the matchers by a finished step's
+tokens, normally already done by the fill). The workers' wait for the previous step's tokens is
+device time and is reported apart (`wait_ms_per_step`); `join_ms_per_step` is what the engine
+thread spent blocked waiting for a fill, the grammar's host time not hidden behind the engine
+thread's own work (common/engine/mask_fill.py), and `update_ms_per_step` the engine thread's
+time in update (normally waiting for the fill's accept of the in-flight tokens); `shares_taken_back` (per round) counts shares no
+worker had started when the engine thread needed them (it ran them itself: a busy host). On a shared, noisy machine these say what the
+grammar costs independently of how long the forward happened to take; the grammar is hidden
+behind the forward while the fill, and the engine thread's host work beside it, stay below the
+device's step time.
 
 Grammar rows keep overlapped steps (async scheduling, the default on CUDA): the mask of step k
-is filled on the host while step k's forward runs on the device, from the token step k-1
-sampled, and applied on the device before sampling.
+is filled on the worker threads while step k's forward runs on the device and the engine thread
+completes step k-1, from the token step k-1 sampled, and applied on the device before sampling.
 
 `--shape llama3-8b` writes bench_gpu's Llama-3-8B config (vocab 128256) to a temp folder with
 dummy weights; the tokenizer is SmolLM2's (`--tokenizer DIR`: an HF tokenizer folder, e.g. the
@@ -116,11 +121,12 @@ def full_batch_rate(engine, prompts: list[list[int]], params, tag: str) -> dict:
     for i, p in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", p, params)
     stats = engine.structured.stats
-    tokens = seconds = steps = mask = wait = 0
+    tokens = seconds = steps = mask = wait = join = upd = taken = 0
     seen_prefill = False
     while engine.has_unfinished():
         before = engine.num_generated_tokens
         mask_before, wait_before = stats.fill_seconds + stats.update_seconds, stats.wait_seconds
+        join_before, taken_before, upd_before = stats.join_seconds, stats.num_shares_taken_back, stats.update_seconds
         t0 = time.perf_counter()
         engine.step()
         dt = time.perf_counter() - t0
@@ -129,10 +135,14 @@ def full_batch_rate(engine, prompts: list[list[int]], params, tag: str) -> dict:
                 tokens, seconds, steps = tokens + n, seconds + dt, steps + 1
                 mask += stats.fill_seconds + stats.update_seconds - mask_before
                 wait += stats.wait_seconds - wait_before
+                join += stats.join_seconds - join_before
+                upd += stats.update_seconds - upd_before
+                taken += stats.num_shares_taken_back - taken_before
             seen_prefill = True
     per_step = (lambda x: 1000 * x / steps) if steps else (lambda x: None)
     return {"tok_per_s": tokens / seconds if seconds else None, "steps": steps,
-            "ms_per_step": per_step(seconds), "mask_ms_per_step": per_step(mask), "wait_ms_per_step": per_step(wait)}
+            "ms_per_step": per_step(seconds), "mask_ms_per_step": per_step(mask), "wait_ms_per_step": per_step(wait),
+            "join_ms_per_step": per_step(join), "update_ms_per_step": per_step(upd), "shares_taken_back": taken}
 
 
 def export_tokenizer(folder: str) -> None:
@@ -179,14 +189,19 @@ def main_args(args) -> dict | None:
                          "full_steps": [x["steps"] for x in rs], "all_tok_per_s": [round(x, 1) for x in rates]}
         row["mask_ms_per_step"] = _median([x["mask_ms_per_step"] for x in runs["json_schema"]])
         row["wait_ms_per_step"] = _median([x["wait_ms_per_step"] for x in runs["json_schema"]])
+        row["join_ms_per_step"] = _median([x["join_ms_per_step"] for x in runs["json_schema"]])
+        row["update_ms_per_step"] = _median([x["update_ms_per_step"] for x in runs["json_schema"]])
+        row["shares_taken_back"] = [x["shares_taken_back"] for x in runs["json_schema"]]
         if row["none"]["tok_per_s"] and row["json_schema"]["tok_per_s"]:
             row["ratio"] = round(row["json_schema"]["tok_per_s"] / row["none"]["tok_per_s"], 3)
         results.append(row)
         print(f"batch {b:>3}: unconstrained {row['none']['tok_per_s']} tok/s, json_schema "
               f"{row['json_schema']['tok_per_s']} tok/s, ratio {row.get('ratio')}; step "
-              f"{row['none']['ms_per_step']} vs {row['json_schema']['ms_per_step']} ms, of which grammar "
-              f"fill+update {row['mask_ms_per_step']} ms (host), waiting for the previous step inside fill "
-              f"{row['wait_ms_per_step']} ms", flush=True)
+              f"{row['none']['ms_per_step']} vs {row['json_schema']['ms_per_step']} ms; grammar fill+update "
+              f"{row['mask_ms_per_step']} ms (host, mostly on worker threads), engine thread in update "
+              f"{row['update_ms_per_step']} ms and blocked in join {row['join_ms_per_step']} ms, workers waiting for the previous step's tokens "
+              f"{row['wait_ms_per_step']} ms; shares the engine thread ran itself {row['shares_taken_back']}",
+              flush=True)
     summary = {"bench": "structured", "shape": args.shape, "device": str(engine.runner.device),
                "async_scheduling": engine.async_scheduling, "input_len": args.input_len,
                "output_len": args.output_len, "rounds": args.rounds, "grammar_threads": engine.structured.num_threads,

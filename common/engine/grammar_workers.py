@@ -4,16 +4,18 @@ xgrammar's calls release the GIL (tvm-ffi's default), and per row they are long 
 dev box, within a JSON string of SmolLM2's vocabulary padded to 128256: accepting a token
 ~17-40 us, filling its mask ~100-300 us), so threads run them in parallel. xgrammar's own
 `BatchGrammarMatcher` parallelizes the mask fill only; accepting the token in flight must come
-first and is serial there. Here each thread takes a strided share of the rows and does both,
-the calling thread taking the first share:
+first and is serial there. Here each thread takes a strided share of the rows and does both:
 
-    rows 0..B-1 --> thread k: rows k, k + n, k + 2n, ...   accept its tokens, fill its mask rows
-                    (n = min(num_threads, ceil(B / MIN_ROWS_PER_THREAD)); n = 1: no handoff)
+    rows 0..B-1 --> share k: rows k, k + n, k + 2n, ...   accept its tokens, fill its mask rows
+                    (n = min(num_threads, ceil(B / MIN_ROWS_PER_THREAD)))
+
+    run(fn, items)          the calling thread takes share 0 and waits for the rest (n = 1: no handoff)
+    submit(fn, items, n)    every share on a worker; the caller goes on (mask_fill.py)
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
 
 T = TypeVar("T")
@@ -25,20 +27,30 @@ class GrammarWorkers:
         if num_threads < 1:
             raise ValueError(f"num_threads must be at least 1, got {num_threads}")
         self.num_threads = num_threads
-        self._pool: ThreadPoolExecutor | None = None  # num_threads - 1 workers, started on first use
+        self._pool: ThreadPoolExecutor | None = None  # num_threads workers, started on first use
+
+    def num_shares(self, num_items: int) -> int:
+        return max(1, min(self.num_threads, -(-num_items // MIN_ROWS_PER_THREAD)))
 
     def run(self, fn: Callable[[Sequence[T]], None], items: Sequence[T]) -> None:
         """fn(share) for strided shares of items, in parallel; returns when all are done and
         raises the first error of any share. fn must touch only its share's state."""
-        n = min(self.num_threads, -(-len(items) // MIN_ROWS_PER_THREAD))
+        n = self.num_shares(len(items))
         if n <= 1:
             fn(items)
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.num_threads - 1, thread_name_prefix="pdserve-grammar")
-        futures = [self._pool.submit(fn, items[k::n]) for k in range(1, n)]
+        futures = [self._workers().submit(fn, items[k::n]) for k in range(1, n)]
         try:
             fn(items[0::n])
         finally:
             for f in futures:  # every share is done before the caller reads the rows
                 f.result()
+
+    def submit(self, fn: Callable[[int, Sequence[T]], None], items: Sequence[T], num_shares: int) -> list[Future]:
+        """fn(k, share k) on the workers for k < num_shares (at most num_threads); returns at once."""
+        return [self._workers().submit(fn, k, items[k::num_shares]) for k in range(num_shares)]
+
+    def _workers(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="pdserve-grammar")
+        return self._pool

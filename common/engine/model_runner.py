@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+from typing import Callable
 
 import numpy as np
 import torch
@@ -109,6 +110,7 @@ class ModelRunner:
         self._tables = BlockTableCache()
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] = (torch.empty(0), {})  # tokens, req_id -> row
         self._last_pending: PendingOutput | None = None  # the last launched step that sampled
+        self._deferred: PendingOutput | None = None  # ...if its sampler waits for its token mask
         self._fill_upload = PackedUpload(self.device, 1024)
         self.kv_cache: torch.Tensor | None = None  # [L, 2, num_blocks, block_size, KVH, D], one allocation
         self.kv_caches: list[torch.Tensor] = []  # its per-layer views [2, num_blocks, block_size, KVH, D]
@@ -161,7 +163,7 @@ class ModelRunner:
         if self.spec is not None and self.spec.draft is not None:
             self.spec.draft.runner.shutdown()
         self.graphs, self.kv_cache, self.kv_caches, self.model = None, None, [], None
-        self._last_sampled, self._last_pending = (torch.empty(0), {}), None
+        self._last_sampled, self._last_pending, self._deferred = (torch.empty(0), {}), None, None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -252,9 +254,11 @@ class ModelRunner:
     def launch(self, sched: SchedulerOutput, token_masks=None) -> "PendingOutput":
         """Queue one step on the device; `result()` of the return value waits for its tokens.
         Steps whose requests need logprobs, and verify steps, wait here (they read results on
-        the host). `token_masks` (a StructuredOutputManager) fills the sampled rows' token
-        bitmask on the host while the forward runs on the device; a row whose last token is
-        still in flight reads it from the previous step (`_inflight_token`)."""
+        the host). `token_masks` (a StructuredOutputManager) starts filling the sampled rows'
+        token bitmask on its worker threads (a row whose last token is still in flight reads it
+        from the previous step); the sampler is then queued only when the mask is needed: at the
+        next launch, before its inputs read this step's tokens, or at `result()`. Meanwhile the
+        engine thread completes the previous step and schedules the next."""
         self._bind_device()
         out = RunnerOutput(sampled_token_ids={})
         ordered, step, hidden, sample_rows = self._forward(sched)
@@ -276,19 +280,34 @@ class ModelRunner:
             self._last_sampled = (self.tp.broadcast_from_first(tokens), index)
             return PendingOutput(out)
         gens = [self.generator(s) for s in sample_reqs]
-        bitmask = token_masks.fill(sample_reqs, self._inflight_token) if token_masks is not None else None
-        tokens = self.sampler.sample(logits, sample_reqs, self.arch.eos_token_ids, gens, bitmask)
-        if self.tp is not None:
-            self.tp.broadcast_from_first(tokens)
-        self._last_sampled = (tokens, index)
-        out.logprobs = self.sampler.logprobs(logits, tokens, sample_reqs)
-        self._last_pending = PendingOutput(out, [s.req_id for s in sample_reqs], tokens)
+        previous = self._last_pending
+        masks = None if token_masks is None else token_masks.start_fill(
+            sample_reqs, None if previous is None else lambda req_id: previous.result().sampled_token_ids[req_id])
+
+        @torch.inference_mode()
+        def sample() -> torch.Tensor:  # [S] on the device
+            bitmask = masks.join() if masks is not None else None
+            tokens = self.sampler.sample(logits, sample_reqs, self.arch.eos_token_ids, gens, bitmask)
+            if self.tp is not None:
+                self.tp.broadcast_from_first(tokens)
+            self._last_sampled = (tokens, index)
+            out.logprobs = self.sampler.logprobs(logits, tokens, sample_reqs)
+            return tokens
+        self._last_pending = PendingOutput(out, [s.req_id for s in sample_reqs], sample=sample)
+        if masks is None:
+            self._last_pending.flush()  # nothing to wait for: the sampler is queued now
+        else:
+            self._deferred = self._last_pending
         return self._last_pending
 
-    def _inflight_token(self, req_id: str) -> int:
-        """The token the previous launched step sampled for req_id, on the host. Waits for that
-        step only: the step being launched is already queued behind it and keeps the device busy."""
-        return self._last_pending.result().sampled_token_ids[req_id]
+    def _flush_deferred(self) -> None:
+        """Queue the sampler of the step whose mask was being filled (its tokens feed the inputs
+        of the step being launched); an error stays with that step's PendingOutput."""
+        deferred, self._deferred = self._deferred, None
+        if deferred is not None:
+            deferred.flush()
+            if deferred._error is not None:  # no tokens: an input in flight from it must not be filled
+                self._last_sampled = (torch.empty(0), {})
 
     def _bind_device(self) -> None:
         """Make this runner's GPU the calling thread's current CUDA device (once per thread: the
@@ -314,6 +333,7 @@ class ModelRunner:
         prefills = [s for s in scheduled if s.num_tokens > 1]
         ordered = decodes + prefills
         step = flatten_step(ordered, len(decodes), self.block_size, self._tables)
+        self._flush_deferred()  # the previous step's tokens, which this step's inputs may read
         fill = self._placeholder_fill(ordered, step)
         if self.graphs is not None and self.graphs.can_run(step):
             hidden, sample_rows = self.graphs.run(step, fill)
@@ -396,29 +416,57 @@ class PendingOutput:
     """A launched step: its RunnerOutput once the sampled tokens are on the host.
 
     On CUDA the tokens are copied into pinned memory behind the step and an event marks the
-    copy; `result()` waits for that event only, never for steps queued after it."""
+    copy; `result()` waits for that event only, never for steps queued after it. `sample`: the
+    step's sampler, not queued yet (it waits for the step's token mask): `flush()` queues it
+    (the runner, at the next launch; else `ready()` / `result()`). Thread-safe: a grammar worker
+    reads the tokens while the engine thread completes the step."""
 
-    def __init__(self, out: RunnerOutput, req_ids: list[str] | None = None, tokens: torch.Tensor | None = None):
+    def __init__(self, out: RunnerOutput, req_ids: list[str] | None = None, tokens: torch.Tensor | None = None,
+                 sample: Callable[[], torch.Tensor] | None = None):
         self._out = out
         self._req_ids = req_ids or []
-        self._host = tokens
+        self._host = None
         self._event = None
-        if tokens is not None and tokens.device.type == "cuda":
+        self._sample = sample
+        self._error: Exception | None = None  # the deferred sampler's
+        self._lock = threading.Lock()
+        if tokens is not None:
+            self._copy(tokens)
+
+    def _copy(self, tokens: torch.Tensor) -> None:
+        self._host = tokens
+        if tokens.device.type == "cuda":
+            self._host_device = tokens.device
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host.copy_(tokens, non_blocking=True)
             self._event = torch.cuda.Event()
             self._event.record()
 
+    def flush(self) -> None:
+        with self._lock:
+            sample, self._sample = self._sample, None
+            if sample is not None:
+                try:
+                    self._copy(sample())
+                except Exception as e:  # the step's failure, raised by result()
+                    self._error = e
+
     def ready(self) -> bool:
         """True once result() would not wait."""
+        self.flush()
         return self._event is None or self._event.query()
 
     def result(self) -> RunnerOutput:
-        if self._host is not None:
-            if self._event is not None:
-                self._event.synchronize()
-            self._out.sampled_token_ids = dict(zip(self._req_ids, self._host.tolist()))
-            self._host = None
+        self.flush()
+        with self._lock:
+            if self._error is not None:
+                raise self._error
+            if self._host is not None:
+                if self._event is not None:
+                    with torch.cuda.device(self._host_device):  # a grammar worker: not device 0's context
+                        self._event.synchronize()
+                self._out.sampled_token_ids = dict(zip(self._req_ids, self._host.tolist()))
+                self._host = None
         return self._out
 
 

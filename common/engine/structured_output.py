@@ -5,25 +5,27 @@ sees of constrained decoding:
 
     EngineCore.validate(params)      compile the request's grammar now (LRU cache of compiled
                                      grammars, keyed by the spec): a bad regex/grammar -> 400
-    runner.launch(sched, manager)    forward queued on the device, then on the host, while it runs:
-      manager.fill(sample_reqs, inflight_token)
-                                       matchers advanced by the token each row has in flight (one
-                                       batched xgrammar call), grammar rows filled by xgrammar's
-                                       thread pool into a reused host buffer (pinned on CUDA),
-                                       copied non_blocking
-                                       -> bitmask [B, ceil(V / 32)] int32 (bit set: token allowed)
-                                          on the device, None when no row is constrained
+    runner.launch(sched, manager)    forward queued on the device, then
+      manager.start_fill(sample_reqs, inflight_token) -> MaskFill (None: no row constrained)
+                                       on worker threads (mask_fill.py) while the engine thread
+                                       goes on: matchers advanced by the token each row has in
+                                       flight, rows filled into a reused host buffer (pinned on CUDA)
+      ... the engine thread completes the previous step, schedules the next ...
+      MaskFill.join()                  (the runner, before the next step's inputs need this
+                                       step's tokens) -> bitmask [B, ceil(V / 32)] int32 on the
+                                       device (bit set: token allowed), copied non_blocking
       sampler.sample(..., bitmask)     masked logits are -inf before anything else
     scheduler.update -> touched
     manager.update(touched)          advance each matcher by the tokens appended since it last
-                                     looked (batched) -> ids whose grammar ended (finish: stop)
-                                     or broke
+                                     looked (batched; a fill in flight has accepted them) -> ids
+                                     whose grammar ended (finish: stop) or broke
     manager.drop(finished ids)
+    manager.fill(sample_reqs)        start_fill + join (speculative verification, tests)
 
-The host work of a step (`MaskStats`) is hidden behind the forward only while it is shorter than
-the forward, so nothing in it is per-row Python beyond list building: accepting tokens and filling
-rows are batched xgrammar calls, and the host buffers are a ring reused under CUDA events
-(bitmask_buffers.py), not allocated per step.
+The host work of a step (`MaskStats`) is hidden behind the forward only while it, and the engine
+thread's own host work beside it, are shorter than the forward, so nothing in it is per-row Python
+beyond list building: accepting tokens and filling rows are batched xgrammar calls, and the host
+buffers are a ring reused under CUDA events (bitmask_buffers.py), not allocated per step.
 
 Each request's matcher catches up with *all* its output tokens the first time it is looked at,
 so tokens given at admission (a decode worker receives the first token its prefill worker
@@ -31,9 +33,9 @@ sampled; a resubmitted request carries what it had generated) advance it like sa
 whoever created the Request. Overlapped steps keep running: a row whose previous token is still
 in flight (its input is PLACEHOLDER_TOKEN) gets that token from `inflight_token(req_id)`, which
 waits for the previous step only (the runner has already queued this step's forward behind it),
-and the matcher accepts it ahead of update(); update() then finds it consumed. A row whose matcher
-terminated on that token (the extra step of an ending request, whose token update() drops) or
-broke is left unmasked.
+and the matcher accepts it ahead of update(); update() waits for that accept, then finds it
+consumed. A row whose matcher terminated on that token (the extra step of an ending request,
+whose token update() drops) or broke is left unmasked.
 
 A matcher accepts EOS only where the grammar may end and then terminates; a request whose
 matcher terminated (e.g. with ignore_eos) finishes as stopped. Bad words follow vLLM: each word is
@@ -48,7 +50,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -56,6 +58,7 @@ import torch
 
 from pdserve.common.engine.bitmask_buffers import BitmaskBuffers
 from pdserve.common.engine.grammar_workers import GrammarWorkers
+from pdserve.common.engine.mask_fill import MAX_BAD_WORD_CONTEXT, MaskFill, RequestState, Row, accept_tokens
 from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, ScheduledRequest
 from pdserve.common.request import Request
 from pdserve.common.sampling_params import ParameterError, SamplingParams, StructuredOutputsParams
@@ -64,12 +67,11 @@ log = logging.getLogger("pdserve.structured")
 
 MAX_GRAMMAR_THREADS = 8  # threads advancing one step's matchers (64 rows of ~0.1 ms need few)
 GRAMMAR_CACHE_SIZE = 256  # compiled grammars kept (a JSON schema's is ~10-500 KB)
-MAX_BAD_WORD_CONTEXT = 64  # output tokens a bad word's prefix is compared with (longer words never match)
 
 
 def default_grammar_threads() -> int:
-    """Half the cores this process may run on, at most MAX_GRAMMAR_THREADS (the CPU engine's
-    forward never runs while they do; on a GPU host the other half stays for other processes)."""
+    """Half the cores this process may run on, at most MAX_GRAMMAR_THREADS (on a GPU host the
+    other half stays for the engine thread and other processes)."""
     return max(1, min(MAX_GRAMMAR_THREADS, len(os.sched_getaffinity(0)) // 2))
 
 
@@ -143,37 +145,33 @@ class GrammarCompiler:
 
 
 @dataclass
-class _RequestState:
-    matcher: object | None  # xgrammar.GrammarMatcher
-    allowed: np.ndarray | None  # uint32 [W] bitmask row of allowed_token_ids
-    bad_words: list[tuple[int, ...]] = field(default_factory=list)
-    num_accepted: int = 0  # output tokens the matcher has consumed
-    broken: bool = False  # an output token the grammar rejects
-
-
-@dataclass
 class MaskStats:
     """Host time of constrained decoding, summed over steps (benchmarks read deltas of it)."""
     num_fills: int = 0  # steps whose bitmask was filled
-    fill_seconds: float = 0.0  # matchers advanced, bitmask filled and its copy queued
-    wait_seconds: float = 0.0  # inside fill, waiting for the previous step's tokens (device time)
-    update_seconds: float = 0.0  # matchers advanced by a step's new tokens after it
+    fill_seconds: float = 0.0  # worker threads: the previous step's tokens known -> every row filled
+    wait_seconds: float = 0.0  # worker threads: start -> the previous step's tokens known (device time)
+    join_seconds: float = 0.0  # engine thread blocked in join, waiting for the fill (exposed host time)
+    update_seconds: float = 0.0  # engine thread: matchers advanced by a step's new tokens after it
+    num_shares_taken_back: int = 0  # shares no worker had started when the engine thread needed them
 
 
 class StructuredOutputManager:
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...],
                  device: torch.device | str = "cpu", num_threads: int | None = None):
         """`device`: where the sampler applies the masks (CUDA: pinned buffers, copied
-        non_blocking); `num_threads`: threads advancing the matchers and filling the rows of a
-        step, the engine's included (None: `default_grammar_threads()`)."""
+        non_blocking); `num_threads`: worker threads advancing the matchers and filling the rows
+        of a step beside the engine thread (None: `default_grammar_threads()`)."""
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.num_words = -(-vocab_size // 32)  # bitmask width W
         self.grammars = GrammarCompiler(tokenizer, vocab_size, eos_token_ids) if tokenizer is not None else None
         self._workers = GrammarWorkers(num_threads if num_threads is not None else default_grammar_threads())
         self.stats = MaskStats()
-        self._states: dict[str, _RequestState] = {}
+        self._states: dict[str, RequestState] = {}
         self._buffers = BitmaskBuffers(self.num_words, torch.device(device))
+        self._batchers: list = []  # xgrammar BatchGrammarMatcher per share (one thread each)
+        self._fill: MaskFill | None = None  # started, not joined yet
+        self._stop_ids = frozenset(self.grammars.stop_token_ids if self.grammars is not None else ())
 
     # ---- admission --------------------------------------------------------------------------
     def validate(self, params: SamplingParams) -> None:
@@ -195,48 +193,65 @@ class StructuredOutputManager:
             self.grammars.compile(params.structured_outputs)
 
     # ---- the step's mask --------------------------------------------------------------------
-    def fill(self, reqs: list[ScheduledRequest], inflight_token: Callable[[str], int] | None = None
-             ) -> torch.Tensor | None:
-        """Bitmask [B, W] int32 for the step's sampled rows (all bits set in rows without
-        constraints), or None when no row has any; on the manager's device (CUDA: queued as a
-        non_blocking copy from a pinned buffer). `inflight_token(req_id)`: the token the
-        previous step sampled for a row whose input is still in flight."""
+    def start_fill(self, reqs: list[ScheduledRequest], inflight_token: Callable[[str], int] | None = None
+                   ) -> MaskFill | None:
+        """Start filling the bitmask [B, W] of the step's sampled rows on the worker threads
+        (mask_fill.py); None when no row has a constraint. `inflight_token(req_id)`: the token
+        the previous step sampled for a row whose input is still in flight (called on a worker;
+        the first call may wait for the device). The previous fill must have been joined."""
         rows = [(i, s) for i, s in enumerate(reqs) if s.params.has_token_mask]
         if not rows:
             return None
+        if self._fill is not None:  # never joined (its step failed): its workers finish first
+            self._fill.wait_done(raise_error=False)
+            self._fill = None
+        work = []
+        for i, s in rows:  # what the engine thread knows now: it appends to these lists meanwhile
+            state = self._state(s.req_id, s.params)
+            out = s.output_token_ids
+            n = len(out)
+            consumed = state.broken or state.num_accepted > n  # > n: the in-flight token is already consumed
+            work.append(Row(i, s.req_id, state, [] if consumed else out[state.num_accepted:],
+                            not consumed and inflight_token is not None and s.input_token_ids[-1] == PLACEHOLDER_TOKEN,
+                            out[-MAX_BAD_WORD_CONTEXT:] if state.bad_words else None))
+        num_shares = self._workers.num_shares(len(work))
+        import xgrammar
+        while len(self._batchers) < num_shares:
+            self._batchers.append(xgrammar.BatchGrammarMatcher(1))
+        self._fill = MaskFill(work, self._buffers.acquire(len(reqs)), inflight_token, self._stop_ids,
+                              self._workers, self._batchers, self._finish_fill)
+        return self._fill
+
+    def fill(self, reqs: list[ScheduledRequest], inflight_token: Callable[[str], int] | None = None
+             ) -> torch.Tensor | None:
+        """start_fill, then join: the bitmask on the manager's device (CUDA: queued as a
+        non_blocking copy from a pinned buffer), or None when no row has a constraint."""
+        fill = self.start_fill(reqs, inflight_token)
+        return fill.join() if fill is not None else None
+
+    def _finish_fill(self, fill: MaskFill, bitmask: torch.Tensor) -> torch.Tensor:
+        """On the engine thread, the fill's shares done: queue the copy, count the time."""
         t0 = time.perf_counter()
-        inflight = {}
-        if inflight_token is not None:  # the first call waits for the previous step, the rest look up
-            inflight = {s.req_id: inflight_token(s.req_id) for _, s in rows
-                        if s.input_token_ids[-1] == PLACEHOLDER_TOKEN}
-        t1 = time.perf_counter()
-        states = [self._state(s.req_id, s.params) for _, s in rows]
-        bitmask = self._buffers.acquire(len(reqs))
-        self._advance([(i, state, self._unseen(state, s.output_token_ids, inflight.get(s.req_id)))
-                       for state, (i, s) in zip(states, rows) if state.matcher is not None], bitmask)
-        bits = bitmask.numpy().view(np.uint32)  # same memory, unsigned for bit arithmetic
-        for state, (i, s) in zip(states, rows):
-            if state.allowed is not None:
-                bits[i] &= state.allowed
-            if state.bad_words:
-                tail = s.output_token_ids[-MAX_BAD_WORD_CONTEXT:] + (
-                    [inflight[s.req_id]] if s.req_id in inflight else [])
-                for word in state.bad_words:
-                    if len(word) == 1 or tuple(tail[-(len(word) - 1):]) == word[:-1]:
-                        t = word[-1]
-                        bits[i, t >> 5] &= np.uint32(~(1 << (t & 31)) & 0xFFFFFFFF)
+        self._fill = None
         out = self._buffers.to_device(bitmask)
         stats = self.stats
         stats.num_fills += 1
-        stats.wait_seconds += t1 - t0
-        stats.fill_seconds += time.perf_counter() - t1
+        if fill.tokens_at:
+            stats.wait_seconds += min(fill.tokens_at) - fill.started_at
+            stats.fill_seconds += max(fill.done_at) - min(fill.tokens_at)
+        stats.join_seconds += t0 - fill.joined_at
+        stats.num_shares_taken_back += fill.num_taken_back
         return out
 
     # ---- after the step ---------------------------------------------------------------------
     def update(self, touched: list[Request]) -> tuple[list[str], list[str]]:
         """Advance the matchers by the new tokens: -> (ids whose grammar ended, ids whose output
-        the grammar rejects). Finished requests' state is dropped."""
+        the grammar rejects). Finished requests' state is dropped. With a fill in flight its rows
+        have accepted the tokens already (waits for that, not for their masks)."""
         t0 = time.perf_counter()
+        fill = self._fill
+        if fill is not None:
+            fill.wait_accepted()
         live = []
         for req in touched:
             state = self._states.get(req.request_id)
@@ -245,16 +260,23 @@ class StructuredOutputManager:
             if req.is_finished():
                 del self._states[req.request_id]
             elif state.matcher is not None:
-                live.append((req, state, state.broken))
-        work = [(None, state, self._unseen(state, req.output_token_ids, None)) for req, state, _ in live]
-        self._advance([w for w in work if w[2]], None)
+                live.append((req, state))
+        work = [(state, self._unseen(state, req.output_token_ids)) for req, state in live]
+        work = [w for w in work if w[1]]
+        if fill is None:
+            self._workers.run(lambda share: accept_tokens(share, self._stop_ids), work)
+        elif work:  # the workers are filling: accept here, after the fill if it holds one of these
+            if any(id(state) in fill.state_ids for state, _ in work):
+                fill.wait_done()
+            accept_tokens(work, self._stop_ids)
         ended, broken = [], []
-        for req, state, was_broken in live:
-            req_id = req.request_id
-            if state.broken and not was_broken:
-                broken.append(req_id)
-            elif not state.broken and state.matcher.is_terminated():
-                ended.append(req_id)
+        for req, state in live:
+            if state.broken:
+                if not state.broken_reported:
+                    state.broken_reported = True
+                    broken.append(req.request_id)
+            elif state.terminated:
+                ended.append(req.request_id)
         self.stats.update_seconds += time.perf_counter() - t0
         return ended, broken
 
@@ -272,10 +294,12 @@ class StructuredOutputManager:
 
     @num_threads.setter
     def num_threads(self, value: int) -> None:  # between steps (benchmarks sweep it)
+        if self._fill is not None:
+            self._fill.wait_done()
         self._workers = GrammarWorkers(value)
 
     # ---- per-request state ------------------------------------------------------------------
-    def _state(self, req_id: str, params: SamplingParams) -> _RequestState:
+    def _state(self, req_id: str, params: SamplingParams) -> RequestState:
         state = self._states.get(req_id)
         if state is None:
             matcher = None
@@ -286,54 +310,15 @@ class StructuredOutputManager:
                 allowed = np.zeros(self.num_words, np.uint32)
                 ids = np.asarray(params.allowed_token_ids, np.int64)
                 np.bitwise_or.at(allowed, ids >> 5, np.left_shift(1, ids & 31).astype(np.uint32))
-            state = self._states[req_id] = _RequestState(matcher, allowed, self._bad_word_ids(params.bad_words))
+            state = self._states[req_id] = RequestState(matcher, allowed, self._bad_word_ids(params.bad_words))
         return state
 
     @staticmethod
-    def _unseen(state: _RequestState, output_token_ids: list[int], inflight: int | None) -> list[int]:
-        """The tokens the matcher has not accepted: the output's tail, then the in-flight one."""
-        n = len(output_token_ids)
-        if state.broken or state.num_accepted > n:  # > n: the in-flight token is already consumed
+    def _unseen(state: RequestState, output_token_ids: list[int]) -> list[int]:
+        """The output tokens the matcher has not accepted."""
+        if state.broken or state.num_accepted > len(output_token_ids):
             return []
-        new = output_token_ids[state.num_accepted:]
-        return new if inflight is None else new + [inflight]
-
-    def _advance(self, work: list[tuple[int | None, _RequestState, list[int]]], bitmask: torch.Tensor | None) -> None:
-        """Each (row, state, tokens)'s matcher accepts its tokens, then, with `bitmask`, fills its
-        row unless it broke or terminated (left all ones); the rows split over the worker threads."""
-        if work:
-            self._workers.run(lambda share: self._advance_share(share, bitmask), work)
-
-    def _advance_share(self, share, bitmask: torch.Tensor | None) -> None:
-        """One thread's rows (only their states are touched): batched accepts, then mask rows."""
-        self._accept([(state, tokens) for _, state, tokens in share if tokens])
-        if bitmask is not None:
-            for i, state, _ in share:
-                if not state.broken and not state.matcher.is_terminated():
-                    state.matcher.fill_next_token_bitmask(bitmask, i)
-
-    @staticmethod
-    def _accept(pending: list[tuple[_RequestState, list[int]]]) -> None:
-        """Feed each state's matcher its tokens: one batched xgrammar call per token position (a
-        step adds one token, so normally one call). A token the grammar rejects, or any token
-        after the grammar terminated, breaks the state."""
-        if not pending:
-            return
-        import xgrammar
-        k = 0
-        while pending:
-            accepted = xgrammar.BatchGrammarMatcher.batch_accept_token([st.matcher for st, _ in pending],
-                                                                       [new[k] for _, new in pending])
-            left = []
-            for (state, new), ok in zip(pending, accepted):
-                if not ok:  # a terminated matcher accepts nothing
-                    log.warning("output token %d does not match the request's grammar", new[k])
-                    state.broken = True
-                    continue
-                state.num_accepted += 1
-                if k + 1 < len(new):
-                    left.append((state, new))
-            pending, k = left, k + 1
+        return output_token_ids[state.num_accepted:]
 
     def _bad_word_ids(self, words: list[str]) -> list[tuple[int, ...]]:
         """vLLM's rule: the word as given (leading space stripped) and after a space, the second

@@ -5,6 +5,8 @@ reused, not allocated per step."""
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -140,3 +142,73 @@ def test_pinned_ring_copies_and_guards_reuse():
     assert buffers.num_allocations == NUM_SLOTS
     for step, out in enumerate(outs):
         assert out.device.type == "cuda" and (out[:, 0] == step).all() and (out[:, 1:] == -1).all()
+
+
+def test_fill_beside_the_engine_thread_equals_serial_fill(tokenizer):
+    """The engine's overlapped order: start_fill(k) returns before step k-1's tokens exist (the
+    workers wait for them), the engine thread appends them and runs update() while the rows are
+    filled, then joins. Masks and update() results equal a serial fill's, step by step, including a
+    request aborted while its fill runs (its state is dropped, the fill still completes)."""
+    eos = tuple(tokenizer.eos_token_ids)
+    serial = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=1)
+    beside = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=3)
+    grammar = SamplingParams(temperature=0, structured_outputs={"json": SCHEMA})
+    reqs = [Request(f"r{i}", [1, 2, 3], grammar, eos) for i in range(9)]
+    reqs.append(Request("bad", [1, 2, 3], SamplingParams(temperature=0, bad_words=["name"]), eos))
+    stop = set(serial.grammars.stop_token_ids)
+    carry = {}
+    for step in range(10):
+        rows = [scheduled(r, r.request_id in carry) for r in reqs]
+        gate, timed_out = threading.Event(), []
+
+        def inflight(req_id):  # the device: step k-1's tokens arrive only when the gate opens
+            if not gate.wait(timeout=10):
+                timed_out.append(req_id)
+            return carry[req_id]
+        fill = beside.start_fill(rows, inflight if carry else None)  # must not wait for the gate
+        gate.set()
+        expected = serial.fill(rows, carry.__getitem__ if carry else None).numpy().copy()
+        for r in reqs:
+            if r.request_id in carry:
+                r.append_output_token(carry[r.request_id])
+        if step == 4:  # aborted while its fill is in flight
+            reqs[2].status = RequestStatus.FINISHED_ABORTED
+        assert beside.update(reqs) == serial.update(reqs) == ([], [])
+        mask = fill.join().numpy()
+        assert not timed_out and np.array_equal(mask, expected), step
+        carry = {}
+        for i, r in enumerate(reqs):  # rows walk different paths through the grammar
+            if not r.is_finished():
+                choices = allowed(mask[i], stop)
+                carry[r.request_id] = choices[(5 * i + step) % len(choices)]
+        reqs = [r for r in reqs if not r.is_finished()]
+    assert beside.num_requests == serial.num_requests == len(reqs)
+    assert beside.stats.num_fills == 10 and beside.stats.join_seconds >= 0
+    for r in reqs:  # every sampled token accepted exactly once
+        state = beside._states[r.request_id]
+        if state.matcher is not None:
+            assert state.num_accepted == r.num_output_tokens and not state.broken
+
+
+def test_shares_no_worker_started_run_on_the_engine_thread(tokenizer):
+    """Every worker busy: the engine thread takes the queued shares back when it waits for them
+    (update, join), once each, and the mask is the serial fill's."""
+    eos = tuple(tokenizer.eos_token_ids)
+    serial = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=1)
+    beside = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=2)
+    grammar = SamplingParams(temperature=0, structured_outputs={"json": SCHEMA})
+    given = tokenizer.encode('{"name": "x', add_special_tokens=False)
+    reqs = [Request(f"r{i}", [1, 2, 3], grammar, eos, output_token_ids=given[:1 + i % 3]) for i in range(8)]
+    rows = [scheduled(r, False) for r in reqs]
+    gate = threading.Event()
+    pool = beside._workers._workers()
+    busy = [pool.submit(gate.wait, 10) for _ in range(2)]
+    try:
+        fill = beside.start_fill(rows)
+        assert beside.update(reqs) == ([], [])  # waits for `accepted`: takes the shares back
+        mask = fill.join()
+        assert fill.num_taken_back == 2 and beside.stats.num_shares_taken_back == 2
+    finally:
+        gate.set()
+    assert all(f.result() for f in busy)
+    assert np.array_equal(mask.numpy(), serial.fill(rows).numpy())

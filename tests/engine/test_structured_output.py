@@ -112,6 +112,55 @@ def test_overlapped_steps_equal_one_at_a_time(tiny_models):
     assert runs[True] == runs[False]
 
 
+def drive(engine, requests, abort_at=None):
+    """Step an engine to the end -> {request id: (token ids, finish reason)}; `abort_at`:
+    (step, request id) aborted right after that step, while the next step's mask fill runs."""
+    for rid, params in requests.items():
+        engine.add_request(rid, PROMPT, params)
+    got, finish, step = {rid: [] for rid in requests}, {}, 0
+    while engine.has_unfinished():
+        outs = engine.step()
+        step += 1
+        if abort_at is not None and step == abort_at[0]:
+            assert engine.structured._fill is not None  # the launched step's fill is in flight
+            outs += engine.abort([abort_at[1]])
+        for o in outs:
+            got[o.request_id] += o.new_token_ids
+            finish[o.request_id] = o.finish_reason or finish.get(o.request_id)
+    assert engine.structured.num_requests == 0 and engine.kv.num_free_blocks == engine.runner.num_blocks
+    return {rid: (got[rid], finish[rid]) for rid in requests}
+
+
+def test_abort_while_the_fill_runs_leaves_the_others_exact(tiny_models):
+    """Overlapped steps: a grammar request aborted while the workers fill its next mask ends
+    with "abort"; the other requests get exactly the tokens of one-at-a-time steps without it."""
+    grammar = {f"g{i}": SamplingParams(temperature=1.0, seed=10 + i, max_tokens=60,
+                                       structured_outputs={"json": SCHEMA}) for i in range(3)}
+    overlapped = drive(LLM(tiny_models["llama"], num_gpu_blocks_override=256, async_scheduling=True).engine,
+                       grammar, abort_at=(4, "g1"))
+    alone = drive(LLM(tiny_models["llama"], num_gpu_blocks_override=256, async_scheduling=False).engine,
+                  {rid: p for rid, p in grammar.items() if rid != "g1"})
+    assert overlapped.pop("g1")[1] == "abort"
+    assert overlapped == alone and all(f == "stop" for _, f in alone.values())
+
+
+def test_given_tokens_the_grammar_rejects_fail_the_request(llm):
+    """A decode worker admits a request whose given output the grammar rejects: it finishes with
+    "error" (reported once), its neighbours go on."""
+    tok = llm.get_tokenizer()
+    bad = tok.encode("nope", add_special_tokens=False)
+    params = SamplingParams(temperature=0, max_tokens=20, structured_outputs={"json": SCHEMA})
+    engine = llm.engine
+    engine.add_request("bad", PROMPT, params, output_token_ids=[bad])
+    engine.add_request("ok", PROMPT, params)
+    finish = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            assert o.request_id not in finish or finish[o.request_id] is None
+            finish[o.request_id] = o.finish_reason
+    assert finish["bad"] == "error" and finish["ok"] in ("stop", "length") and engine.structured.num_requests == 0
+
+
 def test_logit_bias_allowed_token_ids_and_bad_words(llm):
     assert run(llm, SamplingParams(temperature=1.0, seed=1, max_tokens=6, ignore_eos=True,
                                    logit_bias={1234: 100}))[0].token_ids == [1234] * 6
