@@ -60,25 +60,56 @@ def method_config(args, method: str, target: str) -> dict | None:
 
 
 def run_batch(llm, prompts: list[list[int]], max_tokens: int, tag: str) -> dict:
-    """Run prompts together to completion: per-request ms per output token, tokens, steps."""
+    """Run prompts together to completion: per-request ms per output token, tokens, steps, and
+    the decode steps' split (`StepSplit`: steps with drafts apart, wall and device-wait time)."""
     from pdserve.common.sampling_params import SamplingParams
     engine = llm.engine
+    spec = engine.runner.spec
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     for i, p in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", p, params)
     first, last, outs = {}, {}, {}
     steps = 0
+    split = {"plain": StepSplit(), "verify": StepSplit()}
     while engine.has_unfinished():
+        wait0, t0 = engine.wait_seconds, time.perf_counter()
         outputs = engine.step()
-        steps += 1
         now = time.perf_counter()
+        if len(first) == len(prompts):  # every prompt has its first token: a decode step
+            split["verify" if spec is not None and spec.has_drafts() else "plain"].add(
+                now - t0, engine.wait_seconds - wait0)
+        steps += 1
         for o in outputs:
             if o.new_token_ids:
                 first.setdefault(o.request_id, now)
                 last[o.request_id] = now
                 outs.setdefault(o.request_id, []).extend(o.new_token_ids)
     tpot = [(last[r] - first[r]) / (len(t) - 1) for r, t in outs.items() if len(t) > 1]
-    return {"tpot": tpot, "tokens": [outs[f"{tag}-{i}"] for i in range(len(prompts))], "steps": steps}
+    return {"tpot": tpot, "tokens": [outs[f"{tag}-{i}"] for i in range(len(prompts))], "steps": steps,
+            "split": split}
+
+
+@dataclass
+class StepSplit:
+    """Decode steps of one kind (with drafts to verify, or plain): how many, their wall time and
+    the part of it the host spent blocked on the device for a step's result (EngineCore.wait_seconds).
+    host = wall - wait; on CUDA wait is the device time the host did not overlap."""
+    num: int = 0
+    wall_s: float = 0.0
+    wait_s: float = 0.0
+
+    def add(self, wall: float, wait: float) -> None:
+        self.num, self.wall_s, self.wait_s = self.num + 1, self.wall_s + wall, self.wait_s + wait
+
+    def merge(self, other: "StepSplit") -> None:
+        self.num, self.wall_s, self.wait_s = self.num + other.num, self.wall_s + other.wall_s, self.wait_s + other.wait_s
+
+    def ms(self) -> dict | None:
+        if not self.num:
+            return None
+        return {"steps": self.num, "ms_per_step": round(1000 * self.wall_s / self.num, 3),
+                "host_ms": round(1000 * (self.wall_s - self.wait_s) / self.num, 3),
+                "wait_ms": round(1000 * self.wait_s / self.num, 3)}
 
 
 @dataclass
@@ -91,6 +122,8 @@ class Tally:
     drafts: int = 0
     draft_tokens: int = 0
     accepted: int = 0
+    plain: StepSplit = field(default_factory=StepSplit)
+    verify: StepSplit = field(default_factory=StepSplit)
 
     def measure(self, llm, groups: list[list[list[int]]], max_tokens: int, tag: str, first_repeat: bool) -> None:
         engine = llm.engine
@@ -99,6 +132,8 @@ class Tally:
             r = run_batch(llm, group, max_tokens, f"{tag}-{gi}")
             self.tpot += r["tpot"]
             self.steps += r["steps"] - 1
+            self.plain.merge(r["split"]["plain"])
+            self.verify.merge(r["split"]["verify"])
             if first_repeat:
                 self.tokens += r["tokens"]
         if spec_before is not None:
@@ -112,7 +147,8 @@ class Tally:
         ms = 1000 * sum(self.tpot) / len(self.tpot)
         row = {"method": method, "batch_size": batch_size, "ms_per_output_token": round(ms, 3),
                "output_tokens": sum(len(t) for t in self.tokens),
-               "outputs_identical": None if base is None else self.tokens == base.tokens}
+               "outputs_identical": None if base is None else self.tokens == base.tokens,
+               "plain_steps": self.plain.ms(), "verify_steps": self.verify.ms()}
         base_ms = None if base is None else 1000 * sum(base.tpot) / len(base.tpot)
         if base_ms is not None:
             row["speedup"] = round(base_ms / ms, 3)
@@ -171,10 +207,23 @@ def cmd_spec(args) -> None:
               f"{_f(r.get('acceptance_rate'))} {_f(r.get('mean_accepted_length'), 8)} "
               f"{_f(r.get('draft_ms_per_step'), 8)} {_f(r.get('bound'))} {_f(r.get('efficiency'))} "
               f"{r['outputs_identical']}")
+    print(f"\nper decode step (ms; host = wall - wait, wait = blocked on the device for a step's result):\n"
+          f"{'method':>6} {'batch':>5} | {'plain':>5} {'ms':>6} {'host':>6} {'wait':>6} | "
+          f"{'verify':>6} {'ms':>6} {'host':>6} {'wait':>6} | verify/plain")
+    for r in results:
+        p, v = r["plain_steps"], r["verify_steps"]
+        ratio = f"{v['ms_per_step'] / p['ms_per_step']:.2f}" if p and v else "-"
+        print(f"{r['method']:>6} {r['batch_size']:>5} | {_split(p, 5)} | {_split(v, 6)} | {ratio}")
     print(json.dumps(summary))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(summary, f, indent=2)
+
+
+def _split(ms: dict | None, width: int) -> str:
+    if ms is None:
+        return f"{0:>{width}} {'-':>6} {'-':>6} {'-':>6}"
+    return f"{ms['steps']:>{width}} {ms['ms_per_step']:>6.3f} {ms['host_ms']:>6.3f} {ms['wait_ms']:>6.3f}"
 
 
 def _f(value, width: int = 6) -> str:
