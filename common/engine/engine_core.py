@@ -19,8 +19,10 @@ device work of the previous one, so the GPU never waits for Python between steps
              update(sched_{k-1}, result); return deltas(...)
 
 Steps run one at a time while any request needs its latest tokens on the host to sample
-(penalties, min_tokens, logprobs; `SamplingParams.needs_host_history`), and always with
-speculative decoding (spec_decode/: a step's drafts are proposed from the step before's tokens).
+(penalties, min_tokens, logprobs; `SamplingParams.needs_host_history`). With speculative
+decoding a step's drafts are proposed from the tokens of the step before, so the overlap is
+another (`_step_speculative`, spec_decode/pipeline.py): result(k-1), update, launch(k), and only
+then the deltas of k-1; a step that drafted nothing lets the next one launch first.
 
 Constrained decoding (grammars, allowed_token_ids, bad_words) enters through one object,
 `self.structured` (common/engine/structured_output.py): it compiles grammars at validation,

@@ -2,7 +2,9 @@
 
     launch(sched):  scheduled = prepare(sched)     # drafts appended: inputs [t, d1 .. dn]
                     hidden = target forward        # a speculating request is a small chunk
-                    verify(hidden, step, ...)      # logits at its n + 1 last rows -> tokens
+                    verify(hidden, step, ...)      # logits at its n + 1 last rows -> queued
+                                                   #   device work, one readback
+    result():       finish(readback on the host)   # accepted drafts + one token per request
 
 Requests with and without drafts share the batch: `verify` samples the others with the
 runner's own sampler, on their last row as usual. Where the runner has CUDA graphs (CUDA, not

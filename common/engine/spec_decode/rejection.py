@@ -20,6 +20,9 @@ as without speculation. For draft models the draft tokens themselves are drawn f
 stream (`draft_position_seed`): Leviathan's proof needs d_j independent of u_j and E_j.
 p and q are the *processed* distributions (temperature, top-k, top-p, min-p), so outputs follow
 what the plain sampler would sample from.
+
+`queue_verify` queues all of it on the device without waiting and returns one int64 readback
+and the host function that finishes the acceptance from it (`verify` does both at once).
 """
 
 from __future__ import annotations
