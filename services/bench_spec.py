@@ -8,8 +8,10 @@ instructions; --prompts FILE for another JSONL of {"passage", "instruction"}), t
 template, greedy, at most --max-tokens each. Greedy outputs do not depend on speculation, so
 every method generates the same tokens (checked: `outputs_identical`).
 
-Methods: `none`; `ngram` (prompt lookup, --prompt-lookup-min/max); `draft` (--draft-model,
-default the target itself: every draft accepted, the upper bound of the mechanism). All engines
+Methods: `none`; `ngram` (prompt lookup, --prompt-lookup-min/max); `ngram_sync` (the same with
+steps one at a time, --no-async-scheduling for it alone: what the overlap of speculative steps
+gains, spec_decode/pipeline.py); `draft` (--draft-model, default the target itself: every draft
+accepted, the upper bound of the mechanism). `--dtype` (an engine flag) sets the dtype of all. All engines
 are built first, then each batch size runs every method in turn (--repeats rounds), so a noisy
 machine disturbs them alike. Batch 1 runs --sequential-prompts prompts one after the other;
 batch B > 1 runs B prompts at once (the set repeated if B is larger).
@@ -20,6 +22,11 @@ last / (tokens - 1), averaged), speedup = none's / this, acceptance rate and mea
     bound = mean accepted length * t_none / (t_none + draft ms per step)
 the speedup if verifying k + 1 tokens cost one plain decode step and the proposer were the only
 extra cost; efficiency = speedup / bound.
+
+Then the per-step split: decode steps (engine.step() calls after every prompt's first token),
+counted by the kind of step each call launched (verify: one carrying drafts; plain: the rest),
+their wall ms, the ms the host spent blocked on a step's result (`EngineCore.wait_seconds`;
+on CUDA the device time the host did not overlap) and host = wall - wait.
 """
 
 from __future__ import annotations
@@ -36,8 +43,9 @@ def add_parser(bench_sub, add_engine_args) -> None:
     p = bench_sub.add_parser("spec", help="speculative decoding (n-gram, draft model) vs none, same run")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="batch sizes to run (default: %(default)s)")
     p.add_argument("-k", "--spec-tokens", type=int, default=4, help="num_speculative_tokens (default: %(default)s)")
-    p.add_argument("--methods", nargs="+", default=["none", "ngram", "draft"], choices=["none", "ngram", "draft"],
-                   help="methods compared (default: %(default)s)")
+    p.add_argument("--methods", nargs="+", default=["none", "ngram", "draft"],
+                   choices=["none", "ngram", "ngram_sync", "draft"],
+                   help="methods compared; ngram_sync: n-gram with steps one at a time (default: %(default)s)")
     p.add_argument("--draft-model", default=None, help="draft of method draft (default: the target itself)")
     p.add_argument("--prompt-lookup-min", type=int, default=2, help="n-gram: shortest match (default: %(default)s)")
     p.add_argument("--prompt-lookup-max", type=int, default=4, help="n-gram: longest match (default: %(default)s)")
@@ -53,7 +61,7 @@ def add_parser(bench_sub, add_engine_args) -> None:
 def method_config(args, method: str, target: str) -> dict | None:
     if method == "none":
         return None
-    if method == "ngram":
+    if method in ("ngram", "ngram_sync"):
         return {"method": "ngram", "num_speculative_tokens": args.spec_tokens,
                 "prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max}
     return {"model": args.draft_model or target, "num_speculative_tokens": args.spec_tokens}
@@ -180,6 +188,8 @@ def cmd_spec(args) -> None:
         # sized from what this process may use in all (--gpu-memory-utilization), so engine i of
         # n may grow the process to i / n of it
         share = {"gpu_memory_utilization": base.cache.gpu_memory_utilization * i / len(args.methods)}
+        if method == "ngram_sync":  # the engine before overlapped speculative steps (spec_decode/pipeline.py)
+            share["async_scheduling"] = False
         llms[method] = LLM.from_config(engine_config(args, speculative_config=method_config(args, method, target),
                                                      speculative_model=None, num_speculative_tokens=None, **share))
     tok = next(iter(llms.values())).get_tokenizer()
