@@ -126,6 +126,7 @@ class DraftModelProposer:
             st.num_computed, st.fed_drafts = num_tokens, []
         budget = self.scheduler_cfg.token_budget
         rounds, num_sampled = [], 0  # sampled tokens [S] of each round on the device; their count
+        sampled_at: dict[str, int] = {}  # req_id -> its latest token's index in torch.cat(rounds)
         while feeds:
             batch, left = [], budget
             for s, start, tokens in feeds.values():
@@ -146,8 +147,12 @@ class DraftModelProposer:
             for b in batch:  # advance the feeds by what ran
                 s, start, tokens = feeds[b.req_id]
                 feeds[b.req_id] = (s, start + b.num_tokens, tokens[b.num_tokens:])
-            tokens, rows = self._sample(logits, sampled)  # on the device: the next round reads them there
-            self.runner._last_sampled = (tokens, {b.req_id: i for i, b in enumerate(sampled)})
+            tokens, rows = self._sample(logits, sampled)  # on the device: a later round reads them there
+            rounds.append(tokens)
+            sampled_at.update((b.req_id, num_sampled + i) for i, b in enumerate(sampled))
+            # a request left out of the next round by the token budget keeps its placeholder: the
+            # fill reads every round's tokens
+            self.runner._last_sampled = (torch.cat(rounds) if len(rounds) > 1 else tokens, dict(sampled_at))
             for i, b in enumerate(sampled):
                 drafts[b.req_id].append(num_sampled + i)
                 if rows is not None and b.params.temperature != 0:
@@ -155,7 +160,6 @@ class DraftModelProposer:
                 s, start, _ = feeds.pop(b.req_id)
                 if len(drafts[b.req_id]) < want[b.req_id]:
                     feeds[b.req_id] = (s, start, [PLACEHOLDER_TOKEN])  # filled from `tokens` on the device
-            rounds.append(tokens)
             num_sampled += len(sampled)
         values = torch.cat(rounds).tolist() if rounds else []  # the one wait for the device
         out = {}
