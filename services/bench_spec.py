@@ -8,8 +8,10 @@ instructions; --prompts FILE for another JSONL of {"passage", "instruction"}), t
 template, greedy, at most --max-tokens each. Greedy outputs do not depend on speculation, so
 every method generates the same tokens (checked: `outputs_identical`).
 
-Methods: `none`; `ngram` (prompt lookup, --prompt-lookup-min/max); `draft` (--draft-model,
-default the target itself: every draft accepted, the upper bound of the mechanism). All engines
+Methods: `none`; `ngram` (prompt lookup, --prompt-lookup-min/max); `ngram_sync` (the same with
+steps one at a time, --no-async-scheduling for it alone: what the overlap of speculative steps
+gains, spec_decode/pipeline.py); `draft` (--draft-model, default the target itself: every draft
+accepted, the upper bound of the mechanism). `--dtype` (an engine flag) sets the dtype of all. All engines
 are built first, then each batch size runs every method in turn (--repeats rounds), so a noisy
 machine disturbs them alike. Batch 1 runs --sequential-prompts prompts one after the other;
 batch B > 1 runs B prompts at once (the set repeated if B is larger).
@@ -20,6 +22,11 @@ last / (tokens - 1), averaged), speedup = none's / this, acceptance rate and mea
     bound = mean accepted length * t_none / (t_none + draft ms per step)
 the speedup if verifying k + 1 tokens cost one plain decode step and the proposer were the only
 extra cost; efficiency = speedup / bound.
+
+Then the per-step split: decode steps (engine.step() calls after every prompt's first token),
+counted by the kind of step each call launched (verify: one carrying drafts; plain: the rest),
+their wall ms, the ms the host spent blocked on a step's result (`EngineCore.wait_seconds`;
+on CUDA the device time the host did not overlap) and host = wall - wait.
 """
 
 from __future__ import annotations
@@ -36,8 +43,9 @@ def add_parser(bench_sub, add_engine_args) -> None:
     p = bench_sub.add_parser("spec", help="speculative decoding (n-gram, draft model) vs none, same run")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="batch sizes to run (default: %(default)s)")
     p.add_argument("-k", "--spec-tokens", type=int, default=4, help="num_speculative_tokens (default: %(default)s)")
-    p.add_argument("--methods", nargs="+", default=["none", "ngram", "draft"], choices=["none", "ngram", "draft"],
-                   help="methods compared (default: %(default)s)")
+    p.add_argument("--methods", nargs="+", default=["none", "ngram", "draft"],
+                   choices=["none", "ngram", "ngram_sync", "draft"],
+                   help="methods compared; ngram_sync: n-gram with steps one at a time (default: %(default)s)")
     p.add_argument("--draft-model", default=None, help="draft of method draft (default: the target itself)")
     p.add_argument("--prompt-lookup-min", type=int, default=2, help="n-gram: shortest match (default: %(default)s)")
     p.add_argument("--prompt-lookup-max", type=int, default=4, help="n-gram: longest match (default: %(default)s)")
@@ -53,32 +61,63 @@ def add_parser(bench_sub, add_engine_args) -> None:
 def method_config(args, method: str, target: str) -> dict | None:
     if method == "none":
         return None
-    if method == "ngram":
+    if method in ("ngram", "ngram_sync"):
         return {"method": "ngram", "num_speculative_tokens": args.spec_tokens,
                 "prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max}
     return {"model": args.draft_model or target, "num_speculative_tokens": args.spec_tokens}
 
 
 def run_batch(llm, prompts: list[list[int]], max_tokens: int, tag: str) -> dict:
-    """Run prompts together to completion: per-request ms per output token, tokens, steps."""
+    """Run prompts together to completion: per-request ms per output token, tokens, steps, and
+    the decode steps' split (`StepSplit`: steps with drafts apart, wall and device-wait time)."""
     from pdserve.common.sampling_params import SamplingParams
     engine = llm.engine
+    spec = engine.runner.spec
     params = SamplingParams(temperature=0, max_tokens=max_tokens)
     for i, p in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", p, params)
     first, last, outs = {}, {}, {}
     steps = 0
+    split = {"plain": StepSplit(), "verify": StepSplit()}
     while engine.has_unfinished():
+        wait0, t0 = engine.wait_seconds, time.perf_counter()
         outputs = engine.step()
-        steps += 1
         now = time.perf_counter()
+        if len(first) == len(prompts):  # every prompt has its first token: a decode step
+            split["verify" if spec is not None and spec.has_drafts() else "plain"].add(
+                now - t0, engine.wait_seconds - wait0)
+        steps += 1
         for o in outputs:
             if o.new_token_ids:
                 first.setdefault(o.request_id, now)
                 last[o.request_id] = now
                 outs.setdefault(o.request_id, []).extend(o.new_token_ids)
     tpot = [(last[r] - first[r]) / (len(t) - 1) for r, t in outs.items() if len(t) > 1]
-    return {"tpot": tpot, "tokens": [outs[f"{tag}-{i}"] for i in range(len(prompts))], "steps": steps}
+    return {"tpot": tpot, "tokens": [outs[f"{tag}-{i}"] for i in range(len(prompts))], "steps": steps,
+            "split": split}
+
+
+@dataclass
+class StepSplit:
+    """Decode steps of one kind (with drafts to verify, or plain): how many, their wall time and
+    the part of it the host spent blocked on the device for a step's result (EngineCore.wait_seconds).
+    host = wall - wait; on CUDA wait is the device time the host did not overlap."""
+    num: int = 0
+    wall_s: float = 0.0
+    wait_s: float = 0.0
+
+    def add(self, wall: float, wait: float) -> None:
+        self.num, self.wall_s, self.wait_s = self.num + 1, self.wall_s + wall, self.wait_s + wait
+
+    def merge(self, other: "StepSplit") -> None:
+        self.num, self.wall_s, self.wait_s = self.num + other.num, self.wall_s + other.wall_s, self.wait_s + other.wait_s
+
+    def ms(self) -> dict | None:
+        if not self.num:
+            return None
+        return {"steps": self.num, "ms_per_step": round(1000 * self.wall_s / self.num, 3),
+                "host_ms": round(1000 * (self.wall_s - self.wait_s) / self.num, 3),
+                "wait_ms": round(1000 * self.wait_s / self.num, 3)}
 
 
 @dataclass
@@ -91,6 +130,8 @@ class Tally:
     drafts: int = 0
     draft_tokens: int = 0
     accepted: int = 0
+    plain: StepSplit = field(default_factory=StepSplit)
+    verify: StepSplit = field(default_factory=StepSplit)
 
     def measure(self, llm, groups: list[list[list[int]]], max_tokens: int, tag: str, first_repeat: bool) -> None:
         engine = llm.engine
@@ -99,6 +140,8 @@ class Tally:
             r = run_batch(llm, group, max_tokens, f"{tag}-{gi}")
             self.tpot += r["tpot"]
             self.steps += r["steps"] - 1
+            self.plain.merge(r["split"]["plain"])
+            self.verify.merge(r["split"]["verify"])
             if first_repeat:
                 self.tokens += r["tokens"]
         if spec_before is not None:
@@ -112,7 +155,8 @@ class Tally:
         ms = 1000 * sum(self.tpot) / len(self.tpot)
         row = {"method": method, "batch_size": batch_size, "ms_per_output_token": round(ms, 3),
                "output_tokens": sum(len(t) for t in self.tokens),
-               "outputs_identical": None if base is None else self.tokens == base.tokens}
+               "outputs_identical": None if base is None else self.tokens == base.tokens,
+               "plain_steps": self.plain.ms(), "verify_steps": self.verify.ms()}
         base_ms = None if base is None else 1000 * sum(base.tpot) / len(base.tpot)
         if base_ms is not None:
             row["speedup"] = round(base_ms / ms, 3)
@@ -144,6 +188,8 @@ def cmd_spec(args) -> None:
         # sized from what this process may use in all (--gpu-memory-utilization), so engine i of
         # n may grow the process to i / n of it
         share = {"gpu_memory_utilization": base.cache.gpu_memory_utilization * i / len(args.methods)}
+        if method == "ngram_sync":  # the engine before overlapped speculative steps (spec_decode/pipeline.py)
+            share["async_scheduling"] = False
         llms[method] = LLM.from_config(engine_config(args, speculative_config=method_config(args, method, target),
                                                      speculative_model=None, num_speculative_tokens=None, **share))
     tok = next(iter(llms.values())).get_tokenizer()
@@ -171,10 +217,23 @@ def cmd_spec(args) -> None:
               f"{_f(r.get('acceptance_rate'))} {_f(r.get('mean_accepted_length'), 8)} "
               f"{_f(r.get('draft_ms_per_step'), 8)} {_f(r.get('bound'))} {_f(r.get('efficiency'))} "
               f"{r['outputs_identical']}")
+    print(f"\nper decode step (ms; host = wall - wait, wait = blocked on the device for a step's result):\n"
+          f"{'method':>6} {'batch':>5} | {'plain':>5} {'ms':>6} {'host':>6} {'wait':>6} | "
+          f"{'verify':>6} {'ms':>6} {'host':>6} {'wait':>6} | verify/plain")
+    for r in results:
+        p, v = r["plain_steps"], r["verify_steps"]
+        ratio = f"{v['ms_per_step'] / p['ms_per_step']:.2f}" if p and v else "-"
+        print(f"{r['method']:>6} {r['batch_size']:>5} | {_split(p, 5)} | {_split(v, 6)} | {ratio}")
     print(json.dumps(summary))
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(summary, f, indent=2)
+
+
+def _split(ms: dict | None, width: int) -> str:
+    if ms is None:
+        return f"{0:>{width}} {'-':>6} {'-':>6} {'-':>6}"
+    return f"{ms['steps']:>{width}} {ms['ms_per_step']:>6.3f} {ms['host_ms']:>6.3f} {ms['wait_ms']:>6.3f}"
 
 
 def _f(value, width: int = 6) -> str:

@@ -305,10 +305,19 @@ def test_bench_spec_reports_every_method(tmp_path, tiny_models):
     out = tmp_path / "spec.json"
     proc = pdserve("bench", "spec", "--model", tiny_models["llama"], "--batch-sizes", "1", "2", "--max-tokens", "6",
                    "--sequential-prompts", "1", "-k", "2", "--kv-cache-memory", "0.1", "--json-out", str(out),
-                   "--dtype", "float32")  # float32: every method's outputs compared token for token
+                   "--dtype", "float32",  # float32: every method's outputs compared token for token
+                   "--methods", "none", "ngram", "ngram_sync", "draft", "--async-scheduling")
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())["results"]
-    assert [(r["method"], r["batch_size"]) for r in rows] == [(m, b) for b in (1, 2) for m in ("none", "ngram", "draft")]
+    methods = ("none", "ngram", "ngram_sync", "draft")
+    assert [(r["method"], r["batch_size"]) for r in rows] == [(m, b) for b in (1, 2) for m in methods]
     assert all(r["outputs_identical"] and r["ms_per_output_token"] > 0 for r in rows)
     drafted = [r for r in rows if r["method"] == "draft"]
     assert all(r["acceptance_rate"] == 1.0 and r["mean_accepted_length"] > 1 and r["bound"] > 0 for r in drafted)
+    # the per-step split: every draft step verifies; times add up (host = wall - wait)
+    for r in drafted:
+        v = r["verify_steps"]
+        assert v["steps"] > 0 and v["ms_per_step"] > 0 and v["wait_ms"] >= 0
+        assert abs(v["host_ms"] - (v["ms_per_step"] - v["wait_ms"])) <= 0.002
+    assert all(r["plain_steps"]["steps"] > 0 for r in rows if r["method"] == "none")
+    assert "per decode step" in proc.stdout

@@ -19,8 +19,10 @@ device work of the previous one, so the GPU never waits for Python between steps
              update(sched_{k-1}, result); return deltas(...)
 
 Steps run one at a time while any request needs its latest tokens on the host to sample
-(penalties, min_tokens, logprobs; `SamplingParams.needs_host_history`), and always with
-speculative decoding (spec_decode/: a step's drafts are proposed from the step before's tokens).
+(penalties, min_tokens, logprobs; `SamplingParams.needs_host_history`). With speculative
+decoding a step's drafts are proposed from the tokens of the step before, so the overlap is
+another (`_step_speculative`, spec_decode/pipeline.py): result(k-1), update, launch(k), and only
+then the deltas of k-1; a step that drafted nothing lets the next one launch first.
 
 Constrained decoding (grammars, allowed_token_ids, bad_words) enters through one object,
 `self.structured` (common/engine/structured_output.py): it compiles grammars at validation,
@@ -47,6 +49,7 @@ from pdserve.common.engine.model_runner import ModelRunner, PendingOutput, resol
 from pdserve.common.engine.kv_connector import KVConnector
 from pdserve.common.engine.outputs import SchedulerOutput
 from pdserve.common.engine.scheduler import Scheduler
+from pdserve.common.engine.spec_decode.pipeline import can_overlap_next
 from pdserve.common.engine_client import EngineDeadError
 from pdserve.common.engine.structured_output import StructuredOutputManager
 from pdserve.common.model_path import served_name
@@ -81,9 +84,6 @@ class EngineCore:
                                         on_cpu=resolve_device(config.model.device).type == "cpu")
         self.tensor_parallel_size = config.parallel.tensor_parallel_size
         spec = config.speculative_config
-        if spec is not None and config.async_scheduling:
-            raise ConfigError("--async-scheduling cannot be combined with speculative decoding: its steps "
-                              "run one at a time (docs/speculative.md)")
         if self.tensor_parallel_size > 1:
             config.parallel.check_model(self.arch)
             if spec is not None:
@@ -113,9 +113,11 @@ class EngineCore:
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
         overlap = config.async_scheduling
-        self.async_scheduling = (self.runner.device.type == "cuda" if overlap is None else overlap) and spec is None
+        self.async_scheduling = self.runner.device.type == "cuda" if overlap is None else overlap
         self._inflight: tuple[SchedulerOutput, PendingOutput] | None = None
+        self._spec_overlap_next = False  # speculation: the step in flight lets the next launch first
         self.num_overlapped_steps = 0  # steps launched while the previous one was still running
+        self.wait_seconds = 0.0  # host time blocked on the device for steps' results (bench spec: the split)
 
     # ---- requests ---------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -193,37 +195,65 @@ class EngineCore:
 
     # ---- the step ---------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
+        if self.spec_stats is not None and self.async_scheduling:
+            return self._step_speculative()
         overlap = self.async_scheduling and self.scheduler.num_host_history_requests == 0
         if not overlap and self._inflight is not None:
             return self._complete(*self._take_inflight())  # drain before stepping one at a time
-        sched = self.scheduler.schedule()
-        self.structured.drop(sched.finished_req_ids)
-        failed, launched = [], None
-        if not sched.is_empty():
-            try:
-                launched = (sched, self.runner.launch(sched, self.structured))
-                self.num_overlapped_steps += self._inflight is not None
-            except EngineDeadError:
-                raise
-            except Exception as e:  # fail this step's requests, keep serving the rest
-                failed = self._fail(sched, e)
+        launched, failed = self._launch()
         if not overlap:
             return self._complete(*launched) if launched else failed
         outputs = self._complete(*self._take_inflight()) if self._inflight is not None else []
         self._inflight = launched
         return failed + outputs
 
+    def _launch(self) -> tuple[tuple[SchedulerOutput, PendingOutput] | None, list[EngineOutput]]:
+        """Schedule and launch a step: ((sched, pending) or None when nothing runs, failed outputs)."""
+        sched = self.scheduler.schedule()
+        self.structured.drop(sched.finished_req_ids)
+        if sched.is_empty():
+            return None, []
+        try:
+            launched = (sched, self.runner.launch(sched, self.structured))
+        except EngineDeadError:
+            raise
+        except Exception as e:  # fail this step's requests, keep serving the rest
+            return None, self._fail(sched, e)
+        self.num_overlapped_steps += self._inflight is not None
+        return launched, []
+
+    def _step_speculative(self) -> list[EngineOutput]:
+        """Overlapped steps with speculative decoding (spec_decode/pipeline.py tells the order)."""
+        inflight, self._inflight = self._inflight, None
+        launch_first = inflight is not None and self._spec_overlap_next and not self.scheduler.num_host_history_requests
+        touched, outputs = self._apply(*inflight) if inflight is not None and not launch_first else ([], [])
+        if launch_first:
+            self._inflight = inflight  # counted as overlapped in _launch
+        launched, failed = self._launch()
+        if launch_first:
+            touched, outputs = self._apply(*inflight)
+        self._spec_overlap_next = launched is not None and not launch_first and can_overlap_next(self.runner.spec)
+        self._inflight = launched
+        return failed + outputs + self._emit(touched)
+
     def _take_inflight(self) -> tuple[SchedulerOutput, PendingOutput]:
         inflight, self._inflight = self._inflight, None
         return inflight
 
     def _complete(self, sched: SchedulerOutput, pending: PendingOutput) -> list[EngineOutput]:
+        touched, failed = self._apply(sched, pending)
+        return failed + self._emit(touched)
+
+    def _apply(self, sched: SchedulerOutput, pending: PendingOutput) -> tuple[list[Request], list[EngineOutput]]:
+        """A launched step's results into the scheduler: (touched requests, outputs of a failed step)."""
         try:
+            t0 = time.perf_counter()
             result = pending.result()
+            self.wait_seconds += time.perf_counter() - t0
         except EngineDeadError:
             raise
         except Exception as e:
-            return self._fail(sched, e)
+            return [], self._fail(sched, e)
         self.num_steps += 1
         touched = self.scheduler.update(sched, result)
         if self.spec_stats is not None:
@@ -231,6 +261,9 @@ class EngineCore:
         ended, broken = self.structured.update(touched)
         self.scheduler.finish_requests(ended, RequestStatus.FINISHED_STOPPED)  # reported through touched
         self.scheduler.finish_requests(broken, RequestStatus.FINISHED_ERROR)
+        return touched, []
+
+    def _emit(self, touched: list[Request]) -> list[EngineOutput]:
         outputs = self._outputs(touched)  # an overlapped step's extra token was dropped in update()
         self.num_generated_tokens += sum(len(o.new_token_ids) for o in outputs)
         return outputs

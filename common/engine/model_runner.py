@@ -270,9 +270,9 @@ class ModelRunner:
         sample_reqs = [s for s in ordered if s.sample]
         if not sample_reqs:
             return PendingOutput(out)
-        if self.spec is not None and self.spec.has_drafts():
-            self.spec.verify(hidden, step, ordered, out, token_masks)
-            return PendingOutput(out)
+        if self.spec is not None and self.spec.has_drafts():  # one readback; result() finishes on the host
+            readback, finish = self.spec.verify(hidden, step, ordered, out, token_masks)
+            return PendingOutput(out, tokens=readback, finish=finish)
         logits = self.model.compute_logits(hidden.index_select(0, sample_rows))  # [S, V]
         index = {s.req_id: i for i, s in enumerate(sample_reqs)}
         if logits is None:  # tensor-parallel rank > 0: rank 0 samples; keep its tokens for the next inputs
@@ -422,8 +422,11 @@ class PendingOutput:
     reads the tokens while the engine thread completes the step."""
 
     def __init__(self, out: RunnerOutput, req_ids: list[str] | None = None, tokens: torch.Tensor | None = None,
-                 sample: Callable[[], torch.Tensor] | None = None):
+                 sample: Callable[[], torch.Tensor] | None = None, finish=None):
+        """`tokens` [S] are req_ids' sampled tokens, or, with `finish`, values that
+        finish(host list) turns into the output (a verify step's, spec_decode/decoder.py)."""
         self._out = out
+        self._finish = finish
         self._req_ids = req_ids or []
         self._host = None
         self._event = None
@@ -465,7 +468,10 @@ class PendingOutput:
                 if self._event is not None:
                     with torch.cuda.device(self._host_device):  # a grammar worker: not device 0's context
                         self._event.synchronize()
-                self._out.sampled_token_ids = dict(zip(self._req_ids, self._host.tolist()))
+                if self._finish is not None:
+                    self._finish(self._host.tolist())
+                else:
+                    self._out.sampled_token_ids = dict(zip(self._req_ids, self._host.tolist()))
                 self._host = None
         return self._out
 

@@ -33,7 +33,7 @@ def draft(folder: str, k: int = 3) -> dict:
 
 def generate(folder, prompts, params, check_blocks: bool = False, decode_rows: bool = False, **kw):
     """Run to completion step by step; after each step no request holds a block past its tokens
-    (rejected drafts' blocks were freed), and at the end the pool is whole again. `decode_rows`:
+    (rejected drafts' blocks were freed) unless it is in a step still running (overlapped steps), and at the end the pool is whole again. `decode_rows`:
     verify (and draft) as one-token rows, the form CUDA graphs replay (forced here on the CPU).
     float32 unless asked: outputs are compared with HF's token for token."""
     llm = LLM(folder, **{"dtype": "float32", **kw})
@@ -52,8 +52,8 @@ def generate(folder, prompts, params, check_blocks: bool = False, decode_rows: b
                 done[out.request_id] = out
         if check_blocks:
             bs = engine.kv.block_size
-            for req in engine.scheduler.running:
-                assert len(req.block_ids) <= cdiv(req.num_tokens, bs), req
+            for req in engine.scheduler.running:  # (a request in a step still in flight holds its slots)
+                assert req.num_inflight or len(req.block_ids) <= cdiv(req.num_tokens, bs), req
     assert engine.kv.num_free_blocks == engine.runner.num_blocks, "KV blocks leaked"
     assert engine.kv.num_requests() == 0
     return [done[str(i)] for i in range(len(prompts))], engine
@@ -184,8 +184,6 @@ def test_engine_config_errors(tiny_models, tmp_path):
     folder = tiny_models["llama"]
     with pytest.raises(ConfigError, match="model path not found"):
         LLM(folder, speculative_config=draft(str(tmp_path / "missing")))
-    with pytest.raises(ConfigError, match="async-scheduling"):
-        LLM(folder, speculative_config=NGRAM, async_scheduling=True)
     big = tmp_path / "big_vocab"  # the draft's shape is checked before its weights are read
     big.mkdir()
     config = json.loads(open(os.path.join(folder, "config.json")).read())

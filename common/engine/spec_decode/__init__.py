@@ -18,8 +18,9 @@ always sampled plainly, as a prefill worker without speculation samples it) and 
 per-token host data (penalties, min_tokens, logprobs: `SamplingParams.needs_host_history`) and
 no token mask (structured outputs, allowed_token_ids, bad_words: their next mask depends on
 each accepted token; such a request is sampled plainly under its mask, in the same batch).
-With speculation configured the engine runs its steps one at a time (no overlapped steps):
-the proposals need the tokens of the step before.
+The proposals need the tokens of the step before, so a verify step is never launched while the
+step before it runs; with async scheduling the engine still hides the deltas (and a step after
+one that drafted nothing) behind the device: pipeline.py.
 """
 
 from __future__ import annotations

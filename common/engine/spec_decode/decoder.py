@@ -2,7 +2,9 @@
 
     launch(sched):  scheduled = prepare(sched)     # drafts appended: inputs [t, d1 .. dn]
                     hidden = target forward        # a speculating request is a small chunk
-                    verify(hidden, step, ...)      # logits at its n + 1 last rows -> tokens
+                    verify(hidden, step, ...)      # logits at its n + 1 last rows -> queued
+                                                   #   device work, one readback
+    result():       finish(readback on the host)   # accepted drafts + one token per request
 
 Requests with and without drafts share the batch: `verify` samples the others with the
 runner's own sampler, on their last row as usual. Where the runner has CUDA graphs (CUDA, not
@@ -17,14 +19,14 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import numpy as np
 import torch
 
 from pdserve.common.config import SpeculativeConfig
 from pdserve.common.engine.model_runner import position_seed
 from pdserve.common.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
 from pdserve.common.engine.spec_decode import speculates
-from pdserve.common.engine.spec_decode.rejection import DraftRows, verify
+from pdserve.common.engine.sampler import to_device
+from pdserve.common.engine.spec_decode.rejection import DraftRows, queue_verify
 from pdserve.common.models.attention import StepInputs
 
 
@@ -96,11 +98,14 @@ class SpecDecoder:
         return bool(self._drafts)
 
     def verify(self, hidden: torch.Tensor, step: StepInputs, ordered: list[ScheduledRequest],
-               out: RunnerOutput, token_masks=None) -> None:
-        """Tokens of every sampling request of a step with drafts into `out` (on the host);
-        requests without drafts under their token masks (`token_masks`: the engine's
-        StructuredOutputManager)."""
+               out: RunnerOutput, token_masks=None):
+        """Queue the tokens of every sampling request of a step with drafts, requests without
+        drafts under their token masks (`token_masks`: the engine's StructuredOutputManager).
+        Nothing here waits for the device: -> (readback [N] int64 on the device, finish), and
+        finish(readback as a host list) fills `out` (the runner's PendingOutput calls it after
+        one copy to the host)."""
         runner = self.runner
+        drafts, fed, probs = self._drafts, self._fed, self._probs  # this step's (prepare() resets them)
         rows: dict[str, list[int]] = {}  # req_id -> its sampling rows (a chunk's last n + 1, or n + 1 one-token rows)
         first: dict[str, ScheduledRequest] = {}
         for s, end in zip(ordered, step.query_start_loc[1:].tolist()):
@@ -111,28 +116,36 @@ class SpecDecoder:
         for req_id, r in rows.items():
             spans[req_id] = len(flat)
             flat += r
-        index = torch.from_numpy(np.asarray(flat, dtype=np.int64)).to(hidden.device)
-        logits = runner.model.compute_logits(hidden.index_select(0, index))  # [R, V]
-        plain = [req_id for req_id in rows if req_id not in self._drafts]
+        if flat[-1] - flat[0] == len(flat) - 1:  # consecutive rows (batch 1, or every request drafting)
+            picked = hidden[flat[0]:flat[-1] + 1]
+        else:
+            picked = hidden.index_select(0, to_device(flat, torch.int64, hidden.device))
+        logits = runner.model.compute_logits(picked)  # [R, V]
+        spec = [req_id for req_id in rows if req_id in drafts]
+        draft_rows = []
+        for req_id in spec:
+            n = len(fed[req_id])
+            draft_rows.append(DraftRows(first_row=spans[req_id], num_rows=n + 1,
+                                        draft_token_ids=drafts[req_id][:n + 1], draft_probs=probs[req_id],
+                                        params=first[req_id].params,
+                                        first_position=int(step.positions[rows[req_id][0]]) + 1))
+        readback, finish_spec = queue_verify(logits, draft_rows, runner.sampler.shared_generator, position_seed)
+        plain = [req_id for req_id in rows if req_id not in drafts]
         if plain:
             reqs = [first[req_id] for req_id in plain]
-            rows_plain = logits.index_select(0, torch.tensor([spans[r] for r in plain], device=logits.device))
+            rows_plain = logits.index_select(0, to_device([spans[r] for r in plain], torch.int64, logits.device))
             bitmask = token_masks.fill(reqs) if token_masks is not None else None
             tokens = runner.sampler.sample(rows_plain, reqs, runner.arch.eos_token_ids,
                                            [runner.generator(s) for s in reqs], bitmask)
-            out.logprobs = runner.sampler.logprobs(rows_plain, tokens, reqs)
-            out.sampled_token_ids.update(zip(plain, tokens.tolist()))
-        spec = [req_id for req_id in rows if req_id in self._drafts]
-        draft_rows = []
-        for req_id in spec:
-            n = len(self._fed[req_id])
-            draft_rows.append(DraftRows(first_row=spans[req_id], num_rows=n + 1,
-                                        draft_token_ids=self._drafts[req_id][:n + 1], draft_probs=self._probs[req_id],
-                                        params=first[req_id].params,
-                                        first_position=int(step.positions[rows[req_id][0]]) + 1))
-        accepted = verify(logits, draft_rows, runner.sampler.shared_generator, position_seed)
-        for req_id, tokens in zip(spec, accepted):
-            out.sampled_token_ids[req_id] = tokens[-1]
-            if self._fed[req_id]:
-                out.spec_token_ids[req_id] = self._fed[req_id]
-                out.num_accepted_tokens[req_id] = len(tokens) - 1
+            out.logprobs = runner.sampler.logprobs(rows_plain, tokens, reqs)  # waits only where asked
+            readback = torch.cat([readback, tokens])
+        num_spec_values = readback.shape[0] - len(plain)
+
+        def finish(values: list[int]) -> None:
+            out.sampled_token_ids.update(zip(plain, values[num_spec_values:]))
+            for req_id, tokens in zip(spec, finish_spec(values[:num_spec_values])):
+                out.sampled_token_ids[req_id] = tokens[-1]
+                if fed[req_id]:
+                    out.spec_token_ids[req_id] = fed[req_id]
+                    out.num_accepted_tokens[req_id] = len(tokens) - 1
+        return readback, finish

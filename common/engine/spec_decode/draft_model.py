@@ -18,6 +18,10 @@ One proposal for a request with n draft slots:
     catch up:  feed history[num_computed : N]        -> sample d1 at position N
     draft:     feed d1 at N, d2 at N+1 ...            -> d2 .. dn (greedy), d2 .. d(n+1) (T > 0)
 
+Each round's tokens stay on the device: the next round's input is a PLACEHOLDER_TOKEN that the
+draft runner fills there (as overlapped steps do), so the rounds queue back to back and the host
+waits once, for all drafts, at the end.
+
 At temperature > 0 it drafts one more token than it feeds: the target's last row is then
 decided by Leviathan's rule too, so every position after the first output token is decided the
 same way whatever the step boundaries (seeded outputs do not depend on the route or on k).
@@ -35,8 +39,8 @@ import torch
 
 from pdserve.common.config import ArchConfig, CacheConfig, ConfigError, ModelConfig, SchedulerConfig, SpeculativeConfig
 from pdserve.common.engine.model_runner import ModelRunner, model_dtype, position_seed, resolve_device
-from pdserve.common.engine.outputs import ScheduledRequest, SchedulerOutput
-from pdserve.common.engine.sampler import processed_probs
+from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, ScheduledRequest, SchedulerOutput
+from pdserve.common.engine.sampler import processed_probs, to_device
 from pdserve.common.models.loader import read_arch_config, resolve_model_path
 
 DRAFT_STREAM = 0x2545F4914F6CDD1D >> 2  # xor-ed into position seeds: the draft's own stream
@@ -106,7 +110,7 @@ class DraftModelProposer:
     def propose(self, reqs: list[ScheduledRequest]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
         """req_id -> (drafts, their draft distributions [len, V] at temperature > 0, else None)."""
         feeds: dict[str, tuple[ScheduledRequest, int, list[int]]] = {}  # req_id -> (s, start pos, tokens to feed)
-        want, drafts, probs = {}, {}, {}
+        want, drafts, probs = {}, {}, {}  # drafts: req_id -> indices into all rounds' sampled tokens
         for s in reqs:
             st = self._states.setdefault(s.req_id, _DraftState())
             num_tokens = len(s.prompt_token_ids) + len(s.output_token_ids)
@@ -121,6 +125,8 @@ class DraftModelProposer:
             drafts[s.req_id], probs[s.req_id] = [], []
             st.num_computed, st.fed_drafts = num_tokens, []
         budget = self.scheduler_cfg.token_budget
+        rounds, num_sampled = [], 0  # sampled tokens [S] of each round on the device; their count
+        sampled_at: dict[str, int] = {}  # req_id -> its latest token's index in torch.cat(rounds)
         while feeds:
             batch, left = [], budget
             for s, start, tokens in feeds.values():
@@ -141,25 +147,35 @@ class DraftModelProposer:
             for b in batch:  # advance the feeds by what ran
                 s, start, tokens = feeds[b.req_id]
                 feeds[b.req_id] = (s, start + b.num_tokens, tokens[b.num_tokens:])
-            tokens, rows = self._sample(logits, sampled)
+            tokens, rows = self._sample(logits, sampled)  # on the device: a later round reads them there
+            rounds.append(tokens)
+            sampled_at.update((b.req_id, num_sampled + i) for i, b in enumerate(sampled))
+            # a request left out of the next round by the token budget keeps its placeholder: the
+            # fill reads every round's tokens
+            self.runner._last_sampled = (torch.cat(rounds) if len(rounds) > 1 else tokens, dict(sampled_at))
             for i, b in enumerate(sampled):
-                drafts[b.req_id].append(tokens[i])
+                drafts[b.req_id].append(num_sampled + i)
                 if rows is not None and b.params.temperature != 0:
                     probs[b.req_id].append(rows[i])
                 s, start, _ = feeds.pop(b.req_id)
                 if len(drafts[b.req_id]) < want[b.req_id]:
-                    feeds[b.req_id] = (s, start, [tokens[i]])
-                else:
-                    self._states[b.req_id].fed_drafts = drafts[b.req_id][:-1]
-        return {rid: (d, torch.stack(probs[rid]) if probs[rid] else None) for rid, d in drafts.items()}
+                    feeds[b.req_id] = (s, start, [PLACEHOLDER_TOKEN])  # filled from `tokens` on the device
+            num_sampled += len(sampled)
+        values = torch.cat(rounds).tolist() if rounds else []  # the one wait for the device
+        out = {}
+        for rid, refs in drafts.items():
+            d = [values[j] for j in refs]
+            self._states[rid].fed_drafts = d[:-1]
+            out[rid] = (d, torch.stack(probs[rid]) if probs[rid] else None)
+        return out
 
-    def _sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest]) -> tuple[list[int], torch.Tensor | None]:
-        """Draft tokens of the sampled rows (logits [S, Vd]) and, when any row is random, the
-        rows' draft distributions padded to the target's vocabulary [S, V]."""
+    def _sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Draft tokens [S] (on the device) of the sampled rows (logits [S, Vd]) and, when any row
+        is random, the rows' draft distributions padded to the target's vocabulary [S, V]."""
         tokens = logits.argmax(dim=-1)
         random = [i for i, s in enumerate(reqs) if s.params.temperature != 0]
         if not random:
-            return tokens.tolist(), None
+            return tokens, None
         probs = processed_probs(logits, reqs)
         probs = probs / probs.sum(dim=-1, keepdim=True)  # normalized after top-k/p/min-p (rejection.py)
         noise = torch.empty_like(probs)
@@ -169,11 +185,11 @@ class DraftModelProposer:
             g = self._shared if s.params.seed is None else self._gen.manual_seed(
                 draft_position_seed(s.params.seed, position))
             noise[i].exponential_(generator=g)
-        index = torch.tensor(random, device=logits.device)
+        index = to_device(random, torch.int64, logits.device)
         tokens.index_copy_(0, index, (probs.index_select(0, index) / noise.index_select(0, index)).argmax(dim=-1))
         if probs.shape[1] < self.target_vocab:
             probs = torch.nn.functional.pad(probs, (0, self.target_vocab - probs.shape[1]))
-        return tokens.tolist(), probs
+        return tokens, probs
 
 
 def draft_position_seed(seed: int, position: int) -> int:

@@ -20,6 +20,9 @@ as without speculation. For draft models the draft tokens themselves are drawn f
 stream (`draft_position_seed`): Leviathan's proof needs d_j independent of u_j and E_j.
 p and q are the *processed* distributions (temperature, top-k, top-p, min-p), so outputs follow
 what the plain sampler would sample from.
+
+`queue_verify` queues all of it on the device without waiting and returns one int64 readback
+and the host function that finishes the acceptance from it (`verify` does both at once).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pdserve.common.engine.sampler import processed_probs
+from pdserve.common.engine.sampler import processed_probs, to_device
 from pdserve.common.sampling_params import SamplingParams
 
 
@@ -46,18 +49,31 @@ class DraftRows:
 def verify(logits: torch.Tensor, reqs: list[DraftRows], shared: torch.Generator,
            position_seed) -> list[list[int]]:
     """logits [R, V] -> per request, its accepted drafts followed by one more token.
-    `shared` draws for unseeded requests; `position_seed(seed, pos)` seeds the others."""
+    `shared` draws for unseeded requests; `position_seed(seed, pos)` seeds the others.
+    (queue_verify and its finish in one call: waits for the device.)"""
+    readback, finish = queue_verify(logits, reqs, shared, position_seed)
+    return finish(readback.tolist())
+
+
+def queue_verify(logits: torch.Tensor, reqs: list[DraftRows], shared: torch.Generator, position_seed):
+    """The device part of `verify`, queued without waiting for the device: -> (readback, finish).
+    readback: int64 [R + 2 L] on the device (L: rows decided by Leviathan's rule),
+
+        | token per row [R] | accepted? per Leviathan row [L] | residual token per Leviathan row [L] |
+
+    finish(readback as a host list) -> per request, its accepted drafts and the token after them
+    (Python over the request's few rows)."""
     device = logits.device
     best = logits.argmax(dim=-1)  # [R]; rows of random requests get their samples instead
     random = [(r, j) for r in reqs if r.params.temperature != 0 for j in range(r.num_rows)]
-    decided: dict[tuple[int, int], tuple[bool, int]] = {}  # Leviathan rows: (id(req), row) -> (accepted, token)
+    lev = []  # rows (in `random`) with a draft distribution: Leviathan's rule
+    parts = [best]
     if random:
-        index = torch.tensor([r.first_row + j for r, j in random], device=device)
+        index = to_device([r.first_row + j for r, j in random], torch.int64, device)
         probs = processed_probs(logits.index_select(0, index), [r for r, _ in random])  # [Rr, V]
         probs = probs / probs.sum(dim=-1, keepdim=True)  # top-k/p/min-p leave mass < 1: p/q needs it whole
         noise = torch.empty_like(probs)
         u = torch.zeros(len(random), device=device)
-        lev = []  # rows (in `random`) with a draft distribution: Leviathan's rule
         gen = torch.Generator(device=device)
         for k, (r, j) in enumerate(random):
             g = shared if r.params.seed is None else gen.manual_seed(position_seed(r.params.seed, r.first_position + j))
@@ -68,30 +84,36 @@ def verify(logits: torch.Tensor, reqs: list[DraftRows], shared: torch.Generator,
         samples = (probs / noise).argmax(dim=-1)
         best.index_copy_(0, index, samples)
         if lev:
-            li = torch.tensor(lev, device=device)
+            li = to_device(lev, torch.int64, device)
             p = probs.index_select(0, li)  # [L, V]
             q = torch.stack([random[k][0].draft_probs[random[k][1]] for k in lev])  # [L, V]
-            d = torch.tensor([random[k][0].draft_token_ids[random[k][1]] for k in lev], device=device)[:, None]
+            d = to_device([random[k][0].draft_token_ids[random[k][1]] for k in lev], torch.int64, device)[:, None]
             accept = u.index_select(0, li) * q.gather(1, d)[:, 0] < p.gather(1, d)[:, 0]
             rest = (p - q).clamp_(min=0)  # norm(max(0, p - q)); all zero only when p <= q everywhere
             residual = torch.where(rest.sum(dim=-1) > 0, (rest / noise.index_select(0, li)).argmax(dim=-1),
                                    samples.index_select(0, li))
-            for k, ok, tok in zip(lev, accept.tolist(), residual.tolist()):
-                r, j = random[k]
-                decided[(id(r), j)] = (ok, tok)
-    best_h = best.tolist()
-    outs = []
-    for r in reqs:
-        out = []
-        for j in range(r.num_rows):
-            x = best_h[r.first_row + j]
-            if j >= len(r.draft_token_ids):  # no draft for this row: the target's own token
-                out.append(x)
-                break
-            d = r.draft_token_ids[j]
-            ok, token = decided.get((id(r), j), (x == d, x))
-            out.append(d if ok else token)
-            if not ok:
-                break
-        outs.append(out)
-    return outs
+            parts += [accept.long(), residual]
+    readback = torch.cat(parts) if len(parts) > 1 else best
+    num_rows = best.shape[0]
+
+    def finish(values: list[int]) -> list[list[int]]:
+        decided = {}  # Leviathan rows: (id(req), row) -> (accepted, token)
+        for i, k in enumerate(lev):
+            r, j = random[k]
+            decided[(id(r), j)] = (bool(values[num_rows + i]), values[num_rows + len(lev) + i])
+        outs = []
+        for r in reqs:
+            out = []
+            for j in range(r.num_rows):
+                x = values[r.first_row + j]
+                if j >= len(r.draft_token_ids):  # no draft for this row: the target's own token
+                    out.append(x)
+                    break
+                d = r.draft_token_ids[j]
+                ok, token = decided.get((id(r), j), (x == d, x))
+                out.append(d if ok else token)
+                if not ok:
+                    break
+            outs.append(out)
+        return outs
+    return readback, finish

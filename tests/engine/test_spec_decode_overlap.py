@@ -1,0 +1,73 @@
+"""Speculative decoding with overlapped steps (async scheduling, spec_decode/pipeline.py), forced
+on here on the CPU: a step's deltas come after the next step's launch, and a step that drafted
+nothing lets the next launch first (a plain decode, its input filled from the step in flight).
+Outputs are those of one-at-a-time steps: greedy equals HF, seeded n-gram outputs equal plain
+sampling, a draft model's seeded outputs do not change; verify steps and overlapped steps both
+happen, no KV block leaks and none is held past a request's tokens.
+
+The model: a random Llama with a 512-token vocabulary, whose greedy outputs soon repeat, so the
+n-gram lookup finds drafts in most steps and none in some (the 49152-token fixtures rarely match)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from pdserve.common.sampling_params import SamplingParams
+from tests.engine.test_correctness import hf_greedy
+from tests.engine.test_spec_decode import NGRAM, draft, generate, tokens
+
+
+@pytest.fixture(scope="module")
+def small_vocab(tiny_model_factory, tmp_path_factory):
+    folder = tiny_model_factory(str(tmp_path_factory.mktemp("v512") / "llama"), "llama", vocab_size=512,
+                                initializer_range=0.02)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (1, 9, 40, 77, 130, 200)]
+    return folder, prompts
+
+
+@pytest.mark.parametrize("variant", [{}, {"num_gpu_blocks_override": 72, "max_model_len": 256}])
+def test_overlapped_ngram_greedy_matches_hf(small_vocab, variant):
+    folder, prompts = small_vocab
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    outs, engine = generate(folder, prompts, params, check_blocks=True, speculative_config=NGRAM,
+                            async_scheduling=True, block_size=4, **variant)
+    assert tokens(outs) == hf_greedy(folder, prompts, 40)
+    st = engine.stats().spec_decode
+    assert st.num_drafts > 10 and st.num_accepted_tokens > 0  # verify steps ran ...
+    assert engine.num_overlapped_steps > 0  # ... and steps without drafts let the next one launch first
+    assert engine._inflight is None
+    if variant:
+        assert engine.scheduler.num_preemptions > 0
+
+
+def test_overlapped_seeded_ngram_equals_plain_sampling(small_vocab):
+    """n-gram drafts are one-hot: seeded outputs are those of plain sampling, overlapped or not;
+    with a stop id and a stop string on the way; verify as one-token rows (the CUDA form)."""
+    folder, prompts = small_vocab
+    base, _ = generate(folder, prompts[:2], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    text = base[1].outputs[0].text
+    params = [SamplingParams(temperature=0.3, seed=30 + i, max_tokens=30, ignore_eos=True) for i in range(4)]
+    params += [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[tokens(base)[0][12]]),
+               SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[text[-3:]])]
+    plain, _ = generate(folder, prompts, params)
+    spec, engine = generate(folder, prompts, params, speculative_config=NGRAM, async_scheduling=True,
+                            decode_rows=True)
+    assert tokens(spec) == tokens(plain)
+    assert [o.outputs[0].text for o in spec] == [o.outputs[0].text for o in plain]
+    assert engine.stats().spec_decode.num_drafts > 0 and engine.num_overlapped_steps > 0
+
+
+def test_overlapped_draft_model_outputs_do_not_change(small_vocab):
+    """A draft model never lets a step launch before the previous one's result (it drafts from
+    the tokens): only the deltas move behind the next launch; greedy and seeded outputs unchanged."""
+    folder, prompts = small_vocab
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)] * 3
+    params += [SamplingParams(temperature=0.8, seed=7 + i, max_tokens=12) for i in range(3)]
+    one, _ = generate(folder, prompts, params, speculative_config=draft(folder))
+    overlapped, engine = generate(folder, prompts, params, speculative_config=draft(folder), async_scheduling=True)
+    assert tokens(overlapped) == tokens(one)
+    assert tokens(overlapped)[:3] == hf_greedy(folder, prompts[:3], 20)
+    assert engine.num_overlapped_steps == 0 and engine.stats().spec_decode.num_accepted_tokens > 0
