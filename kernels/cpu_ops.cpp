@@ -2,6 +2,7 @@
 // documents them; the tests compare each with its torch version).
 //
 //   paged_decode_attention  one query token per sequence; K/V read in place through the block table
+//   prefill_attention       one chunk of one sequence against its keys, causal (and a sliding window)
 //   rms_norm                HF RMSNorm, optionally fused with the residual add (residual updated in place)
 //   silu_and_mul            gated MLP activation
 //   rotary_store_kv         NeoX rotary of q and k in place, rotated k and v stored at their slots
@@ -268,6 +269,80 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
   });
 }
 
+// ---- prefill attention ---------------------------------------------------------------------------
+// One chunk of one sequence: q [Lq, H, D], k/v [Lk, KVH, D] (token rows strided, heads D apart, d
+// contiguous), query row i at position Lk - Lq + i among the keys; causal, `window` > 0 a sliding
+// window -> out [Lq, H, D] contiguous. A work item is one KV head and a block of QB query rows: its
+// QB * G query vectors are scored against every key a row of the block sees (each K row converted
+// to fp32 once for all of them), each vector's softmax runs over its own visible range (the rest
+// of its row zeroed), then P V reads each V row once. Items are handed out in zigzag order (block
+// 0, last, 1, last - 1, ...) so that the contiguous ranges of at::parallel_for get equal causal work.
+template <typename T>
+void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
+                       double scale, int64_t window) {
+  constexpr int64_t QB = 16;
+  const int64_t Lq = q.size(0), H = q.size(1), D = q.size(2), Lk = k.size(0), KVH = k.size(1), G = H / KVH;
+  const int64_t q_s = q.stride(0), k_s = k.stride(0), v_s = v.stride(0), offset = Lk - Lq;
+  const int64_t num_blocks = (Lq + QB - 1) / QB;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const float sc = static_cast<float>(scale);
+  const bool by16 = kBlock16 && D % 16 == 0;
+  const PV16<T> pv = pv16_for<T>(D);
+  at::parallel_for(0, num_blocks * KVH, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(QB * G * D), acc(QB * G * D), row(D), tile(16 * D), scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t kh = item % KVH, z = item / KVH;
+      const int64_t blk = z % 2 == 0 ? z / 2 : num_blocks - 1 - z / 2;
+      const int64_t r0 = blk * QB, nr = std::min(Lq, r0 + QB) - r0, NV = nr * G;  // vector j: row r0 + j / G
+      const int64_t hi = offset + r0 + nr;  // keys [lo, hi) are seen by some row of the block
+      const int64_t lo = window > 0 ? std::max<int64_t>(0, offset + r0 - window + 1) : 0;
+      const int64_t n = hi - lo;
+      scores.resize(NV * n);
+      for (int64_t j = 0; j < NV; ++j) {
+        const T* src = qp + (r0 + j / G) * q_s + (kh * G + j % G) * D;
+        for (int64_t d = 0; d < D; ++d) qf[j * D + d] = to_float(src[d]) * sc;
+      }
+      for (int64_t t = lo; t < hi;) {
+        const T* k_row = kp + t * k_s + kh * D;
+        if (by16 && t + 16 <= hi) {
+          scores16(qf.data(), NV, D, k_row, k_s, tile.data(), scores.data() + (t - lo), n);
+          t += 16;
+          continue;
+        }
+        load_row(k_row, row.data(), D);
+        for (int64_t j = 0; j < NV; ++j) scores[j * n + (t - lo)] = dot(qf.data() + j * D, row.data(), D);
+        ++t;
+      }
+      for (int64_t j = 0; j < NV; ++j) {  // the row at position p sees keys [first, p]
+        const int64_t p = offset + r0 + j / G, first = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
+        float* s = scores.data() + j * n;
+        std::fill(s, s + (first - lo), 0.f);
+        std::fill(s + (p + 1 - lo), s + n, 0.f);
+        softmax_inplace(s + (first - lo), p + 1 - first);
+      }
+      std::fill(acc.begin(), acc.begin() + NV * D, 0.f);
+      for (int64_t t = lo; t < hi;) {
+        const T* v_row = vp + t * v_s + kh * D;
+        if (pv != nullptr && t + 16 <= hi) {
+          pv(scores.data() + (t - lo), n, NV, v_row, v_s, tile.data(), acc.data());
+          t += 16;
+          continue;
+        }
+        load_row(v_row, row.data(), D);
+        for (int64_t j = 0; j < NV; ++j) axpy(acc.data() + j * D, scores[j * n + (t - lo)], row.data(), D);
+        ++t;
+      }
+      for (int64_t j = 0; j < NV; ++j) {
+        T* dst = op + ((r0 + j / G) * H + kh * G + j % G) * D;
+        for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(acc[j * D + d]);
+      }
+    }
+  });
+}
+
 // ---- RMSNorm (+ residual) -------------------------------------------------------------------------
 // x [T, N] (rows may be strided), weight [N], residual [T, N] contiguous or undefined -> out [T, N].
 // HF: r = x + residual (in T; written back to residual), h = float(r) * rsqrt(mean(h^2) + eps),
@@ -359,7 +434,14 @@ void rotary_store_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> c(half), s(half);
     auto rotate = [&](T* x) {
-      for (int64_t j = 0; j < half; ++j) {
+      int64_t j = 0;
+      for (; j + kF <= half; j += kF) {  // the scalar loop's roundings, kF pairs at a time
+        const fVec x1 = load_f(x + j), x2 = load_f(x + j + half);
+        const fVec cj = fVec::loadu(c.data() + j), sj = fVec::loadu(s.data() + j);
+        store_f(x + j, round_v<T>(round_v<T>(x1 * cj) - round_v<T>(x2 * sj)));
+        store_f(x + j + half, round_v<T>(round_v<T>(x2 * cj) + round_v<T>(x1 * sj)));
+      }
+      for (; j < half; ++j) {
         const float x1 = to_float(x[j]), x2 = to_float(x[j + half]);
         const float o1 = round_to<T>(round_to<T>(x1 * c[j]) - round_to<T>(x2 * s[j]));
         const float o2 = round_to<T>(round_to<T>(x2 * c[j]) + round_to<T>(x1 * s[j]));
@@ -403,6 +485,13 @@ at::Tensor paged_decode_attention_op(const at::Tensor& q, const at::Tensor& k_ca
   return out;
 }
 
+at::Tensor prefill_attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                int64_t window) {
+  auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  PDSERVE_DISPATCH(q.scalar_type(), "prefill_attention", prefill_attention<scalar_t>(q, k, v, out, scale, window));
+  return out;
+}
+
 at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& residual,
                        double eps) {
   auto out = at::empty({x.size(0), x.size(1)}, x.options());
@@ -427,6 +516,7 @@ void rotary_store_kv_op(at::Tensor q, at::Tensor k, const at::Tensor& v, const a
 TORCH_LIBRARY(pdserve_cpu, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
         "Tensor context_lens, float scale, int window) -> Tensor");
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, float scale, int window) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, Tensor(a!)? residual, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("rotary_store_kv(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor positions, Tensor cos_sin, "
@@ -435,6 +525,7 @@ TORCH_LIBRARY(pdserve_cpu, m) {
 
 TORCH_LIBRARY_IMPL(pdserve_cpu, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention_op);
+  m.impl("prefill_attention", &prefill_attention_op);
   m.impl("rms_norm", &rms_norm_op);
   m.impl("silu_and_mul", &silu_and_mul_op);
   m.impl("rotary_store_kv", &rotary_store_kv_op);

@@ -8,8 +8,8 @@ members and differs where the profile of SmolLM2-135M on 2 cores said the time w
                                repacks bf16 weights (or runs MKL sgemm for fp32) on every call
     rotary_store_kv            q and k rotated in place, K/V stored at their slots: one C++ pass
     attention                  decodes: C++ paged decode attention reading K/V blocks in place;
-                               prefills: torch's flash SDPA per sequence, a cached prefix gathered
-                               with one index_select per tensor
+                               prefills: C++ prefill attention per sequence, a cached prefix
+                               gathered with one index_select per tensor
     o_proj, rms_norm+residual  packed matmul; one C++ pass (residual updated in place)
     gate_up, silu_and_mul,     packed matmul; one C++ pass; packed matmul
     down
@@ -170,7 +170,8 @@ class CpuPagedAttention(TorchPagedAttention):
 
 class CpuKernelAttention(CpuPagedAttention):
     """`CpuPagedAttention` with the C++ kernels (kernels/cpu.py): rotary and the KV store in one
-    pass, decodes read K/V in place through the block table (no gather, no score tensor)."""
+    pass, decodes read K/V in place through the block table (no gather, no score tensor), prompt
+    chunks attend in the prefill kernel."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: "CpuMetadata", rotary, positions: torch.Tensor) -> torch.Tensor:
@@ -189,6 +190,14 @@ class CpuKernelAttention(CpuPagedAttention):
             sl = slice(seq.q_start, seq.q_start + seq.q_len)
             out[sl] = self._prefill(q[sl], k[sl], v[sl], k_cache, v_cache, seq)
         return out
+
+    def _prefill(self, q, k, v, k_cache, v_cache, seq: PrefillSeq) -> torch.Tensor:
+        # q [Lq, H, D], k/v [Lq, KVH, D] (views of the qkv output): this chunk's keys, or the whole
+        # context gathered from its blocks when a prefix is cached
+        if seq.context_len != seq.q_len:
+            k = k_cache.index_select(0, seq.block_table).view(-1, self.num_kv_heads, self.head_dim)[:seq.context_len]
+            v = v_cache.index_select(0, seq.block_table).view(-1, self.num_kv_heads, self.head_dim)[:seq.context_len]
+        return cpu_kernels.prefill_attention(q, k, v, self.scale, self.sliding_window)
 
     def _decode(self, q, k_cache, v_cache, meta: "CpuMetadata") -> torch.Tensor:
         return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,

@@ -1,10 +1,10 @@
 """The C++ CPU kernels (kernels/cpu.py) against the torch code they replace.
 
 Element-wise kernels must give `TorchOps`' (HF's) values bit for bit in bf16 and agree to fp32
-rounding in float32; the paged decode attention matches kernels/reference.py. Shapes cover both
-work splits of the attention (all KV heads of a sequence per item, one head per item), the
-16-token block path and the token-by-token tail, sliding windows, and vector tails (sizes that are
-not multiples of the vector width). The build itself is tested by `test_kernels_build`: on a
+rounding in float32; the paged decode and the prefill attention match kernels/reference.py. Shapes
+cover both work splits of the decode attention (all KV heads of a sequence per item, one head per
+item), the 16-token block path and the token-by-token tail, sliding windows, chunks after a cached
+prefix, and vector tails (sizes that are not multiples of the vector width). The build itself is tested by `test_kernels_build`: on a
 machine without a compiler the rest are skipped, and the engine runs the torch path.
 """
 
@@ -15,7 +15,7 @@ import torch
 
 from pdserve.common.models.llama import Rotary, TorchOps
 from pdserve.kernels import cpu
-from pdserve.kernels.reference import paged_decode_attention_ref
+from pdserve.kernels.reference import paged_decode_attention_ref, paged_prefill_attention_ref
 
 DTYPES = [torch.float32, torch.bfloat16]
 TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2}
@@ -58,6 +58,30 @@ def test_paged_decode_attention(dtype, lens, heads, kv_heads, head_dim, block_si
     scale = head_dim ** -0.5
     got = cpu.paged_decode_attention(q, k_cache, v_cache, table, lengths, scale, window)
     want = paged_decode_attention_ref(q, k_cache, v_cache, table.int(), lengths.int(), scale, window)
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_len, context_len, heads, kv_heads, head_dim, window", [
+    (200, 200, 9, 3, 64, None),  # a whole prompt: blocks of 16 rows and a tail of 8
+    (1, 1, 9, 3, 64, None),
+    (37, 250, 9, 3, 64, None),  # a chunk after 213 cached tokens
+    (100, 100, 8, 2, 128, 17),  # sliding window shorter than a block of rows
+    (45, 120, 4, 4, 24, 50),  # D not a multiple of 16: token by token
+])
+def test_prefill_attention(dtype, q_len, context_len, heads, kv_heads, head_dim, window):
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(q_len, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    q = qkv[:, :heads * head_dim].view(q_len, heads, head_dim)  # strided rows, as in the model
+    keys = torch.randn(context_len, 2, kv_heads, head_dim, generator=g).to(dtype)
+    k, v = keys[:, 0], keys[:, 1]  # strided rows too
+    scale = head_dim ** -0.5
+    got = cpu.prefill_attention(q, k, v, scale, window)
+    # the reference reads a paged cache: one block per token, the table in order
+    table = torch.arange(context_len, dtype=torch.int32)[None]
+    want = paged_prefill_attention_ref(q, k[:, None].contiguous(), v[:, None].contiguous(), table,
+                                       torch.tensor([0, q_len], dtype=torch.int32),
+                                       torch.tensor([context_len], dtype=torch.int32), scale, window)
     torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
