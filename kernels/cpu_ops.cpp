@@ -277,6 +277,65 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
 // to fp32 once for all of them), each vector's softmax runs over its own visible range (the rest
 // of its row zeroed), then P V reads each V row once. Items are handed out in zigzag order (block
 // 0, last, 1, last - 1, ...) so that the contiguous ranges of at::parallel_for get equal causal work.
+//
+// Numerics are those of torch's flash SDPA on CPU (the path this replaces, and HF's): scores scaled
+// after the dot product; per split of kKvSplit keys (absolute positions, as torch splits the keys)
+// a running max, exp_u20 over the split's vector part and std::exp over its last (width % kF) keys,
+// the exps summed unrounded in torch's lane order, the weights rounded to T (bf16) BEFORE P V, and
+// the output divided by the sum at the end. A softmax normalised in fp32 is more exact, but it moves
+// the bf16 model off HF's numbers: on a near tie (SmolLM2's chat answer, logits 1 bf16 step apart)
+// the greedy token changed.
+constexpr int64_t kKvSplit = 512;
+
+// s[0 .. p + 1 - lo) holds the raw scores q.k of keys lo .. p; the row sees keys [first, p] and the
+// sequence has Lk keys. On return s holds the weights (0 outside [first, p]); returns their sum.
+// `rescale` has room for one float per split of the row.
+template <typename T>
+float flash_softmax_row(float* s, int64_t lo, int64_t first, int64_t p, int64_t Lk, float scale, float* rescale) {
+  std::fill(s, s + (first - lo), 0.f);
+  float max = -std::numeric_limits<float>::infinity(), sum = 0.f;
+  int64_t splits = 0;  // rescale[i]: exp(old max - new max) at split i + 1, for the earlier weights
+  const int64_t s0 = first / kKvSplit * kKvSplit;
+  for (int64_t b0 = s0; b0 <= p; b0 += kKvSplit) {
+    const int64_t vs = std::max(first, b0), ve = std::min(p + 1, b0 + kKvSplit);  // visible keys of the split
+    const int64_t tail = b0 + std::min(kKvSplit, Lk - b0) / kF * kF;  // torch's scalar tail starts here
+    float* x = s + (vs - lo);
+    const int64_t len = ve - vs;
+    at::vec::map([scale](fVec a) { return a * fVec(scale); }, x, x, len);
+    const float m = std::max(max, at::vec::reduce_all<float>(
+                                      [](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, x, len));
+    const int64_t nv = std::max<int64_t>(0, std::min(ve, tail) - vs);
+    at::vec::map([m](fVec a) { return (a - fVec(m)).exp_u20(); }, x, x, nv);
+    for (int64_t t = std::max(vs, tail); t < ve; ++t) s[t - lo] = std::exp(s[t - lo] - m);
+    fVec lanes(0.f);  // lane i sums keys b0 + i (mod kF), like torch's vector accumulator
+    for (int64_t c = b0; c < std::min(ve, tail); c += kF) {
+      if (c + kF <= vs) continue;
+      if (c >= vs && c + kF <= ve) {
+        lanes += fVec::loadu(s + (c - lo));
+      } else {
+        float part[kF] = {};
+        for (int64_t t = std::max(c, vs); t < std::min(c + kF, ve); ++t) part[t - c] = s[t - lo];
+        lanes += fVec::loadu(part);
+      }
+    }
+    float split_sum = at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, lanes);
+    for (int64_t t = std::max(vs, tail); t < ve; ++t) split_sum += s[t - lo];
+    const float r = std::exp(max - m);
+    sum = split_sum + r * sum;
+    max = m;
+    if (splits > 0) rescale[splits - 1] = r;
+    for (int64_t t = vs; t < ve; ++t) s[t - lo] = round_to<T>(s[t - lo]);  // torch's P is stored in T
+    ++splits;
+  }
+  float factor = 1.f;  // torch rescales its accumulator by each later split's r; here the weights
+  for (int64_t i = splits - 2; i >= 0; --i) {
+    factor *= rescale[i];
+    const int64_t b0 = s0 + i * kKvSplit, vs = std::max(first, b0), ve = std::min(p + 1, b0 + kKvSplit);
+    for (int64_t t = vs; t < ve; ++t) s[t - lo] *= factor;
+  }
+  return sum;
+}
+
 template <typename T>
 void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                        double scale, int64_t window) {
@@ -292,7 +351,8 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const bool by16 = kBlock16 && D % 16 == 0;
   const PV16<T> pv = pv16_for<T>(D);
   at::parallel_for(0, num_blocks * KVH, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(QB * G * D), acc(QB * G * D), row(D), tile(16 * D), scores;
+    std::vector<float> qf(QB * G * D), acc(QB * G * D), row(D), tile(16 * D), inv(QB * G), scores;
+    std::vector<float> rescale(Lk / kKvSplit + 1);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t kh = item % KVH, z = item / KVH;
       const int64_t blk = z % 2 == 0 ? z / 2 : num_blocks - 1 - z / 2;
@@ -303,7 +363,7 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       scores.resize(NV * n);
       for (int64_t j = 0; j < NV; ++j) {
         const T* src = qp + (r0 + j / G) * q_s + (kh * G + j % G) * D;
-        for (int64_t d = 0; d < D; ++d) qf[j * D + d] = to_float(src[d]) * sc;
+        for (int64_t d = 0; d < D; ++d) qf[j * D + d] = to_float(src[d]);
       }
       for (int64_t t = lo; t < hi;) {
         const T* k_row = kp + t * k_s + kh * D;
@@ -319,9 +379,8 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       for (int64_t j = 0; j < NV; ++j) {  // the row at position p sees keys [first, p]
         const int64_t p = offset + r0 + j / G, first = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
         float* s = scores.data() + j * n;
-        std::fill(s, s + (first - lo), 0.f);
         std::fill(s + (p + 1 - lo), s + n, 0.f);
-        softmax_inplace(s + (first - lo), p + 1 - first);
+        inv[j] = 1.f / flash_softmax_row<T>(s, lo, first, p, Lk, sc, rescale.data());
       }
       std::fill(acc.begin(), acc.begin() + NV * D, 0.f);
       for (int64_t t = lo; t < hi;) {
@@ -337,7 +396,7 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       }
       for (int64_t j = 0; j < NV; ++j) {
         T* dst = op + ((r0 + j / G) * H + kh * G + j % G) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(acc[j * D + d]);
+        for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(acc[j * D + d] * inv[j]);
       }
     }
   });
