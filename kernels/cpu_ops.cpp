@@ -141,6 +141,68 @@ inline void scores16(const float* qf, int64_t G, int64_t D, const T* k, int64_t 
   }
 }
 
+// r[16] rows of 16 floats -> c[16] columns (c[i] lane j = r[j] lane i): pairs, quads, then 128-bit lanes
+inline void transpose16(const __m512* r, __m512* c) {
+  __m512 t[16], u[16];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit lane L: [r0[4L], r1[4L], r0[4L+1], r1[4L+1]] and the next two
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // u[4i + m] lane L: rows 4i..4i+3 of column 4L + m
+    const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+    const __m512d e = _mm512_castps_pd(t[4 * i + 1]), f = _mm512_castps_pd(t[4 * i + 3]);
+    u[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+    u[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+    u[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(e, f));
+    u[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(e, f));
+  }
+  for (int m = 0; m < 4; ++m) {  // column 4L + m gathers lane L of u[m], u[4 + m], u[8 + m], u[12 + m]
+    const __m512 v = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x88), w = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xDD);
+    const __m512 v2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x88);
+    const __m512 w2 = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xDD);
+    c[m] = _mm512_shuffle_f32x4(v, v2, 0x88);
+    c[4 + m] = _mm512_shuffle_f32x4(w, w2, 0x88);
+    c[8 + m] = _mm512_shuffle_f32x4(v, v2, 0xDD);
+    c[12 + m] = _mm512_shuffle_f32x4(w, w2, 0xDD);
+  }
+}
+
+// scores16 for many query vectors (a prompt's): the 16 K rows are transposed once into `tile`
+// [D, 16] (key t in lane t), then each vector's scores are D broadcast FMAs with no horizontal sum;
+// four vectors at a time, two accumulators each (even and odd d), keep eight FMA chains in flight
+template <typename T>
+inline void scores16t(const float* qf, int64_t NV, int64_t D, const T* k, int64_t stride, float* tile, float* out,
+                      int64_t out_stride) {
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    __m512 r[16], c[16];
+    for (int i = 0; i < 16; ++i) r[i] = load_f(k + i * stride + d0);
+    transpose16(r, c);
+    for (int i = 0; i < 16; ++i) _mm512_storeu_ps(tile + (d0 + i) * 16, c[i]);
+  }
+  int64_t j = 0;
+  for (; j + 4 <= NV; j += 4) {
+    __m512 a[4], b[4];
+    for (int i = 0; i < 4; ++i) a[i] = b[i] = _mm512_setzero_ps();
+    const float* q0 = qf + j * D;
+    for (int64_t d = 0; d < D; d += 2) {
+      const __m512 k0 = _mm512_loadu_ps(tile + d * 16), k1 = _mm512_loadu_ps(tile + (d + 1) * 16);
+      for (int i = 0; i < 4; ++i) {
+        a[i] = _mm512_fmadd_ps(_mm512_set1_ps(q0[i * D + d]), k0, a[i]);
+        b[i] = _mm512_fmadd_ps(_mm512_set1_ps(q0[i * D + d + 1]), k1, b[i]);
+      }
+    }
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(out + (j + i) * out_stride, _mm512_add_ps(a[i], b[i]));
+  }
+  for (; j < NV; ++j) {
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 2) {
+      a = _mm512_fmadd_ps(_mm512_set1_ps(qf[j * D + d]), _mm512_loadu_ps(tile + d * 16), a);
+      b = _mm512_fmadd_ps(_mm512_set1_ps(qf[j * D + d + 1]), _mm512_loadu_ps(tile + (d + 1) * 16), b);
+    }
+    _mm512_storeu_ps(out + j * out_stride, _mm512_add_ps(a, b));
+  }
+}
+
 // acc[g, :] += sum over 16 consecutive V rows (row stride `stride`) of p[g * p_stride + r] * row r,
 // for G query heads; D = 16 * NV, so each head's accumulator stays in registers over the 16 rows
 template <typename T, int NV>
@@ -175,6 +237,8 @@ PV16<T> pv16_for(int64_t D) {
 constexpr bool kBlock16 = false;
 template <typename T>
 inline void scores16(const float*, int64_t, int64_t, const T*, int64_t, float*, float*, int64_t) {}
+template <typename T>
+inline void scores16t(const float*, int64_t, int64_t, const T*, int64_t, float*, float*, int64_t) {}
 template <typename T>
 using PV16 = void (*)(const float*, int64_t, int64_t, const T*, int64_t, float*, float*);
 template <typename T>
@@ -368,7 +432,7 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       for (int64_t t = lo; t < hi;) {
         const T* k_row = kp + t * k_s + kh * D;
         if (by16 && t + 16 <= hi) {
-          scores16(qf.data(), NV, D, k_row, k_s, tile.data(), scores.data() + (t - lo), n);
+          scores16t(qf.data(), NV, D, k_row, k_s, tile.data(), scores.data() + (t - lo), n);
           t += 16;
           continue;
         }
