@@ -8,8 +8,8 @@ members and differs where the profile of SmolLM2-135M on 2 cores said the time w
                                repacks bf16 weights (or runs MKL sgemm for fp32) on every call
     rotary_store_kv            q and k rotated in place, K/V stored at their slots: one C++ pass
     attention                  decodes: C++ paged decode attention reading K/V blocks in place;
-                               prefills: C++ prefill attention per sequence, a cached prefix
-                               gathered with one index_select per tensor
+                               prefills: C++ prefill attention per sequence (torch's flash SDPA's
+                               roundings), a cached prefix gathered with one index_select per tensor
     o_proj, rms_norm+residual  packed matmul; one C++ pass (residual updated in place)
     gate_up, silu_and_mul,     packed matmul; one C++ pass; packed matmul
     down
@@ -24,7 +24,9 @@ batched matmuls under the step's additive mask (torch's SDPA with a mask took a 
 Numerics: bf16 GEMMs are bit-identical to F.linear (both oneDNN) and the element-wise kernels
 round where HF's bf16 code rounds; fp32 GEMMs differ from MKL's in the last bits (oneDNN's
 blocking) and attention sums in another order, so greedy output can leave HF's on a near tie
-(the tests compare both kernel sets with HF token for token in fp32 and bf16's agreement).
+(the tests compare both kernel sets with HF token for token in fp32 and bf16's agreement). The
+prompt attention keeps SDPA's roundings (bf16 softmax weights): normalised in fp32 instead, it
+changed SmolLM2's bf16 chat answer, whose first token is a near tie.
 
 `configure_cpu_runtime` (the runner calls it once on CPU): OpenMP threads = the cores this
 process may use, and glibc's malloc told to keep freed activations instead of unmapping them
