@@ -2,11 +2,12 @@
 
 Element-wise kernels must give `TorchOps`' (HF's) values bit for bit in bf16 and agree to fp32
 rounding in float32; the paged decode and the prefill attention match kernels/reference.py, and in
-bf16 the prefill attention rounds as torch's flash SDPA (the torch path's) does. Shapes
-cover both work splits of the decode attention (all KV heads of a sequence per item, one head per
-item), the 16-token block path and the token-by-token tail, sliding windows, chunks after a cached
-prefix, and vector tails (sizes that are not multiples of the vector width). The build itself is tested by `test_kernels_build`: on a
-machine without a compiler the rest are skipped, and the engine runs the torch path.
+bf16 the prefill attention rounds as torch's flash SDPA (the torch path's) does. Shapes cover both
+work splits of the decode attention (all KV heads of a sequence per item, one head per item), the
+16-token block path and the token-by-token tail, sliding windows, chunks after a cached prefix, and
+vector tails (sizes that are not multiples of the vector width). The build itself is tested by
+`test_kernels_build`: on a machine without a compiler the rest are skipped, and the engine runs the
+torch path.
 """
 
 from __future__ import annotations
