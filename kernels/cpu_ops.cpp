@@ -67,6 +67,25 @@ template <typename T>
 inline fVec round_v(const fVec& v) { return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v))); }
 template <>
 inline fVec round_v<float>(const fVec& v) { return v; }
+#if defined(CPU_CAPABILITY_AVX512)
+// bf16 rounding as at::vec's conversion does it (nearest even; NaN -> 0xFFFF), kept in the fp32 bit
+// layout: 7 instructions, where convert_from_float(v, v) + convert_to_float converts two vectors,
+// packs, permutes and unpacks (the element-wise kernels round 2-6 times per element)
+inline __m512i bf16_bits(const fVec& v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_and_si512(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))),
+                                     _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  const __mmask16 ordered = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
+  return _mm512_mask_blend_epi32(ordered, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), r);
+}
+template <>
+inline fVec round_v<c10::BFloat16>(const fVec& v) { return _mm512_castsi512_ps(bf16_bits(v)); }
+template <>
+inline void store_f<c10::BFloat16>(c10::BFloat16* p, const fVec& v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(v), 16)));
+}
+#endif
 
 template <typename T>
 inline void load_row(const T* src, float* dst, int64_t n) {
