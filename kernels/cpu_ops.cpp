@@ -2,6 +2,7 @@
 // documents them; the tests compare each with its torch version).
 //
 //   paged_decode_attention  one query token per sequence; K/V read in place through the block table
+//   prefill_attention       one chunk of one sequence against its keys, causal (and a sliding window)
 //   rms_norm                HF RMSNorm, optionally fused with the residual add (residual updated in place)
 //   silu_and_mul            gated MLP activation
 //   rotary_store_kv         NeoX rotary of q and k in place, rotated k and v stored at their slots
@@ -66,6 +67,25 @@ template <typename T>
 inline fVec round_v(const fVec& v) { return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v))); }
 template <>
 inline fVec round_v<float>(const fVec& v) { return v; }
+#if defined(CPU_CAPABILITY_AVX512)
+// bf16 rounding as at::vec's conversion does it (nearest even; NaN -> 0xFFFF), kept in the fp32 bit
+// layout: 7 instructions, where convert_from_float(v, v) + convert_to_float converts two vectors,
+// packs, permutes and unpacks (the element-wise kernels round 2-6 times per element)
+inline __m512i bf16_bits(const fVec& v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_and_si512(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))),
+                                     _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)));
+  const __mmask16 ordered = _mm512_cmp_ps_mask(v, v, _CMP_ORD_Q);
+  return _mm512_mask_blend_epi32(ordered, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), r);
+}
+template <>
+inline fVec round_v<c10::BFloat16>(const fVec& v) { return _mm512_castsi512_ps(bf16_bits(v)); }
+template <>
+inline void store_f<c10::BFloat16>(c10::BFloat16* p, const fVec& v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_bits(v), 16)));
+}
+#endif
 
 template <typename T>
 inline void load_row(const T* src, float* dst, int64_t n) {
@@ -268,6 +288,9 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
   });
 }
 
+// ---- prefill attention ---------------------------------------------------------------------------
+#include "cpu_prefill_attention.h"  // prefill_attention<T>: uses the helpers and tiles above
+
 // ---- RMSNorm (+ residual) -------------------------------------------------------------------------
 // x [T, N] (rows may be strided), weight [N], residual [T, N] contiguous or undefined -> out [T, N].
 // HF: r = x + residual (in T; written back to residual), h = float(r) * rsqrt(mean(h^2) + eps),
@@ -359,7 +382,14 @@ void rotary_store_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at
   at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> c(half), s(half);
     auto rotate = [&](T* x) {
-      for (int64_t j = 0; j < half; ++j) {
+      int64_t j = 0;
+      for (; j + kF <= half; j += kF) {  // the scalar loop's roundings, kF pairs at a time
+        const fVec x1 = load_f(x + j), x2 = load_f(x + j + half);
+        const fVec cj = fVec::loadu(c.data() + j), sj = fVec::loadu(s.data() + j);
+        store_f(x + j, round_v<T>(round_v<T>(x1 * cj) - round_v<T>(x2 * sj)));
+        store_f(x + j + half, round_v<T>(round_v<T>(x2 * cj) + round_v<T>(x1 * sj)));
+      }
+      for (; j < half; ++j) {
         const float x1 = to_float(x[j]), x2 = to_float(x[j + half]);
         const float o1 = round_to<T>(round_to<T>(x1 * c[j]) - round_to<T>(x2 * s[j]));
         const float o2 = round_to<T>(round_to<T>(x2 * c[j]) + round_to<T>(x1 * s[j]));
@@ -403,6 +433,13 @@ at::Tensor paged_decode_attention_op(const at::Tensor& q, const at::Tensor& k_ca
   return out;
 }
 
+at::Tensor prefill_attention_op(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale,
+                                int64_t window) {
+  auto out = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  PDSERVE_DISPATCH(q.scalar_type(), "prefill_attention", prefill_attention<scalar_t>(q, k, v, out, scale, window));
+  return out;
+}
+
 at::Tensor rms_norm_op(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& residual,
                        double eps) {
   auto out = at::empty({x.size(0), x.size(1)}, x.options());
@@ -427,6 +464,7 @@ void rotary_store_kv_op(at::Tensor q, at::Tensor k, const at::Tensor& v, const a
 TORCH_LIBRARY(pdserve_cpu, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
         "Tensor context_lens, float scale, int window) -> Tensor");
+  m.def("prefill_attention(Tensor q, Tensor k, Tensor v, float scale, int window) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, Tensor(a!)? residual, float eps) -> Tensor");
   m.def("silu_and_mul(Tensor x) -> Tensor");
   m.def("rotary_store_kv(Tensor(a!) q, Tensor(b!) k, Tensor v, Tensor positions, Tensor cos_sin, "
@@ -435,6 +473,7 @@ TORCH_LIBRARY(pdserve_cpu, m) {
 
 TORCH_LIBRARY_IMPL(pdserve_cpu, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention_op);
+  m.impl("prefill_attention", &prefill_attention_op);
   m.impl("rms_norm", &rms_norm_op);
   m.impl("silu_and_mul", &silu_and_mul_op);
   m.impl("rotary_store_kv", &rotary_store_kv_op);

@@ -8,8 +8,8 @@ members and differs where the profile of SmolLM2-135M on 2 cores said the time w
                                repacks bf16 weights (or runs MKL sgemm for fp32) on every call
     rotary_store_kv            q and k rotated in place, K/V stored at their slots: one C++ pass
     attention                  decodes: C++ paged decode attention reading K/V blocks in place;
-                               prefills: torch's flash SDPA per sequence, a cached prefix gathered
-                               with one index_select per tensor
+                               prefills: C++ prefill attention per sequence (torch's flash SDPA's
+                               roundings), a cached prefix gathered with one index_select per tensor
     o_proj, rms_norm+residual  packed matmul; one C++ pass (residual updated in place)
     gate_up, silu_and_mul,     packed matmul; one C++ pass; packed matmul
     down
@@ -24,7 +24,9 @@ batched matmuls under the step's additive mask (torch's SDPA with a mask took a 
 Numerics: bf16 GEMMs are bit-identical to F.linear (both oneDNN) and the element-wise kernels
 round where HF's bf16 code rounds; fp32 GEMMs differ from MKL's in the last bits (oneDNN's
 blocking) and attention sums in another order, so greedy output can leave HF's on a near tie
-(the tests compare both kernel sets with HF token for token in fp32 and bf16's agreement).
+(the tests compare both kernel sets with HF token for token in fp32 and bf16's agreement). The
+prompt attention keeps SDPA's roundings (bf16 softmax weights): normalised in fp32 instead, it
+changed SmolLM2's bf16 chat answer, whose first token is a near tie.
 
 `configure_cpu_runtime` (the runner calls it once on CPU): OpenMP threads = the cores this
 process may use, and glibc's malloc told to keep freed activations instead of unmapping them
@@ -170,7 +172,8 @@ class CpuPagedAttention(TorchPagedAttention):
 
 class CpuKernelAttention(CpuPagedAttention):
     """`CpuPagedAttention` with the C++ kernels (kernels/cpu.py): rotary and the KV store in one
-    pass, decodes read K/V in place through the block table (no gather, no score tensor)."""
+    pass, decodes read K/V in place through the block table (no gather, no score tensor), prompt
+    chunks attend in the prefill kernel."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: "CpuMetadata", rotary, positions: torch.Tensor) -> torch.Tensor:
@@ -189,6 +192,14 @@ class CpuKernelAttention(CpuPagedAttention):
             sl = slice(seq.q_start, seq.q_start + seq.q_len)
             out[sl] = self._prefill(q[sl], k[sl], v[sl], k_cache, v_cache, seq)
         return out
+
+    def _prefill(self, q, k, v, k_cache, v_cache, seq: PrefillSeq) -> torch.Tensor:
+        # q [Lq, H, D], k/v [Lq, KVH, D] (views of the qkv output): this chunk's keys, or the whole
+        # context gathered from its blocks when a prefix is cached
+        if seq.context_len != seq.q_len:
+            k = k_cache.index_select(0, seq.block_table).view(-1, self.num_kv_heads, self.head_dim)[:seq.context_len]
+            v = v_cache.index_select(0, seq.block_table).view(-1, self.num_kv_heads, self.head_dim)[:seq.context_len]
+        return cpu_kernels.prefill_attention(q, k, v, self.scale, self.sliding_window)
 
     def _decode(self, q, k_cache, v_cache, meta: "CpuMetadata") -> torch.Tensor:
         return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables,

@@ -1,11 +1,13 @@
 """The C++ CPU kernels (kernels/cpu.py) against the torch code they replace.
 
 Element-wise kernels must give `TorchOps`' (HF's) values bit for bit in bf16 and agree to fp32
-rounding in float32; the paged decode attention matches kernels/reference.py. Shapes cover both
-work splits of the attention (all KV heads of a sequence per item, one head per item), the
-16-token block path and the token-by-token tail, sliding windows, and vector tails (sizes that are
-not multiples of the vector width). The build itself is tested by `test_kernels_build`: on a
-machine without a compiler the rest are skipped, and the engine runs the torch path.
+rounding in float32; the paged decode and the prefill attention match kernels/reference.py, and in
+bf16 the prefill attention rounds as torch's flash SDPA (the torch path's) does. Shapes cover both
+work splits of the decode attention (all KV heads of a sequence per item, one head per item), the
+16-token block path and the token-by-token tail, sliding windows, chunks after a cached prefix, and
+vector tails (sizes that are not multiples of the vector width). The build itself is tested by
+`test_kernels_build`: on a machine without a compiler the rest are skipped, and the engine runs the
+torch path.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pdserve.common.models.attention import PrefillSeq
+from pdserve.common.models.cpu_ops import CpuKernelAttention, CpuPagedAttention
 from pdserve.common.models.llama import Rotary, TorchOps
 from pdserve.kernels import cpu
-from pdserve.kernels.reference import paged_decode_attention_ref
+from pdserve.kernels.reference import paged_decode_attention_ref, paged_prefill_attention_ref
 
 DTYPES = [torch.float32, torch.bfloat16]
 TOL = {torch.float32: 2e-6, torch.bfloat16: 2e-2}
@@ -59,6 +63,65 @@ def test_paged_decode_attention(dtype, lens, heads, kv_heads, head_dim, block_si
     got = cpu.paged_decode_attention(q, k_cache, v_cache, table, lengths, scale, window)
     want = paged_decode_attention_ref(q, k_cache, v_cache, table.int(), lengths.int(), scale, window)
     torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_len, context_len, heads, kv_heads, head_dim, window", [
+    (200, 200, 9, 3, 64, None),  # a whole prompt: blocks of 16 rows and a tail of 8
+    (1, 1, 9, 3, 64, None),
+    (37, 250, 9, 3, 64, None),  # a chunk after 213 cached tokens
+    (100, 100, 8, 2, 128, 17),  # sliding window shorter than a block of rows
+    (45, 120, 4, 4, 24, 50),  # D not a multiple of 16: token by token
+])
+def test_prefill_attention(dtype, q_len, context_len, heads, kv_heads, head_dim, window):
+    g = torch.Generator().manual_seed(2)
+    qkv = torch.randn(q_len, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
+    q = qkv[:, :heads * head_dim].view(q_len, heads, head_dim)  # strided rows, as in the model
+    keys = torch.randn(context_len, 2, kv_heads, head_dim, generator=g).to(dtype)
+    k, v = keys[:, 0], keys[:, 1]  # strided rows too
+    scale = head_dim ** -0.5
+    got = cpu.prefill_attention(q, k, v, scale, window)
+    # the reference reads a paged cache: one block per token, the table in order
+    table = torch.arange(context_len, dtype=torch.int32)[None]
+    want = paged_prefill_attention_ref(q, k[:, None].contiguous(), v[:, None].contiguous(), table,
+                                       torch.tensor([0, q_len], dtype=torch.int32),
+                                       torch.tensor([context_len], dtype=torch.int32), scale, window)
+    torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
+
+
+@pytest.mark.parametrize("q_len, context_len, window", [
+    (37, 37, None),  # SmolLM2's chat prompt: where normalised fp32 weights changed the greedy answer
+    (200, 200, None),
+    (37, 250, None),  # a chunk after a cached prefix: K/V gathered through a shuffled block table
+    (100, 700, None),  # keys past torch's 512-key split: its running max and rescaled sums
+    (300, 300, 50),  # sliding window: the torch path's masked SDPA
+    (64, 1100, 600),  # a window over three splits, the first partly hidden
+])
+def test_prefill_attention_rounds_like_torch_sdpa(q_len, context_len, window):
+    """bf16: the kernel backend's prompt attention gives the torch path's numbers (flash SDPA, what
+    HF runs) up to the order of fp32 sums: at most 4% of the outputs differ, by a bf16 step of
+    the values' scale (a small output is a sum that cancels: its own step is finer).
+    Weights normalised in fp32 before P V (more exact, not SDPA's bf16 weights) differed in ~10%
+    and turned the packaged model's bf16 chat answer (a near tie) into another one."""
+    heads, kv_heads, head_dim, block_size, dtype = 9, 3, 64, 16, torch.bfloat16
+    g = torch.Generator().manual_seed(3)
+    num_blocks = -(-context_len // block_size)
+    kv = (2 * torch.randn(2, num_blocks + 7, block_size, kv_heads, head_dim, generator=g)).to(dtype)
+    table = torch.randperm(num_blocks + 7, generator=g)[:num_blocks]
+    qkv = (2 * torch.randn(q_len, (heads + 2 * kv_heads) * head_dim, generator=g)).to(dtype)
+    q = qkv[:, :heads * head_dim].view(q_len, heads, head_dim)  # strided rows, as in the model
+    # the chunk's own keys (read when no prefix is cached): its rows of the cache, strided like q
+    chunk_kv = kv.index_select(1, table).view(2, -1, kv_heads * head_dim)[:, context_len - q_len:context_len]
+    qkv[:, heads * head_dim:] = chunk_kv.permute(1, 0, 2).reshape(q_len, -1)
+    k = qkv[:, heads * head_dim:(heads + kv_heads) * head_dim].view(q_len, kv_heads, head_dim)
+    v = qkv[:, (heads + kv_heads) * head_dim:].view(q_len, kv_heads, head_dim)
+    seq = PrefillSeq(q_start=0, q_len=q_len, context_len=context_len, block_table=table)
+    args = (heads, kv_heads, head_dim, block_size, window)
+    got = CpuKernelAttention(*args)._prefill(q, k, v, kv[0], kv[1], seq).float()
+    want = CpuPagedAttention(*args)._prefill(q, k, v, kv[0], kv[1], seq).float()
+    differ = got != want
+    assert differ.float().mean() <= 0.04, f"{differ.float().mean():.3f} of the outputs differ from SDPA's"
+    torch.testing.assert_close(got, want, atol=2 ** -7, rtol=2 ** -7)  # V ~ 2 randn: one bf16 step of 1-2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
