@@ -80,43 +80,46 @@ def block_m(config: GemvConfig, m: int) -> int:
 
 # Measured entries, (kind, K, N, bucket) -> GemvConfig. Empty until the sweep has run on the target
 # GPU: paste the lines `bench_gemv` prints under "TUNED entries" (at run time: tune / load_tuned).
-# Measured on an H200 (132 SMs), commit 2a740ecd: `bash tests/gpu_quant_check.sh` (docs/benchmarks.md).
+# Measured on an H200 (132 SMs), commit 29e04386 (version-2 kernels): `bash tests/gpu_quant_check.sh`
+# (docs/benchmarks.md, fourth 2 x H200 session).
 TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
-    ('fp8', 4096, 4096, 1): GemvConfig(16, 1024, split_k=1, dot=False, num_warps=8, num_stages=3),
-    ('fp8', 4096, 4096, 4): GemvConfig(64, 128, split_k=9, dot=True, num_warps=4, num_stages=3),
+    ('fp8', 4096, 4096, 1): GemvConfig(8, 2048, split_k=1, dot=False, num_warps=8, num_stages=3, version=2),
+    ('fp8', 4096, 4096, 4): GemvConfig(8, 1024, split_k=1, dot=False, num_warps=4, num_stages=3, version=2),
     ('fp8', 4096, 4096, 16): GemvConfig(64, 128, split_k=4, dot=True, num_warps=4, num_stages=3),
-    ('fp8', 4096, 6144, 1): GemvConfig(32, 512, split_k=1, dot=False, num_warps=8, num_stages=3),
-    ('fp8', 4096, 6144, 4): GemvConfig(64, 128, split_k=6, dot=True, num_warps=4, num_stages=3),
+    ('fp8', 4096, 6144, 1): GemvConfig(8, 1024, split_k=1, dot=False, num_warps=4, num_stages=3, version=2),
+    ('fp8', 4096, 6144, 4): GemvConfig(8, 512, split_k=1, dot=False, num_warps=2, num_stages=3, version=2),
     ('fp8', 4096, 6144, 16): GemvConfig(64, 128, split_k=12, dot=True, num_warps=4, num_stages=3),
-    ('fp8', 4096, 28672, 1): GemvConfig(32, 256, split_k=1, dot=False, num_warps=4, num_stages=3),
+    ('fp8', 4096, 28672, 1): GemvConfig(16, 512, split_k=1, dot=False, num_warps=2, num_stages=3, version=2),
     ('fp8', 4096, 28672, 4): GemvConfig(64, 128, split_k=4, dot=True, num_warps=4, num_stages=3),
     ('fp8', 4096, 28672, 16): GemvConfig(64, 128, split_k=4, dot=True, num_warps=4, num_stages=3),
-    ('fp8', 14336, 4096, 1): GemvConfig(32, 512, split_k=2, dot=False, num_warps=8, num_stages=3),
-    ('fp8', 14336, 4096, 4): GemvConfig(64, 128, split_k=18, dot=True, num_warps=4, num_stages=3),
+    ('fp8', 14336, 4096, 1): GemvConfig(8, 2048, split_k=1, dot=False, num_warps=8, num_stages=3, version=2),
+    ('fp8', 14336, 4096, 4): GemvConfig(8, 1024, split_k=1, dot=False, num_warps=4, num_stages=3, version=2),
     ('fp8', 14336, 4096, 16): GemvConfig(64, 128, split_k=18, dot=True, num_warps=4, num_stages=3),
-    ('int4', 4096, 4096, 1): GemvConfig(64, 128, split_k=18, dot=False, num_warps=4, num_stages=3),
-    ('int4', 4096, 4096, 4): GemvConfig(128, 128, split_k=16, dot=True, num_warps=4, num_stages=3),
+    ('int4', 4096, 4096, 1): GemvConfig(512, 64, split_k=64, dot=False, num_warps=4, num_stages=3, version=2),
+    ('int4', 4096, 4096, 4): GemvConfig(512, 64, split_k=64, dot=False, num_warps=4, num_stages=3, version=2),
     ('int4', 4096, 4096, 16): GemvConfig(128, 128, split_k=16, dot=True, num_warps=4, num_stages=3),
-    ('int4', 4096, 6144, 1): GemvConfig(64, 128, split_k=12, dot=False, num_warps=4, num_stages=3),
-    ('int4', 4096, 6144, 4): GemvConfig(128, 128, split_k=11, dot=True, num_warps=4, num_stages=3),
+    ('int4', 4096, 6144, 1): GemvConfig(512, 64, split_k=64, dot=False, num_warps=4, num_stages=3, version=2),
+    ('int4', 4096, 6144, 4): GemvConfig(256, 128, split_k=32, dot=False, num_warps=2, num_stages=3, version=2),
     ('int4', 4096, 6144, 16): GemvConfig(128, 128, split_k=11, dot=True, num_warps=4, num_stages=3),
-    ('int4', 4096, 28672, 1): GemvConfig(64, 128, split_k=4, dot=False, num_warps=4, num_stages=3),
-    ('int4', 4096, 28672, 4): GemvConfig(128, 128, split_k=6, dot=True, num_warps=4, num_stages=3),
+    ('int4', 4096, 28672, 1): GemvConfig(1024, 128, split_k=32, dot=False, num_warps=4, num_stages=3, version=2),
+    ('int4', 4096, 28672, 4): GemvConfig(512, 64, split_k=20, dot=False, num_warps=4, num_stages=3, version=2),
     ('int4', 4096, 28672, 16): GemvConfig(128, 128, split_k=6, dot=True, num_warps=4, num_stages=3),
-    ('int4', 14336, 4096, 1): GemvConfig(64, 128, split_k=18, dot=False, num_warps=4, num_stages=3),
-    ('int4', 14336, 4096, 4): GemvConfig(128, 128, split_k=17, dot=True, num_warps=4, num_stages=3),
+    ('int4', 14336, 4096, 1): GemvConfig(1024, 64, split_k=224, dot=False, num_warps=4, num_stages=3, version=2),
+    ('int4', 14336, 4096, 4): GemvConfig(512, 64, split_k=132, dot=False, num_warps=4, num_stages=3, version=2),
     ('int4', 14336, 4096, 16): GemvConfig(128, 128, split_k=17, dot=True, num_warps=4, num_stages=3),
 }
 
 
 def heuristic(kind: str, bucket: int, k: int, n: int, num_sms: int) -> GemvConfig:
-    """A guess without measurements (the sweep replaces it): the FMA path at M = 1, tensor cores
-    above (M FMAs per weight would cost more than the dot's conversion), tiles of 4-16 KiB of int4
-    words or fp8 bytes per program, split-K to ~4 programs per SM."""
-    if kind == "fp8":
-        config = GemvConfig(32, 512, num_warps=8) if bucket == 1 else GemvConfig(64, 256, dot=True, num_warps=4)
-    else:  # 128 inputs: one scale row per tile at the usual G = 128
-        config = GemvConfig(128, 128, num_warps=4) if bucket == 1 else GemvConfig(64, 128, dot=True, num_warps=4)
+    """A guess without measurements (the sweep replaces it): the version-2 FMA kernels up to M = 4
+    (what the H200 sweep picked for 8B shapes), tensor cores above (M FMAs per weight would cost
+    more than the dot's conversion), split-K to ~4 programs per SM."""
+    if kind == "fp8":  # version 2 won every M <= 4 shape of the H200 sweep but one
+        config = GemvConfig(8, 1024, num_warps=4, version=2) if bucket <= 4 else \
+            GemvConfig(64, 256, dot=True, num_warps=4)
+    else:  # version 2: 64 inputs per chunk (within any group of >= 64); the dot path from M = 5
+        config = GemvConfig(512, 64, num_warps=4, version=2) if bucket <= 4 else \
+            GemvConfig(64, 128, dot=True, num_warps=4)
     return replace(config, split_k=split_for(config, k, n, num_sms))
 
 

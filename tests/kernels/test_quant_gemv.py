@@ -139,8 +139,9 @@ def test_configs_are_fitted_to_the_weight():
     with pytest.raises(ValueError, match="version"):
         GemvConfig(64, 128, dot=True, version=2)
     assert gc.fit(GemvConfig(8, 1024, version=2), "fp8", 200, None).block_k == 256
-    h = gc.heuristic("int4", 1, 4096, 6144, num_sms=132)  # 48 column blocks -> split to ~4 per SM
-    assert h.split_k == 11 and 48 * h.split_k >= 2 * 132
+    h = gc.heuristic("int4", 1, 4096, 6144, num_sms=132)  # 12 column blocks -> split to ~4 per SM
+    assert h.version == 2 and h.split_k == 44 and 12 * h.split_k >= 4 * 132
+    assert not gc.heuristic("int4", 16, 4096, 6144, num_sms=132).version == 2  # tensor cores from M = 5
     with pytest.raises(ValueError, match="power of two"):
         GemvConfig(48, 128)
     with pytest.raises(ValueError, match="up to 4 rows"):
