@@ -1,12 +1,28 @@
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT/d
-(OUT=$OUT/d LOAD_SECONDS=10 timeout 150 bash tests/gpu_load_probe.sh --load-targets 1p1d --load-transport nccl > $OUT/d/probe.txt 2>&1) &
-sleep 75
-P=$(pgrep -f "pdserve.services.cli prefill( |$)" | head -1)
-echo "prefill pid $P"; ps -o pid,pcpu,etimes,cmd -p $P | cut -c1-250
-top -H -b -n1 -p $P | head -25
-grep -c . /proc/$P/task/*/comm 2>/dev/null | wc -l
-kill -USR1 $P; sleep 3
-LOG=$(ls /tmp/pdserve-pd-*/stack-load-1p1d.log | head -1); echo "log $LOG"
-grep -n "Thread 0x\|Current thread\|File " $LOG | tail -120 | cut -c1-220
-wait
-tail -20 $OUT/d/probe.txt
+#!/usr/bin/env bash
+# Diagnosis of a 1P1D stack whose prefill process spins (seen once on the GPU host: ~3,400 % CPU,
+# nothing served; docs/benchmarks.md, fourth 2 x H200 session). Runs the 10 s load probe
+# (tests/gpu_load_probe.sh) and, every 5 s, if the prefill process used more than 8 cores since
+# the last look: its busiest threads (top -H) and every Python thread's stack (SIGUSR1 ->
+# faulthandler, written into the stack's log), once. From the repo root with pdserve importable:
+#   compose/gpu/call.sh 'diag:180:bash tests/gpu_diag_prefill.sh'
+set -uo pipefail
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT/d"
+(OUT=$OUT/d LOAD_SECONDS=${LOAD_SECONDS:-10} bash tests/gpu_load_probe.sh --load-targets 1p1d "$@" \
+  > "$OUT/d/probe.txt" 2>&1) &
+PROBE=$!
+dumped=0; last=0
+while kill -0 "$PROBE" 2>/dev/null; do
+  sleep 5
+  P=$(pgrep -f "pdserve.services.cli prefill( |$)" | head -1)
+  [ -n "$P" ] || continue
+  t=$(awk '{print $14+$15}' "/proc/$P/stat" 2>/dev/null) || continue
+  busy=$(( (t - last) / 5 )); last=$t   # percent of one core over the 5 s
+  if [ "$dumped" = 0 ] && [ "$busy" -gt 800 ]; then
+    echo "prefill $P at ${busy} % of a core: its threads and stacks"
+    top -H -b -n1 -p "$P" | head -25
+    kill -USR1 "$P"; sleep 2
+    for log in /tmp/pdserve-pd-*/stack-load-*.log; do grep -A12 "Thread 0x\|Current thread" "$log" | head -150; done
+    dumped=1
+  fi
+done
+tail -20 "$OUT/d/probe.txt"
