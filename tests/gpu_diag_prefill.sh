@@ -16,6 +16,7 @@ while kill -0 "$PROBE" 2>/dev/null; do
   P=$(pgrep -f "pdserve.services.cli prefill( |$)" | head -1)
   [ -n "$P" ] || continue
   t=$(awk '{print $14+$15}' "/proc/$P/stat" 2>/dev/null) || continue
+  if [ "$last" = 0 ]; then last=$t; continue; fi
   busy=$(( (t - last) / 5 )); last=$t   # percent of one core over the 5 s
   if [ "$dumped" = 0 ] && [ "$busy" -gt 800 ]; then
     echo "prefill $P at ${busy} % of a core: its threads and stacks"
