@@ -130,11 +130,9 @@ class RequestTracker:
             num_new = len(c.token_ids) - self.num_tokens[i]
             if num_new > 0:
                 m.generation_tokens.inc(num_new)
-                if self.num_tokens[i] == 0:
-                    if i == 0:
-                        m.ttft.observe(_ttft(out, now, self.arrival_time))
-                else:
-                    m.itl.observe((now - self.last_token_time[i]) / num_new)
+                if self.num_tokens[i] == 0 and i == 0:
+                    m.ttft.observe(_ttft(out, now, self.arrival_time))
+                observe_itl(m, num_new, now - self.last_token_time[i], self.num_tokens[i] == 0)
                 self.num_tokens[i] += num_new
                 self.last_token_time[i] = now
             if c.finish_reason is not None and not self.finished[i]:
@@ -152,6 +150,15 @@ class RequestTracker:
             return
         self.done = True
         count_unfinished(self.m, self.finished, self.num_tokens, reason)
+
+
+def observe_itl(m: ServerMetrics, num_new: int, since_last_s: float, first_of_sequence: bool) -> None:
+    """One inter-token latency per token after a sequence's first, however many tokens an output
+    carries (decode coalesces steps, --stream-interval-ms): the output's gap spread evenly over
+    its tokens; tokens that arrived with the sequence's first one count 0."""
+    gaps, gap_s = (num_new - 1, 0.0) if first_of_sequence else (num_new, since_last_s / num_new)
+    for _ in range(gaps):
+        m.itl.observe(gap_s)
 
 
 def count_unfinished(m: ServerMetrics, finished: list[bool], num_tokens: list[int], reason: str) -> None:

@@ -10,14 +10,15 @@ with this engine's view of the request, as each vLLM instance of a P/D pair repo
     vllm:time_to_first_token_seconds   arrival here -> this engine's first token (a decode
                                        worker's first token is the request's second: the
                                        prefill sampled the first; its TTFT includes the KV pull)
-    vllm:inter_token_latency_seconds   between this engine's tokens of one sequence
+    vllm:inter_token_latency_seconds   between this engine's tokens of one sequence, one per token
+                                       (a delta of several coalesced steps: its gap spread over them)
     vllm:e2e_request_latency_seconds   arrival here -> every sequence finished here
     vllm:prompt_tokens / generation_tokens, vllm:request_success{finished_reason}, request sizes
 """
 
 from __future__ import annotations
 
-from pdserve.common.metrics import ServerMetrics, count_unfinished
+from pdserve.common.metrics import ServerMetrics, count_unfinished, observe_itl
 from pdserve.common.outputs import EngineOutput
 
 
@@ -47,8 +48,7 @@ class DeltaTracker:
                 if not self.first_token:
                     self.first_token = True
                     m.ttft.observe(now - self.arrival_time)
-                elif self.num_tokens[i]:
-                    m.itl.observe((now - self.last_token_time[i]) / num_new)
+                observe_itl(m, num_new, now - self.last_token_time[i], self.num_tokens[i] == 0)
                 self.num_tokens[i] += num_new
                 self.last_token_time[i] = now
             if o.finished and not self.finished[i]:

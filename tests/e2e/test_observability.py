@@ -230,3 +230,20 @@ def test_dashboard_queries_only_metrics_a_running_stack_exports(running):
             assert name in exported, f"dashboard queries {name}, which nothing exports ({expr})"
         for job in re.findall(r'job=~?"([^"]+)"', expr):
             assert set(job.split("|")) <= jobs, expr
+
+
+def test_inter_token_latency_counts_every_token_of_a_coalesced_delta():
+    """Decode sends several steps as one delta (--stream-interval-ms): one ITL sample per token."""
+    from pdserve.common.metrics import ServerMetrics
+    from pdserve.common.outputs import EngineOutput
+    from pdserve.common.request_metrics import DeltaTracker
+    m = ServerMetrics("m", 1024)
+    tracker = DeltaTracker(m, arrival_time=100.0, num_prompt_tokens=8, n=1)
+    tracker.observe([EngineOutput("r", 0, [5, 6])], now=100.5)  # first delta: 2 tokens together
+    tracker.observe([EngineOutput("r", 0, [7, 8, 9])], now=100.8)  # 3 steps coalesced
+    tracker.observe([EngineOutput("r", 0, [10], finish_reason="length")], now=100.9)
+    text = m.render().decode()
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name.startswith("vllm:inter_token_latency_seconds_") and not s.labels.get("le")}
+    assert samples["vllm:inter_token_latency_seconds_count"] == 5  # 6 tokens, the first has no gap
+    assert abs(samples["vllm:inter_token_latency_seconds_sum"] - 0.4) < 1e-9  # 0 + 3 x 0.1 + 0.1
