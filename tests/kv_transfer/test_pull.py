@@ -225,3 +225,30 @@ def test_bad_arguments_are_value_errors():
         make_client("mpi", caches)
     with pytest.raises(ValueError, match="is not a tcp KV address"):
         asyncio.run(make_client("tcp", caches).pull("ucx://1.2.3.4:5", "x", [1], 1.0))
+
+
+def test_nccl_pull_late_for_its_turn_fails_alone_and_keeps_the_pair():
+    """Pulls from one server take turns on its pair: one whose deadline passes while it waits fails
+    by itself, and the pair (its NCCL communicator; gloo here) is kept, not rebuilt (a new
+    communicator per late pull would churn them under load)."""
+    src = make_caches(num_blocks=8, dtype=torch.float32, seed=7, **CACHE)
+    dst = make_caches(num_blocks=8, dtype=torch.float32, seed=8, **CACHE)
+    dst_before = [t.clone() for t in dst]
+
+    async def main():
+        async with serving("nccl", src, {"lease": [1, 2, 3]}, dst) as (server, client, address):
+            await client.pull(address, "lease", [0, 1, 2], deadline_s=10.0)
+            pair = next(iter(client._pairs.values()))
+            turn = client._turns[address]
+            await turn.acquire()  # a pull in progress
+            late = asyncio.ensure_future(client.pull(address, "lease", [3, 4, 5], deadline_s=0.2))
+            await asyncio.sleep(0.4)
+            turn.release()
+            with pytest.raises(KVTransferError, match="missed its deadline of 0.200 s"):
+                await late
+            assert list(client._pairs.values()) == [pair]  # the same pair, still connected
+            await client.pull(address, "lease", [5, 6, 7], deadline_s=10.0)
+            assert client._pairs and next(iter(client._pairs.values())) is pair
+
+    asyncio.run(main())
+    assert_pulled(src, [1, 2, 3, 1, 2, 3], dst, [0, 1, 2, 5, 6, 7], dst_before)  # blocks 3, 4 untouched
