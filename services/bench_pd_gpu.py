@@ -228,30 +228,29 @@ class Bench:
         a = self.args
         num = int(a.load_rate * a.load_seconds)
         requests = loadgen.random_requests(num, 256, 128, 0.0, self.vocab, a.seed + 1)
-        out = {}
         targets = a.load_targets.split(",")
+
+        def measure(url: str) -> dict:  # a warm-up of 4 requests, then the load at its rate
+            self.run_load(url, requests[:4], math.inf)
+            return loadgen.summarize(*self.run_load(url, requests, a.load_rate), {}, a.load_rate, None)
+        out = {}
         if "1p1d" in targets:
             stack = self.stack("load-1p1d", 1, 1, transport=a.load_transport, decode_args=a.load_decode_args)
             try:
-                self.run_load(stack.url, requests[:4], math.inf)
-                out["1p1d"] = loadgen.summarize(*self.run_load(stack.url, requests, a.load_rate), {}, a.load_rate,
-                                                None)
+                out["1p1d"] = measure(stack.url)
             finally:
                 stack.stop()
-        if "serve" not in targets:
-            self.report["load"] = out
-            return
-        port = free_port()
-        env = {"CUDA_VISIBLE_DEVICES": a.prefill_gpu} if self.gpu else None
-        serve = Stack("load-serve", ["serve", self.folder, "--port", str(port), "--served-model-name", "bench",
-                                     "--device", a.device, *self.engine_args], f"http://127.0.0.1:{port}", 0,
-                      self.work_dir, env)
-        try:
-            serve.wait_ready()
-            self.run_load(serve.url, requests[:4], math.inf)
-            out["serve"] = loadgen.summarize(*self.run_load(serve.url, requests, a.load_rate), {}, a.load_rate, None)
-        finally:
-            serve.stop()
+        if "serve" in targets:
+            port = free_port()
+            env = {"CUDA_VISIBLE_DEVICES": a.prefill_gpu} if self.gpu else None
+            serve = Stack("load-serve", ["serve", self.folder, "--port", str(port), "--served-model-name", "bench",
+                                         "--device", a.device, *self.engine_args], f"http://127.0.0.1:{port}", 0,
+                          self.work_dir, env)
+            try:
+                serve.wait_ready()
+                out["serve"] = measure(serve.url)
+            finally:
+                serve.stop()
         self.report["load"] = out
 
 
@@ -346,6 +345,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     unknown = set(parts) - set(PARTS)
     if unknown:
         p.error(f"unknown parts {sorted(unknown)}; choose from {PARTS}")
+    unknown = set(args.load_targets.split(",")) - {"1p1d", "serve"}
+    if unknown:
+        p.error(f"--load-targets: unknown {sorted(unknown)}; choose from 1p1d, serve")
     # a time limit's SIGTERM unwinds the part, whose `finally` stops the running stack (its own session)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     bench = Bench(args)

@@ -23,6 +23,7 @@ threads have pools libgomp counts more threads than cores and stops spinning bet
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import threading
@@ -36,6 +37,7 @@ from pdserve.common.engine.kv_connector import KVConnector
 from pdserve.common.engine_client import EngineDeadError
 from pdserve.common.output_processor import RequestState
 from pdserve.common.outputs import EngineOutput, RequestOutput, merge_step_outputs
+from pdserve.common.queued import take_queued
 from pdserve.common.sampling_params import ParameterError, SamplingParams
 
 log = logging.getLogger("pdserve.async_llm")
@@ -114,12 +116,9 @@ class AsyncLLM:
                 item, held = (held, None) if held is not None else (await q.get(), None)
                 if isinstance(item, BaseException):
                     raise item
-                while not q.empty():  # the consumer lags: every step queued meanwhile as one item
-                    more = q.get_nowait()
-                    if isinstance(more, BaseException):
-                        held = more
-                        break
-                    item = merge_step_outputs(item, more)
+                # the consumer lags: every step queued meanwhile as one item
+                steps, held = take_queued(q, item, lambda x: isinstance(x, BaseException))
+                item = functools.reduce(merge_step_outputs, steps)
                 if tracker is not None:
                     tracker.observe(item, time.time())
                 yield item

@@ -9,10 +9,10 @@ The request's queues on this worker:
 A pull that fails (prefill gone, lease expired, deadline) frees the reserved blocks and the
 request is computed here from the prompt. A request without a handle (short prompt sent straight
 to decode, or a resubmission) is computed the same way. Tokens stream out as the engine's deltas
-(SequenceDelta); the router detokenizes. With `--stream-interval-ms` the servicer waits that long
-after each message, and the steps made meanwhile leave as one (AsyncLLM.stream coalesces them):
-fewer, larger messages for the router, whose per-message cost limits 1P1D under load. Every worker carries this service next to the Prefill
-service (services/worker/).
+(SequenceDelta); the router detokenizes. With `--stream-interval-ms` (default 20) the servicer
+waits that long after each message, and the steps made meanwhile leave as one (AsyncLLM.stream
+coalesces them): fewer, larger messages for the router, whose per-message cost limits 1P1D under
+load. Every worker carries this service next to the Prefill service (services/worker/).
 """
 
 from __future__ import annotations

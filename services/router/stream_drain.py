@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 
+from pdserve.common.queued import take_queued
+
 _END = object()
 
 
@@ -46,13 +48,7 @@ class DrainedStream:
             raise StopAsyncIteration
         if isinstance(item, Exception):
             raise item
-        batch = [item]
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
-            if item is _END or isinstance(item, Exception):
-                self._held = item
-                break
-            batch.append(item)
+        batch, self._held = take_queued(self._queue, item, lambda x: x is _END or isinstance(x, Exception))
         return batch
 
     def close(self) -> None:
