@@ -42,6 +42,10 @@ from pdserve.common.sampling_params import ParameterError, SamplingParams
 
 log = logging.getLogger("pdserve.async_llm")
 
+# A stalled engine (EngineCore.stalled) sleeps until woken (a request added or aborted, a lease
+# released, a KV load finished) or this long: lease expiry is checked between waits.
+STALL_WAIT_S = 0.05
+
 
 class AsyncLLM:
     def __init__(self, config: EngineConfig | None = None, core: EngineCore | None = None,
@@ -200,6 +204,9 @@ class AsyncLLM:
                 self._drain_inbox()
                 if self.core.has_work():
                     self._deliver_all(self.core.step())
+                    if self.core.stalled:  # nothing can run until something frees blocks
+                        self._wake.wait(timeout=STALL_WAIT_S)
+                        self._wake.clear()
                 else:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()

@@ -118,6 +118,7 @@ class EngineCore:
         self._spec_overlap_next = False  # speculation: the step in flight lets the next launch first
         self.num_overlapped_steps = 0  # steps launched while the previous one was still running
         self.wait_seconds = 0.0  # host time blocked on the device for steps' results (bench spec: the split)
+        self._progress = True  # the last step launched or completed something (see `stalled`)
 
     # ---- requests ---------------------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -194,7 +195,19 @@ class EngineCore:
         return self.scheduler.has_schedulable() or self._inflight is not None
 
     # ---- the step ---------------------------------------------------------------------------
+    @property
+    def stalled(self) -> bool:
+        """The last step neither launched nor completed anything and nothing is in flight: every
+        waiting request needs blocks that are held (by running requests' successors, by leases
+        that decode has not pulled yet). The scheduler is deterministic, so stepping again gives
+        the same nothing until something outside the step frees blocks: a lease released or
+        expired, a request added or aborted, a KV load finished. The engine loop waits for
+        those instead of spinning (a spinning engine thread starved a prefill worker's event
+        loop, the one that serves the pulls that would free the blocks)."""
+        return not self._progress and self._inflight is None
+
     def step(self) -> list[EngineOutput]:
+        self._progress = False
         if self.spec_stats is not None and self.async_scheduling:
             return self._step_speculative()
         overlap = self.async_scheduling and self.scheduler.num_host_history_requests == 0
@@ -213,6 +226,7 @@ class EngineCore:
         self.structured.drop(sched.finished_req_ids)
         if sched.is_empty():
             return None, []
+        self._progress = True
         try:
             launched = (sched, self.runner.launch(sched, self.structured))
         except EngineDeadError:
@@ -246,6 +260,7 @@ class EngineCore:
 
     def _apply(self, sched: SchedulerOutput, pending: PendingOutput) -> tuple[list[Request], list[EngineOutput]]:
         """A launched step's results into the scheduler: (touched requests, outputs of a failed step)."""
+        self._progress = True
         try:
             t0 = time.perf_counter()
             result = pending.result()
