@@ -21,6 +21,7 @@ while kill -0 "$PROBE" 2>/dev/null; do
   if [ "$dumped" = 0 ] && [ "$busy" -gt 800 ]; then
     echo "prefill $P at ${busy} % of a core: its threads and stacks"
     top -H -b -n1 -p "$P" | head -25
+    echo "threads by name:"; cat /proc/"$P"/task/*/comm | sort | uniq -c | sort -rn | head
     kill -USR1 "$P"; sleep 2
     for log in /tmp/pdserve-pd-*/stack-load-*.log; do grep -A12 "Thread 0x\|Current thread" "$log" | head -150; done
     dumped=1
