@@ -50,14 +50,15 @@ import torch
 from pdserve.common.kv_transfer import wire
 from pdserve.common.kv_transfer.base import KVClient, KVLayout, KVTransferError, split_address
 from pdserve.common.kv_transfer.blocks import BlockCopier
-from pdserve.common.kv_transfer.pipeline import (SEND_SLACK_S, PullRefused, StagingPool, pull_on,
-                                                 serve_pull)
+from pdserve.common.kv_transfer.pipeline import (SEND_SLACK_S, Destination, PullRefused,
+                                                 StagingPool, pull_on, serve_pull)
 from pdserve.common.kv_transfer.tcp import (SocketConnection, TcpKVServer, accept_hello,
                                             open_connection)
 
 logger = logging.getLogger(__name__)
 
 SETUP_TIMEOUT_S = 10.0  # a new pair: handshake, rendezvous and the first exchange
+EXCHANGE_MIN_S = 5.0  # an exchange begun may outlive its pull's deadline by this (NcclKVClient._pull)
 POLL_S = 20e-6  # how often a waiting thread asks NCCL whether its operation completed
 GROUP_TIMEOUT = datetime.timedelta(minutes=30)  # the group's own; our deadlines end waits first
 SERVER_RANK, CLIENT_RANK = 0, 1
@@ -347,11 +348,40 @@ class NcclKVClient(KVClient):
 
     async def _pull(self, address, lease_id, dst_block_ids, src_block_offset, deadline,
                     copier) -> int:
+        """The pull runs as its own task, so that giving it up (its deadline; a decode request
+        aborted while its KV loads) does not cut an exchange short: an NCCL receive cannot be
+        taken back, so a pair left mid-exchange would have to be aborted and the next pull
+        build a new communicator. Under load that churned communicators (each with threads
+        of its own, some spinning) until the prefill worker used every core (issue 11). A pull
+        given up while it waits for its turn just leaves; one inside the exchange leaves its
+        destination blocks at once (nothing is written into them after `give_up`) while the
+        exchange finishes in the background, bounded by its own deadline (at least
+        EXCHANGE_MIN_S, told to the server) and by the peer's control socket, and the pair
+        stays in step for the next pull."""
         if self._closed:
             raise RuntimeError("NcclKVClient is closed")
+        destination = Destination()
+        in_turn = asyncio.Event()
+        work = asyncio.ensure_future(self._pull_in_turn(address, lease_id, dst_block_ids,
+                                                        src_block_offset, deadline, copier,
+                                                        destination, in_turn))
+        try:
+            return await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if not in_turn.is_set():
+                work.cancel()  # still waiting for the turn: nothing to finish
+            await destination.give_up()
+            work.add_done_callback(lambda w: w.cancelled() or w.exception())  # seen
+            raise
+
+    async def _pull_in_turn(self, address, lease_id, dst_block_ids, src_block_offset, deadline,
+                            copier, destination: Destination, in_turn: asyncio.Event) -> int:
         host, port = split_address(address, self.scheme)
         key = (address, copier.layout)
         async with self._turns.setdefault(address, asyncio.Lock()):
+            in_turn.set()
+            if destination.given_up:
+                raise KVTransferError(f"pull of lease {lease_id!r} given up before its turn")
             pair = self._pairs.pop(key, None)
             if pair is not None and not pair.control.is_alive():
                 pair.close()  # the server went away while the pair was idle
@@ -359,9 +389,11 @@ class NcclKVClient(KVClient):
             try:
                 if pair is None:
                     pair = await self._connect(address, host, port, deadline, copier.layout)
-                pair.deadline = deadline
+                exchange_deadline = max(deadline, time.perf_counter() + EXCHANGE_MIN_S)
+                pair.deadline = exchange_deadline
                 nbytes = await pull_on(pair, copier, self._staging, f"KV server {address}",
-                                       lease_id, dst_block_ids, src_block_offset, deadline)
+                                       lease_id, dst_block_ids, src_block_offset,
+                                       exchange_deadline, destination)
             except PullRefused:
                 self._pairs[key] = pair  # still in step after an Error header
                 raise

@@ -72,6 +72,21 @@ class StagingPool:
                                   StagingBuffer(self._device, self._host_mirror))
 
 
+class Destination:
+    """A pull's destination blocks, the caller's until it gives up the pull (deadline, a
+    cancelled load): from then on the pull may still receive (its connection stays in step) but
+    writes nothing more into them; `give_up` returns once a write already begun has ended."""
+
+    def __init__(self):
+        self.given_up = False
+        self.writing: asyncio.Future | None = None  # the scatter in flight
+
+    async def give_up(self) -> None:
+        self.given_up = True
+        if self.writing is not None:
+            await asyncio.wait([self.writing])
+
+
 class PullRefused(KVTransferError):
     """The server answered the pull with an Error header; the connection stays in step."""
 
@@ -159,8 +174,9 @@ async def _send_chunks(copier: BlockCopier, staging: StagingBuffer, connection: 
 
 async def pull_on(connection: Connection, copier: BlockCopier, pool: StagingPool, peer: str,
                   lease_id: str, dst_block_ids: list[int], src_block_offset: int,
-                  deadline: float) -> int:
-    """Runs one pull on an open connection; returns the bytes moved.
+                  deadline: float, destination: Destination | None = None) -> int:
+    """Runs one pull on an open connection; returns the bytes moved. `destination`: where the
+    caller may give the pull up while it runs on (the blocks are then left untouched).
 
     Raises PullRefused when the server refuses (unknown lease, length mismatch): the connection
     can be reused. Other KVTransferErrors and the backend's transport errors leave the
@@ -189,7 +205,7 @@ async def pull_on(connection: Connection, copier: BlockCopier, pool: StagingPool
             reply = wire.expect(reply, wire.PullReply, peer)
             _check_reply(reply, copier.nbytes(len(dst_block_ids)), num_chunks, peer)
             await _receive_chunks(copier, staging, connection, dst_block_ids, chunks, views,
-                                  posted)
+                                  posted, destination)
         finally:
             pending = [task for task in posted if not task.done()]
             for task in pending:
@@ -239,7 +255,7 @@ def _check_reply(reply: wire.PullReply, nbytes: int, num_chunks: int, peer: str)
 
 async def _receive_chunks(copier: BlockCopier, staging: StagingBuffer, connection: Connection,
                           block_ids: list[int], chunks: list[range], views: list[torch.Tensor],
-                          posted: list[asyncio.Future]) -> None:
+                          posted: list[asyncio.Future], destination: Destination | None) -> None:
     scattered: asyncio.Future | None = None
     try:
         for i, layers in enumerate(chunks):
@@ -252,9 +268,15 @@ async def _receive_chunks(copier: BlockCopier, staging: StagingBuffer, connectio
             copier.phases.payload_messages += 1
             if scattered is not None:
                 await scattered
+            if destination is not None and destination.given_up:
+                scattered = None  # receive the rest (the connection stays in step), write nothing
+                continue
             scattered = asyncio.ensure_future(
                 asyncio.to_thread(copier.scatter, block_ids, staging, layers))
-        await scattered
+            if destination is not None:
+                destination.writing = scattered
+        if scattered is not None:
+            await scattered
     finally:
         # Never return (or fail) while a thread still writes into the destination blocks:
         # the caller may hand them to another request right after.

@@ -252,3 +252,48 @@ def test_nccl_pull_late_for_its_turn_fails_alone_and_keeps_the_pair():
 
     asyncio.run(main())
     assert_pulled(src, [1, 2, 3, 1, 2, 3], dst, [0, 1, 2, 5, 6, 7], dst_before)  # blocks 3, 4 untouched
+
+
+def test_nccl_pull_given_up_inside_the_exchange_keeps_the_pair():
+    """A pull whose deadline passes (or whose load is cancelled) after its request reached the
+    server fails at once and leaves its destination blocks untouched, while its exchange
+    finishes in the background: the pair (its NCCL communicator; gloo here) stays in step and
+    the next pull reuses it. Rebuilding one per such pull churned communicators under load
+    until the prefill worker spun on every core (issue 11)."""
+    src = make_caches(num_blocks=8, dtype=torch.float32, seed=7, **CACHE)
+    dst = make_caches(num_blocks=10, dtype=torch.float32, seed=8, **CACHE)
+    dst_before = [t.clone() for t in dst]
+    leases = {"lease": [1, 2, 3], "slow": [4, 5, 6]}
+
+    async def resolve(lease_id):
+        if lease_id == "slow":
+            await asyncio.sleep(0.4)  # the server answers after the client gave up
+        return leases.get(lease_id)
+
+    async def main():
+        server = make_server("nccl", src, resolve)
+        client = make_client("nccl", dst)
+        try:
+            address = await server.start()
+            await client.pull(address, "lease", [0, 1, 2], deadline_s=10.0)
+            pair = next(iter(client._pairs.values()))
+            start = time.perf_counter()
+            with pytest.raises(KVTransferError, match="missed its deadline of 0.100 s"):
+                await client.pull(address, "slow", [3, 4, 5], deadline_s=0.1)
+            assert time.perf_counter() - start < 0.3  # not held until the server answers
+            await client.pull(address, "lease", [7, 8, 9], deadline_s=10.0)  # waits its turn
+            assert list(client._pairs.values()) == [pair] and pair.control.is_alive()
+            cancelled = asyncio.ensure_future(client.pull(address, "slow", [3, 4, 5], deadline_s=10.0))
+            await asyncio.sleep(0.1)
+            cancelled.cancel()  # a decode request aborted while its KV loads
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+            await client.pull(address, "lease", [7, 8, 9], deadline_s=10.0)
+            assert list(client._pairs.values()) == [pair] and pair.control.is_alive()
+        finally:
+            await client.close()
+            await server.close()
+
+    asyncio.run(main())
+    # the given-up pulls wrote nothing into their blocks (3, 4, 5 keep their contents)
+    assert_pulled(src, [1, 2, 3, 1, 2, 3], dst, [0, 1, 2, 7, 8, 9], dst_before)
