@@ -39,7 +39,10 @@ for log in /tmp/pdserve-pd-*/stack-load-*.log; do
   [ -f "$log" ] || continue
   n=$(grep -c -E "Traceback|ERROR|Error:" "$log")
   echo "$(basename "$log"): $n error lines"
-  grep -E -B2 -A14 "Traceback|ERROR" "$log" | head -60
+  grep -E -B2 -A14 "Traceback|ERROR" "$log" | grep -v "server is overloaded" | head -60
+  grep -E "Error:" "$log" | sort | uniq -c | sort -rn | head -8 | cut -c1-300
+  echo "pulls failed (recomputed): $(grep -c "failed, recomputing" "$log")"
+  grep "failed, recomputing" "$log" | head -3 | cut -c1-300
 done
 rm -rf /tmp/pdserve-pd-*
 python3 - "$OUT/load_cpu.txt" <<'PY'
