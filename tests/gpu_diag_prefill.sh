@@ -25,6 +25,16 @@ while kill -0 "$PROBE" 2>/dev/null; do
     kill -USR1 "$P"; sleep 2
     for log in /tmp/pdserve-pd-*/stack-load-*.log; do grep -A12 "Thread 0x\|Current thread" "$log" | head -150; done
     dumped=1
+    for round in 1 2; do
+      for log in /tmp/pdserve-pd-*/stack-load-*.log; do
+        echo "== $log: pulls failed $(grep -c "failed, recomputing" "$log"), pairs ended $(grep -c "KV pair with" "$log")"
+        grep -E "failed, recomputing|KV pair with|WARNING|Error" "$log" | grep -v overloaded \
+          | sed -E 's/^[0-9-]+ [0-9:,]+ //; s/(lease|for) [^ ]+/\1 X/g' | cut -c1-220 | sort | uniq -c | sort -rn | head -12
+        grep -E "failed, recomputing|KV pair with" "$log" | head -3 | cut -c1-300
+      done
+      [ "$round" = 1 ] && sleep 15
+    done
+    kill $PROBE 2>/dev/null; pkill -f bench_pd_gpu; sleep 3; pkill -9 -f "pdserve.services"; break
   fi
 done
 tail -20 "$OUT/d/probe.txt"

@@ -314,7 +314,10 @@ class NcclKVServer(TcpKVServer):
                 pair.deadline = time.perf_counter() + request.timeout_s + SEND_SLACK_S
                 await serve_pull(self, self._copier, self._staging, pair, request)
         except (ConnectionError, OSError, TimeoutError, KVTransferError) as e:
-            logger.debug("KV pair with %s ended: %s", peer, e)
+            if isinstance(e, (TimeoutError, KVTransferError)):  # not a client that went away
+                logger.warning("KV pair with %s ended: %s: %s", peer, type(e).__name__, e)
+            else:
+                logger.debug("KV pair with %s ended: %s", peer, e)
         finally:
             self._pairs.discard(pair)
             pair.close()
