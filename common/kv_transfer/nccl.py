@@ -17,10 +17,12 @@ TCP control connection, each payload chunk as ONE point-to-point send/recv.
 The pair is set up on first use through the KV address that the prefill worker already
 advertises (`nccl://host:port`, the control listener); its TCPStore is the rendezvous, so no
 extra service. Each group is built from that store directly, never through the process's
-global init_process_group. One pair per (decode process, prefill server): NCCL matches
-point-to-point operations by their order, not by tag, so the pulls to one server take turns on
-it (the server answers the requests of one connection in order anyway); pulls to different
-servers run at once. CPU caches use gloo through the same code, so CI runs it.
+global init_process_group. NCCL matches point-to-point operations by their order, not by tag,
+so a pair carries one pull at a time (the server answers the requests of one connection in
+order anyway); a decode process opens up to max_concurrent_transfers pairs ("lanes") per prefill
+server as its pulls overlap, and pulls to different servers run at once. A pull given up inside
+its exchange leaves its blocks at once and the exchange finishes in the background, so the
+pair stays in step (NcclKVClient._pull). CPU caches use gloo through the same code, so CI runs it.
 
 Failure: every wait is bounded (setup_timeout_s for the pair, the pull's deadline for a
 payload), and while a payload is in flight each end also watches the control socket: a peer
@@ -37,6 +39,7 @@ not the process), no heartbeat monitor, no dumps; and NVLink multicast off (NCCL
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
 import os
@@ -323,12 +326,38 @@ class NcclKVServer(TcpKVServer):
             pair.close()
 
 
+class Lanes:
+    """The lanes of one server: a pull takes one for its whole exchange (NCCL matches a pair's
+    operations by order, so a pair carries one pull at a time). Lanes, and so pairs, are made
+    as pulls overlap, up to `size`; a free one is reused lowest first, so a quiet client keeps
+    one pair. One pair carried ~50 pulls/s under load (each exchange waits on both processes'
+    event loops), which capped a 1P1D stack near 50 req/s (issue 11)."""
+
+    def __init__(self, size: int):
+        self._available = asyncio.Semaphore(size)
+        self._idle: list[int] = []  # lanes made and free
+        self._made = 0
+
+    @contextlib.asynccontextmanager
+    async def lane(self):
+        async with self._available:
+            if self._idle:
+                lane = min(self._idle)
+                self._idle.remove(lane)
+            else:
+                lane, self._made = self._made, self._made + 1
+            try:
+                yield lane
+            finally:
+                self._idle.append(lane)
+
+
 class NcclKVClient(KVClient):
     """Pulls blocks through one pair (control connection + 2-rank group) per server address.
 
     setup_timeout_s bounds a new pair's handshake and rendezvous (within the pull's deadline);
-    max_concurrent_transfers bounds the pulls in flight (to different servers) and their
-    staging buffers.
+    max_concurrent_transfers bounds the pulls in flight (the lanes per server, and in all) and
+    their staging buffers.
     """
 
     scheme = "nccl"
@@ -344,9 +373,11 @@ class NcclKVClient(KVClient):
         self.backend = group_backend(self._copier.device)
         self._staging = StagingPool(self._copier.device, host_mirror=False,
                                     size=max_concurrent_transfers)
-        # per (address, the layout expected there): a tensor-parallel client pulls other shards
-        self._pairs: dict[tuple[str, KVLayout], PairConnection] = {}
-        self._turns: dict[str, asyncio.Lock] = {}
+        # per (address, the layout expected there, lane): a tensor-parallel client pulls other
+        # shards; up to max_concurrent_transfers lanes (pairs) per server run pulls at once
+        self._pairs: dict[tuple[str, KVLayout, int], PairConnection] = {}
+        self._lanes: dict[str, Lanes] = {}
+        self.max_lanes = max_concurrent_transfers
         self._closed = False
 
     async def _pull(self, address, lease_id, dst_block_ids, src_block_offset, deadline,
@@ -380,8 +411,9 @@ class NcclKVClient(KVClient):
     async def _pull_in_turn(self, address, lease_id, dst_block_ids, src_block_offset, deadline,
                             copier, destination: Destination, in_turn: asyncio.Event) -> int:
         host, port = split_address(address, self.scheme)
-        key = (address, copier.layout)
-        async with self._turns.setdefault(address, asyncio.Lock()):
+        lanes = self._lanes.setdefault(address, Lanes(self.max_lanes))
+        async with lanes.lane() as lane:
+            key = (address, copier.layout, lane)
             in_turn.set()
             if destination.given_up:
                 raise KVTransferError(f"pull of lease {lease_id!r} given up before its turn")

@@ -228,9 +228,9 @@ def test_bad_arguments_are_value_errors():
 
 
 def test_nccl_pull_late_for_its_turn_fails_alone_and_keeps_the_pair():
-    """Pulls from one server take turns on its pair: one whose deadline passes while it waits fails
-    by itself, and the pair (its NCCL communicator; gloo here) is kept, not rebuilt (a new
-    communicator per late pull would churn them under load)."""
+    """Pulls from one server take turns on its lanes (pairs): one whose deadline passes while every
+    lane is busy fails by itself, and the pair (its NCCL communicator; gloo here) is kept, not
+    rebuilt (a new communicator per late pull would churn them under load)."""
     src = make_caches(num_blocks=8, dtype=torch.float32, seed=7, **CACHE)
     dst = make_caches(num_blocks=8, dtype=torch.float32, seed=8, **CACHE)
     dst_before = [t.clone() for t in dst]
@@ -239,11 +239,12 @@ def test_nccl_pull_late_for_its_turn_fails_alone_and_keeps_the_pair():
         async with serving("nccl", src, {"lease": [1, 2, 3]}, dst) as (server, client, address):
             await client.pull(address, "lease", [0, 1, 2], deadline_s=10.0)
             pair = next(iter(client._pairs.values()))
-            turn = client._turns[address]
-            await turn.acquire()  # a pull in progress
+            busy = contextlib.AsyncExitStack()
+            for _ in range(client.max_lanes):  # a pull in progress on every lane
+                await busy.enter_async_context(client._lanes[address].lane())
             late = asyncio.ensure_future(client.pull(address, "lease", [3, 4, 5], deadline_s=0.2))
             await asyncio.sleep(0.4)
-            turn.release()
+            await busy.aclose()
             with pytest.raises(KVTransferError, match="missed its deadline of 0.200 s"):
                 await late
             assert list(client._pairs.values()) == [pair]  # the same pair, still connected
@@ -281,13 +282,16 @@ def test_nccl_pull_given_up_inside_the_exchange_keeps_the_pair():
             with pytest.raises(KVTransferError, match="missed its deadline of 0.100 s"):
                 await client.pull(address, "slow", [3, 4, 5], deadline_s=0.1)
             assert time.perf_counter() - start < 0.3  # not held until the server answers
-            await client.pull(address, "lease", [7, 8, 9], deadline_s=10.0)  # waits its turn
+            await asyncio.sleep(0.5)  # the exchange ends in the background
             assert list(client._pairs.values()) == [pair] and pair.control.is_alive()
+            await client.pull(address, "lease", [7, 8, 9], deadline_s=10.0)
+            assert list(client._pairs.values()) == [pair]
             cancelled = asyncio.ensure_future(client.pull(address, "slow", [3, 4, 5], deadline_s=10.0))
             await asyncio.sleep(0.1)
             cancelled.cancel()  # a decode request aborted while its KV loads
             with pytest.raises(asyncio.CancelledError):
                 await cancelled
+            await asyncio.sleep(0.5)
             await client.pull(address, "lease", [7, 8, 9], deadline_s=10.0)
             assert list(client._pairs.values()) == [pair] and pair.control.is_alive()
         finally:
@@ -297,3 +301,41 @@ def test_nccl_pull_given_up_inside_the_exchange_keeps_the_pair():
     asyncio.run(main())
     # the given-up pulls wrote nothing into their blocks (3, 4, 5 keep their contents)
     assert_pulled(src, [1, 2, 3, 1, 2, 3], dst, [0, 1, 2, 7, 8, 9], dst_before)
+
+
+def test_nccl_pulls_to_one_server_overlap_on_lanes():
+    """Pulls that overlap take separate lanes (pairs) to the same server, up to the client's
+    max_concurrent_transfers; sequential pulls keep reusing the first pair."""
+    src = make_caches(num_blocks=16, dtype=torch.float32, seed=9, **CACHE)
+    dst = make_caches(num_blocks=16, dtype=torch.float32, seed=10, **CACHE)
+    dst_before = [t.clone() for t in dst]
+    leases = {f"l{i}": [2 * i, 2 * i + 1] for i in range(6)}
+    answered = {"now": 0, "most": 0}
+
+    async def resolve(lease_id):
+        answered["now"] += 1
+        answered["most"] = max(answered["most"], answered["now"])
+        await asyncio.sleep(0.2)  # long enough that the pulls overlap on the server
+        answered["now"] -= 1
+        return leases.get(lease_id)
+
+    async def main():
+        server = make_server("nccl", src, resolve)
+        client = make_client("nccl", dst, max_concurrent_transfers=3)
+        try:
+            address = await server.start()
+            for _ in range(2):
+                await client.pull(address, "l0", [0, 1], deadline_s=10.0)
+            assert len(client._pairs) == 1
+            start = time.perf_counter()
+            await asyncio.gather(*(client.pull(address, f"l{i}", [2 * i, 2 * i + 1], deadline_s=10.0)
+                                   for i in range(1, 6)))
+            elapsed = time.perf_counter() - start
+            assert len(client._pairs) == 3 and answered["most"] == 3
+            assert elapsed < 5 * 0.2  # two rounds of three lanes, not five pulls in a row
+        finally:
+            await client.close()
+            await server.close()
+
+    asyncio.run(main())
+    assert_pulled(src, list(range(12)), dst, list(range(12)), dst_before)
