@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 ROLES = ("prefill", "decode", "both")
 STATUSES = ("serving", "draining")
 DEFAULT_TIMEOUT_S = 1.0
+REDIS_MAX_CONNECTIONS = 64  # per client; more calls at once wait for one (open_redis)
 
 
 class RegistryError(RuntimeError):
@@ -60,9 +61,17 @@ class InstanceNotFoundError(RegistryError):
 
 def open_redis(redis_url: str, timeout_s: float = DEFAULT_TIMEOUT_S,
                decode_responses: bool = True) -> aioredis.Redis:
-    """The one place that sets how the router's Redis clients time out and retry."""
-    return aioredis.Redis.from_url(redis_url, decode_responses=decode_responses, socket_timeout=timeout_s,
-                                   socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1))
+    """The one place that sets how the router's Redis clients time out, retry and pool.
+
+    The pool blocks (up to timeout_s) for a free connection instead of failing: redis-py's
+    default pool raises "Too many connections" past 100 at once, which a router at 100
+    requests/s reached (prefix lookups of concurrent requests), and routing fell back to load
+    alone for a while."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        redis_url, max_connections=REDIS_MAX_CONNECTIONS, timeout=timeout_s,
+        decode_responses=decode_responses, socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1))
+    return aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
 
 
 @dataclass(frozen=True)
