@@ -61,6 +61,7 @@ from pdserve.common.kv_transfer.tcp import (SocketConnection, TcpKVServer, accep
 logger = logging.getLogger(__name__)
 
 SETUP_TIMEOUT_S = 10.0  # a new pair: handshake, rendezvous and the first exchange
+SETUP_BACKOFF_S, SETUP_BACKOFF_MAX_S = 1.0, 30.0  # after a failed pair set-up (SetupBackoff)
 EXCHANGE_MIN_S = 5.0  # an exchange begun may outlive its pull's deadline by this (NcclKVClient._pull)
 POLL_S = 20e-6  # how often a waiting thread asks NCCL whether its operation completed
 GROUP_TIMEOUT = datetime.timedelta(minutes=30)  # the group's own; our deadlines end waits first
@@ -352,6 +353,31 @@ class Lanes:
                 self._idle.append(lane)
 
 
+class SetupBackoff:
+    """After a pair's set-up to a server failed, pulls from it fail at once (the decode worker
+    recomputes) until a backoff passes, doubling per failure up to SETUP_BACKOFF_MAX_S: every
+    attempt builds an NCCL communicator (GPU memory, threads) that a failure may not give
+    back, and one attempt per pull once exhausted a prefill GPU's memory and every core of
+    its host (issue 11)."""
+
+    def __init__(self):
+        self._failed: dict[str, tuple[float, float, str]] = {}  # address -> (retry at, backoff, why)
+
+    def check(self, address: str) -> None:
+        entry = self._failed.get(address)
+        if entry is not None and time.perf_counter() < entry[0]:
+            raise KVTransferError(f"KV server {address}: the last pair set-up failed ({entry[2]}); "
+                                  f"the next attempt in {entry[0] - time.perf_counter():.1f} s")
+
+    def failed(self, address: str, why: str) -> None:
+        previous = self._failed.get(address)
+        backoff = SETUP_BACKOFF_S if previous is None else min(2 * previous[1], SETUP_BACKOFF_MAX_S)
+        self._failed[address] = (time.perf_counter() + backoff, backoff, why)
+
+    def succeeded(self, address: str) -> None:
+        self._failed.pop(address, None)
+
+
 class NcclKVClient(KVClient):
     """Pulls blocks through one pair (control connection + 2-rank group) per server address.
 
@@ -378,6 +404,7 @@ class NcclKVClient(KVClient):
         self._pairs: dict[tuple[str, KVLayout, int], PairConnection] = {}
         self._lanes: dict[str, Lanes] = {}
         self.max_lanes = max_concurrent_transfers
+        self._setups = SetupBackoff()
         self._closed = False
 
     async def _pull(self, address, lease_id, dst_block_ids, src_block_offset, deadline,
@@ -423,7 +450,13 @@ class NcclKVClient(KVClient):
                 pair = None
             try:
                 if pair is None:
-                    pair = await self._connect(address, host, port, deadline, copier.layout)
+                    self._setups.check(address)
+                    try:
+                        pair = await self._connect(address, host, port, deadline, copier.layout)
+                    except (KVTransferError, OSError, TimeoutError) as e:
+                        self._setups.failed(address, f"{type(e).__name__}: {e}")
+                        raise
+                    self._setups.succeeded(address)
                 exchange_deadline = max(deadline, time.perf_counter() + EXCHANGE_MIN_S)
                 pair.deadline = exchange_deadline
                 nbytes = await pull_on(pair, copier, self._staging, f"KV server {address}",

@@ -339,3 +339,33 @@ def test_nccl_pulls_to_one_server_overlap_on_lanes():
 
     asyncio.run(main())
     assert_pulled(src, list(range(12)), dst, list(range(12)), dst_before)
+
+
+def test_nccl_pair_setup_failure_backs_off(monkeypatch):
+    """After a pair's set-up to a server failed, pulls from it fail at once until a backoff
+    passes (doubling per failure): each attempt would build an NCCL communicator, and one per
+    pull exhausted a prefill GPU's memory under load (issue 11)."""
+    from pdserve.common.kv_transfer import nccl
+    from pdserve.services.local_stack import free_port
+
+    monkeypatch.setattr(nccl, "SETUP_BACKOFF_S", 0.3)
+    dst = make_caches(num_blocks=8, dtype=torch.float32, seed=11, **CACHE)
+    address = f"nccl://127.0.0.1:{free_port()}"  # nothing listens there
+
+    async def main():
+        client = make_client("nccl", dst)
+        try:
+            with pytest.raises(KVTransferError, match="failed during pull"):
+                await client.pull(address, "lease", [0], deadline_s=5.0)
+            with pytest.raises(KVTransferError, match="the last pair set-up failed"):
+                await client.pull(address, "lease", [0], deadline_s=5.0)
+            await asyncio.sleep(0.35)  # the backoff passed: tried again (and refused again)
+            with pytest.raises(KVTransferError, match="failed during pull"):
+                await client.pull(address, "lease", [0], deadline_s=5.0)
+            await asyncio.sleep(0.35)  # doubled to 0.6 s: still backing off
+            with pytest.raises(KVTransferError, match="the last pair set-up failed"):
+                await client.pull(address, "lease", [0], deadline_s=5.0)
+        finally:
+            await client.close()
+
+    asyncio.run(main())
