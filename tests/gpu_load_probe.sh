@@ -16,6 +16,16 @@ SECONDS_=${LOAD_SECONDS:-20}
 python3 -m pdserve.services.bench_pd_gpu --parts load --load-seconds "$SECONDS_" --out-dir "$OUT" "$@" \
   > "$OUT/load_bench.txt" 2>&1 &
 BENCH=$!
+# PYSPY=path/to/py-spy: 10 s of the decode's and the router's Python stacks (raw folded, GIL
+# holders only) from PYSPY_AT s after the bench started, into $OUT/pyspy-ROLE.txt.
+if [ -n "${PYSPY:-}" ]; then
+  (sleep "${PYSPY_AT:-50}"
+   for role in decode router prefill; do
+     pid=$(pgrep -f "pdserve.services.cli $role( |$)" | head -1)
+     [ -n "$pid" ] && "$PYSPY" record -d 10 -r 200 -f raw --gil --nonblocking -p "$pid" \
+       -o "$OUT/pyspy-$role.txt" > "$OUT/pyspy-$role.log" 2>&1 &
+   done; wait) &
+fi
 declare -A last
 : > "$OUT/load_cpu.txt"
 while kill -0 "$BENCH" 2>/dev/null; do
