@@ -22,6 +22,7 @@ would halve that (docs/tensor-parallel.md).
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass
 
 from pdserve.common.kv_transfer.base import KVClient, KVLayout
@@ -49,19 +50,27 @@ def plan_rank_pulls(shards: list[KVShardAddress], dst_layouts: list[KVLayout], l
                     dst_block_ids: list[int], src_block_offset: int) -> list[RankPull]:
     """One RankPull per destination rank (dst_layouts: each rank's own layout, in rank order).
     ValueError when the shards do not cover a destination rank's heads."""
+    return [RankPull(lease_id, tuple(dst_block_ids), src_block_offset, sources)
+            for sources in _rank_sources(tuple(shards), tuple(dst_layouts))]
+
+
+@functools.lru_cache(maxsize=256)
+def _rank_sources(shards: tuple[KVShardAddress, ...], dst_layouts: tuple[KVLayout, ...]
+                  ) -> tuple[tuple[tuple[str, SourceShard], ...], ...]:
+    """Each destination rank's sources: the same for every pull between the same workers, so
+    computed once (it was a few % of a decode worker's GIL under load)."""
     plan = plan_heads([(s.first_kv_head, s.num_kv_heads) for s in shards],
                       [(layout.first_kv_head, layout.num_kv_heads) for layout in dst_layouts])
-    pulls = []
+    out = []
     for layout, runs in zip(dst_layouts, plan):
         by_source: dict[int, list] = {}
         for run in runs:
             by_source.setdefault(run.src_rank, []).append(run)
-        sources = tuple(
+        out.append(tuple(
             (shards[r].address, SourceShard(shard_layout(layout, (shards[r].first_kv_head, shards[r].num_kv_heads)),
                                             tuple(source_runs)))
-            for r, source_runs in sorted(by_source.items()))
-        pulls.append(RankPull(lease_id, tuple(dst_block_ids), src_block_offset, sources))
-    return pulls
+            for r, source_runs in sorted(by_source.items())))
+    return tuple(out)
 
 
 async def run_rank_pull(client: KVClient, pull: RankPull, deadline_s: float) -> int:

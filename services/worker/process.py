@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import functools
 import logging
 import os
 import signal
@@ -45,7 +44,7 @@ from pdserve.common.metrics import ServerMetrics, StatsCollector
 from pdserve.common.stats import TransferStats
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.services import grpc_auth
-from pdserve.services.decode.server import DecodeServicer, release_lease
+from pdserve.services.decode.server import DecodeServicer, LeaseReleaser
 from pdserve.services.prefill.server import PrefillServicer
 from pdserve.services.worker.events import KVEventPublisher
 from pdserve.services.worker.kv_ranks import start_worker_kv
@@ -118,8 +117,8 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
     """Start everything (module docstring), run until SIGINT/SIGTERM, stop in order."""
     loop = asyncio.get_running_loop()
     lease = LeaseConnector(lease_ttl_s=args.lease_ttl)
-    pull = PullConnector({}, loop, functools.partial(release_lease, token=args.internal_token),
-                         deadline_s=args.pull_deadline)
+    releaser = LeaseReleaser(args.internal_token)
+    pull = PullConnector({}, loop, releaser, deadline_s=args.pull_deadline)
     engine = AsyncLLM(config, connector=WorkerConnector(lease, pull))
     state = WorkerState(engine, args.instance_id or f"{role}-{socket.gethostname()}-{uuid.uuid4().hex[:6]}", role)
     args.advertise_host = advertised_host(args.host, args.advertise_host)
@@ -193,6 +192,7 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
     await server.stop(grace=2)
     for client in pull.clients.values():
         await client.close()
+    await releaser.close()
     await kv.close()
     metrics_server.shutdown()
     engine.shutdown()
