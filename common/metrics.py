@@ -21,7 +21,8 @@ import logging
 import time
 from typing import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, start_http_server
+from prometheus_client import (CollectorRegistry, Counter, GCCollector, Histogram, PlatformCollector,
+                               ProcessCollector, generate_latest, start_http_server)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 from pdserve.common.outputs import RequestOutput
@@ -55,6 +56,11 @@ class ServerMetrics:
         self.model_name = model_name
         self.registry = CollectorRegistry()
         r, labels, name = self.registry, ["model_name"], model_name
+        # the process's own: python_gc_* (collections per generation: common/gc_policy.py),
+        # process_cpu_seconds_total, resident memory, open fds
+        GCCollector(registry=r)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", labels,
                                      registry=r).labels(name)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generation tokens processed.", labels,

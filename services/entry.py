@@ -5,7 +5,8 @@ ends in one line on stderr and exit status 2; Ctrl-C ends with 130. SIGUSR1 writ
 Python stack to stderr and the process goes on (a benchmark whose stack does not come up asks
 each process where it waits). The open-files limit is raised to its hard limit: a server holds
 one socket per open stream (the router at 100 req/s of long streams: ~1,000), and Linux's usual
-soft limit is 1,024. Torch-free.
+soft limit is 1,024. The garbage collector's first generation is collected less often
+(common/gc_policy.py). Torch-free.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 from typing import Callable
 
 from pdserve.common.config import ConfigError
+from pdserve.common.gc_policy import tune_gc
 from pdserve.common.sampling_params import ParameterError
 
 USER_ERRORS = (ConfigError, ParameterError, FileNotFoundError, IsADirectoryError)
@@ -36,6 +38,7 @@ def run_main(prog: str, description: str, add_args: Callable[[argparse.ArgumentP
 def run_parsed(name: str, run: Callable[[argparse.Namespace], None], args: argparse.Namespace) -> int:
     dump_stacks_on_sigusr1()
     raise_open_files_limit()
+    tune_gc()
     try:
         run(args)
     except USER_ERRORS as e:

@@ -21,6 +21,7 @@ import socket
 import time
 
 from pdserve.common.config import ConfigError
+from pdserve.common.gc_policy import freeze_startup_objects
 from pdserve.common.model_path import served_name
 
 GRACEFUL_SHUTDOWN_S = 5
@@ -128,6 +129,7 @@ async def _serve(server, sock: socket.socket, name: str, host: str, ready_line) 
     while not server.started and not task.done():
         await asyncio.sleep(0.01)
     if server.started:
+        freeze_startup_objects()  # common/gc_policy.py
         print(ready_line(), flush=True)
         shown = f"[{host}]" if ":" in host else host
         print(f"pdserve serving {name} on http://{shown}:{sock.getsockname()[1]}", flush=True)

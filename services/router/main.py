@@ -19,6 +19,7 @@ import dataclasses
 import signal
 
 from pdserve.common.config import ConfigError, env_flag
+from pdserve.common.gc_policy import freeze_startup_objects
 from pdserve.services.router.limits import add_limit_args, limits_of
 
 INDEX_TIMEOUT_S = 0.25
@@ -122,6 +123,7 @@ def run_router(args: argparse.Namespace) -> None:
             port = server.servers[0].sockets[0].getsockname()[1]
             apart = "" if metrics_apart is None else \
                 f", metrics on http://{args.host}:{metrics_apart.server_port}/metrics"
+            freeze_startup_objects()  # common/gc_policy.py
             print(f"pdserve router: ready in {process_age_s():.2f} s{apart}", flush=True)
             print(f"pdserve router serving {name} on http://{args.host}:{port} (routing: {config.mode})", flush=True)
         await task

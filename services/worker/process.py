@@ -44,6 +44,7 @@ from pdserve.common.metrics import ServerMetrics, StatsCollector
 from pdserve.common.stats import TransferStats
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.services import grpc_auth
+from pdserve.common.gc_policy import freeze_startup_objects
 from pdserve.services.decode.server import DecodeServicer, LeaseReleaser
 from pdserve.services.prefill.server import PrefillServicer
 from pdserve.services.worker.events import KVEventPublisher
@@ -165,6 +166,7 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
                                      registrations=lambda: heartbeater.num_registrations)
         publisher.start()
         watcher = asyncio.create_task(state.watch())
+    freeze_startup_objects()  # common/gc_policy.py
     print(f"pdserve {role} {state.instance_id} grpc={grpc_address} kv={kv_address} metrics={metrics_address}",
           flush=True)
     if args.ready_file:
