@@ -32,7 +32,8 @@ extra cost; efficiency = speedup / bound.
 Then the per-step split: decode steps (engine.step() calls after every prompt's first token),
 counted by the kind of step each call launched (verify: one carrying drafts; plain: the rest),
 their wall ms, the ms the host spent blocked on a step's result (`EngineCore.wait_seconds`;
-on CUDA the device time the host did not overlap) and host = wall - wait.
+on CUDA the device time the host did not overlap), host = wall - wait, and launch: the part of
+host scheduling, proposing and launching (speculative engines only; `EngineCore.launch_seconds`).
 """
 
 from __future__ import annotations
@@ -89,12 +90,12 @@ def run_batch(llm, prompts: list[list[int]], max_tokens: int, tag: str) -> dict:
     steps = 0
     split = {"plain": StepSplit(), "verify": StepSplit()}
     while engine.has_unfinished():
-        wait0, t0 = engine.wait_seconds, time.perf_counter()
+        wait0, launch0, t0 = engine.wait_seconds, engine.launch_seconds, time.perf_counter()
         outputs = engine.step()
         now = time.perf_counter()
         if len(first) == len(prompts):  # every prompt has its first token: a decode step
             split["verify" if spec is not None and spec.has_drafts() else "plain"].add(
-                now - t0, engine.wait_seconds - wait0)
+                now - t0, engine.wait_seconds - wait0, engine.launch_seconds - launch0)
         steps += 1
         for o in outputs:
             if o.new_token_ids:
@@ -110,23 +111,29 @@ def run_batch(llm, prompts: list[list[int]], max_tokens: int, tag: str) -> dict:
 class StepSplit:
     """Decode steps of one kind (with drafts to verify, or plain): how many, their wall time and
     the part of it the host spent blocked on the device for a step's result (EngineCore.wait_seconds).
-    host = wall - wait; on CUDA wait is the device time the host did not overlap."""
+    host = wall - wait; on CUDA wait is the device time the host did not overlap. launch: the part
+    of host spent scheduling, proposing and launching the step (EngineCore.launch_seconds; with
+    speculation only): for a step launched after the previous one's result, the host time the
+    device sat idle between the two."""
     num: int = 0
     wall_s: float = 0.0
     wait_s: float = 0.0
+    launch_s: float = 0.0
 
-    def add(self, wall: float, wait: float) -> None:
+    def add(self, wall: float, wait: float, launch: float = 0.0) -> None:
         self.num, self.wall_s, self.wait_s = self.num + 1, self.wall_s + wall, self.wait_s + wait
+        self.launch_s += launch
 
     def merge(self, other: "StepSplit") -> None:
         self.num, self.wall_s, self.wait_s = self.num + other.num, self.wall_s + other.wall_s, self.wait_s + other.wait_s
+        self.launch_s += other.launch_s
 
     def ms(self) -> dict | None:
         if not self.num:
             return None
         return {"steps": self.num, "ms_per_step": round(1000 * self.wall_s / self.num, 3),
                 "host_ms": round(1000 * (self.wall_s - self.wait_s) / self.num, 3),
-                "wait_ms": round(1000 * self.wait_s / self.num, 3)}
+                "wait_ms": round(1000 * self.wait_s / self.num, 3), "launch_ms": round(1000 * self.launch_s / self.num, 3)}
 
 
 @dataclass
@@ -229,8 +236,8 @@ def cmd_spec(args) -> None:
               f"{_f(r.get('draft_ms_per_step'), 8)} {_f(r.get('bound'))} {_f(r.get('efficiency'))} "
               f"{r['outputs_identical']}")
     print(f"\nper decode step (ms; host = wall - wait, wait = blocked on the device for a step's result):\n"
-          f"{'method':>6} {'batch':>5} | {'plain':>5} {'ms':>6} {'host':>6} {'wait':>6} | "
-          f"{'verify':>6} {'ms':>6} {'host':>6} {'wait':>6} | verify/plain")
+          f"{'method':>6} {'batch':>5} | {'plain':>5} {'ms':>6} {'host':>6} {'wait':>6} {'launch':>6} | "
+          f"{'verify':>6} {'ms':>6} {'host':>6} {'wait':>6} {'launch':>6} | verify/plain")
     for r in results:
         p, v = r["plain_steps"], r["verify_steps"]
         ratio = f"{v['ms_per_step'] / p['ms_per_step']:.2f}" if p and v else "-"
@@ -249,8 +256,9 @@ def chat_prompts(tok, rows: list[dict]) -> list[list[int]]:
 
 def _split(ms: dict | None, width: int) -> str:
     if ms is None:
-        return f"{0:>{width}} {'-':>6} {'-':>6} {'-':>6}"
-    return f"{ms['steps']:>{width}} {ms['ms_per_step']:>6.3f} {ms['host_ms']:>6.3f} {ms['wait_ms']:>6.3f}"
+        return f"{0:>{width}} {'-':>6} {'-':>6} {'-':>6} {'-':>6}"
+    return (f"{ms['steps']:>{width}} {ms['ms_per_step']:>6.3f} {ms['host_ms']:>6.3f} {ms['wait_ms']:>6.3f} "
+            f"{ms['launch_ms']:>6.3f}")
 
 
 def _f(value, width: int = 6) -> str:

@@ -53,7 +53,8 @@ def replay(samples: list[tuple[list[int], list[int]]], min_n: int, max_n: int, k
     for prompt, output in samples:
         history = np.asarray(prompt + output, np.int32)
         num_prompt, end = len(prompt), len(output)
-        n, forced_plain, ms = 1, False, 0.0  # the first token comes from the prefill
+        # the first token comes from the prefill, which drafted nothing: the next step launches first
+        n, forced_plain, ms = 1, True, 0.0
         while n < end:
             r.steps += 1
             room = min(k, max_tokens - n - 1)  # scheduler: max_draft_tokens

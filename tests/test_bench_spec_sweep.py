@@ -14,12 +14,13 @@ from tests.test_cli import pdserve
 def test_replay_counts_steps_as_the_overlapped_engine_runs_them():
     prompt, output = [7, 1, 2, 3, 4], [1, 2, 3, 9, 5, 6]
     r = replay([(prompt, output)], min_n=1, max_n=2, k=3, max_tokens=100, plain_ms=1.0, verify_ms=2.0)
-    # step 1: "1" occurred at 1 -> drafts 2 3 4, the output goes 2 3 9: 2 accepted + 9 (verify)
-    # step 2: "9" never occurred -> plain, 5; step 3 launches before 5 is known: plain, no lookup, 6
-    assert (r.steps, r.verify_steps, r.lookups, r.draft_tokens, r.accepted, r.tokens) == (3, 1, 2, 3, 2, 5)
+    # step 1 launches while the prefill runs: plain, no lookup (2)
+    # step 2: "1 2" occurred at 1-2 -> drafts 3 4 1, the output goes 3 9 5: 1 accepted + 9 (verify)
+    # step 3: "3 9", "9" never occurred -> plain (5); step 4 launches before 5 is known: plain (6)
+    assert (r.steps, r.verify_steps, r.lookups, r.draft_tokens, r.accepted, r.tokens) == (4, 1, 2, 3, 1, 5)
     row = r.row()
-    assert row["mean_accepted_length"] == 3.0 and row["acceptance"] == pytest.approx(2 / 3)
-    assert row["ms_per_token"] == pytest.approx((2.0 + 1.0 + 1.0) / 5)
+    assert row["mean_accepted_length"] == 2.0 and row["acceptance"] == pytest.approx(1 / 3)
+    assert row["ms_per_token"] == pytest.approx((1.0 + 2.0 + 1.0 + 1.0) / 5)
     # max_tokens leaves no room for drafts past the last token: no lookup, plain steps only
     r = replay([(prompt, output[:2])], 1, 2, 3, max_tokens=2, plain_ms=1.0, verify_ms=2.0)
     assert (r.steps, r.lookups, r.verify_steps) == (1, 0, 0)
