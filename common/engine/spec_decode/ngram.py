@@ -1,4 +1,4 @@
-"""N-gram proposer (prompt lookup): no model, on the host.
+"""N-gram proposer (prompt lookup): no model, numpy on the host.
 
     history:  ... A B C D ... x y A B C | (next?)
                         ^ earlier occurrence of the suffix "A B C"
@@ -8,10 +8,9 @@ The longest suffix of the request's tokens (prompt + output), between prompt_loo
 prompt_lookup_max tokens, that also occurs earlier; of its occurrences the latest wins. It pays
 off when the output copies its input (extraction, editing, code, retrieval-augmented answers).
 
-Cost per request and step: `NgramIndex` keeps, per request, the latest end position of every
-s-gram of its history (s in [prompt_lookup_min, prompt_lookup_max]), extended by the tokens new
-since the last step; a lookup is a few dict probes. `lookup` is the same search in numpy over
-the whole history (the reference the tests compare against, and `pdserve bench spec --sweep`'s).
+Cost per request and step: one vectorized compare of the last token against the history, then
+`prompt_lookup_max` filters over the (few) candidate positions. The history is kept per request
+as a growing int32 array, extended by the tokens new since the last step.
 """
 
 from __future__ import annotations
@@ -43,70 +42,36 @@ def lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> np.ndarray:
     return tokens[start:start + k]
 
 
-class NgramIndex:
-    """One request's history and, per suffix length s in [min_n, max_n], a map from each s-gram to
-    the end position of its latest occurrence, extended by the tokens new since the last lookup.
-    A lookup is then at most max_n - min_n + 1 dict probes, whatever the history's length (the
-    numpy `lookup` compares the whole history and filters its candidates: ~15 array calls a
-    step), and an update costs max_n - min_n + 1 inserts per new token. Same answers as `lookup`:
-    a shorter suffix occurs wherever a longer one does, so the longest length found first wins,
-    and inserting end positions in increasing order keeps the latest occurrence of each s-gram.
-    Memory: (max_n - min_n + 1) entries per history token."""
-
-    def __init__(self, min_n: int, max_n: int):
-        self.min_n, self.max_n = min_n, max_n
-        self.tokens: list[int] = []
-        self._latest: dict[int, dict[tuple, int]] = {n: {} for n in range(min_n, max_n + 1)}  # s -> s-gram -> end
-        self._num_indexed = 0  # end positions [0, _num_indexed) are in _latest
-
-    def extend(self, new_tokens) -> None:
-        self.tokens.extend(new_tokens)
-
-    def lookup(self, k: int) -> list[int]:
-        """Up to k tokens that followed the latest earlier occurrence of the longest suffix of
-        length in [min_n, max_n]; [] when there is none."""
-        tokens, length = self.tokens, len(self.tokens)
-        for end in range(self._num_indexed, length - 1):  # index every end but the last (the suffix's)
-            for n, latest in self._latest.items():
-                if end + 1 >= n:
-                    latest[tuple(tokens[end + 1 - n:end + 1])] = end
-        self._num_indexed = max(self._num_indexed, length - 1)
-        for n in range(min(self.max_n, length - 1), self.min_n - 1, -1):
-            end = self._latest[n].get(tuple(tokens[length - n:]))
-            if end is not None:
-                return tokens[end + 1:end + 1 + k]
-        return []
-
-
 class NgramProposer:
     def __init__(self, config: SpeculativeConfig):
         self.min_n = config.prompt_lookup_min
         self.max_n = config.prompt_lookup_max
-        self._indexes: dict[str, NgramIndex] = {}  # req_id -> its history's index
+        self._history: dict[str, tuple[np.ndarray, int]] = {}  # req_id -> (buffer, tokens in it)
 
     def forget(self, req_ids) -> None:
         for req_id in req_ids:
-            self._indexes.pop(req_id, None)
+            self._history.pop(req_id, None)
 
     def propose(self, reqs: list[ScheduledRequest]) -> dict[str, tuple[list[int], None]]:
         """req_id -> (up to num_spec_slots drafts, no draft probabilities: one-hot)."""
         drafts = {}
         for s in reqs:
-            found = self._index(s).lookup(s.num_spec_slots)
-            if found:
-                drafts[s.req_id] = (found, None)
+            found = lookup(self._tokens(s), self.min_n, self.max_n, s.num_spec_slots)
+            if found.size:
+                drafts[s.req_id] = (found.tolist(), None)
         return drafts
 
-    def _index(self, s: ScheduledRequest) -> NgramIndex:
-        """The request's index, extended by its tokens new since the last step (prompt + output)."""
+    def _tokens(self, s: ScheduledRequest) -> np.ndarray:
         num_prompt = len(s.prompt_token_ids)
         total = num_prompt + len(s.output_token_ids)
-        index = self._indexes.get(s.req_id)
-        if index is None or len(index.tokens) > total:  # new (or a history that shrank: start over)
-            index = self._indexes[s.req_id] = NgramIndex(self.min_n, self.max_n)
-        n = len(index.tokens)
+        buf, n = self._history.get(s.req_id, (None, 0))
+        if buf is None or n > total:  # new (or a history that shrank: start over)
+            buf, n = np.empty(max(2 * total, 64), np.int32), 0
+        if total > len(buf):
+            buf = np.concatenate([buf[:n], np.empty(2 * total - n, np.int32)])
         if n < num_prompt:
-            index.extend(s.prompt_token_ids[n:])
+            buf[n:num_prompt] = s.prompt_token_ids[n:]
             n = num_prompt
-        index.extend(s.output_token_ids[n - num_prompt:])
-        return index
+        buf[n:total] = s.output_token_ids[n - num_prompt:]
+        self._history[s.req_id] = (buf, total)
+        return buf[:total]
