@@ -1,7 +1,13 @@
 """`pdserve bench spec`: speculative decoding against none, in one process, on an input-grounded set.
 
-    pdserve bench spec [--batch-sizes 1 16] [-k 4] [--methods none ngram draft] [--draft-model M]
+    pdserve bench spec [--batch-sizes 1 16] [-k 8] [--methods none ngram draft] [--draft-model M]
                        [engine flags: --model, --device, --kv-cache-memory ...]
+    pdserve bench spec --sweep [--sequential-prompts 8]      (bench_spec_sweep.py: n-gram settings
+                       replayed on greedy outputs, predicted ms/token from measured step costs)
+
+n-gram defaults k = 8, prompt_lookup_min 1, max 4: the best of the sweep over min {1,2,3} x
+max {3,4,5} x k {3..8} on this set (SmolLM2, 8 prompts: 1.41x predicted at the H200 bf16 step
+costs, against 1.28x for the former k = 4, min 2, measured 1.23x).
 
 Prompts: services/bench_data/grounded_prompts.jsonl (16 passages, each with "repeat / copy this"
 instructions; --prompts FILE for another JSONL of {"passage", "instruction"}), through the chat
@@ -26,7 +32,8 @@ extra cost; efficiency = speedup / bound.
 Then the per-step split: decode steps (engine.step() calls after every prompt's first token),
 counted by the kind of step each call launched (verify: one carrying drafts; plain: the rest),
 their wall ms, the ms the host spent blocked on a step's result (`EngineCore.wait_seconds`;
-on CUDA the device time the host did not overlap) and host = wall - wait.
+on CUDA the device time the host did not overlap), host = wall - wait, and launch: the part of
+host scheduling, proposing and launching (speculative engines only; `EngineCore.launch_seconds`).
 """
 
 from __future__ import annotations
@@ -36,24 +43,27 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from pdserve.services.bench_spec_sweep import add_sweep_args, run_sweep
+
 DATA = os.path.join(os.path.dirname(__file__), "bench_data", "grounded_prompts.jsonl")
 
 
 def add_parser(bench_sub, add_engine_args) -> None:
     p = bench_sub.add_parser("spec", help="speculative decoding (n-gram, draft model) vs none, same run")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="batch sizes to run (default: %(default)s)")
-    p.add_argument("-k", "--spec-tokens", type=int, default=4, help="num_speculative_tokens (default: %(default)s)")
+    p.add_argument("-k", "--spec-tokens", type=int, default=8, help="num_speculative_tokens (default: %(default)s)")
     p.add_argument("--methods", nargs="+", default=["none", "ngram", "draft"],
                    choices=["none", "ngram", "ngram_sync", "draft"],
                    help="methods compared; ngram_sync: n-gram with steps one at a time (default: %(default)s)")
     p.add_argument("--draft-model", default=None, help="draft of method draft (default: the target itself)")
-    p.add_argument("--prompt-lookup-min", type=int, default=2, help="n-gram: shortest match (default: %(default)s)")
+    p.add_argument("--prompt-lookup-min", type=int, default=1, help="n-gram: shortest match (default: %(default)s)")
     p.add_argument("--prompt-lookup-max", type=int, default=4, help="n-gram: longest match (default: %(default)s)")
     p.add_argument("--prompts", default=DATA, help="JSONL of {passage, instruction} (default: the shipped set)")
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default: %(default)s)")
     p.add_argument("--sequential-prompts", type=int, default=4, help="prompts run one at a time at batch 1 (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=1, help="runs per method and batch size (default: %(default)s)")
     p.add_argument("--json-out", default=None, help="write the results as JSON here")
+    add_sweep_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_spec)
 
@@ -80,12 +90,12 @@ def run_batch(llm, prompts: list[list[int]], max_tokens: int, tag: str) -> dict:
     steps = 0
     split = {"plain": StepSplit(), "verify": StepSplit()}
     while engine.has_unfinished():
-        wait0, t0 = engine.wait_seconds, time.perf_counter()
+        wait0, launch0, t0 = engine.wait_seconds, engine.launch_seconds, time.perf_counter()
         outputs = engine.step()
         now = time.perf_counter()
         if len(first) == len(prompts):  # every prompt has its first token: a decode step
             split["verify" if spec is not None and spec.has_drafts() else "plain"].add(
-                now - t0, engine.wait_seconds - wait0)
+                now - t0, engine.wait_seconds - wait0, engine.launch_seconds - launch0)
         steps += 1
         for o in outputs:
             if o.new_token_ids:
@@ -101,23 +111,29 @@ def run_batch(llm, prompts: list[list[int]], max_tokens: int, tag: str) -> dict:
 class StepSplit:
     """Decode steps of one kind (with drafts to verify, or plain): how many, their wall time and
     the part of it the host spent blocked on the device for a step's result (EngineCore.wait_seconds).
-    host = wall - wait; on CUDA wait is the device time the host did not overlap."""
+    host = wall - wait; on CUDA wait is the device time the host did not overlap. launch: the part
+    of host spent scheduling, proposing and launching the step (EngineCore.launch_seconds; with
+    speculation only): for a step launched after the previous one's result, the host time the
+    device sat idle between the two."""
     num: int = 0
     wall_s: float = 0.0
     wait_s: float = 0.0
+    launch_s: float = 0.0
 
-    def add(self, wall: float, wait: float) -> None:
+    def add(self, wall: float, wait: float, launch: float = 0.0) -> None:
         self.num, self.wall_s, self.wait_s = self.num + 1, self.wall_s + wall, self.wait_s + wait
+        self.launch_s += launch
 
     def merge(self, other: "StepSplit") -> None:
         self.num, self.wall_s, self.wait_s = self.num + other.num, self.wall_s + other.wall_s, self.wait_s + other.wait_s
+        self.launch_s += other.launch_s
 
     def ms(self) -> dict | None:
         if not self.num:
             return None
         return {"steps": self.num, "ms_per_step": round(1000 * self.wall_s / self.num, 3),
                 "host_ms": round(1000 * (self.wall_s - self.wait_s) / self.num, 3),
-                "wait_ms": round(1000 * self.wait_s / self.num, 3)}
+                "wait_ms": round(1000 * self.wait_s / self.num, 3), "launch_ms": round(1000 * self.launch_s / self.num, 3)}
 
 
 @dataclass
@@ -182,6 +198,10 @@ def cmd_spec(args) -> None:
         rows = [json.loads(line) for line in f if line.strip()]
     llms = {}
     base = engine_config(args)
+    if args.sweep:  # one plain engine: its greedy outputs, then the n-gram settings replayed on them
+        llm = LLM.from_config(engine_config(args, speculative_config=None, speculative_model=None,
+                                            num_speculative_tokens=None))
+        return run_sweep(args, llm, chat_prompts(llm.get_tokenizer(), rows)[:args.sequential_prompts])
     target = base.model.model
     for i, method in enumerate(args.methods, start=1):
         # every engine lives for the whole run (the methods alternate); on CUDA each KV pool is
@@ -192,9 +212,7 @@ def cmd_spec(args) -> None:
             share["async_scheduling"] = False
         llms[method] = LLM.from_config(engine_config(args, speculative_config=method_config(args, method, target),
                                                      speculative_model=None, num_speculative_tokens=None, **share))
-    tok = next(iter(llms.values())).get_tokenizer()
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": r["passage"] + "\n\n" + r["instruction"]}],
-                                                  add_generation_prompt=True), add_special_tokens=False) for r in rows]
+    prompts = chat_prompts(next(iter(llms.values())).get_tokenizer(), rows)
     for llm in llms.values():  # warm-up (and the draft's first forward)
         run_batch(llm, prompts[:2], 8, "warm")
     results = []
@@ -218,8 +236,8 @@ def cmd_spec(args) -> None:
               f"{_f(r.get('draft_ms_per_step'), 8)} {_f(r.get('bound'))} {_f(r.get('efficiency'))} "
               f"{r['outputs_identical']}")
     print(f"\nper decode step (ms; host = wall - wait, wait = blocked on the device for a step's result):\n"
-          f"{'method':>6} {'batch':>5} | {'plain':>5} {'ms':>6} {'host':>6} {'wait':>6} | "
-          f"{'verify':>6} {'ms':>6} {'host':>6} {'wait':>6} | verify/plain")
+          f"{'method':>6} {'batch':>5} | {'plain':>5} {'ms':>6} {'host':>6} {'wait':>6} {'launch':>6} | "
+          f"{'verify':>6} {'ms':>6} {'host':>6} {'wait':>6} {'launch':>6} | verify/plain")
     for r in results:
         p, v = r["plain_steps"], r["verify_steps"]
         ratio = f"{v['ms_per_step'] / p['ms_per_step']:.2f}" if p and v else "-"
@@ -230,10 +248,17 @@ def cmd_spec(args) -> None:
             json.dump(summary, f, indent=2)
 
 
+def chat_prompts(tok, rows: list[dict]) -> list[list[int]]:
+    """The set's {passage, instruction} rows as chat-templated prompt token ids."""
+    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": r["passage"] + "\n\n" + r["instruction"]}],
+                                               add_generation_prompt=True), add_special_tokens=False) for r in rows]
+
+
 def _split(ms: dict | None, width: int) -> str:
     if ms is None:
-        return f"{0:>{width}} {'-':>6} {'-':>6} {'-':>6}"
-    return f"{ms['steps']:>{width}} {ms['ms_per_step']:>6.3f} {ms['host_ms']:>6.3f} {ms['wait_ms']:>6.3f}"
+        return f"{0:>{width}} {'-':>6} {'-':>6} {'-':>6} {'-':>6}"
+    return (f"{ms['steps']:>{width}} {ms['ms_per_step']:>6.3f} {ms['host_ms']:>6.3f} {ms['wait_ms']:>6.3f} "
+            f"{ms['launch_ms']:>6.3f}")
 
 
 def _f(value, width: int = 6) -> str:

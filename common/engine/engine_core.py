@@ -118,6 +118,7 @@ class EngineCore:
         self._spec_overlap_next = False  # speculation: the step in flight lets the next launch first
         self.num_overlapped_steps = 0  # steps launched while the previous one was still running
         self.wait_seconds = 0.0  # host time blocked on the device for steps' results (bench spec: the split)
+        self.launch_seconds = 0.0  # speculative steps: host time scheduling, proposing and launching (ditto)
         self._progress = True  # the last step launched or completed something (see `stalled`)
 
     # ---- requests ---------------------------------------------------------------------------
@@ -243,7 +244,9 @@ class EngineCore:
         touched, outputs = self._apply(*inflight) if inflight is not None and not launch_first else ([], [])
         if launch_first:
             self._inflight = inflight  # counted as overlapped in _launch
+        t0 = time.perf_counter()
         launched, failed = self._launch()
+        self.launch_seconds += time.perf_counter() - t0
         if launch_first:
             touched, outputs = self._apply(*inflight)
         self._spec_overlap_next = launched is not None and not launch_first and can_overlap_next(self.runner.spec)

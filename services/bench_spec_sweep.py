@@ -1,0 +1,138 @@
+"""`pdserve bench spec --sweep`: n-gram settings compared without running them, from greedy outputs.
+
+Greedy outputs do not depend on speculation, so how n-gram proposals would fare for a setting
+(prompt_lookup_min, prompt_lookup_max, k) follows from the prompts and their greedy outputs
+alone: replay the engine's steps for one request at a time (batch 1) with the real lookup
+(spec_decode/ngram.py), accepting the longest prefix of the drafts that the output continues.
+
+The step pattern replayed is the overlapped engine's (spec_decode/pipeline.py):
+
+    lookup found drafts  -> a verify step: accepted + 1 tokens
+    lookup found nothing -> a plain step (1 token), and the step after it launches before that
+                            result is known: plain too, without a lookup (1 token)
+
+Predicted ms per output token from measured step costs (--plain-ms, --verify-ms: the `ms` of
+plain and verify steps in `pdserve bench spec`'s per-step table), per request
+(its decode steps' time / its tokens after the first, as bench spec's ms/token), averaged;
+speedup = --none-ms / that.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pdserve.common.engine.spec_decode.ngram import lookup
+
+
+@dataclass
+class Replay:
+    """One setting over a set of requests."""
+    steps: int = 0  # decode steps (after each request's first token)
+    verify_steps: int = 0  # steps carrying drafts
+    lookups: int = 0  # steps that ran the lookup (with room for drafts)
+    draft_tokens: int = 0
+    accepted: int = 0
+    tokens: int = 0  # output tokens after each request's first
+    ms_per_token: list = None  # per request, predicted
+
+    def row(self) -> dict:
+        return {"propose_fraction": self.verify_steps / max(self.lookups, 1),
+                "verify_fraction": self.verify_steps / max(self.steps, 1),
+                "acceptance": self.accepted / max(self.draft_tokens, 1),
+                "mean_accepted_length": 1 + self.accepted / max(self.verify_steps, 1),
+                "tokens_per_step": self.tokens / max(self.steps, 1),
+                "ms_per_token": sum(self.ms_per_token) / len(self.ms_per_token)}
+
+
+def replay(samples: list[tuple[list[int], list[int]]], min_n: int, max_n: int, k: int, max_tokens: int,
+           plain_ms: float, verify_ms: float) -> Replay:
+    """samples: (prompt ids, greedy output ids) per request -> the replayed steps' totals."""
+    r = Replay(ms_per_token=[])
+    for prompt, output in samples:
+        history = np.asarray(prompt + output, np.int32)
+        num_prompt, end = len(prompt), len(output)
+        # the first token comes from the prefill, which drafted nothing: the next step launches first
+        n, forced_plain, ms = 1, True, 0.0
+        while n < end:
+            r.steps += 1
+            room = min(k, max_tokens - n - 1)  # scheduler: max_draft_tokens
+            if forced_plain or room <= 0:
+                drafts = history[:0]
+            else:
+                r.lookups += 1
+                drafts = lookup(history[:num_prompt + n], min_n, max_n, room)
+            if drafts.size:
+                truth = history[num_prompt + n:num_prompt + n + drafts.size]
+                same = drafts[:truth.size] == truth
+                accepted = int(np.argmin(same)) if not same.all() else truth.size
+                r.verify_steps += 1
+                r.draft_tokens += drafts.size
+                r.accepted += accepted
+                gained = min(accepted + 1, end - n)
+                ms += verify_ms
+                forced_plain = False
+            else:
+                gained = 1
+                ms += plain_ms
+                forced_plain = not forced_plain  # a step without drafts lets the next launch first
+            n += gained
+        r.tokens += end - 1
+        if end > 1:
+            r.ms_per_token.append(ms / (end - 1))
+    return r
+
+
+def sweep(samples, mins, maxs, ks, max_tokens: int, plain_ms: float, verify_ms: float, none_ms: float) -> list[dict]:
+    rows = []
+    for lo in mins:
+        for hi in maxs:
+            if lo > hi:
+                continue
+            for k in ks:
+                row = replay(samples, lo, hi, k, max_tokens, plain_ms, verify_ms).row()
+                row.update(prompt_lookup_min=lo, prompt_lookup_max=hi, k=k, speedup=none_ms / row["ms_per_token"])
+                rows.append(row)
+    return rows
+
+
+def print_sweep(rows: list[dict]) -> None:
+    print(f"{'min':>3} {'max':>3} {'k':>2} | {'propose':>7} {'verify':>6} {'accept':>6} {'mean len':>8} "
+          f"{'tok/step':>8} | {'ms/tok':>6} {'speedup':>7}")
+    for r in sorted(rows, key=lambda r: r["ms_per_token"]):
+        print(f"{r['prompt_lookup_min']:>3} {r['prompt_lookup_max']:>3} {r['k']:>2} | {r['propose_fraction']:>7.2f} "
+              f"{r['verify_fraction']:>6.2f} {r['acceptance']:>6.2f} {r['mean_accepted_length']:>8.2f} "
+              f"{r['tokens_per_step']:>8.2f} | {r['ms_per_token']:>6.3f} {r['speedup']:>7.2f}")
+
+
+# Step costs of SmolLM2 (packaged GGUF) bf16 on one H200 at batch 1 (docs/benchmarks.md, issue 14)
+H200_NONE_MS, H200_PLAIN_MS, H200_VERIFY_MS = 0.940, 1.058, 1.414
+
+
+def add_sweep_args(p) -> None:
+    p.add_argument("--sweep", action="store_true",
+                   help="replay n-gram settings (--sweep-min/-max/-k) on greedy outputs instead of running them "
+                        "(batch 1, the first --sequential-prompts prompts); predicted ms/token from step costs")
+    p.add_argument("--sweep-min", type=int, nargs="+", default=[1, 2, 3], help="prompt_lookup_min values (default: %(default)s)")
+    p.add_argument("--sweep-max", type=int, nargs="+", default=[3, 4, 5], help="prompt_lookup_max values (default: %(default)s)")
+    p.add_argument("--sweep-k", type=int, nargs="+", default=[3, 4, 5, 6, 8], help="k values (default: %(default)s)")
+    p.add_argument("--none-ms", type=float, default=H200_NONE_MS, help="ms/token without speculation (default: %(default)s, H200 bf16)")
+    p.add_argument("--plain-ms", type=float, default=H200_PLAIN_MS, help="ms of a step without drafts (default: %(default)s)")
+    p.add_argument("--verify-ms", type=float, default=H200_VERIFY_MS, help="ms of a verify step (default: %(default)s)")
+
+
+def run_sweep(args, llm, prompts: list[list[int]]) -> None:
+    from pdserve.common.sampling_params import SamplingParams
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(temperature=0, max_tokens=args.max_tokens), use_tqdm=False)
+    samples = [(p, list(o.outputs[0].token_ids)) for p, o in zip(prompts, outs)]
+    rows = sweep(samples, args.sweep_min, args.sweep_max, args.sweep_k, args.max_tokens,
+                 args.plain_ms, args.verify_ms, args.none_ms)
+    print(f"{len(samples)} prompts, {sum(len(o) for _, o in samples)} greedy tokens; step costs: plain {args.plain_ms} ms, "
+          f"verify {args.verify_ms} ms, none {args.none_ms} ms/token")
+    print_sweep(rows)
+    if args.json_out:
+        import json
+        with open(args.json_out, "w") as f:
+            json.dump(rows, f, indent=2)
