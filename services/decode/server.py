@@ -18,6 +18,7 @@ load. Every worker carries this service next to the Prefill service (services/wo
 from __future__ import annotations
 
 import asyncio
+from contextlib import aclosing
 
 import grpc
 
@@ -68,13 +69,25 @@ class LeaseReleaser:
 
 
 class DecodeServicer(pb_grpc.DecodeServicer):
-    def __init__(self, state: WorkerState, connector: PullConnector, stream_interval_s: float = 0.0):
+    def __init__(self, state: WorkerState, connector: PullConnector, stream_interval_s: float = 0.0,
+                 max_messages_per_s: float = 0.0):
         if not stream_interval_s >= 0:
             raise ConfigError(f"--stream-interval-ms must be >= 0, got {stream_interval_s * 1000}")
+        if not max_messages_per_s >= 0:
+            raise ConfigError(f"--stream-messages-per-s must be >= 0, got {max_messages_per_s}")
         self.state = state
         self.engine = state.engine
         self.connector = connector
         self.stream_interval_s = stream_interval_s
+        self.max_messages_per_s = max_messages_per_s
+        self.open_streams = 0
+
+    def interval_s(self) -> float:
+        """A stream's wait between messages now: the configured interval, or longer while so many
+        streams are open that together they would send more than max_messages_per_s."""
+        if not self.max_messages_per_s:
+            return self.stream_interval_s
+        return max(self.stream_interval_s, self.open_streams / self.max_messages_per_s)
 
     async def Decode(self, request: pb.DecodeRequest, context):
         params, prompt = await self.state.checked_request(request, context)
@@ -84,6 +97,18 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         finished = [s.index for s in seqs if s.finished]
         spec = pull_spec(request.handle) if request.HasField("handle") and given else None
         done = set(finished)
+        self.open_streams += 1
+        try:
+            async with aclosing(self._chunks(rid, prompt, params, given, spec, finished, done)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+                    interval = self.interval_s()
+                    if interval and not chunk.finished:
+                        await asyncio.sleep(interval)  # the steps meanwhile: one message
+        finally:
+            self.open_streams -= 1
+
+    async def _chunks(self, rid, prompt, params, given, spec, finished, done):
         first = True
         async for outs in self.engine.stream(rid, prompt, params, output_token_ids=given, kv_transfer=spec,
                                              finished_indices=finished):
@@ -107,8 +132,6 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                     chunk.kv_transfer_error = result.error or ""
             chunk.finished = len(done) == params.n
             yield chunk
-            if self.stream_interval_s and not chunk.finished:
-                await asyncio.sleep(self.stream_interval_s)  # the steps meanwhile: one message
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         """Finish sequences of a running request (a stop string the router matched)."""

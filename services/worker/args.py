@@ -30,6 +30,11 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                         "coalesced into one message; the first token is never held (0: one message per step; "
                         "under load the router's per-message cost is 1P1D's limit: at 100 req/s on two H200s, "
                         "20 ms took TTFT p90 from 8.8 s to 0.36 s, docs/benchmarks.md)")
+    p.add_argument("--stream-messages-per-s", type=float, default=2000.0,
+                   help="decode: at most about this many messages a second over all open streams: with many "
+                        "streams each one's interval grows past --stream-interval-ms to streams / this (every "
+                        "message costs the decode's GIL a gRPC write, and protobuf's allocator a trim every "
+                        "10,000; 0: no cap)")
     p.add_argument("--kv-events-interval", type=float, default=0.1,
                    help="seconds between publications of prefix-cache changes to the prefix index")
     p.add_argument("--internal-token", default=env_flag("PDSERVE_INTERNAL_TOKEN"),

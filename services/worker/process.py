@@ -132,7 +132,8 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
     grpc_address = f"{args.advertise_host}:{port}"
     pb_grpc.add_PrefillServicer_to_server(
         PrefillServicer(state, lease, grpc_address, kv.shards, args.kv_transport), server)
-    pb_grpc.add_DecodeServicer_to_server(DecodeServicer(state, pull, args.stream_interval_ms / 1000), server)
+    pb_grpc.add_DecodeServicer_to_server(DecodeServicer(state, pull, args.stream_interval_ms / 1000,
+                                                             args.stream_messages_per_s), server)
     await server.start()
 
     name = engine.model_name

@@ -1,6 +1,6 @@
-"""Decode's `--stream-interval-ms` (issue 11, docs/decisions/load-1p1d.md): a decode worker that
-waits between messages sends a request's steps coalesced, fewer DecodeChunks than tokens, the
-same tokens; through the router the OpenAI client still gets every token. Real processes: redis,
+"""Decode's `--stream-interval-ms` and `--stream-messages-per-s` (issue 11,
+docs/decisions/load-1p1d.md): a decode worker that waits between messages sends a request's steps
+coalesced, fewer DecodeChunks than tokens, the same tokens; through the router the OpenAI client still gets every token. Real processes: redis,
 prefill and decode workers, router, gRPC on 127.0.0.1."""
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ def _decode(address: str, ids: list[int]) -> list[pb.DecodeChunk]:
 
 def test_stream_interval_coalesces_decode_messages(tiny_models):
     stack = Stack(tiny_models["llama"], prefill=[[]],
-                  decode=[["--stream-interval-ms", str(INTERVAL_MS)], ["--stream-interval-ms", "0"]])
+                  decode=[["--stream-interval-ms", str(INTERVAL_MS)],
+                          ["--stream-interval-ms", "0", "--stream-messages-per-s", "0"],
+                          ["--stream-interval-ms", "0", "--stream-messages-per-s", str(1000 / INTERVAL_MS)]])
     try:
         inst = {i["instance_id"]: i for i in stack.stats()["instances"]}
         ids = [1, 17, 230, 31, 9, 402, 77, 5]
@@ -50,9 +52,15 @@ def test_stream_interval_coalesces_decode_messages(tiny_models):
         # one per elapsed interval, and the final one
         assert len(paced) <= paced_s * 1000 / INTERVAL_MS + 2, ([len(tokens([c])) for c in paced], paced_s)
         assert paced[-1].finished and not any(c.finished for c in paced[:-1])
+        # a cap on messages a second over all open streams paces a lone stream the same way
+        start = time.monotonic()
+        capped = _decode(inst["decode-2"]["grpc_address"], ids)
+        capped_s = time.monotonic() - start
+        assert tokens(capped) == tokens(plain)
+        assert len(capped) < len(plain) and len(capped) <= capped_s * 1000 / INTERVAL_MS + 2
 
         c = openai.OpenAI(base_url=stack.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
-        for _ in range(2):  # the router places them by load: both decodes are used
+        for _ in range(3):  # the router places them by load: every decode is used
             usage = None
             for chunk in c.completions.create(model=c.models.list().data[0].id, prompt=ids, max_tokens=NUM_TOKENS,
                                               temperature=0, stream=True, stream_options={"include_usage": True},
