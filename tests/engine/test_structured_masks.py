@@ -40,11 +40,11 @@ def allowed(row: np.ndarray, stop_ids) -> list[int]:
     return [int(t) for t in ids if t not in stop_ids]
 
 
-@pytest.mark.parametrize("num_threads", [1, 3])
-def test_batched_steps_equal_one_matcher_one_token_at_a_time(tokenizer, num_threads):
-    """num_threads 3: the 5 grammar rows split over 2 threads (the engine's and a worker)."""
+@pytest.mark.parametrize("num_threads,num_shares", [(1, 1), (3, 1), (3, 2)])
+def test_batched_steps_equal_one_matcher_one_token_at_a_time(tokenizer, num_threads, num_shares):
+    """(3, 1): xgrammar's own threads fill the 5 grammar rows; (3, 2): two worker shares."""
     eos = tuple(tokenizer.eos_token_ids)
-    manager = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=num_threads)
+    manager = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=num_threads, num_shares=num_shares)
     grammar = SamplingParams(temperature=0, structured_outputs={"json": SCHEMA})
     given = tokenizer.encode('{"name": "ab', add_special_tokens=False)
     reqs = [Request(f"r{i}", [1, 2, 3], grammar, eos) for i in range(4)]
@@ -145,13 +145,13 @@ def test_pinned_ring_copies_and_guards_reuse():
 
 
 def test_fill_beside_the_engine_thread_equals_serial_fill(tokenizer):
-    """The engine's overlapped order: start_fill(k) returns before step k-1's tokens exist (the
-    workers wait for them), the engine thread appends them and runs update() while the rows are
-    filled, then joins. Masks and update() results equal a serial fill's, step by step, including a
+    """The engine's overlapped order without the runner's hook: start_fill(k) returns before step
+    k-1's tokens exist, the engine thread appends them and runs update() (which accepts them and
+    starts the fill: nothing called tokens_arrived), then joins. Masks and update() results equal a serial fill's, step by step, including a
     request aborted while its fill runs (its state is dropped, the fill still completes)."""
     eos = tuple(tokenizer.eos_token_ids)
     serial = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=1)
-    beside = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=3)
+    beside = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=3, num_shares=3)
     grammar = SamplingParams(temperature=0, structured_outputs={"json": SCHEMA})
     reqs = [Request(f"r{i}", [1, 2, 3], grammar, eos) for i in range(9)]
     reqs.append(Request("bad", [1, 2, 3], SamplingParams(temperature=0, bad_words=["name"]), eos))
@@ -192,20 +192,20 @@ def test_fill_beside_the_engine_thread_equals_serial_fill(tokenizer):
 
 def test_shares_no_worker_started_run_on_the_engine_thread(tokenizer):
     """Every worker busy: the engine thread takes the queued shares back when it waits for them
-    (update, join), once each, and the mask is the serial fill's."""
+    to start (here in start_fill: every token is on the host), once each, and the mask is the
+    serial fill's."""
     eos = tuple(tokenizer.eos_token_ids)
     serial = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=1)
-    beside = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=2)
+    beside = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=2, num_shares=2)
     grammar = SamplingParams(temperature=0, structured_outputs={"json": SCHEMA})
     given = tokenizer.encode('{"name": "x', add_special_tokens=False)
     reqs = [Request(f"r{i}", [1, 2, 3], grammar, eos, output_token_ids=given[:1 + i % 3]) for i in range(8)]
     rows = [scheduled(r, False) for r in reqs]
     gate = threading.Event()
-    pool = beside._workers._workers()
-    busy = [pool.submit(gate.wait, 10) for _ in range(2)]
+    busy = beside._workers.submit(lambda k, share: gate.wait(10), [[], []])
     try:
-        fill = beside.start_fill(rows)
-        assert beside.update(reqs) == ([], [])  # waits for `accepted`: takes the shares back
+        fill = beside.start_fill(rows)  # accepts, then takes both shares back
+        assert beside.update(reqs) == ([], [])
         mask = fill.join()
         assert fill.num_taken_back == 2 and beside.stats.num_shares_taken_back == 2
     finally:
