@@ -15,8 +15,9 @@ mode is the median over rounds, and `ratio` = constrained / unconstrained.
 
 Per timed step of the constrained mode, from the manager's `MaskStats` (common/engine/mask_fill.py):
 `accept_ms_per_step`: engine thread, where step k-1's tokens land on the host: every grammar row
-accepts its token (one batched xgrammar call), then the fill of step k's mask is handed to the
-workers (until each share is inside its xgrammar call); `fill_ms_per_step`: the workers, from
+accepts its token (one batched xgrammar call); `start_ms_per_step`: engine thread, the fill of
+step k's mask handed to the workers, until each share is inside its xgrammar call (a thread
+wake-up when cores are idle); `fill_ms_per_step`: the workers, from
 that start to every row filled (wall time, beside the engine thread's completion of step k-1 and
 scheduling of step k+1); `join_ms_per_step`: the engine thread blocked waiting for that fill
 before step k's sampler (the fill's time NOT hidden behind the engine thread's own work);
@@ -24,8 +25,8 @@ before step k's sampler (the fill's time NOT hidden behind the engine thread's o
 the fill; normally nothing left to accept); `shares_taken_back` (per round): shares no worker had
 picked up when the engine thread needed them (it ran them itself: a busy host). These say what
 the grammar costs independently of how long the forward happened to take: the engine thread's
-own cost is accept + join + update, and the mask is free while accept + fill stays below the
-device's step (and accept + join + update + its other host work too).
+own cost is accept + start + join + update, and the mask is free while accept + start + fill
+stays below the device's step (and the engine thread's cost plus its other host work too).
 
 Grammar rows keep overlapped steps (async scheduling, the default on CUDA): the mask of step k
 is filled on the worker threads while step k's forward runs on the device and the engine thread
@@ -127,7 +128,8 @@ def full_batch_rate(engine, prompts: list[list[int]], params, tag: str) -> dict:
     for i, p in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", p, params)
     stats = engine.structured.stats
-    fields = ("accept_seconds", "fill_seconds", "join_seconds", "update_seconds", "num_shares_taken_back")
+    fields = ("accept_seconds", "start_seconds", "fill_seconds", "join_seconds", "update_seconds",
+              "num_shares_taken_back")
     sums = dict.fromkeys(fields, 0)
     tokens = seconds = steps = 0
     seen_prefill = False
@@ -145,7 +147,7 @@ def full_batch_rate(engine, prompts: list[list[int]], params, tag: str) -> dict:
             seen_prefill = True
     per_step = (lambda x: 1000 * x / steps) if steps else (lambda x: None)
     return {"tok_per_s": tokens / seconds if seconds else None, "steps": steps, "ms_per_step": per_step(seconds),
-            **{f.replace("_seconds", "_ms_per_step"): per_step(sums[f]) for f in fields[:4]},
+            **{f.replace("_seconds", "_ms_per_step"): per_step(sums[f]) for f in fields[:-1]},
             "shares_taken_back": sums["num_shares_taken_back"]}
 
 
@@ -205,15 +207,16 @@ def main_args(args) -> dict | None:
                 continue
             rs, mode = runs[name], row[name]
             mode["grammar_threads"], mode["grammar_shares"] = config
-            for f in ("accept_ms_per_step", "fill_ms_per_step", "join_ms_per_step", "update_ms_per_step"):
+            for f in ("accept_ms_per_step", "start_ms_per_step", "fill_ms_per_step", "join_ms_per_step",
+                      "update_ms_per_step"):
                 mode[f] = _median([x[f] for x in rs])
             mode["shares_taken_back"] = [x["shares_taken_back"] for x in rs]
             if row["none"]["tok_per_s"] and mode["tok_per_s"]:
                 mode["ratio"] = round(mode["tok_per_s"] / row["none"]["tok_per_s"], 3)
             print(f"batch {b:>3}: unconstrained {row['none']['tok_per_s']} tok/s, {name} (grammar threads "
                   f"{config[0]}, shares {config[1]}) {mode['tok_per_s']} tok/s, ratio {mode.get('ratio')}; step "
-                  f"{row['none']['ms_per_step']} vs {mode['ms_per_step']} ms; engine thread: accept + fill start "
-                  f"{mode['accept_ms_per_step']} ms, blocked in join {mode['join_ms_per_step']} ms, in update "
+                  f"{row['none']['ms_per_step']} vs {mode['ms_per_step']} ms; engine thread: accept "
+                  f"{mode['accept_ms_per_step']} ms, fill start {mode['start_ms_per_step']} ms, blocked in join {mode['join_ms_per_step']} ms, in update "
                   f"{mode['update_ms_per_step']} ms; workers filling {mode['fill_ms_per_step']} ms (beside the "
                   f"engine thread); shares the engine thread ran itself {mode['shares_taken_back']}", flush=True)
         row["ratio"] = row["json_schema"].get("ratio")

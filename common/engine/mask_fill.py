@@ -122,7 +122,8 @@ class MaskFill:
         self._stop_ids = stop_ids
         self._workers = workers
         self._finish = finish  # manager: host bitmask -> device tensor, stats
-        self.accept_seconds = 0.0  # engine thread: the accept, then until every share started
+        self.accept_seconds = 0.0  # engine thread: the batched accept
+        self.start_seconds = 0.0  # engine thread: the hand-off, until every share is inside its call
         self.started_at: float | None = None  # the tokens accepted, the shares handed to the workers
         self.done_at: list[float] = []  # per share: its rows filled
         self.joined_at: float | None = None  # the engine thread asked for the bitmask
@@ -167,6 +168,7 @@ class MaskFill:
         self._errors = [None] * num
         self._taken = [False] * num
         self.started_at = time.perf_counter()
+        self.accept_seconds = self.started_at - t0
         if num_live:
             self._futures = self._workers.submit(self._run_share, self._shares)
             for k, event in enumerate(self._started):  # a starved pool: the share runs here
@@ -175,7 +177,7 @@ class MaskFill:
         else:  # allowed_token_ids / bad_words only: numpy rows, no hand-off
             self._futures, self._taken = [None], [True]
             self._run_share(0, self._shares[0])
-        self.accept_seconds = time.perf_counter() - t0
+        self.start_seconds = time.perf_counter() - self.started_at
 
     def cancel(self) -> None:
         """Never joined (its step failed): a fill not started stays so; a started one finishes."""

@@ -37,8 +37,9 @@ sampled; a resubmitted request carries what it had generated) advance it like sa
 whoever created the Request. Overlapped steps keep running: a row whose previous token is still
 in flight (its input is PLACEHOLDER_TOKEN) gets that token from `inflight_token(req_id)` once
 the previous step's tokens are on the host (the runner has already queued this step's forward
-behind it), and the matcher accepts it ahead of update(), which then finds it consumed. A row whose matcher terminated on that token (the extra step of an ending request,
-whose token update() drops) or broke is left unmasked.
+behind it), and the matcher accepts it ahead of update(), which then finds it consumed. A row
+whose matcher terminated on that token (the extra step of an ending request, whose token
+update() drops) or broke is left unmasked.
 
 A matcher accepts EOS only where the grammar may end and then terminates; a request whose
 matcher terminated (e.g. with ignore_eos) finishes as stopped. Bad words follow vLLM: each word is
@@ -152,7 +153,8 @@ class GrammarCompiler:
 class MaskStats:
     """Host time of constrained decoding, summed over steps (benchmarks read deltas of it)."""
     num_fills: int = 0  # steps whose bitmask was filled
-    accept_seconds: float = 0.0  # engine thread: the previous step's tokens accepted, the fill started
+    accept_seconds: float = 0.0  # engine thread: the previous step's tokens accepted (one batched call)
+    start_seconds: float = 0.0  # engine thread: the fill handed to the workers, until each share runs
     fill_seconds: float = 0.0  # worker threads: the fill started -> every row filled
     join_seconds: float = 0.0  # engine thread blocked in join, waiting for the fill (exposed host time)
     update_seconds: float = 0.0  # engine thread: matchers advanced by a step's other new tokens after it
@@ -240,6 +242,7 @@ class StructuredOutputManager:
         stats = self.stats
         stats.num_fills += 1
         stats.accept_seconds += fill.accept_seconds
+        stats.start_seconds += fill.start_seconds
         if fill.done_at and fill.started_at is not None:
             stats.fill_seconds += max(fill.done_at) - fill.started_at
         stats.join_seconds += t0 - fill.joined_at
