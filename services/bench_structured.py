@@ -13,22 +13,26 @@ all B requests produce a token, so requests that end early (a completed grammar)
 not change the batch being compared. tok/s = tokens of those steps / their wall time; the figure per
 mode is the median over rounds, and `ratio` = constrained / unconstrained.
 
-`mask_ms_per_step`: host time of the constrained mode's own work per timed step, from the
-manager's `MaskStats`: fill (on the grammar worker threads: advance the matchers by the token in
-flight, xgrammar's bitmask) + update (engine thread: advance the matchers by a finished step's
-tokens, normally already done by the fill). The workers' wait for the previous step's tokens is
-device time and is reported apart (`wait_ms_per_step`); `join_ms_per_step` is what the engine
-thread spent blocked waiting for a fill, the grammar's host time not hidden behind the engine
-thread's own work (common/engine/mask_fill.py), and `update_ms_per_step` the engine thread's
-time in update (normally waiting for the fill's accept of the in-flight tokens); `shares_taken_back` (per round) counts shares no
-worker had started when the engine thread needed them (it ran them itself: a busy host). On a shared, noisy machine these say what the
-grammar costs independently of how long the forward happened to take; the grammar is hidden
-behind the forward while the fill, and the engine thread's host work beside it, stay below the
-device's step time.
+Per timed step of the constrained mode, from the manager's `MaskStats` (common/engine/mask_fill.py):
+`accept_ms_per_step`: engine thread, where step k-1's tokens land on the host: every grammar row
+accepts its token (one batched xgrammar call); `start_ms_per_step`: engine thread, the fill of
+step k's mask handed to the workers, until each share is inside its xgrammar call (a thread
+wake-up when cores are idle); `fill_ms_per_step`: the workers, from
+that start to every row filled (wall time, beside the engine thread's completion of step k-1 and
+scheduling of step k+1); `join_ms_per_step`: the engine thread blocked waiting for that fill
+before step k's sampler (the fill's time NOT hidden behind the engine thread's own work);
+`update_ms_per_step`: the engine thread in update after scheduler.update (tokens of rows not in
+the fill; normally nothing left to accept); `shares_taken_back` (per round): shares no worker had
+picked up when the engine thread needed them (it ran them itself: a busy host). These say what
+the grammar costs independently of how long the forward happened to take: the engine thread's
+own cost is accept + start + join + update, and the mask is free while accept + start + fill
+stays below the device's step (and the engine thread's cost plus its other host work too).
 
 Grammar rows keep overlapped steps (async scheduling, the default on CUDA): the mask of step k
 is filled on the worker threads while step k's forward runs on the device and the engine thread
 completes step k-1, from the token step k-1 sampled, and applied on the device before sampling.
+`--grammar-threads` / `--grammar-shares` take several values: each pair (shares <= threads) is
+its own constrained mode in the same rounds (a sweep; `json_schema` is the first pair).
 
 `--shape llama3-8b` writes bench_gpu's Llama-3-8B config (vocab 128256) to a temp folder with
 dummy weights; the tokenizer is SmolLM2's (`--tokenizer DIR`: an HF tokenizer folder, e.g. the
@@ -78,9 +82,12 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts")
     p.add_argument("--tokenizer", default=None,
                    help="HF tokenizer folder (default: SmolLM2's, from the packaged GGUF)")
-    p.add_argument("--grammar-threads", type=int, default=None,
-                   help="threads advancing a step's matchers and filling its mask rows (default: half the "
-                        "usable cores, at most 8)")
+    p.add_argument("--grammar-threads", type=int, nargs="+", default=None,
+                   help="threads filling a step's mask rows (default: half the usable cores, at most 8); "
+                        "several: a sweep, one constrained mode each")
+    p.add_argument("--grammar-shares", type=int, nargs="+", default=[1],
+                   help="Python worker threads among them, one xgrammar call each (the rest: xgrammar's "
+                        "C++ threads); several: a sweep")
     p.add_argument("--export-tokenizer", default=None, metavar="DIR",
                    help="write SmolLM2's tokenizer (from the packaged GGUF) to DIR as an HF folder and exit")
     p.add_argument("--json-out", default=None, help="write the results here")
@@ -121,28 +128,27 @@ def full_batch_rate(engine, prompts: list[list[int]], params, tag: str) -> dict:
     for i, p in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", p, params)
     stats = engine.structured.stats
-    tokens = seconds = steps = mask = wait = join = upd = taken = 0
+    fields = ("accept_seconds", "start_seconds", "fill_seconds", "join_seconds", "update_seconds",
+              "num_shares_taken_back")
+    sums = dict.fromkeys(fields, 0)
+    tokens = seconds = steps = 0
     seen_prefill = False
     while engine.has_unfinished():
         before = engine.num_generated_tokens
-        mask_before, wait_before = stats.fill_seconds + stats.update_seconds, stats.wait_seconds
-        join_before, taken_before, upd_before = stats.join_seconds, stats.num_shares_taken_back, stats.update_seconds
+        stats_before = {f: getattr(stats, f) for f in fields}
         t0 = time.perf_counter()
         engine.step()
         dt = time.perf_counter() - t0
         if engine.num_generated_tokens - before == n:
             if seen_prefill:
                 tokens, seconds, steps = tokens + n, seconds + dt, steps + 1
-                mask += stats.fill_seconds + stats.update_seconds - mask_before
-                wait += stats.wait_seconds - wait_before
-                join += stats.join_seconds - join_before
-                upd += stats.update_seconds - upd_before
-                taken += stats.num_shares_taken_back - taken_before
+                for f in fields:
+                    sums[f] += getattr(stats, f) - stats_before[f]
             seen_prefill = True
     per_step = (lambda x: 1000 * x / steps) if steps else (lambda x: None)
-    return {"tok_per_s": tokens / seconds if seconds else None, "steps": steps,
-            "ms_per_step": per_step(seconds), "mask_ms_per_step": per_step(mask), "wait_ms_per_step": per_step(wait),
-            "join_ms_per_step": per_step(join), "update_ms_per_step": per_step(upd), "shares_taken_back": taken}
+    return {"tok_per_s": tokens / seconds if seconds else None, "steps": steps, "ms_per_step": per_step(seconds),
+            **{f.replace("_seconds", "_ms_per_step"): per_step(sums[f]) for f in fields[:-1]},
+            "shares_taken_back": sums["num_shares_taken_back"]}
 
 
 def export_tokenizer(folder: str) -> None:
@@ -163,48 +169,61 @@ def main_args(args) -> dict | None:
         export_tokenizer(args.export_tokenizer)
         return None
     engine = build_engine(args)
-    if args.grammar_threads is not None:
-        engine.structured.num_threads = args.grammar_threads
     rng = random.Random(args.seed)
     vocab = min(engine.arch.vocab_size, engine.tokenizer.vocab_size)
-    modes = {"none": SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True),
-             "json_schema": SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True,
-                                           structured_outputs={"json": SCHEMA})}
+    plain = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
+    grammar = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True,
+                             structured_outputs={"json": SCHEMA})
+    configs = [(t, s) for t in (args.grammar_threads or [engine.structured.num_threads])
+               for s in args.grammar_shares if s <= t]
+    if not configs:
+        raise SystemExit("--grammar-shares: every value is above every --grammar-threads value")
+    modes = {"none": (plain, None), "json_schema": (grammar, configs[0])}
+    modes.update({f"json_schema_t{t}s{s}": (grammar, (t, s)) for t, s in configs[1:]})
 
     def prompts(b):
         return [[rng.randrange(100, vocab) for _ in range(args.input_len)] for _ in range(b)]
-    for name, params in modes.items():  # warm-up: kernels, graphs, the grammar's compile
-        full_batch_rate(engine, prompts(2), params, f"warm-{name}")
+    def run(name, b, tag):
+        params, config = modes[name]
+        if config is not None:
+            engine.structured.set_threads(*config)
+        return full_batch_rate(engine, prompts(b), params, tag)
+    for name in modes:  # warm-up: kernels, graphs, the grammar's compile
+        run(name, 2, f"warm-{name}")
     results = []
     for b in args.batch_sizes:
         runs = {name: [] for name in modes}
         for r in range(args.rounds):
-            for name, params in modes.items():
-                runs[name].append(full_batch_rate(engine, prompts(b), params, f"b{b}-{name}-{r}"))
+            for name in modes:
+                runs[name].append(run(name, b, f"b{b}-{name}-{r}"))
         row = {"batch_size": b}
         for name, rs in runs.items():
             rates = [x["tok_per_s"] for x in rs if x["tok_per_s"]]
             row[name] = {"tok_per_s": round(statistics.median(rates), 1) if rates else None,
                          "ms_per_step": _median([x["ms_per_step"] for x in rs]),
                          "full_steps": [x["steps"] for x in rs], "all_tok_per_s": [round(x, 1) for x in rates]}
-        row["mask_ms_per_step"] = _median([x["mask_ms_per_step"] for x in runs["json_schema"]])
-        row["wait_ms_per_step"] = _median([x["wait_ms_per_step"] for x in runs["json_schema"]])
-        row["join_ms_per_step"] = _median([x["join_ms_per_step"] for x in runs["json_schema"]])
-        row["update_ms_per_step"] = _median([x["update_ms_per_step"] for x in runs["json_schema"]])
-        row["shares_taken_back"] = [x["shares_taken_back"] for x in runs["json_schema"]]
-        if row["none"]["tok_per_s"] and row["json_schema"]["tok_per_s"]:
-            row["ratio"] = round(row["json_schema"]["tok_per_s"] / row["none"]["tok_per_s"], 3)
+        for name, (_, config) in modes.items():
+            if config is None:
+                continue
+            rs, mode = runs[name], row[name]
+            mode["grammar_threads"], mode["grammar_shares"] = config
+            for f in ("accept_ms_per_step", "start_ms_per_step", "fill_ms_per_step", "join_ms_per_step",
+                      "update_ms_per_step"):
+                mode[f] = _median([x[f] for x in rs])
+            mode["shares_taken_back"] = [x["shares_taken_back"] for x in rs]
+            if row["none"]["tok_per_s"] and mode["tok_per_s"]:
+                mode["ratio"] = round(mode["tok_per_s"] / row["none"]["tok_per_s"], 3)
+            print(f"batch {b:>3}: unconstrained {row['none']['tok_per_s']} tok/s, {name} (grammar threads "
+                  f"{config[0]}, shares {config[1]}) {mode['tok_per_s']} tok/s, ratio {mode.get('ratio')}; step "
+                  f"{row['none']['ms_per_step']} vs {mode['ms_per_step']} ms; engine thread: accept "
+                  f"{mode['accept_ms_per_step']} ms, fill start {mode['start_ms_per_step']} ms, blocked in join {mode['join_ms_per_step']} ms, in update "
+                  f"{mode['update_ms_per_step']} ms; workers filling {mode['fill_ms_per_step']} ms (beside the "
+                  f"engine thread); shares the engine thread ran itself {mode['shares_taken_back']}", flush=True)
+        row["ratio"] = row["json_schema"].get("ratio")
         results.append(row)
-        print(f"batch {b:>3}: unconstrained {row['none']['tok_per_s']} tok/s, json_schema "
-              f"{row['json_schema']['tok_per_s']} tok/s, ratio {row.get('ratio')}; step "
-              f"{row['none']['ms_per_step']} vs {row['json_schema']['ms_per_step']} ms; grammar fill+update "
-              f"{row['mask_ms_per_step']} ms (host, mostly on worker threads), engine thread in update "
-              f"{row['update_ms_per_step']} ms and blocked in join {row['join_ms_per_step']} ms, workers waiting for the previous step's tokens "
-              f"{row['wait_ms_per_step']} ms; shares the engine thread ran itself {row['shares_taken_back']}",
-              flush=True)
     summary = {"bench": "structured", "shape": args.shape, "device": str(engine.runner.device),
                "async_scheduling": engine.async_scheduling, "input_len": args.input_len,
-               "output_len": args.output_len, "rounds": args.rounds, "grammar_threads": engine.structured.num_threads,
+               "output_len": args.output_len, "rounds": args.rounds,
                "results": results}
     print(json.dumps(summary))
     if args.json_out:

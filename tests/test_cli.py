@@ -89,13 +89,17 @@ def test_bench_structured_and_tool_flags(tmp_path):
     out = tmp_path / "s.json"
     proc = pdserve("bench", "structured", "--shape", "tiny", "--batch-sizes", "2", "--input-len", "8",
                    "--output-len", "6", "--rounds", "1", "--tokenizer", str(tok), "--grammar-threads", "2",
-                   "--json-out", str(out))
+                   "--grammar-shares", "1", "2", "--json-out", str(out))
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     row = report["results"][0]
     assert row["batch_size"] == 2 and row["none"]["tok_per_s"] > 0 and row["json_schema"]["full_steps"] == [5]
-    assert "ratio" in row and "json_schema" in proc.stdout and report["grammar_threads"] == 2
-    assert row["mask_ms_per_step"] > 0 and row["wait_ms_per_step"] >= 0
+    assert "ratio" in row and "json_schema" in proc.stdout
+    grammar, sweep = row["json_schema"], row["json_schema_t2s2"]  # the second (threads, shares) pair
+    assert (grammar["grammar_threads"], grammar["grammar_shares"]) == (2, 1) and sweep["grammar_shares"] == 2
+    for mode in (grammar, sweep):  # the engine thread accepts, the workers fill
+        assert mode["accept_ms_per_step"] > 0 and mode["fill_ms_per_step"] > 0 and mode["update_ms_per_step"] >= 0
+        assert mode["full_steps"] == [5] and mode["ratio"] > 0
     # 6 tokens: the prefill step samples the first, the 5 decode steps after it are timed
     bad = pdserve("serve", "--enable-auto-tool-choice")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [

@@ -1,16 +1,18 @@
-"""A step's matcher work split over threads: rows of a batch are independent.
+"""The threads that fill a step's grammar mask rows beside the engine thread (mask_fill.py).
 
-xgrammar's calls release the GIL (tvm-ffi's default), and per row they are long (on the 2-core
-dev box, within a JSON string of SmolLM2's vocabulary padded to 128256: accepting a token
-~17-40 us, filling its mask ~100-300 us), so threads run them in parallel. xgrammar's own
-`BatchGrammarMatcher` parallelizes the mask fill only; accepting the token in flight must come
-first and is serial there. Here each thread takes a strided share of the rows and does both:
+xgrammar's calls release the GIL (tvm-ffi's default) and a mask row is long (on the 2-core dev
+box, within a JSON string, 128256 wide: ~100-300 us), so the rows of a step are filled in
+parallel. Two knobs, both in the manager (StructuredOutputManager(num_threads=, num_shares=)):
 
-    rows 0..B-1 --> share k: rows k, k + n, k + 2n, ...   accept its tokens, fill its mask rows
-                    (n = min(num_threads, ceil(B / MIN_ROWS_PER_THREAD)))
+    num_shares   Python worker threads; the rows are split into strided shares, one xgrammar
+                 call each (rows k, k + n, ...). Each share costs two GIL hand-offs (its start,
+                 its return), which an engine thread busy in Python can delay by up to the 5 ms
+                 switch interval: few shares, default 1.
+    num_threads  threads filling rows in all: each share's `BatchGrammarMatcher` spreads its rows
+                 over num_threads // num_shares of xgrammar's own C++ threads (no GIL there).
 
-    run(fn, items)          the calling thread takes share 0 and waits for the rest (n = 1: no handoff)
-    submit(fn, items, n)    every share on a worker; the caller goes on (mask_fill.py)
+    submit(fn, shares)  fn(k, share k) on the workers; returns the futures at once
+    batcher(k)          share k's BatchGrammarMatcher (created once)
 """
 
 from __future__ import annotations
@@ -19,38 +21,32 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Sequence, TypeVar
 
 T = TypeVar("T")
-MIN_ROWS_PER_THREAD = 4  # a handoff costs tens of us; a row, hundreds
+MIN_ROWS_PER_SHARE = 4  # a hand-off costs tens of us; a row, hundreds
 
 
 class GrammarWorkers:
-    def __init__(self, num_threads: int):
+    def __init__(self, num_threads: int, num_shares: int = 1):
         if num_threads < 1:
             raise ValueError(f"num_threads must be at least 1, got {num_threads}")
+        if not 1 <= num_shares <= num_threads:
+            raise ValueError(f"num_shares must be in [1, num_threads={num_threads}], got {num_shares}")
         self.num_threads = num_threads
-        self._pool: ThreadPoolExecutor | None = None  # num_threads workers, started on first use
+        self.max_shares = num_shares
+        self._pool: ThreadPoolExecutor | None = None  # num_shares workers, started on first use
+        self._batchers: list = []  # xgrammar.BatchGrammarMatcher per share
 
-    def num_shares(self, num_items: int) -> int:
-        return max(1, min(self.num_threads, -(-num_items // MIN_ROWS_PER_THREAD)))
+    def num_shares(self, num_rows: int) -> int:
+        return max(1, min(self.max_shares, -(-num_rows // MIN_ROWS_PER_SHARE)))
 
-    def run(self, fn: Callable[[Sequence[T]], None], items: Sequence[T]) -> None:
-        """fn(share) for strided shares of items, in parallel; returns when all are done and
-        raises the first error of any share. fn must touch only its share's state."""
-        n = self.num_shares(len(items))
-        if n <= 1:
-            fn(items)
-            return
-        futures = [self._workers().submit(fn, items[k::n]) for k in range(1, n)]
-        try:
-            fn(items[0::n])
-        finally:
-            for f in futures:  # every share is done before the caller reads the rows
-                f.result()
-
-    def submit(self, fn: Callable[[int, Sequence[T]], None], items: Sequence[T], num_shares: int) -> list[Future]:
-        """fn(k, share k) on the workers for k < num_shares (at most num_threads); returns at once."""
-        return [self._workers().submit(fn, k, items[k::num_shares]) for k in range(num_shares)]
-
-    def _workers(self) -> ThreadPoolExecutor:
+    def submit(self, fn: Callable[[int, Sequence[T]], None], shares: list[Sequence[T]]) -> list[Future]:
+        """fn(k, shares[k]) on the workers (at most max_shares of them); returns at once."""
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.num_threads, thread_name_prefix="pdserve-grammar")
-        return self._pool
+            self._pool = ThreadPoolExecutor(self.max_shares, thread_name_prefix="pdserve-grammar")
+        return [self._pool.submit(fn, k, share) for k, share in enumerate(shares)]
+
+    def batcher(self, k: int):
+        """Share k's BatchGrammarMatcher with num_threads // max_shares C++ threads."""
+        while len(self._batchers) <= k:
+            import xgrammar
+            self._batchers.append(xgrammar.BatchGrammarMatcher(max(1, self.num_threads // self.max_shares)))
+        return self._batchers[k]

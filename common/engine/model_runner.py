@@ -254,9 +254,9 @@ class ModelRunner:
     def launch(self, sched: SchedulerOutput, token_masks=None) -> "PendingOutput":
         """Queue one step on the device; `result()` of the return value waits for its tokens.
         Steps whose requests need logprobs, and verify steps, wait here (they read results on
-        the host). `token_masks` (a StructuredOutputManager) starts filling the sampled rows'
-        token bitmask on its worker threads (a row whose last token is still in flight reads it
-        from the previous step); the sampler is then queued only when the mask is needed: at the
+        the host). `token_masks` (a StructuredOutputManager) fills the sampled rows' token bitmask
+        on its worker threads, started when the previous step's tokens reach the host (that
+        step's result(): its rows accept them there); the sampler is then queued only when the mask is needed: at the
         next launch, before its inputs read this step's tokens, or at `result()`. Meanwhile the
         engine thread completes the previous step and schedules the next."""
         self._bind_device()
@@ -283,6 +283,8 @@ class ModelRunner:
         previous = self._last_pending
         masks = None if token_masks is None else token_masks.start_fill(
             sample_reqs, None if previous is None else lambda req_id: previous.result().sampled_token_ids[req_id])
+        if masks is not None and previous is not None:  # the accept, and the fill's start, where its tokens land
+            previous.when_result(masks.tokens_arrived)
 
         @torch.inference_mode()
         def sample() -> torch.Tensor:  # [S] on the device
@@ -418,8 +420,8 @@ class PendingOutput:
     On CUDA the tokens are copied into pinned memory behind the step and an event marks the
     copy; `result()` waits for that event only, never for steps queued after it. `sample`: the
     step's sampler, not queued yet (it waits for the step's token mask): `flush()` queues it
-    (the runner, at the next launch; else `ready()` / `result()`). Thread-safe: a grammar worker
-    reads the tokens while the engine thread completes the step."""
+    (the runner, at the next launch; else `ready()` / `result()`); `when_result(fn)` runs fn where
+    the tokens first land on the host (the next step's grammar accept). Thread-safe."""
 
     def __init__(self, out: RunnerOutput, req_ids: list[str] | None = None, tokens: torch.Tensor | None = None,
                  sample: Callable[[], torch.Tensor] | None = None, finish=None):
@@ -432,6 +434,8 @@ class PendingOutput:
         self._event = None
         self._sample = sample
         self._error: Exception | None = None  # the deferred sampler's
+        self._resolved = False  # the tokens are on the host, in self._out
+        self._callbacks: list[Callable[[], None]] = []  # when_result's, not run yet
         self._lock = threading.Lock()
         if tokens is not None:
             self._copy(tokens)
@@ -454,6 +458,15 @@ class PendingOutput:
                 except Exception as e:  # the step's failure, raised by result()
                     self._error = e
 
+    def when_result(self, fn: Callable[[], None]) -> None:
+        """fn() once, on the thread whose result() first has the tokens on the host (after it
+        returns from the wait; now if that happened already); never if the step fails."""
+        with self._lock:
+            if not self._resolved:
+                self._callbacks.append(fn)
+                return
+        fn()
+
     def ready(self) -> bool:
         """True once result() would not wait."""
         self.flush()
@@ -473,6 +486,10 @@ class PendingOutput:
                 else:
                     self._out.sampled_token_ids = dict(zip(self._req_ids, self._host.tolist()))
                 self._host = None
+            self._resolved = True
+            callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:  # outside the lock: they read this result
+            fn()
         return self._out
 
 

@@ -7,17 +7,21 @@ sees of constrained decoding:
                                      grammars, keyed by the spec): a bad regex/grammar -> 400
     runner.launch(sched, manager)    forward queued on the device, then
       manager.start_fill(sample_reqs, inflight_token) -> MaskFill (None: no row constrained)
-                                       on worker threads (mask_fill.py) while the engine thread
-                                       goes on: matchers advanced by the token each row has in
-                                       flight, rows filled into a reused host buffer (pinned on CUDA)
-      ... the engine thread completes the previous step, schedules the next ...
+                                       the rows as they are now; the runner registers
+                                       MaskFill.tokens_arrived on the previous step's PendingOutput
+    previous step's result() (engine thread) -> tokens_arrived(): every row accepts the token it
+                                       had in flight (one batched xgrammar call), then worker
+                                       threads fill the rows into a reused host buffer (pinned on
+                                       CUDA) while the engine thread completes that step and
+                                       schedules the next (mask_fill.py)
       MaskFill.join()                  (the runner, before the next step's inputs need this
                                        step's tokens) -> bitmask [B, ceil(V / 32)] int32 on the
                                        device (bit set: token allowed), copied non_blocking
       sampler.sample(..., bitmask)     masked logits are -inf before anything else
     scheduler.update -> touched
     manager.update(touched)          advance each matcher by the tokens appended since it last
-                                     looked (batched; a fill in flight has accepted them) -> ids
+                                     looked (one batched call; tokens_arrived has accepted those
+                                     of the rows being filled) -> ids
                                      whose grammar ended (finish: stop) or broke
     manager.drop(finished ids)
     manager.fill(sample_reqs)        start_fill + join (speculative verification, tests)
@@ -31,11 +35,11 @@ Each request's matcher catches up with *all* its output tokens the first time it
 so tokens given at admission (a decode worker receives the first token its prefill worker
 sampled; a resubmitted request carries what it had generated) advance it like sampled ones,
 whoever created the Request. Overlapped steps keep running: a row whose previous token is still
-in flight (its input is PLACEHOLDER_TOKEN) gets that token from `inflight_token(req_id)`, which
-waits for the previous step only (the runner has already queued this step's forward behind it),
-and the matcher accepts it ahead of update(); update() waits for that accept, then finds it
-consumed. A row whose matcher terminated on that token (the extra step of an ending request,
-whose token update() drops) or broke is left unmasked.
+in flight (its input is PLACEHOLDER_TOKEN) gets that token from `inflight_token(req_id)` once
+the previous step's tokens are on the host (the runner has already queued this step's forward
+behind it), and the matcher accepts it ahead of update(), which then finds it consumed. A row
+whose matcher terminated on that token (the extra step of an ending request, whose token
+update() drops) or broke is left unmasked.
 
 A matcher accepts EOS only where the grammar may end and then terminates; a request whose
 matcher terminated (e.g. with ignore_eos) finishes as stopped. Bad words follow vLLM: each word is
@@ -65,7 +69,8 @@ from pdserve.common.sampling_params import ParameterError, SamplingParams, Struc
 
 log = logging.getLogger("pdserve.structured")
 
-MAX_GRAMMAR_THREADS = 8  # threads advancing one step's matchers (64 rows of ~0.1 ms need few)
+MAX_GRAMMAR_THREADS = 8  # threads filling one step's mask rows (64 rows of ~0.1 ms need few)
+DEFAULT_GRAMMAR_SHARES = 1  # Python worker threads among them (GIL hand-offs: grammar_workers.py)
 GRAMMAR_CACHE_SIZE = 256  # compiled grammars kept (a JSON schema's is ~10-500 KB)
 
 
@@ -148,28 +153,31 @@ class GrammarCompiler:
 class MaskStats:
     """Host time of constrained decoding, summed over steps (benchmarks read deltas of it)."""
     num_fills: int = 0  # steps whose bitmask was filled
-    fill_seconds: float = 0.0  # worker threads: the previous step's tokens known -> every row filled
-    wait_seconds: float = 0.0  # worker threads: start -> the previous step's tokens known (device time)
+    accept_seconds: float = 0.0  # engine thread: the previous step's tokens accepted (one batched call)
+    start_seconds: float = 0.0  # engine thread: the fill handed to the workers, until each share runs
+    fill_seconds: float = 0.0  # worker threads: the fill started -> every row filled
     join_seconds: float = 0.0  # engine thread blocked in join, waiting for the fill (exposed host time)
-    update_seconds: float = 0.0  # engine thread: matchers advanced by a step's new tokens after it
-    num_shares_taken_back: int = 0  # shares no worker had started when the engine thread needed them
+    update_seconds: float = 0.0  # engine thread: matchers advanced by a step's other new tokens after it
+    num_shares_taken_back: int = 0  # shares no worker had picked up when the engine thread needed them
 
 
 class StructuredOutputManager:
     def __init__(self, tokenizer, vocab_size: int, eos_token_ids: tuple[int, ...],
-                 device: torch.device | str = "cpu", num_threads: int | None = None):
+                 device: torch.device | str = "cpu", num_threads: int | None = None,
+                 num_shares: int = DEFAULT_GRAMMAR_SHARES):
         """`device`: where the sampler applies the masks (CUDA: pinned buffers, copied
-        non_blocking); `num_threads`: worker threads advancing the matchers and filling the rows
-        of a step beside the engine thread (None: `default_grammar_threads()`)."""
+        non_blocking); `num_threads`: threads filling the rows of a step beside the engine thread
+        (None: `default_grammar_threads()`), `num_shares` of them Python workers, each with one
+        xgrammar call whose C++ threads are the rest (grammar_workers.py)."""
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
         self.num_words = -(-vocab_size // 32)  # bitmask width W
         self.grammars = GrammarCompiler(tokenizer, vocab_size, eos_token_ids) if tokenizer is not None else None
-        self._workers = GrammarWorkers(num_threads if num_threads is not None else default_grammar_threads())
+        threads = num_threads if num_threads is not None else default_grammar_threads()
+        self._workers = GrammarWorkers(threads, min(num_shares, threads))
         self.stats = MaskStats()
         self._states: dict[str, RequestState] = {}
         self._buffers = BitmaskBuffers(self.num_words, torch.device(device))
-        self._batchers: list = []  # xgrammar BatchGrammarMatcher per share (one thread each)
         self._fill: MaskFill | None = None  # started, not joined yet
         self._stop_ids = frozenset(self.grammars.stop_token_ids if self.grammars is not None else ())
 
@@ -195,15 +203,15 @@ class StructuredOutputManager:
     # ---- the step's mask --------------------------------------------------------------------
     def start_fill(self, reqs: list[ScheduledRequest], inflight_token: Callable[[str], int] | None = None
                    ) -> MaskFill | None:
-        """Start filling the bitmask [B, W] of the step's sampled rows on the worker threads
-        (mask_fill.py); None when no row has a constraint. `inflight_token(req_id)`: the token
-        the previous step sampled for a row whose input is still in flight (called on a worker;
-        the first call may wait for the device). The previous fill must have been joined."""
+        """The fill of the bitmask [B, W] of the step's sampled rows (mask_fill.py); None when no
+        row has a constraint. `inflight_token(req_id)`: the token the previous step sampled for a
+        row whose input is still in flight: then the fill starts at `MaskFill.tokens_arrived()`
+        (the caller's, once those tokens are on the host; else join()), otherwise now."""
         rows = [(i, s) for i, s in enumerate(reqs) if s.params.has_token_mask]
         if not rows:
             return None
         if self._fill is not None:  # never joined (its step failed): its workers finish first
-            self._fill.wait_done(raise_error=False)
+            self._fill.cancel()
             self._fill = None
         work = []
         for i, s in rows:  # what the engine thread knows now: it appends to these lists meanwhile
@@ -214,13 +222,10 @@ class StructuredOutputManager:
             work.append(Row(i, s.req_id, state, [] if consumed else out[state.num_accepted:],
                             not consumed and inflight_token is not None and s.input_token_ids[-1] == PLACEHOLDER_TOKEN,
                             out[-MAX_BAD_WORD_CONTEXT:] if state.bad_words else None))
-        num_shares = self._workers.num_shares(len(work))
-        import xgrammar
-        while len(self._batchers) < num_shares:
-            self._batchers.append(xgrammar.BatchGrammarMatcher(1))
-        self._fill = MaskFill(work, self._buffers.acquire(len(reqs)), inflight_token, self._stop_ids,
-                              self._workers, self._batchers, self._finish_fill)
-        return self._fill
+        fill = MaskFill(work, self._buffers.acquire(len(reqs)), inflight_token, self._stop_ids,
+                        self._workers, self._finish_fill)
+        self._fill = fill  # (set after: a fill with nothing in flight has already accepted and started)
+        return fill
 
     def fill(self, reqs: list[ScheduledRequest], inflight_token: Callable[[str], int] | None = None
              ) -> torch.Tensor | None:
@@ -236,9 +241,10 @@ class StructuredOutputManager:
         out = self._buffers.to_device(bitmask)
         stats = self.stats
         stats.num_fills += 1
-        if fill.tokens_at:
-            stats.wait_seconds += min(fill.tokens_at) - fill.started_at
-            stats.fill_seconds += max(fill.done_at) - min(fill.tokens_at)
+        stats.accept_seconds += fill.accept_seconds
+        stats.start_seconds += fill.start_seconds
+        if fill.done_at and fill.started_at is not None:
+            stats.fill_seconds += max(fill.done_at) - fill.started_at
         stats.join_seconds += t0 - fill.joined_at
         stats.num_shares_taken_back += fill.num_taken_back
         return out
@@ -247,11 +253,11 @@ class StructuredOutputManager:
     def update(self, touched: list[Request]) -> tuple[list[str], list[str]]:
         """Advance the matchers by the new tokens: -> (ids whose grammar ended, ids whose output
         the grammar rejects). Finished requests' state is dropped. With a fill in flight its rows
-        have accepted the tokens already (waits for that, not for their masks)."""
+        have accepted the tokens already (tokens_arrived: now if nothing called it)."""
         t0 = time.perf_counter()
         fill = self._fill
         if fill is not None:
-            fill.wait_accepted()
+            fill.tokens_arrived()
         live = []
         for req in touched:
             state = self._states.get(req.request_id)
@@ -263,10 +269,8 @@ class StructuredOutputManager:
                 live.append((req, state))
         work = [(state, self._unseen(state, req.output_token_ids)) for req, state in live]
         work = [w for w in work if w[1]]
-        if fill is None:
-            self._workers.run(lambda share: accept_tokens(share, self._stop_ids), work)
-        elif work:  # the workers are filling: accept here, after the fill if it holds one of these
-            if any(id(state) in fill.state_ids for state, _ in work):
+        if work:  # one batched call; after the fill in flight if it reads one of these matchers
+            if fill is not None and any(id(state) in fill.state_ids for state, _ in work):
                 fill.wait_done()
             accept_tokens(work, self._stop_ids)
         ended, broken = [], []
@@ -292,11 +296,17 @@ class StructuredOutputManager:
     def num_threads(self) -> int:
         return self._workers.num_threads
 
-    @num_threads.setter
-    def num_threads(self, value: int) -> None:  # between steps (benchmarks sweep it)
+    @property
+    def num_shares(self) -> int:
+        return self._workers.max_shares
+
+    def set_threads(self, num_threads: int, num_shares: int | None = None) -> None:
+        """Between steps (benchmarks sweep them); num_shares None: kept (at most num_threads)."""
         if self._fill is not None:
-            self._fill.wait_done()
-        self._workers = GrammarWorkers(value)
+            self._fill.cancel()
+            self._fill = None
+        shares = num_shares if num_shares is not None else self._workers.max_shares
+        self._workers = GrammarWorkers(num_threads, min(shares, num_threads))
 
     # ---- per-request state ------------------------------------------------------------------
     def _state(self, req_id: str, params: SamplingParams) -> RequestState:

@@ -40,11 +40,11 @@ def allowed(row: np.ndarray, stop_ids) -> list[int]:
     return [int(t) for t in ids if t not in stop_ids]
 
 
-@pytest.mark.parametrize("num_threads", [1, 3])
-def test_batched_steps_equal_one_matcher_one_token_at_a_time(tokenizer, num_threads):
-    """num_threads 3: the 5 grammar rows split over 2 threads (the engine's and a worker)."""
+@pytest.mark.parametrize("num_threads,num_shares", [(1, 1), (3, 1), (3, 2)])
+def test_batched_steps_equal_one_matcher_one_token_at_a_time(tokenizer, num_threads, num_shares):
+    """(3, 1): xgrammar's own threads fill the 5 grammar rows; (3, 2): two worker shares."""
     eos = tuple(tokenizer.eos_token_ids)
-    manager = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=num_threads)
+    manager = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=num_threads, num_shares=num_shares)
     grammar = SamplingParams(temperature=0, structured_outputs={"json": SCHEMA})
     given = tokenizer.encode('{"name": "ab', add_special_tokens=False)
     reqs = [Request(f"r{i}", [1, 2, 3], grammar, eos) for i in range(4)]
@@ -145,13 +145,13 @@ def test_pinned_ring_copies_and_guards_reuse():
 
 
 def test_fill_beside_the_engine_thread_equals_serial_fill(tokenizer):
-    """The engine's overlapped order: start_fill(k) returns before step k-1's tokens exist (the
-    workers wait for them), the engine thread appends them and runs update() while the rows are
-    filled, then joins. Masks and update() results equal a serial fill's, step by step, including a
+    """The engine's overlapped order without the runner's hook: start_fill(k) returns before step
+    k-1's tokens exist, the engine thread appends them and runs update() (which accepts them and
+    starts the fill: nothing called tokens_arrived), then joins. Masks and update() results equal a serial fill's, step by step, including a
     request aborted while its fill runs (its state is dropped, the fill still completes)."""
     eos = tuple(tokenizer.eos_token_ids)
     serial = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=1)
-    beside = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=3)
+    beside = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=3, num_shares=3)
     grammar = SamplingParams(temperature=0, structured_outputs={"json": SCHEMA})
     reqs = [Request(f"r{i}", [1, 2, 3], grammar, eos) for i in range(9)]
     reqs.append(Request("bad", [1, 2, 3], SamplingParams(temperature=0, bad_words=["name"]), eos))
@@ -192,23 +192,103 @@ def test_fill_beside_the_engine_thread_equals_serial_fill(tokenizer):
 
 def test_shares_no_worker_started_run_on_the_engine_thread(tokenizer):
     """Every worker busy: the engine thread takes the queued shares back when it waits for them
-    (update, join), once each, and the mask is the serial fill's."""
+    to start (here in start_fill: every token is on the host), once each, and the mask is the
+    serial fill's."""
     eos = tuple(tokenizer.eos_token_ids)
     serial = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=1)
-    beside = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=2)
+    beside = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=2, num_shares=2)
     grammar = SamplingParams(temperature=0, structured_outputs={"json": SCHEMA})
     given = tokenizer.encode('{"name": "x', add_special_tokens=False)
     reqs = [Request(f"r{i}", [1, 2, 3], grammar, eos, output_token_ids=given[:1 + i % 3]) for i in range(8)]
     rows = [scheduled(r, False) for r in reqs]
     gate = threading.Event()
-    pool = beside._workers._workers()
-    busy = [pool.submit(gate.wait, 10) for _ in range(2)]
+    busy = beside._workers.submit(lambda k, share: gate.wait(10), [[], []])
     try:
-        fill = beside.start_fill(rows)
-        assert beside.update(reqs) == ([], [])  # waits for `accepted`: takes the shares back
+        fill = beside.start_fill(rows)  # accepts, then takes both shares back
+        assert beside.update(reqs) == ([], [])
         mask = fill.join()
         assert fill.num_taken_back == 2 and beside.stats.num_shares_taken_back == 2
     finally:
         gate.set()
     assert all(f.result() for f in busy)
     assert np.array_equal(mask.numpy(), serial.fill(rows).numpy())
+
+
+@pytest.mark.parametrize("num_threads,num_shares", [(1, 1), (4, 1), (4, 2)])
+def test_accept_where_the_tokens_land_equals_serial_fill(tokenizer, num_threads, num_shares):
+    """The runner's hook: start_fill(k) snapshots the rows and starts nothing; the previous step's
+    PendingOutput.result() (engine thread) runs tokens_arrived(): every row accepts its in-flight
+    token, then the workers fill. Mixed rows (grammar, plain, allowed_token_ids, bad_words, a
+    grammar row finishing on its token, one aborted while its fill runs): masks and update()
+    results equal a serial fill's step by step, and update() finds every token accepted."""
+    from pdserve.common.engine.model_runner import PendingOutput
+    from pdserve.common.engine.outputs import RunnerOutput
+    eos = tuple(tokenizer.eos_token_ids)
+    serial = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=1)
+    beside = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=num_threads, num_shares=num_shares)
+    grammar = SamplingParams(temperature=0, structured_outputs={"json": SCHEMA})
+    reqs = [Request(f"g{i}", [1, 2, 3], grammar, eos) for i in range(6)]
+    reqs.append(Request("plain", [1, 2, 3], SamplingParams(temperature=0), eos))
+    reqs.append(Request("allowed", [1, 2, 3], SamplingParams(temperature=0, allowed_token_ids=[5, 7, 40, 900]), eos))
+    reqs.append(Request("bad", [1, 2, 3], SamplingParams(temperature=0, bad_words=["name", "x y"]), eos))
+    reqs.append(Request("ends", [1, 2, 3], SamplingParams(temperature=0, max_tokens=4,
+                                                          structured_outputs={"json": SCHEMA}), eos))
+    stop = set(serial.grammars.stop_token_ids)
+    carry = {}
+    for step in range(9):
+        rows = [scheduled(r, r.request_id in carry) for r in reqs]
+        pending = PendingOutput(RunnerOutput(sampled_token_ids={}), list(carry), torch.tensor(list(carry.values())))
+        fill = beside.start_fill(rows, (lambda rid, p=pending: p.result().sampled_token_ids[rid]) if carry else None)
+        pending.when_result(fill.tokens_arrived)
+        assert (fill.started_at is None) == bool(carry)  # in flight: nothing runs before the tokens land
+        expected = serial.fill(rows, carry.__getitem__ if carry else None).numpy().copy()
+        assert pending.result().sampled_token_ids == carry
+        assert fill.started_at is not None  # accepted and started right there, on this thread
+        for r in reqs:
+            if r.request_id in carry:
+                r.append_output_token(carry[r.request_id])
+                if r.num_output_tokens >= (r.params.max_tokens or 1 << 30):
+                    r.status = RequestStatus.FINISHED_LENGTH
+        if step == 5:
+            reqs[1].status = RequestStatus.FINISHED_ABORTED
+        before = {id(st): st.num_accepted for st in beside._states.values()}
+        assert beside.update(reqs) == serial.update(reqs) == ([], [])
+        assert all(st.num_accepted == before[id(st)] for st in beside._states.values())  # nothing left to accept
+        mask = fill.join().numpy()
+        assert np.array_equal(mask, expected), step
+        carry = {}
+        for i, r in enumerate(reqs):
+            if not r.is_finished():
+                choices = allowed(mask[i], stop)
+                carry[r.request_id] = choices[(7 * i + step) % len(choices)]
+        reqs = [r for r in reqs if not r.is_finished()]
+    assert [r.request_id for r in reqs if r.request_id in ("ends", "g1")] == []
+    assert beside.num_requests == serial.num_requests == len(reqs) - 1  # "plain" has no state
+    stats = beside.stats
+    assert stats.num_fills == 9 and stats.accept_seconds > 0 and stats.fill_seconds > 0
+    for r in reqs:  # every sampled token accepted exactly once
+        state = beside._states.get(r.request_id)
+        if state is not None and state.matcher is not None:
+            assert state.num_accepted == r.num_output_tokens and not state.broken
+
+
+def test_pending_output_runs_when_result_once_where_the_tokens_land():
+    from pdserve.common.engine.model_runner import PendingOutput
+    from pdserve.common.engine.outputs import RunnerOutput
+    calls = []
+    pending = PendingOutput(RunnerOutput(sampled_token_ids={}), ["a"], torch.tensor([3]))
+    pending.when_result(lambda: calls.append(pending.result().sampled_token_ids["a"]))  # re-entrant read
+    assert calls == []
+    pending.result()
+    pending.result()
+    assert calls == [3]
+    pending.when_result(lambda: calls.append("late"))  # resolved already: now
+    assert calls == [3, "late"]
+
+    def fail():
+        raise RuntimeError("sampler")
+    failed = PendingOutput(RunnerOutput(sampled_token_ids={}), ["a"], sample=fail)
+    failed.when_result(lambda: calls.append("never"))
+    with pytest.raises(RuntimeError):
+        failed.result()
+    assert calls == [3, "late"]
