@@ -177,10 +177,11 @@ class ModelRunner:
         self.kv_cache = zeros_on_demand((a.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, a.head_dim),
                                         self.kv_dtype, self.device, shared=self.shared_host_kv)
         self.kv_caches = list(self.kv_cache.unbind(0))
-        if self.device.type == "cpu" and num_blocks > 1:  # pages faulted in after start, as many as can be in use
-            from pdserve.common.models.cpu_ops import populate_in_background
+        if self.device.type == "cpu" and num_blocks > 1:  # the first blocks' pages faulted in after start
+            from pdserve.common.models.cpu_ops import POPULATE_BYTES, populate_in_background
             at_once = self.scheduler_cfg.max_num_seqs * -(-self.max_model_len // self.block_size)
-            self.kv_populate = populate_in_background(self.kv_cache, block_dim=2, num_blocks=at_once)
+            self.kv_populate = populate_in_background(self.kv_cache, block_dim=2, num_blocks=min(
+                at_once, POPULATE_BYTES // self.bytes_per_block()))
 
     def bytes_per_block(self) -> int:
         a = self.arch

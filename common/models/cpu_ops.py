@@ -31,7 +31,8 @@ changed SmolLM2's bf16 chat answer, whose first token is a near tie.
 `configure_cpu_runtime` (the runner calls it once on CPU): OpenMP threads = the cores this
 process may use, and glibc's malloc told to keep freed activations instead of unmapping them
 (a [2048, 576] temporary otherwise page-faults on every op: 4-6x slower elementwise ops).
-`advise_huge_pages` puts the KV pool in transparent huge pages.
+`advise_huge_pages` puts the KV pool in transparent huge pages; `populate_in_background` faults
+its pages in after start-up, so that the first bursts do not pay for them inside their steps.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ _MADV_HUGEPAGE, _MADV_POPULATE_WRITE = 14, 23  # madvise advice (linux/mman.h)
 _HUGE, _PAGE = 2 << 20, 4096  # x86-64 huge and base page sizes
 MMAP_THRESHOLD = 64 << 20  # allocations below this come from the heap and are reused
 TRIM_THRESHOLD = 1 << 30  # free memory kept at the heap's top before it is returned
+# KV pool bytes faulted in after start (populate_in_background): a first burst of 64 x 264 tokens of
+# SmolLM2 writes 389 MB; later blocks fault in on first use (the pool's size in memory within
+# seconds of start would weigh on hosts running several engines, tests among them)
+POPULATE_BYTES = 512 << 20
 PACK_BATCH_HINT = 64  # oneDNN picks the packed layout for this M; measured fine from M=1 to 2048
 
 
@@ -105,7 +110,8 @@ def populate_in_background(pool: torch.Tensor, block_dim: int,
 
     pool: [..., NB, ...] with the block index at `block_dim`; the dimensions before it are slabs
     (layer, K/V) of NB contiguous blocks each. `num_blocks`: only blocks [0, num_blocks) (the
-    runner passes what its scheduler can hold at once; later blocks fault in on first use).
+    runner passes what its scheduler can hold at once, at most POPULATE_BYTES; later blocks fault
+    in on first use).
 
     Why: the first write to a page of the pool pays its fault, and on a VM whose host has not
     backed that memory yet, far more: a 2048-token prompt's rotary_store_kv took 9.8-10.2 ms per
