@@ -14,8 +14,11 @@
 // A decode step at batch 64 (SmolLM2: 9 heads, 3 KV heads, D 64, ~230 tokens) spent ~1/3 of its
 // time in the attention, most of it converting rows through the tile (docs/benchmarks.md).
 
-#if defined(CPU_CAPABILITY_AVX512)
-#if defined(__AVX512BF16__)
+// scores16_bf16's signature (scores16_bf16_for returns nullptr where the instructions are missing)
+using Scores16Bf16 = void (*)(const c10::BFloat16*, int64_t, int64_t, const c10::BFloat16*, int64_t, float, float*,
+                              int64_t);
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
 constexpr bool kDotBf16 = true;
 
 // scores of G query heads (q: bf16, head h at q + h * q_stride, unscaled) against 16 consecutive
@@ -37,9 +40,6 @@ void scores16_bf16(const c10::BFloat16* q, int64_t q_stride, int64_t G, const c1
   }
 }
 
-using Scores16Bf16 = void (*)(const c10::BFloat16*, int64_t, int64_t, const c10::BFloat16*, int64_t, float, float*,
-                              int64_t);
-
 inline Scores16Bf16 scores16_bf16_for(int64_t D) {
   switch (D) {
     case 32: return &scores16_bf16<1>;
@@ -50,11 +50,13 @@ inline Scores16Bf16 scores16_bf16_for(int64_t D) {
 }
 #else
 constexpr bool kDotBf16 = false;
-using Scores16Bf16 = void (*)(const c10::BFloat16*, int64_t, int64_t, const c10::BFloat16*, int64_t, float, float*,
-                              int64_t);
 inline Scores16Bf16 scores16_bf16_for(int64_t) { return nullptr; }
 #endif
 
+template <typename T>
+using PV16R = void (*)(const float*, int64_t, int64_t, const T*, int64_t, float*);
+
+#if defined(CPU_CAPABILITY_AVX512)
 // acc[g * D + :] += sum over 16 V rows (row stride `stride`) of p[g * p_stride + r] * row r, G heads,
 // D = 16 * NV. The heads go in groups of 16 / NV, whose accumulators stay in registers (16 of the
 // 32) with the row's NV vectors.
@@ -89,9 +91,6 @@ void pv16r(const float* p, int64_t p_stride, int64_t G, const T* v, int64_t stri
 }
 
 template <typename T>
-using PV16R = void (*)(const float*, int64_t, int64_t, const T*, int64_t, float*);
-
-template <typename T>
 PV16R<T> pv16r_for(int64_t D) {
   switch (D) {
     case 32: return &pv16r<T, 2>;
@@ -101,12 +100,6 @@ PV16R<T> pv16r_for(int64_t D) {
   }
 }
 #else
-constexpr bool kDotBf16 = false;
-using Scores16Bf16 = void (*)(const c10::BFloat16*, int64_t, int64_t, const c10::BFloat16*, int64_t, float, float*,
-                              int64_t);
-inline Scores16Bf16 scores16_bf16_for(int64_t) { return nullptr; }
-template <typename T>
-using PV16R = void (*)(const float*, int64_t, int64_t, const T*, int64_t, float*);
 template <typename T>
 PV16R<T> pv16r_for(int64_t) { return nullptr; }
 #endif
