@@ -180,8 +180,8 @@ CPU_OFFLINE_TOKEN_BUDGET = 4096
 class SchedulerConfig:
     max_num_seqs: int = option(256, "requests in a batch at most", type=int)
     max_num_batched_tokens: int | None = option(
-        None, f"tokens per step at most (default: {TOKEN_BUDGET}, {CPU_TOKEN_BUDGET} on CPU ({CPU_OFFLINE_TOKEN_BUDGET} "
-              "in the offline LLM), or --max-model-len without chunked prefill)", type=int)
+        None, f"tokens per step at most (default: {TOKEN_BUDGET}, {CPU_TOKEN_BUDGET} on CPU "
+              f"({CPU_OFFLINE_TOKEN_BUDGET} in the offline LLM), or --max-model-len without chunked prefill)", type=int)
     enable_chunked_prefill: bool = option(True, "split long prompts over steps", boolean=True)
     max_model_len: int = 2048  # filled from the model at start-up
     on_cpu: bool = False  # filled at start-up: the engine runs on the CPU (the smaller default budget)
