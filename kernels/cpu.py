@@ -2,7 +2,9 @@
 
     paged_decode_attention  one query per sequence, K/V read in place through the block table:
                             no gather, no [B, H, L] score tensor in memory; one work item per
-                            (sequence, KV head), so each K/V row is read once for its G query heads
+                            (sequence, KV head), so each K/V row is read once for its G query heads;
+                            in bf16 with AVX512-BF16 the scores are vdpbf16ps on the rows as stored,
+                            V rows are converted in registers (cpu_decode_tiles.h)
     prefill_attention       one prompt chunk against its keys (its own, or a cached prefix gathered
                             by the caller), causal: per (KV head, 16 query rows) the 16 * G query
                             vectors share each K/V row's conversion, 16 keys a time transposed into
@@ -39,7 +41,8 @@ import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCE = os.path.join(_HERE, "cpu_ops.cpp")
-_INCLUDED = [os.path.join(_HERE, "cpu_prefill_attention.h")]  # #included by _SOURCE: part of the build's hash
+# #included by _SOURCE: part of the build's hash
+_INCLUDED = [os.path.join(_HERE, name) for name in ("cpu_prefill_attention.h", "cpu_decode_tiles.h")]
 # -fopenmp: at::parallel_for's OpenMP body is in ATen's headers, so without it every kernel runs on
 # one thread; the libgomp.so.1 this links is the one torch has loaded (same soname): one thread pool
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]

@@ -32,6 +32,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -144,17 +145,24 @@ inline __m512 reduce16(const __m512* v) {
 }
 
 // scores of G query heads (qf [G, D] fp32, pre-scaled) against 16 consecutive K rows (row stride
-// `stride`), written to out[g * out_stride + 0..15]; `tile` holds the rows as fp32 [16, D]
+// `stride`), written to out[g * out_stride + 0..15]; `tile` holds the rows as fp32 [16, D] (fp32
+// rows are read where they are)
 template <typename T>
 inline void scores16(const float* qf, int64_t G, int64_t D, const T* k, int64_t stride, float* tile, float* out,
                      int64_t out_stride) {
-  for (int r = 0; r < 16; ++r) load_row(k + r * stride, tile + r * D, D);
+  const float* rows = tile;
+  int64_t rs = D;
+  if constexpr (std::is_same_v<T, float>) {
+    rows = k, rs = stride;
+  } else {
+    for (int r = 0; r < 16; ++r) load_row(k + r * stride, tile + r * D, D);
+  }
   for (int64_t g = 0; g < G; ++g) {
     __m512 acc[16];
     for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t d = 0; d < D; d += 16) {
       const __m512 qv = _mm512_loadu_ps(qf + g * D + d);
-      for (int r = 0; r < 16; ++r) acc[r] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(tile + r * D + d), acc[r]);
+      for (int r = 0; r < 16; ++r) acc[r] = _mm512_fmadd_ps(qv, _mm512_loadu_ps(rows + r * rs + d), acc[r]);
     }
     _mm512_storeu_ps(out + g * out_stride, reduce16(acc));
   }
@@ -200,6 +208,8 @@ template <typename T>
 PV16<T> pv16_for(int64_t) { return nullptr; }
 #endif
 
+#include "cpu_decode_tiles.h"  // scores16_bf16, pv16r: the decode's 16-token steps in registers
+
 // q [B, H, D] (rows may be strided, d contiguous), caches [NB, BS, KVH, D] contiguous,
 // block_table [B, M] int64, context_lens [B] int64 -> out [B, H, D] contiguous.
 // Each K and V row is converted to fp32 once and used by the G query heads of its KV head; the
@@ -221,7 +231,9 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
   const float sc = static_cast<float>(scale);
   // 16 tokens at a time inside a block (AVX-512, D and BS multiples of 16), else token by token
   const bool by16 = kBlock16 && D % 16 == 0 && BS % 16 == 0;
-  const PV16<T> pv = BS % 16 == 0 ? pv16_for<T>(D) : nullptr;
+  const PV16R<T> pv = BS % 16 == 0 ? pv16r_for<T>(D) : nullptr;
+  Scores16Bf16 dot16 = nullptr;  // bf16 K rows dotted as they are (AVX512-BF16), cpu_decode_tiles.h
+  if constexpr (std::is_same_v<T, c10::BFloat16>) dot16 = by16 && kDotBf16 ? scores16_bf16_for(D) : nullptr;
   // A work item is one sequence and a range of its KV heads: all of them when there are enough
   // sequences for the threads (a block's rows are then read front to back, one stream), else one
   // head each (a lone sequence still spreads over the threads).
@@ -253,9 +265,17 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
             prefetch_rows(vp + blocks[t / BS] * c_sb + head_off, BS, c_st, row_span);
           }
           if (by16 && t % 16 == 0 && t + 16 <= len) {
-            for (int64_t kh = 0; kh < heads_per_item; ++kh)
+            for (int64_t kh = 0; kh < heads_per_item; ++kh) {
+              if constexpr (std::is_same_v<T, c10::BFloat16>) {
+                if (dot16 != nullptr) {
+                  dot16(qp + b * q_sb + (kh0 + kh) * G * q_sh, q_sh, G, k_row + kh * D, c_st, sc,
+                        scores.data() + kh * G * n + (t - first), n);
+                  continue;
+                }
+              }
               scores16(qf.data() + kh * G * D, G, D, k_row + kh * D, c_st, tile.data(),
                        scores.data() + kh * G * n + (t - first), n);
+            }
             t += 16;
             continue;
           }
@@ -269,8 +289,7 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
           const T* v_row = vp + blocks[t / BS] * c_sb + (t % BS) * c_st + head_off;
           if (pv != nullptr && t % 16 == 0 && t + 16 <= len) {
             for (int64_t kh = 0; kh < heads_per_item; ++kh)
-              pv(scores.data() + kh * G * n + (t - first), n, G, v_row + kh * D, c_st, tile.data(),
-                 acc.data() + kh * G * D);
+              pv(scores.data() + kh * G * n + (t - first), n, G, v_row + kh * D, c_st, acc.data() + kh * G * D);
             t += 16;
             continue;
           }

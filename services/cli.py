@@ -83,7 +83,8 @@ def cmd_generate(args) -> None:
 
 def cmd_chat(args) -> None:
     from pdserve.common.engine.llm import LLM
-    llm = LLM.from_config(engine_config(args))
+    # one conversation, one request at a time: the KV pages faulted in after start (CPU) are one request's
+    llm = LLM.from_config(engine_config(args, max_num_seqs=1))
     params = sampling_params(args)
     if args.message:
         print(llm.chat([{"role": "user", "content": args.message}], params, use_tqdm=False)[0].outputs[0].text)

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Sequence
 
@@ -34,7 +35,9 @@ class LLM:
         return llm
 
     def _start(self, config: EngineConfig) -> None:
-        self.engine = EngineCore(config)
+        # offline: nobody waits for a first token, so on CPU the larger default step (config.py)
+        self.engine = EngineCore(dataclasses.replace(config, scheduler=dataclasses.replace(config.scheduler,
+                                                                                          offline=True)))
         self.outputs = OutputProcessor(self.engine.tokenizer)
         self._ids = itertools.count()
 

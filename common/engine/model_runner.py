@@ -115,6 +115,7 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None  # [L, 2, num_blocks, block_size, KVH, D], one allocation
         self.kv_caches: list[torch.Tensor] = []  # its per-layer views [2, num_blocks, block_size, KVH, D]
         self.graphs = None  # captured after the KV cache exists
+        self.kv_populate: threading.Thread | None = None  # CPU: faults the KV pool's pages in (cpu_ops.py)
         self.spec = None  # the SpecDecoder, set below with --speculative-config
         # --kv-cache-dtype fp8: e4m3 tensors, per-layer [2, KVH] scales calibrated here (quantization/kv_cache.py)
         if cache_cfg.fp8_kv and tp is not None:
@@ -176,6 +177,11 @@ class ModelRunner:
         self.kv_cache = zeros_on_demand((a.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, a.head_dim),
                                         self.kv_dtype, self.device, shared=self.shared_host_kv)
         self.kv_caches = list(self.kv_cache.unbind(0))
+        if self.device.type == "cpu" and num_blocks > 1:  # the first blocks' pages faulted in after start
+            from pdserve.common.models.cpu_ops import POPULATE_BYTES, populate_in_background
+            at_once = self.scheduler_cfg.max_num_seqs * -(-self.max_model_len // self.block_size)
+            self.kv_populate = populate_in_background(self.kv_cache, block_dim=2, num_blocks=min(
+                at_once, POPULATE_BYTES // self.bytes_per_block()))
 
     def bytes_per_block(self) -> int:
         a = self.arch

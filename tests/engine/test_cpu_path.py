@@ -19,8 +19,9 @@ import torch
 from pdserve.common.config import ConfigError, EngineConfig, cpu_has_bf16
 from pdserve.common.engine.async_llm import AsyncLLM
 from pdserve.common.engine.engine_core import EngineCore
-from pdserve.common.engine.model_runner import ModelRunner
-from pdserve.common.models.cpu_ops import CpuKernelAttention, CpuOps, CpuPagedAttention
+from pdserve.common.engine.model_runner import ModelRunner, zeros_on_demand
+from pdserve.common.models.cpu_ops import (CpuKernelAttention, CpuOps, CpuPagedAttention,
+                                           populate_in_background)
 from pdserve.common.models.llama import TorchOps
 from pdserve.common.sampling_params import SamplingParams
 from tests.engine.test_correctness import MAX_TOKENS, reference
@@ -107,3 +108,65 @@ def test_async_llm_builds_and_steps_its_engine_on_one_thread(tiny_models, prompt
     assert got == reference(tiny_models, "llama", prompts)[:4]
     with pytest.raises(ConfigError, match="--max-model-len"):
         AsyncLLM(EngineConfig.from_options(model=tiny_models["llama"], max_model_len=10 ** 9))
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("limit", [None, 150])
+def test_kv_pool_pages_are_populated_in_the_background_keeping_their_contents(limit):
+    # [slabs 3 x 2, 300 blocks, 16, 2, 64] fp32: 6 slabs of 2.4 MB; values written first must survive
+    pool = zeros_on_demand((3, 2, 300, 16, 2, 64), torch.float32, torch.device("cpu"))
+    before = _rss_bytes()
+    pool[0, 0, 0, 0, 0, 0], pool[2, 1, 140, 15, 1, 63], pool[1, 0, 299, 3, 0, 7] = 1.5, -2.0, 3.0
+    thread = populate_in_background(pool, block_dim=2, num_blocks=limit)
+    assert thread is not None
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    grown, size = _rss_bytes() - before, pool.numel() * pool.element_size()
+    wanted = size if limit is None else size * limit // 300
+    assert grown >= 0.8 * wanted, f"RSS grew {grown} bytes, the populated blocks are {wanted}"
+    assert (pool[0, 0, 0, 0, 0, 0].item(), pool[2, 1, 140, 15, 1, 63].item(), pool[1, 0, 299, 3, 0, 7].item()) == \
+        (1.5, -2.0, 3.0)
+    assert int((pool != 0).sum()) == 3
+
+
+def _resident(tensor: torch.Tensor) -> bool:
+    """Every page under `tensor` (contiguous) is in memory (mincore(2)); nothing is touched."""
+    import ctypes
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = tensor.data_ptr() & ~(page - 1)
+    end = tensor.data_ptr() + tensor.numel() * tensor.element_size()
+    vec = (ctypes.c_ubyte * (-(-(end - start) // page)))()
+    assert ctypes.CDLL("libc.so.6").mincore(ctypes.c_void_p(start), ctypes.c_size_t(end - start), vec) == 0
+    return all(v & 1 for v in vec)
+
+
+def test_the_cpu_runner_populates_the_blocks_its_scheduler_can_hold(tiny_models):
+    engine = _engine(tiny_models["llama"], None, max_model_len=64, max_num_seqs=2)
+    runner = engine.runner
+    assert runner.kv_populate is not None
+    runner.kv_populate.join(timeout=60)
+    # 2 sequences x 64 tokens = 8 blocks of 16: blocks 0-7 of every (layer, K/V) slab are in memory,
+    # the pool's last block (hundreds of MB further on) was left to be faulted in by use
+    at_once = 2 * -(-64 // runner.block_size)
+    assert runner.num_blocks > 10 * at_once
+    for layer in runner.kv_caches:
+        for slab in layer:
+            assert _resident(slab[:at_once])
+    assert not _resident(runner.kv_caches[-1][1][-1])
+
+
+def test_the_offline_llm_takes_larger_default_steps_on_cpu_than_a_server(tiny_models):
+    from pdserve.common.config import CPU_OFFLINE_TOKEN_BUDGET, CPU_TOKEN_BUDGET
+    from pdserve.common.engine.llm import LLM
+    served = _engine(tiny_models["llama"], None, max_model_len=64)
+    assert served.scheduler.config.token_budget == CPU_TOKEN_BUDGET == 2048
+    llm = LLM(tiny_models["llama"], dtype="float32", max_model_len=64)
+    assert llm.engine.scheduler.config.token_budget == CPU_OFFLINE_TOKEN_BUDGET == 4096
+    out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3
+    llm = LLM(tiny_models["llama"], dtype="float32", max_model_len=64, max_num_batched_tokens=512)
+    assert llm.engine.scheduler.config.token_budget == 512  # the flag wins

@@ -49,6 +49,9 @@ def _cache(num_blocks, block_size, kv_heads, head_dim, dtype, seed=0):
     ([250], 8, 2, 128, 16, None),  # one sequence: an item per KV head
     ([250], 8, 2, 128, 16, 17),
     ([5, 70, 33, 48, 9, 12, 200, 1], 4, 4, 24, 8, None),  # D and BS not multiples of 16: token by token
+    ([40, 3, 97, 64, 18, 33, 16, 250], 16, 2, 64, 16, None),  # G 8: two register groups of 4 heads in P V
+    ([40, 3, 97, 64, 18, 33, 16, 250], 9, 3, 128, 16, None),  # D 128, G 3: groups of 2 and 1 in P V
+    ([40, 3, 97, 64, 18, 33, 16, 250], 6, 2, 32, 32, 20),  # D 32 (one bf16 vector a row), blocks of 32
 ])
 def test_paged_decode_attention(dtype, lens, heads, kv_heads, head_dim, block_size, window):
     width = -(-max(lens) // block_size)
