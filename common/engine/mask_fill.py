@@ -10,8 +10,9 @@ step k+1, its inputs); serially they exceed the device's step. So they are split
     launch(k): forward k queued, start_fill(k)
                (rows snapshot; nothing runs yet)
     complete(k-1): its tokens on the host -> tokens_arrived():
-                   ALL rows accept them: one batched
-                   xgrammar call (GIL released)
+                   ALL rows accept them: batched xgrammar
+                   calls (GIL released), >16 rows split
+                   over up to 4 threads at once
                    submit the shares, wait `started` ---> fill the share's rows: one batched call
                    scheduler.update(k-1)                  (GIL released; xgrammar may use its
                    manager.update(k-1): tokens consumed   own threads for it), then the share's
@@ -151,9 +152,10 @@ class MaskFill:
             inflight = {}
             if self._inflight_token is not None:
                 inflight = {r.req_id: self._inflight_token(r.req_id) for r in self.rows if r.inflight}
-            accept_tokens([(r.state, r.known + [inflight[r.req_id]] if r.inflight else r.known)
-                           for r in self.rows if r.state.matcher is not None and (r.known or r.inflight)],
-                          self._stop_ids)
+            self._workers.accept_in_parallel(
+                [(r.state, r.known + [inflight[r.req_id]] if r.inflight else r.known)
+                 for r in self.rows if r.state.matcher is not None and (r.known or r.inflight)],
+                lambda chunk: accept_tokens(chunk, self._stop_ids))
         except BaseException as e:  # kept for join(): this step's sampler fails, as its input did
             self._error = e
             self.accept_seconds = time.perf_counter() - t0

@@ -214,20 +214,21 @@ def test_shares_no_worker_started_run_on_the_engine_thread(tokenizer):
     assert np.array_equal(mask.numpy(), serial.fill(rows).numpy())
 
 
-@pytest.mark.parametrize("num_threads,num_shares", [(1, 1), (4, 1), (4, 2)])
-def test_accept_where_the_tokens_land_equals_serial_fill(tokenizer, num_threads, num_shares):
+@pytest.mark.parametrize("num_threads,num_shares,num_grammar", [(1, 1, 6), (4, 1, 6), (4, 2, 6), (4, 1, 40)])
+def test_accept_where_the_tokens_land_equals_serial_fill(tokenizer, num_threads, num_shares, num_grammar):
     """The runner's hook: start_fill(k) snapshots the rows and starts nothing; the previous step's
     PendingOutput.result() (engine thread) runs tokens_arrived(): every row accepts its in-flight
     token, then the workers fill. Mixed rows (grammar, plain, allowed_token_ids, bad_words, a
     grammar row finishing on its token, one aborted while its fill runs): masks and update()
-    results equal a serial fill's step by step, and update() finds every token accepted."""
+    results equal a serial fill's step by step, and update() finds every token accepted. 40 grammar
+    rows: the accept is split over several threads at once (GrammarWorkers.accept_in_parallel)."""
     from pdserve.common.engine.model_runner import PendingOutput
     from pdserve.common.engine.outputs import RunnerOutput
     eos = tuple(tokenizer.eos_token_ids)
     serial = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=1)
     beside = StructuredOutputManager(tokenizer, VOCAB, eos, num_threads=num_threads, num_shares=num_shares)
     grammar = SamplingParams(temperature=0, structured_outputs={"json": SCHEMA})
-    reqs = [Request(f"g{i}", [1, 2, 3], grammar, eos) for i in range(6)]
+    reqs = [Request(f"g{i}", [1, 2, 3], grammar, eos) for i in range(num_grammar)]
     reqs.append(Request("plain", [1, 2, 3], SamplingParams(temperature=0), eos))
     reqs.append(Request("allowed", [1, 2, 3], SamplingParams(temperature=0, allowed_token_ids=[5, 7, 40, 900]), eos))
     reqs.append(Request("bad", [1, 2, 3], SamplingParams(temperature=0, bad_words=["name", "x y"]), eos))
@@ -266,6 +267,8 @@ def test_accept_where_the_tokens_land_equals_serial_fill(tokenizer, num_threads,
     assert beside.num_requests == serial.num_requests == len(reqs) - 1  # "plain" has no state
     stats = beside.stats
     assert stats.num_fills == 9 and stats.accept_seconds > 0 and stats.fill_seconds > 0
+    from pdserve.common.engine.grammar_workers import ACCEPT_ROWS_PER_THREAD
+    assert (beside._workers._accept_pool is not None) == (num_grammar >= 2 * ACCEPT_ROWS_PER_THREAD)
     for r in reqs:  # every sampled token accepted exactly once
         state = beside._states.get(r.request_id)
         if state is not None and state.matcher is not None:
