@@ -11,6 +11,7 @@ in the tree import this module by path: see tests/router/conftest.py.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -37,7 +38,25 @@ def find_redis_server() -> str:
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+    """A free loopback port below the kernel's ephemeral range. A port from bind(0) is one the
+    kernel also hands to other processes' bind(0) and outgoing connections, which can take it
+    before the server this is picked for binds it (a worker's /metrics once answered on the port
+    picked for a stack's router, so the test talked to the wrong server)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(10000, max(low, 10001))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # a crowded range: any free one
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
