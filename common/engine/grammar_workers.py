@@ -56,10 +56,10 @@ class GrammarWorkers:
         were 2-2.5 ms of the engine thread per step on the H200 host). Returns when all ended;
         raises the first error."""
         num = max(1, min(MAX_ACCEPT_THREADS + 1, len(pending) // ACCEPT_ROWS_PER_THREAD))
-        chunks = [pending[k::num] for k in range(num)]
         if num == 1:
             accept(pending)
             return
+        chunks = [pending[k::num] for k in range(num)]
         if self._accept_pool is None:
             self._accept_pool = ThreadPoolExecutor(MAX_ACCEPT_THREADS, thread_name_prefix="pdserve-accept")
         futures = [self._accept_pool.submit(accept, chunk) for chunk in chunks[1:]]

@@ -96,10 +96,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         given = [list(s.output_token_ids) for s in seqs] or None
         finished = [s.index for s in seqs if s.finished]
         spec = pull_spec(request.handle) if request.HasField("handle") and given else None
-        done = set(finished)
         self.open_streams += 1
         try:
-            async with aclosing(self._chunks(rid, prompt, params, given, spec, finished, done)) as chunks:
+            async with aclosing(self._chunks(rid, prompt, params, given, spec, finished)) as chunks:
                 async for chunk in chunks:
                     yield chunk
                     interval = self.interval_s()
@@ -108,7 +107,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         finally:
             self.open_streams -= 1
 
-    async def _chunks(self, rid, prompt, params, given, spec, finished, done):
+    async def _chunks(self, rid, prompt, params, given, spec, finished):
+        """The request's DecodeChunks, one per item of the engine's stream."""
+        done = set(finished)
         first = True
         async for outs in self.engine.stream(rid, prompt, params, output_token_ids=given, kv_transfer=spec,
                                              finished_indices=finished):

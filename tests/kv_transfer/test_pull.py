@@ -27,9 +27,12 @@ CACHE = dict(num_layers=3, block_size=4, num_kv_heads=2, head_dim=8)
 
 
 @contextlib.asynccontextmanager
-async def serving(backend: str, src_caches, leases: dict[str, list[int]], dst_caches):
-    server = make_server(backend, shareable(src_caches) if backend == "ipc" else src_caches, leases.get)
-    client = make_client(backend, dst_caches)
+async def serving(backend: str, src_caches, leases: dict[str, list[int]], dst_caches, resolve=None,
+                  **client_options):
+    """A started server over `leases` (or its own `resolve`) and a client; both closed after."""
+    server = make_server(backend, shareable(src_caches) if backend == "ipc" else src_caches,
+                         resolve or leases.get)
+    client = make_client(backend, dst_caches, **client_options)
     try:
         address = await server.start()
         yield server, client, address
@@ -272,10 +275,7 @@ def test_nccl_pull_given_up_inside_the_exchange_keeps_the_pair():
         return leases.get(lease_id)
 
     async def main():
-        server = make_server("nccl", src, resolve)
-        client = make_client("nccl", dst)
-        try:
-            address = await server.start()
+        async with serving("nccl", src, leases, dst, resolve=resolve) as (server, client, address):
             await client.pull(address, "lease", [0, 1, 2], deadline_s=10.0)
             pair = next(iter(client._pairs.values()))
             start = time.perf_counter()
@@ -294,9 +294,6 @@ def test_nccl_pull_given_up_inside_the_exchange_keeps_the_pair():
             await asyncio.sleep(0.5)
             await client.pull(address, "lease", [7, 8, 9], deadline_s=10.0)
             assert list(client._pairs.values()) == [pair] and pair.control.is_alive()
-        finally:
-            await client.close()
-            await server.close()
 
     asyncio.run(main())
     # the given-up pulls wrote nothing into their blocks (3, 4, 5 keep their contents)
@@ -320,10 +317,8 @@ def test_nccl_pulls_to_one_server_overlap_on_lanes():
         return leases.get(lease_id)
 
     async def main():
-        server = make_server("nccl", src, resolve)
-        client = make_client("nccl", dst, max_concurrent_transfers=3)
-        try:
-            address = await server.start()
+        async with serving("nccl", src, leases, dst, resolve=resolve,
+                           max_concurrent_transfers=3) as (server, client, address):
             for _ in range(2):
                 await client.pull(address, "l0", [0, 1], deadline_s=10.0)
             assert len(client._pairs) == 1
@@ -333,9 +328,6 @@ def test_nccl_pulls_to_one_server_overlap_on_lanes():
             elapsed = time.perf_counter() - start
             assert len(client._pairs) == 3 and answered["most"] == 3
             assert elapsed < 5 * 0.2  # two rounds of three lanes, not five pulls in a row
-        finally:
-            await client.close()
-            await server.close()
 
     asyncio.run(main())
     assert_pulled(src, list(range(12)), dst, list(range(12)), dst_before)
