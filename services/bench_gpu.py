@@ -85,7 +85,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (with --tiny)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model of the same family (smoke test)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs the model is split over")
-    p.add_argument("--tp-all-reduce", default="nccl", choices=["nccl", "symm_mem"],
+    p.add_argument("--tp-all-reduce", default="nccl", choices=["nccl", "symm_mem", "fused"],
                    help="tensor-parallel all-reduce (ParallelConfig.all_reduce)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b", help="model shape of the dummy weights")
     p.add_argument("--quantization", default=None, choices=["fp8", "awq", "gptq"],

@@ -11,6 +11,8 @@ Each phase runs in its own process (a clean GPU and torch.distributed group), in
     8b-tp2-symm       the same at TP=2 with ParallelConfig.all_reduce="symm_mem" (one-shot
                       all-reduce over NVLink peer memory for decode-sized tensors); its greedy
                       tokens are compared with 8b-tp2's (with 2 ranks a sum is exact either way)
+    8b-tp2-fused      the same with all_reduce="fused" (all-reduce + residual add + RMSNorm in one
+                      kernel over peer memory, kernels/allreduce_norm.py); tokens compared too
     70b-tp2           Llama-2-70B shape, bf16 dummy, TP=2: loads, batch-1 ms/token, W1 tok/s
     smollm2-tp1/-tp2  the packaged SmolLM2-135M GGUF (fp32; 9 heads / 3 KV heads: TP=2 splits
                       them 6 + 3): 32 prompts x 64 greedy tokens; agreement and first divergence
@@ -36,6 +38,7 @@ from pdserve.services.bench_gpu import LLAMA2_70B, LLAMA3_8B
 
 PHASES = {  # name -> (model, tensor_parallel_size, all_reduce, timeout s)
     "8b-tp1": ("8b", 1, "nccl", 150), "8b-tp2": ("8b", 2, "nccl", 150), "8b-tp2-symm": ("8b", 2, "symm_mem", 150),
+    "8b-tp2-fused": ("8b", 2, "fused", 150), "70b-tp2-fused": ("70b", 2, "fused", 270),
     "70b-tp2": ("70b", 2, "nccl", 270), "smollm2-tp1": ("smollm2", 1, "nccl", 90),
     "smollm2-tp2": ("smollm2", 2, "nccl", 90),
 }
@@ -203,10 +206,16 @@ def print_report(summary: dict) -> None:
         print(f"8B TP=2 vs TP=1: batch-1 ms/token x{two['latency']['ms_per_output_token'] / one['latency']['ms_per_output_token']:.2f}"
               f" (target <= 0.60), W1 tok/s x{two['w1']['output_tok_per_s'] / one['w1']['output_tok_per_s']:.2f}"
               " (target >= 1.60)")
-    symm = res.get("8b-tp2-symm", {})
-    if "greedy_tokens" in symm and "greedy_tokens" in two:
-        same = symm["greedy_tokens"] == two["greedy_tokens"]
-        print(f"8B TP=2 greedy tokens, symm_mem vs nccl all-reduce (4 prompts x 32): {'identical' if same else 'DIFFER'}")
+    for variant in ("symm", "fused"):
+        other = res.get(f"8b-tp2-{variant}", {})
+        if "greedy_tokens" in other and "greedy_tokens" in two:
+            same = other["greedy_tokens"] == two["greedy_tokens"]
+            print(f"8B TP=2 greedy tokens, {variant} vs nccl all-reduce (4 prompts x 32): "
+                  f"{'identical' if same else 'DIFFER'}")
+        if "latency" in one and "latency" in other:
+            print(f"8B TP=2 ({variant}) vs TP=1: batch-1 ms/token "
+                  f"x{other['latency']['ms_per_output_token'] / one['latency']['ms_per_output_token']:.2f}, "
+                  f"W1 tok/s x{other['w1']['output_tok_per_s'] / one['w1']['output_tok_per_s']:.2f}")
     s1, s2 = res.get("smollm2-tp1", {}), res.get("smollm2-tp2", {})
     if "tokens" in s1 and "tokens" in s2:
         print(smollm2_agreement(s1, s2))

@@ -14,6 +14,11 @@ up to SYMM_MEM_MAX_BYTES (decode batches): each rank copies its part into a peer
 and after a barrier reads and sums every rank's (one kernel, CUDA-graph safe, a barrier at its end
 before the buffer is reused); larger tensors and fp16 go to NCCL.
 
+The layers' all-reduces are followed by the residual add and RMSNorm (models/parallel.py calls
+`all_reduce_add_rms_norm`); with `all_reduce="fused"` that is one kernel over NVLink peer memory
+for up to FUSED_REGION_BYTES per rank (kernels/allreduce_norm.py, `FusedAllReduceNorm`), and
+NCCL's all-reduce plus the norm kernel above it.
+
 The group is torch.distributed's default one, joined through a TCPStore that rank 0 hosts: one
 tensor-parallel engine per process at a time (`close` ends it, and a new engine may start another).
 """
@@ -31,6 +36,7 @@ from pdserve.common.config import ConfigError
 log = logging.getLogger("pdserve.tp")
 
 SYMM_MEM_MAX_BYTES = 1 << 20
+FUSED_REGION_BYTES = 2 << 20  # per region (two alternate), per rank: 256 rows of hidden 4096 in bf16
 
 
 class TPComm:
@@ -41,8 +47,8 @@ class TPComm:
                                "engine per process")
         self.rank, self.world_size, self.device = rank, world_size, device
         cuda = device.type == "cuda"
-        if all_reduce == "symm_mem" and not cuda:
-            raise ConfigError("the symm_mem all-reduce needs CUDA devices")
+        if all_reduce in ("symm_mem", "fused") and not cuda:
+            raise ConfigError(f"the {all_reduce} all-reduce needs CUDA devices")
         if cuda:
             torch.cuda.set_device(device)
         self.backend = "nccl" if cuda else "gloo"
@@ -50,12 +56,16 @@ class TPComm:
                                 world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=device if cuda else None)
         self._symm_buffer = None  # uint8 [SYMM_MEM_MAX_BYTES], mapped on every rank
-        if all_reduce == "symm_mem":
+        self._fused: FusedAllReduceNorm | None = None
+        if all_reduce in ("symm_mem", "fused"):
             try:
                 import torch.distributed._symmetric_memory as symm_mem
                 self._group_name = dist.group.WORLD.group_name
-                self._symm_buffer = symm_mem.empty(SYMM_MEM_MAX_BYTES, dtype=torch.uint8, device=device)
-                symm_mem.rendezvous(self._symm_buffer, self._group_name)  # collective, once
+                if all_reduce == "symm_mem":
+                    self._symm_buffer = symm_mem.empty(SYMM_MEM_MAX_BYTES, dtype=torch.uint8, device=device)
+                    symm_mem.rendezvous(self._symm_buffer, self._group_name)  # collective, once
+                else:
+                    self._fused = FusedAllReduceNorm(rank, self._group_name, device)
             except BaseException:
                 self.close()  # the group would outlive this object and block the next engine
                 raise
@@ -68,6 +78,15 @@ class TPComm:
             return torch.ops.symm_mem.one_shot_all_reduce_copy(peer_view, x, "sum", self._group_name)
         dist.all_reduce(x)
         return x
+
+    def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                                region: int, ops) -> tuple[torch.Tensor, torch.Tensor]:
+        """ops.rms_norm(all_reduce(x), weight, eps, residual) -> (out, new residual). `region` (0 or 1)
+        must alternate from call to call on every rank (the model's norms fix it: module doc of
+        kernels/allreduce_norm.py)."""
+        if self._fused is not None and self._fused.fits(x, residual):
+            return self._fused(x, residual, weight, eps, region)
+        return ops.rms_norm(self.all_reduce(x), weight, eps, residual)
 
     def gather_to_first(self, x: torch.Tensor) -> torch.Tensor | None:
         """x [..., n] of every rank -> [..., world_size * n] on rank 0 (rank order); None elsewhere."""
@@ -108,3 +127,30 @@ class TPComm:
                 dist.destroy_process_group()
             except Exception as e:  # a peer already gone: nothing left to tear down cleanly
                 log.warning("tensor-parallel group teardown: %s", e)
+
+
+class FusedAllReduceNorm:
+    """A symmetric buffer of two regions of FUSED_REGION_BYTES and its signal pad, mapped on every
+    rank, for kernels/allreduce_norm.py. Rendezvous is collective: every rank builds one, in order."""
+
+    def __init__(self, rank: int, group_name: str, device: torch.device):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.rank = rank
+        self.buffer = symm_mem.empty(2 * FUSED_REGION_BYTES, dtype=torch.uint8, device=device)
+        handle = symm_mem.rendezvous(self.buffer, group_name)
+        self.buffer_addrs = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
+        self.pad_addrs = torch.tensor(list(handle.signal_pad_ptrs), dtype=torch.int64, device=device)
+        self._handle = handle  # keeps the peers' mappings alive
+
+    def fits(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        return (x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+                and x.numel() * x.element_size() <= FUSED_REGION_BYTES and x.stride(1) == 1
+                and residual.stride(1) == 1)
+
+    def __call__(self, x, residual, weight, eps, region):
+        from pdserve.kernels.allreduce_norm import allreduce_add_rms_norm
+
+        region_start = region * (FUSED_REGION_BYTES // x.element_size())
+        return allreduce_add_rms_norm(x, residual, weight, eps, self.buffer, self.buffer_addrs, self.pad_addrs,
+                                      region_start, self.rank)

@@ -13,8 +13,12 @@ allocates its shard. Per decoder layer, with N ranks and this rank's part of eac
     lm_head       vocab-parallel rows (or the tied embedding's): logits [T, V / N] gathered to
                   rank 0 ([T, V] there, None on the other ranks), which samples
 
-The all-reduces are forward hooks on each layer's `self_attn` and `mlp` (the model's forward
-pass has no TP branch); the logits gather is `LlamaForCausalLM.gather_logits`.
+The all-reduces of the attention and MLP outputs happen in the RMSNorm that follows each (the
+layer's post-attention norm, the next layer's input norm, the final norm), replaced by
+`ReducingRMSNorm`: `comm.all_reduce_add_rms_norm` sums the ranks' partial outputs, adds the
+residual and normalises (one kernel over NVLink peer memory with all_reduce="fused", else the
+all-reduce then the norm). The model's forward pass has no TP branch; the logits gather is
+`LlamaForCausalLM.gather_logits`.
 
 Head partition. KV heads go whole to ranks, as evenly as their count allows, each with the query
 heads of its group (so GQA needs nothing across ranks); with fewer KV heads than ranks, each KV
@@ -30,7 +34,7 @@ checkpoint tensor (`shard`: its index in a fused projection) and copies this ran
 per rank (a different random model than N=1's; benchmarks only).
 
 `comm` is the rank's group (`engine/tp_comm.py`): rank, world_size, all_reduce(x) -> x,
-gather_to_first(x) -> [.., N * x.shape[-1]] on rank 0, None elsewhere.
+all_reduce_add_rms_norm(x, residual, weight, eps, region, ops) -> (out, residual), gather_to_first(x) -> [.., N * x.shape[-1]] on rank 0, None elsewhere.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pdserve.common.config import ArchConfig, ConfigError
+from pdserve.common.models.llama import RMSNorm
 
 
 def split(n: int, parts: int, index: int) -> tuple[int, int]:
@@ -145,6 +150,23 @@ class GatherLogits:
         return None if full is None else full[:, :self.vocab_size]
 
 
+class ReducingRMSNorm(RMSNorm):
+    """The RMSNorm after a row-parallel output: x is this rank's partial sum. Called without a
+    residual (the first layer's input norm, on the embedding: already summed) it is a plain norm.
+    `region` (0: post-attention norms, 1: input and final norms) alternates along the forward pass,
+    as comm.all_reduce_add_rms_norm needs."""
+
+    def __init__(self, old: RMSNorm, comm, region: int):
+        super().__init__(old.weight.shape[0], old.eps, old.ops)
+        self.weight = nn.Parameter(torch.empty_like(old.weight))
+        self.comm, self.region = comm, region
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if residual is None:
+            return super().forward(x)
+        return self.comm.all_reduce_add_rms_norm(x, residual, self.weight, self.eps, self.region, self.ops)
+
+
 # ---- the transform ---------------------------------------------------------------------------------
 def shard_model(model, comm) -> None:
     """Replace model's projections, embedding and head by this rank's shards, in place (see module doc)."""
@@ -153,8 +175,9 @@ def shard_model(model, comm) -> None:
     hs = head_shard(cfg, rank, world)
     d = cfg.head_dim
     i_start, i_size = split(cfg.intermediate_size, world, rank)
-    reduce_output = lambda module, args, out: comm.all_reduce(out)  # noqa: E731
     for n, layer in enumerate(model.layers):
+        layer.input_layernorm = ReducingRMSNorm(layer.input_layernorm, comm, 1)
+        layer.post_attention_layernorm = ReducingRMSNorm(layer.post_attention_layernorm, comm, 0)
         attn, mlp = layer.self_attn, layer.mlp
         q, kv = hs.num_q * d, hs.num_kv * d
         attn.qkv_proj = _linear(attn.qkv_proj, cfg.hidden_size, q + 2 * kv)
@@ -168,7 +191,6 @@ def shard_model(model, comm) -> None:
         attn.num_heads, attn.num_kv_heads, attn.q_size, attn.kv_size = hs.num_q, hs.num_kv, q, kv
         old = attn.attn
         attn.attn = attn.ops.attention_backend(hs.num_q, hs.num_kv, d, old.block_size, old.sliding_window)
-        attn.register_forward_hook(reduce_output)
 
         mlp.gate_up_proj = _linear(mlp.gate_up_proj, cfg.hidden_size, 2 * i_size)
         _register(model, f"layers.{n}.mlp.gate_up_proj", mlp.gate_up_proj, 0, {
@@ -177,7 +199,7 @@ def shard_model(model, comm) -> None:
         mlp.down_proj = _linear(mlp.down_proj, i_size, cfg.hidden_size)
         _register(model, f"layers.{n}.mlp.down_proj", mlp.down_proj, 1,
                   {None: Piece(cfg.intermediate_size, i_start, i_size, 0)})
-        mlp.register_forward_hook(reduce_output)
+    model.norm = ReducingRMSNorm(model.norm, comm, 1)
 
     v_start, v_rows = vocab_shard(cfg.vocab_size, rank, world)
     vocab_piece = {None: Piece(cfg.vocab_size, v_start, max(0, min(v_rows, cfg.vocab_size - v_start)), 0)}

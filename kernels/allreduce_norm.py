@@ -1,0 +1,152 @@
+"""allreduce_add_rms_norm: a tensor-parallel layer's all-reduce, residual add and RMSNorm in ONE kernel.
+
+After a row-parallel projection (o_proj, down_proj) each rank holds a partial sum x_r [T, N]; the
+next step is `rms_norm(sum_r x_r, weight, eps, residual)` (kernels/rms_norm.py). Over NVLink peer
+memory (torch symmetric memory: every rank's buffer is mapped on every rank) one kernel does it:
+
+    1. each program copies its rows of x into this rank's buffer, region `region` (0 or 1)
+    2. barrier with the same program of every peer (signal pads, below)
+    3. each program reads its rows from every rank's buffer, sums them in fp32 (rounded once to the
+       dtype: for 2 ranks the same bits as NCCL's sum), adds the residual and normalises exactly as
+       kernels/rms_norm.py does -> out, residual_out
+
+One launch instead of NCCL's all-reduce kernel plus the norm kernel; at decode sizes (a few KiB
+per rank) both are latency, so the step saves about a launch and a collective's fixed cost per
+call, twice per layer.
+
+Barrier. Program p of rank r owns slot p * W + r of every rank's signal pad (uint32). Thread q < W
+of the program sets slot p * W + r on rank q from 0 to 1 (release, system scope; spinning while it is
+still 1 from a call the peer has not consumed) and then waits for its own slot p * W + q to be 1 and
+resets it to 0 (acquire). A bar.sync before and after orders the program's buffer writes before
+its signals and the peers' reads after theirs. Slots are left at 0, so calls need no reset.
+
+Buffer reuse. The kernel has no closing barrier: calls alternate between two regions (the caller
+passes `region`), and a rank writes region k again only in the call after next, by which time it
+has passed the barrier of the call in between, i.e. every peer has started that call and so (same
+stream, kernels in order) finished reading region k. The caller guarantees the alternation: the
+model makes two calls per layer, each forward pass starts at region 0 (tp_comm.FusedAllReduceNorm).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_PROGRAMS = 32  # signal slots used: MAX_PROGRAMS * world_size (torch's pad has >= 512 uint32)
+
+
+@triton.jit
+def _thread_index():
+    return tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _signal(address):
+    # set the uint32 at `address` (a peer's slot) from 0 to 1, waiting while it is still 1
+    tl.inline_asm_elementwise(
+        """
+        {
+        .reg .u32 %old;
+        .reg .pred %done;
+        signal_loop:
+        atom.global.release.sys.cas.b32 %old, [$1], 0, 1;
+        setp.eq.u32 %done, %old, 0;
+        @!%done bra signal_loop;
+        mov.u32 $0, %old;
+        }
+        """,
+        "=r,l", [address], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _consume(address):
+    # wait for the uint32 at `address` (this rank's slot) to be 1, and set it back to 0
+    tl.inline_asm_elementwise(
+        """
+        {
+        .reg .u32 %old;
+        .reg .pred %done;
+        consume_loop:
+        atom.global.acquire.sys.cas.b32 %old, [$1], 1, 0;
+        setp.eq.u32 %done, %old, 1;
+        @!%done bra consume_loop;
+        mov.u32 $0, %old;
+        }
+        """,
+        "=r,l", [address], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _allreduce_add_rms_norm_kernel(
+    x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
+    own_ptr,                                  # this rank's buffer (as a tensor: aligned, so loads vectorise)
+    buffer_addrs_ptr, pad_addrs_ptr,          # int64 [W]: every rank's buffer / signal pad address
+    region_start, num_rows, hidden_size, eps,
+    stride_x, stride_residual, stride_out, stride_residual_out,
+    RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, ELEMENT_BYTES: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden_size
+    dtype = x_ptr.dtype.element_ty
+    own_addr = tl.load(buffer_addrs_ptr + RANK)
+    own = own_ptr + region_start
+    for row in range(pid, num_rows, programs):
+        x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
+        tl.store(own + row.to(tl.int64) * hidden_size + cols, x, mask=mask)
+    tl.debug_barrier()
+    tid = _thread_index()
+    if tid < WORLD:
+        slot_bytes = 4 * (pid * WORLD).to(tl.int64)
+        _signal(tl.load(pad_addrs_ptr + tid) + slot_bytes + 4 * RANK)
+        _consume(tl.load(pad_addrs_ptr + RANK) + slot_bytes + 4 * tid.to(tl.int64))
+    tl.debug_barrier()
+    weight = tl.load(weight_ptr + cols, mask=mask).to(tl.float32)
+    for row in range(pid, num_rows, programs):
+        r64 = row.to(tl.int64)
+        acc = tl.zeros([BLOCK], dtype=tl.float32)
+        for q in tl.static_range(WORLD):
+            # the peer's buffer as an offset from ours (mappings are page-aligned): known alignment
+            delta = tl.multiple_of((tl.load(buffer_addrs_ptr + q) - own_addr) // ELEMENT_BYTES, 16)
+            acc += tl.load(own + delta + r64 * hidden_size + cols, mask=mask, other=0.0, volatile=True).to(tl.float32)
+        reduced = acc.to(dtype)  # what the all-reduce returns
+        residual = tl.load(residual_ptr + r64 * stride_residual + cols, mask=mask, other=0.0)
+        h = (reduced.to(tl.float32) + residual.to(tl.float32)).to(dtype)  # as rms_norm's residual add
+        tl.store(residual_out_ptr + r64 * stride_residual_out + cols, h, mask=mask)
+        h = h.to(tl.float32)
+        inv_rms = tl.rsqrt(tl.sum(h * h, axis=0) / hidden_size + eps)
+        normed = (h * inv_rms).to(dtype).to(tl.float32)
+        tl.store(out_ptr + r64 * stride_out + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def allreduce_add_rms_norm(
+    x: torch.Tensor,               # [T, N] this rank's partial sum
+    residual: torch.Tensor,        # [T, N]
+    weight: torch.Tensor,          # [N]
+    eps: float,
+    own_buffer: torch.Tensor,      # this rank's symmetric buffer (>= 2 regions), any dtype
+    buffer_addrs: torch.Tensor,    # int64 [W] on the device: every rank's symmetric buffer
+    pad_addrs: torch.Tensor,       # int64 [W] on the device: every rank's signal pad
+    region_start: int,             # element offset of this call's region in the buffers
+    rank: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(all_reduce(x) + residual) * weight, all_reduce(x) + residual), as kernels/rms_norm.py.
+    Every rank must call it with the same shapes and region, in the same order."""
+    assert x.dim() == 2 and x.stride(1) == 1 and residual.shape == x.shape and residual.stride(1) == 1
+    num_rows, hidden = x.shape
+    assert weight.shape == (hidden,) and weight.dtype == x.dtype == residual.dtype
+    world = buffer_addrs.numel()
+    out = torch.empty((num_rows, hidden), dtype=x.dtype, device=x.device)
+    residual_out = torch.empty_like(out)
+    if num_rows == 0:
+        return out, residual_out
+    block = triton.next_power_of_2(hidden)
+    _allreduce_add_rms_norm_kernel[(min(num_rows, MAX_PROGRAMS),)](
+        x, residual, weight, out, residual_out, own_buffer.view(x.dtype), buffer_addrs, pad_addrs,
+        region_start, num_rows, hidden, eps,
+        x.stride(0), residual.stride(0), out.stride(0), residual_out.stride(0),
+        RANK=rank, WORLD=world, BLOCK=block, ELEMENT_BYTES=x.element_size(), num_warps=min(16, max(4, block // 512)),
+    )
+    return out, residual_out
