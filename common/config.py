@@ -291,17 +291,18 @@ class ParallelConfig:
     (--gpu-memory-utilization, --kv-cache-memory) apply to each rank."""
     tensor_parallel_size: int = option(1, "split the model over N ranks, one process each (GPUs base..base+N-1; "
                                           "gloo processes on CPU)", type=int, aliases=("-tp",))
-    # the layers' all-reduce on CUDA: "nccl" (torch.distributed), or "symm_mem" (torch's one-shot
-    # all-reduce over NVLink peer memory for tensors up to 1 MiB, NCCL above; bf16/fp32), or "fused"
-    # (the layers' all-reduce, residual add and RMSNorm in one kernel over peer memory for up to
-    # 2 MiB per rank, kernels/allreduce_norm.py; NCCL above)
-    all_reduce: str = "nccl"
+    all_reduce: str = option(
+        "auto", "tensor-parallel all-reduce on CUDA: fused (all-reduce + residual add + RMSNorm in one "
+                "kernel over NVLink/P2P peer memory for decode-sized steps, NCCL above), nccl, symm_mem "
+                "(torch's one-shot all-reduce, then the norm), or auto (fused where the GPUs can map each "
+                "other's memory, else nccl; gloo on CPU)",
+        flag="--tp-all-reduce", choices=("auto", "fused", "nccl", "symm_mem"))
 
     def __post_init__(self):
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"--tensor-parallel-size must be positive, got {self.tensor_parallel_size}")
-        if self.all_reduce not in ("nccl", "symm_mem", "fused"):
-            raise ConfigError(f"all_reduce must be nccl, symm_mem or fused, got {self.all_reduce!r}")
+        if self.all_reduce not in ("auto", "nccl", "symm_mem", "fused"):
+            raise ConfigError(f"--tp-all-reduce must be auto, fused, nccl or symm_mem, got {self.all_reduce!r}")
 
     def check_model(self, arch: ArchConfig) -> None:
         """KV heads go whole to ranks (as even as the count allows), or, when there are fewer KV

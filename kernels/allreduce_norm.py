@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_PROGRAMS = 32  # signal slots used: MAX_PROGRAMS * world_size (torch's pad has >= 512 uint32)
+SIGNAL_SLOTS = 512  # uint32 slots of the signal pad used: programs * world_size (torch's pad has >= 512)
 
 
 @triton.jit
@@ -143,7 +143,7 @@ def allreduce_add_rms_norm(
     if num_rows == 0:
         return out, residual_out
     block = triton.next_power_of_2(hidden)
-    _allreduce_add_rms_norm_kernel[(min(num_rows, MAX_PROGRAMS),)](
+    _allreduce_add_rms_norm_kernel[(min(num_rows, SIGNAL_SLOTS // world),)](
         x, residual, weight, out, residual_out, own_buffer.view(x.dtype), buffer_addrs, pad_addrs,
         region_start, num_rows, hidden, eps,
         x.stride(0), residual.stride(0), out.stride(0), residual_out.stride(0),

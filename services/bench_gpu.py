@@ -85,7 +85,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (with --tiny)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model of the same family (smoke test)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs the model is split over")
-    p.add_argument("--tp-all-reduce", default="nccl", choices=["nccl", "symm_mem", "fused"],
+    p.add_argument("--tp-all-reduce", default="nccl", choices=["nccl", "symm_mem", "fused", "auto"],
                    help="tensor-parallel all-reduce (ParallelConfig.all_reduce)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b", help="model shape of the dummy weights")
     p.add_argument("--quantization", default=None, choices=["fp8", "awq", "gptq"],
@@ -154,9 +154,9 @@ class StepRecorder:
         event.record()
         return event
 
-    def __call__(self, sched):
+    def __call__(self, sched, *args):
         start = self._mark()
-        pending = self._launch(sched)
+        pending = self._launch(sched, *args)  # (sched, structured outputs) as the engine calls it
         end = self._mark()
         num_decodes = sum(1 for s in sched.scheduled if s.num_tokens == 1)
         self.steps.append((sched.num_batched_tokens, num_decodes, len(sched.scheduled), start, end))
