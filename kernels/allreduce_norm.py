@@ -18,7 +18,9 @@ Barrier. Program p of rank r owns slot p * W + r of every rank's signal pad (uin
 of the program sets slot p * W + r on rank q from 0 to 1 (release, system scope; spinning while it is
 still 1 from a call the peer has not consumed) and then waits for its own slot p * W + q to be 1 and
 resets it to 0 (acquire). A bar.sync before and after orders the program's buffer writes before
-its signals and the peers' reads after theirs. Slots are left at 0, so calls need no reset.
+its signals and the peers' reads after theirs. Slots are left at 0, so calls need no reset. A
+wait longer than `timeout_s` (a peer that died) executes `trap`: the step fails with a CUDA error
+(the process's CUDA context is then unusable, as after any device fault) instead of spinning forever.
 
 Buffer reuse. The kernel has no closing barrier: calls alternate between two regions (the caller
 passes `region`), and a rank writes region k again only in the call after next, by which time it
@@ -42,39 +44,56 @@ def _thread_index():
 
 
 @triton.jit
-def _signal(address):
-    # set the uint32 at `address` (a peer's slot) from 0 to 1, waiting while it is still 1
+def _signal(address, timeout_ns):
+    # set the uint32 at `address` (a peer's slot) from 0 to 1, waiting while it is still 1;
+    # past timeout_ns the kernel traps (a dead peer: a CUDA error instead of a hung GPU)
     tl.inline_asm_elementwise(
         """
         {
         .reg .u32 %old;
-        .reg .pred %done;
+        .reg .u64 %start, %now;
+        .reg .pred %done, %late;
+        mov.u64 %start, %globaltimer;
         signal_loop:
         atom.global.release.sys.cas.b32 %old, [$1], 0, 1;
         setp.eq.u32 %done, %old, 0;
-        @!%done bra signal_loop;
+        @%done bra signal_end;
+        mov.u64 %now, %globaltimer;
+        sub.u64 %now, %now, %start;
+        setp.gt.u64 %late, %now, $2;
+        @%late trap;
+        bra signal_loop;
+        signal_end:
         mov.u32 $0, %old;
         }
         """,
-        "=r,l", [address], dtype=tl.int32, is_pure=False, pack=1)
+        "=r,l,l", [address, timeout_ns], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
-def _consume(address):
-    # wait for the uint32 at `address` (this rank's slot) to be 1, and set it back to 0
+def _consume(address, timeout_ns):
+    # wait for the uint32 at `address` (this rank's slot) to be 1 and set it back to 0; trap as above
     tl.inline_asm_elementwise(
         """
         {
         .reg .u32 %old;
-        .reg .pred %done;
+        .reg .u64 %start, %now;
+        .reg .pred %done, %late;
+        mov.u64 %start, %globaltimer;
         consume_loop:
         atom.global.acquire.sys.cas.b32 %old, [$1], 1, 0;
         setp.eq.u32 %done, %old, 1;
-        @!%done bra consume_loop;
+        @%done bra consume_end;
+        mov.u64 %now, %globaltimer;
+        sub.u64 %now, %now, %start;
+        setp.gt.u64 %late, %now, $2;
+        @%late trap;
+        bra consume_loop;
+        consume_end:
         mov.u32 $0, %old;
         }
         """,
-        "=r,l", [address], dtype=tl.int32, is_pure=False, pack=1)
+        "=r,l,l", [address, timeout_ns], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -82,7 +101,7 @@ def _allreduce_add_rms_norm_kernel(
     x_ptr, residual_ptr, weight_ptr, out_ptr, residual_out_ptr,
     own_ptr,                                  # this rank's buffer (as a tensor: aligned, so loads vectorise)
     buffer_addrs_ptr, pad_addrs_ptr,          # int64 [W]: every rank's buffer / signal pad address
-    region_start, num_rows, hidden_size, eps,
+    region_start, num_rows, hidden_size, eps, timeout_ns,
     stride_x, stride_residual, stride_out, stride_residual_out,
     RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, ELEMENT_BYTES: tl.constexpr,
 ):
@@ -100,8 +119,8 @@ def _allreduce_add_rms_norm_kernel(
     tid = _thread_index()
     if tid < WORLD:
         slot_bytes = 4 * (pid * WORLD).to(tl.int64)
-        _signal(tl.load(pad_addrs_ptr + tid) + slot_bytes + 4 * RANK)
-        _consume(tl.load(pad_addrs_ptr + RANK) + slot_bytes + 4 * tid.to(tl.int64))
+        _signal(tl.load(pad_addrs_ptr + tid) + slot_bytes + 4 * RANK, timeout_ns)
+        _consume(tl.load(pad_addrs_ptr + RANK) + slot_bytes + 4 * tid.to(tl.int64), timeout_ns)
     tl.debug_barrier()
     weight = tl.load(weight_ptr + cols, mask=mask).to(tl.float32)
     for row in range(pid, num_rows, programs):
@@ -131,6 +150,7 @@ def allreduce_add_rms_norm(
     pad_addrs: torch.Tensor,       # int64 [W] on the device: every rank's signal pad
     region_start: int,             # element offset of this call's region in the buffers
     rank: int,
+    timeout_s: float = 300.0,      # a barrier waiting longer traps (CUDA error): the peer is gone
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(all_reduce(x) + residual) * weight, all_reduce(x) + residual), as kernels/rms_norm.py.
     Every rank must call it with the same shapes and region, in the same order."""
@@ -145,7 +165,7 @@ def allreduce_add_rms_norm(
     block = triton.next_power_of_2(hidden)
     _allreduce_add_rms_norm_kernel[(min(num_rows, SIGNAL_SLOTS // world),)](
         x, residual, weight, out, residual_out, own_buffer.view(x.dtype), buffer_addrs, pad_addrs,
-        region_start, num_rows, hidden, eps,
+        region_start, num_rows, hidden, eps, int(timeout_s * 1e9),
         x.stride(0), residual.stride(0), out.stride(0), residual_out.stride(0),
         RANK=rank, WORLD=world, BLOCK=block, ELEMENT_BYTES=x.element_size(), num_warps=min(16, max(4, block // 512)),
     )

@@ -10,6 +10,7 @@ sizes 4096 / 8192 and 1-256 rows (decode batches):
             CUDA graph of 64 calls over 64 different inputs (the model's alternation of regions)
             replayed 200 times, every output compared: a missing barrier or a region reused too
             early would read a neighbour's data
+    dead    rank 1 stops calling: rank 0's call must fail (trap -> CUDA error) after its timeout
     time    us per call inside a CUDA graph of 64 calls: NCCL all-reduce + norm kernel; torch's
             symm_mem one-shot all-reduce + norm kernel; the fused kernel
 
@@ -24,6 +25,7 @@ import json
 import os
 import socket
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -85,11 +87,27 @@ def _rank_main(rank: int, world: int, port: int, check_only: bool, result_path: 
                     weight, 1e-5, res))
                 row["fused_us"] = _graph_us(lambda i: fused(xs[i], res, weight, 1e-5, i % 2))
             rows_out.append(row)
-    if rank == 0:
-        with open(result_path, "w") as f:
-            json.dump({"rows": rows_out, "failures": failures}, f)
     dist.barrier()
-    comm.close()
+    torch.cuda.synchronize()
+    dead_peer = None
+    if rank == 0:
+        # rank 1 makes no call: the barrier must give up (trap -> CUDA error), not spin forever
+        from pdserve.kernels.allreduce_norm import allreduce_add_rms_norm
+        x = torch.randn(1, 4096, device=device).to(torch.bfloat16)
+        t0 = time.perf_counter()
+        try:
+            allreduce_add_rms_norm(x, x, torch.ones(4096, dtype=torch.bfloat16, device=device), 1e-5, fused.buffer,
+                                   fused.buffer_addrs, fused.pad_addrs, 0, rank, timeout_s=2.0)
+            torch.cuda.synchronize()
+            dead_peer = "returned"
+            failures.append("a call without its peer returned instead of failing")
+        except Exception as e:  # the trap surfaces as a CUDA error at the sync
+            dead_peer = f"failed after {time.perf_counter() - t0:.1f} s: {type(e).__name__}: {str(e)[:80]}"
+        with open(result_path, "w") as f:
+            json.dump({"rows": rows_out, "failures": failures, "dead_peer": dead_peer}, f)
+        os._exit(0)  # the CUDA context is unusable after the trap: no teardown
+    time.sleep(8)
+    os._exit(0)
 
 
 def _nccl(x):
@@ -153,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in result["rows"]:
         print(f"{r['hidden']:>6} {r['rows']:>5} {r['check']:<10} {r.get('nccl_us', '-'):>9} "
               f"{r.get('symm_us', '-'):>9} {r.get('fused_us', '-'):>7}")
+    print(f"a call whose peer never comes (timeout 2 s): {result.get('dead_peer')}")
     for f in result["failures"]:
         print("FAILED:", f)
     return 1 if result["failures"] else 0
