@@ -15,6 +15,10 @@ programs fit on an SM:
             p = w * x[m, tile]                      x read in the slice of w's layout (L1)
             acc_m += sum(reshape(p, [BN, BK / VEC, VEC]), axis=2)    [BN, BK / VEC], in-thread
     y_m = sum(acc_m, axis=1) * scale (+ bias), or split-K partial sums -> split_k.store_rows
+
+GATED (a Llama MLP's down projection): x is the gate_up output [M, 2K] and the kernel multiplies
+silu(gate) * up, computed per K tile as kernels/activation.py computes it (fp32, rounded to x's
+dtype): the same numbers as silu_and_mul then the GEMV, one launch and one [M, K] round trip fewer.
 """
 
 from __future__ import annotations
@@ -28,15 +32,23 @@ VEC = 8  # inputs a thread reads at once: 8 fp8 (8 bytes) of each of its rows, 8
 
 
 @triton.jit
-def _row(acc, wf, x_ptr, m: tl.constexpr, M, stride_xm, kk, K, EVEN_K: tl.constexpr,
-         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr):
-    """acc [BN, BK / VEC] += in-thread sums of wf [BN, BK] * x[m, kk] (rows m >= M read row M - 1:
-    valid memory, never stored)."""
-    x_row = x_ptr + tl.minimum(M - 1, m) * stride_xm
+def _x(x_row, kk, K, EVEN_K: tl.constexpr):
     if EVEN_K:
-        xv = tl.load(x_row + kk).to(tl.float32)
-    else:
-        xv = tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+        return tl.load(x_row + kk).to(tl.float32)
+    return tl.load(x_row + kk, mask=kk < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _row(acc, wf, x_ptr, m: tl.constexpr, M, stride_xm, kk, K, EVEN_K: tl.constexpr,
+         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr, GATED: tl.constexpr):
+    """acc [BN, BK / VEC] += in-thread sums of wf [BN, BK] * x[m, kk] (rows m >= M read row M - 1:
+    valid memory, never stored). GATED: x's row is gate [K] ++ up [K] and the input is
+    silu(gate) * up, computed and rounded to x's dtype as kernels/activation.py does."""
+    x_row = x_ptr + tl.minimum(M - 1, m) * stride_xm
+    xv = _x(x_row, kk, K, EVEN_K)
+    if GATED:
+        up = _x(x_row + K, kk, K, EVEN_K)
+        xv = (xv * tl.sigmoid(xv) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
     p = wf * xv[None, :]
     return acc + tl.sum(tl.reshape(p, [BLOCK_N, BLOCK_K // VEC, VEC]), axis=2)
 
@@ -45,7 +57,7 @@ def _row(acc, wf, x_ptr, m: tl.constexpr, M, stride_xm, kk, K, EVEN_K: tl.conste
 def _fp8_gemv_v2_kernel(x_ptr, w_ptr, scale_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, tiles_per_split, split_k,
                         stride_xm, stride_wn, stride_om,
                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr):
+                        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr, GATED: tl.constexpr = False):
     pid_n = tl.program_id(0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                        # [BN] outputs
     col_ok = cols < N
@@ -67,12 +79,12 @@ def _fp8_gemv_v2_kernel(x_ptr, w_ptr, scale_ptr, b_ptr, out_ptr, ws_ptr, lock_pt
             w = tl.load(w_rows + kk[None, :], mask=col_ok[:, None] & (kk < K)[None, :], other=0.0,
                         eviction_policy="evict_first")
         wf = w.to(tl.float32)
-        acc0 = _row(acc0, wf, x_ptr, 0, M, stride_xm, kk, K, EVEN_K, BLOCK_N, BLOCK_K, VEC)
+        acc0 = _row(acc0, wf, x_ptr, 0, M, stride_xm, kk, K, EVEN_K, BLOCK_N, BLOCK_K, VEC, GATED)
         if BLOCK_M > 1:
-            acc1 = _row(acc1, wf, x_ptr, 1, M, stride_xm, kk, K, EVEN_K, BLOCK_N, BLOCK_K, VEC)
+            acc1 = _row(acc1, wf, x_ptr, 1, M, stride_xm, kk, K, EVEN_K, BLOCK_N, BLOCK_K, VEC, GATED)
         if BLOCK_M > 2:
-            acc2 = _row(acc2, wf, x_ptr, 2, M, stride_xm, kk, K, EVEN_K, BLOCK_N, BLOCK_K, VEC)
-            acc3 = _row(acc3, wf, x_ptr, 3, M, stride_xm, kk, K, EVEN_K, BLOCK_N, BLOCK_K, VEC)
+            acc2 = _row(acc2, wf, x_ptr, 2, M, stride_xm, kk, K, EVEN_K, BLOCK_N, BLOCK_K, VEC, GATED)
+            acc3 = _row(acc3, wf, x_ptr, 3, M, stride_xm, kk, K, EVEN_K, BLOCK_N, BLOCK_K, VEC, GATED)
     rows = tl.arange(0, BLOCK_M)
     y = stack_rows(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), tl.sum(acc3, axis=1),
                    rows, BLOCK_M, BLOCK_N)                                # [BM, BN]

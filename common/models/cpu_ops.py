@@ -391,6 +391,9 @@ class CpuOps:
         gate, up = x.chunk(2, dim=-1)  # x [T, 2I]
         return F.silu(gate).mul_(up)
 
+    def silu_mul_linear(self, layer: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+        return self.linear(layer, self.silu_and_mul(gate_up))  # the MLP's down projection
+
 
 def create_cpu_ops(use_kernels: bool = True) -> CpuOps:
     """The CPU ops of one model: with the C++ kernels when they build on this machine (the first

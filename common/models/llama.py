@@ -67,6 +67,10 @@ class TorchOps:
     def logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return hidden @ weight.t()  # [N, h] x [V, h] -> [N, V]
 
+    def silu_mul_linear(self, layer: nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+        """linear(layer, silu_and_mul(gate_up)): the MLP's down projection (TritonOps fuses it)."""
+        return self.linear(layer, self.silu_and_mul(gate_up))
+
 
 TORCH_OPS = TorchOps()
 
@@ -161,7 +165,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate_up = self.ops.linear(self.gate_up_proj, x)  # [T, 2I]
-        return self.ops.linear(self.down_proj, self.ops.silu_and_mul(gate_up))  # [T, I] -> [T, h]
+        return self.ops.silu_mul_linear(self.down_proj, gate_up)  # silu(gate) * up [T, I] -> [T, h]
 
 
 class DecoderLayer(nn.Module):

@@ -122,6 +122,13 @@ class TritonOps:
     def logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return hidden @ weight.t()  # [N, h] x [V, h] -> [N, V]
 
+    def silu_mul_linear(self, layer: torch.nn.Module, gate_up: torch.Tensor) -> torch.Tensor:
+        # a quantized linear with a gated GEMV (Fp8Linear) runs the activation inside it
+        gated = getattr(layer, "forward_gated", None)
+        if gated is not None:
+            return gated(gate_up)
+        return self.linear(layer, silu_and_mul(gate_up))
+
 
 TRITON_OPS = TritonOps()
 

@@ -286,3 +286,27 @@ def test_split_k_gemvs_replay_in_a_cuda_graph():
         graph.replay()
         for got, want in zip(outs, eager):
             assert rel_error(got, want) <= 1e-3  # the same sums, added in another order
+
+
+# (M, K, N, dtype, config): the down projection's GEMV with silu(gate) * up computed inside it
+FP8_GATED_INTERP = [(1, 200, 37, BF16, GemvConfig(8, 64, version=2)), (3, 256, 19, FP32, GemvConfig(4, 128, version=2)),
+                    (2, 96, 8, FP16, GemvConfig(8, 64, version=2)), (1, 128, 16, BF16, GemvConfig(16, 32))]
+FP8_GATED_GPU = [(1, 14336, 4096, BF16, None), (4, 14336, 4096, BF16, None), (1, 7168, 4096, BF16, None)]
+
+
+@pytest.mark.parametrize("device,case", backends(FP8_GATED_GPU, FP8_GATED_INTERP))
+def test_fp8_gemv_gated_equals_activation_then_gemv(device, case):
+    from pdserve.kernels.activation import silu_and_mul
+    from pdserve.kernels.gemv_fp8 import fp8_gemv
+    m, k, n, dtype, config = case
+    gen = torch.Generator().manual_seed(k + n + m)
+    weight = (torch.randn(n, k, generator=gen) * 50).to(torch.float8_e4m3fn).to(device)
+    scale = (torch.rand(n, generator=gen) * 1e-3 + 1e-4).to(device)
+    gate_up = (torch.randn(m, 2 * k, generator=gen) * 2).to(device, dtype)
+    fused = fp8_gemv(gate_up, weight, scale, config=config, gated=True)
+    # the same kernel configuration on the activation's output: the same numbers (version 1 configs
+    # run the activation first, so they are equal by construction)
+    separate = fp8_gemv(silu_and_mul(gate_up), weight, scale, config=config)
+    assert fused.shape == (m, n) and fused.dtype == dtype
+    assert torch.equal(fused, separate)
+    assert rel_error(fused, ref.fp8_gemv_ref(silu_and_mul(gate_up), weight, scale, None)) <= tolerance(dtype)

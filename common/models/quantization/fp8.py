@@ -115,6 +115,15 @@ class Fp8Linear(nn.Module):
         return torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale[None, :],
                                 bias=self.bias, out_dtype=x.dtype)
 
+    def forward_gated(self, gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2K] -> [T, N]
+        """forward(silu(gate) * up): on the GEMV path (decode batches on CUDA) the activation runs
+        inside the GEMV (kernels/gemv_fp8_v2.py, GATED), else as its own kernel first."""
+        from pdserve.kernels.fp8_linear import fp8_gemv, fp8_linear_method
+        if self.use_triton and fp8_linear_method(gate_up.shape[0]) == "gemv":
+            return fp8_gemv(gate_up.contiguous(), self.weight, self.weight_scale, self.bias, gated=True)
+        from pdserve.kernels.activation import silu_and_mul
+        return self.forward(silu_and_mul(gate_up))
+
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, fp8 e4m3 per-channel"
 
