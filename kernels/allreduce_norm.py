@@ -43,57 +43,37 @@ def _thread_index():
     return tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
 
 
-@triton.jit
-def _signal(address, timeout_ns):
-    # set the uint32 at `address` (a peer's slot) from 0 to 1, waiting while it is still 1;
-    # past timeout_ns the kernel traps (a dead peer: a CUDA error instead of a hung GPU)
-    tl.inline_asm_elementwise(
-        """
-        {
-        .reg .u32 %old;
-        .reg .u64 %start, %now;
-        .reg .pred %done, %late;
-        mov.u64 %start, %globaltimer;
-        signal_loop:
-        atom.global.release.sys.cas.b32 %old, [$1], 0, 1;
-        setp.eq.u32 %done, %old, 0;
-        @%done bra signal_end;
-        mov.u64 %now, %globaltimer;
-        sub.u64 %now, %now, %start;
-        setp.gt.u64 %late, %now, $2;
-        @%late trap;
-        bra signal_loop;
-        signal_end:
-        mov.u32 $0, %old;
-        }
-        """,
-        "=r,l,l", [address, timeout_ns], dtype=tl.int32, is_pure=False, pack=1)
+# Compare-and-swap the uint32 at $1 from OLD to NEW, retrying while it holds something else; past
+# $2 ns the kernel traps (a dead peer: a CUDA error instead of a hung GPU). NAME keeps the labels
+# of the two uses apart.
+_CAS_WAIT = """
+{{
+.reg .u32 %old;
+.reg .u64 %start, %now;
+.reg .pred %done, %late;
+mov.u64 %start, %globaltimer;
+{name}_loop:
+atom.global.{sem}.sys.cas.b32 %old, [$1], {old}, {new};
+setp.eq.u32 %done, %old, {old};
+@%done bra {name}_end;
+mov.u64 %now, %globaltimer;
+sub.u64 %now, %now, %start;
+setp.gt.u64 %late, %now, $2;
+@%late trap;
+bra {name}_loop;
+{name}_end:
+mov.u32 $0, %old;
+}}
+"""
+# a peer's slot 0 -> 1 (release: this program's buffer writes before it), waiting while still 1
+_SIGNAL = tl.constexpr(_CAS_WAIT.format(name="signal", sem="release", old=0, new=1))
+# this rank's slot 1 -> 0 (acquire: the peer's writes visible after it)
+_CONSUME = tl.constexpr(_CAS_WAIT.format(name="consume", sem="acquire", old=1, new=0))
 
 
 @triton.jit
-def _consume(address, timeout_ns):
-    # wait for the uint32 at `address` (this rank's slot) to be 1 and set it back to 0; trap as above
-    tl.inline_asm_elementwise(
-        """
-        {
-        .reg .u32 %old;
-        .reg .u64 %start, %now;
-        .reg .pred %done, %late;
-        mov.u64 %start, %globaltimer;
-        consume_loop:
-        atom.global.acquire.sys.cas.b32 %old, [$1], 1, 0;
-        setp.eq.u32 %done, %old, 1;
-        @%done bra consume_end;
-        mov.u64 %now, %globaltimer;
-        sub.u64 %now, %now, %start;
-        setp.gt.u64 %late, %now, $2;
-        @%late trap;
-        bra consume_loop;
-        consume_end:
-        mov.u32 $0, %old;
-        }
-        """,
-        "=r,l,l", [address, timeout_ns], dtype=tl.int32, is_pure=False, pack=1)
+def _cas_wait(address, timeout_ns, ASM: tl.constexpr):
+    tl.inline_asm_elementwise(ASM, "=r,l,l", [address, timeout_ns], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -119,8 +99,8 @@ def _allreduce_add_rms_norm_kernel(
     tid = _thread_index()
     if tid < WORLD:
         slot_bytes = 4 * (pid * WORLD).to(tl.int64)
-        _signal(tl.load(pad_addrs_ptr + tid) + slot_bytes + 4 * RANK, timeout_ns)
-        _consume(tl.load(pad_addrs_ptr + RANK) + slot_bytes + 4 * tid.to(tl.int64), timeout_ns)
+        _cas_wait(tl.load(pad_addrs_ptr + tid) + slot_bytes + 4 * RANK, timeout_ns, _SIGNAL)
+        _cas_wait(tl.load(pad_addrs_ptr + RANK) + slot_bytes + 4 * tid.to(tl.int64), timeout_ns, _CONSUME)
     tl.debug_barrier()
     weight = tl.load(weight_ptr + cols, mask=mask).to(tl.float32)
     for row in range(pid, num_rows, programs):
