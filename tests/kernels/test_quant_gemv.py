@@ -310,3 +310,57 @@ def test_fp8_gemv_gated_equals_activation_then_gemv(device, case):
     assert fused.shape == (m, n) and fused.dtype == dtype
     assert torch.equal(fused, separate)
     assert rel_error(fused, ref.fp8_gemv_ref(silu_and_mul(gate_up), weight, scale, None)) <= tolerance(dtype)
+
+
+# (M, K, N, dtype, config): the qkv / gate_up GEMV with the layer's residual add + RMSNorm inside it
+FP8_NORM_INTERP = [(1, 200, 37, BF16, GemvConfig(8, 64, version=2)), (3, 256, 19, FP32, GemvConfig(4, 128, version=2)),
+                   (4, 96, 8, FP16, GemvConfig(8, 32, version=2)), (2, 128, 16, BF16, GemvConfig(16, 32))]
+FP8_NORM_GPU = [(1, 4096, 6144, BF16, None), (1, 4096, 28672, BF16, None), (3, 4096, 6144, BF16, None)]
+
+
+@pytest.mark.parametrize("device,case", backends(FP8_NORM_GPU, FP8_NORM_INTERP))
+def test_fp8_gemv_normed_equals_norm_then_gemv(device, case):
+    from pdserve.kernels.gemv_fp8 import NormInput, fp8_gemv
+    from pdserve.kernels.rms_norm import rms_norm
+    m, k, n, dtype, config = case
+    gen = torch.Generator().manual_seed(k + n + m)
+    weight = (torch.randn(n, k, generator=gen) * 50).to(torch.float8_e4m3fn).to(device)
+    scale = (torch.rand(n, generator=gen) * 1e-3 + 1e-4).to(device)
+    x = torch.randn(m, k, generator=gen).to(device, dtype)
+    residual = (torch.randn(m, k, generator=gen) * 3).to(device, dtype)
+    norm_weight = (1 + 0.2 * torch.randn(k, generator=gen)).to(device, dtype)
+    residual_out = torch.full_like(x, float("nan"))
+    fused = fp8_gemv(x, weight, scale, config=config, norm=NormInput(residual, norm_weight, 1e-5, residual_out))
+    normed, summed = rms_norm(x, norm_weight, 1e-5, residual)
+    separate = fp8_gemv(normed, weight, scale, config=config)
+    assert fused.shape == (m, n) and fused.dtype == dtype
+    assert torch.equal(residual_out, summed)  # the new residual, exactly
+    # only the order of the sum of squares differs: 1 / rms within fp32 rounding, outputs within
+    # a rounding of the dtype
+    assert rel_error(fused, separate) <= tolerance(dtype)
+    assert rel_error(fused, ref.fp8_gemv_ref(normed, weight, scale, None)) <= tolerance(dtype)
+
+
+@pytest.mark.skipif(not RUN_INTERPRET, reason="set TRITON_INTERPRET=1 to run on CPU")
+def test_rms_norm_deferred_into_the_fp8_linear():
+    """A decoder layer's norm with defer_rows (set by quantization.finish_model before fp8 qkv /
+    gate_up) hands a PendingNorm to the Fp8Linear, whose GEMV runs the norm; its new residual is
+    x + residual exactly and the output that of norm-then-linear (M <= 4); M = 5 runs the norm."""
+    from pdserve.common.models.llama import PendingNorm, RMSNorm
+    from pdserve.common.models.quantization.fp8 import Fp8Linear
+    from pdserve.common.models.triton_attention import TRITON_OPS
+    gen = torch.Generator().manual_seed(5)
+    layer = Fp8Linear.from_linear(torch.nn.Linear(128, 40, bias=False).to(BF16), use_triton=True)
+    deferred, plain = RMSNorm(128, 1e-5, TRITON_OPS).to(BF16), RMSNorm(128, 1e-5, TRITON_OPS).to(BF16)
+    with torch.no_grad():
+        deferred.weight.copy_(1 + 0.2 * torch.randn(128, generator=gen))
+        plain.weight.copy_(deferred.weight)
+    deferred.defer_rows = Fp8Linear.FUSED_NORM_ROWS
+    for m in (1, 4, 5):
+        x, residual = (torch.randn(m, 128, generator=gen).to(BF16) for _ in range(2))
+        normed, new_residual = deferred(x, residual)
+        assert isinstance(normed, PendingNorm) == (m <= 4)
+        got = TRITON_OPS.linear(layer, normed)
+        want_normed, want_residual = plain(x, residual)
+        assert torch.equal(new_residual, want_residual)
+        assert rel_error(got, TRITON_OPS.linear(layer, want_normed)) <= tolerance(BF16), m
