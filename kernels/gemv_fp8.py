@@ -22,8 +22,6 @@ in-thread partial sums: fewer registers, no shared memory). Reference: reference
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -89,16 +87,13 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, scale_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr, 
 
 
 def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-             config: GemvConfig | None = None, gated: bool = False, norm: "NormInput | None" = None) -> torch.Tensor:
+             config: GemvConfig | None = None, gated: bool = False) -> torch.Tensor:
     """x [M <= 16, K] @ (weight [N, K] fp8 * scale [N])^T (+ b) -> [M, N] in x's dtype. `config`
     overrides gemv_config.choose (it is still fitted to the shape). `gated`: x is [M, 2K] (gate ++
     up) and the input is silu(gate) * up (activation.silu_and_mul's numbers, fused where the
-    version-2 kernel runs). `norm`: the input is rms_norm(x + norm.residual) * norm.weight and
-    x + residual is stored into norm.residual_out (kernels/rms_norm.py's numbers; fused likewise)."""
+    version-2 kernel runs)."""
     if gated:
         return _fp8_gemv_gated(x, weight, scale, bias, config)
-    if norm is not None:
-        return _fp8_gemv_normed(x, weight, scale, bias, config, norm)
     m, k = x.shape
     n = weight.shape[0]
     assert 1 <= m <= gemv_config.GEMV_MAX_M, f"fp8_gemv takes 1..{gemv_config.GEMV_MAX_M} rows, got {m}"
@@ -144,30 +139,7 @@ def _fp8_gemv_gated(x, weight, scale, bias, config):
     return _launch_v2(x, weight, scale, bias, config, m, weight.shape[0], k, True)
 
 
-class NormInput(NamedTuple):
-    """The RMSNorm (with its residual add) that feeds a GEMV: see fp8_gemv's `norm`."""
-    residual: torch.Tensor      # [M, K]
-    weight: torch.Tensor        # [K]
-    eps: float
-    residual_out: torch.Tensor  # [M, K], written: x + residual
-
-
-def _fp8_gemv_normed(x, weight, scale, bias, config, norm: NormInput):
-    m, k = x.shape
-    assert norm.residual.shape == x.shape == norm.residual_out.shape and norm.weight.shape == (k,)
-    assert x.stride(1) == norm.residual.stride(1) == norm.residual_out.stride(1) == 1 and norm.weight.is_contiguous()
-    config = gemv_config.choose("fp8", m, k, weight.shape[0], None, x.device) if config is None else \
-        gemv_config.fit(config, "fp8", k, None)
-    if config.version != 2 or m > gemv_config.FMA_MAX_M:  # only the version-2 kernel fuses the norm
-        from pdserve.kernels.rms_norm import rms_norm
-        normed, summed = rms_norm(x, norm.weight, norm.eps, norm.residual)
-        norm.residual_out.copy_(summed)
-        return fp8_gemv(normed, weight, scale, bias, config)
-    return _launch_v2(x, weight, scale, bias, config, m, weight.shape[0], k, False, norm)
-
-
-def _launch_v2(x, weight, scale, bias, config, m: int, n: int, k: int, gated: bool,
-               norm: NormInput | None = None) -> torch.Tensor:
+def _launch_v2(x, weight, scale, bias, config, m: int, n: int, k: int, gated: bool) -> torch.Tensor:
     tiles = triton.cdiv(k, config.block_k)
     tiles_per_split = triton.cdiv(tiles, config.split_k)
     split_k = triton.cdiv(tiles, tiles_per_split)  # no empty programs: the last-arrival count must be exact
@@ -176,10 +148,8 @@ def _launch_v2(x, weight, scale, bias, config, m: int, n: int, k: int, gated: bo
     gemv_fp8_v2._fp8_gemv_v2_kernel[(triton.cdiv(n, config.block_n), split_k)](
         x, weight, scale, bias if bias is not None else scale, out, ws, locks, m, n, k, tiles_per_split, split_k,
         x.stride(0), weight.stride(0), out.stride(0),
-        *((norm.residual, norm.weight, norm.residual_out, norm.eps, norm.residual.stride(0),
-           norm.residual_out.stride(0)) if norm is not None else (x, x, x, 0.0, 0, 0)),
         HAS_BIAS=bias is not None, BLOCK_M=gemv_config.block_m(config, m), BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
-        VEC=min(gemv_fp8_v2.VEC, config.block_k), GATED=gated, NORM=norm is not None,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        VEC=min(gemv_fp8_v2.VEC, config.block_k), GATED=gated, num_warps=config.num_warps,
+        num_stages=config.num_stages)
     return out

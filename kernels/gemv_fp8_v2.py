@@ -39,42 +39,16 @@ def _x(x_row, kk, K, EVEN_K: tl.constexpr):
 
 
 @triton.jit
-def _inv_rms(x_ptr, res_ptr, res_out_ptr, m: tl.constexpr, M, stride_xm, stride_rm, stride_rom, K, eps, write,
-             BLOCK_K: tl.constexpr):
-    """NORM's prologue for row m: 1 / rms of h = x + residual (rounded to x's dtype, as
-    kernels/rms_norm.py adds); `write` (one program of the grid) also stores h, the new residual."""
-    row = tl.minimum(M - 1, m)
-    ks = tl.arange(0, BLOCK_K)
-    squares = tl.zeros([BLOCK_K], dtype=tl.float32)
-    stored = (tl.zeros([BLOCK_K], dtype=tl.int32) + write * (m < M).to(tl.int32)) != 0  # scalar mask as a tile
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + ks
-        inside = kk < K
-        h = (tl.load(x_ptr + row * stride_xm + kk, mask=inside, other=0.0).to(tl.float32)
-             + tl.load(res_ptr + row * stride_rm + kk, mask=inside, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
-        tl.store(res_out_ptr + row * stride_rom + kk, h, mask=inside & stored)
-        hf = h.to(tl.float32)
-        squares += hf * hf
-    return tl.rsqrt(tl.sum(squares, axis=0) / K + eps)
-
-
-@triton.jit
 def _row(acc, wf, x_ptr, m: tl.constexpr, M, stride_xm, kk, K, EVEN_K: tl.constexpr,
-         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr, GATED: tl.constexpr,
-         NORM: tl.constexpr, res_ptr, stride_rm, nw_ptr, inv_rms):
+         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, VEC: tl.constexpr, GATED: tl.constexpr):
     """acc [BN, BK / VEC] += in-thread sums of wf [BN, BK] * x[m, kk] (rows m >= M read row M - 1:
     valid memory, never stored). GATED: x's row is gate [K] ++ up [K] and the input is
-    silu(gate) * up, computed and rounded to x's dtype as kernels/activation.py does. NORM: the
-    input is rms_norm(x + residual) * nw, rounded as kernels/rms_norm.py rounds (inv_rms: _inv_rms)."""
+    silu(gate) * up, computed and rounded to x's dtype as kernels/activation.py does."""
     x_row = x_ptr + tl.minimum(M - 1, m) * stride_xm
     xv = _x(x_row, kk, K, EVEN_K)
     if GATED:
         up = _x(x_row + K, kk, K, EVEN_K)
         xv = (xv * tl.sigmoid(xv) * up).to(x_ptr.dtype.element_ty).to(tl.float32)
-    if NORM:
-        dt = x_ptr.dtype.element_ty
-        h = (xv + _x(res_ptr + tl.minimum(M - 1, m) * stride_rm, kk, K, EVEN_K)).to(dt).to(tl.float32)
-        xv = ((h * inv_rms).to(dt).to(tl.float32) * _x(nw_ptr, kk, K, EVEN_K)).to(dt).to(tl.float32)
     p = wf * xv[None, :]
     return acc + tl.sum(tl.reshape(p, [BLOCK_N, BLOCK_K // VEC, VEC]), axis=2)
 
@@ -82,23 +56,9 @@ def _row(acc, wf, x_ptr, m: tl.constexpr, M, stride_xm, kk, K, EVEN_K: tl.conste
 @triton.jit(do_not_specialize=["M", "tiles_per_split", "split_k"])
 def _fp8_gemv_v2_kernel(x_ptr, w_ptr, scale_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, tiles_per_split, split_k,
                         stride_xm, stride_wn, stride_om,
-                        res_ptr, nw_ptr, res_out_ptr, eps, stride_rm, stride_rom,   # NORM only
                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr, GATED: tl.constexpr,
-                        NORM: tl.constexpr):
+                        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr, GATED: tl.constexpr = False):
     pid_n = tl.program_id(0)
-    inv0 = 1.0
-    inv1 = 1.0
-    inv2 = 1.0
-    inv3 = 1.0
-    if NORM:
-        write = ((pid_n == 0) & (tl.program_id(1) == 0)).to(tl.int32)
-        inv0 = _inv_rms(x_ptr, res_ptr, res_out_ptr, 0, M, stride_xm, stride_rm, stride_rom, K, eps, write, BLOCK_K)
-        if BLOCK_M > 1:
-            inv1 = _inv_rms(x_ptr, res_ptr, res_out_ptr, 1, M, stride_xm, stride_rm, stride_rom, K, eps, write, BLOCK_K)
-        if BLOCK_M > 2:
-            inv2 = _inv_rms(x_ptr, res_ptr, res_out_ptr, 2, M, stride_xm, stride_rm, stride_rom, K, eps, write, BLOCK_K)
-            inv3 = _inv_rms(x_ptr, res_ptr, res_out_ptr, 3, M, stride_xm, stride_rm, stride_rom, K, eps, write, BLOCK_K)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                        # [BN] outputs
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)                                            # [BK]
@@ -119,16 +79,12 @@ def _fp8_gemv_v2_kernel(x_ptr, w_ptr, scale_ptr, b_ptr, out_ptr, ws_ptr, lock_pt
             w = tl.load(w_rows + kk[None, :], mask=col_ok[:, None] & (kk < K)[None, :], other=0.0,
                         eviction_policy="evict_first")
         wf = w.to(tl.float32)
-        acc0 = _row(acc0, wf, x_ptr, 0, M, stride_xm, kk, K, EVEN_K, BLOCK_N, BLOCK_K, VEC, GATED,
-                        NORM, res_ptr, stride_rm, nw_ptr, inv0)
+        acc0 = _row(acc0, wf, x_ptr, 0, M, stride_xm, kk, K, EVEN_K, BLOCK_N, BLOCK_K, VEC, GATED)
         if BLOCK_M > 1:
-            acc1 = _row(acc1, wf, x_ptr, 1, M, stride_xm, kk, K, EVEN_K, BLOCK_N, BLOCK_K, VEC, GATED,
-                        NORM, res_ptr, stride_rm, nw_ptr, inv1)
+            acc1 = _row(acc1, wf, x_ptr, 1, M, stride_xm, kk, K, EVEN_K, BLOCK_N, BLOCK_K, VEC, GATED)
         if BLOCK_M > 2:
-            acc2 = _row(acc2, wf, x_ptr, 2, M, stride_xm, kk, K, EVEN_K, BLOCK_N, BLOCK_K, VEC, GATED,
-                        NORM, res_ptr, stride_rm, nw_ptr, inv2)
-            acc3 = _row(acc3, wf, x_ptr, 3, M, stride_xm, kk, K, EVEN_K, BLOCK_N, BLOCK_K, VEC, GATED,
-                        NORM, res_ptr, stride_rm, nw_ptr, inv3)
+            acc2 = _row(acc2, wf, x_ptr, 2, M, stride_xm, kk, K, EVEN_K, BLOCK_N, BLOCK_K, VEC, GATED)
+            acc3 = _row(acc3, wf, x_ptr, 3, M, stride_xm, kk, K, EVEN_K, BLOCK_N, BLOCK_K, VEC, GATED)
     rows = tl.arange(0, BLOCK_M)
     y = stack_rows(tl.sum(acc0, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1), tl.sum(acc3, axis=1),
                    rows, BLOCK_M, BLOCK_N)                                # [BM, BN]

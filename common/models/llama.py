@@ -75,40 +75,14 @@ class TorchOps:
 TORCH_OPS = TorchOps()
 
 
-class PendingNorm:
-    """rms_norm(x + residual) * weight, not computed yet: handed to the next linear, which runs it
-    inside its own kernel (Fp8Linear's GEMV) and writes x + residual into `residual_out`, the
-    tensor the layer already holds as its new residual. `materialize` computes it as a plain norm."""
-    __slots__ = ("x", "residual", "weight", "eps", "residual_out", "ops")
-
-    def __init__(self, x, residual, weight, eps, ops):
-        self.x, self.residual, self.weight, self.eps, self.ops = x, residual, weight, eps, ops
-        self.residual_out = torch.empty_like(x)
-
-    @property
-    def shape(self):
-        return self.x.shape
-
-    def materialize(self) -> torch.Tensor:
-        out, summed = self.ops.rms_norm(self.x, self.weight, self.eps, self.residual)
-        self.residual_out.copy_(summed)
-        return out
-
-
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float, ops=TORCH_OPS):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
         self.ops = ops
-        # steps of up to this many rows hand a PendingNorm to the next linear (set where that
-        # linear fuses the norm: quantization.finish_model); 0: always computed here
-        self.defer_rows = 0
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        if residual is not None and x.shape[0] <= self.defer_rows:
-            pending = PendingNorm(x, residual, self.weight, self.eps, self.ops)
-            return pending, pending.residual_out
         return self.ops.rms_norm(x, self.weight, self.eps, residual)
 
 

@@ -90,9 +90,7 @@ def attach_loaders(model: nn.Module) -> None:
 
 
 def finish_model(model: nn.Module, qcfg: QuantConfig | None, use_triton: bool) -> None:
-    """After weights are loaded: online fp8 quantization; per-module post-load steps (act-order);
-    with Triton, the RMSNorms before fp8 qkv / gate_up projections hand their work to those GEMVs
-    (RMSNorm.defer_rows, llama.PendingNorm)."""
+    """After weights are loaded: online fp8 quantization; per-module post-load steps (act-order)."""
     if qcfg is None:
         return
     if qcfg.method == "fp8" and not qcfg.prequantized:
@@ -102,12 +100,6 @@ def finish_model(model: nn.Module, qcfg: QuantConfig | None, use_triton: bool) -
     for module in quantized_modules(model):
         if hasattr(module, "finish_loading"):
             module.finish_loading()
-    if use_triton:  # the norms before fp8 qkv / gate_up projections run inside their GEMVs
-        for layer in getattr(model, "layers", []):
-            for norm, linear in ((layer.input_layernorm, layer.self_attn.qkv_proj),
-                                 (layer.post_attention_layernorm, layer.mlp.gate_up_proj)):
-                if isinstance(linear, Fp8Linear):
-                    norm.defer_rows = Fp8Linear.FUSED_NORM_ROWS
 
 
 def quantized_modules(model: nn.Module):

@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from pdserve.common.config import ConfigError
-from pdserve.common.models.llama import PendingNorm
 from pdserve.kernels.reference import fp8_quantize_per_row_ref
 
 FP8 = torch.float8_e4m3fn
@@ -40,10 +39,6 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 class Fp8Linear(nn.Module):
-    # decode steps of up to this many rows run the RMSNorm before this linear inside its GEMV
-    # (the version-2 GEMV's row count per launch, gemv_config.FMA_MAX_M)
-    FUSED_NORM_ROWS = 4
-
     def __init__(self, in_features: int, output_sizes: list[int], bias: bool, use_triton: bool,
                  dtype: torch.dtype):
         super().__init__()
@@ -106,9 +101,7 @@ class Fp8Linear(nn.Module):
             raise ConfigError(f"fp8 input_scale of shape {tuple(tensor.shape)}: only a per-tensor scale is supported")
         param.data.fill_(max(float(param.data), float(tensor.float().reshape(()))))
 
-    def forward(self, x) -> torch.Tensor:  # [T, K] (or a PendingNorm of it) -> [T, N]
-        if isinstance(x, PendingNorm):
-            return self._forward_normed(x)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
         if not self.use_triton:  # fp8_linear_ref's numbers, the weight widened once (CPU reference path)
             if self._widened is None:
                 self._widened = self.weight.float()
@@ -121,15 +114,6 @@ class Fp8Linear(nn.Module):
         xq, x_scale = quantize_fp8_per_token(x)
         return torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale[None, :],
                                 bias=self.bias, out_dtype=x.dtype)
-
-    def _forward_normed(self, pending: PendingNorm) -> torch.Tensor:
-        """The layer's RMSNorm inside the GEMV (decode batches on CUDA, kernels/gemv_fp8_v2.py NORM)."""
-        from pdserve.kernels.fp8_linear import fp8_linear_method
-        from pdserve.kernels.gemv_fp8 import NormInput, fp8_gemv
-        if not (self.use_triton and fp8_linear_method(pending.x.shape[0]) == "gemv"):
-            return self.forward(pending.materialize())
-        return fp8_gemv(pending.x.contiguous(), self.weight, self.weight_scale, self.bias,
-                        norm=NormInput(pending.residual, pending.weight, pending.eps, pending.residual_out))
 
     def forward_gated(self, gate_up: torch.Tensor) -> torch.Tensor:  # [T, 2K] -> [T, N]
         """forward(silu(gate) * up): on the GEMV path (decode batches on CUDA) the activation runs
