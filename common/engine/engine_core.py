@@ -22,7 +22,8 @@ Steps run one at a time while any request needs its latest tokens on the host to
 (penalties, min_tokens, logprobs; `SamplingParams.needs_host_history`). With speculative
 decoding a step's drafts are proposed from the tokens of the step before, so the overlap is
 another (`_step_speculative`, spec_decode/pipeline.py): result(k-1), update, launch(k), and only
-then the deltas of k-1; a step that drafted nothing lets the next one launch first.
+then the deltas of k-1; a step that drafted nothing lets the next one launch first (which may
+verify drafts proposed past its input token in flight).
 
 Constrained decoding (grammars, allowed_token_ids, bad_words) enters through one object,
 `self.structured` (common/engine/structured_output.py): it compiles grammars at validation,
@@ -49,7 +50,7 @@ from pdserve.common.engine.model_runner import ModelRunner, PendingOutput, resol
 from pdserve.common.engine.kv_connector import KVConnector
 from pdserve.common.engine.outputs import SchedulerOutput
 from pdserve.common.engine.scheduler import Scheduler
-from pdserve.common.engine.spec_decode.pipeline import can_overlap_next
+from pdserve.common.engine.spec_decode.pipeline import can_overlap_next, guess_hits
 from pdserve.common.engine_client import EngineDeadError
 from pdserve.common.engine.structured_output import StructuredOutputManager
 from pdserve.common.model_path import served_name
@@ -249,7 +250,7 @@ class EngineCore:
         self.launch_seconds += time.perf_counter() - t0
         if launch_first:
             touched, outputs = self._apply(*inflight)
-        self._spec_overlap_next = launched is not None and not launch_first and can_overlap_next(self.runner.spec)
+        self._spec_overlap_next = launched is not None and can_overlap_next(self.runner.spec)
         self._inflight = launched
         return failed + outputs + self._emit(touched)
 
@@ -275,7 +276,7 @@ class EngineCore:
         self.num_steps += 1
         touched = self.scheduler.update(sched, result)
         if self.spec_stats is not None:
-            self.spec_stats.record(result.spec_token_ids, result.num_accepted_tokens)
+            self.spec_stats.record(result.spec_token_ids, result.num_accepted_tokens, guess_hits(result, touched))
         ended, broken = self.structured.update(touched)
         self.scheduler.finish_requests(ended, RequestStatus.FINISHED_STOPPED)  # reported through touched
         self.scheduler.finish_requests(broken, RequestStatus.FINISHED_ERROR)
