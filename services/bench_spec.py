@@ -4,6 +4,8 @@
                        [engine flags: --model, --device, --kv-cache-memory ...]
     pdserve bench spec --sweep [--sequential-prompts 8]      (bench_spec_sweep.py: n-gram settings
                        replayed on greedy outputs, predicted ms/token from measured step costs)
+    pdserve bench spec --stages [--sequential-prompts 8]     (bench_spec_stages.py: an n-gram
+                       engine's host ms per decode step, stage by stage)
 
 n-gram defaults k = 8, prompt_lookup_min 1, max 4: the best of the sweep over min {1,2,3} x
 max {3,4,5} x k {3..8} on this set (SmolLM2, 8 prompts: 1.41x predicted at the H200 bf16 step
@@ -66,6 +68,8 @@ def add_parser(bench_sub, add_engine_args) -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs per method and batch size (default: %(default)s)")
     p.add_argument("--json-out", default=None, help="write the results as JSON here")
     add_sweep_args(p)
+    p.add_argument("--stages", action="store_true",
+                   help="n-gram only, batch 1, overlapped steps: host ms per decode step by stage (bench_spec_stages.py)")
     add_engine_args(p)
     p.set_defaults(func=cmd_spec)
 
@@ -214,6 +218,17 @@ def cmd_spec(args) -> None:
         llm = LLM.from_config(engine_config(args, speculative_config=None, speculative_model=None,
                                             num_speculative_tokens=None))
         return run_sweep(args, llm, chat_prompts(llm.get_tokenizer(), rows)[:args.sequential_prompts])
+    if args.stages:  # one overlapped n-gram engine, its stages timed
+        from pdserve.services.bench_spec_stages import run_stages
+        llm = LLM.from_config(engine_config(args, speculative_config=method_config(args, "ngram", None),
+                                            speculative_model=None, num_speculative_tokens=None, async_scheduling=True))
+        prompts = chat_prompts(llm.get_tokenizer(), rows)
+        run_batch(llm, prompts[:2], 8, "warm")
+        table = run_stages(args, llm, prompts[:args.sequential_prompts])
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(table, f, indent=2)
+        return
     target = base.model.model
     for i, method in enumerate(args.methods, start=1):
         # every engine lives for the whole run (the methods alternate); on CUDA each KV pool is

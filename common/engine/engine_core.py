@@ -106,6 +106,7 @@ class EngineCore:
         self.scheduler = Scheduler(sched_cfg, self.kv, connector,
                                    num_speculative_tokens=spec.num_speculative_tokens if spec else 0)
         self.spec_stats = SpecDecodeStats.new(spec.num_speculative_tokens) if spec else None
+        self._unrecorded: list = []  # (RunnerOutput, touched requests) of applied steps, for spec_stats
         self.requests: dict[str, list[Request]] = {}  # user request id -> its sequences
         self.model_name = config.model.served_model_name or served_name(config.model.model)
         self.structured = StructuredOutputManager(self.tokenizer, self.arch.vocab_size, self.eos_token_ids,
@@ -275,14 +276,17 @@ class EngineCore:
             return [], self._fail(sched, e)
         self.num_steps += 1
         touched = self.scheduler.update(sched, result)
-        if self.spec_stats is not None:
-            self.spec_stats.record(result.spec_token_ids, result.num_accepted_tokens, guess_hits(result, touched))
+        if self.spec_stats is not None:  # counted in _emit: after the next launch
+            self._unrecorded.append((result, touched))
         ended, broken = self.structured.update(touched)
         self.scheduler.finish_requests(ended, RequestStatus.FINISHED_STOPPED)  # reported through touched
         self.scheduler.finish_requests(broken, RequestStatus.FINISHED_ERROR)
         return touched, []
 
     def _emit(self, touched: list[Request]) -> list[EngineOutput]:
+        for result, reqs in self._unrecorded:
+            self.spec_stats.record(result.spec_token_ids, result.num_accepted_tokens, guess_hits(result, reqs))
+        self._unrecorded.clear()
         outputs = self._outputs(touched)  # an overlapped step's extra token was dropped in update()
         self.num_generated_tokens += sum(len(o.new_token_ids) for o in outputs)
         return outputs

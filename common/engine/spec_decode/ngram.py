@@ -54,18 +54,27 @@ class NgramProposer:
         self.max_n = config.prompt_lookup_max
         self._history: dict[str, tuple[np.ndarray, int]] = {}  # req_id -> (buffer, tokens in it)
         self.guesses: dict[str, int] = {}  # the last proposal's: req_id -> its guess of the token in flight
+        # req_id -> history length whose lookup found nothing: the step launched while a plain step
+        # runs sees the same history (its token is in flight), so its lookup is skipped
+        self._no_match: dict[str, int] = {}
 
     def forget(self, req_ids) -> None:
         for req_id in req_ids:
             self._history.pop(req_id, None)
+            self._no_match.pop(req_id, None)
 
     def propose(self, reqs: list[ScheduledRequest]) -> dict[str, tuple[list[int], None]]:
         """req_id -> (up to num_spec_slots drafts, no draft probabilities: one-hot)."""
         drafts, self.guesses = {}, {}
         for s in reqs:
+            if self._no_match.get(s.req_id) == len(s.prompt_token_ids) + len(s.output_token_ids):
+                continue
             inflight = s.input_token_ids[-1] == PLACEHOLDER_TOKEN
-            found = lookup(self._tokens(s), self.min_n, self.max_n, s.num_spec_slots + inflight).tolist()
-            if inflight and found:
+            tokens = self._tokens(s)
+            found = lookup(tokens, self.min_n, self.max_n, s.num_spec_slots + inflight).tolist()
+            if not found:
+                self._no_match[s.req_id] = len(tokens)
+            elif inflight:
                 self.guesses[s.req_id] = found.pop(0)
             if found:
                 drafts[s.req_id] = (found, None)
