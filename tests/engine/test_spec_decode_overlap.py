@@ -95,3 +95,19 @@ def test_drafts_past_a_guessed_token_in_flight_verify_exactly(small_vocab, decod
                             async_scheduling=True, one_at_a_time=True, decode_rows=decode_rows)
     assert tokens(spec) == tokens(plain)
     assert engine.stats().spec_decode.num_guessed_drafts > 0
+
+
+def test_masked_request_shares_a_verify_step_launched_while_its_token_is_in_flight(small_vocab):
+    """An allowed_token_ids request (not drafted) in a verify step launched before the previous
+    step's result: its mask is filled with its token in flight (as in a plain overlapped step)."""
+    pytest.importorskip("xgrammar")
+    folder, prompts = small_vocab
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    allowed = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, allowed_token_ids=[28, 29, 30, 31, 40])
+    params = [greedy, allowed, greedy]
+    plain, _ = generate(folder, prompts[2:5], params)
+    spec, engine = generate(folder, prompts[2:5], params, check_blocks=True, speculative_config=NGRAM,
+                            async_scheduling=True, block_size=4)
+    assert tokens(spec) == tokens(plain)
+    assert set(tokens(spec)[1]) <= {28, 29, 30, 31, 40}
+    assert engine.stats().spec_decode.num_guessed_drafts > 0
