@@ -9,7 +9,8 @@
 
 n-gram defaults k = 8, prompt_lookup_min 1, max 4: the best of the sweep over min {1,2,3} x
 max {3,4,5} x k {3..8} on this set (SmolLM2, 8 prompts: 1.41x predicted at the H200 bf16 step
-costs, against 1.28x for the former k = 4, min 2, measured 1.23x).
+costs, against 1.28x for the former k = 4, min 2, measured 1.23x; 1.46x with the guessed verify
+steps, 1.53x at -k 15, which at batch 1 replays the same 16-row CUDA graph: docs/benchmarks.md).
 
 Prompts: services/bench_data/grounded_prompts.jsonl (16 passages, each with "repeat / copy this"
 instructions; --prompts FILE for another JSONL of {"passage", "instruction"}), through the chat
