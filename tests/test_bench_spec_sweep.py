@@ -60,3 +60,16 @@ def test_bench_spec_sweep_command(tmp_path, tiny_models):
     assert all(r["ms_per_token"] > 0 and r["speedup"] > 0 and r["speedup_no_guess"] > 0 and r["tokens_per_step"] >= 1
                for r in rows)
     assert "2 prompts" in proc.stdout and "speedup" in proc.stdout
+
+
+def test_bench_spec_stages_command(tmp_path, tiny_models):
+    """`bench spec --stages` (services/bench_spec_stages.py): per kind of decode step, its host ms by stage."""
+    out = tmp_path / "stages.json"
+    proc = pdserve("bench", "spec", "--stages", "--model", tiny_models["llama"], "--max-tokens", "12",
+                   "--sequential-prompts", "2", "--kv-cache-memory", "0.1", "--dtype", "float32", "--json-out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    table = json.loads(out.read_text())
+    assert table["plain"]["steps"] > 0 and set(table) <= {"plain", "verify", "guess"}
+    for row in table.values():
+        assert row["step"] > row["forward"] > 0 and row["schedule"] > 0 and row["flatten"] > 0
+    assert "host ms per decode step by stage" in proc.stdout
