@@ -23,20 +23,7 @@ START=$(date +%s)
 BENCH=("$PY" -m pdserve.services.cli bench spec --device cuda --batch-sizes 1 16 --max-tokens 128
        --sequential-prompts 8 --dtype bfloat16)
 
-step() {  # name, time limit (s), command...
-    local name=$1 limit=$2
-    shift 2
-    echo "=== [$(($(date +%s) - START)) s] $name (limit ${limit} s): $*"
-    timeout --kill-after=10 "$limit" "$@"
-    local rc=$?
-    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-        echo "=== $name: TIMED OUT after ${limit} s"
-    elif [ $rc -ne 0 ]; then
-        echo "=== $name: FAILED (exit $rc)"
-    else
-        echo "=== $name: done at $(($(date +%s) - START)) s"
-    fi
-}
+source "$(dirname "$0")/gpu_step.sh"  # step NAME LIMIT_S COMMAND...
 
 if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
     step tests 170 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/engine/test_spec_decode_gpu.py
