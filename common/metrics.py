@@ -293,6 +293,11 @@ class StatsCollector:
         for pos, count in enumerate(sd.accepted_per_pos):
             per_pos.add_metric([self.model_name, str(pos)], float(count))
         yield per_pos
+        yield counter("pdserve:spec_decode_num_guessed_drafts", "Verify rounds whose drafts were looked up past "
+                      "a guess of the token in flight (n-gram, a step launched before the previous result).",
+                      sd.num_guessed_drafts)
+        yield counter("pdserve:spec_decode_num_guess_hits", "Of them, rounds whose guess was the token.",
+                      sd.num_guess_hits)
         if sd.acceptance_rate is not None:
             yield gauge("pdserve:spec_decode_acceptance_rate", "Accepted / verified draft tokens, since start.",
                         sd.acceptance_rate)

@@ -6,6 +6,7 @@ these dataclasses; nothing reads a counter by a string key with a default.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 
@@ -38,12 +39,16 @@ class SpecDecodeStats:
     num_draft_tokens: int = 0
     num_accepted_tokens: int = 0
     accepted_per_pos: list[int] = field(default_factory=list)
+    # drafts proposed while their request's input token was in flight (spec_decode/pipeline.py),
+    # and of them those whose guess of that token was right
+    num_guessed_drafts: int = 0
+    num_guess_hits: int = 0
 
     @classmethod
     def new(cls, num_speculative_tokens: int) -> "SpecDecodeStats":
         return cls(accepted_per_pos=[0] * num_speculative_tokens)
 
-    def record(self, drafts: dict[str, list[int]], num_accepted: dict[str, int]) -> None:
+    def record(self, drafts: dict[str, list[int]], num_accepted: dict[str, int], guess_hits: list[bool] = ()) -> None:
         for req_id, fed in drafts.items():
             accepted = num_accepted[req_id]
             self.num_drafts += 1
@@ -51,10 +56,11 @@ class SpecDecodeStats:
             self.num_accepted_tokens += accepted
             for i in range(accepted):
                 self.accepted_per_pos[i] += 1
+        self.num_guessed_drafts += len(guess_hits)
+        self.num_guess_hits += sum(guess_hits)
 
     def snapshot(self) -> "SpecDecodeStats":
-        return SpecDecodeStats(self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens,
-                               list(self.accepted_per_pos))
+        return dataclasses.replace(self, accepted_per_pos=list(self.accepted_per_pos))
 
     @property
     def acceptance_rate(self) -> float | None:

@@ -4,10 +4,13 @@
                        [engine flags: --model, --device, --kv-cache-memory ...]
     pdserve bench spec --sweep [--sequential-prompts 8]      (bench_spec_sweep.py: n-gram settings
                        replayed on greedy outputs, predicted ms/token from measured step costs)
+    pdserve bench spec --stages [--sequential-prompts 8]     (bench_spec_stages.py: an n-gram
+                       engine's host ms per decode step, stage by stage)
 
 n-gram defaults k = 8, prompt_lookup_min 1, max 4: the best of the sweep over min {1,2,3} x
 max {3,4,5} x k {3..8} on this set (SmolLM2, 8 prompts: 1.41x predicted at the H200 bf16 step
-costs, against 1.28x for the former k = 4, min 2, measured 1.23x).
+costs, against 1.28x for the former k = 4, min 2, measured 1.23x; 1.46x with the guessed verify
+steps, 1.53x at -k 15, which at batch 1 replays the same 16-row CUDA graph: docs/benchmarks.md).
 
 Prompts: services/bench_data/grounded_prompts.jsonl (16 passages, each with "repeat / copy this"
 instructions; --prompts FILE for another JSONL of {"passage", "instruction"}), through the chat
@@ -30,7 +33,9 @@ the speedup if verifying k + 1 tokens cost one plain decode step and the propose
 extra cost; efficiency = speedup / bound.
 
 Then the per-step split: decode steps (engine.step() calls after every prompt's first token),
-counted by the kind of step each call launched (verify: one carrying drafts; plain: the rest),
+counted by the kind of step each call launched (verify: one carrying drafts, launched after the
+previous step's result; guess: one carrying drafts launched while the previous step ran, its
+drafts proposed past a guessed token in flight, spec_decode/pipeline.py; plain: the rest),
 their wall ms, the ms the host spent blocked on a step's result (`EngineCore.wait_seconds`;
 on CUDA the device time the host did not overlap), host = wall - wait, and launch: the part of
 host scheduling, proposing and launching (speculative engines only; `EngineCore.launch_seconds`).
@@ -64,6 +69,8 @@ def add_parser(bench_sub, add_engine_args) -> None:
     p.add_argument("--repeats", type=int, default=1, help="runs per method and batch size (default: %(default)s)")
     p.add_argument("--json-out", default=None, help="write the results as JSON here")
     add_sweep_args(p)
+    p.add_argument("--stages", action="store_true",
+                   help="n-gram only, batch 1, overlapped steps: host ms per decode step by stage (bench_spec_stages.py)")
     add_engine_args(p)
     p.set_defaults(func=cmd_spec)
 
@@ -88,14 +95,17 @@ def run_batch(llm, prompts: list[list[int]], max_tokens: int, tag: str) -> dict:
         engine.add_request(f"{tag}-{i}", p, params)
     first, last, outs = {}, {}, {}
     steps = 0
-    split = {"plain": StepSplit(), "verify": StepSplit()}
+    split = {"plain": StepSplit(), "verify": StepSplit(), "guess": StepSplit()}
     while engine.has_unfinished():
         wait0, launch0, t0 = engine.wait_seconds, engine.launch_seconds, time.perf_counter()
+        overlapped0 = engine.num_overlapped_steps
         outputs = engine.step()
         now = time.perf_counter()
         if len(first) == len(prompts):  # every prompt has its first token: a decode step
-            split["verify" if spec is not None and spec.has_drafts() else "plain"].add(
-                now - t0, engine.wait_seconds - wait0, engine.launch_seconds - launch0)
+            kind = "plain"
+            if spec is not None and spec.has_drafts():  # guess: launched while the step before ran
+                kind = "guess" if engine.num_overlapped_steps > overlapped0 else "verify"
+            split[kind].add(now - t0, engine.wait_seconds - wait0, engine.launch_seconds - launch0)
         steps += 1
         for o in outputs:
             if o.new_token_ids:
@@ -146,8 +156,11 @@ class Tally:
     drafts: int = 0
     draft_tokens: int = 0
     accepted: int = 0
+    guessed: int = 0  # drafts proposed past a token in flight, and how many guessed it right
+    guess_hits: int = 0
     plain: StepSplit = field(default_factory=StepSplit)
     verify: StepSplit = field(default_factory=StepSplit)
+    guess: StepSplit = field(default_factory=StepSplit)
 
     def measure(self, llm, groups: list[list[list[int]]], max_tokens: int, tag: str, first_repeat: bool) -> None:
         engine = llm.engine
@@ -158,6 +171,7 @@ class Tally:
             self.steps += r["steps"] - 1
             self.plain.merge(r["split"]["plain"])
             self.verify.merge(r["split"]["verify"])
+            self.guess.merge(r["split"]["guess"])
             if first_repeat:
                 self.tokens += r["tokens"]
         if spec_before is not None:
@@ -166,13 +180,15 @@ class Tally:
             self.drafts += after.num_drafts - spec_before.num_drafts
             self.draft_tokens += after.num_draft_tokens - spec_before.num_draft_tokens
             self.accepted += after.num_accepted_tokens - spec_before.num_accepted_tokens
+            self.guessed += after.num_guessed_drafts - spec_before.num_guessed_drafts
+            self.guess_hits += after.num_guess_hits - spec_before.num_guess_hits
 
     def row(self, method: str, batch_size: int, base: "Tally | None") -> dict:
         ms = 1000 * sum(self.tpot) / len(self.tpot)
         row = {"method": method, "batch_size": batch_size, "ms_per_output_token": round(ms, 3),
                "output_tokens": sum(len(t) for t in self.tokens),
                "outputs_identical": None if base is None else self.tokens == base.tokens,
-               "plain_steps": self.plain.ms(), "verify_steps": self.verify.ms()}
+               "plain_steps": self.plain.ms(), "verify_steps": self.verify.ms(), "guess_steps": self.guess.ms()}
         base_ms = None if base is None else 1000 * sum(base.tpot) / len(base.tpot)
         if base_ms is not None:
             row["speedup"] = round(base_ms / ms, 3)
@@ -180,7 +196,8 @@ class Tally:
             mean_len = 1 + self.accepted / self.drafts
             draft_ms = 1000 * self.propose_s / max(self.steps, 1)
             row.update(acceptance_rate=round(self.accepted / self.draft_tokens, 3),
-                       mean_accepted_length=round(mean_len, 3), draft_ms_per_step=round(draft_ms, 3))
+                       mean_accepted_length=round(mean_len, 3), draft_ms_per_step=round(draft_ms, 3),
+                       guessed_drafts=self.guessed, guess_hits=self.guess_hits)
             if base_ms is not None:  # per request, a plain step takes base_ms and makes one token
                 bound = mean_len * base_ms / (base_ms + draft_ms)
                 row.update(bound=round(bound, 3), efficiency=round(row["speedup"] / bound, 3))
@@ -202,6 +219,17 @@ def cmd_spec(args) -> None:
         llm = LLM.from_config(engine_config(args, speculative_config=None, speculative_model=None,
                                             num_speculative_tokens=None))
         return run_sweep(args, llm, chat_prompts(llm.get_tokenizer(), rows)[:args.sequential_prompts])
+    if args.stages:  # one overlapped n-gram engine, its stages timed
+        from pdserve.services.bench_spec_stages import run_stages
+        llm = LLM.from_config(engine_config(args, speculative_config=method_config(args, "ngram", None),
+                                            speculative_model=None, num_speculative_tokens=None, async_scheduling=True))
+        prompts = chat_prompts(llm.get_tokenizer(), rows)
+        run_batch(llm, prompts[:2], 8, "warm")
+        table = run_stages(args, llm, prompts[:args.sequential_prompts])
+        if args.json_out:
+            with open(args.json_out, "w") as f:
+                json.dump(table, f, indent=2)
+        return
     target = base.model.model
     for i, method in enumerate(args.methods, start=1):
         # every engine lives for the whole run (the methods alternate); on CUDA each KV pool is
@@ -235,13 +263,15 @@ def cmd_spec(args) -> None:
               f"{_f(r.get('acceptance_rate'))} {_f(r.get('mean_accepted_length'), 8)} "
               f"{_f(r.get('draft_ms_per_step'), 8)} {_f(r.get('bound'))} {_f(r.get('efficiency'))} "
               f"{r['outputs_identical']}")
-    print(f"\nper decode step (ms; host = wall - wait, wait = blocked on the device for a step's result):\n"
+    print(f"\nper decode step (ms; host = wall - wait, wait = blocked on the device for a step's result;\n"
+          f"verify: launched after the step before's result, guess: launched while it ran, drafts past its token):\n"
           f"{'method':>6} {'batch':>5} | {'plain':>5} {'ms':>6} {'host':>6} {'wait':>6} {'launch':>6} | "
-          f"{'verify':>6} {'ms':>6} {'host':>6} {'wait':>6} {'launch':>6} | verify/plain")
+          f"{'verify':>6} {'ms':>6} {'host':>6} {'wait':>6} {'launch':>6} | "
+          f"{'guess':>5} {'ms':>6} {'host':>6} {'wait':>6} {'launch':>6} | guess hits")
     for r in results:
-        p, v = r["plain_steps"], r["verify_steps"]
-        ratio = f"{v['ms_per_step'] / p['ms_per_step']:.2f}" if p and v else "-"
-        print(f"{r['method']:>6} {r['batch_size']:>5} | {_split(p, 5)} | {_split(v, 6)} | {ratio}")
+        hits = f"{r['guess_hits']}/{r['guessed_drafts']}" if r.get("guessed_drafts") else "-"
+        print(f"{r['method']:>6} {r['batch_size']:>5} | {_split(r['plain_steps'], 5)} | {_split(r['verify_steps'], 6)} | "
+              f"{_split(r['guess_steps'], 5)} | {hits}")
     print(json.dumps(summary))
     if args.json_out:
         with open(args.json_out, "w") as f:

@@ -7,14 +7,17 @@ alone: replay the engine's steps for one request at a time (batch 1) with the re
 
 The step pattern replayed is the overlapped engine's (spec_decode/pipeline.py):
 
-    lookup found drafts  -> a verify step: accepted + 1 tokens
-    lookup found nothing -> a plain step (1 token), and the step after it launches before that
-                            result is known: plain too, without a lookup (1 token)
+    lookup found drafts  -> a verify step: accepted + 1 tokens; the next step waits for it
+    lookup found nothing -> a plain step (1 token); the step after it launches before that
+                            result is known: its lookup runs on the history without the token in
+                            flight, one token further, the first token found guessing it
+                            (a verify step "launched while a plain step runs", --guess-verify-ms)
 
-Predicted ms per output token from measured step costs (--plain-ms, --verify-ms: the `ms` of
-plain and verify steps in `pdserve bench spec`'s per-step table), per request
-(its decode steps' time / its tokens after the first, as bench spec's ms/token), averaged;
-speedup = --none-ms / that.
+(`guess=False` replays the engine before the guess: the step after a plain one was plain too,
+without a lookup.) Predicted ms per output token from measured step costs (--plain-ms,
+--verify-ms, --guess-verify-ms: the `ms` of plain, verify and guessed verify steps in
+`pdserve bench spec`'s per-step table), per request (its decode steps' time / its tokens after
+the first, as bench spec's ms/token), averaged; speedup = --none-ms / that.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ class Replay:
     """One setting over a set of requests."""
     steps: int = 0  # decode steps (after each request's first token)
     verify_steps: int = 0  # steps carrying drafts
+    guess_steps: int = 0  # of them, launched while a plain step ran (drafts past a guessed token)
+    guess_hits: int = 0  # of those, the guess was right
     lookups: int = 0  # steps that ran the lookup (with room for drafts)
     draft_tokens: int = 0
     accepted: int = 0
@@ -40,6 +45,8 @@ class Replay:
     def row(self) -> dict:
         return {"propose_fraction": self.verify_steps / max(self.lookups, 1),
                 "verify_fraction": self.verify_steps / max(self.steps, 1),
+                "guess_fraction": self.guess_steps / max(self.verify_steps, 1),
+                "guess_hit_rate": self.guess_hits / max(self.guess_steps, 1),
                 "acceptance": self.accepted / max(self.draft_tokens, 1),
                 "mean_accepted_length": 1 + self.accepted / max(self.verify_steps, 1),
                 "tokens_per_step": self.tokens / max(self.steps, 1),
@@ -47,22 +54,25 @@ class Replay:
 
 
 def replay(samples: list[tuple[list[int], list[int]]], min_n: int, max_n: int, k: int, max_tokens: int,
-           plain_ms: float, verify_ms: float) -> Replay:
-    """samples: (prompt ids, greedy output ids) per request -> the replayed steps' totals."""
+           plain_ms: float, verify_ms: float, guess_verify_ms: float | None = None, guess: bool = True) -> Replay:
+    """samples: (prompt ids, greedy output ids) per request -> the replayed steps' totals.
+    guess_verify_ms: the cost of a verify step launched while a plain step ran (default verify_ms)."""
+    guess_verify_ms = verify_ms if guess_verify_ms is None else guess_verify_ms
     r = Replay(ms_per_token=[])
     for prompt, output in samples:
         history = np.asarray(prompt + output, np.int32)
         num_prompt, end = len(prompt), len(output)
-        # the first token comes from the prefill, which drafted nothing: the next step launches first
-        n, forced_plain, ms = 1, True, 0.0
+        # n: output tokens decided (one maybe in flight); the first comes from the prefill, which
+        # drafted nothing: the next step launches before its result
+        n, inflight, ms = 1, True, 0.0
         while n < end:
             r.steps += 1
-            room = min(k, max_tokens - n - 1)  # scheduler: max_draft_tokens
-            if forced_plain or room <= 0:
-                drafts = history[:0]
-            else:
+            room = min(k, max_tokens - n - 1)  # scheduler: max_draft_tokens (n counts the token in flight)
+            drafts = history[:0]
+            if room > 0 and not (inflight and not guess):
                 r.lookups += 1
-                drafts = lookup(history[:num_prompt + n], min_n, max_n, room)
+                found = lookup(history[:num_prompt + n - inflight], min_n, max_n, room + inflight)
+                drafts = found[inflight:]
             if drafts.size:
                 truth = history[num_prompt + n:num_prompt + n + drafts.size]
                 same = drafts[:truth.size] == truth
@@ -70,13 +80,18 @@ def replay(samples: list[tuple[list[int], list[int]]], min_n: int, max_n: int, k
                 r.verify_steps += 1
                 r.draft_tokens += drafts.size
                 r.accepted += accepted
+                if inflight:
+                    r.guess_steps += 1
+                    r.guess_hits += int(found[0] == history[num_prompt + n - 1])
                 gained = min(accepted + 1, end - n)
-                ms += verify_ms
-                forced_plain = False
+                ms += guess_verify_ms if inflight else verify_ms
+                inflight = False  # the next step waits for this one's result
             else:
                 gained = 1
                 ms += plain_ms
-                forced_plain = not forced_plain  # a step without drafts lets the next launch first
+                # a step without drafts lets the next launch first (before the guess: unless it was
+                # launched first itself, having drafted nothing because its input was in flight)
+                inflight = guess or not inflight
             n += gained
         r.tokens += end - 1
         if end > 1:
@@ -84,30 +99,37 @@ def replay(samples: list[tuple[list[int], list[int]]], min_n: int, max_n: int, k
     return r
 
 
-def sweep(samples, mins, maxs, ks, max_tokens: int, plain_ms: float, verify_ms: float, none_ms: float) -> list[dict]:
+def sweep(samples, mins, maxs, ks, max_tokens: int, plain_ms: float, verify_ms: float, none_ms: float,
+          guess_verify_ms: float | None = None) -> list[dict]:
+    """Per setting, the replay with the guess (the engine's) and its speedup without it."""
     rows = []
     for lo in mins:
         for hi in maxs:
             if lo > hi:
                 continue
             for k in ks:
-                row = replay(samples, lo, hi, k, max_tokens, plain_ms, verify_ms).row()
-                row.update(prompt_lookup_min=lo, prompt_lookup_max=hi, k=k, speedup=none_ms / row["ms_per_token"])
+                row = replay(samples, lo, hi, k, max_tokens, plain_ms, verify_ms, guess_verify_ms).row()
+                before = replay(samples, lo, hi, k, max_tokens, plain_ms, verify_ms, guess=False).row()
+                row.update(prompt_lookup_min=lo, prompt_lookup_max=hi, k=k, speedup=none_ms / row["ms_per_token"],
+                           speedup_no_guess=none_ms / before["ms_per_token"])
                 rows.append(row)
     return rows
 
 
 def print_sweep(rows: list[dict]) -> None:
-    print(f"{'min':>3} {'max':>3} {'k':>2} | {'propose':>7} {'verify':>6} {'accept':>6} {'mean len':>8} "
-          f"{'tok/step':>8} | {'ms/tok':>6} {'speedup':>7}")
+    print(f"{'min':>3} {'max':>3} {'k':>2} | {'propose':>7} {'verify':>6} {'guessed':>7} {'hit':>5} {'accept':>6} "
+          f"{'mean len':>8} {'tok/step':>8} | {'ms/tok':>6} {'speedup':>7} {'no guess':>8}")
     for r in sorted(rows, key=lambda r: r["ms_per_token"]):
         print(f"{r['prompt_lookup_min']:>3} {r['prompt_lookup_max']:>3} {r['k']:>2} | {r['propose_fraction']:>7.2f} "
-              f"{r['verify_fraction']:>6.2f} {r['acceptance']:>6.2f} {r['mean_accepted_length']:>8.2f} "
-              f"{r['tokens_per_step']:>8.2f} | {r['ms_per_token']:>6.3f} {r['speedup']:>7.2f}")
+              f"{r['verify_fraction']:>6.2f} {r['guess_fraction']:>7.2f} {r['guess_hit_rate']:>5.2f} "
+              f"{r['acceptance']:>6.2f} {r['mean_accepted_length']:>8.2f} {r['tokens_per_step']:>8.2f} | "
+              f"{r['ms_per_token']:>6.3f} {r['speedup']:>7.2f} {r['speedup_no_guess']:>8.2f}")
 
 
-# Step costs of SmolLM2 (packaged GGUF) bf16 on one H200 at batch 1 (docs/benchmarks.md, issue 14)
-H200_NONE_MS, H200_PLAIN_MS, H200_VERIFY_MS = 0.940, 1.058, 1.414
+# Step costs of SmolLM2 (packaged GGUF) bf16 on one H200 at batch 1 (docs/benchmarks.md, issue 14).
+# GUESS: a verify step launched while a plain step runs, its host work hidden: an estimate (the
+# device time of a verify step, about a plain step's) until `bench spec` measures it.
+H200_NONE_MS, H200_PLAIN_MS, H200_VERIFY_MS, H200_GUESS_VERIFY_MS = 0.940, 1.058, 1.414, 1.0
 
 
 def add_sweep_args(p) -> None:
@@ -120,6 +142,8 @@ def add_sweep_args(p) -> None:
     p.add_argument("--none-ms", type=float, default=H200_NONE_MS, help="ms/token without speculation (default: %(default)s, H200 bf16)")
     p.add_argument("--plain-ms", type=float, default=H200_PLAIN_MS, help="ms of a step without drafts (default: %(default)s)")
     p.add_argument("--verify-ms", type=float, default=H200_VERIFY_MS, help="ms of a verify step (default: %(default)s)")
+    p.add_argument("--guess-verify-ms", type=float, default=H200_GUESS_VERIFY_MS,
+                   help="ms of a verify step launched while a plain step runs (default: %(default)s, an estimate)")
 
 
 def run_sweep(args, llm, prompts: list[list[int]]) -> None:
@@ -128,9 +152,9 @@ def run_sweep(args, llm, prompts: list[list[int]]) -> None:
                         SamplingParams(temperature=0, max_tokens=args.max_tokens), use_tqdm=False)
     samples = [(p, list(o.outputs[0].token_ids)) for p, o in zip(prompts, outs)]
     rows = sweep(samples, args.sweep_min, args.sweep_max, args.sweep_k, args.max_tokens,
-                 args.plain_ms, args.verify_ms, args.none_ms)
+                 args.plain_ms, args.verify_ms, args.none_ms, args.guess_verify_ms)
     print(f"{len(samples)} prompts, {sum(len(o) for _, o in samples)} greedy tokens; step costs: plain {args.plain_ms} ms, "
-          f"verify {args.verify_ms} ms, none {args.none_ms} ms/token")
+          f"verify {args.verify_ms} ms, guessed verify {args.guess_verify_ms} ms, none {args.none_ms} ms/token")
     print_sweep(rows)
     if args.json_out:
         import json

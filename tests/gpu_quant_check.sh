@@ -21,20 +21,7 @@ PY=${PYTHON:-python}
 mkdir -p "$OUT"
 START=$(date +%s)
 
-step() {  # name, time limit (s), command...
-    local name=$1 limit=$2
-    shift 2
-    echo "=== [$(($(date +%s) - START)) s] $name (limit ${limit} s): $*"
-    timeout --kill-after=10 "$limit" "$@"
-    local rc=$?
-    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-        echo "=== $name: TIMED OUT after ${limit} s"
-    elif [ $rc -ne 0 ]; then
-        echo "=== $name: FAILED (exit $rc)"
-    else
-        echo "=== $name: done at $(($(date +%s) - START)) s"
-    fi
-}
+source "$(dirname "$0")/gpu_step.sh"  # step NAME LIMIT_S COMMAND...
 
 if [ "$WHAT" = all ] || [ "$WHAT" = sweep ]; then
     step sweep 250 "$PY" -m pdserve.services.bench_gemv --budget-s 120 --total-s 215 --workers 12 \

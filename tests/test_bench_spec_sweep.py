@@ -11,9 +11,9 @@ from pdserve.services.bench_spec_sweep import replay
 from tests.test_cli import pdserve
 
 
-def test_replay_counts_steps_as_the_overlapped_engine_runs_them():
+def test_replay_counts_steps_as_the_overlapped_engine_ran_them_before_the_guess():
     prompt, output = [7, 1, 2, 3, 4], [1, 2, 3, 9, 5, 6]
-    r = replay([(prompt, output)], min_n=1, max_n=2, k=3, max_tokens=100, plain_ms=1.0, verify_ms=2.0)
+    r = replay([(prompt, output)], min_n=1, max_n=2, k=3, max_tokens=100, plain_ms=1.0, verify_ms=2.0, guess=False)
     # step 1 launches while the prefill runs: plain, no lookup (2)
     # step 2: "1 2" occurred at 1-2 -> drafts 3 4 1, the output goes 3 9 5: 1 accepted + 9 (verify)
     # step 3: "3 9", "9" never occurred -> plain (5); step 4 launches before 5 is known: plain (6)
@@ -26,6 +26,28 @@ def test_replay_counts_steps_as_the_overlapped_engine_runs_them():
     assert (r.steps, r.lookups, r.verify_steps) == (1, 0, 0)
 
 
+def test_replay_verifies_drafts_past_a_guessed_token_in_flight():
+    prompt, output = [7, 1, 2, 3, 4], [1, 2, 3, 9, 5, 6]
+    r = replay([(prompt, output)], min_n=1, max_n=2, k=3, max_tokens=100, plain_ms=1.0, verify_ms=2.0,
+               guess_verify_ms=1.5)
+    # step 1 (the prefill's token 1 in flight): "4" never occurred -> plain (1 -> 2 in flight)
+    # step 2 (2 in flight): on 7 1 2 3 4 1, "1" occurred at 1 -> 2 3 4 1: guess 2 (right),
+    #   drafts 3 4 1 against 3 9 5: 1 accepted + 9 (a verify step launched while step 1 ran)
+    # step 3 waits for it: "9" never occurred -> plain (5); step 4 (5 in flight): the same lookup -> plain (6)
+    assert (r.steps, r.verify_steps, r.guess_steps, r.guess_hits, r.lookups, r.draft_tokens, r.accepted) == \
+        (4, 1, 1, 1, 4, 3, 1)
+    assert r.row()["ms_per_token"] == pytest.approx((1.0 + 1.5 + 1.0 + 1.0) / 5)
+    # right after the prompt: 5 6 7 8 5 -> guess 6 for the prefill's token; a wrong guess (4) still
+    # lets the drafts 7 8 be accepted (the target verifies them behind the real token)
+    for first, hits in ((6, 1), (4, 0)):
+        out = [first, 7, 8, 9, 1]
+        r = replay([([5, 6, 7, 8, 5], out)], 1, 2, 3, max_tokens=100, plain_ms=1.0, verify_ms=2.0, guess_verify_ms=1.5)
+        assert (r.steps, r.verify_steps, r.guess_steps, r.guess_hits, r.accepted) == (2, 1, 1, hits, 2)
+        before = replay([([5, 6, 7, 8, 5], out)], 1, 2, 3, max_tokens=100, plain_ms=1.0, verify_ms=2.0, guess=False)
+        # before: step 1 plain without a lookup; step 2 on 5 6 7 8 5 first 7 drafts 8 5 .. (1 accepted + 9); 3 plain
+        assert (before.steps, before.verify_steps, before.accepted) == (3, 1, 1)
+
+
 def test_bench_spec_sweep_command(tmp_path, tiny_models):
     out = tmp_path / "sweep.json"
     proc = pdserve("bench", "spec", "--sweep", "--model", tiny_models["llama"], "--max-tokens", "8",
@@ -35,5 +57,19 @@ def test_bench_spec_sweep_command(tmp_path, tiny_models):
     rows = json.loads(out.read_text())
     assert sorted((r["prompt_lookup_min"], r["prompt_lookup_max"], r["k"]) for r in rows) == [
         (1, 2, 2), (1, 2, 4), (2, 2, 2), (2, 2, 4)]
-    assert all(r["ms_per_token"] > 0 and r["speedup"] > 0 and r["tokens_per_step"] >= 1 for r in rows)
+    assert all(r["ms_per_token"] > 0 and r["speedup"] > 0 and r["speedup_no_guess"] > 0 and r["tokens_per_step"] >= 1
+               for r in rows)
     assert "2 prompts" in proc.stdout and "speedup" in proc.stdout
+
+
+def test_bench_spec_stages_command(tmp_path, tiny_models):
+    """`bench spec --stages` (services/bench_spec_stages.py): per kind of decode step, its host ms by stage."""
+    out = tmp_path / "stages.json"
+    proc = pdserve("bench", "spec", "--stages", "--model", tiny_models["llama"], "--max-tokens", "12",
+                   "--sequential-prompts", "2", "--kv-cache-memory", "0.1", "--dtype", "float32", "--json-out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    table = json.loads(out.read_text())
+    assert table["plain"]["steps"] > 0 and set(table) <= {"plain", "verify", "guess"}
+    for row in table.values():
+        assert row["step"] > row["forward"] > 0 and row["schedule"] > 0 and row["flatten"] > 0
+    assert "host ms per decode step by stage" in proc.stdout

@@ -22,7 +22,8 @@ Steps run one at a time while any request needs its latest tokens on the host to
 (penalties, min_tokens, logprobs; `SamplingParams.needs_host_history`). With speculative
 decoding a step's drafts are proposed from the tokens of the step before, so the overlap is
 another (`_step_speculative`, spec_decode/pipeline.py): result(k-1), update, launch(k), and only
-then the deltas of k-1; a step that drafted nothing lets the next one launch first.
+then the deltas of k-1; a step that drafted nothing lets the next one launch first (which may
+verify drafts proposed past its input token in flight).
 
 Constrained decoding (grammars, allowed_token_ids, bad_words) enters through one object,
 `self.structured` (common/engine/structured_output.py): it compiles grammars at validation,
@@ -49,7 +50,7 @@ from pdserve.common.engine.model_runner import ModelRunner, PendingOutput, resol
 from pdserve.common.engine.kv_connector import KVConnector
 from pdserve.common.engine.outputs import SchedulerOutput
 from pdserve.common.engine.scheduler import Scheduler
-from pdserve.common.engine.spec_decode.pipeline import can_overlap_next
+from pdserve.common.engine.spec_decode.pipeline import can_overlap_next, guess_hits
 from pdserve.common.engine_client import EngineDeadError
 from pdserve.common.engine.structured_output import StructuredOutputManager
 from pdserve.common.model_path import served_name
@@ -105,6 +106,7 @@ class EngineCore:
         self.scheduler = Scheduler(sched_cfg, self.kv, connector,
                                    num_speculative_tokens=spec.num_speculative_tokens if spec else 0)
         self.spec_stats = SpecDecodeStats.new(spec.num_speculative_tokens) if spec else None
+        self._unrecorded: list = []  # (RunnerOutput, touched requests) of applied steps, for spec_stats
         self.requests: dict[str, list[Request]] = {}  # user request id -> its sequences
         self.model_name = config.model.served_model_name or served_name(config.model.model)
         self.structured = StructuredOutputManager(self.tokenizer, self.arch.vocab_size, self.eos_token_ids,
@@ -249,7 +251,7 @@ class EngineCore:
         self.launch_seconds += time.perf_counter() - t0
         if launch_first:
             touched, outputs = self._apply(*inflight)
-        self._spec_overlap_next = launched is not None and not launch_first and can_overlap_next(self.runner.spec)
+        self._spec_overlap_next = launched is not None and can_overlap_next(self.runner.spec)
         self._inflight = launched
         return failed + outputs + self._emit(touched)
 
@@ -274,14 +276,17 @@ class EngineCore:
             return [], self._fail(sched, e)
         self.num_steps += 1
         touched = self.scheduler.update(sched, result)
-        if self.spec_stats is not None:
-            self.spec_stats.record(result.spec_token_ids, result.num_accepted_tokens)
+        if self.spec_stats is not None:  # counted in _emit: after the next launch
+            self._unrecorded.append((result, touched))
         ended, broken = self.structured.update(touched)
         self.scheduler.finish_requests(ended, RequestStatus.FINISHED_STOPPED)  # reported through touched
         self.scheduler.finish_requests(broken, RequestStatus.FINISHED_ERROR)
         return touched, []
 
     def _emit(self, touched: list[Request]) -> list[EngineOutput]:
+        for result, reqs in self._unrecorded:
+            self.spec_stats.record(result.spec_token_ids, result.num_accepted_tokens, guess_hits(result, reqs))
+        self._unrecorded.clear()
         outputs = self._outputs(touched)  # an overlapped step's extra token was dropped in update()
         self.num_generated_tokens += sum(len(o.new_token_ids) for o in outputs)
         return outputs

@@ -62,3 +62,6 @@ class RunnerOutput:
     # follows the last accepted one).
     spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
     num_accepted_tokens: dict[str, int] = field(default_factory=dict)
+    # req_id -> (position, token): drafts proposed while the input token at `position` was in
+    # flight start with a guess of it (spec_decode/ngram.py); update() tells whether it was right.
+    guessed_token_ids: dict[str, tuple[int, int]] = field(default_factory=dict)

@@ -17,9 +17,9 @@ token certainly ends it (max_tokens, max_model_len) is not scheduled again. One 
 turns out to be EOS or a stop runs one extra step whose token update() drops.
 
 Speculative decoding (spec_decode/): a decoding request also gets KV slots (and budget) for up
-to k drafts past its known tokens (`num_spec_slots`); update() appends the accepted drafts and
-the token after them, counts only their KV as computed and frees blocks left holding only
-rejected drafts.
+to k drafts past its known tokens and the one in flight, if any (`num_spec_slots`); update()
+appends the accepted drafts and the token after them, counts only their KV as computed and,
+once no step of the request is in flight, frees blocks left holding only rejected drafts.
 
 KV connector (disaggregated serving, kv_connector.py): a waiting request whose KV the connector
 loads from elsewhere is reserved its blocks and parked as WAITING_FOR_KV until the connector
@@ -92,7 +92,7 @@ class Scheduler:
             if num_new <= 0 or req.finishes_with_inflight(self.config.max_model_len):
                 i += 1  # its step in flight ends it (update() finishes it)
                 continue
-            reaches_end = req.num_computed_tokens + num_new == req.num_tokens
+            reaches_end = req.num_computed_tokens + num_new == req.num_tokens + req.num_inflight
             while (num_spec := self._allocate(req, num_new, budget, reaches_end)) is None:
                 victim = self.running.pop()  # newest first
                 self._preempt(victim)
@@ -233,6 +233,7 @@ class Scheduler:
             drafts = result.spec_token_ids.get(s.req_id)
             new_tokens = [token]
             if drafts:  # the accepted drafts' KV is valid; the rest of the reserved slots are not
+                assert not req.num_inflight, "a step was launched before the verify step it follows"
                 num_accepted = result.num_accepted_tokens[s.req_id]
                 new_tokens = drafts[:num_accepted] + new_tokens
                 req.num_computed_tokens += num_accepted
@@ -246,8 +247,8 @@ class Scheduler:
                 if status is not None:
                     self.finish_requests([req.request_id], status)
                     break
-            else:
-                if s.num_spec_slots:
+            else:  # blocks past the known tokens held only draft slots, unless a step in flight uses them
+                if self.num_speculative_tokens and not req.num_inflight:
                     self.kv.free_tail(req, req.num_tokens)
             if req.first_token_time is None:
                 req.first_token_time = now

@@ -31,11 +31,14 @@ def draft(folder: str, k: int = 3) -> dict:
     return {"model": folder, "num_speculative_tokens": k}
 
 
-def generate(folder, prompts, params, check_blocks: bool = False, decode_rows: bool = False, **kw):
+def generate(folder, prompts, params, check_blocks: bool = False, decode_rows: bool = False,
+             one_at_a_time: bool = False, **kw):
     """Run to completion step by step; after each step no request holds a block past its tokens
-    (rejected drafts' blocks were freed) unless it is in a step still running (overlapped steps), and at the end the pool is whole again. `decode_rows`:
-    verify (and draft) as one-token rows, the form CUDA graphs replay (forced here on the CPU).
-    float32 unless asked: outputs are compared with HF's token for token."""
+    (rejected drafts' blocks were freed) unless it is in a step still running (overlapped steps),
+    and at the end the pool is whole again. `decode_rows`: verify (and draft) as one-token rows,
+    the form CUDA graphs replay (forced here on the CPU). `one_at_a_time`: each prompt added when
+    the one before has finished (batch 1). float32 unless asked: outputs are compared with HF's
+    token for token."""
     llm = LLM(folder, **{"dtype": "float32", **kw})
     engine = llm.engine
     if decode_rows:
@@ -43,17 +46,19 @@ def generate(folder, prompts, params, check_blocks: bool = False, decode_rows: b
         if engine.runner.spec.draft is not None:
             engine.runner.spec.draft.decode_rows = True
     params = params if isinstance(params, list) else [params] * len(prompts)
-    for i, (p, sp) in enumerate(zip(prompts, params)):
-        llm.add_request(str(i), p, sp)
+    batches = [[i] for i in range(len(prompts))] if one_at_a_time else [range(len(prompts))]
     done = {}
-    while engine.has_unfinished():
-        for out in llm.step():
-            if out.finished:
-                done[out.request_id] = out
-        if check_blocks:
-            bs = engine.kv.block_size
-            for req in engine.scheduler.running:  # (a request in a step still in flight holds its slots)
-                assert req.num_inflight or len(req.block_ids) <= cdiv(req.num_tokens, bs), req
+    for batch in batches:
+        for i in batch:
+            llm.add_request(str(i), prompts[i], params[i])
+        while engine.has_unfinished():
+            for out in llm.step():
+                if out.finished:
+                    done[out.request_id] = out
+            if check_blocks:
+                bs = engine.kv.block_size
+                for req in engine.scheduler.running:  # (a request in a step still in flight holds its slots)
+                    assert req.num_inflight or len(req.block_ids) <= cdiv(req.num_tokens, bs), req
     assert engine.kv.num_free_blocks == engine.runner.num_blocks, "KV blocks leaked"
     assert engine.kv.num_requests() == 0
     return [done[str(i)] for i in range(len(prompts))], engine

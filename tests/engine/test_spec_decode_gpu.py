@@ -2,9 +2,13 @@
 verify steps run as one-token rows through the decode graphs and the draft's steps through its
 own; greedy tokens equal a run without speculation (float32, tiny models), every self-draft is
 accepted, seeded n-gram outputs equal plain sampling and seeded draft-model outputs do not
-depend on k; the KV pool is sized for target and draft from GPU memory and is whole again."""
+depend on k; the KV pool is sized for target and draft from GPU memory and is whole again. At
+batch 1 a verify step launched while a plain step runs (its first row's input filled on the
+device from that step, spec_decode/pipeline.py) replays the graphs with the same tokens."""
 
 from __future__ import annotations
+
+import random
 
 import pytest
 import torch
@@ -61,3 +65,28 @@ def test_seeded_sampling_rules_hold_on_cuda(tiny_models, prompts):
     k2, _ = run(folder, batch, params, speculative_config={"model": tiny_models["qwen3"], "num_speculative_tokens": 2})
     k4, _ = run(folder, batch, params, speculative_config={"model": tiny_models["qwen3"], "num_speculative_tokens": 4})
     assert k2 == k4
+
+
+def test_drafts_past_a_guessed_token_in_flight_on_cuda(tiny_model_factory, tmp_path_factory):
+    """A 512-token vocabulary (its greedy outputs soon repeat: the lookup finds drafts), prompts one
+    at a time: guessed verify steps happen, some guesses wrong, tokens equal a run without drafts."""
+    folder = tiny_model_factory(str(tmp_path_factory.mktemp("v512") / "llama"), "llama", vocab_size=512,
+                                initializer_range=0.02)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (9, 40, 77, 130)]
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+    def one_at_a_time(**kw):
+        llm = LLM(folder, device="cuda", dtype="float32", max_model_len=512, **kw)
+        engine = llm.engine
+        outs = [llm.generate([{"prompt_token_ids": p}], greedy, use_tqdm=False)[0].outputs[0].token_ids
+                for p in prompts]
+        assert engine.kv.num_free_blocks == engine.runner.num_blocks, "KV blocks leaked"
+        info = engine.stats().spec_decode, engine.runner.graphs.num_replays, engine.async_scheduling
+        llm.shutdown()
+        return outs, info
+    want, _ = one_at_a_time()
+    got, (st, replays, overlapped) = one_at_a_time(speculative_config=NGRAM, gpu_memory_utilization=0.5)
+    assert overlapped and replays > 0
+    assert got == want
+    assert st.num_guessed_drafts > st.num_guess_hits > 0, st

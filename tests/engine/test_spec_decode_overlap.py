@@ -3,7 +3,10 @@ on here on the CPU: a step's deltas come after the next step's launch, and a ste
 nothing lets the next launch first (a plain decode, its input filled from the step in flight).
 Outputs are those of one-at-a-time steps: greedy equals HF, seeded n-gram outputs equal plain
 sampling, a draft model's seeded outputs do not change; verify steps and overlapped steps both
-happen, no KV block leaks and none is held past a request's tokens.
+happen, no KV block leaks and none is held past a request's tokens. A step launched while a
+plain step runs verifies drafts looked up past its input token in flight, the first token
+found guessing it: wrong guesses happen, and outputs still equal HF's (the real token is filled
+on the device; a run that trusted the guess would diverge at the first wrong one).
 
 The model: a random Llama with a 512-token vocabulary, whose greedy outputs soon repeat, so the
 n-gram lookup finds drafts in most steps and none in some (the 49152-token fixtures rarely match)."""
@@ -71,3 +74,40 @@ def test_overlapped_draft_model_outputs_do_not_change(small_vocab):
     assert tokens(overlapped) == tokens(one)
     assert tokens(overlapped)[:3] == hf_greedy(folder, prompts[:3], 20)
     assert engine.num_overlapped_steps == 0 and engine.stats().spec_decode.num_accepted_tokens > 0
+
+
+@pytest.mark.parametrize("decode_rows", [False, True])
+def test_drafts_past_a_guessed_token_in_flight_verify_exactly(small_vocab, decode_rows):
+    """Batch 1, where a step without drafts lets the next launch first: that one drafts past the
+    token in flight. Some guesses are wrong and some right; greedy equals HF, seeded n-gram
+    equals plain sampling, blocks return (chunk form, and the one-token rows CUDA graphs replay)."""
+    folder, prompts = small_vocab
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    outs, engine = generate(folder, prompts, greedy, check_blocks=True, speculative_config=NGRAM,
+                            async_scheduling=True, block_size=4, one_at_a_time=True, decode_rows=decode_rows)
+    assert tokens(outs) == hf_greedy(folder, prompts, 40)
+    st = engine.stats().spec_decode
+    assert st.num_guessed_drafts > st.num_guess_hits > 0, st  # guesses wrong and right, outputs exact
+    assert engine._inflight is None
+    seeded = [SamplingParams(temperature=0.5, seed=40 + i, max_tokens=30, ignore_eos=True) for i in range(3)]
+    plain, _ = generate(folder, prompts[3:], seeded, one_at_a_time=True)
+    spec, engine = generate(folder, prompts[3:], seeded, check_blocks=True, speculative_config=NGRAM,
+                            async_scheduling=True, one_at_a_time=True, decode_rows=decode_rows)
+    assert tokens(spec) == tokens(plain)
+    assert engine.stats().spec_decode.num_guessed_drafts > 0
+
+
+def test_masked_request_shares_a_verify_step_launched_while_its_token_is_in_flight(small_vocab):
+    """An allowed_token_ids request (not drafted) in a verify step launched before the previous
+    step's result: its mask is filled with its token in flight (as in a plain overlapped step)."""
+    pytest.importorskip("xgrammar")
+    folder, prompts = small_vocab
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    allowed = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, allowed_token_ids=[28, 29, 30, 31, 40])
+    params = [greedy, allowed, greedy]
+    plain, _ = generate(folder, prompts[2:5], params)
+    spec, engine = generate(folder, prompts[2:5], params, check_blocks=True, speculative_config=NGRAM,
+                            async_scheduling=True, block_size=4)
+    assert tokens(spec) == tokens(plain)
+    assert set(tokens(spec)[1]) <= {28, 29, 30, 31, 40}
+    assert engine.stats().spec_decode.num_guessed_drafts > 0

@@ -18,9 +18,10 @@ always sampled plainly, as a prefill worker without speculation samples it) and 
 per-token host data (penalties, min_tokens, logprobs: `SamplingParams.needs_host_history`) and
 no token mask (structured outputs, allowed_token_ids, bad_words: their next mask depends on
 each accepted token; such a request is sampled plainly under its mask, in the same batch).
-The proposals need the tokens of the step before, so a verify step is never launched while the
-step before it runs; with async scheduling the engine still hides the deltas (and a step after
-one that drafted nothing) behind the device: pipeline.py.
+The proposals need the tokens of the step before: after a verify step the next step waits for
+its result. After a step without drafts (async scheduling, n-gram) the next one launches while
+it runs, its input token in flight: the lookup then runs on the history without that token,
+drafting one further, its first token a guess of the one in flight (pipeline.py).
 """
 
 from __future__ import annotations
@@ -30,18 +31,20 @@ from pdserve.common.sampling_params import SamplingParams
 
 
 def speculates(params: SamplingParams, num_output_tokens: int) -> bool:
-    """Whether a request's next tokens are drafted and verified (when it has room for drafts)."""
+    """Whether a request's next tokens are drafted and verified (when it has room for drafts);
+    `num_output_tokens` counts a token in flight."""
     return num_output_tokens > 0 and not params.needs_host_history and not params.has_token_mask
 
 
 def max_draft_tokens(req: Request, k: int, max_model_len: int) -> int:
     """Drafts this request may have verified in its next step (before the token budget): 0 when it
     does not speculate; never so many that accepting all of them plus the token after would pass
-    max_tokens or max_model_len."""
+    max_tokens or max_model_len. With a token in flight (num_inflight = 1: the step before runs,
+    the proposer guesses that token) they start one position further."""
     p = req.params
-    if not k or not speculates(p, req.num_output_tokens) or req.num_inflight:
+    if not k or req.num_inflight > 1 or not speculates(p, req.num_output_tokens + req.num_inflight):
         return 0
-    room = max_model_len - req.num_tokens - 1
+    room = max_model_len - req.num_tokens - req.num_inflight - 1
     if p.max_tokens is not None:
-        room = min(room, p.max_tokens - req.num_output_tokens - 1)
+        room = min(room, p.max_tokens - req.num_output_tokens - req.num_inflight - 1)
     return max(0, min(k, room))

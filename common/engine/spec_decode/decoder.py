@@ -23,7 +23,7 @@ import torch
 
 from pdserve.common.config import SpeculativeConfig
 from pdserve.common.engine.model_runner import position_seed
-from pdserve.common.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
+from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledRequest, SchedulerOutput
 from pdserve.common.engine.spec_decode import speculates
 from pdserve.common.engine.sampler import to_device
 from pdserve.common.engine.spec_decode.rejection import DraftRows, queue_verify
@@ -73,6 +73,8 @@ class SpecDecoder:
         want = [s for s in sched.scheduled if s.num_spec_slots or (
             self.draft is not None and s.sample and s.params.temperature != 0
             and speculates(s.params, len(s.output_token_ids)))]
+        if self.draft is not None:  # it drafts from the history on the device: never past a token in flight
+            want = [s for s in want if s.input_token_ids[-1] != PLACEHOLDER_TOKEN]
         self._drafts, self._probs, self._fed = {}, {}, {}
         if not want:
             return sched.scheduled
@@ -134,12 +136,18 @@ class SpecDecoder:
         if plain:
             reqs = [first[req_id] for req_id in plain]
             rows_plain = logits.index_select(0, to_device([spans[r] for r in plain], torch.int64, logits.device))
-            bitmask = token_masks.fill(reqs) if token_masks is not None else None
+            previous = runner._last_pending  # a masked row's input may be in flight (launched before its result)
+            bitmask = None if token_masks is None else token_masks.fill(
+                reqs, None if previous is None else lambda req_id: previous.result().sampled_token_ids[req_id])
             tokens = runner.sampler.sample(rows_plain, reqs, runner.arch.eos_token_ids,
                                            [runner.generator(s) for s in reqs], bitmask)
             out.logprobs = runner.sampler.logprobs(rows_plain, tokens, reqs)  # waits only where asked
             readback = torch.cat([readback, tokens])
         num_spec_values = readback.shape[0] - len(plain)
+        guesses = getattr(self.proposer, "guesses", {})
+        for req_id in spec:  # drafts past a token in flight: the guess, for the counters
+            if req_id in guesses and fed[req_id]:
+                out.guessed_token_ids[req_id] = (first[req_id].start_pos, guesses[req_id])
 
         def finish(values: list[int]) -> None:
             out.sampled_token_ids.update(zip(plain, values[num_spec_values:]))

@@ -8,6 +8,12 @@ The longest suffix of the request's tokens (prompt + output), between prompt_loo
 prompt_lookup_max tokens, that also occurs earlier; of its occurrences the latest wins. It pays
 off when the output copies its input (extraction, editing, code, retrieval-augmented answers).
 
+A request whose input token is still being sampled by the step in flight (PLACEHOLDER_TOKEN:
+the engine launched this step before that one's result, pipeline.py) is looked up on the history
+without it, one token further: the first token found guesses the one in flight and is dropped,
+the rest are the drafts (for the positions after it). The device fills the real input token, so
+a wrong guess costs acceptance, never correctness; `guesses` keeps each guess for the counters.
+
 Cost per request and step: one vectorized compare of the last token against the history, then
 `prompt_lookup_max` filters over the (few) candidate positions. The history is kept per request
 as a growing int32 array, extended by the tokens new since the last step.
@@ -18,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from pdserve.common.config import SpeculativeConfig
-from pdserve.common.engine.outputs import ScheduledRequest
+from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, ScheduledRequest
 
 
 def lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> np.ndarray:
@@ -47,18 +53,31 @@ class NgramProposer:
         self.min_n = config.prompt_lookup_min
         self.max_n = config.prompt_lookup_max
         self._history: dict[str, tuple[np.ndarray, int]] = {}  # req_id -> (buffer, tokens in it)
+        self.guesses: dict[str, int] = {}  # the last proposal's: req_id -> its guess of the token in flight
+        # req_id -> history length whose lookup found nothing: the step launched while a plain step
+        # runs sees the same history (its token is in flight), so its lookup is skipped
+        self._no_match: dict[str, int] = {}
 
     def forget(self, req_ids) -> None:
         for req_id in req_ids:
             self._history.pop(req_id, None)
+            self._no_match.pop(req_id, None)
 
     def propose(self, reqs: list[ScheduledRequest]) -> dict[str, tuple[list[int], None]]:
         """req_id -> (up to num_spec_slots drafts, no draft probabilities: one-hot)."""
-        drafts = {}
+        drafts, self.guesses = {}, {}
         for s in reqs:
-            found = lookup(self._tokens(s), self.min_n, self.max_n, s.num_spec_slots)
-            if found.size:
-                drafts[s.req_id] = (found.tolist(), None)
+            if self._no_match.get(s.req_id) == len(s.prompt_token_ids) + len(s.output_token_ids):
+                continue
+            inflight = s.input_token_ids[-1] == PLACEHOLDER_TOKEN
+            tokens = self._tokens(s)
+            found = lookup(tokens, self.min_n, self.max_n, s.num_spec_slots + inflight).tolist()
+            if not found:
+                self._no_match[s.req_id] = len(tokens)
+            elif inflight:
+                self.guesses[s.req_id] = found.pop(0)
+            if found:
+                drafts[s.req_id] = (found, None)
         return drafts
 
     def _tokens(self, s: ScheduledRequest) -> np.ndarray:

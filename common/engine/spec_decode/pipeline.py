@@ -1,34 +1,53 @@
 """How speculative steps overlap the device (EngineCore._step_speculative, async scheduling on).
 
-A step's drafts are proposed from the tokens of the step before, so a verify step cannot be
-scheduled while the step before it runs, as a plain decode is (engine_core.py). What can still
-hide behind the device is everything that comes after a step's tokens are known and before the
-next step needs them: the deltas, and the caller's work on them (detokenizing, streaming).
+A verify step's tokens (how many drafts were accepted) decide where the next step starts, so the
+step after a verify step is scheduled only once its result is on the host. What still hides
+behind the device is everything after a step's tokens are known that the next launch does not
+need: the deltas, and the caller's work on them (detokenizing, streaming).
 
-    step() k:  result(k-1), update(k-1)          # its tokens: k's proposals and KV rollback need them
+    step() k:  result(k-1), update(k-1)          # k-1 verified drafts: k's start depends on it
                schedule(k), propose, launch(k)   # queued on the device
                deltas(k-1) -> caller             # while the device runs k
 
-A launched step that drafted nothing (the n-gram lookup found no match for any request) lets
-the next one launch first, as plain async scheduling does; that next step cannot draft (its
-input token is in flight: `max_draft_tokens` gives 0), and the step after it tries again:
+A launched step that drafted nothing (a plain step: the n-gram lookup found no match for any
+request) advances every request by exactly one token, so the next step is scheduled and launched
+before its result, as plain async scheduling does. Its input token is in flight (filled on the
+device from k's sampled tokens), but it may still verify drafts: the lookup runs on the history
+without that token and asks for one token more; the first one found guesses the token in flight
+and is dropped, the others are drafts for the positions after it (ngram.py):
 
-    step() k+1: schedule(k+1), launch(k+1)       # input of k+1 filled on the device from k
-                result(k), update(k), deltas(k)
-    step() k+2: result(k+1) ... as above         # proposes again
+    step() k+1: schedule(k+1), propose, launch(k+1)   # inputs [x?, d1 .. dn], x filled on the device
+                result(k), update(k), deltas(k)       # x known now
+    step() k+2: if k+1 drafted: result(k+1) ... as after any verify step
+                else: launch(k+2) first again
 
-So in stretches where the lookup finds nothing, every other step hides its host work behind the
-device, at the price of one proposal skipped per two steps. Outputs do not change: greedy tokens
-do not depend on the step boundaries, and seeded draws depend on (seed, position) only.
+The target verifies d1 .. dn behind the real x, so a wrong guess only makes the drafts unlikely
+to be accepted; outputs do not change (greedy tokens do not depend on the step boundaries,
+seeded draws on (seed, position) only). The guesses are counted (SpecDecodeStats.num_guess_hits).
+In stretches without matches every step hides its host work behind the device and still looks
+up drafts; only a step after a verify step waits.
 
-Only for the n-gram proposer: a draft model at temperature > 0 drafts even without draft slots
-(decoder.py), from a history that would miss the token in flight.
+Only for the n-gram proposer: a draft model drafts from the history on the device, which would
+miss the token in flight, so its steps never launch before the previous result.
 """
 
 from __future__ import annotations
+
+from pdserve.common.engine.outputs import RunnerOutput
+from pdserve.common.request import Request
 
 
 def can_overlap_next(spec) -> bool:
     """The step just launched (by the runner owning `spec`, a SpecDecoder) drafted nothing, and
     the proposer needs no history on the device: the next step may launch before its result."""
     return spec.draft is None and not spec.has_drafts()
+
+
+def guess_hits(result: RunnerOutput, touched: list[Request]) -> list[bool]:
+    """Per request of `result` that drafted past its token in flight (and is still running or
+    just finished: in `touched`), whether the guess was that token (known since update())."""
+    if not result.guessed_token_ids:
+        return []
+    by_id = {r.request_id: r for r in touched}
+    return [by_id[req_id].all_token_ids[pos] == token
+            for req_id, (pos, token) in result.guessed_token_ids.items() if req_id in by_id]

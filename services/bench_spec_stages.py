@@ -1,0 +1,121 @@
+"""`pdserve bench spec --stages`: where a speculative engine's host time goes, stage by stage.
+
+One n-gram engine (the bench's k and lookup lengths, async scheduling as the device would
+have it: on by default on CUDA, forced on here on the CPU too) runs the first
+--sequential-prompts prompts one at a time; its stage functions are wrapped with timers (on this
+engine's objects only), and every decode step (engine.step() call) adds each stage's time to
+the kind of step it launched (bench_spec.py's split: plain, verify, guess). Printed per kind:
+ms per step of
+
+    apply     the previous step's result on the host and scheduler.update
+      wait      of it: blocked on the device for the result (EngineCore.wait_seconds; CUDA)
+      update    of it: scheduler.update
+    schedule  scheduler.schedule
+    propose   the n-gram lookup (SpecDecoder.prepare's proposer)
+    prepare   the rest of SpecDecoder.prepare (the drafts appended to the inputs)
+    flatten   flatten_step (the step's host arrays)
+    inputs    the backend's inputs (tensors, attention metadata)
+    forward   the model's forward pass (CPU: its compute; CUDA: queueing the kernels / a graph replay)
+    sample    verify (logits of the rows, the rejection test queued) or the plain sampler's launch
+    emit      the deltas of the finished step
+    step      the whole engine.step() call
+
+For a verify step everything from `apply` to `sample` lies between the previous result and the
+launch: on a GPU the device waits through it (docs/speculative.md, "Where a verify step's time
+goes"). On the CPU `forward` is the compute itself; the other stages are host work on any device.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+CLOCK = time.perf_counter  # wall time; time.thread_time: the engine thread's CPU time (a busy shared CPU)
+STAGES = ("apply", "wait", "update", "schedule", "propose", "prepare", "flatten", "inputs", "forward", "sample", "emit")
+
+
+class StageTimer:
+    """Seconds per stage, accumulated by wrapped callables."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def wrap(self, owner, attr: str, stage: str) -> None:
+        fn = getattr(owner, attr)
+
+        def timed(*args, **kw):
+            t0 = CLOCK()
+            try:
+                return fn(*args, **kw)
+            finally:
+                self.seconds[stage] += CLOCK() - t0
+        setattr(owner, attr, timed)
+
+
+def instrument(engine) -> StageTimer:
+    """Timers on this engine's stage functions (instance attributes: other engines are untouched;
+    flatten_step is module-level in model_runner and is wrapped there while the bench runs)."""
+    from pdserve.common.engine import model_runner
+    timer = StageTimer()
+    runner, spec = engine.runner, engine.runner.spec
+    timer.wrap(engine, "_apply", "apply")
+    timer.wrap(engine.scheduler, "update", "update")
+    timer.wrap(engine.scheduler, "schedule", "schedule")
+    timer.wrap(spec.proposer, "propose", "propose")
+    timer.wrap(spec, "prepare", "prepare")
+    timer.wrap(model_runner, "flatten_step", "flatten")
+    timer.wrap(runner.inputs, "prepare", "inputs")
+    timer.wrap(runner.model, "forward", "forward")
+    if runner.graphs is not None:  # CUDA: decode-only steps replay a graph instead
+        timer.wrap(runner.graphs, "run", "forward")
+    timer.wrap(spec, "verify", "sample")
+    timer.wrap(runner.sampler, "sample", "sample")
+    timer.wrap(engine, "_emit", "emit")
+    return timer
+
+
+def run_stages(args, llm, prompts: list[list[int]]) -> dict:
+    """Run the prompts one at a time on `llm` (an n-gram engine); per step kind, ms per step by stage."""
+    from pdserve.common.engine import model_runner
+    from pdserve.common.sampling_params import SamplingParams
+    engine = llm.engine
+    spec = engine.runner.spec
+    flatten = model_runner.flatten_step
+    timer = instrument(engine)
+    kinds: dict[str, dict[str, float]] = {k: defaultdict(float) for k in ("plain", "verify", "guess")}
+    counts = dict.fromkeys(kinds, 0)
+    params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
+    try:
+        for i, p in enumerate(prompts):
+            engine.add_request(f"stages-{i}", p, params)
+            first = True
+            while engine.has_unfinished():
+                timer.seconds["wait"] = engine.wait_seconds  # (perf_counter seconds, whatever CLOCK is)
+                before = dict(timer.seconds)
+                overlapped0 = engine.num_overlapped_steps
+                t0 = CLOCK()
+                outputs = engine.step()
+                wall = CLOCK() - t0
+                if first:  # the prefill step
+                    first = not any(o.new_token_ids for o in outputs)
+                    continue
+                kind = "plain"
+                if spec.has_drafts():
+                    kind = "guess" if engine.num_overlapped_steps > overlapped0 else "verify"
+                counts[kind] += 1
+                timer.seconds["wait"] = engine.wait_seconds
+                for stage in STAGES:
+                    kinds[kind][stage] += timer.seconds[stage] - before.get(stage, 0.0)
+                kinds[kind]["step"] += wall
+    finally:
+        model_runner.flatten_step = flatten
+    table = {kind: {"steps": counts[kind], **{s: round(1000 * v / counts[kind], 4) for s, v in kinds[kind].items()}}
+             for kind in kinds if counts[kind]}
+    print(f"host ms per decode step by stage ({engine.runner.device}, batch 1, {len(prompts)} prompts, "
+          f"k = {args.spec_tokens}, lookup {args.prompt_lookup_min}..{args.prompt_lookup_max}; "
+          "wait and update are part of apply, propose of prepare):")
+    print(f"{'kind':>6} {'steps':>5} | " + " ".join(f"{s:>8}" for s in STAGES) + f" | {'step':>7}")
+    for kind, row in table.items():
+        print(f"{kind:>6} {row['steps']:>5} | " + " ".join(f"{row.get(s, 0.0):>8.4f}" for s in STAGES)
+              + f" | {row['step']:>7.4f}")
+    return table

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# GPU check of issue 14 (n-gram speculative decoding to 1.5x at batch 1: the verify step launched
+# while a plain step runs, its drafts looked up past a guess of the token in flight), one H200,
+# from the repo root with pdserve importable (pip install -e ".[test]" or PYTHONPATH to a pdserve tree):
+#   OUT=/dir/for/results CUDA_VISIBLE_DEVICES=0 bash tests/gpu_spec_guess.sh [all|tests|bench|k15|stages]
+# (all: <= ~9.5 min). Every step has its own time limit; a step that fails or times out is
+# reported and the next one still runs. Steps:
+#   tests   pytest -m gpu tests/engine/test_spec_decode_gpu.py (the guessed verify steps through
+#           the decode graphs: tokens equal a run without drafts, guesses wrong and right)
+#   bench   the brief's bench, SmolLM2 bf16, k = 8 (the default), none / ngram / ngram_sync at
+#           batch 1 and 16: ms/token, speedup (target >= 1.5x for ngram at batch 1), and per decode
+#           step plain / verify / guess (launched while the plain step before ran): ms, host, wait,
+#           launch, and guess hits. Writes $OUT/spec_k8.json.
+#   k15     the same with -k 15 (at batch 1, 16 one-token rows: the same 16-row graph as k = 8;
+#           the replay predicts 1.53x against 1.46x). Writes $OUT/spec_k15.json.
+#   stages  bench spec --stages: host ms per decode step by stage on this host. Writes $OUT/stages.json.
+set -uo pipefail
+OUT=${OUT:-.}
+WHAT=${1:-all}
+PY=${PYTHON:-python}
+mkdir -p "$OUT"
+START=$(date +%s)
+BENCH=("$PY" -m pdserve.services.cli bench spec --device cuda --batch-sizes 1 16 --max-tokens 128
+       --sequential-prompts 8 --dtype bfloat16)
+
+source "$(dirname "$0")/gpu_step.sh"  # step NAME LIMIT_S COMMAND...
+
+if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
+    step tests 170 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/engine/test_spec_decode_gpu.py
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
+    step bench 170 "${BENCH[@]}" --methods none ngram ngram_sync --json-out "$OUT/spec_k8.json"
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = k15 ]; then
+    step k15 120 "${BENCH[@]}" -k 15 --methods none ngram --json-out "$OUT/spec_k15.json"
+fi
+if [ "$WHAT" = all ] || [ "$WHAT" = stages ]; then
+    step stages 90 "$PY" -m pdserve.services.cli bench spec --stages --device cuda --dtype bfloat16 \
+        --max-tokens 128 --sequential-prompts 8 --json-out "$OUT/stages.json"
+fi
+echo "=== finished in $(($(date +%s) - START)) s"
