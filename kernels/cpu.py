@@ -42,7 +42,7 @@ import torch
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _SOURCE = os.path.join(_HERE, "cpu_ops.cpp")
 # #included by _SOURCE: part of the build's hash
-_INCLUDED = [os.path.join(_HERE, name) for name in ("cpu_prefill_attention.h", "cpu_decode_tiles.h")]
+_INCLUDED = [os.path.join(_HERE, name) for name in ("cpu_prefill_attention.h", "cpu_prefill_bf16.h", "cpu_decode_tiles.h")]
 # -fopenmp: at::parallel_for's OpenMP body is in ATen's headers, so without it every kernel runs on
 # one thread; the libgomp.so.1 this links is the one torch has loaded (same soname): one thread pool
 _FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
