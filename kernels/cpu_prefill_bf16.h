@@ -21,8 +21,10 @@
 // denormal inputs and results to zero: attention scores and weights of that size (< 1e-38) are 0
 // to the softmax anyway.
 
+// prefill_bf16_for's kernel: prefill_attention's arguments
+using PrefillBf16 = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, double, int64_t);
+
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-constexpr bool kPrefillDotBf16 = true;
 
 inline int32_t load_pair(const c10::BFloat16* p) {  // two adjacent bf16 as one 32-bit lane
   int32_t x;
@@ -180,7 +182,6 @@ void prefill_attention_bf16(const at::Tensor& q, const at::Tensor& k, const at::
 }
 
 // the kernel for head size D, or nullptr (the fp32 path runs)
-using PrefillBf16 = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, double, int64_t);
 inline PrefillBf16 prefill_bf16_for(int64_t D) {
   switch (D) {
     case 32: return &prefill_attention_bf16<2>;
@@ -190,6 +191,5 @@ inline PrefillBf16 prefill_bf16_for(int64_t D) {
   }
 }
 #else
-using PrefillBf16 = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, double, int64_t);
 inline PrefillBf16 prefill_bf16_for(int64_t) { return nullptr; }
 #endif
