@@ -252,7 +252,9 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
         scores.resize(HG * n);  // [query head of the item, token]
         for (int64_t h = 0; h < HG; ++h) {
           const T* src = qp + b * q_sb + (kh0 * G + h) * q_sh;
-          for (int64_t d = 0; d < D; ++d) qf[h * D + d] = to_float(src[d]) * sc;
+          int64_t d = 0;  // vectors, then the scalar tail: the same products
+          for (; d + kF <= D; d += kF) (load_f(src + d) * fVec(sc)).store(qf.data() + h * D + d);
+          for (; d < D; ++d) qf[h * D + d] = to_float(src[d]) * sc;
         }
         const int64_t* blocks = table + b * M;
         const int64_t head_off = kh0 * D;
@@ -301,7 +303,9 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
       }
       for (int64_t h = 0; h < HG; ++h) {
         T* dst = op + (b * H + kh0 * G + h) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(acc[h * D + d]);
+        int64_t d = 0;
+        for (; d + kF <= D; d += kF) store_f(dst + d, fVec::loadu(acc.data() + h * D + d));
+        for (; d < D; ++d) dst[d] = from_float<T>(acc[h * D + d]);
       }
     }
   });

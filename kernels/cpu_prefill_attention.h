@@ -89,9 +89,12 @@ constexpr int64_t kKvSplit = 512;
 
 // s[0 .. p + 1 - lo) holds the raw scores q.k of keys lo .. p; the row sees keys [first, p] and the
 // sequence has Lk keys. On return s holds the weights (0 outside [first, p]); returns their sum.
-// `rescale` has room for one float per split of the row.
+// `rescale` has room for one float per split of the row. With `num_splits` (the bf16 kernel, which
+// rescales its accumulator as torch does) the earlier splits' weights are left as they are: the
+// row's splits are counted there and rescale[i] is the factor for the weights before split i + 1.
 template <typename T>
-float flash_softmax_row(float* s, int64_t lo, int64_t first, int64_t p, int64_t Lk, float scale, float* rescale) {
+float flash_softmax_row(float* s, int64_t lo, int64_t first, int64_t p, int64_t Lk, float scale, float* rescale,
+                        int64_t* num_splits = nullptr) {
   std::fill(s, s + (first - lo), 0.f);
   float max = -std::numeric_limits<float>::infinity(), sum = 0.f;
   int64_t splits = 0;  // rescale[i]: exp(old max - new max) at split i + 1, for the earlier weights
@@ -124,8 +127,14 @@ float flash_softmax_row(float* s, int64_t lo, int64_t first, int64_t p, int64_t 
     sum = split_sum + r * sum;
     max = m;
     if (splits > 0) rescale[splits - 1] = r;
-    for (int64_t t = vs; t < ve; ++t) s[t - lo] = round_to<T>(s[t - lo]);  // torch's P is stored in T
+    int64_t t = vs;  // torch's P is stored in T
+    for (; t + kF <= ve; t += kF) round_v<T>(fVec::loadu(s + (t - lo))).store(s + (t - lo));
+    for (; t < ve; ++t) s[t - lo] = round_to<T>(s[t - lo]);
     ++splits;
+  }
+  if (num_splits != nullptr) {
+    *num_splits = splits;
+    return sum;
   }
   float factor = 1.f;  // torch rescales its accumulator by each later split's r; here the weights
   for (int64_t i = splits - 2; i >= 0; --i) {
@@ -136,9 +145,17 @@ float flash_softmax_row(float* s, int64_t lo, int64_t first, int64_t p, int64_t 
   return sum;
 }
 
+#include "cpu_prefill_bf16.h"  // prefill_bf16_for: the bf16 kernel on AVX512-BF16 (vdpbf16ps)
+
 template <typename T>
 void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& out,
                        double scale, int64_t window) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (const PrefillBf16 dot_bf16 = prefill_bf16_for(q.size(2))) {
+      dot_bf16(q, k, v, out, scale, window);
+      return;
+    }
+  }
   constexpr int64_t QB = 16;
   const int64_t Lq = q.size(0), H = q.size(1), D = q.size(2), Lk = k.size(0), KVH = k.size(1), G = H / KVH;
   const int64_t q_s = q.stride(0), k_s = k.stride(0), v_s = v.stride(0), offset = Lk - Lq;

@@ -163,7 +163,7 @@ def test_the_offline_llm_takes_larger_default_steps_on_cpu_than_a_server(tiny_mo
     from pdserve.common.config import CPU_OFFLINE_TOKEN_BUDGET, CPU_TOKEN_BUDGET
     from pdserve.common.engine.llm import LLM
     served = _engine(tiny_models["llama"], None, max_model_len=64)
-    assert served.scheduler.config.token_budget == CPU_TOKEN_BUDGET == 2048
+    assert served.scheduler.config.token_budget == CPU_TOKEN_BUDGET == 1024
     llm = LLM(tiny_models["llama"], dtype="float32", max_model_len=64)
     assert llm.engine.scheduler.config.token_budget == CPU_OFFLINE_TOKEN_BUDGET == 4096
     out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)

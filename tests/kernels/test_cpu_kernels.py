@@ -75,6 +75,10 @@ def test_paged_decode_attention(dtype, lens, heads, kv_heads, head_dim, block_si
     (37, 250, 9, 3, 64, None),  # a chunk after 213 cached tokens
     (100, 100, 8, 2, 128, 17),  # sliding window shorter than a block of rows
     (45, 120, 4, 4, 24, 50),  # D not a multiple of 16: token by token
+    # bf16 on AVX512-BF16 (cpu_prefill_bf16.h): D 32 (one pair vector a key), keys over three 512-key
+    # splits (accumulators rescaled between them), an odd window start (pairs start a key early)
+    (300, 1100, 4, 2, 32, 701),
+    (40, 1030, 8, 2, 128, None),  # D 128: two query vectors a P V pass, a chunk after 990 cached
 ])
 def test_prefill_attention(dtype, q_len, context_len, heads, kv_heads, head_dim, window):
     g = torch.Generator().manual_seed(2)
