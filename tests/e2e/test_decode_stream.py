@@ -3,8 +3,8 @@ services/decode/mux.py, services/router/decode_mux.py). Real processes: redis, a
 decode workers, the router; gRPC on 127.0.0.1; the router's own DecodeMuxes against a live worker.
 
 - requests on one stream each get exactly the offline engine's tokens; one request refused at
-  admission, one cancelled mid-stream (aborted on decode: its id can be reused at once, its
-  blocks come back) and a stop of one of n sequences leave the others running;
+  admission, one cancelled mid-stream (aborted on decode: its blocks come back at once) and a
+  stop of one of n sequences leave the others running;
 - kill -9 of the decode worker mid-stream: every open request on the stream fails at once with a
   gRPC status (no hang), and a new stream to the restarted worker works;
 - through the router: kill -9 of a decode worker while its requests stream, the client's streams
@@ -88,31 +88,35 @@ def test_requests_share_one_stream_and_end_alone(stack, offline):
             first = await long.__anext__()  # "long" runs; the client goes away
             assert sum(len(d.new_token_ids) for c in first for d in c.sequences) >= 1
             long.close()
-            # aborted on decode at once: the id is free again (an engine still running it refuses it)
-            again = await read_all(open_(request("long", PROMPTS[0], 12)))
-            # a stop string of sequence 1 of the pair: it ends, sequence 0 runs to max_tokens
-            got = {}
+            # a stop string of sequence 1 of the pair: it ends, sequence 0 runs to max_tokens (decode
+            # reports nothing more of a stopped sequence: the router ends the request, as here)
+            got, stopped, ended = {}, False, False
             async for batch in pair:
                 for chunk in batch:
                     for d in chunk.sequences:
                         got.setdefault(d.index, []).extend(d.new_token_ids)
-                if len(got.get(1, [])) >= 3 and not pair.finished:
+                        ended |= d.index == 0 and d.finish_reason != pb.FINISH_REASON_NONE
+                if ended:
+                    break
+                if len(got.get(1, [])) >= 3 and not stopped:
+                    stopped = True
                     await pair.abort([1])
             pair.close()
             rest = [await read_all(s) for s in plain]
             assert len(muxes._muxes) == 1  # one stream carried them all
             muxes.close()
-            return again, got, rest
+            return got, rest
 
-    again, pair, rest = asyncio.run(go())
-    assert again[0] == expected(offline, PROMPTS[0], 12)[0]
+    pair, rest = asyncio.run(go())
     for i, tokens in zip((2, 3), rest):
         assert tokens[0] == expected(offline, PROMPTS[i], 32)[0]
     both = expected(offline, PROMPTS[1], 40, n=2, seed=7)
     assert pair[0] == both[0]
     assert 3 <= len(pair[1]) < 40 and pair[1] == both[1][:len(pair[1])]
-    deadline = time.time() + 10
-    while True:  # everything finished or aborted gives its blocks back
+    # "long" was aborted on decode when it was cancelled: had it run on, it would hold blocks for
+    # ~850 more steps after the others ended; everything gives its blocks back at once
+    deadline = time.time() + 1.0
+    while True:
         load = asyncio.run(health(address)).load
         if load.num_running == 0 and load.num_free_blocks == load.num_total_blocks or time.time() > deadline:
             break
