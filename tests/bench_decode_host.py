@@ -1,13 +1,13 @@
 """The decode worker's host cost per output token, on CPU (issue 11 run 3's CPU harness).
 
-    python tests/bench_decode_host.py [--tree NAME=PATH ...] [--variant NAME=ROUTER_ARGS ...]
+    python tests/bench_decode_host.py [--run NAME=PATH[::ROUTER FLAGS] ...]
         [--max-concurrency 256 | --request-rate R] [--num-prompts 768] [--pyspy-s 8]
 
     tiny random Llama (hidden 64, 2 layers, vocabulary 512: the forward is nearly free, so what
     a step costs is the host's Python around it)
-      --> for each (tree, variant): `pdserve up --prefill 1 --decode 1 --kv-transport tcp` started
-          from that code tree (PYTHONPATH=PATH; the default: the tree this script belongs to)
-          with the variant's router flags
+      --> for each run: `pdserve up --prefill 1 --decode 1 --kv-transport tcp` started from that
+          code tree (PYTHONPATH=PATH; default: one run of the tree this script belongs to) with
+          the run's extra router flags
       --> warm-up requests, then `pdserve bench serve` (256-token prompts, 128-token outputs) at
           the given concurrency or rate
       --> decode / prefill / router CPU-seconds over the load (utime + stime of /proc/PID/stat,
@@ -16,8 +16,9 @@
           shares of the frames that hold the GIL most
 
 One line per run and a JSON report (--output-json). "Before / after" of a change is one call:
-`--tree before=/tmp/base --tree after=.pt`, where /tmp/base holds `pdserve/` of the old commit
-(`git archive` of it, see docs/benchmarks.md). The load generator always runs from this tree.
+`--run before=/tmp/base --run after=.pt`, where /tmp/base holds `pdserve/` of the old commit
+(`git archive` of it, see docs/benchmarks.md); `--run old-streams=.pt::--decode-streams per-request`
+adds router flags. The load generator always runs from this script's tree.
 Needs no GPU; on a shared 2-core machine the CPU-seconds per token are the figure to compare
 (wall-clock rates move with the neighbours' load).
 """
@@ -69,8 +70,8 @@ def role_pids(root: int) -> dict[str, int]:
 OWN_CODE = ("(common/", "(services/", "(proto/", "(kernels/")
 
 
-def fold(raw_path: str, top: int) -> list[tuple[float, str]]:
-    """py-spy raw output ("frame;frame;... count") -> [(share of samples, frame)]: the project's
+def fold(raw_path: str, top: int) -> tuple[int, list[tuple[float, str]]]:
+    """py-spy raw output ("frame;frame;... count") -> (samples, [(share, frame)]): the project's
     own frames inclusive (a frame counts every sample it is on the stack of), then "self:" the
     frames samples were taken in (native ones included: sendmsg, malloc_trim...), most first."""
     total, inclusive, leaf = 0, collections.Counter(), collections.Counter()
@@ -86,8 +87,8 @@ def fold(raw_path: str, top: int) -> list[tuple[float, str]]:
                     inclusive[frame[:140]] += n
             leaf["self: " + frames[-1][:134]] += n
     if not total:
-        return []
-    return [(n / total, f) for f, n in inclusive.most_common(top)] + \
+        return 0, []
+    return total, [(n / total, f) for f, n in inclusive.most_common(top)] + \
         [(n / total, f) for f, n in leaf.most_common(top // 2)]
 
 
@@ -105,7 +106,7 @@ def bench(url: str, args, num_prompts: int, out_json: str | None, env: dict) -> 
         return json.load(f)["runs"][0]
 
 
-def run_one(tree_name: str, tree: str, variant: str, router_args: str, model: str, args, log_dir: str) -> dict:
+def run_one(name: str, tree: str, router_args: str, model: str, args, log_dir: str) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     worker = (f"--dtype float32 --num-gpu-blocks-override {args.num_blocks} --max-model-len 1024 "
@@ -113,8 +114,8 @@ def run_one(tree_name: str, tree: str, variant: str, router_args: str, model: st
     argv = ["up", "--prefill", "1", "--decode", "1", "--port", str(port), "--model", model, "--kv-transport", "tcp",
             "--worker-args", worker, "--decode-args", args.decode_args,
             "--router-args", f"--disagg-min-prompt-tokens 0 --served-model-name bench {router_args}"]
-    stack_env = {"PYTHONPATH": tree}
-    name = f"{tree_name}-{variant}"
+    # idle OpenMP workers sleep instead of spinning: spinning would count as the host's cost
+    stack_env = {"PYTHONPATH": tree, "OMP_WAIT_POLICY": "PASSIVE"}
     stack = Stack(name, argv, url, 2, log_dir, env=stack_env, expected=["redis", "prefill-0", "decode-0", "router"])
     try:
         stack.wait_ready(timeout_s=300)
@@ -133,13 +134,13 @@ def run_one(tree_name: str, tree: str, variant: str, router_args: str, model: st
         wall = time.monotonic() - t0
         cpu = {role: cpu_seconds(pid) - before[role] for role, pid in pids.items()}
         tokens = run["total_output_tokens"]
-        result = {"tree": tree_name, "variant": variant, "router_args": router_args, "wall_s": wall,
+        result = {"run": name, "tree": tree, "router_args": router_args, "wall_s": wall,
                   "completed": run["completed"], "failed": run["failed"], "req_per_s": run["request_throughput"],
                   "output_tokens": tokens, "ttft_p90_ms": run["p90_ttft_ms"], "tpot_p50_ms": run["p50_tpot_ms"],
                   "cpu_s": cpu, "cpu_us_per_token": {r: 1e6 * s / max(tokens, 1) for r, s in cpu.items()}}
         if spy is not None:
             spy.wait()
-            result["pyspy_top"] = fold(raw, args.pyspy_top) if os.path.exists(raw) else []
+            result["pyspy_samples"], result["pyspy_top"] = fold(raw, args.pyspy_top) if os.path.exists(raw) else (0, [])
         return result
     finally:
         stack.stop(grace_s=20)
@@ -147,10 +148,9 @@ def run_one(tree_name: str, tree: str, variant: str, router_args: str, model: st
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--tree", action="append", default=[], metavar="NAME=PATH",
-                   help="a code tree to run the stack from: PATH holds the `pdserve` package (default: this one)")
-    p.add_argument("--variant", action="append", default=[], metavar="NAME=ROUTER_ARGS",
-                   help="extra router flags of a run (default: one run with none)")
+    p.add_argument("--run", action="append", default=[], metavar="NAME=PATH[::ROUTER FLAGS]",
+                   help="a stack from the code tree PATH (it holds the `pdserve` package) with these extra "
+                        "router flags (default: one run of this tree)")
     p.add_argument("--decode-args", default="", help="extra flags of the decode worker")
     p.add_argument("--max-concurrency", type=int, default=256)
     p.add_argument("--request-rate", type=float, default=None, help="Poisson arrivals instead of a concurrency")
@@ -169,24 +169,28 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-dir", default=None)
     args = p.parse_args(argv)
     own = os.path.join(os.path.dirname(HERE), ".pt")
-    trees = [t.split("=", 1) for t in args.tree] or [["this", own]]
-    variants = [v.split("=", 1) for v in args.variant] or [["default", ""]]
+    runs = []
+    for spec in args.run or [f"this={own}"]:
+        name, _, rest = spec.partition("=")
+        tree, _, router_args = rest.partition("::")
+        runs.append((name, os.path.abspath(tree), router_args))
     log_dir = args.log_dir or tempfile.mkdtemp(prefix="pdserve-decode-host-")
     model = build_tiny_model(os.path.join(log_dir, "tiny"), "llama", gguf_tokenizer_folder(default_model_path()),
                              vocab_size=VOCAB)
     print(f"logs and py-spy profiles in {log_dir}", flush=True)
     results = []
-    for tree_name, tree in trees:
-        for variant, router_args in variants:
-            r = run_one(tree_name, os.path.abspath(tree), variant, router_args, model, args, log_dir)
-            results.append(r)
-            us = r["cpu_us_per_token"]
-            print(f"{tree_name:>8} {variant:>10}: decode {us.get('decode', 0):7.1f} us CPU/token  "
-                  f"(prefill {us.get('prefill', 0):6.1f}, router {us.get('router', 0):6.1f})  "
-                  f"{r['req_per_s']:6.2f} req/s  {r['completed']} done / {r['failed']} failed  "
-                  f"TTFT p90 {r['ttft_p90_ms']:8.0f} ms  TPOT p50 {r['tpot_p50_ms']:6.1f} ms", flush=True)
-            for share, frame in r.get("pyspy_top", []):
-                print(f"           {100 * share:5.1f}%  {frame}")
+    for name, tree, router_args in runs:
+        r = run_one(name, tree, router_args, model, args, log_dir)
+        results.append(r)
+        print(f"{name}: py-spy of the decode (GIL holders; {r.get('pyspy_samples')} samples)", flush=True)
+        for share, frame in r.get("pyspy_top", []):
+            print(f"           {100 * share:5.1f}%  {frame}")
+    for r in results:  # the summary, together at the end
+        us = r["cpu_us_per_token"]
+        print(f"{r['run']:>12}: decode {us.get('decode', 0):7.1f} us CPU/token  "
+              f"(prefill {us.get('prefill', 0):6.1f}, router {us.get('router', 0):6.1f})  "
+              f"{r['req_per_s']:6.2f} req/s  {r['completed']} done / {r['failed']} failed  "
+              f"TTFT p90 {r['ttft_p90_ms']:8.0f} ms  TPOT p50 {r['tpot_p50_ms']:6.1f} ms", flush=True)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

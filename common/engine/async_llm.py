@@ -110,6 +110,7 @@ class AsyncLLM:
                 # the consumer lags: every step queued meanwhile as one item
                 steps, held = take_queued(q, item, lambda x: isinstance(x, BaseException))
                 item = functools.reduce(merge_step_outputs, steps)
+                self.observe(request_id, item)
                 yield item
                 for o in item:
                     finished[o.index] |= o.finished
@@ -124,9 +125,10 @@ class AsyncLLM:
                      finished_indices: list[int] = ()) -> None:
         """Add a request whose news goes to `sink` on this event loop: sink(deltas of one step)
         for each step that touched it (one call per step, not coalesced), or sink(exception).
-        `detach` ends it (after the last delta, or early with abort). The engine thread wakes
-        each event loop once per step for all of its requests (`_deliver_all`), so a consumer
-        of many requests (the decode worker's DecodeStream) is woken once, not once per request."""
+        The consumer calls `observe` with the deltas it passes on (request metrics) and `detach`
+        at the end (after the last delta, or early with abort). The engine thread wakes each
+        event loop once per step for all of its requests (`_deliver_all`), so a consumer of many
+        requests (the decode worker's DecodeStream) is woken once, not once per request."""
         if self._dead is not None:
             raise EngineDeadError(f"the engine is dead: {self._dead}")
         if request_id in self._streams:
@@ -137,13 +139,17 @@ class AsyncLLM:
         arrival_time = arrival_time or time.time()
         if self.request_metrics is not None:
             from pdserve.common.request_metrics import DeltaTracker
-            tracker = DeltaTracker(self.request_metrics, arrival_time, len(prompt_token_ids), params.n,
-                                   finished_indices)
-            sink = functools.partial(_observed, tracker, sink)
-            self._trackers[request_id] = tracker
+            self._trackers[request_id] = DeltaTracker(self.request_metrics, arrival_time, len(prompt_token_ids),
+                                                      params.n, finished_indices)
         self._streams[request_id] = (asyncio.get_running_loop(), sink)
         self._send(("add", (request_id, prompt_token_ids, params, arrival_time, output_token_ids,
                             kv_transfer, finished_indices)))
+
+    def observe(self, request_id: str, outs: list[EngineOutput]) -> None:
+        """A consumer passes these deltas on now (a worker's request metrics count them)."""
+        tracker = self._trackers.get(request_id)
+        if tracker is not None:
+            tracker.observe(outs, time.time())
 
     def detach(self, request_id: str, abort: bool) -> None:
         """Stop delivering a request's news; `abort`: it has not finished, abort it in the engine."""
@@ -265,12 +271,6 @@ def _sink_all(items: list) -> None:
             sink(item)
         except Exception:  # one consumer's bug must not starve the others of this step
             log.exception("a request's consumer failed on its deltas")
-
-
-def _observed(tracker, sink: Callable[[object], None], item) -> None:
-    if not isinstance(item, BaseException):
-        tracker.observe(item, time.time())
-    sink(item)
 
 
 def _set_result(fut: asyncio.Future, result, exc) -> None:

@@ -3,9 +3,10 @@
     router --DecodeStreamRequest{open | stop | cancel}--> reader task
                                                             open: checks, AsyncLLM.attach(sink)
     engine thread --one call per step (AsyncLLM._deliver_all)--> sinks: each request's deltas
-                                                            -> its DecodeChunk, into `pending`
-    router <==DecodeChunks{every pending chunk}== writer (this call's response stream): one
-                                                  message per wake-up, then --stream-interval-ms
+                                                            kept in `news` (steps not yet sent)
+    router <==DecodeChunks{a chunk per request with news}== writer (this call's response
+               stream), one message per wake-up, then --stream-interval-ms: the steps of a
+               request made meanwhile leave merged as one chunk, built only then
 
 Why: with one Decode call per request, a step of a batch of 250 cost 250 gRPC messages, 250
 coroutine wake-ups and 250 writes on the decode's event loop, and as many reads on the router's;
@@ -20,11 +21,13 @@ away) aborts the request and frees its blocks; the stream's end aborts every req
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 
 import grpc
 
 from pdserve.common.engine_client import EngineDeadError
+from pdserve.common.outputs import merge_step_outputs
 from pdserve.common.request import child_request_id
 from pdserve.common.sampling_params import ParameterError
 from pdserve.proto import pdserve_pb2 as pb
@@ -41,7 +44,8 @@ class DecodeMux:
         self.engine = servicer.engine
         self.requests = request_iterator
         self.open: dict[str, "ChunkBuilder"] = {}  # request id -> its chunk state
-        self.pending: list[pb.DecodeChunk] = []
+        self.news: dict[str, list] = {}  # request id -> its steps' deltas not yet sent
+        self.pending: list[pb.DecodeChunk] = []  # chunks built, not yet sent
         self.wake = asyncio.Event()
         self.reading = True
 
@@ -49,9 +53,11 @@ class DecodeMux:
         """The response stream: DecodeChunks of everything pending, one message per wake-up."""
         reader = asyncio.ensure_future(self._read())
         try:
-            while self.reading or self.open or self.pending:
+            while self.reading or self.open or self.pending or self.news:
                 await self.wake.wait()
                 self.wake.clear()
+                for rid in list(self.news):
+                    self._build(rid)
                 if self.pending:
                     batch, self.pending = self.pending, []
                     yield pb.DecodeChunks(chunks=batch)
@@ -98,10 +104,18 @@ class DecodeMux:
 
     def _on_news(self, rid: str, item) -> None:
         """Called on this event loop by the engine thread's delivery: one step's deltas, or an error."""
-        builder = self.open.get(rid)
-        if builder is None:
+        if rid not in self.open:
             return  # cancelled meanwhile
-        if isinstance(item, BaseException):
+        if not isinstance(item, BaseException):
+            steps = self.news.get(rid)
+            if steps is None:
+                self.news[rid] = [item]
+                self.wake.set()
+            else:
+                steps.append(item)
+            return
+        self._build(rid)  # what came before the error goes first
+        if rid in self.open:
             self.open.pop(rid)
             self.engine.detach(rid, abort=True)
             code = grpc.StatusCode.INVALID_ARGUMENT if isinstance(item, ParameterError) else grpc.StatusCode.UNKNOWN
@@ -109,12 +123,19 @@ class DecodeMux:
             if isinstance(item, EngineDeadError):
                 log.error("decode stream: %s", item)
             self._refuse(rid, code, detail)
+
+    def _build(self, rid: str) -> None:
+        """A request's steps not yet sent -> one DecodeChunk in `pending`."""
+        steps = self.news.pop(rid, None)
+        builder = self.open.get(rid)
+        if not steps or builder is None:
             return
-        chunk = builder.chunk(item)
+        outs = functools.reduce(merge_step_outputs, steps)
+        self.engine.observe(rid, outs)
+        chunk = builder.chunk(outs)
         self.pending.append(chunk)
         if chunk.finished:
             self._close(rid, abort=False)
-        self.wake.set()
 
     def _refuse(self, rid: str, code: grpc.StatusCode, detail: str) -> None:
         self.pending.append(pb.DecodeChunk(request_id=rid, finished=True, error=detail, status_code=code.value[0]))
@@ -122,6 +143,7 @@ class DecodeMux:
 
     def _close(self, rid: str, abort: bool) -> None:
         self.open.pop(rid, None)
+        self.news.pop(rid, None)
         self.engine.detach(rid, abort=abort)
 
 
