@@ -11,7 +11,10 @@
       --> warm-up requests, then `pdserve bench serve` (256-token prompts, 128-token outputs) at
           the given concurrency or rate
       --> decode / prefill / router CPU-seconds over the load (utime + stime of /proc/PID/stat,
-          all threads) divided by the output tokens completed; req/s and TTFT p90 as the client
+          all threads; for the decode also its main thread alone, which runs the event loop:
+          gRPC streams, pulls, metrics; the rest is the engine thread with the forward's torch
+          threads and gRPC's own) divided by the output tokens completed; req/s, TTFT p90 and
+          TPOT p50 as the client
           measured them; optionally py-spy `--gil --native` on the decode, folded into the
           shares of the frames that hold the GIL most
 
@@ -50,9 +53,10 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 VOCAB = 512
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (every thread), seconds."""
-    fields = _read_proc(pid, "stat").rpartition(b")")[2].split()
+def cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """utime + stime of a process (every thread), or of its thread `tid`, seconds."""
+    path = "stat" if tid is None else f"task/{tid}/stat"
+    fields = _read_proc(pid, path).rpartition(b")")[2].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK if fields else 0.0
 
 
@@ -123,6 +127,7 @@ def run_one(name: str, tree: str, router_args: str, model: str, args, log_dir: s
         bench(url, args, args.warmup_prompts, None, own_env)
         pids = role_pids(stack.proc.pid)
         before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+        loop_before = cpu_seconds(pids["decode"], pids["decode"])  # the main thread runs the event loop
         spy = None
         if args.pyspy_s:
             raw = os.path.join(log_dir, f"pyspy-decode-{name}.txt")
@@ -133,6 +138,8 @@ def run_one(name: str, tree: str, router_args: str, model: str, args, log_dir: s
         run = bench(url, args, args.num_prompts, os.path.join(log_dir, f"bench-{name}.json"), own_env)
         wall = time.monotonic() - t0
         cpu = {role: cpu_seconds(pid) - before[role] for role, pid in pids.items()}
+        cpu["decode_event_loop"] = cpu_seconds(pids["decode"], pids["decode"]) - loop_before
+        cpu["decode_other_threads"] = cpu["decode"] - cpu["decode_event_loop"]
         tokens = run["total_output_tokens"]
         result = {"run": name, "tree": tree, "router_args": router_args, "wall_s": wall,
                   "completed": run["completed"], "failed": run["failed"], "req_per_s": run["request_throughput"],
@@ -187,8 +194,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"           {100 * share:5.1f}%  {frame}")
     for r in results:  # the summary, together at the end
         us = r["cpu_us_per_token"]
-        print(f"{r['run']:>12}: decode {us.get('decode', 0):7.1f} us CPU/token  "
-              f"(prefill {us.get('prefill', 0):6.1f}, router {us.get('router', 0):6.1f})  "
+        print(f"{r['run']:>12}: decode {us['decode']:6.1f} us CPU/token (event loop {us['decode_event_loop']:6.1f}, "
+              f"engine and other threads {us['decode_other_threads']:6.1f}; prefill {us['prefill']:5.1f}, "
+              f"router {us['router']:5.1f})  "
               f"{r['req_per_s']:6.2f} req/s  {r['completed']} done / {r['failed']} failed  "
               f"TTFT p90 {r['ttft_p90_ms']:8.0f} ms  TPOT p50 {r['tpot_p50_ms']:6.1f} ms", flush=True)
     if args.output_json:

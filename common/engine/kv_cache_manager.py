@@ -62,12 +62,18 @@ class KVCacheManager:
         prefix hit also leaves the free queue, so it counts)."""
         held = len(self._blocks.get(req.request_id, ())) + len(computed)
         total_tokens = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
-        revived = sum(1 for b in computed if b.ref_cnt == 0)
+        revived = sum(1 for b in computed if b.ref_cnt == 0) if computed else 0
         return max(cdiv(total_tokens, self.block_size) - held, 0) + revived
 
     def allocate_slots(self, req: Request, num_new_tokens: int, computed: list[KVBlock] = ()) -> bool:
         """Reserve room for `num_new_tokens` beyond the computed ones; False (nothing changed) if the
         pool is short. `computed` are prefix hits from `get_computed_blocks` (first schedule only)."""
+        blocks = self._blocks.get(req.request_id)
+        if not computed and blocks is not None:  # a decode step: usually room in its last block
+            total_tokens = req.num_computed_tokens + num_new_tokens
+            if total_tokens <= len(blocks) * self.block_size and len(req.block_ids) == len(blocks):
+                self._cache_full_blocks(req, blocks, total_tokens)
+                return True
         if self.num_blocks_needed(req, num_new_tokens, computed) > self.pool.num_free_blocks:
             return False
         blocks = self._blocks.setdefault(req.request_id, [])
