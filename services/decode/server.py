@@ -12,7 +12,10 @@ to decode, or a resubmission) is computed the same way. Tokens stream out as the
 (SequenceDelta); the router detokenizes. With `--stream-interval-ms` (default 20) the servicer
 waits that long after each message, and the steps made meanwhile leave as one (AsyncLLM.stream
 coalesces them): fewer, larger messages for the router, whose per-message cost limits 1P1D under
-load. Every worker carries this service next to the Prefill service (services/worker/).
+load. The router uses `DecodeStream` (services/decode/mux.py): one stream per router carrying all
+its requests, one message per interval for all of them; `Decode` (a stream per request) stays for
+other callers and `pdserve router --decode-streams per-request`. Every worker carries this service
+next to the Prefill service (services/worker/).
 """
 
 from __future__ import annotations

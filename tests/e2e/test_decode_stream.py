@@ -13,6 +13,7 @@ decode workers, the router; gRPC on 127.0.0.1; the router's own DecodeMuxes agai
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import grpc
@@ -65,6 +66,19 @@ async def read_all(stream) -> dict[int, list[int]]:
     return tokens
 
 
+@contextlib.asynccontextmanager
+async def decode_streams(address: str):
+    """(open, muxes): open(DecodeRequest) -> MuxedDecode, over the router's own DecodeMuxes to the
+    worker at `address`."""
+    muxes = DecodeMuxes()
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = pb_grpc.DecodeStub(ch)
+        try:
+            yield (lambda req: muxes.open(stub, address, req, 60)), muxes
+        finally:
+            muxes.close()
+
+
 async def health(address: str) -> pb.HealthResponse:
     async with grpc.aio.insecure_channel(address) as ch:
         return await pb_grpc.DecodeStub(ch).Health(pb.HealthRequest(), timeout=5)
@@ -74,10 +88,7 @@ def test_requests_share_one_stream_and_end_alone(stack, offline):
     address = stack.ready_addresses("decode-0")[0]
 
     async def go():
-        muxes = DecodeMuxes()
-        async with grpc.aio.insecure_channel(address) as ch:
-            stub = pb_grpc.DecodeStub(ch)
-            open_ = lambda req: muxes.open(stub, address, req, 60)  # noqa: E731
+        async with decode_streams(address) as (open_, muxes):
             long = open_(request("long", PROMPTS[0], 900))
             bad = open_(request("bad", [1, 10**6], 8))
             pair = open_(request("pair", PROMPTS[1], 40, n=2, seed=7, temperature=1.0))
@@ -104,7 +115,6 @@ def test_requests_share_one_stream_and_end_alone(stack, offline):
             pair.close()
             rest = [await read_all(s) for s in plain]
             assert len(muxes._muxes) == 1  # one stream carried them all
-            muxes.close()
             return got, rest
 
     pair, rest = asyncio.run(go())
@@ -128,10 +138,8 @@ def test_decode_death_fails_every_open_request_at_once(stack, offline):
     address = stack.ready_addresses("decode-1")[0]
 
     async def go():
-        muxes = DecodeMuxes()
-        async with grpc.aio.insecure_channel(address) as ch:
-            stub = pb_grpc.DecodeStub(ch)
-            streams = [muxes.open(stub, address, request(f"k{i}", PROMPTS[i], 900), 60) for i in range(3)]
+        async with decode_streams(address) as (open_, _):
+            streams = [open_(request(f"k{i}", PROMPTS[i], 900)) for i in range(3)]
             for s in streams:
                 await s.__anext__()  # each is running
             await asyncio.to_thread(stack.kill, "decode-1")
@@ -142,7 +150,6 @@ def test_decode_death_fails_every_open_request_at_once(stack, offline):
                     await asyncio.wait_for(read_all(s), timeout=30)
                 codes.append(e.value.code())
             waited = time.monotonic() - start
-        muxes.close()
         return codes, waited
 
     codes, waited = asyncio.run(go())
@@ -153,11 +160,8 @@ def test_decode_death_fails_every_open_request_at_once(stack, offline):
     address = stack.ready_addresses("decode-1")[0]
 
     async def after_restart():
-        muxes = DecodeMuxes()
-        async with grpc.aio.insecure_channel(address) as ch:
-            tokens = await read_all(muxes.open(pb_grpc.DecodeStub(ch), address, request("new", PROMPTS[2], 10), 60))
-        muxes.close()
-        return tokens
+        async with decode_streams(address) as (open_, _):
+            return await read_all(open_(request("new", PROMPTS[2], 10)))
     assert asyncio.run(after_restart())[0] == expected(offline, PROMPTS[2], 10)[0]
 
 
