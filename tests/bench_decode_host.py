@@ -17,6 +17,8 @@
           TPOT p50 as the client
           measured them; optionally py-spy `--gil --native` on the decode, folded into the
           shares of the frames that hold the GIL most
+      --> tests/bench_engine_step.py from the same tree: the engine's per-step bookkeeping at a
+          batch of 256 without a model (the host part a GPU step does not hide)
 
 One line per run and a JSON report (--output-json). "Before / after" of a change is one call:
 `--run before=/tmp/base --run after=.pt`, where /tmp/base holds `pdserve/` of the old commit
@@ -110,6 +112,13 @@ def bench(url: str, args, num_prompts: int, out_json: str | None, env: dict) -> 
         return json.load(f)["runs"][0]
 
 
+def engine_step_us(tree: str) -> dict:
+    """tests/bench_engine_step.py from `tree`: the engine's per-step bookkeeping, us per token."""
+    done = subprocess.run([sys.executable, os.path.join(HERE, "bench_engine_step.py")], check=True,
+                          env={**os.environ, "PYTHONPATH": tree}, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def run_one(name: str, tree: str, router_args: str, model: str, args, log_dir: str) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -188,6 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for name, tree, router_args in runs:
         r = run_one(name, tree, router_args, model, args, log_dir)
+        r["engine_step_us_per_token"] = engine_step_us(tree)
         results.append(r)
         print(f"{name}: py-spy of the decode (GIL holders; {r.get('pyspy_samples')} samples)", flush=True)
         for share, frame in r.get("pyspy_top", []):
@@ -198,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
               f"engine and other threads {us['decode_other_threads']:6.1f}; prefill {us['prefill']:5.1f}, "
               f"router {us['router']:5.1f})  "
               f"{r['req_per_s']:6.2f} req/s  {r['completed']} done / {r['failed']} failed  "
-              f"TTFT p90 {r['ttft_p90_ms']:8.0f} ms  TPOT p50 {r['tpot_p50_ms']:6.1f} ms", flush=True)
+              f"TTFT p90 {r['ttft_p90_ms']:8.0f} ms  TPOT p50 {r['tpot_p50_ms']:6.1f} ms; engine step bookkeeping "
+              f"(no model) {r['engine_step_us_per_token']['total']:5.2f} us/token", flush=True)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

@@ -5,17 +5,21 @@
     engine thread --one call per step (AsyncLLM._deliver_all)--> sinks: each request's deltas
                                                             kept in `news` (steps not yet sent)
     router <==DecodeChunks{a chunk per request with news}== writer (this call's response
-               stream), one message per wake-up, then --stream-interval-ms: the steps of a
+               stream), one message per wake-up, then the servicer's interval: the steps of a
                request made meanwhile leave merged as one chunk, built only then
 
 Why: with one Decode call per request, a step of a batch of 250 cost 250 gRPC messages, 250
 coroutine wake-ups and 250 writes on the decode's event loop, and as many reads on the router's;
 its per-message cost was most of the decode worker's GIL at 100 req/s (docs/benchmarks.md). Here
-a step costs one message whatever the batch. The per-request rules stay those of `Decode`
-(services/decode/server.py builds the chunks for both): a request refused at admission gets one
-chunk with `status_code` and `error`; the engine dying ends each request with status UNKNOWN (the
-router resubmits elsewhere, as for a failed Decode call); `cancel` (the router's client went
-away) aborts the request and frees its blocks; the stream's end aborts every request still open.
+a step costs one message whatever the batch. Each request open here counts as an open stream
+for `--stream-messages-per-s`: the router gets as many chunks a second as before (its per-chunk
+work, one output and one SSE event each, is what that cap protects), in far fewer messages.
+
+The per-request rules stay those of `Decode` (`ChunkBuilder` builds the chunks of both): a
+request refused at admission gets one chunk with `status_code` and `error`; the engine dying
+ends each request with status UNKNOWN (the router resubmits elsewhere, as for a failed Decode
+call); `cancel` (the router's client went away) aborts the request and frees its blocks; the
+stream's end aborts every request still open.
 """
 
 from __future__ import annotations
@@ -92,14 +96,15 @@ class DecodeMux:
             admitted = self.servicer.admit(request)
             builder = ChunkBuilder(self.servicer, request, *admitted)
             self.open[rid] = builder
+            self.servicer.open_streams += 1  # a request streamed here counts as one (--stream-messages-per-s)
             await self.engine.attach(rid, builder.prompt, builder.params, lambda item: self._on_news(rid, item),
                                      output_token_ids=builder.given, kv_transfer=builder.spec,
                                      finished_indices=builder.finished)
         except ParameterError as e:
-            self.open.pop(rid, None)
+            self._drop(rid)
             self._refuse(rid, grpc.StatusCode.INVALID_ARGUMENT, f"{e.param}: {e}")
         except Exception as e:  # the engine is dead, or a bug: the router tries another decode
-            self.open.pop(rid, None)
+            self._drop(rid)
             self._refuse(rid, grpc.StatusCode.UNKNOWN, f"{type(e).__name__}: {e}")
 
     def _on_news(self, rid: str, item) -> None:
@@ -116,7 +121,7 @@ class DecodeMux:
             return
         self._build(rid)  # what came before the error goes first
         if rid in self.open:
-            self.open.pop(rid)
+            self._drop(rid)
             self.engine.detach(rid, abort=True)
             code = grpc.StatusCode.INVALID_ARGUMENT if isinstance(item, ParameterError) else grpc.StatusCode.UNKNOWN
             detail = f"{item.param}: {item}" if isinstance(item, ParameterError) else f"{type(item).__name__}: {item}"
@@ -142,9 +147,13 @@ class DecodeMux:
         self.wake.set()
 
     def _close(self, rid: str, abort: bool) -> None:
-        self.open.pop(rid, None)
+        self._drop(rid)
         self.news.pop(rid, None)
         self.engine.detach(rid, abort=abort)
+
+    def _drop(self, rid: str) -> None:
+        if self.open.pop(rid, None) is not None:
+            self.servicer.open_streams -= 1
 
 
 class ChunkBuilder:

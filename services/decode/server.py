@@ -127,15 +127,11 @@ class DecodeServicer(pb_grpc.DecodeServicer):
 
     async def DecodeStream(self, request_iterator, context):
         """Many requests over one stream (services/decode/mux.py); the stream interval (and the
-        cap on messages a second, counting this stream once) applies to its messages, each of
-        which carries every open request's news."""
-        self.open_streams += 1
-        try:
-            async with aclosing(DecodeMux(self, request_iterator).chunks()) as messages:
-                async for message in messages:
-                    yield message
-        finally:
-            self.open_streams -= 1
+        cap on messages a second, each request counted as a stream) applies to its messages,
+        each of which carries every open request's news."""
+        async with aclosing(DecodeMux(self, request_iterator).chunks()) as messages:
+            async for message in messages:
+                yield message
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         """Finish sequences of a running request (a stop string the router matched)."""
