@@ -51,6 +51,7 @@ class DecodeMux:
         self.news: dict[str, list] = {}  # request id -> its steps' deltas not yet sent
         self.pending: list[pb.DecodeChunk] = []  # chunks built, not yet sent
         self.wake = asyncio.Event()
+        self.first_news = asyncio.Event()  # a request's first delta: it ends the interval's wait
         self.reading = True
 
     async def chunks(self):
@@ -66,8 +67,12 @@ class DecodeMux:
                     batch, self.pending = self.pending, []
                     yield pb.DecodeChunks(chunks=batch)
                     interval = self.servicer.interval_s()
-                    if interval and self.open:
-                        await asyncio.sleep(interval)  # the steps meanwhile: one message
+                    if interval and self.open:  # the steps meanwhile: one message, but a request's
+                        try:  # first tokens (decode's TTFT when it computed the prompt) go at once
+                            await asyncio.wait_for(self.first_news.wait(), interval)
+                        except asyncio.TimeoutError:
+                            pass
+                        self.first_news.clear()
         finally:
             reader.cancel()
             for rid in list(self.open):  # the router went away (or the stream broke): free everything
@@ -116,6 +121,8 @@ class DecodeMux:
             if steps is None:
                 self.news[rid] = [item]
                 self.wake.set()
+                if self.open[rid].first:
+                    self.first_news.set()
             else:
                 steps.append(item)
             return
@@ -145,6 +152,7 @@ class DecodeMux:
     def _refuse(self, rid: str, code: grpc.StatusCode, detail: str) -> None:
         self.pending.append(pb.DecodeChunk(request_id=rid, finished=True, error=detail, status_code=code.value[0]))
         self.wake.set()
+        self.first_news.set()
 
     def _close(self, rid: str, abort: bool) -> None:
         self._drop(rid)

@@ -121,8 +121,9 @@ class DecodeServicer(pb_grpc.DecodeServicer):
     async def _chunks(self, request: pb.DecodeRequest, admitted: tuple):
         """The request's DecodeChunks, one per item of the engine's stream."""
         builder = ChunkBuilder(self, request, *admitted)
-        async for outs in self.engine.stream(builder.rid, builder.prompt, builder.params, output_token_ids=builder.given,
-                                             kv_transfer=builder.spec, finished_indices=builder.finished):
+        async for outs in self.engine.stream(builder.rid, builder.prompt, builder.params,
+                                             output_token_ids=builder.given, kv_transfer=builder.spec,
+                                             finished_indices=builder.finished):
             yield builder.chunk(outs)
 
     async def DecodeStream(self, request_iterator, context):
