@@ -30,6 +30,7 @@ from pdserve.services.router.decode_mux import DecodeMuxes, DecodeStreamError
 
 PROMPTS = [[1, 17, 230, 31, 9, 402, 77, 5], [1, 88, 12, 901, 44], [1, 3000, 2, 71, 650, 19, 8], [1, 5, 5, 5, 5]]
 GREEDY = dict(temperature=0, ignore_eos=True)
+INTERVAL_MS = 1500
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,8 @@ def offline(tiny_models):
 
 @pytest.fixture(scope="module")
 def stack(tiny_models):
-    s = Stack(tiny_models["llama"], prefill=[[]], decode=[["--stream-interval-ms", "0"], ["--stream-interval-ms", "0"]])
+    s = Stack(tiny_models["llama"], prefill=[[]], decode=[["--stream-interval-ms", "0"], ["--stream-interval-ms", "0"],
+                                                         ["--stream-interval-ms", str(INTERVAL_MS)]])
     yield s
     s.close()
 
@@ -132,6 +134,33 @@ def test_requests_share_one_stream_and_end_alone(stack, offline):
             break
         time.sleep(0.2)
     assert load.num_running == 0 and load.num_free_blocks == load.num_total_blocks
+
+
+def test_interval_coalesces_but_first_tokens_go_at_once(stack, offline):
+    """A stream interval gathers a request's steps into few messages; a request opened while the
+    stream waits out its interval still gets its first tokens at once."""
+    address = stack.ready_addresses("decode-2")[0]
+
+    async def go():
+        async with decode_streams(address) as (open_, _):
+            a = open_(request("a", PROMPTS[0], 60))
+            batches_a = [await a.__anext__()]
+            b = open_(request("b", PROMPTS[1], 60))  # the stream now waits 1.5 s after a's first message
+            start = time.monotonic()
+            batches_b = [await b.__anext__()]
+            first_b_s = time.monotonic() - start
+            batches_a += [x async for x in a]
+            batches_b += [x async for x in b]
+            return batches_a, batches_b, first_b_s
+
+    batches_a, batches_b, first_b_s = asyncio.run(go())
+    assert first_b_s < INTERVAL_MS / 1000 / 2, first_b_s
+    for rid, prompt, batches in (("a", PROMPTS[0], batches_a), ("b", PROMPTS[1], batches_b)):
+        tokens = [t for batch in batches for c in batch for d in c.sequences for t in d.new_token_ids]
+        assert tokens == expected(offline, prompt, 60)[0], rid
+        # 60 steps in a few messages (one a step without the interval): the first, those that the
+        # other request's first tokens cut short, the rest after each 1.5 s wait
+        assert len(batches) <= 8, (rid, [sum(len(d.new_token_ids) for c in x for d in c.sequences) for x in batches])
 
 
 def test_decode_death_fails_every_open_request_at_once(stack, offline):
