@@ -32,8 +32,10 @@ class RequestStatus(enum.IntEnum):
     FINISHED_ERROR = enum.auto()  # the engine failed this request
 
     def is_finished(self) -> bool:
-        return self > RequestStatus.PREEMPTED
+        return self > _LAST_UNFINISHED  # a module constant: `RequestStatus.X` is a slow class lookup
 
+
+_LAST_UNFINISHED = RequestStatus.PREEMPTED
 
 # The one table from finish statuses to finish reasons: OpenAI's `finish_reason` strings, the
 # proto's FinishReason enum (FINISH_REASON_<NAME>, proto/convert.py) and the metrics' labels.

@@ -274,7 +274,7 @@ class DecodeRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ..., sequences: _Optional[_Iterable[_Union[SequenceState, _Mapping]]] = ...) -> None: ...
 
 class DecodeChunk(_message.Message):
-    __slots__ = ("request_id", "sequences", "num_prompt_tokens_computed", "kv_bytes_received", "kv_transfer_seconds", "kv_transfer_error", "prompt_logprobs", "finished", "error")
+    __slots__ = ("request_id", "sequences", "num_prompt_tokens_computed", "kv_bytes_received", "kv_transfer_seconds", "kv_transfer_error", "prompt_logprobs", "finished", "error", "status_code")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
     NUM_PROMPT_TOKENS_COMPUTED_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +284,7 @@ class DecodeChunk(_message.Message):
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CODE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     sequences: _containers.RepeatedCompositeFieldContainer[SequenceDelta]
     num_prompt_tokens_computed: int
@@ -293,7 +294,24 @@ class DecodeChunk(_message.Message):
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprobs]
     finished: bool
     error: str
-    def __init__(self, request_id: _Optional[str] = ..., sequences: _Optional[_Iterable[_Union[SequenceDelta, _Mapping]]] = ..., num_prompt_tokens_computed: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_transfer_error: _Optional[str] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., finished: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
+    status_code: int
+    def __init__(self, request_id: _Optional[str] = ..., sequences: _Optional[_Iterable[_Union[SequenceDelta, _Mapping]]] = ..., num_prompt_tokens_computed: _Optional[int] = ..., kv_bytes_received: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_transfer_error: _Optional[str] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., finished: _Optional[bool] = ..., error: _Optional[str] = ..., status_code: _Optional[int] = ...) -> None: ...
+
+class DecodeStreamRequest(_message.Message):
+    __slots__ = ("open", "stop", "cancel")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    open: DecodeRequest
+    stop: AbortRequest
+    cancel: str
+    def __init__(self, open: _Optional[_Union[DecodeRequest, _Mapping]] = ..., stop: _Optional[_Union[AbortRequest, _Mapping]] = ..., cancel: _Optional[str] = ...) -> None: ...
+
+class DecodeChunks(_message.Message):
+    __slots__ = ("chunks",)
+    CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    chunks: _containers.RepeatedCompositeFieldContainer[DecodeChunk]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[DecodeChunk, _Mapping]]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id", "indices")

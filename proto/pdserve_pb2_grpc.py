@@ -197,6 +197,11 @@ class DecodeStub:
                 request_serializer=pdserve_dot_proto_dot_pdserve__pb2.DecodeRequest.SerializeToString,
                 response_deserializer=pdserve_dot_proto_dot_pdserve__pb2.DecodeChunk.FromString,
                 _registered_method=True)
+        self.DecodeStream = channel.stream_stream(
+                '/pdserve.v1.Decode/DecodeStream',
+                request_serializer=pdserve_dot_proto_dot_pdserve__pb2.DecodeStreamRequest.SerializeToString,
+                response_deserializer=pdserve_dot_proto_dot_pdserve__pb2.DecodeChunks.FromString,
+                _registered_method=True)
         self.Abort = channel.unary_unary(
                 '/pdserve.v1.Decode/Abort',
                 request_serializer=pdserve_dot_proto_dot_pdserve__pb2.AbortRequest.SerializeToString,
@@ -214,6 +219,15 @@ class DecodeServicer:
 
     def Decode(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DecodeStream(self, request_iterator, context):
+        """One stream per router connection carrying many requests (issue 11): a message per engine
+        step (or per stream interval) for all of them instead of one per request. The stream's end
+        aborts every request still open on it.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -237,6 +251,11 @@ def add_DecodeServicer_to_server(servicer, server):
                     servicer.Decode,
                     request_deserializer=pdserve_dot_proto_dot_pdserve__pb2.DecodeRequest.FromString,
                     response_serializer=pdserve_dot_proto_dot_pdserve__pb2.DecodeChunk.SerializeToString,
+            ),
+            'DecodeStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.DecodeStream,
+                    request_deserializer=pdserve_dot_proto_dot_pdserve__pb2.DecodeStreamRequest.FromString,
+                    response_serializer=pdserve_dot_proto_dot_pdserve__pb2.DecodeChunks.SerializeToString,
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
@@ -276,6 +295,33 @@ class Decode:
             '/pdserve.v1.Decode/Decode',
             pdserve_dot_proto_dot_pdserve__pb2.DecodeRequest.SerializeToString,
             pdserve_dot_proto_dot_pdserve__pb2.DecodeChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecodeStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/pdserve.v1.Decode/DecodeStream',
+            pdserve_dot_proto_dot_pdserve__pb2.DecodeStreamRequest.SerializeToString,
+            pdserve_dot_proto_dot_pdserve__pb2.DecodeChunks.FromString,
             options,
             channel_credentials,
             insecure,

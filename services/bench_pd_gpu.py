@@ -79,14 +79,14 @@ class Bench:
     # ---- stacks -----------------------------------------------------------------------------
     def stack(self, name: str, num_prefill: int, num_decode: int, transport: str = "nccl",
               decode_args: str = "", prefill_args: str = "", pin_gpus: bool = True,
-              folder: str | None = None, engine_args: list[str] | None = None) -> Stack:
+              folder: str | None = None, engine_args: list[str] | None = None, router_args: str = "") -> Stack:
         """pin_gpus: one GPU per worker (CUDA_VISIBLE_DEVICES); else the args place them (--device).
         folder / engine_args: another model than the bench's (and its flags)."""
         port = free_port()
         argv = ["up", "--prefill", str(num_prefill), "--decode", str(num_decode), "--port", str(port),
                 "--model", folder or self.folder, "--kv-transport", transport,
                 "--worker-args", " ".join(self.engine_args if engine_args is None else engine_args),
-                "--router-args", "--disagg-min-prompt-tokens 0 --served-model-name bench"]
+                "--router-args", f"--disagg-min-prompt-tokens 0 --served-model-name bench {router_args}".strip()]
         if decode_args:
             argv += ["--decode-args", decode_args]
         if prefill_args:
@@ -235,7 +235,8 @@ class Bench:
             return loadgen.summarize(*self.run_load(url, requests, a.load_rate), {}, a.load_rate, None)
         out = {}
         if "1p1d" in targets:
-            stack = self.stack("load-1p1d", 1, 1, transport=a.load_transport, decode_args=a.load_decode_args)
+            stack = self.stack("load-1p1d", 1, 1, transport=a.load_transport, decode_args=a.load_decode_args,
+                               router_args=a.load_router_args)
             try:
                 out["1p1d"] = measure(stack.url)
             finally:
@@ -335,6 +336,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--load-targets", default="1p1d,serve", help="load: comma-separated of 1p1d, serve")
     p.add_argument("--load-decode-args", default="",
                    help="load: extra flags of the 1P1D stack's decode worker, e.g. \"--stream-interval-ms 20\"")
+    p.add_argument("--load-router-args", default="",
+                   help="load: extra flags of the 1P1D stack's router, e.g. \"--decode-streams per-request\"")
     p.add_argument("--write-model", default=None, metavar="FOLDER",
                    help="only write the dummy model folder and print its path (compose/gpu/run_stack.sh)")
     args = p.parse_args(argv)

@@ -29,12 +29,16 @@ class ServerTokenCheck(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"missing or wrong {HEADER}: see --internal-token")
             yield  # pragma: no cover (an async generator that only aborts)
         self._deny_stream = grpc.unary_stream_rpc_method_handler(deny_stream)
+        self._deny_bidi = grpc.stream_stream_rpc_method_handler(deny_stream)
 
     async def intercept_service(self, continuation, handler_call_details):
         got = dict(handler_call_details.invocation_metadata or ()).get(HEADER, "")
         if hmac.compare_digest(got.encode(), self.expected):
             return await continuation(handler_call_details)
-        return self._deny_stream if handler_call_details.method.endswith("/Decode") else self._deny_unary
+        method = handler_call_details.method
+        if method.endswith("/DecodeStream"):
+            return self._deny_bidi
+        return self._deny_stream if method.endswith("/Decode") else self._deny_unary
 
 
 class _TokenDetails:
@@ -58,6 +62,11 @@ class _AddTokenStream(_TokenDetails, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._details(details), request)
 
 
+class _AddTokenBidi(_TokenDetails, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation, details, request_iterator):
+        return await continuation(self._details(details), request_iterator)
+
+
 def server_interceptors(token: str | None) -> list:
     return [ServerTokenCheck(token)] if token else []
 
@@ -65,4 +74,5 @@ def server_interceptors(token: str | None) -> list:
 def channel(address: str, token: str | None, options=()) -> grpc.aio.Channel:
     """An insecure channel (the fleet's network is private) that sends the token on every call."""
     return grpc.aio.insecure_channel(address, options=list(options),
-                                     interceptors=[_AddTokenUnary(token), _AddTokenStream(token)] if token else None)
+                                     interceptors=[_AddTokenUnary(token), _AddTokenStream(token), _AddTokenBidi(token)]
+                                     if token else None)

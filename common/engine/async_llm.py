@@ -55,7 +55,9 @@ class AsyncLLM:
         self._build_error: BaseException | None = None
         self.core: EngineCore | None = core
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # request id -> (its consumer's event loop, sink called there with each step's deltas)
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, Callable[[object], None]]] = {}
+        self._trackers: dict = {}  # request id -> DeltaTracker (workers: request_metrics set)
         self._dead: BaseException | None = None
         self._stopping = False
         self._thread = threading.Thread(target=self._run, args=(config, connector), name="pdserve-engine", daemon=True)
@@ -95,24 +97,9 @@ class AsyncLLM:
         """The engine's deltas of one request, one list per step that touched it, until all its
         sequences finished. Closing the iterator early aborts the request. `finished_indices`:
         sequences that already ended elsewhere (given in output_token_ids, not continued)."""
-        if self._dead is not None:
-            raise EngineDeadError(f"the engine is dead: {self._dead}")
-        if request_id in self._streams:
-            raise ParameterError("request_id", f"request id {request_id!r} is already running")
-        if params.structured_outputs is not None:  # compile off the loop and the engine thread (cached)
-            await asyncio.to_thread(self.core.structured.compile_ahead, params)
-        self.core.validate(prompt_token_ids, params)  # ParameterError before anything is queued
-        loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (loop, q)
-        arrival_time = arrival_time or time.time()
-        tracker = None
-        if self.request_metrics is not None:
-            from pdserve.common.request_metrics import DeltaTracker
-            tracker = DeltaTracker(self.request_metrics, arrival_time, len(prompt_token_ids), params.n,
-                                   finished_indices)
-        self._send(("add", (request_id, prompt_token_ids, params, arrival_time, output_token_ids,
-                            kv_transfer, finished_indices)))
+        await self.attach(request_id, prompt_token_ids, params, q.put_nowait, output_token_ids, kv_transfer,
+                          arrival_time, finished_indices)
         finished = [i in finished_indices for i in range(params.n)]
         held = None  # an error queued behind deltas that were coalesced: raised next
         try:
@@ -123,19 +110,55 @@ class AsyncLLM:
                 # the consumer lags: every step queued meanwhile as one item
                 steps, held = take_queued(q, item, lambda x: isinstance(x, BaseException))
                 item = functools.reduce(merge_step_outputs, steps)
-                if tracker is not None:
-                    tracker.observe(item, time.time())
+                self.observe(request_id, item)
                 yield item
                 for o in item:
                     finished[o.index] |= o.finished
                 if all(finished):
                     return
         finally:
-            self._streams.pop(request_id, None)
-            if tracker is not None:
-                tracker.close()
-            if not all(finished):  # the consumer went away (client disconnect, cancellation)
-                self._send(("abort", [request_id]))
+            self.detach(request_id, abort=not all(finished))  # the consumer went away: abort
+
+    async def attach(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     sink: Callable[[object], None], output_token_ids: list[list[int]] | None = None,
+                     kv_transfer: object | None = None, arrival_time: float | None = None,
+                     finished_indices: list[int] = ()) -> None:
+        """Add a request whose news goes to `sink` on this event loop: sink(deltas of one step)
+        for each step that touched it (one call per step, not coalesced), or sink(exception).
+        The consumer calls `observe` with the deltas it passes on (request metrics) and `detach`
+        at the end (after the last delta, or early with abort). The engine thread wakes each
+        event loop once per step for all of its requests (`_deliver_all`), so a consumer of many
+        requests (the decode worker's DecodeStream) is woken once, not once per request."""
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine is dead: {self._dead}")
+        if request_id in self._streams:
+            raise ParameterError("request_id", f"request id {request_id!r} is already running")
+        if params.structured_outputs is not None:  # compile off the loop and the engine thread (cached)
+            await asyncio.to_thread(self.core.structured.compile_ahead, params)
+        self.core.validate(prompt_token_ids, params)  # ParameterError before anything is queued
+        arrival_time = arrival_time or time.time()
+        if self.request_metrics is not None:
+            from pdserve.common.request_metrics import DeltaTracker
+            self._trackers[request_id] = DeltaTracker(self.request_metrics, arrival_time, len(prompt_token_ids),
+                                                      params.n, finished_indices)
+        self._streams[request_id] = (asyncio.get_running_loop(), sink)
+        self._send(("add", (request_id, prompt_token_ids, params, arrival_time, output_token_ids,
+                            kv_transfer, finished_indices)))
+
+    def observe(self, request_id: str, outs: list[EngineOutput]) -> None:
+        """A consumer passes these deltas on now (a worker's request metrics count them)."""
+        tracker = self._trackers.get(request_id)
+        if tracker is not None:
+            tracker.observe(outs, time.time())
+
+    def detach(self, request_id: str, abort: bool) -> None:
+        """Stop delivering a request's news; `abort`: it has not finished, abort it in the engine."""
+        self._streams.pop(request_id, None)
+        tracker = self._trackers.pop(request_id, None)
+        if tracker is not None:
+            tracker.close()
+        if abort:
+            self._send(("abort", [request_id]))
 
     def stop_sequences(self, sequences: list[tuple[str, int]]) -> None:
         """Finish (request id, index) sequences whose text a front end ended with a stop string."""
@@ -221,17 +244,33 @@ class AsyncLLM:
                 self._deliver(rid, EngineDeadError(f"the engine died: {e}"))
 
     def _deliver_all(self, outputs: list[EngineOutput]) -> None:
+        """A step's deltas to their consumers: one wake-up per event loop, not one per request
+        (each call_soon_threadsafe writes the loop's self-pipe and wakes it: at a batch of 250
+        that was 250 system calls and loop iterations a step)."""
         by_request: dict[str, list[EngineOutput]] = {}
         for out in outputs:
             by_request.setdefault(out.request_id, []).append(out)
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         for rid, outs in by_request.items():
-            self._deliver(rid, outs)
+            stream = self._streams.get(rid)
+            if stream is not None:
+                by_loop.setdefault(stream[0], []).append((stream[1], outs))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_sink_all, items)
 
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
-            loop, q = stream
-            loop.call_soon_threadsafe(q.put_nowait, item)
+            loop, sink = stream
+            loop.call_soon_threadsafe(sink, item)
+
+
+def _sink_all(items: list) -> None:
+    for sink, item in items:
+        try:
+            sink(item)
+        except Exception:  # one consumer's bug must not starve the others of this step
+            log.exception("a request's consumer failed on its deltas")
 
 
 def _set_result(fut: asyncio.Future, result, exc) -> None:

@@ -25,6 +25,10 @@ class KVCacheManager:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_caching)
         self._blocks: dict[str, list[KVBlock]] = {}
+        # request id -> leading blocks already registered under their hash: a decoding request's
+        # step looks only at blocks past them (walking all of them per step was O(length) per
+        # request per step, a few % of a decode worker's engine thread at a batch of 250)
+        self._num_hashed: dict[str, int] = {}
         self.num_prefix_queries = 0  # prompt tokens looked up (for vllm:prefix_cache_queries)
         self.num_prefix_hits = 0  # prompt tokens found (for vllm:prefix_cache_hits)
         self.leases: dict[str, tuple[list[KVBlock], float]] = {}
@@ -58,12 +62,18 @@ class KVCacheManager:
         prefix hit also leaves the free queue, so it counts)."""
         held = len(self._blocks.get(req.request_id, ())) + len(computed)
         total_tokens = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
-        revived = sum(1 for b in computed if b.ref_cnt == 0)
+        revived = sum(1 for b in computed if b.ref_cnt == 0) if computed else 0
         return max(cdiv(total_tokens, self.block_size) - held, 0) + revived
 
     def allocate_slots(self, req: Request, num_new_tokens: int, computed: list[KVBlock] = ()) -> bool:
         """Reserve room for `num_new_tokens` beyond the computed ones; False (nothing changed) if the
         pool is short. `computed` are prefix hits from `get_computed_blocks` (first schedule only)."""
+        blocks = self._blocks.get(req.request_id)
+        if not computed and blocks is not None:  # a decode step: usually room in its last block
+            total_tokens = req.num_computed_tokens + num_new_tokens
+            if total_tokens <= len(blocks) * self.block_size and len(req.block_ids) == len(blocks):
+                self._cache_full_blocks(req, blocks, total_tokens)
+                return True
         if self.num_blocks_needed(req, num_new_tokens, computed) > self.pool.num_free_blocks:
             return False
         blocks = self._blocks.setdefault(req.request_id, [])
@@ -75,7 +85,8 @@ class KVCacheManager:
         num_new_blocks = cdiv(total_tokens, self.block_size) - len(blocks)
         if num_new_blocks > 0:
             blocks.extend(self.pool.allocate(num_new_blocks))
-        req.block_ids = [b.block_id for b in blocks]
+        if computed or num_new_blocks > 0 or len(req.block_ids) != len(blocks):
+            req.block_ids = [b.block_id for b in blocks]  # a new list: a step in flight keeps its own
         self._cache_full_blocks(req, blocks, total_tokens)
         return True
 
@@ -83,10 +94,15 @@ class KVCacheManager:
         if not self.pool.enable_caching:
             return
         num_full = num_tokens // self.block_size
+        start = self._num_hashed.get(req.request_id, 0)
+        if num_full <= start:
+            return
         hashes = req.block_hashes(self.block_size)
-        for i in range(min(num_full, len(hashes))):
+        end = min(num_full, len(hashes))
+        for i in range(start, end):
             if blocks[i].block_hash is None:
                 self.pool.cache_block(blocks[i], hashes[i])
+        self._num_hashed[req.request_id] = max(start, end)
 
     def free_tail(self, req: Request, num_tokens: int) -> None:
         """Free the blocks past those holding the first `num_tokens` tokens (speculative decoding:
@@ -103,6 +119,7 @@ class KVCacheManager:
         req.block_ids = [b.block_id for b in blocks]
 
     def free(self, req: Request) -> None:
+        self._num_hashed.pop(req.request_id, None)
         blocks = self._blocks.pop(req.request_id, [])
         self.pool.free(list(reversed(blocks)))
         req.block_ids = []

@@ -12,7 +12,10 @@ to decode, or a resubmission) is computed the same way. Tokens stream out as the
 (SequenceDelta); the router detokenizes. With `--stream-interval-ms` (default 20) the servicer
 waits that long after each message, and the steps made meanwhile leave as one (AsyncLLM.stream
 coalesces them): fewer, larger messages for the router, whose per-message cost limits 1P1D under
-load. Every worker carries this service next to the Prefill service (services/worker/).
+load. The router uses `DecodeStream` (services/decode/mux.py): one stream per router carrying all
+its requests, one message per interval for all of them; `Decode` (a stream per request) stays for
+other callers and `pdserve router --decode-streams per-request`. Every worker carries this service
+next to the Prefill service (services/worker/).
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ import grpc
 from pdserve.common.config import ConfigError
 from pdserve.common.kv_transfer.connector import PullConnector, PullSpec
 from pdserve.common.kv_transfer.tp_pull import KVShardAddress
-from pdserve.common.request import child_request_id
+from pdserve.common.sampling_params import ParameterError
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
-from pdserve.proto.convert import delta_to_proto, prompt_logprobs_to_proto
 from pdserve.services import grpc_auth
+from pdserve.services.decode.mux import ChunkBuilder, DecodeMux
 from pdserve.services.worker.state import WorkerState
 
 
@@ -89,16 +92,24 @@ class DecodeServicer(pb_grpc.DecodeServicer):
             return self.stream_interval_s
         return max(self.stream_interval_s, self.open_streams / self.max_messages_per_s)
 
-    async def Decode(self, request: pb.DecodeRequest, context):
-        params, prompt = await self.state.checked_request(request, context)
-        rid = request.request_id
+    def admit(self, request: pb.DecodeRequest) -> tuple:
+        """(params, prompt, tokens given per sequence or None, pull spec or None, finished indices)
+        of a DecodeRequest; ParameterError naming the bad field."""
+        params, prompt = self.state.checked(request)
         seqs = sorted(request.sequences, key=lambda s: s.index)
         given = [list(s.output_token_ids) for s in seqs] or None
         finished = [s.index for s in seqs if s.finished]
         spec = pull_spec(request.handle) if request.HasField("handle") and given else None
+        return params, prompt, given, spec, finished
+
+    async def Decode(self, request: pb.DecodeRequest, context):
+        try:
+            admitted = self.admit(request)
+        except ParameterError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e.param}: {e}")
         self.open_streams += 1
         try:
-            async with aclosing(self._chunks(rid, prompt, params, given, spec, finished)) as chunks:
+            async with aclosing(self._chunks(request, admitted)) as chunks:
                 async for chunk in chunks:
                     yield chunk
                     interval = self.interval_s()
@@ -107,32 +118,21 @@ class DecodeServicer(pb_grpc.DecodeServicer):
         finally:
             self.open_streams -= 1
 
-    async def _chunks(self, rid, prompt, params, given, spec, finished):
+    async def _chunks(self, request: pb.DecodeRequest, admitted: tuple):
         """The request's DecodeChunks, one per item of the engine's stream."""
-        done = set(finished)
-        first = True
-        async for outs in self.engine.stream(rid, prompt, params, output_token_ids=given, kv_transfer=spec,
-                                             finished_indices=finished):
-            chunk = pb.DecodeChunk(request_id=rid)
-            for out in outs:
-                if out.index == 0 and out.num_computed_prompt_tokens is not None:
-                    chunk.num_prompt_tokens_computed = out.num_computed_prompt_tokens
-                    if out.prompt_logprobs is not None:
-                        chunk.prompt_logprobs.extend(prompt_logprobs_to_proto(prompt, out.prompt_logprobs))
-                if out.error:
-                    chunk.error = out.error
-                if out.finished:
-                    done.add(out.index)
-                chunk.sequences.append(delta_to_proto(out))
-            if first:
-                first = False
-                result = self.connector.take_result(child_request_id(rid, 0, params.n))
-                if result is not None:
-                    chunk.kv_bytes_received = result.nbytes
-                    chunk.kv_transfer_seconds = result.seconds
-                    chunk.kv_transfer_error = result.error or ""
-            chunk.finished = len(done) == params.n
-            yield chunk
+        builder = ChunkBuilder(self, request, *admitted)
+        async for outs in self.engine.stream(builder.rid, builder.prompt, builder.params,
+                                             output_token_ids=builder.given, kv_transfer=builder.spec,
+                                             finished_indices=builder.finished):
+            yield builder.chunk(outs)
+
+    async def DecodeStream(self, request_iterator, context):
+        """Many requests over one stream (services/decode/mux.py); the stream interval (and the
+        cap on messages a second, each request counted as a stream) applies to its messages,
+        each of which carries every open request's news."""
+        async with aclosing(DecodeMux(self, request_iterator).chunks()) as messages:
+            async for message in messages:
+                yield message
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         """Finish sequences of a running request (a stop string the router matched)."""

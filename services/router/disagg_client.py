@@ -2,8 +2,10 @@
 
     generate():  route = pool.route(prompt)  (prefix hits vs load, routing.py; one Redis call)
                  route.prefill --gRPC Prefill--> first-token deltas + KV handle
-                 route.decode  --gRPC Decode (stream) + handle--> token deltas (read ahead:
-                   the chunks queued meanwhile are taken as one batch, one output; stream_drain.py)
+                 route.decode  --DecodeStream{open + handle}--> token deltas, over the one stream
+                   this router keeps to that decode worker for all its requests (decode_mux.py;
+                   --decode-streams per-request: a Decode call each, stream_drain.py); the chunks
+                   queued meanwhile are taken as one batch, one output
                  every delta --> RequestState (common/output_processor.py): detokenized and
                  matched against stop strings once, here, as `pdserve serve` does in-process
                  route.prefill None (short or decode-cached prompt): Decode without a handle,
@@ -42,6 +44,7 @@ from pdserve.common.sampling_params import ParameterError, SamplingParams
 from pdserve.common.stats import RouterStats
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto.convert import delta_from_proto, prompt_logprobs_from_proto, sampling_params_to_proto
+from pdserve.services.router.decode_mux import DecodeMuxes, DecodeStreamError
 from pdserve.services.router.instances import InstancePool
 from pdserve.services.router.stream_drain import DrainedStream
 
@@ -53,7 +56,7 @@ RECENT_DECISIONS = 512
 class DisaggClient:
     def __init__(self, tokenizer: TokenizerLike, model_name: str, pool: InstancePool,
                  prefill_timeout_s: float = 60.0, decode_timeout_s: float = 600.0,
-                 no_instance_timeout_s: float = 5.0):
+                 no_instance_timeout_s: float = 5.0, shared_decode_streams: bool = True):
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.pool = pool
@@ -61,6 +64,8 @@ class DisaggClient:
         self.decode_timeout_s = decode_timeout_s
         self.no_instance_timeout_s = no_instance_timeout_s  # wait this long for a decode to (re)appear
         self.stats = RouterStats()
+        # one DecodeStream per decode worker for all requests (None: a Decode call per request)
+        self.decode_muxes = DecodeMuxes() if shared_decode_streams else None
         self.recent: deque[dict] = deque(maxlen=RECENT_DECISIONS)
 
     @property
@@ -144,8 +149,10 @@ class DisaggClient:
             if counted:
                 self.pool.begin(inst.instance_id)
             stub = self.pool.decode_stub(inst)
-            call = stub.Decode(req, timeout=self.decode_timeout_s)
-            chunks = DrainedStream(call)  # what arrived meanwhile comes as one batch: one output
+            if self.decode_muxes is not None:
+                chunks = self.decode_muxes.open(stub, inst.grpc_address, req, self.decode_timeout_s)
+            else:
+                chunks = _DecodeCall(stub, req, self.decode_timeout_s)
             first_chunk = True
             try:
                 async for batch in chunks:
@@ -173,8 +180,8 @@ class DisaggClient:
                     if state.finished:
                         return  # the finally cancels the stream: decode aborts what still runs
                     if stopped:
-                        await self._abort(stub, request_id, stopped)
-            except grpc.aio.AioRpcError as e:
+                        await chunks.abort(stopped)
+            except (grpc.aio.AioRpcError, DecodeStreamError) as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise ParameterError(_param_of(e.details()), e.details()) from None
                 log.warning("decode %s failed for %s (%s); resubmitting", inst.instance_id, request_id, e.code())
@@ -184,8 +191,7 @@ class DisaggClient:
                 handle = None  # the KV went with the dead decode: the next one recomputes
                 continue
             finally:
-                chunks.close()
-                call.cancel()
+                chunks.close()  # unfinished: cancelled on decode (aborted, its blocks freed)
                 if counted:
                     self.pool.end(inst.instance_id)
             if not state.finished:
@@ -245,12 +251,25 @@ class DisaggClient:
         except grpc.aio.AioRpcError:
             pass  # the lease expires on its own
 
-    @staticmethod
-    async def _abort(stub, request_id: str, indices: list[int]) -> None:
+
+
+class _DecodeCall(DrainedStream):
+    """One Decode call for one request (`--decode-streams per-request`), read ahead as batches."""
+
+    def __init__(self, stub, request: pb.DecodeRequest, timeout_s: float):
+        self.stub, self.request_id = stub, request.request_id
+        self.call = stub.Decode(request, timeout=timeout_s)
+        super().__init__(self.call)
+
+    async def abort(self, indices: list[int]) -> None:
         try:
-            await stub.Abort(pb.AbortRequest(request_id=request_id, indices=indices), timeout=2)
+            await self.stub.Abort(pb.AbortRequest(request_id=self.request_id, indices=indices), timeout=2)
         except grpc.aio.AioRpcError:
             pass  # the sequence runs on; its tokens are ignored here and the stream ends with the others
+
+    def close(self) -> None:
+        super().close()
+        self.call.cancel()
 
 
 class _Lease:

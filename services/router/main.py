@@ -45,6 +45,10 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disagg-min-prompt-tokens", type=int, default=64,
                    help="prompts shorter than this, or whose uncached part on the chosen decode instance is, "
                         "skip prefill and are computed by decode (0: always prefill)")
+    p.add_argument("--decode-streams", default="shared", choices=["shared", "per-request"],
+                   help="shared: one DecodeStream per decode worker carries every request's tokens, a "
+                        "message per step for all (fewer messages and wake-ups on both ends); per-request: "
+                        "a Decode call per request (the older protocol)")
     from pdserve.services.router.tool_calls import add_tool_args
     add_tool_args(p)
     from pdserve.services.serve import add_metrics_args
@@ -95,7 +99,7 @@ def run_router(args: argparse.Namespace) -> None:
         index = PrefixIndex(args.redis_url, timeout_s=INDEX_TIMEOUT_S)
         pool = InstancePool(registry, index, config, internal_token=args.internal_token)
         await pool.start()
-        client = DisaggClient(tokenizer, name, pool)
+        client = DisaggClient(tokenizer, name, pool, shared_decode_streams=args.decode_streams == "shared")
         collector = StatsCollector(name, engine=lambda: fleet_stats(pool), router=lambda: client.stats,
                                    redis_up=lambda: pool.redis_ok)
         app = build_app(client, name, api_key=args.api_key, collector=collector, limits=limits_of(args),
@@ -129,6 +133,8 @@ def run_router(args: argparse.Namespace) -> None:
         await task
         if metrics_apart is not None:
             metrics_apart.shutdown()
+        if client.decode_muxes is not None:
+            client.decode_muxes.close()
         await pool.close()
         await index.close()
         await registry.close()

@@ -74,9 +74,13 @@ class WorkerState:
         """(params, prompt ids) of a Prefill/Decode request, or INVALID_ARGUMENT naming the bad field.
         The router validated it; this is the worker's guard against other callers."""
         try:
-            params = sampling_params_from_proto(request.params)
-            prompt = list(request.prompt_token_ids)
-            self.engine.core.validate(prompt, params)
+            return self.checked(request)
         except ParameterError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e.param}: {e}")
+
+    def checked(self, request) -> tuple[SamplingParams, list[int]]:
+        """(params, prompt ids) of a Prefill/Decode request; ParameterError naming the bad field."""
+        params = sampling_params_from_proto(request.params)
+        prompt = list(request.prompt_token_ids)
+        self.engine.core.validate(prompt, params)
         return params, prompt

@@ -1,0 +1,77 @@
+"""The engine's per-step bookkeeping at a batch of 256, without a model (issue 11 run 3).
+
+    python tests/bench_engine_step.py [--batch 256] [--prompt-len 256] [--output-len 128]
+
+    Scheduler + KVCacheManager (prefix caching on) + EngineCore._outputs, driven as EngineCore
+    drives them: schedule() -> a RunnerOutput with one sampled token per scheduled request ->
+    update() -> the deltas; no forward pass, so what is timed is the host's Python per step,
+    the part of a GPU decode step that the device does not hide. Prints microseconds per
+    generated token for each of the three (decode steps only: the first step's prefill is left
+    out) and their sum. tests/bench_decode_host.py runs it once per code tree it compares.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+from pdserve.common.config import SchedulerConfig
+from pdserve.common.engine.engine_core import EngineCore
+from pdserve.common.engine.kv_cache_manager import KVCacheManager
+from pdserve.common.engine.outputs import RunnerOutput
+from pdserve.common.engine.scheduler import Scheduler
+from pdserve.common.request import Request
+from pdserve.common.sampling_params import SamplingParams
+
+
+def measure(batch: int, prompt_len: int, output_len: int, seed: int = 0) -> dict[str, float]:
+    sched = Scheduler(SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=batch * prompt_len,
+                                      max_model_len=prompt_len + output_len + 16),
+                      KVCacheManager(batch * (prompt_len + output_len) // 16 + batch, 16, True))
+    core = EngineCore.__new__(EngineCore)  # only _outputs is used: it needs `requests`
+    core.requests = {}
+    rng = random.Random(seed)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    for i in range(batch):
+        req = Request(f"r{i}", [rng.randrange(3, 500) for _ in range(prompt_len)], params, (2,))
+        sched.add_request(req)
+        core.requests[req.request_id] = [req]
+    spent = {"schedule": 0.0, "update": 0.0, "outputs": 0.0}
+    num_tokens = 0
+    first = True
+    while sched.has_unfinished():
+        t0 = time.perf_counter()
+        out = sched.schedule()
+        t1 = time.perf_counter()
+        result = RunnerOutput(sampled_token_ids={s.req_id: 7 for s in out.scheduled if s.sample})
+        t2 = time.perf_counter()
+        touched = sched.update(out, result)
+        t3 = time.perf_counter()
+        deltas = core._outputs(touched)
+        t4 = time.perf_counter()
+        if not first:
+            spent["schedule"] += t1 - t0
+            spent["update"] += t3 - t2
+            spent["outputs"] += t4 - t3
+            num_tokens += len(deltas)
+        first = False
+    us = {k: round(1e6 * v / max(num_tokens, 1), 3) for k, v in spent.items()}
+    us["total"] = round(sum(us.values()), 3)
+    return us
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=256)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--repeat", type=int, default=3, help="runs; the fastest is reported (the box's noise)")
+    a = p.parse_args()
+    runs = [measure(a.batch, a.prompt_len, a.output_len) for _ in range(a.repeat)]
+    print(json.dumps(min(runs, key=lambda r: r["total"])))
+
+
+if __name__ == "__main__":
+    main()
