@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import threading
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,7 @@ from pdserve.common.config import ConfigError
 log = logging.getLogger("pdserve.tp")
 
 SYMM_MEM_MAX_BYTES = 1 << 20  # torch's one-shot all-reduce (all_reduce="symm_mem") up to this size
+CLOSE_TIMEOUT_S = 10.0  # NCCL teardown at shutdown, at most
 FUSED_REGION_BYTES = 2 << 20  # per region (two alternate), per rank: 256 rows of hidden 4096 in bf16
 
 
@@ -137,8 +139,16 @@ class TPComm:
     def close(self) -> None:
         if self.backend == "nccl":
             # destroy_process_group waits for the peers (seen hanging on 2 x H200 once the other
-            # ranks had exited); at shutdown there is nothing left to wait for, so abort.
-            self.abort()
+            # ranks had exited); at shutdown there is nothing left to wait for, so abort. The abort
+            # itself was seen blocking for good on 2 x H200 (`bench gpu -tp 2` never returned from
+            # engine.shutdown(), py-spy: in _abort_process_group): it gets CLOSE_TIMEOUT_S in a
+            # daemon thread, then the shutdown goes on (the group is left to the process's exit).
+            aborter = threading.Thread(target=self.abort, name="tp-nccl-abort", daemon=True)
+            aborter.start()
+            aborter.join(CLOSE_TIMEOUT_S)
+            if aborter.is_alive():
+                log.warning("tensor parallelism: the NCCL group's abort did not return within %.0f s; "
+                            "shutting down without it", CLOSE_TIMEOUT_S)
             return
         if dist.is_initialized():
             try:
