@@ -92,13 +92,11 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
     overrides gemv_config.choose (it is still fitted to the shape). `gated`: x is [M, 2K] (gate ++
     up) and the input is silu(gate) * up (activation.silu_and_mul's numbers, fused where the
     version-2 kernel runs)."""
-    if gated:
-        return _fp8_gemv_gated(x, weight, scale, bias, config)
-    m, k = x.shape
+    m, k = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
     n = weight.shape[0]
     assert 1 <= m <= gemv_config.GEMV_MAX_M, f"fp8_gemv takes 1..{gemv_config.GEMV_MAX_M} rows, got {m}"
-    assert weight.dtype == torch.float8_e4m3fn and weight.shape[1] == k, \
-        f"weight {tuple(weight.shape)} {weight.dtype} vs x {tuple(x.shape)}"
+    assert weight.dtype == torch.float8_e4m3fn and weight.shape[1] == k and x.shape[1] == (2 * k if gated else k), \
+        f"weight {tuple(weight.shape)} {weight.dtype} vs x {tuple(x.shape)}{' (gate ++ up)' if gated else ''}"
     assert x.stride(1) == 1 and weight.stride(1) == 1, "contiguous K"
     assert scale.shape == (n,) and scale.dtype == torch.float32 and scale.is_contiguous(), \
         f"scale must be fp32 [{n}], got {scale.dtype} {tuple(scale.shape)}"
@@ -107,16 +105,26 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
         config = gemv_config.choose("fp8", m, k, n, None, x.device)
     else:
         config = gemv_config.fit(config, "fp8", k, None)
-    if config.version == 2:  # gemv_fp8_v2.py: the FMA path with in-thread partial sums
-        if m > gemv_config.FMA_MAX_M:
-            rows = gemv_config.FMA_MAX_M
-            return torch.cat([fp8_gemv(x[i:i + rows], weight, scale, bias, config) for i in range(0, m, rows)])
-        return _launch_v2(x, weight, scale, bias, config, m, n, k, False)
+    if gated and (config.version != 2 or m > gemv_config.FMA_MAX_M):  # only version 2 fuses the activation
+        from pdserve.kernels.activation import silu_and_mul
+        return fp8_gemv(silu_and_mul(x), weight, scale, bias, config)
+    if config.version == 2 and m > gemv_config.FMA_MAX_M:
+        rows = gemv_config.FMA_MAX_M
+        return torch.cat([fp8_gemv(x[i:i + rows], weight, scale, bias, config) for i in range(0, m, rows)])
     tiles = triton.cdiv(k, config.block_k)
     tiles_per_split = triton.cdiv(tiles, config.split_k)
     split_k = triton.cdiv(tiles, tiles_per_split)  # no empty programs: the last-arrival count must be exact
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     ws, locks = launch_buffers(x, n, config.block_n)
+    if config.version == 2:  # gemv_fp8_v2.py: the FMA path with in-thread partial sums
+        gemv_fp8_v2._fp8_gemv_v2_kernel[(triton.cdiv(n, config.block_n), split_k)](
+            x, weight, scale, bias if bias is not None else scale, out, ws, locks, m, n, k, tiles_per_split, split_k,
+            x.stride(0), weight.stride(0), out.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_M=gemv_config.block_m(config, m), BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k, EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
+            VEC=min(gemv_fp8_v2.VEC, config.block_k), GATED=gated, num_warps=config.num_warps,
+            num_stages=config.num_stages)
+        return out
     _fp8_gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
         x, weight, scale, bias if bias is not None else scale, out, ws, locks, m, n, k, tiles_per_split, split_k,
         x.stride(0), weight.stride(0), out.stride(0),
@@ -126,30 +134,3 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out
 
-
-def _fp8_gemv_gated(x, weight, scale, bias, config):
-    m, k = x.shape[0], x.shape[1] // 2
-    assert x.shape[1] == 2 * k and x.stride(1) == 1 and weight.shape[1] == k, \
-        f"gated: x {tuple(x.shape)} must be [M, 2 * {weight.shape[1]}] (gate ++ up)"
-    config = gemv_config.choose("fp8", m, k, weight.shape[0], None, x.device) if config is None else \
-        gemv_config.fit(config, "fp8", k, None)
-    if config.version != 2 or m > gemv_config.FMA_MAX_M:  # only the version-2 kernel fuses the activation
-        from pdserve.kernels.activation import silu_and_mul
-        return fp8_gemv(silu_and_mul(x), weight, scale, bias, config)
-    return _launch_v2(x, weight, scale, bias, config, m, weight.shape[0], k, True)
-
-
-def _launch_v2(x, weight, scale, bias, config, m: int, n: int, k: int, gated: bool) -> torch.Tensor:
-    tiles = triton.cdiv(k, config.block_k)
-    tiles_per_split = triton.cdiv(tiles, config.split_k)
-    split_k = triton.cdiv(tiles, tiles_per_split)  # no empty programs: the last-arrival count must be exact
-    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    ws, locks = launch_buffers(x, n, config.block_n)
-    gemv_fp8_v2._fp8_gemv_v2_kernel[(triton.cdiv(n, config.block_n), split_k)](
-        x, weight, scale, bias if bias is not None else scale, out, ws, locks, m, n, k, tiles_per_split, split_k,
-        x.stride(0), weight.stride(0), out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=gemv_config.block_m(config, m), BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
-        VEC=min(gemv_fp8_v2.VEC, config.block_k), GATED=gated, num_warps=config.num_warps,
-        num_stages=config.num_stages)
-    return out
