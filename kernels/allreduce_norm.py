@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels.rms_norm import rms_normalize
+
 SIGNAL_SLOTS = 512  # uint32 slots of the signal pad used: programs * world_size (torch's pad has >= 512)
 
 
@@ -114,10 +116,8 @@ def _allreduce_add_rms_norm_kernel(
         residual = tl.load(residual_ptr + r64 * stride_residual + cols, mask=mask, other=0.0)
         h = (reduced.to(tl.float32) + residual.to(tl.float32)).to(dtype)  # as rms_norm's residual add
         tl.store(residual_out_ptr + r64 * stride_residual_out + cols, h, mask=mask)
-        h = h.to(tl.float32)
-        inv_rms = tl.rsqrt(tl.sum(h * h, axis=0) / hidden_size + eps)
-        normed = (h * inv_rms).to(dtype).to(tl.float32)
-        tl.store(out_ptr + r64 * stride_out + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
+        out = rms_normalize(h, weight, hidden_size, eps)
+        tl.store(out_ptr + r64 * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def allreduce_add_rms_norm(

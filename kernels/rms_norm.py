@@ -30,12 +30,20 @@ def _rms_norm_kernel(
         residual = tl.load(residual_ptr + row * stride_residual + cols, mask=mask, other=0.0)
         x = (x.to(tl.float32) + residual.to(tl.float32)).to(x_ptr.dtype.element_ty)
         tl.store(residual_out_ptr + row * stride_residual_out + cols, x, mask=mask)
-    x = x.to(tl.float32)
-    inv_rms = tl.rsqrt(tl.sum(x * x, axis=0) / hidden_size + eps)
-    # HF rounds the normalised value to the input dtype before multiplying by the weight.
-    normed = (x * inv_rms).to(x_ptr.dtype.element_ty).to(tl.float32)
     weight = tl.load(weight_ptr + cols, mask=mask).to(tl.float32)
-    tl.store(out_ptr + row * stride_out + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
+    out = rms_normalize(x, weight, hidden_size, eps)
+    tl.store(out_ptr + row * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def rms_normalize(h, weight, hidden_size, eps):
+    """weight * rms_norm(h) in fp32, rounded as HF rounds: h [BLOCK] in the model's dtype (lanes
+    past hidden_size 0), weight [BLOCK] fp32. Shared with kernels/allreduce_norm.py."""
+    hf = h.to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(hf * hf, axis=0) / hidden_size + eps)
+    # HF rounds the normalised value to the input dtype before multiplying by the weight.
+    normed = (hf * inv_rms).to(h.dtype).to(tl.float32)
+    return normed * weight
 
 
 def rms_norm(
