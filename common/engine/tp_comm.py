@@ -18,7 +18,7 @@ The layers' all-reduces are followed by the residual add and RMSNorm (models/par
 `all_reduce_add_rms_norm`); with `all_reduce="fused"` (what "auto", the default, picks on CUDA
 when every rank can map the others' memory) that is one kernel over NVLink peer memory for up to
 FUSED_REGION_BYTES per rank (kernels/allreduce_norm.py, `FusedAllReduceNorm`), and NCCL's
-all-reduce plus the norm kernel above it. On 2 x H200 at batch 1: 5.1 us per call vs 9.1 for
+all-reduce plus the norm kernel above it. On 2 x H200 at batch 1: 5.0 us per call vs 9.1 for
 NCCL + norm (docs/benchmarks.md).
 
 The group is torch.distributed's default one, joined through a TCPStore that rank 0 hosts: one
@@ -79,16 +79,14 @@ class TPComm:
                     raise
                 log.warning("tensor parallelism: peer memory unavailable (%s: %s); the all-reduce is NCCL's",
                             type(e).__name__, e)
-                self._fused = None
             except BaseException:
                 self.close()
                 raise
             if auto and min(self.all_gather_int(int(self._fused is not None))) == 0:
                 self._fused = None  # one rank could not map the others: all use NCCL
-        self.all_reduce_kind = "fused" if self._fused is not None else (
-            "symm_mem" if self._symm_buffer is not None else self.backend)
         if rank == 0 and world_size > 1:
-            log.info("tensor parallelism: %d ranks, all-reduce %s", world_size, self.all_reduce_kind)
+            log.info("tensor parallelism: %d ranks, all-reduce %s", world_size, "fused" if self._fused is not None
+                     else "symm_mem" if self._symm_buffer is not None else self.backend)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over ranks; returns the result (x itself with NCCL, a new tensor with symm_mem)."""
