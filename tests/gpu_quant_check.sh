@@ -14,14 +14,7 @@
 #            >= 1.4x, AWQ b1 <= 0.35x). Writes $OUT/bench_quant.json.
 #   tests    pytest -m gpu of the GEMVs (both versions, odd N, fp16, split-K in a CUDA graph) and of
 #            int_matmul / fp8 dispatch.
-set -uo pipefail
-OUT=${OUT:-.}
-WHAT=${1:-all}
-PY=${PYTHON:-python}
-mkdir -p "$OUT"
-START=$(date +%s)
-
-source "$(dirname "$0")/gpu_step.sh"  # step NAME LIMIT_S COMMAND...
+source "$(dirname "$0")/gpu_step.sh"  # OUT, WHAT (the first argument), PY, START; step NAME LIMIT_S COMMAND...
 
 if [ "$WHAT" = all ] || [ "$WHAT" = sweep ]; then
     step sweep 250 "$PY" -m pdserve.services.bench_gemv --budget-s 120 --total-s 215 --workers 12 \

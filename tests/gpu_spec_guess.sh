@@ -14,16 +14,9 @@
 #   k15     the same with -k 15 (at batch 1, 16 one-token rows: the same 16-row graph as k = 8;
 #           the replay predicts 1.53x against 1.46x). Writes $OUT/spec_k15.json.
 #   stages  bench spec --stages: host ms per decode step by stage on this host. Writes $OUT/stages.json.
-set -uo pipefail
-OUT=${OUT:-.}
-WHAT=${1:-all}
-PY=${PYTHON:-python}
-mkdir -p "$OUT"
-START=$(date +%s)
+source "$(dirname "$0")/gpu_step.sh"  # OUT, WHAT (the first argument), PY, START; step NAME LIMIT_S COMMAND...
 BENCH=("$PY" -m pdserve.services.cli bench spec --device cuda --batch-sizes 1 16 --max-tokens 128
        --sequential-prompts 8 --dtype bfloat16)
-
-source "$(dirname "$0")/gpu_step.sh"  # step NAME LIMIT_S COMMAND...
 
 if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
     step tests 170 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/engine/test_spec_decode_gpu.py
