@@ -80,6 +80,8 @@ class ModelConfig:
     kernels: str = option("auto", "auto: the fast path of the device (Triton kernels on CUDA, packed oneDNN GEMMs "
                                   "and batched paged attention on CPU); reference: HF-exact eager torch",
                           choices=KERNELS)
+    pdl: bool = option(True, "CUDA on Hopper or later: the decode path's Triton kernels start while the kernel "
+                             "before them ends (programmatic dependent launch, kernels/pdl.py)", boolean=True)
     chat_template: str | None = option(None, "chat template: a Jinja file, or the template itself "
                                              "(default: the tokenizer's)")
     quantization: str | None = option(None, "weight quantization: fp8 (online per-channel, or an fp8 checkpoint), "

@@ -12,12 +12,17 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels import pdl
+
 
 @triton.jit
 def _silu_and_mul_kernel(
     x_ptr, out_ptr, stride_x_row, stride_out_row, intermediate_size,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # kernels/pdl.py: wait for the previous kernel first
+        pdl.prologue()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < intermediate_size
@@ -37,5 +42,6 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         return out
     block = min(1024, triton.next_power_of_2(intermediate_size))
     grid = (num_tokens, triton.cdiv(intermediate_size, block))
-    _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), intermediate_size, BLOCK=block, num_warps=4)
+    _silu_and_mul_kernel[grid](x, out, x.stride(0), out.stride(0), intermediate_size, BLOCK=block, num_warps=4,
+                               **pdl.launch_args(x))
     return out

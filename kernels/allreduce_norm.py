@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels import pdl
 from pdserve.kernels.rms_norm import rms_normalize
 
 SIGNAL_SLOTS = 512  # uint32 slots of the signal pad used: programs * world_size (torch's pad has >= 512)
@@ -86,7 +87,10 @@ def _allreduce_add_rms_norm_kernel(
     region_start, num_rows, hidden_size, eps, timeout_ns,
     stride_x, stride_residual, stride_out, stride_residual_out,
     RANK: tl.constexpr, WORLD: tl.constexpr, BLOCK: tl.constexpr, ELEMENT_BYTES: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # kernels/pdl.py: wait for the previous kernel first
+        pdl.prologue()
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
@@ -147,6 +151,7 @@ def allreduce_add_rms_norm(
         x, residual, weight, out, residual_out, own_buffer.view(x.dtype), buffer_addrs, pad_addrs,
         region_start, num_rows, hidden, eps, int(timeout_s * 1e9),
         x.stride(0), residual.stride(0), out.stride(0), residual_out.stride(0),
-        RANK=rank, WORLD=world, BLOCK=block, ELEMENT_BYTES=x.element_size(), num_warps=min(16, max(4, block // 512)),
+        RANK=rank, WORLD=world, BLOCK=block, ELEMENT_BYTES=x.element_size(),
+        num_warps=min(16, max(4, block // 512)), **pdl.launch_args(x),
     )
     return out, residual_out

@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels import pdl
 from pdserve.kernels.store_kv import check_fp8_cache
 
 _MIN_DOT_ROWS = 4              # query heads per kv head at which tl.dot is used (H100: G=4 dot 4.3x faster than bcast)
@@ -73,7 +74,10 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WRITE_FINAL: tl.constexpr, FP8: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # kernels/pdl.py: wait for the previous kernel first
+        pdl.prologue()
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -158,7 +162,10 @@ def _merge_splits_kernel(
     partial_out_ptr, partial_lse_ptr, out_ptr,
     num_splits, stride_out_seq, stride_out_head,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # kernels/pdl.py: wait for the previous kernel first
+        pdl.prologue()
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     row0 = (seq * tl.num_programs(1) + head) * num_splits
@@ -267,11 +274,12 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_wind
         HAS_WINDOW=sliding_window is not None, USE_DOT=use_dot,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         WRITE_FINAL=num_splits == 1, FP8=k_scale is not None,
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, **pdl.launch_args(q),
     )
     if num_splits > 1:
         _merge_splits_kernel[(batch_size, num_heads)](
             partial_out, partial_lse, out, num_splits, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+            **pdl.launch_args(q),
         )
     return out

@@ -24,13 +24,18 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels import pdl
+
 BLOCK_N = 16
 BLOCK_K = 512
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, s_ptr, out_ptr, N, K, stride_wn,
-                 HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr = False):
+    if PDL:  # kernels/pdl.py: wait for the previous kernel first
+        pdl.prologue()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
@@ -63,6 +68,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     _gemv_kernel[(triton.cdiv(num_out, BLOCK_N),)](
         x, weight, bias if bias is not None else weight, scale if scale is not None else weight, out, num_out, k,
         weight.stride(0), HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BLOCK_N=BLOCK_N, BLOCK_K=block_k,
-        num_warps=4, num_stages=4,
+        num_warps=4, num_stages=4, **pdl.launch_args(x),
     )
     return out

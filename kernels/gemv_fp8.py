@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels import gemv_config, gemv_fp8_v2
+from pdserve.kernels import gemv_config, gemv_fp8_v2, pdl
 from pdserve.kernels.gemv_config import GemvConfig
 from pdserve.kernels.split_k import launch_buffers, rows_of, store_rows
 
@@ -43,7 +43,10 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, scale_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr, 
                      stride_xm, stride_wn, stride_om,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      USE_DOT: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                     DOT_PRECISION: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    if PDL:  # kernels/pdl.py: wait for the previous kernel first
+        pdl.prologue()
     # FMA path: one [BN, BK] accumulator per row (BLOCK_M <= 4) in the weight tile's own layout
     pid_n = tl.program_id(0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                        # [BN] outputs
@@ -123,7 +126,7 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
             HAS_BIAS=bias is not None, BLOCK_M=gemv_config.block_m(config, m), BLOCK_N=config.block_n,
             BLOCK_K=config.block_k, EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
             VEC=min(gemv_fp8_v2.VEC, config.block_k), GATED=gated, num_warps=config.num_warps,
-            num_stages=config.num_stages)
+            num_stages=config.num_stages, **pdl.launch_args(x))
         return out
     _fp8_gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
         x, weight, scale, bias if bias is not None else scale, out, ws, locks, m, n, k, tiles_per_split, split_k,
@@ -131,6 +134,6 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
         HAS_BIAS=bias is not None, BLOCK_M=gemv_config.block_m(config, m), BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, USE_DOT=config.dot, EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_args(x))
     return out
 

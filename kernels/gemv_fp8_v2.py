@@ -26,6 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from pdserve.kernels import pdl
 from pdserve.kernels.split_k import stack_rows, store_rows
 
 VEC = 8  # inputs a thread reads at once: 8 fp8 (8 bytes) of each of its rows, 8 of x (16 bytes)
@@ -57,7 +58,10 @@ def _row(acc, wf, x_ptr, m: tl.constexpr, M, stride_xm, kk, K, EVEN_K: tl.conste
 def _fp8_gemv_v2_kernel(x_ptr, w_ptr, scale_ptr, b_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, tiles_per_split, split_k,
                         stride_xm, stride_wn, stride_om,
                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr, GATED: tl.constexpr = False):
+                        EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr, GATED: tl.constexpr = False,
+                        PDL: tl.constexpr = False):
+    if PDL:  # kernels/pdl.py: wait for the previous kernel first
+        pdl.prologue()
     pid_n = tl.program_id(0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                        # [BN] outputs
     col_ok = cols < N

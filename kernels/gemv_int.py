@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels import gemv_config, gemv_int_v2
+from pdserve.kernels import gemv_config, gemv_int_v2, pdl
 from pdserve.kernels.gemv_config import GemvConfig
 from pdserve.kernels.split_k import launch_buffers, rows_of, store_rows
 
@@ -63,7 +63,10 @@ def _int_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, lock_p
                      stride_xm, stride_qw, stride_s, stride_z, stride_om,
                      BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-                     EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, IN_PLACE: tl.constexpr):
+                     EVEN_N: tl.constexpr, DOT_PRECISION: tl.constexpr, IN_PLACE: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    if PDL:  # kernels/pdl.py: wait for the previous kernel first
+        pdl.prologue()
     # dot path: tiles [BN, W] (the weight is tl.dot's A operand, x^T its B); FMA path: [W, BN],
     # one accumulator per row (BLOCK_M <= 4), so every tensor keeps the words' coalesced layout
     P: tl.constexpr = 32 // BITS
@@ -215,7 +218,7 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
             out.stride(0), BITS=bits, GROUP_SIZE=group_size, HAS_BIAS=bias is not None,
             BLOCK_M=gemv_config.block_m(config, m), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             EVEN_N=n % config.block_n == 0, WIN_EVEN=win_even, WIN_ODD=win_odd, X_KIND=x_kind,
-            num_warps=config.num_warps, num_stages=config.num_stages)
+            num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_args(x))
         return out
     _int_gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, ws, locks, m, n, k, tiles_per_split,
@@ -224,5 +227,5 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
         BLOCK_M=gemv_config.block_m(config, m), BLOCK_N=config.block_n, BLOCK_K=config.block_k, USE_DOT=config.dot,
         EVEN_N=n % config.block_n == 0, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         IN_PLACE=in_place_values(bits, config.dot and x.dtype == torch.float16),
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_args(x))
     return out

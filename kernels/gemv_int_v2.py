@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels import pdl
 from pdserve.kernels.split_k import stack_rows, store_rows
 
 V2_MAX_M = 4  # one accumulator set per row (registers)
@@ -131,7 +132,10 @@ def _int_gemv_v2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, loc
                         BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         EVEN_N: tl.constexpr, WIN_EVEN: tl.constexpr, WIN_ODD: tl.constexpr,
-                        X_KIND: tl.constexpr):
+                        X_KIND: tl.constexpr,
+                        PDL: tl.constexpr = False):
+    if PDL:  # kernels/pdl.py: wait for the previous kernel first
+        pdl.prologue()
     P: tl.constexpr = 32 // BITS
     ROWS: tl.constexpr = BLOCK_K // P                                     # word rows per chunk
     OFF_EVEN: tl.constexpr = 1 << (23 - WIN_EVEN)

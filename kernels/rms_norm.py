@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels import pdl
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -21,7 +23,10 @@ def _rms_norm_kernel(
     stride_x, stride_residual, stride_out, stride_residual_out,
     hidden_size, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # kernels/pdl.py: wait for the previous kernel first
+        pdl.prologue()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < hidden_size
@@ -70,6 +75,6 @@ def rms_norm(
             x, residual if has_residual else x, weight, out, residual_out if has_residual else out,
             x.stride(0), residual.stride(0) if has_residual else 0, out.stride(0), out.stride(0),
             hidden_size, eps,
-            HAS_RESIDUAL=has_residual, BLOCK=block, num_warps=num_warps,
+            HAS_RESIDUAL=has_residual, BLOCK=block, num_warps=num_warps, **pdl.launch_args(x),
         )
     return out if residual is None else (out, residual_out)

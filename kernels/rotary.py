@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels import pdl
 from pdserve.kernels.store_kv import check_fp8_cache
 
 
@@ -55,7 +56,10 @@ def _rotary_kernel(
     stride_q_token, stride_q_head, stride_k_token, stride_k_head, stride_cos_sin,
     num_heads, num_kv_heads,
     HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # kernels/pdl.py: wait for the previous kernel first
+        pdl.prologue()
     token = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin(positions_ptr, cos_sin_ptr, token, stride_cos_sin, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr + token * stride_q_token, stride_q_head, num_heads, cos, sin,
@@ -82,7 +86,10 @@ def _rotary_store_kv_kernel(
     num_heads,
     NUM_KV_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_KVH: tl.constexpr,
     BLOCK_HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # kernels/pdl.py: wait for the previous kernel first
+        pdl.prologue()
     token = tl.program_id(0).to(tl.int64)
     cos, sin = _cos_sin(positions_ptr, cos_sin_ptr, token, stride_cos_sin, HALF, BLOCK_HALF)
     _rotate_heads(q_ptr + token * stride_q_token, stride_q_head, num_heads, cos, sin,
@@ -153,7 +160,7 @@ def rotary_store_kv(
         v_cache.stride(2), num_heads,
         NUM_KV_HEADS=num_kv_heads, HALF=half, BLOCK_H=triton.next_power_of_2(num_heads),
         BLOCK_KVH=triton.next_power_of_2(num_kv_heads), BLOCK_HALF=triton.next_power_of_2(half),
-        BLOCK_SIZE=block_size, FP8=fp8, num_warps=4,
+        BLOCK_SIZE=block_size, FP8=fp8, num_warps=4, **pdl.launch_args(q),
     )
 
 
@@ -185,5 +192,5 @@ def apply_rotary(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
         num_heads, k.shape[1],
         HALF=half, BLOCK_H=triton.next_power_of_2(num_heads), BLOCK_KVH=triton.next_power_of_2(k.shape[1]),
-        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4, **pdl.launch_args(q),
     )

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from pdserve.kernels import pdl
+
 
 @triton.jit
 def _store_kv_kernel(
@@ -24,7 +26,10 @@ def _store_kv_kernel(
     stride_vc_block, stride_vc_slot, stride_vc_head,
     NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr, FP8: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
+    if PDL:  # kernels/pdl.py: wait for the previous kernel first
+        pdl.prologue()
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:
@@ -89,5 +94,5 @@ def store_kv(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(num_kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=block_size, FP8=fp8, num_warps=4,
+        BLOCK_SIZE=block_size, FP8=fp8, num_warps=4, **pdl.launch_args(k),
     )

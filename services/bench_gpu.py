@@ -85,6 +85,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cuda", help="cpu: a smoke test of this script (with --tiny)")
     p.add_argument("--tiny", action="store_true", help="a 2-layer model of the same family (smoke test)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs the model is split over")
+    p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
+                   help="programmatic dependent launch of the decode kernels (kernels/pdl.py); --no-pdl for an A/B")
     p.add_argument("--tp-all-reduce", default="nccl", choices=["nccl", "symm_mem", "fused", "auto"],
                    help="tensor-parallel all-reduce (ParallelConfig.all_reduce)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b", help="model shape of the dummy weights")
@@ -122,7 +124,8 @@ def build_engine(args, folder: str):
     config = EngineConfig(
         parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, all_reduce=args.tp_all_reduce),
         model=ModelConfig(model=folder, dtype="bfloat16", max_model_len=args.max_model_len, load_format="dummy",
-                          device=args.device, seed=args.seed, quantization=getattr(args, "quantization", None)),
+                          device=args.device, seed=args.seed, quantization=getattr(args, "quantization", None),
+                          pdl=getattr(args, "pdl", True)),
         cache=CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization,
                           kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto")),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),

@@ -27,6 +27,7 @@ drafts are appended to the inputs before the forward pass and verified on its lo
 
 from __future__ import annotations
 
+import gc
 import itertools
 import threading
 from typing import Callable
@@ -92,6 +93,8 @@ class ModelRunner:
         ops, self.inputs = _select_backend(self.device, attention_backend, self.block_size, arch.sliding_window)
         if self.device.type == "cuda":
             _prefer_cublaslt()
+            from pdserve.kernels import pdl
+            pdl.set_enabled(model_cfg.pdl)  # before any launch or graph capture of this process
         else:
             from pdserve.common.models.cpu_ops import configure_cpu_runtime, cpu_threads
             configure_cpu_runtime(cpu_threads(1 if tp is None else tp.world_size))
@@ -163,9 +166,12 @@ class ModelRunner:
         is unusable afterwards. (A tensor-parallel runner also stops its worker processes.)"""
         if self.spec is not None and self.spec.draft is not None:
             self.spec.draft.runner.shutdown()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # no graph replay still running when its graph is freed
         self.graphs, self.kv_cache, self.kv_caches, self.model = None, None, [], None
         self._last_sampled, self._last_pending, self._deferred = (torch.empty(0), {}), None, None
         if self.device.type == "cuda":
+            gc.collect()  # graphs or buffers held in reference cycles go now, not at some later collection
             torch.cuda.empty_cache()
 
     def _allocate_kv(self, num_blocks: int) -> None:

@@ -134,25 +134,30 @@ class TPComm:
             except Exception as e:
                 log.warning("aborting the NCCL group failed: %s", e)
 
-    def close(self) -> None:
+    def close(self, peers_alive: bool = False) -> None:
+        """End the group. `peers_alive`: every rank is closing it now (an orderly shutdown), so NCCL's
+        teardown can meet its peers; otherwise (a peer died, or this rank leaves alone) abort: a
+        destroy would wait for the missing peers. Either gets CLOSE_TIMEOUT_S in a daemon thread
+        (an abort was seen blocking for good on 2 x H200 once the peers had exited), then the
+        shutdown goes on and the group is left to the process's exit."""
         if self.backend == "nccl":
-            # destroy_process_group waits for the peers (seen hanging on 2 x H200 once the other
-            # ranks had exited); at shutdown there is nothing left to wait for, so abort. The abort
-            # itself was seen blocking for good on 2 x H200 (`bench gpu -tp 2` never returned from
-            # engine.shutdown(), py-spy: in _abort_process_group): it gets CLOSE_TIMEOUT_S in a
-            # daemon thread, then the shutdown goes on (the group is left to the process's exit).
-            aborter = threading.Thread(target=self.abort, name="tp-nccl-abort", daemon=True)
-            aborter.start()
-            aborter.join(CLOSE_TIMEOUT_S)
-            if aborter.is_alive():
-                log.warning("tensor parallelism: the NCCL group's abort did not return within %.0f s; "
-                            "shutting down without it", CLOSE_TIMEOUT_S)
+            end = dist.destroy_process_group if peers_alive else self.abort
+            closer = threading.Thread(target=self._quietly, args=(end,), name="tp-nccl-close", daemon=True)
+            closer.start()
+            closer.join(CLOSE_TIMEOUT_S)
+            if closer.is_alive():
+                log.warning("tensor parallelism: the NCCL group's %s did not return within %.0f s; "
+                            "shutting down without it", "teardown" if peers_alive else "abort", CLOSE_TIMEOUT_S)
             return
         if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception as e:  # a peer already gone: nothing left to tear down cleanly
-                log.warning("tensor-parallel group teardown: %s", e)
+            self._quietly(dist.destroy_process_group)
+
+    @staticmethod
+    def _quietly(end) -> None:
+        try:
+            end()
+        except Exception as e:  # a peer already gone: nothing left to tear down cleanly
+            log.warning("tensor-parallel group teardown: %s", e)
 
 
 class FusedAllReduceNorm:
