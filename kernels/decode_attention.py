@@ -31,13 +31,8 @@ sum (mma tiles need 16 rows; padding a group of 4 to 16 would waste most of it).
 times both paths for G = 4 (rows "dot" / "bcast"): if padding wins, lower _MIN_DOT_ROWS.
 
 Split-K ("flash-decoding"): with num_splits > 1 each split writes its normalised partial output
-and log-sum-exp (base 2) to fp32 scratch, then bumps a counter of its (sequence, kv head); the
-split that finds num_splits - 1 there (the last to finish) combines them all, for its group's heads:
+and log-sum-exp (base 2) to fp32 scratch, and `_merge_splits_kernel` combines them:
     out = sum_s 2^(lse_s - max) * out_s / sum_s 2^(lse_s - max)
-and sets the counter back to 0 (the counters are split_k.py's, zero between launches, so CUDA
-graphs replay them). One launch instead of a split kernel and a merge kernel (at batch 1 on an
-8B model: 32 kernels per token fewer). Ordering as split_k.store_rows: the partial stores, a CTA
-barrier, the counter's acq_rel add; the last split reads the partials from L2 (.cg).
 num_splits=None picks it from the batch size and max_context_len (or, without it, the upper bound
 block_tables.shape[1] * block_size) so that about two waves of programs fill the GPU. The choice
 uses host ints only (no device sync), but a CUDA graph freezes it at capture: any num_splits is
@@ -53,7 +48,6 @@ import triton
 import triton.language as tl
 
 from pdserve.kernels import pdl
-from pdserve.kernels.split_k import WORKSPACE
 from pdserve.kernels.store_kv import check_fp8_cache
 
 _MIN_DOT_ROWS = 4              # query heads per kv head at which tl.dot is used (H100: G=4 dot 4.3x faster than bcast)
@@ -68,7 +62,7 @@ _BROADCAST_ELEMENTS = 8192     # cap on G * BLOCK_N * D of the broadcast product
             do_not_specialize_on_alignment=["block_tables_ptr", "context_lens_ptr"])
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr,
-    out_ptr, partial_out_ptr, partial_lse_ptr, lock_ptr, k_scale_ptr, v_scale_ptr,
+    out_ptr, partial_out_ptr, partial_lse_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale, sliding_window, num_splits,
     stride_q_seq, stride_q_head,
     stride_k_block, stride_k_slot, stride_k_head,
@@ -152,37 +146,42 @@ def _decode_split_kernel(
     if FP8:
         out = out * tl.load(v_scale_ptr + kv_head)
     out_mask = group_mask[:, None] & dim_mask[None, :]
-    out_ptrs = out_ptr + seq.to(tl.int64) * stride_out_seq + heads[:, None] * stride_out_head + dims[None, :]
     if WRITE_FINAL:
+        out_ptrs = out_ptr + seq.to(tl.int64) * stride_out_seq + heads[:, None] * stride_out_head + dims[None, :]
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
         # partial_out [B, H, S, D], partial_lse [B, H, S], both contiguous
-        first = (seq.to(tl.int64) * tl.num_programs(1) * GROUP_SIZE + heads) * num_splits      # [BLOCK_G] split 0
-        tl.store(partial_out_ptr + (first + split)[:, None] * HEAD_DIM + dims[None, :], out, mask=out_mask)
+        row = (seq.to(tl.int64) * tl.num_programs(1) * GROUP_SIZE + heads) * num_splits + split   # [BLOCK_G]
+        tl.store(partial_out_ptr + row[:, None] * HEAD_DIM + dims[None, :], out, mask=out_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(partial_lse_ptr + first + split, lse, mask=group_mask)
-        tl.debug_barrier()  # every thread's partial stores precede the release below
-        lock = lock_ptr + seq * tl.num_programs(1) + kv_head
-        count = tl.atomic_add(lock, 1, sem="acq_rel")
-        if count == num_splits - 1:  # the last split of (seq, kv_head): merge them all
-            tl.debug_barrier()
-            lse_max = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
-            for s in range(0, num_splits):
-                lse_max = tl.maximum(lse_max, tl.load(partial_lse_ptr + first + s, mask=group_mask,
-                                                      other=float("-inf"), cache_modifier=".cg"))
-            lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)   # all splits empty
-            total = tl.zeros([BLOCK_G], dtype=tl.float32)
-            merged = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
-            for s in range(0, num_splits):
-                weight = tl.exp2(tl.load(partial_lse_ptr + first + s, mask=group_mask, other=float("-inf"),
-                                         cache_modifier=".cg") - lse_max)          # [BLOCK_G], empty split: 0
-                part = tl.load(partial_out_ptr + (first + s)[:, None] * HEAD_DIM + dims[None, :], mask=out_mask,
-                               other=0.0, cache_modifier=".cg")
-                total += weight
-                merged += weight[:, None] * part
-            merged = merged / tl.where(total > 0, total, 1.0)[:, None]
-            tl.store(out_ptrs, merged.to(out_ptr.dtype.element_ty), mask=out_mask)
-            tl.atomic_xchg(lock, 0, sem="relaxed")  # zero again for the next launch
+        tl.store(partial_lse_ptr + row, lse, mask=group_mask)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _merge_splits_kernel(
+    partial_out_ptr, partial_lse_ptr, out_ptr,
+    num_splits, stride_out_seq, stride_out_head,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr = False,
+):
+    if PDL:  # kernels/pdl.py: wait for the previous kernel first
+        pdl.prologue()
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    row0 = (seq * tl.num_programs(1) + head) * num_splits
+    splits = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, BLOCK_D)
+    split_mask = splits < num_splits
+    lse = tl.load(partial_lse_ptr + row0 + splits, mask=split_mask, other=float("-inf"))
+    lse_max = tl.max(lse, axis=0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)   # all splits empty
+    weights = tl.exp2(lse - lse_max)                                # [BLOCK_S], empty splits: 0
+    parts = tl.load(partial_out_ptr + (row0 + splits)[:, None] * HEAD_DIM + dims[None, :],
+                    mask=split_mask[:, None] & (dims[None, :] < HEAD_DIM), other=0.0)
+    total = tl.sum(weights, axis=0)
+    out = tl.sum(weights[:, None] * parts, axis=0) / tl.where(total > 0, total, 1.0)
+    tl.store(out_ptr + seq * stride_out_seq + head * stride_out_head + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dims < HEAD_DIM)
 
 
 @functools.cache
@@ -257,14 +256,12 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_wind
     if num_splits > 1:
         partial_out = torch.empty((batch_size, num_heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         partial_lse = torch.empty((batch_size, num_heads, num_splits), dtype=torch.float32, device=q.device)
-        locks = WORKSPACE.get(q.device, 1, batch_size * num_kv_heads)[1]  # zero between launches
     else:
         partial_out = partial_lse = out    # unused
-        locks = context_lens
     log2e = 1.4426950408889634
     _decode_split_kernel[(batch_size, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens,
-        out, partial_out, partial_lse, locks, k_scale if k_scale is not None else out,
+        out, partial_out, partial_lse, k_scale if k_scale is not None else out,
         v_scale if v_scale is not None else out,
         scale * log2e, sliding_window or 0, num_splits,
         q.stride(0), q.stride(1),
@@ -279,4 +276,10 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_wind
         WRITE_FINAL=num_splits == 1, FP8=k_scale is not None,
         num_warps=4, num_stages=2, **pdl.launch_args(q),
     )
+    if num_splits > 1:
+        _merge_splits_kernel[(batch_size, num_heads)](
+            partial_out, partial_lse, out, num_splits, out.stride(0), out.stride(1),
+            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+            **pdl.launch_args(q),
+        )
     return out

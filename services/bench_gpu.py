@@ -49,7 +49,7 @@ TINY = {**LLAMA3_8B, "hidden_size": 256, "intermediate_size": 512, "num_hidden_l
         "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 4096}
 SHAPES = {"llama3-8b": LLAMA3_8B, "llama2-70b": LLAMA2_70B}
 KERNEL_CATEGORIES = (  # (category, substrings of kernel names), first match wins
-    ("attention", ("_decode_split_kernel", "_prefill_kernel", "_store_kv_kernel")),
+    ("attention", ("_decode_split_kernel", "_merge_splits_kernel", "_prefill_kernel", "_store_kv_kernel")),
     ("norm/rope/silu", ("_rms_norm_kernel", "_rotary_kernel", "_silu_and_mul_kernel")),
     ("quantized gemm", ("_int_gemv_kernel", "_fp8_gemv_kernel", "_int_gemm_kernel", "_int_dequant_kernel",
                         "_quantize_per_token_kernel")),

@@ -24,7 +24,7 @@ triton = pytest.importorskip("triton")
     "rotary store_kv").split())
 
 DECODE_KERNELS = [activation._silu_and_mul_kernel, allreduce_norm._allreduce_add_rms_norm_kernel,
-                  decode_attention._decode_split_kernel, gemv._gemv_kernel,
+                  decode_attention._decode_split_kernel, decode_attention._merge_splits_kernel, gemv._gemv_kernel,
                   gemv_fp8._fp8_gemv_kernel, gemv_fp8_v2._fp8_gemv_v2_kernel, gemv_int._int_gemv_kernel,
                   gemv_int_v2._int_gemv_v2_kernel, rms_norm._rms_norm_kernel, rotary._rotary_kernel,
                   rotary._rotary_store_kv_kernel, store_kv._store_kv_kernel]
