@@ -12,7 +12,8 @@ sizes 4096 / 8192 and 1-256 rows (decode batches):
             early would read a neighbour's data
     dead    rank 1 stops calling: rank 0's call must fail (trap -> CUDA error) after its timeout
     time    us per call inside a CUDA graph of 64 calls: NCCL all-reduce + norm kernel; torch's
-            symm_mem one-shot all-reduce + norm kernel; the fused kernel
+            symm_mem one-shot all-reduce + norm kernel; the fused kernel, push mode (the engine's)
+            and pull mode (both checked as above)
 
 Prints a table at the end (rank 0); exits non-zero if any check failed.
 """
@@ -37,13 +38,14 @@ CALLS = 64
 
 
 def _rank_main(rank: int, world: int, port: int, check_only: bool, result_path: str) -> None:
-    from pdserve.common.engine.tp_comm import FUSED_REGION_BYTES, TPComm
+    from pdserve.common.engine.tp_comm import FUSED_REGION_BYTES, FusedAllReduceNorm, TPComm
     from pdserve.kernels.rms_norm import rms_norm
 
     device = torch.device("cuda", rank)
     store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=datetime.timedelta(seconds=60))
     comm = TPComm(rank, world, store, device, 60.0, "fused")
-    fused = comm._fused
+    fused = comm._fused  # push mode (the engine's)
+    pull = FusedAllReduceNorm(rank, dist.group.WORLD.group_name, device, push=False)
     rows_out, failures = [], []
     symm = None
     if not check_only:
@@ -65,17 +67,19 @@ def _rank_main(rank: int, world: int, port: int, check_only: bool, result_path: 
                 return rms_norm(y, weight, 1e-5, res)
 
             refs = [reference(i) for i in range(CALLS)]
-            eager = [fused(xs[i], res, weight, 1e-5, i % 2) for i in range(CALLS)]
             exact = world == 2
-            bad = _compare(refs, eager, exact)
-            graph = torch.cuda.CUDAGraph()
-            torch.cuda.synchronize()
-            with torch.cuda.graph(graph):
-                outs = [fused(xs[i], res, weight, 1e-5, i % 2) for i in range(CALLS)]
-            for _ in range(200):
-                graph.replay()
-            torch.cuda.synchronize()
-            bad += _compare(refs, outs, exact)
+            bad = 0
+            for kernel in (fused, pull):
+                eager = [kernel(xs[i], res, weight, 1e-5, i % 2) for i in range(CALLS)]
+                bad += _compare(refs, eager, exact)
+                graph = torch.cuda.CUDAGraph()
+                torch.cuda.synchronize()
+                with torch.cuda.graph(graph):
+                    outs = [kernel(xs[i], res, weight, 1e-5, i % 2) for i in range(CALLS)]
+                for _ in range(200):
+                    graph.replay()
+                torch.cuda.synchronize()
+                bad += _compare(refs, outs, exact)
             if bad:
                 failures.append(f"hidden {hidden} rows {rows}: {bad} outputs differ from NCCL + rms_norm")
             row = {"hidden": hidden, "rows": rows, "check": "ok" if not bad else f"{bad} differ"}
@@ -86,6 +90,7 @@ def _rank_main(rank: int, world: int, port: int, check_only: bool, result_path: 
                     symm.view(torch.bfloat16)[:rows * hidden].view(rows, hidden), xs[i], "sum", group),
                     weight, 1e-5, res))
                 row["fused_us"] = _graph_us(lambda i: fused(xs[i], res, weight, 1e-5, i % 2))
+                row["fused_pull_us"] = _graph_us(lambda i: pull(xs[i], res, weight, 1e-5, i % 2))
             rows_out.append(row)
     dist.barrier()
     torch.cuda.synchronize()
@@ -97,7 +102,8 @@ def _rank_main(rank: int, world: int, port: int, check_only: bool, result_path: 
         t0 = time.perf_counter()
         try:
             allreduce_add_rms_norm(x, x, torch.ones(4096, dtype=torch.bfloat16, device=device), 1e-5, fused.buffer,
-                                   fused.buffer_addrs, fused.pad_addrs, 0, rank, timeout_s=2.0)
+                                   fused.buffer_addrs, fused.pad_addrs, 0, FUSED_REGION_BYTES, rank, fused.epochs,
+                                   timeout_s=2.0)
             torch.cuda.synchronize()
             dead_peer = "returned"
             failures.append("a call without its peer returned instead of failing")
@@ -167,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
         result = json.load(f)
     print(f"\n== all-reduce + residual add + RMSNorm, {args.world_size} x {torch.cuda.get_device_name(0)}, "
           f"bf16, us per call in a CUDA graph of {CALLS} ==")
-    print(f"{'hidden':>6} {'rows':>5} {'check':<10} {'nccl+norm':>9} {'symm+norm':>9} {'fused':>7}")
+    print(f"{'hidden':>6} {'rows':>5} {'check':<10} {'nccl+norm':>9} {'symm+norm':>9} {'fused':>7} {'pull':>7}")
     for r in result["rows"]:
         print(f"{r['hidden']:>6} {r['rows']:>5} {r['check']:<10} {r.get('nccl_us', '-'):>9} "
-              f"{r.get('symm_us', '-'):>9} {r.get('fused_us', '-'):>7}")
+              f"{r.get('symm_us', '-'):>9} {r.get('fused_us', '-'):>7} {r.get('fused_pull_us', '-'):>7}")
     print(f"a call whose peer never comes (timeout 2 s): {result.get('dead_peer')}")
     for f in result["failures"]:
         print("FAILED:", f)

@@ -40,7 +40,7 @@ log = logging.getLogger("pdserve.tp")
 
 SYMM_MEM_MAX_BYTES = 1 << 20  # torch's one-shot all-reduce (all_reduce="symm_mem") up to this size
 CLOSE_TIMEOUT_S = 10.0  # NCCL teardown at shutdown, at most
-FUSED_REGION_BYTES = 2 << 20  # per region (two alternate), per rank: 256 rows of hidden 4096 in bf16
+FUSED_REGION_BYTES = 2 << 20  # per rank's slot of a region (two alternate): 256 rows of hidden 4096 in bf16
 
 
 class TPComm:
@@ -161,17 +161,22 @@ class TPComm:
 
 
 class FusedAllReduceNorm:
-    """A symmetric buffer of two regions of FUSED_REGION_BYTES and its signal pad, mapped on every
-    rank, for kernels/allreduce_norm.py. Rendezvous is collective: every rank builds one, in order."""
+    """A symmetric buffer of two regions of W slots of FUSED_REGION_BYTES, its signal pad and (push
+    mode, the default) this rank's call counters, mapped on every rank, for kernels/allreduce_norm.py.
+    Rendezvous is collective: every rank builds one, in order, with the same mode."""
 
-    def __init__(self, rank: int, group_name: str, device: torch.device):
+    def __init__(self, rank: int, group_name: str, device: torch.device, push: bool = True):
         import torch.distributed._symmetric_memory as symm_mem
 
+        from pdserve.kernels.allreduce_norm import SIGNAL_SLOTS
+
         self.rank = rank
-        self.buffer = symm_mem.empty(2 * FUSED_REGION_BYTES, dtype=torch.uint8, device=device)
+        world = dist.get_world_size()
+        self.buffer = symm_mem.empty(2 * world * FUSED_REGION_BYTES, dtype=torch.uint8, device=device)
         handle = symm_mem.rendezvous(self.buffer, group_name)
         self.buffer_addrs = torch.tensor(list(handle.buffer_ptrs), dtype=torch.int64, device=device)
         self.pad_addrs = torch.tensor(list(handle.signal_pad_ptrs), dtype=torch.int64, device=device)
+        self.epochs = torch.zeros(SIGNAL_SLOTS // world, dtype=torch.int32, device=device) if push else None
         self._handle = handle  # keeps the peers' mappings alive
 
     def fits(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
@@ -182,6 +187,5 @@ class FusedAllReduceNorm:
     def __call__(self, x, residual, weight, eps, region):
         from pdserve.kernels.allreduce_norm import allreduce_add_rms_norm
 
-        region_start = region * (FUSED_REGION_BYTES // x.element_size())
         return allreduce_add_rms_norm(x, residual, weight, eps, self.buffer, self.buffer_addrs, self.pad_addrs,
-                                      region_start, self.rank)
+                                      region, FUSED_REGION_BYTES, self.rank, self.epochs)
