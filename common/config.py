@@ -303,18 +303,12 @@ class ParallelConfig:
                 "(torch's one-shot all-reduce, then the norm), or auto (fused where the GPUs can map each "
                 "other's memory, else nccl; gloo on CPU)",
         flag="--tp-all-reduce", choices=("auto", "fused", "nccl", "symm_mem"))
-    prefill_overlap: str = option(
-        "auto", "tensor parallelism: a step of >= 2 prompts and >= 2,048 tokens runs as two halves whose "
-                "all-reduces overlap the other half's compute (common/models/tp_overlap.py); auto: on CUDA",
-        flag="--tp-prefill-overlap", choices=("auto", "on", "off"))
 
     def __post_init__(self):
         if self.tensor_parallel_size < 1:
             raise ConfigError(f"--tensor-parallel-size must be positive, got {self.tensor_parallel_size}")
         if self.all_reduce not in ("auto", "nccl", "symm_mem", "fused"):
             raise ConfigError(f"--tp-all-reduce must be auto, fused, nccl or symm_mem, got {self.all_reduce!r}")
-        if self.prefill_overlap not in ("auto", "on", "off"):
-            raise ConfigError(f"--tp-prefill-overlap must be auto, on or off, got {self.prefill_overlap!r}")
 
     def check_model(self, arch: ArchConfig) -> None:
         """KV heads go whole to ranks (as even as the count allows), or, when there are fewer KV

@@ -87,8 +87,6 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs the model is split over")
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                    help="programmatic dependent launch of the decode kernels (kernels/pdl.py); --no-pdl for an A/B")
-    p.add_argument("--tp-prefill-overlap", default="auto", choices=["auto", "on", "off"],
-                   help="tensor parallelism: large prefill steps as two halves, all-reduces overlapped")
     p.add_argument("--tp-all-reduce", default="nccl", choices=["nccl", "symm_mem", "fused", "auto"],
                    help="tensor-parallel all-reduce (ParallelConfig.all_reduce)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b", help="model shape of the dummy weights")
@@ -124,8 +122,7 @@ def build_engine(args, folder: str):
     from pdserve.common.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig
     from pdserve.common.engine.engine_core import EngineCore
     config = EngineConfig(
-        parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, all_reduce=args.tp_all_reduce,
-                                prefill_overlap=getattr(args, "tp_prefill_overlap", "auto")),
+        parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, all_reduce=args.tp_all_reduce),
         model=ModelConfig(model=folder, dtype="bfloat16", max_model_len=args.max_model_len, load_format="dummy",
                           device=args.device, seed=args.seed, quantization=getattr(args, "quantization", None),
                           pdl=getattr(args, "pdl", True)),

@@ -50,7 +50,7 @@ TEMPLATES = ["Write a short story about {}.", "Explain to a child what you know 
 
 
 # ---- one phase (its own process) --------------------------------------------------------------------
-def run_phase(name: str, cpu_smoke: bool = False, pdl: bool = True, overlap: str = "auto") -> dict:
+def run_phase(name: str, cpu_smoke: bool = False, pdl: bool = True) -> dict:
     model, tp, all_reduce, _ = PHASES[name]
     if model == "smollm2":
         return _smollm2_phase(tp, cpu_smoke)
@@ -65,7 +65,7 @@ def run_phase(name: str, cpu_smoke: bool = False, pdl: bool = True, overlap: str
     bench_gpu.add_args(p)
     args = p.parse_args(["all", "--tensor-parallel-size", str(tp), "--tp-all-reduce", all_reduce,
                          "--max-model-len", "4096"] + (["--device", "cpu", "--max-num-seqs", "8"] if cpu_smoke else [])
-                         + ([] if pdl else ["--no-pdl"]) + ["--tp-prefill-overlap", overlap])
+                         + ([] if pdl else ["--no-pdl"]))
     t0 = time.perf_counter()
     engine = bench_gpu.build_engine(args, folder)
     out = {"startup_s": round(time.perf_counter() - t0, 1),
@@ -146,13 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ", ".join(PHASES))
     parser.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase, print JSON
     parser.add_argument("--json-out", default=None)
-    parser.add_argument("--tp-prefill-overlap", default="auto", choices=["auto", "on", "off"],
-                        help="every phase: large prefill steps as two halves with overlapped all-reduces")
     parser.add_argument("--no-pdl", action="store_true", help="every phase without programmatic dependent launch")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks this script, not speed")
     args = parser.parse_args(argv)
     if args.phase:
-        print("PHASE-RESULT " + json.dumps(run_phase(args.phase, args.cpu_smoke, not args.no_pdl, args.tp_prefill_overlap)), flush=True)
+        print("PHASE-RESULT " + json.dumps(run_phase(args.phase, args.cpu_smoke, not args.no_pdl)), flush=True)
         os._exit(0)  # the rank processes notice the closed pipe and exit
     import torch
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
@@ -162,8 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         try:
             proc = subprocess.run([sys.executable, "-m", "pdserve.services.bench_tp", "--phase", name]
-                                  + (["--cpu-smoke"] if args.cpu_smoke else []) + (["--no-pdl"] if args.no_pdl else [])
-                                  + ["--tp-prefill-overlap", args.tp_prefill_overlap],
+                                  + (["--cpu-smoke"] if args.cpu_smoke else []) + (["--no-pdl"] if args.no_pdl else []),
                                   capture_output=True, text=True, timeout=PHASES[name][3] * (4 if args.cpu_smoke else 1))
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PHASE-RESULT ")), None)
             results[name] = (json.loads(line.split(" ", 1)[1]) if line else

@@ -42,7 +42,6 @@ from pdserve.common.engine.sampler import Sampler, top_logprobs
 from pdserve.common.models.attention import AttentionMetadata, PrefillSeq, StepInputs
 from pdserve.common.models.llama import TORCH_OPS
 from pdserve.common.models.packed_upload import PackedUpload
-from pdserve.common.models.tp_overlap import forward_halves, split_step
 from pdserve.common.models.loader import checkpoint_dtype, load_model, resolve_dtype
 from pdserve.common.models.quantization.kv_cache import attach_kv_scales, calibrate_kv_scales, kv_cache_dtype
 from pdserve.common.sampling_params import SamplingParams
@@ -92,11 +91,6 @@ class ModelRunner:
         if attention_backend is None and model_cfg.kernels == "reference":
             attention_backend = "torch"
         ops, self.inputs = _select_backend(self.device, attention_backend, self.block_size, arch.sliding_window)
-        self._half_inputs = None  # tensor parallelism: large prefill steps as two halves (models/tp_overlap.py)
-        self.num_halved_steps = 0
-        if tp is not None and tp.world_size > 1 and tp.prefill_overlap:
-            self._half_inputs = [_select_backend(self.device, attention_backend, self.block_size,
-                                                 arch.sliding_window)[1] for _ in range(2)]
         if self.device.type == "cuda":
             _prefer_cublaslt()
             from pdserve.kernels import pdl
@@ -361,15 +355,7 @@ class ModelRunner:
             input_ids, positions, meta, sample_rows = self.inputs.prepare(step)
             if fill is not None:
                 fill(input_ids)
-            halves = split_step(step) if self._half_inputs is not None else None
-            if halves is None:
-                hidden = self.model(input_ids, positions, self.kv_caches, meta)
-            else:  # each half's metadata from its own inputs builder (their uploads must not share buffers)
-                (_, _, meta_a, _), (_, _, meta_b, _) = (inputs.prepare(half) for inputs, half in
-                                                        zip(self._half_inputs, halves))
-                hidden = forward_halves(self.model, input_ids, positions, self.kv_caches, halves[0].num_tokens,
-                                        meta_a, meta_b, self.tp)
-                self.num_halved_steps += 1
+            hidden = self.model(input_ids, positions, self.kv_caches, meta)
         return ordered, step, hidden, sample_rows
 
     @torch.inference_mode()

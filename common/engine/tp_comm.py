@@ -45,7 +45,7 @@ FUSED_REGION_BYTES = 2 << 20  # per rank's slot of a region (two alternate): 256
 
 class TPComm:
     def __init__(self, rank: int, world_size: int, store: dist.Store, device: torch.device, timeout_s: float,
-                 all_reduce: str = "auto", prefill_overlap: str = "auto"):
+                 all_reduce: str = "auto"):
         if dist.is_initialized():
             raise RuntimeError("a torch.distributed group already exists in this process: one tensor-parallel "
                                "engine per process")
@@ -56,8 +56,6 @@ class TPComm:
         if cuda:
             torch.cuda.set_device(device)
         self.backend = "nccl" if cuda else "gloo"
-        # large prefill steps in two halves, each one's all-reduces under the other's compute (ModelRunner)
-        self.prefill_overlap = prefill_overlap == "on" or (prefill_overlap == "auto" and cuda)
         auto = all_reduce == "auto"
         if auto:
             all_reduce = "fused" if cuda else "nccl"
@@ -98,11 +96,6 @@ class TPComm:
             return torch.ops.symm_mem.one_shot_all_reduce_copy(peer_view, x, "sum", self._group_name)
         dist.all_reduce(x)
         return x
-
-    def all_reduce_async(self, x: torch.Tensor):
-        """Start summing x over ranks in place; returns the work: its wait() makes the current stream
-        (NCCL) or the host (gloo) wait for the sum."""
-        return dist.all_reduce(x, async_op=True)
 
     def all_reduce_add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
                                 region: int, ops) -> tuple[torch.Tensor, torch.Tensor]:

@@ -138,7 +138,7 @@ class TPWorkers:
         try:
             self._wait_joined(store, n)
             self.comm = TPComm(0, n, store, torch.device(rank_device(device, 0)), COLLECTIVE_TIMEOUT_S,
-                               config.parallel.all_reduce, config.parallel.prefill_overlap)
+                               config.parallel.all_reduce)
         except BaseException:
             self.shutdown()
             raise
@@ -337,7 +337,7 @@ def worker_entry(steps_fd: int, status_fd: int, kv_link_fd: int | None = None) -
         store = dist.TCPStore("127.0.0.1", store_port, world_size, False, timeout)
         store.set(f"joined/{rank}", "1")
         comm = TPComm(rank, world_size, store, torch.device(config.model.device), COLLECTIVE_TIMEOUT_S,
-                      config.parallel.all_reduce, config.parallel.prefill_overlap)
+                      config.parallel.all_reduce)
         runner = ModelRunner(config.model, config.cache, arch, path, max_model_len, scheduler_cfg=sched_cfg,
                              enforce_eager=config.enforce_eager, tp=comm)
     except BaseException as e:

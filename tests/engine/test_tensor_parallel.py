@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import signal
 import time
 
@@ -73,29 +72,6 @@ def test_tokens_equal_tp1(tiny_models, few_prompts, arch, tp, kwargs):
     assert stats.tensor_parallel_size == tp and len(stats.kv_blocks_fit_by_rank) == tp
     assert stats.num_blocks == min(stats.kv_blocks_fit_by_rank)
     assert stats.prefix_hits > 0
-
-
-def test_prefill_in_two_halves_equals_tp1(tiny_models):
-    """--tp-prefill-overlap on: a step of 4 prompts x 600 tokens runs as two halves whose
-    all-reduces are asynchronous (gloo here, NCCL on GPUs); greedy tokens equal TP=1's."""
-    rng = random.Random(5)
-    prompts = [[rng.randrange(3, 500) for _ in range(600)] for _ in range(4)]
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
-    reference = LLM(tiny_models["llama"], kv_cache_memory_gb=0.05, dtype="float32")
-    try:
-        want = [o.outputs[0].token_ids for o in
-                reference.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)]
-    finally:
-        reference.shutdown()
-    llm = LLM(tiny_models["llama"], kv_cache_memory_gb=0.05, dtype="float32", tensor_parallel_size=2,
-              prefill_overlap="on", max_num_batched_tokens=4096)
-    try:
-        got = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        assert llm.engine.runner.num_halved_steps >= 1
-        assert [o.outputs[0].token_ids for o in got] == want
-        assert llm.engine.kv.num_free_blocks == llm.engine.runner.num_blocks, "KV blocks leaked"
-    finally:
-        llm.shutdown()
 
 
 def write_gguf(hf_folder: str, path: str) -> str:
