@@ -10,7 +10,7 @@ fp8 quantizes the random bf16 weights at load. `bench_quant.py` runs the quantiz
 Workloads (random token-id prompts, greedy, ignore_eos, seed 0):
     W1       256 requests x 512 prompt tokens x 128 output tokens
     W2       --w2-requests requests, prompt ~ U[64, 2048], output ~ U[32, 512]
-    latency  one request of 512 prompt tokens and 256 output tokens: TTFT and ms per output token
+    latency  one request of 512 prompt tokens and 256 output tokens (--latency-tokens): TTFT and ms per output token
 
 The model is a config.json written to a temp folder (hidden 4096, 32 layers, 32/8 heads,
 intermediate 14336, vocab 128256, rope theta 500000, bf16), loaded with `--load-format dummy`
@@ -69,6 +69,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-max-seconds", type=float, default=120.0, help="time cap of HF on W2 (measured subset)")
     p.add_argument("--hf-w2-batch-sizes", default="64,128", help="HF static batch sizes tried on W2")
     p.add_argument("--w2-requests", type=int, default=1000, help="requests of the mixed workload W2")
+    p.add_argument("--latency-tokens", type=int, default=256,
+                   help="output tokens of the latency request (longer: time to attach a sampling profiler)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="requests in a batch at most")
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per step at most")
     p.add_argument("--max-model-len", type=int, default=4096, help="context length")
@@ -104,7 +106,8 @@ def write_shape(shape: dict) -> str:
 
 
 # ---- workloads ----------------------------------------------------------------------------------
-def workloads(which: str, num_w2: int, vocab: int, seed: int) -> dict[str, list[tuple[list[int], int]]]:
+def workloads(which: str, num_w2: int, vocab: int, seed: int,
+              latency_tokens: int = 256) -> dict[str, list[tuple[list[int], int]]]:
     rng = random.Random(seed)
     prompt = lambda n: [rng.randrange(100, vocab) for _ in range(n)]  # noqa: E731
     out = {}
@@ -113,7 +116,7 @@ def workloads(which: str, num_w2: int, vocab: int, seed: int) -> dict[str, list[
     if which in ("w2", "all"):
         out["w2"] = [(prompt(rng.randint(64, 2048)), rng.randint(32, 512)) for _ in range(num_w2)]
     if which in ("latency", "all"):
-        out["latency"] = [(prompt(512), 256)]
+        out["latency"] = [(prompt(512), latency_tokens)]
     return out
 
 
@@ -401,7 +404,7 @@ def main_args(args) -> dict:
     shape = TINY if args.tiny else SHAPES[args.shape]
     folder = write_shape(shape)
     vocab = shape["vocab_size"]
-    loads = workloads(args.which, args.w2_requests, vocab, args.seed)
+    loads = workloads(args.which, args.w2_requests, vocab, args.seed, args.latency_tokens)
     card = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     summary: dict = {"card": card, "torch": torch.__version__, "triton": triton.__version__,
                      "transformers": transformers.__version__, "shape": "tiny" if args.tiny else args.shape,
