@@ -5,9 +5,12 @@
     Scheduler + KVCacheManager (prefix caching on) + EngineCore._outputs, driven as EngineCore
     drives them: schedule() -> a RunnerOutput with one sampled token per scheduled request ->
     update() -> the deltas; no forward pass, so what is timed is the host's Python per step,
-    the part of a GPU decode step that the device does not hide. Prints microseconds per
-    generated token for each of the three (decode steps only: the first step's prefill is left
-    out) and their sum. tests/bench_decode_host.py runs it once per code tree it compares.
+    the part of a GPU decode step that the device does not hide. Also the runner's host work
+    around the forward: `inputs` (flatten_step: the step's arrays, block tables through the
+    BlockTableCache) and `sample` (Sampler.sample + logprobs on [B, 64] CPU logits, greedy
+    rows: the per-row Python, the tensor ops being tiny). Prints microseconds per generated
+    token for each (decode steps only: the first step's prefill is left out) and their sum.
+    tests/bench_decode_host.py runs it once per code tree it compares.
 """
 
 from __future__ import annotations
@@ -17,10 +20,14 @@ import json
 import random
 import time
 
+import torch
+
 from pdserve.common.config import SchedulerConfig
 from pdserve.common.engine.engine_core import EngineCore
 from pdserve.common.engine.kv_cache_manager import KVCacheManager
+from pdserve.common.engine.model_runner import BlockTableCache, flatten_step
 from pdserve.common.engine.outputs import RunnerOutput
+from pdserve.common.engine.sampler import Sampler
 from pdserve.common.engine.scheduler import Scheduler
 from pdserve.common.request import Request
 from pdserve.common.sampling_params import SamplingParams
@@ -38,23 +45,41 @@ def measure(batch: int, prompt_len: int, output_len: int, seed: int = 0) -> dict
         req = Request(f"r{i}", [rng.randrange(3, 500) for _ in range(prompt_len)], params, (2,))
         sched.add_request(req)
         core.requests[req.request_id] = [req]
-    spent = {"schedule": 0.0, "update": 0.0, "outputs": 0.0}
+    tables, sampler = BlockTableCache(), Sampler(torch.device("cpu"))
+    logits = torch.randn(batch, 64)
+    spent = {"schedule": 0.0, "inputs": 0.0, "sample": 0.0, "update": 0.0, "outputs": 0.0}
     num_tokens = 0
     first = True
     while sched.has_unfinished():
         t0 = time.perf_counter()
         out = sched.schedule()
         t1 = time.perf_counter()
-        result = RunnerOutput(sampled_token_ids={s.req_id: 7 for s in out.scheduled if s.sample})
+        tables.drop(out.finished_req_ids | out.preempted_req_ids)
+        decodes = [s for s in out.scheduled if len(s.input_token_ids) == 1]
+        ordered = decodes + [s for s in out.scheduled if len(s.input_token_ids) > 1]
+        if ordered:
+            flatten_step(ordered, len(decodes), 16, tables)
         t2 = time.perf_counter()
-        touched = sched.update(out, result)
+        sample_reqs = [s for s in ordered if s.sample]
+        history = {"history": out.any_host_history} if hasattr(out, "any_host_history") else {}  # older trees
+        if sample_reqs:
+            rows = logits[:len(sample_reqs)]
+            tokens = sampler.sample(rows, sample_reqs, (2,), [None] * len(sample_reqs), **history)
+            if history.get("history", True):
+                sampler.logprobs(rows, tokens, sample_reqs)
         t3 = time.perf_counter()
-        deltas = core._outputs(touched)
+        result = RunnerOutput(sampled_token_ids={s.req_id: 7 for s in out.scheduled if s.sample})
         t4 = time.perf_counter()
+        touched = sched.update(out, result)
+        t5 = time.perf_counter()
+        deltas = core._outputs(touched)
+        t6 = time.perf_counter()
         if not first:
             spent["schedule"] += t1 - t0
-            spent["update"] += t3 - t2
-            spent["outputs"] += t4 - t3
+            spent["inputs"] += t2 - t1
+            spent["sample"] += t3 - t2
+            spent["update"] += t5 - t4
+            spent["outputs"] += t6 - t5
             num_tokens += len(deltas)
         first = False
     us = {k: round(1e6 * v / max(num_tokens, 1), 3) for k, v in spent.items()}

@@ -108,7 +108,7 @@ class DecodeMux:
             builder = ChunkBuilder(self.servicer, request, *admitted)
             self.open[rid] = builder
             self.servicer.open_streams += 1  # a request streamed here counts as one (--stream-messages-per-s)
-            await self.engine.attach(rid, builder.prompt, builder.params, lambda item: self._on_news(rid, item),
+            await self.engine.attach(rid, builder.prompt, builder.params, functools.partial(self._on_news, rid),
                                      output_token_ids=builder.given, kv_transfer=builder.spec,
                                      finished_indices=builder.finished)
         except ParameterError as e:
@@ -120,17 +120,17 @@ class DecodeMux:
 
     def _on_news(self, rid: str, item) -> None:
         """Called on this event loop by the engine thread's delivery: one step's deltas, or an error."""
+        steps = self.news.get(rid)  # (a request with news waiting is open: _close drops its news)
+        if steps is not None and not isinstance(item, BaseException):
+            steps.append(item)  # the usual case under load: its last step is not sent yet
+            return
         if rid not in self.open:
             return  # cancelled meanwhile
         if not isinstance(item, BaseException):
-            steps = self.news.get(rid)
-            if steps is None:
-                self.news[rid] = [item]
-                self.wake.set()
-                if self.open[rid].first:
-                    self.first_news.set()
-            else:
-                steps.append(item)
+            self.news[rid] = [item]
+            self.wake.set()
+            if self.open[rid].first:
+                self.first_news.set()
             return
         self._build(rid)  # what came before the error goes first
         if rid in self.open:
