@@ -11,6 +11,12 @@
     rows: the per-row Python, the tensor ops being tiny). Prints microseconds per generated
     token for each (decode steps only: the first step's prefill is left out) and their sum.
     tests/bench_decode_host.py runs it once per code tree it compares.
+
+    `--wire`: the decode worker's DecodeStream per step instead (services/decode/mux.py's own
+    DecodeMux code: each request's delta delivered (_on_news), built into the message (_build),
+    the message serialized) and the router's reading of it (parse, per request an EngineOutput:
+    delta_from_proto of each DecodeChunk, or the packed rows' PackedDelta.output where the tree
+    has them), in microseconds per token at the same batch.
 """
 
 from __future__ import annotations
@@ -87,13 +93,76 @@ def measure(batch: int, prompt_len: int, output_len: int, seed: int = 0) -> dict
     return us
 
 
+def measure_wire(batch: int, steps: int = 200) -> dict[str, float]:
+    """Per token: the decode's DecodeMux work for one step of `batch` one-token deltas, and the
+    router's reading of the message. The mux and engine are built without their servicer and
+    engine thread (only the per-step methods run: no request metrics, no KV connector)."""
+    import queue
+    import threading
+
+    from pdserve.common.engine.async_llm import AsyncLLM
+    from pdserve.common.outputs import EngineOutput
+    from pdserve.proto import convert
+    from pdserve.proto import pdserve_pb2 as pb
+    from pdserve.services.decode.mux import ChunkBuilder, DecodeMux
+
+    engine = AsyncLLM.__new__(AsyncLLM)
+    engine._streams, engine._trackers, engine._inbox, engine._wake = {}, {}, queue.SimpleQueue(), threading.Event()
+    mux = DecodeMux.__new__(DecodeMux)
+    mux.engine, mux.open, mux.news, mux.pending = engine, {}, {}, []
+    packed = hasattr(convert, "PackedRows")  # this tree packs rows
+    if packed:
+        mux.packed = convert.PackedRows()
+
+    class _Wake:  # asyncio.Event's set() without a loop
+        def set(self) -> None:
+            pass
+    mux.wake = mux.first_news = _Wake()
+    params = SamplingParams(temperature=0, max_tokens=10 ** 6, ignore_eos=True)
+    rids = [f"cmpl-{i:032x}" for i in range(batch)]
+    for rid in rids:
+        builder = ChunkBuilder.__new__(ChunkBuilder)
+        builder.rid, builder.params, builder.done, builder.first = rid, params, set(), False
+        mux.open[rid] = builder
+    decode_s = router_s = 0.0
+    for step in range(steps):
+        deltas = [[EngineOutput(rid, 0, [step % 500])] for rid in rids]  # the engine's, made on its thread
+        t0 = time.perf_counter()
+        for rid, outs in zip(rids, deltas):
+            mux._on_news(rid, outs)
+        for rid in list(mux.news):
+            mux._build(rid)
+        message = pb.DecodeChunks(chunks=mux.pending)
+        mux.pending = []
+        if packed:
+            mux.packed.fill(message)
+        wire = message.SerializeToString()
+        t1 = time.perf_counter()
+        got = pb.DecodeChunks.FromString(wire)
+        outs = [convert.delta_from_proto(c.request_id, d) for c in got.chunks for d in c.sequences]
+        if packed:
+            outs += [delta.output(rid) for rid, delta in convert.unpack_rows(got)]
+        t2 = time.perf_counter()
+        assert len(outs) == batch
+        decode_s += t1 - t0
+        router_s += t2 - t1
+    per = 1e6 / (steps * batch)
+    return {"decode_mux": round(decode_s * per, 3), "router_read": round(router_s * per, 3),
+            "total": round((decode_s + router_s) * per, 3)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--repeat", type=int, default=3, help="runs; the fastest is reported (the box's noise)")
+    p.add_argument("--wire", action="store_true", help="the DecodeStream's per-step work instead (see above)")
     a = p.parse_args()
+    if a.wire:
+        runs = [measure_wire(a.batch) for _ in range(a.repeat)]
+        print(json.dumps(min(runs, key=lambda r: r["total"])))
+        return
     runs = [measure(a.batch, a.prompt_len, a.output_len) for _ in range(a.repeat)]
     print(json.dumps(min(runs, key=lambda r: r["total"])))
 
