@@ -13,8 +13,8 @@
     tests/bench_decode_host.py runs it once per code tree it compares.
 
     `--wire`: the decode worker's DecodeStream per step instead (services/decode/mux.py's own
-    DecodeMux code: each request's delta delivered (_on_news), built into the message (_build),
-    the message serialized) and the router's reading of it (parse, per request an EngineOutput:
+    DecodeMux code: each request's delta delivered (_on_news), counted in the request metrics
+    and built into the message (_build), the message serialized) and the router's reading of it (parse, per request an EngineOutput:
     delta_from_proto of each DecodeChunk, or the packed rows' PackedDelta.output where the tree
     has them), in microseconds per token at the same batch.
 """
@@ -94,9 +94,9 @@ def measure(batch: int, prompt_len: int, output_len: int, seed: int = 0) -> dict
 
 
 def measure_wire(batch: int, steps: int = 200) -> dict[str, float]:
-    """Per token: the decode's DecodeMux work for one step of `batch` one-token deltas, and the
-    router's reading of the message. The mux and engine are built without their servicer and
-    engine thread (only the per-step methods run: no request metrics, no KV connector)."""
+    """Per token: the decode's DecodeMux work for one step of `batch` one-token deltas (request
+    metrics counted, as a worker does), and the router's reading of the message. The mux and
+    engine are built without their servicer and engine thread (only the per-step methods run)."""
     import queue
     import threading
 
@@ -106,8 +106,12 @@ def measure_wire(batch: int, steps: int = 200) -> dict[str, float]:
     from pdserve.proto import pdserve_pb2 as pb
     from pdserve.services.decode.mux import ChunkBuilder, DecodeMux
 
+    from pdserve.common.metrics import ServerMetrics
+    from pdserve.common.request_metrics import DeltaTracker
+
     engine = AsyncLLM.__new__(AsyncLLM)
     engine._streams, engine._trackers, engine._inbox, engine._wake = {}, {}, queue.SimpleQueue(), threading.Event()
+    engine.request_metrics = ServerMetrics("bench", 1024)  # a worker's: every delta counted
     mux = DecodeMux.__new__(DecodeMux)
     mux.engine, mux.open, mux.news, mux.pending = engine, {}, {}, []
     packed = hasattr(convert, "PackedRows")  # this tree packs rows
@@ -124,14 +128,21 @@ def measure_wire(batch: int, steps: int = 200) -> dict[str, float]:
         builder = ChunkBuilder.__new__(ChunkBuilder)
         builder.rid, builder.params, builder.done, builder.first = rid, params, set(), False
         mux.open[rid] = builder
+        engine._trackers[rid] = DeltaTracker(engine.request_metrics, time.time(), 256, 1)
     decode_s = router_s = 0.0
     for step in range(steps):
         deltas = [[EngineOutput(rid, 0, [step % 500])] for rid in rids]  # the engine's, made on its thread
         t0 = time.perf_counter()
         for rid, outs in zip(rids, deltas):
             mux._on_news(rid, outs)
-        for rid in list(mux.news):
-            mux._build(rid)
+        if hasattr(engine, "metrics_batch"):  # this tree counts a message's metrics at once
+            metrics = engine.metrics_batch()
+            for rid in list(mux.news):
+                mux._build(rid, metrics)
+            metrics.flush()
+        else:
+            for rid in list(mux.news):
+                mux._build(rid)
         message = pb.DecodeChunks(chunks=mux.pending)
         mux.pending = []
         if packed:

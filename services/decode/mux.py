@@ -65,8 +65,11 @@ class DecodeMux:
             while self.reading or self.open or self.pending or self.packed or self.news:
                 await self.wake.wait()
                 self.wake.clear()
+                metrics = self.engine.metrics_batch()  # the message's tokens counted at once
                 for rid in list(self.news):
-                    self._build(rid)
+                    self._build(rid, metrics)
+                if metrics is not None:
+                    metrics.flush()
                 if self.pending or self.packed:
                     message = pb.DecodeChunks(chunks=self.pending)
                     self.pending = []
@@ -142,14 +145,15 @@ class DecodeMux:
                 log.error("decode stream: %s", item)
             self._refuse(rid, code, detail)
 
-    def _build(self, rid: str) -> None:
-        """A request's steps not yet sent -> one DecodeChunk in `pending`."""
+    def _build(self, rid: str, metrics=None) -> None:
+        """A request's steps not yet sent -> a packed row or a DecodeChunk in `pending`
+        (`metrics`: the message's MetricsBatch)."""
         steps = self.news.pop(rid, None)
         builder = self.open.get(rid)
         if not steps or builder is None:
             return
         outs = steps[0] if len(steps) == 1 else functools.reduce(merge_step_outputs, steps)
-        self.engine.observe(rid, outs)
+        self.engine.observe(rid, outs, metrics)
         if builder.packable(outs):  # the steady state: tokens only
             out = outs[0]
             self.packed.add(rid, out.new_token_ids, out.finish_reason)
