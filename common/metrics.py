@@ -17,6 +17,9 @@ Each `ServerMetrics` owns its registry, so several apps can live in one process 
 
 from __future__ import annotations
 
+import bisect
+import collections
+import functools
 import logging
 import time
 from typing import Callable
@@ -158,13 +161,36 @@ class RequestTracker:
         count_unfinished(self.m, self.finished, self.num_tokens, reason)
 
 
-def observe_itl(m: ServerMetrics, num_new: int, since_last_s: float, first_of_sequence: bool) -> None:
+def itl_gaps(num_new: int, since_last_s: float, first_of_sequence: bool) -> tuple[int, float]:
     """One inter-token latency per token after a sequence's first, however many tokens an output
     carries (decode coalesces steps, --stream-interval-ms): the output's gap spread evenly over
-    its tokens; tokens that arrived with the sequence's first one count 0."""
-    gaps, gap_s = (num_new - 1, 0.0) if first_of_sequence else (num_new, since_last_s / num_new)
+    its tokens; tokens that arrived with the sequence's first one count 0. -> (count, gap)."""
+    return (num_new - 1, 0.0) if first_of_sequence else (num_new, since_last_s / num_new)
+
+
+def observe_itl(m: ServerMetrics, num_new: int, since_last_s: float, first_of_sequence: bool) -> None:
+    gaps, gap_s = itl_gaps(num_new, since_last_s, first_of_sequence)
     for _ in range(gaps):
         m.itl.observe(gap_s)
+
+
+def observe_many(histogram, values: list[float]) -> None:
+    """`histogram.observe(v)` for every v, as one increment per bucket hit and one of the sum
+    (the decode worker observes an inter-token latency per output token: ~3 us each through
+    observe(), which takes two locks and walks the bounds). Reads prometheus_client's Histogram
+    internals (_upper_bounds, _buckets, _sum; tests/test_metrics_batch.py checks them against
+    observe()); a client without them gets observe() per value."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    if bounds is None or not hasattr(histogram, "_buckets") or not hasattr(histogram, "_sum"):
+        for v in values:
+            histogram.observe(v)
+        return
+    if not values:
+        return
+    histogram._sum.inc(sum(values))
+    # observe() counts v in the first bucket whose bound is >= v: bisect_left's index
+    for i, n in collections.Counter(map(functools.partial(bisect.bisect_left, bounds), values)).items():
+        histogram._buckets[i].inc(n)
 
 
 def count_unfinished(m: ServerMetrics, finished: list[bool], num_tokens: list[int], reason: str) -> None:

@@ -18,8 +18,36 @@ with this engine's view of the request, as each vLLM instance of a P/D pair repo
 
 from __future__ import annotations
 
-from pdserve.common.metrics import ServerMetrics, count_unfinished, observe_itl
+import time
+
+from pdserve.common.metrics import ServerMetrics, count_unfinished, itl_gaps, observe_many
 from pdserve.common.outputs import EngineOutput
+
+
+class MetricsBatch:
+    """The token counts and inter-token latencies of many requests' deltas passed on together
+    (one DecodeStream message), counted with one increment each at `flush()` instead of one
+    locked prometheus call per token (services/decode/mux.py)."""
+
+    def __init__(self, metrics: ServerMetrics, now: float | None = None):
+        self.m = metrics
+        self.now = time.time() if now is None else now
+        self.num_tokens = 0
+        self.itl: list[float] = []
+
+    def add(self, num_new: int, since_last_s: float, first_of_sequence: bool) -> None:
+        self.num_tokens += num_new
+        gaps, gap_s = itl_gaps(num_new, since_last_s, first_of_sequence)
+        if gaps == 1:
+            self.itl.append(gap_s)
+        elif gaps > 1:
+            self.itl += [gap_s] * gaps
+
+    def flush(self) -> None:
+        if self.num_tokens:
+            self.m.generation_tokens.inc(self.num_tokens)
+        observe_many(self.m.itl, self.itl)
+        self.num_tokens, self.itl = 0, []
 
 
 class DeltaTracker:
@@ -36,19 +64,22 @@ class DeltaTracker:
         metrics.prompt_tokens.inc(num_prompt_tokens)
         metrics.request_prompt_tokens.observe(num_prompt_tokens)
 
-    def observe(self, outs: list[EngineOutput], now: float) -> None:
+    def observe(self, outs: list[EngineOutput], now: float, batch: MetricsBatch | None = None) -> None:
+        """`batch`: count the tokens and inter-token latencies there (its flush() does), else now."""
         m = self.m
+        own = batch is None
+        if own:
+            batch = MetricsBatch(m, now)
         for o in outs:
             if not self.scheduled and o.first_scheduled_time is not None:
                 self.scheduled = True
                 m.queue_time.observe(max(o.first_scheduled_time - self.arrival_time, 0.0))
             i, num_new = o.index, len(o.new_token_ids)
             if num_new:
-                m.generation_tokens.inc(num_new)
                 if not self.first_token:
                     self.first_token = True
                     m.ttft.observe(now - self.arrival_time)
-                observe_itl(m, num_new, now - self.last_token_time[i], self.num_tokens[i] == 0)
+                batch.add(num_new, now - self.last_token_time[i], self.num_tokens[i] == 0)
                 self.num_tokens[i] += num_new
                 self.last_token_time[i] = now
             if o.finished and not self.finished[i]:
@@ -58,6 +89,8 @@ class DeltaTracker:
         if all(self.finished) and not self.done:
             self.done = True
             m.e2e.observe(now - self.arrival_time)
+        if own:
+            batch.flush()
 
     def close(self, reason: str = "abort") -> None:
         """The stream ended early (the caller went away): count the unfinished sequences."""

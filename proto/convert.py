@@ -132,3 +132,72 @@ def token_logprobs_from_proto(msg: pb.TokenLogprobs) -> TokenLogprobs:
     for entry in msg.top:
         result[entry.token_id] = Logprob(logprob=entry.logprob, rank=entry.rank or None)
     return result
+
+
+# ---- DecodeChunks' packed rows (requests whose news is only tokens, and maybe their end) ------
+class PackedRows:
+    """The decode side: rows gathered over a message interval, then copied into a DecodeChunks
+    with one `extend` per field (services/decode/mux.py)."""
+
+    def __init__(self):
+        self.request_ids: list[str] = []
+        self.num_new_tokens: list[int] = []
+        self.new_token_ids: list[int] = []
+        self.finished_rows: list[int] = []
+        self.finish_reasons: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+    def add(self, request_id: str, new_token_ids: list[int], finish_reason: str | None) -> None:
+        if finish_reason is not None:
+            self.finished_rows.append(len(self.request_ids))
+            self.finish_reasons.append(FINISH_REASONS[finish_reason])
+        self.request_ids.append(request_id)
+        self.num_new_tokens.append(len(new_token_ids))
+        self.new_token_ids += new_token_ids
+
+    def fill(self, msg: pb.DecodeChunks) -> None:
+        """Copy the rows into `msg` (and start over empty)."""
+        msg.request_ids.extend(self.request_ids)
+        msg.num_new_tokens.extend(self.num_new_tokens)
+        msg.new_token_ids.extend(self.new_token_ids)
+        msg.finished_rows.extend(self.finished_rows)
+        msg.finish_reasons.extend(self.finish_reasons)
+        self.__init__()
+
+
+class PackedDelta:
+    """The router side: one packed row of a DecodeChunks (read where a DecodeChunk would be: it
+    has the DecodeChunk attributes MuxedDecode reads, `finished` and `status_code`)."""
+    __slots__ = ("new_token_ids", "finish_reason")
+    status_code = 0  # never refused: a refusal is a DecodeChunk
+
+    def __init__(self, new_token_ids: list[int], finish_reason: str | None):
+        self.new_token_ids, self.finish_reason = new_token_ids, finish_reason
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def output(self, request_id: str) -> EngineOutput:
+        return EngineOutput(request_id=request_id, index=0, new_token_ids=self.new_token_ids,
+                            finish_reason=self.finish_reason)
+
+
+def unpack_rows(msg: pb.DecodeChunks) -> list[tuple[str, PackedDelta]]:
+    """A DecodeChunks' packed rows as (request id, PackedDelta), in row order."""
+    ids = list(msg.request_ids)
+    if not ids:
+        return []
+    flat = list(msg.new_token_ids)  # one copy out of the message, then plain list slices
+    finished = dict(zip(msg.finished_rows, msg.finish_reasons))
+    rows, pos = [], 0
+    for i, (rid, n) in enumerate(zip(ids, msg.num_new_tokens)):
+        end = pos + n
+        reason = finished.get(i)
+        rows.append((rid, PackedDelta(flat[pos:end], None if reason is None else finish_reason_from_proto(reason))))
+        pos = end
+    if pos != len(flat):
+        raise ValueError(f"DecodeChunks: num_new_tokens add up to {pos}, new_token_ids has {len(flat)}")
+    return rows

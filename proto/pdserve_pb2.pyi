@@ -308,10 +308,20 @@ class DecodeStreamRequest(_message.Message):
     def __init__(self, open: _Optional[_Union[DecodeRequest, _Mapping]] = ..., stop: _Optional[_Union[AbortRequest, _Mapping]] = ..., cancel: _Optional[str] = ...) -> None: ...
 
 class DecodeChunks(_message.Message):
-    __slots__ = ("chunks",)
+    __slots__ = ("chunks", "request_ids", "num_new_tokens", "new_token_ids", "finished_rows", "finish_reasons")
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    NUM_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    NEW_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_ROWS_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASONS_FIELD_NUMBER: _ClassVar[int]
     chunks: _containers.RepeatedCompositeFieldContainer[DecodeChunk]
-    def __init__(self, chunks: _Optional[_Iterable[_Union[DecodeChunk, _Mapping]]] = ...) -> None: ...
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    num_new_tokens: _containers.RepeatedScalarFieldContainer[int]
+    new_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    finished_rows: _containers.RepeatedScalarFieldContainer[int]
+    finish_reasons: _containers.RepeatedScalarFieldContainer[FinishReason]
+    def __init__(self, chunks: _Optional[_Iterable[_Union[DecodeChunk, _Mapping]]] = ..., request_ids: _Optional[_Iterable[str]] = ..., num_new_tokens: _Optional[_Iterable[int]] = ..., new_token_ids: _Optional[_Iterable[int]] = ..., finished_rows: _Optional[_Iterable[int]] = ..., finish_reasons: _Optional[_Iterable[_Union[FinishReason, str]]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id", "indices")

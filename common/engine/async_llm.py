@@ -145,11 +145,21 @@ class AsyncLLM:
         self._send(("add", (request_id, prompt_token_ids, params, arrival_time, output_token_ids,
                             kv_transfer, finished_indices)))
 
-    def observe(self, request_id: str, outs: list[EngineOutput]) -> None:
-        """A consumer passes these deltas on now (a worker's request metrics count them)."""
+    def observe(self, request_id: str, outs: list[EngineOutput], batch=None) -> None:
+        """A consumer passes these deltas on now (a worker's request metrics count them).
+        `batch` (from metrics_batch()): of many requests' deltas passed on together, counted at
+        its flush()."""
         tracker = self._trackers.get(request_id)
         if tracker is not None:
-            tracker.observe(outs, time.time())
+            tracker.observe(outs, time.time() if batch is None else batch.now, batch)
+
+    def metrics_batch(self):
+        """A MetricsBatch for the observe() calls of one message (flush() it after them); None
+        when this engine counts no request metrics."""
+        if self.request_metrics is None:
+            return None
+        from pdserve.common.request_metrics import MetricsBatch
+        return MetricsBatch(self.request_metrics)
 
     def detach(self, request_id: str, abort: bool) -> None:
         """Stop delivering a request's news; `abort`: it has not finished, abort it in the engine."""

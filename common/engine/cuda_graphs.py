@@ -4,7 +4,9 @@ A decode step of an 8B model launches ~15 kernels per layer; at small batches th
 each before Python issues the next. Capturing the forward pass once per bucket and replaying it
 leaves only one launch per step.
 
-    buckets: 1 2 4 8 16 32 64 128 256 (those <= max_num_seqs, plus max_num_seqs itself)
+    buckets: 1 2 4 8 16 32 64 128 256 (those <= max_num_seqs, plus max_num_seqs itself), and
+             past 256 one per 128 up to max_num_seqs (--max-num-seqs 512: 384, 512), so a
+             larger batch still replays a graph instead of running ~500 eager launches
     static device buffers (one int32 block, filled by one pinned copy per step):
         | ids maxB | positions maxB | slots maxB | context_lens maxB | sample rows maxB | table maxB x M |
     a step of B decodes replays the smallest bucket bs >= B; rows B..bs are padding:
@@ -30,9 +32,13 @@ from pdserve.kernels.decode_attention import choose_num_splits
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
+LARGE_BUCKET_STEP = 128  # buckets past BUCKETS[-1]
+
+
 def bucket_sizes(max_num_seqs: int) -> list[int]:
     sizes = [b for b in BUCKETS if b <= max_num_seqs]
-    if max_num_seqs not in sizes and max_num_seqs < BUCKETS[-1]:
+    sizes += range(BUCKETS[-1] + LARGE_BUCKET_STEP, max_num_seqs + 1, LARGE_BUCKET_STEP)
+    if max_num_seqs not in sizes:
         sizes.append(max_num_seqs)
     return sizes
 

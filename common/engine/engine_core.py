@@ -310,22 +310,22 @@ class EngineCore:
         outs = []
         for req in reqs:
             new = req.output_token_ids[req.num_sent_tokens:]
-            req.num_sent_tokens = req.num_output_tokens
-            out = EngineOutput(request_id=req.parent_id, index=req.index, new_token_ids=new,
-                               finish_reason=req.finish_reason(), error=error if req.is_finished() else None)
+            req.num_sent_tokens += len(new)
+            finished = req.status.is_finished()
+            out = EngineOutput(req.parent_id, req.index, new)
+            if finished:
+                out.finish_reason, out.stop_reason, out.error = req.finish_reason(), req.stop_reason, error
             if req.params.logprobs is not None:
                 out.new_logprobs = [_logprob_dict(top) for _, top in req.logprobs[req.num_sent_logprobs:]]
                 req.num_sent_logprobs = len(req.logprobs)
-            if req.is_finished():
-                out.stop_reason = req.stop_reason
-            if not req.reported and (new or req.is_finished()):
+            if not req.reported and (new or finished):
                 req.reported = True
                 out.num_cached_tokens = req.num_cached_tokens or 0
                 out.num_computed_prompt_tokens = req.num_computed_prompt_tokens
                 out.first_scheduled_time = req.first_scheduled_time
                 if req.index == 0 and req.params.prompt_logprobs is not None:
                     out.prompt_logprobs = [None if e is None else _logprob_dict(e) for e in req.prompt_logprobs]
-            if req.is_finished():
+            if finished:
                 self._forget(req)
             outs.append(out)
         return outs

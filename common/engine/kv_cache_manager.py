@@ -72,7 +72,8 @@ class KVCacheManager:
         if not computed and blocks is not None:  # a decode step: usually room in its last block
             total_tokens = req.num_computed_tokens + num_new_tokens
             if total_tokens <= len(blocks) * self.block_size and len(req.block_ids) == len(blocks):
-                self._cache_full_blocks(req, blocks, total_tokens)
+                if self.pool.enable_caching and total_tokens // self.block_size > self._num_hashed.get(req.request_id, 0):
+                    self._cache_full_blocks(req, blocks, total_tokens)  # (its early return, checked here)
                 return True
         if self.num_blocks_needed(req, num_new_tokens, computed) > self.pool.num_free_blocks:
             return False

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import operator
 import threading
 from typing import Callable
 
@@ -47,6 +48,8 @@ from pdserve.common.models.quantization.kv_cache import attach_kv_scales, calibr
 from pdserve.common.sampling_params import SamplingParams
 
 GiB = 1 << 30
+_REQ_ID, _INPUT_IDS, _START_POS, _SAMPLE = map(operator.attrgetter, ("req_id", "input_token_ids", "start_pos",
+                                                                    "sample"))  # ScheduledRequest fields
 
 
 def zeros_on_demand(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
@@ -276,9 +279,10 @@ class ModelRunner:
         ordered, step, hidden, sample_rows = self._forward(sched)
         if not ordered:
             return PendingOutput(out)
-        for st, s in zip(step.query_start_loc.tolist(), ordered):
-            if s.params.prompt_logprobs is not None and s.start_pos < len(s.prompt_token_ids):
-                out.prompt_logprobs[s.req_id] = self._prompt_logprobs(hidden[st:st + s.num_tokens], s)
+        if sched.any_host_history:  # (prompt logprobs are host history)
+            for st, s in zip(step.query_start_loc.tolist(), ordered):
+                if s.params.prompt_logprobs is not None and s.start_pos < len(s.prompt_token_ids):
+                    out.prompt_logprobs[s.req_id] = self._prompt_logprobs(hidden[st:st + s.num_tokens], s)
         sample_reqs = [s for s in ordered if s.sample]
         if not sample_reqs:
             return PendingOutput(out)
@@ -291,7 +295,7 @@ class ModelRunner:
             tokens = torch.empty(len(sample_reqs), dtype=torch.int64, device=self.device)
             self._last_sampled = (self.tp.broadcast_from_first(tokens), index)
             return PendingOutput(out)
-        gens = [self.generator(s) for s in sample_reqs]
+        gens = [None if s.params.seed is None or s.params.temperature == 0 else self.generator(s) for s in sample_reqs]
         previous = self._last_pending
         masks = None if token_masks is None else token_masks.start_fill(
             sample_reqs, None if previous is None else lambda req_id: previous.result().sampled_token_ids[req_id])
@@ -301,11 +305,13 @@ class ModelRunner:
         @torch.inference_mode()
         def sample() -> torch.Tensor:  # [S] on the device
             bitmask = masks.join() if masks is not None else None
-            tokens = self.sampler.sample(logits, sample_reqs, self.arch.eos_token_ids, gens, bitmask)
+            tokens = self.sampler.sample(logits, sample_reqs, self.arch.eos_token_ids, gens, bitmask,
+                                         history=sched.any_host_history)
             if self.tp is not None:
                 self.tp.broadcast_from_first(tokens)
             self._last_sampled = (tokens, index)
-            out.logprobs = self.sampler.logprobs(logits, tokens, sample_reqs)
+            if sched.any_host_history:
+                out.logprobs = self.sampler.logprobs(logits, tokens, sample_reqs)
             return tokens
         self._last_pending = PendingOutput(out, [s.req_id for s in sample_reqs], sample=sample)
         if masks is None:
@@ -343,8 +349,8 @@ class ModelRunner:
         if sched.is_empty():
             return [], None, None, None
         scheduled = sched.scheduled if self.spec is None else self.spec.prepare(sched)
-        decodes = [s for s in scheduled if s.num_tokens == 1]
-        prefills = [s for s in scheduled if s.num_tokens > 1]
+        decodes = [s for s in scheduled if len(s.input_token_ids) == 1]
+        prefills = [s for s in scheduled if len(s.input_token_ids) > 1]
         ordered = decodes + prefills
         step = flatten_step(ordered, len(decodes), self.block_size, self._tables)
         self._flush_deferred()  # the previous step's tokens, which this step's inputs may read
@@ -381,8 +387,9 @@ class ModelRunner:
             return None
         tokens, index = self._last_sampled
         req_of_hole = np.searchsorted(step.query_start_loc, holes, side="right") - 1
-        try:
-            src = np.fromiter((index[ordered[r].req_id] for r in req_of_hole), np.int32, holes.size)
+        try:  # index[ordered[r].req_id] per hole, iterated in C (once per decoding request per step)
+            src = np.fromiter(map(index.__getitem__, map(_REQ_ID, map(ordered.__getitem__, req_of_hole.tolist()))),
+                              np.int32, holes.size)
         except KeyError as e:
             raise RuntimeError(f"request {e.args[0]} has an input token in flight that no launched step samples") from e
         n = holes.size
@@ -517,7 +524,7 @@ class BlockTableCache:
 
     def __init__(self):
         self._table = np.zeros((64, 64), np.int32)  # [rows, max blocks]; grows in both dimensions
-        self._entries: dict[str, list[int]] = {}  # req_id -> [row, num_valid, first id, last id]
+        self._entries: dict[str, list] = {}  # req_id -> [row, num_valid, first id, last id, block_ids list]
         self._free_rows = list(range(63, -1, -1))
 
     def rows(self, ordered: list[ScheduledRequest], blocks_needed: list[int]) -> np.ndarray:
@@ -525,15 +532,21 @@ class BlockTableCache:
         if max(blocks_needed) > self._table.shape[1]:
             self._grow(self._table.shape[0], 2 * max(blocks_needed))
         rows = []
+        entries = self._entries
         for s, n in zip(ordered, blocks_needed):
-            entry = self._entries.get(s.req_id) or self._new_entry(s.req_id)
-            row, have, first, last = entry
             ids = s.block_ids
+            entry = entries.get(s.req_id)
+            if entry is not None and entry[4] is ids and entry[1] >= n:  # the list it was filled from
+                rows.append(entry[0])  # (the manager replaces a request's list on every change)
+                continue
+            entry = entry or self._new_entry(s.req_id)
+            row, have, first, last, _ = entry
             if have and (have > len(ids) or ids[0] != first or ids[have - 1] != last):
                 have = 0
             if have < n:
                 self._table[row, have:n] = ids[have:n]
-                entry[1:] = n, ids[0], ids[n - 1]
+                entry[1:4] = n, ids[0], ids[n - 1]
+            entry[4] = ids
             rows.append(row)
         return np.array(rows)
 
@@ -545,7 +558,7 @@ class BlockTableCache:
             num = self._table.shape[0]
             self._grow(2 * num, self._table.shape[1])
             self._free_rows = list(range(2 * num - 1, num - 1, -1))
-        entry = self._entries[req_id] = [self._free_rows.pop(), 0, 0, 0]
+        entry = self._entries[req_id] = [self._free_rows.pop(), 0, 0, 0, None]  # + the block_ids list seen last
         return entry
 
     def _grow(self, num_rows: int, width: int) -> None:
@@ -589,13 +602,13 @@ def position_seed(seed: int, position: int) -> int:
 def flatten_step(ordered: list[ScheduledRequest], num_decodes: int, block_size: int,
                  tables: BlockTableCache) -> StepInputs:
     """Flatten a step's requests (decodes first) into host arrays with numpy, no per-token loop."""
-    num_reqs = len(ordered)
-    lens = np.fromiter((s.num_tokens for s in ordered), np.int32, num_reqs)
-    starts = np.fromiter((s.start_pos for s in ordered), np.int32, num_reqs)
+    num_reqs = len(ordered)  # the per-request reads below iterate in C (map + attrgetter): once per request
+    lens = np.fromiter(map(len, map(_INPUT_IDS, ordered)), np.int32, num_reqs)
+    starts = np.fromiter(map(_START_POS, ordered), np.int32, num_reqs)
     query_start_loc = np.zeros(num_reqs + 1, np.int32)
     np.cumsum(lens, out=query_start_loc[1:])
     num_tokens = int(query_start_loc[-1])
-    input_ids = np.fromiter(itertools.chain.from_iterable(s.input_token_ids for s in ordered), np.int32, num_tokens)
+    input_ids = np.fromiter(itertools.chain.from_iterable(map(_INPUT_IDS, ordered)), np.int32, num_tokens)
     context_lens = starts + lens
     blocks_needed = (context_lens + block_size - 1) // block_size
     rows = tables.rows(ordered, blocks_needed.tolist())
@@ -605,7 +618,7 @@ def flatten_step(ordered: list[ScheduledRequest], num_decodes: int, block_size: 
     req_of_token = np.repeat(np.arange(num_reqs), lens)  # [T]
     positions = (np.arange(num_tokens, dtype=np.int32) - query_start_loc[req_of_token] + starts[req_of_token])
     slot_mapping = block_table[req_of_token, positions // block_size] * block_size + positions % block_size
-    sampled = np.fromiter((s.sample for s in ordered), bool, num_reqs)
+    sampled = np.fromiter(map(_SAMPLE, ordered), bool, num_reqs)
     return StepInputs(num_decodes=num_decodes, input_ids=input_ids, positions=positions.astype(np.int32),
                       slot_mapping=slot_mapping.astype(np.int32), query_start_loc=query_start_loc,
                       context_lens=context_lens, block_table=block_table,

@@ -44,6 +44,9 @@ class SchedulerOutput:
     num_batched_tokens: int
     finished_req_ids: set[str] = field(default_factory=set)  # runner drops their cached state
     preempted_req_ids: set[str] = field(default_factory=set)
+    # False: no scheduled request's sampling reads its token history or reports logprobs
+    # (SamplingParams.needs_host_history), so the runner skips those per-row checks
+    any_host_history: bool = True
 
     def is_empty(self) -> bool:
         return not self.scheduled

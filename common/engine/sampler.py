@@ -29,15 +29,20 @@ class Sampler:
         return self._shared
 
     def sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest], eos_token_ids: tuple[int, ...],
-               generators: list[torch.Generator | None], bitmask: torch.Tensor | None = None) -> torch.Tensor:
+               generators: list[torch.Generator | None], bitmask: torch.Tensor | None = None,
+               history: bool = True) -> torch.Tensor:
         """Tokens [B] on the device; nothing here waits for the device (small host lists go
         through pinned memory), so a step can be queued behind the one running. `bitmask`
-        [B, ceil(V / 32)] int32 on the host: bit t of row i set = token t allowed for row i."""
+        [B, ceil(V / 32)] int32 on the host: bit t of row i set = token t allowed for row i.
+        history=False: no row has penalties, min_tokens or logprobs (the scheduler knows; the
+        rows are not scanned for them)."""
         if bitmask is not None:  # in place unless logprobs (of the raw logits) are wanted
-            logits = apply_token_bitmask(logits, bitmask, copy=any(r.params.logprobs is not None for r in reqs))
+            logits = apply_token_bitmask(logits, bitmask,
+                                         copy=history and any(r.params.logprobs is not None for r in reqs))
         logits = self._apply_logit_bias(logits, reqs)
-        logits = self._apply_penalties(logits, reqs)
-        logits = self._apply_min_tokens(logits, reqs, eos_token_ids)
+        if history:
+            logits = self._apply_penalties(logits, reqs)
+            logits = self._apply_min_tokens(logits, reqs, eos_token_ids)
         greedy = [r.params.temperature == 0 for r in reqs]
         tokens = logits.argmax(dim=-1)
         if not all(greedy):

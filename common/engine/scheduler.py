@@ -40,6 +40,10 @@ from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, RunnerOutput, Sched
 from pdserve.common.engine.spec_decode import max_draft_tokens
 from pdserve.common.request import Request, RequestStatus
 
+# Module constants: an enum's class attribute lookup is slow, and these are read per request per step.
+FINISHED_LENGTH, FINISHED_STOPPED = RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_STOPPED
+_LAST_UNFINISHED = RequestStatus.PREEMPTED  # status > this: finished (RequestStatus.is_finished)
+
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv_manager: KVCacheManager, connector: KVConnector | None = None,
@@ -86,13 +90,15 @@ class Scheduler:
             self._admit_loaded()
 
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            num_new = min(req.num_tokens + req.num_inflight - req.num_computed_tokens, budget)
-            if num_new <= 0 or req.finishes_with_inflight(self.config.max_model_len):
+        running, max_model_len = self.running, self.config.max_model_len
+        while i < len(running) and budget > 0:
+            req = running[i]
+            num_ahead = len(req.all_token_ids) + req.num_inflight  # known tokens + the one in flight
+            num_new = min(num_ahead - req.num_computed_tokens, budget)
+            if num_new <= 0 or req.num_inflight and req.finishes_with_inflight(max_model_len):
                 i += 1  # its step in flight ends it (update() finishes it)
                 continue
-            reaches_end = req.num_computed_tokens + num_new == req.num_tokens + req.num_inflight
+            reaches_end = req.num_computed_tokens + num_new == num_ahead
             while (num_spec := self._allocate(req, num_new, budget, reaches_end)) is None:
                 victim = self.running.pop()  # newest first
                 self._preempt(victim)
@@ -140,14 +146,17 @@ class Scheduler:
         finished, self._finished_ids = self._finished_ids, set()
         return SchedulerOutput(scheduled=scheduled,
                                num_batched_tokens=self.config.token_budget - budget,
-                               finished_req_ids=finished, preempted_req_ids=preempted)
+                               finished_req_ids=finished, preempted_req_ids=preempted,
+                               any_host_history=self.num_host_history_requests > 0)
 
     def _allocate(self, req: Request, num_new: int, budget: int, reaches_end: bool, computed=()) -> int | None:
         """Reserve KV slots for num_new tokens, and for drafts when the chunk reaches the end of the
         known tokens and the request speculates (without drafts if the pool is short for them).
         Returns the draft slots reserved, or None when not even num_new fit."""
+        if not self.num_speculative_tokens:
+            return 0 if self.kv.allocate_slots(req, num_new, computed) else None
         num_spec = 0
-        if reaches_end and self.num_speculative_tokens:
+        if reaches_end:
             num_spec = min(max_draft_tokens(req, self.num_speculative_tokens, self.config.max_model_len),
                            budget - num_new)
         if num_spec > 0 and self.kv.allocate_slots(req, num_new + num_spec, computed):
@@ -157,17 +166,17 @@ class Scheduler:
     def _scheduled(self, req: Request, num_new: int, num_spec: int = 0) -> ScheduledRequest:
         start = req.num_computed_tokens
         end = start + num_new
-        known = req.num_tokens
-        tokens = req.all_token_ids[start:end]
+        known = len(req.all_token_ids)
         if end > known:  # the token in flight is this step's input
-            tokens += [PLACEHOLDER_TOKEN] * (end - max(start, known))
+            tokens = req.all_token_ids[start:end] + [PLACEHOLDER_TOKEN] * (end - max(start, known))
+        else:
+            tokens = req.all_token_ids[start:end]
         sample = end == known + req.num_inflight
         req.num_computed_tokens = end
         req.num_inflight += sample
-        return ScheduledRequest(
-            req_id=req.request_id, input_token_ids=tokens, start_pos=start,
-            block_ids=req.block_ids, sample=sample, params=req.params,
-            prompt_token_ids=req.prompt_token_ids, output_token_ids=req.output_token_ids, num_spec_slots=num_spec)
+        # positional: ScheduledRequest's field order (once per request per step)
+        return ScheduledRequest(req.request_id, tokens, start, req.block_ids, sample, req.params,
+                                req.prompt_token_ids, req.output_token_ids, num_spec)
 
     # ---- KV loads (connector) ---------------------------------------------------------------
     def _start_load(self, req: Request) -> bool:
@@ -218,19 +227,33 @@ class Scheduler:
         """Apply one step's results; returns requests that got a new token or finished."""
         now = time.time()
         touched = []
+        requests, sampled, spec_tokens = self.requests, result.sampled_token_ids, result.spec_token_ids
+        prompt_logprobs, logprobs = result.prompt_logprobs, result.logprobs
+        one_token = not logprobs and not self.num_speculative_tokens  # a sampled token is all there is
         for s in sched.scheduled:
-            req = self.requests.get(s.req_id)
-            if req is None or req.is_finished():
+            req = requests.get(s.req_id)
+            if req is None or req.status > _LAST_UNFINISHED:  # is_finished(), inlined: once per request
                 continue
-            prompt_end = min(s.start_pos + s.num_tokens, req.num_prompt_tokens)
-            req.num_computed_prompt_tokens += max(prompt_end - s.start_pos, 0)
-            if s.req_id in result.prompt_logprobs and req.num_preemptions == 0:
-                req.prompt_logprobs.extend(result.prompt_logprobs[s.req_id])
-            token = result.sampled_token_ids.get(s.req_id)
+            num_prompt = len(req.prompt_token_ids)
+            if s.start_pos < num_prompt:
+                req.num_computed_prompt_tokens += min(s.start_pos + len(s.input_token_ids), num_prompt) - s.start_pos
+            if prompt_logprobs and s.req_id in prompt_logprobs and req.num_preemptions == 0:
+                req.prompt_logprobs.extend(prompt_logprobs[s.req_id])
+            token = sampled.get(s.req_id)
             if token is None:
                 continue
             req.num_inflight -= 1
-            drafts = result.spec_token_ids.get(s.req_id)
+            if one_token:  # the usual decode step: append, check the stops
+                req.output_token_ids.append(token)
+                req.all_token_ids.append(token)
+                status = self._check_stop(req, token)
+                if status is not None:
+                    self.finish_requests([req.request_id], status)
+                if req.first_token_time is None:
+                    req.first_token_time = now
+                touched.append(req)
+                continue
+            drafts = spec_tokens.get(s.req_id)
             new_tokens = [token]
             if drafts:  # the accepted drafts' KV is valid; the rest of the reserved slots are not
                 assert not req.num_inflight, "a step was launched before the verify step it follows"
@@ -239,8 +262,8 @@ class Scheduler:
                 req.num_computed_tokens += num_accepted
             for token in new_tokens:
                 req.append_output_token(token)
-                if s.req_id in result.logprobs:
-                    chosen, top = result.logprobs[s.req_id]
+                if s.req_id in logprobs:
+                    chosen, top = logprobs[s.req_id]
                     req.logprobs.append((chosen, top))
                     req.cumulative_logprob += chosen
                 status = self._check_stop(req, token)
@@ -257,18 +280,19 @@ class Scheduler:
 
     def _check_stop(self, req: Request, token: int) -> RequestStatus | None:
         p = req.params
-        if req.num_tokens >= self.config.max_model_len:
-            return RequestStatus.FINISHED_LENGTH
-        if req.num_output_tokens < p.min_tokens:
+        if len(req.all_token_ids) >= self.config.max_model_len:
+            return FINISHED_LENGTH
+        num_output = len(req.output_token_ids)
+        if num_output < p.min_tokens:
             return None
         if not p.ignore_eos and token in req.eos_token_ids:
             req.stop_reason = None
-            return RequestStatus.FINISHED_STOPPED
-        if token in p.stop_token_ids:
+            return FINISHED_STOPPED
+        if p.stop_token_ids and token in p.stop_token_ids:
             req.stop_reason = token
-            return RequestStatus.FINISHED_STOPPED
-        if p.max_tokens is not None and req.num_output_tokens >= p.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
+            return FINISHED_STOPPED
+        if p.max_tokens is not None and num_output >= p.max_tokens:
+            return FINISHED_LENGTH
         return None
 
     # ---- finishing -------------------------------------------------------------------------

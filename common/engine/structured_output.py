@@ -207,7 +207,8 @@ class StructuredOutputManager:
         row has a constraint. `inflight_token(req_id)`: the token the previous step sampled for a
         row whose input is still in flight: then the fill starts at `MaskFill.tokens_arrived()`
         (the caller's, once those tokens are on the host; else join()), otherwise now."""
-        rows = [(i, s) for i, s in enumerate(reqs) if s.params.has_token_mask]
+        rows = [(i, s) for i, s in enumerate(reqs)  # has_token_mask, inlined: once per row per step
+                if (p := s.params).structured_outputs is not None or p.allowed_token_ids is not None or p.bad_words]
         if not rows:
             return None
         if self._fill is not None:  # never joined (its step failed): its workers finish first
@@ -254,8 +255,10 @@ class StructuredOutputManager:
         """Advance the matchers by the new tokens: -> (ids whose grammar ended, ids whose output
         the grammar rejects). Finished requests' state is dropped. With a fill in flight its rows
         have accepted the tokens already (tokens_arrived: now if nothing called it)."""
-        t0 = time.perf_counter()
         fill = self._fill
+        if fill is None and not self._states:
+            return [], []  # no constrained request: nothing to look up per request
+        t0 = time.perf_counter()
         if fill is not None:
             fill.tokens_arrived()
         live = []

@@ -4,9 +4,12 @@
                                                             open: checks, AsyncLLM.attach(sink)
     engine thread --one call per step (AsyncLLM._deliver_all)--> sinks: each request's deltas
                                                             kept in `news` (steps not yet sent)
-    router <==DecodeChunks{a chunk per request with news}== writer (this call's response
-               stream), one message per wake-up, then the servicer's interval: the steps of a
-               request made meanwhile leave merged as one chunk, built only then
+    router <==DecodeChunks{a packed row or a chunk per request with news}== writer (this
+               call's response stream), one message per wake-up, then the servicer's interval:
+               the steps of a request made meanwhile leave merged, built only then; a request
+               whose news is only tokens (the steady state) is a packed row (proto/convert.py
+               PackedRows: a few list appends, one bulk copy per field per message), anything
+               more (its first news, logprobs, errors, n > 1) a DecodeChunk from ChunkBuilder
 
 Why: with one Decode call per request, a step of a batch of 250 cost 250 gRPC messages, 250
 coroutine wake-ups and 250 writes on the decode's event loop, and as many reads on the router's;
@@ -35,7 +38,7 @@ from pdserve.common.outputs import merge_step_outputs
 from pdserve.common.request import child_request_id
 from pdserve.common.sampling_params import ParameterError
 from pdserve.proto import pdserve_pb2 as pb
-from pdserve.proto.convert import delta_to_proto, prompt_logprobs_to_proto
+from pdserve.proto.convert import PackedRows, delta_to_proto, prompt_logprobs_to_proto
 
 log = logging.getLogger("pdserve.decode")
 
@@ -50,6 +53,7 @@ class DecodeMux:
         self.open: dict[str, "ChunkBuilder"] = {}  # request id -> its chunk state
         self.news: dict[str, list] = {}  # request id -> its steps' deltas not yet sent
         self.pending: list[pb.DecodeChunk] = []  # chunks built, not yet sent
+        self.packed = PackedRows()  # packed rows built, not yet sent
         self.wake = asyncio.Event()
         self.first_news = asyncio.Event()  # a request's first delta: it ends the interval's wait
         self.reading = True
@@ -58,14 +62,19 @@ class DecodeMux:
         """The response stream: DecodeChunks of everything pending, one message per wake-up."""
         reader = asyncio.ensure_future(self._read())
         try:
-            while self.reading or self.open or self.pending or self.news:
+            while self.reading or self.open or self.pending or self.packed or self.news:
                 await self.wake.wait()
                 self.wake.clear()
+                metrics = self.engine.metrics_batch()  # the message's tokens counted at once
                 for rid in list(self.news):
-                    self._build(rid)
-                if self.pending:
-                    batch, self.pending = self.pending, []
-                    yield pb.DecodeChunks(chunks=batch)
+                    self._build(rid, metrics)
+                if metrics is not None:
+                    metrics.flush()
+                if self.pending or self.packed:
+                    message = pb.DecodeChunks(chunks=self.pending)
+                    self.pending = []
+                    self.packed.fill(message)
+                    yield message
                     interval = self.servicer.interval_s()
                     if interval and self.open:  # the steps meanwhile: one message, but a request's
                         try:  # first tokens (decode's TTFT when it computed the prompt) go at once
@@ -102,7 +111,7 @@ class DecodeMux:
             builder = ChunkBuilder(self.servicer, request, *admitted)
             self.open[rid] = builder
             self.servicer.open_streams += 1  # a request streamed here counts as one (--stream-messages-per-s)
-            await self.engine.attach(rid, builder.prompt, builder.params, lambda item: self._on_news(rid, item),
+            await self.engine.attach(rid, builder.prompt, builder.params, functools.partial(self._on_news, rid),
                                      output_token_ids=builder.given, kv_transfer=builder.spec,
                                      finished_indices=builder.finished)
         except ParameterError as e:
@@ -114,17 +123,17 @@ class DecodeMux:
 
     def _on_news(self, rid: str, item) -> None:
         """Called on this event loop by the engine thread's delivery: one step's deltas, or an error."""
+        steps = self.news.get(rid)  # (a request with news waiting is open: _close drops its news)
+        if steps is not None and not isinstance(item, BaseException):
+            steps.append(item)  # the usual case under load: its last step is not sent yet
+            return
         if rid not in self.open:
             return  # cancelled meanwhile
         if not isinstance(item, BaseException):
-            steps = self.news.get(rid)
-            if steps is None:
-                self.news[rid] = [item]
-                self.wake.set()
-                if self.open[rid].first:
-                    self.first_news.set()
-            else:
-                steps.append(item)
+            self.news[rid] = [item]
+            self.wake.set()
+            if self.open[rid].first:
+                self.first_news.set()
             return
         self._build(rid)  # what came before the error goes first
         if rid in self.open:
@@ -136,14 +145,21 @@ class DecodeMux:
                 log.error("decode stream: %s", item)
             self._refuse(rid, code, detail)
 
-    def _build(self, rid: str) -> None:
-        """A request's steps not yet sent -> one DecodeChunk in `pending`."""
+    def _build(self, rid: str, metrics=None) -> None:
+        """A request's steps not yet sent -> a packed row or a DecodeChunk in `pending`
+        (`metrics`: the message's MetricsBatch)."""
         steps = self.news.pop(rid, None)
         builder = self.open.get(rid)
         if not steps or builder is None:
             return
-        outs = functools.reduce(merge_step_outputs, steps)
-        self.engine.observe(rid, outs)
+        outs = steps[0] if len(steps) == 1 else functools.reduce(merge_step_outputs, steps)
+        self.engine.observe(rid, outs, metrics)
+        if builder.packable(outs):  # the steady state: tokens only
+            out = outs[0]
+            self.packed.add(rid, out.new_token_ids, out.finish_reason)
+            if out.finish_reason is not None:
+                self._close(rid, abort=False)
+            return
         chunk = builder.chunk(outs)
         self.pending.append(chunk)
         if chunk.finished:
@@ -173,6 +189,15 @@ class ChunkBuilder:
         self.params, self.prompt, self.given, self.spec, self.finished = params, prompt, given, spec, finished
         self.done = set(finished)
         self.first = True
+
+    def packable(self, outs) -> bool:
+        """This news fits a packed row: one sequence's tokens and maybe its end (EOS, length or
+        abort), after the first chunk (which carries the KV transfer's and the prompt's numbers)."""
+        if self.first or len(outs) != 1 or self.params.n != 1:
+            return False
+        out = outs[0]
+        return (out.new_logprobs is None and out.error is None and out.stop_reason is None
+                and out.prompt_logprobs is None and out.num_computed_prompt_tokens is None)
 
     def chunk(self, outs) -> pb.DecodeChunk:
         chunk = pb.DecodeChunk(request_id=self.rid)

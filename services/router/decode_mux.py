@@ -2,10 +2,13 @@
 
     DecodeMuxes.open(stub, address, DecodeRequest, timeout_s) -> MuxedDecode
         the worker's DecodeMux (started on first use) sends DecodeStreamRequest{open}
-    DecodeMux reader task: async for DecodeChunks in the call: each chunk -> its request's queue
+    DecodeMux reader task: async for DecodeChunks in the call: each chunk, and each packed row
+                          (a PackedDelta: tokens and maybe the end, proto/convert.py), -> its
+                          request's queue
     MuxedDecode (one request, what `_run` in disagg_client.py reads):
-        async for batch in it    every chunk queued since the last batch (at least one): the
-                                 router's work per batch, not per token, when it lags
+        async for batch in it    every DecodeChunk / PackedDelta queued since the last batch
+                                 (at least one): the router's work per batch, not per token,
+                                 when it lags
         abort(indices)           a stop string ended sequences: DecodeStreamRequest{stop}
         close()                  done with it; unfinished: DecodeStreamRequest{cancel} (the
                                  client went away: decode aborts it and frees its blocks)
@@ -29,6 +32,7 @@ import grpc
 
 from pdserve.common.queued import take_queued
 from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto.convert import unpack_rows
 
 log = logging.getLogger("pdserve.router")
 
@@ -70,10 +74,15 @@ class DecodeMux:
     async def _read(self) -> None:
         try:
             async for message in self._call:
+                queues = self._queues
                 for chunk in message.chunks:
-                    q = self._queues.get(chunk.request_id)
+                    q = queues.get(chunk.request_id)
                     if q is not None:
                         q.put_nowait(chunk)
+                for rid, delta in unpack_rows(message):
+                    q = queues.get(rid)
+                    if q is not None:
+                        q.put_nowait(delta)
             error = DecodeStreamError(grpc.StatusCode.UNAVAILABLE, "the decode worker ended its DecodeStream")
         except grpc.aio.AioRpcError as e:
             error = DecodeStreamError(e.code(), e.details() or "")
@@ -117,7 +126,7 @@ class MuxedDecode:
     def __aiter__(self) -> "MuxedDecode":
         return self
 
-    async def __anext__(self) -> list[pb.DecodeChunk]:
+    async def __anext__(self) -> list:  # of pb.DecodeChunk and PackedDelta
         if self.finished:
             raise StopAsyncIteration
         item, self._held = (self._held, None) if self._held is not None else (await self._q.get(), None)

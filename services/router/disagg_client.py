@@ -43,7 +43,7 @@ from pdserve.common.output_processor import RequestState
 from pdserve.common.sampling_params import ParameterError, SamplingParams
 from pdserve.common.stats import RouterStats
 from pdserve.proto import pdserve_pb2 as pb
-from pdserve.proto.convert import delta_from_proto, prompt_logprobs_from_proto, sampling_params_to_proto
+from pdserve.proto.convert import PackedDelta, delta_from_proto, prompt_logprobs_from_proto, sampling_params_to_proto
 from pdserve.services.router.decode_mux import DecodeMuxes, DecodeStreamError
 from pdserve.services.router.instances import InstancePool
 from pdserve.services.router.stream_drain import DrainedStream
@@ -159,6 +159,12 @@ class DisaggClient:
                     stopped = []
                     for chunk in batch:
                         lease.pulled |= handle is not None  # decode answers only after its pull ended
+                        if type(chunk) is PackedDelta:  # only tokens (never a request's first news)
+                            if state.add(chunk.output(request_id)):
+                                stopped.append(0)
+                            if state.finished:
+                                break
+                            continue
                         if chunk.kv_bytes_received:
                             self.stats.kv_bytes += chunk.kv_bytes_received
                             self.stats.handoffs += 1

@@ -25,7 +25,7 @@ from pdserve.common.engine.llm import LLM
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
-from pdserve.proto.convert import sampling_params_to_proto
+from pdserve.proto.convert import PackedDelta, delta_from_proto, sampling_params_to_proto
 from pdserve.services.router.decode_mux import DecodeMuxes, DecodeStreamError
 
 PROMPTS = [[1, 17, 230, 31, 9, 402, 77, 5], [1, 88, 12, 901, 44], [1, 3000, 2, 71, 650, 19, 8], [1, 5, 5, 5, 5]]
@@ -58,11 +58,21 @@ def request(rid: str, prompt: list[int], max_tokens: int, **kw) -> pb.DecodeRequ
     return pb.DecodeRequest(request_id=rid, prompt_token_ids=prompt, params=sampling_params_to_proto(params))
 
 
-async def read_all(stream) -> dict[int, list[int]]:
+def outputs(chunk) -> list:
+    """A DecodeChunk's or a packed row's (PackedDelta's) deltas, as EngineOutputs."""
+    if isinstance(chunk, PackedDelta):
+        return [chunk.output("")]
+    return [delta_from_proto(chunk.request_id, d) for d in chunk.sequences]
+
+
+async def read_all(stream, packed: list | None = None) -> dict[int, list[int]]:
+    """Every token of a MuxedDecode by sequence; `packed` gets a bool per item (a packed row?)."""
     tokens: dict[int, list[int]] = {}
     async for batch in stream:
         for chunk in batch:
-            for d in chunk.sequences:
+            if packed is not None:
+                packed.append(isinstance(chunk, PackedDelta))
+            for d in outputs(chunk):
                 tokens.setdefault(d.index, []).extend(d.new_token_ids)
     stream.close()
     return tokens
@@ -99,24 +109,30 @@ def test_requests_share_one_stream_and_end_alone(stack, offline):
                 await read_all(bad)
             assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "prompt" in refused.value.details()
             first = await long.__anext__()  # "long" runs; the client goes away
-            assert sum(len(d.new_token_ids) for c in first for d in c.sequences) >= 1
+            assert sum(len(d.new_token_ids) for c in first for d in outputs(c)) >= 1
             long.close()
             # a stop string of sequence 1 of the pair: it ends, sequence 0 runs to max_tokens (decode
             # reports nothing more of a stopped sequence: the router ends the request, as here)
             got, stopped, ended = {}, False, False
             async for batch in pair:
                 for chunk in batch:
-                    for d in chunk.sequences:
+                    assert not isinstance(chunk, PackedDelta)  # n = 2: always a DecodeChunk
+                    for d in outputs(chunk):
                         got.setdefault(d.index, []).extend(d.new_token_ids)
-                        ended |= d.index == 0 and d.finish_reason != pb.FINISH_REASON_NONE
+                        ended |= d.index == 0 and d.finished
                 if ended:
                     break
                 if len(got.get(1, [])) >= 3 and not stopped:
                     stopped = True
                     await pair.abort([1])
             pair.close()
-            rest = [await read_all(s) for s in plain]
+            packed = [[], []]
+            rest = [await read_all(s, p) for s, p in zip(plain, packed)]
             assert len(muxes._muxes) == 1  # one stream carried them all
+            # n = 1 without logprobs: after the first news (a DecodeChunk: the prompt's numbers)
+            # every message is a packed row, the last one carrying the finish
+            for p in packed:
+                assert len(p) >= 2 and not p[0] and all(p[1:]), p
             return got, rest
 
     pair, rest = asyncio.run(go())
@@ -156,11 +172,11 @@ def test_interval_coalesces_but_first_tokens_go_at_once(stack, offline):
     batches_a, batches_b, first_b_s = asyncio.run(go())
     assert first_b_s < INTERVAL_MS / 1000 / 2, first_b_s
     for rid, prompt, batches in (("a", PROMPTS[0], batches_a), ("b", PROMPTS[1], batches_b)):
-        tokens = [t for batch in batches for c in batch for d in c.sequences for t in d.new_token_ids]
+        tokens = [t for batch in batches for c in batch for d in outputs(c) for t in d.new_token_ids]
         assert tokens == expected(offline, prompt, 60)[0], rid
         # 60 steps in a few messages (one a step without the interval): the first, those that the
         # other request's first tokens cut short, the rest after each 1.5 s wait
-        assert len(batches) <= 8, (rid, [sum(len(d.new_token_ids) for c in x for d in c.sequences) for x in batches])
+        assert len(batches) <= 8, (rid, [sum(len(d.new_token_ids) for c in x for d in outputs(c)) for x in batches])
 
 
 def test_decode_death_fails_every_open_request_at_once(stack, offline):

@@ -80,3 +80,28 @@ def test_token_constraints_round_trip(spec):
     params = SamplingParams(logit_bias={7: -100, 9: 2.5}, allowed_token_ids=[1, 2, 3], bad_words=["foo", "a b"],
                             structured_outputs=spec)
     assert _round_trip(params) == params
+
+
+def test_packed_rows_round_trip_through_the_wire():
+    rows = convert.PackedRows()
+    rows.add("a", [5, 6, 7], None)
+    rows.add("b", [], "abort")
+    rows.add("c#x", [9], "stop")
+    rows.add("d", [1, 2], "length")
+    msg = pb.DecodeChunks(chunks=[pb.DecodeChunk(request_id="e", error="boom", finished=True)])
+    rows.fill(msg)
+    assert len(rows) == 0 and rows.new_token_ids == []  # emptied for the next message
+    got = convert.unpack_rows(pb.DecodeChunks.FromString(msg.SerializeToString()))
+    assert [(rid, d.new_token_ids, d.finish_reason, d.finished) for rid, d in got] == [
+        ("a", [5, 6, 7], None, False), ("b", [], "abort", True), ("c#x", [9], "stop", True),
+        ("d", [1, 2], "length", True)]
+    out = got[0][1].output("a")
+    assert (out.request_id, out.index, out.new_token_ids, out.finish_reason, out.stop_reason) == ("a", 0, [5, 6, 7],
+                                                                                                  None, None)
+    assert convert.unpack_rows(pb.DecodeChunks()) == []
+
+
+def test_packed_rows_that_do_not_add_up_are_refused():
+    msg = pb.DecodeChunks(request_ids=["a"], num_new_tokens=[2], new_token_ids=[1, 2, 3])
+    with pytest.raises(ValueError, match="add up to 2"):
+        convert.unpack_rows(msg)
