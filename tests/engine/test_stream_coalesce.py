@@ -47,7 +47,10 @@ def test_lagging_consumer_gets_queued_steps_as_one_item(tiny_models):
         return [t for outs in items for o in outs for t in o.new_token_ids]
     assert len(tokens(b_items)) == NUM_TOKENS
     assert tokens(a_items) == tokens(b_items)
-    assert [len(o.new_token_ids) for outs in a_items for o in outs] == [1, NUM_TOKENS - 1]
+    # one item taken before A's consumer waits (1 token, or 2 if a second step landed before the
+    # consumer ran), then everything else as ONE item
+    counts = [len(o.new_token_ids) for outs in a_items for o in outs]
+    assert len(counts) == 2 and counts[0] <= 2 and sum(counts) == NUM_TOKENS, counts
     assert a_items[0][0].finish_reason is None and a_items[-1][0].finish_reason == "length"
 
 
