@@ -278,7 +278,9 @@ class ModelRunner:
             return PendingOutput(out)
         if self.spec is not None and self.spec.has_drafts():  # one readback; result() finishes on the host
             readback, finish = self.spec.verify(hidden, step, ordered, out, token_masks)
-            return PendingOutput(out, tokens=readback, finish=finish)
+            self._last_sampled = (readback, self.spec.sampled_index)  # a next launch may fill from it
+            self._last_pending = PendingOutput(out, tokens=readback, finish=finish)
+            return self._last_pending
         logits = self.model.compute_logits(hidden.index_select(0, sample_rows))  # [S, V]
         index = {s.req_id: i for i, s in enumerate(sample_reqs)}
         if logits is None:  # tensor-parallel rank > 0: rank 0 samples; keep its tokens for the next inputs

@@ -60,7 +60,8 @@ def test_overlapped_seeded_ngram_equals_plain_sampling(small_vocab):
                             decode_rows=True)
     assert tokens(spec) == tokens(plain)
     assert [o.outputs[0].text for o in spec] == [o.outputs[0].text for o in plain]
-    assert engine.stats().spec_decode.num_drafts > 0 and engine.num_overlapped_steps > 0
+    st = engine.stats().spec_decode  # (drafts past a wrong guess are dropped, not verified)
+    assert st.num_drafts + st.num_guessed_drafts > 0 and engine.num_overlapped_steps > 0
 
 
 def test_overlapped_draft_model_outputs_do_not_change(small_vocab):
@@ -111,3 +112,26 @@ def test_masked_request_shares_a_verify_step_launched_while_its_token_is_in_flig
     assert tokens(spec) == tokens(plain)
     assert set(tokens(spec)[1]) <= {28, 29, 30, 31, 40}
     assert engine.stats().spec_decode.num_guessed_drafts > 0
+
+
+def test_drafts_past_a_wrong_guess_are_dropped_and_the_next_step_launches_first(small_vocab):
+    """Batch 1, greedy: once the plain step's token shows a guess wrong, that step's drafts are
+    dropped (its row 0's token only) and the next step launches before its result, looking up on
+    the history with the surprising token. The engine's rounds are exactly those of the sweep's
+    replay of this policy (bench_spec_sweep.replay) on the same outputs, and differ from the
+    replay that verifies wrong guesses' drafts and waits for them (the engine before)."""
+    from pdserve.services.bench_spec_sweep import replay
+    folder, prompts = small_vocab
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    outs, engine = generate(folder, prompts, greedy, check_blocks=True, speculative_config=NGRAM,
+                            async_scheduling=True, block_size=4, one_at_a_time=True, decode_rows=True)
+    assert tokens(outs) == hf_greedy(folder, prompts, 40)
+    samples = list(zip(prompts, tokens(outs)))
+    lo, hi, k = NGRAM["prompt_lookup_min"], NGRAM["prompt_lookup_max"], NGRAM["num_speculative_tokens"]
+    r = replay(samples, lo, hi, k, 40, plain_ms=1.0, verify_ms=1.0)
+    kept = replay(samples, lo, hi, k, 40, plain_ms=1.0, verify_ms=1.0, drop=False)
+    st = engine.stats().spec_decode
+    assert r.dropped > 0 and r.guess_hits > 0
+    assert (st.num_guessed_drafts, st.num_guess_hits, st.num_drafts, st.num_draft_tokens, st.num_accepted_tokens) == \
+        (r.guess_steps, r.guess_hits, r.verify_steps - r.dropped, r.draft_tokens, r.accepted)
+    assert (kept.verify_steps, kept.draft_tokens) != (r.verify_steps - r.dropped, r.draft_tokens)

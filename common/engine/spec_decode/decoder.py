@@ -53,6 +53,8 @@ class SpecDecoder:
         # decode-only step that the CUDA graphs replay. Set in start(): where graphs exist.
         self.verify_as_decodes = False
         self.propose_seconds = 0.0  # host time in proposers (bench spec: the draft's cost)
+        self.sampled_index: dict[str, int] = {}  # the last verify step's: req_id -> its token's index in the readback
+        self._launched = ({}, set(), [])  # the last verify step's (guesses, dropped req ids, req ids with drafts)
 
     def draft_bytes_per_block(self, block_size: int) -> int:
         return 0 if self.draft is None else self.draft.draft_bytes_per_block(block_size)
@@ -75,7 +77,7 @@ class SpecDecoder:
             and speculates(s.params, len(s.output_token_ids)))]
         if self.draft is not None:  # it drafts from the history on the device: never past a token in flight
             want = [s for s in want if s.input_token_ids[-1] != PLACEHOLDER_TOKEN]
-        self._drafts, self._probs, self._fed = {}, {}, {}
+        self._drafts, self._probs, self._fed, self._launched = {}, {}, {}, ({}, set(), [])
         if not want:
             return sched.scheduled
         t0 = time.perf_counter()
@@ -98,6 +100,31 @@ class SpecDecoder:
     def has_drafts(self) -> bool:
         """The step being launched carries drafts: `verify` decides its tokens."""
         return bool(self._drafts)
+
+    def settle_guesses(self, requests: dict) -> bool:
+        """Once the tokens the last launched step guessed are known (the result of the step
+        before it applied; `requests`: the scheduler's running requests by id): the drafts of a
+        request whose guess was wrong are dropped (its result is its row 0's token alone, which
+        is the same token whether the drafts were accepted or not: n-gram drafts are one-hot).
+        -> whether the launched step still has drafts whose acceptance decides where the next
+        step starts (False: the next may launch before its result, as after a plain step)."""
+        if not self._drafts:
+            return False
+        guessed, dropped, drafted = self._launched
+        awaits = False
+        for req_id in drafted:
+            req = requests.get(req_id)
+            if req is None:  # finished (or failed): nothing of it waits for this step
+                dropped.add(req_id)
+            elif req_id in guessed and guessed[req_id][0] < req.num_tokens:
+                pos, token = guessed[req_id]
+                if req.all_token_ids[pos] != token:
+                    dropped.add(req_id)
+                else:
+                    awaits = True
+            else:
+                awaits = True
+        return awaits
 
     def verify(self, hidden: torch.Tensor, step: StepInputs, ordered: list[ScheduledRequest],
                out: RunnerOutput, token_masks=None):
@@ -144,14 +171,23 @@ class SpecDecoder:
             out.logprobs = runner.sampler.logprobs(rows_plain, tokens, reqs)  # waits only where asked
             readback = torch.cat([readback, tokens])
         num_spec_values = readback.shape[0] - len(plain)
+        # where each request's first token lies in `readback` (a step launched before this one's
+        # result fills its input from there: a request whose drafts were dropped, see settle_guesses)
+        self.sampled_index = {req_id: spans[req_id] for req_id in spec}
+        self.sampled_index.update((req_id, num_spec_values + i) for i, req_id in enumerate(plain))
         guesses = getattr(self.proposer, "guesses", {})
         for req_id in spec:  # drafts past a token in flight: the guess, for the counters
             if req_id in guesses and fed[req_id]:
                 out.guessed_token_ids[req_id] = (first[req_id].start_pos, guesses[req_id])
+        dropped: set[str] = set()  # filled by settle_guesses before finish() runs
+        self._launched = (out.guessed_token_ids, dropped, [r for r in spec if fed[r]])
 
         def finish(values: list[int]) -> None:
             out.sampled_token_ids.update(zip(plain, values[num_spec_values:]))
             for req_id, tokens in zip(spec, finish_spec(values[:num_spec_values])):
+                if req_id in dropped:  # its row 0's token only (= tokens[0], accepted or not: one-hot drafts)
+                    out.sampled_token_ids[req_id] = tokens[0]
+                    continue
                 out.sampled_token_ids[req_id] = tokens[-1]
                 if fed[req_id]:
                     out.spec_token_ids[req_id] = fed[req_id]

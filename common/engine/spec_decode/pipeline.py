@@ -37,10 +37,12 @@ from pdserve.common.engine.outputs import RunnerOutput
 from pdserve.common.request import Request
 
 
-def can_overlap_next(spec) -> bool:
-    """The step just launched (by the runner owning `spec`, a SpecDecoder) drafted nothing, and
-    the proposer needs no history on the device: the next step may launch before its result."""
-    return spec.draft is None and not spec.has_drafts()
+def can_overlap_next(spec, requests: dict[str, Request]) -> bool:
+    """The step just launched (by the runner owning `spec`, a SpecDecoder) drafted nothing, or
+    only past guesses that the result of the step before showed wrong (their drafts dropped:
+    SpecDecoder.settle_guesses; `requests`: the scheduler's by id, that result applied), and the
+    proposer needs no history on the device: the next step may launch before its result."""
+    return spec.draft is None and not spec.settle_guesses(requests)
 
 
 def guess_hits(result: RunnerOutput, touched: list[Request]) -> list[bool]:
