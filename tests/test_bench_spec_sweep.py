@@ -78,10 +78,14 @@ def test_bench_spec_stages_command(tmp_path, tiny_models):
     """`bench spec --stages` (services/bench_spec_stages.py): per kind of decode step, its host ms by stage."""
     out = tmp_path / "stages.json"
     proc = pdserve("bench", "spec", "--stages", "--model", tiny_models["llama"], "--max-tokens", "12",
-                   "--sequential-prompts", "2", "--kv-cache-memory", "0.1", "--dtype", "float32", "--json-out", str(out))
+                   "--sequential-prompts", "2", "--batch-sizes", "1", "3", "--kv-cache-memory", "0.1",
+                   "--dtype", "float32", "--json-out", str(out))
     assert proc.returncode == 0, proc.stderr
-    table = json.loads(out.read_text())
-    assert table["plain"]["steps"] > 0 and set(table) <= {"plain", "verify", "guess"}
-    for row in table.values():
-        assert row["step"] > row["forward"] > 0 and row["schedule"] > 0 and row["flatten"] > 0
+    tables = json.loads(out.read_text())
+    assert set(tables) == {"1", "3"}
+    for table in tables.values():
+        assert table["plain"]["steps"] > 0 and set(table) <= {"plain", "verify", "guess"}
+        for row in table.values():
+            assert row["step"] > row["forward"] > 0 and row["schedule"] > 0 and row["flatten"] > 0
+            assert row["host"] == pytest.approx(row["step"] - row["wait"] - row["forward"], abs=1e-3)
     assert "host ms per decode step by stage" in proc.stdout

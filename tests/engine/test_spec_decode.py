@@ -102,6 +102,7 @@ def test_verify_as_one_token_rows_gives_the_same_tokens(tiny_models, prompts, dr
     batch = prompts[:4]
     outs, engine = generate(folder, batch, GREEDY, decode_rows=True, speculative_config=spec, block_size=4)
     assert tokens(outs) == reference(tiny_models, "llama", prompts)[:4]
+    assert engine.runner.spec.num_row_steps > 0  # steps of decodes and verify chunks ran as one-token rows
     if drafter == "self":
         st = engine.stats().spec_decode
         assert st.num_accepted_tokens == st.num_draft_tokens > 0

@@ -131,7 +131,41 @@ def test_drafts_past_a_wrong_guess_are_dropped_and_the_next_step_launches_first(
     r = replay(samples, lo, hi, k, 40, plain_ms=1.0, verify_ms=1.0)
     kept = replay(samples, lo, hi, k, 40, plain_ms=1.0, verify_ms=1.0, drop=False)
     st = engine.stats().spec_decode
-    assert r.dropped > 0 and r.guess_hits > 0
+    assert r.dropped > 0 and r.guess_hits > 0 and engine.runner.spec.num_row_steps > 0
     assert (st.num_guessed_drafts, st.num_guess_hits, st.num_drafts, st.num_draft_tokens, st.num_accepted_tokens) == \
         (r.guess_steps, r.guess_hits, r.verify_steps - r.dropped, r.draft_tokens, r.accepted)
     assert (kept.verify_steps, kept.draft_tokens) != (r.verify_steps - r.dropped, r.draft_tokens)
+
+
+def test_rejected_requests_cool_down_in_a_batch(small_vocab):
+    """Per-request adaptive drafting (SpecDecoder._cool_down): in a batch, a request whose drafts
+    were all rejected skips drafting for 1, 2, 4 .. 16 of its next steps, reset by a round that
+    accepts any; at batch 1 it always drafts. Seeded sampling at temperature 1 (most drafts
+    rejected) still gives plain sampling's tokens, and no block leaks."""
+    from pdserve.common.config import SpeculativeConfig
+    from pdserve.common.engine.outputs import ScheduledRequest
+    from pdserve.common.engine.spec_decode.decoder import COOL_MAX, SpecDecoder
+    dec = SpecDecoder(SpeculativeConfig(method="ngram", num_speculative_tokens=3, prompt_lookup_min=1,
+                                        prompt_lookup_max=2), runner=None)
+    reqs = [ScheduledRequest(req_id=r, input_token_ids=[5], start_pos=4, block_ids=[0], sample=True,
+                             params=SamplingParams(), prompt_token_ids=[1, 2, 3, 4], output_token_ids=[5],
+                             num_spec_slots=3) for r in "ab"]
+    lengths = []
+    for _ in range(6):
+        dec._after_round("a", 0)
+        lengths.append(dec._cool["a"][0])
+    assert lengths == [1, 2, 4, 8, COOL_MAX, COOL_MAX]
+    kept = [[s.req_id for s in dec._cool_down(reqs)] for _ in range(COOL_MAX + 1)]
+    assert kept == [["b"]] * COOL_MAX + [["a", "b"]] and dec.num_cooled == COOL_MAX
+    dec._after_round("a", 2)
+    assert "a" not in dec._cool
+    dec._after_round("b", 0)
+    dec.forget(["b"])  # finished or preempted: its cool-down goes
+    assert not dec._cool
+    folder, prompts = small_vocab
+    seeded = [SamplingParams(temperature=1.0, seed=50 + i, max_tokens=40, ignore_eos=True) for i in range(len(prompts))]
+    plain, _ = generate(folder, prompts, seeded)
+    spec, engine = generate(folder, prompts, seeded, check_blocks=True, speculative_config=NGRAM,
+                            async_scheduling=True, block_size=4, decode_rows=True)
+    assert tokens(spec) == tokens(plain)
+    assert engine.runner.spec.num_cooled > 0 and engine.stats().spec_decode.num_drafts > 0
