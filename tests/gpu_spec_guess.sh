@@ -31,7 +31,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = k15 ]; then
     step k15 120 "${BENCH[@]}" -k 15 --methods none ngram --json-out "$OUT/spec_k15.json"
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = stages ]; then
-    step stages 90 "$PY" -m pdserve.services.cli bench spec --stages --device cuda --dtype bfloat16 \
+    step stages 110 "$PY" -m pdserve.services.cli bench spec --stages --device cuda --dtype bfloat16 \
         --max-tokens 128 --sequential-prompts 8 --batch-sizes 1 16 --json-out "$OUT/stages.json"
 fi
 echo "=== finished in $(($(date +%s) - START)) s"
