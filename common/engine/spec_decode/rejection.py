@@ -36,6 +36,11 @@ from pdserve.common.engine.sampler import processed_probs, to_device
 from pdserve.common.sampling_params import SamplingParams
 
 
+# From this many rows the acceptance runs as one numpy pass (batch 16, k = 8: 43 us against 73 us
+# of Python per row); below, Python per row is quicker (batch 1: ~1-3 us against numpy's ~15 us).
+NUMPY_ROWS = 32
+
+
 @dataclass
 class DraftRows:
     """One speculating request's rows in a verify step."""
@@ -96,7 +101,7 @@ def queue_verify(logits: torch.Tensor, reqs: list[DraftRows], shared: torch.Gene
             parts += [accept.long(), residual]
     readback = torch.cat(parts) if len(parts) > 1 else best
     num_rows = best.shape[0]
-    if not lev:  # every row decided by "draft == the row's token": one numpy pass over all rows
+    if not lev and num_rows >= NUMPY_ROWS:  # every row decided by "draft == its token": one numpy pass
         return readback, _match_finish(reqs, num_rows)
 
     def finish(values: list[int]) -> list[list[int]]:
