@@ -18,14 +18,15 @@ and is dropped, the others are drafts for the positions after it (ngram.py):
 
     step() k+1: schedule(k+1), propose, launch(k+1)   # inputs [x?, d1 .. dn], x filled on the device
                 result(k), update(k), deltas(k)       # x known now
-    step() k+2: if k+1 drafted: result(k+1) ... as after any verify step
-                else: launch(k+2) first again
+    step() k+2: if k+1 drafted (guesses right): result(k+1) ... as after any verify step
+                else (nothing drafted, or every guess wrong): launch(k+2) first again
 
 The target verifies d1 .. dn behind the real x, so a wrong guess never changes outputs, and once
 result(k) shows it wrong (known before k+1's result) k+1's drafts for that request are dropped
 (SpecDecoder.settle_guesses: its result is row 0's token alone); with no drafts left to wait
-for, k+2 launches before k+1's result, as after a plain step. Outputs do not change (greedy tokens do not depend on the step boundaries,
-seeded draws on (seed, position) only). The guesses are counted (SpecDecodeStats.num_guess_hits).
+for, k+2 launches before k+1's result, as after a plain step. Outputs do not change (greedy
+tokens do not depend on the step boundaries, seeded draws on (seed, position) only). The guesses
+are counted (SpecDecodeStats.num_guess_hits).
 In stretches without matches every step hides its host work behind the device and still looks
 up drafts; only a step after a verify step waits.
 
