@@ -4,8 +4,8 @@
                        [engine flags: --model, --device, --kv-cache-memory ...]
     pdserve bench spec --sweep [--sequential-prompts 8]      (bench_spec_sweep.py: n-gram settings
                        replayed on greedy outputs, predicted ms/token from measured step costs)
-    pdserve bench spec --stages [--sequential-prompts 8]     (bench_spec_stages.py: an n-gram
-                       engine's host ms per decode step, stage by stage)
+    pdserve bench spec --stages [--sequential-prompts 8] [--batch-sizes 1 16]  (bench_spec_stages.py:
+                       an n-gram engine's host ms per decode step, stage by stage)
 
 n-gram defaults k = 8, prompt_lookup_min 1, max 4: the best of the sweep over min {1,2,3} x
 max {3,4,5} x k {3..8} on this set (SmolLM2, 8 prompts: 1.41x predicted at the H200 bf16 step
@@ -70,7 +70,7 @@ def add_parser(bench_sub, add_engine_args) -> None:
     p.add_argument("--json-out", default=None, help="write the results as JSON here")
     add_sweep_args(p)
     p.add_argument("--stages", action="store_true",
-                   help="n-gram only, batch 1, overlapped steps: host ms per decode step by stage (bench_spec_stages.py)")
+                   help="n-gram only, overlapped steps, per --batch-sizes: host ms per decode step by stage (bench_spec_stages.py)")
     add_engine_args(p)
     p.set_defaults(func=cmd_spec)
 

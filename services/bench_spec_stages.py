@@ -1,11 +1,11 @@
 """`pdserve bench spec --stages`: where a speculative engine's host time goes, stage by stage.
 
 One n-gram engine (the bench's k and lookup lengths, async scheduling as the device would
-have it: on by default on CUDA, forced on here on the CPU too) runs the first
---sequential-prompts prompts one at a time; its stage functions are wrapped with timers (on this
-engine's objects only), and every decode step (engine.step() call) adds each stage's time to
-the kind of step it launched (bench_spec.py's split: plain, verify, guess). Printed per kind:
-ms per step of
+have it: on by default on CUDA, forced on here on the CPU too) runs, per --batch-sizes B, the
+first --sequential-prompts prompts one at a time (B = 1) or B prompts at once; its stage
+functions are wrapped with timers (on this engine's objects only), and every decode step
+(engine.step() call) adds each stage's time to the kind of step it launched (bench_spec.py's
+split: plain, verify, guess). Printed per batch size and kind: ms per step of
 
     apply     the previous step's result on the host and scheduler.update
       wait      of it: blocked on the device for the result (EngineCore.wait_seconds; CUDA)
@@ -19,6 +19,7 @@ ms per step of
     sample    verify (logits of the rows, the rejection test queued) or the plain sampler's launch
     emit      the deltas of the finished step
     step      the whole engine.step() call
+    host      step - wait - forward: the host's own work (on the CPU the forward is compute)
 
 For a verify step everything from `apply` to `sample` lies between the previous result and the
 launch: on a GPU the device waits through it (docs/speculative.md, "Where a verify step's time
@@ -75,47 +76,68 @@ def instrument(engine) -> StageTimer:
 
 
 def run_stages(args, llm, prompts: list[list[int]]) -> dict:
-    """Run the prompts one at a time on `llm` (an n-gram engine); per step kind, ms per step by stage."""
+    """Per --batch-sizes B: at B = 1 the prompts one at a time, else B of them at once (the set
+    repeated); per kind of decode step, ms per step by stage -> {B: {kind: row}}."""
     from pdserve.common.engine import model_runner
+    flatten = model_runner.flatten_step
+    timer = instrument(llm.engine)
+    try:
+        tables = {}
+        for bs in args.batch_sizes:
+            groups = ([[p] for p in prompts] if bs == 1 else [[prompts[i % len(prompts)] for i in range(bs)]])
+            tables[bs] = _run_groups(args, llm, groups, timer, f"stages-b{bs}")
+            _print(args, llm, tables[bs], bs, len(prompts) if bs == 1 else bs)
+    finally:
+        model_runner.flatten_step = flatten
+    return tables
+
+
+def _run_groups(args, llm, groups: list[list[list[int]]], timer: StageTimer, tag: str) -> dict:
+    """Run each group of prompts together to completion; per step kind, ms per decode step by
+    stage (a decode step: every request of the group has its first token)."""
     from pdserve.common.sampling_params import SamplingParams
     engine = llm.engine
     spec = engine.runner.spec
-    flatten = model_runner.flatten_step
-    timer = instrument(engine)
     kinds: dict[str, dict[str, float]] = {k: defaultdict(float) for k in ("plain", "verify", "guess")}
     counts = dict.fromkeys(kinds, 0)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
-    try:
-        for i, p in enumerate(prompts):
-            engine.add_request(f"stages-{i}", p, params)
-            first = True
-            while engine.has_unfinished():
-                timer.seconds["wait"] = engine.wait_seconds  # (perf_counter seconds, whatever CLOCK is)
-                before = dict(timer.seconds)
-                overlapped0 = engine.num_overlapped_steps
-                t0 = CLOCK()
-                outputs = engine.step()
-                wall = CLOCK() - t0
-                if first:  # the prefill step
-                    first = not any(o.new_token_ids for o in outputs)
-                    continue
-                kind = "plain"
-                if spec.has_drafts():
-                    kind = "guess" if engine.num_overlapped_steps > overlapped0 else "verify"
-                counts[kind] += 1
-                timer.seconds["wait"] = engine.wait_seconds
-                for stage in STAGES:
-                    kinds[kind][stage] += timer.seconds[stage] - before.get(stage, 0.0)
-                kinds[kind]["step"] += wall
-    finally:
-        model_runner.flatten_step = flatten
-    table = {kind: {"steps": counts[kind], **{s: round(1000 * v / counts[kind], 4) for s, v in kinds[kind].items()}}
-             for kind in kinds if counts[kind]}
-    print(f"host ms per decode step by stage ({engine.runner.device}, batch 1, {len(prompts)} prompts, "
+    for g, group in enumerate(groups):
+        for i, p in enumerate(group):
+            engine.add_request(f"{tag}-{g}-{i}", p, params)
+        started: set[str] = set()
+        while engine.has_unfinished():
+            timer.seconds["wait"] = engine.wait_seconds  # (perf_counter seconds, whatever CLOCK is)
+            before = dict(timer.seconds)
+            overlapped0 = engine.num_overlapped_steps
+            decode = len(started) == len(group)
+            t0 = CLOCK()
+            outputs = engine.step()
+            wall = CLOCK() - t0
+            started.update(o.request_id for o in outputs if o.new_token_ids)
+            if not decode:  # prefill steps (until every request has its first token)
+                continue
+            kind = "plain"
+            if spec.has_drafts():
+                kind = "guess" if engine.num_overlapped_steps > overlapped0 else "verify"
+            counts[kind] += 1
+            timer.seconds["wait"] = engine.wait_seconds
+            for stage in STAGES:
+                kinds[kind][stage] += timer.seconds[stage] - before.get(stage, 0.0)
+            kinds[kind]["step"] += wall
+    table = {}
+    for kind in kinds:
+        if counts[kind]:
+            row = {s: 1000 * v / counts[kind] for s, v in kinds[kind].items()}
+            row["host"] = row["step"] - row.get("wait", 0.0) - row.get("forward", 0.0)
+            table[kind] = {"steps": counts[kind], **{s: round(v, 4) for s, v in row.items()}}
+    return table
+
+
+def _print(args, llm, table: dict, batch_size: int, num_prompts: int) -> None:
+    print(f"host ms per decode step by stage ({llm.engine.runner.device}, batch {batch_size}, {num_prompts} prompts, "
           f"k = {args.spec_tokens}, lookup {args.prompt_lookup_min}..{args.prompt_lookup_max}; "
-          "wait and update are part of apply, propose of prepare):")
-    print(f"{'kind':>6} {'steps':>5} | " + " ".join(f"{s:>8}" for s in STAGES) + f" | {'step':>7}")
+          "wait and update are part of apply, propose of prepare; host = step - wait - forward):")
+    print(f"{'kind':>6} {'steps':>5} | " + " ".join(f"{s:>8}" for s in STAGES) + f" | {'step':>7} {'host':>7}")
     for kind, row in table.items():
         print(f"{kind:>6} {row['steps']:>5} | " + " ".join(f"{row.get(s, 0.0):>8.4f}" for s in STAGES)
-              + f" | {row['step']:>7.4f}")
-    return table
+              + f" | {row['step']:>7.4f} {row['host']:>7.4f}")

@@ -12,6 +12,8 @@ The step pattern replayed is the overlapped engine's (spec_decode/pipeline.py):
                             result is known: its lookup runs on the history without the token in
                             flight, one token further, the first token found guessing it
                             (a verify step "launched while a plain step runs", --guess-verify-ms)
+    the guess was wrong  -> its drafts are dropped (the engine knows before that step's result):
+                            a step of one token, and the next launches first again
 
 (`guess=False` replays the engine before the guess: the step after a plain one was plain too,
 without a lookup.) Predicted ms per output token from measured step costs (--plain-ms,
@@ -36,6 +38,7 @@ class Replay:
     verify_steps: int = 0  # steps carrying drafts
     guess_steps: int = 0  # of them, launched while a plain step ran (drafts past a guessed token)
     guess_hits: int = 0  # of those, the guess was right
+    dropped: int = 0  # guess steps whose guess was wrong: drafts dropped, not verified
     lookups: int = 0  # steps that ran the lookup (with room for drafts)
     draft_tokens: int = 0
     accepted: int = 0
@@ -48,15 +51,18 @@ class Replay:
                 "guess_fraction": self.guess_steps / max(self.verify_steps, 1),
                 "guess_hit_rate": self.guess_hits / max(self.guess_steps, 1),
                 "acceptance": self.accepted / max(self.draft_tokens, 1),
-                "mean_accepted_length": 1 + self.accepted / max(self.verify_steps, 1),
+                "mean_accepted_length": 1 + self.accepted / max(self.verify_steps - self.dropped, 1),
                 "tokens_per_step": self.tokens / max(self.steps, 1),
                 "ms_per_token": sum(self.ms_per_token) / len(self.ms_per_token)}
 
 
 def replay(samples: list[tuple[list[int], list[int]]], min_n: int, max_n: int, k: int, max_tokens: int,
-           plain_ms: float, verify_ms: float, guess_verify_ms: float | None = None, guess: bool = True) -> Replay:
+           plain_ms: float, verify_ms: float, guess_verify_ms: float | None = None, guess: bool = True,
+           drop: bool = True) -> Replay:
     """samples: (prompt ids, greedy output ids) per request -> the replayed steps' totals.
-    guess_verify_ms: the cost of a verify step launched while a plain step ran (default verify_ms)."""
+    guess_verify_ms: the cost of a verify step launched while a plain step ran (default verify_ms).
+    drop=False: the engine before drafts past a wrong guess were dropped (it verified them, and
+    the next step waited for that result)."""
     guess_verify_ms = verify_ms if guess_verify_ms is None else guess_verify_ms
     r = Replay(ms_per_token=[])
     for prompt, output in samples:
@@ -73,19 +79,23 @@ def replay(samples: list[tuple[list[int], list[int]]], min_n: int, max_n: int, k
                 r.lookups += 1
                 found = lookup(history[:num_prompt + n - inflight], min_n, max_n, room + inflight)
                 drafts = found[inflight:]
+            hit = not inflight or (drafts.size and found[0] == history[num_prompt + n - 1])
             if drafts.size:
+                r.verify_steps += 1
+                r.guess_steps += inflight
+                r.guess_hits += int(inflight and hit)
+                ms += guess_verify_ms if inflight else verify_ms
+            if drafts.size and (hit or not drop):
                 truth = history[num_prompt + n:num_prompt + n + drafts.size]
                 same = drafts[:truth.size] == truth
                 accepted = int(np.argmin(same)) if not same.all() else truth.size
-                r.verify_steps += 1
                 r.draft_tokens += drafts.size
                 r.accepted += accepted
-                if inflight:
-                    r.guess_steps += 1
-                    r.guess_hits += int(found[0] == history[num_prompt + n - 1])
                 gained = min(accepted + 1, end - n)
-                ms += guess_verify_ms if inflight else verify_ms
                 inflight = False  # the next step waits for this one's result
+            elif drafts.size:  # a wrong guess: its drafts dropped, the step makes one token, the next launches first
+                r.dropped += 1
+                gained = 1
             else:
                 gained = 1
                 ms += plain_ms
@@ -101,7 +111,8 @@ def replay(samples: list[tuple[list[int], list[int]]], min_n: int, max_n: int, k
 
 def sweep(samples, mins, maxs, ks, max_tokens: int, plain_ms: float, verify_ms: float, none_ms: float,
           guess_verify_ms: float | None = None) -> list[dict]:
-    """Per setting, the replay with the guess (the engine's) and its speedup without it."""
+    """Per setting, the replay of the engine (guesses, drafts past a wrong one dropped), and its
+    speedup without the guess and with wrong guesses' drafts verified (the engine before)."""
     rows = []
     for lo in mins:
         for hi in maxs:
@@ -110,20 +121,22 @@ def sweep(samples, mins, maxs, ks, max_tokens: int, plain_ms: float, verify_ms: 
             for k in ks:
                 row = replay(samples, lo, hi, k, max_tokens, plain_ms, verify_ms, guess_verify_ms).row()
                 before = replay(samples, lo, hi, k, max_tokens, plain_ms, verify_ms, guess=False).row()
+                kept = replay(samples, lo, hi, k, max_tokens, plain_ms, verify_ms, guess_verify_ms, drop=False).row()
                 row.update(prompt_lookup_min=lo, prompt_lookup_max=hi, k=k, speedup=none_ms / row["ms_per_token"],
-                           speedup_no_guess=none_ms / before["ms_per_token"])
+                           speedup_no_guess=none_ms / before["ms_per_token"],
+                           speedup_no_drop=none_ms / kept["ms_per_token"])
                 rows.append(row)
     return rows
 
 
 def print_sweep(rows: list[dict]) -> None:
     print(f"{'min':>3} {'max':>3} {'k':>2} | {'propose':>7} {'verify':>6} {'guessed':>7} {'hit':>5} {'accept':>6} "
-          f"{'mean len':>8} {'tok/step':>8} | {'ms/tok':>6} {'speedup':>7} {'no guess':>8}")
+          f"{'mean len':>8} {'tok/step':>8} | {'ms/tok':>6} {'speedup':>7} {'no guess':>8} {'no drop':>7}")
     for r in sorted(rows, key=lambda r: r["ms_per_token"]):
         print(f"{r['prompt_lookup_min']:>3} {r['prompt_lookup_max']:>3} {r['k']:>2} | {r['propose_fraction']:>7.2f} "
               f"{r['verify_fraction']:>6.2f} {r['guess_fraction']:>7.2f} {r['guess_hit_rate']:>5.2f} "
               f"{r['acceptance']:>6.2f} {r['mean_accepted_length']:>8.2f} {r['tokens_per_step']:>8.2f} | "
-              f"{r['ms_per_token']:>6.3f} {r['speedup']:>7.2f} {r['speedup_no_guess']:>8.2f}")
+              f"{r['ms_per_token']:>6.3f} {r['speedup']:>7.2f} {r['speedup_no_guess']:>8.2f} {r['speedup_no_drop']:>7.2f}")
 
 
 # Step costs of SmolLM2 (packaged GGUF) bf16 on one H200 at batch 1 (docs/benchmarks.md, issue 14).

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU check of issue 14 (n-gram speculative decoding to 1.5x at batch 1: the verify step launched
-# while a plain step runs, its drafts looked up past a guess of the token in flight), one H200,
+# while a plain step runs, its drafts looked up past a guess of the token in flight, dropped when
+# the guess proves wrong; verify chunks as one-token rows without per-row objects; per-request
+# cool-down in batches), one H200,
 # from the repo root with pdserve importable (pip install -e ".[test]" or PYTHONPATH to a pdserve tree):
 #   OUT=/dir/for/results CUDA_VISIBLE_DEVICES=0 bash tests/gpu_spec_guess.sh [all|tests|bench|k15|stages]
 # (all: <= ~9.5 min). Every step has its own time limit; a step that fails or times out is
@@ -13,7 +15,8 @@
 #           launch, and guess hits. Writes $OUT/spec_k8.json.
 #   k15     the same with -k 15 (at batch 1, 16 one-token rows: the same 16-row graph as k = 8;
 #           the replay predicts 1.53x against 1.46x). Writes $OUT/spec_k15.json.
-#   stages  bench spec --stages: host ms per decode step by stage on this host. Writes $OUT/stages.json.
+#   stages  bench spec --stages at batch 1 and 16: host ms per decode step by stage on this host
+#           (host = step - wait - forward). Writes $OUT/stages.json.
 source "$(dirname "$0")/gpu_step.sh"  # OUT, WHAT (the first argument), PY, START; step NAME LIMIT_S COMMAND...
 BENCH=("$PY" -m pdserve.services.cli bench spec --device cuda --batch-sizes 1 16 --max-tokens 128
        --sequential-prompts 8 --dtype bfloat16)
@@ -28,7 +31,7 @@ if [ "$WHAT" = all ] || [ "$WHAT" = k15 ]; then
     step k15 120 "${BENCH[@]}" -k 15 --methods none ngram --json-out "$OUT/spec_k15.json"
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = stages ]; then
-    step stages 90 "$PY" -m pdserve.services.cli bench spec --stages --device cuda --dtype bfloat16 \
-        --max-tokens 128 --sequential-prompts 8 --json-out "$OUT/stages.json"
+    step stages 110 "$PY" -m pdserve.services.cli bench spec --stages --device cuda --dtype bfloat16 \
+        --max-tokens 128 --sequential-prompts 8 --batch-sizes 1 16 --json-out "$OUT/stages.json"
 fi
 echo "=== finished in $(($(date +%s) - START)) s"

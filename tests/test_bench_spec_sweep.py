@@ -37,15 +37,26 @@ def test_replay_verifies_drafts_past_a_guessed_token_in_flight():
     assert (r.steps, r.verify_steps, r.guess_steps, r.guess_hits, r.lookups, r.draft_tokens, r.accepted) == \
         (4, 1, 1, 1, 4, 3, 1)
     assert r.row()["ms_per_token"] == pytest.approx((1.0 + 1.5 + 1.0 + 1.0) / 5)
-    # right after the prompt: 5 6 7 8 5 -> guess 6 for the prefill's token; a wrong guess (4) still
-    # lets the drafts 7 8 be accepted (the target verifies them behind the real token)
+    # right after the prompt: 5 6 7 8 5 -> guess 6 for the prefill's token; with drop=False (the
+    # engine before) a wrong guess (4) still lets the drafts 7 8 be accepted (the target verifies
+    # them behind the real token)
     for first, hits in ((6, 1), (4, 0)):
         out = [first, 7, 8, 9, 1]
-        r = replay([([5, 6, 7, 8, 5], out)], 1, 2, 3, max_tokens=100, plain_ms=1.0, verify_ms=2.0, guess_verify_ms=1.5)
-        assert (r.steps, r.verify_steps, r.guess_steps, r.guess_hits, r.accepted) == (2, 1, 1, hits, 2)
+        r = replay([([5, 6, 7, 8, 5], out)], 1, 2, 3, max_tokens=100, plain_ms=1.0, verify_ms=2.0, guess_verify_ms=1.5,
+                   drop=first == 6)
+        assert (r.steps, r.verify_steps, r.guess_steps, r.guess_hits, r.accepted, r.dropped) == (2, 1, 1, hits, 2, 0)
         before = replay([([5, 6, 7, 8, 5], out)], 1, 2, 3, max_tokens=100, plain_ms=1.0, verify_ms=2.0, guess=False)
         # before: step 1 plain without a lookup; step 2 on 5 6 7 8 5 first 7 drafts 8 5 .. (1 accepted + 9); 3 plain
         assert (before.steps, before.verify_steps, before.accepted) == (3, 1, 1)
+    # the engine drops the drafts past the wrong guess 4 (one token, 7; the next launches first):
+    # step 2 (8 in flight) on 5 6 7 8 5 4, "4" never occurred -> plain; step 3 (9 in flight) on
+    # .. 4 7: "7" at 2 -> guess 8 (right), drafts 5 4 7 against 9 1: none accepted (+ 9);
+    # step 4 waits for it: "9" never occurred -> plain (1)
+    r = replay([([5, 6, 7, 8, 5], [4, 7, 8, 9, 1])], 1, 2, 3, max_tokens=100, plain_ms=1.0, verify_ms=2.0,
+               guess_verify_ms=1.5)
+    assert (r.steps, r.verify_steps, r.guess_steps, r.guess_hits, r.dropped, r.draft_tokens, r.accepted) == \
+        (4, 2, 2, 1, 1, 3, 0)
+    assert r.row()["ms_per_token"] == pytest.approx((1.5 + 1.0 + 1.5 + 1.0) / 4)
 
 
 def test_bench_spec_sweep_command(tmp_path, tiny_models):
@@ -57,7 +68,8 @@ def test_bench_spec_sweep_command(tmp_path, tiny_models):
     rows = json.loads(out.read_text())
     assert sorted((r["prompt_lookup_min"], r["prompt_lookup_max"], r["k"]) for r in rows) == [
         (1, 2, 2), (1, 2, 4), (2, 2, 2), (2, 2, 4)]
-    assert all(r["ms_per_token"] > 0 and r["speedup"] > 0 and r["speedup_no_guess"] > 0 and r["tokens_per_step"] >= 1
+    assert all(r["ms_per_token"] > 0 and r["speedup"] > 0 and r["speedup_no_guess"] > 0 and r["speedup_no_drop"] > 0
+               and r["tokens_per_step"] >= 1
                for r in rows)
     assert "2 prompts" in proc.stdout and "speedup" in proc.stdout
 
@@ -66,10 +78,14 @@ def test_bench_spec_stages_command(tmp_path, tiny_models):
     """`bench spec --stages` (services/bench_spec_stages.py): per kind of decode step, its host ms by stage."""
     out = tmp_path / "stages.json"
     proc = pdserve("bench", "spec", "--stages", "--model", tiny_models["llama"], "--max-tokens", "12",
-                   "--sequential-prompts", "2", "--kv-cache-memory", "0.1", "--dtype", "float32", "--json-out", str(out))
+                   "--sequential-prompts", "2", "--batch-sizes", "1", "3", "--kv-cache-memory", "0.1",
+                   "--dtype", "float32", "--json-out", str(out))
     assert proc.returncode == 0, proc.stderr
-    table = json.loads(out.read_text())
-    assert table["plain"]["steps"] > 0 and set(table) <= {"plain", "verify", "guess"}
-    for row in table.values():
-        assert row["step"] > row["forward"] > 0 and row["schedule"] > 0 and row["flatten"] > 0
+    tables = json.loads(out.read_text())
+    assert set(tables) == {"1", "3"}
+    for table in tables.values():
+        assert table["plain"]["steps"] > 0 and set(table) <= {"plain", "verify", "guess"}
+        for row in table.values():
+            assert row["step"] > row["forward"] > 0 and row["schedule"] > 0 and row["flatten"] > 0
+            assert row["host"] == pytest.approx(row["step"] - row["wait"] - row["forward"], abs=1e-3)
     assert "host ms per decode step by stage" in proc.stdout

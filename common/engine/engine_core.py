@@ -251,7 +251,7 @@ class EngineCore:
         self.launch_seconds += time.perf_counter() - t0
         if launch_first:
             touched, outputs = self._apply(*inflight)
-        self._spec_overlap_next = launched is not None and can_overlap_next(self.runner.spec)
+        self._spec_overlap_next = launched is not None and can_overlap_next(self.runner.spec, self.scheduler.requests)
         self._inflight = launched
         return failed + outputs + self._emit(touched)
 

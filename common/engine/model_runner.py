@@ -288,7 +288,9 @@ class ModelRunner:
             return PendingOutput(out)
         if self.spec is not None and self.spec.has_drafts():  # one readback; result() finishes on the host
             readback, finish = self.spec.verify(hidden, step, ordered, out, token_masks)
-            return PendingOutput(out, tokens=readback, finish=finish)
+            self._last_sampled = (readback, self.spec.sampled_index)  # a next launch may fill from it
+            self._last_pending = PendingOutput(out, tokens=readback, finish=finish)
+            return self._last_pending
         logits = self.model.compute_logits(hidden.index_select(0, sample_rows))  # [S, V]
         index = {s.req_id: i for i, s in enumerate(sample_reqs)}
         if logits is None:  # tensor-parallel rank > 0: rank 0 samples; keep its tokens for the next inputs
@@ -355,10 +357,11 @@ class ModelRunner:
         step = flatten_step(ordered, len(decodes), self.block_size, self._tables)
         self._flush_deferred()  # the previous step's tokens, which this step's inputs may read
         fill = self._placeholder_fill(ordered, step)
-        if self.graphs is not None and self.graphs.can_run(step):
-            hidden, sample_rows = self.graphs.run(step, fill)
+        run = step if self.spec is None else self.spec.as_rows(step)  # verify chunks as one-token rows
+        if self.graphs is not None and self.graphs.can_run(run):
+            hidden, sample_rows = self.graphs.run(run, fill)
         else:
-            input_ids, positions, meta, sample_rows = self.inputs.prepare(step)
+            input_ids, positions, meta, sample_rows = self.inputs.prepare(run)
             if fill is not None:
                 fill(input_ids)
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
@@ -377,7 +380,7 @@ class ModelRunner:
             self._generators.pop(req_id, None)
         self._tables.drop(req_ids)
         if self.spec is not None:
-            self.spec.proposer.forget(req_ids)
+            self.spec.forget(req_ids)
 
     def _placeholder_fill(self, ordered: list[ScheduledRequest], step: StepInputs):
         """The device-side fill of PLACEHOLDER_TOKEN inputs from the last launched step's sampled

@@ -117,3 +117,28 @@ def test_greedy_accepts_the_argmax_prefix():
     assert verify(logits, [rows], torch.Generator(), position_seed) == [[1, 0]]
     rows.draft_token_ids = [1, 0]
     assert verify(logits, [rows], torch.Generator(), position_seed) == [[1, 0, 2]]
+
+
+def test_many_rows_accept_in_one_numpy_pass_as_per_row(monkeypatch):
+    """From NUMPY_ROWS rows on, greedy / one-hot acceptance runs as one numpy pass: the same
+    accepted drafts and next token per request as the per-row Python rule, for requests that
+    accept none, some, all of their drafts, with 0 drafts, and next to a plainly sampled row."""
+    from pdserve.common.engine.spec_decode import rejection
+    gen = torch.Generator().manual_seed(3)
+    reqs, row = [], 0
+    for i in range(20):
+        n = i % 6  # drafts fed
+        drafts = torch.randint(0, V, (n,), generator=gen).tolist()
+        reqs.append(DraftRows(first_row=row, num_rows=n + 1, draft_token_ids=drafts, draft_probs=None,
+                              params=SamplingParams(temperature=0), first_position=0))
+        row += n + 1 + (i % 4 == 0)  # some rows between requests (a plainly sampled request's)
+    logits = torch.randn(row, V, generator=gen)
+    for r in reqs:  # make request i accept about i % 3 of its drafts
+        for j, d in enumerate(r.draft_token_ids[:reqs.index(r) % 3]):
+            logits[r.first_row + j, d] = 10.0
+    assert row >= rejection.NUMPY_ROWS
+    fast = verify(logits, reqs, None, None)
+    monkeypatch.setattr(rejection, "NUMPY_ROWS", 10 ** 9)
+    slow = verify(logits, reqs, None, None)
+    assert fast == slow
+    assert {len(out) - 1 for out in fast} >= {0, 1, 2}  # none, one and two drafts accepted

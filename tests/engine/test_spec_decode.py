@@ -81,8 +81,11 @@ def test_self_draft_greedy_matches_hf_and_accepts_everything(tiny_models, prompt
 
 
 @pytest.mark.parametrize("variant", ["default", "preemption"])
-def test_unrelated_draft_greedy_matches_hf_and_returns_every_block(tiny_models, prompts, variant):
-    """A Qwen3-shaped random draft for the Llama target: almost every draft is rejected."""
+def test_unrelated_draft_greedy_matches_hf_and_returns_every_block(tiny_models, prompts, variant, monkeypatch):
+    """A Qwen3-shaped random draft for the Llama target: almost every draft is rejected (the
+    per-request cool-down off, so that every step drafts and rolls back)."""
+    from pdserve.common.engine.spec_decode import decoder
+    monkeypatch.setattr(decoder, "COOL_MAX", 0)
     outs, engine = generate(tiny_models["llama"], prompts[:FEW], GREEDY, check_blocks=True,
                             speculative_config=draft(tiny_models["qwen3"], k=3),
                             **{"block_size": 4, **VARIANTS[variant]})
@@ -102,6 +105,7 @@ def test_verify_as_one_token_rows_gives_the_same_tokens(tiny_models, prompts, dr
     batch = prompts[:4]
     outs, engine = generate(folder, batch, GREEDY, decode_rows=True, speculative_config=spec, block_size=4)
     assert tokens(outs) == reference(tiny_models, "llama", prompts)[:4]
+    assert engine.runner.spec.num_row_steps > 0  # steps of decodes and verify chunks ran as one-token rows
     if drafter == "self":
         st = engine.stats().spec_decode
         assert st.num_accepted_tokens == st.num_draft_tokens > 0

@@ -60,7 +60,8 @@ def test_overlapped_seeded_ngram_equals_plain_sampling(small_vocab):
                             decode_rows=True)
     assert tokens(spec) == tokens(plain)
     assert [o.outputs[0].text for o in spec] == [o.outputs[0].text for o in plain]
-    assert engine.stats().spec_decode.num_drafts > 0 and engine.num_overlapped_steps > 0
+    st = engine.stats().spec_decode  # (drafts past a wrong guess are dropped, not verified)
+    assert st.num_drafts + st.num_guessed_drafts > 0 and engine.num_overlapped_steps > 0
 
 
 def test_overlapped_draft_model_outputs_do_not_change(small_vocab):
@@ -111,3 +112,60 @@ def test_masked_request_shares_a_verify_step_launched_while_its_token_is_in_flig
     assert tokens(spec) == tokens(plain)
     assert set(tokens(spec)[1]) <= {28, 29, 30, 31, 40}
     assert engine.stats().spec_decode.num_guessed_drafts > 0
+
+
+def test_drafts_past_a_wrong_guess_are_dropped_and_the_next_step_launches_first(small_vocab):
+    """Batch 1, greedy: once the plain step's token shows a guess wrong, that step's drafts are
+    dropped (its row 0's token only) and the next step launches before its result, looking up on
+    the history with the surprising token. The engine's rounds are exactly those of the sweep's
+    replay of this policy (bench_spec_sweep.replay) on the same outputs, and differ from the
+    replay that verifies wrong guesses' drafts and waits for them (the engine before)."""
+    from pdserve.services.bench_spec_sweep import replay
+    folder, prompts = small_vocab
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    outs, engine = generate(folder, prompts, greedy, check_blocks=True, speculative_config=NGRAM,
+                            async_scheduling=True, block_size=4, one_at_a_time=True, decode_rows=True)
+    assert tokens(outs) == hf_greedy(folder, prompts, 40)
+    samples = list(zip(prompts, tokens(outs)))
+    lo, hi, k = NGRAM["prompt_lookup_min"], NGRAM["prompt_lookup_max"], NGRAM["num_speculative_tokens"]
+    r = replay(samples, lo, hi, k, 40, plain_ms=1.0, verify_ms=1.0)
+    kept = replay(samples, lo, hi, k, 40, plain_ms=1.0, verify_ms=1.0, drop=False)
+    st = engine.stats().spec_decode
+    assert r.dropped > 0 and r.guess_hits > 0 and engine.runner.spec.num_row_steps > 0
+    assert (st.num_guessed_drafts, st.num_guess_hits, st.num_drafts, st.num_draft_tokens, st.num_accepted_tokens) == \
+        (r.guess_steps, r.guess_hits, r.verify_steps - r.dropped, r.draft_tokens, r.accepted)
+    assert (kept.verify_steps, kept.draft_tokens) != (r.verify_steps - r.dropped, r.draft_tokens)
+
+
+def test_rejected_requests_cool_down_in_a_batch(small_vocab):
+    """Per-request adaptive drafting (SpecDecoder._cool_down): in a batch, a request whose drafts
+    were all rejected skips drafting for 1, 2, 4 .. 16 of its next steps, reset by a round that
+    accepts any; at batch 1 it always drafts. Seeded sampling at temperature 1 (most drafts
+    rejected) still gives plain sampling's tokens, and no block leaks."""
+    from pdserve.common.config import SpeculativeConfig
+    from pdserve.common.engine.outputs import ScheduledRequest
+    from pdserve.common.engine.spec_decode.decoder import COOL_MAX, SpecDecoder
+    dec = SpecDecoder(SpeculativeConfig(method="ngram", num_speculative_tokens=3, prompt_lookup_min=1,
+                                        prompt_lookup_max=2), runner=None)
+    reqs = [ScheduledRequest(req_id=r, input_token_ids=[5], start_pos=4, block_ids=[0], sample=True,
+                             params=SamplingParams(), prompt_token_ids=[1, 2, 3, 4], output_token_ids=[5],
+                             num_spec_slots=3) for r in "ab"]
+    lengths = []
+    for _ in range(6):
+        dec._after_round("a", 0)
+        lengths.append(dec._cool["a"][0])
+    assert lengths == [1, 2, 4, 8, COOL_MAX, COOL_MAX]
+    kept = [[s.req_id for s in dec._cool_down(reqs)] for _ in range(COOL_MAX + 1)]
+    assert kept == [["b"]] * COOL_MAX + [["a", "b"]] and dec.num_cooled == COOL_MAX
+    dec._after_round("a", 2)
+    assert "a" not in dec._cool
+    dec._after_round("b", 0)
+    dec.forget(["b"])  # finished or preempted: its cool-down goes
+    assert not dec._cool
+    folder, prompts = small_vocab
+    seeded = [SamplingParams(temperature=1.0, seed=50 + i, max_tokens=40, ignore_eos=True) for i in range(len(prompts))]
+    plain, _ = generate(folder, prompts, seeded)
+    spec, engine = generate(folder, prompts, seeded, check_blocks=True, speculative_config=NGRAM,
+                            async_scheduling=True, block_size=4, decode_rows=True)
+    assert tokens(spec) == tokens(plain)
+    assert engine.runner.spec.num_cooled > 0 and engine.stats().spec_decode.num_drafts > 0

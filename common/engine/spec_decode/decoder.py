@@ -8,10 +8,11 @@
 
 Requests with and without drafts share the batch: `verify` samples the others with the
 runner's own sampler, on their last row as usual. Where the runner has CUDA graphs (CUDA, not
---enforce-eager) a decoding request's [t, d1 .. dn] runs as n + 1 one-token rows, each attending
-to its own prefix, so a verify step is a decode-only step and replays the decode graphs (up to
-max_num_seqs rows; beyond, or mixed with prefill chunks, it runs eagerly); the CPU runs it as one
-chunk of n + 1 tokens. The draft model's steps do the same with its own graphs.
+--enforce-eager) a step of decodes and [t, d1 .. dn] chunks runs as one-token rows, each
+attending to its own prefix (`as_rows`: the flattened chunks re-indexed as rows in numpy), so a
+verify step is a decode-only step and replays the decode graphs (up to max_num_seqs rows; beyond,
+or mixed with prefill chunks, it runs eagerly as chunks); the CPU runs the chunks. The draft
+model's steps do the same with its own graphs.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import time
 
+import numpy as np
 import torch
 
 from pdserve.common.config import SpeculativeConfig
@@ -28,6 +30,9 @@ from pdserve.common.engine.spec_decode import speculates
 from pdserve.common.engine.sampler import to_device
 from pdserve.common.engine.spec_decode.rejection import DraftRows, queue_verify
 from pdserve.common.models.attention import StepInputs
+
+
+COOL_MAX = 16  # the longest cool-down (steps) of a request whose drafts keep being rejected
 
 
 class SpecDecoder:
@@ -52,7 +57,13 @@ class SpecDecoder:
         # rows are stored before attention reads, layer by layer), so a verify step is a
         # decode-only step that the CUDA graphs replay. Set in start(): where graphs exist.
         self.verify_as_decodes = False
+        self._as_rows = False  # the step being launched runs as one-token rows (as_rows)
+        self.num_row_steps = 0  # steps run as one-token rows (tests: the CUDA form ran)
+        self._cool: dict[str, list[int]] = {}  # req_id -> [steps left without drafting, last cool-down]
+        self.num_cooled = 0  # request-steps that did not draft, cooling down (_cool_down)
         self.propose_seconds = 0.0  # host time in proposers (bench spec: the draft's cost)
+        self.sampled_index: dict[str, int] = {}  # the last verify step's: req_id -> its token's index in the readback
+        self._launched = ({}, set(), [])  # the last verify step's (guesses, dropped req ids, req ids with drafts)
 
     def draft_bytes_per_block(self, block_size: int) -> int:
         return 0 if self.draft is None else self.draft.draft_bytes_per_block(block_size)
@@ -75,7 +86,10 @@ class SpecDecoder:
             and speculates(s.params, len(s.output_token_ids)))]
         if self.draft is not None:  # it drafts from the history on the device: never past a token in flight
             want = [s for s in want if s.input_token_ids[-1] != PLACEHOLDER_TOKEN]
-        self._drafts, self._probs, self._fed = {}, {}, {}
+        if len(want) > 1 and self._cool:  # in a batch: requests cooling down after rejections do not draft
+            want = self._cool_down(want)
+        self._drafts, self._probs, self._fed, self._launched = {}, {}, {}, ({}, set(), [])
+        self._as_rows = False
         if not want:
             return sched.scheduled
         t0 = time.perf_counter()
@@ -86,18 +100,89 @@ class SpecDecoder:
         for s in sched.scheduled:
             drafts = self._drafts.get(s.req_id)
             fed = self._fed[s.req_id] = drafts[:s.num_spec_slots] if drafts else []
-            if not fed:
-                out.append(s)
-            elif self.verify_as_decodes and s.num_tokens == 1:  # [t, d1 .. dn] as n + 1 one-token rows
-                out.extend(dataclasses.replace(s, input_token_ids=[t], start_pos=s.start_pos + j)
-                           for j, t in enumerate(s.input_token_ids + fed))
-            else:
-                out.append(dataclasses.replace(s, input_token_ids=s.input_token_ids + fed, spec_token_ids=fed))
+            out.append(dataclasses.replace(s, input_token_ids=s.input_token_ids + fed, spec_token_ids=fed)
+                       if fed else s)
+        # every request a decode or a [t, d1 .. dn] chunk: the step may run as one-token rows (as_rows)
+        self._as_rows = self.verify_as_decodes and any(self._fed.values()) and all(s.num_tokens == 1 for s in sched.scheduled)
         return out
+
+    def as_rows(self, step: StepInputs) -> StepInputs:
+        """The StepInputs to run `step` (flattened from prepare()'s requests) with: where verify
+        steps run as one-token rows (verify_as_decodes) and every request is a decode or a
+        [t, d1 .. dn] chunk, its T tokens as T one-token rows, each attending to its own prefix
+        (the K/V of all rows are stored before attention reads, layer by layer): a decode-only
+        step, which the CUDA graphs replay. Rows are in token order, so row i's hidden state is
+        token i's and everything indexed by token (verify's rows, the placeholder fill, sample
+        rows) holds for both forms. Else `step` itself. Numpy over the tokens, no per-row objects."""
+        if not self._as_rows or step.num_decodes == step.num_reqs:
+            return step
+        num_tokens = step.num_tokens
+        self.num_row_steps += 1
+        req_of_token = np.repeat(np.arange(step.num_reqs), np.diff(step.query_start_loc))  # [T]
+        return StepInputs(num_decodes=num_tokens, input_ids=step.input_ids, positions=step.positions,
+                          slot_mapping=step.slot_mapping, query_start_loc=np.arange(num_tokens + 1, dtype=np.int32),
+                          context_lens=step.positions + 1, block_table=step.block_table[req_of_token],
+                          sample_rows=step.sample_rows)
+
+    def _cool_down(self, want: list[ScheduledRequest]) -> list[ScheduledRequest]:
+        """Per-request adaptive drafting, in batches only (at batch 1 a verify step costs about
+        a plain one, and a skipped lookup only loses): a request whose drafts were all rejected
+        sits out its next c steps' drafting, c doubling with each such round in a row (1, 2, 4 ..
+        COOL_MAX), back to 0 when a round accepts any. Its rows would cost the batch's verify
+        step device time and hold the whole batch's next step behind that result."""
+        keep = []
+        for s in want:
+            cool = self._cool.get(s.req_id)
+            if cool is not None and cool[0] > 0:
+                cool[0] -= 1
+                self.num_cooled += 1
+            else:
+                keep.append(s)
+        return keep
+
+    def _after_round(self, req_id: str, accepted: int) -> None:
+        """A verified round's outcome for the cool-down (`_cool_down`)."""
+        if accepted:
+            self._cool.pop(req_id, None)
+        else:
+            cool = self._cool.setdefault(req_id, [0, 0])
+            cool[1] = min(max(1, 2 * cool[1]), COOL_MAX)
+            cool[0] = cool[1]
+
+    def forget(self, req_ids) -> None:
+        """Finished or preempted requests: their proposer state and cool-down."""
+        self.proposer.forget(req_ids)
+        for req_id in req_ids:
+            self._cool.pop(req_id, None)
 
     def has_drafts(self) -> bool:
         """The step being launched carries drafts: `verify` decides its tokens."""
         return bool(self._drafts)
+
+    def settle_guesses(self, requests: dict) -> bool:
+        """Once the tokens the last launched step guessed are known (the result of the step
+        before it applied; `requests`: the scheduler's running requests by id): the drafts of a
+        request whose guess was wrong are dropped (its result is its row 0's token alone, which
+        is the same token whether the drafts were accepted or not: n-gram drafts are one-hot).
+        -> whether the launched step still has drafts whose acceptance decides where the next
+        step starts (False: the next may launch before its result, as after a plain step)."""
+        if not self._drafts:
+            return False
+        guessed, dropped, drafted = self._launched
+        awaits = False
+        for req_id in drafted:
+            req = requests.get(req_id)
+            if req is None:  # finished (or failed): nothing of it waits for this step
+                dropped.add(req_id)
+            elif req_id in guessed and guessed[req_id][0] < req.num_tokens:
+                pos, token = guessed[req_id]
+                if req.all_token_ids[pos] != token:
+                    dropped.add(req_id)
+                else:
+                    awaits = True
+            else:
+                awaits = True
+        return awaits
 
     def verify(self, hidden: torch.Tensor, step: StepInputs, ordered: list[ScheduledRequest],
                out: RunnerOutput, token_masks=None):
@@ -144,16 +229,26 @@ class SpecDecoder:
             out.logprobs = runner.sampler.logprobs(rows_plain, tokens, reqs)  # waits only where asked
             readback = torch.cat([readback, tokens])
         num_spec_values = readback.shape[0] - len(plain)
+        # where each request's first token lies in `readback` (a step launched before this one's
+        # result fills its input from there: a request whose drafts were dropped, see settle_guesses)
+        self.sampled_index = {req_id: spans[req_id] for req_id in spec}
+        self.sampled_index.update((req_id, num_spec_values + i) for i, req_id in enumerate(plain))
         guesses = getattr(self.proposer, "guesses", {})
         for req_id in spec:  # drafts past a token in flight: the guess, for the counters
             if req_id in guesses and fed[req_id]:
                 out.guessed_token_ids[req_id] = (first[req_id].start_pos, guesses[req_id])
+        dropped: set[str] = set()  # filled by settle_guesses before finish() runs
+        self._launched = (out.guessed_token_ids, dropped, [r for r in spec if fed[r]])
 
         def finish(values: list[int]) -> None:
             out.sampled_token_ids.update(zip(plain, values[num_spec_values:]))
             for req_id, tokens in zip(spec, finish_spec(values[:num_spec_values])):
+                if req_id in dropped:  # its row 0's token only (= tokens[0], accepted or not: one-hot drafts)
+                    out.sampled_token_ids[req_id] = tokens[0]
+                    continue
                 out.sampled_token_ids[req_id] = tokens[-1]
                 if fed[req_id]:
                     out.spec_token_ids[req_id] = fed[req_id]
                     out.num_accepted_tokens[req_id] = len(tokens) - 1
+                    self._after_round(req_id, len(tokens) - 1)
         return readback, finish

@@ -18,12 +18,15 @@ and is dropped, the others are drafts for the positions after it (ngram.py):
 
     step() k+1: schedule(k+1), propose, launch(k+1)   # inputs [x?, d1 .. dn], x filled on the device
                 result(k), update(k), deltas(k)       # x known now
-    step() k+2: if k+1 drafted: result(k+1) ... as after any verify step
-                else: launch(k+2) first again
+    step() k+2: if k+1 drafted (guesses right): result(k+1) ... as after any verify step
+                else (nothing drafted, or every guess wrong): launch(k+2) first again
 
-The target verifies d1 .. dn behind the real x, so a wrong guess only makes the drafts unlikely
-to be accepted; outputs do not change (greedy tokens do not depend on the step boundaries,
-seeded draws on (seed, position) only). The guesses are counted (SpecDecodeStats.num_guess_hits).
+The target verifies d1 .. dn behind the real x, so a wrong guess never changes outputs, and once
+result(k) shows it wrong (known before k+1's result) k+1's drafts for that request are dropped
+(SpecDecoder.settle_guesses: its result is row 0's token alone); with no drafts left to wait
+for, k+2 launches before k+1's result, as after a plain step. Outputs do not change (greedy
+tokens do not depend on the step boundaries, seeded draws on (seed, position) only). The guesses
+are counted (SpecDecodeStats.num_guess_hits).
 In stretches without matches every step hides its host work behind the device and still looks
 up drafts; only a step after a verify step waits.
 
@@ -37,10 +40,12 @@ from pdserve.common.engine.outputs import RunnerOutput
 from pdserve.common.request import Request
 
 
-def can_overlap_next(spec) -> bool:
-    """The step just launched (by the runner owning `spec`, a SpecDecoder) drafted nothing, and
-    the proposer needs no history on the device: the next step may launch before its result."""
-    return spec.draft is None and not spec.has_drafts()
+def can_overlap_next(spec, requests: dict[str, Request]) -> bool:
+    """The step just launched (by the runner owning `spec`, a SpecDecoder) drafted nothing, or
+    only past guesses that the result of the step before showed wrong (their drafts dropped:
+    SpecDecoder.settle_guesses; `requests`: the scheduler's by id, that result applied), and the
+    proposer needs no history on the device: the next step may launch before its result."""
+    return spec.draft is None and not spec.settle_guesses(requests)
 
 
 def guess_hits(result: RunnerOutput, touched: list[Request]) -> list[bool]:

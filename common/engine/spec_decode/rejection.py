@@ -29,10 +29,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from pdserve.common.engine.sampler import processed_probs, to_device
 from pdserve.common.sampling_params import SamplingParams
+
+
+# From this many rows the acceptance runs as one numpy pass (batch 16, k = 8: 43 us against 73 us
+# of Python per row); below, Python per row is quicker (batch 1: ~1-3 us against numpy's ~15 us).
+NUMPY_ROWS = 32
 
 
 @dataclass
@@ -95,6 +101,8 @@ def queue_verify(logits: torch.Tensor, reqs: list[DraftRows], shared: torch.Gene
             parts += [accept.long(), residual]
     readback = torch.cat(parts) if len(parts) > 1 else best
     num_rows = best.shape[0]
+    if not lev and num_rows >= NUMPY_ROWS:  # every row decided by "draft == its token": one numpy pass
+        return readback, _match_finish(reqs, num_rows)
 
     def finish(values: list[int]) -> list[list[int]]:
         decided = {}  # Leviathan rows: (id(req), row) -> (accepted, token)
@@ -117,3 +125,26 @@ def queue_verify(logits: torch.Tensor, reqs: list[DraftRows], shared: torch.Gene
             outs.append(out)
         return outs
     return readback, finish
+
+
+def _match_finish(reqs: list[DraftRows], num_rows: int):
+    """finish() of a step whose drafts are all accepted by equality (greedy rows, one-hot drafts):
+    a request accepts its drafts up to the first row whose token differs, then that row's token.
+
+        check [R]  the draft each row's token is compared with; -1 (never equal) on a request's
+                   last row (past its fed drafts) and on rows of requests sampled plainly
+        bad        rows whose token differs from their check: a request's first bad row at or
+                   after its first row is where it stops (its last row always is one)"""
+    check = np.full(num_rows, -1, np.int64)
+    starts = np.fromiter((r.first_row for r in reqs), np.int64, len(reqs))
+    for r in reqs:
+        n = min(len(r.draft_token_ids), r.num_rows - 1)
+        check[r.first_row:r.first_row + n] = r.draft_token_ids[:n]
+
+    def finish(values: list[int]) -> list[list[int]]:
+        tokens = np.asarray(values[:num_rows], np.int64)
+        bad = np.flatnonzero(tokens != check)
+        stop = bad[np.searchsorted(bad, starts)]  # [N] each request's first bad row
+        accepted, last = (stop - starts).tolist(), tokens[stop].tolist()
+        return [r.draft_token_ids[:a] + [t] for r, a, t in zip(reqs, accepted, last)]
+    return finish
