@@ -119,11 +119,15 @@ inline void softmax_inplace(float* s, int64_t n) {
 }
 
 // ---- paged decode attention ----------------------------------------------------------------------
+// Into L2 (prefetcht2), not L1: a block's rows are 192-384 lines at once, and prefetcht0's L1 fill
+// buffers stalled on them (half the decode attention's samples sat on the prefetches). A decode step
+// at batch 64 x 236 tokens, 30 layers of distinct pools, one core: fp32 86-89 -> 70-72 ms, bf16
+// 57-61 -> 45-48 ms (docs/benchmarks.md, issue 19's fp32 section)
 template <typename T>
 inline void prefetch_rows(const T* first_row, int64_t rows, int64_t stride, int64_t D) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(T)); off += 64)
-      __builtin_prefetch(reinterpret_cast<const char*>(first_row + r * stride) + off);
+      __builtin_prefetch(reinterpret_cast<const char*>(first_row + r * stride) + off, 0, 1);
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
