@@ -291,8 +291,23 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
           ++t;
         }
         for (int64_t h = 0; h < HG; ++h) softmax_inplace(scores.data() + h * n, n);
+        // The V pass reads blocks the K pass prefetched, so the memory would idle through it: it
+        // prefetches the next item's K blocks instead, one per V block (fp32 -10%, bf16 -25% more)
+        const int64_t* next_blocks = nullptr;
+        int64_t next_j0 = 0, next_j1 = -1, next_off = 0;  // the next item's K blocks [j0, j1], its heads
+        if (item + 1 < end && lens[(item + 1) / items_per_seq] > 0) {
+          const int64_t nb = (item + 1) / items_per_seq, nlen = lens[nb];
+          next_blocks = table + nb * M;
+          next_j0 = (window > 0 ? std::max<int64_t>(0, nlen - window) : 0) / BS;
+          next_j1 = (nlen - 1) / BS;
+          next_off = ((item + 1) % items_per_seq) * heads_per_item * D;
+        }
         for (int64_t t = first; t < len;) {
           const T* v_row = vp + blocks[t / BS] * c_sb + (t % BS) * c_st + head_off;
+          if (t % BS == 0 && next_blocks != nullptr) {
+            const int64_t nj = next_j0 + t / BS - first / BS;
+            if (nj <= next_j1) prefetch_rows(kp + next_blocks[nj] * c_sb + next_off, BS, c_st, row_span);
+          }
           if (pv != nullptr && t % 16 == 0 && t + 16 <= len) {
             for (int64_t kh = 0; kh < heads_per_item; ++kh)
               pv(scores.data() + kh * G * n + (t - first), n, G, v_row + kh * D, c_st, acc.data() + kh * G * D);
