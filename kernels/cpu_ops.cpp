@@ -171,48 +171,13 @@ inline void scores16(const float* qf, int64_t G, int64_t D, const T* k, int64_t 
     _mm512_storeu_ps(out + g * out_stride, reduce16(acc));
   }
 }
-
-// acc[g, :] += sum over 16 consecutive V rows (row stride `stride`) of p[g * p_stride + r] * row r,
-// for G query heads; D = 16 * NV, so each head's accumulator stays in registers over the 16 rows
-template <typename T, int NV>
-void pv16(const float* p, int64_t p_stride, int64_t G, const T* v, int64_t stride, float* tile, float* acc) {
-  constexpr int64_t D = 16 * NV;
-  for (int r = 0; r < 16; ++r) load_row(v + r * stride, tile + r * D, D);
-  for (int64_t g = 0; g < G; ++g) {
-    __m512 a[NV];
-    for (int i = 0; i < NV; ++i) a[i] = _mm512_loadu_ps(acc + g * D + 16 * i);
-    const float* pg = p + g * p_stride;
-    for (int r = 0; r < 16; ++r) {
-      const __m512 pb = _mm512_set1_ps(pg[r]);
-      for (int i = 0; i < NV; ++i) a[i] = _mm512_fmadd_ps(pb, _mm512_loadu_ps(tile + r * D + 16 * i), a[i]);
-    }
-    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(acc + g * D + 16 * i, a[i]);
-  }
-}
-
-template <typename T>
-using PV16 = void (*)(const float*, int64_t, int64_t, const T*, int64_t, float*, float*);
-
-template <typename T>
-PV16<T> pv16_for(int64_t D) {
-  switch (D) {
-    case 32: return &pv16<T, 2>;
-    case 64: return &pv16<T, 4>;
-    case 128: return &pv16<T, 8>;
-    default: return nullptr;
-  }
-}
 #else
 constexpr bool kBlock16 = false;
 template <typename T>
 inline void scores16(const float*, int64_t, int64_t, const T*, int64_t, float*, float*, int64_t) {}
-template <typename T>
-using PV16 = void (*)(const float*, int64_t, int64_t, const T*, int64_t, float*, float*);
-template <typename T>
-PV16<T> pv16_for(int64_t) { return nullptr; }
 #endif
 
-#include "cpu_decode_tiles.h"  // scores16_bf16, pv16r: the decode's 16-token steps in registers
+#include "cpu_decode_tiles.h"  // scores16_bf16, pv16r: 16-token steps in registers (pv16r: the prefill's P V too)
 
 // q [B, H, D] (rows may be strided, d contiguous), caches [NB, BS, KVH, D] contiguous,
 // block_table [B, M] int64, context_lens [B] int64 -> out [B, H, D] contiguous.

@@ -1,5 +1,5 @@
 // Prefill attention of the CPU kernels: textually included by cpu_ops.cpp inside its anonymous
-// namespace, after its helpers (load_f, round_to, ...) and the decode attention's tiles (pv16_for,
+// namespace, after its helpers (load_f, round_to, ...) and the decode attention's tiles (pv16r_for,
 // kBlock16), which it uses; kernels/cpu.py hashes both files into the build's name.
 
 #if defined(CPU_CAPABILITY_AVX512)
