@@ -119,11 +119,15 @@ inline void softmax_inplace(float* s, int64_t n) {
 }
 
 // ---- paged decode attention ----------------------------------------------------------------------
+// Into L2 (prefetcht2), not L1: a block's rows are 192-384 lines at once, and prefetcht0's L1 fill
+// buffers stalled on them (half the decode attention's samples sat on the prefetches). A decode step
+// at batch 64 x 236 tokens, 30 layers of distinct pools, one core: fp32 86-89 -> 70-72 ms, bf16
+// 57-61 -> 45-48 ms (docs/benchmarks.md, issue 19's fp32 section)
 template <typename T>
 inline void prefetch_rows(const T* first_row, int64_t rows, int64_t stride, int64_t D) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t off = 0; off < D * static_cast<int64_t>(sizeof(T)); off += 64)
-      __builtin_prefetch(reinterpret_cast<const char*>(first_row + r * stride) + off);
+      __builtin_prefetch(reinterpret_cast<const char*>(first_row + r * stride) + off, 0, 1);
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -167,48 +171,13 @@ inline void scores16(const float* qf, int64_t G, int64_t D, const T* k, int64_t 
     _mm512_storeu_ps(out + g * out_stride, reduce16(acc));
   }
 }
-
-// acc[g, :] += sum over 16 consecutive V rows (row stride `stride`) of p[g * p_stride + r] * row r,
-// for G query heads; D = 16 * NV, so each head's accumulator stays in registers over the 16 rows
-template <typename T, int NV>
-void pv16(const float* p, int64_t p_stride, int64_t G, const T* v, int64_t stride, float* tile, float* acc) {
-  constexpr int64_t D = 16 * NV;
-  for (int r = 0; r < 16; ++r) load_row(v + r * stride, tile + r * D, D);
-  for (int64_t g = 0; g < G; ++g) {
-    __m512 a[NV];
-    for (int i = 0; i < NV; ++i) a[i] = _mm512_loadu_ps(acc + g * D + 16 * i);
-    const float* pg = p + g * p_stride;
-    for (int r = 0; r < 16; ++r) {
-      const __m512 pb = _mm512_set1_ps(pg[r]);
-      for (int i = 0; i < NV; ++i) a[i] = _mm512_fmadd_ps(pb, _mm512_loadu_ps(tile + r * D + 16 * i), a[i]);
-    }
-    for (int i = 0; i < NV; ++i) _mm512_storeu_ps(acc + g * D + 16 * i, a[i]);
-  }
-}
-
-template <typename T>
-using PV16 = void (*)(const float*, int64_t, int64_t, const T*, int64_t, float*, float*);
-
-template <typename T>
-PV16<T> pv16_for(int64_t D) {
-  switch (D) {
-    case 32: return &pv16<T, 2>;
-    case 64: return &pv16<T, 4>;
-    case 128: return &pv16<T, 8>;
-    default: return nullptr;
-  }
-}
 #else
 constexpr bool kBlock16 = false;
 template <typename T>
 inline void scores16(const float*, int64_t, int64_t, const T*, int64_t, float*, float*, int64_t) {}
-template <typename T>
-using PV16 = void (*)(const float*, int64_t, int64_t, const T*, int64_t, float*, float*);
-template <typename T>
-PV16<T> pv16_for(int64_t) { return nullptr; }
 #endif
 
-#include "cpu_decode_tiles.h"  // scores16_bf16, pv16r: the decode's 16-token steps in registers
+#include "cpu_decode_tiles.h"  // scores16_bf16, pv16r: 16-token steps in registers (pv16r: the prefill's P V too)
 
 // q [B, H, D] (rows may be strided, d contiguous), caches [NB, BS, KVH, D] contiguous,
 // block_table [B, M] int64, context_lens [B] int64 -> out [B, H, D] contiguous.
@@ -287,8 +256,23 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
           ++t;
         }
         for (int64_t h = 0; h < HG; ++h) softmax_inplace(scores.data() + h * n, n);
+        // The V pass reads blocks the K pass prefetched, so the memory would idle through it: it
+        // prefetches the next item's K blocks instead, one per V block (fp32 -10%, bf16 -25% more)
+        const int64_t* next_blocks = nullptr;
+        int64_t next_j0 = 0, next_j1 = -1, next_off = 0;  // the next item's K blocks [j0, j1], its heads
+        if (item + 1 < end && lens[(item + 1) / items_per_seq] > 0) {
+          const int64_t nb = (item + 1) / items_per_seq, nlen = lens[nb];
+          next_blocks = table + nb * M;
+          next_j0 = (window > 0 ? std::max<int64_t>(0, nlen - window) : 0) / BS;
+          next_j1 = (nlen - 1) / BS;
+          next_off = ((item + 1) % items_per_seq) * heads_per_item * D;
+        }
         for (int64_t t = first; t < len;) {
           const T* v_row = vp + blocks[t / BS] * c_sb + (t % BS) * c_st + head_off;
+          if (t % BS == 0 && next_blocks != nullptr) {
+            const int64_t nj = next_j0 + t / BS - first / BS;
+            if (nj <= next_j1) prefetch_rows(kp + next_blocks[nj] * c_sb + next_off, BS, c_st, row_span);
+          }
           if (pv != nullptr && t % 16 == 0 && t + 16 <= len) {
             for (int64_t kh = 0; kh < heads_per_item; ++kh)
               pv(scores.data() + kh * G * n + (t - first), n, G, v_row + kh * D, c_st, acc.data() + kh * G * D);

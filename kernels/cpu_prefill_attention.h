@@ -1,5 +1,5 @@
 // Prefill attention of the CPU kernels: textually included by cpu_ops.cpp inside its anonymous
-// namespace, after its helpers (load_f, round_to, ...) and the decode attention's tiles (pv16_for,
+// namespace, after its helpers (load_f, round_to, ...) and the decode attention's tiles (pv16r_for,
 // kBlock16), which it uses; kernels/cpu.py hashes both files into the build's name.
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -166,7 +166,7 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   T* op = out.data_ptr<T>();
   const float sc = static_cast<float>(scale);
   const bool by16 = kBlock16 && D % 16 == 0;
-  const PV16<T> pv = pv16_for<T>(D);
+  const PV16R<T> pv = pv16r_for<T>(D);
   at::parallel_for(0, num_blocks * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(QB * G * D), acc(QB * G * D), row(D), tile(16 * D), inv(QB * G), scores;
     std::vector<float> rescale(Lk / kKvSplit + 1);
@@ -203,7 +203,7 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
       for (int64_t t = lo; t < hi;) {
         const T* v_row = vp + t * v_s + kh * D;
         if (pv != nullptr && t + 16 <= hi) {
-          pv(scores.data() + (t - lo), n, NV, v_row, v_s, tile.data(), acc.data());
+          pv(scores.data() + (t - lo), n, NV, v_row, v_s, acc.data());
           t += 16;
           continue;
         }
