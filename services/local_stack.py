@@ -65,6 +65,11 @@ _PRCTL = _libc_prctl() if sys.platform.startswith("linux") else None
 def _die_with_parent() -> None:
     """In the child, between fork and exec: its own session, and SIGTERM when the parent dies."""
     os.setsid()
+    terminate_with_parent()
+
+
+def terminate_with_parent() -> None:
+    """This process gets SIGTERM when its parent dies, even by SIGKILL (Linux; elsewhere nothing)."""
     if _PRCTL is not None:
         _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 

@@ -35,6 +35,11 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=None, help="name in the API (default: the model's)")
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP server binds to")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="router processes sharing the port (SO_REUSEPORT; the kernel spreads connections over "
+                        "them): each routes, tokenizes and streams its connections' requests. /metrics and "
+                        "/admin/stats describe the process that answers")
+    p.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)  # internal: a child of --workers
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* and /admin/*")
     p.add_argument("--routing", default="prefix", choices=["prefix", "load", "round_robin"],
                    help="prefix: cached-prefix overlap vs load (docs/routing.md); load: least loaded; "
@@ -67,6 +72,30 @@ def fleet_stats(pool):
 
 
 def run_router(args: argparse.Namespace) -> None:
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be positive, got {args.workers}")
+    if args.workers > 1:
+        if args.metrics_port is not None:
+            raise ConfigError("--metrics-port cannot be shared by --workers processes: serve /metrics on the "
+                              "API port (each process answers for itself)")
+        from pdserve.services.router.workers import run_workers
+        return run_workers(args, _worker_main)
+    _run_one(args)
+
+
+def _worker_main(args: argparse.Namespace, ready) -> None:
+    """A child of `--workers`: one router on the shared port; `ready` (an Event) is set once it listens."""
+    import sys
+
+    from pdserve.services.entry import run_parsed
+    from pdserve.services.local_stack import terminate_with_parent
+    terminate_with_parent()  # a SIGKILLed parent leaves no router holding the port
+    args.ready_event = ready
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the children with SIGTERM
+    sys.exit(run_parsed(f"pdserve router (worker {args.worker_of})", _run_one, args))
+
+
+def _run_one(args: argparse.Namespace) -> None:
     import uvicorn
 
     from pdserve.common.metrics import StatsCollector
@@ -120,10 +149,18 @@ def run_router(args: argparse.Namespace) -> None:
                                   for i, load in pool.instances]}
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
                                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
-        task = asyncio.create_task(server.serve())
+        ready = getattr(args, "ready_event", None)
+        if ready is None:
+            task = asyncio.create_task(server.serve())
+        else:  # one of --workers: its own socket on the shared port
+            from pdserve.services.router.workers import shared_port_socket
+            task = asyncio.create_task(server.serve(sockets=[shared_port_socket(args.host, args.port)]))
         while not server.started and not task.done():
             await asyncio.sleep(0.01)
-        if server.started:
+        if server.started and ready is not None:
+            freeze_startup_objects()
+            ready.set()  # the parent prints the ready lines once every child listens
+        elif server.started:
             port = server.servers[0].sockets[0].getsockname()[1]
             apart = "" if metrics_apart is None else \
                 f", metrics on http://{args.host}:{metrics_apart.server_port}/metrics"

@@ -1,0 +1,103 @@
+"""`pdserve router --workers N`: N router processes on one port.
+
+One router process parses every decode message and writes every SSE event of its connections;
+under load it is the first to fill a core (docs/benchmarks.md: at 100 req/s of 256/128 through
+1P1D the router sat at 104-106 % of a core). With --workers N the parent picks the port, starts N
+children (spawned: each a whole router with its own Redis clients, instance pool and decode
+streams) that each bind it with SO_REUSEPORT, so the kernel spreads new connections over them,
+and prints the ready lines once all listen. The routers share nothing but Redis (the fleet, the
+prefix index), which is what a single router reads too.
+
+    parent:  port -> spawn N children -> wait until each listens -> "ready" -> wait
+    SIGTERM / SIGINT to the parent: SIGTERM to every child (each drains its open streams, as one
+    router does), then the parent exits. A child that dies ends the others and the parent (exit 1):
+    whatever supervises the router restarts it whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import multiprocessing.connection
+import signal
+import socket
+import sys
+import time
+
+from pdserve.common.config import ConfigError
+
+START_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 40.0  # the children's graceful shutdown (30 s) and their teardown
+
+
+def shared_port_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port that other processes may bind too (SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def run_workers(args: argparse.Namespace, child_main) -> None:
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads and event loops
+    holder = None
+    if args.port == 0:  # a free port, held (bound, not listening: it takes no connections) until all bind it
+        holder = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind((args.host, 0))
+        args.port = holder.getsockname()[1]
+    children = []
+    for i in range(args.workers):
+        child_args = argparse.Namespace(**{**vars(args), "workers": 1, "worker_of": str(i)})
+        ready = ctx.Event()
+        proc = ctx.Process(target=child_main, args=(child_args, ready), name=f"pdserve-router-{i}", daemon=False)
+        proc.start()
+        children.append((proc, ready))
+    stopping = False
+
+    def stop(*_):
+        nonlocal stopping
+        stopping = True
+        for proc, _ in children:
+            if proc.is_alive():
+                proc.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    for i, (proc, ready) in enumerate(children):
+        while not ready.wait(0.1):
+            if stopping:
+                break
+            if not proc.is_alive() or time.monotonic() > deadline:
+                stop()
+                _join(children)
+                raise ConfigError(f"router worker {i} failed to start (exit code {proc.exitcode})")
+    if holder is not None:
+        holder.close()
+    if not stopping:
+        print(f"pdserve router: ready ({args.workers} processes on the port)", flush=True)
+        print(f"pdserve router serving on http://{args.host}:{args.port} ({args.workers} workers)", flush=True)
+    while not stopping:
+        multiprocessing.connection.wait([proc.sentinel for proc, _ in children], timeout=0.5)
+        dead = [(i, proc.exitcode) for i, (proc, _) in enumerate(children) if not proc.is_alive()]
+        if dead and not stopping:
+            print(f"pdserve router: worker {dead[0][0]} exited with code {dead[0][1]}; stopping the others",
+                  file=sys.stderr, flush=True)
+            stop()
+            _join(children)
+            sys.exit(1)
+    _join(children)
+
+
+def _join(children) -> None:
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    for proc, _ in children:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+            proc.join(5)

@@ -1,0 +1,88 @@
+"""`pdserve router --workers 2` in front of a 1P1D stack of real processes: two router processes
+on one port (SO_REUSEPORT) answer the official openai client from separate connections with the
+offline engine's tokens; a killed router process takes the parent and its sibling down (exit 1)
+instead of leaving a half-served port; SIGTERM stops them all cleanly, and a SIGKILLed parent
+leaves no process behind (PR_SET_PDEATHSIG)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from pdserve.common.engine.llm import LLM
+from pdserve.common.sampling_params import SamplingParams
+from stack import ROUTER_FLAGS, Stack
+
+openai = pytest.importorskip("openai")
+
+PROMPTS = [[(n * 131 + j * 17) % 30000 + 100 for j in range(40)] for n in range(6)]
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid), "-f", "multiprocessing.spawn"], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_models):
+    s = Stack(tiny_models["llama"], prefill=[[]], decode=[[]], router_flags=(*ROUTER_FLAGS, "--workers", "2"))
+    yield s
+    s.close()
+
+
+def test_two_router_processes_serve_the_same_answers(stack, tiny_models):
+    workers = children(stack.procs["router"].pid)
+    assert len(workers) == 2, workers
+    offline = LLM(tiny_models["llama"], num_gpu_blocks_override=512, dtype="float32")
+    try:
+        want = [o.outputs[0].text for o in offline.generate(
+            [{"prompt_token_ids": p} for p in PROMPTS],
+            SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)]
+    finally:
+        offline.shutdown()
+    got = []
+    for prompt in PROMPTS:  # a client (and so a connection) each: the kernel spreads them over the processes
+        with openai.OpenAI(base_url=stack.base_url + "/v1", api_key="none", max_retries=0, timeout=60) as client:
+            r = client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0,
+                                          extra_body={"ignore_eos": True})
+            got.append(r.choices[0].text)
+    assert got == want
+    assert all(os.path.exists(f"/proc/{pid}") for pid in workers)
+
+
+def test_a_dead_router_process_ends_the_router(stack):
+    parent = stack.procs["router"]
+    first, second = children(parent.pid)
+    os.kill(first, signal.SIGKILL)
+    assert parent.wait(timeout=60) == 1
+    deadline = time.time() + 10
+    while alive(second) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not alive(second)
+    # whatever supervises the router starts it again; SIGTERM then stops every process cleanly
+    stack.start_router((*ROUTER_FLAGS, "--workers", "2"))
+    restarted = stack.procs["router"]
+    workers = children(restarted.pid)
+    assert len(workers) == 2
+    restarted.terminate()
+    assert restarted.wait(timeout=60) == 0
+    assert not any(alive(pid) for pid in workers)
+    # a SIGKILLed parent: its processes get SIGTERM from the kernel and free the port
+    stack.start_router((*ROUTER_FLAGS, "--workers", "2"))
+    workers = children(stack.procs["router"].pid)
+    stack.kill("router")
+    deadline = time.time() + 30
+    while any(alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in workers)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
