@@ -178,7 +178,7 @@ def observe_many(histogram, values: list[float]) -> None:
     """`histogram.observe(v)` for every v, as one increment per bucket hit and one of the sum
     (the decode worker observes an inter-token latency per output token: ~3 us each through
     observe(), which takes two locks and walks the bounds). Reads prometheus_client's Histogram
-    internals (_upper_bounds, _buckets, _sum; tests/test_metrics_batch.py checks them against
+    internals (_upper_bounds, _buckets, _sum; tests/test_request_metrics.py checks them against
     observe()); a client without them gets observe() per value."""
     bounds = getattr(histogram, "_upper_bounds", None)
     if bounds is None or not hasattr(histogram, "_buckets") or not hasattr(histogram, "_sum"):

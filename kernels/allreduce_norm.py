@@ -25,8 +25,8 @@ rank q (st.release.sys: the program's data stores into rank q before it; posted,
 waits (ld.acquire.sys, polling local memory) until its own slot p * W + q has reached the epoch
 (a signed difference: a fast peer may already be at the next call's). No slot is reset.
 
-Barrier, pull mode. Program p of rank r owns slot p * W + r of every rank's signal pad (uint32). Thread q < W
-of the program sets slot p * W + r on rank q from 0 to 1 (release, system scope; spinning while it is
+Barrier, pull mode. Program p of rank r owns slot p * W + r of every rank's signal pad (uint32).
+Thread q < W of the program sets slot p * W + r on rank q from 0 to 1 (release, system scope; spinning while it is
 still 1 from a call the peer has not consumed) and then waits for its own slot p * W + q to be 1 and
 resets it to 0 (acquire). A bar.sync before and after orders the program's buffer writes before
 its signals and the peers' reads after theirs. Slots are left at 0, so calls need no reset. A
@@ -36,8 +36,9 @@ wait longer than `timeout_s` (a peer that died) executes `trap`: the step fails 
 Buffer reuse. The kernel has no closing barrier: calls alternate between two regions (the caller
 passes `region`), and a rank writes region k (its own or, pushing, a peer's) again only in the
 call after next, by which time it has passed the barrier of the call in between, i.e. every peer
-has started that call and so (same stream, kernels in order) finished reading region k. The caller guarantees the alternation: the
-model makes two calls per layer, each forward pass starts at region 0 (tp_comm.FusedAllReduceNorm).
+has started that call and so (same stream, kernels in order) finished reading region k. The
+caller guarantees the alternation: the model makes two calls per layer, each forward pass starts
+at region 0 (tp_comm.FusedAllReduceNorm).
 """
 
 from __future__ import annotations
@@ -143,8 +144,7 @@ def _allreduce_add_rms_norm_kernel(
         dst = region + RANK * slot_elems + row.to(tl.int64) * hidden_size + cols
         if PUSH:  # into this rank's slot of every rank's buffer (peer stores are posted: no round trip)
             for q in tl.static_range(WORLD):
-                delta = tl.multiple_of((tl.load(buffer_addrs_ptr + q) - own_addr) // ELEMENT_BYTES, 16)
-                tl.store(dst + delta, x, mask=mask)
+                tl.store(dst + _peer_offset(buffer_addrs_ptr, q, own_addr, ELEMENT_BYTES), x, mask=mask)
         else:
             tl.store(dst, x, mask=mask)
     tl.debug_barrier()
@@ -168,7 +168,7 @@ def _allreduce_add_rms_norm_kernel(
         for q in tl.static_range(WORLD):
             src = region + q * slot_elems + r64 * hidden_size + cols
             if not PUSH:  # pull: rank q's slot of rank q's buffer, over NVLink
-                src += tl.multiple_of((tl.load(buffer_addrs_ptr + q) - own_addr) // ELEMENT_BYTES, 16)
+                src += _peer_offset(buffer_addrs_ptr, q, own_addr, ELEMENT_BYTES)
             acc += tl.load(src, mask=mask, other=0.0, volatile=True).to(tl.float32)
         reduced = acc.to(dtype)  # what the all-reduce returns
         residual = tl.load(residual_ptr + r64 * stride_residual + cols, mask=mask, other=0.0)
@@ -176,6 +176,12 @@ def _allreduce_add_rms_norm_kernel(
         tl.store(residual_out_ptr + r64 * stride_residual_out + cols, h, mask=mask)
         out = rms_normalize(h, weight, hidden_size, eps)
         tl.store(out_ptr + r64 * stride_out + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _peer_offset(buffer_addrs_ptr, q, own_addr, ELEMENT_BYTES: tl.constexpr):
+    """Rank q's buffer as an element offset from this rank's (mappings are page-aligned: known alignment)."""
+    return tl.multiple_of((tl.load(buffer_addrs_ptr + q) - own_addr) // ELEMENT_BYTES, 16)
 
 
 @triton.jit

@@ -364,7 +364,7 @@ def worker_entry(steps_fd: int, status_fd: int, kv_link_fd: int | None = None) -
             log.exception("step failed")
             _report(status, "error", f"{type(e).__name__}: {e}")
             os._exit(1)
-    runner.shutdown()  # its CUDA graphs first (TPDriverRunner.shutdown)
+    runner.shutdown()  # its CUDA graphs first: they hold the group's NCCL work (TPDriverRunner.shutdown)
     comm.close(peers_alive=orderly)
 
 

@@ -157,16 +157,17 @@ def _run_one(args: argparse.Namespace) -> None:
             task = asyncio.create_task(server.serve(sockets=[shared_port_socket(args.host, args.port)]))
         while not server.started and not task.done():
             await asyncio.sleep(0.01)
-        if server.started and ready is not None:
-            freeze_startup_objects()
-            ready.set()  # the parent prints the ready lines once every child listens
-        elif server.started:
-            port = server.servers[0].sockets[0].getsockname()[1]
-            apart = "" if metrics_apart is None else \
-                f", metrics on http://{args.host}:{metrics_apart.server_port}/metrics"
+        if server.started:
             freeze_startup_objects()  # common/gc_policy.py
-            print(f"pdserve router: ready in {process_age_s():.2f} s{apart}", flush=True)
-            print(f"pdserve router serving {name} on http://{args.host}:{port} (routing: {config.mode})", flush=True)
+            if ready is not None:
+                ready.set()  # the parent prints the ready lines once every child listens
+            else:
+                port = server.servers[0].sockets[0].getsockname()[1]
+                apart = "" if metrics_apart is None else \
+                    f", metrics on http://{args.host}:{metrics_apart.server_port}/metrics"
+                print(f"pdserve router: ready in {process_age_s():.2f} s{apart}", flush=True)
+                print(f"pdserve router serving {name} on http://{args.host}:{port} (routing: {config.mode})",
+                      flush=True)
         await task
         if metrics_apart is not None:
             metrics_apart.shutdown()

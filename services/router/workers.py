@@ -32,8 +32,7 @@ STOP_TIMEOUT_S = 40.0  # the children's graceful shutdown (30 s) and their teard
 
 def shared_port_socket(host: str, port: int) -> socket.socket:
     """A listening socket on host:port that other processes may bind too (SO_REUSEPORT)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
@@ -42,11 +41,15 @@ def shared_port_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def run_workers(args: argparse.Namespace, child_main) -> None:
     ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads and event loops
     holder = None
     if args.port == 0:  # a free port, held (bound, not listening: it takes no connections) until all bind it
-        holder = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
+        holder = socket.socket(_family(args.host), socket.SOCK_STREAM)
         holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         holder.bind((args.host, 0))
         args.port = holder.getsockname()[1]
