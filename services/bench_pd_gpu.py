@@ -103,7 +103,8 @@ class Bench:
         return stack
 
     def run_load(self, url: str, requests, rate: float) -> tuple[list, float]:
-        return asyncio.run(loadgen.run_load(url, "bench", requests, rate, None, self.args.seed))
+        return loadgen.run_load_processes(url, "bench", requests, rate, None, self.args.seed,
+                                          self.args.client_processes)
 
     # ---- parts ------------------------------------------------------------------------------
     def handoff(self) -> None:
@@ -340,6 +341,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--agg-chunks", type=int, nargs="+", default=[2048, 8192],
                    help="--max-num-batched-tokens of the aggregated engines, each a run")
     p.add_argument("--load-rate", type=float, default=100.0)
+    p.add_argument("--client-processes", type=int, default=4,
+                   help="goodput / load: client processes sending the requests (loadgen.run_load_processes)")
     p.add_argument("--load-seconds", type=float, default=20.0)
     p.add_argument("--load-transport", default="nccl", choices=["tcp", "ucx", "nccl", "ipc"],
                    help="load: the 1P1D stack's KV transport")

@@ -32,9 +32,11 @@ declare -A last
 : > "$OUT/load_cpu.txt"
 while kill -0 "$BENCH" 2>/dev/null; do
   line=""
-  for role in router prefill decode serve; do
+  for role in router prefill decode serve client; do
     total=0
-    for pid in $(for p in $(pgrep -f "pdserve.services.cli $role( |$)"); do echo "$p"; pgrep -P "$p"; done); do
+    pattern="pdserve.services.cli $role( |$)"
+    [ "$role" = client ] && pattern="pdserve.services.bench_pd_gpu"   # the load generator and its processes
+    for pid in $(for p in $(pgrep -f "$pattern"); do echo "$p"; pgrep -P "$p"; done | sort -u); do
       t=$(awk '{print $14+$15}' "/proc/$pid/stat" 2>/dev/null) || continue
       prev=${last[$pid]:-$t}; last[$pid]=$t
       total=$((total + t - prev))
