@@ -73,9 +73,7 @@ class GreedyTail:
             self.num_valid = max(0, min(rows, vocab - self.start))
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        weight = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
-        logits = model.ops.logits(hidden, weight)  # [N, rows]: this rank's vocab shard
+        logits = self.model.shard_logits(hidden)  # [N, rows]: this rank's vocab shard
         if self.comm is None or self.comm.world_size == 1:
             return logits.argmax(dim=-1)
         return merge_best(self.comm.all_gather_stacked(shard_best(logits, self.start, self.num_valid)))
