@@ -21,6 +21,11 @@ and KV heads and the same steps (engine/tp_workers.py); rank 0 samples and broad
 tokens, the other ranks only take part in the collectives and keep the tokens for the next
 step's device-side input fill. The KV pool is the smallest any rank can hold.
 
+Plain-greedy steps (`greedy_tail.py`, unless --no-graph-sampler) skip the Sampler: LM head ->
+argmax, in a tail CUDA graph after a decode graph, else eagerly; under tensor parallelism every
+rank takes its vocab shard's argmax and the ranks all-gather (value, id) pairs instead of the
+logits gather and the token broadcast.
+
 With speculative decoding the runner also owns the proposer (`spec_decode.decoder.SpecDecoder`):
 drafts are appended to the inputs before the forward pass and verified on its logits.
 """

@@ -8,6 +8,7 @@ other ranks, and every rank runs the same forward pass on its shard (models/para
         encode_step(sched) once, --pipe--> each worker     recv -> decode_step -> ModelRunner.launch
         ModelRunner.launch(sched)    <=== all-reduces ===>  same forward on its shard
         logits gathered here, sampled, tokens broadcast ==> kept for its next step's inputs
+        (plain-greedy steps: each rank's shard argmax, all-gathered; greedy_tail.py)
     PendingOutput.result() (polling the ranks' liveness while it waits)
 
 Step messages go over one pipe per worker, pickled once: the fields a runner that does not sample
