@@ -48,7 +48,7 @@ from pdserve.common.engine.greedy_tail import GreedyTail, plain_greedy
 from pdserve.common.engine.sampler import Sampler, top_logprobs
 from pdserve.common.models.attention import AttentionMetadata, PrefillSeq, StepInputs
 from pdserve.common.models.llama import TORCH_OPS
-from pdserve.common.models.packed_upload import PackedUpload
+from pdserve.common.models.packed_upload import PackedUpload, record_on_current_stream
 from pdserve.common.models.loader import checkpoint_dtype, load_model, resolve_dtype
 from pdserve.common.models.quantization.kv_cache import attach_kv_scales, calibrate_kv_scales, kv_cache_dtype
 from pdserve.common.sampling_params import SamplingParams
@@ -498,7 +498,7 @@ class PendingOutput:
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host.copy_(tokens, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            record_on_current_stream(self._event, tokens.device.index)
 
     def flush(self) -> None:
         with self._lock:
