@@ -43,8 +43,8 @@ import torch
 
 from pdserve.common.config import (ArchConfig, CacheConfig, ConfigError, ModelConfig, SchedulerConfig,
                                    SpeculativeConfig, cpu_has_bf16)
-from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledRequest, SchedulerOutput
 from pdserve.common.engine.greedy_tail import GreedyTail, plain_greedy
+from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledRequest, SchedulerOutput
 from pdserve.common.engine.sampler import Sampler, top_logprobs
 from pdserve.common.models.attention import AttentionMetadata, PrefillSeq, StepInputs
 from pdserve.common.models.llama import TORCH_OPS
