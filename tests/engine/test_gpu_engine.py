@@ -265,11 +265,12 @@ class EagerReplay:  # stands in for a captured graph: the same forward over the 
         g, bs = self.graphs, self.bs
         g._outputs[bs].copy_(g.model(g._static["ids"][:bs], g._static["pos"][:bs], g.kv_caches, g._metadata(bs)))
 
-class EagerTail:  # a captured tail graph (greedy_tail.py): its tokens buffer from the bucket's hidden
+class EagerTail:  # a captured tail graph (greedy_tail.py): the bucket's tokens from its hidden
     def __init__(self, graphs, bs, tail):
         self.graphs, self.bs, self.tail = graphs, bs, tail
-    def replay(self):
-        self.graphs._tokens[self.bs].copy_(self.tail(self.graphs._outputs[self.bs]))
+    def replay(self):  # a new tensor, not the static one overwritten: on CPU the step's PendingOutput
+        # holds the tokens themselves (on CUDA it copies them to pinned memory at launch)
+        self.graphs._tokens[self.bs] = self.tail(self.graphs._outputs[self.bs])
 
 def run(backend):  # torch: one step at a time; triton and graphs: overlapped steps (placeholder fills)
     import dataclasses
