@@ -50,7 +50,7 @@ def generate(folder: str, prompts: list[list[int]], params: list[SamplingParams]
 
 @pytest.fixture(scope="module")
 def odd_vocab_qwen3(tmp_path_factory, tiny_model_factory) -> str:
-    """Tied embeddings, vocab 49151: rank 1 of 2 has one padding row in its LM-head shard."""
+    """Tied embeddings, vocab 49151: the last rank of 2 or 4 has one padding row in its LM-head shard."""
     return tiny_model_factory(str(tmp_path_factory.mktemp("odd") / "qwen3"), "qwen3", vocab_size=49151)
 
 
@@ -59,7 +59,7 @@ def prompts_of(prompts):
 
 
 @pytest.mark.parametrize("model,tp,kwargs", [("llama", 1, {}), ("llama", 2, {"async_scheduling": True}),
-                                             ("odd", 2, {})])
+                                             ("odd", 2, {}), ("odd", 4, {"async_scheduling": True})])
 def test_greedy_tail_takes_every_greedy_step_with_the_samplers_tokens(tiny_models, odd_vocab_qwen3, prompts,
                                                                        model, tp, kwargs):
     folder = odd_vocab_qwen3 if model == "odd" else tiny_models[model]
