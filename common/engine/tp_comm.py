@@ -43,6 +43,8 @@ log = logging.getLogger("pdserve.tp")
 SYMM_MEM_MAX_BYTES = 1 << 20  # torch's one-shot all-reduce (all_reduce="symm_mem") up to this size
 CLOSE_TIMEOUT_S = 10.0  # NCCL teardown at shutdown, at most
 FUSED_REGION_BYTES = 2 << 20  # per rank's slot of a region (two alternate): 256 rows of hidden 4096 in bf16
+# torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single; the GPU image has 2.11
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class TPComm:
@@ -125,7 +127,7 @@ class TPComm:
         """x [...] of every rank -> [world_size, ...] on every rank (rank order); no host sync,
         graph-safe with NCCL."""
         out = torch.empty((self.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-        dist.all_gather_single(out, x.contiguous())  # (gloo wants the ranks along dim 0)
+        _all_gather_single(out, x.contiguous())  # (gloo wants the ranks along dim 0)
         return out.view(self.world_size, *x.shape)
 
     def all_gather_int(self, value: int) -> list[int]:
