@@ -127,6 +127,7 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None  # [L, 2, num_blocks, block_size, KVH, D], one allocation
         self.kv_caches: list[torch.Tensor] = []  # its per-layer views [2, num_blocks, block_size, KVH, D]
         self.graphs = None  # captured after the KV cache exists
+        self.greedy_tail = None  # set once the KV cache exists (the sizing step samples with the Sampler)
         self.kv_populate: threading.Thread | None = None  # CPU: faults the KV pool's pages in (cpu_ops.py)
         self.spec = None  # the SpecDecoder, set below with --speculative-config
         # --kv-cache-dtype fp8: e4m3 tensors, per-layer [2, KVH] scales calibrated here (quantization/kv_cache.py)
