@@ -45,7 +45,8 @@ def prompts() -> list[list[int]]:
 
 def run(folder: str, prompts, params, **options):
     config = EngineConfig.from_options(model=folder, device="cuda", dtype="float32", enforce_eager=False,
-                                       gpu_memory_utilization=0.2, max_model_len=1024, **options)
+                                       num_gpu_blocks_override=4096, max_num_seqs=16, max_model_len=1024,
+                                       **options)  # small pool, buckets 1..16: eight engines start in this file
     engine = EngineCore(config, load_tokenizer_=False)
     try:
         # max_tokens staggered: the decode batch shrinks as requests finish (buckets 16 .. 1)
