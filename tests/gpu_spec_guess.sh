@@ -22,7 +22,10 @@ BENCH=("$PY" -m pdserve.services.cli bench spec --device cuda --batch-sizes 1 16
        --sequential-prompts 8 --dtype bfloat16)
 
 if [ "$WHAT" = all ] || [ "$WHAT" = tests ]; then
-    step tests 170 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/engine/test_spec_decode_gpu.py
+    # per test: its time (--durations), a stack dump at 40 s (faulthandler_timeout) and the hard
+    # 60 s limit of the file's timeout mark (every thread's stack, then the run ends)
+    step tests 170 "$PY" -m pytest -q -p no:cacheprovider -m gpu --durations=0 -o faulthandler_timeout=40 \
+        tests/engine/test_spec_decode_gpu.py
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = bench ]; then
     step bench 170 "${BENCH[@]}" --methods none ngram ngram_sync --json-out "$OUT/spec_k8.json"
