@@ -62,14 +62,16 @@ def instrument(engine) -> StageTimer:
     timer.wrap(engine, "_apply", "apply")
     timer.wrap(engine.scheduler, "update", "update")
     timer.wrap(engine.scheduler, "schedule", "schedule")
-    timer.wrap(spec.proposer, "propose", "propose")
-    timer.wrap(spec, "prepare", "prepare")
+    if spec is not None:  # (none: a plain engine, for comparison)
+        timer.wrap(spec.proposer, "propose", "propose")
+        timer.wrap(spec, "prepare", "prepare")
     timer.wrap(model_runner, "flatten_step", "flatten")
     timer.wrap(runner.inputs, "prepare", "inputs")
     timer.wrap(runner.model, "forward", "forward")
     if runner.graphs is not None:  # CUDA: decode-only steps replay a graph instead
         timer.wrap(runner.graphs, "run", "forward")
-    timer.wrap(spec, "verify", "sample")
+    if spec is not None:
+        timer.wrap(spec, "verify", "sample")
     timer.wrap(runner.sampler, "sample", "sample")
     timer.wrap(engine, "_emit", "emit")
     return timer
@@ -117,7 +119,7 @@ def _run_groups(args, llm, groups: list[list[list[int]]], timer: StageTimer, tag
             if not decode:  # prefill steps (until every request has its first token)
                 continue
             kind = "plain"
-            if spec.has_drafts():
+            if spec is not None and spec.has_drafts():
                 kind = "guess" if engine.num_overlapped_steps > overlapped0 else "verify"
             counts[kind] += 1
             timer.seconds["wait"] = engine.wait_seconds

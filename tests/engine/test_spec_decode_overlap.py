@@ -23,6 +23,15 @@ from tests.engine.test_correctness import hf_greedy
 from tests.engine.test_spec_decode import NGRAM, draft, generate, tokens
 
 
+@pytest.fixture(autouse=True)
+def overlap_any_batch(monkeypatch):
+    """These tests check the overlapped steps' mechanism in batches too: the engine's policy
+    (pipeline.OVERLAP_MAX_BATCH: one step at a time from 4 running requests) lifted, except in
+    test_large_batches_step_one_at_a_time, which checks it."""
+    from pdserve.common.engine.spec_decode import pipeline
+    monkeypatch.setattr(pipeline, "OVERLAP_MAX_BATCH", 1 << 20)
+
+
 @pytest.fixture(scope="module")
 def small_vocab(tiny_model_factory, tmp_path_factory):
     folder = tiny_model_factory(str(tmp_path_factory.mktemp("v512") / "llama"), "llama", vocab_size=512,
@@ -133,6 +142,37 @@ def test_guessed_flow_as_on_cuda(small_vocab):
     assert got == hf_greedy(folder, prompts, 40)
     assert overlapped and spec.num_row_steps > 0
     assert st.num_guessed_drafts > st.num_guess_hits > 0, st
+
+
+def test_large_batches_step_one_at_a_time(small_vocab, monkeypatch):
+    """From OVERLAP_MAX_BATCH running requests the speculative engine runs its steps one at a time
+    (overlapped, it was slower than that at batch 16 on the GPU); below, overlapped. Six prompts
+    of different lengths, max_tokens 10 .. 60 (the batch shrinks as they finish): outputs equal
+    HF's, steps with drafts and overlapped steps both happen, and none was launched with four or
+    more requests running."""
+    from pdserve.common.engine.spec_decode import pipeline
+    monkeypatch.setattr(pipeline, "OVERLAP_MAX_BATCH", 4)
+    folder, prompts = small_vocab
+    lengths = [10, 20, 30, 40, 50, 60]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
+    llm = LLM(folder, dtype="float32", speculative_config=NGRAM, async_scheduling=True, block_size=4)
+    engine = llm.engine
+    engine.runner.spec.verify_as_decodes = True
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        llm.add_request(str(i), p, sp)
+    done, overlapped_at = {}, []
+    while engine.has_unfinished():
+        running, before = engine.scheduler.num_running(), engine.num_overlapped_steps
+        for out in llm.step():
+            if out.finished:
+                done[out.request_id] = out
+        if engine.num_overlapped_steps > before:
+            overlapped_at.append(running)
+    assert engine.kv.num_free_blocks == engine.runner.num_blocks
+    outs = [done[str(i)].outputs[0].token_ids for i in range(len(prompts))]
+    assert outs == [hf_greedy(folder, [p], n)[0] for p, n in zip(prompts, lengths)]
+    assert overlapped_at and max(overlapped_at) < 4, overlapped_at
+    assert engine.stats().spec_decode.num_drafts > 0
 
 
 def test_masked_request_shares_a_verify_step_launched_while_its_token_is_in_flight(small_vocab):
