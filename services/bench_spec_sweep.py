@@ -15,6 +15,11 @@ The step pattern replayed is the overlapped engine's (spec_decode/pipeline.py):
     the guess was wrong  -> its drafts are dropped (the engine knows before that step's result):
                             a step of one token, and the next launches first again
 
+    bridge=True          -> after a verify step whose drafts are kept, a bridge step launched
+                            before its result (one row per outcome, --bridge-ms): one token more,
+                            and the step after it launches first, past a guess (pipeline.py);
+                            none if the verify step accepted more drafts than the bridge had rows
+
 (`guess=False` replays the engine before the guess: the step after a plain one was plain too,
 without a lookup.) Predicted ms per output token from measured step costs (--plain-ms,
 --verify-ms, --guess-verify-ms: the `ms` of plain, verify and guessed verify steps in
@@ -39,6 +44,8 @@ class Replay:
     guess_steps: int = 0  # of them, launched while a plain step ran (drafts past a guessed token)
     guess_hits: int = 0  # of those, the guess was right
     dropped: int = 0  # guess steps whose guess was wrong: drafts dropped, not verified
+    bridge_steps: int = 0  # steps launched before a verify step's result, one row per outcome
+    bridge_void: int = 0  # of them, without a row for the outcome (no token)
     lookups: int = 0  # steps that ran the lookup (with room for drafts)
     draft_tokens: int = 0
     accepted: int = 0
@@ -58,12 +65,14 @@ class Replay:
 
 def replay(samples: list[tuple[list[int], list[int]]], min_n: int, max_n: int, k: int, max_tokens: int,
            plain_ms: float, verify_ms: float, guess_verify_ms: float | None = None, guess: bool = True,
-           drop: bool = True) -> Replay:
+           drop: bool = True, bridge: bool = False, bridge_ms: float | None = None) -> Replay:
     """samples: (prompt ids, greedy output ids) per request -> the replayed steps' totals.
     guess_verify_ms: the cost of a verify step launched while a plain step ran (default verify_ms).
     drop=False: the engine before drafts past a wrong guess were dropped (it verified them, and
-    the next step waited for that result)."""
+    the next step waited for that result). bridge: the engine's bridge steps (bridge_ms each,
+    default verify_ms)."""
     guess_verify_ms = verify_ms if guess_verify_ms is None else guess_verify_ms
+    bridge_ms = verify_ms if bridge_ms is None else bridge_ms
     r = Replay(ms_per_token=[])
     for prompt, output in samples:
         history = np.asarray(prompt + output, np.int32)
@@ -93,6 +102,16 @@ def replay(samples: list[tuple[list[int], list[int]]], min_n: int, max_n: int, k
                 r.accepted += accepted
                 gained = min(accepted + 1, end - n)
                 inflight = False  # the next step waits for this one's result
+                room_bridge = min(k, max_tokens - n - 2)  # its slots: the verify step's token in flight
+                if bridge and room_bridge >= 0:
+                    r.steps += 1
+                    r.bridge_steps += 1
+                    ms += bridge_ms
+                    if n + gained < end and accepted < min(drafts.size, room_bridge) + 1:
+                        gained += 1  # its row `accepted`: one token more, in flight when the next launches
+                        inflight = True
+                    elif n + gained < end:
+                        r.bridge_void += 1
             elif drafts.size:  # a wrong guess: its drafts dropped, the step makes one token, the next launches first
                 r.dropped += 1
                 gained = 1

@@ -175,6 +175,23 @@ def test_large_batches_step_one_at_a_time(small_vocab, monkeypatch):
     assert engine.stats().spec_decode.num_drafts > 0
 
 
+def test_bridge_steps_exact_and_a_bridge_without_its_row(small_vocab):
+    """Bridge steps (pipeline.py: launched before the verify step's result, one row per number of
+    drafts it may accept) in a batch of 3 on a short pool (72 blocks of 4, max_model_len 256,
+    preemptions): some bridged request gets fewer rows than its outcome needs (the pool short for
+    the bridge's slots) and no token from it (the scheduler takes its token in flight back);
+    greedy equals HF, no block held past a request's tokens, the pool whole at the end."""
+    folder, prompts = small_vocab
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    outs, engine = generate(folder, prompts[3:], greedy, check_blocks=True, speculative_config=NGRAM,
+                            async_scheduling=True, block_size=4, decode_rows=True, num_gpu_blocks_override=72,
+                            max_model_len=256)
+    assert tokens(outs) == hf_greedy(folder, prompts[3:], 40)
+    spec = engine.runner.spec
+    assert spec.num_bridge_steps > 0 and spec.num_bridge_void > 0 and engine._inflight is None
+    assert engine.stats().spec_decode.num_accepted_tokens > 0
+
+
 def test_masked_request_shares_a_verify_step_launched_while_its_token_is_in_flight(small_vocab):
     """An allowed_token_ids request (not drafted) in a verify step launched before the previous
     step's result: its mask is filled with its token in flight (as in a plain overlapped step)."""
@@ -191,13 +208,17 @@ def test_masked_request_shares_a_verify_step_launched_while_its_token_is_in_flig
     assert engine.stats().spec_decode.num_guessed_drafts > 0
 
 
-def test_drafts_past_a_wrong_guess_are_dropped_and_the_next_step_launches_first(small_vocab):
+@pytest.mark.parametrize("bridge", [False, True])
+def test_drafts_past_a_wrong_guess_are_dropped_and_the_next_step_launches_first(small_vocab, bridge, monkeypatch):
     """Batch 1, greedy: once the plain step's token shows a guess wrong, that step's drafts are
     dropped (its row 0's token only) and the next step launches before its result, looking up on
     the history with the surprising token. The engine's rounds are exactly those of the sweep's
     replay of this policy (bench_spec_sweep.replay) on the same outputs, and differ from the
-    replay that verifies wrong guesses' drafts and waits for them (the engine before)."""
+    replay that verifies wrong guesses' drafts and waits for them (the engine before). With
+    bridge steps (pipeline.BRIDGE, the default) and without."""
+    from pdserve.common.engine.spec_decode import pipeline
     from pdserve.services.bench_spec_sweep import replay
+    monkeypatch.setattr(pipeline, "BRIDGE", bridge)
     folder, prompts = small_vocab
     greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     outs, engine = generate(folder, prompts, greedy, check_blocks=True, speculative_config=NGRAM,
@@ -205,10 +226,11 @@ def test_drafts_past_a_wrong_guess_are_dropped_and_the_next_step_launches_first(
     assert tokens(outs) == hf_greedy(folder, prompts, 40)
     samples = list(zip(prompts, tokens(outs)))
     lo, hi, k = NGRAM["prompt_lookup_min"], NGRAM["prompt_lookup_max"], NGRAM["num_speculative_tokens"]
-    r = replay(samples, lo, hi, k, 40, plain_ms=1.0, verify_ms=1.0)
+    r = replay(samples, lo, hi, k, 40, plain_ms=1.0, verify_ms=1.0, bridge=bridge)
     kept = replay(samples, lo, hi, k, 40, plain_ms=1.0, verify_ms=1.0, drop=False)
     st = engine.stats().spec_decode
     assert r.dropped > 0 and r.guess_hits > 0 and engine.runner.spec.num_row_steps > 0
+    assert engine.runner.spec.num_bridge_steps == r.bridge_steps and (r.bridge_steps > 0) == bridge
     assert (st.num_guessed_drafts, st.num_guess_hits, st.num_drafts, st.num_draft_tokens, st.num_accepted_tokens) == \
         (r.guess_steps, r.guess_hits, r.verify_steps - r.dropped, r.draft_tokens, r.accepted)
     assert (kept.verify_steps, kept.draft_tokens) != (r.verify_steps - r.dropped, r.draft_tokens)

@@ -55,12 +55,20 @@ def overlaps(num_running: int) -> bool:
     return num_running < OVERLAP_MAX_BATCH
 
 
+BRIDGE = True  # after a verify step, launch a bridge step before its result (module docstring)
+
+
 def can_overlap_next(spec, requests: dict[str, Request]) -> bool:
     """The step just launched (by the runner owning `spec`, a SpecDecoder) drafted nothing, or
     only past guesses that the result of the step before showed wrong (their drafts dropped:
-    SpecDecoder.settle_guesses; `requests`: the scheduler's by id, that result applied), and the
-    proposer needs no history on the device: the next step may launch before its result."""
-    return spec.draft is None and not spec.settle_guesses(requests)
+    SpecDecoder.settle_guesses; `requests`: the scheduler's by id, that result applied), or its
+    drafts are kept and the next step bridges them (BRIDGE); and the proposer needs no history on
+    the device, and no bridged request of it went without a row: the next step may launch
+    before its result."""
+    if spec.draft is not None:
+        return False
+    awaits = spec.settle_guesses(requests)
+    return (BRIDGE or not awaits) and not spec.bridge_void()
 
 
 def guess_hits(result: RunnerOutput, touched: list[Request]) -> list[bool]:
