@@ -4,7 +4,8 @@ own; greedy tokens equal a run without speculation (float32, tiny models), every
 accepted, seeded n-gram outputs equal plain sampling and seeded draft-model outputs do not
 depend on k; the KV pool is sized for target and draft from GPU memory and is whole again. At
 batch 1 a verify step launched while a plain step runs (its first row's input filled on the
-device from that step, spec_decode/pipeline.py) replays the graphs with the same tokens.
+device from that step, spec_decode/pipeline.py), and a bridge step launched before a verify
+step's result (every row's input filled from it), replay the graphs with the same tokens.
 
 Every engine here sizes its pool from 5 % of the GPU (UTIL): at 0.5-0.9 of an H200 these 8 KB-per-
 block tiny models got 8-15 million KV blocks, each a Python object (BlockPool), ~10 s to build
@@ -80,13 +81,15 @@ def test_seeded_sampling_rules_hold_on_cuda(tiny_models, prompts):
 
 def test_drafts_past_a_guessed_token_in_flight_on_cuda(tiny_model_factory, tmp_path_factory):
     """A 512-token vocabulary (its greedy outputs soon repeat: the lookup finds drafts), prompts one
-    at a time: guessed verify steps happen, some guesses wrong, tokens equal a run without drafts
-    (the flow of test_spec_decode_overlap.guessed_flow, which the CPU runs too)."""
+    at a time: guessed verify steps happen, some guesses wrong, and bridge steps (launched before a
+    verify step's result, inputs filled on the device from its rows); tokens equal a run without
+    drafts (the flow of test_spec_decode_overlap.guessed_flow, which the CPU runs too)."""
     folder = tiny_model_factory(str(tmp_path_factory.mktemp("v512") / "llama"), "llama", vocab_size=512,
                                 initializer_range=0.02)
     want, _ = guessed_flow(folder, "cuda", gpu_memory_utilization=UTIL)
-    got, (st, replays, overlapped, _) = guessed_flow(folder, "cuda", speculative_config=NGRAM,
-                                                     gpu_memory_utilization=UTIL)
+    got, (st, replays, overlapped, spec) = guessed_flow(folder, "cuda", speculative_config=NGRAM,
+                                                        gpu_memory_utilization=UTIL)
     assert overlapped and replays > 0
     assert got == want
     assert st.num_guessed_drafts > st.num_guess_hits > 0, st
+    assert spec.num_bridge_steps > 0 and spec.num_row_steps > 0  # bridge steps replayed as one-token rows

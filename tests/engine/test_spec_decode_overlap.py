@@ -140,7 +140,7 @@ def test_guessed_flow_as_on_cuda(small_vocab):
     rng = random.Random(1)
     prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (9, 40, 77, 130)]
     assert got == hf_greedy(folder, prompts, 40)
-    assert overlapped and spec.num_row_steps > 0
+    assert overlapped and spec.num_row_steps > 0 and spec.num_bridge_steps > 0
     assert st.num_guessed_drafts > st.num_guess_hits > 0, st
 
 
