@@ -64,8 +64,8 @@ class SpecDecoder:
         self.propose_seconds = 0.0  # host time in proposers (bench spec: the draft's cost)
         self.sampled_index: dict[str, int] = {}  # the last verify step's: req_id -> its token's index in the readback
         self._launched = ({}, set(), [])  # the last verify step's (guesses, dropped req ids, req ids with drafts)
-        # Bridge steps (pipeline.py): this step's req_id -> rows (one per outcome of the verify step
-        # in flight); that step's RunnerOutput and drafts fed per request (read at its result)
+        # Bridge steps (pipeline.py): this step's req_id -> rows, one per number of drafts the verify
+        # step in flight may accept for it (which row counts is set once that result is in)
         self._bridge: dict[str, int] = {}
         self._void: set[str] = set()  # bridged requests whose outcome had no row (result: no token)
         self.num_bridge_steps = 0
