@@ -68,6 +68,7 @@ class SpecDecoder:
         # step in flight may accept for it (which row counts is set once that result is in)
         self._bridge: dict[str, int] = {}
         self._void: set[str] = set()  # bridged requests whose outcome had no row (result: no token)
+        self._settle = None  # the bridge step's: its rows chosen once the verify result is in
         self.num_bridge_steps = 0
         self.num_bridge_void = 0  # bridged requests that had no row for their outcome
 
@@ -98,7 +99,7 @@ class SpecDecoder:
         if len(want) > 1 and self._cool:  # in a batch: requests cooling down after rejections do not draft
             want = self._cool_down(want)
         self._drafts, self._probs, self._fed, self._launched = {}, {}, {}, ({}, set(), [])
-        self._bridge, self._void = bridge, set()
+        self._bridge, self._void, self._settle = bridge, set(), None
         self._as_rows = False
         if not want and not bridge:
             return sched.scheduled
@@ -200,9 +201,13 @@ class SpecDecoder:
         return bool(self._bridge)
 
     def bridge_void(self) -> bool:
-        """The step just launched bridged a request whose verify step (its result applied now)
+        """Called once the result of the step before the one just launched is applied: settles a
+        bridge step's rows (_when_verified) -> whether it bridged a request whose verify step
         accepted more drafts than the bridge had rows: that request gets no token from it, so
         the next step must wait for its result (the scheduler takes back its token in flight)."""
+        settle, self._settle = self._settle, None
+        if settle is not None:
+            settle()
         return bool(self._void)
 
     def settle_guesses(self, requests: dict) -> bool:
@@ -316,14 +321,19 @@ class SpecDecoder:
         return readback, finish
 
     def _when_verified(self, verifying, bridged: list[str], spans: dict[str, int], rows: dict[str, int]) -> None:
-        """Once the verify step in flight (`verifying`, a PendingOutput) has its result: each
-        bridged request's token is its row `accepted` of this step (its index in this step's
-        readback, for the next step's input and for finish()), or none when it accepted more
-        drafts than this step had rows for it (`_void`)."""
+        """Once the verify step in flight (`verifying`, a PendingOutput) has its result (settled
+        by bridge_void(), on the engine thread right after that result is applied): each bridged
+        request's token is its row `accepted` of this step (its index in this step's readback,
+        for the next step's input and for finish()), or none when it accepted more drafts than
+        this step had rows for it (`_void`)."""
         index, void = self.sampled_index, self._void
 
-        def on_result() -> None:
-            src = verifying.result()  # resolved: returns at once
+        def settle() -> None:
+            try:
+                src = verifying.result()  # applied already: returns at once
+            except Exception:  # that step failed (its requests with it): nothing comes from here
+                void.update(bridged)
+                return
             for req_id in bridged:
                 accepted = src.num_accepted_tokens.get(req_id, 0)
                 if accepted < rows[req_id]:
@@ -331,4 +341,4 @@ class SpecDecoder:
                 else:
                     void.add(req_id)
                     self.num_bridge_void += 1
-        verifying.when_result(on_result)
+        self._settle = settle

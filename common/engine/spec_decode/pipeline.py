@@ -39,10 +39,11 @@ before k's result with n + 1 rows for that request, [x_0 .. x_n] at positions p+
 (rows j < a rewrite the accepted drafts' KV with the same tokens, x_j = d_{j+1}) and its input
 x_a is the token at p+a+1, so row a samples the token at p+a+2 (seeded draws by position, as
 always). Once k's result is applied (before k+1's), the request's token from k+1 is row a's
-(SpecDecoder._when_verified), the rows past it wrote KV past the request's tokens (never read,
-rewritten later) and k+2 launches before k+1's result, as after a plain step (drafting past a
-guess of that token). So no step waits for a verify step's result with the device idle; the
-bridge costs a step of n + 1 rows (on CUDA the graph bucket of a verify step) for one token.
+(SpecDecoder._when_verified, settled in can_overlap_next on the engine thread), the rows past
+it wrote KV past the request's tokens (never read, rewritten later) and k+2 launches before
+k+1's result, as after a plain step (drafting past a guess of that token). So no step waits for
+a verify step's result with the device idle; the bridge costs a step of n + 1 rows (on CUDA the
+graph bucket of a verify step) for one token.
 
     step() k+1: schedule, launch(k+1)            # rows [x_0 .. x_n]: the scheduler sees one token in flight
                 result(k), update(k)             # a known: k+1's token is row a's
@@ -90,8 +91,9 @@ def can_overlap_next(spec, requests: dict[str, Request]) -> bool:
     before its result."""
     if spec.draft is not None:
         return False
+    void = spec.bridge_void()  # (settles a bridge step's rows: the result before it is applied)
     awaits = spec.settle_guesses(requests)
-    return (BRIDGE or not awaits) and not spec.bridge_void()
+    return (BRIDGE or not awaits) and not void
 
 
 def guess_hits(result: RunnerOutput, touched: list[Request]) -> list[bool]:
