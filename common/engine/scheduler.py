@@ -242,8 +242,8 @@ class Scheduler:
             token = sampled.get(s.req_id)
             if token is None:
                 if s.req_id in result.void_req_ids:  # a bridge step without its row (spec_decode/pipeline.py)
-                    req.num_inflight -= 1
-                    req.num_computed_tokens -= 1
+                    req.num_inflight -= 1  # (preempted meanwhile: 0 computed already)
+                    req.num_computed_tokens = max(req.num_computed_tokens - 1, 0)
                 continue
             req.num_inflight -= 1
             if one_token:  # the usual decode step: append, check the stops
