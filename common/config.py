@@ -82,6 +82,9 @@ class ModelConfig:
                           choices=KERNELS)
     pdl: bool = option(True, "CUDA on Hopper or later: the decode path's Triton kernels start while the kernel "
                              "before them ends (programmatic dependent launch, kernels/pdl.py)", boolean=True)
+    graph_sampler: bool = option(True, "steps whose rows all sample plain greedy take the argmax in a small graph "
+                                       "after the decode CUDA graph (eagerly elsewhere); tensor parallel: each "
+                                       "rank's vocab shard, no logits gather (engine/greedy_tail.py)", boolean=True)
     chat_template: str | None = option(None, "chat template: a Jinja file, or the template itself "
                                              "(default: the tokenizer's)")
     quantization: str | None = option(None, "weight quantization: fp8 (online per-channel, or an fp8 checkpoint), "

@@ -55,9 +55,18 @@ def token_buckets(max_model_len: int) -> list[int]:
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, max_model_len: int, collector: "StatsCollector | None" = None):
+    """`shared_dir`: the folder of prometheus_client's multiprocess mode, for processes that serve
+    one endpoint together (`pdserve router --workers N`): the request-level counters and
+    histograms are then kept in files there and /metrics sums them over every process; the
+    state collector (fleet gauges, routing counters) and the process's own metrics describe the
+    process that answers. The mode must be on before prometheus_client is imported (its value
+    class is chosen then: the parent sets PROMETHEUS_MULTIPROC_DIR for its spawned children)."""
+
+    def __init__(self, model_name: str, max_model_len: int, collector: "StatsCollector | None" = None,
+                 shared_dir: str | None = None):
         self.model_name = model_name
         self.registry = CollectorRegistry()
+        self._merged = None if shared_dir is None else _merged_registry(shared_dir, collector)
         r, labels, name = self.registry, ["model_name"], model_name
         # the process's own: python_gc_* (collections per generation: common/gc_policy.py),
         # process_cpu_seconds_total, resident memory, open fds
@@ -100,13 +109,28 @@ class ServerMetrics:
         return RequestTracker(self, arrival_time or time.time())
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.registry if self._merged is None else self._merged)
 
     def serve_http(self, host: str, port: int):
         """Serve this registry's /metrics from a thread (workers have no HTTP app); returns the
         server (`server_port`, `shutdown()`)."""
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return server
+
+
+def _merged_registry(shared_dir: str, collector) -> CollectorRegistry:
+    from prometheus_client import multiprocess, values
+    if values.ValueClass.__name__ == "MutexValue":  # single-process values: nothing would reach the files
+        raise RuntimeError("prometheus_client was imported before its multiprocess mode was set "
+                           f"(PROMETHEUS_MULTIPROC_DIR={shared_dir})")
+    merged = CollectorRegistry()
+    multiprocess.MultiProcessCollector(merged, path=shared_dir)
+    GCCollector(registry=merged)
+    ProcessCollector(registry=merged)
+    PlatformCollector(registry=merged)
+    if collector is not None:
+        merged.register(collector)
+    return merged
 
 
 class RequestTracker:

@@ -89,6 +89,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, help="GPUs the model is split over")
     p.add_argument("--pdl", action=argparse.BooleanOptionalAction, default=True,
                    help="programmatic dependent launch of the decode kernels (kernels/pdl.py); --no-pdl for an A/B")
+    p.add_argument("--graph-sampler", action=argparse.BooleanOptionalAction, default=True,
+                   help="plain-greedy steps sampled in a tail CUDA graph (engine/greedy_tail.py); "
+                        "--no-graph-sampler: the eager Sampler, for an A/B")
     p.add_argument("--tp-all-reduce", default="nccl", choices=["nccl", "symm_mem", "fused", "auto"],
                    help="tensor-parallel all-reduce (ParallelConfig.all_reduce)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b", help="model shape of the dummy weights")
@@ -128,7 +131,7 @@ def build_engine(args, folder: str):
         parallel=ParallelConfig(tensor_parallel_size=args.tensor_parallel_size, all_reduce=args.tp_all_reduce),
         model=ModelConfig(model=folder, dtype="bfloat16", max_model_len=args.max_model_len, load_format="dummy",
                           device=args.device, seed=args.seed, quantization=getattr(args, "quantization", None),
-                          pdl=getattr(args, "pdl", True)),
+                          pdl=getattr(args, "pdl", True), graph_sampler=getattr(args, "graph_sampler", True)),
         cache=CacheConfig(gpu_memory_utilization=args.gpu_memory_utilization,
                           kv_cache_dtype=getattr(args, "kv_cache_dtype", "auto")),
         scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens),

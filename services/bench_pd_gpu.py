@@ -103,7 +103,8 @@ class Bench:
         return stack
 
     def run_load(self, url: str, requests, rate: float) -> tuple[list, float]:
-        return asyncio.run(loadgen.run_load(url, "bench", requests, rate, None, self.args.seed))
+        return loadgen.run_load_processes(url, "bench", requests, rate, None, self.args.seed,
+                                          self.args.client_processes)
 
     # ---- parts ------------------------------------------------------------------------------
     def handoff(self) -> None:
@@ -196,17 +197,24 @@ class Bench:
 
     def goodput(self) -> None:
         a = self.args
-        requests = loadgen.random_requests(a.requests_per_rate, a.input_len, a.output_len, a.range_ratio,
-                                           self.vocab, a.seed)
+        # Fresh prompts for every rate (the same ones for every config): replaying one list found
+        # every prompt in the prefix cache after the first rate, so prefill cost nothing there
+        def workload(i: int, num: int) -> list:
+            return loadgen.random_requests(num, a.input_len, a.output_len, a.range_ratio, self.vocab,
+                                           a.seed + 1000 * (i + 1))
+        per_rate = [workload(i, a.requests_per_rate if a.goodput_seconds is None
+                             else max(a.requests_per_rate, math.ceil(rate * a.goodput_seconds)))
+                    for i, rate in enumerate(a.rates)]
+        warm_up = workload(len(a.rates), 4)
         configs = [("1p1d", 1, 1, "")] + [(f"agg-chunk{c}", 0, 2, f"--max-num-batched-tokens {c}")
                                               for c in a.agg_chunks]
         results = {}
         for name, num_prefill, num_decode, decode_args in configs:
             stack = self.stack(name, num_prefill, num_decode, decode_args=decode_args)
             try:
-                self.run_load(stack.url, requests[:4], math.inf)  # warm-up: compiles, graphs, pairs
+                self.run_load(stack.url, warm_up, math.inf)  # warm-up: compiles, graphs, pairs
                 runs = []
-                for rate in a.rates:
+                for rate, requests in zip(a.rates, per_rate):
                     res, wall = self.run_load(stack.url, requests, rate)
                     run = {slo: loadgen.summarize(res, wall, s, rate, None) for slo, s in SLOS.items()}
                     runs.append(run)
@@ -218,7 +226,8 @@ class Bench:
                 stack.stop()
             results[name] = runs
         self.report["goodput"] = {"workload": {"input_len": a.input_len, "output_len": a.output_len,
-                                               "range_ratio": a.range_ratio, "requests_per_rate": a.requests_per_rate},
+                                               "range_ratio": a.range_ratio,
+                                               "requests_per_rate": [len(r) for r in per_rate]},
                                   "configs": results, "max_rate_at_90pct": {
                                       name: {slo: max((r[slo]["request_rate"] for r in runs
                                                        if r[slo]["slo_attainment"] >= 0.9), default=0.0)
@@ -324,12 +333,16 @@ def main(argv: list[str] | None = None) -> dict | None:
                         "(set it below the call's time limit)")
     p.add_argument("--rates", type=float, nargs="+", default=[2, 4, 8, 12, 16])
     p.add_argument("--requests-per-rate", type=int, default=40)
+    p.add_argument("--goodput-seconds", type=float, default=None,
+                   help="goodput: at least rate x this many requests per rate (a run long enough for queues to form)")
     p.add_argument("--input-len", type=int, default=1536, help="prompts 1024-2048 with --range-ratio 1/3")
     p.add_argument("--output-len", type=int, default=192, help="outputs 128-256 with --range-ratio 1/3")
     p.add_argument("--range-ratio", type=float, default=1 / 3)
     p.add_argument("--agg-chunks", type=int, nargs="+", default=[2048, 8192],
                    help="--max-num-batched-tokens of the aggregated engines, each a run")
     p.add_argument("--load-rate", type=float, default=100.0)
+    p.add_argument("--client-processes", type=int, default=4,
+                   help="goodput / load: client processes sending the requests (loadgen.run_load_processes)")
     p.add_argument("--load-seconds", type=float, default=20.0)
     p.add_argument("--load-transport", default="nccl", choices=["tcp", "ucx", "nccl", "ipc"],
                    help="load: the 1P1D stack's KV transport")

@@ -2,6 +2,8 @@
 
     python -m pdserve.services.bench_tp [--phases 8b-tp1,8b-tp2,...] [--json-out FILE]
     python -m pdserve.services.bench_tp --cpu-smoke      # the same code on CPU, tiny shapes (CI-sized)
+    python -m pdserve.services.bench_tp --phases 8b-tp1,8b-tp2-fused --graph-sampler-ab
+        # each phase twice: greedy tail graphs on (as served) and off (`NAME+eager-sampler`)
 
 Each phase runs in its own process (a clean GPU and torch.distributed group), in this order:
 
@@ -42,6 +44,7 @@ PHASES = {  # name -> (model, tensor_parallel_size, all_reduce, timeout s)
     "70b-tp2": ("70b", 2, "nccl", 270), "smollm2-tp1": ("smollm2", 1, "nccl", 90),
     "smollm2-tp2": ("smollm2", 2, "nccl", 90),
 }
+EAGER_SAMPLER = "+eager-sampler"  # a result name's suffix: run with --no-graph-sampler
 CARDS = {"H200": (4.8e12, 989e12), "H100": (3.35e12, 989e12)}  # HBM bytes/s, dense bf16 FLOP/s
 TOPICS = ["the ocean", "a small village", "the history of Rome", "machine learning", "the moon landing",
           "a cup of coffee", "mountain climbing", "the stock market", "a rainy afternoon", "ancient Egypt",
@@ -50,7 +53,7 @@ TEMPLATES = ["Write a short story about {}.", "Explain to a child what you know 
 
 
 # ---- one phase (its own process) --------------------------------------------------------------------
-def run_phase(name: str, cpu_smoke: bool = False, pdl: bool = True) -> dict:
+def run_phase(name: str, cpu_smoke: bool = False, pdl: bool = True, graph_sampler: bool = True) -> dict:
     model, tp, all_reduce, _ = PHASES[name]
     if model == "smollm2":
         return _smollm2_phase(tp, cpu_smoke)
@@ -65,7 +68,7 @@ def run_phase(name: str, cpu_smoke: bool = False, pdl: bool = True) -> dict:
     bench_gpu.add_args(p)
     args = p.parse_args(["all", "--tensor-parallel-size", str(tp), "--tp-all-reduce", all_reduce,
                          "--max-model-len", "4096"] + (["--device", "cpu", "--max-num-seqs", "8"] if cpu_smoke else [])
-                         + ([] if pdl else ["--no-pdl"]))
+                         + ([] if pdl else ["--no-pdl"]) + ([] if graph_sampler else ["--no-graph-sampler"]))
     t0 = time.perf_counter()
     engine = bench_gpu.build_engine(args, folder)
     out = {"startup_s": round(time.perf_counter() - t0, 1),
@@ -148,25 +151,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--no-pdl", action="store_true", help="every phase without programmatic dependent launch")
     parser.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks this script, not speed")
+    parser.add_argument("--no-graph-sampler", action="store_true",
+                        help="every phase with the eager Sampler instead of the greedy tail graphs")
+    parser.add_argument("--graph-sampler-ab", action="store_true",
+                        help="each phase twice: greedy tail graphs on, then off (reported as NAME+eager-sampler)")
     args = parser.parse_args(argv)
     if args.phase:
-        print("PHASE-RESULT " + json.dumps(run_phase(args.phase, args.cpu_smoke, not args.no_pdl)), flush=True)
+        print("PHASE-RESULT " + json.dumps(run_phase(args.phase, args.cpu_smoke, not args.no_pdl,
+                                                     not args.no_graph_sampler)), flush=True)
         os._exit(0)  # the rank processes notice the closed pipe and exit
     import torch
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     results: dict = {}
     t_start = time.perf_counter()
-    for name in args.phases.split(","):
+    runs = [(name, args.no_graph_sampler) for name in args.phases.split(",")]
+    if args.graph_sampler_ab:
+        runs = [(name, off) for name in args.phases.split(",") for off in (False, True)]
+    for phase, eager_sampler in runs:
+        name = phase + (EAGER_SAMPLER if eager_sampler else "")
         t0 = time.perf_counter()
         try:
-            proc = subprocess.run([sys.executable, "-m", "pdserve.services.bench_tp", "--phase", name]
-                                  + (["--cpu-smoke"] if args.cpu_smoke else []) + (["--no-pdl"] if args.no_pdl else []),
-                                  capture_output=True, text=True, timeout=PHASES[name][3] * (4 if args.cpu_smoke else 1))
+            proc = subprocess.run([sys.executable, "-m", "pdserve.services.bench_tp", "--phase", phase]
+                                  + (["--cpu-smoke"] if args.cpu_smoke else []) + (["--no-pdl"] if args.no_pdl else [])
+                                  + (["--no-graph-sampler"] if eager_sampler else []),
+                                  capture_output=True, text=True, timeout=PHASES[phase][3] * (4 if args.cpu_smoke else 1))
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("PHASE-RESULT ")), None)
             results[name] = (json.loads(line.split(" ", 1)[1]) if line else
                              {"error": f"exit {proc.returncode}: " + proc.stderr.strip()[-1500:]})
         except subprocess.TimeoutExpired:
-            results[name] = {"error": f"timed out after {PHASES[name][3]} s"}
+            results[name] = {"error": f"timed out after {PHASES[phase][3]} s"}
         results[name]["phase_s"] = round(time.perf_counter() - t0, 1)
         print(f"{name}: {json.dumps({k: v for k, v in results[name].items() if k not in ('tokens', 'top2', 'greedy_tokens')})}",
               flush=True)
@@ -185,12 +198,12 @@ def print_report(summary: dict) -> None:
     res = summary["results"]
     bandwidth, flops = next((v for k, v in CARDS.items() if k in summary["card"]), (None, None))
     print(f"\n== Tensor parallelism: {summary['card']}, torch {summary['torch']} ==")
-    print(f"{'phase':<12} {'TP':>2} {'all-reduce':<10} {'start s':>7} {'KV tokens':>10} {'b1 ms/tok':>9} "
+    print(f"{'phase':<22} {'TP':>2} {'all-reduce':<10} {'start s':>7} {'KV tokens':>10} {'b1 ms/tok':>9} "
           f"{'floor ms':>8} {'% floor':>7} {'W1 tok/s':>9} {'W1 floor':>9}")
     for name, r in res.items():
-        model, tp, all_reduce, _ = PHASES[name]
+        model, tp, all_reduce, _ = PHASES[name.removesuffix(EAGER_SAMPLER)]
         if "error" in r:
-            print(f"{name:<12} {tp:>2} {all_reduce:<10} ERROR: {r['error'][-400:]}")
+            print(f"{name:<22} {tp:>2} {all_reduce:<10} ERROR: {r['error'][-400:]}")
             continue
         if model == "smollm2":
             continue
@@ -201,7 +214,7 @@ def print_report(summary: dict) -> None:
         floor = f"{1000 * shard_weight_bytes(shape, tp) / bandwidth:.2f}" if bandwidth else "-"
         pct = f"{100 * float(floor) / ms:.0f}%" if bandwidth else "-"
         w1_floor = f"{32768 / w1_floor_s(shape, tp, bandwidth, flops):.0f}" if bandwidth else "-"
-        print(f"{name:<12} {tp:>2} {all_reduce if tp > 1 else '-':<10} {r['startup_s']:>7} {r['kv_tokens']:>10} "
+        print(f"{name:<22} {tp:>2} {all_reduce if tp > 1 else '-':<10} {r['startup_s']:>7} {r['kv_tokens']:>10} "
               f"{ms:>9} {floor:>8} {pct:>7} {r['w1']['output_tok_per_s']:>9} {w1_floor:>9}")
     one, two = res.get("8b-tp1", {}), res.get("8b-tp2", {})
     if "latency" in one and "latency" in two:
@@ -218,6 +231,19 @@ def print_report(summary: dict) -> None:
             print(f"8B TP=2 ({variant}) vs TP=1: batch-1 ms/token "
                   f"x{other['latency']['ms_per_output_token'] / one['latency']['ms_per_output_token']:.2f}, "
                   f"W1 tok/s x{other['w1']['output_tok_per_s'] / one['w1']['output_tok_per_s']:.2f}")
+    for suffix in ("", EAGER_SAMPLER):  # every 8B TP=2 phase against TP=1 of the same sampler
+        one = res.get("8b-tp1" + suffix, {})
+        for name, r in res.items():
+            if (name.endswith(suffix) if suffix else EAGER_SAMPLER not in name) and "latency" in one and \
+                    "latency" in r and PHASES[name.removesuffix(EAGER_SAMPLER)][:2] == ("8b", 2):
+                print(f"{name} vs 8b-tp1{suffix}: batch-1 ms/token "
+                      f"x{r['latency']['ms_per_output_token'] / one['latency']['ms_per_output_token']:.2f} (target <= 0.60), "
+                      f"W1 tok/s x{r['w1']['output_tok_per_s'] / one['w1']['output_tok_per_s']:.2f} (target >= 1.60)")
+    for name, r in res.items():  # the tail must not change a greedy token
+        other = res.get(name + EAGER_SAMPLER, {})
+        if "greedy_tokens" in r and "greedy_tokens" in other:
+            print(f"{name} greedy tokens, tail graphs vs eager Sampler (4 prompts x 32): "
+                  f"{'identical' if r['greedy_tokens'] == other['greedy_tokens'] else 'DIFFER'}")
     s1, s2 = res.get("smollm2-tp1", {}), res.get("smollm2-tp2", {})
     if "tokens" in s1 and "tokens" in s2:
         print(smollm2_agreement(s1, s2))

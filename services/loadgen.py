@@ -155,14 +155,22 @@ async def run_load(base_url: str, model: str, requests: list[WorkloadRequest], r
                    timeout_s: float = 600.0, api_key: str | None = None) -> tuple[list[RequestResult], float]:
     """Sends the requests at their Poisson arrival times (at most max_concurrency in flight);
     returns the results in request order and the wall time from the first send to the last end."""
+    offsets = arrival_offsets(len(requests), rate, seed)
+    return await _drive(base_url, model, list(zip(offsets, requests)), time.time(), max_concurrency, ignore_eos,
+                        timeout_s, api_key)
+
+
+async def _drive(base_url: str, model: str, scheduled: list[tuple[float, WorkloadRequest]], start_wall: float,
+                 max_concurrency: int | None, ignore_eos: bool, timeout_s: float,
+                 api_key: str | None) -> tuple[list[RequestResult], float]:
+    """Each (offset, request) sent at start_wall + offset (time.time() seconds)."""
     import httpx
 
-    offsets = arrival_offsets(len(requests), rate, seed)
     slots = asyncio.Semaphore(max_concurrency) if max_concurrency else None
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     limits = httpx.Limits(max_connections=max_concurrency or 10_000, max_keepalive_connections=256)
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits, headers=headers) as client:
-        start = time.perf_counter()
+        start = time.perf_counter() + (start_wall - time.time())
 
         async def one(offset: float, req: WorkloadRequest) -> RequestResult:
             await asyncio.sleep(max(0.0, start + offset - time.perf_counter()))
@@ -170,8 +178,38 @@ async def run_load(base_url: str, model: str, requests: list[WorkloadRequest], r
                 return await send_request(client, model, req, ignore_eos)
             async with slots:
                 return await send_request(client, model, req, ignore_eos)
-        results = await asyncio.gather(*(one(o, r) for o, r in zip(offsets, requests)))
+        results = await asyncio.gather(*(one(o, r) for o, r in scheduled))
         return list(results), time.perf_counter() - start
+
+
+def run_load_processes(base_url: str, model: str, requests: list[WorkloadRequest], rate: float,
+                       max_concurrency: int | None, seed: int, processes: int = 1, ignore_eos: bool = True,
+                       timeout_s: float = 600.0, api_key: str | None = None) -> tuple[list[RequestResult], float]:
+    """run_load from `processes` client processes: the same arrival times, request i sent by
+    process i % processes (each with max_concurrency / processes slots). One Python process
+    parsing ~10,000 SSE events per second is itself a ceiling of the load it can drive."""
+    if processes <= 1:
+        return asyncio.run(run_load(base_url, model, requests, rate, max_concurrency, seed, ignore_eos,
+                                    timeout_s, api_key))
+    import concurrent.futures
+    import multiprocessing
+
+    offsets = arrival_offsets(len(requests), rate, seed)
+    share = None if max_concurrency is None else max(1, math.ceil(max_concurrency / processes))
+    start_wall = time.time() + 2.0  # the processes start (spawn, import httpx) before the first send
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=ctx) as pool:
+        parts = [pool.submit(_drive_process, base_url, model, list(zip(offsets[i::processes], requests[i::processes])),
+                             start_wall, share, ignore_eos, timeout_s, api_key) for i in range(processes)]
+        outcomes = [part.result() for part in parts]
+    results: list[RequestResult] = [None] * len(requests)  # type: ignore[list-item]
+    for i, (part_results, _) in enumerate(outcomes):
+        results[i::processes] = part_results
+    return results, max(wall for _, wall in outcomes)
+
+
+def _drive_process(*args) -> tuple[list[RequestResult], float]:
+    return asyncio.run(_drive(*args))
 
 
 def parse_goodput(items: list[str] | None) -> dict[str, float]:
@@ -285,6 +323,8 @@ def add_parser(bsub) -> None:
                    help="let requests stop at EOS (default: ignore_eos, so outputs have the asked length)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the arrival times")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    p.add_argument("--client-processes", type=int, default=1,
+                   help="client processes sharing the arrivals (one Python client tops out near 100 streamed req/s)")
     p.add_argument("--output-json", default=None, help="write the report here")
     p.set_defaults(func=cmd_serve)
 
@@ -298,13 +338,15 @@ def cmd_serve(args) -> dict:
         raise ConfigError(str(e)) from None
     if args.num_prompts < 1 or (args.max_concurrency is not None and args.max_concurrency < 1):
         raise ConfigError("--num-prompts and --max-concurrency must be at least 1")
+    if args.client_processes < 1:
+        raise ConfigError(f"--client-processes must be at least 1, got {args.client_processes}")
     base_url = args.base_url.rstrip("/").removesuffix("/v1")
     model = resolve_model(base_url, args.model, args.api_key)
     rates = args.request_rates or [args.request_rate]
     runs = []
     for rate in rates:
-        results, wall = asyncio.run(run_load(base_url, model, requests, rate, args.max_concurrency, args.seed,
-                                             args.ignore_eos, args.timeout, args.api_key))
+        results, wall = run_load_processes(base_url, model, requests, rate, args.max_concurrency, args.seed,
+                                           args.client_processes, args.ignore_eos, args.timeout, args.api_key)
         runs.append(summarize(results, wall, slos, rate, args.max_concurrency))
         print_summary(runs[-1])
     report = {"base_url": base_url, "model": model, "num_prompts": len(requests), "seed": args.seed,

@@ -22,6 +22,8 @@ if [ -n "${PYSPY:-}" ]; then
   (sleep "${PYSPY_AT:-50}"
    for role in decode router prefill; do
      pid=$(pgrep -f "pdserve.services.cli $role( |$)" | head -1)
+     child=$(pgrep -P "${pid:-0}" | head -1)  # router --workers N: a child router serves
+     [ "$role" = router ] && [ -n "$child" ] && pid=$child
      [ -n "$pid" ] && "$PYSPY" record -d 10 -r 200 -f raw --gil --nonblocking -p "$pid" \
        -o "$OUT/pyspy-$role.txt" > "$OUT/pyspy-$role.log" 2>&1 &
    done; wait) &
@@ -30,9 +32,11 @@ declare -A last
 : > "$OUT/load_cpu.txt"
 while kill -0 "$BENCH" 2>/dev/null; do
   line=""
-  for role in router prefill decode serve; do
+  for role in router prefill decode serve client; do
     total=0
-    for pid in $(pgrep -f "pdserve.services.cli $role( |$)"); do
+    pattern="pdserve.services.cli $role( |$)"
+    [ "$role" = client ] && pattern="pdserve.services.bench_pd_gpu"   # the load generator and its processes
+    for pid in $(for p in $(pgrep -f "$pattern"); do echo "$p"; pgrep -P "$p"; done | sort -u); do
       t=$(awk '{print $14+$15}' "/proc/$pid/stat" 2>/dev/null) || continue
       prev=${last[$pid]:-$t}; last[$pid]=$t
       total=$((total + t - prev))
@@ -53,6 +57,9 @@ for log in /tmp/pdserve-pd-*/stack-load-*.log; do
   grep -E "Error:" "$log" | sort | uniq -c | sort -rn | head -8 | cut -c1-300
   echo "pulls failed (recomputed): $(grep -c "failed, recomputing" "$log")"
   grep "failed, recomputing" "$log" | head -3 | cut -c1-300
+  # what led up to each error, for $OUT (the log itself stays on the machine)
+  grep -n -B40 -A12 -E "Traceback|ERROR|Error:" "$log" | grep -v "server is overloaded" | head -400 \
+    > "$OUT/errors-$(basename "$log" .log).txt"
 done
 rm -rf /tmp/pdserve-pd-*
 python3 - "$OUT/load_cpu.txt" <<'PY'

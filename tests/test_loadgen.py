@@ -32,7 +32,7 @@ def test_bench_serve_sweeps_rates_with_token_id_prompts(served, tmp_path):
          "--num-prompts", "6", "--request-rates", "40", "inf", "--max-concurrency", "4",
          "--random-input-len", "24", "--random-output-len", "6", "--random-range-ratio", "0.5",
          "--random-vocab-size", "49152", "--goodput", "ttft:60000", "tpot:60000", "--seed", "3",
-         "--output-json", str(out)], capture_output=True, text=True, timeout=300)
+         "--client-processes", "2", "--output-json", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(out.read_text())
     assert report["model"] == "tiny" and [r["request_rate"] for r in report["runs"]] == [40.0, "inf"]
@@ -49,6 +49,21 @@ def test_bench_serve_sweeps_rates_with_token_id_prompts(served, tmp_path):
         assert run["p99_ttft_ms"] <= run["p99_e2el_ms"]
         assert run["slo_attainment"] == 1.0 and run["goodput"] == run["request_throughput"]
     assert "rate -> goodput: 40.0 -> " in proc.stdout and "TTFT" in proc.stdout
+
+
+def test_client_processes_keep_request_order_and_arrivals(served):
+    """Two client processes: request i's result comes back at index i (its own output length),
+    and the sends follow the one arrival schedule (the run lasts at least its last arrival)."""
+    requests = [loadgen.WorkloadRequest(list(range(100, 110 + i)), 2 + i % 4, 10 + i) for i in range(7)]
+    results, wall = loadgen.run_load_processes(served.url, "tiny", requests, 20.0, None, seed=5, processes=2)
+    assert [r.ok for r in results] == [True] * 7, [r.error for r in results]
+    assert [r.output_tokens for r in results] == [r.output_len for r in requests]
+    assert [r.prompt_tokens for r in results] == [r.prompt_len for r in requests]
+    assert wall >= loadgen.arrival_offsets(7, 20.0, seed=5)[-1]
+    bad = subprocess.run([sys.executable, "-m", "pdserve.services.cli", "bench", "serve", "--base-url", served.url,
+                          "--client-processes", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--client-processes must be at least 1" in bad.stderr
+    assert "Traceback" not in bad.stderr
 
 
 def test_text_prompts_strict_slos_and_failed_requests(served, tmp_path):

@@ -33,15 +33,22 @@ class KVBlock:
 
 
 class FreeBlockQueue:
-    """Doubly linked list of free blocks with sentinel ends; O(1) popleft, append and remove."""
+    """Doubly linked list of free blocks with sentinel ends; O(1) popleft, append and remove.
 
-    def __init__(self, blocks: list[KVBlock]):
+    The blocks never allocated yet stand before the list's head as a range of ids, made into
+    KVBlocks (by `make`) only when popped: a small model on a large GPU has millions of blocks
+    (SmolLM2-135M on an H200: ~15 M), whose objects took ~10 s and gigabytes to build at start-up.
+    They are the oldest entries of the queue (nothing is appended before them, and only cached
+    blocks — never these — are removed from the middle), so the order is that of a list that
+    held every block from the start."""
+
+    def __init__(self, num_fresh: int, make):
         self._head = KVBlock(-1)
         self._tail = KVBlock(-1)
         self._head.next, self._tail.prev = self._tail, self._head
-        self.num_free = 0
-        for block in blocks:
-            self.append(block)
+        self._make = make  # block id -> its new KVBlock
+        self._next_fresh, self._num_fresh = 0, num_fresh
+        self.num_free = num_fresh
 
     def append(self, block: KVBlock) -> None:
         last = self._tail.prev
@@ -49,6 +56,11 @@ class FreeBlockQueue:
         self.num_free += 1
 
     def popleft(self) -> KVBlock:
+        if self._next_fresh < self._num_fresh:
+            block = self._make(self._next_fresh)
+            self._next_fresh += 1
+            self.num_free -= 1
+            return block
         block = self._head.next
         if block is self._tail:
             raise RuntimeError("no free KV blocks")
@@ -61,7 +73,7 @@ class FreeBlockQueue:
         self.num_free -= 1
 
     def block_ids(self) -> list[int]:
-        ids, node = [], self._head.next
+        ids, node = list(range(self._next_fresh, self._num_fresh)), self._head.next
         while node is not self._tail:
             ids.append(node.block_id)
             node = node.next
@@ -81,10 +93,15 @@ class BlockPool:
             raise ValueError(f"num_blocks must be positive, got {num_blocks}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
-        self.blocks = [KVBlock(i) for i in range(num_blocks)]
-        self.free_queue = FreeBlockQueue(self.blocks)
+        self.blocks: list[KVBlock] = []  # made on first allocation, in id order: blocks[i].block_id == i
+        self.free_queue = FreeBlockQueue(num_blocks, self._make_block)
         self.cached: dict[BlockHash, KVBlock] = {}
         self.events = KVEvents()
+
+    def _make_block(self, block_id: int) -> KVBlock:
+        block = KVBlock(block_id)
+        self.blocks.append(block)
+        return block
 
     @property
     def num_free_blocks(self) -> int:

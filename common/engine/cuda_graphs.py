@@ -13,6 +13,12 @@ leaves only one launch per step.
         slot -1 (store_kv skips it), context_len 0 (attention writes zeros), token 0, position 0
     graph: model forward only -> hidden [bs, h]; logits and sampling run eagerly on the rows
         that sample (the sampler is per-request Python: penalties, generators, logprobs).
+    tail graph (with a `tail`, engine/greedy_tail.py): hidden [bs, h] -> LM head -> argmax ->
+        tokens [bs] int64, replayed right after the forward graph when every row samples plain
+        greedy (`run_tail`); at TP > 1 its all-gather of each rank's (max, id) pairs is inside.
+        A separate graph, so steps that need the Sampler replay the same forward graph. Its
+        tokens buffer is overwritten by the bucket's next tail replay: the next step's input
+        fill reads it before its own replay (stream order).
 
 Decode attention gets a fixed `num_splits` per bucket (chosen for max_model_len): the kernel is
 correct for any split count, and a captured graph cannot re-choose it per step. All graphs share
@@ -62,7 +68,11 @@ class DecodeGraphs:
         self._static = dict(ids=ids, pos=pos, slots=slots, ctx=ctx, rows=rows, table=table.view(n, m))
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._outputs: dict[int, torch.Tensor] = {}
+        self._tail_graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._tokens: dict[int, torch.Tensor] = {}  # bucket -> the tail graph's tokens [bs] int64
+        self._last_bucket: int | None = None  # of the last forward replay, which run_tail follows
         self.num_replays = 0
+        self.num_tail_replays = 0
 
     def _metadata(self, bs: int) -> TritonMetadata:
         st = self._static
@@ -71,8 +81,9 @@ class DecodeGraphs:
                               decode_num_splits=self.num_splits[bs], prefill_block_tables=None,
                               prefill_query_start_loc=None, prefill_context_lens=None)
 
-    def capture(self) -> None:
-        """Warm up (compiles the kernels for this shape) and capture each bucket, largest first.
+    def capture(self, tail=None) -> None:
+        """Warm up (compiles the kernels for this shape) and capture each bucket, largest first;
+        with `tail` (hidden [bs, h] -> tokens [bs]) also its tail graph after each forward graph.
         The static buffers hold padding only, so neither run writes the KV cache."""
         pool = torch.cuda.graph_pool_handle()
         st = self._static
@@ -84,6 +95,13 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=pool):
                 self._outputs[bs] = self.model(st["ids"][:bs], st["pos"][:bs], self.kv_caches, meta)
             self._graphs[bs] = graph
+            if tail is not None:
+                tail(self._outputs[bs])  # warm-up (every rank: its all-gather pairs up)
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._tokens[bs] = tail(self._outputs[bs])
+                self._tail_graphs[bs] = graph
         torch.cuda.synchronize(self.device)
 
     def can_run(self, step: StepInputs) -> bool:
@@ -105,5 +123,18 @@ class DecodeGraphs:
         if fill is not None:
             fill(self._static["ids"][:num])
         self._graphs[bs].replay()
+        self._last_bucket = bs
         self.num_replays += 1
         return self._outputs[bs], self._static["rows"][:len(step.sample_rows)]
+
+    def can_run_tail(self) -> bool:
+        """The last `run` has a tail graph (captured with one)."""
+        return self._last_bucket in self._tail_graphs
+
+    def run_tail(self, num: int) -> torch.Tensor:
+        """Replay the tail of the last `run`'s bucket -> tokens [num] int64 of its first num rows
+        (a view of the static buffer: valid until the bucket's next tail replay)."""
+        bs = self._last_bucket
+        self._tail_graphs[bs].replay()
+        self.num_tail_replays += 1
+        return self._tokens[bs][:num]

@@ -21,6 +21,11 @@ and KV heads and the same steps (engine/tp_workers.py); rank 0 samples and broad
 tokens, the other ranks only take part in the collectives and keep the tokens for the next
 step's device-side input fill. The KV pool is the smallest any rank can hold.
 
+Plain-greedy steps (`greedy_tail.py`, unless --no-graph-sampler) skip the Sampler: LM head ->
+argmax, in a tail CUDA graph after a decode graph, else eagerly; under tensor parallelism every
+rank takes its vocab shard's argmax and the ranks all-gather (value, id) pairs instead of the
+logits gather and the token broadcast.
+
 With speculative decoding the runner also owns the proposer (`spec_decode.decoder.SpecDecoder`):
 drafts are appended to the inputs before the forward pass and verified on its logits.
 """
@@ -38,11 +43,12 @@ import torch
 
 from pdserve.common.config import (ArchConfig, CacheConfig, ConfigError, ModelConfig, SchedulerConfig,
                                    SpeculativeConfig, cpu_has_bf16)
+from pdserve.common.engine.greedy_tail import GreedyTail, plain_greedy
 from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, RunnerOutput, ScheduledRequest, SchedulerOutput
 from pdserve.common.engine.sampler import Sampler, top_logprobs
 from pdserve.common.models.attention import AttentionMetadata, PrefillSeq, StepInputs
 from pdserve.common.models.llama import TORCH_OPS
-from pdserve.common.models.packed_upload import PackedUpload
+from pdserve.common.models.packed_upload import PackedUpload, record_on_current_stream
 from pdserve.common.models.loader import checkpoint_dtype, load_model, resolve_dtype
 from pdserve.common.models.quantization.kv_cache import attach_kv_scales, calibrate_kv_scales, kv_cache_dtype
 from pdserve.common.sampling_params import SamplingParams
@@ -121,6 +127,7 @@ class ModelRunner:
         self.kv_cache: torch.Tensor | None = None  # [L, 2, num_blocks, block_size, KVH, D], one allocation
         self.kv_caches: list[torch.Tensor] = []  # its per-layer views [2, num_blocks, block_size, KVH, D]
         self.graphs = None  # captured after the KV cache exists
+        self.greedy_tail = None  # set once the KV cache exists (the sizing step samples with the Sampler)
         self.kv_populate: threading.Thread | None = None  # CPU: faults the KV pool's pages in (cpu_ops.py)
         self.spec = None  # the SpecDecoder, set below with --speculative-config
         # --kv-cache-dtype fp8: e4m3 tensors, per-layer [2, KVH] scales calibrated here (quantization/kv_cache.py)
@@ -151,12 +158,16 @@ class ModelRunner:
             self.kv_cache.kv_scale = torch.stack(self.kv_scales)  # [L, 2, KVH]
             for kv, scale in zip(self.kv_caches, self.kv_scales):
                 kv.kv_scale = scale
+        # plain-greedy steps: LM head -> argmax, no Sampler, no logits gather (greedy_tail.py)
+        self.greedy_tail = GreedyTail(self.model, tp) if model_cfg.graph_sampler and speculative is None else None
+        self.num_greedy_tail_steps = 0  # steps sampled by it, in a tail graph or eagerly
+        self._step_graphed = False  # the step in _forward replayed a decode graph
         if self.device.type == "cuda" and ops is not TORCH_OPS and not enforce_eager:
             from pdserve.common.engine.cuda_graphs import DecodeGraphs
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.num_kv_heads, self.block_size,
                                        self.scheduler_cfg.max_num_seqs, max_model_len, self.device)
             with torch.inference_mode():
-                self.graphs.capture()
+                self.graphs.capture(self.greedy_tail)
         if self.spec is not None:
             self.spec.start()
 
@@ -286,6 +297,8 @@ class ModelRunner:
         sample_reqs = [s for s in ordered if s.sample]
         if not sample_reqs:
             return PendingOutput(out)
+        if self.greedy_tail is not None and (plain_greedy(sched) if sched.all_greedy is None else sched.all_greedy):
+            return self._launch_greedy(out, step, hidden, sample_rows, sample_reqs)
         if self.spec is not None and self.spec.verifies():  # one readback; result() finishes on the host
             readback, finish = self.spec.verify(hidden, step, ordered, out, token_masks)
             self._last_sampled = (readback, self.spec.sampled_index)  # a next launch may fill from it
@@ -320,6 +333,22 @@ class ModelRunner:
             self._last_pending.flush()  # nothing to wait for: the sampler is queued now
         else:
             self._deferred = self._last_pending
+        return self._last_pending
+
+    def _launch_greedy(self, out: RunnerOutput, step: StepInputs, hidden: torch.Tensor, sample_rows: torch.Tensor,
+                       sample_reqs: list[ScheduledRequest]) -> "PendingOutput":
+        """A plain-greedy step's tokens by the greedy tail: its graph after a decode graph whose
+        rows all sample, else eagerly; every rank has them (rank 0 copies them to the host)."""
+        num = len(sample_reqs)
+        if self._step_graphed and num == step.num_reqs and self.graphs.can_run_tail():
+            tokens = self.graphs.run_tail(num)  # [num] int64, rows 0..num-1 (decode-only: one per request)
+        else:
+            tokens = self.greedy_tail(hidden.index_select(0, sample_rows))
+        self.num_greedy_tail_steps += 1
+        self._last_sampled = (tokens, {s.req_id: i for i, s in enumerate(sample_reqs)})
+        if self.tp is not None and self.tp.rank != 0:
+            return PendingOutput(out)
+        self._last_pending = PendingOutput(out, [s.req_id for s in sample_reqs], tokens=tokens)
         return self._last_pending
 
     def _flush_deferred(self) -> None:
@@ -358,7 +387,8 @@ class ModelRunner:
         self._flush_deferred()  # the previous step's tokens, which this step's inputs may read
         fill = self._placeholder_fill(ordered, step)
         run = step if self.spec is None else self.spec.as_rows(step)  # verify chunks as one-token rows
-        if self.graphs is not None and self.graphs.can_run(run):
+        self._step_graphed = self.graphs is not None and self.graphs.can_run(run)
+        if self._step_graphed:
             hidden, sample_rows = self.graphs.run(run, fill)
         else:
             input_ids, positions, meta, sample_rows = self.inputs.prepare(run)
@@ -471,7 +501,7 @@ class PendingOutput:
             self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
             self._host.copy_(tokens, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            record_on_current_stream(self._event, tokens.device.index)
 
     def flush(self) -> None:
         with self._lock:

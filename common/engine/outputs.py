@@ -47,6 +47,9 @@ class SchedulerOutput:
     # False: no scheduled request's sampling reads its token history or reports logprobs
     # (SamplingParams.needs_host_history), so the runner skips those per-row checks
     any_host_history: bool = True
+    # every sampled row is plain greedy (engine/greedy_tail.py): decided on rank 0 and carried to
+    # the other tensor-parallel ranks in the step message; None: the runner checks the params
+    all_greedy: bool | None = None
 
     def is_empty(self) -> bool:
         return not self.scheduled

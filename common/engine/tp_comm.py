@@ -7,6 +7,8 @@ the runner's token broadcast and KV sizing), so the collectives pair up without 
     compute_logits     gather_to_first(logits)  rank 0 gets [N, vocab], the others None
     runner, sampling   broadcast_from_first(t)  rank 0's sampled tokens -> every rank (their
                                                 next step's inputs fill from them on the device)
+    greedy tail        all_gather_stacked(x)    each rank's (max, vocab id) per row -> every rank
+                                                (engine/greedy_tail.py; also inside CUDA graphs)
     runner, start-up   all_gather_int(n)        KV blocks each rank could hold -> the min is used
 
 All-reduce on CUDA is NCCL's, or with `all_reduce="symm_mem"` torch's one-shot kernel for tensors
@@ -41,6 +43,8 @@ log = logging.getLogger("pdserve.tp")
 SYMM_MEM_MAX_BYTES = 1 << 20  # torch's one-shot all-reduce (all_reduce="symm_mem") up to this size
 CLOSE_TIMEOUT_S = 10.0  # NCCL teardown at shutdown, at most
 FUSED_REGION_BYTES = 2 << 20  # per rank's slot of a region (two alternate): 256 rows of hidden 4096 in bf16
+# torch 2.13 renamed all_gather_into_tensor (deprecated there) to all_gather_single; the GPU image has 2.11
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class TPComm:
@@ -118,6 +122,13 @@ class TPComm:
     def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
         dist.broadcast(x, src=0)
         return x
+
+    def all_gather_stacked(self, x: torch.Tensor) -> torch.Tensor:
+        """x [...] of every rank -> [world_size, ...] on every rank (rank order); no host sync,
+        graph-safe with NCCL."""
+        out = torch.empty((self.world_size * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        _all_gather_single(out, x.contiguous())  # (gloo wants the ranks along dim 0)
+        return out.view(self.world_size, *x.shape)
 
     def all_gather_int(self, value: int) -> list[int]:
         t = torch.tensor([value], dtype=torch.int64, device=self.device)

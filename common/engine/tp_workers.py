@@ -8,6 +8,7 @@ other ranks, and every rank runs the same forward pass on its shard (models/para
         encode_step(sched) once, --pipe--> each worker     recv -> decode_step -> ModelRunner.launch
         ModelRunner.launch(sched)    <=== all-reduces ===>  same forward on its shard
         logits gathered here, sampled, tokens broadcast ==> kept for its next step's inputs
+        (plain-greedy steps: each rank's shard argmax, all-gathered; greedy_tail.py)
     PendingOutput.result() (polling the ranks' liveness while it waits)
 
 Step messages go over one pipe per worker, pickled once: the fields a runner that does not sample
@@ -51,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from pdserve.common.config import ArchConfig, ConfigError, EngineConfig, SchedulerConfig
+from pdserve.common.engine.greedy_tail import plain_greedy
 from pdserve.common.engine.model_runner import ModelRunner, PendingOutput, resolve_device
 from pdserve.common.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
 from pdserve.common.engine.tp_comm import TPComm
@@ -79,19 +81,19 @@ def rank_device(device: str, rank: int) -> str:
 def encode_step(sched: SchedulerOutput) -> bytes:
     rows = [(s.req_id, s.input_token_ids, s.start_pos, s.block_ids, s.sample, s.params.prompt_logprobs,
              s.prompt_token_ids if s.params.prompt_logprobs is not None else None) for s in sched.scheduled]
-    return pickle.dumps((rows, sched.num_batched_tokens, sched.finished_req_ids, sched.preempted_req_ids),
-                        protocol=pickle.HIGHEST_PROTOCOL)
+    return pickle.dumps((rows, sched.num_batched_tokens, sched.finished_req_ids, sched.preempted_req_ids,
+                         sched.all_greedy), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def decode_step(payload: bytes, params_cache: dict) -> SchedulerOutput:
-    rows, num_tokens, finished, preempted = pickle.loads(payload)
+    rows, num_tokens, finished, preempted, all_greedy = pickle.loads(payload)
     scheduled = []
     for req_id, tokens, start, blocks, sample, prompt_logprobs, prompt in rows:
         params = params_cache.get(prompt_logprobs)
         if params is None:
             params = params_cache[prompt_logprobs] = SamplingParams(prompt_logprobs=prompt_logprobs)
         scheduled.append(ScheduledRequest(req_id, tokens, start, blocks, sample, params, prompt or [], []))
-    return SchedulerOutput(scheduled, num_tokens, finished, preempted)
+    return SchedulerOutput(scheduled, num_tokens, finished, preempted, all_greedy=all_greedy)
 
 
 # ---- the engine side ------------------------------------------------------------------------------
@@ -266,6 +268,8 @@ class TPDriverRunner(ModelRunner):
         """`token_masks`: as ModelRunner.launch (rank 0 samples, so only it masks)."""
         if self.workers is None:
             return super().launch(sched)  # start-up (the CUDA profiling step): every rank runs its own
+        # the greedy tail or the Sampler: the same choice on every rank (the message carries it)
+        sched.all_greedy = self.greedy_tail is not None and plain_greedy(sched)
         self.workers.send_step(sched)
         try:
             return _TPPending(super().launch(sched, token_masks), self.workers)

@@ -214,9 +214,13 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.norm(x, residual)
         return x  # [T, hidden]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+    def shard_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, h] -> [N, vocab] in the model's dtype (this rank's vocab shard under tensor parallelism)."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        logits = self.ops.logits(hidden, weight)  # [N, vocab] (a rank's vocab shard under tensor parallelism)
+        return self.ops.logits(hidden, weight)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        logits = self.shard_logits(hidden)
         if self.gather_logits is not None and (logits := self.gather_logits(logits)) is None:
             return None  # a tensor-parallel rank other than 0: rank 0 has the logits
         return logits.float()

@@ -577,13 +577,14 @@ def _param_name(loc: tuple) -> str | None:
 def build_app(engine: EngineClient, served_model_name: str, api_key: str | None = None,
               collector: StatsCollector | None = None, limits: Limits = Limits(),
               tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False,
-              metrics_route: bool = True) -> FastAPI:
+              metrics_route: bool = True, metrics_dir: str | None = None) -> FastAPI:
     """The FastAPI app. `collector` (state for /metrics) is the deployment's: the in-process
     engine's stats, or the router's view of its fleet and its routing counters.
     `tool_call_parser` + `enable_auto_tool_choice` (vLLM's flags) let tool_choice "auto" turn the
     model's text into tool calls. `metrics_route` False: no /metrics here (served on a port of
-    its own, or not at all)."""
-    metrics = ServerMetrics(served_model_name, engine.max_model_len, collector)
+    its own, or not at all). `metrics_dir`: request metrics summed with other processes'
+    (ServerMetrics' shared_dir)."""
+    metrics = ServerMetrics(served_model_name, engine.max_model_len, collector, shared_dir=metrics_dir)
     server = OpenAIServer(engine, served_model_name, metrics, limits, tool_call_parser, enable_auto_tool_choice)
     app = FastAPI(title="pdserve", description="OpenAI-compatible API of pdserve")
     app.state.server = server

@@ -76,8 +76,8 @@ def run_router(args: argparse.Namespace) -> None:
         raise ConfigError(f"--workers must be positive, got {args.workers}")
     if args.workers > 1:
         if args.metrics_port is not None:
-            raise ConfigError("--metrics-port cannot be shared by --workers processes: serve /metrics on the "
-                              "API port (each process answers for itself)")
+            raise ConfigError("--metrics-port cannot be shared by --workers processes: /metrics is served on "
+                              "the API port (the request metrics summed over the processes)")
         from pdserve.services.router.workers import run_workers
         return run_workers(args, _worker_main)
     _run_one(args)
@@ -133,7 +133,8 @@ def _run_one(args: argparse.Namespace) -> None:
                                    redis_up=lambda: pool.redis_ok)
         app = build_app(client, name, api_key=args.api_key, collector=collector, limits=limits_of(args),
                         tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
-                        metrics_route=args.enable_metrics and args.metrics_port is None)
+                        metrics_route=args.enable_metrics and args.metrics_port is None,
+                        metrics_dir=getattr(args, "metrics_dir", None))
         metrics_apart = serve_metrics_apart(app, args, args.host)
         add_admin_routes(app, pool, registry, api_key=args.api_key)
 

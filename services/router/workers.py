@@ -19,9 +19,12 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import multiprocessing.connection
+import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 
 from pdserve.common.config import ConfigError
@@ -47,6 +50,17 @@ def _family(host: str) -> int:
 
 def run_workers(args: argparse.Namespace, child_main) -> None:
     ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads and event loops
+    # /metrics: each child keeps its request metrics in files here and sums everyone's on a
+    # scrape (prometheus_client's multiprocess mode, chosen at its import: set before the spawn)
+    metrics_dir = tempfile.mkdtemp(prefix="pdserve-router-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        _run_children(ctx, args, child_main, metrics_dir)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _run_children(ctx, args: argparse.Namespace, child_main, metrics_dir: str) -> None:
     holder = None
     if args.port == 0:  # a free port, held (bound, not listening: it takes no connections) until all bind it
         holder = socket.socket(_family(args.host), socket.SOCK_STREAM)
@@ -55,7 +69,7 @@ def run_workers(args: argparse.Namespace, child_main) -> None:
         args.port = holder.getsockname()[1]
     children = []
     for i in range(args.workers):
-        child_args = argparse.Namespace(**{**vars(args), "workers": 1, "worker_of": str(i)})
+        child_args = argparse.Namespace(**{**vars(args), "workers": 1, "worker_of": str(i), "metrics_dir": metrics_dir})
         ready = ctx.Event()
         proc = ctx.Process(target=child_main, args=(child_args, ready), name=f"pdserve-router-{i}", daemon=False)
         proc.start()

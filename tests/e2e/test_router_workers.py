@@ -1,6 +1,6 @@
 """`pdserve router --workers 2` in front of a 1P1D stack of real processes: two router processes
 on one port (SO_REUSEPORT) answer the official openai client from separate connections with the
-offline engine's tokens; a killed router process takes the parent and its sibling down (exit 1)
+offline engine's tokens, and /metrics sums both processes' request metrics; a killed router process takes the parent and its sibling down (exit 1)
 instead of leaving a half-served port; SIGTERM stops them all cleanly, and a SIGKILLed parent
 leaves no process behind (PR_SET_PDEATHSIG)."""
 
@@ -52,6 +52,16 @@ def test_two_router_processes_serve_the_same_answers(stack, tiny_models):
             got.append(r.choices[0].text)
     assert got == want
     assert all(os.path.exists(f"/proc/{pid}") for pid in workers)
+    # /metrics sums the request metrics of both processes, whichever answers the scrape
+    import urllib.request
+    for _ in range(6):  # a connection each: both processes answer some
+        text = urllib.request.urlopen(stack.base_url + "/metrics", timeout=30).read().decode()
+        finished = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("vllm:request_success_total{"))
+        assert finished == len(PROMPTS), finished
+        generated = [line for line in text.splitlines() if line.startswith("vllm:generation_tokens_total{")]
+        assert generated and float(generated[0].rsplit(" ", 1)[1]) == 8 * len(PROMPTS)
+        assert "vllm:time_to_first_token_seconds_count" in text
 
 
 def test_a_dead_router_process_ends_the_router(stack):

@@ -90,3 +90,26 @@ def test_block_hashes_are_chained_and_stable():
     assert h == hash_blocks(list(range(8)), 4)
     assert hash_blocks([9, 9, 9, 9] + list(range(4, 8)), 4)[1] != h[1]  # same block, other parent
     assert h[0].hex() == hash_blocks(list(range(4)), 4)[0].hex()
+
+
+def test_a_large_pool_makes_block_objects_only_as_they_are_allocated():
+    """15 M blocks (a small model on a large GPU) start at once; the blocks never allocated come
+    first in the queue, in id order, then the freed ones in free order."""
+    import time
+
+    t0 = time.perf_counter()
+    pool = BlockPool(15_000_000)
+    assert time.perf_counter() - t0 < 0.5 and len(pool.blocks) == 0
+    assert pool.num_free_blocks == 15_000_000 and pool.usage() == 0.0
+    a = pool.allocate(3)
+    assert [b.block_id for b in a] == [0, 1, 2] and len(pool.blocks) == 3 and pool.blocks[2] is a[2]
+    pool.cache_block(a[1], b"h" * 16)
+    pool.free(list(reversed(a)))
+    assert pool.num_free_blocks == 15_000_000
+    small = BlockPool(6)
+    small.free(small.allocate(6)[::-1])  # every block made, freed tail first
+    assert small.free_queue.block_ids() == [5, 4, 3, 2, 1, 0]
+    hit = pool.get_cached_block(b"h" * 16)
+    pool.touch([hit])  # revived from the queue's middle: never from the fresh range
+    assert hit is a[1] and pool.num_free_blocks == 15_000_000 - 1
+    assert [b.block_id for b in pool.allocate(2)] == [3, 4]

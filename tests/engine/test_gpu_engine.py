@@ -265,6 +265,13 @@ class EagerReplay:  # stands in for a captured graph: the same forward over the 
         g, bs = self.graphs, self.bs
         g._outputs[bs].copy_(g.model(g._static["ids"][:bs], g._static["pos"][:bs], g.kv_caches, g._metadata(bs)))
 
+class EagerTail:  # a captured tail graph (greedy_tail.py): the bucket's tokens from its hidden
+    def __init__(self, graphs, bs, tail):
+        self.graphs, self.bs, self.tail = graphs, bs, tail
+    def replay(self):  # a new tensor, not the static one overwritten: on CPU the step's PendingOutput
+        # holds the tokens themselves (on CUDA it copies them to pinned memory at launch)
+        self.graphs._tokens[self.bs] = self.tail(self.graphs._outputs[self.bs])
+
 def run(backend):  # torch: one step at a time; triton and graphs: overlapped steps (placeholder fills)
     import dataclasses
     engine = EngineCore(dataclasses.replace(config, async_scheduling=backend != "torch"), load_tokenizer_=False)
@@ -278,13 +285,15 @@ def run(backend):  # torch: one step at a time; triton and graphs: overlapped st
         for bs in runner.graphs.sizes:
             runner.graphs._graphs[bs] = EagerReplay(runner.graphs, bs)
             runner.graphs._outputs[bs] = torch.full((bs, engine.arch.hidden_size), float("nan"))
+            runner.graphs._tail_graphs[bs] = EagerTail(runner.graphs, bs, runner.greedy_tail)
+            runner.graphs._tokens[bs] = torch.full((bs,), -7, dtype=torch.long)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     done = {}
     while engine.has_unfinished():
         for o in engine.step():
             done.setdefault(o.request_id, []).extend(o.new_token_ids)
-    replays = runner.graphs.num_replays if backend == "graphs" else None
+    replays = min(runner.graphs.num_replays, runner.graphs.num_tail_replays) if backend == "graphs" else None
     assert (engine.num_overlapped_steps > 0) == (backend != "torch")
     return [done[str(i)] for i in range(len(prompts))], engine.kv.num_prefix_hits, replays
 
@@ -298,8 +307,9 @@ print("OK", got, graphed[2])
 
 def test_triton_backend_under_the_interpreter_matches_torch(tmp_path):
     """Qwen3 (q/k norm) through the whole engine: mixed decode + chunked prefill steps, a prefix hit;
-    then the CUDA-graph input path (static buffers, padded buckets) with each replay run eagerly.
-    The Triton runs overlap their steps (decode inputs filled from the previous step's tokens)."""
+    then the CUDA-graph input path (static buffers, padded buckets) with each replay (forward and
+    greedy tail) run eagerly. The Triton runs overlap their steps (decode inputs filled from the
+    previous step's tokens)."""
     pytest.importorskip("triton")
     folder = build_model(str(tmp_path / "qwen3"), "qwen3", vocab_size=512)
     conftest = os.path.join(os.path.dirname(__file__), "..", "kernels", "conftest.py")

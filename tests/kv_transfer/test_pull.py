@@ -361,3 +361,37 @@ def test_nccl_pair_setup_failure_backs_off(monkeypatch):
             await client.close()
 
     asyncio.run(main())
+
+
+class _WorkDoneAt:
+    """An operation handle (is_completed / wait, as torch.distributed's Work) that completes at a
+    given time and counts how often it was asked."""
+
+    def __init__(self, seconds: float):
+        self.done_at = time.perf_counter() + seconds
+        self.asks = 0
+
+    def is_completed(self) -> bool:
+        self.asks += 1
+        return time.perf_counter() >= self.done_at
+
+    def wait(self) -> None:
+        pass
+
+
+def test_nccl_wait_asks_less_often_the_longer_it_waits():
+    """A waiting pull thread takes the GIL at every ask: a 50 ms operation must be asked a few
+    dozen times (intervals doubling to 1 ms), not thousands (a fixed 20 us poll)."""
+    import threading
+
+    from pdserve.common.kv_transfer.nccl import _wait_work
+
+    work = _WorkDoneAt(0.05)
+    t0 = time.perf_counter()
+    _wait_work(work, "nccl", time.perf_counter() + 5, threading.Event())
+    waited = time.perf_counter() - t0
+    assert 0.05 <= waited < 0.5
+    assert work.asks <= 70, work.asks
+    late = _WorkDoneAt(10)
+    with pytest.raises(TimeoutError):
+        _wait_work(late, "nccl", time.perf_counter() + 0.05, threading.Event())

@@ -66,7 +66,8 @@ class DraftModelProposer:
             raise ConfigError(f"--speculative-config: the draft model's context ({self.arch.max_position_embeddings}) "
                               f"is shorter than --max-model-len {max_model_len}")
         self.model_cfg = dataclasses.replace(model_cfg, model=self.path, tokenizer=None, served_model_name=None,
-                                             load_format="dummy" if model_cfg.load_format == "dummy" else "auto")
+                                             load_format="dummy" if model_cfg.load_format == "dummy" else "auto",
+                                             graph_sampler=False)  # it only proposes (forward_logits)
         self.dtype = model_dtype(model_cfg.dtype, self.path, resolve_device(model_cfg.device))  # the runner's
         self.max_model_len = max_model_len
         self.scheduler_cfg = scheduler_cfg
