@@ -8,9 +8,9 @@ device from that step, spec_decode/pipeline.py), and a bridge step launched befo
 step's result (every row's input filled from it), replay the graphs with the same tokens.
 
 Every engine here sizes its pool from 5 % of the GPU (UTIL): at 0.5-0.9 of an H200 these 8 KB-per-
-block tiny models got 8-15 million KV blocks, each a Python object (BlockPool), ~10 s to build
-and free per engine, ten engines in this file: the file ran past its 170 s limit in the third
-test (tests/gpu_spec_guess.sh). Each test has a hard limit (pytest-timeout, thread method: all
+block tiny models got 8-15 million KV blocks, each a Python object (BlockPool before f2be5533
+made them lazily), ~10 s to build and free per engine, ten engines in this file: the file ran
+past its 170 s limit in the third test (tests/gpu_spec_guess.sh). Each test has a hard limit (pytest-timeout, thread method: all
 threads' stacks are dumped and the run ends), so a hang fails fast with its stack instead of
 using up the GPU call; the CPU runs the third test's flow in
 tests/engine/test_spec_decode_overlap.py (test_guessed_flow_as_on_cuda)."""
