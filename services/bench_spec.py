@@ -35,7 +35,8 @@ extra cost; efficiency = speedup / bound.
 Then the per-step split: decode steps (engine.step() calls after every prompt's first token),
 counted by the kind of step each call launched (verify: one carrying drafts, launched after the
 previous step's result; guess: one carrying drafts launched while the previous step ran, its
-drafts proposed past a guessed token in flight, spec_decode/pipeline.py; plain: the rest),
+drafts proposed past a guessed token in flight; bridge: one launched before a verify step's
+result, a row per number of drafts it may accept, spec_decode/pipeline.py; plain: the rest),
 their wall ms, the ms the host spent blocked on a step's result (`EngineCore.wait_seconds`;
 on CUDA the device time the host did not overlap), host = wall - wait, and launch: the part of
 host scheduling, proposing and launching (speculative engines only; `EngineCore.launch_seconds`).
@@ -70,7 +71,8 @@ def add_parser(bench_sub, add_engine_args) -> None:
     p.add_argument("--json-out", default=None, help="write the results as JSON here")
     add_sweep_args(p)
     p.add_argument("--stages", action="store_true",
-                   help="n-gram only, overlapped steps, per --batch-sizes: host ms per decode step by stage (bench_spec_stages.py)")
+                   help="none, n-gram without and with bridge steps, overlapped, per --batch-sizes: host ms per "
+                        "decode step by stage (bench_spec_stages.py)")
     add_engine_args(p)
     p.set_defaults(func=cmd_spec)
 
@@ -95,7 +97,7 @@ def run_batch(llm, prompts: list[list[int]], max_tokens: int, tag: str) -> dict:
         engine.add_request(f"{tag}-{i}", p, params)
     first, last, outs = {}, {}, {}
     steps = 0
-    split = {"plain": StepSplit(), "verify": StepSplit(), "guess": StepSplit()}
+    split = {"plain": StepSplit(), "verify": StepSplit(), "guess": StepSplit(), "bridge": StepSplit()}
     while engine.has_unfinished():
         wait0, launch0, t0 = engine.wait_seconds, engine.launch_seconds, time.perf_counter()
         overlapped0 = engine.num_overlapped_steps
@@ -103,7 +105,9 @@ def run_batch(llm, prompts: list[list[int]], max_tokens: int, tag: str) -> dict:
         now = time.perf_counter()
         if len(first) == len(prompts):  # every prompt has its first token: a decode step
             kind = "plain"
-            if spec is not None and spec.has_drafts():  # guess: launched while the step before ran
+            if spec is not None and spec.has_bridge():  # launched before the verify step's result
+                kind = "bridge"
+            elif spec is not None and spec.has_drafts():  # guess: launched while the step before ran
                 kind = "guess" if engine.num_overlapped_steps > overlapped0 else "verify"
             split[kind].add(now - t0, engine.wait_seconds - wait0, engine.launch_seconds - launch0)
         steps += 1
@@ -161,6 +165,7 @@ class Tally:
     plain: StepSplit = field(default_factory=StepSplit)
     verify: StepSplit = field(default_factory=StepSplit)
     guess: StepSplit = field(default_factory=StepSplit)
+    bridge: StepSplit = field(default_factory=StepSplit)
 
     def measure(self, llm, groups: list[list[list[int]]], max_tokens: int, tag: str, first_repeat: bool) -> None:
         engine = llm.engine
@@ -172,6 +177,7 @@ class Tally:
             self.plain.merge(r["split"]["plain"])
             self.verify.merge(r["split"]["verify"])
             self.guess.merge(r["split"]["guess"])
+            self.bridge.merge(r["split"]["bridge"])
             if first_repeat:
                 self.tokens += r["tokens"]
         if spec_before is not None:
@@ -188,7 +194,8 @@ class Tally:
         row = {"method": method, "batch_size": batch_size, "ms_per_output_token": round(ms, 3),
                "output_tokens": sum(len(t) for t in self.tokens),
                "outputs_identical": None if base is None else self.tokens == base.tokens,
-               "plain_steps": self.plain.ms(), "verify_steps": self.verify.ms(), "guess_steps": self.guess.ms()}
+               "plain_steps": self.plain.ms(), "verify_steps": self.verify.ms(), "guess_steps": self.guess.ms(),
+               "bridge_steps": self.bridge.ms()}
         base_ms = None if base is None else 1000 * sum(base.tpot) / len(base.tpot)
         if base_ms is not None:
             row["speedup"] = round(base_ms / ms, 3)
@@ -219,13 +226,16 @@ def cmd_spec(args) -> None:
         llm = LLM.from_config(engine_config(args, speculative_config=None, speculative_model=None,
                                             num_speculative_tokens=None))
         return run_sweep(args, llm, chat_prompts(llm.get_tokenizer(), rows)[:args.sequential_prompts])
-    if args.stages:  # one overlapped n-gram engine, its stages timed
-        from pdserve.services.bench_spec_stages import run_stages
-        llm = LLM.from_config(engine_config(args, speculative_config=method_config(args, "ngram", None),
-                                            speculative_model=None, num_speculative_tokens=None, async_scheduling=True))
-        prompts = chat_prompts(llm.get_tokenizer(), rows)
-        run_batch(llm, prompts[:2], 8, "warm")
-        table = run_stages(args, llm, prompts[:args.sequential_prompts])
+    if args.stages:  # none, n-gram without and with bridge steps, overlapped: their stages timed
+        from pdserve.services.bench_spec_stages import run_stage_methods
+
+        def build(method: str):
+            spec = method_config(args, "ngram" if method != "none" else "none", None)
+            return LLM.from_config(engine_config(args, speculative_config=spec, speculative_model=None,
+                                                 num_speculative_tokens=None, async_scheduling=True))
+        plain = build("none")  # (its tokenizer makes the prompts; it runs first)
+        prompts = chat_prompts(plain.get_tokenizer(), rows)[:args.sequential_prompts]
+        table = run_stage_methods(args, lambda m: plain if m == "none" else build(m), prompts)
         if args.json_out:
             with open(args.json_out, "w") as f:
                 json.dump(table, f, indent=2)
@@ -264,14 +274,16 @@ def cmd_spec(args) -> None:
               f"{_f(r.get('draft_ms_per_step'), 8)} {_f(r.get('bound'))} {_f(r.get('efficiency'))} "
               f"{r['outputs_identical']}")
     print(f"\nper decode step (ms; host = wall - wait, wait = blocked on the device for a step's result;\n"
-          f"verify: launched after the step before's result, guess: launched while it ran, drafts past its token):\n"
+          f"verify: launched after the step before's result, guess: launched while it ran, drafts past its token;\n"
+          f"bridge: launched before a verify step's result, a row per outcome):\n"
           f"{'method':>6} {'batch':>5} | {'plain':>5} {'ms':>6} {'host':>6} {'wait':>6} {'launch':>6} | "
           f"{'verify':>6} {'ms':>6} {'host':>6} {'wait':>6} {'launch':>6} | "
-          f"{'guess':>5} {'ms':>6} {'host':>6} {'wait':>6} {'launch':>6} | guess hits")
+          f"{'guess':>5} {'ms':>6} {'host':>6} {'wait':>6} {'launch':>6} | "
+          f"{'bridge':>6} {'ms':>6} {'host':>6} {'wait':>6} {'launch':>6} | guess hits")
     for r in results:
         hits = f"{r['guess_hits']}/{r['guessed_drafts']}" if r.get("guessed_drafts") else "-"
         print(f"{r['method']:>6} {r['batch_size']:>5} | {_split(r['plain_steps'], 5)} | {_split(r['verify_steps'], 6)} | "
-              f"{_split(r['guess_steps'], 5)} | {hits}")
+              f"{_split(r['guess_steps'], 5)} | {_split(r['bridge_steps'], 6)} | {hits}")
     print(json.dumps(summary))
     if args.json_out:
         with open(args.json_out, "w") as f:

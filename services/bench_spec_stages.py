@@ -62,17 +62,43 @@ def instrument(engine) -> StageTimer:
     timer.wrap(engine, "_apply", "apply")
     timer.wrap(engine.scheduler, "update", "update")
     timer.wrap(engine.scheduler, "schedule", "schedule")
-    timer.wrap(spec.proposer, "propose", "propose")
-    timer.wrap(spec, "prepare", "prepare")
+    if spec is not None:  # (none: a plain engine, for comparison)
+        timer.wrap(spec.proposer, "propose", "propose")
+        timer.wrap(spec, "prepare", "prepare")
     timer.wrap(model_runner, "flatten_step", "flatten")
     timer.wrap(runner.inputs, "prepare", "inputs")
     timer.wrap(runner.model, "forward", "forward")
     if runner.graphs is not None:  # CUDA: decode-only steps replay a graph instead
         timer.wrap(runner.graphs, "run", "forward")
-    timer.wrap(spec, "verify", "sample")
+    if spec is not None:
+        timer.wrap(spec, "verify", "sample")
     timer.wrap(runner.sampler, "sample", "sample")
     timer.wrap(engine, "_emit", "emit")
     return timer
+
+
+STAGE_METHODS = ("none", "ngram_no_bridge", "ngram")  # run in turn by --stages
+
+
+def run_stage_methods(args, build, prompts: list[list[int]]) -> dict:
+    """--stages: a plain engine, an n-gram engine without bridge steps (pipeline.BRIDGE off: the
+    engine before) and one with, each built by build(method) (overlapped steps), warmed up, its
+    stages timed (run_stages) and shut down -> {method: {B: {kind: row}}}."""
+    from pdserve.common.engine.spec_decode import pipeline
+    from pdserve.services.bench_spec import run_batch
+    tables = {}
+    for method in STAGE_METHODS:
+        llm = build(method)
+        bridge = pipeline.BRIDGE
+        pipeline.BRIDGE = method != "ngram_no_bridge"
+        try:
+            run_batch(llm, prompts[:2], 8, "warm")
+            print(f"== {method}")
+            tables[method] = run_stages(args, llm, prompts)
+        finally:
+            pipeline.BRIDGE = bridge
+            llm.shutdown()
+    return tables
 
 
 def run_stages(args, llm, prompts: list[list[int]]) -> dict:
@@ -98,7 +124,7 @@ def _run_groups(args, llm, groups: list[list[list[int]]], timer: StageTimer, tag
     from pdserve.common.sampling_params import SamplingParams
     engine = llm.engine
     spec = engine.runner.spec
-    kinds: dict[str, dict[str, float]] = {k: defaultdict(float) for k in ("plain", "verify", "guess")}
+    kinds: dict[str, dict[str, float]] = {k: defaultdict(float) for k in ("plain", "verify", "guess", "bridge")}
     counts = dict.fromkeys(kinds, 0)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     for g, group in enumerate(groups):
@@ -117,7 +143,9 @@ def _run_groups(args, llm, groups: list[list[list[int]]], timer: StageTimer, tag
             if not decode:  # prefill steps (until every request has its first token)
                 continue
             kind = "plain"
-            if spec.has_drafts():
+            if spec is not None and spec.has_bridge():
+                kind = "bridge"
+            elif spec is not None and spec.has_drafts():
                 kind = "guess" if engine.num_overlapped_steps > overlapped0 else "verify"
             counts[kind] += 1
             timer.seconds["wait"] = engine.wait_seconds
@@ -134,8 +162,9 @@ def _run_groups(args, llm, groups: list[list[list[int]]], timer: StageTimer, tag
 
 
 def _print(args, llm, table: dict, batch_size: int, num_prompts: int) -> None:
-    print(f"host ms per decode step by stage ({llm.engine.runner.device}, batch {batch_size}, {num_prompts} prompts, "
-          f"k = {args.spec_tokens}, lookup {args.prompt_lookup_min}..{args.prompt_lookup_max}; "
+    spec = "" if llm.engine.runner.spec is None else \
+        f", k = {args.spec_tokens}, lookup {args.prompt_lookup_min}..{args.prompt_lookup_max}"
+    print(f"host ms per decode step by stage ({llm.engine.runner.device}, batch {batch_size}, {num_prompts} prompts{spec}; "
           "wait and update are part of apply, propose of prepare; host = step - wait - forward):")
     print(f"{'kind':>6} {'steps':>5} | " + " ".join(f"{s:>8}" for s in STAGES) + f" | {'step':>7} {'host':>7}")
     for kind, row in table.items():

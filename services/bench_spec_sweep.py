@@ -15,6 +15,11 @@ The step pattern replayed is the overlapped engine's (spec_decode/pipeline.py):
     the guess was wrong  -> its drafts are dropped (the engine knows before that step's result):
                             a step of one token, and the next launches first again
 
+    bridge=True          -> after a verify step whose drafts are kept, a bridge step launched
+                            before its result (one row per outcome, --bridge-ms): one token more,
+                            and the step after it launches first, past a guess (pipeline.py);
+                            none if the verify step accepted more drafts than the bridge had rows
+
 (`guess=False` replays the engine before the guess: the step after a plain one was plain too,
 without a lookup.) Predicted ms per output token from measured step costs (--plain-ms,
 --verify-ms, --guess-verify-ms: the `ms` of plain, verify and guessed verify steps in
@@ -39,6 +44,8 @@ class Replay:
     guess_steps: int = 0  # of them, launched while a plain step ran (drafts past a guessed token)
     guess_hits: int = 0  # of those, the guess was right
     dropped: int = 0  # guess steps whose guess was wrong: drafts dropped, not verified
+    bridge_steps: int = 0  # steps launched before a verify step's result, one row per outcome
+    bridge_void: int = 0  # of them, without a row for the outcome (no token)
     lookups: int = 0  # steps that ran the lookup (with room for drafts)
     draft_tokens: int = 0
     accepted: int = 0
@@ -58,12 +65,14 @@ class Replay:
 
 def replay(samples: list[tuple[list[int], list[int]]], min_n: int, max_n: int, k: int, max_tokens: int,
            plain_ms: float, verify_ms: float, guess_verify_ms: float | None = None, guess: bool = True,
-           drop: bool = True) -> Replay:
+           drop: bool = True, bridge: bool = False, bridge_ms: float | None = None) -> Replay:
     """samples: (prompt ids, greedy output ids) per request -> the replayed steps' totals.
     guess_verify_ms: the cost of a verify step launched while a plain step ran (default verify_ms).
     drop=False: the engine before drafts past a wrong guess were dropped (it verified them, and
-    the next step waited for that result)."""
+    the next step waited for that result). bridge: the engine's bridge steps (bridge_ms each,
+    default verify_ms)."""
     guess_verify_ms = verify_ms if guess_verify_ms is None else guess_verify_ms
+    bridge_ms = verify_ms if bridge_ms is None else bridge_ms
     r = Replay(ms_per_token=[])
     for prompt, output in samples:
         history = np.asarray(prompt + output, np.int32)
@@ -93,6 +102,16 @@ def replay(samples: list[tuple[list[int], list[int]]], min_n: int, max_n: int, k
                 r.accepted += accepted
                 gained = min(accepted + 1, end - n)
                 inflight = False  # the next step waits for this one's result
+                room_bridge = min(k, max_tokens - n - 2)  # its slots: the verify step's token in flight
+                if bridge and room_bridge >= 0:
+                    r.steps += 1
+                    r.bridge_steps += 1
+                    ms += bridge_ms
+                    if n + gained < end and accepted < min(drafts.size, room_bridge) + 1:
+                        gained += 1  # its row `accepted`: one token more, in flight when the next launches
+                        inflight = True
+                    elif n + gained < end:
+                        r.bridge_void += 1
             elif drafts.size:  # a wrong guess: its drafts dropped, the step makes one token, the next launches first
                 r.dropped += 1
                 gained = 1
@@ -110,19 +129,23 @@ def replay(samples: list[tuple[list[int], list[int]]], min_n: int, max_n: int, k
 
 
 def sweep(samples, mins, maxs, ks, max_tokens: int, plain_ms: float, verify_ms: float, none_ms: float,
-          guess_verify_ms: float | None = None) -> list[dict]:
-    """Per setting, the replay of the engine (guesses, drafts past a wrong one dropped), and its
-    speedup without the guess and with wrong guesses' drafts verified (the engine before)."""
+          guess_verify_ms: float | None = None, bridge_ms: float | None = None) -> list[dict]:
+    """Per setting, the replay of the engine (guesses, drafts past a wrong one dropped, bridge
+    steps), and its speedup without bridge steps, without the guess and with wrong guesses'
+    drafts verified (the engines before)."""
     rows = []
     for lo in mins:
         for hi in maxs:
             if lo > hi:
                 continue
             for k in ks:
-                row = replay(samples, lo, hi, k, max_tokens, plain_ms, verify_ms, guess_verify_ms).row()
+                row = replay(samples, lo, hi, k, max_tokens, plain_ms, verify_ms, guess_verify_ms, bridge=True,
+                             bridge_ms=bridge_ms).row()
+                no_bridge = replay(samples, lo, hi, k, max_tokens, plain_ms, verify_ms, guess_verify_ms).row()
                 before = replay(samples, lo, hi, k, max_tokens, plain_ms, verify_ms, guess=False).row()
                 kept = replay(samples, lo, hi, k, max_tokens, plain_ms, verify_ms, guess_verify_ms, drop=False).row()
                 row.update(prompt_lookup_min=lo, prompt_lookup_max=hi, k=k, speedup=none_ms / row["ms_per_token"],
+                           speedup_no_bridge=none_ms / no_bridge["ms_per_token"],
                            speedup_no_guess=none_ms / before["ms_per_token"],
                            speedup_no_drop=none_ms / kept["ms_per_token"])
                 rows.append(row)
@@ -131,12 +154,13 @@ def sweep(samples, mins, maxs, ks, max_tokens: int, plain_ms: float, verify_ms: 
 
 def print_sweep(rows: list[dict]) -> None:
     print(f"{'min':>3} {'max':>3} {'k':>2} | {'propose':>7} {'verify':>6} {'guessed':>7} {'hit':>5} {'accept':>6} "
-          f"{'mean len':>8} {'tok/step':>8} | {'ms/tok':>6} {'speedup':>7} {'no guess':>8} {'no drop':>7}")
+          f"{'mean len':>8} {'tok/step':>8} | {'ms/tok':>6} {'speedup':>7} {'no bridge':>9} {'no guess':>8} {'no drop':>7}")
     for r in sorted(rows, key=lambda r: r["ms_per_token"]):
         print(f"{r['prompt_lookup_min']:>3} {r['prompt_lookup_max']:>3} {r['k']:>2} | {r['propose_fraction']:>7.2f} "
               f"{r['verify_fraction']:>6.2f} {r['guess_fraction']:>7.2f} {r['guess_hit_rate']:>5.2f} "
               f"{r['acceptance']:>6.2f} {r['mean_accepted_length']:>8.2f} {r['tokens_per_step']:>8.2f} | "
-              f"{r['ms_per_token']:>6.3f} {r['speedup']:>7.2f} {r['speedup_no_guess']:>8.2f} {r['speedup_no_drop']:>7.2f}")
+              f"{r['ms_per_token']:>6.3f} {r['speedup']:>7.2f} {r['speedup_no_bridge']:>9.2f} {r['speedup_no_guess']:>8.2f} "
+              f"{r['speedup_no_drop']:>7.2f}")
 
 
 # Step costs of SmolLM2 (packaged GGUF) bf16 on one H200 at batch 1 (docs/benchmarks.md, issue 14).
@@ -157,6 +181,8 @@ def add_sweep_args(p) -> None:
     p.add_argument("--verify-ms", type=float, default=H200_VERIFY_MS, help="ms of a verify step (default: %(default)s)")
     p.add_argument("--guess-verify-ms", type=float, default=H200_GUESS_VERIFY_MS,
                    help="ms of a verify step launched while a plain step runs (default: %(default)s, an estimate)")
+    p.add_argument("--bridge-ms", type=float, default=None,
+                   help="ms of a bridge step (launched before a verify step's result; default: --guess-verify-ms)")
 
 
 def run_sweep(args, llm, prompts: list[list[int]]) -> None:
@@ -164,10 +190,12 @@ def run_sweep(args, llm, prompts: list[list[int]]) -> None:
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                         SamplingParams(temperature=0, max_tokens=args.max_tokens), use_tqdm=False)
     samples = [(p, list(o.outputs[0].token_ids)) for p, o in zip(prompts, outs)]
+    bridge_ms = args.guess_verify_ms if args.bridge_ms is None else args.bridge_ms
     rows = sweep(samples, args.sweep_min, args.sweep_max, args.sweep_k, args.max_tokens,
-                 args.plain_ms, args.verify_ms, args.none_ms, args.guess_verify_ms)
+                 args.plain_ms, args.verify_ms, args.none_ms, args.guess_verify_ms, bridge_ms)
     print(f"{len(samples)} prompts, {sum(len(o) for _, o in samples)} greedy tokens; step costs: plain {args.plain_ms} ms, "
-          f"verify {args.verify_ms} ms, guessed verify {args.guess_verify_ms} ms, none {args.none_ms} ms/token")
+          f"verify {args.verify_ms} ms, guessed verify {args.guess_verify_ms} ms, bridge {bridge_ms} ms, "
+          f"none {args.none_ms} ms/token")
     print_sweep(rows)
     if args.json_out:
         import json

@@ -75,17 +75,39 @@ def test_bench_spec_sweep_command(tmp_path, tiny_models):
 
 
 def test_bench_spec_stages_command(tmp_path, tiny_models):
-    """`bench spec --stages` (services/bench_spec_stages.py): per kind of decode step, its host ms by stage."""
+    """`bench spec --stages` (services/bench_spec_stages.py): per engine (none, n-gram without and
+    with bridge steps) and kind of decode step, its host ms by stage."""
     out = tmp_path / "stages.json"
     proc = pdserve("bench", "spec", "--stages", "--model", tiny_models["llama"], "--max-tokens", "12",
                    "--sequential-prompts", "2", "--batch-sizes", "1", "3", "--kv-cache-memory", "0.1",
                    "--dtype", "float32", "--json-out", str(out))
     assert proc.returncode == 0, proc.stderr
-    tables = json.loads(out.read_text())
-    assert set(tables) == {"1", "3"}
-    for table in tables.values():
-        assert table["plain"]["steps"] > 0 and set(table) <= {"plain", "verify", "guess"}
-        for row in table.values():
-            assert row["step"] > row["forward"] > 0 and row["schedule"] > 0 and row["flatten"] > 0
-            assert row["host"] == pytest.approx(row["step"] - row["wait"] - row["forward"], abs=1e-3)
+    by_method = json.loads(out.read_text())
+    assert set(by_method) == {"none", "ngram_no_bridge", "ngram"}  # a plain engine, n-gram without and with bridges
+    for method, tables in by_method.items():
+        assert set(tables) == {"1", "3"}
+        for table in tables.values():
+            assert table["plain"]["steps"] > 0 and set(table) <= {"plain", "verify", "guess", "bridge"}
+            assert method != "none" or set(table) == {"plain"}
+            for row in table.values():
+                assert row["step"] > row["forward"] > 0 and row["schedule"] > 0 and row["flatten"] > 0
+                assert row["host"] == pytest.approx(row["step"] - row["wait"] - row["forward"], abs=1e-3)
     assert "host ms per decode step by stage" in proc.stdout
+
+
+def test_replay_bridges_a_verify_step():
+    """bridge=True (the engine's bridge steps, pipeline.py): after the verify step (a guessed one
+    here, all 3 drafts accepted) a bridge step launched before its result makes one token more;
+    without it the next step looks up on the full history and finds nothing (a plain step)."""
+    sample = [([5, 6, 7, 8, 5], [6, 7, 8, 5, 1, 2])]
+    r = replay(sample, 1, 2, 3, max_tokens=100, plain_ms=1.0, verify_ms=2.0, guess_verify_ms=1.5, bridge=True,
+               bridge_ms=1.25)
+    assert (r.steps, r.verify_steps, r.guess_steps, r.guess_hits, r.bridge_steps, r.bridge_void, r.accepted) == \
+        (2, 1, 1, 1, 1, 0, 3)
+    assert r.ms_per_token == [pytest.approx((1.5 + 1.25) / 5)]
+    before = replay(sample, 1, 2, 3, max_tokens=100, plain_ms=1.0, verify_ms=2.0, guess_verify_ms=1.5)
+    assert (before.steps, before.bridge_steps) == (2, 0) and before.ms_per_token == [pytest.approx((1.5 + 1.0) / 5)]
+    # the output ends with the verify step: the bridge still runs (launched before the result), its token unused
+    ends = replay([(sample[0][0], sample[0][1][:5])], 1, 2, 3, max_tokens=100, plain_ms=1.0, verify_ms=2.0,
+                  bridge=True, bridge_ms=1.25)
+    assert (ends.steps, ends.bridge_steps, ends.bridge_void, ends.tokens) == (2, 1, 0, 4)

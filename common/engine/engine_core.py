@@ -50,7 +50,7 @@ from pdserve.common.engine.model_runner import ModelRunner, PendingOutput, resol
 from pdserve.common.engine.kv_connector import KVConnector
 from pdserve.common.engine.outputs import SchedulerOutput
 from pdserve.common.engine.scheduler import Scheduler
-from pdserve.common.engine.spec_decode.pipeline import can_overlap_next, guess_hits
+from pdserve.common.engine.spec_decode.pipeline import can_overlap_next, guess_hits, overlaps
 from pdserve.common.engine_client import EngineDeadError
 from pdserve.common.engine.structured_output import StructuredOutputManager
 from pdserve.common.model_path import served_name
@@ -211,9 +211,11 @@ class EngineCore:
 
     def step(self) -> list[EngineOutput]:
         self._progress = False
-        if self.spec_stats is not None and self.async_scheduling:
-            return self._step_speculative()
         overlap = self.async_scheduling and self.scheduler.num_host_history_requests == 0
+        if self.spec_stats is not None and self.async_scheduling:
+            if overlaps(self.scheduler.num_running()):
+                return self._step_speculative()
+            overlap = False  # a large batch: one step at a time (spec_decode/pipeline.py)
         if not overlap and self._inflight is not None:
             return self._complete(*self._take_inflight())  # drain before stepping one at a time
         launched, failed = self._launch()

@@ -299,7 +299,7 @@ class ModelRunner:
             return PendingOutput(out)
         if self.greedy_tail is not None and (plain_greedy(sched) if sched.all_greedy is None else sched.all_greedy):
             return self._launch_greedy(out, step, hidden, sample_rows, sample_reqs)
-        if self.spec is not None and self.spec.has_drafts():  # one readback; result() finishes on the host
+        if self.spec is not None and self.spec.verifies():  # one readback; result() finishes on the host
             readback, finish = self.spec.verify(hidden, step, ordered, out, token_masks)
             self._last_sampled = (readback, self.spec.sampled_index)  # a next launch may fill from it
             self._last_pending = PendingOutput(out, tokens=readback, finish=finish)
@@ -426,6 +426,8 @@ class ModelRunner:
         except KeyError as e:
             raise RuntimeError(f"request {e.args[0]} has an input token in flight that no launched step samples") from e
         n = holes.size
+        if self.spec is not None and self.spec.has_bridge():  # a request's k-th hole: its index + k
+            src += np.arange(n, dtype=np.int32) - np.searchsorted(req_of_hole, req_of_hole).astype(np.int32)
         if holes[-1] == n - 1 and np.array_equal(src, np.arange(n)):  # steady decode: same requests, same order
             return lambda input_ids: input_ids[:n].copy_(tokens[:n])
         dst_dev, src_dev = self._fill_upload.upload([holes.astype(np.int32), src])

@@ -71,3 +71,6 @@ class RunnerOutput:
     # req_id -> (position, token): drafts proposed while the input token at `position` was in
     # flight start with a guess of it (spec_decode/ngram.py); update() tells whether it was right.
     guessed_token_ids: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # Requests of a bridge step (spec_decode/pipeline.py) that got no token: the verify step before
+    # accepted more drafts than the bridge had rows; update() takes back their token in flight.
+    void_req_ids: set[str] = field(default_factory=set)

@@ -241,6 +241,9 @@ class Scheduler:
                 req.prompt_logprobs.extend(prompt_logprobs[s.req_id])
             token = sampled.get(s.req_id)
             if token is None:
+                if s.req_id in result.void_req_ids:  # a bridge step without its row (spec_decode/pipeline.py)
+                    req.num_inflight -= 1  # (preempted meanwhile: 0 computed already)
+                    req.num_computed_tokens = max(req.num_computed_tokens - 1, 0)
                 continue
             req.num_inflight -= 1
             if one_token:  # the usual decode step: append, check the stops
@@ -256,7 +259,8 @@ class Scheduler:
             drafts = spec_tokens.get(s.req_id)
             new_tokens = [token]
             if drafts:  # the accepted drafts' KV is valid; the rest of the reserved slots are not
-                assert not req.num_inflight, "a step was launched before the verify step it follows"
+                # (a bridge step may run: its token's position follows from num_accepted, pipeline.py)
+                assert req.num_inflight <= 1, "two steps were launched after the verify step they follow"
                 num_accepted = result.num_accepted_tokens[s.req_id]
                 new_tokens = drafts[:num_accepted] + new_tokens
                 req.num_computed_tokens += num_accepted

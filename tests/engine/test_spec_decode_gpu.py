@@ -4,19 +4,29 @@ own; greedy tokens equal a run without speculation (float32, tiny models), every
 accepted, seeded n-gram outputs equal plain sampling and seeded draft-model outputs do not
 depend on k; the KV pool is sized for target and draft from GPU memory and is whole again. At
 batch 1 a verify step launched while a plain step runs (its first row's input filled on the
-device from that step, spec_decode/pipeline.py) replays the graphs with the same tokens."""
+device from that step, spec_decode/pipeline.py), and a bridge step launched before a verify
+step's result (every row's input filled from it), replay the graphs with the same tokens.
+
+Every engine here sizes its pool from 5 % of the GPU (UTIL): at 0.5-0.9 of an H200 these 8 KB-per-
+block tiny models got 8-15 million KV blocks, each a Python object (BlockPool before f2be5533
+made them lazily), ~10 s to build and free per engine, ten engines in this file: the file ran
+past its 170 s limit in the third test (tests/gpu_spec_guess.sh). Each test has a hard limit (pytest-timeout, thread method: all
+threads' stacks are dumped and the run ends), so a hang fails fast with its stack instead of
+using up the GPU call; the CPU runs the third test's flow in
+tests/engine/test_spec_decode_overlap.py (test_guessed_flow_as_on_cuda)."""
 
 from __future__ import annotations
-
-import random
 
 import pytest
 import torch
 
 from pdserve.common.engine.llm import LLM
 from pdserve.common.sampling_params import SamplingParams
+from tests.engine.test_spec_decode_overlap import guessed_flow
 
-pytestmark = pytest.mark.gpu
+# 60 s a test: each took < ~30 s with the pool below (a hang dumps every thread's stack and ends the run)
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(60, method="thread")]
+UTIL = 0.05  # gpu_memory_utilization of every engine here: ~0.6 M blocks, sized from GPU memory
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
 
@@ -24,7 +34,7 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1,
 def run(folder, prompts, params, **kw):
     """Token ids per prompt, and what the checks read from the engine before it is shut down
     (its GPU memory released for the next run)."""
-    llm = LLM(folder, device="cuda", dtype="float32", max_model_len=512, **kw)
+    llm = LLM(folder, device="cuda", dtype="float32", max_model_len=512, **{"gpu_memory_utilization": UTIL, **kw})
     engine = llm.engine
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert engine.kv.num_free_blocks == engine.runner.num_blocks, "KV blocks leaked"
@@ -44,7 +54,7 @@ def test_greedy_equal_and_verify_steps_replay_graphs(tiny_models, prompts):
     want, _ = run(folder, batch, greedy)
     for spec in (NGRAM, {"model": folder, "num_speculative_tokens": 3},
                  {"model": tiny_models["qwen3"], "num_speculative_tokens": 4}):
-        got, info = run(folder, batch, greedy, speculative_config=spec, gpu_memory_utilization=0.5)
+        got, info = run(folder, batch, greedy, speculative_config=spec)
         assert got == want, spec
         spec_decoder = info["spec"]
         assert spec_decoder.verify_as_decodes and info["replays"] > 0
@@ -71,24 +81,15 @@ def test_seeded_sampling_rules_hold_on_cuda(tiny_models, prompts):
 
 def test_drafts_past_a_guessed_token_in_flight_on_cuda(tiny_model_factory, tmp_path_factory):
     """A 512-token vocabulary (its greedy outputs soon repeat: the lookup finds drafts), prompts one
-    at a time: guessed verify steps happen, some guesses wrong, tokens equal a run without drafts."""
+    at a time: guessed verify steps happen, some guesses wrong, and bridge steps (launched before a
+    verify step's result, inputs filled on the device from its rows); tokens equal a run without
+    drafts (the flow of test_spec_decode_overlap.guessed_flow, which the CPU runs too)."""
     folder = tiny_model_factory(str(tmp_path_factory.mktemp("v512") / "llama"), "llama", vocab_size=512,
                                 initializer_range=0.02)
-    rng = random.Random(1)
-    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (9, 40, 77, 130)]
-    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-
-    def one_at_a_time(**kw):
-        llm = LLM(folder, device="cuda", dtype="float32", max_model_len=512, **kw)
-        engine = llm.engine
-        outs = [llm.generate([{"prompt_token_ids": p}], greedy, use_tqdm=False)[0].outputs[0].token_ids
-                for p in prompts]
-        assert engine.kv.num_free_blocks == engine.runner.num_blocks, "KV blocks leaked"
-        info = engine.stats().spec_decode, engine.runner.graphs.num_replays, engine.async_scheduling
-        llm.shutdown()
-        return outs, info
-    want, _ = one_at_a_time()
-    got, (st, replays, overlapped) = one_at_a_time(speculative_config=NGRAM, gpu_memory_utilization=0.5)
+    want, _ = guessed_flow(folder, "cuda", gpu_memory_utilization=UTIL)
+    got, (st, replays, overlapped, spec) = guessed_flow(folder, "cuda", speculative_config=NGRAM,
+                                                        gpu_memory_utilization=UTIL)
     assert overlapped and replays > 0
     assert got == want
     assert st.num_guessed_drafts > st.num_guess_hits > 0, st
+    assert spec.num_bridge_steps > 0 and spec.num_row_steps > 0  # bridge steps replayed as one-token rows

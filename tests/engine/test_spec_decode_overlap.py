@@ -17,9 +17,19 @@ import random
 
 import pytest
 
+from pdserve.common.engine.llm import LLM
 from pdserve.common.sampling_params import SamplingParams
 from tests.engine.test_correctness import hf_greedy
 from tests.engine.test_spec_decode import NGRAM, draft, generate, tokens
+
+
+@pytest.fixture(autouse=True)
+def overlap_any_batch(monkeypatch):
+    """These tests check the overlapped steps' mechanism in batches too: the engine's policy
+    (pipeline.OVERLAP_MAX_BATCH: one step at a time from 4 running requests) lifted, except in
+    test_large_batches_step_one_at_a_time, which checks it."""
+    from pdserve.common.engine.spec_decode import pipeline
+    monkeypatch.setattr(pipeline, "OVERLAP_MAX_BATCH", 1 << 20)
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +108,90 @@ def test_drafts_past_a_guessed_token_in_flight_verify_exactly(small_vocab, decod
     assert engine.stats().spec_decode.num_guessed_drafts > 0
 
 
+def guessed_flow(folder, device, decode_rows=False, **kw):
+    """The flow of test_spec_decode_gpu.test_drafts_past_a_guessed_token_in_flight_on_cuda: four
+    prompts (9 .. 130 tokens of a 512-token vocabulary) through LLM.generate one at a time
+    (batch 1), default block size, max_model_len 512, 40 greedy tokens each. `decode_rows`:
+    verify as one-token rows (CUDA's form, forced on the CPU). -> (tokens per prompt,
+    (spec stats, graph replays, async scheduling, the runner's SpecDecoder)); the pool is whole."""
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (9, 40, 77, 130)]
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    llm = LLM(folder, device=device, dtype="float32", max_model_len=512, **kw)
+    engine = llm.engine
+    if decode_rows:
+        engine.runner.spec.verify_as_decodes = True
+    outs = [llm.generate([{"prompt_token_ids": p}], greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    assert engine.kv.num_free_blocks == engine.runner.num_blocks, "KV blocks leaked"
+    assert engine._inflight is None
+    graphs = engine.runner.graphs
+    info = engine.stats().spec_decode, None if graphs is None else graphs.num_replays, engine.async_scheduling, \
+        engine.runner.spec
+    llm.shutdown()
+    return outs, info
+
+
+def test_guessed_flow_as_on_cuda(small_vocab):
+    """The GPU test's flow on the CPU (same engine code but graphs and events): it finishes, with
+    guessed verify steps (wrong and right) as one-token rows, and tokens equal HF's."""
+    folder, _ = small_vocab
+    got, (st, _, overlapped, spec) = guessed_flow(folder, "cpu", decode_rows=True, speculative_config=NGRAM,
+                                                  async_scheduling=True)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (9, 40, 77, 130)]
+    assert got == hf_greedy(folder, prompts, 40)
+    assert overlapped and spec.num_row_steps > 0 and spec.num_bridge_steps > 0
+    assert st.num_guessed_drafts > st.num_guess_hits > 0, st
+
+
+def test_large_batches_step_one_at_a_time(small_vocab, monkeypatch):
+    """From OVERLAP_MAX_BATCH running requests the speculative engine runs its steps one at a time
+    (overlapped, it was slower than that at batch 16 on the GPU); below, overlapped. Six prompts
+    of different lengths, max_tokens 10 .. 60 (the batch shrinks as they finish): outputs equal
+    HF's, steps with drafts and overlapped steps both happen, and none was launched with four or
+    more requests running."""
+    from pdserve.common.engine.spec_decode import pipeline
+    monkeypatch.setattr(pipeline, "OVERLAP_MAX_BATCH", 4)
+    folder, prompts = small_vocab
+    lengths = [10, 20, 30, 40, 50, 60]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
+    llm = LLM(folder, dtype="float32", speculative_config=NGRAM, async_scheduling=True, block_size=4)
+    engine = llm.engine
+    engine.runner.spec.verify_as_decodes = True
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        llm.add_request(str(i), p, sp)
+    done, overlapped_at = {}, []
+    while engine.has_unfinished():
+        running, before = engine.scheduler.num_running(), engine.num_overlapped_steps
+        for out in llm.step():
+            if out.finished:
+                done[out.request_id] = out
+        if engine.num_overlapped_steps > before:
+            overlapped_at.append(running)
+    assert engine.kv.num_free_blocks == engine.runner.num_blocks
+    outs = [done[str(i)].outputs[0].token_ids for i in range(len(prompts))]
+    assert outs == [hf_greedy(folder, [p], n)[0] for p, n in zip(prompts, lengths)]
+    assert overlapped_at and max(overlapped_at) < 4, overlapped_at
+    assert engine.stats().spec_decode.num_drafts > 0
+
+
+def test_bridge_steps_exact_and_a_bridge_without_its_row(small_vocab):
+    """Bridge steps (pipeline.py: launched before the verify step's result, one row per number of
+    drafts it may accept) in a batch of 3 on a short pool (72 blocks of 4, max_model_len 256,
+    preemptions): some bridged request gets fewer rows than its outcome needs (the pool short for
+    the bridge's slots) and no token from it (the scheduler takes its token in flight back);
+    greedy equals HF, no block held past a request's tokens, the pool whole at the end."""
+    folder, prompts = small_vocab
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    outs, engine = generate(folder, prompts[3:], greedy, check_blocks=True, speculative_config=NGRAM,
+                            async_scheduling=True, block_size=4, decode_rows=True, num_gpu_blocks_override=72,
+                            max_model_len=256)
+    assert tokens(outs) == hf_greedy(folder, prompts[3:], 40)
+    spec = engine.runner.spec
+    assert spec.num_bridge_steps > 0 and spec.num_bridge_void > 0 and engine._inflight is None
+    assert engine.stats().spec_decode.num_accepted_tokens > 0
+
+
 def test_masked_request_shares_a_verify_step_launched_while_its_token_is_in_flight(small_vocab):
     """An allowed_token_ids request (not drafted) in a verify step launched before the previous
     step's result: its mask is filled with its token in flight (as in a plain overlapped step)."""
@@ -114,13 +208,17 @@ def test_masked_request_shares_a_verify_step_launched_while_its_token_is_in_flig
     assert engine.stats().spec_decode.num_guessed_drafts > 0
 
 
-def test_drafts_past_a_wrong_guess_are_dropped_and_the_next_step_launches_first(small_vocab):
+@pytest.mark.parametrize("bridge", [False, True])
+def test_drafts_past_a_wrong_guess_are_dropped_and_the_next_step_launches_first(small_vocab, bridge, monkeypatch):
     """Batch 1, greedy: once the plain step's token shows a guess wrong, that step's drafts are
     dropped (its row 0's token only) and the next step launches before its result, looking up on
     the history with the surprising token. The engine's rounds are exactly those of the sweep's
     replay of this policy (bench_spec_sweep.replay) on the same outputs, and differ from the
-    replay that verifies wrong guesses' drafts and waits for them (the engine before)."""
+    replay that verifies wrong guesses' drafts and waits for them (the engine before). With
+    bridge steps (pipeline.BRIDGE, the default) and without."""
+    from pdserve.common.engine.spec_decode import pipeline
     from pdserve.services.bench_spec_sweep import replay
+    monkeypatch.setattr(pipeline, "BRIDGE", bridge)
     folder, prompts = small_vocab
     greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     outs, engine = generate(folder, prompts, greedy, check_blocks=True, speculative_config=NGRAM,
@@ -128,10 +226,11 @@ def test_drafts_past_a_wrong_guess_are_dropped_and_the_next_step_launches_first(
     assert tokens(outs) == hf_greedy(folder, prompts, 40)
     samples = list(zip(prompts, tokens(outs)))
     lo, hi, k = NGRAM["prompt_lookup_min"], NGRAM["prompt_lookup_max"], NGRAM["num_speculative_tokens"]
-    r = replay(samples, lo, hi, k, 40, plain_ms=1.0, verify_ms=1.0)
+    r = replay(samples, lo, hi, k, 40, plain_ms=1.0, verify_ms=1.0, bridge=bridge)
     kept = replay(samples, lo, hi, k, 40, plain_ms=1.0, verify_ms=1.0, drop=False)
     st = engine.stats().spec_decode
     assert r.dropped > 0 and r.guess_hits > 0 and engine.runner.spec.num_row_steps > 0
+    assert engine.runner.spec.num_bridge_steps == r.bridge_steps and (r.bridge_steps > 0) == bridge
     assert (st.num_guessed_drafts, st.num_guess_hits, st.num_drafts, st.num_draft_tokens, st.num_accepted_tokens) == \
         (r.guess_steps, r.guess_hits, r.verify_steps - r.dropped, r.draft_tokens, r.accepted)
     assert (kept.verify_steps, kept.draft_tokens) != (r.verify_steps - r.dropped, r.draft_tokens)

@@ -64,6 +64,13 @@ class SpecDecoder:
         self.propose_seconds = 0.0  # host time in proposers (bench spec: the draft's cost)
         self.sampled_index: dict[str, int] = {}  # the last verify step's: req_id -> its token's index in the readback
         self._launched = ({}, set(), [])  # the last verify step's (guesses, dropped req ids, req ids with drafts)
+        # Bridge steps (pipeline.py): this step's req_id -> rows, one per number of drafts the verify
+        # step in flight may accept for it (which row counts is set once that result is in)
+        self._bridge: dict[str, int] = {}
+        self._void: set[str] = set()  # bridged requests whose outcome had no row (result: no token)
+        self._settle = None  # the bridge step's: its rows chosen once the verify result is in
+        self.num_bridge_steps = 0
+        self.num_bridge_void = 0  # bridged requests that had no row for their outcome
 
     def draft_bytes_per_block(self, block_size: int) -> int:
         return 0 if self.draft is None else self.draft.draft_bytes_per_block(block_size)
@@ -86,25 +93,51 @@ class SpecDecoder:
             and speculates(s.params, len(s.output_token_ids)))]
         if self.draft is not None:  # it drafts from the history on the device: never past a token in flight
             want = [s for s in want if s.input_token_ids[-1] != PLACEHOLDER_TOKEN]
+        bridge = self._bridges(sched)
+        if bridge:  # their input is one of several tokens in flight: nothing to look up past
+            want = [s for s in want if s.req_id not in bridge]
         if len(want) > 1 and self._cool:  # in a batch: requests cooling down after rejections do not draft
             want = self._cool_down(want)
         self._drafts, self._probs, self._fed, self._launched = {}, {}, {}, ({}, set(), [])
+        self._bridge, self._void, self._settle = bridge, set(), None
         self._as_rows = False
-        if not want:
+        if not want and not bridge:
             return sched.scheduled
         t0 = time.perf_counter()
-        for req_id, (drafts, probs) in self.proposer.propose(want).items():
+        for req_id, (drafts, probs) in (self.proposer.propose(want) if want else {}).items():
             self._drafts[req_id], self._probs[req_id] = drafts, probs
         self.propose_seconds += time.perf_counter() - t0
         out = []
         for s in sched.scheduled:
+            rows = bridge.get(s.req_id)
+            if rows:  # [x0 .. xn] at the positions after its verified input, all filled on the device
+                out.append(dataclasses.replace(s, input_token_ids=[PLACEHOLDER_TOKEN] * rows))
+                continue
             drafts = self._drafts.get(s.req_id)
             fed = self._fed[s.req_id] = drafts[:s.num_spec_slots] if drafts else []
             out.append(dataclasses.replace(s, input_token_ids=s.input_token_ids + fed, spec_token_ids=fed)
                        if fed else s)
+        self.num_bridge_steps += bool(bridge)
         # every request a decode or a [t, d1 .. dn] chunk: the step may run as one-token rows (as_rows)
-        self._as_rows = self.verify_as_decodes and any(self._fed.values()) and all(s.num_tokens == 1 for s in sched.scheduled)
+        self._as_rows = self.verify_as_decodes and (bool(bridge) or any(self._fed.values())) and \
+            all(s.num_tokens == 1 for s in sched.scheduled)
         return out
+
+    def _bridges(self, sched: SchedulerOutput) -> dict[str, int]:
+        """The requests of `sched` that are bridged (pipeline.py): launched while the verify step
+        they follow still runs (their input token is in flight) and whose drafts in it were kept
+        -> req_id -> rows, one per possible number of accepted drafts (fewer when the scheduler
+        reserved fewer slots: an outcome past them leaves the request without a token, `_void`)."""
+        _, dropped, drafted = self._launched
+        if not drafted or self.draft is not None:
+            return {}
+        fed = self._fed
+        bridge = {}
+        for s in sched.scheduled:
+            if s.req_id in fed and fed[s.req_id] and s.req_id not in dropped and s.sample \
+                    and s.input_token_ids == [PLACEHOLDER_TOKEN]:
+                bridge[s.req_id] = min(len(fed[s.req_id]), s.num_spec_slots) + 1
+        return bridge
 
     def as_rows(self, step: StepInputs) -> StepInputs:
         """The StepInputs to run `step` (flattened from prepare()'s requests) with: where verify
@@ -159,6 +192,24 @@ class SpecDecoder:
         """The step being launched carries drafts: `verify` decides its tokens."""
         return bool(self._drafts)
 
+    def verifies(self) -> bool:
+        """`verify` samples the step being launched: it carries drafts or bridged requests."""
+        return bool(self._drafts) or bool(self._bridge)
+
+    def has_bridge(self) -> bool:
+        """The step being launched bridges a verify step in flight (pipeline.py)."""
+        return bool(self._bridge)
+
+    def bridge_void(self) -> bool:
+        """Called once the result of the step before the one just launched is applied: settles a
+        bridge step's rows (_when_verified) -> whether it bridged a request whose verify step
+        accepted more drafts than the bridge had rows: that request gets no token from it, so
+        the next step must wait for its result (the scheduler takes back its token in flight)."""
+        settle, self._settle = self._settle, None
+        if settle is not None:
+            settle()
+        return bool(self._void)
+
     def settle_guesses(self, requests: dict) -> bool:
         """Once the tokens the last launched step guessed are known (the result of the step
         before it applied; `requests`: the scheduler's running requests by id): the drafts of a
@@ -195,9 +246,11 @@ class SpecDecoder:
         drafts, fed, probs = self._drafts, self._fed, self._probs  # this step's (prepare() resets them)
         rows: dict[str, list[int]] = {}  # req_id -> its sampling rows (a chunk's last n + 1, or n + 1 one-token rows)
         first: dict[str, ScheduledRequest] = {}
+        bridge = self._bridge
         for s, end in zip(ordered, step.query_start_loc[1:].tolist()):
             if s.sample:
-                rows.setdefault(s.req_id, []).extend(range(end - 1 - len(s.spec_token_ids), end))
+                n = bridge[s.req_id] if s.req_id in bridge else len(s.spec_token_ids) + 1
+                rows.setdefault(s.req_id, []).extend(range(end - n, end))
                 first.setdefault(s.req_id, s)
         spans, flat = {}, []  # req_id -> its first row in `logits`; the rows of `hidden` to take
         for req_id, r in rows.items():
@@ -216,8 +269,13 @@ class SpecDecoder:
                                         draft_token_ids=drafts[req_id][:n + 1], draft_probs=probs[req_id],
                                         params=first[req_id].params,
                                         first_position=int(step.positions[rows[req_id][0]]) + 1))
+        bridged = [req_id for req_id in rows if req_id in bridge]
+        for req_id in bridged:  # every row sampled (no drafts): row j decides the token at its position + 1
+            draft_rows.append(DraftRows(first_row=spans[req_id], num_rows=bridge[req_id], draft_token_ids=[],
+                                        draft_probs=None, params=first[req_id].params,
+                                        first_position=int(step.positions[rows[req_id][0]]) + 1))
         readback, finish_spec = queue_verify(logits, draft_rows, runner.sampler.shared_generator, position_seed)
-        plain = [req_id for req_id in rows if req_id not in drafts]
+        plain = [req_id for req_id in rows if req_id not in drafts and req_id not in bridge]
         if plain:
             reqs = [first[req_id] for req_id in plain]
             rows_plain = logits.index_select(0, to_device([spans[r] for r in plain], torch.int64, logits.device))
@@ -233,6 +291,8 @@ class SpecDecoder:
         # result fills its input from there: a request whose drafts were dropped, see settle_guesses)
         self.sampled_index = {req_id: spans[req_id] for req_id in spec}
         self.sampled_index.update((req_id, num_spec_values + i) for i, req_id in enumerate(plain))
+        if bridged:  # a bridged request's token is row `accepted`'s: known once the verify step's result is
+            self._when_verified(runner._last_pending, bridged, spans, bridge)
         guesses = getattr(self.proposer, "guesses", {})
         for req_id in spec:  # drafts past a token in flight: the guess, for the counters
             if req_id in guesses and fed[req_id]:
@@ -240,8 +300,15 @@ class SpecDecoder:
         dropped: set[str] = set()  # filled by settle_guesses before finish() runs
         self._launched = (out.guessed_token_ids, dropped, [r for r in spec if fed[r]])
 
+        index, void = self.sampled_index, self._void  # this step's (prepare() replaces them)
+
         def finish(values: list[int]) -> None:
             out.sampled_token_ids.update(zip(plain, values[num_spec_values:]))
+            for req_id in bridged:
+                if req_id in index:
+                    out.sampled_token_ids[req_id] = values[index[req_id]]
+                elif req_id in void:
+                    out.void_req_ids.add(req_id)
             for req_id, tokens in zip(spec, finish_spec(values[:num_spec_values])):
                 if req_id in dropped:  # its row 0's token only (= tokens[0], accepted or not: one-hot drafts)
                     out.sampled_token_ids[req_id] = tokens[0]
@@ -252,3 +319,26 @@ class SpecDecoder:
                     out.num_accepted_tokens[req_id] = len(tokens) - 1
                     self._after_round(req_id, len(tokens) - 1)
         return readback, finish
+
+    def _when_verified(self, verifying, bridged: list[str], spans: dict[str, int], rows: dict[str, int]) -> None:
+        """Once the verify step in flight (`verifying`, a PendingOutput) has its result (settled
+        by bridge_void(), on the engine thread right after that result is applied): each bridged
+        request's token is its row `accepted` of this step (its index in this step's readback,
+        for the next step's input and for finish()), or none when it accepted more drafts than
+        this step had rows for it (`_void`)."""
+        index, void = self.sampled_index, self._void
+
+        def settle() -> None:
+            try:
+                src = verifying.result()  # applied already: returns at once
+            except Exception:  # that step failed (its requests with it): nothing comes from here
+                void.update(bridged)
+                return
+            for req_id in bridged:
+                accepted = src.num_accepted_tokens.get(req_id, 0)
+                if accepted < rows[req_id]:
+                    index[req_id] = spans[req_id] + accepted
+                else:
+                    void.add(req_id)
+                    self.num_bridge_void += 1
+        self._settle = settle
