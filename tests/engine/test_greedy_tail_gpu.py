@@ -19,7 +19,7 @@ from pdserve.common.config import EngineConfig
 from pdserve.common.engine.engine_core import EngineCore
 from pdserve.common.sampling_params import SamplingParams
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(90, method="thread")]  # a hang dumps every stack
 VOCAB = 49151
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 SAMPLED = SamplingParams(temperature=0.8, seed=11, max_tokens=24, ignore_eos=True)
