@@ -47,6 +47,17 @@ FUSED_REGION_BYTES = 2 << 20  # per rank's slot of a region (two alternate): 256
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
+_peer_memory_groups = 0  # groups of this process that mapped peer memory (symm_mem rendezvous)
+
+
+def peer_memory_used() -> bool:
+    """A tensor-parallel group of this process has mapped peer memory before. torch's symmetric
+    memory rendezvous does not pair up again in a later group of the same process (seen on 2 x
+    H200: the second engine's rendezvous waited forever while the fresh worker's ran), so a
+    later engine here must take NCCL's all-reduce (TPWorkers decides it for every rank)."""
+    return _peer_memory_groups > 0
+
+
 class TPComm:
     def __init__(self, rank: int, world_size: int, store: dist.Store, device: torch.device, timeout_s: float,
                  all_reduce: str = "auto"):
@@ -69,6 +80,8 @@ class TPComm:
         self._symm_buffer = None  # uint8 [SYMM_MEM_MAX_BYTES], mapped on every rank
         self._fused: FusedAllReduceNorm | None = None
         if all_reduce in ("symm_mem", "fused"):
+            global _peer_memory_groups
+            _peer_memory_groups += 1
             try:
                 import torch.distributed._symmetric_memory as symm_mem
                 self._group_name = dist.group.WORLD.group_name

@@ -55,7 +55,7 @@ from pdserve.common.config import ArchConfig, ConfigError, EngineConfig, Schedul
 from pdserve.common.engine.greedy_tail import plain_greedy
 from pdserve.common.engine.model_runner import ModelRunner, PendingOutput, resolve_device
 from pdserve.common.engine.outputs import RunnerOutput, ScheduledRequest, SchedulerOutput
-from pdserve.common.engine.tp_comm import TPComm
+from pdserve.common.engine.tp_comm import TPComm, peer_memory_used
 from pdserve.common.engine_client import EngineDeadError
 from pdserve.common.sampling_params import SamplingParams
 
@@ -109,6 +109,15 @@ class TPWorkers:
             if first + n > torch.cuda.device_count():
                 raise ConfigError(f"--tensor-parallel-size {n} needs GPUs {first}..{first + n - 1}; "
                                   f"{torch.cuda.device_count()} visible")
+        if device.startswith("cuda") and peer_memory_used():  # every rank must choose the same
+            if config.parallel.all_reduce in ("fused", "symm_mem"):
+                raise ConfigError(f"--tp-all-reduce {config.parallel.all_reduce}: peer memory can be set up by "
+                                  "one tensor-parallel engine per process; this process had one (use nccl, or a "
+                                  "new process)")
+            if config.parallel.all_reduce == "auto":
+                log.warning("tensor parallelism: an earlier engine of this process mapped peer memory; this one "
+                            "uses NCCL's all-reduce (the fused all-reduce needs a new process)")
+                config = dataclasses.replace(config, parallel=dataclasses.replace(config.parallel, all_reduce="nccl"))
         timeout = datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S)
         store = dist.TCPStore("127.0.0.1", 0, n, True, timeout, wait_for_workers=False)
         self.procs: list[subprocess.Popen] = []
