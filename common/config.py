@@ -180,6 +180,11 @@ class CacheConfig:
 TOKEN_BUDGET = 8192
 CPU_TOKEN_BUDGET = 1024
 CPU_OFFLINE_TOKEN_BUDGET = 4096
+# Steps in a row a CPU server's running requests may skip their decode while prompts wait
+# (SchedulerConfig.decode_defer_steps). Decode tokens riding in a prompt step delay that step's
+# first tokens; deferred, they run together in the decode steps after the burst, whose cost they
+# barely change (same tokens, same number of steps). A GPU step is cheap enough to carry them.
+CPU_DECODE_DEFER_STEPS = 0
 
 
 @dataclass(frozen=True)
@@ -189,6 +194,10 @@ class SchedulerConfig:
         None, f"tokens per step at most (default: {TOKEN_BUDGET}, {CPU_TOKEN_BUDGET} on CPU "
               f"({CPU_OFFLINE_TOKEN_BUDGET} in the offline LLM), or --max-model-len without chunked prefill)", type=int)
     enable_chunked_prefill: bool = option(True, "split long prompts over steps", boolean=True)
+    decode_defer_steps: int | None = option(
+        None, "while prompts wait, steps in a row that may leave the running requests' decodes out to give "
+              f"the prompts the whole step (0: every step carries them; default 0, {CPU_DECODE_DEFER_STEPS} "
+              "for a CPU server)", type=int)
     max_model_len: int = 2048  # filled from the model at start-up
     on_cpu: bool = False  # filled at start-up: the engine runs on the CPU (the smaller default budget)
     offline: bool = False  # set by the offline `LLM` (on CPU its default budget is CPU_OFFLINE_TOKEN_BUDGET)
@@ -200,11 +209,19 @@ class SchedulerConfig:
         default = TOKEN_BUDGET if not self.on_cpu else CPU_OFFLINE_TOKEN_BUDGET if self.offline else CPU_TOKEN_BUDGET
         return default if self.enable_chunked_prefill else max(self.max_model_len, default)
 
+    @property
+    def decode_defer_limit(self) -> int:
+        if self.decode_defer_steps is not None:
+            return self.decode_defer_steps
+        return CPU_DECODE_DEFER_STEPS if self.on_cpu and not self.offline else 0
+
     def __post_init__(self):
         if self.max_num_seqs < 1:
             raise ConfigError(f"--max-num-seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ConfigError(f"--max-num-batched-tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.decode_defer_steps is not None and self.decode_defer_steps < 0:
+            raise ConfigError(f"--decode-defer-steps must be >= 0, got {self.decode_defer_steps}")
         if not self.enable_chunked_prefill and self.token_budget < self.max_model_len:
             raise ConfigError(
                 f"--max-num-batched-tokens ({self.token_budget}) must be >= --max-model-len "
