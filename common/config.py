@@ -168,23 +168,22 @@ class CacheConfig:
         return self.kv_cache_dtype in ("fp8", "fp8_e4m3")
 
 
-# Default tokens per step. On a CPU a step of 1024 tokens already keeps the GEMMs at full speed, and
+# Default tokens per step. On a CPU a step of 512 tokens already keeps the GEMMs at full speed, and
 # smaller steps hand out first tokens sooner under a burst of prompts: the prompts of a step all get
-# their first token at its end, so halving the step spreads them out, while each step also carries
-# the decodes of the requests already running (steps much smaller than a burst's prompts add more
-# of those than they save). A burst of 64 x 200-token prompts / 64 out, one core: mean TTFT 4.6%
-# lower at 1024 than at 2048 (vLLM's CPU server value), 512 no better than 2048, same total time
-# (docs/benchmarks.md). A GPU needs larger steps to fill. The offline `LLM` on a CPU, where no one
-# waits for a first token, takes 4096 as vLLM's LLM class does there: 64 prompts of 200 tokens /
-# 64 out ran 3-4% faster than at 2048 (fewer, larger steps; one core).
+# their first token at its end, so halving the step spreads them out. Each step also carries the
+# decodes of the requests already running, which delay its prompts; a CPU server lets those sit out
+# up to CPU_DECODE_DEFER_STEPS steps in a row while prompts wait (SchedulerConfig.decode_defer_steps),
+# so the smaller step does not multiply them. A burst of 64 x 200-token prompts / 64 out, bf16, one
+# core, 6 alternated rounds: mean TTFT 2-8% lower (median 4%) at 512 tokens with 3 deferred steps
+# than at 1024 with none (the former default; 512 alone was no better, cpu6), total time the same
+# within noise; a decode waits at most 4 steps (~2.6 s of one core) while a burst's prompts go in
+# (docs/benchmarks.md). A GPU needs larger steps to fill and carries the decodes cheaply. The
+# offline `LLM` on a CPU, where no one waits for a first token, takes 4096 as vLLM's LLM class does
+# there (64 prompts of 200 tokens / 64 out ran 3-4% faster than at 2048) and defers nothing.
 TOKEN_BUDGET = 8192
-CPU_TOKEN_BUDGET = 1024
+CPU_TOKEN_BUDGET = 512
 CPU_OFFLINE_TOKEN_BUDGET = 4096
-# Steps in a row a CPU server's running requests may skip their decode while prompts wait
-# (SchedulerConfig.decode_defer_steps). Decode tokens riding in a prompt step delay that step's
-# first tokens; deferred, they run together in the decode steps after the burst, whose cost they
-# barely change (same tokens, same number of steps). A GPU step is cheap enough to carry them.
-CPU_DECODE_DEFER_STEPS = 0
+CPU_DECODE_DEFER_STEPS = 3
 
 
 @dataclass(frozen=True)
@@ -197,7 +196,7 @@ class SchedulerConfig:
     decode_defer_steps: int | None = option(
         None, "while prompts wait, steps in a row that may leave the running requests' decodes out to give "
               f"the prompts the whole step (0: every step carries them; default 0, {CPU_DECODE_DEFER_STEPS} "
-              "for a CPU server)", type=int)
+              "for a server on CPU)", type=int)
     max_model_len: int = 2048  # filled from the model at start-up
     on_cpu: bool = False  # filled at start-up: the engine runs on the CPU (the smaller default budget)
     offline: bool = False  # set by the offline `LLM` (on CPU its default budget is CPU_OFFLINE_TOKEN_BUDGET)
