@@ -38,11 +38,13 @@ def burst(defer: int | None, n: int = 12, prompt: int = 40, budget: int = 64, ma
     return steps, sched
 
 
-def test_no_deferral_by_default_off_the_cpu_server():
+def test_deferral_by_default_only_on_a_bf16_cpu_server():
     assert SchedulerConfig().decode_defer_limit == 0
     assert SchedulerConfig(on_cpu=True, offline=True).decode_defer_limit == 0
-    assert SchedulerConfig(on_cpu=True).decode_defer_limit == CPU_DECODE_DEFER_STEPS
-    assert SchedulerConfig(on_cpu=True, decode_defer_steps=0).decode_defer_limit == 0
+    assert SchedulerConfig(on_cpu=True).decode_defer_limit == 0  # fp32
+    assert SchedulerConfig(on_cpu=True, half_precision=True).decode_defer_limit == CPU_DECODE_DEFER_STEPS
+    assert SchedulerConfig(on_cpu=True, half_precision=True, decode_defer_steps=0).decode_defer_limit == 0
+    assert SchedulerConfig(decode_defer_steps=2).decode_defer_limit == 2
     with pytest.raises(ConfigError, match="--decode-defer-steps"):
         SchedulerConfig(decode_defer_steps=-1)
 
