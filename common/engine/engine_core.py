@@ -46,7 +46,7 @@ from typing import Callable, Collection
 
 from pdserve.common.config import ConfigError, EngineConfig
 from pdserve.common.engine.kv_cache_manager import KVCacheManager
-from pdserve.common.engine.model_runner import ModelRunner, PendingOutput, resolve_device
+from pdserve.common.engine.model_runner import ModelRunner, PendingOutput, model_dtype, resolve_device
 from pdserve.common.engine.kv_connector import KVConnector
 from pdserve.common.engine.outputs import SchedulerOutput
 from pdserve.common.engine.scheduler import Scheduler
@@ -81,8 +81,10 @@ class EngineCore:
             log.info("--trust-remote-code has no effect: pdserve runs no code from a checkpoint, downloads nothing")
         eos = list(self.arch.eos_token_ids) + (self.tokenizer.eos_token_ids if self.tokenizer else [])
         self.eos_token_ids = tuple(dict.fromkeys(eos))
-        sched_cfg = dataclasses.replace(config.scheduler, max_model_len=max_len,
-                                        on_cpu=resolve_device(config.model.device).type == "cpu")
+        device = resolve_device(config.model.device)
+        sched_cfg = dataclasses.replace(config.scheduler, max_model_len=max_len, on_cpu=device.type == "cpu",
+                                        half_precision=model_dtype(config.model.dtype, self.model_path,
+                                                                   device).itemsize < 4)
         self.tensor_parallel_size = config.parallel.tensor_parallel_size
         spec = config.speculative_config
         if self.tensor_parallel_size > 1:

@@ -59,6 +59,8 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._finished_ids: set[str] = set()
         self.num_preemptions = 0
+        self.num_decode_defers = 0  # steps in a row that left running requests' decodes out
+        self.num_deferred_steps = 0  # such steps in all
         self.num_host_history_requests = 0  # requests whose sampling needs the latest tokens on the host
 
     # ---- admission -------------------------------------------------------------------------
@@ -81,13 +83,20 @@ class Scheduler:
         return len(self.waiting)
 
     # ---- schedule --------------------------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, may_defer: bool = True, preempted: set[str] | None = None) -> SchedulerOutput:
+        """The next step. `may_defer`, `preempted`: the call again without deferred decodes,
+        when deferring them left a step with nothing to run (see `decode_defer_steps`)."""
         budget = self.config.token_budget
         scheduled: list[ScheduledRequest] = []
-        preempted: set[str] = set()
+        preempted = set() if preempted is None else preempted
         now = time.time()
         if self.connector is not None:
             self._admit_loaded()
+        # prompts waiting: the running requests' decodes may wait too, giving the prompts the step
+        # (config.py: decode_defer_steps); never with a KV connector (its loads start in admission)
+        defer = (may_defer and self.waiting and self.connector is None
+                 and self.num_decode_defers < self.config.decode_defer_limit)
+        deferred: list[Request] = []
 
         i = 0
         running, max_model_len = self.running, self.config.max_model_len
@@ -97,6 +106,10 @@ class Scheduler:
             num_new = min(num_ahead - req.num_computed_tokens, budget)
             if num_new <= 0 or req.num_inflight and req.finishes_with_inflight(max_model_len):
                 i += 1  # its step in flight ends it (update() finishes it)
+                continue
+            if defer and num_new == 1 and req.num_computed_tokens >= req.num_prompt_tokens:
+                deferred.append(req)  # a decode: after the prompts, in what budget they leave
+                i += 1
                 continue
             reaches_end = req.num_computed_tokens + num_new == num_ahead
             while (num_spec := self._allocate(req, num_new, budget, reaches_end)) is None:
@@ -143,11 +156,33 @@ class Scheduler:
                 budget -= num_new + num_spec
             self.waiting.extendleft(reversed(behind_loads))
 
+        if deferred:
+            if not scheduled:  # nothing else could run: the decodes run now, as without deferring
+                return self.schedule(may_defer=False, preempted=preempted)
+            budget = self._schedule_deferred(deferred, budget, scheduled)
+        self.num_decode_defers = self.num_decode_defers + 1 if deferred else 0
+        self.num_deferred_steps += bool(deferred)
+
         finished, self._finished_ids = self._finished_ids, set()
         return SchedulerOutput(scheduled=scheduled,
                                num_batched_tokens=self.config.token_budget - budget,
                                finished_req_ids=finished, preempted_req_ids=preempted,
                                any_host_history=self.num_host_history_requests > 0)
+
+    def _schedule_deferred(self, deferred: list[Request], budget: int, scheduled: list[ScheduledRequest]) -> int:
+        """Deferred decodes into the budget the prompts left (the step that admits the last waiting
+        prompt), oldest first, only where their KV fits without preempting. Returns the budget left;
+        `deferred` keeps the decodes still waiting."""
+        rest = []
+        for req in deferred:
+            num_spec = self._allocate(req, 1, budget, True) if budget > 0 else None
+            if num_spec is None:
+                rest.append(req)
+                continue
+            scheduled.append(self._scheduled(req, 1, num_spec))
+            budget -= 1 + num_spec
+        deferred[:] = rest
+        return budget
 
     def _allocate(self, req: Request, num_new: int, budget: int, reaches_end: bool, computed=()) -> int | None:
         """Reserve KV slots for num_new tokens, and for drafts when the chunk reaches the end of the

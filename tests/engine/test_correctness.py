@@ -2,7 +2,8 @@
 
 16 prompts of 1..~300 tokens, a third sharing a 120-token prefix, on tiny random Llama, Mistral,
 Qwen2 and Qwen3 models (float32). The same outputs must come out with prefix caching off,
-with a 16-token chunked-prefill budget, and with a pool so small that requests get preempted.
+with a 16-token chunked-prefill budget, with a pool so small that requests get preempted, and
+with decodes deferred while prompts wait (decode_defer_steps).
 Both kernel sets: `--kernels reference` (HF-exact eager torch) and the device's fast path
 (`auto`: on CPU packed oneDNN GEMMs and the C++ kernels of kernels/cpu.py).
 """
@@ -59,7 +60,7 @@ def test_greedy_matches_hf(tiny_models, prompts, arch, kernels):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-@pytest.mark.parametrize("variant", ["no_prefix_cache", "chunked_16", "preemption", "warm_cache"])
+@pytest.mark.parametrize("variant", ["no_prefix_cache", "chunked_16", "preemption", "decode_defer", "warm_cache"])
 def test_scheduling_variants_keep_outputs(tiny_models, prompts, arch, variant):
     folder = tiny_models[arch]
     if variant == "no_prefix_cache":
@@ -71,6 +72,10 @@ def test_scheduling_variants_keep_outputs(tiny_models, prompts, arch, variant):
     elif variant == "preemption":
         got, engine = run(folder, prompts, num_gpu_blocks_override=24, max_model_len=384)
         assert engine.scheduler.num_preemptions > 0
+    elif variant == "decode_defer":  # prompts first while they wait, in a pool that also preempts
+        got, engine = run(folder, prompts, max_num_batched_tokens=64, decode_defer_steps=3,
+                          num_gpu_blocks_override=24, max_model_len=384)
+        assert engine.scheduler.num_deferred_steps > 0 and engine.scheduler.num_preemptions > 0
     else:
         llm = LLM(folder, dtype="float32")
         params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)

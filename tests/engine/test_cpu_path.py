@@ -160,13 +160,20 @@ def test_the_cpu_runner_populates_the_blocks_its_scheduler_can_hold(tiny_models)
 
 
 def test_the_offline_llm_takes_larger_default_steps_on_cpu_than_a_server(tiny_models):
-    from pdserve.common.config import CPU_OFFLINE_TOKEN_BUDGET, CPU_TOKEN_BUDGET
+    from pdserve.common.config import (CPU_DECODE_DEFER_STEPS, CPU_HALF_TOKEN_BUDGET, CPU_OFFLINE_TOKEN_BUDGET,
+                                       CPU_TOKEN_BUDGET)
     from pdserve.common.engine.llm import LLM
     served = _engine(tiny_models["llama"], None, max_model_len=64)
     assert served.scheduler.config.token_budget == CPU_TOKEN_BUDGET == 1024
+    assert served.scheduler.config.decode_defer_limit == 0  # fp32
+    served = EngineCore(EngineConfig.from_options(model=tiny_models["llama"], dtype="bfloat16", max_model_len=64),
+                        load_tokenizer_=False)
+    assert served.scheduler.config.token_budget == CPU_HALF_TOKEN_BUDGET == 512
+    assert served.scheduler.config.decode_defer_limit == CPU_DECODE_DEFER_STEPS == 3  # prompts first, a while
     llm = LLM(tiny_models["llama"], dtype="float32", max_model_len=64)
     assert llm.engine.scheduler.config.token_budget == CPU_OFFLINE_TOKEN_BUDGET == 4096
+    assert llm.engine.scheduler.config.decode_defer_limit == 0
     out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 3
-    llm = LLM(tiny_models["llama"], dtype="float32", max_model_len=64, max_num_batched_tokens=512)
-    assert llm.engine.scheduler.config.token_budget == 512  # the flag wins
+    llm = LLM(tiny_models["llama"], dtype="float32", max_model_len=64, max_num_batched_tokens=256)
+    assert llm.engine.scheduler.config.token_budget == 256  # the flag wins
