@@ -235,7 +235,7 @@ def cmd_spec(args) -> None:
                                                  num_speculative_tokens=None, async_scheduling=True))
         plain = build("none")  # (its tokenizer makes the prompts; it runs first)
         prompts = chat_prompts(plain.get_tokenizer(), rows)[:args.sequential_prompts]
-        table = run_stage_methods(args, lambda m: plain if m == "none" else build(m), prompts)
+        table = run_stage_methods(args, lambda m: plain if m == "none" else build(m), prompts, run_batch)
         if args.json_out:
             with open(args.json_out, "w") as f:
                 json.dump(table, f, indent=2)

@@ -80,12 +80,12 @@ def instrument(engine) -> StageTimer:
 STAGE_METHODS = ("none", "ngram_no_bridge", "ngram")  # run in turn by --stages
 
 
-def run_stage_methods(args, build, prompts: list[list[int]]) -> dict:
+def run_stage_methods(args, build, prompts: list[list[int]], run_batch) -> dict:
     """--stages: a plain engine, an n-gram engine without bridge steps (pipeline.BRIDGE off: the
-    engine before) and one with, each built by build(method) (overlapped steps), warmed up, its
+    engine before) and one with, each built by build(method) (overlapped steps), warmed up by
+    run_batch (bench_spec's, passed in: bench_spec imports this module), its
     stages timed (run_stages) and shut down -> {method: {B: {kind: row}}}."""
     from pdserve.common.engine.spec_decode import pipeline
-    from pdserve.services.bench_spec import run_batch
     tables = {}
     for method in STAGE_METHODS:
         llm = build(method)
