@@ -68,11 +68,7 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self._merged = None if shared_dir is None else _merged_registry(shared_dir, collector)
         r, labels, name = self.registry, ["model_name"], model_name
-        # the process's own: python_gc_* (collections per generation: common/gc_policy.py),
-        # process_cpu_seconds_total, resident memory, open fds
-        GCCollector(registry=r)
-        ProcessCollector(registry=r)
-        PlatformCollector(registry=r)
+        _add_process_collectors(r)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "Prefill tokens processed.", labels,
                                      registry=r).labels(name)
         self.generation_tokens = Counter("vllm:generation_tokens", "Generation tokens processed.", labels,
@@ -118,6 +114,14 @@ class ServerMetrics:
         return server
 
 
+def _add_process_collectors(registry: CollectorRegistry) -> None:
+    """The process's own metrics: python_gc_* (collections per generation: common/gc_policy.py),
+    process_cpu_seconds_total, resident memory, open fds."""
+    GCCollector(registry=registry)
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+
+
 def _merged_registry(shared_dir: str, collector) -> CollectorRegistry:
     from prometheus_client import multiprocess, values
     if values.ValueClass.__name__ == "MutexValue":  # single-process values: nothing would reach the files
@@ -125,9 +129,7 @@ def _merged_registry(shared_dir: str, collector) -> CollectorRegistry:
                            f"(PROMETHEUS_MULTIPROC_DIR={shared_dir})")
     merged = CollectorRegistry()
     multiprocess.MultiProcessCollector(merged, path=shared_dir)
-    GCCollector(registry=merged)
-    ProcessCollector(registry=merged)
-    PlatformCollector(registry=merged)
+    _add_process_collectors(merged)  # the answering process's
     if collector is not None:
         merged.register(collector)
     return merged

@@ -37,6 +37,8 @@ while kill -0 "$BENCH" 2>/dev/null; do
     pattern="pdserve.services.cli $role( |$)"
     [ "$role" = client ] && pattern="pdserve.services.bench_pd_gpu"   # the load generator and its processes
     for pid in $(for p in $(pgrep -f "$pattern"); do echo "$p"; pgrep -P "$p"; done | sort -u); do
+      # the client's children include the stack's `pdserve up` supervisor: not the client's CPU
+      [ "$role" = client ] && grep -q "pdserve.services.cli" "/proc/$pid/cmdline" 2>/dev/null && continue
       t=$(awk '{print $14+$15}' "/proc/$pid/stat" 2>/dev/null) || continue
       prev=${last[$pid]:-$t}; last[$pid]=$t
       total=$((total + t - prev))

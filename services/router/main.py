@@ -37,8 +37,9 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port)")
     p.add_argument("--workers", type=int, default=1,
                    help="router processes sharing the port (SO_REUSEPORT; the kernel spreads connections over "
-                        "them): each routes, tokenizes and streams its connections' requests. /metrics and "
-                        "/admin/stats describe the process that answers")
+                        "them): each routes, tokenizes and streams its connections' requests. /metrics sums the "
+                        "request metrics over the processes; its routing counters and /admin/stats describe "
+                        "the process that answers")
     p.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)  # internal: a child of --workers
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* and /admin/*")
     p.add_argument("--routing", default="prefix", choices=["prefix", "load", "round_robin"],

@@ -1,8 +1,8 @@
 """`pdserve router --workers N`: N router processes on one port.
 
-One router process parses every decode message and writes every SSE event of its connections;
-under load it is the first to fill a core (docs/benchmarks.md: at 100 req/s of 256/128 through
-1P1D the router sat at 104-106 % of a core). With --workers N the parent picks the port, starts N
+One router process parses every decode message and writes every SSE event of its connections, so
+its one core caps the streams one router can carry (docs/benchmarks.md, eighth session: ~60 % of a
+core at 100 req/s of 256/128 through 1P1D on 2 x H200). With --workers N the parent picks the port, starts N
 children (spawned: each a whole router with its own Redis clients, instance pool and decode
 streams) that each bind it with SO_REUSEPORT, so the kernel spreads new connections over them,
 and prints the ready lines once all listen. The routers share nothing but Redis (the fleet, the
