@@ -49,6 +49,20 @@ def run_parsed(name: str, run: Callable[[argparse.Namespace], None], args: argpa
     return 0
 
 
+def latch_stop_signals() -> Callable[[], bool]:
+    """SIGINT / SIGTERM only set a flag (the returned function reads it) until uvicorn serves.
+
+    uvicorn takes both signals while it serves and re-raises them once it has stopped: the latch
+    makes that re-raise a no-op, so the caller's clean-up always runs. One that arrives before uvicorn
+    took them (the service still connects or starts) must still stop it: the service polls the flag
+    until its server has started and then sets `server.should_exit`.
+    """
+    received: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
+    return lambda: bool(received)
+
+
 def dump_stacks_on_sigusr1() -> None:
     """SIGUSR1 -> every thread's Python stack on the process's stderr (fd 2, whatever sys.stderr
     is replaced by meanwhile: a test's capture has no file descriptor)."""

@@ -68,10 +68,15 @@ def _die_with_parent() -> None:
     terminate_with_parent()
 
 
-def terminate_with_parent() -> None:
-    """This process gets SIGTERM when its parent dies, even by SIGKILL (Linux; elsewhere nothing)."""
+def terminate_with_parent(parent_pid: int | None = None) -> None:
+    """This process gets SIGTERM when its parent dies, even by SIGKILL (Linux; elsewhere nothing).
+
+    With `parent_pid` (the parent's pid, passed before this process started): a parent that died
+    before this call sent no signal, so this process sends itself the one it missed."""
     if _PRCTL is not None:
         _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if parent_pid is not None and os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def connect_host(host: str) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import socket
 import time
 
@@ -80,6 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from pdserve.common.engine.async_llm import AsyncLLM
     from pdserve.common.metrics import StatsCollector
     from pdserve.services.router.app import build_app
+    from pdserve.services.entry import latch_stop_signals
     from pdserve.services.router.limits import limits_of
 
     name = args.served_model_name or served_name(args.model)
@@ -99,14 +99,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                     access_log=args.uvicorn_log_level in ("info", "debug", "trace"),
                                     timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
             server = uvicorn.Server(config)
-            # uvicorn handles SIGINT/SIGTERM while serving and re-raises them once it has stopped;
-            # these handlers make that re-raise a no-op, so the engine is always shut down cleanly.
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: None)
+            stop_requested = latch_stop_signals()  # the engine is always shut down cleanly
             ready = f"pdserve serve: ready in {{:.2f}} s (engine {engine_s:.2f} s)"
             if metrics_apart is not None:
                 ready += f", metrics on http://{args.host}:{metrics_apart.server_port}/metrics"
-            asyncio.run(_serve(server, sock, name, args.host, lambda: ready.format(process_age_s())))
+            asyncio.run(_serve(server, sock, name, args.host, lambda: ready.format(process_age_s()), stop_requested))
         finally:
             if metrics_apart is not None:
                 metrics_apart.shutdown()
@@ -124,9 +121,10 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _serve(server, sock: socket.socket, name: str, host: str, ready_line) -> None:
+async def _serve(server, sock: socket.socket, name: str, host: str, ready_line, stop_requested) -> None:
     task = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started and not task.done():
+        server.should_exit |= stop_requested()  # a stop signal before uvicorn took them
         await asyncio.sleep(0.01)
     if server.started:
         freeze_startup_objects()  # common/gc_policy.py

@@ -85,12 +85,12 @@ def run_router(args: argparse.Namespace) -> None:
 
 
 def _worker_main(args: argparse.Namespace, ready) -> None:
-    """A child of `--workers`: one router on the shared port; `ready` (an Event) is set once it listens."""
+    """A child of `--workers`: one router on the shared port; it writes to `ready` (a pipe's end) once it listens."""
     import sys
 
     from pdserve.services.entry import run_parsed
     from pdserve.services.local_stack import terminate_with_parent
-    terminate_with_parent()  # a SIGKILLed parent leaves no router holding the port
+    terminate_with_parent(args.parent_pid)  # a SIGKILLed parent leaves no router holding the port
     args.ready_event = ready
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops the children with SIGTERM
     sys.exit(run_parsed(f"pdserve router (worker {args.worker_of})", _run_one, args))
@@ -114,6 +114,7 @@ def _run_one(args: argparse.Namespace) -> None:
 
     from pdserve.common.uptime import process_age_s
     from pdserve.services.router.tool_calls import check_tool_args
+    from pdserve.services.entry import latch_stop_signals
     from pdserve.services.serve import serve_metrics_apart
 
     check_tool_args(args)
@@ -123,6 +124,8 @@ def _run_one(args: argparse.Namespace) -> None:
         config = RoutingConfig(mode=args.routing, disagg_min_prompt_tokens=args.disagg_min_prompt_tokens)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+    stop_requested = latch_stop_signals()  # the clients below are closed and the process exits 0
 
     async def main():
         registry = Registry(args.redis_url)
@@ -158,11 +161,16 @@ def _run_one(args: argparse.Namespace) -> None:
             from pdserve.services.router.workers import shared_port_socket
             task = asyncio.create_task(server.serve(sockets=[shared_port_socket(args.host, args.port)]))
         while not server.started and not task.done():
+            server.should_exit |= stop_requested()  # a stop signal before uvicorn took them
             await asyncio.sleep(0.01)
         if server.started:
             freeze_startup_objects()  # common/gc_policy.py
-            if ready is not None:
-                ready.set()  # the parent prints the ready lines once every child listens
+            if ready is not None:  # the parent prints the ready lines once every child listens
+                try:
+                    ready.send_bytes(b"1")
+                except OSError:  # the parent is gone; its death signal stops this process
+                    pass
+                ready.close()
             else:
                 port = server.servers[0].sockets[0].getsockname()[1]
                 apart = "" if metrics_apart is None else \
@@ -178,10 +186,6 @@ def _run_one(args: argparse.Namespace) -> None:
         await pool.close()
         await index.close()
         await registry.close()
-    # uvicorn handles SIGINT/SIGTERM while serving and re-raises them once it has stopped; these
-    # handlers make that re-raise a no-op, so the clients above are closed and the process exits 0.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
     asyncio.run(main())
 
 

@@ -69,10 +69,14 @@ def _run_children(ctx, args: argparse.Namespace, child_main, metrics_dir: str) -
         args.port = holder.getsockname()[1]
     children = []
     for i in range(args.workers):
-        child_args = argparse.Namespace(**{**vars(args), "workers": 1, "worker_of": str(i), "metrics_dir": metrics_dir})
-        ready = ctx.Event()
-        proc = ctx.Process(target=child_main, args=(child_args, ready), name=f"pdserve-router-{i}", daemon=False)
+        child_args = argparse.Namespace(**{**vars(args), "workers": 1, "worker_of": str(i), "metrics_dir": metrics_dir,
+                                              "parent_pid": os.getpid()})
+        # a pipe, not an Event: an Event's set() waits for its waiters to wake, so a child that
+        # listens just after a SIGKILLed parent began waiting would block in set() for good
+        ready, ready_w = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=child_main, args=(child_args, ready_w), name=f"pdserve-router-{i}", daemon=False)
         proc.start()
+        ready_w.close()
         children.append((proc, ready))
     stopping = False
 
@@ -87,7 +91,7 @@ def _run_children(ctx, args: argparse.Namespace, child_main, metrics_dir: str) -
     signal.signal(signal.SIGINT, stop)
     deadline = time.monotonic() + START_TIMEOUT_S
     for i, (proc, ready) in enumerate(children):
-        while not ready.wait(0.1):
+        while not _listening(ready):
             if stopping:
                 break
             if not proc.is_alive() or time.monotonic() > deadline:
@@ -109,6 +113,18 @@ def _run_children(ctx, args: argparse.Namespace, child_main, metrics_dir: str) -
             _join(children)
             sys.exit(1)
     _join(children)
+
+
+def _listening(ready) -> bool:
+    """Whether the child wrote its ready byte (waits up to 0.1 s); a child that died closes the
+    pipe's end and reads as not ready, its exit code tells the rest."""
+    if not ready.poll(0.1):
+        return False
+    try:
+        return ready.recv_bytes() == b"1"
+    except EOFError:
+        time.sleep(0.1)
+        return False
 
 
 def _join(children) -> None:

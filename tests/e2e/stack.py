@@ -80,6 +80,7 @@ class Stack:
                      command: tuple[str, ...] = (sys.executable, "-m", "pdserve.services.router")) -> None:
         """Start (or, after kill("router") / stop("router"), start again) the router on the same port."""
         deadline = deadline or time.time() + 120
+        earlier = len(self.log("router"))  # the log is appended to across restarts
         self.procs["router"] = subprocess.Popen(
             [*command, "--redis-url", self.redis.url, "--model",
              self.model, "--port", str(self.port), "--served-model-name", "tiny", *flags],
@@ -87,8 +88,9 @@ class Stack:
         self.base_url = f"http://127.0.0.1:{self.port}"
         while True:
             try:
-                if httpx.get(self.base_url + "/health", timeout=1).status_code == 200:
-                    break
+                if httpx.get(self.base_url + "/health", timeout=1).status_code == 200 and \
+                        ("--workers" not in flags or "processes on the port" in self.log("router")[earlier:]):
+                    break  # with --workers: every child listens, not only the one that answered
             except httpx.HTTPError:
                 pass
             if self.procs["router"].poll() is not None or time.time() > deadline:

@@ -2,13 +2,14 @@
 on one port (SO_REUSEPORT) answer the official openai client from separate connections with the
 offline engine's tokens, and /metrics sums both processes' request metrics; a killed router process takes the parent and its sibling down (exit 1)
 instead of leaving a half-served port; SIGTERM stops them all cleanly, and a SIGKILLed parent
-leaves no process behind (PR_SET_PDEATHSIG)."""
+leaves no process behind (PR_SET_PDEATHSIG), also when it dies while its children still start."""
 
 from __future__ import annotations
 
 import os
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -89,6 +90,51 @@ def test_a_dead_router_process_ends_the_router(stack):
     while any(alive(pid) for pid in workers) and time.time() < deadline:
         time.sleep(0.2)
     assert not any(alive(pid) for pid in workers)
+
+
+@pytest.mark.parametrize("moment", ["importing", "one listens"])
+def test_a_parent_killed_while_its_children_start_leaves_none(stack, moment):
+    """Killed before a child set its death signal (the child sees a new parent and stops), or
+    after one child listens while the other is about to report (it must not wait on the parent)."""
+    log = open(os.path.join(stack.tmp, "router-start.log"), "a")
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "pdserve.services.router", "--redis-url", stack.redis.url, "--model", stack.model,
+         "--port", "0", "--served-model-name", "tiny", *ROUTER_FLAGS, "--workers", "2"],
+        stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    workers = []
+    while len(workers) < 2 and time.time() < deadline:
+        workers = children(parent.pid)
+        time.sleep(0.01)
+    assert len(workers) == 2
+    if moment == "one listens":
+        while not any(listening(pid) for pid in workers) and time.time() < deadline:
+            time.sleep(0.01)
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 30
+    while any(alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(pid) for pid in workers), open(log.name).read()[-2000:]
+
+
+def listening(pid: int) -> bool:
+    """Whether the process holds a listening TCP socket."""
+    inodes = set()
+    try:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    except OSError:
+        return False
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for row in f.readlines()[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and fields[9] in inodes:
+                    return True
+    return False
 
 
 def alive(pid: int) -> bool:
