@@ -237,7 +237,8 @@ class SchedulerConfig:
 
 
 SPEC_METHODS = ("ngram", "draft_model")
-_SPEC_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+_SPEC_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "draft_budget")
+DRAFT_BUDGETS = ("auto", "cost", "all")
 MAX_SPECULATIVE_TOKENS = 32
 
 
@@ -248,18 +249,25 @@ class SpeculativeConfig:
         {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
         {"model": "path/to/draft", "num_speculative_tokens": 4}      (method "draft_model")
 
-    Prompt lookup as vLLM: neither bound given -> both 5; one given -> the other equals it."""
+    Prompt lookup as vLLM: neither bound given -> both 5; one given -> the other equals it.
+    pdserve's own key `draft_budget` (n-gram): "cost" feeds a request's drafts only while their
+    expected tokens beat what the rows cost the step (spec_decode/budget.py), "all" feeds every
+    draft there is room for, "auto" (default) is "cost" on CPU and "all" on a GPU."""
     method: str
     num_speculative_tokens: int
     model: str | None = None  # the draft model (method "draft_model")
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
+    draft_budget: str = "auto"
 
     def __post_init__(self):
         k = self.num_speculative_tokens
         if not _is_int(k) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
             raise ConfigError(f"--speculative-config: num_speculative_tokens must be an integer in "
                               f"[1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+        if self.draft_budget not in DRAFT_BUDGETS:
+            raise ConfigError(f"--speculative-config: draft_budget must be one of {', '.join(DRAFT_BUDGETS)}, "
+                              f"got {self.draft_budget!r}")
         if self.method not in SPEC_METHODS:
             raise ConfigError(f"--speculative-config: method must be one of {', '.join(SPEC_METHODS)}, "
                               f"got {self.method!r}")
@@ -268,6 +276,8 @@ class SpeculativeConfig:
                 raise ConfigError("--speculative-config: method draft_model needs \"model\": the draft's path")
             if self.prompt_lookup_max is not None or self.prompt_lookup_min is not None:
                 raise ConfigError("--speculative-config: prompt_lookup_max/min apply to method ngram only")
+            if self.draft_budget != "auto":
+                raise ConfigError("--speculative-config: draft_budget applies to method ngram only")
             return
         if self.model is not None:
             raise ConfigError("--speculative-config: method ngram takes no \"model\"")

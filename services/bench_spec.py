@@ -17,7 +17,8 @@ instructions; --prompts FILE for another JSONL of {"passage", "instruction"}), t
 template, greedy, at most --max-tokens each. Greedy outputs do not depend on speculation, so
 every method generates the same tokens (checked: `outputs_identical`).
 
-Methods: `none`; `ngram` (prompt lookup, --prompt-lookup-min/max); `ngram_sync` (the same with
+Methods: `none`; `ngram` (prompt lookup, --prompt-lookup-min/max); `ngram_all` (the same feeding
+every draft there is room for: draft_budget "all", where `ngram` has "auto", spec_decode/budget.py); `ngram_sync` (the same with
 steps one at a time, --no-async-scheduling for it alone: what the overlap of speculative steps
 gains, spec_decode/pipeline.py); `draft` (--draft-model, default the target itself: every draft
 accepted, the upper bound of the mechanism). `--dtype` (an engine flag) sets the dtype of all. All engines
@@ -59,7 +60,7 @@ def add_parser(bench_sub, add_engine_args) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="batch sizes to run (default: %(default)s)")
     p.add_argument("-k", "--spec-tokens", type=int, default=8, help="num_speculative_tokens (default: %(default)s)")
     p.add_argument("--methods", nargs="+", default=["none", "ngram", "draft"],
-                   choices=["none", "ngram", "ngram_sync", "draft"],
+                   choices=["none", "ngram", "ngram_all", "ngram_sync", "draft"],
                    help="methods compared; ngram_sync: n-gram with steps one at a time (default: %(default)s)")
     p.add_argument("--draft-model", default=None, help="draft of method draft (default: the target itself)")
     p.add_argument("--prompt-lookup-min", type=int, default=1, help="n-gram: shortest match (default: %(default)s)")
@@ -80,9 +81,10 @@ def add_parser(bench_sub, add_engine_args) -> None:
 def method_config(args, method: str, target: str) -> dict | None:
     if method == "none":
         return None
-    if method in ("ngram", "ngram_sync"):
+    if method in ("ngram", "ngram_all", "ngram_sync"):
         return {"method": "ngram", "num_speculative_tokens": args.spec_tokens,
-                "prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max}
+                "prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max,
+                "draft_budget": "all" if method == "ngram_all" else "auto"}
     return {"model": args.draft_model or target, "num_speculative_tokens": args.spec_tokens}
 
 

@@ -36,6 +36,7 @@ import gc
 import itertools
 import operator
 import threading
+import time
 from typing import Callable
 
 import numpy as np
@@ -276,8 +277,18 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput, token_masks=None) -> RunnerOutput:
         return self.launch(sched, token_masks).result()
 
-    @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, token_masks=None) -> "PendingOutput":
+        """`_launch`; a speculative engine's draft budget (spec_decode/budget.py) gets the step's wall
+        time, which on CPU is its cost (the forward and sampler ran here)."""
+        if self.spec is None or self.spec.budget is None:
+            return self._launch(sched, token_masks)
+        t0 = time.perf_counter()
+        pending = self._launch(sched, token_masks)
+        self.spec.observe_step(time.perf_counter() - t0)
+        return pending
+
+    @torch.inference_mode()
+    def _launch(self, sched: SchedulerOutput, token_masks=None) -> "PendingOutput":
         """Queue one step on the device; `result()` of the return value waits for its tokens.
         Steps whose requests need logprobs, and verify steps, wait here (they read results on
         the host). `token_masks` (a StructuredOutputManager) fills the sampled rows' token bitmask

@@ -17,7 +17,10 @@ from pdserve.common.engine.llm import LLM
 from pdserve.common.sampling_params import SamplingParams
 from tests.engine.test_correctness import MAX_TOKENS, reference
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+# every draft fed: the mechanics tests count drafts and steps (the cost budget, which CPU engines
+# default to, decides from step times: test_draft_budget.py)
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+         "draft_budget": "all"}
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
 # prompts[:7] (1..290 tokens, three sharing a 120-token prefix) keep the runs short; the
 # preemption variant's pool (256 tokens) cannot hold them all at once.
@@ -31,18 +34,23 @@ def draft(folder: str, k: int = 3) -> dict:
     return {"model": folder, "num_speculative_tokens": k}
 
 
-def generate(folder, prompts, params, check_blocks: bool = False, decode_rows: bool = False,
-             one_at_a_time: bool = False, **kw):
+def generate(folder, prompts, params, check_blocks: bool = False, decode_rows: bool | None = None,
+             one_at_a_time: bool = False, pin_cost: tuple[float, float] | None = None, **kw):
     """Run to completion step by step; after each step no request holds a block past its tokens
     (rejected drafts' blocks were freed) unless it is in a step still running (overlapped steps),
     and at the end the pool is whole again. `decode_rows`: verify (and draft) as one-token rows,
-    the form CUDA graphs replay (forced here on the CPU). `one_at_a_time`: each prompt added when
+    the form CUDA graphs replay (the CPU's too for the target; forced for the draft here), or False:
+    as chunks (None: the engine's choice). `pin_cost`: the draft budget's step cost (a, b) fixed
+    instead of fitted (test_draft_budget.py). `one_at_a_time`: each prompt added when
     the one before has finished (batch 1). float32 unless asked: outputs are compared with HF's
     token for token."""
     llm = LLM(folder, **{"dtype": "float32", **kw})
     engine = llm.engine
+    if decode_rows is not None:
+        engine.runner.spec.verify_as_decodes = decode_rows
+    if pin_cost is not None:
+        engine.runner.spec.budget.cost_model = lambda: pin_cost
     if decode_rows:
-        engine.runner.spec.verify_as_decodes = True
         if engine.runner.spec.draft is not None:
             engine.runner.spec.draft.decode_rows = True
     params = params if isinstance(params, list) else [params] * len(prompts)
@@ -111,7 +119,7 @@ def test_verify_as_one_token_rows_gives_the_same_tokens(tiny_models, prompts, dr
         assert st.num_accepted_tokens == st.num_draft_tokens > 0
     params = [SamplingParams(temperature=0.8, seed=20 + i, max_tokens=10) for i in range(3)]
     rows, _ = generate(folder, batch[:3], params, decode_rows=True, speculative_config=spec)
-    chunks, _ = generate(folder, batch[:3], params, speculative_config=spec)
+    chunks, _ = generate(folder, batch[:3], params, speculative_config=spec, decode_rows=False)
     assert tokens(rows) == tokens(chunks)
 
 

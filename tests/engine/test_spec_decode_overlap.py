@@ -251,14 +251,14 @@ def test_rejected_requests_cool_down_in_a_batch(small_vocab):
                              num_spec_slots=3) for r in "ab"]
     lengths = []
     for _ in range(6):
-        dec._after_round("a", 0)
+        dec._after_round("a", 3, 0)
         lengths.append(dec._cool["a"][0])
     assert lengths == [1, 2, 4, 8, COOL_MAX, COOL_MAX]
     kept = [[s.req_id for s in dec._cool_down(reqs)] for _ in range(COOL_MAX + 1)]
     assert kept == [["b"]] * COOL_MAX + [["a", "b"]] and dec.num_cooled == COOL_MAX
-    dec._after_round("a", 2)
+    dec._after_round("a", 3, 2)
     assert "a" not in dec._cool
-    dec._after_round("b", 0)
+    dec._after_round("b", 3, 0)
     dec.forget(["b"])  # finished or preempted: its cool-down goes
     assert not dec._cool
     folder, prompts = small_vocab

@@ -11,8 +11,9 @@ runner's own sampler, on their last row as usual. Where the runner has CUDA grap
 --enforce-eager) a step of decodes and [t, d1 .. dn] chunks runs as one-token rows, each
 attending to its own prefix (`as_rows`: the flattened chunks re-indexed as rows in numpy), so a
 verify step is a decode-only step and replays the decode graphs (up to max_num_seqs rows; beyond,
-or mixed with prefill chunks, it runs eagerly as chunks); the CPU runs the chunks. The draft
-model's steps do the same with its own graphs.
+or mixed with prefill chunks, it runs eagerly as chunks). The CPU runs such steps as one-token
+rows too (its decode attention reads the blocks in place). The draft model's steps do the same with
+its own graphs. On CPU an n-gram step feeds only the drafts worth their rows (budget.py).
 """
 
 from __future__ import annotations
@@ -71,6 +72,10 @@ class SpecDecoder:
         self._settle = None  # the bridge step's: its rows chosen once the verify result is in
         self.num_bridge_steps = 0
         self.num_bridge_void = 0  # bridged requests that had no row for their outcome
+        # n-gram drafts fed by their expected tokens against the rows' cost (budget.py); set in start()
+        self.budget = None
+        self._step_tokens = 0  # the step being launched: its tokens, drafts included
+        self._decode_only = False  # ... and whether every request in it is a decode or a verify chunk
 
     def draft_bytes_per_block(self, block_size: int) -> int:
         return 0 if self.draft is None else self.draft.draft_bytes_per_block(block_size)
@@ -80,7 +85,16 @@ class SpecDecoder:
         return 0 if self.draft is None else self.draft.weight_bytes()
 
     def start(self) -> None:
-        self.verify_as_decodes = self.runner.graphs is not None
+        # CUDA: the decode graphs replay the rows; CPU: the decode attention reads each row's K/V in
+        # place, where a chunk gathers its request's whole cached prefix (~0.7 ms per drafting
+        # request and step for SmolLM2 at batch 16: docs/benchmarks.md)
+        self.verify_as_decodes = self.runner.graphs is not None or self.runner.device.type == "cpu"
+        policy = self.config.draft_budget
+        if policy == "auto":  # a step's wall time is its cost where the forward runs on the host
+            policy = "cost" if self.runner.device.type == "cpu" else "all"
+        if policy == "cost" and self.draft is None:
+            from pdserve.common.engine.spec_decode.budget import DraftBudget
+            self.budget = DraftBudget()
         if self.draft is not None:
             self.draft.start(self.runner.num_blocks, self.runner.block_size)
 
@@ -101,12 +115,15 @@ class SpecDecoder:
         self._drafts, self._probs, self._fed, self._launched = {}, {}, {}, ({}, set(), [])
         self._bridge, self._void, self._settle = bridge, set(), None
         self._as_rows = False
+        self._decode_only = all(s.num_tokens == 1 for s in sched.scheduled)
         if not want and not bridge:
+            self._step_tokens = len(sched.scheduled) if self._decode_only else 0
             return sched.scheduled
         t0 = time.perf_counter()
         for req_id, (drafts, probs) in (self.proposer.propose(want) if want else {}).items():
             self._drafts[req_id], self._probs[req_id] = drafts, probs
         self.propose_seconds += time.perf_counter() - t0
+        limits = self._limits(sched, bridge)
         out = []
         for s in sched.scheduled:
             rows = bridge.get(s.req_id)
@@ -114,14 +131,34 @@ class SpecDecoder:
                 out.append(dataclasses.replace(s, input_token_ids=[PLACEHOLDER_TOKEN] * rows))
                 continue
             drafts = self._drafts.get(s.req_id)
-            fed = self._fed[s.req_id] = drafts[:s.num_spec_slots] if drafts else []
+            n = s.num_spec_slots if limits is None else limits.get(s.req_id, 0)
+            fed = self._fed[s.req_id] = drafts[:n] if drafts else []
+            if drafts and not fed and limits is not None:  # not worth a row: sampled as a plain decode
+                del self._drafts[s.req_id], self._probs[s.req_id]
             out.append(dataclasses.replace(s, input_token_ids=s.input_token_ids + fed, spec_token_ids=fed)
                        if fed else s)
+        self._step_tokens = sum(len(s.input_token_ids) for s in out)
         self.num_bridge_steps += bool(bridge)
         # every request a decode or a [t, d1 .. dn] chunk: the step may run as one-token rows (as_rows)
         self._as_rows = self.verify_as_decodes and (bool(bridge) or any(self._fed.values())) and \
             all(s.num_tokens == 1 for s in sched.scheduled)
         return out
+
+    def _limits(self, sched: SchedulerOutput, bridge: dict[str, int]) -> dict[str, int] | None:
+        """The budget's drafts per request for this step (budget.py); None: as many as have slots."""
+        if self.budget is None or not self._drafts:
+            return None
+        offered = {s.req_id: min(len(self._drafts[s.req_id]), s.num_spec_slots)
+                   for s in sched.scheduled if s.req_id in self._drafts}
+        num_tokens = sum(bridge.get(s.req_id) or s.num_tokens for s in sched.scheduled)
+        return self.budget.limits(offered, num_tokens, sum(1 for s in sched.scheduled if s.sample))
+
+    def observe_step(self, seconds: float) -> None:
+        """The wall time of the step just launched and finished (the runner measures it where the
+        budget uses it: the forward ran on the calling thread)."""
+        if self.budget is not None and self._decode_only and self._step_tokens:
+            self.budget.observe_step(self._step_tokens, seconds)
+
 
     def _bridges(self, sched: SchedulerOutput) -> dict[str, int]:
         """The requests of `sched` that are bridged (pipeline.py): launched while the verify step
@@ -173,8 +210,10 @@ class SpecDecoder:
                 keep.append(s)
         return keep
 
-    def _after_round(self, req_id: str, accepted: int) -> None:
-        """A verified round's outcome for the cool-down (`_cool_down`)."""
+    def _after_round(self, req_id: str, fed: int, accepted: int) -> None:
+        """A verified round's outcome for the cool-down (`_cool_down`) and the budget."""
+        if self.budget is not None:
+            self.budget.observe_round(req_id, fed, accepted)
         if accepted:
             self._cool.pop(req_id, None)
         else:
@@ -185,6 +224,8 @@ class SpecDecoder:
     def forget(self, req_ids) -> None:
         """Finished or preempted requests: their proposer state and cool-down."""
         self.proposer.forget(req_ids)
+        if self.budget is not None:
+            self.budget.forget(req_ids)
         for req_id in req_ids:
             self._cool.pop(req_id, None)
 
@@ -317,7 +358,7 @@ class SpecDecoder:
                 if fed[req_id]:
                     out.spec_token_ids[req_id] = fed[req_id]
                     out.num_accepted_tokens[req_id] = len(tokens) - 1
-                    self._after_round(req_id, len(tokens) - 1)
+                    self._after_round(req_id, len(fed[req_id]), len(tokens) - 1)
         return readback, finish
 
     def _when_verified(self, verifying, bridged: list[str], spans: dict[str, int], rows: dict[str, int]) -> None:
