@@ -111,7 +111,7 @@ class ModelRunner:
         self.model = load_model(model_cfg, path, arch, self.block_size, max_model_len + 1, self.dtype, self.device,
                                 ops, tp=tp)
         if hasattr(ops, "pack"):  # CpuOps: weights packed for oneDNN once, now that they are loaded
-            ops.pack(self.model)
+            ops.pack(self.model, batch_invariant=model_cfg.batch_invariant)
         self.num_kv_heads = self.model.layers[0].self_attn.num_kv_heads  # this rank's under tensor parallelism
         self.gemv_choice: dict = {}  # weight -> (cuBLAS us, gemv us, chosen) at batch 1, measured here
         if self.device.type == "cuda" and ops is not TORCH_OPS:

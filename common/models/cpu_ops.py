@@ -322,16 +322,21 @@ class CpuOps:
         self.kernels = kernels
         self.attention_backend = CpuKernelAttention if kernels else CpuPagedAttention
         self._packed: dict[nn.Module, torch.Tensor] = {}  # Linear -> its oneDNN-packed weight
+        self._two_rows: set[nn.Module] = set()  # bf16 Linears whose one-row product runs as two (linear)
         self._head: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits weight, packed)
         self._cos_sin: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
-    def pack(self, model: nn.Module) -> int:
+    def pack(self, model: nn.Module, batch_invariant: bool = False) -> int:
         """Pack every nn.Linear weight of `model` and its logits weight for oneDNN; a Linear's own
         weight is then dropped for a meta tensor (it would be a second copy; the tied embedding
         stays, it embeds; `--kernels reference` keeps them all). Quantized modules (IntLinear,
-        Fp8Linear) are not nn.Linear: they keep their own kernels. Returns the number packed."""
+        Fp8Linear) are not nn.Linear: they keep their own kernels. `batch_invariant`: see `linear`.
+        Returns the number packed."""
         for module in model.modules():
             if isinstance(module, nn.Linear) and module is not model.lm_head and can_pack(module.weight.dtype):
+                if batch_invariant and module.weight.dtype == torch.bfloat16 and \
+                        module.in_features > module.out_features:
+                    self._two_rows.add(module)
                 self._packed[module] = _pack_and_drop(module)
         if model.lm_head is None:
             head = model.embed_tokens.weight
@@ -346,6 +351,14 @@ class CpuOps:
         packed = self._packed.get(layer)
         if packed is None:  # not packable (fp16), or a quantized module with its own kernels
             return layer(x)
+        if x.dim() == 2 and x.shape[0] == 1 and layer in self._two_rows:
+            # --batch-invariant: oneDNN's one-row kernel sums over K in another order than its kernel
+            # for two rows or more where K > N (the MLP's down projection), so a request decoding
+            # alone gets other bf16 roundings than in a batch, and may get other tokens (SmolLM2: 5
+            # of 16 prompts); the row twice gives the batch's roundings for ~4-10 % of a batch-1
+            # step (docs/benchmarks.md, ninth session). fp32's tokens did not move in the same check.
+            return torch.ops.mkldnn._linear_pointwise(x.expand(2, -1).contiguous(), packed, layer.bias,
+                                                      "none", [], "")[:1]
         return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
 
     def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

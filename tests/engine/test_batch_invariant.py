@@ -1,0 +1,47 @@
+"""`--batch-invariant` (CPU bfloat16): a request's greedy tokens alone equal its tokens in a batch.
+
+SmolLM2 in bf16 on the CPU fast path: oneDNN's one-row GEMM sums the MLP's down projection
+(K = 1,536 > N = 576) in another order than its multi-row kernel, so without the flag some of the
+shipped grounded prompts decode other tokens alone than in a batch of 16 (5 of 16 when measured,
+docs/benchmarks.md, ninth session); with it every one matches, and n-gram speculation (verify
+rows are multi-row products) gives plain decoding's tokens at batch 1."""
+
+from __future__ import annotations
+
+import json
+
+from pdserve.common.engine.llm import LLM
+from pdserve.common.sampling_params import SamplingParams
+from pdserve.services.bench_spec import DATA, chat_prompts
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24)
+
+
+def test_bf16_tokens_alone_equal_the_batch_s(smollm2_path):
+    with open(DATA) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    llm = LLM(smollm2_path, dtype="bfloat16", batch_invariant=True, max_model_len=1024)
+    ops = llm.engine.runner.model.layers[0].mlp.ops
+    assert len(ops._two_rows) == len(llm.engine.runner.model.layers)  # every down projection
+    prompts = chat_prompts(llm.get_tokenizer(), rows)
+    batch = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY,
+                                                         use_tqdm=False)]
+    alone = [llm.generate([{"prompt_token_ids": p}], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+             for p in prompts]
+    assert alone == batch
+    llm.shutdown()
+    spec = LLM(smollm2_path, dtype="bfloat16", batch_invariant=True, max_model_len=1024,
+               speculative_config={"method": "ngram", "num_speculative_tokens": 4, "draft_budget": "all"})
+    drafted = [spec.generate([{"prompt_token_ids": p}], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+               for p in prompts[:6]]
+    assert drafted == alone[:6] and spec.engine.stats().spec_decode.num_draft_tokens > 0
+    spec.shutdown()
+
+
+def test_the_flag_is_off_by_default_and_leaves_fp32_alone(smollm2_path):
+    llm = LLM(smollm2_path, dtype="float32", batch_invariant=True, max_model_len=256)
+    assert not llm.engine.runner.model.layers[0].mlp.ops._two_rows  # fp32: the one-row kernel stays
+    llm.shutdown()
+    llm = LLM(smollm2_path, dtype="bfloat16", max_model_len=256)
+    assert not llm.engine.runner.model.layers[0].mlp.ops._two_rows
+    llm.shutdown()
