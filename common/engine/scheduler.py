@@ -93,8 +93,11 @@ class Scheduler:
         if self.connector is not None:
             self._admit_loaded()
         # prompts waiting: the running requests' decodes may wait too, giving the prompts the step
-        # (config.py: decode_defer_steps); never with a KV connector (its loads start in admission)
+        # (config.py: decode_defer_steps); never with a KV connector (its loads start in admission),
+        # nor while max_num_seqs requests run (no prompt could be admitted: the step would be empty
+        # and scheduled again without deferring)
         defer = (may_defer and self.waiting and self.connector is None
+                 and len(self.running) < self.config.max_num_seqs
                  and self.num_decode_defers < self.config.decode_defer_limit)
         deferred: list[Request] = []
 
