@@ -15,12 +15,13 @@ steps, 1.53x at -k 15, which at batch 1 replays the same 16-row CUDA graph: docs
 Prompts: services/bench_data/grounded_prompts.jsonl (16 passages, each with "repeat / copy this"
 instructions; --prompts FILE for another JSONL of {"passage", "instruction"}), through the chat
 template, greedy, at most --max-tokens each. Greedy outputs do not depend on speculation, so
-every method generates the same tokens (checked: `outputs_identical`).
+every method generates the same tokens (checked: `outputs_identical`) where a row's roundings do
+not depend on its batch: fp32, or bf16 with --batch-invariant on CPU (docs/benchmarks.md).
 
 Methods: `none`; `ngram` (prompt lookup, --prompt-lookup-min/max); `ngram_all` (the same feeding
-every draft there is room for: draft_budget "all", where `ngram` has "auto", spec_decode/budget.py); `ngram_sync` (the same with
-steps one at a time, --no-async-scheduling for it alone: what the overlap of speculative steps
-gains, spec_decode/pipeline.py); `draft` (--draft-model, default the target itself: every draft
+every draft there is room for: draft_budget "all", where `ngram` has "auto", spec_decode/budget.py);
+`ngram_sync` (the same with steps one at a time, --no-async-scheduling for it alone: what the
+overlap of speculative steps gains, spec_decode/pipeline.py); `draft` (--draft-model, default the target itself: every draft
 accepted, the upper bound of the mechanism). `--dtype` (an engine flag) sets the dtype of all. All engines
 are built first, then each batch size runs every method in turn (--repeats rounds), so a noisy
 machine disturbs them alike. Batch 1 runs --sequential-prompts prompts one after the other;

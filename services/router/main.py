@@ -85,7 +85,8 @@ def run_router(args: argparse.Namespace) -> None:
 
 
 def _worker_main(args: argparse.Namespace, ready) -> None:
-    """A child of `--workers`: one router on the shared port; it writes to `ready` (a pipe's end) once it listens."""
+    """A child of `--workers`: one router on the shared port; it writes to `ready` (a pipe's end)
+    once it listens."""
     import sys
 
     from pdserve.services.entry import run_parsed

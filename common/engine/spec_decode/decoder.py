@@ -159,7 +159,6 @@ class SpecDecoder:
         if self.budget is not None and self._decode_only and self._step_tokens:
             self.budget.observe_step(self._step_tokens, seconds)
 
-
     def _bridges(self, sched: SchedulerOutput) -> dict[str, int]:
         """The requests of `sched` that are bridged (pipeline.py): launched while the verify step
         they follow still runs (their input token is in flight) and whose drafts in it were kept
