@@ -160,7 +160,8 @@ class ModelRunner:
             for kv, scale in zip(self.kv_caches, self.kv_scales):
                 kv.kv_scale = scale
         # plain-greedy steps: LM head -> argmax, no Sampler, no logits gather (greedy_tail.py)
-        self.greedy_tail = GreedyTail(self.model, tp) if model_cfg.graph_sampler and speculative is None else None
+        # (a speculative engine's plain steps too; its verify and bridge steps sample in spec.verify)
+        self.greedy_tail = GreedyTail(self.model, tp) if model_cfg.graph_sampler else None
         self.num_greedy_tail_steps = 0  # steps sampled by it, in a tail graph or eagerly
         self._step_graphed = False  # the step in _forward replayed a decode graph
         if self.device.type == "cuda" and ops is not TORCH_OPS and not enforce_eager:
@@ -308,13 +309,13 @@ class ModelRunner:
         sample_reqs = [s for s in ordered if s.sample]
         if not sample_reqs:
             return PendingOutput(out)
-        if self.greedy_tail is not None and (plain_greedy(sched) if sched.all_greedy is None else sched.all_greedy):
-            return self._launch_greedy(out, step, hidden, sample_rows, sample_reqs)
         if self.spec is not None and self.spec.verifies():  # one readback; result() finishes on the host
             readback, finish = self.spec.verify(hidden, step, ordered, out, token_masks)
             self._last_sampled = (readback, self.spec.sampled_index)  # a next launch may fill from it
             self._last_pending = PendingOutput(out, tokens=readback, finish=finish)
             return self._last_pending
+        if self.greedy_tail is not None and (plain_greedy(sched) if sched.all_greedy is None else sched.all_greedy):
+            return self._launch_greedy(out, step, hidden, sample_rows, sample_reqs)
         logits = self.model.compute_logits(hidden.index_select(0, sample_rows))  # [S, V]
         index = {s.req_id: i for i, s in enumerate(sample_reqs)}
         if logits is None:  # tensor-parallel rank > 0: rank 0 samples; keep its tokens for the next inputs

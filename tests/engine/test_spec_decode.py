@@ -128,6 +128,8 @@ def test_ngram_greedy_matches_hf(tiny_models, prompts):
                             block_size=4, max_num_batched_tokens=64)
     assert tokens(outs) == reference(tiny_models, "llama", prompts)
     assert engine.stats().spec_decode.num_drafts > 0
+    # the steps without drafts sampled by the greedy tail (LM head -> argmax), verify steps by verify
+    assert engine.runner.num_greedy_tail_steps > 0
 
 
 def test_self_draft_counters_are_exact(tiny_models, prompts):
