@@ -51,6 +51,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from pdserve.services.bench_spec_stages import step_kind
 from pdserve.services.bench_spec_sweep import add_sweep_args, run_sweep
 
 DATA = os.path.join(os.path.dirname(__file__), "bench_data", "grounded_prompts.jsonl")
@@ -107,11 +108,7 @@ def run_batch(llm, prompts: list[list[int]], max_tokens: int, tag: str) -> dict:
         outputs = engine.step()
         now = time.perf_counter()
         if len(first) == len(prompts):  # every prompt has its first token: a decode step
-            kind = "plain"
-            if spec is not None and spec.has_bridge():  # launched before the verify step's result
-                kind = "bridge"
-            elif spec is not None and spec.has_drafts():  # guess: launched while the step before ran
-                kind = "guess" if engine.num_overlapped_steps > overlapped0 else "verify"
+            kind = step_kind(spec, engine.num_overlapped_steps > overlapped0)
             split[kind].add(now - t0, engine.wait_seconds - wait0, engine.launch_seconds - launch0)
         steps += 1
         for o in outputs:

@@ -35,6 +35,17 @@ CLOCK = time.perf_counter  # wall time; time.thread_time: the engine thread's CP
 STAGES = ("apply", "wait", "update", "schedule", "propose", "prepare", "flatten", "inputs", "forward", "sample", "emit")
 
 
+def step_kind(spec, overlapped: bool) -> str:
+    """The kind of decode step the last engine.step() launched (`spec`: its SpecDecoder, or None;
+    `overlapped`: the step launched while the one before ran): bridge (before a verify step's
+    result), guess (drafts past a token in flight), verify, or plain."""
+    if spec is not None and spec.has_bridge():
+        return "bridge"
+    if spec is not None and spec.has_drafts():
+        return "guess" if overlapped else "verify"
+    return "plain"
+
+
 class StageTimer:
     """Seconds per stage, accumulated by wrapped callables."""
 
@@ -142,11 +153,7 @@ def _run_groups(args, llm, groups: list[list[list[int]]], timer: StageTimer, tag
             started.update(o.request_id for o in outputs if o.new_token_ids)
             if not decode:  # prefill steps (until every request has its first token)
                 continue
-            kind = "plain"
-            if spec is not None and spec.has_bridge():
-                kind = "bridge"
-            elif spec is not None and spec.has_drafts():
-                kind = "guess" if engine.num_overlapped_steps > overlapped0 else "verify"
+            kind = step_kind(spec, engine.num_overlapped_steps > overlapped0)
             counts[kind] += 1
             timer.seconds["wait"] = engine.wait_seconds
             for stage in STAGES:

@@ -12,6 +12,7 @@ soft limit is 1,024. The garbage collector's first generation is collected less 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import faulthandler
 import logging
 import resource
@@ -20,7 +21,7 @@ import sys
 from typing import Callable
 
 from pdserve.common.config import ConfigError
-from pdserve.common.gc_policy import tune_gc
+from pdserve.common.gc_policy import freeze_startup_objects, tune_gc
 from pdserve.common.sampling_params import ParameterError
 
 USER_ERRORS = (ConfigError, ParameterError, FileNotFoundError, IsADirectoryError)
@@ -61,6 +62,18 @@ def latch_stop_signals() -> Callable[[], bool]:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _frame: received.append(signum))
     return lambda: bool(received)
+
+
+async def until_serving(server, task, stop_requested: Callable[[], bool]) -> bool:
+    """Wait until uvicorn's `server` (serving in `task`) listens or its task ends; a stop signal
+    latched meanwhile (`stop_requested`, from latch_stop_signals) makes it exit. -> whether it
+    listens; then the start-up's objects are frozen out of the collector's way (gc_policy.py)."""
+    while not server.started and not task.done():
+        server.should_exit |= stop_requested()  # a stop signal before uvicorn took them
+        await asyncio.sleep(0.01)
+    if server.started:
+        freeze_startup_objects()
+    return server.started
 
 
 def dump_stacks_on_sigusr1() -> None:

@@ -20,7 +20,6 @@ import socket
 import time
 
 from pdserve.common.config import ConfigError
-from pdserve.common.gc_policy import freeze_startup_objects
 from pdserve.common.model_path import served_name
 
 GRACEFUL_SHUTDOWN_S = 5
@@ -122,12 +121,9 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 async def _serve(server, sock: socket.socket, name: str, host: str, ready_line, stop_requested) -> None:
+    from pdserve.services.entry import until_serving
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started and not task.done():
-        server.should_exit |= stop_requested()  # a stop signal before uvicorn took them
-        await asyncio.sleep(0.01)
-    if server.started:
-        freeze_startup_objects()  # common/gc_policy.py
+    if await until_serving(server, task, stop_requested):
         print(ready_line(), flush=True)
         shown = f"[{host}]" if ":" in host else host
         print(f"pdserve serving {name} on http://{shown}:{sock.getsockname()[1]}", flush=True)

@@ -37,8 +37,7 @@ def plain_greedy(sched: SchedulerOutput) -> bool:
         return False
     for s in sched.scheduled:
         p = s.params
-        if s.sample and (p.temperature != 0 or p.logit_bias or p.structured_outputs is not None
-                         or p.allowed_token_ids is not None or p.bad_words):
+        if s.sample and (p.temperature != 0 or p.logit_bias or p.has_token_mask):
             return False
     return True
 

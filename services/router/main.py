@@ -19,7 +19,6 @@ import dataclasses
 import signal
 
 from pdserve.common.config import ConfigError, env_flag
-from pdserve.common.gc_policy import freeze_startup_objects
 from pdserve.services.router.limits import add_limit_args, limits_of
 
 INDEX_TIMEOUT_S = 0.25
@@ -115,7 +114,7 @@ def _run_one(args: argparse.Namespace) -> None:
 
     from pdserve.common.uptime import process_age_s
     from pdserve.services.router.tool_calls import check_tool_args
-    from pdserve.services.entry import latch_stop_signals
+    from pdserve.services.entry import latch_stop_signals, until_serving
     from pdserve.services.serve import serve_metrics_apart
 
     check_tool_args(args)
@@ -161,11 +160,7 @@ def _run_one(args: argparse.Namespace) -> None:
         else:  # one of --workers: its own socket on the shared port
             from pdserve.services.router.workers import shared_port_socket
             task = asyncio.create_task(server.serve(sockets=[shared_port_socket(args.host, args.port)]))
-        while not server.started and not task.done():
-            server.should_exit |= stop_requested()  # a stop signal before uvicorn took them
-            await asyncio.sleep(0.01)
-        if server.started:
-            freeze_startup_objects()  # common/gc_policy.py
+        if await until_serving(server, task, stop_requested):
             if ready is not None:  # the parent prints the ready lines once every child listens
                 try:
                     ready.send_bytes(b"1")

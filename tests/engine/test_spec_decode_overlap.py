@@ -108,19 +108,21 @@ def test_drafts_past_a_guessed_token_in_flight_verify_exactly(small_vocab, decod
     assert engine.stats().spec_decode.num_guessed_drafts > 0
 
 
-def guessed_flow(folder, device, decode_rows=False, **kw):
-    """The flow of test_spec_decode_gpu.test_drafts_past_a_guessed_token_in_flight_on_cuda: four
-    prompts (9 .. 130 tokens of a 512-token vocabulary) through LLM.generate one at a time
-    (batch 1), default block size, max_model_len 512, 40 greedy tokens each. `decode_rows`:
-    verify as one-token rows (CUDA's form, forced on the CPU). -> (tokens per prompt,
-    (spec stats, graph replays, async scheduling, the runner's SpecDecoder)); the pool is whole."""
+def guessed_prompts() -> list[list[int]]:
     rng = random.Random(1)
-    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (9, 40, 77, 130)]
+    return [[rng.randrange(3, 512) for _ in range(n)] for n in (9, 40, 77, 130)]
+
+
+def guessed_flow(folder, device, **kw):
+    """The flow of test_spec_decode_gpu.test_drafts_past_a_guessed_token_in_flight_on_cuda: four
+    prompts (`guessed_prompts`: 9 .. 130 tokens of a 512-token vocabulary) through LLM.generate
+    one at a time (batch 1), default block size, max_model_len 512, 40 greedy tokens each; verify
+    steps run as one-token rows on either device. -> (tokens per prompt, (spec stats, graph
+    replays, async scheduling, the runner's SpecDecoder)); the pool is whole."""
+    prompts = guessed_prompts()
     greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     llm = LLM(folder, device=device, dtype="float32", max_model_len=512, **kw)
     engine = llm.engine
-    if decode_rows:
-        engine.runner.spec.verify_as_decodes = True
     outs = [llm.generate([{"prompt_token_ids": p}], greedy, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
     assert engine.kv.num_free_blocks == engine.runner.num_blocks, "KV blocks leaked"
     assert engine._inflight is None
@@ -135,11 +137,8 @@ def test_guessed_flow_as_on_cuda(small_vocab):
     """The GPU test's flow on the CPU (same engine code but graphs and events): it finishes, with
     guessed verify steps (wrong and right) as one-token rows, and tokens equal HF's."""
     folder, _ = small_vocab
-    got, (st, _, overlapped, spec) = guessed_flow(folder, "cpu", decode_rows=True, speculative_config=NGRAM,
-                                                  async_scheduling=True)
-    rng = random.Random(1)
-    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (9, 40, 77, 130)]
-    assert got == hf_greedy(folder, prompts, 40)
+    got, (st, _, overlapped, spec) = guessed_flow(folder, "cpu", speculative_config=NGRAM, async_scheduling=True)
+    assert got == hf_greedy(folder, guessed_prompts(), 40)
     assert overlapped and spec.num_row_steps > 0 and spec.num_bridge_steps > 0
     assert st.num_guessed_drafts > st.num_guess_hits > 0, st
 
@@ -157,7 +156,6 @@ def test_large_batches_step_one_at_a_time(small_vocab, monkeypatch):
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
     llm = LLM(folder, dtype="float32", speculative_config=NGRAM, async_scheduling=True, block_size=4)
     engine = llm.engine
-    engine.runner.spec.verify_as_decodes = True
     for i, (p, sp) in enumerate(zip(prompts, params)):
         llm.add_request(str(i), p, sp)
     done, overlapped_at = {}, []

@@ -140,8 +140,7 @@ class SpecDecoder:
         self._step_tokens = sum(len(s.input_token_ids) for s in out)
         self.num_bridge_steps += bool(bridge)
         # every request a decode or a [t, d1 .. dn] chunk: the step may run as one-token rows (as_rows)
-        self._as_rows = self.verify_as_decodes and (bool(bridge) or any(self._fed.values())) and \
-            all(s.num_tokens == 1 for s in sched.scheduled)
+        self._as_rows = self.verify_as_decodes and (bool(bridge) or any(self._fed.values())) and self._decode_only
         return out
 
     def _limits(self, sched: SchedulerOutput, bridge: dict[str, int]) -> dict[str, int] | None:
