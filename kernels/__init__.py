@@ -8,6 +8,7 @@
     rotary_store_kv          rotary fused with store_kv (q in place, k/v to cache) rotary.py
     silu_and_mul             gated MLP activation                               activation.py
     gemv                     batch-1 x @ W^T (+ b) at memory bandwidth          gemv.py
+    gemv_rows                the same for 2..16 rows, W read once               gemv.py
     copy_blocks              whole KV blocks of all layers to/from staging      copy_blocks.py
     int_matmul               x @ W for 4/8-bit grouped-int weights (AWQ, GPTQ,  int_gemm.py
                              GGUF): M <= 16 int_gemv, else dequantize + cuBLAS  gemv_int.py
@@ -45,7 +46,7 @@ if triton_available():
     from pdserve.kernels.copy_blocks import copy_blocks
     from pdserve.kernels.decode_attention import paged_decode_attention
     from pdserve.kernels.fp8_linear import fp8_gemv, quantize_fp8_per_token
-    from pdserve.kernels.gemv import gemv
+    from pdserve.kernels.gemv import gemv, gemv_rows
     from pdserve.kernels.int_gemm import int_matmul
     from pdserve.kernels.prefill_attention import paged_prefill_attention
     from pdserve.kernels.rms_norm import rms_norm
@@ -53,5 +54,5 @@ if triton_available():
     from pdserve.kernels.store_kv import store_kv
 
     __all__ += ["store_kv", "paged_decode_attention", "paged_prefill_attention", "rms_norm",
-                "apply_rotary", "rotary_store_kv", "silu_and_mul", "gemv", "copy_blocks", "int_matmul",
+                "apply_rotary", "rotary_store_kv", "silu_and_mul", "gemv", "gemv_rows", "copy_blocks", "int_matmul",
                 "fp8_gemv", "quantize_fp8_per_token"]

@@ -6,7 +6,8 @@ leaves only one launch per step.
 
     buckets: 1 2 4 8 16 32 64 128 256 (those <= max_num_seqs, plus max_num_seqs itself), and
              past 256 one per 128 up to max_num_seqs (--max-num-seqs 512: 384, 512), so a
-             larger batch still replays a graph instead of running ~500 eager launches
+             larger batch still replays a graph instead of running ~500 eager launches; plus
+             the sizes a speculative engine's verify steps fill (spec_decode.verify_graph_sizes)
     static device buffers (one int32 block, filled by one pinned copy per step):
         | ids maxB | positions maxB | slots maxB | context_lens maxB | sample rows maxB | table maxB x M |
     a step of B decodes replays the smallest bucket bs >= B; rows B..bs are padding:
@@ -51,11 +52,12 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches: list[torch.Tensor], num_kv_heads: int, block_size: int,
-                 max_num_seqs: int, max_model_len: int, device: torch.device):
+                 max_num_seqs: int, max_model_len: int, device: torch.device, extra_sizes=()):
+        """extra_sizes: batch sizes captured beside the buckets (a speculative engine's verify rows)."""
         self.model = model
         self.kv_caches = kv_caches
         self.device = device
-        self.sizes = bucket_sizes(max_num_seqs)
+        self.sizes = sorted(set(bucket_sizes(max_num_seqs)) | set(extra_sizes))
         self.max_batch = self.sizes[-1]
         self.max_blocks = -(-max_model_len // block_size)
         self.num_splits = {bs: choose_num_splits(bs, num_kv_heads, max_model_len, device) for bs in self.sizes}

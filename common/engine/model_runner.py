@@ -166,8 +166,13 @@ class ModelRunner:
         self._step_graphed = False  # the step in _forward replayed a decode graph
         if self.device.type == "cuda" and ops is not TORCH_OPS and not enforce_eager:
             from pdserve.common.engine.cuda_graphs import DecodeGraphs
+            extra = []
+            if self.spec is not None:  # verify rows of 1..3 requests fill their graphs exactly
+                from pdserve.common.engine.spec_decode import verify_graph_sizes
+                from pdserve.common.engine.spec_decode.pipeline import OVERLAP_MAX_BATCH
+                extra = verify_graph_sizes(self.spec.config.num_speculative_tokens, OVERLAP_MAX_BATCH)
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.num_kv_heads, self.block_size,
-                                       self.scheduler_cfg.max_num_seqs, max_model_len, self.device)
+                                       self.scheduler_cfg.max_num_seqs, max_model_len, self.device, extra)
             with torch.inference_mode():
                 self.graphs.capture(self.greedy_tail)
         if self.spec is not None:
@@ -309,12 +314,13 @@ class ModelRunner:
         sample_reqs = [s for s in ordered if s.sample]
         if not sample_reqs:
             return PendingOutput(out)
+        greedy = self.greedy_tail is not None and (plain_greedy(sched) if sched.all_greedy is None else sched.all_greedy)
         if self.spec is not None and self.spec.verifies():  # one readback; result() finishes on the host
-            readback, finish = self.spec.verify(hidden, step, ordered, out, token_masks)
+            readback, finish = self.spec.verify(hidden, step, ordered, out, token_masks, greedy)
             self._last_sampled = (readback, self.spec.sampled_index)  # a next launch may fill from it
             self._last_pending = PendingOutput(out, tokens=readback, finish=finish)
             return self._last_pending
-        if self.greedy_tail is not None and (plain_greedy(sched) if sched.all_greedy is None else sched.all_greedy):
+        if greedy:
             return self._launch_greedy(out, step, hidden, sample_rows, sample_reqs)
         logits = self.model.compute_logits(hidden.index_select(0, sample_rows))  # [S, V]
         index = {s.req_id: i for i, s in enumerate(sample_reqs)}

@@ -32,7 +32,7 @@ from pdserve.common.models.attention import PagedAttentionBase, StepInputs
 from pdserve.common.models.packed_upload import PackedUpload
 from pdserve.kernels.activation import silu_and_mul
 from pdserve.kernels.decode_attention import paged_decode_attention
-from pdserve.kernels.gemv import gemv
+from pdserve.kernels.gemv import ROWS_CONFIGS, ROWS_MAX, gemv, gemv_rows
 from pdserve.kernels.prefill_attention import paged_prefill_attention
 from pdserve.kernels.rms_norm import rms_norm
 from pdserve.kernels.rotary import apply_rotary, rotary_store_kv
@@ -94,12 +94,21 @@ class TritonOps:
     def __init__(self):
         # (weight shape, dtype) -> the gemv kernel beat cuBLAS on it at M = 1 (choose_gemv)
         self.gemv_weights: set[tuple[tuple[int, int], torch.dtype]] = set()
+        # (weight shape, dtype) -> (up to how many rows (2..16) gemv_rows beat cuBLAS on it, its
+        # fastest launch configuration)
+        self.gemv_rows: dict[tuple[tuple[int, int], torch.dtype], tuple[int, tuple[int, int]]] = {}
 
     def linear(self, layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(layer, torch.nn.Linear):  # quantized linears (models/quantization) pick their kernels
             return layer(x)
-        if x.shape[0] == 1 and (tuple(layer.weight.shape), x.dtype) in self.gemv_weights:
-            return gemv(x, layer.weight, layer.bias)
+        rows = x.shape[0]
+        if rows <= ROWS_MAX:
+            key = (tuple(layer.weight.shape), x.dtype)
+            if rows == 1 and key in self.gemv_weights:
+                return gemv(x, layer.weight, layer.bias)
+            up_to, config = self.gemv_rows.get(key, (0, None))
+            if 1 < rows <= up_to:
+                return gemv_rows(x, layer.weight, layer.bias, config)
         return layer(x)
 
     @staticmethod
@@ -133,11 +142,17 @@ class TritonOps:
 TRITON_OPS = TritonOps()
 
 
+ROW_COUNTS = (2, 4, 8, 16)  # choose_gemv times gemv_rows at these M (a call of M rows goes by the next one up)
+
+
 def choose_gemv(ops: TritonOps, model: torch.nn.Module, reps: int = 20, margin: float = 0.03) -> dict:
     """Time cuBLAS and the gemv kernel at M = 1 on each distinct Linear weight of the decoder
     layers (one CUDA graph of `reps` calls each, so launch costs do not count) and route a
-    weight to gemv when that is `margin` faster. bf16/fp16 only (fp32 keeps cuBLAS's numerics).
-    Returns {"NxK": (cublas_us, gemv_us, chosen)} for the log."""
+    weight to gemv when that is `margin` faster; then gemv_rows's fastest configuration at M = 16
+    against cuBLAS at M = 2, 4, 8, 16, routing M rows to gemv_rows up to the largest of those
+    counts below which it won every time. bf16/fp16 only (fp32 keeps cuBLAS's numerics).
+    Returns {"NxK": (cublas_us, gemv_us, chosen)} for the log, and {"NxK rows": {M: (cublas_us,
+    gemv_rows_us)}, "NxK rows up to": M, "NxK rows config": (BLOCK_N, BLOCK_K)} beside it."""
     report, seen = {}, set()
     for name, layer in model.named_modules():
         if not isinstance(layer, torch.nn.Linear) or name.endswith("lm_head"):  # logits stay on cuBLAS
@@ -152,7 +167,21 @@ def choose_gemv(ops: TritonOps, model: torch.nn.Module, reps: int = 20, margin: 
         chosen = gemv_us < (1 - margin) * cublas_us
         if chosen:
             ops.gemv_weights.add(key)
-        report["x".join(map(str, key[0]))] = (round(cublas_us, 1), round(gemv_us, 1), chosen)
+        label = "x".join(map(str, key[0]))
+        report[label] = (round(cublas_us, 1), round(gemv_us, 1), chosen)
+        x16 = torch.randn(ROW_COUNTS[-1], layer.weight.shape[1], dtype=layer.weight.dtype, device=layer.weight.device)
+        config = min(ROWS_CONFIGS, key=lambda c: _graph_time_us(lambda: gemv_rows(x16, layer.weight, layer.bias, c), reps))
+        rows_us, up_to, smaller = {}, 0, 0
+        for m in ROW_COUNTS:
+            xm = x16[:m]
+            rows_us[m] = (round(_graph_time_us(lambda: layer(xm), reps), 1),
+                          round(_graph_time_us(lambda: gemv_rows(xm, layer.weight, layer.bias, config), reps), 1))
+            if up_to == smaller and rows_us[m][1] < (1 - margin) * rows_us[m][0]:  # (every smaller count won too)
+                up_to = m
+            smaller = m
+        if up_to:
+            ops.gemv_rows[key] = (up_to, config)
+        report[label + " rows"], report[label + " rows up to"], report[label + " rows config"] = rows_us, up_to, config
     return report
 
 

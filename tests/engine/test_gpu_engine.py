@@ -366,15 +366,16 @@ def test_flatten_step_matches_the_per_token_definition():
 
 @pytest.mark.gpu
 def test_batch1_linears_use_gemv_only_where_measured_faster():
-    """choose_gemv times each distinct weight at M = 1; routed weights give cuBLAS's result (bf16
-    tolerance), batches of 2+ rows and unrouted weights go to cuBLAS unchanged."""
+    """choose_gemv times each distinct weight at M = 1, and gemv_rows at 2..16 rows; routed
+    weights give cuBLAS's result (bf16 tolerance), unrouted ones and batches past 16 rows go to
+    cuBLAS unchanged."""
     from pdserve.common.models.triton_attention import TritonOps, choose_gemv
     ops = TritonOps()
     model = torch.nn.ModuleDict({"o_proj": torch.nn.Linear(4096, 4096, bias=False),
                                  "qkv_proj": torch.nn.Linear(4096, 6144, bias=True),
                                  "lm_head": torch.nn.Linear(4096, 1000, bias=False)}).cuda().bfloat16()
     report = choose_gemv(ops, model)
-    assert set(report) == {"4096x4096", "6144x4096"}  # lm_head is not routed
+    assert {k for k in report if " " not in k} == {"4096x4096", "6144x4096"}  # lm_head is not routed
     for name in ("o_proj", "qkv_proj"):
         layer = model[name]
         cublas_us, gemv_us, chosen = report["x".join(map(str, layer.weight.shape))]
@@ -384,5 +385,17 @@ def test_batch1_linears_use_gemv_only_where_measured_faster():
         with torch.inference_mode():
             want, got = layer(x), ops.linear(layer, x)
             assert (got - want).norm() / want.norm() <= 1e-2
-            two = torch.randn(2, 4096, device="cuda", dtype=torch.bfloat16)
-            assert torch.equal(ops.linear(layer, two), layer(two))
+        label = "x".join(map(str, layer.weight.shape))
+        up_to = report[label + " rows up to"]
+        assert ops.gemv_rows.get((tuple(layer.weight.shape), torch.bfloat16), (0, None))[0] == up_to
+        for m, (cublas_m, rows_m) in report[label + " rows"].items():
+            if m <= up_to:  # (the report's times are rounded to 0.1 us)
+                assert rows_m <= 0.97 * cublas_m + 0.1
+        with torch.inference_mode():
+            for m in (2, 9, 16, 17):
+                xm = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
+                want, got = layer(xm), ops.linear(layer, xm)
+                if m <= up_to:
+                    assert (got - want).norm() / want.norm() <= 1e-2
+                else:
+                    assert torch.equal(got, want)

@@ -58,8 +58,9 @@ def test_greedy_equal_and_verify_steps_replay_graphs(tiny_models, prompts):
         assert got == want, spec
         spec_decoder = info["spec"]
         assert spec_decoder.verify_as_decodes and info["replays"] > 0
-        if info["stats"].num_draft_tokens > 0:  # verify steps ran as one-token rows (the graph form)
-            assert spec_decoder.num_row_steps > 0
+        if info["stats"].num_draft_tokens > 0:  # verify steps ran as one-token rows (the graph form),
+            assert spec_decoder.num_row_steps > 0  # their greedy tokens from the graphs' tail (argmax)
+            assert spec_decoder.num_tail_verifies > 0
         if spec_decoder.draft is not None:
             assert info["draft_replays"] > 0
         st = info["stats"]

@@ -254,6 +254,26 @@ def test_gemv(device, case):
     check(out, ref.gemv_ref(x, weight, bias), dtype)
 
 
+GEMV_ROWS_GPU = [(m, n, k, dt, b) for m in (2, 3, 9, 16) for n, k in ((960, 576), (576, 1536), (6144, 4096), (17, 4096))
+                 for dt in (BF16, torch.float16) for b in (False, True)]
+GEMV_ROWS_INTERP = [(3, 40, 300, BF16, True), (16, 17, 129, torch.float16, False), (1, 33, 64, BF16, False)]
+
+
+@pytest.mark.parametrize("device,case", backends(GEMV_ROWS_GPU, GEMV_ROWS_INTERP))
+def test_gemv_rows(device, case):
+    """Rows of a strided view (a verify step's hidden rows), every row against the fp32 reference;
+    K and N not multiples of the tiles."""
+    rows, num_out, k, dtype, with_bias = case
+    gen = torch.Generator().manual_seed(rows * 1000 + num_out + k)
+    x = torch.randn(rows, 2 * k, generator=gen).to(device, dtype)[:, :k]  # row stride 2K
+    weight = (torch.randn(num_out, k, generator=gen) / k ** 0.5).to(device, dtype)
+    bias = torch.randn(num_out, generator=gen).to(device, dtype) if with_bias else None
+    out = K.gemv_rows(x, weight, bias)
+    assert out.shape == (rows, num_out) and out.dtype == dtype
+    for i in range(rows):
+        check(out[i:i + 1], ref.gemv_ref(x[i:i + 1], weight, bias), dtype)
+
+
 # --- silu_and_mul -----------------------------------------------------------------------------
 
 SILU_GPU = [(t, i, dt) for t in (1, 7, 129, 8192) for i in (64, 1000, 14336) for dt in (BF16, FP32)]

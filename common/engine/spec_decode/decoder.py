@@ -60,6 +60,7 @@ class SpecDecoder:
         self.verify_as_decodes = False
         self._as_rows = False  # the step being launched runs as one-token rows (as_rows)
         self.num_row_steps = 0  # steps run as one-token rows (tests: the CUDA form ran)
+        self.num_tail_verifies = 0  # verify / bridge steps whose tokens came from the tail graph (greedy)
         self._cool: dict[str, list[int]] = {}  # req_id -> [steps left without drafting, last cool-down]
         self.num_cooled = 0  # request-steps that did not draft, cooling down (_cool_down)
         self.propose_seconds = 0.0  # host time in proposers (bench spec: the draft's cost)
@@ -275,9 +276,11 @@ class SpecDecoder:
         return awaits
 
     def verify(self, hidden: torch.Tensor, step: StepInputs, ordered: list[ScheduledRequest],
-               out: RunnerOutput, token_masks=None):
+               out: RunnerOutput, token_masks=None, greedy: bool = False):
         """Queue the tokens of every sampling request of a step with drafts, requests without
         drafts under their token masks (`token_masks`: the engine's StructuredOutputManager).
+        `greedy`: every sampled row takes the plain argmax (greedy_tail.plain_greedy); after a
+        decode graph its tail graph then gives every row's token, no logits or Sampler here.
         Nothing here waits for the device: -> (readback [N] int64 on the device, finish), and
         finish(readback as a host list) fills `out` (the runner's PendingOutput calls it after
         one copy to the host)."""
@@ -295,11 +298,18 @@ class SpecDecoder:
         for req_id, r in rows.items():
             spans[req_id] = len(flat)
             flat += r
-        if flat[-1] - flat[0] == len(flat) - 1:  # consecutive rows (batch 1, or every request drafting)
-            picked = hidden[flat[0]:flat[-1] + 1]
+        consecutive = flat[-1] - flat[0] == len(flat) - 1  # (batch 1, or every request drafting)
+        best = logits = None
+        if greedy and runner._step_graphed and runner.graphs.can_run_tail():  # every row's token in one replay
+            tokens = runner.graphs.run_tail(step.num_tokens)  # [T]: rows in token order (as_rows)
+            best = tokens[flat[0]:flat[-1] + 1] if consecutive else tokens.index_select(
+                0, to_device(flat, torch.int64, tokens.device))
+            runner.num_greedy_tail_steps += 1
+            self.num_tail_verifies += 1
         else:
-            picked = hidden.index_select(0, to_device(flat, torch.int64, hidden.device))
-        logits = runner.model.compute_logits(picked)  # [R, V]
+            picked = hidden[flat[0]:flat[-1] + 1] if consecutive else hidden.index_select(
+                0, to_device(flat, torch.int64, hidden.device))
+            logits = runner.model.compute_logits(picked)  # [R, V]
         spec = [req_id for req_id in rows if req_id in drafts]
         draft_rows = []
         for req_id in spec:
@@ -313,9 +323,10 @@ class SpecDecoder:
             draft_rows.append(DraftRows(first_row=spans[req_id], num_rows=bridge[req_id], draft_token_ids=[],
                                         draft_probs=None, params=first[req_id].params,
                                         first_position=int(step.positions[rows[req_id][0]]) + 1))
-        readback, finish_spec = queue_verify(logits, draft_rows, runner.sampler.shared_generator, position_seed)
+        readback, finish_spec = queue_verify(logits, draft_rows, runner.sampler.shared_generator, position_seed, best)
         plain = [req_id for req_id in rows if req_id not in drafts and req_id not in bridge]
-        if plain:
+        plain_at = [spans[req_id] for req_id in plain]  # each one's token in `readback` (tail: its row's)
+        if plain and best is None:
             reqs = [first[req_id] for req_id in plain]
             rows_plain = logits.index_select(0, to_device([spans[r] for r in plain], torch.int64, logits.device))
             previous = runner._last_pending  # a masked row's input may be in flight (launched before its result)
@@ -324,12 +335,13 @@ class SpecDecoder:
             tokens = runner.sampler.sample(rows_plain, reqs, runner.arch.eos_token_ids,
                                            [runner.generator(s) for s in reqs], bitmask)
             out.logprobs = runner.sampler.logprobs(rows_plain, tokens, reqs)  # waits only where asked
+            plain_at = list(range(readback.shape[0], readback.shape[0] + len(plain)))
             readback = torch.cat([readback, tokens])
-        num_spec_values = readback.shape[0] - len(plain)
+        num_spec_values = readback.shape[0] - (len(plain) if best is None else 0)
         # where each request's first token lies in `readback` (a step launched before this one's
         # result fills its input from there: a request whose drafts were dropped, see settle_guesses)
         self.sampled_index = {req_id: spans[req_id] for req_id in spec}
-        self.sampled_index.update((req_id, num_spec_values + i) for i, req_id in enumerate(plain))
+        self.sampled_index.update(zip(plain, plain_at))
         if bridged:  # a bridged request's token is row `accepted`'s: known once the verify step's result is
             self._when_verified(runner._last_pending, bridged, spans, bridge)
         guesses = getattr(self.proposer, "guesses", {})
@@ -342,7 +354,7 @@ class SpecDecoder:
         index, void = self.sampled_index, self._void  # this step's (prepare() replaces them)
 
         def finish(values: list[int]) -> None:
-            out.sampled_token_ids.update(zip(plain, values[num_spec_values:]))
+            out.sampled_token_ids.update((req_id, values[i]) for req_id, i in zip(plain, plain_at))
             for req_id in bridged:
                 if req_id in index:
                     out.sampled_token_ids[req_id] = values[index[req_id]]

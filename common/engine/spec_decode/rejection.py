@@ -61,16 +61,20 @@ def verify(logits: torch.Tensor, reqs: list[DraftRows], shared: torch.Generator,
     return finish(readback.tolist())
 
 
-def queue_verify(logits: torch.Tensor, reqs: list[DraftRows], shared: torch.Generator, position_seed):
+def queue_verify(logits: torch.Tensor | None, reqs: list[DraftRows], shared: torch.Generator, position_seed,
+                 best: torch.Tensor | None = None):
     """The device part of `verify`, queued without waiting for the device: -> (readback, finish).
+    `best`: every row's argmax token [R] where the caller has it (a greedy step's tail graph:
+    `logits` is then None and every request is greedy).
     readback: int64 [R + 2 L] on the device (L: rows decided by Leviathan's rule),
 
         | token per row [R] | accepted? per Leviathan row [L] | residual token per Leviathan row [L] |
 
     finish(readback as a host list) -> per request, its accepted drafts and the token after them
     (Python over the request's few rows)."""
-    device = logits.device
-    best = logits.argmax(dim=-1)  # [R]; rows of random requests get their samples instead
+    if best is None:
+        best = logits.argmax(dim=-1)  # [R]; rows of random requests get their samples instead
+    device = best.device
     random = [(r, j) for r in reqs if r.params.temperature != 0 for j in range(r.num_rows)]
     lev = []  # rows (in `random`) with a draft distribution: Leviathan's rule
     parts = [best]
