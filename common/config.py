@@ -87,7 +87,8 @@ class ModelConfig:
                                        "rank's vocab shard, no logits gather (engine/greedy_tail.py)", boolean=True)
     batch_invariant: bool = option(False, "CPU bfloat16: a request's tokens do not depend on what it is batched "
                                           "with (one-row products of layers with more inputs than outputs run as "
-                                          "two rows, the batch's summation order; about 4-10 percent of a "
+                                          "two rows, products of more than 32 rows in blocks of 32: oneDNN's "
+                                          "summation order changes with the row count; about 4-10 percent of a "
                                           "batch-1 step)",
                                    boolean=True)
     chat_template: str | None = option(None, "chat template: a Jinja file, or the template itself "

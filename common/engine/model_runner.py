@@ -169,8 +169,7 @@ class ModelRunner:
             extra = []
             if self.spec is not None:  # verify rows of 1..3 requests fill their graphs exactly
                 from pdserve.common.engine.spec_decode import verify_graph_sizes
-                from pdserve.common.engine.spec_decode.pipeline import OVERLAP_MAX_BATCH
-                extra = verify_graph_sizes(self.spec.config.num_speculative_tokens, OVERLAP_MAX_BATCH)
+                extra = verify_graph_sizes(self.spec.config.num_speculative_tokens)
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.num_kv_heads, self.block_size,
                                        self.scheduler_cfg.max_num_seqs, max_model_len, self.device, extra)
             with torch.inference_mode():

@@ -1,10 +1,12 @@
 """`--batch-invariant` (CPU bfloat16): a request's greedy tokens alone equal its tokens in a batch.
 
-SmolLM2 in bf16 on the CPU fast path: oneDNN's one-row GEMM sums the MLP's down projection
-(K = 1,536 > N = 576) in another order than its multi-row kernel, so without the flag some of the
-shipped grounded prompts decode other tokens alone than in a batch of 16 (5 of 16 when measured,
-docs/benchmarks.md, ninth session); with it every one matches, and n-gram speculation (verify
-rows are multi-row products) gives plain decoding's tokens at batch 1."""
+SmolLM2 in bf16 on the CPU fast path: oneDNN's kernel, and its order of summation, depends on the
+row count: on an AMD EPYC (AVX-512 BF16) its one-row GEMM sums the MLP's down projection
+(K = 1,536 > N = 576) in another order than its multi-row kernel (5 of 16 prompts decoded other
+tokens alone than in a batch of 16, docs/benchmarks.md, ninth session); on a Xeon with AMX every
+product of 33+ rows (the batch's prefill) differs from 1-32-row ones (3 of 16 prompts). With the
+flag every one matches on both, and n-gram speculation (verify rows are multi-row products)
+gives plain decoding's tokens at batch 1."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ def test_bf16_tokens_alone_equal_the_batch_s(smollm2_path):
     llm = LLM(smollm2_path, dtype="bfloat16", batch_invariant=True, max_model_len=1024)
     ops = llm.engine.runner.model.layers[0].mlp.ops
     assert len(ops._two_rows) == len(llm.engine.runner.model.layers)  # every down projection
+    assert ops._row_block == 32
     prompts = chat_prompts(llm.get_tokenizer(), rows)
     batch = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY,
                                                          use_tqdm=False)]

@@ -80,11 +80,14 @@ def test_seeded_sampling_rules_hold_on_cuda(tiny_models, prompts):
     assert k2 == k4
 
 
-def test_drafts_past_a_guessed_token_in_flight_on_cuda(tiny_model_factory, tmp_path_factory):
+def test_drafts_past_a_guessed_token_in_flight_on_cuda(tiny_model_factory, tmp_path_factory, monkeypatch):
     """A 512-token vocabulary (its greedy outputs soon repeat: the lookup finds drafts), prompts one
-    at a time: guessed verify steps happen, some guesses wrong, and bridge steps (launched before a
+    at a time, overlapped speculative steps (off by default: pipeline.OVERLAP_MAX_BATCH lifted):
+    guessed verify steps happen, some guesses wrong, and bridge steps (launched before a
     verify step's result, inputs filled on the device from its rows); tokens equal a run without
     drafts (the flow of test_spec_decode_overlap.guessed_flow, which the CPU runs too)."""
+    from pdserve.common.engine.spec_decode import pipeline
+    monkeypatch.setattr(pipeline, "OVERLAP_MAX_BATCH", 1 << 20)
     folder = tiny_model_factory(str(tmp_path_factory.mktemp("v512") / "llama"), "llama", vocab_size=512,
                                 initializer_range=0.02)
     want, _ = guessed_flow(folder, "cuda", gpu_memory_utilization=UTIL)

@@ -50,9 +50,12 @@ def max_draft_tokens(req: Request, k: int, max_model_len: int) -> int:
     return max(0, min(k, room))
 
 
-def verify_graph_sizes(k: int, overlap_max_batch: int) -> list[int]:
+VERIFY_GRAPH_REQUESTS = 3  # verify_graph_sizes: graphs for verify steps of up to this many drafting requests
+
+
+def verify_graph_sizes(k: int, num_requests: int = VERIFY_GRAPH_REQUESTS) -> list[int]:
     """Decode-graph batch sizes, beside the power-of-two buckets, that a speculative engine's
-    verify and bridge steps fill exactly: 1 .. overlap_max_batch - 1 requests of k + 1 one-token
-    rows each (steps run as rows: decoder.as_rows). One H200, SmolLM2 bf16: a 9-row step (k = 8)
-    padded to the 16-row graph cost 1.32-1.41 ms against ~1.04-1.11 for 8 rows and 0.69 for 1."""
-    return [b * (k + 1) for b in range(1, max(2, overlap_max_batch))]
+    verify and bridge steps fill exactly: 1 .. num_requests requests of k + 1 one-token rows each
+    (steps run as rows: decoder.as_rows). One H200, SmolLM2 bf16: a 9-row step (k = 8) padded to
+    the 16-row graph cost 1.32-1.41 ms against ~1.04-1.11 for 8 rows and 0.69 for 1."""
+    return [b * (k + 1) for b in range(1, num_requests + 1)]

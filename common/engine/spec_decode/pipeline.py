@@ -57,12 +57,18 @@ its token in flight back) and k+2 waits for k+1's result.
 Only for the n-gram proposer: a draft model drafts from the history on the device, which would
 miss the token in flight, so its steps never launch before the previous result.
 
-Only in small batches (`overlaps`): from OVERLAP_MAX_BATCH running requests on, steps run one at
-a time (EngineCore.step drains the step in flight first). One H200, SmolLM2 bf16, k = 8: at
-batch 16 the overlapped engine made 0.73x of plain decoding where one-at-a-time steps made
-1.05x (its verify steps' host 1.73 ms against 1.02: the guessed rows and drafts of 16 requests
-whose tokens are in flight, and a verify step waiting behind a plain one); at batch 1 the two
-were within 4 % (1.13x / 1.17x).
+Off by default (`overlaps`: below OVERLAP_MAX_BATCH running requests, which is 1): speculative
+steps run one at a time (EngineCore.step drains the step in flight first). One H200, SmolLM2
+bf16, k = 8: at batch 16 the overlapped engine made 0.73x of plain decoding where one-at-a-time
+steps made 1.05x (its verify steps' host 1.73 ms against 1.02: the guessed rows and drafts of 16
+requests whose tokens are in flight, and a verify step waiting behind a plain one), so it was
+kept to batches of 1-3; at batch 1 it then lost too, in every run since bridge steps came:
+1.17x / 1.28x (overlapped / one at a time), 1.19x / 1.33x, and 1.34x / 1.59x once a verify step
+of 9 rows got its own graph and the small-batch GEMVs (2026-12-01). Overlapped, only ~half of
+the guesses are right (96 of 206) and a bridge step yields one token, so it makes 1.48 tokens
+per step against 2.06; the ~0.27 ms of host before a verify step that it hides costs less.
+The mechanism stays (tests lift OVERLAP_MAX_BATCH to run it) for the day a bridge step also
+carries drafts.
 """
 
 from __future__ import annotations
@@ -71,7 +77,7 @@ from pdserve.common.engine.outputs import RunnerOutput
 from pdserve.common.request import Request
 
 
-OVERLAP_MAX_BATCH = 4  # from this many running requests on, speculative steps run one at a time
+OVERLAP_MAX_BATCH = 1  # from this many running requests on, speculative steps run one at a time (all: docstring)
 
 
 def overlaps(num_running: int) -> bool:
