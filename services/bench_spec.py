@@ -46,6 +46,7 @@ host scheduling, proposing and launching (speculative engines only; `EngineCore.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -62,8 +63,10 @@ def add_parser(bench_sub, add_engine_args) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="batch sizes to run (default: %(default)s)")
     p.add_argument("-k", "--spec-tokens", type=int, default=8, help="num_speculative_tokens (default: %(default)s)")
     p.add_argument("--methods", nargs="+", default=["none", "ngram", "draft"],
-                   choices=["none", "ngram", "ngram_all", "ngram_sync", "draft"],
-                   help="methods compared; ngram_sync: n-gram with steps one at a time (default: %(default)s)")
+                   choices=["none", "ngram", "ngram_all", "ngram_sync", "ngram_overlap", "draft"],
+                   help="methods compared; ngram_sync: n-gram without async scheduling; ngram_overlap: n-gram "
+                        "steps overlapped below 4 running requests (guessed drafts, bridge steps: "
+                        "spec_decode/pipeline.py, off by default) (default: %(default)s)")
     p.add_argument("--draft-model", default=None, help="draft of method draft (default: the target itself)")
     p.add_argument("--prompt-lookup-min", type=int, default=1, help="n-gram: shortest match (default: %(default)s)")
     p.add_argument("--prompt-lookup-max", type=int, default=4, help="n-gram: longest match (default: %(default)s)")
@@ -74,8 +77,8 @@ def add_parser(bench_sub, add_engine_args) -> None:
     p.add_argument("--json-out", default=None, help="write the results as JSON here")
     add_sweep_args(p)
     p.add_argument("--stages", action="store_true",
-                   help="none, n-gram without and with bridge steps, overlapped, per --batch-sizes: host ms per "
-                        "decode step by stage (bench_spec_stages.py)")
+                   help="none, n-gram one step at a time and overlapped (ngram_overlap), async scheduling on, "
+                        "per --batch-sizes: host ms per decode step by stage (bench_spec_stages.py)")
     add_engine_args(p)
     p.set_defaults(func=cmd_spec)
 
@@ -83,11 +86,25 @@ def add_parser(bench_sub, add_engine_args) -> None:
 def method_config(args, method: str, target: str) -> dict | None:
     if method == "none":
         return None
-    if method in ("ngram", "ngram_all", "ngram_sync"):
+    if method in ("ngram", "ngram_all", "ngram_sync", "ngram_overlap"):
         return {"method": "ngram", "num_speculative_tokens": args.spec_tokens,
                 "prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max,
                 "draft_budget": "all" if method == "ngram_all" else "auto"}
     return {"model": args.draft_model or target, "num_speculative_tokens": args.spec_tokens}
+
+
+@contextlib.contextmanager
+def overlap_policy(method: str):
+    """Method ngram_overlap: speculative steps overlapped below 4 running requests (the engine's
+    policy before 2026-12-01, pipeline.OVERLAP_MAX_BATCH) while its engine runs."""
+    from pdserve.common.engine.spec_decode import pipeline
+    before = pipeline.OVERLAP_MAX_BATCH
+    if method == "ngram_overlap":
+        pipeline.OVERLAP_MAX_BATCH = 4
+    try:
+        yield
+    finally:
+        pipeline.OVERLAP_MAX_BATCH = before
 
 
 def run_batch(llm, prompts: list[list[int]], max_tokens: int, tag: str) -> dict:
@@ -226,7 +243,7 @@ def cmd_spec(args) -> None:
         llm = LLM.from_config(engine_config(args, speculative_config=None, speculative_model=None,
                                             num_speculative_tokens=None))
         return run_sweep(args, llm, chat_prompts(llm.get_tokenizer(), rows)[:args.sequential_prompts])
-    if args.stages:  # none, n-gram without and with bridge steps, overlapped: their stages timed
+    if args.stages:  # none, n-gram one at a time and overlapped: their stages timed
         from pdserve.services.bench_spec_stages import run_stage_methods
 
         def build(method: str):
@@ -251,8 +268,9 @@ def cmd_spec(args) -> None:
         llms[method] = LLM.from_config(engine_config(args, speculative_config=method_config(args, method, target),
                                                      speculative_model=None, num_speculative_tokens=None, **share))
     prompts = chat_prompts(next(iter(llms.values())).get_tokenizer(), rows)
-    for llm in llms.values():  # warm-up (and the draft's first forward)
-        run_batch(llm, prompts[:2], 8, "warm")
+    for method, llm in llms.items():  # warm-up (and the draft's first forward)
+        with overlap_policy(method):
+            run_batch(llm, prompts[:2], 8, "warm")
     results = []
     for bs in args.batch_sizes:
         groups = ([[p] for p in prompts[:args.sequential_prompts]] if bs == 1
@@ -260,7 +278,8 @@ def cmd_spec(args) -> None:
         tallies = {m: Tally() for m in args.methods}
         for rep in range(args.repeats):
             for method, llm in llms.items():
-                tallies[method].measure(llm, groups, args.max_tokens, f"b{bs}-{rep}", rep == 0)
+                with overlap_policy(method):
+                    tallies[method].measure(llm, groups, args.max_tokens, f"b{bs}-{rep}", rep == 0)
         results += [t.row(m, bs, tallies.get("none")) for m, t in tallies.items()]
     any_llm = next(iter(llms.values()))
     summary = {"model": any_llm.engine.model_name, "device": str(any_llm.engine.runner.device),

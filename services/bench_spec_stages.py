@@ -88,26 +88,25 @@ def instrument(engine) -> StageTimer:
     return timer
 
 
-STAGE_METHODS = ("none", "ngram_no_bridge", "ngram")  # run in turn by --stages
+STAGE_METHODS = ("none", "ngram", "ngram_overlap")  # run in turn by --stages
 
 
 def run_stage_methods(args, build, prompts: list[list[int]], run_batch) -> dict:
-    """--stages: a plain engine, an n-gram engine without bridge steps (pipeline.BRIDGE off: the
-    engine before) and one with, each built by build(method) (overlapped steps), warmed up by
-    run_batch (bench_spec's, passed in: bench_spec imports this module), its
-    stages timed (run_stages) and shut down -> {method: {B: {kind: row}}}."""
-    from pdserve.common.engine.spec_decode import pipeline
+    """--stages: a plain engine, an n-gram engine (steps one at a time, the default) and one with
+    steps overlapped below 4 running requests (bench_spec.overlap_policy: guessed drafts, bridge
+    steps), each built by build(method) (async scheduling on), warmed up by run_batch
+    (bench_spec's, passed in: bench_spec imports this module), its stages timed (run_stages)
+    and shut down -> {method: {B: {kind: row}}}."""
+    from pdserve.services.bench_spec import overlap_policy
     tables = {}
     for method in STAGE_METHODS:
         llm = build(method)
-        bridge = pipeline.BRIDGE
-        pipeline.BRIDGE = method != "ngram_no_bridge"
         try:
-            run_batch(llm, prompts[:2], 8, "warm")
-            print(f"== {method}")
-            tables[method] = run_stages(args, llm, prompts)
+            with overlap_policy(method):
+                run_batch(llm, prompts[:2], 8, "warm")
+                print(f"== {method}")
+                tables[method] = run_stages(args, llm, prompts)
         finally:
-            pipeline.BRIDGE = bridge
             llm.shutdown()
     return tables
 

@@ -127,11 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p)
     p.set_defaults(func=cmd_chat, temperature=0.0)
 
-    from pdserve.services import bench, bench_gpu, bench_spec, bench_structured, disagg_cli, serve
+    from pdserve.services import bench, bench_gpu, bench_graphs, bench_spec, bench_structured, disagg_cli, serve
     bench_sub = bench.add_parser(sub, add_engine_args)
     bench_gpu.add_parser(bench_sub)  # `pdserve bench gpu` (H100 workloads)
     bench_structured.add_parser(bench_sub)  # `pdserve bench structured` (grammar vs none)
     bench_spec.add_parser(bench_sub, add_engine_args)  # `pdserve bench spec` (speculative decoding)
+    bench_graphs.add_parser(bench_sub, add_engine_args)  # `pdserve bench graphs` (decode-graph GPU ms per batch)
     serve.add_parser(sub, add_engine_args)
     from pdserve.services import quantize; quantize.add_parser(sub)
     disagg_cli.add_parsers(sub, add_engine_args)

@@ -75,15 +75,15 @@ def test_bench_spec_sweep_command(tmp_path, tiny_models):
 
 
 def test_bench_spec_stages_command(tmp_path, tiny_models):
-    """`bench spec --stages` (services/bench_spec_stages.py): per engine (none, n-gram without and
-    with bridge steps) and kind of decode step, its host ms by stage."""
+    """`bench spec --stages` (services/bench_spec_stages.py): per engine (none, n-gram one step at
+    a time, n-gram overlapped) and kind of decode step, its host ms by stage."""
     out = tmp_path / "stages.json"
     proc = pdserve("bench", "spec", "--stages", "--model", tiny_models["llama"], "--max-tokens", "12",
                    "--sequential-prompts", "2", "--batch-sizes", "1", "3", "--kv-cache-memory", "0.1",
                    "--dtype", "float32", "--json-out", str(out))
     assert proc.returncode == 0, proc.stderr
     by_method = json.loads(out.read_text())
-    assert set(by_method) == {"none", "ngram_no_bridge", "ngram"}  # a plain engine, n-gram without and with bridges
+    assert set(by_method) == {"none", "ngram", "ngram_overlap"}  # a plain engine, n-gram one at a time, overlapped
     for method, tables in by_method.items():
         assert set(tables) == {"1", "3"}
         for table in tables.values():
@@ -111,3 +111,11 @@ def test_replay_bridges_a_verify_step():
     ends = replay([(sample[0][0], sample[0][1][:5])], 1, 2, 3, max_tokens=100, plain_ms=1.0, verify_ms=2.0,
                   bridge=True, bridge_ms=1.25)
     assert (ends.steps, ends.bridge_steps, ends.bridge_void, ends.tokens) == (2, 1, 0, 4)
+
+
+def test_bench_graphs_needs_cuda_graphs(tiny_models):
+    """`bench graphs` (services/bench_graphs.py) times CUDA-graph replays: elsewhere one line says so."""
+    proc = pdserve("bench", "graphs", "--model", tiny_models["llama"], "--kv-cache-memory", "0.1", "--dtype", "float32")
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == \
+        "bench graphs: the engine has no CUDA graphs (CUDA only, without --enforce-eager)"

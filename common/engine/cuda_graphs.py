@@ -57,6 +57,7 @@ class DecodeGraphs:
         self.model = model
         self.kv_caches = kv_caches
         self.device = device
+        self.block_size = block_size
         self.sizes = sorted(set(bucket_sizes(max_num_seqs)) | set(extra_sizes))
         self.max_batch = self.sizes[-1]
         self.max_blocks = -(-max_model_len // block_size)
