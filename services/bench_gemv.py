@@ -58,6 +58,8 @@ def graph_us(calls: list, reps: int = 3, device: str = "cuda") -> float:
     """Microseconds per call: `calls` captured once into a CUDA graph, replayed `reps` times
     (on CPU: run once, wall time)."""
     import torch
+
+    from pdserve.kernels.timing import event_ms
     if device != "cuda":
         t0 = time.perf_counter()
         for call in calls:
@@ -71,13 +73,7 @@ def graph_us(calls: list, reps: int = 3, device: str = "cuda") -> float:
         for call in calls:
             call()
     graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return 1000 * start.elapsed_time(end) / (reps * len(calls))
+    return 1000 * event_ms(graph.replay, reps) / len(calls)
 
 
 def _rotation(make, nbytes: int, rotation_bytes: int) -> list:

@@ -7,9 +7,11 @@ leaves only one launch per step.
     buckets: 1 2 4 8 16 32 64 128 256 (those <= max_num_seqs, plus max_num_seqs itself), and
              past 256 one per 128 up to max_num_seqs (--max-num-seqs 512: 384, 512), so a
              larger batch still replays a graph instead of running ~500 eager launches; plus
-             the sizes a speculative engine's verify steps fill (spec_decode.verify_graph_sizes)
+             the sizes a speculative engine's verify steps fill (spec_decode.verify_graph_sizes),
+             and for those engines a grouped graph of each size up to them: its decode attention
+             reads a verify step's rows of one request as one group (StepInputs.row_groups)
     static device buffers (one int32 block, filled by one pinned copy per step):
-        | ids maxB | positions maxB | slots maxB | context_lens maxB | sample rows maxB | table maxB x M |
+        | ids maxB | positions maxB | slots maxB | context_lens maxB | sample rows maxB | row groups maxB | table maxB x M |
     a step of B decodes replays the smallest bucket bs >= B; rows B..bs are padding:
         slot -1 (store_kv skips it), context_len 0 (attention writes zeros), token 0, position 0
     graph: model forward only -> hidden [bs, h]; logits and sampling run eagerly on the rows
@@ -52,8 +54,10 @@ def bucket_sizes(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model, kv_caches: list[torch.Tensor], num_kv_heads: int, block_size: int,
-                 max_num_seqs: int, max_model_len: int, device: torch.device, extra_sizes=()):
-        """extra_sizes: batch sizes captured beside the buckets (a speculative engine's verify rows)."""
+                 max_num_seqs: int, max_model_len: int, device: torch.device, extra_sizes=(), group_rows: int = 0):
+        """extra_sizes: batch sizes captured beside the buckets (a speculative engine's verify rows);
+        group_rows > 0: also a grouped graph of each size up to the largest extra one, for steps with
+        row groups of up to group_rows rows (a verify step's rows: StepInputs.row_groups)."""
         self.model = model
         self.kv_caches = kv_caches
         self.device = device
@@ -62,27 +66,37 @@ class DecodeGraphs:
         self.max_batch = self.sizes[-1]
         self.max_blocks = -(-max_model_len // block_size)
         self.num_splits = {bs: choose_num_splits(bs, num_kv_heads, max_model_len, device) for bs in self.sizes}
+        self.group_rows = group_rows
+        grouped_max = max(extra_sizes, default=0) if group_rows else 0
+        # a grouped step's programs that work are one per group: splits chosen for that many
+        self.group_splits = {bs: choose_num_splits(max(1, bs // group_rows), num_kv_heads, max_model_len, device)
+                             for bs in self.sizes if bs <= grouped_max}
         n, m = self.max_batch, self.max_blocks
         # host staging in the static layout; the device block is uploaded whole up to the table rows used
-        self._host_arrays = [np.zeros(n, np.int32) for _ in range(5)] + [np.zeros((n, m), np.int32)]
+        self._host_arrays = [np.zeros(n, np.int32) for _ in range(6)] + [np.zeros((n, m), np.int32)]
         self._host_arrays[2][:] = -1
-        self._upload = PackedUpload(device, 5 * n + n * m + 64)
-        ids, pos, slots, ctx, rows, table = self._upload.upload(self._host_arrays)
-        self._static = dict(ids=ids, pos=pos, slots=slots, ctx=ctx, rows=rows, table=table.view(n, m))
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._outputs: dict[int, torch.Tensor] = {}
-        self._tail_graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self._tokens: dict[int, torch.Tensor] = {}  # bucket -> the tail graph's tokens [bs] int64
-        self._last_bucket: int | None = None  # of the last forward replay, which run_tail follows
+        self._host_arrays[5][:] = 1  # row groups: padding rows lead themselves
+        self._upload = PackedUpload(device, 6 * n + n * m + 64)
+        ids, pos, slots, ctx, rows, groups, table = self._upload.upload(self._host_arrays)
+        self._static = dict(ids=ids, pos=pos, slots=slots, ctx=ctx, rows=rows, groups=groups, table=table.view(n, m))
+        # keyed by (bucket, grouped)
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._outputs: dict[tuple[int, bool], torch.Tensor] = {}
+        self._tail_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._tokens: dict[tuple[int, bool], torch.Tensor] = {}  # the tail graph's tokens [bs] int64
+        self._last_bucket: tuple[int, bool] | None = None  # of the last forward replay, which run_tail follows
         self.num_replays = 0
+        self.num_grouped_replays = 0
         self.num_tail_replays = 0
 
-    def _metadata(self, bs: int) -> TritonMetadata:
+    def _metadata(self, bs: int, grouped: bool) -> TritonMetadata:
         st = self._static
         return TritonMetadata(slot_mapping=st["slots"][:bs], num_decodes=bs, decode_block_tables=st["table"][:bs],
                               decode_context_lens=st["ctx"][:bs], decode_max_context=0,
-                              decode_num_splits=self.num_splits[bs], prefill_block_tables=None,
-                              prefill_query_start_loc=None, prefill_context_lens=None)
+                              decode_num_splits=self.group_splits[bs] if grouped else self.num_splits[bs],
+                              prefill_block_tables=None, prefill_query_start_loc=None, prefill_context_lens=None,
+                              decode_row_groups=st["groups"][:bs] if grouped else None,
+                              decode_group_rows=self.group_rows if grouped else 1)
 
     def capture(self, tail=None) -> None:
         """Warm up (compiles the kernels for this shape) and capture each bucket, largest first;
@@ -90,21 +104,24 @@ class DecodeGraphs:
         The static buffers hold padding only, so neither run writes the KV cache."""
         pool = torch.cuda.graph_pool_handle()
         st = self._static
-        for bs in reversed(self.sizes):
-            meta = self._metadata(bs)
+        keys = [(bs, grouped) for bs in reversed(self.sizes) for grouped in (False, True)
+                if not grouped or bs in self.group_splits]
+        for key in keys:
+            bs = key[0]
+            meta = self._metadata(*key)
             self.model(st["ids"][:bs], st["pos"][:bs], self.kv_caches, meta)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                self._outputs[bs] = self.model(st["ids"][:bs], st["pos"][:bs], self.kv_caches, meta)
-            self._graphs[bs] = graph
+                self._outputs[key] = self.model(st["ids"][:bs], st["pos"][:bs], self.kv_caches, meta)
+            self._graphs[key] = graph
             if tail is not None:
-                tail(self._outputs[bs])  # warm-up (every rank: its all-gather pairs up)
+                tail(self._outputs[key])  # warm-up (every rank: its all-gather pairs up)
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    self._tokens[bs] = tail(self._outputs[bs])
-                self._tail_graphs[bs] = graph
+                    self._tokens[key] = tail(self._outputs[key])
+                self._tail_graphs[key] = graph
         torch.cuda.synchronize(self.device)
 
     def can_run(self, step: StepInputs) -> bool:
@@ -115,20 +132,25 @@ class DecodeGraphs:
         `fill(input_ids)` writes the inputs sampled by the step in flight (ModelRunner)."""
         num = step.num_reqs
         bs = next(b for b in self.sizes if b >= num)
-        ids, pos, slots, ctx, rows, table = self._host_arrays
+        key = (bs, step.row_groups is not None and bs in self.group_splits
+               and int(step.row_groups.max()) <= self.group_rows)
+        ids, pos, slots, ctx, rows, groups, table = self._host_arrays
         ids[:num], pos[:num], slots[:num], ctx[:num] = (step.input_ids, step.positions, step.slot_mapping,
                                                         step.context_lens)
         ids[num:bs], pos[num:bs], slots[num:bs], ctx[num:bs] = 0, 0, -1, 0
+        if key[1]:
+            groups[:num], groups[num:bs] = step.row_groups, 1
         rows[:len(step.sample_rows)] = step.sample_rows
         table[:num, :step.block_table.shape[1]] = step.block_table
         # one copy of the whole static block up to the last table row this bucket reads
-        self._upload.upload(self._host_arrays[:5] + [table[:bs]])
+        self._upload.upload(self._host_arrays[:6] + [table[:bs]])
         if fill is not None:
             fill(self._static["ids"][:num])
-        self._graphs[bs].replay()
-        self._last_bucket = bs
+        self._graphs[key].replay()
+        self._last_bucket = key
         self.num_replays += 1
-        return self._outputs[bs], self._static["rows"][:len(step.sample_rows)]
+        self.num_grouped_replays += key[1]
+        return self._outputs[key], self._static["rows"][:len(step.sample_rows)]
 
     def can_run_tail(self) -> bool:
         """The last `run` has a tail graph (captured with one)."""
@@ -137,7 +159,7 @@ class DecodeGraphs:
     def run_tail(self, num: int) -> torch.Tensor:
         """Replay the tail of the last `run`'s bucket -> tokens [num] int64 of its first num rows
         (a view of the static buffer: valid until the bucket's next tail replay)."""
-        bs = self._last_bucket
-        self._tail_graphs[bs].replay()
+        key = self._last_bucket
+        self._tail_graphs[key].replay()
         self.num_tail_replays += 1
-        return self._tokens[bs][:num]
+        return self._tokens[key][:num]

@@ -166,12 +166,13 @@ class ModelRunner:
         self._step_graphed = False  # the step in _forward replayed a decode graph
         if self.device.type == "cuda" and ops is not TORCH_OPS and not enforce_eager:
             from pdserve.common.engine.cuda_graphs import DecodeGraphs
-            extra = []
-            if self.spec is not None:  # verify rows of 1..3 requests fill their graphs exactly
+            extra, group_rows = [], 0
+            if self.spec is not None:  # verify rows of 1..3 requests fill their graphs exactly, as groups
                 from pdserve.common.engine.spec_decode import verify_graph_sizes
                 extra = verify_graph_sizes(self.spec.config.num_speculative_tokens)
+                group_rows = self.spec.config.num_speculative_tokens + 1
             self.graphs = DecodeGraphs(self.model, self.kv_caches, self.num_kv_heads, self.block_size,
-                                       self.scheduler_cfg.max_num_seqs, max_model_len, self.device, extra)
+                                       self.scheduler_cfg.max_num_seqs, max_model_len, self.device, extra, group_rows)
             with torch.inference_mode():
                 self.graphs.capture(self.greedy_tail)
         if self.spec is not None:

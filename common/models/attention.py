@@ -60,6 +60,9 @@ class StepInputs:
     context_lens: np.ndarray  # [B] tokens in cache after this step's store (start_pos + num_tokens)
     block_table: np.ndarray  # [B, M] zero-padded past each request's last needed block
     sample_rows: np.ndarray  # [S] token row of each sampling request's last token, in request order
+    # decode rows only: [B] row groups of one-token rows that share a sequence (a verify step's
+    # [t, d1 .. dn] as rows): n on a group's first row, 0 on the others (kernels/decode_attention.py)
+    row_groups: np.ndarray | None = None
 
     @property
     def num_reqs(self) -> int:

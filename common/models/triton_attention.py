@@ -33,6 +33,7 @@ from pdserve.common.models.packed_upload import PackedUpload
 from pdserve.kernels.activation import silu_and_mul
 from pdserve.kernels.decode_attention import paged_decode_attention
 from pdserve.kernels.gemv import ROWS_CONFIGS, ROWS_MAX, gemv, gemv_rows
+from pdserve.kernels.timing import graph_us
 from pdserve.kernels.prefill_attention import paged_prefill_attention
 from pdserve.kernels.rms_norm import rms_norm
 from pdserve.kernels.rotary import apply_rotary, rotary_store_kv
@@ -48,6 +49,8 @@ class TritonMetadata:
     prefill_block_tables: torch.Tensor | None  # [Bp, M] int32; None: decode-only step
     prefill_query_start_loc: torch.Tensor | None  # [Bp + 1] int32, from the first prefill token
     prefill_context_lens: torch.Tensor | None  # [Bp] int32
+    decode_row_groups: torch.Tensor | None = None  # [Bd] int32 (StepInputs.row_groups); None: none
+    decode_group_rows: int = 1  # with decode_row_groups: the longest group (a compiled bound)
 
 
 class TritonPagedAttention(PagedAttentionBase):
@@ -72,7 +75,8 @@ class TritonPagedAttention(PagedAttentionBase):
     def _decode(self, q, k_cache, v_cache, meta: TritonMetadata) -> torch.Tensor:
         return paged_decode_attention(q, k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens,
                                       self.scale, self.sliding_window, num_splits=meta.decode_num_splits,
-                                      max_context_len=meta.decode_max_context, **self._scale_kwargs())
+                                      max_context_len=meta.decode_max_context, row_groups=meta.decode_row_groups,
+                                      max_group_rows=meta.decode_group_rows, **self._scale_kwargs())
 
     def _prefill(self, q, k_cache, v_cache, meta: TritonMetadata) -> torch.Tensor:
         return paged_prefill_attention(q, k_cache, v_cache, meta.prefill_block_tables, meta.prefill_query_start_loc,
@@ -162,20 +166,20 @@ def choose_gemv(ops: TritonOps, model: torch.nn.Module, reps: int = 20, margin: 
             continue
         seen.add(key)
         x = torch.randn(1, layer.weight.shape[1], dtype=layer.weight.dtype, device=layer.weight.device)
-        cublas_us = _graph_time_us(lambda: layer(x), reps)
-        gemv_us = _graph_time_us(lambda: gemv(x, layer.weight, layer.bias), reps)
+        cublas_us = graph_us(lambda: layer(x), reps)
+        gemv_us = graph_us(lambda: gemv(x, layer.weight, layer.bias), reps)
         chosen = gemv_us < (1 - margin) * cublas_us
         if chosen:
             ops.gemv_weights.add(key)
         label = "x".join(map(str, key[0]))
         report[label] = (round(cublas_us, 1), round(gemv_us, 1), chosen)
         x16 = torch.randn(ROW_COUNTS[-1], layer.weight.shape[1], dtype=layer.weight.dtype, device=layer.weight.device)
-        config = min(ROWS_CONFIGS, key=lambda c: _graph_time_us(lambda: gemv_rows(x16, layer.weight, layer.bias, c), reps))
+        config = min(ROWS_CONFIGS, key=lambda c: graph_us(lambda: gemv_rows(x16, layer.weight, layer.bias, c), reps))
         rows_us, up_to, smaller = {}, 0, 0
         for m in ROW_COUNTS:
             xm = x16[:m]
-            rows_us[m] = (round(_graph_time_us(lambda: layer(xm), reps), 1),
-                          round(_graph_time_us(lambda: gemv_rows(xm, layer.weight, layer.bias, config), reps), 1))
+            rows_us[m] = (round(graph_us(lambda: layer(xm), reps), 1),
+                          round(graph_us(lambda: gemv_rows(xm, layer.weight, layer.bias, config), reps), 1))
             if up_to == smaller and rows_us[m][1] < (1 - margin) * rows_us[m][0]:  # (every smaller count won too)
                 up_to = m
             smaller = m
@@ -183,23 +187,6 @@ def choose_gemv(ops: TritonOps, model: torch.nn.Module, reps: int = 20, margin: 
             ops.gemv_rows[key] = (up_to, config)
         report[label + " rows"], report[label + " rows up to"], report[label + " rows config"] = rows_us, up_to, config
     return report
-
-
-def _graph_time_us(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(reps):
-            fn()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return 1000 * start.elapsed_time(end) / (5 * reps)
 
 
 class TritonInputs:
@@ -212,14 +199,19 @@ class TritonInputs:
         nd, num_reqs = step.num_decodes, step.num_reqs
         has_prefill = num_reqs > nd
         prefill_qsl = step.query_start_loc[nd:] - nd
-        ids, pos, slots, ctx, qsl, rows, table = self.upload.upload(
-            [step.input_ids, step.positions, step.slot_mapping, step.context_lens, prefill_qsl, step.sample_rows,
-             step.block_table])
+        arrays = [step.input_ids, step.positions, step.slot_mapping, step.context_lens, prefill_qsl,
+                  step.sample_rows, step.block_table]
+        groups = step.row_groups if nd == num_reqs else None  # (decode-only steps: rows as verify steps run)
+        if groups is not None:
+            arrays.append(groups)
+        ids, pos, slots, ctx, qsl, rows, table, *uploaded = self.upload.upload(arrays)
         table = table.view(step.block_table.shape)
         meta = TritonMetadata(
             slot_mapping=slots, num_decodes=nd, decode_block_tables=table[:nd], decode_context_lens=ctx[:nd],
             decode_max_context=int(step.context_lens[:nd].max()) if nd else 0, decode_num_splits=None,
             prefill_block_tables=table[nd:] if has_prefill else None,
             prefill_query_start_loc=qsl if has_prefill else None,
-            prefill_context_lens=ctx[nd:] if has_prefill else None)
+            prefill_context_lens=ctx[nd:] if has_prefill else None,
+            decode_row_groups=uploaded[0] if groups is not None else None,
+            decode_group_rows=int(groups.max()) if groups is not None else 1)
         return ids, pos, meta, rows

@@ -259,18 +259,19 @@ config = EngineConfig(model=ModelConfig(model=sys.argv[2], max_model_len=256, dt
 prompts = [list(range(5, 8)), list(range(5, 22)), list(range(5, 45)), [9], list(range(5, 25)) + [7, 8]]
 
 class EagerReplay:  # stands in for a captured graph: the same forward over the static buffers
-    def __init__(self, graphs, bs):
-        self.graphs, self.bs = graphs, bs
+    def __init__(self, graphs, key):
+        self.graphs, self.key = graphs, key
     def replay(self):
-        g, bs = self.graphs, self.bs
-        g._outputs[bs].copy_(g.model(g._static["ids"][:bs], g._static["pos"][:bs], g.kv_caches, g._metadata(bs)))
+        g, bs = self.graphs, self.key[0]
+        g._outputs[self.key].copy_(g.model(g._static["ids"][:bs], g._static["pos"][:bs], g.kv_caches,
+                                           g._metadata(*self.key)))
 
 class EagerTail:  # a captured tail graph (greedy_tail.py): the bucket's tokens from its hidden
-    def __init__(self, graphs, bs, tail):
-        self.graphs, self.bs, self.tail = graphs, bs, tail
+    def __init__(self, graphs, key, tail):
+        self.graphs, self.key, self.tail = graphs, key, tail
     def replay(self):  # a new tensor, not the static one overwritten: on CPU the step's PendingOutput
         # holds the tokens themselves (on CUDA it copies them to pinned memory at launch)
-        self.graphs._tokens[self.bs] = self.tail(self.graphs._outputs[self.bs])
+        self.graphs._tokens[self.key] = self.tail(self.graphs._outputs[self.key])
 
 def run(backend):  # torch: one step at a time; triton and graphs: overlapped steps (placeholder fills)
     import dataclasses
@@ -283,10 +284,11 @@ def run(backend):  # torch: one step at a time; triton and graphs: overlapped st
         runner.graphs = DecodeGraphs(runner.model, runner.kv_caches, engine.arch.num_kv_heads, runner.block_size,
                                      6, 256, runner.device)
         for bs in runner.graphs.sizes:
-            runner.graphs._graphs[bs] = EagerReplay(runner.graphs, bs)
-            runner.graphs._outputs[bs] = torch.full((bs, engine.arch.hidden_size), float("nan"))
-            runner.graphs._tail_graphs[bs] = EagerTail(runner.graphs, bs, runner.greedy_tail)
-            runner.graphs._tokens[bs] = torch.full((bs,), -7, dtype=torch.long)
+            key = (bs, False)
+            runner.graphs._graphs[key] = EagerReplay(runner.graphs, key)
+            runner.graphs._outputs[key] = torch.full((bs, engine.arch.hidden_size), float("nan"))
+            runner.graphs._tail_graphs[key] = EagerTail(runner.graphs, key, runner.greedy_tail)
+            runner.graphs._tokens[key] = torch.full((bs,), -7, dtype=torch.long)
     for i, p in enumerate(prompts):
         engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     done = {}

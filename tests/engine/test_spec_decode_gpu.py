@@ -41,6 +41,7 @@ def run(folder, prompts, params, **kw):
     tokens = [[c.token_ids for c in o.outputs] for o in outs]
     spec = engine.runner.spec
     info = {"spec": spec, "replays": engine.runner.graphs.num_replays, "stats": engine.stats().spec_decode,
+            "grouped": engine.runner.graphs.num_grouped_replays,
             "draft_replays": spec.draft.runner.graphs.num_replays if spec is not None and spec.draft else None}
     llm.shutdown()
     assert torch.cuda.memory_allocated() < 2**30, "shutdown left the engine's memory allocated"
@@ -61,6 +62,7 @@ def test_greedy_equal_and_verify_steps_replay_graphs(tiny_models, prompts):
         if info["stats"].num_draft_tokens > 0:  # verify steps ran as one-token rows (the graph form),
             assert spec_decoder.num_row_steps > 0  # their greedy tokens from the graphs' tail (argmax)
             assert spec_decoder.num_tail_verifies > 0
+            assert info["grouped"] > 0  # their attention read each request's rows as one group
         if spec_decoder.draft is not None:
             assert info["draft_replays"] > 0
         st = info["stats"]

@@ -109,6 +109,47 @@ def test_paged_decode_attention(device, case):
     check(out, ref.paged_decode_attention_ref(*args), dtype)
 
 
+# (group sizes, last context of each group, num_heads, num_kv_heads, head_dim, block_size, dtype, window, num_splits)
+DECODE_GROUPS_GPU = [
+    ([9], [600], 9, 3, 64, 16, BF16, None, 64),                     # SmolLM2's verify step, k = 8
+    ([9, 1, 9], [2000, 37, 64], 9, 3, 64, 16, BF16, None, 10),
+    ([5, 3, 1, 16], [4100, 700, 1, 16], 32, 8, 128, 16, BF16, None, None),
+    ([16, 2], [300, 2], 64, 8, 128, 16, BF16, None, 4),             # GQA 8 x 16 rows: 128 query rows
+    ([9, 4], [1300, 90], 32, 8, 128, 16, BF16, 256, 6),             # sliding window
+    ([7, 7], [513, 100], 16, 4, 64, 32, FP32, None, 1),
+]
+DECODE_GROUPS_INTERP = [
+    ([3, 1, 2], [40, 5, 17], 4, 2, 64, 16, FP32, None, 3),
+    ([4, 1], [70, 0], 4, 1, 64, 16, BF16, None, 2),                 # a padded row (no context)
+    ([5], [33], 6, 2, 64, 8, FP32, 10, 4),                          # window shorter than the group's span
+    ([2, 2], [19, 64], 8, 8, 32, 16, BF16, None, None),
+]
+
+
+@pytest.mark.parametrize("device,case", backends(DECODE_GROUPS_GPU, DECODE_GROUPS_INTERP))
+def test_paged_decode_attention_row_groups(device, case):
+    """Row groups (a verify step's rows of one sequence, contexts growing by one): every row as
+    the reference computes it alone, whatever the split count; rows after a group's first do
+    nothing of their own (their program returns), so each output comes from the leader's."""
+    sizes, lasts, num_heads, num_kv_heads, head_dim, block_size, dtype, window, num_splits = case
+    kv = make_paged_kv(lasts, num_kv_heads, head_dim, block_size, dtype, device, seed=len(sizes))
+    contexts, tables, groups = [], [], []
+    for g, (n, last) in enumerate(zip(sizes, lasts)):
+        for i in range(n):
+            contexts.append(max(0, last - (n - 1) + i))
+            tables.append(kv.block_tables[g])
+            groups.append(n if i == 0 else 0)
+    context_lens = torch.tensor(contexts, dtype=torch.int32, device=device)
+    block_tables = torch.stack(tables)
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(len(contexts), num_heads, head_dim, generator=gen).to(device, dtype)
+    scale = head_dim ** -0.5
+    args = (q, kv.k_cache, kv.v_cache, block_tables, context_lens, scale, window)
+    row_groups = torch.tensor(groups, dtype=torch.int32, device=device)
+    out = K.paged_decode_attention(*args, num_splits=num_splits, row_groups=row_groups, max_group_rows=max(sizes))
+    check(out, ref.paged_decode_attention_ref(*args), dtype)
+
+
 # --- prefill attention ------------------------------------------------------------------------
 
 # (query_lens, prefix_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, sliding_window)

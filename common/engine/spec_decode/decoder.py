@@ -187,11 +187,14 @@ class SpecDecoder:
             return step
         num_tokens = step.num_tokens
         self.num_row_steps += 1
-        req_of_token = np.repeat(np.arange(step.num_reqs), np.diff(step.query_start_loc))  # [T]
+        lens = np.diff(step.query_start_loc)
+        req_of_token = np.repeat(np.arange(step.num_reqs), lens)  # [T]
+        row_groups = np.zeros(num_tokens, np.int32)  # a request's rows form a group (decode attention
+        row_groups[step.query_start_loc[:-1]] = lens  # reads their shared K/V once)
         return StepInputs(num_decodes=num_tokens, input_ids=step.input_ids, positions=step.positions,
                           slot_mapping=step.slot_mapping, query_start_loc=np.arange(num_tokens + 1, dtype=np.int32),
                           context_lens=step.positions + 1, block_table=step.block_table[req_of_token],
-                          sample_rows=step.sample_rows)
+                          sample_rows=step.sample_rows, row_groups=row_groups)
 
     def _cool_down(self, want: list[ScheduledRequest]) -> list[ScheduledRequest]:
         """Per-request adaptive drafting, in batches only (at batch 1 a verify step costs about
