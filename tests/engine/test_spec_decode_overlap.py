@@ -118,7 +118,8 @@ def guessed_flow(folder, device, **kw):
     prompts (`guessed_prompts`: 9 .. 130 tokens of a 512-token vocabulary) through LLM.generate
     one at a time (batch 1), default block size, max_model_len 512, 40 greedy tokens each; verify
     steps run as one-token rows on either device. -> (tokens per prompt, (spec stats, graph
-    replays, async scheduling, the runner's SpecDecoder)); the pool is whole."""
+    replays (of them grouped: a second int), async scheduling, the runner's SpecDecoder)); the
+    pool is whole."""
     prompts = guessed_prompts()
     greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     llm = LLM(folder, device=device, dtype="float32", max_model_len=512, **kw)
@@ -127,8 +128,8 @@ def guessed_flow(folder, device, **kw):
     assert engine.kv.num_free_blocks == engine.runner.num_blocks, "KV blocks leaked"
     assert engine._inflight is None
     graphs = engine.runner.graphs
-    info = engine.stats().spec_decode, None if graphs is None else graphs.num_replays, engine.async_scheduling, \
-        engine.runner.spec
+    replays = None if graphs is None else (graphs.num_replays, graphs.num_grouped_replays)
+    info = engine.stats().spec_decode, replays, engine.async_scheduling, engine.runner.spec
     llm.shutdown()
     return outs, info
 

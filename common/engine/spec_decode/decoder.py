@@ -34,6 +34,7 @@ from pdserve.common.models.attention import StepInputs
 
 
 COOL_MAX = 16  # the longest cool-down (steps) of a request whose drafts keep being rejected
+ROW_GROUPS = True  # as_rows marks each request's rows as a group (decode attention reads its K/V once)
 
 
 class SpecDecoder:
@@ -189,8 +190,10 @@ class SpecDecoder:
         self.num_row_steps += 1
         lens = np.diff(step.query_start_loc)
         req_of_token = np.repeat(np.arange(step.num_reqs), lens)  # [T]
-        row_groups = np.zeros(num_tokens, np.int32)  # a request's rows form a group (decode attention
-        row_groups[step.query_start_loc[:-1]] = lens  # reads their shared K/V once)
+        row_groups = None
+        if ROW_GROUPS:  # a request's rows form a group (decode attention reads their shared K/V once)
+            row_groups = np.zeros(num_tokens, np.int32)
+            row_groups[step.query_start_loc[:-1]] = lens
         return StepInputs(num_decodes=num_tokens, input_ids=step.input_ids, positions=step.positions,
                           slot_mapping=step.slot_mapping, query_start_loc=np.arange(num_tokens + 1, dtype=np.int32),
                           context_lens=step.positions + 1, block_table=step.block_table[req_of_token],
