@@ -10,7 +10,7 @@ leaves only one launch per step.
              the sizes a speculative engine's verify steps fill (spec_decode.verify_graph_sizes),
              and for those engines a grouped graph of each size up to them: its decode attention
              reads a verify step's rows of one request as one group (StepInputs.row_groups),
-             replayed from GROUPED_MIN_CONTEXT tokens of context on
+             replayed from triton_attention.GROUPED_MIN_CONTEXT tokens of context on
     static device buffers (one int32 block, filled by one pinned copy per step):
         | ids maxB | positions maxB | slots maxB | context_lens maxB | sample rows maxB | row groups maxB | table maxB x M |
     a step of B decodes replays the smallest bucket bs >= B; rows B..bs are padding:
@@ -36,6 +36,7 @@ import torch
 
 from pdserve.common.models.attention import StepInputs
 from pdserve.common.models.packed_upload import PackedUpload
+from pdserve.common.models import triton_attention
 from pdserve.common.models.triton_attention import TritonMetadata
 from pdserve.kernels.decode_attention import choose_num_splits
 
@@ -43,11 +44,6 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 LARGE_BUCKET_STEP = 128  # buckets past BUCKETS[-1]
-# A step with row groups replays its grouped graph only from this much context on: one program per
-# group's tile of n * G query rows pays where the K/V is long, while on a short context the
-# per-row programs finish sooner. One H200, SmolLM2 bf16, a 9-row verify graph, grouped vs not:
-# 0.947 vs 0.825 ms at 150 tokens of context, 0.958 vs 0.990 at 600, 0.886 vs 1.688 at 2,000.
-GROUPED_MIN_CONTEXT = 512
 
 
 def bucket_sizes(max_num_seqs: int) -> list[int]:
@@ -140,7 +136,7 @@ class DecodeGraphs:
         bs = next(b for b in self.sizes if b >= num)
         key = (bs, step.row_groups is not None and bs in self.group_splits
                and int(step.row_groups.max()) <= self.group_rows
-               and int(step.context_lens.max()) >= GROUPED_MIN_CONTEXT)
+               and int(step.context_lens.max()) >= triton_attention.GROUPED_MIN_CONTEXT)
         ids, pos, slots, ctx, rows, groups, table = self._host_arrays
         ids[:num], pos[:num], slots[:num], ctx[:num] = (step.input_ids, step.positions, step.slot_mapping,
                                                         step.context_lens)

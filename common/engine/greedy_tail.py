@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from pdserve.common.engine.outputs import SchedulerOutput
+from pdserve.common.engine.sampler import row_argmax
 
 
 def plain_greedy(sched: SchedulerOutput) -> bool:
@@ -74,5 +75,5 @@ class GreedyTail:
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.model.shard_logits(hidden)  # [N, rows]: this rank's vocab shard
         if self.comm is None or self.comm.world_size == 1:
-            return logits.argmax(dim=-1)
+            return row_argmax(logits)
         return merge_best(self.comm.all_gather_stacked(shard_best(logits, self.start, self.num_valid)))

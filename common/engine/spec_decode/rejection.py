@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pdserve.common.engine.sampler import processed_probs, to_device
+from pdserve.common.engine.sampler import processed_probs, row_argmax, to_device
 from pdserve.common.sampling_params import SamplingParams
 
 
@@ -73,7 +73,7 @@ def queue_verify(logits: torch.Tensor | None, reqs: list[DraftRows], shared: tor
     finish(readback as a host list) -> per request, its accepted drafts and the token after them
     (Python over the request's few rows)."""
     if best is None:
-        best = logits.argmax(dim=-1)  # [R]; rows of random requests get their samples instead
+        best = row_argmax(logits)  # [R]; rows of random requests get their samples instead
     device = best.device
     random = [(r, j) for r in reqs if r.params.temperature != 0 for j in range(r.num_rows)]
     lev = []  # rows (in `random`) with a draft distribution: Leviathan's rule
