@@ -36,7 +36,7 @@ table, context_lens c, c+1, ..): row b with row_groups[b] = n > 0 leads rows b .
 a row led by an earlier one. A leader's program takes the query heads of all its rows as one
 [n * G, D] tile, so each K/V tile is read once for the group instead of once per row, and each
 query row masks the keys past its own context (window: before its own start); the others'
-programs return at once. One H200, SmolLM2 (G = 3), a 9-row verify graph against 1 row: 0.97
+programs find no query rows and do nothing. One H200, SmolLM2 (G = 3), a 9-row verify graph against 1 row: 0.97
 vs 0.68 ms per step at 600 tokens of context, 1.65 vs 0.71 at 2,000, before groups.
 
 Split-K ("flash-decoding"): with num_splits > 1 each split writes its normalised partial output
