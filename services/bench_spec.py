@@ -46,13 +46,12 @@ host scheduling, proposing and launching (speculative engines only; `EngineCore.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 
-from pdserve.services.bench_spec_stages import step_kind
+from pdserve.services.bench_spec_stages import overlap_policy, step_kind
 from pdserve.services.bench_spec_sweep import add_sweep_args, run_sweep
 
 DATA = os.path.join(os.path.dirname(__file__), "bench_data", "grounded_prompts.jsonl")
@@ -91,20 +90,6 @@ def method_config(args, method: str, target: str) -> dict | None:
                 "prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max,
                 "draft_budget": "all" if method == "ngram_all" else "auto"}
     return {"model": args.draft_model or target, "num_speculative_tokens": args.spec_tokens}
-
-
-@contextlib.contextmanager
-def overlap_policy(method: str):
-    """Method ngram_overlap: speculative steps overlapped below 4 running requests (the engine's
-    policy before 2026-12-01, pipeline.OVERLAP_MAX_BATCH) while its engine runs."""
-    from pdserve.common.engine.spec_decode import pipeline
-    before = pipeline.OVERLAP_MAX_BATCH
-    if method == "ngram_overlap":
-        pipeline.OVERLAP_MAX_BATCH = 4
-    try:
-        yield
-    finally:
-        pipeline.OVERLAP_MAX_BATCH = before
 
 
 def run_batch(llm, prompts: list[list[int]], max_tokens: int, tag: str) -> dict:

@@ -28,6 +28,7 @@ goes"). On the CPU `forward` is the compute itself; the other stages are host wo
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import defaultdict
 
@@ -44,6 +45,20 @@ def step_kind(spec, overlapped: bool) -> str:
     if spec is not None and spec.has_drafts():
         return "guess" if overlapped else "verify"
     return "plain"
+
+
+@contextlib.contextmanager
+def overlap_policy(method: str):
+    """Method ngram_overlap: speculative steps overlapped below 4 running requests (the engine's
+    policy before 2026-12-01, pipeline.OVERLAP_MAX_BATCH) while its engine runs."""
+    from pdserve.common.engine.spec_decode import pipeline
+    before = pipeline.OVERLAP_MAX_BATCH
+    if method == "ngram_overlap":
+        pipeline.OVERLAP_MAX_BATCH = 4
+    try:
+        yield
+    finally:
+        pipeline.OVERLAP_MAX_BATCH = before
 
 
 class StageTimer:
@@ -93,11 +108,10 @@ STAGE_METHODS = ("none", "ngram", "ngram_overlap")  # run in turn by --stages
 
 def run_stage_methods(args, build, prompts: list[list[int]], run_batch) -> dict:
     """--stages: a plain engine, an n-gram engine (steps one at a time, the default) and one with
-    steps overlapped below 4 running requests (bench_spec.overlap_policy: guessed drafts, bridge
+    steps overlapped below 4 running requests (overlap_policy: guessed drafts, bridge
     steps), each built by build(method) (async scheduling on), warmed up by run_batch
     (bench_spec's, passed in: bench_spec imports this module), its stages timed (run_stages)
     and shut down -> {method: {B: {kind: row}}}."""
-    from pdserve.services.bench_spec import overlap_policy
     tables = {}
     for method in STAGE_METHODS:
         llm = build(method)

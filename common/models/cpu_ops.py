@@ -43,7 +43,6 @@ import logging
 import math
 import os
 import threading
-import time
 import weakref
 from dataclasses import dataclass
 
@@ -227,51 +226,6 @@ class CpuPagedAttention(TorchPagedAttention):
         return out[0].transpose(0, 1)
 
 
-_PREFILL_SDPA: dict[tuple, bool] = {}  # (dtype, heads, kv heads, head dim) -> prefill_by_sdpa's choice
-PREFILL_PROBE_TOKENS = 128  # the prompt length prefill_by_sdpa times both kernels at
-
-
-def prefill_by_sdpa(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
-    """Whether a prompt chunk without a cached prefix (nor a window) attends faster through torch's
-    scaled_dot_product_attention (its CPU flash kernel: bf16 products by oneDNN, AMX where the CPU
-    has it) than through the C++ prefill kernel, for this model's heads on this CPU: timed once per
-    process and shape, on a PREFILL_PROBE_TOKENS-token chunk (the best of 8 calls each). A Xeon with
-    AMX, SmolLM2's 9 / 3 heads, 16 prompts of 200 tokens: bf16 5.0-7.3 ms by SDPA vs 8.7-12.1 by the
-    kernel; float32 13.5 vs 9.2 (docs/benchmarks.md, tenth session)."""
-    key = (dtype, num_heads, num_kv_heads, head_dim)
-    if key not in _PREFILL_SDPA:
-        gen = torch.Generator().manual_seed(0)
-        n = PREFILL_PROBE_TOKENS
-        q = torch.randn(n, num_heads, head_dim, generator=gen).to(dtype)
-        k, v = (torch.randn(n, num_kv_heads, head_dim, generator=gen).to(dtype) for _ in range(2))
-        scale = head_dim ** -0.5
-
-        def best(fn) -> float:
-            fn()
-            times = []
-            for _ in range(8):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-            return min(times)
-        with torch.inference_mode():
-            kernel = best(lambda: cpu_kernels.prefill_attention(q, k, v, scale))
-            sdpa = best(lambda: sdpa_causal(q, k, v, scale))
-        _PREFILL_SDPA[key] = sdpa < kernel
-        log.info("prefill attention (%s, %d/%d heads x %d): %s (SDPA %.3f ms, C++ kernel %.3f ms at %d tokens)",
-                 str(dtype).removeprefix("torch."), num_heads, num_kv_heads, head_dim,
-                 "SDPA" if sdpa < kernel else "C++ kernel", 1e3 * sdpa, 1e3 * kernel, n)
-    return _PREFILL_SDPA[key]
-
-
-def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [L, H, D], k/v [L, KVH, D] of one prompt chunk without a cached prefix (strided token rows
-    are fine) -> [L, H, D] causal attention, a view."""
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                                         is_causal=True, scale=scale, enable_gqa=True)
-    return out[0].transpose(0, 1)
-
-
 class CpuKernelAttention(CpuPagedAttention):
     """`CpuPagedAttention` with the C++ kernels (kernels/cpu.py): rotary and the KV store in one
     pass, decodes read K/V in place through the block table (no gather, no score tensor), prompt
@@ -301,8 +255,6 @@ class CpuKernelAttention(CpuPagedAttention):
         if seq.context_len != seq.q_len:
             k = k_cache.index_select(0, seq.block_table).view(-1, self.num_kv_heads, self.head_dim)[:seq.context_len]
             v = v_cache.index_select(0, seq.block_table).view(-1, self.num_kv_heads, self.head_dim)[:seq.context_len]
-        elif self.sliding_window is None and prefill_by_sdpa(q.dtype, q.shape[1], self.num_kv_heads, self.head_dim):
-            return sdpa_causal(q, k, v, self.scale)
         return cpu_kernels.prefill_attention(q, k, v, self.scale, self.sliding_window)
 
     def _decode(self, q, k_cache, v_cache, meta: "CpuMetadata") -> torch.Tensor:

@@ -59,33 +59,6 @@ def test_torch_fallback_of_the_cpu_path_matches_hf(tiny_models, prompts, arch):
     assert _greedy(engine, prompts) == reference(tiny_models, arch, prompts)
 
 
-@pytest.mark.parametrize("by_sdpa", [True, False])
-def test_prompt_chunks_by_either_prefill_kernel_match_hf(tiny_models, prompts, monkeypatch, by_sdpa):
-    """A prompt chunk without a cached prefix attends through torch's SDPA or the C++ prefill kernel,
-    whichever `prefill_by_sdpa` timed faster on this CPU: both choices give HF's greedy tokens (each
-    forced here; chunks of 96 tokens, so later chunks read their prefix through the kernel)."""
-    from pdserve.common.models import cpu_ops
-    calls = []
-    monkeypatch.setattr(cpu_ops, "prefill_by_sdpa", lambda *shape: calls.append(shape) or by_sdpa)
-    engine = _engine(tiny_models["llama"], None, max_num_batched_tokens=96)
-    assert isinstance(engine.runner.model.layers[0].self_attn.attn, CpuKernelAttention)
-    assert _greedy(engine, prompts) == reference(tiny_models, "llama", prompts)
-    assert calls and calls[0][0] == torch.float32
-
-
-def test_prefill_choice_is_timed_once_per_shape(monkeypatch):
-    """prefill_by_sdpa times both kernels once per (dtype, heads) and keeps the faster: SDPA made
-    slower than the kernel is not chosen, and the cached answer is reused."""
-    from pdserve.common.models import cpu_ops
-    monkeypatch.setattr(cpu_ops, "_PREFILL_SDPA", {})
-    real = cpu_ops.sdpa_causal
-    monkeypatch.setattr(cpu_ops, "sdpa_causal", lambda *a: (__import__("time").sleep(0.02), real(*a))[1])
-    assert cpu_ops.prefill_by_sdpa(torch.float32, 4, 2, 32) is False
-    monkeypatch.setattr(cpu_ops, "sdpa_causal", real)
-    assert cpu_ops.prefill_by_sdpa(torch.float32, 4, 2, 32) is False  # cached
-    assert list(cpu_ops._PREFILL_SDPA) == [(torch.float32, 4, 2, 32)]
-
-
 def test_start_up_chooses_the_cpu_path(tiny_models):
     engine = _engine(tiny_models["llama"], None)
     model = engine.runner.model
