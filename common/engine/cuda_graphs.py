@@ -10,7 +10,7 @@ leaves only one launch per step.
              the sizes a speculative engine's verify steps fill (spec_decode.verify_graph_sizes),
              and for those engines a grouped graph of each size up to them: its decode attention
              reads a verify step's rows of one request as one group (StepInputs.row_groups),
-             replayed from triton_attention.GROUPED_MIN_CONTEXT tokens of context on
+             which as_rows marks from spec_decode.decoder.GROUPED_MIN_CONTEXT tokens of context on
     static device buffers (one int32 block, filled by one pinned copy per step):
         | ids maxB | positions maxB | slots maxB | context_lens maxB | sample rows maxB | row groups maxB | table maxB x M |
     a step of B decodes replays the smallest bucket bs >= B; rows B..bs are padding:
@@ -36,7 +36,6 @@ import torch
 
 from pdserve.common.models.attention import StepInputs
 from pdserve.common.models.packed_upload import PackedUpload
-from pdserve.common.models import triton_attention
 from pdserve.common.models.triton_attention import TritonMetadata
 from pdserve.kernels.decode_attention import choose_num_splits
 
@@ -135,8 +134,7 @@ class DecodeGraphs:
         num = step.num_reqs
         bs = next(b for b in self.sizes if b >= num)
         key = (bs, step.row_groups is not None and bs in self.group_splits
-               and int(step.row_groups.max()) <= self.group_rows
-               and int(step.context_lens.max()) >= triton_attention.GROUPED_MIN_CONTEXT)
+               and int(step.row_groups.max()) <= self.group_rows)
         ids, pos, slots, ctx, rows, groups, table = self._host_arrays
         ids[:num], pos[:num], slots[:num], ctx[:num] = (step.input_ids, step.positions, step.slot_mapping,
                                                         step.context_lens)

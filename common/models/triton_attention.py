@@ -38,13 +38,6 @@ from pdserve.kernels.prefill_attention import paged_prefill_attention
 from pdserve.kernels.rms_norm import rms_norm
 from pdserve.kernels.rotary import apply_rotary, rotary_store_kv
 
-# Row groups (StepInputs.row_groups: a verify step's rows of one request) go to the decode
-# attention only from this much context on: one program per group's tile of n * G query rows pays
-# where the K/V is long, while on a short context the per-row programs finish sooner. One H200,
-# SmolLM2 bf16, a 9-row verify graph, grouped vs not: 0.947 vs 0.825 ms at 150 tokens of context,
-# 0.958 vs 0.990 at 600, 0.886 vs 1.688 at 2,000 (docs/benchmarks.md, tenth session).
-GROUPED_MIN_CONTEXT = 512
-
 
 @dataclass
 class TritonMetadata:
@@ -209,9 +202,7 @@ class TritonInputs:
         prefill_qsl = step.query_start_loc[nd:] - nd
         arrays = [step.input_ids, step.positions, step.slot_mapping, step.context_lens, prefill_qsl,
                   step.sample_rows, step.block_table]
-        groups = step.row_groups  # (decode-only steps: rows as verify steps run), long contexts only
-        if groups is not None and (nd != num_reqs or int(step.context_lens.max()) < GROUPED_MIN_CONTEXT):
-            groups = None
+        groups = step.row_groups if nd == num_reqs else None  # (decode-only steps: rows as verify steps run)
         if groups is not None:
             arrays.append(groups)
         ids, pos, slots, ctx, qsl, rows, table, *uploaded = self.upload.upload(arrays)

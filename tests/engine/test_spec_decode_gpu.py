@@ -102,11 +102,11 @@ def test_drafts_past_a_guessed_token_in_flight_on_cuda(tiny_model_factory, tmp_p
 
 def test_verify_rows_read_as_groups_on_cuda(tiny_model_factory, tmp_path_factory, monkeypatch):
     """A verify step's rows of one request replay the grouped graph (its decode attention reads
-    their K/V once per group; triton_attention.GROUPED_MIN_CONTEXT lowered to 0: these contexts are
+    their K/V once per group; decoder.GROUPED_MIN_CONTEXT lowered to 0: these contexts are
     short): tokens equal a run without drafts, prompts one at a time (the 512-token vocabulary of
     the test above, whose outputs repeat: the lookup finds drafts)."""
-    from pdserve.common.models import triton_attention
-    monkeypatch.setattr(triton_attention, "GROUPED_MIN_CONTEXT", 0)
+    from pdserve.common.engine.spec_decode import decoder
+    monkeypatch.setattr(decoder, "GROUPED_MIN_CONTEXT", 0)
     folder = tiny_model_factory(str(tmp_path_factory.mktemp("v512g") / "llama"), "llama", vocab_size=512,
                                 initializer_range=0.02)
     want, _ = guessed_flow(folder, "cuda", gpu_memory_utilization=UTIL)

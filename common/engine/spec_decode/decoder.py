@@ -34,7 +34,12 @@ from pdserve.common.models.attention import StepInputs
 
 
 COOL_MAX = 16  # the longest cool-down (steps) of a request whose drafts keep being rejected
-ROW_GROUPS = True  # as_rows marks each request's rows as a group (decode attention reads its K/V once)
+# as_rows marks each request's rows as a group (the Triton decode attention reads their K/V once)
+# only from this much context on: one program per group's tile of n * G query rows pays where the
+# K/V is long, while on a short context the per-row programs finish sooner. One H200, SmolLM2 bf16,
+# a 9-row verify graph, grouped vs not: 0.947 vs 0.825 ms at 150 tokens of context, 0.958 vs 0.990
+# at 600, 0.886 vs 1.688 at 2,000 (docs/benchmarks.md, tenth session).
+GROUPED_MIN_CONTEXT = 512
 
 
 class SpecDecoder:
@@ -60,6 +65,7 @@ class SpecDecoder:
         # decode-only step that the CUDA graphs replay. Set in start(): where graphs exist.
         self.verify_as_decodes = False
         self._as_rows = False  # the step being launched runs as one-token rows (as_rows)
+        self._row_groups = False  # as_rows marks row groups (CUDA: the CPU's attention reads rows alone)
         self.num_row_steps = 0  # steps run as one-token rows (tests: the CUDA form ran)
         self.num_tail_verifies = 0  # verify / bridge steps whose tokens came from the tail graph (greedy)
         self._cool: dict[str, list[int]] = {}  # req_id -> [steps left without drafting, last cool-down]
@@ -91,6 +97,7 @@ class SpecDecoder:
         # place, where a chunk gathers its request's whole cached prefix (~0.7 ms per drafting
         # request and step for SmolLM2 at batch 16: docs/benchmarks.md)
         self.verify_as_decodes = self.runner.graphs is not None or self.runner.device.type == "cpu"
+        self._row_groups = self.runner.device.type == "cuda"
         policy = self.config.draft_budget
         if policy == "auto":  # a step's wall time is its cost where the forward runs on the host
             policy = "cost" if self.runner.device.type == "cpu" else "all"
@@ -191,7 +198,7 @@ class SpecDecoder:
         lens = np.diff(step.query_start_loc)
         req_of_token = np.repeat(np.arange(step.num_reqs), lens)  # [T]
         row_groups = None
-        if ROW_GROUPS:  # a request's rows form a group (decode attention reads their shared K/V once)
+        if self._row_groups and int(step.context_lens.max()) >= GROUPED_MIN_CONTEXT:  # a request's rows: a group
             row_groups = np.zeros(num_tokens, np.int32)
             row_groups[step.query_start_loc[:-1]] = lens
         return StepInputs(num_decodes=num_tokens, input_ids=step.input_ids, positions=step.positions,
@@ -334,7 +341,7 @@ class SpecDecoder:
         plain_at = [spans[req_id] for req_id in plain]  # each one's token in `readback` (tail: its row's)
         if plain and best is None:
             reqs = [first[req_id] for req_id in plain]
-            rows_plain = logits.index_select(0, to_device([spans[r] for r in plain], torch.int64, logits.device))
+            rows_plain = logits.index_select(0, to_device(plain_at, torch.int64, logits.device))
             previous = runner._last_pending  # a masked row's input may be in flight (launched before its result)
             bitmask = None if token_masks is None else token_masks.fill(
                 reqs, None if previous is None else lambda req_id: previous.result().sampled_token_ids[req_id])
