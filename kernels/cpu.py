@@ -119,6 +119,12 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return torch.ops.pdserve_cpu.prefill_attention(q, k, v, scale, sliding_window or 0)
 
 
+def set_amx(allowed: bool) -> bool:
+    """Allow (the default) or forbid the bf16 prompt attention's AMX tiles; returns whether it now
+    uses them (built for a CPU with amx_bf16 and granted the tile state by Linux, and allowed)."""
+    return bool(torch.ops.pdserve_cpu.set_amx(allowed))
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
     """x [T, N] -> out; with residual [T, N]: (out, residual), residual += x in place first."""
     assert x.dim() == 2 and x.stride(1) == 1 and weight.shape == (x.shape[1],) and weight.dtype == x.dtype

@@ -466,9 +466,17 @@ void rotary_store_kv_op(at::Tensor q, at::Tensor k, const at::Tensor& v, const a
                    rotary_store_kv<scalar_t>(q, k, v, positions, cos_sin, k_cache, v_cache, slots));
 }
 
+// whether the bf16 prompt attention may take AMX tiles; returns whether it now does (built with
+// them, this CPU and Linux granting them, and allowed)
+bool set_amx_op(bool allowed) {
+  amx_allowed() = allowed;
+  return amx_usable();
+}
+
 }  // namespace
 
 TORCH_LIBRARY(pdserve_cpu, m) {
+  m.def("set_amx(bool allowed) -> bool", &set_amx_op);
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
         "Tensor context_lens, float scale, int window) -> Tensor");
   m.def("prefill_attention(Tensor q, Tensor k, Tensor v, float scale, int window) -> Tensor");

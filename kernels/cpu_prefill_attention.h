@@ -170,45 +170,54 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   at::parallel_for(0, num_blocks * KVH, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(QB * G * D), acc(QB * G * D), row(D), tile(16 * D), inv(QB * G), scores;
     std::vector<float> rescale(Lk / kKvSplit + 1);
+    std::vector<T> kpad(16 * D);  // a last group of fewer than 16 keys, zero-padded
     for (int64_t item = begin; item < end; ++item) {
       const int64_t kh = item % KVH, z = item / KVH;
       const int64_t blk = z % 2 == 0 ? z / 2 : num_blocks - 1 - z / 2;
       const int64_t r0 = blk * QB, nr = std::min(Lq, r0 + QB) - r0, NV = nr * G;  // vector j: row r0 + j / G
       const int64_t hi = offset + r0 + nr;  // keys [lo, hi) are seen by some row of the block
       const int64_t lo = window > 0 ? std::max<int64_t>(0, offset + r0 - window + 1) : 0;
-      const int64_t n = hi - lo;
-      scores.resize(NV * n);
+      const int64_t n = hi - lo, ns = by16 ? (n + 15) / 16 * 16 : n;  // ns: a row's stride in `scores`
+      scores.resize(NV * ns);
       for (int64_t j = 0; j < NV; ++j) {
         const T* src = qp + (r0 + j / G) * q_s + (kh * G + j % G) * D;
         for (int64_t d = 0; d < D; ++d) qf[j * D + d] = to_float(src[d]);
       }
+      // every key in a 16-key step (the last one zero-padded): a key's score must not depend on
+      // where the block's keys end, or a prompt's rows would differ fresh and after a cached prefix
       for (int64_t t = lo; t < hi;) {
         const T* k_row = kp + t * k_s + kh * D;
-        if (by16 && t + 16 <= hi) {
-          scores16t(qf.data(), NV, D, k_row, k_s, tile.data(), scores.data() + (t - lo), n);
+        if (by16) {
+          if (t + 16 <= hi) {
+            scores16t(qf.data(), NV, D, k_row, k_s, tile.data(), scores.data() + (t - lo), ns);
+          } else {
+            std::fill(kpad.begin(), kpad.end(), T(0.f));
+            for (int64_t i = 0; i < hi - t; ++i) std::copy(k_row + i * k_s, k_row + i * k_s + D, kpad.data() + i * D);
+            scores16t(qf.data(), NV, D, kpad.data(), D, tile.data(), scores.data() + (t - lo), ns);
+          }
           t += 16;
           continue;
         }
         load_row(k_row, row.data(), D);
-        for (int64_t j = 0; j < NV; ++j) scores[j * n + (t - lo)] = dot(qf.data() + j * D, row.data(), D);
+        for (int64_t j = 0; j < NV; ++j) scores[j * ns + (t - lo)] = dot(qf.data() + j * D, row.data(), D);
         ++t;
       }
       for (int64_t j = 0; j < NV; ++j) {  // the row at position p sees keys [first, p]
         const int64_t p = offset + r0 + j / G, first = window > 0 ? std::max<int64_t>(0, p - window + 1) : 0;
-        float* s = scores.data() + j * n;
-        std::fill(s + (p + 1 - lo), s + n, 0.f);
+        float* s = scores.data() + j * ns;
+        std::fill(s + (p + 1 - lo), s + ns, 0.f);
         inv[j] = 1.f / flash_softmax_row<T>(s, lo, first, p, Lk, sc, rescale.data());
       }
       std::fill(acc.begin(), acc.begin() + NV * D, 0.f);
       for (int64_t t = lo; t < hi;) {
         const T* v_row = vp + t * v_s + kh * D;
-        if (pv != nullptr && t + 16 <= hi) {
-          pv(scores.data() + (t - lo), n, NV, v_row, v_s, acc.data());
+        if (pv != nullptr && t + 16 <= hi) {  // fmadd in key order, as axpy: the same sums
+          pv(scores.data() + (t - lo), ns, NV, v_row, v_s, acc.data());
           t += 16;
           continue;
         }
         load_row(v_row, row.data(), D);
-        for (int64_t j = 0; j < NV; ++j) axpy(acc.data() + j * D, scores[j * n + (t - lo)], row.data(), D);
+        for (int64_t j = 0; j < NV; ++j) axpy(acc.data() + j * D, scores[j * ns + (t - lo)], row.data(), D);
         ++t;
       }
       for (int64_t j = 0; j < NV; ++j) {

@@ -35,6 +35,17 @@ def test_kernels_build():
     assert cpu.load(), cpu.load_error()
 
 
+@pytest.fixture(params=["amx", "avx512"])
+def prompt_path(request):
+    """The bf16 prompt attention's two paths: AMX tiles (where the CPU has them) and AVX512-BF16."""
+    amx = request.param == "amx"
+    if cpu.set_amx(amx) != amx:
+        cpu.set_amx(True)
+        pytest.skip("this CPU (or its kernel build) has no AMX tiles")
+    yield request.param
+    cpu.set_amx(True)
+
+
 def _cache(num_blocks, block_size, kv_heads, head_dim, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     k = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
@@ -80,7 +91,7 @@ def test_paged_decode_attention(dtype, lens, heads, kv_heads, head_dim, block_si
     (300, 1100, 4, 2, 32, 701),
     (40, 1030, 8, 2, 128, None),  # D 128: two query vectors a P V pass, a chunk after 990 cached
 ])
-def test_prefill_attention(dtype, q_len, context_len, heads, kv_heads, head_dim, window):
+def test_prefill_attention(dtype, q_len, context_len, heads, kv_heads, head_dim, window, prompt_path):
     g = torch.Generator().manual_seed(2)
     qkv = torch.randn(q_len, (heads + 2 * kv_heads) * head_dim, generator=g).to(dtype)
     q = qkv[:, :heads * head_dim].view(q_len, heads, head_dim)  # strided rows, as in the model
@@ -96,6 +107,23 @@ def test_prefill_attention(dtype, q_len, context_len, heads, kv_heads, head_dim,
     torch.testing.assert_close(got.float(), want.float(), atol=TOL[dtype], rtol=TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("context_len, q_len, window, head_dim", [
+    (200, 37, None, 64), (700, 150, None, 64), (1100, 300, 701, 32), (300, 45, 50, 128)])
+def test_prefill_attention_same_rows_fresh_or_after_a_prefix(dtype, context_len, q_len, window, head_dim,
+                                                             prompt_path):
+    """A prompt's last rows get the same bits whether the whole prompt runs (a prefix-cache miss)
+    or only they do, after the cached rest (a hit): a repeated request must not change its answer."""
+    g = torch.Generator().manual_seed(4)
+    heads, kv_heads = 8, 2
+    q = torch.randn(context_len, heads, head_dim, generator=g).to(dtype)
+    k, v = (torch.randn(context_len, kv_heads, head_dim, generator=g).to(dtype) for _ in range(2))
+    scale = head_dim ** -0.5
+    fresh = cpu.prefill_attention(q, k, v, scale, window)[-q_len:]
+    after_prefix = cpu.prefill_attention(q[-q_len:].contiguous(), k, v, scale, window)
+    assert torch.equal(fresh, after_prefix)
+
+
 @pytest.mark.parametrize("q_len, context_len, window", [
     (37, 37, None),  # SmolLM2's chat prompt: where normalised fp32 weights changed the greedy answer
     (200, 200, None),
@@ -104,7 +132,7 @@ def test_prefill_attention(dtype, q_len, context_len, heads, kv_heads, head_dim,
     (300, 300, 50),  # sliding window: the torch path's masked SDPA
     (64, 1100, 600),  # a window over three splits, the first partly hidden
 ])
-def test_prefill_attention_rounds_like_torch_sdpa(q_len, context_len, window):
+def test_prefill_attention_rounds_like_torch_sdpa(q_len, context_len, window, prompt_path):
     """bf16: the kernel backend's prompt attention gives the torch path's numbers (flash SDPA, what
     HF runs) up to the order of fp32 sums: at most 4% of the outputs differ, by a bf16 step of
     the values' scale (a small output is a sum that cancels: its own step is finer).
