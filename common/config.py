@@ -177,23 +177,24 @@ class CacheConfig:
         return self.kv_cache_dtype in ("fp8", "fp8_e4m3")
 
 
-# Default tokens per step. On a CPU a step of 512 tokens already keeps the GEMMs at full speed, and
-# smaller steps hand out first tokens sooner under a burst of prompts: the prompts of a step all get
-# their first token at its end, so halving the step spreads them out. Each step also carries the
-# decodes of the requests already running, which delay its prompts; a bf16 CPU server lets those
-# sit out up to CPU_DECODE_DEFER_STEPS steps in a row while prompts wait
-# (SchedulerConfig.decode_defer_steps), so its smaller step does not multiply them. A burst of 64 x
-# 200-token prompts / 64 out, one core, alternated rounds (docs/benchmarks.md): bf16 mean TTFT 2-8%
-# lower (median 4%, 6 rounds) at 512 tokens with 3 deferred steps than at 1024 with none, total time
-# the same within noise, a decode waiting at most 4 steps (~2.6 s of one core) while the prompts go
-# in; in fp32 the same pair gave 1% lower TTFT but 3.5% more total time (median of 5), so fp32 keeps
-# 1024 tokens and no deferral (1024 was 4.6% better than 2048 in TTFT, cpu6; 512 alone no better).
-# A GPU needs larger steps to fill and carries the decodes cheaply. The offline `LLM` on a CPU, where
-# no one waits for a first token, takes 4096 as vLLM's LLM class does there (64 prompts of 200
-# tokens / 64 out ran 3-4% faster than at 2048) and defers nothing.
+# Default tokens per step. The prompts of a step all get their first token at its end, so smaller
+# steps spread first tokens out under a burst of prompts, but every step also pays a fixed cost
+# (the host's dispatch of ~300 ops, the decodes of the requests already running). A bf16 CPU server
+# lets those decodes sit out up to CPU_DECODE_DEFER_STEPS steps in a row while prompts wait
+# (SchedulerConfig.decode_defer_steps). On the 2-core AMD EPYC (AVX512-BF16, no AMX), a burst of
+# 64 x 200-token prompts / 64 out favoured 512 tokens with 3 deferred steps over 1024 with none
+# (mean TTFT 2-8% lower, total time the same). On the 2-vCPU Xeon with AMX, where prompt tokens cost
+# less, the fixed cost dominates: the same burst run in one process, 5 interleaved rounds
+# (docs/benchmarks.md, eleventh session), 2048 tokens with 3 deferred steps vs 512: total 8.7 vs
+# 9.6 s, mean TTFT 2.1 vs 2.8 s (medians; 70 steps vs 89), 512 worse than 2048 without deferral in
+# total and TTFT in 5 of 5 rounds. So bf16 servers take 2048, as vLLM's CPU server does. fp32 keeps
+# 1024 tokens and no deferral (1024 was 4.6% better than 2048 in TTFT, cpu6; 512 no better). A GPU
+# needs larger steps to fill and carries the decodes cheaply. The offline `LLM` on a CPU, where no
+# one waits for a first token, takes 4096 as vLLM's LLM class does there (64 prompts of 200 tokens /
+# 64 out ran 3-4% faster than at 2048) and defers nothing.
 TOKEN_BUDGET = 8192
 CPU_TOKEN_BUDGET = 1024  # fp32
-CPU_HALF_TOKEN_BUDGET = 512  # bf16 / fp16
+CPU_HALF_TOKEN_BUDGET = 2048  # bf16 / fp16
 CPU_OFFLINE_TOKEN_BUDGET = 4096
 CPU_DECODE_DEFER_STEPS = 3  # a bf16 / fp16 CPU server
 

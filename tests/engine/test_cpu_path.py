@@ -168,7 +168,7 @@ def test_the_offline_llm_takes_larger_default_steps_on_cpu_than_a_server(tiny_mo
     assert served.scheduler.config.decode_defer_limit == 0  # fp32
     served = EngineCore(EngineConfig.from_options(model=tiny_models["llama"], dtype="bfloat16", max_model_len=64),
                         load_tokenizer_=False)
-    assert served.scheduler.config.token_budget == CPU_HALF_TOKEN_BUDGET == 512
+    assert served.scheduler.config.token_budget == CPU_HALF_TOKEN_BUDGET == 2048
     assert served.scheduler.config.decode_defer_limit == CPU_DECODE_DEFER_STEPS == 3  # prompts first, a while
     llm = LLM(tiny_models["llama"], dtype="float32", max_model_len=64)
     assert llm.engine.scheduler.config.token_budget == CPU_OFFLINE_TOKEN_BUDGET == 4096
