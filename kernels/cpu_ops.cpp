@@ -28,6 +28,9 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <sys/syscall.h>  // arch_prctl: AMX's tile state (cpu_prefill_bf16.h)
+#include <unistd.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>

@@ -159,9 +159,7 @@ inline float softmax_row_bf16(const float* s, int64_t lo, int64_t first, int64_t
   return sum;
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-#include <sys/syscall.h>
-#include <unistd.h>
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)  // <sys/syscall.h>, <unistd.h>: cpu_ops.cpp
 constexpr bool kAmxBuilt = true;
 
 // Linux hands a process AMX's tile state only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
