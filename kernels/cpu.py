@@ -123,6 +123,24 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return torch.ops.pdserve_cpu.prefill_attention(q, k, v, scale, sliding_window or 0)
 
 
+def gemv_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M <= 4, K] bf16 (rows may be strided) times w [N, K] bf16 row-major (nn.Linear's layout;
+    K a multiple of 32) plus bias -> [M, N]: W read once for the M rows, fp32 sums rounded to bf16
+    once (cpu_ops.cpp; where oneDNN's small-row kernels read slower, common/models/cpu_ops.py)."""
+    return torch.ops.pdserve_cpu.gemv_bf16(x, w, bias)
+
+
+def gemv_bf16_available() -> bool:
+    """The GEMV is built (AVX512-BF16 on this CPU)."""
+    if "gemv" not in _state:
+        try:
+            gemv_bf16(torch.zeros(1, 32, dtype=torch.bfloat16), torch.zeros(1, 32, dtype=torch.bfloat16))
+            _state["gemv"] = True
+        except RuntimeError:
+            _state["gemv"] = False
+    return bool(_state["gemv"])
+
+
 def set_amx(allowed: bool) -> bool:
     """Allow (the default) or forbid the bf16 prompt attention's AMX tiles; returns whether it now
     uses them (built for a CPU with amx_bf16 and granted the tile state by Linux, and allowed)."""

@@ -425,6 +425,75 @@ void rotary_store_kv(at::Tensor& q, at::Tensor& k, const at::Tensor& v, const at
   });
 }
 
+// ---- small-batch bf16 linear ----------------------------------------------------------------------
+// y [M, N] = x [M, K] W^T (+ bias) for M <= 4 rows, W [N, K] bf16 row-major (nn.Linear's layout),
+// K a multiple of 32: each W row is read once for the M rows, 16 / M rows of W at a time with M x
+// (16 / M) fp32 accumulators of vdpbf16ps (the products exact, summed in fp32), reduced 16 at a
+// time by reduce16; the sum (plus the bias, in fp32) rounded to bf16 once, as oneDNN rounds its
+// output. Memory-bound: one pass over W.
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+template <int M>
+void gemv_bf16_rows(const c10::BFloat16* x, int64_t x_s, const c10::BFloat16* w, int64_t K, int64_t N,
+                    const c10::BFloat16* bias, c10::BFloat16* y) {
+  constexpr int R = 16 / M;  // W rows per block
+  at::parallel_for(0, (N + R - 1) / R, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n0 = blk * R, nr = std::min<int64_t>(R, N - n0);
+      __m512 acc[16];
+      for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t k = 0; k < K; k += 32) {
+        __m512bh xv[M];
+        for (int m = 0; m < M; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * x_s + k);
+        for (int r = 0; r < R; ++r) {
+          if (r >= nr) break;
+          const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + (n0 + r) * K + k);
+          for (int m = 0; m < M; ++m) acc[m * R + r] = _mm512_dpbf16_ps(acc[m * R + r], xv[m], wv);
+        }
+      }
+      alignas(64) float sums[16];
+      _mm512_store_ps(sums, reduce16(acc));  // lane m * R + r: row m, output n0 + r
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < nr; ++r) {
+          float v = sums[m * R + r];
+          if (bias != nullptr) v += static_cast<float>(bias[n0 + r]);
+          y[m * N + n0 + r] = c10::BFloat16(v);
+        }
+    }
+  });
+}
+constexpr bool kGemvBf16 = true;
+#else
+template <int M>
+void gemv_bf16_rows(const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, int64_t, const c10::BFloat16*,
+                    c10::BFloat16*) {}
+constexpr bool kGemvBf16 = false;
+#endif
+
+at::Tensor gemv_bf16_op(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(kGemvBf16, "gemv_bf16: built without AVX512-BF16");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 4 && x.stride(1) == 1, "gemv_bf16: x [M <= 4, K]");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1) && x.size(1) % 32 == 0,
+              "gemv_bf16: w [N, K] contiguous, K a multiple of 32");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "gemv_bf16: bf16 only");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const c10::BFloat16* b = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->is_contiguous() && bias->numel() == N && bias->scalar_type() == at::kBFloat16, "gemv_bf16: bias [N]");
+    b = bias->data_ptr<c10::BFloat16>();
+  }
+  auto y = at::empty({M, N}, x.options());
+  const auto* xp = x.data_ptr<c10::BFloat16>();
+  const auto* wp = w.data_ptr<c10::BFloat16>();
+  auto* yp = y.data_ptr<c10::BFloat16>();
+  switch (M) {
+    case 1: gemv_bf16_rows<1>(xp, x.stride(0), wp, K, N, b, yp); break;
+    case 2: gemv_bf16_rows<2>(xp, x.stride(0), wp, K, N, b, yp); break;
+    case 3: gemv_bf16_rows<3>(xp, x.stride(0), wp, K, N, b, yp); break;
+    default: gemv_bf16_rows<4>(xp, x.stride(0), wp, K, N, b, yp); break;
+  }
+  return y;
+}
+
 // ---- dispatch -------------------------------------------------------------------------------------
 #define PDSERVE_DISPATCH(dtype, NAME, ...)                                   \
   switch (dtype) {                                                           \
@@ -480,6 +549,7 @@ bool set_amx_op(bool allowed) {
 
 TORCH_LIBRARY(pdserve_cpu, m) {
   m.def("set_amx(bool allowed) -> bool", &set_amx_op);
+  m.def("gemv_bf16(Tensor x, Tensor w, Tensor? bias) -> Tensor");
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, "
         "Tensor context_lens, float scale, int window) -> Tensor");
   m.def("prefill_attention(Tensor q, Tensor k, Tensor v, float scale, int window) -> Tensor");
@@ -495,4 +565,5 @@ TORCH_LIBRARY_IMPL(pdserve_cpu, CPU, m) {
   m.impl("rms_norm", &rms_norm_op);
   m.impl("silu_and_mul", &silu_and_mul_op);
   m.impl("rotary_store_kv", &rotary_store_kv_op);
+  m.impl("gemv_bf16", &gemv_bf16_op);
 }

@@ -313,6 +313,16 @@ class CpuInputs:
 
 
 BATCH_INVARIANT_ROWS = 32  # --batch-invariant: the most rows one oneDNN product gets (CpuOps.linear)
+# bf16 products of 1-2 rows (decoding one or two requests) read W once through the C++ GEMV
+# (kernels/cpu.py gemv_bf16): oneDNN's one-row kernel read SmolLM2's weights at 12-21 GB/s on the
+# AMX Xeon, the GEMV at 20-38 (2 threads, 30 layers' weights: qkv 0.52x, o 0.45x, gate_up 0.65x,
+# down 0.67x of oneDNN's time for one row, 0.61-0.93x for two; from three rows oneDNN wins:
+# docs/benchmarks.md, eleventh session). It needs the weights row-major beside oneDNN's packed
+# copy, so only where that second copy is at most GEMV_COPY_MAX_BYTES (small models, which is
+# what a CPU serves); not with --batch-invariant (a request alone would sum in another order than
+# in a batch).
+GEMV_MAX_ROWS = 2
+GEMV_COPY_MAX_BYTES = 1 << 30
 
 
 class CpuOps:
@@ -328,6 +338,8 @@ class CpuOps:
         self._two_rows: set[nn.Module] = set()  # bf16 Linears whose one-row product runs as two (linear)
         self._row_block = 0  # --batch-invariant: products of more rows run in blocks of this many (linear)
         self._head: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits weight, packed)
+        self._rows: dict[nn.Module, torch.Tensor] = {}  # bf16 Linear -> its weight row-major (GEMV_MAX_ROWS)
+        self._head_rows: torch.Tensor | None = None  # the logits weight row-major, for the GEMV
         self._cos_sin: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
 
     def pack(self, model: nn.Module, batch_invariant: bool = False) -> int:
@@ -337,17 +349,26 @@ class CpuOps:
         Fp8Linear) are not nn.Linear: they keep their own kernels. `batch_invariant`: see `linear`.
         Returns the number packed."""
         self._row_block = BATCH_INVARIANT_ROWS if batch_invariant else 0
-        for module in model.modules():
-            if isinstance(module, nn.Linear) and module is not model.lm_head and can_pack(module.weight.dtype):
-                if batch_invariant and module.weight.dtype == torch.bfloat16 and \
-                        module.in_features > module.out_features:
-                    self._two_rows.add(module)
-                self._packed[module] = _pack_and_drop(module)
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear) and can_pack(m.weight.dtype)]
+        gemv = not batch_invariant and self.kernels and cpu_kernels.gemv_bf16_available() and sum(
+            m.weight.numel() * m.weight.element_size() for m in linears) <= GEMV_COPY_MAX_BYTES
+        gemv_ok = lambda w: gemv and w.dtype == torch.bfloat16 and w.shape[1] % 32 == 0  # noqa: E731
+        for module in linears:
+            if gemv_ok(module.weight):
+                self._rows[module] = module.weight.detach().contiguous()
+            if module is model.lm_head:
+                continue
+            if batch_invariant and module.weight.dtype == torch.bfloat16 and \
+                    module.in_features > module.out_features:
+                self._two_rows.add(module)
+            self._packed[module] = _pack_and_drop(module)
         if model.lm_head is None:
             head = model.embed_tokens.weight
             if can_pack(head.dtype):
                 self._head = (head, torch.ops.mkldnn._reorder_linear_weight(head.detach(), PACK_BATCH_HINT))
+                self._head_rows = head.detach() if gemv_ok(head) and head.is_contiguous() else None
         elif isinstance(model.lm_head, nn.Linear) and can_pack(model.lm_head.weight.dtype):
+            self._head_rows = self._rows.pop(model.lm_head, None)
             packed = _pack_and_drop(model.lm_head)
             self._head = (model.lm_head.weight, packed)  # compute_logits passes the (now meta) weight
         return len(self._packed) + (self._head is not None)
@@ -364,6 +385,8 @@ class CpuOps:
             # (SmolLM2's gate_up over 1,426 rows: 7.4 ms in blocks against 8.4 ms whole, same box)
             return torch.cat([self.linear(layer, x[s:s + self._row_block])
                               for s in range(0, x.shape[0], self._row_block)])
+        if x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and layer in self._rows:
+            return cpu_kernels.gemv_bf16(x, self._rows[layer], layer.bias)
         if x.dim() == 2 and x.shape[0] == 1 and layer in self._two_rows:
             # --batch-invariant: oneDNN's one-row kernel sums over K in another order than its kernel
             # for two rows or more where K > N (the MLP's down projection), so a request decoding
@@ -376,6 +399,8 @@ class CpuOps:
 
     def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self._head is not None and self._head[0] is weight:
+            if self._head_rows is not None and hidden.dim() == 2 and hidden.shape[0] <= GEMV_MAX_ROWS:
+                return cpu_kernels.gemv_bf16(hidden, self._head_rows, None)
             return torch.ops.mkldnn._linear_pointwise(hidden, self._head[1], None, "none", [], "")
         return hidden @ weight.t()
 

@@ -210,3 +210,22 @@ def test_rotary_store_kv(dtype, head_dim):
     written = set(s for s in slots.tolist() if s >= 0)
     untouched = [s for s in range(flat_k.shape[0]) if s not in written]
     assert not flat_k[untouched].any() and not flat_v[untouched].any()
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("n, k, bias", [(37, 64, False), (960, 576, True), (576, 1536, False)])
+def test_gemv_bf16(rows, n, k, bias):
+    """The 1-4-row bf16 linear: every output is the fp32 sum of exact bf16 products (+ bias) rounded
+    once to bf16, so it is within one bf16 rounding (and the sum order's fp32 error) of the exact
+    product; rows may be strided; N not a multiple of the rows a block takes."""
+    if not cpu.gemv_bf16_available():
+        pytest.skip("no AVX512-BF16 on this CPU")
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(rows, 2 * k, generator=g).to(torch.bfloat16)[:, :k]  # strided rows
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
+    got = cpu.gemv_bf16(x, w, b)
+    exact = x.double() @ w.double().t() + (b.double() if bias else 0)
+    assert got.shape == (rows, n) and got.dtype == torch.bfloat16
+    step = exact.abs() * 2 ** -8 + 1e-5 * k ** 0.5  # half a bf16 step (round to nearest) + fp32 sums
+    assert ((got.double() - exact).abs() <= step).all()
