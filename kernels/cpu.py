@@ -21,6 +21,9 @@
     rms_norm                HF RMSNorm in one pass, the residual add fused (residual updated in place)
     silu_and_mul            gated MLP activation in one pass
     rotary_store_kv         q and k rotated in place and K/V stored at their slots, one pass
+    gemv_bf16               x [1-4 rows, K] times a row-major bf16 W [N, K]: W read once, vdpbf16ps into
+                            fp32, one rounding to bf16 (oneDNN's one-row kernel read SmolLM2's
+                            weights at 12-21 GB/s on the AMX Xeon, this at 20-38)
 
 Their semantics are the torch code they replace (common/models/cpu_ops.py's eager path and
 `TorchOps`): element-wise kernels round where HF's bf16 code rounds, so in bf16 they reproduce it
