@@ -316,8 +316,8 @@ BATCH_INVARIANT_ROWS = 32  # --batch-invariant: the most rows one oneDNN product
 # bf16 products of 1-2 rows (decoding one or two requests) read W once through the C++ GEMV
 # (kernels/cpu.py gemv_bf16): oneDNN's one-row kernel read SmolLM2's weights at 12-21 GB/s on the
 # AMX Xeon, the GEMV at 20-38 (2 threads, 30 layers' weights: qkv 0.52x, o 0.45x, gate_up 0.65x,
-# down 0.67x of oneDNN's time for one row, 0.61-0.93x for two; from three rows oneDNN wins:
-# docs/benchmarks.md, eleventh session). It needs the weights row-major beside oneDNN's packed
+# down 0.67x of oneDNN's time for one row, 0.61-0.93x for two; from three rows oneDNN wins; a
+# request decoding alone 0.90x the ms per token: docs/benchmarks.md, eleventh session). It needs the weights row-major beside oneDNN's packed
 # copy, so only where that second copy is at most GEMV_COPY_MAX_BYTES (small models, which is
 # what a CPU serves); not with --batch-invariant (a request alone would sum in another order than
 # in a batch).
