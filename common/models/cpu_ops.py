@@ -317,10 +317,10 @@ BATCH_INVARIANT_ROWS = 32  # --batch-invariant: the most rows one oneDNN product
 # (kernels/cpu.py gemv_bf16): oneDNN's one-row kernel read SmolLM2's weights at 12-21 GB/s on the
 # AMX Xeon, the GEMV at 20-38 (2 threads, 30 layers' weights: qkv 0.52x, o 0.45x, gate_up 0.65x,
 # down 0.67x of oneDNN's time for one row, 0.61-0.93x for two; from three rows oneDNN wins; a
-# request decoding alone 0.90x the ms per token: docs/benchmarks.md, eleventh session). It needs the weights row-major beside oneDNN's packed
-# copy, so only where that second copy is at most GEMV_COPY_MAX_BYTES (small models, which is
-# what a CPU serves); not with --batch-invariant (a request alone would sum in another order than
-# in a batch).
+# request decoding alone: 0.90x the ms per token; docs/benchmarks.md, eleventh session). It needs
+# the weights row-major beside oneDNN's packed copy, so only where that second copy is at most
+# GEMV_COPY_MAX_BYTES (small models, which is what a CPU serves); not with --batch-invariant (a
+# request alone would sum in another order than in a batch).
 GEMV_MAX_ROWS = 2
 GEMV_COPY_MAX_BYTES = 1 << 30
 
@@ -385,7 +385,7 @@ class CpuOps:
             # (SmolLM2's gate_up over 1,426 rows: 7.4 ms in blocks against 8.4 ms whole, same box)
             return torch.cat([self.linear(layer, x[s:s + self._row_block])
                               for s in range(0, x.shape[0], self._row_block)])
-        if x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and layer in self._rows:
+        if x.dim() == 2 and x.shape[0] <= GEMV_MAX_ROWS and x.stride(1) == 1 and layer in self._rows:
             return cpu_kernels.gemv_bf16(x, self._rows[layer], layer.bias)
         if x.dim() == 2 and x.shape[0] == 1 and layer in self._two_rows:
             # --batch-invariant: oneDNN's one-row kernel sums over K in another order than its kernel
@@ -399,7 +399,8 @@ class CpuOps:
 
     def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self._head is not None and self._head[0] is weight:
-            if self._head_rows is not None and hidden.dim() == 2 and hidden.shape[0] <= GEMV_MAX_ROWS:
+            if self._head_rows is not None and hidden.dim() == 2 and hidden.shape[0] <= GEMV_MAX_ROWS \
+                    and hidden.stride(1) == 1:
                 return cpu_kernels.gemv_bf16(hidden, self._head_rows, None)
             return torch.ops.mkldnn._linear_pointwise(hidden, self._head[1], None, "none", [], "")
         return hidden @ weight.t()

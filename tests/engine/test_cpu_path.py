@@ -177,3 +177,32 @@ def test_the_offline_llm_takes_larger_default_steps_on_cpu_than_a_server(tiny_mo
     assert len(out[0].outputs[0].token_ids) == 3
     llm = LLM(tiny_models["llama"], dtype="float32", max_model_len=64, max_num_batched_tokens=256)
     assert llm.engine.scheduler.config.token_budget == 256  # the flag wins
+
+
+def test_bf16_products_of_one_or_two_rows_take_the_gemv(tiny_models, monkeypatch):
+    """bf16 decoding of one or two requests runs its linears and logits through the GEMV (kernels/
+    cpu.py gemv_bf16), equal to oneDNN's packed product within one bf16 rounding; three rows and
+    --batch-invariant engines keep oneDNN."""
+    from pdserve.kernels import cpu as cpu_kernels
+    if not cpu_kernels.load() or not cpu_kernels.gemv_bf16_available():
+        pytest.skip("no AVX512-BF16 GEMV on this CPU")
+    engine = EngineCore(EngineConfig.from_options(model=tiny_models["llama"], dtype="bfloat16", max_model_len=64),
+                        load_tokenizer_=False)
+    ops = engine.runner.model.ops
+    assert ops._rows and ops._head_rows is not None
+    layer = next(iter(ops._rows))
+    g = torch.Generator().manual_seed(0)
+    for rows in (1, 2, 3):
+        x = torch.randn(rows, layer.in_features, generator=g).to(torch.bfloat16)
+        want = torch.ops.mkldnn._linear_pointwise(x, ops._packed[layer], layer.bias, "none", [], "").float()
+        torch.testing.assert_close(ops.linear(layer, x).float(), want, atol=1e-2, rtol=2 ** -7)
+    calls = []
+    real = cpu_kernels.gemv_bf16
+    monkeypatch.setattr(cpu_kernels, "gemv_bf16", lambda x, w, b=None: calls.append(x.shape[0]) or real(x, w, b))
+    engine.add_request("one", [1, 2, 3, 4], SamplingParams(temperature=0, max_tokens=3))
+    while engine.has_unfinished():
+        engine.step()
+    assert calls and set(calls) == {1}  # the prompt's last row and each decode row: one row a product
+    invariant = EngineCore(EngineConfig.from_options(model=tiny_models["llama"], dtype="bfloat16", max_model_len=64,
+                                                     batch_invariant=True), load_tokenizer_=False)
+    assert not invariant.runner.model.ops._rows and invariant.runner.model.ops._head_rows is None
