@@ -144,10 +144,22 @@ def test_cold_prompt_goes_to_the_least_loaded(stack, holders):
         assert decisions(stack)[reply["id"]]["decode"] != long_decode
 
 
+def _wait_idle(stack, timeout_s: float = 30) -> None:
+    """Until the router counts no request on any instance (its own in flight and what the workers'
+    heartbeats report): a request the previous test left running would weigh against its holder."""
+    deadline = time.time() + timeout_s
+    while any(i["requests_estimate"] for i in httpx.get(stack.base_url + "/admin/instances", timeout=5).json()
+              ["instances"]):
+        assert time.time() < deadline, "the fleet never went idle"
+        time.sleep(0.1)
+
+
 def test_a_new_router_is_warm_at_once(stack, holders):
+    _wait_idle(stack)
     stack.kill("router")
     stack.start_router()
     assert stack.stats()["requests_by_instance"] == {}  # a fresh process
+    _wait_idle(stack)
     replies = complete_all(stack, [question(k, 20) for k in range(NUM_PREFIXES)])
     seen = decisions(stack)
     for k, reply in enumerate(replies):
