@@ -89,12 +89,11 @@ constexpr int64_t kKvSplit = 512;
 
 // s[0 .. p + 1 - lo) holds the raw scores q.k of keys lo .. p; the row sees keys [first, p] and the
 // sequence has Lk keys. On return s holds the weights (0 outside [first, p]); returns their sum.
-// `rescale` has room for one float per split of the row. With `num_splits` (the bf16 kernel, which
-// rescales its accumulator as torch does) the earlier splits' weights are left as they are: the
-// row's splits are counted there and rescale[i] is the factor for the weights before split i + 1.
+// `rescale` has room for one float per split of the row (scratch: each later split's factor for the
+// weights before it, applied to them at the end). The bf16 kernels keep those factors for their
+// accumulators instead (softmax_row_bf16, cpu_prefill_bf16.h: the same numbers otherwise).
 template <typename T>
-float flash_softmax_row(float* s, int64_t lo, int64_t first, int64_t p, int64_t Lk, float scale, float* rescale,
-                        int64_t* num_splits = nullptr) {
+float flash_softmax_row(float* s, int64_t lo, int64_t first, int64_t p, int64_t Lk, float scale, float* rescale) {
   std::fill(s, s + (first - lo), 0.f);
   float max = -std::numeric_limits<float>::infinity(), sum = 0.f;
   int64_t splits = 0;  // rescale[i]: exp(old max - new max) at split i + 1, for the earlier weights
@@ -131,10 +130,6 @@ float flash_softmax_row(float* s, int64_t lo, int64_t first, int64_t p, int64_t 
     for (; t + kF <= ve; t += kF) round_v<T>(fVec::loadu(s + (t - lo))).store(s + (t - lo));
     for (; t < ve; ++t) s[t - lo] = round_to<T>(s[t - lo]);
     ++splits;
-  }
-  if (num_splits != nullptr) {
-    *num_splits = splits;
-    return sum;
   }
   float factor = 1.f;  // torch rescales its accumulator by each later split's r; here the weights
   for (int64_t i = splits - 2; i >= 0; --i) {

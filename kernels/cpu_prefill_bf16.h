@@ -9,7 +9,8 @@
 //   K tile  kt[group g of 16 keys][pair p][key i]   the 16 keys' (d 2p, 2p+1) pairs in the lanes of
 //                                                  one vector (a 16x16 transpose of 32-bit pairs)
 //   S = Q K^T   per 8 query vectors and 16 keys: D/2 vdpbf16ps with the query's pair broadcast
-//   softmax     flash_softmax_row (torch's flash SDPA's roundings, weights rounded to bf16), its
+//   softmax     softmax_row_bf16 (flash_softmax_row's numbers: torch's flash SDPA's roundings,
+//               weights rounded to bf16) writing the bf16 weights directly, its
 //               later-split rescales kept per row instead of applied to the weights
 //   V tile  vt[key pair u][d chunk c][d]           (V[2u][d], V[2u + 1][d]) pairs, 16 d a vector
 //   O = P V     per 16 / (D / 16) query vectors, accumulators in registers over the keys:
@@ -31,6 +32,12 @@
 
 // prefill_bf16_for's kernel: prefill_attention's arguments
 using PrefillBf16 = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, at::Tensor&, double, int64_t);
+
+// whether the bf16 prompt attention may take AMX tiles (`set_amx`); on by default
+inline bool& amx_allowed() {
+  static bool allowed = true;
+  return allowed;
+}
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
 
@@ -112,9 +119,11 @@ inline void pv_rows(const int32_t* pp, int64_t np, int64_t u0, int64_t u1, const
     for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc + i * D + 16 * c, a[i][c]);
 }
 
-// flash_softmax_row's numbers in its num_splits mode (the same scaled scores, maxima, exps, lane
-// sums and rescales), in two passes over each split, the weights stored straight into w[0, ns) as
-// bf16 (0 outside [first, p]); s[t - lo] is key t's raw score, read only in [first, p]
+// flash_softmax_row's numbers (the same scaled scores, maxima, exps, lane sums and rescales) with
+// the earlier splits' weights left as they are: *num_splits counts the row's splits and
+// rescale[i] is the factor entering split i + 1, for the caller's accumulator. Two passes over
+// each split, the weights stored straight into w[0, ns) as bf16 (0 outside [first, p]); s[t - lo]
+// is key t's raw score, read only in [first, p]
 inline float softmax_row_bf16(const float* s, int64_t lo, int64_t first, int64_t p, int64_t Lk, float scale,
                               float* rescale, int64_t* num_splits, c10::BFloat16* w, int64_t ns) {
   std::fill(w, w + (first - lo), c10::BFloat16(0.f));
@@ -265,11 +274,7 @@ inline void pv_tiles(const int32_t*, int64_t, int64_t, int64_t, const int32_t*, 
 #endif
 
 // the AMX path is taken where it was built and Linux grants the tiles, unless switched off
-// (`set_amx`: tests and benchmarks compare both paths on one machine)
-inline bool& amx_allowed() {
-  static bool allowed = true;
-  return allowed;
-}
+// (amx_allowed, `set_amx`: tests and benchmarks compare both paths on one machine)
 inline bool amx_usable() { return kAmxBuilt && amx_allowed() && amx_permitted(); }
 
 // prefill_attention's contract (cpu_prefill_attention.h) for bf16, D = 16 NC
@@ -376,10 +381,6 @@ inline PrefillBf16 prefill_bf16_for(int64_t D) {
   }
 }
 #else
-inline bool& amx_allowed() {
-  static bool allowed = true;
-  return allowed;
-}
 inline bool amx_usable() { return false; }
 inline PrefillBf16 prefill_bf16_for(int64_t) { return nullptr; }
 #endif
