@@ -1,11 +1,12 @@
 """The OpenAI-compatible HTTP front end over any `EngineClient` (torch-free).
 
-    POST /v1/completions | /v1/chat/completions
+    POST /v1/completions | /v1/chat/completions | /v1/responses (services/router/responses.py)
       parse (pydantic; unknown fields ignored) -> SamplingParams -> chat template -> token ids
       -> one engine.generate() per prompt, each yielding cumulative RequestOutputs
       -> wait for every prompt's first output (so bad input and a dead engine are HTTP errors)
       -> JSON response, or Server-Sent Events: per choice, text[len(sent):] and the new logprobs
-    GET /v1/models, /health, /metrics; POST /tokenize, /detokenize (vLLM's, services/router/tokenize.py)
+    GET /v1/models, /health, /metrics, /version; POST /tokenize, /detokenize (vLLM's,
+    services/router/tokenize.py)
 
 `pdserve serve` passes the in-process AsyncLLM, `pdserve router` the disaggregated client: both
 expose the same API because this module only sees the protocol. The two endpoints differ only in
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 import uuid
@@ -40,6 +42,7 @@ from pdserve.common.sampling_params import ParameterError, SamplingParams
 from pdserve.services.router import openai_schema as oa
 from pdserve.services.router.limits import Limits
 from pdserve.common.metrics import RequestTracker, ServerMetrics, StatsCollector
+from pdserve.services.router import responses
 from pdserve.services.router import tokenize as tk
 from pdserve.services.router.tool_calls import ToolPlan, hermes_messages, plan_tools
 
@@ -79,6 +82,10 @@ def as_api_error(e: BaseException) -> APIError:
 
 def _json(model: BaseModel, status: int = 200) -> Response:
     return Response(model.model_dump_json(), status_code=status, media_type="application/json")
+
+
+def _json_obj(obj: dict, status: int = 200) -> Response:
+    return Response(json.dumps(obj, ensure_ascii=False), status_code=status, media_type="application/json")
 
 
 class _ClientGone(Exception):
@@ -225,6 +232,7 @@ class OpenAIServer:
         self.max_token_chars = vocab if vocab else 1 << 10
         self.tool_call_parser = tool_call_parser
         self.enable_auto_tool_choice = enable_auto_tool_choice
+        self.responses = responses.ResponseStore()  # stored responses (POST /v1/responses, store: true)
 
     # ---- the endpoints ----------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
@@ -466,6 +474,14 @@ class OpenAIServer:
 
 
 # ---- helpers --------------------------------------------------------------------------------------
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("pdserve")
+    except PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
 def _engine_error(out: RequestOutput) -> APIError:
     return APIError(500, f"the engine failed the request: {out.error}", type="server_error")
 
@@ -633,6 +649,18 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
     async def chat_completions(request: Request) -> Response:
         return await server.chat(request)
 
+    @v1.post("/responses")  # OpenAI's Responses API over the chat path (services/router/responses.py)
+    async def create_response(request: Request) -> Response:
+        return await responses.create(server, request)
+
+    @v1.get("/responses/{response_id}")
+    async def get_response(response_id: str) -> Response:
+        return _json_obj(responses.retrieve(server, response_id))
+
+    @v1.delete("/responses/{response_id}")
+    async def delete_response(response_id: str) -> Response:
+        return _json_obj(responses.delete(server, response_id))
+
     app.include_router(v1)
 
     @app.post("/tokenize")  # vLLM's, outside /v1 (services/router/tokenize.py)
@@ -644,6 +672,10 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
     async def detokenize(request: Request) -> Response:
         req = await _parse(request, tk.DetokenizeRequest, server.limits.max_request_body_bytes)
         return _json(tk.detokenize(server, req))
+
+    @app.get("/version")  # vLLM's
+    async def version() -> Response:
+        return _json_obj({"version": _version()})
 
     @app.get("/health")
     async def health() -> Response:

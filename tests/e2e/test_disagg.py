@@ -64,6 +64,10 @@ def test_1p1d_chat_n_stop_logprobs(stack_1p1d, offline):
     chat = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=12, temperature=0)
     ref = offline.chat(msgs, SamplingParams(temperature=0, max_tokens=12), use_tqdm=False)[0]
     assert chat.choices[0].message.content == ref.outputs[0].text
+    # the Responses API through the router: the same prefill -> decode path, the same tokens
+    resp = c.responses.create(model="tiny", instructions="Be brief.", input="Name a colour.", max_output_tokens=12,
+                              temperature=0)
+    assert resp.output_text == ref.outputs[0].text and resp.usage.output_tokens == len(ref.outputs[0].token_ids)
     many = c.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, n=3, temperature=1.0, seed=5)
     assert sorted(ch.index for ch in many.choices) == [0, 1, 2]
     base = c.completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=20, temperature=0).choices[0].text
