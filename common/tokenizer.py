@@ -19,6 +19,7 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from pdserve.common.config import ConfigError, env_flag
+from pdserve.common.errors import ParameterError
 
 
 class Tokenizer:
@@ -67,7 +68,17 @@ class Tokenizer:
 
     # ---- chat -------------------------------------------------------------------------------
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tools: list[dict] | None = None, **kwargs) -> str:
+                            tools: list[dict] | None = None, continue_final_message: bool = False, **kwargs) -> str:
+        """The template's text. `continue_final_message` (HF's and vLLM's): the text ends right
+        after the last message's content, its end-of-turn markup cut, so the model continues that
+        message (an assistant reply started by the caller); not with add_generation_prompt."""
+        if continue_final_message:
+            if add_generation_prompt:
+                raise ParameterError("continue_final_message", "continue_final_message and add_generation_prompt "
+                                                               "cannot both be true")
+            if not messages or not isinstance(messages[-1].get("content"), str) or not messages[-1]["content"]:
+                raise ParameterError("continue_final_message", "continue_final_message needs a last message with "
+                                                               "text content to continue")
         if not self.chat_template:
             raise ValueError("this model has no chat template; use completions instead of chat")
         if self._template is None:
@@ -77,8 +88,17 @@ class Tokenizer:
             env.globals["raise_exception"] = _raise
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
             self._template = env.from_string(self.chat_template)
-        return self._template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
+        text = self._template.render(messages=messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                      bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+        if continue_final_message:
+            final = messages[-1]["content"]
+            for piece in (final, final.strip()):  # templates that strip the content (as HF tries)
+                end = text.rfind(piece) if piece else -1
+                if end >= 0:
+                    return text[:end + len(piece)]
+            raise ParameterError("continue_final_message", "the chat template does not write the last message's "
+                                                           "content as given, so it cannot be continued")
+        return text
 
 
 def _raise(message: str):

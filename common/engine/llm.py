@@ -94,10 +94,12 @@ class LLM:
         return outs
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
-             use_tqdm: bool = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+             use_tqdm: bool = True, add_generation_prompt: bool = True,
+             continue_final_message: bool = False) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt": self.engine.tokenizer.apply_chat_template(c, add_generation_prompt=add_generation_prompt),
-                    "add_special_tokens": False} for c in conversations]
+        prompts = [{"prompt": self.engine.tokenizer.apply_chat_template(
+            c, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message),
+            "add_special_tokens": False} for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:

@@ -244,16 +244,17 @@ class OpenAIServer:
             if isinstance(p, str):
                 if not p:
                     raise ParameterError("prompt", "the prompt is empty: give at least one token")
-                prompts.append((p, await self._encode(p, True)))
+                ids = await self._encode(p, True)
+                prompts.append((p, ids) if req.truncate_prompt_tokens is None else (None, self._truncate(ids, req)))
             else:
                 vocab = getattr(self.tokenizer, "vocab_size", None)
                 bad = next((t for t in p if vocab is not None and t >= vocab), None)
                 if bad is not None:
                     raise ParameterError("prompt", f"token id {bad} is outside the vocabulary [0, {vocab})")
-                prompts.append((None, list(p)))
+                prompts.append((None, self._truncate(list(p), req)))
             self._check_length(prompts[-1][1], params, "prompt")
         job = self._job("cmpl", prompts, params)
-        fmt = _CompletionFormat(req, job, self.tokenizer, self._decode_one)
+        fmt = _CompletionFormat(req, job, self.tokenizer, self._token_text(req))
         return await self._run(request, job, fmt, req.stream, req.include_usage)
 
     async def chat(self, request: Request) -> Response:
@@ -262,23 +263,26 @@ class OpenAIServer:
         tools = plan_tools(req.tools, req.tool_choice, self.tool_call_parser, self.enable_auto_tool_choice)
         params = req.to_sampling_params(tools.structured_outputs())
         text = self.render_chat(req.template_messages(), req.tools, req.add_generation_prompt, req.chat_template_kwargs,
-                                offer_tools=tools.mode != "none")
-        ids = await self._encode(text, False)
+                                offer_tools=tools.mode != "none", continue_final_message=req.continue_final_message)
+        ids = self._truncate(await self._encode(text, False), req)
         self._check_length(ids, params, "messages")
         job = self._job("chatcmpl", [(text, ids)], params)
-        return await self._run(request, job, _ChatFormat(req, self._decode_one, tools), req.stream, req.include_usage)
+        return await self._run(request, job, _ChatFormat(req, self._token_text(req), tools), req.stream,
+                               req.include_usage)
 
     def render_chat(self, messages: list[dict], tools: list[oa.ChatTool] | None, add_generation_prompt: bool,
-                    kwargs: dict | None, offer_tools: bool = True) -> str:
+                    kwargs: dict | None, offer_tools: bool = True, continue_final_message: bool = False) -> str:
         """The chat template's text. A template that ignores tools gets them in Hermes form (the
-        listing only when `offer_tools`: not for tool_choice none), earlier calls as text."""
+        listing only when `offer_tools`: not for tool_choice none), earlier calls as text.
+        `continue_final_message`: the text stops inside the last message (Tokenizer)."""
         template = getattr(self.tokenizer, "chat_template", None) or ""
         if "tools" not in template and (tools or any(m.get("tool_calls") for m in messages)):
             messages, tools = hermes_messages(messages, tools if offer_tools else None), None
         try:
             return self.tokenizer.apply_chat_template(
                 messages, tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None,
-                add_generation_prompt=add_generation_prompt, **(kwargs or {}))
+                add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
+                **(kwargs or {}))
         except ParameterError:
             raise
         except Exception as e:  # jinja's TemplateError (e.g. roles must alternate), no template, bad kwargs
@@ -325,6 +329,23 @@ class OpenAIServer:
 
     def _decode_one(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _token_text(self, req: oa._SamplingRequest):
+        """How the request's logprobs name tokens: their text, or vLLM's "token_id:{id}"."""
+        return oa.token_id_text if req.return_tokens_as_token_ids else self._decode_one
+
+    def _truncate(self, ids: list[int], req: oa._SamplingRequest) -> list[int]:
+        """vLLM's truncate_prompt_tokens: the prompt's last k tokens (-1: max_model_len)."""
+        k = req.truncate_prompt_tokens
+        if k is None:
+            return ids
+        limit = self.engine.max_model_len
+        if k > limit:
+            raise ParameterError("truncate_prompt_tokens", f"truncate_prompt_tokens ({k}) is larger than this "
+                                                           f"model's maximum context length ({limit})")
+        if k == 0:
+            raise ParameterError("truncate_prompt_tokens", "truncate_prompt_tokens must be -1 or at least 1")
+        return ids[-(limit if k == -1 else k):]
 
     # ---- engine streams ---------------------------------------------------------------------------
     async def _start(self, job: _Job) -> list[RequestOutput]:
@@ -417,13 +438,19 @@ class OpenAIServer:
     def _response(self, job: _Job, fmt, finals: list[RequestOutput]) -> Response:
         n = job.params.n
         choices = []
+        asked = fmt.req.prompt_logprobs is not None  # vLLM's: per choice (completions), per response (chat)
         for i, out in enumerate(finals):
             for c in out.outputs:
                 text, lps = fmt.delta(i, out, c, _Sent())
                 choices.append(fmt.full_choice(i * n + c.index, text, lps, c))
+                if asked and isinstance(fmt, _CompletionFormat):
+                    choices[-1].prompt_logprobs = oa.prompt_logprobs(out.prompt_logprobs or [], fmt.decode_one)
         usage = oa.UsageInfo.of(sum(len(ids) for _, ids in job.prompts), fmt.num_completion_tokens(finals))
-        return _json(fmt.response_cls(id=job.request_id, created=job.created, model=job.model, choices=choices,
-                                      usage=usage))
+        response = fmt.response_cls(id=job.request_id, created=job.created, model=job.model, choices=choices,
+                                    usage=usage)
+        if asked and isinstance(fmt, _ChatFormat):
+            response.prompt_logprobs = oa.prompt_logprobs(finals[0].prompt_logprobs or [], fmt.decode_one)
+        return _json(response)
 
     async def _events(self, job: _Job, fmt, firsts: list[RequestOutput], include_usage: bool) -> AsyncIterator[str]:
         """The SSE body: role chunks (chat), per-choice deltas, a finishing chunk per choice, the usage

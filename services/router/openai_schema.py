@@ -59,6 +59,9 @@ class _SamplingRequest(_Request):
     skip_special_tokens: bool = True
     allowed_token_ids: list[TokenId] | None = None
     bad_words: list[str] | None = None
+    prompt_logprobs: int | None = None  # the prompt tokens' logprobs, top-k each (not streamed)
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None  # keep the last k (-1: max_model_len)
+    return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:{id}"
     # the output's grammar (services/router/constraints.py)
     response_format: dict | None = None
     guided_json: dict | str | None = None
@@ -70,6 +73,11 @@ class _SamplingRequest(_Request):
     @property
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    def check_prompt_logprobs(self) -> None:
+        if self.prompt_logprobs is not None and self.stream:
+            raise ParameterError("prompt_logprobs", "prompt_logprobs are not returned on a stream: send it with "
+                                                    "stream false")
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
                          structured: StructuredOutputsParams | None = None) -> SamplingParams:
@@ -124,8 +132,9 @@ class CompletionRequest(_SamplingRequest):
             raise ParameterError("best_of", f"best_of must equal n ({self.n}) if given: pdserve returns every "
                                             f"sequence it generates, got best_of={self.best_of}")
         max_tokens = 1 if self.scoring_only else self.max_tokens
-        prompt_logprobs = self.logprobs if self.echo and self.logprobs is not None else None
-        return self._sampling_params(max_tokens, self.logprobs, prompt_logprobs)
+        self.check_prompt_logprobs()
+        asked = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs) if k is not None]
+        return self._sampling_params(max_tokens, self.logprobs, max(asked) if asked else None)
 
 
 class CompletionLogprobs(BaseModel):
@@ -142,12 +151,23 @@ class CompletionLogprobs(BaseModel):
         return self
 
 
+class PromptLogprob(BaseModel):
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+# vLLM's prompt_logprobs: per prompt token, None for the first, else {token id: its logprob}
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class UsageInfo(BaseModel):
@@ -227,6 +247,7 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: str | dict | None = None  # None: auto with tools, else none
     # vLLM's extras
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     chat_template_kwargs: dict | None = None
 
     def template_messages(self) -> list[dict]:
@@ -242,8 +263,9 @@ class ChatCompletionRequest(_SamplingRequest):
             raise ParameterError("top_logprobs", "top_logprobs needs logprobs set to true")
         max_tokens = _or(self.max_completion_tokens, self.max_tokens)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        self.check_prompt_logprobs()
         try:
-            return self._sampling_params(max_tokens, logprobs, structured=tool_grammar)
+            return self._sampling_params(max_tokens, logprobs, self.prompt_logprobs, structured=tool_grammar)
         except ParameterError as e:
             if e.param == "max_tokens":
                 e.param = self.max_tokens_param
@@ -298,6 +320,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageInfo | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 class _DropNone(BaseModel):
@@ -389,8 +412,22 @@ def text_chunk_renderer(build: Callable[[int, str], BaseModel], **dump_kwargs) -
 
 
 # ---- logprobs: engine entries -> OpenAI shapes -------------------------------------------------
+def token_id_text(token_id: int) -> str:
+    """A token as vLLM's return_tokens_as_token_ids writes it (given as `decode` below)."""
+    return f"token_id:{token_id}"
+
+
 def _token_text(entry, token_id: int, decode) -> str:
-    return entry.decoded_token if entry.decoded_token is not None else decode(token_id)
+    if decode is token_id_text or entry.decoded_token is None:
+        return decode(token_id)
+    return entry.decoded_token
+
+
+def prompt_logprobs(entries: list[TokenLogprobs | None], decode) -> PromptLogprobs:
+    """The engine's prompt entries (None for the first token) in vLLM's shape."""
+    return [None if entry is None else {
+        t: PromptLogprob(logprob=max(lp.logprob, MIN_LOGPROB), rank=lp.rank, decoded_token=_token_text(lp, t, decode))
+        for t, lp in entry.items()} for entry in entries]
 
 
 def completion_logprobs(token_ids: list[int], entries: list[TokenLogprobs | None], text_offset: int,

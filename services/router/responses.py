@@ -183,6 +183,9 @@ def response_format(text: dict | None) -> dict | None:
 def to_chat_request(req: ResponsesRequest, history: list[dict]) -> oa.ChatCompletionRequest:
     if req.background:
         raise ParameterError("background", "background responses are not supported: leave background false")
+    if req.prompt_logprobs is not None:
+        raise ParameterError("prompt_logprobs", "a response carries no prompt logprobs: ask /v1/completions or "
+                                                "/v1/chat/completions for them")
     if req.response_format is not None and req.text is not None:
         raise ParameterError("text.format", "give the output format as text.format only (not response_format)")
     messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + history \
@@ -292,7 +295,7 @@ async def create(server: "OpenAIServer", request: Request) -> Response:
         raise ParameterError("n", "a response has one output: n must be 1")
     text = server.render_chat(chat.template_messages(), chat.tools, True, chat.chat_template_kwargs,
                               offer_tools=tools.mode != "none")
-    ids = await server._encode(text, False, "input")
+    ids = server._truncate(await server._encode(text, False, "input"), chat)
     server._check_length(ids, params, "input")
     job = server._job("resp", [(text, ids)], params)
     answer = _Answer(server, req, chat, tools, ids, job.request_id)

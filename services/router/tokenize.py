@@ -1,7 +1,8 @@
 """vLLM's /tokenize and /detokenize (torch-free), on `pdserve serve` and the router alike.
 
     POST /tokenize    {"prompt": str, "add_special_tokens": true}
-                   or {"messages": [...], "add_generation_prompt": true, "tools", "chat_template_kwargs"}
+                   or {"messages": [...], "add_generation_prompt": true, "continue_final_message", "tools",
+                          "chat_template_kwargs"}
                       -> {"count", "max_model_len", "tokens", "token_strs" (with return_token_strs)}
     POST /detokenize  {"tokens": [ids]} -> {"prompt": str}
 
@@ -23,6 +24,7 @@ class TokenizeRequest(oa._Request):
     messages: list[oa.ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool | None = None  # default: True for a prompt, False for messages (the template has them)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     chat_template_kwargs: dict | None = None
     tools: list[oa.ChatTool] | None = None
     return_token_strs: bool = False
@@ -51,7 +53,8 @@ async def tokenize(server, req: TokenizeRequest) -> TokenizeResponse:
         raise ParameterError("prompt", "give either prompt or messages")
     if req.messages is not None:
         text = server.render_chat([m.to_template(i) for i, m in enumerate(req.messages)], req.tools,
-                                  req.add_generation_prompt, req.chat_template_kwargs)
+                                  req.add_generation_prompt, req.chat_template_kwargs,
+                                  continue_final_message=req.continue_final_message)
         special = bool(req.add_special_tokens)
     else:
         text, special = req.prompt, req.add_special_tokens is not False

@@ -157,6 +157,55 @@ def test_echo_and_logprobs(client, tok):
     assert texts[0] == echo.text and chunks[0].choices[0].text.startswith("Hello world")
 
 
+def test_vllm_prompt_extras(client, tok, server):
+    """vLLM's prompt_logprobs (per choice / per chat response), truncate_prompt_tokens,
+    return_tokens_as_token_ids and continue_final_message."""
+    ids = tok.encode("Hello world, how are you", add_special_tokens=False)
+    echo = client.completions.create(model=NAME, prompt=ids, echo=True, logprobs=2, max_tokens=0).choices[0]
+    got = client.completions.create(model=NAME, prompt=ids, max_tokens=1, extra_body={"prompt_logprobs": 2}).choices[0]
+    plps = got.model_extra["prompt_logprobs"]
+    assert len(plps) == len(ids) and plps[0] is None
+    for token, entry, logprob, top in zip(ids[1:], plps[1:], echo.logprobs.token_logprobs[1:],
+                                          echo.logprobs.top_logprobs[1:]):
+        assert entry[str(token)]["logprob"] == pytest.approx(logprob)  # the same numbers as echo's
+        ranked = sorted((e for e in entry.values() if e["rank"] <= 2), key=lambda e: e["rank"])
+        assert [e["logprob"] for e in ranked] == pytest.approx(sorted(top.values(), reverse=True)[:2])
+    chat = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
+                                          extra_body={"prompt_logprobs": 0})
+    assert len(chat.model_extra["prompt_logprobs"]) == chat.usage.prompt_tokens
+    r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "x", "stream": True,
+                                                          "prompt_logprobs": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
+
+    # truncate_prompt_tokens keeps the prompt's last k tokens: the same answer as sending them
+    cut = client.completions.create(model=NAME, prompt=ids, temperature=0, max_tokens=12,
+                                    extra_body={"truncate_prompt_tokens": 3, "ignore_eos": True})
+    assert cut.usage.prompt_tokens == 3
+    assert cut.choices[0].text == client.completions.create(model=NAME, prompt=ids[-3:], **GREEDY).choices[0].text
+    r = httpx.post(server.url + "/v1/completions", json={"model": NAME, "prompt": "x", "truncate_prompt_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens"
+
+    as_ids = client.completions.create(model=NAME, prompt=ids, max_tokens=3, logprobs=1, temperature=0,
+                                       extra_body={"return_tokens_as_token_ids": True}).choices[0].logprobs
+    plain = client.completions.create(model=NAME, prompt=ids, max_tokens=3, logprobs=1, temperature=0).choices[0]
+    assert all(t.startswith("token_id:") for t in as_ids.tokens)
+    assert tok.decode([int(t.split(":")[1]) for t in as_ids.tokens]) == plain.text
+
+    # continue_final_message: the answer continues the given assistant text, end-of-turn cut
+    start = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Well, I think"}]
+    cont = client.chat.completions.create(model=NAME, messages=start, temperature=0, max_tokens=12,
+                                          extra_body={"continue_final_message": True, "add_generation_prompt": False,
+                                                      "ignore_eos": True})
+    rendered = tok.apply_chat_template(start, add_generation_prompt=False)
+    prefix = rendered[:rendered.rindex("Well, I think") + len("Well, I think")]
+    same = client.completions.create(model=NAME, prompt=tok.encode(prefix, add_special_tokens=False), **GREEDY)
+    assert cont.choices[0].message.content == same.choices[0].text
+    assert cont.usage.prompt_tokens == same.usage.prompt_tokens
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": NAME, "messages": start,
+                                                               "continue_final_message": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "continue_final_message"
+
+
 def test_stop_and_length(client):
     base = client.completions.create(model=NAME, prompt="Hello world", temperature=0, max_tokens=20,
                                      extra_body={"ignore_eos": True}).choices[0]

@@ -154,6 +154,7 @@ def test_text_format_json_schema(client):
     ({"input": "x", "background": True}, 400, "background"),
     ({"input": "x", "tool_choice": {"type": "function", "name": "nope"}, "tools": [WEATHER]}, 400, "tool_choice"),
     ({"input": "x", "model": "other"}, 404, "model"),
+    ({"input": "x", "prompt_logprobs": 1}, 400, "prompt_logprobs"),
 ])
 def test_bad_requests_get_openai_errors(server, engine, body, status, param):
     r = httpx.post(server.url + "/v1/responses", json={"model": NAME, **body}, timeout=60)
