@@ -110,7 +110,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    # proto IPPROTO_TCP, not 0: accepted sockets inherit it, and asyncio turns Nagle off (TCP_NODELAY)
+    # only on sockets whose proto says TCP. With Nagle on, a stream's first chunk waited for the
+    # client's delayed ACK of the headers: +40 ms TTFT for a request sent right after another one on
+    # a keep-alive connection (docs/benchmarks.md, twelfth session)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

@@ -34,8 +34,10 @@ STOP_TIMEOUT_S = 40.0  # the children's graceful shutdown (30 s) and their teard
 
 
 def shared_port_socket(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port that other processes may bind too (SO_REUSEPORT)."""
-    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    """A listening socket on host:port that other processes may bind too (SO_REUSEPORT). proto
+    IPPROTO_TCP: asyncio sets TCP_NODELAY only on accepted sockets whose proto says TCP
+    (services/serve.py's _bind)."""
+    sock = socket.socket(_family(host), socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
