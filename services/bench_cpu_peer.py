@@ -17,6 +17,9 @@ For each dtype, in this order, each server alone on the machine (started, measur
              with the peer's Python for both -> output tok/s and mean TTFT.
     single   load.py with N=1 on the same server right after: ms per output token (wall /
              tokens, the first token included) and TTFT.
+    --repeat R   each served burst and single request R times on the same server (fresh salted
+             prompts each time), each offline run R times: the table shows medians, the JSON keeps
+             every run. One sample of a 2-core VM moved 1.4x between runs (a single request's TTFT).
     offline  vLLM's offline.py (LLM.generate, N prompts of PROMPT_TOKENS tokens) and the same
              recipe through pdserve's `LLM` (`python -m pdserve.services.bench_cpu_peer
              offline-pdserve MODEL DTYPE N PROMPT_TOKENS MAX_TOKENS`), each in its own process.
@@ -34,6 +37,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -61,6 +65,7 @@ def main() -> None:
     p.add_argument("--only", nargs="+", choices=["served", "offline"], default=["served", "offline"])
     p.add_argument("--start-timeout", type=float, default=900, help="seconds for a server to answer /health")
     p.add_argument("--pdserve-flags", default="", help="more `pdserve serve` flags (served runs only), one string")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the table shows medians")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
     model = args.model or os.path.join(args.peer, "smollm2-hf")
@@ -98,16 +103,21 @@ def served(engine: str, dtype: str, model: str, args) -> list[dict]:
         start_s = time.time() - t0
         url = f"http://127.0.0.1:{args.port}"
         load_avg = os.getloadavg()[0]
-        burst = _load(args, url, args.n, args.max_tokens)
-        single = _load(args, url, 1, args.single_max_tokens)
+        bursts, singles = [], []
+        for _ in range(args.repeat):
+            bursts.append(_load(args, url, args.n, args.max_tokens))
+            singles.append(_load(args, url, 1, args.single_max_tokens))
     finally:
         _stop(proc)
     common = dict(engine=engine, dtype=dtype, start_s=round(start_s, 1), load_avg=round(load_avg, 2))
-    return [dict(common, workload="served", output_tok_per_s=burst["output_tok_per_s"],
-                 ttft_mean_s=burst["ttft_mean_s"], prompt_tokens=burst["prompt_tokens"],
-                 completion_tokens=burst["completion_tokens"], wall_s=burst["wall_s"]),
-            dict(common, workload="single", ms_per_token=round(1000 * single["wall_s"] / single["completion_tokens"], 1),
-                 ttft_mean_s=single["ttft_mean_s"], completion_tokens=single["completion_tokens"])]
+    for single in singles:
+        single["ms_per_token"] = round(1000 * single["wall_s"] / single["completion_tokens"], 1)
+    return [dict(common, workload="served", runs=bursts, **_medians(bursts, "output_tok_per_s", "ttft_mean_s")),
+            dict(common, workload="single", runs=singles, **_medians(singles, "ms_per_token", "ttft_mean_s"))]
+
+
+def _medians(runs: list[dict], *keys: str) -> dict:
+    return {key: statistics.median(r[key] for r in runs) for key in keys}
 
 
 def offline(engine: str, dtype: str, model: str, args) -> dict:
@@ -120,11 +130,12 @@ def offline(engine: str, dtype: str, model: str, args) -> dict:
                str(args.prompt_tokens), str(args.max_tokens)]
     print(f"[{engine} {dtype}] offline: {' '.join(cmd)}", flush=True)
     load_avg = os.getloadavg()[0]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600, cwd=args.peer)
-    result = _last_json(out.stdout, f"{engine} offline", out.stderr)
-    return dict(engine=engine, dtype=dtype, workload="offline", load_avg=round(load_avg, 2),
-                output_tok_per_s=result["output_tok_per_s"], wall_s=result["wall_s"],
-                completion_tokens=result["completion_tokens"])
+    runs = []
+    for _ in range(args.repeat):
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600, cwd=args.peer)
+        runs.append(_last_json(out.stdout, f"{engine} offline", out.stderr))
+    return dict(engine=engine, dtype=dtype, workload="offline", load_avg=round(load_avg, 2), runs=runs,
+                **_medians(runs, "output_tok_per_s"))
 
 
 def offline_pdserve(model: str, dtype: str, n: int, prompt_tokens: int, max_tokens: int) -> None:

@@ -620,17 +620,20 @@ def _param_name(loc: tuple) -> str | None:
 def build_app(engine: EngineClient, served_model_name: str, api_key: str | None = None,
               collector: StatsCollector | None = None, limits: Limits = Limits(),
               tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False,
-              metrics_route: bool = True, metrics_dir: str | None = None) -> FastAPI:
+              metrics_route: bool = True, metrics_dir: str | None = None, response_store=None) -> FastAPI:
     """The FastAPI app. `collector` (state for /metrics) is the deployment's: the in-process
     engine's stats, or the router's view of its fleet and its routing counters.
     `tool_call_parser` + `enable_auto_tool_choice` (vLLM's flags) let tool_choice "auto" turn the
     model's text into tool calls. `metrics_route` False: no /metrics here (served on a port of
     its own, or not at all). `metrics_dir`: request metrics summed with other processes'
-    (ServerMetrics' shared_dir)."""
+    (ServerMetrics' shared_dir). `response_store`: where /v1/responses keeps stored responses
+    (default: this process's memory; the router passes its Redis one)."""
     metrics = ServerMetrics(served_model_name, engine.max_model_len, collector, shared_dir=metrics_dir)
     server = OpenAIServer(engine, served_model_name, metrics, limits, tool_call_parser, enable_auto_tool_choice)
     app = FastAPI(title="pdserve", description="OpenAI-compatible API of pdserve")
     app.state.server = server
+    if response_store is not None:
+        server.responses = response_store
 
     async def on_error(request: Request, e: Exception) -> Response:
         err = as_api_error(e)
@@ -682,11 +685,11 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
 
     @v1.get("/responses/{response_id}")
     async def get_response(response_id: str) -> Response:
-        return _json_obj(responses.retrieve(server, response_id))
+        return _json_obj(await responses.retrieve(server, response_id))
 
     @v1.delete("/responses/{response_id}")
     async def delete_response(response_id: str) -> Response:
-        return _json_obj(responses.delete(server, response_id))
+        return _json_obj(await responses.delete(server, response_id))
 
     app.include_router(v1)
 

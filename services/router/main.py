@@ -54,6 +54,9 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                    help="shared: one DecodeStream per decode worker carries every request's tokens, a "
                         "message per step for all (fewer messages and wake-ups on both ends); per-request: "
                         "a Decode call per request (the older protocol)")
+    p.add_argument("--response-store-ttl", type=float, default=None,
+                   help="seconds a stored /v1/responses answer stays in Redis for previous_response_id and GET "
+                        "(default: 3600)")
     from pdserve.services.router.tool_calls import add_tool_args
     add_tool_args(p)
     from pdserve.services.serve import add_metrics_args
@@ -74,6 +77,8 @@ def fleet_stats(pool):
 def run_router(args: argparse.Namespace) -> None:
     if args.workers < 1:
         raise ConfigError(f"--workers must be positive, got {args.workers}")
+    if args.response_store_ttl is not None and args.response_store_ttl <= 0:
+        raise ConfigError(f"--response-store-ttl must be positive, got {args.response_store_ttl}")
     if args.workers > 1:
         if args.metrics_port is not None:
             raise ConfigError("--metrics-port cannot be shared by --workers processes: /metrics is served on "
@@ -127,6 +132,8 @@ def _run_one(args: argparse.Namespace) -> None:
 
     stop_requested = latch_stop_signals()  # the clients below are closed and the process exits 0
 
+    from pdserve.services.router.responses import STORE_TTL_S, RedisResponseStore
+
     async def main():
         registry = Registry(args.redis_url)
         index = PrefixIndex(args.redis_url, timeout_s=INDEX_TIMEOUT_S)
@@ -135,10 +142,12 @@ def _run_one(args: argparse.Namespace) -> None:
         client = DisaggClient(tokenizer, name, pool, shared_decode_streams=args.decode_streams == "shared")
         collector = StatsCollector(name, engine=lambda: fleet_stats(pool), router=lambda: client.stats,
                                    redis_up=lambda: pool.redis_ok)
+        store = RedisResponseStore(args.redis_url, STORE_TTL_S if args.response_store_ttl is None
+                                   else args.response_store_ttl)
         app = build_app(client, name, api_key=args.api_key, collector=collector, limits=limits_of(args),
                         tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
                         metrics_route=args.enable_metrics and args.metrics_port is None,
-                        metrics_dir=getattr(args, "metrics_dir", None))
+                        metrics_dir=getattr(args, "metrics_dir", None), response_store=store)
         metrics_apart = serve_metrics_apart(app, args, args.host)
         add_admin_routes(app, pool, registry, api_key=args.api_key)
 
@@ -182,6 +191,7 @@ def _run_one(args: argparse.Namespace) -> None:
         await pool.close()
         await index.close()
         await registry.close()
+        await store.close()
     asyncio.run(main())
 
 

@@ -16,15 +16,17 @@ A response is a chat completion under another schema, so this module only transl
               response.completed or response.incomplete; an error after the stream started is an
               `error` event
 
-Stored responses (store: true, OpenAI's default) keep their conversation in memory, the newest
-STORE_CAPACITY per server process, so previous_response_id continues it and GET returns it; an
-id this process does not hold is a 404. Not supported (400 naming the field): n > 1 (no such
+Stored responses (store: true, OpenAI's default) keep their conversation, so previous_response_id
+continues it and GET returns it: `pdserve serve` in memory (the newest STORE_CAPACITY), `pdserve
+router` in the fleet's Redis for --response-store-ttl (every router process and replica sees them).
+An id the store does not hold is a 404. Not supported (400 naming the field): n > 1 (no such
 field here), non-function tools, background mode, input content other than text.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections import OrderedDict
@@ -43,7 +45,10 @@ from pdserve.services.router.tool_calls import ToolPlan, plan_tools
 if TYPE_CHECKING:
     from pdserve.services.router.app import OpenAIServer
 
-STORE_CAPACITY = 1024  # stored responses per server process (oldest dropped first)
+log = logging.getLogger("pdserve.api")
+
+STORE_CAPACITY = 1024  # stored responses of a `pdserve serve` process (oldest dropped first)
+STORE_TTL_S = 3600.0  # a router's stored responses live this long in Redis (--response-store-ttl)
 _TEXT_PARTS = ("input_text", "output_text", "text")
 
 
@@ -63,30 +68,89 @@ class ResponsesRequest(oa._SamplingRequest):
 
 
 class ResponseStore:
-    """response id -> (the response's JSON object, its conversation as chat messages), newest kept."""
+    """In memory (`pdserve serve`): response id -> (the response's JSON object, its conversation as
+    chat messages), the newest `capacity` kept."""
 
     def __init__(self, capacity: int = STORE_CAPACITY):
         self.capacity = capacity
         self._items: OrderedDict[str, tuple[dict, list[dict]]] = OrderedDict()
 
-    def put(self, response: dict, conversation: list[dict]) -> None:
+    async def put(self, response: dict, conversation: list[dict]) -> None:
         self._items[response["id"]] = (response, conversation)
         self._items.move_to_end(response["id"])
         while len(self._items) > self.capacity:
             self._items.popitem(last=False)
 
-    def get(self, response_id: str, param: str = "response_id") -> tuple[dict, list[dict]]:
-        from pdserve.services.router.app import APIError
+    async def get(self, response_id: str, param: str = "response_id") -> tuple[dict, list[dict]]:
         found = self._items.get(response_id)
         if found is None:
-            raise APIError(404, f"Response with id '{response_id}' not found (responses are kept in memory, "
-                                f"the newest {self.capacity} of this server).", param=param,
-                           code="response_not_found")
+            raise _not_found(response_id, param, f"responses are kept in memory, the newest {self.capacity} of "
+                                                 "this server")
         return found
 
-    def delete(self, response_id: str) -> None:
-        self.get(response_id)
+    async def delete(self, response_id: str) -> None:
+        await self.get(response_id)
         del self._items[response_id]
+
+    async def close(self) -> None:
+        pass
+
+
+class RedisResponseStore:
+    """In the fleet's Redis (`pdserve router`): every router process, and a restarted one, sees the
+    same responses, so previous_response_id works whichever process (--workers) or replica a
+    connection reaches. Key {ns}:response:{id} = JSON {"response", "conversation"}, expiring
+    `ttl_s` after it was written. Redis down: a get or delete is 503; a put is logged and the
+    response answers with "store": false (it was generated; it is only not kept)."""
+
+    def __init__(self, redis_url: str, ttl_s: float, namespace: str = "pdserve"):
+        from pdserve.common.registry import open_redis
+        self._redis = open_redis(redis_url)
+        self._prefix = f"{namespace}:response:"
+        self.ttl_ms = max(1, int(ttl_s * 1000))
+        self.ttl_s = ttl_s
+
+    async def put(self, response: dict, conversation: list[dict]) -> None:
+        body = json.dumps({"response": response, "conversation": conversation}, ensure_ascii=False)
+        await self._call(self._redis.set(self._prefix + response["id"], body, px=self.ttl_ms))
+
+    async def get(self, response_id: str, param: str = "response_id") -> tuple[dict, list[dict]]:
+        raw = await self._call(self._redis.get(self._prefix + response_id))
+        if raw is None:
+            raise _not_found(response_id, param, f"stored responses expire {self.ttl_s:g} s after they were made "
+                                                 "(--response-store-ttl)")
+        stored = json.loads(raw)
+        return stored["response"], stored["conversation"]
+
+    async def delete(self, response_id: str) -> None:
+        if not await self._call(self._redis.delete(self._prefix + response_id)):
+            raise _not_found(response_id, "response_id", "it expired or was never stored")
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+    @staticmethod
+    async def _call(op):
+        from redis.exceptions import RedisError
+        try:
+            return await op
+        except RedisError as e:
+            raise StoreUnavailable(f"the response store (Redis) is unavailable: {e}") from e
+
+
+class StoreUnavailable(Exception):
+    pass
+
+
+def _not_found(response_id: str, param: str, why: str):
+    from pdserve.services.router.app import APIError
+    return APIError(404, f"Response with id '{response_id}' not found ({why}).", param=param,
+                    code="response_not_found")
+
+
+def _unavailable(e: StoreUnavailable):
+    from pdserve.services.router.app import APIError
+    return APIError(503, str(e), type="server_error", code="store_unavailable")
 
 
 # ---- the request -> a chat request ---------------------------------------------------------------
@@ -223,9 +287,9 @@ def call_item(item_id: str, call_id: str, name: str, arguments: str, status: str
 class _Answer:
     """One response's state: its request, conversation, items so far and the JSON object."""
 
-    def __init__(self, server: "OpenAIServer", req: ResponsesRequest, chat: oa.ChatCompletionRequest,
-                 tools: ToolPlan, prompt_ids: list[int], response_id: str):
-        self.server, self.req, self.chat, self.tools = server, req, chat, tools
+    def __init__(self, server: "OpenAIServer", req: ResponsesRequest, tools: ToolPlan, prompt_ids: list[int],
+                 response_id: str):
+        self.server, self.req, self.tools = server, req, tools
         self.id = response_id
         self.created_at = int(time.time())
         self.prompt_ids = prompt_ids
@@ -240,8 +304,9 @@ class _Answer:
             self.usage = {"input_tokens": len(self.prompt_ids), "input_tokens_details": {"cached_tokens": cached},
                           "output_tokens": len(finish.token_ids), "output_tokens_details": {"reasoning_tokens": 0},
                           "total_tokens": len(self.prompt_ids) + len(finish.token_ids)}
+        error = {"code": "server_error", "message": "the engine gave up on the request"} if status == "failed" else None
         return {"id": self.id, "object": "response", "created_at": self.created_at, "status": status,
-                "error": None, "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+                "error": error, "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
                 "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
                 "model": self.server.model_name, "output": self.output,
                 "parallel_tool_calls": req.parallel_tool_calls, "previous_response_id": req.previous_response_id,
@@ -251,11 +316,15 @@ class _Answer:
                 "tools": req.tools or [], "text": req.text or {"format": {"type": "text"}},
                 "metadata": req.metadata or {}, "store": req.store, "usage": self.usage}
 
-    def finish(self, status: str, finish: CompletionOutput, out: RequestOutput, history: list[dict]) -> dict:
+    async def finish(self, status: str, finish: CompletionOutput, out: RequestOutput, history: list[dict]) -> dict:
         """The final object; stored with its conversation when asked."""
         body = self.response(status, finish, out)
         if self.req.store:  # instructions are not carried over (OpenAI's rule); the input is
-            self.server.responses.put(body, history + input_messages(self.req) + _as_messages(self.output))
+            try:
+                await self.server.responses.put(body, history + input_messages(self.req) + _as_messages(self.output))
+            except StoreUnavailable as e:
+                log.warning("response %s not stored: %s", self.id, e)
+                body["store"] = False
         return body
 
 
@@ -272,7 +341,8 @@ def _as_messages(output: list[dict]) -> list[dict]:
 
 
 def _status(c: CompletionOutput) -> str:
-    return "incomplete" if c.finish_reason == "length" else "completed"
+    """finish_reason -> the response's status (abort: the engine gave up on the request)."""
+    return {"length": "incomplete", "abort": "failed"}.get(c.finish_reason, "completed")
 
 
 # ---- the endpoint --------------------------------------------------------------------------------
@@ -280,7 +350,7 @@ async def create(server: "OpenAIServer", request: Request) -> Response:
     from pdserve.services.router.app import _ClientGone, _EventStream, _json_obj, _parse, _until_disconnect
     req = await _parse(request, ResponsesRequest, server.limits.max_request_body_bytes)
     server.check_model(req.model)
-    history = server.responses.get(req.previous_response_id, "previous_response_id")[1] \
+    history = (await _stored(server, req.previous_response_id, "previous_response_id"))[1] \
         if req.previous_response_id else []
     chat = to_chat_request(req, history)
     tools = plan_tools(chat.tools, chat.tool_choice, server.tool_call_parser, server.enable_auto_tool_choice)
@@ -298,7 +368,7 @@ async def create(server: "OpenAIServer", request: Request) -> Response:
     ids = server._truncate(await server._encode(text, False, "input"), chat)
     server._check_length(ids, params, "input")
     job = server._job("resp", [(text, ids)], params)
-    answer = _Answer(server, req, chat, tools, ids, job.request_id)
+    answer = _Answer(server, req, tools, ids, job.request_id)
     try:
         if req.stream:
             firsts = await _until_disconnect(request, server._start(job))
@@ -314,11 +384,12 @@ async def create(server: "OpenAIServer", request: Request) -> Response:
     c = out.outputs[0]
     content, calls = (c.text, []) if tools.mode == "none" else tools.parse(c.text)
     status = _status(c)
+    item_status = "completed" if status == "completed" else "incomplete"
     if content or not calls:
-        answer.output.append(message_item(_id("msg"), content or "", status))
+        answer.output.append(message_item(_id("msg"), content or "", item_status))
     for call in calls:
-        answer.output.append(call_item(_id("fc"), call.id, call.function.name, call.function.arguments, status))
-    return _json_obj(answer.finish(status, c, out, history))
+        answer.output.append(call_item(_id("fc"), call.id, call.function.name, call.function.arguments, item_status))
+    return _json_obj(await answer.finish(status, c, out, history))
 
 
 async def _events(server: "OpenAIServer", job, answer: _Answer, firsts: list[RequestOutput],
@@ -417,10 +488,11 @@ async def _events(server: "OpenAIServer", job, answer: _Answer, firsts: list[Req
         if not answer.output:  # nothing generated: an empty message, as the whole answer has
             for e in open_message():
                 yield e
-        for e in close_message(status) + close_call(status):
+        item_status = "completed" if status == "completed" else "incomplete"
+        for e in close_message(item_status) + close_call(item_status):
             yield e
-        body = answer.finish(status, c, last, history)
-        yield event("response.incomplete" if status == "incomplete" else "response.completed", response=body)
+        body = await answer.finish(status, c, last, history)
+        yield event(f"response.{status}", response=body)
     except Exception as e:
         job.close_trackers("error")
         err = as_api_error(e)
@@ -429,10 +501,20 @@ async def _events(server: "OpenAIServer", job, answer: _Answer, firsts: list[Req
         job.close_trackers("abort")  # a no-op once finished
 
 
-def retrieve(server: "OpenAIServer", response_id: str) -> dict:
-    return server.responses.get(response_id)[0]
+async def _stored(server: "OpenAIServer", response_id: str, param: str = "response_id") -> tuple[dict, list[dict]]:
+    try:
+        return await server.responses.get(response_id, param)
+    except StoreUnavailable as e:
+        raise _unavailable(e) from None
 
 
-def delete(server: "OpenAIServer", response_id: str) -> dict:
-    server.responses.delete(response_id)
+async def retrieve(server: "OpenAIServer", response_id: str) -> dict:
+    return (await _stored(server, response_id))[0]
+
+
+async def delete(server: "OpenAIServer", response_id: str) -> dict:
+    try:
+        await server.responses.delete(response_id)
+    except StoreUnavailable as e:
+        raise _unavailable(e) from None
     return {"id": response_id, "object": "response.deleted", "deleted": True}

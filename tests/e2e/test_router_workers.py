@@ -65,6 +65,22 @@ def test_two_router_processes_serve_the_same_answers(stack, tiny_models):
         assert "vllm:time_to_first_token_seconds_count" in text
 
 
+def test_stored_responses_are_seen_by_every_router_process(stack):
+    """A response stored through one connection is retrieved and continued through new ones (a
+    client each, so the kernel spreads them over both processes): the store is the fleet's Redis."""
+    def client():
+        return openai.OpenAI(base_url=stack.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
+    with client() as c:
+        first = c.responses.create(model="tiny", input="Say hi", max_output_tokens=4, temperature=0,
+                                   extra_body={"ignore_eos": True})
+    for _ in range(6):
+        with client() as c:
+            assert c.responses.retrieve(first.id).output_text == first.output_text
+            follow = c.responses.create(model="tiny", input="More", previous_response_id=first.id,
+                                        max_output_tokens=2, temperature=0, extra_body={"ignore_eos": True})
+            assert follow.usage.input_tokens > first.usage.input_tokens
+
+
 def test_a_dead_router_process_ends_the_router(stack):
     parent = stack.procs["router"]
     first, second = children(parent.pid)

@@ -166,3 +166,47 @@ def test_bad_requests_get_openai_errors(server, engine, body, status, param):
 def test_version_route(server):
     r = httpx.get(server.url + "/version", timeout=10)
     assert r.status_code == 200 and r.json()["version"]
+
+
+def test_redis_store_is_shared_by_router_processes_and_fails_clearly(engine, redis_server):
+    """The router's store: two apps (two router processes) on one Redis see each other's
+    responses; stored ones expire after the TTL; Redis down is 503 for what needs the store and
+    "store": false on a new response (still answered)."""
+    from pdserve.services.router.responses import RedisResponseStore
+    stores = [RedisResponseStore(redis_server.url, ttl_s=30) for _ in range(2)]
+    apps = [build_app(engine, NAME, response_store=s) for s in stores]
+    with ThreadedServer(apps[0]) as a, ThreadedServer(apps[1]) as b:
+        ca, cb = (openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0, timeout=60) for srv in (a, b))
+        first = ca.responses.create(model=NAME, input="Say hi", max_output_tokens=6, **GREEDY)
+        assert cb.responses.retrieve(first.id).output_text == first.output_text
+        second = cb.responses.create(model=NAME, input="More", previous_response_id=first.id, max_output_tokens=4,
+                                     **GREEDY)
+        assert second.output_text == chat_text(cb, [{"role": "user", "content": "Say hi"},
+                                                    {"role": "assistant", "content": first.output_text},
+                                                    {"role": "user", "content": "More"}], 4)
+        ca.responses.delete(second.id)
+        with pytest.raises(openai.NotFoundError):
+            cb.responses.retrieve(second.id)
+
+        redis_server.stop()
+        try:
+            r = httpx.get(a.url + f"/v1/responses/{first.id}", timeout=30)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+            r = httpx.post(a.url + "/v1/responses", json={"model": NAME, "input": "x", "previous_response_id": first.id},
+                           timeout=30)
+            assert r.status_code == 503
+            unstored = ca.responses.create(model=NAME, input="Say hi", max_output_tokens=3, **GREEDY)
+            assert unstored.store is False and unstored.output_text
+        finally:
+            redis_server.start()
+        with pytest.raises(openai.NotFoundError):  # a restarted Redis holds nothing
+            ca.responses.retrieve(first.id)
+    short = RedisResponseStore(redis_server.url, ttl_s=0.3)
+    with ThreadedServer(build_app(engine, NAME, response_store=short)) as c:
+        client = openai.OpenAI(base_url=c.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = client.responses.create(model=NAME, input="Say hi", max_output_tokens=2, **GREEDY)
+        assert client.responses.retrieve(r.id).id == r.id
+        time.sleep(0.5)
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(r.id)
+    assert all_blocks_free(engine)
