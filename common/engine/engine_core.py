@@ -63,6 +63,10 @@ from pdserve.common.tokenizer import load_tokenizer
 
 log = logging.getLogger("pdserve.engine")
 
+# The CPU KV pool's background population (cpu_ops.populate_in_background) runs only once no step
+# has run for this long: on two cores even a nice-19 thread stalls a step's OpenMP team
+POPULATE_IDLE_S = 0.25
+
 
 class EngineCore:
     def __init__(self, config: EngineConfig, connector: KVConnector | None = None,
@@ -102,6 +106,8 @@ class EngineCore:
             raise ConfigError(f"the KV cache holds {capacity} tokens, fewer than --max-model-len {max_len}: "
                               "lower --max-model-len or give the cache more memory")
         self.kv = KVCacheManager(self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching)
+        self._last_step_at = 0.0  # time.monotonic() of the last step (_idle_frontier)
+        self.runner.kv_frontier = self._idle_frontier  # the CPU pool's pages follow it while idle (ModelRunner)
         self.connector = connector
         if connector is not None:
             connector.bind(self.kv, wake)
@@ -195,6 +201,13 @@ class EngineCore:
         if self.connector is not None:
             self.connector.on_step()
 
+    def _idle_frontier(self) -> int | None:
+        """Blocks handed out so far, or None while a step ran within POPULATE_IDLE_S (the KV pool's
+        background population waits for an idle engine: cpu_ops.populate_in_background)."""
+        if time.monotonic() - self._last_step_at < POPULATE_IDLE_S:
+            return None
+        return self.kv.num_blocks_handed_out()
+
     def has_work(self) -> bool:
         """A step can make progress now (not only KV loads in flight elsewhere)."""
         return self.scheduler.has_schedulable() or self._inflight is not None
@@ -212,6 +225,7 @@ class EngineCore:
         return not self._progress and self._inflight is None
 
     def step(self) -> list[EngineOutput]:
+        self._last_step_at = time.monotonic()
         self._progress = False
         overlap = self.async_scheduling and self.scheduler.num_host_history_requests == 0
         if self.spec_stats is not None and self.async_scheduling:

@@ -38,6 +38,10 @@ class KVCacheManager:
     def num_free_blocks(self) -> int:
         return self.pool.num_free_blocks
 
+    def num_blocks_handed_out(self) -> int:
+        """Distinct blocks allocated at least once (they are handed out in id order: 0 .. n-1)."""
+        return len(self.pool.blocks)
+
     def usage(self) -> float:
         return self.pool.usage()
 

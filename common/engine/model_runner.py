@@ -37,6 +37,7 @@ import itertools
 import operator
 import threading
 import time
+import weakref
 from typing import Callable
 
 import numpy as np
@@ -130,6 +131,9 @@ class ModelRunner:
         self.graphs = None  # captured after the KV cache exists
         self.greedy_tail = None  # set once the KV cache exists (the sizing step samples with the Sampler)
         self.kv_populate: threading.Thread | None = None  # CPU: faults the KV pool's pages in (cpu_ops.py)
+        # CPU: blocks the engine's block pool has handed out so far (set by EngineCore): the
+        # populating thread stays POPULATE_BYTES ahead of it
+        self.kv_frontier = None
         self.spec = None  # the SpecDecoder, set below with --speculative-config
         # --kv-cache-dtype fp8: e4m3 tensors, per-layer [2, KVH] scales calibrated here (quantization/kv_cache.py)
         if cache_cfg.fp8_kv and tp is not None:
@@ -204,11 +208,17 @@ class ModelRunner:
         self.kv_cache = zeros_on_demand((a.num_layers, 2, num_blocks, self.block_size, self.num_kv_heads, a.head_dim),
                                         self.kv_dtype, self.device, shared=self.shared_host_kv)
         self.kv_caches = list(self.kv_cache.unbind(0))
-        if self.device.type == "cpu" and num_blocks > 1:  # the first blocks' pages faulted in after start
+        if self.device.type == "cpu" and num_blocks > 1:  # pages faulted in after start, then ahead of use
             from pdserve.common.models.cpu_ops import POPULATE_BYTES, populate_in_background
             at_once = self.scheduler_cfg.max_num_seqs * -(-self.max_model_len // self.block_size)
-            self.kv_populate = populate_in_background(self.kv_cache, block_dim=2, num_blocks=min(
-                at_once, POPULATE_BYTES // self.bytes_per_block()))
+            ahead = min(at_once, max(1, POPULATE_BYTES // self.bytes_per_block()))  # one full batch, <= 512 MB
+            me = weakref.ref(self)  # the thread must not keep the runner (and its pool) alive
+
+            def frontier() -> int | None:
+                runner = me()
+                return None if runner is None or runner.kv_frontier is None else runner.kv_frontier()
+            self.kv_populate = populate_in_background(self.kv_cache, block_dim=2, num_blocks=ahead,
+                                                      frontier=frontier, ahead=ahead)
 
     def bytes_per_block(self) -> int:
         a = self.arch

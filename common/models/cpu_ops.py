@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 
@@ -65,6 +66,7 @@ TRIM_THRESHOLD = 1 << 30  # free memory kept at the heap's top before it is retu
 # SmolLM2 writes 389 MB; later blocks fault in on first use (the pool's size in memory within
 # seconds of start would weigh on hosts running several engines, tests among them)
 POPULATE_BYTES = 512 << 20
+POPULATE_POLL_S = 0.05  # how often the populating thread looks at the block pool's frontier
 PACK_BATCH_HINT = 64  # oneDNN picks the packed layout for this M; measured fine from M=1 to 2048
 
 
@@ -102,24 +104,29 @@ def advise_huge_pages(tensor: torch.Tensor) -> None:
         libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(length), _MADV_HUGEPAGE)
 
 
-def populate_in_background(pool: torch.Tensor, block_dim: int,
-                           num_blocks: int | None = None) -> threading.Thread | None:
+def populate_in_background(pool: torch.Tensor, block_dim: int, num_blocks: int | None = None,
+                           frontier=None, ahead: int = 0) -> threading.Thread | None:
     """Fault in the pages of a `zeros_on_demand` KV pool on a low-priority thread, block by block
     in the order the block pool hands blocks out (ids ascending), without changing their contents
     (madvise MADV_POPULATE_WRITE: safe while the engine writes the same pages).
 
     pool: [..., NB, ...] with the block index at `block_dim`; the dimensions before it are slabs
-    (layer, K/V) of NB contiguous blocks each. `num_blocks`: only blocks [0, num_blocks) (the
-    runner passes what its scheduler can hold at once, at most POPULATE_BYTES; later blocks fault
-    in on first use).
+    (layer, K/V) of NB contiguous blocks each. `num_blocks`: blocks [0, num_blocks) first (the
+    runner passes what its scheduler can hold at once, at most POPULATE_BYTES). Without
+    `frontier` the thread ends there. `frontier`: a callable giving how many blocks the block pool
+    has handed out so far, or None while the engine is busy; the thread then works only while it
+    is idle (it re-asks before each huge page) and keeps `ahead` blocks past the frontier
+    populated as it moves, polling every POPULATE_POLL_S, until the whole pool is in.
 
     Why: the first write to a page of the pool pays its fault, and on a VM whose host has not
     backed that memory yet, far more: a 2048-token prompt's rotary_store_kv took 9.8-10.2 ms per
     layer into such pages, 1.1 ms into recycled ones and 0.72 ms into touched ones; 2 GB took 3.9 s
-    to fault in. Without this the first bursts a server or `LLM` runs pay it inside their steps (the
-    LRU free queue hands out untouched blocks until the pool has been used once); vLLM zeroes its
-    pool at start-up. Start-up does not wait: the thread runs at nice 19, in the idle time after
-    start. Returns the thread, or None without glibc (the pages then fault in on first use)."""
+    to fault in. The LRU free queue hands out untouched blocks until the pool has been used once,
+    so a server's successive bursts paid it inside their steps (64 x 200 / 64 bursts on one server:
+    573 / 547 / 528 output tok/s, docs/benchmarks.md, twelfth session); vLLM zeroes its pool at
+    start-up. Why only while idle: on two cores even a nice-19 thread that takes a core stalls the
+    step's OpenMP team (the first burst with population alongside ran 506-552 tok/s against
+    573-579). Returns the thread, or None without glibc (the pages then fault in on first use)."""
     libc = _libc()
     if libc is None or pool.device.type != "cpu" or pool.numel() == 0:
         return None
@@ -134,15 +141,29 @@ def populate_in_background(pool: torch.Tensor, block_dim: int,
     def run() -> None:
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)  # this thread only (Linux)
-        for b0 in range(0, num_blocks, chunk):
+        done, slab, target = 0, 0, num_blocks  # blocks [0, done) are in; of the next chunk, slabs [0, slab)
+        while done < pool_blocks:
             if ref() is None:
                 return
-            n = min(chunk, num_blocks - b0)
-            for slab in range(slabs):
-                start = base + (slab * pool_blocks + b0) * block_bytes
-                first = start & ~(_PAGE - 1)
-                if madvise(first, start + n * block_bytes - first, _MADV_POPULATE_WRITE) != 0:
-                    return  # a kernel before 5.14 (EINVAL), or the pool is gone: first use faults them
+            handed_out = None if frontier is None else frontier()
+            if frontier is not None:
+                if handed_out is None:  # the engine is busy
+                    time.sleep(POPULATE_POLL_S)
+                    continue
+                target = max(target, min(pool_blocks, handed_out + ahead))
+            if done >= target:
+                if frontier is None:
+                    return
+                time.sleep(POPULATE_POLL_S)
+                continue
+            n = min(chunk, target - done)
+            start = base + (slab * pool_blocks + done) * block_bytes
+            first = start & ~(_PAGE - 1)
+            if madvise(first, start + n * block_bytes - first, _MADV_POPULATE_WRITE) != 0:
+                return  # a kernel before 5.14 (EINVAL), or the pool is gone: first use faults them
+            slab += 1
+            if slab == slabs:
+                done, slab = done + n, 0
     thread = threading.Thread(target=run, name="pdserve-kv-populate", daemon=True)
     thread.start()
     return thread

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 
 import pytest
 import torch
@@ -133,6 +134,43 @@ def test_kv_pool_pages_are_populated_in_the_background_keeping_their_contents(li
     assert int((pool != 0).sum()) == 3
 
 
+def _eventually(check, timeout: float = 60) -> bool:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_kv_pool_population_follows_the_block_frontier_while_idle():
+    """With a frontier (blocks handed out so far; None while the engine is busy), the thread keeps
+    `ahead` blocks past it in memory as it moves, does nothing while busy, leaves the rest
+    alone, and ends once the whole pool is in."""
+    # 64 KB blocks, 19.2 MB slabs: what is populated may round up to whole 2 MB huge pages (32
+    # blocks), so the blocks checked stay more than a huge page away from populated ranges (of
+    # this slab and of the next one's start)
+    pool = zeros_on_demand((2, 2, 300, 16, 16, 64), torch.float32, torch.device("cpu"))
+    handed, busy = [0], [False]
+    thread = populate_in_background(pool, block_dim=2, num_blocks=10,
+                                    frontier=lambda: None if busy[0] else handed[0], ahead=10)
+    slabs = [pool[i, j] for i in range(2) for j in range(2)]
+    assert _eventually(lambda: all(_resident(s[:10]) for s in slabs))
+    time.sleep(0.2)  # nothing handed out yet: it waits
+    assert thread.is_alive() and not any(_resident(s[150:160]) for s in slabs)
+    busy[0], handed[0] = True, 100
+    time.sleep(0.3)  # busy: it waits though the frontier moved
+    assert not any(_resident(s[100:110]) for s in slabs)
+    busy[0] = False
+    assert _eventually(lambda: all(_resident(s[:110]) for s in slabs))
+    time.sleep(0.2)
+    assert not any(_resident(s[200:210]) for s in slabs)
+    handed[0] = 295
+    assert _eventually(lambda: all(_resident(s) for s in slabs))
+    assert _eventually(lambda: not thread.is_alive())
+    assert int((pool != 0).sum()) == 0  # populated, not written
+
+
 def _resident(tensor: torch.Tensor) -> bool:
     """Every page under `tensor` (contiguous) is in memory (mincore(2)); nothing is touched."""
     import ctypes
@@ -144,19 +182,23 @@ def _resident(tensor: torch.Tensor) -> bool:
     return all(v & 1 for v in vec)
 
 
-def test_the_cpu_runner_populates_the_blocks_its_scheduler_can_hold(tiny_models):
+def test_the_cpu_runner_populates_the_blocks_its_scheduler_can_hold_then_ahead_of_use(tiny_models):
     engine = _engine(tiny_models["llama"], None, max_model_len=64, max_num_seqs=2)
     runner = engine.runner
     assert runner.kv_populate is not None
-    runner.kv_populate.join(timeout=60)
-    # 2 sequences x 64 tokens = 8 blocks of 16: blocks 0-7 of every (layer, K/V) slab are in memory,
-    # the pool's last block (hundreds of MB further on) was left to be faulted in by use
+    # 2 sequences x 64 tokens = 8 blocks of 16: blocks 0-7 of every (layer, K/V) slab come into
+    # memory; the pool's last block (hundreds of MB further on) is left alone while unused
     at_once = 2 * -(-64 // runner.block_size)
     assert runner.num_blocks > 10 * at_once
-    for layer in runner.kv_caches:
-        for slab in layer:
-            assert _resident(slab[:at_once])
+    assert _eventually(lambda: all(_resident(slab[:at_once]) for layer in runner.kv_caches for slab in layer))
     assert not _resident(runner.kv_caches[-1][1][-1])
+    # as the block pool hands out blocks, the thread keeps its margin ahead of them: make the pool
+    # hand out all but the last block, then the rest of the pool comes into memory
+    handed = engine.kv.pool.allocate(runner.num_blocks - 1)
+    assert engine.kv.num_blocks_handed_out() == runner.num_blocks - 1
+    assert _eventually(lambda: _resident(runner.kv_caches[-1][1][-1]))
+    assert _eventually(lambda: not runner.kv_populate.is_alive())  # the whole pool: the thread is done
+    engine.kv.pool.free(handed)
 
 
 def test_the_offline_llm_takes_larger_default_steps_on_cpu_than_a_server(tiny_models):
