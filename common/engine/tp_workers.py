@@ -353,6 +353,9 @@ def worker_entry(steps_fd: int, status_fd: int, kv_link_fd: int | None = None) -
                       config.parallel.all_reduce)
         runner = ModelRunner(config.model, config.cache, arch, path, max_model_len, scheduler_cfg=sched_cfg,
                              enforce_eager=config.enforce_eager, tp=comm)
+        # CPU: this rank does not see the block pool (rank 0's): its KV pages are populated up to
+        # one batch at start, then fault in on first use
+        runner.kv_frontier = lambda: 0
     except BaseException as e:
         log.exception("start-up failed")
         _report(status, "error", f"{type(e).__name__}: {e}")
