@@ -38,10 +38,24 @@ def add_parser(sub, add_engine_args) -> None:
                    help="uvicorn's log level (info and below also log each request)")
     add_limit_args(p)
     add_metrics_args(p)
+    from pdserve.common.stat_logger import add_stat_log_args
+    add_stat_log_args(p)
+    add_request_log_args(p)
     add_engine_args(p)  # includes --model and --served-model-name
     from pdserve.services.router.tool_calls import add_tool_args
     add_tool_args(p)
     p.set_defaults(func=cmd_serve)
+
+
+def add_request_log_args(p: argparse.ArgumentParser) -> None:
+    """vLLM's request-logging flags, on serve and the router."""
+    p.add_argument("--enable-log-requests", action="store_true",
+                   help="log each request as it arrives (its prompt, up to --max-log-len characters / token "
+                        "ids, and its sampling parameters) and as it ends")
+    p.add_argument("--disable-log-requests", action="store_true",
+                   help="accepted for vLLM's command lines: requests are logged only with --enable-log-requests")
+    p.add_argument("--max-log-len", type=int, default=None,
+                   help="characters of the prompt and token ids --enable-log-requests prints (default: all)")
 
 
 def add_metrics_args(p: argparse.ArgumentParser) -> None:
@@ -86,24 +100,29 @@ def cmd_serve(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         engine = AsyncLLM(engine_config(args))
         engine_s = time.perf_counter() - t0
-        metrics_apart = None
+        metrics_apart = stat_logger = None
         try:
             from pdserve.common.gpu_metrics import gpu_stats_source
             collector = StatsCollector(name, engine=engine.core.stats, gpu=gpu_stats_source(engine.core.runner.device))
             app = build_app(engine, name, api_key=args.api_key, collector=collector, limits=limits_of(args),
                             tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
-                            metrics_route=args.enable_metrics and args.metrics_port is None)
+                            metrics_route=args.enable_metrics and args.metrics_port is None,
+                            log_requests=args.enable_log_requests, max_log_len=args.max_log_len)
             metrics_apart = serve_metrics_apart(app, args, args.host)
             config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                     access_log=args.uvicorn_log_level in ("info", "debug", "trace"),
                                     timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
             server = uvicorn.Server(config)
+            from pdserve.common.stat_logger import start_stat_logger
+            stat_logger = start_stat_logger(args, engine.core.stats, "Engine")
             stop_requested = latch_stop_signals()  # the engine is always shut down cleanly
             ready = f"pdserve serve: ready in {{:.2f}} s (engine {engine_s:.2f} s)"
             if metrics_apart is not None:
                 ready += f", metrics on http://{args.host}:{metrics_apart.server_port}/metrics"
             asyncio.run(_serve(server, sock, name, args.host, lambda: ready.format(process_age_s()), stop_requested))
         finally:
+            if stat_logger is not None:
+                stat_logger.stop()
             if metrics_apart is not None:
                 metrics_apart.shutdown()
             engine.shutdown()

@@ -56,3 +56,24 @@ def test_trackers_with_a_batch_count_what_they_count_alone():
         for key in a:
             assert abs(a[key] - b[key]) < 1e-9, (prefix, key)
     assert samples(batched, "vllm:generation_tokens")[("vllm:generation_tokens_total", None)] == 12
+
+
+def test_stat_logger_lines_are_interval_rates():
+    """The periodic statistics line: rates from the counters' deltas over the interval, gauges as
+    of its end, nothing for the first call or a quiet interval; spec decode acceptance where
+    drafts were verified."""
+    from pdserve.common.stat_logger import StatLogger
+    from pdserve.common.stats import EngineStats, SpecDecodeStats
+    logger = StatLogger(lambda: None, "Engine")
+    assert logger.line(EngineStats(num_prompt_tokens=100, num_generated_tokens=10), 0.0) is None  # the start
+    assert logger.line(EngineStats(num_prompt_tokens=100, num_generated_tokens=10), 10.0) is None  # quiet
+    line = logger.line(EngineStats(num_prompt_tokens=2100, num_generated_tokens=510, num_running=3, num_waiting=1,
+                                   kv_usage=0.25, prefix_queries=400, prefix_hits=100), 20.0)
+    assert line == ("Engine: Avg prompt throughput: 200.0 tokens/s, Avg generation throughput: 50.0 tokens/s, "
+                    "Running: 3 reqs, Waiting: 1 reqs, KV cache usage: 25.0%, Prefix cache hit rate: 25.0%")
+    spec = SpecDecodeStats(num_drafts=10, num_draft_tokens=40, num_accepted_tokens=20)
+    logger.line(EngineStats(num_prompt_tokens=2100, num_generated_tokens=510, spec_decode=spec), 30.0)
+    more = SpecDecodeStats(num_drafts=20, num_draft_tokens=80, num_accepted_tokens=50)
+    line = logger.line(EngineStats(num_prompt_tokens=2100, num_generated_tokens=570, num_running=1, spec_decode=more),
+                       40.0)
+    assert line.endswith("Spec decode acceptance: 75.0%, mean accepted length: 4.00")

@@ -233,6 +233,7 @@ class OpenAIServer:
         self.tool_call_parser = tool_call_parser
         self.enable_auto_tool_choice = enable_auto_tool_choice
         self.responses = responses.ResponseStore()  # stored responses (POST /v1/responses, store: true)
+        self.request_log: RequestLog | None = None  # --enable-log-requests
 
     # ---- the endpoints ----------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
@@ -363,6 +364,9 @@ class OpenAIServer:
     async def _submit(self, job: _Job) -> list[RequestOutput]:
         rids = ([job.request_id] if len(job.prompts) == 1
                 else [f"{job.request_id}-{i}" for i in range(len(job.prompts))])
+        if self.request_log is not None:
+            for rid, (text, ids) in zip(rids, job.prompts):
+                self.request_log.received(rid, text, ids, job.params)
         job.gens = [self.engine.generate(ids, job.params, rid, prompt=text)
                     for rid, (text, ids) in zip(rids, job.prompts)]
         try:
@@ -408,6 +412,8 @@ class OpenAIServer:
 
     def _observe(self, job: _Job, i: int, out: RequestOutput) -> RequestOutput:
         job.trackers[i].observe(out, time.time())
+        if self.request_log is not None and (out.finished or out.error):
+            self.request_log.finished(out)
         if out.error:
             raise _engine_error(out)
         return out
@@ -501,6 +507,31 @@ class OpenAIServer:
 
 
 # ---- helpers --------------------------------------------------------------------------------------
+class RequestLog:
+    """--enable-log-requests: a line per engine request as it arrives and as it ends (logger
+    pdserve.requests, INFO). `max_len` cuts the prompt text and the token id list."""
+
+    def __init__(self, max_len: int | None):
+        self.max_len = max_len
+        self.log = logging.getLogger("pdserve.requests")
+        self.log.setLevel(logging.INFO)
+
+    def _cut(self, seq):
+        return seq if seq is None or self.max_len is None else seq[:self.max_len]
+
+    def received(self, request_id: str, text: str | None, ids: list[int], params: SamplingParams) -> None:
+        self.log.info("Received request %s: prompt: %r, params: %s, prompt_token_ids: %s", request_id,
+                      self._cut(text), params, self._cut(ids))
+
+    def finished(self, out: RequestOutput) -> None:
+        if out.error:
+            self.log.info("Failed request %s: %s", out.request_id, out.error)
+            return
+        ends = ", ".join(f"{c.finish_reason} after {len(c.token_ids)} tokens" for c in out.outputs)
+        self.log.info("Finished request %s: %d prompt tokens (%d cached), %s", out.request_id,
+                      len(out.prompt_token_ids), out.num_cached_tokens, ends)
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
     try:
@@ -620,18 +651,22 @@ def _param_name(loc: tuple) -> str | None:
 def build_app(engine: EngineClient, served_model_name: str, api_key: str | None = None,
               collector: StatsCollector | None = None, limits: Limits = Limits(),
               tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False,
-              metrics_route: bool = True, metrics_dir: str | None = None, response_store=None) -> FastAPI:
+              metrics_route: bool = True, metrics_dir: str | None = None, response_store=None,
+              log_requests: bool = False, max_log_len: int | None = None) -> FastAPI:
     """The FastAPI app. `collector` (state for /metrics) is the deployment's: the in-process
     engine's stats, or the router's view of its fleet and its routing counters.
     `tool_call_parser` + `enable_auto_tool_choice` (vLLM's flags) let tool_choice "auto" turn the
     model's text into tool calls. `metrics_route` False: no /metrics here (served on a port of
     its own, or not at all). `metrics_dir`: request metrics summed with other processes'
     (ServerMetrics' shared_dir). `response_store`: where /v1/responses keeps stored responses
-    (default: this process's memory; the router passes its Redis one)."""
+    (default: this process's memory; the router passes its Redis one). `log_requests`: a log line
+    per request as it arrives (prompt and token ids cut to `max_log_len`, parameters) and ends."""
     metrics = ServerMetrics(served_model_name, engine.max_model_len, collector, shared_dir=metrics_dir)
     server = OpenAIServer(engine, served_model_name, metrics, limits, tool_call_parser, enable_auto_tool_choice)
     app = FastAPI(title="pdserve", description="OpenAI-compatible API of pdserve")
     app.state.server = server
+    if log_requests:
+        server.request_log = RequestLog(max_log_len)
     if response_store is not None:
         server.responses = response_store
 

@@ -59,8 +59,9 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                         "(default: 3600)")
     from pdserve.services.router.tool_calls import add_tool_args
     add_tool_args(p)
-    from pdserve.services.serve import add_metrics_args
+    from pdserve.services.serve import add_metrics_args, add_request_log_args
     add_metrics_args(p)
+    add_request_log_args(p)
 
 
 def fleet_stats(pool):
@@ -147,7 +148,8 @@ def _run_one(args: argparse.Namespace) -> None:
         app = build_app(client, name, api_key=args.api_key, collector=collector, limits=limits_of(args),
                         tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
                         metrics_route=args.enable_metrics and args.metrics_port is None,
-                        metrics_dir=getattr(args, "metrics_dir", None), response_store=store)
+                        metrics_dir=getattr(args, "metrics_dir", None), response_store=store,
+                        log_requests=args.enable_log_requests, max_log_len=args.max_log_len)
         metrics_apart = serve_metrics_apart(app, args, args.host)
         add_admin_routes(app, pool, registry, api_key=args.api_key)
 

@@ -10,6 +10,8 @@ from pdserve.services.worker.kv_transfer_config import add_kv_transfer_config_ar
 
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
+    from pdserve.common.stat_logger import add_stat_log_args
+    add_stat_log_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address the gRPC, KV and metrics servers bind to")
     p.add_argument("--advertise-host", default=None,
                    help="address the router and other workers reach this one at (default: --host, or this "

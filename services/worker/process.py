@@ -167,6 +167,8 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
                                      registrations=lambda: heartbeater.num_registrations)
         publisher.start()
         watcher = asyncio.create_task(state.watch())
+    from pdserve.common.stat_logger import start_stat_logger
+    stat_logger = start_stat_logger(args, engine.core.stats, f"Engine ({role})")
     freeze_startup_objects()  # common/gc_policy.py
     print(f"pdserve {role} {state.instance_id} grpc={grpc_address} kv={kv_address} metrics={metrics_address}",
           flush=True)
@@ -192,6 +194,8 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
     deadline = loop.time() + args.shutdown_grace
     while loop.time() < deadline and (engine.core.has_unfinished() or lease.num_active):
         await asyncio.sleep(0.1)
+    if stat_logger is not None:
+        stat_logger.stop()
     await server.stop(grace=2)
     for client in pull.clients.values():
         await client.close()

@@ -36,7 +36,8 @@ GREEDY = dict(temperature=0, max_tokens=12, extra_body={"ignore_eos": True})
 @pytest.fixture(scope="module", autouse=True)
 def commands(tiny_models):
     procs = {"tiny": ServeProcess("--model", tiny_models["llama"], "--api-key", "sekret",
-                                  "--num-gpu-blocks-override", "128"),
+                                  "--num-gpu-blocks-override", "128", "--log-stats-interval", "0.3",
+                                  "--enable-log-requests", "--max-log-len", "4"),
              "default": ServeProcess("--max-model-len", "512", "--num-gpu-blocks-override", "64")}
     for proc in procs.values():
         proc.start()
@@ -433,8 +434,20 @@ def test_pdserve_serve_command(commands):
     r = httpx.post(proc.url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
     c = openai.OpenAI(base_url=proc.url + "/v1", api_key="sekret", max_retries=0)
-    r = c.completions.create(model="llama", prompt="Hello", max_tokens=3, extra_body={"ignore_eos": True})
+    r = c.completions.create(model="llama", prompt="Hello there, world", max_tokens=3, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 3
+    # --enable-log-requests (prompt and ids cut to --max-log-len 4) and a statistics line
+    deadline = time.monotonic() + 30
+    while "Avg generation throughput" not in proc.stderr_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = proc.stderr_text()
+    received = [line for line in log.splitlines() if "Received request cmpl-" in line]
+    assert len(received) == 1 and "prompt: 'Hell'," in received[0] and "max_tokens=3" in received[0], log
+    ids = received[0].split("prompt_token_ids: ")[1]
+    assert len(json.loads(ids)) == 4
+    assert any("Finished request cmpl-" in line and "length after 3 tokens" in line for line in log.splitlines()), log
+    stats = next(line for line in log.splitlines() if "Avg generation throughput" in line)
+    assert "Running: " in stats and "KV cache usage: " in stats and "Prefix cache hit rate: " in stats
     assert proc.stop() == 0, proc.stderr_text()  # SIGTERM: a clean exit
 
 
