@@ -97,6 +97,10 @@ class ModelConfig:
                                             "awq, gptq, gguf (run GGUF blocks quantized); default: the "
                                             "checkpoint's quantization_config, else full precision",
                                       choices=QUANTIZATION_METHODS, aliases=("-q",))
+    generation_config: str = option("auto", "default sampling parameters of requests that set none (temperature, "
+                                            "top_p, top_k, min_p, repetition_penalty, max_new_tokens): auto: the "
+                                            "model folder's generation_config.json (vLLM's default); vllm: none; "
+                                            "or a folder holding one")
     trust_remote_code: bool = option(False, "accepted for vLLM compatibility and ignored: pdserve runs no code "
                                             "from a checkpoint and downloads nothing", boolean=True)
 

@@ -43,6 +43,7 @@ path.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
@@ -82,14 +83,36 @@ def _build() -> None:
     for path in [_SOURCE, *_INCLUDED]:
         with open(path, "rb") as f:
             source += f.read()
-    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_identity().encode()).hexdigest()[:12]
+    # the source's path too: torch rebuilds a folder whose build file names other source paths, so
+    # two checkouts of the same source would take turns rebuilding one folder
+    key = hashlib.sha256(source + " ".join(_FLAGS).encode() + _cpu_identity().encode() + _SOURCE.encode()).hexdigest()[:12]
     name = f"pdserve_cpu_{key}"
-    built = os.path.join(cpp_extension._get_build_directory(name, verbose=False), f"{name}.so")
+    folder = cpp_extension._get_build_directory(name, verbose=False)
+    built = os.path.join(folder, f"{name}.so")
     if not os.path.exists(built):  # say why this start takes longer (once per CPU and source)
         print(f"pdserve: compiling the CPU kernels for this CPU (first start only, ~20-50 s) into "
-              f"{os.path.dirname(built)}", file=sys.stderr, flush=True)
-    cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=_FLAGS, extra_ldflags=_LDFLAGS,
-                       is_python_module=False, verbose=False)
+              f"{folder}", file=sys.stderr, flush=True)
+    with _build_lock(folder):
+        cpp_extension.load(name=name, sources=[_SOURCE], extra_cflags=_FLAGS, extra_ldflags=_LDFLAGS,
+                           is_python_module=False, verbose=False)
+
+
+@contextlib.contextmanager
+def _build_lock(folder: str):
+    """One builder per build folder, by an flock the kernel releases when its holder dies. torch's
+    own lock is a file that a process killed mid-build leaves behind, and every later start then
+    waited for it forever, saying nothing (a killed test run did that to the next ones); holding
+    the flock, no builder of ours is running, so such a file is stale and goes."""
+    import fcntl
+    with open(os.path.join(folder, "pdserve.flock"), "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            stale = os.path.join(folder, "lock")
+            if os.path.exists(stale):
+                os.remove(stale)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _cpu_identity() -> str:

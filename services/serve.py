@@ -107,7 +107,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             app = build_app(engine, name, api_key=args.api_key, collector=collector, limits=limits_of(args),
                             tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
                             metrics_route=args.enable_metrics and args.metrics_port is None,
-                            log_requests=args.enable_log_requests, max_log_len=args.max_log_len)
+                            log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
+                            sampling_defaults=engine.core.sampling_defaults)
             metrics_apart = serve_metrics_apart(app, args, args.host)
             config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                     access_log=args.uvicorn_log_level in ("info", "debug", "trace"),

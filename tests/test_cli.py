@@ -69,9 +69,11 @@ def test_bench_latency_reports_consistent_numbers_and_plots(tmp_path, tiny_model
     report = json.loads(out.read_text())
     assert report["iterations"] == 3 and report["batch_size"] == 3 and report["output_len"] == 6
     assert 0 < report["p50_latency_s"] <= report["p90_latency_s"] <= report["p99_latency_s"]
-    # first token + 5 more tokens at the per-token time can't take longer than the whole batch
+    # first token + 5 more tokens at the per-token time can't take longer than the whole batch (the
+    # report rounds TTFT to 0.1 ms: at a 3 ms batch that rounding alone passed a 1 % margin once)
     assert 0 < report["avg_ttft_ms"] / 1000 < report["avg_latency_s"]
-    assert report["avg_ttft_ms"] / 1000 + 5 * report["avg_ms_per_output_token"] / 1000 <= report["avg_latency_s"] * 1.01
+    assert report["avg_ttft_ms"] / 1000 + 5 * report["avg_ms_per_output_token"] / 1000 \
+        <= report["avg_latency_s"] * 1.01 + 1e-4
     assert len(report["latencies_s"]) == 3 and "interrupted" not in report
     assert "ms per output token" in proc.stdout
     assert "latency: 100%" in proc.stderr.replace("\r", "\n")  # the progress bar reached the end

@@ -73,6 +73,9 @@ class EngineCore:
                  wake: Callable[[], None] = lambda: None, load_tokenizer_: bool = True):
         self.config = config
         self.model_path = resolve_model_path(config.model.model)
+        from pdserve.common.generation_config import sampling_defaults
+        # the model's default sampling parameters (--generation-config): the API's and LLM's
+        self.sampling_defaults = sampling_defaults(self.model_path, config.model.generation_config)
         self.arch = read_arch_config(self.model_path)
         max_len = config.model.max_model_len or self.arch.max_position_embeddings
         if max_len > self.arch.max_position_embeddings:

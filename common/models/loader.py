@@ -52,6 +52,8 @@ def read_hf_config(folder: str) -> ArchConfig:
         window = None
     eos = c.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    from pdserve.common.generation_config import eos_token_ids as generation_eos
+    eos_ids = tuple(dict.fromkeys(eos_ids + generation_eos(folder)))  # chat models' end of turn (vLLM too)
     return ArchConfig(
         architecture=arch, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
         intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"], num_heads=heads,

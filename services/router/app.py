@@ -234,12 +234,13 @@ class OpenAIServer:
         self.enable_auto_tool_choice = enable_auto_tool_choice
         self.responses = responses.ResponseStore()  # stored responses (POST /v1/responses, store: true)
         self.request_log: RequestLog | None = None  # --enable-log-requests
+        self.sampling_defaults: dict = {}  # the model's generation config (common/generation_config.py)
 
     # ---- the endpoints ----------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
         req = await _parse(request, oa.CompletionRequest, self.limits.max_request_body_bytes)
         self.check_model(req.model)
-        params = req.to_sampling_params()
+        params = req.to_sampling_params(self.sampling_defaults)
         prompts = []
         for p in req.prompt_list():
             if isinstance(p, str):
@@ -262,7 +263,7 @@ class OpenAIServer:
         req = await _parse(request, oa.ChatCompletionRequest, self.limits.max_request_body_bytes)
         self.check_model(req.model)
         tools = plan_tools(req.tools, req.tool_choice, self.tool_call_parser, self.enable_auto_tool_choice)
-        params = req.to_sampling_params(tools.structured_outputs())
+        params = req.to_sampling_params(tools.structured_outputs(), self.sampling_defaults)
         text = self.render_chat(req.template_messages(), req.tools, req.add_generation_prompt, req.chat_template_kwargs,
                                 offer_tools=tools.mode != "none", continue_final_message=req.continue_final_message)
         ids = self._truncate(await self._encode(text, False), req)
@@ -652,7 +653,8 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
               collector: StatsCollector | None = None, limits: Limits = Limits(),
               tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False,
               metrics_route: bool = True, metrics_dir: str | None = None, response_store=None,
-              log_requests: bool = False, max_log_len: int | None = None) -> FastAPI:
+              log_requests: bool = False, max_log_len: int | None = None,
+              sampling_defaults: dict | None = None) -> FastAPI:
     """The FastAPI app. `collector` (state for /metrics) is the deployment's: the in-process
     engine's stats, or the router's view of its fleet and its routing counters.
     `tool_call_parser` + `enable_auto_tool_choice` (vLLM's flags) let tool_choice "auto" turn the
@@ -660,11 +662,14 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
     its own, or not at all). `metrics_dir`: request metrics summed with other processes'
     (ServerMetrics' shared_dir). `response_store`: where /v1/responses keeps stored responses
     (default: this process's memory; the router passes its Redis one). `log_requests`: a log line
-    per request as it arrives (prompt and token ids cut to `max_log_len`, parameters) and ends."""
+    per request as it arrives (prompt and token ids cut to `max_log_len`, parameters) and ends.
+    `sampling_defaults`: default sampling parameters of requests that leave them unset (the
+    model's generation config, common/generation_config.py)."""
     metrics = ServerMetrics(served_model_name, engine.max_model_len, collector, shared_dir=metrics_dir)
     server = OpenAIServer(engine, served_model_name, metrics, limits, tool_call_parser, enable_auto_tool_choice)
     app = FastAPI(title="pdserve", description="OpenAI-compatible API of pdserve")
     app.state.server = server
+    server.sampling_defaults = dict(sampling_defaults or {})
     if log_requests:
         server.request_log = RequestLog(max_log_len)
     if response_store is not None:

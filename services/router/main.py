@@ -54,6 +54,9 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                    help="shared: one DecodeStream per decode worker carries every request's tokens, a "
                         "message per step for all (fewer messages and wake-ups on both ends); per-request: "
                         "a Decode call per request (the older protocol)")
+    p.add_argument("--generation-config", default="auto",
+                   help="default sampling parameters of requests that set none: auto: the model folder's "
+                        "generation_config.json (vLLM's default); vllm: none; or a folder holding one")
     p.add_argument("--response-store-ttl", type=float, default=None,
                    help="seconds a stored /v1/responses answer stays in Redis for previous_response_id and GET "
                         "(default: 3600)")
@@ -124,7 +127,10 @@ def _run_one(args: argparse.Namespace) -> None:
     from pdserve.services.serve import serve_metrics_apart
 
     check_tool_args(args)
-    tokenizer = load_tokenizer(resolve_model_path(args.model), args.tokenizer, args.chat_template)
+    from pdserve.common.generation_config import sampling_defaults
+    model_path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(model_path, args.tokenizer, args.chat_template)
+    defaults = sampling_defaults(model_path, args.generation_config)
     name = args.served_model_name or served_name(args.model)
     try:
         config = RoutingConfig(mode=args.routing, disagg_min_prompt_tokens=args.disagg_min_prompt_tokens)
@@ -149,7 +155,8 @@ def _run_one(args: argparse.Namespace) -> None:
                         tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
                         metrics_route=args.enable_metrics and args.metrics_port is None,
                         metrics_dir=getattr(args, "metrics_dir", None), response_store=store,
-                        log_requests=args.enable_log_requests, max_log_len=args.max_log_len)
+                        log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
+                        sampling_defaults=defaults)
         metrics_apart = serve_metrics_apart(app, args, args.host)
         add_admin_routes(app, pool, registry, api_key=args.api_key)
 

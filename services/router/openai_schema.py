@@ -80,20 +80,27 @@ class _SamplingRequest(_Request):
                                                     "stream false")
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
-                         structured: StructuredOutputsParams | None = None) -> SamplingParams:
+                         structured: StructuredOutputsParams | None = None,
+                         defaults: dict | None = None) -> SamplingParams:
+        """`defaults`: the server's default sampling parameters (the model's generation config)
+        for the fields the request leaves unset."""
         from pdserve.services.router.constraints import logit_bias_of, structured_outputs_of
+        d = defaults or {}
+        if max_tokens is None:
+            max_tokens = d.get("max_tokens")
         asked = structured_outputs_of(self)
         if asked is not None and structured is not None:
             raise ParameterError(asked.param, f"{asked.param} and {structured.param} both constrain the output")
         return SamplingParams(
             logit_bias=logit_bias_of(self.logit_bias), allowed_token_ids=self.allowed_token_ids,
             bad_words=self.bad_words or [], structured_outputs=structured or asked,
-            n=self.n, temperature=_or(self.temperature, 1.0), top_p=_or(self.top_p, 1.0),
-            top_k=_or(self.top_k, -1), min_p=_or(self.min_p, 0.0), seed=self.seed, max_tokens=max_tokens,
+            n=self.n, temperature=_or(self.temperature, d.get("temperature", 1.0)),
+            top_p=_or(self.top_p, d.get("top_p", 1.0)), top_k=_or(self.top_k, d.get("top_k", -1)),
+            min_p=_or(self.min_p, d.get("min_p", 0.0)), seed=self.seed, max_tokens=max_tokens,
             min_tokens=self.min_tokens, stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
             ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
             presence_penalty=_or(self.presence_penalty, 0.0), frequency_penalty=_or(self.frequency_penalty, 0.0),
-            repetition_penalty=_or(self.repetition_penalty, 1.0), logprobs=logprobs,
+            repetition_penalty=_or(self.repetition_penalty, d.get("repetition_penalty", 1.0)), logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens)
 
 
@@ -124,7 +131,7 @@ class CompletionRequest(_SamplingRequest):
         """echo with max_tokens 0: return the prompt (and its logprobs) without generating."""
         return self.echo and self.max_tokens == 0
 
-    def to_sampling_params(self) -> SamplingParams:
+    def to_sampling_params(self, defaults: dict | None = None) -> SamplingParams:
         if self.suffix:
             raise ParameterError("suffix", "suffix is not supported: pdserve does not do fill-in-the-middle "
                                            "insertion; put the whole text in the prompt")
@@ -134,7 +141,7 @@ class CompletionRequest(_SamplingRequest):
         max_tokens = 1 if self.scoring_only else self.max_tokens
         self.check_prompt_logprobs()
         asked = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs) if k is not None]
-        return self._sampling_params(max_tokens, self.logprobs, max(asked) if asked else None)
+        return self._sampling_params(max_tokens, self.logprobs, max(asked) if asked else None, defaults=defaults)
 
 
 class CompletionLogprobs(BaseModel):
@@ -257,15 +264,18 @@ class ChatCompletionRequest(_SamplingRequest):
     def max_tokens_param(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
-    def to_sampling_params(self, tool_grammar: StructuredOutputsParams | None = None) -> SamplingParams:
-        """`tool_grammar`: the output grammar a forced tool choice implies (tool_calls.ToolPlan)."""
+    def to_sampling_params(self, tool_grammar: StructuredOutputsParams | None = None,
+                           defaults: dict | None = None) -> SamplingParams:
+        """`tool_grammar`: the output grammar a forced tool choice implies (tool_calls.ToolPlan);
+        `defaults`: the server's default sampling parameters."""
         if self.top_logprobs is not None and not self.logprobs:
             raise ParameterError("top_logprobs", "top_logprobs needs logprobs set to true")
         max_tokens = _or(self.max_completion_tokens, self.max_tokens)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         self.check_prompt_logprobs()
         try:
-            return self._sampling_params(max_tokens, logprobs, self.prompt_logprobs, structured=tool_grammar)
+            return self._sampling_params(max_tokens, logprobs, self.prompt_logprobs, structured=tool_grammar,
+                                         defaults=defaults)
         except ParameterError as e:
             if e.param == "max_tokens":
                 e.param = self.max_tokens_param
