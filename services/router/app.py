@@ -428,13 +428,19 @@ class OpenAIServer:
 
     # ---- responses --------------------------------------------------------------------------------
     async def _run(self, request: Request, job: _Job, fmt, stream: bool, include_usage: bool) -> Response:
-        """Answer whole, or start the stream once the first outputs are in; a client that leaves
-        meanwhile cancels the work."""
+        async def whole(finals: list[RequestOutput]) -> Response:
+            return self._response(job, fmt, finals)
+        return await self.answer(request, job, stream, lambda firsts: self._events(job, fmt, firsts, include_usage),
+                                 whole)
+
+    async def answer(self, request: Request, job: _Job, stream: bool, events, whole) -> Response:
+        """Answer whole (`await whole(final outputs)`), or as the SSE body `events(first outputs)`
+        once the first outputs are in; a client that leaves meanwhile cancels the work."""
         try:
             if stream:
                 firsts = await _until_disconnect(request, self._start(job))
-                return _EventStream(self._events(job, fmt, firsts, include_usage))
-            return self._response(job, fmt, await _until_disconnect(request, self._collect(job)))
+                return _EventStream(events(firsts))
+            return await whole(await _until_disconnect(request, self._collect(job)))
         except _ClientGone:
             job.close_trackers("abort")
             return Response(status_code=499)

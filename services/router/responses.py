@@ -347,7 +347,7 @@ def _status(c: CompletionOutput) -> str:
 
 # ---- the endpoint --------------------------------------------------------------------------------
 async def create(server: "OpenAIServer", request: Request) -> Response:
-    from pdserve.services.router.app import _ClientGone, _EventStream, _json_obj, _parse, _until_disconnect
+    from pdserve.services.router.app import _json_obj, _parse
     req = await _parse(request, ResponsesRequest, server.limits.max_request_body_bytes)
     server.check_model(req.model)
     history = (await _stored(server, req.previous_response_id, "previous_response_id"))[1] \
@@ -369,27 +369,21 @@ async def create(server: "OpenAIServer", request: Request) -> Response:
     server._check_length(ids, params, "input")
     job = server._job("resp", [(text, ids)], params)
     answer = _Answer(server, req, tools, ids, job.request_id)
-    try:
-        if req.stream:
-            firsts = await _until_disconnect(request, server._start(job))
-            return _EventStream(_events(server, job, answer, firsts, history))
-        finals = await _until_disconnect(request, server._collect(job))
-    except _ClientGone:
-        job.close_trackers("abort")
-        return Response(status_code=499)
-    except BaseException:
-        job.close_trackers("error")
-        raise
-    out = finals[0]
-    c = out.outputs[0]
-    content, calls = (c.text, []) if tools.mode == "none" else tools.parse(c.text)
-    status = _status(c)
-    item_status = "completed" if status == "completed" else "incomplete"
-    if content or not calls:
-        answer.output.append(message_item(_id("msg"), content or "", item_status))
-    for call in calls:
-        answer.output.append(call_item(_id("fc"), call.id, call.function.name, call.function.arguments, item_status))
-    return _json_obj(await answer.finish(status, c, out, history))
+
+    async def whole(finals: list[RequestOutput]) -> Response:
+        out = finals[0]
+        c = out.outputs[0]
+        content, calls = (c.text, []) if tools.mode == "none" else tools.parse(c.text)
+        status = _status(c)
+        item_status = "completed" if status == "completed" else "incomplete"
+        if content or not calls:
+            answer.output.append(message_item(_id("msg"), content or "", item_status))
+        for call in calls:
+            answer.output.append(call_item(_id("fc"), call.id, call.function.name, call.function.arguments,
+                                           item_status))
+        return _json_obj(await answer.finish(status, c, out, history))
+    return await server.answer(request, job, req.stream, lambda firsts: _events(server, job, answer, firsts, history),
+                               whole)
 
 
 async def _events(server: "OpenAIServer", job, answer: _Answer, firsts: list[RequestOutput],
