@@ -31,7 +31,7 @@ import time
 import uuid
 from collections import OrderedDict
 from contextlib import aclosing
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -42,8 +42,7 @@ from pdserve.common.sampling_params import ParameterError
 from pdserve.services.router import openai_schema as oa
 from pdserve.services.router.tool_calls import ToolPlan, plan_tools
 
-if TYPE_CHECKING:
-    from pdserve.services.router.app import OpenAIServer
+# `server` arguments are app.OpenAIServer instances (not imported: app imports this module)
 
 log = logging.getLogger("pdserve.api")
 
@@ -143,13 +142,13 @@ class StoreUnavailable(Exception):
 
 
 def _not_found(response_id: str, param: str, why: str):
-    from pdserve.services.router.app import APIError
+    from pdserve.services.router.errors import APIError
     return APIError(404, f"Response with id '{response_id}' not found ({why}).", param=param,
                     code="response_not_found")
 
 
 def _unavailable(e: StoreUnavailable):
-    from pdserve.services.router.app import APIError
+    from pdserve.services.router.errors import APIError
     return APIError(503, str(e), type="server_error", code="store_unavailable")
 
 
@@ -347,7 +346,7 @@ def _status(c: CompletionOutput) -> str:
 
 # ---- the endpoint --------------------------------------------------------------------------------
 async def create(server: "OpenAIServer", request: Request) -> Response:
-    from pdserve.services.router.app import _json_obj, _parse
+    from pdserve.services.router.errors import _json_obj, _parse
     req = await _parse(request, ResponsesRequest, server.limits.max_request_body_bytes)
     server.check_model(req.model)
     history = (await _stored(server, req.previous_response_id, "previous_response_id"))[1] \
@@ -389,7 +388,7 @@ async def create(server: "OpenAIServer", request: Request) -> Response:
 async def _events(server: "OpenAIServer", job, answer: _Answer, firsts: list[RequestOutput],
                   history: list[dict]) -> AsyncIterator[str]:
     """The SSE body (see the module's docstring)."""
-    from pdserve.services.router.app import as_api_error
+    from pdserve.services.router.errors import as_api_error
     seq = 0
 
     def event(kind: str, **fields) -> str:
