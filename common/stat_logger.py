@@ -6,9 +6,8 @@
 
 Throughputs, the hit rate and the acceptance are over the interval (the counters' deltas); the
 request counts and the KV usage are as of its end. A quiet interval (no token, no request
-running or waiting) prints nothing. On by default in `pdserve serve`, `prefill`, `decode` (their
-engine) and `router` (the fleet's reported load: requests and KV usage; tokens are the engines'
-lines), every `--log-stats-interval` seconds (10, vLLM's VLLM_LOG_STATS_INTERVAL default);
+running or waiting) prints nothing. On by default in `pdserve serve`, `prefill` and `decode` (their
+engine; the router prints none: its engines do), every `--log-stats-interval` seconds (10, vLLM's VLLM_LOG_STATS_INTERVAL default);
 `--disable-log-stats` (vLLM's flag) turns it off. A daemon thread reads `stats_fn()` (an
 EngineStats), as /metrics does on a scrape.
 """
