@@ -89,14 +89,16 @@ class Stack:
                 pass
             time.sleep(0.5)
         exited = self.proc.poll()
+        # what was up at the deadline, before the stacks' dump gives the processes more time
+        ready = list(self.ready)
+        missing = [p for p in self.expected if p not in ready]
         if exited is None:
             self.dump_stacks()
         why = (f"exited with status {exited}" if exited is not None
                else f"did not come up within {timeout_s:g} s")
-        missing = [p for p in self.expected if p not in self.ready]
         self.stop(grace_s=10)
         not_up = ", ".join(missing) if missing else "none missing, but the router did not list every worker"
-        raise StackNotReady(f"stack {self.name} {why}; not up: {not_up} (up: {', '.join(self.ready) or 'nothing'});"
+        raise StackNotReady(f"stack {self.name} {why}; not up: {not_up} (up: {', '.join(ready) or 'nothing'});"
                             f" log {self.log_path}, its tail:\n{self.tail(4000)}")
 
     def tail(self, num_chars: int) -> str:
