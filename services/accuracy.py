@@ -11,7 +11,7 @@
 
 Variants: fp32 (the reference: the packaged GGUF dequantized to an HF folder in fp32), bf16, fp8
 (online), fp8-kv (--kv-cache-dtype fp8), awq / gptq / gptq-act (written by `pdserve quantize`,
-RTN), gguf (the GGUF file run through its quantized kernels). Prints a table and one JSON line.
+calibrated; the -rtn ones rounded to nearest), gguf (the GGUF file run through its quantized kernels). Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -73,7 +73,11 @@ def top1_agreement(a: Scores, b: Scores) -> float:
 
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-VARIANTS = ("fp32", "bf16", "fp8", "fp8-kv", "awq", "gptq", "gptq-act", "gguf")
+VARIANTS = ("fp32", "bf16", "fp8", "fp8-kv", "awq", "gptq", "gptq-act", "awq-rtn", "gptq-rtn", "gptq-act-rtn", "gguf")
+# calibrated: awq asym; gptq sym with act-order (pdserve quantize's default); gptq-act asym act-order.
+# -rtn: the same without calibration, except gptq-rtn, which is --rtn's default (sym, no act-order).
+INT4 = {"awq": ("awq", {}), "gptq": ("gptq", {"sym": True, "act_order": True}),
+        "gptq-act": ("gptq", {"sym": False, "act_order": True})}
 
 
 def add_parser(bench_sub) -> None:
@@ -85,12 +89,15 @@ def add_parser(bench_sub) -> None:
     p.add_argument("--max-tokens", type=int, default=32, help="greedy answer length")
     p.add_argument("--window", type=int, default=512, help="scoring window (tokens)")
     p.add_argument("--group-size", type=int, default=64, help="awq/gptq group (SmolLM2's 576 inputs: 64 or 32)")
+    p.add_argument("--calibration-data", default=None, metavar="FILE",
+                   help="text the awq/gptq variants are calibrated on (default: pdserve quantize's own)")
     p.add_argument("--work-dir", default=None, help="where the fp32 export and quantized checkpoints go (default: temp)")
     p.add_argument("--json-out", default=None, help="write the results here")
     p.set_defaults(func=cmd_accuracy)
 
 
-def _variant_llm(name: str, folders: dict, gguf_path: str | None, group_size: int, work: str):
+def _variant_llm(name: str, folders: dict, gguf_path: str | None, group_size: int, work: str,
+                 calibration_data: str | None = None):
     from pdserve.common.engine.llm import LLM
     from pdserve.common.models.quantization.writer import quantize_checkpoint
     common = dict(enable_prefix_caching=False, max_model_len=2048)
@@ -107,11 +114,15 @@ def _variant_llm(name: str, folders: dict, gguf_path: str | None, group_size: in
         if gguf_path is None:
             raise ValueError("the gguf variant needs a GGUF model")
         return LLM(gguf_path, quantization="gguf", **common)
-    method, options = {"awq": ("awq", {}), "gptq": ("gptq", {"sym": True}),
-                       "gptq-act": ("gptq", {"sym": False, "act_order": True})}[name]
+    from pdserve.common.models.quantization.calibrate import Calibration
+    rtn = name.endswith("-rtn")
+    method, options = INT4[name.removesuffix("-rtn")]
+    if name == "gptq-rtn":
+        options = {"sym": True}
     out = os.path.join(work, name)
     if not os.path.isfile(os.path.join(out, "config.json")):
-        quantize_checkpoint(ref, out, method, group_size=group_size, **options)
+        calibration = None if rtn else Calibration(text=calibration_data)
+        quantize_checkpoint(ref, out, method, group_size=group_size, calibration=calibration, **options)
     return LLM(out, dtype="float32", **common)
 
 
@@ -143,7 +154,7 @@ def cmd_accuracy(args) -> dict:
     rows, reference = [], None
     for name in ["fp32"] + [v for v in variants if v != "fp32"]:
         t0 = time.perf_counter()
-        llm = _variant_llm(name, folders, gguf_path, args.group_size, work)
+        llm = _variant_llm(name, folders, gguf_path, args.group_size, work, args.calibration_data)
         tok = llm.get_tokenizer()
         ids = tok.encode(text)
         prompts = [tok.encode(p) for p in prompt_texts]

@@ -6,16 +6,16 @@
             one weight_scale per tensor (AutoFP8's layout), activations dynamic
       awq   AutoAWQ GEMM: qweight int32 [K, N/8] (interleaved), qzeros [K/G, N/8], scales fp16 [K/G, N]
       gptq  AutoGPTQ / GPTQModel v1: qweight [K/8, N], qzeros [K/G, N/8] (zero - 1), scales fp16,
-            g_idx int32 [K] (act-order: groups over inputs in descending order of an importance
-            proxy: |RMSNorm weight| feeding q/k/v and gate/up, so fused projections share one
-            order as they do in GPTQ; the weight's column norm for o_proj and down_proj)
+            g_idx int32 [K] (act-order: groups over inputs in descending order of importance)
     -> out folder: model.safetensors (or shards + index), config.json with quantization_config,
        the tokenizer and other files copied.
 
-AWQ and GPTQ here are round-to-nearest (RTN) per group, with no calibration data: the files have
-the real layouts, but the numbers are what AWQ's activation-aware scaling and GPTQ's Hessian
-error compensation would improve on (docs/quantization.md). Embeddings, norms and lm_head keep
-their dtype. q/k/v and gate/up are quantized separately, as the tools do.
+AWQ and GPTQ are calibrated when given a Calibration (calibrate.py: GPTQ's Hessian error
+compensation, act-order by diag(H); AWQ's activation-aware scales folded into the norms, and
+clipping), else round-to-nearest per group (RTN; act-order then by a proxy: |RMSNorm weight|
+feeding q/k/v and gate/up, so fused projections share one order, the weight's column norm for
+o_proj and down_proj). Embeddings, norms and lm_head keep their dtype. q/k/v and gate/up are
+quantized separately, as the tools do.
 """
 
 from __future__ import annotations
@@ -28,47 +28,39 @@ import shutil
 import torch
 
 from pdserve.common.config import ConfigError
+from pdserve.common.models.quantization.calibrate import Calibration, calibrate
 from pdserve.common.models.quantization.fp8 import FP8, FP8_MAX, quantize_weight_per_channel
+from pdserve.common.models.quantization.int4 import Int4Weight, rtn, rtn_groups
 from pdserve.common.models.quantization.packing import pack_cols, pack_rows
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHARD_BYTES = 2 * 2**30
 
 
-def rtn_groups(w: torch.Tensor, bits: int, group_size: int, sym: bool, zero_min: int = 0):
-    """Round-to-nearest per group of inputs. w [N, K] (groups are consecutive inputs of the
-    given order) -> (q [N, K] ints, scales [N, K/G] fp32, zeros [N, K/G] ints) with
-    w ~= (q - zero) * scale. `zero_min` 1 keeps zero points >= 1 (GPTQ v1 cannot store 0)."""
-    n, k = w.shape
-    maxq = (1 << bits) - 1
-    g = w.float().view(n, k // group_size, group_size)
-    if sym:
-        amax = g.abs().amax(dim=2).clamp_min(1e-8)
-        scale = 2 * amax / maxq
-        zero = torch.full_like(scale, (maxq + 1) // 2)
-    else:
-        lo = g.amin(dim=2).clamp(max=0.0)
-        hi = g.amax(dim=2).clamp(min=0.0)
-        scale = ((hi - lo) / maxq).clamp_min(1e-8)
-        zero = torch.round(-lo / scale)
-        if zero_min:  # no negative weights in the group: put zero at 1 and stretch the steps to fit
-            low = zero < zero_min
-            scale = torch.where(low, (hi / (maxq - zero_min)).clamp_min(1e-8), scale)
-            zero = torch.where(low, torch.full_like(zero, zero_min), zero)
-    q = torch.clamp(torch.round(g / scale[..., None]) + zero[..., None], 0, maxq)
-    return q.view(n, k).to(torch.int32), scale, zero.to(torch.int32)
+def pack_awq(wt: Int4Weight, bits: int = 4) -> dict[str, torch.Tensor]:
+    """AutoAWQ GEMM tensors of an int4 weight whose groups are consecutive inputs."""
+    if not torch.equal(wt.g_idx, (torch.arange(wt.q.shape[1]) // (wt.q.shape[1] // wt.scale.shape[1])).to(wt.g_idx)):
+        raise ValueError("AWQ's layout has no act-order: groups must be consecutive inputs")
+    return {"qweight": pack_cols(wt.q.t().contiguous(), bits, awq_order=True),  # [K, N/8]
+            "qzeros": pack_cols(wt.zero.t().contiguous(), bits, awq_order=True),  # [K/G, N/8]
+            "scales": wt.scale.t().contiguous().to(torch.float16)}  # [K/G, N]
+
+
+def pack_gptq(wt: Int4Weight, bits: int = 4) -> dict[str, torch.Tensor]:
+    """GPTQ v1 tensors (zero points stored minus one, so every zero must be >= 1)."""
+    return {"qweight": pack_rows(wt.q.t().contiguous(), bits),  # [K/8, N]
+            "qzeros": pack_cols((wt.zero - 1).t().contiguous(), bits),  # [K/G, N/8], v1: zero - 1
+            "scales": wt.scale.t().contiguous().to(torch.float16), "g_idx": wt.g_idx.to(torch.int32)}
 
 
 def quantize_awq(w: torch.Tensor, group_size: int, sym: bool, bits: int = 4) -> dict[str, torch.Tensor]:
-    q, scale, zero = rtn_groups(w, bits, group_size, sym)
-    return {"qweight": pack_cols(q.t().contiguous(), bits, awq_order=True),  # [K, N/8]
-            "qzeros": pack_cols(zero.t().contiguous(), bits, awq_order=True),  # [K/G, N/8]
-            "scales": scale.t().contiguous().to(torch.float16)}  # [K/G, N]
+    return pack_awq(rtn(w, bits, group_size, sym), bits)
 
 
 def quantize_gptq(w: torch.Tensor, group_size: int, sym: bool, act_order: torch.Tensor | None,
                   bits: int = 4) -> dict[str, torch.Tensor]:
-    """`act_order`: a [K] importance per input (groups follow its descending order), or None."""
+    """Round to nearest. `act_order`: a [K] importance per input (groups follow its descending
+    order), or None."""
     n, k = w.shape
     perm = torch.argsort(act_order.float(), descending=True, stable=True) if act_order is not None else torch.arange(k)
     q_perm, scale, zero = rtn_groups(w[:, perm], bits, group_size, sym, zero_min=1)
@@ -76,9 +68,7 @@ def quantize_gptq(w: torch.Tensor, group_size: int, sym: bool, act_order: torch.
     q[:, perm] = q_perm  # back to input order; input perm[i] belongs to group i // G
     g_idx = torch.empty(k, dtype=torch.int32)
     g_idx[perm] = (torch.arange(k) // group_size).to(torch.int32)
-    return {"qweight": pack_rows(q.t().contiguous(), bits),  # [K/8, N]
-            "qzeros": pack_cols((zero - 1).t().contiguous(), bits),  # [K/G, N/8], v1: zero - 1
-            "scales": scale.t().contiguous().to(torch.float16), "g_idx": g_idx}
+    return pack_gptq(Int4Weight(q, scale, zero, g_idx), bits)
 
 
 def quantize_fp8(w: torch.Tensor, per_tensor: bool) -> dict[str, torch.Tensor]:
@@ -109,8 +99,10 @@ def quantization_config(method: str, group_size: int, sym: bool, act_order: bool
 
 
 def quantize_checkpoint(src: str, out: str, method: str, group_size: int = 128, sym: bool | None = None,
-                        act_order: bool = False, fp8_per_tensor: bool = False) -> dict:
-    """Writes the quantized checkpoint; returns a summary (tensors, bytes before and after)."""
+                        act_order: bool = False, fp8_per_tensor: bool = False,
+                        calibration: Calibration | None = None, log=None) -> dict:
+    """Writes the quantized checkpoint; returns a summary (tensors, bytes before and after).
+    calibration: run GPTQ / AWQ on that text (calibrate.py); None: round to nearest."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -133,7 +125,12 @@ def quantize_checkpoint(src: str, out: str, method: str, group_size: int = 128, 
     if not files:
         raise ConfigError(f"{src} has no *.safetensors weights")
     os.makedirs(out, exist_ok=True)
-    norms = _input_norms(files) if act_order else {}
+    if calibration is not None and method == "fp8":
+        raise ConfigError("fp8 takes no calibration data (its scales are per channel, activations dynamic)")
+    calibrated, changed = {}, {}
+    if calibration is not None:
+        calibrated, changed = calibrate(src, method, group_size, sym, act_order, calibration, log=log)
+    norms = _input_norms(files) if act_order and not calibrated else {}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = before = 0
     num_quantized = 0
@@ -142,9 +139,16 @@ def quantize_checkpoint(src: str, out: str, method: str, group_size: int = 128, 
             for name in f.keys():
                 t = f.get_tensor(name)
                 before += t.numel() * t.element_size()
+                if name in changed:  # awq: a norm weight with the inputs' scales folded in
+                    t = changed[name].to(t.dtype)
                 base, _, leaf = name.rpartition(".")
                 if leaf == "weight" and base.rsplit(".", 1)[-1] in PROJECTIONS and t.dim() == 2:
-                    if method == "fp8":
+                    if name in calibrated:
+                        pack = pack_awq if method == "awq" else pack_gptq
+                        parts = pack(calibrated[name])
+                    elif calibration is not None:
+                        raise ConfigError(f"calibration did not reach {name} (a layer outside the decoder?)")
+                    elif method == "fp8":
                         parts = quantize_fp8(t, fp8_per_tensor)
                     elif method == "awq":
                         parts = quantize_awq(t, group_size, sym)
@@ -178,6 +182,8 @@ def quantize_checkpoint(src: str, out: str, method: str, group_size: int = 128, 
         with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": after}, "weight_map": weight_map}, f, indent=2)
     config["quantization_config"] = quantization_config(method, group_size, sym, act_order, fp8_per_tensor)
+    if calibration is not None and method == "gptq":
+        config["quantization_config"]["damp_percent"] = calibration.damp
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     for path in glob.glob(os.path.join(src, "*")):
@@ -185,7 +191,7 @@ def quantize_checkpoint(src: str, out: str, method: str, group_size: int = 128, 
         if os.path.isfile(path) and not base.endswith(".safetensors") and base not in (
                 "config.json", "model.safetensors.index.json"):
             shutil.copy(path, os.path.join(out, base))
-    return {"method": method, "quantized_weights": num_quantized, "bytes_before": before, "bytes_after": after,
+    return {"method": method, "calibrated": calibration is not None, "quantized_weights": num_quantized, "bytes_before": before, "bytes_after": after,
             "quantization_config": config["quantization_config"]}
 
 
