@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -122,34 +120,33 @@ def test_awq_folds_its_scales_into_the_norms(outlier_llama, tmp_path):
     assert torch.equal(before["model.norm.weight"], after["model.norm.weight"])  # the final norm feeds lm_head
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pdserve.services.cli", "quantize", *args],
-                          capture_output=True, text=True, timeout=300)
-
-
-def test_cli_calibrates_by_default_and_names_bad_options(outlier_llama, tmp_path):
+def test_cli_calibrates_by_default_and_names_bad_options(outlier_llama, tmp_path, capsys):
+    from pdserve.services.cli import main
     out = str(tmp_path / "gptq")
-    done = run_cli("--model", outlier_llama, "--method", "gptq", "--output", out, "--group-size", "32",
-                   "--calibration-samples", "4", "--calibration-seq-len", "128", "--device", "cpu")
-    assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert main(["quantize", "--model", outlier_llama, "--method", "gptq", "--output", out, "--group-size", "32",
+                 "--calibration-samples", "4", "--calibration-seq-len", "128", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out.strip().splitlines()[-1])
     config = summary["quantization_config"]
     assert summary["calibrated"] and config["damp_percent"] == 0.01
     assert config["desc_act"] is True  # calibrated gptq takes act-order unless told --no-act-order
-    assert "calibrated layer 2/2" in done.stderr
+    assert "calibrated layer 2/2" in captured.err
     llm = LLM(out, dtype="float32")
     assert llm.generate([{"prompt_token_ids": [5, 6, 7]}])[0].outputs[0].token_ids
-    cases = [(("--method", "fp8", "--rtn"), "--rtn is an awq/gptq option"),
-             (("--method", "awq", "--calibration-data", str(tmp_path / "missing.txt")), "missing.txt"),
-             (("--method", "awq", "--rtn", "--calibration-data", ACCURACY_TEXT), "--calibration-data is for awq/gptq")]
-    if not torch.cuda.is_available():
-        cases.append((("--method", "awq", "--device", "cuda"), "no CUDA device"))
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    cases.append((("--method", "gptq", "--calibration-data", str(short)), "at least 128"))
-    for extra, message in cases:
-        bad = run_cli("--model", outlier_llama, "--output", str(tmp_path / "bad"), "--group-size", "32", *extra)
-        assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr, (extra, bad.stderr)
+    cases = [(("--method", "fp8", "--rtn"), "--rtn is an awq/gptq option"),
+             (("--method", "awq", "--calibration-data", str(tmp_path / "missing.txt")), "missing.txt"),
+             (("--method", "awq", "--rtn", "--calibration-data", ACCURACY_TEXT), "--calibration-data is for awq/gptq"),
+             (("--method", "gptq", "--calibration-data", str(short)), "at least 128"),
+             (("--method", "awq", "--act-order"), "--act-order is a GPTQ option")]
+    if not torch.cuda.is_available():
+        cases.append((("--method", "awq", "--device", "cuda"), "no CUDA device"))
+    for extra, message in cases:  # one line on stderr, exit 2
+        code = main(["quantize", "--model", outlier_llama, "--output", str(tmp_path / "bad"), "--group-size", "32",
+                     *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, (extra, err)
 
 
 def test_fp8_takes_no_calibration(outlier_llama, tmp_path):
