@@ -34,6 +34,15 @@ for name in os.listdir(".tok"): shutil.copy(os.path.join(".tok", name), out)
 print(f"wrote {out} in {time.time() - t0:.1f} s")
 PY
 fi
+python3 - "$M" <<'PY'
+import glob, json, os, sys
+from safetensors import safe_open
+out = sys.argv[1]; weight_map = {}
+for f in sorted(glob.glob(f"{out}/*.safetensors")):
+    with safe_open(f, framework="pt") as h:
+        weight_map.update({k: os.path.basename(f) for k in h.keys()})
+json.dump({"metadata": {}, "weight_map": weight_map}, open(f"{out}/model.safetensors.index.json", "w"))
+PY
 for m in ${METHODS:-gptq awq}; do
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > "/tmp/mem-$m.txt" &
   SMI=$!

@@ -142,6 +142,18 @@ def test_cli_calibrates_by_default_and_names_bad_options(outlier_llama, tmp_path
              (("--method", "awq", "--act-order"), "--act-order is a GPTQ option")]
     if not torch.cuda.is_available():
         cases.append((("--method", "awq", "--device", "cuda"), "no CUDA device"))
+    shards = tmp_path / "shards"  # two weight files and no index: transformers cannot load it
+    shards.mkdir()
+    for name in os.listdir(outlier_llama):
+        if not name.endswith(".safetensors"):
+            (shards / name).write_bytes((open(os.path.join(outlier_llama, name), "rb")).read())
+    from safetensors.torch import load_file, save_file
+    weights = load_file(os.path.join(outlier_llama, "model.safetensors"))
+    names = sorted(weights)
+    save_file({k: weights[k] for k in names[:5]}, str(shards / "model-00001.safetensors"))
+    save_file({k: weights[k] for k in names[5:]}, str(shards / "model-00002.safetensors"))
+    bad_model = str(shards)
+    cases.append((("--method", "gptq", "--model", bad_model), "could not load"))
     for extra, message in cases:  # one line on stderr, exit 2
         code = main(["quantize", "--model", outlier_llama, "--output", str(tmp_path / "bad"), "--group-size", "32",
                      *extra])

@@ -298,7 +298,10 @@ def calibrate(src: str, method: str, group_size: int, sym: bool, act_order: bool
     except Exception as e:  # noqa: BLE001 - any load failure means the same to the user
         raise ConfigError(f"calibration needs the model's tokenizer in {src}: {e}") from None
     samples = calibration_samples(tokenizer, text, cal.num_samples, cal.seq_len)
-    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype="auto").eval()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype="auto").eval()
+    except (OSError, ValueError) as e:  # missing or unreadable weights, an index that does not match them
+        raise ConfigError(f"calibration could not load {src} with transformers: {e}") from None
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     layers = base.layers
     prefix = next(name for name, module in model.named_modules() if module is layers) + "."
