@@ -4,6 +4,7 @@ zero per (output, group) and the group of each input: w ~= (q - zero[:, g_idx]) 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -63,3 +64,23 @@ def rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool, zero_min: int = 
     q, scale, zero = rtn_groups(w.float(), bits, group_size, sym, zero_min)
     g_idx = (torch.arange(w.shape[1]) // group_size).to(torch.int32)
     return Int4Weight(q.cpu(), scale.cpu(), zero.cpu(), g_idx)
+
+
+def group_params_mse(w: torch.Tensor, bits: int, sym: bool, zero_min: int = 0, grid: int = 20,
+                     max_shrink: float = 0.2, norm: float = 2.4) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like group_params, with each row's range shrunk (1, 1 - 1/grid*max_shrink, ... 1 - max_shrink)
+    to the one whose rounding error sum |w - q(w)|^norm is smallest (large weights clipped, the
+    rest rounded more finely)."""
+    best_err = torch.full((w.shape[0],), math.inf, device=w.device)
+    best_scale = best_zero = None
+    lo, hi = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+    for i in range(grid):
+        r = 1 - max_shrink * i / grid
+        clipped = torch.maximum(torch.minimum(w, hi * r), lo * r)
+        q, scale, zero = rtn_groups(clipped, bits, w.shape[1], sym, zero_min)
+        err = ((q - zero).float() * scale - w).abs().pow(norm).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = scale[:, 0] if best_scale is None else torch.where(better, scale[:, 0], best_scale)
+        best_zero = zero[:, 0] if best_zero is None else torch.where(better, zero[:, 0], best_zero)
+    return best_scale, best_zero
