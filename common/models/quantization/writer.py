@@ -124,9 +124,9 @@ def quantize_checkpoint(src: str, out: str, method: str, group_size: int = 128, 
     files = sorted(glob.glob(os.path.join(src, "*.safetensors")))
     if not files:
         raise ConfigError(f"{src} has no *.safetensors weights")
-    os.makedirs(out, exist_ok=True)
     if calibration is not None and method == "fp8":
         raise ConfigError("fp8 takes no calibration data (its scales are per channel, activations dynamic)")
+    os.makedirs(out, exist_ok=True)
     calibrated, changed = {}, {}
     if calibration is not None:
         calibrated, changed = calibrate(src, method, group_size, sym, act_order, calibration, log=log)
