@@ -74,10 +74,12 @@ def top1_agreement(a: Scores, b: Scores) -> float:
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 VARIANTS = ("fp32", "bf16", "fp8", "fp8-kv", "awq", "gptq", "gptq-act", "awq-rtn", "gptq-rtn", "gptq-act-rtn", "gguf")
-# calibrated: awq asym; gptq sym with act-order (pdserve quantize's default); gptq-act asym act-order.
-# -rtn: the same without calibration, except gptq-rtn, which is --rtn's default (sym, no act-order).
-INT4 = {"awq": ("awq", {}), "gptq": ("gptq", {"sym": True, "act_order": True}),
-        "gptq-act": ("gptq", {"sym": False, "act_order": True})}
+# name -> (method, options, calibrated): gptq is pdserve quantize's default (sym, act-order when
+# calibrated), gptq-rtn --rtn's (sym, no act-order)
+INT4 = {"awq": ("awq", {}, True), "gptq": ("gptq", {"sym": True, "act_order": True}, True),
+        "gptq-act": ("gptq", {"sym": False, "act_order": True}, True),
+        "awq-rtn": ("awq", {}, False), "gptq-rtn": ("gptq", {"sym": True}, False),
+        "gptq-act-rtn": ("gptq", {"sym": False, "act_order": True}, False)}
 
 
 def add_parser(bench_sub) -> None:
@@ -115,13 +117,10 @@ def _variant_llm(name: str, folders: dict, gguf_path: str | None, group_size: in
             raise ValueError("the gguf variant needs a GGUF model")
         return LLM(gguf_path, quantization="gguf", **common)
     from pdserve.common.models.quantization.calibrate import Calibration
-    rtn = name.endswith("-rtn")
-    method, options = INT4[name.removesuffix("-rtn")]
-    if name == "gptq-rtn":
-        options = {"sym": True}
+    method, options, calibrated = INT4[name]
     out = os.path.join(work, name)
     if not os.path.isfile(os.path.join(out, "config.json")):
-        calibration = None if rtn else Calibration(text=calibration_data)
+        calibration = Calibration(text=calibration_data) if calibrated else None
         quantize_checkpoint(ref, out, method, group_size=group_size, calibration=calibration, **options)
     return LLM(out, dtype="float32", **common)
 

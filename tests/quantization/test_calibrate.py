@@ -192,7 +192,7 @@ def test_cuda_layer_inputs_and_outputs_match_cpu(outlier_llama):
     with torch.inference_mode():
         runs = {}
         for device in ("cpu", "cuda"):
-            inputs = _layer_inputs(model, model.model.layers, samples, device, batch_size=2)
+            inputs = _layer_inputs(model, samples, device, batch_size=2)
             outs = []
             for layer in model.model.layers:
                 layer.to(device)
@@ -225,7 +225,7 @@ def test_cuda_calibration_is_as_good_as_cpu(outlier_llama, method, sym, act_orde
     rows: dict[str, list] = {}
     with torch.inference_mode():
         hooks = {layer.get_submodule(projs[0]): rows.setdefault(projs[0], []).append for _, projs, _ in INPUTS}
-        _run_layer(layer, _layer_inputs(model, model.model.layers, samples, "cpu", 8), hooks)
+        _run_layer(layer, _layer_inputs(model, samples, "cpu", 8), hooks)
     for _, projs, writer in INPUTS:
         if method == "awq" and not writer.endswith("layernorm"):
             continue  # its 1/s went into v_proj's / up_proj's rows: awq is checked on q/k and gate

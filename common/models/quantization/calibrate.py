@@ -194,9 +194,14 @@ class _Captured(Exception):
     pass
 
 
-def _layer_inputs(model, layers, samples: torch.Tensor, device: str, batch_size: int) -> list:
+def _decoder(model):
+    """The transformers model's stack of decoder layers' owner (embeddings, rotary, `layers`)."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+
+def _layer_inputs(model, samples: torch.Tensor, device: str, batch_size: int) -> list:
     """(hidden [b, L, D] fp32, kwargs) of the first decoder layer for each batch of samples."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+    base = _decoder(model)
     for name in ("embed_tokens", "rotary_emb"):
         if hasattr(base, name):
             getattr(base, name).to(device, torch.float32)
@@ -208,7 +213,7 @@ def _layer_inputs(model, layers, samples: torch.Tensor, device: str, batch_size:
         captured.append((hidden.to(device, torch.float32), _to(kwargs, device)))
         raise _Captured
 
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
+    handle = base.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
         for b0 in range(0, samples.shape[0], batch_size):
             try:
@@ -308,14 +313,13 @@ def calibrate(src: str, method: str, group_size: int, sym: bool, act_order: bool
         model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype="auto").eval()
     except (OSError, ValueError) as e:  # missing or unreadable weights, an index that does not match them
         raise ConfigError(f"calibration could not load {src} with transformers: {e}") from None
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    layers = base.layers
+    layers = _decoder(model).layers
     prefix = next(name for name, module in model.named_modules() if module is layers) + "."
     gen = torch.Generator().manual_seed(0)
     results: dict[str, Int4Weight] = {}
     changed: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
-        inputs = _layer_inputs(model, layers, samples, device, cal.batch_size)
+        inputs = _layer_inputs(model, samples, device, cal.batch_size)
         for i, layer in enumerate(layers):
             dtype = next(layer.parameters()).dtype
             layer.to(device, torch.float32)
@@ -338,7 +342,7 @@ def _gptq_layer(layer, inputs, name, results, group_size, sym, act_order, cal, b
         h = hessian.value()
         for proj, module in zip(projs, modules):
             result = gptq(module.weight.data, h, bits, group_size, sym, act_order, damp=cal.damp,
-                          zero_min=0 if sym else 1, mse_grid=cal.mse_grid)
+                          mse_grid=cal.mse_grid)
             results[f"{name}{proj}.weight"] = result
             module.weight.data.copy_(result.dequantize().to(module.weight.device))
     return _run_layer(layer, inputs)  # the next layer reads this one quantized
