@@ -41,6 +41,15 @@ async def serving(backend: str, src_caches, leases: dict[str, list[int]], dst_ca
         await server.close()
 
 
+async def counted_by(server, num_pulls: int, timeout_s: float = 2.0) -> None:
+    """Waits (up to timeout_s) until the server has counted num_pulls answered pulls: it counts a
+    pull once its send returned, which may be just after the client's receive completed (nccl
+    sends from a thread; CI saw bytes_sent one pull short right after 24 pulls)."""
+    deadline = time.monotonic() + timeout_s
+    while server.num_transfers + server.num_failures < num_pulls and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
 def assert_pulled(src_caches, src_block_ids, dst_caches, dst_block_ids, dst_before):
     """Every pulled block equals its source exactly; every other block is unchanged."""
     untouched = sorted(set(range(dst_caches[0].shape[1])) - set(dst_block_ids))
@@ -66,12 +75,7 @@ def test_pull_copies_exact_blocks_into_other_ids(backend, dtype):
             nbytes = await client.pull(address, "lease-1", dst_block_ids, deadline_s=10.0)
             bytes_per_block = KVLayout.from_caches(src).bytes_per_block
             assert nbytes == len(src_block_ids) * bytes_per_block
-            # the server counts a pull once its send returned, which may be just after the client's
-            # receive completed (nccl sends from a thread)
-            for _ in range(200):
-                if server.num_transfers:
-                    break
-                await asyncio.sleep(0.01)
+            await counted_by(server, 1)
             assert client.bytes_received == nbytes and server.bytes_sent == nbytes
             assert client.num_transfers == 1 and server.num_transfers == 1
             assert client.num_failures == 0 and server.num_failures == 0
@@ -175,6 +179,7 @@ def test_many_concurrent_pulls_to_one_server(backend):
             results = await asyncio.gather(*(
                 client.pull(address, lease_id, dst_ids[lease_id], deadline_s=20.0)
                 for lease_id in leases))
+            await counted_by(server, num_pulls)
             assert sum(results) == client.bytes_received == server.bytes_sent
             assert client.num_transfers == server.num_transfers == num_pulls
 
