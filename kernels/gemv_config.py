@@ -45,9 +45,10 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 3
     version: int = 1  # 2: the FMA kernels of gemv_int_v2.py (BLOCK_K within a group) / gemv_fp8_v2.py, M <= 4
+    slices: int = 1  # int version 2: slices of BLOCK_K inputs along K per program, reduced across warps
 
     def __post_init__(self):
-        for name in ("block_n", "block_k", "num_warps"):
+        for name in ("block_n", "block_k", "num_warps", "slices"):
             if not _pow2(getattr(self, name)):
                 raise ValueError(f"GemvConfig.{name} must be a power of two, got {getattr(self, name)}")
         if self.split_k < 1 or self.num_stages < 1:
@@ -56,9 +57,13 @@ class GemvConfig:
             raise ValueError(f"GemvConfig.block_n must be >= 16 with dot=True, got {self.block_n}")
         if self.version not in (1, 2) or (self.version == 2 and self.dot):
             raise ValueError(f"GemvConfig.version must be 1, or 2 without dot, got {self.version} (dot={self.dot})")
+        if self.slices > 1 and self.version != 2:
+            raise ValueError(f"GemvConfig.slices > 1 needs version 2, got {self.slices} with version {self.version}")
 
     def short(self) -> str:
         path = "v2" if self.version == 2 else "dot" if self.dot else "fma"
+        if self.slices > 1:
+            path += f" x{self.slices}"
         return f"{path} n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} st{self.num_stages}"
 
 
@@ -81,7 +86,7 @@ def block_m(config: GemvConfig, m: int) -> int:
 # Measured entries, (kind, K, N, bucket) -> GemvConfig. Empty until the sweep has run on the target
 # GPU: paste the lines `bench_gemv` prints under "TUNED entries" (at run time: tune / load_tuned).
 # Measured on an H200 (132 SMs), commit 29e04386 (version-2 kernels): `bash tests/gpu_quant_check.sh`
-# (docs/benchmarks.md, fourth 2 x H200 session).
+# (docs/benchmarks.md, fourth 2 x H200 session); the int4 entries again with slices (fourteenth session).
 TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
     ('fp8', 4096, 4096, 1): GemvConfig(8, 2048, split_k=1, dot=False, num_warps=8, num_stages=3, version=2),
     ('fp8', 4096, 4096, 4): GemvConfig(8, 1024, split_k=1, dot=False, num_warps=4, num_stages=3, version=2),
@@ -95,16 +100,16 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
     ('fp8', 14336, 4096, 1): GemvConfig(8, 2048, split_k=1, dot=False, num_warps=8, num_stages=3, version=2),
     ('fp8', 14336, 4096, 4): GemvConfig(8, 1024, split_k=1, dot=False, num_warps=4, num_stages=3, version=2),
     ('fp8', 14336, 4096, 16): GemvConfig(64, 128, split_k=18, dot=True, num_warps=4, num_stages=3),
-    ('int4', 4096, 4096, 1): GemvConfig(512, 64, split_k=64, dot=False, num_warps=4, num_stages=3, version=2),
-    ('int4', 4096, 4096, 4): GemvConfig(512, 64, split_k=64, dot=False, num_warps=4, num_stages=3, version=2),
+    ('int4', 4096, 4096, 1): GemvConfig(64, 64, split_k=8, dot=False, num_warps=4, num_stages=3, version=2, slices=8),
+    ('int4', 4096, 4096, 4): GemvConfig(128, 128, split_k=16, dot=True, num_warps=4, num_stages=3),
     ('int4', 4096, 4096, 16): GemvConfig(128, 128, split_k=16, dot=True, num_warps=4, num_stages=3),
-    ('int4', 4096, 6144, 1): GemvConfig(512, 64, split_k=64, dot=False, num_warps=4, num_stages=3, version=2),
-    ('int4', 4096, 6144, 4): GemvConfig(256, 128, split_k=32, dot=False, num_warps=2, num_stages=3, version=2),
+    ('int4', 4096, 6144, 1): GemvConfig(256, 128, split_k=32, dot=False, num_warps=2, num_stages=3, version=2),
+    ('int4', 4096, 6144, 4): GemvConfig(128, 128, split_k=11, dot=True, num_warps=4, num_stages=3),
     ('int4', 4096, 6144, 16): GemvConfig(128, 128, split_k=11, dot=True, num_warps=4, num_stages=3),
     ('int4', 4096, 28672, 1): GemvConfig(1024, 128, split_k=32, dot=False, num_warps=4, num_stages=3, version=2),
     ('int4', 4096, 28672, 4): GemvConfig(512, 64, split_k=20, dot=False, num_warps=4, num_stages=3, version=2),
     ('int4', 4096, 28672, 16): GemvConfig(128, 128, split_k=6, dot=True, num_warps=4, num_stages=3),
-    ('int4', 14336, 4096, 1): GemvConfig(1024, 64, split_k=224, dot=False, num_warps=4, num_stages=3, version=2),
+    ('int4', 14336, 4096, 1): GemvConfig(512, 128, split_k=112, dot=False, num_warps=2, num_stages=3, version=2),
     ('int4', 14336, 4096, 4): GemvConfig(512, 64, split_k=132, dot=False, num_warps=4, num_stages=3, version=2),
     ('int4', 14336, 4096, 16): GemvConfig(128, 128, split_k=17, dot=True, num_warps=4, num_stages=3),
 }
@@ -127,7 +132,7 @@ def split_for(config: GemvConfig, k: int, n: int, num_sms: int, programs_per_sm:
     """Split K so that the grid has about programs_per_sm programs per SM, each >= 2 tiles long
     (version 2: >= 1 chunk; its wide column blocks leave few programs along N)."""
     column_blocks = -(-n // config.block_n)
-    tiles = max(k // config.block_k, 1)
+    tiles = max(k // (config.block_k * config.slices), 1)
     wanted = -(-programs_per_sm * num_sms // column_blocks)
     return max(1, min(wanted, tiles if config.version == 2 else tiles // 2))
 
@@ -152,8 +157,11 @@ def fit(config: GemvConfig, kind: str, k: int, group_size: int | None) -> GemvCo
             raise ValueError(f"no BLOCK_K fits K = {k} with groups of {group_size} ({kind})")
         if dot and block_k // per_word < 16:
             dot = False  # tl.dot needs 16 words along K
-    tiles = -(-k // block_k)
-    return replace(config, block_k=block_k, dot=dot, split_k=max(1, min(config.split_k, tiles)))
+    slices = config.slices if kind != "fp8" else 1
+    while slices > 1 and k % (slices * block_k):  # v2's chunk of slices x BLOCK_K inputs divides K (slices 1: fits)
+        slices //= 2
+    tiles = -(-k // (block_k * slices))
+    return replace(config, block_k=block_k, dot=dot, slices=slices, split_k=max(1, min(config.split_k, tiles)))
 
 
 @functools.cache
@@ -215,7 +223,14 @@ def candidates(kind: str, bucket: int) -> list[GemvConfig]:
         v2 = {1: [(256, 128, 2), (512, 128, 4), (512, 256, 4), (512, 128, 2), (1024, 128, 4), (1024, 64, 4),
                   (256, 128, 1), (512, 64, 4), (256, 64, 2)],
               4: [(256, 128, 2), (512, 64, 4), (512, 128, 4), (256, 64, 1)], 16: []}[bucket]
-    return ([GemvConfig(n, k, num_warps=w, version=2) for n, k, w in v2]
+        # ... with slices along K (n, k, warps, slices): a warp per slice of 128 columns, fewer
+        # split-K programs (and workspace atomics) for the same parallelism
+        v2 += [(n, k, w, sl) for n, k, w, sl in {1: [(128, 64, 8, 8), (128, 128, 4, 4), (128, 64, 4, 4),
+                                                     (256, 64, 8, 4), (64, 64, 4, 8), (128, 32, 8, 8)],
+                                                 4: [(128, 64, 4, 4), (128, 64, 8, 8), (256, 64, 8, 4)],
+                                                 16: []}[bucket]]
+    v2.sort(key=len, reverse=True)  # the sliced ones first (the sweep's time budget may cut the tail)
+    return ([GemvConfig(c[0], c[1], num_warps=c[2], version=2, slices=c[3] if len(c) > 3 else 1) for c in v2]
             + [GemvConfig(n, k, num_warps=w) for n, k, w in fma]
             + [GemvConfig(n, k, dot=True, num_warps=w) for n, k, w in dots])
 
@@ -240,5 +255,6 @@ def load_tuned(path: str) -> int:
 def tuned_as_python(entries: dict[tuple[str, int, int, int], GemvConfig]) -> list[str]:
     """Lines to paste into TUNED above."""
     return [f"    {key!r}: GemvConfig({c.block_n}, {c.block_k}, split_k={c.split_k}, dot={c.dot}, "
-            f"num_warps={c.num_warps}, num_stages={c.num_stages}{', version=2' if c.version == 2 else ''}),"
+            f"num_warps={c.num_warps}, num_stages={c.num_stages}{', version=2' if c.version == 2 else ''}"
+            f"{f', slices={c.slices}' if c.slices > 1 else ''}),"
             for key, c in sorted(entries.items())]

@@ -29,7 +29,7 @@ are masked where they lie, scaled by 2^sh (powers of two: exact), so a word of 8
 Groups shorter than the tile (GGUF's 32, G = 64 with 256-input tiles) dequantize every value
 ((q - z) * s, s and z per word) before the sum instead.
 Configuration: gemv_config.choose (table + heuristic); a configuration with version=2 runs
-gemv_int_v2.py's kernel instead (M <= 4, fewer instructions per word). Reference: reference.int_matmul_ref.
+gemv_int_v2.py's kernel instead (M <= 4, fewer instructions per word, `slices` along K per program). Reference: reference.int_matmul_ref.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
         rows = gemv_config.FMA_MAX_M
         return torch.cat([int_gemv(x[i:i + rows], qweight, scales, zeros, bits, group_size, bias, config)
                           for i in range(0, m, rows)])
-    tiles = k // config.block_k
+    tiles = k // (config.block_k * config.slices)  # version 2: chunks of slices x BLOCK_K inputs
     tiles_per_split = triton.cdiv(tiles, config.split_k)
     split_k = triton.cdiv(tiles, tiles_per_split)  # no empty programs: the last-arrival count must be exact
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -217,7 +217,7 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
             *gemv_int_v2.exponents(win_even, win_odd), tiles_per_split, split_k, x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0),
             out.stride(0), BITS=bits, GROUP_SIZE=group_size, HAS_BIAS=bias is not None,
             BLOCK_M=gemv_config.block_m(config, m), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-            EVEN_N=n % config.block_n == 0, WIN_EVEN=win_even, WIN_ODD=win_odd, X_KIND=x_kind,
+            EVEN_N=n % config.block_n == 0, WIN_EVEN=win_even, WIN_ODD=win_odd, X_KIND=x_kind, SLICES=config.slices,
             num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_args(x))
         return out
     _int_gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](

@@ -23,22 +23,27 @@ by memory. Here a word costs ~20 (3 rotates, 8 LOP3, 8 FFMA):
     int4, fp32 x:    WIN 16 for all (7 rotations): ~1e-5, within the fp32 tests' 1e-4
     int8:            WIN 15 (offset 256), 3 rotations
 
-Layout: each program owns BLOCK_N columns with no warp along K (all warps side by side along N,
-a thread holds BLOCK_N / (32 * num_warps) columns as 16-byte loads), and walks its split's K
-chunks of BLOCK_K inputs (BLOCK_K divides the group). Within a chunk the BLOCK_K / P word rows
-are unrolled: their loads are independent, so the whole chunk is in flight at once, and every
-x value (one uniform scalar load, the same address in every lane) serves the thread's columns:
+Layout: each program owns BLOCK_N columns and SLICES slices along K, as a [SLICES, BLOCK_N] tile
+(the warps along K first where BLOCK_N = 128: a thread holds 4 columns as 16-byte loads), and
+walks its split's chunks of SLICES * BLOCK_K inputs; slice j of a chunk takes its inputs
+j * BLOCK_K .. (BLOCK_K divides the group: one scale / zero row per slice). Within a chunk the
+BLOCK_K / P word rows are unrolled: their loads are independent, so the whole chunk is in flight
+at once, and every x value (one load per slice: the same address in every lane of a warp) serves
+the thread's columns:
 
-    for chunk in split:                                  BLOCK_K inputs, inside one group
-        s, z = scales / zeros [BN] of the chunk's group
-        t = 0 [BN]; se = so = 0 (per row m)
-        for r in word rows of the chunk (unrolled):
-            w = qweight[row r, cols]                     [BN] int32, 16 B per thread
+    for chunk in split:                                  SLICES * BLOCK_K inputs
+        s, z = scales / zeros [SLICES, BN] of the slices' groups
+        t = 0 [SLICES, BN]; se = so = 0 [SLICES, 1] (per row m)
+        for r in word rows of a slice (unrolled):
+            w = qweight[slices' row r, cols]             [SLICES, BN] int32, 16 B per thread
             for p in 0..P-1 (unrolled):  f = lop3(rot(w)); x_p = x[m, k]; t += f * x_p; se|so += x_p
         acc += s * (t - (off_e + z) * se - (off_o + z) * so)
-    out = acc (+ bias), or split-K partial sums -> split_k.store_rows
+    out = sum of acc over the slices (+ bias), or split-K partial sums -> split_k.store_rows
 
-No cross-thread reduction is needed before the split-K sum: K never spans threads.
+With SLICES = 1 (the first tuned tables) K never spans threads and the kernel compiles to the same
+instructions as before slices existed; with SLICES > 1 a program reduces its slices once, across
+warps, so the same parallelism needs SLICES times fewer split-K programs and their atomic adds
+into the workspace (a 14336 x 4096 GEMV at split 224: 0.9 M fp32 atomics per call).
 """
 
 from __future__ import annotations
@@ -86,43 +91,39 @@ def _value(u, exp_even, exp_odd, P_IDX: tl.constexpr, BITS: tl.constexpr, WIN_EV
 
 
 @triton.jit
-def _x_row(x_ptr, m: tl.constexpr, M, stride_xm, k0, X_KIND: tl.constexpr):
-    """Where row m's inputs k0.. start: 32-bit pairs for 16-bit x (stride and k0 even), values for
-    fp32. Rows m >= M read row M - 1 instead (valid memory, no predication; never stored)."""
+def _x_pair(x_ptr, m: tl.constexpr, M, stride_xm, ks, KP: tl.constexpr, X_KIND: tl.constexpr):
+    """x[m, ks + KP] and x[m, ks + KP + 1] as fp32 [SLICES, 1] each (ks [SLICES, 1]: the slices'
+    first inputs; KP even). 16-bit x comes as one 4-byte load of the pair (stride and ks even).
+    Rows m >= M read row M - 1 instead (valid memory, no predication; never stored)."""
     row = tl.minimum(M - 1, m)
-    if X_KIND == 0:  # (one return: Triton compiles the code after a return in a static branch too)
-        start = x_ptr + row * stride_xm + k0
+    if X_KIND == 0:
+        xa = tl.load(x_ptr + row * stride_xm + ks + KP)
+        xb = tl.load(x_ptr + row * stride_xm + ks + (KP + 1))
     else:
-        start = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + row * (stride_xm // 2) + k0 // 2
-    return start
+        pair = tl.load(x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + row * (stride_xm // 2) + (ks + KP) // 2)
+        lo = pair << 16
+        hi = pair & -65536  # 0xFFFF0000
+        if X_KIND == 1:  # bf16: the upper half of an fp32
+            xa = lo.to(tl.float32, bitcast=True)
+            xb = hi.to(tl.float32, bitcast=True)
+        else:  # fp16
+            xa = (lo >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            xb = (hi >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return xa, xb
 
 
 @triton.jit
-def _row(t, se, so, held, f, x_row, KP: tl.constexpr, X_KIND: tl.constexpr):
-    """Row m: t [BN] += f * x[m, k0 + KP]; the x value into the sum of its window (even / odd KP).
-    16-bit x comes a pair at a time (one uniform 4-byte load at even KP, `held` at odd)."""
-    if X_KIND == 0:
-        xv = tl.load(x_row + KP)
-    else:
-        if KP % 2 == 0:
-            held = tl.load(x_row + KP // 2)
-            half = held << 16
-        else:
-            half = held & -65536  # 0xFFFF0000
-        if X_KIND == 1:  # bf16: the upper half of an fp32
-            xv = half.to(tl.float32, bitcast=True)
-        else:  # fp16
-            xv = (half >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    if KP % 2 == 0:
-        se += xv
-    else:
-        so += xv
-    return t + f * xv, se, so, held
+def _rows(t, se, so, fa, fb, x_ptr, m: tl.constexpr, M, stride_xm, ks, KP: tl.constexpr, X_KIND: tl.constexpr):
+    """Row m, values KP and KP + 1 (windows even / odd): t += fa * x_KP + fb * x_KP+1 as two FMAs."""
+    xa, xb = _x_pair(x_ptr, m, M, stride_xm, ks, KP, X_KIND)
+    t += fa * xa
+    t += fb * xb
+    return t, se + xa, so + xb
 
 
 @triton.jit
 def _apply(acc, t, se, so, s, z, OFF_EVEN: tl.constexpr, OFF_ODD: tl.constexpr):
-    """acc [BN] += s * (sum_k (2^(23-WIN) + q) x - (off + z) * sum x): (q - z) s x summed."""
+    """acc += s * (sum_k (2^(23-WIN) + q) x - (off + z) * sum x): (q - z) s x summed."""
     return acc + s * (t - (z + OFF_EVEN) * se - (z + OFF_ODD) * so)
 
 
@@ -132,57 +133,57 @@ def _int_gemv_v2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, loc
                         BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         EVEN_N: tl.constexpr, WIN_EVEN: tl.constexpr, WIN_ODD: tl.constexpr,
-                        X_KIND: tl.constexpr,
+                        X_KIND: tl.constexpr, SLICES: tl.constexpr = 1,
                         PDL: tl.constexpr = False):
     if PDL:  # kernels/pdl.py: wait for the previous kernel first
         pdl.prologue()
     P: tl.constexpr = 32 // BITS
-    ROWS: tl.constexpr = BLOCK_K // P                                     # word rows per chunk
+    ROWS: tl.constexpr = BLOCK_K // P                                     # word rows per slice
     OFF_EVEN: tl.constexpr = 1 << (23 - WIN_EVEN)
     OFF_ODD: tl.constexpr = 1 << (23 - WIN_ODD)
     pid_n = tl.program_id(0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                        # [BN]
-    col_ok = cols < N
-    acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc3 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    cols2 = cols[None, :]                                                 # [1, BN]
+    ok2 = cols2 < N
+    slices = tl.arange(0, SLICES)[:, None]                                # [S, 1]
+    acc0 = tl.zeros([SLICES, BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([SLICES, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([SLICES, BLOCK_N], dtype=tl.float32)
+    acc3 = tl.zeros([SLICES, BLOCK_N], dtype=tl.float32)
     c_lo = tl.program_id(1) * chunks_per_split
-    c_hi = tl.minimum(c_lo + chunks_per_split, K // BLOCK_K)
+    c_hi = tl.minimum(c_lo + chunks_per_split, K // (BLOCK_K * SLICES))
     for chunk in range(c_lo, c_hi):
-        k0 = chunk * BLOCK_K
-        g = k0 // GROUP_SIZE                                              # BLOCK_K divides G
+        ks = chunk * (BLOCK_K * SLICES) + slices * BLOCK_K                # [S, 1] first input of each slice
+        g = ks // GROUP_SIZE                                              # BLOCK_K divides G
         if EVEN_N:
-            s = tl.load(s_ptr + g * stride_s + cols).to(tl.float32)
-            z = tl.load(z_ptr + g * stride_z + cols).to(tl.float32)
+            s = tl.load(s_ptr + g * stride_s + cols2).to(tl.float32)
+            z = tl.load(z_ptr + g * stride_z + cols2).to(tl.float32)
         else:
-            s = tl.load(s_ptr + g * stride_s + cols, mask=col_ok, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + g * stride_z + cols, mask=col_ok, other=0.0).to(tl.float32)
-        t0 = tl.zeros([BLOCK_N], dtype=tl.float32)
-        t1 = tl.zeros([BLOCK_N], dtype=tl.float32)
-        t2 = tl.zeros([BLOCK_N], dtype=tl.float32)
-        t3 = tl.zeros([BLOCK_N], dtype=tl.float32)
-        se0, so0, se1, so1, se2, so2, se3, so3 = 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0
-        h0, h1, h2, h3 = 0, 0, 0, 0  # x pairs (16-bit x)
-        xr0 = _x_row(x_ptr, 0, M, stride_xm, k0, X_KIND)
-        xr1 = _x_row(x_ptr, 1, M, stride_xm, k0, X_KIND)
-        xr2 = _x_row(x_ptr, 2, M, stride_xm, k0, X_KIND)
-        xr3 = _x_row(x_ptr, 3, M, stride_xm, k0, X_KIND)
+            s = tl.load(s_ptr + g * stride_s + cols2, mask=ok2, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + g * stride_z + cols2, mask=ok2, other=0.0).to(tl.float32)
+        t0 = tl.zeros([SLICES, BLOCK_N], dtype=tl.float32)
+        t1 = tl.zeros([SLICES, BLOCK_N], dtype=tl.float32)
+        t2 = tl.zeros([SLICES, BLOCK_N], dtype=tl.float32)
+        t3 = tl.zeros([SLICES, BLOCK_N], dtype=tl.float32)
+        se0 = tl.zeros([SLICES, 1], dtype=tl.float32)
+        so0, se1, so1, se2, so2, se3, so3 = se0, se0, se0, se0, se0, se0, se0
         for r in tl.static_range(ROWS):
-            w_ptrs = qw_ptr + (k0 // P + r).to(tl.int64) * stride_qw + cols
+            w_ptrs = qw_ptr + (ks // P + r).to(tl.int64) * stride_qw + cols2
             if EVEN_N:
                 w = tl.load(w_ptrs, eviction_policy="evict_first")
             else:
-                w = tl.load(w_ptrs, mask=col_ok, other=0, eviction_policy="evict_first")
+                w = tl.load(w_ptrs, mask=ok2, other=0, eviction_policy="evict_first")
             u = w.to(tl.uint32, bitcast=True)
-            for p in tl.static_range(P):
-                f = _value(u, exp_even, exp_odd, p, BITS, WIN_EVEN, WIN_ODD)
-                t0, se0, so0, h0 = _row(t0, se0, so0, h0, f, xr0, r * P + p, X_KIND)
+            for q in tl.static_range(P // 2):  # values 2q (even window) and 2q + 1 (odd)
+                fa = _value(u, exp_even, exp_odd, 2 * q, BITS, WIN_EVEN, WIN_ODD)
+                fb = _value(u, exp_even, exp_odd, 2 * q + 1, BITS, WIN_EVEN, WIN_ODD)
+                kp = r * P + 2 * q
+                t0, se0, so0 = _rows(t0, se0, so0, fa, fb, x_ptr, 0, M, stride_xm, ks, kp, X_KIND)
                 if BLOCK_M > 1:
-                    t1, se1, so1, h1 = _row(t1, se1, so1, h1, f, xr1, r * P + p, X_KIND)
+                    t1, se1, so1 = _rows(t1, se1, so1, fa, fb, x_ptr, 1, M, stride_xm, ks, kp, X_KIND)
                 if BLOCK_M > 2:
-                    t2, se2, so2, h2 = _row(t2, se2, so2, h2, f, xr2, r * P + p, X_KIND)
-                    t3, se3, so3, h3 = _row(t3, se3, so3, h3, f, xr3, r * P + p, X_KIND)
+                    t2, se2, so2 = _rows(t2, se2, so2, fa, fb, x_ptr, 2, M, stride_xm, ks, kp, X_KIND)
+                    t3, se3, so3 = _rows(t3, se3, so3, fa, fb, x_ptr, 3, M, stride_xm, ks, kp, X_KIND)
         acc0 = _apply(acc0, t0, se0, so0, s, z, OFF_EVEN, OFF_ODD)
         if BLOCK_M > 1:
             acc1 = _apply(acc1, t1, se1, so1, s, z, OFF_EVEN, OFF_ODD)
@@ -190,5 +191,6 @@ def _int_gemv_v2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, loc
             acc2 = _apply(acc2, t2, se2, so2, s, z, OFF_EVEN, OFF_ODD)
             acc3 = _apply(acc3, t3, se3, so3, s, z, OFF_EVEN, OFF_ODD)
     rows = tl.arange(0, BLOCK_M)
-    y = stack_rows(acc0, acc1, acc2, acc3, rows, BLOCK_M, BLOCK_N)        # [BM, BN]
+    y = stack_rows(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0), tl.sum(acc2, axis=0), tl.sum(acc3, axis=0),
+                   rows, BLOCK_M, BLOCK_N)                                # [BM, BN]: the slices summed
     store_rows(y, rows, cols, M, N, out_ptr, stride_om, b_ptr, ws_ptr, lock_ptr, pid_n, split_k, HAS_BIAS)

@@ -8,8 +8,9 @@ down 14336 x 4096) and M in 1, 4, 16 (the buckets of gemv_config), times in CUDA
     bf16       F.linear on a bf16 [N, K] weight (cuBLAS, what the unquantized model runs)
     int4       every gemv_config.candidates config (x a few split-K counts) of gemv_int.int_gemv,
                AWQ-like weights (G = 128, fp16 scales, integer zeros); "default" = the config the
-               engine would use now (TUNED or the heuristic); "v1" / "v2" = the best of each kernel
-               version (gemv_int.py's paths / gemv_int_v2.py, M <= 4); M > 1 also the old
+               engine would use now (TUNED or the heuristic); "v1" / "v2" / "v2s" = the best of each
+               kernel version (gemv_int.py's paths / gemv_int_v2.py, M <= 4 / the same with
+               slices along K); M > 1 also the old
                dequantize + cuBLAS; a last line sums one layer's four GEMVs at M = 1
     fp8        the same for gemv_fp8.fp8_gemv (W8A16; v2 = gemv_fp8_v2.py); M > 1 also quantize +
                torch._scaled_mm (W8A8)
@@ -19,7 +20,7 @@ never holds them: the figures are HBM-bound like a decode step. Every config's o
 against the fp32 reference first; a wrong one is dropped and counted. It prints, per shape and M,
 the best config next to bf16 (us, ratio, GB/s of weight bytes), then the TUNED lines to paste into
 kernels/gemv_config.py; --table-out writes them as JSON (gemv_config.load_tuned; bench_quant
---gemv-table). Compiling the ~26 kernel variants would dominate the time, so --workers processes
+--gemv-table). Compiling the ~55 kernel variants would dominate the time, so --workers processes
 compile them first into Triton's on-disk cache; --budget-s (counted after that, shared equally by
 the four shapes) stops trying new configs (and says how many were skipped). About 1 min of
 compiling plus the budget on an H200.
@@ -274,11 +275,11 @@ def sweep(budget_s: float = 150.0, workers: int = 8, settings: Settings = Settin
                     row[f"{kind}_rel_err"] = top["rel_err"]
                     row[f"{kind}_gbs"] = shape.bytes(kind) / top["us"] / 1e3
                     best[(kind, k, n, bucket)] = top["config"]
-                for version in (1, 2):  # old kernels vs new, each at its best
-                    of_version = [t for t in timed if t["config"].version == version]
-                    if of_version:
-                        top = min(of_version, key=lambda t: t["us"])
-                        row[f"{kind}_v{version}_us"], row[f"{kind}_v{version}_config"] = top["us"], top["config"]
+                for label in ("v1", "v2", "v2s"):  # old kernels, version 2, version 2 with slices: each at its best
+                    of_label = [t for t in timed if _label(t["config"]) == label]
+                    if of_label:
+                        top = min(of_label, key=lambda t: t["us"])
+                        row[f"{kind}_{label}_us"], row[f"{kind}_{label}_config"] = top["us"], top["config"]
                 row[f"{kind}_tried"] = len(timed)
             table.append(row)
             print(f"gemv K={k} N={n} M={m}: " + json.dumps(_jsonable(row)), flush=True)
@@ -286,6 +287,10 @@ def sweep(budget_s: float = 150.0, workers: int = 8, settings: Settings = Settin
         if dev == "cuda":
             torch.cuda.empty_cache()
     return table, best, report
+
+
+def _label(config) -> str:
+    return "v1" if config.version == 1 else "v2s" if config.slices > 1 else "v2"
 
 
 def _jsonable(row: dict) -> dict:
@@ -300,8 +305,8 @@ def print_table(table: list[dict], best: dict, report: dict) -> None:
         return f"{row[key]:.1f}" if key in row else "-"
 
     print("\nsmall-batch GEMVs vs bf16 cuBLAS, us per call (CUDA graph; weights rotated past L2)")
-    print(f"{'K x N':>12} {'M':>3} {'bf16':>7} | {'int4':>6} {'/bf16':>6} {'GB/s':>5} {'default':>7} {'v1':>6} {'v2':>6} "
-          f"{'dequant':>7} {'config':<28} | {'fp8':>6} {'/bf16':>6} {'GB/s':>5} {'default':>7} {'v1':>6} {'v2':>6} "
+    print(f"{'K x N':>12} {'M':>3} {'bf16':>7} | {'int4':>6} {'/bf16':>6} {'GB/s':>5} {'default':>7} {'v1':>6} {'v2':>6} {'v2s':>6} "
+          f"{'dequant':>7} {'config':<31} | {'fp8':>6} {'/bf16':>6} {'GB/s':>5} {'default':>7} {'v1':>6} {'v2':>6} {'v2s':>6} "
           f"{'scaledmm':>8} config")
     for r in table:
         cells = []
@@ -309,10 +314,10 @@ def print_table(table: list[dict], best: dict, report: dict) -> None:
             if f"{kind}_us" not in r:
                 cells.append(f"{'none':>6}")
                 continue
-            versions = f"{us(r, kind + '_v1_us'):>6} {us(r, kind + '_v2_us'):>6} "
+            versions = f"{us(r, kind + '_v1_us'):>6} {us(r, kind + '_v2_us'):>6} {us(r, kind + '_v2s_us'):>6} "
             cells.append(f"{r[kind + '_us']:>6.1f} {r[kind + '_us'] / r['bf16_us']:>6.2f} {r[kind + '_gbs']:>5.0f} "
                          f"{us(r, kind + '_default_us'):>7} {versions}{us(r, other):>{7 if kind == 'int4' else 8}} "
-                         f"{r[kind + '_config'].short():<28}")
+                         f"{r[kind + '_config'].short():<31}")
         print(f"{r['k']:>5} x {r['n']:<5} {r['m']:>3} {r['bf16_us']:>7.1f} | {cells[0]} | {cells[1]}")
     for kind in ("int4", "fp8"):  # a decode step's GEMVs (one of each weight) at M = 1
         m1 = [r for r in table if r["m"] == 1 and f"{kind}_us" in r]

@@ -24,10 +24,11 @@ DIVISIBLE = {"int": ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr", "w
                      "stride_xm", "stride_wn", "stride_om")}
 
 
-def compile_sm90(kind: str, block_m: int, block_n: int, block_k: int, dot: bool, num_warps: int, x_type: str = "bf16"):
+def compile_sm90(kind: str, block_m: int, block_n: int, block_k: int, dot: bool, num_warps: int, x_type: str = "bf16",
+                 slices: int = 1):
     """-> (cubin, layout conversions inside the K loop) of one variant, with the specialization
     the engine's 8B shapes get (pointers and dims divisible by 16). kind "int2" / "fp82": version 2
-    (int2 also with x_type "fp16" / "fp32": its x paths differ)."""
+    (int2 also with x_type "fp16" / "fp32": its x paths differ, and with slices along K)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -45,7 +46,7 @@ def compile_sm90(kind: str, block_m: int, block_n: int, block_k: int, dot: bool,
         win_even, win_odd = windows(4, x_type == "fp32")
         const = dict(BITS=4, GROUP_SIZE=128, HAS_BIAS=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                      EVEN_N=True, WIN_EVEN=win_even, WIN_ODD=win_odd,
-                     X_KIND={"fp32": 0, "bf16": 1, "fp16": 2}[x_type])
+                     X_KIND={"fp32": 0, "bf16": 1, "fp16": 2}[x_type], SLICES=slices)
         kind = "int"
     elif kind == "fp82":
         fn = _fp8_gemv_v2_kernel
@@ -88,6 +89,10 @@ VARIANTS = [("int", 1, 128, 128, False, 4, 2), ("int", 4, 64, 128, False, 4, 2),
               if (m, n, k, w) not in {(4, 512, 256, 4), (4, 512, 128, 2), (4, 1024, 128, 4), (4, 1024, 64, 4),
                                       (4, 256, 128, 1)}],
             ("int2", 1, 512, 128, False, 4, 0, "fp32"), ("int2", 4, 256, 64, False, 2, 0, "fp16"),
+            # slices along K: the [slices, BLOCK_N] tiles and the x pairs per slice stay in one layout
+            *[("int2", m, n, k, False, w, 0, x, sl) for m in (1, 4) for n, k, w, sl, x in
+              [(128, 64, 8, 8, "bf16"), (128, 128, 4, 4, "bf16"), (64, 64, 4, 8, "bf16"), (256, 64, 8, 4, "fp16"),
+               (128, 64, 4, 4, "fp32")]],
             *[("fp82", m, n, k, False, w, 1 if m == 1 else m) for m in (1, 4) for n, k, w in
               {(8, 1024, 4), (16, 1024, 4), (32, 1024, 4), (8, 2048, 8), (16, 512, 2), (4, 1024, 4), (8, 512, 2)}
               if m == 1 or n <= 8]]

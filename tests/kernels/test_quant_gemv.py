@@ -32,7 +32,11 @@ V2_SMALL, V2_WIDE = GemvConfig(16, 64, version=2), GemvConfig(64, 128, num_warps
 INT_V2_INTERP = [(1, 256, 37, 4, 64, BF16, V2_SMALL, 1), (3, 256, 37, 4, 128, FP32, V2_WIDE, 2),
                  (4, 512, 40, 4, 128, FP16, V2_WIDE, 3), (16, 256, 48, 4, 64, BF16, V2_SMALL, 2),
                  (2, 128, 33, 8, 32, BF16, V2_SMALL, 2), (1, 256, 64, 8, 256, FP32, V2_WIDE, 1),
-                 (1, 512, 24, 4, 32, BF16, V2_WIDE, 4)]
+                 (1, 512, 24, 4, 32, BF16, V2_WIDE, 4),
+                 # slices along K (reduced across warps in the program; a chunk is slices x BLOCK_K)
+                 (1, 512, 37, 4, 64, BF16, GemvConfig(16, 32, slices=4, version=2), 2),
+                 (3, 1024, 40, 4, 128, FP32, GemvConfig(32, 64, num_warps=2, slices=2, version=2), 3),
+                 (4, 256, 24, 8, 64, FP16, GemvConfig(8, 32, slices=8, version=2), 1)]
 INT_INTERP += [c + (b, z) for c in INT_V2_INTERP for b in (False, True) for z in (True, False)]
 INT_GPU = [(1, 4096, 6144, 4, 128, BF16, None, None, False, True),
            (3, 4096, 6144, 4, 128, BF16, None, None, True, True),
@@ -44,7 +48,10 @@ INT_GPU = [(1, 4096, 6144, 4, 128, BF16, None, None, False, True),
            (3, 14336, 4104, 4, 64, FP16, GemvConfig(512, 64, version=2), 16, True, False),
            (4, 4096, 4096, 4, 128, BF16, GemvConfig(256, 128, num_warps=2, version=2), 4, False, True),
            (1, 4096, 6144, 4, 128, FP32, GemvConfig(512, 128, version=2), 1, True, True),
-           (2, 4096, 4096, 8, 128, BF16, GemvConfig(512, 128, version=2), 8, False, True)]
+           (2, 4096, 4096, 8, 128, BF16, GemvConfig(512, 128, version=2), 8, False, True),
+           (1, 4096, 4096, 4, 128, BF16, GemvConfig(128, 64, num_warps=8, slices=8, version=2), 8, False, True),
+           (4, 14336, 4104, 4, 64, FP16, GemvConfig(128, 64, slices=4, version=2), 7, True, False),
+           (3, 4096, 6144, 4, 128, FP32, GemvConfig(128, 128, slices=4, version=2), 2, False, True)]
 
 
 @pytest.mark.parametrize("device,case", backends(INT_GPU, INT_INTERP))
@@ -139,6 +146,13 @@ def test_configs_are_fitted_to_the_weight():
     with pytest.raises(ValueError, match="version"):
         GemvConfig(64, 128, dot=True, version=2)
     assert gc.fit(GemvConfig(8, 1024, version=2), "fp8", 200, None).block_k == 256
+    # slices: the chunk (slices x BLOCK_K) halves its slices until it divides K; split_k <= chunks
+    assert gc.fit(GemvConfig(128, 64, split_k=99, slices=8, version=2), "int4", 576, 64) == \
+        GemvConfig(128, 64, split_k=9, slices=1, version=2)
+    assert gc.fit(GemvConfig(128, 64, split_k=99, slices=8, version=2), "int4", 14336, 128) == \
+        GemvConfig(128, 64, split_k=28, slices=8, version=2)
+    with pytest.raises(ValueError, match="slices"):
+        GemvConfig(128, 64, slices=4)
     h = gc.heuristic("int4", 1, 4096, 6144, num_sms=132)  # 12 column blocks -> split to ~4 per SM
     assert h.version == 2 and h.split_k == 44 and 12 * h.split_k >= 4 * 132
     assert not gc.heuristic("int4", 16, 4096, 6144, num_sms=132).version == 2  # tensor cores from M = 5
@@ -167,8 +181,9 @@ def test_tuned_table_round_trips_through_json(tmp_path):
             gc.heuristic("fp8", 1, 14336, 4096, 8), "fp8", 14336, None)
     finally:
         gc.tune(saved, replace_all=True)
-    pasted = "".join(gc.tuned_as_python(entries))
+    pasted = "".join(gc.tuned_as_python(entries | {("int4", 1, 1, 1): GemvConfig(128, 64, slices=8, version=2)}))
     assert "GemvConfig(128, 256, split_k=8, dot=False, num_warps=8, num_stages=3)" in pasted
+    assert "GemvConfig(128, 64, split_k=1, dot=False, num_warps=4, num_stages=3, version=2, slices=8)" in pasted
 
 
 # --- which kernel the quantized linears run, per M ------------------------------------------------
