@@ -29,7 +29,9 @@ batch B > 1 runs B prompts at once (the set repeated if B is larger).
 
 Per method and batch size: ms per output token (per request: time from its first token to its
 last / (tokens - 1), averaged), speedup = none's / this, acceptance rate and mean accepted length
-(tokens per verify round), draft ms per verify step (proposer time), and
+(tokens per verify round), draft ms per verify step (proposer time; a draft model's prompts are
+fed in their prefill steps, reported apart as draft prefill ms per request: time to first
+token, not per output token), and
     bound = mean accepted length * t_none / (t_none + draft ms per step)
 the speedup if verifying k + 1 tokens cost one plain decode step and the proposer were the only
 extra cost; efficiency = speedup / bound.
@@ -51,7 +53,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from pdserve.services.bench_spec_stages import overlap_policy, step_kind
+from pdserve.services.bench_spec_stages import STAGE_METHODS, overlap_policy, step_kind
 from pdserve.services.bench_spec_sweep import add_sweep_args, run_sweep
 
 DATA = os.path.join(os.path.dirname(__file__), "bench_data", "grounded_prompts.jsonl")
@@ -61,11 +63,12 @@ def add_parser(bench_sub, add_engine_args) -> None:
     p = bench_sub.add_parser("spec", help="speculative decoding (n-gram, draft model) vs none, same run")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="batch sizes to run (default: %(default)s)")
     p.add_argument("-k", "--spec-tokens", type=int, default=8, help="num_speculative_tokens (default: %(default)s)")
-    p.add_argument("--methods", nargs="+", default=["none", "ngram", "draft"],
+    p.add_argument("--methods", nargs="+", default=None,
                    choices=["none", "ngram", "ngram_all", "ngram_sync", "ngram_overlap", "draft"],
                    help="methods compared; ngram_sync: n-gram without async scheduling; ngram_overlap: n-gram "
                         "steps overlapped below 4 running requests (guessed drafts, bridge steps: "
-                        "spec_decode/pipeline.py, off by default) (default: %(default)s)")
+                        "spec_decode/pipeline.py, off by default) (default: none ngram draft; "
+                        "with --stages: none ngram ngram_overlap, of which and draft)")
     p.add_argument("--draft-model", default=None, help="draft of method draft (default: the target itself)")
     p.add_argument("--prompt-lookup-min", type=int, default=1, help="n-gram: shortest match (default: %(default)s)")
     p.add_argument("--prompt-lookup-max", type=int, default=4, help="n-gram: longest match (default: %(default)s)")
@@ -76,8 +79,9 @@ def add_parser(bench_sub, add_engine_args) -> None:
     p.add_argument("--json-out", default=None, help="write the results as JSON here")
     add_sweep_args(p)
     p.add_argument("--stages", action="store_true",
-                   help="none, n-gram one step at a time and overlapped (ngram_overlap), async scheduling on, "
-                        "per --batch-sizes: host ms per decode step by stage (bench_spec_stages.py)")
+                   help="none, n-gram one step at a time and overlapped (ngram_overlap) or --methods of these and "
+                        "draft, async scheduling on, per --batch-sizes: host ms per decode step by stage "
+                        "(bench_spec_stages.py)")
     add_engine_args(p)
     p.set_defaults(func=cmd_spec)
 
@@ -159,6 +163,8 @@ class Tally:
     tokens: list = field(default_factory=list)  # outputs of the first repeat (compared across methods)
     steps: int = 0  # decode steps (each run's first step, the prefill, left out)
     propose_s: float = 0.0
+    prefill_s: float = 0.0  # a draft model's prompts, fed in their prefill steps (not per verify step)
+    requests: int = 0
     drafts: int = 0
     draft_tokens: int = 0
     accepted: int = 0
@@ -172,8 +178,10 @@ class Tally:
     def measure(self, llm, groups: list[list[list[int]]], max_tokens: int, tag: str, first_repeat: bool) -> None:
         engine = llm.engine
         spec_before, propose_before = engine.stats().spec_decode, _propose_seconds(engine)
+        prefill_before = _prefill_seconds(engine)
         for gi, group in enumerate(groups):
             r = run_batch(llm, group, max_tokens, f"{tag}-{gi}")
+            self.requests += len(group)
             self.tpot += r["tpot"]
             self.steps += r["steps"] - 1
             self.plain.merge(r["split"]["plain"])
@@ -185,6 +193,7 @@ class Tally:
         if spec_before is not None:
             after = engine.stats().spec_decode
             self.propose_s += _propose_seconds(engine) - propose_before
+            self.prefill_s += _prefill_seconds(engine) - prefill_before
             self.drafts += after.num_drafts - spec_before.num_drafts
             self.draft_tokens += after.num_draft_tokens - spec_before.num_draft_tokens
             self.accepted += after.num_accepted_tokens - spec_before.num_accepted_tokens
@@ -206,6 +215,7 @@ class Tally:
             draft_ms = 1000 * self.propose_s / max(self.steps, 1)
             row.update(acceptance_rate=round(self.accepted / self.draft_tokens, 3),
                        mean_accepted_length=round(mean_len, 3), draft_ms_per_step=round(draft_ms, 3),
+                       draft_prefill_ms_per_request=round(1000 * self.prefill_s / max(self.requests, 1), 3),
                        guessed_drafts=self.guessed, guess_hits=self.guess_hits)
             if base_ms is not None:  # per request, a plain step takes base_ms and makes one token
                 bound = mean_len * base_ms / (base_ms + draft_ms)
@@ -215,6 +225,10 @@ class Tally:
 
 def _propose_seconds(engine) -> float:
     return engine.runner.spec.propose_seconds if engine.runner.spec is not None else 0.0
+
+
+def _prefill_seconds(engine) -> float:
+    return engine.runner.spec.prefill_seconds if engine.runner.spec is not None else 0.0
 
 
 def cmd_spec(args) -> None:
@@ -232,17 +246,19 @@ def cmd_spec(args) -> None:
         from pdserve.services.bench_spec_stages import run_stage_methods
 
         def build(method: str):
-            spec = method_config(args, "ngram" if method != "none" else "none", None)
+            spec = method_config(args, method if method in ("none", "draft") else "ngram", base.model.model)
             return LLM.from_config(engine_config(args, speculative_config=spec, speculative_model=None,
                                                  num_speculative_tokens=None, async_scheduling=True))
         plain = build("none")  # (its tokenizer makes the prompts; it runs first)
         prompts = chat_prompts(plain.get_tokenizer(), rows)[:args.sequential_prompts]
-        table = run_stage_methods(args, lambda m: plain if m == "none" else build(m), prompts, run_batch)
+        methods = list(STAGE_METHODS[:3]) if args.methods is None else [m for m in args.methods if m in STAGE_METHODS]
+        table = run_stage_methods(args, lambda m: plain if m == "none" else build(m), prompts, run_batch, methods)
         if args.json_out:
             with open(args.json_out, "w") as f:
                 json.dump(table, f, indent=2)
         return
     target = base.model.model
+    args.methods = args.methods or ["none", "ngram", "draft"]
     for i, method in enumerate(args.methods, start=1):
         # every engine lives for the whole run (the methods alternate); on CUDA each KV pool is
         # sized from what this process may use in all (--gpu-memory-utilization), so engine i of

@@ -11,7 +11,10 @@ split: plain, verify, guess). Printed per batch size and kind: ms per step of
       wait      of it: blocked on the device for the result (EngineCore.wait_seconds; CUDA)
       update    of it: scheduler.update
     schedule  scheduler.schedule
-    propose   the n-gram lookup (SpecDecoder.prepare's proposer)
+    propose   the n-gram lookup or the draft model's rounds (SpecDecoder.prepare's proposer)
+      dforward  of it: the draft model's forward_logits calls (inputs, forward or graph replay)
+      dsample   of it: the draft tokens picked on the device (argmax / sampling, queued)
+                (the rest of propose: the rounds' bookkeeping and the wait for the drafts)
     prepare   the rest of SpecDecoder.prepare (the drafts appended to the inputs)
     flatten   flatten_step (the step's host arrays)
     inputs    the backend's inputs (tensors, attention metadata)
@@ -33,7 +36,8 @@ import time
 from collections import defaultdict
 
 CLOCK = time.perf_counter  # wall time; time.thread_time: the engine thread's CPU time (a busy shared CPU)
-STAGES = ("apply", "wait", "update", "schedule", "propose", "prepare", "flatten", "inputs", "forward", "sample", "emit")
+STAGES = ("apply", "wait", "update", "schedule", "propose", "dforward", "dsample", "prepare", "flatten", "inputs",
+          "forward", "sample", "emit")
 
 
 def step_kind(spec, overlapped: bool) -> str:
@@ -91,6 +95,9 @@ def instrument(engine) -> StageTimer:
     if spec is not None:  # (none: a plain engine, for comparison)
         timer.wrap(spec.proposer, "propose", "propose")
         timer.wrap(spec, "prepare", "prepare")
+        if spec.draft is not None:  # the draft model's rounds inside propose
+            timer.wrap(spec.draft.runner, "forward_logits", "dforward")
+            timer.wrap(spec.draft, "_sample", "dsample")
     timer.wrap(model_runner, "flatten_step", "flatten")
     timer.wrap(runner.inputs, "prepare", "inputs")
     timer.wrap(runner.model, "forward", "forward")
@@ -103,17 +110,17 @@ def instrument(engine) -> StageTimer:
     return timer
 
 
-STAGE_METHODS = ("none", "ngram", "ngram_overlap")  # run in turn by --stages
+STAGE_METHODS = ("none", "ngram", "ngram_overlap", "draft")  # --stages: the first three unless --methods
 
 
-def run_stage_methods(args, build, prompts: list[list[int]], run_batch) -> dict:
-    """--stages: a plain engine, an n-gram engine (steps one at a time, the default) and one with
+def run_stage_methods(args, build, prompts: list[list[int]], run_batch, methods=STAGE_METHODS[:3]) -> dict:
+    """--stages: a plain engine, an n-gram engine (steps one at a time, the default), one with
     steps overlapped below 4 running requests (overlap_policy: guessed drafts, bridge
-    steps), each built by build(method) (async scheduling on), warmed up by run_batch
-    (bench_spec's, passed in: bench_spec imports this module), its stages timed (run_stages)
-    and shut down -> {method: {B: {kind: row}}}."""
+    steps) and a draft-model engine, those of `methods`, each built by build(method) (async
+    scheduling on), warmed up by run_batch (bench_spec's, passed in: bench_spec imports this
+    module), its stages timed (run_stages) and shut down -> {method: {B: {kind: row}}}."""
     tables = {}
-    for method in STAGE_METHODS:
+    for method in methods:
         llm = build(method)
         try:
             with overlap_policy(method):
@@ -182,10 +189,12 @@ def _run_groups(args, llm, groups: list[list[list[int]]], timer: StageTimer, tag
 
 
 def _print(args, llm, table: dict, batch_size: int, num_prompts: int) -> None:
-    spec = "" if llm.engine.runner.spec is None else \
+    spec = llm.engine.runner.spec
+    spec = "" if spec is None else f", k = {args.spec_tokens}, draft model" if spec.draft is not None else \
         f", k = {args.spec_tokens}, lookup {args.prompt_lookup_min}..{args.prompt_lookup_max}"
     print(f"host ms per decode step by stage ({llm.engine.runner.device}, batch {batch_size}, {num_prompts} prompts{spec}; "
-          "wait and update are part of apply, propose of prepare; host = step - wait - forward):")
+          "wait and update are part of apply, propose of prepare, dforward and dsample of propose (flatten "
+          "includes the draft's); host = step - wait - forward):")
     print(f"{'kind':>6} {'steps':>5} | " + " ".join(f"{s:>8}" for s in STAGES) + f" | {'step':>7} {'host':>7}")
     for kind, row in table.items():
         print(f"{kind:>6} {row['steps']:>5} | " + " ".join(f"{row.get(s, 0.0):>8.4f}" for s in STAGES)

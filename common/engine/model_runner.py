@@ -295,12 +295,16 @@ class ModelRunner:
 
     def launch(self, sched: SchedulerOutput, token_masks=None) -> "PendingOutput":
         """`_launch`; a speculative engine's draft budget (spec_decode/budget.py) gets the step's wall
-        time, which on CPU is its cost (the forward and sampler ran here)."""
+        time, which on CPU is its cost (the forward and sampler ran here); a draft model then
+        takes the step's prompt chunks (DraftModelProposer.prefill)."""
         if self.spec is None or self.spec.budget is None:
-            return self._launch(sched, token_masks)
-        t0 = time.perf_counter()
-        pending = self._launch(sched, token_masks)
-        self.spec.observe_step(time.perf_counter() - t0)
+            pending = self._launch(sched, token_masks)
+        else:
+            t0 = time.perf_counter()
+            pending = self._launch(sched, token_masks)
+            self.spec.observe_step(time.perf_counter() - t0)
+        if self.spec is not None and self.spec.draft is not None and not sched.is_empty():
+            self.spec.prefill_draft(sched)  # the step's prompt chunks, into the draft's KV
         return pending
 
     @torch.inference_mode()
@@ -424,6 +428,11 @@ class ModelRunner:
                 fill(input_ids)
             hidden = self.model(input_ids, positions, self.kv_caches, meta)
         return ordered, step, hidden, sample_rows
+
+    @torch.inference_mode()
+    def forward_only(self, sched: SchedulerOutput) -> None:
+        """A forward pass that only writes the KV cache (a draft model's prompt: nothing sampled)."""
+        self._forward(sched)
 
     @torch.inference_mode()
     def forward_logits(self, sched: SchedulerOutput) -> tuple[list[ScheduledRequest], torch.Tensor]:

@@ -132,6 +132,29 @@ def test_ngram_greedy_matches_hf(tiny_models, prompts):
     assert engine.runner.num_greedy_tail_steps > 0
 
 
+@pytest.mark.parametrize("variant", ["default", "chunked_16"])
+def test_the_draft_takes_each_prompt_in_its_prefill_step(tiny_models, prompts, variant):
+    """A draft model is fed a prompt's chunks in the steps that prefill them (after the target's
+    step is queued), so no proposal catches up over a prompt: every chunk a proposal feeds is at
+    most k + 1 tokens (the last round's draft and the token after it), and every draft of the
+    self-draft is still accepted (its KV at the prompt's positions is right, shared prefixes too)."""
+    folder = tiny_models["llama"]
+    llm = LLM(folder, dtype="float32", speculative_config=draft(folder, k=3), **VARIANTS[variant])
+    proposer = llm.engine.runner.spec.draft
+    fed, forward_logits = [], proposer.runner.forward_logits
+
+    def recording(sched):
+        fed.append(max(s.num_tokens for s in sched.scheduled))
+        return forward_logits(sched)
+    proposer.runner.forward_logits = recording
+    outs = llm.generate(prompts[:FEW], GREEDY)
+    assert tokens(outs) == reference(tiny_models, "llama", prompts)[:FEW]
+    assert max(len(p) for p in prompts[:FEW]) > 4 and fed and max(fed) <= 4
+    assert llm.engine.runner.spec.prefill_seconds > 0
+    st = llm.engine.stats().spec_decode
+    assert st.num_draft_tokens > 0 and st.num_accepted_tokens == st.num_draft_tokens
+
+
 def test_self_draft_counters_are_exact(tiny_models, prompts):
     """k = 3, 24 tokens each: the first token plain, then windows of 4 tokens (3 accepted drafts
     + 1), the last window capped by max_tokens to 2 drafts: 6 drafts of 17 tokens per request."""

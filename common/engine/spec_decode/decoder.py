@@ -71,6 +71,7 @@ class SpecDecoder:
         self._cool: dict[str, list[int]] = {}  # req_id -> [steps left without drafting, last cool-down]
         self.num_cooled = 0  # request-steps that did not draft, cooling down (_cool_down)
         self.propose_seconds = 0.0  # host time in proposers (bench spec: the draft's cost)
+        self.prefill_seconds = 0.0  # host time feeding prompts to the draft model (prefill_draft)
         self.sampled_index: dict[str, int] = {}  # the last verify step's: req_id -> its token's index in the readback
         self._launched = ({}, set(), [])  # the last verify step's (guesses, dropped req ids, req ids with drafts)
         # Bridge steps (pipeline.py): this step's req_id -> rows, one per number of drafts the verify
@@ -106,6 +107,18 @@ class SpecDecoder:
             self.budget = DraftBudget()
         if self.draft is not None:
             self.draft.start(self.runner.num_blocks, self.runner.block_size)
+
+    def prefill_draft(self, sched: SchedulerOutput) -> None:
+        """After a step is queued: its prompt chunks into the draft model's KV (draft_model.py).
+        Timed apart from proposing (prefill_seconds): it is the draft's share of the prompt, paid once
+        per request in the prefill step, not per verify step."""
+        if self.draft.runner is None:  # the KV sizing's profile step, before start()
+            return
+        chunks = [s for s in sched.scheduled if s.start_pos < len(s.prompt_token_ids)]
+        if chunks:
+            t0 = time.perf_counter()
+            self.draft.prefill(chunks)
+            self.prefill_seconds += time.perf_counter() - t0
 
     def prepare(self, sched: SchedulerOutput) -> list[ScheduledRequest]:
         """The step's requests, those with draft slots carrying up to num_spec_slots drafts."""

@@ -13,6 +13,9 @@ never trusts blocks it did not fill for this request: per request it tracks how 
 positions it has computed (`_DraftState.num_computed`, 0 for a new or preempted request) and
 catches up over the rest of the history in chunks of at most the step's token budget.
 
+The prompt: its chunks are fed to the draft in the step that prefills them in the target
+(`prefill`, right after that step is queued), so a first proposal catches up over one token.
+
 One proposal for a request with n draft slots:
 
     catch up:  feed history[num_computed : N]        -> sample d1 at position N
@@ -128,6 +131,7 @@ class DraftModelProposer:
         budget = self.scheduler_cfg.token_budget
         rounds, num_sampled = [], 0  # sampled tokens [S] of each round on the device; their count
         sampled_at: dict[str, int] = {}  # req_id -> its latest token's index in torch.cat(rounds)
+        last_round: dict[str, int] = {}  # req_id -> its index in rounds[-1], for those sampled there
         while feeds:
             batch, left = [], budget
             for s, start, tokens in feeds.values():
@@ -143,6 +147,10 @@ class DraftModelProposer:
                     batch.append(dataclasses.replace(s, input_token_ids=tokens[:take], start_pos=start,
                                                      sample=sample, num_spec_slots=0))
                 left -= take
+            if rounds:  # the placeholders' tokens: the last round's alone where it sampled all of them
+                holes = [b.req_id for b in batch if b.input_token_ids[0] == PLACEHOLDER_TOKEN]
+                self.runner._last_sampled = (rounds[-1], last_round) if all(r in last_round for r in holes) \
+                    else (torch.cat(rounds), dict(sampled_at))  # (one left out of a round by the budget)
             sampled, logits = self.runner.forward_logits(SchedulerOutput(scheduled=batch,
                                                                          num_batched_tokens=budget - left))
             for b in batch:  # advance the feeds by what ran
@@ -151,9 +159,7 @@ class DraftModelProposer:
             tokens, rows = self._sample(logits, sampled)  # on the device: a later round reads them there
             rounds.append(tokens)
             sampled_at.update((b.req_id, num_sampled + i) for i, b in enumerate(sampled))
-            # a request left out of the next round by the token budget keeps its placeholder: the
-            # fill reads every round's tokens
-            self.runner._last_sampled = (torch.cat(rounds) if len(rounds) > 1 else tokens, dict(sampled_at))
+            last_round = {b.req_id: i for i, b in enumerate(sampled)}
             for i, b in enumerate(sampled):
                 drafts[b.req_id].append(num_sampled + i)
                 if rows is not None and b.params.temperature != 0:
@@ -169,6 +175,37 @@ class DraftModelProposer:
             self._states[rid].fed_drafts = d[:-1]
             out[rid] = (d, torch.stack(probs[rid]) if probs[rid] else None)
         return out
+
+    def prefill(self, reqs: list[ScheduledRequest]) -> None:
+        """The prompt chunks of a step the target has just launched, fed to the draft too (its KV at
+        the same positions, nothing sampled), so that a request's first proposal feeds only its first
+        output token. Without it that proposal caught up over the whole prompt (eagerly: one long
+        chunk, ~7-45 ms of host time on an H200 for SmolLM2's ~200-token prompts), inside the first
+        decode step: a stall between the first and second output tokens. Queued after the target's
+        step, so the target's first token is not behind it on the device. A chunk past what the draft
+        computed (a prefix-cache hit) is fed from there."""
+        feeds = []
+        for s in reqs:
+            end = s.start_pos + s.num_tokens
+            if end > len(s.prompt_token_ids) or s.params.needs_host_history or s.params.has_token_mask:
+                continue  # (not a prompt chunk; requests that never speculate)
+            st = self._states.setdefault(s.req_id, _DraftState())
+            if st.num_computed < end:
+                feeds.append((s, st.num_computed, s.prompt_token_ids[st.num_computed:end]))
+                st.num_computed, st.fed_drafts = end, []
+        budget = self.scheduler_cfg.token_budget
+        while feeds:
+            batch, left, rest = [], budget, []
+            for s, start, tokens in feeds:
+                take = min(len(tokens), left)
+                if take > 0:
+                    batch.append(dataclasses.replace(s, input_token_ids=tokens[:take], start_pos=start, sample=False,
+                                                     num_spec_slots=0))
+                    left -= take
+                if take < len(tokens):
+                    rest.append((s, start + take, tokens[take:]))
+            self.runner.forward_only(SchedulerOutput(scheduled=batch, num_batched_tokens=budget - left))
+            feeds = rest
 
     def _sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Draft tokens [S] (on the device) of the sampled rows (logits [S, Vd]) and, when any row
