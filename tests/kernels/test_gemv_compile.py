@@ -90,9 +90,8 @@ VARIANTS = [("int", 1, 128, 128, False, 4, 2), ("int", 4, 64, 128, False, 4, 2),
                                       (4, 256, 128, 1)}],
             ("int2", 1, 512, 128, False, 4, 0, "fp32"), ("int2", 4, 256, 64, False, 2, 0, "fp16"),
             # slices along K: the [slices, BLOCK_N] tiles and the x pairs per slice stay in one layout
-            *[("int2", m, n, k, False, w, 0, x, sl) for m in (1, 4) for n, k, w, sl, x in
-              [(128, 64, 8, 8, "bf16"), (128, 128, 4, 4, "bf16"), (64, 64, 4, 8, "bf16"), (256, 64, 8, 4, "fp16"),
-               (128, 64, 4, 4, "fp32")]],
+            ("int2", 1, 128, 64, False, 8, 0, "bf16", 8), ("int2", 4, 128, 64, False, 4, 0, "bf16", 4),
+            ("int2", 1, 64, 64, False, 4, 0, "fp16", 8), ("int2", 4, 256, 64, False, 8, 0, "fp32", 4),
             *[("fp82", m, n, k, False, w, 1 if m == 1 else m) for m in (1, 4) for n, k, w in
               {(8, 1024, 4), (16, 1024, 4), (32, 1024, 4), (8, 2048, 8), (16, 512, 2), (4, 1024, 4), (8, 512, 2)}
               if m == 1 or n <= 8]]
