@@ -53,6 +53,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from pdserve.common.config import ConfigError
 from pdserve.services.bench_spec_stages import STAGE_METHODS, overlap_policy, step_kind
 from pdserve.services.bench_spec_sweep import add_sweep_args, run_sweep
 
@@ -242,16 +243,18 @@ def cmd_spec(args) -> None:
         llm = LLM.from_config(engine_config(args, speculative_config=None, speculative_model=None,
                                             num_speculative_tokens=None))
         return run_sweep(args, llm, chat_prompts(llm.get_tokenizer(), rows)[:args.sequential_prompts])
-    if args.stages:  # none, n-gram one at a time and overlapped: their stages timed
+    if args.stages:  # none, n-gram one at a time and overlapped (or --methods of these and draft): stages timed
         from pdserve.services.bench_spec_stages import run_stage_methods
 
         def build(method: str):
             spec = method_config(args, method if method in ("none", "draft") else "ngram", base.model.model)
             return LLM.from_config(engine_config(args, speculative_config=spec, speculative_model=None,
                                                  num_speculative_tokens=None, async_scheduling=True))
+        methods = list(STAGE_METHODS[:3]) if args.methods is None else args.methods
+        if not set(methods) <= set(STAGE_METHODS):
+            raise ConfigError(f"--stages times {', '.join(STAGE_METHODS)}; not {', '.join(set(methods) - set(STAGE_METHODS))}")
         plain = build("none")  # (its tokenizer makes the prompts; it runs first)
         prompts = chat_prompts(plain.get_tokenizer(), rows)[:args.sequential_prompts]
-        methods = list(STAGE_METHODS[:3]) if args.methods is None else [m for m in args.methods if m in STAGE_METHODS]
         table = run_stage_methods(args, lambda m: plain if m == "none" else build(m), prompts, run_batch, methods)
         if args.json_out:
             with open(args.json_out, "w") as f:

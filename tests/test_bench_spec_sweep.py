@@ -95,6 +95,24 @@ def test_bench_spec_stages_command(tmp_path, tiny_models):
     assert "host ms per decode step by stage" in proc.stdout
 
 
+def test_bench_spec_stages_of_a_draft_model(tmp_path, tiny_models):
+    """`--stages --methods none draft`: the draft engine's verify steps with its forward passes and
+    token picks timed inside propose; a method --stages cannot time is a one-line error."""
+    out = tmp_path / "stages.json"
+    proc = pdserve("bench", "spec", "--stages", "--methods", "none", "draft", "--model", tiny_models["llama"],
+                   "--max-tokens", "12", "--sequential-prompts", "2", "--batch-sizes", "1", "-k", "3",
+                   "--kv-cache-memory", "0.1", "--dtype", "float32", "--json-out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    by_method = json.loads(out.read_text())
+    assert set(by_method) == {"none", "draft"}
+    verify = by_method["draft"]["1"]["verify"]
+    assert verify["steps"] > 0 and verify["propose"] >= verify["dforward"] + verify["dsample"] > 0
+    assert "draft model" in proc.stdout
+    bad = pdserve("bench", "spec", "--stages", "--methods", "none", "ngram_all", "--model", tiny_models["llama"])
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "pdserve bench: error: --stages times none, ngram, ngram_overlap, draft; not ngram_all"]
+
+
 def test_replay_bridges_a_verify_step():
     """bridge=True (the engine's bridge steps, pipeline.py): after the verify step (a guessed one
     here, all 3 drafts accepted) a bridge step launched before its result makes one token more;

@@ -320,6 +320,7 @@ def test_bench_spec_reports_every_method(tmp_path, tiny_models):
     assert all(r["outputs_identical"] and r["ms_per_output_token"] > 0 for r in rows)
     drafted = [r for r in rows if r["method"] == "draft"]
     assert all(r["acceptance_rate"] == 1.0 and r["mean_accepted_length"] > 1 and r["bound"] > 0 for r in drafted)
+    assert all(r["draft_prefill_ms_per_request"] > 0 for r in drafted)  # the draft's prompts, fed at prefill
     # the per-step split: every draft step verifies; times add up (host = wall - wait)
     for r in drafted:
         v = r["verify_steps"]
