@@ -4,8 +4,8 @@
                        [engine flags: --model, --device, --kv-cache-memory ...]
     pdserve bench spec --sweep [--sequential-prompts 8]      (bench_spec_sweep.py: n-gram settings
                        replayed on greedy outputs, predicted ms/token from measured step costs)
-    pdserve bench spec --stages [--sequential-prompts 8] [--batch-sizes 1 16]  (bench_spec_stages.py:
-                       an n-gram engine's host ms per decode step, stage by stage)
+    pdserve bench spec --stages [--methods none ngram draft] [--sequential-prompts 8] [--batch-sizes 1 16]
+                       (bench_spec_stages.py: each engine's host ms per decode step, stage by stage)
 
 n-gram defaults k = 8, prompt_lookup_min 1, max 4: the best of the sweep over min {1,2,3} x
 max {3,4,5} x k {3..8} on this set (SmolLM2, 8 prompts: 1.41x predicted at the H200 bf16 step
