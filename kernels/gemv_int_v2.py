@@ -43,7 +43,10 @@ the thread's columns:
 With SLICES = 1 (the first tuned tables) K never spans threads and the kernel compiles to the same
 instructions as before slices existed; with SLICES > 1 a program reduces its slices once, across
 warps, so the same parallelism needs SLICES times fewer split-K programs and their atomic adds
-into the workspace (a 14336 x 4096 GEMV at split 224: 0.9 M fp32 atomics per call).
+into the workspace (a 14336 x 4096 GEMV at split 224: 0.9 M fp32 atomics per call). Measured on
+an H200 (docs/benchmarks.md, fourteenth session): slices won the 4096 x 4096 weight (7.3 -> 6.4 us)
+and lost slightly on the 8B model's other three, so the atomics are not what holds those at
+1.6-2.8 TB/s; the sweep picks per weight.
 """
 
 from __future__ import annotations
