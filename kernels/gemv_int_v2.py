@@ -58,7 +58,6 @@ import triton.language as tl
 from pdserve.kernels import pdl
 from pdserve.kernels.split_k import stack_rows, store_rows
 
-V2_MAX_M = 4  # one accumulator set per row (registers)
 X_KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # the kernel's X_KIND
 
 

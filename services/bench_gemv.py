@@ -275,7 +275,7 @@ def sweep(budget_s: float = 150.0, workers: int = 8, settings: Settings = Settin
                     row[f"{kind}_rel_err"] = top["rel_err"]
                     row[f"{kind}_gbs"] = shape.bytes(kind) / top["us"] / 1e3
                     best[(kind, k, n, bucket)] = top["config"]
-                for label in ("v1", "v2", "v2s"):  # old kernels, version 2, version 2 with slices: each at its best
+                for label in LABELS[kind]:  # old kernels, version 2 (int: also with slices): each at its best
                     of_label = [t for t in timed if _label(t["config"]) == label]
                     if of_label:
                         top = min(of_label, key=lambda t: t["us"])
@@ -287,6 +287,9 @@ def sweep(budget_s: float = 150.0, workers: int = 8, settings: Settings = Settin
         if dev == "cuda":
             torch.cuda.empty_cache()
     return table, best, report
+
+
+LABELS = {"int4": ("v1", "v2", "v2s"), "fp8": ("v1", "v2")}  # the kernel versions compared (int: slices apart)
 
 
 def _label(config) -> str:
@@ -306,7 +309,7 @@ def print_table(table: list[dict], best: dict, report: dict) -> None:
 
     print("\nsmall-batch GEMVs vs bf16 cuBLAS, us per call (CUDA graph; weights rotated past L2)")
     print(f"{'K x N':>12} {'M':>3} {'bf16':>7} | {'int4':>6} {'/bf16':>6} {'GB/s':>5} {'default':>7} {'v1':>6} {'v2':>6} {'v2s':>6} "
-          f"{'dequant':>7} {'config':<31} | {'fp8':>6} {'/bf16':>6} {'GB/s':>5} {'default':>7} {'v1':>6} {'v2':>6} {'v2s':>6} "
+          f"{'dequant':>7} {'config':<31} | {'fp8':>6} {'/bf16':>6} {'GB/s':>5} {'default':>7} {'v1':>6} {'v2':>6} "
           f"{'scaledmm':>8} config")
     for r in table:
         cells = []
@@ -314,7 +317,7 @@ def print_table(table: list[dict], best: dict, report: dict) -> None:
             if f"{kind}_us" not in r:
                 cells.append(f"{'none':>6}")
                 continue
-            versions = f"{us(r, kind + '_v1_us'):>6} {us(r, kind + '_v2_us'):>6} {us(r, kind + '_v2s_us'):>6} "
+            versions = "".join(f"{us(r, f'{kind}_{label}_us'):>6} " for label in LABELS[kind])
             cells.append(f"{r[kind + '_us']:>6.1f} {r[kind + '_us'] / r['bf16_us']:>6.2f} {r[kind + '_gbs']:>5.0f} "
                          f"{us(r, kind + '_default_us'):>7} {versions}{us(r, other):>{7 if kind == 'int4' else 8}} "
                          f"{r[kind + '_config'].short():<31}")

@@ -68,8 +68,8 @@ def add_parser(bench_sub, add_engine_args) -> None:
                    choices=["none", "ngram", "ngram_all", "ngram_sync", "ngram_overlap", "draft"],
                    help="methods compared; ngram_sync: n-gram without async scheduling; ngram_overlap: n-gram "
                         "steps overlapped below 4 running requests (guessed drafts, bridge steps: "
-                        "spec_decode/pipeline.py, off by default) (default: none ngram draft; "
-                        "with --stages: none ngram ngram_overlap, of which and draft)")
+                        "spec_decode/pipeline.py, off by default) (default: none ngram draft; with --stages: "
+                        "none ngram ngram_overlap, and it takes only these and draft)")
     p.add_argument("--draft-model", default=None, help="draft of method draft (default: the target itself)")
     p.add_argument("--prompt-lookup-min", type=int, default=1, help="n-gram: shortest match (default: %(default)s)")
     p.add_argument("--prompt-lookup-max", type=int, default=4, help="n-gram: longest match (default: %(default)s)")

@@ -303,8 +303,8 @@ class ModelRunner:
             t0 = time.perf_counter()
             pending = self._launch(sched, token_masks)
             self.spec.observe_step(time.perf_counter() - t0)
-        if self.spec is not None and self.spec.draft is not None and not sched.is_empty():
-            self.spec.prefill_draft(sched)  # the step's prompt chunks, into the draft's KV
+        if self.spec is not None:
+            self.spec.prefill_draft(sched)  # a draft model: the step's prompt chunks, into its KV
         return pending
 
     @torch.inference_mode()

@@ -112,12 +112,10 @@ class SpecDecoder:
         """After a step is queued: its prompt chunks into the draft model's KV (draft_model.py).
         Timed apart from proposing (prefill_seconds): it is the draft's share of the prompt, paid once
         per request in the prefill step, not per verify step."""
-        if self.draft.runner is None:  # the KV sizing's profile step, before start()
+        if self.draft is None or self.draft.runner is None:  # (runner: none in the KV sizing's profile step)
             return
-        chunks = [s for s in sched.scheduled if s.start_pos < len(s.prompt_token_ids)]
-        if chunks:
-            t0 = time.perf_counter()
-            self.draft.prefill(chunks)
+        t0 = time.perf_counter()
+        if self.draft.prefill(sched.scheduled):
             self.prefill_seconds += time.perf_counter() - t0
 
     def prepare(self, sched: SchedulerOutput) -> list[ScheduledRequest]:

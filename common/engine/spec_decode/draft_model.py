@@ -176,14 +176,14 @@ class DraftModelProposer:
             out[rid] = (d, torch.stack(probs[rid]) if probs[rid] else None)
         return out
 
-    def prefill(self, reqs: list[ScheduledRequest]) -> None:
-        """The prompt chunks of a step the target has just launched, fed to the draft too (its KV at
-        the same positions, nothing sampled), so that a request's first proposal feeds only its first
-        output token. Without it that proposal caught up over the whole prompt (eagerly: one long
+    def prefill(self, reqs: list[ScheduledRequest]) -> bool:
+        """The prompt chunks among the requests of a step the target has just launched, fed to the
+        draft too (its KV at the same positions, nothing sampled), so that a request's first proposal
+        feeds only its first output token. Without it that proposal caught up over the whole prompt (eagerly: one long
         chunk, ~7-45 ms of host time on an H200 for SmolLM2's ~200-token prompts), inside the first
         decode step: a stall between the first and second output tokens. Queued after the target's
         step, so the target's first token is not behind it on the device. A chunk past what the draft
-        computed (a prefix-cache hit) is fed from there."""
+        computed (a prefix-cache hit) is fed from there. Returns whether anything was fed."""
         feeds = []
         for s in reqs:
             end = s.start_pos + s.num_tokens
@@ -193,7 +193,7 @@ class DraftModelProposer:
             if st.num_computed < end:
                 feeds.append((s, st.num_computed, s.prompt_token_ids[st.num_computed:end]))
                 st.num_computed, st.fed_drafts = end, []
-        budget = self.scheduler_cfg.token_budget
+        fed, budget = bool(feeds), self.scheduler_cfg.token_budget
         while feeds:
             batch, left, rest = [], budget, []
             for s, start, tokens in feeds:
@@ -206,6 +206,7 @@ class DraftModelProposer:
                     rest.append((s, start + take, tokens[take:]))
             self.runner.forward_only(SchedulerOutput(scheduled=batch, num_batched_tokens=budget - left))
             feeds = rest
+        return fed
 
     def _sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Draft tokens [S] (on the device) of the sampled rows (logits [S, Vd]) and, when any row
