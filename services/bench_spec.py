@@ -22,7 +22,8 @@ Methods: `none`; `ngram` (prompt lookup, --prompt-lookup-min/max); `ngram_all` (
 every draft there is room for: draft_budget "all", where `ngram` has "auto", spec_decode/budget.py);
 `ngram_sync` (the same with steps one at a time, --no-async-scheduling for it alone: what the
 overlap of speculative steps gains, spec_decode/pipeline.py); `draft` (--draft-model, default the target itself: every draft
-accepted, the upper bound of the mechanism). `--dtype` (an engine flag) sets the dtype of all. All engines
+accepted, the upper bound of the mechanism); `draft_sync` (the same with the drafts read on the host
+before the verify step launches: what spec_decode/decoder.DEFER_DRAFTS gains). `--dtype` (an engine flag) sets the dtype of all. All engines
 are built first, then each batch size runs every method in turn (--repeats rounds), so a noisy
 machine disturbs them alike. Batch 1 runs --sequential-prompts prompts one after the other;
 batch B > 1 runs B prompts at once (the set repeated if B is larger).
@@ -54,7 +55,7 @@ import time
 from dataclasses import dataclass, field
 
 from pdserve.common.config import ConfigError
-from pdserve.services.bench_spec_stages import STAGE_METHODS, overlap_policy, step_kind
+from pdserve.services.bench_spec_stages import STAGE_METHODS, method_policy, step_kind
 from pdserve.services.bench_spec_sweep import add_sweep_args, run_sweep
 
 DATA = os.path.join(os.path.dirname(__file__), "bench_data", "grounded_prompts.jsonl")
@@ -65,12 +66,13 @@ def add_parser(bench_sub, add_engine_args) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="batch sizes to run (default: %(default)s)")
     p.add_argument("-k", "--spec-tokens", type=int, default=8, help="num_speculative_tokens (default: %(default)s)")
     p.add_argument("--methods", nargs="+", default=None,
-                   choices=["none", "ngram", "ngram_all", "ngram_sync", "ngram_overlap", "draft"],
+                   choices=["none", "ngram", "ngram_all", "ngram_sync", "ngram_overlap", "draft", "draft_sync"],
                    help="methods compared; ngram_sync: n-gram without async scheduling; ngram_overlap: n-gram "
                         "steps overlapped below 4 running requests (guessed drafts, bridge steps: "
-                        "spec_decode/pipeline.py, off by default) (default: none ngram draft; with --stages: "
+                        "spec_decode/pipeline.py, off by default); draft_sync: the draft's drafts read on the "
+                        "host before the verify step launches (decoder.DEFER_DRAFTS off) (default: none ngram draft; with --stages: "
                         "none ngram ngram_overlap, and it takes only these and draft)")
-    p.add_argument("--draft-model", default=None, help="draft of method draft (default: the target itself)")
+    p.add_argument("--draft-model", default=None, help="draft of methods draft, draft_sync (default: the target itself)")
     p.add_argument("--prompt-lookup-min", type=int, default=1, help="n-gram: shortest match (default: %(default)s)")
     p.add_argument("--prompt-lookup-max", type=int, default=4, help="n-gram: longest match (default: %(default)s)")
     p.add_argument("--prompts", default=DATA, help="JSONL of {passage, instruction} (default: the shipped set)")
@@ -247,7 +249,8 @@ def cmd_spec(args) -> None:
         from pdserve.services.bench_spec_stages import run_stage_methods
 
         def build(method: str):
-            spec = method_config(args, method if method in ("none", "draft") else "ngram", base.model.model)
+            spec = method_config(args, method if method in ("none", "draft", "draft_sync") else "ngram",
+                                 base.model.model)
             return LLM.from_config(engine_config(args, speculative_config=spec, speculative_model=None,
                                                  num_speculative_tokens=None, async_scheduling=True))
         methods = list(STAGE_METHODS[:3]) if args.methods is None else args.methods
@@ -273,7 +276,7 @@ def cmd_spec(args) -> None:
                                                      speculative_model=None, num_speculative_tokens=None, **share))
     prompts = chat_prompts(next(iter(llms.values())).get_tokenizer(), rows)
     for method, llm in llms.items():  # warm-up (and the draft's first forward)
-        with overlap_policy(method):
+        with method_policy(method):
             run_batch(llm, prompts[:2], 8, "warm")
     results = []
     for bs in args.batch_sizes:
@@ -282,7 +285,7 @@ def cmd_spec(args) -> None:
         tallies = {m: Tally() for m in args.methods}
         for rep in range(args.repeats):
             for method, llm in llms.items():
-                with overlap_policy(method):
+                with method_policy(method):
                     tallies[method].measure(llm, groups, args.max_tokens, f"b{bs}-{rep}", rep == 0)
         results += [t.row(m, bs, tallies.get("none")) for m, t in tallies.items()]
     any_llm = next(iter(llms.values()))

@@ -52,17 +52,21 @@ def step_kind(spec, overlapped: bool) -> str:
 
 
 @contextlib.contextmanager
-def overlap_policy(method: str):
-    """Method ngram_overlap: speculative steps overlapped below 4 running requests (the engine's
-    policy before 2026-12-01, pipeline.OVERLAP_MAX_BATCH) while its engine runs."""
-    from pdserve.common.engine.spec_decode import pipeline
-    before = pipeline.OVERLAP_MAX_BATCH
+def method_policy(method: str):
+    """While a method's engine runs: ngram_overlap overlaps speculative steps below 4 running
+    requests (the engine's policy before 2026-12-01, pipeline.OVERLAP_MAX_BATCH); draft_sync reads
+    a draft model's drafts on the host before the verify step launches (the engine before
+    2026-12-02: decoder.DEFER_DRAFTS off)."""
+    from pdserve.common.engine.spec_decode import decoder, pipeline
+    before = pipeline.OVERLAP_MAX_BATCH, decoder.DEFER_DRAFTS
     if method == "ngram_overlap":
         pipeline.OVERLAP_MAX_BATCH = 4
+    if method == "draft_sync":
+        decoder.DEFER_DRAFTS = False
     try:
         yield
     finally:
-        pipeline.OVERLAP_MAX_BATCH = before
+        pipeline.OVERLAP_MAX_BATCH, decoder.DEFER_DRAFTS = before
 
 
 class StageTimer:
@@ -94,6 +98,8 @@ def instrument(engine) -> StageTimer:
     timer.wrap(engine.scheduler, "schedule", "schedule")
     if spec is not None:  # (none: a plain engine, for comparison)
         timer.wrap(spec.proposer, "propose", "propose")
+        if spec.draft is not None:  # (greedy drafts left on the device: decoder.DEFER_DRAFTS)
+            timer.wrap(spec.draft, "propose_on_device", "propose")
         timer.wrap(spec, "prepare", "prepare")
         if spec.draft is not None:  # the draft model's rounds inside propose
             timer.wrap(spec.draft.runner, "forward_logits", "dforward")
@@ -110,12 +116,12 @@ def instrument(engine) -> StageTimer:
     return timer
 
 
-STAGE_METHODS = ("none", "ngram", "ngram_overlap", "draft")  # --stages: the first three unless --methods
+STAGE_METHODS = ("none", "ngram", "ngram_overlap", "draft", "draft_sync")  # --stages: the first three unless --methods
 
 
 def run_stage_methods(args, build, prompts: list[list[int]], run_batch, methods=STAGE_METHODS[:3]) -> dict:
     """--stages: a plain engine, an n-gram engine (steps one at a time, the default), one with
-    steps overlapped below 4 running requests (overlap_policy: guessed drafts, bridge
+    steps overlapped below 4 running requests (method_policy: guessed drafts, bridge
     steps) and a draft-model engine, those of `methods`, each built by build(method) (async
     scheduling on), warmed up by run_batch (bench_spec's, passed in: bench_spec imports this
     module), its stages timed (run_stages) and shut down -> {method: {B: {kind: row}}}."""
@@ -123,7 +129,7 @@ def run_stage_methods(args, build, prompts: list[list[int]], run_batch, methods=
     for method in methods:
         llm = build(method)
         try:
-            with overlap_policy(method):
+            with method_policy(method):
                 run_batch(llm, prompts[:2], 8, "warm")
                 print(f"== {method}")
                 tables[method] = run_stages(args, llm, prompts)

@@ -9,11 +9,12 @@
 #           and bridge steps, off by default, with its policy lifted)
 #   bench   the brief's bench, SmolLM2 bf16, k = 8 (the default), none / ngram (steps one at a time,
 #           the default) / ngram_overlap (overlapped below 4 requests) / draft (self) at batch 1 and
-#           16: ms/token, speedup (target >= 1.5x for ngram at batch 1), and per decode step
+#           16, and draft_sync (the drafts read on the host before the verify step launches):
+#           ms/token, speedup (target >= 1.5x for ngram at batch 1), and per decode step
 #           plain / verify / guess / bridge: ms, host, wait, launch. Writes $OUT/spec_k8.json.
 #   k15     ngram with -k 15. Writes $OUT/spec_k15.json.
 #   stages  bench spec --stages at batch 1 and 16: host ms per decode step by stage on this host
-#           (host = step - wait - forward), for none, ngram and ngram_overlap. Writes $OUT/stages.json.
+#           (host = step - wait - forward), for none, ngram, draft and draft_sync. Writes $OUT/stages.json.
 #   graphs  bench graphs: GPU ms of a decode step per graph batch size, gemv_rows as chosen vs
 #           cuBLAS for 2+ rows, with the verify sizes of k = 8. Writes $OUT/graphs.json.
 source "$(dirname "$0")/gpu_step.sh"  # OUT, WHAT (the first argument), PY, START; step NAME LIMIT_S COMMAND...
@@ -27,14 +28,15 @@ if [ "$WHAT" = all ] || [ "$WHAT" = check ] || [ "$WHAT" = tests ]; then
         tests/engine/test_spec_decode_gpu.py
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = check ] || [ "$WHAT" = bench ]; then
-    step bench 170 "${BENCH[@]}" --methods none ngram ngram_overlap draft --json-out "$OUT/spec_k8.json"
+    step bench 200 "${BENCH[@]}" --methods none ngram ngram_overlap draft draft_sync --json-out "$OUT/spec_k8.json"
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = k15 ]; then
     step k15 100 "${BENCH[@]}" -k 15 --methods none ngram --json-out "$OUT/spec_k15.json"
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = check ] || [ "$WHAT" = stages ]; then
     step stages 150 "$PY" -m pdserve.services.cli bench spec --stages --device cuda --dtype bfloat16 \
-        --max-tokens 128 --sequential-prompts 8 --batch-sizes 1 16 --json-out "$OUT/stages.json"
+        --max-tokens 128 --sequential-prompts 8 --batch-sizes 1 16 --methods none ngram draft draft_sync \
+        --json-out "$OUT/stages.json"
 fi
 if [ "$WHAT" = all ] || [ "$WHAT" = check ] || [ "$WHAT" = graphs ]; then
     step graphs 100 "$PY" -m pdserve.services.cli bench graphs --device cuda --dtype bfloat16 --max-num-seqs 32 \

@@ -463,7 +463,7 @@ class ModelRunner:
         except KeyError as e:
             raise RuntimeError(f"request {e.args[0]} has an input token in flight that no launched step samples") from e
         n = holes.size
-        if self.spec is not None and self.spec.has_bridge():  # a request's k-th hole: its index + k
+        if self.spec is not None and self.spec.fills_runs():  # a request's k-th hole: its index + k
             src += np.arange(n, dtype=np.int32) - np.searchsorted(req_of_hole, req_of_hole).astype(np.int32)
         if holes[-1] == n - 1 and np.array_equal(src, np.arange(n)):  # steady decode: same requests, same order
             return lambda input_ids: input_ids[:n].copy_(tokens[:n])

@@ -29,27 +29,35 @@ def record_on_current_stream(event: "torch.cuda.Event", device_index: int) -> No
 
 
 class PackedUpload:
-    """A pinned int32 host buffer and its device twin: several int arrays, one copy.
+    """Pinned int32 host buffers and their device twin: several int arrays, one copy.
 
-    The host buffer is reused every step, so before writing it waits for the event recorded
-    after the previous copy (a step that samples nothing never syncs the stream otherwise)."""
+    The host buffers are a ring of DEPTH, each reused every DEPTH uploads: before writing one the
+    host waits for the event recorded after that buffer's last copy (a step that samples nothing
+    never syncs the stream otherwise). So the host may queue up to DEPTH steps ahead of the
+    device (a draft model's rounds and the verify step behind them, spec_decode/decoder.py)
+    instead of one. One device buffer: copies and the kernels reading it run in stream order."""
+
+    DEPTH = 4
 
     def __init__(self, device: torch.device, size: int = 1 << 16):
         self.device = device
         self._cuda = device.type == "cuda"
-        self._host = torch.empty(0, dtype=torch.int32)
+        depth = self.DEPTH if self._cuda else 1  # (the CPU copies synchronously)
+        self._hosts = [torch.empty(0, dtype=torch.int32) for _ in range(depth)]
         self._dev = torch.empty(0, dtype=torch.int32, device=device)
-        self._copied = torch.cuda.Event() if self._cuda else None
+        self._copied = [torch.cuda.Event() for _ in range(depth)] if self._cuda else None
+        self._slot = 0
         self._index = (device.index if device.index is not None else torch.cuda.current_device()) if self._cuda else None
         self._reserve(size)
 
     def _reserve(self, size: int) -> None:
-        if len(self._host) >= size:
+        if len(self._hosts[0]) >= size:
             return
         if self._cuda:
-            self._copied.synchronize()
-        size = max(size, 2 * len(self._host))
-        self._host = torch.empty(size, dtype=torch.int32, pin_memory=self._cuda)
+            for event in self._copied:
+                event.synchronize()
+        size = max(size, 2 * len(self._hosts[0]))
+        self._hosts = [torch.empty(size, dtype=torch.int32, pin_memory=self._cuda) for _ in self._hosts]
         self._dev = torch.empty(size, dtype=torch.int32, device=self.device)
 
     def upload(self, arrays: list[np.ndarray]) -> list[torch.Tensor]:
@@ -59,12 +67,14 @@ class PackedUpload:
             offsets.append(end)
             end += -(-a.size // _ALIGN) * _ALIGN
         self._reserve(end)
+        slot = self._slot = (self._slot + 1) % len(self._hosts)
         if self._cuda:
-            self._copied.synchronize()
-        host = self._host.numpy()
+            self._copied[slot].synchronize()
+        pinned = self._hosts[slot]
+        host = pinned.numpy()
         for a, o in zip(arrays, offsets):
             host[o:o + a.size] = a.reshape(-1)
-        self._dev[:end].copy_(self._host[:end], non_blocking=True)
+        self._dev[:end].copy_(pinned[:end], non_blocking=True)
         if self._cuda:
-            record_on_current_stream(self._copied, self._index)
+            record_on_current_stream(self._copied[slot], self._index)
         return [self._dev[o:o + a.size] for a, o in zip(arrays, offsets)]

@@ -84,22 +84,29 @@ def test_self_draft_greedy_matches_hf_and_accepts_everything(tiny_models, prompt
     assert tokens(outs) == reference(tiny_models, "llama", prompts)[:len(batch)]
     st = engine.stats().spec_decode
     assert st.num_draft_tokens > 0 and st.num_accepted_tokens == st.num_draft_tokens
+    assert engine.runner.spec.num_deferred_verifies > 0  # greedy: the drafts stayed on the device
     if variant == "preemption":
         assert engine.scheduler.num_preemptions > 0
 
 
-@pytest.mark.parametrize("variant", ["default", "preemption"])
-def test_unrelated_draft_greedy_matches_hf_and_returns_every_block(tiny_models, prompts, variant, monkeypatch):
+@pytest.mark.parametrize("variant,defer", [("default", True), ("preemption", True), ("default", False)])
+def test_unrelated_draft_greedy_matches_hf_and_returns_every_block(tiny_models, prompts, variant, defer, monkeypatch):
     """A Qwen3-shaped random draft for the Llama target: almost every draft is rejected (the
-    per-request cool-down off, so that every step drafts and rolls back)."""
+    per-request cool-down off, so that every step drafts and rolls back). `defer`: the greedy
+    drafts stay on the device until the verify step's result (decoder.DEFER_DRAFTS), or the host
+    reads them before it launches that step."""
     from pdserve.common.engine.spec_decode import decoder
     monkeypatch.setattr(decoder, "COOL_MAX", 0)
+    monkeypatch.setattr(decoder, "DEFER_DRAFTS", defer)
     outs, engine = generate(tiny_models["llama"], prompts[:FEW], GREEDY, check_blocks=True,
                             speculative_config=draft(tiny_models["qwen3"], k=3),
                             **{"block_size": 4, **VARIANTS[variant]})
     assert tokens(outs) == reference(tiny_models, "llama", prompts)[:FEW]
     st = engine.stats().spec_decode
     assert st.num_draft_tokens > 300 and st.acceptance_rate < 0.2
+    spec = engine.runner.spec
+    assert (spec.num_deferred_verifies > 0) == defer
+    assert spec.propose_seconds > 0  # the draft's cost is counted either way (bench spec's draft ms per step)
     if variant == "preemption":
         assert engine.scheduler.num_preemptions > 0
 

@@ -33,6 +33,10 @@ from pdserve.common.engine.spec_decode.rejection import DraftRows, queue_verify
 from pdserve.common.models.attention import StepInputs
 
 
+# A draft model's greedy drafts stay on the device: the verify step is launched right behind the
+# draft's last round, its draft inputs filled there, and the drafts come back with its result
+# (DraftModelProposer.propose_on_device), instead of the host waiting for the drafts first.
+DEFER_DRAFTS = True
 COOL_MAX = 16  # the longest cool-down (steps) of a request whose drafts keep being rejected
 # as_rows marks each request's rows as a group (the Triton decode attention reads their K/V once)
 # only from this much context on: one program per group's tile of n * G query rows pays where the
@@ -60,6 +64,8 @@ class SpecDecoder:
         self._probs: dict[str, torch.Tensor | None] = {}  # this step: req_id -> draft distributions
         self._drafts: dict[str, list[int]] = {}  # this step: req_id -> all drafts (fed + a last one)
         self._fed: dict[str, list[int]] = {}  # this step: req_id -> the drafts fed
+        self._deferred = None  # this step's DeviceDrafts (DEFER_DRAFTS): its drafts known at its result
+        self.num_deferred_verifies = 0  # verify steps launched before their drafts reached the host
         # Verify [t, d1 .. dn] as n + 1 one-token rows (each attends to its prefix: the K/V of all
         # rows are stored before attention reads, layer by layer), so a verify step is a
         # decode-only step that the CUDA graphs replay. Set in start(): where graphs exist.
@@ -133,16 +139,22 @@ class SpecDecoder:
         if len(want) > 1 and self._cool:  # in a batch: requests cooling down after rejections do not draft
             want = self._cool_down(want)
         self._drafts, self._probs, self._fed, self._launched = {}, {}, {}, ({}, set(), [])
+        self._deferred = None
         self._bridge, self._void, self._settle = bridge, set(), None
         self._as_rows = False
         self._decode_only = all(s.num_tokens == 1 for s in sched.scheduled)
         if not want and not bridge:
             self._step_tokens = len(sched.scheduled) if self._decode_only else 0
             return sched.scheduled
-        t0 = time.perf_counter()
-        for req_id, (drafts, probs) in (self.proposer.propose(want) if want else {}).items():
-            self._drafts[req_id], self._probs[req_id] = drafts, probs
-        self.propose_seconds += time.perf_counter() - t0
+        if self._defers(want, sched):  # the drafts' values: placeholders, filled on the device
+            deferred = self._deferred = self.draft.propose_on_device(want)
+            for req_id, n in deferred.counts.items():
+                self._drafts[req_id], self._probs[req_id] = [PLACEHOLDER_TOKEN] * n, None
+        else:
+            t0 = time.perf_counter()
+            for req_id, (drafts, probs) in (self.proposer.propose(want) if want else {}).items():
+                self._drafts[req_id], self._probs[req_id] = drafts, probs
+            self.propose_seconds += time.perf_counter() - t0
         limits = self._limits(sched, bridge)
         out = []
         for s in sched.scheduled:
@@ -159,9 +171,19 @@ class SpecDecoder:
                        if fed else s)
         self._step_tokens = sum(len(s.input_token_ids) for s in out)
         self.num_bridge_steps += bool(bridge)
+        if self._deferred is not None:  # the target's placeholder fill reads the drafts' runs
+            self.runner._last_sampled = (self._deferred.tokens, self._deferred.offsets)
         # every request a decode or a [t, d1 .. dn] chunk: the step may run as one-token rows (as_rows)
         self._as_rows = self.verify_as_decodes and (bool(bridge) or any(self._fed.values())) and self._decode_only
         return out
+
+    def _defers(self, want: list[ScheduledRequest], sched: SchedulerOutput) -> bool:
+        """This step's drafts stay on the device (DEFER_DRAFTS): a draft model's, every drafting
+        request greedy (a random one's draft distributions and Leviathan rows are built on the host),
+        and no input of the step in flight from an earlier one (the fill then reads the drafts alone)."""
+        return DEFER_DRAFTS and self.draft is not None and bool(want) \
+            and all(s.params.temperature == 0 for s in want) \
+            and all(s.input_token_ids[-1] != PLACEHOLDER_TOKEN for s in sched.scheduled)
 
     def _limits(self, sched: SchedulerOutput, bridge: dict[str, int]) -> dict[str, int] | None:
         """The budget's drafts per request for this step (budget.py); None: as many as have slots."""
@@ -263,6 +285,11 @@ class SpecDecoder:
     def has_bridge(self) -> bool:
         """The step being launched bridges a verify step in flight (pipeline.py)."""
         return bool(self._bridge)
+
+    def fills_runs(self) -> bool:
+        """A request's input placeholders in the step being launched read a run of tokens from its
+        index on (its k-th: index + k): bridge rows, or drafts left on the device."""
+        return bool(self._bridge) or self._deferred is not None
 
     def bridge_void(self) -> bool:
         """Called once the result of the step before the one just launched is applied: settles a
@@ -374,10 +401,21 @@ class SpecDecoder:
                 out.guessed_token_ids[req_id] = (first[req_id].start_pos, guesses[req_id])
         dropped: set[str] = set()  # filled by settle_guesses before finish() runs
         self._launched = (out.guessed_token_ids, dropped, [r for r in spec if fed[r]])
+        deferred, num_values = self._deferred, readback.shape[0]
+        if deferred is not None:  # the drafts come back behind the step's own values
+            readback = torch.cat([readback, deferred.tokens])
+            self.num_deferred_verifies += 1
 
         index, void = self.sampled_index, self._void  # this step's (prepare() replaces them)
 
         def finish(values: list[int]) -> None:
+            if deferred is not None:  # the drafts' values, where their placeholders stood
+                drafted = deferred.settle(values[num_values:])
+                values = values[:num_values]
+                for r, req_id in zip(draft_rows, spec):
+                    r.draft_token_ids = drafted[req_id][:r.num_rows]
+                    fed[req_id][:] = r.draft_token_ids[:r.num_rows - 1]
+                self.propose_seconds += deferred.seconds()
             out.sampled_token_ids.update((req_id, values[i]) for req_id, i in zip(plain, plain_at))
             for req_id in bridged:
                 if req_id in index:

@@ -37,6 +37,7 @@ from the target's position_seed (rejection.py needs them independent).
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import torch
 
@@ -113,6 +114,35 @@ class DraftModelProposer:
 
     def propose(self, reqs: list[ScheduledRequest]) -> dict[str, tuple[list[int], torch.Tensor | None]]:
         """req_id -> (drafts, their draft distributions [len, V] at temperature > 0, else None)."""
+        rounds, drafts, probs = self._draft_rounds(reqs)
+        values = torch.cat(rounds).tolist() if rounds else []  # the one wait for the device
+        out = {}
+        for rid, refs in drafts.items():
+            d = [values[j] for j in refs]
+            self._states[rid].fed_drafts = d[:-1]
+            out[rid] = (d, torch.stack(probs[rid]) if probs[rid] else None)
+        return out
+
+    def propose_on_device(self, reqs: list[ScheduledRequest]) -> "DeviceDrafts":
+        """`propose` for greedy requests without waiting for the device: the drafts stay there,
+        each request's in a run of their own (DeviceDrafts), for the target's verify step to read
+        as its input (placeholders filled on the device) and to return with its result
+        (DeviceDrafts.settle then records them, as `propose` does at once)."""
+        timer = _DeviceTimer(self.device)
+        rounds, drafts, _ = self._draft_rounds(reqs)
+        offsets, order = {}, []
+        for rid, refs in drafts.items():
+            offsets[rid] = len(order)
+            order += refs
+        tokens = torch.cat(rounds)
+        if order != list(range(len(order))):  # batched: each request's drafts from every round, in a run
+            tokens = tokens.index_select(0, to_device(order, torch.int64, tokens.device))
+        return DeviceDrafts(tokens, offsets, {rid: len(refs) for rid, refs in drafts.items()}, self._states,
+                            timer.stop())
+
+    def _draft_rounds(self, reqs: list[ScheduledRequest]):
+        """The draft's rounds for `reqs`, queued on the device -> (each round's sampled tokens [S],
+        req_id -> indices of its drafts into torch.cat(rounds), req_id -> its draft distributions)."""
         feeds: dict[str, tuple[ScheduledRequest, int, list[int]]] = {}  # req_id -> (s, start pos, tokens to feed)
         want, drafts, probs = {}, {}, {}  # drafts: req_id -> indices into all rounds' sampled tokens
         for s in reqs:
@@ -168,13 +198,7 @@ class DraftModelProposer:
                 if len(drafts[b.req_id]) < want[b.req_id]:
                     feeds[b.req_id] = (s, start, [PLACEHOLDER_TOKEN])  # filled from `tokens` on the device
             num_sampled += len(sampled)
-        values = torch.cat(rounds).tolist() if rounds else []  # the one wait for the device
-        out = {}
-        for rid, refs in drafts.items():
-            d = [values[j] for j in refs]
-            self._states[rid].fed_drafts = d[:-1]
-            out[rid] = (d, torch.stack(probs[rid]) if probs[rid] else None)
-        return out
+        return rounds, drafts, probs
 
     def prefill(self, reqs: list[ScheduledRequest]) -> bool:
         """The prompt chunks among the requests of a step the target has just launched, fed to the
@@ -229,6 +253,48 @@ class DraftModelProposer:
         if probs.shape[1] < self.target_vocab:
             probs = torch.nn.functional.pad(probs, (0, self.target_vocab - probs.shape[1]))
         return tokens, probs
+
+
+class _DeviceTimer:
+    """Device time from now until the work queued before stop() is done (CUDA events), read once
+    that work is known done; elsewhere (the CPU runs the work as it is queued) the host's time."""
+
+    def __init__(self, device: torch.device):
+        self.t0 = time.perf_counter()
+        self.events = None
+        if device.type == "cuda":
+            self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self.events[0].record()
+
+    def stop(self):
+        """-> seconds(): the time, to call only once the device has run the work (e.g. after a
+        readback of a later step)."""
+        if self.events is None:
+            elapsed = time.perf_counter() - self.t0
+            return lambda: elapsed
+        start, end = self.events
+        end.record()
+        return lambda: start.elapsed_time(end) / 1000
+
+
+@dataclasses.dataclass
+class DeviceDrafts:
+    """Greedy drafts left on the device (DraftModelProposer.propose_on_device)."""
+    tokens: torch.Tensor  # [D] int64: request r's drafts at offsets[r] .. offsets[r] + counts[r] - 1
+    offsets: dict[str, int]
+    counts: dict[str, int]
+    _states: dict[str, _DraftState]
+    seconds: object  # () -> the device time from propose_on_device's start until the drafts were there
+
+    def settle(self, values: list[int]) -> dict[str, list[int]]:
+        """`tokens` read back (values) -> req_id -> its drafts; the proposer records the fed ones."""
+        out = {}
+        for rid, at in self.offsets.items():
+            d = out[rid] = values[at:at + self.counts[rid]]
+            st = self._states.get(rid)
+            if st is not None:  # (forgotten meanwhile: finished or preempted)
+                st.fed_drafts = d[:-1]
+        return out
 
 
 def draft_position_seed(seed: int, position: int) -> int:

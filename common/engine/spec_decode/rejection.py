@@ -139,13 +139,13 @@ def _match_finish(reqs: list[DraftRows], num_rows: int):
                    last row (past its fed drafts) and on rows of requests sampled plainly
         bad        rows whose token differs from their check: a request's first bad row at or
                    after its first row is where it stops (its last row always is one)"""
-    check = np.full(num_rows, -1, np.int64)
     starts = np.fromiter((r.first_row for r in reqs), np.int64, len(reqs))
-    for r in reqs:
-        n = min(len(r.draft_token_ids), r.num_rows - 1)
-        check[r.first_row:r.first_row + n] = r.draft_token_ids[:n]
 
     def finish(values: list[int]) -> list[list[int]]:
+        check = np.full(num_rows, -1, np.int64)  # (here: drafts left on the device are known only now)
+        for r in reqs:
+            n = min(len(r.draft_token_ids), r.num_rows - 1)
+            check[r.first_row:r.first_row + n] = r.draft_token_ids[:n]
         tokens = np.asarray(values[:num_rows], np.int64)
         bad = np.flatnonzero(tokens != check)
         stop = bad[np.searchsorted(bad, starts)]  # [N] each request's first bad row
