@@ -7,6 +7,7 @@
     apply_rotary             NeoX rotary embedding of q and k, in place         rotary.py
     rotary_store_kv          rotary fused with store_kv (q in place, k/v to cache) rotary.py
     silu_and_mul             gated MLP activation                               activation.py
+    row_argmax               each row's first maximal column, in two stages     argmax.py
     gemv                     batch-1 x @ W^T (+ b) at memory bandwidth          gemv.py
     gemv_rows                the same for 2..16 rows, W read once               gemv.py
     copy_blocks              whole KV blocks of all layers to/from staging      copy_blocks.py

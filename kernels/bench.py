@@ -2,6 +2,7 @@
 
     python -m pdserve.kernels.bench            # table: time, GB/s or TFLOP/s, speedup over reference
     python -m pdserve.kernels.bench --check    # PASS/FAIL per case against reference.py; exit 1 on FAIL
+    python -m pdserve.kernels.bench --only row_argmax   # the cases whose name holds the text
 
 Shapes are Llama-3-8B's: 32 query heads, 8 kv heads, head_dim 128, block_size 16, hidden 4096,
 intermediate 14336, vocab 128256, bf16. The references are the obviously-right ones (per-sequence
@@ -138,6 +139,16 @@ def silu_case(num_tokens: int, intermediate: int = INTERMEDIATE, dtype=torch.bfl
                 bytes=3 * num_tokens * intermediate * x.element_size())
 
 
+def argmax_case(rows: int, vocab: int = VOCAB, dtype=torch.bfloat16) -> Case:
+    from pdserve.kernels.argmax import row_argmax
+
+    x = torch.randn(rows, vocab, device=DEVICE, dtype=dtype)
+    return Case(f"row_argmax {rows}x{vocab} {str(dtype)[6:]} (ref: torch.argmax)", lambda: row_argmax(x),
+                lambda: x.argmax(dim=-1),
+                lambda: None if torch.equal(row_argmax(x), x.argmax(dim=-1)) else "columns differ",
+                bytes=x.numel() * x.element_size())
+
+
 def store_kv_case(num_tokens: int, dtype=torch.bfloat16) -> Case:
     from pdserve.kernels import store_kv
 
@@ -169,6 +180,7 @@ def bench_cases() -> list[Callable[[], Case]]:
         lambda: rms_norm_case(8192, residual=True),
         lambda: rotary_case(8192),
         lambda: silu_case(8192),
+        *(lambda r=r, v=v: argmax_case(r, v) for v in (49152, VOCAB) for r in (1, 9, 64)),
     ]
 
 
@@ -196,6 +208,7 @@ def check_cases() -> list[Callable[[], Case]]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare against reference.py, PASS/FAIL per case")
+    parser.add_argument("--only", default=None, metavar="TEXT", help="only the cases whose name contains TEXT")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
@@ -208,6 +221,8 @@ def main() -> int:
         print(f"{'case':<72} {'kernel ms':>10} {'ref ms':>9} {'GB/s':>7} {'TFLOP/s':>8} {'speedup':>8}")
     for make_case in check_cases() if args.check else bench_cases():
         case = make_case()
+        if args.only is not None and args.only not in case.name:
+            continue
         if args.check:
             problem = case.check()
             failures += problem is not None

@@ -7,9 +7,10 @@ costs against a one-row step. Each bucket's captured graph is replayed alone (it
 set to --context tokens of context in every row, padding slots: nothing is written to the KV
 cache), timed with CUDA events, for the linears' routing as chosen at start-up (gemv for one row,
 gemv_rows for 2-16 where they beat cuBLAS: models/triton_attention.choose_gemv) and with every
-2+-row product on cuBLAS (the graphs re-captured). CUDA only.
+2+-row product on cuBLAS (the graphs re-captured), and with --splits S: the decode attention in S
+splits in every bucket (re-captured). CUDA only.
 
-    pdserve bench graphs [--model M] [--context 600] [--max-rows 32] [--speculative-config ...]
+    pdserve bench graphs [--model M] [--context 600] [--max-rows 32] [--splits 1 4] [--speculative-config ...]
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ def add_parser(bench_sub, add_engine_args) -> None:
     p.add_argument("--profile", type=int, nargs="*", default=None, metavar="ROWS",
                    help="also list each given bucket's kernels (torch.profiler over 10 replays, routing as chosen; "
                         "with programmatic dependent launch a kernel's time includes its wait for the one before)")
+    p.add_argument("--splits", type=int, nargs="*", default=None, metavar="S",
+                   help="also time every bucket with its decode attention in S splits (the graphs re-captured; "
+                        "the engine's choice per bucket: kernels/decode_attention.choose_num_splits)")
     p.add_argument("--json-out", default=None, help="write the results as JSON here")
     add_engine_args(p)
     p.set_defaults(func=cmd_graphs)
@@ -119,6 +123,17 @@ def cmd_graphs(args) -> None:
         TRITON_OPS.gemv_rows.clear()
         TRITON_OPS.gemv_rows.update(chosen)
     table = {"as chosen": table["as chosen"], "cuBLAS for 2+ rows": table["cuBLAS for 2+ rows"]}
+    if args.splits:  # the same graphs with a fixed split count, then the engine's choice back
+        chosen_splits = dict(graphs.num_splits)
+        try:
+            for num in args.splits:
+                graphs.num_splits = {b: num for b in graphs.sizes}
+                graphs.capture(runner.greedy_tail)
+                table[f"{num} splits"] = {b: round(replay_ms(graphs, b, args.context, args.replays), 4) for b in sizes}
+        finally:
+            graphs.num_splits = chosen_splits
+            graphs.capture(runner.greedy_tail)
+        print("splits as chosen per bucket:", {b: chosen_splits[b] for b in sizes})
     if graphs.group_splits:  # a speculative engine: its verify rows as groups
         table[f"verify groups of {graphs.group_rows}"] = {
             b: round(replay_ms(graphs, b, args.context, args.replays, grouped=True), 4)

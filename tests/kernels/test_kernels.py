@@ -351,3 +351,26 @@ def test_copy_blocks(device, case):
     ref.copy_blocks_ref(src, expected, src_ids, dst_ids)
     K.copy_blocks(src, dst, src_ids, dst_ids)
     assert torch.equal(dst, expected)  # a copy: exact, untouched blocks kept
+
+
+# --- row_argmax -------------------------------------------------------------------------------
+@pytest.mark.parametrize("device,case", backends(
+    [(1, 49152, "bf16"), (9, 49152, "bf16"), (16, 128256, "bf16"), (3, 32000, "fp32"), (2, 151936, "fp16")],
+    [(1, 4100, "bf16"), (3, 2049, "fp32"), (2, 5000, "fp16")]))
+def test_row_argmax(device, case):
+    """The first maximal column of each row, as torch.argmax: ties placed in two chunks (the left
+    one wins) and at a chunk's first and last columns; bf16 logits tie often by themselves."""
+    from pdserve.kernels.argmax import BLOCK, row_argmax
+    rows, vocab, dtype = case
+    dtype = {"bf16": BF16, "fp32": FP32, "fp16": torch.float16}[dtype]
+    gen = torch.Generator().manual_seed(rows * vocab)
+    x = torch.randn((rows, vocab), generator=gen).to(dtype)
+    top = x.float().max() + 1
+    x[0, [BLOCK - 1, BLOCK, vocab - 1]] = top.to(dtype)  # three equal maxima: the first one wins
+    if rows > 1:
+        x[1, [vocab - 1]] = top.to(dtype)  # the last column alone
+    x = x.to(device)
+    got = row_argmax(x)
+    assert got.dtype == torch.int64
+    assert torch.equal(got.cpu(), x.float().cpu().argmax(dim=-1))
+    assert got[0].item() == BLOCK - 1
