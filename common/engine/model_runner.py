@@ -123,6 +123,7 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator] = {}
         self._tables = BlockTableCache()
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] = (torch.empty(0), {})  # tokens, req_id -> row
+        self.fill_runs = False  # a draft model's ahead round: a request's k-th placeholder reads its row + k
         self._last_pending: PendingOutput | None = None  # the last launched step that sampled
         self._deferred: PendingOutput | None = None  # ...if its sampler waits for its token mask
         self._fill_upload = PackedUpload(self.device, 1024)
@@ -296,7 +297,8 @@ class ModelRunner:
     def launch(self, sched: SchedulerOutput, token_masks=None) -> "PendingOutput":
         """`_launch`; a speculative engine's draft budget (spec_decode/budget.py) gets the step's wall
         time, which on CPU is its cost (the forward and sampler ran here); a draft model then
-        takes the step's prompt chunks (DraftModelProposer.prefill)."""
+        takes the step's prompt chunks (DraftModelProposer.prefill) and, behind a verify step,
+        drafts the next proposals' first tokens (DraftModelProposer.draft_ahead)."""
         if self.spec is None or self.spec.budget is None:
             pending = self._launch(sched, token_masks)
         else:
@@ -305,6 +307,7 @@ class ModelRunner:
             self.spec.observe_step(time.perf_counter() - t0)
         if self.spec is not None:
             self.spec.prefill_draft(sched)  # a draft model: the step's prompt chunks, into its KV
+            self.spec.draft_ahead()  # ... and the next first drafts behind a verify step (draft_model.py)
         return pending
 
     @torch.inference_mode()
@@ -465,6 +468,12 @@ class ModelRunner:
         n = holes.size
         if self.spec is not None and self.spec.fills_runs():  # a request's k-th hole: its index + k
             src += np.arange(n, dtype=np.int32) - np.searchsorted(req_of_hole, req_of_hole).astype(np.int32)
+        elif self.fill_runs:  # the same over rows of one request (one-token rows share its req_id)
+            seen: dict[str, int] = {}
+            for i, r in enumerate(req_of_hole.tolist()):
+                req_id = ordered[r].req_id
+                src[i] += seen.get(req_id, 0)
+                seen[req_id] = seen.get(req_id, 0) + 1
         if holes[-1] == n - 1 and np.array_equal(src, np.arange(n)):  # steady decode: same requests, same order
             return lambda input_ids: input_ids[:n].copy_(tokens[:n])
         dst_dev, src_dev = self._fill_upload.upload([holes.astype(np.int32), src])

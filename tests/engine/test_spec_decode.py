@@ -85,6 +85,8 @@ def test_self_draft_greedy_matches_hf_and_accepts_everything(tiny_models, prompt
     st = engine.stats().spec_decode
     assert st.num_draft_tokens > 0 and st.num_accepted_tokens == st.num_draft_tokens
     assert engine.runner.spec.num_deferred_verifies > 0  # greedy: the drafts stayed on the device
+    draft_model = engine.runner.spec.draft  # every draft accepted: next first drafts sampled ahead, and used
+    assert draft_model.num_ahead >= draft_model.num_heads_used > 0
     if variant == "preemption":
         assert engine.scheduler.num_preemptions > 0
 
@@ -106,6 +108,8 @@ def test_unrelated_draft_greedy_matches_hf_and_returns_every_block(tiny_models, 
     assert st.num_draft_tokens > 300 and st.acceptance_rate < 0.2
     spec = engine.runner.spec
     assert (spec.num_deferred_verifies > 0) == defer
+    assert (spec.draft.num_ahead > 0) == defer  # drafted ahead behind the verify steps, mostly dropped
+    assert spec.draft.num_heads_used <= spec.draft.num_ahead / 2
     assert spec.propose_seconds > 0  # the draft's cost is counted either way (bench spec's draft ms per step)
     if variant == "preemption":
         assert engine.scheduler.num_preemptions > 0
@@ -124,6 +128,7 @@ def test_verify_as_one_token_rows_gives_the_same_tokens(tiny_models, prompts, dr
     if drafter == "self":
         st = engine.stats().spec_decode
         assert st.num_accepted_tokens == st.num_draft_tokens > 0
+        assert engine.runner.spec.draft.num_heads_used > 0  # the ahead round as one-token rows too
     params = [SamplingParams(temperature=0.8, seed=20 + i, max_tokens=10) for i in range(3)]
     rows, _ = generate(folder, batch[:3], params, decode_rows=True, speculative_config=spec)
     chunks, _ = generate(folder, batch[:3], params, speculative_config=spec, decode_rows=False)

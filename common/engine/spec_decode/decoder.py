@@ -65,6 +65,7 @@ class SpecDecoder:
         self._drafts: dict[str, list[int]] = {}  # this step: req_id -> all drafts (fed + a last one)
         self._fed: dict[str, list[int]] = {}  # this step: req_id -> the drafts fed
         self._deferred = None  # this step's DeviceDrafts (DEFER_DRAFTS): its drafts known at its result
+        self._ahead = None  # this verify step's draft_ahead work: (items, pairs, holder of the _Ahead)
         self.num_deferred_verifies = 0  # verify steps launched before their drafts reached the host
         # Verify [t, d1 .. dn] as n + 1 one-token rows (each attends to its prefix: the K/V of all
         # rows are stored before attention reads, layer by layer), so a verify step is a
@@ -139,7 +140,7 @@ class SpecDecoder:
         if len(want) > 1 and self._cool:  # in a batch: requests cooling down after rejections do not draft
             want = self._cool_down(want)
         self._drafts, self._probs, self._fed, self._launched = {}, {}, {}, ({}, set(), [])
-        self._deferred = None
+        self._deferred = self._ahead = None
         self._bridge, self._void, self._settle = bridge, set(), None
         self._as_rows = False
         self._decode_only = all(s.num_tokens == 1 for s in sched.scheduled)
@@ -176,6 +177,26 @@ class SpecDecoder:
         # every request a decode or a [t, d1 .. dn] chunk: the step may run as one-token rows (as_rows)
         self._as_rows = self.verify_as_decodes and (bool(bridge) or any(self._fed.values())) and self._decode_only
         return out
+
+    def draft_ahead(self) -> None:
+        """After a verify step with greedy drafts is queued (its readback copy first): the draft
+        model's round for the next proposals' first drafts, if every draft is accepted
+        (DraftModelProposer.draft_ahead), so the device has it to run while the host applies the
+        verify step's result."""
+        pending, self._ahead = self._ahead, None
+        if pending is not None and self.draft.runner is not None:
+            items, pairs, holder = pending
+            holder.append(self.draft.draft_ahead(items, pairs))
+
+    def _ahead_fits(self, s: ScheduledRequest, pos: int, n: int) -> bool:
+        """The ahead round for a request whose last draft is the input at `pos` may write the
+        draft's KV at pos + 1 (a block the request holds already) and its next proposal would
+        come: every draft accepted leaves it room for another token."""
+        runner = self.runner
+        if (pos + 1) // runner.block_size >= len(s.block_ids) or pos + 2 >= runner.max_model_len:
+            return False
+        p = s.params
+        return p.max_tokens is None or len(s.output_token_ids) + n + 3 <= p.max_tokens  # (max_draft_tokens)
 
     def _defers(self, want: list[ScheduledRequest], sched: SchedulerOutput) -> bool:
         """This step's drafts stay on the device (DEFER_DRAFTS): a draft model's, every drafting
@@ -402,9 +423,19 @@ class SpecDecoder:
         dropped: set[str] = set()  # filled by settle_guesses before finish() runs
         self._launched = (out.guessed_token_ids, dropped, [r for r in spec if fed[r]])
         deferred, num_values = self._deferred, readback.shape[0]
+        ahead: list = []  # the draft_ahead round's _Ahead, once queued (after this step's readback)
         if deferred is not None:  # the drafts come back behind the step's own values
             readback = torch.cat([readback, deferred.tokens])
             self.num_deferred_verifies += 1
+            items, at = [], []
+            for req_id in spec:
+                s, n = first[req_id], len(fed[req_id])
+                pos = int(step.positions[rows[req_id][n]]) if n else -1  # its last draft's
+                if n and self._ahead_fits(s, pos, n):
+                    items.append((s, pos))
+                    at += [num_values + deferred.offsets[req_id] + n - 1, spans[req_id] + n]
+            if items:
+                self._ahead = (items, readback.index_select(0, to_device(at, torch.int64, readback.device)), ahead)
 
         index, void = self.sampled_index, self._void  # this step's (prepare() replaces them)
 
@@ -415,7 +446,7 @@ class SpecDecoder:
                 for r, req_id in zip(draft_rows, spec):
                     r.draft_token_ids = drafted[req_id][:r.num_rows]
                     fed[req_id][:] = r.draft_token_ids[:r.num_rows - 1]
-                self.propose_seconds += deferred.seconds()
+                self.propose_seconds += deferred.seconds() + (ahead[0].seconds() if ahead else 0.0)
             out.sampled_token_ids.update((req_id, values[i]) for req_id, i in zip(plain, plain_at))
             for req_id in bridged:
                 if req_id in index:
@@ -431,6 +462,8 @@ class SpecDecoder:
                     out.spec_token_ids[req_id] = fed[req_id]
                     out.num_accepted_tokens[req_id] = len(tokens) - 1
                     self._after_round(req_id, len(fed[req_id]), len(tokens) - 1)
+                if ahead and req_id in ahead[0].index:
+                    self.draft.settle_ahead(ahead[0], req_id, len(tokens) - 1 == len(fed[req_id]))
         return readback, finish
 
     def _when_verified(self, verifying, bridged: list[str], spans: dict[str, int], rows: dict[str, int]) -> None:

@@ -44,7 +44,7 @@ import torch
 from pdserve.common.config import ArchConfig, CacheConfig, ConfigError, ModelConfig, SchedulerConfig, SpeculativeConfig
 from pdserve.common.engine.model_runner import ModelRunner, model_dtype, position_seed, resolve_device
 from pdserve.common.engine.outputs import PLACEHOLDER_TOKEN, ScheduledRequest, SchedulerOutput
-from pdserve.common.engine.sampler import processed_probs, to_device
+from pdserve.common.engine.sampler import processed_probs, row_argmax, to_device
 from pdserve.common.models.loader import read_arch_config, resolve_model_path
 
 DRAFT_STREAM = 0x2545F4914F6CDD1D >> 2  # xor-ed into position seeds: the draft's own stream
@@ -52,9 +52,19 @@ DECODE_ROWS_MAX = 16  # catch-ups up to this long run as one-token rows where th
 
 
 @dataclasses.dataclass
+class _Ahead:
+    """The first drafts of the next proposals, sampled right behind a verify step (draft_ahead)."""
+    tokens: torch.Tensor  # [S] on the device
+    index: dict[str, int]  # req_id -> its draft in `tokens`
+    at: dict[str, int]  # req_id -> the request's length (positions) if every draft is accepted
+    seconds: object  # () -> its device time (_DeviceTimer)
+
+
+@dataclasses.dataclass
 class _DraftState:
     num_computed: int = 0  # leading positions whose draft KV is valid
     fed_drafts: list[int] = dataclasses.field(default_factory=list)  # fed at num_computed.. last round
+    head: _Ahead | None = None  # its next proposal's first draft, sampled ahead (kept by settle_ahead)
 
 
 class DraftModelProposer:
@@ -80,6 +90,8 @@ class DraftModelProposer:
         self.decode_rows = False
         self.target_vocab = target_arch.vocab_size
         self._states: dict[str, _DraftState] = {}
+        self.num_ahead = 0  # requests whose next first draft was sampled behind their verify step
+        self.num_heads_used = 0  # ... and whose next proposal started from it (every draft accepted)
 
     def draft_bytes_per_block(self, block_size: int) -> int:
         a = self.arch
@@ -145,9 +157,26 @@ class DraftModelProposer:
         req_id -> indices of its drafts into torch.cat(rounds), req_id -> its draft distributions)."""
         feeds: dict[str, tuple[ScheduledRequest, int, list[int]]] = {}  # req_id -> (s, start pos, tokens to feed)
         want, drafts, probs = {}, {}, {}  # drafts: req_id -> indices into all rounds' sampled tokens
+        rounds, num_sampled = [], 0  # sampled tokens [S] of each round on the device; their count
+        sampled_at: dict[str, int] = {}  # req_id -> its latest token's index in torch.cat(rounds)
+        last_round: dict[str, int] = {}  # req_id -> its index in rounds[-1], for those sampled there
         for s in reqs:
             st = self._states.setdefault(s.req_id, _DraftState())
             num_tokens = len(s.prompt_token_ids) + len(s.output_token_ids)
+            head, st.head = st.head, None
+            if head is not None and head.at[s.req_id] == num_tokens == st.num_computed:  # d1 sampled ahead
+                if not rounds or rounds[-1] is not head.tokens:
+                    rounds.append(head.tokens)
+                    num_sampled += len(head.tokens)
+                    last_round = {}
+                i = last_round[s.req_id] = head.index[s.req_id]
+                sampled_at[s.req_id] = num_sampled - len(head.tokens) + i
+                want[s.req_id], drafts[s.req_id], probs[s.req_id] = s.num_spec_slots, [sampled_at[s.req_id]], []
+                if want[s.req_id] > 1:
+                    feeds[s.req_id] = (s, num_tokens, [PLACEHOLDER_TOKEN])
+                st.fed_drafts = []
+                self.num_heads_used += 1
+                continue
             accepted = 0
             for d, t in zip(st.fed_drafts, _history_from(s, st.num_computed)):
                 if d != t:
@@ -159,9 +188,6 @@ class DraftModelProposer:
             drafts[s.req_id], probs[s.req_id] = [], []
             st.num_computed, st.fed_drafts = num_tokens, []
         budget = self.scheduler_cfg.token_budget
-        rounds, num_sampled = [], 0  # sampled tokens [S] of each round on the device; their count
-        sampled_at: dict[str, int] = {}  # req_id -> its latest token's index in torch.cat(rounds)
-        last_round: dict[str, int] = {}  # req_id -> its index in rounds[-1], for those sampled there
         while feeds:
             batch, left = [], budget
             for s, start, tokens in feeds.values():
@@ -200,6 +226,45 @@ class DraftModelProposer:
             num_sampled += len(sampled)
         return rounds, drafts, probs
 
+    def draft_ahead(self, items: list[tuple[ScheduledRequest, int]], pairs: torch.Tensor) -> _Ahead:
+        """Right behind a verify step, on the device's queue before its result is known: for
+        each (s, p) of `items` (greedy, n drafts, the last one d_n the verify step's input at
+        position p), feed d_n at p and the target's token after it (its row n's) at p + 1 -> the
+        draft for p + 2, which is the next proposal's d1 if every draft is accepted. `pairs`
+        [2 * len(items)]: each request's d_n and that token, on the device. The host then applies
+        the result while the device runs this round; `settle_ahead` keeps a request's draft
+        when every draft was accepted (its next proposal feeds from d1 on), else drops it (the
+        positions it wrote are past what the draft counts as computed: fed again later)."""
+        timer = _DeviceTimer(self.device)
+        batch = []
+        for s, pos in items:
+            if self.decode_rows:
+                batch += [dataclasses.replace(s, input_token_ids=[PLACEHOLDER_TOKEN], start_pos=pos + j,
+                                              sample=j == 1, num_spec_slots=0) for j in (0, 1)]
+            else:
+                batch.append(dataclasses.replace(s, input_token_ids=[PLACEHOLDER_TOKEN] * 2, start_pos=pos,
+                                                 sample=True, num_spec_slots=0))
+        self.runner._last_sampled = (pairs, {s.req_id: 2 * i for i, (s, _) in enumerate(items)})
+        self.runner.fill_runs = True  # a request's second placeholder: its index + 1
+        try:
+            sampled, logits = self.runner.forward_logits(SchedulerOutput(scheduled=batch, num_batched_tokens=2 * len(items)))
+        finally:
+            self.runner.fill_runs = False
+        tokens, _ = self._sample(logits, sampled)
+        self.num_ahead += len(items)
+        return _Ahead(tokens, {b.req_id: i for i, b in enumerate(sampled)}, {s.req_id: pos + 2 for s, pos in items},
+                      timer.stop())
+
+    def settle_ahead(self, ahead: _Ahead, req_id: str, all_accepted: bool) -> None:
+        """A verify step's result for a request that draft_ahead drafted for (module docstring)."""
+        st = self._states.get(req_id)
+        if st is None:  # (forgotten meanwhile)
+            return
+        if all_accepted:  # the draft's KV holds every position before ahead.at: d1 comes from there
+            st.num_computed, st.fed_drafts, st.head = ahead.at[req_id], [], ahead
+        else:
+            st.head = None
+
     def prefill(self, reqs: list[ScheduledRequest]) -> bool:
         """The prompt chunks among the requests of a step the target has just launched, fed to the
         draft too (its KV at the same positions, nothing sampled), so that a request's first proposal
@@ -235,7 +300,7 @@ class DraftModelProposer:
     def _sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Draft tokens [S] (on the device) of the sampled rows (logits [S, Vd]) and, when any row
         is random, the rows' draft distributions padded to the target's vocabulary [S, V]."""
-        tokens = logits.argmax(dim=-1)
+        tokens = row_argmax(logits)
         random = [i for i, s in enumerate(reqs) if s.params.temperature != 0]
         if not random:
             return tokens, None
