@@ -248,15 +248,17 @@ def cmd_spec(args) -> None:
     if args.stages:  # none, n-gram one at a time and overlapped (or --methods of these and draft): stages timed
         from pdserve.services.bench_spec_stages import run_stage_methods
 
-        def build(method: str):
+        def build(method: str, **share):
             spec = method_config(args, method if method in ("none", "draft", "draft_sync") else "ngram",
                                  base.model.model)
             return LLM.from_config(engine_config(args, speculative_config=spec, speculative_model=None,
-                                                 num_speculative_tokens=None, async_scheduling=True))
+                                                 num_speculative_tokens=None, async_scheduling=True, **share))
         methods = list(STAGE_METHODS[:3]) if args.methods is None else args.methods
         if not set(methods) <= set(STAGE_METHODS):
             raise ConfigError(f"--stages times {', '.join(STAGE_METHODS)}; not {', '.join(set(methods) - set(STAGE_METHODS))}")
-        plain = build("none")  # (its tokenizer makes the prompts; it runs first)
+        # (its tokenizer makes the prompts; it runs first and lives on beside each other engine,
+        # so on CUDA it takes half of what the process may use: --gpu-memory-utilization)
+        plain = build("none", gpu_memory_utilization=base.cache.gpu_memory_utilization / 2)
         prompts = chat_prompts(plain.get_tokenizer(), rows)[:args.sequential_prompts]
         table = run_stage_methods(args, lambda m: plain if m == "none" else build(m), prompts, run_batch, methods)
         if args.json_out:

@@ -12,7 +12,8 @@ split: plain, verify, guess). Printed per batch size and kind: ms per step of
       update    of it: scheduler.update
     schedule  scheduler.schedule
     propose   the n-gram lookup or the draft model's rounds (SpecDecoder.prepare's proposer)
-      dforward  of it: the draft model's forward_logits calls (inputs, forward or graph replay)
+      dforward  of it: the draft model's forward_logits calls (inputs, forward or graph replay; also
+                the round it drafts ahead behind a verify step, outside propose)
       dsample   of it: the draft tokens picked on the device (argmax / sampling, queued)
                 (the rest of propose: the rounds' bookkeeping and the wait for the drafts)
     prepare   the rest of SpecDecoder.prepare (the drafts appended to the inputs)
