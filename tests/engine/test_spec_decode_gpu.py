@@ -25,8 +25,9 @@ from pdserve.common.engine.llm import LLM
 from pdserve.common.sampling_params import SamplingParams
 from tests.engine.test_spec_decode_overlap import guessed_flow
 
-# 60 s a test: each took < ~30 s with the pool below (a hang dumps every thread's stack and ends the run)
-pytestmark = [pytest.mark.gpu, pytest.mark.timeout(60, method="thread")]
+# 120 s a test: each took < ~45 s with the pool below, the first one compiling the kernels on a fresh machine
+# (a hang dumps every thread's stack and ends the run)
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(120, method="thread")]
 UTIL = 0.05  # gpu_memory_utilization of every engine here: ~0.6 M blocks, sized from GPU memory
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}

@@ -77,7 +77,8 @@ class SpecDecoder:
         self.num_tail_verifies = 0  # verify / bridge steps whose tokens came from the tail graph (greedy)
         self._cool: dict[str, list[int]] = {}  # req_id -> [steps left without drafting, last cool-down]
         self.num_cooled = 0  # request-steps that did not draft, cooling down (_cool_down)
-        self.propose_seconds = 0.0  # host time in proposers (bench spec: the draft's cost)
+        self._propose_seconds = 0.0  # host time in proposers (bench spec: the draft's cost); `propose_seconds`
+        self._ahead_timers: list = []  # draft_ahead rounds' device times, read once their rounds are done
         self.prefill_seconds = 0.0  # host time feeding prompts to the draft model (prefill_draft)
         self.sampled_index: dict[str, int] = {}  # the last verify step's: req_id -> its token's index in the readback
         self._launched = ({}, set(), [])  # the last verify step's (guesses, dropped req ids, req ids with drafts)
@@ -155,7 +156,7 @@ class SpecDecoder:
             t0 = time.perf_counter()
             for req_id, (drafts, probs) in (self.proposer.propose(want) if want else {}).items():
                 self._drafts[req_id], self._probs[req_id] = drafts, probs
-            self.propose_seconds += time.perf_counter() - t0
+            self._propose_seconds += time.perf_counter() - t0
         limits = self._limits(sched, bridge)
         out = []
         for s in sched.scheduled:
@@ -177,6 +178,23 @@ class SpecDecoder:
         # every request a decode or a [t, d1 .. dn] chunk: the step may run as one-token rows (as_rows)
         self._as_rows = self.verify_as_decodes and (bool(bridge) or any(self._fed.values())) and self._decode_only
         return out
+
+    @property
+    def propose_seconds(self) -> float:
+        """Time spent drafting: the proposers' host time, a draft model's device time where its
+        drafts stay on the device (DEFER_DRAFTS), its ahead rounds included (waits for the last)."""
+        self._add_ahead_times(wait=True)
+        return self._propose_seconds
+
+    def _add_ahead_times(self, wait: bool = False) -> None:
+        """The device times of the ahead rounds that are done (all of them: wait) into the total."""
+        left = []
+        for timer in self._ahead_timers:
+            if wait or timer.done():
+                self._propose_seconds += timer.seconds(wait=True)
+            else:
+                left.append(timer)
+        self._ahead_timers = left
 
     def draft_ahead(self) -> None:
         """After a verify step with greedy drafts is queued (its readback copy first): the draft
@@ -446,7 +464,10 @@ class SpecDecoder:
                 for r, req_id in zip(draft_rows, spec):
                     r.draft_token_ids = drafted[req_id][:r.num_rows]
                     fed[req_id][:] = r.draft_token_ids[:r.num_rows - 1]
-                self.propose_seconds += deferred.seconds() + (ahead[0].seconds() if ahead else 0.0)
+                self._propose_seconds += deferred.timer.seconds()  # (its rounds ran before this step)
+                self._add_ahead_times()
+                if ahead:  # queued behind this step's readback: read once done
+                    self._ahead_timers.append(ahead[0].timer)
             out.sampled_token_ids.update((req_id, values[i]) for req_id, i in zip(plain, plain_at))
             for req_id in bridged:
                 if req_id in index:

@@ -57,7 +57,7 @@ class _Ahead:
     tokens: torch.Tensor  # [S] on the device
     index: dict[str, int]  # req_id -> its draft in `tokens`
     at: dict[str, int]  # req_id -> the request's length (positions) if every draft is accepted
-    seconds: object  # () -> its device time (_DeviceTimer)
+    timer: DeviceTimer  # its device time
 
 
 @dataclasses.dataclass
@@ -140,7 +140,7 @@ class DraftModelProposer:
         each request's in a run of their own (DeviceDrafts), for the target's verify step to read
         as its input (placeholders filled on the device) and to return with its result
         (DeviceDrafts.settle then records them, as `propose` does at once)."""
-        timer = _DeviceTimer(self.device)
+        timer = DeviceTimer(self.device)
         rounds, drafts, _ = self._draft_rounds(reqs)
         offsets, order = {}, []
         for rid, refs in drafts.items():
@@ -235,7 +235,7 @@ class DraftModelProposer:
         the result while the device runs this round; `settle_ahead` keeps a request's draft
         when every draft was accepted (its next proposal feeds from d1 on), else drops it (the
         positions it wrote are past what the draft counts as computed: fed again later)."""
-        timer = _DeviceTimer(self.device)
+        timer = DeviceTimer(self.device)
         batch = []
         for s, pos in items:
             if self.decode_rows:
@@ -320,9 +320,9 @@ class DraftModelProposer:
         return tokens, probs
 
 
-class _DeviceTimer:
-    """Device time from now until the work queued before stop() is done (CUDA events), read once
-    that work is known done; elsewhere (the CPU runs the work as it is queued) the host's time."""
+class DeviceTimer:
+    """Device time from now until the work queued before stop() is done (CUDA events); elsewhere
+    (the CPU runs the work as it is queued) the host's time."""
 
     def __init__(self, device: torch.device):
         self.t0 = time.perf_counter()
@@ -331,15 +331,25 @@ class _DeviceTimer:
             self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             self.events[0].record()
 
-    def stop(self):
-        """-> seconds(): the time, to call only once the device has run the work (e.g. after a
-        readback of a later step)."""
+    def stop(self) -> "DeviceTimer":
         if self.events is None:
-            elapsed = time.perf_counter() - self.t0
-            return lambda: elapsed
+            self.elapsed = time.perf_counter() - self.t0
+        else:
+            self.events[1].record()
+        return self
+
+    def done(self) -> bool:
+        return self.events is None or self.events[1].query()
+
+    def seconds(self, wait: bool = False) -> float:
+        """The time, once the device has run the work (e.g. after a readback of a later step);
+        wait=True waits for it first."""
+        if self.events is None:
+            return self.elapsed
         start, end = self.events
-        end.record()
-        return lambda: start.elapsed_time(end) / 1000
+        if wait:
+            end.synchronize()
+        return start.elapsed_time(end) / 1000
 
 
 @dataclasses.dataclass
@@ -349,7 +359,7 @@ class DeviceDrafts:
     offsets: dict[str, int]
     counts: dict[str, int]
     _states: dict[str, _DraftState]
-    seconds: object  # () -> the device time from propose_on_device's start until the drafts were there
+    timer: DeviceTimer  # the device time from propose_on_device's start until the drafts were there
 
     def settle(self, values: list[int]) -> dict[str, list[int]]:
         """`tokens` read back (values) -> req_id -> its drafts; the proposer records the fed ones."""
