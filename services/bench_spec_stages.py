@@ -12,9 +12,9 @@ split: plain, verify, guess). Printed per batch size and kind: ms per step of
       update    of it: scheduler.update
     schedule  scheduler.schedule
     propose   the n-gram lookup or the draft model's rounds (SpecDecoder.prepare's proposer)
-      dforward  of it: the draft model's forward_logits calls (inputs, forward or graph replay; also
-                the round it drafts ahead behind a verify step, outside propose)
-      dsample   of it: the draft tokens picked on the device (argmax / sampling, queued)
+      dforward  of it: the draft model's forward passes (inputs, forward or graph replay, greedy: the
+                tail's tokens; also the round it drafts ahead behind a verify step, outside propose)
+      dsample   of it: the draft tokens sampled on the device (random requests, queued)
                 (the rest of propose: the rounds' bookkeeping and the wait for the drafts)
     prepare   the rest of SpecDecoder.prepare (the drafts appended to the inputs)
     flatten   flatten_step (the step's host arrays)
@@ -104,6 +104,7 @@ def instrument(engine) -> StageTimer:
         timer.wrap(spec, "prepare", "prepare")
         if spec.draft is not None:  # the draft model's rounds inside propose
             timer.wrap(spec.draft.runner, "forward_logits", "dforward")
+            timer.wrap(spec.draft.runner, "forward_greedy", "dforward")
             timer.wrap(spec.draft, "_sample", "dsample")
     timer.wrap(model_runner, "flatten_step", "flatten")
     timer.wrap(runner.inputs, "prepare", "inputs")

@@ -444,6 +444,18 @@ class ModelRunner:
         ordered, _, hidden, sample_rows = self._forward(sched)
         return [s for s in ordered if s.sample], self.model.compute_logits(hidden.index_select(0, sample_rows))
 
+    @torch.inference_mode()
+    def forward_greedy(self, sched: SchedulerOutput) -> tuple[list[ScheduledRequest], torch.Tensor]:
+        """A forward pass whose sampled rows take the plain argmax (a draft model's greedy rounds):
+        the requests with sample=True in row order and their tokens [S] int64 on the device, by
+        the tail graph after a decode graph (greedy_tail.py), else the greedy tail eagerly."""
+        ordered, step, hidden, sample_rows = self._forward(sched)
+        if self._step_graphed and self.graphs.can_run_tail():
+            tokens = self.graphs.run_tail(step.num_tokens).index_select(0, sample_rows)
+        else:
+            tokens = self.greedy_tail(hidden.index_select(0, sample_rows))
+        return [s for s in ordered if s.sample], tokens
+
     def forget(self, req_ids) -> None:
         """Drop the cached state of finished or preempted requests."""
         for req_id in req_ids:

@@ -77,7 +77,10 @@ def tokens(outs) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_self_draft_greedy_matches_hf_and_accepts_everything(tiny_models, prompts, variant):
+def test_self_draft_greedy_matches_hf_and_accepts_everything(tiny_models, prompts, variant, monkeypatch):
+    """(The draft's ahead round runs at every batch size here: decoder.AHEAD_MAX_REQUESTS.)"""
+    from pdserve.common.engine.spec_decode import decoder
+    monkeypatch.setattr(decoder, "AHEAD_MAX_REQUESTS", len(prompts))
     folder = tiny_models["llama"]
     batch = prompts if variant == "default" else prompts[:FEW]
     outs, engine = generate(folder, batch, GREEDY, speculative_config=draft(folder), **VARIANTS[variant])
@@ -100,6 +103,7 @@ def test_unrelated_draft_greedy_matches_hf_and_returns_every_block(tiny_models, 
     from pdserve.common.engine.spec_decode import decoder
     monkeypatch.setattr(decoder, "COOL_MAX", 0)
     monkeypatch.setattr(decoder, "DEFER_DRAFTS", defer)
+    monkeypatch.setattr(decoder, "AHEAD_MAX_REQUESTS", FEW)
     outs, engine = generate(tiny_models["llama"], prompts[:FEW], GREEDY, check_blocks=True,
                             speculative_config=draft(tiny_models["qwen3"], k=3),
                             **{"block_size": 4, **VARIANTS[variant]})
@@ -116,9 +120,11 @@ def test_unrelated_draft_greedy_matches_hf_and_returns_every_block(tiny_models, 
 
 
 @pytest.mark.parametrize("drafter", ["self", "qwen3"])
-def test_verify_as_one_token_rows_gives_the_same_tokens(tiny_models, prompts, drafter):
+def test_verify_as_one_token_rows_gives_the_same_tokens(tiny_models, prompts, drafter, monkeypatch):
     """The CUDA-graph form of a verify step ([t, d1 .. dn] as n + 1 decode rows) and of the draft's
-    catch-up: greedy equals HF, seeded equals the chunk form."""
+    catch-up and ahead round: greedy equals HF, seeded equals the chunk form."""
+    from pdserve.common.engine.spec_decode import decoder
+    monkeypatch.setattr(decoder, "AHEAD_MAX_REQUESTS", 4)
     folder = tiny_models["llama"]
     spec = draft(folder if drafter == "self" else tiny_models["qwen3"], k=3)
     batch = prompts[:4]
@@ -153,12 +159,12 @@ def test_the_draft_takes_each_prompt_in_its_prefill_step(tiny_models, prompts, v
     folder = tiny_models["llama"]
     llm = LLM(folder, dtype="float32", speculative_config=draft(folder, k=3), **VARIANTS[variant])
     proposer = llm.engine.runner.spec.draft
-    fed, forward_logits = [], proposer.runner.forward_logits
+    fed, forward_greedy = [], proposer.runner.forward_greedy  # (greedy: the draft's rounds take the tail's tokens)
 
     def recording(sched):
         fed.append(max(s.num_tokens for s in sched.scheduled))
-        return forward_logits(sched)
-    proposer.runner.forward_logits = recording
+        return forward_greedy(sched)
+    proposer.runner.forward_greedy = recording
     outs = llm.generate(prompts[:FEW], GREEDY)
     assert tokens(outs) == reference(tiny_models, "llama", prompts)[:FEW]
     assert max(len(p) for p in prompts[:FEW]) > 4 and fed and max(fed) <= 4

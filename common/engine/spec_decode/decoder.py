@@ -37,6 +37,12 @@ from pdserve.common.models.attention import StepInputs
 # draft's last round, its draft inputs filled there, and the drafts come back with its result
 # (DraftModelProposer.propose_on_device), instead of the host waiting for the drafts first.
 DEFER_DRAFTS = True
+# ... and behind such a verify step of at most this many drafting requests the draft model samples
+# the next proposals' first drafts (draft_ahead). One H200, SmolLM2 bf16, self-draft k = 8: batch 1
+# 7.01 against 7.48 ms a verify step without either; batch 16 10.78 against 10.14 (its 32-row round
+# and host work when not every request keeps its draft), where deferred drafts alone made 1.37
+# against 1.47 ms per token (docs/benchmarks.md, fifteenth session).
+AHEAD_MAX_REQUESTS = 3
 COOL_MAX = 16  # the longest cool-down (steps) of a request whose drafts keep being rejected
 # as_rows marks each request's rows as a group (the Triton decode attention reads their K/V once)
 # only from this much context on: one program per group's tile of n * G query rows pays where the
@@ -446,7 +452,7 @@ class SpecDecoder:
             readback = torch.cat([readback, deferred.tokens])
             self.num_deferred_verifies += 1
             items, at = [], []
-            for req_id in spec:
+            for req_id in spec if len(spec) <= AHEAD_MAX_REQUESTS else ():
                 s, n = first[req_id], len(fed[req_id])
                 pos = int(step.positions[rows[req_id][n]]) if n else -1  # its last draft's
                 if n and self._ahead_fits(s, pos, n):

@@ -81,7 +81,7 @@ class DraftModelProposer:
                               f"is shorter than --max-model-len {max_model_len}")
         self.model_cfg = dataclasses.replace(model_cfg, model=self.path, tokenizer=None, served_model_name=None,
                                              load_format="dummy" if model_cfg.load_format == "dummy" else "auto",
-                                             graph_sampler=False)  # it only proposes (forward_logits)
+                                             graph_sampler=True)  # greedy rounds: the tail graph's tokens
         self.dtype = model_dtype(model_cfg.dtype, self.path, resolve_device(model_cfg.device))  # the runner's
         self.max_model_len = max_model_len
         self.scheduler_cfg = scheduler_cfg
@@ -207,13 +207,11 @@ class DraftModelProposer:
                 holes = [b.req_id for b in batch if b.input_token_ids[0] == PLACEHOLDER_TOKEN]
                 self.runner._last_sampled = (rounds[-1], last_round) if all(r in last_round for r in holes) \
                     else (torch.cat(rounds), dict(sampled_at))  # (one left out of a round by the budget)
-            sampled, logits = self.runner.forward_logits(SchedulerOutput(scheduled=batch,
-                                                                         num_batched_tokens=budget - left))
+            sampled, drafted, rows = self._round(SchedulerOutput(scheduled=batch, num_batched_tokens=budget - left))
             for b in batch:  # advance the feeds by what ran
                 s, start, tokens = feeds[b.req_id]
                 feeds[b.req_id] = (s, start + b.num_tokens, tokens[b.num_tokens:])
-            tokens, rows = self._sample(logits, sampled)  # on the device: a later round reads them there
-            rounds.append(tokens)
+            rounds.append(drafted)  # on the device: a later round reads them there
             sampled_at.update((b.req_id, num_sampled + i) for i, b in enumerate(sampled))
             last_round = {b.req_id: i for i, b in enumerate(sampled)}
             for i, b in enumerate(sampled):
@@ -222,7 +220,7 @@ class DraftModelProposer:
                     probs[b.req_id].append(rows[i])
                 s, start, _ = feeds.pop(b.req_id)
                 if len(drafts[b.req_id]) < want[b.req_id]:
-                    feeds[b.req_id] = (s, start, [PLACEHOLDER_TOKEN])  # filled from `tokens` on the device
+                    feeds[b.req_id] = (s, start, [PLACEHOLDER_TOKEN])  # filled from `drafted` on the device
             num_sampled += len(sampled)
         return rounds, drafts, probs
 
@@ -247,10 +245,9 @@ class DraftModelProposer:
         self.runner._last_sampled = (pairs, {s.req_id: 2 * i for i, (s, _) in enumerate(items)})
         self.runner.fill_runs = True  # a request's second placeholder: its index + 1
         try:
-            sampled, logits = self.runner.forward_logits(SchedulerOutput(scheduled=batch, num_batched_tokens=2 * len(items)))
+            sampled, tokens, _ = self._round(SchedulerOutput(scheduled=batch, num_batched_tokens=2 * len(items)))
         finally:
             self.runner.fill_runs = False
-        tokens, _ = self._sample(logits, sampled)
         self.num_ahead += len(items)
         return _Ahead(tokens, {b.req_id: i for i, b in enumerate(sampled)}, {s.req_id: pos + 2 for s, pos in items},
                       timer.stop())
@@ -296,6 +293,16 @@ class DraftModelProposer:
             self.runner.forward_only(SchedulerOutput(scheduled=batch, num_batched_tokens=budget - left))
             feeds = rest
         return fed
+
+    def _round(self, sched: SchedulerOutput) -> tuple[list[ScheduledRequest], torch.Tensor, torch.Tensor | None]:
+        """One forward pass of the draft -> (the sampled requests in row order, their draft tokens
+        [S] on the device, their draft distributions [S, V] when any is random, else None). All
+        greedy: the tokens from the greedy tail (after a decode graph its tail graph: no logits)."""
+        if all(s.params.temperature == 0 for s in sched.scheduled if s.sample):
+            sampled, tokens = self.runner.forward_greedy(sched)
+            return sampled, tokens, None
+        sampled, logits = self.runner.forward_logits(sched)
+        return (sampled, *self._sample(logits, sampled))
 
     def _sample(self, logits: torch.Tensor, reqs: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Draft tokens [S] (on the device) of the sampled rows (logits [S, Vd]) and, when any row
