@@ -96,16 +96,19 @@ def test_bench_spec_stages_command(tmp_path, tiny_models):
 
 
 def test_bench_spec_stages_of_a_draft_model(tmp_path, tiny_models):
-    """`--stages --methods none draft`: the draft engine's verify steps with its forward passes and
-    token picks timed inside propose; a method --stages cannot time is a one-line error."""
+    """`--stages --methods none draft draft_sync`: the draft engines' verify steps with their forward
+    passes and token picks timed (inside propose, and for `draft` also the round drafted ahead
+    behind a verify step); a method --stages cannot time is a one-line error."""
     out = tmp_path / "stages.json"
-    proc = pdserve("bench", "spec", "--stages", "--methods", "none", "draft", "--model", tiny_models["llama"],
+    proc = pdserve("bench", "spec", "--stages", "--methods", "none", "draft", "draft_sync", "--model", tiny_models["llama"],
                    "--max-tokens", "12", "--sequential-prompts", "2", "--batch-sizes", "1", "-k", "3",
                    "--kv-cache-memory", "0.1", "--dtype", "float32", "--json-out", str(out))
     assert proc.returncode == 0, proc.stderr
     by_method = json.loads(out.read_text())
-    assert set(by_method) == {"none", "draft"}
+    assert set(by_method) == {"none", "draft", "draft_sync"}
     verify = by_method["draft"]["1"]["verify"]
+    assert verify["steps"] > 0 and verify["propose"] > 0 and verify["dforward"] > 0
+    verify = by_method["draft_sync"]["1"]["verify"]  # (no ahead round: every forward pass inside propose)
     assert verify["steps"] > 0 and verify["propose"] >= verify["dforward"] + verify["dsample"] > 0
     assert "draft model" in proc.stdout
     bad = pdserve("bench", "spec", "--stages", "--methods", "none", "ngram_all", "--model", tiny_models["llama"])
