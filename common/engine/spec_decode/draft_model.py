@@ -23,7 +23,14 @@ One proposal for a request with n draft slots:
 
 Each round's tokens stay on the device: the next round's input is a PLACEHOLDER_TOKEN that the
 draft runner fills there (as overlapped steps do), so the rounds queue back to back and the host
-waits once, for all drafts, at the end.
+waits once, for all drafts, at the end (`propose`). Greedy drafts are not waited for at all
+(`propose_on_device`): the target's verify step reads them on the device and returns them with
+its result (DeviceDrafts.settle), and behind that verify step `draft_ahead` feeds the last draft
+and the target's token after it, sampling the next proposal's d1 for the outcome where every
+draft is accepted:
+
+    ahead:     feed dn at N+n-1, x at N+n            -> d1' at N+n+1 (kept if all n accepted:
+                                                        the next proposal feeds d1' on)
 
 At temperature > 0 it drafts one more token than it feeds: the target's last row is then
 decided by Leviathan's rule too, so every position after the first output token is decided the
