@@ -97,8 +97,8 @@ def test_bench_spec_stages_command(tmp_path, tiny_models):
 
 def test_bench_spec_stages_of_a_draft_model(tmp_path, tiny_models):
     """`--stages --methods none draft draft_sync`: the draft engines' verify steps with their forward
-    passes and token picks timed (inside propose, and for `draft` also the round drafted ahead
-    behind a verify step); a method --stages cannot time is a one-line error."""
+    passes and token picks timed (inside propose; on CUDA, for `draft`, also the round drafted
+    ahead behind a verify step); a method --stages cannot time is a one-line error."""
     out = tmp_path / "stages.json"
     proc = pdserve("bench", "spec", "--stages", "--methods", "none", "draft", "draft_sync", "--model", tiny_models["llama"],
                    "--max-tokens", "12", "--sequential-prompts", "2", "--batch-sizes", "1", "-k", "3",

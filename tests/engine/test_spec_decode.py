@@ -81,6 +81,7 @@ def test_self_draft_greedy_matches_hf_and_accepts_everything(tiny_models, prompt
     """(The draft's ahead round runs at every batch size here: decoder.AHEAD_MAX_REQUESTS.)"""
     from pdserve.common.engine.spec_decode import decoder
     monkeypatch.setattr(decoder, "AHEAD_MAX_REQUESTS", len(prompts))
+    monkeypatch.setattr(decoder, "AHEAD_ON_CPU", True)
     folder = tiny_models["llama"]
     batch = prompts if variant == "default" else prompts[:FEW]
     outs, engine = generate(folder, batch, GREEDY, speculative_config=draft(folder), **VARIANTS[variant])
@@ -104,6 +105,7 @@ def test_unrelated_draft_greedy_matches_hf_and_returns_every_block(tiny_models, 
     monkeypatch.setattr(decoder, "COOL_MAX", 0)
     monkeypatch.setattr(decoder, "DEFER_DRAFTS", defer)
     monkeypatch.setattr(decoder, "AHEAD_MAX_REQUESTS", FEW)
+    monkeypatch.setattr(decoder, "AHEAD_ON_CPU", True)
     outs, engine = generate(tiny_models["llama"], prompts[:FEW], GREEDY, check_blocks=True,
                             speculative_config=draft(tiny_models["qwen3"], k=3),
                             **{"block_size": 4, **VARIANTS[variant]})
@@ -125,6 +127,7 @@ def test_verify_as_one_token_rows_gives_the_same_tokens(tiny_models, prompts, dr
     catch-up and ahead round: greedy equals HF, seeded equals the chunk form."""
     from pdserve.common.engine.spec_decode import decoder
     monkeypatch.setattr(decoder, "AHEAD_MAX_REQUESTS", 4)
+    monkeypatch.setattr(decoder, "AHEAD_ON_CPU", True)
     folder = tiny_models["llama"]
     spec = draft(folder if drafter == "self" else tiny_models["qwen3"], k=3)
     batch = prompts[:4]

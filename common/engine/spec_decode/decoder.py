@@ -43,6 +43,10 @@ DEFER_DRAFTS = True
 # and host work when not every request keeps its draft), where deferred drafts alone made 1.37
 # against 1.47 ms per token (docs/benchmarks.md, fifteenth session).
 AHEAD_MAX_REQUESTS = 3
+# Not on the CPU, where the host runs the forward passes itself: nothing overlaps the ahead round
+# there and a dropped one is a forward pass lost (SmolLM2 bf16 self-draft, this 2-core host:
+# 24.05 against 22.36 ms per token with it, 4 prompts, 96 tokens). Tests lift it to run the round.
+AHEAD_ON_CPU = False
 COOL_MAX = 16  # the longest cool-down (steps) of a request whose drafts keep being rejected
 # as_rows marks each request's rows as a group (the Triton decode attention reads their K/V once)
 # only from this much context on: one program per group's tile of n * G query rows pays where the
@@ -452,7 +456,8 @@ class SpecDecoder:
             readback = torch.cat([readback, deferred.tokens])
             self.num_deferred_verifies += 1
             items, at = [], []
-            for req_id in spec if len(spec) <= AHEAD_MAX_REQUESTS else ():
+            ahead_ok = len(spec) <= AHEAD_MAX_REQUESTS and (AHEAD_ON_CPU or self.runner.device.type != "cpu")
+            for req_id in spec if ahead_ok else ():
                 s, n = first[req_id], len(fed[req_id])
                 pos = int(step.positions[rows[req_id][n]]) if n else -1  # its last draft's
                 if n and self._ahead_fits(s, pos, n):
