@@ -1,8 +1,8 @@
 """Speculative decoding on CUDA (Triton backend, CUDA graphs; marked gpu, skipped without CUDA):
 verify steps run as one-token rows through the decode graphs and the draft's steps through its
-own, the drafts left on the device for the verify step behind them; greedy tokens equal a run
-without speculation (float32, tiny models), every self-draft is
-accepted, seeded n-gram outputs equal plain sampling and seeded draft-model outputs do not
+own, the drafts left on the device for the verify step behind them (and the draft's ahead round
+behind that); greedy tokens equal a run without speculation (float32, tiny models), every
+self-draft is accepted, seeded n-gram outputs equal plain sampling and seeded draft-model outputs do not
 depend on k; the KV pool is sized for target and draft from GPU memory and is whole again. At
 batch 1 a verify step launched while a plain step runs (its first row's input filled on the
 device from that step, spec_decode/pipeline.py), and a bridge step launched before a verify
@@ -115,3 +115,20 @@ def test_verify_rows_read_as_groups_on_cuda(tiny_model_factory, tmp_path_factory
     got, (st, (_, grouped), _, _) = guessed_flow(folder, "cuda", speculative_config=NGRAM, gpu_memory_utilization=UTIL)
     assert got == want
     assert st.num_draft_tokens > 0 and grouped > 0
+
+
+def test_self_draft_drafts_ahead_of_its_verify_steps_on_cuda(tiny_models, prompts):
+    """Two requests (within decoder.AHEAD_MAX_REQUESTS), the target as its own draft: greedy drafts
+    stay on the device, the draft's ahead round runs behind each verify step (its device time read
+    once it is done: CUDA events) and the next proposals start from it; tokens equal a run without
+    speculation and every draft is accepted."""
+    folder = tiny_models["llama"]
+    batch = prompts[:2]
+    greedy = SamplingParams(temperature=0, max_tokens=40)
+    want, _ = run(folder, batch, greedy)
+    got, info = run(folder, batch, greedy, speculative_config={"model": folder, "num_speculative_tokens": 3})
+    assert got == want
+    spec, st = info["spec"], info["stats"]
+    assert st.num_accepted_tokens == st.num_draft_tokens > 0
+    assert spec.num_deferred_verifies > 0 and spec.draft.num_ahead >= spec.draft.num_heads_used > 0
+    assert spec.propose_seconds > 0
