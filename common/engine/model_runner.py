@@ -123,7 +123,7 @@ class ModelRunner:
         self._generators: dict[str, torch.Generator] = {}
         self._tables = BlockTableCache()
         self._last_sampled: tuple[torch.Tensor, dict[str, int]] = (torch.empty(0), {})  # tokens, req_id -> row
-        self.fill_runs = False  # a draft model's ahead round: a request's k-th placeholder reads its row + k
+        self.fill_runs = False  # a draft model's ahead round: a request's k-th placeholder reads its index + k
         self._last_pending: PendingOutput | None = None  # the last launched step that sampled
         self._deferred: PendingOutput | None = None  # ...if its sampler waits for its token mask
         self._fill_upload = PackedUpload(self.device, 1024)
@@ -478,14 +478,13 @@ class ModelRunner:
         except KeyError as e:
             raise RuntimeError(f"request {e.args[0]} has an input token in flight that no launched step samples") from e
         n = holes.size
-        if self.spec is not None and self.spec.fills_runs():  # a request's k-th hole: its index + k
-            src += np.arange(n, dtype=np.int32) - np.searchsorted(req_of_hole, req_of_hole).astype(np.int32)
-        elif self.fill_runs:  # the same over rows of one request (one-token rows share its req_id)
-            seen: dict[str, int] = {}
-            for i, r in enumerate(req_of_hole.tolist()):
-                req_id = ordered[r].req_id
-                src[i] += seen.get(req_id, 0)
-                seen[req_id] = seen.get(req_id, 0) + 1
+        if self.fill_runs or (self.spec is not None and self.spec.fills_runs()):
+            # a request's k-th hole reads its index + k: its holes are consecutive and share an index
+            # (in one chunk, or in one-token rows of the same req_id), another request's differ
+            first = np.ones(n, bool)
+            first[1:] = src[1:] != src[:-1]
+            arange = np.arange(n, dtype=np.int32)
+            src += arange - np.maximum.accumulate(np.where(first, arange, 0))
         if holes[-1] == n - 1 and np.array_equal(src, np.arange(n)):  # steady decode: same requests, same order
             return lambda input_ids: input_ids[:n].copy_(tokens[:n])
         dst_dev, src_dev = self._fill_upload.upload([holes.astype(np.int32), src])
