@@ -10,7 +10,9 @@
     pdserve bench accuracy [--model M.gguf|HF] [--text FILE] [--prompts FILE] [--variants ...]
 
 Variants: fp32 (the reference: the packaged GGUF dequantized to an HF folder in fp32), bf16, fp8
-(online), fp8-kv (--kv-cache-dtype fp8), awq / gptq / gptq-act (written by `pdserve quantize`,
+(online), fp8-kv (--kv-cache-dtype fp8, scales calibrated at start-up), fp8-kv-ckpt (the same with
+the static scales `pdserve quantize --kv-cache-scales` finds on its calibration text, read from the
+checkpoint), awq / gptq / gptq-act (written by `pdserve quantize`,
 calibrated; the -rtn ones rounded to nearest), gguf (the GGUF file run through its quantized kernels). Prints a table and one JSON line.
 """
 
@@ -73,7 +75,7 @@ def top1_agreement(a: Scores, b: Scores) -> float:
 
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-VARIANTS = ("fp32", "bf16", "fp8", "fp8-kv", "awq", "gptq", "gptq-act", "awq-rtn", "gptq-rtn", "gptq-act-rtn", "gguf")
+VARIANTS = ("fp32", "bf16", "fp8", "fp8-kv", "fp8-kv-ckpt", "awq", "gptq", "gptq-act", "awq-rtn", "gptq-rtn", "gptq-act-rtn", "gguf")
 # name -> (method, options, calibrated): gptq is pdserve quantize's default (sym, act-order when
 # calibrated), gptq-rtn --rtn's (sym, no act-order)
 INT4 = {"awq": ("awq", {}, True), "gptq": ("gptq", {"sym": True, "act_order": True}, True),
@@ -112,6 +114,13 @@ def _variant_llm(name: str, folders: dict, gguf_path: str | None, group_size: in
         return LLM(ref, dtype="float32", quantization="fp8", **common)
     if name == "fp8-kv":
         return LLM(ref, dtype="float32", kv_cache_dtype="fp8", **common)
+    if name == "fp8-kv-ckpt":
+        from pdserve.common.models.quantization.kv_cache import text_kv_scales
+        from pdserve.common.models.quantization.writer import add_kv_scales
+        out = os.path.join(work, name)
+        if not os.path.isfile(os.path.join(out, "config.json")):
+            add_kv_scales(ref, out, text_kv_scales(ref, calibration_data, 128, 512, None))
+        return LLM(out, dtype="float32", kv_cache_dtype="fp8", **common)
     if name == "gguf":
         if gguf_path is None:
             raise ValueError("the gguf variant needs a GGUF model")

@@ -3,7 +3,7 @@
     pdserve quantize --model HF_FOLDER --method fp8|awq|gptq --output DIR
                      [--group-size 128] [--sym | --asym] [--[no-]act-order] [--fp8-scale channel|tensor]
                      [--calibration-data FILE] [--calibration-samples 128] [--calibration-seq-len 512]
-                     [--rtn] [--device cuda|cpu]
+                     [--rtn] [--kv-cache-scales] [--device cuda|cpu]
 
 The result loads in pdserve (`--quantization` is detected from its config.json) and in other
 tools that read these layouts. AWQ and GPTQ run on calibration text (the project's own unless
@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
     p.add_argument("--calibration-samples", type=int, default=128, help="awq/gptq: pieces of the text to use, at most")
     p.add_argument("--calibration-seq-len", type=int, default=512, help="awq/gptq: tokens per piece")
     p.add_argument("--rtn", action="store_true", help="awq/gptq: round to nearest, no calibration")
+    p.add_argument("--kv-cache-scales", action="store_true",
+                   help="fp8: also write static fp8 KV-cache scales (self_attn.k_scale / v_scale) found on the "
+                        "calibration text; `--kv-cache-dtype fp8` then uses them instead of calibrating at start-up")
     p.add_argument("--device", default=None, help="where calibration runs (default: cuda if there is one, else cpu)")
     p.set_defaults(func=run)
 
@@ -51,8 +54,10 @@ def run(args) -> None:
     calibrated = args.method in ("awq", "gptq") and not args.rtn
     if args.rtn and args.method == "fp8":
         raise ConfigError("--rtn is an awq/gptq option (fp8 is never calibrated)")
-    if not calibrated and args.calibration_data:
-        raise ConfigError("--calibration-data is for awq/gptq without --rtn")
+    if args.kv_cache_scales and args.method != "fp8":
+        raise ConfigError("--kv-cache-scales goes with --method fp8")
+    if not calibrated and args.calibration_data and not args.kv_cache_scales:
+        raise ConfigError("--calibration-data is for awq/gptq without --rtn, or fp8 with --kv-cache-scales")
     if args.calibration_samples < 1 or args.calibration_seq_len < 16:
         raise ConfigError("--calibration-samples must be >= 1 and --calibration-seq-len >= 16")
     act_order = args.act_order
@@ -67,7 +72,13 @@ def run(args) -> None:
 
         from pdserve.common.models.gguf_loader import export_hf_folder
         src = export_hf_folder(src, tempfile.mkdtemp(prefix="pdserve-gguf-export-"))
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    kv_scales = None
+    if args.kv_cache_scales:
+        from pdserve.common.models.quantization.kv_cache import text_kv_scales
+        kv_scales = text_kv_scales(src, args.calibration_data, args.calibration_samples, args.calibration_seq_len,
+                                   args.device, log=log)
     summary = quantize_checkpoint(src, args.output, args.method, group_size=args.group_size, sym=args.sym,
                                   act_order=act_order, fp8_per_tensor=args.fp8_scale == "tensor",
-                                  calibration=calibration, log=lambda m: print(m, file=sys.stderr, flush=True))
+                                  calibration=calibration, log=log, kv_scales=kv_scales)
     print(json.dumps({"output": args.output, **summary}))

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import logging
 import operator
 import threading
 import time
@@ -52,8 +53,11 @@ from pdserve.common.models.attention import AttentionMetadata, PrefillSeq, StepI
 from pdserve.common.models.llama import TORCH_OPS
 from pdserve.common.models.packed_upload import PackedUpload, record_on_current_stream
 from pdserve.common.models.loader import checkpoint_dtype, load_model, resolve_dtype
-from pdserve.common.models.quantization.kv_cache import attach_kv_scales, calibrate_kv_scales, kv_cache_dtype
+from pdserve.common.models.quantization.kv_cache import (attach_kv_scales, calibrate_kv_scales, checkpoint_scales,
+                                                         kv_cache_dtype)
 from pdserve.common.sampling_params import SamplingParams
+
+log = logging.getLogger("pdserve.engine")
 
 GiB = 1 << 30
 _REQ_ID, _INPUT_IDS, _START_POS, _SAMPLE = map(operator.attrgetter, ("req_id", "input_token_ids", "start_pos",
@@ -140,7 +144,7 @@ class ModelRunner:
         if cache_cfg.fp8_kv and tp is not None:
             raise ConfigError("--kv-cache-dtype fp8 with --tensor-parallel-size > 1 is not supported yet")
         self.kv_dtype = kv_cache_dtype(cache_cfg.fp8_kv, self.dtype)
-        self.kv_scales = calibrate_kv_scales(self, cache_cfg.kv_cache_scale == "per-tensor") if cache_cfg.fp8_kv else None
+        self.kv_scales, self.kv_scales_source = self._kv_scales(cache_cfg)
         attach_kv_scales(self.model, self.kv_scales)
         if speculative is not None:  # a draft model's KV shares the pool's block ids: sized together
             from pdserve.common.engine.spec_decode.decoder import SpecDecoder
@@ -224,6 +228,21 @@ class ModelRunner:
     def bytes_per_block(self) -> int:
         a = self.arch
         return 2 * a.num_layers * self.block_size * self.num_kv_heads * a.head_dim * self.kv_dtype.itemsize
+
+    def _kv_scales(self, cache_cfg: CacheConfig) -> tuple[list[torch.Tensor] | None, str | None]:
+        """An fp8 cache's [2, KVH] scales per layer and where they came from: the checkpoint's
+        k_scale / v_scale where it has them, else a calibration prefill (quantization/kv_cache.py)."""
+        per_tensor = cache_cfg.kv_cache_scale == "per-tensor"
+        found = checkpoint_scales(self.model, per_tensor)
+        if not cache_cfg.fp8_kv:
+            if found is not None:
+                log.info("the checkpoint carries fp8 KV-cache scales; --kv-cache-dtype fp8 would use them")
+            return None, None
+        if found is not None:
+            log.info("fp8 KV cache: the checkpoint's k_scale / v_scale")
+            return found, "checkpoint"
+        log.info("fp8 KV cache: scales calibrated on a %s prefill", "per-tensor" if per_tensor else "per-head")
+        return calibrate_kv_scales(self, per_tensor), "calibrated"
 
     def _blocks_for_memory(self, cache_cfg: CacheConfig) -> int:
         num = int(cache_cfg.kv_cache_memory_gb * GiB) // (self.bytes_per_block() + self.extra_bytes_per_block)

@@ -16,6 +16,7 @@ oneDNN weights, the runner's choice on CPU) or `TritonOps` (fused kernels, its c
 from __future__ import annotations
 
 import math
+import re
 from typing import Callable, Iterable
 
 import torch
@@ -205,6 +206,8 @@ class LlamaForCausalLM(nn.Module):
         self.weight_loaders: dict[str, Callable[[nn.Parameter, torch.Tensor, int | None], None]] = {}
         # tensor parallelism: this rank's vocab-shard logits -> full logits on rank 0, None elsewhere
         self.gather_logits: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+        # fp8 KV-cache scales the checkpoint carries: {layer: {"k"|"v": fp32 [1 or KVH]}} (load_weights)
+        self.checkpoint_kv_scales: dict[int, dict[str, torch.Tensor]] = {}
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -234,9 +237,12 @@ class LlamaForCausalLM(nn.Module):
         sizes = {"qkv_proj": [self.cfg.num_heads * self.cfg.head_dim, self.cfg.num_kv_heads * self.cfg.head_dim,
                               self.cfg.num_kv_heads * self.cfg.head_dim],
                  "gate_up_proj": [self.cfg.intermediate_size] * 2}
+        self.checkpoint_kv_scales = {}
         for name, tensor in weights:
             name = name.removeprefix("model.")
             if "rotary_emb" in name:
+                continue
+            if self._take_kv_scale(name, tensor):
                 continue
             if name == "lm_head.weight" and self.lm_head is None:
                 continue  # tied: some checkpoints still carry a copy
@@ -276,3 +282,41 @@ class LlamaForCausalLM(nn.Module):
                 missing.append(pname)
         if missing:
             raise ConfigError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:3]}")
+        self._check_kv_scales()
+
+    # fp8 KV-cache scales of a checkpoint (llm-compressor / AutoFP8 / ModelOpt names): layer i's
+    # self_attn.{k,v}_scale, self_attn.kv_scale (one for both), self_attn.{k,v}_proj.{k,v}_scale
+    # or self_attn.{k,v}_proj.output_scale. Query and softmax scales (q_scale, prob_scale) are for
+    # fp8 attention arithmetic, which pdserve does not do: read and not used.
+    _KV_SCALE = re.compile(r"layers\.(\d+)\.self_attn\.(?:(k|v|q)_proj\.)?(k_scale|v_scale|kv_scale|output_scale|q_scale|prob_scale)")
+
+    def _take_kv_scale(self, name: str, tensor: torch.Tensor) -> bool:
+        """Keeps a KV-cache scale tensor in `checkpoint_kv_scales` {layer: {"k"|"v": fp32 [1 or KVH]}};
+        False for any other tensor."""
+        m = self._KV_SCALE.fullmatch(name)
+        if m is None:
+            return False
+        layer, proj, leaf = int(m.group(1)), m.group(2), m.group(3)
+        if leaf in ("q_scale", "prob_scale") or proj == "q":
+            return True
+        which = ("k", "v") if leaf == "kv_scale" else (proj,) if leaf == "output_scale" else (leaf[0],)
+        value = tensor.detach().float().flatten().cpu()
+        if value.numel() not in (1, self.cfg.num_kv_heads) or not bool(torch.isfinite(value).all()) or \
+                bool((value <= 0).any()):
+            raise ConfigError(f"checkpoint tensor {name!r}: a KV-cache scale must be one positive number or "
+                              f"one per KV head ({self.cfg.num_kv_heads}), got {tuple(tensor.shape)} {value[:4].tolist()}")
+        if layer >= self.cfg.num_layers:
+            raise ConfigError(f"checkpoint tensor {name!r} names layer {layer}; the model has {self.cfg.num_layers}")
+        for w in which:
+            self.checkpoint_kv_scales.setdefault(layer, {})[w] = value
+        return True
+
+    def _check_kv_scales(self) -> None:
+        """KV-cache scales come for every layer, K and V, or not at all."""
+        scales = self.checkpoint_kv_scales
+        if not scales:
+            return
+        partial = [f"{i}{w}" for i in range(self.cfg.num_layers) for w in "kv" if w not in scales.get(i, {})]
+        if partial:
+            raise ConfigError(f"the checkpoint has KV-cache scales for some layers only (missing: "
+                              f"{', '.join(partial[:6])}{' ...' if len(partial) > 6 else ''})")

@@ -170,7 +170,7 @@ def awq_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, sym: 
 def calibration_samples(tokenizer, text: str, num_samples: int, seq_len: int) -> torch.Tensor:
     """[S, L] token ids: consecutive pieces of the text. With fewer tokens than num_samples x
     seq_len the pieces are as many as fit (a short text gets shorter pieces, at least 64 tokens)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) < 128:
         raise ConfigError(f"calibration text has {len(ids)} tokens; give at least 128 (--calibration-data)")
     seq_len = min(seq_len, max(64, len(ids) // 4))  # at least 4 pieces where the text allows

@@ -87,6 +87,10 @@ def resolve_quantization(requested: str | None, path: str, is_gguf: bool, dummy:
     if requested == "gguf":
         raise ConfigError("--quantization gguf needs a .gguf model file")
     found = read_quantization_config(path)
+    if found is not None:
+        _check_kv_cache_scheme(found)
+        if str(found.get("quant_method", "")).lower() == "compressed-tensors" and not found.get("config_groups"):
+            found = None  # fp8 KV-cache scales only (llm-compressor's KV-only recipe): the weights are plain
     if found is None:
         if requested in ("awq", "gptq"):
             raise ConfigError(f"--quantization {requested} needs a checkpoint in that format (config.json has no "
@@ -97,6 +101,18 @@ def resolve_quantization(requested: str | None, path: str, is_gguf: bool, dummy:
         raise ConfigError(f"--quantization {requested} contradicts the checkpoint's quantization_config "
                           f"({cfg.method}): leave the flag out or pass --quantization {cfg.method}")
     return cfg
+
+
+def _check_kv_cache_scheme(q: dict) -> None:
+    """A checkpoint's kv_cache_scheme (its self_attn.k_scale / v_scale tensors) must be static fp8:
+    those scales are what `--kv-cache-dtype fp8` stores with (quantization/kv_cache.py)."""
+    scheme = q.get("kv_cache_scheme")
+    if scheme is None or scheme == "static":
+        return
+    if not isinstance(scheme, dict) or scheme.get("type", "float") != "float" or int(scheme.get("num_bits", 8)) != 8 \
+            or scheme.get("dynamic", False) or scheme.get("strategy", "tensor") not in ("tensor", "attn_head"):
+        raise ConfigError(f"quantization_config.kv_cache_scheme {scheme!r}: static fp8 (8-bit float, per tensor "
+                          "or per head) is the KV-cache scheme supported")
 
 
 def parse_quantization_config(q: dict) -> QuantConfig:

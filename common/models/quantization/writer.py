@@ -100,9 +100,12 @@ def quantization_config(method: str, group_size: int, sym: bool, act_order: bool
 
 def quantize_checkpoint(src: str, out: str, method: str, group_size: int = 128, sym: bool | None = None,
                         act_order: bool = False, fp8_per_tensor: bool = False,
-                        calibration: Calibration | None = None, log=None) -> dict:
+                        calibration: Calibration | None = None, log=None,
+                        kv_scales: list[tuple[float, float]] | None = None) -> dict:
     """Writes the quantized checkpoint; returns a summary (tensors, bytes before and after).
-    calibration: run GPTQ / AWQ on that text (calibrate.py); None: round to nearest."""
+    calibration: run GPTQ / AWQ on that text (calibrate.py); None: round to nearest.
+    kv_scales: fp8 only, per layer (K, V) KV-cache scales written as self_attn.k_scale / v_scale
+    with `kv_cache_scheme` in the quantization_config (llm-compressor's layout; kv_cache.py)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -126,6 +129,8 @@ def quantize_checkpoint(src: str, out: str, method: str, group_size: int = 128, 
         raise ConfigError(f"{src} has no *.safetensors weights")
     if calibration is not None and method == "fp8":
         raise ConfigError("fp8 takes no calibration data (its scales are per channel, activations dynamic)")
+    if kv_scales is not None and (method != "fp8" or len(kv_scales) != arch.num_layers):
+        raise ConfigError("KV-cache scales go with --method fp8, one (K, V) pair per layer")
     os.makedirs(out, exist_ok=True)
     calibrated, changed = {}, {}
     if calibration is not None:
@@ -168,6 +173,9 @@ def quantize_checkpoint(src: str, out: str, method: str, group_size: int = 128, 
                         size = 0
                     shards[-1][key] = value
                     size += nbytes
+    for i, (k_scale, v_scale) in enumerate(kv_scales or []):
+        shards[-1][f"model.layers.{i}.self_attn.k_scale"] = torch.tensor([k_scale], dtype=torch.float32)
+        shards[-1][f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([v_scale], dtype=torch.float32)
     after = 0
     if len(shards) == 1:
         names = ["model.safetensors"]
@@ -184,6 +192,8 @@ def quantize_checkpoint(src: str, out: str, method: str, group_size: int = 128, 
     config["quantization_config"] = quantization_config(method, group_size, sym, act_order, fp8_per_tensor)
     if calibration is not None and method == "gptq":
         config["quantization_config"]["damp_percent"] = calibration.damp
+    if kv_scales is not None:  # static per-tensor fp8 KV scales, as llm-compressor / AutoFP8 declare them
+        config["quantization_config"]["kv_cache_scheme"] = "static" if fp8_per_tensor else dict(KV_CACHE_SCHEME)
     with open(os.path.join(out, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     for path in glob.glob(os.path.join(src, "*")):
@@ -191,7 +201,8 @@ def quantize_checkpoint(src: str, out: str, method: str, group_size: int = 128, 
         if os.path.isfile(path) and not base.endswith(".safetensors") and base not in (
                 "config.json", "model.safetensors.index.json"):
             shutil.copy(path, os.path.join(out, base))
-    return {"method": method, "calibrated": calibration is not None, "quantized_weights": num_quantized, "bytes_before": before, "bytes_after": after,
+    return {"method": method, "calibrated": calibration is not None, "quantized_weights": num_quantized,
+            "kv_cache_scales": kv_scales is not None, "bytes_before": before, "bytes_after": after,
             "quantization_config": config["quantization_config"]}
 
 
@@ -211,3 +222,25 @@ def _input_norms(files: list[str]) -> dict[str, torch.Tensor]:
                     norm = f.get_tensor(name).float().abs()
                     out.update({f"{prefix}.{block}.{p}.weight": norm for p in projs})
     return out
+
+
+KV_CACHE_SCHEME = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+
+
+def add_kv_scales(src: str, out: str, kv_scales: list[tuple[float, float]]) -> None:
+    """A copy of the unquantized HF folder `src` at `out` with static fp8 KV-cache scales only
+    (llm-compressor's KV-cache-only layout: compressed-tensors without weight groups)."""
+    from safetensors.torch import save_file
+    with open(os.path.join(src, "config.json")) as f:
+        config = json.load(f)
+    if config.get("quantization_config"):
+        raise ConfigError(f"{src} is already quantized: give its KV scales with `pdserve quantize --kv-cache-scales`")
+    shutil.copytree(src, out, dirs_exist_ok=True)
+    save_file({f"model.layers.{i}.self_attn.{w}_scale": torch.tensor([s], dtype=torch.float32)
+               for i, pair in enumerate(kv_scales) for w, s in zip("kv", pair)},
+              os.path.join(out, "kv_cache_scales.safetensors"), metadata={"format": "pt"})
+    config["quantization_config"] = {"quant_method": "compressed-tensors", "format": "float-quantized",
+                                     "quantization_status": "compressed", "config_groups": {},
+                                     "kv_cache_scheme": dict(KV_CACHE_SCHEME)}
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
