@@ -141,8 +141,6 @@ class ModelRunner:
         self.kv_frontier = None
         self.spec = None  # the SpecDecoder, set below with --speculative-config
         # --kv-cache-dtype fp8: e4m3 tensors, per-layer [2, KVH] scales calibrated here (quantization/kv_cache.py)
-        if cache_cfg.fp8_kv and tp is not None:
-            raise ConfigError("--kv-cache-dtype fp8 with --tensor-parallel-size > 1 is not supported yet")
         self.kv_dtype = kv_cache_dtype(cache_cfg.fp8_kv, self.dtype)
         self.kv_scales, self.kv_scales_source = self._kv_scales(cache_cfg)
         attach_kv_scales(self.model, self.kv_scales)
@@ -231,7 +229,10 @@ class ModelRunner:
 
     def _kv_scales(self, cache_cfg: CacheConfig) -> tuple[list[torch.Tensor] | None, str | None]:
         """An fp8 cache's [2, KVH] scales per layer and where they came from: the checkpoint's
-        k_scale / v_scale where it has them, else a calibration prefill (quantization/kv_cache.py)."""
+        k_scale / v_scale where it has them, else a calibration prefill (quantization/kv_cache.py).
+        Under tensor parallelism each rank keeps its KV heads' scales (calibrated: every rank runs
+        the calibration prefill in step, as the profiling step; per tensor: the max over all ranks,
+        so every rank stores with the same scale)."""
         per_tensor = cache_cfg.kv_cache_scale == "per-tensor"
         found = checkpoint_scales(self.model, per_tensor)
         if not cache_cfg.fp8_kv:
@@ -240,9 +241,17 @@ class ModelRunner:
             return None, None
         if found is not None:
             log.info("fp8 KV cache: the checkpoint's k_scale / v_scale")
+            if self.tp is not None:  # this rank's KV heads
+                from pdserve.common.models.parallel import head_shard
+                hs = head_shard(self.arch, self.tp.rank, self.tp.world_size)
+                found = [s[:, hs.kv_start:hs.kv_start + hs.num_kv].contiguous() for s in found]
             return found, "checkpoint"
         log.info("fp8 KV cache: scales calibrated on a %s prefill", "per-tensor" if per_tensor else "per-head")
-        return calibrate_kv_scales(self, per_tensor), "calibrated"
+        scales = calibrate_kv_scales(self, per_tensor)
+        if per_tensor and self.tp is not None:
+            stacked = self.tp.all_reduce_max(torch.stack(scales))
+            scales = list(stacked.unbind(0))
+        return scales, "calibrated"
 
     def _blocks_for_memory(self, cache_cfg: CacheConfig) -> int:
         num = int(cache_cfg.kv_cache_memory_gb * GiB) // (self.bytes_per_block() + self.extra_bytes_per_block)

@@ -143,6 +143,11 @@ class TPComm:
         _all_gather_single(out, x.contiguous())  # (gloo wants the ranks along dim 0)
         return out.view(self.world_size, *x.shape)
 
+    def all_reduce_max(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise max over ranks, in place (start-up values: fp8 KV scales)."""
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        return x
+
     def all_gather_int(self, value: int) -> list[int]:
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
         parts = [torch.empty_like(t) for _ in range(self.world_size)]

@@ -63,7 +63,7 @@ def kv_amax(runner, ids: list[int]) -> list[torch.Tensor]:
     from pdserve.common.sampling_params import SamplingParams
     arch, bs = runner.arch, runner.block_size
     num_blocks = -(-len(ids) // bs)
-    shape = (2, num_blocks, bs, arch.num_kv_heads, arch.head_dim)
+    shape = (2, num_blocks, bs, runner.num_kv_heads, arch.head_dim)  # this rank's KV heads under TP
     own = runner.kv_caches
     runner.kv_caches = [torch.zeros(shape, dtype=runner.dtype, device=runner.device) for _ in range(arch.num_layers)]
     try:
