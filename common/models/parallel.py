@@ -111,6 +111,81 @@ class SliceLoader:
             param.data.narrow(dim, end, param.shape[dim] - end).zero_()
 
 
+# How each parameter of a quantized module splits, per checkpoint format and split (column-parallel
+# "col": outputs; row-parallel "row": inputs): (tensor dim, split elements per tensor index along it)
+# or None (the tensor is whole on every rank). G: the group size (inputs per scale / zero row).
+_QUANT_SPLITS = {
+    "fp8": {"weight": ((0, 1), (1, 1)), "weight_scale": ((0, 1), None), "input_scale": (None, None),
+            "bias": ((0, 1), None)},
+    "awq": {"qweight": ((1, 8), (0, 1)), "qzeros": ((1, 8), (0, "G")), "scales": ((1, 1), (0, "G")),
+            "bias": ((0, 1), None)},
+    "gptq": {"qweight": ((1, 1), (0, 8)), "qzeros": ((1, 8), (0, "G")), "scales": ((1, 1), (0, "G")),
+             "g_idx": (None, (0, 1)), "bias": ((0, 1), None)},
+}
+
+
+class QuantSliceLoader:
+    """A quantized module's parameter under tensor parallelism: narrows the full checkpoint tensor to
+    this rank's slice in the tensor's own units (packed words, groups), then hands it to the
+    module's own weight_loader, which puts it into the running layout as at TP=1. A row-parallel
+    GPTQ g_idx (global group ids) is rebased to the rank's groups."""
+
+    def __init__(self, name: str, split: tuple[int, int | str] | None, pieces: dict[int | None, Piece],
+                 group_size: int | None, rebase_groups: bool = False):
+        self.name, self.pieces, self.rebase_groups = name, pieces, rebase_groups
+        self.dim, unit = split if split is not None else (None, 1)
+        self.unit = group_size if unit == "G" else unit
+        self.group_size = group_size
+
+    def __call__(self, param: torch.Tensor, tensor: torch.Tensor, shard: int | None) -> None:
+        if self.dim is not None and tensor.numel() > 1:
+            p = self.pieces[shard]
+            if p.src % self.unit or p.size % self.unit:
+                raise ConfigError(f"{self.name}: this rank's slice [{p.src}, {p.src + p.size}) of {p.full} does not "
+                                  f"split the checkpoint's {self.unit}-wide units (packing or group size): "
+                                  "use another --tensor-parallel-size")
+            if tensor.dim() <= self.dim or tensor.shape[self.dim] != p.full // self.unit:
+                raise ConfigError(f"checkpoint tensor for {self.name} has shape {tuple(tensor.shape)}, expected "
+                                  f"{p.full // self.unit} along dim {self.dim}")
+            tensor = tensor.narrow(self.dim, p.src // self.unit, p.size // self.unit)
+            if self.rebase_groups:
+                tensor = tensor - p.src // self.group_size
+        loader = getattr(param, "weight_loader", None)
+        if loader is not None:
+            loader(param, tensor, shard)
+        else:  # a plain parameter of the module (bias): the slice goes where the piece says
+            p = self.pieces[shard]
+            param.data.narrow(0, p.dst, p.size).copy_(tensor)
+
+
+def shard_quantized(model, path: str, module: nn.Module, method: str, group_size: int | None,
+                    desc_act: bool) -> None:
+    """After prepare_model swapped the linear at `path` for a quantized module of this rank's sizes:
+    its parameters' loaders, from the linear's registered slices (shard_model)."""
+    plain = model.weight_loaders.pop(f"{path}.weight")
+    model.weight_loaders.pop(f"{path}.bias", None)
+    kind = 0 if plain.dim == 0 else 1  # column- or row-parallel
+    if kind == 1 and getattr(module, "bias", None) is not None:
+        raise ConfigError(f"{path}: a row-parallel quantized linear with a bias is not supported")
+    if kind == 1 and method == "gptq" and desc_act:
+        raise ConfigError(f"GPTQ act-order (desc_act) splits {path}'s inputs across ranks in another order "
+                          "than its groups: not supported with --tensor-parallel-size > 1")
+    for pname, _ in module.named_parameters(recurse=False):
+        split = _QUANT_SPLITS[method][pname][kind]
+        model.weight_loaders[f"{path}.{pname}"] = QuantSliceLoader(
+            f"{path}.{pname}", split, plain.pieces, group_size, rebase_groups=pname == "g_idx" and kind == 1)
+
+
+def local_output_sizes(model, path: str, layer: nn.Linear) -> list[int] | None:
+    """This rank's output sizes of the (fused) linear at `path` under tensor parallelism, else None."""
+    plain = model.weight_loaders.get(f"{path}.weight")
+    if plain is None:
+        return None
+    if plain.dim == 1:
+        return [layer.out_features]
+    return [plain.pieces[i].size for i in sorted(k for k in plain.pieces if k is not None)] or [layer.out_features]
+
+
 def _linear(old: nn.Linear, in_features: int, out_features: int) -> nn.Linear:
     return nn.Linear(in_features, out_features, bias=old.bias is not None, device=old.weight.device,
                      dtype=old.weight.dtype)

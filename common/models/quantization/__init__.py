@@ -23,6 +23,7 @@ from pdserve.common.models.quantization import gguf_blocks
 from pdserve.common.models.quantization.config import FUSED_LINEARS, QuantConfig, resolve_quantization
 from pdserve.common.models.quantization.fp8 import Fp8Linear
 from pdserve.common.models.quantization.int_linear import IntLinear
+from pdserve.common.models.parallel import local_output_sizes, shard_quantized
 
 __all__ = ["QuantConfig", "resolve_quantization", "prepare_model", "attach_loaders", "finish_model",
            "quantized_modules"]
@@ -59,7 +60,8 @@ def prepare_model(model: nn.Module, qcfg: QuantConfig | None, arch: ArchConfig, 
         return set()
     kept: set[str] = set()
     for parent, attr, layer, path in list(_targets(model, qcfg)):
-        sizes = _output_sizes(arch, attr, layer)
+        full = f"{path}.{attr}"
+        sizes = local_output_sizes(model, full, layer) or _output_sizes(arch, attr, layer)  # this rank's
         if qcfg.method == "gguf":
             parts = [f"{path}.{part}.weight" for part in FUSED_LINEARS[attr]]
             bits = {gguf_blocks.KERNEL_TYPES.get(gguf_types.get(p, "")) for p in parts}
@@ -80,6 +82,8 @@ def prepare_model(model: nn.Module, qcfg: QuantConfig | None, arch: ArchConfig, 
                                 layer.bias is not None, use_triton, dtype, desc_act=qcfg.desc_act,
                                 zero_offset=qcfg.zero_offset, scales_dtype=torch.float16)
         setattr(parent, attr, new)
+        if f"{full}.weight" in model.weight_loaders:  # tensor parallelism: slice, then the module's loader
+            shard_quantized(model, full, new, qcfg.method, qcfg.group_size, qcfg.desc_act)
     return kept
 
 
