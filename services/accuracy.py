@@ -163,11 +163,14 @@ def cmd_accuracy(args) -> dict:
     for name in ["fp32"] + [v for v in variants if v != "fp32"]:
         t0 = time.perf_counter()
         llm = _variant_llm(name, folders, gguf_path, args.group_size, work, args.calibration_data)
-        tok = llm.get_tokenizer()
-        ids = tok.encode(text)
-        prompts = [tok.encode(p) for p in prompt_texts]
-        scores = score_tokens(llm, ids, args.window)
-        answers = greedy(llm, prompts, args.max_tokens)
+        try:
+            tok = llm.get_tokenizer()
+            ids = tok.encode(text)
+            prompts = [tok.encode(p) for p in prompt_texts]
+            scores = score_tokens(llm, ids, args.window)
+            answers = greedy(llm, prompts, args.max_tokens)
+        finally:  # its KV pool and graphs go before the next variant's engine sizes its own (CUDA)
+            llm.shutdown()
         if reference is None:
             reference = (scores, answers)
         row = {"variant": name, "perplexity": round(scores.perplexity(), 3), "scored_tokens": len(scores.logprobs),
@@ -175,7 +178,6 @@ def cmd_accuracy(args) -> dict:
                "greedy": agreement(answers, reference[1]), "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
-        del llm
     print_accuracy(rows, path, len(prompt_texts), args.max_tokens)
     summary = {"model": path, "text": args.text, "prompts": len(prompt_texts), "max_tokens": args.max_tokens,
                "window": args.window, "group_size": args.group_size, "rows": rows}
