@@ -121,6 +121,9 @@ _QUANT_SPLITS = {
             "bias": ((0, 1), None)},
     "gptq": {"qweight": ((1, 1), (0, 8)), "qzeros": ((1, 8), (0, "G")), "scales": ((1, 1), (0, "G")),
              "g_idx": (None, (0, 1)), "bias": ((0, 1), None)},
+    # GGUF blocks arrive in the running layout (gguf_blocks.to_running_layout): P inputs a word
+    "gguf": {"qweight": ((1, 1), (0, "P")), "qzeros": ((1, 1), (0, "G")), "scales": ((1, 1), (0, "G")),
+             "bias": ((0, 1), None)},
 }
 
 
@@ -131,10 +134,10 @@ class QuantSliceLoader:
     GPTQ g_idx (global group ids) is rebased to the rank's groups."""
 
     def __init__(self, name: str, split: tuple[int, int | str] | None, pieces: dict[int | None, Piece],
-                 group_size: int | None, rebase_groups: bool = False):
+                 group_size: int | None, rebase_groups: bool = False, per_word: int = 8):
         self.name, self.pieces, self.rebase_groups = name, pieces, rebase_groups
         self.dim, unit = split if split is not None else (None, 1)
-        self.unit = group_size if unit == "G" else unit
+        self.unit = {"G": group_size, "P": per_word}.get(unit, unit)
         self.group_size = group_size
 
     def __call__(self, param: torch.Tensor, tensor: torch.Tensor, shard: int | None) -> None:
@@ -173,7 +176,8 @@ def shard_quantized(model, path: str, module: nn.Module, method: str, group_size
     for pname, _ in module.named_parameters(recurse=False):
         split = _QUANT_SPLITS[method][pname][kind]
         model.weight_loaders[f"{path}.{pname}"] = QuantSliceLoader(
-            f"{path}.{pname}", split, plain.pieces, group_size, rebase_groups=pname == "g_idx" and kind == 1)
+            f"{path}.{pname}", split, plain.pieces, group_size, rebase_groups=pname == "g_idx" and kind == 1,
+            per_word=32 // getattr(module, "bits", 4))
 
 
 def local_output_sizes(model, path: str, layer: nn.Linear) -> list[int] | None:

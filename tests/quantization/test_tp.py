@@ -51,3 +51,26 @@ def test_quantized_checkpoint_at_tp2_equals_tp1(quant_models, short_prompts, var
 def test_gptq_act_order_at_tp2_is_refused(quant_models):
     with pytest.raises(ConfigError, match="act-order"):
         LLM(quant_models["llama-gptq-asym-act"], dtype="float32", kv_cache_memory_gb=0.05, tensor_parallel_size=2)
+
+
+def test_gguf_blocks_at_tp2_equal_tp1(smollm2_path):
+    """--quantization gguf at TP=2: the packaged SmolLM2's Q4_1 blocks (in the running int layout)
+    cut per rank, on its uneven head split (9 q / 3 KV heads -> 6 + 3 / 2 + 1)."""
+    prompts = [[1, 504, 3575, 282, 4649, 314], [1, 378, 7042, 3575, 282]]
+    runs = {}
+    for tp in (1, 2):
+        llm = LLM(smollm2_path, quantization="gguf", dtype="float32", kv_cache_memory_gb=0.05,
+                  max_model_len=512, tensor_parallel_size=tp, enable_prefix_caching=False)
+        try:
+            qkv = llm.engine.runner.model.layers[0].self_attn.qkv_proj
+            assert type(qkv).__name__ == "IntLinear" and qkv.format == "gguf"
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False)
+            runs[tp] = ([list(o.outputs[0].token_ids) for o in outs],
+                        [e[t].logprob for o, p in zip(outs, prompts) for e, t in zip(o.prompt_logprobs[1:], p[1:])],
+                        qkv.out_features)
+        finally:
+            llm.shutdown()
+    assert runs[2][2] == 6 * 64 + 2 * 2 * 64 and runs[1][2] == 9 * 64 + 2 * 3 * 64  # rank 0's heads
+    diff = max(abs(a - b) for a, b in zip(runs[1][1], runs[2][1]))
+    print(f"\nSmolLM2 gguf Q4_1: TP=2 vs TP=1 prompt logprobs max diff {diff:.2e}")
+    assert diff < 1e-4 and runs[1][0] == runs[2][0]

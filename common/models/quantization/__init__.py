@@ -69,9 +69,11 @@ def prepare_model(model: nn.Module, qcfg: QuantConfig | None, arch: ArchConfig, 
                 continue  # some part has no kernel layout (F16, Q6_K, ...): dequantized at load
             kept.update(parts)
             with torch.device("meta"):
-                setattr(parent, attr, IntLinear(layer.in_features, sizes, bits.pop(), gguf_blocks.GROUP_SIZE, "gguf",
-                                                layer.bias is not None, use_triton, dtype,
-                                                scales_dtype=torch.float32))
+                new = IntLinear(layer.in_features, sizes, bits.pop(), gguf_blocks.GROUP_SIZE, "gguf",
+                                layer.bias is not None, use_triton, dtype, scales_dtype=torch.float32)
+            setattr(parent, attr, new)
+            if f"{full}.weight" in model.weight_loaders:  # tensor parallelism
+                shard_quantized(model, full, new, "gguf", gguf_blocks.GROUP_SIZE, False)
             continue
         with torch.device("meta"):
             if qcfg.method == "fp8":
