@@ -96,9 +96,9 @@ class EngineCore:
         spec = config.speculative_config
         if self.tensor_parallel_size > 1:
             config.parallel.check_model(self.arch)
-            if spec is not None:
-                raise ConfigError("speculative decoding with --tensor-parallel-size > 1 is not supported yet "
-                                  "(docs/speculative.md)")
+            if spec is not None and spec.method != "ngram":
+                raise ConfigError("a draft model with --tensor-parallel-size > 1 is not supported yet (n-gram "
+                                  "speculation is: docs/speculative.md)")
             from pdserve.common.engine.tp_workers import start_tensor_parallel
             self.runner = start_tensor_parallel(config, self.arch, self.model_path, max_len, sched_cfg)
         else:
@@ -232,7 +232,8 @@ class EngineCore:
         self._progress = False
         overlap = self.async_scheduling and self.scheduler.num_host_history_requests == 0
         if self.spec_stats is not None and self.async_scheduling:
-            if overlaps(self.scheduler.num_running()):
+            # tensor parallelism: the followers' drafts come with each step, never past a token in flight
+            if overlaps(self.scheduler.num_running()) and self.tensor_parallel_size == 1:
                 return self._step_speculative()
             overlap = False  # a large batch: one step at a time (spec_decode/pipeline.py)
         if not overlap and self._inflight is not None:

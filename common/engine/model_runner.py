@@ -146,7 +146,7 @@ class ModelRunner:
         attach_kv_scales(self.model, self.kv_scales)
         if speculative is not None:  # a draft model's KV shares the pool's block ids: sized together
             from pdserve.common.engine.spec_decode.decoder import SpecDecoder
-            self.spec = SpecDecoder(speculative, self)
+            self.spec = SpecDecoder(speculative, self, follower=tp is not None and tp.rank != 0)
         self.extra_bytes_per_block = 0 if self.spec is None else self.spec.draft_bytes_per_block(self.block_size)
         if cache_cfg.num_blocks:
             self.num_blocks = cache_cfg.num_blocks
@@ -361,6 +361,9 @@ class ModelRunner:
             return PendingOutput(out)
         greedy = self.greedy_tail is not None and (plain_greedy(sched) if sched.all_greedy is None else sched.all_greedy)
         if self.spec is not None and self.spec.verifies():  # one readback; result() finishes on the host
+            if self.spec.follower:  # tensor-parallel rank > 0: rank 0's collectives, nothing sampled
+                self.spec.follow(hidden, step, ordered, greedy)
+                return PendingOutput(out)
             readback, finish = self.spec.verify(hidden, step, ordered, out, token_masks, greedy)
             self._last_sampled = (readback, self.spec.sampled_index)  # a next launch may fill from it
             self._last_pending = PendingOutput(out, tokens=readback, finish=finish)

@@ -78,9 +78,11 @@ def rank_device(device: str, rank: int) -> str:
 
 
 # ---- step messages --------------------------------------------------------------------------------
-def encode_step(sched: SchedulerOutput) -> bytes:
+def encode_step(sched: SchedulerOutput, scheduled: list[ScheduledRequest] | None = None) -> bytes:
+    """`scheduled`: the step's requests as rank 0 runs them (n-gram drafts appended: SpecDecoder.prepare)."""
     rows = [(s.req_id, s.input_token_ids, s.start_pos, s.block_ids, s.sample, s.params.prompt_logprobs,
-             s.prompt_token_ids if s.params.prompt_logprobs is not None else None) for s in sched.scheduled]
+             s.prompt_token_ids if s.params.prompt_logprobs is not None else None, s.spec_token_ids)
+            for s in (sched.scheduled if scheduled is None else scheduled)]
     return pickle.dumps((rows, sched.num_batched_tokens, sched.finished_req_ids, sched.preempted_req_ids,
                          sched.all_greedy), protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -88,11 +90,12 @@ def encode_step(sched: SchedulerOutput) -> bytes:
 def decode_step(payload: bytes, params_cache: dict) -> SchedulerOutput:
     rows, num_tokens, finished, preempted, all_greedy = pickle.loads(payload)
     scheduled = []
-    for req_id, tokens, start, blocks, sample, prompt_logprobs, prompt in rows:
+    for req_id, tokens, start, blocks, sample, prompt_logprobs, prompt, drafts in rows:
         params = params_cache.get(prompt_logprobs)
         if params is None:
             params = params_cache[prompt_logprobs] = SamplingParams(prompt_logprobs=prompt_logprobs)
-        scheduled.append(ScheduledRequest(req_id, tokens, start, blocks, sample, params, prompt or [], []))
+        scheduled.append(ScheduledRequest(req_id, tokens, start, blocks, sample, params, prompt or [], [],
+                                          spec_token_ids=drafts))
     return SchedulerOutput(scheduled, num_tokens, finished, preempted, all_greedy=all_greedy)
 
 
@@ -212,9 +215,9 @@ class TPWorkers:
         if self.dead is not None:
             raise self.fail(None)
 
-    def send_step(self, sched: SchedulerOutput) -> None:
+    def send_step(self, sched: SchedulerOutput, scheduled: list[ScheduledRequest] | None = None) -> None:
         self.check()
-        payload = encode_step(sched)
+        payload = encode_step(sched, scheduled)
         for conn in self._steps:
             try:
                 conn.send_bytes(payload)
@@ -279,7 +282,8 @@ class TPDriverRunner(ModelRunner):
             return super().launch(sched)  # start-up (the CUDA profiling step): every rank runs its own
         # the greedy tail or the Sampler: the same choice on every rank (the message carries it)
         sched.all_greedy = self.greedy_tail is not None and plain_greedy(sched)
-        self.workers.send_step(sched)
+        # n-gram drafts are looked up here, on rank 0, and travel with the step
+        self.workers.send_step(sched, None if self.spec is None else self.spec.prepare(sched))
         try:
             return _TPPending(super().launch(sched, token_masks), self.workers)
         except Exception as e:
@@ -321,7 +325,8 @@ def start_tensor_parallel(config: EngineConfig, arch: ArchConfig, path: str, max
     workers = TPWorkers(config, arch, path, max_model_len, sched_cfg)
     try:
         return TPDriverRunner(workers, config.model, config.cache, arch, path, max_model_len,
-                              scheduler_cfg=sched_cfg, enforce_eager=config.enforce_eager)
+                              scheduler_cfg=sched_cfg, enforce_eager=config.enforce_eager,
+                              speculative=config.speculative_config)
     except ConfigError:
         workers.fail(None)
         raise
@@ -352,7 +357,7 @@ def worker_entry(steps_fd: int, status_fd: int, kv_link_fd: int | None = None) -
         comm = TPComm(rank, world_size, store, torch.device(config.model.device), COLLECTIVE_TIMEOUT_S,
                       config.parallel.all_reduce)
         runner = ModelRunner(config.model, config.cache, arch, path, max_model_len, scheduler_cfg=sched_cfg,
-                             enforce_eager=config.enforce_eager, tp=comm)
+                             enforce_eager=config.enforce_eager, tp=comm, speculative=config.speculative_config)
         # CPU: this rank does not see the block pool (rank 0's): its KV pages are populated up to
         # one batch at start, then fault in on first use
         runner.kv_frontier = lambda: 0

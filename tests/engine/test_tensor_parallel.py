@@ -262,3 +262,40 @@ def test_checkpoint_kv_scales_at_tp2(tmp_path, tiny_model_factory, few_prompts):
         assert all(len(o.outputs[0].token_ids) == MAX_TOKENS for o in outs)
     finally:
         llm.shutdown()
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_ngram_speculation_at_tp2(tmp_path, tiny_model_factory, async_scheduling):
+    """n-gram speculative decoding at TP=2: rank 0 looks the drafts up and sends them with the step;
+    every rank runs the verify rows and the logits gather (or the greedy tail) in step. Greedy and
+    seeded tokens equal TP=1 without speculation (n-gram drafts never change outputs). The model:
+    a 512-token vocabulary, whose greedy outputs soon repeat, so drafts are found and accepted."""
+    import random
+    folder = tiny_model_factory(str(tmp_path / "v512"), "llama", vocab_size=512, initializer_range=0.02)
+    rng = random.Random(1)
+    prompts = [[rng.randrange(3, 512) for _ in range(n)] for n in (9, 40, 77)]
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1,
+            "draft_budget": "all"}  # every draft fed (the CPU's default budget trims them by step cost)
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.8, seed=11, max_tokens=40, ignore_eos=True)
+    params = [greedy] * len(prompts) + [seeded]
+    inputs = [{"prompt_token_ids": p} for p in prompts + [prompts[0]]]
+    want = LLM(folder, kv_cache_memory_gb=0.05, dtype="float32").generate(inputs, params, use_tqdm=False)
+    llm = LLM(folder, kv_cache_memory_gb=0.05, dtype="float32", tensor_parallel_size=2, speculative_config=spec,
+              async_scheduling=async_scheduling)
+    try:
+        got = llm.generate(inputs, params, use_tqdm=False)
+        stats = llm.engine.stats().spec_decode
+        assert llm.engine.kv.num_free_blocks == llm.engine.runner.num_blocks, "KV blocks leaked"
+    finally:
+        llm.shutdown()
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    print(f"\nTP=2 n-gram: {stats.num_drafts} verify rounds, {stats.num_draft_tokens} drafts, "
+          f"{stats.num_accepted_tokens} accepted")
+    assert stats.num_drafts > 10 and stats.num_accepted_tokens > 0
+
+
+def test_draft_model_at_tp2_is_refused(tiny_models):
+    with pytest.raises(ConfigError, match="draft model with --tensor-parallel-size"):
+        LLM(tiny_models["llama"], kv_cache_memory_gb=0.05, dtype="float32", tensor_parallel_size=2,
+            speculative_config={"model": tiny_models["llama"], "num_speculative_tokens": 2})

@@ -57,12 +57,20 @@ GROUPED_MIN_CONTEXT = 512
 
 
 class SpecDecoder:
-    def __init__(self, config: SpeculativeConfig, runner):
+    def __init__(self, config: SpeculativeConfig, runner, follower: bool = False):
         """Before the target's KV pool exists: a draft model's shape is read (for the pool's
-        size), its weights are loaded in `start`."""
+        size), its weights are loaded in `start`. `follower`: a tensor-parallel rank > 0, which
+        proposes nothing: rank 0 sends each step's drafts with it (tp_workers.encode_step) and this
+        rank runs the same rows and joins the same collectives (`follow`)."""
         self.config = config
         self.runner = runner
-        if config.method == "ngram":
+        self.follower = follower
+        self._prepared: tuple | None = None  # (the SchedulerOutput, prepare()'s requests for it)
+        if follower:
+            if config.method != "ngram":
+                raise ValueError("a tensor-parallel follower runs n-gram speculation only")
+            self.proposer = self.draft = None
+        elif config.method == "ngram":
             from pdserve.common.engine.spec_decode.ngram import NgramProposer
             self.proposer = NgramProposer(config)
             self.draft = None
@@ -137,7 +145,38 @@ class SpecDecoder:
             self.prefill_seconds += time.perf_counter() - t0
 
     def prepare(self, sched: SchedulerOutput) -> list[ScheduledRequest]:
-        """The step's requests, those with draft slots carrying up to num_spec_slots drafts."""
+        """The step's requests, those with draft slots carrying up to num_spec_slots drafts (once
+        per step: a tensor-parallel rank 0 prepares before sending the step, then launches it)."""
+        if self._prepared is not None and self._prepared[0] is sched:
+            return self._prepared[1]
+        out = self._follow_prepare(sched) if self.follower else self._prepare(sched)
+        self._prepared = (sched, out)
+        return out
+
+    def _follow_prepare(self, sched: SchedulerOutput) -> list[ScheduledRequest]:
+        """A follower's step arrives with its drafts in the inputs (spec_token_ids): the same state
+        as rank 0's prepare() left, nothing proposed."""
+        self._fed = {s.req_id: list(s.spec_token_ids) for s in sched.scheduled if s.spec_token_ids}
+        self._drafts, self._probs = dict(self._fed), dict.fromkeys(self._fed)
+        self._launched, self._deferred, self._ahead = ({}, set(), []), None, None
+        self._bridge, self._void, self._settle = {}, set(), None
+        self._decode_only = all(len(s.input_token_ids) - len(s.spec_token_ids) == 1 for s in sched.scheduled)
+        self._as_rows = self.verify_as_decodes and bool(self._fed) and self._decode_only
+        return sched.scheduled
+
+    def follow(self, hidden: torch.Tensor, step: StepInputs, ordered: list[ScheduledRequest], greedy: bool) -> None:
+        """A follower's part of `verify`: the collectives rank 0's makes for the same rows (the
+        tail graph's all-gather, or the logits gather), nothing sampled here."""
+        runner, flat = self.runner, []
+        for s, end in zip(ordered, step.query_start_loc[1:].tolist()):
+            if s.sample:
+                flat += range(end - len(s.spec_token_ids) - 1, end)
+        if greedy and runner._step_graphed and runner.graphs.can_run_tail():
+            runner.graphs.run_tail(step.num_tokens)
+            return
+        runner.model.compute_logits(hidden.index_select(0, to_device(flat, torch.int64, hidden.device)))
+
+    def _prepare(self, sched: SchedulerOutput) -> list[ScheduledRequest]:
         # A draft model at temperature > 0 also drafts the token after the fed drafts, even with
         # no slot to feed any (draft_model.py: every position is then decided the same way).
         want = [s for s in sched.scheduled if s.num_spec_slots or (
@@ -317,7 +356,8 @@ class SpecDecoder:
 
     def forget(self, req_ids) -> None:
         """Finished or preempted requests: their proposer state and cool-down."""
-        self.proposer.forget(req_ids)
+        if self.proposer is not None:
+            self.proposer.forget(req_ids)
         if self.budget is not None:
             self.budget.forget(req_ids)
         for req_id in req_ids:
