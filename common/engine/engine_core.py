@@ -96,9 +96,6 @@ class EngineCore:
         spec = config.speculative_config
         if self.tensor_parallel_size > 1:
             config.parallel.check_model(self.arch)
-            if spec is not None and spec.method != "ngram":
-                raise ConfigError("a draft model with --tensor-parallel-size > 1 is not supported yet (n-gram "
-                                  "speculation is: docs/speculative.md)")
             from pdserve.common.engine.tp_workers import start_tensor_parallel
             self.runner = start_tensor_parallel(config, self.arch, self.model_path, max_len, sched_cfg)
         else:

@@ -50,6 +50,9 @@ class SchedulerOutput:
     # every sampled row is plain greedy (engine/greedy_tail.py): decided on rank 0 and carried to
     # the other tensor-parallel ranks in the step message; None: the runner checks the params
     all_greedy: bool | None = None
+    # speculative decoding under tensor parallelism: rank 0's SpecDecoder verifies this step (its
+    # drafts travel as the requests' spec_token_ids), so the other ranks join the verify's collectives
+    spec_verifies: bool = False
 
     def is_empty(self) -> bool:
         return not self.scheduled

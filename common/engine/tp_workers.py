@@ -84,11 +84,11 @@ def encode_step(sched: SchedulerOutput, scheduled: list[ScheduledRequest] | None
              s.prompt_token_ids if s.params.prompt_logprobs is not None else None, s.spec_token_ids)
             for s in (sched.scheduled if scheduled is None else scheduled)]
     return pickle.dumps((rows, sched.num_batched_tokens, sched.finished_req_ids, sched.preempted_req_ids,
-                         sched.all_greedy), protocol=pickle.HIGHEST_PROTOCOL)
+                         sched.all_greedy, sched.spec_verifies), protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def decode_step(payload: bytes, params_cache: dict) -> SchedulerOutput:
-    rows, num_tokens, finished, preempted, all_greedy = pickle.loads(payload)
+    rows, num_tokens, finished, preempted, all_greedy, spec_verifies = pickle.loads(payload)
     scheduled = []
     for req_id, tokens, start, blocks, sample, prompt_logprobs, prompt, drafts in rows:
         params = params_cache.get(prompt_logprobs)
@@ -96,7 +96,8 @@ def decode_step(payload: bytes, params_cache: dict) -> SchedulerOutput:
             params = params_cache[prompt_logprobs] = SamplingParams(prompt_logprobs=prompt_logprobs)
         scheduled.append(ScheduledRequest(req_id, tokens, start, blocks, sample, params, prompt or [], [],
                                           spec_token_ids=drafts))
-    return SchedulerOutput(scheduled, num_tokens, finished, preempted, all_greedy=all_greedy)
+    return SchedulerOutput(scheduled, num_tokens, finished, preempted, all_greedy=all_greedy,
+                           spec_verifies=spec_verifies)
 
 
 # ---- the engine side ------------------------------------------------------------------------------
@@ -282,8 +283,12 @@ class TPDriverRunner(ModelRunner):
             return super().launch(sched)  # start-up (the CUDA profiling step): every rank runs its own
         # the greedy tail or the Sampler: the same choice on every rank (the message carries it)
         sched.all_greedy = self.greedy_tail is not None and plain_greedy(sched)
-        # n-gram drafts are looked up here, on rank 0, and travel with the step
-        self.workers.send_step(sched, None if self.spec is None else self.spec.prepare(sched))
+        # drafts are proposed here, on rank 0 (n-gram, or a draft model of its own), and travel with the step
+        scheduled = None
+        if self.spec is not None:
+            scheduled = self.spec.prepare(sched)
+            sched.spec_verifies = self.spec.verifies()
+        self.workers.send_step(sched, scheduled)
         try:
             return _TPPending(super().launch(sched, token_masks), self.workers)
         except Exception as e:

@@ -295,7 +295,30 @@ def test_ngram_speculation_at_tp2(tmp_path, tiny_model_factory, async_scheduling
     assert stats.num_drafts > 10 and stats.num_accepted_tokens > 0
 
 
-def test_draft_model_at_tp2_is_refused(tiny_models):
-    with pytest.raises(ConfigError, match="draft model with --tensor-parallel-size"):
-        LLM(tiny_models["llama"], kv_cache_memory_gb=0.05, dtype="float32", tensor_parallel_size=2,
-            speculative_config={"model": tiny_models["llama"], "num_speculative_tokens": 2})
+def test_draft_model_at_tp2(tiny_models, few_prompts):
+    """A draft model at TP=2 runs unsharded on rank 0 (its own KV in rank 0's block ids), its drafts
+    read on the host and sent with the step. The target as its own draft: greedy tokens equal TP=1
+    without speculation with every draft accepted; seeded tokens equal TP=1 with the same draft
+    (a draft model's draws are decided by position, not by the route)."""
+    spec = {"model": tiny_models["llama"], "num_speculative_tokens": 3}
+    greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS)
+    seeded = SamplingParams(temperature=0.8, seed=5, max_tokens=MAX_TOKENS)
+    inputs = [{"prompt_token_ids": p} for p in few_prompts[:3]]
+    params = [greedy] * 2 + [seeded]
+    plain = LLM(tiny_models["llama"], kv_cache_memory_gb=0.05, dtype="float32").generate(inputs[:2], greedy,
+                                                                                        use_tqdm=False)
+    tp1 = LLM(tiny_models["llama"], kv_cache_memory_gb=0.05, dtype="float32", speculative_config=spec)
+    want = tp1.generate(inputs, params, use_tqdm=False)
+    llm = LLM(tiny_models["llama"], kv_cache_memory_gb=0.05, dtype="float32", tensor_parallel_size=2,
+              speculative_config=spec)
+    try:
+        got = llm.generate(inputs, params, use_tqdm=False)
+        stats = llm.engine.stats().spec_decode
+        assert llm.engine.kv.num_free_blocks == llm.engine.runner.num_blocks, "KV blocks leaked"
+    finally:
+        llm.shutdown()
+    tokens = [o.outputs[0].token_ids for o in got]
+    assert tokens[:2] == [o.outputs[0].token_ids for o in plain]
+    assert tokens == [o.outputs[0].token_ids for o in want]
+    print(f"\nTP=2 self-draft: {stats.num_draft_tokens} drafts, {stats.num_accepted_tokens} accepted")
+    assert stats.num_draft_tokens > 0 and stats.num_accepted_tokens > 0

@@ -66,9 +66,7 @@ class SpecDecoder:
         self.runner = runner
         self.follower = follower
         self._prepared: tuple | None = None  # (the SchedulerOutput, prepare()'s requests for it)
-        if follower:
-            if config.method != "ngram":
-                raise ValueError("a tensor-parallel follower runs n-gram speculation only")
+        if follower:  # (a draft model runs on rank 0 alone)
             self.proposer = self.draft = None
         elif config.method == "ngram":
             from pdserve.common.engine.spec_decode.ngram import NgramProposer
@@ -158,6 +156,8 @@ class SpecDecoder:
         as rank 0's prepare() left, nothing proposed."""
         self._fed = {s.req_id: list(s.spec_token_ids) for s in sched.scheduled if s.spec_token_ids}
         self._drafts, self._probs = dict(self._fed), dict.fromkeys(self._fed)
+        if sched.spec_verifies and not self._drafts:  # (a draft model at T > 0 drafting with no slot to feed)
+            self._drafts = {s.req_id: [] for s in sched.scheduled if s.sample}
         self._launched, self._deferred, self._ahead = ({}, set(), []), None, None
         self._bridge, self._void, self._settle = {}, set(), None
         self._decode_only = all(len(s.input_token_ids) - len(s.spec_token_ids) == 1 for s in sched.scheduled)
@@ -269,7 +269,8 @@ class SpecDecoder:
         """This step's drafts stay on the device (DEFER_DRAFTS): a draft model's, every drafting
         request greedy (a random one's draft distributions and Leviathan rows are built on the host),
         and no input of the step in flight from an earlier one (the fill then reads the drafts alone)."""
-        return DEFER_DRAFTS and self.draft is not None and bool(want) \
+        # (tensor parallelism: the drafts travel to the other ranks in the step message, from the host)
+        return DEFER_DRAFTS and self.draft is not None and self.runner.tp is None and bool(want) \
             and all(s.params.temperature == 0 for s in want) \
             and all(s.input_token_ids[-1] != PLACEHOLDER_TOKEN for s in sched.scheduled)
 
