@@ -16,6 +16,7 @@ qweight / scales / qzeros (rows permuted the same way) for the model's IntLinear
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Iterator
 
@@ -58,9 +59,7 @@ def read_arch_config(reader: GGUFHeader, path: str) -> ArchConfig:
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     eot = _field(reader, "tokenizer.ggml.eot_token_id")
     eos_ids = tuple(dict.fromkeys(int(t) for t in (eos, eot) if t is not None))
-    scaling = None
-    if _field(reader, f"{arch}.rope.scaling.type") == "linear":
-        scaling = {"rope_type": "linear", "factor": float(_field(reader, f"{arch}.rope.scaling.factor"))}
+    scaling = _rope_scaling(reader, arch, path)
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
     return ArchConfig(
         architecture=arch, vocab_size=int(vocab), hidden_size=hidden,
@@ -130,6 +129,8 @@ def iter_weights(reader: GGUFHeader, cfg: ArchConfig, path: str,
             raise ConfigError(f"{path}: tensor {t.name} has type {qtype.name}, "
                               f"supported: {', '.join(SUPPORTED_TYPES)}")
         base, _, suffix = t.name.rpartition(".")
+        if base == "rope_freqs":  # read into the config's rope scaling (_rope_scaling)
+            continue
         name = f"{_hf_name(base)}.{suffix}"
         if name in quantized:  # raw rows [N, bytes]; q/k rows un-permuted like the float weights
             rows = tensor_data(data, t)
@@ -151,6 +152,34 @@ def iter_weights(reader: GGUFHeader, cfg: ArchConfig, path: str,
         if not (w.flags.writeable and w.flags.c_contiguous):  # F32 tensors: views of the file's map
             w = np.array(w, dtype=np.float32, order="C")
         yield name, torch.from_numpy(w)
+
+
+def _rope_scaling(reader: GGUFHeader, arch: str, path: str) -> dict | None:
+    """The HF-style rope scaling of a GGUF file: llama.cpp's `{arch}.rope.scaling.*` keys (linear,
+    yarn), or the `rope_freqs` tensor (per-dimension divisors of the frequencies) that its converter
+    writes for Llama 3.1+ rope scaling (rope_inv_freq's "freq_factors")."""
+    kind = _field(reader, f"{arch}.rope.scaling.type")
+    factor = _field(reader, f"{arch}.rope.scaling.factor")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(factor)}
+    if kind == "yarn":
+        scaling = {"rope_type": "yarn", "factor": float(factor),
+                   "original_max_position_embeddings": int(_field(reader, f"{arch}.rope.scaling.original_context_length"))}
+        for key in ("beta_fast", "beta_slow"):
+            value = _field(reader, f"{arch}.rope.scaling.yarn_{key}")
+            if value is not None:
+                scaling[key] = float(value)
+        attn = _field(reader, f"{arch}.rope.scaling.attn_factor")
+        if attn is not None:  # llama.cpp multiplies YaRN's own 0.1 ln(factor) + 1 by it
+            scaling["attention_factor"] = float(attn) * (0.1 * math.log(float(factor)) + 1.0 if factor > 1 else 1.0)
+        return scaling
+    if kind not in (None, "none"):
+        raise ConfigError(f"{path}: rope scaling {kind!r} is not supported (linear, yarn, and rope_freqs are)")
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is None:
+        return None
+    data = np.memmap(path, dtype=np.uint8, mode="r")
+    return {"rope_type": "freq_factors", "factors": [float(x) for x in tensor_data(data, freqs).reshape(-1)]}
 
 
 def _hf_name(base: str) -> str:
@@ -180,6 +209,9 @@ def export_hf_folder(path: str, out: str) -> str:
     from pdserve.common.tokenizer import gguf_tokenizer_folder
     reader = open_reader(path)
     cfg = read_arch_config(reader, path)
+    if (cfg.rope_scaling or {}).get("rope_type") == "freq_factors":
+        raise ConfigError(f"{path}: its rope_freqs (Llama 3.1+ rope scaling) has no HF config form to export; "
+                          "quantize the model's HF folder instead")
     os.makedirs(out, exist_ok=True)
     tensors = {(name if name.startswith("lm_head") else f"model.{name}"): t for name, t in iter_weights(reader, cfg, path)}
     save_file(tensors, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})

@@ -4,7 +4,7 @@ Inputs are the step's flattened tokens (no batch dimension, no padding): `input_
 `positions [T]`. Differences between the families are config flags, not subclasses:
   Qwen2  attention_bias (q/k/v bias)      Qwen3  qk_norm (RMSNorm per head on q and k)
   Mistral sliding_window                   SmolLM2 / Llama-3.2 tie_word_embeddings
-  Llama 3 rope_scaling {"rope_type": "llama3"}
+  Llama 3 rope_scaling {"rope_type": "llama3"}, Qwen2.5 long context {"rope_type": "yarn"}
 q/k/v and gate/up are fused into one matmul each; `load_weights` maps HF names onto the shards.
 Transforms of the finished model (tensor parallelism: models/parallel.py) register per-parameter
 loaders in `weight_loaders` and may set `gather_logits`; the forward pass does not know about them.
@@ -87,15 +87,23 @@ class RMSNorm(nn.Module):
         return self.ops.rms_norm(x, self.weight, self.eps, residual)
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies [head_dim / 2] fp32, the factor cos and sin are multiplied by) of a rope
+    scaling config, as HF transformers computes them: default, linear, llama3, yarn, and GGUF's
+    per-dimension divisors (`freq_factors`: llama.cpp's rope_freqs tensor of Llama 3.1+ files)."""
     # on the CPU even inside `with torch.device("meta")` (the loader's): a meta op here would go
     # through torch._refs and import torch._dynamo, seconds of a server's start
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
-        return inv_freq
+        return inv_freq, 1.0
     if kind == "linear":
-        return inv_freq / scaling["factor"]
+        return inv_freq / scaling["factor"], 1.0
+    if kind == "freq_factors":
+        factors = torch.tensor(scaling["factors"], dtype=torch.float32, device="cpu")
+        if factors.shape != inv_freq.shape:
+            raise ConfigError(f"rope_freqs has {factors.numel()} factors; head_dim {head_dim} needs {inv_freq.numel()}")
+        return inv_freq / factors, 1.0
     if kind == "llama3":
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_len = scaling["original_max_position_embeddings"]
@@ -105,8 +113,40 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Te
         smooth = (old_len / wavelen - low) / (high - low)
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return torch.where(medium, smoothed, scaled)
-    raise ConfigError(f"rope scaling type {kind!r} is not supported (default, linear, llama3 are)")
+        return torch.where(medium, smoothed, scaled), 1.0
+    if kind == "yarn":
+        return _yarn(head_dim, theta, scaling, inv_freq)
+    raise ConfigError(f"rope scaling type {kind!r} is not supported (default, linear, llama3, yarn are)")
+
+
+def _yarn(head_dim: int, theta: float, scaling: dict, inv_freq: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """YaRN (Peng et al.): dimensions that turn fewer than beta_slow times over the original context
+    are interpolated (divided by factor), those turning more than beta_fast times kept, a linear
+    ramp between; cos and sin are scaled by the attention factor 0.1 ln(factor) + 1 (or the
+    mscale / mscale_all_dim ratio, or the config's attention_factor)."""
+    factor, old_len = scaling.get("factor"), scaling.get("original_max_position_embeddings")
+    if factor is None or old_len is None:
+        raise ConfigError("yarn rope scaling needs factor and original_max_position_embeddings")
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+    fast, slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def dim_of(rotations: float) -> float:  # the dimension that turns `rotations` times over old_len
+        return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+    low, high = dim_of(fast), dim_of(slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (the original frequency), 0: interpolate
+    return inv_freq / factor * (1 - keep) + inv_freq * keep, float(attention)
 
 
 class Rotary(nn.Module):
@@ -114,10 +154,10 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None, ops=TORCH_OPS):
         super().__init__()
-        inv_freq = rope_inv_freq(head_dim, theta, scaling)
+        inv_freq, attention = rope_inv_freq(head_dim, theta, scaling)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32, device=inv_freq.device), inv_freq)  # [P, D/2]
         # [P, D] = cat(cos, sin): the kernel's layout; kept fp32 (the loader rebuilds it after casting)
-        self.register_buffer("cos_sin", torch.cat((freqs.cos(), freqs.sin()), dim=-1), persistent=False)
+        self.register_buffer("cos_sin", torch.cat((freqs.cos(), freqs.sin()), dim=-1) * attention, persistent=False)
         self.ops = ops
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):

@@ -75,8 +75,9 @@ def test_tokens_equal_tp1(tiny_models, few_prompts, arch, tp, kwargs):
     assert stats.prefix_hits > 0
 
 
-def write_gguf(hf_folder: str, path: str) -> str:
-    """The HF folder's weights as a llama.cpp-style F32 GGUF (q/k rows permuted as llama.cpp does)."""
+def write_gguf(hf_folder: str, path: str, extra_tensors: dict | None = None, metadata=None) -> str:
+    """The HF folder's weights as a llama.cpp-style F32 GGUF (q/k rows permuted as llama.cpp does);
+    `extra_tensors` (name -> float32 array) and `metadata(writer)` add what a test needs."""
     import json
 
     import gguf
@@ -90,7 +91,7 @@ def write_gguf(hf_folder: str, path: str) -> str:
     w.add_feed_forward_length(c["intermediate_size"])
     w.add_head_count(heads)
     w.add_head_count_kv(kv_heads)
-    w.add_key_length(c["head_dim"])
+    w.add_key_length(c.get("head_dim") or c["hidden_size"] // heads)
     w.add_layer_norm_rms_eps(c["rms_norm_eps"])
     w.add_rope_freq_base(c.get("rope_theta", 10000.0))
     w.add_vocab_size(c["vocab_size"])
@@ -109,6 +110,10 @@ def write_gguf(hf_folder: str, path: str) -> str:
         else:
             base = {"embed_tokens": "token_embd", "norm": "output_norm", "lm_head": "output"}[base]
         w.add_tensor(base + ".weight", t)
+    for name, t in (extra_tensors or {}).items():
+        w.add_tensor(name, t)
+    if metadata is not None:
+        metadata(w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
