@@ -110,8 +110,9 @@ def _variant_llm(name: str, folders: dict, gguf_path: str | None, group_size: in
         return LLM(ref, dtype="float32", **common)
     if name == "bf16":
         return LLM(ref, dtype="bfloat16", **common)
-    if name == "fp8":
-        return LLM(ref, dtype="float32", quantization="fp8", **common)
+    if name == "fp8":  # CUDA's fp8 GEMMs take bf16 activations (torch._scaled_mm): the variant runs in bf16 there
+        import torch
+        return LLM(ref, dtype="bfloat16" if torch.cuda.is_available() else "float32", quantization="fp8", **common)
     if name == "fp8-kv":
         return LLM(ref, dtype="float32", kv_cache_dtype="fp8", **common)
     if name == "fp8-kv-ckpt":

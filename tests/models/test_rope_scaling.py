@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pdserve.common.engine.llm import LLM
+from pdserve.common.models.loader import read_arch_config
 from pdserve.common.sampling_params import SamplingParams
 from tests.engine.test_correctness import hf_greedy
 from tests.engine.test_tensor_parallel import write_gguf
@@ -27,17 +28,23 @@ def _prompts() -> list[list[int]]:
     return [[rng.randrange(3, 49152) for _ in range(n)] for n in (5, 70, 150)]
 
 
+def _llm(model: str, **kw) -> LLM:
+    return LLM(model, dtype="float32", num_gpu_blocks_override=64, **kw)  # (a small pool on CUDA too)
+
+
 def _tokens(model: str, prompts, **kw) -> list[list[int]]:
-    llm = LLM(model, dtype="float32", kv_cache_memory_gb=0.05, **kw)
-    return [list(o.outputs[0].token_ids) for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
-                                                               GREEDY, use_tqdm=False)]
+    llm = _llm(model, **kw)
+    try:
+        return [list(o.outputs[0].token_ids) for o in llm.generate([{"prompt_token_ids": p} for p in prompts],
+                                                                   GREEDY, use_tqdm=False)]
+    finally:
+        llm.shutdown()
 
 
 @pytest.mark.parametrize("arch,kernels", [("qwen2", "auto"), ("llama", "reference")])
 def test_yarn_matches_hf(tmp_path, tiny_model_factory, arch, kernels):
     folder = tiny_model_factory(str(tmp_path / arch), arch, rope_scaling=dict(YARN), max_position_embeddings=256)
-    llm = LLM(folder, dtype="float32", kv_cache_memory_gb=0.05)
-    assert llm.engine.arch.rope_scaling["rope_type"] == "yarn"
+    assert read_arch_config(folder).rope_scaling["rope_type"] == "yarn"
     prompts = _prompts()
     assert _tokens(folder, prompts, kernels=kernels) == hf_greedy(folder, prompts, GREEDY.max_tokens)
 
@@ -65,8 +72,7 @@ def test_gguf_rope_freqs_as_llama3_scaling(tmp_path, tiny_model_factory):
     folder = tiny_model_factory(str(tmp_path / "llama3"), "llama", rope_scaling=dict(LLAMA3))
     path = write_gguf(folder, str(tmp_path / "llama3.gguf"),
                       extra_tensors={"rope_freqs.weight": _llama3_factors(16, 10000.0)})
-    llm = LLM(path, dtype="float32", kv_cache_memory_gb=0.05, tokenizer=folder)
-    assert llm.engine.arch.rope_scaling["rope_type"] == "freq_factors"
+    assert read_arch_config(path).rope_scaling["rope_type"] == "freq_factors"
     prompts = _prompts()
     want = hf_greedy(folder, prompts, GREEDY.max_tokens)
     assert _tokens(path, prompts, tokenizer=folder) == want
@@ -83,7 +89,7 @@ def test_gguf_yarn_keys(tmp_path, tiny_model_factory):
         w.add_rope_scaling_factor(4.0)
         w.add_rope_scaling_orig_ctx_len(64)
     path = write_gguf(folder, str(tmp_path / "yarn.gguf"), metadata=yarn)
-    llm = LLM(path, dtype="float32", kv_cache_memory_gb=0.05, tokenizer=folder)
-    assert llm.engine.arch.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    assert read_arch_config(path).rope_scaling == {"rope_type": "yarn", "factor": 4.0,
+                                                   "original_max_position_embeddings": 64}
     prompts = _prompts()
     assert _tokens(path, prompts, tokenizer=folder) == hf_greedy(folder, prompts, GREEDY.max_tokens)
