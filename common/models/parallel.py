@@ -175,8 +175,11 @@ def shard_quantized(model, path: str, module: nn.Module, method: str, group_size
                           "than its groups: not supported with --tensor-parallel-size > 1")
     for pname, _ in module.named_parameters(recurse=False):
         split = _QUANT_SPLITS[method][pname][kind]
+        if group_size is None and split is not None and split[1] == "G":
+            split = None  # one group over all inputs (group_size -1): every rank keeps its scales and zeros
         model.weight_loaders[f"{path}.{pname}"] = QuantSliceLoader(
-            f"{path}.{pname}", split, plain.pieces, group_size, rebase_groups=pname == "g_idx" and kind == 1,
+            f"{path}.{pname}", split, plain.pieces, group_size,
+            rebase_groups=pname == "g_idx" and kind == 1 and group_size is not None,
             per_word=32 // getattr(module, "bits", 4))
 
 

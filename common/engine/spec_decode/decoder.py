@@ -126,7 +126,7 @@ class SpecDecoder:
         policy = self.config.draft_budget
         if policy == "auto":  # a step's wall time is its cost where the forward runs on the host
             policy = "cost" if self.runner.device.type == "cpu" else "all"
-        if policy == "cost" and self.draft is None:
+        if policy == "cost" and self.draft is None and not self.follower:
             from pdserve.common.engine.spec_decode.budget import DraftBudget
             self.budget = DraftBudget()
         if self.draft is not None:
