@@ -269,6 +269,17 @@ def test_checkpoint_kv_scales_at_tp2(tmp_path, tiny_model_factory, few_prompts):
         llm.shutdown()
 
 
+def _speculate_at_tp2(folder: str, inputs: list, params: list, spec: dict, **kw):
+    """(outputs, spec counters) of a TP=2 engine with `spec`; no KV block left behind."""
+    llm = LLM(folder, kv_cache_memory_gb=0.05, dtype="float32", tensor_parallel_size=2, speculative_config=spec, **kw)
+    try:
+        got = llm.generate(inputs, params, use_tqdm=False)
+        assert llm.engine.kv.num_free_blocks == llm.engine.runner.num_blocks, "KV blocks leaked"
+        return got, llm.engine.stats().spec_decode
+    finally:
+        llm.shutdown()
+
+
 @pytest.mark.parametrize("async_scheduling", [False, True])
 def test_ngram_speculation_at_tp2(tmp_path, tiny_model_factory, async_scheduling):
     """n-gram speculative decoding at TP=2: rank 0 looks the drafts up and sends them with the step;
@@ -286,14 +297,7 @@ def test_ngram_speculation_at_tp2(tmp_path, tiny_model_factory, async_scheduling
     params = [greedy] * len(prompts) + [seeded]
     inputs = [{"prompt_token_ids": p} for p in prompts + [prompts[0]]]
     want = LLM(folder, kv_cache_memory_gb=0.05, dtype="float32").generate(inputs, params, use_tqdm=False)
-    llm = LLM(folder, kv_cache_memory_gb=0.05, dtype="float32", tensor_parallel_size=2, speculative_config=spec,
-              async_scheduling=async_scheduling)
-    try:
-        got = llm.generate(inputs, params, use_tqdm=False)
-        stats = llm.engine.stats().spec_decode
-        assert llm.engine.kv.num_free_blocks == llm.engine.runner.num_blocks, "KV blocks leaked"
-    finally:
-        llm.shutdown()
+    got, stats = _speculate_at_tp2(folder, inputs, params, spec, async_scheduling=async_scheduling)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     print(f"\nTP=2 n-gram: {stats.num_drafts} verify rounds, {stats.num_draft_tokens} drafts, "
           f"{stats.num_accepted_tokens} accepted")
@@ -314,14 +318,7 @@ def test_draft_model_at_tp2(tiny_models, few_prompts):
                                                                                         use_tqdm=False)
     tp1 = LLM(tiny_models["llama"], kv_cache_memory_gb=0.05, dtype="float32", speculative_config=spec)
     want = tp1.generate(inputs, params, use_tqdm=False)
-    llm = LLM(tiny_models["llama"], kv_cache_memory_gb=0.05, dtype="float32", tensor_parallel_size=2,
-              speculative_config=spec)
-    try:
-        got = llm.generate(inputs, params, use_tqdm=False)
-        stats = llm.engine.stats().spec_decode
-        assert llm.engine.kv.num_free_blocks == llm.engine.runner.num_blocks, "KV blocks leaked"
-    finally:
-        llm.shutdown()
+    got, stats = _speculate_at_tp2(tiny_models["llama"], inputs, params, spec)
     tokens = [o.outputs[0].token_ids for o in got]
     assert tokens[:2] == [o.outputs[0].token_ids for o in plain]
     assert tokens == [o.outputs[0].token_ids for o in want]
