@@ -65,13 +65,16 @@ def cmd_generate(args) -> None:
     if not prompts:
         raise ConfigError(f"{args.input} holds no prompts (one per line)")
     llm = LLM.from_config(engine_config(args))
-    if args.chat:
-        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=True)
-    else:
-        if llm.get_tokenizer().chat_template:
-            print(f"pdserve generate: {llm.engine.model_name} is a chat model; prompts are sent as raw text "
-                  "(--chat applies its chat template to each line)", file=sys.stderr)
-        outs = llm.generate(prompts, params, use_tqdm=True)
+    try:  # shut down before the interpreter exits: tensor-parallel ranks' threads and groups end in order
+        if args.chat:
+            outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params, use_tqdm=True)
+        else:
+            if llm.get_tokenizer().chat_template:
+                print(f"pdserve generate: {llm.engine.model_name} is a chat model; prompts are sent as raw text "
+                      "(--chat applies its chat template to each line)", file=sys.stderr)
+            outs = llm.generate(prompts, params, use_tqdm=True)
+    finally:
+        llm.shutdown()
     sink = open(args.output, "w") if args.output != "-" else sys.stdout
     with sink if sink is not sys.stdout else _nullctx():
         for prompt, out in zip(prompts, outs):
@@ -85,6 +88,13 @@ def cmd_chat(args) -> None:
     from pdserve.common.engine.llm import LLM
     # one conversation, one request at a time: the KV pages faulted in after start (CPU) are one request's
     llm = LLM.from_config(engine_config(args, max_num_seqs=1))
+    try:
+        _chat_loop(llm, args)
+    finally:
+        llm.shutdown()
+
+
+def _chat_loop(llm, args) -> None:
     params = sampling_params(args)
     if args.message:
         print(llm.chat([{"role": "user", "content": args.message}], params, use_tqdm=False)[0].outputs[0].text)
