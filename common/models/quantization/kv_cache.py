@@ -16,8 +16,9 @@ so prefill and decode workers of one model compute the same scales.
 A checkpoint that carries its own scales (llm-compressor's / AutoFP8's `self_attn.k_scale` and
 `v_scale`, LlamaForCausalLM.checkpoint_kv_scales) skips the calibration: `checkpoint_scales` uses
 them as they are (x is stored as x / scale, as vLLM does), one per tensor or per KV head. `pdserve
-quantize --kv-cache-scales` writes them from calibration text (`text_amax`: the same prefill,
-real text instead of random ids, no margin added beyond MARGIN).
+quantize --kv-cache-scales` writes them from calibration text (`text_kv_scales`: the same
+prefill as the start-up calibration, `kv_amax`, on real text instead of random ids, per tensor,
+with the same MARGIN).
 """
 
 from __future__ import annotations
