@@ -23,7 +23,8 @@
     rotary_store_kv         q and k rotated in place and K/V stored at their slots, one pass
     gemv_bf16               x [1-4 rows, K] times a row-major bf16 W [N, K]: W read once, vdpbf16ps into
                             fp32, one rounding to bf16 (oneDNN's one-row kernel read SmolLM2's
-                            weights at 12-21 GB/s on the AMX Xeon, this at 20-38)
+                            weights at 12-21 GB/s on the AMX Xeon, this at 20-38); on an AVX2-only
+                            CPU the bf16 values widened to fp32 lanes by a shift, FMA
 
 Their semantics are the torch code they replace (common/models/cpu_ops.py's eager path and
 `TorchOps`): element-wise kernels round where HF's bf16 code rounds, so in bf16 they reproduce it
@@ -157,7 +158,7 @@ def gemv_bf16(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None
 
 
 def gemv_bf16_available() -> bool:
-    """The GEMV is built (AVX512-BF16 on this CPU)."""
+    """The GEMV is built (AVX512-BF16 or AVX2 on this CPU)."""
     if "gemv" not in _state:
         try:
             gemv_bf16(torch.zeros(1, 32, dtype=torch.bfloat16), torch.zeros(1, 32, dtype=torch.bfloat16))

@@ -462,6 +462,55 @@ void gemv_bf16_rows(const c10::BFloat16* x, int64_t x_s, const c10::BFloat16* w,
   });
 }
 constexpr bool kGemvBf16 = true;
+#elif defined(CPU_CAPABILITY_AVX2)
+// AVX2 without any bf16 instruction: a bf16 is the upper half of an fp32, so 8 W values become 8
+// fp32 lanes with one zero-extension and one shift, exact; x is widened to fp32 once per call. W
+// rows go 8 / M at a time (M x (8 / M) accumulators of 8 lanes and M x vectors stay in the 16
+// registers), each output's 8 lanes summed once at the end. oneDNN packs no bf16 weights without
+// AVX-512 (nor does F.linear have a fast bf16 kernel there), so on such a CPU this is the only
+// one-pass bf16 read of W; common/models/cpu_ops.py uses it for the rows it takes.
+inline __m256 bf16x8_to_f32(const c10::BFloat16* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+template <int M>
+void gemv_bf16_rows(const c10::BFloat16* x, int64_t x_s, const c10::BFloat16* w, int64_t K, int64_t N,
+                    const c10::BFloat16* bias, c10::BFloat16* y) {
+  constexpr int R = M == 1 ? 8 : M == 2 ? 4 : 2;  // W rows per block
+  std::vector<float> xf(M * K);
+  for (int m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = static_cast<float>(x[m * x_s + k]);
+  const float* xp = xf.data();
+  at::parallel_for(0, (N + R - 1) / R, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t n0 = blk * R, nr = std::min<int64_t>(R, N - n0);
+      __m256 acc[M * R];
+      for (int i = 0; i < M * R; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; k += 8) {
+        __m256 xv[M];
+        for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_ps(xp + m * K + k);
+        for (int r = 0; r < R; ++r) {
+          if (r >= nr) break;
+          const __m256 wv = bf16x8_to_f32(w + (n0 + r) * K + k);
+          for (int m = 0; m < M; ++m) acc[m * R + r] = _mm256_fmadd_ps(xv[m], wv, acc[m * R + r]);
+        }
+      }
+      for (int m = 0; m < M; ++m)
+        for (int r = 0; r < nr; ++r) {
+          float v = hsum8(acc[m * R + r]);
+          if (bias != nullptr) v += static_cast<float>(bias[n0 + r]);
+          y[m * N + n0 + r] = c10::BFloat16(v);
+        }
+    }
+  });
+}
+constexpr bool kGemvBf16 = true;
 #else
 template <int M>
 void gemv_bf16_rows(const c10::BFloat16*, int64_t, const c10::BFloat16*, int64_t, int64_t, const c10::BFloat16*,
@@ -470,7 +519,7 @@ constexpr bool kGemvBf16 = false;
 #endif
 
 at::Tensor gemv_bf16_op(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(kGemvBf16, "gemv_bf16: built without AVX512-BF16");
+  TORCH_CHECK(kGemvBf16, "gemv_bf16: built without AVX512-BF16 or AVX2");
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 4 && x.stride(1) == 1, "gemv_bf16: x [M <= 4, K]");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1) && x.size(1) % 32 == 0,
               "gemv_bf16: w [N, K] contiguous, K a multiple of 32");

@@ -180,6 +180,23 @@ def can_pack(dtype: torch.dtype) -> bool:
     return True
 
 
+def pack_dtype(dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype a `dtype` weight is packed in for oneDNN, or None (not packed: F.linear runs).
+
+    bf16 on a CPU whose oneDNN packs no bf16 (AVX2 without AVX-512, e.g. the 2-core AMD EPYC of
+    docs/benchmarks.md's seventeenth session) packs the weight widened to fp32: bf16 -> fp32 is
+    exact, the product sums in fp32 as a bf16 GEMM does and its output is rounded to bf16, so the
+    layer computes what a bf16 GEMM computes (in another summation order) at fp32 GEMM speed, for
+    twice the weight's memory. There F.linear in bf16 ran 3-6x slower than fp32 from 64 rows on
+    (SmolLM2's gate_up at 512 rows: 112 vs 19 ms). Rows decoded one or two at a time still read
+    the bf16 weight (the C++ GEMV, `CpuOps.linear`)."""
+    if can_pack(dtype):
+        return dtype
+    if dtype == torch.bfloat16 and can_pack(torch.float32):
+        return torch.float32
+    return None
+
+
 class CpuPagedAttention(TorchPagedAttention):
     """Same constructor and `forward` as `TorchPagedAttention`; `CpuMetadata` carries the step's
     decode gather index and mask (built once per step by `CpuInputs`)."""
@@ -359,6 +376,7 @@ class CpuOps:
         self._two_rows: set[nn.Module] = set()  # bf16 Linears whose one-row product runs as two (linear)
         self._row_block = 0  # --batch-invariant: products of more rows run in blocks of this many (linear)
         self._head: tuple[torch.Tensor, torch.Tensor] | None = None  # (logits weight, packed)
+        self._widened: dict[nn.Module | None, torch.Tensor | None] = {}  # bf16 packed as fp32 -> fp32 bias (pack_dtype; None: the head)
         self._rows: dict[nn.Module, torch.Tensor] = {}  # bf16 Linear -> its weight row-major (GEMV_MAX_ROWS)
         self._head_rows: torch.Tensor | None = None  # the logits weight row-major, for the GEMV
         self._cos_sin: tuple[torch.Tensor, torch.dtype, torch.Tensor, torch.Tensor] | None = None
@@ -370,7 +388,7 @@ class CpuOps:
         Fp8Linear) are not nn.Linear: they keep their own kernels. `batch_invariant`: see `linear`.
         Returns the number packed."""
         self._row_block = BATCH_INVARIANT_ROWS if batch_invariant else 0
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear) and can_pack(m.weight.dtype)]
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear) and pack_dtype(m.weight.dtype) is not None]
         gemv = not batch_invariant and self.kernels and cpu_kernels.gemv_bf16_available() and sum(
             m.weight.numel() * m.weight.element_size() for m in linears) <= GEMV_COPY_MAX_BYTES
         gemv_ok = lambda w: gemv and w.dtype == torch.bfloat16 and w.shape[1] % 32 == 0  # noqa: E731
@@ -382,17 +400,33 @@ class CpuOps:
             if batch_invariant and module.weight.dtype == torch.bfloat16 and \
                     module.in_features > module.out_features:
                 self._two_rows.add(module)
+            if pack_dtype(module.weight.dtype) != module.weight.dtype:
+                self._widened[module] = None if module.bias is None else module.bias.detach().float()
             self._packed[module] = _pack_and_drop(module)
         if model.lm_head is None:
             head = model.embed_tokens.weight
-            if can_pack(head.dtype):
-                self._head = (head, torch.ops.mkldnn._reorder_linear_weight(head.detach(), PACK_BATCH_HINT))
+            as_dtype = pack_dtype(head.dtype)
+            if as_dtype is not None:
+                self._head = (head, torch.ops.mkldnn._reorder_linear_weight(head.detach().to(as_dtype), PACK_BATCH_HINT))
                 self._head_rows = head.detach() if gemv_ok(head) and head.is_contiguous() else None
-        elif isinstance(model.lm_head, nn.Linear) and can_pack(model.lm_head.weight.dtype):
+                if as_dtype != head.dtype:
+                    self._widened[None] = None
+        elif isinstance(model.lm_head, nn.Linear) and pack_dtype(model.lm_head.weight.dtype) is not None:
             self._head_rows = self._rows.pop(model.lm_head, None)
+            if pack_dtype(model.lm_head.weight.dtype) != model.lm_head.weight.dtype:
+                self._widened[None] = None  # no bias: compute_logits passes none
             packed = _pack_and_drop(model.lm_head)
             self._head = (model.lm_head.weight, packed)  # compute_logits passes the (now meta) weight
         return len(self._packed) + (self._head is not None)
+
+    def _onednn(self, key: nn.Module | None, x: torch.Tensor, packed: torch.Tensor,
+                bias: torch.Tensor | None) -> torch.Tensor:
+        """x times a packed weight (+ bias): a bf16 weight packed as fp32 (`pack_dtype`) takes x
+        widened and its output rounded to x's dtype."""
+        if key in self._widened:
+            y = torch.ops.mkldnn._linear_pointwise(x.float(), packed, self._widened[key], "none", [], "")
+            return y.to(x.dtype)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
     def linear(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         packed = self._packed.get(layer)
@@ -414,16 +448,15 @@ class CpuOps:
             # alone gets other bf16 roundings than in a batch, and may get other tokens (SmolLM2: 5
             # of 16 prompts); the row twice gives the batch's roundings for ~4-10 % of a batch-1
             # step (docs/benchmarks.md, ninth session). fp32's tokens did not move in the same check.
-            return torch.ops.mkldnn._linear_pointwise(x.expand(2, -1).contiguous(), packed, layer.bias,
-                                                      "none", [], "")[:1]
-        return torch.ops.mkldnn._linear_pointwise(x, packed, layer.bias, "none", [], "")
+            return self._onednn(layer, x.expand(2, -1).contiguous(), packed, layer.bias)[:1]
+        return self._onednn(layer, x, packed, layer.bias)
 
     def logits(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self._head is not None and self._head[0] is weight:
             if self._head_rows is not None and hidden.dim() == 2 and hidden.shape[0] <= GEMV_MAX_ROWS \
                     and hidden.stride(1) == 1:
                 return cpu_kernels.gemv_bf16(hidden, self._head_rows, None)
-            return torch.ops.mkldnn._linear_pointwise(hidden, self._head[1], None, "none", [], "")
+            return self._onednn(None, hidden, self._head[1], None)
         return hidden @ weight.t()
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
@@ -479,7 +512,8 @@ def create_cpu_ops(use_kernels: bool = True) -> CpuOps:
 def _pack_and_drop(layer: nn.Linear) -> torch.Tensor:
     """The packed weight; the layer's own becomes a meta tensor of its shape and dtype (no second
     copy in memory; its shape, dtype and size stay readable, reading its values raises)."""
-    packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach(), PACK_BATCH_HINT)
+    packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach().to(pack_dtype(layer.weight.dtype)),
+                                                     PACK_BATCH_HINT)
     layer.weight = nn.Parameter(layer.weight.to("meta"), requires_grad=False)
     return packed
 

@@ -16,7 +16,7 @@ import json
 import torch
 
 from pdserve.common.engine.llm import LLM
-from pdserve.common.models.cpu_ops import can_pack
+from pdserve.common.models.cpu_ops import pack_dtype
 from pdserve.common.sampling_params import SamplingParams
 from pdserve.services.bench_spec import DATA, chat_prompts
 
@@ -28,10 +28,11 @@ def test_bf16_tokens_alone_equal_the_batch_s(smollm2_path):
         rows = [json.loads(line) for line in f if line.strip()]
     llm = LLM(smollm2_path, dtype="bfloat16", batch_invariant=True, max_model_len=1024)
     ops = llm.engine.runner.model.layers[0].mlp.ops
-    if can_pack(torch.bfloat16):  # oneDNN packs bf16 (AVX-512 / AMX): every down projection's one row runs as two
-        assert len(ops._two_rows) == len(llm.engine.runner.model.layers)
-    else:  # (an AVX2-only CPU: bf16 linears are not packed, their one-row product is not oneDNN's)
-        assert not ops._two_rows
+    # oneDNN packs bf16 (AVX-512 / AMX), or the bf16 weights widened to fp32 (AVX2 only, pack_dtype):
+    # every down projection's one row runs as two
+    assert pack_dtype(torch.bfloat16) is not None
+    assert len(ops._two_rows) == len(llm.engine.runner.model.layers)
+    assert bool(ops._widened) == (pack_dtype(torch.bfloat16) == torch.float32)
     assert ops._row_block == 32
     prompts = chat_prompts(llm.get_tokenizer(), rows)
     batch = [o.outputs[0].token_ids for o in llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY,

@@ -183,11 +183,11 @@ def _resident(tensor: torch.Tensor) -> bool:
 
 
 def test_the_cpu_runner_populates_the_blocks_its_scheduler_can_hold_then_ahead_of_use(tiny_models):
-    engine = _engine(tiny_models["llama"], None, max_model_len=64, max_num_seqs=2)
+    engine = _engine(tiny_models["llama"], None, max_model_len=64, max_num_seqs=2, kv_cache_memory_gb=0.25)
     runner = engine.runner
     assert runner.kv_populate is not None
     # 2 sequences x 64 tokens = 8 blocks of 16: blocks 0-7 of every (layer, K/V) slab come into
-    # memory; the pool's last block (hundreds of MB further on) is left alone while unused
+    # memory; the pool's last block (tens of MB further on) is left alone while unused
     at_once = 2 * -(-64 // runner.block_size)
     assert runner.num_blocks > 10 * at_once
     assert _eventually(lambda: all(_resident(slab[:at_once]) for layer in runner.kv_caches for slab in layer))
@@ -236,7 +236,7 @@ def test_bf16_products_of_one_or_two_rows_take_the_gemv(tiny_models, monkeypatch
     g = torch.Generator().manual_seed(0)
     for rows in (1, 2, 3):
         x = torch.randn(rows, layer.in_features, generator=g).to(torch.bfloat16)
-        want = torch.ops.mkldnn._linear_pointwise(x, ops._packed[layer], layer.bias, "none", [], "").float()
+        want = ops._onednn(layer, x, ops._packed[layer], layer.bias).float()
         torch.testing.assert_close(ops.linear(layer, x).float(), want, atol=1e-2, rtol=2 ** -7)
     calls = []
     real = cpu_kernels.gemv_bf16
@@ -248,3 +248,34 @@ def test_bf16_products_of_one_or_two_rows_take_the_gemv(tiny_models, monkeypatch
     invariant = EngineCore(EngineConfig.from_options(model=tiny_models["llama"], dtype="bfloat16", max_model_len=64,
                                                      batch_invariant=True), load_tokenizer_=False)
     assert not invariant.runner.model.ops._rows and invariant.runner.model.ops._head_rows is None
+
+
+def test_bf16_weights_onednn_cannot_pack_are_packed_widened_to_fp32(tiny_models, monkeypatch):
+    """Where oneDNN packs no bf16 (AVX2 without AVX-512; forced here), the bf16 linears and the
+    logits head are packed widened to fp32 (`pack_dtype`): each product equals the fp32 product of
+    the bf16 weight within one bf16 rounding of its output, which stays bf16; the engine decodes."""
+    from pdserve.common.models import cpu_ops
+    real_can_pack, real_pack = cpu_ops.can_pack, cpu_ops._pack_and_drop
+    monkeypatch.setattr(cpu_ops, "can_pack", lambda dtype: dtype != torch.bfloat16 and real_can_pack(dtype))
+    if cpu_ops.pack_dtype(torch.bfloat16) != torch.float32:
+        pytest.skip("oneDNN packs nothing on this build")
+    weights: dict[torch.nn.Module, torch.Tensor] = {}
+    monkeypatch.setattr(cpu_ops, "_pack_and_drop",
+                        lambda layer: real_pack(layer) if weights.setdefault(layer, layer.weight.detach().clone())
+                        is not None else None)
+    engine = EngineCore(EngineConfig.from_options(model=tiny_models["llama"], dtype="bfloat16", max_model_len=64),
+                        load_tokenizer_=False)
+    model = engine.runner.model
+    ops = model.ops
+    head = model.lm_head  # the tiny llama's head is untied: a Linear, packed as the logits weight
+    assert set(weights) == set(ops._packed) | {head} and set(ops._widened) == set(ops._packed) | {None}
+    assert all(w.dtype == torch.bfloat16 for w in weights.values())
+    g = torch.Generator().manual_seed(0)
+    for layer, w in weights.items():
+        x = torch.randn(7, layer.in_features, generator=g).to(torch.bfloat16)
+        got = ops.logits(x, head.weight) if layer is head else ops.linear(layer, x)
+        assert got.dtype == torch.bfloat16
+        bias = None if layer.bias is None else layer.bias.float()
+        want = torch.nn.functional.linear(x.float(), w.float(), bias)
+        torch.testing.assert_close(got.float(), want, atol=1e-2, rtol=2 ** -7)
+    assert all(len(o) == MAX_TOKENS for o in _greedy(engine, [[1, 2, 3, 4], [5, 6, 7]]))

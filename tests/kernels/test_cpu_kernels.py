@@ -219,7 +219,7 @@ def test_gemv_bf16(rows, n, k, bias):
     once to bf16, so it is within one bf16 rounding (and the sum order's fp32 error) of the exact
     product; rows may be strided; N not a multiple of the rows a block takes."""
     if not cpu.gemv_bf16_available():
-        pytest.skip("no AVX512-BF16 on this CPU")
+        pytest.skip("neither AVX512-BF16 nor AVX2 on this CPU")
     g = torch.Generator().manual_seed(5)
     x = torch.randn(rows, 2 * k, generator=g).to(torch.bfloat16)[:, :k]  # strided rows
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
