@@ -33,8 +33,9 @@ attention rounds where torch's flash SDPA (the torch path's and HF's prompt atte
 softmax weights are stored in bf16 before P V. The tests compare each kernel with that torch code
 (tests/kernels/test_cpu_kernels.py).
 
-Build: torch.utils.cpp_extension (g++ and ninja) with -march=native, once per source and CPU
-(the name carries a hash of both, the source being cpu_ops.cpp and the header it includes; torch
+Build: torch.utils.cpp_extension (g++ and ninja) with -march=native (PDSERVE_CPU_MARCH=haswell, say,
+builds for an older CPU: the AVX2 kernels on an AVX-512 machine, which the tests use), once per
+source, flags and CPU (the name carries a hash of them, the source being cpu_ops.cpp and the header it includes; torch
 caches the build under TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions), ~20-50 s the
 first time, a dlopen after. Threads come from torch's own OpenMP pool (at::parallel_for, compiled
 with -fopenmp against the libgomp torch has loaded). `load()` returns False, with the reason in
@@ -58,7 +59,7 @@ _SOURCE = os.path.join(_HERE, "cpu_ops.cpp")
 _INCLUDED = [os.path.join(_HERE, name) for name in ("cpu_prefill_attention.h", "cpu_prefill_bf16.h", "cpu_decode_tiles.h")]
 # -fopenmp: at::parallel_for's OpenMP body is in ATen's headers, so without it every kernel runs on
 # one thread; the libgomp.so.1 this links is the one torch has loaded (same soname): one thread pool
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+_FLAGS = ["-O3", f"-march={os.environ.get('PDSERVE_CPU_MARCH') or 'native'}", "-ffp-contract=off", "-fopenmp"]
 _LDFLAGS = ["-fopenmp"]
 _state: dict[str, object] = {}
 

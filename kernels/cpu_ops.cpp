@@ -463,16 +463,14 @@ void gemv_bf16_rows(const c10::BFloat16* x, int64_t x_s, const c10::BFloat16* w,
 }
 constexpr bool kGemvBf16 = true;
 #elif defined(CPU_CAPABILITY_AVX2)
-// AVX2 without any bf16 instruction: a bf16 is the upper half of an fp32, so 8 W values become 8
-// fp32 lanes with one zero-extension and one shift, exact; x is widened to fp32 once per call. W
-// rows go 8 / M at a time (M x (8 / M) accumulators of 8 lanes and M x vectors stay in the 16
-// registers), each output's 8 lanes summed once at the end. oneDNN packs no bf16 weights without
-// AVX-512 (nor does F.linear have a fast bf16 kernel there), so on such a CPU this is the only
-// one-pass bf16 read of W; common/models/cpu_ops.py uses it for the rows it takes.
-inline __m256 bf16x8_to_f32(const c10::BFloat16* p) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
-}
+// AVX2 without any bf16 instruction: a bf16 is the upper half of an fp32, so 16 W values loaded as
+// 8 32-bit lanes give the 8 odd ones as fp32 by masking the low halves and the 8 even ones by a
+// shift, both exact; x is widened to fp32 once per call, each 16 of it stored as its 8 even then
+// 8 odd values to match. W rows go 4 / M at a time (2 x M x (4 / M) accumulators of 8 lanes and
+// 2 x M x vectors stay in the 16 registers), each output's lanes summed once at the end. oneDNN
+// packs no bf16 weights without AVX-512 (nor does F.linear have a fast bf16 kernel there), so on
+// such a CPU this is the only one-pass bf16 read of W; common/models/cpu_ops.py uses it for the
+// rows it takes.
 inline float hsum8(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -482,28 +480,38 @@ inline float hsum8(__m256 v) {
 template <int M>
 void gemv_bf16_rows(const c10::BFloat16* x, int64_t x_s, const c10::BFloat16* w, int64_t K, int64_t N,
                     const c10::BFloat16* bias, c10::BFloat16* y) {
-  constexpr int R = M == 1 ? 8 : M == 2 ? 4 : 2;  // W rows per block
-  std::vector<float> xf(M * K);
+  constexpr int R = M == 1 ? 4 : M == 2 ? 2 : 1;  // W rows per block
+  std::vector<float> xf(M * K);  // per 16 inputs: the 8 even ones, then the 8 odd ones
   for (int m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = static_cast<float>(x[m * x_s + k]);
+    for (int64_t k = 0; k < K; ++k)
+      xf[m * K + (k & ~int64_t(15)) + (k & 1) * 8 + (k & 15) / 2] = static_cast<float>(x[m * x_s + k]);
   const float* xp = xf.data();
+  const __m256i high = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
   at::parallel_for(0, (N + R - 1) / R, 16, [&](int64_t begin, int64_t end) {
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t n0 = blk * R, nr = std::min<int64_t>(R, N - n0);
-      __m256 acc[M * R];
-      for (int i = 0; i < M * R; ++i) acc[i] = _mm256_setzero_ps();
-      for (int64_t k = 0; k < K; k += 8) {
-        __m256 xv[M];
-        for (int m = 0; m < M; ++m) xv[m] = _mm256_loadu_ps(xp + m * K + k);
+      __m256 even[M * R], odd[M * R];
+      for (int i = 0; i < M * R; ++i) even[i] = odd[i] = _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; k += 16) {
+        __m256 xe[M], xo[M];
+        for (int m = 0; m < M; ++m) {
+          xe[m] = _mm256_loadu_ps(xp + m * K + k);
+          xo[m] = _mm256_loadu_ps(xp + m * K + k + 8);
+        }
         for (int r = 0; r < R; ++r) {
           if (r >= nr) break;
-          const __m256 wv = bf16x8_to_f32(w + (n0 + r) * K + k);
-          for (int m = 0; m < M; ++m) acc[m * R + r] = _mm256_fmadd_ps(xv[m], wv, acc[m * R + r]);
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + (n0 + r) * K + k));
+          const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+          const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, high));
+          for (int m = 0; m < M; ++m) {
+            even[m * R + r] = _mm256_fmadd_ps(xe[m], we, even[m * R + r]);
+            odd[m * R + r] = _mm256_fmadd_ps(xo[m], wo, odd[m * R + r]);
+          }
         }
       }
       for (int m = 0; m < M; ++m)
         for (int r = 0; r < nr; ++r) {
-          float v = hsum8(acc[m * R + r]);
+          float v = hsum8(_mm256_add_ps(even[m * R + r], odd[m * R + r]));
           if (bias != nullptr) v += static_cast<float>(bias[n0 + r]);
           y[m * N + n0 + r] = c10::BFloat16(v);
         }

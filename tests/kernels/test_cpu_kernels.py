@@ -12,6 +12,10 @@ torch path.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -210,6 +214,19 @@ def test_rotary_store_kv(dtype, head_dim):
     written = set(s for s in slots.tolist() if s >= 0)
     untouched = [s for s in range(flat_k.shape[0]) if s not in written]
     assert not flat_k[untouched].any() and not flat_v[untouched].any()
+
+
+def test_the_avx2_gemv_on_a_cpu_with_avx512():
+    """The GEMV's AVX2 code (CPUs without AVX-512) is what an AVX-512 CPU runs when the kernels
+    are built for Haswell: `test_gemv_bf16` again in such a build (a subprocess: one build of the
+    kernels per process)."""
+    flags = open("/proc/cpuinfo").read()
+    if " avx2" not in flags or " avx512f" not in flags:
+        pytest.skip("the CPU has no AVX2, or no AVX-512 (then test_gemv_bf16 runs the AVX2 code itself)")
+    env = {**os.environ, "PDSERVE_CPU_MARCH": "haswell"}
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          f"{__file__}::test_gemv_bf16"], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0 and "12 passed" in run.stdout, run.stdout[-2000:] + run.stderr[-2000:]
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
