@@ -24,7 +24,7 @@
     gemv_bf16               x [1-4 rows, K] times a row-major bf16 W [N, K]: W read once, vdpbf16ps into
                             fp32, one rounding to bf16 (oneDNN's one-row kernel read SmolLM2's
                             weights at 12-21 GB/s on the AMX Xeon, this at 20-38); on an AVX2-only
-                            CPU the bf16 values widened to fp32 lanes by a shift, FMA
+                            CPU the bf16 values widened to fp32 lanes by a mask or a shift, FMA
 
 Their semantics are the torch code they replace (common/models/cpu_ops.py's eager path and
 `TorchOps`): element-wise kernels round where HF's bf16 code rounds, so in bf16 they reproduce it
@@ -35,8 +35,8 @@ softmax weights are stored in bf16 before P V. The tests compare each kernel wit
 
 Build: torch.utils.cpp_extension (g++ and ninja) with -march=native (PDSERVE_CPU_MARCH=haswell, say,
 builds for an older CPU: the AVX2 kernels on an AVX-512 machine, which the tests use), once per
-source, flags and CPU (the name carries a hash of them, the source being cpu_ops.cpp and the header it includes; torch
-caches the build under TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions), ~20-50 s the
+source, flags and CPU (the name carries a hash of them, the source being cpu_ops.cpp and the headers
+it includes; torch caches the build under TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions), ~20-50 s the
 first time, a dlopen after. Threads come from torch's own OpenMP pool (at::parallel_for, compiled
 with -fopenmp against the libgomp torch has loaded). `load()` returns False, with the reason in
 `load_error()`, when the build is impossible (no compiler): the caller logs it and runs the torch

@@ -114,7 +114,8 @@ class Fp8Linear(nn.Module):
         # fast accumulation (Hopper's fp8 MMA sums without the periodic fp32 promotion, as vLLM's
         # CUTLASS fp8 kernels run): 8-12 % off the prompt GEMMs, W1 1.33x -> 1.42x of bf16 (H200, 8B
         # shape); its error against exact sums of the quantized operands 2.1e-3 / 3.3e-3 relative at
-        # K = 4096 / 14336 (1.7e-3 without), below the error of fp8 quantization itself (docs/benchmarks.md, 17th session)
+        # K = 4096 / 14336 (1.7e-3 without), below fp8 quantization's own (docs/benchmarks.md,
+        # seventeenth session)
         xq, x_scale = quantize_fp8_per_token(x)
         return torch._scaled_mm(xq, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale[None, :],
                                 bias=self.bias, out_dtype=x.dtype, use_fast_accum=True)
