@@ -471,12 +471,6 @@ constexpr bool kGemvBf16 = true;
 // packs no bf16 weights without AVX-512 (nor does F.linear have a fast bf16 kernel there), so on
 // such a CPU this is the only one-pass bf16 read of W; common/models/cpu_ops.py uses it for the
 // rows it takes.
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 template <int M>
 void gemv_bf16_rows(const c10::BFloat16* x, int64_t x_s, const c10::BFloat16* w, int64_t K, int64_t N,
                     const c10::BFloat16* bias, c10::BFloat16* y) {
@@ -511,7 +505,8 @@ void gemv_bf16_rows(const c10::BFloat16* x, int64_t x_s, const c10::BFloat16* w,
       }
       for (int m = 0; m < M; ++m)
         for (int r = 0; r < nr; ++r) {
-          float v = hsum8(_mm256_add_ps(even[m * R + r], odd[m * R + r]));
+          float v = at::vec::vec_reduce_all<float>([](fVec& p, fVec& q) { return p + q; },
+                                                   fVec(_mm256_add_ps(even[m * R + r], odd[m * R + r])));
           if (bias != nullptr) v += static_cast<float>(bias[n0 + r]);
           y[m * N + n0 + r] = c10::BFloat16(v);
         }

@@ -388,7 +388,11 @@ class CpuOps:
         Fp8Linear) are not nn.Linear: they keep their own kernels. `batch_invariant`: see `linear`.
         Returns the number packed."""
         self._row_block = BATCH_INVARIANT_ROWS if batch_invariant else 0
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear) and pack_dtype(m.weight.dtype) is not None]
+        head = model.embed_tokens.weight if model.lm_head is None else None  # tied: the embedding is the head
+        dtypes = {m.weight.dtype for m in model.modules() if isinstance(m, nn.Linear)} | \
+            ({head.dtype} if head is not None else set())
+        pack_as = {dtype: pack_dtype(dtype) for dtype in dtypes}  # one oneDNN probe per dtype
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear) and pack_as[m.weight.dtype] is not None]
         gemv = not batch_invariant and self.kernels and cpu_kernels.gemv_bf16_available() and sum(
             m.weight.numel() * m.weight.element_size() for m in linears) <= GEMV_COPY_MAX_BYTES
         gemv_ok = lambda w: gemv and w.dtype == torch.bfloat16 and w.shape[1] % 32 == 0  # noqa: E731
@@ -400,22 +404,21 @@ class CpuOps:
             if batch_invariant and module.weight.dtype == torch.bfloat16 and \
                     module.in_features > module.out_features:
                 self._two_rows.add(module)
-            if pack_dtype(module.weight.dtype) != module.weight.dtype:
+            if pack_as[module.weight.dtype] != module.weight.dtype:
                 self._widened[module] = None if module.bias is None else module.bias.detach().float()
-            self._packed[module] = _pack_and_drop(module)
-        if model.lm_head is None:
-            head = model.embed_tokens.weight
-            as_dtype = pack_dtype(head.dtype)
-            if as_dtype is not None:
-                self._head = (head, torch.ops.mkldnn._reorder_linear_weight(head.detach().to(as_dtype), PACK_BATCH_HINT))
+            self._packed[module] = _pack_and_drop(module, pack_as[module.weight.dtype])
+        if head is not None:
+            if pack_as[head.dtype] is not None:
+                self._head = (head, torch.ops.mkldnn._reorder_linear_weight(head.detach().to(pack_as[head.dtype]),
+                                                                            PACK_BATCH_HINT))
                 self._head_rows = head.detach() if gemv_ok(head) and head.is_contiguous() else None
-                if as_dtype != head.dtype:
+                if pack_as[head.dtype] != head.dtype:
                     self._widened[None] = None
-        elif isinstance(model.lm_head, nn.Linear) and pack_dtype(model.lm_head.weight.dtype) is not None:
+        elif isinstance(model.lm_head, nn.Linear) and pack_as[model.lm_head.weight.dtype] is not None:
             self._head_rows = self._rows.pop(model.lm_head, None)
-            if pack_dtype(model.lm_head.weight.dtype) != model.lm_head.weight.dtype:
+            if pack_as[model.lm_head.weight.dtype] != model.lm_head.weight.dtype:
                 self._widened[None] = None  # no bias: compute_logits passes none
-            packed = _pack_and_drop(model.lm_head)
+            packed = _pack_and_drop(model.lm_head, pack_as[model.lm_head.weight.dtype])
             self._head = (model.lm_head.weight, packed)  # compute_logits passes the (now meta) weight
         return len(self._packed) + (self._head is not None)
 
@@ -509,11 +512,11 @@ def create_cpu_ops(use_kernels: bool = True) -> CpuOps:
     return CpuOps(kernels=use_kernels and cpu_kernels.load())
 
 
-def _pack_and_drop(layer: nn.Linear) -> torch.Tensor:
-    """The packed weight; the layer's own becomes a meta tensor of its shape and dtype (no second
-    copy in memory; its shape, dtype and size stay readable, reading its values raises)."""
-    packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach().to(pack_dtype(layer.weight.dtype)),
-                                                     PACK_BATCH_HINT)
+def _pack_and_drop(layer: nn.Linear, dtype: torch.dtype) -> torch.Tensor:
+    """The weight packed in `dtype` (`pack_dtype`); the layer's own becomes a meta tensor of its shape
+    and dtype (no second copy in memory; its shape, dtype and size stay readable, reading its values
+    raises)."""
+    packed = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach().to(dtype), PACK_BATCH_HINT)
     layer.weight = nn.Parameter(layer.weight.to("meta"), requires_grad=False)
     return packed
 

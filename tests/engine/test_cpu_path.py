@@ -261,8 +261,8 @@ def test_bf16_weights_onednn_cannot_pack_are_packed_widened_to_fp32(tiny_models,
         pytest.skip("oneDNN packs nothing on this build")
     weights: dict[torch.nn.Module, torch.Tensor] = {}
     monkeypatch.setattr(cpu_ops, "_pack_and_drop",
-                        lambda layer: real_pack(layer) if weights.setdefault(layer, layer.weight.detach().clone())
-                        is not None else None)
+                        lambda layer, dtype: real_pack(layer, dtype)
+                        if weights.setdefault(layer, layer.weight.detach().clone()) is not None else None)
     engine = EngineCore(EngineConfig.from_options(model=tiny_models["llama"], dtype="bfloat16", max_model_len=64),
                         load_tokenizer_=False)
     model = engine.runner.model
