@@ -10,10 +10,17 @@ Start:  redis-server (answers PING) -> every worker (writes its ready file; its 
         as it does, in the order they get ready; at the deadline the error names every worker
         still starting) -> the router; the router's line and "ready" are printed once the router
         answers /health (a worker is registered), never before.
-Stop:   on SIGINT or SIGTERM, or when a process of the stack exits: the router, then the workers
-        (each deregisters from Redis, which is still up, and closes its KV server), then Redis;
-        SIGKILL for one that has not exited within its grace period. The temporary folder of
-        ready files is removed.
+Crash:  a process that exits once the stack is ready is started again with the same arguments
+        (`--restart unless-stopped`, the default, as compose/ restarts its containers): after
+        1 s, doubling up to 30 s while it keeps dying within 30 s of its start; a line says so
+        and a restarted worker's line is printed again once it is ready. The others keep serving
+        meanwhile (the router routes around a dead worker; workers re-register with a restarted
+        Redis). `--restart no`: any exit stops the stack (exit status 1, the process named).
+        A process that dies while the stack is starting always stops it.
+Stop:   on SIGINT or SIGTERM (or, with --restart no, when a process exits): the router, then the
+        workers (each deregisters from Redis, which is still up, and closes its KV server), then
+        Redis; SIGKILL for one that has not exited within its grace period. The temporary folder
+        of ready files is removed.
 Signals: the SIGINT and SIGTERM handlers are installed explicitly: a shell script that starts
         `up` in the background leaves SIGINT ignored, and Python would keep it so.
 Children: each in its own session, so a terminal's Ctrl-C reaches `up` alone and the stop order
@@ -40,6 +47,9 @@ import urllib.request
 
 STOP_GRACE_S = {"router": 10.0, "worker": 20.0, "redis": 10.0}
 START_DEADLINE_S = 600.0
+RESTART_POLICIES = ("unless-stopped", "no")
+RESTART_FIRST_S = 1.0  # the delay before a crashed process's first restart, doubled while it keeps crashing
+RESTART_MAX_S = 30.0  # ... up to this; a process that lived this long starts over at RESTART_FIRST_S
 PR_SET_PDEATHSIG = 1
 
 
@@ -91,10 +101,19 @@ def url_host(host: str) -> str:
 class LocalStack:
     """Processes in tiers (redis 0, workers 1, router 2), stopped from the highest tier down."""
 
-    def __init__(self):
+    def __init__(self, restart: str = "unless-stopped", out=None):
         self.children: list[tuple[str, str, subprocess.Popen]] = []  # (tier, name, process)
         self.tmp = tempfile.mkdtemp(prefix="pdserve-up-")
         self.signal_received: int | None = None
+        self.restart = restart
+        self.out = out if out is not None else sys.stdout
+        self._argv: dict[str, tuple[list[str], dict | None]] = {}  # name -> how it was started
+        self._started: dict[str, float] = {}  # name -> when its current process started
+        self._delay: dict[str, float] = {}  # name -> its last restart delay
+        self._pending: dict[str, float] = {}  # crashed, not yet restarted -> when to restart it
+        self._announce: dict[str, str] = {}  # restarted worker -> its ready file, until it is ready
+        self.worker_line = None  # (name, ready file words) -> the line printed for a ready worker
+        self.num_restarts = 0
 
     # ---- signals ------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -115,8 +134,13 @@ class LocalStack:
         # stdout: the children's own ready lines would repeat the stack's; stderr (logs) is shared
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env,
                                 preexec_fn=_die_with_parent)
-        self.children.append((tier, name, proc))
+        self.children = [c for c in self.children if c[1] != name] + [(tier, name, proc)]
+        self._argv[name] = (argv, env)
+        self._started[name] = time.monotonic()
         return proc
+
+    def _say(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
 
     def check_alive(self) -> None:
         for _, name, proc in self.children:
@@ -175,13 +199,56 @@ class LocalStack:
             self._sleep(0.1)
 
     def run_until_stopped(self) -> None:
-        """Block until a stop signal (returns) or a child's exit (StackError)."""
+        """Block until a stop signal (returns); a child's exit restarts it (`supervise`), or with
+        restart "no" raises StackError."""
         try:
             while True:
-                self.check_alive()
+                if self.restart == "no":
+                    self.check_alive()
+                else:
+                    self.supervise()
                 self._sleep(0.2)
         except Stopped:
             return
+
+    def supervise(self) -> None:
+        """One round of the restart policy: note the processes that exited, restart those whose
+        delay has passed, announce restarted workers that became ready."""
+        now = time.monotonic()
+        for tier, name, proc in list(self.children):
+            if proc.poll() is None or name in self._pending:
+                continue
+            lived = now - self._started[name]
+            delay = RESTART_FIRST_S if lived >= RESTART_MAX_S or name not in self._delay \
+                else min(2 * self._delay[name], RESTART_MAX_S)
+            self._delay[name] = delay
+            self._pending[name] = now + delay
+            self._say(f"pdserve up: {name} exited with status {proc.returncode}; restarting it in {delay:g} s")
+        for name, at in list(self._pending.items()):
+            if now < at:
+                continue
+            del self._pending[name]
+            tier = next(t for t, n, _ in self.children if n == name)
+            argv, env = self._argv[name]
+            ready = self._ready_file(argv)
+            if ready is not None and os.path.exists(ready):
+                os.remove(ready)  # the restarted worker writes it again once it is ready
+            proc = self.spawn(tier, name, argv, env)
+            self.num_restarts += 1
+            self._say(f"pdserve up: restarted {name} (pid {proc.pid})")
+            if ready is not None:
+                self._announce[name] = ready
+        for name, ready in list(self._announce.items()):
+            if os.path.exists(ready):
+                del self._announce[name]
+                with open(ready) as f:
+                    words = f.read().split()
+                if self.worker_line is not None:
+                    self._say(self.worker_line(name, words) + " (restarted)")
+
+    @staticmethod
+    def _ready_file(argv: list[str]) -> str | None:
+        return argv[argv.index("--ready-file") + 1] if "--ready-file" in argv else None
 
     def stop(self) -> None:
         """Tier by tier from the top (router, workers, Redis): SIGTERM all of a tier, wait, then
@@ -276,6 +343,9 @@ def add_up_args(p) -> None:
     p.add_argument("--decode-args", default="", help="extra flags for the decode workers only")
     p.add_argument("--router-args", default="", help="extra flags for the router, one shell-quoted string "
                                                      "(e.g. \"--routing round_robin\")")
+    p.add_argument("--restart", default="unless-stopped", choices=RESTART_POLICIES,
+                   help="a process that exits once the stack is ready: started again (after 1 s, doubling "
+                        "to 30 s while it keeps crashing), as compose's restart policy; 'no': the stack stops")
 
 
 def cmd_up(args) -> None:
@@ -295,7 +365,7 @@ def cmd_up(args) -> None:
                "decode": worker_devices(args.decode_devices, args.decode, "--decode-devices")}
     binary = redis_server_binary()
 
-    stack = LocalStack()
+    stack = LocalStack(args.restart)
     stack.install_signal_handlers()
     try:
         redis_url = stack.start_redis(binary, args.redis_port or free_port())
@@ -310,11 +380,15 @@ def cmd_up(args) -> None:
                     *model, *worker_args, *role_args[role]]
             ready.append((f"{role}-{index}", stack.start_worker(role, index, tail, devices[role][index])))
         deadline = time.monotonic() + START_DEADLINE_S
-        for name, (grpc_address, kv_address, metrics_url) in stack.wait_ready_files(ready, deadline):
+        def worker_line(name: str, words: list[str]) -> str:
+            grpc_address, kv_address, metrics_url = words
             role, index = name.rsplit("-", 1)
             gpu = devices[role][int(index)]
-            print(f"{role:<8} {name} grpc={grpc_address} kv={kv_address} metrics={metrics_url}"
-                  + (f" gpu={gpu}" if gpu else ""), flush=True)
+            return (f"{role:<8} {name} grpc={grpc_address} kv={kv_address} metrics={metrics_url}"
+                    + (f" gpu={gpu}" if gpu else ""))
+        stack.worker_line = worker_line
+        for name, words in stack.wait_ready_files(ready, deadline):
+            print(worker_line(name, words), flush=True)
         stack.spawn("router", "router", [sys.executable, "-m", "pdserve.services.cli", "router", "--redis-url",
                                          redis_url, "--host", args.host, "--port", str(args.port), *model,
                                          *router_args])

@@ -34,12 +34,26 @@ def start_up(*args: str, ignore_sigint: bool = False) -> subprocess.Popen:
 
 
 def read_until_ready(proc: subprocess.Popen) -> list[str]:
+    return read_until(proc, lambda line: line.startswith("pdserve up: ready"))
+
+
+def read_until(proc: subprocess.Popen, last) -> list[str]:
+    """`up`'s output lines up to the first for which last(line) holds."""
     lines, deadline = [], time.time() + START_S
-    while not any(line.startswith("pdserve up: ready") for line in lines):
+    while not any(last(line) for line in lines):
         line = proc.stdout.readline()
         assert line and time.time() < deadline, "".join(lines)
         lines.append(line)
     return lines
+
+
+def child_running(pid: int, words: bytes) -> int:
+    """The child of `pid` whose command line holds `words`."""
+    for kid in children(pid):
+        with open(f"/proc/{kid}/cmdline", "rb") as f:
+            if words in f.read().replace(b"\0", b" "):
+                return kid
+    raise AssertionError(f"no child runs {words!r}")
 
 
 def children(pid: int) -> list[int]:
@@ -96,7 +110,7 @@ def stop_and_check(proc: subprocess.Popen, sig: int, lines: list[str]) -> None:
     assert not busy, f"ports still held: {busy}"
 
 
-def test_up_serves_and_sigint_stops_it_even_when_inherited_ignored(tiny_models):
+def test_up_serves_restarts_a_killed_worker_and_sigint_stops_it_even_when_inherited_ignored(tiny_models):
     tmp_before = set(glob.glob(os.path.join(tempfile.gettempdir(), "pdserve-up-*")))
     port = free_port()
     proc = start_up("--prefill", "1", "--decode", "1", "--port", str(port), "--model", tiny_models["llama"],
@@ -119,6 +133,24 @@ def test_up_serves_and_sigint_stops_it_even_when_inherited_ignored(tiny_models):
         assert roles[3:] == ["router", "pdserve"]
         prefill_line = next(line for line in lines if line.startswith("prefill"))
         assert " kv=nccl://" in prefill_line  # --kv-transport nccl (gloo on CPU) moved that prompt's KV
+
+        # a worker killed once the stack is up is started again (--restart unless-stopped), the
+        # rest of the stack keeps running, and the restarted worker serves
+        os.kill(child_running(proc.pid, b" decode --instance-id decode-0 "), signal.SIGKILL)
+        more = read_until(proc, lambda line: line.startswith("decode ") and line.rstrip().endswith("(restarted)"))
+        assert more[0] == "pdserve up: decode-0 exited with status -9; restarting it in 1 s\n", more
+        assert more[1].startswith("pdserve up: restarted decode-0 (pid "), more
+        lines += more
+        deadline = time.time() + 30
+        while True:  # until the router has seen the new worker's registration
+            try:
+                out = client.completions.create(model=client.models.list().data[0].id, prompt="The city of",
+                                                max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+                break
+            except openai.InternalServerError:
+                assert time.time() < deadline
+                time.sleep(0.2)
+        assert out.usage.completion_tokens == 5
         stop_and_check(proc, signal.SIGINT, lines)
     finally:
         if proc.poll() is None:
