@@ -5,7 +5,14 @@
                                                              the token is UNAUTHENTICATED
 
 Without a token configured on the server every call is accepted (the default, for a stack on
-one machine whose internal ports listen on loopback only). Torch-free (the router uses it).
+one machine whose internal ports listen on loopback only).
+
+Keepalive: every channel pings its server every KEEPALIVE_S while it has calls open and drops the
+connection when a ping is not answered within KEEPALIVE_TIMEOUT_S, so a frozen worker (SIGSTOP, a
+paused VM, a partition that sends no reset) fails its calls with UNAVAILABLE within ~10 s, which
+the router's resubmission handles like a dead one, instead of hanging them until their deadline
+(600 s for a decode). The servers accept such pings (`SERVER_OPTIONS`; gRPC's default would answer
+a ping every 5 s without data with GOAWAY "too_many_pings"). Torch-free (the router uses it).
 """
 
 from __future__ import annotations
@@ -15,6 +22,16 @@ import hmac
 import grpc
 
 HEADER = "x-pdserve-token"
+KEEPALIVE_S = 5.0
+KEEPALIVE_TIMEOUT_S = 5.0
+CHANNEL_OPTIONS = [("grpc.keepalive_time_ms", int(KEEPALIVE_S * 1000)),
+                   ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+                   # the ping's own deadline, which grpc 1.85 applies instead of the keepalive
+                   # timeout (default 60 s: a frozen peer was dropped after 65 s without it)
+                   ("grpc.http2.ping_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+                   ("grpc.http2.max_pings_without_data", 0)]  # 0: keep pinging an idle stream
+SERVER_OPTIONS = [("grpc.http2.min_recv_ping_interval_without_data_ms", int(KEEPALIVE_S * 1000) // 2),
+                  ("grpc.http2.max_ping_strikes", 0)]
 
 
 class ServerTokenCheck(grpc.aio.ServerInterceptor):
@@ -72,7 +89,8 @@ def server_interceptors(token: str | None) -> list:
 
 
 def channel(address: str, token: str | None, options=()) -> grpc.aio.Channel:
-    """An insecure channel (the fleet's network is private) that sends the token on every call."""
-    return grpc.aio.insecure_channel(address, options=list(options),
+    """An insecure channel (the fleet's network is private) that sends the token on every call and
+    keeps its connection alive (module docstring)."""
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS + list(options),
                                      interceptors=[_AddTokenUnary(token), _AddTokenStream(token), _AddTokenBidi(token)]
                                      if token else None)

@@ -10,10 +10,15 @@ engine's KV connector (`LeaseConnector`, common/kv_transfer/connector.py) keeps 
 blocks under a lease instead of freeing them, so the request itself is off the batch as soon as
 its first token exists. Every worker carries this service next to the Decode service
 (services/worker/); its registry role decides what routers send it.
+
+A lease that no router will receive is released at once, not after its ttl: the call was
+cancelled (the router gave up on a frozen worker and dropped its connection, or went away)
+while the prefill ran or before its answer was sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 
 import grpc
@@ -47,6 +52,22 @@ class PrefillServicer(pb_grpc.PrefillServicer):
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.PrefillResponse:
         params, prompt = await self.state.checked_request(request, context)
         rid = request.request_id
+        try:
+            resp, lease_id = await self._prefill(rid, params, prompt, context)
+        except asyncio.CancelledError:  # the call went away: a lease made meanwhile goes back
+            lease = self.connector.take_lease(rid)
+            if lease is not None:
+                self._release_soon(lease[0])
+            raise
+        if lease_id is not None:  # ... also when it goes away before the answer reached the router
+            context.add_done_callback(lambda ctx: ctx.cancelled() and self._release_soon(lease_id))
+        return resp
+
+    def _release_soon(self, lease_id: str) -> None:
+        asyncio.ensure_future(self.engine.call_in_engine(lambda core: self.connector.release(lease_id)))
+
+    async def _prefill(self, rid: str, params: SamplingParams, prompt, context) -> tuple[pb.PrefillResponse, str | None]:
+        """(the answer, the lease id it hands out or None)."""
         resp = pb.PrefillResponse(request_id=rid)
         firsts = {}
         async for outs in self.engine.stream(rid, prompt, prefill_params(params), kv_transfer=LEASE):
@@ -70,16 +91,16 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             resp.sequences.append(delta_to_proto(out))
         lease = self.connector.take_lease(rid)
         if lease is None:
-            return resp
+            return resp, None
         lease_id, _ = lease
         if all_done:
             await self.engine.call_in_engine(lambda core: self.connector.release(lease_id))
-            return resp
+            return resp, None
         resp.handle.CopyFrom(pb.KVHandle(
             transfer_address=self.kv_shards[0].transfer_address, lease_id=lease_id, num_tokens=len(prompt),
             block_size=self.engine.core.kv.block_size, control_address=self.grpc_address, transport=self.transport,
             shards=self.kv_shards, num_kv_heads=self.engine.core.arch.num_kv_heads))
-        return resp
+        return resp, lease_id
 
     async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context) -> pb.ReleaseLeaseResponse:
         released = await self.engine.call_in_engine(lambda core: self.connector.release(request.lease_id))

@@ -126,7 +126,7 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
 
     kv = await start_worker_kv(engine.core, args.kv_transport, args.host, args.advertise_host, lease, pull)
     kv_address = kv.shards[0].address  # rank 0's: what decode workers dial
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20)],
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 64 << 20), *grpc_auth.SERVER_OPTIONS],
                              interceptors=grpc_auth.server_interceptors(args.internal_token))
     port = server.add_insecure_port(f"{args.host}:{args.grpc_port}")
     grpc_address = f"{args.advertise_host}:{port}"

@@ -1,5 +1,5 @@
 """Fault matrix on a 2P2D stack (real processes, loopback): under load, kill -9 of a prefill or a
-decode worker, a Redis restart (empty), a graceful router restart, and clients that disconnect
+decode worker, a frozen one (SIGSTOP: alive, answering nothing), a Redis restart (empty), a graceful router restart, and clients that disconnect
 mid-stream. Each run: 24 requests, 6 at a time, streamed and not; lost = 0 (every request
 answered, with exactly the offline engine's tokens: nothing lost or duplicated), hung = 0
 (each finishes within its timeout), and afterwards every live worker's KV pool is full again and
@@ -8,6 +8,7 @@ holds no lease. Lease expiry before the pull is in test_disagg.py (2P2D with an 
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import openai
@@ -33,7 +34,8 @@ def reference(tiny_models):
 
 @pytest.fixture(scope="module")
 def stack(tiny_models):
-    s = Stack(tiny_models["llama"], prefill=[[], []], decode=[[], []])
+    # leases of 10 s: a frozen prefill's leases granted before its freeze go within the test (below)
+    s = Stack(tiny_models["llama"], prefill=[["--lease-ttl", "10"]] * 2, decode=[[], []])
     yield s
     s.close()
 
@@ -81,8 +83,8 @@ def check(results, reference, disconnected=()):
     assert len(results) == NUM_REQUESTS  # hung = 0: every one came back
 
 
-def pools_full(stack: Stack, workers) -> None:
-    deadline = time.time() + 20
+def pools_full(stack: Stack, workers, timeout_s: float = 20) -> None:
+    deadline = time.time() + timeout_s
     while True:
         views = {w: stack.metrics(w) for w in workers}
         bad = {w: (m["pdserve:kv_blocks_free"], m["pdserve:kv_blocks_total"], m["pdserve:kv_leases_active"],
@@ -101,6 +103,25 @@ def test_kill_9_of_a_worker_loses_nothing(stack, reference, victim):
     survivors = [w for w in WORKERS if w != victim]
     pools_full(stack, survivors)
     stack.restart(victim)
+
+
+@pytest.mark.parametrize("victim", ["prefill-1", "decode-1"])
+def test_a_frozen_worker_loses_nothing(stack, reference, victim):
+    # its calls fail once a keepalive ping goes unanswered (services/grpc_auth.py: ~10 s), not at
+    # their deadlines (prefill 60 s, decode 600 s), and are retried / resubmitted elsewhere
+    counter = "prefill_retries" if victim.startswith("prefill") else "decode_resubmits"
+    before = stack.stats()[counter]
+    started = time.monotonic()
+    try:
+        results = asyncio.run(load(stack.base_url, fault=lambda: stack.procs[victim].send_signal(signal.SIGSTOP)))
+    finally:
+        stack.procs[victim].send_signal(signal.SIGCONT)
+    check(results, reference)
+    assert stack.stats()[counter] > before, counter  # requests were caught on the frozen worker
+    assert time.monotonic() - started < 55  # nothing waited for a deadline
+    # the thawed worker too: the requests it held were cancelled there; a lease it granted before
+    # the freeze, whose pull failed while it was frozen, is gone by its ttl (here 10 s; 30 by default)
+    pools_full(stack, WORKERS)
 
 
 def test_redis_restart_loses_nothing(stack, reference):
