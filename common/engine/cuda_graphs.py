@@ -144,7 +144,7 @@ class DecodeGraphs:
         rows[:len(step.sample_rows)] = step.sample_rows
         table[:num, :step.block_table.shape[1]] = step.block_table
         # one copy of the whole static block up to the last table row this bucket reads
-        self._upload.upload(self._host_arrays[:6] + [table[:bs]])
+        self._upload.upload(self._host_arrays[:6] + [table[:bs]], views=False)  # same layout as _static's
         if fill is not None:
             fill(self._static["ids"][:num])
         self._graphs[key].replay()
