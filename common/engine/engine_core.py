@@ -230,9 +230,9 @@ class EngineCore:
         overlap = self.async_scheduling and self.scheduler.num_host_history_requests == 0
         if self.spec_stats is not None and self.async_scheduling:
             # tensor parallelism: the followers' drafts come with each step, never past a token in flight
-            if overlaps(self.scheduler.num_running()) and self.tensor_parallel_size == 1:
+            if self.tensor_parallel_size == 1:
                 return self._step_speculative()
-            overlap = False  # a large batch: one step at a time (spec_decode/pipeline.py)
+            overlap = False  # one step at a time, the deltas too (spec_decode/pipeline.py)
         if not overlap and self._inflight is not None:
             return self._complete(*self._take_inflight())  # drain before stepping one at a time
         launched, failed = self._launch()
@@ -259,7 +259,9 @@ class EngineCore:
         return launched, []
 
     def _step_speculative(self) -> list[EngineOutput]:
-        """Overlapped steps with speculative decoding (spec_decode/pipeline.py tells the order)."""
+        """Speculative steps: the next one launches once the previous result is applied, before its
+        deltas go out; below OVERLAP_MAX_BATCH running requests it may launch before that result
+        (spec_decode/pipeline.py tells the order)."""
         inflight, self._inflight = self._inflight, None
         launch_first = inflight is not None and self._spec_overlap_next and not self.scheduler.num_host_history_requests
         touched, outputs = self._apply(*inflight) if inflight is not None and not launch_first else ([], [])
@@ -270,7 +272,8 @@ class EngineCore:
         self.launch_seconds += time.perf_counter() - t0
         if launch_first:
             touched, outputs = self._apply(*inflight)
-        self._spec_overlap_next = launched is not None and can_overlap_next(self.runner.spec, self.scheduler.requests)
+        self._spec_overlap_next = (launched is not None and overlaps(self.scheduler.num_running())
+                                   and can_overlap_next(self.runner.spec, self.scheduler.requests))
         self._inflight = launched
         return failed + outputs + self._emit(touched)
 

@@ -74,6 +74,41 @@ def test_overlapped_seeded_ngram_equals_plain_sampling(small_vocab):
     assert st.num_drafts + st.num_guessed_drafts > 0 and engine.num_overlapped_steps > 0
 
 
+def test_default_policy_launches_before_the_deltas_go_out(small_vocab, monkeypatch):
+    """The engine's own policy (pipeline.OVERLAP_MAX_BATCH = 1: no step launches before the
+    previous result) with async scheduling on, as on CUDA: each step's deltas are returned after
+    the next step has launched (the caller's work on them runs while the device computes), no
+    step launches before the previous result, and outputs are those of plain decoding, with
+    seeded draws, a stop id and a stop string that end requests while their next step runs."""
+    from pdserve.common.engine.spec_decode import pipeline
+    monkeypatch.setattr(pipeline, "OVERLAP_MAX_BATCH", 1)
+    folder, prompts = small_vocab
+    base, _ = generate(folder, prompts[:2], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    text = base[1].outputs[0].text
+    params = [SamplingParams(temperature=0.3, seed=40 + i, max_tokens=30, ignore_eos=True) for i in range(3)]
+    params += [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+               SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[tokens(base)[0][12]]),
+               SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[text[-3:]])]
+    plain, _ = generate(folder, prompts, params)
+    llm = LLM(folder, dtype="float32", speculative_config=NGRAM, async_scheduling=True, block_size=4)
+    engine = llm.engine
+    for i, (p, sp) in enumerate(zip(prompts, params)):
+        llm.add_request(str(i), p, sp)
+    done, behind, steps = {}, 0, 0
+    while engine.has_unfinished():
+        outs = llm.step()
+        steps += 1
+        behind += bool(outs) and engine._inflight is not None  # deltas out, the next step running
+        done.update((o.request_id, o) for o in outs if o.finished)
+    spec = [done[str(i)] for i in range(len(prompts))]
+    assert tokens(spec) == tokens(plain)
+    assert [o.outputs[0].text for o in spec] == [o.outputs[0].text for o in plain]
+    assert engine.num_overlapped_steps == 0 and engine._inflight is None
+    assert behind > steps // 2, (behind, steps)
+    assert engine.stats().spec_decode.num_accepted_tokens > 0
+    assert engine.kv.num_free_blocks == engine.runner.num_blocks
+
+
 def test_overlapped_draft_model_outputs_do_not_change(small_vocab):
     """A draft model never lets a step launch before the previous one's result (it drafts from
     the tokens): only the deltas move behind the next launch; greedy and seeded outputs unchanged."""

@@ -57,8 +57,11 @@ its token in flight back) and k+2 waits for k+1's result.
 Only for the n-gram proposer: a draft model drafts from the history on the device, which would
 miss the token in flight, so its steps never launch before the previous result.
 
-Off by default (`overlaps`: below OVERLAP_MAX_BATCH running requests, which is 1): speculative
-steps run one at a time (EngineCore.step drains the step in flight first). One H200, SmolLM2
+Off by default (`overlaps`: below OVERLAP_MAX_BATCH running requests, which is 1): no step
+launches before the previous result, but a step's deltas still go out after the next launch
+(the first form above, for n-gram too: the caller's work on them, detokenizing and streaming,
+runs while the device computes; before 2026-12-03 EngineCore.step drained each step and
+returned its deltas with the device idle until the next call). One H200, SmolLM2
 bf16, k = 8: at batch 16 the overlapped engine made 0.73x of plain decoding where one-at-a-time
 steps made 1.05x (its verify steps' host 1.73 ms against 1.02: the guessed rows and drafts of 16
 requests whose tokens are in flight, and a verify step waiting behind a plain one), so it was
