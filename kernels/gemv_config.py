@@ -5,7 +5,8 @@ kernels read every weight byte once and are bound by memory, so the configuratio
 how many programs share the weight and how large a tile each loads. `choose` answers, in order:
 
     TUNED[(kind, K, N, bucket)]      measured on a GPU by `python -m pdserve.services.bench_gemv`
-                                     (pasted below, or loaded from its JSON with `load_tuned`)
+                                     (pasted below, or loaded from its JSON with `load_tuned`, or
+                                     named by $PDSERVE_GEMV_TABLE: added at the first choice)
     heuristic(kind, bucket, K, N)    fallback: ~4 programs per SM through split-K
 
     kind    "int4" | "int8" (grouped-int codes, gemv_int.py) | "fp8" (e4m3, gemv_fp8.py)
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from dataclasses import asdict, dataclass, replace
 
 KINDS = ("int4", "int8", "fp8")
@@ -44,7 +46,8 @@ class GemvConfig:
     dot: bool = False  # tensor-core path (BLOCK_M = 16) instead of the FMA path
     num_warps: int = 4
     num_stages: int = 3
-    version: int = 1  # 2: the FMA kernels of gemv_int_v2.py (BLOCK_K within a group) / gemv_fp8_v2.py, M <= 4
+    version: int = 1  # 2: the FMA kernels of gemv_int_v2.py (BLOCK_K within a group) / gemv_fp8_v2.py, M <= 4;
+    #                   3: int4 on Hopper's tensor cores (gemv_int_v3.py: bf16 / fp16 x, M <= 16, BLOCK_K within a group)
     slices: int = 1  # int version 2: slices of BLOCK_K inputs along K per program, reduced across warps
 
     def __post_init__(self):
@@ -55,13 +58,16 @@ class GemvConfig:
             raise ValueError(f"GemvConfig split_k and num_stages must be >= 1, got {self.split_k}, {self.num_stages}")
         if self.dot and self.block_n < 16:
             raise ValueError(f"GemvConfig.block_n must be >= 16 with dot=True, got {self.block_n}")
-        if self.version not in (1, 2) or (self.version == 2 and self.dot):
-            raise ValueError(f"GemvConfig.version must be 1, or 2 without dot, got {self.version} (dot={self.dot})")
+        if self.version not in (1, 2, 3) or (self.version > 1 and self.dot):
+            raise ValueError(f"GemvConfig.version must be 1, or 2 / 3 without dot, got {self.version} (dot={self.dot})")
+        if self.version == 3 and (self.num_warps % 4 or self.block_n < 16 * self.num_warps):
+            raise ValueError(f"GemvConfig version 3: BLOCK_N = 16 * num_warps * 2^i, num_warps a multiple of 4; "
+                             f"got {self.block_n}, {self.num_warps}")
         if self.slices > 1 and self.version != 2:
             raise ValueError(f"GemvConfig.slices > 1 needs version 2, got {self.slices} with version {self.version}")
 
     def short(self) -> str:
-        path = "v2" if self.version == 2 else "dot" if self.dot else "fma"
+        path = f"v{self.version}" if self.version > 1 else "dot" if self.dot else "fma"
         if self.slices > 1:
             path += f" x{self.slices}"
         return f"{path} n{self.block_n} k{self.block_k} s{self.split_k} w{self.num_warps} st{self.num_stages}"
@@ -78,6 +84,8 @@ FMA_MAX_M = 4  # the FMA path keeps one accumulator per row
 
 def block_m(config: GemvConfig, m: int) -> int:
     """Rows one program holds: 16 for tl.dot (its minimum), else M rounded up to a power of two."""
+    if config.version == 3:  # its own choice (8 or 16), made by gemv_int_v3.int_gemv_v3
+        return 16
     if not config.dot and m > FMA_MAX_M:
         raise ValueError(f"the FMA path takes up to {FMA_MAX_M} rows, got M = {m}: use dot=True")
     return 16 if config.dot else 1 << (m - 1).bit_length()
@@ -150,7 +158,7 @@ def fit(config: GemvConfig, kind: str, k: int, group_size: int | None) -> GemvCo
         group = group_size or k
 
         def misfit(bk: int) -> bool:  # v2: a chunk lies within one group
-            return bool(k % bk or (group % bk and (config.version == 2 or bk % group)))
+            return bool(k % bk or (group % bk and (config.version > 1 or bk % group)))
         while block_k > per_word and misfit(block_k):
             block_k //= 2
         if misfit(block_k):
@@ -170,11 +178,28 @@ def num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+TABLE_ENV = "PDSERVE_GEMV_TABLE"  # a JSON of measured entries (bench_gemv --table-out) added at the first choice
+_env_table_loaded = False
+
+
+def _load_env_table() -> None:
+    global _env_table_loaded
+    _env_table_loaded = True
+    path = os.environ.get(TABLE_ENV)
+    if path:
+        try:
+            load_tuned(path)
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise ValueError(f"{TABLE_ENV}={path}: not a GEMV table ({e})") from e
+
+
 def choose(kind: str, m: int, k: int, n: int, group_size: int | None, device) -> GemvConfig:
     """The configuration of one call (see the module docstring for the order); cached per shape,
     so a decode step outside CUDA graphs pays a dict lookup."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if not _env_table_loaded:
+        _load_env_table()
     return _choose(kind, bucket_of(m), k, n, group_size, device.type, device.index)
 
 
@@ -194,6 +219,8 @@ def tune(entries: dict[tuple[str, int, int, int], GemvConfig], replace_all: bool
         if kind not in KINDS or bucket not in BUCKETS:
             raise ValueError(f"a GEMV table entry for kind {kind!r}, bucket {bucket}: expected {KINDS}, {BUCKETS}")
         block_m(config, bucket)  # the FMA path cannot serve bucket 16
+        if config.version == 3 and kind != "int4":
+            raise ValueError(f"a GEMV table entry for {kind!r} with version 3 (4-bit codes only)")
     if replace_all:
         TUNED.clear()
     TUNED.update(entries)
@@ -255,6 +282,6 @@ def load_tuned(path: str) -> int:
 def tuned_as_python(entries: dict[tuple[str, int, int, int], GemvConfig]) -> list[str]:
     """Lines to paste into TUNED above."""
     return [f"    {key!r}: GemvConfig({c.block_n}, {c.block_k}, split_k={c.split_k}, dot={c.dot}, "
-            f"num_warps={c.num_warps}, num_stages={c.num_stages}{', version=2' if c.version == 2 else ''}"
+            f"num_warps={c.num_warps}, num_stages={c.num_stages}{f', version={c.version}' if c.version > 1 else ''}"
             f"{f', slices={c.slices}' if c.slices > 1 else ''}),"
             for key, c in sorted(entries.items())]

@@ -29,7 +29,9 @@ are masked where they lie, scaled by 2^sh (powers of two: exact), so a word of 8
 Groups shorter than the tile (GGUF's 32, G = 64 with 256-input tiles) dequantize every value
 ((q - z) * s, s and z per word) before the sum instead.
 Configuration: gemv_config.choose (table + heuristic); a configuration with version=2 runs
-gemv_int_v2.py's kernel instead (M <= 4, fewer instructions per word, `slices` along K per program). Reference: reference.int_matmul_ref.
+gemv_int_v2.py's kernel instead (M <= 4, fewer instructions per word, `slices` along K per program),
+version=3 gemv_int_v3.py's (int4 with bf16 / fp16 x on Hopper's tensor cores, M <= 16; other x or
+codes take the heuristic's configuration). Reference: reference.int_matmul_ref.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pdserve.kernels import gemv_config, gemv_int_v2, pdl
+from pdserve.kernels import gemv_config, gemv_int_v2, gemv_int_v3, pdl
 from pdserve.kernels.gemv_config import GemvConfig
 from pdserve.kernels.split_k import launch_buffers, rows_of, store_rows
 
@@ -198,6 +200,13 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
         config = gemv_config.choose(kind, m, k, n, group_size, x.device)
     else:
         config = gemv_config.fit(config, kind, k, group_size)
+    if config.version == 3:  # gemv_int_v3.py: int4 on tensor cores, bf16 / fp16 x, BLOCK_K >= 32 within a group
+        if bits == 4 and x.dtype in gemv_int_v3.X_KINDS and config.block_k >= 32:
+            return gemv_int_v3.int_gemv_v3(x, qweight, scales, zeros, bits, group_size, bias, block_n=config.block_n,
+                                           block_k=config.block_k, split_k=config.split_k,
+                                           num_warps=config.num_warps, num_stages=config.num_stages)
+        config = gemv_config.fit(gemv_config.heuristic(kind, gemv_config.bucket_of(m), k, n, gemv_config.num_sms(
+            x.device.index or 0) if x.is_cuda else 8), kind, k, group_size)  # (fp32 x, 8-bit codes, short groups)
     if not config.dot and m > gemv_config.FMA_MAX_M:  # K too short for tl.dot's 16 words (tiny models)
         rows = gemv_config.FMA_MAX_M
         return torch.cat([int_gemv(x[i:i + rows], qweight, scales, zeros, bits, group_size, bias, config)
