@@ -59,6 +59,16 @@ general); the rest (x to shared memory and its row sums, s / z) is per tile and 
 BLOCK_N. No spills; the wide tiles use up to 254 registers (one CTA of 4-8 warps per ~SM
 quarter: the speed on an H200 is for the benchmark to tell, .dev/gemv3_bench.py).
 
+Measured on one H200 (torch 2.11, Triton 3.6; .dev/gemv3_bench.py, docs/benchmarks.md nineteenth
+session): correct at every shape and M = 1..16, but 1.2-4x SLOWER than version 2 (0.3-0.8 TB/s of
+weight bytes against v2's 1.7-4.3 at M = 1), so no table entry uses it; it is reachable through a
+measured table only. The loop above (Triton 3.9's SASS) waits for its tile's loads with nothing
+in flight behind them (no prefetch: num_stages does not pipeline register loads), then runs the
+32 HGMMA as 4 dependent chains of 8 and six CTA barriers (x, s / z and the row sums through
+shared memory), and 254 registers leave 1-2 CTAs per SM to hide that: the instruction count was
+not the bound. Next steps, untried: the next tile's words loaded before this tile's HGMMA (BLOCK_N
+128 has the registers), s / z and the sums of x kept out of shared memory.
+
 Limits: 4-bit codes only; BLOCK_K divides the group (fit_block_k) and K; BLOCK_N = 16 NW * 2^i
 (NW = num_warps, a multiple of 4 for wgmma); M <= 16. Under TRITON_INTERPRET=1 the inline
 assembly is replaced by the same bit operations on 16-bit integers (ASM=False).

@@ -49,10 +49,14 @@ def test_int_gemv_v3(device, case):
                       num_warps=warps)
     assert out.shape == (m, n) and out.dtype == dtype
     assert rel_error(out, ref.int_matmul_ref(x, qweight, scales, zeros, 4, group, bias)) <= MAX_ERR[dtype]
-    if split > 1:  # the split-K workspace is zero again: a second call (a graph replay) agrees
+    if split > 1:  # the split-K workspace is zero again: a second call (a graph replay) agrees, up to
+        # the order of the fp32 atomic adds on a GPU (one rounding of the output apart)
+        from pdserve.kernels.split_k import WORKSPACE
         again = int_gemv_v3(x, qweight, scales, zeros, 4, group, bias, block_n=block_n, block_k=block_k,
                             split_k=split, num_warps=warps)
-        assert torch.equal(out, again)
+        torch.testing.assert_close(again, out, rtol=1e-2 if dtype == BF16 else 2e-3, atol=1e-2)
+        ws, locks = WORKSPACE.get(torch.device(device), n, m)
+        assert not ws.any() and not locks.any()
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.skipif(
