@@ -1,6 +1,7 @@
 """Sweep of the small-batch quantized GEMVs' launch configurations on the GPU at hand (issue 13).
 
     python -m pdserve.services.bench_gemv [--budget-s 150] [--json-out FILE] [--table-out FILE] [--workers 8]
+                                          [--shapes llama3-8b|llama2-70b|all] [--kinds int4,fp8]
 
 For each Llama-3-8B weight (K x N: qkv 4096 x 6144, o 4096 x 4096, gate_up 4096 x 28672,
 down 14336 x 4096) and M in 1, 4, 16 (the buckets of gemv_config), times in CUDA graphs:
@@ -34,6 +35,8 @@ import time
 from dataclasses import asdict, dataclass, replace
 
 SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # 8B (K, N): qkv, o, gate_up, down
+MODEL_SHAPES = {"llama3-8b": SHAPES,
+                "llama2-70b": [(8192, 10240), (8192, 8192), (8192, 57344), (28672, 8192)]}  # --shapes
 ROWS = (1, 4, 16)
 GROUP = 128
 ROTATION_BYTES = 256 << 20
@@ -46,6 +49,7 @@ class Settings:
     small shape, two calls per timing and the first configs only (a test of this script)."""
     device: str = "cuda"
     shapes: tuple = tuple(SHAPES)
+    kinds: tuple = ("int4", "fp8")
     calls: int = 24  # calls per timing (graph)
     max_configs: int | None = None  # per kind and M
     num_sms: int | None = None  # None: the GPU's
@@ -261,7 +265,10 @@ def sweep(budget_s: float = 150.0, workers: int = 8, settings: Settings = Settin
                     xq, xs = quantize_fp8_per_token(x)
                     return torch._scaled_mm(xq, w[0].t(), scale_a=xs, scale_b=w[1][None, :], out_dtype=x.dtype)
                 row["fp8_scaled_mm_us"] = graph_us(_calls(scaled_mm, shape.fp8, calls), device=dev)
-            for kind, expected in (("int4", x.float() @ shape.int4_ref), ("fp8", x.float() @ shape.fp8_ref.t())):
+            for kind, expected in (("int4", lambda: x.float() @ shape.int4_ref), ("fp8", lambda: x.float() @ shape.fp8_ref.t())):
+                if kind not in settings.kinds:
+                    continue
+                expected = expected()
                 bucket = gc.bucket_of(m)
                 default = gc.choose(kind, m, k, n, GROUP if kind == "int4" else None, x.device)
                 configs = [default] + [c for c in _configs(kind, bucket, k, n, settings) if c != default]
@@ -355,6 +362,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--table-out", default=None, help="the best configs as a gemv_config.load_tuned JSON")
     p.add_argument("--workers", type=int, default=8, help="processes compiling the kernels first (0: none)")
     p.add_argument("--compile-slice", default=None, help=argparse.SUPPRESS)  # "i/n": a precompile worker
+    p.add_argument("--shapes", default="llama3-8b", choices=[*MODEL_SHAPES, "all"],
+                   help="whose weight shapes are swept (default: Llama-3-8B's four)")
+    p.add_argument("--kinds", default="int4,fp8", help="comma-separated: int4, fp8")
     p.add_argument("--smoke", action="store_true",
                    help="CPU test of this script (TRITON_INTERPRET=1): a small shape, 3 configs per kind and M")
     args = p.parse_args(argv)
@@ -364,8 +374,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     from pdserve.kernels.gemv_config import tuned_to_json
     t0 = time.perf_counter()
+    kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    if not kinds or set(kinds) - {"int4", "fp8"}:
+        p.error(f"--kinds takes int4 and / or fp8, got {args.kinds!r}")
+    shapes = [s for name, group in MODEL_SHAPES.items() if args.shapes in (name, "all") for s in group]
+    settings = replace(SMOKE if args.smoke else Settings(shapes=tuple(shapes)), kinds=kinds)
     table, best, report = sweep(args.budget_s, workers=0 if args.smoke else args.workers,
-                                settings=SMOKE if args.smoke else Settings(), total_s=args.total_s)
+                                settings=settings, total_s=args.total_s)
     print_table(table, best, report)
     print(f"sweep took {time.perf_counter() - t0:.0f} s")
     if args.table_out:

@@ -7,6 +7,8 @@ Backends as in test_quant_kernels.py: CUDA (marked gpu) and the Triton interpret
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -274,6 +276,10 @@ def test_bench_gemv_sweep_runs_and_writes_a_loadable_table(tmp_path, capsys):
         assert {(kind, b) for kind, _, _, b in gc.TUNED} == {(kind, b) for kind in ("int4", "fp8") for b in gc.BUCKETS}
     finally:
         gc.tune(saved, replace_all=True)
+    bench_gemv.main(["--smoke", "--kinds", "int4", "--table-out", str(table)])  # one kind swept
+    assert {row["kind"] for row in json.loads(table.read_text())} == {"int4"}
+    with pytest.raises(SystemExit):
+        bench_gemv.main(["--kinds", "int3"])
 
 
 @pytest.mark.gpu
