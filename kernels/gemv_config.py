@@ -120,6 +120,19 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
     ('int4', 14336, 4096, 1): GemvConfig(512, 128, split_k=112, dot=False, num_warps=2, num_stages=3, version=2),
     ('int4', 14336, 4096, 4): GemvConfig(512, 64, split_k=132, dot=False, num_warps=4, num_stages=3, version=2),
     ('int4', 14336, 4096, 16): GemvConfig(128, 128, split_k=17, dot=True, num_warps=4, num_stages=3),
+    # Llama-2-70B's int4 weights (nineteenth session: `bench_gemv --shapes llama2-70b --kinds int4`)
+    ('int4', 8192, 8192, 1): GemvConfig(1024, 64, split_k=128, dot=False, num_warps=4, num_stages=3, version=2),
+    ('int4', 8192, 8192, 4): GemvConfig(512, 64, split_k=66, dot=False, num_warps=4, num_stages=3, version=2),
+    ('int4', 8192, 8192, 16): GemvConfig(128, 128, split_k=9, dot=True, num_warps=4, num_stages=3),
+    ('int4', 8192, 10240, 1): GemvConfig(64, 64, split_k=8, dot=False, num_warps=4, num_stages=3, version=2, slices=8),
+    ('int4', 8192, 10240, 4): GemvConfig(256, 64, split_k=7, dot=False, num_warps=8, num_stages=3, version=2, slices=4),
+    ('int4', 8192, 10240, 16): GemvConfig(128, 128, split_k=7, dot=True, num_warps=4, num_stages=3),
+    ('int4', 8192, 57344, 1): GemvConfig(1024, 64, split_k=20, dot=False, num_warps=4, num_stages=3, version=2),
+    ('int4', 8192, 57344, 4): GemvConfig(128, 64, split_k=4, dot=False, num_warps=4, num_stages=3, version=2, slices=4),
+    ('int4', 8192, 57344, 16): GemvConfig(128, 128, split_k=2, dot=True, num_warps=4, num_stages=3),
+    ('int4', 28672, 8192, 1): GemvConfig(1024, 64, split_k=66, dot=False, num_warps=4, num_stages=3, version=2),
+    ('int4', 28672, 8192, 4): GemvConfig(512, 64, split_k=66, dot=False, num_warps=4, num_stages=3, version=2),
+    ('int4', 28672, 8192, 16): GemvConfig(128, 128, split_k=18, dot=True, num_warps=4, num_stages=3),
 }
 
 

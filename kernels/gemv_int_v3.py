@@ -61,8 +61,9 @@ quarter: the speed on an H200 is for the benchmark to tell, .dev/gemv3_bench.py)
 
 Measured on one H200 (torch 2.11, Triton 3.6; .dev/gemv3_bench.py, docs/benchmarks.md nineteenth
 session): correct at every shape and M = 1..16, but 1.2-4x SLOWER than version 2 (0.3-0.8 TB/s of
-weight bytes against v2's 1.7-4.3 at M = 1), so no table entry uses it; it is reachable through a
-measured table only. The loop above (Triton 3.9's SASS) waits for its tile's loads with nothing
+weight bytes against v2's 0.8-2.7), so no table entry uses it; it is reachable through a measured
+table only. Triton 3.6 puts the dequantized tile through shared memory (st.shared + ldmatrix per
+tile) instead of feeding wgmma from registers as 3.9 does; and the loop above (3.9's SASS) waits for its tile's loads with nothing
 in flight behind them (no prefetch: num_stages does not pipeline register loads), then runs the
 32 HGMMA as 4 dependent chains of 8 and six CTA barriers (x, s / z and the row sums through
 shared memory), and 254 registers leave 1-2 CTAs per SM to hide that: the instruction count was
