@@ -352,6 +352,19 @@ def summary(table: list[dict], best: dict, report: dict) -> dict:
             "skipped": report["skipped"], "failed": report["failed"], "wrong": report["wrong"]}
 
 
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """--shapes: a model's name, "all", or comma-separated KxN pairs (K, N multiples of 128) -> [(K, N)]; [] if invalid."""
+    if text in MODEL_SHAPES or text == "all":
+        return [s for name, group in MODEL_SHAPES.items() if text in (name, "all") for s in group]
+    shapes = []
+    for item in text.split(","):
+        k, _, n = item.strip().lower().partition("x")
+        if not (k.isdigit() and n.isdigit()) or int(k) % GROUP or int(n) % 8 or not int(n):
+            return []
+        shapes.append((int(k), int(n)))
+    return shapes
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m pdserve.services.bench_gemv", description=__doc__.splitlines()[0])
     p.add_argument("--budget-s", type=float, default=150.0,
@@ -362,8 +375,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--table-out", default=None, help="the best configs as a gemv_config.load_tuned JSON")
     p.add_argument("--workers", type=int, default=8, help="processes compiling the kernels first (0: none)")
     p.add_argument("--compile-slice", default=None, help=argparse.SUPPRESS)  # "i/n": a precompile worker
-    p.add_argument("--shapes", default="llama3-8b", choices=[*MODEL_SHAPES, "all"],
-                   help="whose weight shapes are swept (default: Llama-3-8B's four)")
+    p.add_argument("--shapes", default="llama3-8b",
+                   help=f"weights swept: {', '.join(MODEL_SHAPES)} or all, or K x N pairs as 4096x6144,14336x4096 "
+                        "(default: Llama-3-8B's four)")
     p.add_argument("--kinds", default="int4,fp8", help="comma-separated: int4, fp8")
     p.add_argument("--smoke", action="store_true",
                    help="CPU test of this script (TRITON_INTERPRET=1): a small shape, 3 configs per kind and M")
@@ -377,7 +391,9 @@ def main(argv: list[str] | None = None) -> None:
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
     if not kinds or set(kinds) - {"int4", "fp8"}:
         p.error(f"--kinds takes int4 and / or fp8, got {args.kinds!r}")
-    shapes = [s for name, group in MODEL_SHAPES.items() if args.shapes in (name, "all") for s in group]
+    shapes = parse_shapes(args.shapes)
+    if not shapes:
+        p.error(f"--shapes takes {', '.join(MODEL_SHAPES)}, all, or K x N pairs such as 4096x6144; got {args.shapes!r}")
     settings = replace(SMOKE if args.smoke else Settings(shapes=tuple(shapes)), kinds=kinds)
     table, best, report = sweep(args.budget_s, workers=0 if args.smoke else args.workers,
                                 settings=settings, total_s=args.total_s)

@@ -129,6 +129,14 @@ def test_split_k_leaves_the_workspace_zeroed(device):
         assert not ws.any() and not locks.any()
 
 
+def test_bench_gemv_shapes_argument():
+    from pdserve.services.bench_gemv import MODEL_SHAPES, parse_shapes
+    assert parse_shapes("llama2-70b") == MODEL_SHAPES["llama2-70b"]
+    assert parse_shapes("all") == MODEL_SHAPES["llama3-8b"] + MODEL_SHAPES["llama2-70b"]
+    assert parse_shapes("4096x6144, 14336X4096") == [(4096, 6144), (14336, 4096)]
+    assert parse_shapes("4096x") == [] and parse_shapes("100x64") == [] and parse_shapes("qwen") == []
+
+
 def test_configs_are_fitted_to_the_weight():
     from pdserve.kernels import gemv_config as gc
     assert [gc.bucket_of(m) for m in (1, 2, 4, 5, 8, 16)] == [1, 4, 4, 16, 16, 16]
