@@ -94,7 +94,8 @@ def block_m(config: GemvConfig, m: int) -> int:
 # Measured entries, (kind, K, N, bucket) -> GemvConfig. Empty until the sweep has run on the target
 # GPU: paste the lines `bench_gemv` prints under "TUNED entries" (at run time: tune / load_tuned).
 # Measured on an H200 (132 SMs), commit 29e04386 (version-2 kernels): `bash tests/gpu_quant_check.sh`
-# (docs/benchmarks.md, fourth 2 x H200 session); the int4 entries again with slices (fourteenth session).
+# (docs/benchmarks.md, fourth 2 x H200 session); the int4 entries again with slices (fourteenth session)
+# and with split-K from s/4 to 4s (nineteenth: `bench_gemv --kinds int4 --wide-splits`).
 TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
     ('fp8', 4096, 4096, 1): GemvConfig(8, 2048, split_k=1, dot=False, num_warps=8, num_stages=3, version=2),
     ('fp8', 4096, 4096, 4): GemvConfig(8, 1024, split_k=1, dot=False, num_warps=4, num_stages=3, version=2),
@@ -114,10 +115,10 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
     ('int4', 4096, 6144, 1): GemvConfig(256, 128, split_k=32, dot=False, num_warps=2, num_stages=3, version=2),
     ('int4', 4096, 6144, 4): GemvConfig(128, 128, split_k=11, dot=True, num_warps=4, num_stages=3),
     ('int4', 4096, 6144, 16): GemvConfig(128, 128, split_k=11, dot=True, num_warps=4, num_stages=3),
-    ('int4', 4096, 28672, 1): GemvConfig(1024, 128, split_k=32, dot=False, num_warps=4, num_stages=3, version=2),
-    ('int4', 4096, 28672, 4): GemvConfig(512, 64, split_k=20, dot=False, num_warps=4, num_stages=3, version=2),
-    ('int4', 4096, 28672, 16): GemvConfig(128, 128, split_k=6, dot=True, num_warps=4, num_stages=3),
-    ('int4', 14336, 4096, 1): GemvConfig(512, 128, split_k=112, dot=False, num_warps=2, num_stages=3, version=2),
+    ('int4', 4096, 28672, 1): GemvConfig(512, 128, split_k=32, dot=False, num_warps=4, num_stages=3, version=2),
+    ('int4', 4096, 28672, 4): GemvConfig(512, 64, split_k=40, dot=False, num_warps=4, num_stages=3, version=2),
+    ('int4', 4096, 28672, 16): GemvConfig(128, 128, split_k=12, dot=True, num_warps=4, num_stages=3),
+    ('int4', 14336, 4096, 1): GemvConfig(64, 64, split_k=28, dot=False, num_warps=4, num_stages=3, version=2, slices=8),
     ('int4', 14336, 4096, 4): GemvConfig(512, 64, split_k=132, dot=False, num_warps=4, num_stages=3, version=2),
     ('int4', 14336, 4096, 16): GemvConfig(128, 128, split_k=17, dot=True, num_warps=4, num_stages=3),
     # Llama-2-70B's int4 weights (nineteenth session: `bench_gemv --shapes llama2-70b --kinds int4`)

@@ -54,6 +54,7 @@ class Settings:
     max_configs: int | None = None  # per kind and M
     num_sms: int | None = None  # None: the GPU's
     rotation_bytes: int = ROTATION_BYTES
+    wide_splits: bool = False  # split-K counts s/4 .. 4s around split_for's s (default s/2 .. 2s)
 
 
 SMOKE = Settings(device="cpu", shapes=((256, 128),), calls=2, max_configs=3, num_sms=8, rotation_bytes=0)
@@ -158,7 +159,8 @@ def _configs(kind: str, bucket: int, k: int, n: int, settings: Settings) -> list
     seen, out = set(), []
     for base in gc.candidates(kind, bucket):
         s = gc.split_for(base, k, n, sms)
-        for split in sorted({1, max(1, s // 2), s, 2 * s}):
+        splits = {1, max(1, s // 2), s, 2 * s} | ({max(1, s // 4), 4 * s} if settings.wide_splits else set())
+        for split in sorted(splits):
             config = gc.fit(replace(base, split_k=split), kind, k, GROUP if kind == "int4" else None)
             if config not in seen:
                 seen.add(config)
@@ -379,6 +381,8 @@ def main(argv: list[str] | None = None) -> None:
                    help=f"weights swept: {', '.join(MODEL_SHAPES)} or all, or K x N pairs as 4096x6144,14336x4096 "
                         "(default: Llama-3-8B's four)")
     p.add_argument("--kinds", default="int4,fp8", help="comma-separated: int4, fp8")
+    p.add_argument("--wide-splits", action="store_true",
+                   help="also try split-K at a quarter and 4x the heuristic's count (more configs: a larger budget)")
     p.add_argument("--smoke", action="store_true",
                    help="CPU test of this script (TRITON_INTERPRET=1): a small shape, 3 configs per kind and M")
     args = p.parse_args(argv)
@@ -394,7 +398,7 @@ def main(argv: list[str] | None = None) -> None:
     shapes = parse_shapes(args.shapes)
     if not shapes:
         p.error(f"--shapes takes {', '.join(MODEL_SHAPES)}, all, or K x N pairs such as 4096x6144; got {args.shapes!r}")
-    settings = replace(SMOKE if args.smoke else Settings(shapes=tuple(shapes)), kinds=kinds)
+    settings = replace(SMOKE if args.smoke else Settings(shapes=tuple(shapes)), kinds=kinds, wide_splits=args.wide_splits)
     table, best, report = sweep(args.budget_s, workers=0 if args.smoke else args.workers,
                                 settings=settings, total_s=args.total_s)
     print_table(table, best, report)
