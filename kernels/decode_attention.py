@@ -37,7 +37,12 @@ a row led by an earlier one. A leader's program takes the query heads of all its
 [n * G, D] tile, so each K/V tile is read once for the group instead of once per row, and each
 query row masks the keys past its own context (window: before its own start); the others'
 programs find no query rows and do nothing. One H200, SmolLM2 (G = 3), a 9-row verify graph against 1 row: 0.97
-vs 0.68 ms per step at 600 tokens of context, 1.65 vs 0.71 at 2,000, before groups.
+vs 0.68 ms per step at 600 tokens of context, 1.65 vs 0.71 at 2,000, before groups. The tile holds
+the longest group's query rows rounded up to a power of two (9 x 3 -> 32, not 16 x 3 -> 64), and
+since the idle rows' programs are launched too, a grouped CUDA graph's split count counts them
+(DecodeGraphs.group_splits: four waves over all rows, 20 splits for 9 rows on an H200): its call
+took 12.4 us at 600 tokens with 64 splits and the 64-row tile, 5.2-6.7 with 16-32 splits and 32
+rows, and the grouped 9-row graph 0.95 -> 0.77 ms a replay (docs/benchmarks.md, nineteenth session).
 
 Split-K ("flash-decoding"): with num_splits > 1 each split writes its normalised partial output
 and log-sum-exp (base 2) to fp32 scratch, and `_merge_splits_kernel` combines them:
@@ -83,7 +88,7 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, USE_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     WRITE_FINAL: tl.constexpr, FP8: tl.constexpr,
-    ROWS: tl.constexpr = 1,   # > 1: row groups of up to ROWS rows (row_groups_ptr); BLOCK_G >= ROWS * GROUP_SIZE
+    ROWS: tl.constexpr = 1,   # > 1: row groups (row_groups_ptr); BLOCK_G >= the longest group * GROUP_SIZE
     PDL: tl.constexpr = False,
 ):
     if PDL:  # kernels/pdl.py: wait for the previous kernel first
@@ -212,10 +217,11 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def choose_num_splits(batch_size: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
-    """Enough splits for ~2 waves of programs, each split holding >= _MIN_TOKENS_PER_SPLIT keys."""
+def choose_num_splits(batch_size: int, num_kv_heads: int, max_context_len: int, device: torch.device,
+                      waves: int = 2) -> int:
+    """Enough splits for ~`waves` waves of programs, each split holding >= _MIN_TOKENS_PER_SPLIT keys."""
     num_sms = _num_sms(device.index or 0) if device.type == "cuda" else 8
-    wanted = triton.cdiv(2 * num_sms, batch_size * num_kv_heads)
+    wanted = triton.cdiv(waves * num_sms, batch_size * num_kv_heads)
     by_length = triton.cdiv(max_context_len, _MIN_TOKENS_PER_SPLIT)
     return max(1, min(wanted, by_length, _MAX_SPLITS))
 
@@ -263,7 +269,7 @@ def paged_decode_attention(
     if batch_size == 0:
         return out
     group_size = num_heads // num_kv_heads
-    rows = 1 if row_groups is None else triton.next_power_of_2(max_group_rows)
+    rows = 1 if row_groups is None else max_group_rows
     use_dot = group_size * rows >= _MIN_DOT_ROWS
     return _launch(q, k_cache, v_cache, block_tables, context_lens.contiguous(), scale, sliding_window,
                    num_splits, use_dot, out, k_scale, v_scale, row_groups, rows)
@@ -272,7 +278,8 @@ def paged_decode_attention(
 def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_window, num_splits, use_dot, out,
             k_scale=None, v_scale=None, row_groups=None, rows=1):
     """Runs the kernels; split from the wrapper so the benchmark can force either product path.
-    rows > 1: row groups of up to `rows` rows (a power of two) in `row_groups`."""
+    rows > 1: row groups of up to `rows` rows in `row_groups` (the tile: the next power of two of
+    rows x group size query rows, 32 for SmolLM2's 9-row verify groups of 3 heads, not 64)."""
     batch_size, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group_size = num_heads // num_kv_heads
@@ -302,7 +309,7 @@ def _launch(q, k_cache, v_cache, block_tables, context_lens, scale, sliding_wind
         BLOCK_SIZE=block_size, BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, USE_DOT=use_dot,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        WRITE_FINAL=num_splits == 1, FP8=k_scale is not None, ROWS=rows,
+        WRITE_FINAL=num_splits == 1, FP8=k_scale is not None, ROWS=min(rows, 2),  # (BLOCK_G bounds a group)
         num_warps=4 if block_g * block_d <= 8192 else 8, num_stages=2, **pdl.launch_args(q),
     )
     if num_splits > 1:

@@ -124,16 +124,22 @@ def cmd_graphs(args) -> None:
         TRITON_OPS.gemv_rows.update(chosen)
     table = {"as chosen": table["as chosen"], "cuBLAS for 2+ rows": table["cuBLAS for 2+ rows"]}
     if args.splits:  # the same graphs with a fixed split count, then the engine's choice back
-        chosen_splits = dict(graphs.num_splits)
+        chosen_splits, chosen_group_splits = dict(graphs.num_splits), dict(graphs.group_splits)
         try:
             for num in args.splits:
                 graphs.num_splits = {b: num for b in graphs.sizes}
+                graphs.group_splits = {b: num for b in chosen_group_splits}
                 graphs.capture(runner.greedy_tail)
                 table[f"{num} splits"] = {b: round(replay_ms(graphs, b, args.context, args.replays), 4) for b in sizes}
+                if chosen_group_splits:
+                    table[f"groups, {num} splits"] = {
+                        b: round(replay_ms(graphs, b, args.context, args.replays, grouped=True), 4)
+                        for b in sizes if b in chosen_group_splits}
         finally:
-            graphs.num_splits = chosen_splits
+            graphs.num_splits, graphs.group_splits = chosen_splits, chosen_group_splits
             graphs.capture(runner.greedy_tail)
-        print("splits as chosen per bucket:", {b: chosen_splits[b] for b in sizes})
+        print("splits as chosen per bucket:", {b: chosen_splits[b] for b in sizes},
+              "grouped:", {b: chosen_group_splits[b] for b in sizes if b in chosen_group_splits})
     if graphs.group_splits:  # a speculative engine: its verify rows as groups
         table[f"verify groups of {graphs.group_rows}"] = {
             b: round(replay_ms(graphs, b, args.context, args.replays, grouped=True), 4)

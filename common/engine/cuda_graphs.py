@@ -69,8 +69,10 @@ class DecodeGraphs:
         self.num_splits = {bs: choose_num_splits(bs, num_kv_heads, max_model_len, device) for bs in self.sizes}
         self.group_rows = group_rows
         grouped_max = max(extra_sizes, default=0) if group_rows else 0
-        # a grouped step's programs that work are one per group: splits chosen for that many
-        self.group_splits = {bs: choose_num_splits(max(1, bs // group_rows), num_kv_heads, max_model_len, device)
+        # a grouped step launches a program per row, kv head and split, of which one row per group
+        # works: four waves counted over all rows (9 rows of SmolLM2 on an H200: 20 splits; with 64,
+        # chosen per group before, 8 of 9 rows' programs idled and the call took 2x as long)
+        self.group_splits = {bs: choose_num_splits(bs, num_kv_heads, max_model_len, device, waves=4)
                              for bs in self.sizes if bs <= grouped_max}
         n, m = self.max_batch, self.max_blocks
         # host staging in the static layout; the device block is uploaded whole up to the table rows used

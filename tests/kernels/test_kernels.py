@@ -123,6 +123,7 @@ DECODE_GROUPS_INTERP = [
     ([4, 1], [70, 0], 4, 1, 64, 16, BF16, None, 2),                 # a padded row (no context)
     ([5], [33], 6, 2, 64, 8, FP32, 10, 4),                          # window shorter than the group's span
     ([2, 2], [19, 64], 8, 8, 32, 16, BF16, None, None),
+    ([9, 2], [60, 20], 6, 2, 32, 8, FP32, None, 3),                 # 27 query rows in a tile of 32 (a verify group)
 ]
 
 
