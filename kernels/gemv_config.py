@@ -198,13 +198,13 @@ _env_table_loaded = False
 
 def _load_env_table() -> None:
     global _env_table_loaded
-    _env_table_loaded = True
     path = os.environ.get(TABLE_ENV)
     if path:
         try:
             load_tuned(path)
-        except (OSError, ValueError, TypeError, KeyError) as e:
+        except (OSError, ValueError, TypeError, KeyError) as e:  # (raised again at the next choice)
             raise ValueError(f"{TABLE_ENV}={path}: not a GEMV table ({e})") from e
+    _env_table_loaded = True
 
 
 def choose(kind: str, m: int, k: int, n: int, group_size: int | None, device) -> GemvConfig:

@@ -1,7 +1,8 @@
 """Sweep of the small-batch quantized GEMVs' launch configurations on the GPU at hand (issue 13).
 
     python -m pdserve.services.bench_gemv [--budget-s 150] [--json-out FILE] [--table-out FILE] [--workers 8]
-                                          [--shapes llama3-8b|llama2-70b|all] [--kinds int4,fp8]
+                                          [--shapes llama3-8b|llama2-70b|all|KxN,...] [--kinds int4,fp8]
+                                          [--wide-splits]
 
 For each Llama-3-8B weight (K x N: qkv 4096 x 6144, o 4096 x 4096, gate_up 4096 x 28672,
 down 14336 x 4096) and M in 1, 4, 16 (the buckets of gemv_config), times in CUDA graphs:
