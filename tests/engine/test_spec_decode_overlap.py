@@ -109,6 +109,38 @@ def test_default_policy_launches_before_the_deltas_go_out(small_vocab, monkeypat
     assert engine.kv.num_free_blocks == engine.runner.num_blocks
 
 
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_aborts_while_a_speculative_step_runs(small_vocab, monkeypatch, method):
+    """Requests aborted between steps while the next speculative step is in flight (async
+    scheduling, the engine's own policy): the others finish with plain decoding's tokens, the
+    aborted ones report "abort" once, and every block is back in the pool."""
+    from pdserve.common.engine.spec_decode import pipeline
+    monkeypatch.setattr(pipeline, "OVERLAP_MAX_BATCH", 1)
+    folder, prompts = small_vocab
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    plain, _ = generate(folder, prompts, params)
+    spec = NGRAM if method == "ngram" else draft(folder)
+    llm = LLM(folder, dtype="float32", speculative_config=spec, async_scheduling=True, block_size=4)
+    engine = llm.engine
+    for i, p in enumerate(prompts):
+        llm.add_request(str(i), p, params)
+    done, aborted, steps, finished = {}, {"1", "4"}, 0, []
+    while engine.has_unfinished():
+        outs = llm.step()
+        steps += 1
+        if steps in (3, 7):  # one aborted at each point, with a step launched for it
+            assert engine._inflight is not None
+            outs += llm.abort([sorted(aborted)[steps == 7]])
+        finished += [o.request_id for o in outs if o.finished]
+        done.update((o.request_id, o) for o in outs if o.finished)
+    assert sorted(finished) == sorted(done)  # each request finished once
+    assert {rid for rid, o in done.items() if o.outputs[0].finish_reason == "abort"} == aborted
+    kept = [i for i in range(len(prompts)) if str(i) not in aborted]
+    assert [done[str(i)].outputs[0].token_ids for i in kept] == [tokens(plain)[i] for i in kept]
+    assert engine.stats().spec_decode.num_drafts > 0
+    assert engine.kv.num_free_blocks == engine.runner.num_blocks and engine._inflight is None
+
+
 def test_overlapped_draft_model_outputs_do_not_change(small_vocab):
     """A draft model never lets a step launch before the previous one's result (it drafts from
     the tokens): only the deltas move behind the next launch; greedy and seeded outputs unchanged."""
