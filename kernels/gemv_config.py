@@ -217,13 +217,24 @@ def choose(kind: str, m: int, k: int, n: int, group_size: int | None, device) ->
     return _choose(kind, bucket_of(m), k, n, group_size, device.type, device.index)
 
 
+def untuned(kind: str, m: int, k: int, n: int, group_size: int | None, device) -> GemvConfig:
+    """The heuristic's configuration fitted to this weight, whatever the table holds (for a call
+    its table entry cannot serve: gemv_int, a version-3 entry with fp32 x or 8-bit codes)."""
+    return _untuned(kind, bucket_of(m), k, n, group_size, device.type, device.index)
+
+
+def _untuned(kind: str, bucket: int, k: int, n: int, group_size: int | None, device_type: str,
+             device_index: int | None) -> GemvConfig:
+    sms = num_sms(device_index or 0) if device_type == "cuda" else 8
+    return fit(heuristic(kind, bucket, k, n, sms), kind, k, group_size)
+
+
 @functools.lru_cache(maxsize=4096)
 def _choose(kind: str, bucket: int, k: int, n: int, group_size: int | None, device_type: str,
             device_index: int | None) -> GemvConfig:
     config = TUNED.get((kind, k, n, bucket))
     if config is None:
-        sms = num_sms(device_index or 0) if device_type == "cuda" else 8
-        config = heuristic(kind, bucket, k, n, sms)
+        return _untuned(kind, bucket, k, n, group_size, device_type, device_index)
     return fit(config, kind, k, group_size)
 
 

@@ -205,8 +205,7 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
             return gemv_int_v3.int_gemv_v3(x, qweight, scales, zeros, bits, group_size, bias, block_n=config.block_n,
                                            block_k=config.block_k, split_k=config.split_k,
                                            num_warps=config.num_warps, num_stages=config.num_stages)
-        config = gemv_config.fit(gemv_config.heuristic(kind, gemv_config.bucket_of(m), k, n, gemv_config.num_sms(
-            x.device.index or 0) if x.is_cuda else 8), kind, k, group_size)  # (fp32 x, 8-bit codes, short groups)
+        config = gemv_config.untuned(kind, m, k, n, group_size, x.device)  # (fp32 x, 8-bit codes, short groups)
     if not config.dot and m > gemv_config.FMA_MAX_M:  # K too short for tl.dot's 16 words (tiny models)
         rows = gemv_config.FMA_MAX_M
         return torch.cat([int_gemv(x[i:i + rows], qweight, scales, zeros, bits, group_size, bias, config)

@@ -93,9 +93,9 @@ def _calls(fn, weights: list, length: int) -> list:
 
 
 class _Shape:
-    """Rotated weights of one K x N in each format, and the fp32 reference products."""
+    """Rotated weights of one K x N in bf16 and each swept format, and the fp32 references."""
 
-    def __init__(self, k: int, n: int, dev: str, rotation_bytes: int):
+    def __init__(self, k: int, n: int, dev: str, rotation_bytes: int, kinds=("int4", "fp8")):
         import torch
 
         from pdserve.kernels.reference import dequantize_int_ref
@@ -109,14 +109,16 @@ class _Shape:
             scales = (0.01 + 0.02 * torch.rand(k // GROUP, n, device=dev, generator=gen)).half()
             zeros = torch.randint(0, 16, (k // GROUP, n), device=dev, generator=gen).half()
             return qweight, scales, zeros
-        self.int4 = _rotation(int4, k * n // 2, rotation_bytes)
+        if "int4" in kinds:
+            self.int4 = _rotation(int4, k * n // 2, rotation_bytes)
+            self.int4_ref = dequantize_int_ref(*self.int4[0], 4, GROUP)  # [K, N] fp32
 
         def fp8(i):
             w = (torch.randn(n, k, device=dev, generator=gen) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
             return w, torch.full((n,), 0.02 / 64, device=dev)
-        self.fp8 = _rotation(fp8, k * n, rotation_bytes)
-        self.int4_ref = dequantize_int_ref(*self.int4[0], 4, GROUP)  # [K, N] fp32
-        self.fp8_ref = self.fp8[0][0].float() * self.fp8[0][1][:, None]  # [N, K]
+        if "fp8" in kinds:
+            self.fp8 = _rotation(fp8, k * n, rotation_bytes)
+            self.fp8_ref = self.fp8[0][0].float() * self.fp8[0][1][:, None]  # [N, K]
 
     def bytes(self, kind: str) -> int:
         return {"bf16": 2 * self.k * self.n, "int4": self.k * self.n // 2 + 2 * 2 * self.k * self.n // GROUP,
@@ -255,23 +257,21 @@ def sweep(budget_s: float = 150.0, workers: int = 8, settings: Settings = Settin
     table, best = [], {}
     for index, (k, n) in enumerate(settings.shapes):
         deadline = start + budget_s * (index + 1) / len(settings.shapes)  # a share per shape
-        shape = _Shape(k, n, dev, settings.rotation_bytes)
+        shape = _Shape(k, n, dev, settings.rotation_bytes, settings.kinds)
         for m in ROWS:
             x = torch.randn(m, k, dtype=torch.bfloat16, device=dev) * 0.5
             row = {"k": k, "n": n, "m": m, "bf16_us": graph_us(_calls(lambda w: F.linear(x, w), shape.bf16, calls),
                                                                device=dev)}
-            if m > 1:  # the paths these sizes took before the GEMVs
+            if m > 1 and "int4" in settings.kinds:  # the paths these sizes took before the GEMVs
                 row["int4_dequant_us"] = graph_us(_calls(
                     lambda w: x @ int_dequantize(w[0], w[1], w[2], 4, GROUP, x.dtype), shape.int4, calls), device=dev)
-
+            if m > 1 and "fp8" in settings.kinds:
                 def scaled_mm(w):
                     xq, xs = quantize_fp8_per_token(x)
                     return torch._scaled_mm(xq, w[0].t(), scale_a=xs, scale_b=w[1][None, :], out_dtype=x.dtype)
                 row["fp8_scaled_mm_us"] = graph_us(_calls(scaled_mm, shape.fp8, calls), device=dev)
-            for kind, expected in (("int4", lambda: x.float() @ shape.int4_ref), ("fp8", lambda: x.float() @ shape.fp8_ref.t())):
-                if kind not in settings.kinds:
-                    continue
-                expected = expected()
+            for kind in [kind for kind in ("int4", "fp8") if kind in settings.kinds]:
+                expected = x.float() @ (shape.int4_ref if kind == "int4" else shape.fp8_ref.t())
                 bucket = gc.bucket_of(m)
                 default = gc.choose(kind, m, k, n, GROUP if kind == "int4" else None, x.device)
                 configs = [default] + [c for c in _configs(kind, bucket, k, n, settings) if c != default]

@@ -63,8 +63,12 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             context.add_done_callback(lambda ctx: ctx.cancelled() and self._release_soon(lease_id))
         return resp
 
+    def _release(self, lease_id: str):
+        """Awaitable: the lease released on the engine thread (-> whether it was held)."""
+        return self.engine.call_in_engine(lambda core: self.connector.release(lease_id))
+
     def _release_soon(self, lease_id: str) -> None:
-        asyncio.ensure_future(self.engine.call_in_engine(lambda core: self.connector.release(lease_id)))
+        asyncio.ensure_future(self._release(lease_id))
 
     async def _prefill(self, rid: str, params: SamplingParams, prompt, context) -> tuple[pb.PrefillResponse, str | None]:
         """(the answer, the lease id it hands out or None)."""
@@ -94,7 +98,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             return resp, None
         lease_id, _ = lease
         if all_done:
-            await self.engine.call_in_engine(lambda core: self.connector.release(lease_id))
+            await self._release(lease_id)
             return resp, None
         resp.handle.CopyFrom(pb.KVHandle(
             transfer_address=self.kv_shards[0].transfer_address, lease_id=lease_id, num_tokens=len(prompt),
@@ -103,7 +107,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         return resp, lease_id
 
     async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context) -> pb.ReleaseLeaseResponse:
-        released = await self.engine.call_in_engine(lambda core: self.connector.release(request.lease_id))
+        released = await self._release(request.lease_id)
         return pb.ReleaseLeaseResponse(released=released)
 
     async def Health(self, request, context) -> pb.HealthResponse:

@@ -73,7 +73,7 @@ def test_int_gemv_v3_rejects_what_it_cannot_run(device):
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.skipif(
     not RUN_INTERPRET, reason="set TRITON_INTERPRET=1 to run on CPU"))])
-def test_int_gemv_runs_version_3_configs(device):
+def test_int_gemv_runs_version_3_configs(device, monkeypatch):
     """gemv_int.int_gemv with a version-3 configuration (a table entry) runs this kernel for 16-bit
     x; fp32 x, which it cannot take, gets the heuristic's configuration instead: both right."""
     from pdserve.kernels import gemv_int_v3
@@ -83,15 +83,12 @@ def test_int_gemv_runs_version_3_configs(device):
     config = GemvConfig(64, 64, split_k=2, num_warps=4, num_stages=1, version=3)
     calls = []
     real = gemv_int_v3.int_gemv_v3
-    gemv_int_v3.int_gemv_v3 = lambda *a, **kw: calls.append(kw) or real(*a, **kw)
-    try:
-        for dtype in (BF16, FP16, torch.float32):
-            x = torch.randn(5, 256, generator=torch.Generator().manual_seed(3)).to(dtype)
-            out = int_gemv(x, qweight, scales.to(dtype), zeros.to(dtype), 4, 64, config=config)
-            expected = ref.int_matmul_ref(x, qweight, scales.to(dtype), zeros.to(dtype), 4, 64)
-            assert rel_error(out, expected) <= MAX_ERR.get(dtype, 1e-4)
-    finally:
-        gemv_int_v3.int_gemv_v3 = real
+    monkeypatch.setattr(gemv_int_v3, "int_gemv_v3", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    for dtype in (BF16, FP16, torch.float32):
+        x = torch.randn(5, 256, generator=torch.Generator().manual_seed(3)).to(dtype)
+        out = int_gemv(x, qweight, scales.to(dtype), zeros.to(dtype), 4, 64, config=config)
+        expected = ref.int_matmul_ref(x, qweight, scales.to(dtype), zeros.to(dtype), 4, 64)
+        assert rel_error(out, expected) <= MAX_ERR.get(dtype, 1e-4)
     assert [c["block_n"] for c in calls] == [64, 64]  # bf16 and fp16 only
 
 
