@@ -28,32 +28,55 @@ imported submodule would shadow the function of the same name on this package.
 
 from __future__ import annotations
 
-from pdserve.kernels import reference
+
+def _hand_over_the_top_level_name() -> None:
+    """This folder was imported as the top-level `kernels`: a checkout's root is on sys.path (as
+    `python -m ...`, `python -c` and `python -m pytest` put the working directory there). That
+    name belongs to the `kernels` distribution transformers (5.25 and later) imports, so the
+    import is handed to it: the folder's import is replaced by that package's, found on sys.path
+    without the checkout's root. pdserve itself only ever imports `pdserve.kernels`. Without such
+    a distribution this module stays, empty."""
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = [p for p in sys.path if os.path.abspath(p or os.curdir) != root]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", path)
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module
+    spec.loader.exec_module(module)
 
 
-def triton_available() -> bool:
-    """Whether triton imports (the kernels still need a CUDA device or the interpreter)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+if __name__ == "kernels":
+    _hand_over_the_top_level_name()
+else:
+    from pdserve.kernels import reference
 
+    def triton_available() -> bool:
+        """Whether triton imports (the kernels still need a CUDA device or the interpreter)."""
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
 
-__all__ = ["reference", "triton_available"]
+    __all__ = ["reference", "triton_available"]
 
-if triton_available():
-    from pdserve.kernels.activation import silu_and_mul
-    from pdserve.kernels.copy_blocks import copy_blocks
-    from pdserve.kernels.decode_attention import paged_decode_attention
-    from pdserve.kernels.fp8_linear import fp8_gemv, quantize_fp8_per_token
-    from pdserve.kernels.gemv import gemv, gemv_rows
-    from pdserve.kernels.int_gemm import int_matmul
-    from pdserve.kernels.prefill_attention import paged_prefill_attention
-    from pdserve.kernels.rms_norm import rms_norm
-    from pdserve.kernels.rotary import apply_rotary, rotary_store_kv
-    from pdserve.kernels.store_kv import store_kv
+    if triton_available():
+        from pdserve.kernels.activation import silu_and_mul
+        from pdserve.kernels.copy_blocks import copy_blocks
+        from pdserve.kernels.decode_attention import paged_decode_attention
+        from pdserve.kernels.fp8_linear import fp8_gemv, quantize_fp8_per_token
+        from pdserve.kernels.gemv import gemv, gemv_rows
+        from pdserve.kernels.int_gemm import int_matmul
+        from pdserve.kernels.prefill_attention import paged_prefill_attention
+        from pdserve.kernels.rms_norm import rms_norm
+        from pdserve.kernels.rotary import apply_rotary, rotary_store_kv
+        from pdserve.kernels.store_kv import store_kv
 
-    __all__ += ["store_kv", "paged_decode_attention", "paged_prefill_attention", "rms_norm",
-                "apply_rotary", "rotary_store_kv", "silu_and_mul", "gemv", "gemv_rows", "copy_blocks", "int_matmul",
-                "fp8_gemv", "quantize_fp8_per_token"]
+        __all__ += ["store_kv", "paged_decode_attention", "paged_prefill_attention", "rms_norm",
+                    "apply_rotary", "rotary_store_kv", "silu_and_mul", "gemv", "gemv_rows", "copy_blocks", "int_matmul",
+                    "fp8_gemv", "quantize_fp8_per_token"]

@@ -77,3 +77,29 @@ def test_ci_runs_the_readme_test_command_with_ucx_and_a_cpu_install_pulls_no_cud
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert not [d for d in project["dependencies"] if "cu1" in d or d.startswith(("ucx", "rmm", "libucx", "cupy"))]
     assert any(d.startswith("ucxx") for d in project["optional-dependencies"]["ucx"])
+
+
+def test_the_checkout_root_on_sys_path_does_not_shadow_the_kernels_distribution():
+    """`python -c` / `python -m` run from the checkout's root find its `kernels/` folder first;
+    transformers (5.25 and later) imports the `kernels` distribution by that name. The folder hands
+    the import over, and pdserve's own kernels stay `pdserve.kernels`."""
+    import importlib.metadata
+    import subprocess
+    import sys
+    try:
+        importlib.metadata.version("kernels")
+        installed = True
+    except importlib.metadata.PackageNotFoundError:
+        installed = False
+    code = ("import sys, kernels, pdserve.kernels as own; import transformers.activations; "
+            "print(kernels.__file__); print(own.__file__); print(sys.path[0])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    top, own, first = proc.stdout.split("\n")[:3]
+    assert Path(first or os.curdir).resolve() == ROOT  # the situation under test: the root comes first
+    assert Path(own).resolve() == ROOT / "kernels" / "__init__.py"
+    if installed:
+        assert not Path(top).resolve().is_relative_to(ROOT / "kernels")
+        assert "CUDAProperties" in subprocess.run(
+            [sys.executable, "-c", "import kernels; print(dir(kernels))"], cwd=ROOT, capture_output=True,
+            text=True, timeout=120).stdout
