@@ -4,7 +4,7 @@
 
 With no MODEL it serves the packaged SmolLM2-135M-Instruct. The port is bound before the model
 loads (a busy port fails at once); once it listens, two lines say so: "pdserve serve: ready in
-X s (...)" (seconds since the process started) and "pdserve serving MODEL on http://HOST:PORT"
+X s (...)" (seconds since the process started) and "pdserve serving MODEL on http[s]://HOST:PORT"
 (`--port 0` picks a free port and prints it). /metrics is on the API port, or only on
 `--metrics-port` when given (a scrape network apart from the API's); `--no-enable-metrics`
 serves none.
@@ -37,6 +37,8 @@ def add_parser(sub, add_engine_args) -> None:
                    choices=["critical", "error", "warning", "info", "debug", "trace"],
                    help="uvicorn's log level (info and below also log each request)")
     add_limit_args(p)
+    from pdserve.services.router.http_options import add_http_args
+    add_http_args(p)
     add_metrics_args(p)
     from pdserve.common.stat_logger import add_stat_log_args
     add_stat_log_args(p)
@@ -84,6 +86,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
     from pdserve.services.router.tool_calls import check_tool_args
     check_tool_args(args)
+    from pdserve.services.router.http_options import add_cors, check_http_args, scheme, uvicorn_options
+    check_http_args(args)
     from pdserve.common.uptime import process_age_s
 
     import uvicorn
@@ -109,10 +113,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
                             metrics_route=args.enable_metrics and args.metrics_port is None,
                             log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
                             sampling_defaults=engine.core.sampling_defaults)
+            add_cors(app, args)
             metrics_apart = serve_metrics_apart(app, args, args.host)
             config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
                                     access_log=args.uvicorn_log_level in ("info", "debug", "trace"),
-                                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
+                                    timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **uvicorn_options(args))
             server = uvicorn.Server(config)
             from pdserve.common.stat_logger import start_stat_logger
             stat_logger = start_stat_logger(args, engine.core.stats, "Engine")
@@ -120,7 +125,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
             ready = f"pdserve serve: ready in {{:.2f}} s (engine {engine_s:.2f} s)"
             if metrics_apart is not None:
                 ready += f", metrics on http://{args.host}:{metrics_apart.server_port}/metrics"
-            asyncio.run(_serve(server, sock, name, args.host, lambda: ready.format(process_age_s()), stop_requested))
+            asyncio.run(_serve(server, sock, name, f"{scheme(args)}://", args.host,
+                               lambda: ready.format(process_age_s()), stop_requested))
         finally:
             if stat_logger is not None:
                 stat_logger.stop()
@@ -144,11 +150,11 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _serve(server, sock: socket.socket, name: str, host: str, ready_line, stop_requested) -> None:
+async def _serve(server, sock: socket.socket, name: str, scheme: str, host: str, ready_line, stop_requested) -> None:
     from pdserve.services.entry import until_serving
     task = asyncio.create_task(server.serve(sockets=[sock]))
     if await until_serving(server, task, stop_requested):
         print(ready_line(), flush=True)
         shown = f"[{host}]" if ":" in host else host
-        print(f"pdserve serving {name} on http://{shown}:{sock.getsockname()[1]}", flush=True)
+        print(f"pdserve serving {name} on {scheme}{shown}:{sock.getsockname()[1]}", flush=True)
     await task

@@ -45,6 +45,8 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                    help="prefix: cached-prefix overlap vs load (docs/routing.md); load: least loaded; "
                         "round_robin: rotation (a baseline)")
     add_limit_args(p)
+    from pdserve.services.router.http_options import add_http_args
+    add_http_args(p)
     p.add_argument("--internal-token", default=env_flag("PDSERVE_INTERNAL_TOKEN"),
                    help="shared secret sent on every gRPC call to the workers (default: $PDSERVE_INTERNAL_TOKEN)")
     p.add_argument("--disagg-min-prompt-tokens", type=int, default=64,
@@ -83,6 +85,8 @@ def run_router(args: argparse.Namespace) -> None:
         raise ConfigError(f"--workers must be positive, got {args.workers}")
     if args.response_store_ttl is not None and args.response_store_ttl <= 0:
         raise ConfigError(f"--response-store-ttl must be positive, got {args.response_store_ttl}")
+    from pdserve.services.router.http_options import check_http_args
+    check_http_args(args)
     if args.workers > 1:
         if args.metrics_port is not None:
             raise ConfigError("--metrics-port cannot be shared by --workers processes: /metrics is served on "
@@ -118,6 +122,7 @@ def _run_one(args: argparse.Namespace) -> None:
     from pdserve.services.router.admin import add_admin_routes, admin_guard
     from pdserve.services.router.app import build_app
     from pdserve.services.router.disagg_client import DisaggClient
+    from pdserve.services.router.http_options import add_cors, scheme, uvicorn_options
     from pdserve.services.router.instances import InstancePool
     from pdserve.services.router.routing import RoutingConfig
 
@@ -170,8 +175,9 @@ def _run_one(args: argparse.Namespace) -> None:
                                    "metrics_address": i.metrics_address, "status": i.status,
                                    "load": None if load is None else load.__dict__}
                                   for i, load in pool.instances]}
+        add_cors(app, args)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                               timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S))
+                                               timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **uvicorn_options(args)))
         ready = getattr(args, "ready_event", None)
         if ready is None:
             task = asyncio.create_task(server.serve())
@@ -190,7 +196,7 @@ def _run_one(args: argparse.Namespace) -> None:
                 apart = "" if metrics_apart is None else \
                     f", metrics on http://{args.host}:{metrics_apart.server_port}/metrics"
                 print(f"pdserve router: ready in {process_age_s():.2f} s{apart}", flush=True)
-                print(f"pdserve router serving {name} on http://{args.host}:{port} (routing: {config.mode})",
+                print(f"pdserve router serving {name} on {scheme(args)}://{args.host}:{port} (routing: {config.mode})",
                       flush=True)
         await task
         if metrics_apart is not None:

@@ -28,6 +28,7 @@ import tempfile
 import time
 
 from pdserve.common.config import ConfigError
+from pdserve.services.router.http_options import scheme
 
 START_TIMEOUT_S = 120.0
 STOP_TIMEOUT_S = 40.0  # the children's graceful shutdown (30 s) and their teardown
@@ -104,7 +105,7 @@ def _run_children(ctx, args: argparse.Namespace, child_main, metrics_dir: str) -
         holder.close()
     if not stopping:
         print(f"pdserve router: ready ({args.workers} processes on the port)", flush=True)
-        print(f"pdserve router serving on http://{args.host}:{args.port} ({args.workers} workers)", flush=True)
+        print(f"pdserve router serving on {scheme(args)}://{args.host}:{args.port} ({args.workers} workers)", flush=True)
     while not stopping:
         multiprocessing.connection.wait([proc.sentinel for proc, _ in children], timeout=0.5)
         dead = [(i, proc.exitcode) for i, (proc, _) in enumerate(children) if not proc.is_alive()]
