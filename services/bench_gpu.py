@@ -98,6 +98,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantization", default=None, choices=["fp8", "awq", "gptq"],
                    help="weights: fp8 (quantized at load) or random int4 drawn in the awq / gptq format")
     p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8"], help="fp8: e4m3 KV cache")
+    p.add_argument("--quantized-lm-head", action="store_true",
+                   help="with --quantization gptq: the LM head int4 too (a GPTQ config with lm_head: true)")
 
 
 def write_shape(shape: dict) -> str:
@@ -405,13 +407,19 @@ def main_args(args) -> dict:
     if args.hf and args.tensor_parallel_size > 1:
         raise SystemExit("bench gpu: --hf compares one GPU's weights; it does not run with --tensor-parallel-size")
     shape = TINY if args.tiny else SHAPES[args.shape]
+    if getattr(args, "quantized_lm_head", False):
+        if args.quantization != "gptq":
+            raise SystemExit("bench gpu: --quantized-lm-head goes with --quantization gptq")
+        shape = {**shape, "quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": False,
+                                                  "desc_act": False, "checkpoint_format": "gptq", "lm_head": True}}
     folder = write_shape(shape)
     vocab = shape["vocab_size"]
     loads = workloads(args.which, args.w2_requests, vocab, args.seed, args.latency_tokens)
     card = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     summary: dict = {"card": card, "torch": torch.__version__, "triton": triton.__version__,
                      "transformers": transformers.__version__, "shape": "tiny" if args.tiny else args.shape,
-                     "weights": args.quantization or "bf16",
+                     "weights": (args.quantization or "bf16") + (" + int4 head" if getattr(
+                         args, "quantized_lm_head", False) else ""),
                      "kv_cache": "fp8" if args.kv_cache_dtype == "fp8" else "bf16"}
 
     t0 = time.perf_counter()

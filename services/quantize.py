@@ -38,6 +38,9 @@ def add_parser(sub) -> None:
     p.add_argument("--calibration-samples", type=int, default=128, help="awq/gptq: pieces of the text to use, at most")
     p.add_argument("--calibration-seq-len", type=int, default=512, help="awq/gptq: tokens per piece")
     p.add_argument("--rtn", action="store_true", help="awq/gptq: round to nearest, no calibration")
+    p.add_argument("--lm-head", action="store_true",
+                   help="gptq: quantize the LM head too (round to nearest; the config says \"lm_head\": true, "
+                        "as GPTQModel's lm_head=True)")
     p.add_argument("--kv-cache-scales", action="store_true",
                    help="fp8: also write static fp8 KV-cache scales (self_attn.k_scale / v_scale) found on the "
                         "calibration text; `--kv-cache-dtype fp8` then uses them instead of calibrating at start-up")
@@ -80,5 +83,5 @@ def run(args) -> None:
                                    args.device, log=log)
     summary = quantize_checkpoint(src, args.output, args.method, group_size=args.group_size, sym=args.sym,
                                   act_order=act_order, fp8_per_tensor=args.fp8_scale == "tensor",
-                                  calibration=calibration, log=log, kv_scales=kv_scales)
+                                  calibration=calibration, log=log, kv_scales=kv_scales, lm_head=args.lm_head)
     print(json.dumps({"output": args.output, **summary}))

@@ -259,6 +259,8 @@ class LlamaForCausalLM(nn.Module):
 
     def shard_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, h] -> [N, vocab] in the model's dtype (this rank's vocab shard under tensor parallelism)."""
+        if self.lm_head is not None and not isinstance(self.lm_head, nn.Linear):
+            return self.ops.linear(self.lm_head, hidden)  # a quantized head (GPTQ's lm_head: true)
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return self.ops.logits(hidden, weight)
 
@@ -292,6 +294,11 @@ class LlamaForCausalLM(nn.Module):
                 fused, shard = self._SHARDS[parts[-2]]
                 target = ".".join(parts[:-2] + [fused, parts[-1]])
             if target not in params:
+                owner = target.rpartition(".")[0]
+                if f"{owner}.qweight" in params:
+                    raise ConfigError(f"checkpoint tensor {name!r} is a full-precision weight, but the checkpoint's "
+                                      f"quantization_config makes {owner} a quantized layer (expects "
+                                      f"{owner}.qweight, .qzeros, .scales)")
                 raise ConfigError(f"checkpoint tensor {name!r} has no place in the model")
             param = params[target]
             # TP shards (the model's dict) or a quantized parameter's own placement (its attribute)

@@ -15,6 +15,7 @@ VARIANTS = {
     "awq": ("awq", {"group_size": 32}),
     "gptq": ("gptq", {"group_size": 32}),
     "gptq-asym-act": ("gptq", {"group_size": 32, "sym": False, "act_order": True}),
+    "gptq-head": ("gptq", {"group_size": 32, "lm_head": True}),  # GPTQModel's lm_head=True
 }
 
 

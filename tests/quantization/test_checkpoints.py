@@ -69,10 +69,16 @@ def test_files_have_the_real_layouts(quant_models):
     assert configs["gptq"]["sym"] and not configs["gptq"]["desc_act"] and configs["gptq"]["checkpoint_format"] == "gptq"
     assert configs["gptq-asym-act"]["desc_act"] and not configs["gptq-asym-act"]["sym"]
     assert configs["fp8"]["quant_method"] == "compressed-tensors" and configs["fp8-tensor"]["quant_method"] == "fp8"
+    assert configs["gptq"]["lm_head"] is False and "lm_head.weight" in gptq
+    head = tensors(quant_models["llama-gptq-head"])  # the head: N = 49152 outputs, K = 64 inputs
+    assert head["lm_head.qweight"].shape == (8, 49152) and head["lm_head.scales"].shape == (2, 49152)
+    assert "lm_head.weight" not in head and head["model.embed_tokens.weight"].dtype == torch.float32
+    assert json.load(open(os.path.join(quant_models["llama-gptq-head"], "config.json")))[
+        "quantization_config"]["lm_head"] is True
     assert os.path.isfile(os.path.join(quant_models["llama-awq"], "tokenizer.json"))
 
 
-@pytest.mark.parametrize("variant", ["fp8", "fp8-tensor", "awq", "gptq", "gptq-asym-act"])
+@pytest.mark.parametrize("variant", ["fp8", "fp8-tensor", "awq", "gptq", "gptq-asym-act", "gptq-head"])
 def test_loaded_weights_match_the_originals(quant_models, variant):
     # the reference path keeps the nn.Linear weights (the CPU fast path packs them and drops them)
     ref = LLM(quant_models["llama"], dtype="float32", kernels="reference",
@@ -93,6 +99,12 @@ def test_loaded_weights_match_the_originals(quant_models, variant):
                     assert (q.perm is not None) == variant.endswith("act")
                 bound = int_step(q) * (0.5 + 16 * 2**-11) + 1e-7
             assert (got - w).abs().le(bound).all(), (variant, i, name, float(((got - w).abs() - bound).max()))
+    if variant != "gptq-head":
+        assert isinstance(model.lm_head, torch.nn.Linear)
+        return
+    head, w = model.lm_head, ref.lm_head.weight.detach().float()
+    assert isinstance(head, IntLinear) and head.out_features == 49152
+    assert (dequantized_weight(head) - w).abs().le(int_step(head) * (0.5 + 16 * 2**-11) + 1e-7).all()
 
 
 def test_qwen2_biases_and_fused_act_order(quant_models):
@@ -154,6 +166,7 @@ def _edit_config(src: str, dst, **quant) -> str:
     ("fp8-tensor", {"weight_block_size": [128, 128]}, "block-wise fp8"),
     ("fp8", {"quant_method": "bitsandbytes"}, "'bitsandbytes' is not supported"),
     ("gptq", {"group_size": 128}, "does not divide the 64 inputs"),
+    ("gptq", {"lm_head": True}, "makes lm_head a quantized layer"),  # the config says so, the file does not
 ])
 def test_unsupported_schemes_are_config_errors(quant_models, tmp_path, variant, edit, message):
     folder = _edit_config(quant_models[f"llama-{variant}"], tmp_path / "m", **edit)
@@ -170,10 +183,11 @@ def test_flag_conflicts(quant_models):
         LLM(quant_models["llama"], quantization="int3")
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq", "fp8"])
+@pytest.mark.parametrize("method", ["awq", "gptq", "fp8", "gptq-head"])
 def test_dummy_weights_are_drawn_in_quantized_form(smollm2_tokenizer_dir, tmp_path, method):
     """--load-format dummy --quantization awq|gptq: random int4 weights (group 128) made directly,
-    how the GPU benchmark builds a 70B-shaped model; fp8: random weights quantized at load."""
+    how the GPU benchmark builds a 70B-shaped model; fp8: random weights quantized at load;
+    gptq-head: a config with GPTQ's lm_head: true (bench_gpu --quantized-lm-head) draws the head too."""
     from pdserve.common.sampling_params import SamplingParams
     import shutil
     folder = str(tmp_path / "m")
@@ -181,11 +195,30 @@ def test_dummy_weights_are_drawn_in_quantized_form(smollm2_tokenizer_dir, tmp_pa
     with open(os.path.join(folder, "config.json"), "w") as f:  # no weights: dummy loading reads the shape only
         json.dump({"architectures": ["LlamaForCausalLM"], "hidden_size": 128, "intermediate_size": 256,
                    "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 49152,
-                   "max_position_embeddings": 512, "torch_dtype": "float32"}, f)
-    llm = LLM(folder, load_format="dummy", quantization=method, dtype="float32")
+                   "max_position_embeddings": 512, "torch_dtype": "float32",
+                   **({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": False,
+                                               "lm_head": True}} if method == "gptq-head" else {})}, f)
+    llm = LLM(folder, load_format="dummy", quantization=method.removesuffix("-head"), dtype="float32")
+    head = llm.engine.runner.model.lm_head
+    assert isinstance(head, IntLinear) == (method == "gptq-head")
     qkv = llm.engine.runner.model.layers[0].self_attn.qkv_proj
     assert isinstance(qkv, Fp8Linear if method == "fp8" else IntLinear)
     w = dequantized_weight(qkv)
     assert 0.01 < float(w.std()) < 0.04 and w.isfinite().all()
     out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_lm_head_quantization_needs_an_untied_gptq_head(quant_models, tiny_model_factory, tmp_path, capsys):
+    tied = tiny_model_factory(str(tmp_path / "tied"), "llama", tie_word_embeddings=True)
+    for method, src, message in (("gptq", tied, "ties its LM head to the embedding"),
+                                 ("awq", quant_models["llama"], "--lm-head is a GPTQ option")):
+        assert main(["quantize", "--model", src, "--method", method, "--output", str(tmp_path / method),
+                     "--group-size", "32", "--rtn", "--lm-head"]) == 2
+        assert message in capsys.readouterr().err
+    # a config that says the head is quantized, on a model whose head is the embedding
+    folder = _edit_config(quant_models["llama-gptq"], tmp_path / "m", lm_head=True)
+    config = json.load(open(os.path.join(folder, "config.json")))
+    json.dump({**config, "tie_word_embeddings": True}, open(os.path.join(folder, "config.json"), "w"))
+    with pytest.raises(ConfigError, match="ties its head to the embedding"):
+        LLM(folder, dtype="float32")

@@ -29,7 +29,8 @@ def _run(folder: str, prompts: list[list[int]], tp: int):
 
 # fp8 per channel and per tensor, AWQ (packed along outputs), GPTQ (packed along inputs), and Qwen2's
 # q/k/v biases under a column split
-@pytest.mark.parametrize("variant", ["llama-fp8", "llama-fp8-tensor", "llama-awq", "llama-gptq", "qwen2-awq"])
+@pytest.mark.parametrize("variant", ["llama-fp8", "llama-fp8-tensor", "llama-awq", "llama-gptq", "qwen2-awq",
+                                     "llama-gptq-head"])  # a quantized head: vocab-parallel int4 rows
 def test_quantized_checkpoint_at_tp2_equals_tp1(quant_models, short_prompts, variant):
     prompts = short_prompts[:4]
     model1, tokens1, logprobs1 = _run(quant_models[variant], prompts, 1)

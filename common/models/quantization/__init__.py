@@ -10,7 +10,8 @@ quantized modules (fp8.Fp8Linear, int_linear.IntLinear) that the model calls lik
       -> finish_model(): online fp8 quantizes the loaded nn.Linears; act-order permutations
 
 Which method runs is `config.resolve_quantization` (flag + the checkpoint's quantization_config).
-The embedding, norms and lm_head stay in the model dtype.
+The embedding and norms stay in the model dtype; so does lm_head, unless the checkpoint quantized it
+(GPTQ's `lm_head: true`): then it is an IntLinear too, over the vocabulary.
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def _targets(model: nn.Module, qcfg: QuantConfig):
             layer = getattr(parent, attr, None)
             if isinstance(layer, nn.Linear) and not qcfg.is_ignored(f"model.{path}", attr):
                 yield parent, attr, layer, path
+    if qcfg.lm_head:
+        if not isinstance(getattr(model, "lm_head", None), nn.Linear):
+            raise ConfigError("quantization_config.lm_head: the checkpoint quantized the LM head, but this model "
+                              "ties its head to the embedding (tie_word_embeddings) and has none of its own")
+        yield model, "lm_head", model.lm_head, ""
 
 
 def prepare_model(model: nn.Module, qcfg: QuantConfig | None, arch: ArchConfig, dtype: torch.dtype,
@@ -60,7 +66,7 @@ def prepare_model(model: nn.Module, qcfg: QuantConfig | None, arch: ArchConfig, 
         return set()
     kept: set[str] = set()
     for parent, attr, layer, path in list(_targets(model, qcfg)):
-        full = f"{path}.{attr}"
+        full = f"{path}.{attr}" if path else attr
         sizes = local_output_sizes(model, full, layer) or _output_sizes(arch, attr, layer)  # this rank's
         if qcfg.method == "gguf":
             parts = [f"{path}.{part}.weight" for part in FUSED_LINEARS[attr]]

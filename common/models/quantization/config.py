@@ -7,7 +7,8 @@
                         (strategy tensor | channel)
     fp8                 none (bf16 / fp16 / fp32 weights)              fp8, quantized at load
     (none) / awq        quant_method "awq", version gemm, 4 bits       awq
-    (none) / gptq       quant_method "gptq", 4 or 8 bits               gptq (v1: zeros stored - 1)
+    (none) / gptq       quant_method "gptq", 4 or 8 bits               gptq (v1: zeros stored - 1; with
+                        ("lm_head": true: the head quantized too)      lm_head: the head runs quantized)
     gguf                a .gguf file with Q8_0 / Q4_0 / Q4_K tensors  gguf (runs quantized)
 
 Anything else (AWQ GEMV/Marlin packing, 2/3-bit GPTQ, block-wise fp8, an explicit flag that
@@ -38,6 +39,7 @@ class QuantConfig:
     desc_act: bool = False  # GPTQ act-order: g_idx permutes inputs into groups
     zero_offset: int = 0  # added to stored zero points (GPTQ v1 stores zero - 1)
     ignore: tuple[str, ...] = ()  # HF module names (or "re:" patterns) left unquantized
+    lm_head: bool = False  # the LM head is quantized too (GPTQModel's `lm_head: true`; awq / gptq only)
 
     def __post_init__(self):
         if self.method in ("awq", "gptq"):
@@ -134,7 +136,7 @@ def parse_quantization_config(q: dict) -> QuantConfig:
         return QuantConfig("gptq", True, bits=int(q.get("bits", 4)), group_size=_group_size(q.get("group_size", 128)),
                            sym=bool(q.get("sym", True)), desc_act=bool(q.get("desc_act", False)),
                            zero_offset=1 if fmt == "gptq" else 0,
-                           ignore=tuple(q.get("modules_to_not_convert") or ()))
+                           ignore=tuple(q.get("modules_to_not_convert") or ()), lm_head=bool(q.get("lm_head", False)))
     if method == "fp8":
         if q.get("weight_block_size"):
             raise ConfigError(f"quantization_config.weight_block_size {q['weight_block_size']}: block-wise fp8 "

@@ -14,8 +14,10 @@ AWQ and GPTQ are calibrated when given a Calibration (calibrate.py: GPTQ's Hessi
 compensation, act-order by diag(H); AWQ's activation-aware scales folded into the norms, and
 clipping), else round-to-nearest per group (RTN; act-order then by a proxy: |RMSNorm weight|
 feeding q/k/v and gate/up, so fused projections share one order, the weight's column norm for
-o_proj and down_proj). Embeddings, norms and lm_head keep their dtype. q/k/v and gate/up are
-quantized separately, as the tools do.
+o_proj and down_proj). Embeddings and norms keep their dtype; so does lm_head, unless `lm_head=True`
+(`--lm-head`, GPTQ only, as GPTQModel's `lm_head=True`): the head is then quantized too, round to
+nearest (calibration covers the decoder layers), act-order by its column norms, and the config says
+`"lm_head": true`. q/k/v and gate/up are quantized separately, as the tools do.
 """
 
 from __future__ import annotations
@@ -79,13 +81,15 @@ def quantize_fp8(w: torch.Tensor, per_tensor: bool) -> dict[str, torch.Tensor]:
     return {"weight": weight, "weight_scale": scale[:, None]}
 
 
-def quantization_config(method: str, group_size: int, sym: bool, act_order: bool, fp8_per_tensor: bool) -> dict:
+def quantization_config(method: str, group_size: int, sym: bool, act_order: bool, fp8_per_tensor: bool,
+                        lm_head: bool = False) -> dict:
     if method == "awq":
         return {"quant_method": "awq", "bits": 4, "group_size": group_size, "zero_point": True, "version": "gemm",
                 "modules_to_not_convert": None}
     if method == "gptq":
         return {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": act_order, "sym": sym,
-                "static_groups": False, "true_sequential": True, "checkpoint_format": "gptq", "damp_percent": 0.0}
+                "static_groups": False, "true_sequential": True, "checkpoint_format": "gptq", "damp_percent": 0.0,
+                "lm_head": lm_head}
     if fp8_per_tensor:
         return {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": ["lm_head"]}
     return {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
@@ -101,7 +105,7 @@ def quantization_config(method: str, group_size: int, sym: bool, act_order: bool
 def quantize_checkpoint(src: str, out: str, method: str, group_size: int = 128, sym: bool | None = None,
                         act_order: bool = False, fp8_per_tensor: bool = False,
                         calibration: Calibration | None = None, log=None,
-                        kv_scales: list[tuple[float, float]] | None = None) -> dict:
+                        kv_scales: list[tuple[float, float]] | None = None, lm_head: bool = False) -> dict:
     """Writes the quantized checkpoint; returns a summary (tensors, bytes before and after).
     calibration: run GPTQ / AWQ on that text (calibrate.py); None: round to nearest.
     kv_scales: fp8 only, per layer (K, V) KV-cache scales written as self_attn.k_scale / v_scale
@@ -124,6 +128,13 @@ def quantize_checkpoint(src: str, out: str, method: str, group_size: int = 128, 
                 raise ConfigError(f"--group-size {group_size} does not divide a layer's {k} inputs")
     if method == "awq" and act_order:
         raise ConfigError("--act-order is a GPTQ option")
+    if lm_head and method != "gptq":
+        raise ConfigError("--lm-head is a GPTQ option (GPTQModel's lm_head=True; AWQ and fp8 checkpoints keep "
+                          "the head in full precision)")
+    if lm_head and arch.tie_word_embeddings:
+        raise ConfigError(f"--lm-head: {src} ties its LM head to the embedding; only an untied head is quantized")
+    if lm_head and arch.vocab_size % 8:
+        raise ConfigError(f"--lm-head: a vocabulary of {arch.vocab_size} does not pack into 32-bit words of 8")
     files = sorted(glob.glob(os.path.join(src, "*.safetensors")))
     if not files:
         raise ConfigError(f"{src} has no *.safetensors weights")
@@ -147,11 +158,12 @@ def quantize_checkpoint(src: str, out: str, method: str, group_size: int = 128, 
                 if name in changed:  # awq: a norm weight with the inputs' scales folded in
                     t = changed[name].to(t.dtype)
                 base, _, leaf = name.rpartition(".")
-                if leaf == "weight" and base.rsplit(".", 1)[-1] in PROJECTIONS and t.dim() == 2:
+                head = lm_head and name == "lm_head.weight"
+                if head or (leaf == "weight" and base.rsplit(".", 1)[-1] in PROJECTIONS and t.dim() == 2):
                     if name in calibrated:
                         pack = pack_awq if method == "awq" else pack_gptq
                         parts = pack(calibrated[name])
-                    elif calibration is not None:
+                    elif calibration is not None and not head:
                         raise ConfigError(f"calibration did not reach {name} (a layer outside the decoder?)")
                     elif method == "fp8":
                         parts = quantize_fp8(t, fp8_per_tensor)
@@ -189,7 +201,9 @@ def quantize_checkpoint(src: str, out: str, method: str, group_size: int = 128, 
     if len(shards) > 1:
         with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": after}, "weight_map": weight_map}, f, indent=2)
-    config["quantization_config"] = quantization_config(method, group_size, sym, act_order, fp8_per_tensor)
+    if lm_head and not any(k.startswith("lm_head.") for shard in shards for k in shard):
+        raise ConfigError(f"--lm-head: {src} has no lm_head.weight")
+    config["quantization_config"] = quantization_config(method, group_size, sym, act_order, fp8_per_tensor, lm_head)
     if calibration is not None and method == "gptq":
         config["quantization_config"]["damp_percent"] = calibration.damp
     if kv_scales is not None:  # static per-tensor fp8 KV scales, as llm-compressor / AutoFP8 declare them
