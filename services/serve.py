@@ -33,9 +33,6 @@ def add_parser(sub, add_engine_args) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP server binds to (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port; 0: any free port (printed when ready)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/*")
-    p.add_argument("--uvicorn-log-level", default="warning",
-                   choices=["critical", "error", "warning", "info", "debug", "trace"],
-                   help="uvicorn's log level (info and below also log each request)")
     add_limit_args(p)
     from pdserve.services.router.http_options import add_http_args
     add_http_args(p)
@@ -112,11 +109,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
                             tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
                             metrics_route=args.enable_metrics and args.metrics_port is None,
                             log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
-                            sampling_defaults=engine.core.sampling_defaults)
+                            sampling_defaults=engine.core.sampling_defaults,
+                            fastapi_docs=not args.disable_fastapi_docs)
             add_cors(app, args)
             metrics_apart = serve_metrics_apart(app, args, args.host)
-            config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level,
-                                    access_log=args.uvicorn_log_level in ("info", "debug", "trace"),
+            config = uvicorn.Config(app, host=args.host, port=args.port,
                                     timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **uvicorn_options(args))
             server = uvicorn.Server(config)
             from pdserve.common.stat_logger import start_stat_logger

@@ -94,6 +94,20 @@ class ServeProcess:
     def __enter__(self) -> "ServeProcess":
         return self.start().wait_ready()
 
+    def more_lines(self, wait_s: float = 0.5) -> list[str]:
+        """stdout lines printed after the ready line so far (waiting up to `wait_s` for the first)."""
+        lines = []
+        try:
+            while True:
+                line = self._lines.get(timeout=wait_s if not lines else 0.01)
+                if line is None:
+                    break
+                lines.append(line.rstrip("\n"))
+        except queue.Empty:
+            pass
+        self.lines += lines
+        return lines
+
     def stderr_text(self) -> str:
         self.stderr.seek(0)
         return self.stderr.read()

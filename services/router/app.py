@@ -583,7 +583,7 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
               tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False,
               metrics_route: bool = True, metrics_dir: str | None = None, response_store=None,
               log_requests: bool = False, max_log_len: int | None = None,
-              sampling_defaults: dict | None = None) -> FastAPI:
+              sampling_defaults: dict | None = None, fastapi_docs: bool = True) -> FastAPI:
     """The FastAPI app. `collector` (state for /metrics) is the deployment's: the in-process
     engine's stats, or the router's view of its fleet and its routing counters.
     `tool_call_parser` + `enable_auto_tool_choice` (vLLM's flags) let tool_choice "auto" turn the
@@ -593,10 +593,12 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
     (default: this process's memory; the router passes its Redis one). `log_requests`: a log line
     per request as it arrives (prompt and token ids cut to `max_log_len`, parameters) and ends.
     `sampling_defaults`: default sampling parameters of requests that leave them unset (the
-    model's generation config, common/generation_config.py)."""
+    model's generation config, common/generation_config.py). `fastapi_docs` False: no /openapi.json,
+    /docs or /redoc (vLLM's --disable-fastapi-docs)."""
     metrics = ServerMetrics(served_model_name, engine.max_model_len, collector, shared_dir=metrics_dir)
     server = OpenAIServer(engine, served_model_name, metrics, limits, tool_call_parser, enable_auto_tool_choice)
-    app = FastAPI(title="pdserve", description="OpenAI-compatible API of pdserve")
+    docs = {} if fastapi_docs else {"openapi_url": None, "docs_url": None, "redoc_url": None}
+    app = FastAPI(title="pdserve", description="OpenAI-compatible API of pdserve", **docs)
     app.state.server = server
     server.sampling_defaults = dict(sampling_defaults or {})
     if log_requests:

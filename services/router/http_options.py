@@ -1,10 +1,13 @@
-"""vLLM's HTTP-server flags of an OpenAI front end (serve and router): CORS, TLS, a proxy's root path.
+"""vLLM's HTTP-server flags of an OpenAI front end (serve and router): CORS, TLS, a proxy's root path,
+logging and the docs pages.
 
     --allowed-origins / --allowed-methods / --allowed-headers   JSON lists (default ["*"], as vLLM)
     --allow-credentials                                         CORS credentials (default off)
     --ssl-certfile [--ssl-keyfile] [--ssl-ca-certs --ssl-cert-reqs N]   serve HTTPS (N = 2: clients
                                                                 must present a certificate the CA file signs)
     --root-path PATH                                            the prefix a path-routing proxy strips
+    --uvicorn-log-level L, --disable-uvicorn-access-log         uvicorn's logging (access log at info and below)
+    --disable-fastapi-docs                                      no /docs, /redoc, /openapi.json
 
 The TLS files are loaded once while the arguments are checked, so a missing or mismatched file is a
 one-line error before the model loads, not a traceback from uvicorn after it. /metrics on its own
@@ -44,6 +47,13 @@ def add_http_args(p: argparse.ArgumentParser) -> None:
                    help="client certificates: 0 not asked, 1 optional, 2 required (checked against --ssl-ca-certs)")
     p.add_argument("--root-path", default="",
                    help="the path prefix a reverse proxy routes to this server and strips (FastAPI's root_path)")
+    p.add_argument("--uvicorn-log-level", default="warning",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"],
+                   help="uvicorn's log level (info and below also log each request, unless "
+                        "--disable-uvicorn-access-log)")
+    p.add_argument("--disable-uvicorn-access-log", action="store_true", help="no access log line per request")
+    p.add_argument("--disable-fastapi-docs", action="store_true",
+                   help="serve no OpenAPI document or docs pages (/openapi.json, /docs, /redoc)")
 
 
 def check_http_args(args: argparse.Namespace) -> None:
@@ -79,7 +89,8 @@ def scheme(args: argparse.Namespace) -> str:
 def uvicorn_options(args: argparse.Namespace) -> dict:
     """uvicorn.Config's keywords for these flags."""
     return {"ssl_certfile": args.ssl_certfile, "ssl_keyfile": args.ssl_keyfile, "ssl_ca_certs": args.ssl_ca_certs,
-            "ssl_cert_reqs": args.ssl_cert_reqs, "root_path": args.root_path}
+            "ssl_cert_reqs": args.ssl_cert_reqs, "root_path": args.root_path, "log_level": args.uvicorn_log_level,
+            "access_log": args.uvicorn_log_level in ("info", "debug", "trace") and not args.disable_uvicorn_access_log}
 
 
 def add_cors(app, args: argparse.Namespace) -> None:

@@ -161,7 +161,7 @@ def _run_one(args: argparse.Namespace) -> None:
                         metrics_route=args.enable_metrics and args.metrics_port is None,
                         metrics_dir=getattr(args, "metrics_dir", None), response_store=store,
                         log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
-                        sampling_defaults=defaults)
+                        sampling_defaults=defaults, fastapi_docs=not args.disable_fastapi_docs)
         metrics_apart = serve_metrics_apart(app, args, args.host)
         add_admin_routes(app, pool, registry, api_key=args.api_key)
 
@@ -176,7 +176,7 @@ def _run_one(args: argparse.Namespace) -> None:
                                    "load": None if load is None else load.__dict__}
                                   for i, load in pool.instances]}
         add_cors(app, args)
-        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+        server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
                                                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **uvicorn_options(args)))
         ready = getattr(args, "ready_event", None)
         if ready is None:

@@ -49,7 +49,7 @@ def test_serve_over_https_with_cors_and_a_root_path(tiny_models, cert):
     flags = ("--model", tiny_models["llama"], "--num-gpu-blocks-override", "64", "--max-model-len", "128",
              "--ssl-certfile", cert["server_crt"], "--ssl-keyfile", cert["server_key"],
              "--allowed-origins", json.dumps([ORIGIN]), "--allowed-methods", '["GET", "POST"]',
-             "--root-path", "/llm", "--api-key", "sekret")
+             "--root-path", "/llm", "--api-key", "sekret", "--uvicorn-log-level", "info")
     with ServeProcess(*flags) as proc:
         assert proc.url.startswith("https://127.0.0.1:")
         trust = ssl.create_default_context(cafile=cert["server_crt"])
@@ -77,6 +77,7 @@ def test_serve_over_https_with_cors_and_a_root_path(tiny_models, cert):
         # /v1/..., and its OpenAPI document names the prefix for clients
         docs = httpx.get(proc.url + "/openapi.json", verify=trust, timeout=10).json()
         assert docs["servers"] == [{"url": "/llm"}]
+        assert any('"GET /llm/openapi.json' in line for line in proc.more_lines()), proc.lines  # info: access log
 
 
 class RouterProcess:
@@ -85,14 +86,17 @@ class RouterProcess:
                                       "--model", tokenizer, "--port", "0", *flags],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines: queue.Queue = queue.Queue()
-        threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout] + [lines.put(None)],
-                         daemon=True).start()
-        deadline, seen = time.monotonic() + 120, []
+        self.output: list[str] = []  # stdout and stderr, complete after close()
+        self.reader = threading.Thread(target=lambda: [lines.put(x) for x in self.proc.stdout] + [lines.put(None)],
+                                       daemon=True)
+        self.reader.start()
+        self.lines = lines
+        deadline = time.monotonic() + 120
         while True:
             line = lines.get(timeout=max(deadline - time.monotonic(), 0.01))
             if line is None:
-                raise RuntimeError("the router did not start:\n" + "".join(seen))
-            seen.append(line)
+                raise RuntimeError("the router did not start:\n" + "".join(self.output))
+            self.output.append(line)
             if line.startswith("pdserve router serving"):
                 self.url = line.split(" on ")[1].split()[0]
                 return
@@ -100,12 +104,16 @@ class RouterProcess:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=30)
+        self.reader.join(timeout=10)
+        while (line := self.lines.get_nowait() if not self.lines.empty() else None) is not None:
+            self.output.append(line)
 
 
 def test_router_requires_client_certificates_and_answers_preflights(redis_url, tiny_models, cert):
     router = RouterProcess(redis_url, tiny_models["llama"], "--ssl-certfile", cert["server_crt"],
                            "--ssl-keyfile", cert["server_key"], "--ssl-ca-certs", cert["server_crt"],
-                           "--ssl-cert-reqs", "2", "--allowed-origins", json.dumps([ORIGIN]))
+                           "--ssl-cert-reqs", "2", "--allowed-origins", json.dumps([ORIGIN]),
+                           "--disable-fastapi-docs", "--uvicorn-log-level", "info", "--disable-uvicorn-access-log")
     try:
         assert router.url.startswith("https://127.0.0.1:")
         trusted = ssl.create_default_context(cafile=cert["server_crt"])
@@ -122,8 +130,11 @@ def test_router_requires_client_certificates_and_answers_preflights(redis_url, t
         assert models.status_code == 200 and models.json()["data"]
         preflight = _preflight(router.url, ORIGIN, member)
         assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == ORIGIN
+        for page in ("/openapi.json", "/docs", "/redoc"):  # --disable-fastapi-docs
+            assert httpx.get(router.url + page, verify=member, timeout=10).status_code == 404
     finally:
         router.close()
+    assert not any("/v1/models HTTP" in line for line in router.output), router.output  # no access log
 
 
 @pytest.mark.parametrize("command, flags, message", [
