@@ -53,6 +53,13 @@ def _hand_over_the_top_level_name() -> None:
 if __name__ == "kernels":
     _hand_over_the_top_level_name()
 else:
+    import os
+
+    # Triton 3.10 turns FP fusion (multiply-add contracted into FMA) off by default. These kernels
+    # were written, tuned and checked with it on, Triton's default up to 3.9: keep it, unless the
+    # user chose otherwise (TRITON_DEFAULT_FP_FUSION=0, or TRITON_FORCE_DISABLE_FP_FUSION).
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
     from pdserve.kernels import reference
 
     def triton_available() -> bool:

@@ -103,3 +103,15 @@ def test_the_checkout_root_on_sys_path_does_not_shadow_the_kernels_distribution(
         assert "CUDAProperties" in subprocess.run(
             [sys.executable, "-c", "import kernels; print(dir(kernels))"], cwd=ROOT, capture_output=True,
             text=True, timeout=120).stdout
+
+
+def test_the_kernels_keep_triton_fp_fusion_on_unless_the_user_chose():
+    import subprocess
+    import sys
+    code = "import os, pdserve.kernels; print(os.environ['TRITON_DEFAULT_FP_FUSION'])"
+    for given, expected in ((None, "1"), ("0", "0")):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_DEFAULT_FP_FUSION"}
+        if given is not None:
+            env["TRITON_DEFAULT_FP_FUSION"] = given
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == expected, out.stderr[-1000:]
