@@ -70,6 +70,8 @@ class ModelConfig:
                                 "float32 on other CPUs, the checkpoint's on CUDA; half = float16, float = float32)",
                         choices=(*DTYPES, *DTYPE_ALIASES))
     max_model_len: int | None = option(None, "context length (default: the model's)", type=int)
+    max_logprobs: int = option(20, "most logprobs a request may ask for per token (logprobs, prompt_logprobs, "
+                                   "top_logprobs); -1: no cap (the whole vocabulary)", type=int)
     load_format: str = option("auto", "weights format; dummy: random weights of the model's shape",
                               choices=LOAD_FORMATS)
     tokenizer: str | None = option(None, "tokenizer folder or .gguf (default: the model's)")
@@ -115,6 +117,8 @@ class ModelConfig:
             raise ConfigError(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"--max-model-len must be positive, got {self.max_model_len}")
+        if self.max_logprobs < -1:
+            raise ConfigError(f"--max-logprobs must be -1 (no cap) or >= 0, got {self.max_logprobs}")
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ConfigError(f"--load-format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
 

@@ -82,10 +82,11 @@ class SamplingParams:
                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         _check(self.repetition_penalty > 0, "repetition_penalty",
                f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20), "logprobs",
-               f"logprobs must be between 0 and 20, got {self.logprobs}")
-        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= 20),
-               "prompt_logprobs", f"prompt_logprobs must be between 0 and 20, got {self.prompt_logprobs}")
+        # the upper bound is the engine's --max-logprobs (check_logprobs)
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= UINT32_MAX), "logprobs",
+               f"logprobs must be >= 0, got {self.logprobs}")
+        _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= UINT32_MAX),
+               "prompt_logprobs", f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
         _check(all(_is_int(t) and 0 <= t <= UINT32_MAX for t in self.stop_token_ids), "stop_token_ids",
                "stop_token_ids must be non-negative integers")
@@ -137,3 +138,15 @@ class SamplingParams:
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
+
+
+def check_logprobs(params: SamplingParams, max_logprobs: int, vocab_size: int | None = None) -> None:
+    """The deployment's cap on logprobs per token (--max-logprobs, vLLM's; -1: the vocabulary)."""
+    limit = vocab_size if max_logprobs == -1 else max_logprobs
+    if limit is None:
+        return
+    for name in ("logprobs", "prompt_logprobs"):
+        asked = getattr(params, name)
+        if asked is not None and asked > limit:
+            raise ParameterError(name, f"Requested {name} of {asked}, which is greater than max allowed: {limit}"
+                                       + (" (--max-logprobs)" if max_logprobs != -1 else " (the vocabulary)"))

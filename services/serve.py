@@ -110,7 +110,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                             metrics_route=args.enable_metrics and args.metrics_port is None,
                             log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
                             sampling_defaults=engine.core.sampling_defaults,
-                            fastapi_docs=not args.disable_fastapi_docs)
+                            fastapi_docs=not args.disable_fastapi_docs,
+                            max_logprobs=engine.core.config.model.max_logprobs)
             add_cors(app, args)
             metrics_apart = serve_metrics_apart(app, args, args.host)
             config = uvicorn.Config(app, host=args.host, port=args.port,

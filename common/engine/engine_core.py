@@ -57,7 +57,7 @@ from pdserve.common.model_path import served_name
 from pdserve.common.models.loader import read_arch_config, resolve_model_path
 from pdserve.common.outputs import EngineOutput, Logprob, TokenLogprobs
 from pdserve.common.request import Request, RequestStatus, child_request_id, sequence_seed
-from pdserve.common.sampling_params import ParameterError, SamplingParams
+from pdserve.common.sampling_params import ParameterError, SamplingParams, check_logprobs
 from pdserve.common.stats import EngineStats, SpecDecodeStats
 from pdserve.common.tokenizer import load_tokenizer
 
@@ -145,6 +145,7 @@ class EngineCore:
             raise ParameterError("prompt", f"token id {bad} is outside the vocabulary [0, {vocab})")
         if any(t >= vocab for t in params.stop_token_ids):
             raise ParameterError("stop_token_ids", f"stop_token_ids must be below the vocabulary size {vocab}")
+        check_logprobs(params, self.config.model.max_logprobs, vocab)
         self.structured.validate(params)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,

@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdserve.common.engine_client import EngineClient, EngineDeadError
 from pdserve.common.outputs import CompletionOutput, RequestOutput
-from pdserve.common.sampling_params import ParameterError, SamplingParams
+from pdserve.common.sampling_params import ParameterError, SamplingParams, check_logprobs
 from pdserve.services.router import openai_schema as oa
 from pdserve.services.router.limits import Limits
 from pdserve.common.metrics import RequestTracker, ServerMetrics, StatsCollector
@@ -199,6 +199,7 @@ class OpenAIServer:
         self.responses = responses.ResponseStore()  # stored responses (POST /v1/responses, store: true)
         self.request_log: RequestLog | None = None  # --enable-log-requests
         self.sampling_defaults: dict = {}  # the model's generation config (common/generation_config.py)
+        self.max_logprobs = 20  # --max-logprobs (-1: no cap here; the engine caps at its vocabulary)
 
     # ---- the endpoints ----------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
@@ -289,6 +290,12 @@ class OpenAIServer:
                            code="context_length_exceeded")
 
     def _job(self, prefix: str, prompts, params: SamplingParams) -> _Job:
+        try:
+            check_logprobs(params, self.max_logprobs, getattr(self.tokenizer, "vocab_size", None))
+        except ParameterError as e:
+            if prefix == "chatcmpl" and e.param == "logprobs":
+                e.param = "top_logprobs"  # chat's name for it
+            raise
         arrival = time.time()
         return _Job(f"{prefix}-{uuid.uuid4().hex}", self.model_name, prompts, params,
                     [self.metrics.track(arrival) for _ in prompts])
@@ -583,7 +590,7 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
               tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False,
               metrics_route: bool = True, metrics_dir: str | None = None, response_store=None,
               log_requests: bool = False, max_log_len: int | None = None,
-              sampling_defaults: dict | None = None, fastapi_docs: bool = True) -> FastAPI:
+              sampling_defaults: dict | None = None, fastapi_docs: bool = True, max_logprobs: int = 20) -> FastAPI:
     """The FastAPI app. `collector` (state for /metrics) is the deployment's: the in-process
     engine's stats, or the router's view of its fleet and its routing counters.
     `tool_call_parser` + `enable_auto_tool_choice` (vLLM's flags) let tool_choice "auto" turn the
@@ -594,13 +601,15 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
     per request as it arrives (prompt and token ids cut to `max_log_len`, parameters) and ends.
     `sampling_defaults`: default sampling parameters of requests that leave them unset (the
     model's generation config, common/generation_config.py). `fastapi_docs` False: no /openapi.json,
-    /docs or /redoc (vLLM's --disable-fastapi-docs)."""
+    /docs or /redoc (vLLM's --disable-fastapi-docs). `max_logprobs`: vLLM's --max-logprobs, checked
+    here so a request over it is a 400 before it reaches an engine."""
     metrics = ServerMetrics(served_model_name, engine.max_model_len, collector, shared_dir=metrics_dir)
     server = OpenAIServer(engine, served_model_name, metrics, limits, tool_call_parser, enable_auto_tool_choice)
     docs = {} if fastapi_docs else {"openapi_url": None, "docs_url": None, "redoc_url": None}
     app = FastAPI(title="pdserve", description="OpenAI-compatible API of pdserve", **docs)
     app.state.server = server
     server.sampling_defaults = dict(sampling_defaults or {})
+    server.max_logprobs = max_logprobs
     if log_requests:
         server.request_log = RequestLog(max_log_len)
     if response_store is not None:

@@ -56,6 +56,8 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                    help="shared: one DecodeStream per decode worker carries every request's tokens, a "
                         "message per step for all (fewer messages and wake-ups on both ends); per-request: "
                         "a Decode call per request (the older protocol)")
+    p.add_argument("--max-logprobs", type=int, default=20,
+                   help="most logprobs a request may ask for per token (-1: no cap); give the workers the same")
     p.add_argument("--generation-config", default="auto",
                    help="default sampling parameters of requests that set none: auto: the model folder's "
                         "generation_config.json (vLLM's default); vllm: none; or a folder holding one")
@@ -85,6 +87,8 @@ def run_router(args: argparse.Namespace) -> None:
         raise ConfigError(f"--workers must be positive, got {args.workers}")
     if args.response_store_ttl is not None and args.response_store_ttl <= 0:
         raise ConfigError(f"--response-store-ttl must be positive, got {args.response_store_ttl}")
+    if args.max_logprobs < -1:
+        raise ConfigError(f"--max-logprobs must be -1 (no cap) or >= 0, got {args.max_logprobs}")
     from pdserve.services.router.http_options import check_http_args
     check_http_args(args)
     if args.workers > 1:
@@ -161,7 +165,8 @@ def _run_one(args: argparse.Namespace) -> None:
                         metrics_route=args.enable_metrics and args.metrics_port is None,
                         metrics_dir=getattr(args, "metrics_dir", None), response_store=store,
                         log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
-                        sampling_defaults=defaults, fastapi_docs=not args.disable_fastapi_docs)
+                        sampling_defaults=defaults, fastapi_docs=not args.disable_fastapi_docs,
+                        max_logprobs=args.max_logprobs)
         metrics_apart = serve_metrics_apart(app, args, args.host)
         add_admin_routes(app, pool, registry, api_key=args.api_key)
 

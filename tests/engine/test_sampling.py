@@ -106,3 +106,21 @@ def test_penalties_change_output_and_stay_valid(llm):
                                                frequency_penalty=2.0, presence_penalty=2.0))[0].outputs[0].token_ids
     assert len(pen) == 16 and pen != base
     assert len(set(pen)) >= len(set(base))
+
+
+def test_max_logprobs_caps_what_a_request_may_ask(tiny_models):
+    """vLLM's --max-logprobs: 20 by default; -1 lifts the cap up to the vocabulary."""
+    from pdserve.common.config import ConfigError
+    from pdserve.common.errors import ParameterError
+    with pytest.raises(ParameterError, match="max allowed: 20"):
+        gen(LLM(tiny_models["llama"], num_gpu_blocks_override=64, dtype="float32"), [PROMPTS[0]],
+            SamplingParams(max_tokens=1, logprobs=21))
+    free = LLM(tiny_models["llama"], num_gpu_blocks_override=64, dtype="float32", max_logprobs=-1)
+    out = gen(free, [PROMPTS[0]], SamplingParams(temperature=0, max_tokens=2, logprobs=100, prompt_logprobs=50))[0]
+    assert [len(top) for top in out.outputs[0].logprobs] == [100, 100]  # the chosen token is among the top
+    assert all(len(top) >= 50 for top in out.prompt_logprobs[1:])
+    vocab = free.engine.arch.vocab_size
+    with pytest.raises(ParameterError, match=f"max allowed: {vocab}"):
+        gen(free, [PROMPTS[0]], SamplingParams(max_tokens=1, logprobs=vocab + 1))
+    with pytest.raises(ConfigError, match="--max-logprobs"):
+        LLM(tiny_models["llama"], dtype="float32", max_logprobs=-2)

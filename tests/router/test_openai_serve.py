@@ -37,7 +37,7 @@ GREEDY = dict(temperature=0, max_tokens=12, extra_body={"ignore_eos": True})
 def commands(tiny_models):
     procs = {"tiny": ServeProcess("--model", tiny_models["llama"], "--api-key", "sekret",
                                   "--num-gpu-blocks-override", "128", "--log-stats-interval", "0.3",
-                                  "--enable-log-requests", "--max-log-len", "4"),
+                                  "--enable-log-requests", "--max-log-len", "4", "--max-logprobs", "30"),
              "default": ServeProcess("--max-model-len", "512", "--num-gpu-blocks-override", "64")}
     for proc in procs.values():
         proc.start()
@@ -305,6 +305,10 @@ BAD = [  # (path, body, status, param)
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 0},
      400, "max_completion_tokens"),
     ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+     400, "top_logprobs"),  # over --max-logprobs (20 by default)
+    ("completions", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ("completions", {"prompt": "hi", "prompt_logprobs": 21}, 400, "prompt_logprobs"),
     ("chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
     ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages[0].content[0]"),
@@ -448,6 +452,13 @@ def test_pdserve_serve_command(commands):
     assert any("Finished request cmpl-" in line and "length after 3 tokens" in line for line in log.splitlines()), log
     stats = next(line for line in log.splitlines() if "Avg generation throughput" in line)
     assert "Running: " in stats and "KV cache usage: " in stats and "Prefix cache hit rate: " in stats
+    # --max-logprobs 30 (vLLM's; the default 20 is checked in test_errors)
+    r = c.completions.create(model="llama", prompt="Hello", max_tokens=2, logprobs=30, temperature=0)
+    assert [len(top) for top in r.choices[0].logprobs.top_logprobs] == [30, 30]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="llama", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                  logprobs=True, top_logprobs=31)
+    assert e.value.body["param"] == "top_logprobs" and "max allowed: 30" in e.value.body["message"]
     assert proc.stop() == 0, proc.stderr_text()  # SIGTERM: a clean exit
 
 
