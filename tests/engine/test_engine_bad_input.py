@@ -12,7 +12,7 @@ from pdserve.common.sampling_params import ParameterError, SamplingParams
 @pytest.mark.parametrize("kwargs,param", [
     ({"max_tokens": 0}, "max_tokens"), ({"temperature": -0.5}, "temperature"), ({"top_p": 0.0}, "top_p"),
     ({"top_p": 1.5}, "top_p"), ({"top_k": -2}, "top_k"), ({"n": 0}, "n"), ({"min_p": 2.0}, "min_p"),
-    ({"logprobs": 50}, "logprobs"), ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"logprobs": -1}, "logprobs"), ({"repetition_penalty": 0.0}, "repetition_penalty"),  # the cap: test_sampling
     ({"stop": [""]}, "stop"), ({"min_tokens": 9, "max_tokens": 4}, "min_tokens"),
 ])
 def test_invalid_sampling_params_name_the_parameter(kwargs, param):
