@@ -205,7 +205,7 @@ class OpenAIServer:
     async def completions(self, request: Request) -> Response:
         req = await _parse(request, oa.CompletionRequest, self.limits.max_request_body_bytes)
         self.check_model(req.model)
-        params = req.to_sampling_params(self.sampling_defaults)
+        params = req.to_sampling_params(self.sampling_defaults, self.check_params)
         prompts = []
         for p in req.prompt_list():
             if isinstance(p, str):
@@ -228,7 +228,7 @@ class OpenAIServer:
         req = await _parse(request, oa.ChatCompletionRequest, self.limits.max_request_body_bytes)
         self.check_model(req.model)
         tools = plan_tools(req.tools, req.tool_choice, self.tool_call_parser, self.enable_auto_tool_choice)
-        params = req.to_sampling_params(tools.structured_outputs(), self.sampling_defaults)
+        params = req.to_sampling_params(tools.structured_outputs(), self.sampling_defaults, self.check_params)
         text = self.render_chat(req.template_messages(), req.tools, req.add_generation_prompt, req.chat_template_kwargs,
                                 offer_tools=tools.mode != "none", continue_final_message=req.continue_final_message)
         ids = self._truncate(await self._encode(text, False), req)
@@ -289,13 +289,11 @@ class OpenAIServer:
                                 f"model's maximum context length of {limit} tokens.", param="min_tokens",
                            code="context_length_exceeded")
 
+    def check_params(self, params: SamplingParams) -> None:
+        """This front end's limits on a request's sampling parameters (the schema renames what it raises)."""
+        check_logprobs(params, self.max_logprobs, getattr(self.tokenizer, "vocab_size", None))
+
     def _job(self, prefix: str, prompts, params: SamplingParams) -> _Job:
-        try:
-            check_logprobs(params, self.max_logprobs, getattr(self.tokenizer, "vocab_size", None))
-        except ParameterError as e:
-            if prefix == "chatcmpl" and e.param == "logprobs":
-                e.param = "top_logprobs"  # chat's name for it
-            raise
         arrival = time.time()
         return _Job(f"{prefix}-{uuid.uuid4().hex}", self.model_name, prompts, params,
                     [self.metrics.track(arrival) for _ in prompts])

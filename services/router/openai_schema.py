@@ -80,10 +80,11 @@ class _SamplingRequest(_Request):
                                                     "stream false")
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
-                         structured: StructuredOutputsParams | None = None,
-                         defaults: dict | None = None) -> SamplingParams:
+                         structured: StructuredOutputsParams | None = None, defaults: dict | None = None,
+                         check: Callable[[SamplingParams], None] | None = None) -> SamplingParams:
         """`defaults`: the server's default sampling parameters (the model's generation config)
-        for the fields the request leaves unset."""
+        for the fields the request leaves unset; `check`: the server's own limits on the result
+        (--max-logprobs), raising ParameterError as the parameters' own checks do."""
         from pdserve.services.router.constraints import logit_bias_of, structured_outputs_of
         d = defaults or {}
         if max_tokens is None:
@@ -91,7 +92,7 @@ class _SamplingRequest(_Request):
         asked = structured_outputs_of(self)
         if asked is not None and structured is not None:
             raise ParameterError(asked.param, f"{asked.param} and {structured.param} both constrain the output")
-        return SamplingParams(
+        params = SamplingParams(
             logit_bias=logit_bias_of(self.logit_bias), allowed_token_ids=self.allowed_token_ids,
             bad_words=self.bad_words or [], structured_outputs=structured or asked,
             n=self.n, temperature=_or(self.temperature, d.get("temperature", 1.0)),
@@ -102,6 +103,9 @@ class _SamplingRequest(_Request):
             presence_penalty=_or(self.presence_penalty, 0.0), frequency_penalty=_or(self.frequency_penalty, 0.0),
             repetition_penalty=_or(self.repetition_penalty, d.get("repetition_penalty", 1.0)), logprobs=logprobs,
             prompt_logprobs=prompt_logprobs, skip_special_tokens=self.skip_special_tokens)
+        if check is not None:
+            check(params)
+        return params
 
 
 def _or(value, default):
@@ -131,7 +135,8 @@ class CompletionRequest(_SamplingRequest):
         """echo with max_tokens 0: return the prompt (and its logprobs) without generating."""
         return self.echo and self.max_tokens == 0
 
-    def to_sampling_params(self, defaults: dict | None = None) -> SamplingParams:
+    def to_sampling_params(self, defaults: dict | None = None,
+                           check: Callable[[SamplingParams], None] | None = None) -> SamplingParams:
         if self.suffix:
             raise ParameterError("suffix", "suffix is not supported: pdserve does not do fill-in-the-middle "
                                            "insertion; put the whole text in the prompt")
@@ -141,7 +146,8 @@ class CompletionRequest(_SamplingRequest):
         max_tokens = 1 if self.scoring_only else self.max_tokens
         self.check_prompt_logprobs()
         asked = [k for k in (self.logprobs if self.echo else None, self.prompt_logprobs) if k is not None]
-        return self._sampling_params(max_tokens, self.logprobs, max(asked) if asked else None, defaults=defaults)
+        return self._sampling_params(max_tokens, self.logprobs, max(asked) if asked else None, defaults=defaults,
+                                     check=check)
 
 
 class CompletionLogprobs(BaseModel):
@@ -264,10 +270,10 @@ class ChatCompletionRequest(_SamplingRequest):
     def max_tokens_param(self) -> str:
         return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
 
-    def to_sampling_params(self, tool_grammar: StructuredOutputsParams | None = None,
-                           defaults: dict | None = None) -> SamplingParams:
+    def to_sampling_params(self, tool_grammar: StructuredOutputsParams | None = None, defaults: dict | None = None,
+                           check: Callable[[SamplingParams], None] | None = None) -> SamplingParams:
         """`tool_grammar`: the output grammar a forced tool choice implies (tool_calls.ToolPlan);
-        `defaults`: the server's default sampling parameters."""
+        `defaults`: the server's default sampling parameters; `check`: its limits."""
         if self.top_logprobs is not None and not self.logprobs:
             raise ParameterError("top_logprobs", "top_logprobs needs logprobs set to true")
         max_tokens = _or(self.max_completion_tokens, self.max_tokens)
@@ -275,7 +281,7 @@ class ChatCompletionRequest(_SamplingRequest):
         self.check_prompt_logprobs()
         try:
             return self._sampling_params(max_tokens, logprobs, self.prompt_logprobs, structured=tool_grammar,
-                                         defaults=defaults)
+                                         defaults=defaults, check=check)
         except ParameterError as e:
             if e.param == "max_tokens":
                 e.param = self.max_tokens_param

@@ -354,7 +354,7 @@ async def create(server: "OpenAIServer", request: Request) -> Response:
     chat = to_chat_request(req, history)
     tools = plan_tools(chat.tools, chat.tool_choice, server.tool_call_parser, server.enable_auto_tool_choice)
     try:
-        params = chat.to_sampling_params(tools.structured_outputs(), server.sampling_defaults)
+        params = chat.to_sampling_params(tools.structured_outputs(), server.sampling_defaults, server.check_params)
     except ParameterError as e:  # named as this API names them
         renamed = {"max_tokens": "max_output_tokens", "response_format": "text.format"}.get(e.param)
         if renamed is None:
