@@ -185,6 +185,8 @@ def quantize_checkpoint(src: str, out: str, method: str, group_size: int = 128, 
                         size = 0
                     shards[-1][key] = value
                     size += nbytes
+    if lm_head and not any(k.startswith("lm_head.") for shard in shards for k in shard):
+        raise ConfigError(f"--lm-head: {src} has no lm_head.weight")
     for i, (k_scale, v_scale) in enumerate(kv_scales or []):
         shards[-1][f"model.layers.{i}.self_attn.k_scale"] = torch.tensor([k_scale], dtype=torch.float32)
         shards[-1][f"model.layers.{i}.self_attn.v_scale"] = torch.tensor([v_scale], dtype=torch.float32)
@@ -201,8 +203,6 @@ def quantize_checkpoint(src: str, out: str, method: str, group_size: int = 128, 
     if len(shards) > 1:
         with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": after}, "weight_map": weight_map}, f, indent=2)
-    if lm_head and not any(k.startswith("lm_head.") for shard in shards for k in shard):
-        raise ConfigError(f"--lm-head: {src} has no lm_head.weight")
     config["quantization_config"] = quantization_config(method, group_size, sym, act_order, fp8_per_tensor, lm_head)
     if calibration is not None and method == "gptq":
         config["quantization_config"]["damp_percent"] = calibration.damp
