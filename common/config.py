@@ -19,6 +19,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from pdserve.common.sampling_params import DEFAULT_MAX_LOGPROBS
+
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 KERNELS = ("auto", "reference")
 DTYPE_ALIASES = {"half": "float16", "float": "float32"}  # vLLM's spellings
@@ -70,7 +72,7 @@ class ModelConfig:
                                 "float32 on other CPUs, the checkpoint's on CUDA; half = float16, float = float32)",
                         choices=(*DTYPES, *DTYPE_ALIASES))
     max_model_len: int | None = option(None, "context length (default: the model's)", type=int)
-    max_logprobs: int = option(20, "most logprobs a request may ask for per token (logprobs, prompt_logprobs, "
+    max_logprobs: int = option(DEFAULT_MAX_LOGPROBS, "most logprobs a request may ask for per token (logprobs, prompt_logprobs, "
                                    "top_logprobs); -1: no cap (the whole vocabulary)", type=int)
     load_format: str = option("auto", "weights format; dummy: random weights of the model's shape",
                               choices=LOAD_FORMATS)

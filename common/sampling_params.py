@@ -19,6 +19,7 @@ __all__ = ["ParameterError", "SamplingParams", "StructuredOutputsParams"]
 INT32_MAX, UINT32_MAX = 2**31 - 1, 2**32 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_N = 128  # sequences per request (OpenAI's limit)
+DEFAULT_MAX_LOGPROBS = 20  # --max-logprobs' default (vLLM's, OpenAI's top_logprobs limit); check_logprobs
 
 
 def _is_int(value) -> bool:

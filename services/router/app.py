@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pdserve.common.engine_client import EngineClient, EngineDeadError
 from pdserve.common.outputs import CompletionOutput, RequestOutput
-from pdserve.common.sampling_params import ParameterError, SamplingParams, check_logprobs
+from pdserve.common.sampling_params import DEFAULT_MAX_LOGPROBS, ParameterError, SamplingParams, check_logprobs
 from pdserve.services.router import openai_schema as oa
 from pdserve.services.router.limits import Limits
 from pdserve.common.metrics import RequestTracker, ServerMetrics, StatsCollector
@@ -199,7 +199,7 @@ class OpenAIServer:
         self.responses = responses.ResponseStore()  # stored responses (POST /v1/responses, store: true)
         self.request_log: RequestLog | None = None  # --enable-log-requests
         self.sampling_defaults: dict = {}  # the model's generation config (common/generation_config.py)
-        self.max_logprobs = 20  # --max-logprobs (-1: no cap here; the engine caps at its vocabulary)
+        self.max_logprobs = DEFAULT_MAX_LOGPROBS  # --max-logprobs (-1: the vocabulary)
 
     # ---- the endpoints ----------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
@@ -588,7 +588,8 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
               tool_call_parser: str | None = None, enable_auto_tool_choice: bool = False,
               metrics_route: bool = True, metrics_dir: str | None = None, response_store=None,
               log_requests: bool = False, max_log_len: int | None = None,
-              sampling_defaults: dict | None = None, fastapi_docs: bool = True, max_logprobs: int = 20) -> FastAPI:
+              sampling_defaults: dict | None = None, fastapi_docs: bool = True,
+              max_logprobs: int = DEFAULT_MAX_LOGPROBS) -> FastAPI:
     """The FastAPI app. `collector` (state for /metrics) is the deployment's: the in-process
     engine's stats, or the router's view of its fleet and its routing counters.
     `tool_call_parser` + `enable_auto_tool_choice` (vLLM's flags) let tool_choice "auto" turn the

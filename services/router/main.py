@@ -56,7 +56,8 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                    help="shared: one DecodeStream per decode worker carries every request's tokens, a "
                         "message per step for all (fewer messages and wake-ups on both ends); per-request: "
                         "a Decode call per request (the older protocol)")
-    p.add_argument("--max-logprobs", type=int, default=20,
+    from pdserve.common.sampling_params import DEFAULT_MAX_LOGPROBS
+    p.add_argument("--max-logprobs", type=int, default=DEFAULT_MAX_LOGPROBS,
                    help="most logprobs a request may ask for per token (-1: no cap); give the workers the same")
     p.add_argument("--generation-config", default="auto",
                    help="default sampling parameters of requests that set none: auto: the model folder's "
