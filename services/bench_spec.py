@@ -21,7 +21,9 @@ not depend on its batch: fp32, or bf16 with --batch-invariant on CPU (docs/bench
 Methods: `none`; `ngram` (prompt lookup, --prompt-lookup-min/max); `ngram_all` (the same feeding
 every draft there is room for: draft_budget "all", where `ngram` has "auto", spec_decode/budget.py);
 `ngram_sync` (the same with steps one at a time, --no-async-scheduling for it alone: what the
-overlap of speculative steps gains, spec_decode/pipeline.py); `draft` (--draft-model, default the target itself: every draft
+overlap of speculative steps gains, spec_decode/pipeline.py); `ngram_overlap` (steps launched
+before the previous result at batch 1-3: guessed drafts and bridge steps, pipeline.py) and
+`ngram_guess` (the same without bridge steps); `draft` (--draft-model, default the target itself: every draft
 accepted, the upper bound of the mechanism); `draft_sync` (the same with the drafts read on the host
 before the verify step launches: what spec_decode/decoder.DEFER_DRAFTS gains). `--dtype` (an engine flag) sets the dtype of all. All engines
 are built first, then each batch size runs every method in turn (--repeats rounds), so a noisy
@@ -66,10 +68,11 @@ def add_parser(bench_sub, add_engine_args) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="batch sizes to run (default: %(default)s)")
     p.add_argument("-k", "--spec-tokens", type=int, default=8, help="num_speculative_tokens (default: %(default)s)")
     p.add_argument("--methods", nargs="+", default=None,
-                   choices=["none", "ngram", "ngram_all", "ngram_sync", "ngram_overlap", "draft", "draft_sync"],
+                   choices=["none", "ngram", "ngram_all", "ngram_sync", "ngram_overlap", "ngram_guess", "draft",
+                            "draft_sync"],
                    help="methods compared; ngram_sync: n-gram without async scheduling; ngram_overlap: n-gram "
                         "steps overlapped below 4 running requests (guessed drafts, bridge steps: "
-                        "spec_decode/pipeline.py, off by default); draft_sync: the draft's drafts read on the "
+                        "spec_decode/pipeline.py, off by default); ngram_guess: the same without bridge steps; draft_sync: the draft's drafts read on the "
                         "host before the verify step launches (decoder.DEFER_DRAFTS off) (default: none ngram draft; with --stages: "
                         "none ngram ngram_overlap, and it takes only these and draft)")
     p.add_argument("--draft-model", default=None, help="draft of methods draft, draft_sync (default: the target itself)")
@@ -92,7 +95,7 @@ def add_parser(bench_sub, add_engine_args) -> None:
 def method_config(args, method: str, target: str) -> dict | None:
     if method == "none":
         return None
-    if method in ("ngram", "ngram_all", "ngram_sync", "ngram_overlap"):
+    if method in ("ngram", "ngram_all", "ngram_sync", "ngram_overlap", "ngram_guess"):
         return {"method": "ngram", "num_speculative_tokens": args.spec_tokens,
                 "prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max,
                 "draft_budget": "all" if method == "ngram_all" else "auto"}

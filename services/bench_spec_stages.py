@@ -55,19 +55,23 @@ def step_kind(spec, overlapped: bool) -> str:
 @contextlib.contextmanager
 def method_policy(method: str):
     """While a method's engine runs: ngram_overlap overlaps speculative steps below 4 running
-    requests (the engine's policy before 2026-12-01, pipeline.OVERLAP_MAX_BATCH); draft_sync reads
+    requests (the engine's policy before 2026-12-01, pipeline.OVERLAP_MAX_BATCH); ngram_guess the
+    same without bridge steps (pipeline.BRIDGE off: after a verify step the next waits for its
+    result; after a plain one it launches first, drafting past a guess); draft_sync reads
     a draft model's drafts on the host before the verify step launches (the engine before
     2026-12-02: decoder.DEFER_DRAFTS off)."""
     from pdserve.common.engine.spec_decode import decoder, pipeline
-    before = pipeline.OVERLAP_MAX_BATCH, decoder.DEFER_DRAFTS
-    if method == "ngram_overlap":
+    before = pipeline.OVERLAP_MAX_BATCH, pipeline.BRIDGE, decoder.DEFER_DRAFTS
+    if method in ("ngram_overlap", "ngram_guess"):
         pipeline.OVERLAP_MAX_BATCH = 4
+    if method == "ngram_guess":
+        pipeline.BRIDGE = False
     if method == "draft_sync":
         decoder.DEFER_DRAFTS = False
     try:
         yield
     finally:
-        pipeline.OVERLAP_MAX_BATCH, decoder.DEFER_DRAFTS = before
+        pipeline.OVERLAP_MAX_BATCH, pipeline.BRIDGE, decoder.DEFER_DRAFTS = before
 
 
 class StageTimer:
@@ -118,7 +122,7 @@ def instrument(engine) -> StageTimer:
     return timer
 
 
-STAGE_METHODS = ("none", "ngram", "ngram_overlap", "draft", "draft_sync")  # --stages: the first three unless --methods
+STAGE_METHODS = ("none", "ngram", "ngram_overlap", "ngram_guess", "draft", "draft_sync")  # --stages: the first three unless --methods
 
 
 def run_stage_methods(args, build, prompts: list[list[int]], run_batch, methods=STAGE_METHODS[:3]) -> dict:
