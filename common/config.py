@@ -46,6 +46,12 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the flag."""
 
 
+def check_max_logprobs(value: int) -> None:
+    """--max-logprobs (engine and router): -1 (no cap: the vocabulary) or a count."""
+    if value < -1:
+        raise ConfigError(f"--max-logprobs must be -1 (no cap) or >= 0, got {value}")
+
+
 def env_flag(name: str, default: str | None = None) -> str | None:
     return os.environ.get(name, default)
 
@@ -119,8 +125,7 @@ class ModelConfig:
             raise ConfigError(f"--kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"--max-model-len must be positive, got {self.max_model_len}")
-        if self.max_logprobs < -1:
-            raise ConfigError(f"--max-logprobs must be -1 (no cap) or >= 0, got {self.max_logprobs}")
+        check_max_logprobs(self.max_logprobs)
         if self.load_format not in ("auto", "safetensors", "gguf", "dummy"):
             raise ConfigError(f"--load-format must be auto, safetensors, gguf or dummy, got {self.load_format!r}")
 

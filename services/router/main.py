@@ -18,7 +18,7 @@ import asyncio
 import dataclasses
 import signal
 
-from pdserve.common.config import ConfigError, env_flag
+from pdserve.common.config import ConfigError, check_max_logprobs, env_flag
 from pdserve.services.router.limits import add_limit_args, limits_of
 
 INDEX_TIMEOUT_S = 0.25
@@ -88,8 +88,7 @@ def run_router(args: argparse.Namespace) -> None:
         raise ConfigError(f"--workers must be positive, got {args.workers}")
     if args.response_store_ttl is not None and args.response_store_ttl <= 0:
         raise ConfigError(f"--response-store-ttl must be positive, got {args.response_store_ttl}")
-    if args.max_logprobs < -1:
-        raise ConfigError(f"--max-logprobs must be -1 (no cap) or >= 0, got {args.max_logprobs}")
+    check_max_logprobs(args.max_logprobs)
     from pdserve.services.router.http_options import check_http_args
     check_http_args(args)
     if args.workers > 1:
