@@ -51,6 +51,9 @@ from pdserve.services.router.stream_drain import DrainedStream
 log = logging.getLogger("pdserve.router")
 
 RECENT_DECISIONS = 512
+# A request resubmitted to decode this many times (each after a decode failed it) then fails: a
+# lone decode that restarts is tried again once it serves, a crash-looping one not forever.
+MAX_DECODE_RESUBMITS = 8
 
 
 class DisaggClient:
@@ -125,10 +128,16 @@ class DisaggClient:
                 yield state.output()
                 if state.finished:
                     return
-        tried: set[str] = set()
+        tried: set[str] = set()  # decode instances that failed this request
+        resubmits = 0
         while not state.finished:
-            inst = reserved if reserved is not None and not tried else \
-                await self.pool.wait_for("decode", exclude=tried, timeout_s=self.no_instance_timeout_s)
+            if reserved is not None and not tried:
+                inst = reserved
+            elif resubmits > MAX_DECODE_RESUBMITS:
+                raise EngineDeadError(f"the request failed on decode {resubmits} times")
+            else:  # another decode first; else one that failed it, once it serves again (InstancePool.live)
+                inst = self.pool.choose("decode", exclude=tried) or await self.pool.wait_for(
+                    "decode", timeout_s=self.no_instance_timeout_s, retry_failed=True)
             if inst is None:
                 raise EngineDeadError("no decode instance is available" + (" (all failed)" if tried else ""))
             computes_prompt = handle is None and decision["computed_on"] is None
@@ -192,6 +201,7 @@ class DisaggClient:
                     raise ParameterError(_param_of(e.details()), e.details()) from None
                 log.warning("decode %s failed for %s (%s); resubmitting", inst.instance_id, request_id, e.code())
                 tried.add(inst.instance_id)
+                resubmits += 1
                 self.pool.mark_failed(inst.instance_id)
                 self.stats.decode_resubmits += 1
                 handle = None  # the KV went with the dead decode: the next one recomputes

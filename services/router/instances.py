@@ -14,7 +14,8 @@ Redis down: the last known instance list is kept, prefix lookups are skipped (lo
 one warning is logged per outage and `redis_ok` is False until a refresh succeeds again. Redis
 back but empty (restarted): instances missing from it are kept while they answer Health as
 serving, until their heartbeat registers them again (`_still_alive`). An
-instance whose RPC failed is avoided for `failure_backoff_s`. gRPC channels are cached per
+instance whose RPC failed is avoided for `failure_backoff_s` (a request's decode: while another
+decode serves, else it is tried again after RETRY_FAILED_AFTER_S). gRPC channels are cached per
 address. Torch-free.
 """
 
@@ -38,6 +39,8 @@ from pdserve.common.prefix_index import PrefixIndex
 from pdserve.common.registry import InstanceInfo, Load, Registry
 
 log = logging.getLogger("pdserve.router.instances")
+
+RETRY_FAILED_AFTER_S = 1.0  # a failed instance, the only one of its role left, is tried again after this
 
 EMA_WEIGHT = 0.1  # weight of the newest request in the mean uncached blocks per request
 HISTORY_S = 10.0  # how far back this router remembers its own in-flight counts (> a live heartbeat's age)
@@ -151,10 +154,19 @@ class InstancePool:
     def get(self, instance_id: str) -> tuple[InstanceInfo, Load | None] | None:
         return next(((i, l) for i, l in self.instances if i.instance_id == instance_id), None)
 
-    def live(self, role: str) -> list[tuple[InstanceInfo, Load | None]]:
+    def live(self, role: str, retry_failed: bool = False) -> list[tuple[InstanceInfo, Load | None]]:
+        """Serving instances of a role, without those whose RPC failed in the last
+        `failure_backoff_s`. `retry_failed` (a decode for a request, which has no other way to
+        finish): where that leaves none, the failed ones too from RETRY_FAILED_AFTER_S after their
+        failure (a worker restarted under the same id, or thawed, serves again at once; a dead one
+        fails the next call fast and is backed off again)."""
         now = time.monotonic()
-        return [(i, l) for i, l in self.instances if i.serves(role) and i.status == "serving"
-                and now - self._failed_at.get(i.instance_id, -1e9) > self.failure_backoff_s]
+        serving = [(i, l) for i, l in self.instances if i.serves(role) and i.status == "serving"]
+        since = [now - self._failed_at.get(i.instance_id, -1e9) for i, _ in serving]
+        fresh = [x for x, t in zip(serving, since) if t > self.failure_backoff_s]
+        if fresh or not retry_failed:
+            return fresh
+        return [x for x, t in zip(serving, since) if t > RETRY_FAILED_AFTER_S]
 
     def requests(self, info: InstanceInfo, load: Load | None) -> int:
         """This router's estimate of the requests on an instance (see the module doc)."""
@@ -191,11 +203,11 @@ class InstancePool:
         return self._active.get(instance_id, 0)
 
     # ---- routing ---------------------------------------------------------------------------
-    def candidates(self, role: str, hits: dict[str, int], exclude=()) -> list[routing.Candidate]:
-        """The live, serving instances of a role as the cost function sees them."""
+    def candidates(self, role: str, hits: dict[str, int], exclude=(), retry_failed: bool = False) -> list[routing.Candidate]:
+        """The live, serving instances of a role as the cost function sees them (`live`)."""
         return [routing.Candidate(i.instance_id, self.requests(i, l), l.kv_usage if l else 0.0,
                                   hits.get(i.instance_id, 0), self.num_routed.get(i.instance_id, 0))
-                for i, l in self.live(role) if i.instance_id not in exclude]
+                for i, l in self.live(role, retry_failed) if i.instance_id not in exclude]
 
     async def lookup_hits(self, prompt_token_ids: list[int]) -> dict[str, int]:
         """Leading prompt blocks each live instance holds; {} when unknown (Redis down, no index)."""
@@ -221,17 +233,18 @@ class InstancePool:
                                   self.candidates("decode", hits, ()), self.blocks_per_request, self.config,
                                   rotation)
 
-    def choose(self, role: str, exclude=frozenset()) -> InstanceInfo | None:
-        """Least-loaded instance of a role (retries after a failure: no prefix lookup)."""
-        cands = self.candidates(role, {}, exclude)
+    def choose(self, role: str, exclude=frozenset(), retry_failed: bool = False) -> InstanceInfo | None:
+        """Least-loaded instance of a role (retries after a failure: no prefix lookup; `live`)."""
+        cands = self.candidates(role, {}, exclude, retry_failed)
         chosen = routing.best(routing.score(cands, 0, 0, 1.0, 1.0, self.config))
         return None if chosen is None else self.info(chosen.candidate.instance_id)
 
-    async def wait_for(self, role: str, exclude=frozenset(), timeout_s: float = 5.0) -> InstanceInfo | None:
+    async def wait_for(self, role: str, exclude=frozenset(), timeout_s: float = 5.0,
+                       retry_failed: bool = False) -> InstanceInfo | None:
         """`choose`, waiting up to `timeout_s` for an instance of the role to (re)appear."""
         deadline = time.monotonic() + timeout_s
         while True:
-            chosen = self.choose(role, exclude)
+            chosen = self.choose(role, exclude, retry_failed)
             if chosen is not None or time.monotonic() >= deadline:
                 return chosen
             await asyncio.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
