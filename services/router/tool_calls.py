@@ -135,32 +135,58 @@ def _call(name: str, arguments: str) -> oa.ToolCall:
 
 
 def _call_of(obj) -> oa.ToolCall:
-    """{"name", "arguments" | "parameters"} -> a ToolCall (arguments as JSON text)."""
+    """{"name", "arguments" | "parameters"} -> a ToolCall (arguments as JSON text); ValueError
+    for anything else the model wrote."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        raise ValueError("a tool call is an object with a name")
     args = obj.get("arguments", obj.get("parameters", {}))
-    if not isinstance(obj.get("name"), str):
-        raise ValueError("a tool call needs a name")
     return _call(obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False))
 
 
 # ---- auto parsers -------------------------------------------------------------------------
+# The model writes these calls, so nothing it writes is an error of the request: text that is not
+# a call (broken JSON, a call cut short by max_tokens, an object without a name) stays content,
+# as vLLM's parsers keep it, and the request answers 200.
+def hermes_blocks(text: str) -> list[tuple[str, oa.ToolCall | None]]:
+    """Each <tool_call> block of `text` (the last may lack its closing tag) -> (its raw text, the
+    call, or None where its body is not one)."""
+    blocks = []
+    for m in _HERMES_CALL.finditer(text):
+        body = m.group(1)
+        if not body.strip():
+            continue
+        try:
+            blocks.append((m.group(0), _call_of(json.loads(body))))
+        except ValueError:  # (json's errors are ValueErrors too)
+            blocks.append((m.group(0), None))
+    return blocks
+
+
 def parse_hermes(text: str) -> tuple[str | None, list[oa.ToolCall]]:
+    """Content before the first <tool_call>, then every block that is not a call; the calls."""
     start = text.find("<tool_call>")
     if start < 0:
         return text, []
-    calls = [_call_of(json.loads(body)) for body in _HERMES_CALL.findall(text[start:]) if body.strip()]
-    content = text[:start].strip()
-    return content or None, calls
+    blocks = hermes_blocks(text[start:])
+    content = text[:start] + "".join(raw for raw, call in blocks if call is None)
+    return (content if content.strip() else None), [call for _, call in blocks if call is not None]
 
 
 def parse_llama3_json(text: str) -> tuple[str | None, list[oa.ToolCall]]:
+    """Calls as JSON objects separated by ';' (after an optional <|python_tag|>). Text that does not
+    start as a call is content; where the calls stop parsing, the rest is content (all of it when
+    none parsed)."""
     body = text.strip().removeprefix("<|python_tag|>").strip()
     if not body.startswith("{"):
         return text, []
     decoder, calls, pos = json.JSONDecoder(), [], 0
     while pos < len(body):
-        obj, pos = decoder.raw_decode(body, pos)
-        calls.append(_call_of(obj))
-        pos = len(body) - len(body[pos:].lstrip().removeprefix(";").lstrip())
+        try:
+            obj, end = decoder.raw_decode(body, pos)
+            calls.append(_call_of(obj))
+        except ValueError:
+            return (body[pos:] if calls else text), calls
+        pos = len(body) - len(body[end:].lstrip().removeprefix(";").lstrip())
     return None, calls
 
 
@@ -255,7 +281,7 @@ class _AutoStream(ToolStream):
     def __init__(self, parser: str):
         self.parser = parser
         self.buf = ""
-        self.sent = 0  # chars of buf already sent as content
+        self.sent = 0  # chars of buf already sent as content (hermes: or read as calls)
         self.num_calls = 0
 
     def feed(self, text, final):
@@ -269,9 +295,15 @@ class _AutoStream(ToolStream):
             return content, []
         content = self.buf[self.sent:start] if self.sent < start else ""
         self.sent = max(self.sent, start)
-        end = len(self.buf) if final else self.buf.rfind("</tool_call>") + len("</tool_call>")
-        done = self.buf[start:end] if end > start else ""
-        return content, self._calls(parse_hermes(done)[1]) if done else []
+        # the blocks completed since the last feed (all that is left, at the end): calls, or content
+        closed = self.buf.rfind("</tool_call>", self.sent)
+        end = len(self.buf) if final else -1 if closed < 0 else closed + len("</tool_call>")
+        if end <= self.sent:
+            return content, []
+        blocks = hermes_blocks(self.buf[self.sent:end])
+        self.sent = end
+        content += "".join(raw for raw, call in blocks if call is None)
+        return content, self._new_calls([call for _, call in blocks if call is not None])
 
     def _feed_json(self, final):
         body = self.buf.lstrip()
@@ -283,13 +315,13 @@ class _AutoStream(ToolStream):
         if not final:
             return "", []
         content, calls = parse_llama3_json(self.buf)
-        return content or "", self._calls(calls)
+        return content or "", self._new_calls(calls)
 
-    def _calls(self, calls: list[oa.ToolCall]) -> list[oa.DeltaToolCall]:
-        new = calls[self.num_calls:]
-        self.num_calls = len(calls)
+    def _new_calls(self, new: list[oa.ToolCall]) -> list[oa.DeltaToolCall]:
+        """Calls found since the last feed, numbered on from those sent."""
+        first, self.num_calls = self.num_calls, self.num_calls + len(new)
         self.called |= bool(new)
-        return [oa.DeltaToolCall(index=self.num_calls - len(new) + i, id=c.id, type="function",
+        return [oa.DeltaToolCall(index=first + i, id=c.id, type="function",
                                  function=oa.DeltaFunctionCall(name=c.function.name, arguments=c.function.arguments))
                 for i, c in enumerate(new)]
 
