@@ -43,7 +43,7 @@ from pdserve.services.router import openai_schema as oa
 from pdserve.services.router.limits import Limits
 from pdserve.common.metrics import RequestTracker, ServerMetrics, StatsCollector
 from pdserve.services.router import responses
-from pdserve.services.router.errors import APIError, _json, _json_obj, _parse, as_api_error  # noqa: F401
+from pdserve.services.router.errors import APIError, InternalErrors, _json, _json_obj, _parse, as_api_error  # noqa: F401
 from pdserve.services.router import tokenize as tk
 from pdserve.services.router.tool_calls import ToolPlan, hermes_messages, plan_tools
 
@@ -621,8 +621,9 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
                       exc_info=not isinstance(e, (APIError, EngineDeadError)))
         return err.response()
 
-    for exc in (Exception, APIError, ParameterError, EngineDeadError):
+    for exc in (APIError, ParameterError, EngineDeadError):
         app.add_exception_handler(exc, on_error)
+    app.add_middleware(InternalErrors, on_error=on_error)  # any other exception (errors.InternalErrors)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, e: StarletteHTTPException) -> Response:

@@ -43,6 +43,34 @@ def as_api_error(e: BaseException) -> APIError:
     return APIError(500, f"internal error: {e}", type="server_error")
 
 
+class InternalErrors:
+    """ASGI middleware: an exception no handler took (a bug, or a fault below) becomes OpenAI's
+    error body with 500 (503 for EngineDeadError) through `on_error`, and the connection stays
+    open. Starlette sends a handler registered for `Exception` from its outermost middleware and
+    then raises again, so uvicorn closed the keep-alive connection and the client's next request
+    on it failed. Once a response has started nothing can be sent: the error goes up as before."""
+
+    def __init__(self, app, on_error):
+        self.app, self.on_error = app, on_error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started |= message["type"] == "http.response.start"
+            await send(message)
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as e:
+            if started:
+                raise
+            response = await self.on_error(Request(scope, receive), e)
+            await response(scope, receive, send)
+
+
 def _json(model: BaseModel, status: int = 200) -> Response:
     return Response(model.model_dump_json(), status_code=status, media_type="application/json")
 

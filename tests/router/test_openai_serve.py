@@ -7,6 +7,7 @@ with the module so that their start-up overlaps the other tests."""
 from __future__ import annotations
 
 import asyncio
+import http.client as http_client
 import json
 import subprocess
 import sys
@@ -351,6 +352,8 @@ class BrokenEngine:
     async def generate(self, prompt_token_ids, params, request_id, prompt=None):
         if prompt == "dead":
             raise EngineDeadError("the engine died")
+        if prompt == "bug":  # an exception nothing expects
+            raise RuntimeError("a bug below the API")
         out = RequestOutput(request_id, prompt, prompt_token_ids, [CompletionOutput(0, "ok", [5])], finished=False)
         if prompt == "error":
             out.error = "forward pass failed"
@@ -377,6 +380,17 @@ def test_engine_failures(tiny_models):
         assert "decode worker lost" in json.loads(events[-2])["error"]["message"] and events[-1] == "[DONE]"
         engine.healthy = False
         assert http.get("/health").status_code == 503
+        # an unexpected exception: OpenAI's 500 body, and the keep-alive connection still serves
+        conn = http_client.HTTPConnection(srv.url.removeprefix("http://"), timeout=30)
+        for prompt, status in (("bug", 500), ("error", 500), ("bug", 500), ("dead", 503)):
+            conn.request("POST", "/v1/completions", json.dumps({"model": "broken", "prompt": prompt}),
+                         {"content-type": "application/json"})
+            r = conn.getresponse()
+            body = json.loads(r.read())
+            assert r.status == status and body["error"]["type"] == "server_error", body
+            assert ("a bug below the API" in body["error"]["message"]) == (prompt == "bug")
+            time.sleep(0.2)  # (a server that closes the connection after the response has done so by now)
+        conn.close()
 
 
 # ---- cancellation and metrics ----------------------------------------------------------------------
