@@ -245,11 +245,13 @@ class OpenAIServer:
         template = getattr(self.tokenizer, "chat_template", None) or ""
         if "tools" not in template and (tools or any(m.get("tool_calls") for m in messages)):
             messages, tools = hermes_messages(messages, tools if offer_tools else None), None
+        # chat_template_kwargs go over the request's own arguments, as vLLM merges them (a key of
+        # both, e.g. add_generation_prompt, is the kwargs' value, not a "multiple values" error)
+        args = {"tools": [t.model_dump(exclude_none=True) for t in tools] if tools else None,
+                "add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
+                **(kwargs or {})}
         try:
-            return self.tokenizer.apply_chat_template(
-                messages, tools=[t.model_dump(exclude_none=True) for t in tools] if tools else None,
-                add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message,
-                **(kwargs or {}))
+            return self.tokenizer.apply_chat_template(messages, **args)
         except ParameterError:
             raise
         except Exception as e:  # jinja's TemplateError (e.g. roles must alternate), no template, bad kwargs
@@ -322,6 +324,10 @@ class OpenAIServer:
     async def _start(self, job: _Job) -> list[RequestOutput]:
         """Submit every prompt; return each one's first output. Errors the engine raises before its
         first output (bad input, dead engine) surface here, before any response is sent."""
+        if len(job.prompts) > self.limits.max_pending_requests:  # never admitted, however idle the server
+            raise APIError(400, f"this request holds {len(job.prompts)} prompts; the server admits at most "
+                                f"{self.limits.max_pending_requests} waiting for their first token "
+                                "(--max-pending-requests): send them in smaller batches", param="prompt")
         if self.num_pending + len(job.prompts) > self.limits.max_pending_requests:
             raise APIError(503, f"the server is overloaded ({self.num_pending} requests waiting for their first "
                                 "token); retry shortly", type="server_error", code="overloaded")

@@ -17,7 +17,8 @@ def add_limit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-body-bytes", type=int, default=Limits.max_request_body_bytes,
                    help="larger request bodies are refused with 413")
     p.add_argument("--max-pending-requests", type=int, default=Limits.max_pending_requests,
-                   help="requests waiting for their first token beyond this are refused with 503 + Retry-After")
+                   help="requests waiting for their first token beyond this are refused with 503 + Retry-After "
+                        "(a request of more prompts than this alone: 400)")
 
 
 def limits_of(args: argparse.Namespace) -> Limits:

@@ -28,6 +28,7 @@ from pdserve.common.tokenizer import Tokenizer
 from pdserve.services.router import openai_schema as oa
 from pdserve.common.metrics import StatsCollector
 from pdserve.services.router.app import build_app
+from pdserve.services.router.limits import Limits
 
 NAME = "tiny"
 MAX_LEN = 1024
@@ -341,7 +342,8 @@ def test_errors(server, client):
 
 
 class BrokenEngine:
-    """An EngineClient that fails on cue (the prompt text): engine error, dead engine, mid-stream error."""
+    """An EngineClient that fails on cue (the prompt text): engine error, dead engine, a bug, else a
+    mid-stream error; "fine" finishes."""
     model_name = "broken"
     max_model_len = 64
 
@@ -359,7 +361,7 @@ class BrokenEngine:
             out.error = "forward pass failed"
         yield out
         yield RequestOutput(request_id, prompt, prompt_token_ids, [CompletionOutput(0, "ok", [5, 6])],
-                            finished=True, error="decode worker lost")
+                            finished=True, error=None if prompt == "fine" else "decode worker lost")
 
     async def abort(self, request_id):
         pass
@@ -391,6 +393,35 @@ def test_engine_failures(tiny_models):
             assert ("a bug below the API" in body["error"]["message"]) == (prompt == "bug")
             time.sleep(0.2)  # (a server that closes the connection after the response has done so by now)
         conn.close()
+
+
+def test_a_batch_larger_than_the_pending_limit_is_a_400_not_an_overload(tiny_models):
+    """--max-pending-requests: a server with room for 2 takes a batch of 2 prompts; a batch of 3
+    could never be admitted, so it is the client's error (400), not a 503 to retry."""
+    engine = BrokenEngine(Tokenizer(tiny_models["llama"]))
+    with ThreadedServer(build_app(engine, "broken", limits=Limits(max_pending_requests=2))) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as http:
+        r = http.post("/v1/completions", json={"model": "broken", "prompt": ["fine", "fine"]})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
+        r = http.post("/v1/completions", json={"model": "broken", "prompt": ["fine", "fine", "fine"]})
+        assert r.status_code == 400 and "--max-pending-requests" in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["param"] == "prompt" and "retry-after" not in r.headers
+
+
+def test_chat_template_kwargs_override_the_request_arguments(server):
+    """vLLM merges chat_template_kwargs over its own template arguments: add_generation_prompt
+    given there wins (it was a 400 "got multiple values")."""
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        msgs = [{"role": "user", "content": "Hi"}]
+        texts = {}
+        for kw in ({}, {"chat_template_kwargs": {"add_generation_prompt": False}}):
+            r = http.post("/tokenize", json={"model": NAME, "messages": msgs, **kw})
+            assert r.status_code == 200, r.text
+            texts[bool(kw)] = r.json()["tokens"]
+        assert texts[True] != texts[False] and texts[True] == texts[False][:len(texts[True])]
+        r = http.post("/v1/chat/completions", json={"model": NAME, "messages": msgs, "max_tokens": 2,
+                                                    "chat_template_kwargs": {"add_generation_prompt": False}})
+        assert r.status_code == 200, r.text
 
 
 # ---- cancellation and metrics ----------------------------------------------------------------------
