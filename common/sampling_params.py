@@ -72,7 +72,7 @@ class SamplingParams:
         _check(self.seed is None or (_is_int(self.seed) and INT64_MIN <= self.seed <= INT64_MAX), "seed",
                f"seed must be an integer that fits in 64 bits, got {self.seed}")
         _check(self.max_tokens is None or (_is_int(self.max_tokens) and 1 <= self.max_tokens <= UINT32_MAX),
-               "max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}")
+               "max_tokens", f"max_tokens must be in [1, {UINT32_MAX}], got {self.max_tokens}")
         _check(_is_int(self.min_tokens) and 0 <= self.min_tokens <= UINT32_MAX, "min_tokens",
                f"min_tokens must be >= 0, got {self.min_tokens}")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",

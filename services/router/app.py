@@ -220,7 +220,7 @@ class OpenAIServer:
                     raise ParameterError("prompt", f"token id {bad} is outside the vocabulary [0, {vocab})")
                 prompts.append((None, self._truncate(list(p), req)))
             self._check_length(prompts[-1][1], params, "prompt")
-        job = self._job("cmpl", prompts, params)
+        job = self._job("cmpl-", prompts, params)
         fmt = _CompletionFormat(req, job, self.tokenizer, self._token_text(req))
         return await self._run(request, job, fmt, req.stream, req.include_usage)
 
@@ -233,7 +233,7 @@ class OpenAIServer:
                                 offer_tools=tools.mode != "none", continue_final_message=req.continue_final_message)
         ids = self._truncate(await self._encode(text, False), req)
         self._check_length(ids, params, "messages")
-        job = self._job("chatcmpl", [(text, ids)], params)
+        job = self._job("chatcmpl-", [(text, ids)], params)
         return await self._run(request, job, _ChatFormat(req, self._token_text(req), tools), req.stream,
                                req.include_usage)
 
@@ -297,7 +297,7 @@ class OpenAIServer:
 
     def _job(self, prefix: str, prompts, params: SamplingParams) -> _Job:
         arrival = time.time()
-        return _Job(f"{prefix}-{uuid.uuid4().hex}", self.model_name, prompts, params,
+        return _Job(f"{prefix}{uuid.uuid4().hex}", self.model_name, prompts, params,
                     [self.metrics.track(arrival) for _ in prompts])
 
     def _decode_one(self, token_id: int) -> str:
@@ -622,7 +622,9 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
 
     async def on_error(request: Request, e: Exception) -> Response:
         err = as_api_error(e)
-        if err.status >= 500:
+        if err.code == "overloaded":  # load shedding, not a fault
+            log.warning("%s %s refused: %s", request.method, request.url.path, err.message)
+        elif err.status >= 500:
             log.error("%s %s failed: %s", request.method, request.url.path, err.message,
                       exc_info=not isinstance(e, (APIError, EngineDeadError)))
         return err.response()

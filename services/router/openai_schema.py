@@ -75,9 +75,12 @@ class _SamplingRequest(_Request):
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
 
     def check_prompt_logprobs(self) -> None:
+        """What goes with `stream` only, or without it only (vLLM's checks)."""
         if self.prompt_logprobs is not None and self.stream:
             raise ParameterError("prompt_logprobs", "prompt_logprobs are not returned on a stream: send it with "
                                                     "stream false")
+        if self.stream_options is not None and not self.stream:
+            raise ParameterError("stream_options", "stream_options can only be given with stream true")
 
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
                          structured: StructuredOutputsParams | None = None, defaults: dict | None = None,

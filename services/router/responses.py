@@ -366,7 +366,7 @@ async def create(server: "OpenAIServer", request: Request) -> Response:
                               offer_tools=tools.mode != "none")
     ids = server._truncate(await server._encode(text, False, "input"), chat)
     server._check_length(ids, params, "input")
-    job = server._job("resp", [(text, ids)], params)
+    job = server._job("resp_", [(text, ids)], params)  # (OpenAI's ids: resp_...)
     answer = _Answer(server, req, tools, ids, job.request_id)
 
     async def whole(finals: list[RequestOutput]) -> Response:

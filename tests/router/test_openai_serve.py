@@ -262,6 +262,8 @@ def test_chat(client, tok):
     parts = [messages[0], {"role": "user", "content": [{"type": "text", "text": "Hi there"}]}]
     assert client.chat.completions.create(model=NAME, messages=parts, **GREEDY).choices[0].message.content \
         == full.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="stream_options"):  # vLLM's check: only with stream
+        client.chat.completions.create(model=NAME, messages=messages, stream_options={"include_usage": True}, **GREEDY)
     chunks = list(client.chat.completions.create(model=NAME, messages=messages, stream=True,
                                                  stream_options={"include_usage": True}, **GREEDY))
     assert chunks[0].choices[0].delta.role == "assistant"

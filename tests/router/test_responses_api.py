@@ -66,6 +66,7 @@ def test_a_response_is_the_chat_answer_and_continues_by_id(client, engine):
     expected = chat_text(client, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi"}], 12)
     assert r.output_text == expected
     assert r.usage.output_tokens == 12 and r.usage.total_tokens == r.usage.input_tokens + 12
+    assert r.id.startswith("resp_")  # OpenAI's form of a response id
     assert client.responses.retrieve(r.id).output_text == r.output_text
 
     # previous_response_id: the stored turn (input + output) continues; instructions are not carried
