@@ -156,5 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     return run_parsed(f"pdserve {args.command}", args.func, args)
 
 
+def console_main() -> None:
+    """The `pdserve` command (pyproject's script): main, then the process ends (entry.exit_process)."""
+    from pdserve.services.entry import exit_process
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

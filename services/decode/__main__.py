@@ -1,7 +1,6 @@
 """python -m pdserve.services.decode ...: a worker registered as decode (services/worker/process.py)."""
 
-import sys
-
+from pdserve.services.entry import exit_process
 from pdserve.services.worker.process import main
 
-sys.exit(main("decode"))
+exit_process(main("decode"))

@@ -1,7 +1,6 @@
 """python -m pdserve.services.prefill ...: a worker registered as prefill (services/worker/process.py)."""
 
-import sys
-
+from pdserve.services.entry import exit_process
 from pdserve.services.worker.process import main
 
-sys.exit(main("prefill"))
+exit_process(main("prefill"))

@@ -1,7 +1,6 @@
 """python -m pdserve.services.router ...: see services/router/main.py."""
 
-import sys
-
+from pdserve.services.entry import exit_process
 from pdserve.services.router.main import main
 
-sys.exit(main())
+exit_process(main())
