@@ -230,9 +230,11 @@ class ChatMessage(_Request):
             raise ParameterError(f"messages[{index}].tool_call_id", "a tool message needs the tool_call_id it answers")
         if isinstance(content, list):
             for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
+                if part.type != "text":
                     raise ParameterError(f"messages[{index}].content[{j}]",
                                          f"content part of type {part.type!r} is not supported (text only)")
+                if part.text is None:
+                    raise ParameterError(f"messages[{index}].content[{j}].text", "a text content part needs its text")
             content = "\n".join(part.text for part in content)
         msg = {"role": "system" if self.role == "developer" else self.role, "content": content or ""}
         for key in ("name", "tool_calls", "tool_call_id"):
