@@ -275,8 +275,12 @@ class Scheduler:
             num_prompt = len(req.prompt_token_ids)
             if s.start_pos < num_prompt:
                 req.num_computed_prompt_tokens += min(s.start_pos + len(s.input_token_ids), num_prompt) - s.start_pos
-            if prompt_logprobs and s.req_id in prompt_logprobs and req.num_preemptions == 0:
-                req.prompt_logprobs.extend(prompt_logprobs[s.req_id])
+            if prompt_logprobs and s.req_id in prompt_logprobs:
+                # the chunk's entries are for prompt tokens `first` .. (token 0's is None); a request
+                # preempted and recomputed from 0 has the first ones already: only the new ones go on
+                first, have = (0 if s.start_pos == 0 else s.start_pos + 1), len(req.prompt_logprobs)
+                if first <= have:
+                    req.prompt_logprobs.extend(prompt_logprobs[s.req_id][have - first:])
             token = sampled.get(s.req_id)
             if token is None:
                 if s.req_id in result.void_req_ids:  # a bridge step without its row (spec_decode/pipeline.py)

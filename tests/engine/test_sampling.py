@@ -100,6 +100,24 @@ def test_logprobs_match_hf_log_softmax(llm, tiny_models):
         assert out.prompt_logprobs[pos][prompt[pos]].logprob == pytest.approx(lp[pos - 1][prompt[pos]].item(), abs=1e-4)
 
 
+def test_prompt_logprobs_survive_preemption(llm, tiny_models):
+    """A request preempted while its prompt is chunked is recomputed from its first token: its
+    prompt logprobs are still one entry per prompt token, equal to an unhurried run's (before,
+    every chunk after the first preemption was dropped)."""
+    prompts = [[100 + (i * 7 + j) % 900 for j in range(100)] for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True, prompt_logprobs=1)
+    want = gen(llm, prompts, params)
+    tight = LLM(tiny_models["llama"], num_gpu_blocks_override=17, max_num_batched_tokens=24, max_model_len=256,
+                dtype="float32")
+    got = gen(tight, prompts, params)
+    assert tight.engine.scheduler.num_preemptions > 0
+    for a, b in zip(want, got):
+        assert len(b.prompt_logprobs) == len(a.prompt_logprobs) == 100 and b.prompt_logprobs[0] is None
+        for ea, eb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert set(ea) == set(eb) and all(ea[t].logprob == pytest.approx(eb[t].logprob, abs=1e-5) for t in ea)
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+
+
 def test_penalties_change_output_and_stay_valid(llm):
     base = gen(llm, [[7] * 20], SamplingParams(temperature=0, max_tokens=16))[0].outputs[0].token_ids
     pen = gen(llm, [[7] * 20], SamplingParams(temperature=0, max_tokens=16, repetition_penalty=5.0,
