@@ -113,7 +113,7 @@ def test_bench_spec_stages_of_a_draft_model(tmp_path, tiny_models):
     assert "draft model" in proc.stdout
     bad = pdserve("bench", "spec", "--stages", "--methods", "none", "ngram_all", "--model", tiny_models["llama"])
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "pdserve bench: error: --stages times none, ngram, ngram_overlap, draft, draft_sync; not ngram_all"]
+        "pdserve bench: error: --stages times none, ngram, ngram_overlap, ngram_guess, draft, draft_sync; not ngram_all"]
 
 
 def test_replay_bridges_a_verify_step():

@@ -120,17 +120,25 @@ class LLM:
         raise ParameterError("prompt", f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
 
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        """Step until every request of `order` finished. Interrupted (Ctrl-C in a notebook, any
+        exception), its unfinished requests are aborted first, so the next call starts clean
+        instead of inheriting them and a step cut short."""
         done: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm:
             from tqdm import tqdm
             bar = tqdm(total=len(order), desc="Processed prompts", unit="req", dynamic_ncols=True)
-        while self.engine.has_unfinished():
-            for out in self.step():
-                if out.finished:
-                    done[out.request_id] = out
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
+        try:
+            while self.engine.has_unfinished():
+                for out in self.step():
+                    if out.finished:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            self.abort([rid for rid in order if rid not in done])
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
         return [done[rid] for rid in order]

@@ -142,3 +142,37 @@ def test_max_logprobs_caps_what_a_request_may_ask(tiny_models):
         gen(free, [PROMPTS[0]], SamplingParams(max_tokens=1, logprobs=vocab + 1))
     with pytest.raises(ConfigError, match="--max-logprobs"):
         LLM(tiny_models["llama"], dtype="float32", max_logprobs=-2)
+
+
+@pytest.mark.parametrize("where", ["launch", "result"])
+def test_an_interrupted_generate_leaves_the_engine_clean(tiny_models, where):
+    """Ctrl-C inside generate (here a KeyboardInterrupt raised in the 5th step's launch or result
+    wait, async scheduling on): the next generate gets exactly a fresh engine's outputs and the
+    pool is full again (before, the next call failed: 'an input token in flight that no launched
+    step samples')."""
+    llm = LLM(tiny_models["llama"], num_gpu_blocks_override=256, dtype="float32", async_scheduling=True)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in gen(llm, PROMPTS, params)]
+    runner = llm.engine.runner
+    calls = {"n": 0}
+    if where == "launch":
+        real = runner.launch
+
+        def interrupted(*args, **kw):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt
+            return real(*args, **kw)
+        runner.launch = interrupted
+    else:
+        real = llm.engine._apply
+
+        def interrupted(*args, **kw):
+            calls["n"] += 1
+            if calls["n"] == 5:
+                raise KeyboardInterrupt
+            return real(*args, **kw)
+        llm.engine._apply = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate([{"prompt_token_ids": p} for p in PROMPTS * 10], params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in gen(llm, PROMPTS, params)] == want  # (gen: the pool is full)
