@@ -19,7 +19,10 @@ INITIAL_CONTEXT = 5  # prompt tokens used as left context for the first output t
 
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: TokenizerLike, prompt_token_ids: list[int], stop: list[str],
-                 include_stop_str_in_output: bool = False, skip_special_tokens: bool = True):
+                 include_stop_str_in_output: bool = False, skip_special_tokens: bool = True,
+                 min_tokens: int = 0):
+        """`min_tokens`: stop strings are looked for only in the text of tokens after the first
+        min_tokens (vLLM's rule, as for stop token ids and EOS)."""
         self.tokenizer = tokenizer
         self.token_ids = list(prompt_token_ids[-INITIAL_CONTEXT:])
         self.prefix_offset = 0
@@ -29,6 +32,7 @@ class IncrementalDetokenizer:
         self.skip_special = skip_special_tokens
         self.text = ""
         self.num_output_tokens = 0
+        self.min_tokens = min_tokens
         self.stop_buffer = max((len(s) for s in stop), default=1) - 1 if not include_stop_str_in_output else 0
 
     def add_tokens(self, new_token_ids: list[int]) -> str | None:
@@ -45,7 +49,7 @@ class IncrementalDetokenizer:
                 self.text += full_text[len(prefix_text):]
                 self.prefix_offset = self.read_offset
                 self.read_offset = len(self.token_ids)
-            if self.stop and len(self.text) > before:
+            if self.stop and len(self.text) > before and self.num_output_tokens > self.min_tokens:
                 matched = self._find_stop(before)
                 if matched is not None:
                     return matched

@@ -46,7 +46,7 @@ class RequestState:
         self.error: str | None = None
         self.seqs = [_Sequence(IncrementalDetokenizer(
             tokenizer, prompt_token_ids, params.stop, params.include_stop_str_in_output,
-            params.skip_special_tokens) if tokenizer is not None else None) for _ in range(params.n)]
+            params.skip_special_tokens, params.min_tokens) if tokenizer is not None else None) for _ in range(params.n)]
 
     @property
     def finished(self) -> bool:

@@ -176,3 +176,15 @@ def test_an_interrupted_generate_leaves_the_engine_clean(tiny_models, where):
     with pytest.raises(KeyboardInterrupt):
         llm.generate([{"prompt_token_ids": p} for p in PROMPTS * 10], params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in gen(llm, PROMPTS, params)] == want  # (gen: the pool is full)
+
+
+def test_min_tokens_holds_back_stop_strings(llm):
+    """vLLM's rule: a stop string counts only in the text after the first min_tokens tokens."""
+    base = gen(llm, [PROMPTS[1]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0]
+    stop = base.text[:3]  # in the first token's text
+    early = gen(llm, [PROMPTS[1]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop]))
+    assert early[0].outputs[0].finish_reason == "stop" and len(early[0].outputs[0].token_ids) < 3
+    held = gen(llm, [PROMPTS[1]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, stop=[stop],
+                                                 min_tokens=6))[0].outputs[0]
+    assert len(held.token_ids) >= 6 and held.token_ids == base.token_ids[:len(held.token_ids)]
+    assert held.text.startswith(stop)  # not cut at the early match
