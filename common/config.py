@@ -226,7 +226,7 @@ class SchedulerConfig:
         None, "while prompts wait, steps in a row that may leave the running requests' decodes out to give "
               f"the prompts the whole step (0: every step carries them; default 0, {CPU_DECODE_DEFER_STEPS} "
               "for a server on CPU in bf16)", type=int)
-    max_model_len: int = 2048  # filled from the model at start-up
+    max_model_len: int = 2048  # filled from the model at start-up (0 from EngineConfig until then)
     on_cpu: bool = False  # filled at start-up: the engine runs on the CPU (the smaller default budget)
     half_precision: bool = False  # filled at start-up: the model computes in bf16 / fp16 (CPU defaults)
     offline: bool = False  # set by the offline `LLM` (on CPU its default budget is CPU_OFFLINE_TOKEN_BUDGET)
@@ -252,7 +252,7 @@ class SchedulerConfig:
             raise ConfigError(f"--max-num-batched-tokens must be positive, got {self.max_num_batched_tokens}")
         if self.decode_defer_steps is not None and self.decode_defer_steps < 0:
             raise ConfigError(f"--decode-defer-steps must be >= 0, got {self.decode_defer_steps}")
-        if not self.enable_chunked_prefill and self.token_budget < self.max_model_len:
+        if not self.enable_chunked_prefill and self.max_model_len and self.token_budget < self.max_model_len:
             raise ConfigError(
                 f"--max-num-batched-tokens ({self.token_budget}) must be >= --max-model-len "
                 f"({self.max_model_len}) when chunked prefill is disabled")
@@ -434,7 +434,7 @@ class EngineConfig:
             parts["model"]["model"] = "default"
         model = ModelConfig(**parts["model"])
         scheduler = dict(parts["scheduler"])
-        scheduler.setdefault("max_model_len", model.max_model_len or 8192)
+        scheduler.setdefault("max_model_len", model.max_model_len or 0)  # 0: the model's, known at start-up
         return cls(model=model, cache=CacheConfig(**parts["cache"]), scheduler=SchedulerConfig(**scheduler),
                    parallel=ParallelConfig(**parts["parallel"]), **parts[None])
 

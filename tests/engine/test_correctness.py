@@ -60,12 +60,18 @@ def test_greedy_matches_hf(tiny_models, prompts, arch, kernels):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-@pytest.mark.parametrize("variant", ["no_prefix_cache", "chunked_16", "preemption", "decode_defer", "warm_cache"])
+@pytest.mark.parametrize("variant", ["no_prefix_cache", "chunked_16", "preemption", "decode_defer", "warm_cache",
+                                     "no_chunked_prefill"])
 def test_scheduling_variants_keep_outputs(tiny_models, prompts, arch, variant):
     folder = tiny_models[arch]
     if variant == "no_prefix_cache":
         got, engine = run(folder, prompts, enable_prefix_caching=False)
         assert engine.kv.num_prefix_hits == 0
+    elif variant == "no_chunked_prefill":  # the budget is checked against the model's length (1,024), no placeholder
+        from pdserve.common.config import ConfigError
+        with pytest.raises(ConfigError, match=r"\(1023\) must be >= --max-model-len \(1024\)"):
+            LLM(folder, dtype="float32", enable_chunked_prefill=False, max_num_batched_tokens=1023)
+        got, engine = run(folder, prompts, enable_chunked_prefill=False, max_num_batched_tokens=1024)
     elif variant == "chunked_16":
         got, engine = run(folder, prompts, max_num_batched_tokens=16)
         assert engine.num_steps > sum(len(p) for p in prompts) // 16
