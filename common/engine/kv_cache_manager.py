@@ -57,9 +57,15 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.num_prefix_queries += req.num_tokens
-        self.num_prefix_hits += len(hits) * self.block_size
         return hits
+
+    def count_prefix_lookup(self, req: Request, num_hit_blocks: int) -> None:
+        """The prefix-cache counters (vllm:prefix_cache_queries / _hits), once per request where its
+        first lookup was used: a lookup whose allocation failed is repeated at the next step, and
+        counting each would inflate the hit rate under KV pressure (vLLM counts the same way)."""
+        if self.pool.enable_caching and req.params.prompt_logprobs is None:
+            self.num_prefix_queries += req.num_tokens
+            self.num_prefix_hits += num_hit_blocks * self.block_size
 
     def num_blocks_needed(self, req: Request, num_new_tokens: int, computed: list[KVBlock] = ()) -> int:
         """Blocks to take from the free queue to hold `num_new_tokens` more tokens (a cached-free
@@ -173,6 +179,7 @@ class KVCacheManager:
         blocks.extend(hits)
         blocks.extend(self.pool.allocate(cdiv(num_tokens, self.block_size) - len(blocks)))
         req.block_ids = [b.block_id for b in blocks]
+        self.count_prefix_lookup(req, len(hits))
         return req.block_ids[len(hits):], len(hits)
 
     def commit_pulled(self, req: Request, num_tokens: int) -> None:

@@ -149,8 +149,9 @@ class Scheduler:
                 if num_spec is None:
                     break
                 self.waiting.popleft()
-                if req.num_cached_tokens is None:
+                if req.num_cached_tokens is None:  # its first admission (not a preempted one's return)
                     req.num_cached_tokens = min(len(computed) * self.kv.block_size, req.num_prompt_tokens)
+                    self.kv.count_prefix_lookup(req, len(computed))
                 req.status = RequestStatus.RUNNING
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = now

@@ -78,6 +78,8 @@ def test_scheduling_variants_keep_outputs(tiny_models, prompts, arch, variant):
     elif variant == "preemption":
         got, engine = run(folder, prompts, num_gpu_blocks_override=24, max_model_len=384)
         assert engine.scheduler.num_preemptions > 0
+        # the prefix-cache counters count each prompt once, however often the pool refused it
+        assert engine.kv.num_prefix_queries == sum(len(p) for p in prompts)
     elif variant == "decode_defer":  # prompts first while they wait, in a pool that also preempts
         got, engine = run(folder, prompts, max_num_batched_tokens=64, decode_defer_steps=3,
                           num_gpu_blocks_override=24, max_model_len=384)
