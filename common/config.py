@@ -46,6 +46,17 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the flag."""
 
 
+def check_output_path(path: str | None, flag: str) -> None:
+    """A file a command writes at its end: its folder must exist before the work starts (else the
+    work is lost to a one-line error at the end)."""
+    if path and path != "-":
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise ConfigError(f"{flag}: folder {folder} does not exist")
+        if os.path.isdir(path):
+            raise ConfigError(f"{flag}: {path} is a folder")
+
+
 def check_max_logprobs(value: int) -> None:
     """--max-logprobs (engine and router): -1 (no cap: the vocabulary) or a count."""
     if value < -1:

@@ -189,9 +189,16 @@ def _hf_state_dict(model) -> dict:
 
 def cmd_throughput(args) -> None:
     from pdserve.common.engine.llm import LLM
-    from pdserve.common.config import ConfigError, engine_config
+    from pdserve.common.config import ConfigError, check_output_path, engine_config
     if (args.tensor_parallel_size or 1) > 1 and not args.skip_hf:
         raise ConfigError("--tensor-parallel-size > 1 needs --skip-hf (the HF baseline runs one unsharded model)")
+    if args.num_prompts < 1:
+        raise ConfigError(f"--num-prompts must be at least 1, got {args.num_prompts}")
+    for flag, (low, high) in (("--input-len", args.input_len), ("--output-len", args.output_len)):
+        if not 1 <= low <= high:
+            raise ConfigError(f"{flag} MIN MAX needs 1 <= MIN <= MAX, got {low} {high}")
+    check_output_path(args.output_json, "--output-json")
+    check_output_path(args.plot, "--plot")
     llm = LLM.from_config(engine_config(args))
     workload = make_workload(args.num_prompts, args.input_len, args.output_len, llm.engine.arch.vocab_size,
                              args.workload_seed)
@@ -253,26 +260,33 @@ def latency_iteration(engine, prompts: list[list[int]], output_len: int, tag: st
     t0 = time.perf_counter()
     for i, prompt in enumerate(prompts):
         engine.add_request(f"{tag}-{i}", prompt, params)
-    first = None
+    first, num_tokens = None, 0
     while engine.has_unfinished():
         outs = engine.step()
         if first is None and any(o.new_token_ids for o in outs):
             first = time.perf_counter()
+        num_tokens += sum(len(o.new_token_ids) for o in outs)
     end = time.perf_counter()
-    per_token = (end - first) / (output_len - 1) if output_len > 1 else 0.0
+    steps = num_tokens // len(prompts) - 1  # tokens after the first, per request
+    per_token = (end - first) / steps if steps > 0 else 0.0
     return {"latency_s": end - t0, "ttft_s": first - t0, "tpot_s": per_token}
 
 
 def cmd_latency(args) -> None:
     from tqdm import tqdm
 
-    from pdserve.common.config import engine_config
+    from pdserve.common.config import ConfigError, check_output_path, engine_config
     from pdserve.common.engine.llm import LLM
     for name in ("input_len", "output_len", "batch_size", "num_iters"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"pdserve bench latency: --{name.replace('_', '-')} must be at least 1")
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    check_output_path(args.output_json, "--output-json")
+    check_output_path(args.plot, "--plot")
     llm = LLM.from_config(engine_config(args))
     engine = llm.engine
+    if args.input_len + args.output_len > engine.max_model_len:  # every iteration would stop short
+        raise ConfigError(f"--input-len + --output-len ({args.input_len + args.output_len}) exceed the model's "
+                          f"context of {engine.max_model_len} tokens")
     rng = random.Random(args.workload_seed)
     vocab = engine.arch.vocab_size
     runs, interrupted = [], False

@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 
-from pdserve.common.config import ConfigError, HelpFormatter, add_engine_args, engine_config
+from pdserve.common.config import ConfigError, HelpFormatter, add_engine_args, check_output_path, engine_config
 
 
 class Parser(argparse.ArgumentParser):
@@ -60,6 +60,7 @@ def cmd_generate(args) -> None:
     chat template; without it lines go to the model as raw text (warned once on a chat model)."""
     from pdserve.common.engine.llm import LLM
     params = sampling_params(args)
+    check_output_path(args.output, "--output")
     with open(args.input) as f:
         prompts = [line.rstrip("\n") for line in f if line.strip()]
     if not prompts:

@@ -59,6 +59,11 @@ def test_bad_inputs_give_one_line_errors(tmp_path, tiny_models):
         assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
     proc = pdserve("generate", "--input", str(tmp_path / "missing.txt"), "--model", tiny_models["llama"])
     assert proc.returncode == 2 and "missing.txt" in proc.stderr
+    # an output file that cannot be written is refused before the work, not after it
+    proc = pdserve("generate", "--input", str(prompts), "--model", tiny_models["llama"],
+                   "--output", str(tmp_path / "nowhere" / "out.jsonl"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"pdserve generate: error: --output: folder {tmp_path / 'nowhere'} does not exist"]
 
 
 def test_bench_latency_reports_consistent_numbers_and_plots(tmp_path, tiny_models):
@@ -79,9 +84,16 @@ def test_bench_latency_reports_consistent_numbers_and_plots(tmp_path, tiny_model
     assert "latency: 100%" in proc.stderr.replace("\r", "\n")  # the progress bar reached the end
     png = tmp_path / "lat.png"  # next to --output-json
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
-    bad = pdserve("bench", "latency", "--model", tiny_models["llama"], "--output-len", "0")
-    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1] == \
-        "pdserve bench latency: --output-len must be at least 1"
+    for args, line in (
+            (["latency", "--output-len", "0"], "--output-len must be at least 1, got 0"),
+            (["latency", "--input-len", "1000", "--output-len", "100"],
+             "--input-len + --output-len (1100) exceed the model's context of 1024 tokens"),
+            (["latency", "--output-json", str(tmp_path / "nowhere" / "l.json")],
+             f"--output-json: folder {tmp_path / 'nowhere'} does not exist"),
+            (["throughput", "--input-len", "40", "10"], "--input-len MIN MAX needs 1 <= MIN <= MAX, got 40 10"),
+            (["throughput", "--num-prompts", "0"], "--num-prompts must be at least 1, got 0")):
+        bad = pdserve("bench", *args, "--model", tiny_models["llama"])
+        assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"pdserve bench: error: {line}"], bad.stderr
 
 
 def test_bench_structured_and_tool_flags(tmp_path):
