@@ -61,6 +61,21 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    # HF tokenizer attributes that vLLM users read off llm.get_tokenizer()
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.eos_token_ids[0] if self.eos_token_ids else None
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._tok.token_to_id(self.bos_token) if self.bos_token else None
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._tok.get_vocab(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
     @property
     def backend(self):
         """The `tokenizers.Tokenizer` underneath (grammar compilers read its vocabulary)."""

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 from typing import Sequence
@@ -100,11 +101,20 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True, add_generation_prompt: bool = True,
-             continue_final_message: bool = False) -> list[RequestOutput]:
+             continue_final_message: bool = False, chat_template: str | None = None,
+             chat_template_kwargs: dict | None = None, tools: list[dict] | None = None) -> list[RequestOutput]:
+        """vLLM's LLM.chat: one conversation or a list of them through the model's chat template
+        (`chat_template`: another one's text for these calls; `chat_template_kwargs`: extra template
+        variables, over the arguments above as vLLM merges them; `tools`: the template's tools)."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [{"prompt": self.engine.tokenizer.apply_chat_template(
-            c, add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message),
-            "add_special_tokens": False} for c in conversations]
+        tokenizer = self.engine.tokenizer
+        if chat_template is not None:
+            tokenizer = copy.copy(tokenizer)
+            tokenizer.chat_template, tokenizer._template = chat_template, None
+        args = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
+                "tools": tools, **(chat_template_kwargs or {})}
+        prompts = [{"prompt": tokenizer.apply_chat_template(c, **args), "add_special_tokens": False}
+                   for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:

@@ -188,3 +188,21 @@ def test_min_tokens_holds_back_stop_strings(llm):
                                                  min_tokens=6))[0].outputs[0]
     assert len(held.token_ids) >= 6 and held.token_ids == base.token_ids[:len(held.token_ids)]
     assert held.text.startswith(stop)  # not cut at the early match
+
+
+def test_chat_takes_vllms_template_arguments(llm):
+    """LLM.chat(chat_template=, chat_template_kwargs=, tools=) as vLLM's; the tokenizer answers
+    the HF attributes users read (eos_token_id, len)."""
+    msgs = [{"role": "user", "content": "Hi"}]
+    p = SamplingParams(temperature=0, max_tokens=1)
+    base = llm.chat(msgs, p, use_tqdm=False)[0]
+    bare = llm.chat(msgs, p, use_tqdm=False, chat_template_kwargs={"add_generation_prompt": False})[0]
+    assert len(bare.prompt_token_ids) < len(base.prompt_token_ids)
+    assert bare.prompt_token_ids == base.prompt_token_ids[:len(bare.prompt_token_ids)]
+    custom = llm.chat(msgs, p, use_tqdm=False,
+                      chat_template="{% for m in messages %}<<{{ m.content }}>>{% endfor %}{{ tools | length }}",
+                      tools=[{"type": "function", "function": {"name": "f"}}])[0]
+    assert custom.prompt == "<<Hi>>1"
+    assert llm.chat(msgs, p, use_tqdm=False)[0].prompt_token_ids == base.prompt_token_ids  # the model's again
+    tok = llm.get_tokenizer()
+    assert tok.eos_token_id == tok.eos_token_ids[0] and len(tok) == tok.vocab_size
