@@ -96,16 +96,24 @@ def cmd_chat(args) -> None:
 
 
 def _chat_loop(llm, args) -> None:
+    """One answer, or a conversation from stdin (blank lines skipped). With --n > 1 every answer
+    is printed, numbered; the conversation goes on from the first."""
     params = sampling_params(args)
+
+    def answer(history: list[dict]) -> str:
+        outputs = llm.chat(history, params, use_tqdm=False)[0].outputs
+        for c in outputs:
+            print(c.text if len(outputs) == 1 else f"[{c.index}] {c.text}", flush=True)
+        return outputs[0].text
     if args.message:
-        print(llm.chat([{"role": "user", "content": args.message}], params, use_tqdm=False)[0].outputs[0].text)
+        answer([{"role": "user", "content": args.message}])
         return
     history: list[dict] = []
     for line in sys.stdin:
+        if not line.strip():
+            continue
         history.append({"role": "user", "content": line.strip()})
-        reply = llm.chat(history, params, use_tqdm=False)[0].outputs[0].text
-        history.append({"role": "assistant", "content": reply})
-        print(reply, flush=True)
+        history.append({"role": "assistant", "content": answer(history)})
 
 
 class _nullctx:

@@ -289,6 +289,28 @@ def test_generate_chat_applies_the_template_and_raw_mode_warns_once(tmp_path, ti
         assert c["prompt_tokens"] > r["prompt_tokens"] + 4
 
 
+def test_chat_conversation_on_stdin_with_n(tiny_models, monkeypatch, capsys):
+    """`pdserve chat` reading stdin: blank lines are skipped, each turn sees the conversation so
+    far, and --n 2 prints both answers, numbered."""
+    import io
+
+    from pdserve.services.cli import main
+    seen = []
+    from pdserve.common.engine.llm import LLM
+    real_chat = LLM.chat
+
+    def recording_chat(self, messages, *a, **kw):
+        seen.append([m["role"] for m in messages])
+        return real_chat(self, messages, *a, **kw)
+    monkeypatch.setattr(LLM, "chat", recording_chat)
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n\n   \nHow are you?\n"))
+    assert main(["chat", "--model", tiny_models["llama"], "--max-tokens", "3", "--temperature", "0.8",
+                 "--seed", "1", "--n", "2", "--ignore-eos"]) == 0
+    assert seen == [["user"], ["user", "assistant", "user"]]
+    out = capsys.readouterr().out
+    assert out.count("[0] ") >= 2 and out.count("[1] ") >= 2
+
+
 def test_device_auto_is_the_default_and_picks_cpu_here(tiny_models, tmp_path):
     import torch
 
