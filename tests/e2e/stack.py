@@ -130,3 +130,15 @@ class Stack:
             except subprocess.TimeoutExpired:
                 p.kill()
         self.redis.close()
+
+
+async def greedy_stream(client, model: str, prompt: str, max_tokens: int, progressed) -> str:
+    """A streamed greedy completion's text (ignore_eos); `progressed` (an asyncio.Event) is set
+    once some text came, so a test can inject its fault mid-stream."""
+    text = ""
+    async for chunk in await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
+                                                       stream=True, temperature=0, extra_body={"ignore_eos": True}):
+        text += chunk.choices[0].text if chunk.choices else ""
+        if len(text) > 10:
+            progressed.set()
+    return text

@@ -19,7 +19,7 @@ import time
 import grpc
 import openai
 import pytest
-from stack import Stack
+from stack import Stack, greedy_stream
 
 from pdserve.common.engine.llm import LLM
 from pdserve.common.sampling_params import SamplingParams
@@ -219,15 +219,7 @@ def test_router_resubmits_when_decode_dies_mid_stream(stack, offline):
         progressed = asyncio.Event()
         model = (await c.models.list()).data[0].id
 
-        async def one(prompt):
-            text = ""
-            async for chunk in await c.completions.create(model=model, prompt=prompt, max_tokens=max_tokens,
-                                                          stream=True, temperature=0, extra_body={"ignore_eos": True}):
-                text += chunk.choices[0].text if chunk.choices else ""
-                if len(text) > 10:
-                    progressed.set()
-            return text
-        tasks = [asyncio.ensure_future(one(p)) for p in texts_in]
+        tasks = [asyncio.ensure_future(greedy_stream(c, model, p, max_tokens, progressed)) for p in texts_in]
         await asyncio.wait_for(progressed.wait(), 60)
         stats = await asyncio.to_thread(stack.stats)
         placed = [d["decode"] for d in stats["recent"][-len(texts_in):]]

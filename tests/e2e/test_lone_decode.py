@@ -11,7 +11,7 @@ import threading
 
 import openai
 import pytest
-from stack import Stack
+from stack import Stack, greedy_stream
 
 from pdserve.common.engine.llm import LLM
 from pdserve.common.sampling_params import SamplingParams
@@ -34,16 +34,7 @@ def test_requests_wait_for_their_lone_decode_to_come_back(stack, tiny_models):
     async def go():
         progressed = asyncio.Event()
 
-        async def one(prompt):
-            text = ""
-            async for chunk in await client.completions.create(model="tiny", prompt=prompt, max_tokens=MAX_TOKENS,
-                                                               stream=True, temperature=0,
-                                                               extra_body={"ignore_eos": True}):
-                text += chunk.choices[0].text if chunk.choices else ""
-                if len(text) > 10:
-                    progressed.set()
-            return text
-        tasks = [asyncio.ensure_future(one(p)) for p in PROMPTS]
+        tasks = [asyncio.ensure_future(greedy_stream(client, "tiny", p, MAX_TOKENS, progressed)) for p in PROMPTS]
         await asyncio.wait_for(progressed.wait(), 60)
         stack.kill("decode-0")
         restart = threading.Thread(target=stack.restart, args=("decode-0",))
