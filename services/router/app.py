@@ -222,7 +222,7 @@ class OpenAIServer:
             self._check_length(prompts[-1][1], params, "prompt")
         job = self._job("cmpl-", prompts, params)
         fmt = _CompletionFormat(req, job, self.tokenizer, self._token_text(req))
-        return await self._run(request, job, fmt, req.stream, req.include_usage)
+        return await self._run(request, job, fmt, req.stream, req.include_usage, req.continuous_usage)
 
     async def chat(self, request: Request) -> Response:
         req = await _parse(request, oa.ChatCompletionRequest, self.limits.max_request_body_bytes)
@@ -235,7 +235,7 @@ class OpenAIServer:
         self._check_length(ids, params, "messages")
         job = self._job("chatcmpl-", [(text, ids)], params)
         return await self._run(request, job, _ChatFormat(req, self._token_text(req), tools), req.stream,
-                               req.include_usage)
+                               req.include_usage, req.continuous_usage)
 
     def render_chat(self, messages: list[dict], tools: list[oa.ChatTool] | None, add_generation_prompt: bool,
                     kwargs: dict | None, offer_tools: bool = True, continue_final_message: bool = False) -> str:
@@ -402,11 +402,12 @@ class OpenAIServer:
         return finals
 
     # ---- responses --------------------------------------------------------------------------------
-    async def _run(self, request: Request, job: _Job, fmt, stream: bool, include_usage: bool) -> Response:
+    async def _run(self, request: Request, job: _Job, fmt, stream: bool, include_usage: bool,
+                   continuous_usage: bool = False) -> Response:
         async def whole(finals: list[RequestOutput]) -> Response:
             return self._response(job, fmt, finals)
-        return await self.answer(request, job, stream, lambda firsts: self._events(job, fmt, firsts, include_usage),
-                                 whole)
+        return await self.answer(request, job, stream, lambda firsts: self._events(
+            job, fmt, firsts, include_usage, continuous_usage), whole)
 
     async def answer(self, request: Request, job: _Job, stream: bool, events, whole) -> Response:
         """Answer whole (`await whole(final outputs)`), or as the SSE body `events(first outputs)`
@@ -440,10 +441,12 @@ class OpenAIServer:
             response.prompt_logprobs = oa.prompt_logprobs(finals[0].prompt_logprobs or [], fmt.decode_one)
         return _json(response)
 
-    async def _events(self, job: _Job, fmt, firsts: list[RequestOutput], include_usage: bool) -> AsyncIterator[str]:
+    async def _events(self, job: _Job, fmt, firsts: list[RequestOutput], include_usage: bool,
+                      continuous_usage: bool = False) -> AsyncIterator[str]:
         """The SSE body: role chunks (chat), per-choice deltas, a finishing chunk per choice, the usage
-        chunk if asked, [DONE]. An error after the stream started becomes an `error` event, as
-        OpenAI's clients expect."""
+        chunk if asked, [DONE]. `continuous_usage` (vLLM's continuous_usage_stats): each delta and
+        finishing chunk also carries its prompt's tokens and its choice's tokens so far. An error
+        after the stream started becomes an `error` event, as OpenAI's clients expect."""
         n = job.params.n
         exclude = None if include_usage else {"usage"}
 
@@ -467,13 +470,14 @@ class OpenAIServer:
                         if s.finished:
                             continue
                         text, lps = fmt.delta(i, out, c, s)
-                        if lps is not None or isinstance(text, oa.DeltaMessage):
-                            yield f"data: {chunk([fmt.choice(index, text, lps)])}\n\n"
+                        usage = oa.UsageInfo.of(len(job.prompts[i][1]), len(c.token_ids)) if continuous_usage else None
+                        if lps is not None or isinstance(text, oa.DeltaMessage) or (text and usage):
+                            yield f"data: {chunk([fmt.choice(index, text, lps)], usage)}\n\n"
                         elif text:
                             yield f"data: {text_chunk(index, text)}\n\n"
                         if c.finish_reason is not None:
                             s.finished = True
-                            yield f"data: {chunk([fmt.choice(index, None, None, c)])}\n\n"
+                            yield f"data: {chunk([fmt.choice(index, None, None, c)], usage)}\n\n"
             if include_usage:
                 usage = oa.UsageInfo.of(sum(len(ids) for _, ids in job.prompts), fmt.num_completion_tokens(last))
                 yield f"data: {chunk([], usage)}\n\n"

@@ -32,6 +32,7 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM's: every chunk carries the usage so far (with include_usage)
 
 
 class _SamplingRequest(_Request):
@@ -73,6 +74,10 @@ class _SamplingRequest(_Request):
     @property
     def include_usage(self) -> bool:
         return self.stream and self.stream_options is not None and self.stream_options.include_usage
+
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and self.stream_options.continuous_usage_stats
 
     def check_prompt_logprobs(self) -> None:
         """What goes with `stream` only, or without it only (vLLM's checks)."""

@@ -270,6 +270,13 @@ def test_chat(client, tok):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.choices[0].message.content
     assert chunks[-2].choices[0].finish_reason == "length" and chunks[-2].choices[0].delta.content is None
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+    # vLLM's continuous_usage_stats: every delta chunk carries the usage so far too
+    steady = list(client.chat.completions.create(
+        model=NAME, messages=messages, stream=True, **GREEDY,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in steady[:-1] if c.choices and c.choices[0].delta.content]
+    assert counts and counts == sorted(counts) and counts[-1] <= 12 and steady[-1].usage.completion_tokens == 12
+    assert all(c.usage.prompt_tokens == steady[-1].usage.prompt_tokens for c in steady[:-1] if c.usage)
     assert chunks[-1].usage.prompt_tokens == full.usage.prompt_tokens
     assert all(c.usage is None for c in chunks[:-1])
 
