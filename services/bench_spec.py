@@ -72,7 +72,8 @@ def add_parser(bench_sub, add_engine_args) -> None:
                             "draft_sync"],
                    help="methods compared; ngram_sync: n-gram without async scheduling; ngram_overlap: n-gram "
                         "steps overlapped below 4 running requests (guessed drafts, bridge steps: "
-                        "spec_decode/pipeline.py, off by default); ngram_guess: the same without bridge steps; draft_sync: the draft's drafts read on the "
+                        "spec_decode/pipeline.py, off by default); ngram_guess: the same without bridge steps; "
+                        "draft_sync: the draft's drafts read on the "
                         "host before the verify step launches (decoder.DEFER_DRAFTS off) (default: none ngram draft; with --stages: "
                         "none ngram ngram_overlap, and it takes only these and draft)")
     p.add_argument("--draft-model", default=None, help="draft of methods draft, draft_sync (default: the target itself)")
