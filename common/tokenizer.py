@@ -8,6 +8,7 @@ a child process (its converter imports torch) and cached as an HF folder under
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -40,7 +41,7 @@ class Tokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         # The longest vocabulary entry: n tokens never decode to more than n * this many characters
         # (byte-level entries spell one character per byte), so a longer text is too long untokenized.
-        self.max_token_chars = max((len(t) for t in self._tok.get_vocab(with_added_tokens=True)), default=1)
+        self.max_token_chars = max((len(t) for t in self.get_vocab()), default=1)
         eos_id = self._tok.token_to_id(self.eos_token) if self.eos_token else None
         self.eos_token_ids: list[int] = [] if eos_id is None else [eos_id]
         self._template = None
@@ -82,6 +83,12 @@ class Tokenizer:
         return self._tok
 
     # ---- chat -------------------------------------------------------------------------------
+    def with_chat_template(self, chat_template: str) -> "Tokenizer":
+        """This tokenizer with another chat template (a call's own: LLM.chat(chat_template=...))."""
+        other = copy.copy(self)
+        other.chat_template, other._template = chat_template, None
+        return other
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tools: list[dict] | None = None, continue_final_message: bool = False, **kwargs) -> str:
         """The template's text. `continue_final_message` (HF's and vLLM's): the text ends right

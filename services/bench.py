@@ -37,6 +37,13 @@ def add_output_args(p) -> None:
     p.add_argument("--plot", default=None, help="PNG plot path (default: --output-json with .png, if given)")
 
 
+def check_output_args(args) -> None:
+    """add_output_args' files: their folders exist before the run (common/config.check_output_path)."""
+    from pdserve.common.config import check_output_path
+    check_output_path(args.output_json, "--output-json")
+    check_output_path(args.plot, "--plot")
+
+
 def add_parser(sub, add_engine_args):
     """`pdserve bench throughput|latency|serve`; returns the subparsers for the other bench commands."""
     p = sub.add_parser("bench", help="benchmarks (throughput, latency, serve, gpu, structured, spec)")
@@ -189,7 +196,7 @@ def _hf_state_dict(model) -> dict:
 
 def cmd_throughput(args) -> None:
     from pdserve.common.engine.llm import LLM
-    from pdserve.common.config import ConfigError, check_output_path, engine_config
+    from pdserve.common.config import ConfigError, engine_config
     if (args.tensor_parallel_size or 1) > 1 and not args.skip_hf:
         raise ConfigError("--tensor-parallel-size > 1 needs --skip-hf (the HF baseline runs one unsharded model)")
     if args.num_prompts < 1:
@@ -197,8 +204,7 @@ def cmd_throughput(args) -> None:
     for flag, (low, high) in (("--input-len", args.input_len), ("--output-len", args.output_len)):
         if not 1 <= low <= high:
             raise ConfigError(f"{flag} MIN MAX needs 1 <= MIN <= MAX, got {low} {high}")
-    check_output_path(args.output_json, "--output-json")
-    check_output_path(args.plot, "--plot")
+    check_output_args(args)
     llm = LLM.from_config(engine_config(args))
     workload = make_workload(args.num_prompts, args.input_len, args.output_len, llm.engine.arch.vocab_size,
                              args.workload_seed)
@@ -275,13 +281,12 @@ def latency_iteration(engine, prompts: list[list[int]], output_len: int, tag: st
 def cmd_latency(args) -> None:
     from tqdm import tqdm
 
-    from pdserve.common.config import ConfigError, check_output_path, engine_config
+    from pdserve.common.config import ConfigError, engine_config
     from pdserve.common.engine.llm import LLM
     for name in ("input_len", "output_len", "batch_size", "num_iters"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    check_output_path(args.output_json, "--output-json")
-    check_output_path(args.plot, "--plot")
+    check_output_args(args)
     llm = LLM.from_config(engine_config(args))
     engine = llm.engine
     if args.input_len + args.output_len > engine.max_model_len:  # every iteration would stop short

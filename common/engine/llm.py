@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 from typing import Sequence
@@ -109,8 +108,7 @@ class LLM:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tokenizer = self.engine.tokenizer
         if chat_template is not None:
-            tokenizer = copy.copy(tokenizer)
-            tokenizer.chat_template, tokenizer._template = chat_template, None
+            tokenizer = tokenizer.with_chat_template(chat_template)
         args = {"add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
                 "tools": tools, **(chat_template_kwargs or {})}
         prompts = [{"prompt": tokenizer.apply_chat_template(c, **args), "add_special_tokens": False}

@@ -147,19 +147,19 @@ def _call_of(obj) -> oa.ToolCall:
 # The model writes these calls, so nothing it writes is an error of the request: text that is not
 # a call (broken JSON, a call cut short by max_tokens, an object without a name) stays content,
 # as vLLM's parsers keep it, and the request answers 200.
-def hermes_blocks(text: str) -> list[tuple[str, oa.ToolCall | None]]:
-    """Each <tool_call> block of `text` (the last may lack its closing tag) -> (its raw text, the
-    call, or None where its body is not one)."""
-    blocks = []
+def hermes_blocks(text: str) -> tuple[str, list[oa.ToolCall]]:
+    """The <tool_call> blocks of `text` (the last may lack its closing tag) -> (the raw text of
+    those whose body is not a call, in order: content; the calls)."""
+    not_calls, calls = [], []
     for m in _HERMES_CALL.finditer(text):
         body = m.group(1)
         if not body.strip():
             continue
         try:
-            blocks.append((m.group(0), _call_of(json.loads(body))))
+            calls.append(_call_of(json.loads(body)))
         except ValueError:  # (json's errors are ValueErrors too)
-            blocks.append((m.group(0), None))
-    return blocks
+            not_calls.append(m.group(0))
+    return "".join(not_calls), calls
 
 
 def parse_hermes(text: str) -> tuple[str | None, list[oa.ToolCall]]:
@@ -167,9 +167,9 @@ def parse_hermes(text: str) -> tuple[str | None, list[oa.ToolCall]]:
     start = text.find("<tool_call>")
     if start < 0:
         return text, []
-    blocks = hermes_blocks(text[start:])
-    content = text[:start] + "".join(raw for raw, call in blocks if call is None)
-    return (content if content.strip() else None), [call for _, call in blocks if call is not None]
+    not_calls, calls = hermes_blocks(text[start:])
+    content = text[:start] + not_calls
+    return (content if content.strip() else None), calls
 
 
 def parse_llama3_json(text: str) -> tuple[str | None, list[oa.ToolCall]]:
@@ -300,10 +300,9 @@ class _AutoStream(ToolStream):
         end = len(self.buf) if final else -1 if closed < 0 else closed + len("</tool_call>")
         if end <= self.sent:
             return content, []
-        blocks = hermes_blocks(self.buf[self.sent:end])
+        not_calls, calls = hermes_blocks(self.buf[self.sent:end])
         self.sent = end
-        content += "".join(raw for raw, call in blocks if call is None)
-        return content, self._new_calls([call for _, call in blocks if call is not None])
+        return content + not_calls, self._new_calls(calls)
 
     def _feed_json(self, final):
         body = self.buf.lstrip()
