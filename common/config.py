@@ -270,7 +270,9 @@ class SchedulerConfig:
 
 
 SPEC_METHODS = ("ngram", "draft_model")
-_SPEC_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "draft_budget")
+_SPEC_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min", "draft_budget",
+              "device_rounds")
+MAX_DEVICE_ROUNDS = 64
 DRAFT_BUDGETS = ("auto", "cost", "all")
 MAX_SPECULATIVE_TOKENS = 32
 
@@ -285,13 +287,17 @@ class SpeculativeConfig:
     Prompt lookup as vLLM: neither bound given -> both 5; one given -> the other equals it.
     pdserve's own key `draft_budget` (n-gram): "cost" feeds a request's drafts only while their
     expected tokens beat what the rows cost the step (spec_decode/budget.py), "all" feeds every
-    draft there is room for, "auto" (default) is "cost" on CPU and "all" on a GPU."""
+    draft there is room for, "auto" (default) is "cost" on CPU and "all" on a GPU. And
+    `device_rounds` (n-gram): a lone greedy request's step chains this many verify rounds on the
+    device, the lookup there too (spec_decode/device_rounds.py); 0 or 1: one round per step, drafts
+    from the host; default (null): spec_decode.device_rounds.DEFAULT_ROUNDS on CUDA, 0 on CPU."""
     method: str
     num_speculative_tokens: int
     model: str | None = None  # the draft model (method "draft_model")
     prompt_lookup_max: int | None = None
     prompt_lookup_min: int | None = None
     draft_budget: str = "auto"
+    device_rounds: int | None = None
 
     def __post_init__(self):
         k = self.num_speculative_tokens
@@ -311,7 +317,13 @@ class SpeculativeConfig:
                 raise ConfigError("--speculative-config: prompt_lookup_max/min apply to method ngram only")
             if self.draft_budget != "auto":
                 raise ConfigError("--speculative-config: draft_budget applies to method ngram only")
+            if self.device_rounds is not None:
+                raise ConfigError("--speculative-config: device_rounds applies to method ngram only")
             return
+        rounds = self.device_rounds
+        if rounds is not None and (not _is_int(rounds) or not 0 <= rounds <= MAX_DEVICE_ROUNDS):
+            raise ConfigError(f"--speculative-config: device_rounds must be an integer in [0, {MAX_DEVICE_ROUNDS}], "
+                              f"got {rounds!r}")
         if self.model is not None:
             raise ConfigError("--speculative-config: method ngram takes no \"model\"")
         lo, hi = self.prompt_lookup_min, self.prompt_lookup_max

@@ -48,16 +48,28 @@ class SpecDecodeStats:
     def new(cls, num_speculative_tokens: int) -> "SpecDecodeStats":
         return cls(accepted_per_pos=[0] * num_speculative_tokens)
 
-    def record(self, drafts: dict[str, list[int]], num_accepted: dict[str, int], guess_hits: list[bool] = ()) -> None:
+    def record(self, drafts: dict[str, list[int]], num_accepted: dict[str, int], guess_hits: list[bool] = (),
+               rounds: dict[str, list[tuple[int, int]]] | None = None) -> None:
+        """A step's drafts fed and accepted per request; `rounds`: the (found, accepted) of each
+        verify round of requests that chained rounds on the device (their `drafts` are the
+        step's tokens then, not counted)."""
+        rounds = rounds or {}
         for req_id, fed in drafts.items():
-            accepted = num_accepted[req_id]
-            self.num_drafts += 1
-            self.num_draft_tokens += len(fed)
-            self.num_accepted_tokens += accepted
-            for i in range(accepted):
-                self.accepted_per_pos[i] += 1
+            if req_id not in rounds:
+                self._add(len(fed), num_accepted[req_id])
+        for per_round in rounds.values():
+            for found, accepted in per_round:
+                if found:  # a round without drafts is a plain step's token, as a step without drafts
+                    self._add(found, accepted)
         self.num_guessed_drafts += len(guess_hits)
         self.num_guess_hits += sum(guess_hits)
+
+    def _add(self, fed: int, accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += fed
+        self.num_accepted_tokens += accepted
+        for i in range(accepted):
+            self.accepted_per_pos[i] += 1
 
     def snapshot(self) -> "SpecDecodeStats":
         return dataclasses.replace(self, accepted_per_pos=list(self.accepted_per_pos))

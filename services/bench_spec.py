@@ -18,7 +18,9 @@ template, greedy, at most --max-tokens each. Greedy outputs do not depend on spe
 every method generates the same tokens (checked: `outputs_identical`) where a row's roundings do
 not depend on its batch: fp32, or bf16 with --batch-invariant on CPU (docs/benchmarks.md).
 
-Methods: `none`; `ngram` (prompt lookup, --prompt-lookup-min/max); `ngram_all` (the same feeding
+Methods: `none`; `ngram` (prompt lookup, --prompt-lookup-min/max; a lone request's verify rounds
+chained on the device, --device-rounds: spec_decode/device_rounds.py); `ngram_host` (one round per
+step, drafts from the host: the engine before device rounds, as every other n-gram method); `ngram_all` (the same feeding
 every draft there is room for: draft_budget "all", where `ngram` has "auto", spec_decode/budget.py);
 `ngram_sync` (the same with steps one at a time, --no-async-scheduling for it alone: what the
 overlap of speculative steps gains, spec_decode/pipeline.py); `ngram_overlap` (steps launched
@@ -68,9 +70,11 @@ def add_parser(bench_sub, add_engine_args) -> None:
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="batch sizes to run (default: %(default)s)")
     p.add_argument("-k", "--spec-tokens", type=int, default=8, help="num_speculative_tokens (default: %(default)s)")
     p.add_argument("--methods", nargs="+", default=None,
-                   choices=["none", "ngram", "ngram_all", "ngram_sync", "ngram_overlap", "ngram_guess", "draft",
-                            "draft_sync"],
-                   help="methods compared; ngram_sync: n-gram without async scheduling; ngram_overlap: n-gram "
+                   choices=["none", "ngram", "ngram_host", "ngram_all", "ngram_sync", "ngram_overlap", "ngram_guess",
+                            "draft", "draft_sync"],
+                   help="methods compared; ngram: with --device-rounds; ngram_host: one verify round per step, "
+                        "drafts from the host (device_rounds 0, as the next three); "
+                        "ngram_sync: n-gram without async scheduling; ngram_overlap: n-gram "
                         "steps overlapped below 4 running requests (guessed drafts, bridge steps: "
                         "spec_decode/pipeline.py, off by default); ngram_guess: the same without bridge steps; "
                         "draft_sync: the draft's drafts read on the "
@@ -79,6 +83,9 @@ def add_parser(bench_sub, add_engine_args) -> None:
     p.add_argument("--draft-model", default=None, help="draft of methods draft, draft_sync (default: the target itself)")
     p.add_argument("--prompt-lookup-min", type=int, default=1, help="n-gram: shortest match (default: %(default)s)")
     p.add_argument("--prompt-lookup-max", type=int, default=4, help="n-gram: longest match (default: %(default)s)")
+    p.add_argument("--device-rounds", type=int, default=None,
+                   help="n-gram: verify rounds a lone request's step chains on the device (speculative config "
+                        "device_rounds; default: the engine's, spec_decode/device_rounds.py)")
     p.add_argument("--prompts", default=DATA, help="JSONL of {passage, instruction} (default: the shipped set)")
     p.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default: %(default)s)")
     p.add_argument("--sequential-prompts", type=int, default=4, help="prompts run one at a time at batch 1 (default: %(default)s)")
@@ -96,10 +103,11 @@ def add_parser(bench_sub, add_engine_args) -> None:
 def method_config(args, method: str, target: str) -> dict | None:
     if method == "none":
         return None
-    if method in ("ngram", "ngram_all", "ngram_sync", "ngram_overlap", "ngram_guess"):
+    if method in ("ngram", "ngram_host", "ngram_all", "ngram_sync", "ngram_overlap", "ngram_guess"):
         return {"method": "ngram", "num_speculative_tokens": args.spec_tokens,
                 "prompt_lookup_min": args.prompt_lookup_min, "prompt_lookup_max": args.prompt_lookup_max,
-                "draft_budget": "all" if method == "ngram_all" else "auto"}
+                "draft_budget": "all" if method == "ngram_all" else "auto",
+                "device_rounds": args.device_rounds if method in ("ngram", "ngram_all") else 0}
     return {"model": args.draft_model or target, "num_speculative_tokens": args.spec_tokens}
 
 
@@ -253,7 +261,7 @@ def cmd_spec(args) -> None:
         from pdserve.services.bench_spec_stages import run_stage_methods
 
         def build(method: str, **share):
-            spec = method_config(args, method if method in ("none", "draft", "draft_sync") else "ngram",
+            spec = method_config(args, method if method in ("none", "ngram", "draft", "draft_sync") else "ngram_host",
                                  base.model.model)
             return LLM.from_config(engine_config(args, speculative_config=spec, speculative_model=None,
                                                  num_speculative_tokens=None, async_scheduling=True, **share))

@@ -155,6 +155,45 @@ class DecodeGraphs:
         self.num_grouped_replays += key[1]
         return self._outputs[key], self._static["rows"][:len(step.sample_rows)]
 
+    def can_replay_rows(self, num: int) -> bool:
+        """replay_rows of num rows: a bucket of exactly num rows with a tail graph."""
+        return (num, False) in self._tail_graphs
+
+    def groups_rows(self, num: int) -> bool:
+        """num rows of one request can replay as one row group (the grouped graph of num rows)."""
+        return (num, True) in self._tail_graphs and num <= self.group_rows
+
+    def stage_rows(self, num: int, block_row: np.ndarray, grouped: bool) -> None:
+        """Before replay_rows: num rows of one request, its blocks `block_row` in every row of the
+        table (and the rows one group, if `grouped`); two device copies for the whole step."""
+        st = self._static
+        width = min(len(block_row), st["table"].shape[1])
+        table = np.repeat(np.asarray(block_row[:width], np.int32)[None], num, 0)
+        st["table"][:num, :width].copy_(torch.from_numpy(table))
+        if grouped:
+            groups = np.zeros(num, np.int32)
+            groups[0] = num
+            st["groups"][:num].copy_(torch.from_numpy(groups))
+
+    def replay_rows(self, num: int, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                    grouped: bool) -> torch.Tensor:
+        """Replay the num-row bucket and its tail on inputs that are on the device already (a
+        round of spec_decode/device_rounds.py: ids, positions, slots [num] int64; the context of
+        row i is positions[i] + 1) -> tokens [num] int64 (the tail's buffer)."""
+        st = self._static
+        st["ids"][:num].copy_(ids)
+        st["pos"][:num].copy_(positions)
+        st["slots"][:num].copy_(slots)
+        st["ctx"][:num].copy_(positions + 1)
+        key = (num, grouped)
+        self._graphs[key].replay()
+        self._tail_graphs[key].replay()
+        self._last_bucket = key
+        self.num_replays += 1
+        self.num_grouped_replays += grouped
+        self.num_tail_replays += 1
+        return self._tokens[key][:num]
+
     def can_run_tail(self) -> bool:
         """The last `run` has a tail graph (captured with one)."""
         return self._last_bucket in self._tail_graphs

@@ -113,6 +113,8 @@ class EngineCore:
             connector.bind(self.kv, wake)
         self.scheduler = Scheduler(sched_cfg, self.kv, connector,
                                    num_speculative_tokens=spec.num_speculative_tokens if spec else 0)
+        runner_spec = getattr(self.runner, "spec", None)
+        self.scheduler.rounds_per_step = runner_spec.rounds_per_step if runner_spec is not None else 0
         self.spec_stats = SpecDecodeStats.new(spec.num_speculative_tokens) if spec else None
         self._unrecorded: list = []  # (RunnerOutput, touched requests) of applied steps, for spec_stats
         self.requests: dict[str, list[Request]] = {}  # user request id -> its sequences
@@ -308,7 +310,8 @@ class EngineCore:
 
     def _emit(self, touched: list[Request]) -> list[EngineOutput]:
         for result, reqs in self._unrecorded:
-            self.spec_stats.record(result.spec_token_ids, result.num_accepted_tokens, guess_hits(result, reqs))
+            self.spec_stats.record(result.spec_token_ids, result.num_accepted_tokens, guess_hits(result, reqs),
+                                   result.spec_rounds)
         self._unrecorded.clear()
         outputs = self._outputs(touched)  # an overlapped step's extra token was dropped in update()
         self.num_generated_tokens += sum(len(o.new_token_ids) for o in outputs)

@@ -349,6 +349,8 @@ class ModelRunner:
         engine thread completes the previous step and schedules the next."""
         self._bind_device()
         out = RunnerOutput(sampled_token_ids={})
+        if self.spec is not None and (rounds := self._launch_rounds(sched, out)) is not None:
+            return rounds
         ordered, step, hidden, sample_rows = self._forward(sched)
         if not ordered:
             return PendingOutput(out)
@@ -399,6 +401,19 @@ class ModelRunner:
             self._last_pending.flush()  # nothing to wait for: the sampler is queued now
         else:
             self._deferred = self._last_pending
+        return self._last_pending
+
+    def _launch_rounds(self, sched: SchedulerOutput, out: RunnerOutput) -> "PendingOutput | None":
+        """A lone request's verify rounds chained on the device (spec_decode/device_rounds.py),
+        when the scheduler reserved slots for them; None for any other step."""
+        num_rounds = self.spec.rounds_in(sched)
+        if not num_rounds:
+            return None
+        self.forget(sched.finished_req_ids | sched.preempted_req_ids)
+        self._flush_deferred()
+        readback, finish = self.spec.launch_rounds(sched, num_rounds, out)
+        self._last_sampled = (torch.empty(0), {})  # nothing fills from it: the next step waits for its result
+        self._last_pending = PendingOutput(out, tokens=readback, finish=finish)
         return self._last_pending
 
     def _launch_greedy(self, out: RunnerOutput, step: StepInputs, hidden: torch.Tensor, sample_rows: torch.Tensor,

@@ -77,3 +77,7 @@ class RunnerOutput:
     # Requests of a bridge step (spec_decode/pipeline.py) that got no token: the verify step before
     # accepted more drafts than the bridge had rows; update() takes back their token in flight.
     void_req_ids: set[str] = field(default_factory=set)
+    # req_id -> (drafts found, drafts accepted) of each verify round of a step that chained rounds
+    # on the device (spec_decode/device_rounds.py): its tokens travel as spec_token_ids, all
+    # accepted, and the counters take these instead
+    spec_rounds: dict[str, list[tuple[int, int]]] = field(default_factory=dict)

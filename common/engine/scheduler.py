@@ -50,6 +50,7 @@ class Scheduler:
                  num_speculative_tokens: int = 0):
         self.config = config
         self.num_speculative_tokens = num_speculative_tokens
+        self.rounds_per_step = 0  # a lone request's verify rounds chained on the device (the runner's)
         self.kv = kv_manager
         self.connector = connector
         self.waiting: deque[Request] = deque()
@@ -196,11 +197,20 @@ class Scheduler:
             return 0 if self.kv.allocate_slots(req, num_new, computed) else None
         num_spec = 0
         if reaches_end:
-            num_spec = min(max_draft_tokens(req, self.num_speculative_tokens, self.config.max_model_len),
-                           budget - num_new)
+            k = self.num_speculative_tokens
+            if self.rounds_per_step and num_new == 1 and self._alone(req):  # spec_decode/device_rounds.py
+                k = self.rounds_per_step * (k + 1) - 1
+            num_spec = min(max_draft_tokens(req, k, self.config.max_model_len), budget - num_new)
         if num_spec > 0 and self.kv.allocate_slots(req, num_new + num_spec, computed):
             return num_spec
         return 0 if self.kv.allocate_slots(req, num_new, computed) else None
+
+    def _alone(self, req: Request) -> bool:
+        """req's decode may chain verify rounds on the device: nothing else runs, waits or loads,
+        no step of it is in flight, and its tokens are plain argmaxes (the rounds' only sampler)."""
+        p = req.params
+        return (len(self.running) == 1 and not self.waiting and not self.loading and not req.num_inflight
+                and p.temperature == 0 and not p.logit_bias)
 
     def _scheduled(self, req: Request, num_new: int, num_spec: int = 0) -> ScheduledRequest:
         start = req.num_computed_tokens

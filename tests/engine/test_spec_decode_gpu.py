@@ -30,7 +30,10 @@ from tests.engine.test_spec_decode_overlap import guessed_flow
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(120, method="thread")]
 UTIL = 0.05  # gpu_memory_utilization of every engine here: ~0.6 M blocks, sized from GPU memory
 
-NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+# drafts from the host, one verify round per step: these tests are about those steps (device
+# rounds, the CUDA default for a lone greedy request, have their own test below)
+NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+         "device_rounds": 0}
 
 
 def run(folder, prompts, params, **kw):
@@ -132,3 +135,26 @@ def test_self_draft_drafts_ahead_of_its_verify_steps_on_cuda(tiny_models, prompt
     assert st.num_accepted_tokens == st.num_draft_tokens > 0
     assert spec.num_deferred_verifies > 0 and spec.draft.num_ahead >= spec.draft.num_heads_used > 0
     assert spec.propose_seconds > 0
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_device_rounds_replay_the_verify_graph_on_cuda(tiny_model_factory, tmp_path_factory, monkeypatch, grouped):
+    """n-gram's default on CUDA for a lone greedy request: R verify rounds a step, the lookup on the
+    device and each round's rows replaying the (k + 1)-row graph and its tail, inputs written on
+    the device (spec_decode/device_rounds.py); tokens equal a run without drafts, prompts one at a
+    time (the 512-token vocabulary above, whose outputs repeat). `grouped`: the rows read as one
+    group (decoder.GROUPED_MIN_CONTEXT lowered to 0)."""
+    from pdserve.common.engine.spec_decode import decoder, device_rounds
+    if grouped:
+        monkeypatch.setattr(decoder, "GROUPED_MIN_CONTEXT", 0)
+    folder = tiny_model_factory(str(tmp_path_factory.mktemp("v512r") / "llama"), "llama", vocab_size=512,
+                                initializer_range=0.02)
+    want, _ = guessed_flow(folder, "cuda", gpu_memory_utilization=UTIL)
+    spec = {key: value for key, value in NGRAM.items() if key != "device_rounds"}
+    got, (st, (replays, grouped_replays), _, decoder_) = guessed_flow(folder, "cuda", speculative_config=spec,
+                                                                      gpu_memory_utilization=UTIL)
+    assert got == want
+    rounds = decoder_.device_rounds
+    assert rounds.rounds == device_rounds.DEFAULT_ROUNDS and rounds.num_rounds > rounds.num_steps > 0
+    assert st.num_drafts > 0 and st.num_accepted_tokens > 0 and replays >= rounds.num_rounds
+    assert (grouped_replays > 0) == grouped

@@ -109,6 +109,9 @@ class SpecDecoder:
         self.budget = None
         self._step_tokens = 0  # the step being launched: its tokens, drafts included
         self._decode_only = False  # ... and whether every request in it is a decode or a verify chunk
+        # a lone greedy request's verify rounds chained on the device (device_rounds.py); set in start()
+        self.device_rounds = None
+        self.looped = False  # the step being launched ran device rounds: the next waits for its result
 
     def draft_bytes_per_block(self, block_size: int) -> int:
         return 0 if self.draft is None else self.draft.draft_bytes_per_block(block_size)
@@ -131,6 +134,38 @@ class SpecDecoder:
             self.budget = DraftBudget()
         if self.draft is not None:
             self.draft.start(self.runner.num_blocks, self.runner.block_size)
+        from pdserve.common.engine.spec_decode.device_rounds import DeviceRounds, resolve_rounds
+        rounds = resolve_rounds(self.config.device_rounds, self.runner.device)
+        if rounds and self.draft is None and self.runner.tp is None:
+            self.device_rounds = DeviceRounds(self.runner, self.config.num_speculative_tokens,
+                                              self.config.prompt_lookup_min, self.config.prompt_lookup_max, rounds)
+
+    @property
+    def rounds_per_step(self) -> int:
+        """Verify rounds a lone greedy request's step may chain on the device (0: none; the
+        scheduler reserves their slots)."""
+        return 0 if self.device_rounds is None else self.device_rounds.rounds
+
+    def rounds_in(self, sched: SchedulerOutput) -> int:
+        """Device rounds of a step the scheduler gave room for them (one request, more draft
+        slots than k); 0 for any other step."""
+        self.looped = False
+        if self.device_rounds is None or len(sched.scheduled) != 1:
+            return 0
+        s = sched.scheduled[0]
+        return self.device_rounds.wants(s) if s.num_tokens == 1 and s.sample else 0
+
+    def launch_rounds(self, sched: SchedulerOutput, num_rounds: int, out: RunnerOutput):
+        """-> (readback, finish) of DeviceRounds.launch for the step's request, the per-step state
+        reset as for a step without drafts."""
+        self._drafts, self._probs, self._fed, self._launched = {}, {}, {}, ({}, set(), [])
+        self._deferred = self._ahead = None
+        self._bridge, self._void, self._settle = {}, set(), None
+        self._as_rows = self._decode_only = False
+        self._step_tokens = 0
+        self._prepared = None
+        self.looped = True
+        return self.device_rounds.launch(sched.scheduled[0], num_rounds, out)
 
     def prefill_draft(self, sched: SchedulerOutput) -> None:
         """After a step is queued: its prompt chunks into the draft model's KV (draft_model.py).

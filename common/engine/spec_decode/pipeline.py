@@ -98,7 +98,7 @@ def can_overlap_next(spec, requests: dict[str, Request]) -> bool:
     drafts are kept and the next step bridges them (BRIDGE); and the proposer needs no history on
     the device, and no bridged request of it went without a row: the next step may launch
     before its result."""
-    if spec.draft is not None:
+    if spec.draft is not None or spec.looped:
         return False
     void = spec.bridge_void()  # (settles a bridge step's rows: the result before it is applied)
     awaits = spec.settle_guesses(requests)
