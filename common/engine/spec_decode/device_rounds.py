@@ -72,13 +72,33 @@ def lookup(hist: torch.Tensor, length: torch.Tensor, min_n: int, max_n: int, k: 
     return drafts, count
 
 
+class _Buffers:
+    """One history capacity's device state: what a round reads and writes in place, so that on
+    CUDA a round's work around the forward replays as two captured graphs (`pre`, `post`)."""
+
+    def __init__(self, cap: int, max_blocks: int, max_rounds: int, n: int, device: torch.device):
+        zeros = lambda *shape: torch.zeros(shape, dtype=torch.int64, device=device)  # noqa: E731
+        self.hist = zeros(cap)  # the request's tokens, then each round's (rows past `length`: garbage)
+        self.length = zeros()  # valid tokens in hist: the input token is hist[length - 1]
+        self.table = zeros(max_blocks)  # the request's block ids
+        self.round = zeros()  # the round being run: its row of xs / took / found
+        self.xs = zeros(max_rounds, n)  # each round's argmax tokens
+        self.took = zeros(max_rounds)  # accepted drafts + 1 per round
+        self.found = zeros(max_rounds)  # drafts found per round
+        self.rows = torch.arange(n, device=device)
+        self.drafts = self.count = self.ids = self.positions = self.slots = None  # pre's outputs
+        self.pre: torch.cuda.CUDAGraph | None = None
+        self.post: dict[bool, torch.cuda.CUDAGraph] = {}  # by grouped (the tail buffer it reads)
+
+
 class DeviceRounds:
     """The runner's rounds for one request (module docstring); one instance per SpecDecoder."""
 
     def __init__(self, runner, k: int, min_n: int, max_n: int, rounds: int):
         self.runner = runner
         self.k, self.min_n, self.max_n, self.rounds = k, min_n, max_n, rounds
-        self._hist: torch.Tensor | None = None  # [capacity] int64 on the device
+        self._buffers: dict[int, _Buffers] = {}  # by history capacity
+        self._pool = None  # the captured graphs' memory pool (CUDA)
         self.num_steps = 0  # steps that ran rounds (tests: the path ran)
         self.num_rounds = 0
 
@@ -90,45 +110,33 @@ class DeviceRounds:
     def launch(self, s: ScheduledRequest, num_rounds: int, out: RunnerOutput):
         """Queue the rounds of `s` (a decode whose slots hold num_rounds * (k + 1) tokens) ->
         (readback [num_rounds * (k + 3)] int64 on the device, finish(host list) filling `out`)."""
-        runner, k = self.runner, self.k
-        dev, n = runner.device, k + 1
+        runner, n = self.runner, self.k + 1
         known = list(s.prompt_token_ids) + list(s.output_token_ids)
         length0 = len(known)
         assert s.start_pos == length0 - 1, "a rounds step starts at the request's last token"
-        hist = self._history(length0 + num_rounds * n + n)
-        hist[:length0].copy_(torch.tensor(known, dtype=torch.int64), non_blocking=False)
-        length = torch.tensor(length0, dtype=torch.int64, device=dev)
-        block = runner.block_size
-        table_np = np.asarray(s.block_ids, dtype=np.int32)
-        table = torch.from_numpy(table_np.astype(np.int64)).to(dev)
-        rows = torch.arange(n, device=dev)
-        xs = torch.empty((num_rounds, n), dtype=torch.int64, device=dev)
-        took = torch.empty(num_rounds, dtype=torch.int64, device=dev)  # a + 1 per round
-        found = torch.empty(num_rounds, dtype=torch.int64, device=dev)  # drafts found per round
         from pdserve.common.engine.spec_decode.decoder import GROUPED_MIN_CONTEXT
         graphs = runner.graphs
         graphed = graphs is not None and graphs.can_replay_rows(n)
         grouped = graphed and runner.spec._row_groups and length0 >= GROUPED_MIN_CONTEXT and graphs.groups_rows(n)
+        b = self._buffers_for(length0 + num_rounds * n + n, num_rounds, graphed, grouped)
+        table_np = np.asarray(s.block_ids, dtype=np.int64)
+        b.hist[:length0].copy_(torch.tensor(known, dtype=torch.int64))
+        b.table[:len(table_np)].copy_(torch.from_numpy(table_np))
+        b.length.fill_(length0)
+        b.round.zero_()
         if graphed:
             graphs.stage_rows(n, table_np, grouped)
-        for r in range(num_rounds):
-            drafts, count = lookup(hist, length, self.min_n, self.max_n, k)
-            ids = torch.cat([hist.index_select(0, (length - 1).view(1)), drafts])
-            positions = length - 1 + rows
-            slots = table.index_select(0, positions // block) * block + positions % block
+        for _ in range(num_rounds):
             if graphed:
-                x = graphs.replay_rows(n, ids, positions, slots, grouped)
+                b.pre.replay()
+                graphs.replay_rows(n, grouped)
+                b.post[grouped].replay()
             else:
-                x = self._forward_eager(ids, positions, slots, table_np)
-            accepted = ((drafts == x[:k]) & (rows[:k] < count)).cumprod(0).sum()
-            hist.index_copy_(0, length + rows, x)
-            xs[r] = x
-            took[r] = accepted + 1
-            found[r] = count
-            length += accepted + 1
+                self._pre(b)
+                self._post(b, self._forward_eager(b.ids, b.positions, b.slots, table_np))
         self.num_steps += 1
         self.num_rounds += num_rounds
-        readback = torch.cat([xs.flatten(), took, found])
+        readback = torch.cat([b.xs[:num_rounds].flatten(), b.took[:num_rounds], b.found[:num_rounds]])
         req_id = s.req_id
 
         def finish(values: list[int]) -> None:
@@ -144,11 +152,71 @@ class DeviceRounds:
             out.spec_rounds[req_id] = rounds_done
         return readback, finish
 
-    def _history(self, size: int) -> torch.Tensor:
-        if self._hist is None or self._hist.shape[0] < size:
-            cap = -(-size // HISTORY_QUANTUM) * HISTORY_QUANTUM
-            self._hist = torch.zeros(cap, dtype=torch.int64, device=self.runner.device)
-        return self._hist
+    def _pre(self, b: _Buffers) -> None:
+        """A round's drafts and rows from the history: ids [t, d1 .. dk], positions, slots."""
+        block = self.runner.block_size
+        b.drafts, b.count = lookup(b.hist, b.length, self.min_n, self.max_n, self.k)
+        b.ids = torch.cat([b.hist.index_select(0, (b.length - 1).view(1)), b.drafts])
+        b.positions = b.length - 1 + b.rows
+        b.slots = b.table.index_select(0, b.positions // block) * block + b.positions % block
+
+    def _post(self, b: _Buffers, x: torch.Tensor) -> None:
+        """A round's argmax tokens x [k + 1] -> the drafts accepted (the leading ones equal to x,
+        of those found), x into the history past its valid tokens, the round's record."""
+        k = self.k
+        accepted = ((b.drafts == x[:k]) & (b.rows[:k] < b.count)).cumprod(0).sum()
+        b.hist.index_copy_(0, b.length + b.rows, x)
+        at = b.round.view(1)
+        b.xs.index_copy_(0, at, x.view(1, -1))
+        b.took.index_copy_(0, at, (accepted + 1).view(1))
+        b.found.index_copy_(0, at, b.count.view(1))
+        b.length += accepted + 1
+        b.round += 1
+
+    def _buffers_for(self, size: int, num_rounds: int, graphed: bool, grouped: bool) -> _Buffers:
+        """The buffers of the smallest capacity (a multiple of HISTORY_QUANTUM, doubling) holding
+        `size` tokens; on CUDA their round graphs, captured on first use."""
+        cap = HISTORY_QUANTUM
+        while cap < size:
+            cap *= 2
+        runner, n = self.runner, self.k + 1
+        b = self._buffers.get(cap)
+        if b is None or b.xs.shape[0] < num_rounds:
+            max_blocks = -(-(runner.max_model_len + n * (self.rounds + 1)) // runner.block_size)
+            b = self._buffers[cap] = _Buffers(cap, max_blocks, max(self.rounds, num_rounds), n, runner.device)
+        if graphed and (b.pre is None or grouped not in b.post):
+            self._capture(b, grouped)
+        return b
+
+    def _capture(self, b: _Buffers, grouped: bool) -> None:
+        """pre (the lookup and the rows' inputs, written into the decode graphs' static buffers)
+        and post (reading the tail graph's tokens) as CUDA graphs; each run once before its
+        capture (kernels compiled), on a state that is reset before every step."""
+        graphs, n = self.runner.graphs, self.k + 1
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        b.length.fill_(1)
+        b.round.zero_()
+
+        def pre() -> None:
+            self._pre(b)
+            graphs.write_rows(n, b.ids, b.positions, b.slots)
+        tokens = graphs.rows_tokens(n, grouped)
+        for name, body in (("pre", pre), ("post", lambda: self._post(b, tokens))):
+            if name == "pre" and b.pre is not None:
+                continue
+            body()
+            b.length.fill_(1)
+            b.round.zero_()
+            torch.cuda.synchronize(self.runner.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                body()
+            if name == "pre":
+                b.pre = graph
+            else:
+                b.post[grouped] = graph
+        torch.cuda.synchronize(self.runner.device)
 
     def _forward_eager(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                        table_np: np.ndarray) -> torch.Tensor:
@@ -159,7 +227,8 @@ class DeviceRounds:
         step = StepInputs(num_decodes=n, input_ids=ids.cpu().numpy().astype(np.int32), positions=pos,
                           slot_mapping=slots.cpu().numpy().astype(np.int32),
                           query_start_loc=np.arange(n + 1, dtype=np.int32), context_lens=pos + 1,
-                          block_table=np.repeat(table_np[None], n, 0), sample_rows=np.arange(n, dtype=np.int32))
+                          block_table=np.repeat(table_np.astype(np.int32)[None], n, 0),
+                          sample_rows=np.arange(n, dtype=np.int32))
         input_ids, positions_t, meta, _ = runner.inputs.prepare(step)
         hidden = runner.model(input_ids, positions_t, runner.kv_caches, meta)
         if runner.greedy_tail is not None:
