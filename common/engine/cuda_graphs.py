@@ -175,22 +175,18 @@ class DecodeGraphs:
             groups[0] = num
             st["groups"][:num].copy_(torch.from_numpy(groups))
 
-    def write_rows(self, num: int, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> None:
-        """The inputs of num one-token rows of one request from device tensors (a round of
-        spec_decode/device_rounds.py: ids, positions, slots [num] int64; row i's context is
-        positions[i] + 1) into the static buffers: device copies only (capturable)."""
+    def row_inputs(self, num: int) -> tuple[torch.Tensor, ...]:
+        """The static int32 inputs (ids, positions, slots, contexts) of the first num rows, which a
+        round of spec_decode/device_rounds.py writes on the device before replay_rows."""
         st = self._static
-        st["ids"][:num].copy_(ids)
-        st["pos"][:num].copy_(positions)
-        st["slots"][:num].copy_(slots)
-        st["ctx"][:num].copy_(positions + 1)
+        return st["ids"][:num], st["pos"][:num], st["slots"][:num], st["ctx"][:num]
 
     def rows_tokens(self, num: int, grouped: bool) -> torch.Tensor:
         """The tail graph's tokens buffer [num] of the num-row bucket (what replay_rows fills)."""
         return self._tokens[(num, grouped)][:num]
 
     def replay_rows(self, num: int, grouped: bool) -> torch.Tensor:
-        """Replay the num-row bucket and its tail on the inputs write_rows left -> rows_tokens."""
+        """Replay the num-row bucket and its tail on the inputs in row_inputs -> rows_tokens."""
         key = (num, grouped)
         self._graphs[key].replay()
         self._tail_graphs[key].replay()

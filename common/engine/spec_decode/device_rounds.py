@@ -86,7 +86,8 @@ class _Buffers:
         self.took = zeros(max_rounds)  # accepted drafts + 1 per round
         self.found = zeros(max_rounds)  # drafts found per round
         self.rows = torch.arange(n, device=device)
-        self.drafts = self.count = self.ids = self.positions = self.slots = None  # pre's outputs
+        self.drafts, self.count = zeros(n - 1), zeros()  # a round's drafts (kernels/ngram_round.py)
+        self.ids = self.positions = self.slots = None  # the torch path's inputs of a round
         self.pre: torch.cuda.CUDAGraph | None = None
         self.post: dict[bool, torch.cuda.CUDAGraph] = {}  # by grouped (the tail buffer it reads)
 
@@ -153,16 +154,20 @@ class DeviceRounds:
         return readback, finish
 
     def _pre(self, b: _Buffers) -> None:
-        """A round's drafts and rows from the history: ids [t, d1 .. dk], positions, slots."""
+        """A round's drafts and rows from the history: ids [t, d1 .. dk], positions, slots (in
+        torch ops: the CPU's path and the reference of kernels/ngram_round.round_inputs)."""
         block = self.runner.block_size
-        b.drafts, b.count = lookup(b.hist, b.length, self.min_n, self.max_n, self.k)
+        drafts, count = lookup(b.hist, b.length, self.min_n, self.max_n, self.k)
+        b.drafts.copy_(drafts)
+        b.count.copy_(count)
         b.ids = torch.cat([b.hist.index_select(0, (b.length - 1).view(1)), b.drafts])
         b.positions = b.length - 1 + b.rows
         b.slots = b.table.index_select(0, b.positions // block) * block + b.positions % block
 
     def _post(self, b: _Buffers, x: torch.Tensor) -> None:
         """A round's argmax tokens x [k + 1] -> the drafts accepted (the leading ones equal to x,
-        of those found), x into the history past its valid tokens, the round's record."""
+        of those found), x into the history past its valid tokens, the round's record (torch
+        ops: the reference of kernels/ngram_round.round_accept)."""
         k = self.k
         accepted = ((b.drafts == x[:k]) & (b.rows[:k] < b.count)).cumprod(0).sum()
         b.hist.index_copy_(0, b.length + b.rows, x)
@@ -189,25 +194,25 @@ class DeviceRounds:
         return b
 
     def _capture(self, b: _Buffers, grouped: bool) -> None:
-        """pre (the lookup and the rows' inputs, written into the decode graphs' static buffers)
-        and post (reading the tail graph's tokens) as CUDA graphs; each run once before its
-        capture (kernels compiled), on a state that is reset before every step."""
-        graphs, n = self.runner.graphs, self.k + 1
+        """pre (kernels/ngram_round.round_inputs: the lookup, the rows' inputs written into the
+        decode graph's static buffers) and post (round_accept, reading the tail graph's tokens)
+        as CUDA graphs; each run once before its capture (compiled), on a state that every step
+        resets."""
+        from pdserve.kernels.ngram_round import round_accept, round_inputs
+        graphs, n, k = self.runner.graphs, self.k + 1, self.k
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        b.length.fill_(1)
-        b.round.zero_()
-
-        def pre() -> None:
-            self._pre(b)
-            graphs.write_rows(n, b.ids, b.positions, b.slots)
-        tokens = graphs.rows_tokens(n, grouped)
-        for name, body in (("pre", pre), ("post", lambda: self._post(b, tokens))):
+        inputs, tokens = graphs.row_inputs(n), graphs.rows_tokens(n, grouped)
+        bodies = {"pre": lambda: round_inputs(b.hist, b.length, b.table, b.drafts, b.count, *inputs,
+                                              self.runner.block_size, self.min_n, self.max_n, k),
+                  "post": lambda: round_accept(b.hist, b.length, b.round, b.drafts, b.count, tokens,
+                                               b.xs, b.took, b.found, k)}
+        for name, body in bodies.items():
             if name == "pre" and b.pre is not None:
                 continue
-            body()
             b.length.fill_(1)
             b.round.zero_()
+            body()
             torch.cuda.synchronize(self.runner.device)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool):
