@@ -13,8 +13,10 @@ back to back, everything a round needs decided on the device:
               hist[n .. n+k] = x;  n += a + 1              # x0 .. xa are the round's tokens
     readback: every round's x, a + 1 and m: one copy to the host after the last round
 
-The host enqueues the R rounds' kernels without waiting (on CUDA ~40 small launches and two graph
-replays a round, less than the round's device time), then the engine applies the step's tokens
+The host enqueues the R rounds' work without waiting (on CUDA three graph replays a round: the
+lookup and the rows' inputs as one Triton kernel (kernels/ngram_round.round_inputs), the decode
+graph of k + 1 rows with its greedy tail, the acceptance as one kernel (round_accept); far less
+host time than the round's device time), then the engine applies the step's tokens
 at once: the scheduler reserved KV slots for R (k + 1) tokens (`Scheduler._allocate`), so no
 round writes past the request's blocks, and `max_draft_tokens`' room keeps all of them within
 max_tokens and max_model_len. Rows past a round's accepted drafts wrote KV that the next round
