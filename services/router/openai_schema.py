@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Annotated, Callable, Literal
+import types
+import typing
+from typing import Annotated, Callable, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_serializer, model_validator
 
 from pdserve.common.outputs import TokenLogprobs
 from pdserve.common.sampling_params import ParameterError, SamplingParams, StructuredOutputsParams
@@ -27,7 +29,35 @@ MIN_LOGPROB = -9999.0  # -inf is not JSON; vLLM reports this floor too
 
 
 class _Request(BaseModel):
+    """A request object. JSON `null` for a field that cannot be None means its default, as OpenAI
+    and vLLM take it (clients send `"n": null`, `"stream": null`, ...); a field that can be None
+    keeps it (None has its own meaning there: the completions' `max_tokens: null` is "up to the
+    context length")."""
     model_config = ConfigDict(extra="ignore")
+    _null_is_default: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls._null_is_default = frozenset(name for name, f in cls.model_fields.items()
+                                         if not f.is_required() and not _admits_none(f.annotation))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data):
+        if isinstance(data, dict) and any(data.get(name, 0) is None for name in cls._null_is_default):
+            return {k: v for k, v in data.items() if v is not None or k not in cls._null_is_default}
+        return data
+
+
+def _admits_none(annotation) -> bool:
+    if annotation is None or annotation is type(None):
+        return True
+    if typing.get_origin(annotation) is Annotated:
+        return _admits_none(typing.get_args(annotation)[0])
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_admits_none(a) for a in typing.get_args(annotation))
+    return False
 
 
 class StreamOptions(_Request):

@@ -296,6 +296,43 @@ def test_chat_logprobs(client):
     assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
 
 
+
+def test_null_is_the_default(client, server, tok):
+    """JSON null for an optional field means its default, as OpenAI and vLLM take it (clients send
+    nulls for what they leave unset): the answer is the one without those fields. `n`, `stream`,
+    `echo`, `logprobs` (chat) and vLLM's boolean extras were a 400 ("should be a valid ...")."""
+    vllm_nulls = {k: None for k in ("top_k", "min_p", "repetition_penalty", "min_tokens", "stop_token_ids",
+                                    "include_stop_str_in_output", "skip_special_tokens", "allowed_token_ids",
+                                    "bad_words", "prompt_logprobs", "truncate_prompt_tokens",
+                                    "return_tokens_as_token_ids", "response_format", "guided_json",
+                                    "structured_outputs")}
+    common = dict(n=None, stop=None, seed=None, presence_penalty=None, frequency_penalty=None, logit_bias=None,
+                  top_p=None, user=None, stream=None, stream_options=None)
+    base = client.completions.create(model=NAME, prompt="Hello world", **GREEDY)
+    nulls = client.completions.create(model=NAME, prompt="Hello world", temperature=0, max_tokens=12,
+                                      logprobs=None, echo=None, best_of=None, suffix=None, **common,
+                                      extra_body={"ignore_eos": True, **vllm_nulls})
+    assert nulls.choices[0].text == base.choices[0].text and nulls.usage == base.usage
+    messages = [{"role": "user", "content": "Hi there", "name": None}]
+    base = client.chat.completions.create(model=NAME, messages=messages, **GREEDY)
+    nulls = client.chat.completions.create(
+        model=NAME, messages=messages, temperature=0, max_tokens=None, max_completion_tokens=12, logprobs=None,
+        top_logprobs=None, tools=None, tool_choice=None, **common,
+        extra_body={"ignore_eos": True, "add_generation_prompt": None, "continue_final_message": None,
+                    "chat_template_kwargs": None, **vllm_nulls})
+    assert nulls.choices[0].message.content == base.choices[0].message.content and nulls.usage == base.usage
+    # a null temperature is the default (1.0, sampled); one inside stream_options is its default too
+    chunks = list(client.chat.completions.create(model=NAME, messages=messages, temperature=None, max_tokens=4,
+                                                 stream=True, stream_options={"include_usage": None}))
+    assert chunks[-1].choices and chunks[-1].usage is None
+    # completions' max_tokens: null keeps its meaning, up to the context length
+    ids = tok.encode("Hello world " * 600, add_special_tokens=False)[:MAX_LEN - 5]
+    r = client.completions.create(model=NAME, prompt=ids, max_tokens=None, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 5
+    # a required field stays required
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": NAME, "messages": None}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
 # ---- errors ------------------------------------------------------------------------------------------
 BAD = [  # (path, body, status, param)
     ("completions", {"prompt": ""}, 400, "prompt"),
