@@ -88,7 +88,8 @@ class SamplingParams:
                f"logprobs must be >= 0, got {self.logprobs}")
         _check(self.prompt_logprobs is None or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= UINT32_MAX),
                "prompt_logprobs", f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
+        _check(all(isinstance(s, str) and s for s in self.stop), "stop",
+               f"stop strings must be non-empty strings (an empty one matches at once), got {self.stop!r}")
         _check(all(_is_int(t) and 0 <= t <= UINT32_MAX for t in self.stop_token_ids), "stop_token_ids",
                "stop_token_ids must be non-negative integers")
         if self.top_k == 0:

@@ -136,7 +136,7 @@ class _SamplingRequest(_Request):
             n=self.n, temperature=_or(self.temperature, d.get("temperature", 1.0)),
             top_p=_or(self.top_p, d.get("top_p", 1.0)), top_k=_or(self.top_k, d.get("top_k", -1)),
             min_p=_or(self.min_p, d.get("min_p", 0.0)), seed=self.seed, max_tokens=max_tokens,
-            min_tokens=self.min_tokens, stop=self.stop or [], stop_token_ids=self.stop_token_ids or [],
+            min_tokens=self.min_tokens, stop=_or(self.stop, []), stop_token_ids=self.stop_token_ids or [],
             ignore_eos=self.ignore_eos, include_stop_str_in_output=self.include_stop_str_in_output,
             presence_penalty=_or(self.presence_penalty, 0.0), frequency_penalty=_or(self.frequency_penalty, 0.0),
             repetition_penalty=_or(self.repetition_penalty, d.get("repetition_penalty", 1.0)), logprobs=logprobs,

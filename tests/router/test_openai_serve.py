@@ -333,6 +333,22 @@ def test_null_is_the_default(client, server, tok):
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": NAME, "messages": None}, timeout=30)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
+
+def test_an_empty_stop_string_is_a_400(client):
+    """An empty stop string would end every output at once: 400 naming `stop`, as a string (it was
+    taken for no stop at all) and inside a list, on both endpoints and streamed."""
+    messages = [{"role": "user", "content": "Hi"}]
+    for stop in ("", ["fine", ""]):
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.completions.create(model=NAME, prompt="Hello", max_tokens=3, stop=stop, stream=stream)
+            assert e.value.body["param"] == "stop" and "non-empty" in e.value.body["message"], e.value.body
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model=NAME, messages=messages, max_tokens=3, stop=stop, stream=stream)
+            assert e.value.body["param"] == "stop" and e.value.body["type"] == "invalid_request_error"
+    r = client.completions.create(model=NAME, prompt="Hello", max_tokens=3, stop=[])  # no stop strings: fine
+    assert r.choices[0].finish_reason in ("stop", "length")
+
 # ---- errors ------------------------------------------------------------------------------------------
 BAD = [  # (path, body, status, param)
     ("completions", {"prompt": ""}, 400, "prompt"),
