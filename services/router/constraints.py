@@ -63,10 +63,22 @@ def _response_format(rf: dict) -> StructuredOutputsParams | None:
     if kind == "json_object":
         return StructuredOutputsParams(json_object=True, param="response_format")
     if kind == "json_schema":
-        js = rf.get("json_schema")
-        if not isinstance(js, dict) or "schema" not in js:
-            raise ParameterError("response_format", "response_format of type json_schema needs "
-                                                    "json_schema: {name, schema, strict}")
-        return StructuredOutputsParams(json=js["schema"], param="response_format")
+        return StructuredOutputsParams(json=_json_schema(rf.get("json_schema")), param="response_format")
     raise ParameterError("response_format", f"response_format type must be text, json_object or json_schema, "
                                             f"got {kind!r}")
+
+
+def _json_schema(js) -> dict | str:
+    """The schema of response_format's json_schema {"name", "schema", "strict", "description"}:
+    OpenAI requires the name; the schema is what the grammar is built from. A missing part is a
+    400 naming its path (the message starts with it, so the Responses API can rename it)."""
+    where = "response_format.json_schema"
+    if not isinstance(js, dict):
+        raise ParameterError(where, f"{where} is required with type json_schema: "
+                                    '{"name": ..., "schema": {...}, "strict": true}')
+    if not isinstance(js.get("name"), str) or not js["name"]:
+        raise ParameterError(f"{where}.name", f"{where}.name is required: a non-empty string naming the format")
+    if js.get("schema") is None:
+        raise ParameterError(f"{where}.schema", f"{where}.schema is required: the JSON schema the output must "
+                                                f"follow")
+    return js["schema"]

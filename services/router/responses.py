@@ -356,7 +356,9 @@ async def create(server: "OpenAIServer", request: Request) -> Response:
     try:
         params = chat.to_sampling_params(tools.structured_outputs(), server.sampling_defaults, server.check_params)
     except ParameterError as e:  # named as this API names them
-        renamed = {"max_tokens": "max_output_tokens", "response_format": "text.format"}.get(e.param)
+        renamed = {"max_tokens": "max_output_tokens"}.get(e.param)
+        if e.param.startswith("response_format"):  # response_format.json_schema.name -> text.format.name
+            renamed = "text.format" + e.param.removeprefix("response_format").removeprefix(".json_schema")
         if renamed is None:
             raise
         raise ParameterError(renamed, str(e).replace(e.param, renamed)) from None

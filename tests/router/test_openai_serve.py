@@ -349,6 +349,37 @@ def test_an_empty_stop_string_is_a_400(client):
     r = client.completions.create(model=NAME, prompt="Hello", max_tokens=3, stop=[])  # no stop strings: fine
     assert r.choices[0].finish_reason in ("stop", "length")
 
+
+def test_json_schema_response_format_needs_its_name_and_schema(client):
+    """response_format {"type": "json_schema"} without json_schema, or json_schema without its
+    name (OpenAI requires it) or its schema (the grammar is built from it): 400 with `param` the
+    path of what is missing, on both endpoints. (A missing name was accepted.)"""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    cases = [({"type": "json_schema"}, "response_format.json_schema"),
+             ({"type": "json_schema", "json_schema": None}, "response_format.json_schema"),
+             ({"type": "json_schema", "json_schema": "x"}, "response_format.json_schema"),
+             ({"type": "json_schema", "json_schema": {"schema": schema}}, "response_format.json_schema.name"),
+             ({"type": "json_schema", "json_schema": {"name": "", "schema": schema}},
+              "response_format.json_schema.name"),
+             ({"type": "json_schema", "json_schema": {"name": "a"}}, "response_format.json_schema.schema"),
+             ({"type": "json_schema", "json_schema": {"name": "a", "schema": None}},
+              "response_format.json_schema.schema")]
+    for response_format, param in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                           response_format=response_format)
+        err = e.value.body
+        assert err["param"] == param and err["type"] == "invalid_request_error", (response_format, err)
+        assert err["message"].startswith(param + " is required"), err
+        with pytest.raises(openai.BadRequestError) as e:
+            client.completions.create(model=NAME, prompt="Hi", max_tokens=3,
+                                      extra_body={"response_format": response_format})
+        assert e.value.body["param"] == param
+    ok = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                        response_format={"type": "json_schema",
+                                                         "json_schema": {"name": "a", "schema": schema}})
+    assert ok.choices[0].message.content.startswith("{")
+
 # ---- errors ------------------------------------------------------------------------------------------
 BAD = [  # (path, body, status, param)
     ("completions", {"prompt": ""}, 400, "prompt"),
