@@ -76,17 +76,14 @@ class ToolPlan:
         return next(t for t in self.tools if t.function.name == name)
 
     def parse(self, text: str) -> tuple[str | None, list[oa.ToolCall]]:
-        """(content, tool calls) of a whole output. Text that does not parse stays content."""
-        try:
-            if self.mode == "named":
-                return None, [_call(self.name, text)]
-            if self.mode == "required":
-                calls = json.loads(text)
-                return None, [_call(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in calls]
-            if self.mode == "auto":
-                return (parse_hermes if self.parser == "hermes" else parse_llama3_json)(text)
-        except (ValueError, KeyError, TypeError):  # cut short by max_tokens: not a complete call
-            pass
+        """(content, tool calls) of a whole output. Forced calls (named, required) are what their
+        stream sends, joined: the same scanner, so an output cut by max_tokens answers as its
+        stream does (a call once its name is complete, its arguments as far as they go, no
+        content). Auto: text that does not parse stays content."""
+        if self.mode in ("named", "required"):
+            return None, joined_calls(self.stream().feed(text, True)[1])
+        if self.mode == "auto":
+            return (parse_hermes if self.parser == "hermes" else parse_llama3_json)(text)
         return text, []
 
     def stream(self) -> "ToolStream | None":
@@ -126,12 +123,24 @@ def plan_tools(tools: list[oa.ChatTool] | None, tool_choice, parser: str | None,
                                         f"got {tool_choice!r}")
 
 
+def joined_calls(deltas: list[oa.DeltaToolCall]) -> list[oa.ToolCall]:
+    """A stream's tool call deltas as the calls a client accumulates from them (the first delta of
+    a call has its id and name, later ones more arguments)."""
+    calls: dict[int, oa.ToolCall] = {}
+    for d in deltas:
+        if d.id is not None:
+            calls[d.index] = _call(d.function.name, d.function.arguments or "", d.id)
+        elif d.function is not None and d.function.arguments:
+            calls[d.index].function.arguments += d.function.arguments
+    return list(calls.values())
+
+
 def _parameters(tool: oa.ChatTool) -> dict:
     return tool.function.parameters or {"type": "object", "properties": {}}
 
 
-def _call(name: str, arguments: str) -> oa.ToolCall:
-    return oa.ToolCall(id=new_call_id(), function=oa.FunctionCall(name=name, arguments=arguments))
+def _call(name: str, arguments: str, call_id: str | None = None) -> oa.ToolCall:
+    return oa.ToolCall(id=call_id or new_call_id(), function=oa.FunctionCall(name=name, arguments=arguments))
 
 
 def _call_of(obj) -> oa.ToolCall:

@@ -139,6 +139,35 @@ def test_named_and_required_tool_choice(client):
         [(c.function.name, json.loads(c.function.arguments)) for c in full_required.choices[0].message.tool_calls]
 
 
+
+def test_forced_tool_calls_cut_by_max_tokens_answer_as_the_stream(client):
+    """tool_choice required or named, the call cut short by max_tokens: the whole answer is what
+    the stream sends (one scanner for both): finish_reason "length", content null, a call once its
+    name is complete, its arguments as far as they were generated. It was the raw JSON as content
+    and no tool_calls (required)."""
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    names = {"get_weather", "get_time"}
+    seen_cut_arguments = False
+    for tool_choice in ("required", named):
+        for max_tokens in (3, 9, 14):
+            kw = dict(messages=ASK, tools=[WEATHER, TIME], tool_choice=tool_choice, max_tokens=max_tokens,
+                      temperature=0)
+            whole, (calls, finish, content) = together(
+                chat(client, **kw), lambda: stream_tool_calls(chat(client, stream=True, **kw)()))
+            choice = whole.choices[0]
+            assert choice.finish_reason == finish == "length", (tool_choice, max_tokens, choice)
+            assert choice.message.content is None and content == "", choice.message
+            got = [(c.id.startswith("call_"), c.type, c.function.name, c.function.arguments)
+                   for c in choice.message.tool_calls or []]
+            assert got == [(True, "function", c["name"], c["arguments"]) for c in calls.values()], (got, calls)
+            assert all(name in names for _, _, name, _ in got)
+            for *_, arguments in got:
+                try:
+                    json.loads(arguments)
+                except ValueError:
+                    seen_cut_arguments = True
+    assert seen_cut_arguments  # some max_tokens cut inside the arguments
+
 def test_auto_tool_choice_parses_hermes_calls(client):
     """The model's text is forced (a regex) to hold a Hermes call after some content; the
     hermes parser turns it into tool_calls, whole and streamed."""
