@@ -135,6 +135,7 @@ class _ChatFormat:
         self.num_top = req.top_logprobs or 0
         self.tools = tools if tools is not None and tools.mode != "none" else None
         self.called: set[int] = set()  # choices that streamed a tool call
+        self.echoed = req.echoed()  # vLLM's echo: leads each choice's content
 
     def delta(self, i: int, out: RequestOutput, c: CompletionOutput, sent: _Sent):
         text, lps = c.text[sent.num_chars:], None
@@ -163,6 +164,8 @@ class _ChatFormat:
         if self.req.logprobs and lps is None:
             lps = oa.ChatLogprobs(content=[])
         content, calls = (text, []) if self.tools is None else self.tools.parse(c.text)
+        if self.echoed:
+            content = self.echoed + (content or "")
         return oa.ChatChoice(index=index, message=oa.ChatResponseMessage(content=content, tool_calls=calls),
                              logprobs=lps, finish_reason=self._finish_reason(c, bool(calls)), stop_reason=c.stop_reason)
 
@@ -174,8 +177,11 @@ class _ChatFormat:
         return c.finish_reason
 
     def head(self) -> list:
-        return [oa.ChatStreamChoice(index=i, delta=oa.DeltaMessage(role="assistant", content=""))
-                for i in range(self.req.n)]
+        """Per choice its role chunk; with echo, then the echoed text (vLLM's order)."""
+        roles = [oa.ChatStreamChoice(index=i, delta=oa.DeltaMessage(role="assistant", content=""))
+                 for i in range(self.req.n)]
+        echoes = [oa.ChatStreamChoice(index=i, delta=oa.DeltaMessage(content=self.echoed)) for i in range(self.req.n)]
+        return roles + echoes if self.echoed else roles
 
     def num_completion_tokens(self, outs: list[RequestOutput]) -> int:
         return sum(len(c.token_ids) for out in outs if out for c in out.outputs)

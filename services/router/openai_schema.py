@@ -302,9 +302,18 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict | None = None
+    echo: bool = False  # the last message's content leads the answer if it is the assistant's
 
     def template_messages(self) -> list[dict]:
         return [m.to_template(i) for i, m in enumerate(self.messages)]
+
+    def echoed(self) -> str:
+        """vLLM's echo: what leads each choice's content, the last message's content when that
+        message is the assistant's (the reply the caller started: continue_final_message)."""
+        last = self.messages[-1]
+        if not self.echo or last.role != "assistant":
+            return ""
+        return last.to_template(len(self.messages) - 1)["content"]
 
     @property
     def max_tokens_param(self) -> str:

@@ -380,6 +380,30 @@ def test_json_schema_response_format_needs_its_name_and_schema(client):
                                                          "json_schema": {"name": "a", "schema": schema}})
     assert ok.choices[0].message.content.startswith("{")
 
+
+def test_chat_echo_leads_with_the_assistant_message(client):
+    """vLLM's chat `echo`: when the last message is the assistant's (the reply the caller started,
+    continue_final_message), its content leads every choice's content, whole and streamed (after
+    the role chunk); after a user message there is nothing to echo."""
+    start = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Well, I think"}]
+    cont = dict(continue_final_message=True, add_generation_prompt=False, ignore_eos=True)
+    kw = dict(model=NAME, messages=start, temperature=0, max_tokens=12)
+    plain = client.chat.completions.create(**kw, extra_body=cont).choices[0].message.content
+    echoed = client.chat.completions.create(**kw, n=2, extra_body={**cont, "echo": True})
+    assert [c.message.content for c in echoed.choices] == ["Well, I think" + plain] * 2
+    assert echoed.usage.completion_tokens == 2 * 12  # the echoed text is not generated
+    chunks = list(client.chat.completions.create(**kw, stream=True, extra_body={**cont, "echo": True}))
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[1].choices[0].delta.content == "Well, I think"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Well, I think" + plain
+    parts = [start[0], {"role": "assistant", "content": [{"type": "text", "text": "Well, I think"}]}]
+    r = client.chat.completions.create(model=NAME, messages=parts, temperature=0, max_tokens=12,
+                                       extra_body={**cont, "echo": True})
+    assert r.choices[0].message.content == "Well, I think" + plain
+    ask = [{"role": "user", "content": "Hi there"}]
+    assert client.chat.completions.create(model=NAME, messages=ask, **GREEDY).choices[0].message.content == \
+        client.chat.completions.create(model=NAME, messages=ask, temperature=0, max_tokens=12,
+                                       extra_body={"ignore_eos": True, "echo": True}).choices[0].message.content
+
 # ---- errors ------------------------------------------------------------------------------------------
 BAD = [  # (path, body, status, param)
     ("completions", {"prompt": ""}, 400, "prompt"),
