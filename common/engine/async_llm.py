@@ -12,7 +12,11 @@ Workers consume `stream()` (deltas go on the wire as they are); `pdserve serve` 
 `generate()`.
 
 Torch ops release the GIL, so the event loop keeps serving HTTP while a step runs. If the engine
-thread dies, every waiting request gets EngineDeadError at once (nothing hangs).
+thread dies (a step raised, a tensor-parallel rank died), every waiting request gets
+EngineDeadError at once, so does every message still in the inbox (an `add`'s stream, a
+`call_in_engine`'s future), and every later call (`attach`, `stream`, `call_in_engine`) raises it
+at once: nothing waits on an engine that will never answer. `on_death` tells its owner (a worker
+then leaves the registry and exits). After `shutdown()` the same holds (nothing is left to answer).
 
 The engine thread also builds the EngineCore (the constructor waits for it): torch's CPU ops run
 on OpenMP, whose worker pools belong to the thread that opens a parallel region, and once two
@@ -58,7 +62,8 @@ class AsyncLLM:
         # request id -> (its consumer's event loop, sink called there with each step's deltas)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, Callable[[object], None]]] = {}
         self._trackers: dict = {}  # request id -> DeltaTracker (workers: request_metrics set)
-        self._dead: BaseException | None = None
+        self._dead: BaseException | None = None  # why the engine thread ended (None: it runs)
+        self._death_callbacks: list[Callable[[BaseException], None]] = []
         self._stopping = False
         self._thread = threading.Thread(target=self._run, args=(config, connector), name="pdserve-engine", daemon=True)
         self._thread.start()
@@ -129,8 +134,7 @@ class AsyncLLM:
         at the end (after the last delta, or early with abort). The engine thread wakes each
         event loop once per step for all of its requests (`_deliver_all`), so a consumer of many
         requests (the decode worker's DecodeStream) is woken once, not once per request."""
-        if self._dead is not None:
-            raise EngineDeadError(f"the engine is dead: {self._dead}")
+        self._raise_if_dead()
         if request_id in self._streams:
             raise ParameterError("request_id", f"request id {request_id!r} is already running")
         if params.structured_outputs is not None:  # compile off the loop and the engine thread (cached)
@@ -180,8 +184,27 @@ class AsyncLLM:
     async def is_healthy(self) -> bool:
         return self._dead is None and self._thread.is_alive()
 
+    @property
+    def dead(self) -> BaseException | None:
+        """Why the engine thread ended (a failure, or EngineDeadError after shutdown); None while it runs."""
+        return self._dead
+
+    def on_death(self, callback: Callable[[BaseException], None]) -> None:
+        """callback(error) once the engine thread died of a failure (not at shutdown()), on the
+        engine thread; at once (here) if it already has."""
+        self._death_callbacks.append(callback)
+        if self._dead is not None and not self._stopping:
+            callback(self._dead)
+
+    def _raise_if_dead(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"the engine is dead: {self._dead}")
+
     def call_in_engine(self, fn: Callable[[EngineCore], object]) -> "asyncio.Future":
-        """Run fn(core) on the engine thread between steps; returns an awaitable with its result."""
+        """Run fn(core) on the engine thread between steps; returns an awaitable with its result.
+        A dead engine raises EngineDeadError here, and a call it can no longer run (it died with
+        the call queued) fails its future with it."""
+        self._raise_if_dead()
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._send(("call", (fn, loop, fut)))
@@ -197,6 +220,23 @@ class AsyncLLM:
     def _send(self, msg) -> None:
         self._inbox.put(msg)
         self._wake.set()
+        if self._dead is not None:  # it died meanwhile, perhaps after its last look at the inbox
+            self._fail_inbox()
+
+    def _fail_inbox(self) -> None:
+        """Any thread, once the engine is dead: what waits in the inbox fails (each message is
+        taken once, by whichever thread gets it)."""
+        error = EngineDeadError(f"the engine is dead: {self._dead}")
+        while True:
+            try:
+                kind, payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                self._deliver(payload[0], error)
+            elif kind == "call":
+                _, loop, fut = payload
+                _call_soon(loop, _set_result, fut, None, error)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -219,9 +259,9 @@ class AsyncLLM:
                 fn, loop, fut = payload
                 try:
                     result = fn(self.core)
-                    loop.call_soon_threadsafe(_set_result, fut, result, None)
+                    _call_soon(loop, _set_result, fut, result, None)
                 except Exception as e:
-                    loop.call_soon_threadsafe(_set_result, fut, None, e)
+                    _call_soon(loop, _set_result, fut, None, e)
 
     def _run(self, config: EngineConfig | None, connector: KVConnector | None) -> None:
         try:
@@ -250,8 +290,25 @@ class AsyncLLM:
         except BaseException as e:  # the engine is gone: fail every open request now
             log.exception("engine thread died")
             self._dead = e
-            for rid in list(self._streams):
-                self._deliver(rid, EngineDeadError(f"the engine died: {e}"))
+            self._fail_all()
+            for callback in self._death_callbacks:
+                try:
+                    callback(e)
+                except Exception:
+                    log.exception("an engine death callback failed")
+            return
+        # shutdown(): nothing will answer what is still open either
+        self._dead = EngineDeadError("the engine was shut down")
+        self._fail_all()
+
+    def _fail_all(self) -> None:
+        """The engine thread is ending: every open stream and every queued message fails now
+        (a stream attached from now on fails in attach(); one whose `add` raced with this, in
+        _fail_inbox, run by whichever thread sees the message)."""
+        self._fail_inbox()
+        error = EngineDeadError(f"the engine died: {self._dead}")
+        for rid in list(self._streams):
+            self._deliver(rid, error)
 
     def _deliver_all(self, outputs: list[EngineOutput]) -> None:
         """A step's deltas to their consumers: one wake-up per event loop, not one per request
@@ -266,13 +323,21 @@ class AsyncLLM:
             if stream is not None:
                 by_loop.setdefault(stream[0], []).append((stream[1], outs))
         for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_sink_all, items)
+            _call_soon(loop, _sink_all, items)
 
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
             loop, sink = stream
-            loop.call_soon_threadsafe(sink, item)
+            _call_soon(loop, sink, item)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+    """fn(*args) on `loop` from any thread; nothing when that loop is closed (its consumer is gone)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass
 
 
 def _sink_all(items: list) -> None:
