@@ -20,9 +20,9 @@ work, one output and one SSE event each, is what that cap protects), in far fewe
 
 The per-request rules stay those of `Decode` (`ChunkBuilder` builds the chunks of both): a
 request refused at admission gets one chunk with `status_code` and `error`; the engine dying
-ends each request with status UNKNOWN (the router resubmits elsewhere, as for a failed Decode
-call); `cancel` (the router's client went away) aborts the request and frees its blocks; the
-stream's end aborts every request still open.
+ends each request with status UNAVAILABLE, "engine dead: ..." (the router resubmits elsewhere,
+as for a failed Decode call); `cancel` (the router's client went away) aborts the request and
+frees its blocks; the stream's end aborts every request still open.
 """
 
 from __future__ import annotations
@@ -117,7 +117,10 @@ class DecodeMux:
         except ParameterError as e:
             self._drop(rid)
             self._refuse(rid, grpc.StatusCode.INVALID_ARGUMENT, f"{e.param}: {e}")
-        except Exception as e:  # the engine is dead, or a bug: the router tries another decode
+        except EngineDeadError as e:  # the router tries another decode (this worker is exiting)
+            self._drop(rid)
+            self._refuse(rid, grpc.StatusCode.UNAVAILABLE, f"engine dead: {e}")
+        except Exception as e:  # a bug: the router tries another decode
             self._drop(rid)
             self._refuse(rid, grpc.StatusCode.UNKNOWN, f"{type(e).__name__}: {e}")
 
@@ -143,6 +146,7 @@ class DecodeMux:
             detail = f"{item.param}: {item}" if isinstance(item, ParameterError) else f"{type(item).__name__}: {item}"
             if isinstance(item, EngineDeadError):
                 log.error("decode stream: %s", item)
+                code, detail = grpc.StatusCode.UNAVAILABLE, f"engine dead: {item}"
             self._refuse(rid, code, detail)
 
     def _build(self, rid: str, metrics=None) -> None:

@@ -26,6 +26,7 @@ from contextlib import aclosing
 import grpc
 
 from pdserve.common.config import ConfigError
+from pdserve.common.engine_client import EngineDeadError
 from pdserve.common.kv_transfer.connector import PullConnector, PullSpec
 from pdserve.common.kv_transfer.tp_pull import KVShardAddress
 from pdserve.common.sampling_params import ParameterError
@@ -115,6 +116,8 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                     interval = self.interval_s()
                     if interval and not chunk.finished:
                         await asyncio.sleep(interval)  # the steps meanwhile: one message
+        except EngineDeadError as e:  # the router resubmits to another decode (the worker is exiting)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine dead: {e}")
         finally:
             self.open_streams -= 1
 
@@ -144,7 +147,11 @@ class DecodeServicer(pb_grpc.DecodeServicer):
                 return False
             core.stop_sequences([(rid, i) for i in indices or range(len(children))])
             return True
-        return pb.AbortResponse(found=await self.engine.call_in_engine(stop))
+        try:
+            found = await self.engine.call_in_engine(stop)
+        except EngineDeadError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine dead: {e}")
+        return pb.AbortResponse(found=found)
 
     async def Health(self, request, context) -> pb.HealthResponse:
         return self.state.health()

@@ -14,6 +14,9 @@ its first token exists. Every worker carries this service next to the Decode ser
 A lease that no router will receive is released at once, not after its ttl: the call was
 cancelled (the router gave up on a frozen worker and dropped its connection, or went away)
 while the prefill ran or before its answer was sent.
+
+A dead engine (services/worker/process.py: the worker then exits) answers UNAVAILABLE "engine
+dead: ...": the router tries another prefill, as for a worker that is gone.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import dataclasses
 
 import grpc
 
+from pdserve.common.engine_client import EngineDeadError
 from pdserve.common.kv_transfer.connector import LEASE, LeaseConnector
 from pdserve.common.kv_transfer.tp_pull import KVShardAddress
 from pdserve.common.sampling_params import SamplingParams
@@ -59,6 +63,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
             if lease is not None:
                 self._release_soon(lease[0])
             raise
+        except EngineDeadError as e:  # the router tries another prefill (the worker is exiting)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine dead: {e}")
         if lease_id is not None:  # ... also when it goes away before the answer reached the router
             context.add_done_callback(lambda ctx: ctx.cancelled() and self._release_soon(lease_id))
         return resp
@@ -68,7 +74,8 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         return self.engine.call_in_engine(lambda core: self.connector.release(lease_id))
 
     def _release_soon(self, lease_id: str) -> None:
-        asyncio.ensure_future(self._release(lease_id))
+        if self.engine.dead is None:  # a dead engine's leases go with the worker
+            asyncio.ensure_future(_ignore_dead(self._release(lease_id)))
 
     async def _prefill(self, rid: str, params: SamplingParams, prompt, context) -> tuple[pb.PrefillResponse, str | None]:
         """(the answer, the lease id it hands out or None)."""
@@ -107,8 +114,18 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         return resp, lease_id
 
     async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context) -> pb.ReleaseLeaseResponse:
-        released = await self._release(request.lease_id)
+        try:
+            released = await self._release(request.lease_id)
+        except EngineDeadError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine dead: {e}")
         return pb.ReleaseLeaseResponse(released=released)
 
     async def Health(self, request, context) -> pb.HealthResponse:
         return self.state.health()
+
+
+async def _ignore_dead(release) -> None:
+    try:
+        await release
+    except EngineDeadError:
+        pass  # the engine died meanwhile: the worker exits, its leases with it

@@ -199,7 +199,8 @@ class DisaggClient:
             except (grpc.aio.AioRpcError, DecodeStreamError) as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise ParameterError(_param_of(e.details()), e.details()) from None
-                log.warning("decode %s failed for %s (%s); resubmitting", inst.instance_id, request_id, e.code())
+                log.warning("decode %s failed for %s (%s: %s); resubmitting", inst.instance_id, request_id,
+                            e.code(), e.details())
                 tried.add(inst.instance_id)
                 resubmits += 1
                 self.pool.mark_failed(inst.instance_id)
@@ -232,7 +233,8 @@ class DisaggClient:
                     raise ParameterError(_param_of(e.details()), e.details()) from None
                 if e.code() == grpc.StatusCode.INTERNAL:
                     raise _EngineFailed(e.details()) from None
-                log.warning("prefill %s failed for %s (%s); trying another", inst.instance_id, request_id, e.code())
+                log.warning("prefill %s failed for %s (%s: %s); trying another", inst.instance_id, request_id,
+                            e.code(), e.details())
                 tried.add(inst.instance_id)
                 self.pool.mark_failed(inst.instance_id)
                 self.stats.prefill_retries += 1

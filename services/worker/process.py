@@ -11,9 +11,13 @@ Lifecycle:
             server with Prefill + Decode services ->
             /metrics on --metrics-port -> Heartbeater (registry record + live load in Redis) and
             KVEventPublisher (prefix index) -> one ready line (and --ready-file)
-    run:    until SIGINT / SIGTERM
+    run:    until SIGINT / SIGTERM, or until the engine dies
     stop:   stop publishing (the index forgets this worker) -> deregister -> gRPC stops with a
             grace period -> KV transport closes -> engine thread stops
+    engine died (its thread raised, a tensor-parallel rank died): its open requests failed at
+            once (UNAVAILABLE: the router retries the prefill elsewhere / resubmits to another
+            decode), Health says NOT_SERVING, then the same stop without the grace wait, and
+            the process exits with status 1 (`pdserve up` or the orchestrator restarts it)
 
 Role: the command (`prefill` or `decode`) is only the role it registers with. Routers send each
 instance the work its registry record's role says, so an operator's switch (`pdserve admin
@@ -180,7 +184,14 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # A dead engine (its thread raised, a tensor-parallel rank died) ends the worker: it must not
+    # stay registered, answering Health and taking requests it can only fail. Its open requests
+    # have failed already (AsyncLLM: UNAVAILABLE to the router, which retries / resubmits them).
+    engine.on_death(lambda error: _call_soon(loop, stop.set))
     await stop.wait()
+    died = engine.dead is not None
+    if died:
+        log.error("%s: the engine died (%s): leaving the registry and exiting", state.instance_id, engine.dead)
     # Graceful: say NOT_SERVING (routers drop this worker at their next refresh), leave the
     # registry and the prefix index, let running requests and unpulled leases finish (up to
     # --shutdown-grace), then stop serving gRPC and the KV transport.
@@ -191,7 +202,7 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
         await publisher.stop()
     if heartbeater is not None:
         await heartbeater.stop()
-    deadline = loop.time() + args.shutdown_grace
+    deadline = loop.time() + (0 if died else args.shutdown_grace)  # a dead engine finishes nothing
     while loop.time() < deadline and (engine.core.has_unfinished() or lease.num_active):
         await asyncio.sleep(0.1)
     if stat_logger is not None:
@@ -202,7 +213,25 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
     await releaser.close()
     await kv.close()
     metrics_server.shutdown()
-    engine.shutdown()
+    try:
+        engine.shutdown()
+    except Exception:
+        if not died:
+            raise
+        log.exception("shutting down the dead engine failed")
+    if died:
+        raise EngineDiedExit(f"pdserve {role} {state.instance_id}: exiting: the engine died: {engine.dead}")
+
+
+class EngineDiedExit(SystemExit):
+    """The worker's engine died: the process ends with status 1 and this message on stderr."""
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn) -> None:
+    try:
+        loop.call_soon_threadsafe(fn)
+    except RuntimeError:  # the loop is closed: the worker is ending anyway
+        pass
 
 
 def run_worker(args: argparse.Namespace, role: str) -> None:

@@ -30,7 +30,7 @@ class WorkerState:
         self.instance_id = instance_id
         self._role = role
         self.heartbeater = None  # set by follow(); without Redis the role is fixed
-        self.shutting_down = False  # SIGTERM: Health says NOT_SERVING until the process exits
+        self.shutting_down = False  # SIGTERM or a dead engine: Health says NOT_SERVING until the process exits
 
     def follow(self, heartbeater) -> None:
         self.heartbeater = heartbeater
@@ -41,7 +41,7 @@ class WorkerState:
 
     @property
     def status(self) -> str:
-        if self.shutting_down:
+        if self.shutting_down or self.engine.dead is not None:
             return "not_serving"
         return self.heartbeater.info.status if self.heartbeater else "serving"
 
