@@ -59,9 +59,7 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         try:
             resp, lease_id = await self._prefill(rid, params, prompt, context)
         except asyncio.CancelledError:  # the call went away: a lease made meanwhile goes back
-            lease = self.connector.take_lease(rid)
-            if lease is not None:
-                self._release_soon(lease[0])
+            self._release_unsent(rid)
             raise
         except EngineDeadError as e:  # the router tries another prefill (the worker is exiting)
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"engine dead: {e}")
@@ -73,9 +71,27 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         """Awaitable: the lease released on the engine thread (-> whether it was held)."""
         return self.engine.call_in_engine(lambda core: self.connector.release(lease_id))
 
+    def _release_unsent(self, rid: str) -> None:
+        """The lease of a request whose call went away, if it has one, goes back. Taken on the
+        engine thread, behind the abort that the stream's close queued: by then the request
+        was aborted (its blocks freed, no lease) or it had finished, leased, in the step that ran
+        while the call went away (looked up here at once, it would have no lease yet and keep
+        its blocks until the ttl)."""
+        def release(core) -> bool:
+            lease = self.connector.take_lease(rid)
+            return lease is not None and self.connector.release(lease[0])
+        self._in_engine_soon(release)
+
     def _release_soon(self, lease_id: str) -> None:
-        if self.engine.dead is None:  # a dead engine's leases go with the worker
-            asyncio.ensure_future(_ignore_dead(self._release(lease_id)))
+        self._in_engine_soon(lambda core: self.connector.release(lease_id))
+
+    def _in_engine_soon(self, fn) -> None:
+        """fn(core) on the engine thread, not waited for; nothing on a dead engine (its leases go
+        with the worker, which exits)."""
+        try:
+            asyncio.ensure_future(_ignore_dead(self.engine.call_in_engine(fn)))
+        except EngineDeadError:
+            pass
 
     async def _prefill(self, rid: str, params: SamplingParams, prompt, context) -> tuple[pb.PrefillResponse, str | None]:
         """(the answer, the lease id it hands out or None)."""
