@@ -1,0 +1,66 @@
+"""A request whose client goes away while the prefill's answer (the KV lease handed to decode) is
+in transit, answered by the prefill but not yet pulled by a decode, releases the lease on the
+prefill at once, not after its ttl: the prefill's pool is full again within seconds (the
+router's `_Lease` in services/router/disagg_client.py; this held already). Real
+processes (1P1D, router, redis-server); the decode is frozen (SIGSTOP) so that nothing pulls."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import httpx
+import pytest
+from stack import Stack
+
+
+@pytest.fixture(scope="module")
+def stack(tiny_models):
+    s = Stack(tiny_models["llama"], prefill=[["--lease-ttl", "60"]], decode=[[]])
+    yield s
+    s.close()
+
+
+def wait_for(what, predicate, timeout_s: float) -> None:
+    deadline = time.time() + timeout_s
+    while not predicate():
+        assert time.time() < deadline, what
+        time.sleep(0.1)
+
+
+def test_client_gone_before_the_pull_releases_the_lease(stack):
+    before = stack.metrics("prefill-0")
+    granted = before["pdserve:kv_leases_granted_total"]
+    released = before["pdserve:kv_leases_released_total"]
+
+    def answered() -> bool:
+        return stack.metrics("prefill-0")["pdserve:kv_leases_granted_total"] > granted
+
+    async def request_and_leave():
+        body = {"model": "tiny", "prompt": "A lease in transit. " * 4, "max_tokens": 8, "temperature": 0,
+                "ignore_eos": True}
+        async with httpx.AsyncClient(base_url=stack.base_url, timeout=60) as client:
+            task = asyncio.ensure_future(client.post("/v1/completions", json=body))
+            deadline = time.time() + 20
+            while not await asyncio.to_thread(answered):
+                assert time.time() < deadline and not task.done()
+                await asyncio.sleep(0.1)
+            assert stack.metrics("prefill-0")["pdserve:kv_leases_active"] == 1
+            task.cancel()  # the client gives up: its connection closes
+            with pytest.raises(asyncio.CancelledError):
+                await task
+
+    stack.procs["decode-0"].send_signal(signal.SIGSTOP)  # the handle reaches no one who pulls
+    try:
+        asyncio.run(request_and_leave())
+        wait_for("the lease released (not left to its 60 s ttl)",
+                 lambda: stack.metrics("prefill-0")["pdserve:kv_leases_active"] == 0, 5)
+        after = stack.metrics("prefill-0")
+        assert after["pdserve:kv_leases_released_total"] == released + 1
+        assert after["pdserve:kv_leases_expired_total"] == before["pdserve:kv_leases_expired_total"]
+        assert after["pdserve:kv_blocks_free"] == after["pdserve:kv_blocks_total"]
+    finally:
+        stack.procs["decode-0"].send_signal(signal.SIGCONT)
+    wait_for("the decode's pool is full again", lambda: (lambda m: m["pdserve:kv_blocks_free"] ==
+                                                         m["pdserve:kv_blocks_total"])(stack.metrics("decode-0")), 20)
