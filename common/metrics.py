@@ -324,6 +324,7 @@ class StatsCollector:
             for key, name, doc in (("kv_bytes", "pdserve:kv_transfer_bytes", "KV bytes pulled by decode for this router's requests."),
                                    ("handoffs", "pdserve:kv_handoffs", "Requests whose prompt KV was pulled from a prefill."),
                                    ("decode_resubmits", "pdserve:decode_resubmits", "Requests moved to another decode after a failure."),
+                                   ("decodes_on_prefill", "pdserve:decodes_on_prefill", "Requests decoded on a prefill instance while no decode instance served."),
                                    ("prefill_retries", "pdserve:prefill_retries", "Prefill calls retried on another instance.")):
                 yield counter(name, doc, getattr(r, key))
             routes = CounterMetricFamily("pdserve:routing_decisions", "Routing decisions by reason.",

@@ -107,6 +107,7 @@ class RouterStats:
     """A router's counters of the requests it routed (`/admin/stats`, `/metrics`)."""
     prefill_retries: int = 0
     decode_resubmits: int = 0
+    decodes_on_prefill: int = 0  # requests decoded on a prefill while no decode instance served
     kv_bytes: int = 0  # KV bytes decode pulled for this router's requests
     handoffs: int = 0  # requests whose prompt KV was pulled from a prefill
     recomputed_prompt_tokens: int = 0

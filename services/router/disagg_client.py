@@ -138,8 +138,14 @@ class DisaggClient:
             else:  # another decode first; else one that failed it, once it serves again (InstancePool.live)
                 inst = self.pool.choose("decode", exclude=tried) or await self.pool.wait_for(
                     "decode", timeout_s=self.no_instance_timeout_s, retry_failed=True)
+            if inst is None:  # no decode serves: a live prefill decodes it (every worker carries both services)
+                inst = self.pool.choose("prefill", exclude=tried)
+                if inst is not None:
+                    log.warning("no decode instance for %s: decoding on prefill %s", request_id, inst.instance_id)
+                    self.stats.decodes_on_prefill += 1
+                    handle = None  # its prompt's KV: a prefix-cache hit where that prefill has it, else recomputed
             if inst is None:
-                raise EngineDeadError("no decode instance is available" + (" (all failed)" if tried else ""))
+                raise EngineDeadError("no decode or prefill instance is available" + (" (all failed)" if tried else ""))
             computes_prompt = handle is None and decision["computed_on"] is None
             decode_params = params
             if handle is not None or state.prompt_logprobs is not None:  # the prefill computed them
