@@ -227,23 +227,23 @@ class AsyncLLM:
         """Any thread, once the engine is dead: what waits in the inbox fails (each message is
         taken once, by whichever thread gets it)."""
         error = EngineDeadError(f"the engine is dead: {self._dead}")
-        while True:
-            try:
-                kind, payload = self._inbox.get_nowait()
-            except queue.Empty:
-                return
+        for kind, payload in self._taken_inbox():
             if kind == "add":
                 self._deliver(payload[0], error)
             elif kind == "call":
                 _, loop, fut = payload
                 _call_soon(loop, _set_result, fut, None, error)
 
-    def _drain_inbox(self) -> None:
+    def _taken_inbox(self):
+        """The inbox's messages, each taken (by this thread alone) until it is empty."""
         while True:
             try:
-                kind, payload = self._inbox.get_nowait()
+                yield self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _drain_inbox(self) -> None:
+        for kind, payload in self._taken_inbox():
             if kind == "add":
                 rid, ids, params, arrival, done, kv_transfer, finished = payload
                 try:
