@@ -4,6 +4,7 @@ the router process; each on a free loopback port, torn down at the end."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -130,6 +131,7 @@ class Stack:
             except subprocess.TimeoutExpired:
                 p.kill()
         self.redis.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)  # the workers' ready files and logs
 
 
 async def greedy_stream(client, model: str, prompt: str, max_tokens: int, progressed) -> str:
