@@ -93,6 +93,7 @@ class _SamplingRequest(_Request):
     prompt_logprobs: int | None = None  # the prompt tokens' logprobs, top-k each (not streamed)
     truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None  # keep the last k (-1: max_model_len)
     return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:{id}"
+    use_beam_search: bool = False  # vLLM's; refused (a 400), never ignored into sampling
     # the output's grammar (services/router/constraints.py)
     response_format: dict | None = None
     guided_json: dict | str | None = None
@@ -124,6 +125,9 @@ class _SamplingRequest(_Request):
         for the fields the request leaves unset; `check`: the server's own limits on the result
         (--max-logprobs), raising ParameterError as the parameters' own checks do."""
         from pdserve.services.router.constraints import logit_bias_of, structured_outputs_of
+        if self.use_beam_search:
+            raise ParameterError("use_beam_search", "beam search is not supported: pdserve samples (temperature 0 "
+                                                    "for greedy; n for several sequences)")
         d = defaults or {}
         if max_tokens is None:
             max_tokens = d.get("max_tokens")
