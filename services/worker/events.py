@@ -11,6 +11,7 @@ import time
 from redis.exceptions import RedisError
 
 from pdserve.common.engine.async_llm import AsyncLLM
+from pdserve.common.engine_client import EngineDeadError
 
 log = logging.getLogger("pdserve.worker")
 
@@ -79,6 +80,8 @@ class KVEventPublisher:
                 await self.flush()
             except asyncio.CancelledError:
                 raise
+            except EngineDeadError:  # nothing left to publish: the worker is leaving (and its cancel
+                return               # of this task may have been lost in wait_for, Python 3.11's)
             except Exception:  # never let the publisher die; the next resync repairs the index
                 log.exception("publishing KV events failed")
                 self._want_resync = True
@@ -138,10 +141,9 @@ class KVEventPublisher:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            # bounded: a cancel that lands as wait_for's inner call ends is swallowed there
+            # (Python 3.11), and a stop must not wait on a loop that goes on
+            await asyncio.wait([self._task], timeout=5)
         try:
             await self.index.clear_instance(self.instance_id)
         except Exception as e:  # shutting down anyway: the entries expire

@@ -43,7 +43,7 @@ def exits_and_leaves_the_registry(stack: Stack, name: str, timeout_s: float = 20
     except Exception:
         raise AssertionError(f"{name} still runs {timeout_s} s after its engine died:\n{stack.log(name)[-3000:]}")
     assert code == 1, (code, stack.log(name)[-3000:])
-    assert "the engine died" in stack.log(name)
+    assert "the engine died" in stack.log(name), stack.log(name)[-3000:]
     assert not registered(stack, name)  # deregistered, not left to its TTL
 
 
@@ -91,5 +91,29 @@ def test_a_decode_whose_engine_died_fails_its_stream_fast_and_exits(tiny_models)
         assert chunk.status_code == grpc.StatusCode.UNAVAILABLE.value[0], chunk
         assert chunk.error.startswith("engine dead"), chunk.error
         exits_and_leaves_the_registry(stack, "decode-0")
+    finally:
+        stack.close()
+
+
+def test_a_decode_whose_tensor_parallel_rank_died_exits_and_a_prefill_decodes(tiny_models):
+    """A real rank death: decode-0 runs at --tensor-parallel-size 2 and its rank 1 process is
+    killed. The worker notices it while idle, leaves the registry and exits 1; the next request
+    is prefilled and, no decode serving any more, decoded on the prefill."""
+    import signal
+
+    import psutil
+    stack = Stack(tiny_models["llama"], prefill=[[]], decode=[["--tensor-parallel-size", "2"]])
+    try:
+        client = openai.OpenAI(base_url=stack.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
+        ask = dict(model="tiny", prompt="Tensor parallel ranks", max_tokens=6, temperature=0,
+                   extra_body={"ignore_eos": True})
+        want = client.completions.create(**ask).choices[0].text  # through decode-0 at TP=2
+        ranks = psutil.Process(stack.procs["decode-0"].pid).children()
+        assert len(ranks) == 1  # rank 1; rank 0 is the worker process itself
+        os.kill(ranks[0].pid, signal.SIGKILL)
+        exits_and_leaves_the_registry(stack, "decode-0")
+        before = stack.stats()["decodes_on_prefill"]
+        assert client.completions.create(**ask).choices[0].text == want
+        assert stack.stats()["decodes_on_prefill"] == before + 1
     finally:
         stack.close()
