@@ -61,16 +61,26 @@ class RequestState:
         self._metrics(out)
         if out.error is not None:
             self.error = out.error
-        seq.token_ids += out.new_token_ids
-        if out.new_logprobs:
-            for token, entry in zip(out.new_token_ids, out.new_logprobs):
-                seq.logprobs.append(self._named(entry))
-                seq.cumulative_logprob += entry[token].logprob
-        text_ids = out.new_token_ids
+        new_ids = out.new_token_ids
+        text_ids = new_ids
         if (out.finish_reason == "stop" and not isinstance(out.stop_reason, str) and text_ids
                 and not self.params.include_stop_str_in_output):
             text_ids = text_ids[:-1]  # the stop token or EOS itself is not part of the text
-        matched = seq.detok.add_tokens(text_ids) if seq.detok is not None and text_ids else None
+        matched = None
+        if seq.detok is not None and text_ids:
+            before = seq.detok.num_output_tokens
+            matched = seq.detok.add_tokens(text_ids)
+            if matched is not None:
+                # a delta of several tokens (a decode worker's batched message, a speculative
+                # step): those after the one that completed the stop string were never part of
+                # the answer (the engine alone stops after that token): not in token_ids,
+                # logprobs or the usage
+                new_ids = new_ids[:seq.detok.num_output_tokens - before]
+        seq.token_ids += new_ids
+        if out.new_logprobs:
+            for token, entry in zip(new_ids, out.new_logprobs):
+                seq.logprobs.append(self._named(entry))
+                seq.cumulative_logprob += entry[token].logprob
         if matched is not None:
             seq.finish_reason, seq.stop_reason = "stop", matched
             return out.finish_reason is None

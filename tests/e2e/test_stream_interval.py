@@ -69,3 +69,37 @@ def test_stream_interval_coalesces_decode_messages(tiny_models):
             assert usage.completion_tokens == NUM_TOKENS
     finally:
         stack.close()
+
+
+def test_a_stop_string_inside_a_coalesced_message_ends_the_tokens_there(tiny_models):
+    """A decode message carries several steps' tokens; when a stop string is completed by one of
+    them, the tokens after it are not part of the answer: the completion's token count (usage)
+    and its logprobs end at that token, as offline (they used to run on to the message's end)."""
+    from pdserve.common.engine.llm import LLM
+    prompts = ["The stop string of the river", "A second story about the mill"]
+    llm = LLM(tiny_models["llama"], num_gpu_blocks_override=64, dtype="float32")
+    full = [o.outputs[0].text for o in llm.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True), use_tqdm=False)]
+    stops = [f[len(f) // 2:len(f) // 2 + 3] for f in full]
+    want = [o.outputs[0] for o in llm.generate(prompts, [SamplingParams(
+        temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, stop=[s], logprobs=1) for s in stops], use_tqdm=False)]
+    del llm
+    stack = Stack(tiny_models["llama"], prefill=[], decode=[["--stream-interval-ms", str(INTERVAL_MS)]])
+    try:
+        client = openai.OpenAI(base_url=stack.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
+        for prompt, stop, w in zip(prompts, stops, want):
+            kw = dict(model="tiny", prompt=prompt, max_tokens=NUM_TOKENS, temperature=0, stop=[stop], logprobs=1,
+                      extra_body={"ignore_eos": True})
+            r = client.completions.create(**kw)
+            c = r.choices[0]
+            assert (c.text, c.finish_reason) == (w.text, "stop")
+            assert r.usage.completion_tokens == len(w.token_ids) < NUM_TOKENS
+            assert len(c.logprobs.tokens) == len(w.token_ids)
+            tokens, text = [], ""
+            for chunk in client.completions.create(**kw, stream=True):
+                for c in chunk.choices:
+                    text += c.text
+                    tokens += c.logprobs.tokens if c.logprobs and c.logprobs.tokens else []
+            assert text == w.text and len(tokens) == len(w.token_ids)
+    finally:
+        stack.close()
