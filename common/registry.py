@@ -320,10 +320,20 @@ class Heartbeater:
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        """Register (raising RegistrationError on a fleet mismatch), then beat in the background."""
-        await self.registry.register(self.info)
-        self.num_registrations += 1
-        await self.beat()
+        """Register (raising RegistrationError on a fleet mismatch), then beat in the background.
+        Redis unreachable at start (a worker restarted during a Redis outage) is not fatal: the
+        worker starts unregistered and the background beats register it as soon as Redis
+        answers (every RETRY_S), as after a Redis restart; dying here only made a supervisor
+        restart it again and again, each time later (its backoff), while Redis was down."""
+        try:
+            await self.registry.register(self.info)
+            self.num_registrations += 1
+            await self.beat()
+        except RedisError as error:
+            logger.warning("%s: Redis unreachable at start (%s): serving unregistered, registering "
+                           "when it answers (every %.2f s)", self.info.instance_id, error,
+                           min(self.interval_s, RETRY_S))
+            self.last_error = f"{type(error).__name__}: {error}"
         self._task = asyncio.create_task(self._run(), name=f"heartbeat-{self.info.instance_id}")
 
     async def beat(self) -> None:
