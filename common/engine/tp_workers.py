@@ -63,6 +63,11 @@ log = logging.getLogger("pdserve.tp")
 
 COLLECTIVE_TIMEOUT_S = 600  # a collective waits this long for a slow rank (loading weights, compiling)
 JOIN_TIMEOUT_S = 120  # spawned workers must import and reach the store within this
+# Once serving, a step that rank 0 waits on (its launch, whose collectives wait for every rank,
+# or its result) for longer than this means a rank is stalled (frozen: SIGSTOP, a hung device):
+# the watchdog kills the ranks, so the instance fails as for a dead rank (its requests are
+# resubmitted) instead of holding them until the collective's own COLLECTIVE_TIMEOUT_S.
+STEP_TIMEOUT_S = float(os.environ.get("PDSERVE_TP_STEP_TIMEOUT_S", "60"))
 
 
 class RankDeadError(EngineDeadError):
@@ -131,6 +136,7 @@ class TPWorkers:
         self.kv_links: list[socket.socket] = []  # rank 0's end of each rank's KV link (tp_agent.py)
         self.dead: str | None = None
         self._closed = False
+        self._blocked_since: float | None = None  # when rank 0 began waiting on the current step
         self._status_lock = threading.Lock()  # the watchdog and the engine thread both read status pipes
         for rank in range(1, n):
             step_r, step_w = mpc.Pipe(duplex=False)
@@ -205,12 +211,36 @@ class TPWorkers:
         return None
 
     def _watch(self) -> None:
-        ready = mpc.wait(self._exits + [self._stop_r])
-        if self._stop_r in ready or self._closed:
-            return
-        self.dead = self._find_dead(0) or "a tensor-parallel rank exited"
+        while True:
+            ready = mpc.wait(self._exits + [self._stop_r], timeout=min(1.0, STEP_TIMEOUT_S / 4))
+            if self._stop_r in ready or self._closed:
+                return
+            if ready:
+                self.dead = self._find_dead(0) or "a tensor-parallel rank exited"
+                break
+            since = self._blocked_since
+            if since is not None and time.monotonic() - since > STEP_TIMEOUT_S:
+                self.dead = (f"a tensor-parallel step did not finish within {STEP_TIMEOUT_S:g} s "
+                             "(a rank is stalled); its ranks were killed")
+                for proc in self.procs:  # a stopped process dies too; the collective then fails
+                    proc.kill()
+                break
         log.error("%s: the instance is failing", self.dead)
         self.comm.abort()
+
+    class _Blocked:
+        def __init__(self, workers: "TPWorkers"):
+            self.workers = workers
+
+        def __enter__(self):
+            self.workers._blocked_since = time.monotonic()
+
+        def __exit__(self, *exc):
+            self.workers._blocked_since = None
+
+    def blocked(self) -> "TPWorkers._Blocked":
+        """Rank 0 waits on a step inside this (the watchdog's STEP_TIMEOUT_S)."""
+        return TPWorkers._Blocked(self)
 
     def check(self) -> None:
         if self.dead is not None:
@@ -234,10 +264,11 @@ class TPWorkers:
         return RankDeadError(message)
 
     def wait(self, pending: PendingOutput) -> RunnerOutput:
-        while not pending.ready():  # a CUDA event wait spins too; this one also sees a dead rank
-            self.check()
-            time.sleep(0)  # lets other threads (the HTTP event loop) take the GIL
-        return pending.result()
+        with self.blocked():
+            while not pending.ready():  # a CUDA event wait spins too; this one also sees a dead rank
+                self.check()
+                time.sleep(0)  # lets other threads (the HTTP event loop) take the GIL
+            return pending.result()
 
     def shutdown(self) -> None:
         """Stop the workers (an empty step message, then a kill for any that lingers) and the group."""
@@ -288,9 +319,12 @@ class TPDriverRunner(ModelRunner):
         if self.spec is not None:
             scheduled = self.spec.prepare(sched)
             sched.spec_verifies = self.spec.verifies()
-        self.workers.send_step(sched, scheduled)
         try:
-            return _TPPending(super().launch(sched, token_masks), self.workers)
+            with self.workers.blocked():  # on a CPU, the launch itself waits in the collectives
+                self.workers.send_step(sched, scheduled)
+                return _TPPending(super().launch(sched, token_masks), self.workers)
+        except RankDeadError:
+            raise
         except Exception as e:
             raise self.workers.fail(e) from e
 

@@ -45,6 +45,7 @@ from pdserve.common.request import Request
 
 log = logging.getLogger("pdserve.kv_connector")
 
+RANK_GRACE_S = 5.0  # past the pull deadline, how long a tensor-parallel rank may take to end its part
 LEASE = "lease"  # kv_transfer value of a prefill request whose prompt KV is handed off
 
 
@@ -240,15 +241,25 @@ class PullConnector(KVConnector):
         tasks += [asyncio.ensure_future(self.ranks.pull(rank, pull, self.deadline_s))
                   for rank, pull in enumerate(pulls[1:], start=1)]
         cancelled = False
+        # each rank ends its pull by the deadline; one that does not answer by then + RANK_GRACE_S
+        # is stalled (a frozen process): the load fails (decode recomputes; the TP watchdog then
+        # fails the instance at its next step) instead of waiting on that rank forever
+        give_up = time.monotonic() + self.deadline_s + RANK_GRACE_S
         while True:
             try:
-                await asyncio.wait(tasks)
+                await asyncio.wait(tasks, timeout=max(give_up - time.monotonic(), 0))
                 break
             except asyncio.CancelledError:
                 cancelled = True
                 tasks[0].cancel()
+        late = [rank for rank, t in enumerate(tasks) if not t.done()]
+        for t in tasks:
+            t.cancel()
         if cancelled:
             raise asyncio.CancelledError
+        if late:
+            raise TimeoutError(f"tensor-parallel rank(s) {late} did not end their KV pull within "
+                               f"{self.deadline_s + RANK_GRACE_S:g} s")
         errors = [t.exception() for t in tasks if t.exception() is not None]
         if errors:
             raise errors[0]

@@ -117,3 +117,34 @@ def test_a_decode_whose_tensor_parallel_rank_died_exits_and_a_prefill_decodes(ti
         assert stack.stats()["decodes_on_prefill"] == before + 1
     finally:
         stack.close()
+
+
+def test_a_decode_whose_tensor_parallel_rank_froze_exits_and_its_stream_goes_on(tiny_models, monkeypatch):
+    """A frozen rank (SIGSTOP: alive, computing nothing): rank 0 waits in the step's collective,
+    its gRPC still answers (so keepalive pings see nothing wrong). The TP watchdog gives a step
+    PDSERVE_TP_STEP_TIMEOUT_S (here 3 s), then kills the ranks: the worker exits 1 as for a dead
+    rank and the open stream is resubmitted and finishes with the same text (before: it waited
+    for the collective's 600 s timeout)."""
+    import signal
+
+    import psutil
+    monkeypatch.setenv("PDSERVE_TP_STEP_TIMEOUT_S", "3")
+    stack = Stack(tiny_models["llama"], prefill=[[]], decode=[["--tensor-parallel-size", "2", "--pull-deadline", "2"]])
+    try:
+        client = openai.OpenAI(base_url=stack.base_url + "/v1", api_key="none", max_retries=0, timeout=60)
+        ask = dict(model="tiny", prompt="A frozen rank", max_tokens=300, temperature=0,
+                   extra_body={"ignore_eos": True})
+        want = client.completions.create(**ask).choices[0].text
+        rank = psutil.Process(stack.procs["decode-0"].pid).children()[0]
+        text, t0 = "", time.monotonic()  # frozen at the first token: during the KV pull or a step
+        for chunk in client.completions.create(**ask, stream=True):
+            text += chunk.choices[0].text if chunk.choices else ""
+            if text and rank.is_running() and rank.status() != psutil.STATUS_STOPPED:
+                os.kill(rank.pid, signal.SIGSTOP)
+        assert text == want
+        assert time.monotonic() - t0 < 30
+        exits_and_leaves_the_registry(stack, "decode-0")
+        assert "did not finish within 3 s" in stack.log("decode-0")
+        assert stack.stats()["decode_resubmits"] == 1
+    finally:
+        stack.close()
