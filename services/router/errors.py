@@ -8,6 +8,7 @@ import json
 from fastapi import Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 from pdserve.common.engine_client import EngineDeadError
 from pdserve.common.sampling_params import ParameterError
@@ -40,6 +41,8 @@ def as_api_error(e: BaseException) -> APIError:
         return APIError(400, str(e), param=e.param)
     if isinstance(e, EngineDeadError):
         return APIError(503, str(e), type="server_error", code="engine_unavailable")
+    if isinstance(e, ClientDisconnect):  # the client left while sending its body: nothing failed here
+        return APIError(499, "the client disconnected before sending its whole request")
     return APIError(500, f"internal error: {e}", type="server_error")
 
 

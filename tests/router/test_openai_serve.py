@@ -576,6 +576,25 @@ def test_client_disconnect_aborts(server):
     assert generated < 900  # both stopped long before their 900 tokens each
 
 
+def test_client_gone_mid_body_is_no_error(server, caplog):
+    """A client that closes its connection while still sending the body is no server error: before,
+    Starlette's ClientDisconnect from the body read went to the catch-all and every such client
+    logged an ERROR "internal error" with a traceback (a 500 nobody received)."""
+    import socket
+    host, port = server.url.split("//")[1].split(":")
+    with caplog.at_level("WARNING", logger="pdserve"):
+        for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize"):
+            with socket.create_connection((host, int(port))) as s:
+                s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          f"Content-Length: 1000\r\n\r\n{{\"prompt\": ".encode())
+                time.sleep(0.05)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and not caplog.records:
+            time.sleep(0.05)
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
+    assert httpx.get(server.url + "/health").status_code == 200
+
+
 def test_metrics(server, client):
     for _ in range(2):  # the second finds the first's full blocks in the prefix cache
         client.completions.create(model=NAME, prompt="Hello metrics " * 20, max_tokens=4,
