@@ -85,6 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     check_tool_args(args)
     from pdserve.services.router.http_options import add_cors, check_http_args, scheme, uvicorn_options
     check_http_args(args)
+    from pdserve.services.router.limits import limits_of
+    limits = limits_of(args)
     from pdserve.common.uptime import process_age_s
 
     import uvicorn
@@ -94,7 +96,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from pdserve.common.metrics import StatsCollector
     from pdserve.services.router.app import build_app
     from pdserve.services.entry import latch_stop_signals
-    from pdserve.services.router.limits import limits_of
 
     name = args.served_model_name or served_name(args.model)
     with _bind(args.host, args.port) as sock:
@@ -105,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         try:
             from pdserve.common.gpu_metrics import gpu_stats_source
             collector = StatsCollector(name, engine=engine.core.stats, gpu=gpu_stats_source(engine.core.runner.device))
-            app = build_app(engine, name, api_key=args.api_key, collector=collector, limits=limits_of(args),
+            app = build_app(engine, name, api_key=args.api_key, collector=collector, limits=limits,
                             tool_call_parser=args.tool_call_parser, enable_auto_tool_choice=args.enable_auto_tool_choice,
                             metrics_route=args.enable_metrics and args.metrics_port is None,
                             log_requests=args.enable_log_requests, max_log_len=args.max_log_len,

@@ -362,3 +362,15 @@ def test_bench_spec_reports_every_method(tmp_path, tiny_models):
         assert abs(v["host_ms"] - (v["ms_per_step"] - v["wait_ms"])) <= 0.002
     assert all(r["plain_steps"]["steps"] > 0 for r in rows if r["method"] == "none")
     assert "per decode step" in proc.stdout
+
+
+def test_front_end_limits_must_be_positive():
+    """--max-pending-requests 0 used to start a server that answered every request with a 400 ("a batch
+    of more prompts than 0 ... send them in smaller batches"); a limit of 0 or less is a start-up error
+    now, before any model loads, on serve and router alike."""
+    for cmd in (("serve", "--port", "0"), ("router", "--port", "0", "--redis-url", "redis://127.0.0.1:1")):
+        for flag, value in (("--max-pending-requests", "0"), ("--max-request-body-bytes", "-1")):
+            bad = subprocess.run([sys.executable, "-m", "pdserve.services.cli", *cmd, flag, value],
+                                 capture_output=True, text=True, timeout=60)  # before: served, never exited
+            assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+                f"pdserve {cmd[0]}: error: {flag} must be positive, got {value}"], bad.stderr

@@ -22,4 +22,11 @@ def add_limit_args(p: argparse.ArgumentParser) -> None:
 
 
 def limits_of(args: argparse.Namespace) -> Limits:
+    """The flags' limits; 0 or less is a start-up error (it would refuse every request, a batch "of
+    more prompts than 0"), as --max-num-seqs 0 is. Called before the model loads."""
+    from pdserve.common.config import ConfigError
+    for flag, value in (("--max-request-body-bytes", args.max_request_body_bytes),
+                        ("--max-pending-requests", args.max_pending_requests)):
+        if value <= 0:
+            raise ConfigError(f"{flag} must be positive, got {value}")
     return Limits(max_request_body_bytes=args.max_request_body_bytes, max_pending_requests=args.max_pending_requests)

@@ -89,6 +89,7 @@ def run_router(args: argparse.Namespace) -> None:
     if args.response_store_ttl is not None and args.response_store_ttl <= 0:
         raise ConfigError(f"--response-store-ttl must be positive, got {args.response_store_ttl}")
     check_max_logprobs(args.max_logprobs)
+    limits_of(args)  # refuses limits of 0 or less before anything starts
     from pdserve.services.router.http_options import check_http_args
     check_http_args(args)
     if args.workers > 1:
