@@ -8,21 +8,26 @@ X s (...)" (seconds since the process started) and "pdserve serving MODEL on htt
 (`--port 0` picks a free port and prints it). /metrics is on the API port, or only on
 `--metrics-port` when given (a scrape network apart from the API's); `--no-enable-metrics`
 serves none.
-SIGINT / SIGTERM: uvicorn stops accepting, lets open requests finish for a few seconds, then the
-engine thread is stopped and the command exits 0.
+SIGINT / SIGTERM: uvicorn stops accepting, lets open requests finish for a few seconds (those still
+open 1 s before the end are aborted: they end with finish_reason "abort"), then the engine thread
+is stopped and the command exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import socket
 import time
 
 from pdserve.common.config import ConfigError
 from pdserve.common.model_path import served_name
 
+log = logging.getLogger("pdserve.serve")
+
 GRACEFUL_SHUTDOWN_S = 5
+ABORT_MARGIN_S = 1.0  # open requests are aborted this long before uvicorn cancels their handlers
 
 
 def add_parser(sub, add_engine_args) -> None:
@@ -125,7 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
             if metrics_apart is not None:
                 ready += f", metrics on http://{args.host}:{metrics_apart.server_port}/metrics"
             asyncio.run(_serve(server, sock, name, f"{scheme(args)}://", args.host,
-                               lambda: ready.format(process_age_s()), stop_requested))
+                               lambda: ready.format(process_age_s()), stop_requested, engine))
         finally:
             if stat_logger is not None:
                 stat_logger.stop()
@@ -149,11 +154,28 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def _serve(server, sock: socket.socket, name: str, scheme: str, host: str, ready_line, stop_requested) -> None:
+async def _serve(server, sock: socket.socket, name: str, scheme: str, host: str, ready_line, stop_requested,
+                 engine=None) -> None:
     from pdserve.services.entry import until_serving
     task = asyncio.create_task(server.serve(sockets=[sock]))
     if await until_serving(server, task, stop_requested):
         print(ready_line(), flush=True)
         shown = f"[{host}]" if ":" in host else host
         print(f"pdserve serving {name} on {scheme}{shown}:{sock.getsockname()[1]}", flush=True)
+        if engine is not None:
+            await _abort_before_grace_ends(server, task, engine)
     await task
+
+
+async def _abort_before_grace_ends(server, task, engine) -> None:
+    """After a stop signal, requests still open shortly before uvicorn's grace period ends are
+    aborted in the engine, so each ends as an answer (finish_reason "abort"; a stream's last chunks
+    and [DONE]). Before, uvicorn cancelled their handlers at the deadline: a non-streaming client got
+    a plain-text 500, a stream was cut without an error event, and each logged a traceback."""
+    while not server.should_exit and not task.done():
+        await asyncio.sleep(0.05)
+    try:
+        await asyncio.wait_for(asyncio.shield(task), GRACEFUL_SHUTDOWN_S - ABORT_MARGIN_S)
+    except asyncio.TimeoutError:
+        log.warning("aborting the requests still open %.0f s after the stop signal", GRACEFUL_SHUTDOWN_S - ABORT_MARGIN_S)
+        engine.abort_all()

@@ -181,6 +181,11 @@ class AsyncLLM:
     async def abort(self, request_id: str) -> None:
         self._send(("abort", [request_id]))
 
+    def abort_all(self) -> None:
+        """Abort every request in flight: each consumer gets its last output (finish_reason "abort")."""
+        if self._streams:
+            self._send(("abort", list(self._streams)))
+
     async def is_healthy(self) -> bool:
         return self._dead is None and self._thread.is_alive()
 

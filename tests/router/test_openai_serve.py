@@ -649,6 +649,35 @@ def test_pdserve_serve_command(commands):
     assert "nanobind" not in proc.stderr_text()  # no teardown noise from Triton's bindings (entry.exit_process)
 
 
+def test_sigterm_aborts_what_outlasts_the_grace_period(tiny_models):
+    """SIGTERM with requests that cannot finish in the 5 s grace period (one running at a time, six
+    of 1,000 tokens): 1 s before uvicorn would cancel their handlers the engine aborts them, so each
+    gets an answer: finish_reason "abort", whole or as a stream that ends with [DONE]. Before, uvicorn
+    cancelled them: plain-text 500s, streams cut without an error event, a traceback each."""
+    import signal
+
+    async def run(proc):
+        c = openai.AsyncOpenAI(base_url=proc.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        body = dict(model="llama", prompt="Hello", max_tokens=1000, extra_body={"ignore_eos": True})
+
+        async def one(i):
+            if i % 2:
+                return (await c.completions.create(**body)).choices[0].finish_reason
+            reasons = [ch.choices[0].finish_reason async for ch in await c.completions.create(stream=True, **body)
+                       if ch.choices and ch.choices[0].finish_reason]
+            return reasons[0]
+        tasks = [asyncio.create_task(one(i)) for i in range(6)]
+        await asyncio.sleep(0.5)
+        proc.proc.send_signal(signal.SIGTERM)
+        return await asyncio.gather(*tasks)
+
+    with ServeProcess("--model", tiny_models["llama"], "--max-num-seqs", "1", "--num-gpu-blocks-override", "128") as proc:
+        reasons = asyncio.run(run(proc))
+        assert proc.proc.wait(timeout=30) == 0
+        assert set(reasons) <= {"abort", "length"} and "abort" in reasons, reasons
+        assert "Traceback" not in proc.stderr_text(), proc.stderr_text()
+
+
 def test_default_model_knows_paris(commands):
     proc = commands["default"].wait_ready()
     c = openai.OpenAI(base_url=proc.url + "/v1", api_key="x", max_retries=0)
