@@ -157,25 +157,33 @@ def _bind(host: str, port: int) -> socket.socket:
 async def _serve(server, sock: socket.socket, name: str, scheme: str, host: str, ready_line, stop_requested,
                  engine=None) -> None:
     from pdserve.services.entry import until_serving
+    if engine is not None:
+        _abort_before_grace_ends(server, engine)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     if await until_serving(server, task, stop_requested):
         print(ready_line(), flush=True)
         shown = f"[{host}]" if ":" in host else host
         print(f"pdserve serving {name} on {scheme}{shown}:{sock.getsockname()[1]}", flush=True)
-        if engine is not None:
-            await _abort_before_grace_ends(server, task, engine)
     await task
 
 
-async def _abort_before_grace_ends(server, task, engine) -> None:
-    """After a stop signal, requests still open shortly before uvicorn's grace period ends are
-    aborted in the engine, so each ends as an answer (finish_reason "abort"; a stream's last chunks
-    and [DONE]). Before, uvicorn cancelled their handlers at the deadline: a non-streaming client got
-    a plain-text 500, a stream was cut without an error event, and each logged a traceback."""
-    while not server.should_exit and not task.done():
-        await asyncio.sleep(0.05)
-    try:
-        await asyncio.wait_for(asyncio.shield(task), GRACEFUL_SHUTDOWN_S - ABORT_MARGIN_S)
-    except asyncio.TimeoutError:
-        log.warning("aborting the requests still open %.0f s after the stop signal", GRACEFUL_SHUTDOWN_S - ABORT_MARGIN_S)
-        engine.abort_all()
+def _abort_before_grace_ends(server, engine) -> None:
+    """Requests still open ABORT_MARGIN_S before uvicorn's grace period ends are aborted in the
+    engine, so each ends as an answer (finish_reason "abort"; a stream's last chunks and [DONE]).
+    Before, uvicorn cancelled their handlers at the deadline: a non-streaming client got a
+    plain-text 500, a stream was cut without an error event, and each logged a traceback. A
+    timer armed when uvicorn's shutdown starts (after a stop signal), cancelled when it ends."""
+    shutdown = server.shutdown
+
+    def abort_open() -> None:
+        if engine.abort_all():
+            log.warning("aborted the requests still open %.0f s after the stop signal",
+                        GRACEFUL_SHUTDOWN_S - ABORT_MARGIN_S)
+
+    async def shutdown_aborting(sockets=None) -> None:
+        timer = asyncio.get_running_loop().call_later(GRACEFUL_SHUTDOWN_S - ABORT_MARGIN_S, abort_open)
+        try:
+            await shutdown(sockets=sockets)
+        finally:
+            timer.cancel()
+    server.shutdown = shutdown_aborting

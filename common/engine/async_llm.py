@@ -181,10 +181,13 @@ class AsyncLLM:
     async def abort(self, request_id: str) -> None:
         self._send(("abort", [request_id]))
 
-    def abort_all(self) -> None:
-        """Abort every request in flight: each consumer gets its last output (finish_reason "abort")."""
-        if self._streams:
-            self._send(("abort", list(self._streams)))
+    def abort_all(self) -> int:
+        """Abort every request in flight: each consumer gets its last output (finish_reason
+        "abort"). -> how many there were."""
+        open_ids = list(self._streams)
+        if open_ids:
+            self._send(("abort", open_ids))
+        return len(open_ids)
 
     async def is_healthy(self) -> bool:
         return self._dead is None and self._thread.is_alive()
@@ -237,7 +240,7 @@ class AsyncLLM:
                 self._deliver(payload[0], error)
             elif kind == "call":
                 _, loop, fut = payload
-                _call_soon(loop, _set_result, fut, None, error)
+                call_soon(loop, _set_result, fut, None, error)
 
     def _taken_inbox(self):
         """The inbox's messages, each taken (by this thread alone) until it is empty."""
@@ -264,9 +267,9 @@ class AsyncLLM:
                 fn, loop, fut = payload
                 try:
                     result = fn(self.core)
-                    _call_soon(loop, _set_result, fut, result, None)
+                    call_soon(loop, _set_result, fut, result, None)
                 except Exception as e:
-                    _call_soon(loop, _set_result, fut, None, e)
+                    call_soon(loop, _set_result, fut, None, e)
 
     def _run(self, config: EngineConfig | None, connector: KVConnector | None) -> None:
         try:
@@ -328,16 +331,16 @@ class AsyncLLM:
             if stream is not None:
                 by_loop.setdefault(stream[0], []).append((stream[1], outs))
         for loop, items in by_loop.items():
-            _call_soon(loop, _sink_all, items)
+            call_soon(loop, _sink_all, items)
 
     def _deliver(self, request_id: str, item) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
             loop, sink = stream
-            _call_soon(loop, sink, item)
+            call_soon(loop, sink, item)
 
 
-def _call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
+def call_soon(loop: asyncio.AbstractEventLoop, fn, *args) -> None:
     """fn(*args) on `loop` from any thread; nothing when that loop is closed (its consumer is gone)."""
     try:
         loop.call_soon_threadsafe(fn, *args)
