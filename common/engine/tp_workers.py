@@ -34,6 +34,7 @@ raises. An error on rank 0 in a step is fatal too (the other ranks would wait in
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import faulthandler
@@ -228,19 +229,14 @@ class TPWorkers:
         log.error("%s: the instance is failing", self.dead)
         self.comm.abort()
 
-    class _Blocked:
-        def __init__(self, workers: "TPWorkers"):
-            self.workers = workers
-
-        def __enter__(self):
-            self.workers._blocked_since = time.monotonic()
-
-        def __exit__(self, *exc):
-            self.workers._blocked_since = None
-
-    def blocked(self) -> "TPWorkers._Blocked":
+    @contextlib.contextmanager
+    def blocked(self):
         """Rank 0 waits on a step inside this (the watchdog's STEP_TIMEOUT_S)."""
-        return TPWorkers._Blocked(self)
+        self._blocked_since = time.monotonic()
+        try:
+            yield
+        finally:
+            self._blocked_since = None
 
     def check(self) -> None:
         if self.dead is not None:

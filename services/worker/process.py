@@ -41,7 +41,7 @@ import uuid
 import grpc
 
 from pdserve.common.config import EngineConfig, add_engine_args, engine_config
-from pdserve.common.engine.async_llm import AsyncLLM
+from pdserve.common.engine.async_llm import AsyncLLM, call_soon
 from pdserve.common.engine.kv_connector import KVConnector
 from pdserve.common.kv_transfer.connector import LeaseConnector, PullConnector
 from pdserve.common.metrics import ServerMetrics, StatsCollector
@@ -187,7 +187,7 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
     # A dead engine (its thread raised, a tensor-parallel rank died) ends the worker: it must not
     # stay registered, answering Health and taking requests it can only fail. Its open requests
     # have failed already (AsyncLLM: UNAVAILABLE to the router, which retries / resubmits them).
-    engine.on_death(lambda error: _call_soon(loop, stop.set))
+    engine.on_death(lambda error: call_soon(loop, stop.set))
     await stop.wait()
     died = engine.dead is not None
     if died:
@@ -225,13 +225,6 @@ async def serve_worker(args, role: str, config: EngineConfig) -> None:
 
 class EngineDiedExit(SystemExit):
     """The worker's engine died: the process ends with status 1 and this message on stderr."""
-
-
-def _call_soon(loop: asyncio.AbstractEventLoop, fn) -> None:
-    try:
-        loop.call_soon_threadsafe(fn)
-    except RuntimeError:  # the loop is closed: the worker is ending anyway
-        pass
 
 
 def run_worker(args: argparse.Namespace, role: str) -> None:
