@@ -66,14 +66,19 @@ async def back_to_full(engine, lease, timeout_s: float = 3.0) -> None:
         await asyncio.sleep(0.05)
 
 
+def before_each_launch(engine, hook) -> None:
+    """hook() on the engine thread before each forward pass is launched (to slow or hold steps)."""
+    launch = engine.core.runner.launch
+
+    def hooked(sched, *args, **kwargs):
+        hook()
+        return launch(sched, *args, **kwargs)
+    engine.core.runner.launch = hooked
+
+
 def test_cancelled_mid_prefill_frees_its_blocks(prefill):
     engine, lease = prefill
-    real_launch = engine.core.runner.launch
-
-    def slow_launch(sched, *args, **kwargs):
-        time.sleep(0.1)
-        return real_launch(sched, *args, **kwargs)
-    engine.core.runner.launch = slow_launch
+    before_each_launch(engine, lambda: time.sleep(0.1))
 
     async def run():
         server, address = await serve(engine, lease)
@@ -101,13 +106,11 @@ def test_cancelled_during_its_last_step_releases_the_lease_at_once(prefill):
     finishes in that step and leases its blocks, after the servicer looked for a lease."""
     engine, lease = prefill
     in_step, go_on = threading.Event(), threading.Event()
-    real_launch = engine.core.runner.launch
 
-    def held_launch(sched, *args, **kwargs):
+    def hold() -> None:
         in_step.set()
         go_on.wait(10)
-        return real_launch(sched, *args, **kwargs)
-    engine.core.runner.launch = held_launch
+    before_each_launch(engine, hold)
 
     async def run():
         server, address = await serve(engine, lease)
