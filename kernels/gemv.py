@@ -43,15 +43,12 @@ BLOCK_K = 512
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, b_ptr, s_ptr, out_ptr, N, K, stride_wn,
                  HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr = False, PF_LINES: tl.constexpr = 0, LINE: tl.constexpr = 64):
+                 PDL: tl.constexpr = False):
+    if PDL:  # kernels/pdl.py: wait for the previous kernel first
+        pdl.prologue()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn
-    if PF_LINES > 0:  # kernels/pdl.py: each row's first PF_LINES lines into L2 before the wait
-        pf_k = tl.arange(0, PF_LINES)[None, :] * LINE  # LINE: weights per 128-byte line
-        pdl.prefetch_l2(w_rows + pf_k, row_mask[:, None] & (pf_k < K))
-    if PDL:  # kernels/pdl.py: wait for the previous kernel first
-        pdl.prologue()
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k in range(0, K, BLOCK_K):
         cols = k + tl.arange(0, BLOCK_K)
@@ -78,13 +75,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     assert scale is None or (scale.shape == (num_out,) and scale.dtype == torch.float32 and scale.is_contiguous())
     assert bias is None or (bias.shape == (num_out,) and bias.is_contiguous())
     out = torch.empty((1, num_out), dtype=x.dtype, device=x.device)
-    launch = pdl.launch_args(x)
-    row_lines = triton.cdiv(k * weight.element_size(), 128)
     _gemv_kernel[(triton.cdiv(num_out, BLOCK_N),)](
         x, weight, bias if bias is not None else weight, scale if scale is not None else weight, out, num_out, k,
         weight.stride(0), HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BLOCK_N=BLOCK_N, BLOCK_K=block_k,
-        PF_LINES=pdl.pow2_floor(min(row_lines, pdl.prefetch_lines(launch) // BLOCK_N)), LINE=128 // weight.element_size(),
-        num_warps=4, num_stages=4, **launch,
+        num_warps=4, num_stages=4, **pdl.launch_args(x),
     )
     return out
 

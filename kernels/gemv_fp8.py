@@ -120,16 +120,13 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: t
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     ws, locks = launch_buffers(x, n, config.block_n)
     if config.version == 2:  # gemv_fp8_v2.py: the FMA path with in-thread partial sums
-        launch = pdl.launch_args(x)
-        span_lines = triton.cdiv(tiles_per_split * config.block_k, 128)  # a column's lines in one split
         gemv_fp8_v2._fp8_gemv_v2_kernel[(triton.cdiv(n, config.block_n), split_k)](
             x, weight, scale, bias if bias is not None else scale, out, ws, locks, m, n, k, tiles_per_split, split_k,
             x.stride(0), weight.stride(0), out.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=gemv_config.block_m(config, m), BLOCK_N=config.block_n,
             BLOCK_K=config.block_k, EVEN_N=n % config.block_n == 0, EVEN_K=k % config.block_k == 0,
-            VEC=min(gemv_fp8_v2.VEC, config.block_k), GATED=gated,
-            PF_LINES=pdl.pow2_floor(min(span_lines, pdl.prefetch_lines(launch) // config.block_n)),
-            num_warps=config.num_warps, num_stages=config.num_stages, **launch)
+            VEC=min(gemv_fp8_v2.VEC, config.block_k), GATED=gated, num_warps=config.num_warps,
+            num_stages=config.num_stages, **pdl.launch_args(x))
         return out
     _fp8_gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
         x, weight, scale, bias if bias is not None else scale, out, ws, locks, m, n, k, tiles_per_split, split_k,

@@ -59,18 +59,14 @@ def _fp8_gemv_v2_kernel(x_ptr, w_ptr, scale_ptr, b_ptr, out_ptr, ws_ptr, lock_pt
                         stride_xm, stride_wn, stride_om,
                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, VEC: tl.constexpr, GATED: tl.constexpr = False,
-                        PDL: tl.constexpr = False, PF_LINES: tl.constexpr = 0):
+                        PDL: tl.constexpr = False):
+    if PDL:  # kernels/pdl.py: wait for the previous kernel first
+        pdl.prologue()
     pid_n = tl.program_id(0)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                        # [BN] outputs
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)                                            # [BK]
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn               # [BN, 1]
-    if PF_LINES > 0:  # kernels/pdl.py: each column's first PF_LINES lines of the split into L2 before the wait
-        pf_k = tl.program_id(1) * tiles_per_split * BLOCK_K + tl.arange(0, PF_LINES)[None, :] * 128
-        pf_end = tl.minimum(tl.program_id(1) * tiles_per_split * BLOCK_K + tiles_per_split * BLOCK_K, K)
-        pdl.prefetch_l2(w_rows + pf_k, col_ok[:, None] & (pf_k < pf_end))
-    if PDL:  # kernels/pdl.py: wait for the previous kernel first
-        pdl.prologue()
     acc0 = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_K // VEC], dtype=tl.float32)

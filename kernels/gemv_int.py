@@ -220,17 +220,13 @@ def int_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros
         x_kind = gemv_int_v2.X_KINDS[x.dtype]
         if x_kind and (x.stride(0) % 2 or x.data_ptr() % 4):  # 16-bit x is read in aligned pairs
             x = x.contiguous() if x.data_ptr() % 4 == 0 else x.clone()
-        launch = pdl.launch_args(x)
-        lines = max(1, config.block_n // 32)  # 128-byte lines per word row of a program's columns
-        rows = tiles_per_split * config.slices * config.block_k * bits // 32  # word rows of a program
         gemv_int_v2._int_gemv_v2_kernel[(triton.cdiv(n, config.block_n), split_k)](
             x, qweight, scales, zeros, bias if bias is not None else scales, out, ws, locks, m, n, k,
             *gemv_int_v2.exponents(win_even, win_odd), tiles_per_split, split_k, x.stride(0), qweight.stride(0), scales.stride(0), zeros.stride(0),
             out.stride(0), BITS=bits, GROUP_SIZE=group_size, HAS_BIAS=bias is not None,
             BLOCK_M=gemv_config.block_m(config, m), BLOCK_N=config.block_n, BLOCK_K=config.block_k,
             EVEN_N=n % config.block_n == 0, WIN_EVEN=win_even, WIN_ODD=win_odd, X_KIND=x_kind, SLICES=config.slices,
-            PF_ROWS=pdl.pow2_floor(min(rows, pdl.prefetch_lines(launch) // lines)), PF_LINES=pdl.pow2_floor(lines),
-            num_warps=config.num_warps, num_stages=config.num_stages, **launch)
+            num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch_args(x))
         return out
     _int_gemv_kernel[(triton.cdiv(n, config.block_n), split_k)](
         x, qweight, scales, zeros, bias if bias is not None else scales, out, ws, locks, m, n, k, tiles_per_split,

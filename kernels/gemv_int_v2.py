@@ -136,17 +136,11 @@ def _int_gemv_v2_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, ws_ptr, loc
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         EVEN_N: tl.constexpr, WIN_EVEN: tl.constexpr, WIN_ODD: tl.constexpr,
                         X_KIND: tl.constexpr, SLICES: tl.constexpr = 1,
-                        PDL: tl.constexpr = False, PF_ROWS: tl.constexpr = 0, PF_LINES: tl.constexpr = 1):
-    P: tl.constexpr = 32 // BITS
-    ROWS: tl.constexpr = BLOCK_K // P                                     # word rows per slice
-    if PF_ROWS > 0:  # kernels/pdl.py: the split's first PF_ROWS word rows into L2 before the wait
-        first = tl.program_id(1) * chunks_per_split * (SLICES * ROWS)
-        end = tl.minimum(first + chunks_per_split * (SLICES * ROWS), K // P)
-        pf_rows = first + tl.arange(0, PF_ROWS)[:, None]                  # [PF_ROWS, 1]
-        pf_cols = tl.program_id(0) * BLOCK_N + tl.arange(0, PF_LINES)[None, :] * 32  # a line: 32 words
-        pdl.prefetch_l2(qw_ptr + pf_rows.to(tl.int64) * stride_qw + pf_cols, (pf_rows < end) & (pf_cols < N))
+                        PDL: tl.constexpr = False):
     if PDL:  # kernels/pdl.py: wait for the previous kernel first
         pdl.prologue()
+    P: tl.constexpr = 32 // BITS
+    ROWS: tl.constexpr = BLOCK_K // P                                     # word rows per slice
     OFF_EVEN: tl.constexpr = 1 << (23 - WIN_EVEN)
     OFF_ODD: tl.constexpr = 1 << (23 - WIN_ODD)
     pid_n = tl.program_id(0)

@@ -14,7 +14,6 @@ import subprocess
 import pytest
 
 triton = pytest.importorskip("triton")
-from pdserve.kernels import pdl  # noqa: E402  (after the skip: needs Triton)
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("compiles real kernels: run without TRITON_INTERPRET", allow_module_level=True)
 
@@ -23,15 +22,6 @@ DIVISIBLE = {"int": ("x_ptr", "qw_ptr", "s_ptr", "z_ptr", "b_ptr", "out_ptr", "w
                      "stride_xm", "stride_qw", "stride_s", "stride_z", "stride_om"),
              "fp8": ("x_ptr", "w_ptr", "scale_ptr", "b_ptr", "out_ptr", "ws_ptr", "lock_ptr", "N", "K",
                      "stride_xm", "stride_wn", "stride_om")}
-
-
-def _prefetch_int(block_n: int, block_k: int, slices: int) -> dict:
-    """The version-2 int GEMV as the engine launches it on Hopper: PDL, and the weight prefetch of
-    gemv_int.int_gemv (one chunk's word rows at most)."""
-    lines = max(1, block_n // 32)
-    rows = slices * block_k // 8
-    return dict(PDL=True, PF_ROWS=pdl.pow2_floor(min(rows, pdl.prefetch_lines({"PDL": True}) // lines)),
-                PF_LINES=pdl.pow2_floor(lines))
 
 
 def compile_sm90(kind: str, block_m: int, block_n: int, block_k: int, dot: bool, num_warps: int, x_type: str = "bf16",
@@ -56,15 +46,14 @@ def compile_sm90(kind: str, block_m: int, block_n: int, block_k: int, dot: bool,
         win_even, win_odd = windows(4, x_type == "fp32")
         const = dict(BITS=4, GROUP_SIZE=128, HAS_BIAS=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
                      EVEN_N=True, WIN_EVEN=win_even, WIN_ODD=win_odd,
-                     X_KIND={"fp32": 0, "bf16": 1, "fp16": 2}[x_type], SLICES=slices, **_prefetch_int(block_n, block_k, slices))
+                     X_KIND={"fp32": 0, "bf16": 1, "fp16": 2}[x_type], SLICES=slices)
         kind = "int"
     elif kind == "fp82":
         fn = _fp8_gemv_v2_kernel
         sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "b_ptr": "*fp32", "out_ptr": "*bf16",
                "ws_ptr": "*fp32", "lock_ptr": "*i32", **ints, "stride_wn": "i32"}
         const = dict(HAS_BIAS=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_N=True, EVEN_K=True,
-                     VEC=VEC, GATED=False, PDL=True,
-                     PF_LINES=pdl.pow2_floor(min(max(1, block_k // 128), pdl.prefetch_lines({"PDL": True}) // block_n)))
+                     VEC=VEC)
         kind = "fp8"
     elif kind == "int":
         fn = _int_gemv_kernel

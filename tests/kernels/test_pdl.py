@@ -30,33 +30,18 @@ DECODE_KERNELS = [activation._silu_and_mul_kernel, allreduce_norm._allreduce_add
                   rotary._rotary_store_kv_kernel, store_kv._store_kv_kernel]
 
 
-WEIGHT_PREFETCHERS = {gemv._gemv_kernel, gemv_fp8_v2._fp8_gemv_v2_kernel, gemv_int_v2._int_gemv_v2_kernel}
-WEIGHTS = {"w_ptr", "w_rows", "qw_ptr"}  # the operands no kernel of the step writes
-
-
 @pytest.mark.parametrize("kernel", DECODE_KERNELS, ids=lambda k: k.fn.__name__)
 def test_prologue_comes_first(kernel):
-    """`if PDL: pdl.prologue()` comes before anything that reads or writes memory: nothing is read or
-    written before the previous kernel has ended (the ordering PDL relies on). The one exception,
-    in the small-batch GEMVs only: L2 prefetches of their weights (no kernel writes those)."""
+    """The kernel's first statement (after its docstring) is `if PDL: pdl.prologue()`: nothing is
+    read or written before the previous kernel has ended (the ordering PDL relies on)."""
     tree = ast.parse(textwrap.dedent(inspect.getsource(kernel.fn)))
     body = tree.body[0].body
     if isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
         body = body[1:]
-    at = next(i for i, st in enumerate(body) if isinstance(st, ast.If) and ast.unparse(st.test) == "PDL")
-    assert ast.unparse(body[at].body[0]) == "pdl.prologue()"
+    first = body[0]
+    assert isinstance(first, ast.If) and ast.unparse(first.test) == "PDL", ast.unparse(first)
+    assert ast.unparse(first.body[0]) == "pdl.prologue()"
     assert "PDL" in kernel.arg_names
-    before = body[:at]
-    if kernel not in WEIGHT_PREFETCHERS:
-        assert not before, ast.unparse(before[0])
-    calls = [node for st in before for node in ast.walk(st) if isinstance(node, ast.Call)]
-    for call in calls:
-        name = ast.unparse(call.func)
-        assert not name.startswith(("tl.load", "tl.store", "tl.atomic")), name
-        if name == "pdl.prefetch_l2":
-            pointer = ast.unparse(call.args[0])
-            assert pointer.split()[0] in WEIGHTS, pointer
-    assert kernel not in WEIGHT_PREFETCHERS or any(ast.unparse(c.func) == "pdl.prefetch_l2" for c in calls)
 
 
 def test_launch_args_off_cpu_and_when_disabled():
@@ -82,8 +67,7 @@ def test_wait_precedes_every_memory_access_in_ptx():
     def ptx(use_pdl: bool) -> str:
         k = gemv._gemv_kernel
         ptrs = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "s_ptr": "*fp32", "out_ptr": "*bf16"}
-        const = {"HAS_BIAS": False, "HAS_SCALE": False, "BLOCK_N": 16, "BLOCK_K": 512, "PDL": use_pdl,
-                 "PF_LINES": 0, "LINE": 64}
+        const = {"HAS_BIAS": False, "HAS_SCALE": False, "BLOCK_N": 16, "BLOCK_K": 512, "PDL": use_pdl}
         sig = {n: "constexpr" if n in const else ptrs.get(n, "i32") for n in k.arg_names}
         compiled = triton.compile(ASTSource(fn=k, signature=sig, constexprs=const, attrs={}),
                                   target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
@@ -96,44 +80,6 @@ def test_wait_precedes_every_memory_access_in_ptx():
     memory = [i for i, ln in enumerate(lines) if any(op in ln for op in ("ld.global", "st.global", "atom.global"))]
     assert memory and wait < min(memory)
     assert any(ln.startswith("griddepcontrol.launch_dependents") for ln in lines)
-    assert "prefetch" not in on
-
-
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="compiles a real kernel")
-@pytest.mark.skipif(not pdl.AVAILABLE, reason="this Triton has no griddepcontrol")
-@pytest.mark.parametrize("kind", ["bf16", "int4", "fp8"])
-def test_weight_prefetch_before_the_wait_in_ptx(kind):
-    """With a prefetch budget the GEMVs' L2 prefetches of their weights come before
-    griddepcontrol.wait, and every load, store and atomic after it."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if kind == "bf16":
-        k = gemv._gemv_kernel
-        types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "s_ptr": "*fp32", "out_ptr": "*bf16"}
-        const = {"HAS_BIAS": False, "HAS_SCALE": False, "BLOCK_N": 16, "BLOCK_K": 512, "PF_LINES": 16, "LINE": 64}
-    elif kind == "int4":
-        k = gemv_int_v2._int_gemv_v2_kernel
-        types = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "b_ptr": "*fp16",
-                 "out_ptr": "*bf16", "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-        const = {"BITS": 4, "GROUP_SIZE": 128, "HAS_BIAS": False, "BLOCK_M": 1, "BLOCK_N": 512, "BLOCK_K": 128,
-                 "EVEN_N": True, "WIN_EVEN": 16, "WIN_ODD": 12, "X_KIND": 1, "SLICES": 1, "PF_ROWS": 8, "PF_LINES": 16}
-    else:
-        k = gemv_fp8_v2._fp8_gemv_v2_kernel
-        types = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "b_ptr": "*fp32", "out_ptr": "*bf16",
-                 "ws_ptr": "*fp32", "lock_ptr": "*i32"}
-        const = {"HAS_BIAS": False, "BLOCK_M": 1, "BLOCK_N": 8, "BLOCK_K": 2048, "EVEN_N": True, "EVEN_K": True,
-                 "VEC": 8, "GATED": False, "PF_LINES": 32}
-    const["PDL"] = True
-    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in k.arg_names}
-    compiled = triton.compile(ASTSource(fn=k, signature=sig, constexprs=const, attrs={}),
-                              target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    lines = [ln.strip() for ln in compiled.asm["ptx"].splitlines()]
-    wait = next(i for i, ln in enumerate(lines) if ln.startswith("griddepcontrol.wait"))
-    prefetch = [i for i, ln in enumerate(lines) if "prefetch.global.L2" in ln]
-    memory = [i for i, ln in enumerate(lines) if any(op in ln for op in ("ld.global", "st.global", "atom.global"))]
-    assert prefetch and max(prefetch) < wait
-    assert memory and wait < min(memory)
 
 
 @pytest.mark.gpu
