@@ -91,6 +91,13 @@ class RequestState:
     def fail(self, message: str) -> None:
         self.error = message
 
+    def abort(self) -> None:
+        """Every unfinished sequence ends here with finish_reason "abort" (the front end stopped
+        the request: a shutdown's grace period ran out), its text so far kept."""
+        for s in self.seqs:
+            if s.finish_reason is None:
+                s.finish_reason = "abort"
+
     def _metrics(self, out: EngineOutput) -> None:
         m = self.metrics
         if out.new_token_ids and m.first_token_time is None:

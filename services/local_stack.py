@@ -19,7 +19,9 @@ Crash:  a process that exits once the stack is ready is started again with the s
         A process that dies while the stack is starting always stops it.
 Stop:   on SIGINT or SIGTERM (or, with --restart no, when a process exits): the router, then the
         workers (each deregisters from Redis, which is still up, and closes its KV server), then
-        Redis; SIGKILL for one that has not exited within its grace period. The temporary folder
+        Redis; SIGKILL for one that has not exited within its grace period (the router's: 10 s;
+        it runs with --shutdown-grace 8, so requests still open after 7 s are answered with
+        finish_reason abort before then, not cut by the kill). The temporary folder
         of ready files is removed.
 Signals: the SIGINT and SIGTERM handlers are installed explicitly: a shell script that starts
         `up` in the background leaves SIGINT ignored, and Python would keep it so.
@@ -46,6 +48,9 @@ import urllib.error
 import urllib.request
 
 STOP_GRACE_S = {"router": 10.0, "worker": 20.0, "redis": 10.0}
+# the router's own --shutdown-grace under `up` (--router-args may set another): it answers what is
+# still open (finish_reason abort) 1 s before this, and exits before its SIGKILL at STOP_GRACE_S
+ROUTER_SHUTDOWN_GRACE_S = STOP_GRACE_S["router"] - 2
 START_DEADLINE_S = 600.0
 RESTART_POLICIES = ("unless-stopped", "no")
 RESTART_FIRST_S = 1.0  # the delay before a crashed process's first restart, doubled while it keeps crashing
@@ -391,7 +396,7 @@ def cmd_up(args) -> None:
             print(worker_line(name, words), flush=True)
         stack.spawn("router", "router", [sys.executable, "-m", "pdserve.services.cli", "router", "--redis-url",
                                          redis_url, "--host", args.host, "--port", str(args.port), *model,
-                                         *router_args])
+                                         "--shutdown-grace", str(ROUTER_SHUTDOWN_GRACE_S), *router_args])
         stack.wait_http_ok(f"http://{url_host(connect_host(args.host))}:{args.port}/health", deadline)
         print(f"router   http://{url_host(args.host)}:{args.port}/v1", flush=True)
         print(f"pdserve up: ready in {process_age_s():.1f} s (Ctrl-C or SIGTERM stops every process)", flush=True)

@@ -158,7 +158,7 @@ async def _serve(server, sock: socket.socket, name: str, scheme: str, host: str,
                  engine=None) -> None:
     from pdserve.services.entry import until_serving
     if engine is not None:
-        _abort_before_grace_ends(server, engine)
+        abort_before_grace_ends(server, engine, GRACEFUL_SHUTDOWN_S)
     task = asyncio.create_task(server.serve(sockets=[sock]))
     if await until_serving(server, task, stop_requested):
         print(ready_line(), flush=True)
@@ -167,21 +167,24 @@ async def _serve(server, sock: socket.socket, name: str, scheme: str, host: str,
     await task
 
 
-def _abort_before_grace_ends(server, engine) -> None:
-    """Requests still open ABORT_MARGIN_S before uvicorn's grace period ends are aborted in the
-    engine, so each ends as an answer (finish_reason "abort"; a stream's last chunks and [DONE]).
-    Before, uvicorn cancelled their handlers at the deadline: a non-streaming client got a
-    plain-text 500, a stream was cut without an error event, and each logged a traceback. A
-    timer armed when uvicorn's shutdown starts (after a stop signal), cancelled when it ends."""
+def abort_before_grace_ends(server, engine, grace_s: float) -> None:
+    """Requests still open ABORT_MARGIN_S before uvicorn's grace period (`grace_s`, its
+    timeout_graceful_shutdown) ends are aborted by `engine.abort_all()` (AsyncLLM for serve,
+    DisaggClient for the router), so each ends as an answer (finish_reason "abort"; a stream's
+    last chunks and [DONE]). Before, uvicorn cancelled their handlers at the deadline: a
+    non-streaming client got a plain-text 500, a stream was cut without an error event or [DONE],
+    and each logged a traceback. A timer armed when uvicorn's shutdown starts (after a stop
+    signal), cancelled when it ends. A grace period shorter than twice the margin aborts at its
+    half."""
     shutdown = server.shutdown
+    abort_after_s = max(grace_s - ABORT_MARGIN_S, grace_s / 2)
 
     def abort_open() -> None:
         if engine.abort_all():
-            log.warning("aborted the requests still open %.0f s after the stop signal",
-                        GRACEFUL_SHUTDOWN_S - ABORT_MARGIN_S)
+            log.warning("aborted the requests still open %.1f s after the stop signal", abort_after_s)
 
     async def shutdown_aborting(sockets=None) -> None:
-        timer = asyncio.get_running_loop().call_later(GRACEFUL_SHUTDOWN_S - ABORT_MARGIN_S, abort_open)
+        timer = asyncio.get_running_loop().call_later(abort_after_s, abort_open)
         try:
             await shutdown(sockets=sockets)
         finally:

@@ -68,8 +68,13 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         return resp
 
     def _release(self, lease_id: str):
-        """Awaitable: the lease released on the engine thread (-> whether it was held)."""
+        """Awaitable: the lease released on the engine thread (-> whether it was held). A dead
+        engine raises EngineDeadError here."""
         return self.engine.call_in_engine(lambda core: self.connector.release(lease_id))
+
+    def _release_soon(self, lease_id: str) -> None:
+        """`_release`, not waited for."""
+        self._soon(lambda: self._release(lease_id))
 
     def _release_unsent(self, rid: str) -> None:
         """The lease of a request whose call went away, if it has one, goes back. Taken on the
@@ -80,16 +85,14 @@ class PrefillServicer(pb_grpc.PrefillServicer):
         def release(core) -> bool:
             lease = self.connector.take_lease(rid)
             return lease is not None and self.connector.release(lease[0])
-        self._in_engine_soon(release)
+        self._soon(lambda: self.engine.call_in_engine(release))
 
-    def _release_soon(self, lease_id: str) -> None:
-        self._in_engine_soon(lambda core: self.connector.release(lease_id))
-
-    def _in_engine_soon(self, fn) -> None:
-        """fn(core) on the engine thread, not waited for; nothing on a dead engine (its leases go
-        with the worker, which exits)."""
+    @staticmethod
+    def _soon(engine_call) -> None:
+        """engine_call() (an engine call's awaitable) started, not waited for; nothing on a dead
+        engine (its leases go with the worker, which exits)."""
         try:
-            asyncio.ensure_future(_ignore_dead(self.engine.call_in_engine(fn)))
+            asyncio.ensure_future(_ignore_dead(engine_call()))
         except EngineDeadError:
             pass
 

@@ -10,6 +10,8 @@
                                  (at least one): the router's work per batch, not per token,
                                  when it lags
         abort(indices)           a stop string ended sequences: DecodeStreamRequest{stop}
+        interrupt(error)         the reader raises `error` after what is queued (the router aborts
+                                 its requests at shutdown)
         close()                  done with it; unfinished: DecodeStreamRequest{cancel} (the
                                  client went away: decode aborts it and frees its blocks)
     the stream fails (decode died, connection lost) -> every open request raises DecodeStreamError
@@ -147,6 +149,10 @@ class MuxedDecode:
 
     async def abort(self, indices: list[int]) -> None:
         self.mux.send(pb.DecodeStreamRequest(stop=pb.AbortRequest(request_id=self.rid, indices=indices)))
+
+    def interrupt(self, error: Exception) -> None:
+        """The reader raises `error` once it has taken the chunks that came before it."""
+        self._q.put_nowait(error)
 
     def close(self) -> None:
         self._deadline.cancel()

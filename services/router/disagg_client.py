@@ -26,6 +26,12 @@ Failures: a prefill that fails (not for bad input) is retried on another prefill
 recomputes prompt + tokens so far and continues, so the client's stream goes on without
 duplicates. An engine error reported by a worker (FINISH_REASON_ERROR) fails the request: it is
 not resubmitted. When nothing is left to try, the request fails fast with EngineDeadError.
+
+Every request in flight is a `_Flight`: the KV lease its prefill answered with (released here
+when the request ends before a decode pulled it, not left to its TTL on the prefill, also when
+the request is cancelled at the instant the answer arrives) and what `abort_all` interrupts (at
+shutdown, before uvicorn's grace period ends: each request ends with finish_reason "abort", as
+AsyncLLM.abort_all ends `serve`'s).
 Torch-free.
 """
 
@@ -70,6 +76,8 @@ class DisaggClient:
         # one DecodeStream per decode worker for all requests (None: a Decode call per request)
         self.decode_muxes = DecodeMuxes() if shared_decode_streams else None
         self.recent: deque[dict] = deque(maxlen=RECENT_DECISIONS)
+        self._flights: set[_Flight] = set()  # the requests in flight
+        self._pending: set[asyncio.Future] = set()  # lease releases on their way (and answers awaited for theirs)
 
     @property
     def max_model_len(self) -> int:
@@ -81,40 +89,57 @@ class DisaggClient:
     async def abort(self, request_id: str) -> None:
         return None  # cancelling the gRPC stream (generator close) aborts on the worker
 
+    def abort_all(self) -> int:
+        """End every request in flight with finish_reason "abort" (each consumer gets its last
+        output; its Prefill call is cancelled, its decode stream cancelled on the worker, its lease
+        released). -> how many there were."""
+        flights = list(self._flights)
+        for flight in flights:
+            flight.abort()
+        return len(flights)
+
+    async def close(self) -> None:
+        """Wait for the lease releases still on their way (each bounded by its call's timeout)."""
+        while self._pending:
+            await asyncio.wait(list(self._pending))
+
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
                        prompt: str | None = None):
         """The request was validated by the front end (services/router/app.py) that called this."""
         state = RequestState(self.tokenizer, request_id, prompt, prompt_token_ids, params)
-        route = await self.pool.route(prompt_token_ids)
-        decision = self._record(request_id, route)
-        reserved = self.pool.info(route.decode)
-        if reserved is not None:  # counts as load there from now on, so concurrent routes spread
-            self.pool.begin(reserved.instance_id)
-        stream = self._generate(request_id, prompt_token_ids, params, state, route, decision, reserved)
+        flight = _Flight()
+        self._flights.add(flight)
+        reserved = None
         try:
-            async for out in stream:
-                yield out
+            route = await self.pool.route(prompt_token_ids)
+            decision = self._record(request_id, route)
+            reserved = self.pool.info(route.decode)
+            if reserved is not None:  # counts as load there from now on, so concurrent routes spread
+                self.pool.begin(reserved.instance_id)
+            stream = self._run(request_id, prompt_token_ids, params, state, route, decision, reserved, flight)
+            try:
+                async for out in stream:
+                    yield out
+            except _Aborted:
+                state.abort()
+                yield state.output()
+            finally:
+                await stream.aclose()  # runs its cleanup now (cancels a Decode stream: aborts on the worker)
         finally:
-            await stream.aclose()  # runs its cleanup now (cancels a Decode stream: aborts on the worker)
+            self._flights.discard(flight)
             if reserved is not None:
                 self.pool.end(reserved.instance_id)
-
-    async def _generate(self, request_id, prompt_token_ids, params, state: RequestState, route, decision, reserved):
-        lease = _Lease()
-        try:
-            async for out in self._run(request_id, prompt_token_ids, params, state, route, decision, reserved, lease):
-                yield out
-        finally:
-            if lease.handle is not None and not lease.pulled:  # ended before a decode pulled it
-                asyncio.ensure_future(self._release(lease.handle))
+            if flight.handle is not None and not flight.pulled:  # ended before a decode pulled it
+                self._release_soon(flight.handle)
 
     async def _run(self, request_id, prompt_token_ids, params, state: RequestState, route, decision, reserved,
-                   lease: "_Lease"):
+                   flight: "_Flight"):
         handle = None
+        flight.check()
         if route.prefill is not None:
             try:
                 resp = await self._prefill(request_id, prompt_token_ids, params, self.pool.info(route.prefill),
-                                           decision)
+                                           decision, flight)
             except _EngineFailed as e:
                 state.fail(str(e))
                 yield state.output()
@@ -124,20 +149,22 @@ class DisaggClient:
                     state.add(delta_from_proto(request_id, d))
                 state.metrics.num_cached_prompt_tokens = resp.num_cached_tokens
                 state.set_prompt_logprobs(prompt_logprobs_from_proto(resp.prompt_logprobs))
-                handle = lease.handle = resp.handle if resp.HasField("handle") else None
+                handle = resp.handle if resp.HasField("handle") else None
                 yield state.output()
                 if state.finished:
                     return
         tried: set[str] = set()  # decode instances that failed this request
         resubmits = 0
         while not state.finished:
+            flight.check()
             if reserved is not None and not tried:
                 inst = reserved
             elif resubmits > MAX_DECODE_RESUBMITS:
                 raise EngineDeadError(f"the request failed on decode {resubmits} times")
             else:  # another decode first; else one that failed it, once it serves again (InstancePool.live)
                 inst = self.pool.choose("decode", exclude=tried) or await self.pool.wait_for(
-                    "decode", timeout_s=self.no_instance_timeout_s, retry_failed=True)
+                    "decode", timeout_s=self.no_instance_timeout_s, retry_failed=True, give_up=flight.aborted)
+                flight.check()
             if inst is None:  # no decode serves: a live prefill decodes it (every worker carries both services)
                 inst = self.pool.choose("prefill", exclude=tried)
                 if inst is not None:
@@ -169,11 +196,12 @@ class DisaggClient:
             else:
                 chunks = _DecodeCall(stub, req, self.decode_timeout_s)
             first_chunk = True
+            flight.chunks = chunks
             try:
                 async for batch in chunks:
                     stopped = []
                     for chunk in batch:
-                        lease.pulled |= handle is not None  # decode answers only after its pull ended
+                        flight.pulled |= handle is not None  # decode answers only after its pull ended
                         if type(chunk) is PackedDelta:  # only tokens (never a request's first news)
                             if state.add(chunk.output(request_id)):
                                 stopped.append(0)
@@ -214,13 +242,15 @@ class DisaggClient:
                 handle = None  # the KV went with the dead decode: the next one recomputes
                 continue
             finally:
+                flight.chunks = None
                 chunks.close()  # unfinished: cancelled on decode (aborted, its blocks freed)
                 if counted:
                     self.pool.end(inst.instance_id)
             if not state.finished:
                 raise EngineDeadError(f"decode {inst.instance_id} ended the stream before the request finished")
 
-    async def _prefill(self, request_id, prompt_token_ids, params, first_choice, decision) -> pb.PrefillResponse | None:
+    async def _prefill(self, request_id, prompt_token_ids, params, first_choice, decision,
+                       flight: "_Flight") -> pb.PrefillResponse | None:
         tried: set[str] = set()
         while True:
             inst = first_choice if first_choice is not None and not tried else \
@@ -231,10 +261,11 @@ class DisaggClient:
             decision["prefill"] = inst.instance_id
             self.pool.begin(inst.instance_id)
             try:
-                resp = await self.pool.prefill_stub(inst).Prefill(
+                resp = await self._answer(self.pool.prefill_stub(inst).Prefill(
                     pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
-                                      params=sampling_params_to_proto(params)), timeout=self.prefill_timeout_s)
+                                      params=sampling_params_to_proto(params)), timeout=self.prefill_timeout_s), flight)
             except grpc.aio.AioRpcError as e:
+                flight.check()  # abort_all cancelled the call
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise ParameterError(_param_of(e.details()), e.details()) from None
                 if e.code() == grpc.StatusCode.INTERNAL:
@@ -249,6 +280,33 @@ class DisaggClient:
                 self.pool.end(inst.instance_id)
             self._prompt_served(decision, inst, len(prompt_token_ids), resp.num_cached_tokens)
             return resp
+
+    async def _answer(self, call, flight: "_Flight") -> pb.PrefillResponse:
+        """The Prefill call's answer, its lease recorded in `flight` before anything can cancel
+        the request again. The call is awaited in a task of its own: a request cancelled (its
+        client gone) at the instant the answer arrives would otherwise never see it, and the lease
+        would wait for its TTL on the prefill. Cancelled, the request cancels the call (a no-op
+        once it is answered) and an answer that came anyway has its lease released."""
+        answer = asyncio.ensure_future(_awaited(call))
+        flight.call = call
+        try:
+            resp = await asyncio.shield(answer)
+        except asyncio.CancelledError:
+            call.cancel()
+            answer.add_done_callback(self._release_answered)
+            self._track(answer)
+            if flight.aborted() and not asyncio.current_task().cancelling():
+                raise _Aborted from None  # abort_all cancelled the call, not the request
+            raise
+        finally:
+            flight.call = None
+        if resp.HasField("handle"):
+            flight.handle = resp.handle
+        return resp
+
+    def _release_answered(self, answer: asyncio.Future) -> None:
+        if not answer.cancelled() and answer.exception() is None and answer.result().HasField("handle"):
+            self._release_soon(answer.result().handle)
 
     def _record(self, request_id: str, route) -> dict:
         """One routing decision, kept in `recent` (newest last) for /admin/stats and tests."""
@@ -267,6 +325,14 @@ class DisaggClient:
         self.stats.count("prompt_tokens_by_instance", inst.instance_id, num_prompt_tokens)
         self.stats.count("cached_tokens_by_instance", inst.instance_id, num_cached_tokens)
         self.pool.observe_prefill(num_prompt_tokens, num_cached_tokens, inst.block_size)
+
+    def _release_soon(self, handle: pb.KVHandle) -> None:
+        """The lease released on its prefill, not waited for (`close` waits for what is left)."""
+        self._track(asyncio.ensure_future(self._release(handle)))
+
+    def _track(self, future: asyncio.Future) -> None:
+        self._pending.add(future)
+        future.add_done_callback(self._pending.discard)
 
     async def _release(self, handle: pb.KVHandle) -> None:
         try:
@@ -296,11 +362,41 @@ class _DecodeCall(DrainedStream):
         self.call.cancel()
 
 
-class _Lease:
-    """The KV handle a prefill answered with, and whether a decode has pulled (or given up on) it:
-    a request that ends before that releases the lease itself, not after its TTL."""
-    handle: pb.KVHandle | None = None
-    pulled: bool = False
+class _Flight:
+    """One request in flight on this router: the KV handle its prefill answered with and whether a
+    decode has pulled (or given up on) it (a request that ends before that releases the lease
+    itself, not after its TTL), and what `abort` interrupts: the Prefill call or the decode stream
+    it waits on (either then raises _Aborted in the request)."""
+
+    def __init__(self):
+        self.handle: pb.KVHandle | None = None
+        self.pulled = False
+        self.call = None  # the Prefill call it waits on
+        self.chunks = None  # the decode stream it reads
+        self._aborted = False
+
+    def aborted(self) -> bool:
+        return self._aborted
+
+    def abort(self) -> None:
+        self._aborted = True
+        if self.call is not None:
+            self.call.cancel()
+        if self.chunks is not None:
+            self.chunks.interrupt(_Aborted())
+
+    def check(self) -> None:
+        """Raise _Aborted once aborted (at each point where the request goes on to a new call)."""
+        if self._aborted:
+            raise _Aborted
+
+
+class _Aborted(Exception):
+    """abort_all ended the request: it finishes with finish_reason "abort"."""
+
+
+async def _awaited(call):
+    return await call
 
 
 class _EngineFailed(Exception):

@@ -240,12 +240,13 @@ class InstancePool:
         return None if chosen is None else self.info(chosen.candidate.instance_id)
 
     async def wait_for(self, role: str, exclude=frozenset(), timeout_s: float = 5.0,
-                       retry_failed: bool = False) -> InstanceInfo | None:
-        """`choose`, waiting up to `timeout_s` for an instance of the role to (re)appear."""
+                       retry_failed: bool = False, give_up=lambda: False) -> InstanceInfo | None:
+        """`choose`, waiting up to `timeout_s` for an instance of the role to (re)appear (None
+        at once when `give_up()` says so)."""
         deadline = time.monotonic() + timeout_s
         while True:
             chosen = self.choose(role, exclude, retry_failed)
-            if chosen is not None or time.monotonic() >= deadline:
+            if chosen is not None or time.monotonic() >= deadline or give_up():
                 return chosen
             await asyncio.sleep(min(0.1, max(deadline - time.monotonic(), 0)))
 

@@ -5,8 +5,10 @@ Lifecycle:
             clients of --redis-url -> InstancePool (refreshes the fleet every 0.5 s) ->
             DisaggClient (the EngineClient) -> FastAPI app (OpenAI routes, /admin, /metrics) ->
             uvicorn; one ready line once it listens
-    run:    until SIGINT / SIGTERM (uvicorn stops accepting, lets open requests finish)
-    stop:   pool, index and registry clients closed
+    run:    until SIGINT / SIGTERM (uvicorn stops accepting, lets open requests finish for
+            --shutdown-grace seconds; those still open 1 s before its end are aborted: each ends
+            with finish_reason "abort", a stream with its finishing chunk and [DONE])
+    stop:   lease releases still on their way awaited; pool, index and registry clients closed
 
 This process never imports torch or numpy (tests/router/test_router_process.py checks it).
 """
@@ -21,8 +23,7 @@ import signal
 from pdserve.common.config import ConfigError, check_max_logprobs, env_flag
 from pdserve.services.router.limits import add_limit_args, limits_of
 
-INDEX_TIMEOUT_S = 0.25
-GRACEFUL_SHUTDOWN_S = 30  # SIGTERM: open streams get this long to finish  # a prefix lookup slower than this is worth less than routing by load alone
+INDEX_TIMEOUT_S = 0.25  # a prefix lookup slower than this is worth less than routing by load alone
 
 
 def add_router_args(p: argparse.ArgumentParser) -> None:
@@ -41,6 +42,9 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
                         "the process that answers")
     p.add_argument("--worker-of", default=None, help=argparse.SUPPRESS)  # internal: a child of --workers
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/* and /admin/*")
+    p.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="seconds a SIGTERM lets open requests finish; those still open 1 s before its end are "
+                        "aborted and answered (finish_reason abort)")
     p.add_argument("--routing", default="prefix", choices=["prefix", "load", "round_robin"],
                    help="prefix: cached-prefix overlap vs load (docs/routing.md); load: least loaded; "
                         "round_robin: rotation (a baseline)")
@@ -86,6 +90,8 @@ def fleet_stats(pool):
 def run_router(args: argparse.Namespace) -> None:
     if args.workers < 1:
         raise ConfigError(f"--workers must be positive, got {args.workers}")
+    if args.shutdown_grace <= 0:
+        raise ConfigError(f"--shutdown-grace must be positive, got {args.shutdown_grace}")
     if args.response_store_ttl is not None and args.response_store_ttl <= 0:
         raise ConfigError(f"--response-store-ttl must be positive, got {args.response_store_ttl}")
     check_max_logprobs(args.max_logprobs)
@@ -134,7 +140,7 @@ def _run_one(args: argparse.Namespace) -> None:
     from pdserve.common.uptime import process_age_s
     from pdserve.services.router.tool_calls import check_tool_args
     from pdserve.services.entry import latch_stop_signals, until_serving
-    from pdserve.services.serve import serve_metrics_apart
+    from pdserve.services.serve import abort_before_grace_ends, serve_metrics_apart
 
     check_tool_args(args)
     from pdserve.common.generation_config import sampling_defaults
@@ -183,7 +189,8 @@ def _run_one(args: argparse.Namespace) -> None:
                                   for i, load in pool.instances]}
         add_cors(app, args)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
-                                               timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, **uvicorn_options(args)))
+                                               timeout_graceful_shutdown=args.shutdown_grace, **uvicorn_options(args)))
+        abort_before_grace_ends(server, client, args.shutdown_grace)
         ready = getattr(args, "ready_event", None)
         if ready is None:
             task = asyncio.create_task(server.serve())
@@ -207,6 +214,7 @@ def _run_one(args: argparse.Namespace) -> None:
         await task
         if metrics_apart is not None:
             metrics_apart.shutdown()
+        await client.close()
         if client.decode_muxes is not None:
             client.decode_muxes.close()
         await pool.close()

@@ -9,12 +9,17 @@ A response is a chat completion under another schema, so this module only transl
               -> the chat endpoint's own preparation (template, grammar, length checks, the job)
     answer:   the choice's text -> output items: a `message` with one `output_text` part and/or
               `function_call` items (tool calls parsed as chat parses them); finish "length" ->
-              status "incomplete" (reason max_output_tokens)
+              status "incomplete" (reason max_output_tokens); finish "abort" (the server aborted it:
+              a shutdown's grace period ran out) -> status "cancelled", as vLLM reports an aborted
+              response (no error object: nothing failed; its items "incomplete")
     stream:   typed SSE events (`event: <type>` + JSON with a sequence_number): response.created,
               .in_progress, then per item output_item.added, content_part.added, output_text.delta
               ... .done (function calls: function_call_arguments.delta / .done), and
-              response.completed or response.incomplete; an error after the stream started is an
-              `error` event
+              response.completed or response.incomplete (a cancelled response: response.completed
+              carrying status "cancelled": OpenAI defines no stream event for that status, and
+              vLLM ends every stream so, as OpenAI's Realtime API ends a cancelled response with
+              response.done; an unknown event type would reach the `openai` client untyped); an
+              error after the stream started is an `error` event
 
 Stored responses (store: true, OpenAI's default) keep their conversation, so previous_response_id
 continues it and GET returns it: `pdserve serve` in memory (the newest STORE_CAPACITY), `pdserve
@@ -303,9 +308,8 @@ class _Answer:
             self.usage = {"input_tokens": len(self.prompt_ids), "input_tokens_details": {"cached_tokens": cached},
                           "output_tokens": len(finish.token_ids), "output_tokens_details": {"reasoning_tokens": 0},
                           "total_tokens": len(self.prompt_ids) + len(finish.token_ids)}
-        error = {"code": "server_error", "message": "the engine gave up on the request"} if status == "failed" else None
         return {"id": self.id, "object": "response", "created_at": self.created_at, "status": status,
-                "error": error, "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+                "error": None, "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
                 "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
                 "model": self.server.model_name, "output": self.output,
                 "parallel_tool_calls": req.parallel_tool_calls, "previous_response_id": req.previous_response_id,
@@ -340,8 +344,10 @@ def _as_messages(output: list[dict]) -> list[dict]:
 
 
 def _status(c: CompletionOutput) -> str:
-    """finish_reason -> the response's status (abort: the engine gave up on the request)."""
-    return {"length": "incomplete", "abort": "failed"}.get(c.finish_reason, "completed")
+    """finish_reason -> the response's status. "abort" is a request the server ended before its end
+    (`serve` / the router shutting down): "cancelled", as vLLM reports it, not "failed", which
+    OpenAI keeps for a response with an error."""
+    return {"length": "incomplete", "abort": "cancelled"}.get(c.finish_reason, "completed")
 
 
 # ---- the endpoint --------------------------------------------------------------------------------
@@ -487,7 +493,7 @@ async def _events(server: "OpenAIServer", job, answer: _Answer, firsts: list[Req
         for e in close_message(item_status) + close_call(item_status):
             yield e
         body = await answer.finish(status, c, last, history)
-        yield event(f"response.{status}", response=body)
+        yield event("response.incomplete" if status == "incomplete" else "response.completed", response=body)
     except Exception as e:
         job.close_trackers("error")
         err = as_api_error(e)

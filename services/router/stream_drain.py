@@ -51,6 +51,10 @@ class DrainedStream:
         batch, self._held = take_queued(self._queue, item, lambda x: x is _END or isinstance(x, Exception))
         return batch
 
+    def interrupt(self, error: Exception) -> None:
+        """The consumer raises `error` once it has taken the messages that came before it."""
+        self._queue.put_nowait(error)
+
     def close(self) -> None:
         """Stop reading (the caller cancels the call itself)."""
         self._task.cancel()

@@ -10,7 +10,8 @@ prefix index), which is what a single router reads too.
 
     parent:  port -> spawn N children -> wait until each listens -> "ready" -> wait
     SIGTERM / SIGINT to the parent: SIGTERM to every child (each drains its open streams, as one
-    router does), then the parent exits. A child that dies ends the others and the parent (exit 1):
+    router does, for --shutdown-grace), then the parent exits; a child still running 10 s after
+    that is killed (before, after a fixed 40 s: a --shutdown-grace above 30 s had its streams cut). A child that dies ends the others and the parent (exit 1):
     whatever supervises the router restarts it whole.
 """
 
@@ -31,7 +32,7 @@ from pdserve.common.config import ConfigError
 from pdserve.services.router.http_options import scheme
 
 START_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 40.0  # the children's graceful shutdown (30 s) and their teardown
+TEARDOWN_S = 10.0  # a child's teardown after its graceful shutdown (--shutdown-grace)
 
 
 def shared_port_socket(host: str, port: int) -> socket.socket:
@@ -99,7 +100,7 @@ def _run_children(ctx, args: argparse.Namespace, child_main, metrics_dir: str) -
                 break
             if not proc.is_alive() or time.monotonic() > deadline:
                 stop()
-                _join(children)
+                _join(children, args.shutdown_grace + TEARDOWN_S)
                 raise ConfigError(f"router worker {i} failed to start (exit code {proc.exitcode})")
     if holder is not None:
         holder.close()
@@ -113,9 +114,9 @@ def _run_children(ctx, args: argparse.Namespace, child_main, metrics_dir: str) -
             print(f"pdserve router: worker {dead[0][0]} exited with code {dead[0][1]}; stopping the others",
                   file=sys.stderr, flush=True)
             stop()
-            _join(children)
+            _join(children, args.shutdown_grace + TEARDOWN_S)
             sys.exit(1)
-    _join(children)
+    _join(children, args.shutdown_grace + TEARDOWN_S)  # killed after that: the children answer first
 
 
 def _listening(ready) -> bool:
@@ -130,8 +131,8 @@ def _listening(ready) -> bool:
         return False
 
 
-def _join(children) -> None:
-    deadline = time.monotonic() + STOP_TIMEOUT_S
+def _join(children, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
     for proc, _ in children:
         proc.join(max(0.0, deadline - time.monotonic()))
         if proc.is_alive():

@@ -184,6 +184,8 @@ def test_compose_and_kubernetes_commands_parse_with_the_real_cli():
             port = args.port if name == "router" else args.metrics_port
             health = base[name]["environment"]["PDSERVE_HEALTH_URL"]
             assert health.startswith(f"http://127.0.0.1:{port}/"), (name, health)
+            # stopped no sooner than the process's own grace period ends (docker's default: 10 s)
+            assert int(s["stop_grace_period"].removesuffix("s")) >= args.shutdown_grace + 5, (file, name)
         for name in ("prefill", "decode"):
             assert int(services[name]["deploy"]["replicas"]) >= 1
     for name in ("prefill", "decode"):  # GPUs reserved per role, the CUDA device asked for
@@ -200,6 +202,8 @@ def test_compose_and_kubernetes_commands_parse_with_the_real_cli():
                             for a in c["args"]]
                     args = check_command(argv, manifest.name)
                     assert doc["metadata"]["name"] == f"pdserve-{args.command}"
+                    grace = doc["spec"]["template"]["spec"].get("terminationGracePeriodSeconds", 30)
+                    assert grace >= args.shutdown_grace + 5, manifest.name  # killed only after its own grace
     py_compile.compile(str(COMPOSE / "locustfile.py"), doraise=True)  # syntax only: locust is not a dependency
 
 

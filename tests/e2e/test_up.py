@@ -182,7 +182,8 @@ def test_up_sigterm_fixed_ports_workers_deregister_before_redis_stops(tiny_model
         base = free_port()
     proc = start_up("--prefill", "1", "--decode", "1", "--host", "127.0.0.1", "--port", str(port),
                     "--redis-port", str(redis_port), "--base-port", str(base), "--model", tiny_models["llama"],
-                    "--kv-transfer-config", '{"kv_connector": "tcp", "kv_role": "kv_both"}')
+                    "--kv-transfer-config", '{"kv_connector": "tcp", "kv_role": "kv_both"}',
+                    "--decode-args", "--max-num-seqs 1")
     try:
         lines = read_until_ready(proc)
         assert f"redis://127.0.0.1:{redis_port}/0" in lines[0]
@@ -195,7 +196,32 @@ def test_up_sigterm_fixed_ports_workers_deregister_before_redis_stops(tiny_model
         monitor = threading.Thread(target=_monitor, args=(redis_port, seen, ready), daemon=True)
         monitor.start()
         ready.wait(5)
+        # requests open longer than the router's 10 s before `up` kills it (the decode runs one at
+        # a time): the router (--shutdown-grace 8 from `up`) answers them before, with
+        # finish_reason abort; before, they were cut by the SIGKILL
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        model = client.models.list().data[0].id
+        reasons: list = []
+
+        def long_request(i: int) -> None:
+            try:
+                if i % 2:
+                    reasons.append(client.completions.create(model=model, prompt=f"Long {i}", max_tokens=900,
+                                                             extra_body={"ignore_eos": True}).choices[0].finish_reason)
+                else:
+                    reasons.append([c.choices[0].finish_reason for c in client.completions.create(
+                        model=model, prompt=f"Long {i}", max_tokens=900, stream=True, extra_body={"ignore_eos": True})
+                        if c.choices and c.choices[0].finish_reason][-1])
+            except Exception as e:
+                reasons.append(e)
+        threads = [threading.Thread(target=long_request, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
         stop_and_check(proc, signal.SIGTERM, lines)
+        for t in threads:
+            t.join(10)
+        assert len(reasons) == 12 and set(reasons) <= {"abort", "length"} and "abort" in reasons, reasons
         monitor.join(10)
         log = b"".join(seen).lower()
         for worker in (b"prefill-0", b"decode-0"):

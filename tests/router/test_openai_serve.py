@@ -653,7 +653,9 @@ def test_sigterm_aborts_what_outlasts_the_grace_period(tiny_models):
     """SIGTERM with requests that cannot finish in the 5 s grace period (one running at a time, six
     of 1,000 tokens): 1 s before uvicorn would cancel their handlers the engine aborts them, so each
     gets an answer: finish_reason "abort", whole or as a stream that ends with [DONE]. Before, uvicorn
-    cancelled them: plain-text 500s, streams cut without an error event, a traceback each."""
+    cancelled them: plain-text 500s, streams cut without an error event, a traceback each. Two
+    /v1/responses requests queued behind them end as status "cancelled" (not "failed"), whole and
+    streamed (a response.completed event carrying that status)."""
     import signal
 
     async def run(proc):
@@ -666,15 +668,25 @@ def test_sigterm_aborts_what_outlasts_the_grace_period(tiny_models):
             reasons = [ch.choices[0].finish_reason async for ch in await c.completions.create(stream=True, **body)
                        if ch.choices and ch.choices[0].finish_reason]
             return reasons[0]
+
+        async def response(stream: bool):
+            kw = dict(model="llama", input="Hello", max_output_tokens=900, extra_body={"ignore_eos": True})
+            if not stream:
+                return (await c.responses.create(**kw)).status
+            events = [e async for e in await c.responses.create(stream=True, **kw)]
+            return events[-1].type, events[-1].response.status
         tasks = [asyncio.create_task(one(i)) for i in range(6)]
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.2)  # queued behind the six
+        tasks += [asyncio.create_task(response(False)), asyncio.create_task(response(True))]
+        await asyncio.sleep(0.3)
         proc.proc.send_signal(signal.SIGTERM)
         return await asyncio.gather(*tasks)
 
     with ServeProcess("--model", tiny_models["llama"], "--max-num-seqs", "1", "--num-gpu-blocks-override", "128") as proc:
-        reasons = asyncio.run(run(proc))
+        *reasons, whole, streamed = asyncio.run(run(proc))
         assert proc.proc.wait(timeout=30) == 0
         assert set(reasons) <= {"abort", "length"} and "abort" in reasons, reasons
+        assert whole == "cancelled" and streamed == ("response.completed", "cancelled"), (whole, streamed)
         assert "Traceback" not in proc.stderr_text(), proc.stderr_text()
 
 

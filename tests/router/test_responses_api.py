@@ -102,6 +102,43 @@ def test_streamed_events_build_the_same_response(client):
     assert last.type == "response.incomplete" and last.response.output_text == whole.output_text
 
 
+def test_a_response_the_server_aborts_is_cancelled(client, engine):
+    """A request the server aborts (`serve`'s shutdown aborts what outlasts its grace period,
+    AsyncLLM.abort_all) ends as status "cancelled", as vLLM reports an aborted response (before:
+    "failed", which OpenAI keeps for errors): whole, and streamed (its last event response.completed
+    carrying that status, as vLLM ends it: OpenAI has no stream event of its own for it, and the
+    SDK types only the events it knows). Its text so far is kept."""
+    import threading
+
+    long = dict(model=NAME, input="Tell a long story", max_output_tokens=900, **GREEDY)
+    aborted = []
+
+    def abort_once_open():
+        while not engine.abort_all():
+            time.sleep(0.002)
+        aborted.append(True)
+    aborter = threading.Thread(target=abort_once_open)
+    aborter.start()
+    r = client.responses.create(**long)
+    aborter.join()
+    assert aborted and r.status == "cancelled" and r.error is None and r.incomplete_details is None
+    assert [o.status for o in r.output] == ["incomplete"] and r.usage.output_tokens < 900
+
+    events = []
+    for e in client.responses.create(stream=True, **long):
+        events.append(e)
+        if e.type == "response.output_text.delta" and sum(x.type == e.type for x in events) == 1:
+            assert engine.abort_all() == 1
+    kinds = [e.type for e in events]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed"]
+    final = events[-1].response
+    assert final.status == "cancelled" and final.error is None and final.output[0].status == "incomplete"
+    assert final.output_text == "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert client.responses.retrieve(final.id).status == "cancelled"
+    assert all_blocks_free(engine)
+
+
 def test_function_tools_call_and_take_their_output(client):
     tools = [WEATHER]
     forced = client.responses.create(model=NAME, input="Weather in Paris?", tools=tools, max_output_tokens=40,
