@@ -262,7 +262,7 @@ class _ArrayStream(ToolStream):
         self.pos = len(self.buf)
         if self.elem_start is not None:
             deltas += self._progress(len(self.buf))
-        return "", deltas
+        return "", _merged(deltas)
 
     def _progress(self, upto: int) -> list[oa.DeltaToolCall]:
         deltas = []
@@ -282,6 +282,18 @@ class _ArrayStream(ToolStream):
                                            function=oa.DeltaFunctionCall(arguments=self.buf[self.args_sent:end])))
             self.args_sent = end
         return deltas
+
+
+def _merged(deltas: list[oa.DeltaToolCall]) -> list[oa.DeltaToolCall]:
+    """One delta per call: a call's later pieces of one feed joined to its first (clients read
+    `delta.tool_calls` as one entry per call index, as OpenAI and vLLM send it)."""
+    out: list[oa.DeltaToolCall] = []
+    for d in deltas:
+        if out and out[-1].index == d.index and d.id is None and out[-1].function is not None:
+            out[-1].function.arguments = (out[-1].function.arguments or "") + (d.function.arguments or "")
+        else:
+            out.append(d)
+    return out
 
 
 class _AutoStream(ToolStream):

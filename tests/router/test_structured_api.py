@@ -299,3 +299,19 @@ def test_tool_conversation_rendered_for_a_template_without_tools(server):
     assert prompt.startswith("<|im_start|>system\n") and "<tools>" in prompt and '"name": "get_weather"' in prompt
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>' in prompt
     assert '<|im_start|>tool\n{"temp": 21}<|im_end|>' in prompt
+
+
+def test_streamed_tool_call_deltas_are_one_entry_per_call(client):
+    """A forced call's chunk holds one delta per call index, as OpenAI and vLLM send them: clients
+    read `delta.tool_calls[0]` (the header and the first arguments of a call came as three
+    entries of index 0 in one chunk)."""
+    kw = dict(messages=ASK, tools=[WEATHER, TIME], max_tokens=60, temperature=0)
+    for tool_choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        pieces = []
+        for chunk in chat(client, tool_choice=tool_choice, stream=True, **kw)():
+            for ch in chunk.choices:
+                indexes = [d.index for d in ch.delta.tool_calls or []]
+                assert len(indexes) == len(set(indexes)), (tool_choice, ch.delta.tool_calls)
+                pieces += ch.delta.tool_calls or []
+        assert pieces and pieces[0].id and pieces[0].function.name in ("get_weather", "get_time")
+
