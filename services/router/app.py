@@ -233,7 +233,8 @@ class OpenAIServer:
     async def chat(self, request: Request) -> Response:
         req = await _parse(request, oa.ChatCompletionRequest, self.limits.max_request_body_bytes)
         self.check_model(req.model)
-        tools = plan_tools(req.tools, req.tool_choice, self.tool_call_parser, self.enable_auto_tool_choice)
+        tools = plan_tools(req.tools, req.tool_choice, self.tool_call_parser, self.enable_auto_tool_choice,
+                           req.parallel_tool_calls)
         params = req.to_sampling_params(tools.structured_outputs(), self.sampling_defaults, self.check_params)
         text = self.render_chat(req.template_messages(), req.tools, req.add_generation_prompt, req.chat_template_kwargs,
                                 offer_tools=tools.mode != "none", continue_final_message=req.continue_final_message)

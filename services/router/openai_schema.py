@@ -302,6 +302,7 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = None
     tools: list[ChatTool] | None = None
     tool_choice: str | dict | None = None  # None: auto with tools, else none
+    parallel_tool_calls: bool = True  # false: one tool call at most
     # vLLM's extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False

@@ -315,3 +315,36 @@ def test_streamed_tool_call_deltas_are_one_entry_per_call(client):
                 pieces += ch.delta.tool_calls or []
         assert pieces and pieces[0].id and pieces[0].function.name in ("get_weather", "get_time")
 
+
+def test_parallel_tool_calls_false_gives_one_call(client):
+    """parallel_tool_calls false: one call at most (OpenAI; vLLM keeps the first). required: the
+    grammar's array holds one call; auto: the calls after the first parsed call are dropped,
+    whole and streamed. It was ignored: the same request answered two calls."""
+    two = (r'<tool_call>\n\{"name": "get_time", "arguments": \{"zone": "UTC"\}\}\n</tool_call>\n'
+           r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "Oslo", "unit": "celsius"\}\}\n</tool_call>')
+    auto = dict(messages=ASK, tools=[WEATHER, TIME], tool_choice="auto", max_tokens=80, temperature=0,
+                extra_body={"guided_regex": two})
+    both, one, one_streamed = together(chat(client, **auto), chat(client, parallel_tool_calls=False, **auto),
+                                       lambda: stream_tool_calls(chat(client, parallel_tool_calls=False, stream=True,
+                                                                      **auto)()))
+    assert [c.function.name for c in both.choices[0].message.tool_calls] == ["get_time", "get_weather"]
+    assert [c.function.name for c in one.choices[0].message.tool_calls] == ["get_time"]
+    assert one.choices[0].finish_reason == "tool_calls"
+    calls, finish, _ = one_streamed
+    assert [c["name"] for c in calls.values()] == ["get_time"] and finish == "tool_calls"
+    # required, sampled: without the flag some answers hold several calls, with it each holds one
+    required = dict(messages=[{"role": "user", "content": "Weather and time in Paris, Rome and Oslo?"}],
+                    tools=[WEATHER, TIME], tool_choice="required", max_tokens=150, temperature=1.0)
+    seeds = range(6)
+    free = together(*[chat(client, seed=s, **required) for s in seeds])
+    single = together(*[chat(client, seed=s, parallel_tool_calls=False, **required) for s in seeds])
+    assert any(len(r.choices[0].message.tool_calls) > 1 for r in free)
+    for r in single:
+        assert len(r.choices[0].message.tool_calls) == 1 and r.choices[0].finish_reason == "tool_calls", r.choices[0]
+    # the Responses API takes the same flag
+    resp = client.responses.create(model="SmolLM2-135M-Instruct", input="Weather and time in Paris, Rome and Oslo?",
+                                   tools=[{"type": "function", **WEATHER["function"]}, {"type": "function",
+                                                                                       **TIME["function"]}],
+                                   tool_choice="required", parallel_tool_calls=False, max_output_tokens=150,
+                                   temperature=1.0, extra_body={"seed": 0})
+    assert [item.type for item in resp.output] == ["function_call"] and resp.parallel_tool_calls is False
