@@ -239,7 +239,7 @@ class OpenAIServer:
         text = self.render_chat(req.template_messages(), req.tools, req.add_generation_prompt, req.chat_template_kwargs,
                                 offer_tools=tools.mode != "none", continue_final_message=req.continue_final_message)
         ids = self._truncate(await self._encode(text, False), req)
-        self._check_length(ids, params, "messages")
+        self._check_length(ids, params, "messages", req.max_tokens_param)
         job = self._job("chatcmpl-", [(text, ids)], params)
         return await self._run(request, job, _ChatFormat(req, self._token_text(req), tools), req.stream,
                                req.include_usage, req.continuous_usage)
@@ -284,7 +284,10 @@ class OpenAIServer:
             return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def _check_length(self, ids: list[int], params: SamplingParams, prompt_param: str) -> None:
+    def _check_length(self, ids: list[int], params: SamplingParams, prompt_param: str,
+                      max_tokens_param: str = "max_tokens") -> None:
+        """The prompt fits the context with room for one token, and for max_tokens (named
+        `max_tokens_param`: what the request called it)."""
         if not ids:
             raise ParameterError(prompt_param, "the prompt is empty: give at least one token")
         limit = self.engine.max_model_len
@@ -292,7 +295,8 @@ class OpenAIServer:
             asked = "" if params.max_tokens is None else f" + {params.max_tokens} in the completion"
             raise APIError(400, f"This model's maximum context length is {limit} tokens, but you requested "
                                 f"{len(ids)} tokens in the prompt{asked}. Reduce the prompt or the completion.",
-                           param=prompt_param if len(ids) >= limit else "max_tokens", code="context_length_exceeded")
+                           param=prompt_param if len(ids) >= limit else max_tokens_param,
+                           code="context_length_exceeded")
         if len(ids) + params.min_tokens > limit:
             raise APIError(400, f"min_tokens {params.min_tokens} with a prompt of {len(ids)} tokens exceeds this "
                                 f"model's maximum context length of {limit} tokens.", param="min_tokens",

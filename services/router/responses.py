@@ -368,7 +368,7 @@ async def create(server: "OpenAIServer", request: Request) -> Response:
     text = server.render_chat(chat.template_messages(), chat.tools, True, chat.chat_template_kwargs,
                               offer_tools=tools.mode != "none")
     ids = server._truncate(await server._encode(text, False, "input"), chat)
-    server._check_length(ids, params, "input")
+    server._check_length(ids, params, "input", "max_output_tokens")
     job = server._job("resp_", [(text, ids)], params)  # (OpenAI's ids: resp_...)
     answer = _Answer(server, req, tools, ids, job.request_id)
 

@@ -70,6 +70,7 @@ CASES = [
     (*ch(messages=[{"role": "user", "content": "x"}, {"role": "assistant"}]), 400, "messages[1].content"),
     (*ch(top_logprobs=5), 400, "top_logprobs"), (*ch(logprobs=True, top_logprobs=30), 400, "top_logprobs"),
     (*ch(max_completion_tokens=0), 400, "max_completion_tokens"), (*ch(max_tokens=-5), 400, "max_tokens"),
+    (*ch(max_completion_tokens=100_000), 400, "max_completion_tokens"), (*ch(max_tokens=100_000), 400, "max_tokens"),
     (*ch(temperature=9), 400, "temperature"), (*ch(n=129), 400, "n"), (*ch(seed=2**64), 400, "seed"),
     (*ch(response_format={"type": "bogus"}), 400, "response_format"),
     (*ch(messages=[{"role": "user", "content": "word " * 1000}]), 400, "messages"),
