@@ -470,8 +470,10 @@ class OpenAIServer:
         sent = [_Sent() for _ in range(len(job.prompts) * n)]
         last: list[RequestOutput | None] = [None] * len(job.prompts)
         try:
+            # (vLLM's continuous usage: the role and echo chunks carry the prompt's tokens too)
+            head_usage = oa.UsageInfo.of(len(job.prompts[0][1]), 0) if continuous_usage else None
             for choice in fmt.head():
-                yield f"data: {chunk([choice])}\n\n"
+                yield f"data: {chunk([choice], head_usage)}\n\n"
             async with aclosing(self._outputs(job, firsts)) as outputs:
                 async for i, out in outputs:
                     last[i] = out

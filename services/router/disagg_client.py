@@ -111,6 +111,8 @@ class DisaggClient:
     async def _run(self, request_id, prompt_token_ids, params, state: RequestState, route, decision, reserved,
                    lease: "_Lease"):
         handle = None
+        if params.prompt_logprobs is not None and len(prompt_token_ids) == 1:
+            state.set_prompt_logprobs([None])  # the first token has none, and no worker sends an empty list
         if route.prefill is not None:
             try:
                 resp = await self._prefill(request_id, prompt_token_ids, params, self.pool.info(route.prefill),
@@ -204,7 +206,7 @@ class DisaggClient:
                         await chunks.abort(stopped)
             except (grpc.aio.AioRpcError, DecodeStreamError) as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise ParameterError(_param_of(e.details()), e.details()) from None
+                    raise _parameter_error(e.details()) from None
                 log.warning("decode %s failed for %s (%s: %s); resubmitting", inst.instance_id, request_id,
                             e.code(), e.details())
                 tried.add(inst.instance_id)
@@ -236,7 +238,7 @@ class DisaggClient:
                                       params=sampling_params_to_proto(params)), timeout=self.prefill_timeout_s)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise ParameterError(_param_of(e.details()), e.details()) from None
+                    raise _parameter_error(e.details()) from None
                 if e.code() == grpc.StatusCode.INTERNAL:
                     raise _EngineFailed(e.details()) from None
                 log.warning("prefill %s failed for %s (%s: %s); trying another", inst.instance_id, request_id,
@@ -307,6 +309,8 @@ class _EngineFailed(Exception):
     """A worker's engine failed the request itself (not the worker): reported, never retried."""
 
 
-def _param_of(details: str) -> str:
-    head = details.split(":", 1)[0]
-    return head if head.isidentifier() else "prompt"
+def _parameter_error(details: str) -> ParameterError:
+    """A worker's INVALID_ARGUMENT ("param: message", services/worker/state.py) as the error the
+    API answers: the message without its param prefix, as `pdserve serve` words it."""
+    head, sep, message = details.partition(": ")
+    return ParameterError(head, message) if sep and head.isidentifier() else ParameterError("prompt", details)

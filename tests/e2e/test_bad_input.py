@@ -146,3 +146,28 @@ def test_a_bad_request_fails_alone(servers, where):
         return await asyncio.gather(*(good(i) for i in range(4)), poison())
     *texts, param = asyncio.run(run())
     assert all(texts) and param == "seed"
+
+
+def test_serve_and_router_answer_alike(servers):
+    """Answers the router builds from its workers' messages are the ones `pdserve serve` gives: a
+    one-token prompt's prompt_logprobs are [null] (the router answered []), a parameter a worker
+    refuses is worded as serve words it (the router repeated the param: "logit_bias: token id
+    ..."), and with continuous_usage_stats the role chunk carries the prompt's usage too (vLLM's;
+    it had none, on both)."""
+    answers = {}
+    for where, url in servers.items():
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        one = c.completions.create(model="tiny", prompt=[1], max_tokens=2, extra_body={"prompt_logprobs": 1})
+        assert one.choices[0].model_extra["prompt_logprobs"] == [None], where
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="tiny", prompt="hi", max_tokens=2, logit_bias={"999999": 1})
+        answers[where] = (e.value.body["param"], e.value.body["message"])
+        chunks = list(c.chat.completions.create(model="tiny", messages=CHAT["messages"], max_tokens=2, stream=True,
+                                                stream_options={"include_usage": True,
+                                                                "continuous_usage_stats": True}))
+        assert chunks[0].choices[0].delta.role == "assistant", where
+        assert all(ch.usage is not None for ch in chunks), (where, chunks)
+        prompt_tokens = chunks[-1].usage.prompt_tokens
+        assert (chunks[0].usage.prompt_tokens, chunks[0].usage.completion_tokens) == (prompt_tokens, 0), where
+    assert answers["serve"] == answers["router"] and answers["serve"][0] == "logit_bias"
+    assert not answers["serve"][1].startswith("logit_bias:"), answers
