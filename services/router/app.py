@@ -206,6 +206,7 @@ class OpenAIServer:
         self.request_log: RequestLog | None = None  # --enable-log-requests
         self.sampling_defaults: dict = {}  # the model's generation config (common/generation_config.py)
         self.max_logprobs = DEFAULT_MAX_LOGPROBS  # --max-logprobs (-1: the vocabulary)
+        self.model_root: str | None = None  # /v1/models' `root`: the model as --model named it (vLLM's)
 
     # ---- the endpoints ----------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
@@ -265,7 +266,8 @@ class OpenAIServer:
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
 
     def models(self) -> oa.ModelList:
-        return oa.ModelList(data=[oa.ModelCard(id=self.model_name, created=self.created, root=self.engine.model_name,
+        return oa.ModelList(data=[oa.ModelCard(id=self.model_name, created=self.created,
+                                               root=self.model_root or self.engine.model_name,
                                                max_model_len=self.engine.max_model_len)])
 
     def check_model(self, model: str | None) -> None:
@@ -612,7 +614,7 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
               metrics_route: bool = True, metrics_dir: str | None = None, response_store=None,
               log_requests: bool = False, max_log_len: int | None = None,
               sampling_defaults: dict | None = None, fastapi_docs: bool = True,
-              max_logprobs: int = DEFAULT_MAX_LOGPROBS) -> FastAPI:
+              max_logprobs: int = DEFAULT_MAX_LOGPROBS, model_root: str | None = None) -> FastAPI:
     """The FastAPI app. `collector` (state for /metrics) is the deployment's: the in-process
     engine's stats, or the router's view of its fleet and its routing counters.
     `tool_call_parser` + `enable_auto_tool_choice` (vLLM's flags) let tool_choice "auto" turn the
@@ -624,7 +626,8 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
     `sampling_defaults`: default sampling parameters of requests that leave them unset (the
     model's generation config, common/generation_config.py). `fastapi_docs` False: no /openapi.json,
     /docs or /redoc (vLLM's --disable-fastapi-docs). `max_logprobs`: vLLM's --max-logprobs, checked
-    here so a request over it is a 400 before it reaches an engine."""
+    here so a request over it is a 400 before it reaches an engine. `model_root`: /v1/models' `root`,
+    the model as --model gave it (vLLM's: the served name is the `id`; default: the engine's name)."""
     metrics = ServerMetrics(served_model_name, engine.max_model_len, collector, shared_dir=metrics_dir)
     server = OpenAIServer(engine, served_model_name, metrics, limits, tool_call_parser, enable_auto_tool_choice)
     docs = {} if fastapi_docs else {"openapi_url": None, "docs_url": None, "redoc_url": None}
@@ -632,6 +635,7 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
     app.state.server = server
     server.sampling_defaults = dict(sampling_defaults or {})
     server.max_logprobs = max_logprobs
+    server.model_root = model_root
     if log_requests:
         server.request_log = RequestLog(max_log_len)
     if response_store is not None:

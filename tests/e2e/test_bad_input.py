@@ -171,3 +171,12 @@ def test_serve_and_router_answer_alike(servers):
         assert (chunks[0].usage.prompt_tokens, chunks[0].usage.completion_tokens) == (prompt_tokens, 0), where
     assert answers["serve"] == answers["router"] and answers["serve"][0] == "logit_bias"
     assert not answers["serve"][1].startswith("logit_bias:"), answers
+
+
+def test_models_root_is_the_model_path(servers, tiny_models):
+    """/v1/models: `id` is the served name, `root` the model as --model gave it (vLLM's); root
+    was the served name too."""
+    for where, url in servers.items():
+        card = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0).models.retrieve("tiny")
+        assert (card.id, card.model_extra["root"], card.model_extra["max_model_len"]) == \
+            ("tiny", tiny_models["llama"], MAX_LEN), where
