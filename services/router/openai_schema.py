@@ -328,7 +328,7 @@ class ChatCompletionRequest(_SamplingRequest):
                            check: Callable[[SamplingParams], None] | None = None) -> SamplingParams:
         """`tool_grammar`: the output grammar a forced tool choice implies (tool_calls.ToolPlan);
         `defaults`: the server's default sampling parameters; `check`: its limits."""
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:  # (0 asks for nothing: accepted, as vLLM)
             raise ParameterError("top_logprobs", "top_logprobs needs logprobs set to true")
         max_tokens = _or(self.max_completion_tokens, self.max_tokens)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
