@@ -294,9 +294,15 @@ class OpenAIServer:
             raise ParameterError(prompt_param, "the prompt is empty: give at least one token")
         limit = self.engine.max_model_len
         if len(ids) >= limit or (params.max_tokens is not None and len(ids) + params.max_tokens > limit):
-            asked = "" if params.max_tokens is None else f" + {params.max_tokens} in the completion"
-            raise APIError(400, f"This model's maximum context length is {limit} tokens, but you requested "
-                                f"{len(ids)} tokens in the prompt{asked}. Reduce the prompt or the completion.",
+            # OpenAI's wording (vLLM's too), which clients and tests match
+            if params.max_tokens is None:
+                asked = (f"your {prompt_param} has {len(ids)} tokens, which leaves no room for the completion. "
+                         f"Please reduce the length of the {prompt_param}.")
+            else:
+                asked = (f"you requested {len(ids) + params.max_tokens} tokens ({len(ids)} in the {prompt_param}, "
+                         f"{params.max_tokens} in the completion). Please reduce the length of the {prompt_param} "
+                         "or completion.")
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, {asked}",
                            param=prompt_param if len(ids) >= limit else max_tokens_param,
                            code="context_length_exceeded")
         if len(ids) + params.min_tokens > limit:

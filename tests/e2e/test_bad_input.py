@@ -152,8 +152,8 @@ def test_serve_and_router_answer_alike(servers):
     """Answers the router builds from its workers' messages are the ones `pdserve serve` gives: a
     one-token prompt's prompt_logprobs are [null] (the router answered []), a parameter a worker
     refuses is worded as serve words it (the router repeated the param: "logit_bias: token id
-    ..."), and with continuous_usage_stats the role chunk carries the prompt's usage too (vLLM's;
-    it had none, on both)."""
+    ..."), with continuous_usage_stats the role chunk carries the prompt's usage too (vLLM's; it
+    had none, on both), and a request the context cannot hold is refused in OpenAI's words."""
     answers = {}
     for where, url in servers.items():
         c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
@@ -162,6 +162,15 @@ def test_serve_and_router_answer_alike(servers):
         with pytest.raises(openai.BadRequestError) as e:
             c.completions.create(model="tiny", prompt="hi", max_tokens=2, logit_bias={"999999": 1})
         answers[where] = (e.value.body["param"], e.value.body["message"])
+        with pytest.raises(openai.BadRequestError) as e:  # OpenAI's (and vLLM's) words
+            c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=MAX_LEN)
+        prompt_tokens = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=1).usage.prompt_tokens
+        assert e.value.body["message"] == (
+            f"This model's maximum context length is {MAX_LEN} tokens. However, you requested "
+            f"{prompt_tokens + MAX_LEN} tokens ({prompt_tokens} in the messages, {MAX_LEN} in the completion). "
+            "Please reduce the length of the messages or completion."), where
+        assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "max_tokens"
         chunks = list(c.chat.completions.create(model="tiny", messages=CHAT["messages"], max_tokens=2, stream=True,
                                                 stream_options={"include_usage": True,
                                                                 "continuous_usage_stats": True}))
