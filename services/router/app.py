@@ -662,7 +662,9 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, e: StarletteHTTPException) -> Response:
-        return APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
+        response = APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
+        response.headers.update(e.headers or {})  # a 405's Allow: the methods the path takes
+        return response
 
     deps = []
     if api_key:

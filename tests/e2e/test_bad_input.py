@@ -112,6 +112,8 @@ def test_bad_input_table(servers, where):
             r = http.request(method, path)
             if r.status_code != status or "error" not in r.json():
                 failures.append(f"{method} {path}: {r.status_code} (want {status}) {r.text[:200]}")
+            if status == 405 and r.headers.get("allow") != "POST":  # HTTP's rule: a 405 says what is allowed
+                failures.append(f"{method} {path}: 405 without Allow: POST ({dict(r.headers)})")
     assert not failures, "\n".join(failures)
 
 
