@@ -271,7 +271,9 @@ class OpenAIServer:
                                                max_model_len=self.engine.max_model_len)])
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
+        """The served name, or the model as --model gave it (the name vLLM serves it under when no
+        --served-model-name is given, so vLLM's clients find it)."""
+        if model is not None and model != self.model_name and model != self.model_root:
             raise APIError(404, f"The model `{model}` does not exist (this server serves `{self.model_name}`).",
                            param="model", code="model_not_found")
 

@@ -186,8 +186,13 @@ def test_serve_and_router_answer_alike(servers):
 
 def test_models_root_is_the_model_path(servers, tiny_models):
     """/v1/models: `id` is the served name, `root` the model as --model gave it (vLLM's); root
-    was the served name too."""
+    was the served name too. Requests may name the model by that path (a 404 before)."""
     for where, url in servers.items():
         card = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0).models.retrieve("tiny")
         assert (card.id, card.model_extra["root"], card.model_extra["max_model_len"]) == \
             ("tiny", tiny_models["llama"], MAX_LEN), where
+        # the model path names it too (vLLM serves a model under its path by default): not a 404
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        out = c.completions.create(model=tiny_models["llama"], prompt="Hi", max_tokens=2)
+        assert out.model == "tiny" and out.choices[0].text is not None, where
+        assert c.models.retrieve(tiny_models["llama"]).id == "tiny"
