@@ -206,7 +206,7 @@ class DisaggClient:
                         await chunks.abort(stopped)
             except (grpc.aio.AioRpcError, DecodeStreamError) as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise _parameter_error(e.details()) from None
+                    raise _parameter_error(e.details(), params) from None
                 log.warning("decode %s failed for %s (%s: %s); resubmitting", inst.instance_id, request_id,
                             e.code(), e.details())
                 tried.add(inst.instance_id)
@@ -238,7 +238,7 @@ class DisaggClient:
                                       params=sampling_params_to_proto(params)), timeout=self.prefill_timeout_s)
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise _parameter_error(e.details()) from None
+                    raise _parameter_error(e.details(), params) from None
                 if e.code() == grpc.StatusCode.INTERNAL:
                     raise _EngineFailed(e.details()) from None
                 log.warning("prefill %s failed for %s (%s: %s); trying another", inst.instance_id, request_id,
@@ -309,8 +309,14 @@ class _EngineFailed(Exception):
     """A worker's engine failed the request itself (not the worker): reported, never retried."""
 
 
-def _parameter_error(details: str) -> ParameterError:
+def _parameter_error(details: str, params: SamplingParams) -> ParameterError:
     """A worker's INVALID_ARGUMENT ("param: message", services/worker/state.py) as the error the
-    API answers: the message without its param prefix, as `pdserve serve` words it."""
+    API answers: the message without its param prefix, as `pdserve serve` words it; a grammar
+    named by the API field that asked for it (guided_regex, response_format, ...), which the wire
+    does not carry."""
     head, sep, message = details.partition(": ")
-    return ParameterError(head, message) if sep and head.isidentifier() else ParameterError("prompt", details)
+    if not (sep and head.isidentifier()):
+        return ParameterError("prompt", details)
+    if head == "structured_outputs" and params.structured_outputs is not None:
+        head = params.structured_outputs.param
+    return ParameterError(head, message)
