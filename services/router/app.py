@@ -238,7 +238,8 @@ class OpenAIServer:
                            req.parallel_tool_calls)
         params = req.to_sampling_params(tools.structured_outputs(), self.sampling_defaults, self.check_params)
         text = self.render_chat(req.template_messages(), req.tools, req.add_generation_prompt, req.chat_template_kwargs,
-                                offer_tools=tools.mode != "none", continue_final_message=req.continue_final_message)
+                                offer_tools=tools.mode != "none", continue_final_message=req.continue_final_message,
+                                chat_template=req.chat_template)
         ids = self._truncate(await self._encode(text, False), req)
         self._check_length(ids, params, "messages", req.max_tokens_param)
         job = self._job("chatcmpl-", [(text, ids)], params)
@@ -246,10 +247,16 @@ class OpenAIServer:
                                req.include_usage, req.continuous_usage)
 
     def render_chat(self, messages: list[dict], tools: list[oa.ChatTool] | None, add_generation_prompt: bool,
-                    kwargs: dict | None, offer_tools: bool = True, continue_final_message: bool = False) -> str:
+                    kwargs: dict | None, offer_tools: bool = True, continue_final_message: bool = False,
+                    chat_template: str | None = None) -> str:
         """The chat template's text. A template that ignores tools gets them in Hermes form (the
         listing only when `offer_tools`: not for tool_choice none), earlier calls as text.
-        `continue_final_message`: the text stops inside the last message (Tokenizer)."""
+        `continue_final_message`: the text stops inside the last message (Tokenizer).
+        `chat_template`: the request's own template, refused (as vLLM refuses it without
+        --trust-request-chat-template) rather than silently not used."""
+        if chat_template is not None or (kwargs or {}).get("chat_template") is not None:
+            raise ParameterError("chat_template", "a chat template sent with the request is not used: this server "
+                                                  "renders with the model's template (or its --chat-template)")
         template = getattr(self.tokenizer, "chat_template", None) or ""
         if "tools" not in template and (tools or any(m.get("tool_calls") for m in messages)):
             messages, tools = hermes_messages(messages, tools if offer_tools else None), None

@@ -307,6 +307,7 @@ class ChatCompletionRequest(_SamplingRequest):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict | None = None
+    chat_template: str | None = None  # refused (OpenAIServer.render_chat)
     echo: bool = False  # the last message's content leads the answer if it is the assistant's
 
     def template_messages(self) -> list[dict]:

@@ -75,6 +75,10 @@ CASES = [
     (*ch(response_format={"type": "bogus"}), 400, "response_format"),
     (*ch(messages=[{"role": "user", "content": "word " * 1000}]), 400, "messages"),
     (*ch(stop_token_ids=[BIG]), 400, "stop_token_ids"), (*ch(model="other"), 404, "model"),
+    # a request's own chat template is refused, as vLLM refuses it by default (it was silently not used)
+    (*ch(chat_template="{{ messages[0].content }}"), 400, "chat_template"),
+    (*ch(chat_template_kwargs={"chat_template": "{{ messages[0].content }}"}), 400, "chat_template"),
+    ("/tokenize", {"model": "tiny", "messages": CHAT["messages"], "chat_template": "x"}, 400, "chat_template"),
 ]
 
 
