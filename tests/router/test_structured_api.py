@@ -348,3 +348,19 @@ def test_parallel_tool_calls_false_gives_one_call(client):
                                    tool_choice="required", parallel_tool_calls=False, max_output_tokens=150,
                                    temperature=1.0, extra_body={"seed": 0})
     assert [item.type for item in resp.output] == ["function_call"] and resp.parallel_tool_calls is False
+
+
+def test_min_tokens_beside_a_grammar_that_completes_early(client):
+    """A grammar complete before min_tokens ends the answer (finish_reason stop, valid output),
+    whole and streamed: it was finish_reason "error" (min_tokens banned the EOS that was all the
+    grammar allowed)."""
+    kw = dict(messages=ASK, max_tokens=60, temperature=0)
+    choice, schema = together(chat(client, extra_body={"guided_choice": ["yes", "no"], "min_tokens": 5}, **kw),
+                              chat(client, response_format={"type": "json_schema", "json_schema": {
+                                  "name": "x", "schema": ENUMS}}, extra_body={"min_tokens": 50}, **kw))
+    assert choice.choices[0].message.content in ("yes", "no") and choice.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(schema.choices[0].message.content), ENUMS)
+    assert schema.choices[0].finish_reason == "stop" and schema.usage.completion_tokens < 50
+    finish = [c.choices[0].finish_reason for c in chat(client, stream=True, extra_body={
+        "guided_choice": ["yes", "no"], "min_tokens": 5}, **kw)() if c.choices and c.choices[0].finish_reason]
+    assert finish == ["stop"]
