@@ -117,7 +117,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
                             log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
                             sampling_defaults=engine.core.sampling_defaults,
                             fastapi_docs=not args.disable_fastapi_docs,
-                            max_logprobs=engine.core.config.model.max_logprobs)
+                            max_logprobs=engine.core.config.model.max_logprobs, model_root=args.model)
             add_cors(app, args)
             metrics_apart = serve_metrics_apart(app, args, args.host)
             config = uvicorn.Config(app, host=args.host, port=args.port,

@@ -106,14 +106,23 @@ class Sampler:
 
     @staticmethod
     def _apply_min_tokens(logits, reqs, eos_token_ids) -> torch.Tensor:
+        """EOS and the stop ids banned before min_tokens, unless the row's mask left nothing else:
+        a complete grammar allows only EOS, and min_tokens does not hold it open (banned, every
+        logit was -inf: a token the grammar rejects was sampled and the request failed). Decided
+        on the device (torch.where), so nothing waits for it."""
         rows = [i for i, r in enumerate(reqs) if len(r.output_token_ids) < r.params.min_tokens]
         if not rows:
             return logits
         logits = logits.clone()
         for i in rows:
             banned = list(reqs[i].params.stop_token_ids) + ([] if reqs[i].params.ignore_eos else list(eos_token_ids))
-            if banned:
-                logits[i, banned] = float("-inf")
+            if not banned:
+                continue
+            row = logits[i]  # [V], a view
+            kept = row.clone() if reqs[i].params.has_token_mask else None  # only a mask can leave it empty
+            row[banned] = float("-inf")
+            if kept is not None:
+                logits[i] = torch.where(torch.isfinite(row).any(), row, kept)
         return logits
 
 

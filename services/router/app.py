@@ -206,6 +206,7 @@ class OpenAIServer:
         self.request_log: RequestLog | None = None  # --enable-log-requests
         self.sampling_defaults: dict = {}  # the model's generation config (common/generation_config.py)
         self.max_logprobs = DEFAULT_MAX_LOGPROBS  # --max-logprobs (-1: the vocabulary)
+        self.model_root: str | None = None  # /v1/models' `root`: the model as --model named it (vLLM's)
 
     # ---- the endpoints ----------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
@@ -233,21 +234,29 @@ class OpenAIServer:
     async def chat(self, request: Request) -> Response:
         req = await _parse(request, oa.ChatCompletionRequest, self.limits.max_request_body_bytes)
         self.check_model(req.model)
-        tools = plan_tools(req.tools, req.tool_choice, self.tool_call_parser, self.enable_auto_tool_choice)
+        tools = plan_tools(req.tools, req.tool_choice, self.tool_call_parser, self.enable_auto_tool_choice,
+                           req.parallel_tool_calls)
         params = req.to_sampling_params(tools.structured_outputs(), self.sampling_defaults, self.check_params)
         text = self.render_chat(req.template_messages(), req.tools, req.add_generation_prompt, req.chat_template_kwargs,
-                                offer_tools=tools.mode != "none", continue_final_message=req.continue_final_message)
+                                offer_tools=tools.mode != "none", continue_final_message=req.continue_final_message,
+                                chat_template=req.chat_template)
         ids = self._truncate(await self._encode(text, False), req)
-        self._check_length(ids, params, "messages")
+        self._check_length(ids, params, "messages", req.max_tokens_param)
         job = self._job("chatcmpl-", [(text, ids)], params)
         return await self._run(request, job, _ChatFormat(req, self._token_text(req), tools), req.stream,
                                req.include_usage, req.continuous_usage)
 
     def render_chat(self, messages: list[dict], tools: list[oa.ChatTool] | None, add_generation_prompt: bool,
-                    kwargs: dict | None, offer_tools: bool = True, continue_final_message: bool = False) -> str:
+                    kwargs: dict | None, offer_tools: bool = True, continue_final_message: bool = False,
+                    chat_template: str | None = None) -> str:
         """The chat template's text. A template that ignores tools gets them in Hermes form (the
         listing only when `offer_tools`: not for tool_choice none), earlier calls as text.
-        `continue_final_message`: the text stops inside the last message (Tokenizer)."""
+        `continue_final_message`: the text stops inside the last message (Tokenizer).
+        `chat_template`: the request's own template, refused (as vLLM refuses it without
+        --trust-request-chat-template) rather than silently not used."""
+        if chat_template is not None or (kwargs or {}).get("chat_template") is not None:
+            raise ParameterError("chat_template", "a chat template sent with the request is not used: this server "
+                                                  "renders with the model's template (or its --chat-template)")
         template = getattr(self.tokenizer, "chat_template", None) or ""
         if "tools" not in template and (tools or any(m.get("tool_calls") for m in messages)):
             messages, tools = hermes_messages(messages, tools if offer_tools else None), None
@@ -264,11 +273,14 @@ class OpenAIServer:
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
 
     def models(self) -> oa.ModelList:
-        return oa.ModelList(data=[oa.ModelCard(id=self.model_name, created=self.created, root=self.engine.model_name,
+        return oa.ModelList(data=[oa.ModelCard(id=self.model_name, created=self.created,
+                                               root=self.model_root or self.engine.model_name,
                                                max_model_len=self.engine.max_model_len)])
 
     def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
+        """The served name, or the model as --model gave it (the name vLLM serves it under when no
+        --served-model-name is given, so vLLM's clients find it)."""
+        if model is not None and model != self.model_name and model != self.model_root:
             raise APIError(404, f"The model `{model}` does not exist (this server serves `{self.model_name}`).",
                            param="model", code="model_not_found")
 
@@ -283,15 +295,25 @@ class OpenAIServer:
             return await asyncio.to_thread(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def _check_length(self, ids: list[int], params: SamplingParams, prompt_param: str) -> None:
+    def _check_length(self, ids: list[int], params: SamplingParams, prompt_param: str,
+                      max_tokens_param: str = "max_tokens") -> None:
+        """The prompt fits the context with room for one token, and for max_tokens (named
+        `max_tokens_param`: what the request called it)."""
         if not ids:
             raise ParameterError(prompt_param, "the prompt is empty: give at least one token")
         limit = self.engine.max_model_len
         if len(ids) >= limit or (params.max_tokens is not None and len(ids) + params.max_tokens > limit):
-            asked = "" if params.max_tokens is None else f" + {params.max_tokens} in the completion"
-            raise APIError(400, f"This model's maximum context length is {limit} tokens, but you requested "
-                                f"{len(ids)} tokens in the prompt{asked}. Reduce the prompt or the completion.",
-                           param=prompt_param if len(ids) >= limit else "max_tokens", code="context_length_exceeded")
+            # OpenAI's wording (vLLM's too), which clients and tests match
+            if params.max_tokens is None:
+                asked = (f"your {prompt_param} has {len(ids)} tokens, which leaves no room for the completion. "
+                         f"Please reduce the length of the {prompt_param}.")
+            else:
+                asked = (f"you requested {len(ids) + params.max_tokens} tokens ({len(ids)} in the {prompt_param}, "
+                         f"{params.max_tokens} in the completion). Please reduce the length of the {prompt_param} "
+                         "or completion.")
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, {asked}",
+                           param=prompt_param if len(ids) >= limit else max_tokens_param,
+                           code="context_length_exceeded")
         if len(ids) + params.min_tokens > limit:
             raise APIError(400, f"min_tokens {params.min_tokens} with a prompt of {len(ids)} tokens exceeds this "
                                 f"model's maximum context length of {limit} tokens.", param="min_tokens",
@@ -465,8 +487,10 @@ class OpenAIServer:
         sent = [_Sent() for _ in range(len(job.prompts) * n)]
         last: list[RequestOutput | None] = [None] * len(job.prompts)
         try:
+            # (vLLM's continuous usage: the role and echo chunks carry the prompt's tokens too)
+            head_usage = oa.UsageInfo.of(len(job.prompts[0][1]), 0) if continuous_usage else None
             for choice in fmt.head():
-                yield f"data: {chunk([choice])}\n\n"
+                yield f"data: {chunk([choice], head_usage)}\n\n"
             async with aclosing(self._outputs(job, firsts)) as outputs:
                 async for i, out in outputs:
                     last[i] = out
@@ -605,7 +629,7 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
               metrics_route: bool = True, metrics_dir: str | None = None, response_store=None,
               log_requests: bool = False, max_log_len: int | None = None,
               sampling_defaults: dict | None = None, fastapi_docs: bool = True,
-              max_logprobs: int = DEFAULT_MAX_LOGPROBS) -> FastAPI:
+              max_logprobs: int = DEFAULT_MAX_LOGPROBS, model_root: str | None = None) -> FastAPI:
     """The FastAPI app. `collector` (state for /metrics) is the deployment's: the in-process
     engine's stats, or the router's view of its fleet and its routing counters.
     `tool_call_parser` + `enable_auto_tool_choice` (vLLM's flags) let tool_choice "auto" turn the
@@ -617,7 +641,8 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
     `sampling_defaults`: default sampling parameters of requests that leave them unset (the
     model's generation config, common/generation_config.py). `fastapi_docs` False: no /openapi.json,
     /docs or /redoc (vLLM's --disable-fastapi-docs). `max_logprobs`: vLLM's --max-logprobs, checked
-    here so a request over it is a 400 before it reaches an engine."""
+    here so a request over it is a 400 before it reaches an engine. `model_root`: /v1/models' `root`,
+    the model as --model gave it (vLLM's: the served name is the `id`; default: the engine's name)."""
     metrics = ServerMetrics(served_model_name, engine.max_model_len, collector, shared_dir=metrics_dir)
     server = OpenAIServer(engine, served_model_name, metrics, limits, tool_call_parser, enable_auto_tool_choice)
     docs = {} if fastapi_docs else {"openapi_url": None, "docs_url": None, "redoc_url": None}
@@ -625,6 +650,7 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
     app.state.server = server
     server.sampling_defaults = dict(sampling_defaults or {})
     server.max_logprobs = max_logprobs
+    server.model_root = model_root
     if log_requests:
         server.request_log = RequestLog(max_log_len)
     if response_store is not None:
@@ -645,7 +671,9 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, e: StarletteHTTPException) -> Response:
-        return APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
+        response = APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
+        response.headers.update(e.headers or {})  # a 405's Allow: the methods the path takes
+        return response
 
     deps = []
     if api_key:

@@ -136,6 +136,8 @@ class DisaggClient:
                    flight: "_Flight"):
         handle = None
         flight.check()
+        if params.prompt_logprobs is not None and len(prompt_token_ids) == 1:
+            state.set_prompt_logprobs([None])  # the first token has none, and no worker sends an empty list
         if route.prefill is not None:
             try:
                 resp = await self._prefill(request_id, prompt_token_ids, params, self.pool.info(route.prefill),
@@ -232,7 +234,7 @@ class DisaggClient:
                         await chunks.abort(stopped)
             except (grpc.aio.AioRpcError, DecodeStreamError) as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise ParameterError(_param_of(e.details()), e.details()) from None
+                    raise _parameter_error(e.details(), params) from None
                 log.warning("decode %s failed for %s (%s: %s); resubmitting", inst.instance_id, request_id,
                             e.code(), e.details())
                 tried.add(inst.instance_id)
@@ -267,7 +269,7 @@ class DisaggClient:
             except grpc.aio.AioRpcError as e:
                 flight.check()  # abort_all cancelled the call
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise ParameterError(_param_of(e.details()), e.details()) from None
+                    raise _parameter_error(e.details(), params) from None
                 if e.code() == grpc.StatusCode.INTERNAL:
                     raise _EngineFailed(e.details()) from None
                 log.warning("prefill %s failed for %s (%s: %s); trying another", inst.instance_id, request_id,
@@ -403,6 +405,14 @@ class _EngineFailed(Exception):
     """A worker's engine failed the request itself (not the worker): reported, never retried."""
 
 
-def _param_of(details: str) -> str:
-    head = details.split(":", 1)[0]
-    return head if head.isidentifier() else "prompt"
+def _parameter_error(details: str, params: SamplingParams) -> ParameterError:
+    """A worker's INVALID_ARGUMENT ("param: message", services/worker/state.py) as the error the
+    API answers: the message without its param prefix, as `pdserve serve` words it; a grammar
+    named by the API field that asked for it (guided_regex, response_format, ...), which the wire
+    does not carry."""
+    head, sep, message = details.partition(": ")
+    if not (sep and head.isidentifier()):
+        return ParameterError("prompt", details)
+    if head == "structured_outputs" and params.structured_outputs is not None:
+        head = params.structured_outputs.param
+    return ParameterError(head, message)

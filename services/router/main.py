@@ -173,7 +173,7 @@ def _run_one(args: argparse.Namespace) -> None:
                         metrics_dir=getattr(args, "metrics_dir", None), response_store=store,
                         log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
                         sampling_defaults=defaults, fastapi_docs=not args.disable_fastapi_docs,
-                        max_logprobs=args.max_logprobs)
+                        max_logprobs=args.max_logprobs, model_root=args.model)
         metrics_apart = serve_metrics_apart(app, args, args.host)
         add_admin_routes(app, pool, registry, api_key=args.api_key)
 

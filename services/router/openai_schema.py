@@ -302,10 +302,12 @@ class ChatCompletionRequest(_SamplingRequest):
     top_logprobs: int | None = None
     tools: list[ChatTool] | None = None
     tool_choice: str | dict | None = None  # None: auto with tools, else none
+    parallel_tool_calls: bool = True  # false: one tool call at most
     # vLLM's extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict | None = None
+    chat_template: str | None = None  # refused (OpenAIServer.render_chat)
     echo: bool = False  # the last message's content leads the answer if it is the assistant's
 
     def template_messages(self) -> list[dict]:
@@ -327,7 +329,7 @@ class ChatCompletionRequest(_SamplingRequest):
                            check: Callable[[SamplingParams], None] | None = None) -> SamplingParams:
         """`tool_grammar`: the output grammar a forced tool choice implies (tool_calls.ToolPlan);
         `defaults`: the server's default sampling parameters; `check`: its limits."""
-        if self.top_logprobs is not None and not self.logprobs:
+        if self.top_logprobs and not self.logprobs:  # (0 asks for nothing: accepted, as vLLM)
             raise ParameterError("top_logprobs", "top_logprobs needs logprobs set to true")
         max_tokens = _or(self.max_completion_tokens, self.max_tokens)
         logprobs = (self.top_logprobs or 0) if self.logprobs else None

@@ -260,7 +260,7 @@ def to_chat_request(req: ResponsesRequest, history: list[dict]) -> oa.ChatComple
         + input_messages(req)
     body = req.model_dump(exclude={"input", "instructions", "max_output_tokens", "tools", "tool_choice", "text",
                                    "previous_response_id", "store", "background", "metadata",
-                                   "parallel_tool_calls", "stream_options"}, exclude_none=True)
+                                   "stream_options"}, exclude_none=True)
     body.update(messages=messages, max_tokens=req.max_output_tokens, tools=chat_tools(req.tools),
                 tool_choice=chat_tool_choice(req.tool_choice))
     fmt = response_format(req.text)
@@ -358,7 +358,8 @@ async def create(server: "OpenAIServer", request: Request) -> Response:
     history = (await _stored(server, req.previous_response_id, "previous_response_id"))[1] \
         if req.previous_response_id else []
     chat = to_chat_request(req, history)
-    tools = plan_tools(chat.tools, chat.tool_choice, server.tool_call_parser, server.enable_auto_tool_choice)
+    tools = plan_tools(chat.tools, chat.tool_choice, server.tool_call_parser, server.enable_auto_tool_choice,
+                       chat.parallel_tool_calls)
     try:
         params = chat.to_sampling_params(tools.structured_outputs(), server.sampling_defaults, server.check_params)
     except ParameterError as e:  # named as this API names them
@@ -373,7 +374,7 @@ async def create(server: "OpenAIServer", request: Request) -> Response:
     text = server.render_chat(chat.template_messages(), chat.tools, True, chat.chat_template_kwargs,
                               offer_tools=tools.mode != "none")
     ids = server._truncate(await server._encode(text, False, "input"), chat)
-    server._check_length(ids, params, "input")
+    server._check_length(ids, params, "input", "max_output_tokens")
     job = server._job("resp_", [(text, ids)], params)  # (OpenAI's ids: resp_...)
     answer = _Answer(server, req, tools, ids, job.request_id)
 

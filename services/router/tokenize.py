@@ -26,6 +26,7 @@ class TokenizeRequest(oa._Request):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict | None = None
+    chat_template: str | None = None  # refused, as on chat completions
     tools: list[oa.ChatTool] | None = None
     return_token_strs: bool = False
 
@@ -54,7 +55,7 @@ async def tokenize(server, req: TokenizeRequest) -> TokenizeResponse:
     if req.messages is not None:
         text = server.render_chat([m.to_template(i) for i, m in enumerate(req.messages)], req.tools,
                                   req.add_generation_prompt, req.chat_template_kwargs,
-                                  continue_final_message=req.continue_final_message)
+                                  continue_final_message=req.continue_final_message, chat_template=req.chat_template)
         special = bool(req.add_special_tokens)
     else:
         text, special = req.prompt, req.add_special_tokens is not False

@@ -59,6 +59,7 @@ class ToolPlan:
     tools: list[oa.ChatTool] = field(default_factory=list)
     name: str | None = None  # the forced function (named)
     parser: str | None = None  # auto
+    parallel: bool = True  # parallel_tool_calls false: at most one call (OpenAI's rule; vLLM keeps the first)
 
     def structured_outputs(self) -> StructuredOutputsParams | None:
         if self.mode == "named":
@@ -69,6 +70,8 @@ class ToolPlan:
                              "required": ["name", "parameters"]} for t in self.tools]
             schema = {"type": "array", "minItems": 1,
                       "items": alternatives[0] if len(alternatives) == 1 else {"anyOf": alternatives}}
+            if not self.parallel:  # the grammar ends the array after one call
+                schema["maxItems"] = 1
             return StructuredOutputsParams(json=schema, param="tool_choice")
         return None
 
@@ -83,7 +86,8 @@ class ToolPlan:
         if self.mode in ("named", "required"):
             return None, joined_calls(self.stream().feed(text, True)[1])
         if self.mode == "auto":
-            return (parse_hermes if self.parser == "hermes" else parse_llama3_json)(text)
+            content, calls = (parse_hermes if self.parser == "hermes" else parse_llama3_json)(text)
+            return content, calls if self.parallel else calls[:1]
         return text, []
 
     def stream(self) -> "ToolStream | None":
@@ -92,11 +96,13 @@ class ToolPlan:
         if self.mode == "required":
             return _ArrayStream()
         if self.mode == "auto":
-            return _AutoStream(self.parser)
+            return _AutoStream(self.parser, max_calls=None if self.parallel else 1)
         return None
 
 
-def plan_tools(tools: list[oa.ChatTool] | None, tool_choice, parser: str | None, auto_enabled: bool) -> ToolPlan:
+def plan_tools(tools: list[oa.ChatTool] | None, tool_choice, parser: str | None, auto_enabled: bool,
+               parallel: bool = True) -> ToolPlan:
+    """`parallel`: the request's parallel_tool_calls (false: one call at most)."""
     tools = tools or []
     if tool_choice is None:
         tool_choice = "auto" if tools else "none"
@@ -113,12 +119,12 @@ def plan_tools(tools: list[oa.ChatTool] | None, tool_choice, parser: str | None,
     if tool_choice == "required":
         if not tools:
             raise ParameterError("tool_choice", "tool_choice 'required' needs at least one tool in tools")
-        return ToolPlan("required", tools)
+        return ToolPlan("required", tools, parallel=parallel)
     if tool_choice == "auto":
         if not (auto_enabled and parser):
             raise ParameterError("tool_choice", '"auto" tool choice requires --enable-auto-tool-choice and '
                                                 "--tool-call-parser to be set")
-        return ToolPlan("auto", tools, parser=parser)
+        return ToolPlan("auto", tools, parser=parser, parallel=parallel)
     raise ParameterError("tool_choice", f"tool_choice must be none, auto, required or a named function, "
                                         f"got {tool_choice!r}")
 
@@ -262,7 +268,7 @@ class _ArrayStream(ToolStream):
         self.pos = len(self.buf)
         if self.elem_start is not None:
             deltas += self._progress(len(self.buf))
-        return "", deltas
+        return "", _merged(deltas)
 
     def _progress(self, upto: int) -> list[oa.DeltaToolCall]:
         deltas = []
@@ -284,11 +290,25 @@ class _ArrayStream(ToolStream):
         return deltas
 
 
-class _AutoStream(ToolStream):
-    """Content passes through until a call starts; each call goes out whole once it is complete."""
+def _merged(deltas: list[oa.DeltaToolCall]) -> list[oa.DeltaToolCall]:
+    """One delta per call: a call's later pieces of one feed joined to its first (clients read
+    `delta.tool_calls` as one entry per call index, as OpenAI and vLLM send it)."""
+    out: list[oa.DeltaToolCall] = []
+    for d in deltas:
+        if out and out[-1].index == d.index and d.id is None and out[-1].function is not None:
+            out[-1].function.arguments = (out[-1].function.arguments or "") + (d.function.arguments or "")
+        else:
+            out.append(d)
+    return out
 
-    def __init__(self, parser: str):
+
+class _AutoStream(ToolStream):
+    """Content passes through until a call starts; each call goes out whole once it is complete.
+    `max_calls` (parallel_tool_calls false: 1): later calls are dropped, as vLLM drops them."""
+
+    def __init__(self, parser: str, max_calls: int | None = None):
         self.parser = parser
+        self.max_calls = max_calls
         self.buf = ""
         self.sent = 0  # chars of buf already sent as content (hermes: or read as calls)
         self.num_calls = 0
@@ -327,6 +347,8 @@ class _AutoStream(ToolStream):
 
     def _new_calls(self, new: list[oa.ToolCall]) -> list[oa.DeltaToolCall]:
         """Calls found since the last feed, numbered on from those sent."""
+        if self.max_calls is not None:
+            new = new[:max(self.max_calls - self.num_calls, 0)]
         first, self.num_calls = self.num_calls, self.num_calls + len(new)
         self.called |= bool(new)
         return [oa.DeltaToolCall(index=first + i, id=c.id, type="function",

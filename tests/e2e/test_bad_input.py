@@ -70,10 +70,15 @@ CASES = [
     (*ch(messages=[{"role": "user", "content": "x"}, {"role": "assistant"}]), 400, "messages[1].content"),
     (*ch(top_logprobs=5), 400, "top_logprobs"), (*ch(logprobs=True, top_logprobs=30), 400, "top_logprobs"),
     (*ch(max_completion_tokens=0), 400, "max_completion_tokens"), (*ch(max_tokens=-5), 400, "max_tokens"),
+    (*ch(max_completion_tokens=100_000), 400, "max_completion_tokens"), (*ch(max_tokens=100_000), 400, "max_tokens"),
     (*ch(temperature=9), 400, "temperature"), (*ch(n=129), 400, "n"), (*ch(seed=2**64), 400, "seed"),
     (*ch(response_format={"type": "bogus"}), 400, "response_format"),
     (*ch(messages=[{"role": "user", "content": "word " * 1000}]), 400, "messages"),
     (*ch(stop_token_ids=[BIG]), 400, "stop_token_ids"), (*ch(model="other"), 404, "model"),
+    # a request's own chat template is refused, as vLLM refuses it by default (it was silently not used)
+    (*ch(chat_template="{{ messages[0].content }}"), 400, "chat_template"),
+    (*ch(chat_template_kwargs={"chat_template": "{{ messages[0].content }}"}), 400, "chat_template"),
+    ("/tokenize", {"model": "tiny", "messages": CHAT["messages"], "chat_template": "x"}, 400, "chat_template"),
 ]
 
 
@@ -111,6 +116,8 @@ def test_bad_input_table(servers, where):
             r = http.request(method, path)
             if r.status_code != status or "error" not in r.json():
                 failures.append(f"{method} {path}: {r.status_code} (want {status}) {r.text[:200]}")
+            if status == 405 and r.headers.get("allow") != "POST":  # HTTP's rule: a 405 says what is allowed
+                failures.append(f"{method} {path}: 405 without Allow: POST ({dict(r.headers)})")
     assert not failures, "\n".join(failures)
 
 
@@ -145,3 +152,51 @@ def test_a_bad_request_fails_alone(servers, where):
         return await asyncio.gather(*(good(i) for i in range(4)), poison())
     *texts, param = asyncio.run(run())
     assert all(texts) and param == "seed"
+
+
+def test_serve_and_router_answer_alike(servers):
+    """Answers the router builds from its workers' messages are the ones `pdserve serve` gives: a
+    one-token prompt's prompt_logprobs are [null] (the router answered []), a parameter a worker
+    refuses is worded as serve words it (the router repeated the param: "logit_bias: token id
+    ..."), with continuous_usage_stats the role chunk carries the prompt's usage too (vLLM's; it
+    had none, on both), and a request the context cannot hold is refused in OpenAI's words."""
+    answers = {}
+    for where, url in servers.items():
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+        one = c.completions.create(model="tiny", prompt=[1], max_tokens=2, extra_body={"prompt_logprobs": 1})
+        assert one.choices[0].model_extra["prompt_logprobs"] == [None], where
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(model="tiny", prompt="hi", max_tokens=2, logit_bias={"999999": 1})
+        answers[where] = (e.value.body["param"], e.value.body["message"])
+        with pytest.raises(openai.BadRequestError) as e:  # OpenAI's (and vLLM's) words
+            c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=MAX_LEN)
+        prompt_tokens = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                                  max_tokens=1).usage.prompt_tokens
+        assert e.value.body["message"] == (
+            f"This model's maximum context length is {MAX_LEN} tokens. However, you requested "
+            f"{prompt_tokens + MAX_LEN} tokens ({prompt_tokens} in the messages, {MAX_LEN} in the completion). "
+            "Please reduce the length of the messages or completion."), where
+        assert e.value.body["code"] == "context_length_exceeded" and e.value.body["param"] == "max_tokens"
+        chunks = list(c.chat.completions.create(model="tiny", messages=CHAT["messages"], max_tokens=2, stream=True,
+                                                stream_options={"include_usage": True,
+                                                                "continuous_usage_stats": True}))
+        assert chunks[0].choices[0].delta.role == "assistant", where
+        assert all(ch.usage is not None for ch in chunks), (where, chunks)
+        prompt_tokens = chunks[-1].usage.prompt_tokens
+        assert (chunks[0].usage.prompt_tokens, chunks[0].usage.completion_tokens) == (prompt_tokens, 0), where
+    assert answers["serve"] == answers["router"] and answers["serve"][0] == "logit_bias"
+    assert not answers["serve"][1].startswith("logit_bias:"), answers
+
+
+def test_models_root_is_the_model_path(servers, tiny_models):
+    """/v1/models: `id` is the served name, `root` the model as --model gave it (vLLM's); root
+    was the served name too. Requests may name the model by that path (a 404 before)."""
+    for where, url in servers.items():
+        card = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0).models.retrieve("tiny")
+        assert (card.id, card.model_extra["root"], card.model_extra["max_model_len"]) == \
+            ("tiny", tiny_models["llama"], MAX_LEN), where
+        # the model path names it too (vLLM serves a model under its path by default): not a 404
+        c = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        out = c.completions.create(model=tiny_models["llama"], prompt="Hi", max_tokens=2)
+        assert out.model == "tiny" and out.choices[0].text is not None, where
+        assert c.models.retrieve(tiny_models["llama"]).id == "tiny"

@@ -107,6 +107,9 @@ def test_bad_constraints_are_400_through_the_router(client):
     with pytest.raises(openai.BadRequestError) as e:  # compiled (and refused) by the prefill worker
         client.completions.create(model="tiny", prompt=PROMPT, max_tokens=5, extra_body={"guided_regex": "(a"})
     assert "cannot compile" in e.value.body["message"]
+    # named by the field that asked for it, as `pdserve serve` names it (was structured_outputs, and
+    # the message repeated it)
+    assert e.value.body["param"] == "guided_regex" and e.value.body["message"].startswith("cannot compile")
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], tools=[TOOL],
                                        tool_choice={"type": "function", "function": {"name": "nope"}})

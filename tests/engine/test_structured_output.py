@@ -61,6 +61,20 @@ def test_grammar_end_finishes_with_ignore_eos(llm):
     assert len(out.token_ids) < 30
 
 
+def test_min_tokens_does_not_hold_a_complete_grammar_open(llm):
+    """min_tokens bans EOS, but once the grammar is complete EOS is all it allows: the grammar
+    ends the request before min_tokens (it was a row of -inf logits, a token the grammar rejects,
+    and finish_reason "error"). Where the grammar allows more, min_tokens still holds."""
+    for temperature in (0.0, 1.0):
+        outs = run(llm, SamplingParams(n=3, temperature=temperature, seed=5, max_tokens=30, min_tokens=8,
+                                       structured_outputs={"choice": ["yes", "no"]}))
+        assert [(o.text in ("yes", "no"), o.finish_reason) for o in outs] == [(True, "stop")] * 3, outs
+    out = run(llm, SamplingParams(temperature=0, max_tokens=40, min_tokens=6,
+                                  structured_outputs={"regex": r"[a-z]{1,30}"}))[0]
+    assert out.finish_reason in ("stop", "length") and len(out.token_ids) >= 6, out
+    assert re.fullmatch(r"[a-z]{1,30}", out.text), out.text
+
+
 def test_matcher_catches_up_with_given_output_tokens(llm):
     """A decode worker admits a request with the first token the prefill side sampled; the
     grammar state must continue from there (here: two tokens given)."""

@@ -294,6 +294,13 @@ def test_chat_logprobs(client):
                                                           top_logprobs=3, stream=True, **GREEDY)
                 if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
     assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in content]
+    # top_logprobs 0 asks for nothing, so it needs no logprobs flag (vLLM's rule; some clients send
+    # it by default): no logprobs, not a 400
+    r = client.chat.completions.create(model=NAME, messages=messages, top_logprobs=0, **GREEDY)
+    assert r.choices[0].logprobs is None and r.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=NAME, messages=messages, top_logprobs=2, **GREEDY)
+    assert e.value.body["param"] == "top_logprobs"
 
 
 

@@ -187,6 +187,7 @@ def test_text_format_json_schema(client):
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400, "input[0].content[0]"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, 400, "tools[0].type"),
     ({"input": "x", "max_output_tokens": 0}, 400, "max_output_tokens"),
+    ({"input": "x", "max_output_tokens": 100_000}, 400, "max_output_tokens"),  # more than the context holds
     ({"input": "x", "previous_response_id": "resp_unknown"}, 404, "previous_response_id"),
     ({"input": "x", "text": {"format": {"type": "xml"}}}, 400, "text.format"),
     ({"input": "x", "text": {"format": {"type": "json_schema", "schema": {"type": "object"}}}}, 400,

@@ -299,3 +299,68 @@ def test_tool_conversation_rendered_for_a_template_without_tools(server):
     assert prompt.startswith("<|im_start|>system\n") and "<tools>" in prompt and '"name": "get_weather"' in prompt
     assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>' in prompt
     assert '<|im_start|>tool\n{"temp": 21}<|im_end|>' in prompt
+
+
+def test_streamed_tool_call_deltas_are_one_entry_per_call(client):
+    """A forced call's chunk holds one delta per call index, as OpenAI and vLLM send them: clients
+    read `delta.tool_calls[0]` (the header and the first arguments of a call came as three
+    entries of index 0 in one chunk)."""
+    kw = dict(messages=ASK, tools=[WEATHER, TIME], max_tokens=60, temperature=0)
+    for tool_choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        pieces = []
+        for chunk in chat(client, tool_choice=tool_choice, stream=True, **kw)():
+            for ch in chunk.choices:
+                indexes = [d.index for d in ch.delta.tool_calls or []]
+                assert len(indexes) == len(set(indexes)), (tool_choice, ch.delta.tool_calls)
+                pieces += ch.delta.tool_calls or []
+        assert pieces and pieces[0].id and pieces[0].function.name in ("get_weather", "get_time")
+
+
+def test_parallel_tool_calls_false_gives_one_call(client):
+    """parallel_tool_calls false: one call at most (OpenAI; vLLM keeps the first). required: the
+    grammar's array holds one call; auto: the calls after the first parsed call are dropped,
+    whole and streamed. It was ignored: the same request answered two calls."""
+    two = (r'<tool_call>\n\{"name": "get_time", "arguments": \{"zone": "UTC"\}\}\n</tool_call>\n'
+           r'<tool_call>\n\{"name": "get_weather", "arguments": \{"city": "Oslo", "unit": "celsius"\}\}\n</tool_call>')
+    auto = dict(messages=ASK, tools=[WEATHER, TIME], tool_choice="auto", max_tokens=80, temperature=0,
+                extra_body={"guided_regex": two})
+    both, one, one_streamed = together(chat(client, **auto), chat(client, parallel_tool_calls=False, **auto),
+                                       lambda: stream_tool_calls(chat(client, parallel_tool_calls=False, stream=True,
+                                                                      **auto)()))
+    assert [c.function.name for c in both.choices[0].message.tool_calls] == ["get_time", "get_weather"]
+    assert [c.function.name for c in one.choices[0].message.tool_calls] == ["get_time"]
+    assert one.choices[0].finish_reason == "tool_calls"
+    calls, finish, _ = one_streamed
+    assert [c["name"] for c in calls.values()] == ["get_time"] and finish == "tool_calls"
+    # required, sampled: without the flag some answers hold several calls, with it each holds one
+    required = dict(messages=[{"role": "user", "content": "Weather and time in Paris, Rome and Oslo?"}],
+                    tools=[WEATHER, TIME], tool_choice="required", max_tokens=150, temperature=1.0)
+    seeds = range(6)
+    free = together(*[chat(client, seed=s, **required) for s in seeds])
+    single = together(*[chat(client, seed=s, parallel_tool_calls=False, **required) for s in seeds])
+    assert any(len(r.choices[0].message.tool_calls) > 1 for r in free)
+    for r in single:
+        assert len(r.choices[0].message.tool_calls) == 1 and r.choices[0].finish_reason == "tool_calls", r.choices[0]
+    # the Responses API takes the same flag
+    resp = client.responses.create(model="SmolLM2-135M-Instruct", input="Weather and time in Paris, Rome and Oslo?",
+                                   tools=[{"type": "function", **WEATHER["function"]}, {"type": "function",
+                                                                                       **TIME["function"]}],
+                                   tool_choice="required", parallel_tool_calls=False, max_output_tokens=150,
+                                   temperature=1.0, extra_body={"seed": 0})
+    assert [item.type for item in resp.output] == ["function_call"] and resp.parallel_tool_calls is False
+
+
+def test_min_tokens_beside_a_grammar_that_completes_early(client):
+    """A grammar complete before min_tokens ends the answer (finish_reason stop, valid output),
+    whole and streamed: it was finish_reason "error" (min_tokens banned the EOS that was all the
+    grammar allowed)."""
+    kw = dict(messages=ASK, max_tokens=60, temperature=0)
+    choice, schema = together(chat(client, extra_body={"guided_choice": ["yes", "no"], "min_tokens": 5}, **kw),
+                              chat(client, response_format={"type": "json_schema", "json_schema": {
+                                  "name": "x", "schema": ENUMS}}, extra_body={"min_tokens": 50}, **kw))
+    assert choice.choices[0].message.content in ("yes", "no") and choice.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(schema.choices[0].message.content), ENUMS)
+    assert schema.choices[0].finish_reason == "stop" and schema.usage.completion_tokens < 50
+    finish = [c.choices[0].finish_reason for c in chat(client, stream=True, extra_body={
+        "guided_choice": ["yes", "no"], "min_tokens": 5}, **kw)() if c.choices and c.choices[0].finish_reason]
+    assert finish == ["stop"]
