@@ -144,3 +144,26 @@ async def greedy_stream(client, model: str, prompt: str, max_tokens: int, progre
         if len(text) > 10:
             progressed.set()
     return text
+
+
+def wait_for(what: str, predicate, timeout_s: float) -> None:
+    """Polls `predicate` every 0.1 s; fails the test with `what` after `timeout_s`."""
+    deadline = time.time() + timeout_s
+    while not predicate():
+        assert time.time() < deadline, what
+        time.sleep(0.1)
+
+
+async def router_client(stack: Stack, model: str):
+    """-> (InstancePool, DisaggClient) in this process: the router's request path over the stack's
+    Redis and workers, for tests that hook into it (close the pool when done)."""
+    from pdserve.common.prefix_index import PrefixIndex
+    from pdserve.common.registry import Registry
+    from pdserve.common.tokenizer import load_tokenizer
+    from pdserve.services.router.disagg_client import DisaggClient
+    from pdserve.services.router.instances import InstancePool
+    from pdserve.services.router.routing import RoutingConfig
+    url = stack.redis.url
+    pool = InstancePool(Registry(url), PrefixIndex(url, timeout_s=0.25), RoutingConfig(disagg_min_prompt_tokens=0))
+    await pool.start()
+    return pool, DisaggClient(load_tokenizer(model), "tiny", pool)

@@ -15,15 +15,9 @@ import time
 
 import httpx
 import pytest
-from stack import Stack
+from stack import Stack, router_client, wait_for
 
-from pdserve.common.prefix_index import PrefixIndex
-from pdserve.common.registry import Registry
 from pdserve.common.sampling_params import SamplingParams
-from pdserve.common.tokenizer import load_tokenizer
-from pdserve.services.router.disagg_client import DisaggClient
-from pdserve.services.router.instances import InstancePool
-from pdserve.services.router.routing import RoutingConfig
 
 
 @pytest.fixture(scope="module")
@@ -31,13 +25,6 @@ def stack(tiny_models):
     s = Stack(tiny_models["llama"], prefill=[["--lease-ttl", "60"]], decode=[[]])
     yield s
     s.close()
-
-
-def wait_for(what, predicate, timeout_s: float) -> None:
-    deadline = time.time() + timeout_s
-    while not predicate():
-        assert time.time() < deadline, what
-        time.sleep(0.1)
 
 
 def test_client_gone_before_the_pull_releases_the_lease(stack):
@@ -99,10 +86,7 @@ def test_cancelled_as_the_prefill_answers_releases_the_lease(stack, tiny_models)
     before = stack.metrics("prefill-0")
 
     async def body():
-        url = stack.redis.url
-        pool = InstancePool(Registry(url), PrefixIndex(url, timeout_s=0.25), RoutingConfig(disagg_min_prompt_tokens=0))
-        await pool.start()
-        client = DisaggClient(load_tokenizer(tiny_models["llama"]), "tiny", pool)
+        pool, client = await router_client(stack, tiny_models["llama"])
         stub_of = pool.prefill_stub
 
         class Stub:

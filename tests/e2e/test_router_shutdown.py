@@ -17,15 +17,9 @@ import time
 
 import httpx
 import pytest
-from stack import ROUTER_FLAGS, Stack
+from stack import ROUTER_FLAGS, Stack, router_client, wait_for
 
-from pdserve.common.prefix_index import PrefixIndex
-from pdserve.common.registry import Registry
 from pdserve.common.sampling_params import SamplingParams
-from pdserve.common.tokenizer import load_tokenizer
-from pdserve.services.router.disagg_client import DisaggClient
-from pdserve.services.router.instances import InstancePool
-from pdserve.services.router.routing import RoutingConfig
 
 ROUTER = (*ROUTER_FLAGS, "--shutdown-grace", "2")
 
@@ -35,13 +29,6 @@ def stack(tiny_models):
     s = Stack(tiny_models["llama"], prefill=[[]], decode=[["--max-num-seqs", "1"]], router_flags=ROUTER)
     yield s
     s.close()
-
-
-def wait_for(what, predicate, timeout_s: float) -> None:
-    deadline = time.time() + timeout_s
-    while not predicate():
-        assert time.time() < deadline, what
-        time.sleep(0.1)
 
 
 async def one(client: httpx.AsyncClient, i: int):
@@ -95,10 +82,7 @@ def test_sigterm_answers_what_outlasts_the_grace_period(stack):
 
 def test_abort_all_during_the_prefill_call(stack, tiny_models):
     async def body():
-        url = stack.redis.url
-        pool = InstancePool(Registry(url), PrefixIndex(url, timeout_s=0.25), RoutingConfig(disagg_min_prompt_tokens=0))
-        await pool.start()
-        client = DisaggClient(load_tokenizer(tiny_models["llama"]), "tiny", pool)
+        pool, client = await router_client(stack, tiny_models["llama"])
         stub_of = pool.prefill_stub
         aborted = []
 
@@ -129,32 +113,3 @@ def test_abort_all_during_the_prefill_call(stack, tiny_models):
     assert aborted == [1] and len(outs) == 1 and outs[0].finished and outs[0].error is None
     assert [(c.finish_reason, c.token_ids) for c in outs[0].outputs] == [("abort", []), ("abort", [])]
     wait_for("the prefill's pool full, no lease", lambda: pool_full(stack, "prefill-0"), 5)
-
-
-@pytest.mark.slow
-def test_router_workers_get_the_whole_grace_period(stack):
-    """`--workers 2 --shutdown-grace 45`: the parent's SIGTERM lets its children answer what
-    outlasts 44 s (abort) before it stops waiting for them. Before, it killed them after a fixed
-    40 s (the default grace of 30 s + 10), so each open request was cut. ~50 s."""
-    stack.procs["router"].terminate()
-    stack.procs["router"].wait(timeout=40)
-    flags = (*ROUTER_FLAGS, "--workers", "2", "--shutdown-grace", "45")
-    stack.start_router(flags)
-
-    async def run():
-        async with httpx.AsyncClient(base_url=stack.base_url, timeout=120) as client:
-            tasks = [asyncio.create_task(one(client, i)) for i in range(6)]
-            await asyncio.sleep(1.0)
-            t0 = time.time()
-            stack.procs["router"].terminate()
-            return await asyncio.gather(*tasks, return_exceptions=True), time.time() - t0
-
-    results, elapsed = asyncio.run(run())
-    assert stack.procs["router"].wait(timeout=30) == 0
-    for i, result in enumerate(results):
-        assert not isinstance(result, Exception), (i, repr(result))
-        status, reasons, done = result
-        assert status == 200 and set(reasons) <= {"abort", "length"} and done in (None, True), (i, result)
-    assert "abort" in {r for _, reasons, _ in results for r in reasons} and elapsed > 40, elapsed
-    wait_for("the decode's and the prefill's pools full again", lambda: pool_full(stack, "decode-0") and
-             pool_full(stack, "prefill-0"), 10)
