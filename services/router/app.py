@@ -5,7 +5,7 @@
       -> one engine.generate() per prompt, each yielding cumulative RequestOutputs
       -> wait for every prompt's first output (so bad input and a dead engine are HTTP errors)
       -> JSON response, or Server-Sent Events: per choice, text[len(sent):] and the new logprobs
-    GET /v1/models, /health, /metrics, /version; POST /tokenize, /detokenize (vLLM's,
+    GET /v1/models, /health (also /ping, GET or POST), /metrics, /version; POST /tokenize, /detokenize (vLLM's,
     services/router/tokenize.py)
 
 `pdserve serve` passes the in-process AsyncLLM, `pdserve router` the disaggregated client: both
@@ -273,9 +273,10 @@ class OpenAIServer:
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
 
     def models(self) -> oa.ModelList:
-        return oa.ModelList(data=[oa.ModelCard(id=self.model_name, created=self.created,
-                                               root=self.model_root or self.engine.model_name,
-                                               max_model_len=self.engine.max_model_len)])
+        return oa.ModelList(data=[oa.ModelCard(
+            id=self.model_name, created=self.created, root=self.model_root or self.engine.model_name,
+            max_model_len=self.engine.max_model_len,
+            permission=[oa.ModelPermission(id=f"modelperm-{self.model_name}", created=self.created)])])
 
     def check_model(self, model: str | None) -> None:
         """The served name, or the model as --model gave it (the name vLLM serves it under when no
@@ -734,6 +735,8 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
         return _json_obj({"version": _version()})
 
     @app.get("/health")
+    @app.get("/ping")  # vLLM's (SageMaker's) name for the same check, GET or POST
+    @app.post("/ping")
     async def health() -> Response:
         try:
             healthy = await engine.is_healthy()

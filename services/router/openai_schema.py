@@ -438,13 +438,32 @@ class ChatCompletionChunk(BaseModel):
 
 
 # ---- /v1/models and errors ------------------------------------------------------------------
+class ModelPermission(BaseModel):
+    """vLLM's (and the old OpenAI API's) permission entry of a model card: clients written for
+    them read it; nothing here is enforced by it."""
+    id: str
+    object: Literal["model_permission"] = "model_permission"
+    created: int
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "pdserve"
     root: str | None = None
+    parent: str | None = None  # a base model's name for an adapter (none are served here)
     max_model_len: int | None = None
+    permission: list[ModelPermission] = []
 
 
 class ModelList(BaseModel):

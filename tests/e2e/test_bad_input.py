@@ -200,3 +200,9 @@ def test_models_root_is_the_model_path(servers, tiny_models):
         out = c.completions.create(model=tiny_models["llama"], prompt="Hi", max_tokens=2)
         assert out.model == "tiny" and out.choices[0].text is not None, where
         assert c.models.retrieve(tiny_models["llama"]).id == "tiny"
+        # vLLM's card fields that clients written for it read: parent, permission
+        listed = httpx.get(url + "/v1/models").json()["data"][0]
+        assert listed["parent"] is None and listed["permission"][0]["object"] == "model_permission", where
+        assert listed["permission"][0]["allow_sampling"] is True and listed["owned_by"] == "pdserve", where
+        # vLLM's /ping (GET or POST): the health check under SageMaker's name
+        assert httpx.get(url + "/ping").status_code == 200 and httpx.post(url + "/ping").status_code == 200, where
