@@ -28,12 +28,13 @@ LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
 
 
 def option(default, help: str, *, name: str | None = None, flag: str | None = None, choices=None,
-           type=None, boolean: bool = False, aliases: tuple[str, ...] = ()):
+           type=None, boolean: bool = False, aliases: tuple[str, ...] = (), nargs: str | None = None):
     """A config field that is also a user option: `name` is its keyword (default: the field name),
     `flag` its CLI spelling (default: --name with dashes), `aliases` more spellings (-tp),
-    `boolean` makes --x / --no-x."""
+    `boolean` makes --x / --no-x, `nargs` "+" takes several values on the command line."""
     return field(default=default, metadata={"help": help, "name": name, "flag": flag, "choices": choices,
-                                            "type": type, "boolean": boolean, "aliases": aliases})
+                                            "type": type, "boolean": boolean, "aliases": aliases,
+                                            "nargs": nargs})
 
 # --quantization: weight formats with a kernel (docs/quantization.md); None = the checkpoint's own
 # (its config.json `quantization_config`, or full precision)
@@ -94,7 +95,8 @@ class ModelConfig:
     load_format: str = option("auto", "weights format; dummy: random weights of the model's shape",
                               choices=LOAD_FORMATS)
     tokenizer: str | None = option(None, "tokenizer folder or .gguf (default: the model's)")
-    served_model_name: str | None = option(None, "name in the API (default: the model's folder or file name)")
+    served_model_name: str | None = option(None, "name(s) in the API: answers carry the first, requests may name "
+                                                 "any (default: the model's folder or file name)", nargs="+")
     seed: int = option(0, "engine seed: random weights of --load-format dummy and unseeded sampling "
                           "(generate/chat: also the sampling seed of every prompt)", type=int)
     device: str = option("auto", "cpu, cuda, cuda:N or auto (cuda when present)")
@@ -497,12 +499,17 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         if m["boolean"]:
             g.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            g.add_argument(*flags, dest=name, default=None, type=m["type"], choices=m["choices"], help=help_text)
+            g.add_argument(*flags, dest=name, default=None, type=m["type"], choices=m["choices"], help=help_text,
+                           nargs=m["nargs"])
 
 
 def engine_options(args: argparse.Namespace) -> dict:
-    """The engine keywords of parsed flags (None: not given, the config's default applies)."""
-    return {name: getattr(args, name) for _, _, name in _options()}
+    """The engine keywords of parsed flags (None: not given, the config's default applies). Of
+    several --served-model-name names the engine takes the first (the front end accepts them all)."""
+    options = {name: getattr(args, name) for _, _, name in _options()}
+    if isinstance(options.get("served_model_name"), list):
+        options["served_model_name"] = options["served_model_name"][0]
+    return options
 
 
 def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:

@@ -34,6 +34,14 @@ def resolve_model_path(model: str | None) -> str:
     return model
 
 
+def served_names(names: str | list[str] | None, model: str | None) -> list[str]:
+    """--served-model-name's names (vLLM's: several may be given; the first is the one answers
+    carry, every one is accepted in requests), else the model's default name."""
+    if not names:
+        return [served_name(model)]
+    return [names] if isinstance(names, str) else list(dict.fromkeys(names))
+
+
 def served_name(model: str | None) -> str:
     """The default name a model is served under: SmolLM2-135M-Instruct, or the folder/file name."""
     if not model or model == "default":

@@ -22,7 +22,7 @@ import socket
 import time
 
 from pdserve.common.config import ConfigError
-from pdserve.common.model_path import served_name
+from pdserve.common.model_path import served_names
 
 log = logging.getLogger("pdserve.serve")
 
@@ -102,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from pdserve.services.router.app import build_app
     from pdserve.services.entry import latch_stop_signals
 
-    name = args.served_model_name or served_name(args.model)
+    name, *aliases = served_names(args.served_model_name, args.model)
     with _bind(args.host, args.port) as sock:
         t0 = time.perf_counter()
         engine = AsyncLLM(engine_config(args))
@@ -117,7 +117,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
                             log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
                             sampling_defaults=engine.core.sampling_defaults,
                             fastapi_docs=not args.disable_fastapi_docs,
-                            max_logprobs=engine.core.config.model.max_logprobs, model_root=args.model)
+                            max_logprobs=engine.core.config.model.max_logprobs, model_root=args.model,
+                            model_aliases=tuple(aliases))
             add_cors(app, args)
             metrics_apart = serve_metrics_apart(app, args, args.host)
             config = uvicorn.Config(app, host=args.host, port=args.port,

@@ -207,6 +207,7 @@ class OpenAIServer:
         self.sampling_defaults: dict = {}  # the model's generation config (common/generation_config.py)
         self.max_logprobs = DEFAULT_MAX_LOGPROBS  # --max-logprobs (-1: the vocabulary)
         self.model_root: str | None = None  # /v1/models' `root`: the model as --model named it (vLLM's)
+        self.model_aliases: tuple[str, ...] = ()  # more names it is served under (--served-model-name A B)
 
     # ---- the endpoints ----------------------------------------------------------------------------
     async def completions(self, request: Request) -> Response:
@@ -273,17 +274,24 @@ class OpenAIServer:
             raise APIError(400, f"cannot apply the chat template: {e}", param="messages") from e
 
     def models(self) -> oa.ModelList:
+        """A card per served name (vLLM's), the same model behind each."""
         return oa.ModelList(data=[oa.ModelCard(
-            id=self.model_name, created=self.created, root=self.model_root or self.engine.model_name,
+            id=name, created=self.created, root=self.model_root or self.engine.model_name,
             max_model_len=self.engine.max_model_len,
-            permission=[oa.ModelPermission(id=f"modelperm-{self.model_name}", created=self.created)])])
+            permission=[oa.ModelPermission(id=f"modelperm-{name}", created=self.created)])
+            for name in (self.model_name, *self.model_aliases)])
 
-    def check_model(self, model: str | None) -> None:
-        """The served name, or the model as --model gave it (the name vLLM serves it under when no
-        --served-model-name is given, so vLLM's clients find it)."""
-        if model is not None and model != self.model_name and model != self.model_root:
-            raise APIError(404, f"The model `{model}` does not exist (this server serves `{self.model_name}`).",
-                           param="model", code="model_not_found")
+    def check_model(self, model: str | None) -> oa.ModelCard:
+        """A served name, or the model as --model gave it (the name vLLM serves it under when no
+        --served-model-name is given, so vLLM's clients find it) -> its card (the first's for the path)."""
+        cards = self.models().data
+        if model is None or model == self.model_root:
+            return cards[0]
+        for card in cards:
+            if card.id == model:
+                return card
+        raise APIError(404, f"The model `{model}` does not exist (this server serves "
+                            f"{', '.join(f'`{c.id}`' for c in cards)}).", param="model", code="model_not_found")
 
     # ---- request preparation ----------------------------------------------------------------------
     async def _encode(self, text: str, add_special_tokens: bool, param: str = "prompt") -> list[int]:
@@ -630,7 +638,8 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
               metrics_route: bool = True, metrics_dir: str | None = None, response_store=None,
               log_requests: bool = False, max_log_len: int | None = None,
               sampling_defaults: dict | None = None, fastapi_docs: bool = True,
-              max_logprobs: int = DEFAULT_MAX_LOGPROBS, model_root: str | None = None) -> FastAPI:
+              max_logprobs: int = DEFAULT_MAX_LOGPROBS, model_root: str | None = None,
+              model_aliases: tuple[str, ...] = ()) -> FastAPI:
     """The FastAPI app. `collector` (state for /metrics) is the deployment's: the in-process
     engine's stats, or the router's view of its fleet and its routing counters.
     `tool_call_parser` + `enable_auto_tool_choice` (vLLM's flags) let tool_choice "auto" turn the
@@ -643,7 +652,9 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
     model's generation config, common/generation_config.py). `fastapi_docs` False: no /openapi.json,
     /docs or /redoc (vLLM's --disable-fastapi-docs). `max_logprobs`: vLLM's --max-logprobs, checked
     here so a request over it is a 400 before it reaches an engine. `model_root`: /v1/models' `root`,
-    the model as --model gave it (vLLM's: the served name is the `id`; default: the engine's name)."""
+    the model as --model gave it (vLLM's: the served name is the `id`; default: the engine's name).
+    `model_aliases`: more names requests may give (--served-model-name's after the first), each a
+    card of /v1/models as in vLLM; answers carry `served_model_name`."""
     metrics = ServerMetrics(served_model_name, engine.max_model_len, collector, shared_dir=metrics_dir)
     server = OpenAIServer(engine, served_model_name, metrics, limits, tool_call_parser, enable_auto_tool_choice)
     docs = {} if fastapi_docs else {"openapi_url": None, "docs_url": None, "redoc_url": None}
@@ -652,6 +663,7 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
     server.sampling_defaults = dict(sampling_defaults or {})
     server.max_logprobs = max_logprobs
     server.model_root = model_root
+    server.model_aliases = tuple(a for a in model_aliases if a != served_model_name)
     if log_requests:
         server.request_log = RequestLog(max_log_len)
     if response_store is not None:
@@ -695,8 +707,7 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
 
     @v1.get("/models/{model_id:path}")
     async def get_model(model_id: str) -> Response:
-        server.check_model(model_id)
-        return _json(server.models().data[0])
+        return _json(server.check_model(model_id))
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:

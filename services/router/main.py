@@ -32,7 +32,8 @@ def add_router_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or .gguf (default: the model's)")
     p.add_argument("--chat-template", default=None,
                    help="chat template: a Jinja file, or the template itself (default: the tokenizer's)")
-    p.add_argument("--served-model-name", default=None, help="name in the API (default: the model's)")
+    p.add_argument("--served-model-name", default=None, nargs="+",
+                   help="name(s) in the API: answers carry the first, requests may name any (default: the model's)")
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP server binds to")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port)")
     p.add_argument("--workers", type=int, default=1,
@@ -124,7 +125,7 @@ def _run_one(args: argparse.Namespace) -> None:
     import uvicorn
 
     from pdserve.common.metrics import StatsCollector
-    from pdserve.common.model_path import resolve_model_path, served_name
+    from pdserve.common.model_path import resolve_model_path, served_names
     from pdserve.common.prefix_index import PrefixIndex
     from pdserve.common.registry import Registry
     from pdserve.common.tokenizer import load_tokenizer
@@ -147,7 +148,7 @@ def _run_one(args: argparse.Namespace) -> None:
     model_path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(model_path, args.tokenizer, args.chat_template)
     defaults = sampling_defaults(model_path, args.generation_config)
-    name = args.served_model_name or served_name(args.model)
+    name, *aliases = served_names(args.served_model_name, args.model)
     try:
         config = RoutingConfig(mode=args.routing, disagg_min_prompt_tokens=args.disagg_min_prompt_tokens)
     except ValueError as e:
@@ -173,7 +174,7 @@ def _run_one(args: argparse.Namespace) -> None:
                         metrics_dir=getattr(args, "metrics_dir", None), response_store=store,
                         log_requests=args.enable_log_requests, max_log_len=args.max_log_len,
                         sampling_defaults=defaults, fastapi_docs=not args.disable_fastapi_docs,
-                        max_logprobs=args.max_logprobs, model_root=args.model)
+                        max_logprobs=args.max_logprobs, model_root=args.model, model_aliases=tuple(aliases))
         metrics_apart = serve_metrics_apart(app, args, args.host)
         add_admin_routes(app, pool, registry, api_key=args.api_key)
 

@@ -84,10 +84,11 @@ CASES = [
 
 @pytest.fixture(scope="module")
 def servers(tiny_models):
-    serve = ServeProcess("--model", tiny_models["llama"], "--served-model-name", "tiny", "--num-gpu-blocks-override",
+    serve = ServeProcess("--model", tiny_models["llama"], "--served-model-name", "tiny", "tiny-alias", "--num-gpu-blocks-override",
                          "256", *FLAGS, *LIMIT_FLAGS).start()
     stack = Stack(tiny_models["llama"], prefill=[list(FLAGS)], decode=[list(FLAGS)],
-                  router_flags=("--disagg-min-prompt-tokens", "0", *LIMIT_FLAGS))
+                  router_flags=("--disagg-min-prompt-tokens", "0", "--served-model-name", "tiny", "tiny-alias",
+                                *LIMIT_FLAGS))
     serve.wait_ready()
     yield {"serve": serve.url, "router": stack.base_url}
     serve.close()
@@ -204,5 +205,12 @@ def test_models_root_is_the_model_path(servers, tiny_models):
         listed = httpx.get(url + "/v1/models").json()["data"][0]
         assert listed["parent"] is None and listed["permission"][0]["object"] == "model_permission", where
         assert listed["permission"][0]["allow_sampling"] is True and listed["owned_by"] == "pdserve", where
+        # --served-model-name tiny tiny-alias (vLLM's): a card each, either name answers as the first
+        assert [m.id for m in c.models.list().data] == ["tiny", "tiny-alias"], where
+        assert c.models.retrieve("tiny-alias").id == "tiny-alias", where
+        out = c.chat.completions.create(model="tiny-alias", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        assert out.model == "tiny", where
+        with pytest.raises(openai.NotFoundError, match="tiny-alias"):
+            c.completions.create(model="tiny-other", prompt="Hi", max_tokens=2)
         # vLLM's /ping (GET or POST): the health check under SageMaker's name
         assert httpx.get(url + "/ping").status_code == 200 and httpx.post(url + "/ping").status_code == 200, where
