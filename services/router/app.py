@@ -275,23 +275,24 @@ class OpenAIServer:
 
     def models(self) -> oa.ModelList:
         """A card per served name (vLLM's), the same model behind each."""
-        return oa.ModelList(data=[oa.ModelCard(
-            id=name, created=self.created, root=self.model_root or self.engine.model_name,
-            max_model_len=self.engine.max_model_len,
-            permission=[oa.ModelPermission(id=f"modelperm-{name}", created=self.created)])
-            for name in (self.model_name, *self.model_aliases)])
+        return oa.ModelList(data=[self.card(name) for name in (self.model_name, *self.model_aliases)])
 
-    def check_model(self, model: str | None) -> oa.ModelCard:
+    def card(self, name: str) -> oa.ModelCard:
+        return oa.ModelCard(id=name, created=self.created, root=self.model_root or self.engine.model_name,
+                            max_model_len=self.engine.max_model_len,
+                            permission=[oa.ModelPermission(id=f"modelperm-{name}", created=self.created)])
+
+    def check_model(self, model: str | None) -> str:
         """A served name, or the model as --model gave it (the name vLLM serves it under when no
-        --served-model-name is given, so vLLM's clients find it) -> its card (the first's for the path)."""
-        cards = self.models().data
+        --served-model-name is given, so vLLM's clients find it) -> the served name it means (the
+        first for the path). Every request passes here: names are compared, no card is built."""
         if model is None or model == self.model_root:
-            return cards[0]
-        for card in cards:
-            if card.id == model:
-                return card
-        raise APIError(404, f"The model `{model}` does not exist (this server serves "
-                            f"{', '.join(f'`{c.id}`' for c in cards)}).", param="model", code="model_not_found")
+            return self.model_name
+        if model == self.model_name or model in self.model_aliases:
+            return model
+        names = ", ".join(f"`{n}`" for n in (self.model_name, *self.model_aliases))
+        raise APIError(404, f"The model `{model}` does not exist (this server serves {names}).", param="model",
+                       code="model_not_found")
 
     # ---- request preparation ----------------------------------------------------------------------
     async def _encode(self, text: str, add_special_tokens: bool, param: str = "prompt") -> list[int]:
@@ -653,8 +654,9 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
     /docs or /redoc (vLLM's --disable-fastapi-docs). `max_logprobs`: vLLM's --max-logprobs, checked
     here so a request over it is a 400 before it reaches an engine. `model_root`: /v1/models' `root`,
     the model as --model gave it (vLLM's: the served name is the `id`; default: the engine's name).
-    `model_aliases`: more names requests may give (--served-model-name's after the first), each a
-    card of /v1/models as in vLLM; answers carry `served_model_name`."""
+    `model_aliases`: more names requests may give (--served-model-name's after the first, each
+    distinct: common.model_path.served_names), each a card of /v1/models as in vLLM; answers
+    carry `served_model_name`."""
     metrics = ServerMetrics(served_model_name, engine.max_model_len, collector, shared_dir=metrics_dir)
     server = OpenAIServer(engine, served_model_name, metrics, limits, tool_call_parser, enable_auto_tool_choice)
     docs = {} if fastapi_docs else {"openapi_url": None, "docs_url": None, "redoc_url": None}
@@ -663,7 +665,7 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
     server.sampling_defaults = dict(sampling_defaults or {})
     server.max_logprobs = max_logprobs
     server.model_root = model_root
-    server.model_aliases = tuple(a for a in model_aliases if a != served_model_name)
+    server.model_aliases = tuple(model_aliases)
     if log_requests:
         server.request_log = RequestLog(max_log_len)
     if response_store is not None:
@@ -707,7 +709,7 @@ def build_app(engine: EngineClient, served_model_name: str, api_key: str | None 
 
     @v1.get("/models/{model_id:path}")
     async def get_model(model_id: str) -> Response:
-        return _json(server.check_model(model_id))
+        return _json(server.card(server.check_model(model_id)))
 
     @v1.post("/completions")
     async def completions(request: Request) -> Response:

@@ -10,9 +10,10 @@ prefix index), which is what a single router reads too.
 
     parent:  port -> spawn N children -> wait until each listens -> "ready" -> wait
     SIGTERM / SIGINT to the parent: SIGTERM to every child (each drains its open streams, as one
-    router does, for --shutdown-grace), then the parent exits; a child still running 10 s after
-    that is killed (before, after a fixed 40 s: a --shutdown-grace above 30 s had its streams cut). A child that dies ends the others and the parent (exit 1):
-    whatever supervises the router restarts it whole.
+    router does, for --shutdown-grace), then the parent exits; a child still running TEARDOWN_S
+    after that is killed (before, after a fixed 40 s: a --shutdown-grace above 30 s had its
+    streams cut). A child that dies ends the others and the parent (exit 1): whatever supervises
+    the router restarts it whole.
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ def run_workers(args: argparse.Namespace, child_main) -> None:
 
 
 def _run_children(ctx, args: argparse.Namespace, child_main, metrics_dir: str) -> None:
+    stop_timeout_s = args.shutdown_grace + TEARDOWN_S  # the children answer what is open, then are killed
     holder = None
     if args.port == 0:  # a free port, held (bound, not listening: it takes no connections) until all bind it
         holder = socket.socket(_family(args.host), socket.SOCK_STREAM)
@@ -100,7 +102,7 @@ def _run_children(ctx, args: argparse.Namespace, child_main, metrics_dir: str) -
                 break
             if not proc.is_alive() or time.monotonic() > deadline:
                 stop()
-                _join(children, args.shutdown_grace + TEARDOWN_S)
+                _join(children, stop_timeout_s)
                 raise ConfigError(f"router worker {i} failed to start (exit code {proc.exitcode})")
     if holder is not None:
         holder.close()
@@ -114,9 +116,9 @@ def _run_children(ctx, args: argparse.Namespace, child_main, metrics_dir: str) -
             print(f"pdserve router: worker {dead[0][0]} exited with code {dead[0][1]}; stopping the others",
                   file=sys.stderr, flush=True)
             stop()
-            _join(children, args.shutdown_grace + TEARDOWN_S)
+            _join(children, stop_timeout_s)
             sys.exit(1)
-    _join(children, args.shutdown_grace + TEARDOWN_S)  # killed after that: the children answer first
+    _join(children, stop_timeout_s)
 
 
 def _listening(ready) -> bool:
